@@ -1,0 +1,245 @@
+//! opentelemetry 0.14 glue: the SDK generation used by Kata 2.2–3.28, whose
+//! vsock-exporter writes `bincode::serialize(&SpanData)` payloads.
+
+use crate::{frame, AgentSdk, LinkSpec, RemoteSpec, SdkConfig, SpanSpec};
+use async_trait::async_trait;
+use otel014::sdk::export::trace::{ExportResult, SpanExporter};
+use otel014::sdk::trace::{Config, IdGenerator as RandomIds, Tracer, TracerProvider};
+use otel014::sdk::Resource;
+use otel014::trace::{
+    IdGenerator, Link, SpanContext, SpanId, TraceContextExt, TraceError, TraceId, TraceState,
+    Tracer as _, TracerProvider as _, TRACE_FLAG_SAMPLED,
+};
+use otel014::Context;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+otel_common!(otel014);
+
+type Captured = Vec<(Vec<u8>, Option<ExpectedSpan>)>;
+
+fn trace_id_u128(id: TraceId) -> u128 {
+    id.to_u128()
+}
+
+fn span_id_u64(id: SpanId) -> u64 {
+    id.to_u64()
+}
+
+fn flags_u8(sc: &SpanContext) -> u8 {
+    sc.trace_flags()
+}
+
+fn span_context(trace_id: u128, span_id: u64, trace_state: &[(String, String)]) -> SpanContext {
+    SpanContext::new(
+        TraceId::from_u128(trace_id),
+        SpanId::from_u64(span_id),
+        TRACE_FLAG_SAMPLED,
+        true,
+        TraceState::from_key_value(trace_state.iter().cloned())
+            .unwrap_or_else(|()| panic!("invalid W3C trace state {trace_state:?}")),
+    )
+}
+
+/// Random ids from the SDK's generator, constrained so that every trace id
+/// exceeds 2^64 and every span id exceeds 2^53: the forwarder must cope with
+/// ids that overflow u64 and JSON's exact-double range, and leaving that to
+/// chance would make the coverage flaky.
+#[derive(Debug)]
+struct KataIds {
+    forced_trace_id: Option<u128>,
+    random: RandomIds,
+}
+
+impl IdGenerator for KataIds {
+    fn new_trace_id(&self) -> TraceId {
+        if let Some(id) = self.forced_trace_id {
+            return TraceId::from_u128(id);
+        }
+        loop {
+            let id = self.random.new_trace_id();
+            if trace_id_u128(id) > 1 << 64 {
+                return id;
+            }
+        }
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        loop {
+            let id = self.random.new_span_id();
+            if span_id_u64(id) > 1 << 53 {
+                return id;
+            }
+        }
+    }
+}
+
+/// Stand-in for Kata's vsock-exporter: same serialization and framing, but
+/// the frame goes to memory instead of a VSOCK stream.
+#[derive(Debug)]
+struct CaptureExporter {
+    out: Arc<Mutex<Captured>>,
+    raw: Option<Arc<Mutex<Vec<SpanData>>>>,
+}
+
+#[async_trait]
+impl SpanExporter for CaptureExporter {
+    async fn export(&mut self, batch: Vec<SpanData>) -> ExportResult {
+        for span in batch {
+            let payload = bincode::serialize(&span).map_err(|e| TraceError::from(e.to_string()))?;
+            let expected = self.raw.as_ref().map(|_| expected_from(&span));
+            self.out
+                .lock()
+                .expect("capture lock")
+                .push((frame(&payload), expected));
+            if let Some(raw) = &self.raw {
+                raw.lock().expect("capture lock").push(span);
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) struct Sdk {
+    provider: TracerProvider,
+    tracer: Tracer,
+    random: KataIds,
+}
+
+/// Builds a provider like the agent's, runs `script` against it and returns
+/// the frames in export order (with expectations if `keep` is set).
+pub(crate) fn run(config: &SdkConfig, keep: bool, script: impl FnOnce(&Sdk)) -> Captured {
+    run_raw(config, keep, script).0
+}
+
+/// Like [`run`], also returning the `SpanData` values the exporter received
+/// (empty unless `keep`), so tests can compare them with decoded payloads.
+pub(crate) fn run_raw(
+    config: &SdkConfig,
+    keep: bool,
+    script: impl FnOnce(&Sdk),
+) -> (Captured, Vec<SpanData>) {
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let raw = keep.then(|| Arc::new(Mutex::new(Vec::new())));
+    let exporter = CaptureExporter {
+        out: out.clone(),
+        raw: raw.clone(),
+    };
+    let l = config.limits;
+    let sdk_config = Config::default()
+        .with_id_generator(KataIds {
+            forced_trace_id: config.trace_id,
+            random: RandomIds::default(),
+        })
+        .with_max_attributes_per_span(l.attributes_per_span)
+        .with_max_events_per_span(l.events_per_span)
+        .with_max_links_per_span(l.links_per_span)
+        .with_max_attributes_per_event(l.attributes_per_event)
+        .with_max_attributes_per_link(l.attributes_per_link)
+        .with_resource(Resource::new(to_key_values(config.resource.clone())));
+    let provider = TracerProvider::builder()
+        .with_simple_exporter(exporter)
+        .with_config(sdk_config)
+        .build();
+    // The agent's tracer is unversioned and named after the binary.
+    let tracer = provider.get_tracer("kata-agent", None);
+    let sdk = Sdk {
+        provider,
+        tracer,
+        random: KataIds {
+            forced_trace_id: None,
+            random: RandomIds::default(),
+        },
+    };
+    script(&sdk);
+    // The simple processor exports on its own "opentelemetry-exporter" thread;
+    // dropping the last provider handle shuts it down, which blocks until the
+    // queue is drained. (0.14 does not merge an SDK default resource, so the
+    // resource is exactly what the config holds.)
+    let Sdk {
+        provider, tracer, ..
+    } = sdk;
+    drop(tracer);
+    drop(provider);
+    let captured = std::mem::take(&mut *out.lock().expect("capture lock"));
+    let raw = raw
+        .map(|r| std::mem::take(&mut *r.lock().expect("capture lock")))
+        .unwrap_or_default();
+    (captured, raw)
+}
+
+impl Sdk {
+    fn link(&self, l: LinkSpec) -> Link {
+        Link::new(
+            span_context(l.trace_id, l.span_id, &l.trace_state),
+            to_key_values(l.attributes),
+        )
+    }
+}
+
+impl AgentSdk for Sdk {
+    type Cx = Context;
+
+    fn root(&self, parent: Option<&RemoteSpec>) -> Context {
+        match parent {
+            Some(p) => Context::new().with_remote_span_context(span_context(
+                p.trace_id,
+                p.span_id,
+                &p.trace_state,
+            )),
+            None => Context::new(),
+        }
+    }
+
+    fn start(&self, parent: &Context, spec: SpanSpec) -> Context {
+        let links: Vec<Link> = spec.links.into_iter().map(|l| self.link(l)).collect();
+        let builder = self
+            .tracer
+            .span_builder(spec.name)
+            .with_parent_context(parent.clone())
+            .with_kind(to_kind(spec.kind))
+            .with_start_time(spec.start)
+            .with_attributes(to_key_values(spec.attributes))
+            .with_links(links);
+        let span = self.tracer.build(builder);
+        parent.with_span(span)
+    }
+
+    fn ids(&self, cx: &Context) -> (u128, u64) {
+        let span = cx.span();
+        let sc = span.span_context();
+        (trace_id_u128(sc.trace_id()), span_id_u64(sc.span_id()))
+    }
+
+    fn set_attribute(&self, cx: &Context, key: &str, value: ExpectedValue) {
+        cx.span()
+            .set_attribute(KeyValue::new(Key::new(key.to_string()), to_value(value)));
+    }
+
+    fn add_event(
+        &self,
+        cx: &Context,
+        name: &str,
+        at: SystemTime,
+        attributes: Vec<(String, ExpectedValue)>,
+    ) {
+        cx.span()
+            .add_event_with_timestamp(name.to_string(), at, to_key_values(attributes));
+    }
+
+    fn set_status(&self, cx: &Context, status: ExpectedStatus, message: &str) {
+        cx.span().set_status(to_status(status), message.to_string());
+    }
+
+    fn end(&self, cx: Context, at: SystemTime) {
+        cx.span().end_with_timestamp(at);
+    }
+
+    fn random_trace_id(&self) -> u128 {
+        trace_id_u128(self.random.new_trace_id())
+    }
+
+    fn random_span_id(&self) -> u64 {
+        span_id_u64(self.random.new_span_id())
+    }
+}

@@ -1,0 +1,50 @@
+//! `--dump-only`: spans as OTLP JSON lines on stdout, no collector needed.
+//!
+//! Each line is a complete OTLP/JSON `TracesData` object holding one span
+//! with its resource, so lines can be read one at a time, grepped, or fed
+//! to anything that takes OTLP JSON (ids in hex, 64-bit numbers as strings,
+//! as the OTLP JSON mapping says).
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, TracesData};
+
+use crate::otlp::SpanRecord;
+
+pub struct DumpWriter {
+    out: Box<dyn Write + Send + Sync>,
+}
+
+impl DumpWriter {
+    pub fn stdout() -> Self {
+        Self::new(Box::new(io::BufWriter::new(io::stdout())))
+    }
+
+    pub fn new(out: Box<dyn Write + Send + Sync>) -> Self {
+        Self { out }
+    }
+
+    pub fn write_spans(&mut self, batch: Vec<SpanRecord>) -> io::Result<()> {
+        for rec in batch {
+            let line = TracesData {
+                resource_spans: vec![ResourceSpans {
+                    resource: Some(Arc::unwrap_or_clone(rec.resource)),
+                    scope_spans: vec![ScopeSpans {
+                        scope: None,
+                        spans: vec![rec.span],
+                        schema_url: String::new(),
+                    }],
+                    schema_url: String::new(),
+                }],
+            };
+            serde_json::to_writer(&mut self.out, &line)?;
+            self.out.write_all(b"\n")?;
+        }
+        self.out.flush()
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}

@@ -1,0 +1,201 @@
+//! OTLP/HTTP transport: `POST <endpoint>` with an `application/x-protobuf`
+//! body, over hyper's pooled HTTP/1.1 client.
+//!
+//! Failures are classified as the OTLP spec says: 429, 502, 503 and 504 are
+//! retryable (with `Retry-After` honoured), other statuses are not, and
+//! connection-level errors are.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use prost::Message;
+
+use super::retry::{Classify, Retry};
+use super::{error_chain, ExportError};
+use crate::config::OtlpConfig;
+
+/// A collector's response body is tiny; anything past this is not read.
+const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+pub struct HttpTransport {
+    client: Client<HttpConnector, Full<Bytes>>,
+    endpoint: Uri,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("sending request: {0}")]
+    Send(String),
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    #[error("collector answered HTTP {status}: {body}")]
+    Status {
+        status: StatusCode,
+        retry_after: Option<Duration>,
+        body: String,
+    },
+    #[error("reading response: {0}")]
+    ReadBody(String),
+}
+
+impl Classify for HttpError {
+    fn retry(&self) -> Retry {
+        match self {
+            HttpError::Send(_) | HttpError::Timeout(_) | HttpError::ReadBody(_) => {
+                Retry::Retryable
+            }
+            HttpError::Status {
+                status,
+                retry_after,
+                ..
+            } => match status.as_u16() {
+                429 | 503 => Retry::Throttled(*retry_after),
+                502 | 504 => Retry::Retryable,
+                _ => Retry::Never,
+            },
+        }
+    }
+}
+
+impl HttpTransport {
+    /// Checks that the collector's port accepts connections, so that a
+    /// missing collector is reported at startup.
+    pub async fn connect(cfg: &OtlpConfig, connect_timeout: Duration) -> Result<Self, ExportError> {
+        let endpoint = cfg.endpoint.to_string();
+        let host = cfg.endpoint.host().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let port = cfg.endpoint.port_u16().unwrap_or(
+            if cfg.endpoint.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            },
+        );
+        match tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect((host, port)))
+            .await
+        {
+            Ok(Ok(_probe)) => {}
+            Ok(Err(e)) => {
+                return Err(ExportError::Connect {
+                    endpoint,
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(ExportError::Connect {
+                    endpoint,
+                    reason: format!("no answer within {connect_timeout:?}"),
+                })
+            }
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(Self {
+            client,
+            endpoint: cfg.endpoint.clone(),
+            headers: cfg.headers.clone(),
+            timeout: cfg.timeout,
+        })
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.endpoint.to_string()
+    }
+
+    pub async fn export(&self, body: Bytes) -> Result<ExportTraceServiceResponse, HttpError> {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(self.endpoint.clone())
+            .header(header::CONTENT_TYPE, "application/x-protobuf")
+            .body(Full::new(body))
+            .map_err(|e| HttpError::Send(e.to_string()))?;
+        for (k, v) in &self.headers {
+            req.headers_mut().append(k.clone(), v.clone());
+        }
+        let fut = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| HttpError::Send(error_chain(&e)))?;
+            let status = resp.status();
+            let retry_after = retry_after(resp.headers());
+            let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| HttpError::ReadBody(e.to_string()))?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(HttpError::Status {
+                    status,
+                    retry_after,
+                    body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+                });
+            }
+            // A collector may answer 200 with an empty body; that is a full
+            // success.
+            Ok(ExportTraceServiceResponse::decode(body).unwrap_or_default())
+        };
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| HttpError::Timeout(self.timeout))?
+    }
+}
+
+/// `Retry-After` in its delay-seconds form; an HTTP-date hint falls back to
+/// our own backoff.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16, retry_after: Option<u64>) -> HttpError {
+        HttpError::Status {
+            status: StatusCode::from_u16(code).unwrap(),
+            retry_after: retry_after.map(Duration::from_secs),
+            body: String::new(),
+        }
+    }
+
+    #[test]
+    fn classifies_per_otlp_spec() {
+        assert_eq!(status(429, Some(3)).retry(), Retry::Throttled(Some(Duration::from_secs(3))));
+        assert_eq!(status(503, None).retry(), Retry::Throttled(None));
+        assert_eq!(status(502, None).retry(), Retry::Retryable);
+        assert_eq!(status(504, None).retry(), Retry::Retryable);
+        assert_eq!(status(400, None).retry(), Retry::Never);
+        assert_eq!(status(500, None).retry(), Retry::Never);
+        assert_eq!(HttpError::Send("refused".into()).retry(), Retry::Retryable);
+    }
+
+    #[test]
+    fn reads_retry_after_seconds() {
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static(" 7 "));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after(&h), None);
+    }
+}

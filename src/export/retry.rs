@@ -1,0 +1,226 @@
+//! Retry policy, kept apart from any transport.
+//!
+//! Transports only classify their failures ([`Retry`]); this module decides
+//! when to try again: exponential backoff with jitter, a server's throttling
+//! hint honoured (but capped), and a total deadline after which the batch is
+//! given up. The deadline can also be pulled in from outside, which is how
+//! shutdown bounds a retry loop already running.
+
+use std::future::Future;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// How a failed attempt may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Transient: try again after backoff.
+    Retryable,
+    /// The server asked to slow down, optionally saying for how long.
+    Throttled(Option<Duration>),
+    /// Trying again cannot help (bad request, auth, ...).
+    Never,
+}
+
+/// Implemented by transport errors.
+pub trait Classify {
+    fn retry(&self) -> Retry;
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub multiplier: f64,
+    /// Longest a throttling hint is obeyed for in one wait.
+    pub max_throttle: Duration,
+    /// Total time one batch may spend being retried.
+    pub max_elapsed: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            multiplier: 2.0,
+            max_throttle: Duration::from_secs(30),
+            max_elapsed: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What happened to a retried operation.
+#[derive(Debug)]
+pub struct Outcome<T, E> {
+    pub result: Result<T, E>,
+    /// Attempts made, the first included.
+    pub attempts: u32,
+}
+
+impl RetryPolicy {
+    /// Runs `op` until it succeeds, fails for good, or time is up. `deadline`
+    /// may be moved earlier while this runs (shutdown); a wait in progress is
+    /// cut short when it does.
+    pub async fn run<T, E, F, Fut>(
+        &self,
+        deadline: &mut watch::Receiver<Option<Instant>>,
+        mut op: F,
+    ) -> Outcome<T, E>
+    where
+        E: Classify,
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let started = Instant::now();
+        let own_deadline = started + self.max_elapsed;
+        let mut backoff = self.initial_backoff;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let err = match op(attempts).await {
+                Ok(v) => {
+                    return Outcome {
+                        result: Ok(v),
+                        attempts,
+                    }
+                }
+                Err(e) => e,
+            };
+            let wait = match err.retry() {
+                Retry::Never => None,
+                Retry::Retryable => Some(jitter(backoff)),
+                Retry::Throttled(hint) => Some(match hint {
+                    Some(h) => h.min(self.max_throttle),
+                    None => jitter(backoff),
+                }),
+            };
+            let effective_deadline = match *deadline.borrow() {
+                Some(d) => d.min(own_deadline),
+                None => own_deadline,
+            };
+            let Some(wait) = wait else {
+                return Outcome {
+                    result: Err(err),
+                    attempts,
+                };
+            };
+            let wake = Instant::now() + wait;
+            if wake >= effective_deadline {
+                return Outcome {
+                    result: Err(err),
+                    attempts,
+                };
+            }
+            // Sleep, but wake early if the deadline is pulled in.
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => break,
+                    changed = deadline.changed() => {
+                        let pulled_in = deadline.borrow().is_some_and(|d| d <= wake);
+                        if changed.is_err() || pulled_in {
+                            return Outcome { result: Err(err), attempts };
+                        }
+                    }
+                }
+            }
+            backoff = self
+                .max_backoff
+                .min(backoff.mul_f64(self.multiplier.max(1.0)));
+        }
+    }
+}
+
+/// "Equal jitter": between half and all of the backoff, so retries from many
+/// forwarders spread out but never collapse to zero.
+fn jitter(backoff: Duration) -> Duration {
+    let half = backoff / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Debug)]
+    struct E(Retry);
+    impl Classify for E {
+        fn retry(&self) -> Retry {
+            self.0
+        }
+    }
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(40),
+            multiplier: 2.0,
+            max_throttle: Duration::from_millis(50),
+            max_elapsed: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_retryable_until_success() {
+        let (_tx, mut rx) = watch::channel(None);
+        let calls = AtomicU32::new(0);
+        let out = policy()
+            .run(&mut rx, |_| async {
+                if calls.fetch_add(1, Ordering::SeqCst) < 3 {
+                    Err(E(Retry::Retryable))
+                } else {
+                    Ok(7)
+                }
+            })
+            .await;
+        assert_eq!(out.result.unwrap(), 7);
+        assert_eq!(out.attempts, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_retries_permanent_errors() {
+        let (_tx, mut rx) = watch::channel(None);
+        let out: Outcome<(), E> = policy()
+            .run(&mut rx, |_| async { Err(E(Retry::Never)) })
+            .await;
+        assert!(out.result.is_err());
+        assert_eq!(out.attempts, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn honours_throttle_hint_and_gives_up_at_deadline() {
+        let (_tx, mut rx) = watch::channel(None);
+        let start = Instant::now();
+        let out: Outcome<(), E> = policy()
+            .run(&mut rx, |_| async {
+                Err(E(Retry::Throttled(Some(Duration::from_millis(45)))))
+            })
+            .await;
+        assert!(out.result.is_err());
+        // 5 s of budget at 45 ms a wait: about 111 attempts, never more.
+        let elapsed = start.elapsed();
+        assert!(elapsed <= Duration::from_secs(5), "{elapsed:?}");
+        assert_eq!(out.attempts, 5000 / 45 + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pulled_in_deadline_stops_waiting() {
+        let (tx, mut rx) = watch::channel(None);
+        let p = RetryPolicy {
+            max_elapsed: Duration::from_secs(3600),
+            ..policy()
+        };
+        let task = tokio::spawn(async move {
+            p.run(&mut rx, |_| async { Err::<(), _>(E(Retry::Retryable)) })
+                .await
+                .attempts
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tx.send(Some(Instant::now())).unwrap();
+        let attempts = task.await.unwrap();
+        assert!((20..=60).contains(&attempts), "{attempts}");
+    }
+}

@@ -1,0 +1,134 @@
+//! Dropping root after binding, and the socket janitor that outlives it.
+//!
+//! Hybrid VSOCK sockets live in root-owned sandbox directories, so binding
+//! needs root; nothing after it does. Once the socket is bound, a root
+//! process switches to an unprivileged user (`nobody` by default): its
+//! supplementary groups are cleared, then its group and user ids set, which
+//! also clears every capability, and it moves to `/` so that it holds no
+//! directory open. Accepted connections and export need no privilege.
+//!
+//! Removing the socket at exit does need root again (the directory is
+//! root's), and a process that could regain root has not really dropped it.
+//! So before dropping, the forwarder starts a janitor: itself, re-executed
+//! in a mode that only waits on a pipe. When the forwarder says `remove`,
+//! or dies and the pipe closes, the janitor removes the socket if it is
+//! still the very file we bound (same device and inode) and exits. It reads
+//! nothing from guests and ignores SIGTERM and SIGINT, so a signal to the
+//! whole process group cannot make it leave the socket behind.
+
+use std::ffi::OsString;
+use std::io::{self, BufRead, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::unistd::{chdir, getuid, setgid, setgroups, setuid, Uid, User};
+
+use super::ListenError;
+
+/// First argument that selects janitor mode in the binary.
+pub const JANITOR_ARG: &str = "__socket-janitor";
+
+/// Whether this process runs as root (and so should drop privileges).
+pub fn is_root() -> bool {
+    getuid().is_root()
+}
+
+/// Switches to `user`. Call only as root.
+pub fn drop_root(user: &str) -> Result<(), ListenError> {
+    let err = |reason: String| ListenError::DropPrivileges {
+        user: user.to_owned(),
+        reason,
+    };
+    let u = User::from_name(user)
+        .map_err(|e| err(e.to_string()))?
+        .ok_or_else(|| err("no such user".into()))?;
+    if u.uid == Uid::from_raw(0) {
+        return Err(err("refusing to 'drop' to another root account".into()));
+    }
+    setgroups(&[]).map_err(|e| err(format!("setgroups: {e}")))?;
+    setgid(u.gid).map_err(|e| err(format!("setgid: {e}")))?;
+    setuid(u.uid).map_err(|e| err(format!("setuid: {e}")))?;
+    chdir("/").map_err(|e| err(format!("chdir /: {e}")))?;
+    tracing::info!(
+        user,
+        uid = u.uid.as_raw(),
+        gid = u.gid.as_raw(),
+        "dropped root privileges"
+    );
+    Ok(())
+}
+
+/// The privileged helper that removes a socket on our behalf.
+pub struct Janitor {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Janitor {
+    /// Starts the janitor for the socket at `path` with the given identity.
+    pub fn spawn(path: &Path, identity: (u64, u64)) -> io::Result<Janitor> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg(JANITOR_ARG)
+            .arg(path)
+            .arg(identity.0.to_string())
+            .arg(identity.1.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdin = child.stdin.take();
+        Ok(Janitor { child, stdin })
+    }
+
+    /// Asks for the socket to be removed now and waits, briefly, until it is.
+    pub fn remove_now(mut self, timeout: Duration) -> bool {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"remove\n");
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                _ => return false,
+            }
+        }
+    }
+}
+
+/// Entry point of janitor mode: `JANITOR_ARG <path> <dev> <ino>`.
+pub fn janitor_main(args: &[OsString]) -> ExitCode {
+    // Single-threaded at this point, so blocking the signals for this thread
+    // blocks them for the process.
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGTERM);
+    set.add(nix::sys::signal::Signal::SIGINT);
+    set.add(nix::sys::signal::Signal::SIGHUP);
+    let _ = set.thread_block();
+
+    let parsed = (|| {
+        let path = PathBuf::from(args.first()?);
+        let dev = args.get(1)?.to_str()?.parse::<u64>().ok()?;
+        let ino = args.get(2)?.to_str()?.parse::<u64>().ok()?;
+        Some((path, dev, ino))
+    })();
+    let Some((path, dev, ino)) = parsed else {
+        eprintln!("{JANITOR_ARG}: usage: {JANITOR_ARG} <path> <dev> <ino>");
+        return ExitCode::from(2);
+    };
+    // Any line, or end of input (the forwarder is gone), means: clean up.
+    let mut line = String::new();
+    let _ = io::stdin().lock().read_line(&mut line);
+    let ours = std::fs::symlink_metadata(&path).is_ok_and(|md| (md.dev(), md.ino()) == (dev, ino));
+    if ours {
+        if let Err(e) = std::fs::remove_file(&path) {
+            eprintln!("{JANITOR_ARG}: removing {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,88 @@
+//! The `kata-trace-forwarder` binary: parse flags, set up logging, run.
+//!
+//! Exit codes: 0 after a clean shutdown, 1 when the forwarder cannot start
+//! or stops on an error (collector unreachable, socket unusable), 2 for an
+//! invalid command line or environment.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use kata_trace_forwarder::config::{Cli, LogFormat, ProcessEnv};
+use kata_trace_forwarder::listen::privileges;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == privileges::JANITOR_ARG) {
+        return privileges::janitor_main(&args[2..]);
+    }
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let config = match cli.into_config(&ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "invalid configuration");
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            tracing::error!(error = %chain.join(": "), "forwarder failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: kata_trace_forwarder::Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ktf-worker")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = shutdown_signal()?;
+        let summary = kata_trace_forwarder::run(config, shutdown)
+            .await
+            .context("kata-trace-forwarder")?;
+        tracing::info!(
+            summary = %serde_json::to_string(&summary).unwrap_or_default(),
+            "forwarder stopped"
+        );
+        Ok(())
+    })
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "received signal"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "received signal"),
+        }
+    })
+}
+
+fn init_logging(cli: &Cli) {
+    // Our own level for our own logs; the libraries we use are only heard
+    // from when something is wrong.
+    let directives = format!(
+        "{lvl},h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn",
+        lvl = cli.log_level.as_filter()
+    );
+    let filter = EnvFilter::new(directives);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.with_ansi(false).init(),
+    }
+}

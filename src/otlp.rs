@@ -1,0 +1,296 @@
+//! Conversion of the agent's span model into OTLP protobuf messages.
+//!
+//! This is where the agent's SDK-internal view of a span becomes the
+//! collector's: 128-bit ids become 16 big-endian bytes (the SDK's
+//! `TraceId::to_bytes` order, which is also the W3C hex order), times become
+//! nanoseconds, the attribute map becomes a list, the `EvictedQueue`s become
+//! lists plus their dropped counts, and the trace state becomes its W3C
+//! header string. The resource is the agent's own, with `service.name` set to
+//! the configured trace name and the forwarder's own attributes added only
+//! where the agent did not set them.
+
+use std::sync::Arc;
+
+use opentelemetry_proto::tonic::common::v1::{
+    any_value, AnyValue, ArrayValue, KeyValue,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{span, status, ResourceSpans, ScopeSpans, Span, Status};
+
+use crate::wire::model::{self, AgentSpan, Array, SpanKind, StatusCode, Value};
+
+/// OTLP `SpanFlags`: the low 8 bits are the W3C trace flags; these two bits
+/// say whether the remote-ness of a (linked) context is known, and if so,
+/// that it is remote.
+const FLAG_CONTEXT_HAS_IS_REMOTE: u32 = 0x100;
+const FLAG_CONTEXT_IS_REMOTE: u32 = 0x200;
+
+pub const SERVICE_NAME: &str = "service.name";
+
+/// What the forwarder knows about where a connection's spans come from.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    /// Value of `service.name` on every resource (the `--trace-name`).
+    pub service_name: String,
+    /// Extra resource attributes the forwarder adds, for example the sandbox
+    /// id. Never overrides an attribute the agent set.
+    pub extra: Vec<(String, String)>,
+}
+
+/// Builds the OTLP resource for a span's agent resource.
+pub fn resource(agent: Option<&model::Resource<'_>>, origin: &Origin) -> Resource {
+    let agent_attrs = agent.map(|r| r.attrs.as_slice()).unwrap_or(&[]);
+    let mut attributes = Vec::with_capacity(agent_attrs.len() + origin.extra.len() + 1);
+    attributes.push(string_kv(SERVICE_NAME, &origin.service_name));
+    for kv in agent_attrs {
+        if kv.key.as_str() != SERVICE_NAME {
+            attributes.push(key_value(kv));
+        }
+    }
+    for (k, v) in &origin.extra {
+        if !attributes.iter().any(|a| &a.key == k) {
+            attributes.push(string_kv(k, v));
+        }
+    }
+    Resource {
+        attributes,
+        dropped_attributes_count: 0,
+        entity_refs: Vec::new(),
+    }
+}
+
+/// Converts one agent span into an OTLP span.
+pub fn span(s: &AgentSpan<'_>) -> Span {
+    let ctx = &s.span_context;
+    Span {
+        trace_id: ctx.trace_id.to_be_bytes().to_vec(),
+        span_id: ctx.span_id.to_be_bytes().to_vec(),
+        trace_state: ctx.trace_state_header(),
+        parent_span_id: if s.parent_span_id == 0 {
+            Vec::new()
+        } else {
+            s.parent_span_id.to_be_bytes().to_vec()
+        },
+        flags: u32::from(ctx.trace_flags),
+        name: s.name.as_str().to_owned(),
+        kind: span_kind(s.span_kind) as i32,
+        start_time_unix_nano: s.start_time.unix_nanos(),
+        end_time_unix_nano: s.end_time.unix_nanos(),
+        attributes: s.attributes.map.iter().map(key_value).collect(),
+        dropped_attributes_count: s.attributes.dropped_count,
+        events: s.events.items().iter().map(event).collect(),
+        dropped_events_count: s.events.dropped_count,
+        links: s.links.items().iter().map(link).collect(),
+        dropped_links_count: s.links.dropped_count,
+        status: Some(Status {
+            message: s.status_message.as_str().to_owned(),
+            code: status_code(s.status_code) as i32,
+        }),
+    }
+}
+
+fn span_kind(kind: SpanKind) -> span::SpanKind {
+    match kind {
+        SpanKind::Client => span::SpanKind::Client,
+        SpanKind::Server => span::SpanKind::Server,
+        SpanKind::Producer => span::SpanKind::Producer,
+        SpanKind::Consumer => span::SpanKind::Consumer,
+        SpanKind::Internal => span::SpanKind::Internal,
+    }
+}
+
+fn status_code(code: StatusCode) -> status::StatusCode {
+    match code {
+        StatusCode::Unset => status::StatusCode::Unset,
+        StatusCode::Ok => status::StatusCode::Ok,
+        StatusCode::Error => status::StatusCode::Error,
+    }
+}
+
+fn event(e: &model::Event<'_>) -> span::Event {
+    span::Event {
+        time_unix_nano: e.timestamp.unix_nanos(),
+        name: e.name.as_str().to_owned(),
+        attributes: e.attributes.iter().map(key_value).collect(),
+        dropped_attributes_count: e.dropped_attributes_count,
+    }
+}
+
+fn link(l: &model::Link<'_>) -> span::Link {
+    let ctx = &l.span_context;
+    let remote = if ctx.is_remote {
+        FLAG_CONTEXT_IS_REMOTE
+    } else {
+        0
+    };
+    span::Link {
+        trace_id: ctx.trace_id.to_be_bytes().to_vec(),
+        span_id: ctx.span_id.to_be_bytes().to_vec(),
+        trace_state: ctx.trace_state_header(),
+        attributes: l.attributes.iter().map(key_value).collect(),
+        dropped_attributes_count: l.dropped_attributes_count,
+        flags: u32::from(ctx.trace_flags) | FLAG_CONTEXT_HAS_IS_REMOTE | remote,
+    }
+}
+
+fn key_value(kv: &model::KeyValue<'_>) -> KeyValue {
+    KeyValue {
+        key: kv.key.as_str().to_owned(),
+        value: Some(any_value(&kv.value)),
+        key_strindex: 0,
+    }
+}
+
+fn string_kv(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.to_owned())),
+        }),
+        key_strindex: 0,
+    }
+}
+
+fn any_value(v: &Value<'_>) -> AnyValue {
+    use any_value::Value as V;
+    let value = match v {
+        Value::Bool(b) => V::BoolValue(*b),
+        Value::I64(i) => V::IntValue(*i),
+        Value::F64(f) => V::DoubleValue(f.0),
+        Value::String(s) => V::StringValue(s.as_str().to_owned()),
+        Value::Array(a) => V::ArrayValue(ArrayValue {
+            values: match a {
+                Array::Bool(xs) => xs.iter().map(|&b| wrap(V::BoolValue(b))).collect(),
+                Array::I64(xs) => xs.iter().map(|&i| wrap(V::IntValue(i))).collect(),
+                Array::F64(xs) => xs.iter().map(|f| wrap(V::DoubleValue(f.0))).collect(),
+                Array::String(xs) => xs
+                    .iter()
+                    .map(|s| wrap(V::StringValue(s.as_str().to_owned())))
+                    .collect(),
+            },
+        }),
+    };
+    wrap(value)
+}
+
+fn wrap(v: any_value::Value) -> AnyValue {
+    AnyValue { value: Some(v) }
+}
+
+/// A converted span waiting to be exported, with the resource it belongs
+/// to. Spans of one connection share their resource's allocation, which is
+/// also what lets the batcher group them cheaply.
+#[derive(Debug, Clone)]
+pub struct SpanRecord {
+    pub resource: Arc<Resource>,
+    pub span: Span,
+}
+
+/// Groups spans by resource into `ResourceSpans`, keeping arrival order
+/// within each group. Grouping is by pointer first (the common case: one
+/// connection, one resource) and by value otherwise.
+pub fn group_by_resource(records: Vec<SpanRecord>) -> Vec<ResourceSpans> {
+    let mut groups: Vec<(Arc<Resource>, Vec<Span>)> = Vec::new();
+    for rec in records {
+        let pos = groups
+            .iter()
+            .position(|(r, _)| Arc::ptr_eq(r, &rec.resource) || **r == *rec.resource);
+        match pos {
+            Some(i) => groups[i].1.push(rec.span),
+            None => groups.push((rec.resource, vec![rec.span])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(resource, spans)| ResourceSpans {
+            resource: Some(Arc::unwrap_or_clone(resource)),
+            scope_spans: vec![ScopeSpans {
+                // The agent's `SpanData` does not carry its instrumentation
+                // library (serde skips it), so there is no scope to report.
+                scope: None,
+                spans,
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        })
+        .collect()
+}
+
+/// Remembers a connection's last resource so that consecutive spans with
+/// the same agent resource (all of them, in practice) share one converted
+/// `Resource` instead of rebuilding it per span.
+#[derive(Debug, Default)]
+pub struct ResourceCache {
+    /// The agent's attributes as last converted (`None`: the agent sent no
+    /// resource), to compare the next span's against.
+    agent: Option<Vec<KeyValue>>,
+    resource: Option<Arc<Resource>>,
+}
+
+impl ResourceCache {
+    pub fn get(&mut self, agent: Option<&model::Resource<'_>>, origin: &Origin) -> Arc<Resource> {
+        if let Some(r) = &self.resource {
+            if same_attrs(self.agent.as_deref(), agent) {
+                return Arc::clone(r);
+            }
+        }
+        let r = Arc::new(resource(agent, origin));
+        self.agent = agent.map(|a| a.attrs.iter().map(key_value).collect());
+        self.resource = Some(Arc::clone(&r));
+        r
+    }
+}
+
+fn same_attrs(cached: Option<&[KeyValue]>, agent: Option<&model::Resource<'_>>) -> bool {
+    match (cached, agent) {
+        (None, None) => true,
+        (Some(c), Some(a)) => {
+            c.len() == a.attrs.len()
+                && c.iter().zip(&a.attrs).all(|(p, m)| {
+                    p.key == m.key.as_str()
+                        && p.value
+                            .as_ref()
+                            .and_then(|v| v.value.as_ref())
+                            .is_some_and(|v| same_value(v, &m.value))
+                })
+        }
+        _ => false,
+    }
+}
+
+/// Compares without allocating; floats by bits, so NaN equals itself.
+fn same_value(p: &any_value::Value, m: &Value<'_>) -> bool {
+    use any_value::Value as V;
+    fn one(p: &AnyValue, m: &any_value::Value) -> bool {
+        p.value.as_ref() == Some(m)
+    }
+    match (p, m) {
+        (V::BoolValue(a), Value::Bool(b)) => a == b,
+        (V::IntValue(a), Value::I64(b)) => a == b,
+        (V::DoubleValue(a), Value::F64(b)) => a.to_bits() == b.0.to_bits(),
+        (V::StringValue(a), Value::String(b)) => a == b.as_str(),
+        (V::ArrayValue(a), Value::Array(arr)) => match arr {
+            Array::Bool(xs) => {
+                a.values.len() == xs.len()
+                    && a.values.iter().zip(xs).all(|(p, &x)| one(p, &V::BoolValue(x)))
+            }
+            Array::I64(xs) => {
+                a.values.len() == xs.len()
+                    && a.values.iter().zip(xs).all(|(p, &x)| one(p, &V::IntValue(x)))
+            }
+            Array::F64(xs) => {
+                a.values.len() == xs.len()
+                    && a.values.iter().zip(xs).all(|(p, x)| {
+                        matches!(&p.value, Some(V::DoubleValue(d)) if d.to_bits() == x.0.to_bits())
+                    })
+            }
+            Array::String(xs) => {
+                a.values.len() == xs.len()
+                    && a.values.iter().zip(xs).all(|(p, x)| {
+                        matches!(&p.value, Some(V::StringValue(s)) if s == x.as_str())
+                    })
+            }
+        },
+        _ => false,
+    }
+}

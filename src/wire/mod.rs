@@ -1,0 +1,229 @@
+//! The agent's wire protocol: framing and the span model.
+//!
+//! # Wire primer
+//!
+//! The Kata agent opens one stream to the host (VSOCK CID 2, port 10240 by
+//! default; with hybrid VSOCK the VMM turns it into a Unix-socket connection
+//! to `<socket-path>_<port>`) and keeps it for its whole life. On it, it
+//! writes one frame per finished span:
+//!
+//! ```text
+//! +---------------------------+---------------------------------+
+//! | length: u64, big-endian   | payload: `length` bytes         |
+//! +---------------------------+---------------------------------+
+//! ```
+//!
+//! The payload is the serde serialisation of the OpenTelemetry Rust SDK's
+//! `SpanData`, in one of two encodings depending on the Kata release:
+//!
+//! | Kata release  | SDK crate              | payload encoding                       |
+//! |---------------|------------------------|----------------------------------------|
+//! | 2.2 – 3.28    | `opentelemetry` 0.14   | `bincode` 1.3, default options          |
+//! | 3.29 and later| `opentelemetry` 0.17   | `serde_json`                            |
+//!
+//! Both SDK versions share one serde layout (see [`model`]), so one set of
+//! borrowed structs decodes both. A JSON payload is an object and so starts
+//! with `{`; a bincode payload starts with the little-endian bytes of the
+//! trace id, whose first byte is `{` for one trace in 256. Detection is
+//! therefore "JSON if it looks like JSON and parses, else bincode", with the
+//! connection remembering which one worked so the common case costs one
+//! parse (see [`Decoder`]).
+//!
+//! Framing itself is tokio-util's `LengthDelimitedCodec`, configured for the
+//! 8-byte header and a maximum frame length: an oversized length prefix is
+//! rejected before anything is allocated for it.
+
+pub mod model;
+
+use bincode::Options;
+use tokio_util::codec::LengthDelimitedCodec;
+
+pub use model::AgentSpan;
+
+/// Size of the frame header the agent writes before each payload.
+pub const HEADER_LEN: usize = 8;
+
+/// Builds the frame codec: 8-byte big-endian length, header stripped, frames
+/// longer than `max_frame_size` rejected without allocating them.
+pub fn frame_codec(max_frame_size: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(HEADER_LEN)
+        .big_endian()
+        .max_frame_length(max_frame_size)
+        .new_codec()
+}
+
+/// Payload encodings the agent has used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WireFormat {
+    /// `serde_json` of opentelemetry 0.17 `SpanData` (Kata 3.29+).
+    Json,
+    /// `bincode` 1.3 of opentelemetry 0.14 `SpanData` (Kata 2.2 – 3.28).
+    Bincode,
+}
+
+impl WireFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireFormat::Json => "json",
+            WireFormat::Bincode => "bincode",
+        }
+    }
+}
+
+/// Why a payload could not be decoded. The frame is skipped; the connection
+/// carries on, since a frame boundary is still known.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("payload is empty")]
+    Empty,
+    #[error("decoding JSON span payload: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("decoding bincode span payload: {0}")]
+    Bincode(#[source] bincode::Error),
+    #[error("decoding span payload failed as JSON ({json}) and as bincode ({bincode})")]
+    Neither {
+        json: serde_json::Error,
+        bincode: bincode::Error,
+    },
+}
+
+impl DecodeError {
+    /// A stable, low-cardinality label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::Empty => "empty",
+            DecodeError::Json(_) => "json",
+            DecodeError::Bincode(_) => "bincode",
+            DecodeError::Neither { .. } => "unknown_format",
+        }
+    }
+}
+
+/// Decodes one JSON payload.
+pub fn decode_json(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
+    serde_json::from_slice(payload).map_err(DecodeError::Json)
+}
+
+/// Decodes one bincode payload. The byte limit makes every length prefix
+/// inside the payload bounded by the payload itself, so a hostile count can
+/// never turn into a large allocation.
+pub fn decode_bincode(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
+    bincode::options()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .allow_trailing_bytes()
+        .with_limit(payload.len() as u64)
+        .deserialize(payload)
+        .map_err(DecodeError::Bincode)
+}
+
+fn looks_like_json(payload: &[u8]) -> bool {
+    payload
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'{')
+}
+
+/// Per-connection decoder that detects the payload format and remembers it.
+///
+/// An agent never changes format mid-connection, but detection stays per
+/// frame so that a mistaken guess costs one failed parse, never a lost span.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    last: Option<WireFormat>,
+}
+
+impl Decoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The format of the last successfully decoded frame, if any.
+    pub fn format(&self) -> Option<WireFormat> {
+        self.last
+    }
+
+    pub fn decode<'a>(&mut self, payload: &'a [u8]) -> Result<AgentSpan<'a>, DecodeError> {
+        if payload.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        if !looks_like_json(payload) {
+            let span = decode_bincode(payload)?;
+            self.last = Some(WireFormat::Bincode);
+            return Ok(span);
+        }
+        // Ambiguous first byte: try the format this connection used last.
+        let order = match self.last {
+            Some(WireFormat::Bincode) => [WireFormat::Bincode, WireFormat::Json],
+            _ => [WireFormat::Json, WireFormat::Bincode],
+        };
+        let first = match decode_as(order[0], payload) {
+            Ok(span) => {
+                self.last = Some(order[0]);
+                return Ok(span);
+            }
+            Err(e) => e,
+        };
+        match decode_as(order[1], payload) {
+            Ok(span) => {
+                self.last = Some(order[1]);
+                Ok(span)
+            }
+            Err(second) => Err(match (first, second) {
+                (DecodeError::Json(json), DecodeError::Bincode(bincode))
+                | (DecodeError::Bincode(bincode), DecodeError::Json(json)) => {
+                    // Report the error of the format the payload most likely is.
+                    if self.last == Some(WireFormat::Bincode) {
+                        DecodeError::Bincode(bincode)
+                    } else if json.is_syntax() || json.is_eof() {
+                        DecodeError::Neither { json, bincode }
+                    } else {
+                        DecodeError::Json(json)
+                    }
+                }
+                (e, _) => e,
+            }),
+        }
+    }
+}
+
+fn decode_as(format: WireFormat, payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
+    match format {
+        WireFormat::Json => decode_json(payload),
+        WireFormat::Bincode => decode_bincode(payload),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kata_agent_emitter::{scenario, ScenarioOptions, WireFormat as EmitFormat};
+
+    fn payloads(format: EmitFormat) -> Vec<Vec<u8>> {
+        scenario(&ScenarioOptions {
+            format,
+            ..Default::default()
+        })
+        .frames
+        .into_iter()
+        .map(|f| f[HEADER_LEN..].to_vec())
+        .collect()
+    }
+
+    #[test]
+    fn decodes_every_real_frame_in_both_formats() {
+        for (format, want) in [
+            (EmitFormat::Json, WireFormat::Json),
+            (EmitFormat::Bincode, WireFormat::Bincode),
+        ] {
+            let mut d = Decoder::new();
+            for p in payloads(format) {
+                if let Err(e) = d.decode(&p) {
+                    panic!("{format:?}: {e}");
+                }
+                assert_eq!(d.format(), Some(want));
+            }
+        }
+    }
+}

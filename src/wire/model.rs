@@ -1,0 +1,293 @@
+//! The agent's span model, as borrowed views over a frame's payload.
+//!
+//! These types mirror the serde layout of opentelemetry 0.14 and 0.17
+//! `sdk::export::trace::SpanData` field for field and in declaration order,
+//! because bincode has no field names: a struct is its fields in order, an
+//! enum is a `u32` variant index, `Option` a `u8` tag, and strings, maps and
+//! sequences a `u64` length. In JSON the same structs are objects keyed by
+//! field name and enums are externally tagged (`{"I64": 5}`, `"Server"`).
+//!
+//! ```text
+//! SpanData {
+//!   span_context: { trace_id: u128, span_id: u64, trace_flags: u8,
+//!                   is_remote: bool, trace_state: null | [[k, v], ...] },
+//!   parent_span_id: u64,                   // 0 = root
+//!   span_kind: Client | Server | Producer | Consumer | Internal,
+//!   name: str,
+//!   start_time, end_time: { secs_since_epoch: u64, nanos_since_epoch: u32 },
+//!   attributes: { map: {key: Value}, evict_list: [key], max_len: u32, dropped_count: u32 },
+//!   events: { queue: null | [Event], max_len: u32, dropped_count: u32 },
+//!   links:  { queue: null | [Link],  max_len: u32, dropped_count: u32 },
+//!   status_code: Unset | Ok | Error,
+//!   status_message: str,
+//!   resource: null | { attrs: {key: Value} },
+//! }
+//! Event { name: str, timestamp: time, attributes: [{key, value}], dropped_attributes_count: u32 }
+//! Link  { span_context, attributes: [{key, value}], dropped_attributes_count: u32 }
+//! Value = Bool(bool) | I64(i64) | F64(f64) | String(str) | Array(Bool([..]) | I64([..]) | F64([..]) | String([..]))
+//! ```
+//!
+//! Strings borrow from the payload where the encoding allows it (always in
+//! bincode, in JSON unless the string has escapes). Maps are read into
+//! vectors in wire order, never hashed. Nothing here recurses, so a hostile
+//! payload cannot nest its way into a stack overflow, and every sequence is
+//! read element by element, so a claimed count is never preallocated beyond
+//! serde's cautious cap.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+/// A string that borrows from the payload when it can.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Str<'a>(pub Cow<'a, str>);
+
+impl<'a> Str<'a> {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Str<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V(PhantomData))
+    }
+}
+
+/// `f64` that also accepts JSON `null`: serde_json writes NaN and the
+/// infinities as `null`, and a span must not be lost because an attribute
+/// held one. Bincode has no `null` (and an `Option` there would read a tag
+/// byte), so the lenient path is for self-describing formats only.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct F64(pub f64);
+
+impl<'de> Deserialize<'de> for F64 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            Option::<f64>::deserialize(d).map(|v| F64(v.unwrap_or(f64::NAN)))
+        } else {
+            f64::deserialize(d).map(F64)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct AgentSpan<'a> {
+    #[serde(borrow)]
+    pub span_context: SpanContext<'a>,
+    pub parent_span_id: u64,
+    pub span_kind: SpanKind,
+    #[serde(borrow)]
+    pub name: Str<'a>,
+    pub start_time: Time,
+    pub end_time: Time,
+    #[serde(borrow)]
+    pub attributes: Attributes<'a>,
+    #[serde(borrow)]
+    pub events: Queue<Event<'a>>,
+    #[serde(borrow)]
+    pub links: Queue<Link<'a>>,
+    pub status_code: StatusCode,
+    #[serde(borrow)]
+    pub status_message: Str<'a>,
+    #[serde(borrow)]
+    pub resource: Option<Resource<'a>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SpanContext<'a> {
+    pub trace_id: u128,
+    pub span_id: u64,
+    pub trace_flags: u8,
+    pub is_remote: bool,
+    #[serde(borrow)]
+    pub trace_state: Option<Vec<(Str<'a>, Str<'a>)>>,
+}
+
+impl SpanContext<'_> {
+    /// The trace state as its W3C `tracestate` header value.
+    pub fn trace_state_header(&self) -> String {
+        let Some(entries) = &self.trace_state else {
+            return String::new();
+        };
+        let mut out = String::new();
+        for (i, (k, v)) in entries.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(k.as_str());
+            out.push('=');
+            out.push_str(v.as_str());
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SpanKind {
+    Client,
+    Server,
+    Producer,
+    Consumer,
+    Internal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum StatusCode {
+    Unset,
+    Ok,
+    Error,
+}
+
+/// `std::time::SystemTime` as serde writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Time {
+    pub secs_since_epoch: u64,
+    pub nanos_since_epoch: u32,
+}
+
+impl Time {
+    /// Nanoseconds since the Unix epoch, saturating: a guest clock cannot be
+    /// trusted to fit, and a clamped timestamp beats a lost span.
+    pub fn unix_nanos(self) -> u64 {
+        self.secs_since_epoch
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(self.nanos_since_epoch))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct KeyValue<'a> {
+    #[serde(borrow)]
+    pub key: Str<'a>,
+    #[serde(borrow)]
+    pub value: Value<'a>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub enum Value<'a> {
+    Bool(bool),
+    I64(i64),
+    F64(F64),
+    String(#[serde(borrow)] Str<'a>),
+    Array(#[serde(borrow)] Array<'a>),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub enum Array<'a> {
+    Bool(Vec<bool>),
+    I64(Vec<i64>),
+    F64(Vec<F64>),
+    String(#[serde(borrow)] Vec<Str<'a>>),
+}
+
+/// The SDK's `EvictedHashMap`. Only the entries and the dropped count
+/// matter downstream; the eviction list must still be read, because bincode
+/// cannot skip a field it does not parse.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Attributes<'a> {
+    #[serde(borrow, deserialize_with = "map_as_vec")]
+    pub map: Vec<KeyValue<'a>>,
+    pub evict_list: Skip<Str<'a>>,
+    pub max_len: u32,
+    pub dropped_count: u32,
+}
+
+/// The SDK's `EvictedQueue<T>`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Queue<T> {
+    pub queue: Option<Vec<T>>,
+    pub max_len: u32,
+    pub dropped_count: u32,
+}
+
+impl<T> Queue<T> {
+    pub fn items(&self) -> &[T] {
+        self.queue.as_deref().unwrap_or(&[])
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Event<'a> {
+    #[serde(borrow)]
+    pub name: Str<'a>,
+    pub timestamp: Time,
+    #[serde(borrow)]
+    pub attributes: Vec<KeyValue<'a>>,
+    pub dropped_attributes_count: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Link<'a> {
+    #[serde(borrow)]
+    pub span_context: SpanContext<'a>,
+    #[serde(borrow)]
+    pub attributes: Vec<KeyValue<'a>>,
+    pub dropped_attributes_count: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Resource<'a> {
+    #[serde(borrow, deserialize_with = "map_as_vec")]
+    pub attrs: Vec<KeyValue<'a>>,
+}
+
+/// Reads a serde map into a vector of key-values in wire order.
+fn map_as_vec<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Vec<KeyValue<'a>>, D::Error> {
+    struct V<'a>(PhantomData<&'a ()>);
+    impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+        type Value = Vec<KeyValue<'a>>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a map of attributes")
+        }
+        fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+            // A claimed size is a hint from the guest: cap what it reserves.
+            let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+            while let Some((key, value)) = map.next_entry::<Str<'a>, Value<'a>>()? {
+                out.push(KeyValue { key, value });
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(V(PhantomData))
+}
+
+/// A sequence that is parsed for validity and position but not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Skip<T>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Skip<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Skip<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a sequence")
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+                while seq.next_element::<T>()?.is_some() {}
+                Ok(Skip(PhantomData))
+            }
+        }
+        d.deserialize_seq(V(PhantomData))
+    }
+}

@@ -1,0 +1,449 @@
+//! Shared harness for the integration tests: the real forwarder binary as a
+//! child process, an in-process OTLP receiver (gRPC and HTTP) that records
+//! what it is sent, and field-by-field comparison against what the real
+//! agent SDK produced.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use kata_agent_emitter::{ExpectedKind, ExpectedSpan, ExpectedStatus, ExpectedValue};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{span, status, Span};
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kata-trace-forwarder");
+
+/// What the receiver was sent.
+#[derive(Default)]
+pub struct Store {
+    pub spans: Mutex<Vec<(Resource, Span)>>,
+    pub requests: AtomicUsize,
+    /// Answer this many requests with a retryable failure first.
+    pub fail_first: AtomicUsize,
+    notify: Notify,
+}
+
+impl Store {
+    fn record(&self, req: ExportTraceServiceRequest) {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in req.resource_spans {
+            let resource = rs.resource.unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    spans.push((resource.clone(), s));
+                }
+            }
+        }
+        drop(spans);
+        self.notify.notify_waiters();
+    }
+
+    /// Whether this request should fail (and count it).
+    fn should_fail(&self) -> bool {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.fail_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    pub fn count(&self) -> usize {
+        self.spans.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` spans arrived; panics with what did arrive
+    /// otherwise.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<(Resource, Span)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            if self.count() >= n {
+                return self.spans.lock().unwrap().clone();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let got = self.count();
+                assert!(got >= n, "expected {n} spans within {timeout:?}, got {got}");
+            }
+        }
+    }
+}
+
+pub struct Receiver {
+    pub store: Arc<Store>,
+    pub grpc_endpoint: String,
+    pub http_endpoint: String,
+}
+
+struct GrpcService(Arc<Store>);
+
+#[tonic::async_trait]
+impl TraceService for GrpcService {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if self.0.should_fail() {
+            return Err(tonic::Status::unavailable("injected failure"));
+        }
+        self.0.record(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Receiver {
+    /// Starts gRPC and HTTP OTLP receivers on free loopback ports.
+    pub async fn start() -> Receiver {
+        let store = Arc::new(Store::default());
+
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_addr = grpc.local_addr().unwrap();
+        let svc = TraceServiceServer::new(GrpcService(Arc::clone(&store)));
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc))
+                .await
+                .unwrap();
+        });
+
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_addr = http.local_addr().unwrap();
+        let http_store = Arc::clone(&store);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = http.accept().await else {
+                    continue;
+                };
+                let store = Arc::clone(&http_store);
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let store = Arc::clone(&store);
+                        async move {
+                            let path_ok = req.uri().path() == "/v1/traces";
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let resp = if !path_ok {
+                                hyper::Response::builder().status(404).body(Full::new(Bytes::new()))
+                            } else if store.should_fail() {
+                                hyper::Response::builder()
+                                    .status(503)
+                                    .body(Full::new(Bytes::from_static(b"injected failure")))
+                            } else {
+                                match ExportTraceServiceRequest::decode(body) {
+                                    Ok(r) => {
+                                        store.record(r);
+                                        hyper::Response::builder()
+                                            .status(200)
+                                            .header("content-type", "application/x-protobuf")
+                                            .body(Full::new(Bytes::from(
+                                                ExportTraceServiceResponse::default()
+                                                    .encode_to_vec(),
+                                            )))
+                                    }
+                                    Err(_) => hyper::Response::builder()
+                                        .status(400)
+                                        .body(Full::new(Bytes::new())),
+                                }
+                            };
+                            Ok::<_, hyper::Error>(resp.unwrap())
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+
+        Receiver {
+            store,
+            grpc_endpoint: format!("http://{grpc_addr}"),
+            http_endpoint: format!("http://{http_addr}"),
+        }
+    }
+
+    /// Forwarder flags that point at this receiver over `protocol`.
+    pub fn args(&self, protocol: &str) -> Vec<String> {
+        let endpoint = match protocol {
+            "grpc" => &self.grpc_endpoint,
+            _ => &self.http_endpoint,
+        };
+        vec![
+            "--otlp-protocol".into(),
+            protocol.into(),
+            "--otlp-endpoint".into(),
+            endpoint.clone(),
+        ]
+    }
+}
+
+/// The forwarder binary running as a child process.
+pub struct Forwarder {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    /// The `--socket-path` given (hybrid mode).
+    pub socket_path: PathBuf,
+    /// The Unix socket agents connect to: `<socket_path>_<port>`.
+    pub agent_socket: PathBuf,
+    stderr: PathBuf,
+    stdout: PathBuf,
+}
+
+impl Forwarder {
+    /// Spawns the forwarder in hybrid mode on a fresh temporary directory,
+    /// with `extra` flags, and waits until it listens.
+    pub async fn hybrid(extra: &[String]) -> Forwarder {
+        let f = Self::spawn_hybrid(extra);
+        f.wait_listening().await;
+        f
+    }
+
+    /// Spawns without waiting.
+    pub fn spawn_hybrid(extra: &[String]) -> Forwarder {
+        let dir = tempfile::tempdir().unwrap();
+        let socket_path = dir.path().join("kata.hvsock");
+        let mut args: Vec<String> = vec![
+            "--socket-path".into(),
+            socket_path.display().to_string(),
+            "--batch-timeout".into(),
+            "50ms".into(),
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn_in(dir, socket_path, &args)
+    }
+
+    pub fn spawn_in(dir: tempfile::TempDir, socket_path: PathBuf, args: &[String]) -> Forwarder {
+        let stderr = dir.path().join("forwarder.stderr");
+        let stdout = dir.path().join("forwarder.stdout");
+        let child = Command::new(BIN)
+            .args(args)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).unwrap())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let agent_socket = PathBuf::from(format!("{}_10240", socket_path.display()));
+        Forwarder {
+            child,
+            dir,
+            socket_path,
+            agent_socket,
+            stderr,
+            stdout,
+        }
+    }
+
+    /// Polls until the forwarder logs that it is ready.
+    pub async fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.stderr().contains("forwarder ready") {
+            assert!(
+                Instant::now() < deadline,
+                "forwarder did not become ready; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        self.wait(Duration::from_secs(20)).await
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "forwarder still running after {timeout:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects as an agent would through a hybrid-VSOCK VMM.
+pub async fn connect_agent(path: &Path) -> tokio::net::UnixStream {
+    tokio::net::UnixStream::connect(path)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display()))
+}
+
+fn kind(k: ExpectedKind) -> span::SpanKind {
+    match k {
+        ExpectedKind::Client => span::SpanKind::Client,
+        ExpectedKind::Server => span::SpanKind::Server,
+        ExpectedKind::Producer => span::SpanKind::Producer,
+        ExpectedKind::Consumer => span::SpanKind::Consumer,
+        ExpectedKind::Internal => span::SpanKind::Internal,
+    }
+}
+
+fn status_code(s: ExpectedStatus) -> status::StatusCode {
+    match s {
+        ExpectedStatus::Unset => status::StatusCode::Unset,
+        ExpectedStatus::Ok => status::StatusCode::Ok,
+        ExpectedStatus::Error => status::StatusCode::Error,
+    }
+}
+
+/// The OTLP form of an expected value.
+pub fn any_value(v: &ExpectedValue) -> AnyValue {
+    use any_value::Value as V;
+    let wrap = |v| AnyValue { value: Some(v) };
+    let arr = |values: Vec<AnyValue>| {
+        wrap(V::ArrayValue(
+            opentelemetry_proto::tonic::common::v1::ArrayValue { values },
+        ))
+    };
+    match v {
+        ExpectedValue::Bool(b) => wrap(V::BoolValue(*b)),
+        ExpectedValue::I64(i) => wrap(V::IntValue(*i)),
+        ExpectedValue::F64(f) => wrap(V::DoubleValue(*f)),
+        ExpectedValue::String(s) => wrap(V::StringValue(s.clone())),
+        ExpectedValue::BoolArray(xs) => arr(xs.iter().map(|&b| wrap(V::BoolValue(b))).collect()),
+        ExpectedValue::I64Array(xs) => arr(xs.iter().map(|&i| wrap(V::IntValue(i))).collect()),
+        ExpectedValue::F64Array(xs) => arr(xs.iter().map(|&f| wrap(V::DoubleValue(f))).collect()),
+        ExpectedValue::StringArray(xs) => {
+            arr(xs.iter().map(|s| wrap(V::StringValue(s.clone()))).collect())
+        }
+    }
+}
+
+fn kvs(expected: &[(String, ExpectedValue)]) -> Vec<KeyValue> {
+    expected
+        .iter()
+        .map(|(k, v)| KeyValue {
+            key: k.clone(),
+            value: Some(any_value(v)),
+            key_strindex: 0,
+        })
+        .collect()
+}
+
+fn sorted(mut v: Vec<KeyValue>) -> Vec<KeyValue> {
+    v.sort_by(|a, b| a.key.cmp(&b.key));
+    v
+}
+
+/// Asserts that `got` is exactly `want` in every field the agent sent, and
+/// that its resource is the agent's with `service.name` = `service_name`.
+pub fn assert_span_eq(want: &ExpectedSpan, resource: &Resource, got: &Span, service_name: &str) {
+    let ctx = format!("span '{}'", want.name);
+    assert_eq!(got.trace_id, want.trace_id.to_be_bytes().to_vec(), "{ctx}: trace_id");
+    assert_eq!(got.span_id, want.span_id.to_be_bytes().to_vec(), "{ctx}: span_id");
+    let parent = if want.parent_span_id == 0 {
+        Vec::new()
+    } else {
+        want.parent_span_id.to_be_bytes().to_vec()
+    };
+    assert_eq!(got.parent_span_id, parent, "{ctx}: parent_span_id");
+    assert_eq!(got.name, want.name, "{ctx}: name");
+    assert_eq!(got.kind, kind(want.kind) as i32, "{ctx}: kind");
+    assert_eq!(got.start_time_unix_nano, want.start_unix_nanos, "{ctx}: start");
+    assert_eq!(got.end_time_unix_nano, want.end_unix_nanos, "{ctx}: end");
+    assert_eq!(got.flags & 0xff, u32::from(want.trace_flags), "{ctx}: flags");
+    assert_eq!(got.trace_state, want.trace_state, "{ctx}: trace_state");
+    assert_eq!(
+        sorted(got.attributes.clone()),
+        kvs(&want.attributes),
+        "{ctx}: attributes"
+    );
+    assert_eq!(
+        got.dropped_attributes_count, want.dropped_attributes_count,
+        "{ctx}: dropped attributes"
+    );
+    assert_eq!(got.events.len(), want.events.len(), "{ctx}: event count");
+    for (g, w) in got.events.iter().zip(&want.events) {
+        assert_eq!(g.name, w.name, "{ctx}: event name");
+        assert_eq!(g.time_unix_nano, w.time_unix_nanos, "{ctx}: event time");
+        assert_eq!(g.attributes, kvs(&w.attributes), "{ctx}: event attributes");
+        assert_eq!(
+            g.dropped_attributes_count, w.dropped_attributes_count,
+            "{ctx}: event dropped attributes"
+        );
+    }
+    assert_eq!(got.dropped_events_count, want.dropped_events_count, "{ctx}: dropped events");
+    assert_eq!(got.links.len(), want.links.len(), "{ctx}: link count");
+    for (g, w) in got.links.iter().zip(&want.links) {
+        assert_eq!(g.trace_id, w.trace_id.to_be_bytes().to_vec(), "{ctx}: link trace_id");
+        assert_eq!(g.span_id, w.span_id.to_be_bytes().to_vec(), "{ctx}: link span_id");
+        assert_eq!(g.trace_state, w.trace_state, "{ctx}: link trace_state");
+        assert_eq!(g.attributes, kvs(&w.attributes), "{ctx}: link attributes");
+        assert_eq!(
+            g.dropped_attributes_count, w.dropped_attributes_count,
+            "{ctx}: link dropped attributes"
+        );
+    }
+    assert_eq!(got.dropped_links_count, want.dropped_links_count, "{ctx}: dropped links");
+    let st = got.status.clone().unwrap_or_default();
+    assert_eq!(st.code, status_code(want.status) as i32, "{ctx}: status code");
+    assert_eq!(st.message, want.status_message, "{ctx}: status message");
+
+    let mut want_res: Vec<(String, ExpectedValue)> = want
+        .resource
+        .iter()
+        .filter(|(k, _)| k != "service.name")
+        .cloned()
+        .collect();
+    want_res.push(("service.name".into(), ExpectedValue::String(service_name.into())));
+    want_res.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(sorted(resource.attributes.clone()), kvs(&want_res), "{ctx}: resource");
+}
+
+/// Finds the received span with `span_id`.
+pub fn find<'a>(got: &'a [(Resource, Span)], span_id: u64) -> &'a (Resource, Span) {
+    let id = span_id.to_be_bytes().to_vec();
+    let matches: Vec<_> = got.iter().filter(|(_, s)| s.span_id == id).collect();
+    assert_eq!(matches.len(), 1, "span {span_id:016x} received {} times", matches.len());
+    matches[0]
+}
