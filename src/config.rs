@@ -103,7 +103,9 @@ impl FromStr for OtlpProtocol {
         match s.trim() {
             "grpc" => Ok(OtlpProtocol::Grpc),
             "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
-            "http/json" => Err("OTLP protocol 'http/json' is not supported; use 'grpc' or 'http/protobuf'".into()),
+            "http/json" => Err(
+                "OTLP protocol 'http/json' is not supported; use 'grpc' or 'http/protobuf'".into(),
+            ),
             other => Err(format!(
                 "unknown OTLP protocol '{other}'; expected 'grpc' or 'http/protobuf'"
             )),
@@ -267,7 +269,13 @@ pub struct Cli {
     pub vsock_port: u32,
 
     /// Log level: trace, debug, info, warn, error, critical.
-    #[arg(short = 'l', long, value_enum, default_value = "info", ignore_case = true)]
+    #[arg(
+        short = 'l',
+        long,
+        value_enum,
+        default_value = "info",
+        ignore_case = true
+    )]
     pub log_level: LogLevel,
 
     /// Log format on stderr.
@@ -402,9 +410,18 @@ impl<F: Fn(&str) -> Option<String>> Env for F {
 fn otel_var(env: &dyn Env, suffix: &str) -> Option<(String, &'static str, bool)> {
     // Leak-free static names: the set is fixed.
     let (specific, generic): (&'static str, &'static str) = match suffix {
-        "ENDPOINT" => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
-        "PROTOCOL" => ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
-        "TIMEOUT" => ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"),
+        "ENDPOINT" => (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ),
+        "PROTOCOL" => (
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+        "TIMEOUT" => (
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ),
         _ => return None,
     };
     if let Some(v) = env.var(specific) {
@@ -478,16 +495,18 @@ impl Cli {
                 ),
             },
         };
-        let endpoint = endpoint_uri(&raw, protocol, as_is).map_err(|reason| {
-            ConfigError::ParseEndpoint {
+        let endpoint =
+            endpoint_uri(&raw, protocol, as_is).map_err(|reason| ConfigError::ParseEndpoint {
                 endpoint: raw.clone(),
                 source_name,
                 reason,
-            }
-        })?;
+            })?;
 
         let mut headers = Vec::new();
-        for name in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"] {
+        for name in [
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        ] {
             if let Some(v) = env.var(name) {
                 for item in v.split(',').filter(|i| !i.trim().is_empty()) {
                     headers.push(parse_header(item, name, true)?);
@@ -527,7 +546,9 @@ impl Cli {
 /// signal-specific one is used as is; gRPC endpoints are used as is.
 fn endpoint_uri(raw: &str, protocol: OtlpProtocol, as_is: bool) -> Result<Uri, String> {
     let raw = raw.trim();
-    let uri: Uri = raw.parse().map_err(|e: http::uri::InvalidUri| e.to_string())?;
+    let uri: Uri = raw
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| e.to_string())?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
         Some(other) => return Err(format!("unsupported scheme '{other}': use http or https")),
@@ -545,7 +566,10 @@ fn endpoint_uri(raw: &str, protocol: OtlpProtocol, as_is: bool) -> Result<Uri, S
     }
     let mut parts = uri.into_parts();
     let pq = format!("{path}{HTTP_TRACES_PATH}");
-    parts.path_and_query = Some(pq.parse().map_err(|e: http::uri::InvalidUri| e.to_string())?);
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|e: http::uri::InvalidUri| e.to_string())?,
+    );
     Uri::from_parts(parts).map_err(|e| e.to_string())
 }
 
@@ -645,7 +669,12 @@ mod tests {
         let c = config(&["--otlp-protocol", "http/protobuf"], &[]).unwrap();
         assert_eq!(otlp(&c).endpoint, "http://localhost:4318/v1/traces");
         let c = config(
-            &["--otlp-protocol", "http/protobuf", "--otlp-endpoint", "http://c:9/base/"],
+            &[
+                "--otlp-protocol",
+                "http/protobuf",
+                "--otlp-endpoint",
+                "http://c:9/base/",
+            ],
             &[],
         )
         .unwrap();
@@ -675,7 +704,14 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
         ];
         let c = config(
-            &["--otlp-endpoint", "http://flag:2", "--otlp-protocol", "grpc", "--otlp-timeout", "3s"],
+            &[
+                "--otlp-endpoint",
+                "http://flag:2",
+                "--otlp-protocol",
+                "grpc",
+                "--otlp-timeout",
+                "3s",
+            ],
             &env,
         )
         .unwrap();
@@ -692,7 +728,10 @@ mod tests {
     fn headers_from_env_and_flags() {
         let c = config(
             &["--otlp-header", "x-flag=a b"],
-            &[("OTEL_EXPORTER_OTLP_HEADERS", "api-key=s%3Dcret, x-tenant = t1")],
+            &[(
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=s%3Dcret, x-tenant = t1",
+            )],
         )
         .unwrap();
         let h: Vec<(String, String)> = otlp(&c)
@@ -739,7 +778,11 @@ mod tests {
 
     #[test]
     fn hybrid_socket_gets_port_suffix() {
-        let c = config(&["--socket-path", "/run/vc/vm/foo/clh.sock", "--dump-only"], &[]).unwrap();
+        let c = config(
+            &["--socket-path", "/run/vc/vm/foo/clh.sock", "--dump-only"],
+            &[],
+        )
+        .unwrap();
         let ListenConfig::Hybrid { socket_path, port } = &c.listen else {
             panic!("expected hybrid");
         };

@@ -135,7 +135,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<S
         tracing::error!(error = %e, "accept loop failed");
     }
     tracker.close();
-    if tokio::time::timeout_at(deadline, tracker.wait()).await.is_err() {
+    if tokio::time::timeout_at(deadline, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open at the shutdown deadline");
     }
     // One export attempt may be in flight at the deadline; give it a moment

@@ -13,7 +13,10 @@ use tokio::io::AsyncWriteExt;
 async fn fidelity(format: WireFormat, protocol: &str) {
     let rx = Receiver::start().await;
     let mut args = rx.args(protocol);
-    args.extend(["--trace-name".to_string(), "kata-agent-under-test".to_string()]);
+    args.extend([
+        "--trace-name".to_string(),
+        "kata-agent-under-test".to_string(),
+    ]);
     let mut fwd = Forwarder::hybrid(&args).await;
 
     let sc = scenario(&ScenarioOptions {
@@ -21,13 +24,18 @@ async fn fidelity(format: WireFormat, protocol: &str) {
         ..Default::default()
     });
     assert!(
-        sc.expected.iter().any(|s| s.trace_id > u128::from(u64::MAX)),
+        sc.expected
+            .iter()
+            .any(|s| s.trace_id > u128::from(u64::MAX)),
         "the scenario must exercise a trace id above 2^64"
     );
     let mut agent = connect_agent(&fwd.agent_socket).await;
     agent.write_all(&sc.stream_bytes()).await.unwrap();
 
-    let got = rx.store.wait_for(sc.expected.len(), Duration::from_secs(20)).await;
+    let got = rx
+        .store
+        .wait_for(sc.expected.len(), Duration::from_secs(20))
+        .await;
     assert_eq!(got.len(), sc.expected.len(), "no span duplicated");
     for want in &sc.expected {
         let (resource, span) = find(&got, want.span_id);
@@ -36,7 +44,11 @@ async fn fidelity(format: WireFormat, protocol: &str) {
 
     drop(agent);
     let status = fwd.terminate().await;
-    assert!(status.success(), "exit {status:?}; stderr:\n{}", fwd.stderr());
+    assert!(
+        status.success(),
+        "exit {status:?}; stderr:\n{}",
+        fwd.stderr()
+    );
     assert!(!fwd.agent_socket.exists(), "socket removed on exit");
 }
 
@@ -123,7 +135,11 @@ async fn dump_only_prints_otlp_json_lines() {
 
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while fwd.stdout().lines().count() < sc.expected.len() {
-        assert!(std::time::Instant::now() < deadline, "stdout:\n{}", fwd.stdout());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stdout:\n{}",
+            fwd.stdout()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let status = fwd.terminate().await;
@@ -138,7 +154,9 @@ async fn dump_only_prints_otlp_json_lines() {
         let hex_span = format!("{:016x}", want.span_id);
         let line = lines
             .iter()
-            .find(|l| l["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["spanId"] == hex_span.as_str())
+            .find(|l| {
+                l["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["spanId"] == hex_span.as_str()
+            })
             .unwrap_or_else(|| panic!("span {hex_span} in output:\n{out}"));
         let span = &line["resourceSpans"][0]["scopeSpans"][0]["spans"][0];
         assert_eq!(span["traceId"], format!("{:032x}", want.trace_id).as_str());

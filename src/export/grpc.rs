@@ -24,7 +24,10 @@ const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
 
 pub struct GrpcTransport {
     client: tonic::client::Grpc<Channel>,
-    metadata: Vec<(MetadataKey<tonic::metadata::Ascii>, MetadataValue<tonic::metadata::Ascii>)>,
+    metadata: Vec<(
+        MetadataKey<tonic::metadata::Ascii>,
+        MetadataValue<tonic::metadata::Ascii>,
+    )>,
     endpoint: String,
 }
 
@@ -66,12 +69,14 @@ impl GrpcTransport {
                     reason: format!("header '{k}' is not valid gRPC metadata: {e}"),
                 }
             })?;
-            let value = v.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
-                ExportError::Connect {
+            let value = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| ExportError::Connect {
                     endpoint: endpoint_str.clone(),
                     reason: format!("value of header '{k}' is not valid gRPC metadata"),
-                }
-            })?;
+                })?;
             metadata.push((key, value));
         }
         Ok(Self {
@@ -89,7 +94,10 @@ impl GrpcTransport {
     pub async fn export(&self, body: Bytes) -> Result<ExportTraceServiceResponse, GrpcError> {
         // Cloning shares the channel; it is how tonic clients are used concurrently.
         let mut client = self.client.clone();
-        client.ready().await.map_err(|e| GrpcError(Status::unavailable(error_chain(&e))))?;
+        client
+            .ready()
+            .await
+            .map_err(|e| GrpcError(Status::unavailable(error_chain(&e))))?;
         let mut req = tonic::Request::new(body);
         for (k, v) in &self.metadata {
             req.metadata_mut().insert(k.clone(), v.clone());
@@ -250,21 +258,41 @@ mod tests {
 
     #[test]
     fn classifies_per_otlp_spec() {
-        assert_eq!(GrpcError(Status::unavailable("x")).retry(), Retry::Retryable);
-        assert_eq!(GrpcError(Status::deadline_exceeded("x")).retry(), Retry::Retryable);
-        assert_eq!(GrpcError(Status::invalid_argument("x")).retry(), Retry::Never);
-        assert_eq!(GrpcError(Status::unauthenticated("x")).retry(), Retry::Never);
+        assert_eq!(
+            GrpcError(Status::unavailable("x")).retry(),
+            Retry::Retryable
+        );
+        assert_eq!(
+            GrpcError(Status::deadline_exceeded("x")).retry(),
+            Retry::Retryable
+        );
+        assert_eq!(
+            GrpcError(Status::invalid_argument("x")).retry(),
+            Retry::Never
+        );
+        assert_eq!(
+            GrpcError(Status::unauthenticated("x")).retry(),
+            Retry::Never
+        );
         assert_eq!(
             GrpcError(status_with_retry_info(Code::ResourceExhausted, None)).retry(),
             Retry::Never
         );
         assert_eq!(
-            GrpcError(status_with_retry_info(Code::ResourceExhausted, Some((2, 500_000_000)))).retry(),
+            GrpcError(status_with_retry_info(
+                Code::ResourceExhausted,
+                Some((2, 500_000_000))
+            ))
+            .retry(),
             Retry::Throttled(Some(Duration::from_millis(2500)))
         );
         // A negative hint is nonsense from the server: not a throttle.
         assert_eq!(
-            GrpcError(status_with_retry_info(Code::ResourceExhausted, Some((-1, 0)))).retry(),
+            GrpcError(status_with_retry_info(
+                Code::ResourceExhausted,
+                Some((-1, 0))
+            ))
+            .retry(),
             Retry::Never
         );
     }

@@ -49,9 +49,7 @@ pub enum HttpError {
 impl Classify for HttpError {
     fn retry(&self) -> Retry {
         match self {
-            HttpError::Send(_) | HttpError::Timeout(_) | HttpError::ReadBody(_) => {
-                Retry::Retryable
-            }
+            HttpError::Send(_) | HttpError::Timeout(_) | HttpError::ReadBody(_) => Retry::Retryable,
             HttpError::Status {
                 status,
                 retry_after,
@@ -71,16 +69,23 @@ impl HttpTransport {
     pub async fn connect(cfg: &OtlpConfig, connect_timeout: Duration) -> Result<Self, ExportError> {
         let endpoint = cfg.endpoint.to_string();
         let host = cfg.endpoint.host().unwrap_or_default();
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-        let port = cfg.endpoint.port_u16().unwrap_or(
-            if cfg.endpoint.scheme_str() == Some("https") {
-                443
-            } else {
-                80
-            },
-        );
-        match tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect((host, port)))
-            .await
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port =
+            cfg.endpoint
+                .port_u16()
+                .unwrap_or(if cfg.endpoint.scheme_str() == Some("https") {
+                    443
+                } else {
+                    80
+                });
+        match tokio::time::timeout(
+            connect_timeout,
+            tokio::net::TcpStream::connect((host, port)),
+        )
+        .await
         {
             Ok(Ok(_probe)) => {}
             Ok(Err(e)) => {
@@ -181,7 +186,10 @@ mod tests {
 
     #[test]
     fn classifies_per_otlp_spec() {
-        assert_eq!(status(429, Some(3)).retry(), Retry::Throttled(Some(Duration::from_secs(3))));
+        assert_eq!(
+            status(429, Some(3)).retry(),
+            Retry::Throttled(Some(Duration::from_secs(3)))
+        );
         assert_eq!(status(503, None).retry(), Retry::Throttled(None));
         assert_eq!(status(502, None).retry(), Retry::Retryable);
         assert_eq!(status(504, None).retry(), Retry::Retryable);
@@ -195,7 +203,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::RETRY_AFTER, HeaderValue::from_static(" 7 "));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&h), None);
     }
 }

@@ -74,7 +74,7 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Where batches go.
 pub enum Sink {
     Grpc(grpc::GrpcTransport),
-    Http(http::HttpTransport),
+    Http(Box<http::HttpTransport>),
     Dump(dump::DumpWriter),
 }
 
@@ -83,10 +83,12 @@ impl Sink {
     /// reached within `connect_timeout`.
     pub async fn connect(cfg: &OtlpConfig, connect_timeout: Duration) -> Result<Self, ExportError> {
         Ok(match cfg.protocol {
-            OtlpProtocol::Grpc => Sink::Grpc(grpc::GrpcTransport::connect(cfg, connect_timeout).await?),
-            OtlpProtocol::HttpProtobuf => {
-                Sink::Http(http::HttpTransport::connect(cfg, connect_timeout).await?)
+            OtlpProtocol::Grpc => {
+                Sink::Grpc(grpc::GrpcTransport::connect(cfg, connect_timeout).await?)
             }
+            OtlpProtocol::HttpProtobuf => Sink::Http(Box::new(
+                http::HttpTransport::connect(cfg, connect_timeout).await?,
+            )),
         })
     }
 
@@ -100,14 +102,20 @@ impl Sink {
 
     async fn send(&self, body: Bytes) -> Result<ExportTraceServiceResponse, ExportError> {
         match self {
-            Sink::Grpc(t) => t.export(body).await.map_err(|source| ExportError::SendGrpc {
-                endpoint: t.endpoint().to_owned(),
-                source,
-            }),
-            Sink::Http(t) => t.export(body).await.map_err(|source| ExportError::SendHttp {
-                endpoint: t.endpoint(),
-                source,
-            }),
+            Sink::Grpc(t) => t
+                .export(body)
+                .await
+                .map_err(|source| ExportError::SendGrpc {
+                    endpoint: t.endpoint().to_owned(),
+                    source,
+                }),
+            Sink::Http(t) => t
+                .export(body)
+                .await
+                .map_err(|source| ExportError::SendHttp {
+                    endpoint: t.endpoint(),
+                    source,
+                }),
             Sink::Dump(_) => Ok(ExportTraceServiceResponse::default()),
         }
     }

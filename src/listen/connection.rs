@@ -195,6 +195,8 @@ where
     let format = decoder.format().map(WireFormat::as_str).unwrap_or("none");
     match end {
         Ok(()) => tracing::info!(%peer, spans, decode_errors, format, "agent disconnected"),
-        Err(e) => tracing::warn!(%peer, spans, decode_errors, format, error = %e, "closing agent connection"),
+        Err(e) => {
+            tracing::warn!(%peer, spans, decode_errors, format, error = %e, "closing agent connection")
+        }
     }
 }

@@ -80,12 +80,11 @@ impl HybridListener {
     /// Hands removal of the socket to a privileged janitor, for when this
     /// process is about to lose the right to remove it.
     pub fn hand_removal_to_janitor(&mut self) -> Result<(), ListenError> {
-        let janitor = Janitor::spawn(&self.path, self.identity).map_err(|e| {
-            ListenError::DropPrivileges {
+        let janitor =
+            Janitor::spawn(&self.path, self.identity).map_err(|e| ListenError::DropPrivileges {
                 user: String::new(),
                 reason: format!("starting the socket janitor: {e}"),
-            }
-        })?;
+            })?;
         self.janitor = Some(janitor);
         Ok(())
     }
@@ -114,7 +113,9 @@ impl Drop for HybridListener {
         }
         match std::fs::remove_file(&self.path) {
             Ok(()) => tracing::debug!(path = %self.path.display(), "removed socket"),
-            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "could not remove socket"),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not remove socket")
+            }
         }
     }
 }

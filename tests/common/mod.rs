@@ -140,7 +140,9 @@ impl Receiver {
                             let path_ok = req.uri().path() == "/v1/traces";
                             let body = req.into_body().collect().await?.to_bytes();
                             let resp = if !path_ok {
-                                hyper::Response::builder().status(404).body(Full::new(Bytes::new()))
+                                hyper::Response::builder()
+                                    .status(404)
+                                    .body(Full::new(Bytes::new()))
                             } else if store.should_fail() {
                                 hyper::Response::builder()
                                     .status(503)
@@ -379,8 +381,16 @@ fn sorted(mut v: Vec<KeyValue>) -> Vec<KeyValue> {
 /// that its resource is the agent's with `service.name` = `service_name`.
 pub fn assert_span_eq(want: &ExpectedSpan, resource: &Resource, got: &Span, service_name: &str) {
     let ctx = format!("span '{}'", want.name);
-    assert_eq!(got.trace_id, want.trace_id.to_be_bytes().to_vec(), "{ctx}: trace_id");
-    assert_eq!(got.span_id, want.span_id.to_be_bytes().to_vec(), "{ctx}: span_id");
+    assert_eq!(
+        got.trace_id,
+        want.trace_id.to_be_bytes().to_vec(),
+        "{ctx}: trace_id"
+    );
+    assert_eq!(
+        got.span_id,
+        want.span_id.to_be_bytes().to_vec(),
+        "{ctx}: span_id"
+    );
     let parent = if want.parent_span_id == 0 {
         Vec::new()
     } else {
@@ -389,9 +399,16 @@ pub fn assert_span_eq(want: &ExpectedSpan, resource: &Resource, got: &Span, serv
     assert_eq!(got.parent_span_id, parent, "{ctx}: parent_span_id");
     assert_eq!(got.name, want.name, "{ctx}: name");
     assert_eq!(got.kind, kind(want.kind) as i32, "{ctx}: kind");
-    assert_eq!(got.start_time_unix_nano, want.start_unix_nanos, "{ctx}: start");
+    assert_eq!(
+        got.start_time_unix_nano, want.start_unix_nanos,
+        "{ctx}: start"
+    );
     assert_eq!(got.end_time_unix_nano, want.end_unix_nanos, "{ctx}: end");
-    assert_eq!(got.flags & 0xff, u32::from(want.trace_flags), "{ctx}: flags");
+    assert_eq!(
+        got.flags & 0xff,
+        u32::from(want.trace_flags),
+        "{ctx}: flags"
+    );
     assert_eq!(got.trace_state, want.trace_state, "{ctx}: trace_state");
     assert_eq!(
         sorted(got.attributes.clone()),
@@ -412,11 +429,22 @@ pub fn assert_span_eq(want: &ExpectedSpan, resource: &Resource, got: &Span, serv
             "{ctx}: event dropped attributes"
         );
     }
-    assert_eq!(got.dropped_events_count, want.dropped_events_count, "{ctx}: dropped events");
+    assert_eq!(
+        got.dropped_events_count, want.dropped_events_count,
+        "{ctx}: dropped events"
+    );
     assert_eq!(got.links.len(), want.links.len(), "{ctx}: link count");
     for (g, w) in got.links.iter().zip(&want.links) {
-        assert_eq!(g.trace_id, w.trace_id.to_be_bytes().to_vec(), "{ctx}: link trace_id");
-        assert_eq!(g.span_id, w.span_id.to_be_bytes().to_vec(), "{ctx}: link span_id");
+        assert_eq!(
+            g.trace_id,
+            w.trace_id.to_be_bytes().to_vec(),
+            "{ctx}: link trace_id"
+        );
+        assert_eq!(
+            g.span_id,
+            w.span_id.to_be_bytes().to_vec(),
+            "{ctx}: link span_id"
+        );
         assert_eq!(g.trace_state, w.trace_state, "{ctx}: link trace_state");
         assert_eq!(g.attributes, kvs(&w.attributes), "{ctx}: link attributes");
         assert_eq!(
@@ -424,9 +452,16 @@ pub fn assert_span_eq(want: &ExpectedSpan, resource: &Resource, got: &Span, serv
             "{ctx}: link dropped attributes"
         );
     }
-    assert_eq!(got.dropped_links_count, want.dropped_links_count, "{ctx}: dropped links");
+    assert_eq!(
+        got.dropped_links_count, want.dropped_links_count,
+        "{ctx}: dropped links"
+    );
     let st = got.status.clone().unwrap_or_default();
-    assert_eq!(st.code, status_code(want.status) as i32, "{ctx}: status code");
+    assert_eq!(
+        st.code,
+        status_code(want.status) as i32,
+        "{ctx}: status code"
+    );
     assert_eq!(st.message, want.status_message, "{ctx}: status message");
 
     let mut want_res: Vec<(String, ExpectedValue)> = want
@@ -435,15 +470,27 @@ pub fn assert_span_eq(want: &ExpectedSpan, resource: &Resource, got: &Span, serv
         .filter(|(k, _)| k != "service.name")
         .cloned()
         .collect();
-    want_res.push(("service.name".into(), ExpectedValue::String(service_name.into())));
+    want_res.push((
+        "service.name".into(),
+        ExpectedValue::String(service_name.into()),
+    ));
     want_res.sort_by(|a, b| a.0.cmp(&b.0));
-    assert_eq!(sorted(resource.attributes.clone()), kvs(&want_res), "{ctx}: resource");
+    assert_eq!(
+        sorted(resource.attributes.clone()),
+        kvs(&want_res),
+        "{ctx}: resource"
+    );
 }
 
 /// Finds the received span with `span_id`.
-pub fn find<'a>(got: &'a [(Resource, Span)], span_id: u64) -> &'a (Resource, Span) {
+pub fn find(got: &[(Resource, Span)], span_id: u64) -> &(Resource, Span) {
     let id = span_id.to_be_bytes().to_vec();
     let matches: Vec<_> = got.iter().filter(|(_, s)| s.span_id == id).collect();
-    assert_eq!(matches.len(), 1, "span {span_id:016x} received {} times", matches.len());
+    assert_eq!(
+        matches.len(),
+        1,
+        "span {span_id:016x} received {} times",
+        matches.len()
+    );
     matches[0]
 }

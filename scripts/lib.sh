@@ -1,0 +1,19 @@
+# Shared by the project's scripts: find the Rust toolchain or say clearly
+# why there is none. Sourced, not run.
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: no Rust toolchain (cargo) found. Install Rust 1.85 or newer (https://rustup.rs) and retry." >&2
+    exit 1
+  fi
+  local v
+  v=$(rustc --version | awk '{print $2}')
+  case "$v" in
+    1.[0-7][0-9].*|1.8[0-4].*)
+      echo "error: rustc $v is too old; this project needs 1.85 or newer." >&2
+      exit 1 ;;
+  esac
+}
