@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 ensure_rust
 
 echo "== building (first run takes a few minutes)" >&2
-cargo build --quiet --bin kata-trace-forwarder --bin kata-agent-emitter
+cargo build --quiet --workspace --bins
 
 dir=$(mktemp -d)
 pid=

@@ -408,7 +408,6 @@ impl<F: Fn(&str) -> Option<String>> Env for F {
 
 /// Reads the signal-specific variable, falling back to the generic one.
 fn otel_var(env: &dyn Env, suffix: &str) -> Option<(String, &'static str, bool)> {
-    // Leak-free static names: the set is fixed.
     let (specific, generic): (&'static str, &'static str) = match suffix {
         "ENDPOINT" => (
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -550,8 +549,16 @@ fn endpoint_uri(raw: &str, protocol: OtlpProtocol, as_is: bool) -> Result<Uri, S
         .parse()
         .map_err(|e: http::uri::InvalidUri| e.to_string())?;
     match uri.scheme_str() {
-        Some("http") | Some("https") => {}
-        Some(other) => return Err(format!("unsupported scheme '{other}': use http or https")),
+        Some("http") => {}
+        // Agent spans go to a collector on the host or the node; TLS to a
+        // remote backend is that collector's job.
+        Some("https") => {
+            return Err(
+                "https is not supported: export to a local collector over http and let it use TLS"
+                    .into(),
+            )
+        }
+        Some(other) => return Err(format!("unsupported scheme '{other}': use http")),
         None => return Err("missing scheme: expected e.g. http://localhost:4317".into()),
     }
     if uri.host().is_none_or(str::is_empty) {

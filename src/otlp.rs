@@ -294,3 +294,128 @@ fn same_value(p: &any_value::Value, m: &Value<'_>) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::decode_json;
+
+    const SPAN: &str = r#"{"span_context":{"trace_id":340282366920938463463374607431768211455,"span_id":1,"trace_flags":1,"is_remote":false,"trace_state":[["vendor","a=1"],["k","v"]]},
+        "parent_span_id":2,"span_kind":"Client","name":"n","start_time":{"secs_since_epoch":1,"nanos_since_epoch":2},"end_time":{"secs_since_epoch":1,"nanos_since_epoch":3},
+        "attributes":{"map":{"arr":{"Array":{"I64":[1,-2]}}},"evict_list":[],"max_len":128,"dropped_count":4},
+        "events":{"queue":null,"max_len":128,"dropped_count":5},
+        "links":{"queue":[{"span_context":{"trace_id":7,"span_id":8,"trace_flags":1,"is_remote":true,"trace_state":null},"attributes":[],"dropped_attributes_count":6}],"max_len":128,"dropped_count":0},
+        "status_code":"Error","status_message":"boom",
+        "resource":{"attrs":{"service.name":{"String":"agent-own"},"kata.sandbox.id":{"String":"agent-set"},"host":{"String":"vm"}}}}"#;
+
+    fn origin() -> Origin {
+        Origin {
+            service_name: "kata-agent".into(),
+            extra: vec![
+                ("kata.sandbox.id".into(), "forwarder-set".into()),
+                ("kata.vsock.cid".into(), "3".into()),
+            ],
+        }
+    }
+
+    fn attr<'a>(r: &'a Resource, key: &str) -> Option<&'a any_value::Value> {
+        r.attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+    }
+
+    #[test]
+    fn resource_sets_service_name_and_never_clobbers_the_agent() {
+        let span = decode_json(SPAN.as_bytes()).unwrap();
+        let r = resource(span.resource.as_ref(), &origin());
+        let s = |v: &str| Some(any_value::Value::StringValue(v.into()));
+        assert_eq!(attr(&r, SERVICE_NAME).cloned(), s("kata-agent"));
+        assert_eq!(attr(&r, "kata.sandbox.id").cloned(), s("agent-set"));
+        assert_eq!(attr(&r, "kata.vsock.cid").cloned(), s("3"));
+        assert_eq!(attr(&r, "host").cloned(), s("vm"));
+        assert_eq!(
+            r.attributes
+                .iter()
+                .filter(|kv| kv.key == SERVICE_NAME)
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn converts_ids_state_flags_and_counts() {
+        let span = decode_json(SPAN.as_bytes()).unwrap();
+        let s = super::span(&span);
+        assert_eq!(s.trace_id, vec![0xff; 16]);
+        assert_eq!(s.span_id, 1u64.to_be_bytes());
+        assert_eq!(s.parent_span_id, 2u64.to_be_bytes());
+        assert_eq!(s.trace_state, "vendor=a=1,k=v");
+        assert_eq!(s.kind, span::SpanKind::Client as i32);
+        assert_eq!(
+            (s.start_time_unix_nano, s.end_time_unix_nano),
+            (1_000_000_002, 1_000_000_003)
+        );
+        assert_eq!(
+            (
+                s.dropped_attributes_count,
+                s.dropped_events_count,
+                s.dropped_links_count
+            ),
+            (4, 5, 0)
+        );
+        let l = &s.links[0];
+        assert_eq!(
+            l.flags,
+            0x1 | FLAG_CONTEXT_HAS_IS_REMOTE | FLAG_CONTEXT_IS_REMOTE
+        );
+        assert_eq!(l.dropped_attributes_count, 6);
+        let st = s.status.unwrap();
+        assert_eq!(
+            (st.code, st.message.as_str()),
+            (status::StatusCode::Error as i32, "boom")
+        );
+        let Some(any_value::Value::ArrayValue(a)) = s.attributes[0].value.clone().unwrap().value
+        else {
+            panic!("array attribute");
+        };
+        assert_eq!(a.values.len(), 2);
+    }
+
+    #[test]
+    fn resource_cache_shares_equal_resources_and_notices_changes() {
+        let span = decode_json(SPAN.as_bytes()).unwrap();
+        let mut cache = ResourceCache::default();
+        let a = cache.get(span.resource.as_ref(), &origin());
+        let b = cache.get(span.resource.as_ref(), &origin());
+        assert!(Arc::ptr_eq(&a, &b));
+        let other = SPAN.replace(r#""host":{"String":"vm"}"#, r#""host":{"String":"vm2"}"#);
+        let span2 = decode_json(other.as_bytes()).unwrap();
+        let c = cache.get(span2.resource.as_ref(), &origin());
+        assert!(!Arc::ptr_eq(&a, &c));
+        let d = cache.get(None, &origin());
+        assert_eq!(
+            d.attributes.len(),
+            3,
+            "service.name plus the forwarder's own"
+        );
+
+        let recs = vec![
+            SpanRecord {
+                resource: Arc::clone(&a),
+                span: super::span(&span),
+            },
+            SpanRecord {
+                resource: Arc::clone(&c),
+                span: super::span(&span2),
+            },
+            SpanRecord {
+                resource: Arc::new((*a).clone()),
+                span: super::span(&span),
+            },
+        ];
+        let grouped = group_by_resource(recs);
+        assert_eq!(grouped.len(), 2);
+        assert_eq!(grouped[0].scope_spans[0].spans.len(), 2);
+    }
+}

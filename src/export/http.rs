@@ -73,14 +73,7 @@ impl HttpTransport {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        let port =
-            cfg.endpoint
-                .port_u16()
-                .unwrap_or(if cfg.endpoint.scheme_str() == Some("https") {
-                    443
-                } else {
-                    80
-                });
+        let port = cfg.endpoint.port_u16().unwrap_or(80);
         match tokio::time::timeout(
             connect_timeout,
             tokio::net::TcpStream::connect((host, port)),

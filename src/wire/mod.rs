@@ -226,4 +226,76 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn bincode_whose_first_byte_is_a_brace_still_decodes() {
+        // The trace id is written little-endian first, so a low byte of
+        // 0x7B makes a bincode payload start with `{`.
+        let sc = scenario(&ScenarioOptions {
+            format: EmitFormat::Bincode,
+            trace_id: Some((0xabcd_u128 << 64) | 0x7B),
+            ..Default::default()
+        });
+        let mut d = Decoder::new();
+        for f in &sc.frames {
+            let p = &f[HEADER_LEN..];
+            assert_eq!(p[0], b'{');
+            let span = d.decode(p).expect("decodes as bincode");
+            assert_eq!(span.span_context.trace_id, (0xabcd_u128 << 64) | 0x7B);
+            assert_eq!(d.format(), Some(WireFormat::Bincode));
+        }
+    }
+
+    #[test]
+    fn json_ids_beyond_f64_precision_are_exact() {
+        let trace_id: u128 = (1 << 127) + 12345678901234567891;
+        let span_id: u64 = (1 << 63) + 987654321;
+        let json = format!(
+            r#"{{"span_context":{{"trace_id":{trace_id},"span_id":{span_id},"trace_flags":1,"is_remote":false,"trace_state":null}},
+            "parent_span_id":0,"span_kind":"Server","name":"n","start_time":{{"secs_since_epoch":1,"nanos_since_epoch":2}},
+            "end_time":{{"secs_since_epoch":3,"nanos_since_epoch":4}},
+            "attributes":{{"map":{{"nan":{{"F64":null}}}},"evict_list":["nan"],"max_len":128,"dropped_count":0}},
+            "events":{{"queue":null,"max_len":128,"dropped_count":0}},"links":{{"queue":null,"max_len":128,"dropped_count":0}},
+            "status_code":"Unset","status_message":"","resource":null}}"#
+        );
+        let span = decode_json(json.as_bytes()).unwrap();
+        assert_eq!(span.span_context.trace_id, trace_id);
+        assert_eq!(span.span_context.span_id, span_id);
+        assert_eq!(span.end_time.unix_nanos(), 3_000_000_004);
+        // serde_json writes NaN as null; the span is kept, the value is NaN.
+        match &span.attributes.map[0].value {
+            model::Value::F64(f) => assert!(f.0.is_nan()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Hand-made hostile payloads: each is an error, none allocates what it
+    /// claims or panics.
+    #[test]
+    fn hostile_payloads_are_errors() {
+        let real = payloads(EmitFormat::Bincode).remove(0);
+        let mut d = Decoder::new();
+        assert!(matches!(d.decode(b""), Err(DecodeError::Empty)));
+        // Truncated anywhere.
+        for cut in [1, 16, 40, real.len() / 2, real.len() - 1] {
+            assert!(d.decode(&real[..cut]).is_err(), "cut at {cut}");
+        }
+        // A string length of 2^62 right after the fixed-size span context
+        // prefix: must fail on the byte limit, not try to allocate.
+        let mut absurd = real[..16 + 8 + 1 + 1].to_vec();
+        absurd.push(1); // trace_state: Some
+        absurd.extend_from_slice(&(1u64 << 62).to_le_bytes());
+        assert!(d.decode(&absurd).is_err());
+        // Invalid UTF-8 in a JSON string and in a bincode string.
+        let json = payloads(EmitFormat::Json).remove(0);
+        let text = String::from_utf8(json).unwrap();
+        let name_at = text.find("\"name\":\"").unwrap() + 8;
+        let mut bad = text.into_bytes();
+        bad[name_at] = 0xff;
+        assert!(d.decode(&bad).is_err());
+        assert!(d.decode(b"{\"span_context\": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}").is_err());
+        let deep = format!("{{\"x\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(d.decode(deep.as_bytes()).is_err());
+        assert!(d.decode(&[0xff; 64]).is_err());
+    }
 }
