@@ -81,7 +81,9 @@ pub struct ScenarioOptions {
     /// `IdGenerator`); by default a random id above 2^64 is used. Ignored when
     /// `parent` is set, because the SDK then takes the trace id from it.
     pub trace_id: Option<u128>,
-    /// If set, the root span is a child of this remote, sampled span context.
+    /// If set, the root span is a child of this remote, sampled span context
+    /// (which carries the trace state `kata=shim-v2-{seq},rojo=00f067aa0ba902b7`,
+    /// as a runtime's `tracestate` header would).
     pub parent: Option<RemoteParent>,
     /// The agent resource's `service.name`.
     pub service_name: String,
@@ -220,6 +222,21 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
 
 /// Drives the real SDK through the "kitchen sink" agent trace and returns its
 /// frames together with expectations extracted from the exported `SpanData`.
+///
+/// Eleven spans, in end order, all in one trace:
+/// - `create_container` (Server, root or child of `opts.parent`; every
+///   attribute type, an event, a link with trace state, status Ok)
+///   - `do_create_container` (Internal)
+///     - `mount` (Internal)
+///       - `mount_storage <weird text> seq=N` (Client; escape-needing and
+///         non-ASCII name, key, values and event name; status Error)
+///     - `setup_cgroups` (Internal; overflows every span limit, so all dropped
+///       counts are non-zero)
+///     - `start_process` (Internal) → `oci_hook prestart` (Client)
+///   - `publish_container_event` (Producer)
+/// - `start_container` (Server, child of a remote runtime span whose context
+///   carries a trace state, inherited by its subtree)
+///   - `do_start_container` (Internal) → `oom_event_listener` (Consumer)
 pub fn scenario(opts: &ScenarioOptions) -> Scenario {
     let config = scenario_config(opts);
     let captured = match opts.format {
@@ -270,7 +287,7 @@ pub fn bulk_frames(format: WireFormat, n: usize, approx_bytes: usize, seq: u64) 
 
 /// The smallest payload [`bulk_frames`] can produce for `format`: a real SDK
 /// span carries a fixed skeleton (ids, times, evicted-collection metadata,
-/// resource), roughly 700-800 bytes in JSON and 400-500 in bincode.
+/// resource): about 800-850 bytes in JSON and 400 in bincode.
 pub fn bulk_min_payload(format: WireFormat) -> usize {
     bulk_base_sizes(format, 1, 0).into_iter().max().unwrap_or(0)
 }
@@ -726,12 +743,10 @@ fn bulk_spans<S: AgentSdk>(sdk: &S, specs: &[BulkSpan], seq: u64) {
             "{}Request {{ container_id: \"{cid}\", pad: \"",
             camel(BULK_RPCS[s.rpc])
         );
-        let pad_len = s.req_len.saturating_sub(req.len() + 3);
-        req.push_str(&"x".repeat(pad_len));
+        req.push_str(&"x".repeat(s.req_len.saturating_sub(req.len() + 3)));
         req.push_str("\" }");
-        if s.req_len == 0 {
-            req.clear();
-        }
+        // Everything is ASCII, so cutting anywhere keeps valid UTF-8.
+        req.truncate(s.req_len);
         let cx = sdk.start(
             &root,
             SpanSpec::new(BULK_RPCS[s.rpc], ExpectedKind::Server, start)

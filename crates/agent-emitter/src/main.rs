@@ -202,3 +202,57 @@ fn main() -> ExitCode {
         ExitCode::SUCCESS
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+
+    fn args(list: &[&str]) -> Result<Args, String> {
+        parse_args(list.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn parses_flags_and_defaults() {
+        let a = args(&["--socket", "/s"]).unwrap();
+        assert_eq!(
+            (a.format, a.connections, a.traces, a.bulk),
+            (WireFormat::Json, 1, 1, 0)
+        );
+        let a = args(&["--socket", "/s", "--bulk", "5", "--format", "bincode"]).unwrap();
+        assert_eq!((a.format, a.traces, a.bulk), (WireFormat::Bincode, 0, 5));
+        assert!(args(&[]).is_err());
+        assert!(args(&["--socket", "/s", "--rate", "0"]).is_err());
+        assert!(args(&["--socket", "/s", "--connections", "x"]).is_err());
+        assert!(args(&["--socket"]).is_err());
+    }
+
+    #[test]
+    fn sends_every_frame_over_a_unix_socket() {
+        let dir = std::env::temp_dir().join(format!("kata-emitter-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let a = args(&["--socket", "unused", "--traces", "2", "--bulk", "3"]).unwrap();
+        let frames = frames_for(&a, 0);
+        assert_eq!(frames.len(), 2 * 11 + 3);
+        let reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            listener.accept().unwrap().0.read_to_end(&mut buf).unwrap();
+            buf
+        });
+        let sent = send(
+            UnixStream::connect(&path).unwrap(),
+            &frames,
+            Some(1e6),
+            Duration::ZERO,
+        )
+        .unwrap();
+        let received = reader.join().unwrap();
+        assert_eq!(received, frames.concat());
+        assert_eq!(sent as usize, received.len());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
