@@ -139,21 +139,26 @@ async fn replaces_a_stale_socket() {
     assert!(fwd.terminate().await.success());
 }
 
-#[test]
-fn never_deletes_a_file_that_is_not_a_socket() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket_path = dir.path().join("fc.sock");
-    let victim = dir.path().join("fc.sock_10240");
-    std::fs::write(&victim, b"precious").unwrap();
+/// Starts a dump-only forwarder on `socket_path` and expects it to refuse
+/// with exit code 1 and `needle` in its error.
+fn refuses_to_start(socket_path: &std::path::Path, needle: &str) {
     let (code, _, err) = run(&[
         "--dump-only",
         "--socket-path",
         socket_path.to_str().unwrap(),
     ]);
     assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains("is not a socket; refusing to replace it"),
-        "{err}"
+    assert!(err.contains(needle), "expected '{needle}' in:\n{err}");
+}
+
+#[test]
+fn never_deletes_a_file_that_is_not_a_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("fc.sock_10240");
+    std::fs::write(&victim, b"precious").unwrap();
+    refuses_to_start(
+        &dir.path().join("fc.sock"),
+        "is not a socket; refusing to replace it",
     );
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
 }
@@ -161,30 +166,19 @@ fn never_deletes_a_file_that_is_not_a_socket() {
 #[test]
 fn refuses_a_socket_another_forwarder_is_listening_on() {
     let dir = tempfile::tempdir().unwrap();
-    let socket_path = dir.path().join("a.sock");
     let _live = StdUnixListener::bind(dir.path().join("a.sock_10240")).unwrap();
-    let (code, _, err) = run(&[
-        "--dump-only",
-        "--socket-path",
-        socket_path.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("in use by another live listener"), "{err}");
+    refuses_to_start(
+        &dir.path().join("a.sock"),
+        "in use by another live listener",
+    );
 }
 
 #[test]
 fn says_when_the_sandbox_directory_is_missing() {
     let dir = tempfile::tempdir().unwrap();
-    let socket_path = dir.path().join("no-such-sandbox").join("clh.sock");
-    let (code, _, err) = run(&[
-        "--dump-only",
-        "--socket-path",
-        socket_path.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains("does not exist: create the sandbox directory first"),
-        "{err}"
+    refuses_to_start(
+        &dir.path().join("no-such-sandbox").join("clh.sock"),
+        "does not exist: create the sandbox directory first",
     );
 }
 

@@ -81,6 +81,8 @@ pub enum DecodeError {
     Json(#[source] serde_json::Error),
     #[error("decoding bincode span payload: {0}")]
     Bincode(#[source] bincode::Error),
+    #[error("span has an invalid (all-zero) trace or span id")]
+    InvalidIds,
     #[error("decoding span payload failed as JSON ({json}) and as bincode ({bincode})")]
     Neither {
         json: serde_json::Error,
@@ -95,6 +97,7 @@ impl DecodeError {
             DecodeError::Empty => "empty",
             DecodeError::Json(_) => "json",
             DecodeError::Bincode(_) => "bincode",
+            DecodeError::InvalidIds => "invalid_ids",
             DecodeError::Neither { .. } => "unknown_format",
         }
     }
@@ -107,12 +110,13 @@ pub fn decode_json(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
 
 /// Decodes one bincode payload. The byte limit makes every length prefix
 /// inside the payload bounded by the payload itself, so a hostile count can
-/// never turn into a large allocation.
+/// never turn into a large allocation. The agent's payload is exactly one
+/// `SpanData`, so trailing bytes mean it is not one.
 pub fn decode_bincode(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
     bincode::options()
         .with_fixint_encoding()
         .with_little_endian()
-        .allow_trailing_bytes()
+        .reject_trailing_bytes()
         .with_limit(payload.len() as u64)
         .deserialize(payload)
         .map_err(DecodeError::Bincode)
@@ -144,7 +148,18 @@ impl Decoder {
         self.last
     }
 
+    /// Decodes a payload and checks that it is a usable span: collectors
+    /// reject all-zero ids, so such a "span" (which is what a run of zero
+    /// bytes decodes to in bincode) is an error here, not a lost batch later.
     pub fn decode<'a>(&mut self, payload: &'a [u8]) -> Result<AgentSpan<'a>, DecodeError> {
+        let span = self.decode_any(payload)?;
+        if span.span_context.trace_id == 0 || span.span_context.span_id == 0 {
+            return Err(DecodeError::InvalidIds);
+        }
+        Ok(span)
+    }
+
+    fn decode_any<'a>(&mut self, payload: &'a [u8]) -> Result<AgentSpan<'a>, DecodeError> {
         if payload.is_empty() {
             return Err(DecodeError::Empty);
         }
@@ -297,5 +312,18 @@ mod tests {
         let deep = format!("{{\"x\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
         assert!(d.decode(deep.as_bytes()).is_err());
         assert!(d.decode(&[0xff; 64]).is_err());
+        // 126 zero bytes are exactly one well-formed bincode SpanData, with
+        // zero ids; more zeros are trailing bytes.
+        assert!(matches!(
+            d.decode(&[0u8; 126]),
+            Err(DecodeError::InvalidIds)
+        ));
+        assert!(matches!(
+            d.decode(&[0u8; 4096]),
+            Err(DecodeError::Bincode(_))
+        ));
+        let mut trailing = real.clone();
+        trailing.push(0);
+        assert!(d.decode(&trailing).is_err(), "trailing bytes");
     }
 }
