@@ -311,6 +311,10 @@ pub struct Cli {
     #[arg(long, default_value = "nobody", value_parser = NonEmptyStringValueParser::new())]
     pub user: String,
 
+    /// How often the counters are logged, when they have changed.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub stats_interval: Duration,
+
     /// On SIGTERM/SIGINT, how long to keep draining and flushing before exiting.
     #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub shutdown_timeout: Duration,
@@ -362,6 +366,7 @@ pub struct Config {
     pub max_connections: usize,
     /// Whom to become after binding, when root in hybrid mode.
     pub user: String,
+    pub stats_interval: Duration,
     pub shutdown_timeout: Duration,
 }
 
@@ -463,6 +468,7 @@ impl Cli {
             max_frame_size: self.max_frame_size,
             max_connections: self.max_connections,
             user: self.user,
+            stats_interval: self.stats_interval,
             shutdown_timeout: self.shutdown_timeout,
         })
     }

@@ -119,6 +119,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<S
         tracker.clone(),
     ));
     drop(shared);
+    let reporter = tokio::spawn(report_stats(Arc::clone(&stats), config.stats_interval));
 
     tokio::select! {
         _ = shutdown => {}
@@ -127,6 +128,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<S
         res = &mut batcher => tracing::error!(?res, "exporter stopped unexpectedly"),
     }
 
+    reporter.abort();
     let deadline = Instant::now() + config.shutdown_timeout;
     tracing::info!(timeout = ?config.shutdown_timeout, "shutting down: draining connections and flushing");
     let _ = deadline_tx.send(Some(deadline));
@@ -156,4 +158,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<S
     let lost = snap.spans_received.saturating_sub(accounted);
     Stats::add(&stats.spans_dropped_shutdown, lost);
     Ok(stats.snapshot())
+}
+
+/// Logs the counters every `interval` in which they changed, so a quiet
+/// host stays quiet in the logs.
+async fn report_stats(stats: Arc<Stats>, interval: Duration) {
+    if interval.is_zero() {
+        return;
+    }
+    let mut last = stats.snapshot();
+    let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+    loop {
+        tick.tick().await;
+        let now = stats.snapshot();
+        if now != last {
+            tracing::info!(
+                stats = %serde_json::to_string(&now).unwrap_or_default(),
+                "counters"
+            );
+            last = now;
+        }
+    }
 }

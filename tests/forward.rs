@@ -126,7 +126,12 @@ async fn fifty_concurrent_agents_and_an_idle_one() {
 /// `--dump-only` needs no collector and prints OTLP JSON lines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dump_only_prints_otlp_json_lines() {
-    let mut fwd = Forwarder::hybrid(&["--dump-only".to_string()]).await;
+    let mut fwd = Forwarder::hybrid(&[
+        "--dump-only".to_string(),
+        "--stats-interval".to_string(),
+        "50ms".to_string(),
+    ])
+    .await;
     let sc = scenario(&ScenarioOptions::default());
     let mut agent = connect_agent(&fwd.agent_socket).await;
     agent.write_all(&sc.stream_bytes()).await.unwrap();
@@ -139,6 +144,18 @@ async fn dump_only_prints_otlp_json_lines() {
             std::time::Instant::now() < deadline,
             "stdout:\n{}",
             fwd.stdout()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The periodic counters log saw the spans go by.
+    while !fwd
+        .stderr()
+        .contains(&format!("\\\"spans_exported\\\":{}", sc.expected.len()))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stderr:\n{}",
+            fwd.stderr()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
