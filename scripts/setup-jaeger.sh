@@ -13,9 +13,12 @@ if [ -x "$bin" ]; then
   echo "$bin"
   exit 0
 fi
+if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
+  export PATH="/usr/local/go/bin:$PATH"
+fi
 if ! command -v go >/dev/null 2>&1; then
   echo "error: Go is needed to build Jaeger ($version) for the end-to-end tests, and 'go' is not on PATH." >&2
-  echo "       Install Go 1.24 or newer, or set JAEGER_BIN to an existing Jaeger v2 binary." >&2
+  echo "       Install Go 1.24.6 or newer, or set JAEGER_BIN to an existing Jaeger v2 binary." >&2
   exit 1
 fi
 tmp="$cache/$version.tmp.$$"
@@ -27,23 +30,31 @@ export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
 # `go install module@version` refuses modules whose go.mod has replace
 # directives (Jaeger's has one), so fetch the module's source through the
 # proxy and build it as the main module instead.
-dir=$(go mod download -json "github.com/jaegertracing/jaeger@$version" |
-  sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')
-if [ -z "$dir" ] || [ ! -d "$dir" ]; then
-  echo "error: could not download github.com/jaegertracing/jaeger@$version from the Go module proxy." >&2
+# (go mod download -json reports a failure inside its JSON, on stdout.)
+if ! info=$(go mod download -json "github.com/jaegertracing/jaeger@$version") ||
+  ! dir=$(printf '%s\n' "$info" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p') ||
+  [ -z "$dir" ] || [ ! -d "$dir" ]; then
+  printf '%s\n' "${info:-}" | sed -n 's/^[[:space:]]*"Error": /   /p' >&2
+  echo "error: could not download github.com/jaegertracing/jaeger@$version from the Go module proxy ($(go env GOPROXY))." >&2
   exit 1
 fi
 cp -r "$dir" "$tmp/src"
 chmod -R u+w "$tmp/src"
 # -v names each package as it is compiled: print a running count so a long
-# build shows progress without flooding the log.
+# build shows progress without flooding the log. Only what Go reports as a
+# problem is printed as is: `# package` headers, `file.go:line:col: message`
+# lines and their indented continuations, and `go: ` lines other than
+# downloads. (A package name is never one of those, even when it contains
+# "error", like internal/oserror.)
+set +e # a failed build is reported below, not by set -e
 (cd "$tmp/src" && go build -v -trimpath -o "$tmp/jaeger" ./cmd/jaeger) 2>&1 |
   awk -v start="$start" '
-    /^go: downloading/ { d++; if (d % 100 == 0) { printf "   downloaded %d modules (%ds)\n", d, systime()-start > "/dev/stderr"; fflush() } next }
-    /^#/ || /error|cannot|undefined/ { print > "/dev/stderr"; next }
+    /^go: downloading / { d++; if (d % 100 == 0) { printf "   downloaded %d modules (%ds)\n", d, systime()-start > "/dev/stderr"; fflush() } next }
+    /^#/ || /^go: / || /^[^[:space:]]*\.go:[0-9]+(:[0-9]+)?: / || /^[[:space:]]/ { print > "/dev/stderr"; fflush(); next }
     { n++; if (n % 100 == 0) { printf "   compiled %d packages (%ds)\n", n, systime()-start > "/dev/stderr"; fflush() } }
   '
 status=${PIPESTATUS[0]}
+set -e
 if [ "$status" -ne 0 ] || [ ! -x "$tmp/jaeger" ]; then
   echo "error: building Jaeger $version failed (go build exit $status); see the lines above." >&2
   exit 1

@@ -1,10 +1,25 @@
 #!/usr/bin/env bash
 # Everything CI runs: formatting, lints, and every test (unit, integration
-# with the real binary, real-SDK agent frames). Needs only a Rust toolchain.
+# with the real binary, real-SDK agent frames, end-to-end into a real Jaeger).
+# Needs a Rust toolchain, and Go with the Go module proxy to build Jaeger once
+# (scripts/setup-jaeger.sh; or set JAEGER_BIN to a Jaeger v2 binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_rust
+
+# The Jaeger end-to-end tests (tests/jaeger.rs) need a Jaeger binary; they
+# fail without one, and so does this script: it never skips them.
+echo "== Jaeger for the end-to-end tests"
+if [ -z "${JAEGER_BIN:-}" ]; then
+  if ! JAEGER_BIN=$(scripts/setup-jaeger.sh); then
+    echo "error: no Jaeger for the end-to-end tests (see above): install Go 1.24.6 or newer with access" >&2
+    echo "       to the Go module proxy and rerun, or set JAEGER_BIN to a Jaeger v2 binary." >&2
+    exit 1
+  fi
+fi
+export JAEGER_BIN
+echo "   JAEGER_BIN=$JAEGER_BIN"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

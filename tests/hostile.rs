@@ -143,7 +143,8 @@ async fn hostile_guests_do_not_hurt_a_good_agent() {
         "{counters}"
     );
     assert!(
-        counters["frames_truncated"].as_u64().unwrap() >= 1 + 3333,
+        // the cut frame, plus every third churn connection (3 header bytes)
+        counters["frames_truncated"].as_u64().unwrap() >= 3335,
         "{counters}"
     );
     assert!(

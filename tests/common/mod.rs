@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod jaeger;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
