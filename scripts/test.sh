@@ -27,3 +27,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --workspace
+echo "== benchmarks: build them, and a seconds-long smoke run of the harness (nothing is timed)"
+cargo bench --workspace --no-run --quiet
+scripts/bench.sh --smoke
+echo "== systemd units (systemd-analyze verify)"
+scripts/verify-units.sh

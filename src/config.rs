@@ -18,6 +18,8 @@ use clap::builder::NonEmptyStringValueParser;
 use clap::{ArgAction, Parser, ValueEnum};
 use http::{HeaderName, HeaderValue, Uri};
 
+use crate::listen::template::SocketTemplate;
+
 pub const DEFAULT_VSOCK_PORT: u32 = 10240;
 pub const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
 pub const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318";
@@ -46,6 +48,10 @@ const AFTER_HELP: &str = "Examples:
   Firecracker (hybrid VSOCK):
     sudo mkdir -p /run/vc/firecracker/foo/root
     sudo kata-trace-forwarder --socket-path /run/vc/firecracker/foo/root/kata.hvsock
+
+  Every Cloud Hypervisor or Firecracker sandbox on the host, as they come and go:
+    T=$(sudo kata-runtime env --json | jq -r .Hypervisor.SocketPath)
+    sudo kata-trace-forwarder --socket-path-template \"$T\"
 
   OTLP over HTTP to an OpenTelemetry Collector:
     kata-trace-forwarder --otlp-protocol http/protobuf --otlp-endpoint http://collector:4318
@@ -217,6 +223,10 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_socket_template(s: &str) -> Result<SocketTemplate, String> {
+    s.parse()
+}
+
 /// The command line.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -260,6 +270,25 @@ pub struct Cli {
     #[arg(long, value_parser = NonEmptyStringValueParser::new(), value_name = "PATH")]
     pub socket_path: Option<String>,
 
+    /// Hybrid VSOCK, every sandbox on the host: the socket path template that
+    /// `kata-runtime env --json | jq .Hypervisor.SocketPath` prints (quotes
+    /// tolerated), e.g. `/run/vc/vm/{ID}/clh.sock` or
+    /// `/run/vc/firecracker/{ID}/root/kata.hvsock`. The forwarder watches the
+    /// directory above `{ID}` and listens on `<socket>_<vsock-port>` in each
+    /// sandbox as it appears; spans get `kata.sandbox.id`.
+    #[arg(
+        long,
+        value_parser = parse_socket_template,
+        value_name = "TEMPLATE",
+        conflicts_with_all = ["socket_path", "vsock_cid"]
+    )]
+    pub socket_path_template: Option<SocketTemplate>,
+
+    /// With --socket-path-template: most sandboxes served at once; more are
+    /// logged and left alone until one goes.
+    #[arg(long, default_value = "1024", value_parser = parse_positive)]
+    pub max_sandboxes: usize,
+
     /// Standard VSOCK (QEMU): context id to listen on, a number or `any`.
     #[arg(long, default_value = "any", value_name = "CID")]
     pub vsock_cid: VsockCid,
@@ -299,15 +328,35 @@ pub struct Cli {
     #[arg(long, env = "OTEL_BSP_MAX_QUEUE_SIZE", default_value = "8192", value_parser = parse_positive)]
     pub queue_size: usize,
 
+    /// Most bytes of spans buffered between the sockets and the exporter (by
+    /// payload size); when full, the forwarder stops reading from the agents.
+    #[arg(long, default_value = "32MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub queue_bytes: usize,
+
+    /// Durable spool: batches that cannot be exported while the queue fills up,
+    /// or at shutdown, are written here and sent when the collector is back
+    /// (also after a restart).
+    #[arg(long, value_name = "DIR", value_parser = NonEmptyStringValueParser::new())]
+    pub spool_dir: Option<String>,
+
+    /// Most bytes the spool may hold.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub spool_max_bytes: usize,
+
+    /// Serve the counters in the Prometheus text format at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_address: Option<std::net::SocketAddr>,
+
     /// Largest frame accepted from an agent; a longer one closes that connection.
-    #[arg(long, default_value = "4MiB", value_parser = parse_size, value_name = "SIZE")]
+    #[arg(long, default_value = "1MiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_frame_size: usize,
 
     /// Most agent connections served at once; more are accepted, logged and closed.
     #[arg(long, default_value = "1024", value_parser = parse_positive)]
     pub max_connections: usize,
 
-    /// User to switch to after binding when started as root in hybrid mode.
+    /// User to switch to when started as root in hybrid mode (after binding) or
+    /// template mode (at start; the sandbox watcher keeps CAP_DAC_OVERRIDE).
     #[arg(long, default_value = "nobody", value_parser = NonEmptyStringValueParser::new())]
     pub user: String,
 
@@ -327,6 +376,12 @@ pub enum ListenConfig {
     Vsock { cid: VsockCid, port: u32 },
     /// A Unix socket at `<socket_path>_<port>` (Cloud Hypervisor, Firecracker).
     Hybrid { socket_path: PathBuf, port: u32 },
+    /// One Unix socket per sandbox, at the template's `<socket>_<port>`.
+    Template {
+        template: SocketTemplate,
+        port: u32,
+        max_sandboxes: usize,
+    },
 }
 
 impl ListenConfig {
@@ -362,6 +417,10 @@ pub struct Config {
     pub batch_max_spans: usize,
     pub batch_timeout: Duration,
     pub queue_size: usize,
+    pub queue_bytes: usize,
+    pub spool_dir: Option<PathBuf>,
+    pub spool_max_bytes: u64,
+    pub metrics_address: Option<std::net::SocketAddr>,
     pub max_frame_size: usize,
     pub max_connections: usize,
     /// Whom to become after binding, when root in hybrid mode.
@@ -386,6 +445,8 @@ pub enum ConfigError {
         source_name: &'static str,
         reason: String,
     },
+    #[error("--spool-dir has no use with --dump-only, which never fails to export")]
+    SpoolWithDump,
     #[error("--batch-max-spans ({batch}) must not exceed --queue-size ({queue})")]
     BatchLargerThanQueue { batch: usize, queue: usize },
 }
@@ -437,16 +498,24 @@ fn otel_var(env: &dyn Env, suffix: &str) -> Option<(String, &'static str, bool)>
 impl Cli {
     /// Validates the command line against the environment.
     pub fn into_config(self, env: &dyn Env) -> Result<Config, ConfigError> {
-        let listen = match &self.socket_path {
-            Some(p) => ListenConfig::Hybrid {
+        let listen = match (&self.socket_path, &self.socket_path_template) {
+            (_, Some(t)) => ListenConfig::Template {
+                template: t.clone(),
+                port: self.vsock_port,
+                max_sandboxes: self.max_sandboxes,
+            },
+            (Some(p), None) => ListenConfig::Hybrid {
                 socket_path: PathBuf::from(p),
                 port: self.vsock_port,
             },
-            None => ListenConfig::Vsock {
+            (None, None) => ListenConfig::Vsock {
                 cid: self.vsock_cid,
                 port: self.vsock_port,
             },
         };
+        if self.spool_dir.is_some() && self.dump_only {
+            return Err(ConfigError::SpoolWithDump);
+        }
         if self.batch_max_spans > self.queue_size {
             return Err(ConfigError::BatchLargerThanQueue {
                 batch: self.batch_max_spans,
@@ -465,6 +534,10 @@ impl Cli {
             batch_max_spans: self.batch_max_spans,
             batch_timeout: self.batch_timeout,
             queue_size: self.queue_size,
+            queue_bytes: self.queue_bytes,
+            spool_dir: self.spool_dir.map(PathBuf::from),
+            spool_max_bytes: self.spool_max_bytes as u64,
+            metrics_address: self.metrics_address,
             max_frame_size: self.max_frame_size,
             max_connections: self.max_connections,
             user: self.user,
@@ -616,18 +689,15 @@ fn parse_header(
 }
 
 fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
+    let mut bytes = s.as_bytes().iter();
+    let mut out = Vec::with_capacity(s.len());
+    while let Some(&b) = bytes.next() {
+        if b == b'%' {
+            let hex = [*bytes.next()?, *bytes.next()?];
+            let hex = std::str::from_utf8(&hex).ok()?;
             out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
         } else {
-            out.push(bytes[i]);
-            i += 1;
+            out.push(b);
         }
     }
     String::from_utf8(out).ok()
@@ -787,6 +857,47 @@ mod tests {
         assert!(e.to_string().contains("unsupported scheme"), "{e}");
         let e = config(&[], &[("OTEL_EXPORTER_OTLP_PROTOCOL", "udp")]).unwrap_err();
         assert!(e.to_string().contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{e}");
+    }
+
+    #[test]
+    fn socket_path_template_selects_template_mode() {
+        let c = config(
+            &[
+                "--socket-path-template",
+                "\"/run/vc/firecracker/{ID}/root/kata.hvsock\"",
+                "--vsock-port",
+                "1024",
+                "--max-sandboxes",
+                "7",
+            ],
+            &[],
+        )
+        .unwrap();
+        let ListenConfig::Template {
+            template,
+            port,
+            max_sandboxes,
+        } = &c.listen
+        else {
+            panic!("expected template mode: {:?}", c.listen);
+        };
+        assert_eq!((*port, *max_sandboxes), (1024, 7));
+        assert_eq!(
+            template.listen_path("sb", *port),
+            PathBuf::from("/run/vc/firecracker/sb/root/kata.hvsock_1024")
+        );
+        for args in [
+            vec![
+                "--socket-path-template",
+                "/a/{ID}/s",
+                "--socket-path",
+                "/a/b/s",
+            ],
+            vec!["--socket-path-template", "/a/{ID}/s", "--vsock-cid", "3"],
+            vec!["--socket-path-template", "/a/sandbox-{ID}/s"],
+        ] {
+            assert!(cli(&args).is_err(), "{args:?}");
+        }
     }
 
     #[test]

@@ -11,9 +11,22 @@
 //! [`config`] turns flags and environment into a validated [`Config`];
 //! [`run`] wires the stages together and owns startup and shutdown.
 
+// Guest data must never crash the host daemon: no unwrap, expect, panic
+// or unchecked indexing outside tests (clippy -D warnings enforces it).
+#![cfg_attr(
+    not(test),
+    warn(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 pub mod config;
 pub mod export;
 pub mod listen;
+pub mod metrics;
 pub mod otlp;
 pub mod stats;
 pub mod wire;
@@ -22,13 +35,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 use config::{ListenConfig, Output};
-use export::{BatchConfig, ExportError, Sink};
+use export::spool::{Spool, SpoolError};
+use export::{BatchConfig, ExportError, Exporter, Sink};
 use listen::connection::ConnShared;
 use listen::{ListenError, Listener};
 use stats::{Snapshot, Stats};
@@ -46,6 +60,10 @@ pub enum RunError {
     ConnectCollector(#[from] ExportError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error("opening the spool: {0}")]
+    OpenSpool(#[from] SpoolError),
+    #[error(transparent)]
+    ServeMetrics(#[from] metrics::MetricsError),
 }
 
 /// Runs the forwarder until `shutdown` completes, then drains and flushes
@@ -58,8 +76,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<S
     let stats = Arc::new(Stats::default());
 
     let sink = match &config.output {
-        Output::Dump => Sink::Dump(export::dump::DumpWriter::stdout()),
+        Output::Dump => Sink::Dump(std::sync::Mutex::new(export::dump::DumpWriter::stdout())),
         Output::Otlp(o) => Sink::connect(o, STARTUP_CONNECT_TIMEOUT).await?,
+    };
+    let spool = match &config.spool_dir {
+        Some(dir) => Some(Arc::new(Spool::open(dir, config.spool_max_bytes)?)),
+        None => None,
+    };
+    let metrics = match config.metrics_address {
+        Some(addr) => Some(metrics::serve(addr, Arc::clone(&stats)).await?),
+        None => None,
     };
 
     let listener = match &config.listen {
@@ -68,6 +94,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<S
             let mut l = listen::hybrid::HybridListener::bind(&path)?;
             if listen::privileges::is_root() {
                 l.hand_removal_to_janitor()?;
+                if let Some(s) = &spool {
+                    listen::privileges::give_to_user(s.dir(), &config.user)?;
+                }
                 listen::privileges::drop_root(&config.user)?;
             }
             Listener::Hybrid(l)
@@ -75,32 +104,62 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<S
         ListenConfig::Vsock { cid, port } => {
             Listener::Vsock(listen::vsock::VsockListener::bind(*cid, *port)?)
         }
+        ListenConfig::Template {
+            template,
+            port,
+            max_sandboxes,
+        } => {
+            // Root is dropped inside, keeping only what the watcher needs.
+            let user = listen::privileges::is_root().then(|| config.user.clone());
+            if let (Some(user), Some(s)) = (&user, &spool) {
+                listen::privileges::give_to_user(s.dir(), user)?;
+            }
+            let t = listen::template::TemplateListener::start(
+                template.clone(),
+                *port,
+                *max_sandboxes,
+                user,
+            );
+            Listener::Template(t.await?)
+        }
     };
     tracing::info!(
         listen = %listener.describe(),
         export = %sink.describe(),
         service_name = %config.trace_name,
+        spool = ?config.spool_dir,
+        metrics = ?metrics,
         "forwarder ready"
     );
 
-    let (tx, rx) = mpsc::channel(config.queue_size);
+    let (queue_tx, queue_rx) =
+        export::queue::bounded(config.queue_size, config.queue_bytes, Arc::clone(&stats));
     let (deadline_tx, deadline_rx) = watch::channel(None::<Instant>);
     let batch = BatchConfig {
         max_spans: config.batch_max_spans,
         timeout: config.batch_timeout,
         retry: Default::default(),
     };
-    let mut batcher = tokio::spawn(export::run_batcher(
-        rx,
+    let exporter = Arc::new(Exporter {
         sink,
+        spool,
+        stats: Arc::clone(&stats),
+        spooled: Default::default(),
+    });
+    let mut batcher = tokio::spawn(export::run_batcher(
+        queue_rx,
+        Arc::clone(&exporter),
         batch,
-        Arc::clone(&stats),
+        deadline_rx.clone(),
+    ));
+    let replayer = tokio::spawn(export::run_replayer(
+        Arc::clone(&exporter),
         deadline_rx.clone(),
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(ConnShared {
-        tx,
+        queue: queue_tx,
         stats: Arc::clone(&stats),
         origin: otlp::Origin {
             service_name: config.trace_name.clone(),
@@ -129,6 +188,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<S
     }
 
     reporter.abort();
+    if let Some(m) = &metrics {
+        m.abort();
+    }
     let deadline = Instant::now() + config.shutdown_timeout;
     tracing::info!(timeout = ?config.shutdown_timeout, "shutting down: draining connections and flushing");
     let _ = deadline_tx.send(Some(deadline));
@@ -151,6 +213,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<S
     {
         batcher.abort();
         tracing::warn!("exporter did not finish by the shutdown deadline");
+    }
+    // A spooled batch being sent now is either delivered or stays on disk
+    // for the next start; do not wait past the deadline for it.
+    let replayer_abort = replayer.abort_handle();
+    if tokio::time::timeout_at(deadline + Duration::from_secs(1), replayer)
+        .await
+        .is_err()
+    {
+        replayer_abort.abort();
     }
 
     let snap = stats.snapshot();

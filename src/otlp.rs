@@ -9,13 +9,18 @@
 //! the configured trace name and the forwarder's own attributes added only
 //! where the agent did not set them.
 
+pub mod encode;
+
 use std::sync::Arc;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{
     span, status, ResourceSpans, ScopeSpans, Span, Status,
 };
+
+use prost::Message;
 
 use crate::wire::model::{self, AgentSpan, Array, SpanKind, StatusCode, Value};
 
@@ -32,9 +37,22 @@ pub const SERVICE_NAME: &str = "service.name";
 pub struct Origin {
     /// Value of `service.name` on every resource (the `--trace-name`).
     pub service_name: String,
-    /// Extra resource attributes the forwarder adds, for example the sandbox
-    /// id. Never overrides an attribute the agent set.
-    pub extra: Vec<(String, String)>,
+    /// Extra resource attributes the forwarder adds, typed (`kata.sandbox.id`
+    /// is a string, `kata.vsock.cid` an int). Never overrides an attribute
+    /// the agent set.
+    pub extra: Vec<KeyValue>,
+}
+
+impl Origin {
+    /// This origin with one more forwarder attribute.
+    pub fn with(mut self, key: &str, value: any_value::Value) -> Origin {
+        self.extra.push(KeyValue {
+            key: key.to_owned(),
+            value: Some(AnyValue { value: Some(value) }),
+            key_strindex: 0,
+        });
+        self
+    }
 }
 
 /// Builds the OTLP resource for a span's agent resource.
@@ -47,9 +65,9 @@ pub fn resource(agent: Option<&model::Resource<'_>>, origin: &Origin) -> Resourc
             attributes.push(key_value(kv));
         }
     }
-    for (k, v) in &origin.extra {
-        if !attributes.iter().any(|a| &a.key == k) {
-            attributes.push(string_kv(k, v));
+    for kv in &origin.extra {
+        if !attributes.iter().any(|a| a.key == kv.key) {
+            attributes.push(kv.clone());
         }
     }
     Resource {
@@ -177,41 +195,174 @@ fn wrap(v: any_value::Value) -> AnyValue {
     AnyValue { value: Some(v) }
 }
 
-/// A converted span waiting to be exported, with the resource it belongs
-/// to. Spans of one connection share their resource's allocation, which is
-/// also what lets the batcher group them cheaply.
-#[derive(Debug, Clone)]
-pub struct SpanRecord {
-    pub resource: Arc<Resource>,
-    pub span: Span,
+/// An OTLP resource with its protobuf encoding, made once per connection
+/// (and per change of the agent's resource), so that batches copy the bytes
+/// instead of encoding the resource again for every request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedResource {
+    resource: Resource,
+    bytes: Bytes,
 }
 
-/// Groups spans by resource into `ResourceSpans`, keeping arrival order
-/// within each group. Grouping is by pointer first (the common case: one
-/// connection, one resource) and by value otherwise.
-pub fn group_by_resource(records: Vec<SpanRecord>) -> Vec<ResourceSpans> {
-    let mut groups: Vec<(Arc<Resource>, Vec<Span>)> = Vec::new();
+impl EncodedResource {
+    pub fn new(resource: Resource) -> Self {
+        let bytes = Bytes::from(resource.encode_to_vec());
+        Self { resource, bytes }
+    }
+
+    /// The encoded `Resource` message.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn resource(&self) -> &Resource {
+        &self.resource
+    }
+}
+
+impl std::ops::Deref for EncodedResource {
+    type Target = Resource;
+
+    fn deref(&self) -> &Resource {
+        &self.resource
+    }
+}
+
+/// Spans waiting to be exported: one or more spans of one resource, already
+/// encoded. A connection hands over everything one read of its socket
+/// produced as one record, so the queue and the batcher work per read, not
+/// per span. Records of one connection share their resource's allocation,
+/// which is also what lets the batcher group them cheaply.
+#[derive(Debug, Clone)]
+pub struct SpanRecord {
+    pub resource: Arc<EncodedResource>,
+    /// `count` spans, each a whole `ScopeSpans.spans` field (key, length,
+    /// `Span` message), as [`encode::put_span`] writes them.
+    pub spans: Bytes,
+    pub count: usize,
+}
+
+impl SpanRecord {
+    /// A record of one span, encoded directly as connections do it.
+    pub fn encode(resource: Arc<EncodedResource>, span: &AgentSpan<'_>) -> Self {
+        let mut buf = BytesMut::new();
+        encode::put_span(&mut buf, span);
+        Self {
+            resource,
+            spans: buf.freeze(),
+            count: 1,
+        }
+    }
+
+    /// A record of one span converted on the struct path ([`span`]); the
+    /// bytes are the same as the direct encoder's.
+    pub fn from_span(resource: Arc<EncodedResource>, span: &Span) -> Self {
+        let mut buf = BytesMut::with_capacity(span.encoded_len() + 8);
+        buf.put_u8(encode::SCOPE_SPANS_SPAN_KEY);
+        encode::put_varint(&mut buf, span.encoded_len() as u64);
+        // Encoding into a buffer that grows cannot fail.
+        let _ = span.encode(&mut buf);
+        Self {
+            resource,
+            spans: buf.freeze(),
+            count: 1,
+        }
+    }
+
+    /// Splits off and returns the first `n` spans (all of them if there
+    /// are fewer), keeping the rest in `self`.
+    pub fn split_to(&mut self, n: usize) -> SpanRecord {
+        let at = if n >= self.count {
+            self.spans.len()
+        } else {
+            encode::span_boundary(&self.spans, n).unwrap_or(self.spans.len())
+        };
+        let taken = n.min(self.count);
+        self.count -= taken;
+        SpanRecord {
+            resource: Arc::clone(&self.resource),
+            spans: self.spans.split_to(at),
+            count: taken,
+        }
+    }
+
+    /// The spans as OTLP structs, for the slow paths (`--dump-only`, tests).
+    pub fn decode_spans(&self) -> Result<Vec<Span>, prost::DecodeError> {
+        ScopeSpans::decode(self.spans.clone()).map(|s| s.spans)
+    }
+}
+
+/// Groups records by resource: pointer first (the common case: one
+/// connection, one resource), by value otherwise; arrival order is kept
+/// within each group.
+fn groups(records: &[SpanRecord]) -> Vec<(&Arc<EncodedResource>, Vec<&SpanRecord>)> {
+    let mut groups: Vec<(&Arc<EncodedResource>, Vec<&SpanRecord>)> = Vec::new();
     for rec in records {
         let pos = groups
             .iter()
-            .position(|(r, _)| Arc::ptr_eq(r, &rec.resource) || **r == *rec.resource);
-        match pos {
-            Some(i) => groups[i].1.push(rec.span),
-            None => groups.push((rec.resource, vec![rec.span])),
+            .position(|(r, _)| Arc::ptr_eq(r, &rec.resource) || r.bytes == rec.resource.bytes);
+        match pos.and_then(|i| groups.get_mut(i)) {
+            Some((_, group)) => group.push(rec),
+            None => groups.push((&rec.resource, vec![rec])),
         }
     }
     groups
+}
+
+/// Encodes records as one `ExportTraceServiceRequest`: one `ResourceSpans`
+/// per resource, each with one `ScopeSpans` (the agent's `SpanData` does
+/// not carry its instrumentation library, so there is no scope to report).
+/// The spans are copied once, in their encoded form.
+pub fn encode_request(records: &[SpanRecord]) -> Bytes {
+    thread_local! {
+        /// The last request's buffer. Once that request is done with (sent,
+        /// or spooled), the next one is written into the same memory: a
+        /// fresh half-megabyte buffer per batch costs more in page faults
+        /// than the copy itself.
+        static BODY: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+    }
+    let groups: Vec<encode::Group<'_>> = groups(records)
         .into_iter()
-        .map(|(resource, spans)| ResourceSpans {
-            resource: Some(Arc::unwrap_or_clone(resource)),
-            scope_spans: vec![ScopeSpans {
-                // The agent's `SpanData` does not carry its instrumentation
-                // library (serde skips it), so there is no scope to report.
-                scope: None,
-                spans,
+        .map(|(resource, recs)| encode::Group {
+            resource: resource.bytes(),
+            spans: recs.iter().map(|r| &r.spans[..]).collect(),
+        })
+        .collect();
+    BODY.with(|b| match b.try_borrow_mut() {
+        Ok(mut buf) => {
+            encode::request_body(&groups, &mut buf);
+            buf.split().freeze()
+        }
+        Err(_) => {
+            let mut buf = BytesMut::new();
+            encode::request_body(&groups, &mut buf);
+            buf.freeze()
+        }
+    })
+}
+
+/// The same request as [`encode_request`], as OTLP structs, for the slow
+/// paths and tests. Fails only if a record's bytes are not spans, which
+/// records built by this module never are.
+pub fn group_by_resource(
+    records: Vec<SpanRecord>,
+) -> Result<Vec<ResourceSpans>, prost::DecodeError> {
+    groups(&records)
+        .into_iter()
+        .map(|(resource, recs)| {
+            let mut spans = Vec::new();
+            for r in recs {
+                spans.extend(r.decode_spans()?);
+            }
+            Ok(ResourceSpans {
+                resource: Some(resource.resource().clone()),
+                scope_spans: vec![ScopeSpans {
+                    scope: None,
+                    spans,
+                    schema_url: String::new(),
+                }],
                 schema_url: String::new(),
-            }],
-            schema_url: String::new(),
+            })
         })
         .collect()
 }
@@ -224,17 +375,21 @@ pub struct ResourceCache {
     /// The agent's attributes as last converted (`None`: the agent sent no
     /// resource), to compare the next span's against.
     agent: Option<Vec<KeyValue>>,
-    resource: Option<Arc<Resource>>,
+    resource: Option<Arc<EncodedResource>>,
 }
 
 impl ResourceCache {
-    pub fn get(&mut self, agent: Option<&model::Resource<'_>>, origin: &Origin) -> Arc<Resource> {
+    pub fn get(
+        &mut self,
+        agent: Option<&model::Resource<'_>>,
+        origin: &Origin,
+    ) -> Arc<EncodedResource> {
         if let Some(r) = &self.resource {
             if same_attrs(self.agent.as_deref(), agent) {
                 return Arc::clone(r);
             }
         }
-        let r = Arc::new(resource(agent, origin));
+        let r = Arc::new(EncodedResource::new(resource(agent, origin)));
         self.agent = agent.map(|a| a.attrs.iter().map(key_value).collect());
         self.resource = Some(Arc::clone(&r));
         r
@@ -311,11 +466,13 @@ mod tests {
     fn origin() -> Origin {
         Origin {
             service_name: "kata-agent".into(),
-            extra: vec![
-                ("kata.sandbox.id".into(), "forwarder-set".into()),
-                ("kata.vsock.cid".into(), "3".into()),
-            ],
+            extra: Vec::new(),
         }
+        .with(
+            "kata.sandbox.id",
+            any_value::Value::StringValue("forwarder-set".into()),
+        )
+        .with("kata.vsock.cid", any_value::Value::IntValue(3))
     }
 
     fn attr<'a>(r: &'a Resource, key: &str) -> Option<&'a any_value::Value> {
@@ -332,7 +489,10 @@ mod tests {
         let s = |v: &str| Some(any_value::Value::StringValue(v.into()));
         assert_eq!(attr(&r, SERVICE_NAME).cloned(), s("kata-agent"));
         assert_eq!(attr(&r, "kata.sandbox.id").cloned(), s("agent-set"));
-        assert_eq!(attr(&r, "kata.vsock.cid").cloned(), s("3"));
+        assert_eq!(
+            attr(&r, "kata.vsock.cid").cloned(),
+            Some(any_value::Value::IntValue(3))
+        );
         assert_eq!(attr(&r, "host").cloned(), s("vm"));
         assert_eq!(
             r.attributes
@@ -401,20 +561,11 @@ mod tests {
         );
 
         let recs = vec![
-            SpanRecord {
-                resource: Arc::clone(&a),
-                span: super::span(&span),
-            },
-            SpanRecord {
-                resource: Arc::clone(&c),
-                span: super::span(&span2),
-            },
-            SpanRecord {
-                resource: Arc::new((*a).clone()),
-                span: super::span(&span),
-            },
+            SpanRecord::from_span(Arc::clone(&a), &super::span(&span)),
+            SpanRecord::from_span(Arc::clone(&c), &super::span(&span2)),
+            SpanRecord::from_span(Arc::new((*a).clone()), &super::span(&span)),
         ];
-        let grouped = group_by_resource(recs);
+        let grouped = group_by_resource(recs).unwrap();
         assert_eq!(grouped.len(), 2);
         assert_eq!(grouped[0].scope_spans[0].spans.len(), 2);
     }

@@ -10,17 +10,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 macro_rules! counters {
-    ($(#[$doc:meta] $name:ident),* $(,)?) => {
+    ($(#[doc = $help:literal] $name:ident),* $(,)?) => {
         /// Live counters, shared by every task.
         #[derive(Debug, Default)]
         pub struct Stats {
-            $(#[$doc] pub $name: AtomicU64,)*
+            $(#[doc = $help] pub $name: AtomicU64,)*
         }
 
         /// A point-in-time copy of [`Stats`].
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
         pub struct Snapshot {
-            $(#[$doc] pub $name: u64,)*
+            $(#[doc = $help] pub $name: u64,)*
         }
 
         impl Stats {
@@ -28,8 +28,23 @@ macro_rules! counters {
                 Snapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
             }
         }
+
+        impl Snapshot {
+            /// Every counter as (name, help, value), in declaration order.
+            pub fn fields(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), $help.trim(), self.$name),)*]
+            }
+        }
     };
 }
+
+/// Counters that go up and down rather than only up.
+pub const GAUGES: &[&str] = &[
+    "connections_open",
+    "spool_bytes",
+    "spool_files",
+    "queue_depth",
+];
 
 counters! {
     /// Agent connections currently open.
@@ -52,16 +67,42 @@ counters! {
     spans_json,
     /// Bincode-format spans decoded.
     spans_bincode,
-    /// Frames that did not decode as a span in either format (skipped).
+    /// Frames that did not decode as a span (skipped), all kinds.
     decode_errors,
+    /// ... of which: not valid JSON / not a JSON SpanData.
+    decode_errors_json,
+    /// ... of which: not a bincode SpanData.
+    decode_errors_bincode,
+    /// ... of which: neither format.
+    decode_errors_unknown_format,
+    /// ... of which: all-zero trace or span id.
+    decode_errors_invalid_ids,
+    /// ... of which: empty payload.
+    decode_errors_empty,
     /// Spans accepted by the collector (or written in dump mode).
     spans_exported,
     /// Spans the collector reported as rejected in a partial success.
     spans_rejected,
     /// Spans dropped because export failed for good.
     spans_dropped_export,
-    /// Spans dropped because shutdown ran out of time.
+    /// Spans dropped because shutdown ran out of time (and no spool took them).
     spans_dropped_shutdown,
+    /// Spans dropped because the collector refused them for good.
+    spans_dropped_rejected,
+    /// Spans written to the spool.
+    spans_spooled,
+    /// Spooled spans later delivered.
+    spans_unspooled,
+    /// Batches the spool had no room for.
+    spool_full,
+    /// Spool files found damaged and set aside.
+    spool_damaged,
+    /// Bytes in the spool now.
+    spool_bytes,
+    /// Batches in the spool now.
+    spool_files,
+    /// Spans waiting in the export queue now.
+    queue_depth,
     /// Export requests sent, retries included.
     export_attempts,
     /// Export attempts that were retries.
@@ -86,8 +127,28 @@ impl Stats {
     }
 }
 
+impl Stats {
+    pub fn set_spool(&self, bytes: u64, files: usize) {
+        self.spool_bytes.store(bytes, Ordering::Relaxed);
+        self.spool_files.store(files as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a decode error under its kind.
+    pub fn decode_error(&self, kind: &str) {
+        Self::inc(&self.decode_errors);
+        let by_kind = match kind {
+            "json" => &self.decode_errors_json,
+            "bincode" => &self.decode_errors_bincode,
+            "invalid_ids" => &self.decode_errors_invalid_ids,
+            "empty" => &self.decode_errors_empty,
+            _ => &self.decode_errors_unknown_format,
+        };
+        Self::inc(by_kind);
+    }
+}
+
 impl Snapshot {
     pub fn spans_dropped(&self) -> u64 {
-        self.spans_dropped_export + self.spans_dropped_shutdown
+        self.spans_dropped_export + self.spans_dropped_shutdown + self.spans_dropped_rejected
     }
 }

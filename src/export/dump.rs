@@ -5,10 +5,8 @@
 //! to anything that takes OTLP JSON (ids in hex, 64-bit numbers as strings,
 //! as the OTLP JSON mapping says).
 
-use std::io::{self, Write};
-use std::sync::Arc;
-
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, TracesData};
+use std::io::{self, Write};
 
 use crate::otlp::SpanRecord;
 
@@ -27,19 +25,26 @@ impl DumpWriter {
 
     pub fn write_spans(&mut self, batch: Vec<SpanRecord>) -> io::Result<()> {
         for rec in batch {
-            let line = TracesData {
-                resource_spans: vec![ResourceSpans {
-                    resource: Some(Arc::unwrap_or_clone(rec.resource)),
-                    scope_spans: vec![ScopeSpans {
-                        scope: None,
-                        spans: vec![rec.span],
+            // Spans arrive encoded for export; this slow path decodes them
+            // back into OTLP structs for the JSON mapping.
+            let spans = rec
+                .decode_spans()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            for span in spans {
+                let line = TracesData {
+                    resource_spans: vec![ResourceSpans {
+                        resource: Some(rec.resource.resource().clone()),
+                        scope_spans: vec![ScopeSpans {
+                            scope: None,
+                            spans: vec![span],
+                            schema_url: String::new(),
+                        }],
                         schema_url: String::new(),
                     }],
-                    schema_url: String::new(),
-                }],
-            };
-            serde_json::to_writer(&mut self.out, &line)?;
-            self.out.write_all(b"\n")?;
+                };
+                serde_json::to_writer(&mut self.out, &line)?;
+                self.out.write_all(b"\n")?;
+            }
         }
         self.out.flush()
     }

@@ -10,7 +10,7 @@ use bytes::{BufMut, Bytes};
 use http::uri::PathAndQuery;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{MetadataKey, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -98,13 +98,14 @@ impl GrpcTransport {
             .ready()
             .await
             .map_err(|e| GrpcError(Status::unavailable(error_chain(&e))))?;
+        let len = body.len();
         let mut req = tonic::Request::new(body);
         for (k, v) in &self.metadata {
             req.metadata_mut().insert(k.clone(), v.clone());
         }
         let path = PathAndQuery::from_static(EXPORT_PATH);
         client
-            .unary(req, path, PreEncoded)
+            .unary(req, path, PreEncoded { len })
             .await
             .map(tonic::Response::into_inner)
             .map_err(GrpcError)
@@ -192,9 +193,15 @@ struct ProtoDuration {
 }
 
 /// Writes already-encoded request bytes; decodes the response message.
-struct PreEncoded;
+/// `len` is the request's size: tonic's buffer is made that large at once
+/// instead of doubling its way up (and copying) from 8 KiB per request.
+struct PreEncoded {
+    len: usize,
+}
 
-struct BytesEncoder;
+struct BytesEncoder {
+    len: usize,
+}
 
 struct ResponseDecoder;
 
@@ -205,7 +212,7 @@ impl Codec for PreEncoded {
     type Decoder = ResponseDecoder;
 
     fn encoder(&mut self) -> Self::Encoder {
-        BytesEncoder
+        BytesEncoder { len: self.len }
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -220,6 +227,12 @@ impl Encoder for BytesEncoder {
     fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         dst.put(item);
         Ok(())
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        // The gRPC message header (5 bytes) comes first; 32 KiB is tonic's
+        // default yield threshold.
+        BufferSettings::new(self.len + 5, 32 * 1024)
     }
 }
 

@@ -139,7 +139,7 @@ impl HttpTransport {
                 return Err(HttpError::Status {
                     status,
                     retry_after,
-                    body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+                    body: String::from_utf8_lossy(body.get(..512).unwrap_or(&body)).into_owned(),
                 });
             }
             // A collector may answer 200 with an empty body; that is a full

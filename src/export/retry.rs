@@ -58,15 +58,19 @@ pub struct Outcome<T, E> {
     pub result: Result<T, E>,
     /// Attempts made, the first included.
     pub attempts: u32,
+    /// The caller's `give_up` asked to stop before time was up.
+    pub gave_up: bool,
 }
 
 impl RetryPolicy {
     /// Runs `op` until it succeeds, fails for good, or time is up. `deadline`
     /// may be moved earlier while this runs (shutdown); a wait in progress is
-    /// cut short when it does.
+    /// cut short when it does. `give_up` is asked after each retryable
+    /// failure whether the caller has a better use for the data (the spool).
     pub async fn run<T, E, F, Fut>(
         &self,
         deadline: &mut watch::Receiver<Option<Instant>>,
+        give_up: impl Fn() -> bool,
         mut op: F,
     ) -> Outcome<T, E>
     where
@@ -85,6 +89,7 @@ impl RetryPolicy {
                     return Outcome {
                         result: Ok(v),
                         attempts,
+                        gave_up: false,
                     }
                 }
                 Err(e) => e,
@@ -105,13 +110,22 @@ impl RetryPolicy {
                 return Outcome {
                     result: Err(err),
                     attempts,
+                    gave_up: false,
                 };
             };
+            if give_up() {
+                return Outcome {
+                    result: Err(err),
+                    attempts,
+                    gave_up: true,
+                };
+            }
             let wake = Instant::now() + wait;
             if wake >= effective_deadline {
                 return Outcome {
                     result: Err(err),
                     attempts,
+                    gave_up: false,
                 };
             }
             // Sleep, but wake early if the deadline is pulled in.
@@ -121,7 +135,7 @@ impl RetryPolicy {
                     changed = deadline.changed() => {
                         let pulled_in = deadline.borrow().is_some_and(|d| d <= wake);
                         if changed.is_err() || pulled_in {
-                            return Outcome { result: Err(err), attempts };
+                            return Outcome { result: Err(err), attempts, gave_up: false };
                         }
                     }
                 }
@@ -168,13 +182,17 @@ mod tests {
         let (_tx, mut rx) = watch::channel(None);
         let calls = AtomicU32::new(0);
         let out = policy()
-            .run(&mut rx, |_| async {
-                if calls.fetch_add(1, Ordering::SeqCst) < 3 {
-                    Err(E(Retry::Retryable))
-                } else {
-                    Ok(7)
-                }
-            })
+            .run(
+                &mut rx,
+                || false,
+                |_| async {
+                    if calls.fetch_add(1, Ordering::SeqCst) < 3 {
+                        Err(E(Retry::Retryable))
+                    } else {
+                        Ok(7)
+                    }
+                },
+            )
             .await;
         assert_eq!(out.result.unwrap(), 7);
         assert_eq!(out.attempts, 4);
@@ -184,7 +202,7 @@ mod tests {
     async fn never_retries_permanent_errors() {
         let (_tx, mut rx) = watch::channel(None);
         let out: Outcome<(), E> = policy()
-            .run(&mut rx, |_| async { Err(E(Retry::Never)) })
+            .run(&mut rx, || false, |_| async { Err(E(Retry::Never)) })
             .await;
         assert!(out.result.is_err());
         assert_eq!(out.attempts, 1);
@@ -195,15 +213,35 @@ mod tests {
         let (_tx, mut rx) = watch::channel(None);
         let start = Instant::now();
         let out: Outcome<(), E> = policy()
-            .run(&mut rx, |_| async {
-                Err(E(Retry::Throttled(Some(Duration::from_millis(45)))))
-            })
+            .run(
+                &mut rx,
+                || false,
+                |_| async { Err(E(Retry::Throttled(Some(Duration::from_millis(45))))) },
+            )
             .await;
         assert!(out.result.is_err());
         // 5 s of budget at 45 ms a wait: about 111 attempts, never more.
         let elapsed = start.elapsed();
         assert!(elapsed <= Duration::from_secs(5), "{elapsed:?}");
         assert_eq!(out.attempts, 5000 / 45 + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stops_when_the_caller_gives_up() {
+        let (_tx, mut rx) = watch::channel(None);
+        let calls = AtomicU32::new(0);
+        let out: Outcome<(), E> = policy()
+            .run(
+                &mut rx,
+                || calls.load(Ordering::SeqCst) >= 3,
+                |_| async {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Err(E(Retry::Retryable))
+                },
+            )
+            .await;
+        assert!(out.gave_up);
+        assert_eq!(out.attempts, 3);
     }
 
     #[tokio::test(start_paused = true)]
@@ -214,9 +252,13 @@ mod tests {
             ..policy()
         };
         let task = tokio::spawn(async move {
-            p.run(&mut rx, |_| async { Err::<(), _>(E(Retry::Retryable)) })
-                .await
-                .attempts
+            p.run(
+                &mut rx,
+                || false,
+                |_| async { Err::<(), _>(E(Retry::Retryable)) },
+            )
+            .await
+            .attempts
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
         tx.send(Some(Instant::now())).unwrap();

@@ -8,20 +8,19 @@
 //! this task reading its socket: that is the backpressure path to the guest.
 
 use std::fmt;
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use futures_util::StreamExt;
-use tokio::io::AsyncRead;
-use tokio::sync::{mpsc, watch};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::codec::{FramedRead, LengthDelimitedCodec, LengthDelimitedCodecError};
+use tokio_util::codec::Decoder as _;
 
+use crate::export::queue::QueueSender;
 use crate::otlp::{self, Origin, ResourceCache, SpanRecord};
 use crate::stats::Stats;
-use crate::wire::{self, Decoder, WireFormat, HEADER_LEN};
+use crate::wire::{Decoder, FrameDecoder, FrameError, WireFormat};
 
 /// How many decode errors one connection logs at `warn` before it only
 /// counts them (the count is logged when the connection ends).
@@ -47,7 +46,7 @@ impl fmt::Display for Peer {
 
 /// What every connection task shares.
 pub struct ConnShared {
-    pub tx: mpsc::Sender<SpanRecord>,
+    pub queue: QueueSender,
     pub stats: Arc<Stats>,
     pub origin: Origin,
     pub max_frame_size: usize,
@@ -58,130 +57,183 @@ pub struct ConnShared {
     pub deadline: watch::Receiver<Option<Instant>>,
 }
 
-/// Why a stream of frames ended badly.
-#[derive(Debug, thiserror::Error)]
-pub enum FrameError {
-    #[error("frame of {claimed} bytes exceeds --max-frame-size {max}")]
-    Oversized { claimed: u64, max: usize },
-    #[error("stream ended inside a frame ({buffered} bytes of it received)")]
-    Truncated { buffered: usize },
-    #[error("reading from agent: {0}")]
-    Read(#[from] io::Error),
+/// First read buffer of a connection, and what it shrinks back to when the
+/// agent goes quiet: an idle connection holds no more than this.
+const READ_MIN: usize = 4 * 1024;
+/// Largest read buffer: reached while the agent writes faster than one read
+/// takes, so that a burst costs one `read` per many frames.
+const READ_MAX: usize = 64 * 1024;
+/// Most spans in one record handed to the export queue.
+const RECORD_MAX_SPANS: usize = 256;
+
+/// The spans of one read, encoded and waiting to be queued as one record.
+struct Pending {
+    /// Scratch the spans are encoded into, reused from read to read.
+    spans: BytesMut,
+    count: usize,
+    /// Payload bytes of the frames behind these spans: the queue's cost.
+    cost: usize,
+    resource: Option<Arc<otlp::EncodedResource>>,
 }
 
-/// `LengthDelimitedCodec` with errors that say what happened.
-struct FrameDecoder {
-    inner: LengthDelimitedCodec,
-    max: usize,
-}
-
-impl tokio_util::codec::Decoder for FrameDecoder {
-    type Item = BytesMut;
-    type Error = FrameError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
-        self.inner.decode(src).map_err(|e| {
-            if e.get_ref()
-                .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
-            {
-                // The codec rejects a length while the header is still
-                // unconsumed, so the claimed size can be read for the log.
-                let claimed = src
-                    .get(..HEADER_LEN)
-                    .and_then(|h| h.try_into().ok())
-                    .map_or(0, u64::from_be_bytes);
-                FrameError::Oversized {
-                    claimed,
-                    max: self.max,
-                }
-            } else {
-                FrameError::Read(e)
-            }
-        })
-    }
-
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
-        match self.decode(src)? {
-            Some(frame) => Ok(Some(frame)),
-            None if src.is_empty() => Ok(None),
-            None => Err(FrameError::Truncated {
-                buffered: src.len(),
-            }),
+impl Pending {
+    fn take(&mut self) -> Option<(SpanRecord, usize)> {
+        let resource = self.resource.clone()?;
+        if self.count == 0 {
+            return None;
         }
+        // Copied out at its exact size: a record can wait in the queue for
+        // a while, and a slice of the scratch buffer would keep all of it.
+        let rec = SpanRecord {
+            resource,
+            spans: Bytes::copy_from_slice(&self.spans),
+            count: std::mem::take(&mut self.count),
+        };
+        self.spans.clear();
+        Some((rec, std::mem::take(&mut self.cost)))
+    }
+}
+
+/// Counts spans as received just before they are queued, so that the
+/// counters never show more exported than received.
+fn count_spans(stats: &Stats, format: Option<WireFormat>, n: usize) {
+    let n = n as u64;
+    Stats::add(&stats.spans_received, n);
+    match format {
+        Some(WireFormat::Json) => Stats::add(&stats.spans_json, n),
+        Some(WireFormat::Bincode) => Stats::add(&stats.spans_bincode, n),
+        None => {}
     }
 }
 
 /// Serves one connection until the agent closes it, it fails, or shutdown
-/// has drained it.
-pub async fn serve<S>(stream: S, peer: Peer, shared: &ConnShared, mut stop: watch::Receiver<bool>)
-where
+/// has drained it. `origin` is this connection's: `shared.origin` plus what
+/// is known of its sandbox (id, VSOCK CID).
+///
+/// Work is done per read, not per frame: every whole frame a read brought
+/// is decoded and encoded into one buffer, which goes to the export queue as
+/// one record, and the counters are updated once. The read buffer grows
+/// while reads fill it and is given back when the agent goes quiet.
+pub async fn serve<S>(
+    mut stream: S,
+    peer: Peer,
+    shared: &ConnShared,
+    origin: &Origin,
+    mut stop: watch::Receiver<bool>,
+) where
     S: AsyncRead + Unpin,
 {
     let stats = &*shared.stats;
     Stats::inc(&stats.connections_open);
     tracing::info!(%peer, "agent connected");
-    let codec = FrameDecoder {
-        inner: wire::frame_codec(shared.max_frame_size),
-        max: shared.max_frame_size,
+    let mut codec = FrameDecoder::new(shared.max_frame_size);
+    let mut buf = BytesMut::new();
+    let mut read_size = READ_MIN;
+    let mut pending = Pending {
+        spans: BytesMut::new(),
+        count: 0,
+        cost: 0,
+        resource: None,
     };
-    let mut frames = FramedRead::new(stream, codec);
     let mut decoder = Decoder::new();
     let mut resources = ResourceCache::default();
     let mut spans = 0u64;
     let mut decode_errors = 0u64;
     let mut draining = *stop.borrow();
 
-    let end: Result<(), FrameError> = loop {
-        let next = if draining {
+    let end: Result<(), FrameError> = 'conn: loop {
+        // Every whole frame read so far becomes a span in `pending`.
+        let (mut frames, mut frame_bytes) = (0u64, 0u64);
+        let split = loop {
+            let frame = match codec.decode(&mut buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            frames += 1;
+            frame_bytes += frame.len() as u64;
+            let span = match decoder.decode(&frame) {
+                Ok(span) => span,
+                Err(e) => {
+                    decode_errors += 1;
+                    stats.decode_error(e.kind());
+                    if decode_errors <= LOGGED_DECODE_ERRORS {
+                        tracing::warn!(%peer, error = %e, kind = e.kind(), frame_len = frame.len(), "skipping frame that does not decode");
+                    }
+                    continue;
+                }
+            };
+            let resource = resources.get(span.resource.as_ref(), origin);
+            let same = pending
+                .resource
+                .as_ref()
+                .is_some_and(|r| Arc::ptr_eq(r, &resource));
+            if !same || pending.count >= RECORD_MAX_SPANS {
+                if let Some((rec, cost)) = pending.take() {
+                    count_spans(stats, decoder.format(), rec.count);
+                    if shared.queue.send(rec, cost).await.is_err() {
+                        // The exporter is gone: the process is going down.
+                        break 'conn Ok(());
+                    }
+                }
+                if !same {
+                    pending.resource = Some(resource);
+                }
+            }
+            otlp::encode::put_span(&mut pending.spans, &span);
+            pending.count += 1;
+            pending.cost += frame.len();
+            spans += 1;
+        };
+        Stats::add(&stats.frames_received, frames);
+        Stats::add(&stats.bytes_received, frame_bytes);
+        if let Some((rec, cost)) = pending.take() {
+            count_spans(stats, decoder.format(), rec.count);
+            if shared.queue.send(rec, cost).await.is_err() {
+                break Ok(());
+            }
+        }
+        if let Err(e) = split {
+            break Err(e);
+        }
+
+        // Read more. A drained socket means the burst is over: give the
+        // large buffers back before waiting, so quiet agents cost little.
+        if buf.is_empty() && buf.capacity() > read_size {
+            buf = BytesMut::new();
+        }
+        if read_size == READ_MIN && pending.spans.capacity() > READ_MIN {
+            pending.spans = BytesMut::new();
+        }
+        buf.reserve(read_size);
+        let spare = buf.capacity() - buf.len();
+        let read = if draining {
             let idle_at = Instant::now() + shared.drain_idle;
             let until = match *shared.deadline.borrow() {
                 Some(d) => d.min(idle_at),
                 None => idle_at,
             };
-            match tokio::time::timeout_at(until, frames.next()).await {
-                Ok(n) => n,
+            match tokio::time::timeout_at(until, stream.read_buf(&mut buf)).await {
+                Ok(r) => r,
                 Err(_) => break Ok(()),
             }
         } else {
             tokio::select! {
-                n = frames.next() => n,
+                r = stream.read_buf(&mut buf) => r,
                 _ = stop.wait_for(|s| *s) => { draining = true; continue; }
             }
         };
-        let frame = match next {
-            None => break Ok(()),
-            Some(Err(e)) => break Err(e),
-            Some(Ok(f)) => f,
-        };
-        Stats::inc(&stats.frames_received);
-        Stats::add(&stats.bytes_received, frame.len() as u64);
-        let record = match decoder.decode(&frame) {
-            Ok(span) => {
-                let resource = resources.get(span.resource.as_ref(), &shared.origin);
-                SpanRecord {
-                    resource,
-                    span: otlp::span(&span),
+        match read {
+            Ok(0) => {
+                break match codec.decode_eof(&mut buf) {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
                 }
             }
-            Err(e) => {
-                decode_errors += 1;
-                Stats::inc(&stats.decode_errors);
-                if decode_errors <= LOGGED_DECODE_ERRORS {
-                    tracing::warn!(%peer, error = %e, kind = e.kind(), frame_len = frame.len(), "skipping frame that does not decode");
-                }
-                continue;
-            }
-        };
-        spans += 1;
-        Stats::inc(&stats.spans_received);
-        match decoder.format() {
-            Some(WireFormat::Json) => Stats::inc(&stats.spans_json),
-            Some(WireFormat::Bincode) => Stats::inc(&stats.spans_bincode),
-            None => {}
-        }
-        if shared.tx.send(record).await.is_err() {
-            // The exporter is gone: the process is going down.
-            break Ok(());
+            Ok(n) if n >= spare => read_size = (read_size * 2).min(READ_MAX),
+            Ok(n) if n < read_size / 2 => read_size = READ_MIN,
+            Ok(_) => {}
+            Err(e) => break Err(FrameError::Read(e)),
         }
     };
 

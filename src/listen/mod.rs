@@ -8,6 +8,12 @@
 //! same [`connection`] code, so what is tested over Unix sockets here is
 //! what runs for VSOCK.
 //!
+//! One forwarder can also serve every hybrid-VSOCK sandbox on a host: in
+//! template mode ([`template`]) a watcher binds a listener in each sandbox
+//! directory as it appears and closes it as the directory goes. Whatever
+//! is known of a connection's sandbox (its id, its guest's CID, resolved by
+//! [`sandbox`] for QEMU) goes onto its spans' resource.
+//!
 //! Each connection is its own task, so an idle or slow agent never delays
 //! another, and an error ends only its own connection. The number of open
 //! connections is capped; beyond the cap a connection is accepted, logged
@@ -17,6 +23,8 @@
 pub mod connection;
 pub mod hybrid;
 pub mod privileges;
+pub mod sandbox;
+pub mod template;
 pub mod vsock;
 
 use std::io;
@@ -24,11 +32,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::task::TaskTracker;
 
+use crate::otlp::Origin;
 use crate::stats::Stats;
 use connection::{ConnShared, Peer};
+use sandbox::CidResolver;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -65,12 +76,22 @@ pub enum ListenError {
     },
     #[error("dropping privileges to user '{user}': {reason}")]
     DropPrivileges { user: String, reason: String },
+    #[error("watching {dir} for sandboxes: {source}")]
+    WatchSandboxes {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("starting the sandbox watcher: {0}")]
+    StartWatcher(String),
 }
 
-/// A bound listener of either kind.
+/// A bound listener of any kind.
 pub enum Listener {
     Hybrid(hybrid::HybridListener),
     Vsock(vsock::VsockListener),
+    /// One hybrid listener per sandbox, as their directories come and go.
+    Template(template::TemplateListener),
 }
 
 impl Listener {
@@ -78,6 +99,7 @@ impl Listener {
         match self {
             Listener::Hybrid(l) => format!("hybrid vsock unix:{}", l.path().display()),
             Listener::Vsock(l) => l.describe(),
+            Listener::Template(l) => l.describe(),
         }
     }
 }
@@ -89,19 +111,79 @@ pub async fn accept_loop(
     listener: Listener,
     shared: Arc<ConnShared>,
     max_connections: usize,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     tracker: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(max_connections));
+    if let Listener::Template(t) = listener {
+        return t.serve(shared, max_connections, stop, tracker).await;
+    }
+    let limit = ConnLimit::new(max_connections);
+    let origin = Arc::new(shared.origin.clone());
+    // QEMU: a guest's CID says which sandbox it is, through /proc.
+    let resolver = matches!(listener, Listener::Vsock(_))
+        .then(|| Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
+    accept_connections(
+        &listener, &shared, &limit, &origin, resolver, stop, &tracker,
+    )
+    .await;
+    tracing::info!(listener = %listener.describe(), "stopped accepting connections");
+}
+
+/// The cap on connections served at once, shared by all the listeners of
+/// a template.
+pub(crate) struct ConnLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ConnLimit {
+    pub(crate) fn new(max: usize) -> ConnLimit {
+        ConnLimit {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+}
+
+/// Accepts connections on one listener until `stop` turns true. Each takes
+/// a permit from `limit` and gets the resource attributes of `origin`,
+/// plus, on VSOCK, its CID and the sandbox that `resolver` finds for it.
+pub(crate) async fn accept_connections(
+    listener: &Listener,
+    shared: &Arc<ConnShared>,
+    limit: &ConnLimit,
+    origin: &Arc<Origin>,
+    resolver: Option<Arc<CidResolver>>,
+    mut stop: watch::Receiver<bool>,
+    tracker: &TaskTracker,
+) {
+    let max_connections = limit.max;
     let stats = Arc::clone(&shared.stats);
+    let mut stopping = false;
+    let mut late = 0usize;
     loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break,
-            a = accept(&listener) => a,
+        let accepted = if stopping {
+            // Still take the connections already queued (a backlog's worth,
+            // not a flood), so that what their agents wrote is drained
+            // rather than lost with the socket.
+            late += 1;
+            match accept(listener).now_or_never() {
+                Some(a) if late <= max_connections => a,
+                _ => break,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => {
+                    stopping = true;
+                    continue;
+                }
+                a = accept(listener) => a,
+            }
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
+            Err(_) if stopping => break,
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning;
                 // the connections already open keep being served.
@@ -111,23 +193,29 @@ pub async fn accept_loop(
             }
         };
         Stats::inc(&stats.connections_total);
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(&limit.permits).try_acquire_owned() else {
             Stats::inc(&stats.connections_rejected);
             tracing::warn!(%peer, max_connections, "connection limit reached; closing new connection");
             drop(stream);
             continue;
         };
-        let shared = Arc::clone(&shared);
+        let shared = Arc::clone(shared);
         let stop = stop.clone();
-        tracker.spawn(async move {
+        let mut origin = Arc::clone(origin);
+        let resolver = resolver.clone();
+        let conn = async move {
+            if let Peer::Vsock { cid } = peer {
+                origin = Arc::new(sandbox::vsock_origin(&origin, cid, resolver.as_ref()).await);
+            }
             match stream {
-                Stream::Unix(s) => connection::serve(s, peer, &shared, stop).await,
-                Stream::Vsock(s) => connection::serve(s, peer, &shared, stop).await,
+                Stream::Unix(s) => connection::serve(s, peer, &shared, &origin, stop).await,
+                Stream::Vsock(s) => connection::serve(s, peer, &shared, &origin, stop).await,
             }
             drop(permit);
-        });
+        };
+        // In the listener's span (a template's sandbox), for the logs.
+        tracker.spawn(tracing::Instrument::in_current_span(conn));
     }
-    tracing::info!(listener = %listener.describe(), "stopped accepting connections");
 }
 
 enum Stream {
@@ -145,5 +233,7 @@ async fn accept(listener: &Listener) -> io::Result<(Stream, Peer)> {
             let (s, cid) = l.accept().await?;
             Ok((Stream::Vsock(s), Peer::Vsock { cid }))
         }
+        // Served by its own per-sandbox hybrid listeners, never accepted on.
+        Listener::Template(_) => std::future::pending().await,
     }
 }

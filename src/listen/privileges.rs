@@ -35,6 +35,27 @@ pub fn is_root() -> bool {
     getuid().is_root()
 }
 
+/// Makes `dir` (the spool) the target user's, so that it stays writable
+/// after root is dropped. Call only as root.
+pub fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
+    let err = |reason: String| ListenError::DropPrivileges {
+        user: user.to_owned(),
+        reason,
+    };
+    let u = User::from_name(user)
+        .map_err(|e| err(e.to_string()))?
+        .ok_or_else(|| err("no such user".into()))?;
+    nix::unistd::chown(dir, Some(u.uid), Some(u.gid))
+        .map_err(|e| err(format!("chown {}: {e}", dir.display())))?;
+    for entry in std::fs::read_dir(dir)
+        .map_err(|e| err(e.to_string()))?
+        .flatten()
+    {
+        let _ = nix::unistd::chown(&entry.path(), Some(u.uid), Some(u.gid));
+    }
+    Ok(())
+}
+
 /// Switches to `user`. Call only as root.
 pub fn drop_root(user: &str) -> Result<(), ListenError> {
     let err = |reason: String| ListenError::DropPrivileges {

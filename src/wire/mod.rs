@@ -33,10 +33,14 @@
 //! 8-byte header and a maximum frame length: an oversized length prefix is
 //! rejected before anything is allocated for it.
 
+pub mod bin;
+pub mod json;
 pub mod model;
 
 use bincode::Options;
-use tokio_util::codec::LengthDelimitedCodec;
+use bytes::BytesMut;
+use std::io;
+use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 
 pub use model::AgentSpan;
 
@@ -51,6 +55,80 @@ pub fn frame_codec(max_frame_size: usize) -> LengthDelimitedCodec {
         .big_endian()
         .max_frame_length(max_frame_size)
         .new_codec()
+}
+
+/// Why a stream of frames ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {claimed} bytes exceeds --max-frame-size {max}")]
+    Oversized { claimed: u64, max: usize },
+    #[error("stream ended inside a frame ({buffered} bytes left unread)")]
+    Truncated { buffered: usize },
+    #[error("reading from agent: {0}")]
+    Read(#[from] io::Error),
+}
+
+/// The frame codec with errors that say what happened, for every reader of
+/// agent streams (the connections, the fuzz driver).
+pub struct FrameDecoder {
+    inner: LengthDelimitedCodec,
+    max: usize,
+    /// The codec has consumed a header and waits for its payload: an end of
+    /// stream now is a cut frame even though no byte is buffered.
+    in_frame: bool,
+}
+
+impl FrameDecoder {
+    pub fn new(max_frame_size: usize) -> Self {
+        Self {
+            inner: frame_codec(max_frame_size),
+            max: max_frame_size,
+            in_frame: false,
+        }
+    }
+}
+
+impl tokio_util::codec::Decoder for FrameDecoder {
+    type Item = BytesMut;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
+        let before = src.len();
+        let res = self.inner.decode(src);
+        match &res {
+            Ok(Some(_)) => self.in_frame = false,
+            Ok(None) if src.len() < before => self.in_frame = true,
+            _ => {}
+        }
+        res.map_err(|e| {
+            if e.get_ref()
+                .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
+            {
+                // The codec rejects a length while the header is still
+                // unconsumed, so the claimed size can be read for the log.
+                let claimed = src
+                    .get(..HEADER_LEN)
+                    .and_then(|h| h.try_into().ok())
+                    .map_or(0, u64::from_be_bytes);
+                FrameError::Oversized {
+                    claimed,
+                    max: self.max,
+                }
+            } else {
+                FrameError::Read(e)
+            }
+        })
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() && !self.in_frame => Ok(None),
+            None => Err(FrameError::Truncated {
+                buffered: src.len(),
+            }),
+        }
+    }
 }
 
 /// Payload encodings the agent has used.
@@ -103,16 +181,38 @@ impl DecodeError {
     }
 }
 
-/// Decodes one JSON payload.
+/// Decodes one JSON payload: the agent's own compact layout through the
+/// fast path ([`json`]), anything else through `serde_json`, whose verdict
+/// then stands.
 pub fn decode_json(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
+    match json::decode(payload) {
+        Some(span) => Ok(span),
+        None => decode_json_serde(payload),
+    }
+}
+
+/// Decodes one JSON payload with `serde_json` only: the reference the fast
+/// path is held to.
+pub fn decode_json_serde(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
     serde_json::from_slice(payload).map_err(DecodeError::Json)
 }
 
-/// Decodes one bincode payload. The byte limit makes every length prefix
-/// inside the payload bounded by the payload itself, so a hostile count can
-/// never turn into a large allocation. The agent's payload is exactly one
-/// `SpanData`, so trailing bytes mean it is not one.
+/// Decodes one bincode payload: through the fast path ([`bin`]), or serde
+/// when it gives up (which on a valid payload it never does), whose error
+/// then stands. The agent's payload is exactly one `SpanData`, so trailing
+/// bytes mean it is not one.
 pub fn decode_bincode(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
+    match bin::decode(payload) {
+        Some(span) => Ok(span),
+        None => decode_bincode_serde(payload),
+    }
+}
+
+/// Decodes one bincode payload with serde only: the reference the fast path
+/// ([`bin`]) is held to, and where its errors come from. The byte limit
+/// makes every length prefix inside the payload bounded by the payload
+/// itself, so a hostile count can never turn into a large allocation.
+pub fn decode_bincode_serde(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
     bincode::options()
         .with_fixint_encoding()
         .with_little_endian()
@@ -325,5 +425,23 @@ mod tests {
         let mut trailing = real.clone();
         trailing.push(0);
         assert!(d.decode(&trailing).is_err(), "trailing bytes");
+    }
+
+    #[test]
+    fn a_stream_cut_right_after_a_header_is_truncated() {
+        use tokio_util::codec::Decoder as _;
+        let mut d = FrameDecoder::new(1024);
+        let mut buf = BytesMut::from(&100u64.to_be_bytes()[..]);
+        assert!(d.decode(&mut buf).unwrap().is_none());
+        assert!(buf.is_empty(), "the codec consumed the header");
+        assert!(matches!(
+            d.decode_eof(&mut buf),
+            Err(FrameError::Truncated { .. })
+        ));
+        // A clean boundary is a clean end.
+        let mut d = FrameDecoder::new(1024);
+        let mut buf = BytesMut::from(&[0, 0, 0, 0, 0, 0, 0, 1, b'x'][..]);
+        assert_eq!(&d.decode(&mut buf).unwrap().unwrap()[..], b"x");
+        assert!(d.decode_eof(&mut buf).unwrap().is_none());
     }
 }

@@ -92,6 +92,11 @@ pub struct Receiver {
     pub store: Arc<Store>,
     pub grpc_endpoint: String,
     pub http_endpoint: String,
+    grpc_addr: std::net::SocketAddr,
+    http_addr: std::net::SocketAddr,
+    /// The receiver runs on a runtime of its own, so that "killing the
+    /// collector" can drop every listener and connection at once.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 struct GrpcService(Arc<Store>);
@@ -110,26 +115,81 @@ impl TraceService for GrpcService {
     }
 }
 
+fn bind_std(addr: &str) -> std::net::TcpListener {
+    // After a kill, the old port may take a moment to be free again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => {
+                l.set_nonblocking(true).unwrap();
+                return l;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("binding {addr}: {e}"),
+        }
+    }
+}
+
 impl Receiver {
     /// Starts gRPC and HTTP OTLP receivers on free loopback ports.
     pub async fn start() -> Receiver {
         let store = Arc::new(Store::default());
-
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = bind_std("127.0.0.1:0");
+        let http = bind_std("127.0.0.1:0");
         let grpc_addr = grpc.local_addr().unwrap();
+        let http_addr = http.local_addr().unwrap();
+        let runtime = Self::serve(Arc::clone(&store), grpc, http);
+        Receiver {
+            store,
+            grpc_endpoint: format!("http://{grpc_addr}"),
+            http_endpoint: format!("http://{http_addr}"),
+            grpc_addr,
+            http_addr,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Kills the receiver: listeners and open connections vanish at once,
+    /// as when a collector process dies.
+    pub fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Starts it again on the same ports, keeping what it had received.
+    pub fn restart(&mut self) {
+        self.kill();
+        let grpc = bind_std(&self.grpc_addr.to_string());
+        let http = bind_std(&self.http_addr.to_string());
+        self.runtime = Some(Self::serve(Arc::clone(&self.store), grpc, http));
+    }
+
+    fn serve(
+        store: Arc<Store>,
+        grpc: std::net::TcpListener,
+        http: std::net::TcpListener,
+    ) -> tokio::runtime::Runtime {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        let grpc = TcpListener::from_std(grpc).unwrap();
+        let http = TcpListener::from_std(http).unwrap();
         let svc = TraceServiceServer::new(GrpcService(Arc::clone(&store)));
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
+        runtime.spawn(async move {
+            let _ = tonic::transport::Server::builder()
                 .add_service(svc)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc))
-                .await
-                .unwrap();
+                .await;
         });
-
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http_addr = http.local_addr().unwrap();
         let http_store = Arc::clone(&store);
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             loop {
                 let Ok((stream, _)) = http.accept().await else {
                     continue;
@@ -175,12 +235,7 @@ impl Receiver {
                 });
             }
         });
-
-        Receiver {
-            store,
-            grpc_endpoint: format!("http://{grpc_addr}"),
-            http_endpoint: format!("http://{http_addr}"),
-        }
+        runtime
     }
 
     /// Forwarder flags that point at this receiver over `protocol`.
@@ -195,6 +250,12 @@ impl Receiver {
             "--otlp-endpoint".into(),
             endpoint.clone(),
         ]
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

