@@ -26,9 +26,16 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
 echo "== benchmarks: build them, and a seconds-long smoke run of the harness (nothing is timed)"
 cargo bench --workspace --no-run --quiet
 scripts/bench.sh --smoke
 echo "== systemd units (systemd-analyze verify)"
 scripts/verify-units.sh
+
+# One closing line for the whole suite: the last 'test result' cargo prints
+# is a crate's (often empty) doc-test run, not the total.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_rust
+if ! command -v systemd-analyze >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "== installing systemd (for systemd-analyze) from Debian's packages" >&2
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null || true
+fi
 if ! command -v systemd-analyze >/dev/null 2>&1; then
   echo "error: systemd-analyze not found; it is needed to verify dist/*.service.in (apt-get install systemd)" >&2
   exit 1
