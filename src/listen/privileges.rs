@@ -35,9 +35,9 @@ pub fn is_root() -> bool {
     getuid().is_root()
 }
 
-/// Makes `dir` (the spool) the target user's, so that it stays writable
-/// after root is dropped. Call only as root.
-pub fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
+/// Looks up the unprivileged account to become; another root account is no
+/// drop at all and is refused.
+pub fn lookup_user(user: &str) -> Result<User, ListenError> {
     let err = |reason: String| ListenError::DropPrivileges {
         user: user.to_owned(),
         reason,
@@ -45,6 +45,20 @@ pub fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     let u = User::from_name(user)
         .map_err(|e| err(e.to_string()))?
         .ok_or_else(|| err("no such user".into()))?;
+    if u.uid == Uid::from_raw(0) {
+        return Err(err("refusing to 'drop' to another root account".into()));
+    }
+    Ok(u)
+}
+
+/// Makes `dir` (the spool) the target user's, so that it stays writable
+/// after root is dropped. Call only as root.
+pub fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
+    let err = |reason: String| ListenError::DropPrivileges {
+        user: user.to_owned(),
+        reason,
+    };
+    let u = lookup_user(user)?;
     nix::unistd::chown(dir, Some(u.uid), Some(u.gid))
         .map_err(|e| err(format!("chown {}: {e}", dir.display())))?;
     for entry in std::fs::read_dir(dir)
@@ -62,12 +76,7 @@ pub fn drop_root(user: &str) -> Result<(), ListenError> {
         user: user.to_owned(),
         reason,
     };
-    let u = User::from_name(user)
-        .map_err(|e| err(e.to_string()))?
-        .ok_or_else(|| err("no such user".into()))?;
-    if u.uid == Uid::from_raw(0) {
-        return Err(err("refusing to 'drop' to another root account".into()));
-    }
+    let u = lookup_user(user)?;
     setgroups(&[]).map_err(|e| err(format!("setgroups: {e}")))?;
     setgid(u.gid).map_err(|e| err(format!("setgid: {e}")))?;
     setuid(u.uid).map_err(|e| err(format!("setuid: {e}")))?;

@@ -972,18 +972,13 @@ fn nearest_existing(path: &Path) -> Option<(PathBuf, OsString)> {
 /// and nothing else, not even in its bounding set.
 fn keep_only_dac_override(user: &str) -> Result<(), ListenError> {
     use caps::{CapSet, Capability, CapsHashSet};
-    use nix::unistd::{chdir, setgid, setgroups, setuid, User};
+    use nix::unistd::{chdir, setgid, setgroups, setuid};
 
     let err = |reason: String| ListenError::DropPrivileges {
         user: user.to_owned(),
         reason,
     };
-    let u = User::from_name(user)
-        .map_err(|e| err(e.to_string()))?
-        .ok_or_else(|| err("no such user".into()))?;
-    if u.uid.is_root() {
-        return Err(err("refusing to 'drop' to another root account".into()));
-    }
+    let u = super::privileges::lookup_user(user)?;
     let keep: CapsHashSet = [Capability::CAP_DAC_OVERRIDE].into_iter().collect();
     // The bounding set first, while CAP_SETPCAP is still held.
     let bounding = caps::read(None, CapSet::Bounding).map_err(|e| err(e.to_string()))?;
