@@ -225,33 +225,13 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
-    use kata_agent_emitter::{bulk_frames, scenario, RemoteParent, ScenarioOptions, WireFormat};
+    use kata_agent_emitter::WireFormat;
 
     use super::*;
-    use crate::wire::{decode_bincode_serde, HEADER_LEN};
+    use crate::wire::decode_bincode_serde;
 
     fn real_payloads() -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        for parent in [
-            None,
-            Some(RemoteParent {
-                trace_id: 0x0af7651916cd43dd8448eb211c80319c,
-                span_id: 0xb7ad6b7169203331,
-            }),
-        ] {
-            let sc = scenario(&ScenarioOptions {
-                format: WireFormat::Bincode,
-                parent,
-                ..Default::default()
-            });
-            out.extend(sc.frames.iter().map(|f| f[HEADER_LEN..].to_vec()));
-        }
-        out.extend(
-            bulk_frames(WireFormat::Bincode, 8, 1000, 3)
-                .iter()
-                .map(|f| f[HEADER_LEN..].to_vec()),
-        );
-        out
+        crate::wire::real_test_payloads(WireFormat::Bincode)
     }
 
     fn same(a: &AgentSpan<'_>, b: &AgentSpan<'_>) -> bool {

@@ -566,32 +566,13 @@ impl<'a> Parser<'a> {
 
 #[cfg(test)]
 mod tests {
-    use kata_agent_emitter::{bulk_frames, scenario, RemoteParent, ScenarioOptions, WireFormat};
+    use kata_agent_emitter::WireFormat;
 
     use super::*;
-    use crate::wire::{decode_json_serde, HEADER_LEN};
+    use crate::wire::decode_json_serde;
 
     fn real_payloads() -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        for parent in [
-            None,
-            Some(RemoteParent {
-                trace_id: 0x0af7651916cd43dd8448eb211c80319c,
-                span_id: 0xb7ad6b7169203331,
-            }),
-        ] {
-            let sc = scenario(&ScenarioOptions {
-                parent,
-                ..Default::default()
-            });
-            out.extend(sc.frames.iter().map(|f| f[HEADER_LEN..].to_vec()));
-        }
-        out.extend(
-            bulk_frames(WireFormat::Json, 8, 1000, 3)
-                .iter()
-                .map(|f| f[HEADER_LEN..].to_vec()),
-        );
-        out
+        crate::wire::real_test_payloads(WireFormat::Json)
     }
 
     /// Debug output compares NaN equal to itself, unlike `==`.

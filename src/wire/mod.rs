@@ -310,6 +310,41 @@ fn decode_as(format: WireFormat, payload: &[u8]) -> Result<AgentSpan<'_>, Decode
     }
 }
 
+/// Real agent payloads (frame headers stripped) for the tests of every
+/// decoder and encoder: the scenario trace with and without a remote
+/// parent, plus bulk spans, all from the real SDK of `format`.
+#[cfg(test)]
+pub(crate) fn real_test_payloads(format: kata_agent_emitter::WireFormat) -> Vec<Vec<u8>> {
+    use kata_agent_emitter::{bulk_frames, scenario, RemoteParent, ScenarioOptions};
+    let mut out = Vec::new();
+    for parent in [
+        None,
+        Some(RemoteParent {
+            trace_id: 0x0af7651916cd43dd8448eb211c80319c,
+            span_id: 0xb7ad6b7169203331,
+        }),
+    ] {
+        let sc = scenario(&ScenarioOptions {
+            format,
+            parent,
+            ..Default::default()
+        });
+        out.extend(
+            sc.frames
+                .iter()
+                .filter_map(|f| f.get(HEADER_LEN..))
+                .map(<[u8]>::to_vec),
+        );
+    }
+    out.extend(
+        bulk_frames(format, 8, 1000, 3)
+            .iter()
+            .filter_map(|f| f.get(HEADER_LEN..))
+            .map(<[u8]>::to_vec),
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
