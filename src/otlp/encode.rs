@@ -473,7 +473,7 @@ fn read_varint(b: &[u8]) -> Option<(u64, usize)> {
 mod tests {
     use std::sync::Arc;
 
-    use kata_agent_emitter::{scenario, RemoteParent, ScenarioOptions, WireFormat as EmitFormat};
+    use kata_agent_emitter::{scenario, ScenarioOptions, WireFormat as EmitFormat};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use prost::Message;
 
@@ -504,28 +504,15 @@ mod tests {
     #[test]
     fn real_sdk_spans_encode_as_prost_does() {
         for format in EmitFormat::ALL {
-            for parent in [
-                None,
-                Some(RemoteParent {
-                    trace_id: 0x0af7651916cd43dd8448eb211c80319c,
-                    span_id: 0xb7ad6b7169203331,
-                }),
-            ] {
-                let sc = scenario(&ScenarioOptions {
-                    format,
-                    parent,
-                    ..Default::default()
-                });
-                let mut d = Decoder::new();
-                for f in &sc.frames {
-                    let s = d.decode(&f[HEADER_LEN..]).unwrap();
-                    assert_eq!(
-                        direct(&s),
-                        struct_path(&s),
-                        "{format:?} {}",
-                        s.name.as_str()
-                    );
-                }
+            let mut d = Decoder::new();
+            for p in crate::wire::real_test_payloads(format) {
+                let s = d.decode(&p).unwrap();
+                assert_eq!(
+                    direct(&s),
+                    struct_path(&s),
+                    "{format:?} {}",
+                    s.name.as_str()
+                );
             }
         }
     }
