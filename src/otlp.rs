@@ -309,36 +309,76 @@ fn groups(records: &[SpanRecord]) -> Vec<(&Arc<EncodedResource>, Vec<&SpanRecord
     groups
 }
 
+/// An encoded `ExportTraceServiceRequest`, kept as the run of buffers it
+/// was framed from: the small framing bytes of each resource, then the
+/// records' own span bytes. The spans are never copied into one request
+/// buffer; the transports hand the pieces to the socket as they are, and
+/// retries and the spool reuse them.
+#[derive(Debug, Clone, Default)]
+pub struct EncodedRequest {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl EncodedRequest {
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The request's bytes, in order, none of them empty.
+    pub fn chunks(&self) -> &[Bytes] {
+        &self.chunks
+    }
+
+    /// The request as one buffer; copies unless it is one already.
+    pub fn to_bytes(&self) -> Bytes {
+        match self.chunks.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => {
+                let mut buf = BytesMut::with_capacity(self.len);
+                for c in many {
+                    buf.put_slice(c);
+                }
+                buf.freeze()
+            }
+        }
+    }
+}
+
+impl EncodedRequest {
+    /// A request made of these pieces, in order (empty ones are left out).
+    pub fn from_chunks(mut chunks: Vec<Bytes>) -> Self {
+        chunks.retain(|c| !c.is_empty());
+        let len = chunks.iter().map(Bytes::len).sum();
+        Self { chunks, len }
+    }
+}
+
+impl From<Bytes> for EncodedRequest {
+    fn from(b: Bytes) -> Self {
+        Self::from_chunks(vec![b])
+    }
+}
+
 /// Encodes records as one `ExportTraceServiceRequest`: one `ResourceSpans`
 /// per resource, each with one `ScopeSpans` (the agent's `SpanData` does
 /// not carry its instrumentation library, so there is no scope to report).
-/// The spans are copied once, in their encoded form.
-pub fn encode_request(records: &[SpanRecord]) -> Bytes {
-    thread_local! {
-        /// The last request's buffer. Once that request is done with (sent,
-        /// or spooled), the next one is written into the same memory: a
-        /// fresh half-megabyte buffer per batch costs more in page faults
-        /// than the copy itself.
-        static BODY: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
-    }
+/// The spans are not copied: the request shares the records' buffers.
+pub fn encode_request(records: &[SpanRecord]) -> EncodedRequest {
     let groups: Vec<encode::Group<'_>> = groups(records)
         .into_iter()
         .map(|(resource, recs)| encode::Group {
             resource: resource.bytes(),
-            spans: recs.iter().map(|r| &r.spans[..]).collect(),
+            spans: recs.iter().map(|r| &r.spans).collect(),
         })
         .collect();
-    BODY.with(|b| match b.try_borrow_mut() {
-        Ok(mut buf) => {
-            encode::request_body(&groups, &mut buf);
-            buf.split().freeze()
-        }
-        Err(_) => {
-            let mut buf = BytesMut::new();
-            encode::request_body(&groups, &mut buf);
-            buf.freeze()
-        }
-    })
+    encode::request_chunks(&groups)
 }
 
 /// The same request as [`encode_request`], as OTLP structs, for the slow

@@ -1,33 +1,51 @@
 //! OTLP/gRPC transport (`TraceService/Export` over HTTP/2, via tonic).
 //!
-//! Requests arrive here already encoded: the batcher encodes a batch once and
-//! retries resend the same bytes, so the unary call uses a codec that writes
-//! the bytes through instead of re-encoding a message per attempt.
+//! A unary gRPC call is one HTTP/2 request: `POST /<service>/<method>` with
+//! `content-type: application/grpc` and `te: trailers`, whose body is the
+//! message behind a 5-byte header (a compression flag, then the length,
+//! big-endian). The answer is the response message in the same framing,
+//! then trailers carrying `grpc-status`, `grpc-message` and, for errors,
+//! `grpc-status-details-bin` (a `google.rpc.Status`, where a throttling
+//! collector puts its `RetryInfo`). An error may also come as headers alone.
+//!
+//! Requests arrive here already encoded, as the pieces of an
+//! [`EncodedRequest`]. tonic's client would copy them into one message
+//! buffer, so the request is built here and sent through tonic's `Channel`
+//! (connection, HTTP/2, timeouts), and the answer is read by tonic's own
+//! response decoder. The connection writes through [`Coalesce`], so a batch
+//! leaves in a few large writes rather than one per HTTP/2 frame.
 
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes};
-use http::uri::PathAndQuery;
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue, Method, Uri};
+use hyper_util::rt::TokioIo;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::metadata::{MetadataKey, MetadataValue};
+use tonic::codec::{DecodeBuf, Decoder, Streaming};
+use tonic::codegen::Service;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use super::body::RequestBody;
+use super::coalesce::Coalesce;
 use super::retry::{Classify, Retry};
 use super::{error_chain, ExportError};
 use crate::config::OtlpConfig;
+use crate::otlp::EncodedRequest;
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
+/// A collector's answer is a few bytes (a partial-success count and
+/// message); anything larger is not read.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 pub struct GrpcTransport {
-    client: tonic::client::Grpc<Channel>,
-    metadata: Vec<(
-        MetadataKey<tonic::metadata::Ascii>,
-        MetadataValue<tonic::metadata::Ascii>,
-    )>,
+    channel: Channel,
+    headers: Vec<(HeaderName, HeaderValue)>,
     endpoint: String,
 }
 
@@ -43,10 +61,14 @@ impl GrpcTransport {
             })?
             .connect_timeout(connect_timeout)
             .timeout(cfg.timeout)
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
-        let channel = match tokio::time::timeout(connect_timeout, endpoint.connect()).await {
+        let channel = match tokio::time::timeout(
+            connect_timeout,
+            endpoint.connect_with_connector(CoalescingConnector),
+        )
+        .await
+        {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 return Err(ExportError::Connect {
@@ -61,27 +83,22 @@ impl GrpcTransport {
                 })
             }
         };
-        let mut metadata = Vec::with_capacity(cfg.headers.len());
+        // gRPC metadata is HTTP/2 headers; names are lower case ASCII, which
+        // `HeaderName` already is. Binary (`-bin`) values would have to be
+        // base64: OTLP headers are text, so such names are refused.
+        let mut headers = Vec::with_capacity(cfg.headers.len());
         for (k, v) in &cfg.headers {
-            let key = MetadataKey::from_bytes(k.as_str().as_bytes()).map_err(|e| {
-                ExportError::Connect {
-                    endpoint: endpoint_str.clone(),
-                    reason: format!("header '{k}' is not valid gRPC metadata: {e}"),
-                }
-            })?;
-            let value = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| ExportError::Connect {
-                    endpoint: endpoint_str.clone(),
-                    reason: format!("value of header '{k}' is not valid gRPC metadata"),
-                })?;
-            metadata.push((key, value));
+            if k.as_str().ends_with("-bin") || v.to_str().is_err() {
+                return Err(ExportError::Connect {
+                    endpoint: endpoint_str,
+                    reason: format!("header '{k}' is not valid gRPC text metadata"),
+                });
+            }
+            headers.push((k.clone(), v.clone()));
         }
         Ok(Self {
-            client: tonic::client::Grpc::new(channel),
-            metadata,
+            channel,
+            headers,
             endpoint: endpoint_str,
         })
     }
@@ -91,24 +108,96 @@ impl GrpcTransport {
     }
 
     /// Sends one encoded `ExportTraceServiceRequest`.
-    pub async fn export(&self, body: Bytes) -> Result<ExportTraceServiceResponse, GrpcError> {
-        // Cloning shares the channel; it is how tonic clients are used concurrently.
-        let mut client = self.client.clone();
-        client
-            .ready()
-            .await
-            .map_err(|e| GrpcError(Status::unavailable(error_chain(&e))))?;
-        let len = body.len();
-        let mut req = tonic::Request::new(body);
-        for (k, v) in &self.metadata {
-            req.metadata_mut().insert(k.clone(), v.clone());
+    pub async fn export(
+        &self,
+        body: &EncodedRequest,
+    ) -> Result<ExportTraceServiceResponse, GrpcError> {
+        let len = u32::try_from(body.len()).map_err(|_| {
+            GrpcError(Status::resource_exhausted(format!(
+                "request of {} bytes is over gRPC's 4 GiB message limit",
+                body.len()
+            )))
+        })?;
+        let mut prefix = [0u8; 5];
+        prefix[1..].copy_from_slice(&len.to_be_bytes());
+        let mut req = http::Request::new(tonic::body::Body::new(RequestBody::new(
+            Some(Bytes::copy_from_slice(&prefix)),
+            body,
+        )));
+        *req.method_mut() = Method::POST;
+        // The channel fills in the scheme and authority.
+        *req.uri_mut() = Uri::from_static(EXPORT_PATH);
+        let h = req.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        for (k, v) in &self.headers {
+            h.append(k.clone(), v.clone());
         }
-        let path = PathAndQuery::from_static(EXPORT_PATH);
-        client
-            .unary(req, path, PreEncoded { len })
+
+        // Cloning shares the connection; it is how tonic channels are used
+        // concurrently (the replayer and the batcher).
+        let mut channel = self.channel.clone();
+        poll_fn(|cx| channel.poll_ready(cx))
             .await
-            .map(tonic::Response::into_inner)
-            .map_err(GrpcError)
+            .map_err(|e| GrpcError(Status::from_error(Box::new(e))))?;
+        let resp = channel
+            .call(req)
+            .await
+            .map_err(|e| GrpcError(Status::from_error(Box::new(e))))?;
+
+        // An error may come as headers alone ("trailers-only").
+        if let Some(status) = Status::from_header_map(resp.headers()) {
+            if status.code() != Code::Ok {
+                return Err(GrpcError(status));
+            }
+        }
+        let status_code = resp.status();
+        let mut answer = Streaming::new_response(
+            ResponseDecoder,
+            resp.into_body(),
+            status_code,
+            None,
+            Some(MAX_RESPONSE_BYTES),
+        );
+        // The trailers are read too: a failure status comes after the
+        // message, and `message` reports it.
+        let message = answer.message().await.map_err(GrpcError)?;
+        while answer.message().await.map_err(GrpcError)?.is_some() {}
+        Ok(message.unwrap_or_default())
+    }
+}
+
+/// Opens the collector connection as tonic would (TCP, no Nagle), wrapped
+/// in [`Coalesce`].
+#[derive(Clone, Copy)]
+struct CoalescingConnector;
+
+impl Service<Uri> for CoalescingConnector {
+    type Response = TokioIo<Coalesce<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(80);
+            let stream = tokio::net::TcpStream::connect((host, port)).await?;
+            stream.set_nodelay(true)?;
+            Ok(TokioIo::new(Coalesce::new(stream)))
+        })
     }
 }
 
@@ -192,49 +281,8 @@ struct ProtoDuration {
     nanos: i32,
 }
 
-/// Writes already-encoded request bytes; decodes the response message.
-/// `len` is the request's size: tonic's buffer is made that large at once
-/// instead of doubling its way up (and copying) from 8 KiB per request.
-struct PreEncoded {
-    len: usize,
-}
-
-struct BytesEncoder {
-    len: usize,
-}
-
+/// Decodes the collector's answer.
 struct ResponseDecoder;
-
-impl Codec for PreEncoded {
-    type Encode = Bytes;
-    type Decode = ExportTraceServiceResponse;
-    type Encoder = BytesEncoder;
-    type Decoder = ResponseDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        BytesEncoder { len: self.len }
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ResponseDecoder
-    }
-}
-
-impl Encoder for BytesEncoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        // The gRPC message header (5 bytes) comes first; 32 KiB is tonic's
-        // default yield threshold.
-        BufferSettings::new(self.len + 5, 32 * 1024)
-    }
-}
 
 impl Decoder for ResponseDecoder {
     type Item = ExportTraceServiceResponse;

@@ -7,24 +7,25 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 
+use super::body::RequestBody;
 use super::retry::{Classify, Retry};
 use super::{error_chain, ExportError};
 use crate::config::OtlpConfig;
+use crate::otlp::EncodedRequest;
 
 /// A collector's response body is tiny; anything past this is not read.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
 pub struct HttpTransport {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpConnector, RequestBody>,
     endpoint: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
@@ -112,12 +113,15 @@ impl HttpTransport {
         self.endpoint.to_string()
     }
 
-    pub async fn export(&self, body: Bytes) -> Result<ExportTraceServiceResponse, HttpError> {
+    pub async fn export(
+        &self,
+        body: &EncodedRequest,
+    ) -> Result<ExportTraceServiceResponse, HttpError> {
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(self.endpoint.clone())
             .header(header::CONTENT_TYPE, "application/x-protobuf")
-            .body(Full::new(body))
+            .body(RequestBody::new(None, body))
             .map_err(|e| HttpError::Send(e.to_string()))?;
         for (k, v) in &self.headers {
             req.headers_mut().append(k.clone(), v.clone());

@@ -14,6 +14,8 @@
 //! cannot be sent by the deadline is spooled too, or else counted as
 //! dropped.
 
+pub mod body;
+pub mod coalesce;
 pub mod dump;
 pub mod grpc;
 pub mod http;
@@ -24,13 +26,12 @@ pub mod spool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::config::{OtlpConfig, OtlpProtocol};
-use crate::otlp::encode_request;
+use crate::otlp::{encode_request, EncodedRequest};
 use crate::stats::Stats;
 use queue::{QueueReceiver, Queued};
 use retry::{Classify, Retry, RetryPolicy};
@@ -107,7 +108,7 @@ impl Sink {
         }
     }
 
-    async fn send(&self, body: Bytes) -> Result<ExportTraceServiceResponse, ExportError> {
+    async fn send(&self, body: &EncodedRequest) -> Result<ExportTraceServiceResponse, ExportError> {
         match self {
             Sink::Grpc(t) => t
                 .export(body)
@@ -267,7 +268,7 @@ async fn flush(
                 if attempt > 1 {
                     Stats::inc(&stats.export_retries);
                 }
-                let body = body.clone();
+                let body = &body;
                 let sink = &exporter.sink;
                 async move {
                     let res = sink.send(body).await;
@@ -342,7 +343,12 @@ fn account_success(stats: &Stats, resp: &ExportTraceServiceResponse, count: u64)
 
 /// Writes a batch to the spool. Returns whether it is now safe on disk; if
 /// not and `final_` is set, the spans are counted as dropped.
-async fn spool_or_drop(exporter: &Exporter, body: Bytes, count: u64, final_: bool) -> bool {
+async fn spool_or_drop(
+    exporter: &Exporter,
+    body: EncodedRequest,
+    count: u64,
+    final_: bool,
+) -> bool {
     let stats = &*exporter.stats;
     let Some(spool) = exporter.spool.clone() else {
         return false;
@@ -414,7 +420,7 @@ pub async fn run_replayer(exporter: Arc<Exporter>, mut deadline: watch::Receiver
             }
         };
         Stats::inc(&stats.export_attempts);
-        match exporter.sink.send(batch.body).await {
+        match exporter.sink.send(&batch.body).await {
             Ok(resp) => {
                 account_success(stats, &resp, u64::from(batch.spans));
                 Stats::add(&stats.spans_unspooled, u64::from(batch.spans));

@@ -33,6 +33,8 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
+use crate::otlp::EncodedRequest;
+
 const MAGIC: &[u8; 8] = b"KTFSPOOL";
 const VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4;
@@ -76,7 +78,7 @@ pub enum SpoolError {
 pub struct Spooled {
     pub seq: u64,
     pub spans: u32,
-    pub body: Bytes,
+    pub body: EncodedRequest,
 }
 
 #[derive(Debug, Default)]
@@ -169,7 +171,7 @@ impl Spool {
 
     /// Writes one encoded batch. Returns `Ok(false)` when it does not fit
     /// within the size bound.
-    pub fn write(&self, body: &[u8], spans: u32) -> Result<bool, SpoolError> {
+    pub fn write(&self, body: &EncodedRequest, spans: u32) -> Result<bool, SpoolError> {
         let size = (HEADER_LEN + body.len()) as u64;
         let seq = {
             let mut st = self.lock();
@@ -184,15 +186,25 @@ impl Spool {
         let tmp = self.dir.join(format!("{seq:020}.tmp"));
         let path = self.dir.join(format!("{seq:020}.batch"));
         let res = (|| {
-            let mut f = fs::File::create(&tmp)?;
+            let f = fs::File::create(&tmp)?;
             let mut header = Vec::with_capacity(HEADER_LEN);
             header.extend_from_slice(MAGIC);
             header.extend_from_slice(&VERSION.to_le_bytes());
             header.extend_from_slice(&spans.to_le_bytes());
             header.extend_from_slice(&(body.len() as u64).to_le_bytes());
-            header.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+            let mut crc = crc32fast::Hasher::new();
+            for c in body.chunks() {
+                crc.update(c);
+            }
+            header.extend_from_slice(&crc.finalize().to_le_bytes());
+            let mut f = std::io::BufWriter::with_capacity(256 * 1024, f);
             f.write_all(&header)?;
-            f.write_all(body)?;
+            for c in body.chunks() {
+                f.write_all(c)?;
+            }
+            let f = f
+                .into_inner()
+                .map_err(std::io::IntoInnerError::into_error)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)?;
             // Make the rename itself durable.
@@ -233,7 +245,7 @@ impl Spool {
             Ok((spans, body)) => Ok(Spooled {
                 seq,
                 spans,
-                body: Bytes::copy_from_slice(body),
+                body: Bytes::copy_from_slice(body).into(),
             }),
             Err(reason) => {
                 let aside = self.dir.join(format!("{seq:020}.damaged"));
@@ -295,23 +307,32 @@ fn parse(data: &[u8]) -> Result<(u32, &[u8]), &'static str> {
 mod tests {
     use super::*;
 
+    fn req(b: &[u8]) -> EncodedRequest {
+        EncodedRequest::from(Bytes::copy_from_slice(b))
+    }
+
     #[test]
     fn round_trips_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert!(spool.write(b"first", 3).unwrap());
-        assert!(spool.write(b"second", 4).unwrap());
+        // A request in pieces is stored as one body.
+        let pieces = EncodedRequest::from_chunks(vec![
+            Bytes::from_static(b"fi"),
+            Bytes::from_static(b"rst"),
+        ]);
+        assert!(spool.write(&pieces, 3).unwrap());
+        assert!(spool.write(&req(b"second"), 4).unwrap());
         drop(spool);
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(spool.len(), 2);
         let seq = spool.oldest().unwrap();
         let b = spool.read(seq).unwrap();
-        assert_eq!((b.spans, &b.body[..]), (3, &b"first"[..]));
+        assert_eq!((b.spans, &b.body.to_bytes()[..]), (3, &b"first"[..]));
         spool.remove(seq);
         let b = spool.read(spool.oldest().unwrap()).unwrap();
-        assert_eq!((b.spans, &b.body[..]), (4, &b"second"[..]));
+        assert_eq!((b.spans, &b.body.to_bytes()[..]), (4, &b"second"[..]));
         // New writes continue the sequence after a reopen.
-        assert!(spool.write(b"third", 1).unwrap());
+        assert!(spool.write(&req(b"third"), 1).unwrap());
         assert!(spool.oldest().unwrap() < spool.lock().next_seq);
     }
 
@@ -319,19 +340,19 @@ mod tests {
     fn is_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), (HEADER_LEN * 2 + 20) as u64).unwrap();
-        assert!(spool.write(&[1; 10], 1).unwrap());
-        assert!(spool.write(&[2; 10], 1).unwrap());
-        assert!(!spool.write(&[3; 1], 1).unwrap(), "over the bound");
+        assert!(spool.write(&req(&[1; 10]), 1).unwrap());
+        assert!(spool.write(&req(&[2; 10]), 1).unwrap());
+        assert!(!spool.write(&req(&[3; 1]), 1).unwrap(), "over the bound");
         spool.remove(spool.oldest().unwrap());
-        assert!(spool.write(&[3; 1], 1).unwrap(), "room again");
+        assert!(spool.write(&req(&[3; 1]), 1).unwrap(), "room again");
     }
 
     #[test]
     fn damaged_files_are_set_aside_and_the_rest_still_flows() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        spool.write(b"good one", 1).unwrap();
-        spool.write(b"good two", 2).unwrap();
+        spool.write(&req(b"good one"), 1).unwrap();
+        spool.write(&req(b"good two"), 2).unwrap();
         let first = spool.oldest().unwrap();
         let path = dir.path().join(format!("{first:020}.batch"));
         let mut data = fs::read(&path).unwrap();
@@ -349,7 +370,7 @@ mod tests {
         while let Some(seq) = spool.oldest() {
             match spool.read(seq) {
                 Ok(b) => {
-                    good.push(b.body.clone());
+                    good.push(b.body.to_bytes());
                     spool.remove(seq);
                 }
                 Err(SpoolError::Damaged { aside, .. }) => {

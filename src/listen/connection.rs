@@ -11,7 +11,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -82,14 +82,16 @@ impl Pending {
         if self.count == 0 {
             return None;
         }
-        // Copied out at its exact size: a record can wait in the queue for
-        // a while, and a slice of the scratch buffer would keep all of it.
+        // Split off, not copied: the record takes the written part of the
+        // scratch allocation and the scratch keeps the rest, so records of
+        // one connection are consecutive slices of few allocations, each
+        // freed once its last record is exported. When the rest runs out,
+        // the scratch starts a new allocation of the same size.
         let rec = SpanRecord {
             resource,
-            spans: Bytes::copy_from_slice(&self.spans),
+            spans: self.spans.split().freeze(),
             count: std::mem::take(&mut self.count),
         };
-        self.spans.clear();
         Some((rec, std::mem::take(&mut self.cost)))
     }
 }
@@ -144,6 +146,9 @@ pub async fn serve<S>(
     let end: Result<(), FrameError> = 'conn: loop {
         // Every whole frame read so far becomes a span in `pending`.
         let (mut frames, mut frame_bytes) = (0u64, 0u64);
+        // Room for what this read's frames encode to (about their payload's
+        // size) in one piece, rather than growing, and copying, span by span.
+        pending.spans.reserve(buf.len());
         let split = loop {
             let frame = match codec.decode(&mut buf) {
                 Ok(Some(f)) => f,

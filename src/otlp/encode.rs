@@ -14,13 +14,13 @@
 //!
 //! A span is written as a whole `ScopeSpans.spans` field (key, length,
 //! `Span`), so that a run of them is already the body of a `ScopeSpans` and
-//! a batch only has to frame it (see [`request_body`]).
+//! a batch only has to frame it (see [`request_chunks`]).
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::wire::model::{self, AgentSpan, Array, SpanKind, StatusCode, Value};
 
-use super::{FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE};
+use super::{EncodedRequest, FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE};
 
 /// Protobuf wire types.
 const VARINT: u32 = 0;
@@ -272,9 +272,11 @@ fn key_values_len(kvs: &[model::KeyValue<'_>]) -> usize {
 
 fn put_key_values(buf: &mut BytesMut, field_key: u8, kvs: &[model::KeyValue<'_>]) {
     for kv in kvs {
-        put_len_field(buf, field_key, key_value_len(kv));
-        put_opt_str(buf, key(1, LEN), kv.key.as_str());
-        put_len_field(buf, key(2, LEN), any_value_len(&kv.value));
+        let key_str = kv.key.as_str();
+        let value_len = any_value_len(&kv.value);
+        put_len_field(buf, field_key, opt_str_len(key_str) + len_field(value_len));
+        put_opt_str(buf, key(1, LEN), key_str);
+        put_len_field(buf, key(2, LEN), value_len);
         put_any_value(buf, &kv.value);
     }
 }
@@ -408,33 +410,29 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
 /// runs of encoded `ScopeSpans.spans` fields, all of one `ScopeSpans`.
 pub struct Group<'a> {
     pub resource: &'a [u8],
-    pub spans: Vec<&'a [u8]>,
+    pub spans: Vec<&'a Bytes>,
 }
 
-/// Writes an `ExportTraceServiceRequest` with one `ResourceSpans` (holding
-/// one `ScopeSpans` without scope) per group, appending to `buf`.
-pub fn request_body(groups: &[Group<'_>], buf: &mut BytesMut) {
-    let sizes: Vec<(usize, usize)> = groups
-        .iter()
-        .map(|g| {
-            let scope = g.spans.iter().map(|s| s.len()).sum::<usize>();
-            (scope, len_field(g.resource.len()) + len_field(scope))
-        })
-        .collect();
-    let total: usize = sizes.iter().map(|&(_, rs)| len_field(rs)).sum();
-    buf.reserve(total);
-    let start = buf.len();
-    for (g, &(scope, rs)) in groups.iter().zip(&sizes) {
+/// Frames an `ExportTraceServiceRequest` with one `ResourceSpans` (holding
+/// one `ScopeSpans` without scope) per group around the groups' spans,
+/// which are shared, not copied: only the framing is written.
+pub fn request_chunks(groups: &[Group<'_>]) -> EncodedRequest {
+    // Three length-delimited headers of at most 1 + 10 bytes each.
+    let head_room: usize = groups.iter().map(|g| 33 + g.resource.len()).sum();
+    let mut heads = BytesMut::with_capacity(head_room);
+    let mut chunks = Vec::with_capacity(groups.iter().map(|g| 1 + g.spans.len()).sum());
+    for g in groups {
+        let scope = g.spans.iter().map(|s| s.len()).sum::<usize>();
+        let rs = len_field(g.resource.len()) + len_field(scope);
         // ExportTraceServiceRequest.resource_spans (1)
-        put_len_field(buf, key(1, LEN), rs);
+        put_len_field(&mut heads, key(1, LEN), rs);
         // ResourceSpans.resource (1), then ResourceSpans.scope_spans (2)
-        put_bytes_field(buf, key(1, LEN), g.resource);
-        put_len_field(buf, key(2, LEN), scope);
-        for s in &g.spans {
-            buf.put_slice(s);
-        }
+        put_bytes_field(&mut heads, key(1, LEN), g.resource);
+        put_len_field(&mut heads, key(2, LEN), scope);
+        chunks.push(heads.split().freeze());
+        chunks.extend(g.spans.iter().filter(|s| !s.is_empty()).map(|&s| s.clone()));
     }
-    debug_assert_eq!(buf.len() - start, total);
+    EncodedRequest::from_chunks(chunks)
 }
 
 /// Splits a run of encoded `ScopeSpans.spans` fields after `n` spans.
@@ -613,7 +611,7 @@ mod tests {
                 .sum::<usize>(),
             spans.len()
         );
-        assert_eq!(&direct[..], &request.encode_to_vec()[..]);
+        assert_eq!(&direct.to_bytes()[..], &request.encode_to_vec()[..]);
         // Splitting past the end takes everything; the rest is empty.
         let mut r = records[1].clone();
         let all = r.split_to(10);

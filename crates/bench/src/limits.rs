@@ -4,9 +4,15 @@
 //!   read by a task that only splits frames (`LengthDelimitedCodec`, as the
 //!   forwarder configures it) and counts them. Nothing a forwarder does can
 //!   be faster than this on this machine.
-//! - parse: the forwarder's own borrowed decode of the same payloads,
-//!   in-process on one thread, with nothing else running: the fastest a
-//!   forwarder can understand the spans, per CPU-second.
+//! - parse: the same, with every frame also decoded by the fastest parse
+//!   there is of these bytes, the forwarder's own borrowed decode. This is
+//!   the least any forwarder must do (read, split, understand); what the
+//!   forwarder does beyond it is conversion, batching and export.
+//! - decode only: that decode of the same payloads in memory, in a loop on
+//!   one thread with no socket at all.
+//!
+//! The readers run on one thread and read 64 KiB at a time, as the
+//! forwarder does.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -32,8 +38,22 @@ pub struct LimitFigure {
     pub spans_per_cpu_sec: f64,
 }
 
-/// Runs the agents against a frame-splitting reader on one thread.
-pub fn transport(dir: &Path, pools: &[Arc<Vec<Frame>>], reps: usize) -> Result<LimitFigure> {
+/// What the limit reader does with each frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    /// Split frames only.
+    Split,
+    /// Split and decode each payload.
+    Parse,
+}
+
+/// Runs the agents against a reader on one thread.
+pub fn reader(
+    dir: &Path,
+    pools: &[Arc<Vec<Frame>>],
+    reps: usize,
+    what: Reader,
+) -> Result<LimitFigure> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let socket = dir.join(format!(
         "transport{}.sock",
@@ -72,9 +92,19 @@ pub fn transport(dir: &Path, pools: &[Arc<Vec<Frame>>], reps: usize) -> Result<L
                 let count = Arc::clone(&count);
                 let done_tx = Arc::clone(&done_tx);
                 tokio::spawn(async move {
-                    let mut frames = FramedRead::new(stream, frame_codec(4 << 20));
+                    let mut frames =
+                        FramedRead::with_capacity(stream, frame_codec(4 << 20), 64 * 1024);
+                    let mut decoder = Decoder::new();
                     while let Some(Ok(frame)) = frames.next().await {
                         black_box(&frame);
+                        if what == Reader::Parse {
+                            let Ok(span) = decoder.decode(black_box(&frame)) else {
+                                // Counted as not seen: the run then times out
+                                // with an error instead of a figure.
+                                continue;
+                            };
+                            black_box(&span);
+                        }
                         if count.fetch_add(1, Ordering::Relaxed) + 1 == total {
                             let at = (Instant::now(), thread_cpu_seconds());
                             if let Some(tx) = done_tx.lock().ok().and_then(|mut t| t.take()) {
@@ -88,7 +118,7 @@ pub fn transport(dir: &Path, pools: &[Arc<Vec<Frame>>], reps: usize) -> Result<L
     });
     let cpu0 = ready_rx
         .blocking_recv()
-        .context("transport reader did not start")??;
+        .context("limit reader did not start")??;
     let start = Arc::new(Barrier::new(pools.len() + 1));
     let agents: Vec<_> = pools
         .iter()
@@ -101,7 +131,7 @@ pub fn transport(dir: &Path, pools: &[Arc<Vec<Frame>>], reps: usize) -> Result<L
     }
     let (t1, cpu1) = done_rx
         .recv_timeout(Duration::from_secs(120))
-        .context("transport reader did not see every frame")?;
+        .context("limit reader did not see every frame")?;
     // The reader thread stays parked on its listener; it is a benchmark
     // process, which exits soon.
     drop(reader);
@@ -114,7 +144,7 @@ pub fn transport(dir: &Path, pools: &[Arc<Vec<Frame>>], reps: usize) -> Result<L
 
 /// Decodes every payload over and over on this thread for at least
 /// `min_cpu` CPU-seconds.
-pub fn parse(pools: &[Arc<Vec<Frame>>], min_cpu: f64) -> Result<LimitFigure> {
+pub fn decode_only(pools: &[Arc<Vec<Frame>>], min_cpu: f64) -> Result<LimitFigure> {
     let payloads: Vec<&[u8]> = pools
         .iter()
         .flat_map(|p| p.iter().map(Frame::payload))

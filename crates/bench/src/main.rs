@@ -76,7 +76,7 @@ struct Args {
     /// Idle connections for the idle-memory figure.
     #[arg(long, default_value_t = 1000)]
     idle_connections: usize,
-    /// CPU-seconds the parse limit decodes for, per run and format.
+    /// CPU-seconds the in-memory decode-only figure decodes for, per run and format.
     #[arg(long, default_value_t = 1.0)]
     parse_secs: f64,
     /// Wire formats to run.
@@ -198,16 +198,22 @@ fn main() -> Result<()> {
                 continue;
             }
             let reps = ctx.reps(pool);
-            let t = limits::transport(ctx.dir, pool, reps)?;
+            let t = limits::reader(ctx.dir, pool, reps, limits::Reader::Split)?;
             f.set(format!("{format}.transport.spans_per_sec"), t.spans_per_sec);
             f.set(
                 format!("{format}.transport.spans_per_cpu_sec"),
                 t.spans_per_cpu_sec,
             );
-            let p = limits::parse(pool, args.parse_secs)?;
+            let p = limits::reader(ctx.dir, pool, reps, limits::Reader::Parse)?;
+            f.set(format!("{format}.parse.spans_per_sec"), p.spans_per_sec);
             f.set(
                 format!("{format}.parse.spans_per_cpu_sec"),
                 p.spans_per_cpu_sec,
+            );
+            let d = limits::decode_only(pool, args.parse_secs)?;
+            f.set(
+                format!("{format}.decode.spans_per_cpu_sec"),
+                d.spans_per_cpu_sec,
             );
             if let (Some(&fwd), Some(&fwd_wall)) = (
                 f.0.get(&format!("{format}.max.spans_per_cpu_sec")),
@@ -218,13 +224,17 @@ fn main() -> Result<()> {
                     fwd / p.spans_per_cpu_sec,
                 );
                 f.set(
+                    format!("{format}.ratio.decode_cpu"),
+                    fwd / d.spans_per_cpu_sec,
+                );
+                f.set(
                     format!("{format}.ratio.transport_wall"),
                     fwd_wall / t.spans_per_sec,
                 );
             }
             eprintln!(
-                "   {format} limits: transport {:.0} spans/s, parse {:.0} spans/CPU-s",
-                t.spans_per_sec, p.spans_per_cpu_sec
+                "   {format} limits: transport {:.0} spans/s, parse {:.0} spans/CPU-s, decode only {:.0} spans/CPU-s",
+                t.spans_per_sec, p.spans_per_cpu_sec, d.spans_per_cpu_sec
             );
         }
         runs.push(f);
@@ -643,7 +653,7 @@ fn report(args: &Args, runs: &[Figures], endpoint: &str) {
             None,
         );
         row(
-            &format!("{f}: limit, parse (borrowed decode only, 1 thread)"),
+            &format!("{f}: limit, parse (read, split and decode, 1 thread)"),
             &format!("{f}.parse.spans_per_cpu_sec"),
             Unit::PerCpuSec,
             None,
@@ -653,6 +663,18 @@ fn report(args: &Args, runs: &[Figures], endpoint: &str) {
             &format!("{f}.ratio.parse_cpu"),
             Unit::Ratio,
             (format == EmitFormat::Json).then_some(Budget::AtLeast(0.60)),
+        );
+        row(
+            &format!("{f}: decode only, in memory (1 thread)"),
+            &format!("{f}.decode.spans_per_cpu_sec"),
+            Unit::PerCpuSec,
+            None,
+        );
+        row(
+            &format!("{f}: forwarder / decode only (per CPU-second)"),
+            &format!("{f}.ratio.decode_cpu"),
+            Unit::Ratio,
+            None,
         );
         row(
             &format!("{f}: forwarder / transport limit (per second)"),

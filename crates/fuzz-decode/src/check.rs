@@ -172,7 +172,7 @@ fn convert(span: &AgentSpan<'_>, sink: &mut Sink) -> SpanRecord {
 /// path's request; the `--dump-only` JSON; and every way the batcher can
 /// split a record.
 pub fn export(records: &[SpanRecord], want: usize, rng: &mut Rng) {
-    let body = otlp::encode_request(records);
+    let body = otlp::encode_request(records).to_bytes();
     let request = ExportTraceServiceRequest::decode(body.clone())
         .expect("the export request the forwarder sends decodes");
     let got: usize = request

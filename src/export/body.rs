@@ -1,0 +1,84 @@
+//! The HTTP body of an export request: the pieces of an
+//! [`EncodedRequest`], handed to hyper one by one, without copying.
+//!
+//! hyper and h2 send a large `Bytes` as it is (h2 chains it behind the frame
+//! header instead of copying it into its own buffer), so a batch's spans go
+//! from the buffer they were encoded into straight to the socket.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+
+use crate::otlp::EncodedRequest;
+
+pub struct RequestBody {
+    chunks: std::vec::IntoIter<Bytes>,
+    remaining: u64,
+}
+
+impl RequestBody {
+    /// `prefix` goes first: gRPC's message header.
+    pub fn new(prefix: Option<Bytes>, request: &EncodedRequest) -> Self {
+        let chunks: Vec<Bytes> = prefix
+            .into_iter()
+            .chain(request.chunks().iter().cloned())
+            .filter(|c| !c.is_empty())
+            .collect();
+        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
+        Self {
+            chunks: chunks.into_iter(),
+            remaining,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        Poll::Ready(this.chunks.next().map(|c| {
+            this.remaining = this.remaining.saturating_sub(c.len() as u64);
+            Ok(Frame::data(c))
+        }))
+    }
+
+    /// Lets hyper end the stream with the last piece, instead of sending
+    /// an empty frame after it.
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn yields_prefix_then_pieces_and_their_exact_size() {
+        let req = EncodedRequest::from_chunks(vec![
+            Bytes::from_static(b"ab"),
+            Bytes::new(),
+            Bytes::from_static(b"cde"),
+        ]);
+        let body = RequestBody::new(Some(Bytes::from_static(b"\0")), &req);
+        assert_eq!(body.size_hint().exact(), Some(6));
+        assert!(!body.is_end_stream());
+        let all = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&all[..], b"\0abcde");
+        let empty = RequestBody::new(None, &EncodedRequest::default());
+        assert!(empty.is_end_stream());
+    }
+}
