@@ -23,6 +23,7 @@ use opentelemetry_proto::tonic::trace::v1::{
 use prost::Message;
 
 use crate::wire::model::{self, AgentSpan, Array, SpanKind, StatusCode, Value};
+use crate::wire::ResourceSeen;
 
 /// OTLP `SpanFlags`: the low 8 bits are the W3C trace flags; these two bits
 /// say whether the remote-ness of a (linked) context is known, and if so,
@@ -416,23 +417,56 @@ pub struct ResourceCache {
     /// resource), to compare the next span's against.
     agent: Option<Vec<KeyValue>>,
     resource: Option<Arc<EncodedResource>>,
+    /// The payload bytes that resource came from, when known: a span with
+    /// the same bytes is not even decoded (see [`ResourceSeen`]).
+    raw: Vec<u8>,
 }
 
 impl ResourceCache {
+    /// What to pass to [`crate::wire::Decoder::decode_reusing`].
+    pub fn known_bytes(&self) -> &[u8] {
+        if self.resource.is_some() {
+            &self.raw
+        } else {
+            &[]
+        }
+    }
+
+    /// The encoded resource for a span: the cached one when the decoder saw
+    /// the same bytes or the attributes are equal, a new one otherwise.
     pub fn get(
         &mut self,
         agent: Option<&model::Resource<'_>>,
+        seen: ResourceSeen<'_>,
         origin: &Origin,
     ) -> Arc<EncodedResource> {
         if let Some(r) = &self.resource {
-            if same_attrs(self.agent.as_deref(), agent) {
-                return Arc::clone(r);
+            let hit = match seen {
+                ResourceSeen::Same => true,
+                ResourceSeen::New(_) => same_attrs(self.agent.as_deref(), agent),
+            };
+            if hit {
+                let r = Arc::clone(r);
+                self.remember(seen);
+                return r;
             }
         }
+        // `Same` never gets here: the decoder only reports it for bytes from
+        // `known_bytes`, which are empty until a resource is cached.
         let r = Arc::new(EncodedResource::new(resource(agent, origin)));
         self.agent = agent.map(|a| a.attrs.iter().map(key_value).collect());
         self.resource = Some(Arc::clone(&r));
+        self.remember(seen);
         r
+    }
+
+    fn remember(&mut self, seen: ResourceSeen<'_>) {
+        if let ResourceSeen::New(raw) = seen {
+            if raw != self.raw.as_slice() {
+                self.raw.clear();
+                self.raw.extend_from_slice(raw);
+            }
+        }
     }
 }
 
@@ -582,18 +616,49 @@ mod tests {
         assert_eq!(a.values.len(), 2);
     }
 
+    /// A connection decodes its agent's resource once: later spans with
+    /// the same bytes skip it and get the cached resource, and a change is
+    /// noticed both ways.
+    #[test]
+    fn an_unchanged_resource_is_decoded_once_per_connection() {
+        // Compact, as agents write it: the fast path that spots a known
+        // resource only takes the agent's own layout.
+        let span = SPAN.replace("\n        ", "");
+        let other = span.replace(r#""host":{"String":"vm"}"#, r#""host":{"String":"vm2"}"#);
+        let payloads = [&span, &span, &other, &other, &span];
+        let mut decoder = crate::wire::Decoder::new();
+        let mut cache = ResourceCache::default();
+        let mut reused = Vec::new();
+        for p in payloads {
+            let (span, seen) = decoder
+                .decode_reusing(p.as_bytes(), cache.known_bytes())
+                .unwrap();
+            let same = seen == ResourceSeen::Same;
+            assert_eq!(span.resource.is_none(), same);
+            reused.push(same);
+            let got = cache.get(span.resource.as_ref(), seen, &origin());
+            let want = resource(
+                decode_json(p.as_bytes()).unwrap().resource.as_ref(),
+                &origin(),
+            );
+            assert_eq!(got.resource(), &want);
+        }
+        assert_eq!(reused, [false, true, false, true, false]);
+    }
+
     #[test]
     fn resource_cache_shares_equal_resources_and_notices_changes() {
         let span = decode_json(SPAN.as_bytes()).unwrap();
         let mut cache = ResourceCache::default();
-        let a = cache.get(span.resource.as_ref(), &origin());
-        let b = cache.get(span.resource.as_ref(), &origin());
+        let new = ResourceSeen::New(&[]);
+        let a = cache.get(span.resource.as_ref(), new, &origin());
+        let b = cache.get(span.resource.as_ref(), new, &origin());
         assert!(Arc::ptr_eq(&a, &b));
         let other = SPAN.replace(r#""host":{"String":"vm"}"#, r#""host":{"String":"vm2"}"#);
         let span2 = decode_json(other.as_bytes()).unwrap();
-        let c = cache.get(span2.resource.as_ref(), &origin());
+        let c = cache.get(span2.resource.as_ref(), new, &origin());
         assert!(!Arc::ptr_eq(&a, &c));
-        let d = cache.get(None, &origin());
+        let d = cache.get(None, new, &origin());
         assert_eq!(
             d.attributes.len(),
             3,

@@ -157,8 +157,8 @@ pub async fn serve<S>(
             };
             frames += 1;
             frame_bytes += frame.len() as u64;
-            let span = match decoder.decode(&frame) {
-                Ok(span) => span,
+            let (span, seen) = match decoder.decode_reusing(&frame, resources.known_bytes()) {
+                Ok(decoded) => decoded,
                 Err(e) => {
                     decode_errors += 1;
                     stats.decode_error(e.kind());
@@ -168,7 +168,7 @@ pub async fn serve<S>(
                     continue;
                 }
             };
-            let resource = resources.get(span.resource.as_ref(), origin);
+            let resource = resources.get(span.resource.as_ref(), seen, origin);
             let same = pending
                 .resource
                 .as_ref()

@@ -17,12 +17,22 @@ use super::model::{
     AgentSpan, Array, Attributes, Event, KeyValue, Link, Queue, Resource, Skip, SpanContext,
     SpanKind, StatusCode, Str, Time, Value, F64,
 };
+use super::ResourceSeen;
 
 /// Decodes `payload` if it is exactly one well-formed bincode `SpanData`.
 pub fn decode(payload: &[u8]) -> Option<AgentSpan<'_>> {
+    decode_reusing(payload, &[]).map(|(span, _)| span)
+}
+
+/// As [`decode`], but the resource (the last field) is not decoded again
+/// when its bytes are `known`, a previous span's resource bytes.
+pub fn decode_reusing<'a>(
+    payload: &'a [u8],
+    known: &[u8],
+) -> Option<(AgentSpan<'a>, ResourceSeen<'a>)> {
     let mut r = Reader { b: payload };
-    let span = r.span()?;
-    r.b.is_empty().then_some(span)
+    let decoded = r.span(known)?;
+    r.b.is_empty().then_some(decoded)
 }
 
 struct Reader<'a> {
@@ -166,7 +176,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn span(&mut self) -> Option<AgentSpan<'a>> {
+    fn span(&mut self, known: &[u8]) -> Option<(AgentSpan<'a>, ResourceSeen<'a>)> {
         let span_context = self.span_context()?;
         let parent_span_id = self.u64()?;
         // Variant indexes in the SDK's declaration order.
@@ -199,14 +209,22 @@ impl<'a> Reader<'a> {
             _ => return None,
         };
         let status_message = self.str()?;
-        let resource = if self.tag()? {
-            Some(Resource {
-                attrs: self.seq(Self::key_value)?,
-            })
+        let raw = self.b;
+        let (resource, seen) = if !known.is_empty() && raw == known {
+            self.b = &[];
+            (None, ResourceSeen::Same)
         } else {
-            None
+            let resource = if self.tag()? {
+                Some(Resource {
+                    attrs: self.seq(Self::key_value)?,
+                })
+            } else {
+                None
+            };
+            let used = raw.len() - self.b.len();
+            (resource, ResourceSeen::New(raw.get(..used)?))
         };
-        Some(AgentSpan {
+        let span = AgentSpan {
             span_context,
             parent_span_id,
             span_kind,
@@ -219,7 +237,8 @@ impl<'a> Reader<'a> {
             status_code,
             status_message,
             resource,
-        })
+        };
+        Some((span, seen))
     }
 }
 

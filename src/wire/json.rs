@@ -30,6 +30,7 @@ use super::model::{
     AgentSpan, Array, Attributes, Event, KeyValue, Link, Queue, Resource, Skip, SpanContext,
     SpanKind, StatusCode, Str, Time, Value, F64,
 };
+use super::ResourceSeen;
 
 /// Gives up the fast path: the caller falls back to `serde_json`.
 #[derive(Debug)]
@@ -39,9 +40,19 @@ type R<T> = Result<T, GiveUp>;
 
 /// Decodes `payload` if it is in the agent's own compact layout.
 pub fn decode(payload: &[u8]) -> Option<AgentSpan<'_>> {
+    decode_reusing(payload, &[]).map(|(span, _)| span)
+}
+
+/// As [`decode`], but the resource (the last field) is not decoded again
+/// when the payload's bytes from it to the end are `known`, a previous
+/// span's.
+pub fn decode_reusing<'a>(
+    payload: &'a [u8],
+    known: &[u8],
+) -> Option<(AgentSpan<'a>, ResourceSeen<'a>)> {
     let mut p = Parser { b: payload, i: 0 };
-    let span = p.span().ok()?;
-    (p.i == payload.len()).then_some(span)
+    let decoded = p.span(known).ok()?;
+    (p.i == payload.len()).then_some(decoded)
 }
 
 struct Parser<'a> {
@@ -482,7 +493,7 @@ impl<'a> Parser<'a> {
         })
     }
 
-    fn span(&mut self) -> R<AgentSpan<'a>> {
+    fn span(&mut self, known: &[u8]) -> R<(AgentSpan<'a>, ResourceSeen<'a>)> {
         self.lit(b"{\"span_context\":")?;
         let span_context = self.span_context()?;
         self.lit(b",\"parent_span_id\":")?;
@@ -533,16 +544,25 @@ impl<'a> Parser<'a> {
         self.lit(b",\"status_message\":")?;
         let status_message = self.str()?;
         self.lit(b",\"resource\":")?;
-        let resource = if self.eat(b"null") {
-            None
+        let start = self.i;
+        let raw = self.b.get(start..).ok_or(GiveUp)?;
+        let (resource, seen) = if !known.is_empty() && raw == known {
+            self.i = self.b.len();
+            (None, ResourceSeen::Same)
         } else {
-            self.lit(b"{\"attrs\":")?;
-            let attrs = self.map()?;
+            let resource = if self.eat(b"null") {
+                None
+            } else {
+                self.lit(b"{\"attrs\":")?;
+                let attrs = self.map()?;
+                self.lit(b"}")?;
+                Some(Resource { attrs })
+            };
             self.lit(b"}")?;
-            Some(Resource { attrs })
+            // Up to the end: the caller rejects anything after the span.
+            (resource, ResourceSeen::New(raw))
         };
-        self.lit(b"}")?;
-        Ok(AgentSpan {
+        let span = AgentSpan {
             span_context,
             parent_span_id,
             span_kind,
@@ -560,7 +580,8 @@ impl<'a> Parser<'a> {
             status_code,
             status_message,
             resource,
-        })
+        };
+        Ok((span, seen))
     }
 }
 

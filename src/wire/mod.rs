@@ -185,9 +185,16 @@ impl DecodeError {
 /// fast path ([`json`]), anything else through `serde_json`, whose verdict
 /// then stands.
 pub fn decode_json(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
-    match json::decode(payload) {
-        Some(span) => Ok(span),
-        None => decode_json_serde(payload),
+    decode_json_reusing(payload, &[]).map(|(span, _)| span)
+}
+
+fn decode_json_reusing<'a>(
+    payload: &'a [u8],
+    known: &[u8],
+) -> Result<(AgentSpan<'a>, ResourceSeen<'a>), DecodeError> {
+    match json::decode_reusing(payload, known) {
+        Some(decoded) => Ok(decoded),
+        None => decode_json_serde(payload).map(|span| (span, ResourceSeen::New(&[]))),
     }
 }
 
@@ -202,9 +209,16 @@ pub fn decode_json_serde(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
 /// then stands. The agent's payload is exactly one `SpanData`, so trailing
 /// bytes mean it is not one.
 pub fn decode_bincode(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
-    match bin::decode(payload) {
-        Some(span) => Ok(span),
-        None => decode_bincode_serde(payload),
+    decode_bincode_reusing(payload, &[]).map(|(span, _)| span)
+}
+
+fn decode_bincode_reusing<'a>(
+    payload: &'a [u8],
+    known: &[u8],
+) -> Result<(AgentSpan<'a>, ResourceSeen<'a>), DecodeError> {
+    match bin::decode_reusing(payload, known) {
+        Some(decoded) => Ok(decoded),
+        None => decode_bincode_serde(payload).map(|span| (span, ResourceSeen::New(&[]))),
     }
 }
 
@@ -229,11 +243,28 @@ fn looks_like_json(payload: &[u8]) -> bool {
         .is_some_and(|&b| b == b'{')
 }
 
+/// What a decode saw of the span's resource.
+///
+/// An agent sends the same resource with every span; its bytes are the
+/// payload's tail in both formats. A connection that keeps the last
+/// resource's bytes ([`Decoder::decode_reusing`]) is spared decoding, and
+/// comparing, the same resource again for every span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceSeen<'a> {
+    /// Byte for byte the known resource: `span.resource` is `None` and was
+    /// not decoded; the previous span's resource applies.
+    Same,
+    /// Decoded into `span.resource`; these are its bytes in the payload, to
+    /// pass as `known` next time (empty when the serde path decoded it and
+    /// they are not known).
+    New(&'a [u8]),
+}
+
 /// Per-connection decoder that detects the payload format and remembers it.
 ///
 /// An agent never changes format mid-connection, but detection stays per
 /// frame so that a mistaken guess costs one failed parse, never a lost span.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Decoder {
     last: Option<WireFormat>,
 }
@@ -252,38 +283,58 @@ impl Decoder {
     /// reject all-zero ids, so such a "span" (which is what a run of zero
     /// bytes decodes to in bincode) is an error here, not a lost batch later.
     pub fn decode<'a>(&mut self, payload: &'a [u8]) -> Result<AgentSpan<'a>, DecodeError> {
-        let span = self.decode_any(payload)?;
+        self.decode_reusing(payload, &[]).map(|(span, _)| span)
+    }
+
+    /// As [`decode`](Self::decode), except that a resource whose bytes are
+    /// `known` (those of the previous span's, from its [`ResourceSeen::New`])
+    /// is not decoded: the caller then reuses what it made of that one.
+    pub fn decode_reusing<'a>(
+        &mut self,
+        payload: &'a [u8],
+        known: &[u8],
+    ) -> Result<(AgentSpan<'a>, ResourceSeen<'a>), DecodeError> {
+        let (span, seen) = self.decode_any(payload, known)?;
         if span.span_context.trace_id == 0 || span.span_context.span_id == 0 {
             return Err(DecodeError::InvalidIds);
         }
-        Ok(span)
+        Ok((span, seen))
     }
 
-    fn decode_any<'a>(&mut self, payload: &'a [u8]) -> Result<AgentSpan<'a>, DecodeError> {
+    fn decode_any<'a>(
+        &mut self,
+        payload: &'a [u8],
+        known: &[u8],
+    ) -> Result<(AgentSpan<'a>, ResourceSeen<'a>), DecodeError> {
         if payload.is_empty() {
             return Err(DecodeError::Empty);
         }
+        // `known` came from the last span, so it is in the last format: the
+        // same bytes at the end of a payload in the other format mean
+        // something else.
+        let last = self.last;
+        let known = |f: WireFormat| if last == Some(f) { known } else { &[][..] };
         if !looks_like_json(payload) {
-            let span = decode_bincode(payload)?;
+            let decoded = decode_bincode_reusing(payload, known(WireFormat::Bincode))?;
             self.last = Some(WireFormat::Bincode);
-            return Ok(span);
+            return Ok(decoded);
         }
         // Ambiguous first byte: try the format this connection used last.
         let order = match self.last {
             Some(WireFormat::Bincode) => [WireFormat::Bincode, WireFormat::Json],
             _ => [WireFormat::Json, WireFormat::Bincode],
         };
-        let first = match decode_as(order[0], payload) {
-            Ok(span) => {
+        let first = match decode_as(order[0], payload, known(order[0])) {
+            Ok(decoded) => {
                 self.last = Some(order[0]);
-                return Ok(span);
+                return Ok(decoded);
             }
             Err(e) => e,
         };
-        match decode_as(order[1], payload) {
-            Ok(span) => {
+        match decode_as(order[1], payload, known(order[1])) {
+            Ok(decoded) => {
                 self.last = Some(order[1]);
-                Ok(span)
+                Ok(decoded)
             }
             Err(second) => Err(match (first, second) {
                 (DecodeError::Json(json), DecodeError::Bincode(bincode))
@@ -303,10 +354,14 @@ impl Decoder {
     }
 }
 
-fn decode_as(format: WireFormat, payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
+fn decode_as<'a>(
+    format: WireFormat,
+    payload: &'a [u8],
+    known: &[u8],
+) -> Result<(AgentSpan<'a>, ResourceSeen<'a>), DecodeError> {
     match format {
-        WireFormat::Json => decode_json(payload),
-        WireFormat::Bincode => decode_bincode(payload),
+        WireFormat::Json => decode_json_reusing(payload, known),
+        WireFormat::Bincode => decode_bincode_reusing(payload, known),
     }
 }
 
@@ -349,6 +404,48 @@ pub(crate) fn real_test_payloads(format: kata_agent_emitter::WireFormat) -> Vec<
 mod tests {
     use super::*;
     use kata_agent_emitter::{scenario, ScenarioOptions, WireFormat as EmitFormat};
+
+    /// Skipping a known resource changes nothing else about a span, and
+    /// happens only when the payload really ends in those bytes.
+    #[test]
+    fn reusing_a_known_resource_changes_nothing_else() {
+        for format in [EmitFormat::Json, EmitFormat::Bincode] {
+            let mut d = Decoder::new();
+            let mut known: Vec<u8> = Vec::new();
+            let mut same = 0;
+            for p in real_test_payloads(format) {
+                let full = Decoder::new().decode(&p).unwrap();
+                let (span, seen) = d.decode_reusing(&p, &known).unwrap();
+                match seen {
+                    ResourceSeen::Same => {
+                        same += 1;
+                        assert!(p.ends_with(&known));
+                        let mut want = full.clone();
+                        want.resource = None;
+                        assert_eq!(span, want);
+                    }
+                    ResourceSeen::New(raw) => {
+                        assert!(!raw.is_empty() && p.ends_with(raw));
+                        assert_eq!(span, full);
+                        known = raw.to_vec();
+                    }
+                }
+            }
+            assert!(same > 0, "{format:?}: an agent repeats its resource");
+        }
+        // Bytes known from one format are never taken for the other's.
+        let json = &payloads(EmitFormat::Json)[0];
+        let mut d = Decoder::new();
+        let (_, seen) = d.decode_reusing(json, &[]).unwrap();
+        let ResourceSeen::New(raw) = seen else {
+            panic!("first span's resource is new");
+        };
+        let known = raw.to_vec();
+        let bincode = &payloads(EmitFormat::Bincode)[0];
+        let (span, seen) = d.decode_reusing(bincode, &known).unwrap();
+        assert!(matches!(seen, ResourceSeen::New(_)));
+        assert_eq!(span, Decoder::new().decode(bincode).unwrap());
+    }
 
     fn payloads(format: EmitFormat) -> Vec<Vec<u8>> {
         scenario(&ScenarioOptions {

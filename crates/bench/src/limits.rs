@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
-use kata_trace_forwarder::wire::{frame_codec, Decoder};
+use kata_trace_forwarder::wire::{frame_codec, Decoder, ResourceSeen};
 use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 use tokio_util::codec::FramedRead;
@@ -95,14 +95,23 @@ pub fn reader(
                     let mut frames =
                         FramedRead::with_capacity(stream, frame_codec(4 << 20), 64 * 1024);
                     let mut decoder = Decoder::new();
+                    let mut known = Vec::new();
                     while let Some(Ok(frame)) = frames.next().await {
                         black_box(&frame);
                         if what == Reader::Parse {
-                            let Ok(span) = decoder.decode(black_box(&frame)) else {
+                            // As the forwarder decodes: an unchanged resource
+                            // is not decoded again.
+                            let Ok((span, seen)) =
+                                decoder.decode_reusing(black_box(&frame), &known)
+                            else {
                                 // Counted as not seen: the run then times out
                                 // with an error instead of a figure.
                                 continue;
                             };
+                            if let ResourceSeen::New(raw) = seen {
+                                known.clear();
+                                known.extend_from_slice(raw);
+                            }
                             black_box(&span);
                         }
                         if count.fetch_add(1, Ordering::Relaxed) + 1 == total {
@@ -153,14 +162,19 @@ pub fn decode_only(pools: &[Arc<Vec<Frame>>], min_cpu: f64) -> Result<LimitFigur
         bail!("no frames to parse");
     }
     let mut decoder = Decoder::new();
+    let mut known = Vec::new();
     let t0 = Instant::now();
     let cpu0 = thread_cpu_seconds();
     let mut n = 0u64;
     loop {
         for p in &payloads {
-            let span = decoder
-                .decode(black_box(p))
+            let (span, seen) = decoder
+                .decode_reusing(black_box(p), &known)
                 .map_err(|e| anyhow::anyhow!("parse: {e}"))?;
+            if let ResourceSeen::New(raw) = seen {
+                known.clear();
+                known.extend_from_slice(raw);
+            }
             black_box(&span);
         }
         n += payloads.len() as u64;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use kata_trace_forwarder::otlp::{self, Origin, ResourceCache, SpanRecord};
-use kata_trace_forwarder::wire::{self, AgentSpan, Decoder, HEADER_LEN};
+use kata_trace_forwarder::wire::{self, AgentSpan, Decoder, ResourceSeen, HEADER_LEN};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::TracesData;
 use prost::Message;
@@ -117,12 +117,31 @@ pub fn payload(
     sink: &mut Sink,
     tally: &mut Tally,
 ) -> Option<SpanRecord> {
+    // The connection's way, from the same decoder state: an unchanged
+    // resource is not decoded again. It must agree with a full decode.
+    let mut reusing = decoder.clone();
+    let reused = reusing.decode_reusing(input, sink.resources.known_bytes());
     match decoder.decode(input) {
         Ok(span) => {
             tally.ok += 1;
-            Some(convert(&span, sink))
+            let (reused, seen) = reused.expect("decode_reusing fails where decode does not");
+            let mut want = span.clone();
+            if seen == ResourceSeen::Same {
+                want.resource = None;
+            }
+            // Compared as text: NaN attributes make `==` useless.
+            assert_eq!(
+                format!("{reused:?}"),
+                format!("{want:?}"),
+                "skipping a known resource changed the span"
+            );
+            Some(convert(&span, seen, sink))
         }
         Err(e) => {
+            assert!(
+                reused.is_err(),
+                "decode_reusing accepts what decode rejects"
+            );
             tally.error(e.kind());
             None
         }
@@ -130,7 +149,7 @@ pub fn payload(
 }
 
 /// Converts a decoded span on both paths and holds them to each other.
-fn convert(span: &AgentSpan<'_>, sink: &mut Sink) -> SpanRecord {
+fn convert(span: &AgentSpan<'_>, seen: ResourceSeen<'_>, sink: &mut Sink) -> SpanRecord {
     let s = otlp::span(span);
     assert_eq!(s.trace_id.len(), 16);
     assert_ne!(
@@ -147,7 +166,9 @@ fn convert(span: &AgentSpan<'_>, sink: &mut Sink) -> SpanRecord {
     // The cache must return what a fresh conversion would (compared as
     // encoded bytes: NaN attributes make `==` useless).
     let fresh = otlp::resource(span.resource.as_ref(), &sink.origin);
-    let cached = sink.resources.get(span.resource.as_ref(), &sink.origin);
+    let cached = sink
+        .resources
+        .get(span.resource.as_ref(), seen, &sink.origin);
     assert_eq!(
         cached.bytes(),
         fresh.encode_to_vec().as_slice(),
