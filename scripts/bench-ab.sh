@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Side-by-side comparison of forwarder builds or settings (BENCHMARKS.md):
+# runs the harness's max-rate scenario once per variant, round after round,
+# alternating variants so that a noisy machine affects them all alike, then
+# prints each variant's median spans per forwarder CPU-second.
+#
+#   scripts/bench-ab.sh ROUNDS VARIANT...
+#   VARIANT = name=/path/to/kata-trace-forwarder[,ENV=VALUE...][,--flag=value...]
+#
+# Example: a copy of a build from another commit against the current one, and
+# the current one with two worker threads:
+#   cp target/release/kata-trace-forwarder /tmp/fwd-old   # (on the old commit)
+#   scripts/bench-ab.sh 6 old=/tmp/fwd-old new=target/release/kata-trace-forwarder \
+#       two=target/release/kata-trace-forwarder,--worker-threads=2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -lt 2 ]; then
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+rounds=$1
+shift
+target=${CARGO_TARGET_DIR:-target}
+bench="$target/release/ktf-bench"
+[ -x "$bench" ] || cargo build --release --quiet -p kata-trace-bench
+
+declare -A json bincode
+for ((round = 1; round <= rounds; round++)); do
+  for v in "$@"; do
+    name=${v%%=*}
+    IFS=, read -r -a parts <<<"${v#*=}"
+    bin=${parts[0]}
+    envs=() args=()
+    for p in "${parts[@]:1}"; do
+      case $p in
+        --*) args+=("--forwarder-arg=$p") ;;
+        *) envs+=("$p") ;;
+      esac
+    done
+    out=$(env ${envs[@]+"${envs[@]}"} "$bench" --forwarder "$bin" --scenarios max --runs 1 \
+      ${args[@]+"${args[@]}"} 2>&1 | grep -E '^   (json|bincode) max:' || true)
+    j=$(awk '/json max/ { print $5 }' <<<"$out")
+    b=$(awk '/bincode max/ { print $5 }' <<<"$out")
+    echo "round $round/$rounds $name: json $j, bincode $b spans/CPU-s" >&2
+    json[$name]+=" $j"
+    bincode[$name]+=" $b"
+  done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) print "n/a"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+range() { tr ' ' '\n' | grep -v '^$' | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "-" hi }'; }
+echo "| variant | JSON spans/CPU-s, median [range] | bincode spans/CPU-s, median [range] |"
+echo "|---|---:|---:|"
+for v in "$@"; do
+  name=${v%%=*}
+  printf '| %s | %.0f [%s] | %.0f [%s] |\n' "$name" \
+    "$(median <<<"${json[$name]}")" "$(range <<<"${json[$name]}")" \
+    "$(median <<<"${bincode[$name]}")" "$(range <<<"${bincode[$name]}")"
+done
