@@ -47,6 +47,9 @@ pub struct GrpcTransport {
     channel: Channel,
     headers: Vec<(HeaderName, HeaderValue)>,
     endpoint: String,
+    /// `--otlp-timeout`, for the whole call: the channel's own timeout
+    /// ends at the response headers, not at the end of the answer.
+    timeout: Duration,
 }
 
 impl GrpcTransport {
@@ -100,6 +103,7 @@ impl GrpcTransport {
             channel,
             headers,
             endpoint: endpoint_str,
+            timeout: cfg.timeout,
         })
     }
 
@@ -112,6 +116,17 @@ impl GrpcTransport {
         &self,
         body: &EncodedRequest,
     ) -> Result<ExportTraceServiceResponse, GrpcError> {
+        tokio::time::timeout(self.timeout, self.call(body))
+            .await
+            .unwrap_or_else(|_| {
+                Err(GrpcError(Status::deadline_exceeded(format!(
+                    "no complete answer within {:?}",
+                    self.timeout
+                ))))
+            })
+    }
+
+    async fn call(&self, body: &EncodedRequest) -> Result<ExportTraceServiceResponse, GrpcError> {
         let len = u32::try_from(body.len()).map_err(|_| {
             GrpcError(Status::resource_exhausted(format!(
                 "request of {} bytes is over gRPC's 4 GiB message limit",

@@ -63,6 +63,8 @@ const READ_MIN: usize = 4 * 1024;
 /// Largest read buffer: reached while the agent writes faster than one read
 /// takes, so that a burst costs one `read` per many frames.
 const READ_MAX: usize = 64 * 1024;
+/// Most the encoded-span scratch reserves ahead at once.
+const SCRATCH_RESERVE_MAX: usize = 2 * READ_MAX;
 /// Most spans in one record handed to the export queue.
 const RECORD_MAX_SPANS: usize = 256;
 
@@ -146,9 +148,6 @@ pub async fn serve<S>(
     let end: Result<(), FrameError> = 'conn: loop {
         // Every whole frame read so far becomes a span in `pending`.
         let (mut frames, mut frame_bytes) = (0u64, 0u64);
-        // Room for what this read's frames encode to (about their payload's
-        // size) in one piece, rather than growing, and copying, span by span.
-        pending.spans.reserve(buf.len());
         let split = loop {
             let frame = match codec.decode(&mut buf) {
                 Ok(Some(f)) => f,
@@ -184,6 +183,15 @@ pub async fn serve<S>(
                 if !same {
                     pending.resource = Some(resource);
                 }
+            }
+            // A record starts: room for what the rest of this read encodes
+            // to (about its payload's size) in one piece, rather than
+            // growing, and copying, span by span. Capped: a large partial
+            // frame behind this one must not make it large.
+            if pending.spans.is_empty() {
+                pending
+                    .spans
+                    .reserve((frame.len() + buf.len()).min(SCRATCH_RESERVE_MAX));
             }
             otlp::encode::put_span(&mut pending.spans, &span);
             pending.count += 1;
