@@ -350,9 +350,7 @@ impl EncodedRequest {
             }
         }
     }
-}
 
-impl EncodedRequest {
     /// A request made of these pieces, in order (empty ones are left out).
     pub fn from_chunks(mut chunks: Vec<Bytes>) -> Self {
         chunks.retain(|c| !c.is_empty());
@@ -447,7 +445,7 @@ impl ResourceCache {
             };
             if hit {
                 let r = Arc::clone(r);
-                self.remember(seen);
+                seen.remember(&mut self.raw);
                 return r;
             }
         }
@@ -456,17 +454,8 @@ impl ResourceCache {
         let r = Arc::new(EncodedResource::new(resource(agent, origin)));
         self.agent = agent.map(|a| a.attrs.iter().map(key_value).collect());
         self.resource = Some(Arc::clone(&r));
-        self.remember(seen);
+        seen.remember(&mut self.raw);
         r
-    }
-
-    fn remember(&mut self, seen: ResourceSeen<'_>) {
-        if let ResourceSeen::New(raw) = seen {
-            if raw != self.raw.as_slice() {
-                self.raw.clear();
-                self.raw.extend_from_slice(raw);
-            }
-        }
     }
 }
 

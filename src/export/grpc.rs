@@ -33,7 +33,7 @@ use tonic::{Code, Status};
 use super::body::RequestBody;
 use super::coalesce::Coalesce;
 use super::retry::{Classify, Retry};
-use super::{error_chain, ExportError};
+use super::{error_chain, host_port, ExportError};
 use crate::config::OtlpConfig;
 use crate::otlp::EncodedRequest;
 
@@ -202,14 +202,7 @@ impl Service<Uri> for CoalescingConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         Box::pin(async move {
-            let host = uri
-                .host()
-                .unwrap_or_default()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            let port = uri.port_u16().unwrap_or(80);
-            let stream = tokio::net::TcpStream::connect((host, port)).await?;
+            let stream = tokio::net::TcpStream::connect(host_port(&uri)).await?;
             stream.set_nodelay(true)?;
             Ok(TokioIo::new(Coalesce::new(stream)))
         })

@@ -17,7 +17,7 @@ use prost::Message;
 
 use super::body::RequestBody;
 use super::retry::{Classify, Retry};
-use super::{error_chain, ExportError};
+use super::{error_chain, host_port, ExportError};
 use crate::config::OtlpConfig;
 use crate::otlp::EncodedRequest;
 
@@ -69,15 +69,9 @@ impl HttpTransport {
     /// missing collector is reported at startup.
     pub async fn connect(cfg: &OtlpConfig, connect_timeout: Duration) -> Result<Self, ExportError> {
         let endpoint = cfg.endpoint.to_string();
-        let host = cfg.endpoint.host().unwrap_or_default();
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = cfg.endpoint.port_u16().unwrap_or(80);
         match tokio::time::timeout(
             connect_timeout,
-            tokio::net::TcpStream::connect((host, port)),
+            tokio::net::TcpStream::connect(host_port(&cfg.endpoint)),
         )
         .await
         {

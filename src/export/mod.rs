@@ -68,6 +68,13 @@ impl Classify for ExportError {
     }
 }
 
+/// The host (IPv6 without its brackets) and port to dial for an endpoint.
+pub(crate) fn host_port(uri: &::http::Uri) -> (String, u16) {
+    let host = uri.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host.to_owned(), uri.port_u16().unwrap_or(80))
+}
+
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();

@@ -185,17 +185,7 @@ impl DecodeError {
 /// fast path ([`json`]), anything else through `serde_json`, whose verdict
 /// then stands.
 pub fn decode_json(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
-    decode_json_reusing(payload, &[]).map(|(span, _)| span)
-}
-
-fn decode_json_reusing<'a>(
-    payload: &'a [u8],
-    known: &[u8],
-) -> Result<(AgentSpan<'a>, ResourceSeen<'a>), DecodeError> {
-    match json::decode_reusing(payload, known) {
-        Some(decoded) => Ok(decoded),
-        None => decode_json_serde(payload).map(|span| (span, ResourceSeen::New(&[]))),
-    }
+    decode_as(WireFormat::Json, payload, &[]).map(|(span, _)| span)
 }
 
 /// Decodes one JSON payload with `serde_json` only: the reference the fast
@@ -209,17 +199,7 @@ pub fn decode_json_serde(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
 /// then stands. The agent's payload is exactly one `SpanData`, so trailing
 /// bytes mean it is not one.
 pub fn decode_bincode(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
-    decode_bincode_reusing(payload, &[]).map(|(span, _)| span)
-}
-
-fn decode_bincode_reusing<'a>(
-    payload: &'a [u8],
-    known: &[u8],
-) -> Result<(AgentSpan<'a>, ResourceSeen<'a>), DecodeError> {
-    match bin::decode_reusing(payload, known) {
-        Some(decoded) => Ok(decoded),
-        None => decode_bincode_serde(payload).map(|span| (span, ResourceSeen::New(&[]))),
-    }
+    decode_as(WireFormat::Bincode, payload, &[]).map(|(span, _)| span)
 }
 
 /// Decodes one bincode payload with serde only: the reference the fast path
@@ -258,6 +238,18 @@ pub enum ResourceSeen<'a> {
     /// pass as `known` next time (empty when the serde path decoded it and
     /// they are not known).
     New(&'a [u8]),
+}
+
+impl ResourceSeen<'_> {
+    /// Keeps what to pass as `known` for the next span of the connection.
+    pub fn remember(self, known: &mut Vec<u8>) {
+        if let ResourceSeen::New(raw) = self {
+            if raw != known.as_slice() {
+                known.clear();
+                known.extend_from_slice(raw);
+            }
+        }
+    }
 }
 
 /// Per-connection decoder that detects the payload format and remembers it.
@@ -315,7 +307,7 @@ impl Decoder {
         let last = self.last;
         let known = |f: WireFormat| if last == Some(f) { known } else { &[][..] };
         if !looks_like_json(payload) {
-            let decoded = decode_bincode_reusing(payload, known(WireFormat::Bincode))?;
+            let decoded = decode_as(WireFormat::Bincode, payload, known(WireFormat::Bincode))?;
             self.last = Some(WireFormat::Bincode);
             return Ok(decoded);
         }
@@ -359,9 +351,19 @@ fn decode_as<'a>(
     payload: &'a [u8],
     known: &[u8],
 ) -> Result<(AgentSpan<'a>, ResourceSeen<'a>), DecodeError> {
-    match format {
-        WireFormat::Json => decode_json_reusing(payload, known),
-        WireFormat::Bincode => decode_bincode_reusing(payload, known),
+    // The format's fast path, or its serde decoder when that gives up,
+    // whose verdict then stands (and whose resource bytes are not known).
+    let fast = match format {
+        WireFormat::Json => json::decode_reusing(payload, known),
+        WireFormat::Bincode => bin::decode_reusing(payload, known),
+    };
+    match fast {
+        Some(decoded) => Ok(decoded),
+        None => match format {
+            WireFormat::Json => decode_json_serde(payload),
+            WireFormat::Bincode => decode_bincode_serde(payload),
+        }
+        .map(|span| (span, ResourceSeen::New(&[]))),
     }
 }
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
-use kata_trace_forwarder::wire::{frame_codec, Decoder, ResourceSeen};
+use kata_trace_forwarder::wire::{frame_codec, Decoder};
 use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 use tokio_util::codec::FramedRead;
@@ -108,10 +108,7 @@ pub fn reader(
                                 // with an error instead of a figure.
                                 continue;
                             };
-                            if let ResourceSeen::New(raw) = seen {
-                                known.clear();
-                                known.extend_from_slice(raw);
-                            }
+                            seen.remember(&mut known);
                             black_box(&span);
                         }
                         if count.fetch_add(1, Ordering::Relaxed) + 1 == total {
@@ -171,10 +168,7 @@ pub fn decode_only(pools: &[Arc<Vec<Frame>>], min_cpu: f64) -> Result<LimitFigur
             let (span, seen) = decoder
                 .decode_reusing(black_box(p), &known)
                 .map_err(|e| anyhow::anyhow!("parse: {e}"))?;
-            if let ResourceSeen::New(raw) = seen {
-                known.clear();
-                known.extend_from_slice(raw);
-            }
+            seen.remember(&mut known);
             black_box(&span);
         }
         n += payloads.len() as u64;
