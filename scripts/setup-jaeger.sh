@@ -3,10 +3,10 @@
 # module proxy, once, and prints the path of the cached binary. Later runs
 # reuse it. Used by the end-to-end tests (through scripts/test.sh).
 #
-#   JAEGER_VERSION   module version to build        (default v1.76.0)
+#   JAEGER_VERSION   module version to build        (default v1.75.0)
 #   JAEGER_CACHE_DIR where built binaries are kept  (default ~/.cache/kata-trace-forwarder/jaeger)
 set -euo pipefail
-version=${JAEGER_VERSION:-v1.76.0}
+version=${JAEGER_VERSION:-v1.75.0}
 cache=${JAEGER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kata-trace-forwarder/jaeger}
 bin="$cache/$version/jaeger"
 if [ -x "$bin" ]; then

@@ -18,7 +18,7 @@ use clap::builder::NonEmptyStringValueParser;
 use clap::{ArgAction, Parser, ValueEnum};
 use http::{HeaderName, HeaderValue, Uri};
 
-use crate::listen::template::SocketTemplate;
+pub use crate::addr::{SocketTemplate, VsockCid};
 
 pub const DEFAULT_VSOCK_PORT: u32 = 10240;
 pub const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
@@ -125,38 +125,6 @@ impl fmt::Display for OtlpProtocol {
             OtlpProtocol::Grpc => "grpc",
             OtlpProtocol::HttpProtobuf => "http/protobuf",
         })
-    }
-}
-
-/// A VSOCK context id to listen on: a number, or `any`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VsockCid {
-    Any,
-    Cid(u32),
-}
-
-impl VsockCid {
-    /// The kernel's `VMADDR_CID_ANY`.
-    pub const ANY: u32 = u32::MAX;
-
-    pub fn as_raw(self) -> u32 {
-        match self {
-            VsockCid::Any => Self::ANY,
-            VsockCid::Cid(c) => c,
-        }
-    }
-}
-
-impl FromStr for VsockCid {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        if s.eq_ignore_ascii_case("any") {
-            return Ok(VsockCid::Any);
-        }
-        s.parse::<u32>()
-            .map(VsockCid::Cid)
-            .map_err(|_| format!("'{s}' is not a VSOCK CID: expected a number or 'any'"))
     }
 }
 
@@ -377,7 +345,7 @@ pub struct Cli {
 
 /// Where the agent connections come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenConfig {
+pub enum ListenMode {
     /// AF_VSOCK on the host kernel (QEMU).
     Vsock { cid: VsockCid, port: u32 },
     /// A Unix socket at `<socket_path>_<port>` (Cloud Hypervisor, Firecracker).
@@ -390,13 +358,59 @@ pub enum ListenConfig {
     },
 }
 
-impl ListenConfig {
-    /// The Unix socket a hybrid listener binds.
-    pub fn hybrid_socket(socket_path: &std::path::Path, port: u32) -> PathBuf {
-        let mut s = socket_path.as_os_str().to_owned();
-        s.push(format!("_{port}"));
-        PathBuf::from(s)
-    }
+/// What the `listen` stage reads: where to listen, how many connections to
+/// serve at once, and whom to become once the sockets are bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenConfig {
+    pub mode: ListenMode,
+    pub max_connections: usize,
+    /// Whom to become after binding, when started as root in a hybrid mode.
+    pub user: String,
+}
+
+/// What the `ingest` stage reads: how large a frame may be, and the
+/// resource every span gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestConfig {
+    pub max_frame_size: usize,
+    /// `service.name` of every span's resource (the `--trace-name`).
+    pub service_name: String,
+}
+
+/// The queue between the connections and the exporter, bounded twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub max_spans: usize,
+    pub max_bytes: usize,
+}
+
+/// When a batch is sent: full, or its oldest span has waited long enough.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    pub max_spans: usize,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+}
+
+/// What the `export` stage reads.
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    pub output: Output,
+    pub queue: QueueConfig,
+    pub batch: BatchConfig,
+    pub spool: Option<SpoolConfig>,
+}
+
+/// The forwarder's own telemetry: the counters' endpoint and log interval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    pub metrics_address: Option<std::net::SocketAddr>,
+    pub stats_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -415,25 +429,16 @@ pub enum Output {
     Dump,
 }
 
+/// The validated configuration, grouped by the stage that reads it.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: ListenConfig,
-    pub trace_name: String,
-    pub output: Output,
-    pub batch_max_spans: usize,
-    pub batch_timeout: Duration,
-    pub queue_size: usize,
-    pub queue_bytes: usize,
-    pub spool_dir: Option<PathBuf>,
-    pub spool_max_bytes: u64,
-    pub metrics_address: Option<std::net::SocketAddr>,
-    pub max_frame_size: usize,
-    pub max_connections: usize,
+    pub ingest: IngestConfig,
+    pub export: ExportConfig,
+    pub telemetry: TelemetryConfig,
     /// 1: a single-threaded runtime; more: a multi-threaded one.
     pub worker_threads: usize,
-    /// Whom to become after binding, when root in hybrid mode.
-    pub user: String,
-    pub stats_interval: Duration,
+    /// How long shutdown may drain and flush.
     pub shutdown_timeout: Duration,
 }
 
@@ -506,17 +511,17 @@ fn otel_var(env: &dyn Env, suffix: &str) -> Option<(String, &'static str, bool)>
 impl Cli {
     /// Validates the command line against the environment.
     pub fn into_config(self, env: &dyn Env) -> Result<Config, ConfigError> {
-        let listen = match (&self.socket_path, &self.socket_path_template) {
-            (_, Some(t)) => ListenConfig::Template {
+        let mode = match (&self.socket_path, &self.socket_path_template) {
+            (_, Some(t)) => ListenMode::Template {
                 template: t.clone(),
                 port: self.vsock_port,
                 max_sandboxes: self.max_sandboxes,
             },
-            (Some(p), None) => ListenConfig::Hybrid {
+            (Some(p), None) => ListenMode::Hybrid {
                 socket_path: PathBuf::from(p),
                 port: self.vsock_port,
             },
-            (None, None) => ListenConfig::Vsock {
+            (None, None) => ListenMode::Vsock {
                 cid: self.vsock_cid,
                 port: self.vsock_port,
             },
@@ -536,21 +541,35 @@ impl Cli {
             Output::Otlp(self.otlp_config(env)?)
         };
         Ok(Config {
-            listen,
-            trace_name: self.trace_name,
-            output,
-            batch_max_spans: self.batch_max_spans,
-            batch_timeout: self.batch_timeout,
-            queue_size: self.queue_size,
-            queue_bytes: self.queue_bytes,
-            spool_dir: self.spool_dir.map(PathBuf::from),
-            spool_max_bytes: self.spool_max_bytes as u64,
-            metrics_address: self.metrics_address,
-            max_frame_size: self.max_frame_size,
-            max_connections: self.max_connections,
+            listen: ListenConfig {
+                mode,
+                max_connections: self.max_connections,
+                user: self.user,
+            },
+            ingest: IngestConfig {
+                max_frame_size: self.max_frame_size,
+                service_name: self.trace_name,
+            },
+            export: ExportConfig {
+                output,
+                queue: QueueConfig {
+                    max_spans: self.queue_size,
+                    max_bytes: self.queue_bytes,
+                },
+                batch: BatchConfig {
+                    max_spans: self.batch_max_spans,
+                    timeout: self.batch_timeout,
+                },
+                spool: self.spool_dir.map(|dir| SpoolConfig {
+                    dir: PathBuf::from(dir),
+                    max_bytes: self.spool_max_bytes as u64,
+                }),
+            },
+            telemetry: TelemetryConfig {
+                metrics_address: self.metrics_address,
+                stats_interval: self.stats_interval,
+            },
             worker_threads: self.worker_threads,
-            user: self.user,
-            stats_interval: self.stats_interval,
             shutdown_timeout: self.shutdown_timeout,
         })
     }
@@ -733,7 +752,7 @@ mod tests {
     }
 
     fn otlp(c: &Config) -> &OtlpConfig {
-        match &c.output {
+        match &c.export.output {
             Output::Otlp(o) => o,
             Output::Dump => panic!("expected OTLP output"),
         }
@@ -743,13 +762,13 @@ mod tests {
     fn defaults_are_the_kata_tools() {
         let c = config(&[], &[]).unwrap();
         assert_eq!(
-            c.listen,
-            ListenConfig::Vsock {
+            c.listen.mode,
+            ListenMode::Vsock {
                 cid: VsockCid::Any,
                 port: 10240
             }
         );
-        assert_eq!(c.trace_name, "kata-agent");
+        assert_eq!(c.ingest.service_name, "kata-agent");
         let o = otlp(&c);
         assert_eq!(o.protocol, OtlpProtocol::Grpc);
         assert_eq!(o.endpoint.to_string(), "http://localhost:4317/");
@@ -882,13 +901,13 @@ mod tests {
             &[],
         )
         .unwrap();
-        let ListenConfig::Template {
+        let ListenMode::Template {
             template,
             port,
             max_sandboxes,
-        } = &c.listen
+        } = &c.listen.mode
         else {
-            panic!("expected template mode: {:?}", c.listen);
+            panic!("expected template mode: {:?}", c.listen.mode);
         };
         assert_eq!((*port, *max_sandboxes), (1024, 7));
         assert_eq!(
@@ -916,14 +935,14 @@ mod tests {
             &[],
         )
         .unwrap();
-        let ListenConfig::Hybrid { socket_path, port } = &c.listen else {
+        let ListenMode::Hybrid { socket_path, port } = &c.listen.mode else {
             panic!("expected hybrid");
         };
         assert_eq!(
-            ListenConfig::hybrid_socket(socket_path, *port),
+            crate::addr::hybrid_socket(socket_path, *port),
             PathBuf::from("/run/vc/vm/foo/clh.sock_10240")
         );
-        assert!(matches!(c.output, Output::Dump));
+        assert!(matches!(c.export.output, Output::Dump));
     }
 
     #[test]

@@ -5,11 +5,19 @@
 //! The data path, one module per stage:
 //!
 //! ```text
-//! listen (accept, frames) -> wire (decode SpanData) -> otlp (convert) -> export (batch, retry, send)
+//! listen (bind, accept, read) -> ingest (frames -> spans -> encoded records)
+//!     -> export (queue, batch, retry, spool, send)
 //! ```
 //!
-//! [`config`] turns flags and environment into a validated [`Config`];
-//! [`run`] wires the stages together and owns startup and shutdown.
+//! `ingest` uses [`wire`] (framing and the agent's span model) and [`otlp`]
+//! (conversion). [`config`] turns flags and environment into a validated
+//! [`Config`], grouped by the stage that reads it; [`addr`] holds the
+//! address types both config and listen use. [`run`] binds, reaches the
+//! collector and calls [`serve`], which runs the stages on bound listeners
+//! and a sink until told to stop; tests call `serve` in-process. Every
+//! task stops through one [`shutdown::Shutdown`]; every count goes through
+//! an event that also logs it, and the counters are declared once in
+//! [`stats`].
 
 // Guest data must never crash the host daemon: no unwrap, expect, panic
 // or unchecked indexing outside tests (clippy -D warnings enforces it).
@@ -23,11 +31,15 @@
     )
 )]
 
+pub mod addr;
 pub mod config;
+mod events;
 pub mod export;
+pub mod ingest;
 pub mod listen;
-pub mod metrics;
+mod metrics;
 pub mod otlp;
+pub mod shutdown;
 pub mod stats;
 pub mod wire;
 
@@ -35,17 +47,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::task::TaskTracker;
 
 pub use config::Config;
-use config::{ListenConfig, Output};
+use config::Output;
 use export::spool::{Spool, SpoolError};
-use export::{BatchConfig, ExportError, Exporter, Sink};
+use export::{ExportError, Exporter, Sink};
 use listen::connection::ConnShared;
-use listen::{ListenError, Listener};
-use stats::{Snapshot, Stats};
+use listen::{ListenError, Listeners};
+use shutdown::{Mode, Shutdown};
+use stats::{DropReason, Snapshot, Stats};
 
 /// How long startup waits for the collector: well inside the 10 s within
 /// which users expect a missing collector to be reported.
@@ -53,6 +64,10 @@ pub const STARTUP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// During shutdown, a connection that has been quiet this long is done.
 const DRAIN_IDLE: Duration = Duration::from_millis(200);
+
+/// One export attempt may be in flight at the shutdown deadline: how long
+/// past it the exporter may take to finish rather than cut it in half.
+const FLUSH_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -66,181 +81,145 @@ pub enum RunError {
     ServeMetrics(#[from] metrics::MetricsError),
 }
 
-/// Runs the forwarder until `shutdown` completes, then drains and flushes
+/// Runs the forwarder until `stop` completes, then drains and flushes
 /// within `config.shutdown_timeout`. Returns the final counters.
 ///
 /// Startup order matters to users: the collector is checked first (a
 /// missing collector is an error, and leaves no socket behind), then the
-/// listener is bound, then root is dropped.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<Snapshot, RunError> {
-    let stats = Arc::new(Stats::default());
-
-    let sink = match &config.output {
-        Output::Dump => Sink::Dump(std::sync::Mutex::new(export::dump::DumpWriter::stdout())),
+/// listeners are bound, then root is dropped.
+pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Snapshot, RunError> {
+    let sink = match &config.export.output {
+        Output::Dump => Sink::dump(Box::new(std::io::BufWriter::new(std::io::stdout()))),
         Output::Otlp(o) => Sink::connect(o, STARTUP_CONNECT_TIMEOUT).await?,
     };
-    let spool = match &config.spool_dir {
-        Some(dir) => Some(Arc::new(Spool::open(dir, config.spool_max_bytes)?)),
-        None => None,
-    };
-    let metrics = match config.metrics_address {
-        Some(addr) => Some(metrics::serve(addr, Arc::clone(&stats)).await?),
-        None => None,
-    };
+    let spool_dir = config.export.spool.as_ref().map(|s| s.dir.as_path());
+    if let Some(dir) = spool_dir {
+        // Before root is dropped, so that it can still be made and handed
+        // to the user the forwarder becomes.
+        Spool::create_dir(dir)?;
+    }
+    let shutdown = Shutdown::new();
+    let listeners = listen::bind(&config.listen, spool_dir, &shutdown).await?;
+    serve(&config, listeners, sink, shutdown, stop).await
+}
 
-    let listener = match &config.listen {
-        ListenConfig::Hybrid { socket_path, port } => {
-            let path = ListenConfig::hybrid_socket(socket_path, *port);
-            let mut l = listen::hybrid::HybridListener::bind(&path)?;
-            if listen::privileges::is_root() {
-                l.hand_removal_to_janitor()?;
-                if let Some(s) = &spool {
-                    listen::privileges::give_to_user(s.dir(), &config.user)?;
-                }
-                listen::privileges::drop_root(&config.user)?;
-            }
-            Listener::Hybrid(l)
-        }
-        ListenConfig::Vsock { cid, port } => {
-            Listener::Vsock(listen::vsock::VsockListener::bind(*cid, *port)?)
-        }
-        ListenConfig::Template {
-            template,
-            port,
-            max_sandboxes,
-        } => {
-            // Root is dropped inside, keeping only what the watcher needs.
-            let user = listen::privileges::is_root().then(|| config.user.clone());
-            if let (Some(user), Some(s)) = (&user, &spool) {
-                listen::privileges::give_to_user(s.dir(), user)?;
-            }
-            let t = listen::template::TemplateListener::start(
-                template.clone(),
-                *port,
-                *max_sandboxes,
-                user,
-            );
-            Listener::Template(t.await?)
-        }
+/// Serves `listeners` into `sink` until `stop` completes, then stops
+/// through `shutdown` (the one the listeners were bound under): stop
+/// accepting, drain the connections, flush, all within
+/// `config.shutdown_timeout`. Returns the final counters. The listeners are
+/// dropped, and their sockets removed, on the way out.
+pub async fn serve(
+    config: &Config,
+    listeners: Listeners,
+    sink: Sink,
+    shutdown: Shutdown,
+    stop: impl Future<Output = ()>,
+) -> Result<Snapshot, RunError> {
+    let stats = Arc::new(Stats::default());
+    let spool = match &config.export.spool {
+        Some(s) => Some(Arc::new(Spool::open(
+            &s.dir,
+            s.max_bytes,
+            Arc::clone(&stats),
+        )?)),
+        None => None,
+    };
+    let metrics = match config.telemetry.metrics_address {
+        Some(addr) => Some(metrics::serve(addr, Arc::clone(&stats), shutdown.clone()).await?),
+        None => None,
     };
     tracing::info!(
-        listen = %listener.describe(),
+        listen = %listeners.describe(),
         export = %sink.describe(),
-        service_name = %config.trace_name,
-        spool = ?config.spool_dir,
+        service_name = %config.ingest.service_name,
+        spool = ?config.export.spool.as_ref().map(|s| &s.dir),
         metrics = ?metrics,
         "forwarder ready"
     );
 
+    let queue = &config.export.queue;
     let (queue_tx, queue_rx) =
-        export::queue::bounded(config.queue_size, config.queue_bytes, Arc::clone(&stats));
-    let (deadline_tx, deadline_rx) = watch::channel(None::<Instant>);
-    let batch = BatchConfig {
-        max_spans: config.batch_max_spans,
-        timeout: config.batch_timeout,
-        retry: Default::default(),
-    };
-    let exporter = Arc::new(Exporter {
-        sink,
-        spool,
-        stats: Arc::clone(&stats),
-        spooled: Default::default(),
-    });
+        export::queue::bounded(queue.max_spans, queue.max_bytes, Arc::clone(&stats));
+    let exporter = Arc::new(Exporter::new(sink, spool, Arc::clone(&stats)));
     let mut batcher = tokio::spawn(export::run_batcher(
         queue_rx,
         Arc::clone(&exporter),
-        batch,
-        deadline_rx.clone(),
+        config.export.batch,
+        shutdown.clone(),
     ));
-    let replayer = tokio::spawn(export::run_replayer(
+    let mut replayer = tokio::spawn(export::run_replayer(
         Arc::clone(&exporter),
-        deadline_rx.clone(),
+        shutdown.clone(),
     ));
-
-    let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(ConnShared {
         queue: queue_tx,
         stats: Arc::clone(&stats),
-        origin: otlp::Origin {
-            service_name: config.trace_name.clone(),
-            extra: Vec::new(),
-        },
-        max_frame_size: config.max_frame_size,
+        max_frame_size: config.ingest.max_frame_size,
         drain_idle: DRAIN_IDLE,
-        deadline: deadline_rx,
     });
-    let tracker = TaskTracker::new();
-    let acceptor = tokio::spawn(listen::accept_loop(
-        listener,
-        Arc::clone(&shared),
-        config.max_connections,
-        stop_rx,
-        tracker.clone(),
+    let origin = Arc::new(otlp::Origin {
+        service_name: config.ingest.service_name.clone(),
+        extra: Vec::new(),
+    });
+    // The queue closes, and the batcher ends, once the last connection has
+    // let go of `shared`.
+    let listening = tokio::spawn(listen::serve(listeners, shared, origin, shutdown.clone()));
+    tokio::spawn(report_stats(
+        Arc::clone(&stats),
+        config.telemetry.stats_interval,
+        shutdown.clone(),
     ));
-    drop(shared);
-    let reporter = tokio::spawn(report_stats(Arc::clone(&stats), config.stats_interval));
 
     tokio::select! {
-        _ = shutdown => {}
+        _ = stop => {}
         // The batcher only ends early if it panicked; nothing can be
         // exported any more, so stop rather than accept spans to lose.
         res = &mut batcher => tracing::error!(?res, "exporter stopped unexpectedly"),
     }
 
-    reporter.abort();
-    if let Some(m) = &metrics {
-        m.abort();
-    }
     let deadline = Instant::now() + config.shutdown_timeout;
     tracing::info!(timeout = ?config.shutdown_timeout, "shutting down: draining connections and flushing");
-    let _ = deadline_tx.send(Some(deadline));
-    let _ = stop_tx.send(true);
-    if let Err(e) = acceptor.await {
-        tracing::error!(error = %e, "accept loop failed");
+    shutdown.begin(Mode::Drain, deadline);
+    // Phase one: stop accepting, drain the connections (bounded by the
+    // deadline inside).
+    if let Err(e) = listening.await {
+        tracing::error!(error = %e, "listeners failed");
     }
-    tracker.close();
-    if tokio::time::timeout_at(deadline, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open at the shutdown deadline");
-    }
-    // One export attempt may be in flight at the deadline; give it a moment
-    // to finish rather than cut a request in half.
-    if tokio::time::timeout_at(deadline + Duration::from_secs(1), &mut batcher)
-        .await
-        .is_err()
-    {
-        batcher.abort();
-        tracing::warn!("exporter did not finish by the shutdown deadline");
-    }
+    // Phase two: flush what was read.
+    finish("exporter", &mut batcher, deadline + FLUSH_GRACE).await;
     // A spooled batch being sent now is either delivered or stays on disk
-    // for the next start; do not wait past the deadline for it.
-    let replayer_abort = replayer.abort_handle();
-    if tokio::time::timeout_at(deadline + Duration::from_secs(1), replayer)
-        .await
-        .is_err()
-    {
-        replayer_abort.abort();
-    }
+    // for the next start.
+    finish("spool replayer", &mut replayer, deadline + FLUSH_GRACE).await;
 
     let snap = stats.snapshot();
-    let accounted = snap.spans_exported + snap.spans_rejected + snap.spans_dropped();
+    let accounted = snap.spans_exported + snap.spans_rejected + snap.spans_dropped.total();
     let lost = snap.spans_received.saturating_sub(accounted);
-    Stats::add(&stats.spans_dropped_shutdown, lost);
+    stats.spans_dropped.add(DropReason::Shutdown, lost);
     Ok(stats.snapshot())
 }
 
+/// Waits for a stage's task until `at`, then abandons it: a process that is
+/// exiting must not hang on a collector that does not answer.
+async fn finish(what: &str, task: &mut tokio::task::JoinHandle<()>, at: Instant) {
+    if tokio::time::timeout_at(at, &mut *task).await.is_err() {
+        task.abort();
+        tracing::warn!(stage = what, "did not finish by the shutdown deadline");
+    }
+}
+
 /// Logs the counters every `interval` in which they changed, so a quiet
-/// host stays quiet in the logs.
-async fn report_stats(stats: Arc<Stats>, interval: Duration) {
+/// host stays quiet in the logs, until shutdown begins.
+async fn report_stats(stats: Arc<Stats>, interval: Duration, shutdown: Shutdown) {
     if interval.is_zero() {
         return;
     }
     let mut last = stats.snapshot();
     let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.stopping() => return,
+        }
         let now = stats.snapshot();
         if now != last {
             tracing::info!(

@@ -16,9 +16,9 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
-use crate::stats::{Snapshot, Stats, GAUGES};
+use crate::shutdown::Shutdown;
+use crate::stats::{Field, Kind, Snapshot, Stats, Value};
 
 const PREFIX: &str = "kata_trace_forwarder";
 
@@ -35,7 +35,6 @@ pub enum MetricsError {
 /// The running endpoint.
 pub struct MetricsServer {
     addr: SocketAddr,
-    task: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for MetricsServer {
@@ -44,25 +43,23 @@ impl std::fmt::Debug for MetricsServer {
     }
 }
 
-impl MetricsServer {
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn abort(&self) {
-        self.task.abort();
-    }
-}
-
-/// Binds `addr` and serves `/metrics` until aborted.
-pub async fn serve(addr: SocketAddr, stats: Arc<Stats>) -> Result<MetricsServer, MetricsError> {
+/// Binds `addr` and serves `/metrics` until shutdown begins.
+pub async fn serve(
+    addr: SocketAddr,
+    stats: Arc<Stats>,
+    shutdown: Shutdown,
+) -> Result<MetricsServer, MetricsError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| MetricsError::Bind { addr, source })?;
     let addr = listener.local_addr().unwrap_or(addr);
-    let task = tokio::spawn(async move {
+    tokio::spawn(async move {
         loop {
-            let stream = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = shutdown.stopping() => return,
+            };
+            let stream = match accepted {
                 Ok((s, _)) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics accept failed");
@@ -82,7 +79,7 @@ pub async fn serve(addr: SocketAddr, stats: Arc<Stats>) -> Result<MetricsServer,
             });
         }
     });
-    Ok(MetricsServer { addr, task })
+    Ok(MetricsServer { addr })
 }
 
 fn respond(req: &Request<hyper::body::Incoming>, stats: &Stats) -> Response<Full<Bytes>> {
@@ -107,49 +104,34 @@ fn respond(req: &Request<hyper::body::Incoming>, stats: &Stats) -> Response<Full
     resp
 }
 
-/// Renders a snapshot in the Prometheus text exposition format.
-pub fn render(snap: &Snapshot) -> String {
+/// Renders a snapshot in the Prometheus text exposition format. Each
+/// metric's kind comes from its declaration; a family is one metric with
+/// its label, so `sum()` over the label gives the whole.
+pub(crate) fn render(snap: &Snapshot) -> String {
     let mut out = String::new();
-    let mut labelled_done = [false; 2];
-    for (name, help, value) in snap.fields() {
-        let family = [
-            ("spans_dropped_", "spans_dropped", "reason"),
-            ("decode_errors_", "decode_errors", "kind"),
-        ]
-        .iter()
-        .enumerate()
-        .find(|(_, (prefix, _, _))| name.starts_with(prefix));
-        if let Some((i, (prefix, family, label))) = family {
-            let metric = format!("{PREFIX}_{family}_total");
-            if let Some(done @ false) = labelled_done.get_mut(i) {
-                *done = true;
-                let _ = writeln!(out, "# HELP {metric} {family} by {label}");
-                let _ = writeln!(out, "# TYPE {metric} counter");
-            }
-            let _ = writeln!(
-                out,
-                "{metric}{{{label}=\"{}\"}} {value}",
-                &name[prefix.len()..]
-            );
-            continue;
-        }
-        if name == "decode_errors" {
-            // The labelled family above adds up to it.
-            continue;
-        }
-        let gauge = GAUGES.contains(&name);
-        let metric = if gauge {
-            format!("{PREFIX}_{name}")
-        } else {
-            format!("{PREFIX}_{name}_total")
+    for Field {
+        name,
+        help,
+        kind,
+        value,
+    } in snap.fields()
+    {
+        let (metric, kind) = match kind {
+            Kind::Counter => (format!("{PREFIX}_{name}_total"), "counter"),
+            Kind::Gauge => (format!("{PREFIX}_{name}"), "gauge"),
         };
         let _ = writeln!(out, "# HELP {metric} {help}");
-        let _ = writeln!(
-            out,
-            "# TYPE {metric} {}",
-            if gauge { "gauge" } else { "counter" }
-        );
-        let _ = writeln!(out, "{metric} {value}");
+        let _ = writeln!(out, "# TYPE {metric} {kind}");
+        match value {
+            Value::Scalar(v) => {
+                let _ = writeln!(out, "{metric} {v}");
+            }
+            Value::Family(label, values) => {
+                for (l, v) in values {
+                    let _ = writeln!(out, "{metric}{{{label}=\"{l}\"}} {v}");
+                }
+            }
+        }
     }
     out
 }
@@ -161,10 +143,14 @@ mod tests {
     #[test]
     fn renders_counters_gauges_and_labelled_families() {
         let stats = Stats::default();
-        Stats::add(&stats.spans_received, 7);
-        Stats::inc(&stats.connections_open);
-        stats.decode_error("bincode");
-        Stats::add(&stats.spans_dropped_shutdown, 2);
+        stats.spans_received.add(7);
+        let _open = stats.connections_open.hold();
+        stats
+            .decode_errors
+            .inc(crate::wire::DecodeErrorKind::Bincode);
+        stats
+            .spans_dropped
+            .add(crate::stats::DropReason::Shutdown, 2);
         let text = render(&stats.snapshot());
         assert!(
             text.contains("kata_trace_forwarder_spans_received_total 7\n"),

@@ -1,154 +1,397 @@
-//! The forwarder's own counters.
+//! The forwarder's own counters, each declared once.
 //!
 //! Every stage counts what passes through it and, above all, what it drops
 //! and why, so that an operator can tell "the agent sent nothing" from "the
-//! forwarder lost it". Counters are plain relaxed atomics: they are read for
-//! reporting, never used to make decisions.
+//! forwarder lost it". One [`metrics!`] table below declares every metric
+//! with its kind (counter or gauge), its help text and, for a family, the
+//! enum whose variants label it; the live [`Stats`], the [`Snapshot`], the
+//! JSON summary and the Prometheus page all come from that table, so adding
+//! a metric is one line there. Values are relaxed atomics: they are read
+//! for reporting, never used to make decisions.
+//!
+//! Stages do not touch the counters directly: they emit an event
+//! ([`crate::events`]), which logs and counts in one call.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
+use serde::ser::{Serialize, SerializeMap, Serializer};
 
-macro_rules! counters {
-    ($(#[doc = $help:literal] $name:ident),* $(,)?) => {
-        /// Live counters, shared by every task.
-        #[derive(Debug, Default)]
-        pub struct Stats {
-            $(#[doc = $help] pub $name: AtomicU64,)*
+pub use crate::wire::DecodeErrorKind;
+
+/// Whether a metric only goes up or goes up and down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// A monotonic count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A level that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn sub(&self, n: u64) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts one for as long as the guard lives: the gauge cannot be left
+    /// high by an early return.
+    pub fn hold(&self) -> GaugeGuard<'_> {
+        self.add(1);
+        GaugeGuard(self)
+    }
+}
+
+pub struct GaugeGuard<'a>(&'a Gauge);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.sub(1);
+    }
+}
+
+/// An enum whose variants label a metric family.
+pub trait Label: Copy + 'static {
+    const ALL: &'static [Self];
+    /// The label's name (`reason`, `kind`).
+    const NAME: &'static str;
+    fn as_str(self) -> &'static str;
+    fn index(self) -> usize;
+}
+
+/// Most values a family's label may take.
+const FAMILY_MAX: usize = 8;
+
+/// A counter per value of the label `L`.
+#[derive(Debug)]
+pub struct Family<L> {
+    values: [AtomicU64; FAMILY_MAX],
+    _label: std::marker::PhantomData<L>,
+}
+
+impl<L: Label> Default for Family<L> {
+    fn default() -> Self {
+        const { assert!(L::ALL.len() <= FAMILY_MAX) };
+        Family {
+            values: Default::default(),
+            _label: std::marker::PhantomData,
         }
+    }
+}
 
-        /// A point-in-time copy of [`Stats`].
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-        pub struct Snapshot {
-            $(#[doc = $help] pub $name: u64,)*
+impl<L: Label> Family<L> {
+    pub fn add(&self, label: L, n: u64) {
+        if let Some(v) = self.values.get(label.index()) {
+            v.fetch_add(n, Ordering::Relaxed);
         }
+    }
 
-        impl Stats {
-            pub fn snapshot(&self) -> Snapshot {
-                Snapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
+    pub fn inc(&self, label: L) {
+        self.add(label, 1);
+    }
+
+    fn snapshot(&self) -> FamilySnapshot<L> {
+        let mut values = [0; FAMILY_MAX];
+        for (out, v) in values.iter_mut().zip(&self.values) {
+            *out = v.load(Ordering::Relaxed);
+        }
+        FamilySnapshot {
+            values,
+            _label: std::marker::PhantomData,
+        }
+    }
+}
+
+/// A family's values at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FamilySnapshot<L> {
+    values: [u64; FAMILY_MAX],
+    _label: std::marker::PhantomData<L>,
+}
+
+impl<L: Label> Default for FamilySnapshot<L> {
+    fn default() -> Self {
+        FamilySnapshot {
+            values: [0; FAMILY_MAX],
+            _label: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<L: Label> FamilySnapshot<L> {
+    pub fn get(&self, label: L) -> u64 {
+        self.values.get(label.index()).copied().unwrap_or(0)
+    }
+
+    pub fn total(&self) -> u64 {
+        L::ALL.iter().map(|l| self.get(*l)).sum()
+    }
+
+    /// Each label value with its count, in declaration order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        L::ALL.iter().map(|l| (l.as_str(), self.get(*l)))
+    }
+}
+
+/// Declares a label enum: its variants, their names, and the label's name.
+macro_rules! label {
+    ($(#[$meta:meta])* pub enum $name:ident as $label:literal { $($(#[$vmeta:meta])* $variant:ident = $text:literal),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vmeta])* $variant),* }
+
+        impl $crate::stats::Label for $name {
+            const ALL: &'static [Self] = &[$($name::$variant),*];
+            const NAME: &'static str = $label;
+            fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),* }
             }
-        }
-
-        impl Snapshot {
-            /// Every counter as (name, help, value), in declaration order.
-            pub fn fields(&self) -> Vec<(&'static str, &'static str, u64)> {
-                vec![$((stringify!($name), $help.trim(), self.$name),)*]
+            fn index(self) -> usize {
+                self as usize
             }
         }
     };
 }
 
-/// Counters that go up and down rather than only up.
-pub const GAUGES: &[&str] = &[
-    "connections_open",
-    "spool_bytes",
-    "spool_files",
-    "queue_depth",
-];
+impl Label for DecodeErrorKind {
+    const ALL: &'static [Self] = &DecodeErrorKind::ALL;
+    const NAME: &'static str = "kind";
+    fn as_str(self) -> &'static str {
+        DecodeErrorKind::as_str(self)
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
 
-counters! {
+label! {
+    /// Why spans were dropped.
+    pub enum DropReason as "reason" {
+        /// Export failed for good (retries used up, no spool took them).
+        Export = "export",
+        /// Shutdown ran out of time, and no spool took them.
+        Shutdown = "shutdown",
+        /// The collector refused them for good.
+        Rejected = "rejected",
+    }
+}
+
+/// One metric as the reports see it.
+pub struct Field {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    pub value: Value,
+}
+
+pub enum Value {
+    Scalar(u64),
+    /// The label's name, and each of its values with its count.
+    Family(&'static str, Vec<(&'static str, u64)>),
+}
+
+macro_rules! metric_type {
+    (counter) => { Counter };
+    (gauge) => { Gauge };
+    (counter $label:ty) => { Family<$label> };
+}
+macro_rules! snapshot_type {
+    ($kind:ident) => { u64 };
+    ($kind:ident $label:ty) => { FamilySnapshot<$label> };
+}
+macro_rules! kind_of {
+    (counter) => {
+        Kind::Counter
+    };
+    (gauge) => {
+        Kind::Gauge
+    };
+}
+macro_rules! snapshot_of {
+    ($m:expr) => {
+        $m.get()
+    };
+    ($m:expr, $label:ty) => {
+        $m.snapshot()
+    };
+}
+macro_rules! field_value {
+    ($v:expr) => {
+        Value::Scalar($v)
+    };
+    ($v:expr, $label:ty) => {
+        Value::Family(<$label as Label>::NAME, $v.iter().collect())
+    };
+}
+
+macro_rules! metrics {
+    ($(#[doc = $help:literal] $kind:ident $name:ident $(by $label:ty)?;)*) => {
+        /// Live metrics, shared by every task.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $(#[doc = $help] pub $name: metric_type!($kind $($label)?),)*
+        }
+
+        /// A point-in-time copy of [`Stats`].
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct Snapshot {
+            $(#[doc = $help] pub $name: snapshot_type!($kind $($label)?),)*
+        }
+
+        impl Stats {
+            pub fn snapshot(&self) -> Snapshot {
+                Snapshot { $($name: snapshot_of!(self.$name $(, $label)?),)* }
+            }
+        }
+
+        impl Snapshot {
+            /// Every metric, in declaration order.
+            pub fn fields(&self) -> Vec<Field> {
+                vec![$(Field {
+                    name: stringify!($name),
+                    help: $help.trim(),
+                    kind: kind_of!($kind),
+                    value: field_value!(self.$name $(, $label)?),
+                },)*]
+            }
+        }
+    };
+}
+
+metrics! {
     /// Agent connections currently open.
-    connections_open,
+    gauge connections_open;
     /// Agent connections accepted since start.
-    connections_total,
+    counter connections_total;
     /// Connections closed at once because `--max-connections` were open.
-    connections_rejected,
+    counter connections_rejected;
     /// Frames read off agent connections.
-    frames_received,
+    counter frames_received;
     /// Payload bytes read off agent connections.
-    bytes_received,
+    counter bytes_received;
     /// Frames whose length prefix exceeded `--max-frame-size` (connection closed).
-    frames_oversized,
+    counter frames_oversized;
     /// Connections that ended in the middle of a frame.
-    frames_truncated,
+    counter frames_truncated;
     /// Spans decoded from agent frames.
-    spans_received,
+    counter spans_received;
     /// JSON-format spans decoded.
-    spans_json,
+    counter spans_json;
     /// Bincode-format spans decoded.
-    spans_bincode,
-    /// Frames that did not decode as a span (skipped), all kinds.
-    decode_errors,
-    /// ... of which: not valid JSON / not a JSON SpanData.
-    decode_errors_json,
-    /// ... of which: not a bincode SpanData.
-    decode_errors_bincode,
-    /// ... of which: neither format.
-    decode_errors_unknown_format,
-    /// ... of which: all-zero trace or span id.
-    decode_errors_invalid_ids,
-    /// ... of which: empty payload.
-    decode_errors_empty,
+    counter spans_bincode;
+    /// Frames that did not decode as a span (skipped), by kind.
+    counter decode_errors by DecodeErrorKind;
     /// Spans accepted by the collector (or written in dump mode).
-    spans_exported,
+    counter spans_exported;
     /// Spans the collector reported as rejected in a partial success.
-    spans_rejected,
-    /// Spans dropped because export failed for good.
-    spans_dropped_export,
-    /// Spans dropped because shutdown ran out of time (and no spool took them).
-    spans_dropped_shutdown,
-    /// Spans dropped because the collector refused them for good.
-    spans_dropped_rejected,
+    counter spans_rejected;
+    /// Spans dropped, by reason.
+    counter spans_dropped by DropReason;
     /// Spans written to the spool.
-    spans_spooled,
+    counter spans_spooled;
     /// Spooled spans later delivered.
-    spans_unspooled,
+    counter spans_unspooled;
     /// Batches the spool had no room for.
-    spool_full,
+    counter spool_full;
     /// Spool files found damaged and set aside.
-    spool_damaged,
+    counter spool_damaged;
     /// Bytes in the spool now.
-    spool_bytes,
+    gauge spool_bytes;
     /// Batches in the spool now.
-    spool_files,
+    gauge spool_files;
     /// Spans waiting in the export queue now.
-    queue_depth,
+    gauge queue_depth;
     /// Export requests sent, retries included.
-    export_attempts,
+    counter export_attempts;
     /// Export attempts that were retries.
-    export_retries,
+    counter export_retries;
     /// Export batches given up on.
-    export_failures,
+    counter export_failures;
     /// Connection I/O errors.
-    io_errors,
+    counter io_errors;
 }
 
-impl Stats {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn dec(counter: &AtomicU64) {
-        counter.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Stats {
-    pub fn set_spool(&self, bytes: u64, files: usize) {
-        self.spool_bytes.store(bytes, Ordering::Relaxed);
-        self.spool_files.store(files as u64, Ordering::Relaxed);
-    }
-
-    /// Counts a decode error under its kind.
-    pub fn decode_error(&self, kind: &str) {
-        Self::inc(&self.decode_errors);
-        let by_kind = match kind {
-            "json" => &self.decode_errors_json,
-            "bincode" => &self.decode_errors_bincode,
-            "invalid_ids" => &self.decode_errors_invalid_ids,
-            "empty" => &self.decode_errors_empty,
-            _ => &self.decode_errors_unknown_format,
-        };
-        Self::inc(by_kind);
+/// The JSON summary: flat, one key a value, a family as its total under its
+/// own name and each value under `<name>_<label value>`.
+impl Serialize for Snapshot {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        for f in self.fields() {
+            match f.value {
+                Value::Scalar(v) => map.serialize_entry(f.name, &v)?,
+                Value::Family(_, values) => {
+                    let total: u64 = values.iter().map(|(_, v)| v).sum();
+                    map.serialize_entry(f.name, &total)?;
+                    for (label, v) in values {
+                        map.serialize_entry(&format!("{}_{label}", f.name), &v)?;
+                    }
+                }
+            }
+        }
+        map.end()
     }
 }
 
-impl Snapshot {
-    pub fn spans_dropped(&self) -> u64 {
-        self.spans_dropped_export + self.spans_dropped_shutdown + self.spans_dropped_rejected
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_count_by_label_and_sum_to_their_total() {
+        let stats = Stats::default();
+        stats.spans_dropped.add(DropReason::Shutdown, 2);
+        stats.spans_dropped.inc(DropReason::Export);
+        stats.decode_errors.inc(DecodeErrorKind::Bincode);
+        let snap = stats.snapshot();
+        assert_eq!(snap.spans_dropped.get(DropReason::Shutdown), 2);
+        assert_eq!(snap.spans_dropped.get(DropReason::Rejected), 0);
+        assert_eq!(snap.spans_dropped.total(), 3);
+        let json = serde_json::to_value(snap).unwrap();
+        assert_eq!(json["spans_dropped"], 3);
+        assert_eq!(json["spans_dropped_shutdown"], 2);
+        assert_eq!(json["decode_errors"], 1);
+        assert_eq!(json["decode_errors_bincode"], 1);
+        assert_eq!(json["decode_errors_unknown_format"], 0);
+    }
+
+    #[test]
+    fn a_held_gauge_goes_back_down() {
+        let stats = Stats::default();
+        {
+            let _a = stats.connections_open.hold();
+            let _b = stats.connections_open.hold();
+            assert_eq!(stats.connections_open.get(), 2);
+        }
+        assert_eq!(stats.connections_open.get(), 0);
     }
 }

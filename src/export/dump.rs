@@ -5,10 +5,13 @@
 //! to anything that takes OTLP JSON (ids in hex, 64-bit numbers as strings,
 //! as the OTLP JSON mapping says).
 
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, TracesData};
 use std::io::{self, Write};
 
-use crate::otlp::SpanRecord;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, TracesData};
+use prost::Message;
+
+use crate::otlp::EncodedRequest;
 
 pub struct DumpWriter {
     out: Box<dyn Write + Send + Sync>,
@@ -23,17 +26,18 @@ impl DumpWriter {
         Self { out }
     }
 
-    pub fn write_spans(&mut self, batch: Vec<SpanRecord>) -> io::Result<()> {
-        for rec in batch {
-            // Spans arrive encoded for export; this slow path decodes them
-            // back into OTLP structs for the JSON mapping.
-            let spans = rec
-                .decode_spans()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            for span in spans {
+    /// Writes every span of an export request as its own line.
+    pub fn write_request(&mut self, body: &EncodedRequest) -> io::Result<()> {
+        // Spans arrive encoded for export; this slow path decodes them back
+        // into OTLP structs for the JSON mapping.
+        let request = ExportTraceServiceRequest::decode(body.to_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        for rs in request.resource_spans {
+            let resource = rs.resource.unwrap_or_default();
+            for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
                 let line = TracesData {
                     resource_spans: vec![ResourceSpans {
-                        resource: Some(rec.resource.resource().clone()),
+                        resource: Some(resource.clone()),
                         scope_spans: vec![ScopeSpans {
                             scope: None,
                             spans: vec![span],
@@ -46,10 +50,6 @@ impl DumpWriter {
                 self.out.write_all(b"\n")?;
             }
         }
-        self.out.flush()
-    }
-
-    pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
 }

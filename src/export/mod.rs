@@ -27,15 +27,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::{OtlpConfig, OtlpProtocol};
+use crate::config::{BatchConfig, OtlpConfig, OtlpProtocol};
+use crate::events::{
+    emit, BatchDone, Delivery, ExportAttempt, ExportAttemptFailed, PartialSuccess,
+    SpoolFileSkipped, SpoolFull,
+};
 use crate::otlp::{encode_request, EncodedRequest};
-use crate::stats::Stats;
+use crate::shutdown::Shutdown;
+use crate::stats::{DropReason, Stats};
 use queue::{QueueReceiver, Queued};
 use retry::{Classify, Retry, RetryPolicy};
-use spool::{Spool, SpoolError};
+use spool::Spool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -55,6 +60,16 @@ pub enum ExportError {
     },
     #[error("writing spans to stdout: {0}")]
     WriteDump(#[source] std::io::Error),
+}
+
+impl ExportError {
+    /// What a batch that failed for good with this error counts as.
+    fn drop_reason(&self) -> DropReason {
+        match self {
+            ExportError::WriteDump(_) => DropReason::Export,
+            _ => DropReason::Rejected,
+        }
+    }
 }
 
 impl Classify for ExportError {
@@ -86,7 +101,8 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// Where batches go.
+/// Where batches go. Every sink takes the same encoded request and says
+/// what became of it; `--dump-only` writes it out as JSON lines.
 pub enum Sink {
     Grpc(grpc::GrpcTransport),
     Http(Box<http::HttpTransport>),
@@ -107,6 +123,11 @@ impl Sink {
         })
     }
 
+    /// OTLP JSON lines, one span a line, written to `out`.
+    pub fn dump(out: Box<dyn std::io::Write + Send + Sync>) -> Sink {
+        Sink::Dump(std::sync::Mutex::new(dump::DumpWriter::new(out)))
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Sink::Grpc(t) => format!("otlp grpc {}", t.endpoint()),
@@ -115,6 +136,7 @@ impl Sink {
         }
     }
 
+    /// Sends one request; the collector's answer, or why there is none.
     async fn send(&self, body: &EncodedRequest) -> Result<ExportTraceServiceResponse, ExportError> {
         match self {
             Sink::Grpc(t) => t
@@ -131,36 +153,181 @@ impl Sink {
                     endpoint: t.endpoint(),
                     source,
                 }),
-            Sink::Dump(_) => Ok(ExportTraceServiceResponse::default()),
+            Sink::Dump(w) => w
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_request(body)
+                .map(|()| ExportTraceServiceResponse::default())
+                .map_err(ExportError::WriteDump),
         }
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct BatchConfig {
-    pub max_spans: usize,
-    pub timeout: Duration,
-    pub retry: RetryPolicy,
-}
-
 /// What the batcher and the replayer share.
 pub struct Exporter {
-    pub sink: Sink,
-    pub spool: Option<Arc<Spool>>,
-    pub stats: Arc<Stats>,
+    sink: Sink,
+    spool: Option<Arc<Spool>>,
+    stats: Arc<Stats>,
+    retry: RetryPolicy,
     /// Wakes the replayer when a batch has been spooled.
-    pub spooled: Notify,
+    spooled: Notify,
+}
+
+/// What became of one batch, and the last error on the way.
+struct Outcome {
+    delivery: Delivery,
+    attempts: u32,
+    error: Option<ExportError>,
+}
+
+impl Exporter {
+    pub fn new(sink: Sink, spool: Option<Arc<Spool>>, stats: Arc<Stats>) -> Exporter {
+        Exporter {
+            sink,
+            spool,
+            stats,
+            retry: RetryPolicy::default(),
+            spooled: Notify::new(),
+        }
+    }
+
+    /// Sends a batch of `spans` spans, retrying as the policy says. With a
+    /// spool, a batch that keeps failing while the queue is filling up (or
+    /// past the shutdown deadline) goes to disk instead; a full spool keeps
+    /// the batch in memory, and the backpressure on, until time is up.
+    async fn deliver(
+        &self,
+        body: EncodedRequest,
+        spans: u64,
+        shutdown: &Shutdown,
+        filling_up: impl Fn() -> bool,
+    ) -> Outcome {
+        let stats = &*self.stats;
+        let spooling = self.spool.is_some();
+        // Past the shutdown deadline, do not start another export that
+        // could take a full timeout: go straight to disk.
+        if spooling && shutdown.past_deadline() {
+            let delivery = match self.spool_batch(body, spans).await {
+                true => Delivery::Spooled,
+                false => Delivery::Dropped(DropReason::Shutdown),
+            };
+            return Outcome {
+                delivery,
+                attempts: 0,
+                error: None,
+            };
+        }
+        let mut may_give_up = spooling;
+        let mut attempts = 0;
+        loop {
+            let give_up = || may_give_up && filling_up();
+            let run = self
+                .retry
+                .run(shutdown, give_up, |attempt| {
+                    emit!(stats, ExportAttempt { attempt });
+                    let body = &body;
+                    async move {
+                        let res = self.sink.send(body).await;
+                        if let Err(error) = &res {
+                            let retry = error.retry();
+                            emit!(
+                                stats,
+                                ExportAttemptFailed {
+                                    attempt,
+                                    error,
+                                    retry
+                                }
+                            );
+                        }
+                        res
+                    }
+                })
+                .await;
+            attempts += run.attempts;
+            let error = match run.result {
+                Ok(resp) => {
+                    return Outcome {
+                        delivery: delivered(stats, &resp),
+                        attempts,
+                        error: None,
+                    }
+                }
+                Err(e) => e,
+            };
+            let delivery = if error.retry() == Retry::Never {
+                Delivery::Dropped(error.drop_reason())
+            } else if spooling && self.spool_batch(body.clone(), spans).await {
+                Delivery::Spooled
+            } else if spooling && run.gave_up && !shutdown.past_deadline() {
+                // The spool is full: keep retrying from memory.
+                may_give_up = false;
+                continue;
+            } else if shutdown.deadline().is_some() {
+                Delivery::Dropped(DropReason::Shutdown)
+            } else {
+                Delivery::Dropped(DropReason::Export)
+            };
+            return Outcome {
+                delivery,
+                attempts,
+                error: Some(error),
+            };
+        }
+    }
+
+    /// Writes a batch to the spool; whether it is now safe on disk.
+    async fn spool_batch(&self, body: EncodedRequest, spans: u64) -> bool {
+        let Some(spool) = self.spool.clone() else {
+            return false;
+        };
+        let n = u32::try_from(spans).unwrap_or(u32::MAX);
+        match tokio::task::spawn_blocking(move || spool.write(&body, n)).await {
+            Ok(Ok(true)) => {
+                self.spooled.notify_one();
+                true
+            }
+            Ok(Ok(false)) => {
+                emit!(self.stats, SpoolFull { spans });
+                false
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, spans, "spooling failed");
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "spool writer task failed");
+                false
+            }
+        }
+    }
+}
+
+/// The collector took a batch: how many of its spans it refused anyway.
+fn delivered(stats: &Stats, resp: &ExportTraceServiceResponse) -> Delivery {
+    let rejected = match &resp.partial_success {
+        Some(p) if p.rejected_spans > 0 || !p.error_message.is_empty() => {
+            emit!(
+                stats,
+                PartialSuccess {
+                    rejected_spans: p.rejected_spans,
+                    message: &p.error_message,
+                }
+            );
+            u64::try_from(p.rejected_spans).unwrap_or(0)
+        }
+        _ => 0,
+    };
+    Delivery::Delivered { rejected }
 }
 
 /// Receives spans until every sender is gone, exporting them in batches.
-///
-/// `deadline` is set at shutdown: retries stop at it, and what cannot be
-/// sent by then is spooled, or counted as dropped.
+/// Once shutdown has set its deadline, retries stop at it, and what cannot
+/// be sent by then is spooled, or counted as dropped.
 pub async fn run_batcher(
     mut rx: QueueReceiver,
     exporter: Arc<Exporter>,
     cfg: BatchConfig,
-    mut deadline: watch::Receiver<Option<Instant>>,
+    shutdown: Shutdown,
 ) {
     let mut buf: Vec<Queued> = Vec::with_capacity(cfg.max_spans);
     // A record holds the spans of one socket read; what does not fit a batch
@@ -186,239 +353,91 @@ pub async fn run_batcher(
             spans += spans_in(buf.get(before..).unwrap_or_default());
         }
         if spans > cfg.max_spans {
-            let mut fit = 0;
-            let cut = buf
-                .iter()
-                .position(|q| {
-                    let over = fit + q.record.count > cfg.max_spans;
-                    if !over {
-                        fit += q.record.count;
-                    }
-                    over
-                })
-                .unwrap_or(buf.len());
-            carry = buf.split_off(cut);
-            let room = cfg.max_spans - fit;
-            if room > 0 {
-                if let Some(head) = carry.first_mut().and_then(|q| q.split_to(room)) {
-                    buf.push(head);
-                }
-            }
-            if buf.is_empty() {
-                // Splitting failed (it cannot): an oversized batch rather
-                // than none.
-                buf.push(carry.remove(0));
-            }
+            carry = split_batch(&mut buf, cfg.max_spans);
         }
         let batch = std::mem::replace(&mut buf, Vec::with_capacity(cfg.max_spans));
-        flush(&exporter, batch, &cfg.retry, &mut deadline, &rx).await;
+        flush(&exporter, batch, &shutdown, &rx).await;
         if closed && carry.is_empty() {
             break;
         }
     }
-    if let Sink::Dump(w) = &exporter.sink {
-        let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = w.flush() {
-            tracing::error!(error = %e, "flushing stdout failed");
+}
+
+/// Cuts `buf` to `max_spans` spans, splitting the record that crosses the
+/// line; returns what is left over.
+fn split_batch(buf: &mut Vec<Queued>, max_spans: usize) -> Vec<Queued> {
+    let mut fit = 0;
+    let cut = buf
+        .iter()
+        .position(|q| {
+            let over = fit + q.record.count > max_spans;
+            if !over {
+                fit += q.record.count;
+            }
+            over
+        })
+        .unwrap_or(buf.len());
+    let mut carry = buf.split_off(cut);
+    let room = max_spans - fit;
+    if room > 0 {
+        if let Some(head) = carry.first_mut().and_then(|q| q.split_to(room)) {
+            buf.push(head);
         }
     }
+    if buf.is_empty() && !carry.is_empty() {
+        // Splitting failed (it cannot): an oversized batch rather than none.
+        buf.push(carry.remove(0));
+    }
+    carry
 }
 
-fn past(deadline: &watch::Receiver<Option<Instant>>) -> bool {
-    deadline.borrow().is_some_and(|d| Instant::now() >= d)
-}
-
-async fn flush(
-    exporter: &Exporter,
-    batch: Vec<Queued>,
-    policy: &RetryPolicy,
-    deadline: &mut watch::Receiver<Option<Instant>>,
-    rx: &QueueReceiver,
-) {
-    let stats = &*exporter.stats;
-    let count = batch.iter().map(|q| q.record.count as u64).sum::<u64>();
+async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx: &QueueReceiver) {
+    let spans = batch.iter().map(|q| q.record.count as u64).sum::<u64>();
     // The queue's byte permits are held until this function returns: the
     // data is in memory until then, encoded or not.
     let (records, _permits): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|q| (q.record, q.permit)).unzip();
-    if let Sink::Dump(w) = &exporter.sink {
-        let res = w
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .write_spans(records);
-        match res {
-            Ok(()) => Stats::add(&stats.spans_exported, count),
-            Err(e) => {
-                Stats::add(&stats.spans_dropped_export, count);
-                tracing::error!(error = %e, spans = count, "writing spans to stdout failed");
-            }
-        }
-        return;
-    }
     // The spans are encoded already; this frames them into one request.
     let body = encode_request(&records);
     drop(records);
-
-    let spool = exporter.spool.as_deref();
-    // Past the shutdown deadline, do not start another export that could
-    // take a full timeout: go straight to disk.
-    if spool.is_some() && past(deadline) {
-        spool_or_drop(exporter, body, count, true).await;
-        return;
-    }
-    let mut may_give_up = spool.is_some();
-    loop {
-        let give_up = || may_give_up && rx.is_filling_up();
-        let outcome = policy
-            .run(deadline, give_up, |attempt| {
-                Stats::inc(&stats.export_attempts);
-                if attempt > 1 {
-                    Stats::inc(&stats.export_retries);
-                }
-                let body = &body;
-                let sink = &exporter.sink;
-                async move {
-                    let res = sink.send(body).await;
-                    if let Err(e) = &res {
-                        tracing::warn!(attempt, error = %e, retry = ?e.retry(), "export attempt failed");
-                    }
-                    res
-                }
-            })
-            .await;
-        match outcome.result {
-            Ok(resp) => {
-                account_success(stats, &resp, count);
-                tracing::debug!(spans = count, attempts = outcome.attempts, "batch exported");
-                return;
-            }
-            Err(e) if e.retry() == Retry::Never => {
-                Stats::inc(&stats.export_failures);
-                Stats::add(&stats.spans_dropped_rejected, count);
-                tracing::error!(error = %e, spans = count, "collector rejected the batch for good; spans dropped");
-                return;
-            }
-            Err(e) => {
-                if spool.is_some() {
-                    tracing::warn!(error = %e, spans = count, attempts = outcome.attempts, "collector unavailable; spooling batch");
-                    if spool_or_drop(exporter, body.clone(), count, false).await {
-                        return;
-                    }
-                    if outcome.gave_up && !past(deadline) {
-                        // The spool is full: keep the batch in memory and
-                        // the backpressure on, retrying until time is up.
-                        may_give_up = false;
-                        continue;
-                    }
-                }
-                Stats::inc(&stats.export_failures);
-                if deadline.borrow().is_some() {
-                    Stats::add(&stats.spans_dropped_shutdown, count);
-                } else {
-                    Stats::add(&stats.spans_dropped_export, count);
-                }
-                tracing::error!(
-                    error = %e,
-                    spans = count,
-                    attempts = outcome.attempts,
-                    "giving up on batch; spans dropped"
-                );
-                return;
-            }
+    let out = exporter
+        .deliver(body, spans, shutdown, || rx.is_filling_up())
+        .await;
+    emit!(
+        exporter.stats,
+        BatchDone {
+            spans,
+            delivery: out.delivery,
+            attempts: out.attempts,
+            error: out.error.as_ref().map(|e| e as &dyn std::fmt::Display),
+            from_spool: false,
         }
-    }
-}
-
-fn account_success(stats: &Stats, resp: &ExportTraceServiceResponse, count: u64) {
-    let rejected = resp
-        .partial_success
-        .as_ref()
-        .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0))
-        .min(count);
-    if let Some(p) = &resp.partial_success {
-        if p.rejected_spans > 0 || !p.error_message.is_empty() {
-            tracing::warn!(
-                rejected_spans = p.rejected_spans,
-                message = %p.error_message,
-                "collector accepted the batch only in part"
-            );
-        }
-    }
-    Stats::add(&stats.spans_rejected, rejected);
-    Stats::add(&stats.spans_exported, count - rejected);
-}
-
-/// Writes a batch to the spool. Returns whether it is now safe on disk; if
-/// not and `final_` is set, the spans are counted as dropped.
-async fn spool_or_drop(
-    exporter: &Exporter,
-    body: EncodedRequest,
-    count: u64,
-    final_: bool,
-) -> bool {
-    let stats = &*exporter.stats;
-    let Some(spool) = exporter.spool.clone() else {
-        return false;
-    };
-    let spans = u32::try_from(count).unwrap_or(u32::MAX);
-    let res = tokio::task::spawn_blocking(move || spool.write(&body, spans)).await;
-    let stored = match res {
-        Ok(Ok(true)) => true,
-        Ok(Ok(false)) => {
-            Stats::inc(&stats.spool_full);
-            tracing::warn!(spans = count, "spool is full (--spool-max-bytes)");
-            false
-        }
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, spans = count, "spooling failed");
-            false
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "spool writer task failed");
-            false
-        }
-    };
-    if let Some(spool) = &exporter.spool {
-        stats.set_spool(spool.bytes(), spool.len());
-    }
-    if stored {
-        Stats::add(&stats.spans_spooled, count);
-        exporter.spooled.notify_one();
-    } else if final_ {
-        Stats::add(&stats.spans_dropped_shutdown, count);
-        tracing::error!(spans = count, "could not spool at shutdown; spans dropped");
-    }
-    stored
+    );
 }
 
 /// Sends spooled batches, oldest first, whenever the collector answers,
-/// until shutdown starts (what is left stays for the next run).
-pub async fn run_replayer(exporter: Arc<Exporter>, mut deadline: watch::Receiver<Option<Instant>>) {
+/// until shutdown begins (what is left stays for the next run).
+pub async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
     let Some(spool) = exporter.spool.clone() else {
         return;
     };
     let stats = &*exporter.stats;
     let mut backoff = Duration::from_millis(250);
-    stats.set_spool(spool.bytes(), spool.len());
     loop {
-        if deadline.borrow().is_some() {
+        if shutdown.is_stopping() {
             return;
         }
         let Some(seq) = spool.oldest() else {
             tokio::select! {
                 _ = exporter.spooled.notified() => continue,
-                _ = deadline.changed() => return,
+                _ = shutdown.stopping() => return,
             }
         };
         let reader = Arc::clone(&spool);
         let batch = match tokio::task::spawn_blocking(move || reader.read(seq)).await {
             Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                if matches!(e, SpoolError::Damaged { .. }) {
-                    Stats::inc(&stats.spool_damaged);
-                }
-                tracing::error!(error = %e, "skipping spool file");
-                stats.set_spool(spool.bytes(), spool.len());
+            Ok(Err(error)) => {
+                emit!(stats, SpoolFileSkipped { error: &error });
                 continue;
             }
             Err(e) => {
@@ -426,35 +445,32 @@ pub async fn run_replayer(exporter: Arc<Exporter>, mut deadline: watch::Receiver
                 return;
             }
         };
-        Stats::inc(&stats.export_attempts);
-        match exporter.sink.send(&batch.body).await {
-            Ok(resp) => {
-                account_success(stats, &resp, u64::from(batch.spans));
-                Stats::add(&stats.spans_unspooled, u64::from(batch.spans));
-                spool.remove(seq);
-                stats.set_spool(spool.bytes(), spool.len());
-                tracing::info!(
-                    spans = batch.spans,
-                    left = spool.len(),
-                    "sent spooled batch"
-                );
-                backoff = Duration::from_millis(250);
-            }
-            Err(e) if e.retry() == Retry::Never => {
-                Stats::inc(&stats.export_failures);
-                Stats::add(&stats.spans_dropped_rejected, u64::from(batch.spans));
-                tracing::error!(error = %e, spans = batch.spans, "collector rejected a spooled batch for good; removing it");
-                spool.remove(seq);
-                stats.set_spool(spool.bytes(), spool.len());
-            }
+        let spans = u64::from(batch.spans);
+        emit!(stats, ExportAttempt { attempt: 1 });
+        let (delivery, error) = match exporter.sink.send(&batch.body).await {
+            Ok(resp) => (delivered(stats, &resp), None),
+            Err(e) if e.retry() == Retry::Never => (Delivery::Dropped(e.drop_reason()), Some(e)),
             Err(e) => {
                 tracing::debug!(error = %e, retry_in = ?backoff, "collector still unavailable for spooled batches");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = deadline.changed() => return,
+                    _ = shutdown.stopping() => return,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
             }
-        }
+        };
+        spool.remove(seq);
+        backoff = Duration::from_millis(250);
+        emit!(
+            stats,
+            BatchDone {
+                spans,
+                delivery,
+                attempts: 1,
+                error: error.as_ref().map(|e| e as &dyn std::fmt::Display),
+                from_spool: true,
+            }
+        );
     }
 }

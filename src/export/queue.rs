@@ -126,7 +126,7 @@ impl QueueSender {
             .send(Queued { record, permit })
             .await
             .map_err(|_| Closed)?;
-        Stats::add(&self.stats.queue_depth, spans);
+        self.stats.queue_depth.add(spans);
         Ok(())
     }
 }
@@ -144,9 +144,7 @@ impl QueueReceiver {
             .map(|q| slot_count(q.record.count, self.max_spans) as usize)
             .sum();
         self.slots.add_permits(slots);
-        self.stats
-            .queue_depth
-            .fetch_sub(spans as u64, std::sync::atomic::Ordering::Relaxed);
+        self.stats.queue_depth.sub(spans as u64);
         n
     }
 

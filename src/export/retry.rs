@@ -10,8 +10,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::shutdown::Shutdown;
 
 /// How a failed attempt may be retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,13 +64,13 @@ pub struct Outcome<T, E> {
 }
 
 impl RetryPolicy {
-    /// Runs `op` until it succeeds, fails for good, or time is up. `deadline`
-    /// may be moved earlier while this runs (shutdown); a wait in progress is
-    /// cut short when it does. `give_up` is asked after each retryable
+    /// Runs `op` until it succeeds, fails for good, or time is up. The
+    /// shutdown deadline, once set, bounds it too; a wait in progress is cut
+    /// short when the deadline falls inside it. `give_up` is asked after each retryable
     /// failure whether the caller has a better use for the data (the spool).
     pub async fn run<T, E, F, Fut>(
         &self,
-        deadline: &mut watch::Receiver<Option<Instant>>,
+        shutdown: &Shutdown,
         give_up: impl Fn() -> bool,
         mut op: F,
     ) -> Outcome<T, E>
@@ -102,10 +103,9 @@ impl RetryPolicy {
                     None => jitter(backoff),
                 }),
             };
-            let effective_deadline = match *deadline.borrow() {
-                Some(d) => d.min(own_deadline),
-                None => own_deadline,
-            };
+            let effective_deadline = shutdown
+                .deadline()
+                .map_or(own_deadline, |d| d.min(own_deadline));
             let Some(wait) = wait else {
                 return Outcome {
                     result: Err(err),
@@ -128,15 +128,18 @@ impl RetryPolicy {
                     gave_up: false,
                 };
             }
-            // Sleep, but wake early if the deadline is pulled in.
-            loop {
+            // Sleep, but give up early if shutdown sets a deadline inside
+            // the wait (one already set is in `effective_deadline`).
+            if shutdown.deadline().is_some() {
+                tokio::time::sleep_until(wake).await;
+            } else {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(wake) => break,
-                    changed = deadline.changed() => {
-                        let pulled_in = deadline.borrow().is_some_and(|d| d <= wake);
-                        if changed.is_err() || pulled_in {
+                    _ = tokio::time::sleep_until(wake) => {}
+                    d = shutdown.deadline_set() => {
+                        if d <= wake {
                             return Outcome { result: Err(err), attempts, gave_up: false };
                         }
+                        tokio::time::sleep_until(wake).await;
                     }
                 }
             }
@@ -179,11 +182,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retries_retryable_until_success() {
-        let (_tx, mut rx) = watch::channel(None);
+        let rx = Shutdown::new();
         let calls = AtomicU32::new(0);
         let out = policy()
             .run(
-                &mut rx,
+                &rx,
                 || false,
                 |_| async {
                     if calls.fetch_add(1, Ordering::SeqCst) < 3 {
@@ -200,9 +203,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn never_retries_permanent_errors() {
-        let (_tx, mut rx) = watch::channel(None);
+        let rx = Shutdown::new();
         let out: Outcome<(), E> = policy()
-            .run(&mut rx, || false, |_| async { Err(E(Retry::Never)) })
+            .run(&rx, || false, |_| async { Err(E(Retry::Never)) })
             .await;
         assert!(out.result.is_err());
         assert_eq!(out.attempts, 1);
@@ -210,11 +213,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn honours_throttle_hint_and_gives_up_at_deadline() {
-        let (_tx, mut rx) = watch::channel(None);
+        let rx = Shutdown::new();
         let start = Instant::now();
         let out: Outcome<(), E> = policy()
             .run(
-                &mut rx,
+                &rx,
                 || false,
                 |_| async { Err(E(Retry::Throttled(Some(Duration::from_millis(45))))) },
             )
@@ -228,11 +231,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn stops_when_the_caller_gives_up() {
-        let (_tx, mut rx) = watch::channel(None);
+        let rx = Shutdown::new();
         let calls = AtomicU32::new(0);
         let out: Outcome<(), E> = policy()
             .run(
-                &mut rx,
+                &rx,
                 || calls.load(Ordering::SeqCst) >= 3,
                 |_| async {
                     calls.fetch_add(1, Ordering::SeqCst);
@@ -246,14 +249,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pulled_in_deadline_stops_waiting() {
-        let (tx, mut rx) = watch::channel(None);
+        let shutdown = Shutdown::new();
+        let rx = shutdown.clone();
         let p = RetryPolicy {
             max_elapsed: Duration::from_secs(3600),
             ..policy()
         };
         let task = tokio::spawn(async move {
             p.run(
-                &mut rx,
+                &rx,
                 || false,
                 |_| async { Err::<(), _>(E(Retry::Retryable)) },
             )
@@ -261,7 +265,7 @@ mod tests {
             .attempts
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
-        tx.send(Some(Instant::now())).unwrap();
+        shutdown.begin(crate::shutdown::Mode::Drain, Instant::now());
         let attempts = task.await.unwrap();
         assert!((20..=60).contains(&attempts), "{attempts}");
     }

@@ -29,11 +29,12 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
 use crate::otlp::EncodedRequest;
+use crate::stats::Stats;
 
 const MAGIC: &[u8; 8] = b"KTFSPOOL";
 const VERSION: u32 = 1;
@@ -76,7 +77,6 @@ pub enum SpoolError {
 /// A batch read back from the spool.
 #[derive(Debug)]
 pub struct Spooled {
-    pub seq: u64,
     pub spans: u32,
     pub body: EncodedRequest,
 }
@@ -89,11 +89,40 @@ struct State {
     next_seq: u64,
 }
 
+/// The spool. It keeps its own gauges (`spool_bytes`, `spool_files`) up to
+/// date with every change, under the same lock as the change.
 #[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
     max_bytes: u64,
     state: Mutex<State>,
+    stats: Arc<Stats>,
+}
+
+/// The state, locked; publishes the gauges when let go.
+struct Locked<'a> {
+    state: MutexGuard<'a, State>,
+    stats: &'a Stats,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.stats.spool_bytes.set(self.state.bytes);
+        self.stats.spool_files.set(self.state.files.len() as u64);
+    }
 }
 
 fn seq_of(path: &Path, ext: &str) -> Option<u64> {
@@ -104,13 +133,18 @@ fn seq_of(path: &Path, ext: &str) -> Option<u64> {
 }
 
 impl Spool {
-    /// Opens (creating if needed) the spool in `dir`, taking stock of the
-    /// batches a previous run left and deleting half-written ones.
-    pub fn open(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
+    /// Creates the spool's directory if it is missing.
+    pub fn create_dir(dir: &Path) -> Result<(), SpoolError> {
         fs::create_dir_all(dir).map_err(|source| SpoolError::CreateDir {
             dir: dir.to_path_buf(),
             source,
-        })?;
+        })
+    }
+
+    /// Opens (creating if needed) the spool in `dir`, taking stock of the
+    /// batches a previous run left and deleting half-written ones.
+    pub fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<Spool, SpoolError> {
+        Self::create_dir(dir)?;
         let scan_err = |source| SpoolError::ScanDir {
             dir: dir.to_path_buf(),
             source,
@@ -138,21 +172,27 @@ impl Spool {
                 "spool holds batches from an earlier run; they will be sent"
             );
         }
-        Ok(Spool {
+        let spool = Spool {
             dir: dir.to_path_buf(),
             max_bytes,
             state: Mutex::new(state),
-        })
+            stats,
+        };
+        drop(spool.lock());
+        Ok(spool)
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> Locked<'_> {
         // A panic elsewhere while holding the lock leaves plain data behind,
         // still consistent enough to keep spooling.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        Locked {
+            state: self.state.lock().unwrap_or_else(|p| p.into_inner()),
+            stats: &self.stats,
+        }
     }
 
     /// Bytes on disk now.
@@ -243,7 +283,6 @@ impl Spool {
         };
         match parse(&data) {
             Ok((spans, body)) => Ok(Spooled {
-                seq,
                 spans,
                 body: Bytes::copy_from_slice(body).into(),
             }),
@@ -307,6 +346,24 @@ fn parse(data: &[u8]) -> Result<(u32, &[u8]), &'static str> {
 mod tests {
     use super::*;
 
+    impl Spool {
+        fn open_for_test(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
+            Spool::open(dir, max_bytes, Arc::default())
+        }
+    }
+
+    #[test]
+    fn keeps_its_gauges() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let spool = Spool::open(dir.path(), 1 << 20, Arc::clone(&stats)).unwrap();
+        assert!(spool.write(&req(b"0123456789"), 1).unwrap());
+        assert_eq!(stats.spool_files.get(), 1);
+        assert_eq!(stats.spool_bytes.get(), (HEADER_LEN + 10) as u64);
+        spool.remove(spool.oldest().unwrap());
+        assert_eq!((stats.spool_files.get(), stats.spool_bytes.get()), (0, 0));
+    }
+
     fn req(b: &[u8]) -> EncodedRequest {
         EncodedRequest::from(Bytes::copy_from_slice(b))
     }
@@ -314,7 +371,7 @@ mod tests {
     #[test]
     fn round_trips_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let spool = Spool::open_for_test(dir.path(), 1 << 20).unwrap();
         // A request in pieces is stored as one body.
         let pieces = EncodedRequest::from_chunks(vec![
             Bytes::from_static(b"fi"),
@@ -323,7 +380,7 @@ mod tests {
         assert!(spool.write(&pieces, 3).unwrap());
         assert!(spool.write(&req(b"second"), 4).unwrap());
         drop(spool);
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let spool = Spool::open_for_test(dir.path(), 1 << 20).unwrap();
         assert_eq!(spool.len(), 2);
         let seq = spool.oldest().unwrap();
         let b = spool.read(seq).unwrap();
@@ -339,7 +396,7 @@ mod tests {
     #[test]
     fn is_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), (HEADER_LEN * 2 + 20) as u64).unwrap();
+        let spool = Spool::open_for_test(dir.path(), (HEADER_LEN * 2 + 20) as u64).unwrap();
         assert!(spool.write(&req(&[1; 10]), 1).unwrap());
         assert!(spool.write(&req(&[2; 10]), 1).unwrap());
         assert!(!spool.write(&req(&[3; 1]), 1).unwrap(), "over the bound");
@@ -350,7 +407,7 @@ mod tests {
     #[test]
     fn damaged_files_are_set_aside_and_the_rest_still_flows() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let spool = Spool::open_for_test(dir.path(), 1 << 20).unwrap();
         spool.write(&req(b"good one"), 1).unwrap();
         spool.write(&req(b"good two"), 2).unwrap();
         let first = spool.oldest().unwrap();
@@ -363,7 +420,7 @@ mod tests {
         fs::write(dir.path().join("00000000000000000099.batch"), b"junk").unwrap();
         fs::write(dir.path().join("00000000000000000100.tmp"), b"half").unwrap();
 
-        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let spool = Spool::open_for_test(dir.path(), 1 << 20).unwrap();
         assert!(!dir.path().join("00000000000000000100.tmp").exists());
         let mut good = Vec::new();
         let mut damaged = 0;

@@ -28,17 +28,20 @@ pub mod template;
 pub mod vsock;
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
+use crate::addr::{hybrid_socket, Peer};
+use crate::config::{ListenConfig, ListenMode};
+use crate::events::{emit, ConnectionAccepted, ConnectionRejected};
 use crate::otlp::Origin;
-use crate::stats::Stats;
-use connection::{ConnShared, Peer};
+use crate::shutdown::Shutdown;
+use connection::ConnShared;
 use sandbox::CidResolver;
 
 #[derive(Debug, thiserror::Error)]
@@ -104,33 +107,130 @@ impl Listener {
     }
 }
 
-/// Accepts connections until `stop` turns true, spawning one task per
-/// connection on `tracker`. Dropping the listener on return removes a
-/// hybrid socket.
-pub async fn accept_loop(
-    listener: Listener,
-    shared: Arc<ConnShared>,
+/// The listeners one forwarder serves, bound and ready.
+pub struct Listeners {
+    listeners: Vec<Listener>,
     max_connections: usize,
-    stop: watch::Receiver<bool>,
-    tracker: TaskTracker,
-) {
-    if let Listener::Template(t) = listener {
-        return t.serve(shared, max_connections, stop, tracker).await;
-    }
-    let limit = ConnLimit::new(max_connections);
-    let origin = Arc::new(shared.origin.clone());
-    // QEMU: a guest's CID says which sandbox it is, through /proc.
-    let resolver = matches!(listener, Listener::Vsock(_))
-        .then(|| Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
-    accept_connections(
-        &listener, &shared, &limit, &origin, resolver, stop, &tracker,
-    )
-    .await;
-    tracing::info!(listener = %listener.describe(), "stopped accepting connections");
 }
 
-/// The cap on connections served at once, shared by all the listeners of
-/// a template.
+impl Listeners {
+    /// Listeners bound elsewhere (tests, embedders), served with at most
+    /// `max_connections` connections at once across all of them.
+    pub fn new(listeners: Vec<Listener>, max_connections: usize) -> Listeners {
+        Listeners {
+            listeners,
+            max_connections,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let all: Vec<String> = self.listeners.iter().map(Listener::describe).collect();
+        all.join(", ")
+    }
+}
+
+/// Binds what `cfg` says, then, when started as root, drops to
+/// `cfg.user`, handing `writable` (the spool) to that user first so that
+/// it stays writable. Binding needs root for the hybrid modes' sandbox
+/// directories; nothing after it does. Template mode starts its sandbox
+/// watcher under `shutdown`, which stops the sandboxes it serves.
+pub async fn bind(
+    cfg: &ListenConfig,
+    writable: Option<&Path>,
+    shutdown: &Shutdown,
+) -> Result<Listeners, ListenError> {
+    let root = privileges::is_root();
+    let listener = match &cfg.mode {
+        ListenMode::Hybrid { socket_path, port } => {
+            let mut l = hybrid::HybridListener::bind(&hybrid_socket(socket_path, *port))?;
+            if root {
+                l.hand_removal_to_janitor()?;
+                if let Some(dir) = writable {
+                    privileges::give_to_user(dir, &cfg.user)?;
+                }
+                privileges::drop_root(&cfg.user, privileges::Keep::Nothing)?;
+            }
+            Listener::Hybrid(l)
+        }
+        ListenMode::Vsock { cid, port } => {
+            Listener::Vsock(vsock::VsockListener::bind(*cid, *port)?)
+        }
+        ListenMode::Template {
+            template,
+            port,
+            max_sandboxes,
+        } => {
+            // Root is dropped inside, keeping only what the watcher needs.
+            let user = root.then(|| cfg.user.clone());
+            if let (Some(user), Some(dir)) = (&user, writable) {
+                privileges::give_to_user(dir, user)?;
+            }
+            let t = template::TemplateListener::start(
+                template.clone(),
+                *port,
+                *max_sandboxes,
+                user,
+                shutdown,
+            );
+            Listener::Template(t.await?)
+        }
+    };
+    Ok(Listeners::new(vec![listener], cfg.max_connections))
+}
+
+/// Accepts on every listener until `shutdown` begins, serving each
+/// connection in its own task; then waits for the connections to drain,
+/// until the shutdown deadline at the latest. Dropping the listeners on the
+/// way out removes their sockets.
+pub async fn serve(
+    listeners: Listeners,
+    shared: Arc<ConnShared>,
+    origin: Arc<Origin>,
+    shutdown: Shutdown,
+) {
+    let limit = Arc::new(ConnLimit::new(listeners.max_connections));
+    let tracker = TaskTracker::new();
+    let accepting = listeners.listeners.into_iter().map(|listener| {
+        let (shared, origin, limit, tracker) = (
+            Arc::clone(&shared),
+            Arc::clone(&origin),
+            Arc::clone(&limit),
+            tracker.clone(),
+        );
+        let shutdown = shutdown.clone();
+        async move {
+            if let Listener::Template(t) = listener {
+                return t.serve(shared, origin, limit, tracker).await;
+            }
+            // QEMU: a guest's CID says which sandbox it is, through /proc.
+            let resolver = matches!(listener, Listener::Vsock(_))
+                .then(|| Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
+            let accept = Accept {
+                shared: &shared,
+                limit: &limit,
+                origin: &origin,
+                resolver,
+                tracker: &tracker,
+            };
+            accept.run(&listener, &shutdown).await;
+            tracing::info!(listener = %listener.describe(), "stopped accepting connections");
+        }
+    });
+    futures_util::future::join_all(accepting).await;
+    tracker.close();
+    let drained = match shutdown.deadline() {
+        Some(d) => tokio::time::timeout_at(d, tracker.wait()).await.is_ok(),
+        None => {
+            tracker.wait().await;
+            true
+        }
+    };
+    if !drained {
+        tracing::warn!("connections still open at the shutdown deadline");
+    }
+}
+
+/// The cap on connections served at once, shared by every listener.
 pub(crate) struct ConnLimit {
     permits: Arc<Semaphore>,
     max: usize,
@@ -145,76 +245,86 @@ impl ConnLimit {
     }
 }
 
-/// Accepts connections on one listener until `stop` turns true. Each takes
-/// a permit from `limit` and gets the resource attributes of `origin`,
-/// plus, on VSOCK, its CID and the sandbox that `resolver` finds for it.
-pub(crate) async fn accept_connections(
-    listener: &Listener,
-    shared: &Arc<ConnShared>,
-    limit: &ConnLimit,
-    origin: &Arc<Origin>,
-    resolver: Option<Arc<CidResolver>>,
-    mut stop: watch::Receiver<bool>,
-    tracker: &TaskTracker,
-) {
-    let max_connections = limit.max;
-    let stats = Arc::clone(&shared.stats);
-    let mut stopping = false;
-    let mut late = 0usize;
-    loop {
-        let accepted = if stopping {
-            // Still take the connections already queued (a backlog's worth,
-            // not a flood), so that what their agents wrote is drained
-            // rather than lost with the socket.
-            late += 1;
-            match accept(listener).now_or_never() {
-                Some(a) if late <= max_connections => a,
-                _ => break,
-            }
-        } else {
-            tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => {
-                    stopping = true;
+/// What accepting on one listener needs.
+pub(crate) struct Accept<'a> {
+    pub shared: &'a Arc<ConnShared>,
+    pub limit: &'a ConnLimit,
+    /// The resource attributes of every connection of this listener.
+    pub origin: &'a Arc<Origin>,
+    /// On VSOCK: finds the sandbox of a guest's CID.
+    pub resolver: Option<Arc<CidResolver>>,
+    pub tracker: &'a TaskTracker,
+}
+
+impl Accept<'_> {
+    /// Accepts connections on `listener` until `shutdown` begins, then
+    /// takes those already queued (a backlog's worth, not a flood), so that
+    /// what their agents wrote is drained rather than lost with the socket.
+    pub(crate) async fn run(&self, listener: &Listener, shutdown: &Shutdown) {
+        let max_connections = self.limit.max;
+        let stats = &self.shared.stats;
+        let mut late = 0usize;
+        loop {
+            let accepted = if shutdown.is_stopping() {
+                late += 1;
+                match accept(listener).now_or_never() {
+                    Some(a) if late <= max_connections => a,
+                    _ => break,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.stopping() => continue,
+                    a = accept(listener) => a,
+                }
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(_) if shutdown.is_stopping() => break,
+                Err(e) => {
+                    // Out of descriptors or memory: back off instead of
+                    // spinning; the connections already open keep being
+                    // served.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
-                a = accept(listener) => a,
-            }
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(_) if stopping => break,
-            Err(e) => {
-                // Out of descriptors or memory: back off instead of spinning;
-                // the connections already open keep being served.
-                tracing::error!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            emit!(stats, ConnectionAccepted);
+            let Ok(permit) = Arc::clone(&self.limit.permits).try_acquire_owned() else {
+                emit!(
+                    stats,
+                    ConnectionRejected {
+                        peer,
+                        max_connections
+                    }
+                );
+                drop(stream);
                 continue;
-            }
-        };
-        Stats::inc(&stats.connections_total);
-        let Ok(permit) = Arc::clone(&limit.permits).try_acquire_owned() else {
-            Stats::inc(&stats.connections_rejected);
-            tracing::warn!(%peer, max_connections, "connection limit reached; closing new connection");
-            drop(stream);
-            continue;
-        };
-        let shared = Arc::clone(shared);
-        let stop = stop.clone();
-        let mut origin = Arc::clone(origin);
-        let resolver = resolver.clone();
-        let conn = async move {
-            if let Peer::Vsock { cid } = peer {
-                origin = Arc::new(sandbox::vsock_origin(&origin, cid, resolver.as_ref()).await);
-            }
-            match stream {
-                Stream::Unix(s) => connection::serve(s, peer, &shared, &origin, stop).await,
-                Stream::Vsock(s) => connection::serve(s, peer, &shared, &origin, stop).await,
-            }
-            drop(permit);
-        };
-        // In the listener's span (a template's sandbox), for the logs.
-        tracker.spawn(tracing::Instrument::in_current_span(conn));
+            };
+            let shared = Arc::clone(self.shared);
+            let shutdown = shutdown.clone();
+            let origin = Arc::clone(self.origin);
+            let resolver = self.resolver.clone();
+            let conn = async move {
+                let origin = match peer {
+                    Peer::Vsock { cid } => {
+                        Arc::new(sandbox::vsock_origin(&origin, cid, resolver.as_ref()).await)
+                    }
+                    Peer::Unix => origin,
+                };
+                match stream {
+                    Stream::Unix(s) => connection::serve(s, peer, &shared, origin, &shutdown).await,
+                    Stream::Vsock(s) => {
+                        connection::serve(s, peer, &shared, origin, &shutdown).await
+                    }
+                }
+                drop(permit);
+            };
+            // In the listener's span (a template's sandbox), for the logs.
+            self.tracker
+                .spawn(tracing::Instrument::in_current_span(conn));
+        }
     }
 }
 

@@ -70,21 +70,63 @@ pub fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     Ok(())
 }
 
-/// Switches to `user`. Call only as root.
-pub fn drop_root(user: &str) -> Result<(), ListenError> {
+/// What a process dropping root keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Nothing: every capability goes with root (hybrid mode).
+    Nothing,
+    /// CAP_DAC_OVERRIDE, on the calling thread only and not even in its
+    /// bounding set (template mode's sandbox watcher, which makes and
+    /// removes sockets in root's sandbox directories).
+    DacOverrideOnThisThread,
+}
+
+/// Switches the whole process to `user` (glibc and musl apply set*id to
+/// every thread), keeping what `keep` says on the calling thread. Call only
+/// as root.
+pub fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
+    use caps::{CapSet, Capability, CapsHashSet};
+
     let err = |reason: String| ListenError::DropPrivileges {
         user: user.to_owned(),
         reason,
     };
     let u = lookup_user(user)?;
+    let kept: CapsHashSet = match keep {
+        Keep::Nothing => CapsHashSet::new(),
+        Keep::DacOverrideOnThisThread => [Capability::CAP_DAC_OVERRIDE].into_iter().collect(),
+    };
+    let keeping = !kept.is_empty();
+    if keeping {
+        // The bounding set first, while CAP_SETPCAP is still held.
+        let bounding = caps::read(None, CapSet::Bounding).map_err(|e| err(e.to_string()))?;
+        for cap in bounding.difference(&kept) {
+            caps::drop(None, CapSet::Bounding, *cap).map_err(|e| err(e.to_string()))?;
+        }
+        // Keep the permitted set across the uid change, on this thread only.
+        caps::securebits::set_keepcaps(true).map_err(|e| err(e.to_string()))?;
+    }
     setgroups(&[]).map_err(|e| err(format!("setgroups: {e}")))?;
     setgid(u.gid).map_err(|e| err(format!("setgid: {e}")))?;
     setuid(u.uid).map_err(|e| err(format!("setuid: {e}")))?;
+    if keeping {
+        caps::set(None, CapSet::Permitted, &kept).map_err(|e| err(e.to_string()))?;
+        caps::set(None, CapSet::Effective, &kept).map_err(|e| err(e.to_string()))?;
+        caps::set(None, CapSet::Inheritable, &CapsHashSet::new())
+            .map_err(|e| err(e.to_string()))?;
+        // Kernels without ambient capabilities have none to clear.
+        let _ = caps::clear(None, CapSet::Ambient);
+        caps::securebits::set_keepcaps(false).map_err(|e| err(e.to_string()))?;
+    }
     chdir("/").map_err(|e| err(format!("chdir /: {e}")))?;
     tracing::info!(
         user,
         uid = u.uid.as_raw(),
         gid = u.gid.as_raw(),
+        kept = match keep {
+            Keep::Nothing => "nothing",
+            Keep::DacOverrideOnThisThread => "CAP_DAC_OVERRIDE, on the sandbox watcher thread only",
+        },
         "dropped root privileges"
     );
     Ok(())

@@ -168,15 +168,50 @@ pub enum DecodeError {
     },
 }
 
-impl DecodeError {
-    /// A stable, low-cardinality label for metrics and logs.
-    pub fn kind(&self) -> &'static str {
+/// What kind of payload failed to decode: a stable, low-cardinality label
+/// for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecodeErrorKind {
+    /// Not valid JSON, or not a JSON `SpanData`.
+    Json,
+    /// Not a bincode `SpanData`.
+    Bincode,
+    /// Neither format.
+    UnknownFormat,
+    /// An all-zero trace or span id.
+    InvalidIds,
+    /// An empty payload.
+    Empty,
+}
+
+impl DecodeErrorKind {
+    pub const ALL: [DecodeErrorKind; 5] = [
+        DecodeErrorKind::Json,
+        DecodeErrorKind::Bincode,
+        DecodeErrorKind::UnknownFormat,
+        DecodeErrorKind::InvalidIds,
+        DecodeErrorKind::Empty,
+    ];
+
+    pub fn as_str(self) -> &'static str {
         match self {
-            DecodeError::Empty => "empty",
-            DecodeError::Json(_) => "json",
-            DecodeError::Bincode(_) => "bincode",
-            DecodeError::InvalidIds => "invalid_ids",
-            DecodeError::Neither { .. } => "unknown_format",
+            DecodeErrorKind::Json => "json",
+            DecodeErrorKind::Bincode => "bincode",
+            DecodeErrorKind::UnknownFormat => "unknown_format",
+            DecodeErrorKind::InvalidIds => "invalid_ids",
+            DecodeErrorKind::Empty => "empty",
+        }
+    }
+}
+
+impl DecodeError {
+    pub fn kind(&self) -> DecodeErrorKind {
+        match self {
+            DecodeError::Empty => DecodeErrorKind::Empty,
+            DecodeError::Json(_) => DecodeErrorKind::Json,
+            DecodeError::Bincode(_) => DecodeErrorKind::Bincode,
+            DecodeError::InvalidIds => DecodeErrorKind::InvalidIds,
+            DecodeError::Neither { .. } => DecodeErrorKind::UnknownFormat,
         }
     }
 }

@@ -21,7 +21,7 @@ use kata_agent_emitter::{ExpectedSpan, ExpectedStatus, ExpectedValue};
 use serde_json::{json, Value};
 
 /// The Jaeger module version scripts/setup-jaeger.sh builds by default.
-pub const JAEGER_VERSION: &str = "v1.76.0";
+pub const JAEGER_VERSION: &str = "v1.75.0";
 
 /// The Jaeger binary: `JAEGER_BIN`, else the cached build of
 /// scripts/setup-jaeger.sh. Panics (fails the test) when there is neither.

@@ -7,20 +7,23 @@
 //! the connection uses (held to the struct path, `otlp::span` + prost, byte
 //! for byte), the export request (as the gRPC and HTTP exporters send it),
 //! record splitting (as the batcher does it) and OTLP JSON (as
-//! `--dump-only` prints it). A stream goes through the frame codec the way
-//! the connection's read loop drives it, fed in random chunks as a socket
-//! delivers them, and is checked against a reference reading of the same
-//! bytes.
+//! `--dump-only` prints it). A stream goes through the forwarder's own
+//! ingest stage (`ingest::Ingest` with its `ReadBuffer`), fed in random
+//! chunks as a socket delivers them, and is checked against a reference
+//! reading of the same bytes: the frames it splits, how the stream ends,
+//! and the records it produces against the payload path's.
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use kata_trace_forwarder::addr::Peer;
+use kata_trace_forwarder::ingest::{Ingest, ReadBuffer, READ_MAX};
 use kata_trace_forwarder::otlp::{self, Origin, ResourceCache, SpanRecord};
+use kata_trace_forwarder::stats::Stats;
 use kata_trace_forwarder::wire::{self, AgentSpan, Decoder, ResourceSeen, HEADER_LEN};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::TracesData;
 use prost::Message;
-use tokio_util::codec::Decoder as _;
 
 use crate::corpus::Corpus;
 use crate::rng::Rng;
@@ -142,7 +145,7 @@ pub fn payload(
                 reused.is_err(),
                 "decode_reusing accepts what decode rejects"
             );
-            tally.error(e.kind());
+            tally.error(e.kind().as_str());
             None
         }
     }
@@ -282,11 +285,6 @@ fn reference(bytes: &[u8], max_frame: usize) -> (Vec<&[u8]>, End) {
     }
 }
 
-/// The connection's read sizes (`listen::connection`): reads start at
-/// `READ_MIN`, double while they fill the buffer, up to `READ_MAX`.
-const READ_MIN: usize = 4 * 1024;
-const READ_MAX: usize = 64 * 1024;
-
 /// Memory the read buffer may hold: the codec reserves at most one frame
 /// plus its header and the loop one read, and `BytesMut`'s amortised growth
 /// can double that twice over (see the bytes crate's `reserve_inner`). A
@@ -305,44 +303,41 @@ fn read_len(rng: &mut Rng) -> usize {
     }
 }
 
-/// Feeds a stream through the frame codec as `listen::connection::serve`
-/// does (decode every whole frame, reserve a read, read, `decode_eof` at
-/// EOF), decodes and converts every frame, and checks frames and ending
-/// against [`reference`] and the read buffer against [`buffer_bound`].
+/// Feeds a stream through the forwarder's ingest stage as a connection
+/// does (split and ingest every whole frame, make room, read, end at EOF),
+/// and checks its frames and ending against [`reference`], each frame
+/// through [`payload`], its records against the payload path's, and the
+/// read buffer against [`buffer_bound`].
 pub fn stream(case: &StreamCase, corpus: &Corpus, sink: &mut Sink, tally: &mut Tally) {
     let (want_frames, want_end) = reference(&case.bytes, case.max_frame);
     let mut rng = Rng::new(case.chunk_seed);
-    let mut codec = wire::FrameDecoder::new(case.max_frame);
+    let stats = Stats::default();
+    let mut ingest = Ingest::new(Peer::Unix, Arc::new(sink.origin.clone()), case.max_frame);
+    let mut input = ReadBuffer::default();
+    let mut ingested = Vec::new();
+    // The payload path, frame by frame, as the reference for the records.
     let mut decoder = Prime::Fresh.decoder(corpus);
-    let mut buf = BytesMut::new();
-    let mut read_size = READ_MIN;
-    let mut unread = &case.bytes[..];
-    let bound = buffer_bound(case.max_frame);
     let mut records: Vec<SpanRecord> = Vec::new();
     let mut spans = 0;
     let mut got = 0usize;
-    let end = 'conn: loop {
-        loop {
-            match codec.decode(&mut buf) {
-                Ok(Some(frame)) => {
-                    assert!(frame.len() <= case.max_frame, "frame over the maximum");
-                    assert!(got < want_frames.len(), "codec produced an extra frame");
-                    assert_eq!(&frame[..], want_frames[got], "frame {got} differs");
-                    got += 1;
-                    tally.stream_frames += 1;
-                    if let Some(rec) = payload(&frame, &mut decoder, sink, tally) {
-                        spans += 1;
-                        add_record(&mut records, rec);
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => break 'conn classify(&e),
+    let mut unread = &case.bytes[..];
+    let bound = buffer_bound(case.max_frame);
+    let end = loop {
+        let split = ingest.frames_inspected(input.bytes(), &stats, &mut ingested, |frame| {
+            assert!(frame.len() <= case.max_frame, "frame over the maximum");
+            assert!(got < want_frames.len(), "ingest split an extra frame");
+            assert_eq!(frame, want_frames[got], "frame {got} differs");
+            got += 1;
+            tally.stream_frames += 1;
+            if let Some(rec) = payload(frame, &mut decoder, sink, tally) {
+                spans += 1;
+                add_record(&mut records, rec);
             }
+        });
+        if let Err(e) = split {
+            break classify(&e);
         }
-        if buf.is_empty() && buf.capacity() > read_size {
-            buf = BytesMut::new();
-        }
-        buf.reserve(read_size);
+        let buf = input.prepare();
         let spare = buf.capacity() - buf.len();
         let n = read_len(&mut rng).min(spare).min(unread.len());
         buf.extend_from_slice(&unread[..n]);
@@ -358,27 +353,43 @@ pub fn stream(case: &StreamCase, corpus: &Corpus, sink: &mut Sink, tally: &mut T
             tally.max_buffer = (cap, case.max_frame);
         }
         if n == 0 {
-            break match codec.decode_eof(&mut buf) {
-                Ok(None) => End::Clean,
-                Ok(Some(_)) => panic!("decode_eof found a frame that decode left behind"),
+            // A frame that only decode_eof found would be lost here, and
+            // counted missing against the reference below.
+            break match ingest.eof(input.bytes()) {
+                Ok(()) => End::Clean,
                 Err(e) => classify(&e),
             };
         }
-        if n >= spare {
-            read_size = (read_size * 2).min(READ_MAX);
-        } else if n < read_size / 2 {
-            read_size = READ_MIN;
-        }
+        input.filled(n);
     };
-    assert_eq!(got, want_frames.len(), "codec lost frames");
+    assert_eq!(got, want_frames.len(), "ingest lost frames");
     assert_eq!(end, want_end, "stream ending");
     match end {
         End::Clean => tally.stream_clean += 1,
         End::Oversized { .. } => tally.stream_oversized += 1,
         End::Trailing => tally.stream_trailing += 1,
     }
-    if !records.is_empty() {
-        export(&records, spans, &mut rng);
+    // What ingest queued is what the payload path made of the same frames.
+    let queued: Vec<SpanRecord> = ingested.into_iter().map(|i| i.record).collect();
+    let count: usize = queued.iter().map(|r| r.count).sum();
+    assert_eq!(count, spans, "spans ingested");
+    assert_eq!(ingest.spans(), spans as u64);
+    assert_eq!(stats.snapshot().spans_received, spans as u64);
+    let flat = |rs: &[SpanRecord]| {
+        rs.iter()
+            .flat_map(|r| r.spans.to_vec())
+            .collect::<Vec<u8>>()
+    };
+    assert_eq!(
+        flat(&queued),
+        flat(&records),
+        "ingest's encoded spans differ"
+    );
+    for r in &queued {
+        assert!(r.count <= kata_trace_forwarder::ingest::RECORD_MAX_SPANS);
+    }
+    if !queued.is_empty() {
+        export(&queued, spans, &mut rng);
     }
 }
 

@@ -1,0 +1,293 @@
+//! What the forwarder tells its operator: each event logs and counts in one
+//! call.
+//!
+//! A stage that has something to report builds one of these structs and
+//! hands it to [`emit!`] with the forwarder's [`Stats`]. The event decides
+//! both the log line (level, fields, message) and the counters it moves, so
+//! a count can never be added without its log line or the other way round,
+//! and a reader finds everything the forwarder says about, say, a frame
+//! that does not decode in one place. (The pattern is vector's
+//! `internal_events`.) Lifecycle lines that count nothing (startup,
+//! shutdown) stay as plain `tracing` calls where they happen.
+
+use std::fmt;
+
+use crate::addr::Peer;
+use crate::stats::{DropReason, Stats};
+use crate::wire::{DecodeError, FrameError, WireFormat};
+
+/// An event that logs and counts itself.
+pub trait Event {
+    fn emit(self, stats: &Stats);
+}
+
+/// `emit!(stats, Event { .. })`: logs and counts one event.
+macro_rules! emit {
+    ($stats:expr, $event:expr) => {
+        $crate::events::Event::emit($event, &$stats)
+    };
+}
+pub(crate) use emit;
+
+// ---- listen ---------------------------------------------------------------
+
+/// A connection was accepted (whether or not it is then served).
+pub struct ConnectionAccepted;
+
+impl Event for ConnectionAccepted {
+    fn emit(self, stats: &Stats) {
+        stats.connections_total.inc();
+    }
+}
+
+/// A connection was closed at once: `--max-connections` are open.
+pub struct ConnectionRejected {
+    pub peer: Peer,
+    pub max_connections: usize,
+}
+
+impl Event for ConnectionRejected {
+    fn emit(self, stats: &Stats) {
+        stats.connections_rejected.inc();
+        tracing::warn!(peer = %self.peer, max_connections = self.max_connections, "connection limit reached; closing new connection");
+    }
+}
+
+/// An agent connection is being served.
+pub struct AgentConnected {
+    pub peer: Peer,
+}
+
+impl Event for AgentConnected {
+    fn emit(self, _: &Stats) {
+        tracing::info!(peer = %self.peer, "agent connected");
+    }
+}
+
+/// An agent connection ended: cleanly, or on a framing or read error.
+pub struct AgentDisconnected<'a> {
+    pub peer: Peer,
+    pub spans: u64,
+    pub decode_errors: u64,
+    pub format: Option<WireFormat>,
+    pub end: Result<(), &'a FrameError>,
+}
+
+impl Event for AgentDisconnected<'_> {
+    fn emit(self, stats: &Stats) {
+        let Self {
+            peer,
+            spans,
+            decode_errors,
+            format,
+            end,
+        } = self;
+        let format = format.map_or("none", WireFormat::as_str);
+        match end {
+            Ok(()) => tracing::info!(%peer, spans, decode_errors, format, "agent disconnected"),
+            Err(e) => {
+                match e {
+                    FrameError::Oversized { .. } => stats.frames_oversized.inc(),
+                    FrameError::Truncated { .. } => stats.frames_truncated.inc(),
+                    FrameError::Read(_) => stats.io_errors.inc(),
+                }
+                tracing::warn!(%peer, spans, decode_errors, format, error = %e, "closing agent connection");
+            }
+        }
+    }
+}
+
+// ---- ingest ---------------------------------------------------------------
+
+/// How many decode errors one connection logs at `warn` before it only
+/// counts them (the count is logged when the connection ends).
+pub const LOGGED_DECODE_ERRORS: u64 = 5;
+
+/// Whole frames split off a connection's stream in one go.
+pub struct FramesRead {
+    pub frames: u64,
+    pub bytes: u64,
+}
+
+impl Event for FramesRead {
+    fn emit(self, stats: &Stats) {
+        stats.frames_received.add(self.frames);
+        stats.bytes_received.add(self.bytes);
+    }
+}
+
+/// A frame did not decode as a span and was skipped.
+pub struct FrameSkipped<'a> {
+    pub peer: Peer,
+    pub error: &'a DecodeError,
+    pub frame_len: usize,
+    /// This connection's how-manieth decode error this is.
+    pub nth: u64,
+}
+
+impl Event for FrameSkipped<'_> {
+    fn emit(self, stats: &Stats) {
+        let kind = self.error.kind();
+        stats.decode_errors.inc(kind);
+        if self.nth <= LOGGED_DECODE_ERRORS {
+            tracing::warn!(peer = %self.peer, error = %self.error, kind = kind.as_str(), frame_len = self.frame_len, "skipping frame that does not decode");
+        }
+    }
+}
+
+/// Spans decoded, about to be queued: counted before the queue sees them,
+/// so the counters never show more exported than received.
+pub struct SpansReceived {
+    pub format: Option<WireFormat>,
+    pub spans: u64,
+}
+
+impl Event for SpansReceived {
+    fn emit(self, stats: &Stats) {
+        stats.spans_received.add(self.spans);
+        match self.format {
+            Some(WireFormat::Json) => stats.spans_json.add(self.spans),
+            Some(WireFormat::Bincode) => stats.spans_bincode.add(self.spans),
+            None => {}
+        }
+    }
+}
+
+// ---- export ---------------------------------------------------------------
+
+/// One export request is about to be sent (`attempt` counts from 1).
+pub struct ExportAttempt {
+    pub attempt: u32,
+}
+
+impl Event for ExportAttempt {
+    fn emit(self, stats: &Stats) {
+        stats.export_attempts.inc();
+        if self.attempt > 1 {
+            stats.export_retries.inc();
+        }
+    }
+}
+
+/// An export request failed; the retry policy decides what comes next.
+pub struct ExportAttemptFailed<'a, E> {
+    pub attempt: u32,
+    pub error: &'a E,
+    pub retry: crate::export::retry::Retry,
+}
+
+impl<E: fmt::Display> Event for ExportAttemptFailed<'_, E> {
+    fn emit(self, _: &Stats) {
+        tracing::warn!(attempt = self.attempt, error = %self.error, retry = ?self.retry, "export attempt failed");
+    }
+}
+
+/// Where a batch of spans ended up: the one place delivery is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The collector took them; `rejected` of them it refused in a partial
+    /// success.
+    Delivered { rejected: u64 },
+    /// Written to the spool, to be sent later.
+    Spooled,
+    /// Lost, and why.
+    Dropped(DropReason),
+}
+
+/// A batch left the exporter's hands.
+pub struct BatchDone<'a> {
+    pub spans: u64,
+    pub delivery: Delivery,
+    pub attempts: u32,
+    /// The last error, when it was not delivered.
+    pub error: Option<&'a dyn fmt::Display>,
+    /// Sent from the spool rather than straight from the queue.
+    pub from_spool: bool,
+}
+
+impl Event for BatchDone<'_> {
+    fn emit(self, stats: &Stats) {
+        let Self {
+            spans,
+            delivery,
+            attempts,
+            error,
+            from_spool,
+        } = self;
+        let error = error.map(|e| e.to_string()).unwrap_or_default();
+        match delivery {
+            Delivery::Delivered { rejected } => {
+                let rejected = rejected.min(spans);
+                stats.spans_rejected.add(rejected);
+                stats.spans_exported.add(spans - rejected);
+                if from_spool {
+                    stats.spans_unspooled.add(spans);
+                    tracing::info!(spans, "sent spooled batch");
+                } else {
+                    tracing::debug!(spans, attempts, "batch exported");
+                }
+            }
+            Delivery::Spooled => {
+                stats.spans_spooled.add(spans);
+                tracing::warn!(%error, spans, attempts, "collector unavailable; batch spooled");
+            }
+            Delivery::Dropped(reason) => {
+                stats.export_failures.inc();
+                stats.spans_dropped.add(reason, spans);
+                match reason {
+                    DropReason::Rejected => {
+                        tracing::error!(%error, spans, from_spool, "collector rejected the batch for good; spans dropped")
+                    }
+                    DropReason::Export => {
+                        tracing::error!(%error, spans, attempts, "giving up on batch; spans dropped")
+                    }
+                    DropReason::Shutdown => {
+                        tracing::error!(%error, spans, attempts, "shutdown deadline reached; spans dropped")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The collector accepted a batch only in part.
+pub struct PartialSuccess<'a> {
+    pub rejected_spans: i64,
+    pub message: &'a str,
+}
+
+impl Event for PartialSuccess<'_> {
+    fn emit(self, _: &Stats) {
+        tracing::warn!(
+            rejected_spans = self.rejected_spans,
+            message = %self.message,
+            "collector accepted the batch only in part"
+        );
+    }
+}
+
+/// A batch found no room in the spool (`--spool-max-bytes`).
+pub struct SpoolFull {
+    pub spans: u64,
+}
+
+impl Event for SpoolFull {
+    fn emit(self, stats: &Stats) {
+        stats.spool_full.inc();
+        tracing::warn!(spans = self.spans, "spool is full (--spool-max-bytes)");
+    }
+}
+
+/// A spool file could not be read back and was set aside or forgotten.
+pub struct SpoolFileSkipped<'a> {
+    pub error: &'a crate::export::spool::SpoolError,
+}
+
+impl Event for SpoolFileSkipped<'_> {
+    fn emit(self, stats: &Stats) {
+        if matches!(self.error, crate::export::spool::SpoolError::Damaged { .. }) {
+            stats.spool_damaged.inc();
+        }
+        tracing::error!(error = %self.error, "skipping spool file");
+    }
+}

@@ -1,0 +1,398 @@
+//! Ingest: one agent's byte stream in, encoded span records out.
+//!
+//! This is the stage between a socket and the export queue, with no socket
+//! in it: the connection task reads into a [`ReadBuffer`] and hands the
+//! bytes here, and what comes back are [`Ingested`] records for the queue.
+//! The fuzz driver and the benchmarks run this very code on bytes in
+//! memory.
+//!
+//! Per frame: split it off the stream (8-byte big-endian length, then the
+//! payload; see [`crate::wire`]), detect the format and decode it (a
+//! resource whose bytes equal the previous span's is not decoded again),
+//! convert the resource once per connection ([`ResourceCache`]) and encode
+//! the span straight into protobuf. A frame that does not decode is counted
+//! and skipped: its length prefix still says where the next one starts.
+//!
+//! Work is done per read, not per frame: every whole frame a read brought
+//! is encoded into one scratch buffer, which becomes one record (split off,
+//! not copied) per resource, at most [`RECORD_MAX_SPANS`] spans each, and
+//! the counters move once.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio_util::codec::Decoder as _;
+
+use crate::addr::Peer;
+use crate::events::{emit, FrameSkipped, FramesRead, SpansReceived};
+use crate::otlp::{self, EncodedResource, Origin, ResourceCache, SpanRecord};
+use crate::stats::Stats;
+use crate::wire::{Decoder, FrameDecoder, FrameError, WireFormat};
+
+/// First read buffer of a connection, and what it shrinks back to when the
+/// agent goes quiet: an idle connection holds no more than this.
+pub const READ_MIN: usize = 4 * 1024;
+/// Largest read buffer: reached while the agent writes faster than one read
+/// takes, so that a burst costs one `read` per many frames.
+pub const READ_MAX: usize = 64 * 1024;
+/// Most the encoded-span scratch reserves ahead at once.
+const SCRATCH_RESERVE_MAX: usize = 2 * READ_MAX;
+/// Most spans in one record handed to the export queue.
+pub const RECORD_MAX_SPANS: usize = 256;
+
+/// Spans ready for the export queue.
+pub struct Ingested {
+    pub record: SpanRecord,
+    /// Payload bytes of the frames behind these spans: the queue's cost.
+    pub cost: usize,
+}
+
+/// A connection's read buffer, sized to what the agent writes: it grows
+/// while reads fill it and is given back when the agent goes quiet.
+#[derive(Debug)]
+pub struct ReadBuffer {
+    buf: BytesMut,
+    read_size: usize,
+    /// Room the last [`prepare`](Self::prepare) made.
+    spare: usize,
+}
+
+impl Default for ReadBuffer {
+    fn default() -> Self {
+        ReadBuffer {
+            buf: BytesMut::new(),
+            read_size: READ_MIN,
+            spare: 0,
+        }
+    }
+}
+
+impl ReadBuffer {
+    /// Makes room for the next read and returns the buffer to read into. A
+    /// drained buffer means the burst is over: large allocations go back
+    /// before waiting, so quiet agents cost little.
+    pub fn prepare(&mut self) -> &mut BytesMut {
+        if self.buf.is_empty() && self.buf.capacity() > self.read_size {
+            self.buf = BytesMut::new();
+        }
+        self.buf.reserve(self.read_size);
+        self.spare = self.buf.capacity() - self.buf.len();
+        &mut self.buf
+    }
+
+    /// After a read of `n` bytes: a read that filled the room doubles the
+    /// next one, a small one sends it back to the minimum.
+    pub fn filled(&mut self, n: usize) {
+        if n >= self.spare {
+            self.read_size = (self.read_size * 2).min(READ_MAX);
+        } else if n < self.read_size / 2 {
+            self.read_size = READ_MIN;
+        }
+    }
+
+    /// Whether the agent has gone quiet (reads are back to the minimum).
+    pub fn is_quiet(&self) -> bool {
+        self.read_size == READ_MIN
+    }
+
+    /// The bytes read and not yet split into frames.
+    pub fn bytes(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+}
+
+/// The spans of one read, encoded and waiting to become a record.
+struct Pending {
+    /// Scratch the spans are encoded into, reused from read to read.
+    spans: BytesMut,
+    count: usize,
+    cost: usize,
+    resource: Option<Arc<EncodedResource>>,
+}
+
+impl Pending {
+    fn take(&mut self) -> Option<Ingested> {
+        let resource = self.resource.clone()?;
+        if self.count == 0 {
+            return None;
+        }
+        // Split off, not copied: the record takes the written part of the
+        // scratch allocation and the scratch keeps the rest, so records of
+        // one connection are consecutive slices of few allocations, each
+        // freed once its last record is exported. When the rest runs out,
+        // the scratch starts a new allocation of the same size.
+        let record = SpanRecord {
+            resource,
+            spans: self.spans.split().freeze(),
+            count: std::mem::take(&mut self.count),
+        };
+        Some(Ingested {
+            record,
+            cost: std::mem::take(&mut self.cost),
+        })
+    }
+}
+
+/// One connection's ingest state: framing, format, resource cache.
+pub struct Ingest {
+    peer: Peer,
+    origin: Arc<Origin>,
+    codec: FrameDecoder,
+    decoder: Decoder,
+    resources: ResourceCache,
+    pending: Pending,
+    spans: u64,
+    decode_errors: u64,
+}
+
+impl Ingest {
+    /// `origin` is the connection's: the service name plus whatever is
+    /// known of its sandbox (id, VSOCK CID).
+    pub fn new(peer: Peer, origin: Arc<Origin>, max_frame_size: usize) -> Ingest {
+        Ingest {
+            peer,
+            origin,
+            codec: FrameDecoder::new(max_frame_size),
+            decoder: Decoder::new(),
+            resources: ResourceCache::default(),
+            pending: Pending {
+                spans: BytesMut::new(),
+                count: 0,
+                cost: 0,
+                resource: None,
+            },
+            spans: 0,
+            decode_errors: 0,
+        }
+    }
+
+    /// Turns every whole frame in `buf` into spans, appending the finished
+    /// records to `out`. An error (a frame over the size limit) ends the
+    /// stream; the records before it are in `out` all the same.
+    pub fn frames(
+        &mut self,
+        buf: &mut BytesMut,
+        stats: &Stats,
+        out: &mut Vec<Ingested>,
+    ) -> Result<(), FrameError> {
+        self.frames_inspected(buf, stats, out, |_| {})
+    }
+
+    /// [`frames`](Self::frames), showing each frame's payload to `inspect`
+    /// first: how the fuzz driver holds this loop to a reference reading.
+    pub fn frames_inspected(
+        &mut self,
+        buf: &mut BytesMut,
+        stats: &Stats,
+        out: &mut Vec<Ingested>,
+        mut inspect: impl FnMut(&[u8]),
+    ) -> Result<(), FrameError> {
+        let (mut frames, mut frame_bytes) = (0u64, 0u64);
+        let queued_before = out.len();
+        let split = loop {
+            let frame = match self.codec.decode(buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            inspect(&frame);
+            frames += 1;
+            frame_bytes += frame.len() as u64;
+            let (span, seen) = match self
+                .decoder
+                .decode_reusing(&frame, self.resources.known_bytes())
+            {
+                Ok(decoded) => decoded,
+                Err(error) => {
+                    self.decode_errors += 1;
+                    emit!(
+                        stats,
+                        FrameSkipped {
+                            peer: self.peer,
+                            error: &error,
+                            frame_len: frame.len(),
+                            nth: self.decode_errors,
+                        }
+                    );
+                    continue;
+                }
+            };
+            let resource = self
+                .resources
+                .get(span.resource.as_ref(), seen, &self.origin);
+            let pending = &mut self.pending;
+            let same = pending
+                .resource
+                .as_ref()
+                .is_some_and(|r| Arc::ptr_eq(r, &resource));
+            if !same || pending.count >= RECORD_MAX_SPANS {
+                if let Some(done) = pending.take() {
+                    out.push(done);
+                }
+                if !same {
+                    pending.resource = Some(resource);
+                }
+            }
+            // A record starts: room for what the rest of this read encodes
+            // to (about its payload's size) in one piece, rather than
+            // growing, and copying, span by span. Capped: a large partial
+            // frame behind this one must not make it large.
+            if pending.spans.is_empty() {
+                pending
+                    .spans
+                    .reserve((frame.len() + buf.len()).min(SCRATCH_RESERVE_MAX));
+            }
+            otlp::encode::put_span(&mut pending.spans, &span);
+            pending.count += 1;
+            pending.cost += frame.len();
+            self.spans += 1;
+        };
+        if let Some(done) = self.pending.take() {
+            out.push(done);
+        }
+        emit!(
+            stats,
+            FramesRead {
+                frames,
+                bytes: frame_bytes
+            }
+        );
+        let spans: usize = out
+            .get(queued_before..)
+            .unwrap_or_default()
+            .iter()
+            .map(|i| i.record.count)
+            .sum();
+        if spans > 0 {
+            emit!(
+                stats,
+                SpansReceived {
+                    format: self.decoder.format(),
+                    spans: spans as u64,
+                }
+            );
+        }
+        split
+    }
+
+    /// The stream ended: anything left in `buf` is a frame cut short.
+    pub fn eof(&mut self, buf: &mut BytesMut) -> Result<(), FrameError> {
+        self.codec.decode_eof(buf).map(drop)
+    }
+
+    /// The agent went quiet: give the encoding scratch back.
+    pub fn shrink(&mut self) {
+        if self.pending.spans.capacity() > READ_MIN {
+            self.pending.spans = BytesMut::new();
+        }
+    }
+
+    pub fn peer(&self) -> Peer {
+        self.peer
+    }
+
+    /// The wire format detected, once a frame has decoded.
+    pub fn format(&self) -> Option<WireFormat> {
+        self.decoder.format()
+    }
+
+    /// Spans decoded so far.
+    pub fn spans(&self) -> u64 {
+        self.spans
+    }
+
+    /// Frames skipped so far because they did not decode.
+    pub fn decode_errors(&self) -> u64 {
+        self.decode_errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::HEADER_LEN;
+    use kata_agent_emitter::{bulk_frames, WireFormat as EmitFormat};
+
+    fn origin() -> Arc<Origin> {
+        Arc::new(Origin {
+            service_name: "kata-agent".into(),
+            extra: Vec::new(),
+        })
+    }
+
+    /// A stream fed in odd-sized reads comes out as the same spans, in
+    /// order, as one read of everything, with garbage frames skipped and
+    /// counted.
+    #[test]
+    fn any_chunking_gives_the_same_records() {
+        for format in EmitFormat::ALL {
+            let mut stream = Vec::new();
+            for (i, f) in bulk_frames(format, 40, 300, 0).iter().enumerate() {
+                stream.extend_from_slice(f);
+                if i % 10 == 3 {
+                    stream.extend_from_slice(&5u64.to_be_bytes());
+                    stream.extend_from_slice(b"junk!");
+                }
+            }
+            let run = |chunk: usize| {
+                let stats = Stats::default();
+                let mut ingest = Ingest::new(Peer::Unix, origin(), 1 << 20);
+                let mut rb = ReadBuffer::default();
+                let mut out = Vec::new();
+                for piece in stream.chunks(chunk) {
+                    rb.prepare().extend_from_slice(piece);
+                    rb.filled(piece.len());
+                    ingest.frames(rb.bytes(), &stats, &mut out).unwrap();
+                }
+                ingest.eof(rb.bytes()).unwrap();
+                let spans: Vec<u8> = out.iter().flat_map(|i| i.record.spans.to_vec()).collect();
+                let count: usize = out.iter().map(|i| i.record.count).sum();
+                assert!(out.iter().all(|i| i.record.count <= RECORD_MAX_SPANS));
+                let snap = stats.snapshot();
+                assert_eq!(snap.spans_received, count as u64);
+                assert_eq!(snap.decode_errors.total(), ingest.decode_errors());
+                (spans, count, ingest.decode_errors())
+            };
+            let whole = run(stream.len());
+            assert_eq!(whole.1, 40);
+            assert_eq!(whole.2, 4);
+            for chunk in [1, 7, HEADER_LEN, 333, 4096] {
+                assert_eq!(run(chunk), whole, "{format} in reads of {chunk}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stream_cut_mid_frame_is_truncated_and_oversize_ends_it() {
+        let stats = Stats::default();
+        let mut out = Vec::new();
+        let mut ingest = Ingest::new(Peer::Unix, origin(), 64);
+        let mut buf = BytesMut::from(&[0, 0, 0, 0, 0, 0, 0, 9, 1, 2][..]);
+        ingest.frames(&mut buf, &stats, &mut out).unwrap();
+        assert!(matches!(
+            ingest.eof(&mut buf),
+            Err(FrameError::Truncated { .. })
+        ));
+        let mut ingest = Ingest::new(Peer::Unix, origin(), 64);
+        let mut buf = BytesMut::from(&(1u64 << 40).to_be_bytes()[..]);
+        assert!(matches!(
+            ingest.frames(&mut buf, &stats, &mut out),
+            Err(FrameError::Oversized { .. })
+        ));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_read_buffer_grows_under_load_and_shrinks_when_quiet() {
+        let mut rb = ReadBuffer::default();
+        let room = rb.prepare().capacity();
+        rb.filled(room);
+        assert!(!rb.is_quiet());
+        let room = rb.prepare().capacity();
+        assert!(room >= 2 * READ_MIN);
+        rb.bytes().clear();
+        rb.filled(10);
+        assert!(rb.is_quiet());
+        assert!(rb.prepare().capacity() < room, "given back once drained");
+    }
+}

@@ -1,0 +1,160 @@
+//! One way to stop, carried by every task that has to stop.
+//!
+//! Stopping has two phases. First the forwarder stops accepting and every
+//! connection drains (it keeps reading until its agent has been quiet for a
+//! moment), then what was read is flushed to the collector or the spool.
+//! Both phases end at one deadline, set when stopping begins. A
+//! [`Shutdown`] is a cancellation token (the signal to stop accepting and
+//! start draining) plus that shared deadline. A sandbox that goes away in
+//! template mode gets a [`child`](Shutdown::child): stopped with the whole
+//! forwarder, or alone, in which case its connections drain with no
+//! deadline but their own quiet.
+//!
+//! How the forwarder stops is a [`Mode`]. Today that is always a drain;
+//! handing live connections to a successor process will be the second.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How the forwarder is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Stop accepting, read what agents already wrote, flush, exit.
+    Drain,
+}
+
+/// Stopping has begun: how, and by when it must be done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopping {
+    pub mode: Mode,
+    pub deadline: Instant,
+}
+
+/// A handle on the forwarder's (or one sandbox's) shutdown. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    token: CancellationToken,
+    /// Shared by a shutdown and all its children: set once, by the root.
+    stopping: Arc<watch::Sender<Option<Stopping>>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Shutdown {
+        Shutdown {
+            token: CancellationToken::new(),
+            stopping: Arc::new(watch::Sender::new(None)),
+        }
+    }
+
+    /// A shutdown that stops with this one, or on its own with
+    /// [`stop`](Self::stop), sharing this one's deadline.
+    pub fn child(&self) -> Shutdown {
+        Shutdown {
+            token: self.token.child_token(),
+            stopping: Arc::clone(&self.stopping),
+        }
+    }
+
+    /// Begins stopping everything under this shutdown, to be done by
+    /// `deadline`.
+    pub fn begin(&self, mode: Mode, deadline: Instant) {
+        self.stopping
+            .send_replace(Some(Stopping { mode, deadline }));
+        self.token.cancel();
+    }
+
+    /// Stops this shutdown's tasks (a sandbox that went) with no deadline of
+    /// its own: they drain until quiet.
+    pub fn stop(&self) {
+        self.token.cancel();
+    }
+
+    /// Whether to stop accepting and start draining.
+    pub fn is_stopping(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Resolves once stopping has begun (for this shutdown or its parent).
+    pub async fn stopping(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// How the whole forwarder is stopping, if it is.
+    pub fn phase(&self) -> Option<Stopping> {
+        *self.stopping.borrow()
+    }
+
+    /// The forwarder's shutdown deadline, once stopping has begun.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.phase().map(|s| s.deadline)
+    }
+
+    /// Whether the shutdown deadline has passed.
+    pub fn past_deadline(&self) -> bool {
+        self.deadline().is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Resolves once the forwarder's shutdown deadline is set, with it.
+    /// Retries and backoff waits use it to be cut short.
+    pub async fn deadline_set(&self) -> Instant {
+        let mut rx = self.stopping.subscribe();
+        let set = match rx.wait_for(Option::is_some).await {
+            Ok(s) => *s,
+            // The sender lives in `self`: it cannot be gone while we wait.
+            Err(_) => None,
+        };
+        set.map_or_else(Instant::now, |s| s.deadline)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_child_stops_alone_or_with_its_parent() {
+        let root = Shutdown::new();
+        let a = root.child();
+        let b = root.child();
+        a.stop();
+        assert!(a.is_stopping());
+        assert!(!b.is_stopping() && !root.is_stopping());
+        assert_eq!(a.deadline(), None, "a sandbox stopping sets no deadline");
+
+        let at = Instant::now() + Duration::from_secs(5);
+        root.begin(Mode::Drain, at);
+        assert!(b.is_stopping());
+        b.stopping().await;
+        assert_eq!(b.deadline(), Some(at));
+        assert_eq!(b.deadline_set().await, at);
+        assert!(!b.past_deadline());
+        let grandchild = b.child();
+        assert!(grandchild.is_stopping(), "born stopped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_set_wakes_when_stopping_begins() {
+        let root = Shutdown::new();
+        let waiter = tokio::spawn({
+            let s = root.child();
+            async move { s.deadline_set().await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished());
+        let at = Instant::now() + Duration::from_secs(1);
+        root.begin(Mode::Drain, at);
+        assert_eq!(waiter.await.unwrap(), at);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(root.past_deadline());
+    }
+}
