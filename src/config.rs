@@ -716,19 +716,14 @@ fn parse_header(
     Ok((name, value))
 }
 
+/// Undoes `%XX` escapes, as the OpenTelemetry SDKs read these variables (a
+/// `%` that starts no escape stays as it is); `None` if the result is not
+/// UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
-    let mut bytes = s.as_bytes().iter();
-    let mut out = Vec::with_capacity(s.len());
-    while let Some(&b) = bytes.next() {
-        if b == b'%' {
-            let hex = [*bytes.next()?, *bytes.next()?];
-            let hex = std::str::from_utf8(&hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-        } else {
-            out.push(b);
-        }
-    }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 #[cfg(test)]

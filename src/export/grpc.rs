@@ -38,7 +38,6 @@ use crate::config::OtlpConfig;
 use crate::otlp::EncodedRequest;
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
-const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
 /// A collector's answer is a few bytes (a partial-success count and
 /// message); anything larger is not read.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -241,52 +240,15 @@ fn is_transport_error(status: &Status) -> bool {
     std::error::Error::source(status).is_some() || status.message().contains("transport error")
 }
 
-/// Reads `google.rpc.RetryInfo.retry_delay` from a status's details.
+/// The server's `google.rpc.RetryInfo` hint, from a status's details. A
+/// zero delay is no hint at all (tonic-types reads a nonsensical negative
+/// one as zero): it tells nothing about when the collector recovers.
 fn retry_delay(status: &Status) -> Option<Duration> {
-    let details = RpcStatus::decode(status.details()).ok()?;
-    details
-        .details
-        .iter()
-        .filter(|a| a.type_url == RETRY_INFO_TYPE)
-        .find_map(|a| RetryInfo::decode(a.value.as_slice()).ok()?.retry_delay)
-        .and_then(|d| {
-            let secs = u64::try_from(d.seconds).ok()?;
-            let nanos = u32::try_from(d.nanos).ok()?;
-            Some(Duration::new(secs, nanos.min(999_999_999)))
-        })
-}
-
-// The few google.rpc messages needed to read a throttling hint.
-#[derive(Clone, PartialEq, prost::Message)]
-struct RpcStatus {
-    #[prost(int32, tag = "1")]
-    code: i32,
-    #[prost(string, tag = "2")]
-    message: String,
-    #[prost(message, repeated, tag = "3")]
-    details: Vec<ProtoAny>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct ProtoAny {
-    #[prost(string, tag = "1")]
-    type_url: String,
-    #[prost(bytes = "vec", tag = "2")]
-    value: Vec<u8>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct RetryInfo {
-    #[prost(message, optional, tag = "1")]
-    retry_delay: Option<ProtoDuration>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct ProtoDuration {
-    #[prost(int64, tag = "1")]
-    seconds: i64,
-    #[prost(int32, tag = "2")]
-    nanos: i32,
+    use tonic_types::StatusExt;
+    status
+        .get_details_retry_info()?
+        .retry_delay
+        .filter(|d| !d.is_zero())
 }
 
 /// Decodes the collector's answer.
@@ -307,15 +269,19 @@ impl Decoder for ResponseDecoder {
 mod tests {
     use super::*;
 
+    /// A status as a collector sends it: `google.rpc.Status` in the
+    /// details, built from the raw messages so that a negative delay (which
+    /// no well-behaved server sends) can be built too.
     fn status_with_retry_info(code: Code, delay: Option<(i64, i32)>) -> Status {
-        let details = RpcStatus {
+        use tonic_types::pb;
+        let details = pb::Status {
             code: code as i32,
             message: "slow down".into(),
             details: delay
-                .map(|(seconds, nanos)| ProtoAny {
-                    type_url: RETRY_INFO_TYPE.into(),
-                    value: RetryInfo {
-                        retry_delay: Some(ProtoDuration { seconds, nanos }),
+                .map(|(seconds, nanos)| prost_types::Any {
+                    type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+                    value: pb::RetryInfo {
+                        retry_delay: Some(prost_types::Duration { seconds, nanos }),
                     }
                     .encode_to_vec(),
                 })

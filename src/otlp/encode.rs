@@ -17,10 +17,14 @@
 //! a batch only has to frame it (see [`request_chunks`]).
 
 use bytes::{BufMut, Bytes, BytesMut};
+// Varints as prost writes them, by prost's own code.
+use prost::encoding::{encode_varint, encoded_len_varint as varint_len};
 
-use crate::wire::model::{self, AgentSpan, Array, SpanKind, StatusCode, Value};
+use crate::wire::model::{self, AgentSpan, Array, Value};
 
-use super::{EncodedRequest, FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE};
+use super::{
+    span_kind, status_code, EncodedRequest, FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE,
+};
 
 /// Protobuf wire types.
 const VARINT: u32 = 0;
@@ -36,21 +40,6 @@ const fn key(field: u32, wire_type: u32) -> u8 {
 /// `ScopeSpans.spans`, the field each encoded span is wrapped in.
 pub const SCOPE_SPANS_SPAN_KEY: u8 = key(2, LEN);
 
-/// Bytes `v` takes as a varint (prost's formula).
-#[inline]
-pub fn varint_len(v: u64) -> usize {
-    ((((v | 1).leading_zeros() ^ 63) * 9 + 73) / 64) as usize
-}
-
-#[inline]
-pub fn put_varint(buf: &mut BytesMut, mut v: u64) {
-    while v >= 0x80 {
-        buf.put_u8((v as u8) | 0x80);
-        v >>= 7;
-    }
-    buf.put_u8(v as u8);
-}
-
 /// Size of a length-delimited field with a one-byte key.
 #[inline]
 fn len_field(body: usize) -> usize {
@@ -60,7 +49,7 @@ fn len_field(body: usize) -> usize {
 #[inline]
 fn put_len_field(buf: &mut BytesMut, key: u8, body: usize) {
     buf.put_u8(key);
-    put_varint(buf, body as u64);
+    encode_varint(body as u64, buf);
 }
 
 #[inline]
@@ -100,7 +89,7 @@ fn opt_u32_len(v: u32) -> usize {
 fn put_opt_u32(buf: &mut BytesMut, key: u8, v: u32) {
     if v != 0 {
         buf.put_u8(key);
-        put_varint(buf, u64::from(v));
+        encode_varint(u64::from(v), buf);
     }
 }
 
@@ -119,26 +108,6 @@ fn opt_fixed64_len(v: u64) -> usize {
         0
     } else {
         9
-    }
-}
-
-fn span_kind(kind: SpanKind) -> u64 {
-    // opentelemetry.proto.trace.v1.Span.SpanKind
-    match kind {
-        SpanKind::Internal => 1,
-        SpanKind::Server => 2,
-        SpanKind::Client => 3,
-        SpanKind::Producer => 4,
-        SpanKind::Consumer => 5,
-    }
-}
-
-fn status_code(code: StatusCode) -> u64 {
-    // opentelemetry.proto.trace.v1.Status.StatusCode
-    match code {
-        StatusCode::Unset => 0,
-        StatusCode::Ok => 1,
-        StatusCode::Error => 2,
     }
 }
 
@@ -215,7 +184,7 @@ fn put_any_value(buf: &mut BytesMut, v: &Value<'_>) {
         }
         Value::I64(i) => {
             buf.put_u8(key(3, VARINT));
-            put_varint(buf, *i as u64);
+            encode_varint(*i as u64, buf);
         }
         Value::F64(f) => {
             buf.put_u8(key(4, I64));
@@ -238,7 +207,7 @@ fn put_any_value(buf: &mut BytesMut, v: &Value<'_>) {
                     for &i in xs {
                         put_len_field(buf, elem, 1 + varint_len(i as u64));
                         buf.put_u8(key(3, VARINT));
-                        put_varint(buf, i as u64);
+                        encode_varint(i as u64, buf);
                     }
                 }
                 Array::F64(xs) => {
@@ -331,7 +300,7 @@ fn put_link(buf: &mut BytesMut, l: &model::Link<'_>) {
 }
 
 fn status_len(s: &AgentSpan<'_>) -> usize {
-    let code = status_code(s.status_code);
+    let code = status_code(s.status_code) as u64;
     opt_str_len(s.status_message.as_str()) + if code == 0 { 0 } else { 2 }
 }
 
@@ -392,7 +361,7 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
     put_opt_u32(buf, key(14, VARINT), s.links.dropped_count);
     put_len_field(buf, key(15, LEN), status_len(s));
     put_opt_str(buf, key(2, LEN), s.status_message.as_str());
-    let code = status_code(s.status_code);
+    let code = status_code(s.status_code) as u64;
     if code != 0 {
         buf.put_u8(key(3, VARINT));
         buf.put_u8(code as u8);
@@ -456,15 +425,11 @@ pub fn span_boundary(spans: &[u8], n: usize) -> Option<usize> {
     Some(at)
 }
 
+/// A varint at the start of `b`, and the bytes it took.
 fn read_varint(b: &[u8]) -> Option<(u64, usize)> {
-    let mut v = 0u64;
-    for (i, &byte) in b.iter().enumerate().take(10) {
-        v |= u64::from(byte & 0x7f) << (7 * i);
-        if byte < 0x80 {
-            return Some((v, i + 1));
-        }
-    }
-    None
+    let mut rest = b;
+    let v = prost::encoding::decode_varint(&mut rest).ok()?;
+    Some((v, b.len() - rest.len()))
 }
 
 #[cfg(test)]
@@ -486,7 +451,7 @@ mod tests {
         let body = span(s).encode_to_vec();
         let mut out = vec![SCOPE_SPANS_SPAN_KEY];
         let mut len = BytesMut::new();
-        put_varint(&mut len, body.len() as u64);
+        encode_varint(body.len() as u64, &mut len);
         out.extend_from_slice(&len);
         out.extend_from_slice(&body);
         out

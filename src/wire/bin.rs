@@ -19,13 +19,9 @@ use super::model::{
 };
 use super::ResourceSeen;
 
-/// Decodes `payload` if it is exactly one well-formed bincode `SpanData`.
-pub fn decode(payload: &[u8]) -> Option<AgentSpan<'_>> {
-    decode_reusing(payload, &[]).map(|(span, _)| span)
-}
-
-/// As [`decode`], but the resource (the last field) is not decoded again
-/// when its bytes are `known`, a previous span's resource bytes.
+/// Decodes `payload` if it is exactly one well-formed bincode `SpanData`,
+/// except that the resource (the last field) is not decoded again when its
+/// bytes are `known`, a previous span's resource bytes.
 pub fn decode_reusing<'a>(
     payload: &'a [u8],
     known: &[u8],
@@ -248,6 +244,11 @@ mod tests {
 
     use super::*;
     use crate::wire::decode_bincode_serde;
+
+    /// Decodes `payload` if it is exactly one well-formed bincode `SpanData`.
+    fn decode(payload: &[u8]) -> Option<AgentSpan<'_>> {
+        decode_reusing(payload, &[]).map(|(span, _)| span)
+    }
 
     fn real_payloads() -> Vec<Vec<u8>> {
         crate::wire::real_test_payloads(WireFormat::Bincode)

@@ -38,14 +38,9 @@ pub struct GiveUp;
 
 type R<T> = Result<T, GiveUp>;
 
-/// Decodes `payload` if it is in the agent's own compact layout.
-pub fn decode(payload: &[u8]) -> Option<AgentSpan<'_>> {
-    decode_reusing(payload, &[]).map(|(span, _)| span)
-}
-
-/// As [`decode`], but the resource (the last field) is not decoded again
-/// when the payload's bytes from it to the end are `known`, a previous
-/// span's.
+/// Decodes `payload` if it is in the agent's own compact layout, except
+/// that the resource (the last field) is not decoded again when the
+/// payload's bytes from it to the end are `known`, a previous span's.
 pub fn decode_reusing<'a>(
     payload: &'a [u8],
     known: &[u8],
@@ -591,6 +586,11 @@ mod tests {
 
     use super::*;
     use crate::wire::decode_json_serde;
+
+    /// Decodes `payload` if it is in the agent's own compact layout.
+    fn decode(payload: &[u8]) -> Option<AgentSpan<'_>> {
+        decode_reusing(payload, &[]).map(|(span, _)| span)
+    }
 
     fn real_payloads() -> Vec<Vec<u8>> {
         crate::wire::real_test_payloads(WireFormat::Json)

@@ -229,14 +229,6 @@ pub fn decode_json_serde(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
     serde_json::from_slice(payload).map_err(DecodeError::Json)
 }
 
-/// Decodes one bincode payload: through the fast path ([`bin`]), or serde
-/// when it gives up (which on a valid payload it never does), whose error
-/// then stands. The agent's payload is exactly one `SpanData`, so trailing
-/// bytes mean it is not one.
-pub fn decode_bincode(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
-    decode_as(WireFormat::Bincode, payload, &[]).map(|(span, _)| span)
-}
-
 /// Decodes one bincode payload with serde only: the reference the fast path
 /// ([`bin`]) is held to, and where its errors come from. The byte limit
 /// makes every length prefix inside the payload bounded by the payload

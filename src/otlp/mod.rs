@@ -1,0 +1,309 @@
+//! Conversion of the agent's span model into OTLP.
+//!
+//! This is where the agent's SDK-internal view of a span becomes the
+//! collector's: 128-bit ids become 16 big-endian bytes (the SDK's
+//! `TraceId::to_bytes` order, which is also the W3C hex order), times become
+//! nanoseconds, the attribute map becomes a list, the `EvictedQueue`s become
+//! lists plus their dropped counts, and the trace state becomes its W3C
+//! header string. The resource is the agent's own, with `service.name` set to
+//! the configured trace name and the forwarder's own attributes added only
+//! where the agent did not set them.
+//!
+//! The parts, in the order a span meets them:
+//! - this module: what the forwarder knows of a connection ([`Origin`]), the
+//!   resource conversion, and the mappings both encoders share;
+//! - [`cache`]: one converted resource per connection ([`ResourceCache`]);
+//! - [`encode`]: spans written straight from the agent's model into
+//!   protobuf, the hot path;
+//! - [`record`]: encoded spans as the queue and the batcher hold them
+//!   ([`SpanRecord`]) and the export request framed from them
+//!   ([`EncodedRequest`]);
+//! - `oracle` (tests, and the `oracle` feature for the fuzz driver and the
+//!   benchmarks): the same conversion through prost's structs, which the
+//!   direct encoder is held to byte for byte.
+
+pub mod cache;
+pub mod encode;
+#[cfg(any(test, feature = "oracle"))]
+pub mod oracle;
+pub mod record;
+
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, KeyValue};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{span, status};
+
+use crate::wire::model::{self, Array, SpanKind, StatusCode, Value};
+
+pub use cache::ResourceCache;
+#[cfg(any(test, feature = "oracle"))]
+pub use oracle::{group_by_resource, span};
+pub use record::{encode_request, EncodedRequest, EncodedResource, SpanRecord};
+
+/// OTLP `SpanFlags`: the low 8 bits are the W3C trace flags; these two bits
+/// say whether the remote-ness of a (linked) context is known, and if so,
+/// that it is remote.
+pub(crate) const FLAG_CONTEXT_HAS_IS_REMOTE: u32 = 0x100;
+pub(crate) const FLAG_CONTEXT_IS_REMOTE: u32 = 0x200;
+
+pub const SERVICE_NAME: &str = "service.name";
+
+/// What the forwarder knows about where a connection's spans come from.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    /// Value of `service.name` on every resource (the `--trace-name`).
+    pub service_name: String,
+    /// Extra resource attributes the forwarder adds, typed (`kata.sandbox.id`
+    /// is a string, `kata.vsock.cid` an int). Never overrides an attribute
+    /// the agent set.
+    pub extra: Vec<KeyValue>,
+}
+
+impl Origin {
+    /// This origin with one more forwarder attribute.
+    pub fn with(mut self, key: &str, value: any_value::Value) -> Origin {
+        self.extra.push(KeyValue {
+            key: key.to_owned(),
+            value: Some(AnyValue { value: Some(value) }),
+            key_strindex: 0,
+        });
+        self
+    }
+}
+
+/// Builds the OTLP resource for a span's agent resource.
+pub fn resource(agent: Option<&model::Resource<'_>>, origin: &Origin) -> Resource {
+    let agent_attrs = agent.map(|r| r.attrs.as_slice()).unwrap_or(&[]);
+    let mut attributes = Vec::with_capacity(agent_attrs.len() + origin.extra.len() + 1);
+    attributes.push(string_kv(SERVICE_NAME, &origin.service_name));
+    for kv in agent_attrs {
+        if kv.key.as_str() != SERVICE_NAME {
+            attributes.push(key_value(kv));
+        }
+    }
+    for kv in &origin.extra {
+        if !attributes.iter().any(|a| a.key == kv.key) {
+            attributes.push(kv.clone());
+        }
+    }
+    Resource {
+        attributes,
+        dropped_attributes_count: 0,
+        entity_refs: Vec::new(),
+    }
+}
+
+pub(crate) fn span_kind(kind: SpanKind) -> span::SpanKind {
+    match kind {
+        SpanKind::Client => span::SpanKind::Client,
+        SpanKind::Server => span::SpanKind::Server,
+        SpanKind::Producer => span::SpanKind::Producer,
+        SpanKind::Consumer => span::SpanKind::Consumer,
+        SpanKind::Internal => span::SpanKind::Internal,
+    }
+}
+
+pub(crate) fn status_code(code: StatusCode) -> status::StatusCode {
+    match code {
+        StatusCode::Unset => status::StatusCode::Unset,
+        StatusCode::Ok => status::StatusCode::Ok,
+        StatusCode::Error => status::StatusCode::Error,
+    }
+}
+
+pub(crate) fn key_value(kv: &model::KeyValue<'_>) -> KeyValue {
+    KeyValue {
+        key: kv.key.as_str().to_owned(),
+        value: Some(any_value(&kv.value)),
+        key_strindex: 0,
+    }
+}
+
+fn string_kv(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.to_owned())),
+        }),
+        key_strindex: 0,
+    }
+}
+
+fn any_value(v: &Value<'_>) -> AnyValue {
+    use any_value::Value as V;
+    let value = match v {
+        Value::Bool(b) => V::BoolValue(*b),
+        Value::I64(i) => V::IntValue(*i),
+        Value::F64(f) => V::DoubleValue(f.0),
+        Value::String(s) => V::StringValue(s.as_str().to_owned()),
+        Value::Array(a) => V::ArrayValue(ArrayValue {
+            values: match a {
+                Array::Bool(xs) => xs.iter().map(|&b| wrap(V::BoolValue(b))).collect(),
+                Array::I64(xs) => xs.iter().map(|&i| wrap(V::IntValue(i))).collect(),
+                Array::F64(xs) => xs.iter().map(|f| wrap(V::DoubleValue(f.0))).collect(),
+                Array::String(xs) => xs
+                    .iter()
+                    .map(|s| wrap(V::StringValue(s.as_str().to_owned())))
+                    .collect(),
+            },
+        }),
+    };
+    wrap(value)
+}
+
+fn wrap(v: any_value::Value) -> AnyValue {
+    AnyValue { value: Some(v) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::wire::{decode_json, ResourceSeen};
+
+    const SPAN: &str = r#"{"span_context":{"trace_id":340282366920938463463374607431768211455,"span_id":1,"trace_flags":1,"is_remote":false,"trace_state":[["vendor","a=1"],["k","v"]]},
+        "parent_span_id":2,"span_kind":"Client","name":"n","start_time":{"secs_since_epoch":1,"nanos_since_epoch":2},"end_time":{"secs_since_epoch":1,"nanos_since_epoch":3},
+        "attributes":{"map":{"arr":{"Array":{"I64":[1,-2]}}},"evict_list":[],"max_len":128,"dropped_count":4},
+        "events":{"queue":null,"max_len":128,"dropped_count":5},
+        "links":{"queue":[{"span_context":{"trace_id":7,"span_id":8,"trace_flags":1,"is_remote":true,"trace_state":null},"attributes":[],"dropped_attributes_count":6}],"max_len":128,"dropped_count":0},
+        "status_code":"Error","status_message":"boom",
+        "resource":{"attrs":{"service.name":{"String":"agent-own"},"kata.sandbox.id":{"String":"agent-set"},"host":{"String":"vm"}}}}"#;
+
+    fn origin() -> Origin {
+        Origin {
+            service_name: "kata-agent".into(),
+            extra: Vec::new(),
+        }
+        .with(
+            "kata.sandbox.id",
+            any_value::Value::StringValue("forwarder-set".into()),
+        )
+        .with("kata.vsock.cid", any_value::Value::IntValue(3))
+    }
+
+    fn attr<'a>(r: &'a Resource, key: &str) -> Option<&'a any_value::Value> {
+        r.attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+    }
+
+    #[test]
+    fn resource_sets_service_name_and_never_clobbers_the_agent() {
+        let span = decode_json(SPAN.as_bytes()).unwrap();
+        let r = resource(span.resource.as_ref(), &origin());
+        let s = |v: &str| Some(any_value::Value::StringValue(v.into()));
+        assert_eq!(attr(&r, SERVICE_NAME).cloned(), s("kata-agent"));
+        assert_eq!(attr(&r, "kata.sandbox.id").cloned(), s("agent-set"));
+        assert_eq!(
+            attr(&r, "kata.vsock.cid").cloned(),
+            Some(any_value::Value::IntValue(3))
+        );
+        assert_eq!(attr(&r, "host").cloned(), s("vm"));
+        assert_eq!(
+            r.attributes
+                .iter()
+                .filter(|kv| kv.key == SERVICE_NAME)
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn converts_ids_state_flags_and_counts() {
+        let span = decode_json(SPAN.as_bytes()).unwrap();
+        let s = super::span(&span);
+        assert_eq!(s.trace_id, vec![0xff; 16]);
+        assert_eq!(s.span_id, 1u64.to_be_bytes());
+        assert_eq!(s.parent_span_id, 2u64.to_be_bytes());
+        assert_eq!(s.trace_state, "vendor=a=1,k=v");
+        assert_eq!(s.kind, span::SpanKind::Client as i32);
+        assert_eq!(
+            (s.start_time_unix_nano, s.end_time_unix_nano),
+            (1_000_000_002, 1_000_000_003)
+        );
+        assert_eq!(
+            (
+                s.dropped_attributes_count,
+                s.dropped_events_count,
+                s.dropped_links_count
+            ),
+            (4, 5, 0)
+        );
+        let l = &s.links[0];
+        assert_eq!(
+            l.flags,
+            0x1 | FLAG_CONTEXT_HAS_IS_REMOTE | FLAG_CONTEXT_IS_REMOTE
+        );
+        assert_eq!(l.dropped_attributes_count, 6);
+        let st = s.status.unwrap();
+        assert_eq!(
+            (st.code, st.message.as_str()),
+            (status::StatusCode::Error as i32, "boom")
+        );
+        let Some(any_value::Value::ArrayValue(a)) = s.attributes[0].value.clone().unwrap().value
+        else {
+            panic!("array attribute");
+        };
+        assert_eq!(a.values.len(), 2);
+    }
+
+    /// A connection decodes its agent's resource once: later spans with
+    /// the same bytes skip it and get the cached resource, and a change is
+    /// noticed both ways.
+    #[test]
+    fn an_unchanged_resource_is_decoded_once_per_connection() {
+        // Compact, as agents write it: the fast path that spots a known
+        // resource only takes the agent's own layout.
+        let span = SPAN.replace("\n        ", "");
+        let other = span.replace(r#""host":{"String":"vm"}"#, r#""host":{"String":"vm2"}"#);
+        let payloads = [&span, &span, &other, &other, &span];
+        let mut decoder = crate::wire::Decoder::new();
+        let mut cache = ResourceCache::default();
+        let mut reused = Vec::new();
+        for p in payloads {
+            let (span, seen) = decoder
+                .decode_reusing(p.as_bytes(), cache.known_bytes())
+                .unwrap();
+            let same = seen == ResourceSeen::Same;
+            assert_eq!(span.resource.is_none(), same);
+            reused.push(same);
+            let got = cache.get(span.resource.as_ref(), seen, &origin());
+            let want = resource(
+                decode_json(p.as_bytes()).unwrap().resource.as_ref(),
+                &origin(),
+            );
+            assert_eq!(got.resource(), &want);
+        }
+        assert_eq!(reused, [false, true, false, true, false]);
+    }
+
+    #[test]
+    fn resource_cache_shares_equal_resources_and_notices_changes() {
+        let span = decode_json(SPAN.as_bytes()).unwrap();
+        let mut cache = ResourceCache::default();
+        let new = ResourceSeen::New(&[]);
+        let a = cache.get(span.resource.as_ref(), new, &origin());
+        let b = cache.get(span.resource.as_ref(), new, &origin());
+        assert!(Arc::ptr_eq(&a, &b));
+        let other = SPAN.replace(r#""host":{"String":"vm"}"#, r#""host":{"String":"vm2"}"#);
+        let span2 = decode_json(other.as_bytes()).unwrap();
+        let c = cache.get(span2.resource.as_ref(), new, &origin());
+        assert!(!Arc::ptr_eq(&a, &c));
+        let d = cache.get(None, new, &origin());
+        assert_eq!(
+            d.attributes.len(),
+            3,
+            "service.name plus the forwarder's own"
+        );
+
+        let recs = vec![
+            SpanRecord::from_span(Arc::clone(&a), &super::span(&span)),
+            SpanRecord::from_span(Arc::clone(&c), &super::span(&span2)),
+            SpanRecord::from_span(Arc::new((*a).clone()), &super::span(&span)),
+        ];
+        let grouped = group_by_resource(recs).unwrap();
+        assert_eq!(grouped.len(), 2);
+        assert_eq!(grouped[0].scope_spans[0].spans.len(), 2);
+    }
+}

@@ -1,0 +1,122 @@
+//! The struct path: agent spans converted through prost's OTLP structs.
+//!
+//! The forwarder itself never takes this path; it encodes spans directly
+//! ([`super::encode`]). This is the reference that encoder is held to, byte
+//! for byte, by the unit tests, the fuzz driver and the benchmarks (which
+//! enable the `oracle` feature), and the slow way back from encoded records
+//! to structs that tests use to look inside them.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span, Status};
+use prost::Message;
+
+use super::record::{groups, EncodedResource, SpanRecord};
+use super::{encode, key_value, span_kind, status_code, FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE};
+use crate::wire::model::{self, AgentSpan};
+
+/// Converts one agent span into an OTLP span.
+pub fn span(s: &AgentSpan<'_>) -> Span {
+    let ctx = &s.span_context;
+    Span {
+        trace_id: ctx.trace_id.to_be_bytes().to_vec(),
+        span_id: ctx.span_id.to_be_bytes().to_vec(),
+        trace_state: ctx.trace_state_header(),
+        parent_span_id: if s.parent_span_id == 0 {
+            Vec::new()
+        } else {
+            s.parent_span_id.to_be_bytes().to_vec()
+        },
+        flags: u32::from(ctx.trace_flags),
+        name: s.name.as_str().to_owned(),
+        kind: span_kind(s.span_kind) as i32,
+        start_time_unix_nano: s.start_time.unix_nanos(),
+        end_time_unix_nano: s.end_time.unix_nanos(),
+        attributes: s.attributes.map.iter().map(key_value).collect(),
+        dropped_attributes_count: s.attributes.dropped_count,
+        events: s.events.items().iter().map(event).collect(),
+        dropped_events_count: s.events.dropped_count,
+        links: s.links.items().iter().map(link).collect(),
+        dropped_links_count: s.links.dropped_count,
+        status: Some(Status {
+            message: s.status_message.as_str().to_owned(),
+            code: status_code(s.status_code) as i32,
+        }),
+    }
+}
+
+fn event(e: &model::Event<'_>) -> span::Event {
+    span::Event {
+        time_unix_nano: e.timestamp.unix_nanos(),
+        name: e.name.as_str().to_owned(),
+        attributes: e.attributes.iter().map(key_value).collect(),
+        dropped_attributes_count: e.dropped_attributes_count,
+    }
+}
+
+fn link(l: &model::Link<'_>) -> span::Link {
+    let ctx = &l.span_context;
+    let remote = if ctx.is_remote {
+        FLAG_CONTEXT_IS_REMOTE
+    } else {
+        0
+    };
+    span::Link {
+        trace_id: ctx.trace_id.to_be_bytes().to_vec(),
+        span_id: ctx.span_id.to_be_bytes().to_vec(),
+        trace_state: ctx.trace_state_header(),
+        attributes: l.attributes.iter().map(key_value).collect(),
+        dropped_attributes_count: l.dropped_attributes_count,
+        flags: u32::from(ctx.trace_flags) | FLAG_CONTEXT_HAS_IS_REMOTE | remote,
+    }
+}
+
+impl SpanRecord {
+    /// A record of one span converted on the struct path ([`span`]); the
+    /// bytes are the same as the direct encoder's.
+    pub fn from_span(resource: Arc<EncodedResource>, span: &Span) -> Self {
+        let mut buf = BytesMut::with_capacity(span.encoded_len() + 8);
+        buf.put_u8(encode::SCOPE_SPANS_SPAN_KEY);
+        prost::encoding::encode_varint(span.encoded_len() as u64, &mut buf);
+        // Encoding into a buffer that grows cannot fail.
+        let _ = span.encode(&mut buf);
+        Self {
+            resource,
+            spans: buf.freeze(),
+            count: 1,
+        }
+    }
+
+    /// The spans as OTLP structs, for the slow paths (`--dump-only`, tests).
+    pub fn decode_spans(&self) -> Result<Vec<Span>, prost::DecodeError> {
+        ScopeSpans::decode(self.spans.clone()).map(|s| s.spans)
+    }
+}
+
+/// The same request as [`encode_request`], as OTLP structs, for the slow
+/// paths and tests. Fails only if a record's bytes are not spans, which
+/// records built by this module never are.
+pub fn group_by_resource(
+    records: Vec<SpanRecord>,
+) -> Result<Vec<ResourceSpans>, prost::DecodeError> {
+    groups(&records)
+        .into_iter()
+        .map(|(resource, recs)| {
+            let mut spans = Vec::new();
+            for r in recs {
+                spans.extend(r.decode_spans()?);
+            }
+            Ok(ResourceSpans {
+                resource: Some(resource.resource().clone()),
+                scope_spans: vec![ScopeSpans {
+                    scope: None,
+                    spans,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            })
+        })
+        .collect()
+}
+
