@@ -17,7 +17,7 @@ use crate::stats::{DropReason, Stats};
 use crate::wire::{DecodeError, FrameError, WireFormat};
 
 /// An event that logs and counts itself.
-pub trait Event {
+pub(crate) trait Event {
     fn emit(self, stats: &Stats);
 }
 
@@ -32,7 +32,7 @@ pub(crate) use emit;
 // ---- listen ---------------------------------------------------------------
 
 /// A connection was accepted (whether or not it is then served).
-pub struct ConnectionAccepted;
+pub(crate) struct ConnectionAccepted;
 
 impl Event for ConnectionAccepted {
     fn emit(self, stats: &Stats) {
@@ -41,7 +41,7 @@ impl Event for ConnectionAccepted {
 }
 
 /// A connection was closed at once: `--max-connections` are open.
-pub struct ConnectionRejected {
+pub(crate) struct ConnectionRejected {
     pub peer: Peer,
     pub max_connections: usize,
 }
@@ -54,7 +54,7 @@ impl Event for ConnectionRejected {
 }
 
 /// An agent connection is being served.
-pub struct AgentConnected {
+pub(crate) struct AgentConnected {
     pub peer: Peer,
 }
 
@@ -65,7 +65,7 @@ impl Event for AgentConnected {
 }
 
 /// An agent connection ended: cleanly, or on a framing or read error.
-pub struct AgentDisconnected<'a> {
+pub(crate) struct AgentDisconnected<'a> {
     pub peer: Peer,
     pub spans: u64,
     pub decode_errors: u64,
@@ -101,10 +101,10 @@ impl Event for AgentDisconnected<'_> {
 
 /// How many decode errors one connection logs at `warn` before it only
 /// counts them (the count is logged when the connection ends).
-pub const LOGGED_DECODE_ERRORS: u64 = 5;
+pub(crate) const LOGGED_DECODE_ERRORS: u64 = 5;
 
 /// Whole frames split off a connection's stream in one go.
-pub struct FramesRead {
+pub(crate) struct FramesRead {
     pub frames: u64,
     pub bytes: u64,
 }
@@ -117,7 +117,7 @@ impl Event for FramesRead {
 }
 
 /// A frame did not decode as a span and was skipped.
-pub struct FrameSkipped<'a> {
+pub(crate) struct FrameSkipped<'a> {
     pub peer: Peer,
     pub error: &'a DecodeError,
     pub frame_len: usize,
@@ -137,7 +137,7 @@ impl Event for FrameSkipped<'_> {
 
 /// Spans decoded, about to be queued: counted before the queue sees them,
 /// so the counters never show more exported than received.
-pub struct SpansReceived {
+pub(crate) struct SpansReceived {
     pub format: Option<WireFormat>,
     pub spans: u64,
 }
@@ -156,7 +156,7 @@ impl Event for SpansReceived {
 // ---- export ---------------------------------------------------------------
 
 /// One export request is about to be sent (`attempt` counts from 1).
-pub struct ExportAttempt {
+pub(crate) struct ExportAttempt {
     pub attempt: u32,
 }
 
@@ -170,7 +170,7 @@ impl Event for ExportAttempt {
 }
 
 /// An export request failed; the retry policy decides what comes next.
-pub struct ExportAttemptFailed<'a, E> {
+pub(crate) struct ExportAttemptFailed<'a, E> {
     pub attempt: u32,
     pub error: &'a E,
     pub retry: crate::export::retry::Retry,
@@ -184,7 +184,7 @@ impl<E: fmt::Display> Event for ExportAttemptFailed<'_, E> {
 
 /// Where a batch of spans ended up: the one place delivery is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
+pub(crate) enum Delivery {
     /// The collector took them; `rejected` of them it refused in a partial
     /// success.
     Delivered { rejected: u64 },
@@ -195,7 +195,7 @@ pub enum Delivery {
 }
 
 /// A batch left the exporter's hands.
-pub struct BatchDone<'a> {
+pub(crate) struct BatchDone<'a> {
     pub spans: u64,
     pub delivery: Delivery,
     pub attempts: u32,
@@ -251,7 +251,7 @@ impl Event for BatchDone<'_> {
 }
 
 /// The collector accepted a batch only in part.
-pub struct PartialSuccess<'a> {
+pub(crate) struct PartialSuccess<'a> {
     pub rejected_spans: i64,
     pub message: &'a str,
 }
@@ -267,7 +267,7 @@ impl Event for PartialSuccess<'_> {
 }
 
 /// A batch found no room in the spool (`--spool-max-bytes`).
-pub struct SpoolFull {
+pub(crate) struct SpoolFull {
     pub spans: u64,
 }
 
@@ -279,7 +279,7 @@ impl Event for SpoolFull {
 }
 
 /// A spool file could not be read back and was set aside or forgotten.
-pub struct SpoolFileSkipped<'a> {
+pub(crate) struct SpoolFileSkipped<'a> {
     pub error: &'a crate::export::spool::SpoolError,
 }
 

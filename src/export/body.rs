@@ -14,14 +14,14 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use crate::otlp::EncodedRequest;
 
-pub struct RequestBody {
+pub(crate) struct RequestBody {
     chunks: std::vec::IntoIter<Bytes>,
     remaining: u64,
 }
 
 impl RequestBody {
     /// `prefix` goes first: gRPC's message header.
-    pub fn new(prefix: Option<Bytes>, request: &EncodedRequest) -> Self {
+    pub(crate) fn new(prefix: Option<Bytes>, request: &EncodedRequest) -> Self {
         let chunks: Vec<Bytes> = prefix
             .into_iter()
             .chain(request.chunks().iter().cloned())

@@ -27,9 +27,9 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// How much is gathered before it must go: 16 HTTP/2 frames.
-pub const CAPACITY: usize = 256 * 1024;
+pub(crate) const CAPACITY: usize = 256 * 1024;
 
-pub struct Coalesce<S> {
+pub(crate) struct Coalesce<S> {
     inner: S,
     buf: Vec<u8>,
     /// Bytes of `buf` already written to `inner`.
@@ -39,7 +39,7 @@ pub struct Coalesce<S> {
 }
 
 impl<S> Coalesce<S> {
-    pub fn new(inner: S) -> Self {
+    pub(crate) fn new(inner: S) -> Self {
         Self {
             inner,
             buf: Vec::new(),

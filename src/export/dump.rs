@@ -13,21 +13,17 @@ use prost::Message;
 
 use crate::otlp::EncodedRequest;
 
-pub struct DumpWriter {
+pub(crate) struct DumpWriter {
     out: Box<dyn Write + Send + Sync>,
 }
 
 impl DumpWriter {
-    pub fn stdout() -> Self {
-        Self::new(Box::new(io::BufWriter::new(io::stdout())))
-    }
-
-    pub fn new(out: Box<dyn Write + Send + Sync>) -> Self {
+    pub(crate) fn new(out: Box<dyn Write + Send + Sync>) -> Self {
         Self { out }
     }
 
     /// Writes every span of an export request as its own line.
-    pub fn write_request(&mut self, body: &EncodedRequest) -> io::Result<()> {
+    pub(crate) fn write_request(&mut self, body: &EncodedRequest) -> io::Result<()> {
         // Spans arrive encoded for export; this slow path decodes them back
         // into OTLP structs for the JSON mapping.
         let request = ExportTraceServiceRequest::decode(body.to_bytes())

@@ -42,7 +42,7 @@ const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/
 /// message); anything larger is not read.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
-pub struct GrpcTransport {
+pub(crate) struct GrpcTransport {
     channel: Channel,
     headers: Vec<(HeaderName, HeaderValue)>,
     endpoint: String,
@@ -54,7 +54,10 @@ pub struct GrpcTransport {
 impl GrpcTransport {
     /// Connects eagerly, so that a missing collector is reported at startup
     /// rather than at the first span.
-    pub async fn connect(cfg: &OtlpConfig, connect_timeout: Duration) -> Result<Self, ExportError> {
+    pub(crate) async fn connect(
+        cfg: &OtlpConfig,
+        connect_timeout: Duration,
+    ) -> Result<Self, ExportError> {
         let endpoint_str = cfg.endpoint.to_string();
         let endpoint = Endpoint::from_shared(endpoint_str.clone())
             .map_err(|e| ExportError::Connect {
@@ -106,12 +109,12 @@ impl GrpcTransport {
         })
     }
 
-    pub fn endpoint(&self) -> &str {
+    pub(crate) fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
     /// Sends one encoded `ExportTraceServiceRequest`.
-    pub async fn export(
+    pub(crate) async fn export(
         &self,
         body: &EncodedRequest,
     ) -> Result<ExportTraceServiceResponse, GrpcError> {

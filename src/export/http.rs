@@ -24,7 +24,7 @@ use crate::otlp::EncodedRequest;
 /// A collector's response body is tiny; anything past this is not read.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
-pub struct HttpTransport {
+pub(crate) struct HttpTransport {
     client: Client<HttpConnector, RequestBody>,
     endpoint: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -67,7 +67,10 @@ impl Classify for HttpError {
 impl HttpTransport {
     /// Checks that the collector's port accepts connections, so that a
     /// missing collector is reported at startup.
-    pub async fn connect(cfg: &OtlpConfig, connect_timeout: Duration) -> Result<Self, ExportError> {
+    pub(crate) async fn connect(
+        cfg: &OtlpConfig,
+        connect_timeout: Duration,
+    ) -> Result<Self, ExportError> {
         let endpoint = cfg.endpoint.to_string();
         match tokio::time::timeout(
             connect_timeout,
@@ -103,11 +106,11 @@ impl HttpTransport {
         })
     }
 
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         self.endpoint.to_string()
     }
 
-    pub async fn export(
+    pub(crate) async fn export(
         &self,
         body: &EncodedRequest,
     ) -> Result<ExportTraceServiceResponse, HttpError> {

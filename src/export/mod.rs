@@ -14,13 +14,13 @@
 //! cannot be sent by the deadline is spooled too, or else counted as
 //! dropped.
 
-pub mod body;
-pub mod coalesce;
-pub mod dump;
+pub(crate) mod body;
+pub(crate) mod coalesce;
+pub(crate) mod dump;
 pub mod grpc;
 pub mod http;
-pub mod queue;
-pub mod retry;
+pub(crate) mod queue;
+pub(crate) mod retry;
 pub mod spool;
 
 use std::sync::Arc;
@@ -103,7 +103,9 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Where batches go. Every sink takes the same encoded request and says
 /// what became of it; `--dump-only` writes it out as JSON lines.
-pub enum Sink {
+pub struct Sink(Transport);
+
+enum Transport {
     Grpc(grpc::GrpcTransport),
     Http(Box<http::HttpTransport>),
     Dump(std::sync::Mutex<dump::DumpWriter>),
@@ -113,47 +115,49 @@ impl Sink {
     /// Opens the configured transport, failing if the collector cannot be
     /// reached within `connect_timeout`.
     pub async fn connect(cfg: &OtlpConfig, connect_timeout: Duration) -> Result<Self, ExportError> {
-        Ok(match cfg.protocol {
+        Ok(Sink(match cfg.protocol {
             OtlpProtocol::Grpc => {
-                Sink::Grpc(grpc::GrpcTransport::connect(cfg, connect_timeout).await?)
+                Transport::Grpc(grpc::GrpcTransport::connect(cfg, connect_timeout).await?)
             }
-            OtlpProtocol::HttpProtobuf => Sink::Http(Box::new(
+            OtlpProtocol::HttpProtobuf => Transport::Http(Box::new(
                 http::HttpTransport::connect(cfg, connect_timeout).await?,
             )),
-        })
+        }))
     }
 
     /// OTLP JSON lines, one span a line, written to `out`.
     pub fn dump(out: Box<dyn std::io::Write + Send + Sync>) -> Sink {
-        Sink::Dump(std::sync::Mutex::new(dump::DumpWriter::new(out)))
+        Sink(Transport::Dump(std::sync::Mutex::new(
+            dump::DumpWriter::new(out),
+        )))
     }
 
     pub fn describe(&self) -> String {
-        match self {
-            Sink::Grpc(t) => format!("otlp grpc {}", t.endpoint()),
-            Sink::Http(t) => format!("otlp http/protobuf {}", t.endpoint()),
-            Sink::Dump(_) => "stdout (OTLP JSON lines)".to_owned(),
+        match &self.0 {
+            Transport::Grpc(t) => format!("otlp grpc {}", t.endpoint()),
+            Transport::Http(t) => format!("otlp http/protobuf {}", t.endpoint()),
+            Transport::Dump(_) => "stdout (OTLP JSON lines)".to_owned(),
         }
     }
 
     /// Sends one request; the collector's answer, or why there is none.
     async fn send(&self, body: &EncodedRequest) -> Result<ExportTraceServiceResponse, ExportError> {
-        match self {
-            Sink::Grpc(t) => t
+        match &self.0 {
+            Transport::Grpc(t) => t
                 .export(body)
                 .await
                 .map_err(|source| ExportError::SendGrpc {
                     endpoint: t.endpoint().to_owned(),
                     source,
                 }),
-            Sink::Http(t) => t
+            Transport::Http(t) => t
                 .export(body)
                 .await
                 .map_err(|source| ExportError::SendHttp {
                     endpoint: t.endpoint(),
                     source,
                 }),
-            Sink::Dump(w) => w
+            Transport::Dump(w) => w
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .write_request(body)
@@ -164,7 +168,7 @@ impl Sink {
 }
 
 /// What the batcher and the replayer share.
-pub struct Exporter {
+pub(crate) struct Exporter {
     sink: Sink,
     spool: Option<Arc<Spool>>,
     stats: Arc<Stats>,
@@ -181,7 +185,7 @@ struct Outcome {
 }
 
 impl Exporter {
-    pub fn new(sink: Sink, spool: Option<Arc<Spool>>, stats: Arc<Stats>) -> Exporter {
+    pub(crate) fn new(sink: Sink, spool: Option<Arc<Spool>>, stats: Arc<Stats>) -> Exporter {
         Exporter {
             sink,
             spool,
@@ -323,7 +327,7 @@ fn delivered(stats: &Stats, resp: &ExportTraceServiceResponse) -> Delivery {
 /// Receives spans until every sender is gone, exporting them in batches.
 /// Once shutdown has set its deadline, retries stop at it, and what cannot
 /// be sent by then is spooled, or counted as dropped.
-pub async fn run_batcher(
+pub(crate) async fn run_batcher(
     mut rx: QueueReceiver,
     exporter: Arc<Exporter>,
     cfg: BatchConfig,
@@ -417,7 +421,7 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
 
 /// Sends spooled batches, oldest first, whenever the collector answers,
 /// until shutdown begins (what is left stays for the next run).
-pub async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
+pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
     let Some(spool) = exporter.spool.clone() else {
         return;
     };

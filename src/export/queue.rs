@@ -18,7 +18,7 @@ use crate::otlp::SpanRecord;
 use crate::stats::Stats;
 
 /// A span in the queue, with the byte budget it holds.
-pub struct Queued {
+pub(crate) struct Queued {
     pub record: SpanRecord,
     pub permit: OwnedSemaphorePermit,
 }
@@ -27,7 +27,7 @@ impl Queued {
     /// Splits off the first `n` spans with their share of the byte budget,
     /// so that a batch can end inside a record. `None` (never, in practice)
     /// leaves the record whole.
-    pub fn split_to(&mut self, n: usize) -> Option<Queued> {
+    pub(crate) fn split_to(&mut self, n: usize) -> Option<Queued> {
         let count = self.record.count.max(1);
         let permits = self.permit.num_permits();
         let share = (permits as u128 * n.min(count) as u128 / count as u128) as usize;
@@ -48,10 +48,10 @@ fn slot_count(count: usize, max_spans: usize) -> u32 {
 /// The batcher is gone: the process is shutting down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("export queue closed")]
-pub struct Closed;
+pub(crate) struct Closed;
 
 #[derive(Clone)]
-pub struct QueueSender {
+pub(crate) struct QueueSender {
     tx: mpsc::Sender<Queued>,
     slots: Arc<Semaphore>,
     max_spans: usize,
@@ -60,7 +60,7 @@ pub struct QueueSender {
     stats: Arc<Stats>,
 }
 
-pub struct QueueReceiver {
+pub(crate) struct QueueReceiver {
     rx: mpsc::Receiver<Queued>,
     slots: Arc<Semaphore>,
     max_spans: usize,
@@ -71,7 +71,7 @@ pub struct QueueReceiver {
 
 /// Creates a queue holding at most `max_spans` spans and about `max_bytes`
 /// bytes of them.
-pub fn bounded(
+pub(crate) fn bounded(
     max_spans: usize,
     max_bytes: usize,
     stats: Arc<Stats>,
@@ -107,7 +107,7 @@ pub fn bounded(
 
 impl QueueSender {
     /// Queues a span costing `cost` bytes, waiting for room.
-    pub async fn send(&self, record: SpanRecord, cost: usize) -> Result<(), Closed> {
+    pub(crate) async fn send(&self, record: SpanRecord, cost: usize) -> Result<(), Closed> {
         let spans = record.count as u64;
         // Slots go back when the batcher receives the record (see
         // `recv_many`), so they are not tied to a permit here.
@@ -134,7 +134,7 @@ impl QueueSender {
 impl QueueReceiver {
     /// Receives up to `limit` spans into `buf`; 0 once every sender is gone
     /// and the queue is empty.
-    pub async fn recv_many(&mut self, buf: &mut Vec<Queued>, limit: usize) -> usize {
+    pub(crate) async fn recv_many(&mut self, buf: &mut Vec<Queued>, limit: usize) -> usize {
         let n = self.rx.recv_many(buf, limit).await;
         // A record holds the spans of one socket read; the depth is in spans.
         let received = buf.get(buf.len().saturating_sub(n)..).unwrap_or_default();
@@ -150,7 +150,7 @@ impl QueueReceiver {
 
     /// Three quarters full, in spans or in bytes: time to move data to disk
     /// rather than keep it waiting in memory.
-    pub fn is_filling_up(&self) -> bool {
+    pub(crate) fn is_filling_up(&self) -> bool {
         let spans_full = self.slots.available_permits() * 4 <= self.max_spans;
         let bytes_full = self.bytes.available_permits() * 4 <= self.max_bytes;
         spans_full || bytes_full

@@ -16,7 +16,7 @@ use crate::shutdown::Shutdown;
 
 /// How a failed attempt may be retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retry {
+pub(crate) enum Retry {
     /// Transient: try again after backoff.
     Retryable,
     /// The server asked to slow down, optionally saying for how long.
@@ -26,12 +26,12 @@ pub enum Retry {
 }
 
 /// Implemented by transport errors.
-pub trait Classify {
+pub(crate) trait Classify {
     fn retry(&self) -> Retry;
 }
 
 #[derive(Debug, Clone)]
-pub struct RetryPolicy {
+pub(crate) struct RetryPolicy {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub multiplier: f64,
@@ -55,7 +55,7 @@ impl Default for RetryPolicy {
 
 /// What happened to a retried operation.
 #[derive(Debug)]
-pub struct Outcome<T, E> {
+pub(crate) struct Outcome<T, E> {
     pub result: Result<T, E>,
     /// Attempts made, the first included.
     pub attempts: u32,
@@ -68,7 +68,7 @@ impl RetryPolicy {
     /// shutdown deadline, once set, bounds it too; a wait in progress is cut
     /// short when the deadline falls inside it. `give_up` is asked after each retryable
     /// failure whether the caller has a better use for the data (the spool).
-    pub async fn run<T, E, F, Fut>(
+    pub(crate) async fn run<T, E, F, Fut>(
         &self,
         shutdown: &Shutdown,
         give_up: impl Fn() -> bool,

@@ -76,7 +76,7 @@ pub enum SpoolError {
 
 /// A batch read back from the spool.
 #[derive(Debug)]
-pub struct Spooled {
+pub(crate) struct Spooled {
     pub spans: u32,
     pub body: EncodedRequest,
 }
@@ -92,7 +92,7 @@ struct State {
 /// The spool. It keeps its own gauges (`spool_bytes`, `spool_files`) up to
 /// date with every change, under the same lock as the change.
 #[derive(Debug)]
-pub struct Spool {
+pub(crate) struct Spool {
     dir: PathBuf,
     max_bytes: u64,
     state: Mutex<State>,
@@ -134,7 +134,7 @@ fn seq_of(path: &Path, ext: &str) -> Option<u64> {
 
 impl Spool {
     /// Creates the spool's directory if it is missing.
-    pub fn create_dir(dir: &Path) -> Result<(), SpoolError> {
+    pub(crate) fn create_dir(dir: &Path) -> Result<(), SpoolError> {
         fs::create_dir_all(dir).map_err(|source| SpoolError::CreateDir {
             dir: dir.to_path_buf(),
             source,
@@ -143,7 +143,7 @@ impl Spool {
 
     /// Opens (creating if needed) the spool in `dir`, taking stock of the
     /// batches a previous run left and deleting half-written ones.
-    pub fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<Spool, SpoolError> {
+    pub(crate) fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<Spool, SpoolError> {
         Self::create_dir(dir)?;
         let scan_err = |source| SpoolError::ScanDir {
             dir: dir.to_path_buf(),
@@ -182,10 +182,6 @@ impl Spool {
         Ok(spool)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn lock(&self) -> Locked<'_> {
         // A panic elsewhere while holding the lock leaves plain data behind,
         // still consistent enough to keep spooling.
@@ -195,23 +191,21 @@ impl Spool {
         }
     }
 
-    /// Bytes on disk now.
-    pub fn bytes(&self) -> u64 {
+    /// Bytes on disk now (the `spool_bytes` gauge, for the tests).
+    #[cfg(test)]
+    fn bytes(&self) -> u64 {
         self.lock().bytes
     }
 
     /// Batches on disk now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().files.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Writes one encoded batch. Returns `Ok(false)` when it does not fit
     /// within the size bound.
-    pub fn write(&self, body: &EncodedRequest, spans: u32) -> Result<bool, SpoolError> {
+    pub(crate) fn write(&self, body: &EncodedRequest, spans: u32) -> Result<bool, SpoolError> {
         let size = (HEADER_LEN + body.len()) as u64;
         let seq = {
             let mut st = self.lock();
@@ -266,12 +260,12 @@ impl Spool {
     }
 
     /// The oldest batch's sequence number.
-    pub fn oldest(&self) -> Option<u64> {
+    pub(crate) fn oldest(&self) -> Option<u64> {
         self.lock().files.keys().next().copied()
     }
 
     /// Reads a batch back, setting it aside if it is damaged.
-    pub fn read(&self, seq: u64) -> Result<Spooled, SpoolError> {
+    pub(crate) fn read(&self, seq: u64) -> Result<Spooled, SpoolError> {
         let path = self.dir.join(format!("{seq:020}.batch"));
         let data = match fs::read(&path) {
             Ok(d) => d,
@@ -300,7 +294,7 @@ impl Spool {
     }
 
     /// Removes a batch that has been delivered.
-    pub fn remove(&self, seq: u64) {
+    pub(crate) fn remove(&self, seq: u64) {
         let path = self.dir.join(format!("{seq:020}.batch"));
         if let Err(e) = fs::remove_file(&path) {
             if e.kind() != io::ErrorKind::NotFound {

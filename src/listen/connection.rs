@@ -27,7 +27,7 @@ use crate::stats::Stats;
 use crate::wire::FrameError;
 
 /// What every connection task shares.
-pub struct ConnShared {
+pub(crate) struct ConnShared {
     pub queue: QueueSender,
     pub stats: Arc<Stats>,
     pub max_frame_size: usize,
@@ -40,7 +40,7 @@ pub struct ConnShared {
 /// has drained it. `origin` is this connection's: the service name plus
 /// what is known of its sandbox (id, VSOCK CID). `shutdown` is the
 /// forwarder's, or its sandbox's.
-pub async fn serve<S>(
+pub(crate) async fn serve<S>(
     mut stream: S,
     peer: Peer,
     shared: &ConnShared,

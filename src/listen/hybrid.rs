@@ -79,7 +79,7 @@ impl HybridListener {
 
     /// Hands removal of the socket to a privileged janitor, for when this
     /// process is about to lose the right to remove it.
-    pub fn hand_removal_to_janitor(&mut self) -> Result<(), ListenError> {
+    pub(crate) fn hand_removal_to_janitor(&mut self) -> Result<(), ListenError> {
         let janitor =
             Janitor::spawn(&self.path, self.identity).map_err(|e| ListenError::DropPrivileges {
                 user: String::new(),
@@ -93,7 +93,7 @@ impl HybridListener {
         &self.path
     }
 
-    pub async fn accept(&self) -> io::Result<(UnixStream, tokio::net::unix::SocketAddr)> {
+    pub(crate) async fn accept(&self) -> io::Result<(UnixStream, tokio::net::unix::SocketAddr)> {
         self.listener.accept().await
     }
 }

@@ -20,10 +20,10 @@
 //! and closed, so a flood of connections costs a file descriptor for a
 //! moment and nothing more.
 
-pub mod connection;
+pub(crate) mod connection;
 pub mod hybrid;
 pub mod privileges;
-pub mod sandbox;
+pub(crate) mod sandbox;
 pub mod template;
 pub mod vsock;
 
@@ -182,7 +182,7 @@ pub async fn bind(
 /// connection in its own task; then waits for the connections to drain,
 /// until the shutdown deadline at the latest. Dropping the listeners on the
 /// way out removes their sockets.
-pub async fn serve(
+pub(crate) async fn serve(
     listeners: Listeners,
     shared: Arc<ConnShared>,
     origin: Arc<Origin>,

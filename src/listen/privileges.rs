@@ -31,13 +31,13 @@ use super::ListenError;
 pub const JANITOR_ARG: &str = "__socket-janitor";
 
 /// Whether this process runs as root (and so should drop privileges).
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     getuid().is_root()
 }
 
 /// Looks up the unprivileged account to become; another root account is no
 /// drop at all and is refused.
-pub fn lookup_user(user: &str) -> Result<User, ListenError> {
+pub(crate) fn lookup_user(user: &str) -> Result<User, ListenError> {
     let err = |reason: String| ListenError::DropPrivileges {
         user: user.to_owned(),
         reason,
@@ -53,7 +53,7 @@ pub fn lookup_user(user: &str) -> Result<User, ListenError> {
 
 /// Makes `dir` (the spool) the target user's, so that it stays writable
 /// after root is dropped. Call only as root.
-pub fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
+pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     let err = |reason: String| ListenError::DropPrivileges {
         user: user.to_owned(),
         reason,
@@ -72,7 +72,7 @@ pub fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
 
 /// What a process dropping root keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Keep {
+pub(crate) enum Keep {
     /// Nothing: every capability goes with root (hybrid mode).
     Nothing,
     /// CAP_DAC_OVERRIDE, on the calling thread only and not even in its
@@ -84,7 +84,7 @@ pub enum Keep {
 /// Switches the whole process to `user` (glibc and musl apply set*id to
 /// every thread), keeping what `keep` says on the calling thread. Call only
 /// as root.
-pub fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
+pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
     use caps::{CapSet, Capability, CapsHashSet};
 
     let err = |reason: String| ListenError::DropPrivileges {
@@ -133,14 +133,14 @@ pub fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
 }
 
 /// The privileged helper that removes a socket on our behalf.
-pub struct Janitor {
+pub(crate) struct Janitor {
     child: Child,
     stdin: Option<ChildStdin>,
 }
 
 impl Janitor {
     /// Starts the janitor for the socket at `path` with the given identity.
-    pub fn spawn(path: &Path, identity: (u64, u64)) -> io::Result<Janitor> {
+    pub(crate) fn spawn(path: &Path, identity: (u64, u64)) -> io::Result<Janitor> {
         let mut child = Command::new(std::env::current_exe()?)
             .arg(JANITOR_ARG)
             .arg(path)
@@ -155,7 +155,7 @@ impl Janitor {
     }
 
     /// Asks for the socket to be removed now and waits, briefly, until it is.
-    pub fn remove_now(mut self, timeout: Duration) -> bool {
+    pub(crate) fn remove_now(mut self, timeout: Duration) -> bool {
         if let Some(mut stdin) = self.stdin.take() {
             let _ = stdin.write_all(b"remove\n");
         }

@@ -28,12 +28,12 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use crate::otlp::Origin;
 
 /// Resource attribute: the Kata sandbox id.
-pub const SANDBOX_ID: &str = "kata.sandbox.id";
+pub(crate) const SANDBOX_ID: &str = "kata.sandbox.id";
 /// Resource attribute: the guest's VSOCK context id (an int).
-pub const VSOCK_CID: &str = "kata.vsock.cid";
+pub(crate) const VSOCK_CID: &str = "kata.vsock.cid";
 
 /// Where the processes are.
-pub const PROC_ROOT: &str = "/proc";
+pub(crate) const PROC_ROOT: &str = "/proc";
 
 /// `-name` values are `sandbox-<ID>`.
 const NAME_PREFIX: &str = "sandbox-";
@@ -51,14 +51,18 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(2);
 const MAX_ID_LEN: usize = 256;
 
 /// The origin of a template sandbox's connections.
-pub fn sandbox_origin(base: &Origin, sandbox_id: &str) -> Origin {
+pub(crate) fn sandbox_origin(base: &Origin, sandbox_id: &str) -> Origin {
     base.clone()
         .with(SANDBOX_ID, Value::StringValue(sandbox_id.to_owned()))
 }
 
 /// The origin of a VSOCK connection from `cid`: its CID, and its sandbox
 /// when `resolver` finds it.
-pub async fn vsock_origin(base: &Origin, cid: u32, resolver: Option<&Arc<CidResolver>>) -> Origin {
+pub(crate) async fn vsock_origin(
+    base: &Origin,
+    cid: u32,
+    resolver: Option<&Arc<CidResolver>>,
+) -> Origin {
     let mut origin = base
         .clone()
         .with(VSOCK_CID, Value::IntValue(i64::from(cid)));
@@ -72,14 +76,14 @@ pub async fn vsock_origin(base: &Origin, cid: u32, resolver: Option<&Arc<CidReso
 
 /// What a QEMU command line says: the guest's CID and the sandbox id.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QemuVm {
+pub(crate) struct QemuVm {
     pub cid: u32,
     pub sandbox_id: String,
 }
 
 /// Reads a NUL-separated command line the way Kata writes QEMU's: `-name
 /// [guest=]sandbox-<ID>[,opts]` and `-device vhost-vsock-*,...,guest-cid=N`.
-pub fn parse_cmdline(cmdline: &[u8]) -> Option<QemuVm> {
+pub(crate) fn parse_cmdline(cmdline: &[u8]) -> Option<QemuVm> {
     let mut args = cmdline
         .split(|&b| b == 0)
         .map(|a| std::str::from_utf8(a).ok());
@@ -145,14 +149,14 @@ enum Cached {
 }
 
 /// Finds the sandbox of a guest CID through a `/proc`, with a bounded cache.
-pub struct CidResolver {
+pub(crate) struct CidResolver {
     proc_root: PathBuf,
     cache: Mutex<HashMap<u32, Cached>>,
 }
 
 impl CidResolver {
     /// `proc_root` is `/proc`, or a directory shaped like it in tests.
-    pub fn new(proc_root: impl Into<PathBuf>) -> CidResolver {
+    pub(crate) fn new(proc_root: impl Into<PathBuf>) -> CidResolver {
         CidResolver {
             proc_root: proc_root.into(),
             cache: Mutex::new(HashMap::new()),
@@ -160,7 +164,7 @@ impl CidResolver {
     }
 
     /// The sandbox id of the VM with `cid`, off the async threads.
-    pub async fn resolve(self: &Arc<Self>, cid: u32) -> Option<String> {
+    pub(crate) async fn resolve(self: &Arc<Self>, cid: u32) -> Option<String> {
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || this.resolve_blocking(cid))
             .await
@@ -168,7 +172,7 @@ impl CidResolver {
             .flatten()
     }
 
-    pub fn resolve_blocking(&self, cid: u32) -> Option<String> {
+    pub(crate) fn resolve_blocking(&self, cid: u32) -> Option<String> {
         let now = Instant::now();
         match self.lock().get(&cid) {
             Some(Cached::Found { pid, sandbox_id }) => {

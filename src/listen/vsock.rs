@@ -36,7 +36,7 @@ impl VsockListener {
     }
 
     /// Accepts a connection and returns the guest's context id.
-    pub async fn accept(&self) -> io::Result<(VsockStream, u32)> {
+    pub(crate) async fn accept(&self) -> io::Result<(VsockStream, u32)> {
         let (stream, addr) = self.listener.accept().await?;
         Ok((stream, addr.cid()))
     }

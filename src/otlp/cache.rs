@@ -119,4 +119,3 @@ fn same_value(p: &any_value::Value, m: &Value<'_>) -> bool {
         _ => false,
     }
 }
-

@@ -38,7 +38,7 @@ const fn key(field: u32, wire_type: u32) -> u8 {
 }
 
 /// `ScopeSpans.spans`, the field each encoded span is wrapped in.
-pub const SCOPE_SPANS_SPAN_KEY: u8 = key(2, LEN);
+pub(crate) const SCOPE_SPANS_SPAN_KEY: u8 = key(2, LEN);
 
 /// Size of a length-delimited field with a one-byte key.
 #[inline]
@@ -307,7 +307,7 @@ fn status_len(s: &AgentSpan<'_>) -> usize {
 // --- Span -------------------------------------------------------------------
 
 /// Length of the `Span` message of `s`.
-pub fn span_len(s: &AgentSpan<'_>) -> usize {
+pub(crate) fn span_len(s: &AgentSpan<'_>) -> usize {
     let ctx = &s.span_context;
     let ts = trace_state_len(ctx);
     len_field(16)
@@ -377,7 +377,7 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
 
 /// One resource's spans for a request: the encoded `Resource` message and
 /// runs of encoded `ScopeSpans.spans` fields, all of one `ScopeSpans`.
-pub struct Group<'a> {
+pub(crate) struct Group<'a> {
     pub resource: &'a [u8],
     pub spans: Vec<&'a Bytes>,
 }
@@ -385,7 +385,7 @@ pub struct Group<'a> {
 /// Frames an `ExportTraceServiceRequest` with one `ResourceSpans` (holding
 /// one `ScopeSpans` without scope) per group around the groups' spans,
 /// which are shared, not copied: only the framing is written.
-pub fn request_chunks(groups: &[Group<'_>]) -> EncodedRequest {
+pub(crate) fn request_chunks(groups: &[Group<'_>]) -> EncodedRequest {
     // Three length-delimited headers of at most 1 + 10 bytes each.
     let head_room: usize = groups.iter().map(|g| 33 + g.resource.len()).sum();
     let mut heads = BytesMut::with_capacity(head_room);
@@ -407,7 +407,7 @@ pub fn request_chunks(groups: &[Group<'_>]) -> EncodedRequest {
 /// Splits a run of encoded `ScopeSpans.spans` fields after `n` spans.
 /// Returns the byte offset, or `None` if the run holds fewer than `n` or is
 /// malformed (it never is: it was written by [`put_span`]).
-pub fn span_boundary(spans: &[u8], n: usize) -> Option<usize> {
+pub(crate) fn span_boundary(spans: &[u8], n: usize) -> Option<usize> {
     let mut at = 0;
     for _ in 0..n {
         let rest = spans.get(at..)?;

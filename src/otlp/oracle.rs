@@ -13,7 +13,9 @@ use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Spa
 use prost::Message;
 
 use super::record::{groups, EncodedResource, SpanRecord};
-use super::{encode, key_value, span_kind, status_code, FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE};
+use super::{
+    encode, key_value, span_kind, status_code, FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE,
+};
 use crate::wire::model::{self, AgentSpan};
 
 /// Converts one agent span into an OTLP span.
@@ -119,4 +121,3 @@ pub fn group_by_resource(
         })
         .collect()
 }
-

@@ -178,4 +178,3 @@ pub fn encode_request(records: &[SpanRecord]) -> EncodedRequest {
         .collect();
     encode::request_chunks(&groups)
 }
-

@@ -22,7 +22,7 @@ use super::ResourceSeen;
 /// Decodes `payload` if it is exactly one well-formed bincode `SpanData`,
 /// except that the resource (the last field) is not decoded again when its
 /// bytes are `known`, a previous span's resource bytes.
-pub fn decode_reusing<'a>(
+pub(crate) fn decode_reusing<'a>(
     payload: &'a [u8],
     known: &[u8],
 ) -> Option<(AgentSpan<'a>, ResourceSeen<'a>)> {

@@ -34,14 +34,14 @@ use super::ResourceSeen;
 
 /// Gives up the fast path: the caller falls back to `serde_json`.
 #[derive(Debug)]
-pub struct GiveUp;
+pub(crate) struct GiveUp;
 
 type R<T> = Result<T, GiveUp>;
 
 /// Decodes `payload` if it is in the agent's own compact layout, except
 /// that the resource (the last field) is not decoded again when the
 /// payload's bytes from it to the end are `known`, a previous span's.
-pub fn decode_reusing<'a>(
+pub(crate) fn decode_reusing<'a>(
     payload: &'a [u8],
     known: &[u8],
 ) -> Option<(AgentSpan<'a>, ResourceSeen<'a>)> {

@@ -33,8 +33,8 @@
 //! 8-byte header and a maximum frame length: an oversized length prefix is
 //! rejected before anything is allocated for it.
 
-pub mod bin;
-pub mod json;
+mod bin;
+mod json;
 pub mod model;
 
 use bincode::Options;
