@@ -1,0 +1,336 @@
+//! The command line as clap sees it: every flag with its help text, its
+//! default and its value parser, plus the words `--help` prints around them.
+//! Turning it into a [`super::Config`] is [`Cli::into_config`]'s job, in the
+//! parent module.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::builder::NonEmptyStringValueParser;
+use clap::{ArgAction, Parser, ValueEnum};
+
+use crate::addr::{SocketTemplate, VsockCid};
+
+pub const DEFAULT_VSOCK_PORT: u32 = 10240;
+pub const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
+pub const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318";
+
+const ABOUT: &str = "Forwards Kata Containers agent trace spans from the guest VM (VSOCK or \
+hybrid VSOCK) to an OpenTelemetry collector (Jaeger, OpenTelemetry Collector, Tempo, ...).";
+
+const LONG_ABOUT: &str = "Forwards Kata Containers agent trace spans from the guest VM to an \
+OpenTelemetry collector.
+
+The Kata agent, with tracing enabled, sends each span it finishes over VSOCK to the host. This \
+daemon receives them, from any number of sandboxes at once, in the wire format of any Kata \
+release (JSON from Kata 3.29, bincode from 2.2 to 3.28), and exports them over OTLP (gRPC or \
+HTTP) so that they join the Kata runtime's own trace. Start the collector first, then the \
+forwarder, then the sandbox.";
+
+const AFTER_HELP: &str = "Examples:
+  QEMU (standard VSOCK; no privileges needed):
+    kata-trace-forwarder
+
+  Cloud Hypervisor (hybrid VSOCK; socket template from `kata-runtime env --json`):
+    sudo mkdir -p /run/vc/vm/foo
+    sudo kata-trace-forwarder --socket-path /run/vc/vm/foo/clh.sock
+
+  Firecracker (hybrid VSOCK):
+    sudo mkdir -p /run/vc/firecracker/foo/root
+    sudo kata-trace-forwarder --socket-path /run/vc/firecracker/foo/root/kata.hvsock
+
+  Every Cloud Hypervisor or Firecracker sandbox on the host, as they come and go:
+    T=$(sudo kata-runtime env --json | jq -r .Hypervisor.SocketPath)
+    sudo kata-trace-forwarder --socket-path-template \"$T\"
+
+  OTLP over HTTP to an OpenTelemetry Collector:
+    kata-trace-forwarder --otlp-protocol http/protobuf --otlp-endpoint http://collector:4318
+
+  No collector, print spans as OTLP JSON lines:
+    kata-trace-forwarder --dump-only --socket-path /tmp/kata/test.sock
+
+Environment (flags take precedence): OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, \
+OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL, \
+OTEL_EXPORTER_OTLP_TRACES_HEADERS, OTEL_EXPORTER_OTLP_HEADERS, \
+OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, OTEL_EXPORTER_OTLP_TIMEOUT, OTEL_BSP_MAX_EXPORT_BATCH_SIZE, \
+OTEL_BSP_SCHEDULE_DELAY, OTEL_BSP_MAX_QUEUE_SIZE.";
+
+/// Log levels of the Kata tool, `critical` included (it maps to `error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+    Critical,
+}
+
+impl LogLevel {
+    pub fn as_filter(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error | LogLevel::Critical => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line, for log pipelines.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// OTLP transport, named as `OTEL_EXPORTER_OTLP_PROTOCOL` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl FromStr for OtlpProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "grpc" => Ok(OtlpProtocol::Grpc),
+            "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
+            "http/json" => Err(
+                "OTLP protocol 'http/json' is not supported; use 'grpc' or 'http/protobuf'".into(),
+            ),
+            other => Err(format!(
+                "unknown OTLP protocol '{other}'; expected 'grpc' or 'http/protobuf'"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for OtlpProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+        })
+    }
+}
+
+/// Parses a duration: `250ms`, `5s`, `2m`, or a bare number of milliseconds
+/// (the unit of the `OTEL_*` timeout variables).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "ms"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration: expected e.g. 500ms, 5s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => n
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("duration '{s}' is too large")),
+        _ => Err(format!(
+            "'{s}' has an unknown unit '{unit}': use ms, s or m"
+        )),
+    }
+}
+
+fn parse_port(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("port must not be 0".into()),
+        Ok(p) => Ok(p),
+        Err(_) => Err(format!("'{s}' is not a port number")),
+    }
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a positive whole number")),
+    }
+}
+
+/// Parses a byte size: a number with an optional `KiB`/`MiB`/`GiB` suffix.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("KiB") {
+        (n, 1usize << 10)
+    } else if let Some(n) = t.strip_suffix("MiB") {
+        (n, 1 << 20)
+    } else if let Some(n) = t.strip_suffix("GiB") {
+        (n, 1 << 30)
+    } else {
+        (t, 1)
+    };
+    let n: usize = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size: expected e.g. 4MiB, 512KiB or 65536"))?;
+    match n.checked_mul(mult) {
+        Some(0) => Err("size must not be 0".into()),
+        Some(v) => Ok(v),
+        None => Err(format!("size '{s}' is too large")),
+    }
+}
+
+fn parse_socket_template(s: &str) -> Result<SocketTemplate, String> {
+    s.parse()
+}
+
+/// The command line.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "kata-trace-forwarder",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP,
+    disable_version_flag = true
+)]
+pub struct Cli {
+    /// Print version.
+    #[arg(short = 'v', long = "version", action = ArgAction::Version)]
+    version: Option<bool>,
+
+    /// Service name given to the agent's spans (resource attribute `service.name`).
+    #[arg(long, default_value = "kata-agent", value_parser = NonEmptyStringValueParser::new())]
+    pub trace_name: String,
+
+    /// OTLP endpoint of the collector [default: http://localhost:4317 for grpc,
+    /// http://localhost:4318 for http/protobuf]. For http/protobuf, `/v1/traces` is
+    /// appended unless the path already ends with it.
+    #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+    pub otlp_endpoint: Option<String>,
+
+    /// OTLP transport: `grpc` or `http/protobuf` [default: grpc].
+    #[arg(long, value_name = "PROTOCOL")]
+    pub otlp_protocol: Option<OtlpProtocol>,
+
+    /// Extra header for every export request, `key=value`; repeatable. Adds to
+    /// OTEL_EXPORTER_OTLP_HEADERS.
+    #[arg(long = "otlp-header", value_name = "KEY=VALUE")]
+    pub otlp_headers: Vec<String>,
+
+    /// Timeout of one export request [default: 10s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub otlp_timeout: Option<Duration>,
+
+    /// Hybrid VSOCK (Cloud Hypervisor, Firecracker): the sandbox's VSOCK Unix socket
+    /// path. The forwarder listens on `<PATH>_<vsock-port>`.
+    #[arg(long, value_parser = NonEmptyStringValueParser::new(), value_name = "PATH")]
+    pub socket_path: Option<String>,
+
+    /// Hybrid VSOCK, every sandbox on the host: the socket path template that
+    /// `kata-runtime env --json | jq .Hypervisor.SocketPath` prints (quotes
+    /// tolerated), e.g. `/run/vc/vm/{ID}/clh.sock` or
+    /// `/run/vc/firecracker/{ID}/root/kata.hvsock`. The forwarder watches the
+    /// directory above `{ID}` and listens on `<socket>_<vsock-port>` in each
+    /// sandbox as it appears; spans get `kata.sandbox.id`.
+    #[arg(
+        long,
+        value_parser = parse_socket_template,
+        value_name = "TEMPLATE",
+        conflicts_with_all = ["socket_path", "vsock_cid"]
+    )]
+    pub socket_path_template: Option<SocketTemplate>,
+
+    /// With --socket-path-template: most sandboxes served at once; more are
+    /// logged and left alone until one goes.
+    #[arg(long, default_value = "1024", value_parser = parse_positive)]
+    pub max_sandboxes: usize,
+
+    /// Standard VSOCK (QEMU): context id to listen on, a number or `any`.
+    #[arg(long, default_value = "any", value_name = "CID")]
+    pub vsock_cid: VsockCid,
+
+    /// VSOCK port the agent sends to.
+    #[arg(long, default_value_t = DEFAULT_VSOCK_PORT, value_parser = parse_port, value_name = "PORT")]
+    pub vsock_port: u32,
+
+    /// Log level: trace, debug, info, warn, error, critical.
+    #[arg(
+        short = 'l',
+        long,
+        value_enum,
+        default_value = "info",
+        ignore_case = true
+    )]
+    pub log_level: LogLevel,
+
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+
+    /// Do not export: write each span to stdout as one OTLP JSON line. Needs no collector.
+    #[arg(long)]
+    pub dump_only: bool,
+
+    /// Most spans in one export request.
+    #[arg(long, env = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", default_value = "512", value_parser = parse_positive)]
+    pub batch_max_spans: usize,
+
+    /// Longest a span waits for its batch to fill before it is sent.
+    #[arg(long, env = "OTEL_BSP_SCHEDULE_DELAY", default_value = "200ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub batch_timeout: Duration,
+
+    /// Most spans buffered between the sockets and the exporter; when full, the
+    /// forwarder stops reading from the agents.
+    #[arg(long, env = "OTEL_BSP_MAX_QUEUE_SIZE", default_value = "8192", value_parser = parse_positive)]
+    pub queue_size: usize,
+
+    /// Most bytes of spans buffered between the sockets and the exporter (by
+    /// payload size); when full, the forwarder stops reading from the agents.
+    #[arg(long, default_value = "32MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub queue_bytes: usize,
+
+    /// Durable spool: batches that cannot be exported while the queue fills up,
+    /// or at shutdown, are written here and sent when the collector is back
+    /// (also after a restart).
+    #[arg(long, value_name = "DIR", value_parser = NonEmptyStringValueParser::new())]
+    pub spool_dir: Option<String>,
+
+    /// Most bytes the spool may hold.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub spool_max_bytes: usize,
+
+    /// Serve the counters in the Prometheus text format at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_address: Option<std::net::SocketAddr>,
+
+    /// Largest frame accepted from an agent; a longer one closes that connection.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub max_frame_size: usize,
+
+    /// Most agent connections served at once; more are accepted, logged and closed.
+    #[arg(long, default_value = "1024", value_parser = parse_positive)]
+    pub max_connections: usize,
+
+    /// Threads that serve agents and export. One keeps up with several hundred
+    /// thousand spans per second at the least CPU per span; more add throughput
+    /// past that, at more CPU per span.
+    #[arg(long, default_value = "1", value_parser = parse_positive, value_name = "N")]
+    pub worker_threads: usize,
+
+    /// User to switch to when started as root in hybrid mode (after binding) or
+    /// template mode (at start; the sandbox watcher keeps CAP_DAC_OVERRIDE).
+    #[arg(long, default_value = "nobody", value_parser = NonEmptyStringValueParser::new())]
+    pub user: String,
+
+    /// How often the counters are logged, when they have changed.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub stats_interval: Duration,
+
+    /// On SIGTERM/SIGINT, how long to keep draining and flushing before exiting.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub shutdown_timeout: Duration,
+}
+

@@ -1,0 +1,468 @@
+//! Command line, environment and the validated configuration.
+//!
+//! The flags are a drop-in for the Kata tree's `kata-trace-forwarder`
+//! (`--trace-name`, `--otlp-endpoint`, `--socket-path`, `--vsock-cid`,
+//! `--vsock-port`, `-l/--log-level`, `--dump-only`, `-v/--version`) plus
+//! what a production daemon needs. Exporter settings follow the
+//! OpenTelemetry SDK environment conventions (`OTEL_EXPORTER_OTLP_*`,
+//! `OTEL_BSP_*`), with flags taking precedence. Everything is checked here,
+//! once, so the rest of the program works from a [`Config`] that is known
+//! to be valid, grouped by the stage that reads it.
+//!
+//! [`cli`] is the command line as clap sees it (flags, help text, value
+//! parsers); [`otlp`] reads the exporter's settings the OpenTelemetry way;
+//! this module holds the validated configuration and puts it together.
+
+mod cli;
+mod otlp;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Uri};
+
+pub use crate::addr::{SocketTemplate, VsockCid};
+pub use cli::{Cli, LogFormat, LogLevel, OtlpProtocol};
+
+/// Where the agent connections come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenMode {
+    /// AF_VSOCK on the host kernel (QEMU).
+    Vsock { cid: VsockCid, port: u32 },
+    /// A Unix socket at `<socket_path>_<port>` (Cloud Hypervisor, Firecracker).
+    Hybrid { socket_path: PathBuf, port: u32 },
+    /// One Unix socket per sandbox, at the template's `<socket>_<port>`.
+    Template {
+        template: SocketTemplate,
+        port: u32,
+        max_sandboxes: usize,
+    },
+}
+
+/// What the `listen` stage reads: where to listen, how many connections to
+/// serve at once, and whom to become once the sockets are bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenConfig {
+    pub mode: ListenMode,
+    pub max_connections: usize,
+    /// Whom to become after binding, when started as root in a hybrid mode.
+    pub user: String,
+}
+
+/// What the `ingest` stage reads: how large a frame may be, and the
+/// resource every span gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestConfig {
+    pub max_frame_size: usize,
+    /// `service.name` of every span's resource (the `--trace-name`).
+    pub service_name: String,
+}
+
+/// The queue between the connections and the exporter, bounded twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub max_spans: usize,
+    pub max_bytes: usize,
+}
+
+/// When a batch is sent: full, or its oldest span has waited long enough.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    pub max_spans: usize,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+}
+
+/// What the `export` stage reads.
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    pub output: Output,
+    pub queue: QueueConfig,
+    pub batch: BatchConfig,
+    pub spool: Option<SpoolConfig>,
+}
+
+/// The forwarder's own telemetry: the counters' endpoint and log interval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    pub metrics_address: Option<std::net::SocketAddr>,
+    pub stats_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct OtlpConfig {
+    pub protocol: OtlpProtocol,
+    /// The full URL requests go to (for HTTP, including `/v1/traces`).
+    pub endpoint: Uri,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum Output {
+    Otlp(OtlpConfig),
+    /// OTLP JSON lines on stdout.
+    Dump,
+}
+
+/// The validated configuration, grouped by the stage that reads it.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub ingest: IngestConfig,
+    pub export: ExportConfig,
+    pub telemetry: TelemetryConfig,
+    /// 1: a single-threaded runtime; more: a multi-threaded one.
+    pub worker_threads: usize,
+    /// How long shutdown may drain and flush.
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid OTLP endpoint '{endpoint}' (from {source_name}): {reason}")]
+    ParseEndpoint {
+        endpoint: String,
+        source_name: &'static str,
+        reason: String,
+    },
+    #[error("invalid {name}: {reason}")]
+    ParseEnv { name: &'static str, reason: String },
+    #[error("invalid OTLP header '{header}' (from {source_name}): {reason}")]
+    ParseHeader {
+        header: String,
+        source_name: &'static str,
+        reason: String,
+    },
+    #[error("--spool-dir has no use with --dump-only, which never fails to export")]
+    SpoolWithDump,
+    #[error("--batch-max-spans ({batch}) must not exceed --queue-size ({queue})")]
+    BatchLargerThanQueue { batch: usize, queue: usize },
+}
+
+/// Reads the environment; injectable so tests need not touch the process env.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment; unset and empty variables count as absent, as
+/// the OpenTelemetry SDKs treat them.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+    }
+}
+
+impl<F: Fn(&str) -> Option<String>> Env for F {
+    fn var(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+}
+
+
+impl Cli {
+    /// Validates the command line against the environment.
+    pub fn into_config(self, env: &dyn Env) -> Result<Config, ConfigError> {
+        let mode = match (&self.socket_path, &self.socket_path_template) {
+            (_, Some(t)) => ListenMode::Template {
+                template: t.clone(),
+                port: self.vsock_port,
+                max_sandboxes: self.max_sandboxes,
+            },
+            (Some(p), None) => ListenMode::Hybrid {
+                socket_path: PathBuf::from(p),
+                port: self.vsock_port,
+            },
+            (None, None) => ListenMode::Vsock {
+                cid: self.vsock_cid,
+                port: self.vsock_port,
+            },
+        };
+        if self.spool_dir.is_some() && self.dump_only {
+            return Err(ConfigError::SpoolWithDump);
+        }
+        if self.batch_max_spans > self.queue_size {
+            return Err(ConfigError::BatchLargerThanQueue {
+                batch: self.batch_max_spans,
+                queue: self.queue_size,
+            });
+        }
+        let output = if self.dump_only {
+            Output::Dump
+        } else {
+            Output::Otlp(self.otlp_config(env)?)
+        };
+        Ok(Config {
+            listen: ListenConfig {
+                mode,
+                max_connections: self.max_connections,
+                user: self.user,
+            },
+            ingest: IngestConfig {
+                max_frame_size: self.max_frame_size,
+                service_name: self.trace_name,
+            },
+            export: ExportConfig {
+                output,
+                queue: QueueConfig {
+                    max_spans: self.queue_size,
+                    max_bytes: self.queue_bytes,
+                },
+                batch: BatchConfig {
+                    max_spans: self.batch_max_spans,
+                    timeout: self.batch_timeout,
+                },
+                spool: self.spool_dir.map(|dir| SpoolConfig {
+                    dir: PathBuf::from(dir),
+                    max_bytes: self.spool_max_bytes as u64,
+                }),
+            },
+            telemetry: TelemetryConfig {
+                metrics_address: self.metrics_address,
+                stats_interval: self.stats_interval,
+            },
+            worker_threads: self.worker_threads,
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cli::{parse_duration, parse_size};
+    use super::*;
+    use clap::Parser;
+    use std::collections::HashMap;
+
+    fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
+        let mut full = vec!["kata-trace-forwarder"];
+        full.extend_from_slice(args);
+        Cli::try_parse_from(full)
+    }
+
+    fn config(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = move |name: &str| env.get(name).cloned();
+        cli(args).expect("valid args").into_config(&lookup)
+    }
+
+    fn otlp(c: &Config) -> &OtlpConfig {
+        match &c.export.output {
+            Output::Otlp(o) => o,
+            Output::Dump => panic!("expected OTLP output"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_kata_tools() {
+        let c = config(&[], &[]).unwrap();
+        assert_eq!(
+            c.listen.mode,
+            ListenMode::Vsock {
+                cid: VsockCid::Any,
+                port: 10240
+            }
+        );
+        assert_eq!(c.ingest.service_name, "kata-agent");
+        let o = otlp(&c);
+        assert_eq!(o.protocol, OtlpProtocol::Grpc);
+        assert_eq!(o.endpoint.to_string(), "http://localhost:4317/");
+        assert_eq!(o.timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn http_appends_traces_path_to_generic_endpoints_only() {
+        let c = config(&["--otlp-protocol", "http/protobuf"], &[]).unwrap();
+        assert_eq!(otlp(&c).endpoint, "http://localhost:4318/v1/traces");
+        let c = config(
+            &[
+                "--otlp-protocol",
+                "http/protobuf",
+                "--otlp-endpoint",
+                "http://c:9/base/",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(otlp(&c).endpoint, "http://c:9/base/v1/traces");
+        let c = config(
+            &["--otlp-protocol", "http/protobuf"],
+            &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:9/custom")],
+        )
+        .unwrap();
+        assert_eq!(otlp(&c).endpoint, "http://c:9/custom");
+        let c = config(
+            &[],
+            &[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:9"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(otlp(&c).endpoint, "http://c:9/v1/traces");
+    }
+
+    #[test]
+    fn flags_beat_environment() {
+        let env = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:1"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+        ];
+        let c = config(
+            &[
+                "--otlp-endpoint",
+                "http://flag:2",
+                "--otlp-protocol",
+                "grpc",
+                "--otlp-timeout",
+                "3s",
+            ],
+            &env,
+        )
+        .unwrap();
+        let o = otlp(&c);
+        assert_eq!(o.endpoint, "http://flag:2/");
+        assert_eq!(o.protocol, OtlpProtocol::Grpc);
+        assert_eq!(o.timeout, Duration::from_secs(3));
+        let c = config(&[], &env).unwrap();
+        assert_eq!(otlp(&c).timeout, Duration::from_millis(2500));
+        assert_eq!(otlp(&c).endpoint, "http://env:1/v1/traces");
+    }
+
+    #[test]
+    fn headers_from_env_and_flags() {
+        let c = config(
+            &["--otlp-header", "x-flag=a b"],
+            &[(
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=s%3Dcret, x-tenant = t1",
+            )],
+        )
+        .unwrap();
+        let h: Vec<(String, String)> = otlp(&c)
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        assert_eq!(
+            h,
+            vec![
+                ("api-key".into(), "s=cret".into()),
+                ("x-tenant".into(), "t1".into()),
+                ("x-flag".into(), "a b".into())
+            ]
+        );
+        let e = config(&[], &[("OTEL_EXPORTER_OTLP_HEADERS", "novalue")]).unwrap_err();
+        assert!(e.to_string().contains("OTEL_EXPORTER_OTLP_HEADERS"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        for (args, needle) in [
+            (vec!["--vsock-port", "0"], "port must not be 0"),
+            (vec!["--vsock-port", "abc"], "not a port number"),
+            (vec!["--vsock-port", ""], "not a port number"),
+            (vec!["--socket-path", ""], "a value is required"),
+            (vec!["--trace-name", ""], "a value is required"),
+            (vec!["--otlp-endpoint", ""], "a value is required"),
+            (vec!["--vsock-cid", "x"], "not a VSOCK CID"),
+            (vec!["--otlp-protocol", "http/json"], "not supported"),
+            (vec!["--log-level", "loud"], "invalid value"),
+            (vec!["--max-frame-size", "0"], "must not be 0"),
+        ] {
+            let e = cli(&args).expect_err(needle).to_string();
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+        let e = config(&["--otlp-endpoint", "localhost:4317"], &[]).unwrap_err();
+        assert!(e.to_string().contains("--otlp-endpoint"), "{e}");
+        let e = config(&["--otlp-endpoint", "ftp://x"], &[]).unwrap_err();
+        assert!(e.to_string().contains("unsupported scheme"), "{e}");
+        let e = config(&[], &[("OTEL_EXPORTER_OTLP_PROTOCOL", "udp")]).unwrap_err();
+        assert!(e.to_string().contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{e}");
+    }
+
+    #[test]
+    fn socket_path_template_selects_template_mode() {
+        let c = config(
+            &[
+                "--socket-path-template",
+                "\"/run/vc/firecracker/{ID}/root/kata.hvsock\"",
+                "--vsock-port",
+                "1024",
+                "--max-sandboxes",
+                "7",
+            ],
+            &[],
+        )
+        .unwrap();
+        let ListenMode::Template {
+            template,
+            port,
+            max_sandboxes,
+        } = &c.listen.mode
+        else {
+            panic!("expected template mode: {:?}", c.listen.mode);
+        };
+        assert_eq!((*port, *max_sandboxes), (1024, 7));
+        assert_eq!(
+            template.listen_path("sb", *port),
+            PathBuf::from("/run/vc/firecracker/sb/root/kata.hvsock_1024")
+        );
+        for args in [
+            vec![
+                "--socket-path-template",
+                "/a/{ID}/s",
+                "--socket-path",
+                "/a/b/s",
+            ],
+            vec!["--socket-path-template", "/a/{ID}/s", "--vsock-cid", "3"],
+            vec!["--socket-path-template", "/a/sandbox-{ID}/s"],
+        ] {
+            assert!(cli(&args).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn hybrid_socket_gets_port_suffix() {
+        let c = config(
+            &["--socket-path", "/run/vc/vm/foo/clh.sock", "--dump-only"],
+            &[],
+        )
+        .unwrap();
+        let ListenMode::Hybrid { socket_path, port } = &c.listen.mode else {
+            panic!("expected hybrid");
+        };
+        assert_eq!(
+            crate::addr::hybrid_socket(socket_path, *port),
+            PathBuf::from("/run/vc/vm/foo/clh.sock_10240")
+        );
+        assert!(matches!(c.export.output, Output::Dump));
+    }
+
+    #[test]
+    fn parses_sizes_durations_cids_and_levels() {
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("250"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5h").is_err());
+        assert_eq!("any".parse(), Ok(VsockCid::Any));
+        assert_eq!("3".parse(), Ok(VsockCid::Cid(3)));
+        let c = cli(&["-l", "critical"]).unwrap();
+        assert_eq!(c.log_level.as_filter(), "error");
+    }
+}

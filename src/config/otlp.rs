@@ -1,0 +1,192 @@
+//! The exporter's settings, read the way every OpenTelemetry SDK reads
+//! them: a flag first, then the signal-specific `OTEL_EXPORTER_OTLP_TRACES_*`
+//! variable, then the generic `OTEL_EXPORTER_OTLP_*` one, then the default;
+//! endpoints completed as the OTLP exporter spec says, headers in the W3C
+//! baggage format.
+
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Uri};
+
+use super::cli::{parse_duration, Cli, OtlpProtocol, DEFAULT_GRPC_ENDPOINT, DEFAULT_HTTP_ENDPOINT};
+use super::{ConfigError, Env, OtlpConfig};
+
+const HTTP_TRACES_PATH: &str = "/v1/traces";
+
+/// Reads the signal-specific variable, falling back to the generic one.
+fn otel_var(env: &dyn Env, suffix: &str) -> Option<(String, &'static str, bool)> {
+    let (specific, generic): (&'static str, &'static str) = match suffix {
+        "ENDPOINT" => (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ),
+        "PROTOCOL" => (
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+        "TIMEOUT" => (
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ),
+        _ => return None,
+    };
+    if let Some(v) = env.var(specific) {
+        return Some((v, specific, true));
+    }
+    env.var(generic).map(|v| (v, generic, false))
+}
+
+impl Cli {
+    pub(super) fn otlp_config(&self, env: &dyn Env) -> Result<OtlpConfig, ConfigError> {
+        let protocol = match self.otlp_protocol {
+            Some(p) => p,
+            None => match otel_var(env, "PROTOCOL") {
+                Some((v, name, _)) => v
+                    .parse()
+                    .map_err(|reason| ConfigError::ParseEnv { name, reason })?,
+                None => OtlpProtocol::Grpc,
+            },
+        };
+        // (value, where it came from, whether it is a signal-specific URL
+        // that the OTLP spec says to use as is)
+        let (raw, source_name, as_is) = match &self.otlp_endpoint {
+            Some(e) => (e.clone(), "--otlp-endpoint", false),
+            None => match otel_var(env, "ENDPOINT") {
+                Some(v) => v,
+                None => (
+                    match protocol {
+                        OtlpProtocol::Grpc => DEFAULT_GRPC_ENDPOINT,
+                        OtlpProtocol::HttpProtobuf => DEFAULT_HTTP_ENDPOINT,
+                    }
+                    .to_owned(),
+                    "the default",
+                    false,
+                ),
+            },
+        };
+        let endpoint =
+            endpoint_uri(&raw, protocol, as_is).map_err(|reason| ConfigError::ParseEndpoint {
+                endpoint: raw.clone(),
+                source_name,
+                reason,
+            })?;
+
+        let mut headers = Vec::new();
+        for name in [
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        ] {
+            if let Some(v) = env.var(name) {
+                for item in v.split(',').filter(|i| !i.trim().is_empty()) {
+                    headers.push(parse_header(item, name, true)?);
+                }
+            }
+        }
+        for item in &self.otlp_headers {
+            headers.push(parse_header(item, "--otlp-header", false)?);
+        }
+
+        let timeout = match self.otlp_timeout {
+            Some(t) => t,
+            None => match otel_var(env, "TIMEOUT") {
+                Some((v, name, _)) => {
+                    parse_duration(&v).map_err(|reason| ConfigError::ParseEnv { name, reason })?
+                }
+                None => Duration::from_secs(10),
+            },
+        };
+        if timeout.is_zero() {
+            return Err(ConfigError::ParseEnv {
+                name: "OTLP timeout",
+                reason: "must be greater than 0".into(),
+            });
+        }
+        Ok(OtlpConfig {
+            protocol,
+            endpoint,
+            headers,
+            timeout,
+        })
+    }
+}
+
+
+/// Turns a configured endpoint into the URL requests go to. Per the OTLP
+/// exporter spec, a generic HTTP endpoint gets `/v1/traces` appended and a
+/// signal-specific one is used as is; gRPC endpoints are used as is.
+fn endpoint_uri(raw: &str, protocol: OtlpProtocol, as_is: bool) -> Result<Uri, String> {
+    let raw = raw.trim();
+    let uri: Uri = raw
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        // Agent spans go to a collector on the host or the node; TLS to a
+        // remote backend is that collector's job.
+        Some("https") => {
+            return Err(
+                "https is not supported: export to a local collector over http and let it use TLS"
+                    .into(),
+            )
+        }
+        Some(other) => return Err(format!("unsupported scheme '{other}': use http")),
+        None => return Err("missing scheme: expected e.g. http://localhost:4317".into()),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("missing host".into());
+    }
+    if protocol == OtlpProtocol::Grpc || as_is {
+        return Ok(uri);
+    }
+    let path = uri.path().trim_end_matches('/').to_owned();
+    if path.ends_with(HTTP_TRACES_PATH) {
+        return Ok(uri);
+    }
+    let mut parts = uri.into_parts();
+    let pq = format!("{path}{HTTP_TRACES_PATH}");
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|e: http::uri::InvalidUri| e.to_string())?,
+    );
+    Uri::from_parts(parts).map_err(|e| e.to_string())
+}
+
+/// Parses `key=value`; values from OTEL variables are percent-encoded (W3C
+/// baggage format), flag values are taken literally.
+fn parse_header(
+    item: &str,
+    source_name: &'static str,
+    percent_encoded: bool,
+) -> Result<(HeaderName, HeaderValue), ConfigError> {
+    let err = |reason: String| ConfigError::ParseHeader {
+        header: item.to_owned(),
+        source_name,
+        reason,
+    };
+    let (k, v) = item
+        .split_once('=')
+        .ok_or_else(|| err("expected key=value".into()))?;
+    let k = k.trim();
+    if k.is_empty() {
+        return Err(err("empty header name".into()));
+    }
+    let v = if percent_encoded {
+        percent_decode(v.trim()).ok_or_else(|| err("bad percent-encoding".into()))?
+    } else {
+        v.trim().to_owned()
+    };
+    let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| err(e.to_string()))?;
+    let value = HeaderValue::from_str(&v).map_err(|e| err(e.to_string()))?;
+    Ok((name, value))
+}
+
+/// Undoes `%XX` escapes, as the OpenTelemetry SDKs read these variables (a
+/// `%` that starts no escape stays as it is); `None` if the result is not
+/// UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
+}
+
