@@ -1,0 +1,361 @@
+//! The sandbox watcher's effects, for real, and the loop that feeds it.
+//!
+//! [`Host`] is the one implementation of [`Effects`] outside tests: inotify
+//! watches, the file system probes, binding each sandbox's socket in the
+//! main runtime and handing it over the bounded channel. [`Driver`] runs on
+//! the watcher thread: it turns inotify events into the machine's inputs,
+//! drops the listeners that come back (this thread keeps the right to
+//! remove their sockets), and retries an unwatched root. The file-system
+//! helpers live here too: only the effects use them, never the decisions.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use inotify::{EventMask, EventStream, Inotify, WatchDescriptor, WatchMask, Watches};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+
+use super::effects::{
+    Change, Effects, Identity, Input, ServeError, WatchError, WatchId, WatchKind,
+};
+use super::watcher::Watcher;
+use super::Serve;
+use crate::listen::hybrid::HybridListener;
+use crate::listen::ListenError;
+use crate::shutdown::Shutdown;
+
+/// Bytes of inotify events read at once (an event is 16 bytes plus its name).
+const EVENT_BUFFER: usize = 64 << 10;
+/// At shutdown, how long the watcher waits for the listeners to come back.
+const REAP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the watcher retries a directory it failed to watch.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The directory above `{ID}`: sandbox directories appearing and going.
+const ROOT_MASK: WatchMask = WatchMask::CREATE
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::MOVE_SELF)
+    .union(WatchMask::ONLYDIR);
+/// A directory on the way down: the next one appearing, or this one going.
+const WAIT_MASK: WatchMask = WatchMask::CREATE
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::MOVE_SELF)
+    .union(WatchMask::ONLYDIR);
+/// The socket's directory once served: our socket or the directory going.
+/// (Not creations: the VMM makes its own files there.)
+const SERVE_MASK: WatchMask = WatchMask::DELETE
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::MOVE_SELF)
+    .union(WatchMask::ONLYDIR);
+
+/// Where bound listeners go.
+pub(super) struct Handoff {
+    /// The main runtime, where listeners are registered.
+    pub(super) main: Handle,
+    pub(super) serve_tx: mpsc::Sender<Serve>,
+    /// Each served sandbox gets a child of it.
+    pub(super) shutdown: Shutdown,
+}
+
+/// The watcher's effects on this host.
+pub(super) struct Host {
+    watches: Watches,
+    /// The kernel's handle of each watch the machine holds.
+    descriptors: HashMap<WatchId, WatchDescriptor>,
+    handoff: Handoff,
+    /// The shutdown of each sandbox being served.
+    served: HashMap<String, Shutdown>,
+}
+
+impl Host {
+    pub(super) fn new(watches: Watches, handoff: Handoff) -> Host {
+        Host {
+            watches,
+            descriptors: HashMap::new(),
+            handoff,
+            served: HashMap::new(),
+        }
+    }
+}
+
+impl Effects for Host {
+    fn watch(&mut self, dir: &Path, kind: WatchKind) -> Result<WatchId, WatchError> {
+        let mask = match kind {
+            WatchKind::Root => ROOT_MASK,
+            WatchKind::Wait => WAIT_MASK,
+            WatchKind::Serve => SERVE_MASK,
+        };
+        match self.watches.add(dir, mask) {
+            Ok(wd) => {
+                let id = WatchId(wd.get_watch_descriptor_id());
+                self.descriptors.insert(id, wd);
+                Ok(id)
+            }
+            Err(e) if is_missing(&e) => Err(WatchError::Missing),
+            Err(e) => Err(WatchError::Failed(with_hint(e))),
+        }
+    }
+
+    fn unwatch(&mut self, watch: WatchId) {
+        if let Some(wd) = self.descriptors.remove(&watch) {
+            // Fails, harmlessly, when the kernel already dropped the watch
+            // because its directory is gone.
+            let _ = self.watches.remove(wd);
+        }
+    }
+
+    fn serve(&mut self, id: &str, path: &Path) -> Result<Identity, ServeError> {
+        let bound = {
+            // Registered with the main runtime, which accepts on it.
+            let _ctx = self.handoff.main.enter();
+            HybridListener::bind(path)
+        };
+        let listener = bound.map_err(ServeError::Bind)?;
+        let identity = self.identity(path).unwrap_or_default();
+        let shutdown = self.handoff.shutdown.child();
+        let serve = Serve {
+            id: id.to_owned(),
+            listener,
+            shutdown: shutdown.clone(),
+        };
+        if let Err(unserved) = self.handoff.serve_tx.try_send(serve) {
+            // Dropped here, on this thread, which can remove its socket.
+            drop(unserved);
+            return Err(ServeError::Refused);
+        }
+        self.served.insert(id.to_owned(), shutdown);
+        Ok(identity)
+    }
+
+    fn stop(&mut self, id: &str) {
+        if let Some(shutdown) = self.served.remove(id) {
+            shutdown.stop();
+        }
+    }
+
+    fn is_dir(&self, path: &Path) -> bool {
+        path.is_dir()
+    }
+
+    fn is_real_dir(&self, path: &Path) -> bool {
+        is_real_dir(path)
+    }
+
+    fn nearest_existing(&self, path: &Path) -> Option<(PathBuf, OsString)> {
+        nearest_existing(path)
+    }
+
+    fn subdirs(&self, dir: &Path) -> io::Result<Vec<OsString>> {
+        Ok(std::fs::read_dir(dir)?
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name())
+            .collect())
+    }
+
+    fn identity(&self, path: &Path) -> Option<Identity> {
+        std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    }
+}
+
+/// The watcher thread's work, once it has its runtime.
+pub(super) struct Driver {
+    watcher: Watcher,
+    host: Host,
+    events: EventStream<Vec<u8>>,
+}
+
+impl Driver {
+    /// Opens inotify; within the watcher thread's runtime, which reads it.
+    pub(super) fn open(watcher: Watcher, handoff: Handoff) -> Result<Driver, ListenError> {
+        let events = Inotify::init().and_then(|i| i.into_event_stream(vec![0u8; EVENT_BUFFER]));
+        let events = events.map_err(|source| ListenError::WatchSandboxes {
+            dir: watcher.template().parent().to_path_buf(),
+            source,
+        })?;
+        let host = Host::new(events.watches(), handoff);
+        Ok(Driver {
+            watcher,
+            host,
+            events,
+        })
+    }
+
+    /// Watches for sandboxes and serves those already there.
+    pub(super) fn start(&mut self) -> Result<(), ListenError> {
+        self.watcher.start(&mut self.host)
+    }
+
+    pub(super) async fn run(self, mut reap_rx: mpsc::UnboundedReceiver<HybridListener>) {
+        let Driver {
+            mut watcher,
+            mut host,
+            mut events,
+        } = self;
+        let serve_tx = host.handoff.serve_tx.clone();
+        loop {
+            tokio::select! {
+                ev = events.next() => match ev {
+                    Some(Ok(ev)) => feed(&mut watcher, &mut host, &ev),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "reading sandbox directory events");
+                        tokio::time::sleep(RETRY_INTERVAL).await;
+                    }
+                    None => {
+                        tracing::error!("sandbox directory events ended");
+                        break;
+                    }
+                },
+                Some(listener) = reap_rx.recv() => drop(listener),
+                _ = serve_tx.closed() => break,
+                _ = tokio::time::sleep(RETRY_INTERVAL), if watcher.wants_retry() => {
+                    watcher.step(&mut host, Input::Retry);
+                }
+            }
+        }
+        // Shutting down: each listener handed out comes back once its
+        // sandbox task has stopped; drop them here, with the right to
+        // remove their sockets.
+        let deadline = tokio::time::Instant::now() + REAP_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, reap_rx.recv()).await {
+                Ok(Some(listener)) => drop(listener),
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!("some sandbox listeners did not come back in time");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Hands one inotify event to the machine.
+fn feed(watcher: &mut Watcher, host: &mut Host, ev: &inotify::EventOwned) {
+    if ev.mask.contains(EventMask::Q_OVERFLOW) {
+        watcher.step(host, Input::Overflow);
+        return;
+    }
+    let watch = WatchId(ev.wd.get_watch_descriptor_id());
+    let change = change(ev.mask, ev.name.as_deref());
+    if matches!(change, Change::Released) {
+        host.descriptors.remove(&watch);
+    }
+    watcher.step(host, Input::Event { watch, change });
+}
+
+/// An event's mask and name as the machine reads them: each event has one
+/// kind (IGNORED, UNMOUNT and the overflow come alone).
+fn change(mask: EventMask, name: Option<&OsStr>) -> Change<'_> {
+    let is_dir = mask.contains(EventMask::ISDIR);
+    if mask.contains(EventMask::IGNORED) {
+        Change::Released
+    } else if mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::UNMOUNT) {
+        Change::Gone
+    } else if let Some(name) = name {
+        if is_dir && mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
+            Change::DirAppeared(name)
+        } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
+            Change::Removed { name, is_dir }
+        } else {
+            Change::Other
+        }
+    } else {
+        Change::Other
+    }
+}
+
+fn is_missing(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(c) if c == nix::libc::ENOENT || c == nix::libc::ENOTDIR)
+}
+
+/// ENOSPC from inotify means the watch limit, not the disk.
+fn with_hint(e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(nix::libc::ENOSPC) {
+        io::Error::other(format!(
+            "{e}: the inotify watch limit is reached (raise fs.inotify.max_user_watches)"
+        ))
+    } else {
+        e
+    }
+}
+
+/// A directory, not a symlink to one.
+fn is_real_dir(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
+}
+
+/// The nearest existing ancestor of `path`, and the name below it on the
+/// way to `path`.
+fn nearest_existing(path: &Path) -> Option<(PathBuf, OsString)> {
+    let mut below = path;
+    for dir in path.ancestors().skip(1) {
+        if dir.is_dir() {
+            return Some((dir.to_path_buf(), below.file_name()?.to_owned()));
+        }
+        below = dir;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_nearest_existing_ancestor() {
+        let dir = tempfile::tempdir().unwrap();
+        let want = dir.path().join("a/b/c");
+        let (at, next) = nearest_existing(&want).unwrap();
+        assert_eq!(
+            (at.as_path(), next.as_os_str()),
+            (dir.path(), OsStr::new("a"))
+        );
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        let (at, next) = nearest_existing(&want).unwrap();
+        assert_eq!((at, next), (dir.path().join("a/b"), OsString::from("c")));
+    }
+
+    /// Each inotify event becomes one change, as the decisions read it.
+    #[test]
+    fn events_become_changes() {
+        let n = Some(OsStr::new("x"));
+        let dir = EventMask::ISDIR;
+        assert!(matches!(change(EventMask::IGNORED, None), Change::Released));
+        for m in [
+            EventMask::DELETE_SELF,
+            EventMask::MOVE_SELF,
+            EventMask::UNMOUNT,
+        ] {
+            assert!(matches!(change(m, None), Change::Gone));
+        }
+        for m in [EventMask::CREATE, EventMask::MOVED_TO] {
+            assert!(matches!(change(m | dir, n), Change::DirAppeared(x) if x == "x"));
+            // A file appearing is nothing to the watcher.
+            assert!(matches!(change(m, n), Change::Other));
+        }
+        for m in [EventMask::DELETE, EventMask::MOVED_FROM] {
+            assert!(matches!(
+                change(m | dir, n),
+                Change::Removed { name, is_dir: true } if name == "x"
+            ));
+            assert!(matches!(
+                change(m, n),
+                Change::Removed { is_dir: false, .. }
+            ));
+            assert!(matches!(change(m, None), Change::Other));
+        }
+    }
+}

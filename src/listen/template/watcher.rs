@@ -1,0 +1,497 @@
+//! The sandbox watcher's decisions, apart from their effects.
+//!
+//! [`Watcher`] is a state machine: it is fed [`Input`]s (a change on one of
+//! its watches, a queue overflow, a retry tick) and decides what to watch,
+//! which sandbox to serve and which to stop. Every effect and every look at
+//! the file system goes through [`Effects`], which the driver implements
+//! with inotify, the disk and the channel to the async side, and the tests
+//! with an in-memory fake, so that every decision is tested without a
+//! kernel, a socket or a thread.
+//!
+//! A trait rather than a returned list of actions: decisions depend on the
+//! answers mid-way (a watch failing because its directory just went starts
+//! the descent again; a directory being there decides whether to go down),
+//! so a list of actions would need one round trip per answer, and each
+//! decision would be spread over several steps instead of read in one
+//! function. What the machine keeps is only what it decided: its watches'
+//! owners and each sandbox's state. A listener coming back from the async
+//! side is not an input: no decision depends on it; the driver drops it.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::effects::{
+    Change, Effects, Identity, Input, ServeError, WatchError, WatchId, WatchKind,
+};
+use crate::addr::SocketTemplate;
+use crate::listen::ListenError;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
+
+/// Turning sandboxes away at the cap is logged at `warn` at most this often.
+const CAP_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A directory name that can be a sandbox id: UTF-8 (it becomes a string
+/// attribute), and not hidden (editors', tools' temporary entries).
+fn sandbox_id(name: &OsStr) -> Option<&str> {
+    name.to_str()
+        .filter(|s| !s.is_empty() && !s.starts_with('.'))
+}
+
+/// Who a watch belongs to.
+#[derive(Debug, Clone)]
+enum Owner {
+    /// The directory sandbox directories appear in.
+    Root,
+    /// The nearest existing ancestor of a missing root.
+    Ancestor,
+    Sandbox(String),
+}
+
+enum Root {
+    Watching(WatchId),
+    /// The root does not exist; `wd` watches an ancestor for `next`, the
+    /// component below it on the way to the root.
+    Waiting {
+        wd: WatchId,
+        next: OsString,
+    },
+    /// Not watched after an error: retried on [`Input::Retry`].
+    Missing,
+}
+
+struct Sandbox {
+    /// The one watch a sandbox has: the deepest directory that exists on
+    /// the way to its socket's.
+    wd: Option<WatchId>,
+    state: State,
+}
+
+enum State {
+    /// Waiting in `inner[..depth]` for `inner[depth]` to appear.
+    Waiting { depth: usize },
+    /// Our socket's identity, to tell it from one put in its place.
+    Serving { identity: Identity },
+    /// Its socket (or socket directory) went while the sandbox directory
+    /// stayed, or it could not be served: left alone until it goes.
+    Retired,
+}
+
+/// The watcher's state; lives on the watcher thread.
+pub(super) struct Watcher {
+    template: SocketTemplate,
+    port: u32,
+    max_sandboxes: usize,
+    root: Root,
+    owners: HashMap<WatchId, Owner>,
+    sandboxes: HashMap<String, Sandbox>,
+    /// A sandbox was turned away at the cap: look again when a slot frees.
+    turned_away: bool,
+    cap_warned: Option<Instant>,
+}
+
+impl Watcher {
+    pub(super) fn new(template: SocketTemplate, port: u32, max_sandboxes: usize) -> Watcher {
+        Watcher {
+            template,
+            port,
+            max_sandboxes,
+            root: Root::Missing,
+            owners: HashMap::new(),
+            sandboxes: HashMap::new(),
+            turned_away: false,
+            cap_warned: None,
+        }
+    }
+
+    pub(super) fn template(&self) -> &SocketTemplate {
+        &self.template
+    }
+
+    /// Watches the root (serving the sandboxes already there), or waits for
+    /// it; an error here fails the forwarder's start.
+    pub(super) fn start(&mut self, fx: &mut impl Effects) -> Result<(), ListenError> {
+        self.establish_root(fx)
+    }
+
+    /// Whether the root is unwatched after an error, to be retried.
+    pub(super) fn wants_retry(&self) -> bool {
+        matches!(self.root, Root::Missing)
+    }
+
+    pub(super) fn step(&mut self, fx: &mut impl Effects, input: Input<'_>) {
+        match input {
+            Input::Event { watch, change } => self.handle(fx, watch, change),
+            Input::Overflow => {
+                tracing::warn!(
+                    "too many sandbox directory events at once; looking at every sandbox again"
+                );
+                self.reconcile(fx);
+            }
+            Input::Retry => {
+                if self.wants_retry() {
+                    if let Err(e) = self.establish_root(fx) {
+                        tracing::warn!(error = %e, "still cannot watch for sandboxes");
+                    }
+                }
+            }
+        }
+    }
+
+    fn watch(
+        &mut self,
+        fx: &mut impl Effects,
+        dir: &Path,
+        kind: WatchKind,
+        owner: Owner,
+    ) -> Result<WatchId, WatchError> {
+        let wd = fx.watch(dir, kind)?;
+        self.owners.insert(wd, owner);
+        Ok(wd)
+    }
+
+    fn unwatch(&mut self, fx: &mut impl Effects, wd: WatchId) {
+        self.owners.remove(&wd);
+        fx.unwatch(wd);
+    }
+
+    /// Watches the root, or waits for it in its nearest existing ancestor.
+    fn establish_root(&mut self, fx: &mut impl Effects) -> Result<(), ListenError> {
+        match std::mem::replace(&mut self.root, Root::Missing) {
+            Root::Watching(wd) | Root::Waiting { wd, .. } => self.unwatch(fx, wd),
+            Root::Missing => {}
+        }
+        let parent = self.template.parent().to_path_buf();
+        let err = |dir: &Path, source| ListenError::WatchSandboxes {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        // Each round either succeeds or finds a directory gone that was
+        // just there; a path being created and removed in a loop still ends.
+        for _ in 0..32 {
+            match self.watch(fx, &parent, WatchKind::Root, Owner::Root) {
+                Ok(wd) => {
+                    self.root = Root::Watching(wd);
+                    tracing::info!(dir = %parent.display(), "watching for sandboxes");
+                    self.scan(fx);
+                    return Ok(());
+                }
+                Err(WatchError::Missing) => {}
+                Err(WatchError::Failed(e)) => return Err(err(&parent, e)),
+            }
+            let Some((ancestor, next)) = fx.nearest_existing(&parent) else {
+                continue;
+            };
+            match self.watch(fx, &ancestor, WatchKind::Wait, Owner::Ancestor) {
+                Ok(wd) => {
+                    if fx.is_dir(&ancestor.join(&next)) {
+                        // Appeared meanwhile: go down.
+                        self.unwatch(fx, wd);
+                        continue;
+                    }
+                    tracing::info!(
+                        dir = %parent.display(),
+                        waiting_in = %ancestor.display(),
+                        "the sandboxes' directory does not exist yet; waiting for it"
+                    );
+                    self.root = Root::Waiting { wd, next };
+                    return Ok(());
+                }
+                Err(WatchError::Missing) => {}
+                Err(WatchError::Failed(e)) => return Err(err(&ancestor, e)),
+            }
+        }
+        Err(err(
+            &parent,
+            io::Error::other("it kept appearing and disappearing"),
+        ))
+    }
+
+    /// Serves the sandbox directories already in the root.
+    fn scan(&mut self, fx: &mut impl Effects) {
+        let parent = self.template.parent();
+        match fx.subdirs(parent) {
+            Ok(names) => {
+                for name in names {
+                    self.appeared(fx, &name);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(dir = %parent.display(), error = %e, "listing sandboxes");
+            }
+        }
+    }
+
+    fn handle(&mut self, fx: &mut impl Effects, key: WatchId, change: Change<'_>) {
+        let owner = if matches!(change, Change::Released) {
+            self.owners.remove(&key)
+        } else {
+            self.owners.get(&key).cloned()
+        };
+        let Some(owner) = owner else {
+            // A watch already removed: its last events are still queued.
+            return;
+        };
+        let gone = matches!(change, Change::Released | Change::Gone);
+        match owner {
+            Owner::Root if gone => self.lose_root(fx),
+            Owner::Root => match change {
+                Change::DirAppeared(name) => self.appeared(fx, name),
+                Change::Removed { name, is_dir: true } => {
+                    if let Some(id) = name.to_str() {
+                        self.forget(fx, id);
+                    }
+                }
+                _ => {}
+            },
+            Owner::Ancestor => {
+                let next_appeared = matches!(
+                    (&change, &self.root),
+                    (Change::DirAppeared(name), Root::Waiting { next, .. }) if next.as_os_str() == *name
+                );
+                if gone || next_appeared {
+                    if let Err(e) = self.establish_root(fx) {
+                        tracing::error!(error = %e, "cannot watch for sandboxes");
+                    }
+                }
+            }
+            Owner::Sandbox(id) => {
+                let Some(sb) = self.sandboxes.get(&id) else {
+                    return;
+                };
+                if sb.wd != Some(key) {
+                    return;
+                }
+                match &sb.state {
+                    State::Waiting { depth } => {
+                        let next = self.template.inner.get(*depth).map(OsStr::new);
+                        let next_appeared =
+                            matches!(change, Change::DirAppeared(name) if Some(name) == next);
+                        if gone || next_appeared {
+                            self.descend(fx, &id);
+                        }
+                    }
+                    State::Serving { .. } => {
+                        let ours = self.template.listen_name(self.port);
+                        if gone {
+                            self.retire(fx, &id, "its socket directory was removed");
+                        } else if matches!(change, Change::Removed { name, .. } if name == OsStr::new(&ours))
+                        {
+                            self.retire(fx, &id, "its socket was removed");
+                        }
+                    }
+                    State::Retired => {}
+                }
+            }
+        }
+    }
+
+    fn appeared(&mut self, fx: &mut impl Effects, name: &OsStr) {
+        let Some(id) = sandbox_id(name) else {
+            tracing::debug!(name = ?name, "not a sandbox directory name; ignored");
+            return;
+        };
+        if self.sandboxes.contains_key(id) {
+            return;
+        }
+        if self.sandboxes.len() >= self.max_sandboxes {
+            self.turned_away = true;
+            if self
+                .cap_warned
+                .is_none_or(|t| t.elapsed() >= CAP_WARN_INTERVAL)
+            {
+                self.cap_warned = Some(Instant::now());
+                tracing::warn!(
+                    sandbox = id,
+                    max_sandboxes = self.max_sandboxes,
+                    "sandbox limit reached (--max-sandboxes); new sandboxes are not served until one goes"
+                );
+            } else {
+                tracing::debug!(sandbox = id, "sandbox limit reached; not serving it");
+            }
+            return;
+        }
+        self.sandboxes.insert(
+            id.to_owned(),
+            Sandbox {
+                wd: None,
+                state: State::Waiting { depth: 0 },
+            },
+        );
+        self.descend(fx, id);
+    }
+
+    /// Follows a sandbox's directories down to its socket's, watching the
+    /// deepest that exists; serves it once the socket's directory is there.
+    fn descend(&mut self, fx: &mut impl Effects, id: &str) {
+        let Some(sb) = self.sandboxes.get_mut(id) else {
+            return;
+        };
+        if let Some(wd) = sb.wd.take() {
+            self.unwatch(fx, wd);
+        }
+        let last = self.template.inner.len();
+        let top = self.template.parent().join(id);
+        let (mut dir, mut depth) = (top.clone(), 0);
+        let mut restarts = 0;
+        loop {
+            let kind = if depth == last {
+                WatchKind::Serve
+            } else {
+                WatchKind::Wait
+            };
+            let wd = match self.watch(fx, &dir, kind, Owner::Sandbox(id.to_owned())) {
+                Ok(wd) => wd,
+                Err(WatchError::Missing) => {
+                    // A directory on the way went as we looked. If the
+                    // sandbox directory is still there, start again from it.
+                    if depth > 0 && restarts < 3 && fx.is_real_dir(&top) {
+                        restarts += 1;
+                        (dir, depth) = (top.clone(), 0);
+                        continue;
+                    }
+                    self.forget(fx, id);
+                    return;
+                }
+                Err(WatchError::Failed(e)) => {
+                    tracing::warn!(sandbox = id, dir = %dir.display(), error = %e, "cannot watch the sandbox directory; not serving it");
+                    self.set_state(id, None, State::Retired);
+                    return;
+                }
+            };
+            if depth == last {
+                self.serve(fx, id, wd);
+                return;
+            }
+            let Some(component) = self.template.inner.get(depth) else {
+                return;
+            };
+            let next = dir.join(component);
+            if fx.is_real_dir(&next) {
+                self.unwatch(fx, wd);
+                (dir, depth) = (next, depth + 1);
+                continue;
+            }
+            self.set_state(id, Some(wd), State::Waiting { depth });
+            return;
+        }
+    }
+
+    fn serve(&mut self, fx: &mut impl Effects, id: &str, wd: WatchId) {
+        let path = self.template.listen_path(id, self.port);
+        match fx.serve(id, &path) {
+            Ok(identity) => {
+                tracing::info!(sandbox = id, socket = %path.display(), "serving sandbox");
+                self.set_state(id, Some(wd), State::Serving { identity });
+            }
+            Err(e) => {
+                match e {
+                    ServeError::Bind(e) => {
+                        tracing::warn!(sandbox = id, error = %e, "cannot listen for this sandbox's agent");
+                    }
+                    ServeError::Refused => tracing::warn!(
+                        sandbox = id,
+                        "the forwarder is not taking new sandboxes; not serving this one"
+                    ),
+                }
+                self.unwatch(fx, wd);
+                self.set_state(id, None, State::Retired);
+            }
+        }
+    }
+
+    fn set_state(&mut self, id: &str, wd: Option<WatchId>, state: State) {
+        if let Some(sb) = self.sandboxes.get_mut(id) {
+            sb.wd = wd;
+            sb.state = state;
+        }
+    }
+
+    /// Stops serving a sandbox whose directory is still there.
+    fn retire(&mut self, fx: &mut impl Effects, id: &str, reason: &str) {
+        let Some(sb) = self.sandboxes.get_mut(id) else {
+            return;
+        };
+        let wd = sb.wd.take();
+        let old = std::mem::replace(&mut sb.state, State::Retired);
+        if let Some(wd) = wd {
+            self.unwatch(fx, wd);
+        }
+        if let State::Serving { .. } = old {
+            fx.stop(id);
+            tracing::info!(sandbox = id, reason, "stopped serving sandbox");
+        }
+    }
+
+    /// The sandbox directory is gone: stop serving and free its slot.
+    fn forget(&mut self, fx: &mut impl Effects, id: &str) {
+        let Some(sb) = self.sandboxes.remove(id) else {
+            return;
+        };
+        if let Some(wd) = sb.wd {
+            self.unwatch(fx, wd);
+        }
+        match sb.state {
+            State::Serving { .. } => {
+                fx.stop(id);
+                tracing::info!(sandbox = id, "sandbox removed; stopped serving it");
+            }
+            _ => tracing::debug!(sandbox = id, "sandbox removed"),
+        }
+        if self.turned_away && matches!(self.root, Root::Watching(_)) {
+            self.turned_away = false;
+            self.scan(fx);
+        }
+    }
+
+    fn lose_root(&mut self, fx: &mut impl Effects) {
+        tracing::warn!(
+            dir = %self.template.parent().display(),
+            "the sandboxes' directory was removed; stopping every sandbox"
+        );
+        if let Root::Watching(wd) = std::mem::replace(&mut self.root, Root::Missing) {
+            self.unwatch(fx, wd);
+        }
+        self.turned_away = false;
+        let ids: Vec<String> = self.sandboxes.keys().cloned().collect();
+        for id in ids {
+            self.forget(fx, &id);
+        }
+        if let Err(e) = self.establish_root(fx) {
+            tracing::error!(error = %e, "cannot watch for sandboxes");
+        }
+    }
+
+    /// After lost events: check every sandbox against the disk.
+    fn reconcile(&mut self, fx: &mut impl Effects) {
+        let ids: Vec<String> = self.sandboxes.keys().cloned().collect();
+        for id in ids {
+            if !fx.is_real_dir(&self.template.parent().join(&id)) {
+                self.forget(fx, &id);
+                continue;
+            }
+            let path = self.template.listen_path(&id, self.port);
+            match self.sandboxes.get(&id).map(|s| &s.state) {
+                Some(State::Waiting { .. }) => self.descend(fx, &id),
+                Some(State::Serving { identity }) if fx.identity(&path) != Some(*identity) => {
+                    self.retire(fx, &id, "its socket was removed");
+                }
+                _ => {}
+            }
+        }
+        match self.root {
+            Root::Watching(_) => self.scan(fx),
+            _ => {
+                if let Err(e) = self.establish_root(fx) {
+                    tracing::error!(error = %e, "cannot watch for sandboxes");
+                }
+            }
+        }
+    }
+}
