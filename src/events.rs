@@ -173,7 +173,8 @@ impl Event for ExportAttempt {
 pub(crate) struct ExportAttemptFailed<'a, E> {
     pub attempt: u32,
     pub error: &'a E,
-    pub retry: crate::export::retry::Retry,
+    /// What the retry policy makes of it.
+    pub retry: &'a dyn fmt::Debug,
 }
 
 impl<E: fmt::Display> Event for ExportAttemptFailed<'_, E> {
@@ -279,13 +280,15 @@ impl Event for SpoolFull {
 }
 
 /// A spool file could not be read back and was set aside or forgotten.
-pub(crate) struct SpoolFileSkipped<'a> {
-    pub error: &'a crate::export::spool::SpoolError,
+pub struct SpoolFileSkipped<'a> {
+    pub error: &'a dyn fmt::Display,
+    /// Its bytes were wrong (set aside as `.damaged`), rather than unreadable.
+    pub damaged: bool,
 }
 
 impl Event for SpoolFileSkipped<'_> {
     fn emit(self, stats: &Stats) {
-        if matches!(self.error, crate::export::spool::SpoolError::Damaged { .. }) {
+        if self.damaged {
             stats.spool_damaged.inc();
         }
         tracing::error!(error = %self.error, "skipping spool file");

@@ -10,7 +10,7 @@
 //! for reporting, never used to make decisions.
 //!
 //! Stages do not touch the counters directly: they emit an event
-//! ([`crate::events`]), which logs and counts in one call.
+//! (the `events` module), which logs and counts in one call.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -333,4 +333,3 @@ pub struct Cli {
     #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub shutdown_timeout: Duration,
 }
-

@@ -166,7 +166,6 @@ impl<F: Fn(&str) -> Option<String>> Env for F {
     }
 }
 
-
 impl Cli {
     /// Validates the command line against the environment.
     pub fn into_config(self, env: &dyn Env) -> Result<Config, ConfigError> {
@@ -232,7 +231,6 @@ impl Cli {
             shutdown_timeout: self.shutdown_timeout,
         })
     }
-
 }
 
 #[cfg(test)]

@@ -110,7 +110,6 @@ impl Cli {
     }
 }
 
-
 /// Turns a configured endpoint into the URL requests go to. Per the OTLP
 /// exporter spec, a generic HTTP endpoint gets `/v1/traces` appended and a
 /// signal-specific one is used as is; gRPC endpoints are used as is.
@@ -189,4 +188,3 @@ fn percent_decode(s: &str) -> Option<String> {
         .ok()
         .map(|c| c.into_owned())
 }
-

@@ -239,7 +239,7 @@ impl Exporter {
                                 ExportAttemptFailed {
                                     attempt,
                                     error,
-                                    retry
+                                    retry: &retry,
                                 }
                             );
                         }
@@ -441,7 +441,14 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         let batch = match tokio::task::spawn_blocking(move || reader.read(seq)).await {
             Ok(Ok(b)) => b,
             Ok(Err(error)) => {
-                emit!(stats, SpoolFileSkipped { error: &error });
+                let damaged = matches!(error, spool::SpoolError::Damaged { .. });
+                emit!(
+                    stats,
+                    SpoolFileSkipped {
+                        error: &error,
+                        damaged
+                    }
+                );
                 continue;
             }
             Err(e) => {

@@ -244,6 +244,7 @@ mod tests {
 
     use super::*;
     use crate::wire::decode_bincode_serde;
+    use crate::wire::same_span as same;
 
     /// Decodes `payload` if it is exactly one well-formed bincode `SpanData`.
     fn decode(payload: &[u8]) -> Option<AgentSpan<'_>> {
@@ -252,10 +253,6 @@ mod tests {
 
     fn real_payloads() -> Vec<Vec<u8>> {
         crate::wire::real_test_payloads(WireFormat::Bincode)
-    }
-
-    fn same(a: &AgentSpan<'_>, b: &AgentSpan<'_>) -> bool {
-        format!("{a:?}") == format!("{b:?}")
     }
 
     fn check(payload: &[u8]) {

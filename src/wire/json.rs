@@ -590,6 +590,7 @@ mod tests {
 
     use super::*;
     use crate::wire::decode_json_serde;
+    use crate::wire::same_span as same;
 
     /// Decodes `payload` if it is in the agent's own compact layout.
     fn decode(payload: &[u8]) -> Option<AgentSpan<'_>> {
@@ -598,11 +599,6 @@ mod tests {
 
     fn real_payloads() -> Vec<Vec<u8>> {
         crate::wire::real_test_payloads(WireFormat::Json)
-    }
-
-    /// Debug output compares NaN equal to itself, unlike `==`.
-    fn same(a: &AgentSpan<'_>, b: &AgentSpan<'_>) -> bool {
-        format!("{a:?}") == format!("{b:?}")
     }
 
     /// The fast path may give up on anything, but what it accepts must be

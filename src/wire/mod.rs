@@ -400,6 +400,13 @@ fn decode_as<'a>(
 /// Real agent payloads (frame headers stripped) for the tests of every
 /// decoder and encoder: the scenario trace with and without a remote
 /// parent, plus bulk spans, all from the real SDK of `format`.
+/// Whether two decoded spans are the same; Debug output compares NaN equal
+/// to itself, unlike `==`.
+#[cfg(test)]
+pub(crate) fn same_span(a: &AgentSpan<'_>, b: &AgentSpan<'_>) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+}
+
 #[cfg(test)]
 pub(crate) fn real_test_payloads(format: kata_agent_emitter::WireFormat) -> Vec<Vec<u8>> {
     use kata_agent_emitter::{bulk_frames, scenario, RemoteParent, ScenarioOptions};
