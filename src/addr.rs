@@ -95,10 +95,10 @@ impl FromStr for SocketTemplate {
     fn from_str(raw: &str) -> Result<Self, String> {
         let t = raw.trim();
         // jq without -r prints the JSON string, quotes included.
-        let t = match t.as_bytes() {
-            [q @ (b'"' | b'\''), .., last] if last == q && t.len() >= 2 => &t[1..t.len() - 1],
-            _ => t,
-        };
+        let unquoted = ['"', '\'']
+            .iter()
+            .find_map(|q| t.strip_prefix(*q).and_then(|rest| rest.strip_suffix(*q)));
+        let t = unquoted.unwrap_or(t);
         if t.is_empty() {
             return Err(format!(
                 "the socket path template is empty; {TEMPLATE_HINT}"
