@@ -48,7 +48,7 @@ fn varint_len(v: u64) -> usize {
 }
 
 /// Writes `v` as a varint. Ours rather than `prost::encoding::encode_varint`
-/// on purpose: with prost's, the direct encoder is 20-25 % slower
+/// on purpose: with prost's, the direct encoder is 30-45 % slower
 /// (`cargo bench --bench convert`: 134.6 against 92.5 µs per 512 JSON
 /// spans, 134.8 against 104.2 bincode), since its bounded loop with an
 /// early exit does not reduce to this tight one. Reading a varint is off the
