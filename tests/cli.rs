@@ -63,10 +63,17 @@ fn invalid_values_are_clear_errors() {
             "{args:?}: expected '{needle}' in:\n{err}"
         );
     }
-    let (code, _, err) = run(&["--otlp-endpoint", "localhost:4317"]);
+    // Without a scheme, only gRPC has a rule (TLS unless insecure, as the
+    // OTLP exporter spec says); an HTTP endpoint needs its scheme.
+    let (code, _, err) = run(&[
+        "--otlp-protocol",
+        "http/protobuf",
+        "--otlp-endpoint",
+        "localhost:4318",
+    ]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("invalid OTLP endpoint 'localhost:4317'"),
+        err.contains("invalid OTLP endpoint 'localhost:4318'"),
         "{err}"
     );
 }

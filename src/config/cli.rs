@@ -53,7 +53,12 @@ const AFTER_HELP: &str = "Examples:
 Environment (flags take precedence): OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, \
 OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL, \
 OTEL_EXPORTER_OTLP_TRACES_HEADERS, OTEL_EXPORTER_OTLP_HEADERS, \
-OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, OTEL_EXPORTER_OTLP_TIMEOUT, OTEL_BSP_MAX_EXPORT_BATCH_SIZE, \
+OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, OTEL_EXPORTER_OTLP_TIMEOUT, \
+OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE, OTEL_EXPORTER_OTLP_CERTIFICATE, \
+OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE, OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE, \
+OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY, OTEL_EXPORTER_OTLP_CLIENT_KEY, \
+OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, OTEL_EXPORTER_OTLP_COMPRESSION, \
+OTEL_EXPORTER_OTLP_TRACES_INSECURE, OTEL_EXPORTER_OTLP_INSECURE, OTEL_BSP_MAX_EXPORT_BATCH_SIZE, \
 OTEL_BSP_SCHEDULE_DELAY, OTEL_BSP_MAX_QUEUE_SIZE.";
 
 /// Log levels of the Kata tool, `critical` included (it maps to `error`).
@@ -219,6 +224,29 @@ pub struct Cli {
     /// OTEL_EXPORTER_OTLP_HEADERS.
     #[arg(long = "otlp-header", value_name = "KEY=VALUE")]
     pub otlp_headers: Vec<String>,
+
+    /// PEM bundle of the CAs to trust for an https endpoint, instead of the
+    /// system's roots. Reread when it changes, for new connections.
+    #[arg(long, value_name = "FILE", value_parser = NonEmptyStringValueParser::new())]
+    pub otlp_certificate: Option<String>,
+
+    /// PEM client certificate for mTLS to an https endpoint (with
+    /// --otlp-client-key). Reread when it changes, for new connections.
+    #[arg(long, value_name = "FILE", value_parser = NonEmptyStringValueParser::new())]
+    pub otlp_client_certificate: Option<String>,
+
+    /// PEM private key of --otlp-client-certificate.
+    #[arg(long, value_name = "FILE", value_parser = NonEmptyStringValueParser::new())]
+    pub otlp_client_key: Option<String>,
+
+    /// Compression of export requests: `gzip` or `none` [default: none].
+    #[arg(long, value_name = "gzip|none")]
+    pub otlp_compression: Option<super::Compression>,
+
+    /// gRPC only, for an endpoint without a scheme (`host:port`): plaintext
+    /// instead of TLS [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub otlp_insecure: Option<bool>,
 
     /// Timeout of one export request [default: 10s].
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]

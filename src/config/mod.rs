@@ -101,9 +101,46 @@ pub struct OtlpConfig {
     pub endpoint: Uri,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub timeout: Duration,
+    /// Set for an `https` endpoint: how to check the collector, and prove
+    /// ourselves to it.
+    pub tls: Option<TlsConfig>,
+    pub compression: Compression,
+}
+
+/// The files TLS to the collector uses; each absent one means the default
+/// (the system's roots; no client certificate).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM CA bundle to trust instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mTLS; set with `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+}
+
+/// How export requests are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "none" => Ok(Compression::None),
+            "gzip" => Ok(Compression::Gzip),
+            other => Err(format!("'{other}' is not a compression: use gzip or none")),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
+// Built once at startup and read in place: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Output {
     Otlp(OtlpConfig),
     /// OTLP JSON lines on stdout.
@@ -133,6 +170,11 @@ pub enum ConfigError {
     },
     #[error("invalid {name}: {reason}")]
     ParseEnv { name: &'static str, reason: String },
+    #[error("a client certificate needs its key and a key its certificate: {given} is set, {missing} is not")]
+    HalfClientIdentity {
+        given: &'static str,
+        missing: &'static str,
+    },
     #[error("invalid OTLP header '{header}' (from {source_name}): {reason}")]
     ParseHeader {
         header: String,
@@ -366,6 +408,74 @@ mod tests {
         assert!(e.to_string().contains("OTEL_EXPORTER_OTLP_HEADERS"), "{e}");
     }
 
+    /// TLS and compression as the OTLP exporter spec has them: https means
+    /// TLS, with the files from flags or the signal-specific or generic
+    /// variables; a scheme-less gRPC endpoint is TLS unless insecure.
+    #[test]
+    fn tls_and_compression_follow_the_otlp_exporter_spec() {
+        let c = config(&["--otlp-endpoint", "https://gw.example:4317"], &[]).unwrap();
+        assert_eq!(otlp(&c).tls, Some(TlsConfig::default()));
+        assert_eq!(otlp(&c).compression, Compression::None);
+
+        let c = config(
+            &[
+                "--otlp-endpoint",
+                "https://gw:4317",
+                "--otlp-certificate",
+                "/flag-ca.pem",
+            ],
+            &[
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/env-ca.pem"),
+                (
+                    "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+                    "/traces-cert.pem",
+                ),
+                ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/generic-cert.pem"),
+                ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/key.pem"),
+                ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip"),
+            ],
+        )
+        .unwrap();
+        let o = otlp(&c);
+        assert_eq!(
+            o.tls,
+            Some(TlsConfig {
+                ca_file: Some("/flag-ca.pem".into()),
+                client_cert: Some("/traces-cert.pem".into()),
+                client_key: Some("/key.pem".into()),
+            })
+        );
+        assert_eq!(o.compression, Compression::Gzip);
+
+        // The files only apply to a TLS endpoint, as in every SDK.
+        let c = config(&["--otlp-certificate", "/ca.pem"], &[]).unwrap();
+        assert_eq!(otlp(&c).tls, None);
+
+        let c = config(&["--otlp-endpoint", "collector:4317"], &[]).unwrap();
+        assert_eq!(otlp(&c).endpoint.to_string(), "https://collector:4317/");
+        assert!(otlp(&c).tls.is_some());
+        for (args, env) in [
+            (
+                vec!["--otlp-endpoint", "collector:4317", "--otlp-insecure"],
+                vec![],
+            ),
+            (
+                vec!["--otlp-endpoint", "collector:4317"],
+                vec![("OTEL_EXPORTER_OTLP_INSECURE", "true")],
+            ),
+        ] {
+            let c = config(&args, &env).unwrap();
+            assert_eq!(otlp(&c).endpoint.to_string(), "http://collector:4317/");
+            assert_eq!(otlp(&c).tls, None);
+        }
+        let c = config(
+            &["--otlp-compression", "none"],
+            &[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")],
+        )
+        .unwrap();
+        assert_eq!(otlp(&c).compression, Compression::None, "the flag wins");
+    }
+
     #[test]
     fn bad_values_are_clear_errors() {
         for (args, needle) in [
@@ -383,8 +493,30 @@ mod tests {
             let e = cli(&args).expect_err(needle).to_string();
             assert!(e.contains(needle), "{args:?}: {e}");
         }
-        let e = config(&["--otlp-endpoint", "localhost:4317"], &[]).unwrap_err();
+        let e = config(
+            &[
+                "--otlp-endpoint",
+                "localhost:4318",
+                "--otlp-protocol",
+                "http/protobuf",
+            ],
+            &[],
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("--otlp-endpoint"), "{e}");
+        let e = config(&["--otlp-client-certificate", "/c.pem"], &[]).unwrap_err();
+        assert!(e.to_string().contains("--otlp-client-key"), "{e}");
+        let e = config(&[], &[("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem")]).unwrap_err();
+        assert!(e.to_string().contains("--otlp-client-certificate"), "{e}");
+        let e = cli(&["--otlp-compression", "zstd"]).unwrap_err();
+        assert!(e.to_string().contains("gzip or none"), "{e}");
+        let e = config(&[], &[("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")]).unwrap_err();
+        assert!(
+            e.to_string().contains("OTEL_EXPORTER_OTLP_COMPRESSION"),
+            "{e}"
+        );
+        let e = config(&[], &[("OTEL_EXPORTER_OTLP_INSECURE", "yes")]).unwrap_err();
+        assert!(e.to_string().contains("OTEL_EXPORTER_OTLP_INSECURE"), "{e}");
         let e = config(&["--otlp-endpoint", "ftp://x"], &[]).unwrap_err();
         assert!(e.to_string().contains("unsupported scheme"), "{e}");
         let e = config(&[], &[("OTEL_EXPORTER_OTLP_PROTOCOL", "udp")]).unwrap_err();

@@ -4,12 +4,13 @@
 //! endpoints completed as the OTLP exporter spec says, headers in the W3C
 //! baggage format.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Uri};
 
 use super::cli::{parse_duration, Cli, OtlpProtocol, DEFAULT_GRPC_ENDPOINT, DEFAULT_HTTP_ENDPOINT};
-use super::{ConfigError, Env, OtlpConfig};
+use super::{Compression, ConfigError, Env, OtlpConfig, TlsConfig};
 
 const HTTP_TRACES_PATH: &str = "/v1/traces";
 
@@ -27,6 +28,26 @@ fn otel_var(env: &dyn Env, suffix: &str) -> Option<(String, &'static str, bool)>
         "TIMEOUT" => (
             "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
             "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ),
+        "CERTIFICATE" => (
+            "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        ),
+        "CLIENT_CERTIFICATE" => (
+            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        ),
+        "CLIENT_KEY" => (
+            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        ),
+        "COMPRESSION" => (
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ),
+        "INSECURE" => (
+            "OTEL_EXPORTER_OTLP_TRACES_INSECURE",
+            "OTEL_EXPORTER_OTLP_INSECURE",
         ),
         _ => return None,
     };
@@ -64,12 +85,22 @@ impl Cli {
                 ),
             },
         };
-        let endpoint =
-            endpoint_uri(&raw, protocol, as_is).map_err(|reason| ConfigError::ParseEndpoint {
+        let insecure = match self.otlp_insecure {
+            Some(b) => b,
+            None => match otel_var(env, "INSECURE") {
+                Some((v, name, _)) => {
+                    parse_bool(&v).map_err(|reason| ConfigError::ParseEnv { name, reason })?
+                }
+                None => false,
+            },
+        };
+        let endpoint = endpoint_uri(&raw, protocol, as_is, insecure).map_err(|reason| {
+            ConfigError::ParseEndpoint {
                 endpoint: raw.clone(),
                 source_name,
                 reason,
-            })?;
+            }
+        })?;
 
         let mut headers = Vec::new();
         for name in [
@@ -101,35 +132,86 @@ impl Cli {
                 reason: "must be greater than 0".into(),
             });
         }
+        let file = |flag: &Option<String>, var: &str| {
+            flag.clone()
+                .or_else(|| otel_var(env, var).map(|(v, _, _)| v))
+                .map(PathBuf::from)
+        };
+        let tls_files = TlsConfig {
+            ca_file: file(&self.otlp_certificate, "CERTIFICATE"),
+            client_cert: file(&self.otlp_client_certificate, "CLIENT_CERTIFICATE"),
+            client_key: file(&self.otlp_client_key, "CLIENT_KEY"),
+        };
+        match (&tls_files.client_cert, &tls_files.client_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::HalfClientIdentity {
+                    given: "the client certificate",
+                    missing: "its key (--otlp-client-key)",
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::HalfClientIdentity {
+                    given: "the client key",
+                    missing: "its certificate (--otlp-client-certificate)",
+                })
+            }
+            _ => {}
+        }
+        // As every SDK: the files only apply to a TLS endpoint.
+        let tls = (endpoint.scheme_str() == Some("https")).then_some(tls_files);
+        let compression = match self.otlp_compression {
+            Some(c) => c,
+            None => match otel_var(env, "COMPRESSION") {
+                Some((v, name, _)) => v
+                    .parse()
+                    .map_err(|reason| ConfigError::ParseEnv { name, reason })?,
+                None => Compression::None,
+            },
+        };
         Ok(OtlpConfig {
             protocol,
             endpoint,
             headers,
             timeout,
+            tls,
+            compression,
         })
+    }
+}
+
+/// `true`/`false`, as the OpenTelemetry SDKs read boolean variables.
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(format!("'{other}' is not a boolean: use true or false")),
     }
 }
 
 /// Turns a configured endpoint into the URL requests go to. Per the OTLP
 /// exporter spec, a generic HTTP endpoint gets `/v1/traces` appended and a
-/// signal-specific one is used as is; gRPC endpoints are used as is.
-fn endpoint_uri(raw: &str, protocol: OtlpProtocol, as_is: bool) -> Result<Uri, String> {
+/// signal-specific one is used as is; gRPC endpoints are used as is, and
+/// one without a scheme (`host:port`) is https unless `insecure`.
+fn endpoint_uri(
+    raw: &str,
+    protocol: OtlpProtocol,
+    as_is: bool,
+    insecure: bool,
+) -> Result<Uri, String> {
     let raw = raw.trim();
-    let uri: Uri = raw
+    let mut uri: Uri = raw
         .parse()
         .map_err(|e: http::uri::InvalidUri| e.to_string())?;
     match uri.scheme_str() {
-        Some("http") => {}
-        // Agent spans go to a collector on the host or the node; TLS to a
-        // remote backend is that collector's job.
-        Some("https") => {
-            return Err(
-                "https is not supported: export to a local collector over http and let it use TLS"
-                    .into(),
-            )
+        Some("http" | "https") => {}
+        Some(other) => return Err(format!("unsupported scheme '{other}': use http or https")),
+        None if protocol == OtlpProtocol::Grpc && uri.authority().is_some() => {
+            let scheme = if insecure { "http" } else { "https" };
+            uri = format!("{scheme}://{raw}")
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| e.to_string())?;
         }
-        Some(other) => return Err(format!("unsupported scheme '{other}': use http")),
-        None => return Err("missing scheme: expected e.g. http://localhost:4317".into()),
+        None => return Err("missing scheme: expected e.g. http://localhost:4318".into()),
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err("missing host".into());

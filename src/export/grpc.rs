@@ -30,11 +30,14 @@ use tonic::codegen::Service;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use super::body::RequestBody;
+use std::sync::Arc;
+
+use super::body::{gzip, RequestBody};
 use super::coalesce::Coalesce;
 use super::retry::{Classify, Retry};
-use super::{error_chain, host_port, ExportError};
-use crate::config::OtlpConfig;
+use super::tls::{self, Stream, Tls};
+use super::{connect_error, ExportError};
+use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
@@ -49,6 +52,7 @@ pub(crate) struct GrpcTransport {
     /// `--otlp-timeout`, for the whole call: the channel's own timeout
     /// ends at the response headers, not at the end of the answer.
     timeout: Duration,
+    compression: Compression,
 }
 
 impl GrpcTransport {
@@ -59,6 +63,15 @@ impl GrpcTransport {
         connect_timeout: Duration,
     ) -> Result<Self, ExportError> {
         let endpoint_str = cfg.endpoint.to_string();
+        let tls = match &cfg.tls {
+            Some(t) => Some(Arc::new(Tls::new(t, b"h2").map_err(|e| {
+                ExportError::LoadTls {
+                    endpoint: endpoint_str.clone(),
+                    source: e,
+                }
+            })?)),
+            None => None,
+        };
         let endpoint = Endpoint::from_shared(endpoint_str.clone())
             .map_err(|e| ExportError::Connect {
                 endpoint: endpoint_str.clone(),
@@ -68,19 +81,26 @@ impl GrpcTransport {
             .timeout(cfg.timeout)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
+        // The collector must be there, and take our certificate, now.
+        match tokio::time::timeout(connect_timeout, tls::probe(&cfg.endpoint, tls.as_deref())).await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(connect_error(endpoint_str, &e)),
+            Err(_) => {
+                return Err(ExportError::Connect {
+                    endpoint: endpoint_str,
+                    reason: format!("no answer within {connect_timeout:?}"),
+                })
+            }
+        }
         let channel = match tokio::time::timeout(
             connect_timeout,
-            endpoint.connect_with_connector(CoalescingConnector),
+            endpoint.connect_with_connector(CoalescingConnector { tls }),
         )
         .await
         {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                return Err(ExportError::Connect {
-                    endpoint: endpoint_str,
-                    reason: error_chain(&e),
-                })
-            }
+            Ok(Err(e)) => return Err(connect_error(endpoint_str, &e)),
             Err(_) => {
                 return Err(ExportError::Connect {
                     endpoint: endpoint_str,
@@ -106,6 +126,7 @@ impl GrpcTransport {
             headers,
             endpoint: endpoint_str,
             timeout: cfg.timeout,
+            compression: cfg.compression,
         })
     }
 
@@ -129,6 +150,14 @@ impl GrpcTransport {
     }
 
     async fn call(&self, body: &EncodedRequest) -> Result<ExportTraceServiceResponse, GrpcError> {
+        let compressed;
+        let body = match self.compression {
+            Compression::None => body,
+            Compression::Gzip => {
+                compressed = gzip(body);
+                &compressed
+            }
+        };
         let len = u32::try_from(body.len()).map_err(|_| {
             GrpcError(Status::resource_exhausted(format!(
                 "request of {} bytes is over gRPC's 4 GiB message limit",
@@ -136,6 +165,7 @@ impl GrpcTransport {
             )))
         })?;
         let mut prefix = [0u8; 5];
+        prefix[0] = u8::from(self.compression == Compression::Gzip);
         prefix[1..].copy_from_slice(&len.to_be_bytes());
         let mut req = http::Request::new(tonic::body::Body::new(RequestBody::new(
             Some(Bytes::copy_from_slice(&prefix)),
@@ -150,6 +180,9 @@ impl GrpcTransport {
             HeaderValue::from_static("application/grpc"),
         );
         h.insert(header::TE, HeaderValue::from_static("trailers"));
+        if self.compression == Compression::Gzip {
+            h.insert("grpc-encoding", HeaderValue::from_static("gzip"));
+        }
         for (k, v) in &self.headers {
             h.append(k.clone(), v.clone());
         }
@@ -187,13 +220,15 @@ impl GrpcTransport {
     }
 }
 
-/// Opens the collector connection as tonic would (TCP, no Nagle), wrapped
-/// in [`Coalesce`].
-#[derive(Clone, Copy)]
-struct CoalescingConnector;
+/// Opens the collector connection as tonic would (TCP, no Nagle), with TLS
+/// for an https endpoint, wrapped in [`Coalesce`].
+#[derive(Clone)]
+struct CoalescingConnector {
+    tls: Option<Arc<Tls>>,
+}
 
 impl Service<Uri> for CoalescingConnector {
-    type Response = TokioIo<Coalesce<tokio::net::TcpStream>>;
+    type Response = TokioIo<Coalesce<Stream>>;
     type Error = std::io::Error;
     type Future =
         Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
@@ -203,9 +238,9 @@ impl Service<Uri> for CoalescingConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        let tls = self.tls.clone();
         Box::pin(async move {
-            let stream = tokio::net::TcpStream::connect(host_port(&uri)).await?;
-            stream.set_nodelay(true)?;
+            let stream = tls::connect(&uri, tls.as_deref()).await?;
             Ok(TokioIo::new(Coalesce::new(stream)))
         })
     }
@@ -218,6 +253,11 @@ pub struct GrpcError(pub Status);
 
 impl Classify for GrpcError {
     fn retry(&self) -> Retry {
+        // A certificate, the collector's or ours, that fails to verify:
+        // the same files will fail the same way, whatever the code says.
+        if tls::is_tls_rejection(&self.0) {
+            return Retry::Never;
+        }
         match self.0.code() {
             Code::Cancelled
             | Code::DeadlineExceeded

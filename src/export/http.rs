@@ -5,36 +5,76 @@
 //! retryable (with `Retry-After` honoured), other statuses are not, and
 //! connection-level errors are.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
+use tonic::codegen::Service;
 
-use super::body::RequestBody;
+use super::body::{gzip, RequestBody};
 use super::retry::{Classify, Retry};
-use super::{error_chain, host_port, ExportError};
-use crate::config::OtlpConfig;
+use super::tls::{self, Stream, Tls};
+use super::{connect_error, error_chain, ExportError};
+use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
 
 /// A collector's response body is tiny; anything past this is not read.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
 pub(crate) struct HttpTransport {
-    client: Client<HttpConnector, RequestBody>,
+    client: Client<Connector, RequestBody>,
     endpoint: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
+    compression: Compression,
+}
+
+/// Dials the collector for hyper's pool: TCP, no Nagle, TLS for https.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    tls: Option<Arc<Tls>>,
+    timeout: Duration,
+}
+
+impl Service<Uri> for Connector {
+    type Response = TokioIo<Stream>;
+    type Error = std::io::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (tls, timeout) = (self.tls.clone(), self.timeout);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, tls::connect(&uri, tls.as_deref())).await {
+                Ok(stream) => Ok(TokioIo::new(stream?)),
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {timeout:?}"),
+                )),
+            }
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     #[error("sending request: {0}")]
     Send(String),
+    /// The TLS handshake failed on a certificate, the collector's or ours.
+    #[error("sending request: {0}")]
+    TlsRejected(String),
     #[error("no response within {0:?}")]
     Timeout(Duration),
     #[error("collector answered HTTP {status}: {body}")]
@@ -51,6 +91,7 @@ impl Classify for HttpError {
     fn retry(&self) -> Retry {
         match self {
             HttpError::Send(_) | HttpError::Timeout(_) | HttpError::ReadBody(_) => Retry::Retryable,
+            HttpError::TlsRejected(_) => Retry::Never,
             HttpError::Status {
                 status,
                 retry_after,
@@ -65,26 +106,31 @@ impl Classify for HttpError {
 }
 
 impl HttpTransport {
-    /// Checks that the collector's port accepts connections, so that a
-    /// missing collector is reported at startup.
+    /// Checks that the collector's port accepts connections (and the TLS
+    /// handshake succeeds), so that a missing collector, or one the
+    /// forwarder cannot trust, is reported at startup.
     pub(crate) async fn connect(
         cfg: &OtlpConfig,
         connect_timeout: Duration,
     ) -> Result<Self, ExportError> {
         let endpoint = cfg.endpoint.to_string();
-        match tokio::time::timeout(
-            connect_timeout,
-            tokio::net::TcpStream::connect(host_port(&cfg.endpoint)),
-        )
-        .await
+        let tls = match &cfg.tls {
+            Some(t) => Some(Arc::new(Tls::new(t, b"http/1.1").map_err(|source| {
+                ExportError::LoadTls {
+                    endpoint: endpoint.clone(),
+                    source,
+                }
+            })?)),
+            None => None,
+        };
+        let connector = Connector {
+            tls: tls.clone(),
+            timeout: connect_timeout,
+        };
+        match tokio::time::timeout(connect_timeout, tls::probe(&cfg.endpoint, tls.as_deref())).await
         {
-            Ok(Ok(_probe)) => {}
-            Ok(Err(e)) => {
-                return Err(ExportError::Connect {
-                    endpoint,
-                    reason: e.to_string(),
-                })
-            }
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(connect_error(endpoint, &e)),
             Err(_) => {
                 return Err(ExportError::Connect {
                     endpoint,
@@ -92,9 +138,6 @@ impl HttpTransport {
                 })
             }
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
@@ -103,6 +146,7 @@ impl HttpTransport {
             endpoint: cfg.endpoint.clone(),
             headers: cfg.headers.clone(),
             timeout: cfg.timeout,
+            compression: cfg.compression,
         })
     }
 
@@ -114,21 +158,35 @@ impl HttpTransport {
         &self,
         body: &EncodedRequest,
     ) -> Result<ExportTraceServiceResponse, HttpError> {
+        let compressed;
+        let body = match self.compression {
+            Compression::None => body,
+            Compression::Gzip => {
+                compressed = gzip(body);
+                &compressed
+            }
+        };
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(self.endpoint.clone())
             .header(header::CONTENT_TYPE, "application/x-protobuf")
             .body(RequestBody::new(None, body))
             .map_err(|e| HttpError::Send(e.to_string()))?;
+        if self.compression == Compression::Gzip {
+            req.headers_mut()
+                .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
         for (k, v) in &self.headers {
             req.headers_mut().append(k.clone(), v.clone());
         }
         let fut = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| HttpError::Send(error_chain(&e)))?;
+            let resp = self.client.request(req).await.map_err(|e| {
+                if tls::is_tls_rejection(&e) {
+                    HttpError::TlsRejected(error_chain(&e))
+                } else {
+                    HttpError::Send(error_chain(&e))
+                }
+            })?;
             let status = resp.status();
             let retry_after = retry_after(resp.headers());
             let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)

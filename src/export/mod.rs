@@ -22,6 +22,7 @@ pub mod http;
 pub(crate) mod queue;
 pub(crate) mod retry;
 pub mod spool;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +61,14 @@ pub enum ExportError {
     },
     #[error("writing spans to stdout: {0}")]
     WriteDump(#[source] std::io::Error),
+    #[error("TLS with the OTLP collector at {endpoint} failed: {reason} (check --otlp-certificate, and --otlp-client-certificate/--otlp-client-key if the collector wants a client certificate)")]
+    TlsHandshake { endpoint: String, reason: String },
+    #[error("setting up TLS for {endpoint}: {source}")]
+    LoadTls {
+        endpoint: String,
+        #[source]
+        source: tls::TlsError,
+    },
 }
 
 impl ExportError {
@@ -78,27 +87,41 @@ impl Classify for ExportError {
             ExportError::Connect { .. } => Retry::Retryable,
             ExportError::SendGrpc { source, .. } => source.retry(),
             ExportError::SendHttp { source, .. } => source.retry(),
-            ExportError::WriteDump(_) => Retry::Never,
+            ExportError::WriteDump(_)
+            | ExportError::LoadTls { .. }
+            | ExportError::TlsHandshake { .. } => Retry::Never,
         }
     }
 }
 
-/// The host (IPv6 without its brackets) and port to dial for an endpoint.
-pub(crate) fn host_port(uri: &::http::Uri) -> (String, u16) {
-    let host = uri.host().unwrap_or_default();
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (host.to_owned(), uri.port_u16().unwrap_or(80))
-}
-
+/// An error and its causes as one line; a cause whose text its parent
+/// already shows (wrappers that print their source) is left out.
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = inner.source();
     }
     s
+}
+
+/// The startup error for a failed connection: a TLS verification failure
+/// is told apart from a collector that is not there.
+pub(crate) fn connect_error(
+    endpoint: String,
+    e: &(dyn std::error::Error + 'static),
+) -> ExportError {
+    let reason = error_chain(e);
+    if tls::is_tls_rejection(e) {
+        ExportError::TlsHandshake { endpoint, reason }
+    } else {
+        ExportError::Connect { endpoint, reason }
+    }
 }
 
 /// Where batches go. Every sink takes the same encoded request and says

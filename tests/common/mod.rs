@@ -41,6 +41,8 @@ pub struct Store {
     pub requests: AtomicUsize,
     /// Answer this many requests with a retryable failure first.
     pub fail_first: AtomicUsize,
+    /// Requests that came gzipped (`grpc-encoding` / `Content-Encoding`).
+    pub gzipped: AtomicUsize,
     notify: Notify,
 }
 
@@ -109,6 +111,13 @@ impl TraceService for GrpcService {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         if self.0.should_fail() {
             return Err(tonic::Status::unavailable("injected failure"));
+        }
+        if request
+            .metadata()
+            .get("grpc-encoding")
+            .is_some_and(|v| v == "gzip")
+        {
+            self.0.gzipped.fetch_add(1, Ordering::SeqCst);
         }
         self.0.record(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
@@ -181,7 +190,8 @@ impl Receiver {
         let _guard = runtime.enter();
         let grpc = TcpListener::from_std(grpc).unwrap();
         let http = TcpListener::from_std(http).unwrap();
-        let svc = TraceServiceServer::new(GrpcService(Arc::clone(&store)));
+        let svc = TraceServiceServer::new(GrpcService(Arc::clone(&store)))
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
         runtime.spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
@@ -200,7 +210,19 @@ impl Receiver {
                         let store = Arc::clone(&store);
                         async move {
                             let path_ok = req.uri().path() == "/v1/traces";
-                            let body = req.into_body().collect().await?.to_bytes();
+                            let gzipped = req
+                                .headers()
+                                .get("content-encoding")
+                                .is_some_and(|v| v == "gzip");
+                            let mut body = req.into_body().collect().await?.to_bytes();
+                            if gzipped {
+                                use std::io::Read;
+                                store.gzipped.fetch_add(1, Ordering::SeqCst);
+                                let mut plain = Vec::new();
+                                let _ =
+                                    flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut plain);
+                                body = Bytes::from(plain);
+                            }
                             let resp = if !path_ok {
                                 hyper::Response::builder()
                                     .status(404)

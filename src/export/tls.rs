@@ -1,0 +1,356 @@
+//! Connections to the collector: TCP, and TLS (rustls) for `https://`
+//! endpoints, shared by both transports.
+//!
+//! # TLS primer
+//!
+//! The forwarder is the client. It checks the collector's certificate chain
+//! against its trusted roots (the system's, or the PEM bundle of
+//! `--otlp-certificate` instead) and the certificate's names against the
+//! endpoint's host; with `--otlp-client-certificate` and
+//! `--otlp-client-key` it also proves itself to the collector (mTLS).
+//! TLS 1.2 and 1.3 are offered. ALPN says which HTTP the connection will
+//! speak: `h2` for gRPC, `http/1.1` for OTLP/HTTP.
+//!
+//! Certificates are rotated on disk by the tools that issue them, without
+//! telling anyone. So the files are looked at again (size and modification
+//! time) whenever a new connection is made: a changed file is loaded for
+//! that connection and the ones after it. A file that changed into
+//! something unusable is logged and the last good configuration kept, so a
+//! half-written rotation never takes export down. At startup, though, every
+//! file must load: a wrong path or a key that does not match its
+//! certificate is an error that names the file.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use http::Uri;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::config::TlsConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {what} {path}: {source}")]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} {path} holds no PEM certificate")]
+    NoCertificate { what: &'static str, path: PathBuf },
+    #[error("client key {path} holds no PEM private key")]
+    NoKey { path: PathBuf },
+    #[error("client key {key} does not match client certificate {cert}: {reason}")]
+    KeyMismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+    #[error("CA bundle {path}: {reason}")]
+    BadCa { path: PathBuf, reason: String },
+    #[error("no trusted root certificates found on this system (use --otlp-certificate)")]
+    NoSystemRoots,
+}
+
+/// What a loaded file looked like, to notice it changed.
+type Stamp = Option<(u64, SystemTime)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let md = std::fs::metadata(path).ok()?;
+    Some((md.len(), md.modified().ok()?))
+}
+
+struct Loaded {
+    config: Arc<ClientConfig>,
+    stamps: Vec<Stamp>,
+}
+
+/// The client's TLS configuration, reloaded when its files change.
+pub(crate) struct Tls {
+    settings: TlsConfig,
+    alpn: &'static [u8],
+    loaded: Mutex<Loaded>,
+}
+
+impl Tls {
+    /// Loads every file now, so that a problem is a startup error.
+    pub(crate) fn new(settings: &TlsConfig, alpn: &'static [u8]) -> Result<Tls, TlsError> {
+        let config = build(settings, alpn)?;
+        Ok(Tls {
+            loaded: Mutex::new(Loaded {
+                config: Arc::new(config),
+                stamps: stamps(settings),
+            }),
+            settings: settings.clone(),
+            alpn,
+        })
+    }
+
+    /// The configuration for a new connection: reloaded first if a file
+    /// changed, the last good one if the change does not load.
+    pub(crate) fn current(&self) -> Arc<ClientConfig> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let now = stamps(&self.settings);
+        if now != loaded.stamps {
+            match build(&self.settings, self.alpn) {
+                Ok(c) => {
+                    tracing::info!("TLS files changed; new connections use them");
+                    loaded.config = Arc::new(c);
+                    loaded.stamps = now;
+                }
+                Err(e) => {
+                    // Retried at the next connection: the rotation may be
+                    // half done.
+                    tracing::warn!(error = %e, "TLS files changed but do not load; keeping the previous ones");
+                }
+            }
+        }
+        Arc::clone(&loaded.config)
+    }
+}
+
+fn stamps(s: &TlsConfig) -> Vec<Stamp> {
+    [&s.ca_file, &s.client_cert, &s.client_key]
+        .into_iter()
+        .map(|p| p.as_deref().and_then(stamp))
+        .collect()
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::ReadFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(what, path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+fn build(s: &TlsConfig, alpn: &[u8]) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    match &s.ca_file {
+        Some(path) => {
+            for cert in certificates("CA bundle", path)? {
+                roots.add(cert).map_err(|e| TlsError::BadCa {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for e in &found.errors {
+                tracing::debug!(error = %e, "reading a system root certificate");
+            }
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(TlsError::NoSystemRoots);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::BadCa {
+            path: PathBuf::new(),
+            reason: e.to_string(),
+        })?
+        .with_root_certificates(roots);
+    let mut config = match (&s.client_cert, &s.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = certificates("client certificate", cert)?;
+            let key_pem = read("client key", key)?;
+            let private = PrivateKeyDer::from_pem_slice(&key_pem)
+                .map_err(|_| TlsError::NoKey { path: key.clone() })?;
+            builder
+                .with_client_auth_cert(chain, private)
+                .map_err(|e| TlsError::KeyMismatch {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })?
+        }
+        // Validation makes sure both or neither are set.
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(config)
+}
+
+/// The host (IPv6 without its brackets) and port to dial for an endpoint,
+/// the port defaulting by scheme.
+pub(crate) fn host_port(uri: &Uri) -> (String, u16) {
+    let host = uri.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let default = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    (host.to_owned(), uri.port_u16().unwrap_or(default))
+}
+
+/// Dials `uri` (TCP, no Nagle), then does the TLS handshake when `tls` is
+/// given.
+pub(crate) async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> {
+    let (host, port) = host_port(uri);
+    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    tcp.set_nodelay(true)?;
+    let Some(tls) = tls else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let name =
+        ServerName::try_from(host).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let stream = tokio_rustls::TlsConnector::from(tls.current())
+        .connect(name, tcp)
+        .await?;
+    Ok(Stream::Tls(Box::new(stream)))
+}
+
+/// How long the startup probe listens after the handshake for the
+/// collector to refuse our certificate.
+const PROBE_LISTEN: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// The startup check: dials `uri` as an export would. Over TLS 1.3 a
+/// collector that refuses the client's certificate says so only after the
+/// handshake has finished on the client's side, so the probe then listens
+/// a moment: an alert is the error; data (an HTTP/2 server's first frame)
+/// or silence (an HTTP/1.1 server waiting for a request) is a pass.
+pub(crate) async fn probe(uri: &Uri, tls: Option<&Tls>) -> io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = connect(uri, tls).await?;
+    if let Stream::Tls(s) = &mut stream {
+        let mut byte = [0u8; 1];
+        if let Ok(Err(e)) = tokio::time::timeout(PROBE_LISTEN, s.read(&mut byte)).await {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Whether an error, or one of its causes, is the collector's certificate
+/// failing verification, or the collector refusing ours: trying again with
+/// the same files cannot help.
+pub(crate) fn is_tls_rejection(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls) = tls {
+            use rustls::AlertDescription as A;
+            return match tls {
+                rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::InconsistentKeys(_) => true,
+                rustls::Error::AlertReceived(a) => matches!(
+                    a,
+                    A::BadCertificate
+                        | A::UnsupportedCertificate
+                        | A::CertificateRevoked
+                        | A::CertificateExpired
+                        | A::CertificateUnknown
+                        | A::UnknownCA
+                        | A::AccessDenied
+                        | A::CertificateRequired
+                ),
+                _ => false,
+            };
+        }
+        cur = err.source();
+    }
+    false
+}
+
+impl hyper_util::client::legacy::connect::Connection for Stream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+/// A connection to the collector, with or without TLS.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
