@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything CI runs: formatting, lints, and every test (unit, integration
 # with the real binary, real-SDK agent frames, end-to-end into a real Jaeger).
-# Needs a Rust toolchain, and Go with the Go module proxy to build Jaeger once
-# (scripts/setup-jaeger.sh; or set JAEGER_BIN to a Jaeger v2 binary).
+# Needs a Rust toolchain, and Go with the Go module proxy to build Jaeger and
+# an OpenTelemetry Collector once (scripts/setup-jaeger.sh and
+# scripts/setup-otelcol.sh; or set JAEGER_BIN and OTELCOL_BIN).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -20,6 +21,20 @@ if [ -z "${JAEGER_BIN:-}" ]; then
 fi
 export JAEGER_BIN
 echo "   JAEGER_BIN=$JAEGER_BIN"
+
+# The secured-export tests (tests/otelcol.rs) run a real OpenTelemetry
+# Collector, built with the collector's own builder; they fail without one.
+echo "== OpenTelemetry Collector for the secured-export tests"
+if [ -z "${OTELCOL_BIN:-}" ]; then
+  if ! OTELCOL_BIN=$(scripts/setup-otelcol.sh); then
+    echo "error: no OpenTelemetry Collector for the tests (see above): install Go with access" >&2
+    echo "       to the Go module proxy and rerun, or set OTELCOL_BIN to a collector built by" >&2
+    echo "       scripts/setup-otelcol.sh." >&2
+    exit 1
+  fi
+fi
+export OTELCOL_BIN
+echo "   OTELCOL_BIN=$OTELCOL_BIN"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -7,59 +7,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{assert_span_eq, connect_agent, find, Forwarder, Receiver, BIN};
+use common::certs::{write, Ca};
+use common::{assert_span_eq, connect_agent, find, run_to_exit, Forwarder, Receiver};
 use kata_agent_emitter::{scenario, ScenarioOptions, WireFormat};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-
-/// A certificate authority made for one test.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    /// A leaf for `names`, valid now, or expired with `expired`.
-    fn issue(&self, names: &[&str], expired: bool) -> (String, String) {
-        let mut params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
 
 /// What the front requires of clients.
 enum ClientAuth {
@@ -233,37 +189,6 @@ async fn gzip_without_tls_both_protocols() {
         assert!(rx.store.gzipped.load(Ordering::SeqCst) > 0, "{protocol}");
         assert!(fwd.terminate().await.success());
     }
-}
-
-/// Runs the binary against `args` and returns (exit code, stderr) once it
-/// exits, which it must within 10 s.
-fn run_to_exit(args: &[String]) -> (Option<i32>, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("agent.sock");
-    let mut child = std::process::Command::new(BIN)
-        .args(args)
-        .args(["--socket-path", &sock.display().to_string()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    use std::io::Read;
-    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
-    (code, stderr)
 }
 
 /// Startup problems are errors that name the cause: a CA that does not

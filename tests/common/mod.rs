@@ -5,7 +5,9 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod jaeger;
+pub mod otelcol;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -578,4 +580,36 @@ pub fn find(got: &[(Resource, Span)], span_id: u64) -> &(Resource, Span) {
         matches.len()
     );
     matches[0]
+}
+
+/// Runs the binary against `args` and returns (exit code, stderr) once it
+/// exits, or `None` for the code if it is still running after 10 s (then
+/// it is killed). It serves a hybrid socket in a directory of its own.
+pub fn run_to_exit(args: &[String]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .args(["--socket-path", &sock.display().to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    use std::io::Read;
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    (code, stderr)
 }
