@@ -5,7 +5,11 @@
 # prints each variant's median spans per forwarder CPU-second.
 #
 #   scripts/bench-ab.sh ROUNDS VARIANT...
-#   VARIANT = name=/path/to/kata-trace-forwarder[,ENV=VALUE...][,--flag=value...]
+#   VARIANT = name=/path/to/kata-trace-forwarder[,ENV=VALUE...][,--flag=value...][,++--harness-flag...]
+#
+# `--flag` goes to the forwarder; `++--flag` to the harness (e.g. `++--sink-tls`,
+# a collector that speaks TLS). Besides spans per CPU-second, it prints the bytes
+# per span that reached the collector.
 #
 # Example: a copy of a build from another commit against the current one, and
 # the current one with two worker threads:
@@ -24,7 +28,7 @@ target=${CARGO_TARGET_DIR:-target}
 bench="$target/release/ktf-bench"
 [ -x "$bench" ] || cargo build --release --quiet -p kata-trace-bench
 
-declare -A json bincode
+declare -A json bincode jwire bwire
 for ((round = 1; round <= rounds; round++)); do
   for v in "$@"; do
     name=${v%%=*}
@@ -33,27 +37,33 @@ for ((round = 1; round <= rounds; round++)); do
     envs=() args=()
     for p in "${parts[@]:1}"; do
       case $p in
+        ++*) args+=("${p#++}") ;;
         --*) args+=("--forwarder-arg=$p") ;;
         *) envs+=("$p") ;;
       esac
     done
     out=$(env ${envs[@]+"${envs[@]}"} "$bench" --forwarder "$bin" --scenarios max --runs 1 \
-      ${args[@]+"${args[@]}"} 2>&1 | grep -E '^   (json|bincode) max:' || true)
-    j=$(awk '/json max/ { print $5 }' <<<"$out")
-    b=$(awk '/bincode max/ { print $5 }' <<<"$out")
-    echo "round $round/$rounds $name: json $j, bincode $b spans/CPU-s" >&2
+      ${args[@]+"${args[@]}"} 2>&1 | grep -E '^   (json|bincode) max' || true)
+    j=$(awk '/json max:/ { print $5 }' <<<"$out")
+    b=$(awk '/bincode max:/ { print $5 }' <<<"$out")
+    jw=$(awk '/json max wire:/ { print $4 }' <<<"$out")
+    bw=$(awk '/bincode max wire:/ { print $4 }' <<<"$out")
+    echo "round $round/$rounds $name: json $j, bincode $b spans/CPU-s; wire $jw, $bw bytes/span" >&2
     json[$name]+=" $j"
     bincode[$name]+=" $b"
+    jwire[$name]+=" $jw"
+    bwire[$name]+=" $bw"
   done
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR == 0) print "n/a"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 range() { tr ' ' '\n' | grep -v '^$' | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "-" hi }'; }
-echo "| variant | JSON spans/CPU-s, median [range] | bincode spans/CPU-s, median [range] |"
-echo "|---|---:|---:|"
+echo "| variant | JSON spans/CPU-s, median [range] | bincode spans/CPU-s, median [range] | JSON / bincode bytes per span on the wire |"
+echo "|---|---:|---:|---:|"
 for v in "$@"; do
   name=${v%%=*}
-  printf '| %s | %.0f [%s] | %.0f [%s] |\n' "$name" \
+  printf '| %s | %.0f [%s] | %.0f [%s] | %.0f / %.0f |\n' "$name" \
     "$(median <<<"${json[$name]}")" "$(range <<<"${json[$name]}")" \
-    "$(median <<<"${bincode[$name]}")" "$(range <<<"${bincode[$name]}")"
+    "$(median <<<"${bincode[$name]}")" "$(range <<<"${bincode[$name]}")" \
+    "$(median <<<"${jwire[$name]}")" "$(median <<<"${bwire[$name]}")"
 done

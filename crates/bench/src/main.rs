@@ -82,8 +82,13 @@ struct Args {
     /// Wire formats to run.
     #[arg(long, value_delimiter = ',', default_value = "json,bincode")]
     formats: Vec<EmitFormat>,
-    /// Scenarios to run: idle, max, fixed, limits.
-    #[arg(long, value_delimiter = ',', default_value = "idle,max,fixed,limits")]
+    /// Scenarios to run: idle, max, tls (max rate into a TLS collector),
+    /// gzip (max rate with --otlp-compression=gzip), fixed, limits.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "idle,max,tls,gzip,fixed,limits"
+    )]
     scenarios: Vec<String>,
     /// A seconds-long run that only checks the harness works (CI).
     #[arg(long)]
@@ -91,6 +96,10 @@ struct Args {
     /// Also write every run's raw figures here, as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Serve the sink over TLS (a certificate made at start; the forwarder
+    /// is given its CA with --otlp-certificate).
+    #[arg(long)]
+    sink_tls: bool,
     /// Extra flags for the forwarder (repeatable), e.g. --forwarder-arg=--batch-max-spans=1024.
     #[arg(long = "forwarder-arg", allow_hyphen_values = true)]
     forwarder_args: Vec<String>,
@@ -137,8 +146,10 @@ fn main() -> Result<()> {
         .thread_name("sink")
         .enable_all()
         .build()?;
-    let (sink, endpoint) = rt.block_on(sink::start(epoch))?;
     let dir = tempfile::tempdir()?;
+    let (sink, endpoint, sink_flags) =
+        rt.block_on(sink::start(epoch, args.sink_tls.then_some(dir.path())))?;
+    args.forwarder_args.extend(sink_flags);
 
     eprintln!(
         "== making frames (real SDK, ~{} B payloads)",
@@ -169,10 +180,16 @@ fn main() -> Result<()> {
         pools.insert(format.to_string(), p);
     }
 
+    let tls_sink = if args.scenarios.iter().any(|s| s == "tls") {
+        Some(rt.block_on(sink::start(epoch, Some(dir.path())))?)
+    } else {
+        None
+    };
     let ctx = Ctx {
         args: &args,
         sink: &sink,
         endpoint: &endpoint,
+        tls_sink: tls_sink.as_ref(),
         dir: dir.path(),
         epoch,
     };
@@ -186,8 +203,31 @@ fn main() -> Result<()> {
         }
         for &format in &args.formats {
             let pool = &pools[&format.to_string()];
+            let plain = || Target {
+                sink: ctx.sink,
+                endpoint: ctx.endpoint,
+                flags: Vec::new(),
+                label: "max",
+            };
             if on("max") {
-                ctx.max_rate(&mut f, format, pool)?;
+                ctx.max_rate(&mut f, format, pool, plain())?;
+            }
+            if let (true, Some((s, e, flags))) = (on("tls"), ctx.tls_sink) {
+                let t = Target {
+                    sink: s,
+                    endpoint: e,
+                    flags: flags.clone(),
+                    label: "tls",
+                };
+                ctx.max_rate(&mut f, format, pool, t)?;
+            }
+            if on("gzip") {
+                let t = Target {
+                    flags: vec!["--otlp-compression=gzip".into()],
+                    label: "gzip",
+                    ..plain()
+                };
+                ctx.max_rate(&mut f, format, pool, t)?;
             }
             if on("fixed") {
                 for &rate in &args.rates {
@@ -249,10 +289,21 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Where a max-rate run sends: a sink, its endpoint, the forwarder flags
+/// it needs, and the name its figures go under.
+struct Target<'a> {
+    sink: &'a Arc<SinkState>,
+    endpoint: &'a str,
+    flags: Vec<String>,
+    label: &'a str,
+}
+
 struct Ctx<'a> {
     args: &'a Args,
     sink: &'a Arc<SinkState>,
     endpoint: &'a str,
+    /// The TLS sink of the `tls` scenario, its endpoint and flags.
+    tls_sink: Option<&'a (Arc<SinkState>, String, Vec<String>)>,
     dir: &'a Path,
     epoch: Instant,
 }
@@ -264,12 +315,13 @@ impl Ctx<'_> {
     }
 
     fn spawn(&self) -> Result<Forwarder> {
-        Forwarder::spawn(
-            &self.args.forwarder,
-            self.dir,
-            self.endpoint,
-            &self.args.forwarder_args,
-        )
+        self.spawn_to(self.endpoint, &[])
+    }
+
+    fn spawn_to(&self, endpoint: &str, flags: &[String]) -> Result<Forwarder> {
+        let mut all = self.args.forwarder_args.clone();
+        all.extend_from_slice(flags);
+        Forwarder::spawn(&self.args.forwarder, self.dir, endpoint, &all)
     }
 
     /// Startup time, idle RSS, and RSS with many quiet connections.
@@ -304,17 +356,7 @@ impl Ctx<'_> {
     }
 
     fn wait_sink(&self, n: u64, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while self.sink.spans() < n {
-            if Instant::now() > deadline {
-                bail!(
-                    "sink got {} of {n} spans within {timeout:?}",
-                    self.sink.spans()
-                );
-            }
-            std::thread::sleep(Duration::from_micros(500));
-        }
-        Ok(())
+        wait_sink(self.sink, n, timeout)
     }
 
     fn max_rate(
@@ -322,11 +364,14 @@ impl Ctx<'_> {
         f: &mut Figures,
         format: EmitFormat,
         pool: &[Arc<Vec<Frame>>],
+        target: Target<'_>,
     ) -> Result<()> {
-        let fwd = self.spawn()?;
+        let sink = target.sink;
+        let fwd = self.spawn_to(target.endpoint, &target.flags)?;
         let reps = self.reps(pool);
         let total: u64 = pool.iter().map(|p| (p.len() * reps) as u64).sum();
-        let base = self.sink.spans();
+        let base = sink.spans();
+        let wire0 = sink.wire_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let start = Arc::new(Barrier::new(pool.len() + 1));
         let handles: Vec<_> = pool
             .iter()
@@ -337,13 +382,12 @@ impl Ctx<'_> {
         let cpu0 = procstat::cpu_seconds(fwd.pid)?;
         let self0 = procstat::self_cpu_seconds();
         start.wait();
-        let t0 = self.sink.now_ns();
+        let t0 = sink.now_ns();
         for h in handles {
             h.join().map_err(|_| anyhow!("agent panicked"))??;
         }
-        self.wait_sink(base + total, Duration::from_secs(300))?;
-        let t1 = self
-            .sink
+        wait_sink(sink, base + total, Duration::from_secs(300))?;
+        let t1 = sink
             .last_receipt_ns
             .load(std::sync::atomic::Ordering::Acquire);
         let cpu = procstat::cpu_seconds(fwd.pid)? - cpu0;
@@ -351,15 +395,17 @@ impl Ctx<'_> {
         let hwm = fwd.status("VmHWM")?;
         // More spans than sent would mean duplicates: a broken run.
         std::thread::sleep(Duration::from_millis(300));
-        if self.sink.spans() != base + total {
-            bail!(
-                "sink counted {} spans, sent {total}",
-                self.sink.spans() - base
-            );
+        if sink.spans() != base + total {
+            bail!("sink counted {} spans, sent {total}", sink.spans() - base);
         }
         fwd.stop()?;
+        let wire = sink.wire_bytes.load(std::sync::atomic::Ordering::Relaxed) - wire0;
         let wall = (t1.saturating_sub(t0)) as f64 * 1e-9;
-        let k = format!("{format}.max");
+        let k = format!("{format}.{}", target.label);
+        f.set(
+            format!("{k}.wire_bytes_per_span"),
+            wire as f64 / total as f64,
+        );
         f.set(format!("{k}.spans_per_sec"), total as f64 / wall);
         f.set(format!("{k}.spans_per_cpu_sec"), total as f64 / cpu);
         f.set(format!("{k}.cpu_sec_per_million"), cpu / total as f64 * 1e6);
@@ -369,11 +415,17 @@ impl Ctx<'_> {
         );
         f.set(format!("{k}.peak_rss_mib"), hwm / MIB);
         eprintln!(
-            "   {format} max: {:.0} spans/s, {:.0} spans/CPU-s, {:.2} CPU-s/M, peak RSS {:.1} MiB",
+            "   {format} {}: {:.0} spans/s, {:.0} spans/CPU-s, {:.2} CPU-s/M, peak RSS {:.1} MiB",
+            target.label,
             total as f64 / wall,
             total as f64 / cpu,
             cpu / total as f64 * 1e6,
             hwm / MIB
+        );
+        eprintln!(
+            "   {format} {} wire: {:.1} bytes/span reached the collector",
+            target.label,
+            wire as f64 / total as f64
         );
         Ok(())
     }
@@ -551,6 +603,18 @@ impl Forwarder {
     }
 }
 
+/// Waits until `sink` has counted `n` spans.
+fn wait_sink(sink: &SinkState, n: u64, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while sink.spans() < n {
+        if Instant::now() > deadline {
+            bail!("sink got {} of {n} spans within {timeout:?}", sink.spans());
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -584,6 +648,7 @@ fn report(args: &Args, runs: &[Figures], endpoint: &str) {
         args.spans
     );
     println!();
+    let ratios = std::cell::RefCell::new(Vec::<(String, f64)>::new());
     println!("| figure | median | range | budget | verdict |");
     println!("|---|---:|---:|---:|---|");
     let row = |name: &str, key: &str, unit: Unit, budget: Option<Budget>| {
@@ -645,6 +710,67 @@ fn report(args: &Args, runs: &[Figures], endpoint: &str) {
             &format!("{f}.max.peak_rss_mib"),
             Unit::Mib,
             Some(Budget::AtMost(64.0)),
+        );
+        // The secured-export budgets: TLS against plaintext, gzip against
+        // none, each in the same run.
+        for (k, num, den) in [
+            (
+                "ratio.tls_cpu",
+                "tls.spans_per_cpu_sec",
+                "max.spans_per_cpu_sec",
+            ),
+            (
+                "ratio.gzip_cpu_per_span",
+                "max.spans_per_cpu_sec",
+                "gzip.spans_per_cpu_sec",
+            ),
+            (
+                "ratio.gzip_wire",
+                "max.wire_bytes_per_span",
+                "gzip.wire_bytes_per_span",
+            ),
+        ] {
+            let (n, d) = (med(&format!("{f}.{num}")), med(&format!("{f}.{den}")));
+            if n.is_finite() && d.is_finite() && d > 0.0 {
+                ratios.borrow_mut().push((format!("{f}.{k}"), n / d));
+            }
+        }
+        let ratio = |k: &str| {
+            ratios
+                .borrow()
+                .iter()
+                .find(|(key, _)| key == &format!("{f}.{k}"))
+                .map(|(_, v)| *v)
+        };
+        let fixed = |name: &str, v: Option<f64>, unit: &str, budget: (&str, bool)| {
+            if let Some(v) = v {
+                println!(
+                    "| {f}: {name} | {v:.2}{unit} | | {} | {} |",
+                    budget.0,
+                    if budget.1 { "ok" } else { "MISSED" }
+                );
+            }
+        };
+        let tls = ratio("ratio.tls_cpu");
+        fixed(
+            "TLS / plaintext, spans per CPU-second",
+            tls,
+            "",
+            (">= 0.85", tls.is_some_and(|v| v >= 0.85)),
+        );
+        let gz = ratio("ratio.gzip_cpu_per_span");
+        fixed(
+            "gzip / none, CPU per span",
+            gz,
+            "x",
+            ("<= 2.50x", gz.is_some_and(|v| v <= 2.5)),
+        );
+        let wire = ratio("ratio.gzip_wire");
+        fixed(
+            "none / gzip, bytes on the wire per span",
+            wire,
+            "x",
+            (">= 4.00x", wire.is_some_and(|v| v >= 4.0)),
         );
         row(
             &format!("{f}: limit, transport (split frames only)"),

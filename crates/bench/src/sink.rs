@@ -2,7 +2,10 @@
 //!
 //! It takes `TraceService/Export` requests as raw bytes and walks just the
 //! protobuf it needs (request -> resource spans -> scope spans -> span), so
-//! it costs little next to the forwarder it measures. When a run tracks
+//! it costs little next to the forwarder it measures. It accepts gzipped
+//! requests, can serve over TLS (a certificate made at start, whose CA the
+//! forwarder is told to trust), and counts the bytes that reach it on the
+//! wire, before TLS and decompression. When a run tracks
 //! latency it also reads each span's id and stamps its receipt against the
 //! instant the agent wrote that span.
 
@@ -54,6 +57,8 @@ impl LatencyTrack {
 /// What the sink has counted, shared with the harness.
 pub struct SinkState {
     pub epoch: Instant,
+    /// Bytes read off the forwarder's connections, as they came on the wire.
+    pub wire_bytes: Arc<AtomicU64>,
     pub spans: AtomicU64,
     pub requests: AtomicU64,
     pub bad_requests: AtomicU64,
@@ -106,10 +111,126 @@ impl SinkState {
     }
 }
 
-/// Starts the sink on a free loopback port; returns its state and endpoint.
-pub async fn start(epoch: Instant) -> Result<(Arc<SinkState>, String)> {
+/// A connection, counting the bytes read from it.
+struct Counted<T> {
+    inner: T,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What the gRPC server is handed: a connection, plain or TLS.
+struct Conn(Box<dyn Io>);
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+/// A TLS server configuration for `localhost`, and its CA as PEM.
+fn tls_server() -> Result<(tokio_rustls::TlsAcceptor, String)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate()?;
+    let ca = ca_params.self_signed(&ca_key)?;
+    let key = KeyPair::generate()?;
+    let cert =
+        CertificateParams::new(vec!["localhost".to_string()])?.signed_by(&key, &ca, &ca_key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(cert.pem().as_bytes())?],
+            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())?,
+        )?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca.pem()))
+}
+
+/// Starts the sink on a free loopback port; returns its state, its
+/// endpoint, and the flags the forwarder needs for it (with `tls_dir`, the
+/// sink speaks TLS and its CA is written there for `--otlp-certificate`).
+pub async fn start(
+    epoch: Instant,
+    tls_dir: Option<&std::path::Path>,
+) -> Result<(Arc<SinkState>, String, Vec<String>)> {
+    let wire_bytes = Arc::new(AtomicU64::new(0));
     let state = Arc::new(SinkState {
         epoch,
+        wire_bytes: Arc::clone(&wire_bytes),
         spans: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         bad_requests: AtomicU64::new(0),
@@ -120,6 +241,47 @@ pub async fn start(epoch: Instant) -> Result<(Arc<SinkState>, String)> {
         .await
         .context("binding the sink")?;
     let addr = listener.local_addr()?;
+    let (tls, endpoint, flags) = match tls_dir {
+        Some(dir) => {
+            let (acceptor, ca) = tls_server()?;
+            let ca_file = dir.join("sink-ca.pem");
+            std::fs::write(&ca_file, ca)?;
+            (
+                Some(acceptor),
+                format!("https://localhost:{}", addr.port()),
+                vec![format!("--otlp-certificate={}", ca_file.display())],
+            )
+        }
+        None => (None, format!("http://{addr}"), Vec::new()),
+    };
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel::<std::io::Result<Conn>>(16);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let counted = Counted {
+                inner: tcp,
+                bytes: Arc::clone(&wire_bytes),
+            };
+            let tx = conn_tx.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let conn = match tls {
+                    Some(acceptor) => match acceptor.accept(counted).await {
+                        Ok(s) => Conn(Box::new(s)),
+                        Err(e) => {
+                            eprintln!("sink: TLS handshake failed: {e}");
+                            return;
+                        }
+                    },
+                    None => Conn(Box::new(counted)),
+                };
+                let _ = tx.send(Ok(conn)).await;
+            });
+        }
+    });
     let svc = SinkService(Arc::clone(&state));
     tokio::spawn(async move {
         // Large HTTP/2 windows, as collectors have in effect (Go gRPC grows
@@ -130,15 +292,14 @@ pub async fn start(epoch: Instant) -> Result<(Arc<SinkState>, String)> {
         let res = tonic::transport::Server::builder()
             .initial_stream_window_size(Some(16 << 20))
             .initial_connection_window_size(Some(32 << 20))
-            .tcp_nodelay(true)
             .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(conn_rx))
             .await;
         if let Err(e) = res {
             eprintln!("sink stopped: {e}");
         }
     });
-    Ok((state, format!("http://{addr}")))
+    Ok((state, endpoint, flags))
 }
 
 /// Walks an `ExportTraceServiceRequest`, counting spans and optionally
@@ -240,6 +401,7 @@ where
         }
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(RawCodec)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
                 .apply_max_message_size_config(Some(64 << 20), None);
             Ok(grpc.unary(Export(state), req).await)
         })
