@@ -17,3 +17,16 @@ ensure_rust() {
       exit 1 ;;
   esac
 }
+
+# ensure_go WHAT HINT: puts Go on PATH (it may be installed in
+# /usr/local/go) or says clearly what cannot be built without it.
+ensure_go() {
+  if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
+    export PATH="/usr/local/go/bin:$PATH"
+  fi
+  if ! command -v go >/dev/null 2>&1; then
+    echo "error: Go is needed to build $1 for the end-to-end tests, and 'go' is not on PATH." >&2
+    echo "       $2" >&2
+    exit 1
+  fi
+}

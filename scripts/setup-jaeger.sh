@@ -13,14 +13,8 @@ if [ -x "$bin" ]; then
   echo "$bin"
   exit 0
 fi
-if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
-  export PATH="/usr/local/go/bin:$PATH"
-fi
-if ! command -v go >/dev/null 2>&1; then
-  echo "error: Go is needed to build Jaeger ($version) for the end-to-end tests, and 'go' is not on PATH." >&2
-  echo "       Install Go 1.24.6 or newer, or set JAEGER_BIN to an existing Jaeger v2 binary." >&2
-  exit 1
-fi
+. "$(dirname "$0")/lib.sh"
+ensure_go "Jaeger ($version)" "Install Go 1.24.6 or newer, or set JAEGER_BIN to an existing Jaeger v2 binary."
 tmp="$cache/$version.tmp.$$"
 mkdir -p "$tmp"
 trap 'rm -rf "$tmp"' EXIT

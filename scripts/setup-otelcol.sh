@@ -34,14 +34,8 @@ if [ -x "$bin" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$components" ]; th
   echo "$bin"
   exit 0
 fi
-if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
-  export PATH="/usr/local/go/bin:$PATH"
-fi
-if ! command -v go >/dev/null 2>&1; then
-  echo "error: Go is needed to build the OpenTelemetry Collector ($version) for the end-to-end tests, and 'go' is not on PATH." >&2
-  echo "       Install Go 1.26 or newer, or set OTELCOL_BIN to an existing collector binary." >&2
-  exit 1
-fi
+. "$(dirname "$0")/lib.sh"
+ensure_go "the OpenTelemetry Collector ($version)" "Install Go 1.26 or newer, or set OTELCOL_BIN to an existing collector binary."
 tmp="$cache/$version.tmp.$$"
 mkdir -p "$tmp"
 heartbeat=

@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use common::certs::{write, Ca};
 use common::otelcol::{Otelcol, Security};
-use common::{assert_span_eq, connect_agent, find, run_to_exit, Forwarder, Receiver};
-use kata_agent_emitter::{scenario, ScenarioOptions, WireFormat};
-use tokio::io::AsyncWriteExt;
+use common::{assert_span_eq, find, run_to_exit, send_both_formats, Forwarder, Receiver};
 
 const TOKEN: &str = "s3cr3t-token";
 
@@ -85,17 +83,7 @@ impl Setup {
 
 /// Both formats' spans through the forwarder and the collector.
 async fn send_both(fwd: &Forwarder) -> Vec<kata_agent_emitter::ExpectedSpan> {
-    let mut want = Vec::new();
-    for format in WireFormat::ALL {
-        let sc = scenario(&ScenarioOptions {
-            format,
-            ..Default::default()
-        });
-        let mut agent = connect_agent(&fwd.agent_socket).await;
-        agent.write_all(&sc.stream_bytes()).await.unwrap();
-        want.extend(sc.expected);
-    }
-    want
+    send_both_formats(&fwd.agent_socket).await
 }
 
 async fn secured(protocol: &str, mtls: bool, gzip: bool, token: bool) {

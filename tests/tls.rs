@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::certs::{write, Ca};
-use common::{assert_span_eq, connect_agent, find, run_to_exit, Forwarder, Receiver};
-use kata_agent_emitter::{scenario, ScenarioOptions, WireFormat};
+use common::{
+    assert_span_eq, connect_agent, find, run_to_exit, send_both_formats, Forwarder, Receiver,
+};
+use kata_agent_emitter::{scenario, ScenarioOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
@@ -126,16 +128,7 @@ async fn delivers(protocol: &str, mtls: bool, gzip: bool) {
         args.extend(["--otlp-compression".to_string(), "gzip".to_string()]);
     }
     let mut fwd = Forwarder::hybrid(&args).await;
-    let mut want = Vec::new();
-    for format in WireFormat::ALL {
-        let sc = scenario(&ScenarioOptions {
-            format,
-            ..Default::default()
-        });
-        let mut agent = connect_agent(&fwd.agent_socket).await;
-        agent.write_all(&sc.stream_bytes()).await.unwrap();
-        want.extend(sc.expected);
-    }
+    let want = send_both_formats(&fwd.agent_socket).await;
     let got = rx.store.wait_for(want.len(), Duration::from_secs(20)).await;
     assert_eq!(got.len(), want.len());
     for w in &want {

@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
+use crate::config::Compression;
 use crate::otlp::EncodedRequest;
 
 /// A request gzipped, for `--otlp-compression gzip`: the one path that
@@ -19,7 +20,7 @@ use crate::otlp::EncodedRequest;
 /// Level 1, the fastest: spans are repetitive enough that it already sends
 /// an eighth of the bytes or less, while the default level 6 costs three to
 /// four times the forwarder's CPU per span (BENCHMARKS.md).
-pub(crate) fn gzip(request: &EncodedRequest) -> EncodedRequest {
+fn gzip(request: &EncodedRequest) -> EncodedRequest {
     use std::io::Write;
     let mut enc = flate2::write::GzEncoder::new(
         Vec::with_capacity(request.len() / 4 + 64),
@@ -30,6 +31,17 @@ pub(crate) fn gzip(request: &EncodedRequest) -> EncodedRequest {
         let _ = enc.write_all(c);
     }
     EncodedRequest::from(Bytes::from(enc.finish().unwrap_or_default()))
+}
+
+/// The request as `compression` says to send it.
+pub(crate) fn compressed(
+    compression: Compression,
+    request: &EncodedRequest,
+) -> std::borrow::Cow<'_, EncodedRequest> {
+    match compression {
+        Compression::None => std::borrow::Cow::Borrowed(request),
+        Compression::Gzip => std::borrow::Cow::Owned(gzip(request)),
+    }
 }
 
 pub(crate) struct RequestBody {

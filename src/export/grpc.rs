@@ -32,7 +32,7 @@ use tonic::{Code, Status};
 
 use std::sync::Arc;
 
-use super::body::{gzip, RequestBody};
+use super::body::{compressed, RequestBody};
 use super::coalesce::Coalesce;
 use super::retry::{Classify, Retry};
 use super::tls::{self, Stream, Tls};
@@ -150,14 +150,7 @@ impl GrpcTransport {
     }
 
     async fn call(&self, body: &EncodedRequest) -> Result<ExportTraceServiceResponse, GrpcError> {
-        let compressed;
-        let body = match self.compression {
-            Compression::None => body,
-            Compression::Gzip => {
-                compressed = gzip(body);
-                &compressed
-            }
-        };
+        let body = &*compressed(self.compression, body);
         let len = u32::try_from(body.len()).map_err(|_| {
             GrpcError(Status::resource_exhausted(format!(
                 "request of {} bytes is over gRPC's 4 GiB message limit",

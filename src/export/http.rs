@@ -19,7 +19,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse
 use prost::Message;
 use tonic::codegen::Service;
 
-use super::body::{gzip, RequestBody};
+use super::body::{compressed, RequestBody};
 use super::retry::{Classify, Retry};
 use super::tls::{self, Stream, Tls};
 use super::{connect_error, error_chain, ExportError};
@@ -158,14 +158,7 @@ impl HttpTransport {
         &self,
         body: &EncodedRequest,
     ) -> Result<ExportTraceServiceResponse, HttpError> {
-        let compressed;
-        let body = match self.compression {
-            Compression::None => body,
-            Compression::Gzip => {
-                compressed = gzip(body);
-                &compressed
-            }
-        };
+        let body = &*compressed(self.compression, body);
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(self.endpoint.clone())

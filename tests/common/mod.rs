@@ -613,3 +613,20 @@ pub fn run_to_exit(args: &[String]) -> (Option<i32>, String) {
     let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
     (code, stderr)
 }
+
+/// One agent per wire format writes its whole scenario to the forwarder's
+/// socket; returns what the collector must receive.
+pub async fn send_both_formats(socket: &Path) -> Vec<ExpectedSpan> {
+    use tokio::io::AsyncWriteExt;
+    let mut want = Vec::new();
+    for format in kata_agent_emitter::WireFormat::ALL {
+        let sc = kata_agent_emitter::scenario(&kata_agent_emitter::ScenarioOptions {
+            format,
+            ..Default::default()
+        });
+        let mut agent = connect_agent(socket).await;
+        agent.write_all(&sc.stream_bytes()).await.unwrap();
+        want.extend(sc.expected);
+    }
+    want
+}
