@@ -30,3 +30,17 @@ ensure_go() {
     exit 1
   fi
 }
+
+# go_progress START: reads `go build -v` output and prints a running count
+# of modules downloaded and packages compiled (seconds since START) to
+# stderr, so a long build shows progress without flooding the log. Only what
+# Go reports as a problem is printed as is: `# package` headers,
+# `file.go:line:col: message` lines and their indented continuations, and
+# `go: ` lines other than downloads.
+go_progress() {
+  awk -v start="$1" '
+    /^go: downloading / { d++; if (d % 100 == 0) { printf "   downloaded %d modules (%ds)\n", d, systime()-start > "/dev/stderr"; fflush() } next }
+    /^#/ || /^go: / || /^[^[:space:]]*\.go:[0-9]+(:[0-9]+)?: / || /^[[:space:]]/ { print > "/dev/stderr"; fflush(); next }
+    { n++; if (n % 100 == 0) { printf "   compiled %d packages (%ds)\n", n, systime()-start > "/dev/stderr"; fflush() } }
+  '
+}

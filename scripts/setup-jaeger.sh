@@ -42,11 +42,7 @@ chmod -R u+w "$tmp/src"
 # "error", like internal/oserror.)
 set +e # a failed build is reported below, not by set -e
 (cd "$tmp/src" && go build -v -trimpath -o "$tmp/jaeger" ./cmd/jaeger) 2>&1 |
-  awk -v start="$start" '
-    /^go: downloading / { d++; if (d % 100 == 0) { printf "   downloaded %d modules (%ds)\n", d, systime()-start > "/dev/stderr"; fflush() } next }
-    /^#/ || /^go: / || /^[^[:space:]]*\.go:[0-9]+(:[0-9]+)?: / || /^[[:space:]]/ { print > "/dev/stderr"; fflush(); next }
-    { n++; if (n % 100 == 0) { printf "   compiled %d packages (%ds)\n", n, systime()-start > "/dev/stderr"; fflush() } }
-  '
+  go_progress "$start"
 status=${PIPESTATUS[0]}
 set -e
 if [ "$status" -ne 0 ] || [ ! -x "$tmp/jaeger" ]; then

@@ -113,11 +113,7 @@ fi
 echo "   compiling the collector ($(($(date +%s) - start))s so far)" >&2
 set +e
 (cd "$tmp/dist" && CGO_ENABLED=0 go build -v -trimpath -ldflags='-s -w' -o "$tmp/dist/otelcol" .) 2>&1 |
-  awk -v start="$start" '
-    /^go: downloading / { d++; if (d % 100 == 0) { printf "   downloaded %d modules (%ds)\n", d, systime()-start > "/dev/stderr"; fflush() } next }
-    /^#/ || /^go: / || /^[^[:space:]]*\.go:[0-9]+(:[0-9]+)?: / || /^[[:space:]]/ { print > "/dev/stderr"; fflush(); next }
-    { n++; if (n % 100 == 0) { printf "   compiled %d packages (%ds)\n", n, systime()-start > "/dev/stderr"; fflush() } }
-  '
+  go_progress "$start"
 status=${PIPESTATUS[0]}
 set -e
 if [ "$status" -ne 0 ] || [ ! -x "$tmp/dist/otelcol" ]; then
