@@ -15,14 +15,11 @@
 //! response decoder. The connection writes through [`Coalesce`], so a batch
 //! leaves in a few large writes rather than one per HTTP/2 frame.
 
-use std::future::{poll_fn, Future};
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::future::poll_fn;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method, Uri};
-use hyper_util::rt::TokioIo;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 use tonic::codec::{DecodeBuf, Decoder, Streaming};
@@ -35,7 +32,7 @@ use std::sync::Arc;
 use super::body::{compressed, RequestBody};
 use super::coalesce::Coalesce;
 use super::retry::{Classify, Retry};
-use super::tls::{self, Stream, Tls};
+use super::tls::{self, Connector, Tls};
 use super::{connect_error, ExportError};
 use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
@@ -95,7 +92,12 @@ impl GrpcTransport {
         }
         let channel = match tokio::time::timeout(
             connect_timeout,
-            endpoint.connect_with_connector(CoalescingConnector { tls }),
+            endpoint.connect_with_connector(Connector {
+                tls,
+                timeout: connect_timeout,
+                // A batch leaves in a few large writes, not one per frame.
+                wrap: Coalesce::new,
+            }),
         )
         .await
         {
@@ -210,32 +212,6 @@ impl GrpcTransport {
         let message = answer.message().await.map_err(GrpcError)?;
         while answer.message().await.map_err(GrpcError)?.is_some() {}
         Ok(message.unwrap_or_default())
-    }
-}
-
-/// Opens the collector connection as tonic would (TCP, no Nagle), with TLS
-/// for an https endpoint, wrapped in [`Coalesce`].
-#[derive(Clone)]
-struct CoalescingConnector {
-    tls: Option<Arc<Tls>>,
-}
-
-impl Service<Uri> for CoalescingConnector {
-    type Response = TokioIo<Coalesce<Stream>>;
-    type Error = std::io::Error;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let tls = self.tls.clone();
-        Box::pin(async move {
-            let stream = tls::connect(&uri, tls.as_deref()).await?;
-            Ok(TokioIo::new(Coalesce::new(stream)))
-        })
     }
 }
 

@@ -5,23 +5,19 @@
 //! retryable (with `Retry-After` honoured), other statuses are not, and
 //! connection-level errors are.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
-use tonic::codegen::Service;
 
 use super::body::{compressed, RequestBody};
 use super::retry::{Classify, Retry};
-use super::tls::{self, Stream, Tls};
+use super::tls::{self, Connector, Stream, Tls};
 use super::{connect_error, error_chain, ExportError};
 use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
@@ -30,42 +26,11 @@ use crate::otlp::EncodedRequest;
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
 pub(crate) struct HttpTransport {
-    client: Client<Connector, RequestBody>,
+    client: Client<Connector<Stream>, RequestBody>,
     endpoint: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
     compression: Compression,
-}
-
-/// Dials the collector for hyper's pool: TCP, no Nagle, TLS for https.
-#[derive(Clone)]
-pub(crate) struct Connector {
-    tls: Option<Arc<Tls>>,
-    timeout: Duration,
-}
-
-impl Service<Uri> for Connector {
-    type Response = TokioIo<Stream>;
-    type Error = std::io::Error;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let (tls, timeout) = (self.tls.clone(), self.timeout);
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, tls::connect(&uri, tls.as_deref())).await {
-                Ok(stream) => Ok(TokioIo::new(stream?)),
-                Err(_) => Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no connection within {timeout:?}"),
-                )),
-            }
-        })
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +91,7 @@ impl HttpTransport {
         let connector = Connector {
             tls: tls.clone(),
             timeout: connect_timeout,
+            wrap: std::convert::identity,
         };
         match tokio::time::timeout(connect_timeout, tls::probe(&cfg.endpoint, tls.as_deref())).await
         {

@@ -228,6 +228,48 @@ pub(crate) async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> 
     Ok(Stream::Tls(Box::new(stream)))
 }
 
+/// Dials the collector for a transport's connection pool (hyper's, tonic's):
+/// [`connect`] within `timeout`, the stream then wrapped as the transport
+/// wants it (gRPC writes through the coalescing writer).
+pub(crate) struct Connector<T> {
+    pub(crate) tls: Option<Arc<Tls>>,
+    pub(crate) timeout: std::time::Duration,
+    pub(crate) wrap: fn(Stream) -> T,
+}
+
+impl<T> Clone for Connector<T> {
+    fn clone(&self) -> Self {
+        Connector {
+            tls: self.tls.clone(),
+            timeout: self.timeout,
+            wrap: self.wrap,
+        }
+    }
+}
+
+impl<T: Send + 'static> tonic::codegen::Service<Uri> for Connector<T> {
+    type Response = hyper_util::rt::TokioIo<T>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (tls, timeout, wrap) = (self.tls.clone(), self.timeout, self.wrap);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connect(&uri, tls.as_deref())).await {
+                Ok(stream) => Ok(hyper_util::rt::TokioIo::new(wrap(stream?))),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {timeout:?}"),
+                )),
+            }
+        })
+    }
+}
+
 /// How long the startup probe listens after the handshake for the
 /// collector to refuse our certificate.
 const PROBE_LISTEN: std::time::Duration = std::time::Duration::from_millis(300);
