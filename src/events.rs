@@ -12,8 +12,11 @@
 
 use std::fmt;
 
+use std::time::Duration;
+
 use crate::addr::Peer;
-use crate::stats::{DropReason, Stats};
+use crate::stats::{DropReason, Label, Stats};
+use crate::tenant::{LimitReason, Noisy, Tenant, Tenants};
 use crate::wire::{DecodeError, FrameError, WireFormat};
 
 /// An event that logs and counts itself.
@@ -40,33 +43,78 @@ impl Event for ConnectionAccepted {
     }
 }
 
-/// A connection was closed at once: `--max-connections` are open.
-pub(crate) struct ConnectionRejected {
-    pub peer: Peer,
-    pub max_connections: usize,
+/// Why a connection was closed as soon as it was accepted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Refusal {
+    /// `--max-connections` are open, across every sandbox.
+    Global { max_connections: usize },
+    /// The sandbox has `--sandbox-max-connections` open.
+    Sandbox { max_connections: usize },
+    /// `--max-sandboxes` other sandboxes are being served.
+    Sandboxes { max_sandboxes: usize },
 }
 
-impl Event for ConnectionRejected {
+/// A connection was closed at once. Logged through the sandbox's gate (or
+/// the registry's, when the sandbox has no place in it), so that a guest
+/// that connects in a loop cannot flood the host's log.
+pub(crate) struct ConnectionRejected<'a> {
+    pub peer: Peer,
+    pub tenant: Option<&'a Tenant>,
+    pub tenants: &'a Tenants,
+    pub refusal: Refusal,
+}
+
+impl Event for ConnectionRejected<'_> {
     fn emit(self, stats: &Stats) {
         stats.connections_rejected.inc();
-        tracing::warn!(peer = %self.peer, max_connections = self.max_connections, "connection limit reached; closing new connection");
+        let Self {
+            peer,
+            tenant,
+            tenants,
+            refusal,
+        } = self;
+        if let (Some(t), Refusal::Sandbox { .. }) = (tenant, refusal) {
+            t.limited.inc(LimitReason::Connections);
+            stats.sandbox_limited.inc(LimitReason::Connections);
+        }
+        let sandbox = tenant.map_or("", Tenant::label);
+        let gate = tenant.map_or(&tenants.overflow, |t| &t.log);
+        if !gate.allow(Noisy::Refused, sandbox) {
+            return;
+        }
+        match refusal {
+            Refusal::Global { max_connections } => {
+                tracing::warn!(%peer, sandbox, max_connections, "connection limit reached; closing new connection")
+            }
+            Refusal::Sandbox { max_connections } => {
+                tracing::warn!(%peer, sandbox, max_connections, "sandbox connection limit reached (--sandbox-max-connections); closing new connection")
+            }
+            Refusal::Sandboxes { max_sandboxes } => {
+                tracing::warn!(%peer, max_sandboxes, "too many sandboxes (--max-sandboxes); closing new connection")
+            }
+        }
     }
 }
 
 /// An agent connection is being served.
-pub(crate) struct AgentConnected {
+pub(crate) struct AgentConnected<'a> {
     pub peer: Peer,
+    pub tenant: &'a Tenant,
 }
 
-impl Event for AgentConnected {
+impl Event for AgentConnected<'_> {
     fn emit(self, _: &Stats) {
-        tracing::info!(peer = %self.peer, "agent connected");
+        let sandbox = self.tenant.label();
+        if self.tenant.log.allow(Noisy::Connected, sandbox) {
+            tracing::info!(peer = %self.peer, sandbox, "agent connected");
+        }
     }
 }
 
 /// An agent connection ended: cleanly, or on a framing or read error.
 pub(crate) struct AgentDisconnected<'a> {
     pub peer: Peer,
+    pub tenant: &'a Tenant,
     pub spans: u64,
     pub decode_errors: u64,
     pub format: Option<WireFormat>,
@@ -77,22 +125,61 @@ impl Event for AgentDisconnected<'_> {
     fn emit(self, stats: &Stats) {
         let Self {
             peer,
+            tenant,
             spans,
             decode_errors,
             format,
             end,
         } = self;
         let format = format.map_or("none", WireFormat::as_str);
-        match end {
-            Ok(()) => tracing::info!(%peer, spans, decode_errors, format, "agent disconnected"),
-            Err(e) => {
-                match e {
-                    FrameError::Oversized { .. } => stats.frames_oversized.inc(),
-                    FrameError::Truncated { .. } => stats.frames_truncated.inc(),
-                    FrameError::Read(_) => stats.io_errors.inc(),
-                }
-                tracing::warn!(%peer, spans, decode_errors, format, error = %e, "closing agent connection");
+        let sandbox = tenant.label();
+        if let Err(e) = end {
+            match e {
+                FrameError::Oversized { .. } => stats.frames_oversized.inc(),
+                FrameError::Truncated { .. } => stats.frames_truncated.inc(),
+                FrameError::Read(_) => stats.io_errors.inc(),
             }
+        }
+        if !tenant.log.allow(Noisy::Disconnected, sandbox) {
+            return;
+        }
+        match end {
+            Ok(()) => {
+                tracing::info!(%peer, sandbox, spans, decode_errors, format, "agent disconnected")
+            }
+            Err(e) => {
+                tracing::warn!(%peer, sandbox, spans, decode_errors, format, error = %e, "closing agent connection")
+            }
+        }
+    }
+}
+
+/// A sandbox hit its span rate or its share of the queue: its connection
+/// waits before reading on.
+pub(crate) struct Throttled<'a> {
+    pub tenant: &'a Tenant,
+    pub reason: LimitReason,
+    /// How long, when known in advance.
+    pub wait: Duration,
+}
+
+impl Event for Throttled<'_> {
+    fn emit(self, stats: &Stats) {
+        let Self {
+            tenant,
+            reason,
+            wait,
+        } = self;
+        tenant.limited.inc(reason);
+        stats.sandbox_limited.inc(reason);
+        let sandbox = tenant.label();
+        if tenant.log.allow(Noisy::Throttled, sandbox) {
+            tracing::info!(
+                sandbox,
+                reason = reason.as_str(),
+                ?wait,
+                "sandbox over its limit; pausing its reads"
+            );
         }
     }
 }
@@ -123,14 +210,52 @@ pub(crate) struct FrameSkipped<'a> {
     pub frame_len: usize,
     /// This connection's how-manieth decode error this is.
     pub nth: u64,
+    /// The sandbox's log gate, when the connection has one.
+    pub tenant: Option<&'a Tenant>,
 }
 
 impl Event for FrameSkipped<'_> {
     fn emit(self, stats: &Stats) {
         let kind = self.error.kind();
         stats.decode_errors.inc(kind);
-        if self.nth <= LOGGED_DECODE_ERRORS {
-            tracing::warn!(peer = %self.peer, error = %self.error, kind = kind.as_str(), frame_len = self.frame_len, "skipping frame that does not decode");
+        if self.nth > LOGGED_DECODE_ERRORS {
+            return;
+        }
+        let sandbox = self.tenant.map_or("", Tenant::label);
+        if self
+            .tenant
+            .is_none_or(|t| t.log.allow(Noisy::Undecodable, sandbox))
+        {
+            tracing::warn!(peer = %self.peer, sandbox, error = %self.error, kind = kind.as_str(), frame_len = self.frame_len, "skipping frame that does not decode");
+        }
+    }
+}
+
+/// An agent's resource claimed host-owned attributes (`kata.sandbox.id`,
+/// `kata.vsock.cid`) with values the host does not confirm: the host's are
+/// used, the claims kept under `kata.guest.claimed.*`. Logged when a
+/// connection's resource changes, counted per span.
+pub(crate) struct GuestClaimed<'a> {
+    pub peer: Peer,
+    pub tenant: Option<&'a Tenant>,
+    /// Claims in the resource, when it is new; 0 when it was seen before.
+    pub new_claims: u32,
+    /// Spans sent with a resource that claims.
+    pub spans: u64,
+}
+
+impl Event for GuestClaimed<'_> {
+    fn emit(self, stats: &Stats) {
+        stats.spans_guest_claims.add(self.spans);
+        if self.new_claims == 0 {
+            return;
+        }
+        let sandbox = self.tenant.map_or("", Tenant::label);
+        if self
+            .tenant
+            .is_none_or(|t| t.log.allow(Noisy::Claim, sandbox))
+        {
+            tracing::warn!(peer = %self.peer, sandbox, claims = self.new_claims, "agent resource claims host-owned attributes; the host's values are used, the claims kept under kata.guest.claimed.*");
         }
     }
 }

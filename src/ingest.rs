@@ -24,9 +24,10 @@ use bytes::BytesMut;
 use tokio_util::codec::Decoder as _;
 
 use crate::addr::Peer;
-use crate::events::{emit, FrameSkipped, FramesRead, SpansReceived};
+use crate::events::{emit, FrameSkipped, FramesRead, GuestClaimed, SpansReceived};
 use crate::otlp::{self, EncodedResource, Origin, ResourceCache, SpanRecord};
 use crate::stats::Stats;
+use crate::tenant::Tenant;
 use crate::wire::{Decoder, FrameDecoder, FrameError, WireFormat};
 
 /// First read buffer of a connection, and what it shrinks back to when the
@@ -137,6 +138,8 @@ impl Pending {
 pub struct Ingest {
     peer: Peer,
     origin: Arc<Origin>,
+    /// The connection's sandbox, whose log gate its lines go through.
+    tenant: Option<Arc<Tenant>>,
     codec: FrameDecoder,
     decoder: Decoder,
     resources: ResourceCache,
@@ -152,6 +155,7 @@ impl Ingest {
         Ingest {
             peer,
             origin,
+            tenant: None,
             codec: FrameDecoder::new(max_frame_size),
             decoder: Decoder::new(),
             resources: ResourceCache::default(),
@@ -164,6 +168,11 @@ impl Ingest {
             spans: 0,
             decode_errors: 0,
         }
+    }
+
+    /// Logs through `tenant`'s gate from now on.
+    pub fn set_tenant(&mut self, tenant: Arc<Tenant>) {
+        self.tenant = Some(tenant);
     }
 
     /// Turns every whole frame in `buf` into spans, appending the finished
@@ -188,6 +197,7 @@ impl Ingest {
         mut inspect: impl FnMut(&[u8]),
     ) -> Result<(), FrameError> {
         let (mut frames, mut frame_bytes) = (0u64, 0u64);
+        let (mut claimed, mut new_claims) = (0u64, 0u32);
         let queued_before = out.len();
         let split = loop {
             let frame = match self.codec.decode(buf) {
@@ -212,6 +222,7 @@ impl Ingest {
                             error: &error,
                             frame_len: frame.len(),
                             nth: self.decode_errors,
+                            tenant: self.tenant.as_deref(),
                         }
                     );
                     continue;
@@ -225,6 +236,12 @@ impl Ingest {
                 .resource
                 .as_ref()
                 .is_some_and(|r| Arc::ptr_eq(r, &resource));
+            if resource.guest_claims() > 0 {
+                claimed += 1;
+                if !same {
+                    new_claims = new_claims.max(resource.guest_claims());
+                }
+            }
             if !same || pending.count >= RECORD_MAX_SPANS {
                 if let Some(done) = pending.take() {
                     out.push(done);
@@ -263,6 +280,17 @@ impl Ingest {
             .iter()
             .map(|i| i.record.count)
             .sum();
+        if claimed > 0 {
+            emit!(
+                stats,
+                GuestClaimed {
+                    peer: self.peer,
+                    tenant: self.tenant.as_deref(),
+                    new_claims,
+                    spans: claimed,
+                }
+            );
+        }
         if spans > 0 {
             emit!(
                 stats,

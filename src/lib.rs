@@ -41,6 +41,7 @@ mod metrics;
 pub mod otlp;
 pub mod shutdown;
 pub mod stats;
+pub mod tenant;
 pub mod wire;
 
 use std::future::Future;
@@ -116,6 +117,7 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
 ) -> Result<Snapshot, RunError> {
     let stats = Arc::new(Stats::default());
+    let tenants = Arc::new(tenant::Tenants::new(config.listen.tenants));
     let spool = match &config.export.spool {
         Some(s) => Some(Arc::new(Spool::open(
             &s.dir,
@@ -125,7 +127,15 @@ pub async fn serve(
         None => None,
     };
     let metrics = match config.telemetry.metrics_address {
-        Some(addr) => Some(metrics::serve(addr, Arc::clone(&stats), shutdown.clone()).await?),
+        Some(addr) => Some(
+            metrics::serve(
+                addr,
+                Arc::clone(&stats),
+                Arc::clone(&tenants),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
         None => None,
     };
     tracing::info!(
@@ -154,6 +164,7 @@ pub async fn serve(
     let shared = Arc::new(ConnShared {
         queue: queue_tx,
         stats: Arc::clone(&stats),
+        tenants,
         max_frame_size: config.ingest.max_frame_size,
         drain_idle: DRAIN_IDLE,
     });

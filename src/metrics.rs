@@ -3,7 +3,9 @@
 //! A deliberately small HTTP/1.1 endpoint (hyper) that renders a snapshot
 //! of [`Stats`] at `GET /metrics`. Counters get the `_total` suffix; the
 //! dropped-span and decode-error families carry their reason or kind as a
-//! label, so `sum()` over the label gives the whole.
+//! label, so `sum()` over the label gives the whole. Below them, each
+//! sandbox the forwarder tracks has its own series (`sandbox` label):
+//! bounded by `--max-sandboxes`, and gone once the sandbox is.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -18,7 +20,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::shutdown::Shutdown;
-use crate::stats::{Field, Kind, Snapshot, Stats, Value};
+use crate::stats::{DropReason, Field, Kind, Label, Snapshot, Stats, Value};
+use crate::tenant::{LimitReason, TenantSnapshot, Tenants};
 
 const PREFIX: &str = "kata_trace_forwarder";
 
@@ -47,6 +50,7 @@ impl std::fmt::Debug for MetricsServer {
 pub async fn serve(
     addr: SocketAddr,
     stats: Arc<Stats>,
+    tenants: Arc<Tenants>,
     shutdown: Shutdown,
 ) -> Result<MetricsServer, MetricsError> {
     let listener = TcpListener::bind(addr)
@@ -67,11 +71,11 @@ pub async fn serve(
                     continue;
                 }
             };
-            let stats = Arc::clone(&stats);
+            let (stats, tenants) = (Arc::clone(&stats), Arc::clone(&tenants));
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let stats = Arc::clone(&stats);
-                    async move { Ok::<_, Infallible>(respond(&req, &stats)) }
+                    let (stats, tenants) = (Arc::clone(&stats), Arc::clone(&tenants));
+                    async move { Ok::<_, Infallible>(respond(&req, &stats, &tenants)) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -82,12 +86,18 @@ pub async fn serve(
     Ok(MetricsServer { addr })
 }
 
-fn respond(req: &Request<hyper::body::Incoming>, stats: &Stats) -> Response<Full<Bytes>> {
+fn respond(
+    req: &Request<hyper::body::Incoming>,
+    stats: &Stats,
+    tenants: &Tenants,
+) -> Response<Full<Bytes>> {
     let (status, ctype, body) = if req.method() == Method::GET && req.uri().path() == "/metrics" {
+        let mut page = render(&stats.snapshot());
+        render_sandboxes(&mut page, tenants);
         (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            render(&stats.snapshot()),
+            page,
         )
     } else {
         (
@@ -136,6 +146,90 @@ pub(crate) fn render(snap: &Snapshot) -> String {
     out
 }
 
+/// One per-sandbox family: name, kind, help, and a sandbox's samples
+/// (a second label and its value, if any, and the count).
+type SandboxFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&TenantSnapshot) -> Vec<(Option<(&'static str, &'static str)>, u64)>,
+);
+
+const SANDBOX_FAMILIES: [SandboxFamily; 4] = [
+    (
+        "sandbox_connections_open",
+        "gauge",
+        "Agent connections open, per sandbox.",
+        |t| vec![(None, t.connections)],
+    ),
+    (
+        "sandbox_spans_received_total",
+        "counter",
+        "Spans decoded, per sandbox.",
+        |t| vec![(None, t.received)],
+    ),
+    (
+        "sandbox_spans_dropped_total",
+        "counter",
+        "Spans dropped, per sandbox and reason.",
+        |t| {
+            let name = <DropReason as Label>::NAME;
+            t.dropped
+                .iter()
+                .map(|(l, v)| (Some((name, l)), v))
+                .collect()
+        },
+    ),
+    (
+        "sandbox_limited_total",
+        "counter",
+        "Times a sandbox ran into one of its limits, per sandbox and limit.",
+        |t| {
+            let name = <LimitReason as Label>::NAME;
+            t.limited
+                .iter()
+                .map(|(l, v)| (Some((name, l)), v))
+                .collect()
+        },
+    ),
+];
+
+/// Appends each tracked sandbox's series.
+fn render_sandboxes(out: &mut String, tenants: &Tenants) {
+    let live: Vec<_> = tenants
+        .live()
+        .into_iter()
+        .map(|t| (escape_label(t.label()), t.snapshot()))
+        .collect();
+    for (name, kind, help, samples) in SANDBOX_FAMILIES {
+        let m = format!("{PREFIX}_{name}");
+        let _ = writeln!(out, "# HELP {m} {help}");
+        let _ = writeln!(out, "# TYPE {m} {kind}");
+        for (sb, t) in &live {
+            for (label, v) in samples(t) {
+                let _ = match label {
+                    Some((k, l)) => writeln!(out, "{m}{{sandbox=\"{sb}\",{k}=\"{l}\"}} {v}"),
+                    None => writeln!(out, "{m}{{sandbox=\"{sb}\"}} {v}"),
+                };
+            }
+        }
+    }
+}
+
+/// A label value as the text format wants it: `\\`, `\"` and `\n` escaped.
+fn escape_label(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +258,35 @@ mod tests {
             text.matches("# TYPE kata_trace_forwarder_spans_dropped_total")
                 .count(),
             1
+        );
+        let tenants = Tenants::new(crate::tenant::TenantLimits::default());
+        let t = tenants
+            .get(crate::tenant::TenantKey::Sandbox("sb-\"1\"".into()))
+            .unwrap();
+        t.received.add(3);
+        t.limited.inc(LimitReason::Rate);
+        let _conn = t.try_connect().unwrap();
+        let mut text = text;
+        render_sandboxes(&mut text, &tenants);
+        assert!(
+            text.contains(
+                "kata_trace_forwarder_sandbox_spans_received_total{sandbox=\"sb-\\\"1\\\"\"} 3\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("kata_trace_forwarder_sandbox_limited_total{sandbox=\"sb-\\\"1\\\"\",reason=\"rate\"} 1\n"), "{text}");
+        assert!(
+            text.contains(
+                "kata_trace_forwarder_sandbox_connections_open{sandbox=\"sb-\\\"1\\\"\"} 1\n"
+            ),
+            "{text}"
+        );
+        drop((_conn, t));
+        let mut gone = String::new();
+        render_sandboxes(&mut gone, &tenants);
+        assert!(
+            !gone.contains("sandbox=\""),
+            "series go with the sandbox: {gone}"
         );
         // Every sample line is `name[{labels}] value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {

@@ -120,7 +120,7 @@ impl<L: Label> Family<L> {
         self.add(label, 1);
     }
 
-    fn snapshot(&self) -> FamilySnapshot<L> {
+    pub fn snapshot(&self) -> FamilySnapshot<L> {
         let mut values = [0; FAMILY_MAX];
         for (out, v) in values.iter_mut().zip(&self.values) {
             *out = v.load(Ordering::Relaxed);
@@ -203,6 +203,18 @@ label! {
         Shutdown = "shutdown",
         /// The collector refused them for good.
         Rejected = "rejected",
+    }
+}
+
+label! {
+    /// Which of its limits a sandbox ran into.
+    pub enum LimitReason as "reason" {
+        /// `--sandbox-max-connections` were open: a connection was closed.
+        Connections = "connections",
+        /// Over `--sandbox-spans-per-second`: reading paused.
+        Rate = "rate",
+        /// Over its share of the queue while others held room: reading paused.
+        QueueShare = "queue_share",
     }
 }
 
@@ -339,6 +351,10 @@ metrics! {
     counter export_failures;
     /// Connection I/O errors.
     counter io_errors;
+    /// Times a sandbox ran into one of its own limits, by limit.
+    counter sandbox_limited by LimitReason;
+    /// Spans whose agent claimed a host-owned resource attribute (kata.sandbox.id, kata.vsock.cid) with a value the host does not confirm; kept under kata.guest.claimed.*.
+    counter spans_guest_claims;
 }
 
 /// The JSON summary: flat, one key a value, a family as its total under its

@@ -73,11 +73,15 @@ async fn bincode_over_http_is_exact() {
 }
 
 /// 50 agents (both formats) hold their connections open while an idle
-/// connection that never sends sits beside them: every span arrives.
+/// connection that never sends sits beside them: every span arrives. (One
+/// hybrid socket is one sandbox, which may have 8 connections by default:
+/// this one may have all of them.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_agents_and_an_idle_one() {
     let rx = Receiver::start().await;
-    let fwd = Forwarder::hybrid(&rx.args("grpc")).await;
+    let mut args = rx.args("grpc");
+    args.extend(["--sandbox-max-connections".into(), "51".into()]);
+    let fwd = Forwarder::hybrid(&args).await;
 
     // Opened first, so a forwarder that served connections one at a time
     // would be stuck on it.

@@ -7,47 +7,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{connect_agent, Forwarder, Receiver};
+use common::{connect_agent, free_port, metric, wait_metric, Forwarder, Receiver};
 use kata_agent_emitter::{bulk_frames, scenario, ScenarioOptions, WireFormat};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Scrapes `/metrics` and returns `name`'s value.
-async fn metric(port: u16, name: &str) -> u64 {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
-}
-
-async fn wait_metric(port: u16, name: &str, at_least: u64) -> u64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = metric(port, name).await;
-        if v >= at_least {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name} stuck at {v}, want {at_least}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn metrics_args(port: u16) -> Vec<String> {
     vec!["--metrics-address".into(), format!("127.0.0.1:{port}")]

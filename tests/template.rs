@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_span_eq, find, Forwarder, Receiver, BIN};
-use kata_agent_emitter::{frame, scenario, ExpectedValue, Scenario, ScenarioOptions, WireFormat};
+use common::{assert_span_eq, connect_when_listening, find, Forwarder, Receiver, BIN};
+use kata_agent_emitter::{scenario, Scenario, ScenarioOptions, WireFormat};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::Span;
@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 const SANDBOX_ID: &str = "kata.sandbox.id";
+const CLAIMED_SANDBOX_ID: &str = "kata.guest.claimed.sandbox.id";
 
 /// A forwarder in template mode on a fresh "/run/vc" under a temporary
 /// directory; `template` is relative to it.
@@ -38,52 +39,12 @@ fn spawn(template: &str, extra: &[String]) -> (Forwarder, PathBuf) {
     (Forwarder::spawn_in(dir, PathBuf::new(), &args), run)
 }
 
-/// Connects as the VMM would relay the agent, retrying (bounded) until the
-/// forwarder has made the socket.
-async fn connect_when_listening(path: &Path) -> UnixStream {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match UnixStream::connect(path).await {
-            Ok(s) => return s,
-            Err(e) if Instant::now() >= deadline => {
-                panic!("{} not listening after 10s: {e}", path.display())
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-        }
-    }
-}
-
-/// The emitter's agent puts its own `kata.sandbox.id` on its resource. To
-/// see the forwarder's, take it out of a JSON scenario (frames and
-/// expectations).
-fn without_agent_sandbox_id(mut sc: Scenario) -> Scenario {
-    // Edited as text: a JSON round trip would lose the 128-bit trace ids.
-    let key = format!(r#""{SANDBOX_ID}":{{"String":""#);
-    for f in &mut sc.frames {
-        let mut text = String::from_utf8(f[8..].to_vec()).unwrap();
-        assert_eq!(text.matches(&key).count(), 1, "{text}");
-        let start = text.find(&key).unwrap();
-        let end = start + text[start + key.len()..].find("\"}").unwrap() + key.len() + 2;
-        let (start, end) = if text[end..].starts_with(',') {
-            (start, end + 1)
-        } else {
-            (start - 1, end)
-        };
-        text.replace_range(start..end, "");
-        *f = frame(text.as_bytes());
-    }
-    for e in &mut sc.expected {
-        e.resource.retain(|(k, _)| k != SANDBOX_ID);
-    }
-    sc
-}
-
-/// A JSON scenario whose agent did not set the sandbox id.
+/// A JSON scenario of a real agent, which sets no sandbox id.
 fn untagged(seq: u64) -> Scenario {
-    without_agent_sandbox_id(scenario(&ScenarioOptions {
+    scenario(&ScenarioOptions {
         seq,
         ..Default::default()
-    }))
+    })
 }
 
 fn sandbox_attr(resource: &Resource) -> Option<String> {
@@ -98,21 +59,18 @@ fn sandbox_attr(resource: &Resource) -> Option<String> {
 }
 
 /// Checks each span of each sandbox's scenario arrived exactly, with one
-/// `kata.sandbox.id`: the agent's own if it set one (never clobbered),
-/// otherwise its sandbox directory's; the rest is the agent's resource.
+/// `kata.sandbox.id`, its sandbox directory's: the host's word wins. An
+/// agent that claimed another id keeps its claim under
+/// `kata.guest.claimed.sandbox.id`; the rest is the agent's resource.
 fn assert_tagged(got: &[(Resource, Span)], sent: &[(String, Scenario)]) {
     let total: usize = sent.iter().map(|(_, s)| s.expected.len()).sum();
     assert_eq!(got.len(), total, "every span once");
     for (id, sc) in sent {
         for want in &sc.expected {
             let (resource, span) = find(got, want.span_id);
-            let expected_id = match want.resource_attribute(SANDBOX_ID) {
-                Some(ExpectedValue::String(agent_set)) => agent_set.clone(),
-                _ => id.clone(),
-            };
             assert_eq!(
                 sandbox_attr(resource),
-                Some(expected_id),
+                Some(id.clone()),
                 "span '{}'",
                 want.name
             );
@@ -121,7 +79,11 @@ fn assert_tagged(got: &[(Resource, Span)], sent: &[(String, Scenario)]) {
             let mut rest = resource.clone();
             rest.attributes.retain(|kv| kv.key != SANDBOX_ID);
             let mut want = want.clone();
-            want.resource.retain(|(k, _)| k != SANDBOX_ID);
+            for (k, _) in &mut want.resource {
+                if k == SANDBOX_ID {
+                    *k = CLAIMED_SANDBOX_ID.into();
+                }
+            }
             assert_span_eq(&want, &rest, span, "kata-agent");
         }
     }
@@ -213,10 +175,12 @@ async fn clh_sandboxes_old_and_new_are_served_and_tagged() {
         std::fs::create_dir_all(&sandbox).unwrap();
         let mut agent = connect_when_listening(&sandbox.join("clh.sock_10240")).await;
         let sc = if seq == 2 {
-            // This agent names its sandbox itself: its value stays.
+            // A hostile agent claims to be another sandbox: its spans
+            // still arrive as its own sandbox's, the claim kept apart.
             scenario(&ScenarioOptions {
                 format: WireFormat::Bincode,
                 seq: seq as u64,
+                claimed_sandbox_id: Some("pre-existing".into()),
                 ..Default::default()
             })
         } else {

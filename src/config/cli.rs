@@ -164,6 +164,17 @@ fn parse_positive(s: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_positive_u32(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "'{s}' is not a whole number from 1 to {}",
+            u32::MAX
+        )),
+    }
+}
+
 /// Parses a byte size: a number with an optional `KiB`/`MiB`/`GiB` suffix.
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
@@ -271,10 +282,28 @@ pub struct Cli {
     )]
     pub socket_path_template: Option<SocketTemplate>,
 
-    /// With --socket-path-template: most sandboxes served at once; more are
-    /// logged and left alone until one goes.
+    /// Most sandboxes served and tracked at once (template mode: more are
+    /// logged and left alone until one goes; VSOCK: connections from more
+    /// guests are closed). Bounds the per-sandbox metrics too.
     #[arg(long, default_value = "1024", value_parser = parse_positive)]
     pub max_sandboxes: usize,
+
+    /// Most connections one sandbox (a VSOCK guest, a hybrid socket) may have
+    /// open at once, within --max-connections; more are closed. The Kata agent
+    /// uses one.
+    #[arg(long, default_value = "8", value_parser = parse_positive, value_name = "N")]
+    pub sandbox_max_connections: usize,
+
+    /// Spans per second one sandbox may send on average; over it, its
+    /// connections are read more slowly (nothing already read is dropped).
+    /// 0: no limit.
+    #[arg(long, default_value = "20000", value_name = "N")]
+    pub sandbox_spans_per_second: u32,
+
+    /// Spans one sandbox may send at once above --sandbox-spans-per-second
+    /// [default: twice the rate].
+    #[arg(long, value_parser = parse_positive_u32, value_name = "N")]
+    pub sandbox_span_burst: Option<u32>,
 
     /// Standard VSOCK (QEMU): context id to listen on, a number or `any`.
     #[arg(long, default_value = "any", value_name = "CID")]

@@ -22,6 +22,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Uri};
 
 pub use crate::addr::{SocketTemplate, VsockCid};
+pub use crate::tenant::TenantLimits;
 pub use cli::{Cli, LogFormat, LogLevel, OtlpProtocol};
 
 /// Where the agent connections come from.
@@ -47,6 +48,8 @@ pub struct ListenConfig {
     pub max_connections: usize,
     /// Whom to become after binding, when started as root in a hybrid mode.
     pub user: String,
+    /// What each sandbox may take.
+    pub tenants: TenantLimits,
 }
 
 /// What the `ingest` stage reads: how large a frame may be, and the
@@ -245,6 +248,14 @@ impl Cli {
                 mode,
                 max_connections: self.max_connections,
                 user: self.user,
+                tenants: TenantLimits {
+                    max_connections: self.sandbox_max_connections.min(self.max_connections),
+                    spans_per_second: self.sandbox_spans_per_second,
+                    burst: self
+                        .sandbox_span_burst
+                        .unwrap_or(self.sandbox_spans_per_second.saturating_mul(2)),
+                    max_sandboxes: self.max_sandboxes,
+                },
             },
             ingest: IngestConfig {
                 max_frame_size: self.max_frame_size,

@@ -420,16 +420,29 @@ fn split_batch(buf: &mut Vec<Queued>, max_spans: usize) -> Vec<Queued> {
 
 async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx: &QueueReceiver) {
     let spans = batch.iter().map(|q| q.record.count as u64).sum::<u64>();
-    // The queue's byte permits are held until this function returns: the
-    // data is in memory until then, encoded or not.
-    let (records, _permits): (Vec<_>, Vec<_>) =
-        batch.into_iter().map(|q| (q.record, q.permit)).unzip();
+    // Each sandbox's part of the batch, for its own counters.
+    let parts: Vec<_> = batch
+        .iter()
+        .map(|q| (Arc::clone(q.share.tenant()), q.record.count as u64))
+        .collect();
+    // The queue's byte permits, and each sandbox's share of them, are held
+    // until this function returns: the data is in memory until then,
+    // encoded or not.
+    let (records, _held): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|q| (q.record, (q.permit, q.share)))
+        .unzip();
     // The spans are encoded already; this frames them into one request.
     let body = encode_request(&records);
     drop(records);
     let out = exporter
         .deliver(body, spans, shutdown, || rx.is_filling_up())
         .await;
+    if let Delivery::Dropped(reason) = out.delivery {
+        for (tenant, n) in parts {
+            tenant.dropped.add(reason, n);
+        }
+    }
     emit!(
         exporter.stats,
         BatchDone {

@@ -9,18 +9,69 @@
 //! connection that cannot get room waits, and while it waits it does not
 //! read its socket: the bound is what turns a slow collector into
 //! backpressure on the guest rather than into memory growth here.
+//!
+//! It is also fair between sandboxes. Each record carries its sandbox's
+//! [`Share`] of the queue: while other sandboxes hold room, one may hold at
+//! most an equal part (see [`crate::tenant`]), waiting otherwise. And the
+//! receiver does not hand records out in arrival order: it takes everything
+//! that has arrived into one lane per sandbox and hands records out from
+//! the lanes in turn, so the spans of a quiet sandbox never wait behind a
+//! flooding one's backlog. The span slots go back as records leave the
+//! lanes, so the lanes are bounded by the same `max_spans`.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::events::{emit, Throttled};
 use crate::otlp::SpanRecord;
 use crate::stats::Stats;
+use crate::tenant::{LimitReason, QueueBounds, Tenant};
+
+/// The room a record holds of its sandbox's share: its spans until it
+/// leaves the queue, its bytes until it is exported (dropped).
+pub(crate) struct Share {
+    tenant: Arc<Tenant>,
+    spans: usize,
+    bytes: usize,
+}
+
+impl Share {
+    pub(crate) fn tenant(&self) -> &Arc<Tenant> {
+        &self.tenant
+    }
+
+    fn release_spans(&mut self) {
+        self.tenant.release(std::mem::take(&mut self.spans), 0);
+    }
+
+    /// Splits off `part` of `whole`: what a split-off piece of the record
+    /// holds.
+    fn split(&mut self, part: usize, whole: usize) -> Share {
+        let of = |v: usize| (v as u128 * part as u128 / whole.max(1) as u128) as usize;
+        let (spans, bytes) = (of(self.spans), of(self.bytes));
+        self.spans -= spans;
+        self.bytes -= bytes;
+        Share {
+            tenant: Arc::clone(&self.tenant),
+            spans,
+            bytes,
+        }
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.tenant.release(self.spans, self.bytes);
+    }
+}
 
 /// A span in the queue, with the byte budget it holds.
 pub(crate) struct Queued {
     pub record: SpanRecord,
     pub permit: OwnedSemaphorePermit,
+    pub share: Share,
 }
 
 impl Queued {
@@ -29,12 +80,14 @@ impl Queued {
     /// leaves the record whole.
     pub(crate) fn split_to(&mut self, n: usize) -> Option<Queued> {
         let count = self.record.count.max(1);
+        let n = n.min(count);
         let permits = self.permit.num_permits();
-        let share = (permits as u128 * n.min(count) as u128 / count as u128) as usize;
-        let permit = self.permit.split(share)?;
+        let part = (permits as u128 * n as u128 / count as u128) as usize;
+        let permit = self.permit.split(part)?;
         Some(Queued {
             record: self.record.split_to(n),
             permit,
+            share: self.share.split(n, count),
         })
     }
 }
@@ -62,11 +115,82 @@ pub(crate) struct QueueSender {
 
 pub(crate) struct QueueReceiver {
     rx: mpsc::Receiver<Queued>,
+    lanes: Lanes,
     slots: Arc<Semaphore>,
     max_spans: usize,
     bytes: Arc<Semaphore>,
     max_bytes: usize,
     stats: Arc<Stats>,
+}
+
+/// Records that have arrived, one lane per sandbox, and the order in which
+/// the lanes with records take their turns.
+///
+/// Turns are deficit round robin in spans: each turn adds [`QUANTUM`] spans
+/// to a lane's allowance, and the lane gives records while its oldest fits
+/// the allowance. Counting records instead would let a flooding sandbox's
+/// 256-span records outweigh a quiet one's single spans a hundredfold.
+#[derive(Default)]
+struct Lanes {
+    lanes: HashMap<u64, Lane>,
+    turns: VecDeque<u64>,
+}
+
+#[derive(Default)]
+struct Lane {
+    records: VecDeque<Queued>,
+    /// Spans this lane may still give in its current turn.
+    allowance: usize,
+}
+
+/// Spans a lane may give per turn: a whole record of the largest size, so
+/// that every turn gives at least one.
+const QUANTUM: usize = crate::ingest::RECORD_MAX_SPANS;
+
+impl Lanes {
+    fn push(&mut self, q: Queued) {
+        let id = q.share.tenant().id();
+        let lane = self.lanes.entry(id).or_default();
+        if lane.records.is_empty() {
+            self.turns.push_back(id);
+        }
+        lane.records.push_back(q);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.turns.is_empty()
+    }
+
+    /// The next record, in turn.
+    fn pop(&mut self) -> Option<Queued> {
+        // Each lane is looked at most twice: once to end a turn, once with
+        // a fresh allowance, which always fits a record.
+        for _ in 0..=2 * self.turns.len() {
+            let id = *self.turns.front()?;
+            let Some(lane) = self.lanes.get_mut(&id) else {
+                self.turns.pop_front();
+                continue;
+            };
+            let fits = lane
+                .records
+                .front()
+                .is_some_and(|q| q.record.count <= lane.allowance);
+            if !fits {
+                // This turn is over; the next one starts with more.
+                lane.allowance += QUANTUM;
+                self.turns.rotate_left(1);
+                continue;
+            }
+            let q = lane.records.pop_front()?;
+            lane.allowance -= q.record.count;
+            if lane.records.is_empty() {
+                self.lanes.remove(&id);
+                self.turns.pop_front();
+            }
+            return Some(q);
+        }
+        None
+    }
 }
 
 /// Creates a queue holding at most `max_spans` spans and about `max_bytes`
@@ -96,6 +220,7 @@ pub(crate) fn bounded(
         },
         QueueReceiver {
             rx,
+            lanes: Lanes::default(),
             slots,
             max_spans,
             bytes,
@@ -106,9 +231,35 @@ pub(crate) fn bounded(
 }
 
 impl QueueSender {
-    /// Queues a span costing `cost` bytes, waiting for room.
-    pub(crate) async fn send(&self, record: SpanRecord, cost: usize) -> Result<(), Closed> {
+    /// Queues a record of `tenant`'s costing `cost` bytes, waiting for room:
+    /// first within the sandbox's share, then in the queue.
+    pub(crate) async fn send(
+        &self,
+        record: SpanRecord,
+        cost: usize,
+        tenant: &Arc<Tenant>,
+    ) -> Result<(), Closed> {
         let spans = record.count as u64;
+        let bounds = QueueBounds {
+            max_spans: self.max_spans,
+            max_bytes: self.max_bytes,
+        };
+        if tenant.hold(record.count, cost, bounds).await {
+            emit!(
+                self.stats,
+                Throttled {
+                    tenant,
+                    reason: LimitReason::QueueShare,
+                    wait: std::time::Duration::ZERO,
+                }
+            );
+        }
+        // Given back if this send is abandoned.
+        let share = Share {
+            tenant: Arc::clone(tenant),
+            spans: record.count,
+            bytes: cost,
+        };
         // Slots go back when the batcher receives the record (see
         // `recv_many`), so they are not tied to a permit here.
         Arc::clone(&self.slots)
@@ -123,7 +274,11 @@ impl QueueSender {
             .await
             .map_err(|_| Closed)?;
         self.tx
-            .send(Queued { record, permit })
+            .send(Queued {
+                record,
+                permit,
+                share,
+            })
             .await
             .map_err(|_| Closed)?;
         self.stats.queue_depth.add(spans);
@@ -132,17 +287,33 @@ impl QueueSender {
 }
 
 impl QueueReceiver {
-    /// Receives up to `limit` spans into `buf`; 0 once every sender is gone
-    /// and the queue is empty.
+    /// Receives records of up to about `limit` spans into `buf`, taking
+    /// turns between sandboxes; 0 once every sender is gone and the queue is
+    /// empty. Cancel-safe: what arrived stays in the lanes.
     pub(crate) async fn recv_many(&mut self, buf: &mut Vec<Queued>, limit: usize) -> usize {
-        let n = self.rx.recv_many(buf, limit).await;
+        let mut arrived = Vec::new();
+        if self.lanes.is_empty() {
+            if self.rx.recv_many(&mut arrived, self.max_spans).await == 0 {
+                return 0;
+            }
+        } else {
+            while let Ok(q) = self.rx.try_recv() {
+                arrived.push(q);
+            }
+        }
+        for q in arrived {
+            self.lanes.push(q);
+        }
+        let (mut n, mut spans, mut slots) = (0, 0, 0);
+        while spans < limit.max(1) {
+            let Some(mut q) = self.lanes.pop() else { break };
+            spans += q.record.count;
+            slots += slot_count(q.record.count, self.max_spans) as usize;
+            q.share.release_spans();
+            buf.push(q);
+            n += 1;
+        }
         // A record holds the spans of one socket read; the depth is in spans.
-        let received = buf.get(buf.len().saturating_sub(n)..).unwrap_or_default();
-        let spans: usize = received.iter().map(|q| q.record.count).sum();
-        let slots: usize = received
-            .iter()
-            .map(|q| slot_count(q.record.count, self.max_spans) as usize)
-            .sum();
         self.slots.add_permits(slots);
         self.stats.queue_depth.sub(spans as u64);
         n
@@ -154,5 +325,71 @@ impl QueueReceiver {
         let spans_full = self.slots.available_permits() * 4 <= self.max_spans;
         let bytes_full = self.bytes.available_permits() * 4 <= self.max_bytes;
         spans_full || bytes_full
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::otlp::EncodedResource;
+    use crate::tenant::{TenantKey, TenantLimits, Tenants};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+
+    /// A record of `count` spans (their bytes do not matter here).
+    fn record(count: usize) -> SpanRecord {
+        SpanRecord {
+            resource: Arc::new(EncodedResource::new(Resource::default())),
+            spans: bytes::Bytes::from(vec![0u8; count]),
+            count,
+        }
+    }
+
+    /// A flooding sandbox's backlog of full records is never ahead of a
+    /// quiet one's single spans: the quiet one's all come out in the first
+    /// batch, and turns are counted in spans, not records.
+    #[tokio::test]
+    async fn lanes_take_turns_in_spans() {
+        let stats = Arc::new(Stats::default());
+        let tenants = Tenants::new(TenantLimits::default());
+        let flood = tenants.get(TenantKey::Sandbox("flood".into())).unwrap();
+        let quiet = tenants.get(TenantKey::Sandbox("quiet".into())).unwrap();
+        let (tx, mut rx) = bounded(100_000, 1 << 30, Arc::clone(&stats));
+        for _ in 0..20 {
+            tx.send(record(256), 1000, &flood).await.unwrap();
+        }
+        for _ in 0..10 {
+            tx.send(record(1), 10, &quiet).await.unwrap();
+        }
+        let mut batch = Vec::new();
+        rx.recv_many(&mut batch, 512).await;
+        let ids = |b: &[Queued]| {
+            b.iter()
+                .map(|q| (q.share.tenant().label().to_owned(), q.record.count))
+                .collect::<Vec<_>>()
+        };
+        let first = ids(&batch);
+        let quiet_spans: usize = first
+            .iter()
+            .filter(|(t, _)| t == "quiet")
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(quiet_spans, 10, "{first:?}");
+        let flood_spans: usize = first
+            .iter()
+            .filter(|(t, _)| t == "flood")
+            .map(|(_, n)| n)
+            .sum();
+        assert!(flood_spans <= 512, "{first:?}");
+        // The rest comes out, in order, once each.
+        let mut all = batch.len();
+        loop {
+            let mut more = Vec::new();
+            if rx.lanes.is_empty() && rx.rx.is_empty() {
+                break;
+            }
+            all += rx.recv_many(&mut more, 512).await;
+        }
+        assert_eq!(all, 30);
+        assert_eq!(stats.queue_depth.get(), 0);
     }
 }

@@ -15,10 +15,13 @@
 //! [`sandbox`] for QEMU) goes onto its spans' resource.
 //!
 //! Each connection is its own task, so an idle or slow agent never delays
-//! another, and an error ends only its own connection. The number of open
-//! connections is capped; beyond the cap a connection is accepted, logged
-//! and closed, so a flood of connections costs a file descriptor for a
-//! moment and nothing more.
+//! another, and an error ends only its own connection. Every connection
+//! belongs to a sandbox ([`crate::tenant`]): the listener's in hybrid and
+//! template modes, its guest CID's on VSOCK. The number of open connections
+//! is capped per sandbox and in all; beyond a cap a connection is accepted,
+//! logged (through the sandbox's log gate) and closed, so a flood of
+//! connections costs a file descriptor for a moment and nothing more, and
+//! one sandbox's flood never uses up another's room.
 
 pub(crate) mod connection;
 pub mod hybrid;
@@ -38,9 +41,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::addr::{hybrid_socket, Peer};
 use crate::config::{ListenConfig, ListenMode};
-use crate::events::{emit, ConnectionAccepted, ConnectionRejected};
+use crate::events::{emit, ConnectionAccepted, ConnectionRejected, Refusal};
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
+use crate::tenant::{Tenant, TenantKey};
 use connection::ConnShared;
 use sandbox::CidResolver;
 
@@ -205,12 +209,29 @@ pub(crate) async fn serve(
             // QEMU: a guest's CID says which sandbox it is, through /proc.
             let resolver = matches!(listener, Listener::Vsock(_))
                 .then(|| Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
+            // Hybrid: the socket is one sandbox's, named by Kata's path.
+            let (origin, tenant) = match &listener {
+                Listener::Hybrid(l) => {
+                    let id = sandbox::hybrid_sandbox_id(l.path());
+                    let origin = match &id {
+                        Some(id) => Arc::new(sandbox::sandbox_origin(&origin, id)),
+                        None => origin,
+                    };
+                    let key = id.map_or_else(
+                        || TenantKey::Socket(l.path().to_owned()),
+                        TenantKey::Sandbox,
+                    );
+                    (origin, Some(shared.tenant(key)))
+                }
+                _ => (origin, None),
+            };
             let accept = Accept {
                 shared: &shared,
                 limit: &limit,
                 origin: &origin,
                 resolver,
                 tracker: &tracker,
+                tenant,
             };
             accept.run(&listener, &shutdown).await;
             tracing::info!(listener = %listener.describe(), "stopped accepting connections");
@@ -254,6 +275,9 @@ pub(crate) struct Accept<'a> {
     /// On VSOCK: finds the sandbox of a guest's CID.
     pub resolver: Option<Arc<CidResolver>>,
     pub tracker: &'a TaskTracker,
+    /// The listener's sandbox (hybrid, template); on VSOCK, each guest CID
+    /// is one.
+    pub tenant: Option<Arc<Tenant>>,
 }
 
 impl Accept<'_> {
@@ -291,15 +315,35 @@ impl Accept<'_> {
                 }
             };
             emit!(stats, ConnectionAccepted);
-            let Ok(permit) = Arc::clone(&self.limit.permits).try_acquire_owned() else {
+            let tenants = &*self.shared.tenants;
+            let tenant = match (&self.tenant, peer) {
+                (Some(t), _) => Some(Arc::clone(t)),
+                (None, Peer::Vsock { cid }) => tenants.get(TenantKey::Cid(cid)),
+                (None, Peer::Unix) => None,
+            };
+            let refuse = |tenant: Option<&Tenant>, refusal| {
                 emit!(
                     stats,
                     ConnectionRejected {
                         peer,
-                        max_connections
+                        tenant,
+                        tenants,
+                        refusal,
                     }
-                );
-                drop(stream);
+                )
+            };
+            let Some(tenant) = tenant else {
+                let max_sandboxes = tenants.limits().max_sandboxes;
+                refuse(None, Refusal::Sandboxes { max_sandboxes });
+                continue;
+            };
+            let Some(slot) = tenant.try_connect() else {
+                let max_connections = tenant.max_connections();
+                refuse(Some(&tenant), Refusal::Sandbox { max_connections });
+                continue;
+            };
+            let Ok(permit) = Arc::clone(&self.limit.permits).try_acquire_owned() else {
+                refuse(Some(&tenant), Refusal::Global { max_connections });
                 continue;
             };
             let shared = Arc::clone(self.shared);
@@ -308,15 +352,17 @@ impl Accept<'_> {
             let resolver = self.resolver.clone();
             let conn = async move {
                 let origin = match peer {
-                    Peer::Vsock { cid } => {
-                        Arc::new(sandbox::vsock_origin(&origin, cid, resolver.as_ref()).await)
-                    }
+                    Peer::Vsock { cid } => Arc::new(
+                        sandbox::vsock_origin(&origin, cid, resolver.as_ref(), slot.tenant()).await,
+                    ),
                     Peer::Unix => origin,
                 };
                 match stream {
-                    Stream::Unix(s) => connection::serve(s, peer, &shared, origin, &shutdown).await,
+                    Stream::Unix(s) => {
+                        connection::serve(s, peer, &shared, origin, slot, &shutdown).await
+                    }
                     Stream::Vsock(s) => {
-                        connection::serve(s, peer, &shared, origin, &shutdown).await
+                        connection::serve(s, peer, &shared, origin, slot, &shutdown).await
                     }
                 }
                 drop(permit);

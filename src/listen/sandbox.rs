@@ -26,11 +26,9 @@ use std::time::{Duration, Instant};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 
 use crate::otlp::Origin;
+use crate::tenant::Tenant;
 
-/// Resource attribute: the Kata sandbox id.
-pub(crate) const SANDBOX_ID: &str = "kata.sandbox.id";
-/// Resource attribute: the guest's VSOCK context id (an int).
-pub(crate) const VSOCK_CID: &str = "kata.vsock.cid";
+pub(crate) use crate::otlp::{SANDBOX_ID, VSOCK_CID};
 
 /// Where the processes are.
 pub(crate) const PROC_ROOT: &str = "/proc";
@@ -57,21 +55,53 @@ pub(crate) fn sandbox_origin(base: &Origin, sandbox_id: &str) -> Origin {
 }
 
 /// The origin of a VSOCK connection from `cid`: its CID, and its sandbox
-/// when `resolver` finds it.
+/// when `resolver` finds it (which then also names `tenant`).
 pub(crate) async fn vsock_origin(
     base: &Origin,
     cid: u32,
     resolver: Option<&Arc<CidResolver>>,
+    tenant: &Tenant,
 ) -> Origin {
     let mut origin = base
         .clone()
         .with(VSOCK_CID, Value::IntValue(i64::from(cid)));
     if let Some(r) = resolver {
         if let Some(id) = r.resolve(cid).await {
+            tenant.set_sandbox_id(&id);
             origin = origin.with(SANDBOX_ID, Value::StringValue(id));
         }
     }
     origin
+}
+
+/// The sandbox id in a hybrid listener's path, when it is laid out as Kata
+/// lays it out: `<dir>/<ID>/clh.sock_<port>` (Cloud Hypervisor, Go
+/// runtime) or `<dir>/<ID>/root/kata.hvsock_<port>` (Firecracker, and
+/// every runtime-rs hybrid VSOCK VMM). Anything else: the host does not
+/// know, and the spans carry no sandbox id.
+pub(crate) fn hybrid_sandbox_id(listen_path: &Path) -> Option<String> {
+    let name = listen_path.file_name()?.to_str()?;
+    let (socket, port) = name.rsplit_once('_')?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let dir = listen_path.parent()?;
+    let sandbox_dir = match socket {
+        "clh.sock" => dir,
+        "kata.hvsock" if dir.file_name()? == "root" => dir.parent()?,
+        _ => return None,
+    };
+    let id = sandbox_dir.file_name()?.to_str()?;
+    valid_id(id).then(|| id.to_owned())
+}
+
+/// What Kata accepts as a sandbox id, bounded: no separators, no controls.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// What a QEMU command line says: the guest's CID and the sandbox id.
@@ -122,12 +152,7 @@ fn name_sandbox_id(value: &str) -> Option<String> {
                 None => None,
             })?;
     let id = guest.strip_prefix(NAME_PREFIX)?;
-    let ok = !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    ok.then(|| id.to_owned())
+    valid_id(id).then(|| id.to_owned())
 }
 
 /// `vhost-vsock-pci,id=vsock-...,guest-cid=3,...` (also `-ccw`, `-device`).
@@ -490,7 +515,10 @@ mod tests {
             service_name: "kata-agent".into(),
             extra: Vec::new(),
         };
-        let o = vsock_origin(&base, 9, Some(&r)).await;
+        let limits = crate::tenant::TenantLimits::default();
+        let tenant = Tenant::standalone(crate::tenant::TenantKey::Cid(9), &limits);
+        let o = vsock_origin(&base, 9, Some(&r), &tenant).await;
+        assert_eq!(tenant.label(), "sb", "the tenant is named by its sandbox");
         let get = |k: &str| {
             o.extra
                 .iter()
@@ -499,7 +527,65 @@ mod tests {
         };
         assert_eq!(get(VSOCK_CID), Some(Value::IntValue(9)));
         assert_eq!(get(SANDBOX_ID), Some(Value::StringValue("sb".into())));
-        let o = vsock_origin(&base, 10, Some(&r)).await;
+        let other = Tenant::standalone(crate::tenant::TenantKey::Cid(10), &limits);
+        let o = vsock_origin(&base, 10, Some(&r), &other).await;
         assert_eq!(o.extra.len(), 1, "unresolved: the CID only");
+        assert_eq!(other.label(), "vsock:10");
+    }
+
+    /// A guest on VSOCK claiming another sandbox's id and CID: the spans
+    /// carry the host's (its CID, its QEMU's sandbox), the claims apart.
+    #[tokio::test]
+    async fn a_vsock_guest_cannot_claim_another_identity() {
+        let proc = fake_proc(&[(42, kata_qemu("attacker", 9))]);
+        let r = Arc::new(CidResolver::new(proc.path()));
+        let base = Origin {
+            service_name: "kata-agent".into(),
+            extra: Vec::new(),
+        };
+        let limits = crate::tenant::TenantLimits::default();
+        let tenant = Tenant::standalone(crate::tenant::TenantKey::Cid(9), &limits);
+        let origin = vsock_origin(&base, 9, Some(&r), &tenant).await;
+        let payload = r#"{"span_context":{"trace_id":1,"span_id":1,"trace_flags":1,"is_remote":false,"trace_state":null},"parent_span_id":0,"span_kind":"Internal","name":"n","start_time":{"secs_since_epoch":1,"nanos_since_epoch":2},"end_time":{"secs_since_epoch":1,"nanos_since_epoch":3},"attributes":{"map":{},"evict_list":[],"max_len":128,"dropped_count":0},"events":{"queue":null,"max_len":128,"dropped_count":0},"links":{"queue":null,"max_len":128,"dropped_count":0},"status_code":"Unset","status_message":"","resource":{"attrs":{"kata.sandbox.id":{"String":"victim"},"kata.vsock.cid":{"I64":3}}}}"#;
+        let span = crate::wire::decode_json(payload.as_bytes()).unwrap();
+        let (res, claims) = crate::otlp::resource_with_claims(span.resource.as_ref(), &origin);
+        let get = |k: &str| {
+            res.attributes
+                .iter()
+                .find(|kv| kv.key == k)
+                .and_then(|kv| kv.value.clone()?.value)
+        };
+        assert_eq!(claims, 2);
+        assert_eq!(get(SANDBOX_ID), Some(Value::StringValue("attacker".into())));
+        assert_eq!(get(VSOCK_CID), Some(Value::IntValue(9)));
+        assert_eq!(
+            get("kata.guest.claimed.sandbox.id"),
+            Some(Value::StringValue("victim".into()))
+        );
+        assert_eq!(
+            get("kata.guest.claimed.vsock.cid"),
+            Some(Value::IntValue(3))
+        );
+    }
+
+    #[test]
+    fn a_hybrid_socket_laid_out_by_kata_names_its_sandbox() {
+        for (path, want) in [
+            ("/run/vc/vm/sb1/clh.sock_10240", Some("sb1")),
+            ("/run/vc/firecracker/sb2/root/kata.hvsock_1024", Some("sb2")),
+            ("/run/kata/sb3/root/kata.hvsock_10240", Some("sb3")),
+            ("/tmp/x/agent.sock_10240", None),
+            ("/run/vc/vm/sb1/clh.sock", None),
+            ("/run/vc/vm/sb1/clh.sock_x", None),
+            ("/run/kata/sb3/kata.hvsock_10240", None),
+            ("/run/vc/vm/bad id/clh.sock_10240", None),
+            ("clh.sock_1", None),
+        ] {
+            assert_eq!(
+                hybrid_sandbox_id(Path::new(path)).as_deref(),
+                want,
+                "{path}"
+            );
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 
-use super::{key_value, resource, EncodedResource, Origin};
+use super::{key_value, resource_with_claims, EncodedResource, Origin};
 use crate::wire::model::{self, Array, Value};
 use crate::wire::ResourceSeen;
 
@@ -58,7 +58,8 @@ impl ResourceCache {
         }
         // `Same` never gets here: the decoder only reports it for bytes from
         // `known_bytes`, which are empty until a resource is cached.
-        let r = Arc::new(EncodedResource::new(resource(agent, origin)));
+        let (converted, claims) = resource_with_claims(agent, origin);
+        let r = Arc::new(EncodedResource::with_claims(converted, claims));
         self.agent = agent.map(|a| a.attrs.iter().map(key_value).collect());
         self.resource = Some(Arc::clone(&r));
         seen.remember(&mut self.raw);

@@ -47,14 +47,36 @@ pub(crate) const FLAG_CONTEXT_IS_REMOTE: u32 = 0x200;
 
 pub const SERVICE_NAME: &str = "service.name";
 
+/// Resource attribute: the Kata sandbox id, as the host knows it.
+pub const SANDBOX_ID: &str = "kata.sandbox.id";
+/// Resource attribute: the guest's VSOCK context id (an int), as the host
+/// knows it.
+pub const VSOCK_CID: &str = "kata.vsock.cid";
+
+/// Attributes that say who a span comes from. Only the host can know them
+/// (which socket, which CID), and the guest is untrusted, so a guest's
+/// value for one of these never reaches the collector under this key.
+pub const HOST_OWNED: [&str; 2] = [SANDBOX_ID, VSOCK_CID];
+
+/// Where a guest's own value for a host-owned attribute goes:
+/// `kata.sandbox.id` becomes `kata.guest.claimed.sandbox.id`.
+pub const GUEST_CLAIMED_PREFIX: &str = "kata.guest.claimed.";
+
+/// The key a guest's claim to the host-owned `key` is kept under.
+pub fn guest_claim_key(key: &str) -> String {
+    format!(
+        "{GUEST_CLAIMED_PREFIX}{}",
+        key.strip_prefix("kata.").unwrap_or(key)
+    )
+}
+
 /// What the forwarder knows about where a connection's spans come from.
 #[derive(Debug, Clone, Default)]
 pub struct Origin {
     /// Value of `service.name` on every resource (the `--trace-name`).
     pub service_name: String,
-    /// Extra resource attributes the forwarder adds, typed (`kata.sandbox.id`
-    /// is a string, `kata.vsock.cid` an int). Never overrides an attribute
-    /// the agent set.
+    /// Resource attributes the host knows, typed (`kata.sandbox.id` is a
+    /// string, `kata.vsock.cid` an int). They always win over the agent's.
     pub extra: Vec<KeyValue>,
 }
 
@@ -68,28 +90,76 @@ impl Origin {
         });
         self
     }
+
+    fn knows(&self, key: &str) -> Option<&KeyValue> {
+        self.extra.iter().find(|kv| kv.key == key)
+    }
 }
 
 /// Builds the OTLP resource for a span's agent resource.
 pub fn resource(agent: Option<&model::Resource<'_>>, origin: &Origin) -> Resource {
+    resource_with_claims(agent, origin).0
+}
+
+/// [`resource`], and how many host-owned attributes the agent claimed with
+/// a value the host does not confirm.
+///
+/// The host's word wins for what the host knows: `service.name` is the
+/// `--trace-name`, and every host-owned attribute (`kata.sandbox.id`,
+/// `kata.vsock.cid`, and whatever else `origin` sets) comes from `origin`.
+/// A guest's different (or unconfirmed) value for one of them is not lost:
+/// it is kept under [`guest_claim_key`], where nothing mistakes it for the
+/// host's. A guest that writes such a claimed key itself keeps it, unless
+/// the forwarder fills that key with a claim of its own.
+pub fn resource_with_claims(
+    agent: Option<&model::Resource<'_>>,
+    origin: &Origin,
+) -> (Resource, u32) {
     let agent_attrs = agent.map(|r| r.attrs.as_slice()).unwrap_or(&[]);
     let mut attributes = Vec::with_capacity(agent_attrs.len() + origin.extra.len() + 1);
     attributes.push(string_kv(SERVICE_NAME, &origin.service_name));
+    let host_owned = |key: &str| HOST_OWNED.contains(&key) || origin.knows(key).is_some();
+    let mut claims = Vec::new();
     for kv in agent_attrs {
-        if kv.key.as_str() != SERVICE_NAME {
-            attributes.push(key_value(kv));
+        let key = kv.key.as_str();
+        if key == SERVICE_NAME {
+            continue;
+        }
+        if !host_owned(key) {
+            continue;
+        }
+        let value = any_value(&kv.value);
+        let confirmed = origin
+            .knows(key)
+            .is_some_and(|host| host.value.as_ref() == Some(&value));
+        if !confirmed {
+            claims.push(KeyValue {
+                key: guest_claim_key(key),
+                value: Some(value),
+                key_strindex: 0,
+            });
         }
     }
+    for kv in agent_attrs {
+        let key = kv.key.as_str();
+        if key == SERVICE_NAME || host_owned(key) || claims.iter().any(|c| c.key == key) {
+            continue;
+        }
+        attributes.push(key_value(kv));
+    }
+    let n = u32::try_from(claims.len()).unwrap_or(u32::MAX);
+    attributes.append(&mut claims);
     for kv in &origin.extra {
         if !attributes.iter().any(|a| a.key == kv.key) {
             attributes.push(kv.clone());
         }
     }
-    Resource {
+    let resource = Resource {
         attributes,
         dropped_attributes_count: 0,
         entity_refs: Vec::new(),
-    }
+    };
+    (resource, n)
 }
 
 pub(crate) fn span_kind(kind: SpanKind) -> span::SpanKind {
@@ -189,24 +259,69 @@ mod tests {
     }
 
     #[test]
-    fn resource_sets_service_name_and_never_clobbers_the_agent() {
+    fn the_host_wins_and_the_guest_claim_is_kept_under_its_own_key() {
         let span = decode_json(SPAN.as_bytes()).unwrap();
-        let r = resource(span.resource.as_ref(), &origin());
+        let (r, claims) = resource_with_claims(span.resource.as_ref(), &origin());
         let s = |v: &str| Some(any_value::Value::StringValue(v.into()));
         assert_eq!(attr(&r, SERVICE_NAME).cloned(), s("kata-agent"));
-        assert_eq!(attr(&r, "kata.sandbox.id").cloned(), s("agent-set"));
+        assert_eq!(attr(&r, SANDBOX_ID).cloned(), s("forwarder-set"));
         assert_eq!(
-            attr(&r, "kata.vsock.cid").cloned(),
+            attr(&r, "kata.guest.claimed.sandbox.id").cloned(),
+            s("agent-set")
+        );
+        assert_eq!(claims, 1);
+        assert_eq!(
+            attr(&r, VSOCK_CID).cloned(),
             Some(any_value::Value::IntValue(3))
         );
         assert_eq!(attr(&r, "host").cloned(), s("vm"));
+        for key in [SERVICE_NAME, SANDBOX_ID, "kata.guest.claimed.sandbox.id"] {
+            let n = r.attributes.iter().filter(|kv| kv.key == key).count();
+            assert_eq!(n, 1, "{key}");
+        }
+
+        // The same value as the host's is no claim; a host-owned key the
+        // host does not know is unconfirmed, so it is moved all the same.
+        let agrees = SPAN.replace("agent-set", "forwarder-set");
+        let span = decode_json(agrees.as_bytes()).unwrap();
+        let (r, claims) = resource_with_claims(span.resource.as_ref(), &origin());
+        assert_eq!(claims, 0);
+        assert_eq!(attr(&r, SANDBOX_ID).cloned(), s("forwarder-set"));
+        assert!(attr(&r, "kata.guest.claimed.sandbox.id").is_none());
+        let unknown = Origin {
+            service_name: "kata-agent".into(),
+            extra: Vec::new(),
+        };
+        let span = decode_json(SPAN.as_bytes()).unwrap();
+        let (r, claims) = resource_with_claims(span.resource.as_ref(), &unknown);
+        assert_eq!(claims, 1);
+        assert!(attr(&r, SANDBOX_ID).is_none());
         assert_eq!(
-            r.attributes
-                .iter()
-                .filter(|kv| kv.key == SERVICE_NAME)
-                .count(),
-            1
+            attr(&r, "kata.guest.claimed.sandbox.id").cloned(),
+            s("agent-set")
         );
+    }
+
+    #[test]
+    fn a_claim_key_the_guest_wrote_itself_never_duplicates_ours() {
+        let both = SPAN.replace(
+            r#""host":{"String":"vm"}"#,
+            r#""kata.guest.claimed.sandbox.id":{"String":"self-made"},"kata.guest.claimed.other":{"String":"x"}"#,
+        );
+        let span = decode_json(both.as_bytes()).unwrap();
+        let (r, claims) = resource_with_claims(span.resource.as_ref(), &origin());
+        assert_eq!(claims, 1);
+        let claimed: Vec<_> = r
+            .attributes
+            .iter()
+            .filter(|kv| kv.key == "kata.guest.claimed.sandbox.id")
+            .collect();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(
+            attr(&r, "kata.guest.claimed.sandbox.id").cloned(),
+            Some(any_value::Value::StringValue("agent-set".into()))
+        );
+        assert!(attr(&r, "kata.guest.claimed.other").is_some());
     }
 
     #[test]

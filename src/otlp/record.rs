@@ -22,12 +22,28 @@ use crate::wire::AgentSpan;
 pub struct EncodedResource {
     resource: Resource,
     bytes: Bytes,
+    /// Host-owned attributes the agent claimed with a value the host does
+    /// not confirm (kept under `kata.guest.claimed.*`).
+    guest_claims: u32,
 }
 
 impl EncodedResource {
     pub fn new(resource: Resource) -> Self {
+        Self::with_claims(resource, 0)
+    }
+
+    pub fn with_claims(resource: Resource, guest_claims: u32) -> Self {
         let bytes = Bytes::from(resource.encode_to_vec());
-        Self { resource, bytes }
+        Self {
+            resource,
+            bytes,
+            guest_claims,
+        }
+    }
+
+    /// How many host-owned attributes the agent claimed otherwise.
+    pub fn guest_claims(&self) -> u32 {
+        self.guest_claims
     }
 
     /// The encoded `Resource` message.

@@ -45,22 +45,38 @@ pub struct Store {
     pub fail_first: AtomicUsize,
     /// Requests that came gzipped (`grpc-encoding` / `Content-Encoding`).
     pub gzipped: AtomicUsize,
+    /// When each span of `spans` arrived, in the same order.
+    pub arrived: Mutex<Vec<Instant>>,
+    /// A slow collector: over gRPC, each request is answered only after as
+    /// long as its spans take at this many spans per second (0: at once).
+    pub spans_per_second: std::sync::atomic::AtomicU64,
     notify: Notify,
 }
 
 impl Store {
     fn record(&self, req: ExportTraceServiceRequest) {
         let mut spans = self.spans.lock().unwrap();
+        let mut arrived = self.arrived.lock().unwrap();
+        let now = Instant::now();
         for rs in req.resource_spans {
             let resource = rs.resource.unwrap_or_default();
             for ss in rs.scope_spans {
                 for s in ss.spans {
                     spans.push((resource.clone(), s));
+                    arrived.push(now);
                 }
             }
         }
-        drop(spans);
+        drop((spans, arrived));
         self.notify.notify_waiters();
+    }
+
+    /// How long a request of `n` spans takes at `spans_per_second`.
+    fn pace(&self, n: usize) -> Duration {
+        match self.spans_per_second.load(Ordering::SeqCst) {
+            0 => Duration::ZERO,
+            rate => Duration::from_secs_f64(n as f64 / rate as f64),
+        }
     }
 
     /// Whether this request should fail (and count it).
@@ -121,7 +137,15 @@ impl TraceService for GrpcService {
         {
             self.0.gzipped.fetch_add(1, Ordering::SeqCst);
         }
-        self.0.record(request.into_inner());
+        let req = request.into_inner();
+        let n: usize = req
+            .resource_spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .map(|ss| ss.spans.len())
+            .sum();
+        tokio::time::sleep(self.0.pace(n)).await;
+        self.0.record(req);
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -629,4 +653,71 @@ pub async fn send_both_formats(socket: &Path) -> Vec<ExpectedSpan> {
         want.extend(sc.expected);
     }
     want
+}
+
+/// A loopback port free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Scrapes `/metrics` and returns `name`'s value (`name` with its labels,
+/// as the page writes them).
+pub async fn metric(port: u16, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+}
+
+/// Polls `/metrics` until `name` is at least `at_least` (30 s at most).
+pub async fn wait_metric(port: u16, name: &str, at_least: u64) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = metric(port, name).await;
+        if v >= at_least {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} stuck at {v}, want {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The counters the forwarder logged as its summary when it stopped.
+pub fn exit_summary(log: &str) -> serde_json::Value {
+    let line = log
+        .lines()
+        .find(|l| l.contains("forwarder stopped"))
+        .unwrap_or_else(|| panic!("no summary in:\n{log}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    serde_json::from_str(v["summary"].as_str().unwrap()).unwrap()
+}
+
+/// Connects as the VMM would relay the agent, retrying (bounded) until the
+/// forwarder has made the socket.
+pub async fn connect_when_listening(path: &Path) -> tokio::net::UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::net::UnixStream::connect(path).await {
+            Ok(s) => return s,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("{} not listening after 10s: {e}", path.display())
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
 }

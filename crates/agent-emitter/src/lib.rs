@@ -90,6 +90,10 @@ pub struct ScenarioOptions {
     /// Mixed into names and attributes so many agents produce distinguishable
     /// spans.
     pub seq: u64,
+    /// A hostile agent: puts this `kata.sandbox.id` on its own resource.
+    /// The real Kata agent sets no such attribute (only the host knows which
+    /// sandbox a connection comes from), so by default there is none.
+    pub claimed_sandbox_id: Option<String>,
 }
 
 impl Default for ScenarioOptions {
@@ -100,6 +104,7 @@ impl Default for ScenarioOptions {
             parent: None,
             service_name: "kata-agent".to_string(),
             seq: 0,
+            claimed_sandbox_id: None,
         }
     }
 }
@@ -255,7 +260,7 @@ pub fn scenario(opts: &ScenarioOptions) -> Scenario {
 fn scenario_config(opts: &ScenarioOptions) -> SdkConfig {
     SdkConfig {
         limits: SCENARIO_LIMITS,
-        resource: agent_resource(opts.format, &opts.service_name, opts.seq),
+        resource: agent_resource(opts),
         trace_id: opts.trace_id,
     }
 }
@@ -447,19 +452,14 @@ trait AgentSdk {
     fn random_span_id(&self) -> u64;
 }
 
-fn agent_resource(
-    format: WireFormat,
-    service_name: &str,
-    seq: u64,
-) -> Vec<(String, ExpectedValue)> {
+fn agent_resource(opts: &ScenarioOptions) -> Vec<(String, ExpectedValue)> {
     use ExpectedValue::*;
-    vec![
-        ("service.name".into(), String(service_name.to_string())),
+    let mut resource = vec![
+        ("service.name".into(), String(opts.service_name.clone())),
         (
             "kata.version".into(),
-            String(agent_version(format).to_string()),
+            String(agent_version(opts.format).to_string()),
         ),
-        ("kata.sandbox.id".into(), String(sandbox_id(seq))),
         // The agent is the guest's init process.
         ("process.pid".into(), I64(1)),
         ("kata.debug_console".into(), Bool(false)),
@@ -467,7 +467,11 @@ fn agent_resource(
             "kata.guest.features".into(),
             StringArray(vec!["seccomp".into(), "agent-policy".into()]),
         ),
-    ]
+    ];
+    if let Some(id) = &opts.claimed_sandbox_id {
+        resource.push(("kata.sandbox.id".into(), String(id.clone())));
+    }
+    resource
 }
 
 /// Newest Kata release speaking each format.
@@ -476,10 +480,6 @@ fn agent_version(format: WireFormat) -> &'static str {
         WireFormat::Json => "3.29.0",
         WireFormat::Bincode => "3.28.0",
     }
-}
-
-fn sandbox_id(seq: u64) -> String {
-    format!("5b1a{seq:012x}d0c1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3")
 }
 
 fn container_id(seq: u64) -> String {

@@ -49,6 +49,7 @@ use super::{privileges, sandbox, Accept, ConnLimit, ListenError, Listener};
 use crate::addr::SocketTemplate;
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
+use crate::tenant::{Tenant, TenantKey};
 use driver::{Driver, Handoff};
 use watcher::Watcher;
 
@@ -154,10 +155,13 @@ impl TemplateListener {
                 break;
             };
             let sandbox_origin = Arc::new(sandbox::sandbox_origin(&origin, &serve.id));
+            // Held while the sandbox is served: its limits and its series.
+            let tenant = shared.tenant(TenantKey::Sandbox(serve.id.clone()));
             sandboxes.spawn(serve_sandbox(
                 serve,
                 Arc::clone(&shared),
                 sandbox_origin,
+                tenant,
                 Arc::clone(&limit),
                 tracker.clone(),
                 reap.clone(),
@@ -200,6 +204,7 @@ async fn serve_sandbox(
     serve: Serve,
     shared: Arc<ConnShared>,
     origin: Arc<Origin>,
+    tenant: Arc<Tenant>,
     limit: Arc<ConnLimit>,
     tracker: TaskTracker,
     reap: mpsc::UnboundedSender<HybridListener>,
@@ -217,6 +222,7 @@ async fn serve_sandbox(
         origin: &origin,
         resolver: None,
         tracker: &tracker,
+        tenant: Some(tenant),
     };
     tracing::Instrument::instrument(accept.run(&listener, &shutdown), span).await;
     if let Listener::Hybrid(l) = listener {

@@ -1,0 +1,688 @@
+//! Tenants: what each sandbox may take of the forwarder, so that one guest
+//! can never harm another.
+//!
+//! A Kata guest is untrusted, and one forwarder serves every sandbox on a
+//! host, so every shared resource is split per sandbox. A tenant is one
+//! sandbox as the host tells them apart: a socket in hybrid and template
+//! modes (named by its sandbox id when the host knows it), a guest CID on
+//! VSOCK. Each tenant has:
+//! - a cap on connections at once (`--sandbox-max-connections`), inside the
+//!   global `--max-connections`, so one guest cannot use up the others';
+//! - a token bucket of spans per second (`--sandbox-spans-per-second`,
+//!   `--sandbox-span-burst`): a connection over it is not read again until
+//!   the bucket allows, which is backpressure on that guest alone; what was
+//!   already read is always queued, never dropped;
+//! - a share of the export queue: while other sandboxes hold room in it, a
+//!   tenant may hold at most an equal share of `--queue-size` and
+//!   `--queue-bytes` (alone it may use all of it), and the batcher takes
+//!   records from the tenants in turn, so a flooding sandbox's backlog is
+//!   never ahead of a quiet one's spans;
+//! - a gate on its log lines, so a guest cannot flood the host's logs:
+//!   after a few lines of one kind in a window, the rest are counted and
+//!   summarised once the window is over;
+//! - its own counters (spans received, dropped by reason, limits hit), for
+//!   the metrics page.
+//!
+//! The registry is bounded by `--max-sandboxes`; a tenant leaves it (and its
+//! series leave the metrics page) once nothing holds it: its listener is
+//! gone, or, on VSOCK, its last connection closed a while ago (kept a while
+//! so that reconnecting does not refill its bucket).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+pub use crate::stats::LimitReason;
+use crate::stats::{Counter, DropReason, Family, FamilySnapshot};
+
+/// A VSOCK tenant with no connection left is kept this long, so that a
+/// guest cannot refill its token bucket by reconnecting.
+const IDLE_KEEP: Duration = Duration::from_secs(10);
+
+/// Longest sandbox label on the metrics page and in logs.
+const MAX_LABEL: usize = 256;
+
+/// The per-sandbox limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// Connections one sandbox may have open at once.
+    pub max_connections: usize,
+    /// Spans per second one sandbox may send, on average; 0: no limit.
+    pub spans_per_second: u32,
+    /// Spans one sandbox may send at once above the rate.
+    pub burst: u32,
+    /// Sandboxes tracked at once.
+    pub max_sandboxes: usize,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        TenantLimits {
+            max_connections: 8,
+            spans_per_second: 20_000,
+            burst: 40_000,
+            max_sandboxes: 1024,
+        }
+    }
+}
+
+/// Who a tenant is, as the host tells sandboxes apart.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TenantKey {
+    /// A sandbox whose id the host knows (template mode; hybrid mode with a
+    /// Kata socket path).
+    Sandbox(String),
+    /// A hybrid socket whose sandbox id the host does not know.
+    Socket(PathBuf),
+    /// A guest on the host kernel's VSOCK.
+    Cid(u32),
+}
+
+impl fmt::Display for TenantKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TenantKey::Sandbox(id) => f.write_str(id),
+            TenantKey::Socket(p) => write!(f, "unix:{}", p.display()),
+            TenantKey::Cid(cid) => write!(f, "vsock:{cid}"),
+        }
+    }
+}
+
+/// What the queue's share rule compares against.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueBounds {
+    pub max_spans: usize,
+    pub max_bytes: usize,
+}
+
+/// Every tenant the forwarder knows now.
+pub struct Tenants {
+    limits: TenantLimits,
+    map: Mutex<HashMap<TenantKey, Arc<Tenant>>>,
+    next_id: AtomicU64,
+    /// Tenants holding room in the export queue now.
+    holding: Arc<AtomicUsize>,
+    /// Log gate for what cannot be put on one tenant (the registry is
+    /// full, the global connection cap).
+    pub(crate) overflow: LogGate,
+}
+
+impl Tenants {
+    pub fn new(limits: TenantLimits) -> Tenants {
+        Tenants {
+            limits,
+            map: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            holding: Arc::new(AtomicUsize::new(0)),
+            overflow: LogGate::default(),
+        }
+    }
+
+    pub fn limits(&self) -> &TenantLimits {
+        &self.limits
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<TenantKey, Arc<Tenant>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The tenant for `key`, made if new; `None` when `--max-sandboxes`
+    /// tenants are live already.
+    pub fn get(&self, key: TenantKey) -> Option<Arc<Tenant>> {
+        let mut map = self.lock();
+        if let Some(t) = map.get(&key) {
+            return Some(Arc::clone(t));
+        }
+        if map.len() >= self.limits.max_sandboxes {
+            sweep(&mut map, Instant::now());
+            if map.len() >= self.limits.max_sandboxes {
+                return None;
+            }
+        }
+        let tenant = Arc::new(Tenant::new(
+            self.next_id.fetch_add(1, Ordering::Relaxed),
+            key.clone(),
+            &self.limits,
+            Arc::clone(&self.holding),
+        ));
+        map.insert(key, Arc::clone(&tenant));
+        Some(tenant)
+    }
+
+    /// The live tenants, for the metrics page; those gone are dropped first.
+    pub fn live(&self) -> Vec<Arc<Tenant>> {
+        let mut map = self.lock();
+        sweep(&mut map, Instant::now());
+        let mut all: Vec<Arc<Tenant>> = map.values().cloned().collect();
+        all.sort_by(|a, b| a.label().cmp(b.label()));
+        all
+    }
+}
+
+/// Forgets the tenants nothing holds any more (VSOCK ones after a while).
+fn sweep(map: &mut HashMap<TenantKey, Arc<Tenant>>, now: Instant) {
+    map.retain(|key, t| {
+        if Arc::strong_count(t) > 1 {
+            return true;
+        }
+        matches!(key, TenantKey::Cid(_)) && now.duration_since(t.idle_since()) < IDLE_KEEP
+    });
+}
+
+/// Spans and bytes a tenant holds in the export queue.
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    spans: usize,
+    bytes: usize,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.spans == 0 && self.bytes == 0
+    }
+}
+
+/// One sandbox's share of the forwarder.
+pub struct Tenant {
+    id: u64,
+    key: TenantKey,
+    /// The sandbox id found later (VSOCK, once its QEMU is found).
+    sandbox_id: OnceLock<String>,
+    label: OnceLock<String>,
+    max_connections: usize,
+    connections: AtomicUsize,
+    /// When the last connection closed (for [`IDLE_KEEP`]).
+    idle_since: Mutex<Instant>,
+    bucket: Option<Mutex<Bucket>>,
+    held: Mutex<Held>,
+    /// Signalled when this tenant's held room goes down.
+    released: Notify,
+    holding: Arc<AtomicUsize>,
+    pub received: Counter,
+    pub dropped: Family<DropReason>,
+    pub limited: Family<LimitReason>,
+    pub(crate) log: LogGate,
+}
+
+impl fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tenant").field("key", &self.key).finish()
+    }
+}
+
+impl Tenant {
+    fn new(id: u64, key: TenantKey, limits: &TenantLimits, holding: Arc<AtomicUsize>) -> Tenant {
+        let bucket = (limits.spans_per_second > 0).then(|| {
+            Mutex::new(Bucket::new(
+                f64::from(limits.spans_per_second),
+                f64::from(limits.burst.max(1)),
+                Instant::now(),
+            ))
+        });
+        Tenant {
+            id,
+            key,
+            sandbox_id: OnceLock::new(),
+            label: OnceLock::new(),
+            max_connections: limits.max_connections,
+            connections: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            bucket,
+            held: Mutex::new(Held::default()),
+            released: Notify::new(),
+            holding,
+            received: Counter::default(),
+            dropped: Family::default(),
+            limited: Family::default(),
+            log: LogGate::default(),
+        }
+    }
+
+    /// A tenant of its own, outside any registry (tests, embedders).
+    pub fn standalone(key: TenantKey, limits: &TenantLimits) -> Arc<Tenant> {
+        Arc::new(Tenant::new(0, key, limits, Arc::new(AtomicUsize::new(0))))
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn key(&self) -> &TenantKey {
+        &self.key
+    }
+
+    /// Names the sandbox once the host finds it (VSOCK): from then on the
+    /// label is the sandbox id.
+    pub(crate) fn set_sandbox_id(&self, id: &str) {
+        let _ = self.sandbox_id.set(id.to_owned());
+    }
+
+    /// How logs and the metrics page name this sandbox: its id when known,
+    /// else its socket or CID; bounded in length.
+    pub fn label(&self) -> &str {
+        self.label.get_or_init(|| {
+            let mut s = match self.sandbox_id.get() {
+                Some(id) => id.clone(),
+                None => self.key.to_string(),
+            };
+            if s.len() > MAX_LABEL {
+                let mut cut = MAX_LABEL;
+                while !s.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                s.truncate(cut);
+            }
+            s
+        })
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    fn idle_since(&self) -> Instant {
+        *self.idle_since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes one of this sandbox's connection slots; `None` when
+    /// `--sandbox-max-connections` are open.
+    pub fn try_connect(self: &Arc<Self>) -> Option<TenantConn> {
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_connections).then_some(n + 1)
+            })
+            .ok()?;
+        Some(TenantConn(Arc::clone(self)))
+    }
+
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Takes `spans` from the bucket: how long this sandbox's connection
+    /// should wait before reading again, if it went over its rate.
+    pub(crate) fn take_tokens(&self, spans: usize, now: Instant) -> Option<Duration> {
+        let bucket = self.bucket.as_ref()?;
+        let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
+        b.take(spans as f64, now)
+    }
+
+    /// Whether this tenant may add `spans` and `bytes` to the queue now: it
+    /// holds nothing, or no one else holds anything, or it stays within its
+    /// share. If so, the room is now held.
+    fn try_hold(&self, spans: usize, bytes: usize, bounds: QueueBounds) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let holding = self.holding.load(Ordering::Acquire);
+        let others = holding.saturating_sub(usize::from(!held.is_empty()));
+        let ways = others + 1;
+        let within = held.spans + spans <= bounds.max_spans / ways
+            && held.bytes + bytes <= bounds.max_bytes / ways;
+        if !(held.is_empty() || others == 0 || within) {
+            return false;
+        }
+        if held.is_empty() {
+            self.holding.fetch_add(1, Ordering::AcqRel);
+        }
+        held.spans += spans;
+        held.bytes += bytes;
+        true
+    }
+
+    /// Waits until this tenant may hold `spans` and `bytes` more of the
+    /// queue (see [`try_hold`](Self::try_hold)), and holds them. Whether it
+    /// had to wait.
+    pub(crate) async fn hold(&self, spans: usize, bytes: usize, bounds: QueueBounds) -> bool {
+        let mut waited = false;
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.try_hold(spans, bytes, bounds) {
+                return waited;
+            }
+            waited = true;
+            released.await;
+        }
+    }
+
+    /// Gives back room this tenant held in the queue.
+    pub(crate) fn release(&self, spans: usize, bytes: usize) {
+        if spans == 0 && bytes == 0 {
+            return;
+        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let was_holding = !held.is_empty();
+        held.spans = held.spans.saturating_sub(spans);
+        held.bytes = held.bytes.saturating_sub(bytes);
+        if was_holding && held.is_empty() {
+            self.holding.fetch_sub(1, Ordering::AcqRel);
+        }
+        drop(held);
+        self.released.notify_waiters();
+    }
+
+    /// This tenant's counters now.
+    pub fn snapshot(&self) -> TenantSnapshot {
+        TenantSnapshot {
+            connections: self.connections() as u64,
+            received: self.received.get(),
+            dropped: self.dropped.snapshot(),
+            limited: self.limited.snapshot(),
+        }
+    }
+}
+
+impl Drop for Tenant {
+    fn drop(&mut self) {
+        // What the gate held back is not lost with the sandbox.
+        self.log.flush(self.label.get().map_or("", String::as_str));
+    }
+}
+
+/// One sandbox's counters at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantSnapshot {
+    pub connections: u64,
+    pub received: u64,
+    pub dropped: FamilySnapshot<DropReason>,
+    pub limited: FamilySnapshot<LimitReason>,
+}
+
+/// One of a sandbox's connection slots, given back on drop.
+#[derive(Debug)]
+pub struct TenantConn(Arc<Tenant>);
+
+impl TenantConn {
+    pub fn tenant(&self) -> &Arc<Tenant> {
+        &self.0
+    }
+}
+
+impl Drop for TenantConn {
+    fn drop(&mut self) {
+        *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A token bucket in spans: `rate` a second, at most `burst` saved up.
+/// Spans already read are never refused: the bucket goes into debt, and the
+/// debt is how long the connection waits before its next read.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64, now: Instant) -> Bucket {
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    fn take(&mut self, n: f64, now: Instant) -> Option<Duration> {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.burst) - n;
+        self.at = now;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
+
+/// Kinds of log line a guest can cause over and over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Noisy {
+    Refused,
+    Connected,
+    Disconnected,
+    Throttled,
+    Undecodable,
+    Claim,
+}
+
+impl Noisy {
+    const ALL: [Noisy; 6] = [
+        Noisy::Refused,
+        Noisy::Connected,
+        Noisy::Disconnected,
+        Noisy::Throttled,
+        Noisy::Undecodable,
+        Noisy::Claim,
+    ];
+
+    fn what(self) -> &'static str {
+        match self {
+            Noisy::Refused => "connections refused",
+            Noisy::Connected => "connections opened",
+            Noisy::Disconnected => "connections closed",
+            Noisy::Throttled => "reads paused by a limit",
+            Noisy::Undecodable => "frames that do not decode",
+            Noisy::Claim => "resources claiming another identity",
+        }
+    }
+}
+
+/// Lines of one kind logged per window before the rest are only counted.
+const GATE_LINES: u32 = 5;
+/// The window.
+pub(crate) const GATE_WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy)]
+struct GateState {
+    since: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+/// Lets the first few lines of each kind through per window and counts the
+/// rest; the count is logged as one summary line when the window is over
+/// (at the next line of that kind, or when the sandbox goes).
+#[derive(Debug)]
+pub(crate) struct LogGate {
+    kinds: Mutex<[GateState; Noisy::ALL.len()]>,
+}
+
+impl Default for LogGate {
+    fn default() -> Self {
+        LogGate {
+            kinds: Mutex::new(
+                [GateState {
+                    since: None,
+                    logged: 0,
+                    suppressed: 0,
+                }; Noisy::ALL.len()],
+            ),
+        }
+    }
+}
+
+impl LogGate {
+    /// Whether to log a line of `kind` about `sandbox` now. A window that
+    /// is over is summarised first.
+    pub(crate) fn allow(&self, kind: Noisy, sandbox: &str) -> bool {
+        self.allow_at(kind, sandbox, Instant::now())
+    }
+
+    fn allow_at(&self, kind: Noisy, sandbox: &str, now: Instant) -> bool {
+        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(s) = kinds.get_mut(kind as usize) else {
+            return true;
+        };
+        let over = s
+            .since
+            .is_none_or(|t| now.saturating_duration_since(t) >= GATE_WINDOW);
+        if over {
+            summarise(kind, sandbox, s.suppressed);
+            *s = GateState {
+                since: Some(now),
+                logged: 0,
+                suppressed: 0,
+            };
+        }
+        if s.logged < GATE_LINES {
+            s.logged += 1;
+            true
+        } else {
+            s.suppressed += 1;
+            false
+        }
+    }
+
+    /// Logs what is still held back.
+    pub(crate) fn flush(&self, sandbox: &str) {
+        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        for (kind, s) in Noisy::ALL.iter().zip(kinds.iter_mut()) {
+            summarise(*kind, sandbox, s.suppressed);
+            s.suppressed = 0;
+        }
+    }
+}
+
+fn summarise(kind: Noisy, sandbox: &str, n: u64) {
+    if n > 0 {
+        tracing::warn!(
+            sandbox,
+            suppressed = n,
+            "{n} more {} for sandbox {sandbox} in the last {}s (log lines held back)",
+            kind.what(),
+            GATE_WINDOW.as_secs()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> TenantLimits {
+        TenantLimits {
+            max_connections: 2,
+            spans_per_second: 100,
+            burst: 50,
+            max_sandboxes: 3,
+        }
+    }
+
+    #[test]
+    fn connections_are_capped_per_sandbox_and_come_back() {
+        let tenants = Tenants::new(limits());
+        let a = tenants.get(TenantKey::Sandbox("a".into())).unwrap();
+        let c1 = a.try_connect().unwrap();
+        let _c2 = a.try_connect().unwrap();
+        assert!(a.try_connect().is_none(), "a third is over the cap");
+        let b = tenants.get(TenantKey::Sandbox("b".into())).unwrap();
+        assert!(b.try_connect().is_some(), "another sandbox is unaffected");
+        drop(c1);
+        assert!(a.try_connect().is_some());
+    }
+
+    #[test]
+    fn the_registry_is_bounded_and_forgets_what_is_gone() {
+        let tenants = Tenants::new(limits());
+        let held: Vec<_> = (0..3)
+            .map(|i| tenants.get(TenantKey::Sandbox(i.to_string())).unwrap())
+            .collect();
+        assert!(tenants.get(TenantKey::Sandbox("x".into())).is_none());
+        assert_eq!(tenants.live().len(), 3);
+        drop(held);
+        assert!(tenants.live().is_empty(), "series go with their sandbox");
+        assert!(tenants.get(TenantKey::Sandbox("x".into())).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vsock_tenant_outlives_its_connections_a_while() {
+        let tenants = Tenants::new(limits());
+        let t = tenants.get(TenantKey::Cid(3)).unwrap();
+        let conn = t.try_connect().unwrap();
+        assert!(t.take_tokens(50, Instant::now()).is_none());
+        drop((conn, t));
+        // Reconnecting at once finds the same, empty bucket.
+        let again = tenants.get(TenantKey::Cid(3)).unwrap();
+        assert!(again.take_tokens(1, Instant::now()).is_some());
+        drop(again);
+        tokio::time::advance(IDLE_KEEP).await;
+        assert!(tenants.live().is_empty());
+    }
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate_and_never_refuses() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100.0, 50.0, t0);
+        assert_eq!(b.take(50.0, t0), None);
+        // 10 more at once: in debt by 10, i.e. 100 ms at 100/s.
+        let wait = b.take(10.0, t0).unwrap();
+        assert!((wait.as_secs_f64() - 0.1).abs() < 1e-9, "{wait:?}");
+        // After that wait the debt is paid; a second later, 100 saved up
+        // but capped at the burst.
+        assert_eq!(b.take(0.0, t0 + wait), None);
+        assert_eq!(b.take(50.0, t0 + wait + Duration::from_secs(1)), None);
+        assert!(b.take(1.0, t0 + wait + Duration::from_secs(1)).is_some());
+    }
+
+    #[test]
+    fn a_tenant_alone_may_use_the_whole_queue_but_only_its_share_beside_others() {
+        let tenants = Tenants::new(limits());
+        let bounds = QueueBounds {
+            max_spans: 100,
+            max_bytes: 10_000,
+        };
+        let a = tenants.get(TenantKey::Sandbox("a".into())).unwrap();
+        let b = tenants.get(TenantKey::Sandbox("b".into())).unwrap();
+        assert!(a.try_hold(90, 900, bounds), "alone: all of it");
+        assert!(b.try_hold(1, 10, bounds), "holding nothing: always one");
+        assert!(!a.try_hold(1, 10, bounds), "over half while b holds some");
+        assert!(b.try_hold(40, 10, bounds), "b is within its half");
+        b.release(41, 20);
+        assert!(a.try_hold(1, 10, bounds), "alone again");
+        a.release(91, 910);
+        assert_eq!(tenants.holding.load(Ordering::Relaxed), 0);
+        // Bytes count as well as spans.
+        assert!(a.try_hold(1, 9_000, bounds));
+        assert!(b.try_hold(1, 1, bounds));
+        assert!(!a.try_hold(1, 1, bounds));
+    }
+
+    #[tokio::test]
+    async fn a_tenant_over_its_share_waits_for_its_own_room_to_come_back() {
+        let tenants = Arc::new(Tenants::new(limits()));
+        let bounds = QueueBounds {
+            max_spans: 10,
+            max_bytes: 1 << 20,
+        };
+        let a = tenants.get(TenantKey::Sandbox("a".into())).unwrap();
+        let b = tenants.get(TenantKey::Sandbox("b".into())).unwrap();
+        assert!(!a.hold(8, 0, bounds).await);
+        assert!(!b.hold(1, 0, bounds).await);
+        let waiter = {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move { a.hold(1, 0, bounds).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        a.release(8, 0);
+        assert!(waiter.await.unwrap(), "it waited, then got in");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_log_gate_lets_a_few_through_then_summarises() {
+        let gate = LogGate::default();
+        let allowed = (0..100).filter(|_| gate.allow(Noisy::Refused, "a")).count();
+        assert_eq!(allowed, GATE_LINES as usize);
+        assert!(gate.allow(Noisy::Connected, "a"), "kinds are apart");
+        tokio::time::advance(GATE_WINDOW).await;
+        assert!(gate.allow(Noisy::Refused, "a"), "a new window");
+        let kinds = gate.kinds.lock().unwrap();
+        assert_eq!(kinds[Noisy::Refused as usize].suppressed, 0, "summarised");
+    }
+}
