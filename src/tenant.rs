@@ -194,7 +194,8 @@ pub struct Tenant {
     key: TenantKey,
     /// The sandbox id found later (VSOCK, once its QEMU is found).
     sandbox_id: OnceLock<String>,
-    label: OnceLock<String>,
+    /// The key as logs and metrics show it, bounded in length.
+    key_label: String,
     max_connections: usize,
     connections: AtomicUsize,
     /// When the last connection closed (for [`IDLE_KEEP`]).
@@ -225,11 +226,19 @@ impl Tenant {
                 Instant::now(),
             ))
         });
+        let mut key_label = key.to_string();
+        if key_label.len() > MAX_LABEL {
+            let mut cut = MAX_LABEL;
+            while !key_label.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            key_label.truncate(cut);
+        }
         Tenant {
             id,
             key,
             sandbox_id: OnceLock::new(),
-            label: OnceLock::new(),
+            key_label,
             max_connections: limits.max_connections,
             connections: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
@@ -263,23 +272,11 @@ impl Tenant {
         let _ = self.sandbox_id.set(id.to_owned());
     }
 
-    /// How logs and the metrics page name this sandbox: its id when known,
-    /// else its socket or CID; bounded in length.
+    /// How logs and the metrics page name this sandbox: its id when known
+    /// (ids are checked and bounded where they are found), else its socket
+    /// or CID, bounded in length.
     pub fn label(&self) -> &str {
-        self.label.get_or_init(|| {
-            let mut s = match self.sandbox_id.get() {
-                Some(id) => id.clone(),
-                None => self.key.to_string(),
-            };
-            if s.len() > MAX_LABEL {
-                let mut cut = MAX_LABEL;
-                while !s.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                s.truncate(cut);
-            }
-            s
-        })
+        self.sandbox_id.get().unwrap_or(&self.key_label)
     }
 
     pub fn connections(&self) -> usize {
@@ -381,7 +378,7 @@ impl Tenant {
 impl Drop for Tenant {
     fn drop(&mut self) {
         // What the gate held back is not lost with the sandbox.
-        self.log.flush(self.label.get().map_or("", String::as_str));
+        self.log.flush(self.label());
     }
 }
 

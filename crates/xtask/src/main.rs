@@ -119,7 +119,13 @@ fn man_page(w: &mut dyn Write) -> io::Result<()> {
         roman("and a listener is made in each sandbox directory as it appears (and for those "),
         roman("that exist at start), and closed, its socket removed, as it goes; spans get "),
         bold("kata.sandbox.id"),
-        roman(". The forwarder never overrides a resource attribute the agent set."),
+        roman(". These two attributes are the host's alone: an agent's own value for either is "),
+        roman("kept under kata.guest.claimed.sandbox.id or kata.guest.claimed.vsock.cid instead. "),
+        roman("Each sandbox has its own limits: "),
+        bold("--sandbox-max-connections"),
+        roman(", "),
+        bold("--sandbox-spans-per-second"),
+        roman(" and a share of the queue."),
     ]);
     roff.control("SH", ["PRIVILEGES"]);
     roff.text([
