@@ -201,7 +201,12 @@ async fn spans_tagged_per_sandbox(rx: &Receiver, sandboxes: &[(String, PathBuf)]
     for (id, sc) in &sent {
         for want in &sc.expected {
             let (resource, _) = common::find(got, want.span_id);
-            assert_eq!(sandbox_attr(resource).as_deref(), Some(id.as_str()), "span '{}'", want.name);
+            assert_eq!(
+                sandbox_attr(resource).as_deref(),
+                Some(id.as_str()),
+                "span '{}'",
+                want.name
+            );
         }
     }
 }
@@ -229,16 +234,32 @@ fn print_shows_the_plan_of_every_configuration() {
         ("/configuration-clh.toml", "go"),
         ("/configuration-fc.toml", "go"),
         ("runtime-rs/configuration-dragonball.toml", "runtime-rs"),
-        ("runtime-rs/configuration-qemu-runtime-rs.toml", "runtime-rs"),
-        ("runtime-rs/configuration-cloud-hypervisor.toml", "runtime-rs"),
+        (
+            "runtime-rs/configuration-qemu-runtime-rs.toml",
+            "runtime-rs",
+        ),
+        (
+            "runtime-rs/configuration-cloud-hypervisor.toml",
+            "runtime-rs",
+        ),
         ("runtime-rs/configuration-fc-runtime-rs.toml", "runtime-rs"),
     ] {
         let c = config_report(&plan, file);
-        assert_eq!((c["status"].as_str(), c["runtime"].as_str()), (Some("serves"), Some(runtime)), "{c:#}");
+        assert_eq!(
+            (c["status"].as_str(), c["runtime"].as_str()),
+            (Some("serves"), Some(runtime)),
+            "{c:#}"
+        );
     }
     let gpu = config_report(&plan, "configuration-qemu-nvidia-gpu.toml");
     assert_eq!(gpu["status"], "skipped");
-    assert!(gpu["skipped"][0].as_str().unwrap().contains("enable_tracing"), "{gpu:#}");
+    assert!(
+        gpu["skipped"][0]
+            .as_str()
+            .unwrap()
+            .contains("enable_tracing"),
+        "{gpu:#}"
+    );
     let sv = config_report(&plan, "configuration-stratovirt.toml");
     assert_eq!(sv["status"], "skipped");
     assert!(sv["skipped"][0]
@@ -246,11 +267,19 @@ fn print_shows_the_plan_of_every_configuration() {
         .unwrap()
         .contains("unknown hypervisor section [hypervisor.stratovirt]"));
     // One log line per configuration, on stderr.
-    assert_eq!(stderr.matches("kata configuration: ").count(), 9, "{stderr}");
+    assert_eq!(
+        stderr.matches("kata configuration: ").count(),
+        9,
+        "{stderr}"
+    );
 
     // KATA_CONF_FILE is read first, under the root.
     std::fs::create_dir_all(root.join("srv")).unwrap();
-    std::fs::write(root.join("srv/mine.toml"), "[hypervisor.clh]\n[agent.kata]\nenable_tracing = true\n").unwrap();
+    std::fs::write(
+        root.join("srv/mine.toml"),
+        "[hypervisor.clh]\n[agent.kata]\nenable_tracing = true\n",
+    )
+    .unwrap();
     let out = Command::new(BIN)
         .args(["--kata-host", "--print", "--kata-root"])
         .arg(&root)
@@ -286,7 +315,11 @@ async fn one_forwarder_serves_every_hypervisor_and_runtime() {
         assert!(ready.contains(&format!("unix:{t}_10240")), "{t} in {ready}");
     }
     assert_eq!(ready.matches("unix:").count(), planned.len(), "{ready}");
-    assert_eq!(log.matches("kata-host: serving").count(), planned.len() + 1, "{log}");
+    assert_eq!(
+        log.matches("kata-host: serving").count(),
+        planned.len() + 1,
+        "{log}"
+    );
     // The skipped ones say why.
     for needle in [
         "configuration-qemu-nvidia-gpu.toml",
@@ -329,7 +362,9 @@ async fn configurations_followed_at_run_time() {
     let deploy = root.join(DEPLOY);
     std::fs::create_dir_all(&deploy).unwrap();
     std::fs::copy(
-        Path::new(FIXTURE).join(DEPLOY).join("configuration-qemu.toml"),
+        Path::new(FIXTURE)
+            .join(DEPLOY)
+            .join("configuration-qemu.toml"),
         deploy.join("configuration-qemu.toml"),
     )
     .unwrap();
@@ -346,7 +381,12 @@ async fn configurations_followed_at_run_time() {
     assert!(!socket.exists());
 
     // kata-deploy installs the class: written elsewhere, renamed in.
-    let clh = std::fs::read(Path::new(FIXTURE).join(DEPLOY).join("configuration-clh.toml")).unwrap();
+    let clh = std::fs::read(
+        Path::new(FIXTURE)
+            .join(DEPLOY)
+            .join("configuration-clh.toml"),
+    )
+    .unwrap();
     std::fs::write(root.join("clh.tmp"), &clh).unwrap();
     let added = Instant::now();
     std::fs::rename(root.join("clh.tmp"), deploy.join("configuration-clh.toml")).unwrap();
@@ -357,7 +397,11 @@ async fn configurations_followed_at_run_time() {
     spans_tagged_per_sandbox(&rx, &[("sb-late".to_string(), socket.clone())], 400).await;
 
     // A broken rewrite keeps it served, with the error naming the file.
-    std::fs::write(deploy.join("configuration-clh.toml"), "[hypervisor.clh\nthis is not toml").unwrap();
+    std::fs::write(
+        deploy.join("configuration-clh.toml"),
+        "[hypervisor.clh\nthis is not toml",
+    )
+    .unwrap();
     wait_until("the broken configuration to be reported", &fwd, || {
         let log = fwd.stderr();
         log.contains("kata configuration: unusable")
@@ -391,7 +435,11 @@ fn garbage_configuration_is_an_error_naming_the_file() {
     let root = dir.path().join("host");
     let etc = root.join("etc/kata-containers");
     std::fs::create_dir_all(&etc).unwrap();
-    std::fs::write(etc.join("configuration.toml"), "[hypervisor.qemu\nnot = toml = at all").unwrap();
+    std::fs::write(
+        etc.join("configuration.toml"),
+        "[hypervisor.qemu\nnot = toml = at all",
+    )
+    .unwrap();
     let (code, plan, stderr) = print_plan(&root, &[]);
     assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(plan["configs"][0]["status"], "error", "{plan:#}");
@@ -460,4 +508,81 @@ async fn vsock_beside_several_templates() {
     spans_tagged_per_sandbox(&rx, &sandboxes, 500).await;
     assert!(fwd.terminate().await.success(), "{}", fwd.stderr());
     assert!(files_named(&run, "_20002").is_empty());
+}
+
+const MANIFEST: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/kubernetes/kata-trace-forwarder.yaml"
+);
+
+/// The list under `key:` (a block sequence of scalars, one a line), as the
+/// manifest writes its container's args.
+fn yaml_list(text: &str, key: &str) -> Vec<String> {
+    let mut lines = text.lines().skip_while(|l| l.trim() != format!("{key}:"));
+    let Some(head) = lines.next() else {
+        return Vec::new();
+    };
+    let indent = head.len() - head.trim_start().len();
+    lines
+        .take_while(|l| {
+            let t = l.trim_start();
+            t.starts_with("- ") && l.len() - t.len() >= indent
+        })
+        .map(|l| {
+            let v = l.trim_start()[2..].trim();
+            v.trim_matches('"').trim_matches('\'').to_owned()
+        })
+        .collect()
+}
+
+/// The DaemonSet's arguments are the binary's: run with them (plus the
+/// fixture's root and --print), it accepts them and plans every runtime
+/// class of the tree; what it reads and serves is under what the manifest
+/// mounts; the collector comes from the environment.
+#[test]
+fn kubernetes_manifest_arguments_are_accepted() {
+    let text = std::fs::read_to_string(MANIFEST).unwrap();
+    let args = yaml_list(&text, "args");
+    assert!(args.contains(&"--kata-host".to_string()), "{args:?}");
+    assert!(text.contains("name: OTEL_EXPORTER_OTLP_ENDPOINT"));
+    assert!(text.contains("katacontainers.io/kata-runtime: \"true\""));
+    assert!(text.contains("privileged: false"));
+    let (_dir, root) = fixture_host();
+    let out = Command::new(BIN)
+        .args(&args)
+        .arg("--kata-root")
+        .arg(&root)
+        .arg("--print")
+        .env_remove("KATA_CONF_FILE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(templates(&plan).len(), 4, "{plan:#}");
+
+    let mount_paths: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("mountPath: "))
+        .map(str::to_owned)
+        .collect();
+    assert!(!mount_paths.is_empty());
+    let r = root.display().to_string();
+    for t in templates(&plan) {
+        let host_path = t.strip_prefix(&r).unwrap();
+        assert!(
+            mount_paths
+                .iter()
+                .any(|m| host_path.starts_with(&format!("{m}/"))),
+            "{host_path} is not under a mount: {mount_paths:?}"
+        );
+    }
+    for c in plan["configs"].as_array().unwrap() {
+        let f = c["file"].as_str().unwrap();
+        assert!(
+            mount_paths.iter().any(|m| f.starts_with(&format!("{m}/"))),
+            "{f} is not under a mount: {mount_paths:?}"
+        );
+    }
 }

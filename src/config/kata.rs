@@ -472,9 +472,9 @@ fn target_of(runtime: Runtime, name: &str, section: &HypervisorSection) -> Resul
             template(format!("{RS_SANDBOXES}/{{ID}}/ch-vm.sock"))
         }
         (Runtime::Go, "dragonball") => Err("hypervisor 'dragonball' is runtime-rs only".into()),
-        (_, "remote") => Err(
-            "hypervisor 'remote': the agent runs in a VM elsewhere, not on this host".into(),
-        ),
+        (_, "remote") => {
+            Err("hypervisor 'remote': the agent runs in a VM elsewhere, not on this host".into())
+        }
         (_, other) => Err(format!(
             "unknown hypervisor section [hypervisor.{other}]: not served (known: qemu, clh, \
              cloud-hypervisor, firecracker, dragonball)"
@@ -582,7 +582,10 @@ mod tests {
             "/opt/kata/share/defaults/kata-containers/configuration-qemu.toml",
             &format!("[hypervisor.qemu]\npath = \"/opt/kata/bin/qemu-system-x86_64\"\nrootless = false\n{TRACING}"),
         );
-        assert_eq!((r.status.clone(), r.runtime), (Status::Serves, Some(Runtime::Go)));
+        assert_eq!(
+            (r.status.clone(), r.runtime),
+            (Status::Serves, Some(Runtime::Go))
+        );
         assert_eq!(templates(&r), ["vsock"]);
         let r = report(
             "/opt/kata/share/defaults/kata-containers/runtime-rs/configuration-qemu-runtime-rs.toml",
@@ -594,7 +597,10 @@ mod tests {
 
     #[test]
     fn go_clh_and_firecracker_templates() {
-        let r = report("/etc/x/configuration-clh.toml", &format!("[hypervisor.clh]\n{TRACING}"));
+        let r = report(
+            "/etc/x/configuration-clh.toml",
+            &format!("[hypervisor.clh]\n{TRACING}"),
+        );
         assert_eq!(templates(&r), ["/run/vc/vm/{ID}/clh.sock"]);
         let r = report(
             "/etc/x/configuration-fc.toml",
@@ -631,15 +637,26 @@ mod tests {
             &format!("[runtime]\nname = \"virt_container\"\nhypervisor_name = \"clh\"\nagent_name = \"kata\"\n[hypervisor.clh]\n[hypervisor.qemu]\n{TRACING}"),
         );
         assert_eq!(templates(&r), ["/run/kata/{ID}/ch-vm.sock"]);
-        assert!(r.skipped[0].contains("[hypervisor.qemu]"), "{:?}", r.skipped);
+        assert!(
+            r.skipped[0].contains("[hypervisor.qemu]"),
+            "{:?}",
+            r.skipped
+        );
         // Dragonball alone says runtime-rs.
-        let r = report("/etc/kata-containers/configuration.toml", &format!("[hypervisor.dragonball]\n{TRACING}"));
+        let r = report(
+            "/etc/kata-containers/configuration.toml",
+            &format!("[hypervisor.dragonball]\n{TRACING}"),
+        );
         assert_eq!(r.runtime, Some(Runtime::RuntimeRs));
     }
 
     #[test]
     fn tracing_off_or_absent_is_skipped_with_the_reason() {
-        for agent in ["", "[agent.kata]\n", "[agent.kata]\nenable_tracing = false\n"] {
+        for agent in [
+            "",
+            "[agent.kata]\n",
+            "[agent.kata]\nenable_tracing = false\n",
+        ] {
             let r = report("/etc/c.toml", &format!("[hypervisor.clh]\n{agent}"));
             assert_eq!(r.status, Status::Skipped);
             assert!(r.serves.is_empty());
@@ -675,7 +692,12 @@ mod tests {
         );
         let errors: Vec<_> = p.errors().collect();
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].skipped[0].contains("parsing Kata configuration /etc/kata-containers/configuration.toml"), "{:?}", errors[0]);
+        assert!(
+            errors[0].skipped[0]
+                .contains("parsing Kata configuration /etc/kata-containers/configuration.toml"),
+            "{:?}",
+            errors[0]
+        );
     }
 
     /// Precedence, shadowing, the environment's file, kata-deploy's files,
@@ -691,17 +713,36 @@ mod tests {
         };
         let clh = format!("[hypervisor.clh]\n{TRACING}");
         write("/etc/kata-containers/configuration.toml", &clh);
-        write("/usr/share/defaults/kata-containers/configuration.toml", &format!("[hypervisor.qemu]\n{TRACING}"));
-        write("/opt/kata/share/defaults/kata-containers/configuration-clh.toml", &clh);
-        write("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml", &format!("[hypervisor.qemu]\n{TRACING}"));
-        write("/opt/kata/share/defaults/kata-containers/README.md", "not a configuration");
-        write("/srv/mine.toml", &format!("[hypervisor.firecracker]\n{TRACING}"));
+        write(
+            "/usr/share/defaults/kata-containers/configuration.toml",
+            &format!("[hypervisor.qemu]\n{TRACING}"),
+        );
+        write(
+            "/opt/kata/share/defaults/kata-containers/configuration-clh.toml",
+            &clh,
+        );
+        write(
+            "/opt/kata/share/defaults/kata-containers/configuration-qemu.toml",
+            &format!("[hypervisor.qemu]\n{TRACING}"),
+        );
+        write(
+            "/opt/kata/share/defaults/kata-containers/README.md",
+            "not a configuration",
+        );
+        write(
+            "/srv/mine.toml",
+            &format!("[hypervisor.firecracker]\n{TRACING}"),
+        );
         let sources = Sources {
             root: root.to_path_buf(),
             env_file: Some("/srv/mine.toml".into()),
         };
         let p = plan(&sources, 10240);
-        let files: Vec<_> = p.configs.iter().map(|c| c.file.display().to_string()).collect();
+        let files: Vec<_> = p
+            .configs
+            .iter()
+            .map(|c| c.file.display().to_string())
+            .collect();
         assert_eq!(
             files,
             [
@@ -713,14 +754,20 @@ mod tests {
             ]
         );
         assert_eq!(p.configs[2].status, Status::Skipped);
-        assert!(p.configs[2].skipped[0].contains("shadowed by /etc/kata-containers/configuration.toml"));
+        assert!(
+            p.configs[2].skipped[0].contains("shadowed by /etc/kata-containers/configuration.toml")
+        );
         let r = root.display();
         assert_eq!(
             p.listeners,
             [
                 Target::Vsock,
-                Target::Template { template: format!("{r}/run/vc/firecracker/{{ID}}/root/kata.hvsock") },
-                Target::Template { template: format!("{r}/run/vc/vm/{{ID}}/clh.sock") },
+                Target::Template {
+                    template: format!("{r}/run/vc/firecracker/{{ID}}/root/kata.hvsock")
+                },
+                Target::Template {
+                    template: format!("{r}/run/vc/vm/{{ID}}/clh.sock")
+                },
             ],
             "deduplicated, under the root"
         );
@@ -731,9 +778,18 @@ mod tests {
 
         // Nothing there at all: an empty plan, not an error.
         let empty = tempfile::tempdir().unwrap();
-        let p = plan(&Sources { root: empty.path().to_path_buf(), env_file: None }, 10240);
+        let p = plan(
+            &Sources {
+                root: empty.path().to_path_buf(),
+                env_file: None,
+            },
+            10240,
+        );
         assert!(p.configs.is_empty() && p.listeners.is_empty());
-        assert_eq!(under(Path::new("/r"), Path::new("/a/../b")), Path::new("/r/a/b"));
+        assert_eq!(
+            under(Path::new("/r"), Path::new("/a/../b")),
+            Path::new("/r/a/b")
+        );
     }
 
     #[test]
@@ -741,6 +797,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("big.toml");
         std::fs::write(&f, vec![b'#'; (MAX_CONFIG_BYTES + 1) as usize]).unwrap();
-        assert!(matches!(read(&f), Err(KataConfigError::ConfigTooLarge { .. })));
+        assert!(matches!(
+            read(&f),
+            Err(KataConfigError::ConfigTooLarge { .. })
+        ));
     }
 }

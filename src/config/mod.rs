@@ -247,7 +247,11 @@ impl Cli {
                 max_sandboxes,
             });
         }
-        match (&self.socket_path, self.socket_path_template.as_slice(), self.vsock) {
+        match (
+            &self.socket_path,
+            self.socket_path_template.as_slice(),
+            self.vsock,
+        ) {
             (Some(p), _, _) => ListenMode::Hybrid {
                 socket_path: PathBuf::from(p),
                 port,
@@ -650,7 +654,10 @@ mod tests {
         let c = config(&["--socket-path-template", "/a/{ID}/s", "--vsock=3"], &[]).unwrap();
         assert!(matches!(
             c.listen.mode,
-            ListenMode::Many { vsock: Some(VsockCid::Cid(3)), .. }
+            ListenMode::Many {
+                vsock: Some(VsockCid::Cid(3)),
+                ..
+            }
         ));
         // `--vsock` alone is the default VSOCK mode.
         let c = config(&["--vsock"], &[]).unwrap();

@@ -417,9 +417,10 @@ impl ConfigWatch {
             return Some(true);
         }
         let dir = self.dirs.get(&ev.wd.get_watch_descriptor_id()).cloned();
-        let structural = ev.mask.intersects(
-            EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF,
-        ) || (ev.mask.contains(EventMask::ISDIR));
+        let structural = ev
+            .mask
+            .intersects(EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF)
+            || (ev.mask.contains(EventMask::ISDIR));
         let relevant = match (&dir, ev.name.as_deref()) {
             (Some(dir), Some(name)) => self.matters(dir, name),
             // The watched directory itself changed.
@@ -440,7 +441,8 @@ impl ConfigWatch {
     fn matters(&self, dir: &Path, name: &OsStr) -> bool {
         let path = dir.join(name);
         self.wanted.iter().any(|w| {
-            w.starts_with(&path) || (w == dir && name.to_str().is_some_and(|n| n.ends_with(".toml")))
+            w.starts_with(&path)
+                || (w == dir && name.to_str().is_some_and(|n| n.ends_with(".toml")))
         })
     }
 }

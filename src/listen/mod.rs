@@ -173,7 +173,16 @@ pub async fn bind(
             max_sandboxes,
         } => {
             let templates = std::slice::from_ref(template);
-            return bind_set(cfg, None, templates, *port, *max_sandboxes, writable, shutdown).await;
+            return bind_set(
+                cfg,
+                None,
+                templates,
+                *port,
+                *max_sandboxes,
+                writable,
+                shutdown,
+            )
+            .await;
         }
         ListenMode::Many {
             vsock,
@@ -181,8 +190,16 @@ pub async fn bind(
             port,
             max_sandboxes,
         } => {
-            return bind_set(cfg, *vsock, templates, *port, *max_sandboxes, writable, shutdown)
-                .await;
+            return bind_set(
+                cfg,
+                *vsock,
+                templates,
+                *port,
+                *max_sandboxes,
+                writable,
+                shutdown,
+            )
+            .await;
         }
         ListenMode::KataHost(k) => {
             let thread = template::SandboxThread::start(unprivileged_user(cfg, writable)?).await?;
@@ -194,7 +211,10 @@ pub async fn bind(
 
 /// Whom the sandbox thread makes the process (when root), after handing
 /// `writable` (the spool) to that user.
-fn unprivileged_user(cfg: &ListenConfig, writable: Option<&Path>) -> Result<Option<String>, ListenError> {
+fn unprivileged_user(
+    cfg: &ListenConfig,
+    writable: Option<&Path>,
+) -> Result<Option<String>, ListenError> {
     // Root is dropped on the sandbox thread, keeping only what it needs.
     let user = privileges::is_root().then(|| cfg.user.clone());
     if let (Some(user), Some(dir)) = (&user, writable) {
