@@ -266,12 +266,13 @@ impl KataHostListener {
             };
             effective.insert(c.file.clone(), serves);
         }
-        let wanted: BTreeSet<Target> = effective
-            .values()
-            .flatten()
-            .cloned()
-            .take(kata::MAX_LISTENERS)
-            .collect();
+        // Bounded as the plan is: the first distinct listeners, up to the cap.
+        let mut wanted: BTreeSet<Target> = BTreeSet::new();
+        for t in effective.values().flatten() {
+            if wanted.len() < kata::MAX_LISTENERS || wanted.contains(t) {
+                wanted.insert(t.clone());
+            }
+        }
         let gone: Vec<Target> = running
             .keys()
             .filter(|t| !wanted.contains(*t))

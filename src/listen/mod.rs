@@ -104,8 +104,9 @@ pub enum Listener {
     Vsock(vsock::VsockListener),
     /// One hybrid listener per sandbox, as their directories come and go.
     Template(template::TemplateListener),
-    /// What the host's Kata configurations ask for, as they change.
-    KataHost(kata_host::KataHostListener),
+    /// What the host's Kata configurations ask for, as they change (boxed:
+    /// it holds its plan; there is one per forwarder).
+    KataHost(Box<kata_host::KataHostListener>),
 }
 
 impl Listener {
@@ -203,7 +204,8 @@ pub async fn bind(
         }
         ListenMode::KataHost(k) => {
             let thread = template::SandboxThread::start(unprivileged_user(cfg, writable)?).await?;
-            Listener::KataHost(kata_host::KataHostListener::start(k, thread, shutdown).await?)
+            let host = kata_host::KataHostListener::start(k, thread, shutdown).await?;
+            Listener::KataHost(Box::new(host))
         }
     };
     Ok(Listeners::new(vec![listener], cfg.max_connections))
