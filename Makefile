@@ -42,7 +42,7 @@ $(GEN)/man/$(BIN).1:
 	$(MAKE) docs
 
 # The units name the installed binary: rendered here, for this BINDIR.
-UNITS := $(BIN).service $(BIN)-hybrid.service
+UNITS := $(BIN).service $(BIN)-hybrid.service $(BIN)-host.service
 
 install: $(RELEASE_BIN) $(GEN)/man/$(BIN).1
 	install -D -m 0755 $(RELEASE_BIN) $(DESTDIR)$(BINDIR)/$(BIN)
@@ -68,7 +68,8 @@ uninstall:
 		$(DESTDIR)$(DATADIR)/zsh/site-functions/_$(BIN) \
 		$(DESTDIR)$(DATADIR)/fish/vendor_completions.d/$(BIN).fish \
 		$(DESTDIR)$(UNITDIR)/$(BIN).service \
-		$(DESTDIR)$(UNITDIR)/$(BIN)-hybrid.service
+		$(DESTDIR)$(UNITDIR)/$(BIN)-hybrid.service \
+		$(DESTDIR)$(UNITDIR)/$(BIN)-host.service
 
 check:
 	scripts/test.sh

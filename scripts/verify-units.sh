@@ -15,7 +15,9 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
   exit 1
 fi
 cargo build --quiet --bin kata-trace-forwarder
-bindir="$(pwd)/${CARGO_TARGET_DIR:-target}/debug"
+target_dir="${CARGO_TARGET_DIR:-target}"
+case "$target_dir" in /*) ;; *) target_dir="$(pwd)/$target_dir" ;; esac
+bindir="$target_dir/debug"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cargo run --quiet -p xtask -- docs "$tmp/docs" >/dev/null

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use kata_trace_forwarder::config::{Cli, LogFormat, ProcessEnv};
+use kata_trace_forwarder::config::{kata, Cli, LogFormat, ProcessEnv};
 use kata_trace_forwarder::listen::privileges;
 use tracing_subscriber::EnvFilter;
 
@@ -19,6 +19,9 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     init_logging(&cli);
+    if cli.print {
+        return print_plan(&cli);
+    }
     let config = match cli.into_config(&ProcessEnv) {
         Ok(c) => c,
         Err(e) => {
@@ -35,6 +38,28 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--kata-host --print`: the plan as JSON on stdout. Exits 1, after
+/// printing it, when a configuration cannot be used, as starting would.
+fn print_plan(cli: &Cli) -> ExitCode {
+    let sources = kata::Sources::from_env(cli.kata_root.clone(), &ProcessEnv);
+    let plan = kata::plan(&sources, cli.vsock_port);
+    plan.log();
+    match serde_json::to_string_pretty(&plan) {
+        Ok(json) => println!("{json}"),
+        Err(e) => {
+            eprintln!("error: printing the plan: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let errors: Vec<String> = plan.errors().flat_map(|c| c.skipped.clone()).collect();
+    if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("error: {}", errors.join("; "));
+        ExitCode::FAILURE
     }
 }
 

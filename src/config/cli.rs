@@ -44,6 +44,10 @@ const AFTER_HELP: &str = "Examples:
     T=$(sudo kata-runtime env --json | jq -r .Hypervisor.SocketPath)
     sudo kata-trace-forwarder --socket-path-template \"$T\"
 
+  Every hypervisor and runtime on the host (kata-deploy), from the Kata configurations:
+    kata-trace-forwarder --kata-host --print
+    sudo kata-trace-forwarder --kata-host
+
   OTLP over HTTP to an OpenTelemetry Collector:
     kata-trace-forwarder --otlp-protocol http/protobuf --otlp-endpoint http://collector:4318
 
@@ -274,13 +278,50 @@ pub struct Cli {
     /// `/run/vc/firecracker/{ID}/root/kata.hvsock`. The forwarder watches the
     /// directory above `{ID}` and listens on `<socket>_<vsock-port>` in each
     /// sandbox as it appears; spans get `kata.sandbox.id`.
+    /// Repeatable: one forwarder serves every template given (Cloud Hypervisor
+    /// and Firecracker side by side), and VSOCK too with --vsock.
     #[arg(
         long,
         value_parser = parse_socket_template,
         value_name = "TEMPLATE",
+        action = ArgAction::Append,
         conflicts_with_all = ["socket_path", "vsock_cid"]
     )]
-    pub socket_path_template: Option<SocketTemplate>,
+    pub socket_path_template: Vec<SocketTemplate>,
+
+    /// Standard VSOCK (QEMU) beside --socket-path-template, on CID `any` or
+    /// the one given (`--vsock=3`). Without any listener flag VSOCK is the
+    /// default anyway.
+    #[arg(
+        long,
+        value_name = "CID",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "any",
+        conflicts_with_all = ["socket_path", "kata_host"]
+    )]
+    pub vsock: Option<VsockCid>,
+
+    /// Zero configuration: read the Kata configuration files the runtimes
+    /// read (/etc/kata-containers, /usr/share/defaults/kata-containers,
+    /// kata-deploy's /opt/kata/share/defaults/kata-containers, runtime-rs'
+    /// and KATA_CONF_FILE), and serve what each one's hypervisor needs:
+    /// VSOCK for QEMU, a socket template for Cloud Hypervisor, Firecracker
+    /// and Dragonball. Configurations added, changed or removed later are
+    /// followed.
+    #[arg(long, conflicts_with_all = ["socket_path", "socket_path_template"])]
+    pub kata_host: bool,
+
+    /// With --kata-host: the directory the host's files are under (read
+    /// configurations from, and serve sockets in): `/` on the host, the
+    /// host's root mounted elsewhere, or a test tree.
+    #[arg(long, value_name = "DIR", default_value = "/", requires = "kata_host")]
+    pub kata_root: std::path::PathBuf,
+
+    /// With --kata-host: print the plan (each configuration found, what it
+    /// serves or why it was skipped, and the listeners) as JSON and exit.
+    #[arg(long, requires = "kata_host")]
+    pub print: bool,
 
     /// Most sandboxes served and tracked at once (template mode: more are
     /// logged and left alone until one goes; VSOCK: connections from more

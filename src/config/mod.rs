@@ -14,6 +14,7 @@
 //! this module holds the validated configuration and puts it together.
 
 mod cli;
+pub mod kata;
 mod otlp;
 
 use std::path::PathBuf;
@@ -38,6 +39,28 @@ pub enum ListenMode {
         port: u32,
         max_sandboxes: usize,
     },
+    /// Several listeners at once: VSOCK (`--vsock`) beside any number of
+    /// templates (`--socket-path-template`, repeated).
+    Many {
+        vsock: Option<VsockCid>,
+        templates: Vec<SocketTemplate>,
+        port: u32,
+        max_sandboxes: usize,
+    },
+    /// `--kata-host`: what the host's Kata configurations ask for, followed
+    /// as they change.
+    KataHost(KataHostConfig),
+}
+
+/// `--kata-host`: where the configurations are, and how to serve them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KataHostConfig {
+    pub sources: kata::Sources,
+    pub port: u32,
+    /// The CID VSOCK listens on when a configuration asks for VSOCK.
+    pub cid: VsockCid,
+    /// Per template.
+    pub max_sandboxes: usize,
 }
 
 /// What the `listen` stage reads: where to listen, how many connections to
@@ -212,23 +235,51 @@ impl<F: Fn(&str) -> Option<String>> Env for F {
 }
 
 impl Cli {
+    /// Where to listen. The drop-in command line keeps its meaning: no flag
+    /// is VSOCK, `--socket-path` one hybrid socket, one template template
+    /// mode; only `--vsock` beside templates, or several templates, make a
+    /// set.
+    fn listen_mode(&self, env: &dyn Env) -> ListenMode {
+        let port = self.vsock_port;
+        let max_sandboxes = self.max_sandboxes;
+        if self.kata_host {
+            return ListenMode::KataHost(KataHostConfig {
+                sources: kata::Sources::from_env(self.kata_root.clone(), env),
+                port,
+                cid: self.vsock_cid,
+                max_sandboxes,
+            });
+        }
+        match (
+            &self.socket_path,
+            self.socket_path_template.as_slice(),
+            self.vsock,
+        ) {
+            (Some(p), _, _) => ListenMode::Hybrid {
+                socket_path: PathBuf::from(p),
+                port,
+            },
+            (None, [t], None) => ListenMode::Template {
+                template: t.clone(),
+                port,
+                max_sandboxes,
+            },
+            (None, [], vsock) => ListenMode::Vsock {
+                cid: vsock.unwrap_or(self.vsock_cid),
+                port,
+            },
+            (None, templates, vsock) => ListenMode::Many {
+                vsock,
+                templates: dedup(templates),
+                port,
+                max_sandboxes,
+            },
+        }
+    }
+
     /// Validates the command line against the environment.
     pub fn into_config(self, env: &dyn Env) -> Result<Config, ConfigError> {
-        let mode = match (&self.socket_path, &self.socket_path_template) {
-            (_, Some(t)) => ListenMode::Template {
-                template: t.clone(),
-                port: self.vsock_port,
-                max_sandboxes: self.max_sandboxes,
-            },
-            (Some(p), None) => ListenMode::Hybrid {
-                socket_path: PathBuf::from(p),
-                port: self.vsock_port,
-            },
-            (None, None) => ListenMode::Vsock {
-                cid: self.vsock_cid,
-                port: self.vsock_port,
-            },
-        };
+        let mode = self.listen_mode(env);
         if self.spool_dir.is_some() && self.dump_only {
             return Err(ConfigError::SpoolWithDump);
         }
@@ -284,6 +335,17 @@ impl Cli {
             shutdown_timeout: self.shutdown_timeout,
         })
     }
+}
+
+/// The templates, each once, in the order given.
+fn dedup(templates: &[SocketTemplate]) -> Vec<SocketTemplate> {
+    let mut out: Vec<SocketTemplate> = Vec::new();
+    for t in templates {
+        if !out.contains(t) {
+            out.push(t.clone());
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -570,6 +632,65 @@ mod tests {
             ],
             vec!["--socket-path-template", "/a/{ID}/s", "--vsock-cid", "3"],
             vec!["--socket-path-template", "/a/sandbox-{ID}/s"],
+        ] {
+            assert!(cli(&args).is_err(), "{args:?}");
+        }
+    }
+
+    /// Several templates, with VSOCK or not, make a set; duplicates count
+    /// once; `--kata-host` reads its root and KATA_CONF_FILE.
+    #[test]
+    fn several_listeners_and_kata_host() {
+        let c = config(
+            &[
+                "--socket-path-template",
+                "/run/vc/vm/{ID}/clh.sock",
+                "--socket-path-template",
+                "/run/kata/{ID}/root/kata.hvsock",
+                "--socket-path-template",
+                "/run/vc/vm/{ID}/clh.sock",
+                "--vsock",
+            ],
+            &[],
+        )
+        .unwrap();
+        let ListenMode::Many {
+            vsock, templates, ..
+        } = &c.listen.mode
+        else {
+            panic!("expected a set: {:?}", c.listen.mode);
+        };
+        assert_eq!(*vsock, Some(VsockCid::Any));
+        assert_eq!(templates.len(), 2);
+        let c = config(&["--socket-path-template", "/a/{ID}/s", "--vsock=3"], &[]).unwrap();
+        assert!(matches!(
+            c.listen.mode,
+            ListenMode::Many {
+                vsock: Some(VsockCid::Cid(3)),
+                ..
+            }
+        ));
+        // `--vsock` alone is the default VSOCK mode.
+        let c = config(&["--vsock"], &[]).unwrap();
+        assert!(matches!(c.listen.mode, ListenMode::Vsock { .. }));
+
+        let c = config(
+            &["--kata-host", "--kata-root", "/t"],
+            &[("KATA_CONF_FILE", "/etc/k.toml")],
+        )
+        .unwrap();
+        let ListenMode::KataHost(k) = &c.listen.mode else {
+            panic!("expected kata-host: {:?}", c.listen.mode);
+        };
+        assert_eq!(k.sources.root, PathBuf::from("/t"));
+        assert_eq!(k.sources.env_file, Some(PathBuf::from("/etc/k.toml")));
+        for args in [
+            vec!["--kata-host", "--socket-path", "/a/s"],
+            vec!["--kata-host", "--socket-path-template", "/a/{ID}/s"],
+            vec!["--kata-host", "--vsock"],
+            vec!["--print"],
+            vec!["--kata-root", "/t"],
+            vec!["--socket-path", "/a/s", "--vsock"],
         ] {
             assert!(cli(&args).is_err(), "{args:?}");
         }

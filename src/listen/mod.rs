@@ -25,6 +25,7 @@
 
 pub(crate) mod connection;
 pub mod hybrid;
+pub mod kata_host;
 pub mod privileges;
 pub(crate) mod sandbox;
 pub mod template;
@@ -91,6 +92,14 @@ pub enum ListenError {
     },
     #[error("starting the sandbox watcher: {0}")]
     StartWatcher(String),
+    #[error("{0} (fix or remove it; --kata-host --print shows the plan)")]
+    ReadKataConfig(String),
+    #[error("watching the Kata configurations in {dir}: {source}")]
+    WatchKataConfigs {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A bound listener of any kind.
@@ -99,6 +108,9 @@ pub enum Listener {
     Vsock(vsock::VsockListener),
     /// One hybrid listener per sandbox, as their directories come and go.
     Template(template::TemplateListener),
+    /// What the host's Kata configurations ask for, as they change (boxed:
+    /// it holds its plan; there is one per forwarder).
+    KataHost(Box<kata_host::KataHostListener>),
 }
 
 impl Listener {
@@ -107,6 +119,7 @@ impl Listener {
             Listener::Hybrid(l) => format!("hybrid vsock unix:{}", l.path().display()),
             Listener::Vsock(l) => l.describe(),
             Listener::Template(l) => l.describe(),
+            Listener::KataHost(l) => l.describe(),
         }
     }
 }
@@ -164,22 +177,88 @@ pub async fn bind(
             port,
             max_sandboxes,
         } => {
-            // Root is dropped inside, keeping only what the watcher needs.
-            let user = root.then(|| cfg.user.clone());
-            if let (Some(user), Some(dir)) = (&user, writable) {
-                privileges::give_to_user(dir, user)?;
-            }
-            let t = template::TemplateListener::start(
-                template.clone(),
+            let templates = std::slice::from_ref(template);
+            return bind_set(
+                cfg,
+                None,
+                templates,
                 *port,
                 *max_sandboxes,
-                user,
+                writable,
                 shutdown,
-            );
-            Listener::Template(t.await?)
+            )
+            .await;
+        }
+        ListenMode::Many {
+            vsock,
+            templates,
+            port,
+            max_sandboxes,
+        } => {
+            return bind_set(
+                cfg,
+                *vsock,
+                templates,
+                *port,
+                *max_sandboxes,
+                writable,
+                shutdown,
+            )
+            .await;
+        }
+        ListenMode::KataHost(k) => {
+            let thread = template::SandboxThread::start(unprivileged_user(cfg, writable)?).await?;
+            let host = kata_host::KataHostListener::start(k, thread, shutdown).await?;
+            Listener::KataHost(Box::new(host))
         }
     };
     Ok(Listeners::new(vec![listener], cfg.max_connections))
+}
+
+/// Whom the sandbox thread makes the process (when root), after handing
+/// `writable` (the spool) to that user.
+fn unprivileged_user(
+    cfg: &ListenConfig,
+    writable: Option<&Path>,
+) -> Result<Option<String>, ListenError> {
+    // Root is dropped on the sandbox thread, keeping only what it needs.
+    let user = privileges::is_root().then(|| cfg.user.clone());
+    if let (Some(user), Some(dir)) = (&user, writable) {
+        privileges::give_to_user(dir, user)?;
+    }
+    Ok(user)
+}
+
+/// VSOCK (when `vsock` is set) and every template, the templates' watchers
+/// sharing one sandbox thread.
+async fn bind_set(
+    cfg: &ListenConfig,
+    vsock: Option<crate::addr::VsockCid>,
+    templates: &[crate::addr::SocketTemplate],
+    port: u32,
+    max_sandboxes: usize,
+    writable: Option<&Path>,
+    shutdown: &Shutdown,
+) -> Result<Listeners, ListenError> {
+    let mut listeners = Vec::new();
+    if let Some(cid) = vsock {
+        listeners.push(Listener::Vsock(vsock::VsockListener::bind(cid, port)?));
+    }
+    if !templates.is_empty() {
+        let thread = template::SandboxThread::start(unprivileged_user(cfg, writable)?).await?;
+        for t in templates {
+            let l = template::TemplateListener::start_on(
+                &thread,
+                t.clone(),
+                port,
+                max_sandboxes,
+                shutdown,
+            )
+            .await?;
+            listeners.push(Listener::Template(l));
+        }
+    }
+    Ok(Listeners::new(listeners, cfg.max_connections))
 }
 
 /// Accepts on every listener until `shutdown` begins, serving each
@@ -203,9 +282,11 @@ pub(crate) async fn serve(
         );
         let shutdown = shutdown.clone();
         async move {
-            if let Listener::Template(t) = listener {
-                return t.serve(shared, origin, limit, tracker).await;
-            }
+            let listener = match listener {
+                Listener::Template(t) => return t.serve(shared, origin, limit, tracker).await,
+                Listener::KataHost(k) => return k.serve(shared, origin, limit, tracker).await,
+                other => other,
+            };
             // QEMU: a guest's CID says which sandbox it is, through /proc.
             let resolver = matches!(listener, Listener::Vsock(_))
                 .then(|| Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
@@ -389,7 +470,7 @@ async fn accept(listener: &Listener) -> io::Result<(Stream, Peer)> {
             let (s, cid) = l.accept().await?;
             Ok((Stream::Vsock(s), Peer::Vsock { cid }))
         }
-        // Served by its own per-sandbox hybrid listeners, never accepted on.
-        Listener::Template(_) => std::future::pending().await,
+        // Served by their own listeners, never accepted on.
+        Listener::Template(_) | Listener::KataHost(_) => std::future::pending().await,
     }
 }

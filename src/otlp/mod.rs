@@ -6,8 +6,9 @@
 //! nanoseconds, the attribute map becomes a list, the `EvictedQueue`s become
 //! lists plus their dropped counts, and the trace state becomes its W3C
 //! header string. The resource is the agent's own, with `service.name` set to
-//! the configured trace name and the forwarder's own attributes added only
-//! where the agent did not set them.
+//! the configured trace name and the attributes only the host can know
+//! (`kata.sandbox.id`, `kata.vsock.cid`) set by the host: a guest's own
+//! value for one of them is kept under `kata.guest.claimed.*` instead.
 //!
 //! The parts, in the order a span meets them:
 //! - this module: what the forwarder knows of a connection ([`Origin`]), the

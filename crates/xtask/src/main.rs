@@ -125,7 +125,18 @@ fn man_page(w: &mut dyn Write) -> io::Result<()> {
         bold("--sandbox-max-connections"),
         roman(", "),
         bold("--sandbox-spans-per-second"),
-        roman(" and a share of the queue."),
+        roman(" and a share of the queue. "),
+        roman("Several listeners can be served at once: "),
+        bold("--socket-path-template"),
+        roman(" may be repeated, and "),
+        bold("--vsock"),
+        roman(" adds standard VSOCK beside the templates. With "),
+        bold("--kata-host"),
+        roman(", the listeners come from the Kata configuration files the runtimes read "),
+        roman("(QEMU: VSOCK; Cloud Hypervisor, Firecracker, Dragonball: their socket templates), "),
+        roman("and follow them as they change; "),
+        bold("--kata-host --print"),
+        roman(" prints that plan as JSON."),
     ]);
     roff.control("SH", ["PRIVILEGES"]);
     roff.text([
@@ -154,6 +165,11 @@ fn man_page(w: &mut dyn Write) -> io::Result<()> {
         (
             "kata-trace-forwarder-hybrid.service",
             "systemd unit for a Cloud Hypervisor or Firecracker host (--socket-path-template)",
+        ),
+        (
+            "kata-trace-forwarder-host.service",
+            "systemd unit for every hypervisor and runtime on a host, from its Kata \
+             configurations (--kata-host)",
         ),
     ] {
         roff.control("TP", []);

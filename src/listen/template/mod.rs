@@ -23,6 +23,16 @@
 //! thread that touches the sandbox directories, and it reads nothing from
 //! guests. The threads that read agents and export hold no capability.
 //!
+//! However many templates a forwarder serves (several flags, or
+//! `--kata-host` adding and removing them as configurations change), they
+//! share that one thread, a [`SandboxThread`]: each template's watcher is a
+//! task on its single-threaded runtime. One thread rather than one per
+//! template because glibc and musl apply `setuid` to every thread of the
+//! process: the capability survives the switch only on the thread that
+//! made it, so a watcher thread started later by the async side would have
+//! none, and several threads each switching would race. The templates'
+//! work is a few system calls per sandbox event; one thread keeps up.
+//!
 //! The watcher is split so that its decisions can be tested without
 //! inotify, sockets or threads: [`watcher`] decides (a state machine that
 //! is fed events and asks for every effect, and every look at the disk,
@@ -70,19 +80,95 @@ pub struct TemplateListener {
     /// Listeners go back to the watcher to be dropped there, where their
     /// sockets can still be removed.
     reap_tx: Option<mpsc::UnboundedSender<HybridListener>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// The watcher's task on the sandbox thread.
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// Keeps the sandbox thread running while this template is served.
+    _thread: SandboxThread,
     shutdown: Shutdown,
 }
 
+/// The one thread that watches sandbox directories and makes and removes
+/// sockets in them, for every template; see the module's documentation.
+/// Cheap to clone; the thread ends once the last clone is gone.
+#[derive(Clone)]
+pub struct SandboxThread {
+    /// Its runtime, which the templates' watchers are spawned on.
+    handle: Handle,
+    /// Dropped with the last clone: the thread then returns.
+    _alive: Arc<mpsc::Sender<()>>,
+}
+
+impl SandboxThread {
+    /// Starts the thread. With `become_user`, the process becomes that user
+    /// first, this thread keeping CAP_DAC_OVERRIDE.
+    pub async fn start(become_user: Option<String>) -> Result<SandboxThread, ListenError> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+        std::thread::Builder::new()
+            .name("ktf-sandboxes".into())
+            .spawn(move || {
+                if let Some(user) = become_user {
+                    if let Err(e) =
+                        privileges::drop_root(&user, privileges::Keep::DacOverrideOnThisThread)
+                    {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                }
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(ListenError::StartWatcher(e.to_string())));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(rt.handle().clone()));
+                // The watchers run as tasks of this runtime, on this thread,
+                // until the last handle on the thread is dropped.
+                rt.block_on(async move { while alive_rx.recv().await.is_some() {} });
+            })
+            .map_err(|e| ListenError::StartWatcher(e.to_string()))?;
+        match ready_rx.await {
+            Ok(Ok(handle)) => Ok(SandboxThread {
+                handle,
+                _alive: Arc::new(alive_tx),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ListenError::StartWatcher(
+                "the sandbox watcher thread stopped".into(),
+            )),
+        }
+    }
+}
+
 impl TemplateListener {
-    /// Starts the watcher thread and returns once it watches (and serves the
-    /// sandboxes that already exist). With `become_user`, the process
-    /// becomes that user first, the watcher keeping CAP_DAC_OVERRIDE.
+    /// Starts a watcher thread of its own and the template's watcher on it;
+    /// returns once it watches (and serves the sandboxes that already
+    /// exist). With `become_user`, the process becomes that user first, the
+    /// watcher keeping CAP_DAC_OVERRIDE.
     pub async fn start(
         template: SocketTemplate,
         port: u32,
         max_sandboxes: usize,
         become_user: Option<String>,
+        shutdown: &Shutdown,
+    ) -> Result<TemplateListener, ListenError> {
+        let thread = SandboxThread::start(become_user).await?;
+        Self::start_on(&thread, template, port, max_sandboxes, shutdown).await
+    }
+
+    /// Starts the template's watcher on `thread`; returns once it watches
+    /// (and serves the sandboxes that already exist). Stopping `shutdown`
+    /// stops this template alone.
+    pub async fn start_on(
+        thread: &SandboxThread,
+        template: SocketTemplate,
+        port: u32,
+        max_sandboxes: usize,
         shutdown: &Shutdown,
     ) -> Result<TemplateListener, ListenError> {
         // Bounded: a slow async side makes the watcher drop a sandbox (with
@@ -96,10 +182,9 @@ impl TemplateListener {
             serve_tx,
             shutdown: shutdown.clone(),
         };
-        let thread = std::thread::Builder::new()
-            .name("ktf-sandboxes".into())
-            .spawn(move || watcher_thread(watcher, handoff, become_user, reap_rx, ready_tx))
-            .map_err(|e| ListenError::StartWatcher(e.to_string()))?;
+        let task = thread
+            .handle
+            .spawn(watch(watcher, handoff, reap_rx, ready_tx));
         match ready_rx.await {
             Ok(Ok(())) => Ok(TemplateListener {
                 template,
@@ -107,14 +192,20 @@ impl TemplateListener {
                 max_sandboxes,
                 serve_rx,
                 reap_tx: Some(reap_tx),
-                thread: Some(thread),
+                task: Some(task),
+                _thread: thread.clone(),
                 shutdown: shutdown.clone(),
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(ListenError::StartWatcher(
-                "the sandbox watcher thread stopped".into(),
+                "the sandbox watcher stopped".into(),
             )),
         }
+    }
+
+    /// The template served.
+    pub fn template(&self) -> &SocketTemplate {
+        &self.template
     }
 
     pub fn describe(&self) -> String {
@@ -173,8 +264,8 @@ impl TemplateListener {
         sandboxes.wait().await;
         // With every listener back, the watcher removes them and exits.
         self.reap_tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
         }
         tracing::info!(template = %self.template, "stopped serving sandboxes");
     }
@@ -231,45 +322,25 @@ async fn serve_sandbox(
     }
 }
 
-/// The watcher thread: gives up root (keeping CAP_DAC_OVERRIDE here
-/// only), starts watching, says whether that worked, then runs.
-fn watcher_thread(
+/// One template's watcher, a task on the sandbox thread: starts watching,
+/// says whether that worked, then runs until the template stops.
+async fn watch(
     watcher: Watcher,
     handoff: Handoff,
-    become_user: Option<String>,
     reap_rx: mpsc::UnboundedReceiver<HybridListener>,
     ready: oneshot::Sender<Result<(), ListenError>>,
 ) {
-    if let Some(user) = become_user {
-        if let Err(e) = privileges::drop_root(&user, privileges::Keep::DacOverrideOnThisThread) {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-    {
-        Ok(rt) => rt,
+    let mut driver = match Driver::open(watcher, handoff) {
+        Ok(d) => d,
         Err(e) => {
-            let _ = ready.send(Err(ListenError::StartWatcher(e.to_string())));
+            let _ = ready.send(Err(e));
             return;
         }
     };
-    rt.block_on(async move {
-        let mut driver = match Driver::open(watcher, handoff) {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                return;
-            }
-        };
-        if let Err(e) = driver.start() {
-            let _ = ready.send(Err(e));
-            return;
-        }
-        let _ = ready.send(Ok(()));
-        driver.run(reap_rx).await;
-    });
+    if let Err(e) = driver.start() {
+        let _ = ready.send(Err(e));
+        return;
+    }
+    let _ = ready.send(Ok(()));
+    driver.run(reap_rx).await;
 }

@@ -1,0 +1,805 @@
+//! `--kata-host`: reading the Kata configuration files of a host into a
+//! listen plan.
+//!
+//! A host (a kata-deploy node in particular) runs several Kata runtime
+//! classes side by side, each with its own configuration file and its own
+//! hypervisor, and each hypervisor's agent reaches the host at a different
+//! place: QEMU over AF_VSOCK, Cloud Hypervisor, Firecracker and Dragonball
+//! over hybrid VSOCK at a per-sandbox Unix socket. This module finds the
+//! files the runtimes would read, parses each one's `[hypervisor.<name>]`
+//! and `[agent.kata]` sections, and derives the listeners a forwarder needs
+//! for all of them: a [`Plan`], deduplicated, with one [`ConfigReport`] per
+//! file saying what it serves or why it was skipped. It only reads files;
+//! the listen side (`listen::kata_host`) serves the plan and re-reads it
+//! when the files change.
+//!
+//! Every path is taken under a root (`--kata-root`, `/` on a real host), both
+//! where the files are read and where the sockets are served, so that a
+//! fixture tree works unprivileged and a container can see the host's files
+//! mounted elsewhere.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::Env;
+use crate::addr::SocketTemplate;
+
+/// The environment variable both runtimes read for their configuration
+/// file. Go: `loadRuntimeConfig` in
+/// `src/runtime/pkg/containerd-shim-v2/create.go` falls back to it when
+/// neither the sandbox annotation nor containerd's `ConfigPath` names one;
+/// runtime-rs: `load_config` in `src/runtime-rs/crates/runtimes/src/manager.rs`
+/// reads it first (and accepts only shipped files).
+pub const CONF_FILE_ENV: &str = "KATA_CONF_FILE";
+
+/// The Go runtime's default files, first existing wins
+/// (`GetDefaultConfigFilePaths` in `src/runtime/pkg/katautils/config.go`:
+/// the sysconf file, then the shipped default).
+const GO_DEFAULTS: [&str; 2] = [
+    "/etc/kata-containers/configuration.toml",
+    "/usr/share/defaults/kata-containers/configuration.toml",
+];
+
+/// runtime-rs' default files, first existing wins
+/// (`DEFAULT_RUNTIME_CONFIGURATIONS` in
+/// `src/libs/kata-types/src/config/default.rs`).
+const RS_DEFAULTS: [&str; 3] = [
+    "/etc/kata-containers/runtime-rs/configuration.toml",
+    "/usr/share/defaults/kata-containers/runtime-rs/configuration.toml",
+    "/opt/kata/share/defaults/kata-containers/runtime-rs/configuration.toml",
+];
+
+/// Where kata-deploy installs one file per runtime class
+/// (`configuration-<shim>.toml`), which containerd's `ConfigPath` names.
+const DEPLOY_DIRS: [&str; 2] = [
+    "/opt/kata/share/defaults/kata-containers",
+    "/opt/kata/share/defaults/kata-containers/runtime-rs",
+];
+
+/// Most configuration files read in one plan: kata-deploy ships about 25.
+pub const MAX_CONFIG_FILES: usize = 128;
+/// Largest configuration file read (the shipped ones are 20-40 KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Most distinct listeners one plan serves.
+pub const MAX_LISTENERS: usize = 64;
+
+/// The Go runtime's VM store (`fs.RunVMStoragePath()`, `/run/vc/vm`), where
+/// Cloud Hypervisor's `clh.sock` goes (`vsockSocketPath` in
+/// `src/runtime/virtcontainers/clh.go`).
+const GO_VM_STORE: &str = "/run/vc/vm";
+/// The Go runtime's Firecracker chroot base (`setPaths` in
+/// `src/runtime/virtcontainers/fc.go`: `/run/vc/<hypervisor binary>/<id>/root`).
+const GO_FC_CHROOT: &str = "/run/vc";
+/// runtime-rs' sandboxes (`KATA_PATH`).
+const RS_SANDBOXES: &str = "/run/kata";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KataConfigError {
+    #[error("reading Kata configuration {path}: {source}")]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Kata configuration {path} is larger than {max} bytes; not read")]
+    ConfigTooLarge { path: PathBuf, max: u64 },
+    #[error("parsing Kata configuration {path}: {reason}")]
+    ParseConfig { path: PathBuf, reason: String },
+}
+
+/// Which Kata runtime reads a configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Runtime {
+    /// `containerd-shim-kata-v2` in Go (`src/runtime`).
+    Go,
+    /// runtime-rs (`src/runtime-rs`).
+    RuntimeRs,
+}
+
+/// One listener of a plan. Ordered, so that a plan reads the same every time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Target {
+    /// AF_VSOCK on the host (QEMU).
+    Vsock,
+    /// One hybrid-VSOCK socket per sandbox: the VMM's socket path template,
+    /// under the root.
+    Template { template: String },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Vsock => f.write_str("vsock"),
+            Target::Template { template } => write!(f, "template {template}"),
+        }
+    }
+}
+
+/// What became of one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Read; `serves` lists what it needs.
+    Serves,
+    /// Read, nothing to serve for it: `reason` says why.
+    Skipped,
+    /// Not readable or not TOML: `reason` says why.
+    Error,
+}
+
+/// One configuration file's line in the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfigReport {
+    /// The file as the runtime names it (without the root).
+    pub file: PathBuf,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
+    /// The `[hypervisor.<name>]` sections found.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hypervisors: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub serves: Vec<Target>,
+    /// Why something (or everything) was left out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
+}
+
+/// What `--kata-host` serves: the listeners, and how each file led there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// The prefix every path is taken under (`/` on a host).
+    pub root: PathBuf,
+    /// The guest port the agents send to (`--vsock-port`).
+    pub port: u32,
+    /// Deduplicated and ordered.
+    pub listeners: Vec<Target>,
+    pub configs: Vec<ConfigReport>,
+}
+
+impl Plan {
+    /// The configurations that could not be read or parsed.
+    pub fn errors(&self) -> impl Iterator<Item = &ConfigReport> {
+        self.configs.iter().filter(|c| c.status == Status::Error)
+    }
+
+    /// Logs one line per configuration: what it found, serves, skipped.
+    pub fn log(&self) {
+        for c in &self.configs {
+            let serves: Vec<String> = c.serves.iter().map(ToString::to_string).collect();
+            let file = c.file.display();
+            match c.status {
+                Status::Serves => tracing::info!(
+                    config = %file,
+                    runtime = ?c.runtime,
+                    hypervisors = ?c.hypervisors,
+                    serves = ?serves,
+                    skipped = ?c.skipped,
+                    "kata configuration: serving"
+                ),
+                Status::Skipped => tracing::info!(
+                    config = %file,
+                    runtime = ?c.runtime,
+                    hypervisors = ?c.hypervisors,
+                    skipped = ?c.skipped,
+                    "kata configuration: skipped"
+                ),
+                Status::Error => tracing::error!(
+                    config = %file,
+                    error = %c.skipped.join("; "),
+                    "kata configuration: unusable"
+                ),
+            }
+        }
+    }
+}
+
+/// Where the configurations are looked for: a root and what the
+/// environment names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sources {
+    pub root: PathBuf,
+    /// `KATA_CONF_FILE`, if set (a path as the runtime sees it).
+    pub env_file: Option<PathBuf>,
+}
+
+impl Sources {
+    pub fn from_env(root: PathBuf, env: &dyn Env) -> Sources {
+        // Absolute: the templates served under it must be.
+        let root = std::path::absolute(&root).unwrap_or(root);
+        Sources {
+            root,
+            env_file: env.var(CONF_FILE_ENV).map(PathBuf::from),
+        }
+    }
+
+    /// `path` (absolute, as the runtime names it) under the root.
+    pub fn under_root(&self, path: &Path) -> PathBuf {
+        under(&self.root, path)
+    }
+
+    /// The directories whose changes can change the plan (as the runtime
+    /// names them): each file's directory, and kata-deploy's.
+    pub fn watched_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        for f in GO_DEFAULTS.iter().chain(RS_DEFAULTS.iter()) {
+            if let Some(d) = Path::new(f).parent() {
+                dirs.insert(d.to_path_buf());
+            }
+        }
+        dirs.extend(DEPLOY_DIRS.iter().map(PathBuf::from));
+        if let Some(d) = self.env_file.as_deref().and_then(Path::parent) {
+            dirs.insert(d.to_path_buf());
+        }
+        dirs.into_iter().collect()
+    }
+
+    /// The files to read, in precedence order, each with what it is
+    /// shadowed by (a default file behind another one that exists is
+    /// never read by the runtime either).
+    fn candidates(&self) -> Vec<(PathBuf, Option<PathBuf>)> {
+        let mut out: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
+        if let Some(f) = &self.env_file {
+            out.push((f.clone(), None));
+        }
+        for defaults in [&GO_DEFAULTS[..], &RS_DEFAULTS[..]] {
+            let mut winner: Option<PathBuf> = None;
+            for f in defaults {
+                let f = PathBuf::from(f);
+                if !self.under_root(&f).is_file() {
+                    continue;
+                }
+                out.push((f.clone(), winner.clone()));
+                winner.get_or_insert(f);
+            }
+        }
+        for dir in DEPLOY_DIRS {
+            let Ok(entries) = std::fs::read_dir(self.under_root(Path::new(dir))) else {
+                // A missing directory is no kata-deploy here: skipped.
+                continue;
+            };
+            let mut names: Vec<String> = entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .filter(|n| n.starts_with("configuration-") && n.ends_with(".toml"))
+                .collect();
+            names.sort();
+            out.extend(names.into_iter().map(|n| (Path::new(dir).join(n), None)));
+        }
+        out
+    }
+}
+
+/// `path` under `root`, dropping its root and any `..` (a configuration
+/// must not lead out of the root).
+fn under(root: &Path, path: &Path) -> PathBuf {
+    let mut p = root.to_path_buf();
+    for c in path.components() {
+        if let Component::Normal(n) = c {
+            p.push(n);
+        }
+    }
+    p
+}
+
+/// Reads every configuration `sources` finds and derives the plan for
+/// agents sending to `port`. Never fails: a file that cannot be used is a
+/// report with [`Status::Error`] (see [`Plan::errors`]).
+pub fn plan(sources: &Sources, port: u32) -> Plan {
+    let mut configs = Vec::new();
+    let mut seen_files: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut listeners: BTreeSet<Target> = BTreeSet::new();
+    for (file, shadowed_by) in sources.candidates() {
+        if !seen_files.insert(file.clone()) {
+            continue;
+        }
+        if configs.len() >= MAX_CONFIG_FILES {
+            tracing::warn!(
+                max = MAX_CONFIG_FILES,
+                config = %file.display(),
+                "too many Kata configurations; the rest are not read"
+            );
+            break;
+        }
+        let report = match shadowed_by {
+            Some(by) => ConfigReport {
+                file: file.clone(),
+                status: Status::Skipped,
+                runtime: None,
+                hypervisors: Vec::new(),
+                serves: Vec::new(),
+                skipped: vec![format!(
+                    "shadowed by {}, which the runtime reads instead",
+                    by.display()
+                )],
+            },
+            None => match read(&sources.under_root(&file)) {
+                Ok(text) => match parse(&text) {
+                    Ok(doc) => derive(&file, &doc, &sources.root),
+                    Err(reason) => error_report(
+                        &file,
+                        KataConfigError::ParseConfig {
+                            path: file.clone(),
+                            reason,
+                        },
+                    ),
+                },
+                Err(e) => error_report(&file, e),
+            },
+        };
+        for t in &report.serves {
+            if listeners.len() >= MAX_LISTENERS && !listeners.contains(t) {
+                tracing::warn!(max = MAX_LISTENERS, listener = %t, "too many listeners; not serving this one");
+                continue;
+            }
+            listeners.insert(t.clone());
+        }
+        configs.push(report);
+    }
+    Plan {
+        root: sources.root.clone(),
+        port,
+        listeners: listeners.into_iter().collect(),
+        configs,
+    }
+}
+
+fn error_report(file: &Path, e: KataConfigError) -> ConfigReport {
+    ConfigReport {
+        file: file.to_path_buf(),
+        status: Status::Error,
+        runtime: None,
+        hypervisors: Vec::new(),
+        serves: Vec::new(),
+        skipped: vec![e.to_string()],
+    }
+}
+
+/// Reads a file, bounded (a configuration of several MiB is no Kata one).
+fn read(path: &Path) -> Result<String, KataConfigError> {
+    let err = |source| KataConfigError::ReadConfig {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(err)?;
+    let mut text = String::new();
+    f.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(err)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(KataConfigError::ConfigTooLarge {
+            path: path.to_path_buf(),
+            max: MAX_CONFIG_BYTES,
+        });
+    }
+    Ok(text)
+}
+
+/// The parts of a Kata configuration the plan reads; the rest is ignored.
+#[derive(Debug, Default, Deserialize)]
+struct KataToml {
+    #[serde(default)]
+    hypervisor: BTreeMap<String, HypervisorSection>,
+    #[serde(default)]
+    agent: BTreeMap<String, AgentSection>,
+    #[serde(default)]
+    runtime: RuntimeSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct HypervisorSection {
+    /// The VMM binary: Go's Firecracker names its chroot after it.
+    path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AgentSection {
+    /// Agent tracing; off (absent) means no span will ever come.
+    #[serde(default)]
+    enable_tracing: bool,
+}
+
+/// runtime-rs names its runtime, hypervisor and agent here; the Go
+/// runtime's `[runtime]` has none of these keys.
+#[derive(Debug, Default, Deserialize)]
+struct RuntimeSection {
+    name: Option<String>,
+    hypervisor_name: Option<String>,
+    agent_name: Option<String>,
+}
+
+fn parse(text: &str) -> Result<KataToml, String> {
+    toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
+}
+
+/// Which runtime reads `file`: runtime-rs' files live under a `runtime-rs`
+/// directory or carry its name (kata-deploy's `configuration-*-runtime-rs.toml`
+/// of older releases), name their hypervisor in `[runtime]`, or use
+/// Dragonball, which only runtime-rs has.
+fn runtime_of(file: &Path, doc: &KataToml) -> Runtime {
+    let named = file.components().any(|c| {
+        matches!(c, Component::Normal(n) if n.to_str().is_some_and(|s| s.contains("runtime-rs")))
+    });
+    let rs_keys = doc.runtime.name.is_some() || doc.runtime.hypervisor_name.is_some();
+    if named || rs_keys || doc.hypervisor.contains_key("dragonball") {
+        Runtime::RuntimeRs
+    } else {
+        Runtime::Go
+    }
+}
+
+/// What one hypervisor section needs served, or why nothing.
+fn target_of(runtime: Runtime, name: &str, section: &HypervisorSection) -> Result<Target, String> {
+    let template = |t: String| Ok(Target::Template { template: t });
+    match (runtime, name) {
+        // QEMU uses vhost-vsock in both runtimes: the host's AF_VSOCK.
+        (_, "qemu") => Ok(Target::Vsock),
+        // Go: `GetHypervisorSocketTemplate` (virtcontainers/hypervisor.go)
+        // asks the hypervisor's `GenerateSocket("{ID}")`; for Cloud
+        // Hypervisor that is `vsockSocketPath`: `<VMStorePath>/{ID}/clh.sock`.
+        (Runtime::Go, "clh") => template(format!("{GO_VM_STORE}/{{ID}}/clh.sock")),
+        // Go Firecracker: `GenerateSocket` -> `setPaths` (virtcontainers/fc.go):
+        // `<chroot base /run/vc>/<basename of the VMM path>/{ID}/root/kata.hvsock`.
+        (Runtime::Go, "firecracker") => {
+            let binary = section
+                .path
+                .as_deref()
+                .and_then(|p| Path::new(p).file_name())
+                .and_then(|n| n.to_str())
+                .filter(|n| !n.is_empty())
+                .unwrap_or("firecracker");
+            template(format!("{GO_FC_CHROOT}/{binary}/{{ID}}/root/kata.hvsock"))
+        }
+        // runtime-rs Dragonball: `hypervisor::utils::get_hvsock_path`
+        // (`<KATA_PATH>/<id>/root/kata.hvsock`).
+        (Runtime::RuntimeRs, "dragonball") => {
+            template(format!("{RS_SANDBOXES}/{{ID}}/root/kata.hvsock"))
+        }
+        // runtime-rs Firecracker: `get_vsock_path` in
+        // `crates/hypervisor/src/firecracker/utils.rs` (`<KATA_PATH>/<id>/root/kata.hvsock`).
+        (Runtime::RuntimeRs, "firecracker") => {
+            template(format!("{RS_SANDBOXES}/{{ID}}/root/kata.hvsock"))
+        }
+        // runtime-rs Cloud Hypervisor (`clh`, formerly `cloud-hypervisor`):
+        // `get_vsock_path` in `crates/hypervisor/src/ch/utils.rs`
+        // (`<KATA_PATH>/<id>/ch-vm.sock`), not `get_hvsock_path`.
+        (Runtime::RuntimeRs, "clh" | "cloud-hypervisor") => {
+            template(format!("{RS_SANDBOXES}/{{ID}}/ch-vm.sock"))
+        }
+        (Runtime::Go, "dragonball") => Err("hypervisor 'dragonball' is runtime-rs only".into()),
+        (_, "remote") => {
+            Err("hypervisor 'remote': the agent runs in a VM elsewhere, not on this host".into())
+        }
+        (_, other) => Err(format!(
+            "unknown hypervisor section [hypervisor.{other}]: not served (known: qemu, clh, \
+             cloud-hypervisor, firecracker, dragonball)"
+        )),
+    }
+}
+
+/// The report of one parsed configuration.
+fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
+    let runtime = runtime_of(file, doc);
+    let hypervisors: Vec<String> = doc.hypervisor.keys().cloned().collect();
+    let mut report = ConfigReport {
+        file: file.to_path_buf(),
+        status: Status::Skipped,
+        runtime: Some(runtime),
+        hypervisors: hypervisors.clone(),
+        serves: Vec::new(),
+        skipped: Vec::new(),
+    };
+    let agent_name = doc.runtime.agent_name.as_deref().unwrap_or("kata");
+    let tracing_on = doc.agent.get(agent_name).is_some_and(|a| a.enable_tracing);
+    if hypervisors.is_empty() {
+        report
+            .skipped
+            .push("no [hypervisor.<name>] section".to_owned());
+        return report;
+    }
+    if !tracing_on {
+        report.skipped.push(format!(
+            "agent tracing is off ([agent.{agent_name}] enable_tracing is not true): its agents send no spans"
+        ));
+        return report;
+    }
+    // runtime-rs uses the section `[runtime] hypervisor_name` names; the Go
+    // runtime has one section per file (with several, each is served).
+    let chosen: Vec<&String> = match (runtime, doc.runtime.hypervisor_name.as_ref()) {
+        (Runtime::RuntimeRs, Some(h)) if doc.hypervisor.contains_key(h) => {
+            for other in hypervisors.iter().filter(|o| *o != h) {
+                report.skipped.push(format!(
+                    "[hypervisor.{other}]: not the one [runtime] hypervisor_name names"
+                ));
+            }
+            vec![h]
+        }
+        _ => hypervisors.iter().collect(),
+    };
+    for name in chosen {
+        let section = doc.hypervisor.get(name);
+        let target = section
+            .ok_or_else(|| format!("[hypervisor.{name}] missing"))
+            .and_then(|s| target_of(runtime, name, s))
+            .and_then(|t| rooted(t, root));
+        match target {
+            Ok(t) => {
+                if !report.serves.contains(&t) {
+                    report.serves.push(t);
+                }
+            }
+            Err(reason) => report.skipped.push(reason),
+        }
+    }
+    if !report.serves.is_empty() {
+        report.status = Status::Serves;
+    }
+    report
+}
+
+/// A target's template under the root, checked as `--socket-path-template`
+/// would be.
+fn rooted(t: Target, root: &Path) -> Result<Target, String> {
+    match t {
+        Target::Vsock => Ok(Target::Vsock),
+        Target::Template { template } => {
+            let full = under(root, Path::new(&template));
+            let text = full.display().to_string();
+            text.parse::<SocketTemplate>()?;
+            Ok(Target::Template { template: text })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(file: &str, toml: &str) -> ConfigReport {
+        derive(Path::new(file), &parse(toml).unwrap(), Path::new("/"))
+    }
+
+    fn templates(r: &ConfigReport) -> Vec<String> {
+        r.serves
+            .iter()
+            .map(|t| match t {
+                Target::Vsock => "vsock".to_owned(),
+                Target::Template { template } => template.clone(),
+            })
+            .collect()
+    }
+
+    const TRACING: &str = "[agent.kata]\nenable_tracing = true\n";
+
+    #[test]
+    fn qemu_is_vsock_in_both_runtimes() {
+        let r = report(
+            "/opt/kata/share/defaults/kata-containers/configuration-qemu.toml",
+            &format!("[hypervisor.qemu]\npath = \"/opt/kata/bin/qemu-system-x86_64\"\nrootless = false\n{TRACING}"),
+        );
+        assert_eq!(
+            (r.status.clone(), r.runtime),
+            (Status::Serves, Some(Runtime::Go))
+        );
+        assert_eq!(templates(&r), ["vsock"]);
+        let r = report(
+            "/opt/kata/share/defaults/kata-containers/runtime-rs/configuration-qemu-runtime-rs.toml",
+            &format!("[hypervisor.qemu]\n{TRACING}"),
+        );
+        assert_eq!(r.runtime, Some(Runtime::RuntimeRs));
+        assert_eq!(templates(&r), ["vsock"]);
+    }
+
+    #[test]
+    fn go_clh_and_firecracker_templates() {
+        let r = report(
+            "/etc/x/configuration-clh.toml",
+            &format!("[hypervisor.clh]\n{TRACING}"),
+        );
+        assert_eq!(templates(&r), ["/run/vc/vm/{ID}/clh.sock"]);
+        let r = report(
+            "/etc/x/configuration-fc.toml",
+            &format!("[hypervisor.firecracker]\npath = \"/opt/kata/bin/firecracker\"\n{TRACING}"),
+        );
+        assert_eq!(templates(&r), ["/run/vc/firecracker/{ID}/root/kata.hvsock"]);
+        // The chroot is named after the VMM binary.
+        let r = report(
+            "/etc/x/configuration-fc.toml",
+            &format!("[hypervisor.firecracker]\npath = \"/usr/bin/fc-1.7\"\n{TRACING}"),
+        );
+        assert_eq!(templates(&r), ["/run/vc/fc-1.7/{ID}/root/kata.hvsock"]);
+    }
+
+    #[test]
+    fn runtime_rs_templates() {
+        let dir = "/opt/kata/share/defaults/kata-containers/runtime-rs";
+        for (section, want) in [
+            ("dragonball", "/run/kata/{ID}/root/kata.hvsock"),
+            ("firecracker", "/run/kata/{ID}/root/kata.hvsock"),
+            ("clh", "/run/kata/{ID}/ch-vm.sock"),
+            ("cloud-hypervisor", "/run/kata/{ID}/ch-vm.sock"),
+        ] {
+            let r = report(
+                &format!("{dir}/configuration-{section}.toml"),
+                &format!("[hypervisor.{section}]\n{TRACING}"),
+            );
+            assert_eq!(r.runtime, Some(Runtime::RuntimeRs), "{section}");
+            assert_eq!(templates(&r), [want], "{section}");
+        }
+        // Told apart by its [runtime] keys wherever the file is.
+        let r = report(
+            "/etc/kata-containers/configuration.toml",
+            &format!("[runtime]\nname = \"virt_container\"\nhypervisor_name = \"clh\"\nagent_name = \"kata\"\n[hypervisor.clh]\n[hypervisor.qemu]\n{TRACING}"),
+        );
+        assert_eq!(templates(&r), ["/run/kata/{ID}/ch-vm.sock"]);
+        assert!(
+            r.skipped[0].contains("[hypervisor.qemu]"),
+            "{:?}",
+            r.skipped
+        );
+        // Dragonball alone says runtime-rs.
+        let r = report(
+            "/etc/kata-containers/configuration.toml",
+            &format!("[hypervisor.dragonball]\n{TRACING}"),
+        );
+        assert_eq!(r.runtime, Some(Runtime::RuntimeRs));
+    }
+
+    #[test]
+    fn tracing_off_or_absent_is_skipped_with_the_reason() {
+        for agent in [
+            "",
+            "[agent.kata]\n",
+            "[agent.kata]\nenable_tracing = false\n",
+        ] {
+            let r = report("/etc/c.toml", &format!("[hypervisor.clh]\n{agent}"));
+            assert_eq!(r.status, Status::Skipped);
+            assert!(r.serves.is_empty());
+            assert!(r.skipped[0].contains("enable_tracing"), "{:?}", r.skipped);
+        }
+    }
+
+    #[test]
+    fn unknown_and_remote_hypervisors_are_skipped_clearly() {
+        let r = report("/etc/c.toml", &format!("[hypervisor.acrn]\n{TRACING}"));
+        assert_eq!(r.status, Status::Skipped);
+        assert!(r.skipped[0].contains("unknown hypervisor section [hypervisor.acrn]"));
+        let r = report("/etc/c.toml", &format!("[hypervisor.remote]\n{TRACING}"));
+        assert!(r.skipped[0].contains("elsewhere"));
+        let r = report("/etc/c.toml", TRACING);
+        assert!(r.skipped[0].contains("no [hypervisor"));
+    }
+
+    #[test]
+    fn garbage_and_wrong_types_are_errors_naming_the_file() {
+        assert!(parse("[hypervisor.qemu\npath = ").is_err());
+        assert!(parse("[agent.kata]\nenable_tracing = \"yes\"\n").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc/kata-containers");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("configuration.toml"), "not [toml").unwrap();
+        let p = plan(
+            &Sources {
+                root: dir.path().to_path_buf(),
+                env_file: None,
+            },
+            10240,
+        );
+        let errors: Vec<_> = p.errors().collect();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].skipped[0]
+                .contains("parsing Kata configuration /etc/kata-containers/configuration.toml"),
+            "{:?}",
+            errors[0]
+        );
+    }
+
+    /// Precedence, shadowing, the environment's file, kata-deploy's files,
+    /// deduplication, the root prefix, and missing directories.
+    #[test]
+    fn plan_reads_what_the_runtimes_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let write = |p: &str, text: &str| {
+            let p = under(root, Path::new(p));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        };
+        let clh = format!("[hypervisor.clh]\n{TRACING}");
+        write("/etc/kata-containers/configuration.toml", &clh);
+        write(
+            "/usr/share/defaults/kata-containers/configuration.toml",
+            &format!("[hypervisor.qemu]\n{TRACING}"),
+        );
+        write(
+            "/opt/kata/share/defaults/kata-containers/configuration-clh.toml",
+            &clh,
+        );
+        write(
+            "/opt/kata/share/defaults/kata-containers/configuration-qemu.toml",
+            &format!("[hypervisor.qemu]\n{TRACING}"),
+        );
+        write(
+            "/opt/kata/share/defaults/kata-containers/README.md",
+            "not a configuration",
+        );
+        write(
+            "/srv/mine.toml",
+            &format!("[hypervisor.firecracker]\n{TRACING}"),
+        );
+        let sources = Sources {
+            root: root.to_path_buf(),
+            env_file: Some("/srv/mine.toml".into()),
+        };
+        let p = plan(&sources, 10240);
+        let files: Vec<_> = p
+            .configs
+            .iter()
+            .map(|c| c.file.display().to_string())
+            .collect();
+        assert_eq!(
+            files,
+            [
+                "/srv/mine.toml",
+                "/etc/kata-containers/configuration.toml",
+                "/usr/share/defaults/kata-containers/configuration.toml",
+                "/opt/kata/share/defaults/kata-containers/configuration-clh.toml",
+                "/opt/kata/share/defaults/kata-containers/configuration-qemu.toml",
+            ]
+        );
+        assert_eq!(p.configs[2].status, Status::Skipped);
+        assert!(
+            p.configs[2].skipped[0].contains("shadowed by /etc/kata-containers/configuration.toml")
+        );
+        let r = root.display();
+        assert_eq!(
+            p.listeners,
+            [
+                Target::Vsock,
+                Target::Template {
+                    template: format!("{r}/run/vc/firecracker/{{ID}}/root/kata.hvsock")
+                },
+                Target::Template {
+                    template: format!("{r}/run/vc/vm/{{ID}}/clh.sock")
+                },
+            ],
+            "deduplicated, under the root"
+        );
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["listeners"][0]["kind"], "vsock");
+        assert_eq!(json["configs"][1]["runtime"], "go");
+        assert_eq!(json["configs"][1]["status"], "serves");
+
+        // Nothing there at all: an empty plan, not an error.
+        let empty = tempfile::tempdir().unwrap();
+        let p = plan(
+            &Sources {
+                root: empty.path().to_path_buf(),
+                env_file: None,
+            },
+            10240,
+        );
+        assert!(p.configs.is_empty() && p.listeners.is_empty());
+        assert_eq!(
+            under(Path::new("/r"), Path::new("/a/../b")),
+            Path::new("/r/a/b")
+        );
+    }
+
+    #[test]
+    fn oversized_files_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("big.toml");
+        std::fs::write(&f, vec![b'#'; (MAX_CONFIG_BYTES + 1) as usize]).unwrap();
+        assert!(matches!(
+            read(&f),
+            Err(KataConfigError::ConfigTooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,451 @@
+//! `--kata-host`: serving what the host's Kata configurations ask for, and
+//! following them as they change.
+//!
+//! [`crate::config::kata`] turns the configuration files into a plan (VSOCK
+//! for QEMU, a socket template per hybrid-VSOCK hypervisor and runtime).
+//! This listener serves that plan: VSOCK through the same accept loop as
+//! `--vsock`, each template through a [`TemplateListener`] on the one
+//! sandbox thread (which keeps the capability its directories need). It
+//! also watches the directories the configurations live in with inotify,
+//! and when a file is added, changed or removed (kata-deploy installing or
+//! upgrading a node), reads the plan again and starts what is new and stops
+//! what no configuration asks for any more: a stopped template's sandboxes
+//! stop, their connections drain, and their sockets are removed.
+//!
+//! A configuration that cannot be read or parsed stops the forwarder at
+//! start (it names the file; the runtimes would fail on it too, and a plan
+//! missing a runtime class is worse than no plan). Once running, the same
+//! error is logged and that file keeps what it was served for, so that a
+//! half-written file in the middle of an upgrade never stops a runtime
+//! class's tracing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsStr;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use inotify::{EventMask, EventStream, Inotify, WatchMask, Watches};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use super::connection::ConnShared;
+use super::sandbox::{self, CidResolver};
+use super::template::{SandboxThread, TemplateListener};
+use super::vsock::VsockListener;
+use super::{Accept, ConnLimit, ListenError, Listener};
+use crate::addr::SocketTemplate;
+use crate::config::kata::{self, Plan, Status, Target};
+use crate::config::KataHostConfig;
+use crate::otlp::Origin;
+use crate::shutdown::Shutdown;
+
+/// How long a burst of changes (a package writing several files) settles
+/// before the plan is read again: well inside the second within which a
+/// new configuration's sandboxes must be served.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// The inotify events that can change the plan: files written, renamed in
+/// or out, removed; directories on the way appearing or going.
+const CONFIG_MASK: WatchMask = WatchMask::CREATE
+    .union(WatchMask::CLOSE_WRITE)
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::DELETE)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::MOVE_SELF)
+    .union(WatchMask::ONLYDIR);
+
+const EVENT_BUFFER: usize = 16 << 10;
+
+/// A listener bound for a target, not yet served.
+enum Bound {
+    Vsock(VsockListener),
+    Template(TemplateListener),
+}
+
+/// A target being served.
+struct Running {
+    /// Stops this target alone.
+    stop: Shutdown,
+    task: JoinHandle<()>,
+}
+
+/// What serving a target needs, shared by every target.
+struct Ctx {
+    shared: Arc<ConnShared>,
+    origin: Arc<Origin>,
+    limit: Arc<ConnLimit>,
+    tracker: TaskTracker,
+}
+
+/// The running `--kata-host` listener.
+pub struct KataHostListener {
+    cfg: KataHostConfig,
+    thread: SandboxThread,
+    shutdown: Shutdown,
+    plan: Plan,
+    /// What each configuration file is served for: its plan's targets, or,
+    /// while it is unusable, the last ones it had.
+    effective: BTreeMap<PathBuf, Vec<Target>>,
+    /// Bound at start, served by [`serve`](Self::serve).
+    bound: Vec<(Target, Shutdown, Bound)>,
+    watch: ConfigWatch,
+}
+
+impl KataHostListener {
+    /// Reads the plan, logs it, starts watching the configurations and binds
+    /// every listener the plan names, each template's watcher on `thread`.
+    pub async fn start(
+        cfg: &KataHostConfig,
+        thread: SandboxThread,
+        shutdown: &Shutdown,
+    ) -> Result<KataHostListener, ListenError> {
+        // Watching first: a file changed while the plan is read is seen.
+        let watch = ConfigWatch::open(&cfg.sources)?;
+        let plan = kata::plan(&cfg.sources, cfg.port);
+        plan.log();
+        if let Some(bad) = plan.errors().next() {
+            return Err(ListenError::ReadKataConfig(bad.skipped.join("; ")));
+        }
+        let effective = plan
+            .configs
+            .iter()
+            .map(|c| (c.file.clone(), c.serves.clone()))
+            .collect();
+        let mut me = KataHostListener {
+            cfg: cfg.clone(),
+            thread,
+            shutdown: shutdown.clone(),
+            plan: Plan {
+                listeners: Vec::new(),
+                ..plan.clone()
+            },
+            effective,
+            bound: Vec::new(),
+            watch,
+        };
+        for target in &plan.listeners {
+            let stop = shutdown.child();
+            let bound = me.bind(target, &stop).await?;
+            tracing::info!(listener = %target, "kata-host: serving");
+            me.bound.push((target.clone(), stop, bound));
+        }
+        if plan.listeners.is_empty() {
+            tracing::warn!(
+                root = %cfg.sources.root.display(),
+                "kata-host: no Kata configuration asks for anything to serve yet; watching for one"
+            );
+        }
+        me.plan = plan;
+        Ok(me)
+    }
+
+    pub fn describe(&self) -> String {
+        let each: Vec<String> = self
+            .bound
+            .iter()
+            .map(|(_, _, b)| match b {
+                Bound::Vsock(l) => l.describe(),
+                Bound::Template(l) => l.describe(),
+            })
+            .collect();
+        format!(
+            "kata-host (configurations under {}): [{}]",
+            self.cfg.sources.root.display(),
+            each.join(", ")
+        )
+    }
+
+    async fn bind(&self, target: &Target, stop: &Shutdown) -> Result<Bound, ListenError> {
+        match target {
+            Target::Vsock => Ok(Bound::Vsock(VsockListener::bind(
+                self.cfg.cid,
+                self.cfg.port,
+            )?)),
+            Target::Template { template } => {
+                let t: SocketTemplate = template.parse().map_err(ListenError::ReadKataConfig)?;
+                let l = TemplateListener::start_on(
+                    &self.thread,
+                    t,
+                    self.cfg.port,
+                    self.cfg.max_sandboxes,
+                    stop,
+                )
+                .await?;
+                Ok(Bound::Template(l))
+            }
+        }
+    }
+
+    /// Serves the plan until shutdown begins, following the configurations;
+    /// then waits for every listener to stop.
+    pub(crate) async fn serve(
+        mut self,
+        shared: Arc<ConnShared>,
+        origin: Arc<Origin>,
+        limit: Arc<ConnLimit>,
+        tracker: TaskTracker,
+    ) {
+        let ctx = Ctx {
+            shared,
+            origin,
+            limit,
+            tracker,
+        };
+        let mut running: BTreeMap<Target, Running> = BTreeMap::new();
+        for (target, stop, bound) in std::mem::take(&mut self.bound) {
+            running.insert(target, spawn(bound, stop, &ctx));
+        }
+        let mut stopped: Vec<JoinHandle<()>> = Vec::new();
+        let mut due: Option<Instant> = None;
+        let stopping = self.shutdown.clone();
+        loop {
+            let settle = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = stopping.stopping() => break,
+                _ = settle => {
+                    due = None;
+                    self.replan(&mut running, &mut stopped, &ctx).await;
+                }
+                changed = self.watch.next() => match changed {
+                    Some(true) => {
+                        due.get_or_insert_with(|| Instant::now() + SETTLE);
+                    }
+                    Some(false) => {}
+                    None => {
+                        tracing::error!("kata-host: configuration events ended; changes are no longer followed");
+                        stopping.stopping().await;
+                        break;
+                    }
+                },
+            }
+        }
+        for (_, r) in running {
+            let _ = r.task.await;
+        }
+        for t in stopped {
+            let _ = t.await;
+        }
+    }
+
+    /// Reads the plan again, stops what is no longer asked for and starts
+    /// what is new.
+    async fn replan(
+        &mut self,
+        running: &mut BTreeMap<Target, Running>,
+        stopped: &mut Vec<JoinHandle<()>>,
+        ctx: &Ctx,
+    ) {
+        let new = kata::plan(&self.cfg.sources, self.cfg.port);
+        if new.configs != self.plan.configs {
+            new.log();
+        }
+        let mut effective = BTreeMap::new();
+        for c in &new.configs {
+            let serves = if c.status == Status::Error {
+                let kept = self.effective.get(&c.file).cloned().unwrap_or_default();
+                if !kept.is_empty() {
+                    tracing::warn!(
+                        config = %c.file.display(),
+                        "kata configuration unusable: keeping what it was served for until it is fixed"
+                    );
+                }
+                kept
+            } else {
+                c.serves.clone()
+            };
+            effective.insert(c.file.clone(), serves);
+        }
+        // Bounded as the plan is: the first distinct listeners, up to the cap.
+        let mut wanted: BTreeSet<Target> = BTreeSet::new();
+        for t in effective.values().flatten() {
+            if wanted.len() < kata::MAX_LISTENERS || wanted.contains(t) {
+                wanted.insert(t.clone());
+            }
+        }
+        let gone: Vec<Target> = running
+            .keys()
+            .filter(|t| !wanted.contains(*t))
+            .cloned()
+            .collect();
+        for target in gone {
+            if let Some(r) = running.remove(&target) {
+                tracing::info!(listener = %target, "kata-host: no longer serving (no configuration asks for it)");
+                r.stop.stop();
+                stopped.push(r.task);
+            }
+        }
+        stopped.retain(|t| !t.is_finished());
+        for target in wanted {
+            if running.contains_key(&target) {
+                continue;
+            }
+            let stop = self.shutdown.child();
+            match self.bind(&target, &stop).await {
+                Ok(bound) => {
+                    tracing::info!(listener = %target, "kata-host: serving");
+                    running.insert(target, spawn(bound, stop, ctx));
+                }
+                Err(e) => {
+                    tracing::error!(listener = %target, error = %e, "kata-host: cannot serve");
+                }
+            }
+        }
+        self.plan = new;
+        self.effective = effective;
+    }
+}
+
+/// Serves one bound target in a task of its own until `stop`.
+fn spawn(bound: Bound, stop: Shutdown, ctx: &Ctx) -> Running {
+    let (shared, origin, limit, tracker) = (
+        Arc::clone(&ctx.shared),
+        Arc::clone(&ctx.origin),
+        Arc::clone(&ctx.limit),
+        ctx.tracker.clone(),
+    );
+    let task = match bound {
+        Bound::Template(t) => tokio::spawn(t.serve(shared, origin, limit, tracker)),
+        Bound::Vsock(l) => {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                // QEMU: a guest's CID says which sandbox it is, through /proc.
+                let accept = Accept {
+                    shared: &shared,
+                    limit: &limit,
+                    origin: &origin,
+                    resolver: Some(Arc::new(CidResolver::new(sandbox::PROC_ROOT))),
+                    tracker: &tracker,
+                    // Each guest CID is a sandbox of its own.
+                    tenant: None,
+                };
+                let listener = Listener::Vsock(l);
+                accept.run(&listener, &stop).await;
+                tracing::info!(listener = %listener.describe(), "stopped accepting connections");
+            })
+        }
+    };
+    Running { stop, task }
+}
+
+/// inotify on the directories the configurations live in (under the root),
+/// or, for one that does not exist yet, on its nearest existing ancestor.
+struct ConfigWatch {
+    events: EventStream<Vec<u8>>,
+    watches: Watches,
+    /// The directories that matter, under the root.
+    wanted: Vec<PathBuf>,
+    /// What each watch is on.
+    dirs: HashMap<i32, PathBuf>,
+}
+
+impl ConfigWatch {
+    fn open(sources: &kata::Sources) -> Result<ConfigWatch, ListenError> {
+        let err = |source| ListenError::WatchKataConfigs {
+            dir: sources.root.clone(),
+            source,
+        };
+        let events = Inotify::init()
+            .and_then(|i| i.into_event_stream(vec![0u8; EVENT_BUFFER]))
+            .map_err(err)?;
+        let wanted = sources
+            .watched_dirs()
+            .iter()
+            .map(|d| sources.under_root(d))
+            .collect();
+        let mut me = ConfigWatch {
+            watches: events.watches(),
+            events,
+            wanted,
+            dirs: HashMap::new(),
+        };
+        me.rewatch().map_err(err)?;
+        Ok(me)
+    }
+
+    /// Watches each wanted directory, or its nearest existing ancestor.
+    fn rewatch(&mut self) -> io::Result<()> {
+        self.dirs.clear();
+        let mut first_error = None;
+        for want in &self.wanted {
+            let Some(dir) = want.ancestors().find(|d| d.is_dir()) else {
+                continue;
+            };
+            match self.watches.add(dir, CONFIG_MASK) {
+                Ok(wd) => {
+                    self.dirs
+                        .insert(wd.get_watch_descriptor_id(), dir.to_path_buf());
+                }
+                // Gone between the look and the watch: the next event
+                // (its parent's) looks again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) if self.dirs.is_empty() => Err(e),
+            Some(e) => {
+                tracing::warn!(error = %e, "kata-host: cannot watch some configuration directories");
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The next event: whether it can change the plan. `None` once the
+    /// events end.
+    async fn next(&mut self) -> Option<bool> {
+        let ev = match self.events.next().await? {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::error!(error = %e, "kata-host: reading configuration events");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return Some(false);
+            }
+        };
+        if ev.mask.contains(EventMask::Q_OVERFLOW) {
+            let _ = self.rewatch();
+            return Some(true);
+        }
+        let dir = self.dirs.get(&ev.wd.get_watch_descriptor_id()).cloned();
+        let structural = ev
+            .mask
+            .intersects(EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF)
+            || (ev.mask.contains(EventMask::ISDIR));
+        let relevant = match (&dir, ev.name.as_deref()) {
+            (Some(dir), Some(name)) => self.matters(dir, name),
+            // The watched directory itself changed.
+            (Some(_), None) => true,
+            // A watch already replaced.
+            (None, _) => false,
+        };
+        if structural && (relevant || dir.is_none()) {
+            if let Err(e) = self.rewatch() {
+                tracing::warn!(error = %e, "kata-host: cannot watch the configuration directories");
+            }
+        }
+        Some(relevant)
+    }
+
+    /// Whether `name` in `dir` is on the way to a wanted directory, or a
+    /// configuration file in one.
+    fn matters(&self, dir: &Path, name: &OsStr) -> bool {
+        let path = dir.join(name);
+        self.wanted.iter().any(|w| {
+            w.starts_with(&path)
+                || (w == dir && name.to_str().is_some_and(|n| n.ends_with(".toml")))
+        })
+    }
+}
