@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Forwarder, Receiver, BIN};
-use kata_agent_emitter::{frame, scenario, Scenario, ScenarioOptions};
+use kata_agent_emitter::{scenario, Scenario, ScenarioOptions};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use tokio::io::AsyncWriteExt;
@@ -124,31 +124,13 @@ async fn wait_until(what: &str, fwd: &Forwarder, mut cond: impl FnMut() -> bool)
     }
 }
 
-/// A JSON scenario whose agent does not name its sandbox, so that the id
-/// on the spans is the forwarder's (edited as text: a JSON round trip would
-/// lose the 128-bit trace ids).
+/// A JSON scenario of a real agent, which does not name its sandbox: the
+/// id on the spans is the forwarder's.
 fn untagged(seq: u64) -> Scenario {
-    let mut sc = scenario(&ScenarioOptions {
+    scenario(&ScenarioOptions {
         seq,
         ..Default::default()
-    });
-    let key = format!(r#""{SANDBOX_ID}":{{"String":""#);
-    for f in &mut sc.frames {
-        let mut text = String::from_utf8(f[8..].to_vec()).unwrap();
-        let start = text.find(&key).unwrap();
-        let end = start + text[start + key.len()..].find("\"}").unwrap() + key.len() + 2;
-        let (start, end) = if text[end..].starts_with(',') {
-            (start, end + 1)
-        } else {
-            (start - 1, end)
-        };
-        text.replace_range(start..end, "");
-        *f = frame(text.as_bytes());
-    }
-    for e in &mut sc.expected {
-        e.resource.retain(|(k, _)| k != SANDBOX_ID);
-    }
-    sc
+    })
 }
 
 fn sandbox_attr(resource: &Resource) -> Option<String> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{connect_agent, free_port, metric, wait_metric, Forwarder, Receiver};
 use kata_agent_emitter::{bulk_frames, scenario, ScenarioOptions, WireFormat};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 fn metrics_args(port: u16) -> Vec<String> {
     vec!["--metrics-address".into(), format!("127.0.0.1:{port}")]

@@ -304,9 +304,12 @@ fn sandbox_limits_lifted(bin: &Path) -> Result<Vec<String>> {
     if !String::from_utf8_lossy(&help.stdout).contains("--sandbox-max-connections") {
         return Ok(Vec::new());
     }
-    Ok(["--sandbox-max-connections=1024", "--sandbox-spans-per-second=4000000000"]
-        .map(String::from)
-        .to_vec())
+    Ok([
+        "--sandbox-max-connections=1024",
+        "--sandbox-spans-per-second=4000000000",
+    ]
+    .map(String::from)
+    .to_vec())
 }
 
 /// Where a max-rate run sends: a sink, its endpoint, the forwarder flags

@@ -228,7 +228,7 @@ mod tests {
     fn units_get_the_bindir() {
         let dir = std::env::temp_dir().join(format!("xtask-units-{}", std::process::id()));
         let written = units("/opt/ktf/bin", &dir).unwrap();
-        assert_eq!(written.len(), 2, "{written:?}");
+        assert_eq!(written.len(), 3, "{written:?}");
         for p in &written {
             let text = fs::read_to_string(p).unwrap();
             assert!(text.contains("ExecStart=/opt/ktf/bin/kata-trace-forwarder"));
