@@ -17,7 +17,6 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 
 const SANDBOX_ID: &str = "kata.sandbox.id";
 const CLAIMED_SANDBOX_ID: &str = "kata.guest.claimed.sandbox.id";
