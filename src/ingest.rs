@@ -91,6 +91,30 @@ impl ReadBuffer {
         }
     }
 
+    /// Reads once from a non-blocking `src` (a parked connection) into the
+    /// room [`prepare`](Self::prepare) made, sizing the next read as
+    /// [`filled`](Self::filled) does. Whether it filled the room, too.
+    pub fn read_from(&mut self, src: &mut impl std::io::Read) -> std::io::Result<(usize, bool)> {
+        let len = self.buf.len();
+        // Only the room one read may take is zeroed (safe code cannot read
+        // into uninitialised memory): a paced agent's reads are small.
+        let room = self.read_size.min(self.spare).max(1);
+        self.buf.resize(len + room, 0);
+        let read = src.read(self.buf.get_mut(len..).unwrap_or_default());
+        let n = *read.as_ref().unwrap_or(&0);
+        self.buf.truncate(len + n);
+        let full = n >= room;
+        if read.is_ok() {
+            self.filled(if full { self.spare } else { n });
+        }
+        read.map(|n| (n, full))
+    }
+
+    /// The room the last [`prepare`](Self::prepare) made.
+    pub fn spare(&self) -> usize {
+        self.spare
+    }
+
     /// Whether the agent has gone quiet (reads are back to the minimum).
     pub fn is_quiet(&self) -> bool {
         self.read_size == READ_MIN

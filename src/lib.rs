@@ -167,6 +167,7 @@ pub async fn serve(
         tenants,
         max_frame_size: config.ingest.max_frame_size,
         drain_idle: DRAIN_IDLE,
+        pacing: listen::pacing::Pacing::for_batch_timeout(config.export.batch.timeout),
     });
     let origin = Arc::new(otlp::Origin {
         service_name: config.ingest.service_name.clone(),

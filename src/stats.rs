@@ -303,6 +303,8 @@ macro_rules! metrics {
 metrics! {
     /// Agent connections currently open.
     gauge connections_open;
+    /// Open agent connections whose slow agent is read at the shared tick rather than on every write.
+    gauge connections_paced;
     /// Agent connections accepted since start.
     counter connections_total;
     /// Connections closed at once because `--max-connections` were open.

@@ -335,6 +335,10 @@ impl Tenant {
     /// queue (see [`try_hold`](Self::try_hold)), and holds them. Whether it
     /// had to wait.
     pub(crate) async fn hold(&self, spans: usize, bytes: usize, bounds: QueueBounds) -> bool {
+        // The common case, without registering for a wake-up.
+        if self.try_hold(spans, bytes, bounds) {
+            return false;
+        }
         let mut waited = false;
         loop {
             let released = self.released.notified();

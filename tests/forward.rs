@@ -189,3 +189,57 @@ async fn dump_only_prints_otlp_json_lines() {
         );
     }
 }
+
+/// An agent that writes a span every 10 ms is paced: read at the shared
+/// tick, off the reactor (the `connections_paced` gauge shows it), yet
+/// every span arrives exact, none waits for its batch much longer than
+/// `--batch-timeout` (what a tick reads counts from the tick before), and
+/// what it wrote just before SIGTERM is drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_agent_is_paced_without_waiting_longer() {
+    let rx = Receiver::start().await;
+    let port = common::free_port();
+    let mut args = rx.args("grpc");
+    args.extend(["--metrics-address".to_string(), format!("127.0.0.1:{port}")]);
+    // --batch-timeout 50ms (the test default): ticks of 12.5 ms.
+    let mut fwd = Forwarder::hybrid(&args).await;
+    let frames = kata_agent_emitter::bulk_frames(WireFormat::Json, 150, 400, 5);
+    let mut agent = connect_agent(&fwd.agent_socket).await;
+    let mut written = Vec::new();
+    let mut paced = 0;
+    let start = std::time::Instant::now();
+    for (i, f) in frames.iter().enumerate() {
+        let at = start + Duration::from_millis(10 * i as u64);
+        tokio::time::sleep_until(at.into()).await;
+        agent.write_all(f).await.unwrap();
+        written.push(std::time::Instant::now());
+        if i == 100 {
+            paced = common::metric(port, "kata_trace_forwarder_connections_paced").await;
+        }
+    }
+    // The last spans go out with the drain.
+    assert!(fwd.terminate().await.success(), "{}", fwd.stderr());
+    assert_eq!(paced, 1, "the agent was paced");
+    let got = rx
+        .store
+        .wait_for(frames.len(), Duration::from_secs(10))
+        .await;
+    assert_eq!(got.len(), frames.len(), "every span, once");
+    let arrived = rx.store.arrived.lock().unwrap().clone();
+    let mut worst = Duration::ZERO;
+    for ((_, span), at) in got.iter().zip(&arrived) {
+        let Some(opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(i)) = span
+            .attributes
+            .iter()
+            .find(|kv| kv.key == "kata.span_index")
+            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+        else {
+            panic!("span without its index");
+        };
+        worst = worst.max(at.saturating_duration_since(written[*i as usize]));
+    }
+    eprintln!("paced agent: longest wait from write to collector {worst:?}");
+    // 50 ms in the batcher at most, plus the time to send (a debug build,
+    // a busy machine).
+    assert!(worst < Duration::from_millis(250), "{worst:?}");
+}

@@ -368,16 +368,28 @@ pub(crate) async fn run_batcher(
             break;
         }
         let mut spans = spans_in(&buf);
-        let flush_at = Instant::now() + cfg.timeout;
+        // From the oldest span's arrival, which a paced read may have
+        // brought in a little after the fact.
+        let oldest = |q: &[Queued]| q.iter().map(|q| q.since).min();
+        let mut flush_at = oldest(&buf).unwrap_or_else(Instant::now) + cfg.timeout;
+        let deadline = tokio::time::sleep_until(flush_at);
+        tokio::pin!(deadline);
         let mut closed = false;
         while spans < cfg.max_spans {
             let want = cfg.max_spans - spans;
             let before = buf.len();
             tokio::select! {
                 n = rx.recv_many(&mut buf, want) => if n == 0 { closed = true; break },
-                _ = tokio::time::sleep_until(flush_at) => break,
+                _ = &mut deadline => break,
             }
-            spans += spans_in(buf.get(before..).unwrap_or_default());
+            let new = buf.get(before..).unwrap_or_default();
+            spans += spans_in(new);
+            if let Some(at) = oldest(new).map(|t| t + cfg.timeout) {
+                if at < flush_at {
+                    flush_at = at;
+                    deadline.as_mut().reset(at);
+                }
+            }
         }
         if spans > cfg.max_spans {
             carry = split_batch(&mut buf, cfg.max_spans);

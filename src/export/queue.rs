@@ -23,6 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::events::{emit, Throttled};
 use crate::otlp::SpanRecord;
@@ -72,6 +73,9 @@ pub(crate) struct Queued {
     pub record: SpanRecord,
     pub permit: OwnedSemaphorePermit,
     pub share: Share,
+    /// The earliest these spans may have reached the forwarder's socket:
+    /// the batch timeout counts from here (see `crate::listen::pacing`).
+    pub since: Instant,
 }
 
 impl Queued {
@@ -88,6 +92,7 @@ impl Queued {
             record: self.record.split_to(n),
             permit,
             share: self.share.split(n, count),
+            since: self.since,
         })
     }
 }
@@ -231,13 +236,15 @@ pub(crate) fn bounded(
 }
 
 impl QueueSender {
-    /// Queues a record of `tenant`'s costing `cost` bytes, waiting for room:
+    /// Queues a record of `tenant`'s costing `cost` bytes, read from a
+    /// socket its spans reached no earlier than `since`, waiting for room:
     /// first within the sandbox's share, then in the queue.
     pub(crate) async fn send(
         &self,
         record: SpanRecord,
         cost: usize,
         tenant: &Arc<Tenant>,
+        since: Instant,
     ) -> Result<(), Closed> {
         let spans = record.count as u64;
         let bounds = QueueBounds {
@@ -278,6 +285,7 @@ impl QueueSender {
                 record,
                 permit,
                 share,
+                since,
             })
             .await
             .map_err(|_| Closed)?;
@@ -355,10 +363,14 @@ mod tests {
         let quiet = tenants.get(TenantKey::Sandbox("quiet".into())).unwrap();
         let (tx, mut rx) = bounded(100_000, 1 << 30, Arc::clone(&stats));
         for _ in 0..20 {
-            tx.send(record(256), 1000, &flood).await.unwrap();
+            tx.send(record(256), 1000, &flood, Instant::now())
+                .await
+                .unwrap();
         }
         for _ in 0..10 {
-            tx.send(record(1), 10, &quiet).await.unwrap();
+            tx.send(record(1), 10, &quiet, Instant::now())
+                .await
+                .unwrap();
         }
         let mut batch = Vec::new();
         rx.recv_many(&mut batch, 512).await;

@@ -11,6 +11,10 @@
 //! been quiet for [`ConnShared::drain_idle`] or the shutdown deadline
 //! passes, so that what the agent already wrote is not lost.
 //!
+//! A connection whose agent writes little and often is paced
+//! ([`super::pacing`]): read at a shared tick, off the reactor, rather than
+//! woken for every span.
+//!
 //! Each connection belongs to a sandbox ([`crate::tenant`]): what it read
 //! is always queued, and then, if the sandbox is over its span rate, the
 //! connection waits before reading again. A read that filled the buffer
@@ -20,7 +24,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use crate::addr::Peer;
@@ -33,6 +37,8 @@ use crate::stats::Stats;
 use crate::tenant::{LimitReason, Tenant, TenantConn, TenantKey, Tenants};
 use crate::wire::FrameError;
 
+use super::pacing::{Pacing, Park, Quiet, Rate};
+
 /// What every connection task shares.
 pub(crate) struct ConnShared {
     pub queue: QueueSender,
@@ -43,6 +49,34 @@ pub(crate) struct ConnShared {
     /// After shutdown starts, a connection keeps reading until it has been
     /// quiet this long.
     pub drain_idle: Duration,
+    /// The clock slow agents are read on; `None`: every read on arrival.
+    pub pacing: Option<Pacing>,
+}
+
+/// A connection's stream: on the reactor, or parked and read at ticks.
+enum Reader<S> {
+    Live(S),
+    Parked(std::fs::File, Quiet),
+}
+
+impl<S: Park> Reader<S> {
+    fn park(self) -> std::io::Result<Self> {
+        match self {
+            Reader::Live(s) => Ok(Reader::Parked(s.park()?, Quiet::default())),
+            parked => Ok(parked),
+        }
+    }
+
+    fn unpark(self) -> std::io::Result<Self> {
+        match self {
+            Reader::Parked(f, _) => Ok(Reader::Live(S::unpark(f)?)),
+            live => Ok(live),
+        }
+    }
+
+    fn is_parked(&self) -> bool {
+        matches!(self, Reader::Parked(..))
+    }
 }
 
 impl ConnShared {
@@ -62,14 +96,14 @@ impl ConnShared {
 /// its sandbox's connections. `shutdown` is the forwarder's, or its
 /// sandbox's.
 pub(crate) async fn serve<S>(
-    mut stream: S,
+    stream: S,
     peer: Peer,
     shared: &ConnShared,
     origin: Arc<Origin>,
     conn: TenantConn,
     shutdown: &Shutdown,
 ) where
-    S: AsyncRead + Unpin,
+    S: Park,
 {
     let stats = &*shared.stats;
     let tenant = conn.tenant();
@@ -80,6 +114,16 @@ pub(crate) async fn serve<S>(
     let mut input = ReadBuffer::default();
     let mut ready: Vec<Ingested> = Vec::new();
     let mut draining = shutdown.is_stopping();
+    let mut reader = Some(Reader::Live(stream));
+    let mut rate = Rate::new(Instant::now());
+    // When the last read happened: what a paced read brings may have
+    // arrived any time after it.
+    let mut last_read = Instant::now();
+    let mut since = last_read;
+    // The last read filled its room: more is waiting, read on at once.
+    let mut more = false;
+    // A parked agent went quiet: back on the reactor.
+    let mut wake = false;
 
     let end: Result<(), FrameError> = 'conn: loop {
         let split = ingest.frames(input.bytes(), stats, &mut ready);
@@ -87,7 +131,12 @@ pub(crate) async fn serve<S>(
         for Ingested { record, cost } in ready.drain(..) {
             spans += record.count;
             tenant.received.add(record.count as u64);
-            if shared.queue.send(record, cost, tenant).await.is_err() {
+            if shared
+                .queue
+                .send(record, cost, tenant, since)
+                .await
+                .is_err()
+            {
                 // The exporter is gone: the process is going down.
                 break 'conn Ok(());
             }
@@ -97,8 +146,9 @@ pub(crate) async fn serve<S>(
         }
         if input.is_quiet() {
             ingest.shrink();
-        } else {
+        } else if !reader.as_ref().is_some_and(Reader::is_parked) {
             // More is probably ready: let the other connections read first.
+            // (A parked connection reads once a tick: no need.)
             tokio::task::yield_now().await;
         }
         let over = tenant.take_tokens(spans, Instant::now());
@@ -119,27 +169,94 @@ pub(crate) async fn serve<S>(
             }
         }
 
-        let buf = input.prepare();
-        let read = if draining {
-            let idle_at = Instant::now() + shared.drain_idle;
-            let until = shutdown.deadline().map_or(idle_at, |d| d.min(idle_at));
-            match tokio::time::timeout_at(until, stream.read_buf(buf)).await {
-                Ok(r) => r,
-                Err(_) => break Ok(()),
+        // On the reactor or off it: a slow agent is paced; one that speeds
+        // up, goes quiet, or is being drained is read on arrival.
+        let parked = reader.as_ref().is_some_and(Reader::is_parked);
+        // A live read that filled its room is a busy agent: not paced yet.
+        let busy = more && !parked;
+        let pace = shared
+            .pacing
+            .filter(|_| !draining && !wake && !busy && rate.is_slow());
+        let moved = match (reader.take(), parked, pace.is_some()) {
+            (Some(r), false, true) => r.park().inspect(|_| stats.connections_paced.add(1)),
+            (Some(r), true, false) => {
+                stats.connections_paced.sub(1);
+                r.unpark()
             }
-        } else {
-            tokio::select! {
-                r = stream.read_buf(buf) => r,
-                _ = shutdown.stopping() => { draining = true; continue; }
+            (Some(r), _, _) => Ok(r),
+            (None, _, _) => break Ok(()),
+        };
+        let current = match moved {
+            Ok(r) => reader.insert(r),
+            Err(e) => break Err(FrameError::Read(e)),
+        };
+
+        let buf = input.prepare();
+        let read = match current {
+            Reader::Live(stream) if draining => {
+                let idle_at = Instant::now() + shared.drain_idle;
+                let until = shutdown.deadline().map_or(idle_at, |d| d.min(idle_at));
+                let read = tokio::time::timeout_at(until, stream.read_buf(buf)).await;
+                match read {
+                    Ok(r) => r.map(|n| (n, n >= input.spare())),
+                    Err(_) => break Ok(()),
+                }
+            }
+            Reader::Live(stream) => {
+                let read = tokio::select! {
+                    r = stream.read_buf(buf) => r,
+                    _ = shutdown.stopping() => { draining = true; continue; }
+                };
+                last_read = Instant::now();
+                since = last_read;
+                read.map(|n| (n, n >= input.spare()))
+            }
+            Reader::Parked(file, quiet) => {
+                let Some(pacing) = pace else { continue };
+                if !more {
+                    let tick = pacing.next_tick(Instant::now());
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(tick) => {}
+                        _ = shutdown.stopping() => { draining = true; continue; }
+                    }
+                    // Arrived since the last read; what did not fit that
+                    // read keeps the time it had.
+                    since = last_read;
+                }
+                last_read = Instant::now();
+                match input.read_from(file) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        more = false;
+                        rate.add(0, last_read);
+                        // Quiet for a while: back on the reactor, where
+                        // quiet costs nothing.
+                        wake = quiet.empty();
+                        continue;
+                    }
+                    r => {
+                        quiet.reset();
+                        r
+                    }
+                }
             }
         };
         match read {
-            Ok(0) => break ingest.eof(input.bytes()),
-            Ok(n) => input.filled(n),
+            Ok((0, _)) => break ingest.eof(input.bytes()),
+            Ok((n, filled)) => {
+                more = filled;
+                wake = false;
+                rate.add(n, last_read);
+                if !matches!(reader, Some(Reader::Parked(..))) {
+                    input.filled(n);
+                }
+            }
             Err(e) => break Err(FrameError::Read(e)),
         }
     };
 
+    if reader.as_ref().is_some_and(Reader::is_parked) {
+        stats.connections_paced.sub(1);
+    }
     emit!(
         stats,
         AgentDisconnected {

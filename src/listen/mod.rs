@@ -26,6 +26,7 @@
 pub(crate) mod connection;
 pub mod hybrid;
 pub mod kata_host;
+pub(crate) mod pacing;
 pub mod privileges;
 pub(crate) mod sandbox;
 pub mod template;

@@ -1,0 +1,210 @@
+//! Paced reading: an agent that writes little and often stops costing a
+//! wake-up per span.
+//!
+//! The Kata agent writes each span as it ends, one frame per write. Read the
+//! moment it arrives, every span costs the forwarder a wake-up from epoll, a
+//! task poll, a `read` and a trip through the queue; at 10,000 spans/s
+//! across 100 agents that was about a tenth of a core, nearly all of it
+//! wake-ups. A connection whose agent sends slowly is therefore *parked*:
+//! taken off the reactor (so that its agent's writes wake nothing), and read
+//! without blocking at the next tick of a clock shared by every connection,
+//! so that one thread wake-up reads every parked connection, each read
+//! bringing several spans. A tick that fills the read buffer (the agent
+//! speeds up) or a run of empty ticks (the agent went quiet: epoll costs
+//! nothing while nothing is sent) puts the connection back on the reactor;
+//! so does shutdown, for the drain.
+//!
+//! The tick is a quarter of the batch timeout (50 ms at most), and what a
+//! tick reads is marked as possibly having arrived just after the tick
+//! before, so that the batcher's deadline still holds for it: pacing never
+//! makes a span wait longer than `--batch-timeout` for its batch.
+//!
+//! Only the steps that differ per transport are here ([`Park`]); reading,
+//! framing and everything after is the connection's common code.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use tokio::io::AsyncRead;
+use tokio::time::Instant;
+
+/// Longest tick.
+const MAX_TICK: Duration = Duration::from_millis(50);
+/// Shorter ticks than this are not worth a timer: no pacing.
+const MIN_TICK: Duration = Duration::from_millis(5);
+/// Below this many bytes a second an agent is paced. Far under what a
+/// socket buffer holds per tick, so a paced agent never blocks on a full
+/// buffer.
+const PACE_BELOW: u64 = 1 << 20;
+/// How long the rate is measured over before a connection may be parked.
+const RATE_WINDOW: Duration = Duration::from_millis(100);
+/// Empty ticks in a row after which a parked connection goes back to epoll.
+const EMPTY_TICKS: u32 = 4;
+
+/// The clock every parked connection reads on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pacing {
+    epoch: Instant,
+    tick: Duration,
+}
+
+impl Pacing {
+    /// The clock for `batch_timeout`; `None` when batches are sent too soon
+    /// for pacing to pay.
+    pub(crate) fn for_batch_timeout(batch_timeout: Duration) -> Option<Pacing> {
+        let tick = (batch_timeout / 4).min(MAX_TICK);
+        (tick >= MIN_TICK).then(|| Pacing {
+            epoch: Instant::now(),
+            tick,
+        })
+    }
+
+    /// The first tick after `now`: the same instant for every connection,
+    /// so one timer wake-up serves them all.
+    pub(crate) fn next_tick(&self, now: Instant) -> Instant {
+        let tick = self.tick.as_nanos().max(1);
+        let since = now.saturating_duration_since(self.epoch).as_nanos();
+        let n = since / tick + 1;
+        let at = u64::try_from(n.saturating_mul(tick)).unwrap_or(u64::MAX);
+        self.epoch + Duration::from_nanos(at)
+    }
+}
+
+/// How fast an agent has been sending, over the last whole window.
+#[derive(Debug)]
+pub(crate) struct Rate {
+    start: Instant,
+    bytes: u64,
+    /// Bytes a second over the last whole window; `None` before one.
+    last: Option<u64>,
+}
+
+impl Rate {
+    pub(crate) fn new(now: Instant) -> Rate {
+        Rate {
+            start: now,
+            bytes: 0,
+            last: None,
+        }
+    }
+
+    pub(crate) fn add(&mut self, n: usize, now: Instant) {
+        self.bytes += n as u64;
+        let elapsed = now.saturating_duration_since(self.start);
+        if elapsed >= RATE_WINDOW {
+            let per_sec = self.bytes as u128 * 1_000_000 / elapsed.as_micros().max(1);
+            self.last = Some(u64::try_from(per_sec).unwrap_or(u64::MAX));
+            self.start = now;
+            self.bytes = 0;
+        }
+    }
+
+    /// Slow enough to be paced.
+    pub(crate) fn is_slow(&self) -> bool {
+        self.last.is_some_and(|r| r < PACE_BELOW)
+    }
+}
+
+/// A parked connection's empty ticks: enough in a row, and it goes back to
+/// the reactor.
+#[derive(Debug, Default)]
+pub(crate) struct Quiet(u32);
+
+impl Quiet {
+    /// Counts an empty tick; whether the agent has gone quiet.
+    pub(crate) fn empty(&mut self) -> bool {
+        self.0 += 1;
+        self.0 >= EMPTY_TICKS
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.0 = 0;
+    }
+}
+
+/// A stream that can leave the reactor and come back: the one step of
+/// pacing that depends on the transport.
+pub(crate) trait Park: AsyncRead + Unpin + Sized {
+    /// Off the reactor, still non-blocking.
+    fn park(self) -> io::Result<File>;
+    /// Back on the reactor.
+    fn unpark(file: File) -> io::Result<Self>;
+}
+
+impl Park for tokio::net::UnixStream {
+    fn park(self) -> io::Result<File> {
+        Ok(File::from(OwnedFd::from(self.into_std()?)))
+    }
+
+    fn unpark(file: File) -> io::Result<Self> {
+        let std = std::os::unix::net::UnixStream::from(OwnedFd::from(file));
+        tokio::net::UnixStream::from_std(std)
+    }
+}
+
+impl Park for tokio_vsock::VsockStream {
+    fn park(self) -> io::Result<File> {
+        // Deregisters from the reactor; the socket stays non-blocking.
+        Ok(File::from(OwnedFd::from(self)))
+    }
+
+    fn unpark(file: File) -> io::Result<Self> {
+        tokio_vsock::VsockStream::new(vsock::VsockStream::from(OwnedFd::from(file)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_shared_and_a_quarter_of_the_batch_timeout() {
+        let p = Pacing::for_batch_timeout(Duration::from_millis(200)).unwrap();
+        assert_eq!(p.tick, Duration::from_millis(50));
+        let a = p.next_tick(p.epoch + Duration::from_millis(1));
+        let b = p.next_tick(p.epoch + Duration::from_millis(49));
+        assert_eq!(a, b, "one instant for all");
+        assert_eq!(a, p.epoch + Duration::from_millis(50));
+        assert_eq!(
+            p.next_tick(a),
+            p.epoch + Duration::from_millis(100),
+            "strictly after"
+        );
+        let short = Pacing::for_batch_timeout(Duration::from_millis(40)).unwrap();
+        assert_eq!(short.tick, Duration::from_millis(10));
+        assert!(Pacing::for_batch_timeout(Duration::from_millis(10)).is_none());
+    }
+
+    #[test]
+    fn only_a_slow_agent_is_paced() {
+        let t0 = Instant::now();
+        let mut r = Rate::new(t0);
+        r.add(100, t0);
+        assert!(!r.is_slow(), "not before a whole window");
+        // 30 KB/s: an agent at 100 spans/s.
+        r.add(3_000, t0 + Duration::from_millis(100));
+        assert!(r.is_slow());
+        // 10 MB/s.
+        r.add(1_000_000, t0 + Duration::from_millis(200));
+        assert!(!r.is_slow());
+    }
+
+    #[tokio::test]
+    async fn a_parked_unix_stream_reads_without_the_reactor_and_comes_back() {
+        use std::io::Read;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let mut file = a.park().unwrap();
+        let mut buf = [0u8; 8];
+        let e = file.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "still non-blocking");
+        b.write_all(b"span").await.unwrap();
+        assert_eq!(file.read(&mut buf).unwrap(), 4);
+        let mut a = tokio::net::UnixStream::unpark(file).unwrap();
+        b.write_all(b"more").await.unwrap();
+        assert_eq!(a.read(&mut buf).await.unwrap(), 4);
+        assert_eq!(&buf[..4], b"more");
+    }
+}
