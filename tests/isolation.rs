@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_span_eq, connect_when_listening, exit_summary, find, free_port, metric, Forwarder,
-    Receiver,
+    assert_span_eq, connect_when_listening, exit_summary, find, free_port, metric, string_attr,
+    Forwarder, Receiver,
 };
 use kata_agent_emitter::{bulk_frames, scenario, ScenarioOptions, WireFormat};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
@@ -26,13 +26,6 @@ fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
         .iter()
         .find(|kv| kv.key == key)
         .and_then(|kv| kv.value.as_ref()?.value.as_ref())
-}
-
-fn string(attrs: &[KeyValue], key: &str) -> Option<String> {
-    match attr(attrs, key)? {
-        Value::StringValue(s) => Some(s.clone()),
-        _ => None,
-    }
 }
 
 /// A forwarder in template mode on a fresh `/run/vc/vm`, exporting to `rx`
@@ -99,13 +92,13 @@ async fn a_spoofed_sandbox_id_never_reaches_the_collector_as_such() {
     for w in &want {
         let (resource, span) = find(&got, w.span_id);
         assert_eq!(
-            string(&resource.attributes, SANDBOX_ID).as_deref(),
+            string_attr(&resource.attributes, SANDBOX_ID).as_deref(),
             Some("attacker"),
             "span '{}'",
             w.name
         );
         assert_eq!(
-            string(&resource.attributes, CLAIMED).as_deref(),
+            string_attr(&resource.attributes, CLAIMED).as_deref(),
             Some("victim")
         );
         // Everything else is the agent's, exact.
@@ -175,7 +168,10 @@ async fn a_sandbox_holding_thousands_of_connections_cannot_shut_others_out() {
     for (id, sc) in &want {
         for w in &sc.expected {
             let (resource, _) = find(&got, w.span_id);
-            assert_eq!(string(&resource.attributes, SANDBOX_ID).as_ref(), Some(id));
+            assert_eq!(
+                string_attr(&resource.attributes, SANDBOX_ID).as_ref(),
+                Some(id)
+            );
         }
     }
 
@@ -230,7 +226,7 @@ fn latencies(rx: &Receiver, written: &HashMap<(String, i64), Instant>) -> Vec<Du
     let arrived = rx.store.arrived.lock().unwrap();
     let mut out = Vec::new();
     for ((resource, span), at) in spans.iter().zip(arrived.iter()) {
-        let Some(id) = string(&resource.attributes, SANDBOX_ID) else {
+        let Some(id) = string_attr(&resource.attributes, SANDBOX_ID) else {
             continue;
         };
         let Some(Value::IntValue(i)) = attr(&span.attributes, "kata.span_index") else {

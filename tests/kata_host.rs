@@ -13,10 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Forwarder, Receiver, BIN};
-use kata_agent_emitter::{scenario, Scenario, ScenarioOptions};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::resource::v1::Resource;
+use common::{real_agent, string_attr, Forwarder, Receiver, BIN};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
@@ -124,26 +121,6 @@ async fn wait_until(what: &str, fwd: &Forwarder, mut cond: impl FnMut() -> bool)
     }
 }
 
-/// A JSON scenario of a real agent, which does not name its sandbox: the
-/// id on the spans is the forwarder's.
-fn untagged(seq: u64) -> Scenario {
-    scenario(&ScenarioOptions {
-        seq,
-        ..Default::default()
-    })
-}
-
-fn sandbox_attr(resource: &Resource) -> Option<String> {
-    resource
-        .attributes
-        .iter()
-        .find(|kv| kv.key == SANDBOX_ID)
-        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-            Value::StringValue(s) => Some(s.clone()),
-            _ => None,
-        })
-}
-
 fn files_named(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -168,7 +145,7 @@ async fn spans_tagged_per_sandbox(rx: &Receiver, sandboxes: &[(String, PathBuf)]
     let mut agents = Vec::new();
     for (i, (id, socket)) in sandboxes.iter().enumerate() {
         let mut agent = connect_when_listening(socket, Duration::from_secs(10)).await;
-        let sc = untagged(seq0 + i as u64);
+        let sc = real_agent(seq0 + i as u64);
         agent.write_all(&sc.stream_bytes()).await.unwrap();
         agents.push(agent);
         sent.push((id.clone(), sc));
@@ -184,7 +161,7 @@ async fn spans_tagged_per_sandbox(rx: &Receiver, sandboxes: &[(String, PathBuf)]
         for want in &sc.expected {
             let (resource, _) = common::find(got, want.span_id);
             assert_eq!(
-                sandbox_attr(resource).as_deref(),
+                string_attr(&resource.attributes, SANDBOX_ID).as_deref(),
                 Some(id.as_str()),
                 "span '{}'",
                 want.name

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_span_eq, connect_when_listening, find, Forwarder, Receiver, BIN};
+use common::{
+    assert_span_eq, connect_when_listening, find, real_agent, string_attr, Forwarder, Receiver, BIN,
+};
 use kata_agent_emitter::{scenario, Scenario, ScenarioOptions, WireFormat};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,25 +39,6 @@ fn spawn(template: &str, extra: &[String]) -> (Forwarder, PathBuf) {
     (Forwarder::spawn_in(dir, PathBuf::new(), &args), run)
 }
 
-/// A JSON scenario of a real agent, which sets no sandbox id.
-fn untagged(seq: u64) -> Scenario {
-    scenario(&ScenarioOptions {
-        seq,
-        ..Default::default()
-    })
-}
-
-fn sandbox_attr(resource: &Resource) -> Option<String> {
-    resource
-        .attributes
-        .iter()
-        .find(|kv| kv.key == SANDBOX_ID)
-        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-            Value::StringValue(s) => Some(s.clone()),
-            _ => None,
-        })
-}
-
 /// Checks each span of each sandbox's scenario arrived exactly, with one
 /// `kata.sandbox.id`, its sandbox directory's: the host's word wins. An
 /// agent that claimed another id keeps its claim under
@@ -68,7 +50,7 @@ fn assert_tagged(got: &[(Resource, Span)], sent: &[(String, Scenario)]) {
         for want in &sc.expected {
             let (resource, span) = find(got, want.span_id);
             assert_eq!(
-                sandbox_attr(resource),
+                string_attr(&resource.attributes, SANDBOX_ID),
                 Some(id.clone()),
                 "span '{}'",
                 want.name
@@ -183,7 +165,7 @@ async fn clh_sandboxes_old_and_new_are_served_and_tagged() {
                 ..Default::default()
             })
         } else {
-            untagged(seq as u64)
+            real_agent(seq as u64)
         };
         agent.write_all(&sc.stream_bytes()).await.unwrap();
         agents.push(agent);
@@ -249,7 +231,7 @@ async fn firecracker_sandboxes_wait_for_their_root_directory() {
         assert!(files_named(&sandbox, "kata.hvsock_10240").is_empty());
         std::fs::create_dir(sandbox.join("root")).unwrap();
         let mut agent = connect_when_listening(&sandbox.join("root/kata.hvsock_10240")).await;
-        let sc = untagged(100 + seq as u64);
+        let sc = real_agent(100 + seq as u64);
         agent.write_all(&sc.stream_bytes()).await.unwrap();
         agents.push(agent);
         sent.push((id.to_string(), sc));
@@ -297,7 +279,7 @@ async fn firecracker_pre_existing_sandbox_is_served() {
     let mut agent2 =
         connect_when_listening(&run.join("firecracker/half/root/kata.hvsock_10240")).await;
     for (a, id) in [(&mut agent, "old"), (&mut agent2, "half")] {
-        let sc = untagged(0);
+        let sc = real_agent(0);
         a.write_all(&sc.stream_bytes()).await.unwrap();
         a.shutdown().await.unwrap();
         wait_until("the spans on stdout", &fwd, || {

@@ -507,17 +507,27 @@ mod tests {
         assert_eq!(got.as_deref(), Some(id.as_str()));
     }
 
-    #[tokio::test]
-    async fn vsock_origin_has_an_int_cid_and_the_sandbox() {
-        let proc = fake_proc(&[(42, kata_qemu("sb", 9))]);
+    /// A host with one Kata QEMU, sandbox `id` at CID `cid`; the origin
+    /// of a connection from `cid`, and its tenant.
+    async fn one_qemu(
+        id: &str,
+        cid: u32,
+    ) -> (tempfile::TempDir, Arc<CidResolver>, Origin, Arc<Tenant>) {
+        let proc = fake_proc(&[(42, kata_qemu(id, cid))]);
         let r = Arc::new(CidResolver::new(proc.path()));
         let base = Origin {
             service_name: "kata-agent".into(),
             extra: Vec::new(),
         };
         let limits = crate::tenant::TenantLimits::default();
-        let tenant = Tenant::standalone(crate::tenant::TenantKey::Cid(9), &limits);
-        let o = vsock_origin(&base, 9, Some(&r), &tenant).await;
+        let tenant = Tenant::standalone(crate::tenant::TenantKey::Cid(cid), &limits);
+        let o = vsock_origin(&base, cid, Some(&r), &tenant).await;
+        (proc, r, o, tenant)
+    }
+
+    #[tokio::test]
+    async fn vsock_origin_has_an_int_cid_and_the_sandbox() {
+        let (_proc, r, o, tenant) = one_qemu("sb", 9).await;
         assert_eq!(tenant.label(), "sb", "the tenant is named by its sandbox");
         let get = |k: &str| {
             o.extra
@@ -527,7 +537,12 @@ mod tests {
         };
         assert_eq!(get(VSOCK_CID), Some(Value::IntValue(9)));
         assert_eq!(get(SANDBOX_ID), Some(Value::StringValue("sb".into())));
+        let limits = crate::tenant::TenantLimits::default();
         let other = Tenant::standalone(crate::tenant::TenantKey::Cid(10), &limits);
+        let base = Origin {
+            service_name: "kata-agent".into(),
+            extra: Vec::new(),
+        };
         let o = vsock_origin(&base, 10, Some(&r), &other).await;
         assert_eq!(o.extra.len(), 1, "unresolved: the CID only");
         assert_eq!(other.label(), "vsock:10");
@@ -537,15 +552,7 @@ mod tests {
     /// carry the host's (its CID, its QEMU's sandbox), the claims apart.
     #[tokio::test]
     async fn a_vsock_guest_cannot_claim_another_identity() {
-        let proc = fake_proc(&[(42, kata_qemu("attacker", 9))]);
-        let r = Arc::new(CidResolver::new(proc.path()));
-        let base = Origin {
-            service_name: "kata-agent".into(),
-            extra: Vec::new(),
-        };
-        let limits = crate::tenant::TenantLimits::default();
-        let tenant = Tenant::standalone(crate::tenant::TenantKey::Cid(9), &limits);
-        let origin = vsock_origin(&base, 9, Some(&r), &tenant).await;
+        let (_proc, _r, origin, _tenant) = one_qemu("attacker", 9).await;
         let payload = r#"{"span_context":{"trace_id":1,"span_id":1,"trace_flags":1,"is_remote":false,"trace_state":null},"parent_span_id":0,"span_kind":"Internal","name":"n","start_time":{"secs_since_epoch":1,"nanos_since_epoch":2},"end_time":{"secs_since_epoch":1,"nanos_since_epoch":3},"attributes":{"map":{},"evict_list":[],"max_len":128,"dropped_count":0},"events":{"queue":null,"max_len":128,"dropped_count":0},"links":{"queue":null,"max_len":128,"dropped_count":0},"status_code":"Unset","status_message":"","resource":{"attrs":{"kata.sandbox.id":{"String":"victim"},"kata.vsock.cid":{"I64":3}}}}"#;
         let span = crate::wire::decode_json(payload.as_bytes()).unwrap();
         let (res, claims) = crate::otlp::resource_with_claims(span.resource.as_ref(), &origin);

@@ -721,3 +721,22 @@ pub async fn connect_when_listening(path: &Path) -> tokio::net::UnixStream {
         }
     }
 }
+
+/// A string attribute's value, if `key` is there and a string.
+pub fn string_attr(attrs: &[KeyValue], key: &str) -> Option<String> {
+    attrs.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        }
+    })
+}
+
+/// A JSON scenario of a real agent, which names no sandbox of its own:
+/// the id on its spans is the forwarder's. `seq` tells agents apart.
+pub fn real_agent(seq: u64) -> kata_agent_emitter::Scenario {
+    kata_agent_emitter::scenario(&kata_agent_emitter::ScenarioOptions {
+        seq,
+        ..Default::default()
+    })
+}
