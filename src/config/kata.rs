@@ -17,6 +17,9 @@
 //! where the files are read and where the sockets are served, so that a
 //! fixture tree works unprivileged and a container can see the host's files
 //! mounted elsewhere.
+//!
+//! Longer than 500 lines with its tests: one subject (which file, which
+//! runtime, which path), each rule kept beside the Kata source it follows.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;

@@ -13,6 +13,9 @@
 //! spooled batches once the collector answers again. At shutdown, what
 //! cannot be sent by the deadline is spooled too, or else counted as
 //! dropped.
+//!
+//! Just over 500 lines: the sink, the batcher and the replayer share one
+//! idea of what became of a batch (`Delivery`), so they stay together.
 
 pub(crate) mod body;
 pub(crate) mod coalesce;
