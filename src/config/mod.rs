@@ -184,6 +184,8 @@ pub struct Config {
     pub worker_threads: usize,
     /// How long shutdown may drain and flush.
     pub shutdown_timeout: Duration,
+    /// The hand-off socket (`--handoff-socket`); `None`: never hand over.
+    pub handoff: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +291,11 @@ impl Cli {
                 queue: self.queue_size,
             });
         }
+        let handoff = match self.handoff_socket.as_deref() {
+            Some("none") => None,
+            Some(p) => Some(PathBuf::from(p)),
+            None => Some(crate::handover::default_path(&mode)),
+        };
         let output = if self.dump_only {
             Output::Dump
         } else {
@@ -333,6 +340,7 @@ impl Cli {
             },
             worker_threads: self.worker_threads,
             shutdown_timeout: self.shutdown_timeout,
+            handoff,
         })
     }
 }
