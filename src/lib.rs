@@ -115,8 +115,8 @@ pub async fn run_upgradable(
     }
     let shutdown = Shutdown::new();
     let taken = match &config.handoff {
-        Some(path) => take_over(path, config.ingest.max_frame_size).await,
-        None => None,
+        Some(path) if config.take_over => take_over(path, config.ingest.max_frame_size).await?,
+        _ => None,
     };
     let (listeners, handoff, ack) = match taken {
         Some(taken) => {
@@ -173,21 +173,29 @@ pub async fn run_upgradable(
     serve_inner(&config, listeners, sink, shutdown, stop, handover).await
 }
 
-/// Asks the forwarder at `path`, if any, for everything it serves. A
-/// refusal or a bad state is logged, and the caller starts clean.
-async fn take_over(path: &std::path::Path, max_frame_size: usize) -> Option<handover::Taken> {
+/// Asks the forwarder at `path`, if any, for everything it serves. A bad
+/// or foreign state is logged, and the caller starts clean; a forwarder
+/// that refuses to hand over is an error (starting clean would serve
+/// beside it).
+async fn take_over(
+    path: &std::path::Path,
+    max_frame_size: usize,
+) -> Result<Option<handover::Taken>, RunError> {
     let p = path.to_owned();
-    match tokio::task::spawn_blocking(move || handover::take_over(&p, max_frame_size)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, handoff = %path.display(), "taking over from the running forwarder failed; starting clean");
-            None
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "taking over: the task failed; starting clean");
-            None
-        }
-    }
+    Ok(
+        match tokio::task::spawn_blocking(move || handover::take_over(&p, max_frame_size)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e @ handover::HandOverError::Refused(_))) => return Err(e.into()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, handoff = %path.display(), "taking over from the running forwarder failed; starting clean");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "taking over: the task failed; starting clean");
+                None
+            }
+        },
+    )
 }
 
 /// What `serve` needs for hand-overs, in and out.

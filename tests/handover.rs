@@ -487,3 +487,59 @@ async fn a_vsock_listener_is_handed_over() {
     let freed = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(u32::MAX, port));
     assert!(freed.is_ok(), "and lets go of it at exit");
 }
+
+/// Under systemd (`Type=notify`): READY=1 with the PID, RELOADING=1 on
+/// SIGHUP, then the new process's MAINPID= and READY=1; the old one never
+/// says STOPPING=1 (the service goes on). NOTIFY_SOCKET is a datagram
+/// socket of the test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_reloading_and_the_new_main_pid() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    // The upgraded process may run as nobody (started as root).
+    std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut setup = Setup::start(&rx, &[]);
+    // Setup started it without NOTIFY_SOCKET: start another, with it.
+    let _ = setup.first.kill();
+    let _ = setup.first.wait();
+    std::fs::write(&setup.stderr, "").unwrap();
+    let mut cmd = Command::new(&setup.exe);
+    cmd.args(&setup.args)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&setup.stderr)
+                .unwrap(),
+        );
+    setup.first = cmd.spawn().unwrap();
+    let first = setup.first.id();
+    let mut seen: Vec<String> = Vec::new();
+    let recv_until = |want: &str, seen: &mut Vec<String>| {
+        let mut buf = [0u8; 4096];
+        while !seen.iter().any(|m| m.contains(want)) {
+            let n = notify
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no '{want}': {e}; got {seen:?}"));
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    recv_until(&format!("MAINPID={first}\nREADY=1"), &mut seen);
+    signal(first as i32, Signal::SIGHUP);
+    recv_until("RELOADING=1", &mut seen);
+    let new = setup.wait_ready(2).await;
+    recv_until(&format!("MAINPID={new}\nREADY=1"), &mut seen);
+    assert!(setup.first.wait().unwrap().success());
+    assert!(!seen.iter().any(|m| m.contains("STOPPING=1")), "{seen:?}");
+    signal(new, Signal::SIGTERM);
+    recv_until("STOPPING=1", &mut seen);
+    wait_gone(new).await;
+}

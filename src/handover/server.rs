@@ -151,10 +151,19 @@ impl Server {
     /// Starts the upgraded binary, or logs why it cannot.
     fn start_upgrade(&self) -> Option<Child> {
         let (up, _) = self.upgrade.as_ref()?;
-        notify(&[sd_notify::NotifyState::Reloading]);
+        if let Some(why) = &self.refuse {
+            // The successor would be refused, and then serve beside us.
+            tracing::error!(reason = %why, "SIGHUP: this forwarder cannot hand over, so no upgrade; still serving");
+            return None;
+        }
+        match sd_notify::NotifyState::monotonic_usec_now() {
+            Ok(now) => notify(&[sd_notify::NotifyState::Reloading, now]),
+            Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
+        }
         tracing::info!(exe = %up.exe.display(), "SIGHUP: starting the binary to hand over to");
         match Command::new(&up.exe)
             .args(&up.args)
+            .env(crate::config::TAKE_OVER_ENV, "1")
             .stdin(Stdio::null())
             .spawn()
         {
