@@ -319,6 +319,18 @@ async fn upgrades_and_a_takeover_lose_nothing_under_load() {
         setup.log().matches("handed over: every listener").count(),
         4
     );
+    // How long the agents' sockets went unread, as the old process saw it.
+    for l in setup
+        .log()
+        .lines()
+        .filter(|l| l.contains("handed over: every listener"))
+    {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        eprintln!(
+            "paused {} with {} connections",
+            v["paused_for"], v["connections"]
+        );
+    }
 
     signal(pid, Signal::SIGTERM);
     wait_gone(pid).await;
