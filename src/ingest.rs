@@ -194,6 +194,31 @@ impl Ingest {
         }
     }
 
+    /// Takes over a connection another process read until now: it had
+    /// found `format` and read `spans` spans and `decode_errors` bad frames.
+    /// The bytes it had read of a frame not yet whole go first in the read
+    /// buffer, as read (see [`unread`](Self::unread)).
+    pub fn resume(
+        peer: Peer,
+        origin: Arc<Origin>,
+        max_frame_size: usize,
+        format: Option<WireFormat>,
+        spans: u64,
+        decode_errors: u64,
+    ) -> Ingest {
+        let mut ingest = Ingest::new(peer, origin, max_frame_size);
+        ingest.decoder = Decoder::with_format(format);
+        ingest.spans = spans;
+        ingest.decode_errors = decode_errors;
+        ingest
+    }
+
+    /// The bytes of the frame being read, header included, given what is
+    /// left in the read buffer: what a successor must read first.
+    pub fn unread(&self, buf: &[u8]) -> Vec<u8> {
+        self.codec.unread(buf)
+    }
+
     /// Logs through `tenant`'s gate from now on.
     pub fn set_tenant(&mut self, tenant: Arc<Tenant>) {
         self.tenant = Some(tenant);
@@ -411,6 +436,47 @@ mod tests {
             for chunk in [1, 7, HEADER_LEN, 333, 4096] {
                 assert_eq!(run(chunk), whole, "{format} in reads of {chunk}");
             }
+        }
+    }
+
+    /// Cut anywhere, a stream's unread bytes fed to a resumed ingest give
+    /// the same spans as the stream read by one: what a hand-over relies on.
+    #[test]
+    fn a_stream_handed_over_anywhere_reads_the_same() {
+        let frames = bulk_frames(EmitFormat::Json, 6, 200, 0);
+        let stream: Vec<u8> = frames.concat();
+        let whole = {
+            let stats = Stats::default();
+            let mut ingest = Ingest::new(Peer::Unix, origin(), 1 << 20);
+            let mut out = Vec::new();
+            let mut buf = BytesMut::from(&stream[..]);
+            ingest.frames(&mut buf, &stats, &mut out).unwrap();
+            out.iter()
+                .flat_map(|i| i.record.spans.to_vec())
+                .collect::<Vec<u8>>()
+        };
+        for cut in [
+            1,
+            HEADER_LEN - 1,
+            HEADER_LEN,
+            HEADER_LEN + 5,
+            frames[0].len(),
+            stream.len() / 2,
+        ] {
+            let stats = Stats::default();
+            let mut out = Vec::new();
+            let mut a = Ingest::new(Peer::Unix, origin(), 1 << 20);
+            let mut buf = BytesMut::from(&stream[..cut]);
+            a.frames(&mut buf, &stats, &mut out).unwrap();
+            let handed = a.unread(&buf);
+            let mut b = Ingest::resume(Peer::Unix, origin(), 1 << 20, a.format(), a.spans(), 0);
+            let mut buf = BytesMut::from(&handed[..]);
+            buf.extend_from_slice(&stream[cut..]);
+            b.frames(&mut buf, &stats, &mut out).unwrap();
+            b.eof(&mut buf).unwrap();
+            let got: Vec<u8> = out.iter().flat_map(|i| i.record.spans.to_vec()).collect();
+            assert_eq!(got, whole, "cut at {cut}");
+            assert_eq!(b.spans(), 6);
         }
     }
 

@@ -35,6 +35,7 @@ pub mod addr;
 pub mod config;
 mod events;
 pub mod export;
+pub mod handover;
 pub mod ingest;
 pub mod listen;
 mod metrics;
@@ -54,6 +55,7 @@ pub use config::Config;
 use config::Output;
 use export::spool::{Spool, SpoolError};
 use export::{ExportError, Exporter, Sink};
+use handover::{HandoffListener, Upgrade};
 use listen::connection::ConnShared;
 use listen::{ListenError, Listeners};
 use shutdown::{Mode, Shutdown};
@@ -80,15 +82,27 @@ pub enum RunError {
     OpenSpool(#[from] SpoolError),
     #[error(transparent)]
     ServeMetrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    HandOver(#[from] handover::HandOverError),
 }
 
 /// Runs the forwarder until `stop` completes, then drains and flushes
 /// within `config.shutdown_timeout`. Returns the final counters.
 ///
 /// Startup order matters to users: the collector is checked first (a
-/// missing collector is an error, and leaves no socket behind), then the
+/// missing collector is an error, and leaves no socket behind), then a
+/// forwarder already running at the hand-off socket is taken over, or the
 /// listeners are bound, then root is dropped.
 pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Snapshot, RunError> {
+    run_upgradable(config, stop, None).await
+}
+
+/// [`run`], and on `SIGHUP` hand everything to `upgrade`'s binary.
+pub async fn run_upgradable(
+    config: Config,
+    stop: impl Future<Output = ()>,
+    upgrade: Option<Upgrade>,
+) -> Result<Snapshot, RunError> {
     let sink = match &config.export.output {
         Output::Dump => Sink::dump(Box::new(std::io::BufWriter::new(std::io::stdout()))),
         Output::Otlp(o) => Sink::connect(o, STARTUP_CONNECT_TIMEOUT).await?,
@@ -100,8 +114,97 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Snaps
         Spool::create_dir(dir)?;
     }
     let shutdown = Shutdown::new();
-    let listeners = listen::bind(&config.listen, spool_dir, &shutdown).await?;
-    serve(&config, listeners, sink, shutdown, stop).await
+    let taken = match &config.handoff {
+        Some(path) if config.take_over => take_over(path, config.ingest.max_frame_size).await?,
+        _ => None,
+    };
+    let (listeners, handoff, ack) = match taken {
+        Some(taken) => {
+            let (parts, ack) = taken.split();
+            let handover::TakenParts {
+                from_pid: from,
+                handoff,
+                listeners,
+                connections,
+            } = parts;
+            let listeners =
+                Listeners::from_taken(listeners, connections, config.listen.max_connections)?;
+            // Exactly what the predecessor kept: hybrid mode had dropped
+            // root (its janitor came along); template mode never hands over.
+            if listen::privileges::is_root()
+                && matches!(config.listen.mode, config::ListenMode::Hybrid { .. })
+            {
+                if let Some(dir) = spool_dir {
+                    listen::privileges::give_to_user(dir, &config.listen.user)?;
+                }
+                listen::privileges::drop_root(
+                    &config.listen.user,
+                    listen::privileges::Keep::Nothing,
+                )?;
+            }
+            tracing::info!(from, listeners = %listeners.describe(), "took over from the running forwarder");
+            (listeners, handoff, Some(ack))
+        }
+        None => {
+            // Bound before the listeners: binding them drops root, and the
+            // hand-off directory is root's.
+            let handoff = match &config.handoff {
+                Some(path) => {
+                    let user = listen::privileges::is_root().then_some(config.listen.user.as_str());
+                    match HandoffListener::bind(path, user) {
+                        Ok(h) => Some(h),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "no hand-off socket: this forwarder cannot hand over to a successor");
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            let listeners = listen::bind(&config.listen, spool_dir, &shutdown).await?;
+            (listeners, handoff, None)
+        }
+    };
+    let handover = Handover {
+        listener: handoff,
+        upgrade,
+        ack,
+    };
+    serve_inner(&config, listeners, sink, shutdown, stop, handover).await
+}
+
+/// Asks the forwarder at `path`, if any, for everything it serves. A bad
+/// or foreign state is logged, and the caller starts clean; a forwarder
+/// that refuses to hand over is an error (starting clean would serve
+/// beside it).
+async fn take_over(
+    path: &std::path::Path,
+    max_frame_size: usize,
+) -> Result<Option<handover::Taken>, RunError> {
+    let p = path.to_owned();
+    Ok(
+        match tokio::task::spawn_blocking(move || handover::take_over(&p, max_frame_size)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e @ handover::HandOverError::Refused(_))) => return Err(e.into()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, handoff = %path.display(), "taking over from the running forwarder failed; starting clean");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "taking over: the task failed; starting clean");
+                None
+            }
+        },
+    )
+}
+
+/// What `serve` needs for hand-overs, in and out.
+struct Handover {
+    /// Where successors ask; `None`: this forwarder never hands over.
+    listener: Option<HandoffListener>,
+    upgrade: Option<Upgrade>,
+    /// Owed to the predecessor once serving (this forwarder took over).
+    ack: Option<handover::Ack>,
 }
 
 /// Serves `listeners` into `sink` until `stop` completes, then stops
@@ -116,6 +219,54 @@ pub async fn serve(
     shutdown: Shutdown,
     stop: impl Future<Output = ()>,
 ) -> Result<Snapshot, RunError> {
+    let handover = Handover {
+        listener: None,
+        upgrade: None,
+        ack: None,
+    };
+    serve_inner(config, listeners, sink, shutdown, stop, handover).await
+}
+
+async fn serve_inner(
+    config: &Config,
+    mut listeners: Listeners,
+    sink: Sink,
+    shutdown: Shutdown,
+    stop: impl Future<Output = ()>,
+    handover: Handover,
+) -> Result<Snapshot, RunError> {
+    let Handover {
+        listener: handoff,
+        upgrade,
+        ack,
+    } = handover;
+    let taken_over = ack.is_some();
+    if let Some(ack) = ack {
+        // The listeners are ours, registered with this runtime: from here
+        // on the predecessor will not read again.
+        ack.send()?;
+    }
+    let hub = handover::hub::Hub::new();
+    let mut server = handoff.map(|h| {
+        listeners.set_hub(Arc::clone(&hub));
+        let sighup = upgrade.as_ref().and_then(|u| {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .ok()
+                .map(|s| (u.clone(), s))
+        });
+        handover::server::Server::new(h, Arc::clone(&hub), listeners.cannot_hand_over(), sighup)
+    });
+    if server.is_none() && upgrade.is_some() {
+        // SIGHUP must not kill a forwarder that cannot upgrade.
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::error!("SIGHUP: no hand-off socket, so no upgrade; still serving");
+                }
+            });
+        }
+    }
     let stats = Arc::new(Stats::default());
     let tenants = Arc::new(tenant::Tenants::new(config.listen.tenants));
     let spool = match &config.export.spool {
@@ -127,6 +278,17 @@ pub async fn serve(
         None => None,
     };
     let metrics = match config.telemetry.metrics_address {
+        // The predecessor lets go of the address as it stops: bind it in
+        // the background, rather than hold the agents up.
+        Some(addr) if taken_over => {
+            tokio::spawn(metrics::serve_when_free(
+                addr,
+                Arc::clone(&stats),
+                Arc::clone(&tenants),
+                shutdown.clone(),
+            ));
+            None
+        }
         Some(addr) => Some(
             metrics::serve(
                 addr,
@@ -144,8 +306,15 @@ pub async fn serve(
         service_name = %config.ingest.service_name,
         spool = ?config.export.spool.as_ref().map(|s| &s.dir),
         metrics = ?metrics,
+        handoff = ?server.as_ref().map(|s| s.path().to_owned()),
+        pid = std::process::id(),
         "forwarder ready"
     );
+    let pid = std::process::id();
+    handover::server::notify(&[
+        sd_notify::NotifyState::MainPid(pid),
+        sd_notify::NotifyState::Ready,
+    ]);
 
     let queue = &config.export.queue;
     let (queue_tx, queue_rx) =
@@ -182,16 +351,42 @@ pub async fn serve(
         shutdown.clone(),
     ));
 
-    tokio::select! {
-        _ = stop => {}
+    let handing_over = async {
+        match server.as_mut() {
+            Some(s) => s.run().await,
+            None => std::future::pending().await,
+        }
+    };
+    let mode = tokio::select! {
+        _ = stop => Mode::Drain,
         // The batcher only ends early if it panicked; nothing can be
         // exported any more, so stop rather than accept spans to lose.
-        res = &mut batcher => tracing::error!(?res, "exporter stopped unexpectedly"),
-    }
+        res = &mut batcher => {
+            tracing::error!(?res, "exporter stopped unexpectedly");
+            Mode::Drain
+        }
+        done = handing_over => {
+            tracing::info!(successor = done.successor_pid, "the successor serves every agent now");
+            Mode::HandOver
+        }
+    };
+    // A successor that connects from now on finds nobody, and starts clean.
+    drop(server);
 
     let deadline = Instant::now() + config.shutdown_timeout;
-    tracing::info!(timeout = ?config.shutdown_timeout, "shutting down: draining connections and flushing");
-    shutdown.begin(Mode::Drain, deadline);
+    match mode {
+        Mode::Drain => {
+            tracing::info!(timeout = ?config.shutdown_timeout, "shutting down: draining connections and flushing")
+        }
+        Mode::HandOver => {
+            tracing::info!(timeout = ?config.shutdown_timeout, "handed over: flushing what was read before")
+        }
+    }
+    if mode == Mode::Drain {
+        // Not after a hand-over: the service goes on, in the successor.
+        handover::server::notify(&[sd_notify::NotifyState::Stopping]);
+    }
+    shutdown.begin(mode, deadline);
     // Phase one: stop accepting, drain the connections (bounded by the
     // deadline inside).
     if let Err(e) = listening.await {

@@ -17,6 +17,14 @@ fn main() -> ExitCode {
     if args.get(1).is_some_and(|a| a == privileges::JANITOR_ARG) {
         return privileges::janitor_main(&args[2..]);
     }
+    // Where this binary was started from, now: on SIGHUP, the file at that
+    // path (an upgraded one) takes over, not the inode we run.
+    let upgrade = std::env::current_exe()
+        .ok()
+        .map(|exe| kata_trace_forwarder::handover::Upgrade {
+            exe,
+            args: args.iter().skip(1).cloned().collect(),
+        });
     let cli = Cli::parse();
     init_logging(&cli);
     if cli.print {
@@ -30,7 +38,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(config) {
+    match run(config, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
@@ -63,7 +71,10 @@ fn print_plan(cli: &Cli) -> ExitCode {
     }
 }
 
-fn run(config: kata_trace_forwarder::Config) -> anyhow::Result<()> {
+fn run(
+    config: kata_trace_forwarder::Config,
+    upgrade: Option<kata_trace_forwarder::handover::Upgrade>,
+) -> anyhow::Result<()> {
     // One thread by default: the work is short steps between socket reads
     // and writes, and on one thread handing spans from connections to the
     // batcher and on to the collector connection costs no cross-thread
@@ -82,7 +93,7 @@ fn run(config: kata_trace_forwarder::Config) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        let summary = kata_trace_forwarder::run(config, shutdown)
+        let summary = kata_trace_forwarder::run_upgradable(config, shutdown, upgrade)
             .await
             .context("kata-trace-forwarder")?;
         tracing::info!(

@@ -86,6 +86,38 @@ pub async fn serve(
     Ok(MetricsServer { addr })
 }
 
+/// [`serve`], retrying while the address is still held (by the forwarder
+/// this one took over from, which lets go of it as it stops), for a few
+/// seconds at most.
+pub async fn serve_when_free(
+    addr: SocketAddr,
+    stats: Arc<Stats>,
+    tenants: Arc<Tenants>,
+    shutdown: Shutdown,
+) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match serve(
+            addr,
+            Arc::clone(&stats),
+            Arc::clone(&tenants),
+            shutdown.clone(),
+        )
+        .await
+        {
+            Ok(m) => {
+                tracing::info!(metrics = ?m, "serving metrics");
+                return;
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline || shutdown.is_stopping() => {
+                tracing::error!(error = %e, "no metrics endpoint");
+                return;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+}
+
 fn respond(
     req: &Request<hyper::body::Incoming>,
     stats: &Stats,

@@ -10,8 +10,9 @@
 //! forwarder, or alone, in which case its connections drain with no
 //! deadline but their own quiet.
 //!
-//! How the forwarder stops is a [`Mode`]. Today that is always a drain;
-//! handing live connections to a successor process will be the second.
+//! How the forwarder stops is a [`Mode`]: a drain, or a hand-over, in which
+//! a successor process already holds every listener and connection (see
+//! [`crate::handover`]) and only what was read before remains to flush.
 
 use std::sync::Arc;
 
@@ -24,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 pub enum Mode {
     /// Stop accepting, read what agents already wrote, flush, exit.
     Drain,
+    /// A successor serves every listener and connection now: read nothing
+    /// more, flush what was read, leave the sockets in place, exit.
+    HandOver,
 }
 
 /// Stopping has begun: how, and by when it must be done.

@@ -427,6 +427,16 @@ pub struct Cli {
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub stats_interval: Duration,
 
+    /// Unix socket where a new forwarder (an upgrade on SIGHUP, a takeover by a
+    /// new process started with the same path) asks this one for its
+    /// listeners and live agent connections. Given, a forwarder started while
+    /// another listens there takes over from it; by default it only listens
+    /// there (a second forwarder on the same sockets fails). `none`: never
+    /// hand over.
+    /// [default: /run/kata-trace-forwarder/handoff-<hash of the listeners>.sock]
+    #[arg(long, value_name = "PATH", value_parser = NonEmptyStringValueParser::new())]
+    pub handoff_socket: Option<String>,
+
     /// On SIGTERM/SIGINT, how long to keep draining and flushing before exiting.
     #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub shutdown_timeout: Duration,

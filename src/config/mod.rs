@@ -186,7 +186,17 @@ pub struct Config {
     pub worker_threads: usize,
     /// How long shutdown may drain and flush.
     pub shutdown_timeout: Duration,
+    /// The hand-off socket (`--handoff-socket`); `None`: never hand over.
+    pub handoff: Option<PathBuf>,
+    /// Whether to take over from a forwarder listening at `handoff` rather
+    /// than bind: when the path was given, or when started by `SIGHUP`
+    /// ([`TAKE_OVER_ENV`]). With the default path alone, a second forwarder
+    /// of the same listeners fails as before rather than take them.
+    pub take_over: bool,
 }
+
+/// Set by a forwarder on the binary it starts on `SIGHUP`: take over.
+pub const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -291,6 +301,13 @@ impl Cli {
                 queue: self.queue_size,
             });
         }
+        let take_over = (self.handoff_socket.is_some() || env.var(TAKE_OVER_ENV).is_some())
+            && self.handoff_socket.as_deref() != Some("none");
+        let handoff = match self.handoff_socket.as_deref() {
+            Some("none") => None,
+            Some(p) => Some(PathBuf::from(p)),
+            None => Some(crate::handover::default_path(&mode)),
+        };
         let output = if self.dump_only {
             Output::Dump
         } else {
@@ -335,6 +352,8 @@ impl Cli {
             },
             worker_threads: self.worker_threads,
             shutdown_timeout: self.shutdown_timeout,
+            handoff,
+            take_over,
         })
     }
 }

@@ -11,6 +11,12 @@
 //! been quiet for [`ConnShared::drain_idle`] or the shutdown deadline
 //! passes, so that what the agent already wrote is not lost.
 //!
+//! When the forwarder hands its connections to a successor
+//! ([`crate::handover`]), a connection pauses between two reads: what it
+//! read of a frame not yet whole, and what it found (the format), go to the
+//! successor with the socket, and it stops without another read. If the
+//! successor does not take it, it reads on.
+//!
 //! A connection whose agent writes little and often is paced
 //! ([`super::pacing`]): read at a shared tick, off the reactor, rather than
 //! woken for every span.
@@ -24,12 +30,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::fd::{AsFd, BorrowedFd};
+
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use crate::addr::Peer;
 use crate::events::{emit, AgentConnected, AgentDisconnected, Throttled};
 use crate::export::queue::QueueSender;
+use crate::handover::hub::{Member, Outcome};
+use crate::handover::{ConnLink, Resume};
 use crate::ingest::{Ingest, Ingested, ReadBuffer};
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
@@ -79,6 +89,15 @@ impl<S: Park> Reader<S> {
     }
 }
 
+impl<S: AsFd> AsFd for Reader<S> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Reader::Live(s) => s.as_fd(),
+            Reader::Parked(f, _) => f.as_fd(),
+        }
+    }
+}
+
 impl ConnShared {
     /// The tenant for `key`; one outside the registry (limits, but no
     /// series of its own) when `--max-sandboxes` are tracked already.
@@ -94,7 +113,8 @@ impl ConnShared {
 /// has drained it. `origin` is this connection's: the service name plus
 /// what is known of its sandbox (id, VSOCK CID); `conn` is its slot among
 /// its sandbox's connections. `shutdown` is the forwarder's, or its
-/// sandbox's.
+/// sandbox's. `link` ties it to hand-overs: the one it came from, if any,
+/// and the pause of the next.
 pub(crate) async fn serve<S>(
     stream: S,
     peer: Peer,
@@ -102,16 +122,37 @@ pub(crate) async fn serve<S>(
     origin: Arc<Origin>,
     conn: TenantConn,
     shutdown: &Shutdown,
+    link: ConnLink,
 ) where
     S: Park,
 {
     let stats = &*shared.stats;
     let tenant = conn.tenant();
     let _open = stats.connections_open.hold();
-    emit!(stats, AgentConnected { peer, tenant });
-    let mut ingest = Ingest::new(peer, origin, shared.max_frame_size);
-    ingest.set_tenant(Arc::clone(tenant));
     let mut input = ReadBuffer::default();
+    let ConnLink {
+        mut member,
+        listener,
+        resume,
+    } = link;
+    let mut ingest = match resume {
+        Some(r) => {
+            input.bytes().extend_from_slice(&r.partial);
+            Ingest::resume(
+                peer,
+                origin,
+                shared.max_frame_size,
+                r.format,
+                r.spans,
+                r.decode_errors,
+            )
+        }
+        None => {
+            emit!(stats, AgentConnected { peer, tenant });
+            Ingest::new(peer, origin, shared.max_frame_size)
+        }
+    };
+    ingest.set_tenant(Arc::clone(tenant));
     let mut ready: Vec<Ingested> = Vec::new();
     let mut draining = shutdown.is_stopping();
     let mut reader = Some(Reader::Live(stream));
@@ -131,12 +172,17 @@ pub(crate) async fn serve<S>(
         for Ingested { record, cost } in ready.drain(..) {
             spans += record.count;
             tenant.received.add(record.count as u64);
-            if shared
-                .queue
-                .send(record, cost, tenant, since)
-                .await
-                .is_err()
-            {
+            // What is read is queued even if a hand-over asks for a pause
+            // meanwhile: the spans are this process's to export.
+            let send = shared.queue.send(record, cost, tenant, since);
+            let sent = match (member.as_mut(), reader.as_ref()) {
+                (Some(m), Some(r)) => {
+                    let piece = || Resume::piece(r, peer, listener, &ingest, input.bytes());
+                    report_while(m, send, piece).await
+                }
+                _ => send.await,
+            };
+            if sent.is_err() {
                 // The exporter is gone: the process is going down.
                 break 'conn Ok(());
             }
@@ -166,6 +212,28 @@ pub(crate) async fn serve<S>(
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.stopping() => { draining = true; }
+                _ = pause_asked(&mut member) => {}
+            }
+        }
+
+        // Between two reads, with only a frame not yet whole in hand: where
+        // a hand-over takes this connection.
+        if let (Some(m), Some(r)) = (member.as_mut(), reader.as_ref()) {
+            if m.pause_due() {
+                m.report(Resume::piece(r, peer, listener, &ingest, input.bytes()));
+            }
+        }
+        if let Some(m) = member.as_mut().filter(|m| m.awaiting_outcome()) {
+            match m.outcome().await {
+                Outcome::HandedOver => {
+                    if reader.as_ref().is_some_and(Reader::is_parked) {
+                        stats.connections_paced.sub(1);
+                    }
+                    tracing::debug!(%peer, spans = ingest.spans(), "connection handed over");
+                    return;
+                }
+                Outcome::Stop => draining = true,
+                Outcome::Resumed => {}
             }
         }
 
@@ -206,6 +274,7 @@ pub(crate) async fn serve<S>(
                 let read = tokio::select! {
                     r = stream.read_buf(buf) => r,
                     _ = shutdown.stopping() => { draining = true; continue; }
+                    _ = pause_asked(&mut member) => continue,
                 };
                 last_read = Instant::now();
                 since = last_read;
@@ -271,4 +340,31 @@ pub(crate) async fn serve<S>(
             end: end.as_ref().map(drop),
         }
     );
+}
+
+/// Resolves when a hand-over asks `member` to pause; never without one.
+async fn pause_asked(member: &mut Option<Member>) {
+    match member {
+        Some(m) => m.pause_asked().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Awaits `fut`; if a hand-over asks for a pause meanwhile, reports
+/// `piece()` at once (what it describes does not change while `fut` runs)
+/// and goes on waiting.
+async fn report_while<F: std::future::Future>(
+    member: &mut Member,
+    fut: F,
+    piece: impl FnOnce() -> Option<crate::handover::hub::Piece>,
+) -> F::Output {
+    tokio::pin!(fut);
+    if !member.pause_due() {
+        tokio::select! {
+            out = &mut fut => return out,
+            _ = member.pause_asked() => {}
+        }
+    }
+    member.report(piece());
+    fut.await
 }

@@ -17,6 +17,14 @@ use tokio::net::{UnixListener, UnixStream};
 use super::privileges::Janitor;
 use super::ListenError;
 
+/// A listener's part of a hand-over: what it is, and duplicates of its
+/// descriptors.
+pub(crate) struct HandedListener {
+    pub kind: crate::handover::wire::ListenerKind,
+    pub fd: std::os::fd::OwnedFd,
+    pub janitor: Option<std::os::fd::OwnedFd>,
+}
+
 pub struct HybridListener {
     listener: UnixListener,
     path: PathBuf,
@@ -77,6 +85,53 @@ impl HybridListener {
         })
     }
 
+    /// A listener a previous forwarder bound and handed over, with its
+    /// janitor's pipe when removal was the janitor's job.
+    pub(crate) fn adopt(
+        fd: std::os::fd::OwnedFd,
+        path: PathBuf,
+        identity: (u64, u64),
+        janitor: Option<std::os::fd::OwnedFd>,
+    ) -> io::Result<Self> {
+        let std = std::os::unix::net::UnixListener::from(fd);
+        std.set_nonblocking(true)?;
+        Ok(Self {
+            listener: UnixListener::from_std(std)?,
+            path,
+            identity,
+            janitor: janitor.map(Janitor::adopt),
+        })
+    }
+
+    /// What a successor needs to serve this listener: its path and
+    /// identity, a duplicate of its socket and of its janitor's pipe.
+    pub(crate) fn hand_over(&self) -> io::Result<HandedListener> {
+        use std::os::fd::AsFd;
+        let fd = self.listener.as_fd().try_clone_to_owned()?;
+        let janitor = match self.janitor.as_ref().and_then(Janitor::pipe) {
+            Some(p) => Some(p.try_clone_to_owned()?),
+            None => None,
+        };
+        Ok(HandedListener {
+            kind: crate::handover::wire::ListenerKind::Hybrid {
+                path: self.path.clone(),
+                identity: self.identity,
+            },
+            fd,
+            janitor,
+        })
+    }
+
+    /// Stops serving, leaving the socket file in place: a successor serves
+    /// it now.
+    pub(crate) fn release(mut self) {
+        if let Some(j) = self.janitor.take() {
+            j.release();
+        }
+        // Removal off: the drop sees no file of ours to remove.
+        self.identity = (u64::MAX, u64::MAX);
+    }
+
     /// Hands removal of the socket to a privileged janitor, for when this
     /// process is about to lose the right to remove it.
     pub(crate) fn hand_removal_to_janitor(&mut self) -> Result<(), ListenError> {
@@ -101,7 +156,19 @@ impl HybridListener {
 impl Drop for HybridListener {
     fn drop(&mut self) {
         if let Some(janitor) = self.janitor.take() {
-            if !janitor.remove_now(std::time::Duration::from_secs(2)) {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            let mut done = janitor.remove_now(std::time::Duration::from_secs(2));
+            // A janitor taken over is not our child: watch the file go.
+            while done
+                && std::time::Instant::now() < deadline
+                && std::fs::symlink_metadata(&self.path)
+                    .is_ok_and(|md| (md.dev(), md.ino()) == self.identity)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            done &= !std::fs::symlink_metadata(&self.path)
+                .is_ok_and(|md| (md.dev(), md.ino()) == self.identity);
+            if !done {
                 tracing::warn!(path = %self.path.display(), "socket janitor did not confirm removal");
             }
             return;

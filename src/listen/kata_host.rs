@@ -328,9 +328,10 @@ fn spawn(bound: Bound, stop: Shutdown, ctx: &Ctx) -> Running {
                     tracker: &tracker,
                     // Each guest CID is a sandbox of its own.
                     tenant: None,
+                    hub: None,
                 };
                 let listener = Listener::Vsock(l);
-                accept.run(&listener, &stop).await;
+                accept.run(&listener, &stop, None).await;
                 tracing::info!(listener = %listener.describe(), "stopped accepting connections");
             })
         }

@@ -41,9 +41,11 @@ use futures_util::FutureExt;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use crate::addr::{hybrid_socket, Peer};
+use crate::addr::{hybrid_socket, Peer, VsockCid};
 use crate::config::{ListenConfig, ListenMode};
 use crate::events::{emit, ConnectionAccepted, ConnectionRejected, Refusal};
+use crate::handover::hub::{Hub, Member, Outcome, Piece, PieceKind};
+use crate::handover::{ConnLink, Resume, TakenConn, TakenListener};
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
 use crate::tenant::{Tenant, TenantKey};
@@ -101,6 +103,8 @@ pub enum ListenError {
         #[source]
         source: io::Error,
     },
+    #[error("serving a handed-over socket: {0}")]
+    AdoptSocket(String),
 }
 
 /// A bound listener of any kind.
@@ -125,10 +129,54 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// This listener's part of a hand-over, as its accept loop reports it.
+    fn hand_over(&self) -> Option<Piece> {
+        let handed = match self {
+            Listener::Hybrid(l) => l.hand_over(),
+            Listener::Vsock(l) => l.hand_over(),
+            Listener::Template(_) | Listener::KataHost(_) => return None,
+        };
+        match handed {
+            Ok(h) => Some(Piece {
+                what: PieceKind::Listener {
+                    kind: h.kind,
+                    janitor: h.janitor,
+                },
+                fd: h.fd,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "hand-over: duplicating a listener's socket");
+                None
+            }
+        }
+    }
+
+    /// Stops serving after a hand-over, leaving the socket to the successor.
+    fn release(self) {
+        if let Listener::Hybrid(l) = self {
+            l.release();
+        }
+    }
+}
+
+/// A connection a previous forwarder served, to be served on.
+struct Adopted {
+    /// Index of its listener in [`Listeners::listeners`].
+    listener: usize,
+    stream: Stream,
+    peer: Peer,
+    resume: Resume,
+}
+
 /// The listeners one forwarder serves, bound and ready.
 pub struct Listeners {
     listeners: Vec<Listener>,
     max_connections: usize,
+    /// Connections handed over with the listeners.
+    adopted: Vec<Adopted>,
+    /// Where accept loops and connections pause for the next hand-over.
+    hub: Option<Arc<Hub>>,
 }
 
 impl Listeners {
@@ -138,7 +186,77 @@ impl Listeners {
         Listeners {
             listeners,
             max_connections,
+            adopted: Vec::new(),
+            hub: None,
         }
+    }
+
+    /// The listeners and connections a previous forwarder handed over.
+    pub fn from_taken(
+        taken: Vec<TakenListener>,
+        connections: Vec<TakenConn>,
+        max_connections: usize,
+    ) -> Result<Listeners, ListenError> {
+        let adopt = |e: io::Error| ListenError::AdoptSocket(e.to_string());
+        let mut listeners = Vec::with_capacity(taken.len());
+        for l in taken {
+            listeners.push(match l {
+                TakenListener::Hybrid {
+                    fd,
+                    path,
+                    identity,
+                    janitor,
+                } => Listener::Hybrid(
+                    hybrid::HybridListener::adopt(fd, path, identity, janitor).map_err(adopt)?,
+                ),
+                TakenListener::Vsock { fd, cid, port } => {
+                    let cid = cid.map_or(VsockCid::Any, VsockCid::Cid);
+                    Listener::Vsock(vsock::VsockListener::adopt(fd, cid, port))
+                }
+            });
+        }
+        let mut adopted = Vec::with_capacity(connections.len());
+        for c in connections {
+            let (stream, peer) = match c.cid {
+                Some(cid) => (
+                    Stream::Vsock(tokio_vsock::VsockStream::from(c.fd)),
+                    Peer::Vsock { cid },
+                ),
+                None => {
+                    let std = std::os::unix::net::UnixStream::from(c.fd);
+                    std.set_nonblocking(true).map_err(adopt)?;
+                    let s = tokio::net::UnixStream::from_std(std).map_err(adopt)?;
+                    (Stream::Unix(s), Peer::Unix)
+                }
+            };
+            adopted.push(Adopted {
+                listener: c.listener,
+                stream,
+                peer,
+                resume: c.resume,
+            });
+        }
+        Ok(Listeners {
+            listeners,
+            max_connections,
+            adopted,
+            hub: None,
+        })
+    }
+
+    /// Takes part in hand-overs through `hub`.
+    pub(crate) fn set_hub(&mut self, hub: Arc<Hub>) {
+        self.hub = Some(hub);
+    }
+
+    /// Why these listeners cannot be handed over, if they cannot.
+    pub(crate) fn cannot_hand_over(&self) -> Option<String> {
+        self.listeners
+            .iter()
+            .any(|l| matches!(l, Listener::Template(_) | Listener::KataHost(_)))
+            .then(|| {
+                "template mode and --kata-host cannot hand over yet (restart them instead)".into()
+            })
     }
 
     pub fn describe(&self) -> String {
@@ -274,7 +392,15 @@ pub(crate) async fn serve(
 ) {
     let limit = Arc::new(ConnLimit::new(listeners.max_connections));
     let tracker = TaskTracker::new();
-    let accepting = listeners.listeners.into_iter().map(|listener| {
+    let hub = listeners.hub.clone();
+    let mut adopted: Vec<Vec<Adopted>> = listeners.listeners.iter().map(|_| Vec::new()).collect();
+    for a in listeners.adopted {
+        match adopted.get_mut(a.listener) {
+            Some(v) => v.push(a),
+            None => tracing::warn!("a handed-over connection without its listener; closed"),
+        }
+    }
+    let accepting = listeners.listeners.into_iter().zip(adopted).map(|(listener, adopted)| {
         let (shared, origin, limit, tracker) = (
             Arc::clone(&shared),
             Arc::clone(&origin),
@@ -282,6 +408,7 @@ pub(crate) async fn serve(
             tracker.clone(),
         );
         let shutdown = shutdown.clone();
+        let hub = hub.clone();
         async move {
             let listener = match listener {
                 Listener::Template(t) => return t.serve(shared, origin, limit, tracker).await,
@@ -314,9 +441,22 @@ pub(crate) async fn serve(
                 resolver,
                 tracker: &tracker,
                 tenant,
+                hub: hub.as_ref(),
             };
-            accept.run(&listener, &shutdown).await;
-            tracing::info!(listener = %listener.describe(), "stopped accepting connections");
+            let member = hub.as_ref().map(Hub::member);
+            let listener_id = member.as_ref().map_or(0, Member::id);
+            for a in adopted {
+                accept.adopt(a, listener_id, &shutdown);
+            }
+            match accept.run(&listener, &shutdown, member).await {
+                Ended::HandedOver => {
+                    tracing::info!(listener = %listener.describe(), "handed over");
+                    listener.release();
+                }
+                Ended::Stopped => {
+                    tracing::info!(listener = %listener.describe(), "stopped accepting connections")
+                }
+            }
         }
     });
     futures_util::future::join_all(accepting).await;
@@ -360,17 +500,56 @@ pub(crate) struct Accept<'a> {
     /// The listener's sandbox (hybrid, template); on VSOCK, each guest CID
     /// is one.
     pub tenant: Option<Arc<Tenant>>,
+    /// Where this listener and its connections pause for a hand-over.
+    pub hub: Option<&'a Arc<Hub>>,
+}
+
+/// How an accept loop ended.
+pub(crate) enum Ended {
+    /// Shutdown: the listener goes, and its socket with it.
+    Stopped,
+    /// A successor serves the listener now: its socket stays.
+    HandedOver,
+}
+
+/// Resolves when a hand-over asks `member` to pause; never without one.
+async fn pause_asked(member: &mut Option<Member>) {
+    match member {
+        Some(m) => m.pause_asked().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Accept<'_> {
     /// Accepts connections on `listener` until `shutdown` begins, then
     /// takes those already queued (a backlog's worth, not a flood), so that
     /// what their agents wrote is drained rather than lost with the socket.
-    pub(crate) async fn run(&self, listener: &Listener, shutdown: &Shutdown) {
+    /// `member` is its place in hand-overs: between two accepts, it pauses
+    /// and reports the listener; handed over, it ends with
+    /// [`Ended::HandedOver`].
+    pub(crate) async fn run(
+        &self,
+        listener: &Listener,
+        shutdown: &Shutdown,
+        mut member: Option<Member>,
+    ) -> Ended {
         let max_connections = self.limit.max;
         let stats = &self.shared.stats;
+        let listener_id = member.as_ref().map_or(0, Member::id);
         let mut late = 0usize;
         loop {
+            if let Some(m) = member.as_mut() {
+                if m.pause_due() {
+                    m.report(listener.hand_over());
+                }
+                if m.awaiting_outcome() {
+                    match m.outcome().await {
+                        Outcome::HandedOver => return Ended::HandedOver,
+                        Outcome::Stop => break,
+                        Outcome::Resumed => {}
+                    }
+                }
+            }
             let accepted = if shutdown.is_stopping() {
                 late += 1;
                 match accept(listener).now_or_never() {
@@ -381,6 +560,7 @@ impl Accept<'_> {
                 tokio::select! {
                     biased;
                     _ = shutdown.stopping() => continue,
+                    _ = pause_asked(&mut member) => continue,
                     a = accept(listener) => a,
                 }
             };
@@ -428,31 +608,72 @@ impl Accept<'_> {
                 refuse(Some(&tenant), Refusal::Global { max_connections });
                 continue;
             };
-            let shared = Arc::clone(self.shared);
-            let shutdown = shutdown.clone();
-            let origin = Arc::clone(self.origin);
-            let resolver = self.resolver.clone();
-            let conn = async move {
-                let origin = match peer {
-                    Peer::Vsock { cid } => Arc::new(
-                        sandbox::vsock_origin(&origin, cid, resolver.as_ref(), slot.tenant()).await,
-                    ),
-                    Peer::Unix => origin,
-                };
-                match stream {
-                    Stream::Unix(s) => {
-                        connection::serve(s, peer, &shared, origin, slot, &shutdown).await
-                    }
-                    Stream::Vsock(s) => {
-                        connection::serve(s, peer, &shared, origin, slot, &shutdown).await
-                    }
-                }
-                drop(permit);
+            let link = ConnLink {
+                member: self.hub.map(Hub::member),
+                listener: listener_id,
+                resume: None,
             };
-            // In the listener's span (a template's sandbox), for the logs.
-            self.tracker
-                .spawn(tracing::Instrument::in_current_span(conn));
+            self.spawn(stream, peer, slot, permit, shutdown, link);
         }
+        Ended::Stopped
+    }
+
+    /// Serves a connection a previous forwarder handed over, from where it
+    /// left it. Past a cap (one lowered since), it is closed and logged.
+    fn adopt(&self, a: Adopted, listener_id: u64, shutdown: &Shutdown) {
+        let tenants = &*self.shared.tenants;
+        let tenant = match (&self.tenant, a.peer) {
+            (Some(t), _) => Some(Arc::clone(t)),
+            (None, Peer::Vsock { cid }) => tenants.get(TenantKey::Cid(cid)),
+            (None, Peer::Unix) => None,
+        };
+        let slot = tenant.and_then(|t| t.try_connect());
+        let permit = Arc::clone(&self.limit.permits).try_acquire_owned().ok();
+        let (Some(slot), Some(permit)) = (slot, permit) else {
+            tracing::warn!(peer = %a.peer, "a handed-over connection is over a connection cap; closed");
+            return;
+        };
+        let link = ConnLink {
+            member: self.hub.map(Hub::member),
+            listener: listener_id,
+            resume: Some(a.resume),
+        };
+        self.spawn(a.stream, a.peer, slot, permit, shutdown, link);
+    }
+
+    fn spawn(
+        &self,
+        stream: Stream,
+        peer: Peer,
+        slot: crate::tenant::TenantConn,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        shutdown: &Shutdown,
+        link: ConnLink,
+    ) {
+        let shared = Arc::clone(self.shared);
+        let shutdown = shutdown.clone();
+        let origin = Arc::clone(self.origin);
+        let resolver = self.resolver.clone();
+        let conn = async move {
+            let origin = match peer {
+                Peer::Vsock { cid } => Arc::new(
+                    sandbox::vsock_origin(&origin, cid, resolver.as_ref(), slot.tenant()).await,
+                ),
+                Peer::Unix => origin,
+            };
+            match stream {
+                Stream::Unix(s) => {
+                    connection::serve(s, peer, &shared, origin, slot, &shutdown, link).await
+                }
+                Stream::Vsock(s) => {
+                    connection::serve(s, peer, &shared, origin, slot, &shutdown, link).await
+                }
+            }
+            drop(permit);
+        };
+        // In the listener's span (a template's sandbox), for the logs.
+        self.tracker
+            .spawn(tracing::Instrument::in_current_span(conn));
     }
 }
 

@@ -24,7 +24,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use tokio::io::AsyncRead;
@@ -126,7 +126,7 @@ impl Quiet {
 
 /// A stream that can leave the reactor and come back: the one step of
 /// pacing that depends on the transport.
-pub(crate) trait Park: AsyncRead + Unpin + Sized {
+pub(crate) trait Park: AsyncRead + AsFd + Unpin + Sized {
     /// Off the reactor, still non-blocking.
     fn park(self) -> io::Result<File>;
     /// Back on the reactor.

@@ -132,10 +132,13 @@ pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
     Ok(())
 }
 
-/// The privileged helper that removes a socket on our behalf.
+/// The privileged helper that removes a socket on our behalf. A forwarder
+/// that took over from another holds only its pipe: the janitor is the
+/// first forwarder's child, and outlives each hand-over as long as some
+/// forwarder holds the pipe's writing end.
 pub(crate) struct Janitor {
-    child: Child,
-    stdin: Option<ChildStdin>,
+    child: Option<Child>,
+    stdin: Option<std::fs::File>,
 }
 
 impl Janitor {
@@ -150,8 +153,36 @@ impl Janitor {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let stdin = child.stdin.take();
-        Ok(Janitor { child, stdin })
+        let stdin = child
+            .stdin
+            .take()
+            .map(|s: ChildStdin| std::fs::File::from(std::os::fd::OwnedFd::from(s)));
+        Ok(Janitor {
+            child: Some(child),
+            stdin,
+        })
+    }
+
+    /// The janitor a predecessor handed over: its pipe.
+    pub(crate) fn adopt(pipe: std::os::fd::OwnedFd) -> Janitor {
+        Janitor {
+            child: None,
+            stdin: Some(std::fs::File::from(pipe)),
+        }
+    }
+
+    /// The pipe, for handing over.
+    pub(crate) fn pipe(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.stdin.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Lets go without asking for removal: the socket is a successor's now,
+    /// and so is the janitor (it holds a duplicate of the pipe).
+    pub(crate) fn release(mut self) {
+        self.stdin = None;
+        // Not waited for: it is reaped with this process.
+        self.child = None;
     }
 
     /// Asks for the socket to be removed now and waits, briefly, until it is.
@@ -160,8 +191,12 @@ impl Janitor {
             let _ = stdin.write_all(b"remove\n");
         }
         let deadline = Instant::now() + timeout;
+        let Some(child) = self.child.as_mut() else {
+            // Not our child: the caller checks the socket is gone.
+            return true;
+        };
         loop {
-            match self.child.try_wait() {
+            match child.try_wait() {
                 Ok(Some(status)) => return status.success(),
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2))

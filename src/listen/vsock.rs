@@ -31,6 +31,32 @@ impl VsockListener {
         })
     }
 
+    /// A listener a previous forwarder bound and handed over (checked to be
+    /// a listening AF_VSOCK socket by the hand-over).
+    pub(crate) fn adopt(fd: std::os::fd::OwnedFd, cid: VsockCid, port: u32) -> Self {
+        Self {
+            listener: tokio_vsock::VsockListener::from(fd),
+            cid,
+            port,
+        }
+    }
+
+    /// What a successor needs to serve this listener.
+    pub(crate) fn hand_over(&self) -> io::Result<super::hybrid::HandedListener> {
+        use std::os::fd::AsFd;
+        Ok(super::hybrid::HandedListener {
+            kind: crate::handover::wire::ListenerKind::Vsock {
+                cid: match self.cid {
+                    VsockCid::Any => None,
+                    VsockCid::Cid(c) => Some(c),
+                },
+                port: self.port,
+            },
+            fd: self.listener.as_fd().try_clone_to_owned()?,
+            janitor: None,
+        })
+    }
+
     pub fn describe(&self) -> String {
         format!("vsock cid {} port {}", describe_cid(self.cid), self.port)
     }

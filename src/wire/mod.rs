@@ -79,6 +79,9 @@ pub struct FrameDecoder {
     /// The codec has consumed a header and waits for its payload: an end of
     /// stream now is a cut frame even though no byte is buffered.
     in_frame: bool,
+    /// That header, kept so that the frame's bytes read so far can be
+    /// handed over whole ([`unread`](Self::unread)).
+    header: [u8; HEADER_LEN],
 }
 
 impl FrameDecoder {
@@ -87,7 +90,20 @@ impl FrameDecoder {
             inner: frame_codec(max_frame_size),
             max: max_frame_size,
             in_frame: false,
+            header: [0; HEADER_LEN],
         }
+    }
+
+    /// The bytes of the frame being read, as the agent sent them: the
+    /// header the codec consumed, if it did, then what `rest` (the buffer
+    /// it left) holds. Fed to a new decoder, they read as they would have.
+    pub fn unread(&self, rest: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + rest.len());
+        if self.in_frame {
+            out.extend_from_slice(&self.header);
+        }
+        out.extend_from_slice(rest);
+        out
     }
 }
 
@@ -97,10 +113,20 @@ impl tokio_util::codec::Decoder for FrameDecoder {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
         let before = src.len();
+        let header: Option<[u8; HEADER_LEN]> = if self.in_frame {
+            None
+        } else {
+            src.get(..HEADER_LEN).and_then(|h| h.try_into().ok())
+        };
         let res = self.inner.decode(src);
         match &res {
             Ok(Some(_)) => self.in_frame = false,
-            Ok(None) if src.len() < before => self.in_frame = true,
+            Ok(None) if src.len() < before => {
+                self.in_frame = true;
+                if let Some(h) = header {
+                    self.header = h;
+                }
+            }
             _ => {}
         }
         res.map_err(|e| {
@@ -294,6 +320,12 @@ pub struct Decoder {
 impl Decoder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder that has already seen `format` (a connection handed over
+    /// by a previous process).
+    pub fn with_format(format: Option<WireFormat>) -> Self {
+        Decoder { last: format }
     }
 
     /// The format of the last successfully decoded frame, if any.

@@ -314,8 +314,9 @@ async fn serve_sandbox(
         resolver: None,
         tracker: &tracker,
         tenant: Some(tenant),
+        hub: None,
     };
-    tracing::Instrument::instrument(accept.run(&listener, &shutdown), span).await;
+    tracing::Instrument::instrument(accept.run(&listener, &shutdown, None), span).await;
     if let Listener::Hybrid(l) = listener {
         // If the watcher is gone, so is the process: nothing to return to.
         let _ = reap.send(l);

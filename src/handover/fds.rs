@@ -1,0 +1,157 @@
+//! Descriptors over a Unix socket (`SCM_RIGHTS`), and who is at the other
+//! end (`SO_PEERCRED`).
+//!
+//! The kernel takes at most 253 descriptors in one message
+//! (`SCM_MAX_FD`), so they go in chunks of [`CHUNK`], each chunk riding on
+//! a single marker byte. The receiver reads the state message first with
+//! exact-length reads, which never reach a marker byte, then takes the
+//! chunks one byte at a time: on a stream socket the kernel never merges a
+//! message that carries descriptors with the next, and a one-byte read
+//! cannot span two. A chunk the receiver had no room for (`MSG_CTRUNC`)
+//! is an error, never a silent loss.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{
+    getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
+};
+
+/// Descriptors per message: under the kernel's limit of 253.
+pub const CHUNK: usize = 250;
+const MARKER: u8 = b'F';
+
+/// Sends `fds` in chunks.
+pub fn send(sock: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    for chunk in fds.chunks(CHUNK) {
+        let raw: Vec<RawFd> = chunk.iter().map(AsRawFd::as_raw_fd).collect();
+        let iov = [IoSlice::new(&[MARKER])];
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        loop {
+            match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
+                Ok(1) => break,
+                Ok(_) => return Err(io::Error::other("short write of a descriptor chunk")),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Receives exactly `n` descriptors (sent by [`send`]), close-on-exec.
+pub fn recv(sock: BorrowedFd<'_>, n: usize) -> io::Result<Vec<OwnedFd>> {
+    let mut out: Vec<OwnedFd> = Vec::with_capacity(n.min(4096));
+    let mut space = nix::cmsg_space!([RawFd; CHUNK]);
+    while out.len() < n {
+        let mut byte = [0u8; 1];
+        let mut iov = [IoSliceMut::new(&mut byte)];
+        let msg = match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if msg.bytes == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the peer closed after {} of {n} descriptors", out.len()),
+            ));
+        }
+        let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        let mut got = 0usize;
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for fd in fds {
+                    // SAFETY: the kernel just installed this descriptor in
+                    // our table for us; nothing else owns it.
+                    out.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                    got += 1;
+                }
+            }
+        }
+        if truncated {
+            return Err(io::Error::other("descriptors were cut off (MSG_CTRUNC)"));
+        }
+        if got == 0 || byte[0] != MARKER {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "expected a chunk of descriptors",
+            ));
+        }
+        if out.len() > n {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} descriptors sent, {n} announced", out.len()),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The user and process at the other end of a connected Unix socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub pid: i32,
+}
+
+pub fn peer(sock: &impl AsFd) -> io::Result<Peer> {
+    let cred = getsockopt(sock, sockopt::PeerCredentials)?;
+    Ok(Peer {
+        uid: cred.uid(),
+        pid: cred.pid(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn many_descriptors_cross_in_chunks_and_stay_usable() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // 600 ends of socket pairs: three chunks, the last one partial.
+        let pairs: Vec<(UnixStream, UnixStream)> =
+            (0..600).map(|_| UnixStream::pair().unwrap()).collect();
+        let sending: Vec<BorrowedFd<'_>> = pairs.iter().map(|(x, _)| x.as_fd()).collect();
+        let sender = std::thread::scope(|s| {
+            let h = s.spawn(|| send(a.as_fd(), &sending));
+            let got = recv(b.as_fd(), 600).unwrap();
+            h.join().unwrap().unwrap();
+            got
+        });
+        assert_eq!(sender.len(), 600);
+        for (i, fd) in sender.into_iter().enumerate() {
+            let mut ours = UnixStream::from(fd);
+            ours.write_all(&[i as u8]).unwrap();
+            let mut byte = [0u8];
+            (&pairs[i].1).read_exact(&mut byte).unwrap();
+            assert_eq!(byte[0], i as u8, "descriptor {i} is the right socket");
+        }
+        let me = peer(&a).unwrap();
+        assert_eq!(me.uid, nix::unistd::getuid().as_raw());
+        assert_eq!(me.pid, std::process::id() as i32);
+    }
+
+    #[test]
+    fn a_peer_that_stops_short_or_sends_bytes_is_an_error() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (x, _y) = UnixStream::pair().unwrap();
+        send(a.as_fd(), &[x.as_fd()]).unwrap();
+        drop(a);
+        let e = recv(b.as_fd(), 2).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(b"F").unwrap();
+        let e = recv(b.as_fd(), 1).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    }
+}

@@ -1,0 +1,371 @@
+//! Pausing every listener and connection of this process at once, so that
+//! their sockets can be handed to a successor, and resuming them if it
+//! does not take them.
+//!
+//! Each accept loop and each connection task is a [`Member`]. When a
+//! hand-over begins, the hub asks every member to pause; a member stops
+//! where its state is whole (an accept loop between accepts, a connection
+//! between reads, its partial frame in hand) and reports a [`Piece`]: a
+//! duplicate of its descriptor and what the successor needs to know about
+//! it. It then waits for the outcome without touching its socket. Once
+//! every member has reported, the hub gives the pieces to the hand-over,
+//! which settles it: committed (the successor has them: the members let go
+//! of their sockets without closing the agent's stream or removing a file)
+//! or resumed (they carry on as if nothing happened). Members are never
+//! torn down and rebuilt, so a refused hand-over costs nothing but the
+//! pause.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use super::wire::{Format, ListenerKind};
+
+/// What a member reports when paused.
+pub(crate) struct Piece {
+    pub what: PieceKind,
+    /// A duplicate of the member's socket.
+    pub fd: OwnedFd,
+}
+
+pub(crate) enum PieceKind {
+    Listener {
+        kind: ListenerKind,
+        /// The janitor's pipe, duplicated, when the listener has one.
+        janitor: Option<OwnedFd>,
+    },
+    Connection {
+        /// The member id of the accept loop that accepted it.
+        listener: u64,
+        cid: Option<u32>,
+        format: Option<Format>,
+        partial: Vec<u8>,
+        spans: u64,
+        decode_errors: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    Pausing { round: u64 },
+    Settled { round: u64, committed: bool },
+}
+
+/// How a pause ended for one member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Its socket now belongs to the successor: stop without closing the
+    /// stream's other end or removing anything.
+    HandedOver,
+    /// The hand-over went ahead without this member (it joined after the
+    /// pieces were taken): stop as at an ordinary shutdown.
+    Stop,
+    /// No hand-over: carry on.
+    Resumed,
+}
+
+enum Slot {
+    Running,
+    /// `None`: it could not make its piece (out of descriptors).
+    Reported(u64, Option<Piece>),
+    Taken(u64),
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    members: HashMap<u64, Slot>,
+}
+
+pub(crate) struct Hub {
+    inner: Mutex<Inner>,
+    phase: watch::Sender<Phase>,
+    /// A member reported or left.
+    changed: Notify,
+}
+
+impl Hub {
+    pub(crate) fn new() -> Arc<Hub> {
+        Arc::new(Hub {
+            inner: Mutex::new(Inner::default()),
+            phase: watch::Sender::new(Phase::Serving),
+            changed: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn member(self: &Arc<Self>) -> Member {
+        let id = {
+            let mut inner = self.lock();
+            inner.next_id += 1;
+            let id = inner.next_id;
+            inner.members.insert(id, Slot::Running);
+            id
+        };
+        Member {
+            hub: Arc::clone(self),
+            id,
+            phase: self.phase.subscribe(),
+            reported: None,
+            learnt: None,
+        }
+    }
+
+    /// Asks every member to pause and waits until all have reported, for
+    /// `timeout` at most. Returns the pieces by member id, now taken; on
+    /// timeout, `None` (settle with `committed = false`).
+    pub(crate) async fn pause(&self, timeout: Duration) -> Option<Vec<(u64, Piece)>> {
+        let round = match *self.phase.borrow() {
+            Phase::Serving => 1,
+            Phase::Pausing { round } | Phase::Settled { round, .. } => round + 1,
+        };
+        self.phase.send_replace(Phase::Pausing { round });
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            {
+                let mut inner = self.lock();
+                let all = inner
+                    .members
+                    .values()
+                    .all(|s| matches!(s, Slot::Reported(r, _) if *r == round));
+                let failed = inner
+                    .members
+                    .values()
+                    .any(|s| matches!(s, Slot::Reported(_, None)));
+                if all && failed {
+                    tracing::warn!("hand-over: a socket could not be duplicated; resuming");
+                    return None;
+                }
+                if all {
+                    let mut pieces = Vec::with_capacity(inner.members.len());
+                    for (id, slot) in inner.members.iter_mut() {
+                        if let Slot::Reported(_, Some(piece)) =
+                            std::mem::replace(slot, Slot::Taken(round))
+                        {
+                            pieces.push((*id, piece));
+                        }
+                    }
+                    pieces.sort_by_key(|(id, _)| *id);
+                    return Some(pieces);
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                let inner = self.lock();
+                let waiting = inner
+                    .members
+                    .values()
+                    .filter(|s| matches!(s, Slot::Running))
+                    .count();
+                tracing::warn!(
+                    waiting,
+                    "hand-over: not every connection paused in time; resuming"
+                );
+                return None;
+            }
+        }
+    }
+
+    /// Ends the pause: every member learns whether it was handed over.
+    pub(crate) fn settle(&self, committed: bool) {
+        let round = match *self.phase.borrow() {
+            Phase::Pausing { round } => round,
+            _ => return,
+        };
+        if !committed {
+            // Whatever was reported or taken is theirs again.
+            let mut inner = self.lock();
+            for slot in inner.members.values_mut() {
+                *slot = Slot::Running;
+            }
+        }
+        self.phase.send_replace(Phase::Settled { round, committed });
+    }
+}
+
+/// One accept loop's or connection's place in the hub.
+pub(crate) struct Member {
+    hub: Arc<Hub>,
+    id: u64,
+    phase: watch::Receiver<Phase>,
+    /// The last round this member reported in.
+    reported: Option<u64>,
+    /// The last round whose outcome it has learnt.
+    learnt: Option<u64>,
+}
+
+impl Member {
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The round to report in, if a pause is asked of this member now.
+    fn due(&self) -> Option<u64> {
+        match *self.phase.borrow() {
+            Phase::Pausing { round } if self.reported != Some(round) => Some(round),
+            _ => None,
+        }
+    }
+
+    /// Whether a pause is asked and not yet reported.
+    pub(crate) fn pause_due(&self) -> bool {
+        self.due().is_some()
+    }
+
+    /// Whether it reported and has not yet learnt the outcome: until it has,
+    /// its socket is not its own to use.
+    pub(crate) fn awaiting_outcome(&self) -> bool {
+        self.reported.is_some() && self.reported != self.learnt
+    }
+
+    /// Resolves once a pause is asked of this member.
+    pub(crate) async fn pause_asked(&mut self) {
+        loop {
+            if self.pause_due() {
+                return;
+            }
+            if self.phase.changed().await.is_err() {
+                // The hub is gone with the process: never.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Reports this member's piece for the pause under way.
+    pub(crate) fn report(&mut self, piece: Option<Piece>) {
+        let Some(round) = self.due() else { return };
+        self.reported = Some(round);
+        self.hub
+            .lock()
+            .members
+            .insert(self.id, Slot::Reported(round, piece));
+        self.hub.changed.notify_waiters();
+    }
+
+    /// After [`report`](Self::report): waits for the hand-over's outcome.
+    pub(crate) async fn outcome(&mut self) -> Outcome {
+        let Some(round) = self.reported else {
+            return Outcome::Resumed;
+        };
+        self.learnt = Some(round);
+        loop {
+            match *self.phase.borrow_and_update() {
+                Phase::Settled {
+                    round: r,
+                    committed,
+                } if r == round => {
+                    let taken = matches!(
+                        self.hub.lock().members.get(&self.id),
+                        Some(Slot::Taken(t)) if *t == round
+                    );
+                    return match (committed, taken) {
+                        (true, true) => Outcome::HandedOver,
+                        (true, false) => Outcome::Stop,
+                        (false, _) => Outcome::Resumed,
+                    };
+                }
+                Phase::Pausing { round: r } | Phase::Settled { round: r, .. } if r > round => {
+                    return Outcome::Resumed
+                }
+                _ => {}
+            }
+            if self.phase.changed().await.is_err() {
+                return Outcome::Resumed;
+            }
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.hub.lock().members.remove(&self.id);
+        self.hub.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn piece() -> Option<Piece> {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        Some(Piece {
+            what: PieceKind::Listener {
+                kind: ListenerKind::Vsock { cid: None, port: 1 },
+                janitor: None,
+            },
+            fd: a.as_fd().try_clone_to_owned().unwrap(),
+        })
+    }
+
+    fn pausing(hub: &Arc<Hub>) -> tokio::task::JoinHandle<Option<Vec<(u64, Piece)>>> {
+        let hub = Arc::clone(hub);
+        tokio::spawn(async move { hub.pause(Duration::from_secs(5)).await })
+    }
+
+    #[tokio::test]
+    async fn members_pause_report_and_learn_the_outcome() {
+        let hub = Hub::new();
+        let mut a = hub.member();
+        let mut b = hub.member();
+
+        // Refused: both carry on.
+        let p = pausing(&hub);
+        a.pause_asked().await;
+        a.report(piece());
+        b.pause_asked().await;
+        b.report(piece());
+        assert_eq!(p.await.unwrap().map(|v| v.len()), Some(2));
+        hub.settle(false);
+        assert_eq!(a.outcome().await, Outcome::Resumed);
+        assert_eq!(b.outcome().await, Outcome::Resumed);
+        assert!(!a.pause_due());
+
+        // Committed: a member that ends meanwhile is not waited for, one
+        // that joins after the pieces were taken is not handed over.
+        let gone = hub.member();
+        let p = pausing(&hub);
+        a.pause_asked().await;
+        a.report(piece());
+        b.pause_asked().await;
+        b.report(piece());
+        tokio::task::yield_now().await;
+        assert!(!p.is_finished(), "waits for every member");
+        drop(gone);
+        let pieces = p.await.unwrap().expect("every member reported");
+        let ids: Vec<u64> = pieces.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![a.id(), b.id()]);
+        let mut late = hub.member();
+        late.pause_asked().await;
+        late.report(piece());
+        hub.settle(true);
+        assert_eq!(a.outcome().await, Outcome::HandedOver);
+        assert_eq!(b.outcome().await, Outcome::HandedOver);
+        assert_eq!(late.outcome().await, Outcome::Stop);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_that_never_reports_times_the_pause_out() {
+        let hub = Hub::new();
+        let _stuck = hub.member();
+        let mut ok = hub.member();
+        let pausing = {
+            let hub = Arc::clone(&hub);
+            tokio::spawn(async move { hub.pause(Duration::from_millis(100)).await })
+        };
+        ok.pause_asked().await;
+        ok.report(piece());
+        assert!(pausing.await.unwrap().is_none());
+        hub.settle(false);
+        assert_eq!(ok.outcome().await, Outcome::Resumed);
+        assert!(!ok.pause_due());
+    }
+}

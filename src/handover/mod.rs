@@ -1,0 +1,537 @@
+//! Handing live agent connections to the next forwarder process.
+//!
+//! The Kata agent connects once and never dials again after a failed write,
+//! so a forwarder that closes a connection ends that sandbox's tracing for
+//! the life of its VM. A restart or upgrade therefore hands everything over
+//! instead: the listening sockets, every live agent connection, and for
+//! each connection what the reader knows (the format found, the bytes of a
+//! frame not yet whole). The successor serves them through the same code
+//! as connections it accepted itself, and the agents never notice.
+//!
+//! The forwarder listens on a hand-off socket (`--handoff-socket`). A new
+//! forwarder started with the same path connects to it before binding
+//! anything ([`take_over`]). The old one checks who it is (`SO_PEERCRED`:
+//! the same user, or root), pauses every listener and connection between
+//! two reads ([`hub`]), and sends the state ([`wire`]) and the descriptors
+//! ([`fds`]). Only when the successor acknowledges does the old one let go:
+//! its connections stop without another read, its sockets stay in place
+//! (nor does its janitor remove them: the janitor's pipe goes along), and
+//! it exits 0 once what it had read is exported or spooled, as at any
+//! shutdown. Spans read before the pause are the old process's to export,
+//! bytes read after it the new one's: none is lost or sent twice. Without
+//! an acknowledgement (a successor that refuses the state, dies or times
+//! out) the old process resumes where it paused. `SIGHUP` starts the binary
+//! now at the forwarder's path as such a successor ([`upgrade`]).
+//!
+//! The exchange on the hand-off socket:
+//!
+//! ```text
+//! new -> old   "KTFTAKE1"                      (8 bytes)
+//! old -> new   'S', the state message, then its descriptors (wire, fds)
+//!          or  'R', length (u32, big-endian, at most 4 KiB), reason (UTF-8)
+//! new -> old   'A' once it holds everything and will serve it
+//! ```
+
+pub mod fds;
+pub(crate) mod hub;
+pub(crate) mod server;
+pub mod wire;
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::addr::Peer;
+use crate::config::ListenMode;
+use crate::ingest::Ingest;
+use crate::wire::WireFormat;
+use hub::{Member, Piece, PieceKind};
+use wire::{Format, ListenerKind, State};
+
+pub use server::Upgrade;
+
+/// Where the hand-off sockets live by default.
+pub const DEFAULT_DIR: &str = "/run/kata-trace-forwarder";
+/// What a successor sends first.
+pub const REQUEST: [u8; 8] = *b"KTFTAKE1";
+const STATE: u8 = b'S';
+const REFUSED: u8 = b'R';
+const ACK: u8 = b'A';
+/// Longest refusal reason.
+const MAX_REASON: usize = 4096;
+/// How long either side waits for the other at each step.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandOverError {
+    #[error("not a kata-trace-forwarder hand-over state (magic {found:02x?}); refusing it")]
+    ForeignState { found: Vec<u8> },
+    #[error(
+        "hand-over state version {found}, this forwarder reads version {}; refusing it",
+        wire::VERSION
+    )]
+    UnsupportedVersion { found: u16 },
+    #[error("hand-over state of {len} bytes is over the limit of {max}; refusing it")]
+    StateTooLarge { len: u64, max: usize },
+    #[error(
+        "hand-over state checksum mismatch (sent {want:08x}, computed {got:08x}); refusing it"
+    )]
+    ChecksumMismatch { want: u32, got: u32 },
+    #[error("decoding the hand-over state: {0}; refusing it")]
+    DecodeState(String),
+    #[error("checking the hand-over state: {0}; refusing it")]
+    CheckState(String),
+    #[error("encoding the hand-over state: {0}")]
+    EncodeState(String),
+    #[error("binding the hand-off socket {path}: {source}")]
+    BindHandoff {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting to the hand-off socket {path}: {source}")]
+    ConnectHandoff {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the forwarder at the hand-off socket runs as uid {uid}, we as {ours}; refusing to take from it")]
+    CheckPeer { uid: u32, ours: u32 },
+    #[error("the running forwarder refused to hand over: {0}")]
+    Refused(String),
+    #[error("receiving the hand-over: {0}")]
+    Receive(#[source] io::Error),
+    #[error("sending the hand-over: {0}")]
+    Send(#[source] io::Error),
+    #[error("using a handed-over socket: {0}")]
+    AdoptSocket(String),
+}
+
+/// The hand-off socket path when `--handoff-socket` is not given: one per
+/// set of listeners, so that forwarders serving different sockets on one
+/// host (a QEMU unit beside a hybrid one) never take each other's.
+pub fn default_path(mode: &ListenMode) -> PathBuf {
+    let key = match mode {
+        ListenMode::Vsock { cid, port } => format!("vsock:{cid:?}:{port}"),
+        ListenMode::Hybrid { socket_path, port } => {
+            format!("hybrid:{}:{port}", socket_path.display())
+        }
+        ListenMode::Template { template, port, .. } => format!("template:{template}:{port}"),
+        ListenMode::Many {
+            vsock,
+            templates,
+            port,
+            ..
+        } => {
+            let t: Vec<String> = templates.iter().map(ToString::to_string).collect();
+            format!("many:{vsock:?}:{}:{port}", t.join(","))
+        }
+        ListenMode::KataHost(k) => format!("kata-host:{}:{}", k.sources.root.display(), k.port),
+    };
+    let hash = crc32fast::hash(key.as_bytes());
+    Path::new(DEFAULT_DIR).join(format!("handoff-{hash:08x}.sock"))
+}
+
+/// How a connection task is tied to hand-overs.
+pub(crate) struct ConnLink {
+    /// Its place in the next hand-over's pause.
+    pub member: Option<Member>,
+    /// The member id of the accept loop it came from.
+    pub listener: u64,
+    /// What the previous process had read, for a connection handed over.
+    pub resume: Option<Resume>,
+}
+
+/// A handed-over connection's reading state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Resume {
+    pub partial: Vec<u8>,
+    pub format: Option<WireFormat>,
+    pub spans: u64,
+    pub decode_errors: u64,
+}
+
+impl Resume {
+    /// A paused connection's piece: its socket duplicated, and what its
+    /// reader knows. Duplicating can fail (out of descriptors); the piece
+    /// then carries nothing and the hand-over is refused as a whole.
+    pub(crate) fn piece(
+        stream: &impl AsFd,
+        peer: Peer,
+        listener: u64,
+        ingest: &Ingest,
+        buffered: &[u8],
+    ) -> Option<Piece> {
+        let fd = match stream.as_fd().try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(error = %e, "hand-over: duplicating a connection's socket");
+                return None;
+            }
+        };
+        Some(Piece {
+            what: PieceKind::Connection {
+                listener,
+                cid: match peer {
+                    Peer::Vsock { cid } => Some(cid),
+                    Peer::Unix => None,
+                },
+                format: ingest.format().map(Format::from),
+                partial: ingest.unread(buffered),
+                spans: ingest.spans(),
+                decode_errors: ingest.decode_errors(),
+            },
+            fd,
+        })
+    }
+}
+
+impl From<WireFormat> for Format {
+    fn from(f: WireFormat) -> Format {
+        match f {
+            WireFormat::Json => Format::Json,
+            WireFormat::Bincode => Format::Bincode,
+        }
+    }
+}
+
+impl From<Format> for WireFormat {
+    fn from(f: Format) -> WireFormat {
+        match f {
+            Format::Json => WireFormat::Json,
+            Format::Bincode => WireFormat::Bincode,
+        }
+    }
+}
+
+/// The hand-off socket, bound here or handed over.
+pub struct HandoffListener {
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+    identity: (u64, u64),
+    /// Cleared once it belongs to a successor.
+    remove: bool,
+}
+
+impl HandoffListener {
+    /// Binds `path` (its directory made if missing), replacing a stale
+    /// socket. Only the owner may connect (mode 0600); started as root, the
+    /// owner is `user`, whom the forwarder becomes and whose successor,
+    /// started by `SIGHUP`, must be able to connect.
+    pub fn bind(path: &Path, user: Option<&str>) -> Result<HandoffListener, HandOverError> {
+        let err = |source| HandOverError::BindHandoff {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(err)?;
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+            }
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+            Ok(_) => {
+                return Err(err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "exists and is not a socket",
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(e)),
+        }
+        let std = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        if let Some(user) = user {
+            if let Ok(Some(u)) = nix::unistd::User::from_name(user) {
+                nix::unistd::chown(path, Some(u.uid), Some(u.gid)).map_err(|e| err(e.into()))?;
+            }
+        }
+        let md = std::fs::symlink_metadata(path).map_err(err)?;
+        std.set_nonblocking(true).map_err(err)?;
+        let listener = tokio::net::UnixListener::from_std(std).map_err(err)?;
+        Ok(HandoffListener {
+            listener,
+            path: path.to_owned(),
+            identity: (md.dev(), md.ino()),
+            remove: true,
+        })
+    }
+
+    fn adopt(fd: OwnedFd, path: PathBuf, identity: (u64, u64)) -> Result<Self, HandOverError> {
+        let std = std::os::unix::net::UnixListener::from(fd);
+        let listener = std
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixListener::from_std(std))
+            .map_err(|e| HandOverError::AdoptSocket(format!("hand-off socket: {e}")))?;
+        Ok(HandoffListener {
+            listener,
+            path,
+            identity,
+            remove: true,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for HandoffListener {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|md| (md.dev(), md.ino()) == self.identity);
+        if self.remove && ours {
+            // Fails where root was dropped and the directory is root's: a
+            // stale socket is replaced at the next start.
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// What a successor received, before it is turned into listeners.
+pub struct Received {
+    stream: StdUnixStream,
+    pub state: State,
+    fds: Vec<OwnedFd>,
+}
+
+/// One handed-over listener, as the listen stage takes it.
+pub enum TakenListener {
+    Hybrid {
+        fd: OwnedFd,
+        path: PathBuf,
+        identity: (u64, u64),
+        janitor: Option<OwnedFd>,
+    },
+    Vsock {
+        fd: OwnedFd,
+        cid: Option<u32>,
+        port: u32,
+    },
+}
+
+/// One handed-over connection: its socket, the index of its listener among
+/// [`Taken::listeners`], and its reading state.
+pub struct TakenConn {
+    pub fd: OwnedFd,
+    pub listener: usize,
+    pub cid: Option<u32>,
+    pub(crate) resume: Resume,
+}
+
+/// Everything handed over, checked and ready to serve.
+pub struct Taken {
+    pub from_pid: u32,
+    pub handoff: Option<HandoffListener>,
+    pub listeners: Vec<TakenListener>,
+    pub connections: Vec<TakenConn>,
+    stream: StdUnixStream,
+}
+
+impl Taken {
+    /// The parts, and the acknowledgement to send once they are served.
+    pub fn split(self) -> (TakenParts, Ack) {
+        (
+            TakenParts {
+                from_pid: self.from_pid,
+                handoff: self.handoff,
+                listeners: self.listeners,
+                connections: self.connections,
+            },
+            Ack {
+                stream: self.stream,
+            },
+        )
+    }
+}
+
+/// The acknowledgement a successor owes the old process.
+pub struct Ack {
+    stream: StdUnixStream,
+}
+
+impl Ack {
+    /// Tells the old process that everything is ours now: from here on it
+    /// will not read again. Without this (dropped), it resumes.
+    pub fn send(mut self) -> Result<(), HandOverError> {
+        self.stream.write_all(&[ACK]).map_err(HandOverError::Send)
+    }
+}
+
+/// What [`Taken`] holds.
+pub struct TakenParts {
+    pub from_pid: u32,
+    pub handoff: Option<HandoffListener>,
+    pub listeners: Vec<TakenListener>,
+    pub connections: Vec<TakenConn>,
+}
+
+/// Connects to the hand-off socket at `path` and takes everything the
+/// forwarder there serves. `Ok(None)`: nobody is there (start normally).
+/// Blocking: call it before serving, or off the runtime.
+pub fn take_over(path: &Path, max_frame_size: usize) -> Result<Option<Taken>, HandOverError> {
+    let stream = match StdUnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(source) => {
+            return Err(HandOverError::ConnectHandoff {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let ours = nix::unistd::getuid().as_raw();
+    let peer = fds::peer(&stream).map_err(HandOverError::Receive)?;
+    if peer.uid != ours && peer.uid != 0 && ours != 0 {
+        return Err(HandOverError::CheckPeer {
+            uid: peer.uid,
+            ours,
+        });
+    }
+    let _ = stream.set_read_timeout(Some(STEP_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
+    let received = receive(stream, max_frame_size)?;
+    sort(received).map(Some)
+}
+
+fn receive(mut stream: StdUnixStream, max_frame_size: usize) -> Result<Received, HandOverError> {
+    let rx = HandOverError::Receive;
+    stream.write_all(&REQUEST).map_err(HandOverError::Send)?;
+    let mut tag = [0u8; 1];
+    stream.read_exact(&mut tag).map_err(rx)?;
+    match tag[0] {
+        STATE => {}
+        REFUSED => {
+            let mut len = [0u8; 4];
+            stream.read_exact(&mut len).map_err(rx)?;
+            let len = (u32::from_be_bytes(len) as usize).min(MAX_REASON);
+            let mut reason = vec![0u8; len];
+            stream.read_exact(&mut reason).map_err(rx)?;
+            return Err(HandOverError::Refused(
+                String::from_utf8_lossy(&reason).into_owned(),
+            ));
+        }
+        other => return Err(HandOverError::ForeignState { found: vec![other] }),
+    }
+    let mut head = [0u8; wire::HEADER_LEN];
+    stream.read_exact(&mut head).map_err(rx)?;
+    let header = wire::decode_header(&head)?;
+    // Read exactly what was announced: never into the descriptors' bytes.
+    let want = header.body_len + wire::TRAILER_LEN;
+    let mut rest = Vec::with_capacity(want.min(1 << 20));
+    (&mut stream)
+        .take(want as u64)
+        .read_to_end(&mut rest)
+        .map_err(rx)?;
+    let state = wire::decode_body(&head, header, &rest, max_frame_size)?;
+    let fds = fds::recv(stream.as_fd(), header.descriptors).map_err(rx)?;
+    Ok(Received { stream, state, fds })
+}
+
+/// Checks each descriptor is the kind of socket the state says, and pairs
+/// them up.
+fn sort(received: Received) -> Result<Taken, HandOverError> {
+    use nix::sys::socket::{getsockopt, sockopt, AddressFamily, SockType};
+    let Received { stream, state, fds } = received;
+    let check = |fd: &OwnedFd, family: AddressFamily, listening: bool, what: &str| {
+        let kind = getsockopt(fd, sockopt::SockType);
+        let accepting = getsockopt(fd, sockopt::AcceptConn);
+        let domain =
+            nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
+                .ok()
+                .and_then(|a| nix::sys::socket::SockaddrLike::family(&a));
+        match (kind, accepting, domain) {
+            (Ok(SockType::Stream), Ok(a), Some(d)) if a == listening && d == family => Ok(()),
+            other => Err(HandOverError::AdoptSocket(format!(
+                "{what}: not the socket announced ({other:?})"
+            ))),
+        }
+    };
+    let mut fds = fds.into_iter();
+    let mut next = |what: &str| {
+        fds.next()
+            .ok_or_else(|| HandOverError::AdoptSocket(format!("{what}: descriptor missing")))
+    };
+    let mut handoff = None;
+    let mut listeners = Vec::new();
+    // State index -> index among `listeners` (the hand-off socket is apart).
+    let mut index = Vec::with_capacity(state.listeners.len());
+    for l in &state.listeners {
+        let fd = next("listener")?;
+        let janitor = if l.janitor {
+            Some(next("janitor")?)
+        } else {
+            None
+        };
+        match &l.kind {
+            ListenerKind::Handoff { path, identity } => {
+                check(&fd, AddressFamily::Unix, true, "hand-off socket")?;
+                handoff = Some(HandoffListener::adopt(fd, path.clone(), *identity)?);
+                index.push(None);
+            }
+            ListenerKind::Hybrid { path, identity } => {
+                check(&fd, AddressFamily::Unix, true, "hybrid listener")?;
+                index.push(Some(listeners.len()));
+                listeners.push(TakenListener::Hybrid {
+                    fd,
+                    path: path.clone(),
+                    identity: *identity,
+                    janitor,
+                });
+            }
+            ListenerKind::Vsock { cid, port } => {
+                check(&fd, AddressFamily::Vsock, true, "vsock listener")?;
+                index.push(Some(listeners.len()));
+                listeners.push(TakenListener::Vsock {
+                    fd,
+                    cid: *cid,
+                    port: *port,
+                });
+            }
+        }
+    }
+    let mut connections = Vec::with_capacity(state.connections.len());
+    for c in state.connections {
+        let fd = next("connection")?;
+        let Some(Some(listener)) = index.get(c.listener as usize).copied() else {
+            return Err(HandOverError::CheckState(format!(
+                "a connection of listener {} (not an agent listener)",
+                c.listener
+            )));
+        };
+        let family = match c.cid {
+            Some(_) => AddressFamily::Vsock,
+            None => AddressFamily::Unix,
+        };
+        check(&fd, family, false, "connection")?;
+        connections.push(TakenConn {
+            fd,
+            listener,
+            cid: c.cid,
+            resume: Resume {
+                partial: c.partial,
+                format: c.format.map(WireFormat::from),
+                spans: c.spans,
+                decode_errors: c.decode_errors,
+            },
+        });
+    }
+    Ok(Taken {
+        from_pid: state.pid,
+        handoff,
+        listeners,
+        connections,
+        stream,
+    })
+}

@@ -1,0 +1,411 @@
+//! The running forwarder's side of a hand-over: answering successors on
+//! the hand-off socket, and starting one on `SIGHUP`.
+//!
+//! A successor is checked first (`SO_PEERCRED`: our user or root; anyone
+//! else is refused and logged), then every listener and connection pauses
+//! ([`super::hub`]), the state and descriptors go out, and the hand-over
+//! commits only on the successor's acknowledgement. Anything short of that
+//! resumes every member where it paused.
+//!
+//! `SIGHUP` starts the binary at the path this forwarder was started from
+//! (taken at startup: `/proc/self/exe` would name the old, replaced file),
+//! with the same arguments and environment, as a child that takes over
+//! through the hand-off socket. Until it has, this process serves on; if it
+//! cannot start, exits, or never asks, that is logged and nothing else
+//! changes.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::Signal;
+use tokio::time::Instant;
+
+use super::hub::{Hub, PieceKind};
+use super::wire::{self, ConnState, ListenerKind, ListenerState, State};
+use super::{
+    fds, HandOverError, HandoffListener, ACK, MAX_REASON, REFUSED, REQUEST, STATE, STEP_TIMEOUT,
+};
+
+/// Longest every listener and connection may take to pause.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest an upgraded binary may take to ask for the hand-over.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How to start a successor on `SIGHUP`.
+#[derive(Debug, Clone)]
+pub struct Upgrade {
+    /// The binary's path as started (resolved then).
+    pub exe: PathBuf,
+    /// The arguments after argv[0].
+    pub args: Vec<OsString>,
+}
+
+/// A hand-over that went through.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Committed {
+    pub successor_pid: i32,
+}
+
+/// Answers successors on the hand-off socket.
+pub(crate) struct Server {
+    listener: HandoffListener,
+    hub: Arc<Hub>,
+    /// Why this forwarder cannot hand over, if it cannot.
+    refuse: Option<String>,
+    upgrade: Option<(Upgrade, Signal)>,
+}
+
+impl Server {
+    pub(crate) fn new(
+        listener: HandoffListener,
+        hub: Arc<Hub>,
+        refuse: Option<String>,
+        upgrade: Option<(Upgrade, Signal)>,
+    ) -> Server {
+        Server {
+            listener,
+            hub,
+            refuse,
+            upgrade,
+        }
+    }
+
+    pub(crate) fn path(&self) -> &std::path::Path {
+        self.listener.path()
+    }
+
+    /// Serves successors, and upgrades on `SIGHUP`, until a hand-over
+    /// commits. The hand-off socket then belongs to the successor.
+    pub(crate) async fn run(&mut self) -> Committed {
+        let mut child: Option<(Child, Instant)> = None;
+        loop {
+            let hup = async {
+                match self.upgrade.as_mut() {
+                    Some((_, sig)) => sig.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let child_check = async {
+                match child.is_some() {
+                    true => tokio::time::sleep(Duration::from_millis(20)).await,
+                    false => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                accepted = self.listener.listener.accept() => {
+                    let stream = match accepted {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "hand-off socket: accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    if let Some(done) = self.answer(stream).await {
+                        self.listener.remove = false;
+                        return done;
+                    }
+                    if child.is_some() {
+                        notify(&[sd_notify::NotifyState::Ready]);
+                    }
+                }
+                Some(()) = hup => {
+                    if child.is_some() {
+                        tracing::warn!("SIGHUP: an upgrade is already under way");
+                        continue;
+                    }
+                    child = self.start_upgrade().map(|c| (c, Instant::now()));
+                }
+                () = child_check => {
+                    let Some((c, since)) = child.as_mut() else { continue };
+                    match c.try_wait() {
+                        Ok(Some(status)) => {
+                            tracing::error!(%status, "upgrade failed: the new binary exited before taking over; still serving");
+                            child = None;
+                            notify(&[sd_notify::NotifyState::Ready]);
+                        }
+                        Ok(None) if since.elapsed() > UPGRADE_TIMEOUT => {
+                            tracing::error!(timeout = ?UPGRADE_TIMEOUT, "upgrade failed: the new binary did not take over in time; stopping it, still serving");
+                            let _ = c.kill();
+                            let _ = c.wait();
+                            child = None;
+                            notify(&[sd_notify::NotifyState::Ready]);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "upgrade: waiting on the new binary");
+                            child = None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the upgraded binary, or logs why it cannot.
+    fn start_upgrade(&self) -> Option<Child> {
+        let (up, _) = self.upgrade.as_ref()?;
+        if let Some(why) = &self.refuse {
+            // The successor would be refused, and then serve beside us.
+            tracing::error!(reason = %why, "SIGHUP: this forwarder cannot hand over, so no upgrade; still serving");
+            return None;
+        }
+        match sd_notify::NotifyState::monotonic_usec_now() {
+            Ok(now) => notify(&[sd_notify::NotifyState::Reloading, now]),
+            Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
+        }
+        tracing::info!(exe = %up.exe.display(), "SIGHUP: starting the binary to hand over to");
+        match Command::new(&up.exe)
+            .args(&up.args)
+            .env(crate::config::TAKE_OVER_ENV, "1")
+            .stdin(Stdio::null())
+            .spawn()
+        {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(exe = %up.exe.display(), error = %e, "upgrade failed: the new binary did not start; still serving");
+                notify(&[sd_notify::NotifyState::Ready]);
+                None
+            }
+        }
+    }
+
+    /// One successor: checked, then handed everything, or refused.
+    async fn answer(&self, stream: tokio::net::UnixStream) -> Option<Committed> {
+        let ours = nix::unistd::getuid().as_raw();
+        let peer = match fds::peer(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "hand-off socket: reading the peer's credentials");
+                return None;
+            }
+        };
+        if peer.uid != ours && peer.uid != 0 {
+            tracing::warn!(
+                uid = peer.uid,
+                pid = peer.pid,
+                ours,
+                "hand-off socket: refused a takeover by another user"
+            );
+            return None;
+        }
+        let mut stream = match stream.into_std().and_then(|s| {
+            s.set_nonblocking(false)?;
+            s.set_read_timeout(Some(STEP_TIMEOUT))?;
+            s.set_write_timeout(Some(STEP_TIMEOUT))?;
+            Ok(s)
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "hand-off socket: preparing the connection");
+                return None;
+            }
+        };
+        // Blocking reads and writes, off the runtime: the exchange is short,
+        // and agents are paused meanwhile anyway.
+        let (res, s) = blocking(stream, |s| {
+            let mut req = [0u8; REQUEST.len()];
+            s.read_exact(&mut req)?;
+            Ok(req == REQUEST)
+        })
+        .await;
+        stream = s?;
+        match res {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    pid = peer.pid,
+                    "hand-off socket: not a forwarder's request; closed"
+                );
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(pid = peer.pid, error = %e, "hand-off socket: reading the request");
+                return None;
+            }
+        }
+        if let Some(why) = &self.refuse {
+            tracing::warn!(pid = peer.pid, reason = %why, "hand-over refused");
+            let _ = refuse(stream, why.clone()).await;
+            return None;
+        }
+        tracing::info!(
+            pid = peer.pid,
+            "handing over to a successor: pausing every connection"
+        );
+        let started = Instant::now();
+        let Some(pieces) = self.hub.pause(PAUSE_TIMEOUT).await else {
+            self.hub.settle(false);
+            let _ = refuse(stream, "the connections did not pause in time".into()).await;
+            return None;
+        };
+        let (state, owned) = match self.state(pieces) {
+            Ok(s) => s,
+            Err(e) => {
+                self.hub.settle(false);
+                tracing::error!(error = %e, "hand-over: building the state; resuming");
+                let _ = refuse(stream, e.to_string()).await;
+                return None;
+            }
+        };
+        let (listeners, connections) = (state.listeners.len(), state.connections.len());
+        let (res, _) = blocking(stream, move |s| {
+            let msg = wire::encode(&state).map_err(std::io::Error::other)?;
+            s.write_all(&[STATE])?;
+            s.write_all(&msg)?;
+            let borrowed: Vec<BorrowedFd<'_>> = owned.iter().map(AsFd::as_fd).collect();
+            fds::send(s.as_fd(), &borrowed)?;
+            let mut ack = [0u8; 1];
+            s.read_exact(&mut ack)?;
+            Ok(ack[0] == ACK)
+        })
+        .await;
+        match res {
+            Ok(true) => {
+                self.hub.settle(true);
+                tracing::info!(
+                    successor = peer.pid,
+                    listeners,
+                    connections,
+                    paused_for = ?started.elapsed(),
+                    "handed over: every listener and connection is the successor's"
+                );
+                notify(&[sd_notify::NotifyState::MainPid(peer.pid as u32)]);
+                Some(Committed {
+                    successor_pid: peer.pid,
+                })
+            }
+            Ok(false) | Err(_) => {
+                self.hub.settle(false);
+                let why = res.err().map(|e| e.to_string());
+                tracing::error!(
+                    successor = peer.pid,
+                    error = why.as_deref().unwrap_or("no acknowledgement"),
+                    "hand-over failed: the successor did not take it; resuming"
+                );
+                None
+            }
+        }
+    }
+
+    /// The state and descriptors for `pieces`: the hand-off socket first,
+    /// then every listener (and janitor), then every connection.
+    fn state(
+        &self,
+        pieces: Vec<(u64, super::hub::Piece)>,
+    ) -> Result<(State, Vec<OwnedFd>), HandOverError> {
+        let mut listeners = Vec::new();
+        let mut connections = Vec::new();
+        let mut fds_l = Vec::new();
+        let mut fds_c = Vec::new();
+        let handoff = self
+            .listener
+            .listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| {
+                HandOverError::EncodeState(format!("duplicating the hand-off socket: {e}"))
+            })?;
+        listeners.push(ListenerState {
+            kind: ListenerKind::Handoff {
+                path: self.listener.path.clone(),
+                identity: self.listener.identity,
+            },
+            janitor: false,
+        });
+        fds_l.push(handoff);
+        let mut index = std::collections::HashMap::new();
+        let mut conns = Vec::new();
+        for (id, piece) in pieces {
+            match piece.what {
+                PieceKind::Listener { kind, janitor } => {
+                    index.insert(id, listeners.len() as u32);
+                    listeners.push(ListenerState {
+                        kind,
+                        janitor: janitor.is_some(),
+                    });
+                    fds_l.push(piece.fd);
+                    fds_l.extend(janitor);
+                }
+                PieceKind::Connection { .. } => conns.push(piece),
+            }
+        }
+        for piece in conns {
+            if let PieceKind::Connection {
+                listener,
+                cid,
+                format,
+                partial,
+                spans,
+                decode_errors,
+            } = piece.what
+            {
+                let Some(&l) = index.get(&listener) else {
+                    return Err(HandOverError::EncodeState(
+                        "a connection whose listener is not handed over".into(),
+                    ));
+                };
+                connections.push(ConnState {
+                    listener: l,
+                    cid,
+                    format,
+                    partial,
+                    spans,
+                    decode_errors,
+                });
+                fds_c.push(piece.fd);
+            }
+        }
+        fds_l.extend(fds_c);
+        let state = State {
+            pid: std::process::id(),
+            listeners,
+            connections,
+        };
+        Ok((state, fds_l))
+    }
+}
+
+/// Runs `f` on the blocking pool with the stream, and gives it back.
+async fn blocking<T: Send + 'static>(
+    mut stream: StdUnixStream,
+    f: impl FnOnce(&mut StdUnixStream) -> std::io::Result<T> + Send + 'static,
+) -> (std::io::Result<T>, Option<StdUnixStream>) {
+    match tokio::task::spawn_blocking(move || {
+        let r = f(&mut stream);
+        (r, stream)
+    })
+    .await
+    {
+        Ok((r, s)) => (r, Some(s)),
+        Err(e) => (Err(std::io::Error::other(e.to_string())), None),
+    }
+}
+
+async fn refuse(stream: StdUnixStream, why: String) -> std::io::Result<()> {
+    blocking(stream, move |s| {
+        let why = why.as_bytes();
+        let why = why.get(..why.len().min(MAX_REASON)).unwrap_or_default();
+        s.write_all(&[REFUSED])?;
+        s.write_all(&(why.len() as u32).to_be_bytes())?;
+        s.write_all(why)
+    })
+    .await
+    .0
+}
+
+/// Tells systemd, when it supervises us (`Type=notify`); a no-op otherwise.
+pub(crate) fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::debug!(error = %e, "sd_notify");
+    }
+}

@@ -1,0 +1,480 @@
+//! The hand-over state message: what a forwarder tells its successor about
+//! the sockets it passes, checked before anything in it is believed.
+//!
+//! # Wire format
+//!
+//! One message, sent once, old process to new, on the hand-off socket:
+//!
+//! ```text
+//! offset  size  field
+//! 0       8     magic "KTFHOVR\0"      (anything else: not a forwarder's state)
+//! 8       2     version, big-endian    (1; another is refused, never guessed at)
+//! 10      2     reserved, 0
+//! 12      4     body length L, big-endian (at most MAX_STATE_BYTES)
+//! 16      4     number of descriptors N that follow the message, big-endian
+//! 20      L     body: bincode 1.3 (fixed-width integers) of `State`
+//! 20+L    4     CRC-32 (IEEE) of bytes 0 .. 20+L, big-endian
+//! ```
+//!
+//! The N descriptors then follow over `SCM_RIGHTS` (see [`super::fds`]), in
+//! the order the body lists what they belong to: each listener's socket,
+//! followed by its janitor's pipe when it has one, then each connection's
+//! socket. The body says how many descriptors it expects; a message whose
+//! count disagrees is refused.
+//!
+//! Every bound is checked before it is used: the header's length before
+//! the body is read, the body with bincode's size limit and no trailing
+//! bytes, every partial frame against the receiver's own `--max-frame-size`
+//! (plus its 8-byte header: it is the bytes of one frame not yet whole),
+//! every listener reference of a connection against the listeners sent. A
+//! message that fails any check is refused whole, with an error that says
+//! which, and the new process starts clean instead of trusting any of it.
+
+use std::path::PathBuf;
+
+use bincode::Options;
+use serde::{Deserialize, Serialize};
+
+use super::HandOverError;
+
+pub const MAGIC: [u8; 8] = *b"KTFHOVR\0";
+pub const VERSION: u16 = 1;
+/// Magic, version, reserved, body length, descriptor count.
+pub const HEADER_LEN: usize = 8 + 2 + 2 + 4 + 4;
+pub const TRAILER_LEN: usize = 4;
+/// Largest body accepted: 1,024 connections each with a whole 1 MiB frame
+/// but one byte half read fit in it, with room to spare.
+pub const MAX_STATE_BYTES: usize = 1100 << 20;
+/// Most listeners in one state (template mode has one per sandbox).
+pub const MAX_LISTENERS: usize = 65_536;
+/// Most connections in one state.
+pub const MAX_CONNECTIONS: usize = 65_536;
+
+/// Everything handed over, but the descriptors themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// The sender's process id, for the logs.
+    pub pid: u32,
+    pub listeners: Vec<ListenerState>,
+    pub connections: Vec<ConnState>,
+}
+
+/// A listening socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerState {
+    pub kind: ListenerKind,
+    /// A janitor's pipe follows this listener's descriptor: the process that
+    /// removes the socket once the last forwarder is gone for good.
+    pub janitor: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ListenerKind {
+    /// The hand-off socket itself, so that the successor can be taken over
+    /// in turn without binding it again (it may not have the right to).
+    Handoff { path: PathBuf, identity: (u64, u64) },
+    /// A hybrid-VSOCK socket, `<socket-path>_<port>`: its path and the
+    /// device and inode it was bound as.
+    Hybrid { path: PathBuf, identity: (u64, u64) },
+    /// An AF_VSOCK listener; `cid` `None` is any.
+    Vsock { cid: Option<u32>, port: u32 },
+}
+
+/// One live agent connection, as its reader left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnState {
+    /// Index into [`State::listeners`] of the listener that accepted it.
+    pub listener: u32,
+    /// The guest's CID, for a VSOCK connection.
+    pub cid: Option<u32>,
+    /// The wire format the agent was found to speak.
+    pub format: Option<Format>,
+    /// The bytes read and not yet a whole frame (its header included).
+    pub partial: Vec<u8>,
+    /// Spans and frames skipped so far, for the connection's closing log.
+    pub spans: u64,
+    pub decode_errors: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Format {
+    Json,
+    Bincode,
+}
+
+impl State {
+    /// How many descriptors follow a message carrying this state.
+    pub fn descriptors(&self) -> usize {
+        let janitors = self.listeners.iter().filter(|l| l.janitor).count();
+        self.listeners.len() + janitors + self.connections.len()
+    }
+}
+
+fn codec(limit: u64) -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_big_endian()
+        .reject_trailing_bytes()
+        .with_limit(limit)
+}
+
+/// The whole message for `state`.
+pub fn encode(state: &State) -> Result<Vec<u8>, HandOverError> {
+    let body = codec(MAX_STATE_BYTES as u64)
+        .serialize(state)
+        .map_err(|e| HandOverError::EncodeState(e.to_string()))?;
+    let len = u32::try_from(body.len()).map_err(|_| HandOverError::StateTooLarge {
+        len: body.len() as u64,
+        max: MAX_STATE_BYTES,
+    })?;
+    let fds = u32::try_from(state.descriptors())
+        .map_err(|_| HandOverError::EncodeState("too many descriptors".into()))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TRAILER_LEN);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&fds.to_be_bytes());
+    out.extend_from_slice(&body);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    Ok(out)
+}
+
+/// What the header says follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub body_len: usize,
+    pub descriptors: usize,
+}
+
+/// Checks a header: ours, this version, a body within bounds.
+pub fn decode_header(head: &[u8; HEADER_LEN]) -> Result<Header, HandOverError> {
+    let (magic, rest) = head.split_at(8);
+    if magic != MAGIC {
+        return Err(HandOverError::ForeignState {
+            found: magic.to_vec(),
+        });
+    }
+    let be16 = |b: &[u8]| b.try_into().map(u16::from_be_bytes).unwrap_or(u16::MAX);
+    let be32 = |b: &[u8]| b.try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX);
+    let (version, rest) = rest.split_at(2);
+    let version = be16(version);
+    if version != VERSION {
+        return Err(HandOverError::UnsupportedVersion { found: version });
+    }
+    let (_reserved, rest) = rest.split_at(2);
+    let (len, fds) = rest.split_at(4);
+    let body_len = be32(len) as usize;
+    if body_len > MAX_STATE_BYTES {
+        return Err(HandOverError::StateTooLarge {
+            len: body_len as u64,
+            max: MAX_STATE_BYTES,
+        });
+    }
+    Ok(Header {
+        body_len,
+        descriptors: be32(fds) as usize,
+    })
+}
+
+/// Checks and decodes the body (`rest`: the body and the CRC, as read after
+/// `head`). `max_frame_size` is the receiver's own limit.
+pub fn decode_body(
+    head: &[u8; HEADER_LEN],
+    header: Header,
+    rest: &[u8],
+    max_frame_size: usize,
+) -> Result<State, HandOverError> {
+    if rest.len() != header.body_len + TRAILER_LEN {
+        return Err(HandOverError::CheckState(format!(
+            "{} bytes after the header, {} announced",
+            rest.len(),
+            header.body_len + TRAILER_LEN
+        )));
+    }
+    let (body, crc) = rest.split_at(header.body_len);
+    let want = crc.try_into().map(u32::from_be_bytes).unwrap_or(0);
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(head);
+    hasher.update(body);
+    let got = hasher.finalize();
+    if got != want {
+        return Err(HandOverError::ChecksumMismatch { want, got });
+    }
+    let state: State = codec(header.body_len as u64)
+        .deserialize(body)
+        .map_err(|e| HandOverError::DecodeState(e.to_string()))?;
+    check(&state, header, max_frame_size)?;
+    Ok(state)
+}
+
+/// The checks bincode cannot make: counts, references, frame bounds.
+fn check(state: &State, header: Header, max_frame_size: usize) -> Result<(), HandOverError> {
+    let bad = |why: String| Err(HandOverError::CheckState(why));
+    if state.listeners.len() > MAX_LISTENERS {
+        return bad(format!("{} listeners", state.listeners.len()));
+    }
+    if state.connections.len() > MAX_CONNECTIONS {
+        return bad(format!("{} connections", state.connections.len()));
+    }
+    if state.descriptors() != header.descriptors {
+        return bad(format!(
+            "{} descriptors announced, the state needs {}",
+            header.descriptors,
+            state.descriptors()
+        ));
+    }
+    let max_partial = max_frame_size.saturating_add(crate::wire::HEADER_LEN);
+    for (i, c) in state.connections.iter().enumerate() {
+        let Some(l) = state.listeners.get(c.listener as usize) else {
+            return bad(format!(
+                "connection {i} names listener {} of {}",
+                c.listener,
+                state.listeners.len()
+            ));
+        };
+        match (&l.kind, c.cid) {
+            (ListenerKind::Hybrid { .. }, None) | (ListenerKind::Vsock { .. }, Some(_)) => {}
+            (kind, cid) => {
+                return bad(format!(
+                    "connection {i} (cid {cid:?}) cannot come from listener {kind:?}"
+                ))
+            }
+        }
+        if c.partial.len() >= max_partial {
+            return bad(format!(
+                "connection {i} has {} bytes of a partial frame, over --max-frame-size {max_frame_size}",
+                c.partial.len()
+            ));
+        }
+    }
+    let handoffs = state
+        .listeners
+        .iter()
+        .filter(|l| matches!(l.kind, ListenerKind::Handoff { .. }))
+        .count();
+    if handoffs > 1 {
+        return bad(format!("{handoffs} hand-off sockets"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> State {
+        State {
+            pid: 42,
+            listeners: vec![
+                ListenerState {
+                    kind: ListenerKind::Handoff {
+                        path: "/run/ktf/h.sock".into(),
+                        identity: (1, 2),
+                    },
+                    janitor: false,
+                },
+                ListenerState {
+                    kind: ListenerKind::Hybrid {
+                        path: "/run/vc/vm/a/clh.sock_10240".into(),
+                        identity: (3, 4),
+                    },
+                    janitor: true,
+                },
+                ListenerState {
+                    kind: ListenerKind::Vsock {
+                        cid: None,
+                        port: 10240,
+                    },
+                    janitor: false,
+                },
+            ],
+            connections: vec![
+                ConnState {
+                    listener: 1,
+                    cid: None,
+                    format: Some(Format::Json),
+                    partial: vec![0, 0, 0, 0, 0, 0, 0, 9, 1, 2, 3],
+                    spans: 7,
+                    decode_errors: 1,
+                },
+                ConnState {
+                    listener: 2,
+                    cid: Some(3),
+                    format: None,
+                    partial: Vec::new(),
+                    spans: 0,
+                    decode_errors: 0,
+                },
+            ],
+        }
+    }
+
+    fn decode(msg: &[u8], max_frame: usize) -> Result<State, HandOverError> {
+        let head: [u8; HEADER_LEN] = msg[..HEADER_LEN].try_into().unwrap();
+        let header = decode_header(&head)?;
+        decode_body(&head, header, &msg[HEADER_LEN..], max_frame)
+    }
+
+    /// Re-frames `body` with a valid header and checksum.
+    fn frame(body: &[u8], fds: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&VERSION.to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&fds.to_be_bytes());
+        out.extend_from_slice(body);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out
+    }
+
+    fn body_of(state: &State) -> Vec<u8> {
+        codec(u64::MAX).serialize(state).unwrap()
+    }
+
+    #[test]
+    fn round_trips() {
+        let s = sample();
+        let msg = encode(&s).unwrap();
+        assert_eq!(s.descriptors(), 6, "3 listeners, 1 janitor, 2 connections");
+        let head: [u8; HEADER_LEN] = msg[..HEADER_LEN].try_into().unwrap();
+        assert_eq!(decode_header(&head).unwrap().descriptors, 6);
+        assert_eq!(decode(&msg, 1 << 20).unwrap(), s);
+        let empty = State {
+            pid: 1,
+            listeners: vec![],
+            connections: vec![],
+        };
+        assert_eq!(decode(&encode(&empty).unwrap(), 64).unwrap(), empty);
+    }
+
+    #[test]
+    fn refuses_a_foreign_message() {
+        let mut msg = encode(&sample()).unwrap();
+        msg[..8].copy_from_slice(b"HTTP/1.1");
+        let e = decode(&msg, 1 << 20).unwrap_err();
+        assert!(matches!(e, HandOverError::ForeignState { .. }), "{e}");
+        assert!(e.to_string().contains("not a kata-trace-forwarder"), "{e}");
+    }
+
+    #[test]
+    fn refuses_another_version() {
+        let mut msg = encode(&sample()).unwrap();
+        msg[8..10].copy_from_slice(&2u16.to_be_bytes());
+        let e = decode(&msg, 1 << 20).unwrap_err();
+        assert!(
+            matches!(e, HandOverError::UnsupportedVersion { found: 2 }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn refuses_an_oversized_length_before_reading_it() {
+        let mut msg = encode(&sample()).unwrap();
+        msg[12..16].copy_from_slice(&u32::MAX.to_be_bytes());
+        let head: [u8; HEADER_LEN] = msg[..HEADER_LEN].try_into().unwrap();
+        let e = decode_header(&head).unwrap_err();
+        assert!(matches!(e, HandOverError::StateTooLarge { .. }), "{e}");
+    }
+
+    #[test]
+    fn refuses_any_flipped_bit() {
+        let msg = encode(&sample()).unwrap();
+        for i in HEADER_LEN..msg.len() {
+            let mut bad = msg.clone();
+            bad[i] ^= 0x10;
+            let e = decode(&bad, 1 << 20).unwrap_err();
+            assert!(
+                matches!(e, HandOverError::ChecksumMismatch { .. }),
+                "byte {i}: {e}"
+            );
+        }
+        // The descriptor count is covered by the checksum too.
+        let mut bad = msg.clone();
+        bad[19] ^= 1;
+        assert!(matches!(
+            decode(&bad, 1 << 20).unwrap_err(),
+            HandOverError::ChecksumMismatch { .. }
+        ));
+    }
+
+    #[test]
+    fn refuses_a_short_or_long_message() {
+        let msg = encode(&sample()).unwrap();
+        for cut in [msg.len() - 1, HEADER_LEN + 3] {
+            let e = decode(&msg[..cut], 1 << 20).unwrap_err();
+            assert!(matches!(e, HandOverError::CheckState(_)), "{e}");
+        }
+        let mut long = msg.clone();
+        long.push(0);
+        assert!(decode(&long, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn refuses_a_body_that_does_not_decode_or_has_trailing_bytes() {
+        let e = decode(&frame(b"\xff\xff", 0), 1 << 20).unwrap_err();
+        assert!(matches!(e, HandOverError::DecodeState(_)), "{e}");
+        let mut body = body_of(&sample());
+        body.push(0);
+        let e = decode(&frame(&body, 6), 1 << 20).unwrap_err();
+        assert!(matches!(e, HandOverError::DecodeState(_)), "{e}");
+        // A vector that claims more elements than the body has is refused
+        // without allocating them.
+        let mut body = 1u32.to_be_bytes().to_vec();
+        body.extend_from_slice(&u64::MAX.to_be_bytes());
+        let e = decode(&frame(&body, 0), 1 << 20).unwrap_err();
+        assert!(matches!(e, HandOverError::DecodeState(_)), "{e}");
+    }
+
+    /// What a case does to a good state, and what the refusal must say.
+    type Spoil = Box<dyn Fn(&mut State)>;
+
+    #[test]
+    fn refuses_an_inconsistent_state() {
+        let cases: Vec<(&str, Spoil)> = vec![
+            (
+                "names listener",
+                Box::new(|s: &mut State| s.connections[0].listener = 9),
+            ),
+            (
+                "cannot come from",
+                Box::new(|s: &mut State| s.connections[0].cid = Some(3)),
+            ),
+            (
+                "cannot come from",
+                Box::new(|s: &mut State| s.connections[0].listener = 0),
+            ),
+            (
+                "over --max-frame-size",
+                Box::new(|s: &mut State| s.connections[0].partial = vec![0; 64 + 8]),
+            ),
+            (
+                "hand-off sockets",
+                Box::new(|s: &mut State| {
+                    let h = s.listeners[0].clone();
+                    s.listeners.push(h);
+                }),
+            ),
+        ];
+        for (needle, break_it) in cases {
+            let mut s = sample();
+            break_it(&mut s);
+            let e = decode(&encode(&s).unwrap(), 64).unwrap_err();
+            assert!(
+                matches!(e, HandOverError::CheckState(_)) && e.to_string().contains(needle),
+                "{needle}: {e}"
+            );
+        }
+        // A partial frame just under the bound is fine.
+        let mut s = sample();
+        s.connections[0].partial = vec![0; 64 + 7];
+        decode(&encode(&s).unwrap(), 64).unwrap();
+        // The descriptor count must match what the state lists.
+        let body = body_of(&sample());
+        let e = decode(&frame(&body, 4), 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("descriptors announced"), "{e}");
+    }
+}

@@ -1,0 +1,557 @@
+//! Hand-over with the real binary: agents that behave like the Kata
+//! exporter (one connection, never re-dialled, any write error fatal) keep
+//! streaming while the forwarder is upgraded by SIGHUP (to a binary that
+//! replaced the one it runs) and taken over by a new process. Every span
+//! arrives exactly once, no agent sees an error; a frame split across a
+//! hand-over arrives exact; a failed upgrade changes nothing; another user
+//! cannot take over; a VSOCK listener is handed over.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{assert_span_eq, connect_agent, find, Receiver, BIN};
+use kata_agent_emitter::{bulk_frames, scenario, ScenarioOptions, WireFormat};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::AsyncWriteExt;
+
+/// A hybrid-mode forwarder started from `exe`, whose successors (SIGHUP
+/// children, takers) are not our children: they are followed by pid.
+struct Setup {
+    dir: tempfile::TempDir,
+    exe: PathBuf,
+    args: Vec<String>,
+    agent_socket: PathBuf,
+    stderr: PathBuf,
+    first: Child,
+}
+
+impl Setup {
+    fn start(rx: &Receiver, extra: &[&str]) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        // Started as root, the forwarder becomes nobody: its successor,
+        // started by SIGHUP as nobody, must reach the binary and the socket.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let exe = bin.join("kata-trace-forwarder");
+        std::fs::copy(BIN, &exe).unwrap();
+        let socket_path = dir.path().join("kata.hvsock");
+        let mut args = rx.args("grpc");
+        args.extend(
+            [
+                "--socket-path",
+                &socket_path.display().to_string(),
+                "--handoff-socket",
+                &dir.path().join("handoff.sock").display().to_string(),
+                "--batch-timeout",
+                "20ms",
+                "--sandbox-max-connections",
+                "32",
+            ]
+            .map(String::from),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let stderr = dir.path().join("forwarder.stderr");
+        let first = spawn(&exe, &args, &stderr, None);
+        Setup {
+            agent_socket: PathBuf::from(format!("{}_10240", socket_path.display())),
+            dir,
+            exe,
+            args,
+            stderr,
+            first,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Pids of the "forwarder ready" lines, in order.
+    fn ready_pids(&self) -> Vec<i32> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("forwarder ready"))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["pid"].as_i64())
+            .map(|p| p as i32)
+            .collect()
+    }
+
+    /// Waits until `n` forwarders have become ready; returns the last pid.
+    async fn wait_ready(&self, n: usize) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let pids = self.ready_pids();
+            if pids.len() >= n {
+                return pids[n - 1];
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} forwarders not ready; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until `needle` has been logged `n` times.
+    async fn wait_log(&self, needle: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.log().matches(needle).count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "'{needle}' not logged {n} times; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // Whatever failed, leave no forwarder behind.
+        for pid in self.ready_pids() {
+            if alive(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        let _ = self.first.kill();
+        let _ = self.first.wait();
+    }
+}
+
+fn spawn(exe: &Path, args: &[String], stderr: &Path, uid: Option<u32>) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stderr)
+        .unwrap();
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    if let Some(uid) = uid {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(uid);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie (our own child, exited, not yet reaped) counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+}
+
+async fn wait_gone(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "pid {pid} still running");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn signal(pid: i32, sig: Signal) {
+    kill(Pid::from_raw(pid), sig).unwrap();
+}
+
+/// An agent as the Kata exporter is: one connection, frames at a steady
+/// rate, and any write error is the end of it (counted).
+struct Agents {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    errors: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agents {
+    async fn start(socket: &Path, agents: usize, per_second: u64) -> Agents {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let errors = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..agents {
+            let format = if i % 2 == 0 {
+                WireFormat::Json
+            } else {
+                WireFormat::Bincode
+            };
+            let frames = bulk_frames(format, 3000, 600, 100 + i as u64);
+            let mut conn = connect_agent(socket).await;
+            let (stop, sent, errors) = (stop.clone(), sent.clone(), errors.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
+                for f in frames {
+                    tick.tick().await;
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if let Err(e) = conn.write_all(&f).await {
+                        eprintln!("agent {i}: write failed: {e}");
+                        errors.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+                // Keep the connection, as the agent does, until the end.
+                while !stop.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }));
+        }
+        Agents {
+            stop,
+            sent,
+            errors,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (
+            self.sent.load(Ordering::SeqCst),
+            self.errors.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// Every span exactly once: as many arrived as were sent, all distinct.
+fn assert_exactly_once(rx: &Receiver, sent: usize) {
+    let got = rx.store.spans.lock().unwrap();
+    let ids: std::collections::HashSet<&[u8]> = got.iter().map(|(_, s)| &s.span_id[..]).collect();
+    assert_eq!(got.len(), sent, "spans received vs sent");
+    assert_eq!(ids.len(), sent, "no span received twice");
+}
+
+/// The longest gap between two spans' arrivals within `window` of `at`.
+fn longest_gap(rx: &Receiver, at: Instant, window: Duration) -> Duration {
+    let arrived = rx.store.arrived.lock().unwrap();
+    let near: Vec<Instant> = arrived
+        .iter()
+        .copied()
+        .filter(|t| *t + window >= at && *t <= at + window)
+        .collect();
+    near.windows(2)
+        .map(|w| w[1].duration_since(w[0]))
+        .max()
+        .unwrap_or(window)
+}
+
+async fn wait_spans(rx: &Receiver, n: usize) {
+    rx.store.wait_for(n, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_and_a_takeover_lose_nothing_under_load() {
+    let rx = Receiver::start().await;
+    let mut setup = Setup::start(&rx, &[]);
+    let mut pid = setup.wait_ready(1).await;
+    assert_eq!(pid, setup.first.id() as i32);
+    // About 200 spans/s from three agents, both formats.
+    let agents = Agents::start(&setup.agent_socket, 3, 67).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let mut gaps = Vec::new();
+    for step in 0..4 {
+        let before = setup.ready_pids().len();
+        let at = Instant::now();
+        match step {
+            // The same file.
+            0 => signal(pid, Signal::SIGHUP),
+            // The binary replaced (a new file at the path, as a package
+            // upgrade does), then again.
+            1 | 2 => {
+                let new = setup.dir.path().join("bin/kata-trace-forwarder.new");
+                std::fs::copy(BIN, &new).unwrap();
+                std::fs::rename(&new, &setup.exe).unwrap();
+                signal(pid, Signal::SIGHUP);
+            }
+            // A new process with the same flags takes over.
+            _ => {
+                let taker = spawn(Path::new(BIN), &setup.args, &setup.stderr, None);
+                std::mem::forget(taker);
+            }
+        }
+        let next = setup.wait_ready(before + 1).await;
+        assert_ne!(next, pid);
+        wait_gone(pid).await;
+        if step == 0 {
+            let status = setup.first.wait().unwrap();
+            assert!(status.success(), "the first forwarder exits 0: {status:?}");
+        }
+        pid = next;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        gaps.push((step, longest_gap(&rx, at, Duration::from_millis(500))));
+        assert!(setup.agent_socket.exists(), "the socket stays in place");
+    }
+    let (sent, errors) = agents.finish().await;
+    assert_eq!(errors, 0, "no agent saw a write error");
+    wait_spans(&rx, sent).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_exactly_once(&rx, sent);
+    for (step, gap) in &gaps {
+        let how = [
+            "SIGHUP",
+            "SIGHUP, new binary",
+            "SIGHUP, new binary",
+            "takeover",
+        ][*step];
+        eprintln!("hand-over {step} ({how}): longest gap between spans {gap:?}");
+    }
+    assert_eq!(
+        setup.log().matches("handed over: every listener").count(),
+        4
+    );
+    // How long the agents' sockets went unread, as the old process saw it.
+    for l in setup
+        .log()
+        .lines()
+        .filter(|l| l.contains("handed over: every listener"))
+    {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        eprintln!(
+            "paused {} with {} connections",
+            v["paused_for"], v["connections"]
+        );
+    }
+
+    signal(pid, Signal::SIGTERM);
+    wait_gone(pid).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while setup.agent_socket.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !setup.agent_socket.exists(),
+        "the last forwarder to exit removes the socket (its janitor, as root)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_split_across_the_hand_over_arrives_exact() {
+    let rx = Receiver::start().await;
+    let setup = Setup::start(&rx, &[]);
+    let pid = setup.wait_ready(1).await;
+    for format in WireFormat::ALL {
+        let sc = scenario(&ScenarioOptions {
+            format,
+            ..Default::default()
+        });
+        let before = rx.store.count();
+        let mut agent = connect_agent(&setup.agent_socket).await;
+        let k = sc.frames.len() / 2;
+        agent.write_all(&sc.frames[..k].concat()).await.unwrap();
+        let cut = sc.frames[k].len() / 2;
+        agent.write_all(&sc.frames[k][..cut]).await.unwrap();
+        wait_spans(&rx, before + k).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let n = setup.ready_pids().len();
+        let taker = spawn(Path::new(BIN), &setup.args, &setup.stderr, None);
+        std::mem::forget(taker);
+        let next = setup.wait_ready(n + 1).await;
+        wait_gone(setup.ready_pids()[n - 1]).await;
+        let _ = next;
+
+        agent.write_all(&sc.frames[k][cut..]).await.unwrap();
+        agent.write_all(&sc.frames[k + 1..].concat()).await.unwrap();
+        let got = rx
+            .store
+            .wait_for(before + sc.expected.len(), Duration::from_secs(20))
+            .await;
+        assert_eq!(got.len(), before + sc.expected.len());
+        for want in &sc.expected {
+            let (resource, span) = find(&got, want.span_id);
+            assert_span_eq(want, resource, span, "kata-agent");
+        }
+    }
+    let last = *setup.ready_pids().last().unwrap();
+    assert_ne!(last, pid);
+    signal(last, Signal::SIGTERM);
+    wait_gone(last).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upgrade_leaves_the_old_process_serving() {
+    let rx = Receiver::start().await;
+    let mut setup = Setup::start(&rx, &[]);
+    let pid = setup.wait_ready(1).await;
+    let agents = Agents::start(&setup.agent_socket, 2, 100).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A binary that exits 1 at once.
+    let new = setup.dir.path().join("bin/new");
+    std::fs::write(&new, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&new, &setup.exe).unwrap();
+    signal(pid, Signal::SIGHUP);
+    setup
+        .wait_log("upgrade failed: the new binary exited", 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // No binary at all.
+    std::fs::remove_file(&setup.exe).unwrap();
+    signal(pid, Signal::SIGHUP);
+    setup
+        .wait_log("upgrade failed: the new binary did not start", 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (sent, errors) = agents.finish().await;
+    assert_eq!(errors, 0);
+    wait_spans(&rx, sent).await;
+    assert_exactly_once(&rx, sent);
+    assert_eq!(setup.ready_pids(), vec![pid], "still the first forwarder");
+    signal(pid, Signal::SIGTERM);
+    assert!(setup.first.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_by_another_user_is_refused() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: starting a taker as another user needs root");
+        return;
+    }
+    let rx = Receiver::start().await;
+    let mut setup = Setup::start(&rx, &[]);
+    let pid = setup.wait_ready(1).await;
+    // Let anyone connect, so that the credentials check is what refuses.
+    let handoff = setup.dir.path().join("handoff.sock");
+    std::fs::set_permissions(&handoff, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let agents = Agents::start(&setup.agent_socket, 1, 100).await;
+    let mut taker = spawn(Path::new(BIN), &setup.args, &setup.stderr, Some(4242));
+    let status = taker.wait().unwrap();
+    assert!(!status.success(), "the taker cannot start: {status:?}");
+    setup
+        .wait_log("hand-off socket: refused a takeover by another user", 1)
+        .await;
+    assert!(setup.log().contains("\"uid\":4242"), "{}", setup.log());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (sent, errors) = agents.finish().await;
+    assert_eq!(errors, 0);
+    wait_spans(&rx, sent).await;
+    assert_exactly_once(&rx, sent);
+    assert_eq!(setup.ready_pids(), vec![pid]);
+    signal(pid, Signal::SIGTERM);
+    assert!(setup.first.wait().unwrap().success());
+}
+
+/// AF_VSOCK: bound, handed over, and the successor holds it (no loopback
+/// here, so no connection: binding the port again fails while it listens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vsock_listener_is_handed_over() {
+    let port = 20000 + (std::process::id() % 20000);
+    if tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(u32::MAX, port)).is_err() {
+        eprintln!("skipped: this kernel has no AF_VSOCK");
+        return;
+    }
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let stderr = dir.path().join("forwarder.stderr");
+    let mut args = rx.args("grpc");
+    args.extend(
+        [
+            "--vsock-port",
+            &port.to_string(),
+            "--handoff-socket",
+            &dir.path().join("handoff.sock").display().to_string(),
+        ]
+        .map(String::from),
+    );
+    let mut first = spawn(Path::new(BIN), &args, &stderr, None);
+    let log = || std::fs::read_to_string(&stderr).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log().contains("forwarder ready") {
+        assert!(Instant::now() < deadline, "{}", log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let taker = spawn(Path::new(BIN), &args, &stderr, None);
+    let taker_pid = taker.id() as i32;
+    std::mem::forget(taker);
+    let status = first.wait().unwrap();
+    assert!(status.success(), "{status:?}: {}", log());
+    let l = log();
+    assert!(l.contains("took over from the running forwarder"), "{l}");
+    assert!(l.contains(&format!("vsock cid any port {port}")), "{l}");
+    assert!(alive(taker_pid));
+    let again = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(u32::MAX, port));
+    assert!(again.is_err(), "the successor listens on port {port}");
+    signal(taker_pid, Signal::SIGTERM);
+    wait_gone(taker_pid).await;
+    let freed = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(u32::MAX, port));
+    assert!(freed.is_ok(), "and lets go of it at exit");
+}
+
+/// Under systemd (`Type=notify`): READY=1 with the PID, RELOADING=1 on
+/// SIGHUP, then the new process's MAINPID= and READY=1; the old one never
+/// says STOPPING=1 (the service goes on). NOTIFY_SOCKET is a datagram
+/// socket of the test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_reloading_and_the_new_main_pid() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    // The upgraded process may run as nobody (started as root).
+    std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut setup = Setup::start(&rx, &[]);
+    // Setup started it without NOTIFY_SOCKET: start another, with it.
+    let _ = setup.first.kill();
+    let _ = setup.first.wait();
+    std::fs::write(&setup.stderr, "").unwrap();
+    let mut cmd = Command::new(&setup.exe);
+    cmd.args(&setup.args)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&setup.stderr)
+                .unwrap(),
+        );
+    setup.first = cmd.spawn().unwrap();
+    let first = setup.first.id();
+    let mut seen: Vec<String> = Vec::new();
+    let recv_until = |want: &str, seen: &mut Vec<String>| {
+        let mut buf = [0u8; 4096];
+        while !seen.iter().any(|m| m.contains(want)) {
+            let n = notify
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no '{want}': {e}; got {seen:?}"));
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    recv_until(&format!("MAINPID={first}\nREADY=1"), &mut seen);
+    signal(first as i32, Signal::SIGHUP);
+    recv_until("RELOADING=1", &mut seen);
+    let new = setup.wait_ready(2).await;
+    recv_until(&format!("MAINPID={new}\nREADY=1"), &mut seen);
+    assert!(setup.first.wait().unwrap().success());
+    assert!(!seen.iter().any(|m| m.contains("STOPPING=1")), "{seen:?}");
+    signal(new, Signal::SIGTERM);
+    recv_until("STOPPING=1", &mut seen);
+    wait_gone(new).await;
+}
