@@ -233,6 +233,18 @@ impl HandoffListener {
             }
         }
         match std::fs::symlink_metadata(path) {
+            // A running forwarder's is never replaced: a second start with
+            // the same listeners (which then fails to bind them) would
+            // otherwise leave the running one unreachable for its upgrade.
+            Ok(md)
+                if md.file_type().is_socket()
+                    && std::os::unix::net::UnixStream::connect(path).is_ok() =>
+            {
+                return Err(err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "a running forwarder listens there (take over from it with --handoff-socket)",
+                )))
+            }
             Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
             Ok(_) => {
                 return Err(err(io::Error::new(
@@ -534,4 +546,27 @@ fn sort(received: Received) -> Result<Taken, HandOverError> {
         connections,
         stream,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stale hand-off socket (nobody listening) is replaced; a live one,
+    /// a running forwarder's, never is, and its file stays.
+    #[tokio::test]
+    async fn a_live_hand_off_socket_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("handoff.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let first = HandoffListener::bind(&path, None).expect("a stale one is replaced");
+        let e = HandoffListener::bind(&path, None).map(drop).unwrap_err();
+        assert!(
+            e.to_string().contains("a running forwarder listens there"),
+            "{e}"
+        );
+        assert!(path.exists(), "the running one's socket stays");
+        drop(first);
+        assert!(!path.exists(), "removed by its owner");
+    }
 }

@@ -225,6 +225,12 @@ impl Server {
                 );
                 return None;
             }
+            // A forwarder that found this socket live, and so did not
+            // replace it, closes without asking: nothing to say.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                tracing::debug!(pid = peer.pid, "hand-off socket: closed without a request");
+                return None;
+            }
             Err(e) => {
                 tracing::warn!(pid = peer.pid, error = %e, "hand-off socket: reading the request");
                 return None;

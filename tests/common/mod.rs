@@ -345,8 +345,16 @@ impl Forwarder {
     pub fn spawn_in(dir: tempfile::TempDir, socket_path: PathBuf, args: &[String]) -> Forwarder {
         let stderr = dir.path().join("forwarder.stderr");
         let stdout = dir.path().join("forwarder.stdout");
+        // Its own hand-off socket, in its own directory, unless the test
+        // names one: tests must not leave sockets under /run, nor find
+        // each other's there.
+        let mut args = args.to_vec();
+        if !args.iter().any(|a| a == "--handoff-socket") {
+            args.push("--handoff-socket".into());
+            args.push(dir.path().join("handoff.sock").display().to_string());
+        }
         let child = Command::new(BIN)
-            .args(args)
+            .args(&args)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
@@ -615,6 +623,8 @@ pub fn run_to_exit(args: &[String]) -> (Option<i32>, String) {
     let mut child = std::process::Command::new(BIN)
         .args(args)
         .args(["--socket-path", &sock.display().to_string()])
+        .arg("--handoff-socket")
+        .arg(dir.path().join("handoff.sock"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
