@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{real_agent, string_attr, Forwarder, Receiver, BIN};
+use common::{
+    connect_within, files_named, real_agent, string_attr, wait_until, Forwarder, Receiver, BIN,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
@@ -96,47 +98,6 @@ fn listen_path(template: &str, id: &str, port: u32) -> PathBuf {
     PathBuf::from(format!("{}_{port}", template.replace("{ID}", id)))
 }
 
-async fn connect_when_listening(path: &Path, within: Duration) -> UnixStream {
-    let deadline = Instant::now() + within;
-    loop {
-        match UnixStream::connect(path).await {
-            Ok(s) => return s,
-            Err(e) if Instant::now() >= deadline => {
-                panic!("{} not listening after {within:?}: {e}", path.display())
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
-        }
-    }
-}
-
-async fn wait_until(what: &str, fwd: &Forwarder, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; stderr:\n{}",
-            fwd.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn files_named(dir: &Path, suffix: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(p);
-            } else if e.file_name().to_string_lossy().ends_with(suffix) {
-                found.push(p);
-            }
-        }
-    }
-    found
-}
-
 /// Sends one untagged scenario per sandbox, over its template's socket, and
 /// checks every span arrived once with its sandbox's id.
 async fn spans_tagged_per_sandbox(rx: &Receiver, sandboxes: &[(String, PathBuf)], seq0: u64) {
@@ -144,7 +105,7 @@ async fn spans_tagged_per_sandbox(rx: &Receiver, sandboxes: &[(String, PathBuf)]
     let mut sent = Vec::new();
     let mut agents = Vec::new();
     for (i, (id, socket)) in sandboxes.iter().enumerate() {
-        let mut agent = connect_when_listening(socket, Duration::from_secs(10)).await;
+        let mut agent = connect_within(socket, Duration::from_secs(10)).await;
         let sc = real_agent(seq0 + i as u64);
         agent.write_all(&sc.stream_bytes()).await.unwrap();
         agents.push(agent);
@@ -349,7 +310,7 @@ async fn configurations_followed_at_run_time() {
     std::fs::write(root.join("clh.tmp"), &clh).unwrap();
     let added = Instant::now();
     std::fs::rename(root.join("clh.tmp"), deploy.join("configuration-clh.toml")).unwrap();
-    let agent = connect_when_listening(&socket, Duration::from_secs(5)).await;
+    let agent = connect_within(&socket, Duration::from_secs(5)).await;
     let took = added.elapsed();
     assert!(took < Duration::from_secs(1), "served after {took:?}");
     drop(agent);

@@ -12,7 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_span_eq, connect_when_listening, find, real_agent, string_attr, Forwarder, Receiver, BIN,
+    assert_span_eq, connect_when_listening, files_named, find, real_agent, string_attr, wait_until,
+    Forwarder, Receiver, BIN,
 };
 use kata_agent_emitter::{scenario, Scenario, ScenarioOptions, WireFormat};
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -91,34 +92,6 @@ fn thread_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .count()
-}
-
-fn files_named(dir: &Path, name: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(p);
-            } else if e.file_name() == name {
-                found.push(p);
-            }
-        }
-    }
-    found
-}
-
-async fn wait_until(what: &str, fwd: &Forwarder, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; stderr:\n{}",
-            fwd.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

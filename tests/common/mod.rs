@@ -720,16 +720,52 @@ pub fn exit_summary(log: &str) -> serde_json::Value {
 /// Connects as the VMM would relay the agent, retrying (bounded) until the
 /// forwarder has made the socket.
 pub async fn connect_when_listening(path: &Path) -> tokio::net::UnixStream {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    connect_within(path, Duration::from_secs(10)).await
+}
+
+/// [`connect_when_listening`], with its own bound.
+pub async fn connect_within(path: &Path, within: Duration) -> tokio::net::UnixStream {
+    let deadline = Instant::now() + within;
     loop {
         match tokio::net::UnixStream::connect(path).await {
             Ok(s) => return s,
             Err(e) if Instant::now() >= deadline => {
-                panic!("{} not listening after 10s: {e}", path.display())
+                panic!("{} not listening after {within:?}: {e}", path.display())
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
         }
     }
+}
+
+/// Polls `cond` until it holds, for 20 s at most; then fails with the
+/// forwarder's log.
+pub async fn wait_until(what: &str, fwd: &Forwarder, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; stderr:\n{}",
+            fwd.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every file below `dir` whose name ends with `suffix`.
+pub fn files_named(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            } else if e.file_name().to_string_lossy().ends_with(suffix) {
+                found.push(p);
+            }
+        }
+    }
+    found
 }
 
 /// A string attribute's value, if `key` is there and a string.
