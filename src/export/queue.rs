@@ -299,17 +299,15 @@ impl QueueReceiver {
     /// turns between sandboxes; 0 once every sender is gone and the queue is
     /// empty. Cancel-safe: what arrived stays in the lanes.
     pub(crate) async fn recv_many(&mut self, buf: &mut Vec<Queued>, limit: usize) -> usize {
-        let mut arrived = Vec::new();
         if self.lanes.is_empty() {
-            if self.rx.recv_many(&mut arrived, self.max_spans).await == 0 {
+            let Some(q) = self.rx.recv().await else {
                 return 0;
-            }
-        } else {
-            while let Ok(q) = self.rx.try_recv() {
-                arrived.push(q);
-            }
+            };
+            self.lanes.push(q);
         }
-        for q in arrived {
+        // Everything that has arrived goes into the lanes before any turn
+        // is taken, so no sandbox waits behind another's backlog.
+        while let Ok(q) = self.rx.try_recv() {
             self.lanes.push(q);
         }
         let (mut n, mut spans, mut slots) = (0, 0, 0);

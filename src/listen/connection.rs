@@ -43,7 +43,7 @@ use crate::handover::{ConnLink, Resume};
 use crate::ingest::{Ingest, Ingested, ReadBuffer};
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
-use crate::stats::Stats;
+use crate::stats::{Gauge, GaugeGuard, Stats};
 use crate::tenant::{LimitReason, Tenant, TenantConn, TenantKey, Tenants};
 use crate::wire::FrameError;
 
@@ -64,36 +64,46 @@ pub(crate) struct ConnShared {
 }
 
 /// A connection's stream: on the reactor, or parked and read at ticks.
-enum Reader<S> {
+/// A parked one counts itself in `connections_paced` for as long as it is
+/// parked.
+enum Reader<'a, S> {
     Live(S),
-    Parked(std::fs::File, Quiet),
+    Parked {
+        file: std::fs::File,
+        quiet: Quiet,
+        _paced: GaugeGuard<'a>,
+    },
 }
 
-impl<S: Park> Reader<S> {
-    fn park(self) -> std::io::Result<Self> {
+impl<'a, S: Park> Reader<'a, S> {
+    fn park(self, paced: &'a Gauge) -> std::io::Result<Self> {
         match self {
-            Reader::Live(s) => Ok(Reader::Parked(s.park()?, Quiet::default())),
+            Reader::Live(s) => Ok(Reader::Parked {
+                file: s.park()?,
+                quiet: Quiet::default(),
+                _paced: paced.hold(),
+            }),
             parked => Ok(parked),
         }
     }
 
     fn unpark(self) -> std::io::Result<Self> {
         match self {
-            Reader::Parked(f, _) => Ok(Reader::Live(S::unpark(f)?)),
+            Reader::Parked { file, .. } => Ok(Reader::Live(S::unpark(file)?)),
             live => Ok(live),
         }
     }
 
     fn is_parked(&self) -> bool {
-        matches!(self, Reader::Parked(..))
+        matches!(self, Reader::Parked { .. })
     }
 }
 
-impl<S: AsFd> AsFd for Reader<S> {
+impl<S: AsFd> AsFd for Reader<'_, S> {
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             Reader::Live(s) => s.as_fd(),
-            Reader::Parked(f, _) => f.as_fd(),
+            Reader::Parked { file, .. } => file.as_fd(),
         }
     }
 }
@@ -226,9 +236,6 @@ pub(crate) async fn serve<S>(
         if let Some(m) = member.as_mut().filter(|m| m.awaiting_outcome()) {
             match m.outcome().await {
                 Outcome::HandedOver => {
-                    if reader.as_ref().is_some_and(Reader::is_parked) {
-                        stats.connections_paced.sub(1);
-                    }
                     tracing::debug!(%peer, spans = ingest.spans(), "connection handed over");
                     return;
                 }
@@ -246,11 +253,8 @@ pub(crate) async fn serve<S>(
             .pacing
             .filter(|_| !draining && !wake && !busy && rate.is_slow());
         let moved = match (reader.take(), parked, pace.is_some()) {
-            (Some(r), false, true) => r.park().inspect(|_| stats.connections_paced.add(1)),
-            (Some(r), true, false) => {
-                stats.connections_paced.sub(1);
-                r.unpark()
-            }
+            (Some(r), false, true) => r.park(&stats.connections_paced),
+            (Some(r), true, false) => r.unpark(),
             (Some(r), _, _) => Ok(r),
             (None, _, _) => break Ok(()),
         };
@@ -280,7 +284,7 @@ pub(crate) async fn serve<S>(
                 since = last_read;
                 read.map(|n| (n, n >= input.spare()))
             }
-            Reader::Parked(file, quiet) => {
+            Reader::Parked { file, quiet, .. } => {
                 let Some(pacing) = pace else { continue };
                 if !more {
                     // Shutdown is seen at the tick, no later than one tick
@@ -318,7 +322,7 @@ pub(crate) async fn serve<S>(
                 more = filled;
                 wake = false;
                 rate.add(n, last_read);
-                if !matches!(reader, Some(Reader::Parked(..))) {
+                if !reader.as_ref().is_some_and(Reader::is_parked) {
                     input.filled(n);
                 }
             }
@@ -326,9 +330,6 @@ pub(crate) async fn serve<S>(
         }
     };
 
-    if reader.as_ref().is_some_and(Reader::is_parked) {
-        stats.connections_paced.sub(1);
-    }
     emit!(
         stats,
         AgentDisconnected {
