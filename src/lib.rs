@@ -127,21 +127,36 @@ pub async fn run_upgradable(
                 listeners,
                 connections,
             } = parts;
-            let listeners =
-                Listeners::from_taken(listeners, connections, config.listen.max_connections)?;
-            // Exactly what the predecessor kept: hybrid mode had dropped
-            // root (its janitor came along); template mode never hands over.
-            if listen::privileges::is_root()
-                && matches!(config.listen.mode, config::ListenMode::Hybrid { .. })
-            {
-                if let Some(dir) = spool_dir {
-                    listen::privileges::give_to_user(dir, &config.listen.user)?;
+            let listeners = if config.listen.mode.is_fixed() {
+                let listeners =
+                    Listeners::from_taken(listeners, connections, config.listen.max_connections)?;
+                // Exactly what the predecessor kept: hybrid mode had dropped
+                // root (its janitor came along).
+                if listen::privileges::is_root()
+                    && matches!(config.listen.mode, config::ListenMode::Hybrid { .. })
+                {
+                    if let Some(dir) = spool_dir {
+                        listen::privileges::give_to_user(dir, &config.listen.user)?;
+                    }
+                    listen::privileges::drop_root(
+                        &config.listen.user,
+                        listen::privileges::Keep::Nothing,
+                    )?;
                 }
-                listen::privileges::drop_root(
-                    &config.listen.user,
-                    listen::privileges::Keep::Nothing,
-                )?;
-            }
+                listeners
+            } else {
+                // Template mode and --kata-host start their watchers as at
+                // any start (dropping root as they do), serving on what was
+                // handed over where they find it still asked for.
+                let inherited = listen::inherited::Inherited::new(listeners, connections)?;
+                listen::bind_inheriting(
+                    &config.listen,
+                    spool_dir,
+                    &shutdown,
+                    Some(Arc::new(inherited)),
+                )
+                .await?
+            };
             tracing::info!(from, listeners = %listeners.describe(), "took over from the running forwarder");
             (listeners, handoff, Some(ack))
         }
@@ -254,7 +269,7 @@ async fn serve_inner(
                 .ok()
                 .map(|s| (u.clone(), s))
         });
-        handover::server::Server::new(h, Arc::clone(&hub), listeners.cannot_hand_over(), sighup)
+        handover::server::Server::new(h, Arc::clone(&hub), sighup, listeners.sandbox_thread())
     });
     if server.is_none() && upgrade.is_some() {
         // SIGHUP must not kill a forwarder that cannot upgrade.

@@ -27,6 +27,13 @@ fn main() -> ExitCode {
         });
     let cli = Cli::parse();
     init_logging(&cli);
+    // While this is the only thread: a successor handed a capability keeps
+    // it on the sandbox thread alone.
+    if let Err(e) = kata_trace_forwarder::listen::template::SandboxThread::start_early() {
+        tracing::error!(error = %e, "confining the capability handed over");
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     if cli.print {
         return print_plan(&cli);
     }

@@ -4,7 +4,9 @@
 //! replaced the one it runs) and taken over by a new process. Every span
 //! arrives exactly once, no agent sees an error; a frame split across a
 //! hand-over arrives exact; a failed upgrade changes nothing; another user
-//! cannot take over; a VSOCK listener is handed over.
+//! cannot take over; a VSOCK listener is handed over. Template mode hands
+//! over its sandboxes the same way, and its successor keeps exactly the
+//! one capability its watcher needs.
 
 mod common;
 
@@ -21,19 +23,66 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
 
-/// A hybrid-mode forwarder started from `exe`, whose successors (SIGHUP
-/// children, takers) are not our children: they are followed by pid.
+/// A forwarder started from `exe`, whose successors (SIGHUP children,
+/// takers) are not our children: they are followed by pid.
 struct Setup {
     dir: tempfile::TempDir,
     exe: PathBuf,
     args: Vec<String>,
+    /// Hybrid mode's socket; in template mode, the sandboxes' directory.
     agent_socket: PathBuf,
     stderr: PathBuf,
     first: Child,
 }
 
+/// The hand-overs the tests make, in order (see [`Setup::hand_over`]).
+const STEPS: [&str; 4] = [
+    "SIGHUP",
+    "SIGHUP, new binary",
+    "SIGHUP, new binary",
+    "takeover",
+];
+
+/// Template mode's sandbox directory layout, Cloud Hypervisor's.
+const TEMPLATE: &str = "{ID}/clh.sock";
+
 impl Setup {
+    /// Hybrid mode.
     fn start(rx: &Receiver, extra: &[&str]) -> Setup {
+        Self::start_in(
+            rx,
+            |dir| {
+                let s = dir.join("kata.hvsock").display().to_string();
+                let agent = PathBuf::from(format!("{s}_10240"));
+                (vec!["--socket-path".to_string(), s], agent)
+            },
+            extra,
+        )
+    }
+
+    /// Template mode, serving the sandboxes of `<dir>/vm`; `prepare` makes
+    /// some there before the forwarder starts.
+    fn start_template(rx: &Receiver, prepare: impl FnOnce(&Path)) -> Setup {
+        Self::start_in(
+            rx,
+            |dir| {
+                let vm = dir.join("vm");
+                std::fs::create_dir(&vm).unwrap();
+                prepare(&vm);
+                let t = vm.join(TEMPLATE).display().to_string();
+                (vec!["--socket-path-template".to_string(), t], vm)
+            },
+            &[],
+        )
+    }
+
+    /// `listen(dir)` makes what the forwarder serves in `dir` and says
+    /// how: its flags, and the agents' socket (or the sandboxes' directory).
+    fn start_in(
+        rx: &Receiver,
+        listen: impl FnOnce(&Path) -> (Vec<String>, PathBuf),
+        extra: &[&str],
+    ) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         // Started as root, the forwarder becomes nobody: its successor,
         // started by SIGHUP as nobody, must reach the binary and the socket.
@@ -43,12 +92,11 @@ impl Setup {
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
         let exe = bin.join("kata-trace-forwarder");
         std::fs::copy(BIN, &exe).unwrap();
-        let socket_path = dir.path().join("kata.hvsock");
+        let (listen, agent_socket) = listen(dir.path());
         let mut args = rx.args("grpc");
+        args.extend(listen);
         args.extend(
             [
-                "--socket-path",
-                &socket_path.display().to_string(),
                 "--handoff-socket",
                 &dir.path().join("handoff.sock").display().to_string(),
                 "--batch-timeout",
@@ -62,13 +110,44 @@ impl Setup {
         let stderr = dir.path().join("forwarder.stderr");
         let first = spawn(&exe, &args, &stderr, None);
         Setup {
-            agent_socket: PathBuf::from(format!("{}_10240", socket_path.display())),
+            agent_socket,
             dir,
             exe,
             args,
             stderr,
             first,
         }
+    }
+
+    /// Hand-over `step` of [`STEPS`] from `pid`; returns the successor's
+    /// pid once `pid` has exited.
+    async fn hand_over(&mut self, pid: i32, step: usize) -> i32 {
+        let before = self.ready_pids().len();
+        match step {
+            // The same file.
+            0 => signal(pid, Signal::SIGHUP),
+            // The binary replaced (a new file at the path, as a package
+            // upgrade does), then again.
+            1 | 2 => {
+                let new = self.dir.path().join("bin/kata-trace-forwarder.new");
+                std::fs::copy(BIN, &new).unwrap();
+                std::fs::rename(&new, &self.exe).unwrap();
+                signal(pid, Signal::SIGHUP);
+            }
+            // A new process with the same flags takes over.
+            _ => {
+                let taker = spawn(Path::new(BIN), &self.args, &self.stderr, None);
+                std::mem::forget(taker);
+            }
+        }
+        let next = self.wait_ready(before + 1).await;
+        assert_ne!(next, pid);
+        wait_gone(pid).await;
+        if pid == self.first.id() as i32 {
+            let status = self.first.wait().unwrap();
+            assert!(status.success(), "the first forwarder exits 0: {status:?}");
+        }
+        next
     }
 
     fn log(&self) -> String {
@@ -178,12 +257,18 @@ struct Agents {
 }
 
 impl Agents {
+    /// `agents` agents on one socket.
     async fn start(socket: &Path, agents: usize, per_second: u64) -> Agents {
+        Self::start_on(&vec![socket.to_path_buf(); agents], per_second).await
+    }
+
+    /// One agent on each of `sockets`.
+    async fn start_on(sockets: &[PathBuf], per_second: u64) -> Agents {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicUsize::new(0));
         let errors = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
-        for i in 0..agents {
+        for (i, socket) in sockets.iter().enumerate() {
             let format = if i % 2 == 0 {
                 WireFormat::Json
             } else {
@@ -270,33 +355,8 @@ async fn upgrades_and_a_takeover_lose_nothing_under_load() {
 
     let mut gaps = Vec::new();
     for step in 0..4 {
-        let before = setup.ready_pids().len();
         let at = Instant::now();
-        match step {
-            // The same file.
-            0 => signal(pid, Signal::SIGHUP),
-            // The binary replaced (a new file at the path, as a package
-            // upgrade does), then again.
-            1 | 2 => {
-                let new = setup.dir.path().join("bin/kata-trace-forwarder.new");
-                std::fs::copy(BIN, &new).unwrap();
-                std::fs::rename(&new, &setup.exe).unwrap();
-                signal(pid, Signal::SIGHUP);
-            }
-            // A new process with the same flags takes over.
-            _ => {
-                let taker = spawn(Path::new(BIN), &setup.args, &setup.stderr, None);
-                std::mem::forget(taker);
-            }
-        }
-        let next = setup.wait_ready(before + 1).await;
-        assert_ne!(next, pid);
-        wait_gone(pid).await;
-        if step == 0 {
-            let status = setup.first.wait().unwrap();
-            assert!(status.success(), "the first forwarder exits 0: {status:?}");
-        }
-        pid = next;
+        pid = setup.hand_over(pid, step).await;
         tokio::time::sleep(Duration::from_millis(600)).await;
         gaps.push((step, longest_gap(&rx, at, Duration::from_millis(500))));
         assert!(setup.agent_socket.exists(), "the socket stays in place");
@@ -307,12 +367,7 @@ async fn upgrades_and_a_takeover_lose_nothing_under_load() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_exactly_once(&rx, sent);
     for (step, gap) in &gaps {
-        let how = [
-            "SIGHUP",
-            "SIGHUP, new binary",
-            "SIGHUP, new binary",
-            "takeover",
-        ][*step];
+        let how = STEPS[*step];
         eprintln!("hand-over {step} ({how}): longest gap between spans {gap:?}");
     }
     assert_eq!(
@@ -341,6 +396,218 @@ async fn upgrades_and_a_takeover_lose_nothing_under_load() {
     assert!(
         !setup.agent_socket.exists(),
         "the last forwarder to exit removes the socket (its janitor, as root)"
+    );
+}
+
+/// Template mode, 20 sandboxes with an agent each (200 spans/s in all),
+/// through three upgrades by SIGHUP (twice to a new binary) and a takeover:
+/// every span arrives exactly once with its own sandbox's id, and no agent
+/// sees an error. Each successor also serves a sandbox that appears after
+/// it started; started as root, it does so as nobody, with CAP_DAC_OVERRIDE
+/// on its watcher thread and no capability on any other, as the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_mode_hands_over_twenty_sandboxes() {
+    let rx = Receiver::start().await;
+    let ids: Vec<String> = (0..20).map(|i| format!("sandbox-{i:02}")).collect();
+    let mut setup = Setup::start_template(&rx, |vm| {
+        for id in &ids {
+            std::fs::create_dir(vm.join(id)).unwrap();
+        }
+    });
+    let mut pid = setup.wait_ready(1).await;
+    assert_watcher_alone_privileged(pid);
+    let vm = setup.agent_socket.clone();
+    let socket = |id: &str| vm.join(id).join("clh.sock_10240");
+    let sockets: Vec<PathBuf> = ids.iter().map(|id| socket(id)).collect();
+    let agents = Agents::start_on(&sockets, 10).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let mut gaps = Vec::new();
+    for step in 0..4 {
+        let at = Instant::now();
+        pid = setup.hand_over(pid, step).await;
+        assert_watcher_alone_privileged(pid);
+        // A sandbox that appears now is the successor's to bind.
+        let late = format!("late-{step}");
+        std::fs::create_dir(vm.join(&late)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::os::unix::net::UnixStream::connect(socket(&late)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "successor {pid} does not serve a new sandbox; log:\n{}",
+                setup.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        gaps.push((step, longest_gap(&rx, at, Duration::from_millis(500))));
+        for s in &sockets {
+            assert!(s.exists(), "{} stays in place", s.display());
+        }
+    }
+    let (sent, errors) = agents.finish().await;
+    assert_eq!(errors, 0, "no agent saw a write error");
+    wait_spans(&rx, sent).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_exactly_once(&rx, sent);
+    {
+        let got = rx.store.spans.lock().unwrap();
+        let mut per_sandbox = std::collections::BTreeMap::new();
+        for (resource, _) in got.iter() {
+            let id = common::string_attr(&resource.attributes, "kata.sandbox.id");
+            *per_sandbox.entry(id).or_insert(0usize) += 1;
+        }
+        let seen: Vec<String> = per_sandbox.keys().flatten().cloned().collect();
+        assert_eq!(seen, ids, "every span carries its own sandbox's id");
+    }
+    let handed: Vec<serde_json::Value> = setup
+        .log()
+        .lines()
+        .filter(|l| l.contains("handed over: every listener"))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(handed.len(), 4);
+    for ((step, gap), v) in gaps.iter().zip(&handed) {
+        eprintln!(
+            "template hand-over {step}: paused {} with {} listeners and {} connections; longest gap between spans {gap:?}",
+            v["paused_for"], v["listeners"], v["connections"]
+        );
+        assert!(v["connections"].as_u64() >= Some(20), "{v}");
+    }
+
+    signal(pid, Signal::SIGTERM);
+    wait_gone(pid).await;
+    for s in sockets.iter().chain([&socket("late-3")]) {
+        assert!(
+            !s.exists(),
+            "the last forwarder removes {} as it stops",
+            s.display()
+        );
+    }
+}
+
+/// `--kata-host` on a host with a Cloud Hypervisor and (where the kernel
+/// has AF_VSOCK) a QEMU configuration: upgraded by SIGHUP to a new binary,
+/// then taken over. The VSOCK listener and every sandbox go along, five
+/// agents' spans arrive exactly once with no write error, and each
+/// successor serves a sandbox that appears after it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kata_host_mode_is_handed_over() {
+    // A port of its own: the tests of this file run at once.
+    let port = 40000 + std::process::id() % 10000;
+    let vsock =
+        tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(u32::MAX, port)).is_ok();
+    let rx = Receiver::start().await;
+    let ids: Vec<String> = (0..5).map(|i| format!("kh-{i}")).collect();
+    let mut setup = Setup::start_in(
+        &rx,
+        |dir| {
+            let root = dir.join("host");
+            let deploy = root.join(common::KATA_DEPLOY);
+            std::fs::create_dir_all(&deploy).unwrap();
+            let fixture = Path::new(common::KATA_FIXTURE).join(common::KATA_DEPLOY);
+            let mut configs = vec!["configuration-clh.toml"];
+            if vsock {
+                configs.push("configuration-qemu.toml");
+            }
+            for c in configs {
+                std::fs::copy(fixture.join(c), deploy.join(c)).unwrap();
+            }
+            let vm = root.join("run/vc/vm");
+            for id in &ids {
+                std::fs::create_dir_all(vm.join(id)).unwrap();
+            }
+            let flags = ["--kata-host", "--kata-root", &root.display().to_string()]
+                .map(String::from)
+                .into_iter()
+                .chain(["--vsock-port".to_string(), port.to_string()])
+                .collect();
+            (flags, vm)
+        },
+        &[],
+    );
+    let mut pid = setup.wait_ready(1).await;
+    let vm = setup.agent_socket.clone();
+    let socket = |id: &str| vm.join(id).join(format!("clh.sock_{port}"));
+    let sockets: Vec<PathBuf> = ids.iter().map(|id| socket(id)).collect();
+    let agents = Agents::start_on(&sockets, 40).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for step in [1, 3] {
+        pid = setup.hand_over(pid, step).await;
+        assert_watcher_alone_privileged(pid);
+        let late = format!("late-{step}");
+        std::fs::create_dir(vm.join(&late)).unwrap();
+        common::connect_within(&socket(&late), Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let (sent, errors) = agents.finish().await;
+    assert_eq!(errors, 0, "no agent saw a write error");
+    wait_spans(&rx, sent).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_exactly_once(&rx, sent);
+    let ready = setup
+        .log()
+        .lines()
+        .rfind(|l| l.contains("forwarder ready"))
+        .unwrap()
+        .to_owned();
+    assert!(ready.contains("kata-host"), "{ready}");
+    if vsock {
+        assert!(
+            ready.contains(&format!("vsock cid any port {port}")),
+            "the successor serves VSOCK: {ready}"
+        );
+        // Still held: by the last successor, not by a forwarder that died.
+        assert!(
+            tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(u32::MAX, port)).is_err(),
+            "the VSOCK port is held"
+        );
+    }
+    assert_eq!(
+        setup.log().matches("handed over: every listener").count(),
+        2
+    );
+    signal(pid, Signal::SIGTERM);
+    wait_gone(pid).await;
+    for s in &sockets {
+        assert!(!s.exists(), "{} removed at the end", s.display());
+    }
+}
+
+/// Started as root, a template-mode forwarder runs as nobody, and only its
+/// sandbox watcher thread holds a capability: CAP_DAC_OVERRIDE, which it
+/// needs to make and remove sockets in root's sandbox directories.
+fn assert_watcher_alone_privileged(pid: i32) {
+    if !nix::unistd::getuid().is_root() {
+        return;
+    }
+    let field = |status: &str, key: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = field(&status, "Uid:");
+    assert!(uid.starts_with("65534"), "runs as nobody: Uid {uid}");
+    let mut privileged = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue;
+        };
+        let caps = (field(&status, "CapEff:"), field(&status, "CapPrm:"));
+        let ambient = field(&status, "CapAmb:");
+        assert_eq!(ambient, "0000000000000000", "nothing passed on");
+        if caps != ("0000000000000000".into(), "0000000000000000".into()) {
+            privileged.push((field(&status, "Name:"), caps.0, caps.1));
+        }
+    }
+    let dac = "0000000000000002".to_string();
+    assert_eq!(
+        privileged,
+        vec![("ktf-sandboxes".to_string(), dac.clone(), dac)],
+        "pid {pid}: CAP_DAC_OVERRIDE on the watcher thread, nothing elsewhere"
     );
 }
 

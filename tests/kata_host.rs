@@ -20,8 +20,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 const SANDBOX_ID: &str = "kata.sandbox.id";
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kata-host");
-const DEPLOY: &str = "opt/kata/share/defaults/kata-containers";
+use common::{KATA_DEPLOY as DEPLOY, KATA_FIXTURE as FIXTURE};
 
 fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -505,4 +504,15 @@ fn kubernetes_manifest_arguments_are_accepted() {
             "{f} is not under a mount: {mount_paths:?}"
         );
     }
+    // A rolling update hands over: the new pod starts beside the old one
+    // and finds it at a hand-off socket on a host mount both have.
+    let at = args.iter().position(|a| a == "--handoff-socket");
+    let handoff = at.and_then(|i| args.get(i + 1)).expect("--handoff-socket");
+    assert!(
+        mount_paths
+            .iter()
+            .any(|m| handoff.starts_with(&format!("{m}/"))),
+        "{handoff} is not under a mount: {mount_paths:?}"
+    );
+    assert!(text.contains("maxSurge: 1") && text.contains("maxUnavailable: 0"));
 }

@@ -472,6 +472,10 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
 
 /// Sends spooled batches, oldest first, whenever the collector answers,
 /// until shutdown begins (what is left stays for the next run).
+/// How often an idle replayer looks through the spool directory for
+/// batches it does not know of.
+const SPOOL_RESCAN: Duration = Duration::from_secs(10);
+
 pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
     let Some(spool) = exporter.spool.clone() else {
         return;
@@ -485,12 +489,23 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         let Some(seq) = spool.oldest() else {
             tokio::select! {
                 _ = exporter.spooled.notified() => continue,
+                // Batches another process wrote (a predecessor flushing
+                // through a hand-over) are found by looking again.
+                _ = tokio::time::sleep(SPOOL_RESCAN) => {
+                    let s = Arc::clone(&spool);
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.rescan()).await {
+                        tracing::warn!(error = %e, "looking through the spool directory");
+                    }
+                    continue;
+                }
                 _ = shutdown.stopping() => return,
             }
         };
         let reader = Arc::clone(&spool);
         let batch = match tokio::task::spawn_blocking(move || reader.read(seq)).await {
-            Ok(Ok(b)) => b,
+            Ok(Ok(Some(b))) => b,
+            // Another process claimed it, and sends it.
+            Ok(Ok(None)) => continue,
             Ok(Err(error)) => {
                 let damaged = matches!(error, spool::SpoolError::Damaged { .. });
                 emit!(
@@ -507,6 +522,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
                 return;
             }
         };
+        let claim = spool::Claimed::new(&spool, seq);
         let spans = u64::from(batch.spans);
         emit!(stats, ExportAttempt { attempt: 1 });
         let (delivery, error) = match exporter.sink.send(&batch.body).await {
@@ -514,6 +530,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
             Err(e) if e.retry() == Retry::Never => (Delivery::Dropped(e.drop_reason()), Some(e)),
             Err(e) => {
                 tracing::debug!(error = %e, retry_in = ?backoff, "collector still unavailable for spooled batches");
+                drop(claim);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.stopping() => return,
@@ -522,7 +539,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
                 continue;
             }
         };
-        spool.remove(seq);
+        claim.settle();
         backoff = Duration::from_millis(250);
         emit!(
             stats,

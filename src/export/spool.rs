@@ -24,12 +24,32 @@
 //! fatal, never blocking the files behind it. The spool's total size is
 //! bounded; a batch that does not fit is not written (and the caller keeps
 //! the backpressure instead).
+//!
+//! # Two processes at once
+//!
+//! During a hand-over the old forwarder flushes (and may spool) while its
+//! successor already runs on the same directory, so every step is safe
+//! with another process at work there:
+//!
+//! - A temporary file is `<seq>.<token>.tmp`, the token this process's
+//!   own, and it becomes `<seq>.batch` by a hard link, which never replaces
+//!   a file: when the other process took that number, the next is tried.
+//! - A batch is claimed before it is sent, by renaming it to
+//!   `<seq>.<token>.sending`; of two replayers, the one whose rename fails
+//!   leaves it to the other. A claim is given back (`.batch` again) when
+//!   the send fails and will be retried, and removed once it is delivered.
+//! - The replayer looks at the directory again now and then while it has
+//!   nothing to send, for batches the other process wrote. There (and at
+//!   start) a temporary file or claim left by a process that died is dealt
+//!   with once it is older than anything alive would leave it: a temporary
+//!   file is deleted, a claim is given back, to be sent (at least once).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
@@ -39,6 +59,12 @@ use crate::stats::Stats;
 const MAGIC: &[u8; 8] = b"KTFSPOOL";
 const VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4;
+/// Past this age (since its last change of name or content), a temporary
+/// file or a claim belongs to a process that died: a live one writes a
+/// batch in moments, and holds a claim for one export request.
+const ABANDONED: Duration = Duration::from_secs(600);
+/// Sequence numbers tried when the other process takes the one reserved.
+const LINK_TRIES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -97,6 +123,10 @@ pub(crate) struct Spool {
     max_bytes: u64,
     state: Mutex<State>,
     stats: Arc<Stats>,
+    /// This process's part of temporary files' and claims' names.
+    token: String,
+    /// [`ABANDONED`], but in tests.
+    abandoned_after: Duration,
 }
 
 /// The state, locked; publishes the gauges when let go.
@@ -125,11 +155,62 @@ impl Drop for Locked<'_> {
     }
 }
 
-fn seq_of(path: &Path, ext: &str) -> Option<u64> {
-    if path.extension()? != ext {
-        return None;
+/// What a file in the spool directory is, by its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    Batch(u64),
+    Damaged(u64),
+    /// Being written, by the process whose token it carries (none: a
+    /// version that wrote `<seq>.tmp`).
+    Tmp(u64, Option<String>),
+    /// Being sent, by the process whose token it carries.
+    Sending(u64, String),
+}
+
+impl Entry {
+    fn of(name: &std::ffi::OsStr) -> Option<Entry> {
+        let name = name.to_str()?;
+        let mut parts = name.split('.');
+        let seq = parts.next()?.parse().ok()?;
+        let (a, b, rest) = (parts.next(), parts.next(), parts.next());
+        match (a?, b, rest) {
+            ("batch", None, None) => Some(Entry::Batch(seq)),
+            ("damaged", None, None) => Some(Entry::Damaged(seq)),
+            ("tmp", None, None) => Some(Entry::Tmp(seq, None)),
+            (token, Some("tmp"), None) => Some(Entry::Tmp(seq, Some(token.to_owned()))),
+            (token, Some("sending"), None) => Some(Entry::Sending(seq, token.to_owned())),
+            _ => None,
+        }
     }
-    path.file_stem()?.to_str()?.parse().ok()
+
+    fn seq(&self) -> u64 {
+        match self {
+            Entry::Batch(s) | Entry::Damaged(s) | Entry::Tmp(s, _) | Entry::Sending(s, _) => *s,
+        }
+    }
+}
+
+/// Whether `path` last changed longer than `after` ago.
+fn abandoned(path: &Path, after: Duration) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = fs::symlink_metadata(path) else {
+        return false;
+    };
+    // ctime: a rename (a claim) changes it, where mtime stays the content's.
+    let changed = std::time::UNIX_EPOCH + Duration::from_secs(md.ctime().max(0) as u64);
+    SystemTime::now()
+        .duration_since(changed)
+        .is_ok_and(|age| age >= after)
+}
+
+/// A token no other process using the directory has: our pid (unique among
+/// live processes of one PID namespace) and the time (apart across
+/// namespaces, where pids repeat).
+fn process_token() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!("{:x}{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
 }
 
 impl Spool {
@@ -149,21 +230,16 @@ impl Spool {
             dir: dir.to_path_buf(),
             source,
         };
-        let mut state = State::default();
-        for entry in fs::read_dir(dir).map_err(scan_err)? {
-            let path = entry.map_err(scan_err)?.path();
-            if let Some(seq) = seq_of(&path, "batch") {
-                let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                state.files.insert(seq, len);
-                state.bytes += len;
-                state.next_seq = state.next_seq.max(seq + 1);
-            } else if let Some(seq) = seq_of(&path, "tmp") {
-                let _ = fs::remove_file(&path);
-                state.next_seq = state.next_seq.max(seq + 1);
-            } else if let Some(seq) = seq_of(&path, "damaged") {
-                state.next_seq = state.next_seq.max(seq + 1);
-            }
-        }
+        let spool = Spool {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            state: Mutex::new(State::default()),
+            stats,
+            token: process_token(),
+            abandoned_after: ABANDONED,
+        };
+        spool.rescan().map_err(scan_err)?;
+        let state = spool.lock();
         if !state.files.is_empty() {
             tracing::info!(
                 dir = %dir.display(),
@@ -172,14 +248,65 @@ impl Spool {
                 "spool holds batches from an earlier run; they will be sent"
             );
         }
-        let spool = Spool {
-            dir: dir.to_path_buf(),
-            max_bytes,
-            state: Mutex::new(state),
-            stats,
-        };
-        drop(spool.lock());
+        drop(state);
         Ok(spool)
+    }
+
+    /// Takes stock of the directory: batches this process does not know
+    /// yet (another process's, or an earlier run's), and what a process
+    /// that died left (see the module's documentation). Returns how many
+    /// batches it found.
+    pub(crate) fn rescan(&self) -> io::Result<usize> {
+        let mut found = 0;
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let Some(what) = Entry::of(&entry.file_name()) else {
+                continue;
+            };
+            let path = entry.path();
+            let mut st = self.lock();
+            st.next_seq = st.next_seq.max(what.seq() + 1);
+            match what {
+                Entry::Batch(seq) if !st.files.contains_key(&seq) => {
+                    let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                    st.files.insert(seq, len);
+                    st.bytes += len;
+                    found += 1;
+                }
+                // Ours are being written; another's, until abandoned, may be.
+                Entry::Tmp(_, token)
+                    if token.as_deref() != Some(&*self.token)
+                        && (token.is_none() || abandoned(&path, self.abandoned_after)) =>
+                {
+                    drop(st);
+                    let _ = fs::remove_file(&path);
+                }
+                Entry::Sending(seq, token)
+                    if token != self.token && abandoned(&path, self.abandoned_after) =>
+                {
+                    drop(st);
+                    tracing::warn!(path = %path.display(), "a spooled batch was being sent by a process that is gone; it will be sent again");
+                    if fs::rename(&path, self.batch_path(seq)).is_ok() {
+                        found += 1;
+                        let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                        let mut st = self.lock();
+                        if st.files.insert(seq, len).is_none() {
+                            st.bytes += len;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(found)
+    }
+
+    fn batch_path(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{seq:020}.batch"))
+    }
+
+    fn claim_path(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{seq:020}.{}.sending", self.token))
     }
 
     fn lock(&self) -> Locked<'_> {
@@ -217,8 +344,7 @@ impl Spool {
             st.next_seq += 1;
             st.next_seq - 1
         };
-        let tmp = self.dir.join(format!("{seq:020}.tmp"));
-        let path = self.dir.join(format!("{seq:020}.batch"));
+        let tmp = self.dir.join(format!("{seq:020}.{}.tmp", self.token));
         let res = (|| {
             let f = fs::File::create(&tmp)?;
             let mut header = Vec::with_capacity(HEADER_LEN);
@@ -239,22 +365,48 @@ impl Spool {
             let f = f
                 .into_inner()
                 .map_err(std::io::IntoInnerError::into_error)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            // Make the rename itself durable.
-            fs::File::open(&self.dir)?.sync_all()
+            f.sync_all()
         })();
+        // Published under the lock, so that a rescan sees it either not yet
+        // or already counted.
         let mut st = self.lock();
-        match res {
-            Ok(()) => {
+        let published = res.and_then(|()| {
+            let mut seq = seq;
+            for _ in 0..LINK_TRIES {
+                match publish(&tmp, &self.batch_path(seq)) {
+                    Ok(()) => return Ok(seq),
+                    // Another process's batch: take the next number.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        seq = st.next_seq.max(seq + 1);
+                        st.next_seq = seq + 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "no free sequence number",
+            ))
+        });
+        match published {
+            Ok(seq) => {
                 st.files.insert(seq, size);
+                drop(st);
+                let _ = fs::remove_file(&tmp);
+                // Make the new name durable.
+                if let Err(e) = fs::File::open(&self.dir).and_then(|d| d.sync_all()) {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "syncing the spool directory");
+                }
                 Ok(true)
             }
             Err(source) => {
                 st.bytes -= size;
                 drop(st);
                 let _ = fs::remove_file(&tmp);
-                Err(SpoolError::WriteFile { path, source })
+                Err(SpoolError::WriteFile {
+                    path: self.batch_path(seq),
+                    source,
+                })
             }
         }
     }
@@ -264,25 +416,38 @@ impl Spool {
         self.lock().files.keys().next().copied()
     }
 
-    /// Reads a batch back, setting it aside if it is damaged.
-    pub(crate) fn read(&self, seq: u64) -> Result<Spooled, SpoolError> {
-        let path = self.dir.join(format!("{seq:020}.batch"));
-        let data = match fs::read(&path) {
+    /// Claims a batch and reads it back, setting it aside if it is
+    /// damaged. `Ok(None)`: another process claimed it first (it sends it).
+    pub(crate) fn read(&self, seq: u64) -> Result<Option<Spooled>, SpoolError> {
+        let path = self.batch_path(seq);
+        let claim = self.claim_path(seq);
+        match fs::rename(&path, &claim) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget(seq);
+                return Ok(None);
+            }
+            Err(source) => {
+                // Unusable: forget it rather than retry forever.
+                self.forget(seq);
+                return Err(SpoolError::ReadFile { path, source });
+            }
+        }
+        let data = match fs::read(&claim) {
             Ok(d) => d,
             Err(source) => {
-                // Gone or unreadable: forget it rather than retry forever.
                 self.forget(seq);
                 return Err(SpoolError::ReadFile { path, source });
             }
         };
         match parse(&data) {
-            Ok((spans, body)) => Ok(Spooled {
+            Ok((spans, body)) => Ok(Some(Spooled {
                 spans,
                 body: Bytes::copy_from_slice(body).into(),
-            }),
+            })),
             Err(reason) => {
                 let aside = self.dir.join(format!("{seq:020}.damaged"));
-                let _ = fs::rename(&path, &aside);
+                let _ = fs::rename(&claim, &aside);
                 self.forget(seq);
                 Err(SpoolError::Damaged {
                     path,
@@ -293,12 +458,25 @@ impl Spool {
         }
     }
 
-    /// Removes a batch that has been delivered.
+    /// Gives a claimed batch back, to be sent later (by whichever process
+    /// claims it then).
+    fn release(&self, seq: u64) {
+        if let Err(e) = fs::rename(self.claim_path(seq), self.batch_path(seq)) {
+            tracing::warn!(seq, error = %e, "could not give a spooled batch back");
+            self.forget(seq);
+        }
+    }
+
+    /// Removes a batch that has been delivered (claimed by [`read`](Self::read),
+    /// or else as written).
     pub(crate) fn remove(&self, seq: u64) {
-        let path = self.dir.join(format!("{seq:020}.batch"));
-        if let Err(e) = fs::remove_file(&path) {
+        let removed = fs::remove_file(self.claim_path(seq)).or_else(|e| match e.kind() {
+            io::ErrorKind::NotFound => fs::remove_file(self.batch_path(seq)),
+            _ => Err(e),
+        });
+        if let Err(e) = removed {
             if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(path = %path.display(), error = %e, "could not remove delivered spool file");
+                tracing::warn!(seq, error = %e, "could not remove delivered spool file");
             }
         }
         self.forget(seq);
@@ -309,6 +487,57 @@ impl Spool {
         if let Some(size) = st.files.remove(&seq) {
             st.bytes -= size;
         }
+    }
+}
+
+/// A batch this process claimed ([`Spool::read`]): given back when dropped
+/// unsettled, also when the replayer is stopped in the middle of sending it
+/// (its task aborted at the shutdown deadline), so that it is not left
+/// claimed by a process that is gone.
+pub(crate) struct Claimed<'a> {
+    spool: &'a Spool,
+    seq: u64,
+    settled: bool,
+}
+
+impl<'a> Claimed<'a> {
+    pub(crate) fn new(spool: &'a Spool, seq: u64) -> Claimed<'a> {
+        Claimed {
+            spool,
+            seq,
+            settled: false,
+        }
+    }
+
+    /// Delivered (or refused for good): removed.
+    pub(crate) fn settle(mut self) {
+        self.settled = true;
+        self.spool.remove(self.seq);
+    }
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.spool.release(self.seq);
+        }
+    }
+}
+
+/// Gives `tmp` the name `path`, never replacing a file there (another
+/// process's batch): a hard link, where the file system has them.
+fn publish(tmp: &Path, path: &Path) -> io::Result<()> {
+    match fs::hard_link(tmp, path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            // No hard links here (FAT, some FUSE): a rename, checked first;
+            // the other process would have to take this very number in
+            // between.
+            if fs::symlink_metadata(path).is_ok() {
+                return Err(io::ErrorKind::AlreadyExists.into());
+            }
+            fs::rename(tmp, path)
+        }
+        r => r,
     }
 }
 
@@ -377,10 +606,10 @@ mod tests {
         let spool = Spool::open_for_test(dir.path(), 1 << 20).unwrap();
         assert_eq!(spool.len(), 2);
         let seq = spool.oldest().unwrap();
-        let b = spool.read(seq).unwrap();
+        let b = spool.read(seq).unwrap().unwrap();
         assert_eq!((b.spans, &b.body.to_bytes()[..]), (3, &b"first"[..]));
         spool.remove(seq);
-        let b = spool.read(spool.oldest().unwrap()).unwrap();
+        let b = spool.read(spool.oldest().unwrap()).unwrap().unwrap();
         assert_eq!((b.spans, &b.body.to_bytes()[..]), (4, &b"second"[..]));
         // New writes continue the sequence after a reopen.
         assert!(spool.write(&req(b"third"), 1).unwrap());
@@ -420,10 +649,11 @@ mod tests {
         let mut damaged = 0;
         while let Some(seq) = spool.oldest() {
             match spool.read(seq) {
-                Ok(b) => {
+                Ok(Some(b)) => {
                     good.push(b.body.to_bytes());
                     spool.remove(seq);
                 }
+                Ok(None) => panic!("nobody else claims here"),
                 Err(SpoolError::Damaged { aside, .. }) => {
                     assert!(aside.exists());
                     damaged += 1;
@@ -434,5 +664,86 @@ mod tests {
         assert_eq!(good, vec![Bytes::from_static(b"good two")]);
         assert_eq!(damaged, 2);
         assert_eq!(spool.bytes(), 0);
+    }
+
+    /// Everything `spool` holds, each batch claimed, read and removed.
+    fn drain(spool: &Spool) -> Vec<Bytes> {
+        let mut got = Vec::new();
+        while let Some(seq) = spool.oldest() {
+            if let Some(b) = spool.read(seq).unwrap() {
+                Claimed::new(spool, seq).settle();
+                got.push(b.body.to_bytes());
+            }
+        }
+        got
+    }
+
+    /// Two processes on one spool (a hand-over's overlap): what both write
+    /// is kept whole (their sequence numbers collide from the start), and
+    /// what both replay is sent once, by one of them.
+    #[test]
+    fn two_processes_share_a_spool_without_loss_or_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Spool::open_for_test(dir.path(), 1 << 20).unwrap();
+        let b = Spool::open_for_test(dir.path(), 1 << 20).unwrap();
+        assert_ne!(a.token, b.token);
+        let written: Vec<Bytes> = (0..200)
+            .map(|i| Bytes::from(format!("batch {i}")))
+            .collect();
+        std::thread::scope(|s| {
+            for (spool, half) in [(&a, &written[..100]), (&b, &written[100..])] {
+                s.spawn(move || {
+                    for w in half {
+                        assert!(spool.write(&req(w), 1).unwrap());
+                    }
+                });
+            }
+        });
+        let batches = fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(batches, 200, "no batch replaced another");
+        // Each learns of the other's batches by looking again.
+        assert_eq!(a.rescan().unwrap(), 100);
+        assert_eq!(b.rescan().unwrap(), 100);
+        let (got_a, got_b) = std::thread::scope(|s| {
+            let ha = s.spawn(|| drain(&a));
+            let hb = s.spawn(|| drain(&b));
+            (ha.join().unwrap(), hb.join().unwrap())
+        });
+        let mut got: Vec<Bytes> = got_a.into_iter().chain(got_b).collect();
+        got.sort();
+        let mut want = written.clone();
+        want.sort();
+        assert_eq!(got, want, "every batch sent once");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!((a.bytes(), b.bytes()), (0, 0));
+    }
+
+    /// A claim not settled (the send failed, or the replayer was stopped)
+    /// is given back; one left by a process that died is given back once
+    /// abandoned, and a half-written file of one is deleted.
+    #[test]
+    fn claims_are_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open_for_test(dir.path(), 1 << 20).unwrap();
+        spool.write(&req(b"one"), 1).unwrap();
+        let seq = spool.oldest().unwrap();
+        assert!(spool.read(seq).unwrap().is_some());
+        assert!(!spool.batch_path(seq).exists(), "claimed");
+        drop(Claimed::new(&spool, seq));
+        assert!(spool.batch_path(seq).exists(), "given back");
+
+        // A dead process's claim and temporary file.
+        fs::rename(
+            spool.batch_path(seq),
+            dir.path().join(format!("{seq:020}.dead.sending")),
+        )
+        .unwrap();
+        fs::write(dir.path().join("00000000000000000007.dead.tmp"), b"half").unwrap();
+        let mut later = Spool::open_for_test(dir.path(), 1 << 20).unwrap();
+        assert_eq!(later.len(), 0, "not yet abandoned: maybe still being sent");
+        later.abandoned_after = Duration::ZERO;
+        assert_eq!(later.rescan().unwrap(), 1);
+        assert!(!dir.path().join("00000000000000000007.dead.tmp").exists());
+        assert_eq!(drain(&later), vec![Bytes::from_static(b"one")]);
     }
 }

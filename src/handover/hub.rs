@@ -72,6 +72,10 @@ enum Slot {
     Running,
     /// `None`: it could not make its piece (out of descriptors).
     Reported(u64, Option<Piece>),
+    /// Paused, with no socket of its own to hand over (a template's
+    /// watcher, the `--kata-host` planner: what they make, sockets, are
+    /// members of their own).
+    Quiet(u64),
     Taken(u64),
 }
 
@@ -135,7 +139,7 @@ impl Hub {
                 let all = inner
                     .members
                     .values()
-                    .all(|s| matches!(s, Slot::Reported(r, _) if *r == round));
+                    .all(|s| matches!(s, Slot::Reported(r, _) | Slot::Quiet(r) if *r == round));
                 let failed = inner
                     .members
                     .values()
@@ -147,6 +151,7 @@ impl Hub {
                 if all {
                     let mut pieces = Vec::with_capacity(inner.members.len());
                     for (id, slot) in inner.members.iter_mut() {
+                        // A quiet member is taken too: it learns the outcome.
                         if let Slot::Reported(_, Some(piece)) =
                             std::mem::replace(slot, Slot::Taken(round))
                         {
@@ -246,6 +251,14 @@ impl Member {
             .lock()
             .members
             .insert(self.id, Slot::Reported(round, piece));
+        self.hub.changed.notify_waiters();
+    }
+
+    /// Reports this member paused, with nothing to hand over itself.
+    pub(crate) fn report_quiet(&mut self) {
+        let Some(round) = self.due() else { return };
+        self.reported = Some(round);
+        self.hub.lock().members.insert(self.id, Slot::Quiet(round));
         self.hub.changed.notify_waiters();
     }
 

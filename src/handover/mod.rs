@@ -324,6 +324,13 @@ pub enum TakenListener {
         cid: Option<u32>,
         port: u32,
     },
+    /// A sandbox's socket in template mode or `--kata-host`.
+    Sandbox {
+        fd: OwnedFd,
+        id: String,
+        path: PathBuf,
+        identity: (u64, u64),
+    },
 }
 
 /// One handed-over connection: its socket, the index of its listener among
@@ -500,6 +507,16 @@ fn sort(received: Received) -> Result<Taken, HandOverError> {
                     path: path.clone(),
                     identity: *identity,
                     janitor,
+                });
+            }
+            ListenerKind::Sandbox { id, path, identity } => {
+                check(&fd, AddressFamily::Unix, true, "sandbox listener")?;
+                index.push(Some(listeners.len()));
+                listeners.push(TakenListener::Sandbox {
+                    fd,
+                    id: id.clone(),
+                    path: path.clone(),
+                    identity: *identity,
                 });
             }
             ListenerKind::Vsock { cid, port } => {

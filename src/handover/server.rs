@@ -31,6 +31,7 @@ use super::wire::{self, ConnState, ListenerKind, ListenerState, State};
 use super::{
     fds, HandOverError, HandoffListener, ACK, MAX_REASON, REFUSED, REQUEST, STATE, STEP_TIMEOUT,
 };
+use crate::listen::template::SandboxThread;
 
 /// Longest every listener and connection may take to pause.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -56,23 +57,25 @@ pub(crate) struct Committed {
 pub(crate) struct Server {
     listener: HandoffListener,
     hub: Arc<Hub>,
-    /// Why this forwarder cannot hand over, if it cannot.
-    refuse: Option<String>,
     upgrade: Option<(Upgrade, Signal)>,
+    /// In template mode and `--kata-host`: the sandbox thread, which starts
+    /// the upgraded binary so that it gets the one capability that thread
+    /// holds (see [`SandboxThread::spawn_process`]).
+    sandbox_thread: Option<SandboxThread>,
 }
 
 impl Server {
     pub(crate) fn new(
         listener: HandoffListener,
         hub: Arc<Hub>,
-        refuse: Option<String>,
         upgrade: Option<(Upgrade, Signal)>,
+        sandbox_thread: Option<SandboxThread>,
     ) -> Server {
         Server {
             listener,
             hub,
-            refuse,
             upgrade,
+            sandbox_thread,
         }
     }
 
@@ -120,7 +123,7 @@ impl Server {
                         tracing::warn!("SIGHUP: an upgrade is already under way");
                         continue;
                     }
-                    child = self.start_upgrade().map(|c| (c, Instant::now()));
+                    child = self.start_upgrade().await.map(|c| (c, Instant::now()));
                 }
                 () = child_check => {
                     let Some((c, since)) = child.as_mut() else { continue };
@@ -149,24 +152,22 @@ impl Server {
     }
 
     /// Starts the upgraded binary, or logs why it cannot.
-    fn start_upgrade(&self) -> Option<Child> {
+    async fn start_upgrade(&self) -> Option<Child> {
         let (up, _) = self.upgrade.as_ref()?;
-        if let Some(why) = &self.refuse {
-            // The successor would be refused, and then serve beside us.
-            tracing::error!(reason = %why, "SIGHUP: this forwarder cannot hand over, so no upgrade; still serving");
-            return None;
-        }
         match sd_notify::NotifyState::monotonic_usec_now() {
             Ok(now) => notify(&[sd_notify::NotifyState::Reloading, now]),
             Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
         }
         tracing::info!(exe = %up.exe.display(), "SIGHUP: starting the binary to hand over to");
-        match Command::new(&up.exe)
-            .args(&up.args)
+        let mut cmd = Command::new(&up.exe);
+        cmd.args(&up.args)
             .env(crate::config::TAKE_OVER_ENV, "1")
-            .stdin(Stdio::null())
-            .spawn()
-        {
+            .stdin(Stdio::null());
+        let started = match &self.sandbox_thread {
+            Some(thread) => thread.spawn_process(cmd).await,
+            None => cmd.spawn(),
+        };
+        match started {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::error!(exe = %up.exe.display(), error = %e, "upgrade failed: the new binary did not start; still serving");
@@ -235,11 +236,6 @@ impl Server {
                 tracing::warn!(pid = peer.pid, error = %e, "hand-off socket: reading the request");
                 return None;
             }
-        }
-        if let Some(why) = &self.refuse {
-            tracing::warn!(pid = peer.pid, reason = %why, "hand-over refused");
-            let _ = refuse(stream, why.clone()).await;
-            return None;
         }
         tracing::info!(
             pid = peer.pid,

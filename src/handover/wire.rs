@@ -78,6 +78,17 @@ pub enum ListenerKind {
     Hybrid { path: PathBuf, identity: (u64, u64) },
     /// An AF_VSOCK listener; `cid` `None` is any.
     Vsock { cid: Option<u32>, port: u32 },
+    /// One sandbox's hybrid-VSOCK socket in template mode or `--kata-host`:
+    /// the sandbox id, and the socket's path and identity. The successor's
+    /// own sandbox watcher serves it again when it finds the sandbox still
+    /// there, with the socket still the very file bound. (Added within
+    /// version 1, last, so that older states still decode; a reader that
+    /// predates it refuses a state holding one as undecodable.)
+    Sandbox {
+        id: String,
+        path: PathBuf,
+        identity: (u64, u64),
+    },
 }
 
 /// One live agent connection, as its reader left it.
@@ -235,7 +246,8 @@ fn check(state: &State, header: Header, max_frame_size: usize) -> Result<(), Han
             ));
         };
         match (&l.kind, c.cid) {
-            (ListenerKind::Hybrid { .. }, None) | (ListenerKind::Vsock { .. }, Some(_)) => {}
+            (ListenerKind::Hybrid { .. } | ListenerKind::Sandbox { .. }, None)
+            | (ListenerKind::Vsock { .. }, Some(_)) => {}
             (kind, cid) => {
                 return bad(format!(
                     "connection {i} (cid {cid:?}) cannot come from listener {kind:?}"

@@ -18,6 +18,10 @@
 //! error is logged and that file keeps what it was served for, so that a
 //! half-written file in the middle of an upgrade never stops a runtime
 //! class's tracing.
+//!
+//! In a hand-over, the planner pauses with everything else (it starts and
+//! stops nothing meanwhile) and, handed over, leaves the listeners to the
+//! successor, whose own plan serves them on.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
@@ -36,10 +40,11 @@ use super::connection::ConnShared;
 use super::sandbox::{self, CidResolver};
 use super::template::{SandboxThread, TemplateListener};
 use super::vsock::VsockListener;
-use super::{Accept, ConnLimit, ListenError, Listener};
+use super::{pause_asked, Accept, Adopted, ConnLimit, Ended, ListenError, Listener};
 use crate::addr::SocketTemplate;
 use crate::config::kata::{self, Plan, Status, Target};
 use crate::config::KataHostConfig;
+use crate::handover::hub::{Hub, Member, Outcome};
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
 
@@ -63,7 +68,8 @@ const EVENT_BUFFER: usize = 16 << 10;
 
 /// A listener bound for a target, not yet served.
 enum Bound {
-    Vsock(VsockListener),
+    /// With the connections a predecessor handed over with it.
+    Vsock(VsockListener, Vec<Adopted>),
     Template(TemplateListener),
 }
 
@@ -80,6 +86,7 @@ struct Ctx {
     origin: Arc<Origin>,
     limit: Arc<ConnLimit>,
     tracker: TaskTracker,
+    hub: Option<Arc<Hub>>,
 }
 
 /// The running `--kata-host` listener.
@@ -94,6 +101,8 @@ pub struct KataHostListener {
     /// Bound at start, served by [`serve`](Self::serve).
     bound: Vec<(Target, Shutdown, Bound)>,
     watch: ConfigWatch,
+    /// Where the planner and what it serves pause for a hand-over.
+    hub: Option<Arc<Hub>>,
 }
 
 impl KataHostListener {
@@ -127,6 +136,7 @@ impl KataHostListener {
             effective,
             bound: Vec::new(),
             watch,
+            hub: None,
         };
         for target in &plan.listeners {
             let stop = shutdown.child();
@@ -144,12 +154,27 @@ impl KataHostListener {
         Ok(me)
     }
 
+    /// The sandbox thread its templates' watchers run on.
+    pub(crate) fn thread(&self) -> &SandboxThread {
+        &self.thread
+    }
+
+    /// Takes part in hand-overs through `hub`, with everything it serves.
+    pub(crate) fn set_hub(&mut self, hub: Arc<Hub>) {
+        for (_, _, b) in &mut self.bound {
+            if let Bound::Template(t) = b {
+                t.set_hub(Arc::clone(&hub));
+            }
+        }
+        self.hub = Some(hub);
+    }
+
     pub fn describe(&self) -> String {
         let each: Vec<String> = self
             .bound
             .iter()
             .map(|(_, _, b)| match b {
-                Bound::Vsock(l) => l.describe(),
+                Bound::Vsock(l, _) => l.describe(),
                 Bound::Template(l) => l.describe(),
             })
             .collect();
@@ -162,10 +187,16 @@ impl KataHostListener {
 
     async fn bind(&self, target: &Target, stop: &Shutdown) -> Result<Bound, ListenError> {
         match target {
-            Target::Vsock => Ok(Bound::Vsock(VsockListener::bind(
-                self.cfg.cid,
-                self.cfg.port,
-            )?)),
+            Target::Vsock => {
+                let inherited = self.thread.inherited();
+                match inherited.and_then(|i| i.take_vsock(self.cfg.cid, self.cfg.port)) {
+                    Some((l, adopted)) => Ok(Bound::Vsock(l, adopted)),
+                    None => Ok(Bound::Vsock(
+                        VsockListener::bind(self.cfg.cid, self.cfg.port)?,
+                        Vec::new(),
+                    )),
+                }
+            }
             Target::Template { template } => {
                 let t: SocketTemplate = template.parse().map_err(ListenError::ReadKataConfig)?;
                 let l = TemplateListener::start_on(
@@ -176,6 +207,10 @@ impl KataHostListener {
                     stop,
                 )
                 .await?;
+                let mut l = l;
+                if let Some(hub) = &self.hub {
+                    l.set_hub(Arc::clone(hub));
+                }
                 Ok(Bound::Template(l))
             }
         }
@@ -195,7 +230,9 @@ impl KataHostListener {
             origin,
             limit,
             tracker,
+            hub: self.hub.clone(),
         };
+        let mut member = self.hub.as_ref().map(Hub::member);
         let mut running: BTreeMap<Target, Running> = BTreeMap::new();
         for (target, stop, bound) in std::mem::take(&mut self.bound) {
             running.insert(target, spawn(bound, stop, &ctx));
@@ -213,6 +250,11 @@ impl KataHostListener {
             tokio::select! {
                 biased;
                 _ = stopping.stopping() => break,
+                _ = pause_asked(&mut member) => {
+                    if pause(&mut member).await != Outcome::Resumed {
+                        break;
+                    }
+                }
                 _ = settle => {
                     due = None;
                     self.replan(&mut running, &mut stopped, &ctx).await;
@@ -306,6 +348,16 @@ impl KataHostListener {
     }
 }
 
+/// A hand-over's pause: nothing is started or stopped until its outcome.
+/// Handed over, the planner leaves what it served to the successor.
+async fn pause(member: &mut Option<Member>) -> Outcome {
+    let Some(m) = member.as_mut() else {
+        return Outcome::Resumed;
+    };
+    m.report_quiet();
+    m.outcome().await
+}
+
 /// Serves one bound target in a task of its own until `stop`.
 fn spawn(bound: Bound, stop: Shutdown, ctx: &Ctx) -> Running {
     let (shared, origin, limit, tracker) = (
@@ -316,8 +368,12 @@ fn spawn(bound: Bound, stop: Shutdown, ctx: &Ctx) -> Running {
     );
     let task = match bound {
         Bound::Template(t) => tokio::spawn(t.serve(shared, origin, limit, tracker)),
-        Bound::Vsock(l) => {
+        Bound::Vsock(l, adopted) => {
             let stop = stop.clone();
+            let hub = ctx.hub.clone();
+            // Taken before the task runs, so that a pause asked from now on
+            // waits for it.
+            let member = hub.as_ref().map(Hub::member);
             tokio::spawn(async move {
                 // QEMU: a guest's CID says which sandbox it is, through /proc.
                 let accept = Accept {
@@ -328,11 +384,22 @@ fn spawn(bound: Bound, stop: Shutdown, ctx: &Ctx) -> Running {
                     tracker: &tracker,
                     // Each guest CID is a sandbox of its own.
                     tenant: None,
-                    hub: None,
+                    hub: hub.as_ref(),
+                    sandbox: None,
                 };
                 let listener = Listener::Vsock(l);
-                accept.run(&listener, &stop, None).await;
-                tracing::info!(listener = %listener.describe(), "stopped accepting connections");
+                let listener_id = member.as_ref().map_or(0, Member::id);
+                for a in adopted {
+                    accept.adopt(a, listener_id, &stop);
+                }
+                match accept.run(&listener, &stop, member).await {
+                    Ended::HandedOver => {
+                        tracing::info!(listener = %listener.describe(), "handed over")
+                    }
+                    Ended::Stopped => {
+                        tracing::info!(listener = %listener.describe(), "stopped accepting connections")
+                    }
+                }
             })
         }
     };

@@ -25,6 +25,7 @@
 
 pub(crate) mod connection;
 pub mod hybrid;
+pub(crate) mod inherited;
 pub mod kata_host;
 pub(crate) mod pacing;
 pub mod privileges;
@@ -45,6 +46,7 @@ use crate::addr::{hybrid_socket, Peer, VsockCid};
 use crate::config::{ListenConfig, ListenMode};
 use crate::events::{emit, ConnectionAccepted, ConnectionRejected, Refusal};
 use crate::handover::hub::{Hub, Member, Outcome, Piece, PieceKind};
+use crate::handover::wire::ListenerKind;
 use crate::handover::{ConnLink, Resume, TakenConn, TakenListener};
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
@@ -161,12 +163,37 @@ impl Listener {
 }
 
 /// A connection a previous forwarder served, to be served on.
-struct Adopted {
-    /// Index of its listener in [`Listeners::listeners`].
+pub(crate) struct Adopted {
+    /// Index of its listener among those handed over.
     listener: usize,
     stream: Stream,
     peer: Peer,
     resume: Resume,
+}
+
+impl Adopted {
+    /// Registers a handed-over connection with the current runtime.
+    fn from_taken(c: TakenConn) -> Result<Adopted, ListenError> {
+        let adopt = |e: io::Error| ListenError::AdoptSocket(e.to_string());
+        let (stream, peer) = match c.cid {
+            Some(cid) => (
+                Stream::Vsock(tokio_vsock::VsockStream::from(c.fd)),
+                Peer::Vsock { cid },
+            ),
+            None => {
+                let std = std::os::unix::net::UnixStream::from(c.fd);
+                std.set_nonblocking(true).map_err(adopt)?;
+                let s = tokio::net::UnixStream::from_std(std).map_err(adopt)?;
+                (Stream::Unix(s), Peer::Unix)
+            }
+        };
+        Ok(Adopted {
+            listener: c.listener,
+            stream,
+            peer,
+            resume: c.resume,
+        })
+    }
 }
 
 /// The listeners one forwarder serves, bound and ready.
@@ -213,29 +240,19 @@ impl Listeners {
                     let cid = cid.map_or(VsockCid::Any, VsockCid::Cid);
                     Listener::Vsock(vsock::VsockListener::adopt(fd, cid, port))
                 }
-            });
-        }
-        let mut adopted = Vec::with_capacity(connections.len());
-        for c in connections {
-            let (stream, peer) = match c.cid {
-                Some(cid) => (
-                    Stream::Vsock(tokio_vsock::VsockStream::from(c.fd)),
-                    Peer::Vsock { cid },
+                // A predecessor in template mode, this one with a single
+                // socket: served on as one, its sandbox read from its path.
+                TakenListener::Sandbox {
+                    fd, path, identity, ..
+                } => Listener::Hybrid(
+                    hybrid::HybridListener::adopt(fd, path, identity, None).map_err(adopt)?,
                 ),
-                None => {
-                    let std = std::os::unix::net::UnixStream::from(c.fd);
-                    std.set_nonblocking(true).map_err(adopt)?;
-                    let s = tokio::net::UnixStream::from_std(std).map_err(adopt)?;
-                    (Stream::Unix(s), Peer::Unix)
-                }
-            };
-            adopted.push(Adopted {
-                listener: c.listener,
-                stream,
-                peer,
-                resume: c.resume,
             });
         }
+        let adopted = connections
+            .into_iter()
+            .map(Adopted::from_taken)
+            .collect::<Result<_, _>>()?;
         Ok(Listeners {
             listeners,
             max_connections,
@@ -244,19 +261,26 @@ impl Listeners {
         })
     }
 
-    /// Takes part in hand-overs through `hub`.
+    /// Takes part in hand-overs through `hub`: every accept loop and
+    /// connection, and the watchers that make listeners as they go.
     pub(crate) fn set_hub(&mut self, hub: Arc<Hub>) {
+        for l in &mut self.listeners {
+            match l {
+                Listener::Template(t) => t.set_hub(Arc::clone(&hub)),
+                Listener::KataHost(k) => k.set_hub(Arc::clone(&hub)),
+                Listener::Hybrid(_) | Listener::Vsock(_) => {}
+            }
+        }
         self.hub = Some(hub);
     }
 
-    /// Why these listeners cannot be handed over, if they cannot.
-    pub(crate) fn cannot_hand_over(&self) -> Option<String> {
-        self.listeners
-            .iter()
-            .any(|l| matches!(l, Listener::Template(_) | Listener::KataHost(_)))
-            .then(|| {
-                "template mode and --kata-host cannot hand over yet (restart them instead)".into()
-            })
+    /// The thread that watches sandbox directories, when one does.
+    pub(crate) fn sandbox_thread(&self) -> Option<template::SandboxThread> {
+        self.listeners.iter().find_map(|l| match l {
+            Listener::Template(t) => Some(t.thread().clone()),
+            Listener::KataHost(k) => Some(k.thread().clone()),
+            Listener::Hybrid(_) | Listener::Vsock(_) => None,
+        })
     }
 
     pub fn describe(&self) -> String {
@@ -274,6 +298,31 @@ pub async fn bind(
     cfg: &ListenConfig,
     writable: Option<&Path>,
     shutdown: &Shutdown,
+) -> Result<Listeners, ListenError> {
+    bind_inheriting(cfg, writable, shutdown, None).await
+}
+
+/// [`bind`], for a successor in template mode or `--kata-host`: what the
+/// predecessor handed over is served on where it is still asked for (see
+/// [`inherited`]), the rest is bound as at any start.
+pub(crate) async fn bind_inheriting(
+    cfg: &ListenConfig,
+    writable: Option<&Path>,
+    shutdown: &Shutdown,
+    inherited: Option<Arc<inherited::Inherited>>,
+) -> Result<Listeners, ListenError> {
+    let bound = bind_mode(cfg, writable, shutdown, inherited.as_ref()).await;
+    if let Some(i) = &inherited {
+        i.close_unclaimed();
+    }
+    bound
+}
+
+async fn bind_mode(
+    cfg: &ListenConfig,
+    writable: Option<&Path>,
+    shutdown: &Shutdown,
+    inherited: Option<&Arc<inherited::Inherited>>,
 ) -> Result<Listeners, ListenError> {
     let root = privileges::is_root();
     let listener = match &cfg.mode {
@@ -297,16 +346,13 @@ pub async fn bind(
             max_sandboxes,
         } => {
             let templates = std::slice::from_ref(template);
-            return bind_set(
-                cfg,
-                None,
+            let set = Set {
+                vsock: None,
                 templates,
-                *port,
-                *max_sandboxes,
-                writable,
-                shutdown,
-            )
-            .await;
+                port: *port,
+                max_sandboxes: *max_sandboxes,
+            };
+            return bind_set(cfg, set, writable, shutdown, inherited).await;
         }
         ListenMode::Many {
             vsock,
@@ -314,19 +360,18 @@ pub async fn bind(
             port,
             max_sandboxes,
         } => {
-            return bind_set(
-                cfg,
-                *vsock,
+            let set = Set {
+                vsock: *vsock,
                 templates,
-                *port,
-                *max_sandboxes,
-                writable,
-                shutdown,
-            )
-            .await;
+                port: *port,
+                max_sandboxes: *max_sandboxes,
+            };
+            return bind_set(cfg, set, writable, shutdown, inherited).await;
         }
         ListenMode::KataHost(k) => {
-            let thread = template::SandboxThread::start(unprivileged_user(cfg, writable)?).await?;
+            let thread = template::SandboxThread::start(unprivileged_user(cfg, writable)?)
+                .await?
+                .inheriting(inherited);
             let host = kata_host::KataHostListener::start(k, thread, shutdown).await?;
             Listener::KataHost(Box::new(host))
         }
@@ -348,36 +393,56 @@ fn unprivileged_user(
     Ok(user)
 }
 
-/// VSOCK (when `vsock` is set) and every template, the templates' watchers
+/// What template mode serves: VSOCK (when `vsock` is set) and templates.
+struct Set<'a> {
+    vsock: Option<crate::addr::VsockCid>,
+    templates: &'a [crate::addr::SocketTemplate],
+    port: u32,
+    max_sandboxes: usize,
+}
+
+/// VSOCK (when set) and every template of `set`, the templates' watchers
 /// sharing one sandbox thread.
 async fn bind_set(
     cfg: &ListenConfig,
-    vsock: Option<crate::addr::VsockCid>,
-    templates: &[crate::addr::SocketTemplate],
-    port: u32,
-    max_sandboxes: usize,
+    set: Set<'_>,
     writable: Option<&Path>,
     shutdown: &Shutdown,
+    inherited: Option<&Arc<inherited::Inherited>>,
 ) -> Result<Listeners, ListenError> {
     let mut listeners = Vec::new();
-    if let Some(cid) = vsock {
-        listeners.push(Listener::Vsock(vsock::VsockListener::bind(cid, port)?));
+    let mut adopted = Vec::new();
+    if let Some(cid) = set.vsock {
+        match inherited.and_then(|i| i.take_vsock(cid, set.port)) {
+            Some((l, conns)) => {
+                adopted.extend(conns.into_iter().map(|mut a| {
+                    a.listener = listeners.len();
+                    a
+                }));
+                listeners.push(Listener::Vsock(l));
+            }
+            None => listeners.push(Listener::Vsock(vsock::VsockListener::bind(cid, set.port)?)),
+        }
     }
-    if !templates.is_empty() {
-        let thread = template::SandboxThread::start(unprivileged_user(cfg, writable)?).await?;
-        for t in templates {
+    if !set.templates.is_empty() {
+        let thread = template::SandboxThread::start(unprivileged_user(cfg, writable)?)
+            .await?
+            .inheriting(inherited);
+        for t in set.templates {
             let l = template::TemplateListener::start_on(
                 &thread,
                 t.clone(),
-                port,
-                max_sandboxes,
+                set.port,
+                set.max_sandboxes,
                 shutdown,
             )
             .await?;
             listeners.push(Listener::Template(l));
         }
     }
-    Ok(Listeners::new(listeners, cfg.max_connections))
+    let mut all = Listeners::new(listeners, cfg.max_connections);
+    all.adopted = adopted;
+    Ok(all)
 }
 
 /// Accepts on every listener until `shutdown` begins, serving each
@@ -442,6 +507,7 @@ pub(crate) async fn serve(
                 tracker: &tracker,
                 tenant,
                 hub: hub.as_ref(),
+                sandbox: None,
             };
             let member = hub.as_ref().map(Hub::member);
             let listener_id = member.as_ref().map_or(0, Member::id);
@@ -502,6 +568,9 @@ pub(crate) struct Accept<'a> {
     pub tenant: Option<Arc<Tenant>>,
     /// Where this listener and its connections pause for a hand-over.
     pub hub: Option<&'a Arc<Hub>>,
+    /// The sandbox whose socket this is, in template mode and
+    /// `--kata-host`: handed over as such, for the successor's watcher.
+    pub sandbox: Option<&'a str>,
 }
 
 /// How an accept loop ended.
@@ -513,7 +582,7 @@ pub(crate) enum Ended {
 }
 
 /// Resolves when a hand-over asks `member` to pause; never without one.
-async fn pause_asked(member: &mut Option<Member>) {
+pub(crate) async fn pause_asked(member: &mut Option<Member>) {
     match member {
         Some(m) => m.pause_asked().await,
         None => std::future::pending().await,
@@ -540,7 +609,7 @@ impl Accept<'_> {
         loop {
             if let Some(m) = member.as_mut() {
                 if m.pause_due() {
-                    m.report(listener.hand_over());
+                    m.report(self.piece(listener));
                 }
                 if m.awaiting_outcome() {
                     match m.outcome().await {
@@ -616,6 +685,29 @@ impl Accept<'_> {
             self.spawn(stream, peer, slot, permit, shutdown, link);
         }
         Ended::Stopped
+    }
+
+    /// This accept loop's part of a hand-over.
+    fn piece(&self, listener: &Listener) -> Option<Piece> {
+        let Piece { what, fd } = listener.hand_over()?;
+        let what = match (self.sandbox, what) {
+            (
+                Some(id),
+                PieceKind::Listener {
+                    kind: ListenerKind::Hybrid { path, identity },
+                    janitor,
+                },
+            ) => PieceKind::Listener {
+                kind: ListenerKind::Sandbox {
+                    id: id.to_owned(),
+                    path,
+                    identity,
+                },
+                janitor,
+            },
+            (_, what) => what,
+        };
+        Some(Piece { what, fd })
     }
 
     /// Serves a connection a previous forwarder handed over, from where it

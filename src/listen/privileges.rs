@@ -132,6 +132,74 @@ pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
     Ok(())
 }
 
+/// Whether this process, not root, holds CAP_DAC_OVERRIDE: a successor
+/// that a predecessor in template mode started (see
+/// [`spawn_passing_dac_override`]).
+pub(crate) fn inherited_dac_override() -> bool {
+    use caps::{CapSet, Capability};
+    !is_root()
+        && caps::has_cap(None, CapSet::Permitted, Capability::CAP_DAC_OVERRIDE).unwrap_or(false)
+}
+
+/// On the calling thread: keeps CAP_DAC_OVERRIDE (effective and permitted)
+/// and nothing else, and passes nothing on to what it starts.
+pub(crate) fn keep_dac_override_on_this_thread() -> Result<(), ListenError> {
+    use caps::{CapSet, Capability, CapsHashSet};
+    let err = |e: caps::errors::CapsError| ListenError::DropPrivileges {
+        user: String::new(),
+        reason: e.to_string(),
+    };
+    let kept: CapsHashSet = [Capability::CAP_DAC_OVERRIDE].into_iter().collect();
+    // Kernels without ambient capabilities have none to clear.
+    let _ = caps::clear(None, CapSet::Ambient);
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(err)?;
+    caps::set(None, CapSet::Effective, &kept).map_err(err)?;
+    caps::set(None, CapSet::Permitted, &kept).map_err(err)?;
+    tracing::info!(
+        kept = "CAP_DAC_OVERRIDE, on the sandbox watcher thread only",
+        "privileges as handed over"
+    );
+    Ok(())
+}
+
+/// On the calling thread: every capability dropped, for good.
+pub(crate) fn drop_all_on_this_thread() -> Result<(), ListenError> {
+    use caps::{CapSet, CapsHashSet};
+    let err = |e: caps::errors::CapsError| ListenError::DropPrivileges {
+        user: String::new(),
+        reason: e.to_string(),
+    };
+    let _ = caps::clear(None, CapSet::Ambient);
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(err)?;
+    caps::set(None, CapSet::Effective, &CapsHashSet::new()).map_err(err)?;
+    caps::set(None, CapSet::Permitted, &CapsHashSet::new()).map_err(err)
+}
+
+/// Starts `cmd`, passing CAP_DAC_OVERRIDE on when the calling thread holds
+/// it and the process is not root. A process that is not root loses its
+/// capabilities at `exec` unless they are in its ambient set, so the
+/// capability is raised there for the start alone, and lowered again. If
+/// the kernel refuses (no ambient capabilities, or a securebit forbids
+/// them), the successor starts without it: it serves what it is handed,
+/// but cannot bind a new sandbox's socket; that is logged.
+pub(crate) fn spawn_passing_dac_override(cmd: &mut Command) -> io::Result<Child> {
+    use caps::{CapSet, Capability};
+    const DAC: Capability = Capability::CAP_DAC_OVERRIDE;
+    let held = !is_root() && caps::has_cap(None, CapSet::Effective, DAC).unwrap_or(false);
+    if !held {
+        return cmd.spawn();
+    }
+    let raised = caps::raise(None, CapSet::Inheritable, DAC)
+        .and_then(|()| caps::raise(None, CapSet::Ambient, DAC));
+    if let Err(e) = &raised {
+        tracing::error!(error = %e, "upgrade: cannot pass CAP_DAC_OVERRIDE on; the new binary will not serve new sandboxes");
+    }
+    let child = cmd.spawn();
+    let _ = caps::clear(None, CapSet::Ambient);
+    let _ = caps::drop(None, CapSet::Inheritable, DAC);
+    child
+}
+
 /// The privileged helper that removes a socket on our behalf. A forwarder
 /// that took over from another holds only its pipe: the janitor is the
 /// first forwarder's child, and outlives each hand-over as long as some

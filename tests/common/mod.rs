@@ -35,6 +35,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kata-trace-forwarder");
+/// A kata-deploy-like tree of Kata configurations (`--kata-root`).
+pub const KATA_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kata-host");
+/// Where kata-deploy puts the configurations, under the root.
+pub const KATA_DEPLOY: &str = "opt/kata/share/defaults/kata-containers";
 
 /// What the receiver was sent.
 #[derive(Default)]

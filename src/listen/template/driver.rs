@@ -13,12 +13,13 @@ use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use inotify::{EventMask, EventStream, Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::effects::{
     Change, Effects, Identity, Input, ServeError, WatchError, WatchId, WatchKind,
@@ -26,6 +27,7 @@ use super::effects::{
 use super::watcher::Watcher;
 use super::Serve;
 use crate::listen::hybrid::HybridListener;
+use crate::listen::inherited::Inherited;
 use crate::listen::ListenError;
 use crate::shutdown::Shutdown;
 
@@ -65,6 +67,20 @@ pub(super) struct Handoff {
     pub(super) serve_tx: mpsc::Sender<Serve>,
     /// Each served sandbox gets a child of it.
     pub(super) shutdown: Shutdown,
+    /// What a predecessor handed over: served on before anything is bound.
+    pub(super) inherited: Option<Arc<Inherited>>,
+}
+
+/// What the async side asks of the watcher during a hand-over.
+pub(super) enum Control {
+    /// Stop acting on events, and say so once stopped: what it bound until
+    /// then is in the serve channel, and nothing more will be.
+    Freeze(oneshot::Sender<()>),
+    /// Carry on (the hand-over did not happen); the events that came
+    /// meanwhile waited in the kernel's queue.
+    Thaw,
+    /// A successor serves the sandboxes: stop watching, and remove nothing.
+    Leave,
 }
 
 /// The watcher's effects on this host.
@@ -115,10 +131,22 @@ impl Effects for Host {
     }
 
     fn serve(&mut self, id: &str, path: &Path) -> Result<Identity, ServeError> {
-        let bound = {
+        let (bound, adopted) = {
             // Registered with the main runtime, which accepts on it.
             let _ctx = self.handoff.main.enter();
-            HybridListener::bind(path)
+            let inherited = self.handoff.inherited.as_ref();
+            match inherited.and_then(|i| i.take_sandbox(path)) {
+                Some(Ok((l, adopted))) => {
+                    tracing::info!(
+                        sandbox = id,
+                        connections = adopted.len(),
+                        "serving a handed-over sandbox on"
+                    );
+                    (Ok(l), adopted)
+                }
+                Some(Err(e)) => (Err(e), Vec::new()),
+                None => (HybridListener::bind(path), Vec::new()),
+            }
         };
         let listener = bound.map_err(ServeError::Bind)?;
         let identity = self.identity(path).unwrap_or_default();
@@ -127,6 +155,7 @@ impl Effects for Host {
             id: id.to_owned(),
             listener,
             shutdown: shutdown.clone(),
+            adopted,
         };
         if let Err(unserved) = self.handoff.serve_tx.try_send(serve) {
             // Dropped here, on this thread, which can remove its socket.
@@ -198,7 +227,11 @@ impl Driver {
         self.watcher.start(&mut self.host)
     }
 
-    pub(super) async fn run(self, mut reap_rx: mpsc::UnboundedReceiver<HybridListener>) {
+    pub(super) async fn run(
+        self,
+        mut reap_rx: mpsc::UnboundedReceiver<HybridListener>,
+        mut control_rx: mpsc::UnboundedReceiver<Control>,
+    ) {
         let Driver {
             mut watcher,
             mut host,
@@ -219,6 +252,12 @@ impl Driver {
                     }
                 },
                 Some(listener) = reap_rx.recv() => drop(listener),
+                Some(control) = control_rx.recv() => {
+                    if !follow(control, &mut control_rx).await {
+                        tracing::debug!(template = %watcher.template(), "the successor watches these sandboxes now");
+                        break;
+                    }
+                }
                 _ = serve_tx.closed() => break,
                 _ = tokio::time::sleep(RETRY_INTERVAL), if watcher.wants_retry() => {
                     watcher.step(&mut host, Input::Retry);
@@ -237,6 +276,27 @@ impl Driver {
                     tracing::warn!("some sandbox listeners did not come back in time");
                     break;
                 }
+            }
+        }
+    }
+}
+
+/// Acts on a hand-over's `control`; false once the watcher is to leave.
+/// Frozen, it waits for nothing but the next word: no event is read, no
+/// listener dropped (one coming back is dropped once thawed).
+async fn follow(control: Control, control_rx: &mut mpsc::UnboundedReceiver<Control>) -> bool {
+    let mut next = control;
+    loop {
+        match next {
+            Control::Thaw => return true,
+            Control::Leave => return false,
+            Control::Freeze(frozen) => {
+                let _ = frozen.send(());
+                next = match control_rx.recv().await {
+                    Some(c) => c,
+                    // The template is gone: so is the hand-over.
+                    None => return false,
+                };
             }
         }
     }

@@ -55,12 +55,16 @@ use tokio_util::task::TaskTracker;
 
 use super::connection::ConnShared;
 use super::hybrid::HybridListener;
-use super::{privileges, sandbox, Accept, ConnLimit, ListenError, Listener};
+use super::inherited::Inherited;
+use super::{
+    pause_asked, privileges, sandbox, Accept, Adopted, ConnLimit, Ended, ListenError, Listener,
+};
 use crate::addr::SocketTemplate;
+use crate::handover::hub::{Hub, Member, Outcome};
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
 use crate::tenant::{Tenant, TenantKey};
-use driver::{Driver, Handoff};
+use driver::{Control, Driver, Handoff};
 use watcher::Watcher;
 
 /// A sandbox whose socket is bound, on its way to the async side.
@@ -69,6 +73,8 @@ struct Serve {
     listener: HybridListener,
     /// Stopped by the watcher when the sandbox goes, or with the forwarder.
     shutdown: Shutdown,
+    /// Its live connections, when a predecessor handed it over.
+    adopted: Vec<Adopted>,
 }
 
 /// The running watcher, as the rest of the forwarder sees it.
@@ -83,8 +89,13 @@ pub struct TemplateListener {
     /// The watcher's task on the sandbox thread.
     task: Option<tokio::task::JoinHandle<()>>,
     /// Keeps the sandbox thread running while this template is served.
-    _thread: SandboxThread,
+    thread: SandboxThread,
     shutdown: Shutdown,
+    /// Pauses the watcher for a hand-over.
+    control_tx: mpsc::UnboundedSender<Control>,
+    /// Where this template, its sandboxes and their connections pause for
+    /// a hand-over.
+    hub: Option<Arc<Hub>>,
 }
 
 /// The one thread that watches sandbox directories and makes and removes
@@ -96,52 +107,144 @@ pub struct SandboxThread {
     handle: Handle,
     /// Dropped with the last clone: the thread then returns.
     _alive: Arc<mpsc::Sender<()>>,
+    /// What a predecessor handed over, for the watchers to serve on.
+    inherited: Option<Arc<Inherited>>,
+}
+
+/// The thread's start, before its runtime is known: the runtime's handle
+/// (or why there is none) comes on `ready`; the thread runs until `alive`
+/// is dropped.
+struct Launched {
+    ready: oneshot::Receiver<Result<Handle, ListenError>>,
+    alive: mpsc::Sender<()>,
+}
+
+/// A sandbox thread started before the async runtime, in a successor that
+/// was handed CAP_DAC_OVERRIDE (see [`SandboxThread::start_early`]).
+static EARLY: std::sync::Mutex<Option<Launched>> = std::sync::Mutex::new(None);
+
+/// How the sandbox thread comes by its privileges.
+enum Privileges {
+    /// It has what the process has (not root, nothing inherited).
+    Unchanged,
+    /// Root: the process becomes this user, the thread keeping
+    /// CAP_DAC_OVERRIDE.
+    BecomeUser(String),
+    /// The capability came from a predecessor: the thread keeps it, and
+    /// passes nothing on.
+    Inherited,
 }
 
 impl SandboxThread {
     /// Starts the thread. With `become_user`, the process becomes that user
     /// first, this thread keeping CAP_DAC_OVERRIDE.
     pub async fn start(become_user: Option<String>) -> Result<SandboxThread, ListenError> {
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-        std::thread::Builder::new()
-            .name("ktf-sandboxes".into())
-            .spawn(move || {
-                if let Some(user) = become_user {
-                    if let Err(e) =
-                        privileges::drop_root(&user, privileges::Keep::DacOverrideOnThisThread)
-                    {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                }
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
-                    .enable_time()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(ListenError::StartWatcher(e.to_string())));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(rt.handle().clone()));
-                // The watchers run as tasks of this runtime, on this thread,
-                // until the last handle on the thread is dropped.
-                rt.block_on(async move { while alive_rx.recv().await.is_some() {} });
-            })
-            .map_err(|e| ListenError::StartWatcher(e.to_string()))?;
-        match ready_rx.await {
+        let early = match &become_user {
+            None => EARLY.lock().unwrap_or_else(|p| p.into_inner()).take(),
+            Some(_) => None,
+        };
+        let launched = match (early, become_user) {
+            (Some(l), _) => l,
+            (None, Some(user)) => launch(Privileges::BecomeUser(user))?,
+            (None, None) => launch(Privileges::Unchanged)?,
+        };
+        match launched.ready.await {
             Ok(Ok(handle)) => Ok(SandboxThread {
                 handle,
-                _alive: Arc::new(alive_tx),
+                _alive: Arc::new(launched.alive),
+                inherited: None,
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(ListenError::StartWatcher(
                 "the sandbox watcher thread stopped".into(),
             )),
         }
+    }
+
+    /// In a successor that a predecessor in template mode started (by
+    /// `SIGHUP`), the process is not root and holds CAP_DAC_OVERRIDE on
+    /// every thread: the predecessor's sandbox thread passed it on through
+    /// the ambient set, as the only way to pass it across `exec`. Call
+    /// first thing in `main`, while there is one thread: the sandbox thread
+    /// is started now, keeping the capability, and then the calling thread
+    /// drops every capability, so that every thread started after it (the
+    /// runtime's) holds none, as in the predecessor. Does nothing in any
+    /// other process.
+    pub fn start_early() -> Result<(), ListenError> {
+        if !privileges::inherited_dac_override() {
+            return Ok(());
+        }
+        let launched = launch(Privileges::Inherited)?;
+        *EARLY.lock().unwrap_or_else(|p| p.into_inner()) = Some(launched);
+        privileges::drop_all_on_this_thread()
+    }
+
+    /// Starts `cmd` from this thread, so that it inherits what this thread
+    /// may pass on: CAP_DAC_OVERRIDE, when held, through the ambient set
+    /// (the successor then confines it to its own sandbox thread, see
+    /// [`start_early`](Self::start_early)).
+    pub(crate) async fn spawn_process(
+        &self,
+        mut cmd: std::process::Command,
+    ) -> std::io::Result<std::process::Child> {
+        let (tx, rx) = oneshot::channel();
+        self.handle.spawn(async move {
+            let _ = tx.send(privileges::spawn_passing_dac_override(&mut cmd));
+        });
+        rx.await
+            .unwrap_or_else(|_| Err(std::io::Error::other("the sandbox thread stopped")))
+    }
+}
+
+/// Starts the sandbox thread's OS thread and its runtime.
+fn launch(privileges: Privileges) -> Result<Launched, ListenError> {
+    let (ready_tx, ready) = oneshot::channel();
+    let (alive, mut alive_rx) = mpsc::channel::<()>(1);
+    std::thread::Builder::new()
+        .name("ktf-sandboxes".into())
+        .spawn(move || {
+            let settled = match privileges {
+                Privileges::Unchanged => Ok(()),
+                Privileges::BecomeUser(user) => {
+                    privileges::drop_root(&user, privileges::Keep::DacOverrideOnThisThread)
+                }
+                Privileges::Inherited => privileges::keep_dac_override_on_this_thread(),
+            };
+            if let Err(e) = settled {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .enable_time()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(ListenError::StartWatcher(e.to_string())));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(rt.handle().clone()));
+            // The watchers run as tasks of this runtime, on this thread,
+            // until the last handle on the thread is dropped.
+            rt.block_on(async move { while alive_rx.recv().await.is_some() {} });
+        })
+        .map_err(|e| ListenError::StartWatcher(e.to_string()))?;
+    Ok(Launched { ready, alive })
+}
+
+impl SandboxThread {
+    /// The watchers started on this thread serve what a predecessor handed
+    /// over (see [`Inherited`]) before binding anything.
+    pub(crate) fn inheriting(mut self, inherited: Option<&Arc<Inherited>>) -> SandboxThread {
+        self.inherited = inherited.cloned();
+        self
+    }
+
+    /// What a predecessor handed over, if anything.
+    pub(crate) fn inherited(&self) -> Option<&Arc<Inherited>> {
+        self.inherited.as_ref()
     }
 }
 
@@ -175,16 +278,18 @@ impl TemplateListener {
         // a warning) rather than queue without end.
         let (serve_tx, serve_rx) = mpsc::channel(max_sandboxes.clamp(16, 4096));
         let (reap_tx, reap_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let watcher = Watcher::new(template.clone(), port, max_sandboxes);
         let handoff = Handoff {
             main: Handle::current(),
             serve_tx,
             shutdown: shutdown.clone(),
+            inherited: thread.inherited.clone(),
         };
         let task = thread
             .handle
-            .spawn(watch(watcher, handoff, reap_rx, ready_tx));
+            .spawn(watch(watcher, handoff, reap_rx, control_rx, ready_tx));
         match ready_rx.await {
             Ok(Ok(())) => Ok(TemplateListener {
                 template,
@@ -193,14 +298,26 @@ impl TemplateListener {
                 serve_rx,
                 reap_tx: Some(reap_tx),
                 task: Some(task),
-                _thread: thread.clone(),
+                thread: thread.clone(),
                 shutdown: shutdown.clone(),
+                control_tx,
+                hub: None,
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(ListenError::StartWatcher(
                 "the sandbox watcher stopped".into(),
             )),
         }
+    }
+
+    /// Takes part in hand-overs through `hub`.
+    pub(crate) fn set_hub(&mut self, hub: Arc<Hub>) {
+        self.hub = Some(hub);
+    }
+
+    /// The sandbox thread its watcher runs on.
+    pub(crate) fn thread(&self) -> &SandboxThread {
+        &self.thread
     }
 
     /// The template served.
@@ -234,10 +351,30 @@ impl TemplateListener {
         let Some(reap) = self.reap_tx.clone() else {
             return;
         };
+        let ctx = Arc::new(SandboxCtx {
+            shared,
+            origin,
+            limit,
+            tracker,
+            reap,
+            hub: self.hub.clone(),
+        });
+        let mut member = self.hub.as_ref().map(Hub::member);
+        let mut handed_over = false;
         loop {
             let next = tokio::select! {
                 biased;
                 _ = stop.stopping() => break,
+                _ = pause_asked(&mut member) => {
+                    match self.pause(&mut member, &ctx, &sandboxes).await {
+                        Outcome::Resumed => continue,
+                        Outcome::HandedOver => {
+                            handed_over = true;
+                            break;
+                        }
+                        Outcome::Stop => break,
+                    }
+                }
                 n = self.serve_rx.recv() => n,
             };
             let Some(serve) = next else {
@@ -245,20 +382,9 @@ impl TemplateListener {
                 stop.stopping().await;
                 break;
             };
-            let sandbox_origin = Arc::new(sandbox::sandbox_origin(&origin, &serve.id));
-            // Held while the sandbox is served: its limits and its series.
-            let tenant = shared.tenant(TenantKey::Sandbox(serve.id.clone()));
-            sandboxes.spawn(serve_sandbox(
-                serve,
-                Arc::clone(&shared),
-                sandbox_origin,
-                tenant,
-                Arc::clone(&limit),
-                tracker.clone(),
-                reap.clone(),
-            ));
+            ctx.spawn(serve, &sandboxes);
         }
-        drop(reap);
+        drop(ctx);
         self.return_unserved();
         sandboxes.close();
         sandboxes.wait().await;
@@ -267,7 +393,42 @@ impl TemplateListener {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
-        tracing::info!(template = %self.template, "stopped serving sandboxes");
+        if handed_over {
+            tracing::info!(template = %self.template, "handed over: the successor serves these sandboxes");
+        } else {
+            tracing::info!(template = %self.template, "stopped serving sandboxes");
+        }
+    }
+
+    /// A hand-over's pause: the watcher stops acting on events (they wait
+    /// in the kernel's queue, for it or for the successor's watcher), and
+    /// every sandbox it bound until then is served, so that it pauses and
+    /// is handed over with the rest. Then the outcome: resumed, the watcher
+    /// carries on; handed over, it leaves without removing anything.
+    async fn pause(
+        &mut self,
+        member: &mut Option<Member>,
+        ctx: &Arc<SandboxCtx>,
+        sandboxes: &TaskTracker,
+    ) -> Outcome {
+        let Some(m) = member.as_mut() else {
+            return Outcome::Resumed;
+        };
+        let (frozen_tx, frozen_rx) = oneshot::channel();
+        if self.control_tx.send(Control::Freeze(frozen_tx)).is_ok() {
+            // Gone: the watcher has stopped, and binds nothing more.
+            let _ = frozen_rx.await;
+        }
+        while let Ok(serve) = self.serve_rx.try_recv() {
+            ctx.spawn(serve, sandboxes);
+        }
+        m.report_quiet();
+        let outcome = m.outcome().await;
+        let _ = self.control_tx.send(match outcome {
+            Outcome::HandedOver => Control::Leave,
+            Outcome::Resumed | Outcome::Stop => Control::Thaw,
+        });
+        outcome
     }
 
     /// Sends back the listeners the async side has not taken yet.
@@ -289,37 +450,80 @@ impl Drop for TemplateListener {
     }
 }
 
-/// Accepts on one sandbox's listener until the sandbox goes or the
-/// forwarder stops; its connections then drain and close.
-async fn serve_sandbox(
-    serve: Serve,
+/// What serving each sandbox of a template needs.
+struct SandboxCtx {
     shared: Arc<ConnShared>,
     origin: Arc<Origin>,
-    tenant: Arc<Tenant>,
     limit: Arc<ConnLimit>,
     tracker: TaskTracker,
     reap: mpsc::UnboundedSender<HybridListener>,
+    hub: Option<Arc<Hub>>,
+}
+
+impl SandboxCtx {
+    /// Serves a sandbox the watcher bound, in a task of its own. Its place
+    /// in hand-overs is taken here, before the task runs, so that a pause
+    /// asked from now on waits for it.
+    fn spawn(self: &Arc<Self>, serve: Serve, sandboxes: &TaskTracker) {
+        let origin = Arc::new(sandbox::sandbox_origin(&self.origin, &serve.id));
+        // Held while the sandbox is served: its limits and its series.
+        let tenant = self.shared.tenant(TenantKey::Sandbox(serve.id.clone()));
+        let member = self.hub.as_ref().map(Hub::member);
+        sandboxes.spawn(serve_sandbox(
+            serve,
+            Arc::clone(self),
+            origin,
+            tenant,
+            member,
+        ));
+    }
+}
+
+/// Accepts on one sandbox's listener until the sandbox goes or the
+/// forwarder stops; its connections then drain and close. Handed over, its
+/// socket stays, for the successor.
+async fn serve_sandbox(
+    serve: Serve,
+    ctx: Arc<SandboxCtx>,
+    origin: Arc<Origin>,
+    tenant: Arc<Tenant>,
+    member: Option<Member>,
 ) {
     let Serve {
         id,
         listener,
         shutdown,
+        adopted,
     } = serve;
     let listener = Listener::Hybrid(listener);
     let span = tracing::info_span!("sandbox", id = %id);
     let accept = Accept {
-        shared: &shared,
-        limit: &limit,
+        shared: &ctx.shared,
+        limit: &ctx.limit,
         origin: &origin,
         resolver: None,
-        tracker: &tracker,
+        tracker: &ctx.tracker,
         tenant: Some(tenant),
-        hub: None,
+        hub: ctx.hub.as_ref(),
+        sandbox: Some(&id),
     };
-    tracing::Instrument::instrument(accept.run(&listener, &shutdown, None), span).await;
+    let listener_id = member.as_ref().map_or(0, Member::id);
+    {
+        let _in = span.enter();
+        for a in adopted {
+            accept.adopt(a, listener_id, &shutdown);
+        }
+    }
+    let ended =
+        tracing::Instrument::instrument(accept.run(&listener, &shutdown, member), span).await;
     if let Listener::Hybrid(l) = listener {
-        // If the watcher is gone, so is the process: nothing to return to.
-        let _ = reap.send(l);
+        match ended {
+            Ended::HandedOver => l.release(),
+            // If the watcher is gone, so is the process: nothing to return to.
+            Ended::Stopped => {
+                let _ = ctx.reap.send(l);
+            }
+        }
     }
 }
 
@@ -329,6 +533,7 @@ async fn watch(
     watcher: Watcher,
     handoff: Handoff,
     reap_rx: mpsc::UnboundedReceiver<HybridListener>,
+    control_rx: mpsc::UnboundedReceiver<Control>,
     ready: oneshot::Sender<Result<(), ListenError>>,
 ) {
     let mut driver = match Driver::open(watcher, handoff) {
@@ -343,5 +548,5 @@ async fn watch(
         return;
     }
     let _ = ready.send(Ok(()));
-    driver.run(reap_rx).await;
+    driver.run(reap_rx, control_rx).await;
 }

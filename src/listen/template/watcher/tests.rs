@@ -372,6 +372,7 @@ async fn reconcile_catches_up_after_lost_events() {
         main: tokio::runtime::Handle::current(),
         serve_tx: tx,
         shutdown: Shutdown::new(),
+        inherited: None,
     };
     let mut host = Host::new(inotify.watches(), handoff);
     let mut w = Watcher::new(template, 7, 8);
