@@ -94,7 +94,17 @@ pub enum RunError {
 /// forwarder already running at the hand-off socket is taken over, or the
 /// listeners are bound, then root is dropped.
 pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Snapshot, RunError> {
-    run_upgradable(config, stop, None).await
+    run_upgradable(config, stop, None).await.map(|f| f.summary)
+}
+
+/// How [`run_upgradable`] ended.
+pub struct Finished {
+    /// The final counters.
+    pub summary: Snapshot,
+    /// Everything went to the bridge of an upgrade by `SIGHUP`: the caller
+    /// is to execute the upgraded binary now (see [`Reexec`]), outside the
+    /// async runtime.
+    pub reexec: Option<handover::Reexec>,
 }
 
 /// [`run`], and on `SIGHUP` hand everything to `upgrade`'s binary.
@@ -102,7 +112,7 @@ pub async fn run_upgradable(
     config: Config,
     stop: impl Future<Output = ()>,
     upgrade: Option<Upgrade>,
-) -> Result<Snapshot, RunError> {
+) -> Result<Finished, RunError> {
     let sink = match &config.export.output {
         Output::Dump => Sink::dump(Box::new(std::io::BufWriter::new(std::io::stdout()))),
         Output::Otlp(o) => Sink::connect(o, STARTUP_CONNECT_TIMEOUT).await?,
@@ -158,6 +168,11 @@ pub async fn run_upgradable(
                 .await?
             };
             tracing::info!(from, listeners = %listeners.describe(), "took over from the running forwarder");
+            // The bridge of our own upgrade is our child: reaped once it has
+            // flushed and exited. Anyone else's is not (ECHILD at once).
+            tokio::task::spawn_blocking(move || {
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(from as i32), None);
+            });
             (listeners, handoff, Some(ack))
         }
         None => {
@@ -239,7 +254,9 @@ pub async fn serve(
         upgrade: None,
         ack: None,
     };
-    serve_inner(config, listeners, sink, shutdown, stop, handover).await
+    serve_inner(config, listeners, sink, shutdown, stop, handover)
+        .await
+        .map(|f| f.summary)
 }
 
 async fn serve_inner(
@@ -249,7 +266,7 @@ async fn serve_inner(
     shutdown: Shutdown,
     stop: impl Future<Output = ()>,
     handover: Handover,
-) -> Result<Snapshot, RunError> {
+) -> Result<Finished, RunError> {
     let Handover {
         listener: handoff,
         upgrade,
@@ -262,6 +279,7 @@ async fn serve_inner(
         ack.send()?;
     }
     let hub = handover::hub::Hub::new();
+    let sandbox_thread = listeners.sandbox_thread();
     let mut server = handoff.map(|h| {
         listeners.set_hub(Arc::clone(&hub));
         let sighup = upgrade.as_ref().and_then(|u| {
@@ -269,7 +287,7 @@ async fn serve_inner(
                 .ok()
                 .map(|s| (u.clone(), s))
         });
-        handover::server::Server::new(h, Arc::clone(&hub), sighup, listeners.sandbox_thread())
+        handover::server::Server::new(h, Arc::clone(&hub), sighup, sandbox_thread.clone())
     });
     if server.is_none() && upgrade.is_some() {
         // SIGHUP must not kill a forwarder that cannot upgrade.
@@ -325,11 +343,14 @@ async fn serve_inner(
         pid = std::process::id(),
         "forwarder ready"
     );
-    let pid = std::process::id();
-    handover::server::notify(&[
-        sd_notify::NotifyState::MainPid(pid),
-        sd_notify::NotifyState::Ready,
-    ]);
+    // A bridge is not the service's process: its parent, re-executed,
+    // takes everything back and says it is ready.
+    if !config.bridge {
+        handover::server::notify(&[
+            sd_notify::NotifyState::MainPid(std::process::id()),
+            sd_notify::NotifyState::Ready,
+        ]);
+    }
 
     let queue = &config.export.queue;
     let (queue_tx, queue_rx) =
@@ -372,6 +393,7 @@ async fn serve_inner(
             None => std::future::pending().await,
         }
     };
+    let mut reexec = None;
     let mode = tokio::select! {
         _ = stop => Mode::Drain,
         // The batcher only ends early if it panicked; nothing can be
@@ -382,6 +404,13 @@ async fn serve_inner(
         }
         done = handing_over => {
             tracing::info!(successor = done.successor_pid, "the successor serves every agent now");
+            if done.to_bridge {
+                reexec = upgrade.clone().map(|upgrade| handover::Reexec {
+                    upgrade,
+                    bridge_pid: done.successor_pid,
+                    sandbox_thread: sandbox_thread.clone(),
+                });
+            }
             Mode::HandOver
         }
     };
@@ -417,7 +446,10 @@ async fn serve_inner(
     let accounted = snap.spans_exported + snap.spans_rejected + snap.spans_dropped.total();
     let lost = snap.spans_received.saturating_sub(accounted);
     stats.spans_dropped.add(DropReason::Shutdown, lost);
-    Ok(stats.snapshot())
+    Ok(Finished {
+        summary: stats.snapshot(),
+        reexec,
+    })
 }
 
 /// Waits for a stage's task until `at`, then abandons it: a process that is

@@ -13,6 +13,16 @@ use kata_trace_forwarder::listen::privileges;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // Until the runtime handles it: a SIGHUP (a reload) that comes while
+    // this process starts, when re-executed by an upgrade, must not end it.
+    // Ignoring it survives exec, as its default would not.
+    // SAFETY: SIG_IGN runs no handler; nothing else is running yet.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGHUP,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    };
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == privileges::JANITOR_ARG) {
         return privileges::janitor_main(&args[2..]);
@@ -98,17 +108,26 @@ fn run(
         .thread_name("ktf-worker")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let reexec = runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        let summary = kata_trace_forwarder::run_upgradable(config, shutdown, upgrade)
+        let finished = kata_trace_forwarder::run_upgradable(config, shutdown, upgrade)
             .await
             .context("kata-trace-forwarder")?;
         tracing::info!(
-            summary = %serde_json::to_string(&summary).unwrap_or_default(),
+            summary = %serde_json::to_string(&finished.summary).unwrap_or_default(),
             "forwarder stopped"
         );
-        Ok(())
-    })
+        anyhow::Ok(finished.reexec)
+    })?;
+    if let Some(reexec) = reexec {
+        // An upgrade by SIGHUP: the bridge serves; this process becomes the
+        // new binary (same PID), which takes everything back from it.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        let e = reexec.exec();
+        tracing::error!(error = %e, "upgrade: executing the new binary");
+        reexec.give_way();
+    }
+    Ok(())
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

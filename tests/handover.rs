@@ -119,8 +119,11 @@ impl Setup {
         }
     }
 
-    /// Hand-over `step` of [`STEPS`] from `pid`; returns the successor's
-    /// pid once `pid` has exited.
+    /// Hand-over `step` of [`STEPS`] from `pid`; returns the pid that
+    /// serves then. An upgrade by SIGHUP keeps the pid: the process hands
+    /// everything to a bridge (the new binary, its child), becomes the new
+    /// binary itself, and takes everything back, the bridge then exiting.
+    /// A takeover is another process, and the old one exits 0.
     async fn hand_over(&mut self, pid: i32, step: usize) -> i32 {
         let before = self.ready_pids().len();
         match step {
@@ -138,16 +141,23 @@ impl Setup {
             _ => {
                 let taker = spawn(Path::new(BIN), &self.args, &self.stderr, None);
                 std::mem::forget(taker);
+                let next = self.wait_ready(before + 1).await;
+                assert_ne!(next, pid);
+                wait_gone(pid).await;
+                if pid == self.first.id() as i32 {
+                    let status = self.first.wait().unwrap();
+                    assert!(status.success(), "the first forwarder exits 0: {status:?}");
+                }
+                return next;
             }
         }
-        let next = self.wait_ready(before + 1).await;
-        assert_ne!(next, pid);
-        wait_gone(pid).await;
-        if pid == self.first.id() as i32 {
-            let status = self.first.wait().unwrap();
-            assert!(status.success(), "the first forwarder exits 0: {status:?}");
-        }
-        next
+        let again = self.wait_ready(before + 2).await;
+        let bridge = self.ready_pids()[before];
+        assert_ne!(bridge, pid, "a bridge of its own");
+        assert_eq!(again, pid, "the upgraded binary serves under the same pid");
+        wait_gone(bridge).await;
+        assert!(alive(pid));
+        pid
     }
 
     fn log(&self) -> String {
@@ -339,6 +349,32 @@ fn longest_gap(rx: &Receiver, at: Instant, window: Duration) -> Duration {
         .unwrap_or(window)
 }
 
+/// The longest gap between spans around each step of [`STEPS`].
+fn report_gaps(what: &str, gaps: &[(usize, Duration)]) {
+    for (step, gap) in gaps {
+        let how = STEPS[*step];
+        eprintln!("{what}, step {step} ({how}): longest gap between spans {gap:?}");
+    }
+}
+
+/// Each hand-over's log line, as the old process wrote it; printed with
+/// how long the agents' sockets went unread, as it measured.
+fn handed_over(setup: &Setup) -> Vec<serde_json::Value> {
+    let handed: Vec<serde_json::Value> = setup
+        .log()
+        .lines()
+        .filter(|l| l.contains("handed over: every listener"))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for v in &handed {
+        eprintln!(
+            "hand-over to {}: paused {} with {} listeners and {} connections",
+            v["successor"], v["paused_for"], v["listeners"], v["connections"]
+        );
+    }
+    handed
+}
+
 async fn wait_spans(rx: &Receiver, n: usize) {
     rx.store.wait_for(n, Duration::from_secs(30)).await;
 }
@@ -366,26 +402,9 @@ async fn upgrades_and_a_takeover_lose_nothing_under_load() {
     wait_spans(&rx, sent).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_exactly_once(&rx, sent);
-    for (step, gap) in &gaps {
-        let how = STEPS[*step];
-        eprintln!("hand-over {step} ({how}): longest gap between spans {gap:?}");
-    }
-    assert_eq!(
-        setup.log().matches("handed over: every listener").count(),
-        4
-    );
-    // How long the agents' sockets went unread, as the old process saw it.
-    for l in setup
-        .log()
-        .lines()
-        .filter(|l| l.contains("handed over: every listener"))
-    {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        eprintln!(
-            "paused {} with {} connections",
-            v["paused_for"], v["connections"]
-        );
-    }
+    report_gaps("hybrid", &gaps);
+    // Each SIGHUP is two hand-overs (to the bridge and back), a takeover one.
+    assert_eq!(handed_over(&setup).len(), 7);
 
     signal(pid, Signal::SIGTERM);
     wait_gone(pid).await;
@@ -460,18 +479,10 @@ async fn template_mode_hands_over_twenty_sandboxes() {
         let seen: Vec<String> = per_sandbox.keys().flatten().cloned().collect();
         assert_eq!(seen, ids, "every span carries its own sandbox's id");
     }
-    let handed: Vec<serde_json::Value> = setup
-        .log()
-        .lines()
-        .filter(|l| l.contains("handed over: every listener"))
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    assert_eq!(handed.len(), 4);
-    for ((step, gap), v) in gaps.iter().zip(&handed) {
-        eprintln!(
-            "template hand-over {step}: paused {} with {} listeners and {} connections; longest gap between spans {gap:?}",
-            v["paused_for"], v["listeners"], v["connections"]
-        );
+    report_gaps("template", &gaps);
+    let handed = handed_over(&setup);
+    assert_eq!(handed.len(), 7);
+    for v in &handed {
         assert!(v["connections"].as_u64() >= Some(20), "{v}");
     }
 
@@ -563,10 +574,7 @@ async fn kata_host_mode_is_handed_over() {
             "the VSOCK port is held"
         );
     }
-    assert_eq!(
-        setup.log().matches("handed over: every listener").count(),
-        2
-    );
+    assert_eq!(handed_over(&setup).len(), 3);
     signal(pid, Signal::SIGTERM);
     wait_gone(pid).await;
     for s in &sockets {
@@ -768,11 +776,12 @@ async fn a_vsock_listener_is_handed_over() {
 }
 
 /// Under systemd (`Type=notify`): READY=1 with the PID, RELOADING=1 on
-/// SIGHUP, then the new process's MAINPID= and READY=1; the old one never
-/// says STOPPING=1 (the service goes on). NOTIFY_SOCKET is a datagram
+/// SIGHUP, then MAINPID= and READY=1 again from the same pid (the bridge
+/// never claims to be the service); nothing says STOPPING=1 until the
+/// service stops. NOTIFY_SOCKET is a datagram
 /// socket of the test's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn systemd_hears_ready_reloading_and_the_new_main_pid() {
+async fn systemd_hears_ready_reloading_and_the_same_main_pid() {
     let rx = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -802,23 +811,35 @@ async fn systemd_hears_ready_reloading_and_the_new_main_pid() {
     setup.first = cmd.spawn().unwrap();
     let first = setup.first.id();
     let mut seen: Vec<String> = Vec::new();
-    let recv_until = |want: &str, seen: &mut Vec<String>| {
+    // Waits for a message containing `want` among those from `from` on.
+    let recv_until = |from: usize, want: &str, seen: &mut Vec<String>| {
         let mut buf = [0u8; 4096];
-        while !seen.iter().any(|m| m.contains(want)) {
+        while !seen.iter().skip(from).any(|m| m.contains(want)) {
             let n = notify
                 .recv(&mut buf)
                 .unwrap_or_else(|e| panic!("no '{want}': {e}; got {seen:?}"));
             seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
     };
-    recv_until(&format!("MAINPID={first}\nREADY=1"), &mut seen);
+    recv_until(0, &format!("MAINPID={first}\nREADY=1"), &mut seen);
     signal(first as i32, Signal::SIGHUP);
-    recv_until("RELOADING=1", &mut seen);
-    let new = setup.wait_ready(2).await;
-    recv_until(&format!("MAINPID={new}\nREADY=1"), &mut seen);
-    assert!(setup.first.wait().unwrap().success());
+    recv_until(0, "RELOADING=1", &mut seen);
+    let reloading = seen.len();
+    // The bridge says nothing; the service's process, re-executed, is
+    // ready again under the same pid.
+    recv_until(reloading, &format!("MAINPID={first}\nREADY=1"), &mut seen);
+    setup.wait_ready(3).await;
+    let bridge = setup.ready_pids()[1];
+    assert!(
+        !seen
+            .iter()
+            .any(|m| m.contains(&format!("MAINPID={bridge}"))),
+        "{seen:?}"
+    );
+    wait_gone(bridge).await;
+    assert!(alive(first as i32), "the service keeps its pid");
     assert!(!seen.iter().any(|m| m.contains("STOPPING=1")), "{seen:?}");
-    signal(new, Signal::SIGTERM);
-    recv_until("STOPPING=1", &mut seen);
-    wait_gone(new).await;
+    signal(first as i32, Signal::SIGTERM);
+    recv_until(0, "STOPPING=1", &mut seen);
+    assert!(setup.first.wait().unwrap().success());
 }

@@ -201,10 +201,16 @@ pub struct Config {
     /// ([`TAKE_OVER_ENV`]). With the default path alone, a second forwarder
     /// of the same listeners fails as before rather than take them.
     pub take_over: bool,
+    /// Started by `SIGHUP` as the bridge of an upgrade ([`BRIDGE_ENV`]):
+    /// it serves until its parent, re-executed, takes everything back, and
+    /// does not tell systemd it is the service's process.
+    pub bridge: bool,
 }
 
 /// Set by a forwarder on the binary it starts on `SIGHUP`: take over.
 pub const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
+/// Set on the bridge of an upgrade (see [`Config::bridge`]).
+pub const BRIDGE_ENV: &str = "KATA_TRACE_FORWARDER_BRIDGE";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -362,6 +368,7 @@ impl Cli {
             shutdown_timeout: self.shutdown_timeout,
             handoff,
             take_over,
+            bridge: env.var(BRIDGE_ENV).is_some(),
         })
     }
 }

@@ -21,7 +21,9 @@
 //! bytes read after it the new one's: none is lost or sent twice. Without
 //! an acknowledgement (a successor that refuses the state, dies or times
 //! out) the old process resumes where it paused. `SIGHUP` starts the binary
-//! now at the forwarder's path as such a successor ([`upgrade`]).
+//! now at the forwarder's path as such a successor, a bridge: the old
+//! process then becomes that binary itself and takes everything back, so
+//! that the service keeps its PID ([`server`]).
 //!
 //! The exchange on the hand-off socket:
 //!
@@ -51,7 +53,7 @@ use crate::wire::WireFormat;
 use hub::{Member, Piece, PieceKind};
 use wire::{Format, ListenerKind, State};
 
-pub use server::Upgrade;
+pub use server::{Reexec, Upgrade};
 
 /// Where the hand-off sockets live by default.
 pub const DEFAULT_DIR: &str = "/run/kata-trace-forwarder";

@@ -12,7 +12,11 @@
 //! with the same arguments and environment, as a child that takes over
 //! through the hand-off socket. Until it has, this process serves on; if it
 //! cannot start, exits, or never asks, that is logged and nothing else
-//! changes.
+//! changes. Once it has, that child is only a bridge: this process flushes
+//! what it had read and then executes the same binary itself ([`Reexec`]),
+//! which takes everything back from the bridge, so that the service keeps
+//! its PID; the bridge then exits. Should that `exec` fail, the bridge
+//! serves on as the service's process (`MAINPID=` says so).
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -51,6 +55,9 @@ pub struct Upgrade {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Committed {
     pub successor_pid: i32,
+    /// The successor is the bridge this process started on `SIGHUP`: this
+    /// process is to execute the upgraded binary once it has flushed.
+    pub to_bridge: bool,
 }
 
 /// Answers successors on the hand-off socket.
@@ -110,8 +117,11 @@ impl Server {
                             continue;
                         }
                     };
-                    if let Some(done) = self.answer(stream).await {
+                    let bridge = child.as_ref().map(|(c, _)| c.id() as i32);
+                    if let Some(mut done) = self.answer(stream, bridge).await {
                         self.listener.remove = false;
+                        // Not waited for: the re-executed process reaps it.
+                        done.to_bridge = bridge == Some(done.successor_pid);
                         return done;
                     }
                     if child.is_some() {
@@ -162,6 +172,7 @@ impl Server {
         let mut cmd = Command::new(&up.exe);
         cmd.args(&up.args)
             .env(crate::config::TAKE_OVER_ENV, "1")
+            .env(crate::config::BRIDGE_ENV, "1")
             .stdin(Stdio::null());
         let started = match &self.sandbox_thread {
             Some(thread) => thread.spawn_process(cmd).await,
@@ -177,8 +188,13 @@ impl Server {
         }
     }
 
-    /// One successor: checked, then handed everything, or refused.
-    async fn answer(&self, stream: tokio::net::UnixStream) -> Option<Committed> {
+    /// One successor: checked, then handed everything, or refused. `bridge`:
+    /// the pid of the child started on `SIGHUP`, if one is under way.
+    async fn answer(
+        &self,
+        stream: tokio::net::UnixStream,
+        bridge: Option<i32>,
+    ) -> Option<Committed> {
         let ours = nix::unistd::getuid().as_raw();
         let peer = match fds::peer(&stream) {
             Ok(p) => p,
@@ -278,9 +294,14 @@ impl Server {
                     paused_for = ?started.elapsed(),
                     "handed over: every listener and connection is the successor's"
                 );
-                notify(&[sd_notify::NotifyState::MainPid(peer.pid as u32)]);
+                // A bridge is not the service's process: this one, re-executed,
+                // will be again.
+                if bridge != Some(peer.pid) {
+                    notify(&[sd_notify::NotifyState::MainPid(peer.pid as u32)]);
+                }
                 Some(Committed {
                     successor_pid: peer.pid,
+                    to_bridge: false,
                 })
             }
             Ok(false) | Err(_) => {
@@ -374,6 +395,48 @@ impl Server {
     }
 }
 
+/// What is left of an upgrade by `SIGHUP` once the bridge serves: this
+/// process becoming the upgraded binary (same PID), which takes everything
+/// back from the bridge.
+pub struct Reexec {
+    pub(crate) upgrade: Upgrade,
+    pub(crate) bridge_pid: i32,
+    /// In template mode and `--kata-host`: executed from the sandbox
+    /// thread, so that its capability passes on as when the bridge started.
+    pub(crate) sandbox_thread: Option<SandboxThread>,
+}
+
+impl Reexec {
+    /// Replaces this process with the upgraded binary; returns only if
+    /// that failed. Call once everything read is flushed, outside the
+    /// async runtime.
+    pub fn exec(&self) -> std::io::Error {
+        use std::os::unix::process::CommandExt;
+        tracing::info!(exe = %self.upgrade.exe.display(), bridge = self.bridge_pid, "upgrade: becoming the new binary, which takes over from the bridge");
+        let mut cmd = Command::new(&self.upgrade.exe);
+        cmd.args(&self.upgrade.args)
+            .env(crate::config::TAKE_OVER_ENV, "1")
+            .env_remove(crate::config::BRIDGE_ENV);
+        match &self.sandbox_thread {
+            Some(thread) => thread.exec_process(cmd),
+            None => cmd.exec(),
+        }
+    }
+
+    /// After a failed [`exec`](Self::exec): the bridge is the service's
+    /// process from now on.
+    pub fn give_way(self) {
+        tracing::error!(
+            bridge = self.bridge_pid,
+            "upgrade: could not become the new binary; the bridge serves on as the service's process"
+        );
+        notify(&[
+            sd_notify::NotifyState::MainPid(self.bridge_pid as u32),
+            sd_notify::NotifyState::Ready,
+        ]);
+    }
+}
+
 /// Runs `f` on the blocking pool with the stream, and gives it back.
 async fn blocking<T: Send + 'static>(
     mut stream: StdUnixStream,
@@ -403,7 +466,7 @@ async fn refuse(stream: StdUnixStream, why: String) -> std::io::Result<()> {
 }
 
 /// Tells systemd, when it supervises us (`Type=notify`); a no-op otherwise.
-pub(crate) fn notify(state: &[sd_notify::NotifyState<'_>]) {
+pub fn notify(state: &[sd_notify::NotifyState<'_>]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }

@@ -183,21 +183,34 @@ pub(crate) fn drop_all_on_this_thread() -> Result<(), ListenError> {
 /// them), the successor starts without it: it serves what it is handed,
 /// but cannot bind a new sandbox's socket; that is logged.
 pub(crate) fn spawn_passing_dac_override(cmd: &mut Command) -> io::Result<Child> {
+    passing_dac_override(|| cmd.spawn())
+}
+
+/// [`spawn_passing_dac_override`], for replacing this process (same PID):
+/// returns only if that failed.
+pub(crate) fn exec_passing_dac_override(cmd: &mut Command) -> io::Error {
+    use std::os::unix::process::CommandExt;
+    passing_dac_override(|| cmd.exec())
+}
+
+/// Runs `start` with CAP_DAC_OVERRIDE in this thread's ambient set, when
+/// this thread holds it and the process is not root.
+fn passing_dac_override<T>(start: impl FnOnce() -> T) -> T {
     use caps::{CapSet, Capability};
     const DAC: Capability = Capability::CAP_DAC_OVERRIDE;
     let held = !is_root() && caps::has_cap(None, CapSet::Effective, DAC).unwrap_or(false);
     if !held {
-        return cmd.spawn();
+        return start();
     }
     let raised = caps::raise(None, CapSet::Inheritable, DAC)
         .and_then(|()| caps::raise(None, CapSet::Ambient, DAC));
     if let Err(e) = &raised {
         tracing::error!(error = %e, "upgrade: cannot pass CAP_DAC_OVERRIDE on; the new binary will not serve new sandboxes");
     }
-    let child = cmd.spawn();
+    let started = start();
     let _ = caps::clear(None, CapSet::Ambient);
     let _ = caps::drop(None, CapSet::Inheritable, DAC);
-    child
+    started
 }
 
 /// The privileged helper that removes a socket on our behalf. A forwarder

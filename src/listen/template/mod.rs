@@ -196,6 +196,20 @@ impl SandboxThread {
     }
 }
 
+impl SandboxThread {
+    /// Replaces the process with `cmd`, from this thread, so that it gets
+    /// what [`spawn_process`](Self::spawn_process) would pass on. Returns
+    /// only if that failed. Blocking: call outside the async runtime.
+    pub(crate) fn exec_process(&self, mut cmd: std::process::Command) -> std::io::Error {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.handle.spawn(async move {
+            let _ = tx.send(privileges::exec_passing_dac_override(&mut cmd));
+        });
+        rx.recv()
+            .unwrap_or_else(|_| std::io::Error::other("the sandbox thread stopped"))
+    }
+}
+
 /// Starts the sandbox thread's OS thread and its runtime.
 fn launch(privileges: Privileges) -> Result<Launched, ListenError> {
     let (ready_tx, ready) = oneshot::channel();
