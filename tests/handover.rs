@@ -699,6 +699,42 @@ async fn a_failed_upgrade_leaves_the_old_process_serving() {
     assert!(setup.first.wait().unwrap().success());
 }
 
+/// An upgrade whose last step fails: the bridge serves everything, and the
+/// old process, still flushing (the collector refuses for a while), cannot
+/// become the new binary because the package was removed meanwhile. The
+/// bridge serves on as the service's process; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_that_cannot_execute_leaves_the_bridge_serving() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let rx = Receiver::start().await;
+    let mut setup = Setup::start(&rx, &["--shutdown-timeout", "20s"]);
+    let pid = setup.wait_ready(1).await;
+    let agents = Agents::start(&setup.agent_socket, 2, 100).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // What the old process has read is still to export when it hands over.
+    rx.store.fail_first.store(usize::MAX / 2, SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(pid, Signal::SIGHUP);
+    setup.wait_log("handed over: every listener", 1).await;
+    std::fs::remove_file(&setup.exe).unwrap();
+    rx.store.fail_first.store(0, SeqCst);
+    setup
+        .wait_log("the bridge serves on as the service's process", 1)
+        .await;
+    assert!(setup.first.wait().unwrap().success(), "the old one exits 0");
+    let bridge = setup.ready_pids()[1];
+    assert!(alive(bridge));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (sent, errors) = agents.finish().await;
+    assert_eq!(errors, 0);
+    wait_spans(&rx, sent).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_exactly_once(&rx, sent);
+    assert_eq!(setup.ready_pids(), vec![pid, bridge]);
+    signal(bridge, Signal::SIGTERM);
+    wait_gone(bridge).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_by_another_user_is_refused() {
     if !nix::unistd::getuid().is_root() {
