@@ -40,6 +40,11 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The hand-over tests upgrade the test (debug) build to this one, a
+# different build of the binary; the benchmark smoke run below uses it too.
+echo "== release build of the forwarder"
+cargo build --release --quiet --bin kata-trace-forwarder
+export KTF_OTHER_BUILD="${CARGO_TARGET_DIR:-target}/release/kata-trace-forwarder"
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

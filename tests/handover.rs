@@ -35,10 +35,28 @@ struct Setup {
     first: Child,
 }
 
+/// Another build of the binary to upgrade to: the release build when
+/// `KTF_OTHER_BUILD` names it (scripts/test.sh builds it), otherwise a copy
+/// of the one under test, which is then only another file.
+fn other_build() -> &'static str {
+    static OTHER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    OTHER.get_or_init(|| match std::env::var("KTF_OTHER_BUILD") {
+        Ok(p) if Path::new(&p).is_file() => {
+            let differs = std::fs::read(&p).ok() != std::fs::read(BIN).ok();
+            assert!(differs, "{p} is the very build under test");
+            p
+        }
+        _ => {
+            eprintln!("KTF_OTHER_BUILD not set: upgrading to a copy of the binary under test");
+            BIN.to_owned()
+        }
+    })
+}
+
 /// The hand-overs the tests make, in order (see [`Setup::hand_over`]).
 const STEPS: [&str; 4] = [
     "SIGHUP",
-    "SIGHUP, new binary",
+    "SIGHUP, another build",
     "SIGHUP, new binary",
     "takeover",
 ];
@@ -130,10 +148,10 @@ impl Setup {
             // The same file.
             0 => signal(pid, Signal::SIGHUP),
             // The binary replaced (a new file at the path, as a package
-            // upgrade does), then again.
+            // upgrade does): first by another build of it, then again.
             1 | 2 => {
                 let new = self.dir.path().join("bin/kata-trace-forwarder.new");
-                std::fs::copy(BIN, &new).unwrap();
+                std::fs::copy(if step == 1 { other_build() } else { BIN }, &new).unwrap();
                 std::fs::rename(&new, &self.exe).unwrap();
                 signal(pid, Signal::SIGHUP);
             }
