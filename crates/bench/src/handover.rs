@@ -557,10 +557,10 @@ impl Writers {
         })
     }
 
-    fn stop(self) -> Result<Stopped> {
+    fn stop(mut self) -> Result<Stopped> {
         self.stop.store(true, Ordering::Relaxed);
         let mut agents = Vec::new();
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             agents.extend(t.join().map_err(|_| anyhow!("agent writer panicked"))?);
         }
         let errors = agents.iter().filter_map(|a| a.error.clone()).collect();
@@ -568,6 +568,13 @@ impl Writers {
             _agents: agents,
             errors,
         })
+    }
+}
+
+impl Drop for Writers {
+    fn drop(&mut self) {
+        // A run that broke off stops writing too.
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -625,7 +632,7 @@ impl Fleet {
             bad_exits: Vec::new(),
         };
         let first = fleet.spawn()?;
-        let pid = fleet.wait_ready(0, Instant::now())?;
+        let pid = fleet.wait_ready(0, Instant::now(), Some(first))?;
         if pid != first {
             bail!("forwarder {first} started, but {pid} said it was ready");
         }
@@ -660,7 +667,9 @@ impl Fleet {
 
     /// Waits for the forwarder after the first `known` "forwarder ready"
     /// lines; its pid.
-    fn wait_ready(&mut self, known: usize, since: Instant) -> Result<i32> {
+    /// `started`: a process of ours that should become ready (the first
+    /// forwarder, a taker); its exit ends the wait.
+    fn wait_ready(&mut self, known: usize, since: Instant, started: Option<i32>) -> Result<i32> {
         loop {
             self.log.poll()?;
             if let Some(&pid) = self.log.ready.get(known) {
@@ -671,6 +680,13 @@ impl Fleet {
             }
             if let Some(e) = self.log.failures.first() {
                 bail!("hand-over failed: {e}");
+            }
+            if let Some((pid, exit)) = started.and_then(|p| reap(p).map(|e| (p, e))) {
+                self.seen.retain(|&p| p != pid);
+                bail!(
+                    "forwarder {pid} ended before it was ready ({exit}); log:\n{}",
+                    self.log_text()
+                );
             }
             if since.elapsed() > STEP_TIMEOUT {
                 bail!(
@@ -692,12 +708,14 @@ impl Fleet {
         let from = self.pid;
         let t0 = Instant::now();
         let signal_ns = sink.now_ns();
-        if takeover {
-            self.spawn()?;
-        } else {
-            signal(from, libc::SIGHUP)?;
-        }
-        let to = self.wait_ready(known, t0)?;
+        let taker = match takeover {
+            true => Some(self.spawn()?),
+            false => {
+                signal(from, libc::SIGHUP)?;
+                None
+            }
+        };
+        let to = self.wait_ready(known, t0, taker)?;
         let ready_ms = t0.elapsed().as_secs_f64() * 1e3;
         if to == from {
             bail!("forwarder {from} said it was ready again");
@@ -970,11 +988,12 @@ mod tests {
 
     #[test]
     fn durations_as_the_forwarder_logs_them() {
-        assert_eq!(debug_duration_ms("12.5ms"), Some(12.5));
-        assert_eq!(debug_duration_ms("830µs"), Some(0.83));
-        assert_eq!(debug_duration_ms("1.25s"), Some(1250.0));
-        assert_eq!(debug_duration_ms("100ns"), Some(1e-4));
-        assert_eq!(debug_duration_ms("soon"), None);
+        let ms = |s: &str| debug_duration_ms(s).map(|v| (v * 1e6).round() / 1e6);
+        assert_eq!(ms("12.5ms"), Some(12.5));
+        assert_eq!(ms("830µs"), Some(0.83));
+        assert_eq!(ms("1.25s"), Some(1250.0));
+        assert_eq!(ms("100ns"), Some(1e-4));
+        assert_eq!(ms("soon"), None);
     }
 
     #[test]

@@ -445,8 +445,14 @@ impl Ctx<'_> {
         let flags = with_flag(&a.forwarder_args, "--max-connections", &room);
         let flags = with_flag(&flags, "--sandbox-max-connections", &room);
         eprintln!(
-            "   handover: {} agents, {} spans/s, {} hand-overs (1 in {} a takeover, 0: none)",
-            plan.connections, plan.rate, plan.handovers, plan.takeover_every
+            "   handover: {} agents, {} spans/s, {} hand-overs, {}",
+            plan.connections,
+            plan.rate,
+            plan.handovers,
+            match plan.takeover_every {
+                0 => "no takeover".to_string(),
+                n => format!("every {n} a takeover"),
+            }
         );
         let out = handover::run(&a.forwarder, &flags, self.sink, self.endpoint, &plan)?;
         let pauses = sorted(out.records.iter().map(|r| r.paused_ms));
@@ -506,8 +512,16 @@ impl Ctx<'_> {
             out.bad_exits.len(),
             if out.ran_out { "; an agent ran out of frames" } else { "" }
         );
-        for c in out.complaints.iter().take(10) {
-            eprintln!("   forwarder said: {c}");
+        // Context for anything odd; a few lines, the whole log is kept
+        // when a run breaks.
+        if !out.complaints.is_empty() {
+            eprintln!(
+                "   handover: the forwarders logged {} warnings or errors, the first:",
+                out.complaints.len()
+            );
+        }
+        for c in out.complaints.iter().take(3) {
+            eprintln!("     {c}");
         }
         Ok(out)
     }
