@@ -4,12 +4,13 @@
 //! Frames are made once, before any timing, by the agent emitter (the real
 //! opentelemetry SDK of each Kata generation). Each agent is a plain thread
 //! with a blocking socket, so what it costs is a `write` per batch of frames
-//! and nothing that competes with the forwarder for long.
+//! and nothing that competes with the forwarder for long. The hand-over
+//! run's thousand agents ([`KataAgents`]) share a few threads instead.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,7 +19,13 @@ use anyhow::{anyhow, Context, Result};
 use kata_agent_emitter::{bulk_frames, WireFormat as EmitFormat};
 use kata_trace_forwarder::wire::{Decoder, HEADER_LEN};
 
-use crate::sink::LatencyTrack;
+use crate::sink::{LatencyTrack, SinkState};
+
+/// A Kata agent's write that blocks this long is a failed write, as the
+/// agent's would be.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Threads that write for the Kata-like agents.
+const WRITERS: usize = 4;
 
 /// One frame as the agent writes it, and the id of the span inside.
 pub struct Frame {
@@ -141,4 +148,152 @@ pub fn open_idle(socket: &Path, frames: &[Frame], n: usize) -> Result<Vec<UnixSt
         conns.push(c);
     }
     Ok(conns)
+}
+
+/// Agents as the Kata exporter is (the hand-over run): one connection
+/// each, never dialled again, each span written as it is due, and a failed
+/// write (or one that blocks for `WRITE_TIMEOUT`) the end of that agent.
+/// A few threads write for them all, each for a share of the connections,
+/// on a 1 ms clock, every connection at its own staggered pace; each span's
+/// write instant goes into the track (and is taken back if the write
+/// failed).
+pub struct KataAgents {
+    stop: Arc<AtomicBool>,
+    /// Spans written so far, all agents together.
+    pub written: Arc<AtomicU64>,
+    /// An agent has written its last frame.
+    pub ran_out: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Vec<Agent>>>,
+}
+
+struct Agent {
+    stream: Option<UnixStream>,
+    range: std::ops::Range<usize>,
+    /// When its first span is due.
+    start: Instant,
+    sent: usize,
+    error: Option<String>,
+}
+
+/// What is left of the agents once they stop: their connections (kept
+/// open until the forwarder has stopped), and the errors they saw.
+pub struct Stopped {
+    _agents: Vec<Agent>,
+    pub errors: Vec<String>,
+}
+
+impl KataAgents {
+    pub fn start(
+        socket: &Path,
+        sink: &Arc<SinkState>,
+        track: &Arc<LatencyTrack>,
+        frames: &Arc<Vec<Frame>>,
+        ranges: &[std::ops::Range<usize>],
+        rate: u64,
+        per_conn_rate: f64,
+    ) -> Result<KataAgents> {
+        let t0 = Instant::now() + Duration::from_millis(100);
+        let mut shares: Vec<Vec<Agent>> = (0..WRITERS).map(|_| Vec::new()).collect();
+        for (j, range) in ranges.iter().enumerate() {
+            let stream = UnixStream::connect(socket)
+                .with_context(|| format!("agent {j}: connecting to {}", socket.display()))?;
+            stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+            shares[j % WRITERS].push(Agent {
+                stream: Some(stream),
+                range: range.clone(),
+                // Staggered, so that together they write evenly.
+                start: t0 + Duration::from_secs_f64(j as f64 / rate.max(1) as f64),
+                sent: 0,
+                error: None,
+            });
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        let ran_out = Arc::new(AtomicBool::new(false));
+        let threads = shares
+            .into_iter()
+            .map(|mut agents| {
+                let (stop, written, ran_out) = (
+                    Arc::clone(&stop),
+                    Arc::clone(&written),
+                    Arc::clone(&ran_out),
+                );
+                let (sink, track, frames) =
+                    (Arc::clone(sink), Arc::clone(track), Arc::clone(frames));
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let now = Instant::now();
+                        for a in &mut agents {
+                            let Some(stream) = a.stream.as_mut() else {
+                                continue;
+                            };
+                            let n = a.range.len();
+                            let Some(since) = now.checked_duration_since(a.start) else {
+                                continue;
+                            };
+                            let due = ((since.as_secs_f64() * per_conn_rate) as usize + 1).min(n);
+                            if due == n && a.sent < n {
+                                ran_out.store(true, Ordering::Relaxed);
+                            }
+                            if due <= a.sent {
+                                continue;
+                            }
+                            let at = sink.now_ns().max(1);
+                            let idx = a.range.start + a.sent..a.range.start + due;
+                            buf.clear();
+                            for i in idx.clone() {
+                                track.written[i].store(at, Ordering::Release);
+                                buf.extend_from_slice(&frames[i].bytes);
+                            }
+                            match stream.write_all(&buf) {
+                                Ok(()) => {
+                                    written.fetch_add((due - a.sent) as u64, Ordering::Relaxed);
+                                    a.sent = due;
+                                }
+                                Err(e) => {
+                                    // The end of this agent, as for the
+                                    // Kata exporter; what it failed to
+                                    // write was never sent.
+                                    for i in idx {
+                                        track.written[i].store(0, Ordering::Release);
+                                    }
+                                    a.error = Some(e.to_string());
+                                    a.stream = None;
+                                }
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    agents
+                })
+            })
+            .collect();
+        Ok(KataAgents {
+            stop,
+            written,
+            ran_out,
+            threads,
+        })
+    }
+
+    pub fn stop(mut self) -> Result<Stopped> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut agents = Vec::new();
+        for t in std::mem::take(&mut self.threads) {
+            agents.extend(t.join().map_err(|_| anyhow!("agent writer panicked"))?);
+        }
+        let errors = agents.iter().filter_map(|a| a.error.clone()).collect();
+        Ok(Stopped {
+            _agents: agents,
+            errors,
+        })
+    }
+}
+
+impl Drop for KataAgents {
+    fn drop(&mut self) {
+        // A run that broke off stops writing too.
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }

@@ -14,13 +14,20 @@
 //! - idle: RSS with 1,000 quiet connections, and startup to listening.
 //! - limits: the same frames through a reader that only splits frames, and
 //!   through the borrowed decode alone (see [`limits`]).
+//! - handover (not run unless asked, but in `--smoke`): 1,000 agents at
+//!   10,000 spans/s in all through 100 hand-overs in a row, each one's
+//!   pause and every span counted (see [`handover`]).
 //!
 //! Every scenario runs `--runs` times and the report gives medians. This is
 //! a benchmark, not a test: it prints budgets next to figures but exits
 //! non-zero only when something broke (lost spans, a forwarder that would
 //! not start), never because a figure is slow.
+//!
+//! Over 500 lines: each scenario's figures are named where they are set and
+//! read back by name in the report, so both stay in this one file.
 
 mod agents;
+mod handover;
 mod limits;
 mod procstat;
 mod sink;
@@ -45,6 +52,7 @@ use sink::{LatencyTrack, SinkState};
 /// relative to.
 const BATCH_TIMEOUT_MS: f64 = 200.0;
 const MIB: f64 = 1024.0 * 1024.0;
+const DEFAULT_SCENARIOS: &str = "idle,max,tls,gzip,fixed,limits";
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "End-to-end benchmark of kata-trace-forwarder")]
@@ -83,13 +91,23 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "json,bincode")]
     formats: Vec<EmitFormat>,
     /// Scenarios to run: idle, max, tls (max rate into a TLS collector),
-    /// gzip (max rate with --otlp-compression=gzip), fixed, limits.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "idle,max,tls,gzip,fixed,limits"
-    )]
+    /// gzip (max rate with --otlp-compression=gzip), fixed, limits, and
+    /// handover (100 hand-overs under load; not by default: minutes long).
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_SCENARIOS)]
     scenarios: Vec<String>,
+    /// Agent connections, all open through the hand-over run.
+    #[arg(long, default_value_t = 1000)]
+    handover_connections: usize,
+    /// Spans per second in the hand-over run, all agents together.
+    #[arg(long, default_value_t = 10_000)]
+    handover_rate: u64,
+    /// Hand-overs in a row in the hand-over run.
+    #[arg(long, default_value_t = 100)]
+    handovers: usize,
+    /// Every n-th hand-over is a takeover by a new process started with the
+    /// same --handoff-socket instead of a SIGHUP; 0: none.
+    #[arg(long, default_value_t = 10)]
+    takeover_every: usize,
     /// A seconds-long run that only checks the harness works (CI).
     #[arg(long)]
     smoke: bool,
@@ -115,6 +133,15 @@ impl Args {
         self.fixed_secs = 1.0;
         self.idle_connections = 50;
         self.parse_secs = 0.1;
+        // A hand-over and a takeover, to check the scenario works; timed
+        // with so few connections, its figures mean nothing.
+        self.handover_connections = 20;
+        self.handover_rate = 200;
+        self.handovers = 2;
+        self.takeover_every = 2;
+        if self.scenarios.join(",") == DEFAULT_SCENARIOS {
+            self.scenarios.push("handover".into());
+        }
         self
     }
 }
@@ -157,12 +184,16 @@ fn main() -> Result<()> {
     args.forwarder_args
         .splice(0..0, sandbox_limits_lifted(&args.forwarder)?);
 
-    eprintln!(
-        "== making frames (real SDK, ~{} B payloads)",
-        args.payload_bytes
-    );
+    let on = |s: &str| args.scenarios.iter().any(|x| x == s);
     let mut pools: BTreeMap<String, Vec<Arc<Vec<Frame>>>> = BTreeMap::new();
-    for &format in &args.formats {
+    let pooled = ["max", "tls", "gzip", "limits"].iter().any(|s| on(s));
+    if pooled {
+        eprintln!(
+            "== making frames (real SDK, ~{} B payloads)",
+            args.payload_bytes
+        );
+    }
+    for &format in args.formats.iter().filter(|_| pooled) {
         let per_agent = args.pool.min(args.spans / args.agents.max(1)).max(1);
         let mut p = Vec::new();
         for a in 0..args.agents {
@@ -200,15 +231,25 @@ fn main() -> Result<()> {
         epoch,
     };
     let mut runs = Vec::new();
+    let mut handovers = Vec::new();
+    let mut broken = Vec::new();
     for run in 1..=args.runs {
         eprintln!("== run {run}/{}", args.runs);
         let mut f = Figures::default();
-        let on = |s: &str| args.scenarios.iter().any(|x| x == s);
         if on("idle") {
             ctx.idle(&mut f)?;
         }
+        if on("handover") {
+            let out = ctx.handover(&mut f)?;
+            if let Some(why) = out.broken() {
+                broken.push(format!("run {run}: {why}"));
+            }
+            handovers.push(out.records);
+        }
         for &format in &args.formats {
-            let pool = &pools[&format.to_string()];
+            let pool = pools
+                .get(&format.to_string())
+                .map_or(&[][..], Vec::as_slice);
             let plain = || Target {
                 sink: ctx.sink,
                 endpoint: ctx.endpoint,
@@ -289,8 +330,15 @@ fn main() -> Result<()> {
 
     report(&args, &runs, &endpoint);
     if let Some(path) = &args.json {
-        let out = serde_json::json!({ "args": format!("{args:?}"), "runs": runs });
+        let mut out = serde_json::json!({ "args": format!("{args:?}"), "runs": runs });
+        if !handovers.is_empty() {
+            // Every hand-over of every run, one list per run.
+            out["handovers"] = serde_json::to_value(&handovers)?;
+        }
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)?;
+    }
+    if !broken.is_empty() {
+        bail!("hand-over run broken: {}", broken.join("; "));
     }
     Ok(())
 }
@@ -380,6 +428,105 @@ impl Ctx<'_> {
 
     fn wait_sink(&self, n: u64, timeout: Duration) -> Result<()> {
         wait_sink(self.sink, n, timeout)
+    }
+
+    /// The hand-over budgets (issue 12): every hand-over's pause, the gaps
+    /// the collector sees, and every span counted.
+    fn handover(&self, f: &mut Figures) -> Result<handover::Outcome> {
+        let a = self.args;
+        let plan = handover::Plan {
+            connections: a.handover_connections,
+            rate: a.handover_rate,
+            handovers: a.handovers,
+            takeover_every: a.takeover_every,
+            payload_bytes: a.payload_bytes,
+            formats: a.formats.clone(),
+        };
+        // Every agent in one sandbox (one hybrid socket): room for all of
+        // them, with the harness's other lifted limits as they are.
+        let room = (a.handover_connections * 2).max(1024).to_string();
+        let flags = with_flag(&a.forwarder_args, "--max-connections", &room);
+        let flags = with_flag(&flags, "--sandbox-max-connections", &room);
+        eprintln!(
+            "   handover: {} agents, {} spans/s, {} hand-overs, {}",
+            plan.connections,
+            plan.rate,
+            plan.handovers,
+            match plan.takeover_every {
+                0 => "no takeover".to_string(),
+                n => format!("every {n} a takeover"),
+            }
+        );
+        let out = handover::run(&a.forwarder, &flags, self.sink, self.endpoint, &plan)?;
+        let pauses = sorted(out.records.iter().map(|r| r.paused_ms));
+        let gaps = sorted(out.records.iter().map(|r| r.gap_ms));
+        let k = "handover";
+        f.set(format!("{k}.connections"), plan.connections as f64);
+        f.set(format!("{k}.count"), out.records.len() as f64);
+        f.set(
+            format!("{k}.takeovers"),
+            out.records.iter().filter(|r| r.how == "takeover").count() as f64,
+        );
+        f.set(
+            format!("{k}.connections_handed_min"),
+            out.records.iter().map(|r| r.connections).min().unwrap_or(0) as f64,
+        );
+        for (name, v) in [("pause", &pauses), ("gap", &gaps)] {
+            f.set(format!("{k}.{name}_p50_ms"), handover::pct(v, 0.5));
+            f.set(format!("{k}.{name}_p99_ms"), handover::pct(v, 0.99));
+            f.set(format!("{k}.{name}_max_ms"), handover::pct(v, 1.0));
+        }
+        f.set(format!("{k}.steady_gap_ms"), out.steady_gap_ms);
+        let ready = sorted(out.records.iter().map(|r| r.ready_ms));
+        let gone = sorted(out.records.iter().map(|r| r.gone_ms));
+        f.set(format!("{k}.ready_p50_ms"), handover::pct(&ready, 0.5));
+        f.set(format!("{k}.gone_p50_ms"), handover::pct(&gone, 0.5));
+        f.set(format!("{k}.spans_sent"), out.sent as f64);
+        f.set(format!("{k}.spans_received"), out.received as f64);
+        f.set(format!("{k}.spans_lost"), out.lost as f64);
+        f.set(format!("{k}.spans_duplicated"), out.duplicated as f64);
+        f.set(format!("{k}.spans_unexpected"), out.unexpected as f64);
+        f.set(format!("{k}.agent_write_errors"), out.agent_errors as f64);
+        f.set(format!("{k}.bad_exits"), out.bad_exits.len() as f64);
+        f.set(format!("{k}.spans_per_sec_during"), out.rate_during);
+        f.set(format!("{k}.ran_out"), f64::from(u8::from(out.ran_out)));
+        f.set(format!("{k}.latency_p50_ms"), out.latency_ms[0]);
+        f.set(format!("{k}.latency_p99_ms"), out.latency_ms[1]);
+        f.set(format!("{k}.latency_max_ms"), out.latency_ms[2]);
+        eprintln!(
+            "   handover: pause p50 {:.1} / p99 {:.1} / max {:.1} ms; gap p50 {:.1} / p99 {:.1} / max {:.1} ms (steady {:.1} ms)",
+            handover::pct(&pauses, 0.5),
+            handover::pct(&pauses, 0.99),
+            handover::pct(&pauses, 1.0),
+            handover::pct(&gaps, 0.5),
+            handover::pct(&gaps, 0.99),
+            handover::pct(&gaps, 1.0),
+            out.steady_gap_ms
+        );
+        eprintln!(
+            "   handover: {} spans sent at {:.0}/s, {} received, {} lost, {} duplicated, {} unexpected; {} agent write errors; {} bad exits{}",
+            out.sent,
+            out.rate_during,
+            out.received,
+            out.lost,
+            out.duplicated,
+            out.unexpected,
+            out.agent_errors,
+            out.bad_exits.len(),
+            if out.ran_out { "; an agent ran out of frames" } else { "" }
+        );
+        // Context for anything odd; a few lines, the whole log is kept
+        // when a run breaks.
+        if !out.complaints.is_empty() {
+            eprintln!(
+                "   handover: the forwarders logged {} warnings or errors, the first:",
+                out.complaints.len()
+            );
+        }
+        for c in out.complaints.iter().take(3) {
+            eprintln!("     {c}");
+        }
+        Ok(out)
     }
 
     fn max_rate(
@@ -624,6 +771,28 @@ impl Forwarder {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+/// `flags` with `name` set to `value`, whatever it was (the forwarder
+/// refuses a flag given twice).
+fn with_flag(flags: &[String], name: &str, value: &str) -> Vec<String> {
+    let mut out = Vec::with_capacity(flags.len() + 1);
+    let mut it = flags.iter();
+    while let Some(f) = it.next() {
+        if f == name {
+            it.next();
+        } else if !f.starts_with(&format!("{name}=")) {
+            out.push(f.clone());
+        }
+    }
+    out.push(format!("{name}={value}"));
+    out
+}
+
+fn sorted(v: impl Iterator<Item = f64>) -> Vec<f64> {
+    let mut v: Vec<f64> = v.collect();
+    v.sort_by(f64::total_cmp);
+    v
 }
 
 /// Waits until `sink` has counted `n` spans.
@@ -893,6 +1062,100 @@ fn report(args: &Args, runs: &[Figures], endpoint: &str) {
         Unit::MsPerSec,
         None,
     );
+
+    // The hand-over budgets (issue 12), for 1,000 connections: medians of
+    // each run's quantiles, and counts that must be zero in every run.
+    let h = |name: &str| {
+        format!(
+            "hand-over ({} agents, {} spans/s, {} in a row): {name}",
+            args.handover_connections, args.handover_rate, args.handovers
+        )
+    };
+    let timed = args.handover_connections >= 1000 && !args.smoke;
+    row(
+        &h("pause (old process), p50"),
+        "handover.pause_p50_ms",
+        Unit::Ms,
+        None,
+    );
+    row(
+        &h("pause (old process), p99"),
+        "handover.pause_p99_ms",
+        Unit::Ms,
+        timed.then_some(Budget::AtMost(100.0)),
+    );
+    row(
+        &h("pause (old process), max"),
+        "handover.pause_max_ms",
+        Unit::Ms,
+        None,
+    );
+    for (q, key) in [("p50", "p50"), ("p99", "p99"), ("max", "max")] {
+        row(
+            &h(&format!("longest gap between arrivals at the sink, {q}")),
+            &format!("handover.gap_{key}_ms"),
+            Unit::Ms,
+            None,
+        );
+    }
+    row(
+        &h("longest gap between arrivals, a second without hand-over"),
+        "handover.steady_gap_ms",
+        Unit::Ms,
+        None,
+    );
+    row(
+        &h("span latency (agent write to sink) p99 over the run"),
+        "handover.latency_p99_ms",
+        Unit::Ms,
+        None,
+    );
+    row(
+        &h("span latency (agent write to sink) max over the run"),
+        "handover.latency_max_ms",
+        Unit::Ms,
+        None,
+    );
+    row(
+        &h("agents' rate during the hand-overs"),
+        "handover.spans_per_sec_during",
+        Unit::PerSec,
+        timed.then_some(Budget::AtLeast(args.handover_rate as f64 * 0.95)),
+    );
+    for (name, key, must_be_zero) in [
+        ("spans sent", "handover.spans_sent", false),
+        ("spans received", "handover.spans_received", false),
+        ("spans lost", "handover.spans_lost", true),
+        ("spans duplicated", "handover.spans_duplicated", true),
+        ("spans nobody sent", "handover.spans_unexpected", true),
+        ("agent write errors", "handover.agent_write_errors", true),
+        ("forwarders that did not exit 0", "handover.bad_exits", true),
+        (
+            "runs whose agents ran out of frames",
+            "handover.ran_out",
+            true,
+        ),
+    ] {
+        let v = col(key);
+        if v.is_empty() {
+            continue;
+        }
+        let total: f64 = v.iter().sum();
+        let each: Vec<String> = v.iter().map(|x| thousands(*x)).collect();
+        let (b, verdict) = match must_be_zero {
+            true => (
+                "= 0 in every run",
+                if total == 0.0 { "ok" } else { "MISSED" },
+            ),
+            false => ("", ""),
+        };
+        println!(
+            "| {} | {} in all | {} | {b} | {verdict} |",
+            h(name),
+            thousands(total),
+            each.join(", ")
+        );
+    }
 }
 
 /// CPU model, core count, memory and kernel, from /proc.

@@ -6,12 +6,13 @@
 //! requests, can serve over TLS (a certificate made at start, whose CA the
 //! forwarder is told to trust), and counts the bytes that reach it on the
 //! wire, before TLS and decompression. When a run tracks
-//! latency it also reads each span's id and stamps its receipt against the
-//! instant the agent wrote that span.
+//! latency it also reads each span's id, stamps its receipt against the
+//! instant the agent wrote that span, counts how many times each span came
+//! (lost, or sent twice), and keeps each request's arrival.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -33,10 +34,16 @@ pub struct LatencyTrack {
     /// Nanoseconds since the sink's epoch at which the agent wrote the span;
     /// 0 until written.
     pub written: Vec<AtomicU64>,
+    /// How many times each span was received: a span lost stays at 0, one
+    /// sent twice reaches 2.
+    pub received: Vec<AtomicU32>,
     /// Receipt minus write, in nanoseconds, one per span received.
     pub latencies: Mutex<Vec<u64>>,
     /// Spans received that were not (yet) marked written: should be none.
     pub unmatched: AtomicU64,
+    /// Nanoseconds since the sink's epoch of every request received, in
+    /// order: the gaps between them are what a collector sees of a pause.
+    pub arrivals: Mutex<Vec<u64>>,
 }
 
 impl LatencyTrack {
@@ -48,8 +55,10 @@ impl LatencyTrack {
                 .map(|(i, &id)| (id, i))
                 .collect(),
             written: span_ids.iter().map(|_| AtomicU64::new(0)).collect(),
+            received: span_ids.iter().map(|_| AtomicU32::new(0)).collect(),
             latencies: Mutex::new(Vec::with_capacity(span_ids.len())),
             unmatched: AtomicU64::new(0),
+            arrivals: Mutex::new(Vec::new()),
         }
     }
 }
@@ -86,10 +95,10 @@ impl SinkState {
                 if let Some(t) = track {
                     let mut lat = Vec::with_capacity(ids.len());
                     for id in ids {
-                        let written = t
-                            .index
-                            .get(&id)
-                            .map_or(0, |&i| t.written[i].load(Ordering::Acquire));
+                        let written = t.index.get(&id).map_or(0, |&i| {
+                            t.received[i].fetch_add(1, Ordering::Relaxed);
+                            t.written[i].load(Ordering::Acquire)
+                        });
                         if written == 0 {
                             t.unmatched.fetch_add(1, Ordering::Relaxed);
                         } else {
@@ -98,6 +107,9 @@ impl SinkState {
                     }
                     if let Ok(mut l) = t.latencies.lock() {
                         l.extend(lat);
+                    }
+                    if let Ok(mut a) = t.arrivals.lock() {
+                        a.push(now);
                     }
                 }
                 self.last_receipt_ns.store(now, Ordering::Release);
