@@ -458,11 +458,18 @@ impl Ctx<'_> {
             }
         );
         let out = handover::run(&a.forwarder, &flags, self.sink, self.endpoint, &plan)?;
-        let pauses = sorted(out.records.iter().map(|r| r.paused_ms));
+        // Every hand-over's pause: an upgrade by SIGHUP is two (to the
+        // bridge and back).
+        let pauses = sorted(
+            out.records
+                .iter()
+                .flat_map(|r| std::iter::once(r.paused_ms).chain(r.back_paused_ms)),
+        );
         let gaps = sorted(out.records.iter().map(|r| r.gap_ms));
         let k = "handover";
         f.set(format!("{k}.connections"), plan.connections as f64);
         f.set(format!("{k}.count"), out.records.len() as f64);
+        f.set(format!("{k}.pauses"), pauses.len() as f64);
         f.set(
             format!("{k}.takeovers"),
             out.records.iter().filter(|r| r.how == "takeover").count() as f64,

@@ -142,7 +142,12 @@ impl Fleet {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    /// One hand-over, from signal to the predecessor's exit.
+    /// One hand-over, from signal to the predecessor's exit. An upgrade by
+    /// `SIGHUP` keeps the pid: the forwarder hands everything to a bridge
+    /// (the new binary, its child), becomes the new binary itself and takes
+    /// everything back; the step ends when the bridge is gone, and has two
+    /// pauses. A takeover is another process; the step ends when the old
+    /// one has exited (reaped here, its status kept).
     pub(super) fn hand_over(&mut self, sink: &SinkState, takeover: bool) -> Result<Record> {
         let known = self.log.ready.len();
         let from = self.pid;
@@ -156,36 +161,68 @@ impl Fleet {
             }
         };
         let to = self.wait_ready(known, t0, taker)?;
-        let ready_ms = t0.elapsed().as_secs_f64() * 1e3;
         if to == from {
-            bail!("forwarder {from} said it was ready again");
+            bail!("forwarder {from} said it was ready again before any successor");
         }
+        let (ready_ms, back_from) = if takeover {
+            (t0.elapsed().as_secs_f64() * 1e3, None)
+        } else {
+            // `to` is the bridge: not ours (its parent reaps it), followed
+            // until it is gone.
+            self.seen.retain(|&p| p != to);
+            let again = self.wait_ready(known + 1, t0, None)?;
+            if again != from {
+                bail!("after the bridge {to}, {again} was ready, not the upgraded {from}");
+            }
+            (t0.elapsed().as_secs_f64() * 1e3, Some(to))
+        };
+        let gone = match back_from {
+            Some(bridge) => bridge,
+            None => from,
+        };
         let status = loop {
-            if let Some(s) = reap(from) {
+            let done = match back_from {
+                Some(_) => (!alive(gone)).then_some(None),
+                None => reap(gone).map(Some),
+            };
+            if let Some(s) = done {
                 break s;
             }
             if t0.elapsed() > STEP_TIMEOUT {
-                bail!("forwarder {from} still running {STEP_TIMEOUT:?} after handing over");
+                bail!("forwarder {gone} still running {STEP_TIMEOUT:?} after handing over");
             }
             std::thread::sleep(Duration::from_millis(1));
         };
         let gone_ns = sink.now_ns();
         let gone_ms = t0.elapsed().as_secs_f64() * 1e3;
-        self.seen.retain(|&p| p != from);
-        if !status.ok() {
-            self.bad_exits.push(format!("{from}: {status}"));
+        self.seen.retain(|&p| p != gone);
+        if let Some(status) = status.filter(|s| !s.ok()) {
+            self.bad_exits.push(format!("{gone}: {status}"));
         }
-        self.pid = to;
         self.log.poll()?;
-        let Some(h) = self.log.handed.iter().find(|h| h.successor == to) else {
+        let Some(h) = self.log.handed.iter().rev().find(|h| h.successor == to) else {
             bail!("forwarder {from} exited without logging its hand-over to {to}");
         };
+        let (paused_ms, connections) = (h.paused_ms, h.connections);
+        let back_paused_ms = match back_from {
+            Some(bridge) => {
+                let Some(h) = self.log.handed.iter().rev().find(|h| h.successor == from) else {
+                    bail!(
+                        "the bridge {bridge} exited without logging its hand-over back to {from}"
+                    );
+                };
+                Some(h.paused_ms)
+            }
+            None => None,
+        };
+        self.pid = if takeover { to } else { from };
         Ok(Record {
             how: if takeover { "takeover" } else { "sighup" },
             from_pid: from,
-            to_pid: to,
-            paused_ms: h.paused_ms,
-            connections: h.connections,
+            to_pid: self.pid,
+            paused_ms,
+            back_paused_ms,
+            connections,
             ready_ms,
             gone_ms,
             gap_ms: f64::NAN,
@@ -223,6 +260,12 @@ impl Drop for Fleet {
             }
         }
     }
+}
+
+/// Whether `pid` runs (a zombie counts as gone: its parent reaps it).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
 }
 
 fn signal(pid: i32, sig: libc::c_int) -> Result<()> {

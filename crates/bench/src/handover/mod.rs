@@ -12,16 +12,19 @@
 //! before anything is timed, so that the sink can tell, span id by span id,
 //! what was lost and what came twice.
 //!
-//! Each hand-over is a `SIGHUP` (one in `takeover_every` is a new process
+//! Each step is a `SIGHUP` (one in `takeover_every` is a new process
 //! started with the same flags instead), and the next waits until the
-//! successor has logged "forwarder ready" and the predecessor has exited.
-//! Successors are not started by us: they are followed by the pid in their
-//! "forwarder ready" line, and, the harness being their subreaper, reaped
-//! by it, so that every predecessor's exit status is checked too. What is
-//! reported of each hand-over: the pause the old process measured (from
-//! asking every connection to pause to the successor's acknowledgement, its
+//! process that serves after it has logged "forwarder ready" and the one
+//! that let go has exited. An upgrade by `SIGHUP` is two hand-overs under
+//! one pid: to a bridge (the new binary, started by the forwarder), then,
+//! the forwarder having become the new binary itself, back. Processes not
+//! started here are followed by the pid in their "forwarder ready" line; a
+//! takeover's predecessor is reaped here (the harness being the subreaper),
+//! so that its exit status is checked too. What is reported of each step:
+//! the pause of each hand-over as the old process measured it (from asking
+//! every connection to pause to the successor's acknowledgement, its
 //! `paused_for`), and the longest gap between two requests reaching the
-//! sink around it.
+//! sink around the step.
 
 mod fleet;
 
@@ -85,12 +88,16 @@ pub struct Record {
     pub to_pid: i32,
     /// The pause as the old process measured it (`paused_for`).
     pub paused_ms: f64,
+    /// An upgrade by `SIGHUP`: the second hand-over's pause, the bridge's
+    /// back to the upgraded process.
+    pub back_paused_ms: Option<f64>,
     /// Connections handed over, as the old process logged them.
     pub connections: u64,
-    /// From the signal (or the taker's start) to the successor's "forwarder
-    /// ready".
+    /// From the signal (or the taker's start) to the "forwarder ready" of
+    /// the process that serves after it (after `SIGHUP`: the same pid's).
     pub ready_ms: f64,
-    /// From the signal to the predecessor's exit.
+    /// From the signal to the exit of the process that let go (the old one,
+    /// or after `SIGHUP` the bridge).
     pub gone_ms: f64,
     /// The longest gap between two requests reaching the sink around it.
     pub gap_ms: f64,
@@ -326,11 +333,12 @@ fn drive(
         let rec = fleet.hand_over(sink, takeover)?;
         if plan.handovers <= 10 || (i + 1) % 10 == 0 {
             eprintln!(
-                "   handover {}/{} ({}): paused {:.1} ms with {} connections, ready after {:.0} ms, old one gone after {:.0} ms",
+                "   handover {}/{} ({}): paused {:.1} ms (and back {:.1} ms) with {} connections, ready after {:.0} ms, old one gone after {:.0} ms",
                 i + 1,
                 plan.handovers,
                 rec.how,
                 rec.paused_ms,
+                rec.back_paused_ms.unwrap_or(0.0),
                 rec.connections,
                 rec.ready_ms,
                 rec.gone_ms
