@@ -203,6 +203,25 @@ impl Event for FramesRead {
     }
 }
 
+/// Bytes of a connection whose place in its stream was lost (restored
+/// after a crash) skipped on the way to the next whole frame; logged once,
+/// when the frame is found.
+pub(crate) struct BytesSkipped {
+    pub peer: Peer,
+    pub bytes: u64,
+    /// The next whole frame starts right after them: all the bytes skipped.
+    pub total: Option<u64>,
+}
+
+impl Event for BytesSkipped {
+    fn emit(self, stats: &Stats) {
+        stats.bytes_skipped.add(self.bytes);
+        if let Some(skipped) = self.total {
+            tracing::warn!(peer = %self.peer, skipped, "restored connection: skipped to the next whole frame");
+        }
+    }
+}
+
 /// A frame did not decode as a span and was skipped.
 pub(crate) struct FrameSkipped<'a> {
     pub peer: Peer,

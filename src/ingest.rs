@@ -24,7 +24,7 @@ use bytes::BytesMut;
 use tokio_util::codec::Decoder as _;
 
 use crate::addr::Peer;
-use crate::events::{emit, FrameSkipped, FramesRead, GuestClaimed, SpansReceived};
+use crate::events::{emit, BytesSkipped, FrameSkipped, FramesRead, GuestClaimed, SpansReceived};
 use crate::otlp::{self, EncodedResource, Origin, ResourceCache, SpanRecord};
 use crate::stats::Stats;
 use crate::tenant::Tenant;
@@ -170,6 +170,12 @@ pub struct Ingest {
     pending: Pending,
     spans: u64,
     decode_errors: u64,
+    /// Where the stream is in its frames is unknown (a connection kept in
+    /// systemd's file descriptor store through a crash): whole frames are
+    /// looked for first ([`resynchronise`](Self::resynchronise)).
+    lost_place: bool,
+    /// Bytes skipped so far looking for that frame.
+    skipped: u64,
 }
 
 impl Ingest {
@@ -191,7 +197,68 @@ impl Ingest {
             },
             spans: 0,
             decode_errors: 0,
+            lost_place: false,
+            skipped: 0,
         }
+    }
+
+    /// A connection read by a process that is gone, from an unknown place
+    /// in its stream (it crashed mid-frame, perhaps): the first bytes read
+    /// are skipped, and counted, up to the next whole frame.
+    pub fn resume_lost(peer: Peer, origin: Arc<Origin>, max_frame_size: usize) -> Ingest {
+        let mut ingest = Ingest::new(peer, origin, max_frame_size);
+        ingest.lost_place = true;
+        ingest
+    }
+
+    /// Finds the next whole frame in `buf` and drops what comes before it;
+    /// true once found. A whole frame is a length prefix within
+    /// `--max-frame-size` followed by that many bytes that decode as a
+    /// span: the first such in `buf` is taken. Until one is found, what is
+    /// kept is from the first place a frame could start that has not all
+    /// arrived yet (it may be the one), or else the last bytes that could
+    /// begin a header; the rest is dropped.
+    fn resynchronise(&mut self, buf: &mut BytesMut, stats: &Stats) -> bool {
+        const H: usize = crate::wire::HEADER_LEN;
+        let max = self.codec.max_frame_size() as u64;
+        let mut waiting = None;
+        let mut found = None;
+        for at in 0..buf.len().saturating_sub(H - 1) {
+            let len = buf
+                .get(at..at + H)
+                .and_then(|h| h.try_into().ok())
+                .map_or(u64::MAX, u64::from_be_bytes);
+            if len == 0 || len > max {
+                continue;
+            }
+            match buf.get(at + H..at + H + len as usize) {
+                Some(payload) if Decoder::new().decode(payload).is_ok() => {
+                    found = Some(at);
+                    break;
+                }
+                Some(_) => {}
+                None => {
+                    waiting.get_or_insert(at);
+                }
+            }
+        }
+        let skip = found
+            .or(waiting)
+            .unwrap_or_else(|| buf.len().saturating_sub(H - 1));
+        let _ = buf.split_to(skip);
+        self.skipped += skip as u64;
+        emit!(
+            stats,
+            BytesSkipped {
+                peer: self.peer,
+                bytes: skip as u64,
+                total: found.map(|_| self.skipped),
+            }
+        );
+        if found.is_some() {
+            self.lost_place = false;
+        }
+        found.is_some()
     }
 
     /// Takes over a connection another process read until now: it had
@@ -211,6 +278,12 @@ impl Ingest {
         ingest.spans = spans;
         ingest.decode_errors = decode_errors;
         ingest
+    }
+
+    /// Whether the stream is between two frames, with `buf` (what is left
+    /// in the read buffer) read: nothing of a frame in hand.
+    pub fn between_frames(&self, buf: &[u8]) -> bool {
+        buf.is_empty() && !self.codec.in_frame() && !self.lost_place
     }
 
     /// The bytes of the frame being read, header included, given what is
@@ -248,6 +321,9 @@ impl Ingest {
         let (mut frames, mut frame_bytes) = (0u64, 0u64);
         let (mut claimed, mut new_claims) = (0u64, 0u32);
         let queued_before = out.len();
+        if self.lost_place && !self.resynchronise(buf, stats) {
+            return Ok(());
+        }
         let split = loop {
             let frame = match self.codec.decode(buf) {
                 Ok(Some(f)) => f,
@@ -435,6 +511,55 @@ mod tests {
             assert_eq!(whole.2, 4);
             for chunk in [1, 7, HEADER_LEN, 333, 4096] {
                 assert_eq!(run(chunk), whole, "{format} in reads of {chunk}");
+            }
+        }
+    }
+
+    /// A stream picked up anywhere with its place lost (what a restored
+    /// connection is after a crash) skips, and counts, exactly the bytes up
+    /// to the next whole frame, then reads every frame from there, in both
+    /// formats, in any chunking.
+    #[test]
+    fn a_stream_picked_up_anywhere_finds_the_next_whole_frame() {
+        for format in EmitFormat::ALL {
+            let frames = bulk_frames(format, 8, 300, 7);
+            let stream: Vec<u8> = frames.concat();
+            let starts: Vec<usize> = frames
+                .iter()
+                .scan(0, |at, f| {
+                    let s = *at;
+                    *at += f.len();
+                    Some(s)
+                })
+                .collect();
+            for cut in [
+                0,
+                1,
+                HEADER_LEN,
+                HEADER_LEN + 3,
+                starts[1],
+                starts[1] + 1,
+                starts[4] - 1,
+            ] {
+                let next = starts.iter().position(|&s| s >= cut).unwrap();
+                for chunk in [1, 5, 64, stream.len()] {
+                    let stats = Stats::default();
+                    let mut ingest = Ingest::resume_lost(Peer::Unix, origin(), 1 << 20);
+                    let mut rb = ReadBuffer::default();
+                    let mut out = Vec::new();
+                    for piece in stream[cut..].chunks(chunk) {
+                        rb.prepare().extend_from_slice(piece);
+                        rb.filled(piece.len());
+                        ingest.frames(rb.bytes(), &stats, &mut out).unwrap();
+                    }
+                    ingest.eof(rb.bytes()).unwrap();
+                    let count: usize = out.iter().map(|i| i.record.count).sum();
+                    let what = format!("{format}, cut at {cut}, reads of {chunk}");
+                    assert_eq!(count, frames.len() - next, "{what}");
+                    let snap = stats.snapshot();
+                    assert_eq!(snap.bytes_skipped, (starts[next] - cut) as u64, "{what}");
+                    assert_eq!(ingest.decode_errors(), 0, "{what}");
+                }
             }
         }
     }

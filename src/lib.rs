@@ -191,7 +191,15 @@ pub async fn run_upgradable(
                 }
                 None => None,
             };
-            let listeners = listen::bind(&config.listen, spool_dir, &shutdown).await?;
+            // Under systemd with a file descriptor store: what the previous
+            // process left there (a restart, a crash) is served on.
+            let left = handover::fdstore::take_back();
+            let inherited = match left.is_empty() {
+                true => None,
+                false => Some(Arc::new(listen::inherited::Inherited::from_store(left)?)),
+            };
+            let listeners =
+                listen::bind_inheriting(&config.listen, spool_dir, &shutdown, inherited).await?;
             (listeners, handoff, None)
         }
     };
@@ -395,7 +403,9 @@ async fn serve_inner(
     };
     let mut reexec = None;
     let mode = tokio::select! {
-        _ = stop => Mode::Drain,
+        // With systemd's file descriptor store, the next process (a restart)
+        // takes the agents' connections from it: they are not closed.
+        _ = stop => if handover::fdstore::enabled() { Mode::Store } else { Mode::Drain },
         // The batcher only ends early if it panicked; nothing can be
         // exported any more, so stop rather than accept spans to lose.
         res = &mut batcher => {
@@ -425,8 +435,11 @@ async fn serve_inner(
         Mode::HandOver => {
             tracing::info!(timeout = ?config.shutdown_timeout, "handed over: flushing what was read before")
         }
+        Mode::Store => {
+            tracing::info!(timeout = ?config.shutdown_timeout, "shutting down: the agents' connections stay in systemd's file descriptor store for the next process; flushing")
+        }
     }
-    if mode == Mode::Drain {
+    if mode != Mode::HandOver {
         // Not after a hand-over: the service goes on, in the successor.
         handover::server::notify(&[sd_notify::NotifyState::Stopping]);
     }

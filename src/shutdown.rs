@@ -10,9 +10,11 @@
 //! forwarder, or alone, in which case its connections drain with no
 //! deadline but their own quiet.
 //!
-//! How the forwarder stops is a [`Mode`]: a drain, or a hand-over, in which
-//! a successor process already holds every listener and connection (see
-//! [`crate::handover`]) and only what was read before remains to flush.
+//! How the forwarder stops is a [`Mode`]: a drain; a hand-over, in which a
+//! successor process already holds every listener and connection (see
+//! [`crate::handover`]) and only what was read before remains to flush; or,
+//! under systemd with a file descriptor store, leaving them all to the next
+//! process.
 
 use std::sync::Arc;
 
@@ -28,6 +30,18 @@ pub enum Mode {
     /// A successor serves every listener and connection now: read nothing
     /// more, flush what was read, leave the sockets in place, exit.
     HandOver,
+    /// systemd keeps every listener and connection in its file descriptor
+    /// store for the next process ([`crate::handover::fdstore`]): read each
+    /// connection to the end of the frame in hand, flush, leave the sockets
+    /// in place and the connections open, exit.
+    Store,
+}
+
+impl Stopping {
+    /// Whether what is served is left as it is for another process.
+    pub fn leaves_sockets(&self) -> bool {
+        matches!(self.mode, Mode::HandOver | Mode::Store)
+    }
 }
 
 /// Stopping has begun: how, and by when it must be done.

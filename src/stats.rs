@@ -317,6 +317,8 @@ metrics! {
     counter frames_oversized;
     /// Connections that ended in the middle of a frame.
     counter frames_truncated;
+    /// Bytes skipped to reach the next whole frame on a connection restored from systemd's file descriptor store after a crash.
+    counter bytes_skipped;
     /// Spans decoded from agent frames.
     counter spans_received;
     /// JSON-format spans decoded.

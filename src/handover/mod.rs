@@ -35,6 +35,7 @@
 //! ```
 
 pub mod fds;
+pub mod fdstore;
 pub(crate) mod hub;
 pub(crate) mod server;
 pub mod wire;
@@ -154,6 +155,9 @@ pub(crate) struct Resume {
     pub format: Option<WireFormat>,
     pub spans: u64,
     pub decode_errors: u64,
+    /// Nothing is known of where the stream is (taken back from systemd's
+    /// store after a crash): read from the next whole frame.
+    pub lost: bool,
 }
 
 impl Resume {
@@ -555,6 +559,7 @@ fn sort(received: Received) -> Result<Taken, HandOverError> {
                 format: c.format.map(WireFormat::from),
                 spans: c.spans,
                 decode_errors: c.decode_errors,
+                lost: false,
             },
         });
     }

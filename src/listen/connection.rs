@@ -42,7 +42,7 @@ use crate::handover::hub::{Member, Outcome};
 use crate::handover::{ConnLink, Resume};
 use crate::ingest::{Ingest, Ingested, ReadBuffer};
 use crate::otlp::Origin;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Mode, Shutdown};
 use crate::stats::{Gauge, GaugeGuard, Stats};
 use crate::tenant::{LimitReason, Tenant, TenantConn, TenantKey, Tenants};
 use crate::wire::FrameError;
@@ -145,7 +145,10 @@ pub(crate) async fn serve<S>(
         listener,
         resume,
     } = link;
+    // In systemd's store (when it keeps one) while the agent is connected.
+    let stored = crate::handover::fdstore::Stored::connection(stream.as_fd());
     let mut ingest = match resume {
+        Some(r) if r.lost => Ingest::resume_lost(peer, origin, shared.max_frame_size),
         Some(r) => {
             input.bytes().extend_from_slice(&r.partial);
             Ingest::resume(
@@ -176,6 +179,10 @@ pub(crate) async fn serve<S>(
     // A parked agent went quiet: back on the reactor.
     let mut wake = false;
 
+    // Left in systemd's store for the next process, not closed.
+    let mut left = false;
+    // The agent closed its end.
+    let mut closed = false;
     let end: Result<(), FrameError> = 'conn: loop {
         let split = ingest.frames(input.bytes(), stats, &mut ready);
         let mut spans = 0;
@@ -199,6 +206,15 @@ pub(crate) async fn serve<S>(
         }
         if let Err(e) = split {
             break Err(e);
+        }
+        // Stopping for a restart with systemd's store: done at the first
+        // place between two frames (the next process starts there).
+        if draining
+            && ingest.between_frames(input.bytes())
+            && shutdown.phase().is_some_and(|p| p.mode == Mode::Store)
+        {
+            left = true;
+            break Ok(());
         }
         if input.is_quiet() {
             ingest.shrink();
@@ -237,6 +253,7 @@ pub(crate) async fn serve<S>(
             match m.outcome().await {
                 Outcome::HandedOver => {
                     tracing::debug!(%peer, spans = ingest.spans(), "connection handed over");
+                    stored.keep();
                     return;
                 }
                 Outcome::Stop => draining = true,
@@ -317,7 +334,10 @@ pub(crate) async fn serve<S>(
             }
         };
         match read {
-            Ok((0, _)) => break ingest.eof(input.bytes()),
+            Ok((0, _)) => {
+                closed = true;
+                break ingest.eof(input.bytes());
+            }
             Ok((n, filled)) => {
                 more = filled;
                 wake = false;
@@ -330,6 +350,16 @@ pub(crate) async fn serve<S>(
         }
     };
 
+    // At the shutdown deadline with a frame still in hand, also left: the
+    // next process finds the next whole frame.
+    let left =
+        left || (end.is_ok() && !closed && shutdown.phase().is_some_and(|p| p.mode == Mode::Store));
+    if left {
+        stored.keep();
+        tracing::debug!(%peer, spans = ingest.spans(), "connection left in systemd's store");
+        return;
+    }
+    drop(stored);
     emit!(
         stats,
         AgentDisconnected {

@@ -148,6 +148,26 @@ impl HybridListener {
         &self.path
     }
 
+    /// The listening socket.
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.listener)
+    }
+
+    /// Device and inode of the socket file bound.
+    pub(crate) fn identity(&self) -> (u64, u64) {
+        self.identity
+    }
+
+    /// The janitor's pipe, when removal is the janitor's.
+    pub(crate) fn janitor_pipe(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.janitor.as_ref().and_then(Janitor::pipe)
+    }
+
+    /// Has a janitor, or needs none.
+    pub(crate) fn has_janitor(&self) -> bool {
+        self.janitor.is_some()
+    }
+
     pub(crate) async fn accept(&self) -> io::Result<(UnixStream, tokio::net::unix::SocketAddr)> {
         self.listener.accept().await
     }

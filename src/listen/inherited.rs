@@ -14,41 +14,61 @@
 //! in the predecessor.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::hybrid::HybridListener;
 use super::vsock::VsockListener;
-use super::{Adopted, ListenError};
-use crate::addr::VsockCid;
-use crate::handover::{TakenConn, TakenListener};
+use super::{Adopted, ListenError, Stream};
+use crate::addr::{Peer, VsockCid};
+use crate::handover::fdstore::{self, Left};
+use crate::handover::{Resume, TakenConn, TakenListener};
 
-/// A sandbox's socket, handed over and not yet claimed.
-struct Sandbox {
-    id: String,
+/// A Unix listener's socket, as handed over or left in the store.
+struct UnixSocket {
     fd: OwnedFd,
     identity: (u64, u64),
+    janitor: Option<OwnedFd>,
+}
+
+/// What was handed over at one Unix socket path: its listener (gone, when
+/// only its connections were kept), and its connections.
+#[derive(Default)]
+struct Unix {
+    /// The sandbox, when a template's.
+    id: Option<String>,
+    listener: Option<UnixSocket>,
     connections: Vec<Adopted>,
 }
 
-/// A VSOCK listener, handed over and not yet claimed.
+/// What was handed over at one VSOCK port.
 struct Vsock {
-    listener: VsockListener,
-    cid: VsockCid,
+    listener: Option<(VsockListener, VsockCid)>,
     port: u32,
     connections: Vec<Adopted>,
 }
 
 #[derive(Default)]
 struct Pool {
-    /// By socket path: where a template's watcher would bind.
-    sandboxes: HashMap<PathBuf, Sandbox>,
+    /// By socket path: where a listener would bind.
+    unix: HashMap<PathBuf, Unix>,
     vsock: Vec<Vsock>,
-    /// Single-socket hybrid listeners (a predecessor started in another
-    /// mode): nothing here claims them.
-    other: Vec<(HybridListener, Vec<Adopted>)>,
+}
+
+impl Pool {
+    /// What was handed over at VSOCK `port`, made empty if nothing was.
+    fn vsock_port(&mut self, port: u32) -> Option<&mut Vsock> {
+        if !self.vsock.iter().any(|v| v.port == port) {
+            self.vsock.push(Vsock {
+                listener: None,
+                port,
+                connections: Vec::new(),
+            });
+        }
+        self.vsock.iter_mut().find(|v| v.port == port)
+    }
 }
 
 /// The handed-over listeners and connections, until claimed.
@@ -58,8 +78,8 @@ pub(crate) struct Inherited {
 }
 
 impl Inherited {
-    /// Sorts what was taken by listener. Within the main runtime: the
-    /// connections are registered with it here.
+    /// What a predecessor handed over, sorted by where it listens. Within
+    /// the main runtime: the connections are registered with it here.
     pub(crate) fn new(
         listeners: Vec<TakenListener>,
         connections: Vec<TakenConn>,
@@ -81,24 +101,19 @@ impl Inherited {
                     path,
                     identity,
                 } => {
-                    pool.sandboxes.insert(
+                    let socket = UnixSocket {
+                        fd,
+                        identity,
+                        janitor: None,
+                    };
+                    pool.unix.insert(
                         path,
-                        Sandbox {
-                            id,
-                            fd,
-                            identity,
+                        Unix {
+                            id: Some(id),
+                            listener: Some(socket),
                             connections,
                         },
                     );
-                }
-                TakenListener::Vsock { fd, cid, port } => {
-                    let cid = cid.map_or(VsockCid::Any, VsockCid::Cid);
-                    pool.vsock.push(Vsock {
-                        listener: VsockListener::adopt(fd, cid, port),
-                        cid,
-                        port,
-                        connections,
-                    });
                 }
                 TakenListener::Hybrid {
                     fd,
@@ -106,9 +121,94 @@ impl Inherited {
                     identity,
                     janitor,
                 } => {
-                    let l = HybridListener::adopt(fd, path, identity, janitor)
-                        .map_err(|e| ListenError::AdoptSocket(e.to_string()))?;
-                    pool.other.push((l, connections));
+                    let socket = UnixSocket {
+                        fd,
+                        identity,
+                        janitor,
+                    };
+                    pool.unix.insert(
+                        path,
+                        Unix {
+                            id: None,
+                            listener: Some(socket),
+                            connections,
+                        },
+                    );
+                }
+                TakenListener::Vsock { fd, cid, port } => {
+                    let cid = cid.map_or(VsockCid::Any, VsockCid::Cid);
+                    if let Some(v) = pool.vsock_port(port) {
+                        v.listener = Some((VsockListener::adopt(fd, cid, port), cid));
+                        v.connections.extend(connections);
+                    }
+                }
+            }
+        }
+        Ok(Inherited {
+            pool: Mutex::new(pool),
+        })
+    }
+
+    /// What the previous process left in systemd's store. Its connections
+    /// are read from their next whole frame (what the process had read of
+    /// the frame in hand went with it). Within the main runtime.
+    pub(crate) fn from_store(left: Vec<Left>) -> Result<Inherited, ListenError> {
+        let adopt = |e: std::io::Error| ListenError::AdoptSocket(e.to_string());
+        let lost = || Resume {
+            partial: Vec::new(),
+            format: None,
+            spans: 0,
+            decode_errors: 0,
+            lost: true,
+        };
+        let mut pool = Pool::default();
+        for l in left {
+            match l {
+                Left::Unix {
+                    fd,
+                    path,
+                    identity,
+                    janitor,
+                } => {
+                    pool.unix.entry(path).or_default().listener = Some(UnixSocket {
+                        fd,
+                        identity,
+                        janitor,
+                    });
+                }
+                Left::Vsock { fd, cid, port } => {
+                    let cid = match cid {
+                        VsockCid::ANY => VsockCid::Any,
+                        c => VsockCid::Cid(c),
+                    };
+                    if let Some(v) = pool.vsock_port(port) {
+                        v.listener = Some((VsockListener::adopt(fd, cid, port), cid));
+                    }
+                }
+                Left::UnixConnection { fd, path } => {
+                    let std = std::os::unix::net::UnixStream::from(fd);
+                    std.set_nonblocking(true).map_err(adopt)?;
+                    let stream = tokio::net::UnixStream::from_std(std).map_err(adopt)?;
+                    pool.unix
+                        .entry(path)
+                        .or_default()
+                        .connections
+                        .push(Adopted {
+                            listener: 0,
+                            stream: Stream::Unix(stream),
+                            peer: Peer::Unix,
+                            resume: lost(),
+                        });
+                }
+                Left::VsockConnection { fd, cid, port } => {
+                    if let Some(v) = pool.vsock_port(port) {
+                        v.connections.push(Adopted {
+                            listener: 0,
+                            stream: Stream::Vsock(tokio_vsock::VsockStream::from(fd)),
+                            peer: Peer::Vsock { cid },
+                            resume: lost(),
+                        });
+                    }
                 }
             }
         }
@@ -121,72 +221,101 @@ impl Inherited {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The socket at `path` and its connections, if it was handed over and
-    /// the file there is still the one bound. Within the main runtime.
-    pub(crate) fn take_sandbox(
-        &self,
-        path: &Path,
-    ) -> Option<Result<(HybridListener, Vec<Adopted>), ListenError>> {
-        let s = self.lock().sandboxes.remove(path)?;
-        let still = std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == s.identity);
-        if !still {
-            tracing::warn!(
-                sandbox = %s.id,
-                path = %path.display(),
-                connections = s.connections.len(),
-                "a handed-over sandbox socket was replaced meanwhile; closing its connections"
-            );
-            return None;
-        }
-        Some(
-            HybridListener::adopt(s.fd, path.to_owned(), s.identity, None)
-                .map(|l| (l, s.connections))
-                .map_err(|e| ListenError::AdoptSocket(e.to_string())),
-        )
+    /// What was handed over at `path`: its listener, if the file there is
+    /// still the one it was bound as (else it is closed, and the caller
+    /// binds anew), and its connections. Within the main runtime.
+    pub(crate) fn take_unix(&self, path: &Path) -> Option<(Option<HybridListener>, Vec<Adopted>)> {
+        let u = self.lock().unix.remove(path)?;
+        let listener = u.listener.and_then(|s| {
+            let still = std::fs::symlink_metadata(path)
+                .is_ok_and(|m| (m.dev(), m.ino()) == s.identity);
+            if !still {
+                tracing::warn!(
+                    sandbox = u.id.as_deref().unwrap_or(""),
+                    path = %path.display(),
+                    "a handed-over socket was removed or replaced meanwhile; binding anew"
+                );
+                forget_listener(&s);
+                return None;
+            }
+            match HybridListener::adopt(s.fd, path.to_owned(), s.identity, s.janitor) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "serving a handed-over socket; binding anew");
+                    None
+                }
+            }
+        });
+        Some((listener, u.connections))
     }
 
-    /// The VSOCK listener on `cid` and `port`, if one was handed over.
+    /// What was handed over at VSOCK `port`: its listener, if it listens on
+    /// `cid` (else it is closed, and the caller binds anew), and its
+    /// connections.
     pub(crate) fn take_vsock(
         &self,
         cid: VsockCid,
         port: u32,
-    ) -> Option<(VsockListener, Vec<Adopted>)> {
+    ) -> Option<(Option<VsockListener>, Vec<Adopted>)> {
         let mut pool = self.lock();
-        let at = pool
-            .vsock
-            .iter()
-            .position(|v| v.cid == cid && v.port == port)?;
+        let at = pool.vsock.iter().position(|v| v.port == port)?;
         let v = pool.vsock.swap_remove(at);
-        Some((v.listener, v.connections))
+        drop(pool);
+        let listener = match v.listener {
+            Some((l, had)) if had == cid => Some(l),
+            Some((l, _)) => {
+                fdstore::forget(fdstore::listener_name(l.fd(), None));
+                None
+            }
+            None => None,
+        };
+        Some((listener, v.connections))
     }
 
-    /// Closes whatever nobody claimed. A sandbox socket is left in place:
-    /// its sandbox is going (or its watcher will bind it again), and
-    /// removing it is the watcher's to decide.
+    /// Closes whatever nobody claimed, and has systemd's store (if it kept
+    /// them) let go of them too: a connection nobody reads must not stay
+    /// open. A Unix socket file is left in place: its sandbox is going, or
+    /// the watcher that would serve it decides.
     pub(crate) fn close_unclaimed(&self) {
         let pool = std::mem::take(&mut *self.lock());
-        for (path, s) in pool.sandboxes {
+        for (path, u) in pool.unix {
+            if u.listener.is_none() && u.connections.is_empty() {
+                continue;
+            }
             tracing::warn!(
-                sandbox = %s.id,
+                sandbox = u.id.as_deref().unwrap_or(""),
                 path = %path.display(),
-                connections = s.connections.len(),
-                "a handed-over sandbox is no longer served (its directory went, or no template names it); closing it"
+                connections = u.connections.len(),
+                "a handed-over socket is no longer served here (its sandbox went, or nothing asks for it); closing it"
             );
+            if let Some(s) = &u.listener {
+                forget_listener(s);
+            }
+            for c in &u.connections {
+                c.forget();
+            }
         }
         for v in pool.vsock {
             tracing::warn!(
-                listener = %v.listener.describe(),
+                port = v.port,
                 connections = v.connections.len(),
                 "a handed-over VSOCK listener is no longer asked for; closing it"
             );
+            if let Some((l, _)) = &v.listener {
+                fdstore::forget(fdstore::listener_name(l.fd(), None));
+            }
+            for c in &v.connections {
+                c.forget();
+            }
         }
-        for (l, connections) in pool.other {
-            tracing::warn!(
-                path = %l.path().display(),
-                connections = connections.len(),
-                "a handed-over hybrid socket is not served in this mode; closing it"
-            );
-        }
+    }
+}
+
+/// Takes a Unix listener not served any more out of systemd's store.
+fn forget_listener(s: &UnixSocket) {
+    fdstore::forget(fdstore::listener_name(s.fd.as_fd(), Some(s.identity)));
+    if s.janitor.is_some() {
+        fdstore::forget(fdstore::janitor_name(s.fd.as_fd()));
     }
 }
 
@@ -225,17 +354,16 @@ mod tests {
         std::fs::remove_file(&replaced).unwrap();
         drop(std::os::unix::net::UnixListener::bind(&replaced).unwrap());
 
-        let (l, conns) = inherited.take_sandbox(&kept).unwrap().unwrap();
+        let (l, conns) = inherited.take_unix(&kept).unwrap();
+        let l = l.expect("still its file");
         assert!(conns.is_empty());
         assert!(
             std::os::unix::net::UnixStream::connect(&kept).is_ok(),
             "still listening"
         );
-        assert!(inherited.take_sandbox(&kept).is_none(), "claimed once");
-        assert!(
-            inherited.take_sandbox(&replaced).is_none(),
-            "another file now"
-        );
+        assert!(inherited.take_unix(&kept).is_none(), "claimed once");
+        let (gone, _) = inherited.take_unix(&replaced).unwrap();
+        assert!(gone.is_none(), "another file now: bound anew");
         assert!(inherited.take_vsock(VsockCid::Any, 1).is_none());
 
         inherited.close_unclaimed();

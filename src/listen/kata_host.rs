@@ -188,14 +188,16 @@ impl KataHostListener {
     async fn bind(&self, target: &Target, stop: &Shutdown) -> Result<Bound, ListenError> {
         match target {
             Target::Vsock => {
-                let inherited = self.thread.inherited();
-                match inherited.and_then(|i| i.take_vsock(self.cfg.cid, self.cfg.port)) {
-                    Some((l, adopted)) => Ok(Bound::Vsock(l, adopted)),
-                    None => Ok(Bound::Vsock(
-                        VsockListener::bind(self.cfg.cid, self.cfg.port)?,
-                        Vec::new(),
-                    )),
-                }
+                let (l, adopted) = self
+                    .thread
+                    .inherited()
+                    .and_then(|i| i.take_vsock(self.cfg.cid, self.cfg.port))
+                    .unwrap_or_default();
+                let l = match l {
+                    Some(l) => l,
+                    None => VsockListener::bind(self.cfg.cid, self.cfg.port)?,
+                };
+                Ok(Bound::Vsock(l, adopted))
             }
             Target::Template { template } => {
                 let t: SocketTemplate = template.parse().map_err(ListenError::ReadKataConfig)?;

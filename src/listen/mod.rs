@@ -45,6 +45,7 @@ use tokio_util::task::TaskTracker;
 use crate::addr::{hybrid_socket, Peer, VsockCid};
 use crate::config::{ListenConfig, ListenMode};
 use crate::events::{emit, ConnectionAccepted, ConnectionRejected, Refusal};
+use crate::handover::fdstore::Stored;
 use crate::handover::hub::{Hub, Member, Outcome, Piece, PieceKind};
 use crate::handover::wire::ListenerKind;
 use crate::handover::{ConnLink, Resume, TakenConn, TakenListener};
@@ -154,6 +155,21 @@ impl Listener {
         }
     }
 
+    /// Puts this listener in systemd's store, when it keeps one: its socket,
+    /// and its janitor's pipe (so that the janitor does not remove the
+    /// socket when this process goes, only when systemd lets go of it).
+    fn store(&self) -> Vec<Stored> {
+        match self {
+            Listener::Hybrid(l) => {
+                let mut stored = vec![Stored::listener(l.fd(), Some(l.identity()))];
+                stored.extend(l.janitor_pipe().map(|p| Stored::janitor(l.fd(), p)));
+                stored
+            }
+            Listener::Vsock(l) => vec![Stored::listener(l.fd(), None)],
+            Listener::Template(_) | Listener::KataHost(_) => Vec::new(),
+        }
+    }
+
     /// Stops serving after a hand-over, leaving the socket to the successor.
     fn release(self) {
         if let Listener::Hybrid(l) = self {
@@ -172,6 +188,15 @@ pub(crate) struct Adopted {
 }
 
 impl Adopted {
+    /// Not served here: out of systemd's store too, if it kept it.
+    fn forget(&self) {
+        let fd = match &self.stream {
+            Stream::Unix(s) => std::os::fd::AsFd::as_fd(s),
+            Stream::Vsock(s) => std::os::fd::AsFd::as_fd(s),
+        };
+        crate::handover::fdstore::forget(crate::handover::fdstore::connection_name(fd));
+    }
+
     /// Registers a handed-over connection with the current runtime.
     fn from_taken(c: TakenConn) -> Result<Adopted, ListenError> {
         let adopt = |e: io::Error| ListenError::AdoptSocket(e.to_string());
@@ -325,11 +350,23 @@ async fn bind_mode(
     inherited: Option<&Arc<inherited::Inherited>>,
 ) -> Result<Listeners, ListenError> {
     let root = privileges::is_root();
+    // Connections of the one listener, left by a previous process.
+    let mut adopted = Vec::new();
     let listener = match &cfg.mode {
         ListenMode::Hybrid { socket_path, port } => {
-            let mut l = hybrid::HybridListener::bind(&hybrid_socket(socket_path, *port))?;
-            if root {
+            let path = hybrid_socket(socket_path, *port);
+            let (l, conns) = inherited
+                .and_then(|i| i.take_unix(&path))
+                .unwrap_or_default();
+            adopted = conns;
+            let mut l = match l {
+                Some(l) => l,
+                None => hybrid::HybridListener::bind(&path)?,
+            };
+            if root && !l.has_janitor() {
                 l.hand_removal_to_janitor()?;
+            }
+            if root {
                 if let Some(dir) = writable {
                     privileges::give_to_user(dir, &cfg.user)?;
                 }
@@ -338,7 +375,14 @@ async fn bind_mode(
             Listener::Hybrid(l)
         }
         ListenMode::Vsock { cid, port } => {
-            Listener::Vsock(vsock::VsockListener::bind(*cid, *port)?)
+            let (l, conns) = inherited
+                .and_then(|i| i.take_vsock(*cid, *port))
+                .unwrap_or_default();
+            adopted = conns;
+            match l {
+                Some(l) => Listener::Vsock(l),
+                None => Listener::Vsock(vsock::VsockListener::bind(*cid, *port)?),
+            }
         }
         ListenMode::Template {
             template,
@@ -376,7 +420,9 @@ async fn bind_mode(
             Listener::KataHost(Box::new(host))
         }
     };
-    Ok(Listeners::new(vec![listener], cfg.max_connections))
+    let mut all = Listeners::new(vec![listener], cfg.max_connections);
+    all.adopted = adopted;
+    Ok(all)
 }
 
 /// Whom the sandbox thread makes the process (when root), after handing
@@ -413,16 +459,18 @@ async fn bind_set(
     let mut listeners = Vec::new();
     let mut adopted = Vec::new();
     if let Some(cid) = set.vsock {
-        match inherited.and_then(|i| i.take_vsock(cid, set.port)) {
-            Some((l, conns)) => {
-                adopted.extend(conns.into_iter().map(|mut a| {
-                    a.listener = listeners.len();
-                    a
-                }));
-                listeners.push(Listener::Vsock(l));
-            }
-            None => listeners.push(Listener::Vsock(vsock::VsockListener::bind(cid, set.port)?)),
-        }
+        let (l, conns) = inherited
+            .and_then(|i| i.take_vsock(cid, set.port))
+            .unwrap_or_default();
+        let l = match l {
+            Some(l) => l,
+            None => vsock::VsockListener::bind(cid, set.port)?,
+        };
+        adopted.extend(conns.into_iter().map(|mut a| {
+            a.listener = listeners.len();
+            a
+        }));
+        listeners.push(Listener::Vsock(l));
     }
     if !set.templates.is_empty() {
         let thread = template::SandboxThread::start(unprivileged_user(cfg, writable)?)
@@ -577,7 +625,8 @@ pub(crate) struct Accept<'a> {
 pub(crate) enum Ended {
     /// Shutdown: the listener goes, and its socket with it.
     Stopped,
-    /// A successor serves the listener now: its socket stays.
+    /// A successor serves the listener now, or systemd keeps it for the
+    /// next process: its socket stays.
     HandedOver,
 }
 
@@ -606,6 +655,8 @@ impl Accept<'_> {
         let stats = &self.shared.stats;
         let listener_id = member.as_ref().map_or(0, Member::id);
         let mut late = 0usize;
+        let stored = listener.store();
+        let keep = |stored: Vec<Stored>| stored.into_iter().for_each(Stored::keep);
         loop {
             if let Some(m) = member.as_mut() {
                 if m.pause_due() {
@@ -613,7 +664,10 @@ impl Accept<'_> {
                 }
                 if m.awaiting_outcome() {
                     match m.outcome().await {
-                        Outcome::HandedOver => return Ended::HandedOver,
+                        Outcome::HandedOver => {
+                            keep(stored);
+                            return Ended::HandedOver;
+                        }
                         Outcome::Stop => break,
                         Outcome::Resumed => {}
                     }
@@ -684,6 +738,16 @@ impl Accept<'_> {
             };
             self.spawn(stream, peer, slot, permit, shutdown, link);
         }
+        // With systemd's store, a stop leaves the listener to the next
+        // process; a sandbox that went alone (no phase) takes it along.
+        if shutdown
+            .phase()
+            .is_some_and(|p| p.mode == crate::shutdown::Mode::Store)
+        {
+            keep(stored);
+            return Ended::HandedOver;
+        }
+        drop(stored);
         Ended::Stopped
     }
 

@@ -57,6 +57,11 @@ impl VsockListener {
         })
     }
 
+    /// The listening socket.
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.listener)
+    }
+
     pub fn describe(&self) -> String {
         format!("vsock cid {} port {}", describe_cid(self.cid), self.port)
     }

@@ -94,6 +94,16 @@ impl FrameDecoder {
         }
     }
 
+    /// The largest payload accepted.
+    pub fn max_frame_size(&self) -> usize {
+        self.max
+    }
+
+    /// Whether a frame's header has been read and its payload not yet.
+    pub fn in_frame(&self) -> bool {
+        self.in_frame
+    }
+
     /// The bytes of the frame being read, as the agent sent them: the
     /// header the codec consumed, if it did, then what `rest` (the buffer
     /// it left) holds. Fed to a new decoder, they read as they would have.

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod agents;
 pub mod certs;
 pub mod jaeger;
 pub mod otelcol;

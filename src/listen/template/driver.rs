@@ -135,17 +135,19 @@ impl Effects for Host {
             // Registered with the main runtime, which accepts on it.
             let _ctx = self.handoff.main.enter();
             let inherited = self.handoff.inherited.as_ref();
-            match inherited.and_then(|i| i.take_sandbox(path)) {
-                Some(Ok((l, adopted))) => {
-                    tracing::info!(
-                        sandbox = id,
-                        connections = adopted.len(),
-                        "serving a handed-over sandbox on"
-                    );
-                    (Ok(l), adopted)
-                }
-                Some(Err(e)) => (Err(e), Vec::new()),
-                None => (HybridListener::bind(path), Vec::new()),
+            let (l, adopted) = inherited
+                .and_then(|i| i.take_unix(path))
+                .unwrap_or_default();
+            if l.is_some() || !adopted.is_empty() {
+                tracing::info!(
+                    sandbox = id,
+                    connections = adopted.len(),
+                    "serving a handed-over sandbox on"
+                );
+            }
+            match l {
+                Some(l) => (Ok(l), adopted),
+                None => (HybridListener::bind(path), adopted),
             }
         };
         let listener = bound.map_err(ServeError::Bind)?;

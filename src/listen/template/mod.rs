@@ -194,9 +194,7 @@ impl SandboxThread {
         rx.await
             .unwrap_or_else(|_| Err(std::io::Error::other("the sandbox thread stopped")))
     }
-}
 
-impl SandboxThread {
     /// Replaces the process with `cmd`, from this thread, so that it gets
     /// what [`spawn_process`](Self::spawn_process) would pass on. Returns
     /// only if that failed. Blocking: call outside the async runtime.

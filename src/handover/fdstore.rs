@@ -1,0 +1,320 @@
+//! systemd's file descriptor store: agent connections that outlive the
+//! process, through a crash or a `systemctl restart`.
+//!
+//! With `FileDescriptorStoreMax=` in its unit, systemd keeps descriptors
+//! that the service gives it and passes them to the service's next process
+//! at start. The forwarder gives it every listener, the socket janitor's
+//! pipe and every agent connection, and takes back what the previous
+//! process left: its agents never see the forwarder go, as in a hand-over,
+//! except that what the dead process had read and not yet exported is gone
+//! with it.
+//!
+//! # Protocol
+//!
+//! Over the notify socket (`$NOTIFY_SOCKET`, a datagram socket; a leading
+//! `@` names an abstract one), one datagram per descriptor:
+//!
+//! ```text
+//! FDSTORE=1\nFDNAME=<name>\n         with the descriptor (SCM_RIGHTS)
+//! FDSTOREREMOVE=1\nFDNAME=<name>\n   systemd closes its copies so named
+//! ```
+//!
+//! systemd (254 and later) says the store is on by setting `$FDSTORE` to
+//! its size; without it nothing is stored. It keeps one copy of a
+//! descriptor however often it is given (it compares the open files), so a
+//! successor giving what its predecessor gave is harmless. At the next
+//! start, `$LISTEN_FDS` descriptors from 3 on, named in `$LISTEN_FDNAMES`
+//! (colon-separated), for `$LISTEN_PID`.
+//!
+//! Names are made from the descriptor itself (its socket's inode), so that
+//! any process holding it (a successor after a hand-over, the next process
+//! after a restart) names it alike, and removes the right one:
+//!
+//! ```text
+//! ktf-l-<sock-ino>                  a VSOCK listener
+//! ktf-l-<sock-ino>-<dev>-<ino>      a Unix listener, and the device and
+//!                                   inode of the file it was bound as
+//! ktf-j-<sock-ino>                  the janitor's pipe of that listener
+//! ktf-c-<sock-ino>                  an agent connection
+//! ```
+//!
+//! A connection that ends is removed, so that systemd does not keep an
+//! agent's stream open; one that is handed over, or left at `SIGTERM`
+//! (see [`crate::shutdown::Mode::Store`]), stays. A connection taken back
+//! after a crash is read from its next whole frame on: the bytes before it,
+//! the rest of a frame the dead process had begun, are skipped and counted
+//! (`bytes_skipped`).
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use nix::sys::socket::{
+    getsockname, sendmsg, ControlMessage, MsgFlags, SockaddrLike, SockaddrStorage, VsockAddr,
+};
+
+const LISTENER: &str = "ktf-l-";
+const JANITOR: &str = "ktf-j-";
+const CONNECTION: &str = "ktf-c-";
+
+/// Whether systemd keeps descriptors for this service.
+pub(crate) fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var_os("NOTIFY_SOCKET").is_some()
+            && std::env::var("FDSTORE")
+                .ok()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+    })
+}
+
+/// The inode of the socket `fd` is: the same in every process holding it.
+fn sock_ino(fd: BorrowedFd<'_>) -> Option<u64> {
+    nix::sys::stat::fstat(fd).ok().map(|st| st.st_ino)
+}
+
+pub(crate) fn connection_name(fd: BorrowedFd<'_>) -> Option<String> {
+    Some(format!("{CONNECTION}{}", sock_ino(fd)?))
+}
+
+/// A listener's name; `identity`: a Unix listener's file.
+pub(crate) fn listener_name(fd: BorrowedFd<'_>, identity: Option<(u64, u64)>) -> Option<String> {
+    let ino = sock_ino(fd)?;
+    Some(match identity {
+        Some((dev, file)) => format!("{LISTENER}{ino}-{dev}-{file}"),
+        None => format!("{LISTENER}{ino}"),
+    })
+}
+
+/// The name of the janitor's pipe of the listener `listener`.
+pub(crate) fn janitor_name(listener: BorrowedFd<'_>) -> Option<String> {
+    Some(format!("{JANITOR}{}", sock_ino(listener)?))
+}
+
+/// One datagram to systemd, with `fd` if given.
+fn send(msg: &str, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.connect_addr(&addr)?;
+        }
+        None => sock.connect(&path)?,
+    }
+    let raw = fd.map(|f| [f.as_raw_fd()]);
+    let cmsg: Vec<ControlMessage<'_>> = raw.iter().map(|r| ControlMessage::ScmRights(r)).collect();
+    let iov = [IoSlice::new(msg.as_bytes())];
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)?;
+    Ok(())
+}
+
+/// Gives `fd` to the store as `name`.
+pub(crate) fn store(name: &str, fd: BorrowedFd<'_>) {
+    if let Err(e) = send(&format!("FDSTORE=1\nFDNAME={name}\n"), Some(fd)) {
+        tracing::warn!(name, error = %e, "could not give a descriptor to systemd's store");
+    }
+}
+
+/// Has systemd close what it keeps as `name`.
+pub(crate) fn remove(name: &str) {
+    if let Err(e) = send(&format!("FDSTOREREMOVE=1\nFDNAME={name}\n"), None) {
+        tracing::warn!(name, error = %e, "could not take a descriptor out of systemd's store");
+    }
+}
+
+/// Has systemd let go of `name` (made from a descriptor that is not kept),
+/// when the store is on.
+pub(crate) fn forget(name: Option<String>) {
+    if let Some(name) = name.filter(|_| enabled()) {
+        remove(&name);
+    }
+}
+
+/// A descriptor kept in the store while this lives: removed when it is
+/// dropped, unless [`keep`](Self::keep) says it stays (handed over, or left
+/// for the next process).
+#[derive(Debug, Default)]
+pub(crate) struct Stored(Option<String>);
+
+impl Stored {
+    /// Stores `fd` as `name(fd)`, when the store is on (the name is not
+    /// even made otherwise).
+    fn new(fd: BorrowedFd<'_>, name: impl FnOnce() -> Option<String>) -> Stored {
+        if !enabled() {
+            return Stored(None);
+        }
+        match name() {
+            Some(name) => {
+                store(&name, fd);
+                Stored(Some(name))
+            }
+            None => Stored(None),
+        }
+    }
+
+    /// An agent connection.
+    pub(crate) fn connection(fd: BorrowedFd<'_>) -> Stored {
+        Stored::new(fd, || connection_name(fd))
+    }
+
+    /// A listener; `identity`: a Unix listener's file.
+    pub(crate) fn listener(fd: BorrowedFd<'_>, identity: Option<(u64, u64)>) -> Stored {
+        Stored::new(fd, || listener_name(fd, identity))
+    }
+
+    /// The socket janitor's pipe of `listener`.
+    pub(crate) fn janitor(listener: BorrowedFd<'_>, pipe: BorrowedFd<'_>) -> Stored {
+        Stored::new(pipe, || janitor_name(listener))
+    }
+
+    /// Leaves it in the store.
+    pub(crate) fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Stored {
+    fn drop(&mut self) {
+        if let Some(name) = self.0.take() {
+            remove(&name);
+        }
+    }
+}
+
+/// A descriptor the previous process left in the store.
+#[derive(Debug)]
+pub enum Left {
+    /// A Unix listener bound at `path` as the file `identity`, with its
+    /// janitor's pipe if that was stored too.
+    Unix {
+        fd: OwnedFd,
+        path: PathBuf,
+        identity: (u64, u64),
+        janitor: Option<OwnedFd>,
+    },
+    Vsock {
+        fd: OwnedFd,
+        cid: u32,
+        port: u32,
+    },
+    /// An agent connection to the Unix listener at `path`.
+    UnixConnection {
+        fd: OwnedFd,
+        path: PathBuf,
+    },
+    /// An agent connection from guest `cid` to VSOCK port `port`.
+    VsockConnection {
+        fd: OwnedFd,
+        cid: u32,
+        port: u32,
+    },
+}
+
+/// Takes back what the previous process left in the store: the
+/// descriptors systemd passed to this one (`$LISTEN_FDS`, for this pid)
+/// with our names. Others, and ours that are no longer what their name
+/// says, are closed and logged. Call once, at start.
+pub fn take_back() -> Vec<Left> {
+    let passed = match sd_notify::listen_fds_with_names() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the descriptors systemd passed");
+            return Vec::new();
+        }
+    };
+    let mut listeners = Vec::new();
+    let mut janitors = Vec::new();
+    let mut left = Vec::new();
+    for (raw, name) in passed {
+        // SAFETY: systemd passed it to this process, for this pid
+        // (`listen_fds` checked `LISTEN_PID`), and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let kind = if name.starts_with(LISTENER) {
+            take_listener(fd, &name).map(|l| listeners.push(l))
+        } else if let Some(ino) = name.strip_prefix(JANITOR) {
+            janitors.push((ino.to_owned(), fd));
+            Some(())
+        } else if name.starts_with(CONNECTION) {
+            take_connection(fd).map(|c| left.push(c))
+        } else {
+            None
+        };
+        if kind.is_none() {
+            tracing::warn!(
+                name,
+                "closing a descriptor systemd passed that is not one of ours"
+            );
+        }
+    }
+    for (ino, pipe) in janitors {
+        let owner = listeners.iter_mut().find_map(|(l_ino, l)| match l {
+            Left::Unix { janitor, .. } if *l_ino == ino => Some(janitor),
+            _ => None,
+        });
+        match owner {
+            Some(slot) => *slot = Some(pipe),
+            // Closed: the janitor removes the socket, whose listener is gone.
+            None => tracing::warn!("a socket janitor's pipe without its listener; closed"),
+        }
+    }
+    let mut all: Vec<Left> = listeners.into_iter().map(|(_, l)| l).collect();
+    all.extend(left);
+    if !all.is_empty() {
+        tracing::info!(
+            descriptors = all.len(),
+            "took back the listeners and agent connections systemd kept"
+        );
+    }
+    all
+}
+
+fn take_listener(fd: OwnedFd, name: &str) -> Option<(String, Left)> {
+    let rest = name.strip_prefix(LISTENER)?;
+    let mut parts = rest.split('-');
+    let ino = parts.next()?.to_owned();
+    let identity = match (parts.next(), parts.next()) {
+        (Some(dev), Some(file)) => Some((dev.parse().ok()?, file.parse().ok()?)),
+        _ => None,
+    };
+    let here = sock_ino(std::os::fd::AsFd::as_fd(&fd))?;
+    if here.to_string() != ino {
+        return None;
+    }
+    let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;
+    let left = if let Some(unix) = addr.as_unix_addr() {
+        Left::Unix {
+            path: unix.path()?.to_path_buf(),
+            identity: identity?,
+            fd,
+            janitor: None,
+        }
+    } else {
+        let vsock: &VsockAddr = addr.as_vsock_addr()?;
+        Left::Vsock {
+            cid: vsock.cid(),
+            port: vsock.port(),
+            fd,
+        }
+    };
+    Some((ino, left))
+}
+
+fn take_connection(fd: OwnedFd) -> Option<Left> {
+    let local: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;
+    if let Some(unix) = local.as_unix_addr() {
+        let path = unix.path()?.to_path_buf();
+        return Some(Left::UnixConnection { fd, path });
+    }
+    let port = local.as_vsock_addr()?.port();
+    let peer: SockaddrStorage = nix::sys::socket::getpeername(fd.as_raw_fd()).ok()?;
+    let cid = peer.as_vsock_addr()?.cid();
+    debug_assert!(peer.family().is_some());
+    Some(Left::VsockConnection { fd, cid, port })
+}
