@@ -65,6 +65,10 @@ pub struct Tally {
     pub stream_clean: u64,
     pub stream_oversized: u64,
     pub stream_trailing: u64,
+    /// Streams read again from a place lost (a connection taken back after
+    /// a crash), and of those, the ones a whole frame was found in.
+    pub lost_streams: u64,
+    pub lost_found: u64,
     /// Largest read buffer seen, as a percentage of [`buffer_bound`].
     pub max_buffer_pct: u64,
     /// Largest read buffer seen, in bytes, and the frame size limit then.
@@ -391,6 +395,65 @@ pub fn stream(case: &StreamCase, corpus: &Corpus, sink: &mut Sink, tally: &mut T
     if !queued.is_empty() {
         export(&queued, spans, &mut rng);
     }
+}
+
+/// Reads the stream again from `cut` on as a connection whose place was
+/// lost (taken back from systemd's store after a crash): what is skipped is
+/// counted, and from where it stopped skipping, the frames are exactly the
+/// simple reading's of the bytes from there, in any chunking; the read
+/// buffer stays within [`buffer_bound`].
+pub fn lost_stream(case: &StreamCase, cut: usize, sink: &mut Sink, tally: &mut Tally) {
+    let bytes = case.bytes.get(cut..).unwrap_or_default();
+    let mut rng = Rng::new(case.chunk_seed ^ 0x5eed);
+    let stats = Stats::default();
+    let mut ingest = Ingest::resume_lost(Peer::Unix, Arc::new(sink.origin.clone()), case.max_frame);
+    let mut input = ReadBuffer::default();
+    let mut ingested = Vec::new();
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    let mut unread = bytes;
+    let bound = buffer_bound(case.max_frame);
+    tally.lost_streams += 1;
+    loop {
+        let split = ingest.frames_inspected(input.bytes(), &stats, &mut ingested, |f| {
+            frames.push(f.to_vec());
+        });
+        if split.is_err() {
+            break;
+        }
+        let buf = input.prepare();
+        let spare = buf.capacity() - buf.len();
+        let n = read_len(&mut rng).min(spare).min(unread.len());
+        buf.extend_from_slice(&unread[..n]);
+        unread = &unread[n..];
+        assert!(
+            buf.capacity() <= bound,
+            "read buffer over its bound when lost"
+        );
+        if n == 0 {
+            let _ = ingest.eof(input.bytes());
+            break;
+        }
+        input.filled(n);
+    }
+    let skipped = stats.snapshot().bytes_skipped as usize;
+    assert!(skipped <= bytes.len(), "skipped more than there was");
+    if frames.is_empty() {
+        return;
+    }
+    tally.lost_found += 1;
+    let (want, _) = reference(&bytes[skipped..], case.max_frame);
+    let got: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+    assert_eq!(
+        got,
+        want[..got.len().min(want.len())],
+        "frames after resynchronising"
+    );
+    assert!(
+        kata_trace_forwarder::wire::Decoder::new()
+            .decode(got[0])
+            .is_ok(),
+        "the first frame found decodes"
+    );
 }
 
 /// Appends a one-span record the way a connection batches a read's spans:

@@ -262,6 +262,11 @@ impl fmt::Display for Tally {
         )?;
         writeln!(
             f,
+            "  read from a lost place: {} streams, a whole frame found in {}",
+            self.lost_streams, self.lost_found,
+        )?;
+        writeln!(
+            f,
             "  read buffer: at most {}% of its bound; largest {} bytes (max frame size {})",
             self.max_buffer_pct, self.max_buffer.0, self.max_buffer.1
         )?;
@@ -460,6 +465,8 @@ pub fn run_case(case: &Case, corpus: &Corpus, sink: &mut Sink, tally: &mut Tally
         Case::Stream(s) => {
             tally.stream_cases += 1;
             check::stream(s, corpus, sink, tally);
+            let cut = (s.chunk_seed as usize) % (s.bytes.len() + 1);
+            check::lost_stream(s, cut, sink, tally);
         }
     }
     note_alloc(case, window.close(), tally);
