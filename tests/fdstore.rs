@@ -183,6 +183,17 @@ fn flags(rx: &Receiver, dir: &Path) -> (Vec<String>, PathBuf) {
     (args, PathBuf::from(format!("{}_10240", socket.display())))
 }
 
+/// The fake systemd, and the unit's first process started under it (with
+/// nothing passed) and ready: its flags, agent socket and log.
+async fn start_first(rx: &Receiver) -> (FakeSystemd, Vec<String>, PathBuf, PathBuf, Child) {
+    let sd = FakeSystemd::new();
+    let (args, socket) = flags(rx, sd.dir.path());
+    let stderr = sd.dir.path().join("forwarder.stderr");
+    let first = sd.start(&args, &stderr, false);
+    wait_log(&stderr, "forwarder ready", 1).await;
+    (sd, args, socket, stderr, first)
+}
+
 async fn wait_log(stderr: &Path, needle: &str, n: usize) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -203,11 +214,7 @@ async fn wait_log(stderr: &Path, needle: &str, n: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_every_agent_connection_in_the_store() {
     let rx = Receiver::start().await;
-    let mut sd = FakeSystemd::new();
-    let (args, socket) = flags(&rx, sd.dir.path());
-    let stderr = sd.dir.path().join("forwarder.stderr");
-    let mut first = sd.start(&args, &stderr, false);
-    wait_log(&stderr, "forwarder ready", 1).await;
+    let (mut sd, args, socket, stderr, mut first) = start_first(&rx).await;
     let agents = Agents::start(&socket, 3, 60).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     sd.pump();
@@ -274,11 +281,7 @@ async fn a_restart_keeps_every_agent_connection_in_the_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_crash_a_kept_connection_resumes_at_its_next_whole_frame() {
     let rx = Receiver::start().await;
-    let mut sd = FakeSystemd::new();
-    let (args, socket) = flags(&rx, sd.dir.path());
-    let stderr = sd.dir.path().join("forwarder.stderr");
-    let mut first = sd.start(&args, &stderr, false);
-    wait_log(&stderr, "forwarder ready", 1).await;
+    let (mut sd, args, socket, stderr, mut first) = start_first(&rx).await;
     let frames = bulk_frames(WireFormat::Bincode, 5, 600, 31);
     let mut agent = connect_agent(&socket).await;
     agent.write_all(&frames[0]).await.unwrap();

@@ -191,30 +191,13 @@ impl Drop for Stored {
 /// A descriptor the previous process left in the store.
 #[derive(Debug)]
 pub enum Left {
-    /// A Unix listener bound at `path` as the file `identity`, with its
-    /// janitor's pipe if that was stored too.
-    Unix {
-        fd: OwnedFd,
-        path: PathBuf,
-        identity: (u64, u64),
-        janitor: Option<OwnedFd>,
-    },
-    Vsock {
-        fd: OwnedFd,
-        cid: u32,
-        port: u32,
-    },
+    /// A listener, as a hand-over passes it (a Unix one with its janitor's
+    /// pipe, if that was stored too).
+    Listener(super::TakenListener),
     /// An agent connection to the Unix listener at `path`.
-    UnixConnection {
-        fd: OwnedFd,
-        path: PathBuf,
-    },
+    UnixConnection { fd: OwnedFd, path: PathBuf },
     /// An agent connection from guest `cid` to VSOCK port `port`.
-    VsockConnection {
-        fd: OwnedFd,
-        cid: u32,
-        port: u32,
-    },
+    VsockConnection { fd: OwnedFd, cid: u32, port: u32 },
 }
 
 /// Takes back what the previous process left in the store: the
@@ -255,7 +238,7 @@ pub fn take_back() -> Vec<Left> {
     }
     for (ino, pipe) in janitors {
         let owner = listeners.iter_mut().find_map(|(l_ino, l)| match l {
-            Left::Unix { janitor, .. } if *l_ino == ino => Some(janitor),
+            super::TakenListener::Hybrid { janitor, .. } if *l_ino == ino => Some(janitor),
             _ => None,
         });
         match owner {
@@ -264,7 +247,10 @@ pub fn take_back() -> Vec<Left> {
             None => tracing::warn!("a socket janitor's pipe without its listener; closed"),
         }
     }
-    let mut all: Vec<Left> = listeners.into_iter().map(|(_, l)| l).collect();
+    let mut all: Vec<Left> = listeners
+        .into_iter()
+        .map(|(_, l)| Left::Listener(l))
+        .collect();
     all.extend(left);
     if !all.is_empty() {
         tracing::info!(
@@ -275,7 +261,7 @@ pub fn take_back() -> Vec<Left> {
     all
 }
 
-fn take_listener(fd: OwnedFd, name: &str) -> Option<(String, Left)> {
+fn take_listener(fd: OwnedFd, name: &str) -> Option<(String, super::TakenListener)> {
     let rest = name.strip_prefix(LISTENER)?;
     let mut parts = rest.split('-');
     let ino = parts.next()?.to_owned();
@@ -289,7 +275,7 @@ fn take_listener(fd: OwnedFd, name: &str) -> Option<(String, Left)> {
     }
     let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;
     let left = if let Some(unix) = addr.as_unix_addr() {
-        Left::Unix {
+        super::TakenListener::Hybrid {
             path: unix.path()?.to_path_buf(),
             identity: identity?,
             fd,
@@ -297,8 +283,8 @@ fn take_listener(fd: OwnedFd, name: &str) -> Option<(String, Left)> {
         }
     } else {
         let vsock: &VsockAddr = addr.as_vsock_addr()?;
-        Left::Vsock {
-            cid: vsock.cid(),
+        super::TakenListener::Vsock {
+            cid: Some(vsock.cid()).filter(|&c| c != crate::addr::VsockCid::ANY),
             port: vsock.port(),
             fd,
         }

@@ -318,6 +318,7 @@ pub struct Received {
 }
 
 /// One handed-over listener, as the listen stage takes it.
+#[derive(Debug)]
 pub enum TakenListener {
     Hybrid {
         fd: OwnedFd,

@@ -58,6 +58,50 @@ struct Pool {
 }
 
 impl Pool {
+    /// Files `listener` and its `connections` where it listens.
+    fn put(&mut self, listener: TakenListener, connections: Vec<Adopted>) {
+        let (path, id, socket) = match listener {
+            TakenListener::Sandbox {
+                fd,
+                id,
+                path,
+                identity,
+            } => {
+                let socket = UnixSocket {
+                    fd,
+                    identity,
+                    janitor: None,
+                };
+                (path, Some(id), socket)
+            }
+            TakenListener::Hybrid {
+                fd,
+                path,
+                identity,
+                janitor,
+            } => {
+                let socket = UnixSocket {
+                    fd,
+                    identity,
+                    janitor,
+                };
+                (path, None, socket)
+            }
+            TakenListener::Vsock { fd, cid, port } => {
+                let cid = cid.map_or(VsockCid::Any, VsockCid::Cid);
+                if let Some(v) = self.vsock_port(port) {
+                    v.listener = Some((VsockListener::adopt(fd, cid, port), cid));
+                    v.connections.extend(connections);
+                }
+                return;
+            }
+        };
+        let u = self.unix.entry(path).or_default();
+        u.id = u.id.take().or(id);
+        u.listener = Some(socket);
+        u.connections.extend(connections);
+    }
+
     /// What was handed over at VSOCK `port`, made empty if nothing was.
     fn vsock_port(&mut self, port: u32) -> Option<&mut Vsock> {
         if !self.vsock.iter().any(|v| v.port == port) {
@@ -94,55 +138,7 @@ impl Inherited {
         }
         let mut pool = Pool::default();
         for (l, connections) in listeners.into_iter().zip(by_listener) {
-            match l {
-                TakenListener::Sandbox {
-                    fd,
-                    id,
-                    path,
-                    identity,
-                } => {
-                    let socket = UnixSocket {
-                        fd,
-                        identity,
-                        janitor: None,
-                    };
-                    pool.unix.insert(
-                        path,
-                        Unix {
-                            id: Some(id),
-                            listener: Some(socket),
-                            connections,
-                        },
-                    );
-                }
-                TakenListener::Hybrid {
-                    fd,
-                    path,
-                    identity,
-                    janitor,
-                } => {
-                    let socket = UnixSocket {
-                        fd,
-                        identity,
-                        janitor,
-                    };
-                    pool.unix.insert(
-                        path,
-                        Unix {
-                            id: None,
-                            listener: Some(socket),
-                            connections,
-                        },
-                    );
-                }
-                TakenListener::Vsock { fd, cid, port } => {
-                    let cid = cid.map_or(VsockCid::Any, VsockCid::Cid);
-                    if let Some(v) = pool.vsock_port(port) {
-                        v.listener = Some((VsockListener::adopt(fd, cid, port), cid));
-                        v.connections.extend(connections);
-                    }
-                }
-            }
+            pool.put(l, connections);
         }
         Ok(Inherited {
             pool: Mutex::new(pool),
@@ -164,27 +160,7 @@ impl Inherited {
         let mut pool = Pool::default();
         for l in left {
             match l {
-                Left::Unix {
-                    fd,
-                    path,
-                    identity,
-                    janitor,
-                } => {
-                    pool.unix.entry(path).or_default().listener = Some(UnixSocket {
-                        fd,
-                        identity,
-                        janitor,
-                    });
-                }
-                Left::Vsock { fd, cid, port } => {
-                    let cid = match cid {
-                        VsockCid::ANY => VsockCid::Any,
-                        c => VsockCid::Cid(c),
-                    };
-                    if let Some(v) = pool.vsock_port(port) {
-                        v.listener = Some((VsockListener::adopt(fd, cid, port), cid));
-                    }
-                }
+                Left::Listener(l) => pool.put(l, Vec::new()),
                 Left::UnixConnection { fd, path } => {
                     let std = std::os::unix::net::UnixStream::from(fd);
                     std.set_nonblocking(true).map_err(adopt)?;

@@ -344,6 +344,22 @@ fn main() -> Result<()> {
 }
 
 /// The flags that lift a forwarder's per-sandbox limits, if it has any.
+/// `cmd` without the environment that would set the forwarder's endpoint
+/// or batching: the harness's flags alone decide.
+fn without_settings_from_env(cmd: &mut Command) -> &mut Command {
+    for var in [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        "OTEL_BSP_SCHEDULE_DELAY",
+        "OTEL_BSP_MAX_QUEUE_SIZE",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 fn sandbox_limits_lifted(bin: &Path) -> Result<Vec<String>> {
     let help = Command::new(bin)
         .arg("--help")
@@ -712,17 +728,12 @@ impl Forwarder {
         let socket = PathBuf::from(format!("{}_10240", socket_path.display()));
         let stderr = dir.join(format!("fwd{n}.stderr"));
         let t0 = Instant::now();
-        let mut child = Command::new(bin)
-            .arg("--socket-path")
+        let mut cmd = Command::new(bin);
+        cmd.arg("--socket-path")
             .arg(&socket_path)
             .args(["--otlp-protocol", "grpc", "--otlp-endpoint", endpoint])
-            .args(extra)
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
-            .env_remove("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
-            .env_remove("OTEL_BSP_SCHEDULE_DELAY")
-            .env_remove("OTEL_BSP_MAX_QUEUE_SIZE")
+            .args(extra);
+        let mut child = without_settings_from_env(&mut cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&stderr)?)

@@ -85,14 +85,9 @@ impl Fleet {
         let log = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.stderr)?;
-        let child = Command::new(&self.exe)
-            .args(&self.args)
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
-            .env_remove("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")
-            .env_remove("OTEL_BSP_SCHEDULE_DELAY")
-            .env_remove("OTEL_BSP_MAX_QUEUE_SIZE")
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(&self.args);
+        let child = crate::without_settings_from_env(&mut cmd)
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
