@@ -137,36 +137,18 @@ pub async fn run_upgradable(
                 listeners,
                 connections,
             } = parts;
-            let listeners = if config.listen.mode.is_fixed() {
-                let listeners =
-                    Listeners::from_taken(listeners, connections, config.listen.max_connections)?;
-                // Exactly what the predecessor kept: hybrid mode had dropped
-                // root (its janitor came along).
-                if listen::privileges::is_root()
-                    && matches!(config.listen.mode, config::ListenMode::Hybrid { .. })
-                {
-                    if let Some(dir) = spool_dir {
-                        listen::privileges::give_to_user(dir, &config.listen.user)?;
-                    }
-                    listen::privileges::drop_root(
-                        &config.listen.user,
-                        listen::privileges::Keep::Nothing,
-                    )?;
-                }
-                listeners
-            } else {
-                // Template mode and --kata-host start their watchers as at
-                // any start (dropping root as they do), serving on what was
-                // handed over where they find it still asked for.
-                let inherited = listen::inherited::Inherited::new(listeners, connections)?;
-                listen::bind_inheriting(
-                    &config.listen,
-                    spool_dir,
-                    &shutdown,
-                    Some(Arc::new(inherited)),
-                )
-                .await?
-            };
+            // Bound as at any start (dropping root as it does, so that
+            // the successor ends with exactly the predecessor's
+            // privileges), serving on what was handed over where it is
+            // still asked for, rather than binding it.
+            let inherited = listen::inherited::Inherited::new(listeners, connections)?;
+            let listeners = listen::bind_inheriting(
+                &config.listen,
+                spool_dir,
+                &shutdown,
+                Some(Arc::new(inherited)),
+            )
+            .await?;
             tracing::info!(from, listeners = %listeners.describe(), "took over from the running forwarder");
             // The bridge of our own upgrade is our child: reaped once it has
             // flushed and exited. Anyone else's is not (ECHILD at once).

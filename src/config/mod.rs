@@ -54,14 +54,6 @@ pub enum ListenMode {
     KataHost(KataHostConfig),
 }
 
-impl ListenMode {
-    /// Whether the listeners are fixed at start (one socket, VSOCK), rather
-    /// than made as sandboxes and configurations come and go.
-    pub fn is_fixed(&self) -> bool {
-        matches!(self, ListenMode::Vsock { .. } | ListenMode::Hybrid { .. })
-    }
-}
-
 /// `--kata-host`: where the configurations are, and how to serve them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KataHostConfig {

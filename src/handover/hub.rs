@@ -245,20 +245,18 @@ impl Member {
 
     /// Reports this member's piece for the pause under way.
     pub(crate) fn report(&mut self, piece: Option<Piece>) {
-        let Some(round) = self.due() else { return };
-        self.reported = Some(round);
-        self.hub
-            .lock()
-            .members
-            .insert(self.id, Slot::Reported(round, piece));
-        self.hub.changed.notify_waiters();
+        self.put(|round| Slot::Reported(round, piece));
     }
 
     /// Reports this member paused, with nothing to hand over itself.
     pub(crate) fn report_quiet(&mut self) {
+        self.put(Slot::Quiet);
+    }
+
+    fn put(&mut self, slot: impl FnOnce(u64) -> Slot) {
         let Some(round) = self.due() else { return };
         self.reported = Some(round);
-        self.hub.lock().members.insert(self.id, Slot::Quiet(round));
+        self.hub.lock().members.insert(self.id, slot(round));
         self.hub.changed.notify_waiters();
     }
 

@@ -179,8 +179,6 @@ pub(crate) async fn serve<S>(
     // A parked agent went quiet: back on the reactor.
     let mut wake = false;
 
-    // Left in systemd's store for the next process, not closed.
-    let mut left = false;
     // The agent closed its end.
     let mut closed = false;
     let end: Result<(), FrameError> = 'conn: loop {
@@ -213,7 +211,6 @@ pub(crate) async fn serve<S>(
             && ingest.between_frames(input.bytes())
             && shutdown.phase().is_some_and(|p| p.mode == Mode::Store)
         {
-            left = true;
             break Ok(());
         }
         if input.is_quiet() {
@@ -350,11 +347,10 @@ pub(crate) async fn serve<S>(
         }
     };
 
-    // At the shutdown deadline with a frame still in hand, also left: the
-    // next process finds the next whole frame.
-    let left =
-        left || (end.is_ok() && !closed && shutdown.phase().is_some_and(|p| p.mode == Mode::Store));
-    if left {
+    // Stopping with systemd's store and the agent still there: left in the
+    // store for the next process, not closed (at the deadline with a frame
+    // in hand too: the next process finds the next whole frame).
+    if end.is_ok() && !closed && shutdown.phase().is_some_and(|p| p.mode == Mode::Store) {
         stored.keep();
         tracing::debug!(%peer, spans = ingest.spans(), "connection left in systemd's store");
         return;

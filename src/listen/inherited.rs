@@ -1,17 +1,16 @@
-//! What a predecessor handed over, for listeners that are made as they go.
+//! What a predecessor left: handed over (a takeover, an upgrade), or kept
+//! in systemd's file descriptor store (a restart, a crash).
 //!
-//! In hybrid and VSOCK modes the listeners are fixed, and a successor
-//! serves the handed-over ones as they are ([`super::Listeners::from_taken`]).
-//! Template mode and `--kata-host` make their listeners as sandboxes and
-//! configurations come and go, so a successor starts its watchers as at any
-//! start, and each, where it would bind, asks here first: a sandbox socket
-//! whose sandbox is still there and whose file is still the very one that
-//! was bound is served on, with its live connections and their half-read
-//! frames; so is a VSOCK listener on the same CID and port. What nobody
-//! claims once everything has started (the sandbox went during the
-//! hand-over, no configuration asks for it any more) is closed, its
-//! connections with it, and logged: the same as would have happened to it
-//! in the predecessor.
+//! A successor binds its listeners as at any start (in template mode and
+//! with `--kata-host`, as sandboxes and configurations come and go), and
+//! wherever it would bind, it asks here first. A Unix socket whose file is
+//! still the very one that was bound is served on, with its live
+//! connections and their half-read frames; so is a VSOCK listener on the
+//! same CID and port. A listener that is no longer its file is closed and
+//! bound anew, its connections served all the same. What nobody claims once
+//! everything has started (the sandbox went meanwhile, no configuration
+//! asks for it any more) is closed, its connections with it, and logged:
+//! the same as would have happened to it in the predecessor.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};

@@ -34,18 +34,15 @@ use futures_util::StreamExt;
 use inotify::{EventMask, EventStream, Inotify, WatchMask, Watches};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::task::TaskTracker;
 
-use super::connection::ConnShared;
 use super::sandbox::{self, CidResolver};
 use super::template::{SandboxThread, TemplateListener};
 use super::vsock::VsockListener;
-use super::{pause_asked, Accept, Adopted, ConnLimit, Ended, ListenError, Listener};
+use super::{pause_asked, Accept, Adopted, Ended, ListenError, Listener, Serving};
 use crate::addr::SocketTemplate;
 use crate::config::kata::{self, Plan, Status, Target};
 use crate::config::KataHostConfig;
 use crate::handover::hub::{Hub, Member, Outcome};
-use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
 
 /// How long a burst of changes (a package writing several files) settles
@@ -80,15 +77,6 @@ struct Running {
     task: JoinHandle<()>,
 }
 
-/// What serving a target needs, shared by every target.
-struct Ctx {
-    shared: Arc<ConnShared>,
-    origin: Arc<Origin>,
-    limit: Arc<ConnLimit>,
-    tracker: TaskTracker,
-    hub: Option<Arc<Hub>>,
-}
-
 /// The running `--kata-host` listener.
 pub struct KataHostListener {
     cfg: KataHostConfig,
@@ -101,8 +89,6 @@ pub struct KataHostListener {
     /// Bound at start, served by [`serve`](Self::serve).
     bound: Vec<(Target, Shutdown, Bound)>,
     watch: ConfigWatch,
-    /// Where the planner and what it serves pause for a hand-over.
-    hub: Option<Arc<Hub>>,
 }
 
 impl KataHostListener {
@@ -136,7 +122,6 @@ impl KataHostListener {
             effective,
             bound: Vec::new(),
             watch,
-            hub: None,
         };
         for target in &plan.listeners {
             let stop = shutdown.child();
@@ -157,16 +142,6 @@ impl KataHostListener {
     /// The sandbox thread its templates' watchers run on.
     pub(crate) fn thread(&self) -> &SandboxThread {
         &self.thread
-    }
-
-    /// Takes part in hand-overs through `hub`, with everything it serves.
-    pub(crate) fn set_hub(&mut self, hub: Arc<Hub>) {
-        for (_, _, b) in &mut self.bound {
-            if let Bound::Template(t) = b {
-                t.set_hub(Arc::clone(&hub));
-            }
-        }
-        self.hub = Some(hub);
     }
 
     pub fn describe(&self) -> String {
@@ -209,10 +184,6 @@ impl KataHostListener {
                     stop,
                 )
                 .await?;
-                let mut l = l;
-                if let Some(hub) = &self.hub {
-                    l.set_hub(Arc::clone(hub));
-                }
                 Ok(Bound::Template(l))
             }
         }
@@ -220,21 +191,8 @@ impl KataHostListener {
 
     /// Serves the plan until shutdown begins, following the configurations;
     /// then waits for every listener to stop.
-    pub(crate) async fn serve(
-        mut self,
-        shared: Arc<ConnShared>,
-        origin: Arc<Origin>,
-        limit: Arc<ConnLimit>,
-        tracker: TaskTracker,
-    ) {
-        let ctx = Ctx {
-            shared,
-            origin,
-            limit,
-            tracker,
-            hub: self.hub.clone(),
-        };
-        let mut member = self.hub.as_ref().map(Hub::member);
+    pub(crate) async fn serve(mut self, ctx: Serving) {
+        let mut member = ctx.hub.as_ref().map(Hub::member);
         let mut running: BTreeMap<Target, Running> = BTreeMap::new();
         for (target, stop, bound) in std::mem::take(&mut self.bound) {
             running.insert(target, spawn(bound, stop, &ctx));
@@ -288,7 +246,7 @@ impl KataHostListener {
         &mut self,
         running: &mut BTreeMap<Target, Running>,
         stopped: &mut Vec<JoinHandle<()>>,
-        ctx: &Ctx,
+        ctx: &Serving,
     ) {
         let new = kata::plan(&self.cfg.sources, self.cfg.port);
         if new.configs != self.plan.configs {
@@ -361,18 +319,18 @@ async fn pause(member: &mut Option<Member>) -> Outcome {
 }
 
 /// Serves one bound target in a task of its own until `stop`.
-fn spawn(bound: Bound, stop: Shutdown, ctx: &Ctx) -> Running {
-    let (shared, origin, limit, tracker) = (
-        Arc::clone(&ctx.shared),
-        Arc::clone(&ctx.origin),
-        Arc::clone(&ctx.limit),
-        ctx.tracker.clone(),
-    );
+fn spawn(bound: Bound, stop: Shutdown, ctx: &Serving) -> Running {
     let task = match bound {
-        Bound::Template(t) => tokio::spawn(t.serve(shared, origin, limit, tracker)),
+        Bound::Template(t) => tokio::spawn(t.serve(ctx.clone())),
         Bound::Vsock(l, adopted) => {
             let stop = stop.clone();
-            let hub = ctx.hub.clone();
+            let Serving {
+                shared,
+                origin,
+                limit,
+                tracker,
+                hub,
+            } = ctx.clone();
             // Taken before the task runs, so that a pause asked from now on
             // waits for it.
             let member = hub.as_ref().map(Hub::member);

@@ -42,13 +42,13 @@ use futures_util::FutureExt;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use crate::addr::{hybrid_socket, Peer, VsockCid};
+use crate::addr::{hybrid_socket, Peer};
 use crate::config::{ListenConfig, ListenMode};
 use crate::events::{emit, ConnectionAccepted, ConnectionRejected, Refusal};
 use crate::handover::fdstore::Stored;
 use crate::handover::hub::{Hub, Member, Outcome, Piece, PieceKind};
 use crate::handover::wire::ListenerKind;
-use crate::handover::{ConnLink, Resume, TakenConn, TakenListener};
+use crate::handover::{ConnLink, Resume, TakenConn};
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
 use crate::tenant::{Tenant, TenantKey};
@@ -243,59 +243,9 @@ impl Listeners {
         }
     }
 
-    /// The listeners and connections a previous forwarder handed over.
-    pub fn from_taken(
-        taken: Vec<TakenListener>,
-        connections: Vec<TakenConn>,
-        max_connections: usize,
-    ) -> Result<Listeners, ListenError> {
-        let adopt = |e: io::Error| ListenError::AdoptSocket(e.to_string());
-        let mut listeners = Vec::with_capacity(taken.len());
-        for l in taken {
-            listeners.push(match l {
-                TakenListener::Hybrid {
-                    fd,
-                    path,
-                    identity,
-                    janitor,
-                } => Listener::Hybrid(
-                    hybrid::HybridListener::adopt(fd, path, identity, janitor).map_err(adopt)?,
-                ),
-                TakenListener::Vsock { fd, cid, port } => {
-                    let cid = cid.map_or(VsockCid::Any, VsockCid::Cid);
-                    Listener::Vsock(vsock::VsockListener::adopt(fd, cid, port))
-                }
-                // A predecessor in template mode, this one with a single
-                // socket: served on as one, its sandbox read from its path.
-                TakenListener::Sandbox {
-                    fd, path, identity, ..
-                } => Listener::Hybrid(
-                    hybrid::HybridListener::adopt(fd, path, identity, None).map_err(adopt)?,
-                ),
-            });
-        }
-        let adopted = connections
-            .into_iter()
-            .map(Adopted::from_taken)
-            .collect::<Result<_, _>>()?;
-        Ok(Listeners {
-            listeners,
-            max_connections,
-            adopted,
-            hub: None,
-        })
-    }
-
     /// Takes part in hand-overs through `hub`: every accept loop and
     /// connection, and the watchers that make listeners as they go.
     pub(crate) fn set_hub(&mut self, hub: Arc<Hub>) {
-        for l in &mut self.listeners {
-            match l {
-                Listener::Template(t) => t.set_hub(Arc::clone(&hub)),
-                Listener::KataHost(k) => k.set_hub(Arc::clone(&hub)),
-                Listener::Hybrid(_) | Listener::Vsock(_) => {}
-            }
-        }
         self.hub = Some(hub);
     }
 
@@ -513,19 +463,27 @@ pub(crate) async fn serve(
             None => tracing::warn!("a handed-over connection without its listener; closed"),
         }
     }
+    let serving = Serving {
+        shared,
+        origin,
+        limit,
+        tracker: tracker.clone(),
+        hub,
+    };
     let accepting = listeners.listeners.into_iter().zip(adopted).map(|(listener, adopted)| {
-        let (shared, origin, limit, tracker) = (
-            Arc::clone(&shared),
-            Arc::clone(&origin),
-            Arc::clone(&limit),
-            tracker.clone(),
-        );
+        let Serving {
+            shared,
+            origin,
+            limit,
+            tracker,
+            hub,
+        } = serving.clone();
+        let serving = serving.clone();
         let shutdown = shutdown.clone();
-        let hub = hub.clone();
         async move {
             let listener = match listener {
-                Listener::Template(t) => return t.serve(shared, origin, limit, tracker).await,
-                Listener::KataHost(k) => return k.serve(shared, origin, limit, tracker).await,
+                Listener::Template(t) => return t.serve(serving).await,
+                Listener::KataHost(k) => return k.serve(serving).await,
                 other => other,
             };
             // QEMU: a guest's CID says which sandbox it is, through /proc.
@@ -585,6 +543,19 @@ pub(crate) async fn serve(
     if !drained {
         tracing::warn!("connections still open at the shutdown deadline");
     }
+}
+
+/// What serving the connections of any listener needs, shared by every
+/// listener (and every sandbox of a template). Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Serving {
+    pub shared: Arc<ConnShared>,
+    /// The resource attributes every connection's spans get.
+    pub origin: Arc<Origin>,
+    pub limit: Arc<ConnLimit>,
+    pub tracker: TaskTracker,
+    /// Where listeners and connections pause for a hand-over, if any.
+    pub hub: Option<Arc<Hub>>,
 }
 
 /// The cap on connections served at once, shared by every listener.

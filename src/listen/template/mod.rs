@@ -53,11 +53,10 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
-use super::connection::ConnShared;
 use super::hybrid::HybridListener;
 use super::inherited::Inherited;
 use super::{
-    pause_asked, privileges, sandbox, Accept, Adopted, ConnLimit, Ended, ListenError, Listener,
+    pause_asked, privileges, sandbox, Accept, Adopted, Ended, ListenError, Listener, Serving,
 };
 use crate::addr::SocketTemplate;
 use crate::handover::hub::{Hub, Member, Outcome};
@@ -93,9 +92,6 @@ pub struct TemplateListener {
     shutdown: Shutdown,
     /// Pauses the watcher for a hand-over.
     control_tx: mpsc::UnboundedSender<Control>,
-    /// Where this template, its sandboxes and their connections pause for
-    /// a hand-over.
-    hub: Option<Arc<Hub>>,
 }
 
 /// The one thread that watches sandbox directories and makes and removes
@@ -313,18 +309,12 @@ impl TemplateListener {
                 thread: thread.clone(),
                 shutdown: shutdown.clone(),
                 control_tx,
-                hub: None,
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(ListenError::StartWatcher(
                 "the sandbox watcher stopped".into(),
             )),
         }
-    }
-
-    /// Takes part in hand-overs through `hub`.
-    pub(crate) fn set_hub(&mut self, hub: Arc<Hub>) {
-        self.hub = Some(hub);
     }
 
     /// The sandbox thread its watcher runs on.
@@ -349,29 +339,18 @@ impl TemplateListener {
 
     /// Serves each sandbox the watcher hands over until shutdown begins,
     /// then stops them all and gives every listener back for removal.
-    /// `origin` is what every sandbox's spans get besides its id; `limit`
-    /// caps connections across all sandboxes (and other listeners).
-    pub(crate) async fn serve(
-        mut self,
-        shared: Arc<ConnShared>,
-        origin: Arc<Origin>,
-        limit: Arc<ConnLimit>,
-        tracker: TaskTracker,
-    ) {
+    /// `serving.origin` is what every sandbox's spans get besides its id;
+    /// `serving.limit` caps connections across all sandboxes (and other
+    /// listeners); with `serving.hub`, the template, its sandboxes and
+    /// their connections take part in hand-overs.
+    pub(crate) async fn serve(mut self, serving: Serving) {
         let sandboxes = TaskTracker::new();
         let stop = self.shutdown.clone();
         let Some(reap) = self.reap_tx.clone() else {
             return;
         };
-        let ctx = Arc::new(SandboxCtx {
-            shared,
-            origin,
-            limit,
-            tracker,
-            reap,
-            hub: self.hub.clone(),
-        });
-        let mut member = self.hub.as_ref().map(Hub::member);
+        let mut member = serving.hub.as_ref().map(Hub::member);
+        let ctx = Arc::new(SandboxCtx { serving, reap });
         let mut handed_over = false;
         loop {
             let next = tokio::select! {
@@ -464,12 +443,9 @@ impl Drop for TemplateListener {
 
 /// What serving each sandbox of a template needs.
 struct SandboxCtx {
-    shared: Arc<ConnShared>,
-    origin: Arc<Origin>,
-    limit: Arc<ConnLimit>,
-    tracker: TaskTracker,
+    serving: Serving,
+    /// Where listeners go back to the watcher.
     reap: mpsc::UnboundedSender<HybridListener>,
-    hub: Option<Arc<Hub>>,
 }
 
 impl SandboxCtx {
@@ -477,10 +453,11 @@ impl SandboxCtx {
     /// in hand-overs is taken here, before the task runs, so that a pause
     /// asked from now on waits for it.
     fn spawn(self: &Arc<Self>, serve: Serve, sandboxes: &TaskTracker) {
-        let origin = Arc::new(sandbox::sandbox_origin(&self.origin, &serve.id));
+        let s = &self.serving;
+        let origin = Arc::new(sandbox::sandbox_origin(&s.origin, &serve.id));
         // Held while the sandbox is served: its limits and its series.
-        let tenant = self.shared.tenant(TenantKey::Sandbox(serve.id.clone()));
-        let member = self.hub.as_ref().map(Hub::member);
+        let tenant = s.shared.tenant(TenantKey::Sandbox(serve.id.clone()));
+        let member = s.hub.as_ref().map(Hub::member);
         sandboxes.spawn(serve_sandbox(
             serve,
             Arc::clone(self),
@@ -509,14 +486,15 @@ async fn serve_sandbox(
     } = serve;
     let listener = Listener::Hybrid(listener);
     let span = tracing::info_span!("sandbox", id = %id);
+    let s = &ctx.serving;
     let accept = Accept {
-        shared: &ctx.shared,
-        limit: &ctx.limit,
+        shared: &s.shared,
+        limit: &s.limit,
         origin: &origin,
         resolver: None,
-        tracker: &ctx.tracker,
+        tracker: &s.tracker,
         tenant: Some(tenant),
-        hub: ctx.hub.as_ref(),
+        hub: s.hub.as_ref(),
         sandbox: Some(&id),
     };
     let listener_id = member.as_ref().map_or(0, Member::id);
