@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use super::sandbox::{self, CidResolver};
 use super::template::{SandboxThread, TemplateListener};
 use super::vsock::VsockListener;
-use super::{pause_asked, Accept, Adopted, Ended, ListenError, Listener, Serving};
+use super::{pause_asked, Adopted, ListenError, Listener, Serving};
 use crate::addr::SocketTemplate;
 use crate::config::kata::{self, Plan, Status, Target};
 use crate::config::KataHostConfig;
@@ -324,42 +324,18 @@ fn spawn(bound: Bound, stop: Shutdown, ctx: &Serving) -> Running {
         Bound::Template(t) => tokio::spawn(t.serve(ctx.clone())),
         Bound::Vsock(l, adopted) => {
             let stop = stop.clone();
-            let Serving {
-                shared,
-                origin,
-                limit,
-                tracker,
-                hub,
-            } = ctx.clone();
+            let serving = ctx.clone();
             // Taken before the task runs, so that a pause asked from now on
             // waits for it.
-            let member = hub.as_ref().map(Hub::member);
+            let member = serving.hub.as_ref().map(Hub::member);
             tokio::spawn(async move {
-                // QEMU: a guest's CID says which sandbox it is, through /proc.
-                let accept = Accept {
-                    shared: &shared,
-                    limit: &limit,
-                    origin: &origin,
-                    resolver: Some(Arc::new(CidResolver::new(sandbox::PROC_ROOT))),
-                    tracker: &tracker,
-                    // Each guest CID is a sandbox of its own.
-                    tenant: None,
-                    hub: hub.as_ref(),
-                    sandbox: None,
-                };
-                let listener = Listener::Vsock(l);
-                let listener_id = member.as_ref().map_or(0, Member::id);
-                for a in adopted {
-                    accept.adopt(a, listener_id, &stop);
-                }
-                match accept.run(&listener, &stop, member).await {
-                    Ended::HandedOver => {
-                        tracing::info!(listener = %listener.describe(), "handed over")
-                    }
-                    Ended::Stopped => {
-                        tracing::info!(listener = %listener.describe(), "stopped accepting connections")
-                    }
-                }
+                // QEMU: a guest's CID says which sandbox it is, through /proc;
+                // each guest CID is a sandbox of its own.
+                let resolver = Some(Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
+                serving
+                    .accept(&serving.origin, resolver, None, None)
+                    .serve(Listener::Vsock(l), member, adopted, &stop)
+                    .await;
             })
         }
     };

@@ -470,67 +470,46 @@ pub(crate) async fn serve(
         tracker: tracker.clone(),
         hub,
     };
-    let accepting = listeners.listeners.into_iter().zip(adopted).map(|(listener, adopted)| {
-        let Serving {
-            shared,
-            origin,
-            limit,
-            tracker,
-            hub,
-        } = serving.clone();
-        let serving = serving.clone();
-        let shutdown = shutdown.clone();
-        async move {
-            let listener = match listener {
-                Listener::Template(t) => return t.serve(serving).await,
-                Listener::KataHost(k) => return k.serve(serving).await,
-                other => other,
-            };
-            // QEMU: a guest's CID says which sandbox it is, through /proc.
-            let resolver = matches!(listener, Listener::Vsock(_))
-                .then(|| Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
-            // Hybrid: the socket is one sandbox's, named by Kata's path.
-            let (origin, tenant) = match &listener {
-                Listener::Hybrid(l) => {
-                    let id = sandbox::hybrid_sandbox_id(l.path());
-                    let origin = match &id {
-                        Some(id) => Arc::new(sandbox::sandbox_origin(&origin, id)),
-                        None => origin,
-                    };
-                    let key = id.map_or_else(
-                        || TenantKey::Socket(l.path().to_owned()),
-                        TenantKey::Sandbox,
-                    );
-                    (origin, Some(shared.tenant(key)))
-                }
-                _ => (origin, None),
-            };
-            let accept = Accept {
-                shared: &shared,
-                limit: &limit,
-                origin: &origin,
-                resolver,
-                tracker: &tracker,
-                tenant,
-                hub: hub.as_ref(),
-                sandbox: None,
-            };
-            let member = hub.as_ref().map(Hub::member);
-            let listener_id = member.as_ref().map_or(0, Member::id);
-            for a in adopted {
-                accept.adopt(a, listener_id, &shutdown);
+    let accepting = listeners
+        .listeners
+        .into_iter()
+        .zip(adopted)
+        .map(|(listener, adopted)| {
+            let serving = serving.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                let listener = match listener {
+                    Listener::Template(t) => return t.serve(serving).await,
+                    Listener::KataHost(k) => return k.serve(serving).await,
+                    other => other,
+                };
+                // QEMU: a guest's CID says which sandbox it is, through /proc.
+                let resolver = matches!(listener, Listener::Vsock(_))
+                    .then(|| Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
+                let origin = Arc::clone(&serving.origin);
+                // Hybrid: the socket is one sandbox's, named by Kata's path.
+                let (origin, tenant) = match &listener {
+                    Listener::Hybrid(l) => {
+                        let id = sandbox::hybrid_sandbox_id(l.path());
+                        let origin = match &id {
+                            Some(id) => Arc::new(sandbox::sandbox_origin(&origin, id)),
+                            None => origin,
+                        };
+                        let key = id.map_or_else(
+                            || TenantKey::Socket(l.path().to_owned()),
+                            TenantKey::Sandbox,
+                        );
+                        (origin, Some(serving.shared.tenant(key)))
+                    }
+                    _ => (origin, None),
+                };
+                let member = serving.hub.as_ref().map(Hub::member);
+                serving
+                    .accept(&origin, resolver, tenant, None)
+                    .serve(listener, member, adopted, &shutdown)
+                    .await;
             }
-            match accept.run(&listener, &shutdown, member).await {
-                Ended::HandedOver => {
-                    tracing::info!(listener = %listener.describe(), "handed over");
-                    listener.release();
-                }
-                Ended::Stopped => {
-                    tracing::info!(listener = %listener.describe(), "stopped accepting connections")
-                }
-            }
-        }
-    });
+        });
     futures_util::future::join_all(accepting).await;
     tracker.close();
     let drained = match shutdown.deadline() {
@@ -556,6 +535,30 @@ pub(crate) struct Serving {
     pub tracker: TaskTracker,
     /// Where listeners and connections pause for a hand-over, if any.
     pub hub: Option<Arc<Hub>>,
+}
+
+impl Serving {
+    /// Accepting on one listener: `origin` is its connections' resource;
+    /// `resolver` finds a VSOCK guest's sandbox; `tenant` is the listener's
+    /// sandbox (hybrid, template), `sandbox` its id in template mode.
+    pub(crate) fn accept<'a>(
+        &'a self,
+        origin: &'a Arc<Origin>,
+        resolver: Option<Arc<CidResolver>>,
+        tenant: Option<Arc<Tenant>>,
+        sandbox: Option<&'a str>,
+    ) -> Accept<'a> {
+        Accept {
+            shared: &self.shared,
+            limit: &self.limit,
+            origin,
+            resolver,
+            tracker: &self.tracker,
+            tenant,
+            hub: self.hub.as_ref(),
+            sandbox,
+        }
+    }
 }
 
 /// The cap on connections served at once, shared by every listener.
@@ -743,6 +746,33 @@ impl Accept<'_> {
             (_, what) => what,
         };
         Some(Piece { what, fd })
+    }
+
+    /// Serves `listener` (VSOCK, or one hybrid socket) until `shutdown`:
+    /// first the connections a predecessor left (`adopted`), then what it
+    /// accepts. `member` is its place in hand-overs, taken by the caller
+    /// before this task ran. Handed over, or left in systemd's store, its
+    /// socket stays; stopped, it goes.
+    pub(crate) async fn serve(
+        &self,
+        listener: Listener,
+        member: Option<Member>,
+        adopted: Vec<Adopted>,
+        shutdown: &Shutdown,
+    ) {
+        let listener_id = member.as_ref().map_or(0, Member::id);
+        for a in adopted {
+            self.adopt(a, listener_id, shutdown);
+        }
+        match self.run(&listener, shutdown, member).await {
+            Ended::HandedOver => {
+                tracing::info!(listener = %listener.describe(), "handed over");
+                listener.release();
+            }
+            Ended::Stopped => {
+                tracing::info!(listener = %listener.describe(), "stopped accepting connections")
+            }
+        }
     }
 
     /// Serves a connection a previous forwarder handed over, from where it

@@ -55,9 +55,7 @@ use tokio_util::task::TaskTracker;
 
 use super::hybrid::HybridListener;
 use super::inherited::Inherited;
-use super::{
-    pause_asked, privileges, sandbox, Accept, Adopted, Ended, ListenError, Listener, Serving,
-};
+use super::{pause_asked, privileges, sandbox, Adopted, Ended, ListenError, Listener, Serving};
 use crate::addr::SocketTemplate;
 use crate::handover::hub::{Hub, Member, Outcome};
 use crate::otlp::Origin;
@@ -486,17 +484,7 @@ async fn serve_sandbox(
     } = serve;
     let listener = Listener::Hybrid(listener);
     let span = tracing::info_span!("sandbox", id = %id);
-    let s = &ctx.serving;
-    let accept = Accept {
-        shared: &s.shared,
-        limit: &s.limit,
-        origin: &origin,
-        resolver: None,
-        tracker: &s.tracker,
-        tenant: Some(tenant),
-        hub: s.hub.as_ref(),
-        sandbox: Some(&id),
-    };
+    let accept = ctx.serving.accept(&origin, None, Some(tenant), Some(&id));
     let listener_id = member.as_ref().map_or(0, Member::id);
     {
         let _in = span.enter();
