@@ -3,12 +3,14 @@
 //! Each line is a complete OTLP/JSON `TracesData` object holding one span
 //! with its resource, so lines can be read one at a time, grepped, or fed
 //! to anything that takes OTLP JSON (ids in hex, 64-bit numbers as strings,
-//! as the OTLP JSON mapping says).
+//! as the OTLP JSON mapping says, and so are NaN and the infinities:
+//! `"NaN"`, `"Infinity"`, `"-Infinity"`).
 
 use std::io::{self, Write};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, TracesData};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, TracesData};
 use prost::Message;
 
 use crate::otlp::EncodedRequest;
@@ -42,10 +44,214 @@ impl DumpWriter {
                         schema_url: String::new(),
                     }],
                 };
-                serde_json::to_writer(&mut self.out, &line)?;
-                self.out.write_all(b"\n")?;
+                write_line(&mut self.out, &line)?;
             }
         }
         self.out.flush()
+    }
+}
+
+/// Writes one line. The OTLP JSON mapping writes a double that is not
+/// finite as a string; serde_json writes `null`, which reads back as no
+/// value at all, and opentelemetry-proto's `AnyValue` asks for nothing
+/// else. So a line that holds such a double (rare: only a guest's NaN or
+/// infinity) goes through a JSON value, set right where the span has them.
+fn write_line(out: &mut impl Write, line: &TracesData) -> io::Result<()> {
+    let specials = |kvs: &[KeyValue]| kvs.iter().any(|kv| kv.value.as_ref().is_some_and(special));
+    let any = line.resource_spans.iter().any(|rs| {
+        rs.resource
+            .as_ref()
+            .is_some_and(|r| specials(&r.attributes))
+            || rs.scope_spans.iter().flat_map(|s| &s.spans).any(|span| {
+                specials(&span.attributes)
+                    || span.events.iter().any(|e| specials(&e.attributes))
+                    || span.links.iter().any(|l| specials(&l.attributes))
+            })
+    });
+    if any {
+        let mut json = serde_json::to_value(line)?;
+        for (i, rs) in line.resource_spans.iter().enumerate() {
+            let at = format!("/resourceSpans/{i}");
+            if let Some(r) = &rs.resource {
+                patch_attributes(&r.attributes, json.pointer_mut(&format!("{at}/resource")));
+            }
+            for (j, ss) in rs.scope_spans.iter().enumerate() {
+                for (k, span) in ss.spans.iter().enumerate() {
+                    patch_span(
+                        span,
+                        json.pointer_mut(&format!("{at}/scopeSpans/{j}/spans/{k}")),
+                    );
+                }
+            }
+        }
+        serde_json::to_writer(&mut *out, &json)?;
+    } else {
+        serde_json::to_writer(&mut *out, line)?;
+    }
+    out.write_all(b"\n")
+}
+
+/// A double that JSON has no number for, or an array holding one (the
+/// agent's values are scalars or arrays of them, never key-value lists).
+fn special(v: &AnyValue) -> bool {
+    match &v.value {
+        Some(any_value::Value::DoubleValue(d)) => !d.is_finite(),
+        Some(any_value::Value::ArrayValue(a)) => a.values.iter().any(special),
+        _ => false,
+    }
+}
+
+fn patch_span(span: &Span, json: Option<&mut serde_json::Value>) {
+    let Some(json) = json else { return };
+    patch_attributes(&span.attributes, Some(&mut *json));
+    for (i, e) in span.events.iter().enumerate() {
+        patch_attributes(&e.attributes, json.pointer_mut(&format!("/events/{i}")));
+    }
+    for (i, l) in span.links.iter().enumerate() {
+        patch_attributes(&l.attributes, json.pointer_mut(&format!("/links/{i}")));
+    }
+}
+
+/// `json` is the object whose `attributes` are `kvs`.
+fn patch_attributes(kvs: &[KeyValue], json: Option<&mut serde_json::Value>) {
+    let Some(list) = json
+        .and_then(|j| j.get_mut("attributes"))
+        .and_then(|a| a.as_array_mut())
+    else {
+        return;
+    };
+    for (kv, j) in kvs.iter().zip(list) {
+        if let (Some(v), Some(j)) = (&kv.value, j.get_mut("value")) {
+            patch_value(v, j);
+        }
+    }
+}
+
+fn patch_value(v: &AnyValue, json: &mut serde_json::Value) {
+    match &v.value {
+        Some(any_value::Value::DoubleValue(d)) if !d.is_finite() => {
+            let text = if d.is_nan() {
+                "NaN"
+            } else if *d > 0.0 {
+                "Infinity"
+            } else {
+                "-Infinity"
+            };
+            if let Some(obj) = json.as_object_mut() {
+                obj.insert("doubleValue".into(), text.into());
+            }
+        }
+        Some(any_value::Value::ArrayValue(a)) => {
+            if let Some(list) = json
+                .pointer_mut("/arrayValue/values")
+                .and_then(|l| l.as_array_mut())
+            {
+                for (v, j) in a.values.iter().zip(list) {
+                    patch_value(v, j);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::common::v1::ArrayValue;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
+
+    fn kv(key: &str, value: any_value::Value) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(value) }),
+            ..Default::default()
+        }
+    }
+
+    fn line(attributes: Vec<KeyValue>) -> TracesData {
+        let span = Span {
+            name: "s".into(),
+            attributes: attributes.clone(),
+            events: vec![Event {
+                attributes: attributes.clone(),
+                ..Default::default()
+            }],
+            links: vec![Link {
+                attributes: attributes.clone(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        TracesData {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes,
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![span],
+                    ..Default::default()
+                }],
+                schema_url: String::new(),
+            }],
+        }
+    }
+
+    fn written(line: &TracesData) -> serde_json::Value {
+        let mut out = Vec::new();
+        write_line(&mut out, line).unwrap();
+        assert_eq!(out.pop(), Some(b'\n'));
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn doubles_json_has_no_number_for_are_written_as_otlp_json_does() {
+        use any_value::Value::{ArrayValue as Array, DoubleValue, IntValue};
+        let double = |d: f64| AnyValue {
+            value: Some(DoubleValue(d)),
+        };
+        let json = written(&line(vec![
+            kv("nan", DoubleValue(f64::NAN)),
+            kv("inf", DoubleValue(f64::INFINITY)),
+            kv("-inf", DoubleValue(f64::NEG_INFINITY)),
+            kv("one", DoubleValue(1.5)),
+            kv("n", IntValue(3)),
+            kv(
+                "list",
+                Array(ArrayValue {
+                    values: vec![double(2.0), double(f64::NEG_INFINITY)],
+                }),
+            ),
+        ]));
+        let rs = &json["resourceSpans"][0];
+        let span = &rs["scopeSpans"][0]["spans"][0];
+        for attributes in [
+            &rs["resource"]["attributes"],
+            &span["attributes"],
+            &span["events"][0]["attributes"],
+            &span["links"][0]["attributes"],
+        ] {
+            let value = |i: usize| &attributes[i]["value"];
+            assert_eq!(value(0)["doubleValue"], "NaN", "{attributes}");
+            assert_eq!(value(1)["doubleValue"], "Infinity");
+            assert_eq!(value(2)["doubleValue"], "-Infinity");
+            assert_eq!(value(3)["doubleValue"], 1.5);
+            assert_eq!(value(4)["intValue"], "3");
+            let list = &value(5)["arrayValue"]["values"];
+            assert_eq!(list[0]["doubleValue"], 2.0);
+            assert_eq!(list[1]["doubleValue"], "-Infinity");
+        }
+    }
+
+    #[test]
+    fn a_line_with_finite_doubles_only_is_written_as_it_was() {
+        let plain = line(vec![kv("one", any_value::Value::DoubleValue(1.5))]);
+        let mut out = Vec::new();
+        write_line(&mut out, &plain).unwrap();
+        let mut want = serde_json::to_vec(&plain).unwrap();
+        want.push(b'\n');
+        assert_eq!(out, want);
     }
 }

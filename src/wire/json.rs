@@ -10,7 +10,7 @@
 //! It is a fast path, not a second definition of the format: anything it
 //! does not expect (whitespace, another key order, unknown or duplicate
 //! keys, a float where an integer should be, an escape it does not know,
-//! an out-of-range number, trailing bytes) makes it give up, and the caller
+//! an integer out of range, trailing bytes) makes it give up, and the caller
 //! then decodes the same bytes with `serde_json`, whose result and error
 //! stand. So the fast path must never accept what `serde_json` would reject
 //! or read differently; the tests compare the two on real frames and on
@@ -154,7 +154,7 @@ impl<'a> Parser<'a> {
     }
 
     /// A float attribute: `null` (serde_json's NaN and infinities) or a
-    /// number, read by `serde_json` itself so that it rounds the same way.
+    /// number, read as the serde path reads it (`json_f64`).
     fn f64(&mut self) -> R<F64> {
         if self.eat(b"null") {
             return Ok(F64(f64::NAN));
@@ -170,9 +170,7 @@ impl<'a> Parser<'a> {
         if token.is_empty() {
             return Err(GiveUp);
         }
-        serde_json::from_slice::<f64>(token)
-            .map(F64)
-            .map_err(|_| GiveUp)
+        super::model::json_f64(token).map(F64).ok_or(GiveUp)
     }
 
     /// A string, borrowed unless it has escapes.

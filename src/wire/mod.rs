@@ -358,10 +358,11 @@ impl Decoder {
         payload: &'a [u8],
         known: &[u8],
     ) -> Result<(AgentSpan<'a>, ResourceSeen<'a>), DecodeError> {
-        let (span, seen) = self.decode_any(payload, known)?;
+        let (mut span, seen) = self.decode_any(payload, known)?;
         if span.span_context.trace_id == 0 || span.span_context.span_id == 0 {
             return Err(DecodeError::InvalidIds);
         }
+        span.dedupe_keys();
         Ok((span, seen))
     }
 
@@ -594,6 +595,129 @@ mod tests {
         match &span.attributes.map[0].value {
             model::Value::F64(f) => assert!(f.0.is_nan()),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A hand-made JSON span in the agent's compact layout (so the fast
+    /// path reads it) with `map` as its attributes and `event` as its one
+    /// event's attribute list.
+    fn json_span_with(map: &str, event: &str) -> String {
+        format!(
+            concat!(
+                r#"{{"span_context":{{"trace_id":7,"span_id":8,"trace_flags":1,"is_remote":false,"trace_state":null}},"#,
+                r#""parent_span_id":0,"span_kind":"Server","name":"n","start_time":{{"secs_since_epoch":1,"nanos_since_epoch":2}},"#,
+                r#""end_time":{{"secs_since_epoch":3,"nanos_since_epoch":4}},"#,
+                r#""attributes":{{"map":{{{map}}},"evict_list":[],"max_len":128,"dropped_count":0}},"#,
+                r#""events":{{"queue":[{{"name":"e","timestamp":{{"secs_since_epoch":1,"nanos_since_epoch":2}},"attributes":[{event}],"dropped_attributes_count":0}}],"max_len":128,"dropped_count":0}},"#,
+                r#""links":{{"queue":null,"max_len":128,"dropped_count":0}},"#,
+                r#""status_code":"Unset","status_message":"","resource":null}}"#
+            ),
+            map = map,
+            event = event
+        )
+    }
+
+    /// Both JSON readers: the decoder (whose fast path reads the compact
+    /// layout) and serde_json alone.
+    fn both_json_paths(json: &str) -> [Result<AgentSpan<'_>, DecodeError>; 2] {
+        [
+            Decoder::new().decode(json.as_bytes()),
+            decode_json_serde(json.as_bytes()).map(|mut s| {
+                s.dedupe_keys();
+                s
+            }),
+        ]
+    }
+
+    fn f64_attr(span: &AgentSpan<'_>, i: usize) -> f64 {
+        match &span.attributes.map[i].value {
+            model::Value::F64(f) => f.0,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_numbers_beyond_f64_are_infinities_not_lost_spans() {
+        let json = json_span_with(
+            r#""big":{"F64":1e400},"small":{"F64":-1.5E+400},"tiny":{"F64":1e-400},"x":{"Array":{"F64":[2.5,-1e999]}}"#,
+            "",
+        );
+        assert!(
+            json::decode_reusing(json.as_bytes(), &[]).is_some(),
+            "the fast path reads it"
+        );
+        for span in both_json_paths(&json) {
+            let span = span.unwrap();
+            assert_eq!(f64_attr(&span, 0), f64::INFINITY);
+            assert_eq!(f64_attr(&span, 1), f64::NEG_INFINITY);
+            assert_eq!(f64_attr(&span, 2), 0.0);
+            match &span.attributes.map[3].value {
+                model::Value::Array(model::Array::F64(v)) => {
+                    assert_eq!(
+                        v.iter().map(|f| f.0).collect::<Vec<_>>(),
+                        [2.5, f64::NEG_INFINITY]
+                    )
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Only JSON's number grammar is a number: not a string, not Rust's
+        // own spellings of the infinities.
+        for bad in [
+            r#""inf""#, "inf", "NaN", "+1", ".5", "1.", "01", "1e", "--1", "\"1\"",
+        ] {
+            let json = json_span_with(&format!(r#""f":{{"F64":{bad}}}"#), "");
+            for span in both_json_paths(&json) {
+                assert!(span.is_err(), "{bad} was read as a number");
+            }
+        }
+        assert_eq!(model::json_f64(b"-0.25e1"), Some(-2.5));
+        assert_eq!(model::json_f64(b"0"), Some(0.0));
+        assert_eq!(model::json_f64(b""), None);
+    }
+
+    #[test]
+    fn repeated_attribute_keys_keep_the_last_value() {
+        let many: String = (0..40)
+            .map(|i| format!(r#""k{i}":{{"I64":{i}}},"#))
+            .collect();
+        for (map, want_map) in [
+            (
+                r#""a":{"I64":1},"b":{"I64":2},"a":{"I64":3}"#.to_owned(),
+                vec![("b", 2), ("a", 3)],
+            ),
+            (
+                format!(r#"{many}"k3":{{"I64":-1}}"#),
+                (0..40)
+                    .filter(|&i| i != 3)
+                    .map(|i| (["k", &i.to_string()].concat(), i))
+                    .chain([("k3".to_owned(), -1)])
+                    .map(|(k, v)| (&*Box::leak(k.into_boxed_str()), v))
+                    .collect(),
+            ),
+        ] {
+            let event = r#"{"key":"e","value":{"I64":1}},{"key":"e","value":{"I64":2}}"#;
+            let json = json_span_with(&map, event);
+            assert!(
+                json::decode_reusing(json.as_bytes(), &[]).is_some(),
+                "the fast path reads it"
+            );
+            for span in both_json_paths(&json) {
+                let span = span.unwrap();
+                let got: Vec<(&str, i64)> = span
+                    .attributes
+                    .map
+                    .iter()
+                    .map(|kv| match kv.value {
+                        model::Value::I64(v) => (kv.key.as_str(), v),
+                        ref other => panic!("{other:?}"),
+                    })
+                    .collect();
+                assert_eq!(got, want_map);
+                let event = &span.events.items()[0].attributes;
+                assert_eq!(event.len(), 1);
+                assert_eq!(event[0].value, model::Value::I64(2));
+            }
         }
     }
 

@@ -77,17 +77,69 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
 /// infinities as `null`, and a span must not be lost because an attribute
 /// held one. Bincode has no `null` (and an `Option` there would read a tag
 /// byte), so the lenient path is for self-describing formats only.
+///
+/// A JSON number too large for an `f64` (`1e400`) is read as the infinity
+/// of its sign, not as an error: serde_json refuses such a number before
+/// any visitor sees it, so the number is taken raw and read by
+/// [`json_f64`], which the fast path uses too.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct F64(pub f64);
 
 impl<'de> Deserialize<'de> for F64 {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         if d.is_human_readable() {
-            Option::<f64>::deserialize(d).map(|v| F64(v.unwrap_or(f64::NAN)))
+            match Option::<&'de serde_json::value::RawValue>::deserialize(d)? {
+                None => Ok(F64(f64::NAN)),
+                Some(raw) => json_f64(raw.get().as_bytes()).map(F64).ok_or_else(|| {
+                    de::Error::invalid_type(de::Unexpected::Other(raw.get()), &"a number")
+                }),
+            }
         } else {
             f64::deserialize(d).map(F64)
         }
     }
+}
+
+/// Reads a JSON number token (RFC 8259's grammar, nothing else: no
+/// `inf`, no `NaN`, no leading `+` or `.`) as the nearest `f64`; one
+/// beyond `f64`'s range is the infinity of its sign, as IEEE 754 rounds.
+pub(crate) fn json_f64(token: &[u8]) -> Option<f64> {
+    fn digits(t: &[u8], i: &mut usize) -> usize {
+        let start = *i;
+        while t.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i - start
+    }
+    let mut i = usize::from(token.first() == Some(&b'-'));
+    match token.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            digits(token, &mut i);
+        }
+        _ => return None,
+    }
+    if token.get(i) == Some(&b'.') {
+        i += 1;
+        if digits(token, &mut i) == 0 {
+            return None;
+        }
+    }
+    if matches!(token.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(token.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if digits(token, &mut i) == 0 {
+            return None;
+        }
+    }
+    if i != token.len() {
+        return None;
+    }
+    // The grammar holds, so the text is ASCII and Rust's parser (correctly
+    // rounded, overflow to infinity) accepts it.
+    std::str::from_utf8(token).ok()?.parse().ok()
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -249,6 +301,53 @@ pub struct Link<'a> {
 pub struct Resource<'a> {
     #[serde(borrow, deserialize_with = "map_as_vec")]
     pub attrs: Vec<KeyValue<'a>>,
+}
+
+impl AgentSpan<'_> {
+    /// Leaves one attribute per key in every list of the span (its own,
+    /// each event's and link's, the resource's), the last one, as the
+    /// SDK's map keeps the last value set: OTLP requires unique keys, and a
+    /// guest's map may repeat one. The wire reads maps in order, so this is
+    /// the one place that sees every list once.
+    pub(crate) fn dedupe_keys(&mut self) {
+        dedupe_keys(&mut self.attributes.map);
+        for e in self.events.queue.iter_mut().flatten() {
+            dedupe_keys(&mut e.attributes);
+        }
+        for l in self.links.queue.iter_mut().flatten() {
+            dedupe_keys(&mut l.attributes);
+        }
+        if let Some(r) = &mut self.resource {
+            dedupe_keys(&mut r.attrs);
+        }
+    }
+}
+
+/// Keeps the last key-value of each key, in order. A short list (every
+/// real one) is checked pair by pair without allocating; a long one, which
+/// only a guest's own making can be, through a set, so that its cost stays
+/// linear.
+fn dedupe_keys(kvs: &mut Vec<KeyValue<'_>>) {
+    const PAIRWISE: usize = 16;
+    let has_duplicate = if kvs.len() <= PAIRWISE {
+        kvs.iter()
+            .enumerate()
+            .any(|(i, kv)| kvs.iter().skip(i + 1).any(|later| later.key == kv.key))
+    } else {
+        let mut seen = std::collections::HashSet::with_capacity(kvs.len());
+        !kvs.iter().all(|kv| seen.insert(kv.key.as_str()))
+    };
+    if !has_duplicate {
+        return;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(kvs.len());
+    let keep: Vec<bool> = kvs
+        .iter()
+        .rev()
+        .map(|kv| seen.insert(kv.key.as_str()))
+        .collect();
+    let mut keep = keep.into_iter().rev();
+    kvs.retain(|_| keep.next().unwrap_or(true));
 }
 
 /// Reads a serde map into a vector of key-values in wire order.
