@@ -37,11 +37,12 @@ use tokio::time::Instant;
 use crate::config::{BatchConfig, OtlpConfig, OtlpProtocol};
 use crate::events::{
     emit, BatchDone, Delivery, ExportAttempt, ExportAttemptFailed, PartialSuccess,
-    SpoolFileSkipped, SpoolFull,
+    SpanTooLarge, SpoolFileSkipped, SpoolFull,
 };
-use crate::otlp::{encode_request, EncodedRequest};
+use crate::otlp::{encode, encode_request, EncodedRequest, EncodedResource, SpanRecord};
 use crate::shutdown::Shutdown;
 use crate::stats::{DropReason, Stats};
+use crate::tenant::Tenant;
 use queue::{QueueReceiver, Queued};
 use retry::{Classify, Retry, RetryPolicy};
 use spool::Spool;
@@ -79,8 +80,14 @@ impl ExportError {
     fn drop_reason(&self) -> DropReason {
         match self {
             ExportError::WriteDump(_) => DropReason::Export,
+            e if e.retry() == Retry::TooLarge => DropReason::TooLarge,
             _ => DropReason::Rejected,
         }
+    }
+
+    /// Whether trying the same request again cannot help.
+    fn is_final(&self) -> bool {
+        matches!(self.retry(), Retry::Never | Retry::TooLarge)
     }
 }
 
@@ -284,7 +291,7 @@ impl Exporter {
                 }
                 Err(e) => e,
             };
-            let delivery = if error.retry() == Retry::Never {
+            let delivery = if error.is_final() {
                 Delivery::Dropped(error.drop_reason())
             } else if spooling && self.spool_batch(body.clone(), spans).await {
                 Delivery::Spooled
@@ -350,6 +357,50 @@ fn delivered(stats: &Stats, resp: &ExportTraceServiceResponse) -> Delivery {
     Delivery::Delivered { rejected }
 }
 
+/// What a batch's request weighs so far: its spans, and its encoded bytes
+/// (the spans' own, and each resource with its framing once).
+#[derive(Default)]
+struct Weight {
+    spans: usize,
+    bytes: usize,
+    /// The resources counted already; a batch has a few, one per sandbox
+    /// or connection.
+    resources: Vec<Arc<EncodedResource>>,
+}
+
+/// The framing `encode_request` writes around one resource's spans: three
+/// length-delimited headers of at most 1 + 10 bytes each.
+const RESOURCE_FRAMING: usize = 33;
+
+impl Weight {
+    /// The bytes `q`'s resource adds if it is new to the batch.
+    fn resource_cost(&self, q: &Queued) -> usize {
+        let r = &q.record.resource;
+        if self.resources.iter().any(|have| Arc::ptr_eq(have, r)) {
+            0
+        } else {
+            RESOURCE_FRAMING + r.bytes().len()
+        }
+    }
+
+    fn add(&mut self, q: &Queued) {
+        let cost = self.resource_cost(q);
+        if cost > 0 {
+            self.resources.push(Arc::clone(&q.record.resource));
+        }
+        self.spans += q.record.count;
+        self.bytes += cost + q.record.spans.len();
+    }
+
+    fn full(&self, cfg: &BatchConfig) -> bool {
+        self.spans >= cfg.max_spans || self.bytes >= cfg.max_bytes
+    }
+
+    fn over(&self, cfg: &BatchConfig) -> bool {
+        self.spans > cfg.max_spans || self.bytes > cfg.max_bytes
+    }
+}
+
 /// Receives spans until every sender is gone, exporting them in batches.
 /// Once shutdown has set its deadline, retries stop at it, and what cannot
 /// be sent by then is spooled, or counted as dropped.
@@ -361,16 +412,16 @@ pub(crate) async fn run_batcher(
 ) {
     let mut buf: Vec<Queued> = Vec::with_capacity(cfg.max_spans);
     // A record holds the spans of one socket read; what does not fit a batch
-    // (the tail of the record that crosses `max_spans`, and the records
-    // after it) waits here for the next one.
+    // (the tail of the record that crosses `max_spans` or `max_bytes`, and
+    // the records after it) waits here for the next one.
     let mut carry: Vec<Queued> = Vec::new();
-    let spans_in = |q: &[Queued]| q.iter().map(|q| q.record.count).sum::<usize>();
     loop {
         buf.append(&mut carry);
         if buf.is_empty() && rx.recv_many(&mut buf, cfg.max_spans).await == 0 {
             break;
         }
-        let mut spans = spans_in(&buf);
+        let mut weight = Weight::default();
+        buf.iter().for_each(|q| weight.add(q));
         // From the oldest span's arrival, which a paced read may have
         // brought in a little after the fact.
         let oldest = |q: &[Queued]| q.iter().map(|q| q.since).min();
@@ -378,15 +429,15 @@ pub(crate) async fn run_batcher(
         let deadline = tokio::time::sleep_until(flush_at);
         tokio::pin!(deadline);
         let mut closed = false;
-        while spans < cfg.max_spans {
-            let want = cfg.max_spans - spans;
+        while !weight.full(&cfg) {
+            let want = cfg.max_spans - weight.spans;
             let before = buf.len();
             tokio::select! {
                 n = rx.recv_many(&mut buf, want) => if n == 0 { closed = true; break },
                 _ = &mut deadline => break,
             }
             let new = buf.get(before..).unwrap_or_default();
-            spans += spans_in(new);
+            new.iter().for_each(|q| weight.add(q));
             if let Some(at) = oldest(new).map(|t| t + cfg.timeout) {
                 if at < flush_at {
                     flush_at = at;
@@ -394,8 +445,8 @@ pub(crate) async fn run_batcher(
                 }
             }
         }
-        if spans > cfg.max_spans {
-            carry = split_batch(&mut buf, cfg.max_spans);
+        if weight.over(&cfg) {
+            carry = split_batch(&mut buf, &cfg);
         }
         let batch = std::mem::replace(&mut buf, Vec::with_capacity(cfg.max_spans));
         flush(&exporter, batch, &shutdown, &rx).await;
@@ -405,24 +456,37 @@ pub(crate) async fn run_batcher(
     }
 }
 
-/// Cuts `buf` to `max_spans` spans, splitting the record that crosses the
-/// line; returns what is left over.
-fn split_batch(buf: &mut Vec<Queued>, max_spans: usize) -> Vec<Queued> {
-    let mut fit = 0;
-    let cut = buf
-        .iter()
-        .position(|q| {
-            let over = fit + q.record.count > max_spans;
-            if !over {
-                fit += q.record.count;
-            }
-            over
-        })
-        .unwrap_or(buf.len());
-    let mut carry = buf.split_off(cut);
-    let room = max_spans - fit;
-    if room > 0 {
-        if let Some(head) = carry.first_mut().and_then(|q| q.split_to(room)) {
+/// Cuts `buf` to what one request may hold, `max_spans` spans and
+/// `max_bytes` bytes (but at least one span, however large), splitting the
+/// record that crosses the line; returns what is left over.
+fn split_batch(buf: &mut Vec<Queued>, cfg: &BatchConfig) -> Vec<Queued> {
+    let mut weight = Weight::default();
+    // Where to cut: before record `i`, after taking `n` of its spans.
+    let mut cut = None;
+    for (i, q) in buf.iter().enumerate() {
+        let span_room = cfg.max_spans.saturating_sub(weight.spans);
+        let byte_room = cfg
+            .max_bytes
+            .saturating_sub(weight.bytes + weight.resource_cost(q));
+        if q.record.count <= span_room && q.record.spans.len() <= byte_room {
+            weight.add(q);
+            continue;
+        }
+        let mut n = span_room.min(encode::spans_within(&q.record.spans, byte_room));
+        if n == 0 && weight.spans == 0 {
+            // A span larger than a whole request goes alone; the collector
+            // decides (see `flush`).
+            n = 1;
+        }
+        cut = Some(if n >= q.record.count { (i + 1, 0) } else { (i, n) });
+        break;
+    }
+    let Some((at, n)) = cut else {
+        return Vec::new();
+    };
+    let mut carry = buf.split_off(at.min(buf.len()));
+    if n > 0 {
+        if let Some(head) = carry.first_mut().and_then(|q| q.split_to(n)) {
             buf.push(head);
         }
     }
@@ -433,41 +497,108 @@ fn split_batch(buf: &mut Vec<Queued>, max_spans: usize) -> Vec<Queued> {
     carry
 }
 
+/// Part of a batch on its way: its records, and whose each one is.
+struct Piece {
+    records: Vec<SpanRecord>,
+    tenants: Vec<Arc<Tenant>>,
+}
+
+impl Piece {
+    fn spans(&self) -> u64 {
+        self.records.iter().map(|r| r.count as u64).sum()
+    }
+
+    /// Splits off the second half, by spans: what is left holds the first.
+    fn split_half(&mut self) -> Piece {
+        let mut keep = self.spans() / 2;
+        let mut at = self.records.len();
+        for (i, r) in self.records.iter().enumerate() {
+            if (r.count as u64) > keep {
+                at = i;
+                break;
+            }
+            keep -= r.count as u64;
+        }
+        let mut records = self.records.split_off(at);
+        let tenants = self.tenants.split_off(at);
+        if keep > 0 {
+            if let (Some(r), Some(t)) = (records.first_mut(), tenants.first()) {
+                self.records.push(r.split_to(keep as usize));
+                self.tenants.push(Arc::clone(t));
+            }
+        }
+        Piece { records, tenants }
+    }
+}
+
 async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx: &QueueReceiver) {
-    let spans = batch.iter().map(|q| q.record.count as u64).sum::<u64>();
-    // Each sandbox's part of the batch, for its own counters.
-    let parts: Vec<_> = batch
-        .iter()
-        .map(|q| (Arc::clone(q.share.tenant()), q.record.count as u64))
-        .collect();
     // The queue's byte permits, and each sandbox's share of them, are held
     // until this function returns: the data is in memory until then,
     // encoded or not.
-    let (records, _held): (Vec<_>, Vec<_>) = batch
-        .into_iter()
-        .map(|q| (q.record, (q.permit, q.share)))
-        .unzip();
-    // The spans are encoded already; this frames them into one request.
-    let body = encode_request(&records);
-    drop(records);
-    let out = exporter
-        .deliver(body, spans, shutdown, || rx.is_filling_up())
-        .await;
-    if let Delivery::Dropped(reason) = out.delivery {
-        for (tenant, n) in parts {
-            tenant.dropped.add(reason, n);
-        }
+    let mut held = Vec::with_capacity(batch.len());
+    let mut whole = Piece {
+        records: Vec::with_capacity(batch.len()),
+        tenants: Vec::with_capacity(batch.len()),
+    };
+    for q in batch {
+        // Each sandbox's part of the batch, for its own counters.
+        whole.tenants.push(Arc::clone(q.share.tenant()));
+        whole.records.push(q.record);
+        held.push((q.permit, q.share));
     }
-    emit!(
-        exporter.stats,
-        BatchDone {
-            spans,
-            delivery: out.delivery,
-            attempts: out.attempts,
-            error: out.error.as_ref().map(|e| e as &dyn std::fmt::Display),
-            from_spool: false,
+    // A request the collector finds too large comes back here as its two
+    // halves, each sent in turn (the first first), down to single spans:
+    // only a span that alone is too large is dropped, against its own
+    // sandbox, and every other sandbox's spans in the batch still go.
+    let mut pieces = vec![whole];
+    while let Some(mut piece) = pieces.pop() {
+        let spans = piece.spans();
+        // The spans are encoded already; this frames them into one request.
+        let body = encode_request(&piece.records);
+        let bytes = body.len();
+        let out = exporter
+            .deliver(body, spans, shutdown, || rx.is_filling_up())
+            .await;
+        match out.delivery {
+            Delivery::Dropped(DropReason::TooLarge) if spans > 1 => {
+                tracing::debug!(spans, bytes, "request too large for the collector; sending its halves");
+                let second = piece.split_half();
+                pieces.push(second);
+                pieces.push(piece);
+                continue;
+            }
+            Delivery::Dropped(DropReason::TooLarge) => {
+                let error = out.error.as_ref().map(|e| e as &dyn std::fmt::Display);
+                if let Some(tenant) = piece.tenants.first() {
+                    emit!(
+                        exporter.stats,
+                        SpanTooLarge {
+                            tenant,
+                            bytes,
+                            error: error.unwrap_or(&"too large"),
+                        }
+                    );
+                }
+            }
+            Delivery::Dropped(reason) => {
+                for (tenant, r) in piece.tenants.iter().zip(&piece.records) {
+                    tenant.dropped.add(reason, r.count as u64);
+                }
+            }
+            Delivery::Delivered { .. } | Delivery::Spooled => {}
         }
-    );
+        emit!(
+            exporter.stats,
+            BatchDone {
+                spans,
+                delivery: out.delivery,
+                attempts: out.attempts,
+                error: out.error.as_ref().map(|e| e as &dyn std::fmt::Display),
+                from_spool: false,
+            }
+        );
+    }
+    drop(held);
 }
 
 /// Sends spooled batches, oldest first, whenever the collector answers,
@@ -527,7 +658,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         emit!(stats, ExportAttempt { attempt: 1 });
         let (delivery, error) = match exporter.sink.send(&batch.body).await {
             Ok(resp) => (delivered(stats, &resp), None),
-            Err(e) if e.retry() == Retry::Never => (Delivery::Dropped(e.drop_reason()), Some(e)),
+            Err(e) if e.is_final() => (Delivery::Dropped(e.drop_reason()), Some(e)),
             Err(e) => {
                 tracing::debug!(error = %e, retry_in = ?backoff, "collector still unavailable for spooled batches");
                 drop(claim);
