@@ -95,7 +95,11 @@ impl Body for RequestBody {
 /// At most `max` bytes of a response body, read by `deadline`; `None` if it
 /// is longer, does not end in time, or breaks off. A collector's answer is
 /// a few bytes, so nothing past this is worth memory or waiting for.
-pub(crate) async fn read_bounded<B>(body: B, max: usize, deadline: tokio::time::Instant) -> Option<Bytes>
+pub(crate) async fn read_bounded<B>(
+    body: B,
+    max: usize,
+    deadline: tokio::time::Instant,
+) -> Option<Bytes>
 where
     B: Body,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -134,7 +138,10 @@ mod tests {
         use http_body_util::{Full, StreamBody};
         let soon = || tokio::time::Instant::now() + std::time::Duration::from_secs(1);
         let small = Full::new(Bytes::from_static(b"ok"));
-        assert_eq!(read_bounded(small, 4, soon()).await.as_deref(), Some(&b"ok"[..]));
+        assert_eq!(
+            read_bounded(small, 4, soon()).await.as_deref(),
+            Some(&b"ok"[..])
+        );
         let big = Full::new(Bytes::from(vec![0u8; 5]));
         assert_eq!(read_bounded(big, 4, soon()).await, None);
         // A body that never ends.

@@ -36,8 +36,8 @@ use tokio::time::Instant;
 
 use crate::config::{BatchConfig, OtlpConfig, OtlpProtocol};
 use crate::events::{
-    emit, BatchDone, Delivery, ExportAttempt, ExportAttemptFailed, PartialSuccess,
-    SpanTooLarge, SpoolFileSkipped, SpoolFull,
+    emit, BatchDone, Delivery, ExportAttempt, ExportAttemptFailed, PartialSuccess, SpanTooLarge,
+    SpoolFileSkipped, SpoolFull,
 };
 use crate::otlp::{encode, encode_request, EncodedRequest, EncodedResource, SpanRecord};
 use crate::shutdown::Shutdown;
@@ -478,7 +478,11 @@ fn split_batch(buf: &mut Vec<Queued>, cfg: &BatchConfig) -> Vec<Queued> {
             // decides (see `flush`).
             n = 1;
         }
-        cut = Some(if n >= q.record.count { (i + 1, 0) } else { (i, n) });
+        cut = Some(if n >= q.record.count {
+            (i + 1, 0)
+        } else {
+            (i, n)
+        });
         break;
     }
     let Some((at, n)) = cut else {
@@ -561,7 +565,11 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
             .await;
         match out.delivery {
             Delivery::Dropped(DropReason::TooLarge) if spans > 1 => {
-                tracing::debug!(spans, bytes, "request too large for the collector; sending its halves");
+                tracing::debug!(
+                    spans,
+                    bytes,
+                    "request too large for the collector; sending its halves"
+                );
                 let second = piece.split_half();
                 pieces.push(second);
                 pieces.push(piece);

@@ -456,7 +456,10 @@ pub(crate) fn spans_within(spans: &[u8], max_bytes: usize) -> usize {
         let next = (rest.first() == Some(&SCOPE_SPANS_SPAN_KEY))
             .then(|| read_varint(rest.get(1..)?))
             .flatten()
-            .and_then(|(len, used)| at.checked_add(1 + used)?.checked_add(usize::try_from(len).ok()?));
+            .and_then(|(len, used)| {
+                at.checked_add(1 + used)?
+                    .checked_add(usize::try_from(len).ok()?)
+            });
         match next {
             Some(end) if end <= max_bytes && end <= spans.len() => {
                 at = end;
