@@ -1,8 +1,12 @@
 //! Export: batching, retry, and the transports that reach the collector.
 //!
 //! Converted spans arrive on one bounded channel from every connection. The
-//! batcher sends a batch when it holds `batch_max_spans` spans or when its
-//! oldest span has waited `batch_timeout`, grouped by resource, encoded once.
+//! batcher sends a batch when it holds `batch_max_spans` spans, or as many
+//! encoded bytes as the next span would take past `batch_max_bytes`, or when
+//! its oldest span has waited `batch_timeout`, grouped by resource, encoded
+//! once. A request the collector still finds too large is sent again as its
+//! two halves, and so on down to a single span, so that one sandbox's
+//! over-large span costs no other sandbox anything.
 //! One export is in flight at a time: while the collector is slow or away,
 //! the batcher waits in its retry loop, the channel fills, and the
 //! connection tasks stop reading their sockets, so backpressure reaches the
@@ -14,8 +18,9 @@
 //! cannot be sent by the deadline is spooled too, or else counted as
 //! dropped.
 //!
-//! Just over 500 lines: the sink, the batcher and the replayer share one
-//! idea of what became of a batch (`Delivery`), so they stay together.
+//! Over 500 lines: the sink, the batcher and the replayer share one idea of
+//! what became of a batch (`Delivery`), so they stay together; the tests of
+//! how batches are cut and split are beside them.
 
 pub(crate) mod body;
 pub(crate) mod coalesce;
@@ -690,5 +695,123 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
                 from_spool: true,
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::otlp::encode::SCOPE_SPANS_SPAN_KEY;
+    use crate::tenant::{TenantKey, TenantLimits, Tenants};
+    use bytes::Bytes;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+
+    /// `count` encoded spans of `payload` bytes each (under 128: one length
+    /// byte), as the queue holds them.
+    fn spans(count: usize, payload: usize) -> Bytes {
+        let one = [
+            &[SCOPE_SPANS_SPAN_KEY, payload as u8][..],
+            &vec![7; payload],
+        ]
+        .concat();
+        Bytes::from(one.repeat(count))
+    }
+
+    /// Records as the batcher receives them: `(sandbox, spans, bytes)`.
+    async fn queued(tenants: &Tenants, records: &[(&str, Bytes, usize)]) -> Vec<Queued> {
+        let (tx, mut rx) = queue::bounded(1 << 20, 1 << 30, Arc::new(Stats::default()));
+        let resource = Arc::new(EncodedResource::new(Resource::default()));
+        for (id, bytes, count) in records {
+            let tenant = tenants.get(TenantKey::Sandbox((*id).into())).unwrap();
+            let record = SpanRecord {
+                resource: Arc::clone(&resource),
+                spans: bytes.clone(),
+                count: *count,
+            };
+            tx.send(record, bytes.len(), &tenant, Instant::now())
+                .await
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        while out.len() < records.len() {
+            rx.recv_many(&mut out, 1 << 20).await;
+        }
+        out
+    }
+
+    fn cfg(max_bytes: usize) -> BatchConfig {
+        BatchConfig {
+            max_spans: 512,
+            max_bytes,
+            timeout: Duration::from_millis(200),
+        }
+    }
+
+    fn records_of(b: &[Queued]) -> Vec<SpanRecord> {
+        b.iter().map(|q| q.record.clone()).collect()
+    }
+
+    /// A batch closes where the next span would take its request past the
+    /// byte bound, inside a record if need be; a span larger than a whole
+    /// request goes alone.
+    #[tokio::test]
+    async fn batches_close_before_the_byte_bound() {
+        let tenants = Tenants::new(TenantLimits::default());
+        // Spans of 102 bytes on the wire; the resource's framing is 33 more.
+        let mut buf = queued(
+            &tenants,
+            &[
+                ("a", spans(3, 100), 3),
+                ("a", spans(5, 100), 5),
+                ("a", spans(4, 100), 4),
+            ],
+        )
+        .await;
+        let carry = split_batch(&mut buf, &cfg(1000));
+        let taken: Vec<usize> = buf.iter().map(|q| q.record.count).collect();
+        assert_eq!(taken, [3, 5, 1]);
+        assert_eq!(carry.iter().map(|q| q.record.count).sum::<usize>(), 3);
+        let request = encode_request(&records_of(&buf));
+        assert!(request.len() <= 1000, "{}", request.len());
+        assert!(request.len() + 102 > 1000, "{}", request.len());
+
+        let mut buf = queued(&tenants, &[("a", spans(2, 100), 2)]).await;
+        let carry = split_batch(&mut buf, &cfg(50));
+        assert_eq!((buf.len(), buf[0].record.count), (1, 1));
+        assert_eq!(carry.iter().map(|q| q.record.count).sum::<usize>(), 1);
+    }
+
+    /// A piece splits in halves by spans, each span kept with its sandbox.
+    #[tokio::test]
+    async fn a_piece_splits_in_halves_keeping_each_span_s_sandbox() {
+        let tenants = Tenants::new(TenantLimits::default());
+        let batch = queued(
+            &tenants,
+            &[
+                ("a", spans(3, 10), 3),
+                ("b", spans(4, 20), 4),
+                ("c", spans(1, 30), 1),
+            ],
+        )
+        .await;
+        let mut first = Piece {
+            records: records_of(&batch),
+            tenants: batch.iter().map(|q| Arc::clone(q.share.tenant())).collect(),
+        };
+        let second = first.split_half();
+        let shape = |p: &Piece| {
+            p.records
+                .iter()
+                .zip(&p.tenants)
+                .map(|(r, t)| (t.label().to_owned(), r.count, r.spans.len()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shape(&first),
+            [("a".into(), 3, 36), ("b".into(), 1, 22)],
+            "{:?}",
+            shape(&first)
+        );
+        assert_eq!(shape(&second), [("b".into(), 3, 66), ("c".into(), 1, 32)]);
     }
 }
