@@ -44,6 +44,7 @@ use crate::events::{
     emit, BatchDone, Delivery, ExportAttempt, ExportAttemptFailed, PartialSuccess, SpanTooLarge,
     SpoolFileSkipped, SpoolFull,
 };
+use crate::otlp::record::decode_request;
 use crate::otlp::{encode, encode_request, EncodedRequest, EncodedResource, SpanRecord};
 use crate::shutdown::Shutdown;
 use crate::stats::{DropReason, Stats};
@@ -519,25 +520,49 @@ impl Piece {
 
     /// Splits off the second half, by spans: what is left holds the first.
     fn split_half(&mut self) -> Piece {
-        let mut keep = self.spans() / 2;
-        let mut at = self.records.len();
-        for (i, r) in self.records.iter().enumerate() {
-            if (r.count as u64) > keep {
-                at = i;
-                break;
-            }
-            keep -= r.count as u64;
-        }
-        let mut records = self.records.split_off(at);
-        let tenants = self.tenants.split_off(at);
-        if keep > 0 {
-            if let (Some(r), Some(t)) = (records.first_mut(), tenants.first()) {
-                self.records.push(r.split_to(keep as usize));
+        let (records, shared) = split_half(&mut self.records);
+        let whole = self.records.len() - usize::from(shared);
+        let tenants = self.tenants.split_off(whole.min(self.tenants.len()));
+        if shared {
+            if let Some(t) = tenants.first() {
                 self.tenants.push(Arc::clone(t));
             }
         }
         Piece { records, tenants }
     }
+}
+
+/// Splits off the second half of `records`, by spans; `records` keeps the
+/// first. Whether the record at the cut was split (its first part now ends
+/// `records`, its rest begins the second half).
+fn split_half(records: &mut Vec<SpanRecord>) -> (Vec<SpanRecord>, bool) {
+    let mut keep = records.iter().map(|r| r.count).sum::<usize>() / 2;
+    let at = records
+        .iter()
+        .position(|r| {
+            let crosses = r.count > keep;
+            if !crosses {
+                keep -= r.count;
+            }
+            crosses
+        })
+        .unwrap_or(records.len());
+    let mut second = records.split_off(at);
+    let shared = keep > 0 && !second.is_empty();
+    if let (true, Some(r)) = (shared, second.first_mut()) {
+        records.push(r.split_to(keep));
+    }
+    (second, shared)
+}
+
+/// A spooled request in two, each with its spans; `None` if it is not one
+/// the batcher made, or holds a single span.
+fn halves_of(body: &EncodedRequest) -> Option<[(EncodedRequest, u64); 2]> {
+    let mut first = decode_request(&body.to_bytes())?;
+    let (second, _) = split_half(&mut first);
+    let spans = |r: &[SpanRecord]| r.iter().map(|r| r.count as u64).sum::<u64>();
+    let (a, b) = (spans(&first), spans(&second));
+    (a > 0 && b > 0).then(|| [(encode_request(&first), a), (encode_request(&second), b)])
 }
 
 async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx: &QueueReceiver) {
@@ -671,6 +696,34 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         emit!(stats, ExportAttempt { attempt: 1 });
         let (delivery, error) = match exporter.sink.send(&batch.body).await {
             Ok(resp) => (delivered(stats, &resp), None),
+            // Too large for this collector (spooled under a larger bound,
+            // or by a predecessor): its halves go back to the spool in its
+            // place, to be sent in turn, and halved again if need be.
+            Err(e) if e.retry() == Retry::TooLarge && spans > 1 => match halves_of(&batch.body) {
+                Some(halves) => {
+                    claim.settle();
+                    tracing::debug!(
+                        spans,
+                        "spooled batch too large for the collector; its halves spooled instead"
+                    );
+                    for (body, n) in halves {
+                        if !exporter.spool_batch(body, n).await {
+                            emit!(
+                                stats,
+                                BatchDone {
+                                    spans: n,
+                                    delivery: Delivery::Dropped(DropReason::Export),
+                                    attempts: 1,
+                                    error: Some(&e),
+                                    from_spool: true,
+                                }
+                            );
+                        }
+                    }
+                    continue;
+                }
+                None => (Delivery::Dropped(e.drop_reason()), Some(e)),
+            },
             Err(e) if e.is_final() => (Delivery::Dropped(e.drop_reason()), Some(e)),
             Err(e) => {
                 tracing::debug!(error = %e, retry_in = ?backoff, "collector still unavailable for spooled batches");
