@@ -9,6 +9,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -197,23 +198,28 @@ async fn a_request_too_large_for_the_collector_is_sent_in_halves_grpc_collector(
     through_a_collector(&["--batch-max-bytes", "64MiB"]).await;
 }
 
-/// An OTLP/HTTP receiver that answers 413 to a request over `limit` bytes.
-async fn http_receiver_with_limit(limit: usize) -> (SocketAddr, Spans) {
+/// An OTLP/HTTP receiver that answers 413 to a request over `limit` bytes,
+/// and 503 to any while the flag it returns is set.
+async fn http_receiver_with_limit(limit: usize) -> (SocketAddr, Spans, Arc<AtomicBool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let spans: Spans = Arc::default();
     let store = Arc::clone(&spans);
+    let down = Arc::new(AtomicBool::new(false));
+    let is_down = Arc::clone(&down);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let store = Arc::clone(&store);
+            let (store, is_down) = (Arc::clone(&store), Arc::clone(&is_down));
             tokio::spawn(async move {
                 let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let store = Arc::clone(&store);
+                    let (store, is_down) = (Arc::clone(&store), Arc::clone(&is_down));
                     async move {
-                        let status = match Limited::new(req.into_body(), limit).collect().await {
+                        let read = Limited::new(req.into_body(), limit).collect().await;
+                        let status = match read {
+                            _ if is_down.load(Ordering::SeqCst) => 503,
                             Ok(body) => match ExportTraceServiceRequest::decode(body.to_bytes()) {
                                 Ok(r) => {
                                     record(&store, r);
@@ -237,14 +243,14 @@ async fn http_receiver_with_limit(limit: usize) -> (SocketAddr, Spans) {
             });
         }
     });
-    (addr, spans)
+    (addr, spans, down)
 }
 
 /// Over HTTP, a collector that takes 2 MiB at most answers 413 to the
 /// default 3 MiB requests, and to bad's 5 MB span.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_too_large_for_the_collector_is_sent_in_halves_http_413() {
-    let (addr, spans) = http_receiver_with_limit(2 << 20).await;
+    let (addr, spans, _) = http_receiver_with_limit(2 << 20).await;
     one_sandbox_s_large_spans_against(
         "http/protobuf",
         format!("http://{addr}"),
@@ -252,6 +258,115 @@ async fn a_request_too_large_for_the_collector_is_sent_in_halves_http_413() {
         &[],
     )
     .await;
+}
+
+/// A batch spooled while the collector was away, under a bound larger
+/// than the collector's limit (a collector that changed, or a
+/// predecessor's spool): when it is replayed and found too large, its
+/// halves are sent instead, and every span arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spooled_batch_too_large_for_the_collector_is_sent_in_halves() {
+    let (addr, spans, down) = http_receiver_with_limit(2 << 20).await;
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().join("spool");
+    // In hybrid mode, with a batch timeout long enough that the spans make
+    // one batch.
+    let start = |extra: Vec<String>| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let socket_path = dir.path().join("kata.hvsock");
+        let mut args = vec![
+            "--socket-path".to_string(),
+            socket_path.display().to_string(),
+        ];
+        args.extend(extra);
+        let fwd = Forwarder::spawn_in(dir, socket_path, &args);
+        fwd.wait_listening().await;
+        fwd
+    };
+    let args: Vec<String> = [
+        "--otlp-protocol",
+        "http/protobuf",
+        "--otlp-endpoint",
+        &format!("http://{addr}"),
+        "--spool-dir",
+        &spool_dir.display().to_string(),
+        "--batch-timeout",
+        "1s",
+        "--shutdown-timeout",
+        "1s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let port = free_port();
+    let mut first_args = args.clone();
+    first_args.extend(["--metrics-address".into(), format!("127.0.0.1:{port}")]);
+    let mut first = start(first_args).await;
+    down.store(true, Ordering::SeqCst);
+    let mut frames = bulk_frames(WireFormat::Bincode, 5, 1_000, 6);
+    frames.extend(bulk_frames(WireFormat::Bincode, 3, 900_000, 7));
+    let mut agent = common::connect_agent(&first.agent_socket).await;
+    agent.write_all(&frames.concat()).await.unwrap();
+    common::wait_metric(port, "kata_trace_forwarder_spans_received_total", 8).await;
+    drop(agent);
+    assert!(first.terminate().await.success(), "{}", first.stderr());
+    let spooled = common::exit_summary(&first.stderr());
+    assert_eq!(spooled["spans_spooled"], 8, "{spooled}");
+    // One batch of 2.7 MB, over the collector's 2 MiB.
+    let files = common::files_named(&spool_dir, ".batch");
+    assert_eq!(files.len(), 1, "{files:?}");
+    let size = std::fs::metadata(&files[0]).unwrap().len();
+    assert!(size > 2 << 20, "{size}");
+    assert!(spans.lock().unwrap().is_empty());
+
+    down.store(false, Ordering::SeqCst);
+    let port = free_port();
+    let mut second_args = args;
+    second_args.extend(["--metrics-address".into(), format!("127.0.0.1:{port}")]);
+    let mut second = start(second_args).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while spans.lock().unwrap().len() < 8 {
+        assert!(Instant::now() < deadline, "stderr:\n{}", second.stderr());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    common::wait_metric(port, "kata_trace_forwarder_spans_unspooled_total", 8).await;
+    assert_eq!(metric(port, "kata_trace_forwarder_spool_files").await, 0);
+    assert!(second.terminate().await.success());
+    let counters = common::exit_summary(&second.stderr());
+    assert_eq!(counters["spans_dropped"], 0, "{counters}");
+    assert_eq!(counters["spans_exported"], 8, "{counters}");
+    let got = spans.lock().unwrap();
+    let mut indexes: Vec<_> = got
+        .iter()
+        .map(|(_, s)| (s.encoded_len() > 1 << 19, index_of(s)))
+        .collect();
+    indexes.sort_unstable();
+    assert_eq!(
+        indexes,
+        [
+            (false, 0),
+            (false, 1),
+            (false, 2),
+            (false, 3),
+            (false, 4),
+            (true, 0),
+            (true, 1),
+            (true, 2)
+        ],
+        "each span exactly once"
+    );
+}
+
+/// The `kata.span_index` the agent emitter gave a span.
+fn index_of(s: &Span) -> i64 {
+    let v = s
+        .attributes
+        .iter()
+        .find(|kv| kv.key == "kata.span_index")
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref());
+    match v {
+        Some(Value::IntValue(i)) => *i,
+        other => panic!("kata.span_index: {other:?}"),
+    }
 }
 
 /// How a hostile collector answers a successful export.
@@ -344,20 +459,7 @@ async fn a_success_is_a_success(answer: Answer) {
     drop(agent);
     assert!(fwd.terminate().await.success());
     let got = spans.lock().unwrap();
-    let mut indexes: Vec<i64> = got
-        .iter()
-        .map(|(_, s)| {
-            let v = s
-                .attributes
-                .iter()
-                .find(|kv| kv.key == "kata.span_index")
-                .and_then(|kv| kv.value.as_ref()?.value.as_ref());
-            match v {
-                Some(Value::IntValue(i)) => *i,
-                other => panic!("kata.span_index: {other:?}"),
-            }
-        })
-        .collect();
+    let mut indexes: Vec<i64> = got.iter().map(|(_, s)| index_of(s)).collect();
     indexes.sort_unstable();
     assert_eq!(
         indexes,
