@@ -39,7 +39,7 @@ pub(crate) struct ConnectionAccepted;
 
 impl Event for ConnectionAccepted {
     fn emit(self, stats: &Stats) {
-        stats.connections_total.inc();
+        stats.connections_accepted.inc();
     }
 }
 
@@ -389,8 +389,36 @@ impl Event for BatchDone<'_> {
                     DropReason::Shutdown => {
                         tracing::error!(%error, spans, attempts, "shutdown deadline reached; spans dropped")
                     }
+                    // Logged per sandbox, gated: `SpanTooLarge`.
+                    DropReason::TooLarge => {
+                        tracing::debug!(%error, spans, "span too large for the collector dropped")
+                    }
                 }
             }
+        }
+    }
+}
+
+/// A span that alone is larger than the collector takes in one request:
+/// dropped, and counted against its own sandbox only.
+pub(crate) struct SpanTooLarge<'a> {
+    pub tenant: &'a Tenant,
+    /// Its encoded size.
+    pub bytes: usize,
+    pub error: &'a dyn fmt::Display,
+}
+
+impl Event for SpanTooLarge<'_> {
+    fn emit(self, _: &Stats) {
+        let Self {
+            tenant,
+            bytes,
+            error,
+        } = self;
+        tenant.dropped.inc(DropReason::TooLarge);
+        let sandbox = tenant.label();
+        if tenant.log.allow(Noisy::TooLarge, sandbox) {
+            tracing::warn!(sandbox, bytes, %error, "span larger than the collector takes in one request; dropped");
         }
     }
 }

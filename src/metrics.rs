@@ -6,24 +6,44 @@
 //! label, so `sum()` over the label gives the whole. Below them, each
 //! sandbox the forwarder tracks has its own series (`sandbox` label):
 //! bounded by `--max-sandboxes`, and gone once the sandbox is.
+//!
+//! Anyone who can reach the address can connect, so the endpoint keeps to a
+//! budget of its own and never takes the file descriptors and memory the
+//! agents' listeners need: at most [`MAX_CONNECTIONS`] connections (more
+//! are closed as soon as they are accepted), each given
+//! [`HEADER_READ_TIMEOUT`] to send its request head, within a small buffer,
+//! and [`CONNECTION_DEADLINE`] in all.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::shutdown::Shutdown;
 use crate::stats::{DropReason, Field, Kind, Label, Snapshot, Stats, Value};
 use crate::tenant::{LimitReason, TenantSnapshot, Tenants};
 
 const PREFIX: &str = "kata_trace_forwarder";
+
+/// Metrics connections served at once: a scraper or two, with room to
+/// spare, and a small, fixed part of the process's file descriptors.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+/// Time a connection has to send a whole request head.
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one connection is kept, however it behaves.
+pub(crate) const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+/// hyper's read buffer, which bounds a request head: a scrape's is a few
+/// hundred bytes (8 KiB is the least hyper takes).
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -57,6 +77,7 @@ pub async fn serve(
         .await
         .map_err(|source| MetricsError::Bind { addr, source })?;
     let addr = listener.local_addr().unwrap_or(addr);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -67,9 +88,14 @@ pub async fn serve(
                 Ok((s, _)) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
+            };
+            // Over the budget: closed at once, not queued.
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                drop(stream);
+                continue;
             };
             let (stats, tenants) = (Arc::clone(&stats), Arc::clone(&tenants));
             tokio::spawn(async move {
@@ -77,9 +103,13 @@ pub async fn serve(
                     let (stats, tenants) = (Arc::clone(&stats), Arc::clone(&tenants));
                     async move { Ok::<_, Infallible>(respond(&req, &stats, &tenants)) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(MAX_REQUEST_HEAD)
+                    .serve_connection(TokioIo::new(stream), svc);
+                let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
+                drop(slot);
             });
         }
     });
@@ -95,7 +125,7 @@ pub async fn serve_when_free(
     tenants: Arc<Tenants>,
     shutdown: Shutdown,
 ) {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match serve(
             addr,
@@ -113,7 +143,7 @@ pub async fn serve_when_free(
                 tracing::error!(error = %e, "no metrics endpoint");
                 return;
             }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
 }
@@ -325,6 +355,29 @@ mod tests {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(name.starts_with(PREFIX), "{line}");
             value.parse::<u64>().unwrap();
+        }
+    }
+
+    /// The exposition adds `_total` to a counter: a counter whose own name
+    /// ends with it would be exported as `..._total_total`.
+    #[test]
+    fn no_metric_name_doubles_its_suffix() {
+        let text = render(&Stats::default().snapshot());
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            assert!(!line.contains("_total_total"), "{line}");
+        }
+        for f in Stats::default().snapshot().fields() {
+            assert!(
+                f.kind != Kind::Counter || !f.name.ends_with("_total"),
+                "counter {} would be exported as {}_total",
+                f.name,
+                f.name
+            );
+        }
+        assert!(text.contains("# TYPE kata_trace_forwarder_connections_accepted_total counter\n"));
+        for (name, kind, _, _) in SANDBOX_FAMILIES {
+            assert_eq!(name.ends_with("_total"), kind == "counter", "{name}");
+            assert!(!name.ends_with("_total_total"), "{name}");
         }
     }
 }

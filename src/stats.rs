@@ -203,6 +203,8 @@ label! {
         Shutdown = "shutdown",
         /// The collector refused them for good.
         Rejected = "rejected",
+        /// A span larger, alone, than the collector takes in one request.
+        TooLarge = "too_large",
     }
 }
 
@@ -306,7 +308,7 @@ metrics! {
     /// Open agent connections whose slow agent is read at the shared tick rather than on every write.
     gauge connections_paced;
     /// Agent connections accepted since start.
-    counter connections_total;
+    counter connections_accepted;
     /// Connections closed at once because `--max-connections` were open.
     counter connections_rejected;
     /// Frames read off agent connections.

@@ -453,16 +453,18 @@ pub(crate) enum Noisy {
     Throttled,
     Undecodable,
     Claim,
+    TooLarge,
 }
 
 impl Noisy {
-    const ALL: [Noisy; 6] = [
+    const ALL: [Noisy; 7] = [
         Noisy::Refused,
         Noisy::Connected,
         Noisy::Disconnected,
         Noisy::Throttled,
         Noisy::Undecodable,
         Noisy::Claim,
+        Noisy::TooLarge,
     ];
 
     fn what(self) -> &'static str {
@@ -473,6 +475,7 @@ impl Noisy {
             Noisy::Throttled => "reads paused by a limit",
             Noisy::Undecodable => "frames that do not decode",
             Noisy::Claim => "resources claiming another identity",
+            Noisy::TooLarge => "spans too large for the collector",
         }
     }
 }

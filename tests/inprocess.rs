@@ -98,7 +98,7 @@ async fn serves_both_formats_in_process_into_a_collector() {
     assert_eq!(summary.spans_json + summary.spans_bincode, want as u64);
     assert!(summary.spans_json > 0 && summary.spans_bincode > 0);
     assert_eq!(summary.spans_dropped.total(), 0);
-    assert_eq!(summary.connections_total, 2);
+    assert_eq!(summary.connections_accepted, 2);
     assert_eq!(
         summary.connections_open, 0,
         "every connection guard dropped"

@@ -15,6 +15,9 @@ use crate::addr::{SocketTemplate, VsockCid};
 pub const DEFAULT_VSOCK_PORT: u32 = 10240;
 pub const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
 pub const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318";
+/// `--batch-max-bytes` from the environment: OpenTelemetry names no such
+/// setting, so it is the forwarder's own.
+pub const BATCH_MAX_BYTES_ENV: &str = "KATA_TRACE_FORWARDER_BATCH_MAX_BYTES";
 
 const ABOUT: &str = "Forwards Kata Containers agent trace spans from the guest VM (VSOCK or \
 hybrid VSOCK) to an OpenTelemetry collector (Jaeger, OpenTelemetry Collector, Tempo, ...).";
@@ -63,7 +66,7 @@ OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE, OTEL_EXPORTER_OTLP_CLIENT_CERTIFIC
 OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY, OTEL_EXPORTER_OTLP_CLIENT_KEY, \
 OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, OTEL_EXPORTER_OTLP_COMPRESSION, \
 OTEL_EXPORTER_OTLP_TRACES_INSECURE, OTEL_EXPORTER_OTLP_INSECURE, OTEL_BSP_MAX_EXPORT_BATCH_SIZE, \
-OTEL_BSP_SCHEDULE_DELAY, OTEL_BSP_MAX_QUEUE_SIZE.";
+OTEL_BSP_SCHEDULE_DELAY, OTEL_BSP_MAX_QUEUE_SIZE, KATA_TRACE_FORWARDER_BATCH_MAX_BYTES.";
 
 /// Log levels of the Kata tool, `critical` included (it maps to `error`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -375,6 +378,13 @@ pub struct Cli {
     /// Most spans in one export request.
     #[arg(long, env = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", default_value = "512", value_parser = parse_positive)]
     pub batch_max_spans: usize,
+
+    /// Most bytes in one export request (encoded, before compression): a batch
+    /// is sent before the next span would take it past this. Keep it under the
+    /// collector's request limit (4 MiB for gRPC by default); a request the
+    /// collector still finds too large is sent again in halves.
+    #[arg(long, env = BATCH_MAX_BYTES_ENV, default_value = "3MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub batch_max_bytes: usize,
 
     /// Longest a span waits for its batch to fill before it is sent.
     #[arg(long, env = "OTEL_BSP_SCHEDULE_DELAY", default_value = "200ms", value_parser = parse_duration, value_name = "DURATION")]

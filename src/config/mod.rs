@@ -97,6 +97,9 @@ pub struct QueueConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchConfig {
     pub max_spans: usize,
+    /// Most encoded bytes in one export request (one span larger than this
+    /// goes alone).
+    pub max_bytes: usize,
     pub timeout: Duration,
 }
 
@@ -345,6 +348,7 @@ impl Cli {
                 },
                 batch: BatchConfig {
                     max_spans: self.batch_max_spans,
+                    max_bytes: self.batch_max_bytes,
                     timeout: self.batch_timeout,
                 },
                 spool: self.spool_dir.map(|dir| SpoolConfig {
@@ -403,6 +407,15 @@ mod tests {
             Output::Otlp(o) => o,
             Output::Dump => panic!("expected OTLP output"),
         }
+    }
+
+    #[test]
+    fn a_request_is_bounded_in_bytes_under_the_common_4_mib_limit() {
+        let c = config(&[], &[]).unwrap();
+        assert_eq!(c.export.batch.max_bytes, 3 << 20);
+        let c = config(&["--batch-max-bytes", "512KiB"], &[]).unwrap();
+        assert_eq!(c.export.batch.max_bytes, 512 << 10);
+        assert!(cli(&["--batch-max-bytes", "0"]).is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The HTTP body of an export request: the pieces of an
-//! [`EncodedRequest`], handed to hyper one by one, without copying.
+//! [`EncodedRequest`], handed to hyper one by one, without copying; and the
+//! collector's answer, read within bounds.
 //!
 //! hyper and h2 send a large `Bytes` as it is (h2 chains it behind the frame
 //! header instead of copying it into its own buffer), so a batch's spans go
@@ -91,6 +92,26 @@ impl Body for RequestBody {
     }
 }
 
+/// At most `max` bytes of a response body, read by `deadline`; `None` if it
+/// is longer, does not end in time, or breaks off. A collector's answer is
+/// a few bytes, so nothing past this is worth memory or waiting for.
+pub(crate) async fn read_bounded<B>(
+    body: B,
+    max: usize,
+    deadline: tokio::time::Instant,
+) -> Option<Bytes>
+where
+    B: Body,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    use http_body_util::{BodyExt, Limited};
+    let read = Limited::new(body, max).collect();
+    match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(collected)) => Some(collected.to_bytes()),
+        Ok(Err(_)) | Err(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +131,23 @@ mod tests {
         assert_eq!(&all[..], b"\0abcde");
         let empty = RequestBody::new(None, &EncodedRequest::default());
         assert!(empty.is_end_stream());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reads_answers_only_within_size_and_time() {
+        use http_body_util::{Full, StreamBody};
+        let soon = || tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        let small = Full::new(Bytes::from_static(b"ok"));
+        assert_eq!(
+            read_bounded(small, 4, soon()).await.as_deref(),
+            Some(&b"ok"[..])
+        );
+        let big = Full::new(Bytes::from(vec![0u8; 5]));
+        assert_eq!(read_bounded(big, 4, soon()).await, None);
+        // A body that never ends.
+        let endless = StreamBody::new(futures_util::stream::pending::<
+            Result<Frame<Bytes>, std::io::Error>,
+        >());
+        assert_eq!(read_bounded(endless, 4, soon()).await, None);
     }
 }

@@ -234,11 +234,12 @@ impl Classify for GrpcError {
             | Code::OutOfRange
             | Code::Unavailable
             | Code::DataLoss => Retry::Retryable,
-            // Only retryable when the server says when; otherwise the
-            // collector is telling us the data is too much, for good.
+            // With a hint of when, the collector is throttling; without
+            // one, the request is over its message size limit (grpc-go's
+            // `max_recv_msg_size`, 4 MiB by default): smaller ones may pass.
             Code::ResourceExhausted => match retry_delay(&self.0) {
                 Some(d) => Retry::Throttled(Some(d)),
-                None => Retry::Never,
+                None => Retry::TooLarge,
             },
             // tonic reports connection failures as Unknown with a transport
             // error source; those are worth retrying.
@@ -323,7 +324,14 @@ mod tests {
         );
         assert_eq!(
             GrpcError(status_with_retry_info(Code::ResourceExhausted, None)).retry(),
-            Retry::Never
+            Retry::TooLarge
+        );
+        assert_eq!(
+            GrpcError(Status::resource_exhausted(
+                "grpc: received message larger than max (7340032 vs. 4194304)"
+            ))
+            .retry(),
+            Retry::TooLarge
         );
         assert_eq!(
             GrpcError(status_with_retry_info(
@@ -340,7 +348,7 @@ mod tests {
                 Some((-1, 0))
             ))
             .retry(),
-            Retry::Never
+            Retry::TooLarge
         );
     }
 }

@@ -2,20 +2,20 @@
 //! body, over hyper's pooled HTTP/1.1 client.
 //!
 //! Failures are classified as the OTLP spec says: 429, 502, 503 and 504 are
-//! retryable (with `Retry-After` honoured), other statuses are not, and
-//! connection-level errors are.
+//! retryable (with `Retry-After` honoured), 413 says the request is too
+//! large (its halves are sent instead), other statuses are not retried, and
+//! connection-level errors are. Any 2xx is a success, whatever its body.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 
-use super::body::{compressed, RequestBody};
+use super::body::{compressed, read_bounded, RequestBody};
 use super::retry::{Classify, Retry};
 use super::tls::{self, Connector, Stream, Tls};
 use super::{connect_error, error_chain, ExportError};
@@ -48,14 +48,12 @@ pub enum HttpError {
         retry_after: Option<Duration>,
         body: String,
     },
-    #[error("reading response: {0}")]
-    ReadBody(String),
 }
 
 impl Classify for HttpError {
     fn retry(&self) -> Retry {
         match self {
-            HttpError::Send(_) | HttpError::Timeout(_) | HttpError::ReadBody(_) => Retry::Retryable,
+            HttpError::Send(_) | HttpError::Timeout(_) => Retry::Retryable,
             HttpError::TlsRejected(_) => Retry::Never,
             HttpError::Status {
                 status,
@@ -63,6 +61,7 @@ impl Classify for HttpError {
                 ..
             } => match status.as_u16() {
                 429 | 503 => Retry::Throttled(*retry_after),
+                413 => Retry::TooLarge,
                 502 | 504 => Retry::Retryable,
                 _ => Retry::Never,
             },
@@ -138,35 +137,37 @@ impl HttpTransport {
         for (k, v) in &self.headers {
             req.headers_mut().append(k.clone(), v.clone());
         }
-        let fut = async {
-            let resp = self.client.request(req).await.map_err(|e| {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let resp = tokio::time::timeout_at(deadline, self.client.request(req))
+            .await
+            .map_err(|_| HttpError::Timeout(self.timeout))?
+            .map_err(|e| {
                 if tls::is_tls_rejection(&e) {
                     HttpError::TlsRejected(error_chain(&e))
                 } else {
                     HttpError::Send(error_chain(&e))
                 }
             })?;
-            let status = resp.status();
-            let retry_after = retry_after(resp.headers());
-            let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
-                .collect()
-                .await
-                .map_err(|e| HttpError::ReadBody(e.to_string()))?
-                .to_bytes();
-            if !status.is_success() {
-                return Err(HttpError::Status {
-                    status,
-                    retry_after,
-                    body: String::from_utf8_lossy(body.get(..512).unwrap_or(&body)).into_owned(),
-                });
-            }
-            // A collector may answer 200 with an empty body; that is a full
-            // success.
-            Ok(ExportTraceServiceResponse::decode(body).unwrap_or_default())
-        };
-        tokio::time::timeout(self.timeout, fut)
-            .await
-            .map_err(|_| HttpError::Timeout(self.timeout))?
+        let status = resp.status();
+        let retry_after = retry_after(resp.headers());
+        // The status decides; the body only adds detail. It is read within
+        // the same deadline and size bound either way, and one that does
+        // not fit, or does not end, is left unread: a collector that said
+        // 2xx has the spans, and sending them again would duplicate them.
+        let body = read_bounded(resp.into_body(), MAX_RESPONSE_BYTES, deadline).await;
+        if !status.is_success() {
+            let body = body.unwrap_or_default();
+            return Err(HttpError::Status {
+                status,
+                retry_after,
+                body: String::from_utf8_lossy(body.get(..512).unwrap_or(&body)).into_owned(),
+            });
+        }
+        // A collector may answer 2xx with an empty body; that is a full
+        // success, as is one whose body is not a response message.
+        Ok(body
+            .and_then(|b| ExportTraceServiceResponse::decode(b).ok())
+            .unwrap_or_default())
     }
 }
 
@@ -205,6 +206,7 @@ mod tests {
         assert_eq!(status(502, None).retry(), Retry::Retryable);
         assert_eq!(status(504, None).retry(), Retry::Retryable);
         assert_eq!(status(400, None).retry(), Retry::Never);
+        assert_eq!(status(413, None).retry(), Retry::TooLarge);
         assert_eq!(status(500, None).retry(), Retry::Never);
         assert_eq!(HttpError::Send("refused".into()).retry(), Retry::Retryable);
     }

@@ -1,8 +1,12 @@
 //! Export: batching, retry, and the transports that reach the collector.
 //!
 //! Converted spans arrive on one bounded channel from every connection. The
-//! batcher sends a batch when it holds `batch_max_spans` spans or when its
-//! oldest span has waited `batch_timeout`, grouped by resource, encoded once.
+//! batcher sends a batch when it holds `batch_max_spans` spans, or as many
+//! encoded bytes as the next span would take past `batch_max_bytes`, or when
+//! its oldest span has waited `batch_timeout`, grouped by resource, encoded
+//! once. A request the collector still finds too large is sent again as its
+//! two halves, and so on down to a single span, so that one sandbox's
+//! over-large span costs no other sandbox anything.
 //! One export is in flight at a time: while the collector is slow or away,
 //! the batcher waits in its retry loop, the channel fills, and the
 //! connection tasks stop reading their sockets, so backpressure reaches the
@@ -14,8 +18,9 @@
 //! cannot be sent by the deadline is spooled too, or else counted as
 //! dropped.
 //!
-//! Just over 500 lines: the sink, the batcher and the replayer share one
-//! idea of what became of a batch (`Delivery`), so they stay together.
+//! Over 500 lines: the sink, the batcher and the replayer share one idea of
+//! what became of a batch (`Delivery`), so they stay together; the tests of
+//! how batches are cut and split are beside them.
 
 pub(crate) mod body;
 pub(crate) mod coalesce;
@@ -36,12 +41,14 @@ use tokio::time::Instant;
 
 use crate::config::{BatchConfig, OtlpConfig, OtlpProtocol};
 use crate::events::{
-    emit, BatchDone, Delivery, ExportAttempt, ExportAttemptFailed, PartialSuccess,
+    emit, BatchDone, Delivery, ExportAttempt, ExportAttemptFailed, PartialSuccess, SpanTooLarge,
     SpoolFileSkipped, SpoolFull,
 };
-use crate::otlp::{encode_request, EncodedRequest};
+use crate::otlp::record::decode_request;
+use crate::otlp::{encode, encode_request, EncodedRequest, EncodedResource, SpanRecord};
 use crate::shutdown::Shutdown;
 use crate::stats::{DropReason, Stats};
+use crate::tenant::Tenant;
 use queue::{QueueReceiver, Queued};
 use retry::{Classify, Retry, RetryPolicy};
 use spool::Spool;
@@ -79,8 +86,14 @@ impl ExportError {
     fn drop_reason(&self) -> DropReason {
         match self {
             ExportError::WriteDump(_) => DropReason::Export,
+            e if e.retry() == Retry::TooLarge => DropReason::TooLarge,
             _ => DropReason::Rejected,
         }
+    }
+
+    /// Whether trying the same request again cannot help.
+    fn is_final(&self) -> bool {
+        matches!(self.retry(), Retry::Never | Retry::TooLarge)
     }
 }
 
@@ -284,7 +297,7 @@ impl Exporter {
                 }
                 Err(e) => e,
             };
-            let delivery = if error.retry() == Retry::Never {
+            let delivery = if error.is_final() {
                 Delivery::Dropped(error.drop_reason())
             } else if spooling && self.spool_batch(body.clone(), spans).await {
                 Delivery::Spooled
@@ -350,6 +363,50 @@ fn delivered(stats: &Stats, resp: &ExportTraceServiceResponse) -> Delivery {
     Delivery::Delivered { rejected }
 }
 
+/// What a batch's request weighs so far: its spans, and its encoded bytes
+/// (the spans' own, and each resource with its framing once).
+#[derive(Default)]
+struct Weight {
+    spans: usize,
+    bytes: usize,
+    /// The resources counted already; a batch has a few, one per sandbox
+    /// or connection.
+    resources: Vec<Arc<EncodedResource>>,
+}
+
+/// The framing `encode_request` writes around one resource's spans: three
+/// length-delimited headers of at most 1 + 10 bytes each.
+const RESOURCE_FRAMING: usize = 33;
+
+impl Weight {
+    /// The bytes `q`'s resource adds if it is new to the batch.
+    fn resource_cost(&self, q: &Queued) -> usize {
+        let r = &q.record.resource;
+        if self.resources.iter().any(|have| Arc::ptr_eq(have, r)) {
+            0
+        } else {
+            RESOURCE_FRAMING + r.bytes().len()
+        }
+    }
+
+    fn add(&mut self, q: &Queued) {
+        let cost = self.resource_cost(q);
+        if cost > 0 {
+            self.resources.push(Arc::clone(&q.record.resource));
+        }
+        self.spans += q.record.count;
+        self.bytes += cost + q.record.spans.len();
+    }
+
+    fn full(&self, cfg: &BatchConfig) -> bool {
+        self.spans >= cfg.max_spans || self.bytes >= cfg.max_bytes
+    }
+
+    fn over(&self, cfg: &BatchConfig) -> bool {
+        self.spans > cfg.max_spans || self.bytes > cfg.max_bytes
+    }
+}
+
 /// Receives spans until every sender is gone, exporting them in batches.
 /// Once shutdown has set its deadline, retries stop at it, and what cannot
 /// be sent by then is spooled, or counted as dropped.
@@ -361,16 +418,16 @@ pub(crate) async fn run_batcher(
 ) {
     let mut buf: Vec<Queued> = Vec::with_capacity(cfg.max_spans);
     // A record holds the spans of one socket read; what does not fit a batch
-    // (the tail of the record that crosses `max_spans`, and the records
-    // after it) waits here for the next one.
+    // (the tail of the record that crosses `max_spans` or `max_bytes`, and
+    // the records after it) waits here for the next one.
     let mut carry: Vec<Queued> = Vec::new();
-    let spans_in = |q: &[Queued]| q.iter().map(|q| q.record.count).sum::<usize>();
     loop {
         buf.append(&mut carry);
         if buf.is_empty() && rx.recv_many(&mut buf, cfg.max_spans).await == 0 {
             break;
         }
-        let mut spans = spans_in(&buf);
+        let mut weight = Weight::default();
+        buf.iter().for_each(|q| weight.add(q));
         // From the oldest span's arrival, which a paced read may have
         // brought in a little after the fact.
         let oldest = |q: &[Queued]| q.iter().map(|q| q.since).min();
@@ -378,15 +435,15 @@ pub(crate) async fn run_batcher(
         let deadline = tokio::time::sleep_until(flush_at);
         tokio::pin!(deadline);
         let mut closed = false;
-        while spans < cfg.max_spans {
-            let want = cfg.max_spans - spans;
+        while !weight.full(&cfg) {
+            let want = cfg.max_spans - weight.spans;
             let before = buf.len();
             tokio::select! {
                 n = rx.recv_many(&mut buf, want) => if n == 0 { closed = true; break },
                 _ = &mut deadline => break,
             }
             let new = buf.get(before..).unwrap_or_default();
-            spans += spans_in(new);
+            new.iter().for_each(|q| weight.add(q));
             if let Some(at) = oldest(new).map(|t| t + cfg.timeout) {
                 if at < flush_at {
                     flush_at = at;
@@ -394,8 +451,8 @@ pub(crate) async fn run_batcher(
                 }
             }
         }
-        if spans > cfg.max_spans {
-            carry = split_batch(&mut buf, cfg.max_spans);
+        if weight.over(&cfg) {
+            carry = split_batch(&mut buf, &cfg);
         }
         let batch = std::mem::replace(&mut buf, Vec::with_capacity(cfg.max_spans));
         flush(&exporter, batch, &shutdown, &rx).await;
@@ -405,24 +462,41 @@ pub(crate) async fn run_batcher(
     }
 }
 
-/// Cuts `buf` to `max_spans` spans, splitting the record that crosses the
-/// line; returns what is left over.
-fn split_batch(buf: &mut Vec<Queued>, max_spans: usize) -> Vec<Queued> {
-    let mut fit = 0;
-    let cut = buf
-        .iter()
-        .position(|q| {
-            let over = fit + q.record.count > max_spans;
-            if !over {
-                fit += q.record.count;
-            }
-            over
-        })
-        .unwrap_or(buf.len());
-    let mut carry = buf.split_off(cut);
-    let room = max_spans - fit;
-    if room > 0 {
-        if let Some(head) = carry.first_mut().and_then(|q| q.split_to(room)) {
+/// Cuts `buf` to what one request may hold, `max_spans` spans and
+/// `max_bytes` bytes (but at least one span, however large), splitting the
+/// record that crosses the line; returns what is left over.
+fn split_batch(buf: &mut Vec<Queued>, cfg: &BatchConfig) -> Vec<Queued> {
+    let mut weight = Weight::default();
+    // Where to cut: before record `i`, after taking `n` of its spans.
+    let mut cut = None;
+    for (i, q) in buf.iter().enumerate() {
+        let span_room = cfg.max_spans.saturating_sub(weight.spans);
+        let byte_room = cfg
+            .max_bytes
+            .saturating_sub(weight.bytes + weight.resource_cost(q));
+        if q.record.count <= span_room && q.record.spans.len() <= byte_room {
+            weight.add(q);
+            continue;
+        }
+        let mut n = span_room.min(encode::spans_within(&q.record.spans, byte_room));
+        if n == 0 && weight.spans == 0 {
+            // A span larger than a whole request goes alone; the collector
+            // decides (see `flush`).
+            n = 1;
+        }
+        cut = Some(if n >= q.record.count {
+            (i + 1, 0)
+        } else {
+            (i, n)
+        });
+        break;
+    }
+    let Some((at, n)) = cut else {
+        return Vec::new();
+    };
+    let mut carry = buf.split_off(at.min(buf.len()));
+    if n > 0 {
+        if let Some(head) = carry.first_mut().and_then(|q| q.split_to(n)) {
             buf.push(head);
         }
     }
@@ -433,41 +507,136 @@ fn split_batch(buf: &mut Vec<Queued>, max_spans: usize) -> Vec<Queued> {
     carry
 }
 
-async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx: &QueueReceiver) {
-    let spans = batch.iter().map(|q| q.record.count as u64).sum::<u64>();
-    // Each sandbox's part of the batch, for its own counters.
-    let parts: Vec<_> = batch
+/// Part of a batch on its way: its records, and whose each one is.
+struct Piece {
+    records: Vec<SpanRecord>,
+    tenants: Vec<Arc<Tenant>>,
+}
+
+impl Piece {
+    fn spans(&self) -> u64 {
+        self.records.iter().map(|r| r.count as u64).sum()
+    }
+
+    /// Splits off the second half, by spans: what is left holds the first.
+    fn split_half(&mut self) -> Piece {
+        let (records, shared) = split_half(&mut self.records);
+        let whole = self.records.len() - usize::from(shared);
+        let tenants = self.tenants.split_off(whole.min(self.tenants.len()));
+        if shared {
+            if let Some(t) = tenants.first() {
+                self.tenants.push(Arc::clone(t));
+            }
+        }
+        Piece { records, tenants }
+    }
+}
+
+/// Splits off the second half of `records`, by spans; `records` keeps the
+/// first. Whether the record at the cut was split (its first part now ends
+/// `records`, its rest begins the second half).
+fn split_half(records: &mut Vec<SpanRecord>) -> (Vec<SpanRecord>, bool) {
+    let mut keep = records.iter().map(|r| r.count).sum::<usize>() / 2;
+    let at = records
         .iter()
-        .map(|q| (Arc::clone(q.share.tenant()), q.record.count as u64))
-        .collect();
+        .position(|r| {
+            let crosses = r.count > keep;
+            if !crosses {
+                keep -= r.count;
+            }
+            crosses
+        })
+        .unwrap_or(records.len());
+    let mut second = records.split_off(at);
+    let shared = keep > 0 && !second.is_empty();
+    if let (true, Some(r)) = (shared, second.first_mut()) {
+        records.push(r.split_to(keep));
+    }
+    (second, shared)
+}
+
+/// A spooled request in two, each with its spans; `None` if it is not one
+/// the batcher made, or holds a single span.
+fn halves_of(body: &EncodedRequest) -> Option<[(EncodedRequest, u64); 2]> {
+    let mut first = decode_request(&body.to_bytes())?;
+    let (second, _) = split_half(&mut first);
+    let spans = |r: &[SpanRecord]| r.iter().map(|r| r.count as u64).sum::<u64>();
+    let (a, b) = (spans(&first), spans(&second));
+    (a > 0 && b > 0).then(|| [(encode_request(&first), a), (encode_request(&second), b)])
+}
+
+async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx: &QueueReceiver) {
     // The queue's byte permits, and each sandbox's share of them, are held
     // until this function returns: the data is in memory until then,
     // encoded or not.
-    let (records, _held): (Vec<_>, Vec<_>) = batch
-        .into_iter()
-        .map(|q| (q.record, (q.permit, q.share)))
-        .unzip();
-    // The spans are encoded already; this frames them into one request.
-    let body = encode_request(&records);
-    drop(records);
-    let out = exporter
-        .deliver(body, spans, shutdown, || rx.is_filling_up())
-        .await;
-    if let Delivery::Dropped(reason) = out.delivery {
-        for (tenant, n) in parts {
-            tenant.dropped.add(reason, n);
-        }
+    let mut held = Vec::with_capacity(batch.len());
+    let mut whole = Piece {
+        records: Vec::with_capacity(batch.len()),
+        tenants: Vec::with_capacity(batch.len()),
+    };
+    for q in batch {
+        // Each sandbox's part of the batch, for its own counters.
+        whole.tenants.push(Arc::clone(q.share.tenant()));
+        whole.records.push(q.record);
+        held.push((q.permit, q.share));
     }
-    emit!(
-        exporter.stats,
-        BatchDone {
-            spans,
-            delivery: out.delivery,
-            attempts: out.attempts,
-            error: out.error.as_ref().map(|e| e as &dyn std::fmt::Display),
-            from_spool: false,
+    // A request the collector finds too large comes back here as its two
+    // halves, each sent in turn (the first first), down to single spans:
+    // only a span that alone is too large is dropped, against its own
+    // sandbox, and every other sandbox's spans in the batch still go.
+    let mut pieces = vec![whole];
+    while let Some(mut piece) = pieces.pop() {
+        let spans = piece.spans();
+        // The spans are encoded already; this frames them into one request.
+        let body = encode_request(&piece.records);
+        let bytes = body.len();
+        let out = exporter
+            .deliver(body, spans, shutdown, || rx.is_filling_up())
+            .await;
+        match out.delivery {
+            Delivery::Dropped(DropReason::TooLarge) if spans > 1 => {
+                tracing::debug!(
+                    spans,
+                    bytes,
+                    "request too large for the collector; sending its halves"
+                );
+                let second = piece.split_half();
+                pieces.push(second);
+                pieces.push(piece);
+                continue;
+            }
+            Delivery::Dropped(DropReason::TooLarge) => {
+                let error = out.error.as_ref().map(|e| e as &dyn std::fmt::Display);
+                if let Some(tenant) = piece.tenants.first() {
+                    emit!(
+                        exporter.stats,
+                        SpanTooLarge {
+                            tenant,
+                            bytes,
+                            error: error.unwrap_or(&"too large"),
+                        }
+                    );
+                }
+            }
+            Delivery::Dropped(reason) => {
+                for (tenant, r) in piece.tenants.iter().zip(&piece.records) {
+                    tenant.dropped.add(reason, r.count as u64);
+                }
+            }
+            Delivery::Delivered { .. } | Delivery::Spooled => {}
         }
-    );
+        emit!(
+            exporter.stats,
+            BatchDone {
+                spans,
+                delivery: out.delivery,
+                attempts: out.attempts,
+                error: out.error.as_ref().map(|e| e as &dyn std::fmt::Display),
+                from_spool: false,
+            }
+        );
+    }
+    drop(held);
 }
 
 /// Sends spooled batches, oldest first, whenever the collector answers,
@@ -527,7 +696,35 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         emit!(stats, ExportAttempt { attempt: 1 });
         let (delivery, error) = match exporter.sink.send(&batch.body).await {
             Ok(resp) => (delivered(stats, &resp), None),
-            Err(e) if e.retry() == Retry::Never => (Delivery::Dropped(e.drop_reason()), Some(e)),
+            // Too large for this collector (spooled under a larger bound,
+            // or by a predecessor): its halves go back to the spool in its
+            // place, to be sent in turn, and halved again if need be.
+            Err(e) if e.retry() == Retry::TooLarge && spans > 1 => match halves_of(&batch.body) {
+                Some(halves) => {
+                    claim.settle();
+                    tracing::debug!(
+                        spans,
+                        "spooled batch too large for the collector; its halves spooled instead"
+                    );
+                    for (body, n) in halves {
+                        if !exporter.spool_batch(body, n).await {
+                            emit!(
+                                stats,
+                                BatchDone {
+                                    spans: n,
+                                    delivery: Delivery::Dropped(DropReason::Export),
+                                    attempts: 1,
+                                    error: Some(&e),
+                                    from_spool: true,
+                                }
+                            );
+                        }
+                    }
+                    continue;
+                }
+                None => (Delivery::Dropped(e.drop_reason()), Some(e)),
+            },
+            Err(e) if e.is_final() => (Delivery::Dropped(e.drop_reason()), Some(e)),
             Err(e) => {
                 tracing::debug!(error = %e, retry_in = ?backoff, "collector still unavailable for spooled batches");
                 drop(claim);
@@ -551,5 +748,123 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
                 from_spool: true,
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::otlp::encode::SCOPE_SPANS_SPAN_KEY;
+    use crate::tenant::{TenantKey, TenantLimits, Tenants};
+    use bytes::Bytes;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+
+    /// `count` encoded spans of `payload` bytes each (under 128: one length
+    /// byte), as the queue holds them.
+    fn spans(count: usize, payload: usize) -> Bytes {
+        let one = [
+            &[SCOPE_SPANS_SPAN_KEY, payload as u8][..],
+            &vec![7; payload],
+        ]
+        .concat();
+        Bytes::from(one.repeat(count))
+    }
+
+    /// Records as the batcher receives them: `(sandbox, spans, bytes)`.
+    async fn queued(tenants: &Tenants, records: &[(&str, Bytes, usize)]) -> Vec<Queued> {
+        let (tx, mut rx) = queue::bounded(1 << 20, 1 << 30, Arc::new(Stats::default()));
+        let resource = Arc::new(EncodedResource::new(Resource::default()));
+        for (id, bytes, count) in records {
+            let tenant = tenants.get(TenantKey::Sandbox((*id).into())).unwrap();
+            let record = SpanRecord {
+                resource: Arc::clone(&resource),
+                spans: bytes.clone(),
+                count: *count,
+            };
+            tx.send(record, bytes.len(), &tenant, Instant::now())
+                .await
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        while out.len() < records.len() {
+            rx.recv_many(&mut out, 1 << 20).await;
+        }
+        out
+    }
+
+    fn cfg(max_bytes: usize) -> BatchConfig {
+        BatchConfig {
+            max_spans: 512,
+            max_bytes,
+            timeout: Duration::from_millis(200),
+        }
+    }
+
+    fn records_of(b: &[Queued]) -> Vec<SpanRecord> {
+        b.iter().map(|q| q.record.clone()).collect()
+    }
+
+    /// A batch closes where the next span would take its request past the
+    /// byte bound, inside a record if need be; a span larger than a whole
+    /// request goes alone.
+    #[tokio::test]
+    async fn batches_close_before_the_byte_bound() {
+        let tenants = Tenants::new(TenantLimits::default());
+        // Spans of 102 bytes on the wire; the resource's framing is 33 more.
+        let mut buf = queued(
+            &tenants,
+            &[
+                ("a", spans(3, 100), 3),
+                ("a", spans(5, 100), 5),
+                ("a", spans(4, 100), 4),
+            ],
+        )
+        .await;
+        let carry = split_batch(&mut buf, &cfg(1000));
+        let taken: Vec<usize> = buf.iter().map(|q| q.record.count).collect();
+        assert_eq!(taken, [3, 5, 1]);
+        assert_eq!(carry.iter().map(|q| q.record.count).sum::<usize>(), 3);
+        let request = encode_request(&records_of(&buf));
+        assert!(request.len() <= 1000, "{}", request.len());
+        assert!(request.len() + 102 > 1000, "{}", request.len());
+
+        let mut buf = queued(&tenants, &[("a", spans(2, 100), 2)]).await;
+        let carry = split_batch(&mut buf, &cfg(50));
+        assert_eq!((buf.len(), buf[0].record.count), (1, 1));
+        assert_eq!(carry.iter().map(|q| q.record.count).sum::<usize>(), 1);
+    }
+
+    /// A piece splits in halves by spans, each span kept with its sandbox.
+    #[tokio::test]
+    async fn a_piece_splits_in_halves_keeping_each_span_s_sandbox() {
+        let tenants = Tenants::new(TenantLimits::default());
+        let batch = queued(
+            &tenants,
+            &[
+                ("a", spans(3, 10), 3),
+                ("b", spans(4, 20), 4),
+                ("c", spans(1, 30), 1),
+            ],
+        )
+        .await;
+        let mut first = Piece {
+            records: records_of(&batch),
+            tenants: batch.iter().map(|q| Arc::clone(q.share.tenant())).collect(),
+        };
+        let second = first.split_half();
+        let shape = |p: &Piece| {
+            p.records
+                .iter()
+                .zip(&p.tenants)
+                .map(|(r, t)| (t.label().to_owned(), r.count, r.spans.len()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shape(&first),
+            [("a".into(), 3, 36), ("b".into(), 1, 22)],
+            "{:?}",
+            shape(&first)
+        );
+        assert_eq!(shape(&second), [("b".into(), 3, 66), ("c".into(), 1, 32)]);
     }
 }

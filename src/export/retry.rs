@@ -23,6 +23,10 @@ pub(crate) enum Retry {
     Throttled(Option<Duration>),
     /// Trying again cannot help (bad request, auth, ...).
     Never,
+    /// The request is larger than the collector takes: the same one never
+    /// will be, but its halves may (the caller splits it, see
+    /// `crate::export`).
+    TooLarge,
 }
 
 /// Implemented by transport errors.
@@ -96,7 +100,7 @@ impl RetryPolicy {
                 Err(e) => e,
             };
             let wait = match err.retry() {
-                Retry::Never => None,
+                Retry::Never | Retry::TooLarge => None,
                 Retry::Retryable => Some(jitter(backoff)),
                 Retry::Throttled(hint) => Some(match hint {
                     Some(h) => h.min(self.max_throttle),
@@ -204,11 +208,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn never_retries_permanent_errors() {
         let rx = Shutdown::new();
-        let out: Outcome<(), E> = policy()
-            .run(&rx, || false, |_| async { Err(E(Retry::Never)) })
-            .await;
-        assert!(out.result.is_err());
-        assert_eq!(out.attempts, 1);
+        for class in [Retry::Never, Retry::TooLarge] {
+            let out: Outcome<(), E> = policy()
+                .run(&rx, || false, |_| async { Err(E(class)) })
+                .await;
+            assert!(out.result.is_err());
+            assert_eq!(out.attempts, 1, "{class:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -447,6 +447,30 @@ pub(crate) fn span_boundary(spans: &[u8], n: usize) -> Option<usize> {
     Some(at)
 }
 
+/// How many of the leading spans of a run of encoded `ScopeSpans.spans`
+/// fields fit in `max_bytes` together (a malformed rest counts as none).
+pub(crate) fn spans_within(spans: &[u8], max_bytes: usize) -> usize {
+    let mut at = 0usize;
+    let mut n = 0;
+    while let Some(rest) = spans.get(at..).filter(|r| !r.is_empty()) {
+        let next = (rest.first() == Some(&SCOPE_SPANS_SPAN_KEY))
+            .then(|| read_varint(rest.get(1..)?))
+            .flatten()
+            .and_then(|(len, used)| {
+                at.checked_add(1 + used)?
+                    .checked_add(usize::try_from(len).ok()?)
+            });
+        match next {
+            Some(end) if end <= max_bytes && end <= spans.len() => {
+                at = end;
+                n += 1;
+            }
+            _ => break,
+        }
+    }
+    n
+}
+
 /// A varint at the start of `b`, and the bytes it took.
 fn read_varint(b: &[u8]) -> Option<(u64, usize)> {
     let mut rest = b;
@@ -603,5 +627,13 @@ mod tests {
         let mut r = records[1].clone();
         let all = r.split_to(10);
         assert_eq!((all.count, r.count, r.spans.len()), (3, 0, 0));
+        // A byte budget takes whole spans only, up to the boundary it holds.
+        let run = &records[0].spans;
+        let one = span_boundary(run, 1).unwrap();
+        assert_eq!(spans_within(run, run.len()), 2);
+        assert_eq!(spans_within(run, run.len() - 1), 1);
+        assert_eq!(spans_within(run, one), 1);
+        assert_eq!(spans_within(run, one - 1), 0);
+        assert_eq!(spans_within(run, 0), 0);
     }
 }

@@ -194,3 +194,132 @@ pub fn encode_request(records: &[SpanRecord]) -> EncodedRequest {
         .collect();
     encode::request_chunks(&groups)
 }
+
+/// The records of a request [`encode_request`] made (as the spool keeps
+/// it), sharing its buffer: per `ResourceSpans`, its resource and the run
+/// of span fields of its `ScopeSpans`. `None` if the request holds anything
+/// `encode_request` does not write.
+pub(crate) fn decode_request(body: &Bytes) -> Option<Vec<SpanRecord>> {
+    let mut records = Vec::new();
+    for (field, rs) in len_fields(body)? {
+        if field != 1 {
+            return None;
+        }
+        let rs = body.slice(rs);
+        let mut resource = Resource::default();
+        let mut runs = Vec::new();
+        for (field, range) in len_fields(&rs)? {
+            match field {
+                1 => resource = Resource::decode(rs.get(range)?).ok()?,
+                2 => runs.push(rs.slice(range)),
+                _ => return None,
+            }
+        }
+        let resource = Arc::new(EncodedResource::new(resource));
+        for spans in runs {
+            let fields = len_fields(&spans)?;
+            // A scope or a schema URL: not ours.
+            if fields.iter().any(|(f, _)| *f != 2) {
+                return None;
+            }
+            if !fields.is_empty() {
+                records.push(SpanRecord {
+                    resource: Arc::clone(&resource),
+                    spans,
+                    count: fields.len(),
+                });
+            }
+        }
+    }
+    Some(records)
+}
+
+/// A message's fields, each with the range of its value in `b`, if every
+/// one is length-delimited and whole.
+fn len_fields(b: &[u8]) -> Option<Vec<(u32, std::ops::Range<usize>)>> {
+    const LEN: u64 = 2;
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < b.len() {
+        let mut rest = b.get(at..)?;
+        let before = rest.len();
+        let key = prost::encoding::decode_varint(&mut rest).ok()?;
+        let len = prost::encoding::decode_varint(&mut rest).ok()?;
+        if key & 7 != LEN {
+            return None;
+        }
+        let start = at + (before - rest.len());
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        if end > b.len() {
+            return None;
+        }
+        out.push((u32::try_from(key >> 3).ok()?, start..end));
+        at = end;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+
+    fn resource(id: &str) -> Arc<EncodedResource> {
+        Arc::new(EncodedResource::new(Resource {
+            attributes: vec![KeyValue {
+                key: "kata.sandbox.id".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue(id.into())),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }))
+    }
+
+    /// `count` span fields of `payload` (under 128) bytes each.
+    fn spans(count: usize, payload: u8) -> Bytes {
+        let one = [
+            &[encode::SCOPE_SPANS_SPAN_KEY, payload][..],
+            &vec![1; payload.into()],
+        ]
+        .concat();
+        Bytes::from(one.repeat(count))
+    }
+
+    #[test]
+    fn a_request_decodes_back_into_its_records() {
+        let (a, b) = (resource("a"), resource("b"));
+        let records = vec![
+            SpanRecord {
+                resource: Arc::clone(&a),
+                spans: spans(3, 10),
+                count: 3,
+            },
+            SpanRecord {
+                resource: b,
+                spans: spans(2, 100),
+                count: 2,
+            },
+            SpanRecord {
+                resource: a,
+                spans: spans(1, 5),
+                count: 1,
+            },
+        ];
+        let body = encode_request(&records).to_bytes();
+        let back = decode_request(&body).unwrap();
+        // Grouped by resource, as the request holds them.
+        let shape: Vec<_> = back
+            .iter()
+            .map(|r| (r.count, r.spans.len(), r.resource.bytes().to_vec()))
+            .collect();
+        assert_eq!(shape.len(), 2);
+        assert_eq!((shape[0].0, shape[0].1), (4, 36 + 7));
+        assert_eq!((shape[1].0, shape[1].1), (2, 2 * 102));
+        assert_eq!(&encode_request(&back).to_bytes()[..], &body[..]);
+        // Not what the batcher writes: refused, not guessed at.
+        assert!(decode_request(&Bytes::from_static(b"\x08\x01")).is_none());
+        assert!(decode_request(&body.slice(..body.len() - 1)).is_none());
+    }
+}
