@@ -301,13 +301,7 @@ async fn serve_inner(
             }
             (Some(_), None) => None,
         };
-        handover::server::Server::new(
-            h,
-            Arc::clone(&hub),
-            on_hup,
-            sandbox_thread.clone(),
-            parent,
-        )
+        handover::server::Server::new(h, Arc::clone(&hub), on_hup, sandbox_thread.clone(), parent)
     });
     if let Some(mut hup) = sighup {
         // SIGHUP must not kill a forwarder that cannot upgrade.

@@ -50,8 +50,8 @@ use std::time::Duration;
 
 use crate::addr::Peer;
 use crate::config::ListenMode;
-use crate::listen::privileges::Janitor;
 use crate::ingest::Ingest;
+use crate::listen::privileges::Janitor;
 use crate::wire::WireFormat;
 use hub::{Member, Piece, PieceKind};
 use wire::{Format, ListenerKind, State};
@@ -347,9 +347,8 @@ impl Drop for HandoffListener {
             j.remove_now(Duration::from_secs(2));
             return;
         }
-        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|md| {
-            md.file_type().is_socket() && (md.dev(), md.ino()) == self.identity
-        });
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|md| md.file_type().is_socket() && (md.dev(), md.ino()) == self.identity);
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -669,5 +668,70 @@ mod tests {
         assert!(path.exists(), "the running one's socket stays");
         drop(first);
         assert!(!path.exists(), "removed by its owner");
+    }
+
+    /// A predecessor (trusted: here, the tests' own user) that names a path
+    /// for its hand-off socket, then sends something that fails a later
+    /// check: the successor refuses, and removes no file. Neither one the
+    /// state names that is not our hand-off socket (a root successor would
+    /// delete any file), nor ours, which the predecessor still serves on.
+    #[tokio::test]
+    async fn a_takeover_that_fails_removes_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("handoff.sock");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        for (named, refusal) in [
+            (victim.clone(), "ours is"),
+            (ours.clone(), "not the socket announced"),
+        ] {
+            let listener = std::os::unix::net::UnixListener::bind(&ours).unwrap();
+            let md = std::fs::symlink_metadata(&named).unwrap();
+            let state = State {
+                pid: 1,
+                listeners: vec![
+                    wire::ListenerState {
+                        kind: ListenerKind::Handoff {
+                            path: named.clone(),
+                            identity: (md.dev(), md.ino()),
+                        },
+                        janitor: false,
+                    },
+                    // Announced as a listener, sent as a connected socket.
+                    wire::ListenerState {
+                        kind: ListenerKind::Hybrid {
+                            path: dir.path().join("agent.sock"),
+                            identity: (0, 0),
+                        },
+                        janitor: false,
+                    },
+                ],
+                connections: vec![],
+            };
+            let predecessor = std::thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut req = [0u8; 8];
+                s.read_exact(&mut req).unwrap();
+                let (a, _b) = StdUnixStream::pair().unwrap();
+                s.write_all(&[STATE]).unwrap();
+                s.write_all(&wire::encode(&state).unwrap()).unwrap();
+                fds::send(s.as_fd(), &[listener.as_fd(), a.as_fd()]).unwrap();
+                let mut ack = [0u8; 1];
+                // No acknowledgement: the successor closes.
+                assert_eq!(s.read(&mut ack).unwrap_or(0), 0);
+            });
+            let e = take_over(&ours, 1 << 20).map(|_| ()).unwrap_err();
+            predecessor.join().unwrap();
+            assert!(
+                victim.exists(),
+                "{e}: the file the state named is still there"
+            );
+            assert!(
+                ours.exists(),
+                "{e}: the predecessor's socket is still there"
+            );
+            assert!(e.to_string().contains(refusal), "{e}");
+            std::fs::remove_file(&ours).unwrap();
+        }
     }
 }

@@ -547,7 +547,11 @@ impl Reexec {
     #[allow(clippy::type_complexity)]
     fn execve_args(
         &self,
-    ) -> std::io::Result<(std::ffi::CString, Vec<std::ffi::CString>, Vec<std::ffi::CString>)> {
+    ) -> std::io::Result<(
+        std::ffi::CString,
+        Vec<std::ffi::CString>,
+        Vec<std::ffi::CString>,
+    )> {
         use std::os::unix::ffi::OsStrExt;
         let c = |b: &[u8]| {
             std::ffi::CString::new(b)

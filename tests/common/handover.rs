@@ -260,4 +260,3 @@ pub fn longest_gap(rx: &Receiver, at: Instant, window: Duration) -> Duration {
         .max()
         .unwrap_or(window)
 }
-
