@@ -18,6 +18,9 @@
 //! task stops through one [`shutdown::Shutdown`]; every count goes through
 //! an event that also logs it, and the counters are declared once in
 //! [`stats`].
+//!
+//! (Over 500 lines: starting, serving and stopping, with the hand-overs that
+//! begin or end each, are the one place where the stages meet.)
 
 // Guest data must never crash the host daemon: no unwrap, expect, panic
 // or unchecked indexing outside tests (clippy -D warnings enforces it).

@@ -442,6 +442,13 @@ async fn a_sigterm_during_an_upgrade_stops_the_service_cleanly() {
             "trial {trial}: the service exits 0: {status:?}; log:\n{}",
             setup.log()
         );
+        let log = setup.log();
+        eprintln!(
+            "trial {trial}: stop waited for the upgrade: {}, executed the new binary: {}, it stopped: {}",
+            log.contains("stop asked during an upgrade"),
+            log.contains("upgrade: becoming the new binary"),
+            log.matches("forwarder stopped").count()
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         for other in setup.ready_pids() {
             while alive(other) {

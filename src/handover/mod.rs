@@ -1,5 +1,9 @@
 //! Handing live agent connections to the next forwarder process.
 //!
+//! (Over 500 lines with its tests: the hand-off socket, what a successor
+//! receives, and every check it makes before believing any of it, stay
+//! together.)
+//!
 //! The Kata agent connects once and never dials again after a failed write,
 //! so a forwarder that closes a connection ends that sandbox's tracing for
 //! the life of its VM. A restart or upgrade therefore hands everything over

@@ -1,6 +1,9 @@
 //! The running forwarder's side of a hand-over: answering successors on
 //! the hand-off socket, and starting one on `SIGHUP`.
 //!
+//! (Over 500 lines: whom it answers, the exchange, and the upgrade that
+//! ends in `exec` are one hand-over seen from the old process.)
+//!
 //! A successor is checked first, by `SO_PEERCRED`, before it may even ask:
 //! root (an administrator's takeover), the bridge this process started on
 //! `SIGHUP` (by its pid), or, in a bridge, the parent that is about to
