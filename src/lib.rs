@@ -18,6 +18,9 @@
 //! task stops through one [`shutdown::Shutdown`]; every count goes through
 //! an event that also logs it, and the counters are declared once in
 //! [`stats`].
+//!
+//! (Over 500 lines: starting, serving and stopping, with the hand-overs that
+//! begin or end each, are the one place where the stages meet.)
 
 // Guest data must never crash the host daemon: no unwrap, expect, panic
 // or unchecked indexing outside tests (clippy -D warnings enforces it).
@@ -94,7 +97,9 @@ pub enum RunError {
 /// forwarder already running at the hand-off socket is taken over, or the
 /// listeners are bound, then root is dropped.
 pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Snapshot, RunError> {
-    run_upgradable(config, stop, None).await.map(|f| f.summary)
+    run_upgradable(config, stop, None, None)
+        .await
+        .map(|f| f.summary)
 }
 
 /// How [`run_upgradable`] ended.
@@ -107,12 +112,19 @@ pub struct Finished {
     pub reexec: Option<handover::Reexec>,
 }
 
-/// [`run`], and on `SIGHUP` hand everything to `upgrade`'s binary.
+/// [`run`], and on `SIGHUP` (each time `sighup` yields) hand everything to
+/// `upgrade`'s binary. The caller makes `sighup` before the signal can
+/// come, so that one sent while this process starts is not lost: it is
+/// answered once serving, and never kills the process.
 pub async fn run_upgradable(
     config: Config,
     stop: impl Future<Output = ()>,
     upgrade: Option<Upgrade>,
+    sighup: Option<tokio::signal::unix::Signal>,
 ) -> Result<Finished, RunError> {
+    // A bridge hands everything back to the process that started it, and
+    // to no other of its user's: its pid, now.
+    let parent = config.bridge.then(|| nix::unistd::getppid().as_raw());
     let sink = match &config.export.output {
         Output::Dump => Sink::dump(Box::new(std::io::BufWriter::new(std::io::stdout()))),
         Output::Otlp(o) => Sink::connect(o, STARTUP_CONNECT_TIMEOUT).await?,
@@ -188,6 +200,8 @@ pub async fn run_upgradable(
     let handover = Handover {
         listener: handoff,
         upgrade,
+        sighup,
+        parent,
         ack,
     };
     serve_inner(&config, listeners, sink, shutdown, stop, handover).await
@@ -223,6 +237,9 @@ struct Handover {
     /// Where successors ask; `None`: this forwarder never hands over.
     listener: Option<HandoffListener>,
     upgrade: Option<Upgrade>,
+    sighup: Option<tokio::signal::unix::Signal>,
+    /// In a bridge: the process to hand back to.
+    parent: Option<i32>,
     /// Owed to the predecessor once serving (this forwarder took over).
     ack: Option<handover::Ack>,
 }
@@ -242,6 +259,8 @@ pub async fn serve(
     let handover = Handover {
         listener: None,
         upgrade: None,
+        sighup: None,
+        parent: None,
         ack: None,
     };
     serve_inner(config, listeners, sink, shutdown, stop, handover)
@@ -258,8 +277,10 @@ async fn serve_inner(
     handover: Handover,
 ) -> Result<Finished, RunError> {
     let Handover {
-        listener: handoff,
+        listener: mut handoff,
         upgrade,
+        mut sighup,
+        parent,
         ack,
     } = handover;
     let taken_over = ack.is_some();
@@ -267,28 +288,31 @@ async fn serve_inner(
         // The listeners are ours, registered with this runtime: from here
         // on the predecessor will not read again.
         ack.send()?;
+        if let Some(h) = handoff.as_mut() {
+            h.own();
+        }
     }
     let hub = handover::hub::Hub::new();
     let sandbox_thread = listeners.sandbox_thread();
     let mut server = handoff.map(|h| {
         listeners.set_hub(Arc::clone(&hub));
-        let sighup = upgrade.as_ref().and_then(|u| {
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                .ok()
-                .map(|s| (u.clone(), s))
-        });
-        handover::server::Server::new(h, Arc::clone(&hub), sighup, sandbox_thread.clone())
+        let on_hup = match (&upgrade, sighup.take()) {
+            (Some(u), Some(s)) => Some((u.clone(), s)),
+            (None, s) => {
+                sighup = s;
+                None
+            }
+            (Some(_), None) => None,
+        };
+        handover::server::Server::new(h, Arc::clone(&hub), on_hup, sandbox_thread.clone(), parent)
     });
-    if server.is_none() && upgrade.is_some() {
+    if let Some(mut hup) = sighup {
         // SIGHUP must not kill a forwarder that cannot upgrade.
-        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    tracing::error!("SIGHUP: no hand-off socket, so no upgrade; still serving");
-                }
-            });
-        }
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::error!("SIGHUP: no hand-off socket, so no upgrade; still serving");
+            }
+        });
     }
     let stats = Arc::new(Stats::default());
     let tenants = Arc::new(tenant::Tenants::new(config.listen.tenants));
@@ -377,35 +401,14 @@ async fn serve_inner(
         shutdown.clone(),
     ));
 
-    let handing_over = async {
-        match server.as_mut() {
-            Some(s) => s.run().await,
-            None => std::future::pending().await,
-        }
-    };
-    let mut reexec = None;
-    let mode = tokio::select! {
-        // With systemd's file descriptor store, the next process (a restart)
-        // takes the agents' connections from it: they are not closed.
-        _ = stop => if handover::fdstore::enabled() { Mode::Store } else { Mode::Drain },
-        // The batcher only ends early if it panicked; nothing can be
-        // exported any more, so stop rather than accept spans to lose.
-        res = &mut batcher => {
-            tracing::error!(?res, "exporter stopped unexpectedly");
-            Mode::Drain
-        }
-        done = handing_over => {
-            tracing::info!(successor = done.successor_pid, "the successor serves every agent now");
-            if done.to_bridge {
-                reexec = upgrade.clone().map(|upgrade| handover::Reexec {
-                    upgrade,
-                    bridge_pid: done.successor_pid,
-                    sandbox_thread: sandbox_thread.clone(),
-                });
-            }
-            Mode::HandOver
-        }
-    };
+    let (mode, reexec) = until_stopped(
+        stop,
+        server.as_mut(),
+        &mut batcher,
+        upgrade.as_ref(),
+        sandbox_thread.as_ref(),
+    )
+    .await;
     // A successor that connects from now on finds nobody, and starts clean.
     drop(server);
 
@@ -445,6 +448,80 @@ async fn serve_inner(
         summary: stats.snapshot(),
         reexec,
     })
+}
+
+/// Serves until asked to stop, the exporter fails, or a hand-over commits:
+/// returns how to stop, and what is left of an upgrade by `SIGHUP`.
+async fn until_stopped(
+    stop: impl Future<Output = ()>,
+    mut server: Option<&mut handover::server::Server>,
+    batcher: &mut tokio::task::JoinHandle<()>,
+    upgrade: Option<&Upgrade>,
+    sandbox_thread: Option<&listen::template::SandboxThread>,
+) -> (Mode, Option<handover::Reexec>) {
+    let mut upgrading = server.as_ref().map(|s| s.upgrading());
+    let handing_over = async {
+        match server.as_mut() {
+            Some(s) => s.run().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(handing_over);
+    tokio::pin!(stop);
+    // A stop asked while an upgrade is under way waits for it to settle,
+    // rather than leave its new binary serving alone: then stops here, or
+    // (the upgrade went to its bridge) in the upgraded binary, which takes
+    // everything back first.
+    let mut stop_asked = false;
+    let stop_mode = || {
+        // With systemd's file descriptor store, the next process (a
+        // restart) takes the agents' connections from it: they are not
+        // closed.
+        if handover::fdstore::enabled() {
+            Mode::Store
+        } else {
+            Mode::Drain
+        }
+    };
+    loop {
+        tokio::select! {
+            () = &mut stop, if !stop_asked => {
+                if upgrading.as_ref().is_some_and(|u| *u.borrow()) {
+                    tracing::info!("stop asked during an upgrade: stopping once it is settled");
+                    stop_asked = true;
+                    continue;
+                }
+                return (stop_mode(), None);
+            }
+            () = upgrade_settled(&mut upgrading), if stop_asked => return (stop_mode(), None),
+            // The batcher only ends early if it panicked; nothing can be
+            // exported any more, so stop rather than accept spans to lose.
+            res = &mut *batcher => {
+                tracing::error!(?res, "exporter stopped unexpectedly");
+                return (Mode::Drain, None);
+            }
+            done = &mut handing_over => {
+                tracing::info!(successor = done.successor_pid, "the successor serves every agent now");
+                let reexec = match (done.to_bridge, upgrade) {
+                    (true, Some(upgrade)) => Some(handover::Reexec {
+                        upgrade: upgrade.clone(),
+                        bridge_pid: done.successor_pid,
+                        sandbox_thread: sandbox_thread.cloned(),
+                        stop: stop_asked,
+                    }),
+                    _ => None,
+                };
+                return (Mode::HandOver, reexec);
+            }
+        }
+    }
+}
+
+/// Resolves once no upgrade is under way.
+async fn upgrade_settled(upgrading: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(u) = upgrading.as_mut() {
+        let _ = u.wait_for(|under_way| !under_way).await;
+    }
 }
 
 /// Waits for a stage's task until `at`, then abandons it: a process that is

@@ -10,19 +10,14 @@ use anyhow::Context;
 use clap::Parser;
 use kata_trace_forwarder::config::{kata, Cli, LogFormat, ProcessEnv};
 use kata_trace_forwarder::listen::privileges;
+use kata_trace_forwarder::shutdown::SignalGate;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    // Until the runtime handles it: a SIGHUP (a reload) that comes while
-    // this process starts, when re-executed by an upgrade, must not end it.
-    // Ignoring it survives exec, as its default would not.
-    // SAFETY: SIG_IGN runs no handler; nothing else is running yet.
-    let _ = unsafe {
-        nix::sys::signal::signal(
-            nix::sys::signal::Signal::SIGHUP,
-            nix::sys::signal::SigHandler::SigIgn,
-        )
-    };
+    // Until the runtime handles them: a SIGHUP (a reload) or SIGTERM that
+    // comes while this process starts, re-executed by an upgrade, must
+    // neither end it nor be lost (see `block_stop_signals`).
+    kata_trace_forwarder::shutdown::block_stop_signals();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == privileges::JANITOR_ARG) {
         return privileges::janitor_main(&args[2..]);
@@ -45,6 +40,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     if cli.print {
+        kata_trace_forwarder::shutdown::unblock_stop_signals();
         return print_plan(&cli);
     }
     let config = match cli.into_config(&ProcessEnv) {
@@ -109,15 +105,42 @@ fn run(
         .build()
         .context("starting the async runtime")?;
     let reexec = runtime.block_on(async {
-        let shutdown = shutdown_signal()?;
-        let finished = kata_trace_forwarder::run_upgradable(config, shutdown, upgrade)
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        // Handled from here on: whatever came meanwhile is delivered now.
+        let gate = SignalGate::open().context("starting the signal thread")?;
+        let stop = async {
+            tokio::select! {
+                _ = term.recv() => tracing::info!(signal = "SIGTERM", "received signal"),
+                _ = int.recv() => tracing::info!(signal = "SIGINT", "received signal"),
+            }
+        };
+        let finished = kata_trace_forwarder::run_upgradable(config, stop, upgrade, Some(hup))
             .await
             .context("kata-trace-forwarder")?;
         tracing::info!(
             summary = %serde_json::to_string(&finished.summary).unwrap_or_default(),
             "forwarder stopped"
         );
-        anyhow::Ok(finished.reexec)
+        let mut reexec = finished.reexec;
+        if let Some(r) = reexec.as_mut() {
+            // From here on a stop or upgrade signal waits, pending, for the
+            // upgraded binary. One that came during the flush, or just
+            // before the hold (let the runtime see it), stops that binary
+            // once it has taken everything back.
+            gate.hold();
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            let came = |s: &mut tokio::signal::unix::Signal| {
+                futures_util::FutureExt::now_or_never(s.recv()).is_some()
+            };
+            if came(&mut term) || came(&mut int) {
+                tracing::info!("stop asked during the upgrade: the upgraded binary stops once it has taken everything back");
+                r.stop = true;
+            }
+        }
+        anyhow::Ok(reexec)
     })?;
     if let Some(reexec) = reexec {
         // An upgrade by SIGHUP: the bridge serves; this process becomes the
@@ -128,19 +151,6 @@ fn run(
         reexec.give_way();
     }
     Ok(())
-}
-
-/// Resolves on the first SIGTERM or SIGINT.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!(signal = "SIGTERM", "received signal"),
-            _ = int.recv() => tracing::info!(signal = "SIGINT", "received signal"),
-        }
-    })
 }
 
 fn init_logging(cli: &Cli) {

@@ -134,6 +134,70 @@ impl Shutdown {
     }
 }
 
+/// The signals that stop (`SIGTERM`, `SIGINT`) or upgrade (`SIGHUP`) the
+/// forwarder.
+fn stop_and_upgrade_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+        set.add(sig);
+    }
+    set
+}
+
+/// Blocks the stop and upgrade signals on the calling thread, and so on
+/// every thread it starts from now on. Call first thing in `main`, while
+/// it is the only thread. Blocked, not ignored: one that comes before the
+/// runtime handles it (while an upgraded binary starts, whose predecessor
+/// had them blocked across `exec`) stays pending until [`SignalGate`]
+/// lets it through, rather than killing the process or being lost.
+pub fn block_stop_signals() {
+    let _ = stop_and_upgrade_signals().thread_block();
+}
+
+/// Undoes [`block_stop_signals`] on the calling thread, for a process that
+/// will not serve (`--print`): their defaults stop it.
+pub fn unblock_stop_signals() {
+    let _ = stop_and_upgrade_signals().thread_unblock();
+}
+
+/// The one thread the stop and upgrade signals are delivered to (every
+/// other keeps them blocked, see [`block_stop_signals`]), so that
+/// [`hold`](Self::hold) can stop their delivery for the whole process at
+/// once: before an upgrade's `exec`, after which they stay pending for the
+/// new binary. Start it once the runtime's handlers for them are in place.
+pub struct SignalGate {
+    hold: std::sync::mpsc::Sender<std::sync::mpsc::Sender<()>>,
+}
+
+impl SignalGate {
+    pub fn open() -> std::io::Result<SignalGate> {
+        let (hold, asked) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<()>>();
+        std::thread::Builder::new()
+            .name("ktf-signals".into())
+            .spawn(move || {
+                let set = stop_and_upgrade_signals();
+                let _ = set.thread_unblock();
+                // Signals are handled on this thread, while it waits here.
+                let done = asked.recv();
+                let _ = set.thread_block();
+                if let Ok(done) = done {
+                    let _ = done.send(());
+                }
+            })?;
+        Ok(SignalGate { hold })
+    }
+
+    /// Stops delivering the signals, for the whole process: from here on
+    /// they stay pending (across `exec` too). Returns once that is so.
+    pub fn hold(self) {
+        let (done, held) = std::sync::mpsc::channel();
+        if self.hold.send(done).is_ok() {
+            let _ = held.recv();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,9 @@
 //! Handing live agent connections to the next forwarder process.
 //!
+//! (Over 500 lines with its tests: the hand-off socket, what a successor
+//! receives, and every check it makes before believing any of it, stay
+//! together.)
+//!
 //! The Kata agent connects once and never dials again after a failed write,
 //! so a forwarder that closes a connection ends that sandbox's tracing for
 //! the life of its VM. A restart or upgrade therefore hands everything over
@@ -11,7 +15,8 @@
 //! The forwarder listens on a hand-off socket (`--handoff-socket`). A new
 //! forwarder started with the same path connects to it before binding
 //! anything ([`take_over`]). The old one checks who it is (`SO_PEERCRED`:
-//! the same user, or root), pauses every listener and connection between
+//! root, or the successor it started itself, by pid; see
+//! [`server`]), pauses every listener and connection between
 //! two reads ([`hub`]), and sends the state ([`wire`]) and the descriptors
 //! ([`fds`]). Only when the successor acknowledges does the old one let go:
 //! its connections stop without another read, its sockets stay in place
@@ -50,6 +55,7 @@ use std::time::Duration;
 use crate::addr::Peer;
 use crate::config::ListenMode;
 use crate::ingest::Ingest;
+use crate::listen::privileges::Janitor;
 use crate::wire::WireFormat;
 use hub::{Member, Piece, PieceKind};
 use wire::{Format, ListenerKind, State};
@@ -65,7 +71,7 @@ const REFUSED: u8 = b'R';
 const ACK: u8 = b'A';
 /// Longest refusal reason.
 const MAX_REASON: usize = 4096;
-/// How long either side waits for the other at each step.
+/// How long a successor waits for the old process at each step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -101,8 +107,8 @@ pub enum HandOverError {
         #[source]
         source: io::Error,
     },
-    #[error("the forwarder at the hand-off socket runs as uid {uid}, we as {ours}; refusing to take from it")]
-    CheckPeer { uid: u32, ours: u32 },
+    #[error("the hand-off socket was made by uid {uid} (pid {pid}), and we run as {ours}: not a forwarder we trust; refusing to take from it")]
+    CheckPeer { uid: u32, pid: i32, ours: u32 },
     #[error("the running forwarder refused to hand over: {0}")]
     Refused(String),
     #[error("receiving the hand-over: {0}")]
@@ -218,8 +224,14 @@ pub struct HandoffListener {
     listener: tokio::net::UnixListener,
     path: PathBuf,
     identity: (u64, u64),
-    /// Cleared once it belongs to a successor.
+    /// Whether the socket file is ours to remove when dropped: cleared once
+    /// it belongs to a successor, and set on one handed over only once the
+    /// hand-over is ours ([`HandoffListener::own`]).
     remove: bool,
+    /// Started as root: the janitor that removes the socket once the last
+    /// forwarder is gone, as the forwarder, no longer root, cannot in a
+    /// directory of root's.
+    janitor: Option<Janitor>,
 }
 
 impl HandoffListener {
@@ -271,15 +283,30 @@ impl HandoffListener {
         let md = std::fs::symlink_metadata(path).map_err(err)?;
         std.set_nonblocking(true).map_err(err)?;
         let listener = tokio::net::UnixListener::from_std(std).map_err(err)?;
+        // Root now, `user` later: without root the socket cannot be removed
+        // from a directory of root's, so a janitor started now does it.
+        let janitor = match user.is_some() && nix::unistd::getuid().is_root() {
+            true => Some(Janitor::spawn(path, (md.dev(), md.ino())).map_err(err)?),
+            false => None,
+        };
         Ok(HandoffListener {
             listener,
             path: path.to_owned(),
             identity: (md.dev(), md.ino()),
             remove: true,
+            janitor,
         })
     }
 
-    fn adopt(fd: OwnedFd, path: PathBuf, identity: (u64, u64)) -> Result<Self, HandOverError> {
+    /// A hand-off socket a predecessor handed over. Not ours to remove
+    /// until the hand-over is ([`own`](Self::own)): a takeover that fails
+    /// after this leaves the predecessor's socket in place.
+    fn adopt(
+        fd: OwnedFd,
+        path: PathBuf,
+        identity: (u64, u64),
+        janitor: Option<OwnedFd>,
+    ) -> Result<Self, HandOverError> {
         let std = std::os::unix::net::UnixListener::from(fd);
         let listener = std
             .set_nonblocking(true)
@@ -289,22 +316,44 @@ impl HandoffListener {
             listener,
             path,
             identity,
-            remove: true,
+            remove: false,
+            janitor: janitor.map(Janitor::adopt),
         })
+    }
+
+    /// The hand-over is acknowledged: the socket is ours to remove at exit.
+    pub(crate) fn own(&mut self) {
+        self.remove = true;
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The janitor's pipe, for handing over.
+    pub(crate) fn janitor_pipe(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.janitor.as_ref().and_then(Janitor::pipe)
+    }
 }
 
 impl Drop for HandoffListener {
     fn drop(&mut self) {
+        if !self.remove {
+            // The successor's now (or still the predecessor's): the janitor's
+            // pipe is closed without a word, and it waits on the others.
+            if let Some(j) = self.janitor.take() {
+                j.release();
+            }
+            return;
+        }
+        if let Some(j) = self.janitor.take() {
+            // It removes the socket if it is still the very file bound.
+            j.remove_now(Duration::from_secs(2));
+            return;
+        }
         let ours = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|md| (md.dev(), md.ino()) == self.identity);
-        if self.remove && ours {
-            // Fails where root was dropped and the directory is root's: a
-            // stale socket is replaced at the next start.
+            .is_ok_and(|md| md.file_type().is_socket() && (md.dev(), md.ino()) == self.identity);
+        if ours {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -419,16 +468,31 @@ pub fn take_over(path: &Path, max_frame_size: usize) -> Result<Option<Taken>, Ha
     };
     let ours = nix::unistd::getuid().as_raw();
     let peer = fds::peer(&stream).map_err(HandOverError::Receive)?;
-    if peer.uid != ours && peer.uid != 0 && ours != 0 {
+    if !trusts_predecessor(peer, ours) {
         return Err(HandOverError::CheckPeer {
             uid: peer.uid,
+            pid: peer.pid,
             ours,
         });
     }
     let _ = stream.set_read_timeout(Some(STEP_TIMEOUT));
     let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
     let received = receive(stream, max_frame_size)?;
-    sort(received).map(Some)
+    sort(received, path).map(Some)
+}
+
+/// Whether to take anything from the hand-off socket whose listening end
+/// `peer` made. For a socket we connect to, `SO_PEERCRED` names whoever
+/// made it listen, not whoever holds it now: a forwarder started as root
+/// binds it as root, and it goes from forwarder to forwarder (bridges and
+/// upgrades included) with those credentials. So a successor running as
+/// root, which would act on the paths in the state with root's rights,
+/// takes only from a socket root made, never from one a user could have
+/// put at the path; a successor not running as root (a bridge, an
+/// upgrade, a forwarder never started as root) has nothing more to lose
+/// to its own user, and takes from root's or its own.
+fn trusts_predecessor(peer: fds::Peer, ours: u32) -> bool {
+    peer.uid == 0 || (ours != 0 && peer.uid == ours)
 }
 
 fn receive(mut stream: StdUnixStream, max_frame_size: usize) -> Result<Received, HandOverError> {
@@ -466,8 +530,9 @@ fn receive(mut stream: StdUnixStream, max_frame_size: usize) -> Result<Received,
 }
 
 /// Checks each descriptor is the kind of socket the state says, and pairs
-/// them up.
-fn sort(received: Received) -> Result<Taken, HandOverError> {
+/// them up. `handoff_path`: our own hand-off socket, the one path the
+/// state may name for it.
+fn sort(received: Received, handoff_path: &Path) -> Result<Taken, HandOverError> {
     use nix::sys::socket::{getsockopt, sockopt, AddressFamily, SockType};
     let Received { stream, state, fds } = received;
     let check = |fd: &OwnedFd, family: AddressFamily, listening: bool, what: &str| {
@@ -502,8 +567,22 @@ fn sort(received: Received) -> Result<Taken, HandOverError> {
         };
         match &l.kind {
             ListenerKind::Handoff { path, identity } => {
+                // Ours is the only one we would bind, and so the only file
+                // we may ever remove.
+                if path != handoff_path {
+                    return Err(HandOverError::CheckState(format!(
+                        "a hand-off socket at {}, ours is {}",
+                        path.display(),
+                        handoff_path.display()
+                    )));
+                }
                 check(&fd, AddressFamily::Unix, true, "hand-off socket")?;
-                handoff = Some(HandoffListener::adopt(fd, path.clone(), *identity)?);
+                handoff = Some(HandoffListener::adopt(
+                    fd,
+                    path.clone(),
+                    *identity,
+                    janitor,
+                )?);
                 index.push(None);
             }
             ListenerKind::Hybrid { path, identity } => {
@@ -593,5 +672,70 @@ mod tests {
         assert!(path.exists(), "the running one's socket stays");
         drop(first);
         assert!(!path.exists(), "removed by its owner");
+    }
+
+    /// A predecessor (trusted: here, the tests' own user) that names a path
+    /// for its hand-off socket, then sends something that fails a later
+    /// check: the successor refuses, and removes no file. Neither one the
+    /// state names that is not our hand-off socket (a root successor would
+    /// delete any file), nor ours, which the predecessor still serves on.
+    #[tokio::test]
+    async fn a_takeover_that_fails_removes_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("handoff.sock");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        for (named, refusal) in [
+            (victim.clone(), "ours is"),
+            (ours.clone(), "not the socket announced"),
+        ] {
+            let listener = std::os::unix::net::UnixListener::bind(&ours).unwrap();
+            let md = std::fs::symlink_metadata(&named).unwrap();
+            let state = State {
+                pid: 1,
+                listeners: vec![
+                    wire::ListenerState {
+                        kind: ListenerKind::Handoff {
+                            path: named.clone(),
+                            identity: (md.dev(), md.ino()),
+                        },
+                        janitor: false,
+                    },
+                    // Announced as a listener, sent as a connected socket.
+                    wire::ListenerState {
+                        kind: ListenerKind::Hybrid {
+                            path: dir.path().join("agent.sock"),
+                            identity: (0, 0),
+                        },
+                        janitor: false,
+                    },
+                ],
+                connections: vec![],
+            };
+            let predecessor = std::thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut req = [0u8; 8];
+                s.read_exact(&mut req).unwrap();
+                let (a, _b) = StdUnixStream::pair().unwrap();
+                s.write_all(&[STATE]).unwrap();
+                s.write_all(&wire::encode(&state).unwrap()).unwrap();
+                fds::send(s.as_fd(), &[listener.as_fd(), a.as_fd()]).unwrap();
+                let mut ack = [0u8; 1];
+                // No acknowledgement: the successor closes.
+                assert_eq!(s.read(&mut ack).unwrap_or(0), 0);
+            });
+            let e = take_over(&ours, 1 << 20).map(|_| ()).unwrap_err();
+            predecessor.join().unwrap();
+            assert!(
+                victim.exists(),
+                "{e}: the file the state named is still there"
+            );
+            assert!(
+                ours.exists(),
+                "{e}: the predecessor's socket is still there"
+            );
+            assert!(e.to_string().contains(refusal), "{e}");
+            std::fs::remove_file(&ours).unwrap();
+        }
     }
 }

@@ -1,11 +1,22 @@
 //! The running forwarder's side of a hand-over: answering successors on
 //! the hand-off socket, and starting one on `SIGHUP`.
 //!
-//! A successor is checked first (`SO_PEERCRED`: our user or root; anyone
-//! else is refused and logged), then every listener and connection pauses
-//! ([`super::hub`]), the state and descriptors go out, and the hand-over
-//! commits only on the successor's acknowledgement. Anything short of that
-//! resumes every member where it paused.
+//! (Over 500 lines: whom it answers, the exchange, and the upgrade that
+//! ends in `exec` are one hand-over seen from the old process.)
+//!
+//! A successor is checked first, by `SO_PEERCRED`, before it may even ask:
+//! root (an administrator's takeover), the bridge this process started on
+//! `SIGHUP` (by its pid), or, in a bridge, the parent that is about to
+//! become the new binary (by its pid, and only while it is still our
+//! parent). Never by uid alone: the forwarder's user (`nobody`) is shared
+//! with other services, and any of them could otherwise take every agent.
+//! Anyone else is refused and logged, and nothing pauses. Then every
+//! listener and connection pauses ([`super::hub`]), the state and
+//! descriptors go out, and the hand-over commits only on the successor's
+//! acknowledgement. Anything short of that resumes every member where it
+//! paused. Each step has a short deadline, and after a hand-over that
+//! paused and failed the next one waits, longer each time: not even a
+//! trusted peer can pause the agents over and over.
 //!
 //! `SIGHUP` starts the binary at the path this forwarder was started from
 //! (taken at startup: `/proc/self/exe` would name the old, replaced file),
@@ -32,15 +43,23 @@ use tokio::time::Instant;
 
 use super::hub::{Hub, PieceKind};
 use super::wire::{self, ConnState, ListenerKind, ListenerState, State};
-use super::{
-    fds, HandOverError, HandoffListener, ACK, MAX_REASON, REFUSED, REQUEST, STATE, STEP_TIMEOUT,
-};
+use super::{fds, HandOverError, HandoffListener, ACK, MAX_REASON, REFUSED, REQUEST, STATE};
 use crate::listen::template::SandboxThread;
 
 /// Longest every listener and connection may take to pause.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest an upgraded binary may take to ask for the hand-over.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a trusted peer may take to ask, once connected (nothing is
+/// paused yet, but no other successor is answered meanwhile).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest the agents stay paused waiting for the successor to take the
+/// state and acknowledge it (it binds and registers everything first).
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a hand-over that paused and failed, the next waits this long,
+/// doubled after each further failure up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// How to start a successor on `SIGHUP`.
 #[derive(Debug, Clone)]
@@ -69,21 +88,64 @@ pub(crate) struct Server {
     /// the upgraded binary so that it gets the one capability that thread
     /// holds (see [`SandboxThread::spawn_process`]).
     sandbox_thread: Option<SandboxThread>,
+    /// In a bridge: the pid of the parent that started it, which becomes
+    /// the upgraded binary and takes everything back.
+    parent: Option<i32>,
+    /// The upgraded binary started on `SIGHUP`, until it takes over or
+    /// fails; killed if this server goes first (the forwarder stops).
+    child: Option<(Child, Instant)>,
+    /// Whether an upgrade is under way, for a stop to wait on.
+    upgrading: tokio::sync::watch::Sender<bool>,
+    /// Hand-overs that paused and failed in a row, and until when the next
+    /// one is refused.
+    failures: u32,
+    backoff_until: Option<Instant>,
 }
 
 impl Server {
+    /// `parent`: in a bridge, the pid of the process that started it (see
+    /// [`Server::trusts`]).
     pub(crate) fn new(
         listener: HandoffListener,
         hub: Arc<Hub>,
         upgrade: Option<(Upgrade, Signal)>,
         sandbox_thread: Option<SandboxThread>,
+        parent: Option<i32>,
     ) -> Server {
         Server {
             listener,
             hub,
             upgrade,
             sandbox_thread,
+            parent,
+            child: None,
+            upgrading: tokio::sync::watch::Sender::new(false),
+            failures: 0,
+            backoff_until: None,
         }
+    }
+
+    /// Follows whether an upgrade by `SIGHUP` is under way.
+    pub(crate) fn upgrading(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.upgrading.subscribe()
+    }
+
+    /// Whether `peer` may take everything this process serves: root (only
+    /// an administrator starts a takeover as root), the bridge this process
+    /// started on `SIGHUP`, or, in a bridge, its parent, which is to take
+    /// everything back. The last two by pid: the bridge is our child (its
+    /// pid cannot be reused until we reap it), and a parent's pid only
+    /// while it is still our parent (once it died, we are re-parented).
+    fn trusts(&self, peer: fds::Peer) -> bool {
+        let bridge = self.child.as_ref().map(|(c, _)| c.id() as i32);
+        peer.uid == 0
+            || bridge == Some(peer.pid)
+            || (self.parent == Some(peer.pid) && nix::unistd::getppid().as_raw() == peer.pid)
+    }
+
+    fn set_child(&mut self, child: Option<(Child, Instant)>) {
+        self.child = child;
+        self.upgrading.send_replace(self.child.is_some());
     }
 
     pub(crate) fn path(&self) -> &std::path::Path {
@@ -93,7 +155,6 @@ impl Server {
     /// Serves successors, and upgrades on `SIGHUP`, until a hand-over
     /// commits. The hand-off socket then belongs to the successor.
     pub(crate) async fn run(&mut self) -> Committed {
-        let mut child: Option<(Child, Instant)> = None;
         loop {
             let hup = async {
                 match self.upgrade.as_mut() {
@@ -102,7 +163,7 @@ impl Server {
                 }
             };
             let child_check = async {
-                match child.is_some() {
+                match self.child.is_some() {
                     true => tokio::time::sleep(Duration::from_millis(20)).await,
                     false => std::future::pending().await,
                 }
@@ -117,43 +178,47 @@ impl Server {
                             continue;
                         }
                     };
-                    let bridge = child.as_ref().map(|(c, _)| c.id() as i32);
+                    let bridge = self.child.as_ref().map(|(c, _)| c.id() as i32);
                     if let Some(mut done) = self.answer(stream, bridge).await {
                         self.listener.remove = false;
                         // Not waited for: the re-executed process reaps it.
                         done.to_bridge = bridge == Some(done.successor_pid);
+                        if let Some((c, _)) = self.child.take() {
+                            std::mem::forget(c);
+                        }
                         return done;
                     }
-                    if child.is_some() {
+                    if self.child.is_some() {
                         notify(&[sd_notify::NotifyState::Ready]);
                     }
                 }
                 Some(()) = hup => {
-                    if child.is_some() {
+                    if self.child.is_some() {
                         tracing::warn!("SIGHUP: an upgrade is already under way");
                         continue;
                     }
-                    child = self.start_upgrade().await.map(|c| (c, Instant::now()));
+                    let child = self.start_upgrade().await.map(|c| (c, Instant::now()));
+                    self.set_child(child);
                 }
                 () = child_check => {
-                    let Some((c, since)) = child.as_mut() else { continue };
+                    let Some((c, since)) = self.child.as_mut() else { continue };
                     match c.try_wait() {
                         Ok(Some(status)) => {
                             tracing::error!(%status, "upgrade failed: the new binary exited before taking over; still serving");
-                            child = None;
+                            self.set_child(None);
                             notify(&[sd_notify::NotifyState::Ready]);
                         }
                         Ok(None) if since.elapsed() > UPGRADE_TIMEOUT => {
                             tracing::error!(timeout = ?UPGRADE_TIMEOUT, "upgrade failed: the new binary did not take over in time; stopping it, still serving");
                             let _ = c.kill();
                             let _ = c.wait();
-                            child = None;
+                            self.set_child(None);
                             notify(&[sd_notify::NotifyState::Ready]);
                         }
                         Ok(None) => {}
                         Err(e) => {
                             tracing::error!(error = %e, "upgrade: waiting on the new binary");
-                            child = None;
+                            self.set_child(None);
                         }
                     }
                 }
@@ -191,11 +256,10 @@ impl Server {
     /// One successor: checked, then handed everything, or refused. `bridge`:
     /// the pid of the child started on `SIGHUP`, if one is under way.
     async fn answer(
-        &self,
+        &mut self,
         stream: tokio::net::UnixStream,
         bridge: Option<i32>,
     ) -> Option<Committed> {
-        let ours = nix::unistd::getuid().as_raw();
         let peer = match fds::peer(&stream) {
             Ok(p) => p,
             Err(e) => {
@@ -203,19 +267,21 @@ impl Server {
                 return None;
             }
         };
-        if peer.uid != ours && peer.uid != 0 {
+        // Before anything is read from it or paused for it.
+        if !self.trusts(peer) {
             tracing::warn!(
                 uid = peer.uid,
                 pid = peer.pid,
-                ours,
-                "hand-off socket: refused a takeover by another user"
+                bridge,
+                parent = self.parent,
+                "hand-off socket: refused a takeover by a process that is neither root nor the successor we started"
             );
             return None;
         }
         let mut stream = match stream.into_std().and_then(|s| {
             s.set_nonblocking(false)?;
-            s.set_read_timeout(Some(STEP_TIMEOUT))?;
-            s.set_write_timeout(Some(STEP_TIMEOUT))?;
+            s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+            s.set_write_timeout(Some(ACK_TIMEOUT))?;
             Ok(s)
         }) {
             Ok(s) => s,
@@ -253,6 +319,17 @@ impl Server {
                 return None;
             }
         }
+        if let Some(until) = self.backoff_until.filter(|u| *u > Instant::now()) {
+            let wait = until - Instant::now();
+            tracing::warn!(pid = peer.pid, failures = self.failures, retry_in = ?wait, "hand-off socket: refused a takeover: backing off after failed hand-overs");
+            let why = format!(
+                "{} hand-overs failed in a row; retry in {wait:?}",
+                self.failures
+            );
+            let _ = refuse(stream, why).await;
+            return None;
+        }
+        let _ = stream.set_read_timeout(Some(ACK_TIMEOUT));
         tracing::info!(
             pid = peer.pid,
             "handing over to a successor: pausing every connection"
@@ -287,6 +364,8 @@ impl Server {
         match res {
             Ok(true) => {
                 self.hub.settle(true);
+                self.failures = 0;
+                self.backoff_until = None;
                 tracing::info!(
                     successor = peer.pid,
                     listeners,
@@ -306,6 +385,11 @@ impl Server {
             }
             Ok(false) | Err(_) => {
                 self.hub.settle(false);
+                self.failures = self.failures.saturating_add(1);
+                let backoff = FIRST_BACKOFF
+                    .saturating_mul(1 << self.failures.saturating_sub(1).min(6))
+                    .min(MAX_BACKOFF);
+                self.backoff_until = Some(Instant::now() + backoff);
                 let why = res.err().map(|e| e.to_string());
                 tracing::error!(
                     successor = peer.pid,
@@ -335,14 +419,23 @@ impl Server {
             .map_err(|e| {
                 HandOverError::EncodeState(format!("duplicating the hand-off socket: {e}"))
             })?;
+        let janitor = self
+            .listener
+            .janitor_pipe()
+            .map(|p| p.try_clone_to_owned())
+            .transpose()
+            .map_err(|e| {
+                HandOverError::EncodeState(format!("duplicating the hand-off janitor's pipe: {e}"))
+            })?;
         listeners.push(ListenerState {
             kind: ListenerKind::Handoff {
                 path: self.listener.path.clone(),
                 identity: self.listener.identity,
             },
-            janitor: false,
+            janitor: janitor.is_some(),
         });
         fds_l.push(handoff);
+        fds_l.extend(janitor);
         let mut index = std::collections::HashMap::new();
         let mut conns = Vec::new();
         for (id, piece) in pieces {
@@ -395,6 +488,18 @@ impl Server {
     }
 }
 
+impl Drop for Server {
+    fn drop(&mut self) {
+        // An upgrade under way as the forwarder goes (it stops only once an
+        // upgrade is settled; this is what is left on an error): the new
+        // binary has taken nothing yet, and must not serve on alone.
+        if let Some((mut c, _)) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// What is left of an upgrade by `SIGHUP` once the bridge serves: this
 /// process becoming the upgraded binary (same PID), which takes everything
 /// back from the bridge.
@@ -404,23 +509,74 @@ pub struct Reexec {
     /// In template mode and `--kata-host`: executed from the sandbox
     /// thread, so that its capability passes on as when the bridge started.
     pub(crate) sandbox_thread: Option<SandboxThread>,
+    /// A stop was asked during the upgrade: the upgraded binary is to stop
+    /// once it has taken everything back (it finds `SIGTERM` pending).
+    pub stop: bool,
 }
 
 impl Reexec {
     /// Replaces this process with the upgraded binary; returns only if
     /// that failed. Call once everything read is flushed, outside the
-    /// async runtime.
+    /// async runtime, with the stop and upgrade signals held (see
+    /// [`crate::shutdown::SignalGate`]): they stay pending across `exec`
+    /// until the new binary handles them. Hence `execve` itself, and not
+    /// `Command::exec`, which unblocks every signal just before it.
     pub fn exec(&self) -> std::io::Error {
-        use std::os::unix::process::CommandExt;
-        tracing::info!(exe = %self.upgrade.exe.display(), bridge = self.bridge_pid, "upgrade: becoming the new binary, which takes over from the bridge");
-        let mut cmd = Command::new(&self.upgrade.exe);
-        cmd.args(&self.upgrade.args)
-            .env(crate::config::TAKE_OVER_ENV, "1")
-            .env_remove(crate::config::BRIDGE_ENV);
-        match &self.sandbox_thread {
-            Some(thread) => thread.exec_process(cmd),
-            None => cmd.exec(),
+        tracing::info!(exe = %self.upgrade.exe.display(), bridge = self.bridge_pid, stop = self.stop, "upgrade: becoming the new binary, which takes over from the bridge");
+        if self.stop {
+            // Process-directed, and blocked everywhere: pending until the
+            // new binary's handler is in place.
+            let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::SIGTERM);
         }
+        let exec = match self.execve_args() {
+            Ok(args) => args,
+            Err(e) => return e,
+        };
+        let start = move || {
+            let (path, argv, env) = exec;
+            match nix::unistd::execve(&path, &argv, &env) {
+                Err(e) => std::io::Error::from(e),
+                Ok(never) => match never {},
+            }
+        };
+        match &self.sandbox_thread {
+            Some(thread) => thread.exec_process(start),
+            None => crate::listen::privileges::exec_passing_dac_override(start),
+        }
+    }
+
+    /// The path, arguments and environment to execute: ours, as a
+    /// successor that takes over, not a bridge.
+    #[allow(clippy::type_complexity)]
+    fn execve_args(
+        &self,
+    ) -> std::io::Result<(
+        std::ffi::CString,
+        Vec<std::ffi::CString>,
+        Vec<std::ffi::CString>,
+    )> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |b: &[u8]| {
+            std::ffi::CString::new(b)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+        };
+        let path = c(self.upgrade.exe.as_os_str().as_bytes())?;
+        let mut argv = vec![path.clone()];
+        for a in &self.upgrade.args {
+            argv.push(c(a.as_bytes())?);
+        }
+        let mut env = Vec::new();
+        for (k, v) in std::env::vars_os() {
+            if k == crate::config::BRIDGE_ENV || k == crate::config::TAKE_OVER_ENV {
+                continue;
+            }
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            env.push(c(&kv)?);
+        }
+        env.push(c(format!("{}=1", crate::config::TAKE_OVER_ENV).as_bytes())?);
+        Ok((path, argv, env))
     }
 
     /// After a failed [`exec`](Self::exec): the bridge is the service's

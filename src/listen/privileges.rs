@@ -186,11 +186,10 @@ pub(crate) fn spawn_passing_dac_override(cmd: &mut Command) -> io::Result<Child>
     passing_dac_override(|| cmd.spawn())
 }
 
-/// [`spawn_passing_dac_override`], for replacing this process (same PID):
-/// returns only if that failed.
-pub(crate) fn exec_passing_dac_override(cmd: &mut Command) -> io::Error {
-    use std::os::unix::process::CommandExt;
-    passing_dac_override(|| cmd.exec())
+/// [`spawn_passing_dac_override`], for replacing this process (same PID)
+/// with `exec`: returns only if that failed.
+pub(crate) fn exec_passing_dac_override(exec: impl FnOnce() -> io::Error) -> io::Error {
+    passing_dac_override(exec)
 }
 
 /// Runs `start` with CAP_DAC_OVERRIDE in this thread's ambient set, when

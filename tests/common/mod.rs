@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod certs;
+pub mod handover;
 pub mod jaeger;
 pub mod otelcol;
 

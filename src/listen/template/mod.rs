@@ -189,13 +189,17 @@ impl SandboxThread {
             .unwrap_or_else(|_| Err(std::io::Error::other("the sandbox thread stopped")))
     }
 
-    /// Replaces the process with `cmd`, from this thread, so that it gets
+    /// Replaces the process (`exec`, which returns only on failure), from
+    /// this thread, so that the new image gets
     /// what [`spawn_process`](Self::spawn_process) would pass on. Returns
     /// only if that failed. Blocking: call outside the async runtime.
-    pub(crate) fn exec_process(&self, mut cmd: std::process::Command) -> std::io::Error {
+    pub(crate) fn exec_process(
+        &self,
+        exec: impl FnOnce() -> std::io::Error + Send + 'static,
+    ) -> std::io::Error {
         let (tx, rx) = std::sync::mpsc::channel();
         self.handle.spawn(async move {
-            let _ = tx.send(privileges::exec_passing_dac_override(&mut cmd));
+            let _ = tx.send(privileges::exec_passing_dac_override(exec));
         });
         rx.recv()
             .unwrap_or_else(|_| std::io::Error::other("the sandbox thread stopped"))
