@@ -169,6 +169,16 @@ fn exited(f: &Forwarder) -> bool {
     }
 }
 
+/// Runs `prog args` as the spool's user: `nobody` when the forwarder
+/// starts as root, else this one.
+fn plant(prog: &str, args: &[&OsStr]) {
+    if is_root() {
+        as_nobody(prog, args);
+    } else {
+        assert!(Command::new(prog).args(args).status().unwrap().success());
+    }
+}
+
 /// A spool file as the forwarder writes one (see `export::spool`), of one
 /// span named `name`.
 fn spool_file(name: &str, span_id: [u8; 8]) -> Vec<u8> {
@@ -221,30 +231,25 @@ async fn planted_spool_files_neither_block_nor_exhaust_the_replayer() {
     open_up(base.path());
     let spool = base.path().join("spool");
     std::fs::create_dir(&spool).unwrap();
-    let planter: Box<dyn Fn(&str, &[&OsStr])> = if is_root() {
+    if is_root() {
         // As the first run leaves it: nobody's.
         let u = nobody();
         nix::unistd::chown(&spool, Some(u.uid), Some(u.gid)).unwrap();
-        Box::new(|prog, args| as_nobody(prog, args))
-    } else {
-        Box::new(|prog, args| {
-            assert!(Command::new(prog).args(args).status().unwrap().success());
-        })
-    };
+    }
     let name = |seq: u64| spool.join(format!("{seq:020}.batch"));
-    planter("mkfifo", &[name(1).as_os_str()]);
-    planter(
+    plant("mkfifo", &[name(1).as_os_str()]);
+    plant(
         "ln",
         &["-s".as_ref(), "/dev/zero".as_ref(), name(2).as_os_str()],
     );
-    planter(
+    plant(
         "truncate",
         &["-s".as_ref(), "8M".as_ref(), name(3).as_os_str()],
     );
     let real = base.path().join("real");
     std::fs::write(&real, spool_file("the real batch", [4; 8])).unwrap();
     open_up(&real);
-    planter("cp", &[real.as_os_str(), name(4).as_os_str()]);
+    plant("cp", &[real.as_os_str(), name(4).as_os_str()]);
 
     let rx = Receiver::start().await;
     let mut fwd = with_spool(&rx, &spool, &["--spool-max-bytes", "1MiB"]).await;
