@@ -2,6 +2,8 @@
 //! each test plays the attack with the real binary, as the issue found it.
 //! The attacker steps run as `nobody`, the user the forwarder becomes when
 //! started as root; tests that need root say so and pass without it.
+//!
+//! Over 500 lines: one attack per finding, each with its set-up in full.
 
 mod common;
 
@@ -316,6 +318,58 @@ fn a_fifo_configuration_fails_kata_host_print_at_once() {
     assert!(
         stderr.contains("configuration-evil.toml") && stderr.contains("a FIFO"),
         "{stderr}"
+    );
+}
+
+/// Finding 8, at run time: a FIFO configuration appearing while
+/// `--kata-host` runs is reported and skipped; the configuration watcher
+/// still follows the next change, and SIGTERM ends the forwarder promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_configuration_at_run_time_stops_neither_the_watcher_nor_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    let deploy = root.join("opt/kata/share/defaults/kata-containers");
+    std::fs::create_dir_all(&deploy).unwrap();
+    let tracing = "[agent.kata]\nenable_tracing = true\n";
+    std::fs::write(
+        deploy.join("configuration-clh.toml"),
+        format!("[hypervisor.clh]\n{tracing}"),
+    )
+    .unwrap();
+    let args = vec![
+        "--kata-host".to_string(),
+        "--kata-root".to_string(),
+        root.display().to_string(),
+        "--dump-only".to_string(),
+    ];
+    let mut fwd = Forwarder::spawn_in(dir, PathBuf::new(), &args);
+    fwd.wait_listening().await;
+    nix::unistd::mkfifo(
+        &deploy.join("configuration-evil.toml"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    wait_until("the FIFO reported", &fwd, || {
+        fwd.stderr().contains("configuration-evil.toml") && fwd.stderr().contains("a FIFO")
+    })
+    .await;
+    std::fs::write(
+        deploy.join("configuration-fc.toml"),
+        format!("[hypervisor.firecracker]\n{tracing}"),
+    )
+    .unwrap();
+    wait_until("the next configuration followed", &fwd, || {
+        fwd.stderr().contains("firecracker/{ID}/root/kata.hvsock")
+    })
+    .await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fwd.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert!(
+        fwd.wait(Duration::from_secs(10)).await.success(),
+        "{}",
+        fwd.stderr()
     );
 }
 
