@@ -138,6 +138,42 @@ impl Dir {
     }
 }
 
+/// An entry of a [`Dir`], held by an `O_PATH` descriptor that does not
+/// follow it (nor open it: a device or a FIFO is not touched): what is then
+/// checked and changed through it is what was looked at, whatever is put
+/// at its name meanwhile.
+pub(crate) struct Entry {
+    fd: OwnedFd,
+    st: FileStat,
+}
+
+impl Dir {
+    pub(crate) fn entry(&self, name: &OsStr) -> Result<Entry, UntrustedError> {
+        let whole = self.path.join(name);
+        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = openat(&self.fd, name, flags, Mode::empty()).map_err(open_err(&whole))?;
+        let st = fstat(&fd).map_err(open_err(&whole))?;
+        Ok(Entry { fd, st })
+    }
+}
+
+impl Entry {
+    /// A regular file with no other name: not a symlink, and not a hard
+    /// link to a file someone else owns and uses elsewhere.
+    pub(crate) fn is_lone_regular_file(&self) -> bool {
+        is(&self.st, SFlag::S_IFREG) && self.st.st_nlink == 1
+    }
+
+    pub(crate) fn uid(&self) -> u32 {
+        self.st.st_uid
+    }
+
+    /// For `*at` calls with `AT_EMPTY_PATH`.
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 fn dir_flags() -> OFlag {
     OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC
 }
@@ -379,6 +415,22 @@ mod tests {
         assert!(e.is_refusal());
         let e = read_file(Path::new("/dev/zero"), Link::IfRootPlaced, 1 << 20).unwrap_err();
         assert!(matches!(e, UntrustedError::NotRegular { .. }), "{e}");
+    }
+
+    /// An entry is looked at as it is: a symlink or a second name of a
+    /// file is not a lone regular file.
+    #[test]
+    fn entries_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), b"f").unwrap();
+        std::fs::write(dir.path().join("linked"), b"l").unwrap();
+        std::fs::hard_link(dir.path().join("linked"), dir.path().join("again")).unwrap();
+        symlink(dir.path().join("file"), dir.path().join("sym")).unwrap();
+        mkfifo(&dir.path().join("fifo"));
+        let d = Dir::open(dir.path()).unwrap();
+        let lone = |n: &str| d.entry(OsStr::new(n)).unwrap().is_lone_regular_file();
+        assert!(lone("file"));
+        assert!(!lone("again") && !lone("linked") && !lone("sym") && !lone("fifo"));
     }
 
     /// A symlink is followed only in a directory root alone writes.

@@ -123,19 +123,15 @@ impl HybridListener {
         };
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         let md = std::fs::symlink_metadata(path).map_err(bind_err)?;
-        // Closing the descriptor would release the lock too; it is kept.
-        let dir = locked
-            .unlock()
-            .map_err(|(_, e)| ListenError::LockDirectory {
-                dir,
-                source: e.into(),
-            })?;
+        // Kept for removal, unlocked. Should unlocking fail, the descriptor
+        // is closed, which releases the lock too; removal then goes by path.
+        let dir = locked.unlock().ok();
         Ok(Self {
             listener,
             path: path.to_path_buf(),
             identity: (md.dev(), md.ino()),
             janitor: None,
-            dir: Some(dir),
+            dir,
         })
     }
 

@@ -64,8 +64,7 @@ pub(crate) fn lookup_user(user: &str) -> Result<User, ListenError> {
 /// it, so that neither a symlink, nor a hard link to a file of root's, nor
 /// a swap in between hands anything else over.
 pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
-    use nix::fcntl::{openat, AtFlags, OFlag};
-    use nix::sys::stat::{fstat, Mode, SFlag};
+    use nix::fcntl::AtFlags;
     use nix::unistd::fchownat;
     use std::os::unix::ffi::OsStrExt;
 
@@ -85,22 +84,15 @@ pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
         if !crate::export::spool::is_spool_file(name) {
             continue;
         }
-        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let Ok(fd) = openat(d.fd(), name, flags, Mode::empty()) else {
+        let Ok(file) = d.entry(name) else {
             continue;
         };
-        let Ok(st) = fstat(&fd) else {
-            continue;
-        };
-        let regular = st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFREG.bits();
-        if !regular || st.st_nlink != 1 || st.st_uid == u.uid.as_raw() {
-            if !regular || st.st_nlink != 1 {
-                tracing::warn!(dir = %dir.display(), file = ?name, "not a file the spool wrote (not a regular file, or linked elsewhere); left as it is");
+        if !file.is_lone_regular_file() {
+            tracing::warn!(dir = %dir.display(), file = ?name, "not a file the spool wrote (not a regular file, or linked elsewhere); left as it is");
+        } else if file.uid() != u.uid.as_raw() {
+            if let Err(e) = give(file.fd()) {
+                tracing::warn!(dir = %dir.display(), file = ?name, error = %e, "could not hand a spool file to the forwarder's user");
             }
-            continue;
-        }
-        if let Err(e) = give(std::os::fd::AsFd::as_fd(&fd)) {
-            tracing::warn!(dir = %dir.display(), file = ?name, error = %e, "could not hand a spool file to the forwarder's user");
         }
     }
     Ok(())
