@@ -262,18 +262,24 @@ async fn planted_spool_files_neither_block_nor_exhaust_the_replayer() {
     })
     .await;
     let hwm = vm_hwm_kib(fwd.pid());
-    assert!(hwm < 200 << 10, "peak RSS {hwm} KiB");
+    eprintln!("forwarder peak RSS: {hwm} KiB");
+    assert!(hwm < 100 << 10, "peak RSS {hwm} KiB");
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(fwd.pid()),
         nix::sys::signal::Signal::SIGTERM,
     );
     let status = fwd.wait(Duration::from_secs(10)).await;
     assert!(status.success(), "{}", fwd.stderr());
-    assert!(
-        fwd.stderr().contains("not a regular file"),
-        "{}",
-        fwd.stderr()
-    );
+    // Each refused for what it is: the oversized one unread, not found
+    // damaged after reading it whole.
+    let log = fwd.stderr();
+    for reason in [
+        "not a regular file",
+        "a symlink",
+        "larger than the spool's size bound",
+    ] {
+        assert!(log.contains(reason), "{reason}: {log}");
+    }
 }
 
 /// Finding 8: a FIFO named like kata-deploy's configuration files makes
