@@ -46,6 +46,7 @@ pub mod otlp;
 pub mod shutdown;
 pub mod stats;
 pub mod tenant;
+mod untrusted;
 pub mod wire;
 
 use std::future::Future;

@@ -22,7 +22,6 @@
 //! runtime, which path), each rule kept beside the Kata source it follows.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -87,6 +86,8 @@ pub enum KataConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("Kata configuration refused: {reason}")]
+    Refused { reason: String },
     #[error("Kata configuration {path} is larger than {max} bytes; not read")]
     ConfigTooLarge { path: PathBuf, max: u64 },
     #[error("parsing Kata configuration {path}: {reason}")]
@@ -364,23 +365,29 @@ fn error_report(file: &Path, e: KataConfigError) -> ConfigReport {
 }
 
 /// Reads a file, bounded (a configuration of several MiB is no Kata one).
+///
+/// Kata's configuration directories are root's (the packages' and
+/// kata-deploy's), and a symlink in one is an administrator's choice
+/// (`/etc/kata-containers/configuration.toml` pointing at a shipped file),
+/// so it is followed; one in a directory others can write is not (see
+/// [`crate::untrusted`]). Whatever the path leads to must be a regular
+/// file: a FIFO is never waited on (it would stop `--print`, the start,
+/// and the watcher that re-reads the files), a device never read.
 fn read(path: &Path) -> Result<String, KataConfigError> {
-    let err = |source| KataConfigError::ReadConfig {
-        path: path.to_path_buf(),
-        source,
-    };
-    let f = std::fs::File::open(path).map_err(err)?;
-    let mut text = String::new();
-    f.take(MAX_CONFIG_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(err)?;
-    if text.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(KataConfigError::ConfigTooLarge {
+    use crate::untrusted::{read_file, Link, UntrustedError};
+    let data = read_file(path, Link::IfRootPlaced, MAX_CONFIG_BYTES).map_err(|e| match e {
+        UntrustedError::TooLarge { .. } => KataConfigError::ConfigTooLarge {
             path: path.to_path_buf(),
             max: MAX_CONFIG_BYTES,
-        });
-    }
-    Ok(text)
+        },
+        e => KataConfigError::Refused {
+            reason: e.to_string(),
+        },
+    })?;
+    String::from_utf8(data).map_err(|e| KataConfigError::ReadConfig {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
 }
 
 /// The parts of a Kata configuration the plan reads; the rest is ignored.
@@ -793,6 +800,47 @@ mod tests {
             under(Path::new("/r"), Path::new("/a/../b")),
             Path::new("/r/a/b")
         );
+    }
+
+    /// A FIFO named like kata-deploy's files is an error at once (never
+    /// waited on); a symlink root placed in root's directory is followed.
+    #[test]
+    fn a_fifo_is_an_error_at_once_and_roots_symlinks_are_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let deploy = under(dir.path(), Path::new(DEPLOY_DIRS[0]));
+        std::fs::create_dir_all(&deploy).unwrap();
+        let fifo = deploy.join("configuration-fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let etc = under(dir.path(), Path::new(GO_DEFAULTS[0]));
+        std::fs::create_dir_all(etc.parent().unwrap()).unwrap();
+        std::fs::write(
+            deploy.join("shipped.conf"),
+            format!("[hypervisor.clh]\n{TRACING}"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(deploy.join("shipped.conf"), &etc).unwrap();
+        let sources = Sources {
+            root: dir.path().to_path_buf(),
+            env_file: None,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(plan(&sources, 10240));
+        });
+        let p = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the plan is stuck on a FIFO");
+        let root = nix::unistd::getuid().is_root();
+        let errors: Vec<_> = p.errors().collect();
+        assert_eq!(errors.len(), if root { 1 } else { 2 }, "{p:?}");
+        assert!(
+            errors.iter().any(|e| e.skipped[0].contains("a FIFO")),
+            "{errors:?}"
+        );
+        let etc_report = &p.configs[0];
+        assert_eq!(etc_report.file, Path::new(GO_DEFAULTS[0]));
+        // Unprivileged, the temporary tree is not root's: not followed.
+        assert_eq!(etc_report.status == Status::Serves, root, "{etc_report:?}");
     }
 
     #[test]

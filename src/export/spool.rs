@@ -55,6 +55,7 @@ use bytes::Bytes;
 
 use crate::otlp::EncodedRequest;
 use crate::stats::Stats;
+use crate::untrusted::{Link, UntrustedError};
 
 const MAGIC: &[u8; 8] = b"KTFSPOOL";
 const VERSION: u32 = 1;
@@ -188,6 +189,11 @@ impl Entry {
             Entry::Batch(s) | Entry::Damaged(s) | Entry::Tmp(s, _) | Entry::Sending(s, _) => *s,
         }
     }
+}
+
+/// Whether `name` is one the spool gives its files.
+pub(crate) fn is_spool_file(name: &std::ffi::OsStr) -> bool {
+    Entry::of(name).is_some()
 }
 
 /// Whether `path` last changed longer than `after` ago.
@@ -433,17 +439,31 @@ impl Spool {
                 return Err(SpoolError::ReadFile { path, source });
             }
         }
-        let data = match fs::read(&claim) {
-            Ok(d) => d,
-            Err(source) => {
+        // The directory is the forwarder's user's, and anything running as
+        // that user may have put a FIFO, a symlink (to `/dev/zero`) or a
+        // huge file here under a batch's name: none is waited on, followed
+        // or read past the spool's own bound (no batch it wrote is larger).
+        let data = match crate::untrusted::read_file(&claim, Link::Never, self.max_bytes) {
+            Ok(d) => Ok(d),
+            Err(e) if e.is_refusal() => Err(match e {
+                UntrustedError::TooLarge { .. } => "larger than the spool's size bound",
+                UntrustedError::SymlinkRefused { .. } => "a symlink",
+                _ => "not a regular file",
+            }),
+            Err(e) => {
                 self.forget(seq);
-                return Err(SpoolError::ReadFile { path, source });
+                return Err(SpoolError::ReadFile {
+                    path,
+                    source: io::Error::other(e),
+                });
             }
         };
-        match parse(&data) {
+        match data
+            .and_then(|d| parse(&d).map(|(spans, body)| (spans, Bytes::copy_from_slice(body))))
+        {
             Ok((spans, body)) => Ok(Some(Spooled {
                 spans,
-                body: Bytes::copy_from_slice(body).into(),
+                body: body.into(),
             })),
             Err(reason) => {
                 let aside = self.dir.join(format!("{seq:020}.damaged"));
@@ -664,6 +684,56 @@ mod tests {
         assert_eq!(good, vec![Bytes::from_static(b"good two")]);
         assert_eq!(damaged, 2);
         assert_eq!(spool.bytes(), 0);
+    }
+
+    /// What anything running as the forwarder's user can plant in the
+    /// spool under a batch's name: a FIFO, a symlink, a file larger than
+    /// the spool's bound. Each is set aside as damaged at once (never waited
+    /// on, followed, or read whole), and the batch behind them still flows.
+    #[test]
+    fn planted_files_are_set_aside_without_blocking_or_following() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 1 << 16;
+        let spool = Spool::open_for_test(dir.path(), max).unwrap();
+        spool.write(&req(b"real"), 1).unwrap();
+        let real = spool.batch_path(spool.oldest().unwrap());
+        let name = |seq: u64| dir.path().join(format!("{seq:020}.batch"));
+        let keep = dir.path().join("elsewhere");
+        fs::rename(&real, &keep).unwrap();
+        nix::unistd::mkfifo(&name(1), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // A valid batch, but through a symlink: not followed.
+        std::os::unix::fs::symlink(&keep, name(2)).unwrap();
+        let big = fs::File::create(name(3)).unwrap();
+        big.set_len(max * 4).unwrap();
+        fs::copy(&keep, name(4)).unwrap();
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let spool = Spool::open_for_test(&d, max).unwrap();
+            let mut got = Vec::new();
+            let mut damaged = 0;
+            while let Some(seq) = spool.oldest() {
+                match spool.read(seq) {
+                    Ok(Some(b)) => {
+                        got.push(b.body.to_bytes());
+                        spool.remove(seq);
+                    }
+                    Err(SpoolError::Damaged { .. }) => damaged += 1,
+                    other => panic!("{other:?}"),
+                }
+            }
+            let _ = tx.send((got, damaged, spool.bytes()));
+        });
+        let (got, damaged, bytes) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the reader is stuck (a FIFO waited on?)");
+        assert_eq!(got, vec![Bytes::from_static(b"real")]);
+        assert_eq!((damaged, bytes), (3, 0));
+        for seq in 1..=3 {
+            assert!(dir.path().join(format!("{seq:020}.damaged")).exists());
+        }
+        assert!(keep.exists(), "the symlink's target is untouched");
     }
 
     /// Everything `spool` holds, each batch claimed, read and removed.

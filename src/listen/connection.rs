@@ -147,6 +147,10 @@ pub(crate) async fn serve<S>(
     } = link;
     // In systemd's store (when it keeps one) while the agent is connected.
     let stored = crate::handover::fdstore::Stored::connection(stream.as_fd());
+    // A connection is announced as an agent's once it sends something: one
+    // that ends before its first byte is no agent (a forwarder starting
+    // beside this one asking "is this socket live?" connects and closes).
+    let mut announced = resume.is_some();
     let mut ingest = match resume {
         Some(r) if r.lost => Ingest::resume_lost(peer, origin, shared.max_frame_size),
         Some(r) => {
@@ -160,10 +164,7 @@ pub(crate) async fn serve<S>(
                 r.decode_errors,
             )
         }
-        None => {
-            emit!(stats, AgentConnected { peer, tenant });
-            Ingest::new(peer, origin, shared.max_frame_size)
-        }
+        None => Ingest::new(peer, origin, shared.max_frame_size),
     };
     ingest.set_tenant(Arc::clone(tenant));
     let mut ready: Vec<Ingested> = Vec::new();
@@ -336,6 +337,10 @@ pub(crate) async fn serve<S>(
                 break ingest.eof(input.bytes());
             }
             Ok((n, filled)) => {
+                if !announced {
+                    announced = true;
+                    emit!(stats, AgentConnected { peer, tenant });
+                }
                 more = filled;
                 wake = false;
                 rate.add(n, last_read);
@@ -356,6 +361,10 @@ pub(crate) async fn serve<S>(
         return;
     }
     drop(stored);
+    if !announced && end.is_ok() {
+        tracing::debug!(%peer, "a connection ended without sending anything (not an agent: a liveness probe?)");
+        return;
+    }
     emit!(
         stats,
         AgentDisconnected {

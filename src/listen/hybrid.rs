@@ -7,10 +7,24 @@
 //! exist, a stale socket from a previous run is replaced, a live one is
 //! left to its owner, anything that is not a socket is never deleted, and
 //! the socket we made is removed when we stop, if it is still ours.
+//!
+//! Two forwarders starting at once over a stale socket would otherwise
+//! both find it stale, and the second would remove the first's new socket
+//! and bind its own: the first would then listen on a file no one can
+//! reach. So the look and the bind happen under an exclusive `flock` on the
+//! socket's directory (no file of ours is added to a sandbox's directory),
+//! and the second finds the first's socket live. The directory stays open
+//! while the socket is served: the socket is removed through it, so that a
+//! directory moved away while served (a sandbox renamed) does not keep the
+//! socket behind.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use tokio::net::{UnixListener, UnixStream};
 
@@ -33,6 +47,37 @@ pub struct HybridListener {
     identity: (u64, u64),
     /// Set once root is about to be dropped: removal is then its job.
     janitor: Option<Janitor>,
+    /// The socket's directory, wherever it is moved: removal goes
+    /// through it. None when it could not be opened (a listener handed
+    /// over): removal then goes by the path.
+    dir: Option<OwnedFd>,
+}
+
+/// How long a start waits for another one binding in the same directory.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens `dir` and takes the exclusive lock under which a socket in it is
+/// looked at and bound, waiting [`LOCK_WAIT`] at most: anyone who can open
+/// the directory can hold the lock, so a start never waits on it forever.
+fn lock_dir(dir: &Path) -> Result<Flock<OwnedFd>, ListenError> {
+    let err = |source: io::Error| ListenError::LockDirectory {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let mut fd =
+        nix::fcntl::open(dir, flags, nix::sys::stat::Mode::empty()).map_err(|e| err(e.into()))?;
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match Flock::lock(fd, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => return Ok(locked),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                fd = back;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((_, e)) => return Err(err(e.into())),
+        }
+    }
 }
 
 impl HybridListener {
@@ -45,6 +90,7 @@ impl HybridListener {
         if !dir.is_dir() {
             return Err(ListenError::MissingDirectory { dir });
         }
+        let locked = lock_dir(&dir)?;
         match std::fs::symlink_metadata(path) {
             Ok(md) if md.file_type().is_socket() => {
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -77,11 +123,15 @@ impl HybridListener {
         };
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         let md = std::fs::symlink_metadata(path).map_err(bind_err)?;
+        // Kept for removal, unlocked. Should unlocking fail, the descriptor
+        // is closed, which releases the lock too; removal then goes by path.
+        let dir = locked.unlock().ok();
         Ok(Self {
             listener,
             path: path.to_path_buf(),
             identity: (md.dev(), md.ino()),
             janitor: None,
+            dir,
         })
     }
 
@@ -95,11 +145,16 @@ impl HybridListener {
     ) -> io::Result<Self> {
         let std = std::os::unix::net::UnixListener::from(fd);
         std.set_nonblocking(true)?;
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let dir = path
+            .parent()
+            .and_then(|d| nix::fcntl::open(d, flags, nix::sys::stat::Mode::empty()).ok());
         Ok(Self {
             listener: UnixListener::from_std(std)?,
             path,
             identity,
             janitor: janitor.map(Janitor::adopt),
+            dir,
         })
     }
 
@@ -193,16 +248,38 @@ impl Drop for HybridListener {
             }
             return;
         }
-        let ours = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|md| (md.dev(), md.ino()) == self.identity);
-        if !ours {
-            return;
-        }
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => tracing::debug!(path = %self.path.display(), "removed socket"),
+        match self.remove_if_ours() {
+            Ok(true) => tracing::debug!(path = %self.path.display(), "removed socket"),
+            Ok(false) => {}
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), error = %e, "could not remove socket")
             }
         }
+    }
+}
+
+impl HybridListener {
+    /// Removes the socket if it is still the very file bound, through its
+    /// directory's descriptor when there is one (the directory may have
+    /// been moved since). Whether it was removed.
+    fn remove_if_ours(&self) -> io::Result<bool> {
+        use nix::fcntl::AtFlags;
+        use nix::sys::stat::fstatat;
+        use nix::unistd::{unlinkat, UnlinkatFlags};
+        let (Some(dir), Some(name)) = (self.dir.as_ref(), self.path.file_name()) else {
+            let ours = std::fs::symlink_metadata(&self.path)
+                .is_ok_and(|md| (md.dev(), md.ino()) == self.identity);
+            return match ours {
+                true => std::fs::remove_file(&self.path).map(|()| true),
+                false => Ok(false),
+            };
+        };
+        let ours = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| (st.st_dev, st.st_ino) == self.identity);
+        if !ours {
+            return Ok(false);
+        }
+        unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?;
+        Ok(true)
     }
 }

@@ -69,6 +69,12 @@ pub enum ListenError {
         #[source]
         source: io::Error,
     },
+    #[error("locking {dir} to bind a socket in it: {source}")]
+    LockDirectory {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("removing stale socket {path}: {source}")]
     RemoveStale {
         path: PathBuf,

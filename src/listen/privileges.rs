@@ -53,19 +53,47 @@ pub(crate) fn lookup_user(user: &str) -> Result<User, ListenError> {
 
 /// Makes `dir` (the spool) the target user's, so that it stays writable
 /// after root is dropped. Call only as root.
+///
+/// Once it is that user's, anything in it may have been put there by that
+/// user, or by anything else running as it (`nobody` is shared), to be
+/// given over at the next start. So the directory is reached by the rule
+/// of [`crate::untrusted`] (no symlink a less privileged user could have
+/// placed is followed, there or on the way), and of its entries only the
+/// spool's own files are given over: each a regular file with a single
+/// link, looked at and changed through one descriptor that does not follow
+/// it, so that neither a symlink, nor a hard link to a file of root's, nor
+/// a swap in between hands anything else over.
 pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
+    use nix::fcntl::AtFlags;
+    use nix::unistd::fchownat;
+    use std::os::unix::ffi::OsStrExt;
+
     let err = |reason: String| ListenError::DropPrivileges {
         user: user.to_owned(),
         reason,
     };
     let u = lookup_user(user)?;
-    nix::unistd::chown(dir, Some(u.uid), Some(u.gid))
-        .map_err(|e| err(format!("chown {}: {e}", dir.display())))?;
-    for entry in std::fs::read_dir(dir)
-        .map_err(|e| err(e.to_string()))?
-        .flatten()
-    {
-        let _ = nix::unistd::chown(&entry.path(), Some(u.uid), Some(u.gid));
+    let give = |fd: std::os::fd::BorrowedFd<'_>| {
+        fchownat(fd, "", Some(u.uid), Some(u.gid), AtFlags::AT_EMPTY_PATH)
+    };
+    let d = crate::untrusted::Dir::open(dir).map_err(|e| err(format!("spool directory: {e}")))?;
+    give(d.fd()).map_err(|e| err(format!("chown {}: {e}", dir.display())))?;
+    let mut listing = d.listing().map_err(|e| err(e.to_string()))?;
+    for entry in listing.iter().flatten() {
+        let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
+        if !crate::export::spool::is_spool_file(name) {
+            continue;
+        }
+        let Ok(file) = d.entry(name) else {
+            continue;
+        };
+        if !file.is_lone_regular_file() {
+            tracing::warn!(dir = %dir.display(), file = ?name, "not a file the spool wrote (not a regular file, or linked elsewhere); left as it is");
+        } else if file.uid() != u.uid.as_raw() {
+            if let Err(e) = give(file.fd()) {
+                tracing::warn!(dir = %dir.display(), file = ?name, error = %e, "could not hand a spool file to the forwarder's user");
+            }
+        }
     }
     Ok(())
 }
