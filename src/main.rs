@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     // comes while this process starts, re-executed by an upgrade, must
     // neither end it nor be lost (see `block_stop_signals`).
     kata_trace_forwarder::shutdown::block_stop_signals();
+    privileges::keep_from_same_user();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == privileges::JANITOR_ARG) {
         return privileges::janitor_main(&args[2..]);

@@ -68,6 +68,7 @@ fn as_nobody(mode: &str, env: &[(&str, String)]) -> Vec<String> {
 }
 
 /// The attacker, when run as such (otherwise nothing). Modes:
+/// - `ptrace`: attaches to the process `KTF_PID` as a debugger would.
 /// - `take-ack`, `take-noack`, `take-hold`: asks the forwarder at
 ///   `KTF_HANDOFF` for everything, then acknowledges, closes without
 ///   acknowledging, or holds the connection for 3 s without reading.
@@ -79,8 +80,19 @@ fn helper_process() {
     let Ok(mode) = std::env::var(HELPER) else {
         return;
     };
-    let path = PathBuf::from(std::env::var("KTF_HANDOFF").unwrap());
     let report = |what: &str| println!("HELPER: {what}");
+    if mode == "ptrace" {
+        let pid = nix::unistd::Pid::from_raw(std::env::var("KTF_PID").unwrap().parse().unwrap());
+        return match nix::sys::ptrace::attach(pid) {
+            Ok(()) => {
+                let _ = nix::sys::wait::waitpid(pid, None);
+                let _ = nix::sys::ptrace::detach(pid, None);
+                report("ATTACHED")
+            }
+            Err(e) => report(&format!("DENIED {e}")),
+        };
+    }
+    let path = PathBuf::from(std::env::var("KTF_HANDOFF").unwrap());
     match mode.as_str() {
         "take-ack" | "take-noack" | "take-hold" => {
             let mut s = match UnixStream::connect(&path) {
@@ -490,4 +502,34 @@ async fn the_hand_off_socket_is_removed_at_exit() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A SIGHUP upgrade starts the new binary from a process already running
+/// as nobody, which the kernel does not close to others of that user as it
+/// does one that changed user: another process of nobody's must still not
+/// be able to attach to the service (and so read every agent's spans, or
+/// hold the janitor's pipe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_process_of_the_forwarders_user_can_attach_to_it_after_an_upgrade() {
+    if !is_root() {
+        eprintln!("skipped: acting as nobody needs root");
+        return;
+    }
+    let rx = Receiver::start().await;
+    let mut setup = Setup::start(&rx, &[]);
+    let pid = setup.wait_ready(1).await;
+    signal(pid, Signal::SIGHUP);
+    settle(&setup, pid, "upgrade").await;
+    assert!(
+        setup.log().contains("upgrade: becoming the new binary"),
+        "{}",
+        setup.log()
+    );
+    let env = [("KTF_PID", pid.to_string())];
+    let said = tokio::task::spawn_blocking(move || as_nobody("ptrace", &env))
+        .await
+        .unwrap();
+    assert!(said.iter().any(|l| l.starts_with("DENIED")), "{said:?}");
+    signal(pid, Signal::SIGTERM);
+    assert!(setup.first.wait().unwrap().success(), "{}", setup.log());
 }

@@ -30,6 +30,20 @@ use super::ListenError;
 /// First argument that selects janitor mode in the binary.
 pub const JANITOR_ARG: &str = "__socket-janitor";
 
+/// Closes this process to others of its user: no ptrace, no
+/// `/proc/<pid>/mem`, no core dump. The kernel does so itself when a
+/// process changes its user, but not for one that `exec`s with the user it
+/// has, and an upgrade's bridge and new binary are started so by a process
+/// already running as `--user`: without this, any other process of that
+/// user (`nobody` is shared) could attach to them and take the agents'
+/// spans, the janitor's pipe or template mode's capability. Call first in
+/// `main`.
+pub fn keep_from_same_user() {
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("warning: cannot make the process non-dumpable: {e}");
+    }
+}
+
 /// Whether this process runs as root (and so should drop privileges).
 pub(crate) fn is_root() -> bool {
     getuid().is_root()

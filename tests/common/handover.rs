@@ -244,7 +244,19 @@ pub fn spawn(exe: &Path, args: &[String], stderr: &Path, uid: Option<u32>) -> Ch
         use std::os::unix::process::CommandExt;
         cmd.uid(uid).gid(uid);
     }
-    cmd.spawn().unwrap()
+    // A copy of the binary is briefly open for writing in a child that
+    // another test thread forked meanwhile (until that child's exec closes
+    // it), and executing it then fails with ETXTBSY: wait that out.
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            spawned => return spawned.unwrap(),
+        }
+    }
 }
 
 /// The longest gap between two spans' arrivals within `window` of `at`.
