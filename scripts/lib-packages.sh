@@ -1,10 +1,6 @@
-# Shared by scripts/package.sh and scripts/test-packages.sh: the packaging
-# tools, a private container store, and copying a binary with exactly the
-# shared libraries it loads. Sourced after scripts/lib.sh, not run.
-
-# Pinned: what the packages were checked with (scripts/test-packages.sh).
-CARGO_DEB_VERSION=3.8.0
-KTF_TOOLS_DIR="${KTF_TOOLS_DIR:-$HOME/.cache/kata-trace-forwarder/tools}"
+# Shared by scripts/package.sh and scripts/test-packages.sh: Debian's
+# packaging tools, a private container store, and copying a binary with
+# exactly the shared libraries it loads. Sourced after scripts/lib.sh.
 
 # ensure_apt CMD PACKAGE...: installs the Debian packages when CMD is
 # missing (as root, where apt-get exists), or says what to install.
@@ -24,28 +20,6 @@ ensure_apt() {
     echo "error: $cmd not found; install it (Debian: apt-get install $*)" >&2
     exit 1
   fi
-}
-
-# ensure_cargo_tool CRATE VERSION: `cargo CRATE-without-cargo-` at exactly
-# VERSION, built once into KTF_TOOLS_DIR (its own temporary target dir: the
-# project's would not share a single artifact with it).
-ensure_cargo_tool() {
-  local crate=$1 version=$2
-  export PATH="$KTF_TOOLS_DIR/bin:$PATH"
-  if [ -x "$KTF_TOOLS_DIR/bin/$crate" ] &&
-    grep -q "^\"$crate $version " "$KTF_TOOLS_DIR/.crates.toml" 2>/dev/null; then
-    return 0
-  fi
-  echo "== building $crate $version into $KTF_TOOLS_DIR (once)" >&2
-  local build
-  build=$(mktemp -d)
-  if ! CARGO_TARGET_DIR="$build" cargo install --quiet --locked --root "$KTF_TOOLS_DIR" \
-    --version "=$version" "$crate" >&2; then
-    rm -rf "$build"
-    echo "error: could not build $crate $version (needs crates.io)" >&2
-    exit 1
-  fi
-  rm -rf "$build"
 }
 
 # containers_env DIR: podman and buildah keep their images, containers and

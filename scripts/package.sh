@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Release artifacts, all with the same stripped release binary:
-#   deb    a Debian package (cargo-deb; [package.metadata.deb])
+#   deb    a Debian package (dpkg-deb; dist/deb/)
 #   rpm    an RPM package (rpmbuild; dist/rpm/kata-trace-forwarder.spec)
 #   image  an OCI image FROM scratch: the binary, exactly the shared
 #          libraries it loads, /etc/passwd with nobody (it drops to it),
@@ -11,8 +11,9 @@
 #
 # Writes them to ${CARGO_TARGET_DIR:-target}/packages/ and prints their
 # paths. Reuses the release build when it is fresh (scripts/test.sh makes
-# it). cargo-deb is built once, pinned, into ~/.cache/kata-trace-forwarder/
-# tools; rpmbuild and buildah come from Debian's packages.
+# it). dpkg-deb, rpmbuild and buildah are Debian's own (installed when
+# missing): no tool to build. (cargo-deb and cargo-generate-rpm took 1.5 and
+# 5 CPU-minutes to build here, past the budget of the whole packaging test.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -32,7 +33,6 @@ done
 BIN=kata-trace-forwarder
 target_dir="${CARGO_TARGET_DIR:-target}"
 case "$target_dir" in /*) ;; *) target_dir="$(pwd)/$target_dir" ;; esac
-# Where the Cargo.toml metadata looks (target/release/pkg/...).
 pkg="$target_dir/release/pkg"
 out="$target_dir/packages"
 mkdir -p "$out"
@@ -58,10 +58,29 @@ for w in "${want[@]}"; do
   case "$w" in
   deb)
     ensure_apt dpkg-shlibdeps dpkg-dev
-    ensure_cargo_tool cargo-deb "$CARGO_DEB_VERSION"
     echo "== deb" >&2
-    cargo deb --no-build --no-strip --quiet -p "$BIN" -o "$out/" >/dev/null
-    ls "$out/${BIN}_${version}-1_"*.deb
+    # What make install installs, for /usr, in Debian's places.
+    root="$work/deb"
+    install -D -m 0755 "$pkg/$BIN" "$root/usr/bin/$BIN"
+    install -D -m 0644 "$pkg/man/$BIN.1.gz" "$root/usr/share/man/man1/$BIN.1.gz"
+    install -D -m 0644 "$pkg/completions/$BIN.bash" "$root/usr/share/bash-completion/completions/$BIN"
+    install -D -m 0644 "$pkg/completions/_$BIN" "$root/usr/share/zsh/vendor-completions/_$BIN"
+    install -D -m 0644 "$pkg/completions/$BIN.fish" "$root/usr/share/fish/vendor_completions.d/$BIN.fish"
+    install -D -m 0644 -t "$root/usr/lib/systemd/system" "$pkg"/units/*.service
+    install -D -m 0644 "$pkg/$BIN.default" "$root/etc/default/$BIN"
+    install -D -m 0644 dist/deb/copyright "$root/usr/share/doc/$BIN/copyright"
+    install -d "$root/DEBIAN"
+    install -m 0755 dist/deb/postinst dist/deb/prerm dist/deb/postrm "$root/DEBIAN/"
+    echo "/etc/default/$BIN" >"$root/DEBIAN/conffiles"
+    (cd "$root" && find usr -type f -print0 | sort -z | xargs -0 md5sum) >"$root/DEBIAN/md5sums"
+    # dpkg-shlibdeps wants a source package's debian/control beside it.
+    mkdir -p "$work/shlibdeps/debian" && touch "$work/shlibdeps/debian/control"
+    depends=$(cd "$work/shlibdeps" && dpkg-shlibdeps -O "$root/usr/bin/$BIN" | sed -n 's/^shlibs:Depends=//p')
+    arch=$(dpkg --print-architecture)
+    sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@DEPENDS@/$depends/" \
+      -e "s/@SIZE@/$(du -sk --exclude=DEBIAN "$root" | cut -f1)/" dist/deb/control.in >"$root/DEBIAN/control"
+    dpkg-deb --root-owner-group -Zxz --build "$root" "$out/${BIN}_${version}-1_$arch.deb" >/dev/null
+    ls "$out/${BIN}_${version}-1_$arch.deb"
     ;;
   rpm)
     ensure_apt rpmbuild rpm
