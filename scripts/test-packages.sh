@@ -41,6 +41,8 @@ for c in podman runc buildah rpm; do command -v $c >/dev/null 2>&1 || missing+=(
 [ ${#missing[@]} = 0 ] || ensure_apt "${missing[0]}" "${missing[@]}"
 
 tmp=$(mktemp -d)
+# Before anything can fail: cleanup's podman must act on this store alone.
+containers_env "$tmp/containers"
 cleanup() {
   if dpkg-query -W -f '${Status}' kata-trace-forwarder 2>/dev/null | grep -q 'ok'; then
     dpkg -P kata-trace-forwarder >/dev/null 2>&1 || true
@@ -60,7 +62,6 @@ BIN=kata-trace-forwarder
 echo "   $(du -h "$deb" | cut -f1) $deb"
 echo "   $(du -h "$rpm" | cut -f1) $rpm"
 echo "   $(du -h "$archive" | cut -f1) $archive"
-containers_env "$tmp/containers"
 image=$(podman load -q -i "$archive" | sed -n 's/^Loaded image[^:]*: //p' | head -1)
 echo "   image $image (podman load, private store)"
 export deb rpm archive version image tmp BIN

@@ -3,7 +3,9 @@
 # with the real binary, real-SDK agent frames, end-to-end into a real Jaeger).
 # Needs a Rust toolchain, and Go with the Go module proxy to build Jaeger and
 # an OpenTelemetry Collector once (scripts/setup-jaeger.sh and
-# scripts/setup-otelcol.sh; or set JAEGER_BIN and OTELCOL_BIN).
+# scripts/setup-otelcol.sh; or set JAEGER_BIN and OTELCOL_BIN). The
+# packages and the image are installed and run for real as root
+# (scripts/test-packages.sh, with podman, buildah and rpm from Debian's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
