@@ -194,10 +194,18 @@ rpm_root() {
   fi
 }
 
+# rpm_in_root ARGS...: rpm on the scratch root; a failed scriptlet, which
+# rpm only warns about, fails it.
+rpm_in_root() {
+  out=$(rpm --root "$r" --force-debian "$@" 2>&1) || { echo "$out"; return 1; }
+  [ -z "$out" ] || echo "$out"
+  if grep -q 'scriptlet failed' <<<"$out"; then return 1; fi
+}
+
 rpm_install_in_a_root() {
   rpm_root
   # --nodeps: the scratch root has no packages; its Requires are checked above.
-  rpm --root "$r" --force-debian -i --nodeps "$rpm"
+  rpm_in_root -i --nodeps "$rpm"
   same "query" "$BIN-$version-1.x86_64" "$(rpm --root "$r" -q $BIN)"
   same "installed binary" "$BIN $version" "$("$r/usr/bin/$BIN" --version)"
   out=$(rpm --root "$r" -V --nodeps $BIN) || { echo "rpm -V: $out"; exit 1; }
@@ -207,9 +215,9 @@ rpm_install_in_a_root() {
 rpm_upgrade_keeps_edited_settings_then_erase() {
   rpm_root
   echo "$EDIT" >>"$r$SETTINGS"
-  rpm --root "$r" --force-debian -U --replacepkgs --nodeps "$rpm"
+  rpm_in_root -U --replacepkgs --nodeps "$rpm"
   grep -qx "$EDIT" "$r$SETTINGS" || { echo "the edit to $SETTINGS was lost"; exit 1; }
-  rpm --root "$r" --force-debian -e $BIN
+  rpm_in_root -e $BIN
   for f in /usr/bin/$BIN /usr/lib/systemd/system/kata-trace-forwarder.service "$SETTINGS"; do
     [ ! -e "$r$f" ] || { echo "$f is left after rpm -e"; exit 1; }
   done
@@ -239,7 +247,7 @@ image_version() {
 }
 
 export UNITS SETTINGS EDIT target_dir
-export -f same shared_libs copy_with_libs deb_contents deb_install deb_reinstall_keeps_edited_settings \
+export -f same shared_libs copy_with_libs rpm_in_root deb_contents deb_install deb_reinstall_keeps_edited_settings \
   deb_remove_then_purge rpm_contents rpm_root rpm_install_in_a_root \
   rpm_upgrade_keeps_edited_settings_then_erase image_size image_contents image_version
 
