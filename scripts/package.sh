@@ -33,17 +33,17 @@ done
 BIN=kata-trace-forwarder
 target_dir="${CARGO_TARGET_DIR:-target}"
 case "$target_dir" in /*) ;; *) target_dir="$(pwd)/$target_dir" ;; esac
-pkg="$target_dir/release/pkg"
 out="$target_dir/packages"
 mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+pkg="$work/stage"
 
 echo "== release build (a no-op when fresh)" >&2
 cargo build --release --locked --quiet --bin "$BIN"
 version=$("$target_dir/release/$BIN" --version | awk '{ print $2 }')
 
-echo "== staging $pkg" >&2
+echo "== staging the binary, docs and units" >&2
 rm -rf "$pkg"
 mkdir -p "$pkg/units"
 # The release profile keeps line tables (debug = 1) for profiling; the
