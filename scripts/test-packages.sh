@@ -7,6 +7,8 @@
 #              systemd-analyze verify; the settings file is kept as edited
 #   rpm        its files, flags and scriptlets; installed, upgraded and
 #              erased in a scratch root (rpm --root) whose /bin/sh runs them
+#   both       their scripts' systemd branches, with a systemctl stub and
+#              /run/systemd/system in a mount namespace: what they call
 #   image      at most 15 MB; exactly the binary, its shared libraries and
 #              /etc; podman runs it: --version, and tests/packages.rs (agents
 #              on the host, spans to a collector on the host; the plan from
@@ -224,6 +226,41 @@ rpm_upgrade_keeps_edited_settings_then_erase() {
   grep -qx "$EDIT" "$r$SETTINGS.rpmsave" || { echo "rpm -e did not save the edited $SETTINGS"; exit 1; }
 }
 
+# The scripts' systemd branches, which a machine without systemd never
+# takes: run with /run/systemd/system present (a tmpfs on /run in a mount
+# namespace of their own) and a systemctl stub that logs its arguments.
+scripts_with_systemd_running() {
+  d=$tmp/systemd
+  mkdir -p "$d/bin" "$d/deb"
+  printf '#!/bin/sh\necho "systemctl $*" >>"$STUB_LOG"\n' >"$d/bin/systemctl"
+  chmod +x "$d/bin/systemctl"
+  dpkg-deb --ctrl-tarfile "$deb" | tar -xf - -C "$d/deb"
+  for t in POSTIN PREUN POSTUN; do rpm -qp --qf "%{$t}" "$rpm" >"$d/rpm-$t"; done
+  export STUB_LOG=$d/log
+  run() {
+    : >"$STUB_LOG"
+    unshare -m sh -c 'mount -t tmpfs none /run && mkdir -p /run/systemd/system && exec "$@"' \
+      sh env PATH="$d/bin:$PATH" sh "$@"
+    cat "$STUB_LOG"
+  }
+  reload="systemctl --system daemon-reload"
+  reload_running="systemctl --system try-reload-or-restart $UNITS"
+  stop="systemctl --system stop $UNITS
+systemctl --system --no-reload disable $UNITS"
+  same "deb postinst, install" "$reload" "$(run "$d/deb/postinst" configure '')"
+  same "deb postinst, upgrade" "$reload
+$reload_running" "$(run "$d/deb/postinst" configure 0.0.1-1)"
+  same "deb prerm, upgrade" "" "$(run "$d/deb/prerm" upgrade 9.9.9-1)"
+  same "deb prerm, remove" "$stop" "$(run "$d/deb/prerm" remove)"
+  same "deb postrm, remove" "$reload" "$(run "$d/deb/postrm" remove)"
+  same "rpm %post, install" "$reload" "$(run "$d/rpm-POSTIN" 1)"
+  same "rpm %post, upgrade" "$reload
+$reload_running" "$(run "$d/rpm-POSTIN" 2)"
+  same "rpm %preun, upgrade" "" "$(run "$d/rpm-PREUN" 1)"
+  same "rpm %preun, erase" "$stop" "$(run "$d/rpm-PREUN" 0)"
+  same "rpm %postun" "$reload" "$(run "$d/rpm-POSTUN" 0)"
+}
+
 image_size() {
   size=$(podman image inspect --format '{{.Size}}' "$image")
   echo "$size bytes ($(du -h "$archive" | cut -f1) archive)"
@@ -249,7 +286,7 @@ image_version() {
 export UNITS SETTINGS EDIT target_dir
 export -f same shared_libs copy_with_libs rpm_in_root deb_contents deb_install deb_reinstall_keeps_edited_settings \
   deb_remove_then_purge rpm_contents rpm_root rpm_install_in_a_root \
-  rpm_upgrade_keeps_edited_settings_then_erase image_size image_contents image_version
+  rpm_upgrade_keeps_edited_settings_then_erase scripts_with_systemd_running image_size image_contents image_version
 
 section "deb"
 check "deb: files, control (Depends from dpkg-shlibdeps), md5sums, conffiles, scripts" deb_contents
@@ -260,6 +297,7 @@ section "rpm"
 check "rpm: files, flags, header, requires, scriptlets" rpm_contents
 check "rpm: install into a scratch root, its scriptlets run" rpm_install_in_a_root
 check "rpm: upgrade keeps the edited settings; erase saves them (.rpmsave)" rpm_upgrade_keeps_edited_settings_then_erase
+check "deb and rpm scripts where systemd runs: upgrade reloads, removal stops and disables" scripts_with_systemd_running
 section "image"
 check "image: size" image_size
 check "image: the binary, its shared libraries and /etc, nothing else" image_contents
