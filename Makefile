@@ -3,6 +3,7 @@
 #   make                  release binary, man page, shell completions
 #   sudo make install     install them (honours DESTDIR and PREFIX)
 #   make check            everything CI runs (scripts/test.sh)
+#   make deb rpm image    packages and an OCI image (scripts/package.sh)
 #
 # `cargo install --path .` installs the binary alone.
 
@@ -22,7 +23,7 @@ BIN := kata-trace-forwarder
 RELEASE_BIN := $(TARGET_DIR)/release/$(BIN)
 GEN := $(TARGET_DIR)/dist
 
-.PHONY: all build docs install uninstall check verify-units clean-dist
+.PHONY: all build docs install uninstall check verify-units clean-dist deb rpm image packages test-packages
 
 all: build docs
 
@@ -76,6 +77,16 @@ check:
 
 verify-units:
 	scripts/verify-units.sh
+
+# Into $(TARGET_DIR)/packages/, from the release build (made if stale).
+deb rpm image:
+	scripts/package.sh $@
+packages:
+	scripts/package.sh
+
+# Installs and runs them for real (root; part of `make check`).
+test-packages:
+	scripts/test-packages.sh
 
 clean-dist:
 	rm -rf $(GEN)

@@ -3,7 +3,9 @@
 # with the real binary, real-SDK agent frames, end-to-end into a real Jaeger).
 # Needs a Rust toolchain, and Go with the Go module proxy to build Jaeger and
 # an OpenTelemetry Collector once (scripts/setup-jaeger.sh and
-# scripts/setup-otelcol.sh; or set JAEGER_BIN and OTELCOL_BIN).
+# scripts/setup-otelcol.sh; or set JAEGER_BIN and OTELCOL_BIN). The
+# packages and the image are installed and run for real as root
+# (scripts/test-packages.sh, with podman, buildah and rpm from Debian's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -54,8 +56,16 @@ cargo bench --workspace --no-run --quiet
 scripts/bench.sh --smoke
 echo "== systemd units (systemd-analyze verify)"
 scripts/verify-units.sh
+# The .deb, the .rpm and the image from the release build above, installed
+# and run for real; its own closing line counts below.
+echo "== packages and image (scripts/test-packages.sh)"
+pkglog=$(mktemp)
+trap 'rm -f "$log" "$pkglog"' EXIT
+scripts/test-packages.sh 2>&1 | tee "$pkglog"
 
 # One closing line for the whole suite: the last 'test result' cargo prints
 # is a crate's (often empty) doc-test run, not the total.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+awk -v pkg="$pkglog" '
+     FILENAME != pkg && /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     FILENAME == pkg && /^packages: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log" "$pkglog"
