@@ -2,7 +2,7 @@
 //! body, over hyper's pooled HTTP/1.1 client.
 //!
 //! Failures are classified as the OTLP spec says: 429, 502, 503 and 504 are
-//! retryable (with `Retry-After` honoured), 413 says the request is too
+//! retryable (with `Retry-After` honoured, in either form), 413 says the request is too
 //! large (its halves are sent instead), other statuses are not retried, and
 //! connection-level errors are. Any 2xx is a success, whatever its body.
 
@@ -171,17 +171,18 @@ impl HttpTransport {
     }
 }
 
-/// `Retry-After` in its delay-seconds form; an HTTP-date hint falls back to
-/// our own backoff.
+/// `Retry-After`, as delay-seconds or an HTTP-date (RFC 9110 10.2.3). A
+/// date already past (or our clock ahead of the collector's) is no hint:
+/// our own backoff applies, rather than retrying at once.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get(header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    at.duration_since(std::time::SystemTime::now())
         .ok()
-        .map(Duration::from_secs)
+        .filter(|d| !d.is_zero())
 }
 
 #[cfg(test)]
@@ -211,14 +212,52 @@ mod tests {
         assert_eq!(HttpError::Send("refused".into()).retry(), Retry::Retryable);
     }
 
+    fn hint(value: &str) -> Option<Duration> {
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+        retry_after(&h)
+    }
+
     #[test]
     fn reads_retry_after_seconds() {
+        assert_eq!(hint(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(hint("0"), Some(Duration::ZERO));
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn reads_retry_after_http_date() {
+        let in_a_minute = std::time::SystemTime::now() + Duration::from_secs(60);
+        let got = hint(&httpdate::fmt_http_date(in_a_minute)).unwrap();
+        // The date has whole seconds: up to one less than asked.
+        assert!(
+            (Duration::from_secs(58)..=Duration::from_secs(60)).contains(&got),
+            "{got:?}"
+        );
+        // Past: no hint, our own backoff.
+        assert_eq!(hint("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        // The obsolete forms a recipient must also accept (RFC 9110 5.6.7).
+        let far = hint("Sunday, 06-Nov-94 08:49:37 GMT");
+        assert_eq!(far, None, "1994 is past");
+    }
+
+    #[test]
+    fn ignores_a_garbage_retry_after() {
+        for garbage in [
+            "soon",
+            "-5",
+            "1.5",
+            "7s",
+            "Wed, 99 Foo 2015 07:28:00 GMT",
+            "",
+        ] {
+            assert_eq!(hint(garbage), None, "{garbage:?}");
+        }
+        // Not even text: ignored, not an error.
         let mut h = HeaderMap::new();
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static(" 7 "));
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
         h.insert(
             header::RETRY_AFTER,
-            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+            HeaderValue::from_bytes(b"\xff7").unwrap(),
         );
         assert_eq!(retry_after(&h), None);
     }
