@@ -5,6 +5,8 @@
 //! retryable (with `Retry-After` honoured, in either form), 413 says the request is too
 //! large (its halves are sent instead), other statuses are not retried, and
 //! connection-level errors are. Any 2xx is a success, whatever its body.
+//! An error's body is read as the spec says, a `google.rpc.Status`, and
+//! logged by its message.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,8 @@ use crate::otlp::EncodedRequest;
 
 /// A collector's response body is tiny; anything past this is not read.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
+/// What of a collector's error is kept for the log, in bytes.
+const MAX_DETAIL_BYTES: usize = 512;
 
 pub(crate) struct HttpTransport {
     client: Client<Connector<Stream>, RequestBody>,
@@ -46,6 +50,7 @@ pub enum HttpError {
     Status {
         status: StatusCode,
         retry_after: Option<Duration>,
+        /// What the collector said ([`error_detail`]).
         body: String,
     },
 }
@@ -156,11 +161,10 @@ impl HttpTransport {
         // 2xx has the spans, and sending them again would duplicate them.
         let body = read_bounded(resp.into_body(), MAX_RESPONSE_BYTES, deadline).await;
         if !status.is_success() {
-            let body = body.unwrap_or_default();
             return Err(HttpError::Status {
                 status,
                 retry_after,
-                body: String::from_utf8_lossy(body.get(..512).unwrap_or(&body)).into_owned(),
+                body: error_detail(&body.unwrap_or_default()),
             });
         }
         // A collector may answer 2xx with an empty body; that is a full
@@ -169,6 +173,22 @@ impl HttpTransport {
             .and_then(|b| ExportTraceServiceResponse::decode(b).ok())
             .unwrap_or_default())
     }
+}
+
+/// What a collector said with an error status, at most
+/// [`MAX_DETAIL_BYTES`]: the message of the `google.rpc.Status` that the
+/// OTLP spec has it send, or else (a proxy's page, a collector that does
+/// not follow the spec) the body as text.
+fn error_detail(body: &[u8]) -> String {
+    let text = match tonic_types::pb::Status::decode(body) {
+        Ok(status) if !status.message.is_empty() => status.message,
+        _ => String::from_utf8_lossy(body.get(..MAX_DETAIL_BYTES).unwrap_or(body)).into_owned(),
+    };
+    let mut end = text.len().min(MAX_DETAIL_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// `Retry-After`, as delay-seconds or an HTTP-date (RFC 9110 10.2.3). A
@@ -260,5 +280,89 @@ mod tests {
             HeaderValue::from_bytes(b"\xff7").unwrap(),
         );
         assert_eq!(retry_after(&h), None);
+    }
+
+    fn rpc_status(code: i32, message: &str) -> Vec<u8> {
+        tonic_types::pb::Status {
+            code,
+            message: message.into(),
+            details: Vec::new(),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn an_error_body_is_read_as_a_google_rpc_status() {
+        let body = rpc_status(3, "resource spans: missing service.name");
+        assert_eq!(error_detail(&body), "resource spans: missing service.name");
+        // Not a Status: the text, as it is, bounded.
+        assert_eq!(error_detail(b"Bad Gateway"), "Bad Gateway");
+        assert_eq!(error_detail(b""), "");
+        let page = "<html>".repeat(1000);
+        assert_eq!(error_detail(page.as_bytes()).len(), MAX_DETAIL_BYTES);
+        // A Status with a long message (of multi-byte characters): cut
+        // within the bound, on a character's boundary.
+        let long = "\u{e9}".repeat(MAX_DETAIL_BYTES);
+        let cut = error_detail(&rpc_status(8, &long));
+        assert!(cut.len() <= MAX_DETAIL_BYTES && cut.len() >= MAX_DETAIL_BYTES - 1);
+        assert!(cut.chars().all(|c| c == '\u{e9}'));
+    }
+
+    /// An OTLP/HTTP receiver that answers every request with `status` and
+    /// `body`; its endpoint.
+    async fn answering(status: u16, body: Vec<u8>) -> Uri {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let body = body.clone();
+                let svc = hyper::service::service_fn(move |_| {
+                    let body = bytes::Bytes::from(body.clone());
+                    async move {
+                        hyper::Response::builder()
+                            .status(status)
+                            .header(header::CONTENT_TYPE, "application/x-protobuf")
+                            .body(http_body_util::Full::new(body))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+                );
+            }
+        });
+        format!("http://{addr}/v1/traces").parse().unwrap()
+    }
+
+    /// A collector refusing a request with 400 and the `google.rpc.Status`
+    /// the spec has it send: the error carries the Status's message.
+    #[tokio::test]
+    async fn a_400_from_the_collector_is_logged_by_its_status_message() {
+        let message = "ResourceSpans[0]: invalid trace id";
+        let cfg = OtlpConfig {
+            protocol: crate::config::OtlpProtocol::HttpProtobuf,
+            endpoint: answering(400, rpc_status(3, message)).await,
+            headers: Vec::new(),
+            timeout: Duration::from_secs(5),
+            tls: None,
+            compression: Compression::default(),
+        };
+        let t = HttpTransport::connect(&cfg, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let err = t
+            .export(&EncodedRequest::from(bytes::Bytes::from_static(b"")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, HttpError::Status { status, body, .. }
+                if status.as_u16() == 400 && body == message),
+            "{err:?}"
+        );
+        assert_eq!(err.retry(), Retry::Never);
+        assert_eq!(
+            err.to_string(),
+            format!("collector answered HTTP 400 Bad Request: {message}")
+        );
     }
 }
