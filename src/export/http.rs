@@ -206,7 +206,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn status(code: u16, retry_after: Option<u64>) -> HttpError {
@@ -308,22 +308,23 @@ mod tests {
         assert!(cut.chars().all(|c| c == '\u{e9}'));
     }
 
-    /// An OTLP/HTTP receiver that answers every request with `status` and
-    /// `body`; its endpoint.
-    async fn answering(status: u16, body: Vec<u8>) -> Uri {
+    /// An OTLP/HTTP receiver on loopback whose answer to its `n`th request
+    /// (from 0) is `answer(n)`; its endpoint.
+    pub(in crate::export) async fn receiver<F>(answer: F) -> Uri
+    where
+        F: Fn(usize) -> http::Response<http_body_util::Full<bytes::Bytes>> + Send + Sync + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let answer = Arc::new(answer);
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let body = body.clone();
+                let (answer, seen) = (Arc::clone(&answer), Arc::clone(&seen));
                 let svc = hyper::service::service_fn(move |_| {
-                    let body = bytes::Bytes::from(body.clone());
-                    async move {
-                        hyper::Response::builder()
-                            .status(status)
-                            .header(header::CONTENT_TYPE, "application/x-protobuf")
-                            .body(http_body_util::Full::new(body))
-                    }
+                    let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let resp = answer(n);
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
                 });
                 tokio::spawn(
                     hyper::server::conn::http1::Builder::new()
@@ -334,22 +335,44 @@ mod tests {
         format!("http://{addr}/v1/traces").parse().unwrap()
     }
 
-    /// A collector refusing a request with 400 and the `google.rpc.Status`
-    /// the spec has it send: the error carries the Status's message.
-    #[tokio::test]
-    async fn a_400_from_the_collector_is_logged_by_its_status_message() {
-        let message = "ResourceSpans[0]: invalid trace id";
+    /// An answer with `status`, `headers` and `body`.
+    pub(in crate::export) fn response(
+        status: u16,
+        headers: &[(&'static str, &str)],
+        body: Vec<u8>,
+    ) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+        let mut r = http::Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/x-protobuf");
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.body(http_body_util::Full::new(body.into())).unwrap()
+    }
+
+    /// A transport to `endpoint`, over plain HTTP.
+    pub(in crate::export) async fn transport(endpoint: Uri) -> HttpTransport {
         let cfg = OtlpConfig {
             protocol: crate::config::OtlpProtocol::HttpProtobuf,
-            endpoint: answering(400, rpc_status(3, message)).await,
+            endpoint,
             headers: Vec::new(),
             timeout: Duration::from_secs(5),
             tls: None,
             compression: Compression::default(),
         };
-        let t = HttpTransport::connect(&cfg, Duration::from_secs(5))
+        HttpTransport::connect(&cfg, Duration::from_secs(5))
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A collector refusing a request with 400 and the `google.rpc.Status`
+    /// the spec has it send: the error carries the Status's message.
+    #[tokio::test]
+    async fn a_400_from_the_collector_is_logged_by_its_status_message() {
+        let message = "ResourceSpans[0]: invalid trace id";
+        let body = rpc_status(3, message);
+        let endpoint = receiver(move |_| response(400, &[], body.clone())).await;
+        let t = transport(endpoint).await;
         let err = t
             .export(&EncodedRequest::from(bytes::Bytes::from_static(b"")))
             .await
