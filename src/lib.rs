@@ -41,6 +41,7 @@ pub mod export;
 pub mod handover;
 pub mod ingest;
 pub mod listen;
+pub mod logging;
 mod metrics;
 pub mod otlp;
 pub mod shutdown;
@@ -550,7 +551,7 @@ async fn report_stats(stats: Arc<Stats>, interval: Duration, shutdown: Shutdown)
         let now = stats.snapshot();
         if now != last {
             tracing::info!(
-                stats = %serde_json::to_string(&now).unwrap_or_default(),
+                stats = %logging::Json(&now),
                 "counters"
             );
             last = now;

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use kata_trace_forwarder::config::{kata, Cli, LogFormat, ProcessEnv};
 use kata_trace_forwarder::listen::privileges;
+use kata_trace_forwarder::logging::{Json, JsonLines};
 use kata_trace_forwarder::shutdown::SignalGate;
 use tracing_subscriber::EnvFilter;
 
@@ -122,7 +123,7 @@ fn run(
             .await
             .context("kata-trace-forwarder")?;
         tracing::info!(
-            summary = %serde_json::to_string(&finished.summary).unwrap_or_default(),
+            summary = %Json(&finished.summary),
             "forwarder stopped"
         );
         let mut reexec = finished.reexec;
@@ -167,9 +168,8 @@ fn init_logging(cli: &Cli) {
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(JsonLines)
             .init(),
         LogFormat::Text => builder.with_ansi(false).init(),
     }

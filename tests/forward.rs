@@ -154,7 +154,7 @@ async fn dump_only_prints_otlp_json_lines() {
     // The periodic counters log saw the spans go by.
     while !fwd
         .stderr()
-        .contains(&format!("\\\"spans_exported\\\":{}", sc.expected.len()))
+        .contains(&format!("\"spans_exported\":{}", sc.expected.len()))
     {
         assert!(
             std::time::Instant::now() < deadline,

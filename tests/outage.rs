@@ -156,8 +156,7 @@ async fn spool_survives_a_forwarder_restart_and_delivers_exactly_once() {
         fwd.stderr()
     );
     assert!(
-        fwd.stderr()
-            .contains(&format!("\\\"spans_spooled\\\":{total}")),
+        fwd.stderr().contains(&format!("\"spans_spooled\":{total}")),
         "{}",
         fwd.stderr()
     );

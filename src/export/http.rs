@@ -2,9 +2,11 @@
 //! body, over hyper's pooled HTTP/1.1 client.
 //!
 //! Failures are classified as the OTLP spec says: 429, 502, 503 and 504 are
-//! retryable (with `Retry-After` honoured), 413 says the request is too
+//! retryable (with `Retry-After` honoured, in either form), 413 says the request is too
 //! large (its halves are sent instead), other statuses are not retried, and
 //! connection-level errors are. Any 2xx is a success, whatever its body.
+//! An error's body is read as the spec says, a `google.rpc.Status`, and
+//! logged by its message.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,8 @@ use crate::otlp::EncodedRequest;
 
 /// A collector's response body is tiny; anything past this is not read.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
+/// What of a collector's error is kept for the log, in bytes.
+const MAX_DETAIL_BYTES: usize = 512;
 
 pub(crate) struct HttpTransport {
     client: Client<Connector<Stream>, RequestBody>,
@@ -46,6 +50,7 @@ pub enum HttpError {
     Status {
         status: StatusCode,
         retry_after: Option<Duration>,
+        /// What the collector said ([`error_detail`]).
         body: String,
     },
 }
@@ -156,11 +161,10 @@ impl HttpTransport {
         // 2xx has the spans, and sending them again would duplicate them.
         let body = read_bounded(resp.into_body(), MAX_RESPONSE_BYTES, deadline).await;
         if !status.is_success() {
-            let body = body.unwrap_or_default();
             return Err(HttpError::Status {
                 status,
                 retry_after,
-                body: String::from_utf8_lossy(body.get(..512).unwrap_or(&body)).into_owned(),
+                body: error_detail(&body.unwrap_or_default()),
             });
         }
         // A collector may answer 2xx with an empty body; that is a full
@@ -171,21 +175,38 @@ impl HttpTransport {
     }
 }
 
-/// `Retry-After` in its delay-seconds form; an HTTP-date hint falls back to
-/// our own backoff.
+/// What a collector said with an error status, at most
+/// [`MAX_DETAIL_BYTES`]: the message of the `google.rpc.Status` that the
+/// OTLP spec has it send, or else (a proxy's page, a collector that does
+/// not follow the spec) the body as text.
+fn error_detail(body: &[u8]) -> String {
+    let text = match tonic_types::pb::Status::decode(body) {
+        Ok(status) if !status.message.is_empty() => status.message,
+        _ => String::from_utf8_lossy(body.get(..MAX_DETAIL_BYTES).unwrap_or(body)).into_owned(),
+    };
+    let mut end = text.len().min(MAX_DETAIL_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// `Retry-After`, as delay-seconds or an HTTP-date (RFC 9110 10.2.3). A
+/// date already past (or our clock ahead of the collector's) is no hint:
+/// our own backoff applies, rather than retrying at once.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get(header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    at.duration_since(std::time::SystemTime::now())
         .ok()
-        .map(Duration::from_secs)
+        .filter(|d| !d.is_zero())
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn status(code: u16, retry_after: Option<u64>) -> HttpError {
@@ -211,15 +232,160 @@ mod tests {
         assert_eq!(HttpError::Send("refused".into()).retry(), Retry::Retryable);
     }
 
+    fn hint(value: &str) -> Option<Duration> {
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+        retry_after(&h)
+    }
+
     #[test]
     fn reads_retry_after_seconds() {
+        assert_eq!(hint(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(hint("0"), Some(Duration::ZERO));
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn reads_retry_after_http_date() {
+        let in_a_minute = std::time::SystemTime::now() + Duration::from_secs(60);
+        let got = hint(&httpdate::fmt_http_date(in_a_minute)).unwrap();
+        // The date has whole seconds: up to one less than asked.
+        assert!(
+            (Duration::from_secs(58)..=Duration::from_secs(60)).contains(&got),
+            "{got:?}"
+        );
+        // Past: no hint, our own backoff.
+        assert_eq!(hint("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        // The obsolete forms a recipient must also accept (RFC 9110 5.6.7).
+        let far = hint("Sunday, 06-Nov-94 08:49:37 GMT");
+        assert_eq!(far, None, "1994 is past");
+    }
+
+    #[test]
+    fn ignores_a_garbage_retry_after() {
+        for garbage in [
+            "soon",
+            "-5",
+            "1.5",
+            "7s",
+            "Wed, 99 Foo 2015 07:28:00 GMT",
+            "",
+        ] {
+            assert_eq!(hint(garbage), None, "{garbage:?}");
+        }
+        // Not even text: ignored, not an error.
         let mut h = HeaderMap::new();
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static(" 7 "));
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
         h.insert(
             header::RETRY_AFTER,
-            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+            HeaderValue::from_bytes(b"\xff7").unwrap(),
         );
         assert_eq!(retry_after(&h), None);
+    }
+
+    fn rpc_status(code: i32, message: &str) -> Vec<u8> {
+        tonic_types::pb::Status {
+            code,
+            message: message.into(),
+            details: Vec::new(),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn an_error_body_is_read_as_a_google_rpc_status() {
+        let body = rpc_status(3, "resource spans: missing service.name");
+        assert_eq!(error_detail(&body), "resource spans: missing service.name");
+        // Not a Status: the text, as it is, bounded.
+        assert_eq!(error_detail(b"Bad Gateway"), "Bad Gateway");
+        assert_eq!(error_detail(b""), "");
+        let page = "<html>".repeat(1000);
+        assert_eq!(error_detail(page.as_bytes()).len(), MAX_DETAIL_BYTES);
+        // A Status with a long message (of multi-byte characters): cut
+        // within the bound, on a character's boundary.
+        let long = "\u{e9}".repeat(MAX_DETAIL_BYTES);
+        let cut = error_detail(&rpc_status(8, &long));
+        assert!(cut.len() <= MAX_DETAIL_BYTES && cut.len() >= MAX_DETAIL_BYTES - 1);
+        assert!(cut.chars().all(|c| c == '\u{e9}'));
+    }
+
+    /// An OTLP/HTTP receiver on loopback whose answer to its `n`th request
+    /// (from 0) is `answer(n)`; its endpoint.
+    pub(in crate::export) async fn receiver<F>(answer: F) -> Uri
+    where
+        F: Fn(usize) -> http::Response<http_body_util::Full<bytes::Bytes>> + Send + Sync + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answer = Arc::new(answer);
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (answer, seen) = (Arc::clone(&answer), Arc::clone(&seen));
+                let svc = hyper::service::service_fn(move |_| {
+                    let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let resp = answer(n);
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+                );
+            }
+        });
+        format!("http://{addr}/v1/traces").parse().unwrap()
+    }
+
+    /// An answer with `status`, `headers` and `body`.
+    pub(in crate::export) fn response(
+        status: u16,
+        headers: &[(&'static str, &str)],
+        body: Vec<u8>,
+    ) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+        let mut r = http::Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/x-protobuf");
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.body(http_body_util::Full::new(body.into())).unwrap()
+    }
+
+    /// A transport to `endpoint`, over plain HTTP.
+    pub(in crate::export) async fn transport(endpoint: Uri) -> HttpTransport {
+        let cfg = OtlpConfig {
+            protocol: crate::config::OtlpProtocol::HttpProtobuf,
+            endpoint,
+            headers: Vec::new(),
+            timeout: Duration::from_secs(5),
+            tls: None,
+            compression: Compression::default(),
+        };
+        HttpTransport::connect(&cfg, Duration::from_secs(5))
+            .await
+            .unwrap()
+    }
+
+    /// A collector refusing a request with 400 and the `google.rpc.Status`
+    /// the spec has it send: the error carries the Status's message.
+    #[tokio::test]
+    async fn a_400_from_the_collector_is_logged_by_its_status_message() {
+        let message = "ResourceSpans[0]: invalid trace id";
+        let body = rpc_status(3, message);
+        let endpoint = receiver(move |_| response(400, &[], body.clone())).await;
+        let t = transport(endpoint).await;
+        let err = t
+            .export(&EncodedRequest::from(bytes::Bytes::from_static(b"")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, HttpError::Status { status, body, .. }
+                if status.as_u16() == 400 && body == message),
+            "{err:?}"
+        );
+        assert_eq!(err.retry(), Retry::Never);
+        assert_eq!(
+            err.to_string(),
+            format!("collector answered HTTP 400 Bad Request: {message}")
+        );
     }
 }

@@ -50,7 +50,7 @@ use crate::shutdown::Shutdown;
 use crate::stats::{DropReason, Stats};
 use crate::tenant::Tenant;
 use queue::{QueueReceiver, Queued};
-use retry::{Classify, Retry, RetryPolicy};
+use retry::{Backoff, Classify, Retry, RetryPolicy};
 use spool::Spool;
 
 #[derive(Debug, thiserror::Error)]
@@ -639,18 +639,30 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
     drop(held);
 }
 
-/// Sends spooled batches, oldest first, whenever the collector answers,
-/// until shutdown begins (what is left stays for the next run).
 /// How often an idle replayer looks through the spool directory for
 /// batches it does not know of.
 const SPOOL_RESCAN: Duration = Duration::from_secs(10);
 
+/// The replayer's waits while the collector is away: the export's policy
+/// (jitter, throttling hints), from 250 ms up to 10 s. It has no total:
+/// the batches wait on disk for as long as the collector does.
+fn replay_policy() -> RetryPolicy {
+    RetryPolicy {
+        initial_backoff: Duration::from_millis(250),
+        max_backoff: Duration::from_secs(10),
+        ..RetryPolicy::default()
+    }
+}
+
+/// Sends spooled batches, oldest first, whenever the collector answers,
+/// until shutdown begins (what is left stays for the next run).
 pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
     let Some(spool) = exporter.spool.clone() else {
         return;
     };
     let stats = &*exporter.stats;
-    let mut backoff = Duration::from_millis(250);
+    let policy = replay_policy();
+    let mut backoff = Backoff::new(&policy);
     loop {
         if shutdown.is_stopping() {
             return;
@@ -724,20 +736,21 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
                 }
                 None => (Delivery::Dropped(e.drop_reason()), Some(e)),
             },
-            Err(e) if e.is_final() => (Delivery::Dropped(e.drop_reason()), Some(e)),
-            Err(e) => {
-                tracing::debug!(error = %e, retry_in = ?backoff, "collector still unavailable for spooled batches");
-                drop(claim);
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.stopping() => return,
+            Err(e) => match backoff.after(e.retry()) {
+                None => (Delivery::Dropped(e.drop_reason()), Some(e)),
+                Some(wait) => {
+                    tracing::debug!(error = %e, retry_in = ?wait, "collector still unavailable for spooled batches");
+                    drop(claim);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.stopping() => return,
+                    }
+                    continue;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
+            },
         };
         claim.settle();
-        backoff = Duration::from_millis(250);
+        backoff.reset();
         emit!(
             stats,
             BatchDone {
@@ -866,5 +879,38 @@ mod tests {
             shape(&first)
         );
         assert_eq!(shape(&second), [("b".into(), 3, 66), ("c".into(), 1, 32)]);
+    }
+
+    /// The replayer waits as the export policy says: a collector that
+    /// throttles with `Retry-After` is left alone that long (at 250 ms and
+    /// 500 ms of its own backoff, the replayer would ask again thrice in
+    /// a second), and the batch is sent, once, when it answers.
+    #[tokio::test]
+    async fn the_replayer_obeys_a_throttling_collector() {
+        use super::http::tests::{receiver, response, transport};
+        let endpoint = receiver(|n| match n {
+            0 | 1 => response(429, &[("retry-after", "1")], Vec::new()),
+            _ => response(200, &[], Vec::new()),
+        })
+        .await;
+        let stats = Arc::new(Stats::default());
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 20, Arc::clone(&stats)).unwrap());
+        assert!(spool.write(&EncodedRequest::from(Bytes::new()), 3).unwrap());
+        let sink = Sink(Transport::Http(Box::new(transport(endpoint).await)));
+        let exporter = Arc::new(Exporter::new(sink, Some(spool), Arc::clone(&stats)));
+        let shutdown = Shutdown::new();
+        let started = Instant::now();
+        let task = tokio::spawn(run_replayer(exporter, shutdown.clone()));
+        while stats.spool_files.get() > 0 {
+            assert!(started.elapsed() < Duration::from_secs(10), "not delivered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(2), "asked again after {took:?}");
+        assert_eq!(stats.spans_exported.get(), 3);
+        assert_eq!(stats.export_attempts.get(), 3, "one request an answer");
+        shutdown.begin(crate::shutdown::Mode::Drain, Instant::now());
+        task.await.unwrap();
     }
 }

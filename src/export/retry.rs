@@ -85,7 +85,7 @@ impl RetryPolicy {
     {
         let started = Instant::now();
         let own_deadline = started + self.max_elapsed;
-        let mut backoff = self.initial_backoff;
+        let mut backoff = Backoff::new(self);
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -99,14 +99,7 @@ impl RetryPolicy {
                 }
                 Err(e) => e,
             };
-            let wait = match err.retry() {
-                Retry::Never | Retry::TooLarge => None,
-                Retry::Retryable => Some(jitter(backoff)),
-                Retry::Throttled(hint) => Some(match hint {
-                    Some(h) => h.min(self.max_throttle),
-                    None => jitter(backoff),
-                }),
-            };
+            let wait = backoff.after(err.retry());
             let effective_deadline = shutdown
                 .deadline()
                 .map_or(own_deadline, |d| d.min(own_deadline));
@@ -147,10 +140,45 @@ impl RetryPolicy {
                     }
                 }
             }
-            backoff = self
-                .max_backoff
-                .min(backoff.mul_f64(self.multiplier.max(1.0)));
         }
+    }
+}
+
+/// The waits between attempts of one operation, as a [`RetryPolicy`] says:
+/// growing from `initial_backoff` to `max_backoff`, jittered, or a
+/// server's throttling hint, capped. [`RetryPolicy::run`] waits them, and
+/// so does the replayer (which tries for as long as batches wait on disk,
+/// giving a failed batch back between attempts).
+#[derive(Debug)]
+pub(crate) struct Backoff<'a> {
+    policy: &'a RetryPolicy,
+    next: Duration,
+}
+
+impl<'a> Backoff<'a> {
+    pub(crate) fn new(policy: &'a RetryPolicy) -> Backoff<'a> {
+        Backoff {
+            policy,
+            next: policy.initial_backoff,
+        }
+    }
+
+    /// How long to wait after a failure of class `retry` before trying
+    /// again; `None`: trying again cannot help.
+    pub(crate) fn after(&mut self, retry: Retry) -> Option<Duration> {
+        let p = self.policy;
+        let wait = match retry {
+            Retry::Never | Retry::TooLarge => return None,
+            Retry::Throttled(Some(hint)) => hint.min(p.max_throttle),
+            Retry::Retryable | Retry::Throttled(None) => jitter(self.next),
+        };
+        self.next = p.max_backoff.min(self.next.mul_f64(p.multiplier.max(1.0)));
+        Some(wait)
+    }
+
+    /// Success: the next failure waits from `initial_backoff` again.
+    pub(crate) fn reset(&mut self) {
+        self.next = self.policy.initial_backoff;
     }
 }
 
@@ -274,5 +302,27 @@ mod tests {
         shutdown.begin(crate::shutdown::Mode::Drain, Instant::now());
         let attempts = task.await.unwrap();
         assert!((20..=60).contains(&attempts), "{attempts}");
+    }
+
+    /// Each wait is between half and all of the backoff, which doubles up
+    /// to its bound; a hint is obeyed, up to its own bound; a reset starts
+    /// over; what cannot be helped is not waited for.
+    #[test]
+    fn backoff_grows_jittered_to_its_bound_and_obeys_hints() {
+        let p = policy();
+        let mut b = Backoff::new(&p);
+        for want in [10, 20, 40, 40, 40] {
+            let want = Duration::from_millis(want);
+            let got = b.after(Retry::Retryable).unwrap();
+            assert!((want / 2..=want).contains(&got), "{got:?} for {want:?}");
+        }
+        let hint = |ms| Retry::Throttled(Some(Duration::from_millis(ms)));
+        assert_eq!(b.after(hint(45)), Some(Duration::from_millis(45)));
+        assert_eq!(b.after(hint(5000)), Some(p.max_throttle));
+        b.reset();
+        let first = b.after(Retry::Throttled(None)).unwrap();
+        assert!(first <= p.initial_backoff, "{first:?}");
+        assert_eq!(b.after(Retry::Never), None);
+        assert_eq!(b.after(Retry::TooLarge), None);
     }
 }

@@ -11,8 +11,8 @@
 //!
 //! # Protocol
 //!
-//! Over the notify socket (`$NOTIFY_SOCKET`, a datagram socket; a leading
-//! `@` names an abstract one), one datagram per descriptor:
+//! Over the notify socket (`$NOTIFY_SOCKET`, a datagram socket, by path
+//! as systemd gives it), one datagram per descriptor, sent by `sd-notify`:
 //!
 //! ```text
 //! FDSTORE=1\nFDNAME=<name>\n         with the descriptor (SCM_RIGHTS)
@@ -45,14 +45,12 @@
 //! the rest of a frame the dead process had begun, are skipped and counted
 //! (`bytes_skipped`).
 
-use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use nix::sys::socket::{
-    getsockname, sendmsg, ControlMessage, MsgFlags, SockaddrStorage, VsockAddr,
-};
+use nix::sys::socket::{getsockname, SockaddrStorage, VsockAddr};
+use sd_notify::NotifyState;
 
 const LISTENER: &str = "ktf-l-";
 const JANITOR: &str = "ktf-j-";
@@ -93,38 +91,17 @@ pub(crate) fn janitor_name(listener: BorrowedFd<'_>) -> Option<String> {
     Some(format!("{JANITOR}{}", sock_ino(listener)?))
 }
 
-/// One datagram to systemd, with `fd` if given.
-fn send(msg: &str, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(());
-    };
-    let sock = std::os::unix::net::UnixDatagram::unbound()?;
-    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-    match bytes.strip_prefix(b"@") {
-        Some(name) => {
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-            sock.connect_addr(&addr)?;
-        }
-        None => sock.connect(&path)?,
-    }
-    let raw = fd.map(|f| [f.as_raw_fd()]);
-    let cmsg: Vec<ControlMessage<'_>> = raw.iter().map(|r| ControlMessage::ScmRights(r)).collect();
-    let iov = [IoSlice::new(msg.as_bytes())];
-    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)?;
-    Ok(())
-}
-
 /// Gives `fd` to the store as `name`.
 pub(crate) fn store(name: &str, fd: BorrowedFd<'_>) {
-    if let Err(e) = send(&format!("FDSTORE=1\nFDNAME={name}\n"), Some(fd)) {
+    let msg = [NotifyState::FdStore, NotifyState::FdName(name)];
+    if let Err(e) = sd_notify::notify_with_fds(&msg, &[fd]) {
         tracing::warn!(name, error = %e, "could not give a descriptor to systemd's store");
     }
 }
 
 /// Has systemd close what it keeps as `name`.
 pub(crate) fn remove(name: &str) {
-    if let Err(e) = send(&format!("FDSTOREREMOVE=1\nFDNAME={name}\n"), None) {
+    if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
         tracing::warn!(name, error = %e, "could not take a descriptor out of systemd's store");
     }
 }

@@ -1,0 +1,247 @@
+//! `--log-format json`: one JSON object a line, each key in it once.
+//!
+//! tracing-subscriber's own JSON format writes the event's fields flat
+//! beside keys of its own (`spans`, the list of the spans the event is in),
+//! so an event with a field of that name (`agent disconnected` has `spans`,
+//! the count) wrote the key twice, and a JSON reader kept only the list.
+//! It also writes every field as a string or a number, so a field holding a
+//! JSON document (the counters) came out as a string to be parsed again.
+//! This format writes the same keys in the same order, but:
+//!
+//! - the span list is under [`SPAN_LIST`], a name no event field has; a key
+//!   taken already (an event field named `level`, say) is written as
+//!   `field.<name>` instead of twice;
+//! - the fields named in [`JSON_FIELDS`], which the forwarder fills with
+//!   [`Json`], are written as the JSON they hold.
+
+use std::fmt;
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::Value;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The key of the spans an event is in, outermost first, each as
+/// `{"name": ..., <its fields>}`.
+pub const SPAN_LIST: &str = "span_list";
+
+/// Fields whose value is a JSON document ([`Json`]), written as such.
+pub const JSON_FIELDS: &[&str] = &["summary", "stats"];
+
+/// A value logged as its compact JSON: an object in the JSON format (for a
+/// field named in [`JSON_FIELDS`]), readable text in the text format.
+pub struct Json<'a, T: Serialize>(pub &'a T);
+
+impl<T: Serialize> fmt::Display for Json<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = serde_json::to_string(self.0).map_err(|_| fmt::Error)?;
+        f.write_str(&text)
+    }
+}
+
+/// The event format of `--log-format json`; its span fields must be
+/// recorded by [`JsonFields`].
+#[derive(Debug, Default)]
+pub struct JsonLines;
+
+impl<S> FormatEvent<S, JsonFields> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, JsonFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        let mut timestamp = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        let mut line = Line(Vec::with_capacity(8));
+        line.push("timestamp".into(), Value::String(timestamp));
+        line.push("level".into(), meta.level().as_str().into());
+        event.record(&mut line);
+        line.push("target".into(), meta.target().into());
+        if let Some(scope) = ctx.event_scope() {
+            let spans: Vec<Value> = scope.from_root().map(|span| span_value(&span)).collect();
+            line.push(SPAN_LIST.into(), Value::Array(spans));
+        }
+        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+/// A span as `{"name": ..., <its fields>}`.
+fn span_value<S>(span: &tracing_subscriber::registry::SpanRef<'_, S>) -> Value
+where
+    S: for<'a> LookupSpan<'a>,
+{
+    let ext = span.extensions();
+    let mut obj = ext
+        .get::<FormattedFields<JsonFields>>()
+        .and_then(|f| serde_json::from_str::<serde_json::Map<String, Value>>(&f.fields).ok())
+        .unwrap_or_default();
+    obj.insert("name".into(), span.name().into());
+    Value::Object(obj)
+}
+
+/// The line's keys and values, in order, each key once.
+struct Line(Vec<(String, Value)>);
+
+impl Line {
+    fn taken(&self, key: &str) -> bool {
+        self.0.iter().any(|(k, _)| k == key)
+    }
+
+    fn push(&mut self, key: String, value: Value) {
+        let key = match self.taken(&key) {
+            false => key,
+            true => format!("field.{key}"),
+        };
+        // Taken even so: a second field of one name in one event.
+        if !self.taken(&key) {
+            self.0.push((key, value));
+        }
+    }
+}
+
+impl Serialize for Line {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl Visit for Line {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.push(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.push(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.push(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.push(field.name().into(), value.into());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.push(field.name().into(), value.into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let text = format!("{value:?}");
+        let value = JSON_FIELDS
+            .contains(&field.name())
+            .then(|| serde_json::from_str::<Value>(&text).ok())
+            .flatten()
+            .unwrap_or(Value::String(text));
+        self.push(field.name().into(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::fmt::MakeWriter;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Buf {
+        type Writer = Buf;
+        fn make_writer(&'a self) -> Buf {
+            self.clone()
+        }
+    }
+
+    /// The lines `f` logs, in the JSON format.
+    fn lines(f: impl FnOnce()) -> Vec<String> {
+        let buf = Buf::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(buf.clone())
+            .fmt_fields(JsonFields::new())
+            .event_format(JsonLines)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn an_event_field_and_the_span_list_keep_their_own_keys() {
+        let got = lines(|| {
+            let span = tracing::info_span!("sandbox", id = "abc");
+            let _in = span.enter();
+            tracing::info!(spans = 7u64, level = "mine", "agent disconnected");
+        });
+        let [line] = &got[..] else { panic!("{got:?}") };
+        // Each key once, in this order (the line's own keys are never in
+        // its values here).
+        let keys = [
+            "timestamp",
+            "level",
+            "message",
+            "spans",
+            "field.level",
+            "target",
+            SPAN_LIST,
+        ];
+        let at: Vec<usize> = keys
+            .iter()
+            .map(|k| {
+                let quoted = format!("\"{k}\":");
+                assert_eq!(line.matches(&quoted).count(), 1, "{k} in {line}");
+                line.find(&quoted).unwrap()
+            })
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{line}");
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["spans"], 7);
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["field.level"], "mine");
+        assert_eq!(
+            v[SPAN_LIST],
+            serde_json::json!([{"name": "sandbox", "id": "abc"}])
+        );
+    }
+
+    #[test]
+    fn json_fields_are_objects_and_other_fields_stay_text() {
+        let counters = serde_json::json!({"connections_open": 0, "spans_received": 3});
+        let got = lines(|| {
+            tracing::info!(summary = %Json(&counters), "forwarder stopped");
+            tracing::info!(stats = %Json(&counters), "counters");
+            // Not one of ours: text, even when it looks like JSON.
+            tracing::info!(error = "{\"a\":1}", "other");
+            // Named so, but not JSON: text, never lost.
+            tracing::info!(stats = "not json", "odd");
+        });
+        let v: Vec<Value> = got
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(v[0]["summary"], counters);
+        assert_eq!(v[1]["stats"], counters);
+        assert_eq!(v[2]["error"], "{\"a\":1}");
+        assert_eq!(v[3]["stats"], "not json");
+        assert!(v.iter().all(|l| l.get(SPAN_LIST).is_none()), "in no span");
+    }
+}
