@@ -9,6 +9,7 @@ pub mod agents;
 pub mod certs;
 pub mod jaeger;
 pub mod otelcol;
+pub mod vm;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -335,6 +336,17 @@ impl Forwarder {
 
     /// Spawns without waiting.
     pub fn spawn_hybrid(extra: &[String]) -> Forwarder {
+        Self::spawn_hybrid_exe(Path::new(BIN), extra)
+    }
+
+    /// [`Forwarder::hybrid`] running `exe` (another build of the binary).
+    pub async fn hybrid_exe(exe: &Path, extra: &[String]) -> Forwarder {
+        let f = Self::spawn_hybrid_exe(exe, extra);
+        f.wait_listening().await;
+        f
+    }
+
+    fn spawn_hybrid_exe(exe: &Path, extra: &[String]) -> Forwarder {
         let dir = tempfile::tempdir().unwrap();
         let socket_path = dir.path().join("kata.hvsock");
         let mut args: Vec<String> = vec![
@@ -344,10 +356,20 @@ impl Forwarder {
             "50ms".into(),
         ];
         args.extend_from_slice(extra);
-        Self::spawn_in(dir, socket_path, &args)
+        Self::spawn_exe(exe, dir, socket_path, &args)
     }
 
     pub fn spawn_in(dir: tempfile::TempDir, socket_path: PathBuf, args: &[String]) -> Forwarder {
+        Self::spawn_exe(Path::new(BIN), dir, socket_path, args)
+    }
+
+    /// [`Forwarder::spawn_in`], running `exe` (another build of the binary).
+    pub fn spawn_exe(
+        exe: &Path,
+        dir: tempfile::TempDir,
+        socket_path: PathBuf,
+        args: &[String],
+    ) -> Forwarder {
         let stderr = dir.path().join("forwarder.stderr");
         let stdout = dir.path().join("forwarder.stdout");
         // Its own hand-off socket, in its own directory, unless the test
@@ -358,7 +380,7 @@ impl Forwarder {
             args.push("--handoff-socket".into());
             args.push(dir.path().join("handoff.sock").display().to_string());
         }
-        let child = Command::new(BIN)
+        let child = Command::new(exe)
             .args(&args)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
