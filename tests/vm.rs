@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::jaeger::{assert_jaeger_span, Jaeger};
-use common::vm::{first_frame_ms, forwarder_bin, spans, Guest, Kit};
+use common::vm::{figures, first_frame_ms, forwarder_bin, spans, Guest, Kit};
 use common::Forwarder;
 use kata_agent_emitter::{ExpectedSpan, WireFormat};
 
@@ -29,21 +29,6 @@ use kata_agent_emitter::{ExpectedSpan, WireFormat};
 /// core; the bound leaves room for busy machines.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Prints one scenario's figures, in the form the report collects.
-fn figures(
-    scenario: &str,
-    what: &str,
-    sent: usize,
-    arrived: usize,
-    duplicated: usize,
-    t0: Instant,
-) {
-    eprintln!(
-        "vm figures: {scenario}: {what}: sent {sent}, arrived {arrived}, duplicated {duplicated}, {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
-}
 
 /// Each trace of `want`, fetched from Jaeger once all its spans are there,
 /// checked span by span; returns how many spans Jaeger holds for them.

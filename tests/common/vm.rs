@@ -336,3 +336,26 @@ pub fn first_frame_ms(reports: &[Report]) -> Option<u64> {
         _ => None,
     })
 }
+
+/// Reports one scenario's figures on stderr and, when scripts/test.sh asks
+/// (`KTF_VM_FIGURES`, a file), for its closing note.
+pub fn figures(
+    scenario: &str,
+    what: &str,
+    sent: usize,
+    arrived: usize,
+    duplicated: usize,
+    t0: Instant,
+) {
+    let line = format!(
+        "{scenario}: {what}: sent {sent}, arrived {arrived}, duplicated {duplicated}, {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    eprintln!("vm figures: {line}");
+    if let Some(path) = std::env::var_os("KTF_VM_FIGURES") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}

@@ -6,7 +6,6 @@
 //! ```text
 //! cargo run -p xtask -- docs OUT_DIR              # OUT_DIR/man/*.1, OUT_DIR/completions/*
 //! cargo run -p xtask -- units BINDIR OUT_DIR      # dist/*.service.in with @BINDIR@ filled in
-//! cargo run -p xtask -- initramfs GUEST_ROOT AGENT OUT   # the VM tests' guest (scripts/setup-vm.sh)
 //! ```
 
 use std::fs;
@@ -18,8 +17,6 @@ use clap::CommandFactory;
 use clap_complete::Shell;
 use clap_mangen::roff::{bold, italic, roman, Roff};
 use kata_trace_forwarder::config::Cli;
-
-mod initramfs;
 
 const BIN: &str = "kata-trace-forwarder";
 
@@ -33,14 +30,8 @@ fn main() -> ExitCode {
     {
         ["docs", out] => docs(Path::new(out)),
         ["units", bindir, out] => units(bindir, Path::new(out)),
-        ["initramfs", root, agent, out] => {
-            initramfs::initramfs(Path::new(root), Path::new(agent), Path::new(out))
-        }
         _ => {
-            eprintln!(
-                "usage: xtask docs OUT_DIR | xtask units BINDIR OUT_DIR | \
-                 xtask initramfs GUEST_ROOT AGENT OUT"
-            );
+            eprintln!("usage: xtask docs OUT_DIR | xtask units BINDIR OUT_DIR");
             return ExitCode::from(2);
         }
     };

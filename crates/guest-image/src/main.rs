@@ -1,15 +1,17 @@
-//! `xtask initramfs`: the guest of the VM tests (tests/vm.rs), written as a
-//! newc cpio archive the kernel unpacks as its root: busybox, an init that
-//! loads the VSOCK modules and runs the agent, the agent emitter with
-//! exactly the shared libraries `ldd` names (no musl target to build a
-//! static one), and the kernel modules the virtio VSOCK transport needs, in
-//! dependency order (read from each module's own `depends=`).
+//! `guest-image GUEST_ROOT AGENT OUT`: the guest of the VM tests
+//! (tests/vm.rs), written as a newc cpio archive the kernel unpacks as its
+//! root: busybox, an init that loads the VSOCK modules and runs the agent,
+//! the agent emitter with exactly the shared libraries `ldd` names (there is
+//! no musl target here to build a static one), and the kernel modules the
+//! virtio VSOCK transport needs, in dependency order (read from each
+//! module's own `depends=`). GUEST_ROOT holds Debian's linux-image and
+//! busybox-static packages unpacked (scripts/setup-vm.sh).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitCode};
 
 /// The modules the guest loads; their dependencies come along.
 const MODULES: [&str; 2] = ["vmw_vsock_virtio_transport", "virtio_pci"];
@@ -37,9 +39,24 @@ fi
 $bb poweroff -f
 "#;
 
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [root, agent, out] = args.as_slice() else {
+        eprintln!("usage: guest-image GUEST_ROOT AGENT OUT");
+        return ExitCode::from(2);
+    };
+    match initramfs(Path::new(root), Path::new(agent), Path::new(out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("guest-image: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Writes the initramfs for the guest whose Debian packages are unpacked in
 /// `guest_root` (linux-image-*, busybox-static), with `agent` as its agent.
-pub(crate) fn initramfs(guest_root: &Path, agent: &Path, out: &Path) -> io::Result<Vec<PathBuf>> {
+fn initramfs(guest_root: &Path, agent: &Path, out: &Path) -> io::Result<()> {
     let mut cpio = Cpio::default();
     for dir in ["bin", "dev", "proc", "sys", "modules"] {
         cpio.dir(dir);
@@ -73,8 +90,7 @@ pub(crate) fn initramfs(guest_root: &Path, agent: &Path, out: &Path) -> io::Resu
     // Written aside and renamed: a test never boots half an archive.
     let tmp = out.with_extension("tmp");
     fs::File::create(&tmp)?.write_all(&cpio.finish())?;
-    fs::rename(&tmp, out)?;
-    Ok(vec![out.to_path_buf()])
+    fs::rename(&tmp, out)
 }
 
 /// The libraries `ldd` names for `exe`, the loader included (not the vDSO).
