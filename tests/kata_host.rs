@@ -22,26 +22,6 @@ use tokio::net::UnixStream;
 const SANDBOX_ID: &str = "kata.sandbox.id";
 use common::{KATA_DEPLOY as DEPLOY, KATA_FIXTURE as FIXTURE};
 
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
-}
-
-/// A temporary directory holding the fixture tree at `<dir>/host`.
-fn fixture_host() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    copy_tree(Path::new(FIXTURE), &root);
-    (dir, root)
-}
-
 /// `--kata-host --print` on `root`: exit code, the plan, stderr.
 fn print_plan(root: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
     let out = Command::new(BIN)
@@ -134,7 +114,7 @@ async fn spans_tagged_per_sandbox(rx: &Receiver, sandboxes: &[(String, PathBuf)]
 /// deduplicated listeners, under the root.
 #[test]
 fn print_shows_the_plan_of_every_configuration() {
-    let (_dir, root) = fixture_host();
+    let (_dir, root) = common::fixture_host();
     let (code, plan, stderr) = print_plan(&root, &[]);
     assert_eq!(code, Some(0), "{stderr}");
     let r = root.display();
@@ -216,7 +196,7 @@ fn print_shows_the_plan_of_every_configuration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_forwarder_serves_every_hypervisor_and_runtime() {
     let rx = Receiver::start().await;
-    let (dir, root) = fixture_host();
+    let (dir, root) = common::fixture_host();
     let (code, plan, stderr) = print_plan(&root, &[]);
     assert_eq!(code, Some(0), "{stderr}");
     let planned = templates(&plan);
@@ -466,7 +446,7 @@ fn kubernetes_manifest_arguments_are_accepted() {
     assert!(text.contains("name: OTEL_EXPORTER_OTLP_ENDPOINT"));
     assert!(text.contains("katacontainers.io/kata-runtime: \"true\""));
     assert!(text.contains("privileged: false"));
-    let (_dir, root) = fixture_host();
+    let (_dir, root) = common::fixture_host();
     let out = Command::new(BIN)
         .args(&args)
         .arg("--kata-root")

@@ -39,6 +39,10 @@ use tokio::sync::Notify;
 pub const BIN: &str = env!("CARGO_BIN_EXE_kata-trace-forwarder");
 /// A kata-deploy-like tree of Kata configurations (`--kata-root`).
 pub const KATA_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kata-host");
+/// The attribute that names a span's sandbox: the host's word.
+pub const SANDBOX_ID: &str = "kata.sandbox.id";
+/// Where an agent's own claim to a sandbox id is kept.
+pub const CLAIMED_SANDBOX_ID: &str = "kata.guest.claimed.sandbox.id";
 /// Where kata-deploy puts the configurations, under the root.
 pub const KATA_DEPLOY: &str = "opt/kata/share/defaults/kata-containers";
 
@@ -776,6 +780,58 @@ pub async fn wait_until(what: &str, fwd: &Forwarder, mut cond: impl FnMut() -> b
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Checks each span each sandbox's agent sent arrived exactly, with one
+/// `kata.sandbox.id`, its sandbox directory's: the host's word wins. An
+/// agent that claimed another id keeps its claim under
+/// `kata.guest.claimed.sandbox.id`; the rest is the agent's resource.
+pub fn assert_tagged(got: &[(Resource, Span)], sent: &[(String, Vec<ExpectedSpan>)]) {
+    let total: usize = sent.iter().map(|(_, s)| s.len()).sum();
+    assert_eq!(got.len(), total, "every span once");
+    for (id, sc) in sent {
+        for want in sc {
+            let (resource, span) = find(got, want.span_id);
+            assert_eq!(
+                string_attr(&resource.attributes, SANDBOX_ID),
+                Some(id.clone()),
+                "span '{}'",
+                want.name
+            );
+            let ids = resource.attributes.iter().filter(|kv| kv.key == SANDBOX_ID);
+            assert_eq!(ids.count(), 1);
+            let mut rest = resource.clone();
+            rest.attributes.retain(|kv| kv.key != SANDBOX_ID);
+            let mut want = want.clone();
+            for (k, _) in &mut want.resource {
+                if k == SANDBOX_ID {
+                    *k = CLAIMED_SANDBOX_ID.into();
+                }
+            }
+            assert_span_eq(&want, &rest, span, "kata-agent");
+        }
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// A temporary directory holding the fixture tree ([`KATA_FIXTURE`]) at
+/// `<dir>/host`.
+pub fn fixture_host() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    copy_tree(Path::new(KATA_FIXTURE), &root);
+    (dir, root)
 }
 
 /// Every file below `dir` whose name ends with `suffix`.

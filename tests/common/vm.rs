@@ -359,3 +359,82 @@ pub fn figures(
         }
     }
 }
+
+/// A forwarder in template mode, Cloud Hypervisor's layout, on a fresh
+/// "/run/vc/vm": returns it and the template.
+pub async fn template_forwarder(extra: &[String]) -> (super::Forwarder, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run/vc/vm");
+    std::fs::create_dir_all(&run).unwrap();
+    let template = format!("{}/{{ID}}/clh.sock", run.display());
+    let mut args = vec![
+        "--socket-path-template".to_string(),
+        template.clone(),
+        "--batch-timeout".to_string(),
+        "50ms".to_string(),
+    ];
+    args.extend_from_slice(extra);
+    let f = super::Forwarder::spawn_exe(&forwarder_bin(), dir, PathBuf::new(), &args);
+    f.wait_listening().await;
+    (f, template)
+}
+
+/// Makes sandbox `id`'s directory of `template`, as the runtime does before
+/// it starts the VMM, and waits until the forwarder listens in it. Returns
+/// the VMM's socket: the backend's `uds-path`.
+pub async fn make_sandbox(template: &str, id: &str) -> PathBuf {
+    let vmm = PathBuf::from(template.replace("{ID}", id));
+    std::fs::create_dir_all(vmm.parent().unwrap()).unwrap();
+    let listening = PathBuf::from(format!("{}_10240", vmm.display()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listening.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the forwarder does not listen at {}",
+            listening.display()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    vmm
+}
+
+/// An integer attribute's value, if `key` is there and an int.
+pub fn int_attr(
+    attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue],
+    key: &str,
+) -> Option<i64> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    attrs.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            Value::IntValue(i) => Some(*i),
+            _ => None,
+        }
+    })
+}
+
+/// The `kata.span_index` of every bulk span that arrived from `sandbox`
+/// (by its `kata.sandbox.id`; every span when `None`), sorted.
+pub fn bulk_indices(
+    got: &[(
+        opentelemetry_proto::tonic::resource::v1::Resource,
+        opentelemetry_proto::tonic::trace::v1::Span,
+    )],
+    sandbox: Option<&str>,
+) -> Vec<i64> {
+    let mut idx: Vec<i64> = got
+        .iter()
+        .filter(|(r, _)| {
+            sandbox.is_none_or(|id| {
+                super::string_attr(&r.attributes, super::SANDBOX_ID).as_deref() == Some(id)
+            })
+        })
+        .filter_map(|(_, s)| int_attr(&s.attributes, "kata.span_index"))
+        .collect();
+    idx.sort_unstable();
+    idx
+}
+
+/// How many of sorted `indices` repeat one before them.
+pub fn duplicates(indices: &[i64]) -> usize {
+    indices.windows(2).filter(|w| w[0] == w[1]).count()
+}
