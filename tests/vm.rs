@@ -437,3 +437,84 @@ async fn vm_guest_kata_host_serves_cloud_hypervisor_guests() {
         t0,
     );
 }
+
+/// User plus system CPU seconds `pid` has used (all its threads).
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    (f[0] + f[1]) as f64 / tick as f64
+}
+
+/// For BENCHMARKS.md, by hand (`cargo test --test vm -- --ignored
+/// --nocapture`, with `KTF_OTHER_BUILD` naming the release build): how long
+/// from QEMU's start to the first span at the collector, and spans per
+/// forwarder CPU-second through a real vhost-user VSOCK against the
+/// Unix-socket path, in one run on one forwarder: the same bulk spans (JSON,
+/// about 800 bytes), at the same rate, first from a guest, then from a host
+/// process straight on the forwarder's socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn vm_guest_benchmark_vsock_against_unix_socket() {
+    use tokio::io::AsyncWriteExt;
+    let Some(kit) = Kit::get() else { return };
+    const SPANS: usize = 10_000;
+    const RATE: u64 = 2_000;
+    let rx = Receiver::start().await;
+    let mut fwd = Forwarder::hybrid_exe(&forwarder_bin(), &rx.args("grpc")).await;
+    let rate = RATE.to_string();
+    let spans_arg = SPANS.to_string();
+    let mut guest = Guest::boot(
+        &kit,
+        "bench",
+        &fwd.socket_path,
+        3,
+        &["--format", "json", "--bulk", &spans_arg, "--rate", &rate],
+    );
+    rx.store.wait_for(1, GUEST_TIMEOUT).await;
+    let boot_to_first = rx.store.arrived.lock().unwrap()[0] - guest.started;
+    let cpu0 = cpu_seconds(fwd.pid());
+    let t0 = Instant::now();
+    rx.store.wait_for(SPANS, GUEST_TIMEOUT).await;
+    let (vsock_cpu, vsock_secs) = (cpu_seconds(fwd.pid()) - cpu0, t0.elapsed());
+    let reports = guest.wait_done(GUEST_TIMEOUT).await;
+
+    let frames = kata_agent_emitter::bulk_frames(WireFormat::Json, SPANS, 800, 1);
+    let mut agent = common::connect_agent(&fwd.agent_socket).await;
+    let cpu0 = cpu_seconds(fwd.pid());
+    let t0 = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+    for f in &frames {
+        tick.tick().await;
+        agent.write_all(f).await.unwrap();
+    }
+    rx.store.wait_for(2 * SPANS, GUEST_TIMEOUT).await;
+    let (unix_cpu, unix_secs) = (cpu_seconds(fwd.pid()) - cpu0, t0.elapsed());
+    drop(agent);
+    assert!(fwd.terminate().await.success(), "{}", fwd.stderr());
+    eprintln!(
+        "vm bench: boot to first span {:.2} s (guest uptime at its first frame {:?} ms, {})",
+        boot_to_first.as_secs_f64(),
+        first_frame_ms(&reports),
+        kit.accel
+    );
+    for (path, cpu, secs) in [
+        ("vhost-user vsock", vsock_cpu, vsock_secs),
+        ("unix socket", unix_cpu, unix_secs),
+    ] {
+        eprintln!(
+            "vm bench: {path}: {SPANS} spans in {:.2} s, forwarder CPU {cpu:.2} s: {:.0} spans per CPU-second",
+            secs.as_secs_f64(),
+            SPANS as f64 / cpu
+        );
+    }
+}
