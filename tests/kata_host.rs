@@ -14,42 +14,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    connect_within, files_named, real_agent, string_attr, wait_until, Forwarder, Receiver, BIN,
+    connect_within, files_named, print_plan, real_agent, string_attr, templates, wait_until,
+    Forwarder, Receiver, BIN,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 const SANDBOX_ID: &str = "kata.sandbox.id";
 use common::{KATA_DEPLOY as DEPLOY, KATA_FIXTURE as FIXTURE};
-
-/// `--kata-host --print` on `root`: exit code, the plan, stderr.
-fn print_plan(root: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
-    let out = Command::new(BIN)
-        .args(["--kata-host", "--print", "--kata-root"])
-        .arg(root)
-        .args(extra)
-        .env_remove("KATA_CONF_FILE")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let plan = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
-    (
-        out.status.code(),
-        plan,
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
-/// The plan's templates, in its order.
-fn templates(plan: &serde_json::Value) -> Vec<String> {
-    plan["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|l| l["template"].as_str().map(str::to_owned))
-        .collect()
-}
 
 fn config_report<'a>(plan: &'a serde_json::Value, file_end: &str) -> &'a serde_json::Value {
     plan["configs"]
@@ -61,15 +33,7 @@ fn config_report<'a>(plan: &'a serde_json::Value, file_end: &str) -> &'a serde_j
 }
 
 fn spawn_kata_host(dir: tempfile::TempDir, root: &Path, extra: &[String]) -> Forwarder {
-    let mut args = vec![
-        "--kata-host".to_string(),
-        "--kata-root".to_string(),
-        root.display().to_string(),
-        "--batch-timeout".to_string(),
-        "50ms".to_string(),
-    ];
-    args.extend_from_slice(extra);
-    Forwarder::spawn_in(dir, PathBuf::new(), &args)
+    common::kata_host_forwarder(Path::new(BIN), dir, root, extra)
 }
 
 /// Where the forwarder listens for sandbox `id` of `template`.

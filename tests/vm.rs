@@ -32,7 +32,8 @@ use common::vm::{
     template_forwarder, Guest, Kit,
 };
 use common::{
-    assert_tagged, exit_summary, fixture_host, free_port, wait_metric, Forwarder, Receiver,
+    assert_tagged, exit_summary, fixture_host, free_port, kata_host_forwarder, print_plan,
+    templates, wait_metric, Forwarder, Receiver,
 };
 use kata_agent_emitter::guest::Report;
 use kata_agent_emitter::{ExpectedSpan, WireFormat};
@@ -391,18 +392,10 @@ async fn vm_guest_kata_host_serves_cloud_hypervisor_guests() {
     let t0 = Instant::now();
     let rx = Receiver::start().await;
     let (dir, root) = fixture_host();
-    let out = std::process::Command::new(forwarder_bin())
-        .args(["--kata-host", "--print", "--kata-root"])
-        .arg(&root)
-        .env_remove("KATA_CONF_FILE")
-        .output()
-        .unwrap();
-    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let templates: Vec<String> = plan["listeners"]
-        .as_array()
+    let (code, plan, stderr) = print_plan(&root, &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let templates: Vec<String> = templates(&plan)
         .into_iter()
-        .flatten()
-        .filter_map(|l| l["template"].as_str().map(str::to_owned))
         .filter(|t| t.ends_with("/clh.sock") || t.ends_with("/ch-vm.sock"))
         .collect();
     assert_eq!(
@@ -410,15 +403,7 @@ async fn vm_guest_kata_host_serves_cloud_hypervisor_guests() {
         2,
         "both Cloud Hypervisor templates: {plan:#}"
     );
-    let mut args = vec![
-        "--kata-host".to_string(),
-        "--kata-root".to_string(),
-        root.display().to_string(),
-        "--batch-timeout".to_string(),
-        "50ms".to_string(),
-    ];
-    args.extend(rx.args("grpc"));
-    let mut fwd = Forwarder::spawn_exe(&forwarder_bin(), dir, Default::default(), &args);
+    let mut fwd = kata_host_forwarder(&forwarder_bin(), dir, &root, &rx.args("grpc"));
     fwd.wait_listening().await;
     let mut sandboxes = Vec::new();
     for (i, t) in templates.iter().enumerate() {

@@ -834,6 +834,53 @@ pub fn fixture_host() -> (tempfile::TempDir, PathBuf) {
     (dir, root)
 }
 
+/// `--kata-host --print` on `root`: exit code, the plan, stderr.
+pub fn print_plan(root: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let out = Command::new(BIN)
+        .args(["--kata-host", "--print", "--kata-root"])
+        .arg(root)
+        .args(extra)
+        .env_remove("KATA_CONF_FILE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let plan = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.code(),
+        plan,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The plan's templates, in its order.
+pub fn templates(plan: &serde_json::Value) -> Vec<String> {
+    plan["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["template"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// `--kata-host` on the tree at `root`, running `exe`.
+pub fn kata_host_forwarder(
+    exe: &Path,
+    dir: tempfile::TempDir,
+    root: &Path,
+    extra: &[String],
+) -> Forwarder {
+    let mut args = vec![
+        "--kata-host".to_string(),
+        "--kata-root".to_string(),
+        root.display().to_string(),
+        "--batch-timeout".to_string(),
+        "50ms".to_string(),
+    ];
+    args.extend_from_slice(extra);
+    Forwarder::spawn_exe(exe, dir, PathBuf::new(), &args)
+}
+
 /// Every file below `dir` whose name ends with `suffix`.
 pub fn files_named(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
