@@ -36,6 +36,10 @@ fi
 export OTELCOL_BIN
 echo "   OTELCOL_BIN=$OTELCOL_BIN"
 
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The VM suite (tests/vm.rs) boots real guests: it needs QEMU, a VSOCK
 # backend, a guest kernel and initramfs (scripts/setup-vm.sh gets them
 # once). It fails without them; only KTF_NO_VM=1 leaves it out.
@@ -45,7 +49,7 @@ if [ "${KTF_NO_VM:-}" = 1 ]; then
   vm_skip=(--skip vm_guest)
 else
   echo "== VM suite: QEMU, vhost-device-vsock, guest kernel and initramfs"
-  if ! vm_kit=$(scripts/setup-vm.sh); then
+  if ! vm_kit=$(scripts/setup-vm.sh --with-tests); then
     echo "error: the VM suite cannot run here (see above); KTF_NO_VM=1 leaves it out." >&2
     exit 1
   fi
@@ -55,10 +59,6 @@ else
   done <<<"$vm_kit"
 fi
 
-echo "== cargo fmt --check"
-cargo fmt --all -- --check
-echo "== cargo clippy"
-cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The hand-over tests upgrade the test (debug) build to this one, a
 # different build of the binary; the benchmark smoke run below uses it too.
 echo "== release build of the forwarder"
