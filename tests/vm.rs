@@ -18,7 +18,9 @@
 //!
 //! Needs scripts/setup-vm.sh's pieces (see tests/common/vm.rs); the suite
 //! is off only with `KTF_NO_VM=1`. Test names start with `vm_guest` so
-//! that scripts/test.sh can leave them out then.
+//! that scripts/test.sh can leave them out then. (Over 500 lines: the
+//! scenarios and the benchmark stay one test binary, whose guests the test
+//! harness runs two at a time.)
 
 mod common;
 
