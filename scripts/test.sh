@@ -42,6 +42,25 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The VM suite (tests/vm.rs) boots real guests: it needs QEMU, a VSOCK
+# backend, a guest kernel and initramfs (scripts/setup-vm.sh gets them
+# once). It fails without them; only KTF_NO_VM=1 leaves it out.
+vm_skip=()
+if [ "${KTF_NO_VM:-}" = 1 ]; then
+  echo "== VM suite: not run (KTF_NO_VM=1)"
+  vm_skip=(--skip vm_guest)
+else
+  echo "== VM suite: QEMU, vhost-device-vsock, guest kernel and initramfs"
+  if ! vm_kit=$(scripts/setup-vm.sh --with-tests); then
+    echo "error: the VM suite cannot run here (see above); KTF_NO_VM=1 leaves it out." >&2
+    exit 1
+  fi
+  while IFS= read -r line; do
+    export "${line?}"
+    echo "   $line"
+  done <<<"$vm_kit"
+fi
+
 # The hand-over tests upgrade the test (debug) build to this one, a
 # different build of the binary; the benchmark smoke run below uses it too.
 echo "== release build of the forwarder"
@@ -49,8 +68,12 @@ cargo build --release --quiet --bin kata-trace-forwarder
 export KTF_OTHER_BUILD="${CARGO_TARGET_DIR:-target}/release/kata-trace-forwarder"
 echo "== cargo test"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-cargo test --workspace 2>&1 | tee "$log"
+# The VM suite's figures per scenario (spans sent, arrived, duplicated;
+# seconds), repeated at the end.
+KTF_VM_FIGURES=$(mktemp)
+export KTF_VM_FIGURES
+trap 'rm -f "$log" "$KTF_VM_FIGURES"' EXIT
+cargo test --workspace -- "${vm_skip[@]}" 2>&1 | tee "$log"
 echo "== benchmarks: build them, and a seconds-long smoke run of the harness (nothing is timed)"
 cargo bench --workspace --no-run --quiet
 scripts/bench.sh --smoke
@@ -63,6 +86,12 @@ pkglog=$(mktemp)
 trap 'rm -f "$log" "$pkglog"' EXIT
 scripts/test-packages.sh 2>&1 | tee "$pkglog"
 
+if [ "${KTF_NO_VM:-}" = 1 ]; then
+  echo "VM suite: not run (KTF_NO_VM=1); the count below leaves it out"
+else
+  echo "VM suite figures:"
+  sed 's/^/   /' "$KTF_VM_FIGURES"
+fi
 # One closing line for the whole suite: the last 'test result' cargo prints
 # is a crate's (often empty) doc-test run, not the total.
 awk -v pkg="$pkglog" '

@@ -14,62 +14,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    connect_within, files_named, real_agent, string_attr, wait_until, Forwarder, Receiver, BIN,
+    connect_within, files_named, print_plan, real_agent, string_attr, templates, wait_until,
+    Forwarder, Receiver, BIN,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 const SANDBOX_ID: &str = "kata.sandbox.id";
 use common::{KATA_DEPLOY as DEPLOY, KATA_FIXTURE as FIXTURE};
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
-}
-
-/// A temporary directory holding the fixture tree at `<dir>/host`.
-fn fixture_host() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("host");
-    copy_tree(Path::new(FIXTURE), &root);
-    (dir, root)
-}
-
-/// `--kata-host --print` on `root`: exit code, the plan, stderr.
-fn print_plan(root: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
-    let out = Command::new(BIN)
-        .args(["--kata-host", "--print", "--kata-root"])
-        .arg(root)
-        .args(extra)
-        .env_remove("KATA_CONF_FILE")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let plan = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
-    (
-        out.status.code(),
-        plan,
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
-/// The plan's templates, in its order.
-fn templates(plan: &serde_json::Value) -> Vec<String> {
-    plan["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|l| l["template"].as_str().map(str::to_owned))
-        .collect()
-}
 
 fn config_report<'a>(plan: &'a serde_json::Value, file_end: &str) -> &'a serde_json::Value {
     plan["configs"]
@@ -81,15 +33,7 @@ fn config_report<'a>(plan: &'a serde_json::Value, file_end: &str) -> &'a serde_j
 }
 
 fn spawn_kata_host(dir: tempfile::TempDir, root: &Path, extra: &[String]) -> Forwarder {
-    let mut args = vec![
-        "--kata-host".to_string(),
-        "--kata-root".to_string(),
-        root.display().to_string(),
-        "--batch-timeout".to_string(),
-        "50ms".to_string(),
-    ];
-    args.extend_from_slice(extra);
-    Forwarder::spawn_in(dir, PathBuf::new(), &args)
+    common::kata_host_forwarder(Path::new(BIN), dir, root, extra)
 }
 
 /// Where the forwarder listens for sandbox `id` of `template`.
@@ -134,7 +78,7 @@ async fn spans_tagged_per_sandbox(rx: &Receiver, sandboxes: &[(String, PathBuf)]
 /// deduplicated listeners, under the root.
 #[test]
 fn print_shows_the_plan_of_every_configuration() {
-    let (_dir, root) = fixture_host();
+    let (_dir, root) = common::fixture_host();
     let (code, plan, stderr) = print_plan(&root, &[]);
     assert_eq!(code, Some(0), "{stderr}");
     let r = root.display();
@@ -216,7 +160,7 @@ fn print_shows_the_plan_of_every_configuration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_forwarder_serves_every_hypervisor_and_runtime() {
     let rx = Receiver::start().await;
-    let (dir, root) = fixture_host();
+    let (dir, root) = common::fixture_host();
     let (code, plan, stderr) = print_plan(&root, &[]);
     assert_eq!(code, Some(0), "{stderr}");
     let planned = templates(&plan);
@@ -466,7 +410,7 @@ fn kubernetes_manifest_arguments_are_accepted() {
     assert!(text.contains("name: OTEL_EXPORTER_OTLP_ENDPOINT"));
     assert!(text.contains("katacontainers.io/kata-runtime: \"true\""));
     assert!(text.contains("privileged: false"));
-    let (_dir, root) = fixture_host();
+    let (_dir, root) = common::fixture_host();
     let out = Command::new(BIN)
         .args(&args)
         .arg("--kata-root")

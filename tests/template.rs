@@ -12,16 +12,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_span_eq, connect_when_listening, files_named, find, real_agent, string_attr, wait_until,
-    Forwarder, Receiver, BIN,
+    connect_when_listening, files_named, real_agent, wait_until, Forwarder, Receiver, BIN,
 };
 use kata_agent_emitter::{scenario, Scenario, ScenarioOptions, WireFormat};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const SANDBOX_ID: &str = "kata.sandbox.id";
-const CLAIMED_SANDBOX_ID: &str = "kata.guest.claimed.sandbox.id";
 
 /// A forwarder in template mode on a fresh "/run/vc" under a temporary
 /// directory; `template` is relative to it.
@@ -40,35 +36,13 @@ fn spawn(template: &str, extra: &[String]) -> (Forwarder, PathBuf) {
     (Forwarder::spawn_in(dir, PathBuf::new(), &args), run)
 }
 
-/// Checks each span of each sandbox's scenario arrived exactly, with one
-/// `kata.sandbox.id`, its sandbox directory's: the host's word wins. An
-/// agent that claimed another id keeps its claim under
-/// `kata.guest.claimed.sandbox.id`; the rest is the agent's resource.
+/// [`common::assert_tagged`] for whole scenarios.
 fn assert_tagged(got: &[(Resource, Span)], sent: &[(String, Scenario)]) {
-    let total: usize = sent.iter().map(|(_, s)| s.expected.len()).sum();
-    assert_eq!(got.len(), total, "every span once");
-    for (id, sc) in sent {
-        for want in &sc.expected {
-            let (resource, span) = find(got, want.span_id);
-            assert_eq!(
-                string_attr(&resource.attributes, SANDBOX_ID),
-                Some(id.clone()),
-                "span '{}'",
-                want.name
-            );
-            let ids = resource.attributes.iter().filter(|kv| kv.key == SANDBOX_ID);
-            assert_eq!(ids.count(), 1);
-            let mut rest = resource.clone();
-            rest.attributes.retain(|kv| kv.key != SANDBOX_ID);
-            let mut want = want.clone();
-            for (k, _) in &mut want.resource {
-                if k == SANDBOX_ID {
-                    *k = CLAIMED_SANDBOX_ID.into();
-                }
-            }
-            assert_span_eq(&want, &rest, span, "kata-agent");
-        }
-    }
+    let sent: Vec<_> = sent
+        .iter()
+        .map(|(id, sc)| (id.clone(), sc.expected.clone()))
+        .collect();
+    common::assert_tagged(got, &sent);
 }
 
 fn unix_listeners_under(dir: &Path) -> Vec<String> {

@@ -10,6 +10,7 @@ pub mod certs;
 pub mod handover;
 pub mod jaeger;
 pub mod otelcol;
+pub mod vm;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,10 @@ use tokio::sync::Notify;
 pub const BIN: &str = env!("CARGO_BIN_EXE_kata-trace-forwarder");
 /// A kata-deploy-like tree of Kata configurations (`--kata-root`).
 pub const KATA_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kata-host");
+/// The attribute that names a span's sandbox: the host's word.
+pub const SANDBOX_ID: &str = "kata.sandbox.id";
+/// Where an agent's own claim to a sandbox id is kept.
+pub const CLAIMED_SANDBOX_ID: &str = "kata.guest.claimed.sandbox.id";
 /// Where kata-deploy puts the configurations, under the root.
 pub const KATA_DEPLOY: &str = "opt/kata/share/defaults/kata-containers";
 
@@ -336,6 +341,17 @@ impl Forwarder {
 
     /// Spawns without waiting.
     pub fn spawn_hybrid(extra: &[String]) -> Forwarder {
+        Self::spawn_hybrid_exe(Path::new(BIN), extra)
+    }
+
+    /// [`Forwarder::hybrid`] running `exe` (another build of the binary).
+    pub async fn hybrid_exe(exe: &Path, extra: &[String]) -> Forwarder {
+        let f = Self::spawn_hybrid_exe(exe, extra);
+        f.wait_listening().await;
+        f
+    }
+
+    fn spawn_hybrid_exe(exe: &Path, extra: &[String]) -> Forwarder {
         let dir = tempfile::tempdir().unwrap();
         let socket_path = dir.path().join("kata.hvsock");
         let mut args: Vec<String> = vec![
@@ -345,10 +361,20 @@ impl Forwarder {
             "50ms".into(),
         ];
         args.extend_from_slice(extra);
-        Self::spawn_in(dir, socket_path, &args)
+        Self::spawn_exe(exe, dir, socket_path, &args)
     }
 
     pub fn spawn_in(dir: tempfile::TempDir, socket_path: PathBuf, args: &[String]) -> Forwarder {
+        Self::spawn_exe(Path::new(BIN), dir, socket_path, args)
+    }
+
+    /// [`Forwarder::spawn_in`], running `exe` (another build of the binary).
+    pub fn spawn_exe(
+        exe: &Path,
+        dir: tempfile::TempDir,
+        socket_path: PathBuf,
+        args: &[String],
+    ) -> Forwarder {
         let stderr = dir.path().join("forwarder.stderr");
         let stdout = dir.path().join("forwarder.stdout");
         // Its own hand-off socket, in its own directory, unless the test
@@ -359,7 +385,7 @@ impl Forwarder {
             args.push("--handoff-socket".into());
             args.push(dir.path().join("handoff.sock").display().to_string());
         }
-        let child = Command::new(BIN)
+        let child = Command::new(exe)
             .args(&args)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -755,6 +781,105 @@ pub async fn wait_until(what: &str, fwd: &Forwarder, mut cond: impl FnMut() -> b
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Checks each span each sandbox's agent sent arrived exactly, with one
+/// `kata.sandbox.id`, its sandbox directory's: the host's word wins. An
+/// agent that claimed another id keeps its claim under
+/// `kata.guest.claimed.sandbox.id`; the rest is the agent's resource.
+pub fn assert_tagged(got: &[(Resource, Span)], sent: &[(String, Vec<ExpectedSpan>)]) {
+    let total: usize = sent.iter().map(|(_, s)| s.len()).sum();
+    assert_eq!(got.len(), total, "every span once");
+    for (id, sc) in sent {
+        for want in sc {
+            let (resource, span) = find(got, want.span_id);
+            assert_eq!(
+                string_attr(&resource.attributes, SANDBOX_ID),
+                Some(id.clone()),
+                "span '{}'",
+                want.name
+            );
+            let ids = resource.attributes.iter().filter(|kv| kv.key == SANDBOX_ID);
+            assert_eq!(ids.count(), 1);
+            let mut rest = resource.clone();
+            rest.attributes.retain(|kv| kv.key != SANDBOX_ID);
+            let mut want = want.clone();
+            for (k, _) in &mut want.resource {
+                if k == SANDBOX_ID {
+                    *k = CLAIMED_SANDBOX_ID.into();
+                }
+            }
+            assert_span_eq(&want, &rest, span, "kata-agent");
+        }
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// A temporary directory holding the fixture tree ([`KATA_FIXTURE`]) at
+/// `<dir>/host`.
+pub fn fixture_host() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    copy_tree(Path::new(KATA_FIXTURE), &root);
+    (dir, root)
+}
+
+/// `--kata-host --print` on `root`: exit code, the plan, stderr.
+pub fn print_plan(root: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let out = Command::new(BIN)
+        .args(["--kata-host", "--print", "--kata-root"])
+        .arg(root)
+        .args(extra)
+        .env_remove("KATA_CONF_FILE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let plan = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.code(),
+        plan,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The plan's templates, in its order.
+pub fn templates(plan: &serde_json::Value) -> Vec<String> {
+    plan["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["template"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// `--kata-host` on the tree at `root`, running `exe`.
+pub fn kata_host_forwarder(
+    exe: &Path,
+    dir: tempfile::TempDir,
+    root: &Path,
+    extra: &[String],
+) -> Forwarder {
+    let mut args = vec![
+        "--kata-host".to_string(),
+        "--kata-root".to_string(),
+        root.display().to_string(),
+        "--batch-timeout".to_string(),
+        "50ms".to_string(),
+    ];
+    args.extend_from_slice(extra);
+    Forwarder::spawn_exe(exe, dir, PathBuf::new(), &args)
 }
 
 /// Every file below `dir` whose name ends with `suffix`.

@@ -21,7 +21,7 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Payload encoding used by a given generation of the Kata agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum WireFormat {
     /// Kata 3.29+: `serde_json` of opentelemetry 0.17 `SpanData`.
     Json,
@@ -127,7 +127,7 @@ impl Scenario {
 }
 
 /// Format-independent view of one exported `SpanData`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExpectedSpan {
     pub trace_id: u128,
     pub span_id: u64,
@@ -169,7 +169,7 @@ fn lookup<'a>(kvs: &'a [(String, ExpectedValue)], key: &str) -> Option<&'a Expec
     kvs.iter().find(|(k, _)| k == key).map(|(_, v)| v)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ExpectedKind {
     Client,
     Server,
@@ -178,19 +178,19 @@ pub enum ExpectedKind {
     Internal,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ExpectedValue {
     Bool(bool),
     I64(i64),
-    F64(f64),
+    F64(#[serde(with = "guest::f64_bits")] f64),
     String(String),
     BoolArray(Vec<bool>),
     I64Array(Vec<i64>),
-    F64Array(Vec<f64>),
+    F64Array(#[serde(with = "guest::f64_bits_vec")] Vec<f64>),
     StringArray(Vec<String>),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExpectedEvent {
     pub name: String,
     pub time_unix_nanos: u64,
@@ -199,7 +199,7 @@ pub struct ExpectedEvent {
     pub dropped_attributes_count: u32,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExpectedLink {
     pub trace_id: u128,
     pub span_id: u64,
@@ -209,7 +209,7 @@ pub struct ExpectedLink {
     pub dropped_attributes_count: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ExpectedStatus {
     Unset,
     Ok,
@@ -917,6 +917,7 @@ macro_rules! otel_common {
     };
 }
 
+pub mod guest;
 mod sdk014;
 mod sdk017;
 

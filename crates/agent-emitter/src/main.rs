@@ -1,8 +1,12 @@
 //! Sample Kata agent for demos and tests: connects to a Unix socket, as a
 //! guest connection arrives through a VMM's hybrid VSOCK (plain connect, then
 //! raw frames), and writes agent trace frames produced by the real SDK.
+//! With `--vsock` it is the agent inside a real guest (tests/vm.rs): AF_VSOCK
+//! to the host as Kata's vsock-exporter connects, and a manifest of what it
+//! sent, for the host to check.
 
-use kata_agent_emitter::{bulk_frames, scenario, ScenarioOptions, WireFormat};
+use kata_agent_emitter::guest::{uptime_ms, KataConnection, Manifest, Report};
+use kata_agent_emitter::{bulk_frames, scenario, ExpectedSpan, ScenarioOptions, WireFormat};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
@@ -12,15 +16,30 @@ const USAGE: &str = "\
 usage: kata-agent-emitter --socket PATH [--format json|bincode] [--connections N]
                           [--traces K] [--bulk N --span-bytes B]
                           [--rate SPANS_PER_SEC] [--hold-secs S]
+       kata-agent-emitter --vsock CID:PORT [--manifest PATH] [--cut-after M]
+                          [--format ...] [--traces K] [--bulk N ...] [--rate R]
 
 Each connection sends K kitchen-sink traces (default 1 unless --bulk is given)
 followed by N bulk spans of about B payload bytes (default 800), optionally
 throttled to SPANS_PER_SEC in total, then keeps the connection open for S
-seconds (default 0) before closing it.";
+seconds (default 0) before closing it.
+
+--vsock: one connection over AF_VSOCK, made at the first span, as Kata's agent
+makes it; every line of the manifest (default: stdout) starts with \"KTF \".
+--cut-after M writes M frames whole and half of the next, then waits to be
+killed.";
+
+#[derive(Debug)]
+enum Target {
+    Unix(String),
+    Vsock { cid: u32, port: u32 },
+}
 
 #[derive(Debug)]
 struct Args {
-    socket: String,
+    target: Target,
+    manifest: Option<String>,
+    cut_after: Option<usize>,
     format: WireFormat,
     connections: usize,
     traces: usize,
@@ -32,6 +51,9 @@ struct Args {
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut socket = None;
+    let mut vsock = None;
+    let mut manifest = None;
+    let mut cut_after = None;
     let mut format = WireFormat::Json;
     let mut connections = 1;
     let mut traces = None;
@@ -50,6 +72,18 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         }
         match flag.as_str() {
             "--socket" => socket = Some(value()?),
+            "--vsock" => {
+                let v = value()?;
+                let (cid, port) = v
+                    .split_once(':')
+                    .ok_or_else(|| format!("--vsock wants CID:PORT, not {v:?}"))?;
+                vsock = Some(Target::Vsock {
+                    cid: num(&flag, cid.to_string())?,
+                    port: num(&flag, port.to_string())?,
+                });
+            }
+            "--manifest" => manifest = Some(value()?),
+            "--cut-after" => cut_after = Some(num(&flag, value()?)?),
             "--format" => format = value()?.parse()?,
             "--connections" => connections = num(&flag, value()?)?,
             "--traces" => traces = Some(num(&flag, value()?)?),
@@ -60,9 +94,17 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    let socket = socket.ok_or("--socket PATH is required")?;
+    let target = match (socket, vsock) {
+        (Some(path), None) => Target::Unix(path),
+        (None, Some(v)) if connections == 1 => v,
+        (None, Some(_)) => return Err("--vsock makes one connection".into()),
+        _ => return Err("one of --socket PATH and --vsock CID:PORT is required".into()),
+    };
     if connections == 0 {
         return Err("--connections must be at least 1".into());
+    }
+    if (manifest.is_some() || cut_after.is_some()) && matches!(target, Target::Unix(_)) {
+        return Err("--manifest and --cut-after go with --vsock".into());
     }
     if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         return Err("--rate must be a positive number".into());
@@ -71,7 +113,9 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         return Err("--hold-secs must be a non-negative number".into());
     }
     Ok(Args {
-        socket,
+        target,
+        manifest,
+        cut_after,
         format,
         connections,
         traces: traces.unwrap_or(if bulk == 0 { 1 } else { 0 }),
@@ -85,6 +129,15 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 /// Frames for connection `conn`; `seq` differs per trace and connection so
 /// every span the run produces is distinguishable.
 fn frames_for(args: &Args, conn: usize) -> Vec<Vec<u8>> {
+    frames_with_expectations(args, conn)
+        .into_iter()
+        .map(|(f, _)| f)
+        .collect()
+}
+
+/// [`frames_for`], with what the SDK exported for each kitchen-sink span
+/// (bulk spans keep none: their `kata.span_index` tells them apart).
+fn frames_with_expectations(args: &Args, conn: usize) -> Vec<(Vec<u8>, Option<ExpectedSpan>)> {
     let mut frames = Vec::new();
     for t in 0..args.traces {
         let opts = ScenarioOptions {
@@ -92,15 +145,96 @@ fn frames_for(args: &Args, conn: usize) -> Vec<Vec<u8>> {
             seq: (conn * args.traces.max(1) + t) as u64,
             ..ScenarioOptions::default()
         };
-        frames.extend(scenario(&opts).frames);
+        let sc = scenario(&opts);
+        frames.extend(sc.frames.into_iter().zip(sc.expected.into_iter().map(Some)));
     }
-    frames.extend(bulk_frames(
-        args.format,
-        args.bulk,
-        args.span_bytes,
-        conn as u64,
-    ));
+    frames.extend(
+        bulk_frames(args.format, args.bulk, args.span_bytes, conn as u64)
+            .into_iter()
+            .map(|f| (f, None)),
+    );
     frames
+}
+
+/// Waits until frame `i` is due at `rate` frames per second from `started`.
+fn pace(started: Instant, i: usize, rate: Option<f64>) {
+    if let Some(rate) = rate {
+        // Pace against the start time so rounding never accumulates.
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// The agent in a guest: sends as Kata's vsock-exporter does, reporting
+/// each span and each failure on the manifest. Fails if any write failed.
+fn run_guest(args: &Args, cid: u32, port: u32) -> ExitCode {
+    let out: Box<dyn Write> = match &args.manifest {
+        Some(path) => match std::fs::OpenOptions::new().write(true).open(path) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                eprintln!("kata-agent-emitter: cannot open the manifest {path}: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Box::new(std::io::stdout()),
+    };
+    let mut manifest = Manifest(out);
+    manifest.report(&Report::Started {
+        format: args.format,
+        uptime_ms: uptime_ms(),
+    });
+    let frames = frames_with_expectations(args, 0);
+    let addr = vsock::VsockAddr::new(cid, port);
+    let mut conn = KataConnection::new(|| vsock::VsockStream::connect(&addr));
+    let started = Instant::now();
+    let (mut written, mut errors) = (0, 0);
+    for (i, (frame, expected)) in frames.iter().enumerate() {
+        pace(started, i, args.rate);
+        if args.cut_after == Some(i) {
+            let bytes = 8 + (frame.len() - 8) / 2;
+            if let Err(e) = conn.send_part(frame, bytes) {
+                eprintln!("kata-agent-emitter: cutting frame {i}: {e}");
+            }
+            manifest.report(&Report::Cut { whole: i, bytes });
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        match conn.send(frame) {
+            Ok(()) => {
+                written += 1;
+                if written == 1 {
+                    manifest.report(&Report::FirstFrame {
+                        uptime_ms: uptime_ms(),
+                    });
+                }
+                if let Some(e) = expected {
+                    manifest.report(&Report::Span(Box::new(e.clone())));
+                }
+            }
+            Err(e) => {
+                errors += 1;
+                manifest.report(&Report::WriteError {
+                    frame: i,
+                    kind: format!("{:?}", e.kind()),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    manifest.report(&Report::Done {
+        frames: frames.len(),
+        written,
+        errors,
+        secs: started.elapsed().as_secs_f64(),
+    });
+    if errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn send(
@@ -112,13 +246,7 @@ fn send(
     let started = Instant::now();
     let mut bytes = 0u64;
     for (i, f) in frames.iter().enumerate() {
-        if let Some(rate) = per_conn_rate {
-            // Pace against the start time so rounding never accumulates.
-            let due = started + Duration::from_secs_f64(i as f64 / rate);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-        }
+        pace(started, i, per_conn_rate);
         stream.write_all(f)?;
         bytes += f.len() as u64;
     }
@@ -140,15 +268,19 @@ fn main() -> ExitCode {
         }
     };
 
+    let socket = match args.target {
+        Target::Unix(ref path) => path,
+        Target::Vsock { cid, port } => return run_guest(&args, cid, port),
+    };
     // Connect everything up front so a missing forwarder fails fast and clearly.
     let mut streams = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
-        match UnixStream::connect(&args.socket) {
+        match UnixStream::connect(socket) {
             Ok(s) => streams.push(s),
             Err(e) => {
                 eprintln!(
                     "kata-agent-emitter: cannot connect to {}: {e} (is the trace forwarder listening?)",
-                    args.socket
+                    socket
                 );
                 return ExitCode::FAILURE;
             }
@@ -185,7 +317,7 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 failed += 1;
-                eprintln!("kata-agent-emitter: write to {} failed: {e}", args.socket);
+                eprintln!("kata-agent-emitter: write to {socket} failed: {e}");
             }
         }
     }
@@ -226,6 +358,18 @@ mod tests {
         assert!(args(&["--socket", "/s", "--rate", "0"]).is_err());
         assert!(args(&["--socket", "/s", "--connections", "x"]).is_err());
         assert!(args(&["--socket"]).is_err());
+        let a = args(&["--vsock", "2:10240", "--cut-after", "3"]).unwrap();
+        assert!(matches!(
+            a.target,
+            Target::Vsock {
+                cid: 2,
+                port: 10240
+            }
+        ));
+        assert_eq!(a.cut_after, Some(3));
+        assert!(args(&["--vsock", "2"]).is_err());
+        assert!(args(&["--socket", "/s", "--manifest", "/m"]).is_err());
+        assert!(args(&["--vsock", "2:1", "--connections", "2"]).is_err());
     }
 
     #[test]
