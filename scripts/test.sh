@@ -83,7 +83,7 @@ scripts/verify-units.sh
 # and run for real; its own closing line counts below.
 echo "== packages and image (scripts/test-packages.sh)"
 pkglog=$(mktemp)
-trap 'rm -f "$log" "$pkglog"' EXIT
+trap 'rm -f "$log" "$KTF_VM_FIGURES" "$pkglog"' EXIT
 scripts/test-packages.sh 2>&1 | tee "$pkglog"
 
 if [ "${KTF_NO_VM:-}" = 1 ]; then
