@@ -6,7 +6,10 @@
 //! ```text
 //! cargo run -p xtask -- docs OUT_DIR              # OUT_DIR/man/*.1, OUT_DIR/completions/*
 //! cargo run -p xtask -- units BINDIR OUT_DIR      # dist/*.service.in with @BINDIR@ filled in
+//! cargo run -p xtask -- check-modules             # no import cycle among src/'s top-level modules
 //! ```
+
+mod modules;
 
 use std::fs;
 use std::io::{self, Write};
@@ -30,8 +33,9 @@ fn main() -> ExitCode {
     {
         ["docs", out] => docs(Path::new(out)),
         ["units", bindir, out] => units(bindir, Path::new(out)),
+        ["check-modules"] => return check_modules(),
         _ => {
-            eprintln!("usage: xtask docs OUT_DIR | xtask units BINDIR OUT_DIR");
+            eprintln!("usage: xtask docs OUT_DIR | xtask units BINDIR OUT_DIR | xtask check-modules");
             return ExitCode::from(2);
         }
     };
@@ -44,6 +48,22 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Fails, naming the cycle, if `src/`'s top-level modules import each other
+/// in a cycle; prints the module graph either way.
+fn check_modules() -> ExitCode {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../src");
+    match modules::check(&src) {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(report) => {
+            eprintln!("{report}");
             ExitCode::FAILURE
         }
     }
