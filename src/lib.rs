@@ -40,6 +40,7 @@ mod events;
 pub mod export;
 pub mod handover;
 pub mod ingest;
+pub mod janitor;
 pub mod listen;
 mod metrics;
 pub mod otlp;

@@ -55,7 +55,7 @@ use std::time::Duration;
 use crate::addr::Peer;
 use crate::config::ListenMode;
 use crate::ingest::Ingest;
-use crate::listen::privileges::Janitor;
+use crate::janitor::Janitor;
 use crate::wire::WireFormat;
 use hub::{Member, Piece, PieceKind};
 use wire::{Format, ListenerKind, State};

@@ -28,7 +28,7 @@ use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use tokio::net::{UnixListener, UnixStream};
 
-use super::privileges::Janitor;
+use crate::janitor::Janitor;
 use super::ListenError;
 
 /// A listener's part of a hand-over: what it is, and duplicates of its
