@@ -737,6 +737,51 @@ mod tests {
         }
     }
 
+    /// The default hand-off socket is named after the listeners, and must
+    /// stay the same across versions: an upgrade finds its predecessor there.
+    #[test]
+    fn the_default_handoff_socket_is_named_after_the_listeners() {
+        let path = |args: &[&str]| {
+            let c = config(args, &[("KATA_CONF_FILE", "/etc/k.toml")]).unwrap();
+            c.handoff.unwrap().display().to_string()
+        };
+        for (args, want) in [
+            (vec![], "/run/kata-trace-forwarder/handoff-19ffa6f5.sock"),
+            (
+                vec!["--vsock-cid", "3", "--vsock-port", "1024"],
+                "/run/kata-trace-forwarder/handoff-b62a70a0.sock",
+            ),
+            (
+                vec!["--socket-path", "/run/vc/vm/foo/clh.sock"],
+                "/run/kata-trace-forwarder/handoff-51056ac9.sock",
+            ),
+            (
+                vec!["--socket-path-template", "/a/{ID}/s"],
+                "/run/kata-trace-forwarder/handoff-d0bc3213.sock",
+            ),
+            (
+                vec![
+                    "--socket-path-template",
+                    "/a/{ID}/s",
+                    "--socket-path-template",
+                    "/b/{ID}/s",
+                    "--vsock",
+                ],
+                "/run/kata-trace-forwarder/handoff-d4ea7f82.sock",
+            ),
+            (
+                vec!["--kata-host", "--kata-root", "/t"],
+                "/run/kata-trace-forwarder/handoff-65e51b05.sock",
+            ),
+        ] {
+            assert_eq!(path(&args), want, "{args:?}");
+        }
+        let none = config(&["--handoff-socket", "none"], &[]).unwrap();
+        assert_eq!(none.handoff, None);
+        let given = config(&["--handoff-socket", "/x/h.sock"], &[]).unwrap();
+        assert_eq!(given.handoff, Some(PathBuf::from("/x/h.sock")));
+    }
+
     #[test]
     fn hybrid_socket_gets_port_suffix() {
         let c = config(

@@ -28,8 +28,8 @@ use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::janitor::Janitor;
 use super::ListenError;
+use crate::janitor::Janitor;
 
 /// A listener's part of a hand-over: what it is, and duplicates of its
 /// descriptors.

@@ -35,7 +35,9 @@ fn main() -> ExitCode {
         ["units", bindir, out] => units(bindir, Path::new(out)),
         ["check-modules"] => return check_modules(),
         _ => {
-            eprintln!("usage: xtask docs OUT_DIR | xtask units BINDIR OUT_DIR | xtask check-modules");
+            eprintln!(
+                "usage: xtask docs OUT_DIR | xtask units BINDIR OUT_DIR | xtask check-modules"
+            );
             return ExitCode::from(2);
         }
     };

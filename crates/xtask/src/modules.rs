@@ -170,7 +170,10 @@ pub fn check(src: &Path) -> Result<String, String> {
     let mut report = format!("module graph (what each uses):\n{}", graph.render());
     let shown = |file: &Path| {
         let base = src.parent().unwrap_or(src);
-        file.strip_prefix(base).unwrap_or(file).display().to_string()
+        file.strip_prefix(base)
+            .unwrap_or(file)
+            .display()
+            .to_string()
     };
     let cycles = graph.cycles();
     if cycles.is_empty() {
@@ -633,7 +636,10 @@ mod tests {
         let src = tree(
             "root",
             &[
-                ("lib.rs", "mod a;\npub const X: u8 = 1;\nfn f() { a::g() }\n"),
+                (
+                    "lib.rs",
+                    "mod a;\npub const X: u8 = 1;\nfn f() { a::g() }\n",
+                ),
                 ("a.rs", "pub fn g() -> u8 { crate::X }\n"),
             ],
         );
