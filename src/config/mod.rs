@@ -19,7 +19,7 @@ mod cli;
 pub mod kata;
 mod otlp;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Uri};
@@ -207,6 +207,34 @@ pub const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
 /// Set on the bridge of an upgrade (see [`Config::bridge`]).
 pub const BRIDGE_ENV: &str = "KATA_TRACE_FORWARDER_BRIDGE";
 
+/// Where the hand-off sockets live by default.
+const HANDOFF_DIR: &str = "/run/kata-trace-forwarder";
+
+/// The hand-off socket path when `--handoff-socket` is not given: one per
+/// set of listeners, so that forwarders serving different sockets on one
+/// host (a QEMU unit beside a hybrid one) never take each other's.
+fn default_handoff_path(mode: &ListenMode) -> PathBuf {
+    let key = match mode {
+        ListenMode::Vsock { cid, port } => format!("vsock:{cid:?}:{port}"),
+        ListenMode::Hybrid { socket_path, port } => {
+            format!("hybrid:{}:{port}", socket_path.display())
+        }
+        ListenMode::Template { template, port, .. } => format!("template:{template}:{port}"),
+        ListenMode::Many {
+            vsock,
+            templates,
+            port,
+            ..
+        } => {
+            let t: Vec<String> = templates.iter().map(ToString::to_string).collect();
+            format!("many:{vsock:?}:{}:{port}", t.join(","))
+        }
+        ListenMode::KataHost(k) => format!("kata-host:{}:{}", k.sources.root.display(), k.port),
+    };
+    let hash = crc32fast::hash(key.as_bytes());
+    Path::new(HANDOFF_DIR).join(format!("handoff-{hash:08x}.sock"))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid OTLP endpoint '{endpoint}' (from {source_name}): {reason}")]
@@ -315,7 +343,7 @@ impl Cli {
         let handoff = match self.handoff_socket.as_deref() {
             Some("none") => None,
             Some(p) => Some(PathBuf::from(p)),
-            None => Some(crate::handover::default_path(&mode)),
+            None => Some(default_handoff_path(&mode)),
         };
         let output = if self.dump_only {
             Output::Dump

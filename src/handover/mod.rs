@@ -53,7 +53,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::addr::Peer;
-use crate::config::ListenMode;
 use crate::ingest::Ingest;
 use crate::janitor::Janitor;
 use crate::wire::WireFormat;
@@ -62,8 +61,6 @@ use wire::{Format, ListenerKind, State};
 
 pub use server::{Reexec, Upgrade};
 
-/// Where the hand-off sockets live by default.
-pub const DEFAULT_DIR: &str = "/run/kata-trace-forwarder";
 /// What a successor sends first.
 pub const REQUEST: [u8; 8] = *b"KTFTAKE1";
 const STATE: u8 = b'S';
@@ -117,31 +114,6 @@ pub enum HandOverError {
     Send(#[source] io::Error),
     #[error("using a handed-over socket: {0}")]
     AdoptSocket(String),
-}
-
-/// The hand-off socket path when `--handoff-socket` is not given: one per
-/// set of listeners, so that forwarders serving different sockets on one
-/// host (a QEMU unit beside a hybrid one) never take each other's.
-pub fn default_path(mode: &ListenMode) -> PathBuf {
-    let key = match mode {
-        ListenMode::Vsock { cid, port } => format!("vsock:{cid:?}:{port}"),
-        ListenMode::Hybrid { socket_path, port } => {
-            format!("hybrid:{}:{port}", socket_path.display())
-        }
-        ListenMode::Template { template, port, .. } => format!("template:{template}:{port}"),
-        ListenMode::Many {
-            vsock,
-            templates,
-            port,
-            ..
-        } => {
-            let t: Vec<String> = templates.iter().map(ToString::to_string).collect();
-            format!("many:{vsock:?}:{}:{port}", t.join(","))
-        }
-        ListenMode::KataHost(k) => format!("kata-host:{}:{}", k.sources.root.display(), k.port),
-    };
-    let hash = crc32fast::hash(key.as_bytes());
-    Path::new(DEFAULT_DIR).join(format!("handoff-{hash:08x}.sock"))
 }
 
 /// How a connection task is tied to hand-overs.
