@@ -126,7 +126,7 @@ pub async fn run_upgradable(
 ) -> Result<Finished, RunError> {
     // A bridge hands everything back to the process that started it, and
     // to no other of its user's: its pid, now.
-    let parent = config.bridge.then(|| nix::unistd::getppid().as_raw());
+    let parent = handover::server::started_as_bridge().then(|| nix::unistd::getppid().as_raw());
     let sink = match &config.export.output {
         Output::Dump => Sink::dump(Box::new(std::io::BufWriter::new(std::io::stdout()))),
         Output::Otlp(o) => Sink::connect(o, STARTUP_CONNECT_TIMEOUT).await?,
@@ -139,7 +139,9 @@ pub async fn run_upgradable(
     }
     let shutdown = Shutdown::new();
     let taken = match &config.handoff {
-        Some(path) if config.take_over => take_over(path, config.ingest.max_frame_size).await?,
+        Some(path) if config.take_over || handover::server::started_to_take_over() => {
+            take_over(path, config.ingest.max_frame_size).await?
+        }
         _ => None,
     };
     let (listeners, handoff, ack) = match taken {
@@ -361,7 +363,7 @@ async fn serve_inner(
     );
     // A bridge is not the service's process: its parent, re-executed,
     // takes everything back and says it is ready.
-    if !config.bridge {
+    if !handover::server::started_as_bridge() {
         handover::server::notify(&[
             sd_notify::NotifyState::MainPid(std::process::id()),
             sd_notify::NotifyState::Ready,

@@ -192,20 +192,12 @@ pub struct Config {
     /// The hand-off socket (`--handoff-socket`); `None`: never hand over.
     pub handoff: Option<PathBuf>,
     /// Whether to take over from a forwarder listening at `handoff` rather
-    /// than bind: when the path was given, or when started by `SIGHUP`
-    /// ([`TAKE_OVER_ENV`]). With the default path alone, a second forwarder
-    /// of the same listeners fails as before rather than take them.
+    /// than bind, as the path was given. (A binary started by `SIGHUP` takes
+    /// over too: `run` asks the hand-over's own environment variable.) With
+    /// the default path alone, a second forwarder of the same listeners
+    /// fails as before rather than take them.
     pub take_over: bool,
-    /// Started by `SIGHUP` as the bridge of an upgrade ([`BRIDGE_ENV`]):
-    /// it serves until its parent, re-executed, takes everything back, and
-    /// does not tell systemd it is the service's process.
-    pub bridge: bool,
 }
-
-/// Set by a forwarder on the binary it starts on `SIGHUP`: take over.
-pub const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
-/// Set on the bridge of an upgrade (see [`Config::bridge`]).
-pub const BRIDGE_ENV: &str = "KATA_TRACE_FORWARDER_BRIDGE";
 
 /// Where the hand-off sockets live by default.
 const HANDOFF_DIR: &str = "/run/kata-trace-forwarder";
@@ -338,8 +330,8 @@ impl Cli {
                 queue: self.queue_size,
             });
         }
-        let take_over = (self.handoff_socket.is_some() || env.var(TAKE_OVER_ENV).is_some())
-            && self.handoff_socket.as_deref() != Some("none");
+        let take_over =
+            self.handoff_socket.is_some() && self.handoff_socket.as_deref() != Some("none");
         let handoff = match self.handoff_socket.as_deref() {
             Some("none") => None,
             Some(p) => Some(PathBuf::from(p)),
@@ -392,7 +384,6 @@ impl Cli {
             shutdown_timeout: self.shutdown_timeout,
             handoff,
             take_over,
-            bridge: env.var(BRIDGE_ENV).is_some(),
         })
     }
 }

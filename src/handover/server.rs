@@ -61,6 +61,29 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
+/// Set by a forwarder on the binary it starts on `SIGHUP`: take over.
+pub const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
+/// Set on the bridge of an upgrade (see [`started_as_bridge`]).
+pub const BRIDGE_ENV: &str = "KATA_TRACE_FORWARDER_BRIDGE";
+
+/// Started by `SIGHUP` ([`TAKE_OVER_ENV`]): take over from the forwarder at
+/// the hand-off socket rather than bind, even at the default path.
+pub(crate) fn started_to_take_over() -> bool {
+    is_set(TAKE_OVER_ENV)
+}
+
+/// Started by `SIGHUP` as the bridge of an upgrade ([`BRIDGE_ENV`]): it
+/// serves until its parent, re-executed, takes everything back, and does
+/// not tell systemd it is the service's process.
+pub(crate) fn started_as_bridge() -> bool {
+    is_set(BRIDGE_ENV)
+}
+
+/// Set and not blank, as the configuration reads any variable.
+fn is_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
+}
+
 /// How to start a successor on `SIGHUP`.
 #[derive(Debug, Clone)]
 pub struct Upgrade {
@@ -236,8 +259,8 @@ impl Server {
         tracing::info!(exe = %up.exe.display(), "SIGHUP: starting the binary to hand over to");
         let mut cmd = Command::new(&up.exe);
         cmd.args(&up.args)
-            .env(crate::config::TAKE_OVER_ENV, "1")
-            .env(crate::config::BRIDGE_ENV, "1")
+            .env(TAKE_OVER_ENV, "1")
+            .env(BRIDGE_ENV, "1")
             .stdin(Stdio::null());
         let started = match &self.sandbox_thread {
             Some(thread) => thread.spawn_process(cmd).await,
@@ -567,7 +590,7 @@ impl Reexec {
         }
         let mut env = Vec::new();
         for (k, v) in std::env::vars_os() {
-            if k == crate::config::BRIDGE_ENV || k == crate::config::TAKE_OVER_ENV {
+            if k == BRIDGE_ENV || k == TAKE_OVER_ENV {
                 continue;
             }
             let mut kv = k.as_bytes().to_vec();
@@ -575,7 +598,7 @@ impl Reexec {
             kv.extend_from_slice(v.as_bytes());
             env.push(c(&kv)?);
         }
-        env.push(c(format!("{}=1", crate::config::TAKE_OVER_ENV).as_bytes())?);
+        env.push(c(format!("{}=1", TAKE_OVER_ENV).as_bytes())?);
         Ok((path, argv, env))
     }
 
