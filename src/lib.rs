@@ -297,7 +297,7 @@ async fn serve_inner(
         }
     }
     let hub = handover::hub::Hub::new();
-    let sandbox_thread = listeners.sandbox_thread();
+    let launcher = listeners.launcher();
     let mut server = handoff.map(|h| {
         listeners.set_hub(Arc::clone(&hub));
         let on_hup = match (&upgrade, sighup.take()) {
@@ -308,7 +308,7 @@ async fn serve_inner(
             }
             (Some(_), None) => None,
         };
-        handover::server::Server::new(h, Arc::clone(&hub), on_hup, sandbox_thread.clone(), parent)
+        handover::server::Server::new(h, Arc::clone(&hub), on_hup, Arc::clone(&launcher), parent)
     });
     if let Some(mut hup) = sighup {
         // SIGHUP must not kill a forwarder that cannot upgrade.
@@ -410,7 +410,7 @@ async fn serve_inner(
         server.as_mut(),
         &mut batcher,
         upgrade.as_ref(),
-        sandbox_thread.as_ref(),
+        &launcher,
     )
     .await;
     // A successor that connects from now on finds nobody, and starts clean.
@@ -461,7 +461,7 @@ async fn until_stopped(
     mut server: Option<&mut handover::server::Server>,
     batcher: &mut tokio::task::JoinHandle<()>,
     upgrade: Option<&Upgrade>,
-    sandbox_thread: Option<&listen::template::SandboxThread>,
+    launcher: &Arc<dyn handover::server::Launcher>,
 ) -> (Mode, Option<handover::Reexec>) {
     let mut upgrading = server.as_ref().map(|s| s.upgrading());
     let handing_over = async {
@@ -510,7 +510,7 @@ async fn until_stopped(
                     (true, Some(upgrade)) => Some(handover::Reexec {
                         upgrade: upgrade.clone(),
                         bridge_pid: done.successor_pid,
-                        sandbox_thread: sandbox_thread.cloned(),
+                        launcher: Arc::clone(launcher),
                         stop: stop_asked,
                     }),
                     _ => None,

@@ -255,8 +255,13 @@ impl Listeners {
         self.hub = Some(hub);
     }
 
+    /// Where a hand-over starts the upgraded binary and becomes it.
+    pub(crate) fn launcher(&self) -> Arc<dyn crate::handover::server::Launcher> {
+        Arc::new(template::Launch(self.sandbox_thread()))
+    }
+
     /// The thread that watches sandbox directories, when one does.
-    pub(crate) fn sandbox_thread(&self) -> Option<template::SandboxThread> {
+    fn sandbox_thread(&self) -> Option<template::SandboxThread> {
         self.listeners.iter().find_map(|l| match l {
             Listener::Template(t) => Some(t.thread().clone()),
             Listener::KataHost(k) => Some(k.thread().clone()),
