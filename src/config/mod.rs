@@ -25,7 +25,6 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Uri};
 
 pub use crate::addr::{SocketTemplate, VsockCid};
-pub use crate::tenant::TenantLimits;
 pub use cli::{Cli, LogFormat, LogLevel, OtlpProtocol};
 
 /// Where the agent connections come from.
@@ -197,6 +196,30 @@ pub struct Config {
     /// the default path alone, a second forwarder of the same listeners
     /// fails as before rather than take them.
     pub take_over: bool,
+}
+
+/// The per-sandbox limits (see `tenant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// Connections one sandbox may have open at once.
+    pub max_connections: usize,
+    /// Spans per second one sandbox may send, on average; 0: no limit.
+    pub spans_per_second: u32,
+    /// Spans one sandbox may send at once above the rate.
+    pub burst: u32,
+    /// Sandboxes tracked at once.
+    pub max_sandboxes: usize,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        TenantLimits {
+            max_connections: 8,
+            spans_per_second: 20_000,
+            burst: 40_000,
+            max_sandboxes: 1024,
+        }
+    }
 }
 
 /// Where the hand-off sockets live by default.
