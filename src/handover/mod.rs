@@ -53,7 +53,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::addr::Peer;
-use crate::ingest::Ingest;
 use crate::janitor::Janitor;
 use crate::wire::WireFormat;
 use hub::{Member, Piece, PieceKind};
@@ -140,15 +139,9 @@ pub(crate) struct Resume {
 
 impl Resume {
     /// A paused connection's piece: its socket duplicated, and what its
-    /// reader knows. Duplicating can fail (out of descriptors); the piece
-    /// then carries nothing and the hand-over is refused as a whole.
-    pub(crate) fn piece(
-        stream: &impl AsFd,
-        peer: Peer,
-        listener: u64,
-        ingest: &Ingest,
-        buffered: &[u8],
-    ) -> Option<Piece> {
+    /// reader knows (`self`). Duplicating can fail (out of descriptors); the
+    /// piece then carries nothing and the hand-over is refused as a whole.
+    pub(crate) fn piece(self, stream: &impl AsFd, peer: Peer, listener: u64) -> Option<Piece> {
         let fd = match stream.as_fd().try_clone_to_owned() {
             Ok(fd) => fd,
             Err(e) => {
@@ -163,10 +156,10 @@ impl Resume {
                     Peer::Vsock { cid } => Some(cid),
                     Peer::Unix => None,
                 },
-                format: ingest.format().map(Format::from),
-                partial: ingest.unread(buffered),
-                spans: ingest.spans(),
-                decode_errors: ingest.decode_errors(),
+                format: self.format.map(Format::from),
+                partial: self.partial,
+                spans: self.spans,
+                decode_errors: self.decode_errors,
             },
             fd,
         })
