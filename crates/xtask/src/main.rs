@@ -6,7 +6,7 @@
 //! ```text
 //! cargo run -p xtask -- docs OUT_DIR              # OUT_DIR/man/*.1, OUT_DIR/completions/*
 //! cargo run -p xtask -- units BINDIR OUT_DIR      # dist/*.service.in with @BINDIR@ filled in
-//! cargo run -p xtask -- check-modules             # no import cycle among src/'s top-level modules
+//! cargo run -p xtask -- check-modules [SRC_DIR]   # no import cycle among src/'s top-level modules
 //! ```
 
 mod modules;
@@ -33,7 +33,8 @@ fn main() -> ExitCode {
     {
         ["docs", out] => docs(Path::new(out)),
         ["units", bindir, out] => units(bindir, Path::new(out)),
-        ["check-modules"] => return check_modules(),
+        ["check-modules"] => return check_modules(None),
+        ["check-modules", src] => return check_modules(Some(Path::new(src))),
         _ => {
             eprintln!(
                 "usage: xtask docs OUT_DIR | xtask units BINDIR OUT_DIR | xtask check-modules"
@@ -56,10 +57,12 @@ fn main() -> ExitCode {
 }
 
 /// Fails, naming the cycle, if `src/`'s top-level modules import each other
-/// in a cycle; prints the module graph either way.
-fn check_modules() -> ExitCode {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../src");
-    match modules::check(&src) {
+/// in a cycle; prints the module graph either way. `src`: another tree's
+/// (another checkout's), to compare.
+fn check_modules(src: Option<&Path>) -> ExitCode {
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../src");
+    let src = src.unwrap_or(&ours);
+    match modules::check(src) {
         Ok(report) => {
             println!("{report}");
             ExitCode::SUCCESS
