@@ -601,6 +601,7 @@ mod tests {
             ],
         );
         let err = check(&src).unwrap_err();
+        fs::remove_dir_all(&src).unwrap();
         assert!(err.contains("cycle: a -> b -> a"), "{err}");
         assert!(err.contains("a/inner.rs:1"), "{err}");
         assert!(err.contains("(all in one cycle: a, b, c)"), "{err}");
@@ -626,6 +627,7 @@ mod tests {
             ],
         );
         let ok = check(&src).unwrap();
+        fs::remove_dir_all(&src).unwrap();
         assert!(ok.contains("lib -> a, b\n"), "{ok}");
         assert!(ok.contains("a -> (nothing)"), "{ok}");
         assert!(ok.ends_with("3 modules, 2 edges, no cycle"), "{ok}");
@@ -644,6 +646,7 @@ mod tests {
             ],
         );
         let err = check(&src).unwrap_err();
+        fs::remove_dir_all(&src).unwrap();
         assert!(err.contains("cycle: a -> lib -> a"), "{err}");
     }
 }
