@@ -40,6 +40,10 @@ echo "   OTELCOL_BIN=$OTELCOL_BIN"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+# Top-level modules in src/ must not import each other in a cycle: the
+# check prints the module graph, and the cycle when there is one.
+echo "== module graph"
+cargo run --quiet -p xtask -- check-modules
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The VM suite (tests/vm.rs) boots real guests: it needs QEMU, a VSOCK

@@ -40,6 +40,7 @@ mod events;
 pub mod export;
 pub mod handover;
 pub mod ingest;
+pub mod janitor;
 pub mod listen;
 pub mod logging;
 mod metrics;
@@ -126,7 +127,7 @@ pub async fn run_upgradable(
 ) -> Result<Finished, RunError> {
     // A bridge hands everything back to the process that started it, and
     // to no other of its user's: its pid, now.
-    let parent = config.bridge.then(|| nix::unistd::getppid().as_raw());
+    let parent = handover::server::started_as_bridge().then(|| nix::unistd::getppid().as_raw());
     let sink = match &config.export.output {
         Output::Dump => Sink::dump(Box::new(std::io::BufWriter::new(std::io::stdout()))),
         Output::Otlp(o) => Sink::connect(o, STARTUP_CONNECT_TIMEOUT).await?,
@@ -139,7 +140,9 @@ pub async fn run_upgradable(
     }
     let shutdown = Shutdown::new();
     let taken = match &config.handoff {
-        Some(path) if config.take_over => take_over(path, config.ingest.max_frame_size).await?,
+        Some(path) if config.take_over || handover::server::started_to_take_over() => {
+            take_over(path, config.ingest.max_frame_size).await?
+        }
         _ => None,
     };
     let (listeners, handoff, ack) = match taken {
@@ -295,7 +298,7 @@ async fn serve_inner(
         }
     }
     let hub = handover::hub::Hub::new();
-    let sandbox_thread = listeners.sandbox_thread();
+    let launcher = listeners.launcher();
     let mut server = handoff.map(|h| {
         listeners.set_hub(Arc::clone(&hub));
         let on_hup = match (&upgrade, sighup.take()) {
@@ -306,7 +309,7 @@ async fn serve_inner(
             }
             (Some(_), None) => None,
         };
-        handover::server::Server::new(h, Arc::clone(&hub), on_hup, sandbox_thread.clone(), parent)
+        handover::server::Server::new(h, Arc::clone(&hub), on_hup, Arc::clone(&launcher), parent)
     });
     if let Some(mut hup) = sighup {
         // SIGHUP must not kill a forwarder that cannot upgrade.
@@ -361,7 +364,7 @@ async fn serve_inner(
     );
     // A bridge is not the service's process: its parent, re-executed,
     // takes everything back and says it is ready.
-    if !config.bridge {
+    if !handover::server::started_as_bridge() {
         handover::server::notify(&[
             sd_notify::NotifyState::MainPid(std::process::id()),
             sd_notify::NotifyState::Ready,
@@ -408,7 +411,7 @@ async fn serve_inner(
         server.as_mut(),
         &mut batcher,
         upgrade.as_ref(),
-        sandbox_thread.as_ref(),
+        &launcher,
     )
     .await;
     // A successor that connects from now on finds nobody, and starts clean.
@@ -459,7 +462,7 @@ async fn until_stopped(
     mut server: Option<&mut handover::server::Server>,
     batcher: &mut tokio::task::JoinHandle<()>,
     upgrade: Option<&Upgrade>,
-    sandbox_thread: Option<&listen::template::SandboxThread>,
+    launcher: &Arc<dyn handover::server::Launcher>,
 ) -> (Mode, Option<handover::Reexec>) {
     let mut upgrading = server.as_ref().map(|s| s.upgrading());
     let handing_over = async {
@@ -508,7 +511,7 @@ async fn until_stopped(
                     (true, Some(upgrade)) => Some(handover::Reexec {
                         upgrade: upgrade.clone(),
                         bridge_pid: done.successor_pid,
-                        sandbox_thread: sandbox_thread.cloned(),
+                        launcher: Arc::clone(launcher),
                         stop: stop_asked,
                     }),
                     _ => None,

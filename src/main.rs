@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use kata_trace_forwarder::config::{kata, Cli, LogFormat, ProcessEnv};
+use kata_trace_forwarder::janitor;
 use kata_trace_forwarder::listen::privileges;
 use kata_trace_forwarder::logging::{Json, JsonLines};
 use kata_trace_forwarder::shutdown::SignalGate;
@@ -21,8 +22,8 @@ fn main() -> ExitCode {
     kata_trace_forwarder::shutdown::block_stop_signals();
     privileges::keep_from_same_user();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if args.get(1).is_some_and(|a| a == privileges::JANITOR_ARG) {
-        return privileges::janitor_main(&args[2..]);
+    if args.get(1).is_some_and(|a| a == janitor::JANITOR_ARG) {
+        return janitor::janitor_main(&args[2..]);
     }
     // Where this binary was started from, now: on SIGHUP, the file at that
     // path (an upgraded one) takes over, not the inode we run.

@@ -321,7 +321,7 @@ mod tests {
                 .count(),
             1
         );
-        let tenants = Tenants::new(crate::tenant::TenantLimits::default());
+        let tenants = Tenants::new(crate::config::TenantLimits::default());
         let t = tenants
             .get(crate::tenant::TenantKey::Sandbox("sb-\"1\"".into()))
             .unwrap();

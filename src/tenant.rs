@@ -41,6 +41,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::config::TenantLimits;
 pub use crate::stats::LimitReason;
 use crate::stats::{Counter, DropReason, Family, FamilySnapshot};
 
@@ -50,30 +51,6 @@ const IDLE_KEEP: Duration = Duration::from_secs(10);
 
 /// Longest sandbox label on the metrics page and in logs.
 const MAX_LABEL: usize = 256;
-
-/// The per-sandbox limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TenantLimits {
-    /// Connections one sandbox may have open at once.
-    pub max_connections: usize,
-    /// Spans per second one sandbox may send, on average; 0: no limit.
-    pub spans_per_second: u32,
-    /// Spans one sandbox may send at once above the rate.
-    pub burst: u32,
-    /// Sandboxes tracked at once.
-    pub max_sandboxes: usize,
-}
-
-impl Default for TenantLimits {
-    fn default() -> Self {
-        TenantLimits {
-            max_connections: 8,
-            spans_per_second: 20_000,
-            burst: 40_000,
-            max_sandboxes: 1024,
-        }
-    }
-}
 
 /// Who a tenant is, as the host tells sandboxes apart.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

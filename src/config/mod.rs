@@ -19,13 +19,12 @@ mod cli;
 pub mod kata;
 mod otlp;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Uri};
 
 pub use crate::addr::{SocketTemplate, VsockCid};
-pub use crate::tenant::TenantLimits;
 pub use cli::{Cli, LogFormat, LogLevel, OtlpProtocol};
 
 /// Where the agent connections come from.
@@ -192,20 +191,64 @@ pub struct Config {
     /// The hand-off socket (`--handoff-socket`); `None`: never hand over.
     pub handoff: Option<PathBuf>,
     /// Whether to take over from a forwarder listening at `handoff` rather
-    /// than bind: when the path was given, or when started by `SIGHUP`
-    /// ([`TAKE_OVER_ENV`]). With the default path alone, a second forwarder
-    /// of the same listeners fails as before rather than take them.
+    /// than bind, as the path was given. (A binary started by `SIGHUP` takes
+    /// over too: `run` asks the hand-over's own environment variable.) With
+    /// the default path alone, a second forwarder of the same listeners
+    /// fails as before rather than take them.
     pub take_over: bool,
-    /// Started by `SIGHUP` as the bridge of an upgrade ([`BRIDGE_ENV`]):
-    /// it serves until its parent, re-executed, takes everything back, and
-    /// does not tell systemd it is the service's process.
-    pub bridge: bool,
 }
 
-/// Set by a forwarder on the binary it starts on `SIGHUP`: take over.
-pub const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
-/// Set on the bridge of an upgrade (see [`Config::bridge`]).
-pub const BRIDGE_ENV: &str = "KATA_TRACE_FORWARDER_BRIDGE";
+/// The per-sandbox limits (see `tenant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// Connections one sandbox may have open at once.
+    pub max_connections: usize,
+    /// Spans per second one sandbox may send, on average; 0: no limit.
+    pub spans_per_second: u32,
+    /// Spans one sandbox may send at once above the rate.
+    pub burst: u32,
+    /// Sandboxes tracked at once.
+    pub max_sandboxes: usize,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        TenantLimits {
+            max_connections: 8,
+            spans_per_second: 20_000,
+            burst: 40_000,
+            max_sandboxes: 1024,
+        }
+    }
+}
+
+/// Where the hand-off sockets live by default.
+const HANDOFF_DIR: &str = "/run/kata-trace-forwarder";
+
+/// The hand-off socket path when `--handoff-socket` is not given: one per
+/// set of listeners, so that forwarders serving different sockets on one
+/// host (a QEMU unit beside a hybrid one) never take each other's.
+fn default_handoff_path(mode: &ListenMode) -> PathBuf {
+    let key = match mode {
+        ListenMode::Vsock { cid, port } => format!("vsock:{cid:?}:{port}"),
+        ListenMode::Hybrid { socket_path, port } => {
+            format!("hybrid:{}:{port}", socket_path.display())
+        }
+        ListenMode::Template { template, port, .. } => format!("template:{template}:{port}"),
+        ListenMode::Many {
+            vsock,
+            templates,
+            port,
+            ..
+        } => {
+            let t: Vec<String> = templates.iter().map(ToString::to_string).collect();
+            format!("many:{vsock:?}:{}:{port}", t.join(","))
+        }
+        ListenMode::KataHost(k) => format!("kata-host:{}:{}", k.sources.root.display(), k.port),
+    };
+    let hash = crc32fast::hash(key.as_bytes());
+    Path::new(HANDOFF_DIR).join(format!("handoff-{hash:08x}.sock"))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -310,12 +353,12 @@ impl Cli {
                 queue: self.queue_size,
             });
         }
-        let take_over = (self.handoff_socket.is_some() || env.var(TAKE_OVER_ENV).is_some())
-            && self.handoff_socket.as_deref() != Some("none");
+        let take_over =
+            self.handoff_socket.is_some() && self.handoff_socket.as_deref() != Some("none");
         let handoff = match self.handoff_socket.as_deref() {
             Some("none") => None,
             Some(p) => Some(PathBuf::from(p)),
-            None => Some(crate::handover::default_path(&mode)),
+            None => Some(default_handoff_path(&mode)),
         };
         let output = if self.dump_only {
             Output::Dump
@@ -364,7 +407,6 @@ impl Cli {
             shutdown_timeout: self.shutdown_timeout,
             handoff,
             take_over,
-            bridge: env.var(BRIDGE_ENV).is_some(),
         })
     }
 }
@@ -735,6 +777,51 @@ mod tests {
         ] {
             assert!(cli(&args).is_err(), "{args:?}");
         }
+    }
+
+    /// The default hand-off socket is named after the listeners, and must
+    /// stay the same across versions: an upgrade finds its predecessor there.
+    #[test]
+    fn the_default_handoff_socket_is_named_after_the_listeners() {
+        let path = |args: &[&str]| {
+            let c = config(args, &[("KATA_CONF_FILE", "/etc/k.toml")]).unwrap();
+            c.handoff.unwrap().display().to_string()
+        };
+        for (args, want) in [
+            (vec![], "/run/kata-trace-forwarder/handoff-19ffa6f5.sock"),
+            (
+                vec!["--vsock-cid", "3", "--vsock-port", "1024"],
+                "/run/kata-trace-forwarder/handoff-b62a70a0.sock",
+            ),
+            (
+                vec!["--socket-path", "/run/vc/vm/foo/clh.sock"],
+                "/run/kata-trace-forwarder/handoff-51056ac9.sock",
+            ),
+            (
+                vec!["--socket-path-template", "/a/{ID}/s"],
+                "/run/kata-trace-forwarder/handoff-d0bc3213.sock",
+            ),
+            (
+                vec![
+                    "--socket-path-template",
+                    "/a/{ID}/s",
+                    "--socket-path-template",
+                    "/b/{ID}/s",
+                    "--vsock",
+                ],
+                "/run/kata-trace-forwarder/handoff-d4ea7f82.sock",
+            ),
+            (
+                vec!["--kata-host", "--kata-root", "/t"],
+                "/run/kata-trace-forwarder/handoff-65e51b05.sock",
+            ),
+        ] {
+            assert_eq!(path(&args), want, "{args:?}");
+        }
+        let none = config(&["--handoff-socket", "none"], &[]).unwrap();
+        assert_eq!(none.handoff, None);
+        let given = config(&["--handoff-socket", "/x/h.sock"], &[]).unwrap();
+        assert_eq!(given.handoff, Some(PathBuf::from("/x/h.sock")));
     }
 
     #[test]

@@ -767,8 +767,9 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TenantLimits;
     use crate::otlp::encode::SCOPE_SPANS_SPAN_KEY;
-    use crate::tenant::{TenantKey, TenantLimits, Tenants};
+    use crate::tenant::{TenantKey, Tenants};
     use bytes::Bytes;
     use opentelemetry_proto::tonic::resource::v1::Resource;
 

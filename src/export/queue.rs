@@ -337,8 +337,9 @@ impl QueueReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TenantLimits;
     use crate::otlp::EncodedResource;
-    use crate::tenant::{TenantKey, TenantLimits, Tenants};
+    use crate::tenant::{TenantKey, Tenants};
     use opentelemetry_proto::tonic::resource::v1::Resource;
 
     /// A record of `count` spans (their bytes do not matter here).

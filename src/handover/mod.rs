@@ -53,17 +53,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::addr::Peer;
-use crate::config::ListenMode;
-use crate::ingest::Ingest;
-use crate::listen::privileges::Janitor;
+use crate::janitor::Janitor;
 use crate::wire::WireFormat;
 use hub::{Member, Piece, PieceKind};
 use wire::{Format, ListenerKind, State};
 
 pub use server::{Reexec, Upgrade};
 
-/// Where the hand-off sockets live by default.
-pub const DEFAULT_DIR: &str = "/run/kata-trace-forwarder";
 /// What a successor sends first.
 pub const REQUEST: [u8; 8] = *b"KTFTAKE1";
 const STATE: u8 = b'S';
@@ -119,31 +115,6 @@ pub enum HandOverError {
     AdoptSocket(String),
 }
 
-/// The hand-off socket path when `--handoff-socket` is not given: one per
-/// set of listeners, so that forwarders serving different sockets on one
-/// host (a QEMU unit beside a hybrid one) never take each other's.
-pub fn default_path(mode: &ListenMode) -> PathBuf {
-    let key = match mode {
-        ListenMode::Vsock { cid, port } => format!("vsock:{cid:?}:{port}"),
-        ListenMode::Hybrid { socket_path, port } => {
-            format!("hybrid:{}:{port}", socket_path.display())
-        }
-        ListenMode::Template { template, port, .. } => format!("template:{template}:{port}"),
-        ListenMode::Many {
-            vsock,
-            templates,
-            port,
-            ..
-        } => {
-            let t: Vec<String> = templates.iter().map(ToString::to_string).collect();
-            format!("many:{vsock:?}:{}:{port}", t.join(","))
-        }
-        ListenMode::KataHost(k) => format!("kata-host:{}:{}", k.sources.root.display(), k.port),
-    };
-    let hash = crc32fast::hash(key.as_bytes());
-    Path::new(DEFAULT_DIR).join(format!("handoff-{hash:08x}.sock"))
-}
-
 /// How a connection task is tied to hand-overs.
 pub(crate) struct ConnLink {
     /// Its place in the next hand-over's pause.
@@ -168,15 +139,9 @@ pub(crate) struct Resume {
 
 impl Resume {
     /// A paused connection's piece: its socket duplicated, and what its
-    /// reader knows. Duplicating can fail (out of descriptors); the piece
-    /// then carries nothing and the hand-over is refused as a whole.
-    pub(crate) fn piece(
-        stream: &impl AsFd,
-        peer: Peer,
-        listener: u64,
-        ingest: &Ingest,
-        buffered: &[u8],
-    ) -> Option<Piece> {
+    /// reader knows (`self`). Duplicating can fail (out of descriptors); the
+    /// piece then carries nothing and the hand-over is refused as a whole.
+    pub(crate) fn piece(self, stream: &impl AsFd, peer: Peer, listener: u64) -> Option<Piece> {
         let fd = match stream.as_fd().try_clone_to_owned() {
             Ok(fd) => fd,
             Err(e) => {
@@ -191,10 +156,10 @@ impl Resume {
                     Peer::Vsock { cid } => Some(cid),
                     Peer::Unix => None,
                 },
-                format: ingest.format().map(Format::from),
-                partial: ingest.unread(buffered),
-                spans: ingest.spans(),
-                decode_errors: ingest.decode_errors(),
+                format: self.format.map(Format::from),
+                partial: self.partial,
+                spans: self.spans,
+                decode_errors: self.decode_errors,
             },
             fd,
         })

@@ -38,13 +38,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use tokio::signal::unix::Signal;
 use tokio::time::Instant;
 
 use super::hub::{Hub, PieceKind};
 use super::wire::{self, ConnState, ListenerKind, ListenerState, State};
 use super::{fds, HandOverError, HandoffListener, ACK, MAX_REASON, REFUSED, REQUEST, STATE};
-use crate::listen::template::SandboxThread;
 
 /// Longest every listener and connection may take to pause.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -60,6 +60,41 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// doubled after each further failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Where the upgraded binary is started, and this process replaced by it:
+/// the listeners know whether a thread holds a privilege to pass on
+/// (template mode's sandbox thread keeps CAP_DAC_OVERRIDE), the hand-over
+/// does not need to.
+pub(crate) trait Launcher: Send + Sync {
+    /// Starts `cmd`.
+    fn spawn(&self, cmd: Command) -> BoxFuture<'_, std::io::Result<Child>>;
+    /// Replaces the process by running `exec` (an `execve`), which returns
+    /// only if that failed. Blocking: call outside the async runtime.
+    fn exec(&self, exec: Box<dyn FnOnce() -> std::io::Error + Send>) -> std::io::Error;
+}
+
+/// Set by a forwarder on the binary it starts on `SIGHUP`: take over.
+pub const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
+/// Set on the bridge of an upgrade (see [`started_as_bridge`]).
+pub const BRIDGE_ENV: &str = "KATA_TRACE_FORWARDER_BRIDGE";
+
+/// Started by `SIGHUP` ([`TAKE_OVER_ENV`]): take over from the forwarder at
+/// the hand-off socket rather than bind, even at the default path.
+pub(crate) fn started_to_take_over() -> bool {
+    is_set(TAKE_OVER_ENV)
+}
+
+/// Started by `SIGHUP` as the bridge of an upgrade ([`BRIDGE_ENV`]): it
+/// serves until its parent, re-executed, takes everything back, and does
+/// not tell systemd it is the service's process.
+pub(crate) fn started_as_bridge() -> bool {
+    is_set(BRIDGE_ENV)
+}
+
+/// Set and not blank, as the configuration reads any variable.
+fn is_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
+}
 
 /// How to start a successor on `SIGHUP`.
 #[derive(Debug, Clone)]
@@ -84,10 +119,10 @@ pub(crate) struct Server {
     listener: HandoffListener,
     hub: Arc<Hub>,
     upgrade: Option<(Upgrade, Signal)>,
-    /// In template mode and `--kata-host`: the sandbox thread, which starts
-    /// the upgraded binary so that it gets the one capability that thread
-    /// holds (see [`SandboxThread::spawn_process`]).
-    sandbox_thread: Option<SandboxThread>,
+    /// Starts the upgraded binary: in template mode and `--kata-host`, from
+    /// the sandbox thread, so that it gets the one capability that thread
+    /// holds.
+    launcher: Arc<dyn Launcher>,
     /// In a bridge: the pid of the parent that started it, which becomes
     /// the upgraded binary and takes everything back.
     parent: Option<i32>,
@@ -109,14 +144,14 @@ impl Server {
         listener: HandoffListener,
         hub: Arc<Hub>,
         upgrade: Option<(Upgrade, Signal)>,
-        sandbox_thread: Option<SandboxThread>,
+        launcher: Arc<dyn Launcher>,
         parent: Option<i32>,
     ) -> Server {
         Server {
             listener,
             hub,
             upgrade,
-            sandbox_thread,
+            launcher,
             parent,
             child: None,
             upgrading: tokio::sync::watch::Sender::new(false),
@@ -236,13 +271,10 @@ impl Server {
         tracing::info!(exe = %up.exe.display(), "SIGHUP: starting the binary to hand over to");
         let mut cmd = Command::new(&up.exe);
         cmd.args(&up.args)
-            .env(crate::config::TAKE_OVER_ENV, "1")
-            .env(crate::config::BRIDGE_ENV, "1")
+            .env(TAKE_OVER_ENV, "1")
+            .env(BRIDGE_ENV, "1")
             .stdin(Stdio::null());
-        let started = match &self.sandbox_thread {
-            Some(thread) => thread.spawn_process(cmd).await,
-            None => cmd.spawn(),
-        };
+        let started = self.launcher.spawn(cmd).await;
         match started {
             Ok(c) => Some(c),
             Err(e) => {
@@ -508,7 +540,7 @@ pub struct Reexec {
     pub(crate) bridge_pid: i32,
     /// In template mode and `--kata-host`: executed from the sandbox
     /// thread, so that its capability passes on as when the bridge started.
-    pub(crate) sandbox_thread: Option<SandboxThread>,
+    pub(crate) launcher: Arc<dyn Launcher>,
     /// A stop was asked during the upgrade: the upgraded binary is to stop
     /// once it has taken everything back (it finds `SIGTERM` pending).
     pub stop: bool,
@@ -539,10 +571,7 @@ impl Reexec {
                 Ok(never) => match never {},
             }
         };
-        match &self.sandbox_thread {
-            Some(thread) => thread.exec_process(start),
-            None => crate::listen::privileges::exec_passing_dac_override(start),
-        }
+        self.launcher.exec(Box::new(start))
     }
 
     /// The path, arguments and environment to execute: ours, as a
@@ -567,7 +596,7 @@ impl Reexec {
         }
         let mut env = Vec::new();
         for (k, v) in std::env::vars_os() {
-            if k == crate::config::BRIDGE_ENV || k == crate::config::TAKE_OVER_ENV {
+            if k == BRIDGE_ENV || k == TAKE_OVER_ENV {
                 continue;
             }
             let mut kv = k.as_bytes().to_vec();
@@ -575,7 +604,7 @@ impl Reexec {
             kv.extend_from_slice(v.as_bytes());
             env.push(c(&kv)?);
         }
-        env.push(c(format!("{}=1", crate::config::TAKE_OVER_ENV).as_bytes())?);
+        env.push(c(format!("{}=1", TAKE_OVER_ENV).as_bytes())?);
         Ok((path, argv, env))
     }
 

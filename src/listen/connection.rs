@@ -193,7 +193,7 @@ pub(crate) async fn serve<S>(
             let send = shared.queue.send(record, cost, tenant, since);
             let sent = match (member.as_mut(), reader.as_ref()) {
                 (Some(m), Some(r)) => {
-                    let piece = || Resume::piece(r, peer, listener, &ingest, input.bytes());
+                    let piece = || reading(&ingest, input.bytes()).piece(r, peer, listener);
                     report_while(m, send, piece).await
                 }
                 _ => send.await,
@@ -244,7 +244,7 @@ pub(crate) async fn serve<S>(
         // a hand-over takes this connection.
         if let (Some(m), Some(r)) = (member.as_mut(), reader.as_ref()) {
             if m.pause_due() {
-                m.report(Resume::piece(r, peer, listener, &ingest, input.bytes()));
+                m.report(reading(&ingest, input.bytes()).piece(r, peer, listener));
             }
         }
         if let Some(m) = member.as_mut().filter(|m| m.awaiting_outcome()) {
@@ -376,6 +376,18 @@ pub(crate) async fn serve<S>(
             end: end.as_ref().map(drop),
         }
     );
+}
+
+/// What the reader knows, for a successor to go on from: the converse of
+/// `Ingest::resume` at the start of [`serve`].
+fn reading(ingest: &Ingest, buffered: &[u8]) -> Resume {
+    Resume {
+        partial: ingest.unread(buffered),
+        format: ingest.format(),
+        spans: ingest.spans(),
+        decode_errors: ingest.decode_errors(),
+        lost: false,
+    }
 }
 
 /// Resolves when a hand-over asks `member` to pause; never without one.

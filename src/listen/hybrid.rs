@@ -28,16 +28,8 @@ use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use tokio::net::{UnixListener, UnixStream};
 
-use super::privileges::Janitor;
 use super::ListenError;
-
-/// A listener's part of a hand-over: what it is, and duplicates of its
-/// descriptors.
-pub(crate) struct HandedListener {
-    pub kind: crate::handover::wire::ListenerKind,
-    pub fd: std::os::fd::OwnedFd,
-    pub janitor: Option<std::os::fd::OwnedFd>,
-}
+use crate::janitor::Janitor;
 
 pub struct HybridListener {
     listener: UnixListener,
@@ -155,25 +147,6 @@ impl HybridListener {
             identity,
             janitor: janitor.map(Janitor::adopt),
             dir,
-        })
-    }
-
-    /// What a successor needs to serve this listener: its path and
-    /// identity, a duplicate of its socket and of its janitor's pipe.
-    pub(crate) fn hand_over(&self) -> io::Result<HandedListener> {
-        use std::os::fd::AsFd;
-        let fd = self.listener.as_fd().try_clone_to_owned()?;
-        let janitor = match self.janitor.as_ref().and_then(Janitor::pipe) {
-            Some(p) => Some(p.try_clone_to_owned()?),
-            None => None,
-        };
-        Ok(HandedListener {
-            kind: crate::handover::wire::ListenerKind::Hybrid {
-                path: self.path.clone(),
-                identity: self.identity,
-            },
-            fd,
-            janitor,
         })
     }
 

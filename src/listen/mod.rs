@@ -139,20 +139,34 @@ impl Listener {
 }
 
 impl Listener {
-    /// This listener's part of a hand-over, as its accept loop reports it.
+    /// This listener's part of a hand-over, as its accept loop reports it:
+    /// what a successor needs to serve it (for a hybrid socket its path and
+    /// identity), a duplicate of its socket and of its janitor's pipe.
     fn hand_over(&self) -> Option<Piece> {
         let handed = match self {
-            Listener::Hybrid(l) => l.hand_over(),
-            Listener::Vsock(l) => l.hand_over(),
+            Listener::Hybrid(l) => {
+                let kind = ListenerKind::Hybrid {
+                    path: l.path().to_owned(),
+                    identity: l.identity(),
+                };
+                let janitor = l.janitor_pipe().map(|p| p.try_clone_to_owned());
+                (kind, l.fd(), janitor.transpose())
+            }
+            Listener::Vsock(l) => {
+                let (cid, port) = l.address();
+                let cid = match cid {
+                    crate::addr::VsockCid::Any => None,
+                    crate::addr::VsockCid::Cid(c) => Some(c),
+                };
+                (ListenerKind::Vsock { cid, port }, l.fd(), Ok(None))
+            }
             Listener::Template(_) | Listener::KataHost(_) => return None,
         };
-        match handed {
-            Ok(h) => Some(Piece {
-                what: PieceKind::Listener {
-                    kind: h.kind,
-                    janitor: h.janitor,
-                },
-                fd: h.fd,
+        let (kind, fd, janitor) = handed;
+        match janitor.and_then(|janitor| Ok((fd.try_clone_to_owned()?, janitor))) {
+            Ok((fd, janitor)) => Some(Piece {
+                what: PieceKind::Listener { kind, janitor },
+                fd,
             }),
             Err(e) => {
                 tracing::warn!(error = %e, "hand-over: duplicating a listener's socket");
@@ -255,8 +269,13 @@ impl Listeners {
         self.hub = Some(hub);
     }
 
+    /// Where a hand-over starts the upgraded binary and becomes it.
+    pub(crate) fn launcher(&self) -> Arc<dyn crate::handover::server::Launcher> {
+        Arc::new(template::Launch(self.sandbox_thread()))
+    }
+
     /// The thread that watches sandbox directories, when one does.
-    pub(crate) fn sandbox_thread(&self) -> Option<template::SandboxThread> {
+    fn sandbox_thread(&self) -> Option<template::SandboxThread> {
         self.listeners.iter().find_map(|l| match l {
             Listener::Template(t) => Some(t.thread().clone()),
             Listener::KataHost(k) => Some(k.thread().clone()),

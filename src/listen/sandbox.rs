@@ -521,7 +521,7 @@ mod tests {
             service_name: "kata-agent".into(),
             extra: Vec::new(),
         };
-        let limits = crate::tenant::TenantLimits::default();
+        let limits = crate::config::TenantLimits::default();
         let tenant = Tenant::standalone(crate::tenant::TenantKey::Cid(cid), &limits);
         let o = vsock_origin(&base, cid, Some(&r), &tenant).await;
         (proc, r, o, tenant)
@@ -539,7 +539,7 @@ mod tests {
         };
         assert_eq!(get(VSOCK_CID), Some(Value::IntValue(9)));
         assert_eq!(get(SANDBOX_ID), Some(Value::StringValue("sb".into())));
-        let limits = crate::tenant::TenantLimits::default();
+        let limits = crate::config::TenantLimits::default();
         let other = Tenant::standalone(crate::tenant::TenantKey::Cid(10), &limits);
         let base = Origin {
             service_name: "kata-agent".into(),

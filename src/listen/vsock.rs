@@ -41,20 +41,9 @@ impl VsockListener {
         }
     }
 
-    /// What a successor needs to serve this listener.
-    pub(crate) fn hand_over(&self) -> io::Result<super::hybrid::HandedListener> {
-        use std::os::fd::AsFd;
-        Ok(super::hybrid::HandedListener {
-            kind: crate::handover::wire::ListenerKind::Vsock {
-                cid: match self.cid {
-                    VsockCid::Any => None,
-                    VsockCid::Cid(c) => Some(c),
-                },
-                port: self.port,
-            },
-            fd: self.listener.as_fd().try_clone_to_owned()?,
-            janitor: None,
-        })
+    /// The address bound: context id and port.
+    pub(crate) fn address(&self) -> (VsockCid, u32) {
+        (self.cid, self.port)
     }
 
     /// The listening socket.

@@ -6,7 +6,10 @@
 //! ```text
 //! cargo run -p xtask -- docs OUT_DIR              # OUT_DIR/man/*.1, OUT_DIR/completions/*
 //! cargo run -p xtask -- units BINDIR OUT_DIR      # dist/*.service.in with @BINDIR@ filled in
+//! cargo run -p xtask -- check-modules [SRC_DIR]   # no import cycle among src/'s top-level modules
 //! ```
+
+mod modules;
 
 use std::fs;
 use std::io::{self, Write};
@@ -30,8 +33,12 @@ fn main() -> ExitCode {
     {
         ["docs", out] => docs(Path::new(out)),
         ["units", bindir, out] => units(bindir, Path::new(out)),
+        ["check-modules"] => return check_modules(None),
+        ["check-modules", src] => return check_modules(Some(Path::new(src))),
         _ => {
-            eprintln!("usage: xtask docs OUT_DIR | xtask units BINDIR OUT_DIR");
+            eprintln!(
+                "usage: xtask docs OUT_DIR | xtask units BINDIR OUT_DIR | xtask check-modules"
+            );
             return ExitCode::from(2);
         }
     };
@@ -44,6 +51,24 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Fails, naming the cycle, if `src/`'s top-level modules import each other
+/// in a cycle; prints the module graph either way. `src`: another tree's
+/// (another checkout's), to compare.
+fn check_modules(src: Option<&Path>) -> ExitCode {
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../src");
+    let src = src.unwrap_or(&ours);
+    match modules::check(src) {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(report) => {
+            eprintln!("{report}");
             ExitCode::FAILURE
         }
     }

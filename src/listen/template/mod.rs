@@ -49,6 +49,7 @@ mod watcher;
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
@@ -58,6 +59,7 @@ use super::inherited::Inherited;
 use super::{pause_asked, privileges, sandbox, Adopted, Ended, ListenError, Listener, Serving};
 use crate::addr::SocketTemplate;
 use crate::handover::hub::{Hub, Member, Outcome};
+use crate::handover::server::Launcher;
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
 use crate::tenant::{Tenant, TenantKey};
@@ -203,6 +205,30 @@ impl SandboxThread {
         });
         rx.recv()
             .unwrap_or_else(|_| std::io::Error::other("the sandbox thread stopped"))
+    }
+}
+
+/// Where a hand-over starts the upgraded binary and becomes it: from the
+/// sandbox thread when there is one, so that its capability passes on (see
+/// [`SandboxThread::spawn_process`]); else from the calling thread.
+pub(crate) struct Launch(pub(crate) Option<SandboxThread>);
+
+impl Launcher for Launch {
+    fn spawn(
+        &self,
+        mut cmd: std::process::Command,
+    ) -> BoxFuture<'_, std::io::Result<std::process::Child>> {
+        match &self.0 {
+            Some(thread) => Box::pin(thread.spawn_process(cmd)),
+            None => Box::pin(std::future::ready(cmd.spawn())),
+        }
+    }
+
+    fn exec(&self, exec: Box<dyn FnOnce() -> std::io::Error + Send>) -> std::io::Error {
+        match &self.0 {
+            Some(thread) => thread.exec_process(exec),
+            None => privileges::exec_passing_dac_override(exec),
+        }
     }
 }
 
