@@ -129,7 +129,13 @@ pub async fn run_upgradable(
     // to no other of its user's: its pid, now.
     let parent = handover::server::started_as_bridge().then(|| nix::unistd::getppid().as_raw());
     let sink = match &config.export.output {
-        Output::Dump => Sink::dump(Box::new(std::io::BufWriter::new(std::io::stdout()))),
+        Output::Dump(d) => {
+            let out = Box::new(std::io::BufWriter::new(std::io::stdout()));
+            match d.format {
+                config::DumpFormat::OtlpJson => Sink::dump(out),
+                config::DumpFormat::Tree => Sink::tree(out, d),
+            }
+        }
         Output::Otlp(o) => Sink::connect(o, STARTUP_CONNECT_TIMEOUT).await?,
     };
     let spool_dir = config.export.spool.as_ref().map(|s| s.dir.as_path());
@@ -381,6 +387,10 @@ async fn serve_inner(
         config.export.batch,
         shutdown.clone(),
     ));
+    tokio::spawn(export::run_sink_ticker(
+        Arc::clone(&exporter),
+        shutdown.clone(),
+    ));
     let mut replayer = tokio::spawn(export::run_replayer(
         Arc::clone(&exporter),
         shutdown.clone(),
@@ -444,6 +454,10 @@ async fn serve_inner(
     // A spooled batch being sent now is either delivered or stays on disk
     // for the next start.
     finish("spool replayer", &mut replayer, deadline + FLUSH_GRACE).await;
+    // The tree view's traces still waiting for their root or the linger.
+    if let Err(e) = exporter.finish_sink() {
+        tracing::warn!(error = %e, "cannot write the trace trees to stdout");
+    }
 
     let snap = stats.snapshot();
     let accounted = snap.spans_exported + snap.spans_rejected + snap.spans_dropped.total();

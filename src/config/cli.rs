@@ -18,6 +18,8 @@ pub const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318";
 /// `--batch-max-bytes` from the environment: OpenTelemetry names no such
 /// setting, so it is the forwarder's own.
 pub const BATCH_MAX_BYTES_ENV: &str = "KATA_TRACE_FORWARDER_BATCH_MAX_BYTES";
+/// `--dump-format` from the environment, the forwarder's own as well.
+pub const DUMP_FORMAT_ENV: &str = "KATA_TRACE_FORWARDER_DUMP_FORMAT";
 
 const ABOUT: &str = "Forwards Kata Containers agent trace spans from the guest VM (VSOCK or \
 hybrid VSOCK) to an OpenTelemetry collector (Jaeger, OpenTelemetry Collector, Tempo, ...).";
@@ -54,7 +56,7 @@ const AFTER_HELP: &str = "Examples:
   OTLP over HTTP to an OpenTelemetry Collector:
     kata-trace-forwarder --otlp-protocol http/protobuf --otlp-endpoint http://collector:4318
 
-  No collector, print spans as OTLP JSON lines:
+  No collector, print spans as trees (on a terminal) or OTLP JSON lines (in a pipe):
     kata-trace-forwarder --dump-only --socket-path /tmp/kata/test.sock
 
 Environment (flags take precedence): OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, \
@@ -66,7 +68,8 @@ OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE, OTEL_EXPORTER_OTLP_CLIENT_CERTIFIC
 OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY, OTEL_EXPORTER_OTLP_CLIENT_KEY, \
 OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, OTEL_EXPORTER_OTLP_COMPRESSION, \
 OTEL_EXPORTER_OTLP_TRACES_INSECURE, OTEL_EXPORTER_OTLP_INSECURE, OTEL_BSP_MAX_EXPORT_BATCH_SIZE, \
-OTEL_BSP_SCHEDULE_DELAY, OTEL_BSP_MAX_QUEUE_SIZE, KATA_TRACE_FORWARDER_BATCH_MAX_BYTES.";
+OTEL_BSP_SCHEDULE_DELAY, OTEL_BSP_MAX_QUEUE_SIZE, KATA_TRACE_FORWARDER_BATCH_MAX_BYTES, \
+KATA_TRACE_FORWARDER_DUMP_FORMAT, NO_COLOR.";
 
 /// Log levels of the Kata tool, `critical` included (it maps to `error`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -89,6 +92,15 @@ impl LogLevel {
             LogLevel::Error | LogLevel::Critical => "error",
         }
     }
+}
+
+/// How `--dump-only` writes spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DumpFormat {
+    /// Each trace as an indented tree, for people.
+    Tree,
+    /// One OTLP JSON `TracesData` line per span, for machines.
+    OtlpJson,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -371,9 +383,25 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "json")]
     pub log_format: LogFormat,
 
-    /// Do not export: write each span to stdout as one OTLP JSON line. Needs no collector.
+    /// Do not export: write the spans to stdout (see --dump-format). Needs no collector.
     #[arg(long)]
     pub dump_only: bool,
+
+    /// With --dump-only: `tree` prints each trace as an indented tree, `otlp-json`
+    /// each span as one OTLP JSON line [default: tree when stdout is a terminal,
+    /// otlp-json otherwise].
+    #[arg(long, env = DUMP_FORMAT_ENV, value_enum, value_name = "FORMAT")]
+    pub dump_format: Option<DumpFormat>,
+
+    /// With --dump-format tree: a trace whose root span has not come is printed
+    /// once no span of it has come for this long.
+    #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    pub dump_linger: Duration,
+
+    /// With --dump-format tree: most spans held waiting for their trace; past
+    /// it, the oldest traces are printed as they are, marked incomplete.
+    #[arg(long, default_value = "10000", value_parser = parse_positive, value_name = "N")]
+    pub dump_max_spans: usize,
 
     /// Most spans in one export request.
     #[arg(long, env = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", default_value = "512", value_parser = parse_positive)]

@@ -25,7 +25,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Uri};
 
 pub use crate::addr::{SocketTemplate, VsockCid};
-pub use cli::{Cli, LogFormat, LogLevel, OtlpProtocol};
+pub use cli::{Cli, DumpFormat, LogFormat, LogLevel, OtlpProtocol};
 
 /// Where the agent connections come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,8 +173,20 @@ impl std::str::FromStr for Compression {
 #[allow(clippy::large_enum_variant)]
 pub enum Output {
     Otlp(OtlpConfig),
-    /// OTLP JSON lines on stdout.
-    Dump,
+    /// Spans on stdout (`--dump-only`).
+    Dump(DumpConfig),
+}
+
+/// `--dump-only`'s output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DumpConfig {
+    pub format: DumpFormat,
+    /// How long a trace without its root waits for more spans.
+    pub linger: Duration,
+    /// Most spans the tree view holds.
+    pub max_spans: usize,
+    /// ANSI colour: stdout is a terminal and `NO_COLOR` is not set.
+    pub colour: bool,
 }
 
 /// The validated configuration, grouped by the stage that reads it.
@@ -361,7 +373,17 @@ impl Cli {
             None => Some(default_handoff_path(&mode)),
         };
         let output = if self.dump_only {
-            Output::Dump
+            // Scripts and tests that pipe stdout keep getting JSON lines.
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            Output::Dump(DumpConfig {
+                format: self.dump_format.unwrap_or(match terminal {
+                    true => DumpFormat::Tree,
+                    false => DumpFormat::OtlpJson,
+                }),
+                linger: self.dump_linger,
+                max_spans: self.dump_max_spans,
+                colour: terminal && env.var("NO_COLOR").is_none(),
+            })
         } else {
             Output::Otlp(self.otlp_config(env)?)
         };
@@ -447,7 +469,7 @@ mod tests {
     fn otlp(c: &Config) -> &OtlpConfig {
         match &c.export.output {
             Output::Otlp(o) => o,
-            Output::Dump => panic!("expected OTLP output"),
+            Output::Dump(_) => panic!("expected OTLP output"),
         }
     }
 
@@ -838,7 +860,7 @@ mod tests {
             crate::addr::hybrid_socket(socket_path, *port),
             PathBuf::from("/run/vc/vm/foo/clh.sock_10240")
         );
-        assert!(matches!(c.export.output, Output::Dump));
+        assert!(matches!(c.export.output, Output::Dump(_)));
     }
 
     #[test]

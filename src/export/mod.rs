@@ -31,6 +31,7 @@ pub(crate) mod queue;
 pub(crate) mod retry;
 pub mod spool;
 pub mod tls;
+pub(crate) mod tree;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +40,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::{BatchConfig, OtlpConfig, OtlpProtocol};
+use crate::config::{BatchConfig, DumpConfig, OtlpConfig, OtlpProtocol};
 use crate::events::{
     emit, BatchDone, Delivery, ExportAttempt, ExportAttemptFailed, PartialSuccess, SpanTooLarge,
     SpoolFileSkipped, SpoolFull,
@@ -141,13 +142,14 @@ pub(crate) fn connect_error(
 }
 
 /// Where batches go. Every sink takes the same encoded request and says
-/// what became of it; `--dump-only` writes it out as JSON lines.
+/// what became of it; `--dump-only` writes it out, as JSON lines or trees.
 pub struct Sink(Transport);
 
 enum Transport {
     Grpc(grpc::GrpcTransport),
     Http(Box<http::HttpTransport>),
     Dump(std::sync::Mutex<dump::DumpWriter>),
+    Tree(std::sync::Mutex<tree::TreeWriter>),
 }
 
 impl Sink {
@@ -171,11 +173,55 @@ impl Sink {
         )))
     }
 
+    /// Each trace as an indented tree, written to `out` (see [`tree`]).
+    pub fn tree(out: Box<dyn std::io::Write + Send + Sync>, cfg: &DumpConfig) -> Sink {
+        Sink(Transport::Tree(std::sync::Mutex::new(
+            tree::TreeWriter::new(
+                out,
+                tree::TreeOptions {
+                    linger: cfg.linger,
+                    max_spans: cfg.max_spans,
+                    colour: cfg.colour,
+                },
+            ),
+        )))
+    }
+
+    /// How often [`Sink::tick`] has something to do, if ever.
+    fn tick_every(&self) -> Option<Duration> {
+        match &self.0 {
+            Transport::Tree(w) => {
+                let linger = w.lock().unwrap_or_else(|p| p.into_inner()).linger();
+                // A quarter of the linger: a quiet trace waits at most that
+                // much longer than asked.
+                Some((linger / 4).max(Duration::from_millis(10)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Prints the traces that have waited long enough.
+    fn tick(&self) -> std::io::Result<()> {
+        match &self.0 {
+            Transport::Tree(w) => w.lock().unwrap_or_else(|p| p.into_inner()).tick(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes out whatever the sink still holds (the tree view's traces).
+    pub(crate) fn finish(&self) -> std::io::Result<()> {
+        match &self.0 {
+            Transport::Tree(w) => w.lock().unwrap_or_else(|p| p.into_inner()).finish(),
+            _ => Ok(()),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match &self.0 {
             Transport::Grpc(t) => format!("otlp grpc {}", t.endpoint()),
             Transport::Http(t) => format!("otlp http/protobuf {}", t.endpoint()),
             Transport::Dump(_) => "stdout (OTLP JSON lines)".to_owned(),
+            Transport::Tree(_) => "stdout (trace trees)".to_owned(),
         }
     }
 
@@ -197,6 +243,12 @@ impl Sink {
                     source,
                 }),
             Transport::Dump(w) => w
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_request(body)
+                .map(|()| ExportTraceServiceResponse::default())
+                .map_err(ExportError::WriteDump),
+            Transport::Tree(w) => w
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .write_request(body)
@@ -224,6 +276,11 @@ struct Outcome {
 }
 
 impl Exporter {
+    /// See [`Sink::finish`].
+    pub(crate) fn finish_sink(&self) -> std::io::Result<()> {
+        self.sink.finish()
+    }
+
     pub(crate) fn new(sink: Sink, spool: Option<Arc<Spool>>, stats: Arc<Stats>) -> Exporter {
         Exporter {
             sink,
@@ -404,6 +461,26 @@ impl Weight {
 
     fn over(&self, cfg: &BatchConfig) -> bool {
         self.spans > cfg.max_spans || self.bytes > cfg.max_bytes
+    }
+}
+
+/// Drives a sink that holds spans (the tree view's lingering traces) until
+/// shutdown begins; the sink's `finish` prints the rest once the batcher is
+/// done. Ends at once for a sink that holds nothing.
+pub(crate) async fn run_sink_ticker(exporter: Arc<Exporter>, shutdown: Shutdown) {
+    let Some(every) = exporter.sink.tick_every() else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.stopping() => return,
+        }
+        if let Err(e) = exporter.sink.tick() {
+            tracing::warn!(error = %e, "cannot write the trace trees to stdout");
+        }
     }
 }
 
