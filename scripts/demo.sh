@@ -3,7 +3,8 @@
 # --dump-only mode on a temporary hybrid-VSOCK socket and the bundled sample
 # agent sends it real Kata agent frames (the real opentelemetry 0.17 SDK's
 # JSON, as Kata 3.29+ sends, and the 0.14 SDK's bincode, as Kata 2.2-3.28
-# send). Each span comes out as one OTLP JSON line.
+# send). Each trace comes out as an indented tree (--dump-format tree);
+# with --json, each span as one OTLP JSON line, as a pipe gets by default.
 #
 # --vm: the agent runs in real guests instead (what tests/vm.rs boots, got by
 # scripts/setup-vm.sh): a Linux VM under QEMU per format, its agent writing
@@ -14,11 +15,14 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_rust
 vm=
-case "${1:-}" in
-  --vm) vm=1 ;;
-  "") ;;
-  *) echo "usage: $0 [--vm]" >&2; exit 2 ;;
-esac
+format=tree
+for arg in "$@"; do
+  case "$arg" in
+    --vm) vm=1 ;;
+    --json) format=otlp-json ;;
+    *) echo "usage: $0 [--vm] [--json]" >&2; exit 2 ;;
+  esac
+done
 target=${CARGO_TARGET_DIR:-target}
 
 echo "== building (first run takes a few minutes)" >&2
@@ -65,8 +69,9 @@ guest() {
   echo "   its manifest: $(grep -c '^KTF {"span"' "$g/manifest") spans sent; $(grep -a '^KTF {"done"' "$g/manifest" | tr -d '\r')" >&2
 }
 
-"$target/debug/kata-trace-forwarder" --dump-only --log-format text \
-  --socket-path "$dir/kata.hvsock" >"$dir/spans.jsonl" 2>"$dir/forwarder.log" &
+# The format is given: stdout is a file here, which would get JSON lines.
+"$target/debug/kata-trace-forwarder" --dump-only --dump-format "$format" --log-format text \
+  --socket-path "$dir/kata.hvsock" >"$dir/spans.out" 2>"$dir/forwarder.log" &
 pid=$!
 for _ in $(seq 1 200); do
   [ -S "$dir/kata.hvsock_10240" ] && break
@@ -97,6 +102,13 @@ pid=
 
 echo "== forwarder log" >&2
 cat "$dir/forwarder.log" >&2
-echo "== spans (OTLP JSON, one per line)" >&2
-cat "$dir/spans.jsonl"
-echo "== $(wc -l <"$dir/spans.jsonl") spans forwarded" >&2
+if [ "$format" = tree ]; then
+  echo "== traces (name, duration, start offset in the trace, status, attributes; · marks an event)" >&2
+  cat "$dir/spans.out"
+  # Span lines: neither a trace header nor an event.
+  echo "== $(grep -cvE '^(trace |[[:space:]]*· )' "$dir/spans.out") spans forwarded" >&2
+else
+  echo "== spans (OTLP JSON, one per line)" >&2
+  cat "$dir/spans.out"
+  echo "== $(wc -l <"$dir/spans.out") spans forwarded" >&2
+fi

@@ -393,10 +393,14 @@ fn line(
 /// what is left out is counted.
 fn attributes(kvs: &[KeyValue]) -> String {
     let key = |kv: &&KeyValue| KEY_ATTRIBUTES.contains(&kv.key.as_str());
+    // The rest by name: the SDK's order is a hash map's, and a line should
+    // read the same each time.
+    let mut rest: Vec<&KeyValue> = kvs.iter().filter(|kv| !key(kv)).collect();
+    rest.sort_by(|a, b| a.key.cmp(&b.key));
     let shown: Vec<&KeyValue> = kvs
         .iter()
         .filter(key)
-        .chain(kvs.iter().filter(|kv| !key(kv)))
+        .chain(rest)
         .take(MAX_ATTRIBUTES)
         .collect();
     let mut out = String::new();
@@ -733,7 +737,7 @@ mod tests {
         assert_eq!(
             text,
             format!(
-                "  container_id={}…  mod=rpc.rs  a=1  b=2  (+1 more)",
+                "  container_id={}…  a=1  b=2  c=3  (+1 more)",
                 "c".repeat(40)
             )
         );
