@@ -76,6 +76,11 @@ pub(crate) struct TreeWriter {
     out: Box<dyn Write + Send + Sync>,
     opts: TreeOptions,
     traces: HashMap<Vec<u8>, Trace>,
+    /// The traces in the order they came, oldest first, for the bound to
+    /// find the oldest without a scan; an entry whose trace has been
+    /// printed since is skipped, and the stale ones are swept out before
+    /// they outnumber the live.
+    arrival: VecDeque<(Instant, Vec<u8>)>,
     held: usize,
     /// Traces printed already, with their start time, so that what comes
     /// later is printed as late, with offsets from the same start. Bounded
@@ -90,6 +95,7 @@ impl TreeWriter {
             out,
             opts,
             traces: HashMap::new(),
+            arrival: VecDeque::new(),
             held: 0,
             printed: HashMap::new(),
             printed_order: VecDeque::new(),
@@ -137,11 +143,15 @@ impl TreeWriter {
             });
             for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
                 let id = span.trace_id.clone();
-                let trace = self.traces.entry(id.clone()).or_insert_with(|| Trace {
-                    first: now,
-                    last: now,
-                    rooted: false,
-                    spans: Vec::new(),
+                let arrival = &mut self.arrival;
+                let trace = self.traces.entry(id.clone()).or_insert_with(|| {
+                    arrival.push_back((now, id.clone()));
+                    Trace {
+                        first: now,
+                        last: now,
+                        rooted: false,
+                        spans: Vec::new(),
+                    }
                 });
                 trace.last = now;
                 if span.parent_span_id.is_empty() && !trace.rooted {
@@ -165,14 +175,22 @@ impl TreeWriter {
                 self.print(&id, Why::Root)?;
             }
         }
-        self.print_quiet(now)
+        // The ticker prints what has gone quiet.
+        self.out.flush()
     }
 
-    fn oldest(&self) -> Option<Vec<u8>> {
-        self.traces
-            .iter()
-            .min_by_key(|(_, t)| t.first)
-            .map(|(id, _)| id.clone())
+    fn live(traces: &HashMap<Vec<u8>, Trace>, (first, id): &(Instant, Vec<u8>)) -> bool {
+        traces.get(id).is_some_and(|t| t.first == *first)
+    }
+
+    fn oldest(&mut self) -> Option<Vec<u8>> {
+        while let Some(entry) = self.arrival.front() {
+            if Self::live(&self.traces, entry) {
+                return Some(entry.1.clone());
+            }
+            self.arrival.pop_front();
+        }
+        None
     }
 
     fn print_quiet(&mut self, now: Instant) -> io::Result<()> {
@@ -194,6 +212,10 @@ impl TreeWriter {
             return Ok(());
         };
         self.held -= trace.spans.len();
+        if self.arrival.len() > 2 * self.traces.len() + 64 {
+            let traces = &self.traces;
+            self.arrival.retain(|e| Self::live(traces, e));
+        }
         let earliest = trace
             .spans
             .iter()
@@ -683,6 +705,7 @@ mod tests {
             w.add(request(spans), now + Duration::from_millis(i.into()))
                 .unwrap();
             assert!(w.held <= 10, "held {}", w.held);
+            assert!(w.arrival.len() <= 3 * 10 + 64, "{}", w.arrival.len());
             lines += out.take().lines().filter(|l| l.starts_with("  s")).count();
         }
         w.finish().unwrap();
