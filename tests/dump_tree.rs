@@ -4,8 +4,32 @@
 mod common;
 
 use common::{connect_agent, wait_until, Forwarder};
-use kata_agent_emitter::{scenario, ScenarioOptions};
+use kata_agent_emitter::{scenario, Scenario, ScenarioOptions};
 use tokio::io::AsyncWriteExt;
+
+/// Sends the scenario as one agent connection that then closes.
+async fn send(fwd: &Forwarder, sc: &Scenario) {
+    let mut agent = connect_agent(&fwd.agent_socket).await;
+    agent.write_all(&sc.stream_bytes()).await.unwrap();
+    agent.shutdown().await.unwrap();
+}
+
+async fn tree_forwarder(extra: &[&str]) -> Forwarder {
+    let mut args = vec!["--dump-only".to_string(), "--dump-format=tree".to_string()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Forwarder::hybrid(&args).await
+}
+
+/// The agent's scenario under a span of the runtime's in `trace_id`.
+fn under_the_runtime(trace_id: u128) -> Scenario {
+    scenario(&ScenarioOptions {
+        parent: Some(kata_agent_emitter::RemoteParent {
+            trace_id,
+            span_id: 0x00f0_67aa_0ba9_02b7,
+        }),
+        ..Default::default()
+    })
+}
 
 /// The indentation of the line that starts with `name` (after the spaces).
 fn indent_of(out: &str, name: &str) -> usize {
@@ -18,19 +42,9 @@ fn indent_of(out: &str, name: &str) -> usize {
 
 #[tokio::test]
 async fn dump_tree_prints_each_trace_as_an_indented_tree() {
-    let mut fwd = Forwarder::hybrid(&[
-        "--dump-only".to_string(),
-        "--dump-format".to_string(),
-        "tree".to_string(),
-        "--dump-linger".to_string(),
-        "300ms".to_string(),
-    ])
-    .await;
+    let mut fwd = tree_forwarder(&["--dump-linger=300ms"]).await;
     let sc = scenario(&ScenarioOptions::default());
-    let mut agent = connect_agent(&fwd.agent_socket).await;
-    agent.write_all(&sc.stream_bytes()).await.unwrap();
-    agent.shutdown().await.unwrap();
-    drop(agent);
+    send(&fwd, &sc).await;
 
     // The second tree hangs under the runtime's span, which never comes
     // here: it shows after the linger, while the forwarder runs.
@@ -81,25 +95,10 @@ async fn dump_tree_prints_each_trace_as_an_indented_tree() {
 /// while the forwarder runs, their top spans marked.
 #[tokio::test]
 async fn dump_tree_prints_a_trace_without_its_root_after_the_linger() {
-    let fwd = Forwarder::hybrid(&[
-        "--dump-only".to_string(),
-        "--dump-format=tree".to_string(),
-        "--dump-linger".to_string(),
-        "200ms".to_string(),
-    ])
-    .await;
-    let sc = scenario(&ScenarioOptions {
-        parent: Some(kata_agent_emitter::RemoteParent {
-            trace_id: 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736,
-            span_id: 0x00f0_67aa_0ba9_02b7,
-        }),
-        ..Default::default()
-    });
+    let fwd = tree_forwarder(&["--dump-linger=200ms"]).await;
+    let sc = under_the_runtime(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736);
     let sent = std::time::Instant::now();
-    let mut agent = connect_agent(&fwd.agent_socket).await;
-    agent.write_all(&sc.stream_bytes()).await.unwrap();
-    agent.shutdown().await.unwrap();
-    drop(agent);
+    send(&fwd, &sc).await;
     wait_until("the lingering trace printed", &fwd, || {
         fwd.stdout().contains("oom_event_listener")
     })
@@ -123,24 +122,9 @@ async fn dump_tree_prints_a_trace_without_its_root_after_the_linger() {
 /// out, not lost.
 #[tokio::test]
 async fn dump_tree_prints_what_it_holds_at_exit() {
-    let mut fwd = Forwarder::hybrid(&[
-        "--dump-only".to_string(),
-        "--dump-format=tree".to_string(),
-        "--dump-linger=10m".to_string(),
-        "--stats-interval=50ms".to_string(),
-    ])
-    .await;
-    let sc = scenario(&ScenarioOptions {
-        parent: Some(kata_agent_emitter::RemoteParent {
-            trace_id: 7,
-            span_id: 9,
-        }),
-        ..Default::default()
-    });
-    let mut agent = connect_agent(&fwd.agent_socket).await;
-    agent.write_all(&sc.stream_bytes()).await.unwrap();
-    agent.shutdown().await.unwrap();
-    drop(agent);
+    let mut fwd = tree_forwarder(&["--dump-linger=10m", "--stats-interval=50ms"]).await;
+    let sc = under_the_runtime(7);
+    send(&fwd, &sc).await;
     let written = format!("\"spans_exported\":{}", sc.expected.len());
     wait_until("the spans reached the tree", &fwd, || {
         fwd.stderr().contains(&written)

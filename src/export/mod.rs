@@ -191,7 +191,7 @@ impl Sink {
     fn tick_every(&self) -> Option<Duration> {
         match &self.0 {
             Transport::Tree(w) => {
-                let linger = w.lock().unwrap_or_else(|p| p.into_inner()).linger();
+                let linger = lock(w).linger();
                 // A quarter of the linger: a quiet trace waits at most that
                 // much longer than asked.
                 Some((linger / 4).max(Duration::from_millis(10)))
@@ -203,7 +203,7 @@ impl Sink {
     /// Prints the traces that have waited long enough.
     fn tick(&self) -> std::io::Result<()> {
         match &self.0 {
-            Transport::Tree(w) => w.lock().unwrap_or_else(|p| p.into_inner()).tick(),
+            Transport::Tree(w) => lock(w).tick(),
             _ => Ok(()),
         }
     }
@@ -211,7 +211,7 @@ impl Sink {
     /// Writes out whatever the sink still holds (the tree view's traces).
     pub(crate) fn finish(&self) -> std::io::Result<()> {
         match &self.0 {
-            Transport::Tree(w) => w.lock().unwrap_or_else(|p| p.into_inner()).finish(),
+            Transport::Tree(w) => lock(w).finish(),
             _ => Ok(()),
         }
     }
@@ -242,20 +242,21 @@ impl Sink {
                     endpoint: t.endpoint(),
                     source,
                 }),
-            Transport::Dump(w) => w
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write_request(body)
-                .map(|()| ExportTraceServiceResponse::default())
-                .map_err(ExportError::WriteDump),
-            Transport::Tree(w) => w
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write_request(body)
-                .map(|()| ExportTraceServiceResponse::default())
-                .map_err(ExportError::WriteDump),
+            Transport::Dump(w) => written(lock(w).write_request(body)),
+            Transport::Tree(w) => written(lock(w).write_request(body)),
         }
     }
+}
+
+/// A writer's lock; one poisoned by a panic mid-write still writes.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a dump writer's result means to the batcher.
+fn written(r: std::io::Result<()>) -> Result<ExportTraceServiceResponse, ExportError> {
+    r.map(|()| ExportTraceServiceResponse::default())
+        .map_err(ExportError::WriteDump)
 }
 
 /// What the batcher and the replayer share.

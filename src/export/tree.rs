@@ -119,16 +119,7 @@ impl TreeWriter {
 
     /// Prints everything held.
     pub(crate) fn finish(&mut self) -> io::Result<()> {
-        let mut ids: Vec<(Instant, Vec<u8>)> = self
-            .traces
-            .iter()
-            .map(|(id, t)| (t.first, id.clone()))
-            .collect();
-        ids.sort();
-        for (_, id) in ids {
-            self.print(&id, Why::Exit)?;
-        }
-        self.out.flush()
+        self.print_where(Why::Exit, |_| true)
     }
 
     fn add(&mut self, request: ExportTraceServiceRequest, now: Instant) -> io::Result<()> {
@@ -194,15 +185,23 @@ impl TreeWriter {
     }
 
     fn print_quiet(&mut self, now: Instant) -> io::Result<()> {
-        let mut quiet: Vec<(Instant, Vec<u8>)> = self
+        let linger = self.opts.linger;
+        self.print_where(Why::Quiet, |t| {
+            now.saturating_duration_since(t.last) >= linger
+        })
+    }
+
+    /// Prints the traces `which` picks, oldest first.
+    fn print_where(&mut self, why: Why, which: impl Fn(&Trace) -> bool) -> io::Result<()> {
+        let mut ids: Vec<(Instant, Vec<u8>)> = self
             .traces
             .iter()
-            .filter(|(_, t)| now.saturating_duration_since(t.last) >= self.opts.linger)
+            .filter(|(_, t)| which(t))
             .map(|(id, t)| (t.first, id.clone()))
             .collect();
-        quiet.sort();
-        for (_, id) in quiet {
-            self.print(&id, Why::Quiet)?;
+        ids.sort();
+        for (_, id) in ids {
+            self.print(&id, why)?;
         }
         self.out.flush()
     }
