@@ -864,6 +864,37 @@ mod tests {
     }
 
     #[test]
+    fn dump_format_flags_are_read_and_no_colour_follows_no_color() {
+        let dump = |args: &[&str], env: &[(&str, &str)]| {
+            let mut all = vec!["--dump-only"];
+            all.extend(args);
+            match config(&all, env).unwrap().export.output {
+                Output::Dump(d) => d,
+                Output::Otlp(_) => panic!("expected dump output"),
+            }
+        };
+        let d = dump(
+            &[
+                "--dump-format",
+                "tree",
+                "--dump-linger",
+                "500ms",
+                "--dump-max-spans",
+                "7",
+            ],
+            &[],
+        );
+        assert_eq!(d.format, DumpFormat::Tree);
+        assert_eq!(d.linger, Duration::from_millis(500));
+        assert_eq!(d.max_spans, 7);
+        let d = dump(&["--dump-format=otlp-json"], &[]);
+        assert_eq!(d.format, DumpFormat::OtlpJson);
+        assert_eq!((d.linger, d.max_spans), (Duration::from_secs(2), 10_000));
+        assert!(!dump(&[], &[("NO_COLOR", "1")]).colour);
+        assert!(cli(&["--dump-only", "--dump-max-spans", "0"]).is_err());
+    }
+
+    #[test]
     fn parses_sizes_durations_cids_and_levels() {
         assert_eq!(parse_size("4MiB"), Ok(4 << 20));
         assert_eq!(parse_size("512KiB"), Ok(512 << 10));
