@@ -452,7 +452,7 @@ impl Event for SpoolFull {
 }
 
 /// A spool file could not be read back and was set aside or forgotten.
-pub struct SpoolFileSkipped<'a> {
+pub(crate) struct SpoolFileSkipped<'a> {
     pub error: &'a dyn fmt::Display,
     /// Its bytes were wrong (set aside as `.damaged`), rather than unreadable.
     pub damaged: bool,

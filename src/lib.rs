@@ -33,6 +33,9 @@
         clippy::indexing_slicing
     )
 )]
+// Private by default: an item is `pub` only where the binary, the tests,
+// the benches or crates/ reach it.
+#![warn(unreachable_pub)]
 
 pub mod addr;
 pub mod config;

@@ -56,7 +56,7 @@ pub enum MetricsError {
 }
 
 /// The running endpoint.
-pub struct MetricsServer {
+pub(crate) struct MetricsServer {
     addr: SocketAddr,
 }
 
@@ -67,7 +67,7 @@ impl std::fmt::Debug for MetricsServer {
 }
 
 /// Binds `addr` and serves `/metrics` until shutdown begins.
-pub async fn serve(
+pub(crate) async fn serve(
     addr: SocketAddr,
     stats: Arc<Stats>,
     tenants: Arc<Tenants>,
@@ -119,7 +119,7 @@ pub async fn serve(
 /// [`serve`], retrying while the address is still held (by the forwarder
 /// this one took over from, which lets go of it as it stops), for a few
 /// seconds at most.
-pub async fn serve_when_free(
+pub(crate) async fn serve_when_free(
     addr: SocketAddr,
     stats: Arc<Stats>,
     tenants: Arc<Tenants>,

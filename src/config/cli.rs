@@ -12,14 +12,14 @@ use clap::{ArgAction, Parser, ValueEnum};
 
 use crate::addr::{SocketTemplate, VsockCid};
 
-pub const DEFAULT_VSOCK_PORT: u32 = 10240;
-pub const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
-pub const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318";
+pub(super) const DEFAULT_VSOCK_PORT: u32 = 10240;
+pub(super) const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
+pub(super) const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318";
 /// `--batch-max-bytes` from the environment: OpenTelemetry names no such
 /// setting, so it is the forwarder's own.
-pub const BATCH_MAX_BYTES_ENV: &str = "KATA_TRACE_FORWARDER_BATCH_MAX_BYTES";
+pub(super) const BATCH_MAX_BYTES_ENV: &str = "KATA_TRACE_FORWARDER_BATCH_MAX_BYTES";
 /// `--dump-format` from the environment, the forwarder's own as well.
-pub const DUMP_FORMAT_ENV: &str = "KATA_TRACE_FORWARDER_DUMP_FORMAT";
+pub(super) const DUMP_FORMAT_ENV: &str = "KATA_TRACE_FORWARDER_DUMP_FORMAT";
 
 const ABOUT: &str = "Forwards Kata Containers agent trace spans from the guest VM (VSOCK or \
 hybrid VSOCK) to an OpenTelemetry collector (Jaeger, OpenTelemetry Collector, Tempo, ...).";
@@ -145,7 +145,7 @@ impl fmt::Display for OtlpProtocol {
 
 /// Parses a duration: `250ms`, `5s`, `2m`, or a bare number of milliseconds
 /// (the unit of the `OTEL_*` timeout variables).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),
@@ -195,7 +195,7 @@ fn parse_positive_u32(s: &str) -> Result<u32, String> {
 }
 
 /// Parses a byte size: a number with an optional `KiB`/`MiB`/`GiB` suffix.
-pub fn parse_size(s: &str) -> Result<usize, String> {
+pub(super) fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
     let (num, mult) = if let Some(n) = t.strip_suffix("KiB") {
         (n, 1usize << 10)

@@ -74,9 +74,9 @@ pub(crate) trait Launcher: Send + Sync {
 }
 
 /// Set by a forwarder on the binary it starts on `SIGHUP`: take over.
-pub const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
+pub(crate) const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
 /// Set on the bridge of an upgrade (see [`started_as_bridge`]).
-pub const BRIDGE_ENV: &str = "KATA_TRACE_FORWARDER_BRIDGE";
+pub(crate) const BRIDGE_ENV: &str = "KATA_TRACE_FORWARDER_BRIDGE";
 
 /// Started by `SIGHUP` ([`TAKE_OVER_ENV`]): take over from the forwarder at
 /// the hand-off socket rather than bind, even at the default path.
@@ -651,7 +651,7 @@ async fn refuse(stream: StdUnixStream, why: String) -> std::io::Result<()> {
 }
 
 /// Tells systemd, when it supervises us (`Type=notify`); a no-op otherwise.
-pub fn notify(state: &[sd_notify::NotifyState<'_>]) {
+pub(crate) fn notify(state: &[sd_notify::NotifyState<'_>]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
