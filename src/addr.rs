@@ -31,7 +31,7 @@ impl fmt::Display for Peer {
 }
 
 /// The placeholder `kata-runtime env` puts where the sandbox id goes.
-pub const ID_PLACEHOLDER: &str = "{ID}";
+pub(crate) const ID_PLACEHOLDER: &str = "{ID}";
 
 /// A VSOCK context id to listen on: a number, or `any`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +42,7 @@ pub enum VsockCid {
 
 impl VsockCid {
     /// The kernel's `VMADDR_CID_ANY`.
-    pub const ANY: u32 = u32::MAX;
+    pub(crate) const ANY: u32 = u32::MAX;
 
     pub fn as_raw(self) -> u32 {
         match self {
@@ -68,7 +68,7 @@ impl FromStr for VsockCid {
 /// The Unix socket a hybrid listener binds for the VMM's socket
 /// `socket_path` and guest port `port`: `<socket_path>_<port>`, the name
 /// the VMM dials.
-pub fn hybrid_socket(socket_path: &Path, port: u32) -> PathBuf {
+pub(crate) fn hybrid_socket(socket_path: &Path, port: u32) -> PathBuf {
     let mut s = socket_path.as_os_str().to_owned();
     s.push(format!("_{port}"));
     PathBuf::from(s)
@@ -172,7 +172,7 @@ impl SocketTemplate {
     }
 
     /// The sandbox's socket directory (`<parent>/<id>/<inner...>`).
-    pub fn socket_dir(&self, id: &str) -> PathBuf {
+    pub(crate) fn socket_dir(&self, id: &str) -> PathBuf {
         let mut p = self.parent.join(id);
         p.extend(&self.inner);
         p

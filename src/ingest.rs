@@ -32,7 +32,7 @@ use crate::wire::{Decoder, FrameDecoder, FrameError, WireFormat};
 
 /// First read buffer of a connection, and what it shrinks back to when the
 /// agent goes quiet: an idle connection holds no more than this.
-pub const READ_MIN: usize = 4 * 1024;
+pub(crate) const READ_MIN: usize = 4 * 1024;
 /// Largest read buffer: reached while the agent writes faster than one read
 /// takes, so that a burst costs one `read` per many frames.
 pub const READ_MAX: usize = 64 * 1024;
@@ -94,7 +94,10 @@ impl ReadBuffer {
     /// Reads once from a non-blocking `src` (a parked connection) into the
     /// room [`prepare`](Self::prepare) made, sizing the next read as
     /// [`filled`](Self::filled) does. Whether it filled the room, too.
-    pub fn read_from(&mut self, src: &mut impl std::io::Read) -> std::io::Result<(usize, bool)> {
+    pub(crate) fn read_from(
+        &mut self,
+        src: &mut impl std::io::Read,
+    ) -> std::io::Result<(usize, bool)> {
         let len = self.buf.len();
         // Only the room one read may take is zeroed (safe code cannot read
         // into uninitialised memory): a paced agent's reads are small.
@@ -116,7 +119,7 @@ impl ReadBuffer {
     }
 
     /// Whether the agent has gone quiet (reads are back to the minimum).
-    pub fn is_quiet(&self) -> bool {
+    pub(crate) fn is_quiet(&self) -> bool {
         self.read_size == READ_MIN
     }
 
@@ -265,7 +268,7 @@ impl Ingest {
     /// found `format` and read `spans` spans and `decode_errors` bad frames.
     /// The bytes it had read of a frame not yet whole go first in the read
     /// buffer, as read (see [`unread`](Self::unread)).
-    pub fn resume(
+    pub(crate) fn resume(
         peer: Peer,
         origin: Arc<Origin>,
         max_frame_size: usize,
@@ -282,7 +285,7 @@ impl Ingest {
 
     /// Whether the stream is between two frames, with `buf` (what is left
     /// in the read buffer) read: nothing of a frame in hand.
-    pub fn between_frames(&self, buf: &[u8]) -> bool {
+    pub(crate) fn between_frames(&self, buf: &[u8]) -> bool {
         buf.is_empty() && !self.codec.in_frame() && !self.lost_place
     }
 
@@ -293,7 +296,7 @@ impl Ingest {
     }
 
     /// Logs through `tenant`'s gate from now on.
-    pub fn set_tenant(&mut self, tenant: Arc<Tenant>) {
+    pub(crate) fn set_tenant(&mut self, tenant: Arc<Tenant>) {
         self.tenant = Some(tenant);
     }
 
@@ -434,7 +437,7 @@ impl Ingest {
     }
 
     /// The agent went quiet: give the encoding scratch back.
-    pub fn shrink(&mut self) {
+    pub(crate) fn shrink(&mut self) {
         if self.pending.spans.capacity() > READ_MIN {
             self.pending.spans = BytesMut::new();
         }

@@ -72,7 +72,7 @@ use stats::{DropReason, Snapshot, Stats};
 
 /// How long startup waits for the collector: well inside the 10 s within
 /// which users expect a missing collector to be reported.
-pub const STARTUP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const STARTUP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// During shutdown, a connection that has been quiet this long is done.
 const DRAIN_IDLE: Duration = Duration::from_millis(200);

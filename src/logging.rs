@@ -27,10 +27,10 @@ use tracing_subscriber::registry::LookupSpan;
 
 /// The key of the spans an event is in, outermost first, each as
 /// `{"name": ..., <its fields>}`.
-pub const SPAN_LIST: &str = "span_list";
+pub(crate) const SPAN_LIST: &str = "span_list";
 
 /// Fields whose value is a JSON document ([`Json`]), written as such.
-pub const JSON_FIELDS: &[&str] = &["summary", "stats"];
+pub(crate) const JSON_FIELDS: &[&str] = &["summary", "stats"];
 
 /// A value logged as its compact JSON: an object in the JSON format (for a
 /// field named in [`JSON_FIELDS`]), readable text in the text format.

@@ -37,13 +37,6 @@ pub enum Mode {
     Store,
 }
 
-impl Stopping {
-    /// Whether what is served is left as it is for another process.
-    pub fn leaves_sockets(&self) -> bool {
-        matches!(self.mode, Mode::HandOver | Mode::Store)
-    }
-}
-
 /// Stopping has begun: how, and by when it must be done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stopping {
@@ -84,7 +77,7 @@ impl Shutdown {
 
     /// Begins stopping everything under this shutdown, to be done by
     /// `deadline`.
-    pub fn begin(&self, mode: Mode, deadline: Instant) {
+    pub(crate) fn begin(&self, mode: Mode, deadline: Instant) {
         self.stopping
             .send_replace(Some(Stopping { mode, deadline }));
         self.token.cancel();
@@ -97,7 +90,7 @@ impl Shutdown {
     }
 
     /// Whether to stop accepting and start draining.
-    pub fn is_stopping(&self) -> bool {
+    pub(crate) fn is_stopping(&self) -> bool {
         self.token.is_cancelled()
     }
 
@@ -117,13 +110,13 @@ impl Shutdown {
     }
 
     /// Whether the shutdown deadline has passed.
-    pub fn past_deadline(&self) -> bool {
+    pub(crate) fn past_deadline(&self) -> bool {
         self.deadline().is_some_and(|d| Instant::now() >= d)
     }
 
     /// Resolves once the forwarder's shutdown deadline is set, with it.
     /// Retries and backoff waits use it to be cut short.
-    pub async fn deadline_set(&self) -> Instant {
+    pub(crate) async fn deadline_set(&self) -> Instant {
         let mut rx = self.stopping.subscribe();
         let set = match rx.wait_for(Option::is_some).await {
             Ok(s) => *s,

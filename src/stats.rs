@@ -30,7 +30,7 @@ pub enum Kind {
 pub struct Counter(AtomicU64);
 
 impl Counter {
-    pub fn inc(&self) {
+    pub(crate) fn inc(&self) {
         self.add(1);
     }
 
@@ -116,7 +116,7 @@ impl<L: Label> Family<L> {
         }
     }
 
-    pub fn inc(&self, label: L) {
+    pub(crate) fn inc(&self, label: L) {
         self.add(label, 1);
     }
 

@@ -54,7 +54,7 @@ const MAX_LABEL: usize = 256;
 
 /// Who a tenant is, as the host tells sandboxes apart.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum TenantKey {
+pub(crate) enum TenantKey {
     /// A sandbox whose id the host knows (template mode; hybrid mode with a
     /// Kata socket path).
     Sandbox(String),
@@ -82,7 +82,7 @@ pub(crate) struct QueueBounds {
 }
 
 /// Every tenant the forwarder knows now.
-pub struct Tenants {
+pub(crate) struct Tenants {
     limits: TenantLimits,
     map: Mutex<HashMap<TenantKey, Arc<Tenant>>>,
     next_id: AtomicU64,
@@ -94,7 +94,7 @@ pub struct Tenants {
 }
 
 impl Tenants {
-    pub fn new(limits: TenantLimits) -> Tenants {
+    pub(crate) fn new(limits: TenantLimits) -> Tenants {
         Tenants {
             limits,
             map: Mutex::new(HashMap::new()),
@@ -104,7 +104,7 @@ impl Tenants {
         }
     }
 
-    pub fn limits(&self) -> &TenantLimits {
+    pub(crate) fn limits(&self) -> &TenantLimits {
         &self.limits
     }
 
@@ -114,7 +114,7 @@ impl Tenants {
 
     /// The tenant for `key`, made if new; `None` when `--max-sandboxes`
     /// tenants are live already.
-    pub fn get(&self, key: TenantKey) -> Option<Arc<Tenant>> {
+    pub(crate) fn get(&self, key: TenantKey) -> Option<Arc<Tenant>> {
         let mut map = self.lock();
         if let Some(t) = map.get(&key) {
             return Some(Arc::clone(t));
@@ -136,7 +136,7 @@ impl Tenants {
     }
 
     /// The live tenants, for the metrics page; those gone are dropped first.
-    pub fn live(&self) -> Vec<Arc<Tenant>> {
+    pub(crate) fn live(&self) -> Vec<Arc<Tenant>> {
         let mut map = self.lock();
         sweep(&mut map, Instant::now());
         let mut all: Vec<Arc<Tenant>> = map.values().cloned().collect();
@@ -169,7 +169,7 @@ impl Held {
 }
 
 /// One sandbox's share of the forwarder.
-pub struct Tenant {
+pub(crate) struct Tenant {
     id: u64,
     key: TenantKey,
     /// The sandbox id found later (VSOCK, once its QEMU is found).
@@ -234,16 +234,12 @@ impl Tenant {
     }
 
     /// A tenant of its own, outside any registry (tests, embedders).
-    pub fn standalone(key: TenantKey, limits: &TenantLimits) -> Arc<Tenant> {
+    pub(crate) fn standalone(key: TenantKey, limits: &TenantLimits) -> Arc<Tenant> {
         Arc::new(Tenant::new(0, key, limits, Arc::new(AtomicUsize::new(0))))
     }
 
     pub(crate) fn id(&self) -> u64 {
         self.id
-    }
-
-    pub fn key(&self) -> &TenantKey {
-        &self.key
     }
 
     /// Names the sandbox once the host finds it (VSOCK): from then on the
@@ -255,11 +251,11 @@ impl Tenant {
     /// How logs and the metrics page name this sandbox: its id when known
     /// (ids are checked and bounded where they are found), else its socket
     /// or CID, bounded in length.
-    pub fn label(&self) -> &str {
+    pub(crate) fn label(&self) -> &str {
         self.sandbox_id.get().unwrap_or(&self.key_label)
     }
 
-    pub fn connections(&self) -> usize {
+    pub(crate) fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
     }
 
@@ -269,7 +265,7 @@ impl Tenant {
 
     /// Takes one of this sandbox's connection slots; `None` when
     /// `--sandbox-max-connections` are open.
-    pub fn try_connect(self: &Arc<Self>) -> Option<TenantConn> {
+    pub(crate) fn try_connect(self: &Arc<Self>) -> Option<TenantConn> {
         self.connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max_connections).then_some(n + 1)
@@ -278,7 +274,7 @@ impl Tenant {
         Some(TenantConn(Arc::clone(self)))
     }
 
-    pub fn max_connections(&self) -> usize {
+    pub(crate) fn max_connections(&self) -> usize {
         self.max_connections
     }
 
@@ -349,7 +345,7 @@ impl Tenant {
     }
 
     /// This tenant's counters now.
-    pub fn snapshot(&self) -> TenantSnapshot {
+    pub(crate) fn snapshot(&self) -> TenantSnapshot {
         TenantSnapshot {
             connections: self.connections() as u64,
             received: self.received.get(),
@@ -368,7 +364,7 @@ impl Drop for Tenant {
 
 /// One sandbox's counters at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TenantSnapshot {
+pub(crate) struct TenantSnapshot {
     pub connections: u64,
     pub received: u64,
     pub dropped: FamilySnapshot<DropReason>,
@@ -377,10 +373,10 @@ pub struct TenantSnapshot {
 
 /// One of a sandbox's connection slots, given back on drop.
 #[derive(Debug)]
-pub struct TenantConn(Arc<Tenant>);
+pub(crate) struct TenantConn(Arc<Tenant>);
 
 impl TenantConn {
-    pub fn tenant(&self) -> &Arc<Tenant> {
+    pub(crate) fn tenant(&self) -> &Arc<Tenant> {
         &self.0
     }
 }

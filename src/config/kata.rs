@@ -35,7 +35,7 @@ use crate::addr::SocketTemplate;
 /// neither the sandbox annotation nor containerd's `ConfigPath` names one;
 /// runtime-rs: `load_config` in `src/runtime-rs/crates/runtimes/src/manager.rs`
 /// reads it first (and accepts only shipped files).
-pub const CONF_FILE_ENV: &str = "KATA_CONF_FILE";
+pub(crate) const CONF_FILE_ENV: &str = "KATA_CONF_FILE";
 
 /// The Go runtime's default files, first existing wins
 /// (`GetDefaultConfigFilePaths` in `src/runtime/pkg/katautils/config.go`:
@@ -62,11 +62,11 @@ const DEPLOY_DIRS: [&str; 2] = [
 ];
 
 /// Most configuration files read in one plan: kata-deploy ships about 25.
-pub const MAX_CONFIG_FILES: usize = 128;
+pub(crate) const MAX_CONFIG_FILES: usize = 128;
 /// Largest configuration file read (the shipped ones are 20-40 KiB).
-pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Most distinct listeners one plan serves.
-pub const MAX_LISTENERS: usize = 64;
+pub(crate) const MAX_LISTENERS: usize = 64;
 
 /// The Go runtime's VM store (`fs.RunVMStoragePath()`, `/run/vc/vm`), where
 /// Cloud Hypervisor's `clh.sock` goes (`vsockSocketPath` in
@@ -79,7 +79,7 @@ const GO_FC_CHROOT: &str = "/run/vc";
 const RS_SANDBOXES: &str = "/run/kata";
 
 #[derive(Debug, thiserror::Error)]
-pub enum KataConfigError {
+pub(crate) enum KataConfigError {
     #[error("reading Kata configuration {path}: {source}")]
     ReadConfig {
         path: PathBuf,
@@ -223,13 +223,13 @@ impl Sources {
     }
 
     /// `path` (absolute, as the runtime names it) under the root.
-    pub fn under_root(&self, path: &Path) -> PathBuf {
+    pub(crate) fn under_root(&self, path: &Path) -> PathBuf {
         under(&self.root, path)
     }
 
     /// The directories whose changes can change the plan (as the runtime
     /// names them): each file's directory, and kata-deploy's.
-    pub fn watched_dirs(&self) -> Vec<PathBuf> {
+    pub(crate) fn watched_dirs(&self) -> Vec<PathBuf> {
         let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
         for f in GO_DEFAULTS.iter().chain(RS_DEFAULTS.iter()) {
             if let Some(d) = Path::new(f).parent() {

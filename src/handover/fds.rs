@@ -18,7 +18,7 @@ use nix::sys::socket::{
 };
 
 /// Descriptors per message: under the kernel's limit of 253.
-pub const CHUNK: usize = 250;
+pub(crate) const CHUNK: usize = 250;
 const MARKER: u8 = b'F';
 
 /// Sends `fds` in chunks.

@@ -167,7 +167,7 @@ impl Drop for Stored {
 
 /// A descriptor the previous process left in the store.
 #[derive(Debug)]
-pub enum Left {
+pub(crate) enum Left {
     /// A listener, as a hand-over passes it (a Unix one with its janitor's
     /// pipe, if that was stored too).
     Listener(super::TakenListener),
@@ -181,7 +181,7 @@ pub enum Left {
 /// descriptors systemd passed to this one (`$LISTEN_FDS`, for this pid)
 /// with our names. Others, and ours that are no longer what their name
 /// says, are closed and logged. Call once, at start.
-pub fn take_back() -> Vec<Left> {
+pub(crate) fn take_back() -> Vec<Left> {
     let passed = match sd_notify::listen_fds_with_names() {
         Ok(p) => p,
         Err(e) => {

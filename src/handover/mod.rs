@@ -40,7 +40,7 @@
 //! ```
 
 pub mod fds;
-pub mod fdstore;
+pub(crate) mod fdstore;
 pub(crate) mod hub;
 pub(crate) mod server;
 pub mod wire;
@@ -185,7 +185,7 @@ impl From<Format> for WireFormat {
 }
 
 /// The hand-off socket, bound here or handed over.
-pub struct HandoffListener {
+pub(crate) struct HandoffListener {
     listener: tokio::net::UnixListener,
     path: PathBuf,
     identity: (u64, u64),
@@ -204,7 +204,7 @@ impl HandoffListener {
     /// socket. Only the owner may connect (mode 0600); started as root, the
     /// owner is `user`, whom the forwarder becomes and whose successor,
     /// started by `SIGHUP`, must be able to connect.
-    pub fn bind(path: &Path, user: Option<&str>) -> Result<HandoffListener, HandOverError> {
+    pub(crate) fn bind(path: &Path, user: Option<&str>) -> Result<HandoffListener, HandOverError> {
         let err = |source| HandOverError::BindHandoff {
             path: path.to_owned(),
             source,
@@ -291,7 +291,7 @@ impl HandoffListener {
         self.remove = true;
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -325,7 +325,7 @@ impl Drop for HandoffListener {
 }
 
 /// What a successor received, before it is turned into listeners.
-pub struct Received {
+pub(crate) struct Received {
     stream: StdUnixStream,
     pub state: State,
     fds: Vec<OwnedFd>,
@@ -333,7 +333,7 @@ pub struct Received {
 
 /// One handed-over listener, as the listen stage takes it.
 #[derive(Debug)]
-pub enum TakenListener {
+pub(crate) enum TakenListener {
     Hybrid {
         fd: OwnedFd,
         path: PathBuf,
@@ -356,7 +356,7 @@ pub enum TakenListener {
 
 /// One handed-over connection: its socket, the index of its listener among
 /// [`Taken::listeners`], and its reading state.
-pub struct TakenConn {
+pub(crate) struct TakenConn {
     pub fd: OwnedFd,
     pub listener: usize,
     pub cid: Option<u32>,
@@ -364,7 +364,7 @@ pub struct TakenConn {
 }
 
 /// Everything handed over, checked and ready to serve.
-pub struct Taken {
+pub(crate) struct Taken {
     pub from_pid: u32,
     pub handoff: Option<HandoffListener>,
     pub listeners: Vec<TakenListener>,
@@ -374,7 +374,7 @@ pub struct Taken {
 
 impl Taken {
     /// The parts, and the acknowledgement to send once they are served.
-    pub fn split(self) -> (TakenParts, Ack) {
+    pub(crate) fn split(self) -> (TakenParts, Ack) {
         (
             TakenParts {
                 from_pid: self.from_pid,
@@ -390,20 +390,20 @@ impl Taken {
 }
 
 /// The acknowledgement a successor owes the old process.
-pub struct Ack {
+pub(crate) struct Ack {
     stream: StdUnixStream,
 }
 
 impl Ack {
     /// Tells the old process that everything is ours now: from here on it
     /// will not read again. Without this (dropped), it resumes.
-    pub fn send(mut self) -> Result<(), HandOverError> {
+    pub(crate) fn send(mut self) -> Result<(), HandOverError> {
         self.stream.write_all(&[ACK]).map_err(HandOverError::Send)
     }
 }
 
 /// What [`Taken`] holds.
-pub struct TakenParts {
+pub(crate) struct TakenParts {
     pub from_pid: u32,
     pub handoff: Option<HandoffListener>,
     pub listeners: Vec<TakenListener>,
@@ -413,7 +413,10 @@ pub struct TakenParts {
 /// Connects to the hand-off socket at `path` and takes everything the
 /// forwarder there serves. `Ok(None)`: nobody is there (start normally).
 /// Blocking: call it before serving, or off the runtime.
-pub fn take_over(path: &Path, max_frame_size: usize) -> Result<Option<Taken>, HandOverError> {
+pub(crate) fn take_over(
+    path: &Path,
+    max_frame_size: usize,
+) -> Result<Option<Taken>, HandOverError> {
     let stream = match StdUnixStream::connect(path) {
         Ok(s) => s,
         Err(e)

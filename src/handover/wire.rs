@@ -38,17 +38,17 @@ use serde::{Deserialize, Serialize};
 use super::HandOverError;
 
 pub const MAGIC: [u8; 8] = *b"KTFHOVR\0";
-pub const VERSION: u16 = 1;
+pub(crate) const VERSION: u16 = 1;
 /// Magic, version, reserved, body length, descriptor count.
 pub const HEADER_LEN: usize = 8 + 2 + 2 + 4 + 4;
 pub const TRAILER_LEN: usize = 4;
 /// Largest body accepted: 1,024 connections each with a whole 1 MiB frame
 /// but one byte half read fit in it, with room to spare.
-pub const MAX_STATE_BYTES: usize = 1100 << 20;
+pub(crate) const MAX_STATE_BYTES: usize = 1100 << 20;
 /// Most listeners in one state (template mode has one per sandbox).
-pub const MAX_LISTENERS: usize = 65_536;
+pub(crate) const MAX_LISTENERS: usize = 65_536;
 /// Most connections in one state.
-pub const MAX_CONNECTIONS: usize = 65_536;
+pub(crate) const MAX_CONNECTIONS: usize = 65_536;
 
 /// Everything handed over, but the descriptors themselves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,7 +191,7 @@ pub fn decode_header(head: &[u8; HEADER_LEN]) -> Result<Header, HandOverError> {
 
 /// Checks and decodes the body (`rest`: the body and the CRC, as read after
 /// `head`). `max_frame_size` is the receiver's own limit.
-pub fn decode_body(
+pub(crate) fn decode_body(
     head: &[u8; HEADER_LEN],
     header: Header,
     rest: &[u8],

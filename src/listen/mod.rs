@@ -26,7 +26,7 @@
 pub(crate) mod connection;
 pub mod hybrid;
 pub(crate) mod inherited;
-pub mod kata_host;
+pub(crate) mod kata_host;
 pub(crate) mod pacing;
 pub mod privileges;
 pub(crate) mod sandbox;

@@ -26,7 +26,7 @@
 pub mod cache;
 pub mod encode;
 #[cfg(any(test, feature = "oracle"))]
-pub mod oracle;
+pub(crate) mod oracle;
 pub mod record;
 
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, KeyValue};
@@ -46,25 +46,25 @@ pub use record::{encode_request, EncodedRequest, EncodedResource, SpanRecord};
 pub(crate) const FLAG_CONTEXT_HAS_IS_REMOTE: u32 = 0x100;
 pub(crate) const FLAG_CONTEXT_IS_REMOTE: u32 = 0x200;
 
-pub const SERVICE_NAME: &str = "service.name";
+pub(crate) const SERVICE_NAME: &str = "service.name";
 
 /// Resource attribute: the Kata sandbox id, as the host knows it.
 pub const SANDBOX_ID: &str = "kata.sandbox.id";
 /// Resource attribute: the guest's VSOCK context id (an int), as the host
 /// knows it.
-pub const VSOCK_CID: &str = "kata.vsock.cid";
+pub(crate) const VSOCK_CID: &str = "kata.vsock.cid";
 
 /// Attributes that say who a span comes from. Only the host can know them
 /// (which socket, which CID), and the guest is untrusted, so a guest's
 /// value for one of these never reaches the collector under this key.
-pub const HOST_OWNED: [&str; 2] = [SANDBOX_ID, VSOCK_CID];
+pub(crate) const HOST_OWNED: [&str; 2] = [SANDBOX_ID, VSOCK_CID];
 
 /// Where a guest's own value for a host-owned attribute goes:
 /// `kata.sandbox.id` becomes `kata.guest.claimed.sandbox.id`.
-pub const GUEST_CLAIMED_PREFIX: &str = "kata.guest.claimed.";
+pub(crate) const GUEST_CLAIMED_PREFIX: &str = "kata.guest.claimed.";
 
 /// The key a guest's claim to the host-owned `key` is kept under.
-pub fn guest_claim_key(key: &str) -> String {
+pub(crate) fn guest_claim_key(key: &str) -> String {
     format!(
         "{GUEST_CLAIMED_PREFIX}{}",
         key.strip_prefix("kata.").unwrap_or(key)
@@ -112,7 +112,7 @@ pub fn resource(agent: Option<&model::Resource<'_>>, origin: &Origin) -> Resourc
 /// it is kept under [`guest_claim_key`], where nothing mistakes it for the
 /// host's. A guest that writes such a claimed key itself keeps it, unless
 /// the forwarder fills that key with a claim of its own.
-pub fn resource_with_claims(
+pub(crate) fn resource_with_claims(
     agent: Option<&model::Resource<'_>>,
     origin: &Origin,
 ) -> (Resource, u32) {

@@ -32,7 +32,7 @@ impl EncodedResource {
         Self::with_claims(resource, 0)
     }
 
-    pub fn with_claims(resource: Resource, guest_claims: u32) -> Self {
+    pub(crate) fn with_claims(resource: Resource, guest_claims: u32) -> Self {
         let bytes = Bytes::from(resource.encode_to_vec());
         Self {
             resource,
@@ -42,7 +42,7 @@ impl EncodedResource {
     }
 
     /// How many host-owned attributes the agent claimed otherwise.
-    pub fn guest_claims(&self) -> u32 {
+    pub(crate) fn guest_claims(&self) -> u32 {
         self.guest_claims
     }
 
@@ -167,7 +167,7 @@ impl EncodedRequest {
     }
 
     /// A request made of these pieces, in order (empty ones are left out).
-    pub fn from_chunks(mut chunks: Vec<Bytes>) -> Self {
+    pub(crate) fn from_chunks(mut chunks: Vec<Bytes>) -> Self {
         chunks.retain(|c| !c.is_empty());
         let len = chunks.iter().map(Bytes::len).sum();
         Self { chunks, len }

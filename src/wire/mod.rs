@@ -73,7 +73,7 @@ pub enum FrameError {
 
 /// The frame codec with errors that say what happened, for every reader of
 /// agent streams (the connections, the fuzz driver).
-pub struct FrameDecoder {
+pub(crate) struct FrameDecoder {
     inner: LengthDelimitedCodec,
     max: usize,
     /// The codec has consumed a header and waits for its payload: an end of
@@ -85,7 +85,7 @@ pub struct FrameDecoder {
 }
 
 impl FrameDecoder {
-    pub fn new(max_frame_size: usize) -> Self {
+    pub(crate) fn new(max_frame_size: usize) -> Self {
         Self {
             inner: frame_codec(max_frame_size),
             max: max_frame_size,
@@ -95,19 +95,19 @@ impl FrameDecoder {
     }
 
     /// The largest payload accepted.
-    pub fn max_frame_size(&self) -> usize {
+    pub(crate) fn max_frame_size(&self) -> usize {
         self.max
     }
 
     /// Whether a frame's header has been read and its payload not yet.
-    pub fn in_frame(&self) -> bool {
+    pub(crate) fn in_frame(&self) -> bool {
         self.in_frame
     }
 
     /// The bytes of the frame being read, as the agent sent them: the
     /// header the codec consumed, if it did, then what `rest` (the buffer
     /// it left) holds. Fed to a new decoder, they read as they would have.
-    pub fn unread(&self, rest: &[u8]) -> Vec<u8> {
+    pub(crate) fn unread(&self, rest: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + rest.len());
         if self.in_frame {
             out.extend_from_slice(&self.header);
@@ -257,8 +257,9 @@ impl DecodeError {
 
 /// Decodes one JSON payload: the agent's own compact layout through the
 /// fast path ([`json`]), anything else through `serde_json`, whose verdict
-/// then stands.
-pub fn decode_json(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
+/// then stands. (Tests' shorthand: connections go through [`Decoder`].)
+#[cfg(test)]
+pub(crate) fn decode_json(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
     decode_as(WireFormat::Json, payload, &[]).map(|(span, _)| span)
 }
 
@@ -334,7 +335,7 @@ impl Decoder {
 
     /// A decoder that has already seen `format` (a connection handed over
     /// by a previous process).
-    pub fn with_format(format: Option<WireFormat>) -> Self {
+    pub(crate) fn with_format(format: Option<WireFormat>) -> Self {
         Decoder { last: format }
     }
 

@@ -176,8 +176,10 @@ pub struct SpanContext<'a> {
 }
 
 impl SpanContext<'_> {
-    /// The trace state as its W3C `tracestate` header value.
-    pub fn trace_state_header(&self) -> String {
+    /// The trace state as its W3C `tracestate` header value (the struct
+    /// path, `otlp::oracle`, that the direct encoder is held to).
+    #[cfg(any(test, feature = "oracle"))]
+    pub(crate) fn trace_state_header(&self) -> String {
         let Some(entries) = &self.trace_state else {
             return String::new();
         };
