@@ -443,6 +443,7 @@ async fn vm_guest_vsock_loopback_agents_to_a_forwarder_inside() {
     let nowhere = dir.path().join("unused.sock");
     let mut guest = Guest::boot(&kit, "vsock-local", &nowhere, 3, &args);
     let reports = guest.wait_done(GUEST_TIMEOUT).await;
+    let output = guest.second_port();
     let done: Vec<_> = reports
         .iter()
         .filter(|r| matches!(r, Report::Done { errors: 0, .. }))
@@ -450,7 +451,7 @@ async fn vm_guest_vsock_loopback_agents_to_a_forwarder_inside() {
     assert_eq!(
         done.len(),
         formats.len(),
-        "every agent done, no write error: {reports:?}"
+        "every agent done, no write error:\n{output}"
     );
     let want = spans(&reports);
     assert_eq!(
@@ -458,9 +459,13 @@ async fn vm_guest_vsock_loopback_agents_to_a_forwarder_inside() {
         22 * formats.len(),
         "two kitchen-sink traces each"
     );
-    let output = guest.second_port();
     let got = dumped_spans(&output);
-    assert_eq!(got.len(), want.len(), "every span once\n{}", guest.logs());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "every span once\n{output}\n{}",
+        guest.logs()
+    );
     for w in &want {
         let (resource, span) = find(&got, w.span_id);
         assert_eq!(
