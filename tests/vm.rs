@@ -427,8 +427,10 @@ async fn vm_guest_kata_host_serves_cloud_hypervisor_guests() {
 /// (f) Standard VSOCK through a real kernel: in one guest the release
 /// forwarder listens on AF_VSOCK as on a host (the default flags, CID any,
 /// port 10240) and 4 agents (formats alternating) connect to it at once at
-/// CID 1 through `vsock_loopback`. Every span arrives once, intact, with the
-/// peer's CID (1) as `kata.vsock.cid`.
+/// CID 1 through `vsock_loopback`, beside a fifth killed in the middle of a
+/// frame. Every span of the 4 arrives once, intact, with the peer's CID (1)
+/// as `kata.vsock.cid`; of the fifth, exactly its whole frames, and the cut
+/// one is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_guest_vsock_loopback_agents_to_a_forwarder_inside() {
     let Some(kit) = Kit::get() else { return };
@@ -436,7 +438,7 @@ async fn vm_guest_vsock_loopback_agents_to_a_forwarder_inside() {
     let dir = tempfile::tempdir().unwrap();
     let kit = vsock_local_kit(&kit, dir.path());
     let formats: Vec<String> = (0..4).map(|i| WireFormat::ALL[i % 2].to_string()).collect();
-    let mut args = vec!["vsock-local"];
+    let mut args = vec!["vsock-local", "cut"];
     args.extend(formats.iter().map(String::as_str));
     // Its virtio VSOCK device, relayed to a socket nobody listens on, is
     // not used: every connection stays inside the guest.
@@ -453,13 +455,28 @@ async fn vm_guest_vsock_loopback_agents_to_a_forwarder_inside() {
         formats.len(),
         "every agent done, no write error:\n{output}"
     );
+    const CUT: usize = 120;
+    assert!(
+        reports
+            .iter()
+            .any(|r| matches!(r, Report::Cut { whole: CUT, .. })),
+        "the victim cut its frame:\n{output}"
+    );
     let want = spans(&reports);
     assert_eq!(
         want.len(),
         22 * formats.len(),
         "two kitchen-sink traces each"
     );
-    let got = dumped_spans(&output);
+    let mut got = dumped_spans(&output);
+    // The victim's bulk spans: exactly its whole frames, a prefix.
+    let victim_idx = bulk_indices(&got, None);
+    assert_eq!(
+        victim_idx,
+        (0..CUT as i64).collect::<Vec<_>>(),
+        "a whole prefix"
+    );
+    got.retain(|(_, s)| int_attr(&s.attributes, "kata.span_index").is_none());
     assert_eq!(
         got.len(),
         want.len(),
@@ -478,14 +495,22 @@ async fn vm_guest_vsock_loopback_agents_to_a_forwarder_inside() {
         assert_span_eq(w, &rest, span, "kata-agent");
     }
     let counters = exit_summary(&output);
-    assert_eq!(counters["frames_truncated"], 0, "{counters}");
-    assert_eq!(counters["connections_accepted"], 4, "{counters}");
+    assert_eq!(counters["frames_truncated"], 1, "{counters}");
+    assert_eq!(counters["connections_accepted"], 5, "{counters}");
     figures(
         "f",
         "4 agents over AF_VSOCK (vsock_loopback) to a forwarder in the guest",
         want.len(),
         got.len(),
         got.len() - want.len(),
+        t0,
+    );
+    figures(
+        "f",
+        "an agent killed mid-frame beside them (sent: its whole frames)",
+        CUT,
+        victim_idx.len(),
+        duplicates(&victim_idx),
         t0,
     );
 }

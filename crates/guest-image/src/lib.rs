@@ -30,7 +30,8 @@ const INIT: &str = r#"#!/bin/busybox sh
 # the guest boots and has VSOCK. `vsock-local FORMAT...`: the forwarder
 # (an initramfs with /bin/kata-trace-forwarder) listens on AF_VSOCK as on a
 # host, one agent per FORMAT connects to it at CID 1 through
-# vsock_loopback, all at once; then the manifests, the forwarder's dump
+# vsock_loopback, all at once (`cut`: one killed in the middle of a frame
+# after 120 whole ones); then the manifests, the forwarder's dump
 # and its log go out on the second serial port, one after the other.
 bb=/bin/busybox
 $bb mount -t proc proc /proc
@@ -51,10 +52,27 @@ elif [ "$1" = vsock-local ]; then
   done
   agents=
   for f in "$@"; do
+    if [ "$f" = cut ]; then
+      # Killed mid-frame once its whole frames are in: its manifest is
+      # first on the port, the others' end with their Done.
+      : >/manifest.0
+      /bin/kata-agent-emitter --vsock 1:10240 --manifest /manifest.0 --format json \
+        --bulk 400 --rate 100 --cut-after 120 &
+      victim=$!
+      continue
+    fi
     : >/manifest.$i
     /bin/kata-agent-emitter --vsock 1:10240 --manifest /manifest.$i --format $f --traces 2 &
     agents="$agents $!"; i=$((i + 1))
   done
+  if [ -n "$victim" ]; then
+    i=0
+    until $bb grep -q '"cut"' /manifest.0 || [ $i -ge 1200 ]; do
+      $bb sleep 0.1; i=$((i + 1))
+    done
+    $bb sleep 1
+    $bb kill -KILL $victim
+  fi
   for a in $agents; do wait $a; done
   $bb kill -TERM $fwd; wait $fwd
   echo "ktf-init: forwarder exit $?"
