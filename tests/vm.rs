@@ -13,7 +13,9 @@
 //! middle of a frame, a guest beside it streaming on; (d) a SIGHUP upgrade
 //! to another build while a guest streams; (e) `--kata-host` on a fixture
 //! node whose Cloud Hypervisor configurations point at the guests'
-//! directories. Each prints its figures (spans sent, arrived, duplicated,
+//! directories; (f) standard VSOCK inside one guest: agents connect over
+//! AF_VSOCK to CID 1 (vsock_loopback) to the release forwarder listening
+//! there as on a host. Each prints its figures (spans sent, arrived, duplicated,
 //! seconds) as `vm figures:` lines (and into `KTF_VM_FIGURES`).
 //!
 //! Needs scripts/setup-vm.sh's pieces (see tests/common/vm.rs); the suite
@@ -30,12 +32,12 @@ use std::time::{Duration, Instant};
 use common::agents::{alive, signal};
 use common::jaeger::{assert_jaeger_span, Jaeger};
 use common::vm::{
-    bulk_indices, duplicates, figures, first_frame_ms, forwarder_bin, make_sandbox, spans,
-    template_forwarder, Guest, Kit,
+    bulk_indices, dumped_spans, duplicates, figures, first_frame_ms, forwarder_bin, int_attr,
+    make_sandbox, spans, template_forwarder, vsock_local_kit, Guest, Kit,
 };
 use common::{
-    assert_tagged, exit_summary, fixture_host, free_port, kata_host_forwarder, print_plan,
-    templates, wait_metric, Forwarder, Receiver,
+    assert_span_eq, assert_tagged, exit_summary, find, fixture_host, free_port,
+    kata_host_forwarder, print_plan, templates, wait_metric, Forwarder, Receiver,
 };
 use kata_agent_emitter::guest::Report;
 use kata_agent_emitter::{ExpectedSpan, WireFormat};
@@ -418,6 +420,97 @@ async fn vm_guest_kata_host_serves_cloud_hypervisor_guests() {
         sent,
         got,
         0,
+        t0,
+    );
+}
+
+/// (f) Standard VSOCK through a real kernel: in one guest the release
+/// forwarder listens on AF_VSOCK as on a host (the default flags, CID any,
+/// port 10240) and 4 agents (formats alternating) connect to it at once at
+/// CID 1 through `vsock_loopback`, beside a fifth killed in the middle of a
+/// frame. Every span of the 4 arrives once, intact, with the peer's CID (1)
+/// as `kata.vsock.cid`; of the fifth, exactly its whole frames, and the cut
+/// one is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_guest_vsock_loopback_agents_to_a_forwarder_inside() {
+    let Some(kit) = Kit::get() else { return };
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let kit = vsock_local_kit(&kit, dir.path());
+    let formats: Vec<String> = (0..4).map(|i| WireFormat::ALL[i % 2].to_string()).collect();
+    let mut args = vec!["vsock-local", "cut"];
+    args.extend(formats.iter().map(String::as_str));
+    // Its virtio VSOCK device, relayed to a socket nobody listens on, is
+    // not used: every connection stays inside the guest.
+    let nowhere = dir.path().join("unused.sock");
+    let mut guest = Guest::boot(&kit, "vsock-local", &nowhere, 3, &args);
+    let reports = guest.wait_done(GUEST_TIMEOUT).await;
+    let output = guest.second_port();
+    let done: Vec<_> = reports
+        .iter()
+        .filter(|r| matches!(r, Report::Done { errors: 0, .. }))
+        .collect();
+    assert_eq!(
+        done.len(),
+        formats.len(),
+        "every agent done, no write error:\n{output}"
+    );
+    const CUT: usize = 120;
+    assert!(
+        reports
+            .iter()
+            .any(|r| matches!(r, Report::Cut { whole: CUT, .. })),
+        "the victim cut its frame:\n{output}"
+    );
+    let want = spans(&reports);
+    assert_eq!(
+        want.len(),
+        22 * formats.len(),
+        "two kitchen-sink traces each"
+    );
+    let mut got = dumped_spans(&output);
+    // The victim's bulk spans: exactly its whole frames, a prefix.
+    let victim_idx = bulk_indices(&got, None);
+    assert_eq!(
+        victim_idx,
+        (0..CUT as i64).collect::<Vec<_>>(),
+        "a whole prefix"
+    );
+    got.retain(|(_, s)| int_attr(&s.attributes, "kata.span_index").is_none());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "every span once\n{output}\n{}",
+        guest.logs()
+    );
+    for w in &want {
+        let (resource, span) = find(&got, w.span_id);
+        assert_eq!(
+            int_attr(&resource.attributes, "kata.vsock.cid"),
+            Some(1),
+            "the peer's CID as it is"
+        );
+        let mut rest = resource.clone();
+        rest.attributes.retain(|kv| kv.key != "kata.vsock.cid");
+        assert_span_eq(w, &rest, span, "kata-agent");
+    }
+    let counters = exit_summary(&output);
+    assert_eq!(counters["frames_truncated"], 1, "{counters}");
+    assert_eq!(counters["connections_accepted"], 5, "{counters}");
+    figures(
+        "f",
+        "4 agents over AF_VSOCK (vsock_loopback) to a forwarder in the guest",
+        want.len(),
+        got.len(),
+        got.len() - want.len(),
+        t0,
+    );
+    figures(
+        "f",
+        "an agent killed mid-frame beside them (sent: its whole frames)",
+        CUT,
+        victim_idx.len(),
+        duplicates(&victim_idx),
         t0,
     );
 }

@@ -85,6 +85,71 @@ impl Kit {
     }
 }
 
+/// The kit of the `vsock-local` guest: `kit`'s initramfs followed by a
+/// second archive (the kernel unpacks both, the second over the first)
+/// with the release forwarder, its libraries, the `vsock_loopback` module
+/// and an init that knows the scenario, so that an initramfs made before
+/// the release build still serves. The forwarder: `KTF_OTHER_BUILD`, else
+/// the release build beside the test build (the debug one is too big for
+/// the guest's memory).
+pub fn vsock_local_kit(kit: &Kit, dir: &Path) -> Kit {
+    let release = std::env::var_os("KTF_OTHER_BUILD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let bin = PathBuf::from(super::BIN);
+            let target = bin.parent().and_then(Path::parent).unwrap_or(&bin);
+            target.join("release/kata-trace-forwarder")
+        });
+    assert!(
+        release.is_file(),
+        "no release forwarder at {} for the vsock-local guest: \
+         cargo build --release --bin kata-trace-forwarder (scripts/test.sh does)",
+        release.display()
+    );
+    let guest_root = kit.kernel.parent().unwrap();
+    let overlay = dir.join("overlay.cpio");
+    ktf_guest_image::initramfs(
+        guest_root,
+        &[("kata-trace-forwarder", release.as_path())],
+        &overlay,
+    )
+    .unwrap_or_else(|e| panic!("the vsock-local initramfs: {e}"));
+    let mut both = std::fs::read(&kit.initramfs).unwrap();
+    both.extend(std::fs::read(&overlay).unwrap());
+    let initramfs = dir.join("vsock-local.cpio");
+    std::fs::write(&initramfs, both).unwrap();
+    Kit {
+        initramfs,
+        ..kit.clone()
+    }
+}
+
+/// The spans of a `--dump-only --dump-format otlp-json` output among
+/// other lines: one `TracesData` a line.
+pub fn dumped_spans(
+    text: &str,
+) -> Vec<(
+    opentelemetry_proto::tonic::resource::v1::Resource,
+    opentelemetry_proto::tonic::trace::v1::Span,
+)> {
+    use opentelemetry_proto::tonic::trace::v1::TracesData;
+    text.lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| l.starts_with("{\"resourceSpans\""))
+        .flat_map(|l| {
+            let data: TracesData =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("dump line {l:?}: {e}"));
+            data.resource_spans.into_iter().flat_map(|rs| {
+                let resource = rs.resource.unwrap_or_default();
+                rs.scope_spans
+                    .into_iter()
+                    .flat_map(|s| s.spans)
+                    .map(move |s| (resource.clone(), s))
+            })
+        })
+        .collect()
+}
+
 /// scripts/setup-vm.sh's cache (`KTF_VM_CACHE_DIR`, else under the user's
 /// cache directory).
 pub fn cache_dir() -> PathBuf {
@@ -232,6 +297,11 @@ impl Guest {
             self.read("qemu.log"),
             self.read("backend.log")
         )
+    }
+
+    /// Everything the second serial port carried so far.
+    pub fn second_port(&self) -> String {
+        self.read("manifest.log")
     }
 
     /// The manifest so far.
