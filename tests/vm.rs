@@ -67,7 +67,7 @@ async fn assert_in_jaeger(jaeger: &Jaeger, want: &[ExpectedSpan]) -> usize {
     arrived
 }
 
-/// (a) One forwarder per sandbox (`--socket-path`, as the README starts
+/// (a) One forwarder per sandbox (`--socket-path`, as docs/modes.md starts
 /// one), a JSON guest and a bincode guest at once, both exporting to one
 /// real Jaeger: every span each guest's SDK exported is in Jaeger, intact,
 /// once.

@@ -429,7 +429,7 @@ pub fn micros(nanos: u64) -> u64 {
 }
 
 /// Asserts that Jaeger's view of a span (and its process) is exactly what
-/// OTLP carries of `want`, as Jaeger maps it: see the README's Jaeger section.
+/// OTLP carries of `want`, as Jaeger maps it: see docs/collectors.md, "With Jaeger".
 pub fn assert_jaeger_span(trace: &Value, want: &ExpectedSpan, service_name: &str) {
     let got = span(trace, want.span_id);
     let ctx = format!("Jaeger span '{}' ({:016x})", want.name, want.span_id);

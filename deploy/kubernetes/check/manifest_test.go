@@ -3,7 +3,7 @@
 // field names case-sensitive, unknown and duplicate fields rejected; a
 // misspelt or misplaced key fails here, not at `kubectl apply`), then
 // checked with apimachinery's own name and label rules and for what the
-// README promises of it. tests/kata_host.rs checks its args against the
+// docs/kubernetes.md promises of it. tests/kata_host.rs checks its args against the
 // binary; tests/packages.rs runs the image with its security context.
 package check
 
@@ -169,7 +169,7 @@ func TestMountsAndVolumesAgree(t *testing.T) {
 	}
 }
 
-// What the README says of it: not privileged, every capability dropped but
+// What docs/kubernetes.md says of it: not privileged, every capability dropped but
 // the four the forwarder uses, no escalation, a read-only root, the
 // runtime's seccomp profile, and rolling updates that hand over (a new pod
 // beside the old one, at a hand-off socket on a host mount).
