@@ -79,6 +79,7 @@ struct DocCommand {
 
 /// Everything the checks need from the repository, so that tests can plant
 /// their own.
+#[derive(Default)]
 struct Repo {
     /// Normalised non-comment lines of every corpus file (rule 4a).
     lines: Vec<String>,
@@ -479,13 +480,7 @@ impl Repo {
             walk(&root().join(d), &mut files);
         }
         let this = root().join("tests/docs.rs");
-        let mut repo = Repo {
-            lines: Vec::new(),
-            test_flags: Vec::new(),
-            scripts: HashMap::new(),
-            crates_text: String::new(),
-            help: HashMap::new(),
-        };
+        let mut repo = Repo::default();
         for f in files.iter().filter(|f| **f != this) {
             let Ok(text) = std::fs::read_to_string(f) else {
                 continue;
@@ -750,13 +745,7 @@ fn every_relative_link_in_the_docs_resolves() {
 #[test]
 fn ci_runs_the_readmes_test_command() {
     let ci = std::fs::read_to_string(root().join(".ci/run")).unwrap();
-    let mut repo = Repo {
-        lines: Vec::new(),
-        test_flags: Vec::new(),
-        scripts: HashMap::new(),
-        crates_text: String::new(),
-        help: HashMap::new(),
-    };
+    let mut repo = Repo::default();
     repo.add_source(&ci, false);
     assert!(repo.runs("./scripts/test.sh").is_some(), "{:?}", repo.lines);
 }
@@ -768,18 +757,24 @@ fn planted(doc: &str) -> Vec<String> {
     check_commands(&[("planted.md".to_string(), doc.to_string())], &mut repo)
 }
 
+/// Asserts that `doc` has exactly one problem, and that it says `needle`.
+fn fails_once(doc: &str, needle: &str) {
+    let problems = planted(doc);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains(needle), "{problems:?}");
+}
+
 #[test]
 fn a_planted_unmarked_command_fails() {
-    let problems =
-        planted("```sh\nkata-trace-forwarder --vsock-port 1234 --trace-name planted\n```\n");
-    assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(
-        problems[0].contains("planted.md:2: no script or test runs"),
-        "{problems:?}"
+    fails_once(
+        "```sh\nkata-trace-forwarder --vsock-port 1234 --trace-name planted\n```\n",
+        "planted.md:2: no script or test runs",
     );
     // A bare binary does not pass on the strength of `kata-trace-forwarder --help`.
-    let problems = planted("```sh\nsudo kata-trace-forwarder\n```\n");
-    assert_eq!(problems.len(), 1, "{problems:?}");
+    fails_once(
+        "```sh\nsudo kata-trace-forwarder\n```\n",
+        "no script or test runs",
+    );
 }
 
 #[test]
@@ -800,33 +795,38 @@ fn marks_and_the_repositorys_commands_pass() {
 
 #[test]
 fn a_mark_covers_only_its_own_block() {
-    let doc = "```sh\n# on a Kata host\n```\n```sh\nkata-trace-forwarder --vsock-port 1234 --trace-name planted\n```\n";
-    assert_eq!(planted(doc).len(), 1);
+    fails_once(
+        "```sh\n# on a Kata host\n```\n```sh\nkata-trace-forwarder --vsock-port 1234 --trace-name planted\n```\n",
+        "planted.md:5: no script or test runs",
+    );
 }
 
 #[test]
 fn a_script_option_it_does_not_take_fails() {
-    let problems = planted("```sh\n./scripts/demo.sh --no-such-option\n```\n");
-    assert_eq!(problems.len(), 1, "{problems:?}");
+    fails_once(
+        "```sh\n./scripts/demo.sh --no-such-option\n```\n",
+        "no script or test runs",
+    );
 }
 
 #[test]
 fn an_unknown_flag_fails_even_when_marked() {
-    let problems = planted("```sh\nkata-trace-forwarder --no-such-flag   # on a Kata host\n```\n");
-    assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(
-        problems[0].contains("--no-such-flag is not in"),
-        "{problems:?}"
+    fails_once(
+        "```sh\nkata-trace-forwarder --no-such-flag   # on a Kata host\n```\n",
+        "--no-such-flag is not in",
     );
-    let problems = planted("```sh\nkata-trace-forwarder frobnicate   # on a Kata host\n```\n");
-    assert_eq!(problems.len(), 1, "{problems:?}");
+    fails_once(
+        "```sh\nkata-trace-forwarder frobnicate   # on a Kata host\n```\n",
+        "is no subcommand",
+    );
 }
 
 #[test]
 fn a_fence_without_a_language_fails() {
-    let problems = planted("```\nkata-trace-forwarder --trace-name planted\n```\n");
-    assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(problems[0].contains("without a language"), "{problems:?}");
+    fails_once(
+        "```\nkata-trace-forwarder --trace-name planted\n```\n",
+        "without a language",
+    );
     // Output blocks hold no commands.
     assert!(planted("```text\nkata-trace-forwarder --trace-name planted\n```\n").is_empty());
 }
