@@ -55,7 +55,7 @@ use std::time::Duration;
 use crate::addr::Peer;
 use crate::janitor::Janitor;
 use crate::wire::WireFormat;
-use hub::{Member, Piece, PieceKind};
+use hub::{Piece, PieceKind};
 use wire::{Format, ListenerKind, State};
 
 pub use server::{Reexec, Upgrade};
@@ -113,16 +113,6 @@ pub enum HandOverError {
     Send(#[source] io::Error),
     #[error("using a handed-over socket: {0}")]
     AdoptSocket(String),
-}
-
-/// How a connection task is tied to hand-overs.
-pub(crate) struct ConnLink {
-    /// Its place in the next hand-over's pause.
-    pub member: Option<Member>,
-    /// The member id of the accept loop it came from.
-    pub listener: u64,
-    /// What the previous process had read, for a connection handed over.
-    pub resume: Option<Resume>,
 }
 
 /// A handed-over connection's reading state.

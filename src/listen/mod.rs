@@ -46,9 +46,10 @@ use crate::addr::{hybrid_socket, Peer};
 use crate::config::{ListenConfig, ListenMode};
 use crate::events::{emit, ConnectionAccepted, ConnectionRejected, Refusal};
 use crate::handover::fdstore::Stored;
-use crate::handover::hub::{Hub, Member, Outcome, Piece, PieceKind};
+use crate::handover::hub::{Hub, Piece, PieceKind};
 use crate::handover::wire::ListenerKind;
-use crate::handover::{ConnLink, Resume, TakenConn};
+use crate::handover::{Resume, TakenConn};
+use crate::lifeline::{After, Lifeline};
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
 use crate::tenant::{Tenant, TenantKey};
@@ -116,11 +117,16 @@ pub enum ListenError {
     AdoptSocket(String),
 }
 
-/// A bound listener of any kind.
+/// A bound socket agents connect to: all a listener does is accept.
 pub enum Listener {
     Hybrid(hybrid::HybridListener),
     Vsock(vsock::VsockListener),
-    /// One hybrid listener per sandbox, as their directories come and go.
+}
+
+/// What binds and removes listeners as sandboxes (or the host's Kata
+/// configurations) come and go, and serves each in a task of its own.
+pub(crate) enum Manager {
+    /// One hybrid listener per sandbox directory of a template.
     Template(template::TemplateListener),
     /// What the host's Kata configurations ask for, as they change (boxed:
     /// it holds its plan; there is one per forwarder).
@@ -132,8 +138,22 @@ impl Listener {
         match self {
             Listener::Hybrid(l) => format!("hybrid vsock unix:{}", l.path().display()),
             Listener::Vsock(l) => l.describe(),
-            Listener::Template(l) => l.describe(),
-            Listener::KataHost(l) => l.describe(),
+        }
+    }
+}
+
+impl Manager {
+    fn describe(&self) -> String {
+        match self {
+            Manager::Template(t) => t.describe(),
+            Manager::KataHost(k) => k.describe(),
+        }
+    }
+
+    async fn serve(self, serving: Serving, life: Lifeline) {
+        match self {
+            Manager::Template(t) => t.serve(serving, life).await,
+            Manager::KataHost(k) => k.serve(serving, life).await,
         }
     }
 }
@@ -160,7 +180,6 @@ impl Listener {
                 };
                 (ListenerKind::Vsock { cid, port }, l.fd(), Ok(None))
             }
-            Listener::Template(_) | Listener::KataHost(_) => return None,
         };
         let (kind, fd, janitor) = handed;
         match janitor.and_then(|janitor| Ok((fd.try_clone_to_owned()?, janitor))) {
@@ -186,7 +205,6 @@ impl Listener {
                 stored
             }
             Listener::Vsock(l) => vec![Stored::listener(l.fd(), None)],
-            Listener::Template(_) | Listener::KataHost(_) => Vec::new(),
         }
     }
 
@@ -241,9 +259,11 @@ impl Adopted {
     }
 }
 
-/// The listeners one forwarder serves, bound and ready.
+/// The listeners one forwarder serves, bound and ready, and what makes
+/// more of them as sandboxes come.
 pub struct Listeners {
     listeners: Vec<Listener>,
+    managers: Vec<Manager>,
     max_connections: usize,
     /// Connections handed over with the listeners.
     adopted: Vec<Adopted>,
@@ -257,6 +277,7 @@ impl Listeners {
     pub fn new(listeners: Vec<Listener>, max_connections: usize) -> Listeners {
         Listeners {
             listeners,
+            managers: Vec::new(),
             max_connections,
             adopted: Vec::new(),
             hub: None,
@@ -276,15 +297,17 @@ impl Listeners {
 
     /// The thread that watches sandbox directories, when one does.
     fn sandbox_thread(&self) -> Option<template::SandboxThread> {
-        self.listeners.iter().find_map(|l| match l {
-            Listener::Template(t) => Some(t.thread().clone()),
-            Listener::KataHost(k) => Some(k.thread().clone()),
-            Listener::Hybrid(_) | Listener::Vsock(_) => None,
+        self.managers.first().map(|m| match m {
+            Manager::Template(t) => t.thread().clone(),
+            Manager::KataHost(k) => k.thread().clone(),
         })
     }
 
     pub fn describe(&self) -> String {
-        let all: Vec<String> = self.listeners.iter().map(Listener::describe).collect();
+        let listeners = self.listeners.iter().map(Listener::describe);
+        let all: Vec<String> = listeners
+            .chain(self.managers.iter().map(Manager::describe))
+            .collect();
         all.join(", ")
     }
 }
@@ -325,19 +348,11 @@ async fn bind_mode(
     inherited: Option<&Arc<inherited::Inherited>>,
 ) -> Result<Listeners, ListenError> {
     let root = privileges::is_root();
-    // Connections of the one listener, left by a previous process.
-    let mut adopted = Vec::new();
-    let listener = match &cfg.mode {
+    // The one listener, with its connections a previous process left.
+    let (listener, adopted) = match &cfg.mode {
         ListenMode::Hybrid { socket_path, port } => {
             let path = hybrid_socket(socket_path, *port);
-            let (l, conns) = inherited
-                .and_then(|i| i.take_unix(&path))
-                .unwrap_or_default();
-            adopted = conns;
-            let mut l = match l {
-                Some(l) => l,
-                None => hybrid::HybridListener::bind(&path)?,
-            };
+            let (mut l, conns) = inherited::hybrid(inherited, &path)?;
             if root && !l.has_janitor() {
                 l.hand_removal_to_janitor()?;
             }
@@ -347,17 +362,11 @@ async fn bind_mode(
                 }
                 privileges::drop_root(&cfg.user, privileges::Keep::Nothing)?;
             }
-            Listener::Hybrid(l)
+            (Listener::Hybrid(l), conns)
         }
         ListenMode::Vsock { cid, port } => {
-            let (l, conns) = inherited
-                .and_then(|i| i.take_vsock(*cid, *port))
-                .unwrap_or_default();
-            adopted = conns;
-            match l {
-                Some(l) => Listener::Vsock(l),
-                None => Listener::Vsock(vsock::VsockListener::bind(*cid, *port)?),
-            }
+            let (l, conns) = inherited::vsock(inherited, *cid, *port)?;
+            (Listener::Vsock(l), conns)
         }
         ListenMode::Template {
             template,
@@ -392,7 +401,9 @@ async fn bind_mode(
                 .await?
                 .inheriting(inherited);
             let host = kata_host::KataHostListener::start(k, thread, shutdown).await?;
-            Listener::KataHost(Box::new(host))
+            let mut all = Listeners::new(Vec::new(), cfg.max_connections);
+            all.managers.push(Manager::KataHost(Box::new(host)));
+            return Ok(all);
         }
     };
     let mut all = Listeners::new(vec![listener], cfg.max_connections);
@@ -432,15 +443,10 @@ async fn bind_set(
     inherited: Option<&Arc<inherited::Inherited>>,
 ) -> Result<Listeners, ListenError> {
     let mut listeners = Vec::new();
+    let mut managers = Vec::new();
     let mut adopted = Vec::new();
     if let Some(cid) = set.vsock {
-        let (l, conns) = inherited
-            .and_then(|i| i.take_vsock(cid, set.port))
-            .unwrap_or_default();
-        let l = match l {
-            Some(l) => l,
-            None => vsock::VsockListener::bind(cid, set.port)?,
-        };
+        let (l, conns) = inherited::vsock(inherited, cid, set.port)?;
         adopted.extend(conns.into_iter().map(|mut a| {
             a.listener = listeners.len();
             a
@@ -460,10 +466,11 @@ async fn bind_set(
                 shutdown,
             )
             .await?;
-            listeners.push(Listener::Template(l));
+            managers.push(Manager::Template(l));
         }
     }
     let mut all = Listeners::new(listeners, cfg.max_connections);
+    all.managers = managers;
     all.adopted = adopted;
     Ok(all)
 }
@@ -480,7 +487,7 @@ pub(crate) async fn serve(
 ) {
     let limit = Arc::new(ConnLimit::new(listeners.max_connections));
     let tracker = TaskTracker::new();
-    let hub = listeners.hub.clone();
+    let root = Lifeline::root(shutdown.clone(), listeners.hub.clone());
     let mut adopted: Vec<Vec<Adopted>> = listeners.listeners.iter().map(|_| Vec::new()).collect();
     for a in listeners.adopted {
         match adopted.get_mut(a.listener) {
@@ -493,21 +500,22 @@ pub(crate) async fn serve(
         origin,
         limit,
         tracker: tracker.clone(),
-        hub,
     };
+    // Lifelines are taken before the tasks run, so that a pause asked
+    // from now on waits for them.
+    let managing = listeners
+        .managers
+        .into_iter()
+        .map(|m| m.serve(serving.clone(), root.spawn()));
+    let managing = futures_util::future::join_all(managing);
     let accepting = listeners
         .listeners
         .into_iter()
         .zip(adopted)
         .map(|(listener, adopted)| {
             let serving = serving.clone();
-            let shutdown = shutdown.clone();
+            let life = root.spawn();
             async move {
-                let listener = match listener {
-                    Listener::Template(t) => return t.serve(serving).await,
-                    Listener::KataHost(k) => return k.serve(serving).await,
-                    other => other,
-                };
                 // QEMU: a guest's CID says which sandbox it is, through /proc.
                 let resolver = matches!(listener, Listener::Vsock(_))
                     .then(|| Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
@@ -528,14 +536,13 @@ pub(crate) async fn serve(
                     }
                     _ => (origin, None),
                 };
-                let member = serving.hub.as_ref().map(Hub::member);
                 serving
                     .accept(&origin, resolver, tenant, None)
-                    .serve(listener, member, adopted, &shutdown)
+                    .serve(listener, life, adopted)
                     .await;
             }
         });
-    futures_util::future::join_all(accepting).await;
+    tokio::join!(managing, futures_util::future::join_all(accepting));
     tracker.close();
     let drained = match shutdown.deadline() {
         Some(d) => tokio::time::timeout_at(d, tracker.wait()).await.is_ok(),
@@ -558,8 +565,6 @@ pub(crate) struct Serving {
     pub origin: Arc<Origin>,
     pub limit: Arc<ConnLimit>,
     pub tracker: TaskTracker,
-    /// Where listeners and connections pause for a hand-over, if any.
-    pub hub: Option<Arc<Hub>>,
 }
 
 impl Serving {
@@ -580,7 +585,6 @@ impl Serving {
             resolver,
             tracker: &self.tracker,
             tenant,
-            hub: self.hub.as_ref(),
             sandbox,
         }
     }
@@ -613,8 +617,6 @@ pub(crate) struct Accept<'a> {
     /// The listener's sandbox (hybrid, template); on VSOCK, each guest CID
     /// is one.
     pub tenant: Option<Arc<Tenant>>,
-    /// Where this listener and its connections pause for a hand-over.
-    pub hub: Option<&'a Arc<Hub>>,
     /// The sandbox whose socket this is, in template mode and
     /// `--kata-host`: handed over as such, for the successor's watcher.
     pub sandbox: Option<&'a str>,
@@ -629,50 +631,31 @@ pub(crate) enum Ended {
     HandedOver,
 }
 
-/// Resolves when a hand-over asks `member` to pause; never without one.
-pub(crate) async fn pause_asked(member: &mut Option<Member>) {
-    match member {
-        Some(m) => m.pause_asked().await,
-        None => std::future::pending().await,
-    }
-}
-
 impl Accept<'_> {
     /// Accepts connections on `listener` until `shutdown` begins, then
     /// takes those already queued (a backlog's worth, not a flood), so that
     /// what their agents wrote is drained rather than lost with the socket.
-    /// `member` is its place in hand-overs: between two accepts, it pauses
-    /// and reports the listener; handed over, it ends with
-    /// [`Ended::HandedOver`].
-    pub(crate) async fn run(
-        &self,
-        listener: &Listener,
-        shutdown: &Shutdown,
-        mut member: Option<Member>,
-    ) -> Ended {
+    /// Between two accepts, a hand-over's pause reports the listener;
+    /// handed over, it ends with [`Ended::HandedOver`].
+    pub(crate) async fn run(&self, listener: &Listener, life: &mut Lifeline) -> Ended {
         let max_connections = self.limit.max;
         let stats = &self.shared.stats;
-        let listener_id = member.as_ref().map_or(0, Member::id);
         let mut late = 0usize;
         let stored = listener.store();
         let keep = |stored: Vec<Stored>| stored.into_iter().for_each(Stored::keep);
         loop {
-            if let Some(m) = member.as_mut() {
-                if m.pause_due() {
-                    m.report(self.piece(listener));
-                }
-                if m.awaiting_outcome() {
-                    match m.outcome().await {
-                        Outcome::HandedOver => {
-                            keep(stored);
-                            return Ended::HandedOver;
-                        }
-                        Outcome::Stop => break,
-                        Outcome::Resumed => {}
-                    }
-                }
+            if life.pause_due() {
+                life.report(self.piece(listener));
             }
-            let accepted = if shutdown.is_stopping() {
+            match life.settled().await {
+                Some(After::Leave) => {
+                    keep(stored);
+                    return Ended::HandedOver;
+                }
+                Some(After::Drain) => break,
+                Some(After::Resume) | None => {}
+            }
+            let accepted = if life.is_stopping() {
                 late += 1;
                 match accept(listener).now_or_never() {
                     Some(a) if late <= max_connections => a,
@@ -681,14 +664,14 @@ impl Accept<'_> {
             } else {
                 tokio::select! {
                     biased;
-                    _ = shutdown.stopping() => continue,
-                    _ = pause_asked(&mut member) => continue,
+                    // Stopping or a pause: seen at the top of the loop.
+                    _ = life.next() => continue,
                     a = accept(listener) => a,
                 }
             };
             let (stream, peer) = match accepted {
                 Ok(a) => a,
-                Err(_) if shutdown.is_stopping() => break,
+                Err(_) if life.is_stopping() => break,
                 Err(e) => {
                     // Out of descriptors or memory: back off instead of
                     // spinning; the connections already open keep being
@@ -730,19 +713,11 @@ impl Accept<'_> {
                 refuse(Some(&tenant), Refusal::Global { max_connections });
                 continue;
             };
-            let link = ConnLink {
-                member: self.hub.map(Hub::member),
-                listener: listener_id,
-                resume: None,
-            };
-            self.spawn(stream, peer, slot, permit, shutdown, link);
+            self.spawn(stream, peer, slot, permit, life, None);
         }
         // With systemd's store, a stop leaves the listener to the next
-        // process; a sandbox that went alone (no phase) takes it along.
-        if shutdown
-            .phase()
-            .is_some_and(|p| p.mode == crate::shutdown::Mode::Store)
-        {
+        // process; a sandbox that went alone takes it along.
+        if life.leaves() {
             keep(stored);
             return Ended::HandedOver;
         }
@@ -775,21 +750,19 @@ impl Accept<'_> {
 
     /// Serves `listener` (VSOCK, or one hybrid socket) until `shutdown`:
     /// first the connections a predecessor left (`adopted`), then what it
-    /// accepts. `member` is its place in hand-overs, taken by the caller
-    /// before this task ran. Handed over, or left in systemd's store, its
-    /// socket stays; stopped, it goes.
+    /// accepts. `life` was taken by the caller before this task ran.
+    /// Handed over, or left in systemd's store, its socket stays; stopped,
+    /// it goes.
     pub(crate) async fn serve(
         &self,
         listener: Listener,
-        member: Option<Member>,
+        mut life: Lifeline,
         adopted: Vec<Adopted>,
-        shutdown: &Shutdown,
     ) {
-        let listener_id = member.as_ref().map_or(0, Member::id);
         for a in adopted {
-            self.adopt(a, listener_id, shutdown);
+            self.adopt(a, &life);
         }
-        match self.run(&listener, shutdown, member).await {
+        match self.run(&listener, &mut life).await {
             Ended::HandedOver => {
                 tracing::info!(listener = %listener.describe(), "handed over");
                 listener.release();
@@ -802,7 +775,7 @@ impl Accept<'_> {
 
     /// Serves a connection a previous forwarder handed over, from where it
     /// left it. Past a cap (one lowered since), it is closed and logged.
-    fn adopt(&self, a: Adopted, listener_id: u64, shutdown: &Shutdown) {
+    fn adopt(&self, a: Adopted, life: &Lifeline) {
         let tenants = &*self.shared.tenants;
         let tenant = match (&self.tenant, a.peer) {
             (Some(t), _) => Some(Arc::clone(t)),
@@ -815,12 +788,7 @@ impl Accept<'_> {
             tracing::warn!(peer = %a.peer, "a handed-over connection is over a connection cap; closed");
             return;
         };
-        let link = ConnLink {
-            member: self.hub.map(Hub::member),
-            listener: listener_id,
-            resume: Some(a.resume),
-        };
-        self.spawn(a.stream, a.peer, slot, permit, shutdown, link);
+        self.spawn(a.stream, a.peer, slot, permit, life, Some(a.resume));
     }
 
     fn spawn(
@@ -829,11 +797,17 @@ impl Accept<'_> {
         peer: Peer,
         slot: crate::tenant::TenantConn,
         permit: tokio::sync::OwnedSemaphorePermit,
-        shutdown: &Shutdown,
-        link: ConnLink,
+        accepting: &Lifeline,
+        resume: Option<Resume>,
     ) {
         let shared = Arc::clone(self.shared);
-        let shutdown = shutdown.clone();
+        // Taken here, before the task runs, so that a pause asked from now
+        // on waits for it.
+        let life = accepting.spawn();
+        let start = connection::Start {
+            listener: accepting.id(),
+            resume,
+        };
         let origin = Arc::clone(self.origin);
         let resolver = self.resolver.clone();
         let conn = async move {
@@ -845,10 +819,10 @@ impl Accept<'_> {
             };
             match stream {
                 Stream::Unix(s) => {
-                    connection::serve(s, peer, &shared, origin, slot, &shutdown, link).await
+                    connection::serve(s, peer, &shared, origin, slot, life, start).await
                 }
                 Stream::Vsock(s) => {
-                    connection::serve(s, peer, &shared, origin, slot, &shutdown, link).await
+                    connection::serve(s, peer, &shared, origin, slot, life, start).await
                 }
             }
             drop(permit);
@@ -874,7 +848,5 @@ async fn accept(listener: &Listener) -> io::Result<(Stream, Peer)> {
             let (s, cid) = l.accept().await?;
             Ok((Stream::Vsock(s), Peer::Vsock { cid }))
         }
-        // Served by their own listeners, never accepted on.
-        Listener::Template(_) | Listener::KataHost(_) => std::future::pending().await,
     }
 }
