@@ -113,6 +113,21 @@ impl ReadBuffer {
         read.map(|n| (n, full))
     }
 
+    /// Reads once from `src` (a connection on the reactor) into room made
+    /// by [`prepare`](Self::prepare), sizing the next read as
+    /// [`filled`](Self::filled) does. Whether it filled the room, too. With
+    /// [`read_from`](Self::read_from), the only two ways bytes come in: each
+    /// accounts for its read itself.
+    pub(crate) async fn read_async(
+        &mut self,
+        src: &mut (impl tokio::io::AsyncRead + Unpin),
+    ) -> std::io::Result<(usize, bool)> {
+        let n = tokio::io::AsyncReadExt::read_buf(src, self.prepare()).await?;
+        let full = n >= self.spare;
+        self.filled(n);
+        Ok((n, full))
+    }
+
     /// The room the last [`prepare`](Self::prepare) made.
     pub fn spare(&self) -> usize {
         self.spare

@@ -44,6 +44,7 @@ pub mod export;
 pub mod handover;
 pub mod ingest;
 pub mod janitor;
+pub(crate) mod lifeline;
 pub mod listen;
 pub mod logging;
 mod metrics;

@@ -28,8 +28,8 @@
 //! gone, or, on VSOCK, its last connection closed a while ago (kept a while
 //! so that reconnecting does not refill its bucket).
 //!
-//! Over 500 lines only with its tests; the limits stay together because
-//! they share one registry and one tenant's lifetime.
+//! Over 500 lines (about 540 without its tests): the limits stay together
+//! because they share one registry and one tenant's lifetime.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -18,9 +18,11 @@
 //! cannot be sent by the deadline is spooled too, or else counted as
 //! dropped.
 //!
-//! Over 500 lines: the sink, the batcher and the replayer share one idea of
-//! what became of a batch (`Delivery`), so they stay together; the tests of
-//! how batches are cut and split are beside them.
+//! Here: the exporter (one batch's delivery, retries, the spool) and the
+//! batcher. Beside it: [`sink`] (the transports behind one interface),
+//! [`split`] (cutting batches, halving refused requests), [`replay`]. Over
+//! 500 lines with its tests, which exercise all of them through the
+//! exporter.
 
 pub(crate) mod body;
 pub(crate) mod coalesce;
@@ -28,7 +30,10 @@ pub(crate) mod dump;
 pub mod grpc;
 pub mod http;
 pub(crate) mod queue;
+mod replay;
 pub(crate) mod retry;
+mod sink;
+mod split;
 pub mod spool;
 pub mod tls;
 pub(crate) mod tree;
@@ -53,6 +58,10 @@ use crate::tenant::Tenant;
 use queue::{QueueReceiver, Queued};
 use retry::{Backoff, Classify, Retry, RetryPolicy};
 use spool::Spool;
+
+pub(crate) use replay::run_replayer;
+pub use sink::Sink;
+use split::{halves_of, split_batch, split_half};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -139,124 +148,6 @@ pub(crate) fn connect_error(
     } else {
         ExportError::Connect { endpoint, reason }
     }
-}
-
-/// Where batches go. Every sink takes the same encoded request and says
-/// what became of it; `--dump-only` writes it out, as JSON lines or trees.
-pub struct Sink(Transport);
-
-enum Transport {
-    Grpc(grpc::GrpcTransport),
-    Http(Box<http::HttpTransport>),
-    Dump(std::sync::Mutex<dump::DumpWriter>),
-    Tree(std::sync::Mutex<tree::TreeWriter>),
-}
-
-impl Sink {
-    /// Opens the configured transport, failing if the collector cannot be
-    /// reached within `connect_timeout`.
-    pub async fn connect(cfg: &OtlpConfig, connect_timeout: Duration) -> Result<Self, ExportError> {
-        Ok(Sink(match cfg.protocol {
-            OtlpProtocol::Grpc => {
-                Transport::Grpc(grpc::GrpcTransport::connect(cfg, connect_timeout).await?)
-            }
-            OtlpProtocol::HttpProtobuf => Transport::Http(Box::new(
-                http::HttpTransport::connect(cfg, connect_timeout).await?,
-            )),
-        }))
-    }
-
-    /// OTLP JSON lines, one span a line, written to `out`.
-    pub fn dump(out: Box<dyn std::io::Write + Send + Sync>) -> Sink {
-        Sink(Transport::Dump(std::sync::Mutex::new(
-            dump::DumpWriter::new(out),
-        )))
-    }
-
-    /// Each trace as an indented tree, written to `out` (see [`tree`]).
-    pub fn tree(out: Box<dyn std::io::Write + Send + Sync>, cfg: &DumpConfig) -> Sink {
-        Sink(Transport::Tree(std::sync::Mutex::new(
-            tree::TreeWriter::new(
-                out,
-                tree::TreeOptions {
-                    linger: cfg.linger,
-                    max_spans: cfg.max_spans,
-                    colour: cfg.colour,
-                },
-            ),
-        )))
-    }
-
-    /// How often [`Sink::tick`] has something to do, if ever.
-    fn tick_every(&self) -> Option<Duration> {
-        match &self.0 {
-            Transport::Tree(w) => {
-                let linger = lock(w).linger();
-                // A quarter of the linger: a quiet trace waits at most that
-                // much longer than asked.
-                Some((linger / 4).max(Duration::from_millis(10)))
-            }
-            _ => None,
-        }
-    }
-
-    /// Prints the traces that have waited long enough.
-    fn tick(&self) -> std::io::Result<()> {
-        match &self.0 {
-            Transport::Tree(w) => lock(w).tick(),
-            _ => Ok(()),
-        }
-    }
-
-    /// Writes out whatever the sink still holds (the tree view's traces).
-    pub(crate) fn finish(&self) -> std::io::Result<()> {
-        match &self.0 {
-            Transport::Tree(w) => lock(w).finish(),
-            _ => Ok(()),
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match &self.0 {
-            Transport::Grpc(t) => format!("otlp grpc {}", t.endpoint()),
-            Transport::Http(t) => format!("otlp http/protobuf {}", t.endpoint()),
-            Transport::Dump(_) => "stdout (OTLP JSON lines)".to_owned(),
-            Transport::Tree(_) => "stdout (trace trees)".to_owned(),
-        }
-    }
-
-    /// Sends one request; the collector's answer, or why there is none.
-    async fn send(&self, body: &EncodedRequest) -> Result<ExportTraceServiceResponse, ExportError> {
-        match &self.0 {
-            Transport::Grpc(t) => t
-                .export(body)
-                .await
-                .map_err(|source| ExportError::SendGrpc {
-                    endpoint: t.endpoint().to_owned(),
-                    source,
-                }),
-            Transport::Http(t) => t
-                .export(body)
-                .await
-                .map_err(|source| ExportError::SendHttp {
-                    endpoint: t.endpoint(),
-                    source,
-                }),
-            Transport::Dump(w) => written(lock(w).write_request(body)),
-            Transport::Tree(w) => written(lock(w).write_request(body)),
-        }
-    }
-}
-
-/// A writer's lock; one poisoned by a panic mid-write still writes.
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// What a dump writer's result means to the batcher.
-fn written(r: std::io::Result<()>) -> Result<ExportTraceServiceResponse, ExportError> {
-    r.map(|()| ExportTraceServiceResponse::default())
-        .map_err(ExportError::WriteDump)
 }
 
 /// What the batcher and the replayer share.
@@ -540,51 +431,6 @@ pub(crate) async fn run_batcher(
     }
 }
 
-/// Cuts `buf` to what one request may hold, `max_spans` spans and
-/// `max_bytes` bytes (but at least one span, however large), splitting the
-/// record that crosses the line; returns what is left over.
-fn split_batch(buf: &mut Vec<Queued>, cfg: &BatchConfig) -> Vec<Queued> {
-    let mut weight = Weight::default();
-    // Where to cut: before record `i`, after taking `n` of its spans.
-    let mut cut = None;
-    for (i, q) in buf.iter().enumerate() {
-        let span_room = cfg.max_spans.saturating_sub(weight.spans);
-        let byte_room = cfg
-            .max_bytes
-            .saturating_sub(weight.bytes + weight.resource_cost(q));
-        if q.record.count <= span_room && q.record.spans.len() <= byte_room {
-            weight.add(q);
-            continue;
-        }
-        let mut n = span_room.min(encode::spans_within(&q.record.spans, byte_room));
-        if n == 0 && weight.spans == 0 {
-            // A span larger than a whole request goes alone; the collector
-            // decides (see `flush`).
-            n = 1;
-        }
-        cut = Some(if n >= q.record.count {
-            (i + 1, 0)
-        } else {
-            (i, n)
-        });
-        break;
-    }
-    let Some((at, n)) = cut else {
-        return Vec::new();
-    };
-    let mut carry = buf.split_off(at.min(buf.len()));
-    if n > 0 {
-        if let Some(head) = carry.first_mut().and_then(|q| q.split_to(n)) {
-            buf.push(head);
-        }
-    }
-    if buf.is_empty() && !carry.is_empty() {
-        // Splitting failed (it cannot): an oversized batch rather than none.
-        buf.push(carry.remove(0));
-    }
-    carry
-}
-
 /// Part of a batch on its way: its records, and whose each one is.
 struct Piece {
     records: Vec<SpanRecord>,
@@ -608,39 +454,6 @@ impl Piece {
         }
         Piece { records, tenants }
     }
-}
-
-/// Splits off the second half of `records`, by spans; `records` keeps the
-/// first. Whether the record at the cut was split (its first part now ends
-/// `records`, its rest begins the second half).
-fn split_half(records: &mut Vec<SpanRecord>) -> (Vec<SpanRecord>, bool) {
-    let mut keep = records.iter().map(|r| r.count).sum::<usize>() / 2;
-    let at = records
-        .iter()
-        .position(|r| {
-            let crosses = r.count > keep;
-            if !crosses {
-                keep -= r.count;
-            }
-            crosses
-        })
-        .unwrap_or(records.len());
-    let mut second = records.split_off(at);
-    let shared = keep > 0 && !second.is_empty();
-    if let (true, Some(r)) = (shared, second.first_mut()) {
-        records.push(r.split_to(keep));
-    }
-    (second, shared)
-}
-
-/// A spooled request in two, each with its spans; `None` if it is not one
-/// the batcher made, or holds a single span.
-fn halves_of(body: &EncodedRequest) -> Option<[(EncodedRequest, u64); 2]> {
-    let mut first = decode_request(&body.to_bytes())?;
-    let (second, _) = split_half(&mut first);
-    let spans = |r: &[SpanRecord]| r.iter().map(|r| r.count as u64).sum::<u64>();
-    let (a, b) = (spans(&first), spans(&second));
-    (a > 0 && b > 0).then(|| [(encode_request(&first), a), (encode_request(&second), b)])
 }
 
 async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx: &QueueReceiver) {
@@ -717,131 +530,6 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
     drop(held);
 }
 
-/// How often an idle replayer looks through the spool directory for
-/// batches it does not know of.
-const SPOOL_RESCAN: Duration = Duration::from_secs(10);
-
-/// The replayer's waits while the collector is away: the export's policy
-/// (jitter, throttling hints), from 250 ms up to 10 s. It has no total:
-/// the batches wait on disk for as long as the collector does.
-fn replay_policy() -> RetryPolicy {
-    RetryPolicy {
-        initial_backoff: Duration::from_millis(250),
-        max_backoff: Duration::from_secs(10),
-        ..RetryPolicy::default()
-    }
-}
-
-/// Sends spooled batches, oldest first, whenever the collector answers,
-/// until shutdown begins (what is left stays for the next run).
-pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
-    let Some(spool) = exporter.spool.clone() else {
-        return;
-    };
-    let stats = &*exporter.stats;
-    let policy = replay_policy();
-    let mut backoff = Backoff::new(&policy);
-    loop {
-        if shutdown.is_stopping() {
-            return;
-        }
-        let Some(seq) = spool.oldest() else {
-            tokio::select! {
-                _ = exporter.spooled.notified() => continue,
-                // Batches another process wrote (a predecessor flushing
-                // through a hand-over) are found by looking again.
-                _ = tokio::time::sleep(SPOOL_RESCAN) => {
-                    let s = Arc::clone(&spool);
-                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.rescan()).await {
-                        tracing::warn!(error = %e, "looking through the spool directory");
-                    }
-                    continue;
-                }
-                _ = shutdown.stopping() => return,
-            }
-        };
-        let reader = Arc::clone(&spool);
-        let batch = match tokio::task::spawn_blocking(move || reader.read(seq)).await {
-            Ok(Ok(Some(b))) => b,
-            // Another process claimed it, and sends it.
-            Ok(Ok(None)) => continue,
-            Ok(Err(error)) => {
-                let damaged = matches!(error, spool::SpoolError::Damaged { .. });
-                emit!(
-                    stats,
-                    SpoolFileSkipped {
-                        error: &error,
-                        damaged
-                    }
-                );
-                continue;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "spool reader task failed");
-                return;
-            }
-        };
-        let claim = spool::Claimed::new(&spool, seq);
-        let spans = u64::from(batch.spans);
-        emit!(stats, ExportAttempt { attempt: 1 });
-        let (delivery, error) = match exporter.sink.send(&batch.body).await {
-            Ok(resp) => (delivered(stats, &resp), None),
-            // Too large for this collector (spooled under a larger bound,
-            // or by a predecessor): its halves go back to the spool in its
-            // place, to be sent in turn, and halved again if need be.
-            Err(e) if e.retry() == Retry::TooLarge && spans > 1 => match halves_of(&batch.body) {
-                Some(halves) => {
-                    claim.settle();
-                    tracing::debug!(
-                        spans,
-                        "spooled batch too large for the collector; its halves spooled instead"
-                    );
-                    for (body, n) in halves {
-                        if !exporter.spool_batch(body, n).await {
-                            emit!(
-                                stats,
-                                BatchDone {
-                                    spans: n,
-                                    delivery: Delivery::Dropped(DropReason::Export),
-                                    attempts: 1,
-                                    error: Some(&e),
-                                    from_spool: true,
-                                }
-                            );
-                        }
-                    }
-                    continue;
-                }
-                None => (Delivery::Dropped(e.drop_reason()), Some(e)),
-            },
-            Err(e) => match backoff.after(e.retry()) {
-                None => (Delivery::Dropped(e.drop_reason()), Some(e)),
-                Some(wait) => {
-                    tracing::debug!(error = %e, retry_in = ?wait, "collector still unavailable for spooled batches");
-                    drop(claim);
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.stopping() => return,
-                    }
-                    continue;
-                }
-            },
-        };
-        claim.settle();
-        backoff.reset();
-        emit!(
-            stats,
-            BatchDone {
-                spans,
-                delivery,
-                attempts: 1,
-                error: error.as_ref().map(|e| e as &dyn std::fmt::Display),
-                from_spool: true,
-            }
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -850,6 +538,7 @@ mod tests {
     use crate::tenant::{TenantKey, Tenants};
     use bytes::Bytes;
     use opentelemetry_proto::tonic::resource::v1::Resource;
+    use sink::Transport;
 
     /// `count` encoded spans of `payload` bytes each (under 128: one length
     /// byte), as the queue holds them.

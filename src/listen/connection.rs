@@ -7,19 +7,29 @@
 //! guest. A length prefix over the limit, a read error, or a stream that
 //! ends mid-frame ends this connection only.
 //!
-//! Once shutdown begins, a connection keeps reading until its agent has
-//! been quiet for [`ConnShared::drain_idle`] or the shutdown deadline
-//! passes, so that what the agent already wrote is not lost.
+//! A connection is a small state machine ([`State`]), stepped once per
+//! read by [`Conn::step`]:
 //!
-//! When the forwarder hands its connections to a successor
-//! ([`crate::handover`]), a connection pauses between two reads: what it
-//! read of a frame not yet whole, and what it found (the format), go to the
-//! successor with the socket, and it stops without another read. If the
-//! successor does not take it, it reads on.
+//! ```text
+//!   Live ---- slow agent ---> Parked ---- busy or quiet ---> Live
+//!     \                          |
+//!      +--- stopping ---> Draining <--- stopping (seen at a tick)
+//!   any --- handed over, or stopping into systemd's store --> Leaving
+//! ```
 //!
-//! A connection whose agent writes little and often is paced
-//! ([`super::pacing`]): read at a shared tick, off the reactor, rather than
-//! woken for every span.
+//! - **Live:** read on arrival, on the reactor.
+//! - **Parked:** an agent that writes little and often is read at a
+//!   shared tick, off the reactor ([`super::pacing`]), rather than woken for
+//!   every span.
+//! - **Draining:** stopping has begun: read on until the agent has been
+//!   quiet for [`ConnShared::drain_idle`] or the deadline passes, so that
+//!   what it already wrote is not lost.
+//! - **Leaving:** a successor holds the socket ([`crate::handover`]: paused
+//!   between two reads, what was read of a frame not yet whole went along),
+//!   or systemd's store keeps it: end without another read or a close.
+//!
+//! How it starts is part of its state too: accepted here, or resumed from
+//! what a predecessor's reader knew ([`Resume`]).
 //!
 //! Each connection belongs to a sandbox ([`crate::tenant`]): what it read
 //! is always queued, and then, if the sandbox is over its span rate, the
@@ -32,18 +42,17 @@ use std::time::Duration;
 
 use std::os::fd::{AsFd, BorrowedFd};
 
-use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use crate::addr::Peer;
 use crate::events::{emit, AgentConnected, AgentDisconnected, Throttled};
 use crate::export::queue::QueueSender;
-use crate::handover::hub::{Member, Outcome};
-use crate::handover::{ConnLink, Resume};
+use crate::handover::fdstore::Stored;
+use crate::handover::Resume;
 use crate::ingest::{Ingest, Ingested, ReadBuffer};
+use crate::lifeline::{After, Lifeline, Next};
 use crate::otlp::Origin;
-use crate::shutdown::{Mode, Shutdown};
-use crate::stats::{Gauge, GaugeGuard, Stats};
+use crate::stats::{GaugeGuard, Stats};
 use crate::tenant::{LimitReason, Tenant, TenantConn, TenantKey, Tenants};
 use crate::wire::FrameError;
 
@@ -63,51 +72,6 @@ pub(crate) struct ConnShared {
     pub pacing: Option<Pacing>,
 }
 
-/// A connection's stream: on the reactor, or parked and read at ticks.
-/// A parked one counts itself in `connections_paced` for as long as it is
-/// parked.
-enum Reader<'a, S> {
-    Live(S),
-    Parked {
-        file: std::fs::File,
-        quiet: Quiet,
-        _paced: GaugeGuard<'a>,
-    },
-}
-
-impl<'a, S: Park> Reader<'a, S> {
-    fn park(self, paced: &'a Gauge) -> std::io::Result<Self> {
-        match self {
-            Reader::Live(s) => Ok(Reader::Parked {
-                file: s.park()?,
-                quiet: Quiet::default(),
-                _paced: paced.hold(),
-            }),
-            parked => Ok(parked),
-        }
-    }
-
-    fn unpark(self) -> std::io::Result<Self> {
-        match self {
-            Reader::Parked { file, .. } => Ok(Reader::Live(S::unpark(file)?)),
-            live => Ok(live),
-        }
-    }
-
-    fn is_parked(&self) -> bool {
-        matches!(self, Reader::Parked { .. })
-    }
-}
-
-impl<S: AsFd> AsFd for Reader<'_, S> {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Reader::Live(s) => s.as_fd(),
-            Reader::Parked { file, .. } => file.as_fd(),
-        }
-    }
-}
-
 impl ConnShared {
     /// The tenant for `key`; one outside the registry (limits, but no
     /// series of its own) when `--max-sandboxes` are tracked already.
@@ -119,267 +83,406 @@ impl ConnShared {
     }
 }
 
-/// Serves one connection until the agent closes it, it fails, or shutdown
-/// has drained it. `origin` is this connection's: the service name plus
-/// what is known of its sandbox (id, VSOCK CID); `conn` is its slot among
-/// its sandbox's connections. `shutdown` is the forwarder's, or its
-/// sandbox's. `link` ties it to hand-overs: the one it came from, if any,
-/// and the pause of the next.
-pub(crate) async fn serve<S>(
+/// Where a connection comes from: the accept loop that took it (a
+/// hand-over's piece names it) and, for one a predecessor served, what
+/// that one's reader knew.
+pub(crate) struct Start {
+    pub listener: u64,
+    pub resume: Option<Resume>,
+}
+
+/// Serves one connection until the agent closes it, it fails, it is
+/// drained, or it is left for a successor. `origin` is this connection's
+/// resource (the service name plus what is known of its sandbox); `conn`
+/// its slot among its sandbox's connections; `life` says when to drain,
+/// pause or leave.
+pub(crate) async fn serve<S: Park>(
     stream: S,
     peer: Peer,
     shared: &ConnShared,
     origin: Arc<Origin>,
     conn: TenantConn,
-    shutdown: &Shutdown,
-    link: ConnLink,
-) where
-    S: Park,
-{
-    let stats = &*shared.stats;
-    let tenant = conn.tenant();
-    let _open = stats.connections_open.hold();
-    let mut input = ReadBuffer::default();
-    let ConnLink {
-        mut member,
-        listener,
-        resume,
-    } = link;
+    life: Lifeline,
+    start: Start,
+) {
+    let _open = shared.stats.connections_open.hold();
     // In systemd's store (when it keeps one) while the agent is connected.
-    let stored = crate::handover::fdstore::Stored::connection(stream.as_fd());
-    // A connection is announced as an agent's once it sends something: one
-    // that ends before its first byte is no agent (a forwarder starting
-    // beside this one asking "is this socket live?" connects and closes).
-    let mut announced = resume.is_some();
-    let mut ingest = match resume {
-        Some(r) if r.lost => Ingest::resume_lost(peer, origin, shared.max_frame_size),
-        Some(r) => {
-            input.bytes().extend_from_slice(&r.partial);
-            Ingest::resume(
-                peer,
-                origin,
-                shared.max_frame_size,
-                r.format,
-                r.spans,
-                r.decode_errors,
-            )
+    let stored = Stored::connection(stream.as_fd());
+    let mut c = Conn::start(stream, peer, shared, origin, conn.tenant(), life, start);
+    let end = loop {
+        if let Some(end) = c.step().await {
+            break end;
         }
-        None => Ingest::new(peer, origin, shared.max_frame_size),
     };
-    ingest.set_tenant(Arc::clone(tenant));
-    let mut ready: Vec<Ingested> = Vec::new();
-    let mut draining = shutdown.is_stopping();
-    let mut reader = Some(Reader::Live(stream));
-    let mut rate = Rate::new(Instant::now());
-    // When the last read happened: what a paced read brings may have
-    // arrived any time after it.
-    let mut last_read = Instant::now();
-    let mut since = last_read;
-    // The last read filled its room: more is waiting, read on at once.
-    let mut more = false;
-    // A parked agent went quiet: back on the reactor.
-    let mut wake = false;
+    c.finish(end, stored);
+}
 
-    // The agent closed its end.
-    let mut closed = false;
-    let end: Result<(), FrameError> = 'conn: loop {
-        let split = ingest.frames(input.bytes(), stats, &mut ready);
+/// Where a connection is; see the module note.
+enum State<'a, S> {
+    Live(S),
+    /// Read at ticks; counted in `connections_paced` while so.
+    Parked {
+        file: std::fs::File,
+        quiet: Quiet,
+        _paced: GaugeGuard<'a>,
+    },
+    Draining(S),
+    /// Between two states, or ended.
+    Gone,
+}
+
+impl<S: AsFd> State<'_, S> {
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            State::Live(s) | State::Draining(s) => Some(s.as_fd()),
+            State::Parked { file, .. } => Some(file.as_fd()),
+            State::Gone => None,
+        }
+    }
+}
+
+/// How a connection ended.
+enum End {
+    /// The agent closed its end (an error if it cut a frame short).
+    Closed(Result<(), FrameError>),
+    /// Nothing more is read: drained, failed, or the exporter is gone.
+    Stopped(Result<(), FrameError>),
+    /// A successor holds the socket now.
+    HandedOver,
+}
+
+/// What one read brought.
+enum Read {
+    Got(std::io::Result<(usize, bool)>),
+    /// Nothing this time (a tick with nothing ready, a pause asked).
+    Again,
+    Drain,
+}
+
+struct Conn<'a, S> {
+    peer: Peer,
+    shared: &'a ConnShared,
+    tenant: &'a Arc<Tenant>,
+    /// The accept loop's id, for a hand-over's piece.
+    listener: u64,
+    life: Lifeline,
+    state: State<'a, S>,
+    ingest: Ingest,
+    input: ReadBuffer,
+    ready: Vec<Ingested>,
+    rate: Rate,
+    /// When the last read happened: what a paced read brings may have
+    /// arrived any time after it.
+    last_read: Instant,
+    /// When what is being queued arrived, at the earliest (for latency).
+    since: Instant,
+    /// The last read filled its room: more is waiting, read on at once.
+    more: bool,
+    /// A parked agent went quiet: back on the reactor.
+    wake: bool,
+    /// A connection is announced as an agent's once it sends something:
+    /// one that ends before its first byte is no agent (a forwarder
+    /// starting beside this one asking "is this socket live?").
+    announced: bool,
+}
+
+impl<'a, S: Park> Conn<'a, S> {
+    fn start(
+        stream: S,
+        peer: Peer,
+        shared: &'a ConnShared,
+        origin: Arc<Origin>,
+        tenant: &'a Arc<Tenant>,
+        life: Lifeline,
+        start: Start,
+    ) -> Self {
+        let mut input = ReadBuffer::default();
+        let max = shared.max_frame_size;
+        let announced = start.resume.is_some();
+        let mut ingest = match start.resume {
+            Some(r) if r.lost => Ingest::resume_lost(peer, origin, max),
+            Some(r) => {
+                input.bytes().extend_from_slice(&r.partial);
+                Ingest::resume(peer, origin, max, r.format, r.spans, r.decode_errors)
+            }
+            None => Ingest::new(peer, origin, max),
+        };
+        ingest.set_tenant(Arc::clone(tenant));
+        let state = match life.is_stopping() {
+            true => State::Draining(stream),
+            false => State::Live(stream),
+        };
+        let now = Instant::now();
+        Conn {
+            peer,
+            shared,
+            tenant,
+            listener: start.listener,
+            life,
+            state,
+            ingest,
+            input,
+            ready: Vec::new(),
+            rate: Rate::new(now),
+            last_read: now,
+            since: now,
+            more: false,
+            wake: false,
+            announced,
+        }
+    }
+
+    /// One turn: queue what was read, give way to a hand-over, read again.
+    async fn step(&mut self) -> Option<End> {
+        if let Some(end) = self.deliver().await {
+            return Some(end);
+        }
+        if let Some(end) = self.between_reads().await {
+            return Some(end);
+        }
+        self.read().await
+    }
+
+    /// Splits what was read into frames and queues their spans, then holds
+    /// the sandbox to its span rate.
+    async fn deliver(&mut self) -> Option<End> {
+        let shared = self.shared;
+        let stats = &*shared.stats;
+        let tenant = self.tenant;
+        let split = self
+            .ingest
+            .frames(self.input.bytes(), stats, &mut self.ready);
+        let (peer, listener) = (self.peer, self.listener);
         let mut spans = 0;
-        for Ingested { record, cost } in ready.drain(..) {
+        for Ingested { record, cost } in self.ready.drain(..) {
             spans += record.count;
             tenant.received.add(record.count as u64);
             // What is read is queued even if a hand-over asks for a pause
             // meanwhile: the spans are this process's to export.
-            let send = shared.queue.send(record, cost, tenant, since);
-            let sent = match (member.as_mut(), reader.as_ref()) {
-                (Some(m), Some(r)) => {
-                    let piece = || reading(&ingest, input.bytes()).piece(r, peer, listener);
-                    report_while(m, send, piece).await
-                }
-                _ => send.await,
+            let send = shared.queue.send(record, cost, tenant, self.since);
+            let (ingest, input, state) = (&self.ingest, &mut self.input, &self.state);
+            let piece = || {
+                let fd = state.fd()?;
+                reading(ingest, input.bytes()).piece(&fd, peer, listener)
             };
-            if sent.is_err() {
+            if self.life.paused_while(send, piece).await.is_err() {
                 // The exporter is gone: the process is going down.
-                break 'conn Ok(());
+                return Some(End::Stopped(Ok(())));
             }
         }
         if let Err(e) = split {
-            break Err(e);
+            return Some(End::Stopped(Err(e)));
         }
-        // Stopping for a restart with systemd's store: done at the first
-        // place between two frames (the next process starts there).
-        if draining
-            && ingest.between_frames(input.bytes())
-            && shutdown.phase().is_some_and(|p| p.mode == Mode::Store)
-        {
-            break Ok(());
+        let draining = matches!(self.state, State::Draining(_));
+        // Stopping into systemd's store: done at the first place between
+        // two frames (the next process starts there).
+        if draining && self.life.leaves() && self.ingest.between_frames(self.input.bytes()) {
+            return Some(End::Stopped(Ok(())));
         }
-        if input.is_quiet() {
-            ingest.shrink();
-        } else if !reader.as_ref().is_some_and(Reader::is_parked) {
+        if self.input.is_quiet() {
+            self.ingest.shrink();
+        } else if !matches!(self.state, State::Parked { .. }) {
             // More is probably ready: let the other connections read first.
             // (A parked connection reads once a tick: no need.)
             tokio::task::yield_now().await;
         }
         let over = tenant.take_tokens(spans, Instant::now());
+        // Backpressure on this guest alone. Draining reads on regardless:
+        // the deadline bounds it.
         if let (Some(wait), false) = (over, draining) {
+            let reason = LimitReason::Rate;
             emit!(
                 stats,
                 Throttled {
                     tenant,
-                    reason: LimitReason::Rate,
-                    wait,
+                    reason,
+                    wait
                 }
             );
-            // Backpressure on this guest alone. Draining at shutdown reads
-            // on regardless: the deadline bounds it.
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.stopping() => { draining = true; }
-                _ = pause_asked(&mut member) => {}
+            let next = tokio::select! {
+                _ = tokio::time::sleep(wait) => None,
+                next = self.life.next() => Some(next),
+            };
+            // A pause is reported between reads, next.
+            if next == Some(Next::Drain) {
+                return self.drain();
             }
         }
+        None
+    }
 
-        // Between two reads, with only a frame not yet whole in hand: where
-        // a hand-over takes this connection.
-        if let (Some(m), Some(r)) = (member.as_mut(), reader.as_ref()) {
-            if m.pause_due() {
-                m.report(reading(&ingest, input.bytes()).piece(r, peer, listener));
-            }
+    /// Between two reads, with only a frame not yet whole in hand: where a
+    /// hand-over takes this connection.
+    async fn between_reads(&mut self) -> Option<End> {
+        if self.life.pause_due() {
+            let piece = self.state.fd().and_then(|fd| {
+                reading(&self.ingest, self.input.bytes()).piece(&fd, self.peer, self.listener)
+            });
+            self.life.report(piece);
         }
-        if let Some(m) = member.as_mut().filter(|m| m.awaiting_outcome()) {
-            match m.outcome().await {
-                Outcome::HandedOver => {
-                    tracing::debug!(%peer, spans = ingest.spans(), "connection handed over");
-                    stored.keep();
-                    return;
-                }
-                Outcome::Stop => draining = true,
-                Outcome::Resumed => {}
-            }
+        match self.life.settled().await? {
+            After::Leave => Some(End::HandedOver),
+            After::Drain => self.drain(),
+            After::Resume => None,
         }
+    }
 
-        // On the reactor or off it: a slow agent is paced; one that speeds
-        // up, goes quiet, or is being drained is read on arrival.
-        let parked = reader.as_ref().is_some_and(Reader::is_parked);
-        // A live read that filled its room is a busy agent: not paced yet.
-        let busy = more && !parked;
-        let pace = shared
-            .pacing
-            .filter(|_| !draining && !wake && !busy && rate.is_slow());
-        let moved = match (reader.take(), parked, pace.is_some()) {
-            (Some(r), false, true) => r.park(&stats.connections_paced),
-            (Some(r), true, false) => r.unpark(),
-            (Some(r), _, _) => Ok(r),
-            (None, _, _) => break Ok(()),
-        };
-        let current = match moved {
-            Ok(r) => reader.insert(r),
-            Err(e) => break Err(FrameError::Read(e)),
-        };
-
-        let buf = input.prepare();
-        let read = match current {
-            Reader::Live(stream) if draining => {
-                let idle_at = Instant::now() + shared.drain_idle;
-                let until = shutdown.deadline().map_or(idle_at, |d| d.min(idle_at));
-                let read = tokio::time::timeout_at(until, stream.read_buf(buf)).await;
-                match read {
-                    Ok(r) => r.map(|n| (n, n >= input.spare())),
-                    Err(_) => break Ok(()),
+    /// Reads once, as the state says, after moving between Live and Parked.
+    async fn read(&mut self) -> Option<End> {
+        if let Err(e) = self.pace() {
+            return Some(End::Stopped(Err(FrameError::Read(e))));
+        }
+        let read = match &mut self.state {
+            State::Draining(stream) => {
+                let idle_at = Instant::now() + self.shared.drain_idle;
+                let until = self.life.deadline().map_or(idle_at, |d| d.min(idle_at));
+                match tokio::time::timeout_at(until, self.input.read_async(stream)).await {
+                    Ok(r) => Read::Got(r),
+                    Err(_) => return Some(End::Stopped(Ok(()))),
                 }
             }
-            Reader::Live(stream) => {
+            State::Live(stream) => {
                 let read = tokio::select! {
-                    r = stream.read_buf(buf) => r,
-                    _ = shutdown.stopping() => { draining = true; continue; }
-                    _ = pause_asked(&mut member) => continue,
+                    r = self.input.read_async(stream) => Read::Got(r),
+                    next = self.life.next() => match next {
+                        Next::Drain => Read::Drain,
+                        Next::Pause => Read::Again,
+                    },
                 };
-                last_read = Instant::now();
-                since = last_read;
-                read.map(|n| (n, n >= input.spare()))
+                if let Read::Got(_) = read {
+                    self.last_read = Instant::now();
+                    self.since = self.last_read;
+                }
+                read
             }
-            Reader::Parked { file, quiet, .. } => {
-                let Some(pacing) = pace else { continue };
-                if !more {
-                    // Shutdown is seen at the tick, no later than one tick
+            State::Parked { file, quiet, .. } => {
+                let pacing = self.shared.pacing?;
+                self.input.prepare();
+                if !self.more {
+                    // Stopping is seen at the tick, no later than one tick
                     // after it began: cheaper than waiting on it as well,
                     // a tick at a time, on every parked connection.
                     tokio::time::sleep_until(pacing.next_tick(Instant::now())).await;
-                    if shutdown.is_stopping() {
-                        draining = true;
-                        continue;
+                    if self.life.is_stopping() {
+                        return self.drain();
                     }
                     // Arrived since the last read; what did not fit that
                     // read keeps the time it had.
-                    since = last_read;
+                    self.since = self.last_read;
                 }
-                last_read = Instant::now();
-                match input.read_from(file) {
+                self.last_read = Instant::now();
+                match self.input.read_from(file) {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        more = false;
-                        rate.add(0, last_read);
+                        self.more = false;
+                        self.rate.add(0, self.last_read);
                         // Quiet for a while: back on the reactor, where
                         // quiet costs nothing.
-                        wake = quiet.empty();
-                        continue;
+                        self.wake = quiet.empty();
+                        Read::Again
                     }
                     r => {
                         quiet.reset();
-                        r
+                        Read::Got(r)
                     }
                 }
             }
+            State::Gone => return Some(End::Stopped(Ok(()))),
         };
         match read {
-            Ok((0, _)) => {
-                closed = true;
-                break ingest.eof(input.bytes());
-            }
-            Ok((n, filled)) => {
-                if !announced {
-                    announced = true;
-                    emit!(stats, AgentConnected { peer, tenant });
+            Read::Again => None,
+            Read::Drain => self.drain(),
+            Read::Got(Ok((0, _))) => Some(End::Closed(self.ingest.eof(self.input.bytes()))),
+            Read::Got(Ok((n, filled))) => {
+                if !self.announced {
+                    self.announced = true;
+                    let (peer, tenant) = (self.peer, self.tenant);
+                    emit!(self.shared.stats, AgentConnected { peer, tenant });
                 }
-                more = filled;
-                wake = false;
-                rate.add(n, last_read);
-                if !reader.as_ref().is_some_and(Reader::is_parked) {
-                    input.filled(n);
-                }
+                self.more = filled;
+                self.wake = false;
+                self.rate.add(n, self.last_read);
+                None
             }
-            Err(e) => break Err(FrameError::Read(e)),
+            Read::Got(Err(e)) => Some(End::Stopped(Err(FrameError::Read(e)))),
         }
-    };
+    }
 
-    // Stopping with systemd's store and the agent still there: left in the
-    // store for the next process, not closed (at the deadline with a frame
-    // in hand too: the next process finds the next whole frame).
-    if end.is_ok() && !closed && shutdown.phase().is_some_and(|p| p.mode == Mode::Store) {
-        stored.keep();
-        tracing::debug!(%peer, spans = ingest.spans(), "connection left in systemd's store");
-        return;
+    /// On the reactor or off it: a slow agent is parked; one that speeds up
+    /// (a read filled its room) or goes quiet is read on arrival again.
+    fn pace(&mut self) -> std::io::Result<()> {
+        let shared = self.shared;
+        let parked = matches!(self.state, State::Parked { .. });
+        let busy = self.more && !parked;
+        let slow = shared.pacing.is_some() && !self.wake && !busy && self.rate.is_slow();
+        self.state = match (std::mem::replace(&mut self.state, State::Gone), slow) {
+            (State::Live(s), true) => State::Parked {
+                file: s.park()?,
+                quiet: Quiet::default(),
+                _paced: shared.stats.connections_paced.hold(),
+            },
+            (State::Parked { file, .. }, false) => State::Live(S::unpark(file)?),
+            (other, _) => other,
+        };
+        Ok(())
     }
-    drop(stored);
-    if !announced && end.is_ok() {
-        tracing::debug!(%peer, "a connection ended without sending anything (not an agent: a liveness probe?)");
-        return;
+
+    /// Stopping has begun, or a hand-over went ahead without this
+    /// connection: read on until its agent is quiet.
+    fn drain(&mut self) -> Option<End> {
+        let stream = match std::mem::replace(&mut self.state, State::Gone) {
+            State::Live(s) | State::Draining(s) => s,
+            State::Parked { file, .. } => match S::unpark(file) {
+                Ok(s) => s,
+                Err(e) => return Some(End::Stopped(Err(FrameError::Read(e)))),
+            },
+            State::Gone => return Some(End::Stopped(Ok(()))),
+        };
+        self.state = State::Draining(stream);
+        None
     }
-    emit!(
-        stats,
-        AgentDisconnected {
-            peer,
-            tenant,
-            spans: ingest.spans(),
-            decode_errors: ingest.decode_errors(),
-            format: ingest.format(),
-            end: end.as_ref().map(drop),
+
+    /// Logs and counts how it ended; leaves the connection in systemd's
+    /// store, or to a successor, when that is where it goes.
+    fn finish(self, end: End, stored: Stored) {
+        let peer = self.peer;
+        let end = match end {
+            End::HandedOver => {
+                tracing::debug!(%peer, spans = self.ingest.spans(), "connection handed over");
+                stored.keep();
+                return;
+            }
+            // Stopping into systemd's store with the agent still there (at
+            // the deadline with a frame in hand too: the next process finds
+            // the next whole frame).
+            End::Stopped(Ok(())) if self.life.leaves() => {
+                stored.keep();
+                let spans = self.ingest.spans();
+                tracing::debug!(%peer, spans, "connection left in systemd's store");
+                return;
+            }
+            End::Closed(r) | End::Stopped(r) => r,
+        };
+        drop(stored);
+        if !self.announced && end.is_ok() {
+            tracing::debug!(%peer, "a connection ended without sending anything (not an agent: a liveness probe?)");
+            return;
         }
-    );
+        emit!(
+            self.shared.stats,
+            AgentDisconnected {
+                peer,
+                tenant: self.tenant,
+                spans: self.ingest.spans(),
+                decode_errors: self.ingest.decode_errors(),
+                format: self.ingest.format(),
+                end: end.as_ref().map(drop),
+            }
+        );
+    }
 }
 
 /// What the reader knows, for a successor to go on from: the converse of
-/// `Ingest::resume` at the start of [`serve`].
+/// [`Conn::start`]'s resume.
 fn reading(ingest: &Ingest, buffered: &[u8]) -> Resume {
     Resume {
         partial: ingest.unread(buffered),
@@ -388,31 +491,4 @@ fn reading(ingest: &Ingest, buffered: &[u8]) -> Resume {
         decode_errors: ingest.decode_errors(),
         lost: false,
     }
-}
-
-/// Resolves when a hand-over asks `member` to pause; never without one.
-async fn pause_asked(member: &mut Option<Member>) {
-    match member {
-        Some(m) => m.pause_asked().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Awaits `fut`; if a hand-over asks for a pause meanwhile, reports
-/// `piece()` at once (what it describes does not change while `fut` runs)
-/// and goes on waiting.
-async fn report_while<F: std::future::Future>(
-    member: &mut Member,
-    fut: F,
-    piece: impl FnOnce() -> Option<crate::handover::hub::Piece>,
-) -> F::Output {
-    tokio::pin!(fut);
-    if !member.pause_due() {
-        tokio::select! {
-            out = &mut fut => return out,
-            _ = member.pause_asked() => {}
-        }
-    }
-    member.report(piece());
-    fut.await
 }

@@ -287,6 +287,40 @@ impl Inherited {
 }
 
 /// Takes a Unix listener not served any more out of systemd's store.
+/// The one way a hybrid socket is made: served on from `inherited` if a
+/// predecessor handed it over and the file at `path` is still the one it
+/// bound, else bound anew; with the connections handed over on it.
+pub(crate) fn hybrid(
+    inherited: Option<&std::sync::Arc<Inherited>>,
+    path: &Path,
+) -> Result<(HybridListener, Vec<Adopted>), ListenError> {
+    let (l, adopted) = inherited
+        .and_then(|i| i.take_unix(path))
+        .unwrap_or_default();
+    let l = match l {
+        Some(l) => l,
+        None => HybridListener::bind(path)?,
+    };
+    Ok((l, adopted))
+}
+
+/// The one way a VSOCK listener is made: served on from `inherited` if a
+/// predecessor handed one over on `cid` and `port`, else bound anew.
+pub(crate) fn vsock(
+    inherited: Option<&std::sync::Arc<Inherited>>,
+    cid: VsockCid,
+    port: u32,
+) -> Result<(VsockListener, Vec<Adopted>), ListenError> {
+    let (l, adopted) = inherited
+        .and_then(|i| i.take_vsock(cid, port))
+        .unwrap_or_default();
+    let l = match l {
+        Some(l) => l,
+        None => VsockListener::bind(cid, port)?,
+    };
+    Ok((l, adopted))
+}
+
 fn forget_listener(s: &UnixSocket) {
     fdstore::forget(fdstore::listener_name(s.fd.as_fd(), Some(s.identity)));
     if s.janitor.is_some() {

@@ -38,11 +38,11 @@ use tokio::time::Instant;
 use super::sandbox::{self, CidResolver};
 use super::template::{SandboxThread, TemplateListener};
 use super::vsock::VsockListener;
-use super::{pause_asked, Adopted, ListenError, Listener, Serving};
+use super::{Adopted, ListenError, Listener, Serving};
 use crate::addr::SocketTemplate;
 use crate::config::kata::{self, Plan, Status, Target};
 use crate::config::KataHostConfig;
-use crate::handover::hub::{Hub, Member, Outcome};
+use crate::lifeline::{After, Lifeline, Next};
 use crate::shutdown::Shutdown;
 
 /// How long a burst of changes (a package writing several files) settles
@@ -78,7 +78,7 @@ struct Running {
 }
 
 /// The running `--kata-host` listener.
-pub struct KataHostListener {
+pub(crate) struct KataHostListener {
     cfg: KataHostConfig,
     thread: SandboxThread,
     shutdown: Shutdown,
@@ -94,7 +94,7 @@ pub struct KataHostListener {
 impl KataHostListener {
     /// Reads the plan, logs it, starts watching the configurations and binds
     /// every listener the plan names, each template's watcher on `thread`.
-    pub async fn start(
+    pub(crate) async fn start(
         cfg: &KataHostConfig,
         thread: SandboxThread,
         shutdown: &Shutdown,
@@ -144,7 +144,7 @@ impl KataHostListener {
         &self.thread
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let each: Vec<String> = self
             .bound
             .iter()
@@ -163,15 +163,8 @@ impl KataHostListener {
     async fn bind(&self, target: &Target, stop: &Shutdown) -> Result<Bound, ListenError> {
         match target {
             Target::Vsock => {
-                let (l, adopted) = self
-                    .thread
-                    .inherited()
-                    .and_then(|i| i.take_vsock(self.cfg.cid, self.cfg.port))
-                    .unwrap_or_default();
-                let l = match l {
-                    Some(l) => l,
-                    None => VsockListener::bind(self.cfg.cid, self.cfg.port)?,
-                };
+                let inherited = self.thread.inherited();
+                let (l, adopted) = super::inherited::vsock(inherited, self.cfg.cid, self.cfg.port)?;
                 Ok(Bound::Vsock(l, adopted))
             }
             Target::Template { template } => {
@@ -191,11 +184,13 @@ impl KataHostListener {
 
     /// Serves the plan until shutdown begins, following the configurations;
     /// then waits for every listener to stop.
-    pub(crate) async fn serve(mut self, ctx: Serving) {
-        let mut member = ctx.hub.as_ref().map(Hub::member);
+    /// `life` pauses the planner for hand-overs: nothing is started or
+    /// stopped until the outcome; handed over, it leaves what it served to
+    /// the successor.
+    pub(crate) async fn serve(mut self, ctx: Serving, mut life: Lifeline) {
         let mut running: BTreeMap<Target, Running> = BTreeMap::new();
         for (target, stop, bound) in std::mem::take(&mut self.bound) {
-            running.insert(target, spawn(bound, stop, &ctx));
+            running.insert(target, spawn(bound, stop, &ctx, &life));
         }
         let mut stopped: Vec<JoinHandle<()>> = Vec::new();
         let mut due: Option<Instant> = None;
@@ -209,15 +204,14 @@ impl KataHostListener {
             };
             tokio::select! {
                 biased;
-                _ = stopping.stopping() => break,
-                _ = pause_asked(&mut member) => {
-                    if pause(&mut member).await != Outcome::Resumed {
+                next = life.next() => {
+                    if next == Next::Drain || life.pause_quiet().await != After::Resume {
                         break;
                     }
                 }
                 _ = settle => {
                     due = None;
-                    self.replan(&mut running, &mut stopped, &ctx).await;
+                    self.replan(&mut running, &mut stopped, &ctx, &life).await;
                 }
                 changed = self.watch.next() => match changed {
                     Some(true) => {
@@ -247,6 +241,7 @@ impl KataHostListener {
         running: &mut BTreeMap<Target, Running>,
         stopped: &mut Vec<JoinHandle<()>>,
         ctx: &Serving,
+        life: &Lifeline,
     ) {
         let new = kata::plan(&self.cfg.sources, self.cfg.port);
         if new.configs != self.plan.configs {
@@ -296,7 +291,7 @@ impl KataHostListener {
             match self.bind(&target, &stop).await {
                 Ok(bound) => {
                     tracing::info!(listener = %target, "kata-host: serving");
-                    running.insert(target, spawn(bound, stop, ctx));
+                    running.insert(target, spawn(bound, stop, ctx, life));
                 }
                 Err(e) => {
                     tracing::error!(listener = %target, error = %e, "kata-host: cannot serve");
@@ -308,33 +303,22 @@ impl KataHostListener {
     }
 }
 
-/// A hand-over's pause: nothing is started or stopped until its outcome.
-/// Handed over, the planner leaves what it served to the successor.
-async fn pause(member: &mut Option<Member>) -> Outcome {
-    let Some(m) = member.as_mut() else {
-        return Outcome::Resumed;
-    };
-    m.report_quiet();
-    m.outcome().await
-}
-
 /// Serves one bound target in a task of its own until `stop`.
-fn spawn(bound: Bound, stop: Shutdown, ctx: &Serving) -> Running {
+fn spawn(bound: Bound, stop: Shutdown, ctx: &Serving, planner: &Lifeline) -> Running {
+    // Taken before the task runs, so that a pause asked from now on waits
+    // for it.
+    let life = planner.under(stop.clone());
     let task = match bound {
-        Bound::Template(t) => tokio::spawn(t.serve(ctx.clone())),
+        Bound::Template(t) => tokio::spawn(t.serve(ctx.clone(), life)),
         Bound::Vsock(l, adopted) => {
-            let stop = stop.clone();
             let serving = ctx.clone();
-            // Taken before the task runs, so that a pause asked from now on
-            // waits for it.
-            let member = serving.hub.as_ref().map(Hub::member);
             tokio::spawn(async move {
                 // QEMU: a guest's CID says which sandbox it is, through /proc;
                 // each guest CID is a sandbox of its own.
                 let resolver = Some(Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
                 serving
                     .accept(&serving.origin, resolver, None, None)
-                    .serve(Listener::Vsock(l), member, adopted, &stop)
+                    .serve(Listener::Vsock(l), life, adopted)
                     .await;
             })
         }

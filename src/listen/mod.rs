@@ -23,6 +23,7 @@
 //! connections costs a file descriptor for a moment and nothing more, and
 //! one sandbox's flood never uses up another's room.
 
+mod accept;
 pub(crate) mod connection;
 pub mod hybrid;
 pub(crate) mod inherited;
@@ -36,24 +37,16 @@ pub mod vsock;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
-
-use futures_util::FutureExt;
-use tokio::sync::Semaphore;
-use tokio_util::task::TaskTracker;
 
 use crate::addr::{hybrid_socket, Peer};
 use crate::config::{ListenConfig, ListenMode};
-use crate::events::{emit, ConnectionAccepted, ConnectionRejected, Refusal};
 use crate::handover::fdstore::Stored;
-use crate::handover::hub::{Hub, Member, Outcome, Piece, PieceKind};
+use crate::handover::hub::{Hub, Piece, PieceKind};
 use crate::handover::wire::ListenerKind;
-use crate::handover::{ConnLink, Resume, TakenConn};
-use crate::otlp::Origin;
+use crate::handover::{Resume, TakenConn};
+use crate::lifeline::Lifeline;
 use crate::shutdown::Shutdown;
-use crate::tenant::{Tenant, TenantKey};
-use connection::ConnShared;
-use sandbox::CidResolver;
+pub(crate) use accept::{serve, Ended, Serving};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -116,11 +109,16 @@ pub enum ListenError {
     AdoptSocket(String),
 }
 
-/// A bound listener of any kind.
+/// A bound socket agents connect to: all a listener does is accept.
 pub enum Listener {
     Hybrid(hybrid::HybridListener),
     Vsock(vsock::VsockListener),
-    /// One hybrid listener per sandbox, as their directories come and go.
+}
+
+/// What binds and removes listeners as sandboxes (or the host's Kata
+/// configurations) come and go, and serves each in a task of its own.
+pub(crate) enum Manager {
+    /// One hybrid listener per sandbox directory of a template.
     Template(template::TemplateListener),
     /// What the host's Kata configurations ask for, as they change (boxed:
     /// it holds its plan; there is one per forwarder).
@@ -132,8 +130,22 @@ impl Listener {
         match self {
             Listener::Hybrid(l) => format!("hybrid vsock unix:{}", l.path().display()),
             Listener::Vsock(l) => l.describe(),
-            Listener::Template(l) => l.describe(),
-            Listener::KataHost(l) => l.describe(),
+        }
+    }
+}
+
+impl Manager {
+    fn describe(&self) -> String {
+        match self {
+            Manager::Template(t) => t.describe(),
+            Manager::KataHost(k) => k.describe(),
+        }
+    }
+
+    async fn serve(self, serving: Serving, life: Lifeline) {
+        match self {
+            Manager::Template(t) => t.serve(serving, life).await,
+            Manager::KataHost(k) => k.serve(serving, life).await,
         }
     }
 }
@@ -160,7 +172,6 @@ impl Listener {
                 };
                 (ListenerKind::Vsock { cid, port }, l.fd(), Ok(None))
             }
-            Listener::Template(_) | Listener::KataHost(_) => return None,
         };
         let (kind, fd, janitor) = handed;
         match janitor.and_then(|janitor| Ok((fd.try_clone_to_owned()?, janitor))) {
@@ -186,7 +197,6 @@ impl Listener {
                 stored
             }
             Listener::Vsock(l) => vec![Stored::listener(l.fd(), None)],
-            Listener::Template(_) | Listener::KataHost(_) => Vec::new(),
         }
     }
 
@@ -241,9 +251,11 @@ impl Adopted {
     }
 }
 
-/// The listeners one forwarder serves, bound and ready.
+/// The listeners one forwarder serves, bound and ready, and what makes
+/// more of them as sandboxes come.
 pub struct Listeners {
     listeners: Vec<Listener>,
+    managers: Vec<Manager>,
     max_connections: usize,
     /// Connections handed over with the listeners.
     adopted: Vec<Adopted>,
@@ -257,6 +269,7 @@ impl Listeners {
     pub fn new(listeners: Vec<Listener>, max_connections: usize) -> Listeners {
         Listeners {
             listeners,
+            managers: Vec::new(),
             max_connections,
             adopted: Vec::new(),
             hub: None,
@@ -276,15 +289,17 @@ impl Listeners {
 
     /// The thread that watches sandbox directories, when one does.
     fn sandbox_thread(&self) -> Option<template::SandboxThread> {
-        self.listeners.iter().find_map(|l| match l {
-            Listener::Template(t) => Some(t.thread().clone()),
-            Listener::KataHost(k) => Some(k.thread().clone()),
-            Listener::Hybrid(_) | Listener::Vsock(_) => None,
+        self.managers.first().map(|m| match m {
+            Manager::Template(t) => t.thread().clone(),
+            Manager::KataHost(k) => k.thread().clone(),
         })
     }
 
     pub fn describe(&self) -> String {
-        let all: Vec<String> = self.listeners.iter().map(Listener::describe).collect();
+        let listeners = self.listeners.iter().map(Listener::describe);
+        let all: Vec<String> = listeners
+            .chain(self.managers.iter().map(Manager::describe))
+            .collect();
         all.join(", ")
     }
 }
@@ -325,19 +340,11 @@ async fn bind_mode(
     inherited: Option<&Arc<inherited::Inherited>>,
 ) -> Result<Listeners, ListenError> {
     let root = privileges::is_root();
-    // Connections of the one listener, left by a previous process.
-    let mut adopted = Vec::new();
-    let listener = match &cfg.mode {
+    // The one listener, with its connections a previous process left.
+    let (listener, adopted) = match &cfg.mode {
         ListenMode::Hybrid { socket_path, port } => {
             let path = hybrid_socket(socket_path, *port);
-            let (l, conns) = inherited
-                .and_then(|i| i.take_unix(&path))
-                .unwrap_or_default();
-            adopted = conns;
-            let mut l = match l {
-                Some(l) => l,
-                None => hybrid::HybridListener::bind(&path)?,
-            };
+            let (mut l, conns) = inherited::hybrid(inherited, &path)?;
             if root && !l.has_janitor() {
                 l.hand_removal_to_janitor()?;
             }
@@ -347,17 +354,11 @@ async fn bind_mode(
                 }
                 privileges::drop_root(&cfg.user, privileges::Keep::Nothing)?;
             }
-            Listener::Hybrid(l)
+            (Listener::Hybrid(l), conns)
         }
         ListenMode::Vsock { cid, port } => {
-            let (l, conns) = inherited
-                .and_then(|i| i.take_vsock(*cid, *port))
-                .unwrap_or_default();
-            adopted = conns;
-            match l {
-                Some(l) => Listener::Vsock(l),
-                None => Listener::Vsock(vsock::VsockListener::bind(*cid, *port)?),
-            }
+            let (l, conns) = inherited::vsock(inherited, *cid, *port)?;
+            (Listener::Vsock(l), conns)
         }
         ListenMode::Template {
             template,
@@ -392,7 +393,9 @@ async fn bind_mode(
                 .await?
                 .inheriting(inherited);
             let host = kata_host::KataHostListener::start(k, thread, shutdown).await?;
-            Listener::KataHost(Box::new(host))
+            let mut all = Listeners::new(Vec::new(), cfg.max_connections);
+            all.managers.push(Manager::KataHost(Box::new(host)));
+            return Ok(all);
         }
     };
     let mut all = Listeners::new(vec![listener], cfg.max_connections);
@@ -432,15 +435,10 @@ async fn bind_set(
     inherited: Option<&Arc<inherited::Inherited>>,
 ) -> Result<Listeners, ListenError> {
     let mut listeners = Vec::new();
+    let mut managers = Vec::new();
     let mut adopted = Vec::new();
     if let Some(cid) = set.vsock {
-        let (l, conns) = inherited
-            .and_then(|i| i.take_vsock(cid, set.port))
-            .unwrap_or_default();
-        let l = match l {
-            Some(l) => l,
-            None => vsock::VsockListener::bind(cid, set.port)?,
-        };
+        let (l, conns) = inherited::vsock(inherited, cid, set.port)?;
         adopted.extend(conns.into_iter().map(|mut a| {
             a.listener = listeners.len();
             a
@@ -460,421 +458,17 @@ async fn bind_set(
                 shutdown,
             )
             .await?;
-            listeners.push(Listener::Template(l));
+            managers.push(Manager::Template(l));
         }
     }
     let mut all = Listeners::new(listeners, cfg.max_connections);
+    all.managers = managers;
     all.adopted = adopted;
     Ok(all)
 }
 
-/// Accepts on every listener until `shutdown` begins, serving each
-/// connection in its own task; then waits for the connections to drain,
-/// until the shutdown deadline at the latest. Dropping the listeners on the
-/// way out removes their sockets.
-pub(crate) async fn serve(
-    listeners: Listeners,
-    shared: Arc<ConnShared>,
-    origin: Arc<Origin>,
-    shutdown: Shutdown,
-) {
-    let limit = Arc::new(ConnLimit::new(listeners.max_connections));
-    let tracker = TaskTracker::new();
-    let hub = listeners.hub.clone();
-    let mut adopted: Vec<Vec<Adopted>> = listeners.listeners.iter().map(|_| Vec::new()).collect();
-    for a in listeners.adopted {
-        match adopted.get_mut(a.listener) {
-            Some(v) => v.push(a),
-            None => tracing::warn!("a handed-over connection without its listener; closed"),
-        }
-    }
-    let serving = Serving {
-        shared,
-        origin,
-        limit,
-        tracker: tracker.clone(),
-        hub,
-    };
-    let accepting = listeners
-        .listeners
-        .into_iter()
-        .zip(adopted)
-        .map(|(listener, adopted)| {
-            let serving = serving.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                let listener = match listener {
-                    Listener::Template(t) => return t.serve(serving).await,
-                    Listener::KataHost(k) => return k.serve(serving).await,
-                    other => other,
-                };
-                // QEMU: a guest's CID says which sandbox it is, through /proc.
-                let resolver = matches!(listener, Listener::Vsock(_))
-                    .then(|| Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
-                let origin = Arc::clone(&serving.origin);
-                // Hybrid: the socket is one sandbox's, named by Kata's path.
-                let (origin, tenant) = match &listener {
-                    Listener::Hybrid(l) => {
-                        let id = sandbox::hybrid_sandbox_id(l.path());
-                        let origin = match &id {
-                            Some(id) => Arc::new(sandbox::sandbox_origin(&origin, id)),
-                            None => origin,
-                        };
-                        let key = id.map_or_else(
-                            || TenantKey::Socket(l.path().to_owned()),
-                            TenantKey::Sandbox,
-                        );
-                        (origin, Some(serving.shared.tenant(key)))
-                    }
-                    _ => (origin, None),
-                };
-                let member = serving.hub.as_ref().map(Hub::member);
-                serving
-                    .accept(&origin, resolver, tenant, None)
-                    .serve(listener, member, adopted, &shutdown)
-                    .await;
-            }
-        });
-    futures_util::future::join_all(accepting).await;
-    tracker.close();
-    let drained = match shutdown.deadline() {
-        Some(d) => tokio::time::timeout_at(d, tracker.wait()).await.is_ok(),
-        None => {
-            tracker.wait().await;
-            true
-        }
-    };
-    if !drained {
-        tracing::warn!("connections still open at the shutdown deadline");
-    }
-}
-
-/// What serving the connections of any listener needs, shared by every
-/// listener (and every sandbox of a template). Cheap to clone.
-#[derive(Clone)]
-pub(crate) struct Serving {
-    pub shared: Arc<ConnShared>,
-    /// The resource attributes every connection's spans get.
-    pub origin: Arc<Origin>,
-    pub limit: Arc<ConnLimit>,
-    pub tracker: TaskTracker,
-    /// Where listeners and connections pause for a hand-over, if any.
-    pub hub: Option<Arc<Hub>>,
-}
-
-impl Serving {
-    /// Accepting on one listener: `origin` is its connections' resource;
-    /// `resolver` finds a VSOCK guest's sandbox; `tenant` is the listener's
-    /// sandbox (hybrid, template), `sandbox` its id in template mode.
-    pub(crate) fn accept<'a>(
-        &'a self,
-        origin: &'a Arc<Origin>,
-        resolver: Option<Arc<CidResolver>>,
-        tenant: Option<Arc<Tenant>>,
-        sandbox: Option<&'a str>,
-    ) -> Accept<'a> {
-        Accept {
-            shared: &self.shared,
-            limit: &self.limit,
-            origin,
-            resolver,
-            tracker: &self.tracker,
-            tenant,
-            hub: self.hub.as_ref(),
-            sandbox,
-        }
-    }
-}
-
-/// The cap on connections served at once, shared by every listener.
-pub(crate) struct ConnLimit {
-    permits: Arc<Semaphore>,
-    max: usize,
-}
-
-impl ConnLimit {
-    pub(crate) fn new(max: usize) -> ConnLimit {
-        ConnLimit {
-            permits: Arc::new(Semaphore::new(max)),
-            max,
-        }
-    }
-}
-
-/// What accepting on one listener needs.
-pub(crate) struct Accept<'a> {
-    pub shared: &'a Arc<ConnShared>,
-    pub limit: &'a ConnLimit,
-    /// The resource attributes of every connection of this listener.
-    pub origin: &'a Arc<Origin>,
-    /// On VSOCK: finds the sandbox of a guest's CID.
-    pub resolver: Option<Arc<CidResolver>>,
-    pub tracker: &'a TaskTracker,
-    /// The listener's sandbox (hybrid, template); on VSOCK, each guest CID
-    /// is one.
-    pub tenant: Option<Arc<Tenant>>,
-    /// Where this listener and its connections pause for a hand-over.
-    pub hub: Option<&'a Arc<Hub>>,
-    /// The sandbox whose socket this is, in template mode and
-    /// `--kata-host`: handed over as such, for the successor's watcher.
-    pub sandbox: Option<&'a str>,
-}
-
-/// How an accept loop ended.
-pub(crate) enum Ended {
-    /// Shutdown: the listener goes, and its socket with it.
-    Stopped,
-    /// A successor serves the listener now, or systemd keeps it for the
-    /// next process: its socket stays.
-    HandedOver,
-}
-
-/// Resolves when a hand-over asks `member` to pause; never without one.
-pub(crate) async fn pause_asked(member: &mut Option<Member>) {
-    match member {
-        Some(m) => m.pause_asked().await,
-        None => std::future::pending().await,
-    }
-}
-
-impl Accept<'_> {
-    /// Accepts connections on `listener` until `shutdown` begins, then
-    /// takes those already queued (a backlog's worth, not a flood), so that
-    /// what their agents wrote is drained rather than lost with the socket.
-    /// `member` is its place in hand-overs: between two accepts, it pauses
-    /// and reports the listener; handed over, it ends with
-    /// [`Ended::HandedOver`].
-    pub(crate) async fn run(
-        &self,
-        listener: &Listener,
-        shutdown: &Shutdown,
-        mut member: Option<Member>,
-    ) -> Ended {
-        let max_connections = self.limit.max;
-        let stats = &self.shared.stats;
-        let listener_id = member.as_ref().map_or(0, Member::id);
-        let mut late = 0usize;
-        let stored = listener.store();
-        let keep = |stored: Vec<Stored>| stored.into_iter().for_each(Stored::keep);
-        loop {
-            if let Some(m) = member.as_mut() {
-                if m.pause_due() {
-                    m.report(self.piece(listener));
-                }
-                if m.awaiting_outcome() {
-                    match m.outcome().await {
-                        Outcome::HandedOver => {
-                            keep(stored);
-                            return Ended::HandedOver;
-                        }
-                        Outcome::Stop => break,
-                        Outcome::Resumed => {}
-                    }
-                }
-            }
-            let accepted = if shutdown.is_stopping() {
-                late += 1;
-                match accept(listener).now_or_never() {
-                    Some(a) if late <= max_connections => a,
-                    _ => break,
-                }
-            } else {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.stopping() => continue,
-                    _ = pause_asked(&mut member) => continue,
-                    a = accept(listener) => a,
-                }
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(_) if shutdown.is_stopping() => break,
-                Err(e) => {
-                    // Out of descriptors or memory: back off instead of
-                    // spinning; the connections already open keep being
-                    // served.
-                    tracing::error!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            emit!(stats, ConnectionAccepted);
-            let tenants = &*self.shared.tenants;
-            let tenant = match (&self.tenant, peer) {
-                (Some(t), _) => Some(Arc::clone(t)),
-                (None, Peer::Vsock { cid }) => tenants.get(TenantKey::Cid(cid)),
-                (None, Peer::Unix) => None,
-            };
-            let refuse = |tenant: Option<&Tenant>, refusal| {
-                emit!(
-                    stats,
-                    ConnectionRejected {
-                        peer,
-                        tenant,
-                        tenants,
-                        refusal,
-                    }
-                )
-            };
-            let Some(tenant) = tenant else {
-                let max_sandboxes = tenants.limits().max_sandboxes;
-                refuse(None, Refusal::Sandboxes { max_sandboxes });
-                continue;
-            };
-            let Some(slot) = tenant.try_connect() else {
-                let max_connections = tenant.max_connections();
-                refuse(Some(&tenant), Refusal::Sandbox { max_connections });
-                continue;
-            };
-            let Ok(permit) = Arc::clone(&self.limit.permits).try_acquire_owned() else {
-                refuse(Some(&tenant), Refusal::Global { max_connections });
-                continue;
-            };
-            let link = ConnLink {
-                member: self.hub.map(Hub::member),
-                listener: listener_id,
-                resume: None,
-            };
-            self.spawn(stream, peer, slot, permit, shutdown, link);
-        }
-        // With systemd's store, a stop leaves the listener to the next
-        // process; a sandbox that went alone (no phase) takes it along.
-        if shutdown
-            .phase()
-            .is_some_and(|p| p.mode == crate::shutdown::Mode::Store)
-        {
-            keep(stored);
-            return Ended::HandedOver;
-        }
-        drop(stored);
-        Ended::Stopped
-    }
-
-    /// This accept loop's part of a hand-over.
-    fn piece(&self, listener: &Listener) -> Option<Piece> {
-        let Piece { what, fd } = listener.hand_over()?;
-        let what = match (self.sandbox, what) {
-            (
-                Some(id),
-                PieceKind::Listener {
-                    kind: ListenerKind::Hybrid { path, identity },
-                    janitor,
-                },
-            ) => PieceKind::Listener {
-                kind: ListenerKind::Sandbox {
-                    id: id.to_owned(),
-                    path,
-                    identity,
-                },
-                janitor,
-            },
-            (_, what) => what,
-        };
-        Some(Piece { what, fd })
-    }
-
-    /// Serves `listener` (VSOCK, or one hybrid socket) until `shutdown`:
-    /// first the connections a predecessor left (`adopted`), then what it
-    /// accepts. `member` is its place in hand-overs, taken by the caller
-    /// before this task ran. Handed over, or left in systemd's store, its
-    /// socket stays; stopped, it goes.
-    pub(crate) async fn serve(
-        &self,
-        listener: Listener,
-        member: Option<Member>,
-        adopted: Vec<Adopted>,
-        shutdown: &Shutdown,
-    ) {
-        let listener_id = member.as_ref().map_or(0, Member::id);
-        for a in adopted {
-            self.adopt(a, listener_id, shutdown);
-        }
-        match self.run(&listener, shutdown, member).await {
-            Ended::HandedOver => {
-                tracing::info!(listener = %listener.describe(), "handed over");
-                listener.release();
-            }
-            Ended::Stopped => {
-                tracing::info!(listener = %listener.describe(), "stopped accepting connections")
-            }
-        }
-    }
-
-    /// Serves a connection a previous forwarder handed over, from where it
-    /// left it. Past a cap (one lowered since), it is closed and logged.
-    fn adopt(&self, a: Adopted, listener_id: u64, shutdown: &Shutdown) {
-        let tenants = &*self.shared.tenants;
-        let tenant = match (&self.tenant, a.peer) {
-            (Some(t), _) => Some(Arc::clone(t)),
-            (None, Peer::Vsock { cid }) => tenants.get(TenantKey::Cid(cid)),
-            (None, Peer::Unix) => None,
-        };
-        let slot = tenant.and_then(|t| t.try_connect());
-        let permit = Arc::clone(&self.limit.permits).try_acquire_owned().ok();
-        let (Some(slot), Some(permit)) = (slot, permit) else {
-            tracing::warn!(peer = %a.peer, "a handed-over connection is over a connection cap; closed");
-            return;
-        };
-        let link = ConnLink {
-            member: self.hub.map(Hub::member),
-            listener: listener_id,
-            resume: Some(a.resume),
-        };
-        self.spawn(a.stream, a.peer, slot, permit, shutdown, link);
-    }
-
-    fn spawn(
-        &self,
-        stream: Stream,
-        peer: Peer,
-        slot: crate::tenant::TenantConn,
-        permit: tokio::sync::OwnedSemaphorePermit,
-        shutdown: &Shutdown,
-        link: ConnLink,
-    ) {
-        let shared = Arc::clone(self.shared);
-        let shutdown = shutdown.clone();
-        let origin = Arc::clone(self.origin);
-        let resolver = self.resolver.clone();
-        let conn = async move {
-            let origin = match peer {
-                Peer::Vsock { cid } => Arc::new(
-                    sandbox::vsock_origin(&origin, cid, resolver.as_ref(), slot.tenant()).await,
-                ),
-                Peer::Unix => origin,
-            };
-            match stream {
-                Stream::Unix(s) => {
-                    connection::serve(s, peer, &shared, origin, slot, &shutdown, link).await
-                }
-                Stream::Vsock(s) => {
-                    connection::serve(s, peer, &shared, origin, slot, &shutdown, link).await
-                }
-            }
-            drop(permit);
-        };
-        // In the listener's span (a template's sandbox), for the logs.
-        self.tracker
-            .spawn(tracing::Instrument::in_current_span(conn));
-    }
-}
-
-enum Stream {
+/// An accepted stream of either transport.
+pub(crate) enum Stream {
     Unix(tokio::net::UnixStream),
     Vsock(tokio_vsock::VsockStream),
-}
-
-async fn accept(listener: &Listener) -> io::Result<(Stream, Peer)> {
-    match listener {
-        Listener::Hybrid(l) => {
-            let (s, _) = l.accept().await?;
-            Ok((Stream::Unix(s), Peer::Unix))
-        }
-        Listener::Vsock(l) => {
-            let (s, cid) = l.accept().await?;
-            Ok((Stream::Vsock(s), Peer::Vsock { cid }))
-        }
-        // Served by their own listeners, never accepted on.
-        Listener::Template(_) | Listener::KataHost(_) => std::future::pending().await,
-    }
 }

@@ -131,26 +131,20 @@ impl Effects for Host {
     }
 
     fn serve(&mut self, id: &str, path: &Path) -> Result<Identity, ServeError> {
-        let (bound, adopted) = {
+        let bound = {
             // Registered with the main runtime, which accepts on it.
             let _ctx = self.handoff.main.enter();
-            let inherited = self.handoff.inherited.as_ref();
-            let (l, adopted) = inherited
-                .and_then(|i| i.take_unix(path))
-                .unwrap_or_default();
-            if l.is_some() || !adopted.is_empty() {
-                tracing::info!(
-                    sandbox = id,
-                    connections = adopted.len(),
-                    "serving a handed-over sandbox on"
-                );
-            }
-            match l {
-                Some(l) => (Ok(l), adopted),
-                None => (HybridListener::bind(path), adopted),
-            }
+            super::super::inherited::hybrid(self.handoff.inherited.as_ref(), path)
         };
-        let listener = bound.map_err(ServeError::Bind)?;
+        let (listener, adopted) = bound.map_err(ServeError::Bind)?;
+        if !adopted.is_empty() {
+            let connections = adopted.len();
+            tracing::info!(
+                sandbox = id,
+                connections,
+                "serving a handed-over sandbox on"
+            );
+        }
         let identity = self.identity(path).unwrap_or_default();
         let shutdown = self.handoff.shutdown.child();
         let serve = Serve {

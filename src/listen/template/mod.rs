@@ -56,10 +56,10 @@ use tokio_util::task::TaskTracker;
 
 use super::hybrid::HybridListener;
 use super::inherited::Inherited;
-use super::{pause_asked, privileges, sandbox, Adopted, Ended, ListenError, Listener, Serving};
+use super::{privileges, sandbox, Adopted, Ended, ListenError, Listener, Serving};
 use crate::addr::SocketTemplate;
-use crate::handover::hub::{Hub, Member, Outcome};
 use crate::handover::server::Launcher;
+use crate::lifeline::{After, Lifeline, Next};
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
 use crate::tenant::{Tenant, TenantKey};
@@ -89,7 +89,6 @@ pub struct TemplateListener {
     task: Option<tokio::task::JoinHandle<()>>,
     /// Keeps the sandbox thread running while this template is served.
     thread: SandboxThread,
-    shutdown: Shutdown,
     /// Pauses the watcher for a hand-over.
     control_tx: mpsc::UnboundedSender<Control>,
 }
@@ -335,7 +334,6 @@ impl TemplateListener {
                 reap_tx: Some(reap_tx),
                 task: Some(task),
                 thread: thread.clone(),
-                shutdown: shutdown.clone(),
                 control_tx,
             }),
             Ok(Err(e)) => Err(e),
@@ -369,39 +367,37 @@ impl TemplateListener {
     /// then stops them all and gives every listener back for removal.
     /// `serving.origin` is what every sandbox's spans get besides its id;
     /// `serving.limit` caps connections across all sandboxes (and other
-    /// listeners); with `serving.hub`, the template, its sandboxes and
-    /// their connections take part in hand-overs.
-    pub(crate) async fn serve(mut self, serving: Serving) {
+    /// listeners); `life` (under the template's shutdown) pauses the
+    /// template, its sandboxes and their connections for hand-overs.
+    pub(crate) async fn serve(mut self, serving: Serving, mut life: Lifeline) {
         let sandboxes = TaskTracker::new();
-        let stop = self.shutdown.clone();
         let Some(reap) = self.reap_tx.clone() else {
             return;
         };
-        let mut member = serving.hub.as_ref().map(Hub::member);
         let ctx = Arc::new(SandboxCtx { serving, reap });
         let mut handed_over = false;
         loop {
             let next = tokio::select! {
                 biased;
-                _ = stop.stopping() => break,
-                _ = pause_asked(&mut member) => {
-                    match self.pause(&mut member, &ctx, &sandboxes).await {
-                        Outcome::Resumed => continue,
-                        Outcome::HandedOver => {
+                next = life.next() => match next {
+                    Next::Drain => break,
+                    Next::Pause => match self.pause(&mut life, &ctx, &sandboxes).await {
+                        After::Resume => continue,
+                        After::Leave => {
                             handed_over = true;
                             break;
                         }
-                        Outcome::Stop => break,
-                    }
-                }
+                        After::Drain => break,
+                    },
+                },
                 n = self.serve_rx.recv() => n,
             };
             let Some(serve) = next else {
                 tracing::error!("the sandbox watcher stopped; no new sandbox will be served");
-                stop.stopping().await;
+                life.shutdown().stopping().await;
                 break;
             };
-            ctx.spawn(serve, &sandboxes);
+            ctx.spawn(serve, &sandboxes, &life);
         }
         drop(ctx);
         self.return_unserved();
@@ -426,28 +422,24 @@ impl TemplateListener {
     /// carries on; handed over, it leaves without removing anything.
     async fn pause(
         &mut self,
-        member: &mut Option<Member>,
+        life: &mut Lifeline,
         ctx: &Arc<SandboxCtx>,
         sandboxes: &TaskTracker,
-    ) -> Outcome {
-        let Some(m) = member.as_mut() else {
-            return Outcome::Resumed;
-        };
+    ) -> After {
         let (frozen_tx, frozen_rx) = oneshot::channel();
         if self.control_tx.send(Control::Freeze(frozen_tx)).is_ok() {
             // Gone: the watcher has stopped, and binds nothing more.
             let _ = frozen_rx.await;
         }
         while let Ok(serve) = self.serve_rx.try_recv() {
-            ctx.spawn(serve, sandboxes);
+            ctx.spawn(serve, sandboxes, life);
         }
-        m.report_quiet();
-        let outcome = m.outcome().await;
-        let _ = self.control_tx.send(match outcome {
-            Outcome::HandedOver => Control::Leave,
-            Outcome::Resumed | Outcome::Stop => Control::Thaw,
+        let after = life.pause_quiet().await;
+        let _ = self.control_tx.send(match after {
+            After::Leave => Control::Leave,
+            After::Resume | After::Drain => Control::Thaw,
         });
-        outcome
+        after
     }
 
     /// Sends back the listeners the async side has not taken yet.
@@ -477,22 +469,16 @@ struct SandboxCtx {
 }
 
 impl SandboxCtx {
-    /// Serves a sandbox the watcher bound, in a task of its own. Its place
-    /// in hand-overs is taken here, before the task runs, so that a pause
-    /// asked from now on waits for it.
-    fn spawn(self: &Arc<Self>, serve: Serve, sandboxes: &TaskTracker) {
+    /// Serves a sandbox the watcher bound, in a task of its own. Its
+    /// lifeline is taken here, before the task runs, so that a pause asked
+    /// from now on waits for it.
+    fn spawn(self: &Arc<Self>, serve: Serve, sandboxes: &TaskTracker, template: &Lifeline) {
         let s = &self.serving;
         let origin = Arc::new(sandbox::sandbox_origin(&s.origin, &serve.id));
         // Held while the sandbox is served: its limits and its series.
         let tenant = s.shared.tenant(TenantKey::Sandbox(serve.id.clone()));
-        let member = s.hub.as_ref().map(Hub::member);
-        sandboxes.spawn(serve_sandbox(
-            serve,
-            Arc::clone(self),
-            origin,
-            tenant,
-            member,
-        ));
+        let life = template.under(serve.shutdown.clone());
+        sandboxes.spawn(serve_sandbox(serve, Arc::clone(self), origin, tenant, life));
     }
 }
 
@@ -504,26 +490,24 @@ async fn serve_sandbox(
     ctx: Arc<SandboxCtx>,
     origin: Arc<Origin>,
     tenant: Arc<Tenant>,
-    member: Option<Member>,
+    mut life: Lifeline,
 ) {
     let Serve {
         id,
         listener,
-        shutdown,
         adopted,
+        ..
     } = serve;
     let listener = Listener::Hybrid(listener);
     let span = tracing::info_span!("sandbox", id = %id);
     let accept = ctx.serving.accept(&origin, None, Some(tenant), Some(&id));
-    let listener_id = member.as_ref().map_or(0, Member::id);
     {
         let _in = span.enter();
         for a in adopted {
-            accept.adopt(a, listener_id, &shutdown);
+            accept.adopt(a, &life);
         }
     }
-    let ended =
-        tracing::Instrument::instrument(accept.run(&listener, &shutdown, member), span).await;
+    let ended = tracing::Instrument::instrument(accept.run(&listener, &mut life), span).await;
     if let Listener::Hybrid(l) = listener {
         match ended {
             Ended::HandedOver => l.release(),

@@ -1,0 +1,129 @@
+//! The replayer: spooled batches go to the collector, oldest first,
+//! whenever it answers again, on the export's retry policy.
+
+use super::*;
+
+/// How often an idle replayer looks through the spool directory for
+/// batches it does not know of.
+const SPOOL_RESCAN: Duration = Duration::from_secs(10);
+
+/// The replayer's waits while the collector is away: the export's policy
+/// (jitter, throttling hints), from 250 ms up to 10 s. It has no total:
+/// the batches wait on disk for as long as the collector does.
+fn replay_policy() -> RetryPolicy {
+    RetryPolicy {
+        initial_backoff: Duration::from_millis(250),
+        max_backoff: Duration::from_secs(10),
+        ..RetryPolicy::default()
+    }
+}
+
+/// Sends spooled batches, oldest first, whenever the collector answers,
+/// until shutdown begins (what is left stays for the next run).
+pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
+    let Some(spool) = exporter.spool.clone() else {
+        return;
+    };
+    let stats = &*exporter.stats;
+    let policy = replay_policy();
+    let mut backoff = Backoff::new(&policy);
+    loop {
+        if shutdown.is_stopping() {
+            return;
+        }
+        let Some(seq) = spool.oldest() else {
+            tokio::select! {
+                _ = exporter.spooled.notified() => continue,
+                // Batches another process wrote (a predecessor flushing
+                // through a hand-over) are found by looking again.
+                _ = tokio::time::sleep(SPOOL_RESCAN) => {
+                    let s = Arc::clone(&spool);
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.rescan()).await {
+                        tracing::warn!(error = %e, "looking through the spool directory");
+                    }
+                    continue;
+                }
+                _ = shutdown.stopping() => return,
+            }
+        };
+        let reader = Arc::clone(&spool);
+        let batch = match tokio::task::spawn_blocking(move || reader.read(seq)).await {
+            Ok(Ok(Some(b))) => b,
+            // Another process claimed it, and sends it.
+            Ok(Ok(None)) => continue,
+            Ok(Err(error)) => {
+                let damaged = matches!(error, spool::SpoolError::Damaged { .. });
+                emit!(
+                    stats,
+                    SpoolFileSkipped {
+                        error: &error,
+                        damaged
+                    }
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "spool reader task failed");
+                return;
+            }
+        };
+        let claim = spool::Claimed::new(&spool, seq);
+        let spans = u64::from(batch.spans);
+        emit!(stats, ExportAttempt { attempt: 1 });
+        let (delivery, error) = match exporter.sink.send(&batch.body).await {
+            Ok(resp) => (delivered(stats, &resp), None),
+            // Too large for this collector (spooled under a larger bound,
+            // or by a predecessor): its halves go back to the spool in its
+            // place, to be sent in turn, and halved again if need be.
+            Err(e) if e.retry() == Retry::TooLarge && spans > 1 => match halves_of(&batch.body) {
+                Some(halves) => {
+                    claim.settle();
+                    tracing::debug!(
+                        spans,
+                        "spooled batch too large for the collector; its halves spooled instead"
+                    );
+                    for (body, n) in halves {
+                        if !exporter.spool_batch(body, n).await {
+                            emit!(
+                                stats,
+                                BatchDone {
+                                    spans: n,
+                                    delivery: Delivery::Dropped(DropReason::Export),
+                                    attempts: 1,
+                                    error: Some(&e),
+                                    from_spool: true,
+                                }
+                            );
+                        }
+                    }
+                    continue;
+                }
+                None => (Delivery::Dropped(e.drop_reason()), Some(e)),
+            },
+            Err(e) => match backoff.after(e.retry()) {
+                None => (Delivery::Dropped(e.drop_reason()), Some(e)),
+                Some(wait) => {
+                    tracing::debug!(error = %e, retry_in = ?wait, "collector still unavailable for spooled batches");
+                    drop(claim);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.stopping() => return,
+                    }
+                    continue;
+                }
+            },
+        };
+        claim.settle();
+        backoff.reset();
+        emit!(
+            stats,
+            BatchDone {
+                spans,
+                delivery,
+                attempts: 1,
+                error: error.as_ref().map(|e| e as &dyn std::fmt::Display),
+                from_spool: true,
+            }
+        );
+    }
+}

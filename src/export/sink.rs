@@ -1,0 +1,125 @@
+//! Where batches go: the collector over gRPC or HTTP, or, with
+//! `--dump-only`, standard output as JSON lines or trees.
+
+use super::*;
+
+/// Where batches go. Every sink takes the same encoded request and says
+/// what became of it; `--dump-only` writes it out, as JSON lines or trees.
+pub struct Sink(pub(super) Transport);
+
+pub(super) enum Transport {
+    Grpc(grpc::GrpcTransport),
+    Http(Box<http::HttpTransport>),
+    Dump(std::sync::Mutex<dump::DumpWriter>),
+    Tree(std::sync::Mutex<tree::TreeWriter>),
+}
+
+impl Sink {
+    /// Opens the configured transport, failing if the collector cannot be
+    /// reached within `connect_timeout`.
+    pub async fn connect(cfg: &OtlpConfig, connect_timeout: Duration) -> Result<Self, ExportError> {
+        Ok(Sink(match cfg.protocol {
+            OtlpProtocol::Grpc => {
+                Transport::Grpc(grpc::GrpcTransport::connect(cfg, connect_timeout).await?)
+            }
+            OtlpProtocol::HttpProtobuf => Transport::Http(Box::new(
+                http::HttpTransport::connect(cfg, connect_timeout).await?,
+            )),
+        }))
+    }
+
+    /// OTLP JSON lines, one span a line, written to `out`.
+    pub fn dump(out: Box<dyn std::io::Write + Send + Sync>) -> Sink {
+        Sink(Transport::Dump(std::sync::Mutex::new(
+            dump::DumpWriter::new(out),
+        )))
+    }
+
+    /// Each trace as an indented tree, written to `out` (see [`tree`]).
+    pub fn tree(out: Box<dyn std::io::Write + Send + Sync>, cfg: &DumpConfig) -> Sink {
+        Sink(Transport::Tree(std::sync::Mutex::new(
+            tree::TreeWriter::new(
+                out,
+                tree::TreeOptions {
+                    linger: cfg.linger,
+                    max_spans: cfg.max_spans,
+                    colour: cfg.colour,
+                },
+            ),
+        )))
+    }
+
+    /// How often [`Sink::tick`] has something to do, if ever.
+    pub(super) fn tick_every(&self) -> Option<Duration> {
+        match &self.0 {
+            Transport::Tree(w) => {
+                let linger = lock(w).linger();
+                // A quarter of the linger: a quiet trace waits at most that
+                // much longer than asked.
+                Some((linger / 4).max(Duration::from_millis(10)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Prints the traces that have waited long enough.
+    pub(super) fn tick(&self) -> std::io::Result<()> {
+        match &self.0 {
+            Transport::Tree(w) => lock(w).tick(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes out whatever the sink still holds (the tree view's traces).
+    pub(crate) fn finish(&self) -> std::io::Result<()> {
+        match &self.0 {
+            Transport::Tree(w) => lock(w).finish(),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.0 {
+            Transport::Grpc(t) => format!("otlp grpc {}", t.endpoint()),
+            Transport::Http(t) => format!("otlp http/protobuf {}", t.endpoint()),
+            Transport::Dump(_) => "stdout (OTLP JSON lines)".to_owned(),
+            Transport::Tree(_) => "stdout (trace trees)".to_owned(),
+        }
+    }
+
+    /// Sends one request; the collector's answer, or why there is none.
+    pub(super) async fn send(
+        &self,
+        body: &EncodedRequest,
+    ) -> Result<ExportTraceServiceResponse, ExportError> {
+        match &self.0 {
+            Transport::Grpc(t) => t
+                .export(body)
+                .await
+                .map_err(|source| ExportError::SendGrpc {
+                    endpoint: t.endpoint().to_owned(),
+                    source,
+                }),
+            Transport::Http(t) => t
+                .export(body)
+                .await
+                .map_err(|source| ExportError::SendHttp {
+                    endpoint: t.endpoint(),
+                    source,
+                }),
+            Transport::Dump(w) => written(lock(w).write_request(body)),
+            Transport::Tree(w) => written(lock(w).write_request(body)),
+        }
+    }
+}
+
+/// A writer's lock; one poisoned by a panic mid-write still writes.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a dump writer's result means to the batcher.
+fn written(r: std::io::Result<()>) -> Result<ExportTraceServiceResponse, ExportError> {
+    r.map(|()| ExportTraceServiceResponse::default())
+        .map_err(ExportError::WriteDump)
+}

@@ -1,0 +1,311 @@
+//! The successor's side of a hand-over: connect to the hand-off socket,
+//! check who made it, receive the state and the descriptors, check every
+//! one against what it claims to be, and acknowledge once they are served
+//! (the exchange is in the parent module's note).
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+
+use super::wire::{ListenerKind, State};
+use super::*;
+
+/// What a successor received, before it is turned into listeners.
+pub(crate) struct Received {
+    stream: StdUnixStream,
+    pub state: State,
+    fds: Vec<OwnedFd>,
+}
+
+/// One handed-over listener, as the listen stage takes it.
+#[derive(Debug)]
+pub(crate) enum TakenListener {
+    Hybrid {
+        fd: OwnedFd,
+        path: PathBuf,
+        identity: (u64, u64),
+        janitor: Option<OwnedFd>,
+    },
+    Vsock {
+        fd: OwnedFd,
+        cid: Option<u32>,
+        port: u32,
+    },
+    /// A sandbox's socket in template mode or `--kata-host`.
+    Sandbox {
+        fd: OwnedFd,
+        id: String,
+        path: PathBuf,
+        identity: (u64, u64),
+    },
+}
+
+/// One handed-over connection: its socket, the index of its listener among
+/// [`Taken::listeners`], and its reading state.
+pub(crate) struct TakenConn {
+    pub fd: OwnedFd,
+    pub listener: usize,
+    pub cid: Option<u32>,
+    pub(crate) resume: Resume,
+}
+
+/// Everything handed over, checked and ready to serve.
+pub(crate) struct Taken {
+    pub from_pid: u32,
+    pub handoff: Option<HandoffListener>,
+    pub listeners: Vec<TakenListener>,
+    pub connections: Vec<TakenConn>,
+    stream: StdUnixStream,
+}
+
+impl Taken {
+    /// The parts, and the acknowledgement to send once they are served.
+    pub(crate) fn split(self) -> (TakenParts, Ack) {
+        (
+            TakenParts {
+                from_pid: self.from_pid,
+                handoff: self.handoff,
+                listeners: self.listeners,
+                connections: self.connections,
+            },
+            Ack {
+                stream: self.stream,
+            },
+        )
+    }
+}
+
+/// The acknowledgement a successor owes the old process.
+pub(crate) struct Ack {
+    stream: StdUnixStream,
+}
+
+impl Ack {
+    /// Tells the old process that everything is ours now: from here on it
+    /// will not read again. Without this (dropped), it resumes.
+    pub(crate) fn send(mut self) -> Result<(), HandOverError> {
+        self.stream.write_all(&[ACK]).map_err(HandOverError::Send)
+    }
+}
+
+/// What [`Taken`] holds.
+pub(crate) struct TakenParts {
+    pub from_pid: u32,
+    pub handoff: Option<HandoffListener>,
+    pub listeners: Vec<TakenListener>,
+    pub connections: Vec<TakenConn>,
+}
+
+/// Connects to the hand-off socket at `path` and takes everything the
+/// forwarder there serves. `Ok(None)`: nobody is there (start normally).
+/// Blocking: call it before serving, or off the runtime.
+pub(crate) fn take_over(
+    path: &Path,
+    max_frame_size: usize,
+) -> Result<Option<Taken>, HandOverError> {
+    let stream = match StdUnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(source) => {
+            return Err(HandOverError::ConnectHandoff {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let ours = nix::unistd::getuid().as_raw();
+    let peer = fds::peer(&stream).map_err(HandOverError::Receive)?;
+    if !trusts_predecessor(peer, ours) {
+        return Err(HandOverError::CheckPeer {
+            uid: peer.uid,
+            pid: peer.pid,
+            ours,
+        });
+    }
+    let _ = stream.set_read_timeout(Some(STEP_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
+    let received = receive(stream, max_frame_size)?;
+    sort(received, path).map(Some)
+}
+
+/// Whether to take anything from the hand-off socket whose listening end
+/// `peer` made. For a socket we connect to, `SO_PEERCRED` names whoever
+/// made it listen, not whoever holds it now: a forwarder started as root
+/// binds it as root, and it goes from forwarder to forwarder (bridges and
+/// upgrades included) with those credentials. So a successor running as
+/// root, which would act on the paths in the state with root's rights,
+/// takes only from a socket root made, never from one a user could have
+/// put at the path; a successor not running as root (a bridge, an
+/// upgrade, a forwarder never started as root) has nothing more to lose
+/// to its own user, and takes from root's or its own.
+pub(super) fn trusts_predecessor(peer: fds::Peer, ours: u32) -> bool {
+    peer.uid == 0 || (ours != 0 && peer.uid == ours)
+}
+
+pub(super) fn receive(
+    mut stream: StdUnixStream,
+    max_frame_size: usize,
+) -> Result<Received, HandOverError> {
+    let rx = HandOverError::Receive;
+    stream.write_all(&REQUEST).map_err(HandOverError::Send)?;
+    let mut tag = [0u8; 1];
+    stream.read_exact(&mut tag).map_err(rx)?;
+    match tag[0] {
+        STATE => {}
+        REFUSED => {
+            let mut len = [0u8; 4];
+            stream.read_exact(&mut len).map_err(rx)?;
+            let len = (u32::from_be_bytes(len) as usize).min(MAX_REASON);
+            let mut reason = vec![0u8; len];
+            stream.read_exact(&mut reason).map_err(rx)?;
+            return Err(HandOverError::Refused(
+                String::from_utf8_lossy(&reason).into_owned(),
+            ));
+        }
+        other => return Err(HandOverError::ForeignState { found: vec![other] }),
+    }
+    let mut head = [0u8; wire::HEADER_LEN];
+    stream.read_exact(&mut head).map_err(rx)?;
+    let header = wire::decode_header(&head)?;
+    // Read exactly what was announced: never into the descriptors' bytes.
+    let want = header.body_len + wire::TRAILER_LEN;
+    let mut rest = Vec::with_capacity(want.min(1 << 20));
+    (&mut stream)
+        .take(want as u64)
+        .read_to_end(&mut rest)
+        .map_err(rx)?;
+    let state = wire::decode_body(&head, header, &rest, max_frame_size)?;
+    let fds = fds::recv(stream.as_fd(), header.descriptors).map_err(rx)?;
+    Ok(Received { stream, state, fds })
+}
+
+/// Checks each descriptor is the kind of socket the state says, and pairs
+/// them up. `handoff_path`: our own hand-off socket, the one path the
+/// state may name for it.
+pub(super) fn sort(received: Received, handoff_path: &Path) -> Result<Taken, HandOverError> {
+    use nix::sys::socket::{getsockopt, sockopt, AddressFamily, SockType};
+    let Received { stream, state, fds } = received;
+    let check = |fd: &OwnedFd, family: AddressFamily, listening: bool, what: &str| {
+        let kind = getsockopt(fd, sockopt::SockType);
+        let accepting = getsockopt(fd, sockopt::AcceptConn);
+        let domain =
+            nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
+                .ok()
+                .and_then(|a| nix::sys::socket::SockaddrLike::family(&a));
+        match (kind, accepting, domain) {
+            (Ok(SockType::Stream), Ok(a), Some(d)) if a == listening && d == family => Ok(()),
+            other => Err(HandOverError::AdoptSocket(format!(
+                "{what}: not the socket announced ({other:?})"
+            ))),
+        }
+    };
+    let mut fds = fds.into_iter();
+    let mut next = |what: &str| {
+        fds.next()
+            .ok_or_else(|| HandOverError::AdoptSocket(format!("{what}: descriptor missing")))
+    };
+    let mut handoff = None;
+    let mut listeners = Vec::new();
+    // State index -> index among `listeners` (the hand-off socket is apart).
+    let mut index = Vec::with_capacity(state.listeners.len());
+    for l in &state.listeners {
+        let fd = next("listener")?;
+        let janitor = if l.janitor {
+            Some(next("janitor")?)
+        } else {
+            None
+        };
+        match &l.kind {
+            ListenerKind::Handoff { path, identity } => {
+                // Ours is the only one we would bind, and so the only file
+                // we may ever remove.
+                if path != handoff_path {
+                    return Err(HandOverError::CheckState(format!(
+                        "a hand-off socket at {}, ours is {}",
+                        path.display(),
+                        handoff_path.display()
+                    )));
+                }
+                check(&fd, AddressFamily::Unix, true, "hand-off socket")?;
+                handoff = Some(HandoffListener::adopt(
+                    fd,
+                    path.clone(),
+                    *identity,
+                    janitor,
+                )?);
+                index.push(None);
+            }
+            ListenerKind::Hybrid { path, identity } => {
+                check(&fd, AddressFamily::Unix, true, "hybrid listener")?;
+                index.push(Some(listeners.len()));
+                listeners.push(TakenListener::Hybrid {
+                    fd,
+                    path: path.clone(),
+                    identity: *identity,
+                    janitor,
+                });
+            }
+            ListenerKind::Sandbox { id, path, identity } => {
+                check(&fd, AddressFamily::Unix, true, "sandbox listener")?;
+                index.push(Some(listeners.len()));
+                listeners.push(TakenListener::Sandbox {
+                    fd,
+                    id: id.clone(),
+                    path: path.clone(),
+                    identity: *identity,
+                });
+            }
+            ListenerKind::Vsock { cid, port } => {
+                check(&fd, AddressFamily::Vsock, true, "vsock listener")?;
+                index.push(Some(listeners.len()));
+                listeners.push(TakenListener::Vsock {
+                    fd,
+                    cid: *cid,
+                    port: *port,
+                });
+            }
+        }
+    }
+    let mut connections = Vec::with_capacity(state.connections.len());
+    for c in state.connections {
+        let fd = next("connection")?;
+        let Some(Some(listener)) = index.get(c.listener as usize).copied() else {
+            return Err(HandOverError::CheckState(format!(
+                "a connection of listener {} (not an agent listener)",
+                c.listener
+            )));
+        };
+        let family = match c.cid {
+            Some(_) => AddressFamily::Vsock,
+            None => AddressFamily::Unix,
+        };
+        check(&fd, family, false, "connection")?;
+        connections.push(TakenConn {
+            fd,
+            listener,
+            cid: c.cid,
+            resume: Resume {
+                partial: c.partial,
+                format: c.format.map(WireFormat::from),
+                spans: c.spans,
+                decode_errors: c.decode_errors,
+                lost: false,
+            },
+        });
+    }
+    Ok(Taken {
+        from_pid: state.pid,
+        handoff,
+        listeners,
+        connections,
+        stream,
+    })
+}

@@ -1,0 +1,251 @@
+//! What a serving task does next: the one thing every accept loop,
+//! connection, template watcher and `--kata-host` planner asks.
+//!
+//! A task's [`Lifeline`] joins the two things that can interrupt it: the
+//! forwarder stopping ([`Shutdown`]: a drain, a hand-over's end, or
+//! systemd's store) and a hand-over's pause (its place in the
+//! [`Hub`](crate::handover::hub::Hub)). [`next`](Lifeline::next) says
+//! which came first; a paused task reports what a successor needs and
+//! learns from [`settled`](Lifeline::settled) whether to resume, drain or
+//! leave. [`leaves`](Lifeline::leaves) is the one place that decides, as a
+//! task ends, whether what it holds (a socket, a connection, a file in
+//! systemd's store) is left for a successor or cleaned up.
+//!
+//! A task that starts another gives it a lifeline of its own with
+//! [`spawn`](Lifeline::spawn) (same shutdown) or [`under`](Lifeline::under)
+//! (a sandbox's: stops with the forwarder, or alone), taken before the new
+//! task runs, so that a pause asked from then on waits for it too. The
+//! batcher, replayer and janitor are never paused: they hold the
+//! [`Shutdown`] alone.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::handover::hub::{Hub, Member, Outcome, Piece};
+use crate::shutdown::{Mode, Shutdown};
+
+/// What interrupted a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Stopping has begun: read what is already there, then end.
+    Drain,
+    /// A hand-over asks for a pause: report, then wait for
+    /// [`settled`](Lifeline::settled).
+    Pause,
+}
+
+/// How a pause ended for this task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum After {
+    /// No hand-over: carry on as before.
+    Resume,
+    /// The hand-over went ahead without this task (it joined too late to
+    /// be in it): end as at an ordinary shutdown.
+    Drain,
+    /// A successor holds this task's socket now: end without another read,
+    /// closing nothing the successor uses and removing nothing.
+    Leave,
+}
+
+/// One task's view of the forwarder's life. See the module note.
+pub(crate) struct Lifeline {
+    shutdown: Shutdown,
+    /// Where tasks pause for hand-overs, when this process takes part.
+    hub: Option<Arc<Hub>>,
+    /// This task's place in the pauses; `None` for the root, which only
+    /// starts tasks.
+    member: Option<Member>,
+    /// A successor took what this task held.
+    handed_over: bool,
+}
+
+impl Lifeline {
+    /// The root, from which every serving task's lifeline is taken: it is
+    /// no member of the pauses itself.
+    pub(crate) fn root(shutdown: Shutdown, hub: Option<Arc<Hub>>) -> Lifeline {
+        Lifeline {
+            shutdown,
+            hub,
+            member: None,
+            handed_over: false,
+        }
+    }
+
+    /// A lifeline for a task this one starts, under `shutdown`.
+    pub(crate) fn under(&self, shutdown: Shutdown) -> Lifeline {
+        Lifeline {
+            shutdown,
+            hub: self.hub.clone(),
+            member: self.hub.as_ref().map(Hub::member),
+            handed_over: false,
+        }
+    }
+
+    /// A lifeline for a task this one starts, stopping with it.
+    pub(crate) fn spawn(&self) -> Lifeline {
+        self.under(self.shutdown.clone())
+    }
+
+    pub(crate) fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+
+    /// This task's id among those paused together (0 outside hand-overs):
+    /// a connection's piece names its accept loop's.
+    pub(crate) fn id(&self) -> u64 {
+        self.member.as_ref().map_or(0, Member::id)
+    }
+
+    /// Whether stopping has begun, for the forwarder or this task alone.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.shutdown.is_stopping()
+    }
+
+    /// The forwarder's deadline, once it is stopping (none for a sandbox
+    /// stopped alone: its connections drain until quiet).
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.shutdown.deadline()
+    }
+
+    /// Resolves with what interrupts this task first; never, for a task
+    /// that nothing interrupts.
+    pub(crate) async fn next(&mut self) -> Next {
+        let member = self.member.as_mut();
+        tokio::select! {
+            biased;
+            _ = self.shutdown.stopping() => Next::Drain,
+            _ = async {
+                match member {
+                    Some(m) => m.pause_asked().await,
+                    None => std::future::pending().await,
+                }
+            } => Next::Pause,
+        }
+    }
+
+    /// Whether a pause is asked of this task and not yet reported.
+    pub(crate) fn pause_due(&self) -> bool {
+        self.member.as_ref().is_some_and(Member::pause_due)
+    }
+
+    /// Reports this task paused, with `piece` for the successor (`None`:
+    /// it could not be made, and the hand-over is refused).
+    pub(crate) fn report(&mut self, piece: Option<Piece>) {
+        if let Some(m) = self.member.as_mut() {
+            m.report(piece);
+        }
+    }
+
+    /// Reports this task paused with no socket of its own (a watcher or
+    /// planner: the sockets it makes are tasks of their own), and waits
+    /// for the outcome.
+    pub(crate) async fn pause_quiet(&mut self) -> After {
+        if let Some(m) = self.member.as_mut() {
+            m.report_quiet();
+        }
+        self.settled().await.unwrap_or(After::Resume)
+    }
+
+    /// After a report, waits for the hand-over's outcome; `None` when
+    /// nothing was reported.
+    pub(crate) async fn settled(&mut self) -> Option<After> {
+        let m = self.member.as_mut().filter(|m| m.awaiting_outcome())?;
+        let after = match m.outcome().await {
+            Outcome::HandedOver => After::Leave,
+            Outcome::Stop => After::Drain,
+            Outcome::Resumed => After::Resume,
+        };
+        self.handed_over |= after == After::Leave;
+        Some(after)
+    }
+
+    /// Awaits `fut`; if a pause is asked meanwhile, reports `piece()` at
+    /// once (what it describes must not change while `fut` runs) and goes
+    /// on waiting. The caller then learns the outcome from
+    /// [`settled`](Self::settled).
+    pub(crate) async fn paused_while<F: Future>(
+        &mut self,
+        fut: F,
+        piece: impl FnOnce() -> Option<Piece>,
+    ) -> F::Output {
+        let Some(m) = self.member.as_mut() else {
+            return fut.await;
+        };
+        tokio::pin!(fut);
+        if !m.pause_due() {
+            tokio::select! {
+                out = &mut fut => return out,
+                _ = m.pause_asked() => {}
+            }
+        }
+        m.report(piece());
+        fut.await
+    }
+
+    /// Whether what this task holds stays for a successor: handed over, or
+    /// the forwarder is stopping into systemd's store. Otherwise it is
+    /// cleaned up (sockets removed, connections closed).
+    pub(crate) fn leaves(&self) -> bool {
+        self.handed_over || self.shutdown.phase().is_some_and(|p| p.mode == Mode::Store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_task_learns_drain_pause_and_leave_from_one_place() {
+        let shutdown = Shutdown::new();
+        let hub = Hub::new();
+        let root = Lifeline::root(shutdown.clone(), Some(Arc::clone(&hub)));
+        let mut task = root.spawn();
+        let mut sandbox = root.under(shutdown.child());
+
+        // A pause: the task reports, the hub hands over, the task leaves.
+        let pausing = tokio::spawn({
+            let hub = Arc::clone(&hub);
+            async move { hub.pause(Duration::from_secs(5)).await.map(|p| p.len()) }
+        });
+        assert_eq!(task.next().await, Next::Pause);
+        task.report(None);
+        assert_eq!(sandbox.next().await, Next::Pause);
+        assert_eq!(
+            tokio::join!(sandbox.pause_quiet(), async {
+                // A piece that could not be made refuses the round.
+                assert_eq!(pausing.await.unwrap(), None);
+                hub.settle(false);
+            })
+            .0,
+            After::Resume
+        );
+        assert_eq!(task.settled().await, Some(After::Resume));
+        assert!(!task.leaves());
+
+        // A sandbox stopped alone drains; the others carry on.
+        sandbox.shutdown().stop();
+        assert_eq!(sandbox.next().await, Next::Drain);
+        assert!(!task.is_stopping() && sandbox.deadline().is_none());
+
+        // Stopping into systemd's store: everything stays.
+        shutdown.begin(Mode::Store, Instant::now() + Duration::from_secs(1));
+        assert_eq!(task.next().await, Next::Drain);
+        assert!(task.leaves() && sandbox.leaves());
+    }
+
+    #[tokio::test]
+    async fn nothing_interrupts_a_task_outside_hand_overs_until_stopping() {
+        let shutdown = Shutdown::new();
+        let mut task = Lifeline::root(shutdown.clone(), None).spawn();
+        assert_eq!(task.id(), 0);
+        let waited = tokio::time::timeout(Duration::from_millis(50), task.next()).await;
+        assert!(waited.is_err());
+        assert_eq!(task.paused_while(async { 7 }, || unreachable!()).await, 7);
+        shutdown.begin(Mode::Drain, Instant::now());
+        assert_eq!(task.next().await, Next::Drain);
+        assert!(!task.leaves());
+    }
+}
