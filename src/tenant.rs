@@ -644,7 +644,10 @@ mod tests {
         let read = Instant::now();
         t.count_received(3, read);
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(t.last_sent_ago(Instant::now()), Some(Duration::from_secs(2)));
+        assert_eq!(
+            t.last_sent_ago(Instant::now()),
+            Some(Duration::from_secs(2))
+        );
         assert_eq!(t.received.get(), 3);
     }
 
