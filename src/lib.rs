@@ -50,6 +50,7 @@ mod metrics;
 pub mod otlp;
 pub mod shutdown;
 pub mod stats;
+pub mod status;
 pub mod tenant;
 mod untrusted;
 pub mod wire;
