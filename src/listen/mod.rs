@@ -284,8 +284,12 @@ impl Listeners {
     }
 
     pub fn describe(&self) -> String {
-        let all: Vec<String> = self.listeners.iter().map(Listener::describe).collect();
-        all.join(", ")
+        self.each().join(", ")
+    }
+
+    /// Each listener, described.
+    pub(crate) fn each(&self) -> Vec<String> {
+        self.listeners.iter().map(Listener::describe).collect()
     }
 }
 
