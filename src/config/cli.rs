@@ -489,8 +489,8 @@ pub struct Cli {
 pub enum Command {
     /// Ask the forwarder running on this host how it is doing: its
     /// listeners, each sandbox it serves (agent connections, spans
-    /// received, exported, spooled, queued and dropped by reason, limits
-    /// hit, when it last sent), the exporter (collector, last success and
+    /// received, exported, spooled, still in memory and dropped by reason,
+    /// limits hit, when it last sent), the exporter (collector, last success and
     /// failure, retries, spool depth), version and uptime. Read-only, over
     /// the hand-off socket, which answers root alone. Exits 1 when no
     /// forwarder answers.
