@@ -4,7 +4,8 @@
 //! table and the JSON say what is true there; with no forwarder, one line
 //! and exit 1; a process of nobody's (the forwarder's own user) gets
 //! nothing; a peer that connects and says nothing does not hold the
-//! answer up for long.
+//! answer up for long; the answer follows the hand-off socket through an
+//! upgrade and a takeover.
 
 mod common;
 
@@ -87,43 +88,33 @@ fn counts(r: &Value) -> Vec<u64> {
 /// The outage: a template forwarder serving `busy` (over its rate) and
 /// `quiet`, collector killed once it started, spool and queue small, both
 /// agents done sending and every count settled. Returns the forwarder,
-/// its hand-off socket, the spool directory and the settled report.
-async fn outage(rx: &mut Receiver) -> (Forwarder, PathBuf, PathBuf, Value) {
-    let dir = tempfile::tempdir().unwrap();
-    // Started as root, the forwarder becomes nobody and makes its hand-off
-    // socket nobody's: nobody must be able to reach it, for the trust
-    // check (not the directory) to be what refuses nobody.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let vm = dir.path().join("vm");
-    for id in ["busy", "quiet"] {
-        std::fs::create_dir_all(vm.join(id)).unwrap();
-    }
-    let handoff = dir.path().join("handoff.sock");
-    let spool = dir.path().join("spool");
-    let mut args: Vec<String> = [
-        "--socket-path-template",
-        &format!("{}/{{ID}}/clh.sock", vm.display()),
-        "--handoff-socket",
-        &handoff.display().to_string(),
-        "--spool-dir",
-        &spool.display().to_string(),
-        "--queue-size",
-        "64",
-        "--batch-max-spans",
-        "16",
-        "--batch-timeout",
-        "50ms",
-        "--sandbox-spans-per-second",
-        RATE,
-        "--sandbox-span-burst",
-        RATE,
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(rx.args("grpc"));
-    let fwd = Forwarder::spawn_in(dir, PathBuf::new(), &args);
-    fwd.wait_listening().await;
+/// its hand-off socket, the spool directory (and the temporary one it is
+/// in) and the settled report.
+async fn outage(rx: &mut Receiver) -> (Forwarder, PathBuf, (tempfile::TempDir, PathBuf), Value) {
+    let spool_dir = tempfile::tempdir().unwrap();
+    let spool = spool_dir.path().join("spool");
+    let (fwd, handoff, vm) = template_forwarder(
+        rx,
+        &[
+            "--spool-dir",
+            &spool.display().to_string(),
+            "--queue-size",
+            "64",
+            "--batch-max-spans",
+            "16",
+            "--batch-timeout",
+            "50ms",
+            "--sandbox-spans-per-second",
+            RATE,
+            "--sandbox-span-burst",
+            RATE,
+        ],
+    )
+    .await;
     rx.kill();
+    for id in ["busy", "quiet"] {
+        std::fs::create_dir(vm.join(id)).unwrap();
+    }
 
     let mut busy = connect_when_listening(&vm.join("busy/clh.sock_10240")).await;
     let mut quiet = connect_when_listening(&vm.join("quiet/clh.sock_10240")).await;
@@ -150,7 +141,7 @@ async fn outage(rx: &mut Receiver) -> (Forwarder, PathBuf, PathBuf, Value) {
         if read && last.as_ref() == Some(&now) {
             // The agents stay connected, as the Kata agent does.
             std::mem::forget((busy, quiet));
-            return (fwd, handoff, spool, r);
+            return (fwd, handoff, (spool_dir, spool), r);
         }
         last = read.then_some(now);
         assert!(
@@ -166,7 +157,7 @@ async fn outage(rx: &mut Receiver) -> (Forwarder, PathBuf, PathBuf, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_tells_a_throttled_sandbox_and_a_down_collector() {
     let mut rx = Receiver::start().await;
-    let (mut fwd, handoff, spool, r) = outage(&mut rx).await;
+    let (mut fwd, handoff, (_spool_dir, spool), r) = outage(&mut rx).await;
     eprintln!(
         "status --json:\n{}",
         serde_json::to_string_pretty(&r).unwrap()
@@ -363,7 +354,7 @@ async fn a_process_of_the_forwarders_user_gets_nothing() {
         return;
     }
     let rx = Receiver::start().await;
-    let (fwd, handoff) = template_forwarder(&rx).await;
+    let (fwd, handoff, _) = template_forwarder(&rx, &[]).await;
     let socket = handoff.display().to_string();
     let owner = std::fs::metadata(&handoff).unwrap();
     assert_eq!(
@@ -394,7 +385,7 @@ async fn a_process_of_the_forwarders_user_gets_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_does_not_hold_the_answer_up() {
     let rx = Receiver::start().await;
-    let (fwd, handoff) = template_forwarder(&rx).await;
+    let (fwd, handoff, _) = template_forwarder(&rx, &[]).await;
     let mut silent = std::os::unix::net::UnixStream::connect(&handoff).unwrap();
     let connected = Instant::now();
     let (code, out, err, took) = status(
@@ -421,9 +412,62 @@ async fn a_silent_peer_does_not_hold_the_answer_up() {
     );
 }
 
-/// A template forwarder with no sandbox yet, its hand-off socket in a
-/// directory anyone may enter; the forwarder and that socket.
-async fn template_forwarder(rx: &Receiver) -> (Forwarder, PathBuf) {
+/// The hand-off socket goes along with an upgrade by SIGHUP and a
+/// takeover: status is answered by whoever serves, the upgraded binary
+/// under the same pid (uptime from its start), then the process that took
+/// over; an agent connected throughout is still the sandbox's, and the
+/// spans it sent before count for the process that read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_follows_upgrades_and_takeovers() {
+    use common::handover::Setup;
+    let rx = Receiver::start().await;
+    let mut setup = Setup::start(&rx, &[]);
+    let pid = setup.wait_ready(1).await;
+    let handoff = setup.dir.path().join("handoff.sock");
+    let mut agent = connect_when_listening(&setup.agent_socket).await;
+    agent
+        .write_all(&bulk_frames(WireFormat::Json, 3, 300, 3).concat())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let before = loop {
+        let r = report(&handoff);
+        if r["sandboxes"][0]["exported"] == 3 {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "{r:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(n(&before["pid"]), pid as u64);
+    assert!(
+        before["exporter"]["last_success_unix_ms"].is_u64(),
+        "{before}"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let upgraded = setup.hand_over(pid, 0).await;
+    let r = report(&handoff);
+    assert_eq!(n(&r["pid"]), upgraded as u64, "the same pid: {r}");
+    assert!(
+        n(&r["started_unix_ms"]) > n(&before["started_unix_ms"]),
+        "started again: {r}"
+    );
+    let s = &r["sandboxes"][0];
+    assert_eq!((n(&s["connections"]), n(&s["received"])), (1, 0), "{s}");
+
+    let taker = setup.hand_over(upgraded, 3).await;
+    let r = report(&handoff);
+    assert_eq!(n(&r["pid"]), taker as u64, "{r}");
+    assert_eq!(n(&r["sandboxes"][0]["connections"]), 1, "{r}");
+    drop(agent);
+}
+
+/// A template forwarder with no sandbox yet and `extra` flags, its
+/// hand-off socket in a directory anyone may enter: started as root, the
+/// forwarder becomes nobody and makes that socket nobody's, so nobody can
+/// reach it, and the peer check (not the directory) is what refuses
+/// nobody. The forwarder, that socket, and the sandboxes' directory.
+async fn template_forwarder(rx: &Receiver, extra: &[&str]) -> (Forwarder, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let vm = dir.path().join("vm");
@@ -437,8 +481,9 @@ async fn template_forwarder(rx: &Receiver) -> (Forwarder, PathBuf) {
     ]
     .map(String::from)
     .to_vec();
+    args.extend(extra.iter().map(|a| a.to_string()));
     args.extend(rx.args("grpc"));
     let fwd = Forwarder::spawn_in(dir, PathBuf::new(), &args);
     fwd.wait_listening().await;
-    (fwd, handoff)
+    (fwd, handoff, vm)
 }
