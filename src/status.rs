@@ -175,7 +175,8 @@ pub struct ExporterReport {
     pub failures: u64,
     /// Spans waiting in the export queue now.
     pub queue_spans: u64,
-    /// Spans read and still in memory (see [`SandboxReport::pending`]).
+    /// Spans read and still in memory (see [`SandboxReport::pending`]), of
+    /// the sandboxes served now.
     pub pending_spans: u64,
     pub spool: Option<SpoolReport>,
 }
@@ -230,9 +231,8 @@ impl Board {
         let ago = |d: Duration| now_ms.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(0));
         let uptime = now.saturating_duration_since(self.started);
         let live = self.tenants.live();
-        let sandboxes = live
+        let sandboxes: Vec<SandboxReport> = live
             .iter()
-            .take(MAX_LISTED)
             .map(|t| {
                 let snap = t.snapshot();
                 let (exported, spooled) = (t.exported.get(), t.spooled.get());
@@ -252,6 +252,12 @@ impl Board {
                 }
             })
             .collect();
+        // Of the sandboxes served now: the global counters cannot tell
+        // spans sent from the spool (maybe a predecessor's) from the rest.
+        let pending = sandboxes.iter().map(|s| s.pending).sum();
+        let not_listed = sandboxes.len().saturating_sub(MAX_LISTED);
+        let mut sandboxes = sandboxes;
+        sandboxes.truncate(MAX_LISTED);
         let snap = self.stats.snapshot();
         let health = self.exporter.health();
         let counters = match serde_json::to_value(snap) {
@@ -268,7 +274,7 @@ impl Board {
             uptime_seconds: uptime.as_secs(),
             listeners: self.listeners.clone(),
             sandboxes,
-            sandboxes_not_listed: live.len().saturating_sub(MAX_LISTED) as u64,
+            sandboxes_not_listed: not_listed as u64,
             exporter: ExporterReport {
                 collector: self.exporter.describe(),
                 last_success_unix_ms: health.last_success_unix_ms,
@@ -279,12 +285,7 @@ impl Board {
                 retries: snap.export_retries,
                 failures: snap.export_failures,
                 queue_spans: snap.queue_depth,
-                pending_spans: snap.spans_received.saturating_sub(
-                    snap.spans_exported
-                        + snap.spans_rejected
-                        + snap.spans_spooled
-                        + snap.spans_dropped.total(),
-                ),
+                pending_spans: pending,
                 spool: self.exporter.spool().map(|s| {
                     let d = s.depth();
                     SpoolReport {
@@ -839,6 +840,48 @@ totals: received 160, exported 0, rejected 0, spooled 0, sent from the spool 0, 
         );
         let back: Report = serde_json::from_value(json).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn the_board_reports_each_sandbox_and_what_is_still_in_memory() {
+        use crate::config::TenantLimits;
+        use crate::tenant::TenantKey;
+        let stats = Arc::new(Stats::default());
+        let tenants = Arc::new(Tenants::new(TenantLimits::default()));
+        let sink = crate::export::Sink::dump(Box::new(std::io::sink()));
+        let exporter = Arc::new(Exporter::new(sink, None, Arc::clone(&stats)));
+        let board = Board::new(
+            Arc::clone(&stats),
+            Arc::clone(&tenants),
+            exporter,
+            vec!["vsock cid any port 10240".into()],
+        );
+        let a = tenants.get(TenantKey::Sandbox("a".into())).unwrap();
+        let _b = tenants.get(TenantKey::Cid(7)).unwrap();
+        let _conn = a.try_connect().unwrap();
+        a.count_received(10, Instant::now());
+        a.exported.add(4);
+        a.spooled.add(3);
+        a.dropped.inc(DropReason::Export);
+        a.limited.add(LimitReason::Rate, 2);
+        let r = board.report(Path::new("/run/x.sock"));
+        assert_eq!(r.listeners, ["vsock cid any port 10240"]);
+        let names: Vec<&str> = r.sandboxes.iter().map(|s| s.sandbox.as_str()).collect();
+        assert_eq!(names, ["a", "vsock:7"]);
+        let s = &r.sandboxes[0];
+        assert_eq!(
+            (s.connections, s.received, s.exported, s.spooled, s.pending),
+            (1, 10, 4, 3, 2)
+        );
+        assert_eq!((s.dropped.total, s.dropped.reasons["export"]), (1, 1));
+        assert_eq!(s.limited.reasons["rate"], 2);
+        assert!(s.last_sent_unix_ms.is_some_and(|t| t <= r.now_unix_ms));
+        assert_eq!(r.sandboxes[1].last_sent_unix_ms, None, "never sent");
+        assert_eq!(r.exporter.pending_spans, 2);
+        assert_eq!(r.exporter.collector, "stdout (OTLP JSON lines)");
+        assert_eq!(r.exporter.last_success_unix_ms, None);
+        assert_eq!(r.exporter.spool, None);
+        assert_eq!(r.pid, std::process::id());
     }
 
     #[test]
