@@ -306,7 +306,7 @@ impl Tenant {
     /// Whether this tenant may add `spans` and `bytes` to the queue now: it
     /// holds nothing, or no one else holds anything, or it stays within its
     /// share. If so, the room is now held.
-    fn try_hold(&self, spans: usize, bytes: usize, bounds: QueueBounds) -> bool {
+    pub(crate) fn try_hold(&self, spans: usize, bytes: usize, bounds: QueueBounds) -> bool {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let holding = self.holding.load(Ordering::Acquire);
         let others = holding.saturating_sub(usize::from(!held.is_empty()));
