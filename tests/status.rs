@@ -122,10 +122,11 @@ async fn outage(rx: &mut Receiver) -> (Forwarder, PathBuf, (tempfile::TempDir, P
     let quiet_bytes = bulk_frames(WireFormat::Json, QUIET_SPANS, 300, 2).concat();
     busy.write_all(&busy_bytes).await.unwrap();
     // Read at the sandbox's rate, after its burst: some 3 s. The quiet one
-    // sends once the busy one is done: while the collector is down, a
-    // sandbox's spans in the batch being retried keep its share of the
-    // queue, and the other sandbox's reads then wait for it rather than
-    // fill the queue and spill to the spool (see the report of issue 22).
+    // sends once the busy one is done: in a queue this small (64 spans), a
+    // sandbox's share beside another that holds room (its spans in the
+    // batch being retried) is 32 spans, less than one of the busy one's
+    // reads, which would then wait for room (limited by `queue_share`)
+    // rather than fill the queue and spill to the spool.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut quiet_sent = false;
     let mut last: Option<Vec<u64>> = None;
@@ -257,6 +258,11 @@ async fn status_tells_a_throttled_sandbox_and_a_down_collector() {
     let (code, table, err, _) = status(&["--handoff-socket", &handoff.display().to_string()], None);
     assert_eq!(code, 0, "{err}");
     eprintln!("status:\n{table}");
+    let (_, json, _, took) = status(
+        &["--json", "--handoff-socket", &handoff.display().to_string()],
+        None,
+    );
+    eprintln!("status --json ({took:?}):\n{json}");
     let row = |id: &str| -> Vec<String> {
         table
             .lines()
