@@ -330,20 +330,48 @@ impl Board {
 
 /// Asks the forwarder at `path` for its status, within `timeout` in all.
 pub fn ask(path: &Path, timeout: Duration) -> Result<Report, StatusError> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let p = path.to_owned();
-    // A connect to a listener whose backlog is full blocks with no
-    // timeout of its own: the whole exchange runs on a thread given up on
-    // in time (it ends once its socket's timeouts do, or with the process).
-    std::thread::spawn(move || {
-        let _ = tx.send(exchange(&p, timeout));
-    });
-    rx.recv_timeout(timeout).unwrap_or_else(|_| {
-        Err(StatusError::Timeout {
+    Asking::start(path, timeout).wait()
+}
+
+/// An [`ask`] under way, on a thread of its own.
+struct Asking {
+    path: PathBuf,
+    rx: std::sync::mpsc::Receiver<Result<Report, StatusError>>,
+    until: std::time::Instant,
+    timeout: Duration,
+}
+
+impl Asking {
+    fn start(path: &Path, timeout: Duration) -> Asking {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.to_owned();
+        // A connect to a listener whose backlog is full blocks with no
+        // timeout of its own: the whole exchange runs on a thread given up
+        // on in time (it ends once its socket's timeouts do, or with the
+        // process).
+        std::thread::spawn(move || {
+            let _ = tx.send(exchange(&p, timeout));
+        });
+        Asking {
             path: path.to_owned(),
+            rx,
+            until: std::time::Instant::now() + timeout,
             timeout,
-        })
-    })
+        }
+    }
+
+    fn wait(self) -> Result<Report, StatusError> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        match self.rx.recv_timeout(left) {
+            Ok(r) => r,
+            Err(_) => Err(StatusError::Timeout {
+                path: self.path,
+                timeout: self.timeout,
+            }),
+        }
+    }
 }
 
 fn exchange(path: &Path, timeout: Duration) -> Result<Report, StatusError> {
@@ -388,6 +416,10 @@ fn exchange(path: &Path, timeout: Duration) -> Result<Report, StatusError> {
     })
 }
 
+/// Most hand-off sockets one `status` asks at once: far more forwarders
+/// than a host runs.
+const MAX_SOCKETS: usize = 256;
+
 /// The hand-off sockets in `dir` (`handoff-*.sock`), sorted.
 pub fn sockets(dir: &Path) -> Result<Vec<PathBuf>, StatusError> {
     let entries = match std::fs::read_dir(dir) {
@@ -419,9 +451,8 @@ pub enum Target<'a> {
     Discover(&'a Path),
 }
 
-/// Asks each forwarder `target` names. Sockets found in a directory that
-/// no forwarder listens on any more (left by one that was killed) are
-/// passed over; no live one at all is [`StatusError::NotRunning`].
+/// Asks each forwarder `target` names (see [`discovered`] for a
+/// directory); no live one at all is [`StatusError::NotRunning`].
 pub fn gather(target: Target<'_>, timeout: Duration) -> Vec<Result<Report, StatusError>> {
     match target {
         Target::Socket(path) => vec![ask(path, timeout)],
@@ -430,20 +461,49 @@ pub fn gather(target: Target<'_>, timeout: Duration) -> Vec<Result<Report, Statu
                 Ok(f) => f,
                 Err(e) => return vec![Err(e)],
             };
-            let asked: Vec<_> = found
+            // All at once: one forwarder that does not answer costs the
+            // others nothing.
+            let asking: Vec<Asking> = found
                 .iter()
-                .map(|p| ask(p, timeout))
-                .filter(|r| !matches!(r, Err(StatusError::NotListening { .. })))
+                .take(MAX_SOCKETS)
+                .map(|p| Asking::start(p, timeout))
                 .collect();
-            if asked.is_empty() {
-                vec![Err(StatusError::NotRunning {
-                    dir: dir.to_owned(),
-                })]
-            } else {
-                asked
-            }
+            let asked = asking.into_iter().map(Asking::wait).collect();
+            discovered(asked, dir)
         }
     }
+}
+
+/// What asking every socket in `dir` came to: sockets no forwarder listens
+/// on any more (left by one that was killed) are passed over, and a user
+/// who may not ask gets one line for all, not one a socket.
+fn discovered(
+    asked: Vec<Result<Report, StatusError>>,
+    dir: &Path,
+) -> Vec<Result<Report, StatusError>> {
+    let mut denied = false;
+    let mut out: Vec<_> = asked
+        .into_iter()
+        .filter(|r| match r {
+            Err(StatusError::NotListening { .. }) => false,
+            Err(StatusError::Denied { .. }) => {
+                denied = true;
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    if denied {
+        out.push(Err(StatusError::Denied {
+            path: dir.to_owned(),
+        }));
+    }
+    if out.is_empty() {
+        out.push(Err(StatusError::NotRunning {
+            dir: dir.to_owned(),
+        }));
+    }
+    out
 }
 
 /// `status`: asks each forwarder `target` names and writes its report to
@@ -894,6 +954,31 @@ totals: received 160, exported 0, rejected 0, spooled 0, sent from the spool 0, 
         assert_eq!(
             [bytes(0), bytes(1023), bytes(1536), bytes(3 << 20)],
             ["0 B", "1023 B", "1.5 KiB", "3.0 MiB"]
+        );
+    }
+
+    #[test]
+    fn discovery_passes_stale_sockets_over_and_says_denied_once() {
+        let dir = Path::new("/run/kata-trace-forwarder");
+        let stale = || {
+            Err(StatusError::NotListening {
+                path: dir.join("handoff-1.sock"),
+            })
+        };
+        let denied = || {
+            Err(StatusError::Denied {
+                path: dir.join("handoff-2.sock"),
+            })
+        };
+        let got = discovered(vec![stale(), denied(), denied(), Ok(report())], dir);
+        assert!(
+            matches!(got.as_slice(), [Ok(_), Err(StatusError::Denied { path })] if path == dir),
+            "{got:?}"
+        );
+        let got = discovered(vec![stale(), stale()], dir);
+        assert!(
+            matches!(got.as_slice(), [Err(StatusError::NotRunning { .. })]),
+            "{got:?}"
         );
     }
 
