@@ -325,6 +325,38 @@ async fn status_tells_a_throttled_sandbox_and_a_down_collector() {
     );
 }
 
+/// `status` is a subcommand beside the forwarder's flags, which keep their
+/// meaning: given together, they are a usage error rather than ignored.
+#[test]
+fn status_is_a_subcommand_beside_the_flags() {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("status"), "{out}");
+    assert!(out.contains("--socket-path-template"), "{out}");
+    let (code, out, _) = run(&["status", "--help"]);
+    assert_eq!(code, 0);
+    for flag in ["--json", "--handoff-socket"] {
+        assert!(out.contains(flag), "{out}");
+    }
+    let (code, _, err) = run(&["--dump-only", "status"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+    let (code, _, err) = run(&["status", "--dump-only"]);
+    assert_eq!(code, 2, "{err}");
+}
+
 /// No forwarder at the socket asked: one line on stderr, nothing on
 /// stdout, exit 1, at once; a directory or file there is not one either.
 #[test]

@@ -230,7 +230,8 @@ fn parse_socket_template(s: &str) -> Result<SocketTemplate, String> {
     long_about = LONG_ABOUT,
     after_help = AFTER_HELP,
     disable_version_flag = true,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true
 )]
 pub struct Cli {
     /// Print version.

@@ -126,7 +126,7 @@ fn units(bindir: &str, out: &Path) -> io::Result<Vec<PathBuf>> {
 /// it does, and its options.
 fn subcommands(cmd: &clap::Command, w: &mut dyn Write) -> io::Result<()> {
     let mut roff = Roff::default();
-    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+    for sub in cmd.get_subcommands() {
         let name = sub.get_name();
         roff.control("SH", [name.to_uppercase().as_str()]);
         let mut synopsis = vec![bold(format!("{BIN} {name}"))];
