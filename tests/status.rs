@@ -34,8 +34,13 @@ fn is_root() -> bool {
 /// `status` with `args`, as `uid` (this process's user by default):
 /// its exit code, stdout and stderr, and how long it took.
 fn status(args: &[&str], uid: Option<u32>) -> (i32, String, String, Duration) {
+    run(&[&["status"], args].concat(), uid)
+}
+
+/// The binary with `args`, as `uid`: see [`status`].
+fn run(args: &[&str], uid: Option<u32>) -> (i32, String, String, Duration) {
     let mut cmd = Command::new(BIN);
-    cmd.arg("status").args(args).stdin(Stdio::null());
+    cmd.args(args).stdin(Stdio::null());
     if let Some(uid) = uid {
         cmd.uid(uid).gid(uid);
     }
@@ -330,16 +335,8 @@ async fn status_tells_a_throttled_sandbox_and_a_down_collector() {
 #[test]
 fn status_is_a_subcommand_beside_the_flags() {
     let run = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let (code, out, err, _) = run(args, None);
+        (code, out, err)
     };
     let (code, out, _) = run(&["--help"]);
     assert_eq!(code, 0);
