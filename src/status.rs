@@ -198,10 +198,10 @@ pub struct SpoolReport {
 
 /// What a running forwarder reports from: the state it keeps anyway.
 pub(crate) struct Board {
-    pub stats: Arc<Stats>,
-    pub tenants: Arc<Tenants>,
-    pub exporter: Arc<Exporter>,
-    pub listeners: Vec<String>,
+    stats: Arc<Stats>,
+    tenants: Arc<Tenants>,
+    exporter: Arc<Exporter>,
+    listeners: Vec<String>,
     started: Instant,
     answering: AtomicUsize,
 }
@@ -231,7 +231,7 @@ impl Board {
         let ago = |d: Duration| now_ms.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(0));
         let uptime = now.saturating_duration_since(self.started);
         let live = self.tenants.live();
-        let sandboxes: Vec<SandboxReport> = live
+        let mut sandboxes: Vec<SandboxReport> = live
             .iter()
             .map(|t| {
                 let snap = t.snapshot();
@@ -256,7 +256,6 @@ impl Board {
         // spans sent from the spool (maybe a predecessor's) from the rest.
         let pending = sandboxes.iter().map(|s| s.pending).sum();
         let not_listed = sandboxes.len().saturating_sub(MAX_LISTED);
-        let mut sandboxes = sandboxes;
         sandboxes.truncate(MAX_LISTED);
         let snap = self.stats.snapshot();
         let health = self.exporter.health();
@@ -305,13 +304,21 @@ impl Board {
     /// server has checked, off the runtime and within [`WRITE_TIMEOUT`];
     /// past [`MAX_ANSWERING`] at once, closes it unanswered.
     pub(crate) fn answer(self: &Arc<Self>, mut stream: UnixStream, socket: PathBuf, pid: i32) {
+        /// One of the [`MAX_ANSWERING`] slots, given back however the
+        /// answer ends (also a task that never ran, at shutdown).
+        struct Slot(Arc<Board>);
+        impl Drop for Slot {
+            fn drop(&mut self) {
+                self.0.answering.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let slot = Slot(Arc::clone(self));
         if self.answering.fetch_add(1, Ordering::AcqRel) >= MAX_ANSWERING {
-            self.answering.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(pid, "status: too many requests at once; closed unanswered");
             return;
         }
-        let board = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
+            let board = &slot.0;
             let report = board.report(&socket);
             let sent = serde_json::to_vec(&report)
                 .map_err(std::io::Error::other)
@@ -319,7 +326,6 @@ impl Board {
                     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
                     stream.write_all(&json)
                 });
-            board.answering.fetch_sub(1, Ordering::AcqRel);
             match sent {
                 Ok(()) => tracing::debug!(pid, "status: answered"),
                 Err(e) => tracing::warn!(pid, error = %e, "status: answering"),
