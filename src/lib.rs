@@ -51,6 +51,7 @@ mod metrics;
 pub mod otlp;
 pub mod shutdown;
 pub mod stats;
+pub mod status;
 pub mod tenant;
 mod untrusted;
 pub mod wire;
@@ -385,6 +386,14 @@ async fn serve_inner(
     let (queue_tx, queue_rx) =
         export::queue::bounded(queue.max_spans, queue.max_bytes, Arc::clone(&stats));
     let exporter = Arc::new(Exporter::new(sink, spool, Arc::clone(&stats)));
+    if let Some(s) = server.as_mut() {
+        s.set_status(Arc::new(status::Board::new(
+            Arc::clone(&stats),
+            Arc::clone(&tenants),
+            Arc::clone(&exporter),
+            listeners.each(),
+        )));
+    }
     let mut batcher = tokio::spawn(export::run_batcher(
         queue_rx,
         Arc::clone(&exporter),
@@ -402,7 +411,7 @@ async fn serve_inner(
     let shared = Arc::new(ConnShared {
         queue: queue_tx,
         stats: Arc::clone(&stats),
-        tenants,
+        tenants: Arc::clone(&tenants),
         max_frame_size: config.ingest.max_frame_size,
         drain_idle: DRAIN_IDLE,
         pacing: listen::pacing::Pacing::for_batch_timeout(config.export.batch.timeout),

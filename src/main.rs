@@ -2,13 +2,14 @@
 //!
 //! Exit codes: 0 after a clean shutdown, 1 when the forwarder cannot start
 //! or stops on an error (collector unreachable, socket unusable), 2 for an
-//! invalid command line or environment.
+//! invalid command line or environment. `status` exits 0 when every
+//! forwarder asked answered, 1 otherwise.
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use kata_trace_forwarder::config::{kata, Cli, LogFormat, ProcessEnv};
+use kata_trace_forwarder::config::{kata, Cli, Command, LogFormat, ProcessEnv, StatusArgs};
 use kata_trace_forwarder::janitor;
 use kata_trace_forwarder::listen::privileges;
 use kata_trace_forwarder::logging::{Json, JsonLines};
@@ -34,6 +35,10 @@ fn main() -> ExitCode {
             args: args.iter().skip(1).cloned().collect(),
         });
     let cli = Cli::parse();
+    if let Some(Command::Status(args)) = &cli.command {
+        kata_trace_forwarder::shutdown::unblock_stop_signals();
+        return status(args);
+    }
     init_logging(&cli);
     // While this is the only thread: a successor handed a capability keeps
     // it on the sandbox thread alone.
@@ -60,6 +65,31 @@ fn main() -> ExitCode {
             let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
             tracing::error!(error = %chain.join(": "), "forwarder failed");
             eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `status`: 0 when every forwarder asked answered, 1 otherwise (none
+/// runs, or one would not answer), each error one line on stderr.
+fn status(args: &StatusArgs) -> ExitCode {
+    use kata_trace_forwarder::status::{print, Target};
+    let target = match &args.handoff_socket {
+        Some(p) => Target::Socket(p),
+        None => Target::Discover(std::path::Path::new(
+            kata_trace_forwarder::config::HANDOFF_DIR,
+        )),
+    };
+    match print(
+        target,
+        args.json,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr(),
+    ) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: writing the status: {e}");
             ExitCode::FAILURE
         }
     }

@@ -20,8 +20,9 @@
 //! - a gate on its log lines, so a guest cannot flood the host's logs:
 //!   after a few lines of one kind in a window, the rest are counted and
 //!   summarised once the window is over;
-//! - its own counters (spans received, dropped by reason, limits hit), for
-//!   the metrics page.
+//! - its own counters (spans received, exported, spooled, dropped by
+//!   reason, limits hit, when it last sent), for the metrics page and
+//!   `status`.
 //!
 //! The registry is bounded by `--max-sandboxes`; a tenant leaves it (and its
 //! series leave the metrics page) once nothing holds it: its listener is
@@ -186,9 +187,21 @@ pub(crate) struct Tenant {
     released: Notify,
     holding: Arc<AtomicUsize>,
     pub received: Counter,
+    /// Spans of this sandbox's that the collector took (or a dump wrote).
+    /// A partial success's rejections are the collector's to name, per
+    /// request: they count here, and globally as rejected.
+    pub exported: Counter,
+    /// Spans of this sandbox's written to the spool (sent from there later,
+    /// unattributed: a spool file does not say whose spans it holds).
+    pub spooled: Counter,
     pub dropped: Family<DropReason>,
     pub limited: Family<LimitReason>,
     pub(crate) log: LogGate,
+    /// When this tenant was made: [`Self::last_sent`] counts from it.
+    born: Instant,
+    /// When spans of this sandbox's were last read, in milliseconds after
+    /// `born`, plus one (0: never). A relaxed store per read, for `status`.
+    last_sent: AtomicU64,
 }
 
 impl fmt::Debug for Tenant {
@@ -227,9 +240,13 @@ impl Tenant {
             released: Notify::new(),
             holding,
             received: Counter::default(),
+            exported: Counter::default(),
+            spooled: Counter::default(),
             dropped: Family::default(),
             limited: Family::default(),
             log: LogGate::default(),
+            born: Instant::now(),
+            last_sent: AtomicU64::new(0),
         }
     }
 
@@ -289,7 +306,7 @@ impl Tenant {
     /// Whether this tenant may add `spans` and `bytes` to the queue now: it
     /// holds nothing, or no one else holds anything, or it stays within its
     /// share. If so, the room is now held.
-    fn try_hold(&self, spans: usize, bytes: usize, bounds: QueueBounds) -> bool {
+    pub(crate) fn try_hold(&self, spans: usize, bytes: usize, bounds: QueueBounds) -> bool {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let holding = self.holding.load(Ordering::Acquire);
         let others = holding.saturating_sub(usize::from(!held.is_empty()));
@@ -342,6 +359,30 @@ impl Tenant {
         }
         drop(held);
         self.released.notify_waiters();
+    }
+
+    /// Counts `spans` read from this sandbox at `at` (the read).
+    pub(crate) fn count_received(&self, spans: usize, at: Instant) {
+        self.received.add(spans as u64);
+        let ms = at.saturating_duration_since(self.born).as_millis();
+        let ms = u64::try_from(ms).unwrap_or(u64::MAX - 1);
+        self.last_sent.store(ms + 1, Ordering::Relaxed);
+    }
+
+    /// How long ago spans of this sandbox's were last read; `None`: never.
+    pub(crate) fn last_sent_ago(&self, now: Instant) -> Option<Duration> {
+        match self.last_sent.load(Ordering::Relaxed) {
+            0 => None,
+            ms => {
+                let at = self.born + Duration::from_millis(ms - 1);
+                Some(now.saturating_duration_since(at))
+            }
+        }
+    }
+
+    /// Spans this sandbox holds in the export queue now.
+    pub(crate) fn queued(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).spans
     }
 
     /// This tenant's counters now.
@@ -593,6 +634,21 @@ mod tests {
         drop(again);
         tokio::time::advance(IDLE_KEEP).await;
         assert!(tenants.live().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tenant_knows_when_it_last_sent() {
+        let t = Tenant::standalone(TenantKey::Sandbox("a".into()), &limits());
+        assert_eq!(t.last_sent_ago(Instant::now()), None, "never yet");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let read = Instant::now();
+        t.count_received(3, read);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            t.last_sent_ago(Instant::now()),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(t.received.get(), 3);
     }
 
     #[test]

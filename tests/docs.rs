@@ -39,9 +39,7 @@
 //!      values made at run time (ports, temporary paths), so values are
 //!      not compared.
 //! 5. **Flags.** Every flag given to `kata-trace-forwarder`, marked or not,
-//!    is listed by its `--help` (a subcommand's by `SUB --help`). A
-//!    subcommand in `PENDING_SUBCOMMANDS` may be missing from the binary:
-//!    it is being built on another branch, and the docs describe it already.
+//!    is listed by its `--help` (a subcommand's by `SUB --help`).
 //! 6. **Links.** Every relative link `[..](target)` outside code resolves to
 //!    a file or directory, and a `#anchor` to a heading of the target
 //!    Markdown file, slugged as GitHub does.
@@ -53,10 +51,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::BIN;
-
-/// Subcommands the docs describe before this branch's binary has them
-/// (`status`: issue 22 part 2). Empty this once they are merged.
-const PENDING_SUBCOMMANDS: &[&str] = &["status"];
 
 /// The phrases that mark a command (rule 3).
 const MARKS: &[&str] = &["on a Kata host", "not run by CI"];
@@ -569,12 +563,10 @@ fn check_commands(docs: &[(String, String)], repo: &mut Repo) -> Vec<String> {
             for (sub, flags) in forwarder_runs(&c.text) {
                 let listed = repo.help_for(&sub);
                 let Some(listed) = listed else {
-                    if !PENDING_SUBCOMMANDS.contains(&sub.as_str()) {
-                        problems.push(format!(
-                            "{}:{}: `{PROGRAM} {sub}` is no subcommand of the binary: {}",
-                            c.file, c.line, c.text
-                        ));
-                    }
+                    problems.push(format!(
+                        "{}:{}: `{PROGRAM} {sub}` is no subcommand of the binary: {}",
+                        c.file, c.line, c.text
+                    ));
                     continue;
                 };
                 for f in flags.iter().filter(|f| !listed.contains(*f)) {

@@ -229,7 +229,9 @@ fn parse_socket_template(s: &str) -> Result<SocketTemplate, String> {
     about = ABOUT,
     long_about = LONG_ABOUT,
     after_help = AFTER_HELP,
-    disable_version_flag = true
+    disable_version_flag = true,
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true
 )]
 pub struct Cli {
     /// Print version.
@@ -478,4 +480,32 @@ pub struct Cli {
     /// On SIGTERM/SIGINT, how long to keep draining and flushing before exiting.
     #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub shutdown_timeout: Duration,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What to do instead of forwarding.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Ask the forwarder running on this host how it is doing: its
+    /// listeners, each sandbox it serves (agent connections, spans
+    /// received, exported, spooled, still in memory and dropped by reason,
+    /// limits hit, when it last sent), the exporter (collector, last success and
+    /// failure, retries, spool depth), version and uptime. Read-only, over
+    /// the hand-off socket, which answers root alone. Exits 1 when no
+    /// forwarder answers.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// Print one JSON object per forwarder, one a line, instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// The hand-off socket of the forwarder to ask, as given to it
+    /// [default: every forwarder's in /run/kata-trace-forwarder].
+    #[arg(long, value_name = "PATH")]
+    pub handoff_socket: Option<std::path::PathBuf>,
 }

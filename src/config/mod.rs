@@ -25,7 +25,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Uri};
 
 pub use crate::addr::{SocketTemplate, VsockCid};
-pub use cli::{Cli, DumpFormat, LogFormat, LogLevel, OtlpProtocol};
+pub use cli::{Cli, Command, DumpFormat, LogFormat, LogLevel, OtlpProtocol, StatusArgs};
 
 /// Where the agent connections come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,8 +234,8 @@ impl Default for TenantLimits {
     }
 }
 
-/// Where the hand-off sockets live by default.
-const HANDOFF_DIR: &str = "/run/kata-trace-forwarder";
+/// Where the hand-off sockets live by default (and `status` looks).
+pub const HANDOFF_DIR: &str = "/run/kata-trace-forwarder";
 
 /// The hand-off socket path when `--handoff-socket` is not given: one per
 /// set of listeners, so that forwarders serving different sockets on one

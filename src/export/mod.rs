@@ -158,6 +158,70 @@ pub(crate) struct Exporter {
     retry: RetryPolicy,
     /// Wakes the replayer when a batch has been spooled.
     spooled: Notify,
+    /// How the last requests went, for `status`.
+    health: Health,
+}
+
+/// A writer's lock; one poisoned by a panic mid-write still writes.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Longest error text kept for `status`.
+const MAX_ERROR_TEXT: usize = 512;
+
+/// How the collector has answered lately: one store per request, never
+/// per span.
+#[derive(Default)]
+pub(crate) struct Health {
+    /// When a request last went through, in milliseconds since the Unix
+    /// epoch (0: never).
+    last_success: std::sync::atomic::AtomicU64,
+    /// The last failed request: when (as above), and why.
+    last_failure: std::sync::Mutex<Option<(u64, String)>>,
+}
+
+/// What [`Health`] says now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct HealthSnapshot {
+    pub last_success_unix_ms: Option<u64>,
+    pub last_failure: Option<(u64, String)>,
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Health {
+    fn note<T>(&self, res: &Result<T, ExportError>) {
+        let now = unix_ms(std::time::SystemTime::now());
+        match res {
+            Ok(_) => self
+                .last_success
+                .store(now, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => {
+                let mut text = error_chain(e);
+                if text.len() > MAX_ERROR_TEXT {
+                    let mut cut = MAX_ERROR_TEXT;
+                    while !text.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    text.truncate(cut);
+                }
+                *lock(&self.last_failure) = Some((now, text));
+            }
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> HealthSnapshot {
+        let ok = self.last_success.load(std::sync::atomic::Ordering::Relaxed);
+        HealthSnapshot {
+            last_success_unix_ms: (ok > 0).then_some(ok),
+            last_failure: lock(&self.last_failure).clone(),
+        }
+    }
 }
 
 /// What became of one batch, and the last error on the way.
@@ -180,7 +244,30 @@ impl Exporter {
             stats,
             retry: RetryPolicy::default(),
             spooled: Notify::new(),
+            health: Health::default(),
         }
+    }
+
+    /// Sends one request through the sink, noting how it went.
+    async fn send(&self, body: &EncodedRequest) -> Result<ExportTraceServiceResponse, ExportError> {
+        let res = self.sink.send(body).await;
+        self.health.note(&res);
+        res
+    }
+
+    /// How the collector has answered lately.
+    pub(crate) fn health(&self) -> HealthSnapshot {
+        self.health.snapshot()
+    }
+
+    /// Where batches go, as the startup log says it.
+    pub(crate) fn describe(&self) -> String {
+        self.sink.describe()
+    }
+
+    /// The spool, if there is one.
+    pub(crate) fn spool(&self) -> Option<&Arc<Spool>> {
+        self.spool.as_ref()
     }
 
     /// Sends a batch of `spans` spans, retrying as the policy says. With a
@@ -219,7 +306,7 @@ impl Exporter {
                     emit!(stats, ExportAttempt { attempt });
                     let body = &body;
                     async move {
-                        let res = self.sink.send(body).await;
+                        let res = self.send(body).await;
                         if let Err(error) = &res {
                             let retry = error.retry();
                             emit!(
@@ -514,7 +601,16 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
                     tenant.dropped.add(reason, r.count as u64);
                 }
             }
-            Delivery::Delivered { .. } | Delivery::Spooled => {}
+            Delivery::Delivered { .. } => {
+                for (tenant, r) in piece.tenants.iter().zip(&piece.records) {
+                    tenant.exported.add(r.count as u64);
+                }
+            }
+            Delivery::Spooled => {
+                for (tenant, r) in piece.tenants.iter().zip(&piece.records) {
+                    tenant.spooled.add(r.count as u64);
+                }
+            }
         }
         emit!(
             exporter.stats,

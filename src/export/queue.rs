@@ -251,7 +251,9 @@ impl QueueSender {
             max_spans: self.max_spans,
             max_bytes: self.max_bytes,
         };
-        if tenant.hold(record.count, cost, bounds).await {
+        // Counted as the wait begins, so that `status` shows a sandbox
+        // waiting for its share now, not once it is let in.
+        if !tenant.try_hold(record.count, cost, bounds) {
             emit!(
                 self.stats,
                 Throttled {
@@ -260,6 +262,7 @@ impl QueueSender {
                     wait: std::time::Duration::ZERO,
                 }
             );
+            tenant.hold(record.count, cost, bounds).await;
         }
         // Given back if this send is abandoned.
         let share = Share {
@@ -402,5 +405,31 @@ mod tests {
         }
         assert_eq!(all, 30);
         assert_eq!(stats.queue_depth.get(), 0);
+    }
+
+    /// A sandbox waiting for its share of the queue is counted as limited
+    /// while it waits (`status` then says why it is not read), not only
+    /// once it is let in.
+    #[tokio::test]
+    async fn a_sandbox_waiting_for_its_share_is_counted_as_it_waits() {
+        let stats = Arc::new(Stats::default());
+        let tenants = Tenants::new(TenantLimits::default());
+        let a = tenants.get(TenantKey::Sandbox("a".into())).unwrap();
+        let b = tenants.get(TenantKey::Sandbox("b".into())).unwrap();
+        let (tx, _rx) = bounded(64, 1 << 20, Arc::clone(&stats));
+        tx.send(record(1), 10, &b, Instant::now()).await.unwrap();
+        tx.send(record(30), 10, &a, Instant::now()).await.unwrap();
+        // Over its half while b holds room: it waits.
+        let send = tx.send(record(10), 10, &a, Instant::now());
+        tokio::pin!(send);
+        assert!(futures_util::poll!(&mut send).is_pending());
+        assert_eq!(a.limited.snapshot().get(LimitReason::QueueShare), 1);
+        assert_eq!(
+            stats
+                .sandbox_limited
+                .snapshot()
+                .get(LimitReason::QueueShare),
+            1
+        );
     }
 }

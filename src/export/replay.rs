@@ -70,7 +70,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         let claim = spool::Claimed::new(&spool, seq);
         let spans = u64::from(batch.spans);
         emit!(stats, ExportAttempt { attempt: 1 });
-        let (delivery, error) = match exporter.sink.send(&batch.body).await {
+        let (delivery, error) = match exporter.send(&batch.body).await {
             Ok(resp) => (delivered(stats, &resp), None),
             // Too large for this collector (spooled under a larger bound,
             // or by a predecessor): its halves go back to the spool in its

@@ -113,11 +113,6 @@ impl Sink {
     }
 }
 
-/// A writer's lock; one poisoned by a panic mid-write still writes.
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// What a dump writer's result means to the batcher.
 fn written(r: std::io::Result<()>) -> Result<ExportTraceServiceResponse, ExportError> {
     r.map(|()| ExportTraceServiceResponse::default())

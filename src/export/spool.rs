@@ -110,10 +110,30 @@ pub(crate) struct Spooled {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Files present, by sequence number, with their sizes.
-    files: BTreeMap<u64, u64>,
+    /// Files present, by sequence number, with their sizes and spans.
+    files: BTreeMap<u64, (u64, u32)>,
     bytes: u64,
+    /// The spans their headers say they hold.
+    spans: u64,
     next_seq: u64,
+}
+
+impl State {
+    /// Counts a file found on disk (its bytes were not reserved).
+    fn found(&mut self, seq: u64, size: u64, spans: u32) {
+        if self.files.insert(seq, (size, spans)).is_none() {
+            self.bytes += size;
+            self.spans += u64::from(spans);
+        }
+    }
+}
+
+/// How much the spool holds now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Depth {
+    pub batches: u64,
+    pub spans: u64,
+    pub bytes: u64,
 }
 
 /// The spool. It keeps its own gauges (`spool_bytes`, `spool_files`) up to
@@ -274,10 +294,14 @@ impl Spool {
             st.next_seq = st.next_seq.max(what.seq() + 1);
             match what {
                 Entry::Batch(seq) if !st.files.contains_key(&seq) => {
+                    drop(st);
                     let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                    st.files.insert(seq, len);
-                    st.bytes += len;
-                    found += 1;
+                    let spans = self.spans_in(&path);
+                    let mut st = self.lock();
+                    if !st.files.contains_key(&seq) {
+                        st.found(seq, len, spans);
+                        found += 1;
+                    }
                 }
                 // Ours are being written; another's, until abandoned, may be.
                 Entry::Tmp(_, token)
@@ -295,16 +319,52 @@ impl Spool {
                     if fs::rename(&path, self.batch_path(seq)).is_ok() {
                         found += 1;
                         let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                        let mut st = self.lock();
-                        if st.files.insert(seq, len).is_none() {
-                            st.bytes += len;
-                        }
+                        let spans = self.spans_in(&self.batch_path(seq));
+                        self.lock().found(seq, len, spans);
                     }
                 }
                 _ => {}
             }
         }
         Ok(found)
+    }
+
+    /// The spans a batch file's header says it holds; 0 for one that is
+    /// not a batch (it is set aside when read). The file is the forwarder's
+    /// user's to plant: opened as [`Spool::read`] opens it, and only its
+    /// header read.
+    fn spans_in(&self, path: &Path) -> u32 {
+        let header = crate::untrusted::open_file(path, Link::Never, self.max_bytes)
+            .ok()
+            .and_then(|(mut f, _)| {
+                let mut h = [0u8; HEADER_LEN];
+                io::Read::read_exact(&mut f, &mut h).ok().map(|()| h)
+            });
+        match header {
+            Some(h) if h.starts_with(MAGIC) => h
+                .get(12..16)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u32::from_le_bytes),
+            _ => 0,
+        }
+    }
+
+    /// What the spool holds now.
+    pub(crate) fn depth(&self) -> Depth {
+        let st = self.lock();
+        Depth {
+            batches: st.files.len() as u64,
+            spans: st.spans,
+            bytes: st.bytes,
+        }
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     fn batch_path(&self, seq: u64) -> PathBuf {
@@ -396,7 +456,8 @@ impl Spool {
         });
         match published {
             Ok(seq) => {
-                st.files.insert(seq, size);
+                st.files.insert(seq, (size, spans));
+                st.spans += u64::from(spans);
                 drop(st);
                 let _ = fs::remove_file(&tmp);
                 // Make the new name durable.
@@ -504,8 +565,9 @@ impl Spool {
 
     fn forget(&self, seq: u64) {
         let mut st = self.lock();
-        if let Some(size) = st.files.remove(&seq) {
+        if let Some((size, spans)) = st.files.remove(&seq) {
             st.bytes -= size;
+            st.spans -= u64::from(spans);
         }
     }
 }
@@ -605,6 +667,34 @@ mod tests {
         assert_eq!(stats.spool_bytes.get(), (HEADER_LEN + 10) as u64);
         spool.remove(spool.oldest().unwrap());
         assert_eq!((stats.spool_files.get(), stats.spool_bytes.get()), (0, 0));
+    }
+
+    #[test]
+    fn knows_its_depth_in_spans_also_for_files_it_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open_for_test(dir.path(), 1 << 20).unwrap();
+        assert!(spool.write(&req(b"first"), 3).unwrap());
+        assert!(spool.write(&req(b"second"), 4).unwrap());
+        let want = Depth {
+            batches: 2,
+            spans: 7,
+            bytes: (2 * HEADER_LEN + 11) as u64,
+        };
+        assert_eq!(spool.depth(), want);
+        // Found by another process (a restart): read from the headers, and
+        // a planted file that is no batch counts no spans.
+        std::fs::write(dir.path().join(format!("{:020}.batch", 99)), b"junk").unwrap();
+        let again = Spool::open_for_test(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            again.depth(),
+            Depth {
+                batches: 3,
+                bytes: want.bytes + 4,
+                ..want
+            }
+        );
+        again.remove(again.oldest().unwrap());
+        assert_eq!((again.depth().batches, again.depth().spans), (2, 4));
     }
 
     fn req(b: &[u8]) -> EncodedRequest {

@@ -135,6 +135,9 @@ pub(crate) struct Server {
     /// one is refused.
     failures: u32,
     backoff_until: Option<Instant>,
+    /// Answers `status` requests (a different first message), once the
+    /// forwarder serves.
+    status: Option<Arc<crate::status::Board>>,
 }
 
 impl Server {
@@ -157,7 +160,13 @@ impl Server {
             upgrading: tokio::sync::watch::Sender::new(false),
             failures: 0,
             backoff_until: None,
+            status: None,
         }
+    }
+
+    /// Answers `status` requests from `board` from now on.
+    pub(crate) fn set_status(&mut self, board: Arc<crate::status::Board>) {
+        self.status = Some(board);
     }
 
     /// Follows whether an upgrade by `SIGHUP` is under way.
@@ -327,13 +336,21 @@ impl Server {
         let (res, s) = blocking(stream, |s| {
             let mut req = [0u8; REQUEST.len()];
             s.read_exact(&mut req)?;
-            Ok(req == REQUEST)
+            Ok(req)
         })
         .await;
         stream = s?;
         match res {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(REQUEST) => {}
+            // Read-only, answered aside: nothing pauses, and the next
+            // successor or client is not kept waiting.
+            Ok(crate::status::REQUEST) => {
+                if let Some(board) = &self.status {
+                    board.answer(stream, self.listener.path.clone(), peer.pid);
+                }
+                return None;
+            }
+            Ok(_) => {
                 tracing::warn!(
                     pid = peer.pid,
                     "hand-off socket: not a forwarder's request; closed"

@@ -256,7 +256,7 @@ impl<'a, S: Park> Conn<'a, S> {
         let mut spans = 0;
         for Ingested { record, cost } in self.ready.drain(..) {
             spans += record.count;
-            tenant.received.add(record.count as u64);
+            tenant.count_received(record.count, self.since);
             // What is read is queued even if a hand-over asks for a pause
             // meanwhile: the spans are this process's to export.
             let send = shared.queue.send(record, cost, tenant, self.since);

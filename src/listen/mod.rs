@@ -296,11 +296,15 @@ impl Listeners {
     }
 
     pub fn describe(&self) -> String {
+        self.each().join(", ")
+    }
+
+    /// Each listener and sandbox manager, described.
+    pub(crate) fn each(&self) -> Vec<String> {
         let listeners = self.listeners.iter().map(Listener::describe);
-        let all: Vec<String> = listeners
+        listeners
             .chain(self.managers.iter().map(Manager::describe))
-            .collect();
-        all.join(", ")
+            .collect()
     }
 }
 

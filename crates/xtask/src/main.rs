@@ -122,12 +122,64 @@ fn units(bindir: &str, out: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(written)
 }
 
+/// A section per subcommand, from its clap definition: its synopsis, what
+/// it does, and its options.
+fn subcommands(cmd: &clap::Command, w: &mut dyn Write) -> io::Result<()> {
+    let mut roff = Roff::default();
+    for sub in cmd.get_subcommands() {
+        let name = sub.get_name();
+        roff.control("SH", [name.to_uppercase().as_str()]);
+        let mut synopsis = vec![bold(format!("{BIN} {name}"))];
+        let args: Vec<_> = sub
+            .get_arguments()
+            .filter(|a| a.get_long().is_some_and(|l| l != "help"))
+            .collect();
+        for a in &args {
+            let long = a.get_long().unwrap_or_default();
+            synopsis.push(roman(" ["));
+            synopsis.push(bold(format!("--{long}")));
+            let value = a.get_action().takes_values();
+            if let Some(v) = a
+                .get_value_names()
+                .and_then(|v| v.first())
+                .filter(|_| value)
+            {
+                synopsis.push(roman(" "));
+                synopsis.push(italic(v.to_string()));
+            }
+            synopsis.push(roman("]"));
+        }
+        roff.text(synopsis);
+        roff.control("PP", []);
+        if let Some(about) = sub.get_long_about().or(sub.get_about()) {
+            roff.text([roman(about.to_string())]);
+        }
+        for a in &args {
+            roff.control("TP", []);
+            roff.text([bold(format!("--{}", a.get_long().unwrap_or_default()))]);
+            if let Some(help) = a.get_long_help().or(a.get_help()) {
+                roff.text([roman(help.to_string())]);
+            }
+        }
+    }
+    roff.to_writer(w)
+}
+
 /// clap's page (name, synopsis, description, options, examples and
 /// environment, version) plus what only a manual says.
 fn man_page(w: &mut dyn Write) -> io::Result<()> {
     let cmd = Cli::command();
-    let man = clap_mangen::Man::new(cmd).date(env!("CARGO_PKG_VERSION"));
-    man.render(w)?;
+    let man = clap_mangen::Man::new(cmd.clone()).date(env!("CARGO_PKG_VERSION"));
+    // clap's page section by section: its list of subcommands would name a
+    // page of their own for each; they are described on this one instead.
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    man.render_options_section(w)?;
+    subcommands(&cmd, w)?;
+    man.render_extra_section(w)?;
+    man.render_version_section(w)?;
     let mut roff = Roff::default();
     roff.control("SH", ["LISTENERS"]);
     roff.text([
@@ -205,7 +257,7 @@ fn man_page(w: &mut dyn Write) -> io::Result<()> {
     roff.text([roman(
         "0 after a clean shutdown (SIGTERM, SIGINT); 1 when the forwarder cannot start or \
          fails (collector unreachable, socket unusable); 2 for an invalid command line or \
-         environment.",
+         environment. status: 0 when every forwarder asked answered, 1 otherwise.",
     )]);
     roff.control("SH", ["SEE ALSO"]);
     roff.text([
@@ -235,9 +287,15 @@ mod tests {
             "CAP_DAC_OVERRIDE",
             "EXIT STATUS",
             "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ".SH STATUS",
+            "\\fBkata\\-trace\\-forwarder status\\fR [\\fB\\-\\-json\\fR]",
         ] {
             assert!(page.contains(needle), "man page lacks {needle}");
         }
+        assert!(
+            !page.contains("forwarder\\-status(1)"),
+            "no page of its own is named"
+        );
         for name in [
             "kata-trace-forwarder.bash",
             "_kata-trace-forwarder",

@@ -1,0 +1,1008 @@
+//! `kata-trace-forwarder status`: a running forwarder says how it is doing.
+//!
+//! (Over 500 lines with its tests: the report, the two ends of the
+//! exchange and the table a person reads are one feature, kept out of the
+//! hand-over's files; the hand-off server only dispatches to it.)
+//!
+//! On a host where a sandbox's spans are missing, the first questions are
+//! whether the forwarder serves that sandbox, whether its agent is
+//! connected, and whether its spans are dropped or stuck in the spool. The
+//! answer comes over the hand-off socket, which already has the rules such
+//! a question needs: only root (or the forwarder's own successor) gets past
+//! its `SO_PEERCRED` check, made right after `accept` and before anything is
+//! read; it goes along with every hand-over and upgrade; and its janitor
+//! removes it. A status request is a different first message than a
+//! successor's:
+//!
+//! ```text
+//! client -> forwarder   "KTFSTAT1"                  (8 bytes)
+//! forwarder -> client   the report as one JSON document, then it closes
+//! ```
+//!
+//! Nothing pauses, nothing changes: the report is read from the counters
+//! the forwarder keeps anyway ([`crate::stats`], [`crate::tenant`], the
+//! exporter's health, the spool's depth). Both ends bound their time and
+//! the report's size, and the forwarder answers a few at once at most, off
+//! the async runtime.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::export::{unix_ms, Exporter};
+use crate::stats::{DropReason, FamilySnapshot, Label, Stats};
+use crate::tenant::Tenants;
+
+/// What a status client sends first (a successor sends
+/// [`crate::handover::REQUEST`]).
+pub const REQUEST: [u8; 8] = *b"KTFSTAT1";
+/// The report's format; a field is only ever added.
+const FORMAT: u32 = 1;
+/// Largest report either end handles: far above the largest real one
+/// (every sandbox listed, up to [`MAX_LISTED`], with labels of 256 bytes).
+const MAX_REPORT: usize = 16 << 20;
+/// Sandboxes listed at most; the rest are counted.
+const MAX_LISTED: usize = 4096;
+/// Longest the forwarder takes to write a report to a client that reads
+/// slowly, or not at all.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reports being written at once; a request past it is closed unanswered.
+const MAX_ANSWERING: usize = 4;
+/// Longest the client waits for each forwarder, all in: a forwarder waits
+/// at most a second for a silent peer's first message before it answers
+/// the next one.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("no kata-trace-forwarder is running on this host (no live hand-off socket in {dir}; one started with --handoff-socket elsewhere is asked with `status --handoff-socket PATH`)")]
+    NotRunning { dir: PathBuf },
+    #[error("no kata-trace-forwarder is running at {path}")]
+    NotListening { path: PathBuf },
+    #[error("connecting to {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: permission denied (only root may ask a forwarder for its status)")]
+    Denied { path: PathBuf },
+    #[error("the forwarder at {path} closed without answering (only root may ask it for its status, and one older than `status` answers no one)")]
+    NoAnswer { path: PathBuf },
+    #[error("the forwarder at {path} did not answer within {timeout:?}")]
+    Timeout { path: PathBuf, timeout: Duration },
+    #[error("reading the status from {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the answer from {path} is not a status report: {reason}")]
+    Decode { path: PathBuf, reason: String },
+    #[error("listing {dir}: {source}")]
+    ListDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A forwarder's status, as it answers and as `status --json` prints it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub format: u32,
+    pub version: String,
+    pub pid: u32,
+    /// The hand-off socket it answered on.
+    pub socket: PathBuf,
+    /// When the report was made, in milliseconds since the Unix epoch; the
+    /// other times are on the same clock.
+    pub now_unix_ms: u64,
+    /// When this process began serving (an upgrade by `SIGHUP` keeps the
+    /// pid and starts again).
+    pub started_unix_ms: u64,
+    pub uptime_seconds: u64,
+    pub listeners: Vec<String>,
+    pub sandboxes: Vec<SandboxReport>,
+    /// Sandboxes served but past [`MAX_LISTED`], not listed.
+    pub sandboxes_not_listed: u64,
+    pub exporter: ExporterReport,
+    /// Every counter of [`crate::stats`], flat, as the exit summary logs it.
+    pub counters: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One sandbox served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxReport {
+    /// Its id, or its socket or guest CID where the id is not known.
+    pub sandbox: String,
+    /// Agent connections open now, and the most it may have.
+    pub connections: u64,
+    pub max_connections: u64,
+    pub received: u64,
+    /// Taken by the collector straight from the queue.
+    pub exported: u64,
+    /// Written to the spool (sent from there later, counted globally).
+    pub spooled: u64,
+    /// In the export queue now.
+    pub queued: u64,
+    /// Read and still in memory: neither exported, spooled nor dropped
+    /// yet (queued, in the batch being sent or retried, or waiting for
+    /// room in the queue).
+    pub pending: u64,
+    pub dropped: ByReason,
+    /// Times it ran into its own limits: reads paused (`rate`,
+    /// `queue_share`), connections closed (`connections`).
+    pub limited: ByReason,
+    /// When spans of its were last read; `None`: never.
+    pub last_sent_unix_ms: Option<u64>,
+}
+
+/// A count and its parts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ByReason {
+    pub total: u64,
+    #[serde(flatten)]
+    pub reasons: BTreeMap<String, u64>,
+}
+
+impl<L: Label> From<FamilySnapshot<L>> for ByReason {
+    fn from(f: FamilySnapshot<L>) -> ByReason {
+        ByReason {
+            total: f.total(),
+            reasons: f.iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        }
+    }
+}
+
+/// The exporter's side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExporterReport {
+    /// Where batches go, as the startup log says it.
+    pub collector: String,
+    pub last_success_unix_ms: Option<u64>,
+    pub last_failure: Option<Failure>,
+    /// Requests sent, retries included; the retries; batches given up on.
+    pub attempts: u64,
+    pub retries: u64,
+    pub failures: u64,
+    /// Spans waiting in the export queue now.
+    pub queue_spans: u64,
+    /// Spans read and still in memory (see [`SandboxReport::pending`]), of
+    /// the sandboxes served now.
+    pub pending_spans: u64,
+    pub spool: Option<SpoolReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub at_unix_ms: u64,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpoolReport {
+    pub dir: PathBuf,
+    pub batches: u64,
+    pub spans: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+}
+
+/// What a running forwarder reports from: the state it keeps anyway.
+pub(crate) struct Board {
+    stats: Arc<Stats>,
+    tenants: Arc<Tenants>,
+    exporter: Arc<Exporter>,
+    listeners: Vec<String>,
+    started: Instant,
+    answering: AtomicUsize,
+}
+
+impl Board {
+    pub(crate) fn new(
+        stats: Arc<Stats>,
+        tenants: Arc<Tenants>,
+        exporter: Arc<Exporter>,
+        listeners: Vec<String>,
+    ) -> Board {
+        Board {
+            stats,
+            tenants,
+            exporter,
+            listeners,
+            started: Instant::now(),
+            answering: AtomicUsize::new(0),
+        }
+    }
+
+    /// The report now; `socket` is where it is asked.
+    pub(crate) fn report(&self, socket: &Path) -> Report {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let now_ms = unix_ms(wall);
+        let ago = |d: Duration| now_ms.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(0));
+        let uptime = now.saturating_duration_since(self.started);
+        let live = self.tenants.live();
+        let mut sandboxes: Vec<SandboxReport> = live
+            .iter()
+            .map(|t| {
+                let snap = t.snapshot();
+                let (exported, spooled) = (t.exported.get(), t.spooled.get());
+                let settled = exported + spooled + snap.dropped.total();
+                SandboxReport {
+                    sandbox: t.label().to_owned(),
+                    connections: snap.connections,
+                    max_connections: t.max_connections() as u64,
+                    received: snap.received,
+                    exported,
+                    spooled,
+                    queued: t.queued() as u64,
+                    pending: snap.received.saturating_sub(settled),
+                    dropped: snap.dropped.into(),
+                    limited: snap.limited.into(),
+                    last_sent_unix_ms: t.last_sent_ago(now).map(ago),
+                }
+            })
+            .collect();
+        // Of the sandboxes served now: the global counters cannot tell
+        // spans sent from the spool (maybe a predecessor's) from the rest.
+        let pending = sandboxes.iter().map(|s| s.pending).sum();
+        let not_listed = sandboxes.len().saturating_sub(MAX_LISTED);
+        sandboxes.truncate(MAX_LISTED);
+        let snap = self.stats.snapshot();
+        let health = self.exporter.health();
+        let counters = match serde_json::to_value(snap) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        Report {
+            format: FORMAT,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            socket: socket.to_owned(),
+            now_unix_ms: now_ms,
+            started_unix_ms: ago(uptime),
+            uptime_seconds: uptime.as_secs(),
+            listeners: self.listeners.clone(),
+            sandboxes,
+            sandboxes_not_listed: not_listed as u64,
+            exporter: ExporterReport {
+                collector: self.exporter.describe(),
+                last_success_unix_ms: health.last_success_unix_ms,
+                last_failure: health
+                    .last_failure
+                    .map(|(at_unix_ms, error)| Failure { at_unix_ms, error }),
+                attempts: snap.export_attempts,
+                retries: snap.export_retries,
+                failures: snap.export_failures,
+                queue_spans: snap.queue_depth,
+                pending_spans: pending,
+                spool: self.exporter.spool().map(|s| {
+                    let d = s.depth();
+                    SpoolReport {
+                        dir: s.dir().to_owned(),
+                        batches: d.batches,
+                        spans: d.spans,
+                        bytes: d.bytes,
+                        max_bytes: s.max_bytes(),
+                    }
+                }),
+            },
+            counters,
+        }
+    }
+
+    /// Answers a status request on `stream`, whose peer the hand-off
+    /// server has checked, off the runtime and within [`WRITE_TIMEOUT`];
+    /// past [`MAX_ANSWERING`] at once, closes it unanswered.
+    pub(crate) fn answer(self: &Arc<Self>, mut stream: UnixStream, socket: PathBuf, pid: i32) {
+        /// One of the [`MAX_ANSWERING`] slots, given back however the
+        /// answer ends (also a task that never ran, at shutdown).
+        struct Slot(Arc<Board>);
+        impl Drop for Slot {
+            fn drop(&mut self) {
+                self.0.answering.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let slot = Slot(Arc::clone(self));
+        if self.answering.fetch_add(1, Ordering::AcqRel) >= MAX_ANSWERING {
+            tracing::warn!(pid, "status: too many requests at once; closed unanswered");
+            return;
+        }
+        tokio::task::spawn_blocking(move || {
+            let board = &slot.0;
+            let report = board.report(&socket);
+            let sent = serde_json::to_vec(&report)
+                .map_err(std::io::Error::other)
+                .and_then(|json| {
+                    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+                    stream.write_all(&json)
+                });
+            match sent {
+                Ok(()) => tracing::debug!(pid, "status: answered"),
+                Err(e) => tracing::warn!(pid, error = %e, "status: answering"),
+            }
+        });
+    }
+}
+
+/// Asks the forwarder at `path` for its status, within `timeout` in all.
+pub fn ask(path: &Path, timeout: Duration) -> Result<Report, StatusError> {
+    Asking::start(path, timeout).wait()
+}
+
+/// An [`ask`] under way, on a thread of its own.
+struct Asking {
+    path: PathBuf,
+    rx: std::sync::mpsc::Receiver<Result<Report, StatusError>>,
+    until: std::time::Instant,
+    timeout: Duration,
+}
+
+impl Asking {
+    fn start(path: &Path, timeout: Duration) -> Asking {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.to_owned();
+        // A connect to a listener whose backlog is full blocks with no
+        // timeout of its own: the whole exchange runs on a thread given up
+        // on in time (it ends once its socket's timeouts do, or with the
+        // process).
+        std::thread::spawn(move || {
+            let _ = tx.send(exchange(&p, timeout));
+        });
+        Asking {
+            path: path.to_owned(),
+            rx,
+            until: std::time::Instant::now() + timeout,
+            timeout,
+        }
+    }
+
+    fn wait(self) -> Result<Report, StatusError> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        match self.rx.recv_timeout(left) {
+            Ok(r) => r,
+            Err(_) => Err(StatusError::Timeout {
+                path: self.path,
+                timeout: self.timeout,
+            }),
+        }
+    }
+}
+
+fn exchange(path: &Path, timeout: Duration) -> Result<Report, StatusError> {
+    use std::io::ErrorKind;
+    let p = || path.to_owned();
+    let mut s = UnixStream::connect(path).map_err(|source| match source.kind() {
+        ErrorKind::NotFound | ErrorKind::ConnectionRefused => {
+            StatusError::NotListening { path: p() }
+        }
+        ErrorKind::PermissionDenied => StatusError::Denied { path: p() },
+        _ => StatusError::Connect { path: p(), source },
+    })?;
+    let closed = |e: std::io::Error| match e.kind() {
+        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof => {
+            StatusError::NoAnswer { path: p() }
+        }
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => StatusError::Timeout { path: p(), timeout },
+        _ => StatusError::Read {
+            path: p(),
+            source: e,
+        },
+    };
+    s.set_read_timeout(Some(timeout)).map_err(closed)?;
+    s.set_write_timeout(Some(timeout)).map_err(closed)?;
+    s.write_all(&REQUEST).map_err(closed)?;
+    let mut buf = Vec::new();
+    s.take(MAX_REPORT as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(closed)?;
+    if buf.is_empty() {
+        return Err(StatusError::NoAnswer { path: p() });
+    }
+    if buf.len() > MAX_REPORT {
+        return Err(StatusError::Decode {
+            path: p(),
+            reason: format!("larger than {MAX_REPORT} bytes"),
+        });
+    }
+    serde_json::from_slice(&buf).map_err(|e| StatusError::Decode {
+        path: p(),
+        reason: e.to_string(),
+    })
+}
+
+/// Most hand-off sockets one `status` asks at once: far more forwarders
+/// than a host runs.
+const MAX_SOCKETS: usize = 256;
+
+/// The hand-off sockets in `dir` (`handoff-*.sock`), sorted.
+pub fn sockets(dir: &Path) -> Result<Vec<PathBuf>, StatusError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(StatusError::ListDir {
+                dir: dir.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("handoff-") && name.ends_with(".sock")
+        })
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// What `status` asks: one socket, or every one in `dir`.
+pub enum Target<'a> {
+    Socket(&'a Path),
+    Discover(&'a Path),
+}
+
+/// Asks each forwarder `target` names (see [`discovered`] for a
+/// directory); no live one at all is [`StatusError::NotRunning`].
+pub fn gather(target: Target<'_>, timeout: Duration) -> Vec<Result<Report, StatusError>> {
+    match target {
+        Target::Socket(path) => vec![ask(path, timeout)],
+        Target::Discover(dir) => {
+            let found = match sockets(dir) {
+                Ok(f) => f,
+                Err(e) => return vec![Err(e)],
+            };
+            // All at once: one forwarder that does not answer costs the
+            // others nothing.
+            let asking: Vec<Asking> = found
+                .iter()
+                .take(MAX_SOCKETS)
+                .map(|p| Asking::start(p, timeout))
+                .collect();
+            let asked = asking.into_iter().map(Asking::wait).collect();
+            discovered(asked, dir)
+        }
+    }
+}
+
+/// What asking every socket in `dir` came to: sockets no forwarder listens
+/// on any more (left by one that was killed) are passed over, and a user
+/// who may not ask gets one line for all, not one a socket.
+fn discovered(
+    asked: Vec<Result<Report, StatusError>>,
+    dir: &Path,
+) -> Vec<Result<Report, StatusError>> {
+    let mut denied = false;
+    let mut out: Vec<_> = asked
+        .into_iter()
+        .filter(|r| match r {
+            Err(StatusError::NotListening { .. }) => false,
+            Err(StatusError::Denied { .. }) => {
+                denied = true;
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    if denied {
+        out.push(Err(StatusError::Denied {
+            path: dir.to_owned(),
+        }));
+    }
+    if out.is_empty() {
+        out.push(Err(StatusError::NotRunning {
+            dir: dir.to_owned(),
+        }));
+    }
+    out
+}
+
+/// `status`: asks each forwarder `target` names and writes its report to
+/// `out` (a table, or with `json` one JSON object a line), and each error
+/// as one line to `err`. Whether every forwarder asked answered.
+pub fn print(
+    target: Target<'_>,
+    json: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<bool> {
+    let mut all = true;
+    let mut first = true;
+    for r in gather(target, CLIENT_TIMEOUT) {
+        match r {
+            Ok(report) if json => {
+                serde_json::to_writer(&mut *out, &report)?;
+                writeln!(out)?;
+            }
+            Ok(report) => {
+                if !first {
+                    writeln!(out)?;
+                }
+                first = false;
+                out.write_all(report.table().as_bytes())?;
+            }
+            Err(e) => {
+                all = false;
+                writeln!(err, "error: {e}")?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(all)
+}
+
+impl Report {
+    /// The report as a person reads it.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let now = self.now_unix_ms;
+        let line = |out: &mut String, s: String| {
+            out.push_str(&s);
+            out.push('\n');
+        };
+        line(
+            &mut out,
+            format!(
+                "kata-trace-forwarder {} (pid {}), up {}, asked at {}",
+                clean(&self.version),
+                self.pid,
+                duration(Duration::from_secs(self.uptime_seconds)),
+                self.socket.display()
+            ),
+        );
+        line(&mut out, "listening on:".into());
+        for l in &self.listeners {
+            line(&mut out, format!("  {}", clean(l)));
+        }
+        out.push('\n');
+        if self.sandboxes.is_empty() {
+            line(&mut out, "sandboxes: none served yet".into());
+        } else {
+            let mut rows = vec![[
+                "SANDBOX",
+                "CONNECTIONS",
+                "RECEIVED",
+                "EXPORTED",
+                "SPOOLED",
+                "PENDING",
+                "LAST SENT",
+                "DROPPED",
+                "LIMITED",
+            ]
+            .map(String::from)
+            .to_vec()];
+            for s in &self.sandboxes {
+                rows.push(vec![
+                    clean(&s.sandbox),
+                    format!("{}/{}", s.connections, s.max_connections),
+                    s.received.to_string(),
+                    s.exported.to_string(),
+                    s.spooled.to_string(),
+                    s.pending.to_string(),
+                    since(now, s.last_sent_unix_ms),
+                    by_reason(&s.dropped, "0"),
+                    by_reason(&s.limited, "-"),
+                ]);
+            }
+            out.push_str(&columns(&rows));
+            if self.sandboxes_not_listed > 0 {
+                line(
+                    &mut out,
+                    format!("... and {} more sandboxes", self.sandboxes_not_listed),
+                );
+            }
+        }
+        out.push('\n');
+        let e = &self.exporter;
+        line(&mut out, format!("exporter: {}", clean(&e.collector)));
+        line(
+            &mut out,
+            format!("  last success: {}", since(now, e.last_success_unix_ms)),
+        );
+        if let Some(f) = &e.last_failure {
+            line(
+                &mut out,
+                format!(
+                    "  last failure: {}: {}",
+                    since(now, Some(f.at_unix_ms)),
+                    clean(&f.error)
+                ),
+            );
+        }
+        line(
+            &mut out,
+            format!(
+                "  requests: {} ({} retries, {} batches given up)",
+                e.attempts, e.retries, e.failures
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "  in memory: {} spans ({} in the queue, the rest being sent or waiting for room)",
+                e.pending_spans, e.queue_spans
+            ),
+        );
+        match &e.spool {
+            Some(s) => line(
+                &mut out,
+                format!(
+                    "  spool: {} batches, {} spans, {} of {} in {}",
+                    s.batches,
+                    s.spans,
+                    bytes(s.bytes),
+                    bytes(s.max_bytes),
+                    s.dir.display()
+                ),
+            ),
+            None => line(&mut out, "  spool: none (--spool-dir not given)".into()),
+        }
+        let c = |k: &str| self.counters.get(k).and_then(serde_json::Value::as_u64);
+        let dropped: Vec<String> = DropReason::ALL
+            .iter()
+            .filter_map(|r| {
+                let n = c(&format!("spans_dropped_{}", r.as_str()))?;
+                (n > 0).then(|| format!("{} {n}", r.as_str()))
+            })
+            .collect();
+        line(
+            &mut out,
+            format!(
+                "totals: received {}, exported {}, rejected {}, spooled {}, sent from the spool {}, dropped {}{}",
+                c("spans_received").unwrap_or(0),
+                c("spans_exported").unwrap_or(0),
+                c("spans_rejected").unwrap_or(0),
+                c("spans_spooled").unwrap_or(0),
+                c("spans_unspooled").unwrap_or(0),
+                c("spans_dropped").unwrap_or(0),
+                match dropped.is_empty() {
+                    true => String::new(),
+                    false => format!(" ({})", dropped.join(", ")),
+                }
+            ),
+        );
+        out
+    }
+}
+
+/// Rows as columns, each as wide as its widest cell; the last is not
+/// padded.
+fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let w = widths.get(i).copied().unwrap_or(0);
+                line.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `total (reason n, ...)` for the reasons that are not 0; `none` when
+/// the total is.
+fn by_reason(b: &ByReason, none: &str) -> String {
+    if b.total == 0 {
+        return none.to_owned();
+    }
+    let parts: Vec<String> = b
+        .reasons
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, n)| format!("{} {n}", clean(r)))
+        .collect();
+    format!("{} ({})", b.total, parts.join(", "))
+}
+
+/// How long before `now` (Unix milliseconds) `at` was.
+fn since(now: u64, at: Option<u64>) -> String {
+    match at {
+        None => "never".into(),
+        Some(at) => format!(
+            "{} ago",
+            duration(Duration::from_millis(now.saturating_sub(at)))
+        ),
+    }
+}
+
+/// A duration in the two largest units that matter: `0.4s`, `12s`,
+/// `3m 5s`, `2h 3m`, `4d 2h`.
+fn duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..10 => format!("{:.1}s", d.as_secs_f64()),
+        10..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// Bytes in binary units, one decimal.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
+}
+
+/// What the forwarder sent, safe for a terminal: a sandbox's name comes
+/// from a directory anyone with a sandbox may name, and an error's text
+/// from the collector.
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenant::LimitReason;
+
+    fn report() -> Report {
+        let now = 1_700_000_000_000;
+        let mut dropped = ByReason::from(FamilySnapshot::<DropReason>::default());
+        dropped.total = 3;
+        dropped.reasons.insert("export".into(), 1);
+        dropped.reasons.insert("too_large".into(), 2);
+        let mut limited = ByReason::from(FamilySnapshot::<LimitReason>::default());
+        limited.total = 7;
+        limited.reasons.insert("rate".into(), 7);
+        let sandbox = |name: &str| SandboxReport {
+            sandbox: name.into(),
+            connections: 1,
+            max_connections: 8,
+            received: 120,
+            exported: 100,
+            spooled: 0,
+            queued: 20,
+            pending: 20,
+            dropped: ByReason::from(FamilySnapshot::<DropReason>::default()),
+            limited: ByReason::from(FamilySnapshot::<LimitReason>::default()),
+            last_sent_unix_ms: Some(now - 1_500),
+        };
+        let mut counters = serde_json::Map::new();
+        counters.insert("spans_received".into(), 160.into());
+        counters.insert("spans_dropped".into(), 3.into());
+        counters.insert("spans_dropped_too_large".into(), 2.into());
+        counters.insert("spans_dropped_export".into(), 1.into());
+        Report {
+            format: FORMAT,
+            version: "0.1.0".into(),
+            pid: 42,
+            socket: "/run/kata-trace-forwarder/handoff-00000000.sock".into(),
+            now_unix_ms: now,
+            started_unix_ms: now - 65_000,
+            uptime_seconds: 65,
+            listeners: vec!["hybrid vsock template unix:/run/vc/vm/{ID}/clh.sock_10240".into()],
+            sandboxes: vec![
+                sandbox("a-long-sandbox-id"),
+                SandboxReport {
+                    sandbox: "b\u{1b}[31m".into(),
+                    connections: 0,
+                    received: 40,
+                    exported: 0,
+                    queued: 0,
+                    pending: 0,
+                    spooled: 37,
+                    dropped,
+                    limited,
+                    last_sent_unix_ms: None,
+                    ..sandbox("b")
+                },
+            ],
+            sandboxes_not_listed: 0,
+            exporter: ExporterReport {
+                collector: "otlp grpc http://127.0.0.1:4317".into(),
+                last_success_unix_ms: None,
+                last_failure: Some(Failure {
+                    at_unix_ms: now - 300,
+                    error: "connection refused".into(),
+                }),
+                attempts: 14,
+                retries: 12,
+                failures: 0,
+                queue_spans: 20,
+                pending_spans: 20,
+                spool: Some(SpoolReport {
+                    dir: "/var/spool/ktf".into(),
+                    batches: 3,
+                    spans: 140,
+                    bytes: 46_182,
+                    max_bytes: 256 << 20,
+                }),
+            },
+            counters,
+        }
+    }
+
+    #[test]
+    fn the_table_lines_up_and_says_what_is_true() {
+        let table = report().table();
+        let want = "\
+kata-trace-forwarder 0.1.0 (pid 42), up 1m 5s, asked at /run/kata-trace-forwarder/handoff-00000000.sock
+listening on:
+  hybrid vsock template unix:/run/vc/vm/{ID}/clh.sock_10240
+
+SANDBOX            CONNECTIONS  RECEIVED  EXPORTED  SPOOLED  PENDING  LAST SENT  DROPPED                    LIMITED
+a-long-sandbox-id  1/8          120       100       0        20       1.5s ago   0                          -
+b?[31m             0/8          40        0         37       0        never      3 (export 1, too_large 2)  7 (rate 7)
+
+exporter: otlp grpc http://127.0.0.1:4317
+  last success: never
+  last failure: 0.3s ago: connection refused
+  requests: 14 (12 retries, 0 batches given up)
+  in memory: 20 spans (20 in the queue, the rest being sent or waiting for room)
+  spool: 3 batches, 140 spans, 45.1 KiB of 256.0 MiB in /var/spool/ktf
+totals: received 160, exported 0, rejected 0, spooled 0, sent from the spool 0, dropped 3 (export 1, too_large 2)
+";
+        assert_eq!(table, want, "got:\n{table}");
+    }
+
+    #[test]
+    fn no_sandbox_and_no_spool_are_said_so() {
+        let mut r = report();
+        r.sandboxes.clear();
+        r.exporter.spool = None;
+        let table = r.table();
+        assert!(table.contains("sandboxes: none served yet"), "{table}");
+        assert!(
+            table.contains("spool: none (--spool-dir not given)"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn the_json_round_trips_with_reasons_flat() {
+        let r = report();
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["sandboxes"][1]["dropped"]["total"], 3);
+        assert_eq!(json["sandboxes"][1]["dropped"]["too_large"], 2);
+        assert_eq!(
+            json["sandboxes"][1]["last_sent_unix_ms"],
+            serde_json::Value::Null
+        );
+        let back: Report = serde_json::from_value(json).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn the_board_reports_each_sandbox_and_what_is_still_in_memory() {
+        use crate::config::TenantLimits;
+        use crate::tenant::TenantKey;
+        let stats = Arc::new(Stats::default());
+        let tenants = Arc::new(Tenants::new(TenantLimits::default()));
+        let sink = crate::export::Sink::dump(Box::new(std::io::sink()));
+        let exporter = Arc::new(Exporter::new(sink, None, Arc::clone(&stats)));
+        let board = Board::new(
+            Arc::clone(&stats),
+            Arc::clone(&tenants),
+            exporter,
+            vec!["vsock cid any port 10240".into()],
+        );
+        let a = tenants.get(TenantKey::Sandbox("a".into())).unwrap();
+        let _b = tenants.get(TenantKey::Cid(7)).unwrap();
+        let _conn = a.try_connect().unwrap();
+        a.count_received(10, Instant::now());
+        a.exported.add(4);
+        a.spooled.add(3);
+        a.dropped.inc(DropReason::Export);
+        a.limited.add(LimitReason::Rate, 2);
+        let r = board.report(Path::new("/run/x.sock"));
+        assert_eq!(r.listeners, ["vsock cid any port 10240"]);
+        let names: Vec<&str> = r.sandboxes.iter().map(|s| s.sandbox.as_str()).collect();
+        assert_eq!(names, ["a", "vsock:7"]);
+        let s = &r.sandboxes[0];
+        assert_eq!(
+            (s.connections, s.received, s.exported, s.spooled, s.pending),
+            (1, 10, 4, 3, 2)
+        );
+        assert_eq!((s.dropped.total, s.dropped.reasons["export"]), (1, 1));
+        assert_eq!(s.limited.reasons["rate"], 2);
+        assert!(s.last_sent_unix_ms.is_some_and(|t| t <= r.now_unix_ms));
+        assert_eq!(r.sandboxes[1].last_sent_unix_ms, None, "never sent");
+        assert_eq!(r.exporter.pending_spans, 2);
+        assert_eq!(r.exporter.collector, "stdout (OTLP JSON lines)");
+        assert_eq!(r.exporter.last_success_unix_ms, None);
+        assert_eq!(r.exporter.spool, None);
+        assert_eq!(r.pid, std::process::id());
+    }
+
+    #[test]
+    fn durations_and_sizes_read_as_people_say_them() {
+        let d = |s| duration(Duration::from_millis(s));
+        assert_eq!(
+            [d(400), d(12_000), d(185_000), d(7_380_000), d(360_000_000)],
+            ["0.4s", "12s", "3m 5s", "2h 3m", "4d 4h"]
+        );
+        assert_eq!(
+            [bytes(0), bytes(1023), bytes(1536), bytes(3 << 20)],
+            ["0 B", "1023 B", "1.5 KiB", "3.0 MiB"]
+        );
+    }
+
+    #[test]
+    fn discovery_passes_stale_sockets_over_and_says_denied_once() {
+        let dir = Path::new("/run/kata-trace-forwarder");
+        let stale = || {
+            Err(StatusError::NotListening {
+                path: dir.join("handoff-1.sock"),
+            })
+        };
+        let denied = || {
+            Err(StatusError::Denied {
+                path: dir.join("handoff-2.sock"),
+            })
+        };
+        let got = discovered(vec![stale(), denied(), denied(), Ok(report())], dir);
+        assert!(
+            matches!(got.as_slice(), [Ok(_), Err(StatusError::Denied { path })] if path == dir),
+            "{got:?}"
+        );
+        let got = discovered(vec![stale(), stale()], dir);
+        assert!(
+            matches!(got.as_slice(), [Err(StatusError::NotRunning { .. })]),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn no_forwarder_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // A socket left by a forwarder that was killed: nobody listens.
+        let stale = dir.path().join("handoff-0000abcd.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let got = gather(Target::Discover(dir.path()), Duration::from_secs(1));
+        assert!(
+            matches!(got.as_slice(), [Err(StatusError::NotRunning { .. })]),
+            "{got:?}"
+        );
+        let got = gather(Target::Socket(&stale), Duration::from_secs(1));
+        assert!(
+            matches!(got.as_slice(), [Err(StatusError::NotListening { .. })]),
+            "{got:?}"
+        );
+    }
+}
