@@ -33,8 +33,8 @@ const INIT: &str = r#"#!/bin/busybox sh
 # through vsock_loopback, all at once. `cut`: one more, killed in the
 # middle of a frame after 120 whole ones. `upgrade`: the agents stream
 # (12 traces each, 20 frames a second) and the forwarder is upgraded by
-# SIGHUP while they do. Then the manifests, the forwarder's dump and its
-# log go out on the second serial port, one after the other.
+# SIGHUP once each has sent 10 spans. Then the manifests, the forwarder's
+# dump and its log go out on the second serial port, one after the other.
 bb=/bin/busybox
 $bb mount -t proc proc /proc
 $bb mount -t sysfs sysfs /sys
@@ -52,6 +52,12 @@ until_seen() {
 }
 # Spans the agents (not the victim) have written whole so far.
 spans_sent() { $bb cat /manifest.[1-9]* | $bb grep -c '^KTF {"span"'; }
+# Whether every agent has written N spans whole.
+each_sent() {
+  for m in /manifest.[1-9]*; do
+    [ "$($bb grep -c '^KTF {"span"' $m)" -ge "$1" ] || return 1
+  done
+}
 if [ "$1" = probe ]; then
   [ -c /dev/vsock ] && echo "ktf-init: probe ok" || echo "ktf-init: probe: no /dev/vsock"
 elif [ "$1" = vsock-local ]; then
@@ -94,8 +100,9 @@ elif [ "$1" = vsock-local ]; then
     until_seen 1 "stream ended inside a frame"
   fi
   if [ -n "$upgrade" ]; then
+    # Every agent connected and streaming: the hand-over takes them all.
     t=0
-    until [ "$(spans_sent)" -ge 20 ] || [ $t -ge 600 ]; do
+    until each_sent 10 || [ $t -ge 600 ]; do
       $bb sleep 0.1; t=$((t + 1))
     done
     before=$(spans_sent)
