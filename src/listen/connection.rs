@@ -286,6 +286,12 @@ pub(crate) async fn serve<S>(
                 let read = tokio::time::timeout_at(until, stream.read_buf(buf)).await;
                 match read {
                     Ok(r) => r.map(|n| (n, n >= input.spare())),
+                    // Quiet, or out of time: a frame in hand is lost here,
+                    // and counted as cut. (With systemd's store the
+                    // connection stays open, and the frame in it.)
+                    Err(_) if !shutdown.phase().is_some_and(|p| p.mode == Mode::Store) => {
+                        break ingest.eof(input.bytes())
+                    }
                     Err(_) => break Ok(()),
                 }
             }
