@@ -560,11 +560,18 @@ async fn vm_guest_vsock_loopback_sighup_upgrade_while_agents_stream() {
         .filter(|l| l.starts_with("{\"timestamp\""))
         .filter_map(|l| serde_json::from_str(l.trim_end_matches('\r')).ok())
         .collect();
-    let ready: Vec<i64> = log
+    let ready: Vec<&serde_json::Value> = log
         .iter()
         .filter(|v| v["message"] == "forwarder ready")
-        .filter_map(|v| v["pid"].as_i64())
         .collect();
+    // No --handoff-socket: root's default, one per set of listeners.
+    assert!(
+        ready.iter().all(|v| v["handoff"]
+            .as_str()
+            .is_some_and(|h| h.contains("/run/kata-trace-forwarder/handoff-"))),
+        "the default hand-off socket: {ready:?}"
+    );
+    let ready: Vec<i64> = ready.iter().filter_map(|v| v["pid"].as_i64()).collect();
     let [old, bridge, new] = ready[..] else {
         panic!("not the old process, its bridge, the new binary: {ready:?}\n{output}")
     };
