@@ -426,6 +426,25 @@ async fn vm_guest_kata_host_serves_cloud_hypervisor_guests() {
     );
 }
 
+/// Boots the `vsock-local` guest (crates/guest-image's init says what
+/// `args` ask for) and waits until it powers off; returns it, its agents'
+/// manifest, and all its second serial port carried. `None`: the VM suite
+/// is off.
+async fn run_vsock_local(name: &str, args: &[&str]) -> Option<(Guest, Vec<Report>, String)> {
+    let kit = Kit::get()?;
+    let dir = tempfile::tempdir().unwrap();
+    let kit = vsock_local_kit(&kit, dir.path());
+    let mut all = vec!["vsock-local"];
+    all.extend_from_slice(args);
+    // Its virtio VSOCK device, relayed to a socket nobody listens on, is
+    // not used: every connection stays inside the guest.
+    let nowhere = dir.path().join("unused.sock");
+    let mut guest = Guest::boot(&kit, name, &nowhere, 3, &all);
+    let reports = guest.wait_done(GUEST_TIMEOUT).await;
+    let output = guest.second_port();
+    Some((guest, reports, output))
+}
+
 /// Each span of `want` is in `got` once, intact, from the peer CID the
 /// kernel reports for a connection over `vsock_loopback` (1, as it is).
 fn assert_each_from_cid_1(want: &[ExpectedSpan], got: &[(Resource, Span)]) {
@@ -451,19 +470,13 @@ fn assert_each_from_cid_1(want: &[ExpectedSpan], got: &[(Resource, Span)]) {
 /// one is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_guest_vsock_loopback_agents_to_a_forwarder_inside() {
-    let Some(kit) = Kit::get() else { return };
     let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let kit = vsock_local_kit(&kit, dir.path());
     let formats: Vec<String> = (0..4).map(|i| WireFormat::ALL[i % 2].to_string()).collect();
-    let mut args = vec!["vsock-local", "cut"];
+    let mut args = vec!["cut"];
     args.extend(formats.iter().map(String::as_str));
-    // Its virtio VSOCK device, relayed to a socket nobody listens on, is
-    // not used: every connection stays inside the guest.
-    let nowhere = dir.path().join("unused.sock");
-    let mut guest = Guest::boot(&kit, "vsock-local", &nowhere, 3, &args);
-    let reports = guest.wait_done(GUEST_TIMEOUT).await;
-    let output = guest.second_port();
+    let Some((guest, reports, output)) = run_vsock_local("vsock-local", &args).await else {
+        return;
+    };
     let done: Vec<_> = reports
         .iter()
         .filter(|r| matches!(r, Report::Done { errors: 0, .. }))
@@ -531,17 +544,13 @@ async fn vm_guest_vsock_loopback_agents_to_a_forwarder_inside() {
 /// error, and every span arrives once, intact, with the peer's CID.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_guest_vsock_loopback_sighup_upgrade_while_agents_stream() {
-    let Some(kit) = Kit::get() else { return };
     let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let kit = vsock_local_kit(&kit, dir.path());
     let formats = WireFormat::ALL.map(|f| f.to_string());
-    let mut args = vec!["vsock-local", "upgrade"];
+    let mut args = vec!["upgrade"];
     args.extend(formats.iter().map(String::as_str));
-    let nowhere = dir.path().join("unused.sock");
-    let mut guest = Guest::boot(&kit, "vsock-upgrade", &nowhere, 3, &args);
-    let reports = guest.wait_done(GUEST_TIMEOUT).await;
-    let output = guest.second_port();
+    let Some((_, reports, output)) = run_vsock_local("vsock-upgrade", &args).await else {
+        return;
+    };
     const TRACES: usize = 12;
     let done = reports
         .iter()
