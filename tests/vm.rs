@@ -15,8 +15,9 @@
 //! node whose Cloud Hypervisor configurations point at the guests'
 //! directories; (f) standard VSOCK inside one guest: agents connect over
 //! AF_VSOCK to CID 1 (vsock_loopback) to the release forwarder listening
-//! there as on a host. Each prints its figures (spans sent, arrived, duplicated,
-//! seconds) as `vm figures:` lines (and into `KTF_VM_FIGURES`).
+//! there as on a host; (g) in such a guest, a SIGHUP upgrade while agents
+//! stream over AF_VSOCK. Each prints its figures (spans sent, arrived,
+//! duplicated, seconds) as `vm figures:` lines (and into `KTF_VM_FIGURES`).
 //!
 //! Needs scripts/setup-vm.sh's pieces (see tests/common/vm.rs); the suite
 //! is off only with `KTF_NO_VM=1`. Test names start with `vm_guest` so
@@ -42,6 +43,7 @@ use common::{
 use kata_agent_emitter::guest::Report;
 use kata_agent_emitter::{ExpectedSpan, WireFormat};
 use nix::sys::signal::Signal;
+use opentelemetry_proto::tonic::{resource::v1::Resource, trace::v1::Span};
 
 /// A guest boots, sends and powers off in about 7 s under TCG on an idle
 /// core; the bound leaves room for busy machines.
@@ -424,6 +426,41 @@ async fn vm_guest_kata_host_serves_cloud_hypervisor_guests() {
     );
 }
 
+/// Boots the `vsock-local` guest (crates/guest-image's init says what
+/// `args` ask for) and waits until it powers off; returns it, its agents'
+/// manifest, and all its second serial port carried. `None`: the VM suite
+/// is off.
+async fn run_vsock_local(name: &str, args: &[&str]) -> Option<(Guest, Vec<Report>, String)> {
+    let kit = Kit::get()?;
+    let dir = tempfile::tempdir().unwrap();
+    let kit = vsock_local_kit(&kit, dir.path());
+    let mut all = vec!["vsock-local"];
+    all.extend_from_slice(args);
+    // Its virtio VSOCK device, relayed to a socket nobody listens on, is
+    // not used: every connection stays inside the guest.
+    let nowhere = dir.path().join("unused.sock");
+    let mut guest = Guest::boot(&kit, name, &nowhere, 3, &all);
+    let reports = guest.wait_done(GUEST_TIMEOUT).await;
+    let output = guest.second_port();
+    Some((guest, reports, output))
+}
+
+/// Each span of `want` is in `got` once, intact, from the peer CID the
+/// kernel reports for a connection over `vsock_loopback` (1, as it is).
+fn assert_each_from_cid_1(want: &[ExpectedSpan], got: &[(Resource, Span)]) {
+    for w in want {
+        let (resource, span) = find(got, w.span_id);
+        assert_eq!(
+            int_attr(&resource.attributes, "kata.vsock.cid"),
+            Some(1),
+            "the peer's CID as it is"
+        );
+        let mut rest = resource.clone();
+        rest.attributes.retain(|kv| kv.key != "kata.vsock.cid");
+        assert_span_eq(w, &rest, span, "kata-agent");
+    }
+}
+
 /// (f) Standard VSOCK through a real kernel: in one guest the release
 /// forwarder listens on AF_VSOCK as on a host (the default flags, CID any,
 /// port 10240) and 4 agents (formats alternating) connect to it at once at
@@ -432,22 +469,14 @@ async fn vm_guest_kata_host_serves_cloud_hypervisor_guests() {
 /// as `kata.vsock.cid`; of the fifth, exactly its whole frames, and the cut
 /// one is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 25, not yet in CI: failed once in its first full-suite run, cause not kept; \
-            passed 8 full suites and 12 runs since. Run: cargo test --test vm -- --ignored vsock_loopback"]
 async fn vm_guest_vsock_loopback_agents_to_a_forwarder_inside() {
-    let Some(kit) = Kit::get() else { return };
     let t0 = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let kit = vsock_local_kit(&kit, dir.path());
     let formats: Vec<String> = (0..4).map(|i| WireFormat::ALL[i % 2].to_string()).collect();
-    let mut args = vec!["vsock-local", "cut"];
+    let mut args = vec!["cut"];
     args.extend(formats.iter().map(String::as_str));
-    // Its virtio VSOCK device, relayed to a socket nobody listens on, is
-    // not used: every connection stays inside the guest.
-    let nowhere = dir.path().join("unused.sock");
-    let mut guest = Guest::boot(&kit, "vsock-local", &nowhere, 3, &args);
-    let reports = guest.wait_done(GUEST_TIMEOUT).await;
-    let output = guest.second_port();
+    let Some((guest, reports, output)) = run_vsock_local("vsock-local", &args).await else {
+        return;
+    };
     let done: Vec<_> = reports
         .iter()
         .filter(|r| matches!(r, Report::Done { errors: 0, .. }))
@@ -485,17 +514,7 @@ async fn vm_guest_vsock_loopback_agents_to_a_forwarder_inside() {
         "every span once\n{output}\n{}",
         guest.logs()
     );
-    for w in &want {
-        let (resource, span) = find(&got, w.span_id);
-        assert_eq!(
-            int_attr(&resource.attributes, "kata.vsock.cid"),
-            Some(1),
-            "the peer's CID as it is"
-        );
-        let mut rest = resource.clone();
-        rest.attributes.retain(|kv| kv.key != "kata.vsock.cid");
-        assert_span_eq(w, &rest, span, "kata-agent");
-    }
+    assert_each_from_cid_1(&want, &got);
     let counters = exit_summary(&output);
     assert_eq!(counters["frames_truncated"], 1, "{counters}");
     assert_eq!(counters["connections_accepted"], 5, "{counters}");
@@ -513,6 +532,113 @@ async fn vm_guest_vsock_loopback_agents_to_a_forwarder_inside() {
         CUT,
         victim_idx.len(),
         duplicates(&victim_idx),
+        t0,
+    );
+}
+
+/// (g) A `SIGHUP` upgrade inside the guest while two agents (JSON and
+/// bincode) stream over AF_VSOCK to CID 1: the forwarder, started as root
+/// with its default hand-off socket (under /run/kata-trace-forwarder),
+/// hands its VSOCK listener and both live connections to a bridge and takes
+/// them back as the binary at its path, under its pid. No agent sees a write
+/// error, and every span arrives once, intact, with the peer's CID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_guest_vsock_loopback_sighup_upgrade_while_agents_stream() {
+    let t0 = Instant::now();
+    let formats = WireFormat::ALL.map(|f| f.to_string());
+    let mut args = vec!["upgrade"];
+    args.extend(formats.iter().map(String::as_str));
+    let Some((_, reports, output)) = run_vsock_local("vsock-upgrade", &args).await else {
+        return;
+    };
+    const TRACES: usize = 12;
+    let done = reports
+        .iter()
+        .filter(|r| matches!(r, Report::Done { written, errors: 0, .. } if *written == 11 * TRACES))
+        .count();
+    assert_eq!(
+        done,
+        formats.len(),
+        "every agent done, no write error:\n{output}"
+    );
+    let want = spans(&reports);
+    assert_eq!(want.len(), 11 * TRACES * formats.len());
+    // The forwarder's log, all three processes' lines.
+    let log: Vec<serde_json::Value> = output
+        .lines()
+        .filter(|l| l.starts_with("{\"timestamp\""))
+        .filter_map(|l| serde_json::from_str(l.trim_end_matches('\r')).ok())
+        .collect();
+    let ready: Vec<&serde_json::Value> = log
+        .iter()
+        .filter(|v| v["message"] == "forwarder ready")
+        .collect();
+    // No --handoff-socket: root's default, one per set of listeners.
+    assert!(
+        ready.iter().all(|v| v["handoff"]
+            .as_str()
+            .is_some_and(|h| h.contains("/run/kata-trace-forwarder/handoff-"))),
+        "the default hand-off socket: {ready:?}"
+    );
+    let ready: Vec<i64> = ready.iter().filter_map(|v| v["pid"].as_i64()).collect();
+    let [old, bridge, new] = ready[..] else {
+        panic!("not the old process, its bridge, the new binary: {ready:?}\n{output}")
+    };
+    assert!(
+        old == new && bridge != old,
+        "the new binary under the old pid: {ready:?}"
+    );
+    // The old process hands every listener and both agents' connections,
+    // still open, to the bridge; the bridge hands them back.
+    let handed: Vec<(i64, i64)> = log
+        .iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("handed over: every listener"))
+        })
+        .filter_map(|v| Some((v["successor"].as_i64()?, v["connections"].as_i64()?)))
+        .collect();
+    assert_eq!(handed.len(), 2, "two hand-overs: {handed:?}\n{output}");
+    assert!(
+        handed.contains(&(bridge, 2)),
+        "both agents' connections handed to the bridge while they streamed: {handed:?}"
+    );
+    let (before, after) = output
+        .lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("ktf-init: upgrade: spans sent before ")?;
+            let (b, a) = rest.trim_end().split_once(", when done ")?;
+            Some((b.parse::<usize>().ok()?, a.parse::<usize>().ok()?))
+        })
+        .unwrap_or_else(|| panic!("no upgrade line:\n{output}"));
+    assert!(
+        0 < before && before < want.len(),
+        "SIGHUP while the agents streamed: {before}"
+    );
+    let got = dumped_spans(&output);
+    assert_eq!(got.len(), want.len(), "every span once\n{output}");
+    assert_each_from_cid_1(&want, &got);
+    // The old process, the bridge and the new binary each read a part of
+    // the stream, together every frame once, none cut, dropped or bad.
+    let mut frames = 0;
+    for summary in log.iter().filter(|v| v["message"] == "forwarder stopped") {
+        let c = &summary["summary"];
+        for counter in ["frames_truncated", "decode_errors", "spans_dropped"] {
+            assert_eq!(c[counter], 0, "{counter}: {c}");
+        }
+        frames += c["frames_received"].as_u64().unwrap_or_default();
+    }
+    assert_eq!(frames, want.len() as u64, "each frame read once\n{output}");
+    figures(
+        "g",
+        &format!(
+            "SIGHUP upgrade in the guest after {before} spans (done by {after}), \
+             2 agents over AF_VSOCK, 0 write errors"
+        ),
+        want.len(),
+        got.len(),
+        got.len() - want.len(),
         t0,
     );
 }

@@ -338,6 +338,12 @@ impl<'a, S: Park> Conn<'a, S> {
                 let until = self.life.deadline().map_or(idle_at, |d| d.min(idle_at));
                 match tokio::time::timeout_at(until, self.input.read_async(stream)).await {
                     Ok(r) => Read::Got(r),
+                    // Quiet, or out of time: a frame in hand is lost here,
+                    // and counted as cut. (With systemd's store the
+                    // connection stays open, and the frame in it.)
+                    Err(_) if !self.life.leaves() => {
+                        return Some(End::Stopped(self.ingest.eof(self.input.bytes())));
+                    }
                     Err(_) => return Some(End::Stopped(Ok(()))),
                 }
             }

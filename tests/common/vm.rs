@@ -233,7 +233,14 @@ impl Guest {
             std::thread::sleep(Duration::from_millis(5));
         }
         let mem = "256M";
-        let append = format!("console=ttyS0 quiet panic=-1 -- {}", agent_args.join(" "));
+        // no_timer_check, as Kata boots its guests: early in boot the
+        // kernel counts timer interrupts over a busy-wait, and a TCG vCPU
+        // starved by a loaded host misses them and panics ("IO-APIC +
+        // timer doesn't work!"; seen once in a loaded VM suite run).
+        let append = format!(
+            "console=ttyS0 quiet panic=-1 no_timer_check -- {}",
+            agent_args.join(" ")
+        );
         let started = Instant::now();
         let qemu = die_with_parent(
             Command::new(&kit.qemu)

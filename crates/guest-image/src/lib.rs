@@ -27,12 +27,14 @@ const MODULES: [&str; 3] = ["vmw_vsock_virtio_transport", "virtio_pci", "vsock_l
 const INIT: &str = r#"#!/bin/busybox sh
 # The VM tests' guest init (written by `xtask initramfs`). Arguments after
 # `--` on the kernel command line are the agent's; `probe` only checks that
-# the guest boots and has VSOCK. `vsock-local FORMAT...`: the forwarder
-# (an initramfs with /bin/kata-trace-forwarder) listens on AF_VSOCK as on a
-# host, one agent per FORMAT connects to it at CID 1 through
-# vsock_loopback, all at once (`cut`: one killed in the middle of a frame
-# after 120 whole ones); then the manifests, the forwarder's dump
-# and its log go out on the second serial port, one after the other.
+# the guest boots and has VSOCK. `vsock-local [cut] [upgrade] FORMAT...`:
+# the forwarder (an initramfs with /bin/kata-trace-forwarder) listens on
+# AF_VSOCK as on a host, one agent per FORMAT connects to it at CID 1
+# through vsock_loopback, all at once. `cut`: one more, killed in the
+# middle of a frame after 120 whole ones. `upgrade`: the agents stream
+# (12 traces each, 20 frames a second) and the forwarder is upgraded by
+# SIGHUP once each has sent 10 spans. Then the manifests, the forwarder's
+# dump and its log go out on the second serial port, one after the other.
 bb=/bin/busybox
 $bb mount -t proc proc /proc
 $bb mount -t sysfs sysfs /sys
@@ -40,43 +42,81 @@ $bb mount -t devtmpfs devtmpfs /dev
 for m in $($bb cat /modules/order); do
   $bb insmod /modules/$m.ko || echo "ktf-init: insmod $m failed"
 done
+# until_seen N TEXT: waits (60 s at most) until N lines of the forwarder's
+# log have TEXT.
+until_seen() {
+  t=0
+  until [ "$($bb grep -c "$2" /forwarder.log)" -ge "$1" ] || [ $t -ge 600 ]; do
+    $bb sleep 0.1; t=$((t + 1))
+  done
+}
+# Spans the agents (not the victim) have written whole so far.
+spans_sent() { $bb cat /manifest.[1-9]* | $bb grep -c '^KTF {"span"'; }
+# Whether every agent has written N spans whole.
+each_sent() {
+  for m in /manifest.[1-9]*; do
+    [ "$($bb grep -c '^KTF {"span"' $m)" -ge "$1" ] || return 1
+  done
+}
 if [ "$1" = probe ]; then
   [ -c /dev/vsock ] && echo "ktf-init: probe ok" || echo "ktf-init: probe: no /dev/vsock"
 elif [ "$1" = vsock-local ]; then
   shift
+  # Made before the forwarder's shell opens it: until_seen reads it at once.
+  : >/forwarder.log
   /bin/kata-trace-forwarder --dump-only --dump-format otlp-json >/dump 2>/forwarder.log &
   fwd=$!
-  i=0
-  until $bb grep -q "forwarder ready" /forwarder.log || [ $i -ge 600 ]; do
-    $bb sleep 0.1; i=$((i + 1))
-  done
-  agents=
+  until_seen 1 "forwarder ready"
+  # The victim's manifest is /manifest.0, the agents' /manifest.1 on: it
+  # is first on the port, and the last line there is an agent's Done.
+  agents= n=0 victim= upgrade= traces=2 rate=
   for f in "$@"; do
-    if [ "$f" = cut ]; then
-      # Killed mid-frame once its whole frames are in: its manifest is
-      # first on the port, the others' end with their Done.
-      : >/manifest.0
-      /bin/kata-agent-emitter --vsock 1:10240 --manifest /manifest.0 --format json \
-        --bulk 400 --rate 100 --cut-after 120 &
-      victim=$!
-      continue
-    fi
-    : >/manifest.$i
-    /bin/kata-agent-emitter --vsock 1:10240 --manifest /manifest.$i --format $f --traces 2 &
-    agents="$agents $!"; i=$((i + 1))
+    case $f in
+      cut)
+        : >/manifest.0
+        /bin/kata-agent-emitter --vsock 1:10240 --manifest /manifest.0 --format json \
+          --bulk 400 --rate 100 --cut-after 120 &
+        victim=$! ;;
+      upgrade) upgrade=1 traces=12 rate="--rate 20" ;;
+      *)
+        n=$((n + 1))
+        : >/manifest.$n
+        /bin/kata-agent-emitter --vsock 1:10240 --manifest /manifest.$n --format $f \
+          --traces $traces $rate &
+        agents="$agents $!" ;;
+    esac
   done
   if [ -n "$victim" ]; then
-    i=0
-    until $bb grep -q '"cut"' /manifest.0 || [ $i -ge 1200 ]; do
-      $bb sleep 0.1; i=$((i + 1))
+    t=0
+    until $bb grep -q '"cut"' /manifest.0 || [ $t -ge 1200 ]; do
+      $bb sleep 0.1; t=$((t + 1))
     done
     $bb sleep 1
     $bb kill -KILL $victim
+    wait $victim
+    # The forwarder has read the cut frame's end before it is told to
+    # stop: what is checked is a running forwarder's count, not whether
+    # the end beats SIGTERM's drain (200 ms of quiet) on a busy guest.
+    until_seen 1 "stream ended inside a frame"
+  fi
+  if [ -n "$upgrade" ]; then
+    # Every agent connected and streaming: the hand-over takes them all.
+    t=0
+    until each_sent 10 || [ $t -ge 600 ]; do
+      $bb sleep 0.1; t=$((t + 1))
+    done
+    before=$(spans_sent)
+    $bb kill -HUP $fwd
+    # The old process, its bridge, the new binary under the old pid.
+    until_seen 3 "forwarder ready"
+    echo "ktf-init: upgrade: spans sent before $before, when done $(spans_sent)" >/upgrade
   fi
   for a in $agents; do wait $a; done
+  # Likewise every agent's end is read before SIGTERM.
+  until_seen $n "agent disconnected"
   $bb kill -TERM $fwd; wait $fwd
   echo "ktf-init: forwarder exit $?"
-  $bb cat /manifest.* /dump /forwarder.log >/dev/ttyS1
+  $bb cat /manifest.* /dump /forwarder.log /upgrade >/dev/ttyS1 2>/dev/null
 else
   echo "ktf-init: agent $*"
   /bin/kata-agent-emitter --vsock 2:10240 --manifest /dev/ttyS1 "$@"
