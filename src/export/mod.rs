@@ -28,6 +28,7 @@ pub(crate) mod body;
 pub(crate) mod coalesce;
 pub(crate) mod dump;
 pub mod grpc;
+mod health;
 pub mod http;
 pub(crate) mod queue;
 mod replay;
@@ -59,6 +60,7 @@ use queue::{QueueReceiver, Queued};
 use retry::{Backoff, Classify, Retry, RetryPolicy};
 use spool::Spool;
 
+pub(crate) use health::{unix_ms, Health, HealthSnapshot};
 pub(crate) use replay::run_replayer;
 pub use sink::Sink;
 use split::{halves_of, split_batch, split_half};
@@ -165,63 +167,6 @@ pub(crate) struct Exporter {
 /// A writer's lock; one poisoned by a panic mid-write still writes.
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Longest error text kept for `status`.
-const MAX_ERROR_TEXT: usize = 512;
-
-/// How the collector has answered lately: one store per request, never
-/// per span.
-#[derive(Default)]
-pub(crate) struct Health {
-    /// When a request last went through, in milliseconds since the Unix
-    /// epoch (0: never).
-    last_success: std::sync::atomic::AtomicU64,
-    /// The last failed request: when (as above), and why.
-    last_failure: std::sync::Mutex<Option<(u64, String)>>,
-}
-
-/// What [`Health`] says now.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct HealthSnapshot {
-    pub last_success_unix_ms: Option<u64>,
-    pub last_failure: Option<(u64, String)>,
-}
-
-/// Now, in milliseconds since the Unix epoch.
-pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-impl Health {
-    fn note<T>(&self, res: &Result<T, ExportError>) {
-        let now = unix_ms(std::time::SystemTime::now());
-        match res {
-            Ok(_) => self
-                .last_success
-                .store(now, std::sync::atomic::Ordering::Relaxed),
-            Err(e) => {
-                let mut text = error_chain(e);
-                if text.len() > MAX_ERROR_TEXT {
-                    let mut cut = MAX_ERROR_TEXT;
-                    while !text.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    text.truncate(cut);
-                }
-                *lock(&self.last_failure) = Some((now, text));
-            }
-        }
-    }
-
-    pub(crate) fn snapshot(&self) -> HealthSnapshot {
-        let ok = self.last_success.load(std::sync::atomic::Ordering::Relaxed);
-        HealthSnapshot {
-            last_success_unix_ms: (ok > 0).then_some(ok),
-            last_failure: lock(&self.last_failure).clone(),
-        }
-    }
 }
 
 /// What became of one batch, and the last error on the way.

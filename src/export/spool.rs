@@ -43,6 +43,10 @@
 //!   start) a temporary file or claim left by a process that died is dealt
 //!   with once it is older than anything alive would leave it: a temporary
 //!   file is deleted, a claim is given back, to be sent (at least once).
+//!
+//! Over 600 lines: the file format, the two-process rules and the depth
+//! `status` reports all bear on every read and write of the directory, so
+//! they stay in one place.
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -1,0 +1,183 @@
+//! The client's end of `status`: find the forwarders' hand-off sockets,
+//! ask each (at once, each on a thread of its own), bounded in time and in
+//! the answer's size.
+
+use super::*;
+
+/// Asks the forwarder at `path` for its status, within `timeout` in all.
+pub fn ask(path: &Path, timeout: Duration) -> Result<Report, StatusError> {
+    Asking::start(path, timeout).wait()
+}
+
+/// An [`ask`] under way, on a thread of its own.
+struct Asking {
+    path: PathBuf,
+    rx: std::sync::mpsc::Receiver<Result<Report, StatusError>>,
+    until: std::time::Instant,
+    timeout: Duration,
+}
+
+impl Asking {
+    fn start(path: &Path, timeout: Duration) -> Asking {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.to_owned();
+        // A connect to a listener whose backlog is full blocks with no
+        // timeout of its own: the whole exchange runs on a thread given up
+        // on in time (it ends once its socket's timeouts do, or with the
+        // process).
+        std::thread::spawn(move || {
+            let _ = tx.send(exchange(&p, timeout));
+        });
+        Asking {
+            path: path.to_owned(),
+            rx,
+            until: std::time::Instant::now() + timeout,
+            timeout,
+        }
+    }
+
+    fn wait(self) -> Result<Report, StatusError> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        match self.rx.recv_timeout(left) {
+            Ok(r) => r,
+            Err(_) => Err(StatusError::Timeout {
+                path: self.path,
+                timeout: self.timeout,
+            }),
+        }
+    }
+}
+
+pub(super) fn exchange(path: &Path, timeout: Duration) -> Result<Report, StatusError> {
+    use std::io::ErrorKind;
+    let p = || path.to_owned();
+    let mut s = UnixStream::connect(path).map_err(|source| match source.kind() {
+        ErrorKind::NotFound | ErrorKind::ConnectionRefused => {
+            StatusError::NotListening { path: p() }
+        }
+        ErrorKind::PermissionDenied => StatusError::Denied { path: p() },
+        _ => StatusError::Connect { path: p(), source },
+    })?;
+    let closed = |e: std::io::Error| match e.kind() {
+        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof => {
+            StatusError::NoAnswer { path: p() }
+        }
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => StatusError::Timeout { path: p(), timeout },
+        _ => StatusError::Read {
+            path: p(),
+            source: e,
+        },
+    };
+    s.set_read_timeout(Some(timeout)).map_err(closed)?;
+    s.set_write_timeout(Some(timeout)).map_err(closed)?;
+    s.write_all(&REQUEST).map_err(closed)?;
+    let mut buf = Vec::new();
+    s.take(MAX_REPORT as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(closed)?;
+    if buf.is_empty() {
+        return Err(StatusError::NoAnswer { path: p() });
+    }
+    if buf.len() > MAX_REPORT {
+        return Err(StatusError::Decode {
+            path: p(),
+            reason: format!("larger than {MAX_REPORT} bytes"),
+        });
+    }
+    serde_json::from_slice(&buf).map_err(|e| StatusError::Decode {
+        path: p(),
+        reason: e.to_string(),
+    })
+}
+
+/// Most hand-off sockets one `status` asks at once: far more forwarders
+/// than a host runs.
+const MAX_SOCKETS: usize = 256;
+
+/// The hand-off sockets in `dir` (`handoff-*.sock`), sorted.
+pub fn sockets(dir: &Path) -> Result<Vec<PathBuf>, StatusError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(StatusError::ListDir {
+                dir: dir.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("handoff-") && name.ends_with(".sock")
+        })
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// What `status` asks: one socket, or every one in `dir`.
+pub enum Target<'a> {
+    Socket(&'a Path),
+    Discover(&'a Path),
+}
+
+/// Asks each forwarder `target` names (see [`discovered`] for a
+/// directory); no live one at all is [`StatusError::NotRunning`].
+pub fn gather(target: Target<'_>, timeout: Duration) -> Vec<Result<Report, StatusError>> {
+    match target {
+        Target::Socket(path) => vec![ask(path, timeout)],
+        Target::Discover(dir) => {
+            let found = match sockets(dir) {
+                Ok(f) => f,
+                Err(e) => return vec![Err(e)],
+            };
+            // All at once: one forwarder that does not answer costs the
+            // others nothing.
+            let asking: Vec<Asking> = found
+                .iter()
+                .take(MAX_SOCKETS)
+                .map(|p| Asking::start(p, timeout))
+                .collect();
+            let asked = asking.into_iter().map(Asking::wait).collect();
+            discovered(asked, dir)
+        }
+    }
+}
+
+/// What asking every socket in `dir` came to: sockets no forwarder listens
+/// on any more (left by one that was killed) are passed over, and a user
+/// who may not ask gets one line for all, not one a socket.
+pub(super) fn discovered(
+    asked: Vec<Result<Report, StatusError>>,
+    dir: &Path,
+) -> Vec<Result<Report, StatusError>> {
+    let mut denied = false;
+    let mut out: Vec<_> = asked
+        .into_iter()
+        .filter(|r| match r {
+            Err(StatusError::NotListening { .. }) => false,
+            Err(StatusError::Denied { .. }) => {
+                denied = true;
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    if denied {
+        out.push(Err(StatusError::Denied {
+            path: dir.to_owned(),
+        }));
+    }
+    if out.is_empty() {
+        out.push(Err(StatusError::NotRunning {
+            dir: dir.to_owned(),
+        }));
+    }
+    out
+}
