@@ -266,6 +266,7 @@ pub(crate) async fn serve<S>(
         let busy = more && !parked;
         let pace = shared
             .pacing
+            .as_ref()
             .filter(|_| !draining && !wake && !busy && rate.is_slow());
         let moved = match (reader.take(), parked, pace.is_some()) {
             (Some(r), false, true) => r.park(&stats.connections_paced),
@@ -305,7 +306,7 @@ pub(crate) async fn serve<S>(
                     // Shutdown is seen at the tick, no later than one tick
                     // after it began: cheaper than waiting on it as well,
                     // a tick at a time, on every parked connection.
-                    tokio::time::sleep_until(pacing.next_tick(Instant::now())).await;
+                    pacing.tick().await;
                     if shutdown.is_stopping() {
                         draining = true;
                         continue;
