@@ -94,7 +94,8 @@ struct Args {
     /// Scenarios to run: idle, max, max8 (max rate over --agents template
     /// sandboxes), tls (max rate into a TLS collector), gzip (max rate with
     /// --otlp-compression=gzip), fixed, quiet (--host-sandboxes template
-    /// sandboxes at --host-rate, even and at the Kata agent's pace),
+    /// sandboxes at --host-rate, even and at the Kata agent's pace; or
+    /// one of them: quiet-even, quiet-agent),
     /// throttled (--throttled of them over their limit), limits, and
     /// handover (100 hand-overs under load; not by default: minutes long).
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_SCENARIOS)]
@@ -321,11 +322,12 @@ fn main() -> Result<()> {
                     ctx.paced(&mut f, format, rate)?;
                 }
             }
-            if on("quiet") {
+            // `quiet` is both paces; `quiet-even` or `quiet-agent` one.
+            if on("quiet") || on("quiet-even") {
                 ctx.quiet_even(&mut f, format)?;
-                if format == EmitFormat::Json {
-                    ctx.quiet_agent(&mut f)?;
-                }
+            }
+            if (on("quiet") || on("quiet-agent")) && format == EmitFormat::Json {
+                ctx.quiet_agent(&mut f)?;
             }
             if on("throttled") {
                 ctx.throttled(&mut f, format)?;
