@@ -145,16 +145,7 @@ pub(crate) fn run_raw(
         .with_simple_exporter(exporter)
         .with_config(sdk_config(config))
         .build();
-    // The agent's tracer is unversioned and named after the binary.
-    let tracer = provider.versioned_tracer("kata-agent", None, None);
-    let sdk = Sdk {
-        provider,
-        tracer,
-        random: KataIds {
-            forced_trace_id: None,
-            random: RandomIds::default(),
-        },
-    };
+    let sdk = Sdk::new(provider);
     script(&sdk);
     // The simple processor exports on its own thread; dropping the last
     // provider handle shuts it down, which blocks until the queue is drained.
@@ -171,6 +162,19 @@ pub(crate) fn run_raw(
 }
 
 impl Sdk {
+    fn new(provider: TracerProvider) -> Sdk {
+        // The agent's tracer is unversioned and named after the binary.
+        let tracer = provider.versioned_tracer("kata-agent", None, None);
+        Sdk {
+            provider,
+            tracer,
+            random: KataIds {
+                forced_trace_id: None,
+                random: RandomIds::default(),
+            },
+        }
+    }
+
     fn link(&self, l: LinkSpec) -> Link {
         Link::new(
             span_context(l.trace_id, l.span_id, &l.trace_state),
@@ -303,15 +307,7 @@ pub(crate) fn run_batched<W: Write + Send + std::fmt::Debug + 'static>(
             .with_config(sdk_config(config))
             .build()
     };
-    let tracer = provider.versioned_tracer("kata-agent", None, None);
-    let sdk = Sdk {
-        provider,
-        tracer,
-        random: KataIds {
-            forced_trace_id: None,
-            random: RandomIds::default(),
-        },
-    };
+    let sdk = Sdk::new(provider);
     script(&sdk);
     // Dropping the last provider handle shuts the processor down, which
     // exports what is left and blocks until it is written.
