@@ -279,8 +279,9 @@ impl<W: Write + Send + std::fmt::Debug + 'static> SpanExporter for StreamExporte
     }
 }
 
-/// Like [`run`], but through the agent's batch span processor (its default
-/// configuration, on the runtime the agent uses) exporting to `conn`, live.
+/// Like [`run`], but through the batch span processor (its default
+/// configuration, on the SDK's `TokioCurrentThread` runtime) exporting to
+/// `conn`, live.
 /// Returns the spans written, or the first write error (after which the
 /// rest are not written, as a dead connection would have it).
 pub(crate) fn run_batched<W: Write + Send + std::fmt::Debug + 'static>(
@@ -294,8 +295,7 @@ pub(crate) fn run_batched<W: Write + Send + std::fmt::Debug + 'static>(
         written: written.clone(),
     };
     // The processor makes its schedule's timer where it is built, so it is
-    // built in a runtime whose own thread drives that timer, as the
-    // agent's runtime does.
+    // built in a runtime whose own thread drives that timer.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_time()
