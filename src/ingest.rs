@@ -56,6 +56,8 @@ pub struct ReadBuffer {
     read_size: usize,
     /// Room the last [`prepare`](Self::prepare) made.
     spare: usize,
+    /// The last read filled its room: the next one only finishes it.
+    after_full: bool,
 }
 
 impl Default for ReadBuffer {
@@ -64,6 +66,7 @@ impl Default for ReadBuffer {
             buf: BytesMut::new(),
             read_size: READ_MIN,
             spare: 0,
+            after_full: false,
         }
     }
 }
@@ -82,11 +85,16 @@ impl ReadBuffer {
     }
 
     /// After a read of `n` bytes: a read that filled the room doubles the
-    /// next one, a small one sends it back to the minimum.
+    /// next one, a small one sends it back to the minimum. A small read
+    /// that only finished what a full one began says nothing about the next
+    /// and leaves it as it is: a paced tick that brings 5 KB reads 4 KiB,
+    /// then the rest, and from then on reads it all at once, instead of
+    /// twice every tick.
     pub fn filled(&mut self, n: usize) {
+        let after_full = std::mem::replace(&mut self.after_full, n >= self.spare);
         if n >= self.spare {
             self.read_size = (self.read_size * 2).min(READ_MAX);
-        } else if n < self.read_size / 2 {
+        } else if n < self.read_size / 2 && !after_full {
             self.read_size = READ_MIN;
         }
     }
@@ -653,7 +661,37 @@ mod tests {
         assert!(room >= 2 * READ_MIN);
         rb.bytes().clear();
         rb.filled(10);
+        assert!(
+            !rb.is_quiet(),
+            "a read that finishes a full one says nothing"
+        );
+        rb.prepare();
+        rb.filled(10);
         assert!(rb.is_quiet());
         assert!(rb.prepare().capacity() < room, "given back once drained");
+    }
+
+    #[test]
+    fn a_paced_tick_of_a_little_over_the_minimum_is_read_at_once() {
+        // 5 spans of about 1 KB a tick: 4 KiB, then the rest; from then on
+        // one read a tick.
+        let tick = [7u8; 5 * 1010];
+        let mut rb = ReadBuffer::default();
+        let mut reads_per_tick = Vec::new();
+        for _ in 0..4 {
+            let mut src = &tick[..];
+            let mut reads = 0;
+            loop {
+                rb.prepare();
+                let (n, full) = rb.read_from(&mut src).unwrap();
+                reads += 1;
+                rb.bytes().clear();
+                if !full || n == 0 {
+                    break;
+                }
+            }
+            reads_per_tick.push(reads);
+        }
+        assert_eq!(reads_per_tick, [2, 1, 1, 1]);
     }
 }

@@ -362,13 +362,14 @@ impl<'a, S: Park> Conn<'a, S> {
                 read
             }
             State::Parked { file, quiet, .. } => {
-                let pacing = self.shared.pacing?;
+                let shared = self.shared;
+                let pacing = shared.pacing.as_ref()?;
                 self.input.prepare();
                 if !self.more {
                     // Stopping is seen at the tick, no later than one tick
                     // after it began: cheaper than waiting on it as well,
                     // a tick at a time, on every parked connection.
-                    tokio::time::sleep_until(pacing.next_tick(Instant::now())).await;
+                    pacing.tick().await;
                     if self.life.is_stopping() {
                         return self.drain();
                     }

@@ -19,15 +19,21 @@
 //! before, so that the batcher's deadline still holds for it: pacing never
 //! makes a span wait longer than `--batch-timeout` for its batch.
 //!
+//! The tick is one timer for them all ([`Pacing::tick`]): a task sleeps to
+//! each tick, while any connection waits for one, and wakes them together.
+//!
 //! Only the steps that differ per transport are here ([`Park`]); reading,
 //! framing and everything after is the connection's common code.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncRead;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Longest tick.
@@ -44,21 +50,86 @@ const RATE_WINDOW: Duration = Duration::from_millis(100);
 const EMPTY_TICKS: u32 = 4;
 
 /// The clock every parked connection reads on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Pacing {
     epoch: Instant,
     tick: Duration,
+    clock: Arc<Clock>,
+}
+
+/// What the connections waiting for a tick share with the task that ticks.
+/// A timer of each connection's own was a timer-wheel entry per connection
+/// per tick, and, whenever one was set earlier than the wheel's next
+/// deadline, a wake-up of the runtime's thread through its eventfd: about a
+/// thousand a second with 100 paced agents.
+#[derive(Debug, Default)]
+struct Clock {
+    /// Woken, all at once, at each tick.
+    ticked: Notify,
+    /// Connections waiting for a tick.
+    waiting: AtomicUsize,
+    /// Told when the first one starts waiting: without any, the clock
+    /// sleeps rather than ticks (an idle forwarder wakes for nothing).
+    wanted: Notify,
+}
+
+/// Counts a connection among those waiting for as long as it waits.
+struct Waiting<'a>(&'a Clock);
+
+impl<'a> Waiting<'a> {
+    fn new(clock: &'a Clock) -> Self {
+        if clock.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+            clock.wanted.notify_one();
+        }
+        Waiting(clock)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Pacing {
     /// The clock for `batch_timeout`; `None` when batches are sent too soon
-    /// for pacing to pay.
+    /// for pacing to pay, or outside a runtime: its ticking task is
+    /// spawned on the current one, and lives as long as it.
     pub(crate) fn for_batch_timeout(batch_timeout: Duration) -> Option<Pacing> {
         let tick = (batch_timeout / 4).min(MAX_TICK);
-        (tick >= MIN_TICK).then(|| Pacing {
-            epoch: Instant::now(),
-            tick,
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        (tick >= MIN_TICK).then(|| {
+            let pacing = Pacing {
+                epoch: Instant::now(),
+                tick,
+                clock: Arc::default(),
+            };
+            runtime.spawn(pacing.clone().run());
+            pacing
         })
+    }
+
+    /// Waits for the next tick: the same instant for every connection, so
+    /// one wake-up serves them all.
+    pub(crate) async fn tick(&self) {
+        let ticked = self.clock.ticked.notified();
+        tokio::pin!(ticked);
+        // Counted from here: a tick from now on is this one's.
+        ticked.as_mut().enable();
+        let _waiting = Waiting::new(&self.clock);
+        ticked.await;
+    }
+
+    /// The ticking task: while connections wait, sleeps to each tick and
+    /// wakes them.
+    async fn run(self) {
+        loop {
+            if self.clock.waiting.load(Ordering::Acquire) == 0 {
+                self.clock.wanted.notified().await;
+            }
+            tokio::time::sleep_until(self.next_tick(Instant::now())).await;
+            self.clock.ticked.notify_waiters();
+        }
     }
 
     /// The first tick after `now`: the same instant for every connection,
@@ -159,8 +230,8 @@ impl Park for tokio_vsock::VsockStream {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ticks_are_shared_and_a_quarter_of_the_batch_timeout() {
+    #[tokio::test]
+    async fn ticks_are_shared_and_a_quarter_of_the_batch_timeout() {
         let p = Pacing::for_batch_timeout(Duration::from_millis(200)).unwrap();
         assert_eq!(p.tick, Duration::from_millis(50));
         let a = p.next_tick(p.epoch + Duration::from_millis(1));
@@ -175,6 +246,38 @@ mod tests {
         let short = Pacing::for_batch_timeout(Duration::from_millis(40)).unwrap();
         assert_eq!(short.tick, Duration::from_millis(10));
         assert!(Pacing::for_batch_timeout(Duration::from_millis(10)).is_none());
+    }
+
+    #[test]
+    fn no_pacing_outside_a_runtime() {
+        assert!(Pacing::for_batch_timeout(Duration::from_millis(200)).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_waiter_wakes_at_the_same_tick_and_an_idle_clock_sleeps() {
+        let p = Pacing::for_batch_timeout(Duration::from_millis(200)).unwrap();
+        let start = Instant::now();
+        let waits: Vec<_> = (0..3)
+            .map(|_| {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    p.tick().await;
+                    Instant::now()
+                })
+            })
+            .collect();
+        for w in waits {
+            assert_eq!(w.await.unwrap(), p.epoch + Duration::from_millis(50));
+        }
+        assert!(start < p.epoch + Duration::from_millis(50));
+        // Nobody waits: the clock stops, and the next waiter gets the next
+        // tick of the same clock.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert_eq!(p.clock.waiting.load(Ordering::Acquire), 0);
+        p.tick().await;
+        let since = Instant::now() - p.epoch;
+        assert_eq!(since.as_millis() % 50, 0, "on the clock: {since:?}");
+        assert!(since > Duration::from_millis(1_050));
     }
 
     #[test]

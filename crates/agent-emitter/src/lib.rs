@@ -274,10 +274,14 @@ pub fn bulk_frames(format: WireFormat, n: usize, approx_bytes: usize, seq: u64) 
     if n == 0 {
         return Vec::new();
     }
+    run_bulk(format, &bulk_specs(format, n, approx_bytes, seq), seq)
+}
+
+fn bulk_specs(format: WireFormat, n: usize, approx_bytes: usize, seq: u64) -> Vec<BulkSpan> {
     // Payload size depends on the name and on the encoding, so measure each
     // RPC name once with an empty request and pad the real spans to the target.
-    let base = bulk_base_sizes(format, n, seq);
-    let specs: Vec<BulkSpan> = (0..n)
+    let base = bulk_base_sizes(format, n.max(1), seq);
+    (0..n)
         .map(|index| {
             let rpc = index % BULK_RPCS.len();
             BulkSpan {
@@ -286,8 +290,7 @@ pub fn bulk_frames(format: WireFormat, n: usize, approx_bytes: usize, seq: u64) 
                 req_len: approx_bytes.saturating_sub(base[rpc]),
             }
         })
-        .collect();
-    run_bulk(format, &specs, seq)
+        .collect()
 }
 
 /// The smallest payload [`bulk_frames`] can produce for `format`: a real SDK
@@ -312,8 +315,8 @@ fn bulk_base_sizes(format: WireFormat, n: usize, seq: u64) -> Vec<usize> {
         .collect()
 }
 
-fn run_bulk(format: WireFormat, specs: &[BulkSpan], seq: u64) -> Vec<Vec<u8>> {
-    let config = SdkConfig {
+fn bulk_config(format: WireFormat) -> SdkConfig {
+    SdkConfig {
         limits: Limits::SDK_DEFAULT,
         // Like a real agent, which only gets the SDK's service.name: keeps
         // the per-span skeleton small so modest payload sizes are reachable.
@@ -328,12 +331,54 @@ fn run_bulk(format: WireFormat, specs: &[BulkSpan], seq: u64) -> Vec<Vec<u8>> {
             ),
         ],
         trace_id: None,
-    };
+    }
+}
+
+fn run_bulk(format: WireFormat, specs: &[BulkSpan], seq: u64) -> Vec<Vec<u8>> {
+    let config = bulk_config(format);
     let captured = match format {
-        WireFormat::Json => sdk017::run(&config, false, |sdk| bulk_spans(sdk, specs, seq)),
-        WireFormat::Bincode => sdk014::run(&config, false, |sdk| bulk_spans(sdk, specs, seq)),
+        WireFormat::Json => sdk017::run(&config, false, |sdk| {
+            bulk_spans(sdk, specs, seq, &mut |_| {})
+        }),
+        WireFormat::Bincode => sdk014::run(&config, false, |sdk| {
+            bulk_spans(sdk, specs, seq, &mut |_| {})
+        }),
     };
     captured.into_iter().map(|(f, _)| f).collect()
+}
+
+/// A Kata 3.29+ agent at its own pace, live: `rate` spans per second for
+/// `duration`, each made and ended when it is due, like [`bulk_frames`]'
+/// (payloads close to `approx_bytes`), through opentelemetry 0.17's *batch*
+/// span processor at its default schedule, as the agent configures it
+/// (a batch every 5 s, or as soon as 512 spans wait, whichever comes first;
+/// `OTEL_BSP_*` apply, as they do to the agent), and written to `conn` one
+/// frame per span as Kata's vsock-exporter writes them (header, then
+/// payload). So the forwarder sees what a real agent sends: bursts of
+/// hundreds of frames, seconds apart. Blocks until the last batch is
+/// written. Returns the spans written, or the first write error.
+pub fn live_agent<W>(
+    conn: W,
+    rate: f64,
+    duration: Duration,
+    approx_bytes: usize,
+    seq: u64,
+) -> std::io::Result<u64>
+where
+    W: std::io::Write + Send + fmt::Debug + 'static,
+{
+    let n = (rate * duration.as_secs_f64()) as usize;
+    let specs = bulk_specs(WireFormat::Json, n, approx_bytes, seq);
+    let config = bulk_config(WireFormat::Json);
+    let start = std::time::Instant::now();
+    let mut pace = |i: usize| {
+        let due = start + Duration::from_secs_f64(i as f64 / rate.max(f64::MIN_POSITIVE));
+        let now = std::time::Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+    };
+    sdk017::run_batched(&config, conn, |sdk| bulk_spans(sdk, &specs, seq, &mut pace))
 }
 
 /// Nanoseconds since the Unix epoch, the unit `ExpectedSpan` uses.
@@ -724,12 +769,15 @@ struct BulkSpan {
     req_len: usize,
 }
 
-fn bulk_spans<S: AgentSdk>(sdk: &S, specs: &[BulkSpan], seq: u64) {
+/// `pace` is called before each span is made, with its index: a live agent
+/// sleeps there until the span is due.
+fn bulk_spans<S: AgentSdk>(sdk: &S, specs: &[BulkSpan], seq: u64, pace: &mut dyn FnMut(usize)) {
     use ExpectedValue as V;
     let t0 = SystemTime::now();
     let trace_id = sdk.random_trace_id();
     let cid = container_id(seq);
     for s in specs {
+        pace(s.index);
         let runtime = RemoteSpec {
             trace_id,
             span_id: sdk.random_span_id(),

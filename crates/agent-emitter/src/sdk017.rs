@@ -11,6 +11,7 @@ use otel017::trace::{
     TraceState, Tracer as _, TracerProvider as _,
 };
 use otel017::Context;
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -99,6 +100,22 @@ impl SpanExporter for CaptureExporter {
     }
 }
 
+/// The agent's SDK configuration: its id generator, span limits and resource.
+fn sdk_config(config: &SdkConfig) -> Config {
+    let l = config.limits;
+    Config::default()
+        .with_id_generator(KataIds {
+            forced_trace_id: config.trace_id,
+            random: RandomIds::default(),
+        })
+        .with_max_attributes_per_span(l.attributes_per_span)
+        .with_max_events_per_span(l.events_per_span)
+        .with_max_links_per_span(l.links_per_span)
+        .with_max_attributes_per_event(l.attributes_per_event)
+        .with_max_attributes_per_link(l.attributes_per_link)
+        .with_resource(Resource::new(to_key_values(config.resource.clone())))
+}
+
 pub(crate) struct Sdk {
     provider: TracerProvider,
     tracer: Tracer,
@@ -124,32 +141,11 @@ pub(crate) fn run_raw(
         out: out.clone(),
         raw: raw.clone(),
     };
-    let l = config.limits;
-    let sdk_config = Config::default()
-        .with_id_generator(KataIds {
-            forced_trace_id: config.trace_id,
-            random: RandomIds::default(),
-        })
-        .with_max_attributes_per_span(l.attributes_per_span)
-        .with_max_events_per_span(l.events_per_span)
-        .with_max_links_per_span(l.links_per_span)
-        .with_max_attributes_per_event(l.attributes_per_event)
-        .with_max_attributes_per_link(l.attributes_per_link)
-        .with_resource(Resource::new(to_key_values(config.resource.clone())));
     let provider = TracerProvider::builder()
         .with_simple_exporter(exporter)
-        .with_config(sdk_config)
+        .with_config(sdk_config(config))
         .build();
-    // The agent's tracer is unversioned and named after the binary.
-    let tracer = provider.versioned_tracer("kata-agent", None, None);
-    let sdk = Sdk {
-        provider,
-        tracer,
-        random: KataIds {
-            forced_trace_id: None,
-            random: RandomIds::default(),
-        },
-    };
+    let sdk = Sdk::new(provider);
     script(&sdk);
     // The simple processor exports on its own thread; dropping the last
     // provider handle shuts it down, which blocks until the queue is drained.
@@ -166,6 +162,19 @@ pub(crate) fn run_raw(
 }
 
 impl Sdk {
+    fn new(provider: TracerProvider) -> Sdk {
+        // The agent's tracer is unversioned and named after the binary.
+        let tracer = provider.versioned_tracer("kata-agent", None, None);
+        Sdk {
+            provider,
+            tracer,
+            random: KataIds {
+                forced_trace_id: None,
+                random: RandomIds::default(),
+            },
+        }
+    }
+
     fn link(&self, l: LinkSpec) -> Link {
         Link::new(
             span_context(l.trace_id, l.span_id, &l.trace_state),
@@ -238,4 +247,72 @@ impl AgentSdk for Sdk {
     fn random_span_id(&self) -> u64 {
         span_id_u64(self.random.new_span_id())
     }
+}
+
+/// Kata's vsock-exporter on a live connection: every span of a batch is one
+/// frame, written as the exporter writes it (header, then payload).
+#[derive(Debug)]
+struct StreamExporter<W> {
+    conn: W,
+    written: Arc<Mutex<std::io::Result<u64>>>,
+}
+
+#[async_trait]
+impl<W: Write + Send + std::fmt::Debug + 'static> SpanExporter for StreamExporter<W> {
+    async fn export(&mut self, batch: Vec<SpanData>) -> ExportResult {
+        let mut written = self.written.lock().expect("written lock");
+        for span in batch {
+            let Ok(count) = written.as_mut() else {
+                break;
+            };
+            let payload = serde_json::to_vec(&span).map_err(|e| TraceError::from(e.to_string()))?;
+            let result = self
+                .conn
+                .write_all(&(payload.len() as u64).to_be_bytes())
+                .and_then(|()| self.conn.write_all(&payload));
+            match result {
+                Ok(()) => *count += 1,
+                Err(e) => *written = Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Like [`run`], but through the batch span processor (its default
+/// configuration, on the SDK's `TokioCurrentThread` runtime) exporting to
+/// `conn`, live.
+/// Returns the spans written, or the first write error (after which the
+/// rest are not written, as a dead connection would have it).
+pub(crate) fn run_batched<W: Write + Send + std::fmt::Debug + 'static>(
+    config: &SdkConfig,
+    conn: W,
+    script: impl FnOnce(&Sdk),
+) -> std::io::Result<u64> {
+    let written = Arc::new(Mutex::new(Ok(0)));
+    let exporter = StreamExporter {
+        conn,
+        written: written.clone(),
+    };
+    // The processor makes its schedule's timer where it is built, so it is
+    // built in a runtime whose own thread drives that timer.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_time()
+        .build()?;
+    let provider = {
+        let _in_runtime = rt.enter();
+        TracerProvider::builder()
+            .with_batch_exporter(exporter, otel017::runtime::TokioCurrentThread)
+            .with_config(sdk_config(config))
+            .build()
+    };
+    let sdk = Sdk::new(provider);
+    script(&sdk);
+    // Dropping the last provider handle shuts the processor down, which
+    // exports what is left and blocks until it is written.
+    drop(sdk);
+    drop(rt);
+    let mut w = written.lock().expect("written lock");
+    std::mem::replace(&mut *w, Ok(0))
 }

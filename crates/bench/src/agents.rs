@@ -297,3 +297,46 @@ impl Drop for KataAgents {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// Starts an agent that cycles through its frames from `start` until
+/// `until`: as fast as the socket takes them, or, with `rate`, that many
+/// spans per second written every 10 ms. Joins to the number of spans
+/// written.
+pub fn spawn_flood(
+    socket: PathBuf,
+    frames: Arc<Vec<Frame>>,
+    start: Instant,
+    until: Instant,
+    rate: Option<f64>,
+) -> JoinHandle<Result<u64>> {
+    std::thread::spawn(move || {
+        let mut conn = connect(&socket)?;
+        let now = Instant::now();
+        if start > now {
+            std::thread::sleep(start - now);
+        }
+        let mut sent = 0usize;
+        let mut buf = Vec::new();
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            let due = match rate {
+                Some(r) => ((now - start).as_secs_f64() * r) as usize,
+                // A write of 64 frames at a time.
+                None => sent + 64,
+            };
+            buf.clear();
+            for i in sent..due {
+                buf.extend_from_slice(&frames[i % frames.len()].bytes);
+            }
+            conn.write_all(&buf).context("agent write")?;
+            sent = due.max(sent);
+            if rate.is_some() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(sent as u64)
+    })
+}

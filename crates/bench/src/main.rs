@@ -28,6 +28,7 @@
 
 mod agents;
 mod handover;
+mod hosts;
 mod limits;
 mod procstat;
 mod sink;
@@ -52,7 +53,7 @@ use sink::{LatencyTrack, SinkState};
 /// relative to.
 const BATCH_TIMEOUT_MS: f64 = 200.0;
 const MIB: f64 = 1024.0 * 1024.0;
-const DEFAULT_SCENARIOS: &str = "idle,max,tls,gzip,fixed,limits";
+const DEFAULT_SCENARIOS: &str = "idle,max,max8,tls,gzip,fixed,quiet,throttled,limits";
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "End-to-end benchmark of kata-trace-forwarder")]
@@ -90,11 +91,29 @@ struct Args {
     /// Wire formats to run.
     #[arg(long, value_delimiter = ',', default_value = "json,bincode")]
     formats: Vec<EmitFormat>,
-    /// Scenarios to run: idle, max, tls (max rate into a TLS collector),
-    /// gzip (max rate with --otlp-compression=gzip), fixed, limits, and
+    /// Scenarios to run: idle, max, max8 (max rate over --agents template
+    /// sandboxes), tls (max rate into a TLS collector), gzip (max rate with
+    /// --otlp-compression=gzip), fixed, quiet (--host-sandboxes template
+    /// sandboxes at --host-rate, even and at the Kata agent's pace; or
+    /// one of them: quiet-even, quiet-agent),
+    /// throttled (--throttled of them over their limit), limits, and
     /// handover (100 hand-overs under load; not by default: minutes long).
     #[arg(long, value_delimiter = ',', default_value = DEFAULT_SCENARIOS)]
     scenarios: Vec<String>,
+    /// Template sandboxes (one agent connection each) in the quiet and
+    /// throttled runs.
+    #[arg(long, default_value_t = 100)]
+    host_sandboxes: usize,
+    /// Spans per second of the quiet sandboxes, all together.
+    #[arg(long, default_value_t = 10_000)]
+    host_rate: u64,
+    /// Length of each quiet and throttled run (the agent-pace run measures
+    /// whole 5 s batch periods, this long rounded up, plus a period either side).
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    host_secs: f64,
+    /// Sandboxes over their span-rate limit in the throttled run.
+    #[arg(long, default_value_t = 4)]
+    throttled: usize,
     /// Agent connections, all open through the hand-over run.
     #[arg(long, default_value_t = 1000)]
     handover_connections: usize,
@@ -133,6 +152,13 @@ impl Args {
         self.fixed_secs = 1.0;
         self.idle_connections = 50;
         self.parse_secs = 0.1;
+        self.host_sandboxes = 10;
+        self.host_rate = 1_000;
+        self.host_secs = 1.0;
+        self.throttled = 2;
+        // The agents' batch processors on a short schedule (the agents run
+        // in this process; the forwarder is spawned without OTEL_BSP_*).
+        std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "200");
         // A hand-over and a takeover, to check the scenario works; timed
         // with so few connections, its figures mean nothing.
         self.handover_connections = 20;
@@ -181,12 +207,14 @@ fn main() -> Result<()> {
     // with per-sandbox limits takes for one sandbox. The agents stand for
     // many: lift the limits (the rate to one never reached, so that the
     // token bucket is still paid for), where the binary has them.
-    args.forwarder_args
-        .splice(0..0, sandbox_limits_lifted(&args.forwarder)?);
+    let lifted = sandbox_limits_lifted(&args.forwarder)?;
+    args.forwarder_args.splice(0..0, lifted.iter().cloned());
 
     let on = |s: &str| args.scenarios.iter().any(|x| x == s);
     let mut pools: BTreeMap<String, Vec<Arc<Vec<Frame>>>> = BTreeMap::new();
-    let pooled = ["max", "tls", "gzip", "limits"].iter().any(|s| on(s));
+    let pooled = ["max", "max8", "tls", "gzip", "limits"]
+        .iter()
+        .any(|s| on(s));
     if pooled {
         eprintln!(
             "== making frames (real SDK, ~{} B payloads)",
@@ -229,6 +257,7 @@ fn main() -> Result<()> {
         tls_sink: tls_sink.as_ref(),
         dir: dir.path(),
         epoch,
+        lifted,
     };
     let mut runs = Vec::new();
     let mut handovers = Vec::new();
@@ -255,9 +284,20 @@ fn main() -> Result<()> {
                 endpoint: ctx.endpoint,
                 flags: Vec::new(),
                 label: "max",
+                listen: Listen::Socket,
             };
             if on("max") {
                 ctx.max_rate(&mut f, format, pool, plain())?;
+            }
+            if on("max8") {
+                // The span-rate limit would bind; the rest at the defaults.
+                let t = Target {
+                    flags: vec!["--sandbox-spans-per-second=0".into()],
+                    label: "max8",
+                    listen: Listen::Template(pool.len()),
+                    ..plain()
+                };
+                ctx.max_rate(&mut f, format, pool, t)?;
             }
             if let (true, Some((s, e, flags))) = (on("tls"), ctx.tls_sink) {
                 let t = Target {
@@ -265,6 +305,7 @@ fn main() -> Result<()> {
                     endpoint: e,
                     flags: flags.clone(),
                     label: "tls",
+                    listen: Listen::Socket,
                 };
                 ctx.max_rate(&mut f, format, pool, t)?;
             }
@@ -280,6 +321,16 @@ fn main() -> Result<()> {
                 for &rate in &args.rates {
                     ctx.paced(&mut f, format, rate)?;
                 }
+            }
+            // `quiet` is both paces; `quiet-even` or `quiet-agent` one.
+            if on("quiet") || on("quiet-even") {
+                ctx.quiet_even(&mut f, format)?;
+            }
+            if (on("quiet") || on("quiet-agent")) && format == EmitFormat::Json {
+                ctx.quiet_agent(&mut f)?;
+            }
+            if on("throttled") {
+                ctx.throttled(&mut f, format)?;
             }
             if !on("limits") {
                 continue;
@@ -383,6 +434,7 @@ struct Target<'a> {
     endpoint: &'a str,
     flags: Vec<String>,
     label: &'a str,
+    listen: Listen,
 }
 
 struct Ctx<'a> {
@@ -393,6 +445,9 @@ struct Ctx<'a> {
     tls_sink: Option<&'a (Arc<SinkState>, String, Vec<String>)>,
     dir: &'a Path,
     epoch: Instant,
+    /// The flags that lift the per-sandbox limits, in every single-socket
+    /// run's flags (see `sandbox_limits_lifted`).
+    lifted: Vec<String>,
 }
 
 impl Ctx<'_> {
@@ -402,13 +457,18 @@ impl Ctx<'_> {
     }
 
     fn spawn(&self) -> Result<Forwarder> {
-        self.spawn_to(self.endpoint, &[])
+        self.spawn_to(self.endpoint, &[], Listen::Socket)
     }
 
-    fn spawn_to(&self, endpoint: &str, flags: &[String]) -> Result<Forwarder> {
+    /// In template mode, each sandbox its own socket: the per-sandbox
+    /// limits stay at their defaults, unless `flags` set them.
+    fn spawn_to(&self, endpoint: &str, flags: &[String], listen: Listen) -> Result<Forwarder> {
         let mut all = self.args.forwarder_args.clone();
+        if let Listen::Template(_) = listen {
+            all.retain(|a| !self.lifted.contains(a));
+        }
         all.extend_from_slice(flags);
-        Forwarder::spawn(&self.args.forwarder, self.dir, endpoint, &all)
+        Forwarder::spawn(&self.args.forwarder, self.dir, endpoint, &all, listen)
     }
 
     /// Startup time, idle RSS, and RSS with many quiet connections.
@@ -560,7 +620,7 @@ impl Ctx<'_> {
         target: Target<'_>,
     ) -> Result<()> {
         let sink = target.sink;
-        let fwd = self.spawn_to(target.endpoint, &target.flags)?;
+        let fwd = self.spawn_to(target.endpoint, &target.flags, target.listen)?;
         let reps = self.reps(pool);
         let total: u64 = pool.iter().map(|p| (p.len() * reps) as u64).sum();
         let base = sink.spans();
@@ -568,8 +628,10 @@ impl Ctx<'_> {
         let start = Arc::new(Barrier::new(pool.len() + 1));
         let handles: Vec<_> = pool
             .iter()
-            .map(|p| {
-                agents::spawn_max_rate(fwd.socket.clone(), Arc::clone(p), reps, Arc::clone(&start))
+            .enumerate()
+            .map(|(i, p)| {
+                let socket = fwd.sockets[i % fwd.sockets.len()].clone();
+                agents::spawn_max_rate(socket, Arc::clone(p), reps, Arc::clone(&start))
             })
             .collect();
         let cpu0 = procstat::cpu_seconds(fwd.pid)?;
@@ -624,8 +686,44 @@ impl Ctx<'_> {
     }
 
     fn paced(&self, f: &mut Figures, format: EmitFormat, rate: u64) -> Result<()> {
-        let n_agents = self.args.agents.max(1);
-        let total = ((rate as f64 * self.args.fixed_secs) as usize).max(n_agents);
+        let fwd = self.spawn()?;
+        let p = self.run_paced(
+            &fwd,
+            format,
+            rate,
+            self.args.agents,
+            self.args.fixed_secs,
+            |_| Ok(Vec::new()),
+        )?;
+        fwd.stop()?;
+        p.set(f, &format!("{format}.rate{rate}"));
+        eprintln!(
+            "   {format} @{rate}/s: achieved {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {:.2} CPU-s/M",
+            p.achieved,
+            p.pct(0.5),
+            p.pct(0.99),
+            p.pct(1.0),
+            p.cpu / p.spans as f64 * 1e6
+        );
+        Ok(())
+    }
+
+    /// `n_agents` agents (agent i on the forwarder's socket i, round the
+    /// sandboxes) write `rate` spans/s in all, evenly, for `secs`, every
+    /// span distinct and its latency kept. `others` starts more agents
+    /// beside them, given the instant they all start at; what they write
+    /// is waited for at the sink too, but has no latency.
+    fn run_paced(
+        &self,
+        fwd: &Forwarder,
+        format: EmitFormat,
+        rate: u64,
+        n_agents: usize,
+        secs: f64,
+        others: impl FnOnce(Instant) -> Result<Vec<std::thread::JoinHandle<Result<u64>>>>,
+    ) -> Result<Paced> {
+        let n_agents = n_agents.max(1);
+        let total = ((rate as f64 * secs) as usize).max(n_agents);
         let per_agent = total / n_agents;
         let mut pools = Vec::with_capacity(n_agents);
         for a in 0..n_agents {
@@ -642,13 +740,13 @@ impl Ctx<'_> {
             .collect();
         let total = ids.len() as u64;
         let track = Arc::new(LatencyTrack::new(&ids));
-        let fwd = self.spawn()?;
         let base = self.sink.spans();
         *self.sink.track.lock().map_err(|_| anyhow!("poisoned"))? = Some(Arc::clone(&track));
         let per_agent_rate = rate as f64 / n_agents as f64;
         let start = Instant::now() + Duration::from_millis(100);
         let cpu0 = procstat::cpu_seconds(fwd.pid)?;
         let mut first = 0;
+        let others = others(start)?;
         let handles: Vec<_> = pools
             .iter()
             .enumerate()
@@ -656,7 +754,7 @@ impl Ctx<'_> {
                 // Stagger the agents so that together they write evenly.
                 let offset = Duration::from_secs_f64(i as f64 / rate as f64);
                 let h = agents::spawn_paced(
-                    fwd.socket.clone(),
+                    fwd.sockets[i % fwd.sockets.len()].clone(),
                     Arc::clone(p),
                     per_agent_rate,
                     start + offset,
@@ -672,65 +770,134 @@ impl Ctx<'_> {
             h.join().map_err(|_| anyhow!("agent panicked"))??;
         }
         let sent_at = Instant::now();
-        self.wait_sink(base + total, Duration::from_secs(60))?;
+        let mut other_spans = 0;
+        for h in others {
+            other_spans += h.join().map_err(|_| anyhow!("agent panicked"))??;
+        }
+        self.wait_sink(base + total + other_spans, Duration::from_secs(120))?;
         let cpu = procstat::cpu_seconds(fwd.pid)? - cpu0;
         *self.sink.track.lock().map_err(|_| anyhow!("poisoned"))? = None;
-        fwd.stop()?;
         let achieved = total as f64 / (sent_at - start).as_secs_f64();
         let mut lat =
             std::mem::take(&mut *track.latencies.lock().map_err(|_| anyhow!("poisoned"))?);
         let unmatched = track.unmatched.load(std::sync::atomic::Ordering::Relaxed);
-        if unmatched > 0 || lat.len() as u64 != total {
+        if unmatched != other_spans || lat.len() as u64 != total {
             bail!(
-                "latency run: {} spans matched, {unmatched} unmatched, {total} sent",
+                "latency run: {} spans matched, {unmatched} unmatched, {total} sent (and {other_spans} untracked)",
                 lat.len()
             );
         }
         lat.sort_unstable();
-        let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize] as f64 * 1e-6;
-        let k = format!("{format}.rate{rate}");
-        f.set(format!("{k}.achieved_spans_per_sec"), achieved);
-        f.set(format!("{k}.p50_ms"), pct(0.50));
-        f.set(format!("{k}.p99_ms"), pct(0.99));
-        f.set(format!("{k}.max_ms"), pct(1.0));
-        f.set(format!("{k}.cpu_sec_per_million"), cpu / total as f64 * 1e6);
-        f.set(
-            format!("{k}.cpu_percent"),
-            cpu / (sent_at - start).as_secs_f64() * 100.0,
-        );
-        eprintln!(
-            "   {format} @{rate}/s: achieved {achieved:.0}/s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {:.2} CPU-s/M",
-            pct(0.5),
-            pct(0.99),
-            pct(1.0),
-            cpu / total as f64 * 1e6
-        );
-        Ok(())
+        Ok(Paced {
+            cpu,
+            spans: total,
+            other_spans,
+            secs: (sent_at - start).as_secs_f64(),
+            achieved,
+            lat,
+        })
     }
+}
+
+/// What a paced run measured.
+struct Paced {
+    /// The forwarder's CPU-seconds, from the start until the sink had it all.
+    cpu: f64,
+    /// Spans of the paced agents.
+    spans: u64,
+    /// Spans of the other agents beside them.
+    other_spans: u64,
+    /// From the start to the paced agents' last write.
+    secs: f64,
+    achieved: f64,
+    /// Every paced span's latency, nanoseconds, sorted.
+    lat: Vec<u64>,
+}
+
+impl Paced {
+    fn pct(&self, p: f64) -> f64 {
+        self.lat[((self.lat.len() - 1) as f64 * p).round() as usize] as f64 * 1e-6
+    }
+
+    fn set(&self, f: &mut Figures, k: &str) {
+        f.set(format!("{k}.achieved_spans_per_sec"), self.achieved);
+        f.set(format!("{k}.p50_ms"), self.pct(0.50));
+        f.set(format!("{k}.p99_ms"), self.pct(0.99));
+        f.set(format!("{k}.max_ms"), self.pct(1.0));
+        f.set(
+            format!("{k}.cpu_sec_per_million"),
+            self.cpu / self.spans as f64 * 1e6,
+        );
+        f.set(format!("{k}.cpu_percent"), self.cpu / self.secs * 100.0);
+    }
+}
+
+/// Where a forwarder under test listens.
+#[derive(Clone, Copy)]
+enum Listen {
+    /// One hybrid socket (`--socket-path`), all agents one sandbox.
+    Socket,
+    /// Template mode (`--socket-path-template`), this many sandboxes.
+    Template(usize),
 }
 
 /// The forwarder under test, as a child process.
 struct Forwarder {
     child: Child,
     pid: u32,
-    /// The agent-side socket, `<socket-path>_10240`.
+    /// The agent-side socket, `<socket-path>_10240` (the first sandbox's
+    /// in template mode).
     socket: PathBuf,
+    /// Every sandbox's agent-side socket (one unless in template mode).
+    sockets: Vec<PathBuf>,
     /// From spawn to the first successful connection to `socket`.
     startup: Duration,
     stderr: PathBuf,
 }
 
 impl Forwarder {
-    fn spawn(bin: &Path, dir: &Path, endpoint: &str, extra: &[String]) -> Result<Self> {
+    fn spawn(
+        bin: &Path,
+        dir: &Path,
+        endpoint: &str,
+        extra: &[String],
+        listen: Listen,
+    ) -> Result<Self> {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let socket_path = dir.join(format!("fwd{n}.hvsock"));
-        let socket = PathBuf::from(format!("{}_10240", socket_path.display()));
+        let (listen_flags, sockets) = match listen {
+            Listen::Socket => {
+                let socket_path = dir.join(format!("fwd{n}.hvsock"));
+                let socket = PathBuf::from(format!("{}_10240", socket_path.display()));
+                (
+                    vec![
+                        "--socket-path".to_string(),
+                        socket_path.display().to_string(),
+                    ],
+                    vec![socket],
+                )
+            }
+            // Cloud Hypervisor's layout; the sandboxes exist before the
+            // forwarder starts, as on a host it is restarted on.
+            Listen::Template(sandboxes) => {
+                let root = dir.join(format!("vm{n}"));
+                let mut sockets = Vec::with_capacity(sandboxes);
+                for i in 0..sandboxes {
+                    let sandbox = root.join(format!("sb{i:04}"));
+                    std::fs::create_dir_all(&sandbox)?;
+                    sockets.push(sandbox.join("clh.sock_10240"));
+                }
+                let template = format!("{}/{{ID}}/clh.sock", root.display());
+                (
+                    vec!["--socket-path-template".to_string(), template],
+                    sockets,
+                )
+            }
+        };
         let stderr = dir.join(format!("fwd{n}.stderr"));
         let t0 = Instant::now();
         let mut cmd = Command::new(bin);
-        cmd.arg("--socket-path")
-            .arg(&socket_path)
+        cmd.args(&listen_flags)
             .args(["--otlp-protocol", "grpc", "--otlp-endpoint", endpoint])
             .args(extra);
         let mut child = without_settings_from_env(&mut cmd)
@@ -740,8 +907,16 @@ impl Forwarder {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let pid = child.id();
+        // Listening once every socket takes a connection.
+        let mut waiting = sockets.iter().peekable();
         let startup = loop {
-            if UnixStream::connect(&socket).is_ok() {
+            while waiting
+                .peek()
+                .is_some_and(|s| UnixStream::connect(s).is_ok())
+            {
+                waiting.next();
+            }
+            if waiting.peek().is_none() {
                 break t0.elapsed();
             }
             if let Some(status) = child.try_wait()? {
@@ -757,7 +932,8 @@ impl Forwarder {
         Ok(Self {
             child,
             pid,
-            socket,
+            socket: sockets[0].clone(),
+            sockets,
             startup,
             stderr,
         })
@@ -921,6 +1097,85 @@ fn report(args: &Args, runs: &[Figures], endpoint: &str) {
             Unit::Mib,
             Some(Budget::AtMost(64.0)),
         );
+        // Hosts (issue 24): template sandboxes, the limits at their defaults.
+        row(
+            &format!("{f}: max rate over {} template sandboxes", args.agents),
+            &format!("{f}.max8.spans_per_sec"),
+            Unit::PerSec,
+            None,
+        );
+        row(
+            &format!(
+                "{f}: spans per forwarder CPU-second over {} template sandboxes",
+                args.agents
+            ),
+            &format!("{f}.max8.spans_per_cpu_sec"),
+            Unit::PerCpuSec,
+            None,
+        );
+        let host = format!(
+            "{} template sandboxes, {} spans/s",
+            args.host_sandboxes, args.host_rate
+        );
+        let timed = !args.smoke && args.host_sandboxes >= 100 && args.host_rate == 10_000;
+        row(
+            &format!("{f}: quiet ({host}), even pace: forwarder CPU"),
+            &format!("{f}.quiet_even.cpu_percent"),
+            Unit::Percent,
+            timed.then_some(Budget::AtMost(4.0)),
+        );
+        row(
+            &format!("{f}: quiet ({host}), even pace: latency p99"),
+            &format!("{f}.quiet_even.p99_ms"),
+            Unit::Ms,
+            timed.then_some(Budget::AtMost(BATCH_TIMEOUT_MS + 10.0)),
+        );
+        row(
+            &format!("{f}: quiet ({host}), the Kata agent's pace: forwarder CPU"),
+            &format!("{f}.quiet_agent.cpu_percent"),
+            Unit::Percent,
+            timed.then_some(Budget::AtMost(2.0)),
+        );
+        row(
+            &format!("{f}: quiet ({host}), the Kata agent's pace: spans/s at the sink"),
+            &format!("{f}.quiet_agent.spans_per_sec"),
+            Unit::PerSec,
+            None,
+        );
+        let t = format!(
+            "{f}: throttled ({} of {})",
+            args.throttled, args.host_sandboxes
+        );
+        row(
+            &format!("{t}: a throttled sandbox's rate"),
+            &format!("{f}.throttled.throttled_spans_per_sec"),
+            Unit::PerSec,
+            None,
+        );
+        row(
+            &format!("{t}: throttled group, spans per CPU-second"),
+            &format!("{f}.throttled.throttled_spans_per_cpu_sec"),
+            Unit::PerCpuSec,
+            None,
+        );
+        row(
+            &format!("{t}: the same at 80 % of the limit, spans per CPU-second"),
+            &format!("{f}.throttled.reference_spans_per_cpu_sec"),
+            Unit::PerCpuSec,
+            None,
+        );
+        row(
+            &format!("{t}: quiet group, spans per CPU-second"),
+            &format!("{f}.throttled.quiet_spans_per_cpu_sec"),
+            Unit::PerCpuSec,
+            None,
+        );
+        row(
+            &format!("{t}: CPU per span, throttled against unthrottled"),
+            &format!("{f}.throttled.cpu_per_span_ratio"),
+            Unit::Ratio,
+            (!args.smoke).then_some(Budget::AtMost(1.3)),
+        );
         // The secured-export budgets: TLS against plaintext, gzip against
         // none, each in the same run.
         for (k, num, den) in [
@@ -938,6 +1193,11 @@ fn report(args: &Args, runs: &[Figures], endpoint: &str) {
                 "ratio.gzip_wire",
                 "max.wire_bytes_per_span",
                 "gzip.wire_bytes_per_span",
+            ),
+            (
+                "ratio.throttled_vs_max8",
+                "max8.spans_per_cpu_sec",
+                "throttled.throttled_spans_per_cpu_sec",
             ),
         ] {
             let (n, d) = (med(&format!("{f}.{num}")), med(&format!("{f}.{den}")));
@@ -982,6 +1242,11 @@ fn report(args: &Args, runs: &[Figures], endpoint: &str) {
             "x",
             (">= 4.00x", wire.is_some_and(|v| v >= 4.0)),
         );
+        if let Some(v) = ratio("ratio.throttled_vs_max8") {
+            println!(
+                "| {f}: CPU per span, a throttled sandbox against unthrottled ones at full speed (max8) | {v:.2}x | | | |"
+            );
+        }
         row(
             &format!("{f}: limit, transport (split frames only)"),
             &format!("{f}.transport.spans_per_sec"),
