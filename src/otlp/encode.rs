@@ -426,47 +426,33 @@ pub(crate) fn request_chunks(groups: &[Group<'_>]) -> EncodedRequest {
     EncodedRequest::from_chunks(chunks)
 }
 
+/// Where the encoded span starting at `at` in `spans` ends, if one whole
+/// span (written by [`put_span`]) starts there.
+fn span_end(spans: &[u8], at: usize) -> Option<usize> {
+    let rest = spans.get(at..)?;
+    if *rest.first()? != SCOPE_SPANS_SPAN_KEY {
+        return None;
+    }
+    let (len, used) = read_varint(rest.get(1..)?)?;
+    let end = at
+        .checked_add(1 + used)?
+        .checked_add(usize::try_from(len).ok()?)?;
+    (end <= spans.len()).then_some(end)
+}
+
 /// Splits a run of encoded `ScopeSpans.spans` fields after `n` spans.
 /// Returns the byte offset, or `None` if the run holds fewer than `n` or is
 /// malformed (it never is: it was written by [`put_span`]).
 pub(crate) fn span_boundary(spans: &[u8], n: usize) -> Option<usize> {
-    let mut at = 0;
-    for _ in 0..n {
-        let rest = spans.get(at..)?;
-        if *rest.first()? != SCOPE_SPANS_SPAN_KEY {
-            return None;
-        }
-        let (len, used) = read_varint(rest.get(1..)?)?;
-        at = at
-            .checked_add(1 + used)?
-            .checked_add(usize::try_from(len).ok()?)?;
-        if at > spans.len() {
-            return None;
-        }
-    }
-    Some(at)
+    (0..n).try_fold(0, |at, _| span_end(spans, at))
 }
 
 /// How many of the leading spans of a run of encoded `ScopeSpans.spans`
 /// fields fit in `max_bytes` together (a malformed rest counts as none).
 pub(crate) fn spans_within(spans: &[u8], max_bytes: usize) -> usize {
-    let mut at = 0usize;
-    let mut n = 0;
-    while let Some(rest) = spans.get(at..).filter(|r| !r.is_empty()) {
-        let next = (rest.first() == Some(&SCOPE_SPANS_SPAN_KEY))
-            .then(|| read_varint(rest.get(1..)?))
-            .flatten()
-            .and_then(|(len, used)| {
-                at.checked_add(1 + used)?
-                    .checked_add(usize::try_from(len).ok()?)
-            });
-        match next {
-            Some(end) if end <= max_bytes && end <= spans.len() => {
-                at = end;
-                n += 1;
-            }
-            _ => break,
-        }
+    let (mut at, mut n) = (0, 0);
+    while let Some(end) = span_end(spans, at).filter(|&end| end <= max_bytes) {
+        (at, n) = (end, n + 1);
     }
     n
 }
