@@ -67,10 +67,14 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// An `Option` tag: `Some(true)` for `Some`.
+    /// An `Option`: its `u8` tag, then `item` if it is `Some`.
     #[inline]
-    fn tag(&mut self) -> Option<bool> {
-        self.bool()
+    fn opt<T>(&mut self, item: impl FnOnce(&mut Self) -> Option<T>) -> Option<Option<T>> {
+        if self.bool()? {
+            item(self).map(Some)
+        } else {
+            Some(None)
+        }
     }
 
     /// A sequence or map length, which can never exceed the bytes left.
@@ -135,21 +139,13 @@ impl<'a> Reader<'a> {
             span_id: self.u64()?,
             trace_flags: self.u8()?,
             is_remote: self.bool()?,
-            trace_state: if self.tag()? {
-                Some(self.seq(|r| Some((r.str()?, r.str()?)))?)
-            } else {
-                None
-            },
+            trace_state: self.opt(|r| r.seq(|r| Some((r.str()?, r.str()?))))?,
         })
     }
 
     fn queue<T>(&mut self, item: impl FnMut(&mut Self) -> Option<T>) -> Option<Queue<T>> {
         Some(Queue {
-            queue: if self.tag()? {
-                Some(self.seq(item)?)
-            } else {
-                None
-            },
+            queue: self.opt(|r| r.seq(item))?,
             max_len: self.u32()?,
             dropped_count: self.u32()?,
         })
@@ -210,13 +206,11 @@ impl<'a> Reader<'a> {
             self.b = &[];
             (None, ResourceSeen::Same)
         } else {
-            let resource = if self.tag()? {
+            let resource = self.opt(|r| {
                 Some(Resource {
-                    attrs: self.seq(Self::key_value)?,
+                    attrs: r.seq(Self::key_value)?,
                 })
-            } else {
-                None
-            };
+            })?;
             let used = raw.len() - self.b.len();
             (resource, ResourceSeen::New(raw.get(..used)?))
         };

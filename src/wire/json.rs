@@ -318,10 +318,10 @@ impl<'a> Parser<'a> {
             return Ok(out);
         }
         loop {
-            let key = self.str()?;
-            self.lit(b":")?;
-            let value = self.value()?;
-            out.push(KeyValue { key, value });
+            out.push(KeyValue {
+                key: self.str()?,
+                value: self.after(b":", Self::value)?,
+            });
             if self.eat(b",") {
                 continue;
             }
@@ -335,41 +335,17 @@ impl<'a> Parser<'a> {
     fn value(&mut self) -> R<Value<'a>> {
         self.lit(b"{\"")?;
         let v = match self.peek()? {
-            b'S' => {
-                self.lit(b"String\":")?;
-                Value::String(self.str()?)
-            }
-            b'I' => {
-                self.lit(b"I64\":")?;
-                Value::I64(self.i64()?)
-            }
-            b'B' => {
-                self.lit(b"Bool\":")?;
-                Value::Bool(self.bool()?)
-            }
-            b'F' => {
-                self.lit(b"F64\":")?;
-                Value::F64(self.f64()?)
-            }
+            b'S' => Value::String(self.after(b"String\":", Self::str)?),
+            b'I' => Value::I64(self.after(b"I64\":", Self::i64)?),
+            b'B' => Value::Bool(self.after(b"Bool\":", Self::bool)?),
+            b'F' => Value::F64(self.after(b"F64\":", Self::f64)?),
             b'A' => {
                 self.lit(b"Array\":{\"")?;
                 let a = match self.peek()? {
-                    b'S' => {
-                        self.lit(b"String\":")?;
-                        Array::String(self.seq(Self::str)?)
-                    }
-                    b'I' => {
-                        self.lit(b"I64\":")?;
-                        Array::I64(self.seq(Self::i64)?)
-                    }
-                    b'B' => {
-                        self.lit(b"Bool\":")?;
-                        Array::Bool(self.seq(Self::bool)?)
-                    }
-                    b'F' => {
-                        self.lit(b"F64\":")?;
-                        Array::F64(self.seq(Self::f64)?)
-                    }
+                    b'S' => Array::String(self.after(b"String\":", |p| p.seq(Self::str))?),
+                    b'I' => Array::I64(self.after(b"I64\":", |p| p.seq(Self::i64))?),
+                    b'B' => Array::Bool(self.after(b"Bool\":", |p| p.seq(Self::bool))?),
+                    b'F' => Array::F64(self.after(b"F64\":", |p| p.seq(Self::f64))?),
                     _ => return Err(GiveUp),
                 };
                 self.lit(b"}")?;
@@ -381,120 +357,101 @@ impl<'a> Parser<'a> {
         Ok(v)
     }
 
-    fn time(&mut self) -> R<Time> {
-        self.lit(b"{\"secs_since_epoch\":")?;
-        let secs_since_epoch = self.u64()?;
-        self.lit(b",\"nanos_since_epoch\":")?;
-        let nanos_since_epoch = self.u32()?;
+    /// `s` (a key, with what precedes it), then the value `f` reads.
+    #[inline]
+    fn after<T>(&mut self, s: &[u8], f: impl FnOnce(&mut Self) -> R<T>) -> R<T> {
+        self.lit(s)?;
+        f(self)
+    }
+
+    /// `null`, or the value `f` reads.
+    #[inline]
+    fn nullable<T>(&mut self, f: impl FnOnce(&mut Self) -> R<T>) -> R<Option<T>> {
+        if self.eat(b"null") {
+            Ok(None)
+        } else {
+            f(self).map(Some)
+        }
+    }
+
+    /// Ends an object: its `}`, then `v`.
+    #[inline]
+    fn close<T>(&mut self, v: T) -> R<T> {
         self.lit(b"}")?;
-        Ok(Time {
-            secs_since_epoch,
-            nanos_since_epoch,
-        })
+        Ok(v)
+    }
+
+    fn time(&mut self) -> R<Time> {
+        let t = Time {
+            secs_since_epoch: self.after(b"{\"secs_since_epoch\":", Self::u64)?,
+            nanos_since_epoch: self.after(b",\"nanos_since_epoch\":", Self::u32)?,
+        };
+        self.close(t)
     }
 
     fn span_context(&mut self) -> R<SpanContext<'a>> {
-        self.lit(b"{\"trace_id\":")?;
-        let trace_id = self.uint(u128::MAX)?;
-        self.lit(b",\"span_id\":")?;
-        let span_id = self.u64()?;
-        self.lit(b",\"trace_flags\":")?;
-        let trace_flags = self.uint(u128::from(u8::MAX))? as u8;
-        self.lit(b",\"is_remote\":")?;
-        let is_remote = self.bool()?;
-        self.lit(b",\"trace_state\":")?;
-        let trace_state = if self.eat(b"null") {
-            None
-        } else {
-            Some(self.seq(|p| {
-                p.lit(b"[")?;
-                let k = p.str()?;
-                p.lit(b",")?;
-                let v = p.str()?;
-                p.lit(b"]")?;
-                Ok((k, v))
-            })?)
+        let ctx = SpanContext {
+            trace_id: self.after(b"{\"trace_id\":", |p| p.uint(u128::MAX))?,
+            span_id: self.after(b",\"span_id\":", Self::u64)?,
+            trace_flags: self.after(b",\"trace_flags\":", |p| p.uint(u128::from(u8::MAX)))? as u8,
+            is_remote: self.after(b",\"is_remote\":", Self::bool)?,
+            trace_state: self.after(b",\"trace_state\":", |p| {
+                p.nullable(|p| {
+                    p.seq(|p| {
+                        let k = p.after(b"[", Self::str)?;
+                        let v = p.after(b",", Self::str)?;
+                        p.lit(b"]")?;
+                        Ok((k, v))
+                    })
+                })
+            })?,
         };
-        self.lit(b"}")?;
-        Ok(SpanContext {
-            trace_id,
-            span_id,
-            trace_flags,
-            is_remote,
-            trace_state,
-        })
+        self.close(ctx)
     }
 
     /// `{"queue":null|[...],"max_len":N,"dropped_count":N}`
     fn queue<T>(&mut self, item: impl FnMut(&mut Self) -> R<T>) -> R<Queue<T>> {
-        self.lit(b"{\"queue\":")?;
-        let queue = if self.eat(b"null") {
-            None
-        } else {
-            Some(self.seq(item)?)
+        let q = Queue {
+            queue: self.after(b"{\"queue\":", |p| p.nullable(|p| p.seq(item)))?,
+            max_len: self.after(b",\"max_len\":", Self::u32)?,
+            dropped_count: self.after(b",\"dropped_count\":", Self::u32)?,
         };
-        self.lit(b",\"max_len\":")?;
-        let max_len = self.u32()?;
-        self.lit(b",\"dropped_count\":")?;
-        let dropped_count = self.u32()?;
-        self.lit(b"}")?;
-        Ok(Queue {
-            queue,
-            max_len,
-            dropped_count,
-        })
+        self.close(q)
     }
 
     /// `[{"key":..,"value":..},...]`
     fn key_values(&mut self) -> R<Vec<KeyValue<'a>>> {
         self.seq(|p| {
-            p.lit(b"{\"key\":")?;
-            let key = p.str()?;
-            p.lit(b",\"value\":")?;
-            let value = p.value()?;
-            p.lit(b"}")?;
-            Ok(KeyValue { key, value })
+            let kv = KeyValue {
+                key: p.after(b"{\"key\":", Self::str)?,
+                value: p.after(b",\"value\":", Self::value)?,
+            };
+            p.close(kv)
         })
     }
 
     fn event(&mut self) -> R<Event<'a>> {
-        self.lit(b"{\"name\":")?;
-        let name = self.str()?;
-        self.lit(b",\"timestamp\":")?;
-        let timestamp = self.time()?;
-        self.lit(b",\"attributes\":")?;
-        let attributes = self.key_values()?;
-        self.lit(b",\"dropped_attributes_count\":")?;
-        let dropped_attributes_count = self.u32()?;
-        self.lit(b"}")?;
-        Ok(Event {
-            name,
-            timestamp,
-            attributes,
-            dropped_attributes_count,
-        })
+        let e = Event {
+            name: self.after(b"{\"name\":", Self::str)?,
+            timestamp: self.after(b",\"timestamp\":", Self::time)?,
+            attributes: self.after(b",\"attributes\":", Self::key_values)?,
+            dropped_attributes_count: self.after(b",\"dropped_attributes_count\":", Self::u32)?,
+        };
+        self.close(e)
     }
 
     fn link(&mut self) -> R<Link<'a>> {
-        self.lit(b"{\"span_context\":")?;
-        let span_context = self.span_context()?;
-        self.lit(b",\"attributes\":")?;
-        let attributes = self.key_values()?;
-        self.lit(b",\"dropped_attributes_count\":")?;
-        let dropped_attributes_count = self.u32()?;
-        self.lit(b"}")?;
-        Ok(Link {
-            span_context,
-            attributes,
-            dropped_attributes_count,
-        })
+        let l = Link {
+            span_context: self.after(b"{\"span_context\":", Self::span_context)?,
+            attributes: self.after(b",\"attributes\":", Self::key_values)?,
+            dropped_attributes_count: self.after(b",\"dropped_attributes_count\":", Self::u32)?,
+        };
+        self.close(l)
     }
 
     fn span(&mut self, known: &[u8]) -> R<(AgentSpan<'a>, ResourceSeen<'a>)> {
-        self.lit(b"{\"span_context\":")?;
-        let span_context = self.span_context()?;
-        self.lit(b",\"parent_span_id\":")?;
-        let parent_span_id = self.u64()?;
+        let span_context = self.after(b"{\"span_context\":", Self::span_context)?;
+        let parent_span_id = self.after(b",\"parent_span_id\":", Self::u64)?;
         self.lit(b",\"span_kind\":\"")?;
         let span_kind = if self.eat(b"Server\"") {
             SpanKind::Server
@@ -509,25 +466,20 @@ impl<'a> Parser<'a> {
         } else {
             return Err(GiveUp);
         };
-        self.lit(b",\"name\":")?;
-        let name = self.str()?;
-        self.lit(b",\"start_time\":")?;
-        let start_time = self.time()?;
-        self.lit(b",\"end_time\":")?;
-        let end_time = self.time()?;
-        self.lit(b",\"attributes\":{\"map\":")?;
-        let map = self.map()?;
-        self.lit(b",\"evict_list\":")?;
-        // Read for validity only, as the serde path does.
-        self.seq(|p| p.str().map(drop))?;
-        self.lit(b",\"max_len\":")?;
-        let max_len = self.u32()?;
-        self.lit(b",\"dropped_count\":")?;
-        let dropped_count = self.u32()?;
-        self.lit(b"},\"events\":")?;
-        let events = self.queue(Self::event)?;
-        self.lit(b",\"links\":")?;
-        let links = self.queue(Self::link)?;
+        let name = self.after(b",\"name\":", Self::str)?;
+        let start_time = self.after(b",\"start_time\":", Self::time)?;
+        let end_time = self.after(b",\"end_time\":", Self::time)?;
+        let attributes = Attributes {
+            map: self.after(b",\"attributes\":{\"map\":", Self::map)?,
+            // Read for validity only, as the serde path does.
+            evict_list: self
+                .after(b",\"evict_list\":", |p| p.seq(|p| p.str().map(drop)))
+                .map(|_| Skip::default())?,
+            max_len: self.after(b",\"max_len\":", Self::u32)?,
+            dropped_count: self.after(b",\"dropped_count\":", Self::u32)?,
+        };
+        let events = self.after(b"},\"events\":", |p| p.queue(Self::event))?;
+        let links = self.after(b",\"links\":", |p| p.queue(Self::link))?;
         self.lit(b",\"status_code\":\"")?;
         let status_code = if self.eat(b"Unset\"") {
             StatusCode::Unset
@@ -538,23 +490,17 @@ impl<'a> Parser<'a> {
         } else {
             return Err(GiveUp);
         };
-        self.lit(b",\"status_message\":")?;
-        let status_message = self.str()?;
+        let status_message = self.after(b",\"status_message\":", Self::str)?;
         self.lit(b",\"resource\":")?;
-        let start = self.i;
-        let raw = self.b.get(start..).ok_or(GiveUp)?;
+        let raw = self.b.get(self.i..).ok_or(GiveUp)?;
         let (resource, seen) = if !known.is_empty() && raw == known {
             self.i = self.b.len();
             (None, ResourceSeen::Same)
         } else {
-            let resource = if self.eat(b"null") {
-                None
-            } else {
-                self.lit(b"{\"attrs\":")?;
-                let attrs = self.map()?;
-                self.lit(b"}")?;
-                Some(Resource { attrs })
-            };
+            let resource = self.nullable(|p| {
+                let attrs = p.after(b"{\"attrs\":", Self::map)?;
+                p.close(Resource { attrs })
+            })?;
             self.lit(b"}")?;
             // Up to the end: the caller rejects anything after the span.
             (resource, ResourceSeen::New(raw))
@@ -566,12 +512,7 @@ impl<'a> Parser<'a> {
             name,
             start_time,
             end_time,
-            attributes: Attributes {
-                map,
-                evict_list: Skip::default(),
-                max_len,
-                dropped_count,
-            },
+            attributes,
             events,
             links,
             status_code,
