@@ -136,6 +136,14 @@ impl Dir {
         )
         .map_err(open_err(&self.path))
     }
+
+    pub(crate) fn entry(&self, name: &OsStr) -> Result<Entry, UntrustedError> {
+        let whole = self.path.join(name);
+        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = openat(&self.fd, name, flags, Mode::empty()).map_err(open_err(&whole))?;
+        let st = fstat(&fd).map_err(open_err(&whole))?;
+        Ok(Entry { fd, st })
+    }
 }
 
 /// An entry of a [`Dir`], held by an `O_PATH` descriptor that does not
@@ -145,16 +153,6 @@ impl Dir {
 pub(crate) struct Entry {
     fd: OwnedFd,
     st: FileStat,
-}
-
-impl Dir {
-    pub(crate) fn entry(&self, name: &OsStr) -> Result<Entry, UntrustedError> {
-        let whole = self.path.join(name);
-        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let fd = openat(&self.fd, name, flags, Mode::empty()).map_err(open_err(&whole))?;
-        let st = fstat(&fd).map_err(open_err(&whole))?;
-        Ok(Entry { fd, st })
-    }
 }
 
 impl Entry {
@@ -338,23 +336,13 @@ fn split<'a>(target: &'a Path, whole: &Path) -> Result<(&'a Path, OsString), Unt
 
 /// [`open_file_at`] by path.
 pub(crate) fn open_file(path: &Path, link: Link, max: u64) -> Result<(File, u64), UntrustedError> {
-    let (parent, name) = match (path.parent(), path.file_name()) {
-        (Some(p), Some(n)) => (
-            if p.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                p
-            },
-            n,
-        ),
-        _ => {
-            return Err(UntrustedError::NotRegular {
-                path: path.to_path_buf(),
-                kind: "a directory",
-            })
-        }
+    let (parent, name) = split(path, path)?;
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
     };
-    open_file_at(&Dir::open(parent)?, name, link, max)
+    open_file_at(&Dir::open(parent)?, &name, link, max)
 }
 
 /// Reads the whole regular file at `path`, by the module's rule and
