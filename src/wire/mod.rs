@@ -211,15 +211,10 @@ pub enum DecodeError {
 /// for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DecodeErrorKind {
-    /// Not valid JSON, or not a JSON `SpanData`.
     Json,
-    /// Not a bincode `SpanData`.
     Bincode,
-    /// Neither format.
     UnknownFormat,
-    /// An all-zero trace or span id.
     InvalidIds,
-    /// An empty payload.
     Empty,
 }
 
@@ -441,9 +436,6 @@ fn decode_as<'a>(
     }
 }
 
-/// Real agent payloads (frame headers stripped) for the tests of every
-/// decoder and encoder: the scenario trace with and without a remote
-/// parent, plus bulk spans, all from the real SDK of `format`.
 /// Whether two decoded spans are the same; Debug output compares NaN equal
 /// to itself, unlike `==`.
 #[cfg(test)]
@@ -451,6 +443,9 @@ pub(crate) fn same_span(a: &AgentSpan<'_>, b: &AgentSpan<'_>) -> bool {
     format!("{a:?}") == format!("{b:?}")
 }
 
+/// Real agent payloads (frame headers stripped) for the tests of every
+/// decoder and encoder: the scenario trace with and without a remote
+/// parent, plus bulk spans, all from the real SDK of `format`.
 #[cfg(test)]
 pub(crate) fn real_test_payloads(format: kata_agent_emitter::WireFormat) -> Vec<Vec<u8>> {
     use kata_agent_emitter::{bulk_frames, scenario, RemoteParent, ScenarioOptions};
