@@ -250,14 +250,6 @@ impl DecodeError {
     }
 }
 
-/// Decodes one JSON payload: the agent's own compact layout through the
-/// fast path ([`json`]), anything else through `serde_json`, whose verdict
-/// then stands. (Tests' shorthand: connections go through [`Decoder`].)
-#[cfg(test)]
-pub(crate) fn decode_json(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
-    decode_as(WireFormat::Json, payload, &[]).map(|(span, _)| span)
-}
-
 /// Decodes one JSON payload with `serde_json` only: the reference the fast
 /// path is held to.
 pub fn decode_json_serde(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
@@ -434,6 +426,14 @@ fn decode_as<'a>(
         }
         .map(|span| (span, ResourceSeen::New(&[]))),
     }
+}
+
+/// Decodes one JSON payload: the agent's own compact layout through the
+/// fast path ([`json`]), anything else through `serde_json`, whose verdict
+/// then stands. (Tests' shorthand: connections go through [`Decoder`].)
+#[cfg(test)]
+pub(crate) fn decode_json(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
+    decode_as(WireFormat::Json, payload, &[]).map(|(span, _)| span)
 }
 
 /// Whether two decoded spans are the same; Debug output compares NaN equal
