@@ -87,8 +87,11 @@ fn same_attrs(cached: Option<&[KeyValue]>, agent: Option<&model::Resource<'_>>) 
 /// Compares without allocating; floats by bits, so NaN equals itself.
 fn same_value(p: &any_value::Value, m: &Value<'_>) -> bool {
     use any_value::Value as V;
-    fn one(p: &AnyValue, m: &any_value::Value) -> bool {
-        p.value.as_ref() == Some(m)
+    fn all<T>(p: &[AnyValue], xs: &[T], same: impl Fn(&V, &T) -> bool) -> bool {
+        p.len() == xs.len()
+            && p.iter()
+                .zip(xs)
+                .all(|(p, x)| p.value.as_ref().is_some_and(|v| same(v, x)))
     }
     match (p, m) {
         (V::BoolValue(a), Value::Bool(b)) => a == b,
@@ -96,26 +99,18 @@ fn same_value(p: &any_value::Value, m: &Value<'_>) -> bool {
         (V::DoubleValue(a), Value::F64(b)) => a.to_bits() == b.0.to_bits(),
         (V::StringValue(a), Value::String(b)) => a == b.as_str(),
         (V::ArrayValue(a), Value::Array(arr)) => match arr {
-            Array::Bool(xs) => {
-                a.values.len() == xs.len()
-                    && a.values.iter().zip(xs).all(|(p, &x)| one(p, &V::BoolValue(x)))
-            }
-            Array::I64(xs) => {
-                a.values.len() == xs.len()
-                    && a.values.iter().zip(xs).all(|(p, &x)| one(p, &V::IntValue(x)))
-            }
-            Array::F64(xs) => {
-                a.values.len() == xs.len()
-                    && a.values.iter().zip(xs).all(|(p, x)| {
-                        matches!(&p.value, Some(V::DoubleValue(d)) if d.to_bits() == x.0.to_bits())
-                    })
-            }
-            Array::String(xs) => {
-                a.values.len() == xs.len()
-                    && a.values.iter().zip(xs).all(|(p, x)| {
-                        matches!(&p.value, Some(V::StringValue(s)) if s == x.as_str())
-                    })
-            }
+            Array::Bool(xs) => all(&a.values, xs, |v, x| matches!(v, V::BoolValue(b) if b == x)),
+            Array::I64(xs) => all(&a.values, xs, |v, x| matches!(v, V::IntValue(i) if i == x)),
+            Array::F64(xs) => all(
+                &a.values,
+                xs,
+                |v, x| matches!(v, V::DoubleValue(d) if d.to_bits() == x.0.to_bits()),
+            ),
+            Array::String(xs) => all(
+                &a.values,
+                xs,
+                |v, x| matches!(v, V::StringValue(s) if s == x.as_str()),
+            ),
         },
         _ => false,
     }
