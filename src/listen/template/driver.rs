@@ -203,24 +203,21 @@ pub(super) struct Driver {
 }
 
 impl Driver {
-    /// Opens inotify; within the watcher thread's runtime, which reads it.
-    pub(super) fn open(watcher: Watcher, handoff: Handoff) -> Result<Driver, ListenError> {
+    /// Opens inotify (within the watcher thread's runtime, which reads it),
+    /// watches for sandboxes and serves those already there.
+    pub(super) fn start(mut watcher: Watcher, handoff: Handoff) -> Result<Driver, ListenError> {
         let events = Inotify::init().and_then(|i| i.into_event_stream(vec![0u8; EVENT_BUFFER]));
         let events = events.map_err(|source| ListenError::WatchSandboxes {
             dir: watcher.template().parent().to_path_buf(),
             source,
         })?;
-        let host = Host::new(events.watches(), handoff);
+        let mut host = Host::new(events.watches(), handoff);
+        watcher.start(&mut host)?;
         Ok(Driver {
             watcher,
             host,
             events,
         })
-    }
-
-    /// Watches for sandboxes and serves those already there.
-    pub(super) fn start(&mut self) -> Result<(), ListenError> {
-        self.watcher.start(&mut self.host)
     }
 
     pub(super) async fn run(
