@@ -127,14 +127,9 @@ impl Inherited {
         listeners: Vec<TakenListener>,
         connections: Vec<TakenConn>,
     ) -> Result<Inherited, ListenError> {
-        let mut by_listener: Vec<Vec<Adopted>> = listeners.iter().map(|_| Vec::new()).collect();
-        for c in connections {
-            let a = Adopted::from_taken(c)?;
-            match by_listener.get_mut(a.listener) {
-                Some(v) => v.push(a),
-                None => tracing::warn!("a handed-over connection without its listener; closed"),
-            }
-        }
+        let connections = connections.into_iter().map(Adopted::from_taken);
+        let by_listener =
+            super::by_listener(listeners.len(), connections.collect::<Result<_, _>>()?);
         let mut pool = Pool::default();
         for (l, connections) in listeners.into_iter().zip(by_listener) {
             pool.put(l, connections);

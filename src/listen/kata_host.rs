@@ -27,7 +27,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -35,7 +34,6 @@ use inotify::{EventMask, EventStream, Inotify, WatchMask, Watches};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::sandbox::{self, CidResolver};
 use super::template::{SandboxThread, TemplateListener};
 use super::vsock::VsockListener;
 use super::{Adopted, ListenError, Listener, Serving};
@@ -312,15 +310,7 @@ fn spawn(bound: Bound, stop: Shutdown, ctx: &Serving, planner: &Lifeline) -> Run
         Bound::Template(t) => tokio::spawn(t.serve(ctx.clone(), life)),
         Bound::Vsock(l, adopted) => {
             let serving = ctx.clone();
-            tokio::spawn(async move {
-                // QEMU: a guest's CID says which sandbox it is, through /proc;
-                // each guest CID is a sandbox of its own.
-                let resolver = Some(Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
-                serving
-                    .accept(&serving.origin, resolver, None, None)
-                    .serve(Listener::Vsock(l), life, adopted)
-                    .await;
-            })
+            tokio::spawn(async move { serving.serve(Listener::Vsock(l), life, adopted).await })
         }
     };
     Running { stop, task }

@@ -216,6 +216,18 @@ impl Adopted {
     }
 }
 
+/// `adopted`, sorted by the index of their listener among `listeners`.
+fn by_listener(listeners: usize, adopted: Vec<Adopted>) -> Vec<Vec<Adopted>> {
+    let mut by: Vec<Vec<Adopted>> = (0..listeners).map(|_| Vec::new()).collect();
+    for a in adopted {
+        match by.get_mut(a.listener) {
+            Some(v) => v.push(a),
+            None => tracing::warn!("a handed-over connection without its listener; closed"),
+        }
+    }
+    by
+}
+
 /// The listeners one forwarder serves, bound and ready, and what makes
 /// more of them as sandboxes come.
 pub struct Listeners {

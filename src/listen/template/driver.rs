@@ -137,8 +137,8 @@ impl Effects for Host {
             super::super::inherited::hybrid(self.handoff.inherited.as_ref(), path)
         };
         let (listener, adopted) = bound.map_err(ServeError::Bind)?;
-        if !adopted.is_empty() {
-            let connections = adopted.len();
+        let connections = adopted.len();
+        if connections > 0 {
             tracing::info!(
                 sandbox = id,
                 connections,
@@ -173,7 +173,7 @@ impl Effects for Host {
     }
 
     fn is_real_dir(&self, path: &Path) -> bool {
-        is_real_dir(path)
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
     }
 
     fn nearest_existing(&self, path: &Path) -> Option<(PathBuf, OsString)> {
@@ -221,20 +221,16 @@ impl Driver {
     }
 
     pub(super) async fn run(
-        self,
+        mut self,
         mut reap_rx: mpsc::UnboundedReceiver<HybridListener>,
         mut control_rx: mpsc::UnboundedReceiver<Control>,
     ) {
-        let Driver {
-            mut watcher,
-            mut host,
-            mut events,
-        } = self;
+        let (watcher, host) = (&mut self.watcher, &mut self.host);
         let serve_tx = host.handoff.serve_tx.clone();
         loop {
             tokio::select! {
-                ev = events.next() => match ev {
-                    Some(Ok(ev)) => feed(&mut watcher, &mut host, &ev),
+                ev = self.events.next() => match ev {
+                    Some(Ok(ev)) => feed(watcher, host, &ev),
                     Some(Err(e)) => {
                         tracing::error!(error = %e, "reading sandbox directory events");
                         tokio::time::sleep(RETRY_INTERVAL).await;
@@ -253,7 +249,7 @@ impl Driver {
                 }
                 _ = serve_tx.closed() => break,
                 _ = tokio::time::sleep(RETRY_INTERVAL), if watcher.wants_retry() => {
-                    watcher.step(&mut host, Input::Retry);
+                    watcher.step(host, Input::Retry);
                 }
             }
         }
@@ -343,11 +339,6 @@ fn with_hint(e: io::Error) -> io::Error {
     } else {
         e
     }
-}
-
-/// A directory, not a symlink to one.
-fn is_real_dir(p: &Path) -> bool {
-    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
 }
 
 /// The nearest existing ancestor of `path`, and the name below it on the
