@@ -161,7 +161,7 @@ impl SandboxThread {
         }
         let launched = launch(Privileges::Inherited)?;
         *EARLY.lock().unwrap_or_else(|p| p.into_inner()) = Some(launched);
-        privileges::drop_all_on_this_thread()
+        privileges::keep_on_this_thread(None)
     }
 
     /// The watchers started on this thread serve what a predecessor handed
@@ -190,18 +190,18 @@ impl Launcher for Launch {
         };
         let (tx, rx) = oneshot::channel();
         thread.handle.spawn(async move {
-            let _ = tx.send(privileges::spawn_passing_dac_override(&mut cmd));
+            let _ = tx.send(privileges::passing_dac_override(|| cmd.spawn()));
         });
         Box::pin(async { rx.await.unwrap_or_else(|_| Err(io::Error::other(STOPPED))) })
     }
 
     fn exec(&self, exec: Box<dyn FnOnce() -> io::Error + Send>) -> io::Error {
         let Some(thread) = &self.0 else {
-            return privileges::exec_passing_dac_override(exec);
+            return privileges::passing_dac_override(exec);
         };
         let (tx, rx) = std::sync::mpsc::channel();
         thread.handle.spawn(async move {
-            let _ = tx.send(privileges::exec_passing_dac_override(exec));
+            let _ = tx.send(privileges::passing_dac_override(exec));
         });
         rx.recv().unwrap_or_else(|_| io::Error::other(STOPPED))
     }
