@@ -104,36 +104,31 @@ impl KataHostListener {
         if let Some(bad) = plan.errors().next() {
             return Err(ListenError::ReadKataConfig(bad.skipped.join("; ")));
         }
-        let effective = plan
-            .configs
-            .iter()
+        let effective = plan.configs.iter();
+        let effective = effective
             .map(|c| (c.file.clone(), c.serves.clone()))
             .collect();
         let mut me = KataHostListener {
             cfg: cfg.clone(),
             thread,
             shutdown: shutdown.clone(),
-            plan: Plan {
-                listeners: Vec::new(),
-                ..plan.clone()
-            },
+            plan,
             effective,
             bound: Vec::new(),
             watch,
         };
-        for target in &plan.listeners {
+        for target in me.plan.listeners.clone() {
             let stop = shutdown.child();
-            let bound = me.bind(target, &stop).await?;
+            let bound = me.bind(&target, &stop).await?;
             tracing::info!(listener = %target, "kata-host: serving");
-            me.bound.push((target.clone(), stop, bound));
+            me.bound.push((target, stop, bound));
         }
-        if plan.listeners.is_empty() {
+        if me.plan.listeners.is_empty() {
             tracing::warn!(
                 root = %cfg.sources.root.display(),
                 "kata-host: no Kata configuration asks for anything to serve yet; watching for one"
             );
         }
-        me.plan = plan;
         Ok(me)
     }
 
@@ -181,10 +176,9 @@ impl KataHostListener {
     }
 
     /// Serves the plan until shutdown begins, following the configurations;
-    /// then waits for every listener to stop.
-    /// `life` pauses the planner for hand-overs: nothing is started or
-    /// stopped until the outcome; handed over, it leaves what it served to
-    /// the successor.
+    /// then waits for every listener to stop. Paused for a hand-over,
+    /// nothing is started or stopped until the outcome; handed over, it
+    /// leaves what it served to the successor.
     pub(crate) async fn serve(mut self, ctx: Serving, mut life: Lifeline) {
         let mut running: BTreeMap<Target, Running> = BTreeMap::new();
         for (target, stop, bound) in std::mem::take(&mut self.bound) {
@@ -268,17 +262,14 @@ impl KataHostListener {
                 wanted.insert(t.clone());
             }
         }
-        let gone: Vec<Target> = running
-            .keys()
-            .filter(|t| !wanted.contains(*t))
-            .cloned()
-            .collect();
-        for target in gone {
-            if let Some(r) = running.remove(&target) {
-                tracing::info!(listener = %target, "kata-host: no longer serving (no configuration asks for it)");
-                r.stop.stop();
-                stopped.push(r.task);
+        for (target, r) in std::mem::take(running) {
+            if wanted.contains(&target) {
+                running.insert(target, r);
+                continue;
             }
+            tracing::info!(listener = %target, "kata-host: no longer serving (no configuration asks for it)");
+            r.stop.stop();
+            stopped.push(r.task);
         }
         stopped.retain(|t| !t.is_finished());
         for target in wanted {
