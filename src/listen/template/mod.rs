@@ -110,40 +110,28 @@ struct Launched {
 /// was handed CAP_DAC_OVERRIDE (see [`SandboxThread::start_early`]).
 static EARLY: std::sync::Mutex<Option<Launched>> = std::sync::Mutex::new(None);
 
-/// How the sandbox thread comes by its privileges.
-enum Privileges {
-    /// It has what the process has (not root, nothing inherited).
-    Unchanged,
-    /// Root: the process becomes this user, the thread keeping
-    /// CAP_DAC_OVERRIDE.
-    BecomeUser(String),
-    /// The capability came from a predecessor: the thread keeps it, and
-    /// passes nothing on.
-    Inherited,
-}
-
 impl SandboxThread {
     /// Starts the thread. With `become_user`, the process becomes that user
     /// first, this thread keeping CAP_DAC_OVERRIDE.
     pub async fn start(become_user: Option<String>) -> Result<SandboxThread, ListenError> {
         let launched = match become_user {
-            Some(user) => launch(Privileges::BecomeUser(user))?,
+            Some(user) => launch(move || {
+                privileges::drop_root(&user, privileges::Keep::DacOverrideOnThisThread)
+            })?,
             None => match EARLY.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 Some(early) => early,
-                None => launch(Privileges::Unchanged)?,
+                // Not root, nothing inherited: what the process has.
+                None => launch(|| Ok(()))?,
             },
         };
-        match launched.ready.await {
-            Ok(Ok(handle)) => Ok(SandboxThread {
-                handle,
-                _alive: Arc::new(launched.alive),
-                inherited: None,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ListenError::StartWatcher(
-                "the sandbox watcher thread stopped".into(),
-            )),
-        }
+        let handle = launched.ready.await.map_err(|_| {
+            ListenError::StartWatcher("the sandbox watcher thread stopped".into())
+        })??;
+        Ok(SandboxThread {
+            handle,
+            _alive: Arc::new(launched.alive),
+            inherited: None,
+        })
     }
 
     /// In a successor that a predecessor in template mode started (by
@@ -159,7 +147,8 @@ impl SandboxThread {
         if !privileges::inherited_dac_override() {
             return Ok(());
         }
-        let launched = launch(Privileges::Inherited)?;
+        // The thread keeps the capability and passes nothing on.
+        let launched = launch(privileges::keep_dac_override_on_this_thread)?;
         *EARLY.lock().unwrap_or_else(|p| p.into_inner()) = Some(launched);
         privileges::keep_on_this_thread(None)
     }
@@ -209,21 +198,17 @@ impl Launcher for Launch {
 
 const STOPPED: &str = "the sandbox thread stopped";
 
-/// Starts the sandbox thread's OS thread and its runtime.
-fn launch(privileges: Privileges) -> Result<Launched, ListenError> {
+/// Starts the sandbox thread's OS thread, which first settles its
+/// privileges, and its runtime.
+fn launch(
+    settle: impl FnOnce() -> Result<(), ListenError> + Send + 'static,
+) -> Result<Launched, ListenError> {
     let (ready_tx, ready) = oneshot::channel();
     let (alive, mut alive_rx) = mpsc::channel::<()>(1);
     std::thread::Builder::new()
         .name("ktf-sandboxes".into())
         .spawn(move || {
-            let settled = match privileges {
-                Privileges::Unchanged => Ok(()),
-                Privileges::BecomeUser(user) => {
-                    privileges::drop_root(&user, privileges::Keep::DacOverrideOnThisThread)
-                }
-                Privileges::Inherited => privileges::keep_dac_override_on_this_thread(),
-            };
-            let rt = settled.and_then(|()| {
+            let rt = settle().and_then(|()| {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build();
@@ -280,25 +265,21 @@ impl TemplateListener {
                 }
             }
         });
-        match ready_rx.await {
-            Ok(Ok(())) => Ok(TemplateListener {
-                describe: format!(
-                    "hybrid vsock template unix:{template}_{port} (sandboxes in {}, at most {})",
-                    template.parent().display(),
-                    max_sandboxes
-                ),
-                template,
-                serve_rx,
-                reap_tx: Some(reap_tx),
-                task: Some(task),
-                thread: thread.clone(),
-                control_tx,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ListenError::StartWatcher(
-                "the sandbox watcher stopped".into(),
-            )),
-        }
+        let ready = ready_rx.await;
+        ready.map_err(|_| ListenError::StartWatcher("the sandbox watcher stopped".into()))??;
+        Ok(TemplateListener {
+            describe: format!(
+                "hybrid vsock template unix:{template}_{port} (sandboxes in {}, at most {})",
+                template.parent().display(),
+                max_sandboxes
+            ),
+            template,
+            serve_rx,
+            reap_tx: Some(reap_tx),
+            task: Some(task),
+            thread: thread.clone(),
+            control_tx,
+        })
     }
 
     /// The sandbox thread its watcher runs on.
