@@ -25,8 +25,6 @@ use super::{Adopted, Listener, Listeners, Stream};
 use crate::addr::Peer;
 use crate::events::{emit, ConnectionAccepted, ConnectionRejected, Refusal};
 use crate::handover::fdstore::Stored;
-use crate::handover::hub::{Piece, PieceKind};
-use crate::handover::wire::ListenerKind;
 use crate::handover::Resume;
 use crate::lifeline::{After, Lifeline};
 use crate::otlp::Origin;
@@ -191,7 +189,7 @@ impl Accept<'_> {
         let keep = |stored: Vec<Stored>| stored.into_iter().for_each(Stored::keep);
         loop {
             if life.pause_due() {
-                life.report(self.piece(listener));
+                life.report(listener.hand_over(self.sandbox));
             }
             match life.settled().await {
                 Some(After::Leave) => {
@@ -274,29 +272,6 @@ impl Accept<'_> {
             (None, Peer::Vsock { cid }) => self.serving.shared.tenants.get(TenantKey::Cid(cid)),
             (None, Peer::Unix) => None,
         }
-    }
-
-    /// This accept loop's part of a hand-over.
-    fn piece(&self, listener: &Listener) -> Option<Piece> {
-        let Piece { what, fd } = listener.hand_over()?;
-        let what = match (self.sandbox, what) {
-            (
-                Some(id),
-                PieceKind::Listener {
-                    kind: ListenerKind::Hybrid { path, identity },
-                    janitor,
-                },
-            ) => PieceKind::Listener {
-                kind: ListenerKind::Sandbox {
-                    id: id.to_owned(),
-                    path,
-                    identity,
-                },
-                janitor,
-            },
-            (_, what) => what,
-        };
-        Some(Piece { what, fd })
     }
 
     /// Serves a connection a previous forwarder handed over, from where it

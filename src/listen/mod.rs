@@ -132,13 +132,22 @@ impl Listener {
 
     /// This listener's part of a hand-over, as its accept loop reports it:
     /// what a successor needs to serve it (for a hybrid socket its path and
-    /// identity), a duplicate of its socket and of its janitor's pipe.
-    fn hand_over(&self) -> Option<Piece> {
+    /// identity; `sandbox`'s, for its watcher, in template mode and
+    /// `--kata-host`), a duplicate of its socket and of its janitor's pipe.
+    fn hand_over(&self, sandbox: Option<&str>) -> Option<Piece> {
         let (kind, janitor) = match self {
             Listener::Hybrid(l) => {
                 let (path, identity) = (l.path().to_owned(), l.identity());
+                let kind = match sandbox {
+                    Some(id) => ListenerKind::Sandbox {
+                        id: id.to_owned(),
+                        path,
+                        identity,
+                    },
+                    None => ListenerKind::Hybrid { path, identity },
+                };
                 let janitor = l.janitor_pipe().map(|p| p.try_clone_to_owned());
-                (ListenerKind::Hybrid { path, identity }, janitor.transpose())
+                (kind, janitor.transpose())
             }
             Listener::Vsock(l) => {
                 let (cid, port) = l.address();
