@@ -2,26 +2,20 @@
 //! following them as they change.
 //!
 //! [`crate::config::kata`] turns the configuration files into a plan (VSOCK
-//! for QEMU, a socket template per hybrid-VSOCK hypervisor and runtime).
-//! This listener serves that plan: VSOCK through the same accept loop as
-//! `--vsock`, each template through a [`TemplateListener`] on the one
-//! sandbox thread (which keeps the capability its directories need). It
-//! also watches the directories the configurations live in with inotify,
-//! and when a file is added, changed or removed (kata-deploy installing or
-//! upgrading a node), reads the plan again and starts what is new and stops
-//! what no configuration asks for any more: a stopped template's sandboxes
-//! stop, their connections drain, and their sockets are removed.
+//! for QEMU, a socket template per hybrid-VSOCK hypervisor and runtime),
+//! served here: VSOCK through the same accept loop as `--vsock`, each
+//! template through a [`TemplateListener`] on the one sandbox thread. The
+//! directories the configurations live in are watched with inotify; when a
+//! file is added, changed or removed (kata-deploy installing or upgrading a
+//! node), the plan is read again, what is new started and what no
+//! configuration asks for any more stopped (its sandboxes' connections
+//! drain, their sockets are removed).
 //!
 //! A configuration that cannot be read or parsed stops the forwarder at
-//! start (it names the file; the runtimes would fail on it too, and a plan
-//! missing a runtime class is worse than no plan). Once running, the same
-//! error is logged and that file keeps what it was served for, so that a
-//! half-written file in the middle of an upgrade never stops a runtime
-//! class's tracing.
-//!
-//! In a hand-over, the planner pauses with everything else (it starts and
-//! stops nothing meanwhile) and, handed over, leaves the listeners to the
-//! successor, whose own plan serves them on.
+//! start (the runtimes would fail on it too, and a plan missing a runtime
+//! class is worse than no plan). Once running, the error is logged and that
+//! file keeps what it was served for, so that a half-written file in the
+//! middle of an upgrade never stops a runtime class's tracing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
@@ -48,8 +42,8 @@ use crate::shutdown::Shutdown;
 /// new configuration's sandboxes must be served.
 const SETTLE: Duration = Duration::from_millis(100);
 
-/// The inotify events that can change the plan: files written, renamed in
-/// or out, removed; directories on the way appearing or going.
+/// Files written, renamed in or out, removed; directories on the way
+/// appearing or going.
 const CONFIG_MASK: WatchMask = WatchMask::CREATE
     .union(WatchMask::CLOSE_WRITE)
     .union(WatchMask::MOVED_TO)
@@ -68,12 +62,8 @@ enum Bound {
     Template(TemplateListener),
 }
 
-/// A target being served.
-struct Running {
-    /// Stops this target alone.
-    stop: Shutdown,
-    task: JoinHandle<()>,
-}
+/// A target being served: what stops it alone, and its task.
+type Running = (Shutdown, JoinHandle<()>);
 
 /// The running `--kata-host` listener.
 pub(crate) struct KataHostListener {
@@ -218,8 +208,8 @@ impl KataHostListener {
                 },
             }
         }
-        for (_, r) in running {
-            let _ = r.task.await;
+        for (_, (_, task)) in running {
+            let _ = task.await;
         }
         for t in stopped {
             let _ = t.await;
@@ -262,14 +252,14 @@ impl KataHostListener {
                 wanted.insert(t.clone());
             }
         }
-        for (target, r) in std::mem::take(running) {
+        for (target, (stop, task)) in std::mem::take(running) {
             if wanted.contains(&target) {
-                running.insert(target, r);
+                running.insert(target, (stop, task));
                 continue;
             }
             tracing::info!(listener = %target, "kata-host: no longer serving (no configuration asks for it)");
-            r.stop.stop();
-            stopped.push(r.task);
+            stop.stop();
+            stopped.push(task);
         }
         stopped.retain(|t| !t.is_finished());
         for target in wanted {
@@ -304,7 +294,7 @@ fn spawn(bound: Bound, stop: Shutdown, ctx: &Serving, planner: &Lifeline) -> Run
             tokio::spawn(async move { serving.serve(Listener::Vsock(l), life, adopted).await })
         }
     };
-    Running { stop, task }
+    (stop, task)
 }
 
 /// inotify on the directories the configurations live in (under the root),
