@@ -5,8 +5,7 @@
 //! main runtime and handing it over the bounded channel. [`Driver`] runs on
 //! the watcher thread: it turns inotify events into the machine's inputs,
 //! drops the listeners that come back (this thread keeps the right to
-//! remove their sockets), and retries an unwatched root. The file-system
-//! helpers live here too: only the effects use them, never the decisions.
+//! remove their sockets), and retries an unwatched root.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -37,28 +36,6 @@ const EVENT_BUFFER: usize = 64 << 10;
 const REAP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the watcher retries a directory it failed to watch.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
-
-/// The directory above `{ID}`: sandbox directories appearing and going.
-const ROOT_MASK: WatchMask = WatchMask::CREATE
-    .union(WatchMask::MOVED_TO)
-    .union(WatchMask::DELETE)
-    .union(WatchMask::MOVED_FROM)
-    .union(WatchMask::DELETE_SELF)
-    .union(WatchMask::MOVE_SELF)
-    .union(WatchMask::ONLYDIR);
-/// A directory on the way down: the next one appearing, or this one going.
-const WAIT_MASK: WatchMask = WatchMask::CREATE
-    .union(WatchMask::MOVED_TO)
-    .union(WatchMask::DELETE_SELF)
-    .union(WatchMask::MOVE_SELF)
-    .union(WatchMask::ONLYDIR);
-/// The socket's directory once served: our socket or the directory going.
-/// (Not creations: the VMM makes its own files there.)
-const SERVE_MASK: WatchMask = WatchMask::DELETE
-    .union(WatchMask::MOVED_FROM)
-    .union(WatchMask::DELETE_SELF)
-    .union(WatchMask::MOVE_SELF)
-    .union(WatchMask::ONLYDIR);
 
 /// Where bound listeners go.
 pub(super) struct Handoff {
@@ -106,10 +83,14 @@ impl Host {
 
 impl Effects for Host {
     fn watch(&mut self, dir: &Path, kind: WatchKind) -> Result<WatchId, WatchError> {
+        let gone = WatchMask::DELETE_SELF | WatchMask::MOVE_SELF | WatchMask::ONLYDIR;
+        let appeared = WatchMask::CREATE | WatchMask::MOVED_TO;
+        let removed = WatchMask::DELETE | WatchMask::MOVED_FROM;
         let mask = match kind {
-            WatchKind::Root => ROOT_MASK,
-            WatchKind::Wait => WAIT_MASK,
-            WatchKind::Serve => SERVE_MASK,
+            WatchKind::Root => gone | appeared | removed,
+            WatchKind::Wait => gone | appeared,
+            // Not creations: the VMM makes its own files there.
+            WatchKind::Serve => gone | removed,
         };
         match self.watches.add(dir, mask) {
             Ok(wd) => {
