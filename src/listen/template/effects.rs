@@ -67,10 +67,8 @@ pub(super) trait Effects {
 
 /// What the watcher is fed.
 pub(super) enum Input<'a> {
-    Event {
-        watch: WatchId,
-        change: Change<'a>,
-    },
+    /// Something happened on one of the watches.
+    Event { watch: WatchId, change: Change<'a> },
     /// The kernel's event queue overflowed: events were lost.
     Overflow,
     /// A retry interval passed with the root unwatched.
@@ -87,9 +85,7 @@ pub(super) enum Change<'a> {
     /// A directory appeared in it (created or moved in).
     DirAppeared(&'a OsStr),
     /// An entry went from it (deleted or moved out).
-    Removed {
-        name: &'a OsStr,
-        is_dir: bool,
-    },
+    Removed { name: &'a OsStr, is_dir: bool },
+    /// Anything else.
     Other,
 }
