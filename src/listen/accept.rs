@@ -1,14 +1,10 @@
 //! Accepting: one task per listener, one task per connection.
 //!
-//! [`serve`] runs every listener and every sandbox manager of a forwarder
-//! until its lifeline drains them. An accept loop takes connections until
-//! then, checks each against the connection caps (its sandbox's and the
-//! forwarder's; beyond one it is accepted, logged and closed), finds its
-//! sandbox (the listener's, or on VSOCK its guest CID's) and spawns
-//! [`super::connection::serve`] with a lifeline of its own. Between two
-//! accepts it pauses for a hand-over and reports its socket. After
-//! stopping, it takes the connections already queued (a backlog's worth),
-//! so that what their agents wrote is drained rather than lost.
+//! An accept loop checks each connection against the caps (its sandbox's
+//! and the forwarder's; beyond one it is accepted, logged and closed),
+//! finds its sandbox and spawns [`super::connection::serve`] with a
+//! lifeline of its own. Between two accepts it pauses for a hand-over and
+//! reports its socket.
 
 use std::io;
 use std::sync::Arc;
@@ -31,10 +27,9 @@ use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
 use crate::tenant::{Tenant, TenantConn, TenantKey};
 
-/// Accepts on every listener until `shutdown` begins, serving each
-/// connection in its own task; then waits for the connections to drain,
-/// until the shutdown deadline at the latest. Dropping the listeners on the
-/// way out removes their sockets.
+/// Serves every listener and sandbox manager until `shutdown` begins;
+/// then waits for the connections to drain, until the shutdown deadline
+/// at the latest.
 pub(crate) async fn serve(
     listeners: Listeners,
     shared: Arc<ConnShared>,
@@ -76,14 +71,14 @@ pub(crate) async fn serve(
     }
 }
 
-/// What serving the connections of any listener needs, shared by every
-/// listener (and every sandbox of a template). Cheap to clone.
+/// What serving any listener (or a template's sandbox) needs. Cheap to
+/// clone.
 #[derive(Clone)]
 pub(crate) struct Serving {
     pub shared: Arc<ConnShared>,
     /// The resource attributes every connection's spans get.
     pub origin: Arc<Origin>,
-    /// The cap on connections served at once, shared by every listener.
+    /// The cap on connections served at once, across every listener.
     permits: Arc<Semaphore>,
     max_connections: usize,
     tracker: TaskTracker,
@@ -111,9 +106,8 @@ impl Serving {
         }
     }
 
-    /// Serves `listener` (VSOCK, or one hybrid socket) until its lifeline
-    /// says so: first the connections a predecessor left (`adopted`), then
-    /// what it accepts. `life` was taken before this task ran. Handed over,
+    /// Serves `listener` (VSOCK, or one hybrid socket): first the
+    /// connections a predecessor left, then what it accepts. Handed over,
     /// or left in systemd's store, its socket stays; stopped, it goes.
     pub(crate) async fn serve(
         &self,
@@ -176,11 +170,9 @@ pub(crate) enum Ended {
 }
 
 impl Accept<'_> {
-    /// Accepts connections on `listener` until `shutdown` begins, then
-    /// takes those already queued (a backlog's worth, not a flood), so that
-    /// what their agents wrote is drained rather than lost with the socket.
-    /// Between two accepts, a hand-over's pause reports the listener;
-    /// handed over, it ends with [`Ended::HandedOver`].
+    /// Accepts connections on `listener` until stopping begins, then takes
+    /// those already queued (a backlog's worth, not a flood), so that what
+    /// their agents wrote is drained rather than lost with the socket.
     pub(crate) async fn run(&self, listener: &Listener, life: &mut Lifeline) -> Ended {
         let max_connections = self.serving.max_connections;
         let stats = &self.serving.shared.stats;
@@ -218,8 +210,7 @@ impl Accept<'_> {
                 Err(_) if life.is_stopping() => break,
                 Err(e) => {
                     // Out of descriptors or memory: back off instead of
-                    // spinning; the connections already open keep being
-                    // served.
+                    // spinning; open connections keep being served.
                     tracing::error!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;

@@ -1,27 +1,23 @@
 //! Listening: accepting agent connections and reading their frames.
 //!
-//! There are two ways a guest reaches the host. QEMU uses the host kernel's
-//! AF_VSOCK ([`vsock`]); Cloud Hypervisor and Firecracker use "hybrid
-//! VSOCK", where the VMM turns each guest-initiated connection to port P
-//! into a Unix-socket connection to `<socket-path>_P` ([`hybrid`]). Only
-//! `bind` and `accept` differ: after `accept`, every stream goes through the
-//! same [`connection`] code, so what is tested over Unix sockets here is
-//! what runs for VSOCK.
-//!
-//! One forwarder can also serve every hybrid-VSOCK sandbox on a host: in
-//! template mode ([`template`]) a watcher binds a listener in each sandbox
-//! directory as it appears and closes it as the directory goes. Whatever
-//! is known of a connection's sandbox (its id, its guest's CID, resolved by
-//! [`sandbox`] for QEMU) goes onto its spans' resource.
+//! QEMU guests reach the host over the kernel's AF_VSOCK ([`vsock`]); Cloud
+//! Hypervisor and Firecracker use "hybrid VSOCK", where the VMM turns each
+//! guest connection to port P into a Unix-socket connection to
+//! `<socket-path>_P` ([`hybrid`]). Only `bind` and `accept` differ: every
+//! stream then goes through the same [`connection`] code, so what is tested
+//! over Unix sockets here is what runs for VSOCK. In template mode
+//! ([`template`]) a watcher binds a listener in each sandbox directory as
+//! it appears. What is known of a connection's sandbox (its id, its guest's
+//! CID, resolved by [`sandbox`] for QEMU) goes onto its spans' resource.
 //!
 //! Each connection is its own task, so an idle or slow agent never delays
 //! another, and an error ends only its own connection. Every connection
 //! belongs to a sandbox ([`crate::tenant`]): the listener's in hybrid and
-//! template modes, its guest CID's on VSOCK. The number of open connections
-//! is capped per sandbox and in all; beyond a cap a connection is accepted,
-//! logged (through the sandbox's log gate) and closed, so a flood of
-//! connections costs a file descriptor for a moment and nothing more, and
-//! one sandbox's flood never uses up another's room.
+//! template modes, its guest CID's on VSOCK. Open connections are capped
+//! per sandbox and in all; beyond a cap a connection is accepted, logged
+//! (through the sandbox's log gate) and closed, so a flood costs a file
+//! descriptor for a moment, and one sandbox's flood never uses up
+//! another's room.
 
 mod accept;
 pub(crate) mod connection;
@@ -190,7 +186,7 @@ impl Listener {
 
 /// A connection a previous forwarder served, to be served on.
 pub(crate) struct Adopted {
-    /// Index of its listener among those handed over.
+    /// Its listener's index among those handed over.
     listener: usize,
     stream: Stream,
     peer: Peer,
@@ -243,7 +239,6 @@ pub struct Listeners {
     listeners: Vec<Listener>,
     managers: Vec<Manager>,
     max_connections: usize,
-    /// Connections handed over with the listeners.
     adopted: Vec<Adopted>,
     /// Where accept loops and connections pause for the next hand-over.
     hub: Option<Arc<Hub>>,
@@ -282,7 +277,6 @@ impl Listeners {
         self.each().join(", ")
     }
 
-    /// Each listener and sandbox manager, described.
     pub(crate) fn each(&self) -> Vec<String> {
         let listeners = self.listeners.iter().map(Listener::describe);
         listeners
@@ -293,11 +287,10 @@ impl Listeners {
 
 /// Binds what `cfg` says, then, when started as root, drops to
 /// `cfg.user`, handing `writable` (the spool) to that user first so that
-/// it stays writable. Binding needs root for the hybrid modes' sandbox
-/// directories; nothing after it does. Template mode starts its sandbox
-/// watcher under `shutdown`, which stops the sandboxes it serves. In a
-/// successor, what the predecessor handed over is served on where it is
-/// still asked for (see [`inherited`]), the rest is bound as at any start.
+/// it stays writable: binding needs root for the hybrid modes' sandbox
+/// directories, nothing after it does. `shutdown` stops template mode's
+/// sandboxes. In a successor, what the predecessor handed over is served
+/// on where it is still asked for (see [`inherited`]).
 pub(crate) async fn bind_inheriting(
     cfg: &ListenConfig,
     writable: Option<&Path>,
@@ -388,8 +381,7 @@ async fn bind_mode(
 }
 
 /// Starts the sandbox thread; when root, the process becomes `cfg.user`
-/// after handing `writable` (the spool) to it, the thread alone keeping
-/// what it needs.
+/// (given `writable` first), the thread alone keeping what it needs.
 async fn sandbox_thread(
     cfg: &ListenConfig,
     writable: Option<&Path>,
@@ -411,7 +403,7 @@ pub(crate) enum Stream {
 }
 
 impl Stream {
-    /// A handed-over Unix connection, registered with the current runtime.
+    /// A handed-over Unix connection, on the current runtime.
     fn unix(fd: OwnedFd) -> Result<Stream, ListenError> {
         let adopt = |e: io::Error| ListenError::AdoptSocket(e.to_string());
         let std = std::os::unix::net::UnixStream::from(fd);
