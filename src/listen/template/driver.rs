@@ -39,7 +39,7 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Where bound listeners go.
 pub(super) struct Handoff {
-    /// The main runtime, where listeners are registered.
+    /// The main runtime, which accepts on them.
     pub(super) main: Handle,
     pub(super) serve_tx: mpsc::Sender<Serve>,
     /// Each served sandbox gets a child of it.
@@ -60,7 +60,6 @@ pub(super) enum Control {
     Leave,
 }
 
-/// The watcher's effects on this host.
 pub(super) struct Host {
     watches: Watches,
     /// The kernel's handle of each watch the machine holds.
@@ -113,7 +112,6 @@ impl Effects for Host {
 
     fn serve(&mut self, id: &str, path: &Path) -> Result<Identity, ServeError> {
         let bound = {
-            // Registered with the main runtime, which accepts on it.
             let _ctx = self.handoff.main.enter();
             super::super::inherited::hybrid(self.handoff.inherited.as_ref(), path)
         };
@@ -176,7 +174,6 @@ impl Effects for Host {
     }
 }
 
-/// The watcher thread's work, once it has its runtime.
 pub(super) struct Driver {
     watcher: Watcher,
     host: Host,
@@ -272,7 +269,6 @@ async fn follow(control: Control, control_rx: &mut mpsc::UnboundedReceiver<Contr
     }
 }
 
-/// Hands one inotify event to the machine.
 fn feed(watcher: &mut Watcher, host: &mut Host, ev: &inotify::EventOwned) {
     if ev.mask.contains(EventMask::Q_OVERFLOW) {
         watcher.step(host, Input::Overflow);
@@ -322,8 +318,6 @@ fn with_hint(e: io::Error) -> io::Error {
     }
 }
 
-/// The nearest existing ancestor of `path`, and the name below it on the
-/// way to `path`.
 fn nearest_existing(path: &Path) -> Option<(PathBuf, OsString)> {
     let mut below = path;
     for dir in path.ancestors().skip(1) {

@@ -70,7 +70,7 @@ struct Serve {
     adopted: Vec<Adopted>,
 }
 
-/// The running watcher, as the rest of the forwarder sees it.
+/// A template served: its watcher, as the rest of the forwarder sees it.
 pub struct TemplateListener {
     template: SocketTemplate,
     describe: String,
@@ -78,22 +78,18 @@ pub struct TemplateListener {
     /// Listeners go back to the watcher to be dropped there, where their
     /// sockets can still be removed.
     reap_tx: Option<mpsc::UnboundedSender<HybridListener>>,
-    /// The watcher's task on the sandbox thread.
     task: Option<tokio::task::JoinHandle<()>>,
     /// Keeps the sandbox thread running while this template is served.
     thread: SandboxThread,
-    /// Pauses the watcher for a hand-over.
     control_tx: mpsc::UnboundedSender<Control>,
 }
 
-/// The one thread that watches sandbox directories and makes and removes
-/// sockets in them, for every template; see the module's documentation.
-/// Cheap to clone; the thread ends once the last clone is gone.
+/// The one thread that makes and removes sockets in sandbox directories;
+/// see the module's note. The thread ends once the last clone is gone.
 #[derive(Clone)]
 pub struct SandboxThread {
     /// Its runtime, which the templates' watchers are spawned on.
     handle: Handle,
-    /// Dropped with the last clone: the thread then returns.
     _alive: Arc<mpsc::Sender<()>>,
     /// What a predecessor handed over, for the watchers to serve on.
     inherited: Option<Arc<Inherited>>,
@@ -111,8 +107,8 @@ struct Launched {
 static EARLY: std::sync::Mutex<Option<Launched>> = std::sync::Mutex::new(None);
 
 impl SandboxThread {
-    /// Starts the thread. With `become_user`, the process becomes that user
-    /// first, this thread keeping CAP_DAC_OVERRIDE.
+    /// With `become_user`, the process becomes that user first, this thread
+    /// keeping CAP_DAC_OVERRIDE.
     pub async fn start(become_user: Option<String>) -> Result<SandboxThread, ListenError> {
         let launched = match become_user {
             Some(user) => launch(move || {
@@ -154,7 +150,7 @@ impl SandboxThread {
     }
 
     /// The watchers started on this thread serve what a predecessor handed
-    /// over (see [`Inherited`]) before binding anything.
+    /// over before binding anything.
     pub(crate) fn inheriting(mut self, inherited: Option<&Arc<Inherited>>) -> SandboxThread {
         self.inherited = inherited.cloned();
         self
@@ -198,8 +194,7 @@ impl Launcher for Launch {
 
 const STOPPED: &str = "the sandbox thread stopped";
 
-/// Starts the sandbox thread's OS thread, which first settles its
-/// privileges, and its runtime.
+/// Starts the sandbox thread, which first settles its privileges.
 fn launch(
     settle: impl FnOnce() -> Result<(), ListenError> + Send + 'static,
 ) -> Result<Launched, ListenError> {
@@ -217,8 +212,8 @@ fn launch(
             match rt {
                 Ok(rt) => {
                     let _ = ready_tx.send(Ok(rt.handle().clone()));
-                    // The watchers run as tasks of this runtime, on this
-                    // thread, until the last handle on the thread is dropped.
+                    // The watchers run as its tasks until the last handle
+                    // on the thread is dropped.
                     rt.block_on(async move { while alive_rx.recv().await.is_some() {} });
                 }
                 Err(e) => {
@@ -282,7 +277,6 @@ impl TemplateListener {
         })
     }
 
-    /// The sandbox thread its watcher runs on.
     pub(crate) fn thread(&self) -> &SandboxThread {
         &self.thread
     }
@@ -293,10 +287,6 @@ impl TemplateListener {
 
     /// Serves each sandbox the watcher hands over until shutdown begins,
     /// then stops them all and gives every listener back for removal.
-    /// `serving.origin` is what every sandbox's spans get besides its id;
-    /// `serving.limit` caps connections across all sandboxes (and other
-    /// listeners); `life` (under the template's shutdown) pauses the
-    /// template, its sandboxes and their connections for hand-overs.
     pub(crate) async fn serve(mut self, serving: Serving, mut life: Lifeline) {
         let sandboxes = TaskTracker::new();
         let Some(reap) = self.reap_tx.clone() else {
@@ -374,7 +364,6 @@ impl TemplateListener {
         after
     }
 
-    /// Sends back the listeners the async side has not taken yet.
     fn return_unserved(&mut self) {
         self.serve_rx.close();
         while let Ok(s) = self.serve_rx.try_recv() {
