@@ -1,10 +1,9 @@
 //! Hybrid VSOCK (Cloud Hypervisor, Firecracker): a Unix socket per port.
 //!
 //! The VMM relays a guest connection to VSOCK port P as a plain connection
-//! to the Unix socket `<socket-path>_P`, with no handshake (the `CONNECT`
-//! handshake is only for host-initiated connections). So the listener is a
-//! Unix socket, and the care is all in the file: the sandbox directory must
-//! exist, a stale socket from a previous run is replaced, a live one is
+//! to the Unix socket `<socket-path>_P`, with no handshake (`CONNECT` is
+//! only for host-initiated connections). The care is all in the file: the
+//! sandbox directory must exist, a stale socket is replaced, a live one is
 //! left to its owner, anything that is not a socket is never deleted, and
 //! the socket we made is removed when we stop, if it is still ours.
 //!
@@ -165,12 +164,10 @@ impl HybridListener {
         self.listener.as_fd()
     }
 
-    /// Device and inode of the socket file bound.
     pub(crate) fn identity(&self) -> (u64, u64) {
         self.identity
     }
 
-    /// The janitor's pipe, when removal is the janitor's.
     pub(crate) fn janitor_pipe(&self) -> Option<BorrowedFd<'_>> {
         self.janitor.as_ref().and_then(Janitor::pipe)
     }

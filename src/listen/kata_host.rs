@@ -65,7 +65,6 @@ enum Bound {
 /// A target being served: what stops it alone, and its task.
 type Running = (Shutdown, JoinHandle<()>);
 
-/// The running `--kata-host` listener.
 pub(crate) struct KataHostListener {
     cfg: KataHostConfig,
     thread: SandboxThread,
@@ -122,7 +121,6 @@ impl KataHostListener {
         Ok(me)
     }
 
-    /// The sandbox thread its templates' watchers run on.
     pub(crate) fn thread(&self) -> &SandboxThread {
         &self.thread
     }
@@ -216,8 +214,6 @@ impl KataHostListener {
         }
     }
 
-    /// Reads the plan again, stops what is no longer asked for and starts
-    /// what is new.
     async fn replan(
         &mut self,
         running: &mut BTreeMap<Target, Running>,
@@ -332,7 +328,6 @@ impl ConfigWatch {
         Ok(me)
     }
 
-    /// Watches each wanted directory, or its nearest existing ancestor.
     fn rewatch(&mut self) -> io::Result<()> {
         self.dirs.clear();
         let mut first_error = None;

@@ -41,12 +41,10 @@ impl VsockListener {
         }
     }
 
-    /// The address bound: context id and port.
     pub(crate) fn address(&self) -> (VsockCid, u32) {
         (self.cid, self.port)
     }
 
-    /// The listening socket.
     pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         std::os::fd::AsFd::as_fd(&self.listener)
     }
