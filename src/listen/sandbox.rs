@@ -141,15 +141,12 @@ pub(crate) fn parse_cmdline(cmdline: &[u8]) -> Option<QemuVm> {
 
 /// `sandbox-<ID>[,debug-threads=on]` or `guest=sandbox-<ID>,...`.
 fn name_sandbox_id(value: &str) -> Option<String> {
-    let guest =
-        value
-            .split(',')
-            .enumerate()
-            .find_map(|(i, opt)| match opt.strip_prefix("guest=") {
-                Some(g) => Some(g),
-                None if i == 0 && !opt.contains('=') => Some(opt),
-                None => None,
-            })?;
+    let mut opts = value.split(',').enumerate();
+    let guest = opts.find_map(|(i, opt)| match opt.strip_prefix("guest=") {
+        Some(g) => Some(g),
+        None if i == 0 && !opt.contains('=') => Some(opt),
+        None => None,
+    })?;
     let id = guest.strip_prefix(NAME_PREFIX)?;
     valid_id(id).then(|| id.to_owned())
 }
@@ -262,11 +259,8 @@ impl CidResolver {
         let dir = std::fs::read_dir(&self.proc_root).ok()?;
         let mut claims: Vec<(u32, String)> = Vec::new();
         for entry in dir.take(MAX_PROCESSES).flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
                 continue;
             };
             if let Some(vm) = self.read_vm(pid) {

@@ -393,18 +393,12 @@ async fn serve_sandbox(
     tenant: Arc<Tenant>,
     mut life: Lifeline,
 ) {
-    let Serve {
-        id,
-        listener,
-        adopted,
-        ..
-    } = serve;
-    let listener = Listener::Hybrid(listener);
+    let (id, listener) = (serve.id, Listener::Hybrid(serve.listener));
     let span = tracing::info_span!("sandbox", id = %id);
     let accept = serving.accept(&origin, None, Some(tenant), Some(&id));
     {
         let _in = span.enter();
-        for a in adopted {
+        for a in serve.adopted {
             accept.adopt(a, &life);
         }
     }
