@@ -137,7 +137,7 @@ pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
     setgid(u.gid).map_err(|e| err(format!("setgid: {e}")))?;
     setuid(u.uid).map_err(|e| err(format!("setuid: {e}")))?;
     if keeping {
-        keep_on_this_thread(Some(Capability::CAP_DAC_OVERRIDE))?;
+        keep_on_this_thread(user, Some(Capability::CAP_DAC_OVERRIDE))?;
         caps::securebits::set_keepcaps(false).map_err(|e| err(e.to_string()))?;
     }
     chdir("/").map_err(|e| err(format!("chdir /: {e}")))?;
@@ -149,11 +149,14 @@ pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
 
 /// On the calling thread: keeps `cap` (effective and permitted) and
 /// nothing else (`None`: every capability dropped, for good), and passes
-/// nothing on to what it starts.
-pub(crate) fn keep_on_this_thread(cap: Option<caps::Capability>) -> Result<(), ListenError> {
+/// nothing on to what it starts. `user` is whom the process became.
+pub(crate) fn keep_on_this_thread(
+    user: &str,
+    cap: Option<caps::Capability>,
+) -> Result<(), ListenError> {
     use caps::{CapSet, CapsHashSet};
     let err = |e: caps::errors::CapsError| ListenError::DropPrivileges {
-        user: String::new(),
+        user: user.to_owned(),
         reason: e.to_string(),
     };
     let kept: CapsHashSet = cap.into_iter().collect();
@@ -176,7 +179,7 @@ pub(crate) fn inherited_dac_override() -> bool {
 /// On the calling thread: keeps CAP_DAC_OVERRIDE (effective and permitted)
 /// and nothing else, and passes nothing on to what it starts.
 pub(crate) fn keep_dac_override_on_this_thread() -> Result<(), ListenError> {
-    keep_on_this_thread(Some(caps::Capability::CAP_DAC_OVERRIDE))?;
+    keep_on_this_thread("", Some(caps::Capability::CAP_DAC_OVERRIDE))?;
     tracing::info!(kept = ON_THE_WATCHER, "privileges as handed over");
     Ok(())
 }

@@ -146,7 +146,7 @@ impl SandboxThread {
         // The thread keeps the capability and passes nothing on.
         let launched = launch(privileges::keep_dac_override_on_this_thread)?;
         *EARLY.lock().unwrap_or_else(|p| p.into_inner()) = Some(launched);
-        privileges::keep_on_this_thread(None)
+        privileges::keep_on_this_thread("", None)
     }
 
     /// The watchers started on this thread serve what a predecessor handed
