@@ -234,16 +234,9 @@ impl Driver {
         // Shutting down: each listener handed out comes back once its
         // sandbox task has stopped; drop them here, with the right to
         // remove their sockets.
-        let deadline = tokio::time::Instant::now() + REAP_TIMEOUT;
-        loop {
-            match tokio::time::timeout_at(deadline, reap_rx.recv()).await {
-                Ok(Some(listener)) => drop(listener),
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!("some sandbox listeners did not come back in time");
-                    break;
-                }
-            }
+        let reaped = async { while reap_rx.recv().await.is_some() {} };
+        if tokio::time::timeout(REAP_TIMEOUT, reaped).await.is_err() {
+            tracing::warn!("some sandbox listeners did not come back in time");
         }
     }
 }
@@ -251,22 +244,16 @@ impl Driver {
 /// Acts on a hand-over's `control`; false once the watcher is to leave.
 /// Frozen, it waits for nothing but the next word: no event is read, no
 /// listener dropped (one coming back is dropped once thawed).
-async fn follow(control: Control, control_rx: &mut mpsc::UnboundedReceiver<Control>) -> bool {
-    let mut next = control;
-    loop {
-        match next {
-            Control::Thaw => return true,
-            Control::Leave => return false,
-            Control::Freeze(frozen) => {
-                let _ = frozen.send(());
-                next = match control_rx.recv().await {
-                    Some(c) => c,
-                    // The template is gone: so is the hand-over.
-                    None => return false,
-                };
-            }
-        }
+async fn follow(mut control: Control, control_rx: &mut mpsc::UnboundedReceiver<Control>) -> bool {
+    while let Control::Freeze(frozen) = control {
+        let _ = frozen.send(());
+        // The template is gone: so is the hand-over.
+        let Some(next) = control_rx.recv().await else {
+            return false;
+        };
+        control = next;
     }
+    matches!(control, Control::Thaw)
 }
 
 fn feed(watcher: &mut Watcher, host: &mut Host, ev: &inotify::EventOwned) {
