@@ -302,19 +302,14 @@ impl TemplateListener {
             let (serving, reap) = (serving.clone(), reap.clone());
             sandboxes.spawn(serve_sandbox(serve, serving, reap, origin, tenant, life));
         };
-        let mut handed_over = false;
-        loop {
+        let handed_over = loop {
             let next = tokio::select! {
                 biased;
                 next = life.next() => match next {
-                    Next::Drain => break,
+                    Next::Drain => break false,
                     Next::Pause => match self.pause(&mut life, &spawn).await {
                         After::Resume => continue,
-                        After::Leave => {
-                            handed_over = true;
-                            break;
-                        }
-                        After::Drain => break,
+                        after => break after == After::Leave,
                     },
                 },
                 n = self.serve_rx.recv() => n,
@@ -322,10 +317,10 @@ impl TemplateListener {
             let Some(serve) = next else {
                 tracing::error!("the sandbox watcher stopped; no new sandbox will be served");
                 life.shutdown().stopping().await;
-                break;
+                break false;
             };
             spawn(serve, &life);
-        }
+        };
         drop(reap);
         self.return_unserved();
         sandboxes.close();
