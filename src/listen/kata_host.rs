@@ -374,10 +374,8 @@ impl ConfigWatch {
             return Some(true);
         }
         let dir = self.dirs.get(&ev.wd.get_watch_descriptor_id()).cloned();
-        let structural = ev
-            .mask
-            .intersects(EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF)
-            || (ev.mask.contains(EventMask::ISDIR));
+        let gone = EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF;
+        let structural = ev.mask.intersects(gone | EventMask::ISDIR);
         let relevant = match (&dir, ev.name.as_deref()) {
             (Some(dir), Some(name)) => self.matters(dir, name),
             // The watched directory itself changed.
