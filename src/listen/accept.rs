@@ -160,7 +160,6 @@ pub(crate) struct Accept<'a> {
     sandbox: Option<&'a str>,
 }
 
-/// How an accept loop ended.
 pub(crate) enum Ended {
     /// Shutdown: the listener goes, and its socket with it.
     Stopped,

@@ -126,7 +126,6 @@ impl<S: AsFd> State<'_, S> {
     }
 }
 
-/// How a connection ended.
 enum End {
     /// The agent closed its end (an error if it cut a frame short).
     Closed(Result<(), FrameError>),

@@ -396,7 +396,6 @@ async fn sandbox_thread(
         .inheriting(inherited))
 }
 
-/// An accepted stream of either transport.
 pub(crate) enum Stream {
     Unix(tokio::net::UnixStream),
     Vsock(tokio_vsock::VsockStream),

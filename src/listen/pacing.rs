@@ -30,7 +30,6 @@ use tokio::io::AsyncRead;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// Longest tick.
 const MAX_TICK: Duration = Duration::from_millis(50);
 /// Shorter ticks than this are not worth a timer: no pacing.
 const MIN_TICK: Duration = Duration::from_millis(5);
@@ -163,7 +162,6 @@ impl Rate {
         }
     }
 
-    /// Slow enough to be paced.
     pub(crate) fn is_slow(&self) -> bool {
         self.last.is_some_and(|r| r < PACE_BELOW)
     }

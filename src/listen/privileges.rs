@@ -31,7 +31,6 @@ pub fn keep_from_same_user() {
     }
 }
 
-/// Whether this process runs as root (and so should drop privileges).
 pub(crate) fn is_root() -> bool {
     getuid().is_root()
 }

@@ -29,7 +29,6 @@ use crate::tenant::Tenant;
 
 pub(crate) use crate::otlp::{SANDBOX_ID, VSOCK_CID};
 
-/// Where the processes are.
 pub(crate) const PROC_ROOT: &str = "/proc";
 
 /// `-name` values are `sandbox-<ID>`.

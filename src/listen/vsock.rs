@@ -53,7 +53,6 @@ impl VsockListener {
         format!("vsock cid {} port {}", describe_cid(self.cid), self.port)
     }
 
-    /// Accepts a connection and returns the guest's context id.
     pub(crate) async fn accept(&self) -> io::Result<(VsockStream, u32)> {
         let (stream, addr) = self.listener.accept().await?;
         Ok((stream, addr.cid()))

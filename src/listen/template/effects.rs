@@ -65,7 +65,6 @@ pub(super) trait Effects {
     fn identity(&self, path: &Path) -> Option<Identity>;
 }
 
-/// What the watcher is fed.
 pub(super) enum Input<'a> {
     /// Something happened on one of the watches.
     Event { watch: WatchId, change: Change<'a> },
