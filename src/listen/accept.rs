@@ -1,21 +1,18 @@
 //! Accepting: one task per listener, one task per connection.
 //!
-//! [`serve`] runs every listener and every sandbox manager of a forwarder
-//! until its lifeline drains them. An accept loop takes connections until
-//! then, checks each against the connection caps (its sandbox's and the
-//! forwarder's; beyond one it is accepted, logged and closed), finds its
-//! sandbox (the listener's, or on VSOCK its guest CID's) and spawns
-//! [`super::connection::serve`] with a lifeline of its own. Between two
-//! accepts it pauses for a hand-over and reports its socket. After
-//! stopping, it takes the connections already queued (a backlog's worth),
-//! so that what their agents wrote is drained rather than lost.
+//! An accept loop checks each connection against the caps (its sandbox's
+//! and the forwarder's; beyond one it is accepted, logged and closed),
+//! finds its sandbox and spawns [`super::connection::serve`] with a
+//! lifeline of its own. Between two accepts it pauses for a hand-over and
+//! reports its socket.
 
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use futures_util::FutureExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use super::connection::{self, ConnShared};
@@ -24,38 +21,29 @@ use super::{Adopted, Listener, Listeners, Stream};
 use crate::addr::Peer;
 use crate::events::{emit, ConnectionAccepted, ConnectionRejected, Refusal};
 use crate::handover::fdstore::Stored;
-use crate::handover::hub::{Piece, PieceKind};
-use crate::handover::wire::ListenerKind;
 use crate::handover::Resume;
 use crate::lifeline::{After, Lifeline};
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
-use crate::tenant::{Tenant, TenantKey};
+use crate::tenant::{Tenant, TenantConn, TenantKey};
 
-/// Accepts on every listener until `shutdown` begins, serving each
-/// connection in its own task; then waits for the connections to drain,
-/// until the shutdown deadline at the latest. Dropping the listeners on the
-/// way out removes their sockets.
+/// Serves every listener and sandbox manager until `shutdown` begins;
+/// then waits for the connections to drain, until the shutdown deadline
+/// at the latest.
 pub(crate) async fn serve(
     listeners: Listeners,
     shared: Arc<ConnShared>,
     origin: Arc<Origin>,
     shutdown: Shutdown,
 ) {
-    let limit = Arc::new(ConnLimit::new(listeners.max_connections));
     let tracker = TaskTracker::new();
     let root = Lifeline::root(shutdown.clone(), listeners.hub.clone());
-    let mut adopted: Vec<Vec<Adopted>> = listeners.listeners.iter().map(|_| Vec::new()).collect();
-    for a in listeners.adopted {
-        match adopted.get_mut(a.listener) {
-            Some(v) => v.push(a),
-            None => tracing::warn!("a handed-over connection without its listener; closed"),
-        }
-    }
+    let adopted = super::by_listener(listeners.listeners.len(), listeners.adopted);
     let serving = Serving {
         shared,
         origin,
-        limit,
+        permits: Arc::new(Semaphore::new(listeners.max_connections)),
+        max_connections: listeners.max_connections,
         tracker: tracker.clone(),
     };
     // Lifelines are taken before the tasks run, so that a pause asked
@@ -64,42 +52,12 @@ pub(crate) async fn serve(
         .managers
         .into_iter()
         .map(|m| m.serve(serving.clone(), root.spawn()));
-    let managing = futures_util::future::join_all(managing);
     let accepting = listeners
         .listeners
         .into_iter()
         .zip(adopted)
-        .map(|(listener, adopted)| {
-            let serving = serving.clone();
-            let life = root.spawn();
-            async move {
-                // QEMU: a guest's CID says which sandbox it is, through /proc.
-                let resolver = matches!(listener, Listener::Vsock(_))
-                    .then(|| Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
-                let origin = Arc::clone(&serving.origin);
-                // Hybrid: the socket is one sandbox's, named by Kata's path.
-                let (origin, tenant) = match &listener {
-                    Listener::Hybrid(l) => {
-                        let id = sandbox::hybrid_sandbox_id(l.path());
-                        let origin = match &id {
-                            Some(id) => Arc::new(sandbox::sandbox_origin(&origin, id)),
-                            None => origin,
-                        };
-                        let key = id.map_or_else(
-                            || TenantKey::Socket(l.path().to_owned()),
-                            TenantKey::Sandbox,
-                        );
-                        (origin, Some(serving.shared.tenant(key)))
-                    }
-                    _ => (origin, None),
-                };
-                serving
-                    .accept(&origin, resolver, tenant, None)
-                    .serve(listener, life, adopted)
-                    .await;
-            }
-        });
-    tokio::join!(managing, futures_util::future::join_all(accepting));
+        .map(|(l, adopted)| serving.serve(l, root.spawn(), adopted));
+    tokio::join!(join_all(managing), join_all(accepting));
     tracker.close();
     let drained = match shutdown.deadline() {
         Some(d) => tokio::time::timeout_at(d, tracker.wait()).await.is_ok(),
@@ -113,21 +71,25 @@ pub(crate) async fn serve(
     }
 }
 
-/// What serving the connections of any listener needs, shared by every
-/// listener (and every sandbox of a template). Cheap to clone.
+/// What serving any listener (or a template's sandbox) needs. Cheap to
+/// clone.
 #[derive(Clone)]
 pub(crate) struct Serving {
     pub shared: Arc<ConnShared>,
     /// The resource attributes every connection's spans get.
     pub origin: Arc<Origin>,
-    pub limit: Arc<ConnLimit>,
-    pub tracker: TaskTracker,
+    /// The cap on connections served at once, across every listener.
+    permits: Arc<Semaphore>,
+    max_connections: usize,
+    tracker: TaskTracker,
 }
 
 impl Serving {
     /// Accepting on one listener: `origin` is its connections' resource;
     /// `resolver` finds a VSOCK guest's sandbox; `tenant` is the listener's
-    /// sandbox (hybrid, template), `sandbox` its id in template mode.
+    /// sandbox (hybrid, template; on VSOCK each guest CID is one),
+    /// `sandbox` its id in template mode and `--kata-host` (handed over as
+    /// such, for the successor's watcher).
     pub(crate) fn accept<'a>(
         &'a self,
         origin: &'a Arc<Origin>,
@@ -136,50 +98,68 @@ impl Serving {
         sandbox: Option<&'a str>,
     ) -> Accept<'a> {
         Accept {
-            shared: &self.shared,
-            limit: &self.limit,
+            serving: self,
             origin,
             resolver,
-            tracker: &self.tracker,
             tenant,
             sandbox,
         }
     }
-}
 
-/// The cap on connections served at once, shared by every listener.
-pub(crate) struct ConnLimit {
-    permits: Arc<Semaphore>,
-    max: usize,
-}
-
-impl ConnLimit {
-    pub(crate) fn new(max: usize) -> ConnLimit {
-        ConnLimit {
-            permits: Arc::new(Semaphore::new(max)),
-            max,
+    /// Serves `listener` (VSOCK, or one hybrid socket): first the
+    /// connections a predecessor left, then what it accepts. Handed over,
+    /// or left in systemd's store, its socket stays; stopped, it goes.
+    pub(crate) async fn serve(
+        &self,
+        listener: Listener,
+        mut life: Lifeline,
+        adopted: Vec<Adopted>,
+    ) {
+        let (origin, tenant, resolver) = match &listener {
+            // Hybrid: the socket is one sandbox's, named by Kata's path.
+            Listener::Hybrid(l) => {
+                let id = sandbox::hybrid_sandbox_id(l.path());
+                let origin = match &id {
+                    Some(id) => Arc::new(sandbox::sandbox_origin(&self.origin, id)),
+                    None => Arc::clone(&self.origin),
+                };
+                let key = id.map_or_else(
+                    || TenantKey::Socket(l.path().to_owned()),
+                    TenantKey::Sandbox,
+                );
+                (origin, Some(self.shared.tenant(key)), None)
+            }
+            // QEMU: a guest's CID says which sandbox it is, through /proc.
+            Listener::Vsock(_) => {
+                let resolver = Arc::new(CidResolver::new(sandbox::PROC_ROOT));
+                (Arc::clone(&self.origin), None, Some(resolver))
+            }
+        };
+        let accept = self.accept(&origin, resolver, tenant, None);
+        for a in adopted {
+            accept.adopt(a, &life);
+        }
+        match accept.run(&listener, &mut life).await {
+            Ended::HandedOver => {
+                tracing::info!(listener = %listener.describe(), "handed over");
+                listener.release();
+            }
+            Ended::Stopped => {
+                tracing::info!(listener = %listener.describe(), "stopped accepting connections")
+            }
         }
     }
 }
 
-/// What accepting on one listener needs.
+/// What accepting on one listener needs; see [`Serving::accept`].
 pub(crate) struct Accept<'a> {
-    pub shared: &'a Arc<ConnShared>,
-    pub limit: &'a ConnLimit,
-    /// The resource attributes of every connection of this listener.
-    pub origin: &'a Arc<Origin>,
-    /// On VSOCK: finds the sandbox of a guest's CID.
-    pub resolver: Option<Arc<CidResolver>>,
-    pub tracker: &'a TaskTracker,
-    /// The listener's sandbox (hybrid, template); on VSOCK, each guest CID
-    /// is one.
-    pub tenant: Option<Arc<Tenant>>,
-    /// The sandbox whose socket this is, in template mode and
-    /// `--kata-host`: handed over as such, for the successor's watcher.
-    pub sandbox: Option<&'a str>,
+    serving: &'a Serving,
+    origin: &'a Arc<Origin>,
+    resolver: Option<Arc<CidResolver>>,
+    tenant: Option<Arc<Tenant>>,
+    sandbox: Option<&'a str>,
 }
 
-/// How an accept loop ended.
 pub(crate) enum Ended {
     /// Shutdown: the listener goes, and its socket with it.
     Stopped,
@@ -189,20 +169,18 @@ pub(crate) enum Ended {
 }
 
 impl Accept<'_> {
-    /// Accepts connections on `listener` until `shutdown` begins, then
-    /// takes those already queued (a backlog's worth, not a flood), so that
-    /// what their agents wrote is drained rather than lost with the socket.
-    /// Between two accepts, a hand-over's pause reports the listener;
-    /// handed over, it ends with [`Ended::HandedOver`].
+    /// Accepts connections on `listener` until stopping begins, then takes
+    /// those already queued (a backlog's worth, not a flood), so that what
+    /// their agents wrote is drained rather than lost with the socket.
     pub(crate) async fn run(&self, listener: &Listener, life: &mut Lifeline) -> Ended {
-        let max_connections = self.limit.max;
-        let stats = &self.shared.stats;
+        let max_connections = self.serving.max_connections;
+        let stats = &self.serving.shared.stats;
         let mut late = 0usize;
         let stored = listener.store();
         let keep = |stored: Vec<Stored>| stored.into_iter().for_each(Stored::keep);
         loop {
             if life.pause_due() {
-                life.report(self.piece(listener));
+                life.report(listener.hand_over(self.sandbox));
             }
             match life.settled().await {
                 Some(After::Leave) => {
@@ -231,20 +209,14 @@ impl Accept<'_> {
                 Err(_) if life.is_stopping() => break,
                 Err(e) => {
                     // Out of descriptors or memory: back off instead of
-                    // spinning; the connections already open keep being
-                    // served.
+                    // spinning; open connections keep being served.
                     tracing::error!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
             emit!(stats, ConnectionAccepted);
-            let tenants = &*self.shared.tenants;
-            let tenant = match (&self.tenant, peer) {
-                (Some(t), _) => Some(Arc::clone(t)),
-                (None, Peer::Vsock { cid }) => tenants.get(TenantKey::Cid(cid)),
-                (None, Peer::Unix) => None,
-            };
+            let tenants = &*self.serving.shared.tenants;
             let refuse = |tenant: Option<&Tenant>, refusal| {
                 emit!(
                     stats,
@@ -256,7 +228,7 @@ impl Accept<'_> {
                     }
                 )
             };
-            let Some(tenant) = tenant else {
+            let Some(tenant) = self.tenant(peer) else {
                 let max_sandboxes = tenants.limits().max_sandboxes;
                 refuse(None, Refusal::Sandboxes { max_sandboxes });
                 continue;
@@ -266,7 +238,7 @@ impl Accept<'_> {
                 refuse(Some(&tenant), Refusal::Sandbox { max_connections });
                 continue;
             };
-            let Ok(permit) = Arc::clone(&self.limit.permits).try_acquire_owned() else {
+            let Ok(permit) = Arc::clone(&self.serving.permits).try_acquire_owned() else {
                 refuse(Some(&tenant), Refusal::Global { max_connections });
                 continue;
             };
@@ -282,65 +254,21 @@ impl Accept<'_> {
         Ended::Stopped
     }
 
-    /// This accept loop's part of a hand-over.
-    fn piece(&self, listener: &Listener) -> Option<Piece> {
-        let Piece { what, fd } = listener.hand_over()?;
-        let what = match (self.sandbox, what) {
-            (
-                Some(id),
-                PieceKind::Listener {
-                    kind: ListenerKind::Hybrid { path, identity },
-                    janitor,
-                },
-            ) => PieceKind::Listener {
-                kind: ListenerKind::Sandbox {
-                    id: id.to_owned(),
-                    path,
-                    identity,
-                },
-                janitor,
-            },
-            (_, what) => what,
-        };
-        Some(Piece { what, fd })
-    }
-
-    /// Serves `listener` (VSOCK, or one hybrid socket) until `shutdown`:
-    /// first the connections a predecessor left (`adopted`), then what it
-    /// accepts. `life` was taken by the caller before this task ran.
-    /// Handed over, or left in systemd's store, its socket stays; stopped,
-    /// it goes.
-    pub(crate) async fn serve(
-        &self,
-        listener: Listener,
-        mut life: Lifeline,
-        adopted: Vec<Adopted>,
-    ) {
-        for a in adopted {
-            self.adopt(a, &life);
-        }
-        match self.run(&listener, &mut life).await {
-            Ended::HandedOver => {
-                tracing::info!(listener = %listener.describe(), "handed over");
-                listener.release();
-            }
-            Ended::Stopped => {
-                tracing::info!(listener = %listener.describe(), "stopped accepting connections")
-            }
+    /// The sandbox a connection from `peer` belongs to: the listener's, or
+    /// its guest CID's on VSOCK (none when `--max-sandboxes` are tracked).
+    fn tenant(&self, peer: Peer) -> Option<Arc<Tenant>> {
+        match (&self.tenant, peer) {
+            (Some(t), _) => Some(Arc::clone(t)),
+            (None, Peer::Vsock { cid }) => self.serving.shared.tenants.get(TenantKey::Cid(cid)),
+            (None, Peer::Unix) => None,
         }
     }
 
     /// Serves a connection a previous forwarder handed over, from where it
     /// left it. Past a cap (one lowered since), it is closed and logged.
     pub(super) fn adopt(&self, a: Adopted, life: &Lifeline) {
-        let tenants = &*self.shared.tenants;
-        let tenant = match (&self.tenant, a.peer) {
-            (Some(t), _) => Some(Arc::clone(t)),
-            (None, Peer::Vsock { cid }) => tenants.get(TenantKey::Cid(cid)),
-            (None, Peer::Unix) => None,
-        };
-        let slot = tenant.and_then(|t| t.try_connect());
-        let permit = Arc::clone(&self.limit.permits).try_acquire_owned().ok();
+        let slot = self.tenant(a.peer).and_then(|t| t.try_connect());
+        let permit = Arc::clone(&self.serving.permits).try_acquire_owned().ok();
         let (Some(slot), Some(permit)) = (slot, permit) else {
             tracing::warn!(peer = %a.peer, "a handed-over connection is over a connection cap; closed");
             return;
@@ -352,12 +280,12 @@ impl Accept<'_> {
         &self,
         stream: Stream,
         peer: Peer,
-        slot: crate::tenant::TenantConn,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        slot: TenantConn,
+        permit: OwnedSemaphorePermit,
         accepting: &Lifeline,
         resume: Option<Resume>,
     ) {
-        let shared = Arc::clone(self.shared);
+        let shared = Arc::clone(&self.serving.shared);
         // Taken here, before the task runs, so that a pause asked from now
         // on waits for it.
         let life = accepting.spawn();
@@ -385,7 +313,8 @@ impl Accept<'_> {
             drop(permit);
         };
         // In the listener's span (a template's sandbox), for the logs.
-        self.tracker
+        self.serving
+            .tracker
             .spawn(tracing::Instrument::in_current_span(conn));
     }
 }

@@ -1,14 +1,11 @@
 //! One agent connection: read, hand the bytes to [`crate::ingest`], queue
-//! what comes back, and drain at shutdown.
+//! what comes back, and drain at shutdown, with the same code for every
+//! transport. Sending into the bounded export queue waits when it is full,
+//! which stops this task reading its socket: that is the backpressure path
+//! to the guest. A length prefix over the limit, a read error, or a stream
+//! that ends mid-frame ends this connection only.
 //!
-//! The same code serves every transport once a stream is accepted. Sending
-//! into the bounded export queue waits when the queue is full, which stops
-//! this task reading its socket: that is the backpressure path to the
-//! guest. A length prefix over the limit, a read error, or a stream that
-//! ends mid-frame ends this connection only.
-//!
-//! A connection is a small state machine ([`State`]), stepped once per
-//! read by [`Conn::step`]:
+//! A connection is a state machine ([`State`]), stepped once per read:
 //!
 //! ```text
 //!   Live ---- slow agent ---> Parked ---- busy or quiet ---> Live
@@ -18,29 +15,24 @@
 //! ```
 //!
 //! - **Live:** read on arrival, on the reactor.
-//! - **Parked:** an agent that writes little and often is read at a
-//!   shared tick, off the reactor ([`super::pacing`]), rather than woken for
-//!   every span.
-//! - **Draining:** stopping has begun: read on until the agent has been
-//!   quiet for [`ConnShared::drain_idle`] or the deadline passes, so that
-//!   what it already wrote is not lost.
+//! - **Parked:** an agent that writes little and often is read at a shared
+//!   tick, off the reactor ([`super::pacing`]).
+//! - **Draining:** read on until the agent has been quiet for
+//!   [`ConnShared::drain_idle`] or the deadline passes, so that what it
+//!   already wrote is not lost.
 //! - **Leaving:** a successor holds the socket ([`crate::handover`]: paused
-//!   between two reads, what was read of a frame not yet whole went along),
-//!   or systemd's store keeps it: end without another read or a close.
+//!   between two reads, a frame not yet whole went along), or systemd's
+//!   store keeps it: end without another read or a close.
 //!
-//! How it starts is part of its state too: accepted here, or resumed from
-//! what a predecessor's reader knew ([`Resume`]).
-//!
-//! Each connection belongs to a sandbox ([`crate::tenant`]): what it read
-//! is always queued, and then, if the sandbox is over its span rate, the
-//! connection waits before reading again. A read that filled the buffer
-//! yields to the other connections before the next one, so an agent that
-//! always has data ready cannot starve one that has a little.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! What a connection read is always queued; then, if its sandbox
+//! ([`crate::tenant`]) is over its span rate, it waits before reading
+//! again. A read that filled the buffer yields to the other connections
+//! first, so an agent that always has data ready cannot starve one that
+//! has a little.
 
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -58,7 +50,6 @@ use crate::wire::FrameError;
 
 use super::pacing::{Pacing, Park, Quiet, Rate};
 
-/// What every connection task shares.
 pub(crate) struct ConnShared {
     pub queue: QueueSender,
     pub stats: Arc<Stats>,
@@ -76,26 +67,21 @@ impl ConnShared {
     /// The tenant for `key`; one outside the registry (limits, but no
     /// series of its own) when `--max-sandboxes` are tracked already.
     pub(crate) fn tenant(&self, key: TenantKey) -> Arc<Tenant> {
-        match self.tenants.get(key.clone()) {
-            Some(t) => t,
-            None => Tenant::standalone(key, self.tenants.limits()),
-        }
+        let tenant = self.tenants.get(key.clone());
+        tenant.unwrap_or_else(|| Tenant::standalone(key, self.tenants.limits()))
     }
 }
 
-/// Where a connection comes from: the accept loop that took it (a
-/// hand-over's piece names it) and, for one a predecessor served, what
-/// that one's reader knew.
+/// The accept loop that took a connection (a hand-over's piece names it)
+/// and, for one a predecessor served, what that one's reader knew.
 pub(crate) struct Start {
     pub listener: u64,
     pub resume: Option<Resume>,
 }
 
 /// Serves one connection until the agent closes it, it fails, it is
-/// drained, or it is left for a successor. `origin` is this connection's
-/// resource (the service name plus what is known of its sandbox); `conn`
-/// its slot among its sandbox's connections; `life` says when to drain,
-/// pause or leave.
+/// drained, or it is left for a successor. `origin` is its resource;
+/// `conn` its slot among its sandbox's connections.
 pub(crate) async fn serve<S: Park>(
     stream: S,
     peer: Peer,
@@ -117,7 +103,6 @@ pub(crate) async fn serve<S: Park>(
     c.finish(end, stored);
 }
 
-/// Where a connection is; see the module note.
 enum State<'a, S> {
     Live(S),
     /// Read at ticks; counted in `connections_paced` while so.
@@ -141,7 +126,6 @@ impl<S: AsFd> State<'_, S> {
     }
 }
 
-/// How a connection ended.
 enum End {
     /// The agent closed its end (an error if it cut a frame short).
     Closed(Result<(), FrameError>),
@@ -151,7 +135,6 @@ enum End {
     HandedOver,
 }
 
-/// What one read brought.
 enum Read {
     Got(std::io::Result<(usize, bool)>),
     /// Nothing this time (a tick with nothing ready, a pause asked).
@@ -208,9 +191,10 @@ impl<'a, S: Park> Conn<'a, S> {
             None => Ingest::new(peer, origin, max),
         };
         ingest.set_tenant(Arc::clone(tenant));
-        let state = match life.is_stopping() {
-            true => State::Draining(stream),
-            false => State::Live(stream),
+        let state = if life.is_stopping() {
+            State::Draining(stream)
+        } else {
+            State::Live(stream)
         };
         let now = Instant::now();
         Conn {
@@ -243,8 +227,8 @@ impl<'a, S: Park> Conn<'a, S> {
         self.read().await
     }
 
-    /// Splits what was read into frames and queues their spans, then holds
-    /// the sandbox to its span rate.
+    /// Queues the spans of the frames read, then holds the sandbox to its
+    /// span rate.
     async fn deliver(&mut self) -> Option<End> {
         let shared = self.shared;
         let stats = &*shared.stats;
@@ -327,7 +311,6 @@ impl<'a, S: Park> Conn<'a, S> {
         }
     }
 
-    /// Reads once, as the state says, after moving between Live and Parked.
     async fn read(&mut self) -> Option<End> {
         if let Err(e) = self.pace() {
             return Some(End::Stopped(Err(FrameError::Read(e))));
@@ -414,8 +397,8 @@ impl<'a, S: Park> Conn<'a, S> {
         }
     }
 
-    /// On the reactor or off it: a slow agent is parked; one that speeds up
-    /// (a read filled its room) or goes quiet is read on arrival again.
+    /// A slow agent is parked; one that speeds up (a read filled its room)
+    /// or goes quiet is read on arrival again.
     fn pace(&mut self) -> std::io::Result<()> {
         let shared = self.shared;
         let parked = matches!(self.state, State::Parked { .. });
@@ -448,8 +431,8 @@ impl<'a, S: Park> Conn<'a, S> {
         None
     }
 
-    /// Logs and counts how it ended; leaves the connection in systemd's
-    /// store, or to a successor, when that is where it goes.
+    /// Logs and counts how it ended; leaves the connection to a successor
+    /// or in systemd's store, when that is where it goes.
     fn finish(self, end: End, stored: Stored) {
         let peer = self.peer;
         let end = match end {
@@ -488,8 +471,7 @@ impl<'a, S: Park> Conn<'a, S> {
     }
 }
 
-/// What the reader knows, for a successor to go on from: the converse of
-/// [`Conn::start`]'s resume.
+/// What the reader knows, for a successor to go on from.
 fn reading(ingest: &Ingest, buffered: &[u8]) -> Resume {
     Resume {
         partial: ingest.unread(buffered),

@@ -1,10 +1,9 @@
 //! Hybrid VSOCK (Cloud Hypervisor, Firecracker): a Unix socket per port.
 //!
 //! The VMM relays a guest connection to VSOCK port P as a plain connection
-//! to the Unix socket `<socket-path>_P`, with no handshake (the `CONNECT`
-//! handshake is only for host-initiated connections). So the listener is a
-//! Unix socket, and the care is all in the file: the sandbox directory must
-//! exist, a stale socket from a previous run is replaced, a live one is
+//! to the Unix socket `<socket-path>_P`, with no handshake (`CONNECT` is
+//! only for host-initiated connections). The care is all in the file: the
+//! sandbox directory must exist, a stale socket is replaced, a live one is
 //! left to its owner, anything that is not a socket is never deleted, and
 //! the socket we made is removed when we stop, if it is still ours.
 //!
@@ -19,7 +18,7 @@
 //! socket behind.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -83,36 +82,21 @@ impl HybridListener {
             return Err(ListenError::MissingDirectory { dir });
         }
         let locked = lock_dir(&dir)?;
+        let p = || path.to_path_buf();
         match std::fs::symlink_metadata(path) {
             Ok(md) if md.file_type().is_socket() => {
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(ListenError::InUse {
-                        path: path.to_path_buf(),
-                    });
+                    return Err(ListenError::InUse { path: p() });
                 }
                 tracing::info!(path = %path.display(), "replacing stale socket");
-                std::fs::remove_file(path).map_err(|source| ListenError::RemoveStale {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+                let removed = std::fs::remove_file(path);
+                removed.map_err(|source| ListenError::RemoveStale { path: p(), source })?;
             }
-            Ok(_) => {
-                return Err(ListenError::NotASocket {
-                    path: path.to_path_buf(),
-                })
-            }
+            Ok(_) => return Err(ListenError::NotASocket { path: p() }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(ListenError::InspectPath {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
+            Err(source) => return Err(ListenError::InspectPath { path: p(), source }),
         }
-        let bind_err = |source| ListenError::BindUnix {
-            path: path.to_path_buf(),
-            source,
-        };
+        let bind_err = |source| ListenError::BindUnix { path: p(), source };
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         let md = std::fs::symlink_metadata(path).map_err(bind_err)?;
         // Kept for removal, unlocked. Should unlocking fail, the descriptor
@@ -120,7 +104,7 @@ impl HybridListener {
         let dir = locked.unlock().ok();
         Ok(Self {
             listener,
-            path: path.to_path_buf(),
+            path: p(),
             identity: (md.dev(), md.ino()),
             janitor: None,
             dir,
@@ -130,10 +114,10 @@ impl HybridListener {
     /// A listener a previous forwarder bound and handed over, with its
     /// janitor's pipe when removal was the janitor's job.
     pub(crate) fn adopt(
-        fd: std::os::fd::OwnedFd,
+        fd: OwnedFd,
         path: PathBuf,
         identity: (u64, u64),
-        janitor: Option<std::os::fd::OwnedFd>,
+        janitor: Option<OwnedFd>,
     ) -> io::Result<Self> {
         let std = std::os::unix::net::UnixListener::from(fd);
         std.set_nonblocking(true)?;
@@ -176,22 +160,18 @@ impl HybridListener {
         &self.path
     }
 
-    /// The listening socket.
-    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.listener)
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
     }
 
-    /// Device and inode of the socket file bound.
     pub(crate) fn identity(&self) -> (u64, u64) {
         self.identity
     }
 
-    /// The janitor's pipe, when removal is the janitor's.
-    pub(crate) fn janitor_pipe(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+    pub(crate) fn janitor_pipe(&self) -> Option<BorrowedFd<'_>> {
         self.janitor.as_ref().and_then(Janitor::pipe)
     }
 
-    /// Has a janitor, or needs none.
     pub(crate) fn has_janitor(&self) -> bool {
         self.janitor.is_some()
     }
@@ -199,39 +179,12 @@ impl HybridListener {
     pub(crate) async fn accept(&self) -> io::Result<(UnixStream, tokio::net::unix::SocketAddr)> {
         self.listener.accept().await
     }
-}
 
-impl Drop for HybridListener {
-    fn drop(&mut self) {
-        if let Some(janitor) = self.janitor.take() {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-            let mut done = janitor.remove_now(std::time::Duration::from_secs(2));
-            // A janitor taken over is not our child: watch the file go.
-            while done
-                && std::time::Instant::now() < deadline
-                && std::fs::symlink_metadata(&self.path)
-                    .is_ok_and(|md| (md.dev(), md.ino()) == self.identity)
-            {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            done &= !std::fs::symlink_metadata(&self.path)
-                .is_ok_and(|md| (md.dev(), md.ino()) == self.identity);
-            if !done {
-                tracing::warn!(path = %self.path.display(), "socket janitor did not confirm removal");
-            }
-            return;
-        }
-        match self.remove_if_ours() {
-            Ok(true) => tracing::debug!(path = %self.path.display(), "removed socket"),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "could not remove socket")
-            }
-        }
+    /// Whether the file at the path is still the very socket bound.
+    fn is_ours(&self) -> bool {
+        std::fs::symlink_metadata(&self.path).is_ok_and(|md| (md.dev(), md.ino()) == self.identity)
     }
-}
 
-impl HybridListener {
     /// Removes the socket if it is still the very file bound, through its
     /// directory's descriptor when there is one (the directory may have
     /// been moved since). Whether it was removed.
@@ -240,9 +193,7 @@ impl HybridListener {
         use nix::sys::stat::fstatat;
         use nix::unistd::{unlinkat, UnlinkatFlags};
         let (Some(dir), Some(name)) = (self.dir.as_ref(), self.path.file_name()) else {
-            let ours = std::fs::symlink_metadata(&self.path)
-                .is_ok_and(|md| (md.dev(), md.ino()) == self.identity);
-            return match ours {
+            return match self.is_ours() {
                 true => std::fs::remove_file(&self.path).map(|()| true),
                 false => Ok(false),
             };
@@ -254,5 +205,29 @@ impl HybridListener {
         }
         unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?;
         Ok(true)
+    }
+}
+
+impl Drop for HybridListener {
+    fn drop(&mut self) {
+        if let Some(janitor) = self.janitor.take() {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let done = janitor.remove_now(Duration::from_secs(2));
+            // A janitor taken over is not our child: watch the file go.
+            while done && Instant::now() < deadline && self.is_ours() {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if !done || self.is_ours() {
+                tracing::warn!(path = %self.path.display(), "socket janitor did not confirm removal");
+            }
+            return;
+        }
+        match self.remove_if_ours() {
+            Ok(true) => tracing::debug!(path = %self.path.display(), "removed socket"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not remove socket")
+            }
+        }
     }
 }

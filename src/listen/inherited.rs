@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::hybrid::HybridListener;
 use super::vsock::VsockListener;
@@ -25,12 +25,9 @@ use crate::addr::{Peer, VsockCid};
 use crate::handover::fdstore::{self, Left};
 use crate::handover::{Resume, TakenConn, TakenListener};
 
-/// A Unix listener's socket, as handed over or left in the store.
-struct UnixSocket {
-    fd: OwnedFd,
-    identity: (u64, u64),
-    janitor: Option<OwnedFd>,
-}
+/// A Unix listener's socket, as handed over or left in the store: its fd,
+/// identity and janitor's pipe.
+struct UnixSocket(OwnedFd, (u64, u64), Option<OwnedFd>);
 
 /// What was handed over at one Unix socket path: its listener (gone, when
 /// only its connections were kept), and its connections.
@@ -43,17 +40,17 @@ struct Unix {
 }
 
 /// What was handed over at one VSOCK port.
+#[derive(Default)]
 struct Vsock {
     listener: Option<(VsockListener, VsockCid)>,
-    port: u32,
     connections: Vec<Adopted>,
 }
 
+/// By where a listener would bind: socket path, VSOCK port.
 #[derive(Default)]
 struct Pool {
-    /// By socket path: where a listener would bind.
     unix: HashMap<PathBuf, Unix>,
-    vsock: Vec<Vsock>,
+    vsock: HashMap<u32, Vsock>,
 }
 
 impl Pool {
@@ -65,33 +62,18 @@ impl Pool {
                 id,
                 path,
                 identity,
-            } => {
-                let socket = UnixSocket {
-                    fd,
-                    identity,
-                    janitor: None,
-                };
-                (path, Some(id), socket)
-            }
+            } => (path, Some(id), UnixSocket(fd, identity, None)),
             TakenListener::Hybrid {
                 fd,
                 path,
                 identity,
                 janitor,
-            } => {
-                let socket = UnixSocket {
-                    fd,
-                    identity,
-                    janitor,
-                };
-                (path, None, socket)
-            }
+            } => (path, None, UnixSocket(fd, identity, janitor)),
             TakenListener::Vsock { fd, cid, port } => {
                 let cid = cid.map_or(VsockCid::Any, VsockCid::Cid);
-                if let Some(v) = self.vsock_port(port) {
-                    v.listener = Some((VsockListener::adopt(fd, cid, port), cid));
-                    v.connections.extend(connections);
-                }
+                let v = self.vsock.entry(port).or_default();
+                v.listener = Some((VsockListener::adopt(fd, cid, port), cid));
+                v.connections.extend(connections);
                 return;
             }
         };
@@ -100,25 +82,11 @@ impl Pool {
         u.listener = Some(socket);
         u.connections.extend(connections);
     }
-
-    /// What was handed over at VSOCK `port`, made empty if nothing was.
-    fn vsock_port(&mut self, port: u32) -> Option<&mut Vsock> {
-        if !self.vsock.iter().any(|v| v.port == port) {
-            self.vsock.push(Vsock {
-                listener: None,
-                port,
-                connections: Vec::new(),
-            });
-        }
-        self.vsock.iter_mut().find(|v| v.port == port)
-    }
 }
 
 /// The handed-over listeners and connections, until claimed.
 #[derive(Default)]
-pub(crate) struct Inherited {
-    pool: Mutex<Pool>,
-}
+pub(crate) struct Inherited(Mutex<Pool>);
 
 impl Inherited {
     /// What a predecessor handed over, sorted by where it listens. Within
@@ -127,73 +95,52 @@ impl Inherited {
         listeners: Vec<TakenListener>,
         connections: Vec<TakenConn>,
     ) -> Result<Inherited, ListenError> {
-        let mut by_listener: Vec<Vec<Adopted>> = listeners.iter().map(|_| Vec::new()).collect();
-        for c in connections {
-            let a = Adopted::from_taken(c)?;
-            match by_listener.get_mut(a.listener) {
-                Some(v) => v.push(a),
-                None => tracing::warn!("a handed-over connection without its listener; closed"),
-            }
-        }
+        let connections = connections.into_iter().map(Adopted::from_taken);
+        let by_listener =
+            super::by_listener(listeners.len(), connections.collect::<Result<_, _>>()?);
         let mut pool = Pool::default();
         for (l, connections) in listeners.into_iter().zip(by_listener) {
             pool.put(l, connections);
         }
-        Ok(Inherited {
-            pool: Mutex::new(pool),
-        })
+        Ok(Inherited(Mutex::new(pool)))
     }
 
     /// What the previous process left in systemd's store. Its connections
     /// are read from their next whole frame (what the process had read of
     /// the frame in hand went with it). Within the main runtime.
     pub(crate) fn from_store(left: Vec<Left>) -> Result<Inherited, ListenError> {
-        let adopt = |e: std::io::Error| ListenError::AdoptSocket(e.to_string());
-        let lost = || Resume {
-            partial: Vec::new(),
-            format: None,
-            spans: 0,
-            decode_errors: 0,
-            lost: true,
+        let adopted = |stream, peer| Adopted {
+            listener: 0,
+            stream,
+            peer,
+            resume: Resume {
+                partial: Vec::new(),
+                format: None,
+                spans: 0,
+                decode_errors: 0,
+                lost: true,
+            },
         };
         let mut pool = Pool::default();
         for l in left {
             match l {
                 Left::Listener(l) => pool.put(l, Vec::new()),
                 Left::UnixConnection { fd, path } => {
-                    let std = std::os::unix::net::UnixStream::from(fd);
-                    std.set_nonblocking(true).map_err(adopt)?;
-                    let stream = tokio::net::UnixStream::from_std(std).map_err(adopt)?;
-                    pool.unix
-                        .entry(path)
-                        .or_default()
-                        .connections
-                        .push(Adopted {
-                            listener: 0,
-                            stream: Stream::Unix(stream),
-                            peer: Peer::Unix,
-                            resume: lost(),
-                        });
+                    let a = adopted(Stream::unix(fd)?, Peer::Unix);
+                    pool.unix.entry(path).or_default().connections.push(a);
                 }
                 Left::VsockConnection { fd, cid, port } => {
-                    if let Some(v) = pool.vsock_port(port) {
-                        v.connections.push(Adopted {
-                            listener: 0,
-                            stream: Stream::Vsock(tokio_vsock::VsockStream::from(fd)),
-                            peer: Peer::Vsock { cid },
-                            resume: lost(),
-                        });
-                    }
+                    let stream = Stream::Vsock(tokio_vsock::VsockStream::from(fd));
+                    let a = adopted(stream, Peer::Vsock { cid });
+                    pool.vsock.entry(port).or_default().connections.push(a);
                 }
             }
         }
-        Ok(Inherited {
-            pool: Mutex::new(pool),
-        })
+        Ok(Inherited(Mutex::new(pool)))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
-        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// What was handed over at `path`: its listener, if the file there is
@@ -202,8 +149,7 @@ impl Inherited {
     pub(crate) fn take_unix(&self, path: &Path) -> Option<(Option<HybridListener>, Vec<Adopted>)> {
         let u = self.lock().unix.remove(path)?;
         let listener = u.listener.and_then(|s| {
-            let still = std::fs::symlink_metadata(path)
-                .is_ok_and(|m| (m.dev(), m.ino()) == s.identity);
+            let still = std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == s.1);
             if !still {
                 tracing::warn!(
                     sandbox = u.id.as_deref().unwrap_or(""),
@@ -213,13 +159,11 @@ impl Inherited {
                 forget_listener(&s);
                 return None;
             }
-            match HybridListener::adopt(s.fd, path.to_owned(), s.identity, s.janitor) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "serving a handed-over socket; binding anew");
-                    None
-                }
+            let adopted = HybridListener::adopt(s.0, path.to_owned(), s.1, s.2);
+            if let Err(e) = &adopted {
+                tracing::warn!(path = %path.display(), error = %e, "serving a handed-over socket; binding anew");
             }
+            adopted.ok()
         });
         Some((listener, u.connections))
     }
@@ -232,10 +176,7 @@ impl Inherited {
         cid: VsockCid,
         port: u32,
     ) -> Option<(Option<VsockListener>, Vec<Adopted>)> {
-        let mut pool = self.lock();
-        let at = pool.vsock.iter().position(|v| v.port == port)?;
-        let v = pool.vsock.swap_remove(at);
-        drop(pool);
+        let v = self.lock().vsock.remove(&port)?;
         let listener = match v.listener {
             Some((l, had)) if had == cid => Some(l),
             Some((l, _)) => {
@@ -263,68 +204,57 @@ impl Inherited {
                 connections = u.connections.len(),
                 "a handed-over socket is no longer served here (its sandbox went, or nothing asks for it); closing it"
             );
-            if let Some(s) = &u.listener {
-                forget_listener(s);
-            }
-            for c in &u.connections {
-                c.forget();
-            }
+            u.listener.iter().for_each(forget_listener);
+            u.connections.iter().for_each(Adopted::forget);
         }
-        for v in pool.vsock {
+        for (port, v) in pool.vsock {
             tracing::warn!(
-                port = v.port,
+                port,
                 connections = v.connections.len(),
                 "a handed-over VSOCK listener is no longer asked for; closing it"
             );
             if let Some((l, _)) = &v.listener {
                 fdstore::forget(fdstore::listener_name(l.fd(), None));
             }
-            for c in &v.connections {
-                c.forget();
-            }
+            v.connections.iter().for_each(Adopted::forget);
         }
     }
 }
 
-/// Takes a Unix listener not served any more out of systemd's store.
 /// The one way a hybrid socket is made: served on from `inherited` if a
 /// predecessor handed it over and the file at `path` is still the one it
 /// bound, else bound anew; with the connections handed over on it.
 pub(crate) fn hybrid(
-    inherited: Option<&std::sync::Arc<Inherited>>,
+    inherited: Option<&Arc<Inherited>>,
     path: &Path,
 ) -> Result<(HybridListener, Vec<Adopted>), ListenError> {
     let (l, adopted) = inherited
         .and_then(|i| i.take_unix(path))
         .unwrap_or_default();
-    let l = match l {
-        Some(l) => l,
-        None => HybridListener::bind(path)?,
-    };
-    Ok((l, adopted))
+    Ok((l.map_or_else(|| HybridListener::bind(path), Ok)?, adopted))
 }
 
 /// The one way a VSOCK listener is made: served on from `inherited` if a
 /// predecessor handed one over on `cid` and `port`, else bound anew.
 pub(crate) fn vsock(
-    inherited: Option<&std::sync::Arc<Inherited>>,
+    inherited: Option<&Arc<Inherited>>,
     cid: VsockCid,
     port: u32,
 ) -> Result<(VsockListener, Vec<Adopted>), ListenError> {
     let (l, adopted) = inherited
         .and_then(|i| i.take_vsock(cid, port))
         .unwrap_or_default();
-    let l = match l {
-        Some(l) => l,
-        None => VsockListener::bind(cid, port)?,
-    };
-    Ok((l, adopted))
+    Ok((
+        l.map_or_else(|| VsockListener::bind(cid, port), Ok)?,
+        adopted,
+    ))
 }
 
+/// Takes a Unix listener not served any more out of systemd's store.
 fn forget_listener(s: &UnixSocket) {
-    fdstore::forget(fdstore::listener_name(s.fd.as_fd(), Some(s.identity)));
-    if s.janitor.is_some() {
-        fdstore::forget(fdstore::janitor_name(s.fd.as_fd()));
+    fdstore::forget(fdstore::listener_name(s.0.as_fd(), Some(s.1)));
+    if s.2.is_some() {
+        fdstore::forget(fdstore::janitor_name(s.0.as_fd()));
     }
 }
 

@@ -2,32 +2,25 @@
 //! following them as they change.
 //!
 //! [`crate::config::kata`] turns the configuration files into a plan (VSOCK
-//! for QEMU, a socket template per hybrid-VSOCK hypervisor and runtime).
-//! This listener serves that plan: VSOCK through the same accept loop as
-//! `--vsock`, each template through a [`TemplateListener`] on the one
-//! sandbox thread (which keeps the capability its directories need). It
-//! also watches the directories the configurations live in with inotify,
-//! and when a file is added, changed or removed (kata-deploy installing or
-//! upgrading a node), reads the plan again and starts what is new and stops
-//! what no configuration asks for any more: a stopped template's sandboxes
-//! stop, their connections drain, and their sockets are removed.
+//! for QEMU, a socket template per hybrid-VSOCK hypervisor and runtime),
+//! served here: VSOCK through the same accept loop as `--vsock`, each
+//! template through a [`TemplateListener`] on the one sandbox thread. The
+//! directories the configurations live in are watched with inotify; when a
+//! file is added, changed or removed (kata-deploy installing or upgrading a
+//! node), the plan is read again, what is new started and what no
+//! configuration asks for any more stopped (its sandboxes' connections
+//! drain, their sockets are removed).
 //!
 //! A configuration that cannot be read or parsed stops the forwarder at
-//! start (it names the file; the runtimes would fail on it too, and a plan
-//! missing a runtime class is worse than no plan). Once running, the same
-//! error is logged and that file keeps what it was served for, so that a
-//! half-written file in the middle of an upgrade never stops a runtime
-//! class's tracing.
-//!
-//! In a hand-over, the planner pauses with everything else (it starts and
-//! stops nothing meanwhile) and, handed over, leaves the listeners to the
-//! successor, whose own plan serves them on.
+//! start (the runtimes would fail on it too, and a plan missing a runtime
+//! class is worse than no plan). Once running, the error is logged and that
+//! file keeps what it was served for, so that a half-written file in the
+//! middle of an upgrade never stops a runtime class's tracing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -35,7 +28,6 @@ use inotify::{EventMask, EventStream, Inotify, WatchMask, Watches};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::sandbox::{self, CidResolver};
 use super::template::{SandboxThread, TemplateListener};
 use super::vsock::VsockListener;
 use super::{Adopted, ListenError, Listener, Serving};
@@ -50,8 +42,8 @@ use crate::shutdown::Shutdown;
 /// new configuration's sandboxes must be served.
 const SETTLE: Duration = Duration::from_millis(100);
 
-/// The inotify events that can change the plan: files written, renamed in
-/// or out, removed; directories on the way appearing or going.
+/// Files written, renamed in or out, removed; directories on the way
+/// appearing or going.
 const CONFIG_MASK: WatchMask = WatchMask::CREATE
     .union(WatchMask::CLOSE_WRITE)
     .union(WatchMask::MOVED_TO)
@@ -70,14 +62,9 @@ enum Bound {
     Template(TemplateListener),
 }
 
-/// A target being served.
-struct Running {
-    /// Stops this target alone.
-    stop: Shutdown,
-    task: JoinHandle<()>,
-}
+/// A target being served: what stops it alone, and its task.
+type Running = (Shutdown, JoinHandle<()>);
 
-/// The running `--kata-host` listener.
 pub(crate) struct KataHostListener {
     cfg: KataHostConfig,
     thread: SandboxThread,
@@ -106,40 +93,34 @@ impl KataHostListener {
         if let Some(bad) = plan.errors().next() {
             return Err(ListenError::ReadKataConfig(bad.skipped.join("; ")));
         }
-        let effective = plan
-            .configs
-            .iter()
+        let effective = plan.configs.iter();
+        let effective = effective
             .map(|c| (c.file.clone(), c.serves.clone()))
             .collect();
         let mut me = KataHostListener {
             cfg: cfg.clone(),
             thread,
             shutdown: shutdown.clone(),
-            plan: Plan {
-                listeners: Vec::new(),
-                ..plan.clone()
-            },
+            plan,
             effective,
             bound: Vec::new(),
             watch,
         };
-        for target in &plan.listeners {
+        for target in me.plan.listeners.clone() {
             let stop = shutdown.child();
-            let bound = me.bind(target, &stop).await?;
+            let bound = me.bind(&target, &stop).await?;
             tracing::info!(listener = %target, "kata-host: serving");
-            me.bound.push((target.clone(), stop, bound));
+            me.bound.push((target, stop, bound));
         }
-        if plan.listeners.is_empty() {
+        if me.plan.listeners.is_empty() {
             tracing::warn!(
                 root = %cfg.sources.root.display(),
                 "kata-host: no Kata configuration asks for anything to serve yet; watching for one"
             );
         }
-        me.plan = plan;
         Ok(me)
     }
 
-    /// The sandbox thread its templates' watchers run on.
     pub(crate) fn thread(&self) -> &SandboxThread {
         &self.thread
     }
@@ -183,10 +164,9 @@ impl KataHostListener {
     }
 
     /// Serves the plan until shutdown begins, following the configurations;
-    /// then waits for every listener to stop.
-    /// `life` pauses the planner for hand-overs: nothing is started or
-    /// stopped until the outcome; handed over, it leaves what it served to
-    /// the successor.
+    /// then waits for every listener to stop. Paused for a hand-over,
+    /// nothing is started or stopped until the outcome; handed over, it
+    /// leaves what it served to the successor.
     pub(crate) async fn serve(mut self, ctx: Serving, mut life: Lifeline) {
         let mut running: BTreeMap<Target, Running> = BTreeMap::new();
         for (target, stop, bound) in std::mem::take(&mut self.bound) {
@@ -226,16 +206,14 @@ impl KataHostListener {
                 },
             }
         }
-        for (_, r) in running {
-            let _ = r.task.await;
+        for (_, (_, task)) in running {
+            let _ = task.await;
         }
         for t in stopped {
             let _ = t.await;
         }
     }
 
-    /// Reads the plan again, stops what is no longer asked for and starts
-    /// what is new.
     async fn replan(
         &mut self,
         running: &mut BTreeMap<Target, Running>,
@@ -270,17 +248,14 @@ impl KataHostListener {
                 wanted.insert(t.clone());
             }
         }
-        let gone: Vec<Target> = running
-            .keys()
-            .filter(|t| !wanted.contains(*t))
-            .cloned()
-            .collect();
-        for target in gone {
-            if let Some(r) = running.remove(&target) {
-                tracing::info!(listener = %target, "kata-host: no longer serving (no configuration asks for it)");
-                r.stop.stop();
-                stopped.push(r.task);
+        for (target, (stop, task)) in std::mem::take(running) {
+            if wanted.contains(&target) {
+                running.insert(target, (stop, task));
+                continue;
             }
+            tracing::info!(listener = %target, "kata-host: no longer serving (no configuration asks for it)");
+            stop.stop();
+            stopped.push(task);
         }
         stopped.retain(|t| !t.is_finished());
         for target in wanted {
@@ -312,18 +287,10 @@ fn spawn(bound: Bound, stop: Shutdown, ctx: &Serving, planner: &Lifeline) -> Run
         Bound::Template(t) => tokio::spawn(t.serve(ctx.clone(), life)),
         Bound::Vsock(l, adopted) => {
             let serving = ctx.clone();
-            tokio::spawn(async move {
-                // QEMU: a guest's CID says which sandbox it is, through /proc;
-                // each guest CID is a sandbox of its own.
-                let resolver = Some(Arc::new(CidResolver::new(sandbox::PROC_ROOT)));
-                serving
-                    .accept(&serving.origin, resolver, None, None)
-                    .serve(Listener::Vsock(l), life, adopted)
-                    .await;
-            })
+            tokio::spawn(async move { serving.serve(Listener::Vsock(l), life, adopted).await })
         }
     };
-    Running { stop, task }
+    (stop, task)
 }
 
 /// inotify on the directories the configurations live in (under the root),
@@ -361,7 +328,6 @@ impl ConfigWatch {
         Ok(me)
     }
 
-    /// Watches each wanted directory, or its nearest existing ancestor.
     fn rewatch(&mut self) -> io::Result<()> {
         self.dirs.clear();
         let mut first_error = None;
@@ -408,10 +374,8 @@ impl ConfigWatch {
             return Some(true);
         }
         let dir = self.dirs.get(&ev.wd.get_watch_descriptor_id()).cloned();
-        let structural = ev
-            .mask
-            .intersects(EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF)
-            || (ev.mask.contains(EventMask::ISDIR));
+        let gone = EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF;
+        let structural = ev.mask.intersects(gone | EventMask::ISDIR);
         let relevant = match (&dir, ev.name.as_deref()) {
             (Some(dir), Some(name)) => self.matters(dir, name),
             // The watched directory itself changed.

@@ -1,27 +1,23 @@
 //! Listening: accepting agent connections and reading their frames.
 //!
-//! There are two ways a guest reaches the host. QEMU uses the host kernel's
-//! AF_VSOCK ([`vsock`]); Cloud Hypervisor and Firecracker use "hybrid
-//! VSOCK", where the VMM turns each guest-initiated connection to port P
-//! into a Unix-socket connection to `<socket-path>_P` ([`hybrid`]). Only
-//! `bind` and `accept` differ: after `accept`, every stream goes through the
-//! same [`connection`] code, so what is tested over Unix sockets here is
-//! what runs for VSOCK.
-//!
-//! One forwarder can also serve every hybrid-VSOCK sandbox on a host: in
-//! template mode ([`template`]) a watcher binds a listener in each sandbox
-//! directory as it appears and closes it as the directory goes. Whatever
-//! is known of a connection's sandbox (its id, its guest's CID, resolved by
-//! [`sandbox`] for QEMU) goes onto its spans' resource.
+//! QEMU guests reach the host over the kernel's AF_VSOCK ([`vsock`]); Cloud
+//! Hypervisor and Firecracker use "hybrid VSOCK", where the VMM turns each
+//! guest connection to port P into a Unix-socket connection to
+//! `<socket-path>_P` ([`hybrid`]). Only `bind` and `accept` differ: every
+//! stream then goes through the same [`connection`] code, so what is tested
+//! over Unix sockets here is what runs for VSOCK. In template mode
+//! ([`template`]) a watcher binds a listener in each sandbox directory as
+//! it appears. What is known of a connection's sandbox (its id, its guest's
+//! CID, resolved by [`sandbox`] for QEMU) goes onto its spans' resource.
 //!
 //! Each connection is its own task, so an idle or slow agent never delays
 //! another, and an error ends only its own connection. Every connection
 //! belongs to a sandbox ([`crate::tenant`]): the listener's in hybrid and
-//! template modes, its guest CID's on VSOCK. The number of open connections
-//! is capped per sandbox and in all; beyond a cap a connection is accepted,
-//! logged (through the sandbox's log gate) and closed, so a flood of
-//! connections costs a file descriptor for a moment and nothing more, and
-//! one sandbox's flood never uses up another's room.
+//! template modes, its guest CID's on VSOCK. Open connections are capped
+//! per sandbox and in all; beyond a cap a connection is accepted, logged
+//! (through the sandbox's log gate) and closed, so a flood costs a file
+//! descriptor for a moment, and one sandbox's flood never uses up
+//! another's room.
 
 mod accept;
 pub(crate) mod connection;
@@ -35,12 +31,13 @@ pub mod template;
 pub mod vsock;
 
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::addr::{hybrid_socket, Peer};
+use crate::addr::{hybrid_socket, Peer, VsockCid};
 use crate::config::{ListenConfig, ListenMode};
-use crate::handover::fdstore::Stored;
+use crate::handover::fdstore::{self, Stored};
 use crate::handover::hub::{Hub, Piece, PieceKind};
 use crate::handover::wire::ListenerKind;
 use crate::handover::{Resume, TakenConn};
@@ -57,54 +54,29 @@ pub enum ListenError {
     #[error("{path} is in use by another live listener")]
     InUse { path: PathBuf },
     #[error("inspecting {path}: {source}")]
-    InspectPath {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    InspectPath { path: PathBuf, source: io::Error },
     #[error("locking {dir} to bind a socket in it: {source}")]
-    LockDirectory {
-        dir: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    LockDirectory { dir: PathBuf, source: io::Error },
     #[error("removing stale socket {path}: {source}")]
-    RemoveStale {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    RemoveStale { path: PathBuf, source: io::Error },
     #[error("binding Unix socket {path}: {source}")]
-    BindUnix {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    BindUnix { path: PathBuf, source: io::Error },
     #[error("binding VSOCK cid {cid} port {port}: {source}")]
     BindVsock {
         cid: String,
         port: u32,
-        #[source]
         source: io::Error,
     },
     #[error("dropping privileges to user '{user}': {reason}")]
     DropPrivileges { user: String, reason: String },
     #[error("watching {dir} for sandboxes: {source}")]
-    WatchSandboxes {
-        dir: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    WatchSandboxes { dir: PathBuf, source: io::Error },
     #[error("starting the sandbox watcher: {0}")]
     StartWatcher(String),
     #[error("{0} (fix or remove it; --kata-host --print shows the plan)")]
     ReadKataConfig(String),
     #[error("watching the Kata configurations in {dir}: {source}")]
-    WatchKataConfigs {
-        dir: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    WatchKataConfigs { dir: PathBuf, source: io::Error },
     #[error("serving a handed-over socket: {0}")]
     AdoptSocket(String),
 }
@@ -118,20 +90,9 @@ pub enum Listener {
 /// What binds and removes listeners as sandboxes (or the host's Kata
 /// configurations) come and go, and serves each in a task of its own.
 pub(crate) enum Manager {
-    /// One hybrid listener per sandbox directory of a template.
     Template(template::TemplateListener),
-    /// What the host's Kata configurations ask for, as they change (boxed:
-    /// it holds its plan; there is one per forwarder).
+    /// Boxed: it holds its plan; there is one per forwarder.
     KataHost(Box<kata_host::KataHostListener>),
-}
-
-impl Listener {
-    pub fn describe(&self) -> String {
-        match self {
-            Listener::Hybrid(l) => format!("hybrid vsock unix:{}", l.path().display()),
-            Listener::Vsock(l) => l.describe(),
-        }
-    }
 }
 
 impl Manager {
@@ -151,30 +112,46 @@ impl Manager {
 }
 
 impl Listener {
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Hybrid(l) => format!("hybrid vsock unix:{}", l.path().display()),
+            Listener::Vsock(l) => l.describe(),
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Hybrid(l) => l.fd(),
+            Listener::Vsock(l) => l.fd(),
+        }
+    }
+
     /// This listener's part of a hand-over, as its accept loop reports it:
     /// what a successor needs to serve it (for a hybrid socket its path and
-    /// identity), a duplicate of its socket and of its janitor's pipe.
-    fn hand_over(&self) -> Option<Piece> {
-        let handed = match self {
+    /// identity; `sandbox`'s, for its watcher, in template mode and
+    /// `--kata-host`), a duplicate of its socket and of its janitor's pipe.
+    fn hand_over(&self, sandbox: Option<&str>) -> Option<Piece> {
+        let (kind, janitor) = match self {
             Listener::Hybrid(l) => {
-                let kind = ListenerKind::Hybrid {
-                    path: l.path().to_owned(),
-                    identity: l.identity(),
+                let (path, identity) = (l.path().to_owned(), l.identity());
+                let kind = match sandbox {
+                    Some(id) => ListenerKind::Sandbox {
+                        id: id.to_owned(),
+                        path,
+                        identity,
+                    },
+                    None => ListenerKind::Hybrid { path, identity },
                 };
                 let janitor = l.janitor_pipe().map(|p| p.try_clone_to_owned());
-                (kind, l.fd(), janitor.transpose())
+                (kind, janitor.transpose())
             }
             Listener::Vsock(l) => {
                 let (cid, port) = l.address();
-                let cid = match cid {
-                    crate::addr::VsockCid::Any => None,
-                    crate::addr::VsockCid::Cid(c) => Some(c),
-                };
-                (ListenerKind::Vsock { cid, port }, l.fd(), Ok(None))
+                let cid = (cid != VsockCid::Any).then(|| cid.as_raw());
+                (ListenerKind::Vsock { cid, port }, Ok(None))
             }
         };
-        let (kind, fd, janitor) = handed;
-        match janitor.and_then(|janitor| Ok((fd.try_clone_to_owned()?, janitor))) {
+        match janitor.and_then(|janitor| Ok((self.fd().try_clone_to_owned()?, janitor))) {
             Ok((fd, janitor)) => Some(Piece {
                 what: PieceKind::Listener { kind, janitor },
                 fd,
@@ -190,14 +167,13 @@ impl Listener {
     /// and its janitor's pipe (so that the janitor does not remove the
     /// socket when this process goes, only when systemd lets go of it).
     fn store(&self) -> Vec<Stored> {
-        match self {
-            Listener::Hybrid(l) => {
-                let mut stored = vec![Stored::listener(l.fd(), Some(l.identity()))];
-                stored.extend(l.janitor_pipe().map(|p| Stored::janitor(l.fd(), p)));
-                stored
-            }
-            Listener::Vsock(l) => vec![Stored::listener(l.fd(), None)],
-        }
+        let (identity, janitor) = match self {
+            Listener::Hybrid(l) => (Some(l.identity()), l.janitor_pipe()),
+            Listener::Vsock(_) => (None, None),
+        };
+        let mut stored = vec![Stored::listener(self.fd(), identity)];
+        stored.extend(janitor.map(|p| Stored::janitor(self.fd(), p)));
+        stored
     }
 
     /// Stops serving after a hand-over, leaving the socket to the successor.
@@ -210,7 +186,7 @@ impl Listener {
 
 /// A connection a previous forwarder served, to be served on.
 pub(crate) struct Adopted {
-    /// Index of its listener among those handed over.
+    /// Its listener's index among those handed over.
     listener: usize,
     stream: Stream,
     peer: Peer,
@@ -221,26 +197,20 @@ impl Adopted {
     /// Not served here: out of systemd's store too, if it kept it.
     fn forget(&self) {
         let fd = match &self.stream {
-            Stream::Unix(s) => std::os::fd::AsFd::as_fd(s),
-            Stream::Vsock(s) => std::os::fd::AsFd::as_fd(s),
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Vsock(s) => s.as_fd(),
         };
-        crate::handover::fdstore::forget(crate::handover::fdstore::connection_name(fd));
+        fdstore::forget(fdstore::connection_name(fd));
     }
 
     /// Registers a handed-over connection with the current runtime.
     fn from_taken(c: TakenConn) -> Result<Adopted, ListenError> {
-        let adopt = |e: io::Error| ListenError::AdoptSocket(e.to_string());
         let (stream, peer) = match c.cid {
             Some(cid) => (
                 Stream::Vsock(tokio_vsock::VsockStream::from(c.fd)),
                 Peer::Vsock { cid },
             ),
-            None => {
-                let std = std::os::unix::net::UnixStream::from(c.fd);
-                std.set_nonblocking(true).map_err(adopt)?;
-                let s = tokio::net::UnixStream::from_std(std).map_err(adopt)?;
-                (Stream::Unix(s), Peer::Unix)
-            }
+            None => (Stream::unix(c.fd)?, Peer::Unix),
         };
         Ok(Adopted {
             listener: c.listener,
@@ -251,13 +221,24 @@ impl Adopted {
     }
 }
 
+/// `adopted`, sorted by the index of their listener among `listeners`.
+fn by_listener(listeners: usize, adopted: Vec<Adopted>) -> Vec<Vec<Adopted>> {
+    let mut by: Vec<Vec<Adopted>> = (0..listeners).map(|_| Vec::new()).collect();
+    for a in adopted {
+        match by.get_mut(a.listener) {
+            Some(v) => v.push(a),
+            None => tracing::warn!("a handed-over connection without its listener; closed"),
+        }
+    }
+    by
+}
+
 /// The listeners one forwarder serves, bound and ready, and what makes
 /// more of them as sandboxes come.
 pub struct Listeners {
     listeners: Vec<Listener>,
     managers: Vec<Manager>,
     max_connections: usize,
-    /// Connections handed over with the listeners.
     adopted: Vec<Adopted>,
     /// Where accept loops and connections pause for the next hand-over.
     hub: Option<Arc<Hub>>,
@@ -282,24 +263,20 @@ impl Listeners {
         self.hub = Some(hub);
     }
 
-    /// Where a hand-over starts the upgraded binary and becomes it.
+    /// Where a hand-over starts the upgraded binary and becomes it: from
+    /// the thread that watches sandbox directories, when one does.
     pub(crate) fn launcher(&self) -> Arc<dyn crate::handover::server::Launcher> {
-        Arc::new(template::Launch(self.sandbox_thread()))
-    }
-
-    /// The thread that watches sandbox directories, when one does.
-    fn sandbox_thread(&self) -> Option<template::SandboxThread> {
-        self.managers.first().map(|m| match m {
+        let thread = self.managers.first().map(|m| match m {
             Manager::Template(t) => t.thread().clone(),
             Manager::KataHost(k) => k.thread().clone(),
-        })
+        });
+        Arc::new(template::Launch(thread))
     }
 
     pub fn describe(&self) -> String {
         self.each().join(", ")
     }
 
-    /// Each listener and sandbox manager, described.
     pub(crate) fn each(&self) -> Vec<String> {
         let listeners = self.listeners.iter().map(Listener::describe);
         listeners
@@ -310,20 +287,10 @@ impl Listeners {
 
 /// Binds what `cfg` says, then, when started as root, drops to
 /// `cfg.user`, handing `writable` (the spool) to that user first so that
-/// it stays writable. Binding needs root for the hybrid modes' sandbox
-/// directories; nothing after it does. Template mode starts its sandbox
-/// watcher under `shutdown`, which stops the sandboxes it serves.
-pub async fn bind(
-    cfg: &ListenConfig,
-    writable: Option<&Path>,
-    shutdown: &Shutdown,
-) -> Result<Listeners, ListenError> {
-    bind_inheriting(cfg, writable, shutdown, None).await
-}
-
-/// [`bind`], for a successor in template mode or `--kata-host`: what the
-/// predecessor handed over is served on where it is still asked for (see
-/// [`inherited`]), the rest is bound as at any start.
+/// it stays writable: binding needs root for the hybrid modes' sandbox
+/// directories, nothing after it does. `shutdown` stops template mode's
+/// sandboxes. In a successor, what the predecessor handed over is served
+/// on where it is still asked for (see [`inherited`]).
 pub(crate) async fn bind_inheriting(
     cfg: &ListenConfig,
     writable: Option<&Path>,
@@ -343,136 +310,105 @@ async fn bind_mode(
     shutdown: &Shutdown,
     inherited: Option<&Arc<inherited::Inherited>>,
 ) -> Result<Listeners, ListenError> {
-    let root = privileges::is_root();
-    // The one listener, with its connections a previous process left.
-    let (listener, adopted) = match &cfg.mode {
+    let mut all = Listeners::new(Vec::new(), cfg.max_connections);
+    let (vsock, templates, port, max_sandboxes) = match &cfg.mode {
         ListenMode::Hybrid { socket_path, port } => {
             let path = hybrid_socket(socket_path, *port);
             let (mut l, conns) = inherited::hybrid(inherited, &path)?;
-            if root && !l.has_janitor() {
-                l.hand_removal_to_janitor()?;
-            }
-            if root {
+            if privileges::is_root() {
+                if !l.has_janitor() {
+                    l.hand_removal_to_janitor()?;
+                }
                 if let Some(dir) = writable {
                     privileges::give_to_user(dir, &cfg.user)?;
                 }
                 privileges::drop_root(&cfg.user, privileges::Keep::Nothing)?;
             }
-            (Listener::Hybrid(l), conns)
+            all.listeners.push(Listener::Hybrid(l));
+            all.adopted = conns;
+            return Ok(all);
         }
         ListenMode::Vsock { cid, port } => {
             let (l, conns) = inherited::vsock(inherited, *cid, *port)?;
-            (Listener::Vsock(l), conns)
+            all.listeners.push(Listener::Vsock(l));
+            all.adopted = conns;
+            return Ok(all);
         }
         ListenMode::Template {
             template,
             port,
             max_sandboxes,
-        } => {
-            let templates = std::slice::from_ref(template);
-            let set = Set {
-                vsock: None,
-                templates,
-                port: *port,
-                max_sandboxes: *max_sandboxes,
-            };
-            return bind_set(cfg, set, writable, shutdown, inherited).await;
-        }
+        } => (None, std::slice::from_ref(template), *port, *max_sandboxes),
         ListenMode::Many {
             vsock,
             templates,
             port,
             max_sandboxes,
-        } => {
-            let set = Set {
-                vsock: *vsock,
-                templates,
-                port: *port,
-                max_sandboxes: *max_sandboxes,
-            };
-            return bind_set(cfg, set, writable, shutdown, inherited).await;
-        }
+        } => (*vsock, &templates[..], *port, *max_sandboxes),
         ListenMode::KataHost(k) => {
-            let thread = template::SandboxThread::start(unprivileged_user(cfg, writable)?)
-                .await?
-                .inheriting(inherited);
+            let thread = sandbox_thread(cfg, writable, inherited).await?;
             let host = kata_host::KataHostListener::start(k, thread, shutdown).await?;
-            let mut all = Listeners::new(Vec::new(), cfg.max_connections);
             all.managers.push(Manager::KataHost(Box::new(host)));
             return Ok(all);
         }
     };
-    let mut all = Listeners::new(vec![listener], cfg.max_connections);
-    all.adopted = adopted;
+    // VSOCK (when set) and every template, the templates' watchers sharing
+    // one sandbox thread.
+    if let Some(cid) = vsock {
+        let (l, conns) = inherited::vsock(inherited, cid, port)?;
+        // The first listener here, whatever it was in the predecessor.
+        all.adopted = conns
+            .into_iter()
+            .map(|a| Adopted { listener: 0, ..a })
+            .collect();
+        all.listeners.push(Listener::Vsock(l));
+    }
+    if !templates.is_empty() {
+        let thread = sandbox_thread(cfg, writable, inherited).await?;
+        for t in templates {
+            let l = template::TemplateListener::start_on(
+                &thread,
+                t.clone(),
+                port,
+                max_sandboxes,
+                shutdown,
+            )
+            .await?;
+            all.managers.push(Manager::Template(l));
+        }
+    }
     Ok(all)
 }
 
-/// Whom the sandbox thread makes the process (when root), after handing
-/// `writable` (the spool) to that user.
-fn unprivileged_user(
+/// Starts the sandbox thread; when root, the process becomes `cfg.user`
+/// (given `writable` first), the thread alone keeping what it needs.
+async fn sandbox_thread(
     cfg: &ListenConfig,
     writable: Option<&Path>,
-) -> Result<Option<String>, ListenError> {
-    // Root is dropped on the sandbox thread, keeping only what it needs.
+    inherited: Option<&Arc<inherited::Inherited>>,
+) -> Result<template::SandboxThread, ListenError> {
     let user = privileges::is_root().then(|| cfg.user.clone());
     if let (Some(user), Some(dir)) = (&user, writable) {
         privileges::give_to_user(dir, user)?;
     }
-    Ok(user)
+    Ok(template::SandboxThread::start(user)
+        .await?
+        .inheriting(inherited))
 }
 
-/// What template mode serves: VSOCK (when `vsock` is set) and templates.
-struct Set<'a> {
-    vsock: Option<crate::addr::VsockCid>,
-    templates: &'a [crate::addr::SocketTemplate],
-    port: u32,
-    max_sandboxes: usize,
-}
-
-/// VSOCK (when set) and every template of `set`, the templates' watchers
-/// sharing one sandbox thread.
-async fn bind_set(
-    cfg: &ListenConfig,
-    set: Set<'_>,
-    writable: Option<&Path>,
-    shutdown: &Shutdown,
-    inherited: Option<&Arc<inherited::Inherited>>,
-) -> Result<Listeners, ListenError> {
-    let mut listeners = Vec::new();
-    let mut managers = Vec::new();
-    let mut adopted = Vec::new();
-    if let Some(cid) = set.vsock {
-        let (l, conns) = inherited::vsock(inherited, cid, set.port)?;
-        adopted.extend(conns.into_iter().map(|mut a| {
-            a.listener = listeners.len();
-            a
-        }));
-        listeners.push(Listener::Vsock(l));
-    }
-    if !set.templates.is_empty() {
-        let thread = template::SandboxThread::start(unprivileged_user(cfg, writable)?)
-            .await?
-            .inheriting(inherited);
-        for t in set.templates {
-            let l = template::TemplateListener::start_on(
-                &thread,
-                t.clone(),
-                set.port,
-                set.max_sandboxes,
-                shutdown,
-            )
-            .await?;
-            managers.push(Manager::Template(l));
-        }
-    }
-    let mut all = Listeners::new(listeners, cfg.max_connections);
-    all.managers = managers;
-    all.adopted = adopted;
-    Ok(all)
-}
-
-/// An accepted stream of either transport.
 pub(crate) enum Stream {
     Unix(tokio::net::UnixStream),
     Vsock(tokio_vsock::VsockStream),
+}
+
+impl Stream {
+    /// A handed-over Unix connection, on the current runtime.
+    fn unix(fd: OwnedFd) -> Result<Stream, ListenError> {
+        let adopt = |e: io::Error| ListenError::AdoptSocket(e.to_string());
+        let std = std::os::unix::net::UnixStream::from(fd);
+        std.set_nonblocking(true).map_err(adopt)?;
+        Ok(Stream::Unix(
+            tokio::net::UnixStream::from_std(std).map_err(adopt)?,
+        ))
+    }
 }

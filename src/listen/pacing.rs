@@ -18,12 +18,6 @@
 //! tick reads is marked as possibly having arrived just after the tick
 //! before, so that the batcher's deadline still holds for it: pacing never
 //! makes a span wait longer than `--batch-timeout` for its batch.
-//!
-//! The tick is one timer for them all ([`Pacing::tick`]): a task sleeps to
-//! each tick, while any connection waits for one, and wakes them together.
-//!
-//! Only the steps that differ per transport are here ([`Park`]); reading,
-//! framing and everything after is the connection's common code.
 
 use std::fs::File;
 use std::io;
@@ -36,7 +30,6 @@ use tokio::io::AsyncRead;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// Longest tick.
 const MAX_TICK: Duration = Duration::from_millis(50);
 /// Shorter ticks than this are not worth a timer: no pacing.
 const MIN_TICK: Duration = Duration::from_millis(5);
@@ -49,7 +42,8 @@ const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// Empty ticks in a row after which a parked connection goes back to epoll.
 const EMPTY_TICKS: u32 = 4;
 
-/// The clock every parked connection reads on.
+/// The clock every parked connection reads on: one task sleeps to each
+/// tick, while any connection waits for one, and wakes them together.
 #[derive(Debug, Clone)]
 pub(crate) struct Pacing {
     epoch: Instant,
@@ -109,8 +103,6 @@ impl Pacing {
         })
     }
 
-    /// Waits for the next tick: the same instant for every connection, so
-    /// one wake-up serves them all.
     pub(crate) async fn tick(&self) {
         let ticked = self.clock.ticked.notified();
         tokio::pin!(ticked);
@@ -120,8 +112,6 @@ impl Pacing {
         ticked.await;
     }
 
-    /// The ticking task: while connections wait, sleeps to each tick and
-    /// wakes them.
     async fn run(self) {
         loop {
             if self.clock.waiting.load(Ordering::Acquire) == 0 {
@@ -172,7 +162,6 @@ impl Rate {
         }
     }
 
-    /// Slow enough to be paced.
     pub(crate) fn is_slow(&self) -> bool {
         self.last.is_some_and(|r| r < PACE_BELOW)
     }

@@ -11,9 +11,7 @@
 //! root's), and a process that could regain root has not really dropped it.
 //! So before dropping, the forwarder starts a janitor ([`crate::janitor`]).
 
-use std::io;
 use std::path::Path;
-use std::process::{Child, Command};
 
 use nix::unistd::{chdir, getuid, setgid, setgroups, setuid, Uid, User};
 
@@ -33,7 +31,6 @@ pub fn keep_from_same_user() {
     }
 }
 
-/// Whether this process runs as root (and so should drop privileges).
 pub(crate) fn is_root() -> bool {
     getuid().is_root()
 }
@@ -112,26 +109,24 @@ pub(crate) enum Keep {
     DacOverrideOnThisThread,
 }
 
+const ON_THE_WATCHER: &str = "CAP_DAC_OVERRIDE, on the sandbox watcher thread only";
+
 /// Switches the whole process to `user` (glibc and musl apply set*id to
 /// every thread), keeping what `keep` says on the calling thread. Call only
 /// as root.
 pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
-    use caps::{CapSet, Capability, CapsHashSet};
+    use caps::{CapSet, Capability};
 
     let err = |reason: String| ListenError::DropPrivileges {
         user: user.to_owned(),
         reason,
     };
     let u = lookup_user(user)?;
-    let kept: CapsHashSet = match keep {
-        Keep::Nothing => CapsHashSet::new(),
-        Keep::DacOverrideOnThisThread => [Capability::CAP_DAC_OVERRIDE].into_iter().collect(),
-    };
-    let keeping = !kept.is_empty();
+    let keeping = keep == Keep::DacOverrideOnThisThread;
     if keeping {
         // The bounding set first, while CAP_SETPCAP is still held.
         let bounding = caps::read(None, CapSet::Bounding).map_err(|e| err(e.to_string()))?;
-        for cap in bounding.difference(&kept) {
+        for cap in bounding.difference(&[Capability::CAP_DAC_OVERRIDE].into()) {
             caps::drop(None, CapSet::Bounding, *cap).map_err(|e| err(e.to_string()))?;
         }
         // Keep the permitted set across the uid change, on this thread only.
@@ -141,31 +136,39 @@ pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
     setgid(u.gid).map_err(|e| err(format!("setgid: {e}")))?;
     setuid(u.uid).map_err(|e| err(format!("setuid: {e}")))?;
     if keeping {
-        caps::set(None, CapSet::Permitted, &kept).map_err(|e| err(e.to_string()))?;
-        caps::set(None, CapSet::Effective, &kept).map_err(|e| err(e.to_string()))?;
-        caps::set(None, CapSet::Inheritable, &CapsHashSet::new())
-            .map_err(|e| err(e.to_string()))?;
-        // Kernels without ambient capabilities have none to clear.
-        let _ = caps::clear(None, CapSet::Ambient);
+        keep_on_this_thread(user, Some(Capability::CAP_DAC_OVERRIDE))?;
         caps::securebits::set_keepcaps(false).map_err(|e| err(e.to_string()))?;
     }
     chdir("/").map_err(|e| err(format!("chdir /: {e}")))?;
-    tracing::info!(
-        user,
-        uid = u.uid.as_raw(),
-        gid = u.gid.as_raw(),
-        kept = match keep {
-            Keep::Nothing => "nothing",
-            Keep::DacOverrideOnThisThread => "CAP_DAC_OVERRIDE, on the sandbox watcher thread only",
-        },
-        "dropped root privileges"
-    );
+    let kept = if keeping { ON_THE_WATCHER } else { "nothing" };
+    let (uid, gid) = (u.uid.as_raw(), u.gid.as_raw());
+    tracing::info!(user, uid, gid, kept, "dropped root privileges");
     Ok(())
+}
+
+/// On the calling thread: keeps `cap` (effective and permitted) and
+/// nothing else (`None`: every capability dropped, for good), and passes
+/// nothing on to what it starts. `user` is whom the process became.
+pub(crate) fn keep_on_this_thread(
+    user: &str,
+    cap: Option<caps::Capability>,
+) -> Result<(), ListenError> {
+    use caps::{CapSet, CapsHashSet};
+    let err = |e: caps::errors::CapsError| ListenError::DropPrivileges {
+        user: user.to_owned(),
+        reason: e.to_string(),
+    };
+    let kept: CapsHashSet = cap.into_iter().collect();
+    // Kernels without ambient capabilities have none to clear.
+    let _ = caps::clear(None, CapSet::Ambient);
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(err)?;
+    caps::set(None, CapSet::Effective, &kept).map_err(err)?;
+    caps::set(None, CapSet::Permitted, &kept).map_err(err)
 }
 
 /// Whether this process, not root, holds CAP_DAC_OVERRIDE: a successor
 /// that a predecessor in template mode started (see
-/// [`spawn_passing_dac_override`]).
+/// [`passing_dac_override`]).
 pub(crate) fn inherited_dac_override() -> bool {
     use caps::{CapSet, Capability};
     !is_root()
@@ -175,57 +178,20 @@ pub(crate) fn inherited_dac_override() -> bool {
 /// On the calling thread: keeps CAP_DAC_OVERRIDE (effective and permitted)
 /// and nothing else, and passes nothing on to what it starts.
 pub(crate) fn keep_dac_override_on_this_thread() -> Result<(), ListenError> {
-    use caps::{CapSet, Capability, CapsHashSet};
-    let err = |e: caps::errors::CapsError| ListenError::DropPrivileges {
-        user: String::new(),
-        reason: e.to_string(),
-    };
-    let kept: CapsHashSet = [Capability::CAP_DAC_OVERRIDE].into_iter().collect();
-    // Kernels without ambient capabilities have none to clear.
-    let _ = caps::clear(None, CapSet::Ambient);
-    caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(err)?;
-    caps::set(None, CapSet::Effective, &kept).map_err(err)?;
-    caps::set(None, CapSet::Permitted, &kept).map_err(err)?;
-    tracing::info!(
-        kept = "CAP_DAC_OVERRIDE, on the sandbox watcher thread only",
-        "privileges as handed over"
-    );
+    keep_on_this_thread("", Some(caps::Capability::CAP_DAC_OVERRIDE))?;
+    tracing::info!(kept = ON_THE_WATCHER, "privileges as handed over");
     Ok(())
 }
 
-/// On the calling thread: every capability dropped, for good.
-pub(crate) fn drop_all_on_this_thread() -> Result<(), ListenError> {
-    use caps::{CapSet, CapsHashSet};
-    let err = |e: caps::errors::CapsError| ListenError::DropPrivileges {
-        user: String::new(),
-        reason: e.to_string(),
-    };
-    let _ = caps::clear(None, CapSet::Ambient);
-    caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(err)?;
-    caps::set(None, CapSet::Effective, &CapsHashSet::new()).map_err(err)?;
-    caps::set(None, CapSet::Permitted, &CapsHashSet::new()).map_err(err)
-}
-
-/// Starts `cmd`, passing CAP_DAC_OVERRIDE on when the calling thread holds
-/// it and the process is not root. A process that is not root loses its
-/// capabilities at `exec` unless they are in its ambient set, so the
-/// capability is raised there for the start alone, and lowered again. If
-/// the kernel refuses (no ambient capabilities, or a securebit forbids
-/// them), the successor starts without it: it serves what it is handed,
-/// but cannot bind a new sandbox's socket; that is logged.
-pub(crate) fn spawn_passing_dac_override(cmd: &mut Command) -> io::Result<Child> {
-    passing_dac_override(|| cmd.spawn())
-}
-
-/// [`spawn_passing_dac_override`], for replacing this process (same PID)
-/// with `exec`: returns only if that failed.
-pub(crate) fn exec_passing_dac_override(exec: impl FnOnce() -> io::Error) -> io::Error {
-    passing_dac_override(exec)
-}
-
-/// Runs `start` with CAP_DAC_OVERRIDE in this thread's ambient set, when
-/// this thread holds it and the process is not root.
-fn passing_dac_override<T>(start: impl FnOnce() -> T) -> T {
+/// Runs `start` (a spawn, or an `exec` replacing this process), passing
+/// CAP_DAC_OVERRIDE on when the calling thread holds it and the process is
+/// not root. A process that is not root loses its capabilities at `exec`
+/// unless they are in its ambient set, so the capability is raised there
+/// for the start alone, and lowered again. If the kernel refuses (no
+/// ambient capabilities, or a securebit forbids them), the successor
+/// starts without it: it serves what it is handed, but cannot bind a new
+/// sandbox's socket; that is logged.
+pub(crate) fn passing_dac_override<T>(start: impl FnOnce() -> T) -> T {
     use caps::{CapSet, Capability};
     const DAC: Capability = Capability::CAP_DAC_OVERRIDE;
     let held = !is_root() && caps::has_cap(None, CapSet::Effective, DAC).unwrap_or(false);

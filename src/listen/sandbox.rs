@@ -1,19 +1,16 @@
 //! Which sandbox a connection comes from, as resource attributes.
 //!
-//! A template-mode listener belongs to one sandbox directory, so its
-//! connections carry `kata.sandbox.id` from the directory's name. Standard
-//! VSOCK (QEMU) connections carry the guest's context id, `kata.vsock.cid`,
-//! and, when it can be found, the sandbox id too: Kata starts each QEMU with
-//! `-name sandbox-<ID>` and a `vhost-vsock-pci` device with
-//! `guest-cid=<CID>`, so the QEMU process whose command line has the
-//! connection's CID names the sandbox. The kernel gives each live VM its own
-//! CID, so at most one real QEMU matches; other processes can claim any
-//! command line, so when several do, only one owned by root is believed, and
-//! otherwise none. Not finding the sandbox costs nothing but the attribute.
-//!
-//! Scanning `/proc` is bounded (processes looked at, bytes read per command
-//! line) and its result cached per CID (bounded; a hit is re-checked against
-//! that one process, because CIDs are reused when VMs come and go).
+//! A template-mode listener's connections carry `kata.sandbox.id` from its
+//! sandbox directory's name. Standard VSOCK (QEMU) connections carry the
+//! guest's context id, `kata.vsock.cid`, and when it can be found the
+//! sandbox id too: Kata starts each QEMU with `-name sandbox-<ID>` and a
+//! `vhost-vsock-pci` device with `guest-cid=<CID>`. The kernel gives each
+//! live VM its own CID, so at most one real QEMU matches; other processes
+//! can claim any command line, so when several do, only one owned by root
+//! is believed, and otherwise none. Scanning `/proc` is bounded (processes
+//! looked at, bytes read per command line) and its result cached per CID
+//! (bounded; a hit is re-checked against that one process, because CIDs are
+//! reused when VMs come and go).
 //!
 //! Over 500 lines only with its tests.
 
@@ -32,7 +29,6 @@ use crate::tenant::Tenant;
 
 pub(crate) use crate::otlp::{SANDBOX_ID, VSOCK_CID};
 
-/// Where the processes are.
 pub(crate) const PROC_ROOT: &str = "/proc";
 
 /// `-name` values are `sandbox-<ID>`.
@@ -144,15 +140,12 @@ pub(crate) fn parse_cmdline(cmdline: &[u8]) -> Option<QemuVm> {
 
 /// `sandbox-<ID>[,debug-threads=on]` or `guest=sandbox-<ID>,...`.
 fn name_sandbox_id(value: &str) -> Option<String> {
-    let guest =
-        value
-            .split(',')
-            .enumerate()
-            .find_map(|(i, opt)| match opt.strip_prefix("guest=") {
-                Some(g) => Some(g),
-                None if i == 0 && !opt.contains('=') => Some(opt),
-                None => None,
-            })?;
+    let mut opts = value.split(',').enumerate();
+    let guest = opts.find_map(|(i, opt)| match opt.strip_prefix("guest=") {
+        Some(g) => Some(g),
+        None if i == 0 && !opt.contains('=') => Some(opt),
+        None => None,
+    })?;
     let id = guest.strip_prefix(NAME_PREFIX)?;
     valid_id(id).then(|| id.to_owned())
 }
@@ -170,9 +163,10 @@ fn vsock_device_cid(value: &str) -> Option<u32> {
         .ok()
 }
 
+/// A CID's process and sandbox, or until when none is looked for again.
 enum Cached {
-    Found { pid: u32, sandbox_id: String },
-    Missing { until: Instant },
+    Found(u32, String),
+    Missing(Instant),
 }
 
 /// Finds the sandbox of a guest CID through a `/proc`, with a bounded cache.
@@ -202,7 +196,7 @@ impl CidResolver {
     pub(crate) fn resolve_blocking(&self, cid: u32) -> Option<String> {
         let now = Instant::now();
         match self.lock().get(&cid) {
-            Some(Cached::Found { pid, sandbox_id }) => {
+            Some(Cached::Found(pid, sandbox_id)) => {
                 // Still that VM? (The pid may have gone, or its CID been
                 // given to a new VM.)
                 let same = self
@@ -212,22 +206,17 @@ impl CidResolver {
                     return Some(sandbox_id.clone());
                 }
             }
-            Some(Cached::Missing { until }) if now < *until => return None,
+            Some(Cached::Missing(until)) if now < *until => return None,
             _ => {}
         }
         let found = self.scan(cid);
         let entry = match &found {
-            Some((pid, id)) => Cached::Found {
-                pid: *pid,
-                sandbox_id: id.clone(),
-            },
-            None => Cached::Missing {
-                until: now + NEGATIVE_TTL,
-            },
+            Some((pid, id)) => Cached::Found(*pid, id.clone()),
+            None => Cached::Missing(now + NEGATIVE_TTL),
         };
         let mut cache = self.lock();
         if cache.len() >= MAX_CACHED && !cache.contains_key(&cid) {
-            cache.retain(|_, c| !matches!(c, Cached::Missing { until } if *until <= now));
+            cache.retain(|_, c| !matches!(c, Cached::Missing(until) if *until <= now));
             if cache.len() >= MAX_CACHED {
                 // Still full of live entries: start over rather than track
                 // ages; a miss costs one scan.
@@ -269,11 +258,8 @@ impl CidResolver {
         let dir = std::fs::read_dir(&self.proc_root).ok()?;
         let mut claims: Vec<(u32, String)> = Vec::new();
         for entry in dir.take(MAX_PROCESSES).flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
                 continue;
             };
             if let Some(vm) = self.read_vm(pid) {

@@ -41,12 +41,10 @@ impl VsockListener {
         }
     }
 
-    /// The address bound: context id and port.
     pub(crate) fn address(&self) -> (VsockCid, u32) {
         (self.cid, self.port)
     }
 
-    /// The listening socket.
     pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         std::os::fd::AsFd::as_fd(&self.listener)
     }
@@ -55,7 +53,6 @@ impl VsockListener {
         format!("vsock cid {} port {}", describe_cid(self.cid), self.port)
     }
 
-    /// Accepts a connection and returns the guest's context id.
     pub(crate) async fn accept(&self) -> io::Result<(VsockStream, u32)> {
         let (stream, addr) = self.listener.accept().await?;
         Ok((stream, addr.cid()))

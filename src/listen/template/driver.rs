@@ -5,8 +5,7 @@
 //! main runtime and handing it over the bounded channel. [`Driver`] runs on
 //! the watcher thread: it turns inotify events into the machine's inputs,
 //! drops the listeners that come back (this thread keeps the right to
-//! remove their sockets), and retries an unwatched root. The file-system
-//! helpers live here too: only the effects use them, never the decisions.
+//! remove their sockets), and retries an unwatched root.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -38,31 +37,9 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the watcher retries a directory it failed to watch.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The directory above `{ID}`: sandbox directories appearing and going.
-const ROOT_MASK: WatchMask = WatchMask::CREATE
-    .union(WatchMask::MOVED_TO)
-    .union(WatchMask::DELETE)
-    .union(WatchMask::MOVED_FROM)
-    .union(WatchMask::DELETE_SELF)
-    .union(WatchMask::MOVE_SELF)
-    .union(WatchMask::ONLYDIR);
-/// A directory on the way down: the next one appearing, or this one going.
-const WAIT_MASK: WatchMask = WatchMask::CREATE
-    .union(WatchMask::MOVED_TO)
-    .union(WatchMask::DELETE_SELF)
-    .union(WatchMask::MOVE_SELF)
-    .union(WatchMask::ONLYDIR);
-/// The socket's directory once served: our socket or the directory going.
-/// (Not creations: the VMM makes its own files there.)
-const SERVE_MASK: WatchMask = WatchMask::DELETE
-    .union(WatchMask::MOVED_FROM)
-    .union(WatchMask::DELETE_SELF)
-    .union(WatchMask::MOVE_SELF)
-    .union(WatchMask::ONLYDIR);
-
 /// Where bound listeners go.
 pub(super) struct Handoff {
-    /// The main runtime, where listeners are registered.
+    /// The main runtime, which accepts on them.
     pub(super) main: Handle,
     pub(super) serve_tx: mpsc::Sender<Serve>,
     /// Each served sandbox gets a child of it.
@@ -83,7 +60,6 @@ pub(super) enum Control {
     Leave,
 }
 
-/// The watcher's effects on this host.
 pub(super) struct Host {
     watches: Watches,
     /// The kernel's handle of each watch the machine holds.
@@ -106,10 +82,14 @@ impl Host {
 
 impl Effects for Host {
     fn watch(&mut self, dir: &Path, kind: WatchKind) -> Result<WatchId, WatchError> {
+        let gone = WatchMask::DELETE_SELF | WatchMask::MOVE_SELF | WatchMask::ONLYDIR;
+        let appeared = WatchMask::CREATE | WatchMask::MOVED_TO;
+        let removed = WatchMask::DELETE | WatchMask::MOVED_FROM;
         let mask = match kind {
-            WatchKind::Root => ROOT_MASK,
-            WatchKind::Wait => WAIT_MASK,
-            WatchKind::Serve => SERVE_MASK,
+            WatchKind::Root => gone | appeared | removed,
+            WatchKind::Wait => gone | appeared,
+            // Not creations: the VMM makes its own files there.
+            WatchKind::Serve => gone | removed,
         };
         match self.watches.add(dir, mask) {
             Ok(wd) => {
@@ -132,13 +112,12 @@ impl Effects for Host {
 
     fn serve(&mut self, id: &str, path: &Path) -> Result<Identity, ServeError> {
         let bound = {
-            // Registered with the main runtime, which accepts on it.
             let _ctx = self.handoff.main.enter();
             super::super::inherited::hybrid(self.handoff.inherited.as_ref(), path)
         };
         let (listener, adopted) = bound.map_err(ServeError::Bind)?;
-        if !adopted.is_empty() {
-            let connections = adopted.len();
+        let connections = adopted.len();
+        if connections > 0 {
             tracing::info!(
                 sandbox = id,
                 connections,
@@ -173,7 +152,7 @@ impl Effects for Host {
     }
 
     fn is_real_dir(&self, path: &Path) -> bool {
-        is_real_dir(path)
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
     }
 
     fn nearest_existing(&self, path: &Path) -> Option<(PathBuf, OsString)> {
@@ -195,7 +174,6 @@ impl Effects for Host {
     }
 }
 
-/// The watcher thread's work, once it has its runtime.
 pub(super) struct Driver {
     watcher: Watcher,
     host: Host,
@@ -203,14 +181,16 @@ pub(super) struct Driver {
 }
 
 impl Driver {
-    /// Opens inotify; within the watcher thread's runtime, which reads it.
-    pub(super) fn open(watcher: Watcher, handoff: Handoff) -> Result<Driver, ListenError> {
+    /// Opens inotify (within the watcher thread's runtime, which reads it),
+    /// watches for sandboxes and serves those already there.
+    pub(super) fn start(mut watcher: Watcher, handoff: Handoff) -> Result<Driver, ListenError> {
         let events = Inotify::init().and_then(|i| i.into_event_stream(vec![0u8; EVENT_BUFFER]));
         let events = events.map_err(|source| ListenError::WatchSandboxes {
             dir: watcher.template().parent().to_path_buf(),
             source,
         })?;
-        let host = Host::new(events.watches(), handoff);
+        let mut host = Host::new(events.watches(), handoff);
+        watcher.start(&mut host)?;
         Ok(Driver {
             watcher,
             host,
@@ -218,26 +198,17 @@ impl Driver {
         })
     }
 
-    /// Watches for sandboxes and serves those already there.
-    pub(super) fn start(&mut self) -> Result<(), ListenError> {
-        self.watcher.start(&mut self.host)
-    }
-
     pub(super) async fn run(
-        self,
+        mut self,
         mut reap_rx: mpsc::UnboundedReceiver<HybridListener>,
         mut control_rx: mpsc::UnboundedReceiver<Control>,
     ) {
-        let Driver {
-            mut watcher,
-            mut host,
-            mut events,
-        } = self;
+        let (watcher, host) = (&mut self.watcher, &mut self.host);
         let serve_tx = host.handoff.serve_tx.clone();
         loop {
             tokio::select! {
-                ev = events.next() => match ev {
-                    Some(Ok(ev)) => feed(&mut watcher, &mut host, &ev),
+                ev = self.events.next() => match ev {
+                    Some(Ok(ev)) => feed(watcher, host, &ev),
                     Some(Err(e)) => {
                         tracing::error!(error = %e, "reading sandbox directory events");
                         tokio::time::sleep(RETRY_INTERVAL).await;
@@ -256,23 +227,16 @@ impl Driver {
                 }
                 _ = serve_tx.closed() => break,
                 _ = tokio::time::sleep(RETRY_INTERVAL), if watcher.wants_retry() => {
-                    watcher.step(&mut host, Input::Retry);
+                    watcher.step(host, Input::Retry);
                 }
             }
         }
         // Shutting down: each listener handed out comes back once its
         // sandbox task has stopped; drop them here, with the right to
         // remove their sockets.
-        let deadline = tokio::time::Instant::now() + REAP_TIMEOUT;
-        loop {
-            match tokio::time::timeout_at(deadline, reap_rx.recv()).await {
-                Ok(Some(listener)) => drop(listener),
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!("some sandbox listeners did not come back in time");
-                    break;
-                }
-            }
+        let reaped = async { while reap_rx.recv().await.is_some() {} };
+        if tokio::time::timeout(REAP_TIMEOUT, reaped).await.is_err() {
+            tracing::warn!("some sandbox listeners did not come back in time");
         }
     }
 }
@@ -280,25 +244,18 @@ impl Driver {
 /// Acts on a hand-over's `control`; false once the watcher is to leave.
 /// Frozen, it waits for nothing but the next word: no event is read, no
 /// listener dropped (one coming back is dropped once thawed).
-async fn follow(control: Control, control_rx: &mut mpsc::UnboundedReceiver<Control>) -> bool {
-    let mut next = control;
-    loop {
-        match next {
-            Control::Thaw => return true,
-            Control::Leave => return false,
-            Control::Freeze(frozen) => {
-                let _ = frozen.send(());
-                next = match control_rx.recv().await {
-                    Some(c) => c,
-                    // The template is gone: so is the hand-over.
-                    None => return false,
-                };
-            }
-        }
+async fn follow(mut control: Control, control_rx: &mut mpsc::UnboundedReceiver<Control>) -> bool {
+    while let Control::Freeze(frozen) = control {
+        let _ = frozen.send(());
+        // The template is gone: so is the hand-over.
+        let Some(next) = control_rx.recv().await else {
+            return false;
+        };
+        control = next;
     }
+    matches!(control, Control::Thaw)
 }
 
-/// Hands one inotify event to the machine.
 fn feed(watcher: &mut Watcher, host: &mut Host, ev: &inotify::EventOwned) {
     if ev.mask.contains(EventMask::Q_OVERFLOW) {
         watcher.step(host, Input::Overflow);
@@ -348,13 +305,6 @@ fn with_hint(e: io::Error) -> io::Error {
     }
 }
 
-/// A directory, not a symlink to one.
-fn is_real_dir(p: &Path) -> bool {
-    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
-}
-
-/// The nearest existing ancestor of `path`, and the name below it on the
-/// way to `path`.
 fn nearest_existing(path: &Path) -> Option<(PathBuf, OsString)> {
     let mut below = path;
     for dir in path.ancestors().skip(1) {

@@ -37,7 +37,6 @@ pub(super) enum WatchError {
 /// Why a sandbox could not be served; either way it is not tried again
 /// until its directory goes and comes back.
 pub(super) enum ServeError {
-    /// The socket could not be bound.
     Bind(ListenError),
     /// The async side is not taking sandboxes (behind, or stopping).
     Refused,
@@ -45,7 +44,6 @@ pub(super) enum ServeError {
 
 /// What the watcher does to the world, and how it looks at it.
 pub(super) trait Effects {
-    /// Starts watching `dir` for what `kind` needs.
     fn watch(&mut self, dir: &Path, kind: WatchKind) -> Result<WatchId, WatchError>;
     /// Harmless on a watch the kernel already dropped.
     fn unwatch(&mut self, watch: WatchId);
@@ -57,18 +55,16 @@ pub(super) trait Effects {
 
     /// A directory, or a symlink to one.
     fn is_dir(&self, path: &Path) -> bool;
-    /// A directory, not a symlink to one.
+    /// Not a symlink.
     fn is_real_dir(&self, path: &Path) -> bool;
     /// The nearest existing ancestor of `path`, and the name below it on the
     /// way to `path`.
     fn nearest_existing(&self, path: &Path) -> Option<(PathBuf, OsString)>;
     /// The names of the directories (not symlinks) in `dir`.
     fn subdirs(&self, dir: &Path) -> io::Result<Vec<OsString>>;
-    /// The identity of the file at `path`, if there is one.
     fn identity(&self, path: &Path) -> Option<Identity>;
 }
 
-/// What the watcher is fed.
 pub(super) enum Input<'a> {
     /// Something happened on one of the watches.
     Event { watch: WatchId, change: Change<'a> },

@@ -6,47 +6,41 @@
 //! directory above `{ID}` with inotify. When a sandbox directory appears,
 //! or already exists at start, it follows the directories down to the
 //! socket's own (Firecracker nests it under `{ID}/root/`), binds
-//! `<socket>_<port>` there with [`HybridListener::bind`] and hands the
-//! listener to the async side, which accepts on it through the same code as
-//! every other listener and tags the spans with `kata.sandbox.id`. When that
-//! socket, its directory or the sandbox directory goes, the listener stops
-//! and its connections drain and close; the listener then comes back to the
-//! watcher, which drops it, removing the socket file if it is still ours.
+//! `<socket>_<port>` there and hands the listener to the async side, which
+//! accepts on it like any listener and tags the spans with
+//! `kata.sandbox.id`. When that socket, its directory or the sandbox
+//! directory goes, the listener stops, its connections drain, and it comes
+//! back to the watcher, which drops it, removing the socket if still ours.
 //! A socket that someone else removed is never re-created in a directory
 //! that is being deleted: the sandbox is served again only once its
 //! directory has gone and come back.
 //!
-//! Sandbox directories are root's, and sockets are made and removed in them
-//! for as long as the forwarder runs. Started as root, the forwarder becomes
-//! `--user` on every thread, as in single-socket mode, except that the
-//! watcher thread keeps CAP_DAC_OVERRIDE, and only that: it is the only
-//! thread that touches the sandbox directories, and it reads nothing from
-//! guests. The threads that read agents and export hold no capability.
+//! Sandbox directories are root's. Started as root, the forwarder becomes
+//! `--user` on every thread, except that the watcher thread keeps
+//! CAP_DAC_OVERRIDE, and only that: it is the only thread that touches the
+//! sandbox directories, and it reads nothing from guests. The threads that
+//! read agents and export hold no capability.
 //!
-//! However many templates a forwarder serves (several flags, or
-//! `--kata-host` adding and removing them as configurations change), they
-//! share that one thread, a [`SandboxThread`]: each template's watcher is a
-//! task on its single-threaded runtime. One thread rather than one per
-//! template because glibc and musl apply `setuid` to every thread of the
-//! process: the capability survives the switch only on the thread that
-//! made it, so a watcher thread started later by the async side would have
-//! none, and several threads each switching would race. The templates'
-//! work is a few system calls per sandbox event; one thread keeps up.
+//! Every template (several flags, or `--kata-host` adding and removing
+//! them) shares that one thread, a [`SandboxThread`]: each template's
+//! watcher is a task on its single-threaded runtime. One thread because
+//! glibc and musl apply `setuid` to every thread of the process: the
+//! capability survives only on the thread that made the switch, so a
+//! thread started later would have none, and several switching would race.
 //!
-//! The watcher is split so that its decisions can be tested without
-//! inotify, sockets or threads: [`watcher`] decides (a state machine that
-//! is fed events and asks for every effect, and every look at the disk,
-//! through the interface in [`effects`]); [`driver`] acts (inotify, the
-//! file system, binding, the hand-over channel) and runs the watcher
-//! thread's loop. The file-system helpers sit with the driver rather than
-//! in a module of their own: only the real effects call them, and the
-//! decisions must not. This file is the async side, and the watcher
-//! thread's start-up, where the thread gives up its privileges.
+//! [`watcher`] decides (a state machine fed events, asking for every effect
+//! and every look at the disk through [`effects`], so that it is tested
+//! without inotify, sockets or threads); [`driver`] acts (inotify, the file
+//! system, binding, the hand-over channel) and runs the watcher's loop.
+//! This file is the async side, and the watcher thread's start-up, where
+//! the thread gives up its privileges.
 
 mod driver;
 mod effects;
 mod watcher;
 
+use std::io;
+use std::process::{Child, Command};
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
@@ -76,39 +70,33 @@ struct Serve {
     adopted: Vec<Adopted>,
 }
 
-/// The running watcher, as the rest of the forwarder sees it.
+/// A template served: its watcher, as the rest of the forwarder sees it.
 pub struct TemplateListener {
     template: SocketTemplate,
-    port: u32,
-    max_sandboxes: usize,
+    describe: String,
     serve_rx: mpsc::Receiver<Serve>,
     /// Listeners go back to the watcher to be dropped there, where their
     /// sockets can still be removed.
     reap_tx: Option<mpsc::UnboundedSender<HybridListener>>,
-    /// The watcher's task on the sandbox thread.
     task: Option<tokio::task::JoinHandle<()>>,
     /// Keeps the sandbox thread running while this template is served.
     thread: SandboxThread,
-    /// Pauses the watcher for a hand-over.
     control_tx: mpsc::UnboundedSender<Control>,
 }
 
-/// The one thread that watches sandbox directories and makes and removes
-/// sockets in them, for every template; see the module's documentation.
-/// Cheap to clone; the thread ends once the last clone is gone.
+/// The one thread that makes and removes sockets in sandbox directories;
+/// see the module's note. The thread ends once the last clone is gone.
 #[derive(Clone)]
 pub struct SandboxThread {
     /// Its runtime, which the templates' watchers are spawned on.
     handle: Handle,
-    /// Dropped with the last clone: the thread then returns.
     _alive: Arc<mpsc::Sender<()>>,
     /// What a predecessor handed over, for the watchers to serve on.
     inherited: Option<Arc<Inherited>>,
 }
 
-/// The thread's start, before its runtime is known: the runtime's handle
-/// (or why there is none) comes on `ready`; the thread runs until `alive`
-/// is dropped.
+/// The thread's start: its runtime's handle (or why there is none) comes on
+/// `ready`; it runs until `alive` is dropped.
 struct Launched {
     ready: oneshot::Receiver<Result<Handle, ListenError>>,
     alive: mpsc::Sender<()>,
@@ -118,42 +106,28 @@ struct Launched {
 /// was handed CAP_DAC_OVERRIDE (see [`SandboxThread::start_early`]).
 static EARLY: std::sync::Mutex<Option<Launched>> = std::sync::Mutex::new(None);
 
-/// How the sandbox thread comes by its privileges.
-enum Privileges {
-    /// It has what the process has (not root, nothing inherited).
-    Unchanged,
-    /// Root: the process becomes this user, the thread keeping
-    /// CAP_DAC_OVERRIDE.
-    BecomeUser(String),
-    /// The capability came from a predecessor: the thread keeps it, and
-    /// passes nothing on.
-    Inherited,
-}
-
 impl SandboxThread {
-    /// Starts the thread. With `become_user`, the process becomes that user
-    /// first, this thread keeping CAP_DAC_OVERRIDE.
+    /// With `become_user`, the process becomes that user first, this thread
+    /// keeping CAP_DAC_OVERRIDE.
     pub async fn start(become_user: Option<String>) -> Result<SandboxThread, ListenError> {
-        let early = match &become_user {
-            None => EARLY.lock().unwrap_or_else(|p| p.into_inner()).take(),
-            Some(_) => None,
+        let launched = match become_user {
+            Some(user) => launch(move || {
+                privileges::drop_root(&user, privileges::Keep::DacOverrideOnThisThread)
+            })?,
+            None => match EARLY.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                Some(early) => early,
+                // Not root, nothing inherited: what the process has.
+                None => launch(|| Ok(()))?,
+            },
         };
-        let launched = match (early, become_user) {
-            (Some(l), _) => l,
-            (None, Some(user)) => launch(Privileges::BecomeUser(user))?,
-            (None, None) => launch(Privileges::Unchanged)?,
-        };
-        match launched.ready.await {
-            Ok(Ok(handle)) => Ok(SandboxThread {
-                handle,
-                _alive: Arc::new(launched.alive),
-                inherited: None,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ListenError::StartWatcher(
-                "the sandbox watcher thread stopped".into(),
-            )),
-        }
+        let handle = launched.ready.await.map_err(|_| {
+            ListenError::StartWatcher("the sandbox watcher thread stopped".into())
+        })??;
+        Ok(SandboxThread {
+            handle,
+            _alive: Arc::new(launched.alive),
+            inherited: None,
+        })
     }
 
     /// In a successor that a predecessor in template mode started (by
@@ -169,136 +143,89 @@ impl SandboxThread {
         if !privileges::inherited_dac_override() {
             return Ok(());
         }
-        let launched = launch(Privileges::Inherited)?;
+        // The thread keeps the capability and passes nothing on.
+        let launched = launch(privileges::keep_dac_override_on_this_thread)?;
         *EARLY.lock().unwrap_or_else(|p| p.into_inner()) = Some(launched);
-        privileges::drop_all_on_this_thread()
+        privileges::keep_on_this_thread("", None)
     }
 
-    /// Starts `cmd` from this thread, so that it inherits what this thread
-    /// may pass on: CAP_DAC_OVERRIDE, when held, through the ambient set
-    /// (the successor then confines it to its own sandbox thread, see
-    /// [`start_early`](Self::start_early)).
-    pub(crate) async fn spawn_process(
-        &self,
-        mut cmd: std::process::Command,
-    ) -> std::io::Result<std::process::Child> {
-        let (tx, rx) = oneshot::channel();
-        self.handle.spawn(async move {
-            let _ = tx.send(privileges::spawn_passing_dac_override(&mut cmd));
-        });
-        rx.await
-            .unwrap_or_else(|_| Err(std::io::Error::other("the sandbox thread stopped")))
-    }
-
-    /// Replaces the process (`exec`, which returns only on failure), from
-    /// this thread, so that the new image gets
-    /// what [`spawn_process`](Self::spawn_process) would pass on. Returns
-    /// only if that failed. Blocking: call outside the async runtime.
-    pub(crate) fn exec_process(
-        &self,
-        exec: impl FnOnce() -> std::io::Error + Send + 'static,
-    ) -> std::io::Error {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.handle.spawn(async move {
-            let _ = tx.send(privileges::exec_passing_dac_override(exec));
-        });
-        rx.recv()
-            .unwrap_or_else(|_| std::io::Error::other("the sandbox thread stopped"))
-    }
-}
-
-/// Where a hand-over starts the upgraded binary and becomes it: from the
-/// sandbox thread when there is one, so that its capability passes on (see
-/// [`SandboxThread::spawn_process`]); else from the calling thread.
-pub(crate) struct Launch(pub(crate) Option<SandboxThread>);
-
-impl Launcher for Launch {
-    fn spawn(
-        &self,
-        mut cmd: std::process::Command,
-    ) -> BoxFuture<'_, std::io::Result<std::process::Child>> {
-        match &self.0 {
-            Some(thread) => Box::pin(thread.spawn_process(cmd)),
-            None => Box::pin(std::future::ready(cmd.spawn())),
-        }
-    }
-
-    fn exec(&self, exec: Box<dyn FnOnce() -> std::io::Error + Send>) -> std::io::Error {
-        match &self.0 {
-            Some(thread) => thread.exec_process(exec),
-            None => privileges::exec_passing_dac_override(exec),
-        }
-    }
-}
-
-/// Starts the sandbox thread's OS thread and its runtime.
-fn launch(privileges: Privileges) -> Result<Launched, ListenError> {
-    let (ready_tx, ready) = oneshot::channel();
-    let (alive, mut alive_rx) = mpsc::channel::<()>(1);
-    std::thread::Builder::new()
-        .name("ktf-sandboxes".into())
-        .spawn(move || {
-            let settled = match privileges {
-                Privileges::Unchanged => Ok(()),
-                Privileges::BecomeUser(user) => {
-                    privileges::drop_root(&user, privileges::Keep::DacOverrideOnThisThread)
-                }
-                Privileges::Inherited => privileges::keep_dac_override_on_this_thread(),
-            };
-            if let Err(e) = settled {
-                let _ = ready_tx.send(Err(e));
-                return;
-            }
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .enable_time()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(ListenError::StartWatcher(e.to_string())));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(rt.handle().clone()));
-            // The watchers run as tasks of this runtime, on this thread,
-            // until the last handle on the thread is dropped.
-            rt.block_on(async move { while alive_rx.recv().await.is_some() {} });
-        })
-        .map_err(|e| ListenError::StartWatcher(e.to_string()))?;
-    Ok(Launched { ready, alive })
-}
-
-impl SandboxThread {
     /// The watchers started on this thread serve what a predecessor handed
-    /// over (see [`Inherited`]) before binding anything.
+    /// over before binding anything.
     pub(crate) fn inheriting(mut self, inherited: Option<&Arc<Inherited>>) -> SandboxThread {
         self.inherited = inherited.cloned();
         self
     }
 
-    /// What a predecessor handed over, if anything.
     pub(crate) fn inherited(&self) -> Option<&Arc<Inherited>> {
         self.inherited.as_ref()
     }
 }
 
-impl TemplateListener {
-    /// Starts a watcher thread of its own and the template's watcher on it;
-    /// returns once it watches (and serves the sandboxes that already
-    /// exist). With `become_user`, the process becomes that user first, the
-    /// watcher keeping CAP_DAC_OVERRIDE.
-    pub async fn start(
-        template: SocketTemplate,
-        port: u32,
-        max_sandboxes: usize,
-        become_user: Option<String>,
-        shutdown: &Shutdown,
-    ) -> Result<TemplateListener, ListenError> {
-        let thread = SandboxThread::start(become_user).await?;
-        Self::start_on(&thread, template, port, max_sandboxes, shutdown).await
+/// Where a hand-over starts the upgraded binary and becomes it: from the
+/// sandbox thread when there is one, so that what it holds passes on
+/// (CAP_DAC_OVERRIDE, through the ambient set; the successor then confines
+/// it to its own sandbox thread, see [`SandboxThread::start_early`]); else
+/// from the calling thread.
+pub(crate) struct Launch(pub(crate) Option<SandboxThread>);
+
+impl Launcher for Launch {
+    fn spawn(&self, mut cmd: Command) -> BoxFuture<'_, io::Result<Child>> {
+        let Some(thread) = &self.0 else {
+            return Box::pin(std::future::ready(cmd.spawn()));
+        };
+        let (tx, rx) = oneshot::channel();
+        thread.handle.spawn(async move {
+            let _ = tx.send(privileges::passing_dac_override(|| cmd.spawn()));
+        });
+        Box::pin(async { rx.await.unwrap_or_else(|_| Err(io::Error::other(STOPPED))) })
     }
 
+    fn exec(&self, exec: Box<dyn FnOnce() -> io::Error + Send>) -> io::Error {
+        let Some(thread) = &self.0 else {
+            return privileges::passing_dac_override(exec);
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread.handle.spawn(async move {
+            let _ = tx.send(privileges::passing_dac_override(exec));
+        });
+        rx.recv().unwrap_or_else(|_| io::Error::other(STOPPED))
+    }
+}
+
+const STOPPED: &str = "the sandbox thread stopped";
+
+/// Starts the sandbox thread, which first settles its privileges.
+fn launch(
+    settle: impl FnOnce() -> Result<(), ListenError> + Send + 'static,
+) -> Result<Launched, ListenError> {
+    let (ready_tx, ready) = oneshot::channel();
+    let (alive, mut alive_rx) = mpsc::channel::<()>(1);
+    std::thread::Builder::new()
+        .name("ktf-sandboxes".into())
+        .spawn(move || {
+            let rt = settle().and_then(|()| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                rt.map_err(|e| ListenError::StartWatcher(e.to_string()))
+            });
+            match rt {
+                Ok(rt) => {
+                    let _ = ready_tx.send(Ok(rt.handle().clone()));
+                    // The watchers run as its tasks until the last handle
+                    // on the thread is dropped.
+                    rt.block_on(async move { while alive_rx.recv().await.is_some() {} });
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })
+        .map_err(|e| ListenError::StartWatcher(e.to_string()))?;
+    Ok(Launched { ready, alive })
+}
+
+impl TemplateListener {
     /// Starts the template's watcher on `thread`; returns once it watches
     /// (and serves the sandboxes that already exist). Stopping `shutdown`
     /// stops this template alone.
@@ -322,72 +249,67 @@ impl TemplateListener {
             shutdown: shutdown.clone(),
             inherited: thread.inherited.clone(),
         };
-        let task = thread
-            .handle
-            .spawn(watch(watcher, handoff, reap_rx, control_rx, ready_tx));
-        match ready_rx.await {
-            Ok(Ok(())) => Ok(TemplateListener {
-                template,
-                port,
-                max_sandboxes,
-                serve_rx,
-                reap_tx: Some(reap_tx),
-                task: Some(task),
-                thread: thread.clone(),
-                control_tx,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ListenError::StartWatcher(
-                "the sandbox watcher stopped".into(),
-            )),
-        }
+        let task = thread.handle.spawn(async move {
+            match Driver::start(watcher, handoff) {
+                Ok(driver) => {
+                    let _ = ready_tx.send(Ok(()));
+                    driver.run(reap_rx, control_rx).await;
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        });
+        let ready = ready_rx.await;
+        ready.map_err(|_| ListenError::StartWatcher("the sandbox watcher stopped".into()))??;
+        Ok(TemplateListener {
+            describe: format!(
+                "hybrid vsock template unix:{template}_{port} (sandboxes in {}, at most {})",
+                template.parent().display(),
+                max_sandboxes
+            ),
+            template,
+            serve_rx,
+            reap_tx: Some(reap_tx),
+            task: Some(task),
+            thread: thread.clone(),
+            control_tx,
+        })
     }
 
-    /// The sandbox thread its watcher runs on.
     pub(crate) fn thread(&self) -> &SandboxThread {
         &self.thread
     }
 
-    /// The template served.
-    pub fn template(&self) -> &SocketTemplate {
-        &self.template
-    }
-
     pub fn describe(&self) -> String {
-        format!(
-            "hybrid vsock template unix:{}_{} (sandboxes in {}, at most {})",
-            self.template,
-            self.port,
-            self.template.parent().display(),
-            self.max_sandboxes
-        )
+        self.describe.clone()
     }
 
     /// Serves each sandbox the watcher hands over until shutdown begins,
     /// then stops them all and gives every listener back for removal.
-    /// `serving.origin` is what every sandbox's spans get besides its id;
-    /// `serving.limit` caps connections across all sandboxes (and other
-    /// listeners); `life` (under the template's shutdown) pauses the
-    /// template, its sandboxes and their connections for hand-overs.
     pub(crate) async fn serve(mut self, serving: Serving, mut life: Lifeline) {
         let sandboxes = TaskTracker::new();
         let Some(reap) = self.reap_tx.clone() else {
             return;
         };
-        let ctx = Arc::new(SandboxCtx { serving, reap });
-        let mut handed_over = false;
-        loop {
+        let spawn = |serve: Serve, life: &Lifeline| {
+            let origin = Arc::new(sandbox::sandbox_origin(&serving.origin, &serve.id));
+            // Held while the sandbox is served: its limits and its series.
+            let tenant = serving.shared.tenant(TenantKey::Sandbox(serve.id.clone()));
+            // Taken here, before the task runs, so that a pause asked from
+            // now on waits for it.
+            let life = life.under(serve.shutdown.clone());
+            let (serving, reap) = (serving.clone(), reap.clone());
+            sandboxes.spawn(serve_sandbox(serve, serving, reap, origin, tenant, life));
+        };
+        let handed_over = loop {
             let next = tokio::select! {
                 biased;
                 next = life.next() => match next {
-                    Next::Drain => break,
-                    Next::Pause => match self.pause(&mut life, &ctx, &sandboxes).await {
+                    Next::Drain => break false,
+                    Next::Pause => match self.pause(&mut life, &spawn).await {
                         After::Resume => continue,
-                        After::Leave => {
-                            handed_over = true;
-                            break;
-                        }
-                        After::Drain => break,
+                        after => break after == After::Leave,
                     },
                 },
                 n = self.serve_rx.recv() => n,
@@ -395,11 +317,11 @@ impl TemplateListener {
             let Some(serve) = next else {
                 tracing::error!("the sandbox watcher stopped; no new sandbox will be served");
                 life.shutdown().stopping().await;
-                break;
+                break false;
             };
-            ctx.spawn(serve, &sandboxes, &life);
-        }
-        drop(ctx);
+            spawn(serve, &life);
+        };
+        drop(reap);
         self.return_unserved();
         sandboxes.close();
         sandboxes.wait().await;
@@ -420,19 +342,14 @@ impl TemplateListener {
     /// every sandbox it bound until then is served, so that it pauses and
     /// is handed over with the rest. Then the outcome: resumed, the watcher
     /// carries on; handed over, it leaves without removing anything.
-    async fn pause(
-        &mut self,
-        life: &mut Lifeline,
-        ctx: &Arc<SandboxCtx>,
-        sandboxes: &TaskTracker,
-    ) -> After {
+    async fn pause(&mut self, life: &mut Lifeline, spawn: &impl Fn(Serve, &Lifeline)) -> After {
         let (frozen_tx, frozen_rx) = oneshot::channel();
         if self.control_tx.send(Control::Freeze(frozen_tx)).is_ok() {
             // Gone: the watcher has stopped, and binds nothing more.
             let _ = frozen_rx.await;
         }
         while let Ok(serve) = self.serve_rx.try_recv() {
-            ctx.spawn(serve, sandboxes, life);
+            spawn(serve, life);
         }
         let after = life.pause_quiet().await;
         let _ = self.control_tx.send(match after {
@@ -442,7 +359,6 @@ impl TemplateListener {
         after
     }
 
-    /// Sends back the listeners the async side has not taken yet.
     fn return_unserved(&mut self) {
         self.serve_rx.close();
         while let Ok(s) = self.serve_rx.try_recv() {
@@ -461,49 +377,23 @@ impl Drop for TemplateListener {
     }
 }
 
-/// What serving each sandbox of a template needs.
-struct SandboxCtx {
-    serving: Serving,
-    /// Where listeners go back to the watcher.
-    reap: mpsc::UnboundedSender<HybridListener>,
-}
-
-impl SandboxCtx {
-    /// Serves a sandbox the watcher bound, in a task of its own. Its
-    /// lifeline is taken here, before the task runs, so that a pause asked
-    /// from now on waits for it.
-    fn spawn(self: &Arc<Self>, serve: Serve, sandboxes: &TaskTracker, template: &Lifeline) {
-        let s = &self.serving;
-        let origin = Arc::new(sandbox::sandbox_origin(&s.origin, &serve.id));
-        // Held while the sandbox is served: its limits and its series.
-        let tenant = s.shared.tenant(TenantKey::Sandbox(serve.id.clone()));
-        let life = template.under(serve.shutdown.clone());
-        sandboxes.spawn(serve_sandbox(serve, Arc::clone(self), origin, tenant, life));
-    }
-}
-
 /// Accepts on one sandbox's listener until the sandbox goes or the
 /// forwarder stops; its connections then drain and close. Handed over, its
 /// socket stays, for the successor.
 async fn serve_sandbox(
     serve: Serve,
-    ctx: Arc<SandboxCtx>,
+    serving: Serving,
+    reap: mpsc::UnboundedSender<HybridListener>,
     origin: Arc<Origin>,
     tenant: Arc<Tenant>,
     mut life: Lifeline,
 ) {
-    let Serve {
-        id,
-        listener,
-        adopted,
-        ..
-    } = serve;
-    let listener = Listener::Hybrid(listener);
+    let (id, listener) = (serve.id, Listener::Hybrid(serve.listener));
     let span = tracing::info_span!("sandbox", id = %id);
-    let accept = ctx.serving.accept(&origin, None, Some(tenant), Some(&id));
+    let accept = serving.accept(&origin, None, Some(tenant), Some(&id));
     {
         let _in = span.enter();
-        for a in adopted {
+        for a in serve.adopted {
             accept.adopt(a, &life);
         }
     }
@@ -513,32 +403,8 @@ async fn serve_sandbox(
             Ended::HandedOver => l.release(),
             // If the watcher is gone, so is the process: nothing to return to.
             Ended::Stopped => {
-                let _ = ctx.reap.send(l);
+                let _ = reap.send(l);
             }
         }
     }
-}
-
-/// One template's watcher, a task on the sandbox thread: starts watching,
-/// says whether that worked, then runs until the template stops.
-async fn watch(
-    watcher: Watcher,
-    handoff: Handoff,
-    reap_rx: mpsc::UnboundedReceiver<HybridListener>,
-    control_rx: mpsc::UnboundedReceiver<Control>,
-    ready: oneshot::Sender<Result<(), ListenError>>,
-) {
-    let mut driver = match Driver::open(watcher, handoff) {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    if let Err(e) = driver.start() {
-        let _ = ready.send(Err(e));
-        return;
-    }
-    let _ = ready.send(Ok(()));
-    driver.run(reap_rx, control_rx).await;
 }

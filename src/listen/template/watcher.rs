@@ -1,21 +1,16 @@
 //! The sandbox watcher's decisions, apart from their effects.
 //!
-//! [`Watcher`] is a state machine: it is fed [`Input`]s (a change on one of
-//! its watches, a queue overflow, a retry tick) and decides what to watch,
-//! which sandbox to serve and which to stop. Every effect and every look at
-//! the file system goes through [`Effects`], which the driver implements
-//! with inotify, the disk and the channel to the async side, and the tests
-//! with an in-memory fake, so that every decision is tested without a
-//! kernel, a socket or a thread.
+//! [`Watcher`] is a state machine: fed [`Input`]s (a change on one of its
+//! watches, a queue overflow, a retry tick), it decides what to watch,
+//! which sandbox to serve and which to stop, through [`Effects`] (inotify
+//! and the disk in the driver, an in-memory fake in the tests).
 //!
 //! A trait rather than a returned list of actions: decisions depend on the
 //! answers mid-way (a watch failing because its directory just went starts
-//! the descent again; a directory being there decides whether to go down),
-//! so a list of actions would need one round trip per answer, and each
-//! decision would be spread over several steps instead of read in one
-//! function. What the machine keeps is only what it decided: its watches'
-//! owners and each sandbox's state. A listener coming back from the async
-//! side is not an input: no decision depends on it; the driver drops it.
+//! the descent again), so a list would need a round trip per answer and
+//! spread each decision over several steps. The machine keeps only what it
+//! decided: its watches' owners and each sandbox's state. A listener coming
+//! back from the async side is not an input: the driver drops it.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
