@@ -24,11 +24,6 @@ use super::effects::{
 use crate::addr::SocketTemplate;
 use crate::listen::ListenError;
 
-#[cfg(test)]
-mod fake;
-#[cfg(test)]
-mod tests;
-
 /// Turning sandboxes away at the cap is logged at `warn` at most this often.
 const CAP_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -490,3 +485,8 @@ impl Watcher {
         }
     }
 }
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
