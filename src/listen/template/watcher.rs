@@ -487,6 +487,4 @@ impl Watcher {
 }
 
 #[cfg(test)]
-mod fake;
-#[cfg(test)]
 mod tests;

@@ -7,9 +7,11 @@ use tokio::sync::mpsc;
 
 use super::super::driver::{Handoff, Host};
 use super::super::Serve;
-use super::fake::Fake;
+mod fake;
+
 use super::*;
 use crate::shutdown::Shutdown;
+use fake::Fake;
 
 const PORT: u32 = 1024;
 const VM: &str = "/run/vc/vm";

@@ -5,7 +5,9 @@ use std::ffi::{OsStr, OsString};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::super::effects::{Effects, Identity, ServeError, WatchError, WatchId, WatchKind};
+use crate::listen::template::effects::{
+    Effects, Identity, ServeError, WatchError, WatchId, WatchKind,
+};
 use crate::listen::ListenError;
 
 /// A file system of directories and sockets, watches that are only
