@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
-use super::wire::{Format, ListenerKind};
+use super::wire::{ConnState, ListenerKind};
 
 /// What a member reports when paused.
 pub(crate) struct Piece {
@@ -38,13 +38,10 @@ pub(crate) enum PieceKind {
         janitor: Option<OwnedFd>,
     },
     Connection {
-        /// The member id of the accept loop that accepted it.
+        /// The member id of the accept loop that accepted it (the state's
+        /// `listener` index is set once every listener is numbered).
         listener: u64,
-        cid: Option<u32>,
-        format: Option<Format>,
-        partial: Vec<u8>,
-        spans: u64,
-        decode_errors: u64,
+        state: ConnState,
     },
 }
 

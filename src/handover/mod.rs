@@ -142,14 +142,17 @@ impl Resume {
         Some(Piece {
             what: PieceKind::Connection {
                 listener,
-                cid: match peer {
-                    Peer::Vsock { cid } => Some(cid),
-                    Peer::Unix => None,
+                state: wire::ConnState {
+                    listener: 0,
+                    cid: match peer {
+                        Peer::Vsock { cid } => Some(cid),
+                        Peer::Unix => None,
+                    },
+                    format: self.format.map(Format::from),
+                    partial: self.partial,
+                    spans: self.spans,
+                    decode_errors: self.decode_errors,
                 },
-                format: self.format.map(Format::from),
-                partial: self.partial,
-                spans: self.spans,
-                decode_errors: self.decode_errors,
             },
             fd,
         })

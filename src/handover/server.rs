@@ -29,7 +29,7 @@
 //! its PID; the bridge then exits. Should that `exec` fail, the bridge
 //! serves on as the service's process (`MAINPID=` says so).
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -42,8 +42,8 @@ use futures_util::future::BoxFuture;
 use tokio::signal::unix::Signal;
 use tokio::time::Instant;
 
-use super::hub::{Hub, PieceKind};
-use super::wire::{self, ConnState, ListenerKind, ListenerState, State};
+use super::hub::{Hub, Piece, PieceKind};
+use super::wire::{self, ListenerKind, ListenerState, State};
 use super::{fds, HandOverError, HandoffListener, ACK, MAX_REASON, REFUSED, REQUEST, STATE};
 
 /// Longest every listener and connection may take to pause.
@@ -61,21 +61,17 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// Where the upgraded binary is started, and this process replaced by it:
-/// the listeners know whether a thread holds a privilege to pass on
-/// (template mode's sandbox thread keeps CAP_DAC_OVERRIDE), the hand-over
-/// does not need to.
+/// Starts the upgraded binary, and replaces this process by it, from the
+/// thread that holds a privilege to pass on (template mode's sandbox thread
+/// keeps CAP_DAC_OVERRIDE): the listeners know which, the hand-over need not.
 pub(crate) trait Launcher: Send + Sync {
-    /// Starts `cmd`.
     fn spawn(&self, cmd: Command) -> BoxFuture<'_, std::io::Result<Child>>;
     /// Replaces the process by running `exec` (an `execve`), which returns
     /// only if that failed. Blocking: call outside the async runtime.
     fn exec(&self, exec: Box<dyn FnOnce() -> std::io::Error + Send>) -> std::io::Error;
 }
 
-/// Set by a forwarder on the binary it starts on `SIGHUP`: take over.
 pub(crate) const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
-/// Set on the bridge of an upgrade (see [`started_as_bridge`]).
 pub(crate) const BRIDGE_ENV: &str = "KATA_TRACE_FORWARDER_BRIDGE";
 
 /// Started by `SIGHUP` ([`TAKE_OVER_ENV`]): take over from the forwarder at
@@ -101,7 +97,6 @@ fn is_set(name: &str) -> bool {
 pub struct Upgrade {
     /// The binary's path as started (resolved then).
     pub exe: PathBuf,
-    /// The arguments after argv[0].
     pub args: Vec<OsString>,
 }
 
@@ -119,12 +114,9 @@ pub(crate) struct Server {
     listener: HandoffListener,
     hub: Arc<Hub>,
     upgrade: Option<(Upgrade, Signal)>,
-    /// Starts the upgraded binary: in template mode and `--kata-host`, from
-    /// the sandbox thread, so that it gets the one capability that thread
-    /// holds.
     launcher: Arc<dyn Launcher>,
-    /// In a bridge: the pid of the parent that started it, which becomes
-    /// the upgraded binary and takes everything back.
+    /// In a bridge: the pid of the parent that started it (see
+    /// [`Server::trusts`]).
     parent: Option<i32>,
     /// The upgraded binary started on `SIGHUP`, until it takes over or
     /// fails; killed if this server goes first (the forwarder stops).
@@ -135,14 +127,11 @@ pub(crate) struct Server {
     /// one is refused.
     failures: u32,
     backoff_until: Option<Instant>,
-    /// Answers `status` requests (a different first message), once the
-    /// forwarder serves.
+    /// Answers `status` requests, once the forwarder serves.
     status: Option<Arc<crate::status::Board>>,
 }
 
 impl Server {
-    /// `parent`: in a bridge, the pid of the process that started it (see
-    /// [`Server::trusts`]).
     pub(crate) fn new(
         listener: HandoffListener,
         hub: Arc<Hub>,
@@ -164,12 +153,10 @@ impl Server {
         }
     }
 
-    /// Answers `status` requests from `board` from now on.
     pub(crate) fn set_status(&mut self, board: Arc<crate::status::Board>) {
         self.status = Some(board);
     }
 
-    /// Follows whether an upgrade by `SIGHUP` is under way.
     pub(crate) fn upgrading(&self) -> tokio::sync::watch::Receiver<bool> {
         self.upgrading.subscribe()
     }
@@ -181,10 +168,14 @@ impl Server {
     /// pid cannot be reused until we reap it), and a parent's pid only
     /// while it is still our parent (once it died, we are re-parented).
     fn trusts(&self, peer: fds::Peer) -> bool {
-        let bridge = self.child.as_ref().map(|(c, _)| c.id() as i32);
         peer.uid == 0
-            || bridge == Some(peer.pid)
+            || self.bridge() == Some(peer.pid)
             || (self.parent == Some(peer.pid) && nix::unistd::getppid().as_raw() == peer.pid)
+    }
+
+    /// The pid of the child started on `SIGHUP`, if one is under way.
+    fn bridge(&self) -> Option<i32> {
+        self.child.as_ref().map(|(c, _)| c.id() as i32)
     }
 
     fn set_child(&mut self, child: Option<(Child, Instant)>) {
@@ -200,18 +191,6 @@ impl Server {
     /// commits. The hand-off socket then belongs to the successor.
     pub(crate) async fn run(&mut self) -> Committed {
         loop {
-            let hup = async {
-                match self.upgrade.as_mut() {
-                    Some((_, sig)) => sig.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let child_check = async {
-                match self.child.is_some() {
-                    true => tokio::time::sleep(Duration::from_millis(20)).await,
-                    false => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 accepted = self.listener.listener.accept() => {
                     let stream = match accepted {
@@ -222,11 +201,9 @@ impl Server {
                             continue;
                         }
                     };
-                    let bridge = self.child.as_ref().map(|(c, _)| c.id() as i32);
-                    if let Some(mut done) = self.answer(stream, bridge).await {
+                    if let Some(done) = self.answer(stream).await {
                         self.listener.remove = false;
                         // Not waited for: the re-executed process reaps it.
-                        done.to_bridge = bridge == Some(done.successor_pid);
                         if let Some((c, _)) = self.child.take() {
                             std::mem::forget(c);
                         }
@@ -236,7 +213,7 @@ impl Server {
                         notify(&[sd_notify::NotifyState::Ready]);
                     }
                 }
-                Some(()) = hup => {
+                Some(()) = async { self.upgrade.as_mut()?.1.recv().await } => {
                     if self.child.is_some() {
                         tracing::warn!("SIGHUP: an upgrade is already under way");
                         continue;
@@ -244,7 +221,7 @@ impl Server {
                     let child = self.start_upgrade().await.map(|c| (c, Instant::now()));
                     self.set_child(child);
                 }
-                () = child_check => {
+                () = tokio::time::sleep(Duration::from_millis(20)), if self.child.is_some() => {
                     let Some((c, since)) = self.child.as_mut() else { continue };
                     match c.try_wait() {
                         Ok(Some(status)) => {
@@ -283,8 +260,7 @@ impl Server {
             .env(TAKE_OVER_ENV, "1")
             .env(BRIDGE_ENV, "1")
             .stdin(Stdio::null());
-        let started = self.launcher.spawn(cmd).await;
-        match started {
+        match self.launcher.spawn(cmd).await {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::error!(exe = %up.exe.display(), error = %e, "upgrade failed: the new binary did not start; still serving");
@@ -294,13 +270,9 @@ impl Server {
         }
     }
 
-    /// One successor: checked, then handed everything, or refused. `bridge`:
-    /// the pid of the child started on `SIGHUP`, if one is under way.
-    async fn answer(
-        &mut self,
-        stream: tokio::net::UnixStream,
-        bridge: Option<i32>,
-    ) -> Option<Committed> {
+    /// One successor: checked, then handed everything, or refused.
+    async fn answer(&mut self, stream: tokio::net::UnixStream) -> Option<Committed> {
+        let bridge = self.bridge();
         let peer = match fds::peer(&stream) {
             Ok(p) => p,
             Err(e) => {
@@ -424,12 +396,13 @@ impl Server {
                 );
                 // A bridge is not the service's process: this one, re-executed,
                 // will be again.
-                if bridge != Some(peer.pid) {
+                let to_bridge = bridge == Some(peer.pid);
+                if !to_bridge {
                     notify(&[sd_notify::NotifyState::MainPid(peer.pid as u32)]);
                 }
                 Some(Committed {
                     successor_pid: peer.pid,
-                    to_bridge: false,
+                    to_bridge,
                 })
             }
             Ok(false) | Err(_) => {
@@ -452,88 +425,63 @@ impl Server {
 
     /// The state and descriptors for `pieces`: the hand-off socket first,
     /// then every listener (and janitor), then every connection.
-    fn state(
-        &self,
-        pieces: Vec<(u64, super::hub::Piece)>,
-    ) -> Result<(State, Vec<OwnedFd>), HandOverError> {
-        let mut listeners = Vec::new();
-        let mut connections = Vec::new();
-        let mut fds_l = Vec::new();
-        let mut fds_c = Vec::new();
-        let handoff = self
-            .listener
-            .listener
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| {
-                HandOverError::EncodeState(format!("duplicating the hand-off socket: {e}"))
-            })?;
+    fn state(&self, pieces: Vec<(u64, Piece)>) -> Result<(State, Vec<OwnedFd>), HandOverError> {
+        let dup = |fd: BorrowedFd<'_>, what: &str| {
+            fd.try_clone_to_owned().map_err(|e| {
+                HandOverError::EncodeState(format!("duplicating the hand-off {what}: {e}"))
+            })
+        };
+        let handoff = dup(self.listener.listener.as_fd(), "socket")?;
         let janitor = self
             .listener
             .janitor_pipe()
-            .map(|p| p.try_clone_to_owned())
-            .transpose()
-            .map_err(|e| {
-                HandOverError::EncodeState(format!("duplicating the hand-off janitor's pipe: {e}"))
-            })?;
-        listeners.push(ListenerState {
+            .map(|p| dup(p, "janitor's pipe"))
+            .transpose()?;
+        let mut listeners = vec![ListenerState {
             kind: ListenerKind::Handoff {
                 path: self.listener.path.clone(),
                 identity: self.listener.identity,
             },
             janitor: janitor.is_some(),
-        });
-        fds_l.push(handoff);
-        fds_l.extend(janitor);
+        }];
+        let mut fds: Vec<OwnedFd> = [handoff].into_iter().chain(janitor).collect();
+        let mut connections = Vec::new();
         let mut index = std::collections::HashMap::new();
-        let mut conns = Vec::new();
-        for (id, piece) in pieces {
+        // Every listener before any connection, as the descriptors go.
+        let (ls, cs): (Vec<_>, Vec<_>) = pieces
+            .into_iter()
+            .partition(|(_, p)| matches!(p.what, PieceKind::Listener { .. }));
+        for (id, piece) in ls.into_iter().chain(cs) {
             match piece.what {
                 PieceKind::Listener { kind, janitor } => {
                     index.insert(id, listeners.len() as u32);
                     listeners.push(ListenerState {
-                        kind,
                         janitor: janitor.is_some(),
+                        kind,
                     });
-                    fds_l.push(piece.fd);
-                    fds_l.extend(janitor);
+                    fds.push(piece.fd);
+                    fds.extend(janitor);
                 }
-                PieceKind::Connection { .. } => conns.push(piece),
+                PieceKind::Connection {
+                    listener,
+                    mut state,
+                } => {
+                    state.listener = *index.get(&listener).ok_or_else(|| {
+                        HandOverError::EncodeState(
+                            "a connection whose listener is not handed over".into(),
+                        )
+                    })?;
+                    connections.push(state);
+                    fds.push(piece.fd);
+                }
             }
         }
-        for piece in conns {
-            if let PieceKind::Connection {
-                listener,
-                cid,
-                format,
-                partial,
-                spans,
-                decode_errors,
-            } = piece.what
-            {
-                let Some(&l) = index.get(&listener) else {
-                    return Err(HandOverError::EncodeState(
-                        "a connection whose listener is not handed over".into(),
-                    ));
-                };
-                connections.push(ConnState {
-                    listener: l,
-                    cid,
-                    format,
-                    partial,
-                    spans,
-                    decode_errors,
-                });
-                fds_c.push(piece.fd);
-            }
-        }
-        fds_l.extend(fds_c);
         let state = State {
             pid: std::process::id(),
             listeners,
             connections,
         };
-        Ok((state, fds_l))
+        Ok((state, fds))
     }
 }
 
@@ -577,52 +525,34 @@ impl Reexec {
             // new binary's handler is in place.
             let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::SIGTERM);
         }
-        let exec = match self.execve_args() {
+        let (path, argv, env) = match self.execve_args() {
             Ok(args) => args,
             Err(e) => return e,
         };
-        let start = move || {
-            let (path, argv, env) = exec;
-            match nix::unistd::execve(&path, &argv, &env) {
-                Err(e) => std::io::Error::from(e),
-                Ok(never) => match never {},
-            }
-        };
-        self.launcher.exec(Box::new(start))
+        self.launcher.exec(Box::new(move || {
+            nix::unistd::execve(&path, &argv, &env).map_or_else(Into::into, |never| match never {})
+        }))
     }
 
     /// The path, arguments and environment to execute: ours, as a
     /// successor that takes over, not a bridge.
-    #[allow(clippy::type_complexity)]
-    fn execve_args(
-        &self,
-    ) -> std::io::Result<(
-        std::ffi::CString,
-        Vec<std::ffi::CString>,
-        Vec<std::ffi::CString>,
-    )> {
+    fn execve_args(&self) -> std::io::Result<(CString, Vec<CString>, Vec<CString>)> {
         use std::os::unix::ffi::OsStrExt;
         let c = |b: &[u8]| {
-            std::ffi::CString::new(b)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+            CString::new(b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
         };
         let path = c(self.upgrade.exe.as_os_str().as_bytes())?;
-        let mut argv = vec![path.clone()];
-        for a in &self.upgrade.args {
-            argv.push(c(a.as_bytes())?);
-        }
-        let mut env = Vec::new();
-        for (k, v) in std::env::vars_os() {
-            if k == BRIDGE_ENV || k == TAKE_OVER_ENV {
-                continue;
-            }
-            let mut kv = k.as_bytes().to_vec();
-            kv.push(b'=');
-            kv.extend_from_slice(v.as_bytes());
-            env.push(c(&kv)?);
-        }
-        env.push(c(format!("{}=1", TAKE_OVER_ENV).as_bytes())?);
-        Ok((path, argv, env))
+        let args = self.upgrade.args.iter().map(|a| c(a.as_bytes()));
+        let argv = std::iter::once(Ok(path.clone())).chain(args);
+        let env = std::env::vars_os()
+            .filter(|(k, _)| k != BRIDGE_ENV && k != TAKE_OVER_ENV)
+            .map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .chain([c(format!("{TAKE_OVER_ENV}=1").as_bytes())]);
+        Ok((
+            path,
+            argv.collect::<Result<_, _>>()?,
+            env.collect::<Result<_, _>>()?,
+        ))
     }
 
     /// After a failed [`exec`](Self::exec): the bridge is the service's
