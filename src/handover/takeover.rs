@@ -56,24 +56,7 @@ pub(crate) struct Taken {
     pub handoff: Option<HandoffListener>,
     pub listeners: Vec<TakenListener>,
     pub connections: Vec<TakenConn>,
-    stream: StdUnixStream,
-}
-
-impl Taken {
-    /// The parts, and the acknowledgement to send once they are served.
-    pub(crate) fn split(self) -> (TakenParts, Ack) {
-        (
-            TakenParts {
-                from_pid: self.from_pid,
-                handoff: self.handoff,
-                listeners: self.listeners,
-                connections: self.connections,
-            },
-            Ack {
-                stream: self.stream,
-            },
-        )
-    }
+    pub ack: Ack,
 }
 
 /// The acknowledgement a successor owes the old process.
@@ -87,14 +70,6 @@ impl Ack {
     pub(crate) fn send(mut self) -> Result<(), HandOverError> {
         self.stream.write_all(&[ACK]).map_err(HandOverError::Send)
     }
-}
-
-/// What [`Taken`] holds.
-pub(crate) struct TakenParts {
-    pub from_pid: u32,
-    pub handoff: Option<HandoffListener>,
-    pub listeners: Vec<TakenListener>,
-    pub connections: Vec<TakenConn>,
 }
 
 /// Connects to the hand-off socket at `path` and takes everything the
@@ -216,63 +191,47 @@ pub(super) fn sort(received: Received, handoff_path: &Path) -> Result<Taken, Han
     let mut listeners = Vec::new();
     // State index -> index among `listeners` (the hand-off socket is apart).
     let mut index = Vec::with_capacity(state.listeners.len());
-    for l in &state.listeners {
+    for l in state.listeners {
         let fd = next("listener")?;
-        let janitor = if l.janitor {
-            Some(next("janitor")?)
-        } else {
-            None
+        let janitor = l.janitor.then(|| next("janitor")).transpose()?;
+        let (family, what) = match &l.kind {
+            // Ours is the only one we would bind, and so the only file we
+            // may ever remove.
+            ListenerKind::Handoff { path, .. } if path != handoff_path => {
+                return Err(HandOverError::CheckState(format!(
+                    "a hand-off socket at {}, ours is {}",
+                    path.display(),
+                    handoff_path.display()
+                )));
+            }
+            ListenerKind::Handoff { .. } => (AddressFamily::Unix, "hand-off socket"),
+            ListenerKind::Hybrid { .. } => (AddressFamily::Unix, "hybrid listener"),
+            ListenerKind::Sandbox { .. } => (AddressFamily::Unix, "sandbox listener"),
+            ListenerKind::Vsock { .. } => (AddressFamily::Vsock, "vsock listener"),
         };
-        match &l.kind {
+        check(&fd, family, true, what)?;
+        let taken = match l.kind {
             ListenerKind::Handoff { path, identity } => {
-                // Ours is the only one we would bind, and so the only file
-                // we may ever remove.
-                if path != handoff_path {
-                    return Err(HandOverError::CheckState(format!(
-                        "a hand-off socket at {}, ours is {}",
-                        path.display(),
-                        handoff_path.display()
-                    )));
-                }
-                check(&fd, AddressFamily::Unix, true, "hand-off socket")?;
-                handoff = Some(HandoffListener::adopt(
-                    fd,
-                    path.clone(),
-                    *identity,
-                    janitor,
-                )?);
+                handoff = Some(HandoffListener::adopt(fd, path, identity, janitor)?);
                 index.push(None);
+                continue;
             }
-            ListenerKind::Hybrid { path, identity } => {
-                check(&fd, AddressFamily::Unix, true, "hybrid listener")?;
-                index.push(Some(listeners.len()));
-                listeners.push(TakenListener::Hybrid {
-                    fd,
-                    path: path.clone(),
-                    identity: *identity,
-                    janitor,
-                });
-            }
-            ListenerKind::Sandbox { id, path, identity } => {
-                check(&fd, AddressFamily::Unix, true, "sandbox listener")?;
-                index.push(Some(listeners.len()));
-                listeners.push(TakenListener::Sandbox {
-                    fd,
-                    id: id.clone(),
-                    path: path.clone(),
-                    identity: *identity,
-                });
-            }
-            ListenerKind::Vsock { cid, port } => {
-                check(&fd, AddressFamily::Vsock, true, "vsock listener")?;
-                index.push(Some(listeners.len()));
-                listeners.push(TakenListener::Vsock {
-                    fd,
-                    cid: *cid,
-                    port: *port,
-                });
-            }
-        }
+            ListenerKind::Hybrid { path, identity } => TakenListener::Hybrid {
+                fd,
+                path,
+                identity,
+                janitor,
+            },
+            ListenerKind::Sandbox { id, path, identity } => TakenListener::Sandbox {
+                fd,
+                id,
+                path,
+                identity,
+            },
+            ListenerKind::Vsock { cid, port } => TakenListener::Vsock { fd, cid, port },
+        };
+        index.push(Some(listeners.len()));
+        listeners.push(taken);
     }
     let mut connections = Vec::with_capacity(state.connections.len());
     for c in state.connections {
@@ -306,6 +265,6 @@ pub(super) fn sort(received: Received, handoff_path: &Path) -> Result<Taken, Han
         handoff,
         listeners,
         connections,
-        stream,
+        ack: Ack { stream },
     })
 }
