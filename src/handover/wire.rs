@@ -39,7 +39,6 @@ use super::HandOverError;
 
 pub const MAGIC: [u8; 8] = *b"KTFHOVR\0";
 pub(crate) const VERSION: u16 = 1;
-/// Magic, version, reserved, body length, descriptor count.
 pub const HEADER_LEN: usize = 8 + 2 + 2 + 4 + 4;
 pub const TRAILER_LEN: usize = 4;
 /// Largest body accepted: 1,024 connections each with a whole 1 MiB frame
@@ -131,26 +130,28 @@ fn codec(limit: u64) -> impl Options {
 
 /// The whole message for `state`.
 pub fn encode(state: &State) -> Result<Vec<u8>, HandOverError> {
+    let enc = |e: bincode::Error| HandOverError::EncodeState(e.to_string());
     let body = codec(MAX_STATE_BYTES as u64)
         .serialize(state)
-        .map_err(|e| HandOverError::EncodeState(e.to_string()))?;
+        .map_err(enc)?;
     let len = u32::try_from(body.len()).map_err(|_| HandOverError::StateTooLarge {
         len: body.len() as u64,
         max: MAX_STATE_BYTES,
     })?;
     let fds = u32::try_from(state.descriptors())
         .map_err(|_| HandOverError::EncodeState("too many descriptors".into()))?;
-    let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TRAILER_LEN);
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_be_bytes());
-    out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&fds.to_be_bytes());
+    let head: RawHeader = (MAGIC, VERSION, 0, len, fds);
+    let mut out = codec(HEADER_LEN as u64).serialize(&head).map_err(enc)?;
+    out.reserve(body.len() + TRAILER_LEN);
     out.extend_from_slice(&body);
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_be_bytes());
     Ok(out)
 }
+
+/// Magic, version, reserved, body length, descriptor count: fixed-width
+/// and big-endian, as [`codec`] writes them, the layout above.
+type RawHeader = ([u8; 8], u16, u16, u32, u32);
 
 /// What the header says follows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,22 +162,18 @@ pub struct Header {
 
 /// Checks a header: ours, this version, a body within bounds.
 pub fn decode_header(head: &[u8; HEADER_LEN]) -> Result<Header, HandOverError> {
-    let (magic, rest) = head.split_at(8);
+    let (magic, version, _reserved, len, fds): RawHeader = codec(HEADER_LEN as u64)
+        .deserialize(head)
+        .map_err(|e| HandOverError::DecodeState(e.to_string()))?;
     if magic != MAGIC {
         return Err(HandOverError::ForeignState {
             found: magic.to_vec(),
         });
     }
-    let be16 = |b: &[u8]| b.try_into().map(u16::from_be_bytes).unwrap_or(u16::MAX);
-    let be32 = |b: &[u8]| b.try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX);
-    let (version, rest) = rest.split_at(2);
-    let version = be16(version);
     if version != VERSION {
         return Err(HandOverError::UnsupportedVersion { found: version });
     }
-    let (_reserved, rest) = rest.split_at(2);
-    let (len, fds) = rest.split_at(4);
-    let body_len = be32(len) as usize;
+    let body_len = len as usize;
     if body_len > MAX_STATE_BYTES {
         return Err(HandOverError::StateTooLarge {
             len: body_len as u64,
@@ -185,7 +182,7 @@ pub fn decode_header(head: &[u8; HEADER_LEN]) -> Result<Header, HandOverError> {
     }
     Ok(Header {
         body_len,
-        descriptors: be32(fds) as usize,
+        descriptors: fds as usize,
     })
 }
 

@@ -24,7 +24,7 @@ fn start(path: &Path, timeout: Duration) -> impl FnOnce() -> Result<Report, Stat
     move || {
         let left = until.saturating_duration_since(std::time::Instant::now());
         rx.recv_timeout(left)
-            .unwrap_or_else(|_| Err(StatusError::Timeout { path, timeout }))
+            .unwrap_or(Err(StatusError::Timeout { path, timeout }))
     }
 }
 
