@@ -11,20 +11,16 @@
 //! The forwarder listens on a hand-off socket (`--handoff-socket`). A new
 //! forwarder started with the same path connects to it before binding
 //! anything ([`take_over`]). The old one checks who it is (`SO_PEERCRED`:
-//! root, or the successor it started itself, by pid; see
-//! [`server`]), pauses every listener and connection between
-//! two reads ([`hub`]), and sends the state ([`wire`]) and the descriptors
-//! ([`fds`]). Only when the successor acknowledges does the old one let go:
-//! its connections stop without another read, its sockets stay in place
-//! (nor does its janitor remove them: the janitor's pipe goes along), and
-//! it exits 0 once what it had read is exported or spooled, as at any
-//! shutdown. Spans read before the pause are the old process's to export,
-//! bytes read after it the new one's: none is lost or sent twice. Without
-//! an acknowledgement (a successor that refuses the state, dies or times
-//! out) the old process resumes where it paused. `SIGHUP` starts the binary
-//! now at the forwarder's path as such a successor, a bridge: the old
-//! process then becomes that binary itself and takes everything back, so
-//! that the service keeps its PID ([`server`]).
+//! root, or the successor it started itself, by pid; see [`server`]),
+//! pauses every listener and connection between two reads ([`hub`]), and
+//! sends the state ([`wire`]) and the descriptors ([`fds`]). Only when the
+//! successor acknowledges does the old one let go: its connections stop
+//! without another read, its sockets stay in place (the janitor's pipe goes
+//! along), and it exits once what it had read is flushed. Spans read before
+//! the pause are the old process's to export, bytes read after it the new
+//! one's: none is lost or sent twice. Without an acknowledgement the old
+//! process resumes where it paused. `SIGHUP` upgrades through such a
+//! successor ([`server`]).
 //!
 //! The exchange on the hand-off socket:
 //!
@@ -60,12 +56,10 @@ use wire::Format;
 pub use server::{Reexec, Upgrade};
 pub(crate) use takeover::*;
 
-/// What a successor sends first.
 pub const REQUEST: [u8; 8] = *b"KTFTAKE1";
 const STATE: u8 = b'S';
 const REFUSED: u8 = b'R';
 const ACK: u8 = b'A';
-/// Longest refusal reason.
 const MAX_REASON: usize = 4096;
 /// How long a successor waits for the old process at each step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -132,13 +126,13 @@ impl Resume {
     /// reader knows (`self`). Duplicating can fail (out of descriptors); the
     /// piece then carries nothing and the hand-over is refused as a whole.
     pub(crate) fn piece(self, stream: &impl AsFd, peer: Peer, listener: u64) -> Option<Piece> {
-        let fd = match stream.as_fd().try_clone_to_owned() {
-            Ok(fd) => fd,
-            Err(e) => {
-                tracing::warn!(error = %e, "hand-over: duplicating a connection's socket");
-                return None;
-            }
-        };
+        let fd = stream
+            .as_fd()
+            .try_clone_to_owned()
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "hand-over: duplicating a connection's socket"),
+            )
+            .ok()?;
         Some(Piece {
             what: PieceKind::Connection {
                 listener,
@@ -298,10 +292,7 @@ impl Drop for HandoffListener {
     fn drop(&mut self) {
         if !self.remove {
             // The successor's now (or still the predecessor's): the janitor's
-            // pipe is closed without a word, and it waits on the others.
-            if let Some(j) = self.janitor.take() {
-                j.release();
-            }
+            // pipe is closed without a word (dropped), and it waits on the others.
             return;
         }
         if let Some(j) = self.janitor.take() {

@@ -273,13 +273,11 @@ impl Server {
     /// One successor: checked, then handed everything, or refused.
     async fn answer(&mut self, stream: tokio::net::UnixStream) -> Option<Committed> {
         let bridge = self.bridge();
-        let peer = match fds::peer(&stream) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "hand-off socket: reading the peer's credentials");
-                return None;
-            }
-        };
+        let peer = fds::peer(&stream)
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "hand-off socket: reading the peer's credentials"),
+            )
+            .ok()?;
         // Before anything is read from it or paused for it.
         if !self.trusts(peer) {
             tracing::warn!(
@@ -291,18 +289,18 @@ impl Server {
             );
             return None;
         }
-        let mut stream = match stream.into_std().and_then(|s| {
-            s.set_nonblocking(false)?;
-            s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
-            s.set_write_timeout(Some(ACK_TIMEOUT))?;
-            Ok(s)
-        }) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "hand-off socket: preparing the connection");
-                return None;
-            }
-        };
+        let mut stream = stream
+            .into_std()
+            .and_then(|s| {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+                s.set_write_timeout(Some(ACK_TIMEOUT))?;
+                Ok(s)
+            })
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "hand-off socket: preparing the connection"),
+            )
+            .ok()?;
         // Blocking reads and writes, off the runtime: the exchange is short,
         // and agents are paused meanwhile anyway.
         let (res, s) = blocking(stream, |s| {

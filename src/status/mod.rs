@@ -1,18 +1,15 @@
 //! `kata-trace-forwarder status`: a running forwarder says how it is doing.
 //!
 //! Here: the report and the forwarder's end ([`Board`]); the client's end
-//! in [`client`], the table a person reads in [`table`]. The hand-off
-//! server only dispatches to it.
+//! in [`client`], the table a person reads in [`table`].
 //!
 //! On a host where a sandbox's spans are missing, the first questions are
 //! whether the forwarder serves that sandbox, whether its agent is
 //! connected, and whether its spans are dropped or stuck in the spool. The
 //! answer comes over the hand-off socket, which already has the rules such
-//! a question needs: only root (or the forwarder's own successor) gets past
-//! its `SO_PEERCRED` check, made right after `accept` and before anything is
-//! read; it goes along with every hand-over and upgrade; and its janitor
-//! removes it. A status request is a different first message than a
-//! successor's:
+//! a question needs: its `SO_PEERCRED` check (root or our own successor)
+//! before anything is read, hand-overs, its janitor. A status request is
+//! another first message than a successor's:
 //!
 //! ```text
 //! client -> forwarder   "KTFSTAT1"                  (8 bytes)
@@ -46,7 +43,7 @@ pub const REQUEST: [u8; 8] = *b"KTFSTAT1";
 /// The report's format; a field is only ever added.
 const FORMAT: u32 = 1;
 /// Largest report either end handles: far above the largest real one
-/// (every sandbox listed, up to [`MAX_LISTED`], with labels of 256 bytes).
+/// ([`MAX_LISTED`] sandboxes with labels of 256 bytes).
 const MAX_REPORT: usize = 16 << 20;
 /// Sandboxes listed at most; the rest are counted.
 const MAX_LISTED: usize = 4096;
@@ -100,7 +97,6 @@ pub struct Report {
     pub format: u32,
     pub version: String,
     pub pid: u32,
-    /// The hand-off socket it answered on.
     pub socket: PathBuf,
     /// When the report was made, in milliseconds since the Unix epoch; the
     /// other times are on the same clock.
@@ -118,12 +114,10 @@ pub struct Report {
     pub counters: serde_json::Map<String, serde_json::Value>,
 }
 
-/// One sandbox served.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SandboxReport {
     /// Its id, or its socket or guest CID where the id is not known.
     pub sandbox: String,
-    /// Agent connections open now, and the most it may have.
     pub connections: u64,
     pub max_connections: u64,
     pub received: u64,
@@ -162,7 +156,6 @@ impl<L: Label> From<FamilySnapshot<L>> for ByReason {
     }
 }
 
-/// The exporter's side.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExporterReport {
     /// Where batches go, as the startup log says it.
@@ -173,7 +166,6 @@ pub struct ExporterReport {
     pub attempts: u64,
     pub retries: u64,
     pub failures: u64,
-    /// Spans waiting in the export queue now.
     pub queue_spans: u64,
     /// Spans read and still in memory (see [`SandboxReport::pending`]), of
     /// the sandboxes served now.
@@ -223,7 +215,6 @@ impl Board {
         }
     }
 
-    /// The report now; `socket` is where it is asked.
     pub(crate) fn report(&self, socket: &Path) -> Report {
         let now = Instant::now();
         let wall = SystemTime::now();
