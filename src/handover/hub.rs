@@ -2,18 +2,15 @@
 //! their sockets can be handed to a successor, and resuming them if it
 //! does not take them.
 //!
-//! Each accept loop and each connection task is a [`Member`]. When a
-//! hand-over begins, the hub asks every member to pause; a member stops
-//! where its state is whole (an accept loop between accepts, a connection
-//! between reads, its partial frame in hand) and reports a [`Piece`]: a
-//! duplicate of its descriptor and what the successor needs to know about
-//! it. It then waits for the outcome without touching its socket. Once
-//! every member has reported, the hub gives the pieces to the hand-over,
-//! which settles it: committed (the successor has them: the members let go
-//! of their sockets without closing the agent's stream or removing a file)
-//! or resumed (they carry on as if nothing happened). Members are never
-//! torn down and rebuilt, so a refused hand-over costs nothing but the
-//! pause.
+//! Each serving task is a [`Member`] (through its lifeline). A paused
+//! member stops where its state is whole (an accept loop between accepts, a
+//! connection between reads, its partial frame in hand), reports a
+//! [`Piece`] (a duplicate of its descriptor and what the successor needs to
+//! know) and waits for the outcome without touching its socket. Once every
+//! member has reported, the hand-over takes the pieces and settles:
+//! committed (the members let go without closing the agent's stream or
+//! removing a file) or resumed. Members are never torn down and rebuilt,
+//! so a refused hand-over costs nothing but the pause.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -24,7 +21,6 @@ use tokio::sync::{watch, Notify};
 
 use super::wire::{ConnState, ListenerKind};
 
-/// What a member reports when paused.
 pub(crate) struct Piece {
     pub what: PieceKind,
     /// A duplicate of the member's socket.
@@ -52,16 +48,12 @@ enum Phase {
     Settled { round: u64, committed: bool },
 }
 
-/// How a pause ended for one member.
+/// How a pause ended for one member (see [`crate::lifeline::After`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// Its socket now belongs to the successor: stop without closing the
-    /// stream's other end or removing anything.
     HandedOver,
-    /// The hand-over went ahead without this member (it joined after the
-    /// pieces were taken): stop as at an ordinary shutdown.
+    /// It joined after the pieces were taken.
     Stop,
-    /// No hand-over: carry on.
     Resumed,
 }
 
@@ -192,7 +184,6 @@ impl Hub {
     }
 }
 
-/// One accept loop's or connection's place in the hub.
 pub(crate) struct Member {
     hub: Arc<Hub>,
     id: u64,
@@ -216,7 +207,6 @@ impl Member {
         }
     }
 
-    /// Whether a pause is asked and not yet reported.
     pub(crate) fn pause_due(&self) -> bool {
         self.due().is_some()
     }
@@ -240,12 +230,10 @@ impl Member {
         }
     }
 
-    /// Reports this member's piece for the pause under way.
     pub(crate) fn report(&mut self, piece: Option<Piece>) {
         self.put(|round| Slot::Reported(round, piece));
     }
 
-    /// Reports this member paused, with nothing to hand over itself.
     pub(crate) fn report_quiet(&mut self) {
         self.put(Slot::Quiet);
     }

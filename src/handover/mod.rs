@@ -86,17 +86,9 @@ pub enum HandOverError {
     #[error("encoding the hand-over state: {0}")]
     EncodeState(String),
     #[error("binding the hand-off socket {path}: {source}")]
-    BindHandoff {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    BindHandoff { path: PathBuf, source: io::Error },
     #[error("connecting to the hand-off socket {path}: {source}")]
-    ConnectHandoff {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    ConnectHandoff { path: PathBuf, source: io::Error },
     #[error("the hand-off socket was made by uid {uid} (pid {pid}), and we run as {ours}: not a forwarder we trust; refusing to take from it")]
     CheckPeer { uid: u32, pid: i32, ours: u32 },
     #[error("the running forwarder refused to hand over: {0}")]

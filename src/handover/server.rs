@@ -30,7 +30,7 @@
 //! serves on as the service's process (`MAINPID=` says so).
 
 use std::ffi::{CString, OsString};
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::PathBuf;
@@ -65,10 +65,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// thread that holds a privilege to pass on (template mode's sandbox thread
 /// keeps CAP_DAC_OVERRIDE): the listeners know which, the hand-over need not.
 pub(crate) trait Launcher: Send + Sync {
-    fn spawn(&self, cmd: Command) -> BoxFuture<'_, std::io::Result<Child>>;
+    fn spawn(&self, cmd: Command) -> BoxFuture<'_, io::Result<Child>>;
     /// Replaces the process by running `exec` (an `execve`), which returns
     /// only if that failed. Blocking: call outside the async runtime.
-    fn exec(&self, exec: Box<dyn FnOnce() -> std::io::Error + Send>) -> std::io::Error;
+    fn exec(&self, exec: Box<dyn FnOnce() -> io::Error + Send>) -> io::Error;
 }
 
 pub(crate) const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
@@ -329,7 +329,7 @@ impl Server {
             }
             // A forwarder that found this socket live, and so did not
             // replace it, closes without asking: nothing to say.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 tracing::debug!(pid = peer.pid, "hand-off socket: closed without a request");
                 return None;
             }
@@ -370,7 +370,7 @@ impl Server {
         };
         let (listeners, connections) = (state.listeners.len(), state.connections.len());
         let (res, _) = blocking(stream, move |s| {
-            let msg = wire::encode(&state).map_err(std::io::Error::other)?;
+            let msg = wire::encode(&state).map_err(io::Error::other)?;
             s.write_all(&[STATE])?;
             s.write_all(&msg)?;
             let borrowed: Vec<BorrowedFd<'_>> = owned.iter().map(AsFd::as_fd).collect();
@@ -501,8 +501,6 @@ impl Drop for Server {
 pub struct Reexec {
     pub(crate) upgrade: Upgrade,
     pub(crate) bridge_pid: i32,
-    /// In template mode and `--kata-host`: executed from the sandbox
-    /// thread, so that its capability passes on as when the bridge started.
     pub(crate) launcher: Arc<dyn Launcher>,
     /// A stop was asked during the upgrade: the upgraded binary is to stop
     /// once it has taken everything back (it finds `SIGTERM` pending).
@@ -516,7 +514,7 @@ impl Reexec {
     /// [`crate::shutdown::SignalGate`]): they stay pending across `exec`
     /// until the new binary handles them. Hence `execve` itself, and not
     /// `Command::exec`, which unblocks every signal just before it.
-    pub fn exec(&self) -> std::io::Error {
+    pub fn exec(&self) -> io::Error {
         tracing::info!(exe = %self.upgrade.exe.display(), bridge = self.bridge_pid, stop = self.stop, "upgrade: becoming the new binary, which takes over from the bridge");
         if self.stop {
             // Process-directed, and blocked everywhere: pending until the
@@ -534,11 +532,10 @@ impl Reexec {
 
     /// The path, arguments and environment to execute: ours, as a
     /// successor that takes over, not a bridge.
-    fn execve_args(&self) -> std::io::Result<(CString, Vec<CString>, Vec<CString>)> {
+    fn execve_args(&self) -> io::Result<(CString, Vec<CString>, Vec<CString>)> {
         use std::os::unix::ffi::OsStrExt;
-        let c = |b: &[u8]| {
-            CString::new(b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-        };
+        let c =
+            |b: &[u8]| CString::new(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
         let path = c(self.upgrade.exe.as_os_str().as_bytes())?;
         let args = self.upgrade.args.iter().map(|a| c(a.as_bytes()));
         let argv = std::iter::once(Ok(path.clone())).chain(args);
@@ -570,20 +567,13 @@ impl Reexec {
 /// Runs `f` on the blocking pool with the stream, and gives it back.
 async fn blocking<T: Send + 'static>(
     mut stream: StdUnixStream,
-    f: impl FnOnce(&mut StdUnixStream) -> std::io::Result<T> + Send + 'static,
-) -> (std::io::Result<T>, Option<StdUnixStream>) {
-    match tokio::task::spawn_blocking(move || {
-        let r = f(&mut stream);
-        (r, stream)
-    })
-    .await
-    {
-        Ok((r, s)) => (r, Some(s)),
-        Err(e) => (Err(std::io::Error::other(e.to_string())), None),
-    }
+    f: impl FnOnce(&mut StdUnixStream) -> io::Result<T> + Send + 'static,
+) -> (io::Result<T>, Option<StdUnixStream>) {
+    let done = tokio::task::spawn_blocking(move || (f(&mut stream), stream)).await;
+    done.map_or_else(|e| (Err(io::Error::other(e)), None), |(r, s)| (r, Some(s)))
 }
 
-async fn refuse(stream: StdUnixStream, why: String) -> std::io::Result<()> {
+async fn refuse(stream: StdUnixStream, why: String) -> io::Result<()> {
     blocking(stream, move |s| {
         let why = why.as_bytes();
         let why = why.get(..why.len().min(MAX_REASON)).unwrap_or_default();

@@ -11,14 +11,13 @@ use std::path::{Path, PathBuf};
 use super::wire::{ListenerKind, State};
 use super::*;
 
-/// What a successor received, before it is turned into listeners.
+/// What a successor received, before it is checked.
 pub(crate) struct Received {
     stream: StdUnixStream,
     pub state: State,
     fds: Vec<OwnedFd>,
 }
 
-/// One handed-over listener, as the listen stage takes it.
 #[derive(Debug)]
 pub(crate) enum TakenListener {
     Hybrid {
@@ -79,21 +78,13 @@ pub(crate) fn take_over(
     path: &Path,
     max_frame_size: usize,
 ) -> Result<Option<Taken>, HandOverError> {
+    use io::ErrorKind::{ConnectionRefused, NotFound};
     let stream = match StdUnixStream::connect(path) {
         Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
+        Err(e) if matches!(e.kind(), NotFound | ConnectionRefused) => return Ok(None),
         Err(source) => {
-            return Err(HandOverError::ConnectHandoff {
-                path: path.to_owned(),
-                source,
-            })
+            let path = path.to_owned();
+            return Err(HandOverError::ConnectHandoff { path, source });
         }
     };
     let ours = nix::unistd::getuid().as_raw();

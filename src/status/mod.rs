@@ -23,7 +23,7 @@
 //! the async runtime.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -64,11 +64,7 @@ pub enum StatusError {
     #[error("no kata-trace-forwarder is running at {path}")]
     NotListening { path: PathBuf },
     #[error("connecting to {path}: {source}")]
-    Connect {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    Connect { path: PathBuf, source: io::Error },
     #[error("{path}: permission denied (only root may ask a forwarder for its status)")]
     Denied { path: PathBuf },
     #[error("the forwarder at {path} closed without answering (only root may ask it for its status, and one older than `status` answers no one)")]
@@ -76,19 +72,11 @@ pub enum StatusError {
     #[error("the forwarder at {path} did not answer within {timeout:?}")]
     Timeout { path: PathBuf, timeout: Duration },
     #[error("reading the status from {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: io::Error },
     #[error("the answer from {path} is not a status report: {reason}")]
     Decode { path: PathBuf, reason: String },
     #[error("listing {dir}: {source}")]
-    ListDir {
-        dir: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    ListDir { dir: PathBuf, source: io::Error },
 }
 
 /// A forwarder's status, as it answers and as `status --json` prints it.
