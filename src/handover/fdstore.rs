@@ -86,7 +86,6 @@ pub(crate) fn listener_name(fd: BorrowedFd<'_>, identity: Option<(u64, u64)>) ->
     })
 }
 
-/// The name of the janitor's pipe of the listener `listener`.
 pub(crate) fn janitor_name(listener: BorrowedFd<'_>) -> Option<String> {
     Some(format!("{JANITOR}{}", sock_ino(listener)?))
 }
@@ -130,7 +129,6 @@ impl Stored {
         Stored::new(fd, || connection_name(fd))
     }
 
-    /// A listener; `identity`: a Unix listener's file.
     pub(crate) fn listener(fd: BorrowedFd<'_>, identity: Option<(u64, u64)>) -> Stored {
         Stored::new(fd, || listener_name(fd, identity))
     }
@@ -139,7 +137,6 @@ impl Stored {
         Stored::new(pipe, || janitor_name(listener))
     }
 
-    /// Leaves it in the store.
     pub(crate) fn keep(mut self) {
         self.0 = None;
     }
@@ -153,7 +150,6 @@ impl Drop for Stored {
     }
 }
 
-/// A descriptor the previous process left in the store.
 #[derive(Debug)]
 pub(crate) enum Left {
     /// A listener, as a hand-over passes it (a Unix one with its janitor's

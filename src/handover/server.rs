@@ -4,16 +4,13 @@
 //! (Over 500 lines: whom it answers, the exchange, and the upgrade that
 //! ends in `exec` are one hand-over seen from the old process.)
 //!
-//! A successor is checked first, by `SO_PEERCRED`, before it may even ask:
-//! root (an administrator's takeover), the bridge this process started on
-//! `SIGHUP` (by its pid), or, in a bridge, the parent that is about to
-//! become the new binary (by its pid, and only while it is still our
-//! parent). Never by uid alone: the forwarder's user (`nobody`) is shared
-//! with other services, and any of them could otherwise take every agent.
-//! Anyone else is refused and logged, and nothing pauses. Then every
-//! listener and connection pauses ([`super::hub`]), the state and
+//! A successor is checked first, by `SO_PEERCRED`, before it may even ask
+//! ([`Server::trusts`]). Never by uid alone: the forwarder's user (`nobody`)
+//! is shared with other services, and any of them could otherwise take
+//! every agent. Anyone else is refused and logged, and nothing pauses. Then
+//! every listener and connection pauses ([`super::hub`]), the state and
 //! descriptors go out, and the hand-over commits only on the successor's
-//! acknowledgement. Anything short of that resumes every member where it
+//! acknowledgement; anything short of that resumes every member where it
 //! paused. Each step has a short deadline, and after a hand-over that
 //! paused and failed the next one waits, longer each time: not even a
 //! trusted peer can pause the agents over and over.

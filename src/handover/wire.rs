@@ -49,7 +49,6 @@ pub(crate) const MAX_LISTENERS: usize = 65_536;
 /// Most connections in one state.
 pub(crate) const MAX_CONNECTIONS: usize = 65_536;
 
-/// Everything handed over, but the descriptors themselves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     /// The sender's process id, for the logs.
@@ -58,7 +57,6 @@ pub struct State {
     pub connections: Vec<ConnState>,
 }
 
-/// A listening socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerState {
     pub kind: ListenerKind,
@@ -90,14 +88,11 @@ pub enum ListenerKind {
     },
 }
 
-/// One live agent connection, as its reader left it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnState {
     /// Index into [`State::listeners`] of the listener that accepted it.
     pub listener: u32,
-    /// The guest's CID, for a VSOCK connection.
     pub cid: Option<u32>,
-    /// The wire format the agent was found to speak.
     pub format: Option<Format>,
     /// The bytes read and not yet a whole frame (its header included).
     pub partial: Vec<u8>,
@@ -113,7 +108,6 @@ pub enum Format {
 }
 
 impl State {
-    /// How many descriptors follow a message carrying this state.
     pub fn descriptors(&self) -> usize {
         let janitors = self.listeners.iter().filter(|l| l.janitor).count();
         self.listeners.len() + janitors + self.connections.len()
@@ -128,7 +122,6 @@ fn codec(limit: u64) -> impl Options {
         .with_limit(limit)
 }
 
-/// The whole message for `state`.
 pub fn encode(state: &State) -> Result<Vec<u8>, HandOverError> {
     let enc = |e: bincode::Error| HandOverError::EncodeState(e.to_string());
     let body = codec(MAX_STATE_BYTES as u64)
@@ -153,7 +146,6 @@ pub fn encode(state: &State) -> Result<Vec<u8>, HandOverError> {
 /// and big-endian, as [`codec`] writes them, the layout above.
 type RawHeader = ([u8; 8], u16, u16, u32, u32);
 
-/// What the header says follows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub body_len: usize,

@@ -113,7 +113,6 @@ pub struct SandboxReport {
     pub exported: u64,
     /// Written to the spool (sent from there later, counted globally).
     pub spooled: u64,
-    /// In the export queue now.
     pub queued: u64,
     /// Read and still in memory: neither exported, spooled nor dropped
     /// yet (queued, in the batch being sent or retried, or waiting for
@@ -127,7 +126,6 @@ pub struct SandboxReport {
     pub last_sent_unix_ms: Option<u64>,
 }
 
-/// A count and its parts.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ByReason {
     pub total: u64,
@@ -204,9 +202,7 @@ impl Board {
     }
 
     pub(crate) fn report(&self, socket: &Path) -> Report {
-        let now = Instant::now();
-        let wall = SystemTime::now();
-        let now_ms = unix_ms(wall);
+        let (now, now_ms) = (Instant::now(), unix_ms(SystemTime::now()));
         let ago = |d: Duration| now_ms.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(0));
         let uptime = now.saturating_duration_since(self.started);
         let live = self.tenants.live();
@@ -297,10 +293,8 @@ impl Board {
             return;
         }
         tokio::task::spawn_blocking(move || {
-            let board = &slot.0;
-            let report = board.report(&socket);
-            let sent = serde_json::to_vec(&report)
-                .map_err(std::io::Error::other)
+            let sent = serde_json::to_vec(&slot.0.report(&socket))
+                .map_err(io::Error::other)
                 .and_then(|json| {
                     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
                     stream.write_all(&json)
