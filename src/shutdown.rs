@@ -136,34 +136,31 @@ pub fn unblock_stop_signals() {
 /// once: before an upgrade's `exec`, after which they stay pending for the
 /// new binary. Start it once the runtime's handlers for them are in place.
 pub struct SignalGate {
-    hold: std::sync::mpsc::Sender<std::sync::mpsc::Sender<()>>,
+    /// Dropped to hold: the thread then blocks them and ends.
+    hold: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl SignalGate {
     pub fn open() -> std::io::Result<SignalGate> {
-        let (hold, asked) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<()>>();
-        std::thread::Builder::new()
+        let (hold, asked) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
             .name("ktf-signals".into())
             .spawn(move || {
                 let set = stop_and_upgrade_signals();
                 let _ = set.thread_unblock();
                 // Signals are handled on this thread, while it waits here.
-                let done = asked.recv();
+                let _ = asked.recv();
                 let _ = set.thread_block();
-                if let Ok(done) = done {
-                    let _ = done.send(());
-                }
             })?;
-        Ok(SignalGate { hold })
+        Ok(SignalGate { hold, thread })
     }
 
     /// Stops delivering the signals, for the whole process: from here on
     /// they stay pending (across `exec` too). Returns once that is so.
     pub fn hold(self) {
-        let (done, held) = std::sync::mpsc::channel();
-        if self.hold.send(done).is_ok() {
-            let _ = held.recv();
-        }
+        drop(self.hold);
+        let _ = self.thread.join();
     }
 }
 
