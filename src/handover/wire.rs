@@ -353,6 +353,12 @@ mod tests {
     }
 
     #[test]
+    fn the_header_is_laid_out_as_documented() {
+        let s = sample();
+        assert_eq!(encode(&s).unwrap(), frame(&body_of(&s), 6));
+    }
+
+    #[test]
     fn refuses_a_foreign_message() {
         let mut msg = encode(&sample()).unwrap();
         msg[..8].copy_from_slice(b"HTTP/1.1");
