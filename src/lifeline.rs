@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::handover::hub::{Hub, Member, Outcome, Piece};
+use crate::handover::hub::{Hub, Member, Piece};
 use crate::shutdown::{Mode, Shutdown};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,18 +31,7 @@ pub(crate) enum Next {
     Pause,
 }
 
-/// How a pause ended for this task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum After {
-    /// No hand-over: carry on as before.
-    Resume,
-    /// The hand-over went ahead without this task (it joined too late to
-    /// be in it): end as at an ordinary shutdown.
-    Drain,
-    /// A successor holds this task's socket now: end without another read,
-    /// closing nothing the successor uses and removing nothing.
-    Leave,
-}
+pub(crate) use crate::handover::hub::Outcome as After;
 
 pub(crate) struct Lifeline {
     shutdown: Shutdown,
@@ -138,11 +127,7 @@ impl Lifeline {
     /// nothing was reported.
     pub(crate) async fn settled(&mut self) -> Option<After> {
         let m = self.member.as_mut().filter(|m| m.awaiting_outcome())?;
-        let after = match m.outcome().await {
-            Outcome::HandedOver => After::Leave,
-            Outcome::Stop => After::Drain,
-            Outcome::Resumed => After::Resume,
-        };
+        let after = m.outcome().await;
         self.handed_over |= after == After::Leave;
         Some(after)
     }

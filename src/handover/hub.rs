@@ -48,13 +48,18 @@ enum Phase {
     Settled { round: u64, committed: bool },
 }
 
-/// How a pause ended for one member (see [`crate::lifeline::After`]).
+/// How a pause ended for one member: what its task does after
+/// (`lifeline::After`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    HandedOver,
-    /// It joined after the pieces were taken.
-    Stop,
-    Resumed,
+    /// No hand-over: carry on as before.
+    Resume,
+    /// The hand-over went ahead without this task (it joined after the
+    /// pieces were taken): end as at an ordinary shutdown.
+    Drain,
+    /// A successor holds this task's socket now: end without another read,
+    /// closing nothing the successor uses and removing nothing.
+    Leave,
 }
 
 enum Slot {
@@ -248,7 +253,7 @@ impl Member {
     /// After [`report`](Self::report): waits for the hand-over's outcome.
     pub(crate) async fn outcome(&mut self) -> Outcome {
         let Some(round) = self.reported else {
-            return Outcome::Resumed;
+            return Outcome::Resume;
         };
         self.learnt = Some(round);
         loop {
@@ -262,18 +267,18 @@ impl Member {
                         Some(Slot::Taken(t)) if *t == round
                     );
                     return match (committed, taken) {
-                        (true, true) => Outcome::HandedOver,
-                        (true, false) => Outcome::Stop,
-                        (false, _) => Outcome::Resumed,
+                        (true, true) => Outcome::Leave,
+                        (true, false) => Outcome::Drain,
+                        (false, _) => Outcome::Resume,
                     };
                 }
                 Phase::Pausing { round: r } | Phase::Settled { round: r, .. } if r > round => {
-                    return Outcome::Resumed
+                    return Outcome::Resume
                 }
                 _ => {}
             }
             if self.phase.changed().await.is_err() {
-                return Outcome::Resumed;
+                return Outcome::Resume;
             }
         }
     }
@@ -321,8 +326,8 @@ mod tests {
         b.report(piece());
         assert_eq!(p.await.unwrap().map(|v| v.len()), Some(2));
         hub.settle(false);
-        assert_eq!(a.outcome().await, Outcome::Resumed);
-        assert_eq!(b.outcome().await, Outcome::Resumed);
+        assert_eq!(a.outcome().await, Outcome::Resume);
+        assert_eq!(b.outcome().await, Outcome::Resume);
         assert!(!a.pause_due());
 
         // Committed: a member that ends meanwhile is not waited for, one
@@ -343,9 +348,9 @@ mod tests {
         late.pause_asked().await;
         late.report(piece());
         hub.settle(true);
-        assert_eq!(a.outcome().await, Outcome::HandedOver);
-        assert_eq!(b.outcome().await, Outcome::HandedOver);
-        assert_eq!(late.outcome().await, Outcome::Stop);
+        assert_eq!(a.outcome().await, Outcome::Leave);
+        assert_eq!(b.outcome().await, Outcome::Leave);
+        assert_eq!(late.outcome().await, Outcome::Drain);
     }
 
     #[tokio::test(start_paused = true)]
@@ -361,7 +366,7 @@ mod tests {
         ok.report(piece());
         assert!(pausing.await.unwrap().is_none());
         hub.settle(false);
-        assert_eq!(ok.outcome().await, Outcome::Resumed);
+        assert_eq!(ok.outcome().await, Outcome::Resume);
         assert!(!ok.pause_due());
     }
 }
