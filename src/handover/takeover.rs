@@ -11,13 +11,6 @@ use std::path::{Path, PathBuf};
 use super::wire::{ListenerKind, State};
 use super::*;
 
-/// What a successor received, before it is checked.
-pub(crate) struct Received {
-    stream: StdUnixStream,
-    pub state: State,
-    fds: Vec<OwnedFd>,
-}
-
 #[derive(Debug)]
 pub(crate) enum TakenListener {
     Hybrid {
@@ -79,7 +72,7 @@ pub(crate) fn take_over(
     max_frame_size: usize,
 ) -> Result<Option<Taken>, HandOverError> {
     use io::ErrorKind::{ConnectionRefused, NotFound};
-    let stream = match StdUnixStream::connect(path) {
+    let mut stream = match StdUnixStream::connect(path) {
         Ok(s) => s,
         Err(e) if matches!(e.kind(), NotFound | ConnectionRefused) => return Ok(None),
         Err(source) => {
@@ -98,8 +91,8 @@ pub(crate) fn take_over(
     }
     let _ = stream.set_read_timeout(Some(STEP_TIMEOUT));
     let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
-    let received = receive(stream, max_frame_size)?;
-    sort(received, path).map(Some)
+    let (state, fds) = receive(&mut stream, max_frame_size)?;
+    sort(stream, state, fds, path).map(Some)
 }
 
 /// Whether to take anything from the hand-off socket whose listening end
@@ -112,14 +105,15 @@ pub(crate) fn take_over(
 /// put at the path; a successor not running as root (a bridge, an
 /// upgrade, a forwarder never started as root) has nothing more to lose
 /// to its own user, and takes from root's or its own.
-pub(super) fn trusts_predecessor(peer: fds::Peer, ours: u32) -> bool {
+fn trusts_predecessor(peer: fds::Peer, ours: u32) -> bool {
     peer.uid == 0 || (ours != 0 && peer.uid == ours)
 }
 
-pub(super) fn receive(
-    mut stream: StdUnixStream,
+/// What the old process sent: the state, and the descriptors it announced.
+fn receive(
+    stream: &mut StdUnixStream,
     max_frame_size: usize,
-) -> Result<Received, HandOverError> {
+) -> Result<(State, Vec<OwnedFd>), HandOverError> {
     let rx = HandOverError::Receive;
     stream.write_all(&REQUEST).map_err(HandOverError::Send)?;
     let mut tag = [0u8; 1];
@@ -144,21 +138,25 @@ pub(super) fn receive(
     // Read exactly what was announced: never into the descriptors' bytes.
     let want = header.body_len + wire::TRAILER_LEN;
     let mut rest = Vec::with_capacity(want.min(1 << 20));
-    (&mut stream)
+    stream
         .take(want as u64)
         .read_to_end(&mut rest)
         .map_err(rx)?;
     let state = wire::decode_body(&head, header, &rest, max_frame_size)?;
     let fds = fds::recv(stream.as_fd(), header.descriptors).map_err(rx)?;
-    Ok(Received { stream, state, fds })
+    Ok((state, fds))
 }
 
 /// Checks each descriptor is the kind of socket the state says, and pairs
 /// them up. `handoff_path`: our own hand-off socket, the one path the
 /// state may name for it.
-pub(super) fn sort(received: Received, handoff_path: &Path) -> Result<Taken, HandOverError> {
+fn sort(
+    stream: StdUnixStream,
+    state: State,
+    fds: Vec<OwnedFd>,
+    handoff_path: &Path,
+) -> Result<Taken, HandOverError> {
     use nix::sys::socket::{getsockopt, sockopt, AddressFamily, SockType};
-    let Received { stream, state, fds } = received;
     let check = |fd: &OwnedFd, family: AddressFamily, listening: bool, what: &str| {
         let kind = getsockopt(fd, sockopt::SockType);
         let accepting = getsockopt(fd, sockopt::AcceptConn);

@@ -80,20 +80,17 @@ pub fn sockets(dir: &Path) -> Result<Vec<PathBuf>, StatusError> {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => {
-            return Err(StatusError::ListDir {
-                dir: dir.to_owned(),
-                source,
-            })
+            let dir = dir.to_owned();
+            return Err(StatusError::ListDir { dir, source });
         }
     };
     let mut found: Vec<PathBuf> = entries
         .flatten()
-        .filter(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
             name.starts_with("handoff-") && name.ends_with(".sock")
         })
-        .map(|e| e.path())
         .collect();
     found.sort();
     Ok(found)
@@ -147,15 +144,12 @@ pub(super) fn discovered(
             _ => true,
         })
         .collect();
+    let dir = dir.to_owned();
     if denied {
-        out.push(Err(StatusError::Denied {
-            path: dir.to_owned(),
-        }));
+        out.push(Err(StatusError::Denied { path: dir.clone() }));
     }
     if out.is_empty() {
-        out.push(Err(StatusError::NotRunning {
-            dir: dir.to_owned(),
-        }));
+        out.push(Err(StatusError::NotRunning { dir }));
     }
     out
 }
