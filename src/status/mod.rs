@@ -26,7 +26,6 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -181,7 +180,7 @@ pub(crate) struct Board {
     exporter: Arc<Exporter>,
     listeners: Vec<String>,
     started: Instant,
-    answering: AtomicUsize,
+    answering: Arc<tokio::sync::Semaphore>,
 }
 
 impl Board {
@@ -197,7 +196,7 @@ impl Board {
             exporter,
             listeners,
             started: Instant::now(),
-            answering: AtomicUsize::new(0),
+            answering: Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERING)),
         }
     }
 
@@ -279,21 +278,15 @@ impl Board {
     /// server has checked, off the runtime and within [`WRITE_TIMEOUT`];
     /// past [`MAX_ANSWERING`] at once, closes it unanswered.
     pub(crate) fn answer(self: &Arc<Self>, mut stream: UnixStream, socket: PathBuf, pid: i32) {
-        /// One of the [`MAX_ANSWERING`] slots, given back however the
-        /// answer ends (also a task that never ran, at shutdown).
-        struct Slot(Arc<Board>);
-        impl Drop for Slot {
-            fn drop(&mut self) {
-                self.0.answering.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-        let slot = Slot(Arc::clone(self));
-        if self.answering.fetch_add(1, Ordering::AcqRel) >= MAX_ANSWERING {
+        // Given back however the answer ends (also a task that never ran).
+        let Ok(slot) = Arc::clone(&self.answering).try_acquire_owned() else {
             tracing::warn!(pid, "status: too many requests at once; closed unanswered");
             return;
-        }
+        };
+        let board = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            let sent = serde_json::to_vec(&slot.0.report(&socket))
+            let _slot = slot;
+            let sent = serde_json::to_vec(&board.report(&socket))
                 .map_err(io::Error::other)
                 .and_then(|json| {
                     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
