@@ -55,11 +55,10 @@ impl Lifeline {
 
     /// A lifeline for a task this one starts, under `shutdown`.
     pub(crate) fn under(&self, shutdown: Shutdown) -> Lifeline {
+        let member = self.hub.as_ref().map(Hub::member);
         Lifeline {
-            shutdown,
-            hub: self.hub.clone(),
-            member: self.hub.as_ref().map(Hub::member),
-            handed_over: false,
+            member,
+            ..Lifeline::root(shutdown, self.hub.clone())
         }
     }
 

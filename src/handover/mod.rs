@@ -188,11 +188,12 @@ impl HandoffListener {
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                std::fs::create_dir_all(dir).map_err(err)?;
-                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-            }
+        if let Some(dir) = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+        {
+            std::fs::create_dir_all(dir).map_err(err)?;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
         }
         match std::fs::symlink_metadata(path) {
             // A running forwarder's is never replaced: a second start with
@@ -219,10 +220,8 @@ impl HandoffListener {
         }
         let std = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-        if let Some(user) = user {
-            if let Ok(Some(u)) = nix::unistd::User::from_name(user) {
-                nix::unistd::chown(path, Some(u.uid), Some(u.gid)).map_err(|e| err(e.into()))?;
-            }
+        if let Some(Ok(Some(u))) = user.map(nix::unistd::User::from_name) {
+            nix::unistd::chown(path, Some(u.uid), Some(u.gid)).map_err(|e| err(e.into()))?;
         }
         let md = std::fs::symlink_metadata(path).map_err(err)?;
         std.set_nonblocking(true).map_err(err)?;

@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use sd_notify::NotifyState;
 use tokio::signal::unix::Signal;
 use tokio::time::Instant;
 
@@ -207,7 +208,7 @@ impl Server {
                         return done;
                     }
                     if self.child.is_some() {
-                        notify(&[sd_notify::NotifyState::Ready]);
+                        notify(&[NotifyState::Ready]);
                     }
                 }
                 Some(()) = async { self.upgrade.as_mut()?.1.recv().await } => {
@@ -224,14 +225,14 @@ impl Server {
                         Ok(Some(status)) => {
                             tracing::error!(%status, "upgrade failed: the new binary exited before taking over; still serving");
                             self.set_child(None);
-                            notify(&[sd_notify::NotifyState::Ready]);
+                            notify(&[NotifyState::Ready]);
                         }
                         Ok(None) if since.elapsed() > UPGRADE_TIMEOUT => {
                             tracing::error!(timeout = ?UPGRADE_TIMEOUT, "upgrade failed: the new binary did not take over in time; stopping it, still serving");
                             let _ = c.kill();
                             let _ = c.wait();
                             self.set_child(None);
-                            notify(&[sd_notify::NotifyState::Ready]);
+                            notify(&[NotifyState::Ready]);
                         }
                         Ok(None) => {}
                         Err(e) => {
@@ -247,9 +248,9 @@ impl Server {
     /// Starts the upgraded binary, or logs why it cannot.
     async fn start_upgrade(&self) -> Option<Child> {
         let (up, _) = self.upgrade.as_ref()?;
-        match sd_notify::NotifyState::monotonic_usec_now() {
-            Ok(now) => notify(&[sd_notify::NotifyState::Reloading, now]),
-            Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => notify(&[NotifyState::Reloading, now]),
+            Err(_) => notify(&[NotifyState::Reloading]),
         }
         tracing::info!(exe = %up.exe.display(), "SIGHUP: starting the binary to hand over to");
         let mut cmd = Command::new(&up.exe);
@@ -257,14 +258,11 @@ impl Server {
             .env(TAKE_OVER_ENV, "1")
             .env(BRIDGE_ENV, "1")
             .stdin(Stdio::null());
-        match self.launcher.spawn(cmd).await {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::error!(exe = %up.exe.display(), error = %e, "upgrade failed: the new binary did not start; still serving");
-                notify(&[sd_notify::NotifyState::Ready]);
-                None
-            }
-        }
+        let started = self.launcher.spawn(cmd).await.inspect_err(|e| {
+            tracing::error!(exe = %up.exe.display(), error = %e, "upgrade failed: the new binary did not start; still serving");
+            notify(&[NotifyState::Ready]);
+        });
+        started.ok()
     }
 
     /// One successor: checked, then handed everything, or refused.
@@ -393,7 +391,7 @@ impl Server {
                 // will be again.
                 let to_bridge = bridge == Some(peer.pid);
                 if !to_bridge {
-                    notify(&[sd_notify::NotifyState::MainPid(peer.pid as u32)]);
+                    notify(&[NotifyState::MainPid(peer.pid as u32)]);
                 }
                 Some(Committed {
                     successor_pid: peer.pid,
@@ -555,8 +553,8 @@ impl Reexec {
             "upgrade: could not become the new binary; the bridge serves on as the service's process"
         );
         notify(&[
-            sd_notify::NotifyState::MainPid(self.bridge_pid as u32),
-            sd_notify::NotifyState::Ready,
+            NotifyState::MainPid(self.bridge_pid as u32),
+            NotifyState::Ready,
         ]);
     }
 }
@@ -583,7 +581,7 @@ async fn refuse(stream: StdUnixStream, why: String) -> io::Result<()> {
 }
 
 /// Tells systemd, when it supervises us (`Type=notify`); a no-op otherwise.
-pub(crate) fn notify(state: &[sd_notify::NotifyState<'_>]) {
+pub(crate) fn notify(state: &[NotifyState<'_>]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
