@@ -99,13 +99,9 @@ pub fn janitor_main(args: &[OsString]) -> ExitCode {
     // blocks them for the process.
     let _ = SigSet::from_iter([SIGTERM, SIGINT, SIGHUP]).thread_block();
 
-    let parsed = (|| {
-        let path = PathBuf::from(args.first()?);
-        let dev = args.get(1)?.to_str()?.parse::<u64>().ok()?;
-        let ino = args.get(2)?.to_str()?.parse::<u64>().ok()?;
-        Some((path, dev, ino))
-    })();
-    let Some((path, dev, ino)) = parsed else {
+    let num = |i: usize| args.get(i)?.to_str()?.parse::<u64>().ok();
+    let (Some(path), Some(dev), Some(ino)) = (args.first().map(PathBuf::from), num(1), num(2))
+    else {
         eprintln!("{JANITOR_ARG}: usage: {JANITOR_ARG} <path> <dev> <ino>");
         return ExitCode::from(2);
     };

@@ -268,15 +268,6 @@ impl HandoffListener {
     pub(crate) fn own(&mut self) {
         self.remove = true;
     }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The janitor's pipe, for handing over.
-    pub(crate) fn janitor_pipe(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        self.janitor.as_ref().and_then(Janitor::pipe)
-    }
 }
 
 impl Drop for HandoffListener {

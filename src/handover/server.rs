@@ -43,6 +43,7 @@ use tokio::time::Instant;
 use super::hub::{Hub, Piece, PieceKind};
 use super::wire::{self, ListenerKind, ListenerState, State};
 use super::{fds, HandOverError, HandoffListener, ACK, MAX_REASON, REFUSED, REQUEST, STATE};
+use crate::janitor::Janitor;
 
 /// Longest every listener and connection may take to pause.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -182,7 +183,7 @@ impl Server {
     }
 
     pub(crate) fn path(&self) -> &std::path::Path {
-        self.listener.path()
+        &self.listener.path
     }
 
     /// Serves successors, and upgrades on `SIGHUP`, until a hand-over
@@ -425,11 +426,8 @@ impl Server {
             })
         };
         let handoff = dup(self.listener.listener.as_fd(), "socket")?;
-        let janitor = self
-            .listener
-            .janitor_pipe()
-            .map(|p| dup(p, "janitor's pipe"))
-            .transpose()?;
+        let pipe = self.listener.janitor.as_ref().and_then(Janitor::pipe);
+        let janitor = pipe.map(|p| dup(p, "janitor's pipe")).transpose()?;
         let mut listeners = vec![ListenerState {
             kind: ListenerKind::Handoff {
                 path: self.listener.path.clone(),

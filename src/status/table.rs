@@ -180,13 +180,11 @@ pub(super) fn by_reason(b: &ByReason, none: &str) -> String {
 
 /// How long before `now` (Unix milliseconds) `at` was.
 pub(super) fn since(now: u64, at: Option<u64>) -> String {
-    match at {
-        None => "never".into(),
-        Some(at) => format!(
-            "{} ago",
-            duration(Duration::from_millis(now.saturating_sub(at)))
-        ),
-    }
+    let Some(at) = at else {
+        return "never".into();
+    };
+    let ago = Duration::from_millis(now.saturating_sub(at));
+    format!("{} ago", duration(ago))
 }
 
 /// A duration in the two largest units that matter: `0.4s`, `12s`,
