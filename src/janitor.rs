@@ -32,7 +32,6 @@ pub(crate) struct Janitor {
 }
 
 impl Janitor {
-    /// Starts the janitor for the socket at `path` with the given identity.
     pub(crate) fn spawn(path: &Path, identity: (u64, u64)) -> io::Result<Janitor> {
         let mut child = Command::new(std::env::current_exe()?)
             .arg(JANITOR_ARG)
@@ -61,7 +60,6 @@ impl Janitor {
         }
     }
 
-    /// The pipe, for handing over.
     pub(crate) fn pipe(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
         self.stdin.as_ref().map(AsFd::as_fd)
@@ -69,11 +67,8 @@ impl Janitor {
 
     /// Lets go without asking for removal: the socket is a successor's now,
     /// and so is the janitor (it holds a duplicate of the pipe).
-    pub(crate) fn release(mut self) {
-        self.stdin = None;
-        // Not waited for: it is reaped with this process.
-        self.child = None;
-    }
+    /// Not waited for: it is reaped with this process.
+    pub(crate) fn release(self) {}
 
     /// Asks for the socket to be removed now and waits, briefly, until it is.
     pub(crate) fn remove_now(mut self, timeout: Duration) -> bool {
@@ -99,21 +94,14 @@ impl Janitor {
 
 /// Entry point of janitor mode: `JANITOR_ARG <path> <dev> <ino>`.
 pub fn janitor_main(args: &[OsString]) -> ExitCode {
+    use nix::sys::signal::{SigSet, Signal::*};
     // Single-threaded at this point, so blocking the signals for this thread
     // blocks them for the process.
-    let mut set = nix::sys::signal::SigSet::empty();
-    set.add(nix::sys::signal::Signal::SIGTERM);
-    set.add(nix::sys::signal::Signal::SIGINT);
-    set.add(nix::sys::signal::Signal::SIGHUP);
-    let _ = set.thread_block();
+    let _ = SigSet::from_iter([SIGTERM, SIGINT, SIGHUP]).thread_block();
 
-    let parsed = (|| {
-        let path = PathBuf::from(args.first()?);
-        let dev = args.get(1)?.to_str()?.parse::<u64>().ok()?;
-        let ino = args.get(2)?.to_str()?.parse::<u64>().ok()?;
-        Some((path, dev, ino))
-    })();
-    let Some((path, dev, ino)) = parsed else {
+    let num = |i: usize| args.get(i)?.to_str()?.parse::<u64>().ok();
+    let (Some(path), Some(dev), Some(ino)) = (args.first().map(PathBuf::from), num(1), num(2))
+    else {
         eprintln!("{JANITOR_ARG}: usage: {JANITOR_ARG} <path> <dev> <ino>");
         return ExitCode::from(2);
     };

@@ -158,13 +158,13 @@ pub async fn run_upgradable(
     };
     let (listeners, handoff, ack) = match taken {
         Some(taken) => {
-            let (parts, ack) = taken.split();
-            let handover::TakenParts {
+            let handover::Taken {
                 from_pid: from,
                 handoff,
                 listeners,
                 connections,
-            } = parts;
+                ack,
+            } = taken;
             // Bound as at any start (dropping root as it does, so that
             // the successor ends with exactly the predecessor's
             // privileges), serving on what was handed over where it is

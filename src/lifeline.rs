@@ -1,32 +1,27 @@
-//! What a serving task does next: the one thing every accept loop,
-//! connection, template watcher and `--kata-host` planner asks.
+//! What a serving task (accept loop, connection, template watcher,
+//! `--kata-host` planner) does next.
 //!
-//! A task's [`Lifeline`] joins the two things that can interrupt it: the
-//! forwarder stopping ([`Shutdown`]: a drain, a hand-over's end, or
-//! systemd's store) and a hand-over's pause (its place in the
-//! [`Hub`](crate::handover::hub::Hub)). [`next`](Lifeline::next) says
-//! which came first; a paused task reports what a successor needs and
-//! learns from [`settled`](Lifeline::settled) whether to resume, drain or
-//! leave. [`leaves`](Lifeline::leaves) is the one place that decides, as a
-//! task ends, whether what it holds (a socket, a connection, a file in
-//! systemd's store) is left for a successor or cleaned up.
+//! A [`Lifeline`] joins the two things that can interrupt a task: the
+//! forwarder stopping ([`Shutdown`]) and a hand-over's pause (its place in
+//! the [`Hub`]). [`next`](Lifeline::next) says which came first; a paused
+//! task reports what a successor needs and learns from
+//! [`settled`](Lifeline::settled) whether to resume, drain or leave.
+//! [`leaves`](Lifeline::leaves) is the one place that decides, as a task
+//! ends, whether what it holds is left for a successor or cleaned up.
 //!
-//! A task that starts another gives it a lifeline of its own with
-//! [`spawn`](Lifeline::spawn) (same shutdown) or [`under`](Lifeline::under)
-//! (a sandbox's: stops with the forwarder, or alone), taken before the new
-//! task runs, so that a pause asked from then on waits for it too. The
-//! batcher, replayer and janitor are never paused: they hold the
-//! [`Shutdown`] alone.
+//! A child task's lifeline is taken ([`spawn`](Lifeline::spawn),
+//! [`under`](Lifeline::under)) before it runs, so that a pause asked from
+//! then on waits for it too. The batcher, replayer and janitor are never
+//! paused: they hold the [`Shutdown`] alone.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::handover::hub::{Hub, Member, Outcome, Piece};
+use crate::handover::hub::{Hub, Member, Piece};
 use crate::shutdown::{Mode, Shutdown};
 
-/// What interrupted a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Next {
     /// Stopping has begun: read what is already there, then end.
@@ -36,34 +31,19 @@ pub(crate) enum Next {
     Pause,
 }
 
-/// How a pause ended for this task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum After {
-    /// No hand-over: carry on as before.
-    Resume,
-    /// The hand-over went ahead without this task (it joined too late to
-    /// be in it): end as at an ordinary shutdown.
-    Drain,
-    /// A successor holds this task's socket now: end without another read,
-    /// closing nothing the successor uses and removing nothing.
-    Leave,
-}
+pub(crate) use crate::handover::hub::Outcome as After;
 
-/// One task's view of the forwarder's life. See the module note.
 pub(crate) struct Lifeline {
     shutdown: Shutdown,
     /// Where tasks pause for hand-overs, when this process takes part.
     hub: Option<Arc<Hub>>,
-    /// This task's place in the pauses; `None` for the root, which only
-    /// starts tasks.
+    /// `None` for the root, which only starts tasks.
     member: Option<Member>,
-    /// A successor took what this task held.
     handed_over: bool,
 }
 
 impl Lifeline {
-    /// The root, from which every serving task's lifeline is taken: it is
-    /// no member of the pauses itself.
+    /// The root, from which every serving task's lifeline is taken.
     pub(crate) fn root(shutdown: Shutdown, hub: Option<Arc<Hub>>) -> Lifeline {
         Lifeline {
             shutdown,
@@ -75,11 +55,10 @@ impl Lifeline {
 
     /// A lifeline for a task this one starts, under `shutdown`.
     pub(crate) fn under(&self, shutdown: Shutdown) -> Lifeline {
+        let member = self.hub.as_ref().map(Hub::member);
         Lifeline {
-            shutdown,
-            hub: self.hub.clone(),
-            member: self.hub.as_ref().map(Hub::member),
-            handed_over: false,
+            member,
+            ..Lifeline::root(shutdown, self.hub.clone())
         }
     }
 
@@ -98,7 +77,6 @@ impl Lifeline {
         self.member.as_ref().map_or(0, Member::id)
     }
 
-    /// Whether stopping has begun, for the forwarder or this task alone.
     pub(crate) fn is_stopping(&self) -> bool {
         self.shutdown.is_stopping()
     }
@@ -109,23 +87,19 @@ impl Lifeline {
         self.shutdown.deadline()
     }
 
-    /// Resolves with what interrupts this task first; never, for a task
-    /// that nothing interrupts.
+    /// Resolves with what interrupts this task first.
     pub(crate) async fn next(&mut self) -> Next {
         let member = self.member.as_mut();
         tokio::select! {
             biased;
             _ = self.shutdown.stopping() => Next::Drain,
-            _ = async {
-                match member {
-                    Some(m) => m.pause_asked().await,
-                    None => std::future::pending().await,
-                }
+            Some(()) = async {
+                member?.pause_asked().await;
+                Some(())
             } => Next::Pause,
         }
     }
 
-    /// Whether a pause is asked of this task and not yet reported.
     pub(crate) fn pause_due(&self) -> bool {
         self.member.as_ref().is_some_and(Member::pause_due)
     }
@@ -152,11 +126,7 @@ impl Lifeline {
     /// nothing was reported.
     pub(crate) async fn settled(&mut self) -> Option<After> {
         let m = self.member.as_mut().filter(|m| m.awaiting_outcome())?;
-        let after = match m.outcome().await {
-            Outcome::HandedOver => After::Leave,
-            Outcome::Stop => After::Drain,
-            Outcome::Resumed => After::Resume,
-        };
+        let after = m.outcome().await;
         self.handed_over |= after == After::Leave;
         Some(after)
     }

@@ -1,20 +1,13 @@
 //! One way to stop, carried by every task that has to stop.
 //!
-//! Stopping has two phases. First the forwarder stops accepting and every
-//! connection drains (it keeps reading until its agent has been quiet for a
-//! moment), then what was read is flushed to the collector or the spool.
-//! Both phases end at one deadline, set when stopping begins. A
-//! [`Shutdown`] is a cancellation token (the signal to stop accepting and
-//! start draining) plus that shared deadline. A sandbox that goes away in
-//! template mode gets a [`child`](Shutdown::child): stopped with the whole
-//! forwarder, or alone, in which case its connections drain with no
-//! deadline but their own quiet.
-//!
-//! How the forwarder stops is a [`Mode`]: a drain; a hand-over, in which a
-//! successor process already holds every listener and connection (see
-//! [`crate::handover`]) and only what was read before remains to flush; or,
-//! under systemd with a file descriptor store, leaving them all to the next
-//! process.
+//! Stopping has two phases: the forwarder stops accepting and every
+//! connection drains (reads until its agent has been quiet for a moment),
+//! then what was read is flushed to the collector or the spool. Both end at
+//! one deadline, set when stopping begins. A [`Shutdown`] is a cancellation
+//! token plus that shared deadline. A sandbox that goes away gets a
+//! [`child`](Shutdown::child): stopped with the forwarder, or alone, in
+//! which case its connections drain with no deadline but their own quiet.
+//! How the forwarder stops is a [`Mode`].
 
 use std::sync::Arc;
 
@@ -22,7 +15,6 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// How the forwarder is stopping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Stop accepting, read what agents already wrote, flush, exit.
@@ -45,25 +37,16 @@ pub struct Stopping {
 }
 
 /// A handle on the forwarder's (or one sandbox's) shutdown. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Shutdown {
     token: CancellationToken,
     /// Shared by a shutdown and all its children: set once, by the root.
     stopping: Arc<watch::Sender<Option<Stopping>>>,
 }
 
-impl Default for Shutdown {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Shutdown {
     pub fn new() -> Shutdown {
-        Shutdown {
-            token: CancellationToken::new(),
-            stopping: Arc::new(watch::Sender::new(None)),
-        }
+        Shutdown::default()
     }
 
     /// A shutdown that stops with this one, or on its own with
@@ -89,7 +72,6 @@ impl Shutdown {
         self.token.cancel();
     }
 
-    /// Whether to stop accepting and start draining.
     pub(crate) fn is_stopping(&self) -> bool {
         self.token.is_cancelled()
     }
@@ -104,12 +86,10 @@ impl Shutdown {
         *self.stopping.borrow()
     }
 
-    /// The forwarder's shutdown deadline, once stopping has begun.
     pub fn deadline(&self) -> Option<Instant> {
         self.phase().map(|s| s.deadline)
     }
 
-    /// Whether the shutdown deadline has passed.
     pub(crate) fn past_deadline(&self) -> bool {
         self.deadline().is_some_and(|d| Instant::now() >= d)
     }
@@ -130,12 +110,8 @@ impl Shutdown {
 /// The signals that stop (`SIGTERM`, `SIGINT`) or upgrade (`SIGHUP`) the
 /// forwarder.
 fn stop_and_upgrade_signals() -> nix::sys::signal::SigSet {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut set = SigSet::empty();
-    for sig in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
-        set.add(sig);
-    }
-    set
+    use nix::sys::signal::Signal::{SIGHUP, SIGINT, SIGTERM};
+    [SIGHUP, SIGTERM, SIGINT].into_iter().collect()
 }
 
 /// Blocks the stop and upgrade signals on the calling thread, and so on
@@ -160,34 +136,31 @@ pub fn unblock_stop_signals() {
 /// once: before an upgrade's `exec`, after which they stay pending for the
 /// new binary. Start it once the runtime's handlers for them are in place.
 pub struct SignalGate {
-    hold: std::sync::mpsc::Sender<std::sync::mpsc::Sender<()>>,
+    /// Dropped to hold: the thread then blocks them and ends.
+    hold: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl SignalGate {
     pub fn open() -> std::io::Result<SignalGate> {
-        let (hold, asked) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<()>>();
-        std::thread::Builder::new()
+        let (hold, asked) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
             .name("ktf-signals".into())
             .spawn(move || {
                 let set = stop_and_upgrade_signals();
                 let _ = set.thread_unblock();
                 // Signals are handled on this thread, while it waits here.
-                let done = asked.recv();
+                let _ = asked.recv();
                 let _ = set.thread_block();
-                if let Ok(done) = done {
-                    let _ = done.send(());
-                }
             })?;
-        Ok(SignalGate { hold })
+        Ok(SignalGate { hold, thread })
     }
 
     /// Stops delivering the signals, for the whole process: from here on
     /// they stay pending (across `exec` too). Returns once that is so.
     pub fn hold(self) {
-        let (done, held) = std::sync::mpsc::channel();
-        if self.hold.send(done).is_ok() {
-            let _ = held.recv();
-        }
+        drop(self.hold);
+        let _ = self.thread.join();
     }
 }
 

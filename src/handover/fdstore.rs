@@ -86,21 +86,12 @@ pub(crate) fn listener_name(fd: BorrowedFd<'_>, identity: Option<(u64, u64)>) ->
     })
 }
 
-/// The name of the janitor's pipe of the listener `listener`.
 pub(crate) fn janitor_name(listener: BorrowedFd<'_>) -> Option<String> {
     Some(format!("{JANITOR}{}", sock_ino(listener)?))
 }
 
-/// Gives `fd` to the store as `name`.
-pub(crate) fn store(name: &str, fd: BorrowedFd<'_>) {
-    let msg = [NotifyState::FdStore, NotifyState::FdName(name)];
-    if let Err(e) = sd_notify::notify_with_fds(&msg, &[fd]) {
-        tracing::warn!(name, error = %e, "could not give a descriptor to systemd's store");
-    }
-}
-
 /// Has systemd close what it keeps as `name`.
-pub(crate) fn remove(name: &str) {
+fn remove(name: &str) {
     if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
         tracing::warn!(name, error = %e, "could not take a descriptor out of systemd's store");
     }
@@ -124,34 +115,28 @@ impl Stored {
     /// Stores `fd` as `name(fd)`, when the store is on (the name is not
     /// even made otherwise).
     fn new(fd: BorrowedFd<'_>, name: impl FnOnce() -> Option<String>) -> Stored {
-        if !enabled() {
-            return Stored(None);
-        }
-        match name() {
-            Some(name) => {
-                store(&name, fd);
-                Stored(Some(name))
+        let name = enabled().then(name).flatten();
+        if let Some(name) = name.as_deref() {
+            let msg = [NotifyState::FdStore, NotifyState::FdName(name)];
+            if let Err(e) = sd_notify::notify_with_fds(&msg, &[fd]) {
+                tracing::warn!(name, error = %e, "could not give a descriptor to systemd's store");
             }
-            None => Stored(None),
         }
+        Stored(name)
     }
 
-    /// An agent connection.
     pub(crate) fn connection(fd: BorrowedFd<'_>) -> Stored {
         Stored::new(fd, || connection_name(fd))
     }
 
-    /// A listener; `identity`: a Unix listener's file.
     pub(crate) fn listener(fd: BorrowedFd<'_>, identity: Option<(u64, u64)>) -> Stored {
         Stored::new(fd, || listener_name(fd, identity))
     }
 
-    /// The socket janitor's pipe of `listener`.
     pub(crate) fn janitor(listener: BorrowedFd<'_>, pipe: BorrowedFd<'_>) -> Stored {
         Stored::new(pipe, || janitor_name(listener))
     }
 
-    /// Leaves it in the store.
     pub(crate) fn keep(mut self) {
         self.0 = None;
     }
@@ -165,7 +150,6 @@ impl Drop for Stored {
     }
 }
 
-/// A descriptor the previous process left in the store.
 #[derive(Debug)]
 pub(crate) enum Left {
     /// A listener, as a hand-over passes it (a Unix one with its janitor's
@@ -182,13 +166,10 @@ pub(crate) enum Left {
 /// with our names. Others, and ours that are no longer what their name
 /// says, are closed and logged. Call once, at start.
 pub(crate) fn take_back() -> Vec<Left> {
-    let passed = match sd_notify::listen_fds_with_names() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(error = %e, "reading the descriptors systemd passed");
-            return Vec::new();
-        }
-    };
+    let passed = sd_notify::listen_fds_with_names()
+        .inspect_err(|e| tracing::warn!(error = %e, "reading the descriptors systemd passed"))
+        .into_iter()
+        .flatten();
     let mut listeners = Vec::new();
     let mut janitors = Vec::new();
     let mut left = Vec::new();

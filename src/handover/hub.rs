@@ -2,18 +2,15 @@
 //! their sockets can be handed to a successor, and resuming them if it
 //! does not take them.
 //!
-//! Each accept loop and each connection task is a [`Member`]. When a
-//! hand-over begins, the hub asks every member to pause; a member stops
-//! where its state is whole (an accept loop between accepts, a connection
-//! between reads, its partial frame in hand) and reports a [`Piece`]: a
-//! duplicate of its descriptor and what the successor needs to know about
-//! it. It then waits for the outcome without touching its socket. Once
-//! every member has reported, the hub gives the pieces to the hand-over,
-//! which settles it: committed (the successor has them: the members let go
-//! of their sockets without closing the agent's stream or removing a file)
-//! or resumed (they carry on as if nothing happened). Members are never
-//! torn down and rebuilt, so a refused hand-over costs nothing but the
-//! pause.
+//! Each serving task is a [`Member`] (through its lifeline). A paused
+//! member stops where its state is whole (an accept loop between accepts, a
+//! connection between reads, its partial frame in hand), reports a
+//! [`Piece`] (a duplicate of its descriptor and what the successor needs to
+//! know) and waits for the outcome without touching its socket. Once every
+//! member has reported, the hand-over takes the pieces and settles:
+//! committed (the members let go without closing the agent's stream or
+//! removing a file) or resumed. Members are never torn down and rebuilt,
+//! so a refused hand-over costs nothing but the pause.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -22,9 +19,8 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
-use super::wire::{Format, ListenerKind};
+use super::wire::{ConnState, ListenerKind};
 
-/// What a member reports when paused.
 pub(crate) struct Piece {
     pub what: PieceKind,
     /// A duplicate of the member's socket.
@@ -38,13 +34,10 @@ pub(crate) enum PieceKind {
         janitor: Option<OwnedFd>,
     },
     Connection {
-        /// The member id of the accept loop that accepted it.
+        /// The member id of the accept loop that accepted it (the state's
+        /// `listener` index is set once every listener is numbered).
         listener: u64,
-        cid: Option<u32>,
-        format: Option<Format>,
-        partial: Vec<u8>,
-        spans: u64,
-        decode_errors: u64,
+        state: ConnState,
     },
 }
 
@@ -55,17 +48,18 @@ enum Phase {
     Settled { round: u64, committed: bool },
 }
 
-/// How a pause ended for one member.
+/// How a pause ended for one member: what its task does after
+/// (`lifeline::After`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// Its socket now belongs to the successor: stop without closing the
-    /// stream's other end or removing anything.
-    HandedOver,
-    /// The hand-over went ahead without this member (it joined after the
-    /// pieces were taken): stop as at an ordinary shutdown.
-    Stop,
-    /// No hand-over: carry on.
-    Resumed,
+    /// No hand-over: carry on as before.
+    Resume,
+    /// The hand-over went ahead without this task (it joined after the
+    /// pieces were taken): end as at an ordinary shutdown.
+    Drain,
+    /// A successor holds this task's socket now: end without another read,
+    /// closing nothing the successor uses and removing nothing.
+    Leave,
 }
 
 enum Slot {
@@ -195,7 +189,6 @@ impl Hub {
     }
 }
 
-/// One accept loop's or connection's place in the hub.
 pub(crate) struct Member {
     hub: Arc<Hub>,
     id: u64,
@@ -219,7 +212,6 @@ impl Member {
         }
     }
 
-    /// Whether a pause is asked and not yet reported.
     pub(crate) fn pause_due(&self) -> bool {
         self.due().is_some()
     }
@@ -243,12 +235,10 @@ impl Member {
         }
     }
 
-    /// Reports this member's piece for the pause under way.
     pub(crate) fn report(&mut self, piece: Option<Piece>) {
         self.put(|round| Slot::Reported(round, piece));
     }
 
-    /// Reports this member paused, with nothing to hand over itself.
     pub(crate) fn report_quiet(&mut self) {
         self.put(Slot::Quiet);
     }
@@ -263,7 +253,7 @@ impl Member {
     /// After [`report`](Self::report): waits for the hand-over's outcome.
     pub(crate) async fn outcome(&mut self) -> Outcome {
         let Some(round) = self.reported else {
-            return Outcome::Resumed;
+            return Outcome::Resume;
         };
         self.learnt = Some(round);
         loop {
@@ -277,18 +267,18 @@ impl Member {
                         Some(Slot::Taken(t)) if *t == round
                     );
                     return match (committed, taken) {
-                        (true, true) => Outcome::HandedOver,
-                        (true, false) => Outcome::Stop,
-                        (false, _) => Outcome::Resumed,
+                        (true, true) => Outcome::Leave,
+                        (true, false) => Outcome::Drain,
+                        (false, _) => Outcome::Resume,
                     };
                 }
                 Phase::Pausing { round: r } | Phase::Settled { round: r, .. } if r > round => {
-                    return Outcome::Resumed
+                    return Outcome::Resume
                 }
                 _ => {}
             }
             if self.phase.changed().await.is_err() {
-                return Outcome::Resumed;
+                return Outcome::Resume;
             }
         }
     }
@@ -336,8 +326,8 @@ mod tests {
         b.report(piece());
         assert_eq!(p.await.unwrap().map(|v| v.len()), Some(2));
         hub.settle(false);
-        assert_eq!(a.outcome().await, Outcome::Resumed);
-        assert_eq!(b.outcome().await, Outcome::Resumed);
+        assert_eq!(a.outcome().await, Outcome::Resume);
+        assert_eq!(b.outcome().await, Outcome::Resume);
         assert!(!a.pause_due());
 
         // Committed: a member that ends meanwhile is not waited for, one
@@ -358,9 +348,9 @@ mod tests {
         late.pause_asked().await;
         late.report(piece());
         hub.settle(true);
-        assert_eq!(a.outcome().await, Outcome::HandedOver);
-        assert_eq!(b.outcome().await, Outcome::HandedOver);
-        assert_eq!(late.outcome().await, Outcome::Stop);
+        assert_eq!(a.outcome().await, Outcome::Leave);
+        assert_eq!(b.outcome().await, Outcome::Leave);
+        assert_eq!(late.outcome().await, Outcome::Drain);
     }
 
     #[tokio::test(start_paused = true)]
@@ -376,7 +366,7 @@ mod tests {
         ok.report(piece());
         assert!(pausing.await.unwrap().is_none());
         hub.settle(false);
-        assert_eq!(ok.outcome().await, Outcome::Resumed);
+        assert_eq!(ok.outcome().await, Outcome::Resume);
         assert!(!ok.pause_due());
     }
 }

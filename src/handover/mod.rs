@@ -11,20 +11,16 @@
 //! The forwarder listens on a hand-off socket (`--handoff-socket`). A new
 //! forwarder started with the same path connects to it before binding
 //! anything ([`take_over`]). The old one checks who it is (`SO_PEERCRED`:
-//! root, or the successor it started itself, by pid; see
-//! [`server`]), pauses every listener and connection between
-//! two reads ([`hub`]), and sends the state ([`wire`]) and the descriptors
-//! ([`fds`]). Only when the successor acknowledges does the old one let go:
-//! its connections stop without another read, its sockets stay in place
-//! (nor does its janitor remove them: the janitor's pipe goes along), and
-//! it exits 0 once what it had read is exported or spooled, as at any
-//! shutdown. Spans read before the pause are the old process's to export,
-//! bytes read after it the new one's: none is lost or sent twice. Without
-//! an acknowledgement (a successor that refuses the state, dies or times
-//! out) the old process resumes where it paused. `SIGHUP` starts the binary
-//! now at the forwarder's path as such a successor, a bridge: the old
-//! process then becomes that binary itself and takes everything back, so
-//! that the service keeps its PID ([`server`]).
+//! root, or the successor it started itself, by pid; see [`server`]),
+//! pauses every listener and connection between two reads ([`hub`]), and
+//! sends the state ([`wire`]) and the descriptors ([`fds`]). Only when the
+//! successor acknowledges does the old one let go: its connections stop
+//! without another read, its sockets stay in place (the janitor's pipe goes
+//! along), and it exits once what it had read is flushed. Spans read before
+//! the pause are the old process's to export, bytes read after it the new
+//! one's: none is lost or sent twice. Without an acknowledgement the old
+//! process resumes where it paused. `SIGHUP` upgrades through such a
+//! successor ([`server`]).
 //!
 //! The exchange on the hand-off socket:
 //!
@@ -60,12 +56,10 @@ use wire::Format;
 pub use server::{Reexec, Upgrade};
 pub(crate) use takeover::*;
 
-/// What a successor sends first.
 pub const REQUEST: [u8; 8] = *b"KTFTAKE1";
 const STATE: u8 = b'S';
 const REFUSED: u8 = b'R';
 const ACK: u8 = b'A';
-/// Longest refusal reason.
 const MAX_REASON: usize = 4096;
 /// How long a successor waits for the old process at each step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -92,17 +86,9 @@ pub enum HandOverError {
     #[error("encoding the hand-over state: {0}")]
     EncodeState(String),
     #[error("binding the hand-off socket {path}: {source}")]
-    BindHandoff {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    BindHandoff { path: PathBuf, source: io::Error },
     #[error("connecting to the hand-off socket {path}: {source}")]
-    ConnectHandoff {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    ConnectHandoff { path: PathBuf, source: io::Error },
     #[error("the hand-off socket was made by uid {uid} (pid {pid}), and we run as {ours}: not a forwarder we trust; refusing to take from it")]
     CheckPeer { uid: u32, pid: i32, ours: u32 },
     #[error("the running forwarder refused to hand over: {0}")]
@@ -132,24 +118,27 @@ impl Resume {
     /// reader knows (`self`). Duplicating can fail (out of descriptors); the
     /// piece then carries nothing and the hand-over is refused as a whole.
     pub(crate) fn piece(self, stream: &impl AsFd, peer: Peer, listener: u64) -> Option<Piece> {
-        let fd = match stream.as_fd().try_clone_to_owned() {
-            Ok(fd) => fd,
-            Err(e) => {
-                tracing::warn!(error = %e, "hand-over: duplicating a connection's socket");
-                return None;
-            }
-        };
+        let fd = stream
+            .as_fd()
+            .try_clone_to_owned()
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "hand-over: duplicating a connection's socket"),
+            )
+            .ok()?;
         Some(Piece {
             what: PieceKind::Connection {
                 listener,
-                cid: match peer {
-                    Peer::Vsock { cid } => Some(cid),
-                    Peer::Unix => None,
+                state: wire::ConnState {
+                    listener: 0,
+                    cid: match peer {
+                        Peer::Vsock { cid } => Some(cid),
+                        Peer::Unix => None,
+                    },
+                    format: self.format.map(Format::from),
+                    partial: self.partial,
+                    spans: self.spans,
+                    decode_errors: self.decode_errors,
                 },
-                format: self.format.map(Format::from),
-                partial: self.partial,
-                spans: self.spans,
-                decode_errors: self.decode_errors,
             },
             fd,
         })
@@ -199,11 +188,12 @@ impl HandoffListener {
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                std::fs::create_dir_all(dir).map_err(err)?;
-                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-            }
+        if let Some(dir) = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+        {
+            std::fs::create_dir_all(dir).map_err(err)?;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
         }
         match std::fs::symlink_metadata(path) {
             // A running forwarder's is never replaced: a second start with
@@ -230,10 +220,8 @@ impl HandoffListener {
         }
         let std = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-        if let Some(user) = user {
-            if let Ok(Some(u)) = nix::unistd::User::from_name(user) {
-                nix::unistd::chown(path, Some(u.uid), Some(u.gid)).map_err(|e| err(e.into()))?;
-            }
+        if let Some(Ok(Some(u))) = user.map(nix::unistd::User::from_name) {
+            nix::unistd::chown(path, Some(u.uid), Some(u.gid)).map_err(|e| err(e.into()))?;
         }
         let md = std::fs::symlink_metadata(path).map_err(err)?;
         std.set_nonblocking(true).map_err(err)?;
@@ -280,25 +268,13 @@ impl HandoffListener {
     pub(crate) fn own(&mut self) {
         self.remove = true;
     }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The janitor's pipe, for handing over.
-    pub(crate) fn janitor_pipe(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        self.janitor.as_ref().and_then(Janitor::pipe)
-    }
 }
 
 impl Drop for HandoffListener {
     fn drop(&mut self) {
         if !self.remove {
             // The successor's now (or still the predecessor's): the janitor's
-            // pipe is closed without a word, and it waits on the others.
-            if let Some(j) = self.janitor.take() {
-                j.release();
-            }
+            // pipe is closed without a word (dropped), and it waits on the others.
             return;
         }
         if let Some(j) = self.janitor.take() {

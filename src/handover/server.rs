@@ -4,16 +4,13 @@
 //! (Over 500 lines: whom it answers, the exchange, and the upgrade that
 //! ends in `exec` are one hand-over seen from the old process.)
 //!
-//! A successor is checked first, by `SO_PEERCRED`, before it may even ask:
-//! root (an administrator's takeover), the bridge this process started on
-//! `SIGHUP` (by its pid), or, in a bridge, the parent that is about to
-//! become the new binary (by its pid, and only while it is still our
-//! parent). Never by uid alone: the forwarder's user (`nobody`) is shared
-//! with other services, and any of them could otherwise take every agent.
-//! Anyone else is refused and logged, and nothing pauses. Then every
-//! listener and connection pauses ([`super::hub`]), the state and
+//! A successor is checked first, by `SO_PEERCRED`, before it may even ask
+//! ([`Server::trusts`]). Never by uid alone: the forwarder's user (`nobody`)
+//! is shared with other services, and any of them could otherwise take
+//! every agent. Anyone else is refused and logged, and nothing pauses. Then
+//! every listener and connection pauses ([`super::hub`]), the state and
 //! descriptors go out, and the hand-over commits only on the successor's
-//! acknowledgement. Anything short of that resumes every member where it
+//! acknowledgement; anything short of that resumes every member where it
 //! paused. Each step has a short deadline, and after a hand-over that
 //! paused and failed the next one waits, longer each time: not even a
 //! trusted peer can pause the agents over and over.
@@ -29,8 +26,8 @@
 //! its PID; the bridge then exits. Should that `exec` fail, the bridge
 //! serves on as the service's process (`MAINPID=` says so).
 
-use std::ffi::OsString;
-use std::io::{Read, Write};
+use std::ffi::{CString, OsString};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::PathBuf;
@@ -39,12 +36,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use sd_notify::NotifyState;
 use tokio::signal::unix::Signal;
 use tokio::time::Instant;
 
-use super::hub::{Hub, PieceKind};
-use super::wire::{self, ConnState, ListenerKind, ListenerState, State};
+use super::hub::{Hub, Piece, PieceKind};
+use super::wire::{self, ListenerKind, ListenerState, State};
 use super::{fds, HandOverError, HandoffListener, ACK, MAX_REASON, REFUSED, REQUEST, STATE};
+use crate::janitor::Janitor;
 
 /// Longest every listener and connection may take to pause.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -61,21 +60,17 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// Where the upgraded binary is started, and this process replaced by it:
-/// the listeners know whether a thread holds a privilege to pass on
-/// (template mode's sandbox thread keeps CAP_DAC_OVERRIDE), the hand-over
-/// does not need to.
+/// Starts the upgraded binary, and replaces this process by it, from the
+/// thread that holds a privilege to pass on (template mode's sandbox thread
+/// keeps CAP_DAC_OVERRIDE): the listeners know which, the hand-over need not.
 pub(crate) trait Launcher: Send + Sync {
-    /// Starts `cmd`.
-    fn spawn(&self, cmd: Command) -> BoxFuture<'_, std::io::Result<Child>>;
+    fn spawn(&self, cmd: Command) -> BoxFuture<'_, io::Result<Child>>;
     /// Replaces the process by running `exec` (an `execve`), which returns
     /// only if that failed. Blocking: call outside the async runtime.
-    fn exec(&self, exec: Box<dyn FnOnce() -> std::io::Error + Send>) -> std::io::Error;
+    fn exec(&self, exec: Box<dyn FnOnce() -> io::Error + Send>) -> io::Error;
 }
 
-/// Set by a forwarder on the binary it starts on `SIGHUP`: take over.
 pub(crate) const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
-/// Set on the bridge of an upgrade (see [`started_as_bridge`]).
 pub(crate) const BRIDGE_ENV: &str = "KATA_TRACE_FORWARDER_BRIDGE";
 
 /// Started by `SIGHUP` ([`TAKE_OVER_ENV`]): take over from the forwarder at
@@ -101,7 +96,6 @@ fn is_set(name: &str) -> bool {
 pub struct Upgrade {
     /// The binary's path as started (resolved then).
     pub exe: PathBuf,
-    /// The arguments after argv[0].
     pub args: Vec<OsString>,
 }
 
@@ -119,12 +113,9 @@ pub(crate) struct Server {
     listener: HandoffListener,
     hub: Arc<Hub>,
     upgrade: Option<(Upgrade, Signal)>,
-    /// Starts the upgraded binary: in template mode and `--kata-host`, from
-    /// the sandbox thread, so that it gets the one capability that thread
-    /// holds.
     launcher: Arc<dyn Launcher>,
-    /// In a bridge: the pid of the parent that started it, which becomes
-    /// the upgraded binary and takes everything back.
+    /// In a bridge: the pid of the parent that started it (see
+    /// [`Server::trusts`]).
     parent: Option<i32>,
     /// The upgraded binary started on `SIGHUP`, until it takes over or
     /// fails; killed if this server goes first (the forwarder stops).
@@ -135,14 +126,11 @@ pub(crate) struct Server {
     /// one is refused.
     failures: u32,
     backoff_until: Option<Instant>,
-    /// Answers `status` requests (a different first message), once the
-    /// forwarder serves.
+    /// Answers `status` requests, once the forwarder serves.
     status: Option<Arc<crate::status::Board>>,
 }
 
 impl Server {
-    /// `parent`: in a bridge, the pid of the process that started it (see
-    /// [`Server::trusts`]).
     pub(crate) fn new(
         listener: HandoffListener,
         hub: Arc<Hub>,
@@ -164,12 +152,10 @@ impl Server {
         }
     }
 
-    /// Answers `status` requests from `board` from now on.
     pub(crate) fn set_status(&mut self, board: Arc<crate::status::Board>) {
         self.status = Some(board);
     }
 
-    /// Follows whether an upgrade by `SIGHUP` is under way.
     pub(crate) fn upgrading(&self) -> tokio::sync::watch::Receiver<bool> {
         self.upgrading.subscribe()
     }
@@ -181,10 +167,14 @@ impl Server {
     /// pid cannot be reused until we reap it), and a parent's pid only
     /// while it is still our parent (once it died, we are re-parented).
     fn trusts(&self, peer: fds::Peer) -> bool {
-        let bridge = self.child.as_ref().map(|(c, _)| c.id() as i32);
         peer.uid == 0
-            || bridge == Some(peer.pid)
+            || self.bridge() == Some(peer.pid)
             || (self.parent == Some(peer.pid) && nix::unistd::getppid().as_raw() == peer.pid)
+    }
+
+    /// The pid of the child started on `SIGHUP`, if one is under way.
+    fn bridge(&self) -> Option<i32> {
+        self.child.as_ref().map(|(c, _)| c.id() as i32)
     }
 
     fn set_child(&mut self, child: Option<(Child, Instant)>) {
@@ -193,25 +183,13 @@ impl Server {
     }
 
     pub(crate) fn path(&self) -> &std::path::Path {
-        self.listener.path()
+        &self.listener.path
     }
 
     /// Serves successors, and upgrades on `SIGHUP`, until a hand-over
     /// commits. The hand-off socket then belongs to the successor.
     pub(crate) async fn run(&mut self) -> Committed {
         loop {
-            let hup = async {
-                match self.upgrade.as_mut() {
-                    Some((_, sig)) => sig.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let child_check = async {
-                match self.child.is_some() {
-                    true => tokio::time::sleep(Duration::from_millis(20)).await,
-                    false => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 accepted = self.listener.listener.accept() => {
                     let stream = match accepted {
@@ -222,21 +200,19 @@ impl Server {
                             continue;
                         }
                     };
-                    let bridge = self.child.as_ref().map(|(c, _)| c.id() as i32);
-                    if let Some(mut done) = self.answer(stream, bridge).await {
+                    if let Some(done) = self.answer(stream).await {
                         self.listener.remove = false;
                         // Not waited for: the re-executed process reaps it.
-                        done.to_bridge = bridge == Some(done.successor_pid);
                         if let Some((c, _)) = self.child.take() {
                             std::mem::forget(c);
                         }
                         return done;
                     }
                     if self.child.is_some() {
-                        notify(&[sd_notify::NotifyState::Ready]);
+                        notify(&[NotifyState::Ready]);
                     }
                 }
-                Some(()) = hup => {
+                Some(()) = async { self.upgrade.as_mut()?.1.recv().await } => {
                     if self.child.is_some() {
                         tracing::warn!("SIGHUP: an upgrade is already under way");
                         continue;
@@ -244,20 +220,20 @@ impl Server {
                     let child = self.start_upgrade().await.map(|c| (c, Instant::now()));
                     self.set_child(child);
                 }
-                () = child_check => {
+                () = tokio::time::sleep(Duration::from_millis(20)), if self.child.is_some() => {
                     let Some((c, since)) = self.child.as_mut() else { continue };
                     match c.try_wait() {
                         Ok(Some(status)) => {
                             tracing::error!(%status, "upgrade failed: the new binary exited before taking over; still serving");
                             self.set_child(None);
-                            notify(&[sd_notify::NotifyState::Ready]);
+                            notify(&[NotifyState::Ready]);
                         }
                         Ok(None) if since.elapsed() > UPGRADE_TIMEOUT => {
                             tracing::error!(timeout = ?UPGRADE_TIMEOUT, "upgrade failed: the new binary did not take over in time; stopping it, still serving");
                             let _ = c.kill();
                             let _ = c.wait();
                             self.set_child(None);
-                            notify(&[sd_notify::NotifyState::Ready]);
+                            notify(&[NotifyState::Ready]);
                         }
                         Ok(None) => {}
                         Err(e) => {
@@ -273,9 +249,9 @@ impl Server {
     /// Starts the upgraded binary, or logs why it cannot.
     async fn start_upgrade(&self) -> Option<Child> {
         let (up, _) = self.upgrade.as_ref()?;
-        match sd_notify::NotifyState::monotonic_usec_now() {
-            Ok(now) => notify(&[sd_notify::NotifyState::Reloading, now]),
-            Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => notify(&[NotifyState::Reloading, now]),
+            Err(_) => notify(&[NotifyState::Reloading]),
         }
         tracing::info!(exe = %up.exe.display(), "SIGHUP: starting the binary to hand over to");
         let mut cmd = Command::new(&up.exe);
@@ -283,31 +259,21 @@ impl Server {
             .env(TAKE_OVER_ENV, "1")
             .env(BRIDGE_ENV, "1")
             .stdin(Stdio::null());
-        let started = self.launcher.spawn(cmd).await;
-        match started {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::error!(exe = %up.exe.display(), error = %e, "upgrade failed: the new binary did not start; still serving");
-                notify(&[sd_notify::NotifyState::Ready]);
-                None
-            }
-        }
+        let started = self.launcher.spawn(cmd).await.inspect_err(|e| {
+            tracing::error!(exe = %up.exe.display(), error = %e, "upgrade failed: the new binary did not start; still serving");
+            notify(&[NotifyState::Ready]);
+        });
+        started.ok()
     }
 
-    /// One successor: checked, then handed everything, or refused. `bridge`:
-    /// the pid of the child started on `SIGHUP`, if one is under way.
-    async fn answer(
-        &mut self,
-        stream: tokio::net::UnixStream,
-        bridge: Option<i32>,
-    ) -> Option<Committed> {
-        let peer = match fds::peer(&stream) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "hand-off socket: reading the peer's credentials");
-                return None;
-            }
-        };
+    /// One successor: checked, then handed everything, or refused.
+    async fn answer(&mut self, stream: tokio::net::UnixStream) -> Option<Committed> {
+        let bridge = self.bridge();
+        let peer = fds::peer(&stream)
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "hand-off socket: reading the peer's credentials"),
+            )
+            .ok()?;
         // Before anything is read from it or paused for it.
         if !self.trusts(peer) {
             tracing::warn!(
@@ -319,18 +285,18 @@ impl Server {
             );
             return None;
         }
-        let mut stream = match stream.into_std().and_then(|s| {
-            s.set_nonblocking(false)?;
-            s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
-            s.set_write_timeout(Some(ACK_TIMEOUT))?;
-            Ok(s)
-        }) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "hand-off socket: preparing the connection");
-                return None;
-            }
-        };
+        let mut stream = stream
+            .into_std()
+            .and_then(|s| {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+                s.set_write_timeout(Some(ACK_TIMEOUT))?;
+                Ok(s)
+            })
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "hand-off socket: preparing the connection"),
+            )
+            .ok()?;
         // Blocking reads and writes, off the runtime: the exchange is short,
         // and agents are paused meanwhile anyway.
         let (res, s) = blocking(stream, |s| {
@@ -359,7 +325,7 @@ impl Server {
             }
             // A forwarder that found this socket live, and so did not
             // replace it, closes without asking: nothing to say.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 tracing::debug!(pid = peer.pid, "hand-off socket: closed without a request");
                 return None;
             }
@@ -400,7 +366,7 @@ impl Server {
         };
         let (listeners, connections) = (state.listeners.len(), state.connections.len());
         let (res, _) = blocking(stream, move |s| {
-            let msg = wire::encode(&state).map_err(std::io::Error::other)?;
+            let msg = wire::encode(&state).map_err(io::Error::other)?;
             s.write_all(&[STATE])?;
             s.write_all(&msg)?;
             let borrowed: Vec<BorrowedFd<'_>> = owned.iter().map(AsFd::as_fd).collect();
@@ -424,12 +390,13 @@ impl Server {
                 );
                 // A bridge is not the service's process: this one, re-executed,
                 // will be again.
-                if bridge != Some(peer.pid) {
-                    notify(&[sd_notify::NotifyState::MainPid(peer.pid as u32)]);
+                let to_bridge = bridge == Some(peer.pid);
+                if !to_bridge {
+                    notify(&[NotifyState::MainPid(peer.pid as u32)]);
                 }
                 Some(Committed {
                     successor_pid: peer.pid,
-                    to_bridge: false,
+                    to_bridge,
                 })
             }
             Ok(false) | Err(_) => {
@@ -452,88 +419,60 @@ impl Server {
 
     /// The state and descriptors for `pieces`: the hand-off socket first,
     /// then every listener (and janitor), then every connection.
-    fn state(
-        &self,
-        pieces: Vec<(u64, super::hub::Piece)>,
-    ) -> Result<(State, Vec<OwnedFd>), HandOverError> {
-        let mut listeners = Vec::new();
-        let mut connections = Vec::new();
-        let mut fds_l = Vec::new();
-        let mut fds_c = Vec::new();
-        let handoff = self
-            .listener
-            .listener
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| {
-                HandOverError::EncodeState(format!("duplicating the hand-off socket: {e}"))
-            })?;
-        let janitor = self
-            .listener
-            .janitor_pipe()
-            .map(|p| p.try_clone_to_owned())
-            .transpose()
-            .map_err(|e| {
-                HandOverError::EncodeState(format!("duplicating the hand-off janitor's pipe: {e}"))
-            })?;
-        listeners.push(ListenerState {
+    fn state(&self, pieces: Vec<(u64, Piece)>) -> Result<(State, Vec<OwnedFd>), HandOverError> {
+        let dup = |fd: BorrowedFd<'_>, what: &str| {
+            fd.try_clone_to_owned().map_err(|e| {
+                HandOverError::EncodeState(format!("duplicating the hand-off {what}: {e}"))
+            })
+        };
+        let handoff = dup(self.listener.listener.as_fd(), "socket")?;
+        let pipe = self.listener.janitor.as_ref().and_then(Janitor::pipe);
+        let janitor = pipe.map(|p| dup(p, "janitor's pipe")).transpose()?;
+        let mut listeners = vec![ListenerState {
             kind: ListenerKind::Handoff {
                 path: self.listener.path.clone(),
                 identity: self.listener.identity,
             },
             janitor: janitor.is_some(),
-        });
-        fds_l.push(handoff);
-        fds_l.extend(janitor);
+        }];
+        let mut fds: Vec<OwnedFd> = [handoff].into_iter().chain(janitor).collect();
+        let mut connections = Vec::new();
         let mut index = std::collections::HashMap::new();
-        let mut conns = Vec::new();
-        for (id, piece) in pieces {
+        // Every listener before any connection, as the descriptors go.
+        let (ls, cs): (Vec<_>, Vec<_>) = pieces
+            .into_iter()
+            .partition(|(_, p)| matches!(p.what, PieceKind::Listener { .. }));
+        for (id, piece) in ls.into_iter().chain(cs) {
             match piece.what {
                 PieceKind::Listener { kind, janitor } => {
                     index.insert(id, listeners.len() as u32);
                     listeners.push(ListenerState {
-                        kind,
                         janitor: janitor.is_some(),
+                        kind,
                     });
-                    fds_l.push(piece.fd);
-                    fds_l.extend(janitor);
+                    fds.push(piece.fd);
+                    fds.extend(janitor);
                 }
-                PieceKind::Connection { .. } => conns.push(piece),
+                PieceKind::Connection {
+                    listener,
+                    mut state,
+                } => {
+                    state.listener = *index.get(&listener).ok_or_else(|| {
+                        HandOverError::EncodeState(
+                            "a connection whose listener is not handed over".into(),
+                        )
+                    })?;
+                    connections.push(state);
+                    fds.push(piece.fd);
+                }
             }
         }
-        for piece in conns {
-            if let PieceKind::Connection {
-                listener,
-                cid,
-                format,
-                partial,
-                spans,
-                decode_errors,
-            } = piece.what
-            {
-                let Some(&l) = index.get(&listener) else {
-                    return Err(HandOverError::EncodeState(
-                        "a connection whose listener is not handed over".into(),
-                    ));
-                };
-                connections.push(ConnState {
-                    listener: l,
-                    cid,
-                    format,
-                    partial,
-                    spans,
-                    decode_errors,
-                });
-                fds_c.push(piece.fd);
-            }
-        }
-        fds_l.extend(fds_c);
         let state = State {
             pid: std::process::id(),
             listeners,
             connections,
         };
-        Ok((state, fds_l))
+        Ok((state, fds))
     }
 }
 
@@ -555,8 +494,6 @@ impl Drop for Server {
 pub struct Reexec {
     pub(crate) upgrade: Upgrade,
     pub(crate) bridge_pid: i32,
-    /// In template mode and `--kata-host`: executed from the sandbox
-    /// thread, so that its capability passes on as when the bridge started.
     pub(crate) launcher: Arc<dyn Launcher>,
     /// A stop was asked during the upgrade: the upgraded binary is to stop
     /// once it has taken everything back (it finds `SIGTERM` pending).
@@ -570,59 +507,40 @@ impl Reexec {
     /// [`crate::shutdown::SignalGate`]): they stay pending across `exec`
     /// until the new binary handles them. Hence `execve` itself, and not
     /// `Command::exec`, which unblocks every signal just before it.
-    pub fn exec(&self) -> std::io::Error {
+    pub fn exec(&self) -> io::Error {
         tracing::info!(exe = %self.upgrade.exe.display(), bridge = self.bridge_pid, stop = self.stop, "upgrade: becoming the new binary, which takes over from the bridge");
         if self.stop {
             // Process-directed, and blocked everywhere: pending until the
             // new binary's handler is in place.
             let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::SIGTERM);
         }
-        let exec = match self.execve_args() {
+        let (path, argv, env) = match self.execve_args() {
             Ok(args) => args,
             Err(e) => return e,
         };
-        let start = move || {
-            let (path, argv, env) = exec;
-            match nix::unistd::execve(&path, &argv, &env) {
-                Err(e) => std::io::Error::from(e),
-                Ok(never) => match never {},
-            }
-        };
-        self.launcher.exec(Box::new(start))
+        self.launcher.exec(Box::new(move || {
+            nix::unistd::execve(&path, &argv, &env).map_or_else(Into::into, |never| match never {})
+        }))
     }
 
     /// The path, arguments and environment to execute: ours, as a
     /// successor that takes over, not a bridge.
-    #[allow(clippy::type_complexity)]
-    fn execve_args(
-        &self,
-    ) -> std::io::Result<(
-        std::ffi::CString,
-        Vec<std::ffi::CString>,
-        Vec<std::ffi::CString>,
-    )> {
+    fn execve_args(&self) -> io::Result<(CString, Vec<CString>, Vec<CString>)> {
         use std::os::unix::ffi::OsStrExt;
-        let c = |b: &[u8]| {
-            std::ffi::CString::new(b)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-        };
+        let c =
+            |b: &[u8]| CString::new(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
         let path = c(self.upgrade.exe.as_os_str().as_bytes())?;
-        let mut argv = vec![path.clone()];
-        for a in &self.upgrade.args {
-            argv.push(c(a.as_bytes())?);
-        }
-        let mut env = Vec::new();
-        for (k, v) in std::env::vars_os() {
-            if k == BRIDGE_ENV || k == TAKE_OVER_ENV {
-                continue;
-            }
-            let mut kv = k.as_bytes().to_vec();
-            kv.push(b'=');
-            kv.extend_from_slice(v.as_bytes());
-            env.push(c(&kv)?);
-        }
-        env.push(c(format!("{}=1", TAKE_OVER_ENV).as_bytes())?);
-        Ok((path, argv, env))
+        let args = self.upgrade.args.iter().map(|a| c(a.as_bytes()));
+        let argv = std::iter::once(Ok(path.clone())).chain(args);
+        let env = std::env::vars_os()
+            .filter(|(k, _)| k != BRIDGE_ENV && k != TAKE_OVER_ENV)
+            .map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .chain([c(format!("{TAKE_OVER_ENV}=1").as_bytes())]);
+        Ok((
+            path,
+            argv.collect::<Result<_, _>>()?,
+            env.collect::<Result<_, _>>()?,
+        ))
     }
 
     /// After a failed [`exec`](Self::exec): the bridge is the service's
@@ -633,8 +551,8 @@ impl Reexec {
             "upgrade: could not become the new binary; the bridge serves on as the service's process"
         );
         notify(&[
-            sd_notify::NotifyState::MainPid(self.bridge_pid as u32),
-            sd_notify::NotifyState::Ready,
+            NotifyState::MainPid(self.bridge_pid as u32),
+            NotifyState::Ready,
         ]);
     }
 }
@@ -642,20 +560,13 @@ impl Reexec {
 /// Runs `f` on the blocking pool with the stream, and gives it back.
 async fn blocking<T: Send + 'static>(
     mut stream: StdUnixStream,
-    f: impl FnOnce(&mut StdUnixStream) -> std::io::Result<T> + Send + 'static,
-) -> (std::io::Result<T>, Option<StdUnixStream>) {
-    match tokio::task::spawn_blocking(move || {
-        let r = f(&mut stream);
-        (r, stream)
-    })
-    .await
-    {
-        Ok((r, s)) => (r, Some(s)),
-        Err(e) => (Err(std::io::Error::other(e.to_string())), None),
-    }
+    f: impl FnOnce(&mut StdUnixStream) -> io::Result<T> + Send + 'static,
+) -> (io::Result<T>, Option<StdUnixStream>) {
+    let done = tokio::task::spawn_blocking(move || (f(&mut stream), stream)).await;
+    done.map_or_else(|e| (Err(io::Error::other(e)), None), |(r, s)| (r, Some(s)))
 }
 
-async fn refuse(stream: StdUnixStream, why: String) -> std::io::Result<()> {
+async fn refuse(stream: StdUnixStream, why: String) -> io::Result<()> {
     blocking(stream, move |s| {
         let why = why.as_bytes();
         let why = why.get(..why.len().min(MAX_REASON)).unwrap_or_default();
@@ -668,7 +579,7 @@ async fn refuse(stream: StdUnixStream, why: String) -> std::io::Result<()> {
 }
 
 /// Tells systemd, when it supervises us (`Type=notify`); a no-op otherwise.
-pub(crate) fn notify(state: &[sd_notify::NotifyState<'_>]) {
+pub(crate) fn notify(state: &[NotifyState<'_>]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }

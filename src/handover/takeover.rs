@@ -11,14 +11,6 @@ use std::path::{Path, PathBuf};
 use super::wire::{ListenerKind, State};
 use super::*;
 
-/// What a successor received, before it is turned into listeners.
-pub(crate) struct Received {
-    stream: StdUnixStream,
-    pub state: State,
-    fds: Vec<OwnedFd>,
-}
-
-/// One handed-over listener, as the listen stage takes it.
 #[derive(Debug)]
 pub(crate) enum TakenListener {
     Hybrid {
@@ -56,24 +48,7 @@ pub(crate) struct Taken {
     pub handoff: Option<HandoffListener>,
     pub listeners: Vec<TakenListener>,
     pub connections: Vec<TakenConn>,
-    stream: StdUnixStream,
-}
-
-impl Taken {
-    /// The parts, and the acknowledgement to send once they are served.
-    pub(crate) fn split(self) -> (TakenParts, Ack) {
-        (
-            TakenParts {
-                from_pid: self.from_pid,
-                handoff: self.handoff,
-                listeners: self.listeners,
-                connections: self.connections,
-            },
-            Ack {
-                stream: self.stream,
-            },
-        )
-    }
+    pub ack: Ack,
 }
 
 /// The acknowledgement a successor owes the old process.
@@ -89,14 +64,6 @@ impl Ack {
     }
 }
 
-/// What [`Taken`] holds.
-pub(crate) struct TakenParts {
-    pub from_pid: u32,
-    pub handoff: Option<HandoffListener>,
-    pub listeners: Vec<TakenListener>,
-    pub connections: Vec<TakenConn>,
-}
-
 /// Connects to the hand-off socket at `path` and takes everything the
 /// forwarder there serves. `Ok(None)`: nobody is there (start normally).
 /// Blocking: call it before serving, or off the runtime.
@@ -104,21 +71,13 @@ pub(crate) fn take_over(
     path: &Path,
     max_frame_size: usize,
 ) -> Result<Option<Taken>, HandOverError> {
-    let stream = match StdUnixStream::connect(path) {
+    use io::ErrorKind::{ConnectionRefused, NotFound};
+    let mut stream = match StdUnixStream::connect(path) {
         Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
+        Err(e) if matches!(e.kind(), NotFound | ConnectionRefused) => return Ok(None),
         Err(source) => {
-            return Err(HandOverError::ConnectHandoff {
-                path: path.to_owned(),
-                source,
-            })
+            let path = path.to_owned();
+            return Err(HandOverError::ConnectHandoff { path, source });
         }
     };
     let ours = nix::unistd::getuid().as_raw();
@@ -132,8 +91,8 @@ pub(crate) fn take_over(
     }
     let _ = stream.set_read_timeout(Some(STEP_TIMEOUT));
     let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
-    let received = receive(stream, max_frame_size)?;
-    sort(received, path).map(Some)
+    let (state, fds) = receive(&mut stream, max_frame_size)?;
+    sort(stream, state, fds, path).map(Some)
 }
 
 /// Whether to take anything from the hand-off socket whose listening end
@@ -146,14 +105,15 @@ pub(crate) fn take_over(
 /// put at the path; a successor not running as root (a bridge, an
 /// upgrade, a forwarder never started as root) has nothing more to lose
 /// to its own user, and takes from root's or its own.
-pub(super) fn trusts_predecessor(peer: fds::Peer, ours: u32) -> bool {
+fn trusts_predecessor(peer: fds::Peer, ours: u32) -> bool {
     peer.uid == 0 || (ours != 0 && peer.uid == ours)
 }
 
-pub(super) fn receive(
-    mut stream: StdUnixStream,
+/// What the old process sent: the state, and the descriptors it announced.
+fn receive(
+    stream: &mut StdUnixStream,
     max_frame_size: usize,
-) -> Result<Received, HandOverError> {
+) -> Result<(State, Vec<OwnedFd>), HandOverError> {
     let rx = HandOverError::Receive;
     stream.write_all(&REQUEST).map_err(HandOverError::Send)?;
     let mut tag = [0u8; 1];
@@ -178,21 +138,25 @@ pub(super) fn receive(
     // Read exactly what was announced: never into the descriptors' bytes.
     let want = header.body_len + wire::TRAILER_LEN;
     let mut rest = Vec::with_capacity(want.min(1 << 20));
-    (&mut stream)
+    stream
         .take(want as u64)
         .read_to_end(&mut rest)
         .map_err(rx)?;
     let state = wire::decode_body(&head, header, &rest, max_frame_size)?;
     let fds = fds::recv(stream.as_fd(), header.descriptors).map_err(rx)?;
-    Ok(Received { stream, state, fds })
+    Ok((state, fds))
 }
 
 /// Checks each descriptor is the kind of socket the state says, and pairs
 /// them up. `handoff_path`: our own hand-off socket, the one path the
 /// state may name for it.
-pub(super) fn sort(received: Received, handoff_path: &Path) -> Result<Taken, HandOverError> {
+fn sort(
+    stream: StdUnixStream,
+    state: State,
+    fds: Vec<OwnedFd>,
+    handoff_path: &Path,
+) -> Result<Taken, HandOverError> {
     use nix::sys::socket::{getsockopt, sockopt, AddressFamily, SockType};
-    let Received { stream, state, fds } = received;
     let check = |fd: &OwnedFd, family: AddressFamily, listening: bool, what: &str| {
         let kind = getsockopt(fd, sockopt::SockType);
         let accepting = getsockopt(fd, sockopt::AcceptConn);
@@ -216,63 +180,47 @@ pub(super) fn sort(received: Received, handoff_path: &Path) -> Result<Taken, Han
     let mut listeners = Vec::new();
     // State index -> index among `listeners` (the hand-off socket is apart).
     let mut index = Vec::with_capacity(state.listeners.len());
-    for l in &state.listeners {
+    for l in state.listeners {
         let fd = next("listener")?;
-        let janitor = if l.janitor {
-            Some(next("janitor")?)
-        } else {
-            None
+        let janitor = l.janitor.then(|| next("janitor")).transpose()?;
+        let (family, what) = match &l.kind {
+            // Ours is the only one we would bind, and so the only file we
+            // may ever remove.
+            ListenerKind::Handoff { path, .. } if path != handoff_path => {
+                return Err(HandOverError::CheckState(format!(
+                    "a hand-off socket at {}, ours is {}",
+                    path.display(),
+                    handoff_path.display()
+                )));
+            }
+            ListenerKind::Handoff { .. } => (AddressFamily::Unix, "hand-off socket"),
+            ListenerKind::Hybrid { .. } => (AddressFamily::Unix, "hybrid listener"),
+            ListenerKind::Sandbox { .. } => (AddressFamily::Unix, "sandbox listener"),
+            ListenerKind::Vsock { .. } => (AddressFamily::Vsock, "vsock listener"),
         };
-        match &l.kind {
+        check(&fd, family, true, what)?;
+        let taken = match l.kind {
             ListenerKind::Handoff { path, identity } => {
-                // Ours is the only one we would bind, and so the only file
-                // we may ever remove.
-                if path != handoff_path {
-                    return Err(HandOverError::CheckState(format!(
-                        "a hand-off socket at {}, ours is {}",
-                        path.display(),
-                        handoff_path.display()
-                    )));
-                }
-                check(&fd, AddressFamily::Unix, true, "hand-off socket")?;
-                handoff = Some(HandoffListener::adopt(
-                    fd,
-                    path.clone(),
-                    *identity,
-                    janitor,
-                )?);
+                handoff = Some(HandoffListener::adopt(fd, path, identity, janitor)?);
                 index.push(None);
+                continue;
             }
-            ListenerKind::Hybrid { path, identity } => {
-                check(&fd, AddressFamily::Unix, true, "hybrid listener")?;
-                index.push(Some(listeners.len()));
-                listeners.push(TakenListener::Hybrid {
-                    fd,
-                    path: path.clone(),
-                    identity: *identity,
-                    janitor,
-                });
-            }
-            ListenerKind::Sandbox { id, path, identity } => {
-                check(&fd, AddressFamily::Unix, true, "sandbox listener")?;
-                index.push(Some(listeners.len()));
-                listeners.push(TakenListener::Sandbox {
-                    fd,
-                    id: id.clone(),
-                    path: path.clone(),
-                    identity: *identity,
-                });
-            }
-            ListenerKind::Vsock { cid, port } => {
-                check(&fd, AddressFamily::Vsock, true, "vsock listener")?;
-                index.push(Some(listeners.len()));
-                listeners.push(TakenListener::Vsock {
-                    fd,
-                    cid: *cid,
-                    port: *port,
-                });
-            }
-        }
+            ListenerKind::Hybrid { path, identity } => TakenListener::Hybrid {
+                fd,
+                path,
+                identity,
+                janitor,
+            },
+            ListenerKind::Sandbox { id, path, identity } => TakenListener::Sandbox {
+                fd,
+                id,
+                path,
+                identity,
+            },
+            ListenerKind::Vsock { cid, port } => TakenListener::Vsock { fd, cid, port },
+        };
+        index.push(Some(listeners.len()));
+        listeners.push(taken);
     }
     let mut connections = Vec::with_capacity(state.connections.len());
     for c in state.connections {
@@ -306,6 +254,6 @@ pub(super) fn sort(received: Received, handoff_path: &Path) -> Result<Taken, Han
         handoff,
         listeners,
         connections,
-        stream,
+        ack: Ack { stream },
     })
 }

@@ -39,7 +39,6 @@ use super::HandOverError;
 
 pub const MAGIC: [u8; 8] = *b"KTFHOVR\0";
 pub(crate) const VERSION: u16 = 1;
-/// Magic, version, reserved, body length, descriptor count.
 pub const HEADER_LEN: usize = 8 + 2 + 2 + 4 + 4;
 pub const TRAILER_LEN: usize = 4;
 /// Largest body accepted: 1,024 connections each with a whole 1 MiB frame
@@ -50,7 +49,6 @@ pub(crate) const MAX_LISTENERS: usize = 65_536;
 /// Most connections in one state.
 pub(crate) const MAX_CONNECTIONS: usize = 65_536;
 
-/// Everything handed over, but the descriptors themselves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     /// The sender's process id, for the logs.
@@ -59,7 +57,6 @@ pub struct State {
     pub connections: Vec<ConnState>,
 }
 
-/// A listening socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerState {
     pub kind: ListenerKind,
@@ -91,14 +88,11 @@ pub enum ListenerKind {
     },
 }
 
-/// One live agent connection, as its reader left it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnState {
     /// Index into [`State::listeners`] of the listener that accepted it.
     pub listener: u32,
-    /// The guest's CID, for a VSOCK connection.
     pub cid: Option<u32>,
-    /// The wire format the agent was found to speak.
     pub format: Option<Format>,
     /// The bytes read and not yet a whole frame (its header included).
     pub partial: Vec<u8>,
@@ -114,7 +108,6 @@ pub enum Format {
 }
 
 impl State {
-    /// How many descriptors follow a message carrying this state.
     pub fn descriptors(&self) -> usize {
         let janitors = self.listeners.iter().filter(|l| l.janitor).count();
         self.listeners.len() + janitors + self.connections.len()
@@ -129,30 +122,30 @@ fn codec(limit: u64) -> impl Options {
         .with_limit(limit)
 }
 
-/// The whole message for `state`.
 pub fn encode(state: &State) -> Result<Vec<u8>, HandOverError> {
+    let enc = |e: bincode::Error| HandOverError::EncodeState(e.to_string());
     let body = codec(MAX_STATE_BYTES as u64)
         .serialize(state)
-        .map_err(|e| HandOverError::EncodeState(e.to_string()))?;
+        .map_err(enc)?;
     let len = u32::try_from(body.len()).map_err(|_| HandOverError::StateTooLarge {
         len: body.len() as u64,
         max: MAX_STATE_BYTES,
     })?;
     let fds = u32::try_from(state.descriptors())
         .map_err(|_| HandOverError::EncodeState("too many descriptors".into()))?;
-    let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TRAILER_LEN);
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_be_bytes());
-    out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&fds.to_be_bytes());
+    let head: RawHeader = (MAGIC, VERSION, 0, len, fds);
+    let mut out = codec(HEADER_LEN as u64).serialize(&head).map_err(enc)?;
+    out.reserve(body.len() + TRAILER_LEN);
     out.extend_from_slice(&body);
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_be_bytes());
     Ok(out)
 }
 
-/// What the header says follows it.
+/// Magic, version, reserved, body length, descriptor count: fixed-width
+/// and big-endian, as [`codec`] writes them, the layout above.
+type RawHeader = ([u8; 8], u16, u16, u32, u32);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub body_len: usize,
@@ -161,22 +154,18 @@ pub struct Header {
 
 /// Checks a header: ours, this version, a body within bounds.
 pub fn decode_header(head: &[u8; HEADER_LEN]) -> Result<Header, HandOverError> {
-    let (magic, rest) = head.split_at(8);
+    let (magic, version, _reserved, len, fds): RawHeader = codec(HEADER_LEN as u64)
+        .deserialize(head)
+        .map_err(|e| HandOverError::DecodeState(e.to_string()))?;
     if magic != MAGIC {
         return Err(HandOverError::ForeignState {
             found: magic.to_vec(),
         });
     }
-    let be16 = |b: &[u8]| b.try_into().map(u16::from_be_bytes).unwrap_or(u16::MAX);
-    let be32 = |b: &[u8]| b.try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX);
-    let (version, rest) = rest.split_at(2);
-    let version = be16(version);
     if version != VERSION {
         return Err(HandOverError::UnsupportedVersion { found: version });
     }
-    let (_reserved, rest) = rest.split_at(2);
-    let (len, fds) = rest.split_at(4);
-    let body_len = be32(len) as usize;
+    let body_len = len as usize;
     if body_len > MAX_STATE_BYTES {
         return Err(HandOverError::StateTooLarge {
             len: body_len as u64,
@@ -185,7 +174,7 @@ pub fn decode_header(head: &[u8; HEADER_LEN]) -> Result<Header, HandOverError> {
     }
     Ok(Header {
         body_len,
-        descriptors: be32(fds) as usize,
+        descriptors: fds as usize,
     })
 }
 
@@ -361,6 +350,12 @@ mod tests {
             connections: vec![],
         };
         assert_eq!(decode(&encode(&empty).unwrap(), 64).unwrap(), empty);
+    }
+
+    #[test]
+    fn the_header_is_laid_out_as_documented() {
+        let s = sample();
+        assert_eq!(encode(&s).unwrap(), frame(&body_of(&s), 6));
     }
 
     #[test]

@@ -6,47 +6,25 @@ use super::*;
 
 /// Asks the forwarder at `path` for its status, within `timeout` in all.
 pub fn ask(path: &Path, timeout: Duration) -> Result<Report, StatusError> {
-    Asking::start(path, timeout).wait()
+    start(path, timeout)()
 }
 
-/// An [`ask`] under way, on a thread of its own.
-struct Asking {
-    path: PathBuf,
-    rx: std::sync::mpsc::Receiver<Result<Report, StatusError>>,
-    until: std::time::Instant,
-    timeout: Duration,
-}
-
-impl Asking {
-    fn start(path: &Path, timeout: Duration) -> Asking {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let p = path.to_owned();
-        // A connect to a listener whose backlog is full blocks with no
-        // timeout of its own: the whole exchange runs on a thread given up
-        // on in time (it ends once its socket's timeouts do, or with the
-        // process).
-        std::thread::spawn(move || {
-            let _ = tx.send(exchange(&p, timeout));
-        });
-        Asking {
-            path: path.to_owned(),
-            rx,
-            until: std::time::Instant::now() + timeout,
-            timeout,
-        }
-    }
-
-    fn wait(self) -> Result<Report, StatusError> {
-        let left = self
-            .until
-            .saturating_duration_since(std::time::Instant::now());
-        match self.rx.recv_timeout(left) {
-            Ok(r) => r,
-            Err(_) => Err(StatusError::Timeout {
-                path: self.path,
-                timeout: self.timeout,
-            }),
-        }
+/// Starts an [`ask`] on a thread of its own; what it returns waits for it.
+fn start(path: &Path, timeout: Duration) -> impl FnOnce() -> Result<Report, StatusError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_owned();
+    // A connect to a listener whose backlog is full blocks with no
+    // timeout of its own: the whole exchange runs on a thread given up
+    // on in time (it ends once its socket's timeouts do, or with the
+    // process).
+    std::thread::spawn(move || {
+        let _ = tx.send(exchange(&p, timeout));
+    });
+    let (path, until) = (path.to_owned(), std::time::Instant::now() + timeout);
+    move || {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        rx.recv_timeout(left)
+            .unwrap_or(Err(StatusError::Timeout { path, timeout }))
     }
 }
 
@@ -102,20 +80,17 @@ pub fn sockets(dir: &Path) -> Result<Vec<PathBuf>, StatusError> {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => {
-            return Err(StatusError::ListDir {
-                dir: dir.to_owned(),
-                source,
-            })
+            let dir = dir.to_owned();
+            return Err(StatusError::ListDir { dir, source });
         }
     };
     let mut found: Vec<PathBuf> = entries
         .flatten()
-        .filter(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
             name.starts_with("handoff-") && name.ends_with(".sock")
         })
-        .map(|e| e.path())
         .collect();
     found.sort();
     Ok(found)
@@ -139,12 +114,12 @@ pub fn gather(target: Target<'_>, timeout: Duration) -> Vec<Result<Report, Statu
             };
             // All at once: one forwarder that does not answer costs the
             // others nothing.
-            let asking: Vec<Asking> = found
+            let asking: Vec<_> = found
                 .iter()
                 .take(MAX_SOCKETS)
-                .map(|p| Asking::start(p, timeout))
+                .map(|p| start(p, timeout))
                 .collect();
-            let asked = asking.into_iter().map(Asking::wait).collect();
+            let asked = asking.into_iter().map(|wait| wait()).collect();
             discovered(asked, dir)
         }
     }
@@ -169,15 +144,12 @@ pub(super) fn discovered(
             _ => true,
         })
         .collect();
+    let dir = dir.to_owned();
     if denied {
-        out.push(Err(StatusError::Denied {
-            path: dir.to_owned(),
-        }));
+        out.push(Err(StatusError::Denied { path: dir.clone() }));
     }
     if out.is_empty() {
-        out.push(Err(StatusError::NotRunning {
-            dir: dir.to_owned(),
-        }));
+        out.push(Err(StatusError::NotRunning { dir }));
     }
     out
 }

@@ -1,18 +1,15 @@
 //! `kata-trace-forwarder status`: a running forwarder says how it is doing.
 //!
 //! Here: the report and the forwarder's end ([`Board`]); the client's end
-//! in [`client`], the table a person reads in [`table`]. The hand-off
-//! server only dispatches to it.
+//! in [`client`], the table a person reads in [`table`].
 //!
 //! On a host where a sandbox's spans are missing, the first questions are
 //! whether the forwarder serves that sandbox, whether its agent is
 //! connected, and whether its spans are dropped or stuck in the spool. The
 //! answer comes over the hand-off socket, which already has the rules such
-//! a question needs: only root (or the forwarder's own successor) gets past
-//! its `SO_PEERCRED` check, made right after `accept` and before anything is
-//! read; it goes along with every hand-over and upgrade; and its janitor
-//! removes it. A status request is a different first message than a
-//! successor's:
+//! a question needs: its `SO_PEERCRED` check (root or our own successor)
+//! before anything is read, hand-overs, its janitor. A status request is
+//! another first message than a successor's:
 //!
 //! ```text
 //! client -> forwarder   "KTFSTAT1"                  (8 bytes)
@@ -26,10 +23,9 @@
 //! the async runtime.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -46,7 +42,7 @@ pub const REQUEST: [u8; 8] = *b"KTFSTAT1";
 /// The report's format; a field is only ever added.
 const FORMAT: u32 = 1;
 /// Largest report either end handles: far above the largest real one
-/// (every sandbox listed, up to [`MAX_LISTED`], with labels of 256 bytes).
+/// ([`MAX_LISTED`] sandboxes with labels of 256 bytes).
 const MAX_REPORT: usize = 16 << 20;
 /// Sandboxes listed at most; the rest are counted.
 const MAX_LISTED: usize = 4096;
@@ -67,11 +63,7 @@ pub enum StatusError {
     #[error("no kata-trace-forwarder is running at {path}")]
     NotListening { path: PathBuf },
     #[error("connecting to {path}: {source}")]
-    Connect {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    Connect { path: PathBuf, source: io::Error },
     #[error("{path}: permission denied (only root may ask a forwarder for its status)")]
     Denied { path: PathBuf },
     #[error("the forwarder at {path} closed without answering (only root may ask it for its status, and one older than `status` answers no one)")]
@@ -79,19 +71,11 @@ pub enum StatusError {
     #[error("the forwarder at {path} did not answer within {timeout:?}")]
     Timeout { path: PathBuf, timeout: Duration },
     #[error("reading the status from {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: io::Error },
     #[error("the answer from {path} is not a status report: {reason}")]
     Decode { path: PathBuf, reason: String },
     #[error("listing {dir}: {source}")]
-    ListDir {
-        dir: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    ListDir { dir: PathBuf, source: io::Error },
 }
 
 /// A forwarder's status, as it answers and as `status --json` prints it.
@@ -100,7 +84,6 @@ pub struct Report {
     pub format: u32,
     pub version: String,
     pub pid: u32,
-    /// The hand-off socket it answered on.
     pub socket: PathBuf,
     /// When the report was made, in milliseconds since the Unix epoch; the
     /// other times are on the same clock.
@@ -118,12 +101,10 @@ pub struct Report {
     pub counters: serde_json::Map<String, serde_json::Value>,
 }
 
-/// One sandbox served.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SandboxReport {
     /// Its id, or its socket or guest CID where the id is not known.
     pub sandbox: String,
-    /// Agent connections open now, and the most it may have.
     pub connections: u64,
     pub max_connections: u64,
     pub received: u64,
@@ -131,7 +112,6 @@ pub struct SandboxReport {
     pub exported: u64,
     /// Written to the spool (sent from there later, counted globally).
     pub spooled: u64,
-    /// In the export queue now.
     pub queued: u64,
     /// Read and still in memory: neither exported, spooled nor dropped
     /// yet (queued, in the batch being sent or retried, or waiting for
@@ -145,7 +125,6 @@ pub struct SandboxReport {
     pub last_sent_unix_ms: Option<u64>,
 }
 
-/// A count and its parts.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ByReason {
     pub total: u64,
@@ -162,7 +141,6 @@ impl<L: Label> From<FamilySnapshot<L>> for ByReason {
     }
 }
 
-/// The exporter's side.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExporterReport {
     /// Where batches go, as the startup log says it.
@@ -173,7 +151,6 @@ pub struct ExporterReport {
     pub attempts: u64,
     pub retries: u64,
     pub failures: u64,
-    /// Spans waiting in the export queue now.
     pub queue_spans: u64,
     /// Spans read and still in memory (see [`SandboxReport::pending`]), of
     /// the sandboxes served now.
@@ -203,7 +180,7 @@ pub(crate) struct Board {
     exporter: Arc<Exporter>,
     listeners: Vec<String>,
     started: Instant,
-    answering: AtomicUsize,
+    answering: Arc<tokio::sync::Semaphore>,
 }
 
 impl Board {
@@ -219,15 +196,12 @@ impl Board {
             exporter,
             listeners,
             started: Instant::now(),
-            answering: AtomicUsize::new(0),
+            answering: Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERING)),
         }
     }
 
-    /// The report now; `socket` is where it is asked.
     pub(crate) fn report(&self, socket: &Path) -> Report {
-        let now = Instant::now();
-        let wall = SystemTime::now();
-        let now_ms = unix_ms(wall);
+        let (now, now_ms) = (Instant::now(), unix_ms(SystemTime::now()));
         let ago = |d: Duration| now_ms.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(0));
         let uptime = now.saturating_duration_since(self.started);
         let live = self.tenants.live();
@@ -304,24 +278,16 @@ impl Board {
     /// server has checked, off the runtime and within [`WRITE_TIMEOUT`];
     /// past [`MAX_ANSWERING`] at once, closes it unanswered.
     pub(crate) fn answer(self: &Arc<Self>, mut stream: UnixStream, socket: PathBuf, pid: i32) {
-        /// One of the [`MAX_ANSWERING`] slots, given back however the
-        /// answer ends (also a task that never ran, at shutdown).
-        struct Slot(Arc<Board>);
-        impl Drop for Slot {
-            fn drop(&mut self) {
-                self.0.answering.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-        let slot = Slot(Arc::clone(self));
-        if self.answering.fetch_add(1, Ordering::AcqRel) >= MAX_ANSWERING {
+        // Given back however the answer ends (also a task that never ran).
+        let Ok(slot) = Arc::clone(&self.answering).try_acquire_owned() else {
             tracing::warn!(pid, "status: too many requests at once; closed unanswered");
             return;
-        }
+        };
+        let board = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            let board = &slot.0;
-            let report = board.report(&socket);
-            let sent = serde_json::to_vec(&report)
-                .map_err(std::io::Error::other)
+            let _slot = slot;
+            let sent = serde_json::to_vec(&board.report(&socket))
+                .map_err(io::Error::other)
                 .and_then(|json| {
                     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
                     stream.write_all(&json)

@@ -41,42 +41,32 @@ impl Report {
     /// The report as a person reads it.
     pub fn table(&self) -> String {
         let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = self.write_table(&mut out);
+        out
+    }
+
+    fn write_table(&self, out: &mut String) -> std::fmt::Result {
+        use std::fmt::Write as _;
         let now = self.now_unix_ms;
-        let line = |out: &mut String, s: String| {
-            out.push_str(&s);
-            out.push('\n');
-        };
-        line(
-            &mut out,
-            format!(
-                "kata-trace-forwarder {} (pid {}), up {}, asked at {}",
-                clean(&self.version),
-                self.pid,
-                duration(Duration::from_secs(self.uptime_seconds)),
-                self.socket.display()
-            ),
-        );
-        line(&mut out, "listening on:".into());
+        let up = duration(Duration::from_secs(self.uptime_seconds));
+        let (version, socket) = (clean(&self.version), self.socket.display());
+        writeln!(
+            out,
+            "kata-trace-forwarder {version} (pid {}), up {up}, asked at {socket}",
+            self.pid
+        )?;
+        writeln!(out, "listening on:")?;
         for l in &self.listeners {
-            line(&mut out, format!("  {}", clean(l)));
+            writeln!(out, "  {}", clean(l))?;
         }
-        out.push('\n');
+        writeln!(out)?;
         if self.sandboxes.is_empty() {
-            line(&mut out, "sandboxes: none served yet".into());
+            writeln!(out, "sandboxes: none served yet")?;
         } else {
-            let mut rows = vec![[
-                "SANDBOX",
-                "CONNECTIONS",
-                "RECEIVED",
-                "EXPORTED",
-                "SPOOLED",
-                "PENDING",
-                "LAST SENT",
-                "DROPPED",
-                "LIMITED",
-            ]
-            .map(String::from)
-            .to_vec()];
+            let head =
+                "SANDBOX,CONNECTIONS,RECEIVED,EXPORTED,SPOOLED,PENDING,LAST SENT,DROPPED,LIMITED";
+            let mut rows = vec![head.split(',').map(String::from).collect()];
             for s in &self.sandboxes {
                 rows.push(vec![
                     clean(&s.sandbox),
@@ -92,56 +82,38 @@ impl Report {
             }
             out.push_str(&columns(&rows));
             if self.sandboxes_not_listed > 0 {
-                line(
-                    &mut out,
-                    format!("... and {} more sandboxes", self.sandboxes_not_listed),
-                );
+                writeln!(out, "... and {} more sandboxes", self.sandboxes_not_listed)?;
             }
         }
-        out.push('\n');
         let e = &self.exporter;
-        line(&mut out, format!("exporter: {}", clean(&e.collector)));
-        line(
-            &mut out,
-            format!("  last success: {}", since(now, e.last_success_unix_ms)),
-        );
+        writeln!(out, "\nexporter: {}", clean(&e.collector))?;
+        writeln!(
+            out,
+            "  last success: {}",
+            since(now, e.last_success_unix_ms)
+        )?;
         if let Some(f) = &e.last_failure {
-            line(
-                &mut out,
-                format!(
-                    "  last failure: {}: {}",
-                    since(now, Some(f.at_unix_ms)),
-                    clean(&f.error)
-                ),
-            );
+            let at = since(now, Some(f.at_unix_ms));
+            writeln!(out, "  last failure: {at}: {}", clean(&f.error))?;
         }
-        line(
-            &mut out,
-            format!(
-                "  requests: {} ({} retries, {} batches given up)",
-                e.attempts, e.retries, e.failures
-            ),
-        );
-        line(
-            &mut out,
-            format!(
-                "  in memory: {} spans ({} in the queue, the rest being sent or waiting for room)",
-                e.pending_spans, e.queue_spans
-            ),
-        );
+        let (attempts, retries, failures) = (e.attempts, e.retries, e.failures);
+        writeln!(
+            out,
+            "  requests: {attempts} ({retries} retries, {failures} batches given up)"
+        )?;
+        let (pending, queued) = (e.pending_spans, e.queue_spans);
+        writeln!(out, "  in memory: {pending} spans ({queued} in the queue, the rest being sent or waiting for room)")?;
         match &e.spool {
-            Some(s) => line(
-                &mut out,
-                format!(
-                    "  spool: {} batches, {} spans, {} of {} in {}",
-                    s.batches,
-                    s.spans,
-                    bytes(s.bytes),
-                    bytes(s.max_bytes),
-                    s.dir.display()
-                ),
-            ),
-            None => line(&mut out, "  spool: none (--spool-dir not given)".into()),
+            Some(s) => writeln!(
+                out,
+                "  spool: {} batches, {} spans, {} of {} in {}",
+                s.batches,
+                s.spans,
+                bytes(s.bytes),
+                bytes(s.max_bytes),
+                s.dir.display()
+            )?,
+            None => writeln!(out, "  spool: none (--spool-dir not given)")?,
         }
         let c = |k: &str| self.counters.get(k).and_then(serde_json::Value::as_u64);
         let dropped: Vec<String> = DropReason::ALL
@@ -151,50 +123,40 @@ impl Report {
                 (n > 0).then(|| format!("{} {n}", r.as_str()))
             })
             .collect();
-        line(
-            &mut out,
-            format!(
-                "totals: received {}, exported {}, rejected {}, spooled {}, sent from the spool {}, dropped {}{}",
-                c("spans_received").unwrap_or(0),
-                c("spans_exported").unwrap_or(0),
-                c("spans_rejected").unwrap_or(0),
-                c("spans_spooled").unwrap_or(0),
-                c("spans_unspooled").unwrap_or(0),
-                c("spans_dropped").unwrap_or(0),
-                match dropped.is_empty() {
-                    true => String::new(),
-                    false => format!(" ({})", dropped.join(", ")),
-                }
-            ),
-        );
-        out
+        let t = |k: &str| c(k).unwrap_or(0);
+        let dropped = match dropped.is_empty() {
+            true => String::new(),
+            false => format!(" ({})", dropped.join(", ")),
+        };
+        writeln!(
+            out,
+            "totals: received {}, exported {}, rejected {}, spooled {}, sent from the spool {}, dropped {}{dropped}",
+            t("spans_received"),
+            t("spans_exported"),
+            t("spans_rejected"),
+            t("spans_spooled"),
+            t("spans_unspooled"),
+            t("spans_dropped"),
+        )
     }
 }
 
-/// Rows as columns, each as wide as its widest cell; the last is not
-/// padded.
+/// Rows as columns, each as wide as its widest cell.
 pub(super) fn columns(rows: &[Vec<String>]) -> String {
-    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..n)
-        .map(|i| {
-            rows.iter()
-                .filter_map(|r| r.get(i))
-                .map(|c| c.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        widths.resize(widths.len().max(row.len()), 0);
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
     let mut out = String::new();
     for row in rows {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                let w = widths.get(i).copied().unwrap_or(0);
-                line.push_str(&format!("{cell:<w$}  "));
-            }
-        }
+        let line: String = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}  "))
+            .collect();
         out.push_str(line.trim_end());
         out.push('\n');
     }
@@ -218,13 +180,11 @@ pub(super) fn by_reason(b: &ByReason, none: &str) -> String {
 
 /// How long before `now` (Unix milliseconds) `at` was.
 pub(super) fn since(now: u64, at: Option<u64>) -> String {
-    match at {
-        None => "never".into(),
-        Some(at) => format!(
-            "{} ago",
-            duration(Duration::from_millis(now.saturating_sub(at)))
-        ),
-    }
+    let Some(at) = at else {
+        return "never".into();
+    };
+    let ago = Duration::from_millis(now.saturating_sub(at));
+    format!("{} ago", duration(ago))
 }
 
 /// A duration in the two largest units that matter: `0.4s`, `12s`,
@@ -242,20 +202,17 @@ pub(super) fn duration(d: Duration) -> String {
 
 /// Bytes in binary units, one decimal.
 pub(super) fn bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
     if n < 1024 {
         return format!("{n} B");
     }
     let mut v = n as f64 / 1024.0;
-    let mut unit = UNITS[0];
-    for u in &UNITS[1..] {
+    for unit in ["KiB", "MiB", "GiB"] {
         if v < 1024.0 {
-            break;
+            return format!("{v:.1} {unit}");
         }
         v /= 1024.0;
-        unit = u;
     }
-    format!("{v:.1} {unit}")
+    format!("{v:.1} TiB")
 }
 
 /// What the forwarder sent, safe for a terminal: a sandbox's name comes
