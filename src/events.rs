@@ -67,22 +67,17 @@ pub(crate) struct ConnectionRejected<'a> {
 impl Event for ConnectionRejected<'_> {
     fn emit(self, stats: &Stats) {
         stats.connections_rejected.inc();
-        let Self {
-            peer,
-            tenant,
-            tenants,
-            refusal,
-        } = self;
-        if let (Some(t), Refusal::Sandbox { .. }) = (tenant, refusal) {
+        let (peer, tenant) = (self.peer, self.tenant);
+        if let (Some(t), Refusal::Sandbox { .. }) = (tenant, self.refusal) {
             t.limited.inc(LimitReason::Connections);
             stats.sandbox_limited.inc(LimitReason::Connections);
         }
         let sandbox = tenant.map_or("", Tenant::label);
-        let gate = tenant.map_or(&tenants.overflow, |t| &t.log);
+        let gate = tenant.map_or(&self.tenants.overflow, |t| &t.log);
         if !gate.allow(Noisy::Refused, sandbox) {
             return;
         }
-        match refusal {
+        match self.refusal {
             Refusal::Global { max_connections } => {
                 tracing::warn!(%peer, sandbox, max_connections, "connection limit reached; closing new connection")
             }
@@ -123,15 +118,9 @@ pub(crate) struct AgentDisconnected<'a> {
 
 impl Event for AgentDisconnected<'_> {
     fn emit(self, stats: &Stats) {
-        let Self {
-            peer,
-            tenant,
-            spans,
-            decode_errors,
-            format,
-            end,
-        } = self;
-        let format = format.map_or("none", WireFormat::as_str);
+        let (peer, tenant, end) = (self.peer, self.tenant, self.end);
+        let (spans, decode_errors) = (self.spans, self.decode_errors);
+        let format = self.format.map_or("none", WireFormat::as_str);
         let sandbox = tenant.label();
         if let Err(e) = end {
             match e {
@@ -165,11 +154,7 @@ pub(crate) struct Throttled<'a> {
 
 impl Event for Throttled<'_> {
     fn emit(self, stats: &Stats) {
-        let Self {
-            tenant,
-            reason,
-            wait,
-        } = self;
+        let (tenant, reason) = (self.tenant, self.reason);
         tenant.limited.inc(reason);
         stats.sandbox_limited.inc(reason);
         let sandbox = tenant.label();
@@ -177,7 +162,7 @@ impl Event for Throttled<'_> {
             tracing::info!(
                 sandbox,
                 reason = reason.as_str(),
-                ?wait,
+                wait = ?self.wait,
                 "sandbox over its limit; pausing its reads"
             );
         }
@@ -352,15 +337,9 @@ pub(crate) struct BatchDone<'a> {
 
 impl Event for BatchDone<'_> {
     fn emit(self, stats: &Stats) {
-        let Self {
-            spans,
-            delivery,
-            attempts,
-            error,
-            from_spool,
-        } = self;
-        let error = error.map(|e| e.to_string()).unwrap_or_default();
-        match delivery {
+        let (spans, attempts, from_spool) = (self.spans, self.attempts, self.from_spool);
+        let error = self.error.map(|e| e.to_string()).unwrap_or_default();
+        match self.delivery {
             Delivery::Delivered { rejected } => {
                 let rejected = rejected.min(spans);
                 stats.spans_rejected.add(rejected);
@@ -410,11 +389,7 @@ pub(crate) struct SpanTooLarge<'a> {
 
 impl Event for SpanTooLarge<'_> {
     fn emit(self, _: &Stats) {
-        let Self {
-            tenant,
-            bytes,
-            error,
-        } = self;
+        let (tenant, bytes, error) = (self.tenant, self.bytes, self.error);
         tenant.dropped.inc(DropReason::TooLarge);
         let sandbox = tenant.label();
         if tenant.log.allow(Noisy::TooLarge, sandbox) {

@@ -344,23 +344,11 @@ async fn serve_inner(
         // The predecessor lets go of the address as it stops: bind it in
         // the background, rather than hold the agents up.
         Some(addr) if taken_over => {
-            tokio::spawn(metrics::serve_when_free(
-                addr,
-                Arc::clone(&stats),
-                Arc::clone(&tenants),
-                shutdown.clone(),
-            ));
+            let (s, t) = (Arc::clone(&stats), Arc::clone(&tenants));
+            tokio::spawn(metrics::serve_when_free(addr, s, t, shutdown.clone()));
             None
         }
-        Some(addr) => Some(
-            metrics::serve(
-                addr,
-                Arc::clone(&stats),
-                Arc::clone(&tenants),
-                shutdown.clone(),
-            )
-            .await?,
-        ),
+        Some(addr) => Some(metrics::serve(addr, &stats, &tenants, &shutdown).await?),
         None => None,
     };
     tracing::info!(

@@ -267,11 +267,11 @@ pub enum ConfigError {
     #[error("invalid OTLP endpoint '{endpoint}' (from {source_name}): {reason}")]
     ParseEndpoint {
         endpoint: String,
-        source_name: &'static str,
+        source_name: String,
         reason: String,
     },
     #[error("invalid {name}: {reason}")]
-    ParseEnv { name: &'static str, reason: String },
+    ParseEnv { name: String, reason: String },
     #[error("a client certificate needs its key and a key its certificate: {given} is set, {missing} is not")]
     HalfClientIdentity {
         given: &'static str,
