@@ -312,29 +312,22 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
             break;
         }
         let report = match shadowed_by {
-            Some(by) => ConfigReport {
-                file: file.clone(),
-                status: Status::Skipped,
-                runtime: None,
-                hypervisors: Vec::new(),
-                serves: Vec::new(),
-                skipped: vec![format!(
+            Some(by) => ConfigReport::new(
+                &file,
+                Status::Skipped,
+                vec![format!(
                     "shadowed by {}, which the runtime reads instead",
                     by.display()
                 )],
-            },
-            None => match read(&sources.under_root(&file)) {
-                Ok(text) => match parse(&text) {
-                    Ok(doc) => derive(&file, &doc, &sources.root),
-                    Err(reason) => error_report(
-                        &file,
-                        KataConfigError::ParseConfig {
-                            path: file.clone(),
-                            reason,
-                        },
-                    ),
-                },
-                Err(e) => error_report(&file, e),
+            ),
+            None => match read(&sources.under_root(&file)).and_then(|text| {
+                parse(&text).map_err(|reason| KataConfigError::ParseConfig {
+                    path: file.clone(),
+                    reason,
+                })
+            }) {
+                Ok(doc) => derive(&file, &doc, &sources.root),
+                Err(e) => ConfigReport::new(&file, Status::Error, vec![e.to_string()]),
             },
         };
         for t in &report.serves {
@@ -354,14 +347,17 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
     }
 }
 
-fn error_report(file: &Path, e: KataConfigError) -> ConfigReport {
-    ConfigReport {
-        file: file.to_path_buf(),
-        status: Status::Error,
-        runtime: None,
-        hypervisors: Vec::new(),
-        serves: Vec::new(),
-        skipped: vec![e.to_string()],
+impl ConfigReport {
+    /// A report that found nothing to serve: `skipped` says why.
+    fn new(file: &Path, status: Status, skipped: Vec<String>) -> ConfigReport {
+        ConfigReport {
+            file: file.to_path_buf(),
+            status,
+            runtime: None,
+            hypervisors: Vec::new(),
+            serves: Vec::new(),
+            skipped,
+        }
     }
 }
 
@@ -466,14 +462,10 @@ fn target_of(runtime: Runtime, name: &str, section: &HypervisorSection) -> Resul
                 .unwrap_or("firecracker");
             template(format!("{GO_FC_CHROOT}/{binary}/{{ID}}/root/kata.hvsock"))
         }
-        // runtime-rs Dragonball: `hypervisor::utils::get_hvsock_path`
-        // (`<KATA_PATH>/<id>/root/kata.hvsock`).
-        (Runtime::RuntimeRs, "dragonball") => {
-            template(format!("{RS_SANDBOXES}/{{ID}}/root/kata.hvsock"))
-        }
-        // runtime-rs Firecracker: `get_vsock_path` in
-        // `crates/hypervisor/src/firecracker/utils.rs` (`<KATA_PATH>/<id>/root/kata.hvsock`).
-        (Runtime::RuntimeRs, "firecracker") => {
+        // runtime-rs Dragonball (`hypervisor::utils::get_hvsock_path`) and
+        // Firecracker (`get_vsock_path` in `crates/hypervisor/src/firecracker/
+        // utils.rs`): `<KATA_PATH>/<id>/root/kata.hvsock`.
+        (Runtime::RuntimeRs, "dragonball" | "firecracker") => {
             template(format!("{RS_SANDBOXES}/{{ID}}/root/kata.hvsock"))
         }
         // runtime-rs Cloud Hypervisor (`clh`, formerly `cloud-hypervisor`):
@@ -496,41 +488,35 @@ fn target_of(runtime: Runtime, name: &str, section: &HypervisorSection) -> Resul
 /// The report of one parsed configuration.
 fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
     let runtime = runtime_of(file, doc);
-    let hypervisors: Vec<String> = doc.hypervisor.keys().cloned().collect();
-    let mut report = ConfigReport {
-        file: file.to_path_buf(),
-        status: Status::Skipped,
-        runtime: Some(runtime),
-        hypervisors: hypervisors.clone(),
-        serves: Vec::new(),
-        skipped: Vec::new(),
-    };
     let agent_name = doc.runtime.agent_name.as_deref().unwrap_or("kata");
     let tracing_on = doc.agent.get(agent_name).is_some_and(|a| a.enable_tracing);
-    if hypervisors.is_empty() {
-        report
-            .skipped
-            .push("no [hypervisor.<name>] section".to_owned());
+    let mut report = ConfigReport {
+        runtime: Some(runtime),
+        hypervisors: doc.hypervisor.keys().cloned().collect(),
+        ..ConfigReport::new(file, Status::Skipped, Vec::new())
+    };
+    if report.hypervisors.is_empty() {
+        report.skipped = vec!["no [hypervisor.<name>] section".to_owned()];
         return report;
     }
     if !tracing_on {
-        report.skipped.push(format!(
+        report.skipped = vec![format!(
             "agent tracing is off ([agent.{agent_name}] enable_tracing is not true): its agents send no spans"
-        ));
+        )];
         return report;
     }
     // runtime-rs uses the section `[runtime] hypervisor_name` names; the Go
     // runtime has one section per file (with several, each is served).
     let chosen: Vec<&String> = match (runtime, doc.runtime.hypervisor_name.as_ref()) {
         (Runtime::RuntimeRs, Some(h)) if doc.hypervisor.contains_key(h) => {
-            for other in hypervisors.iter().filter(|o| *o != h) {
+            for other in doc.hypervisor.keys().filter(|o| *o != h) {
                 report.skipped.push(format!(
                     "[hypervisor.{other}]: not the one [runtime] hypervisor_name names"
                 ));
             }
             vec![h]
         }
-        _ => hypervisors.iter().collect(),
+        _ => doc.hypervisor.keys().collect(),
     };
     for name in chosen {
         let section = doc.hypervisor.get(name);
