@@ -3,7 +3,6 @@
 //! Turning it into a [`super::Config`] is [`Cli::into_config`]'s job, in the
 //! parent module.
 
-use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -134,15 +133,6 @@ impl FromStr for OtlpProtocol {
     }
 }
 
-impl fmt::Display for OtlpProtocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            OtlpProtocol::Grpc => "grpc",
-            OtlpProtocol::HttpProtobuf => "http/protobuf",
-        })
-    }
-}
-
 /// Parses a duration: `250ms`, `5s`, `2m`, or a bare number of milliseconds
 /// (the unit of the `OTEL_*` timeout variables).
 pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -215,10 +205,6 @@ pub(super) fn parse_size(s: &str) -> Result<usize, String> {
         Some(v) => Ok(v),
         None => Err(format!("size '{s}' is too large")),
     }
-}
-
-fn parse_socket_template(s: &str) -> Result<SocketTemplate, String> {
-    s.parse()
 }
 
 /// The command line.
@@ -299,7 +285,6 @@ pub struct Cli {
     /// and Firecracker side by side), and VSOCK too with --vsock.
     #[arg(
         long,
-        value_parser = parse_socket_template,
         value_name = "TEMPLATE",
         action = ArgAction::Append,
         conflicts_with_all = ["socket_path", "vsock_cid"]
