@@ -357,17 +357,11 @@ pub struct Cli {
     pub vsock_port: u32,
 
     /// Log level: trace, debug, info, warn, error, critical.
-    #[arg(
-        short = 'l',
-        long,
-        value_enum,
-        default_value = "info",
-        ignore_case = true
-    )]
+    #[arg(short = 'l', long, default_value = "info", ignore_case = true)]
     pub log_level: LogLevel,
 
     /// Log format on stderr.
-    #[arg(long, value_enum, default_value = "json")]
+    #[arg(long, default_value = "json")]
     pub log_format: LogFormat,
 
     /// Do not export: write the spans to stdout (see --dump-format). Needs no collector.
@@ -377,7 +371,7 @@ pub struct Cli {
     /// With --dump-only: `tree` prints each trace as an indented tree, `otlp-json`
     /// each span as one OTLP JSON line [default: tree when stdout is a terminal,
     /// otlp-json otherwise].
-    #[arg(long, env = DUMP_FORMAT_ENV, value_enum, value_name = "FORMAT")]
+    #[arg(long, env = DUMP_FORMAT_ENV, value_name = "FORMAT")]
     pub dump_format: Option<DumpFormat>,
 
     /// With --dump-format tree: a trace whose root span has not come is printed
