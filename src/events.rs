@@ -1,14 +1,12 @@
 //! What the forwarder tells its operator: each event logs and counts in one
 //! call.
 //!
-//! A stage that has something to report builds one of these structs and
-//! hands it to [`emit!`] with the forwarder's [`Stats`]. The event decides
-//! both the log line (level, fields, message) and the counters it moves, so
-//! a count can never be added without its log line or the other way round,
-//! and a reader finds everything the forwarder says about, say, a frame
-//! that does not decode in one place. (The pattern is vector's
-//! `internal_events`.) Lifecycle lines that count nothing (startup,
-//! shutdown) stay as plain `tracing` calls where they happen.
+//! A stage builds one of these structs and hands it to [`emit!`] with the
+//! [`Stats`]. The event decides both its log line and the counters it
+//! moves, so neither comes without the other, and everything said about,
+//! say, a frame that does not decode is in one place (vector's
+//! `internal_events` pattern). Lifecycle lines that count nothing stay as
+//! plain `tracing` calls where they happen.
 
 use std::fmt;
 
@@ -46,11 +44,8 @@ impl Event for ConnectionAccepted {
 /// Why a connection was closed as soon as it was accepted.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Refusal {
-    /// `--max-connections` are open, across every sandbox.
     Global { max_connections: usize },
-    /// The sandbox has `--sandbox-max-connections` open.
     Sandbox { max_connections: usize },
-    /// `--max-sandboxes` other sandboxes are being served.
     Sandboxes { max_sandboxes: usize },
 }
 
@@ -91,7 +86,6 @@ impl Event for ConnectionRejected<'_> {
     }
 }
 
-/// An agent connection is being served.
 pub(crate) struct AgentConnected<'a> {
     pub peer: Peer,
     pub tenant: &'a Tenant,
@@ -148,7 +142,6 @@ impl Event for AgentDisconnected<'_> {
 pub(crate) struct Throttled<'a> {
     pub tenant: &'a Tenant,
     pub reason: LimitReason,
-    /// How long, when known in advance.
     pub wait: Duration,
 }
 
@@ -317,10 +310,10 @@ impl<E: fmt::Display> Event for ExportAttemptFailed<'_, E> {
 pub(crate) enum Delivery {
     /// The collector took them; `rejected` of them it refused in a partial
     /// success.
-    Delivered { rejected: u64 },
-    /// Written to the spool, to be sent later.
+    Delivered {
+        rejected: u64,
+    },
     Spooled,
-    /// Lost, and why.
     Dropped(DropReason),
 }
 
@@ -382,7 +375,6 @@ impl Event for BatchDone<'_> {
 /// dropped, and counted against its own sandbox only.
 pub(crate) struct SpanTooLarge<'a> {
     pub tenant: &'a Tenant,
-    /// Its encoded size.
     pub bytes: usize,
     pub error: &'a dyn fmt::Display,
 }

@@ -2,23 +2,21 @@
 //! listen plan.
 //!
 //! A host (a kata-deploy node in particular) runs several Kata runtime
-//! classes side by side, each with its own configuration file and its own
-//! hypervisor, and each hypervisor's agent reaches the host at a different
-//! place: QEMU over AF_VSOCK, Cloud Hypervisor, Firecracker and Dragonball
-//! over hybrid VSOCK at a per-sandbox Unix socket. This module finds the
-//! files the runtimes would read, parses each one's `[hypervisor.<name>]`
-//! and `[agent.kata]` sections, and derives the listeners a forwarder needs
-//! for all of them: a [`Plan`], deduplicated, with one [`ConfigReport`] per
-//! file saying what it serves or why it was skipped. It only reads files;
-//! the listen side (`listen::kata_host`) serves the plan and re-reads it
+//! classes side by side, each with its own configuration file and
+//! hypervisor, and each hypervisor's agent reaches the host differently:
+//! QEMU over AF_VSOCK; Cloud Hypervisor, Firecracker and Dragonball over
+//! hybrid VSOCK at a per-sandbox Unix socket. This module finds the files
+//! the runtimes would read, parses each one's `[hypervisor.<name>]` and
+//! `[agent.kata]` sections, and derives a deduplicated [`Plan`] of
+//! listeners, with a [`ConfigReport`] per file saying what it serves or why
+//! not. It only reads: `listen::kata_host` serves the plan and re-reads it
 //! when the files change.
 //!
-//! Every path is taken under a root (`--kata-root`, `/` on a real host), both
-//! where the files are read and where the sockets are served, so that a
-//! fixture tree works unprivileged and a container can see the host's files
-//! mounted elsewhere.
+//! Every path is taken under a root (`--kata-root`, `/` on a real host),
+//! both to read and to serve, so that a fixture tree works unprivileged and
+//! a container can see the host's files mounted elsewhere.
 //!
-//! Over 500 lines (about 570 without its tests): one subject (which file,
+//! Over 500 lines (about 540 without its tests): one subject (which file,
 //! which runtime, which path), each rule kept beside the Kata source it
 //! follows.
 
@@ -231,17 +229,13 @@ impl Sources {
     /// The directories whose changes can change the plan (as the runtime
     /// names them): each file's directory, and kata-deploy's.
     pub(crate) fn watched_dirs(&self) -> Vec<PathBuf> {
-        let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
-        for f in GO_DEFAULTS.iter().chain(RS_DEFAULTS.iter()) {
-            if let Some(d) = Path::new(f).parent() {
-                dirs.insert(d.to_path_buf());
-            }
-        }
-        dirs.extend(DEPLOY_DIRS.iter().map(PathBuf::from));
-        if let Some(d) = self.env_file.as_deref().and_then(Path::parent) {
-            dirs.insert(d.to_path_buf());
-        }
-        dirs.into_iter().collect()
+        let files = GO_DEFAULTS.iter().chain(&RS_DEFAULTS).map(Path::new);
+        let parents = files
+            .chain(self.env_file.as_deref())
+            .filter_map(Path::parent);
+        let deploy = DEPLOY_DIRS.iter().map(Path::new);
+        let dirs: BTreeSet<&Path> = parents.chain(deploy).collect();
+        dirs.into_iter().map(Path::to_path_buf).collect()
     }
 
     /// The files to read, in precedence order, each with what it is
