@@ -30,6 +30,15 @@ macro_rules! emit {
 }
 pub(crate) use emit;
 
+/// The sandbox's label, when its log gate lets a line of `kind` through
+/// (without a tenant, always, as "").
+fn gated(tenant: Option<&Tenant>, kind: Noisy) -> Option<&str> {
+    let sandbox = tenant.map_or("", Tenant::label);
+    tenant
+        .is_none_or(|t| t.log.allow(kind, sandbox))
+        .then_some(sandbox)
+}
+
 // ---- listen ---------------------------------------------------------------
 
 /// A connection was accepted (whether or not it is then served).
@@ -93,8 +102,7 @@ pub(crate) struct AgentConnected<'a> {
 
 impl Event for AgentConnected<'_> {
     fn emit(self, _: &Stats) {
-        let sandbox = self.tenant.label();
-        if self.tenant.log.allow(Noisy::Connected, sandbox) {
+        if let Some(sandbox) = gated(Some(self.tenant), Noisy::Connected) {
             tracing::info!(peer = %self.peer, sandbox, "agent connected");
         }
     }
@@ -115,7 +123,6 @@ impl Event for AgentDisconnected<'_> {
         let (peer, tenant, end) = (self.peer, self.tenant, self.end);
         let (spans, decode_errors) = (self.spans, self.decode_errors);
         let format = self.format.map_or("none", WireFormat::as_str);
-        let sandbox = tenant.label();
         if let Err(e) = end {
             match e {
                 FrameError::Oversized { .. } => stats.frames_oversized.inc(),
@@ -123,9 +130,9 @@ impl Event for AgentDisconnected<'_> {
                 FrameError::Read(_) => stats.io_errors.inc(),
             }
         }
-        if !tenant.log.allow(Noisy::Disconnected, sandbox) {
+        let Some(sandbox) = gated(Some(tenant), Noisy::Disconnected) else {
             return;
-        }
+        };
         match end {
             Ok(()) => {
                 tracing::info!(%peer, sandbox, spans, decode_errors, format, "agent disconnected")
@@ -150,8 +157,7 @@ impl Event for Throttled<'_> {
         let (tenant, reason) = (self.tenant, self.reason);
         tenant.limited.inc(reason);
         stats.sandbox_limited.inc(reason);
-        let sandbox = tenant.label();
-        if tenant.log.allow(Noisy::Throttled, sandbox) {
+        if let Some(sandbox) = gated(Some(tenant), Noisy::Throttled) {
             tracing::info!(
                 sandbox,
                 reason = reason.as_str(),
@@ -218,11 +224,7 @@ impl Event for FrameSkipped<'_> {
         if self.nth > LOGGED_DECODE_ERRORS {
             return;
         }
-        let sandbox = self.tenant.map_or("", Tenant::label);
-        if self
-            .tenant
-            .is_none_or(|t| t.log.allow(Noisy::Undecodable, sandbox))
-        {
+        if let Some(sandbox) = gated(self.tenant, Noisy::Undecodable) {
             tracing::warn!(peer = %self.peer, sandbox, error = %self.error, kind = kind.as_str(), frame_len = self.frame_len, "skipping frame that does not decode");
         }
     }
@@ -247,11 +249,7 @@ impl Event for GuestClaimed<'_> {
         if self.new_claims == 0 {
             return;
         }
-        let sandbox = self.tenant.map_or("", Tenant::label);
-        if self
-            .tenant
-            .is_none_or(|t| t.log.allow(Noisy::Claim, sandbox))
-        {
+        if let Some(sandbox) = gated(self.tenant, Noisy::Claim) {
             tracing::warn!(peer = %self.peer, sandbox, claims = self.new_claims, "agent resource claims host-owned attributes; the host's values are used, the claims kept under kata.guest.claimed.*");
         }
     }
@@ -383,8 +381,7 @@ impl Event for SpanTooLarge<'_> {
     fn emit(self, _: &Stats) {
         let (tenant, bytes, error) = (self.tenant, self.bytes, self.error);
         tenant.dropped.inc(DropReason::TooLarge);
-        let sandbox = tenant.label();
-        if tenant.log.allow(Noisy::TooLarge, sandbox) {
+        if let Some(sandbox) = gated(Some(tenant), Noisy::TooLarge) {
             tracing::warn!(sandbox, bytes, %error, "span larger than the collector takes in one request; dropped");
         }
     }
