@@ -145,29 +145,16 @@ pub async fn run_upgradable(
         }
         _ => None,
     };
-    let (listeners, handoff, ack) = match taken {
+    let (inherited, handoff, ack, from) = match taken {
         Some(taken) => {
             let (parts, ack) = taken.split();
-            let from = parts.from_pid;
             // Bound as at any start (dropping root as it does, so that
             // the successor ends with exactly the predecessor's
             // privileges), serving on what was handed over where it is
             // still asked for, rather than binding it.
             let inherited = listen::inherited::Inherited::new(parts.listeners, parts.connections)?;
-            let listeners = listen::bind_inheriting(
-                &config.listen,
-                spool_dir,
-                &shutdown,
-                Some(Arc::new(inherited)),
-            )
-            .await?;
-            tracing::info!(from, listeners = %listeners.describe(), "took over from the running forwarder");
-            // The bridge of our own upgrade is our child: reaped once it has
-            // flushed and exited. Anyone else's is not (ECHILD at once).
-            tokio::task::spawn_blocking(move || {
-                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(from as i32), None);
-            });
-            (listeners, parts.handoff, Some(ack))
+            let from = Some(parts.from_pid);
+            (Some(Arc::new(inherited)), parts.handoff, Some(ack), from)
         }
         None => {
             // Bound before the listeners: binding them drops root, and the
@@ -187,11 +174,19 @@ pub async fn run_upgradable(
                 true => None,
                 false => Some(Arc::new(listen::inherited::Inherited::from_store(left)?)),
             };
-            let listeners =
-                listen::bind_inheriting(&config.listen, spool_dir, &shutdown, inherited).await?;
-            (listeners, handoff, None)
+            (inherited, handoff, None, None)
         }
     };
+    let listeners =
+        listen::bind_inheriting(&config.listen, spool_dir, &shutdown, inherited).await?;
+    if let Some(from) = from {
+        tracing::info!(from, listeners = %listeners.describe(), "took over from the running forwarder");
+        // The bridge of our own upgrade is our child: reaped once it has
+        // flushed and exited. Anyone else's is not (ECHILD at once).
+        tokio::task::spawn_blocking(move || {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(from as i32), None);
+        });
+    }
     let handover = Handover {
         listener: handoff,
         upgrade,
@@ -261,33 +256,30 @@ async fn serve_inner(
     sink: Sink,
     shutdown: Shutdown,
     stop: impl Future<Output = ()>,
-    handover: Handover,
+    mut hand_over: Handover,
 ) -> Result<Finished, RunError> {
-    let Handover {
-        listener: mut handoff,
-        upgrade,
-        mut sighup,
-        parent,
-        ack,
-    } = handover;
-    let taken_over = ack.is_some();
-    if let Some(ack) = ack {
+    let taken_over = hand_over.ack.is_some();
+    if let Some(ack) = hand_over.ack {
         // The listeners are ours, registered with this runtime: from here
         // on the predecessor will not read again.
         ack.send()?;
-        if let Some(h) = handoff.as_mut() {
+        if let Some(h) = hand_over.listener.as_mut() {
             h.own();
         }
     }
     let hub = handover::hub::Hub::new();
     let launcher = listeners.launcher();
-    let mut server = handoff.map(|h| {
+    let mut server = hand_over.listener.map(|h| {
         listeners.set_hub(Arc::clone(&hub));
         // Without an upgrade to start, SIGHUP stays with the loop below.
-        let on_hup = upgrade.clone().and_then(|u| Some((u, sighup.take()?)));
-        handover::server::Server::new(h, Arc::clone(&hub), on_hup, Arc::clone(&launcher), parent)
+        let on_hup = hand_over
+            .upgrade
+            .clone()
+            .and_then(|u| Some((u, hand_over.sighup.take()?)));
+        let launcher = Arc::clone(&launcher);
+        handover::server::Server::new(h, Arc::clone(&hub), on_hup, launcher, hand_over.parent)
     });
-    if let Some(mut hup) = sighup {
+    if let Some(mut hup) = hand_over.sighup {
         // SIGHUP must not kill a forwarder that cannot upgrade.
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
@@ -382,7 +374,7 @@ async fn serve_inner(
         stop,
         server.as_mut(),
         &mut batcher,
-        upgrade.as_ref(),
+        hand_over.upgrade.as_ref(),
         &launcher,
     )
     .await;
