@@ -524,10 +524,7 @@ impl LogGate {
     /// Whether to log a line of `kind` about `sandbox` now. A window that
     /// is over is summarised first.
     pub(crate) fn allow(&self, kind: Noisy, sandbox: &str) -> bool {
-        self.allow_at(kind, sandbox, Instant::now())
-    }
-
-    fn allow_at(&self, kind: Noisy, sandbox: &str, now: Instant) -> bool {
+        let now = Instant::now();
         let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
         let Some(s) = kinds.get_mut(kind as usize) else {
             return true;
