@@ -242,17 +242,11 @@ impl Sources {
     /// shadowed by (a default file behind another one that exists is
     /// never read by the runtime either).
     fn candidates(&self) -> Vec<(PathBuf, Option<PathBuf>)> {
-        let mut out: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
-        if let Some(f) = &self.env_file {
-            out.push((f.clone(), None));
-        }
+        let mut out: Vec<_> = self.env_file.iter().map(|f| (f.clone(), None)).collect();
         for defaults in [&GO_DEFAULTS[..], &RS_DEFAULTS[..]] {
             let mut winner: Option<PathBuf> = None;
-            for f in defaults {
-                let f = PathBuf::from(f);
-                if !self.under_root(&f).is_file() {
-                    continue;
-                }
+            let existing = defaults.iter().map(PathBuf::from);
+            for f in existing.filter(|f| self.under_root(f).is_file()) {
                 out.push((f.clone(), winner.clone()));
                 winner.get_or_insert(f);
             }
