@@ -145,10 +145,8 @@ impl Tenants {
 /// Forgets the tenants nothing holds any more (VSOCK ones after a while).
 fn sweep(map: &mut HashMap<TenantKey, Arc<Tenant>>, now: Instant) {
     map.retain(|key, t| {
-        if Arc::strong_count(t) > 1 {
-            return true;
-        }
-        matches!(key, TenantKey::Cid(_)) && now.duration_since(t.idle_since()) < IDLE_KEEP
+        Arc::strong_count(t) > 1
+            || (matches!(key, TenantKey::Cid(_)) && now.duration_since(t.idle_since()) < IDLE_KEEP)
     });
 }
 

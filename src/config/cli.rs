@@ -286,7 +286,6 @@ pub struct Cli {
     #[arg(
         long,
         value_name = "TEMPLATE",
-        action = ArgAction::Append,
         conflicts_with_all = ["socket_path", "vsock_cid"]
     )]
     pub socket_path_template: Vec<SocketTemplate>,
