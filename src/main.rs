@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use kata_trace_forwarder::config::{
-    kata, Cli, Command, LogFormat, ProcessEnv, StatusArgs, HANDOFF_DIR,
+    kata, process_env, Cli, Command, LogFormat, StatusArgs, HANDOFF_DIR,
 };
 use kata_trace_forwarder::handover::Upgrade;
 use kata_trace_forwarder::listen::privileges;
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         kata_trace_forwarder::shutdown::unblock_stop_signals();
         return print_plan(&cli);
     }
-    let config = match cli.into_config(&ProcessEnv) {
+    let config = match cli.into_config(&process_env) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "invalid configuration");
@@ -93,7 +93,7 @@ fn status(args: &StatusArgs) -> ExitCode {
 /// `--kata-host --print`: the plan as JSON on stdout. Exits 1, after
 /// printing it, when a configuration cannot be used, as starting would.
 fn print_plan(cli: &Cli) -> ExitCode {
-    let sources = kata::Sources::from_env(cli.kata_root.clone(), &ProcessEnv);
+    let sources = kata::Sources::from_env(cli.kata_root.clone(), &process_env);
     let plan = kata::plan(&sources, cli.vsock_port);
     plan.log();
     match serde_json::to_string_pretty(&plan) {

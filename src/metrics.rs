@@ -46,13 +46,10 @@ pub(crate) const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    #[error("binding the metrics endpoint on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+#[error("binding the metrics endpoint on {addr}: {source}")]
+pub struct MetricsError {
+    addr: SocketAddr,
+    source: std::io::Error,
 }
 
 /// The running endpoint.
@@ -75,7 +72,7 @@ pub(crate) async fn serve(
 ) -> Result<MetricsServer, MetricsError> {
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|source| MetricsError::Bind { addr, source })?;
+        .map_err(|source| MetricsError { addr, source })?;
     let addr = listener.local_addr().unwrap_or(addr);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let (stats, tenants, shutdown) = (Arc::clone(stats), Arc::clone(tenants), shutdown.clone());

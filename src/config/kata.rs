@@ -212,12 +212,12 @@ pub struct Sources {
 }
 
 impl Sources {
-    pub fn from_env(root: PathBuf, env: &dyn Env) -> Sources {
+    pub fn from_env(root: PathBuf, env: &Env) -> Sources {
         // Absolute: the templates served under it must be.
         let root = std::path::absolute(&root).unwrap_or(root);
         Sources {
             root,
-            env_file: env.var(CONF_FILE_ENV).map(PathBuf::from),
+            env_file: env(CONF_FILE_ENV).map(PathBuf::from),
         }
     }
 

@@ -270,24 +270,12 @@ pub enum ConfigError {
 }
 
 /// Reads the environment; injectable so tests need not touch the process env.
-pub trait Env {
-    fn var(&self, name: &str) -> Option<String>;
-}
+pub type Env = dyn Fn(&str) -> Option<String>;
 
 /// The process environment; unset and empty variables count as absent, as
 /// the OpenTelemetry SDKs treat them.
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-    }
-}
-
-impl<F: Fn(&str) -> Option<String>> Env for F {
-    fn var(&self, name: &str) -> Option<String> {
-        self(name)
-    }
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 impl Cli {
@@ -295,7 +283,7 @@ impl Cli {
     /// is VSOCK, `--socket-path` one hybrid socket, one template template
     /// mode; only `--vsock` beside templates, or several templates, make a
     /// set.
-    fn listen_mode(&self, env: &dyn Env) -> ListenMode {
+    fn listen_mode(&self, env: &Env) -> ListenMode {
         let port = self.vsock_port;
         let max_sandboxes = self.max_sandboxes;
         if self.kata_host {
@@ -340,7 +328,7 @@ impl Cli {
     }
 
     /// Validates the command line against the environment.
-    pub fn into_config(self, env: &dyn Env) -> Result<Config, ConfigError> {
+    pub fn into_config(self, env: &Env) -> Result<Config, ConfigError> {
         let mode = self.listen_mode(env);
         if self.spool_dir.is_some() && self.dump_only {
             return Err(ConfigError::SpoolWithDump);
@@ -366,7 +354,7 @@ impl Cli {
                 }),
                 linger: self.dump_linger,
                 max_spans: self.dump_max_spans,
-                colour: terminal && env.var("NO_COLOR").is_none(),
+                colour: terminal && env("NO_COLOR").is_none(),
             })
         } else {
             Output::Otlp(self.otlp_config(env)?)

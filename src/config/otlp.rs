@@ -16,19 +16,19 @@ const HTTP_TRACES_PATH: &str = "/v1/traces";
 
 /// The signal-specific variable, else the generic one: its value, its name,
 /// and whether it was the signal-specific one.
-fn otel_var(env: &dyn Env, suffix: &str) -> Option<(String, String, bool)> {
+fn otel_var(env: &Env, suffix: &str) -> Option<(String, String, bool)> {
     let specific = format!("OTEL_EXPORTER_OTLP_TRACES_{suffix}");
-    if let Some(v) = env.var(&specific) {
+    if let Some(v) = env(&specific) {
         return Some((v, specific, true));
     }
     let generic = format!("OTEL_EXPORTER_OTLP_{suffix}");
-    env.var(&generic).map(|v| (v, generic, false))
+    env(&generic).map(|v| (v, generic, false))
 }
 
 /// A setting from its flag, else from its variable, else `default`.
 fn setting<T>(
     flag: Option<T>,
-    env: &dyn Env,
+    env: &Env,
     suffix: &str,
     parse: impl Fn(&str) -> Result<T, String>,
     default: T,
@@ -43,7 +43,7 @@ fn setting<T>(
 }
 
 impl Cli {
-    pub(super) fn otlp_config(&self, env: &dyn Env) -> Result<OtlpConfig, ConfigError> {
+    pub(super) fn otlp_config(&self, env: &Env) -> Result<OtlpConfig, ConfigError> {
         let protocol = setting(
             self.otlp_protocol,
             env,
@@ -78,7 +78,7 @@ impl Cli {
             "OTEL_EXPORTER_OTLP_HEADERS",
             "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
         ] {
-            if let Some(v) = env.var(name) {
+            if let Some(v) = env(name) {
                 for item in v.split(',').filter(|i| !i.trim().is_empty()) {
                     headers.push(parse_header(item, name, true)?);
                 }
