@@ -121,12 +121,8 @@ impl<L: Label> Family<L> {
     }
 
     pub fn snapshot(&self) -> FamilySnapshot<L> {
-        let mut values = [0; FAMILY_MAX];
-        for (out, v) in values.iter_mut().zip(&self.values) {
-            *out = v.load(Ordering::Relaxed);
-        }
         FamilySnapshot {
-            values,
+            values: self.values.each_ref().map(|v| v.load(Ordering::Relaxed)),
             _label: std::marker::PhantomData,
         }
     }

@@ -16,7 +16,7 @@
 //! both to read and to serve, so that a fixture tree works unprivileged and
 //! a container can see the host's files mounted elsewhere.
 //!
-//! Over 500 lines (about 550 without its tests): one subject (which file,
+//! Over 500 lines (about 540 without its tests): one subject (which file,
 //! which runtime, which path), each rule kept beside the Kata source it
 //! follows.
 
