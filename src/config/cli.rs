@@ -187,15 +187,10 @@ fn parse_positive_u32(s: &str) -> Result<u32, String> {
 /// Parses a byte size: a number with an optional `KiB`/`MiB`/`GiB` suffix.
 pub(super) fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
-    let (num, mult) = if let Some(n) = t.strip_suffix("KiB") {
-        (n, 1usize << 10)
-    } else if let Some(n) = t.strip_suffix("MiB") {
-        (n, 1 << 20)
-    } else if let Some(n) = t.strip_suffix("GiB") {
-        (n, 1 << 30)
-    } else {
-        (t, 1)
-    };
+    let (num, mult) = [("KiB", 1usize << 10), ("MiB", 1 << 20), ("GiB", 1 << 30)]
+        .into_iter()
+        .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n, m)))
+        .unwrap_or((t, 1));
     let n: usize = num
         .trim()
         .parse()
