@@ -67,12 +67,9 @@ pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Most distinct listeners one plan serves.
 pub(crate) const MAX_LISTENERS: usize = 64;
 
-/// The Go runtime's VM store (`fs.RunVMStoragePath()`, `/run/vc/vm`), where
-/// Cloud Hypervisor's `clh.sock` goes (`vsockSocketPath` in
-/// `src/runtime/virtcontainers/clh.go`).
+/// The Go runtime's VM store (`fs.RunVMStoragePath()`; see `target_of`).
 const GO_VM_STORE: &str = "/run/vc/vm";
-/// The Go runtime's Firecracker chroot base (`setPaths` in
-/// `src/runtime/virtcontainers/fc.go`: `/run/vc/<hypervisor binary>/<id>/root`).
+/// The Go runtime's Firecracker chroot base (see `target_of`).
 const GO_FC_CHROOT: &str = "/run/vc";
 /// runtime-rs' sandboxes (`KATA_PATH`).
 const RS_SANDBOXES: &str = "/run/kata";
@@ -129,9 +126,9 @@ impl std::fmt::Display for Target {
 pub enum Status {
     /// Read; `serves` lists what it needs.
     Serves,
-    /// Read, nothing to serve for it: `reason` says why.
+    /// Read, nothing to serve for it: `skipped` says why.
     Skipped,
-    /// Not readable or not TOML: `reason` says why.
+    /// Not readable or not TOML: `skipped` says why.
     Error,
 }
 
@@ -439,7 +436,7 @@ fn target_of(runtime: Runtime, name: &str, section: &HypervisorSection) -> Resul
         // Hypervisor that is `vsockSocketPath`: `<VMStorePath>/{ID}/clh.sock`.
         (Runtime::Go, "clh") => template(format!("{GO_VM_STORE}/{{ID}}/clh.sock")),
         // Go Firecracker: `GenerateSocket` -> `setPaths` (virtcontainers/fc.go):
-        // `<chroot base /run/vc>/<basename of the VMM path>/{ID}/root/kata.hvsock`.
+        // `<chroot base /run/vc>/<basename of the VMM binary>/{ID}/root/kata.hvsock`.
         (Runtime::Go, "firecracker") => {
             let binary = section
                 .path
