@@ -214,13 +214,11 @@ impl Tenant {
             ))
         });
         let mut key_label = key.to_string();
-        if key_label.len() > MAX_LABEL {
-            let mut cut = MAX_LABEL;
-            while !key_label.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            key_label.truncate(cut);
-        }
+        // The longest prefix of at most MAX_LABEL bytes (all of a short one).
+        let cut = (0..=MAX_LABEL)
+            .rev()
+            .find(|&i| key_label.is_char_boundary(i));
+        key_label.truncate(cut.unwrap_or(0));
         Tenant {
             id,
             key,
