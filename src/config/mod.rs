@@ -197,7 +197,7 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TenantLimits {
     pub max_connections: usize,
-    /// 0: no limit.
+    /// Spans per second, on average; 0: no limit.
     pub spans_per_second: u32,
     pub burst: u32,
     pub max_sandboxes: usize,
