@@ -308,10 +308,10 @@ impl<E: fmt::Display> Event for ExportAttemptFailed<'_, E> {
 pub(crate) enum Delivery {
     /// The collector took them; `rejected` of them it refused in a partial
     /// success.
-    Delivered {
-        rejected: u64,
-    },
+    Delivered { rejected: u64 },
+    /// Written to the spool, to be sent later.
     Spooled,
+    /// Lost, and why.
     Dropped(DropReason),
 }
 
