@@ -128,15 +128,12 @@ impl FromStr for SocketTemplate {
         if parts.iter().any(|c| *c == "." || *c == "..") {
             return Err(format!("'{t}' must not contain '.' or '..' components"));
         }
-        let at = parts
-            .iter()
-            .position(|c| c.contains(ID_PLACEHOLDER))
-            .ok_or_else(|| format!("'{t}' has no {ID_PLACEHOLDER}"))?;
-        let (before, rest) = parts.split_at(at);
-        let Some((component, after)) = rest.split_first() else {
+        // The component holding {ID} (once, as checked) splits the path.
+        let mut halves = parts.splitn(2, |c| c.contains(ID_PLACEHOLDER));
+        let (Some(before), Some(after)) = (halves.next(), halves.next()) else {
             return Err(format!("'{t}' has no {ID_PLACEHOLDER}"));
         };
-        if *component != ID_PLACEHOLDER {
+        if let Some(component) = parts.get(before.len()).filter(|c| **c != ID_PLACEHOLDER) {
             return Err(format!(
                 "in '{t}', {ID_PLACEHOLDER} must be a whole path component (as in \
                  /run/vc/vm/{ID_PLACEHOLDER}/clh.sock), not part of '{component}'"
@@ -166,7 +163,6 @@ impl fmt::Display for SocketTemplate {
 }
 
 impl SocketTemplate {
-    /// The directory sandbox directories appear in.
     pub fn parent(&self) -> &Path {
         &self.parent
     }

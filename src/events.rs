@@ -1,14 +1,12 @@
 //! What the forwarder tells its operator: each event logs and counts in one
 //! call.
 //!
-//! A stage that has something to report builds one of these structs and
-//! hands it to [`emit!`] with the forwarder's [`Stats`]. The event decides
-//! both the log line (level, fields, message) and the counters it moves, so
-//! a count can never be added without its log line or the other way round,
-//! and a reader finds everything the forwarder says about, say, a frame
-//! that does not decode in one place. (The pattern is vector's
-//! `internal_events`.) Lifecycle lines that count nothing (startup,
-//! shutdown) stay as plain `tracing` calls where they happen.
+//! A stage builds one of these structs and hands it to [`emit!`] with the
+//! [`Stats`]. The event decides both its log line and the counters it
+//! moves, so neither comes without the other, and everything said about,
+//! say, a frame that does not decode is in one place (vector's
+//! `internal_events` pattern). Lifecycle lines that count nothing stay as
+//! plain `tracing` calls where they happen.
 
 use std::fmt;
 
@@ -32,6 +30,15 @@ macro_rules! emit {
 }
 pub(crate) use emit;
 
+/// The sandbox's label, when its log gate lets a line of `kind` through
+/// (without a tenant, always, as "").
+fn gated(tenant: Option<&Tenant>, kind: Noisy) -> Option<&str> {
+    let sandbox = tenant.map_or("", Tenant::label);
+    tenant
+        .is_none_or(|t| t.log.allow(kind, sandbox))
+        .then_some(sandbox)
+}
+
 // ---- listen ---------------------------------------------------------------
 
 /// A connection was accepted (whether or not it is then served).
@@ -46,11 +53,8 @@ impl Event for ConnectionAccepted {
 /// Why a connection was closed as soon as it was accepted.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Refusal {
-    /// `--max-connections` are open, across every sandbox.
     Global { max_connections: usize },
-    /// The sandbox has `--sandbox-max-connections` open.
     Sandbox { max_connections: usize },
-    /// `--max-sandboxes` other sandboxes are being served.
     Sandboxes { max_sandboxes: usize },
 }
 
@@ -67,22 +71,17 @@ pub(crate) struct ConnectionRejected<'a> {
 impl Event for ConnectionRejected<'_> {
     fn emit(self, stats: &Stats) {
         stats.connections_rejected.inc();
-        let Self {
-            peer,
-            tenant,
-            tenants,
-            refusal,
-        } = self;
-        if let (Some(t), Refusal::Sandbox { .. }) = (tenant, refusal) {
+        let (peer, tenant) = (self.peer, self.tenant);
+        if let (Some(t), Refusal::Sandbox { .. }) = (tenant, self.refusal) {
             t.limited.inc(LimitReason::Connections);
             stats.sandbox_limited.inc(LimitReason::Connections);
         }
         let sandbox = tenant.map_or("", Tenant::label);
-        let gate = tenant.map_or(&tenants.overflow, |t| &t.log);
+        let gate = tenant.map_or(&self.tenants.overflow, |t| &t.log);
         if !gate.allow(Noisy::Refused, sandbox) {
             return;
         }
-        match refusal {
+        match self.refusal {
             Refusal::Global { max_connections } => {
                 tracing::warn!(%peer, sandbox, max_connections, "connection limit reached; closing new connection")
             }
@@ -96,7 +95,6 @@ impl Event for ConnectionRejected<'_> {
     }
 }
 
-/// An agent connection is being served.
 pub(crate) struct AgentConnected<'a> {
     pub peer: Peer,
     pub tenant: &'a Tenant,
@@ -104,8 +102,7 @@ pub(crate) struct AgentConnected<'a> {
 
 impl Event for AgentConnected<'_> {
     fn emit(self, _: &Stats) {
-        let sandbox = self.tenant.label();
-        if self.tenant.log.allow(Noisy::Connected, sandbox) {
+        if let Some(sandbox) = gated(Some(self.tenant), Noisy::Connected) {
             tracing::info!(peer = %self.peer, sandbox, "agent connected");
         }
     }
@@ -123,16 +120,9 @@ pub(crate) struct AgentDisconnected<'a> {
 
 impl Event for AgentDisconnected<'_> {
     fn emit(self, stats: &Stats) {
-        let Self {
-            peer,
-            tenant,
-            spans,
-            decode_errors,
-            format,
-            end,
-        } = self;
-        let format = format.map_or("none", WireFormat::as_str);
-        let sandbox = tenant.label();
+        let (peer, tenant, end) = (self.peer, self.tenant, self.end);
+        let (spans, decode_errors) = (self.spans, self.decode_errors);
+        let format = self.format.map_or("none", WireFormat::as_str);
         if let Err(e) = end {
             match e {
                 FrameError::Oversized { .. } => stats.frames_oversized.inc(),
@@ -140,9 +130,9 @@ impl Event for AgentDisconnected<'_> {
                 FrameError::Read(_) => stats.io_errors.inc(),
             }
         }
-        if !tenant.log.allow(Noisy::Disconnected, sandbox) {
+        let Some(sandbox) = gated(Some(tenant), Noisy::Disconnected) else {
             return;
-        }
+        };
         match end {
             Ok(()) => {
                 tracing::info!(%peer, sandbox, spans, decode_errors, format, "agent disconnected")
@@ -159,25 +149,19 @@ impl Event for AgentDisconnected<'_> {
 pub(crate) struct Throttled<'a> {
     pub tenant: &'a Tenant,
     pub reason: LimitReason,
-    /// How long, when known in advance.
     pub wait: Duration,
 }
 
 impl Event for Throttled<'_> {
     fn emit(self, stats: &Stats) {
-        let Self {
-            tenant,
-            reason,
-            wait,
-        } = self;
+        let (tenant, reason) = (self.tenant, self.reason);
         tenant.limited.inc(reason);
         stats.sandbox_limited.inc(reason);
-        let sandbox = tenant.label();
-        if tenant.log.allow(Noisy::Throttled, sandbox) {
+        if let Some(sandbox) = gated(Some(tenant), Noisy::Throttled) {
             tracing::info!(
                 sandbox,
                 reason = reason.as_str(),
-                ?wait,
+                wait = ?self.wait,
                 "sandbox over its limit; pausing its reads"
             );
         }
@@ -240,11 +224,7 @@ impl Event for FrameSkipped<'_> {
         if self.nth > LOGGED_DECODE_ERRORS {
             return;
         }
-        let sandbox = self.tenant.map_or("", Tenant::label);
-        if self
-            .tenant
-            .is_none_or(|t| t.log.allow(Noisy::Undecodable, sandbox))
-        {
+        if let Some(sandbox) = gated(self.tenant, Noisy::Undecodable) {
             tracing::warn!(peer = %self.peer, sandbox, error = %self.error, kind = kind.as_str(), frame_len = self.frame_len, "skipping frame that does not decode");
         }
     }
@@ -269,11 +249,7 @@ impl Event for GuestClaimed<'_> {
         if self.new_claims == 0 {
             return;
         }
-        let sandbox = self.tenant.map_or("", Tenant::label);
-        if self
-            .tenant
-            .is_none_or(|t| t.log.allow(Noisy::Claim, sandbox))
-        {
+        if let Some(sandbox) = gated(self.tenant, Noisy::Claim) {
             tracing::warn!(peer = %self.peer, sandbox, claims = self.new_claims, "agent resource claims host-owned attributes; the host's values are used, the claims kept under kata.guest.claimed.*");
         }
     }
@@ -352,15 +328,9 @@ pub(crate) struct BatchDone<'a> {
 
 impl Event for BatchDone<'_> {
     fn emit(self, stats: &Stats) {
-        let Self {
-            spans,
-            delivery,
-            attempts,
-            error,
-            from_spool,
-        } = self;
-        let error = error.map(|e| e.to_string()).unwrap_or_default();
-        match delivery {
+        let (spans, attempts, from_spool) = (self.spans, self.attempts, self.from_spool);
+        let error = self.error.map(|e| e.to_string()).unwrap_or_default();
+        match self.delivery {
             Delivery::Delivered { rejected } => {
                 let rejected = rejected.min(spans);
                 stats.spans_rejected.add(rejected);
@@ -403,21 +373,15 @@ impl Event for BatchDone<'_> {
 /// dropped, and counted against its own sandbox only.
 pub(crate) struct SpanTooLarge<'a> {
     pub tenant: &'a Tenant,
-    /// Its encoded size.
     pub bytes: usize,
     pub error: &'a dyn fmt::Display,
 }
 
 impl Event for SpanTooLarge<'_> {
     fn emit(self, _: &Stats) {
-        let Self {
-            tenant,
-            bytes,
-            error,
-        } = self;
+        let (tenant, bytes, error) = (self.tenant, self.bytes, self.error);
         tenant.dropped.inc(DropReason::TooLarge);
-        let sandbox = tenant.label();
-        if tenant.log.allow(Noisy::TooLarge, sandbox) {
+        if let Some(sandbox) = gated(Some(tenant), Noisy::TooLarge) {
             tracing::warn!(sandbox, bytes, %error, "span larger than the collector takes in one request; dropped");
         }
     }

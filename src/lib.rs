@@ -2,22 +2,11 @@
 //! guest VMs over VSOCK or hybrid VSOCK and exports them to an
 //! OpenTelemetry collector over OTLP.
 //!
-//! The data path, one module per stage:
-//!
-//! ```text
-//! listen (bind, accept, read) -> ingest (frames -> spans -> encoded records)
-//!     -> export (queue, batch, retry, spool, send)
-//! ```
-//!
-//! `ingest` uses [`wire`] (framing and the agent's span model) and [`otlp`]
-//! (conversion). [`config`] turns flags and environment into a validated
-//! [`Config`], grouped by the stage that reads it; [`addr`] holds the
-//! address types both config and listen use. [`run`] binds, reaches the
-//! collector and calls [`serve`], which runs the stages on bound listeners
-//! and a sink until told to stop; tests call `serve` in-process. Every
-//! task stops through one [`shutdown::Shutdown`]; every count goes through
-//! an event that also logs it, and the counters are declared once in
-//! [`stats`].
+//! The data path is `listen` (bind, accept, read) -> `ingest` (frames ->
+//! spans -> encoded records) -> `export` (queue, batch, retry, spool, send);
+//! ARCHITECTURE.md maps the modules. [`run`] reaches the collector, binds
+//! and calls [`serve`], which runs the stages on bound listeners and a sink
+//! until told to stop (tests call it in-process).
 //!
 //! (Over 500 lines: starting, serving and stopping, with the hand-overs that
 //! begin or end each, are the one place where the stages meet.)
@@ -156,10 +145,10 @@ pub async fn run_upgradable(
         }
         _ => None,
     };
-    let (listeners, handoff, ack) = match taken {
+    let (inherited, handoff, ack, from) = match taken {
         Some(taken) => {
             let handover::Taken {
-                from_pid: from,
+                from_pid,
                 handoff,
                 listeners,
                 connections,
@@ -170,37 +159,24 @@ pub async fn run_upgradable(
             // privileges), serving on what was handed over where it is
             // still asked for, rather than binding it.
             let inherited = listen::inherited::Inherited::new(listeners, connections)?;
-            let listeners = listen::bind_inheriting(
-                &config.listen,
-                spool_dir,
-                &shutdown,
+            (
                 Some(Arc::new(inherited)),
+                handoff,
+                Some(ack),
+                Some(from_pid),
             )
-            .await?;
-            tracing::info!(from, listeners = %listeners.describe(), "took over from the running forwarder");
-            // The bridge of our own upgrade is our child: reaped once it has
-            // flushed and exited. Anyone else's is not (ECHILD at once).
-            tokio::task::spawn_blocking(move || {
-                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(from as i32), None);
-            });
-            (listeners, handoff, Some(ack))
         }
         None => {
             // Bound before the listeners: binding them drops root, and the
             // hand-off directory is root's.
-            let handoff = match &config.handoff {
-                Some(path) => {
-                    let user = listen::privileges::is_root().then_some(config.listen.user.as_str());
-                    match HandoffListener::bind(path, user) {
-                        Ok(h) => Some(h),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "no hand-off socket: this forwarder cannot hand over to a successor");
-                            None
-                        }
-                    }
-                }
-                None => None,
-            };
+            let user = listen::privileges::is_root().then_some(config.listen.user.as_str());
+            let handoff = config.handoff.as_ref().and_then(|path| {
+                HandoffListener::bind(path, user)
+                    .inspect_err(|e| {
+                        tracing::warn!(error = %e, "no hand-off socket: this forwarder cannot hand over to a successor")
+                    })
+                    .ok()
+            });
             // Under systemd with a file descriptor store: what the previous
             // process left there (a restart, a crash) is served on.
             let left = handover::fdstore::take_back();
@@ -208,11 +184,19 @@ pub async fn run_upgradable(
                 true => None,
                 false => Some(Arc::new(listen::inherited::Inherited::from_store(left)?)),
             };
-            let listeners =
-                listen::bind_inheriting(&config.listen, spool_dir, &shutdown, inherited).await?;
-            (listeners, handoff, None)
+            (inherited, handoff, None, None)
         }
     };
+    let listeners =
+        listen::bind_inheriting(&config.listen, spool_dir, &shutdown, inherited).await?;
+    if let Some(from) = from {
+        tracing::info!(from, listeners = %listeners.describe(), "took over from the running forwarder");
+        // The bridge of our own upgrade is our child: reaped once it has
+        // flushed and exited. Anyone else's is not (ECHILD at once).
+        tokio::task::spawn_blocking(move || {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(from as i32), None);
+        });
+    }
     let handover = Handover {
         listener: handoff,
         upgrade,
@@ -232,23 +216,22 @@ async fn take_over(
     max_frame_size: usize,
 ) -> Result<Option<handover::Taken>, RunError> {
     let p = path.to_owned();
-    Ok(
-        match tokio::task::spawn_blocking(move || handover::take_over(&p, max_frame_size)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e @ handover::HandOverError::Refused(_))) => return Err(e.into()),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, handoff = %path.display(), "taking over from the running forwarder failed; starting clean");
-                None
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "taking over: the task failed; starting clean");
-                None
-            }
-        },
-    )
+    match tokio::task::spawn_blocking(move || handover::take_over(&p, max_frame_size)).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e @ handover::HandOverError::Refused(_))) => Err(e.into()),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, handoff = %path.display(), "taking over from the running forwarder failed; starting clean");
+            Ok(None)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "taking over: the task failed; starting clean");
+            Ok(None)
+        }
+    }
 }
 
 /// What `serve` needs for hand-overs, in and out.
+#[derive(Default)]
 struct Handover {
     /// Where successors ask; `None`: this forwarder never hands over.
     listener: Option<HandoffListener>,
@@ -272,14 +255,7 @@ pub async fn serve(
     shutdown: Shutdown,
     stop: impl Future<Output = ()>,
 ) -> Result<Snapshot, RunError> {
-    let handover = Handover {
-        listener: None,
-        upgrade: None,
-        sighup: None,
-        parent: None,
-        ack: None,
-    };
-    serve_inner(config, listeners, sink, shutdown, stop, handover)
+    serve_inner(config, listeners, sink, shutdown, stop, Handover::default())
         .await
         .map(|f| f.summary)
 }
@@ -290,39 +266,30 @@ async fn serve_inner(
     sink: Sink,
     shutdown: Shutdown,
     stop: impl Future<Output = ()>,
-    handover: Handover,
+    mut hand_over: Handover,
 ) -> Result<Finished, RunError> {
-    let Handover {
-        listener: mut handoff,
-        upgrade,
-        mut sighup,
-        parent,
-        ack,
-    } = handover;
-    let taken_over = ack.is_some();
-    if let Some(ack) = ack {
+    let taken_over = hand_over.ack.is_some();
+    if let Some(ack) = hand_over.ack {
         // The listeners are ours, registered with this runtime: from here
         // on the predecessor will not read again.
         ack.send()?;
-        if let Some(h) = handoff.as_mut() {
+        if let Some(h) = hand_over.listener.as_mut() {
             h.own();
         }
     }
     let hub = handover::hub::Hub::new();
     let launcher = listeners.launcher();
-    let mut server = handoff.map(|h| {
+    let mut server = hand_over.listener.map(|h| {
         listeners.set_hub(Arc::clone(&hub));
-        let on_hup = match (&upgrade, sighup.take()) {
-            (Some(u), Some(s)) => Some((u.clone(), s)),
-            (None, s) => {
-                sighup = s;
-                None
-            }
-            (Some(_), None) => None,
-        };
-        handover::server::Server::new(h, Arc::clone(&hub), on_hup, Arc::clone(&launcher), parent)
+        // Without an upgrade to start, SIGHUP stays with the loop below.
+        let on_hup = hand_over
+            .upgrade
+            .clone()
+            .and_then(|u| Some((u, hand_over.sighup.take()?)));
+        let launcher = Arc::clone(&launcher);
+        handover::server::Server::new(h, Arc::clone(&hub), on_hup, launcher, hand_over.parent)
     });
-    if let Some(mut hup) = sighup {
+    if let Some(mut hup) = hand_over.sighup {
         // SIGHUP must not kill a forwarder that cannot upgrade.
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
@@ -332,35 +299,19 @@ async fn serve_inner(
     }
     let stats = Arc::new(Stats::default());
     let tenants = Arc::new(tenant::Tenants::new(config.listen.tenants));
-    let spool = match &config.export.spool {
-        Some(s) => Some(Arc::new(Spool::open(
-            &s.dir,
-            s.max_bytes,
-            Arc::clone(&stats),
-        )?)),
-        None => None,
-    };
+    let spool = config.export.spool.as_ref();
+    let spool = spool
+        .map(|s| Spool::open(&s.dir, s.max_bytes, Arc::clone(&stats)).map(Arc::new))
+        .transpose()?;
     let metrics = match config.telemetry.metrics_address {
         // The predecessor lets go of the address as it stops: bind it in
         // the background, rather than hold the agents up.
         Some(addr) if taken_over => {
-            tokio::spawn(metrics::serve_when_free(
-                addr,
-                Arc::clone(&stats),
-                Arc::clone(&tenants),
-                shutdown.clone(),
-            ));
+            let (s, t) = (Arc::clone(&stats), Arc::clone(&tenants));
+            tokio::spawn(metrics::serve_when_free(addr, s, t, shutdown.clone()));
             None
         }
-        Some(addr) => Some(
-            metrics::serve(
-                addr,
-                Arc::clone(&stats),
-                Arc::clone(&tenants),
-                shutdown.clone(),
-            )
-            .await?,
-        ),
+        Some(addr) => Some(metrics::serve(addr, &stats, &tenants, &shutdown).await?),
         None => None,
     };
     tracing::info!(
@@ -433,7 +384,7 @@ async fn serve_inner(
         stop,
         server.as_mut(),
         &mut batcher,
-        upgrade.as_ref(),
+        hand_over.upgrade.as_ref(),
         &launcher,
     )
     .await;
@@ -441,17 +392,12 @@ async fn serve_inner(
     drop(server);
 
     let deadline = Instant::now() + config.shutdown_timeout;
-    match mode {
-        Mode::Drain => {
-            tracing::info!(timeout = ?config.shutdown_timeout, "shutting down: draining connections and flushing")
-        }
-        Mode::HandOver => {
-            tracing::info!(timeout = ?config.shutdown_timeout, "handed over: flushing what was read before")
-        }
-        Mode::Store => {
-            tracing::info!(timeout = ?config.shutdown_timeout, "shutting down: the agents' connections stay in systemd's file descriptor store for the next process; flushing")
-        }
-    }
+    let what = match mode {
+        Mode::Drain => "shutting down: draining connections and flushing",
+        Mode::HandOver => "handed over: flushing what was read before",
+        Mode::Store => "shutting down: the agents' connections stay in systemd's file descriptor store for the next process; flushing",
+    };
+    tracing::info!(timeout = ?config.shutdown_timeout, "{what}");
     if mode != Mode::HandOver {
         // Not after a hand-over: the service goes on, in the successor.
         handover::server::notify(&[sd_notify::NotifyState::Stopping]);

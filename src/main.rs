@@ -9,11 +9,14 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use kata_trace_forwarder::config::{kata, Cli, Command, LogFormat, ProcessEnv, StatusArgs};
-use kata_trace_forwarder::janitor;
+use kata_trace_forwarder::config::{
+    kata, process_env, Cli, Command, LogFormat, StatusArgs, HANDOFF_DIR,
+};
+use kata_trace_forwarder::handover::Upgrade;
 use kata_trace_forwarder::listen::privileges;
 use kata_trace_forwarder::logging::{Json, JsonLines};
 use kata_trace_forwarder::shutdown::SignalGate;
+use kata_trace_forwarder::{janitor, Config};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -28,12 +31,10 @@ fn main() -> ExitCode {
     }
     // Where this binary was started from, now: on SIGHUP, the file at that
     // path (an upgraded one) takes over, not the inode we run.
-    let upgrade = std::env::current_exe()
-        .ok()
-        .map(|exe| kata_trace_forwarder::handover::Upgrade {
-            exe,
-            args: args.iter().skip(1).cloned().collect(),
-        });
+    let upgrade = std::env::current_exe().ok().map(|exe| Upgrade {
+        exe,
+        args: args.iter().skip(1).cloned().collect(),
+    });
     let cli = Cli::parse();
     if let Some(Command::Status(args)) = &cli.command {
         kata_trace_forwarder::shutdown::unblock_stop_signals();
@@ -51,7 +52,7 @@ fn main() -> ExitCode {
         kata_trace_forwarder::shutdown::unblock_stop_signals();
         return print_plan(&cli);
     }
-    let config = match cli.into_config(&ProcessEnv) {
+    let config = match cli.into_config(&process_env) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "invalid configuration");
@@ -76,16 +77,10 @@ fn status(args: &StatusArgs) -> ExitCode {
     use kata_trace_forwarder::status::{print, Target};
     let target = match &args.handoff_socket {
         Some(p) => Target::Socket(p),
-        None => Target::Discover(std::path::Path::new(
-            kata_trace_forwarder::config::HANDOFF_DIR,
-        )),
+        None => Target::Discover(std::path::Path::new(HANDOFF_DIR)),
     };
-    match print(
-        target,
-        args.json,
-        &mut std::io::stdout().lock(),
-        &mut std::io::stderr(),
-    ) {
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr());
+    match print(target, args.json, &mut out, &mut err) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -98,7 +93,7 @@ fn status(args: &StatusArgs) -> ExitCode {
 /// `--kata-host --print`: the plan as JSON on stdout. Exits 1, after
 /// printing it, when a configuration cannot be used, as starting would.
 fn print_plan(cli: &Cli) -> ExitCode {
-    let sources = kata::Sources::from_env(cli.kata_root.clone(), &ProcessEnv);
+    let sources = kata::Sources::from_env(cli.kata_root.clone(), &process_env);
     let plan = kata::plan(&sources, cli.vsock_port);
     plan.log();
     match serde_json::to_string_pretty(&plan) {
@@ -117,10 +112,7 @@ fn print_plan(cli: &Cli) -> ExitCode {
     }
 }
 
-fn run(
-    config: kata_trace_forwarder::Config,
-    upgrade: Option<kata_trace_forwarder::handover::Upgrade>,
-) -> anyhow::Result<()> {
+fn run(config: Config, upgrade: Option<Upgrade>) -> anyhow::Result<()> {
     // One thread by default: the work is short steps between socket reads
     // and writes, and on one thread handing spans from connections to the
     // batcher and on to the collector connection costs no cross-thread

@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::shutdown::Shutdown;
-use crate::stats::{DropReason, Field, Kind, Label, Snapshot, Stats, Value};
+use crate::stats::{DropReason, Kind, Label, Snapshot, Stats, Value};
 use crate::tenant::{LimitReason, TenantSnapshot, Tenants};
 
 const PREFIX: &str = "kata_trace_forwarder";
@@ -46,13 +46,10 @@ pub(crate) const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    #[error("binding the metrics endpoint on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+#[error("binding the metrics endpoint on {addr}: {source}")]
+pub struct MetricsError {
+    addr: SocketAddr,
+    source: std::io::Error,
 }
 
 /// The running endpoint.
@@ -69,15 +66,16 @@ impl std::fmt::Debug for MetricsServer {
 /// Binds `addr` and serves `/metrics` until shutdown begins.
 pub(crate) async fn serve(
     addr: SocketAddr,
-    stats: Arc<Stats>,
-    tenants: Arc<Tenants>,
-    shutdown: Shutdown,
+    stats: &Arc<Stats>,
+    tenants: &Arc<Tenants>,
+    shutdown: &Shutdown,
 ) -> Result<MetricsServer, MetricsError> {
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|source| MetricsError::Bind { addr, source })?;
+        .map_err(|source| MetricsError { addr, source })?;
     let addr = listener.local_addr().unwrap_or(addr);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let (stats, tenants, shutdown) = (Arc::clone(stats), Arc::clone(tenants), shutdown.clone());
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -127,14 +125,7 @@ pub(crate) async fn serve_when_free(
 ) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match serve(
-            addr,
-            Arc::clone(&stats),
-            Arc::clone(&tenants),
-            shutdown.clone(),
-        )
-        .await
-        {
+        match serve(addr, &stats, &tenants, &shutdown).await {
             Ok(m) => {
                 tracing::info!(metrics = ?m, "serving metrics");
                 return;
@@ -170,9 +161,8 @@ fn respond(
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    if let Ok(v) = http::HeaderValue::from_str(ctype) {
-        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
-    }
+    let ctype = http::HeaderValue::from_static(ctype);
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, ctype);
     resp
 }
 
@@ -181,40 +171,39 @@ fn respond(
 /// its label, so `sum()` over the label gives the whole.
 pub(crate) fn render(snap: &Snapshot) -> String {
     let mut out = String::new();
-    for Field {
-        name,
-        help,
-        kind,
-        value,
-    } in snap.fields()
-    {
-        let (metric, kind) = match kind {
-            Kind::Counter => (format!("{PREFIX}_{name}_total"), "counter"),
-            Kind::Gauge => (format!("{PREFIX}_{name}"), "gauge"),
+    for f in snap.fields() {
+        let (metric, kind) = match f.kind {
+            Kind::Counter => (format!("{PREFIX}_{}_total", f.name), "counter"),
+            Kind::Gauge => (format!("{PREFIX}_{}", f.name), "gauge"),
         };
-        let _ = writeln!(out, "# HELP {metric} {help}");
-        let _ = writeln!(out, "# TYPE {metric} {kind}");
-        match value {
-            Value::Scalar(v) => {
-                let _ = writeln!(out, "{metric} {v}");
-            }
-            Value::Family(label, values) => {
-                for (l, v) in values {
-                    let _ = writeln!(out, "{metric}{{{label}=\"{l}\"}} {v}");
-                }
-            }
-        }
+        let _ = writeln!(out, "# HELP {metric} {}\n# TYPE {metric} {kind}", f.help);
+        write_samples(&mut out, &metric, "", f.value);
     }
     out
 }
 
-/// One per-sandbox family: name, kind, help, and a sandbox's samples
-/// (a second label and its value, if any, and the count).
+/// One metric's sample lines, each with `labels` (`sandbox="..."`, or none)
+/// before a family's own label.
+fn write_samples(out: &mut String, metric: &str, labels: &str, value: Value) {
+    let _ = match value {
+        Value::Scalar(v) if labels.is_empty() => writeln!(out, "{metric} {v}"),
+        Value::Scalar(v) => writeln!(out, "{metric}{{{labels}}} {v}"),
+        Value::Family(name, values) => {
+            let sep = if labels.is_empty() { "" } else { "," };
+            for (l, v) in values {
+                let _ = writeln!(out, "{metric}{{{labels}{sep}{name}=\"{l}\"}} {v}");
+            }
+            Ok(())
+        }
+    };
+}
+
+/// The per-sandbox families: name, kind, help, and one sandbox's value.
 type SandboxFamily = (
     &'static str,
     &'static str,
     &'static str,
-    fn(&TenantSnapshot) -> Vec<(Option<(&'static str, &'static str)>, u64)>,
+    fn(&TenantSnapshot) -> Value,
 );
 
 const SANDBOX_FAMILIES: [SandboxFamily; 4] = [
@@ -222,37 +211,25 @@ const SANDBOX_FAMILIES: [SandboxFamily; 4] = [
         "sandbox_connections_open",
         "gauge",
         "Agent connections open, per sandbox.",
-        |t| vec![(None, t.connections)],
+        |t| Value::Scalar(t.connections),
     ),
     (
         "sandbox_spans_received_total",
         "counter",
         "Spans decoded, per sandbox.",
-        |t| vec![(None, t.received)],
+        |t| Value::Scalar(t.received),
     ),
     (
         "sandbox_spans_dropped_total",
         "counter",
         "Spans dropped, per sandbox and reason.",
-        |t| {
-            let name = <DropReason as Label>::NAME;
-            t.dropped
-                .iter()
-                .map(|(l, v)| (Some((name, l)), v))
-                .collect()
-        },
+        |t| Value::Family(DropReason::NAME, t.dropped.iter().collect()),
     ),
     (
         "sandbox_limited_total",
         "counter",
         "Times a sandbox ran into one of its limits, per sandbox and limit.",
-        |t| {
-            let name = <LimitReason as Label>::NAME;
-            t.limited
-                .iter()
-                .map(|(l, v)| (Some((name, l)), v))
-                .collect()
-        },
+        |t| Value::Family(LimitReason::NAME, t.limited.iter().collect()),
     ),
 ];
 
@@ -261,35 +238,27 @@ fn render_sandboxes(out: &mut String, tenants: &Tenants) {
     let live: Vec<_> = tenants
         .live()
         .into_iter()
-        .map(|t| (escape_label(t.label()), t.snapshot()))
+        .map(|t| {
+            (
+                format!("sandbox=\"{}\"", escape_label(t.label())),
+                t.snapshot(),
+            )
+        })
         .collect();
-    for (name, kind, help, samples) in SANDBOX_FAMILIES {
+    for (name, kind, help, value) in SANDBOX_FAMILIES {
         let m = format!("{PREFIX}_{name}");
-        let _ = writeln!(out, "# HELP {m} {help}");
-        let _ = writeln!(out, "# TYPE {m} {kind}");
-        for (sb, t) in &live {
-            for (label, v) in samples(t) {
-                let _ = match label {
-                    Some((k, l)) => writeln!(out, "{m}{{sandbox=\"{sb}\",{k}=\"{l}\"}} {v}"),
-                    None => writeln!(out, "{m}{{sandbox=\"{sb}\"}} {v}"),
-                };
-            }
+        let _ = writeln!(out, "# HELP {m} {help}\n# TYPE {m} {kind}");
+        for (sandbox, t) in &live {
+            write_samples(out, &m, sandbox, value(t));
         }
     }
 }
 
 /// A label value as the text format wants it: `\\`, `\"` and `\n` escaped.
 fn escape_label(v: &str) -> String {
-    let mut s = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' => s.push_str("\\\\"),
-            '"' => s.push_str("\\\""),
-            '\n' => s.push_str("\\n"),
-            c => s.push(c),
-        }
-    }
-    s
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

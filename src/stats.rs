@@ -121,12 +121,8 @@ impl<L: Label> Family<L> {
     }
 
     pub fn snapshot(&self) -> FamilySnapshot<L> {
-        let mut values = [0; FAMILY_MAX];
-        for (out, v) in values.iter_mut().zip(&self.values) {
-            *out = v.load(Ordering::Relaxed);
-        }
         FamilySnapshot {
-            values,
+            values: self.values.each_ref().map(|v| v.load(Ordering::Relaxed)),
             _label: std::marker::PhantomData,
         }
     }
@@ -235,21 +231,12 @@ pub enum Value {
 }
 
 macro_rules! metric_type {
-    (counter) => { Counter };
-    (gauge) => { Gauge };
-    (counter $label:ty) => { Family<$label> };
+    ($kind:ident) => { $kind };
+    (Counter $label:ty) => { Family<$label> };
 }
 macro_rules! snapshot_type {
     ($kind:ident) => { u64 };
     ($kind:ident $label:ty) => { FamilySnapshot<$label> };
-}
-macro_rules! kind_of {
-    (counter) => {
-        Kind::Counter
-    };
-    (gauge) => {
-        Kind::Gauge
-    };
 }
 macro_rules! snapshot_of {
     ($m:expr) => {
@@ -294,7 +281,7 @@ macro_rules! metrics {
                 vec![$(Field {
                     name: stringify!($name),
                     help: $help.trim(),
-                    kind: kind_of!($kind),
+                    kind: Kind::$kind,
                     value: field_value!(self.$name $(, $label)?),
                 },)*]
             }
@@ -304,63 +291,63 @@ macro_rules! metrics {
 
 metrics! {
     /// Agent connections currently open.
-    gauge connections_open;
+    Gauge connections_open;
     /// Open agent connections whose slow agent is read at the shared tick rather than on every write.
-    gauge connections_paced;
+    Gauge connections_paced;
     /// Agent connections accepted since start.
-    counter connections_accepted;
+    Counter connections_accepted;
     /// Connections closed at once because `--max-connections` were open.
-    counter connections_rejected;
+    Counter connections_rejected;
     /// Frames read off agent connections.
-    counter frames_received;
+    Counter frames_received;
     /// Payload bytes read off agent connections.
-    counter bytes_received;
+    Counter bytes_received;
     /// Frames whose length prefix exceeded `--max-frame-size` (connection closed).
-    counter frames_oversized;
+    Counter frames_oversized;
     /// Connections that ended in the middle of a frame.
-    counter frames_truncated;
+    Counter frames_truncated;
     /// Bytes skipped to reach the next whole frame on a connection restored from systemd's file descriptor store after a crash.
-    counter bytes_skipped;
+    Counter bytes_skipped;
     /// Spans decoded from agent frames.
-    counter spans_received;
+    Counter spans_received;
     /// JSON-format spans decoded.
-    counter spans_json;
+    Counter spans_json;
     /// Bincode-format spans decoded.
-    counter spans_bincode;
+    Counter spans_bincode;
     /// Frames that did not decode as a span (skipped), by kind.
-    counter decode_errors by DecodeErrorKind;
+    Counter decode_errors by DecodeErrorKind;
     /// Spans accepted by the collector (or written in dump mode).
-    counter spans_exported;
+    Counter spans_exported;
     /// Spans the collector reported as rejected in a partial success.
-    counter spans_rejected;
+    Counter spans_rejected;
     /// Spans dropped, by reason.
-    counter spans_dropped by DropReason;
+    Counter spans_dropped by DropReason;
     /// Spans written to the spool.
-    counter spans_spooled;
+    Counter spans_spooled;
     /// Spooled spans later delivered.
-    counter spans_unspooled;
+    Counter spans_unspooled;
     /// Batches the spool had no room for.
-    counter spool_full;
+    Counter spool_full;
     /// Spool files found damaged and set aside.
-    counter spool_damaged;
+    Counter spool_damaged;
     /// Bytes in the spool now.
-    gauge spool_bytes;
+    Gauge spool_bytes;
     /// Batches in the spool now.
-    gauge spool_files;
+    Gauge spool_files;
     /// Spans waiting in the export queue now.
-    gauge queue_depth;
+    Gauge queue_depth;
     /// Export requests sent, retries included.
-    counter export_attempts;
+    Counter export_attempts;
     /// Export attempts that were retries.
-    counter export_retries;
+    Counter export_retries;
     /// Export batches given up on.
-    counter export_failures;
+    Counter export_failures;
     /// Connection I/O errors.
-    counter io_errors;
+    Counter io_errors;
     /// Times a sandbox ran into one of its own limits, by limit.
-    counter sandbox_limited by LimitReason;
+    Counter sandbox_limited by LimitReason;
     /// Spans whose agent claimed a host-owned resource attribute (kata.sandbox.id, kata.vsock.cid) with a value the host does not confirm; kept under kata.guest.claimed.*.
-    counter spans_guest_claims;
+    Counter spans_guest_claims;
 }
 
 /// The JSON summary: flat, one key a value, a family as its total under its

@@ -1,35 +1,31 @@
 //! Tenants: what each sandbox may take of the forwarder, so that one guest
 //! can never harm another.
 //!
-//! A Kata guest is untrusted, and one forwarder serves every sandbox on a
-//! host, so every shared resource is split per sandbox. A tenant is one
+//! A Kata guest is untrusted and one forwarder serves every sandbox on a
+//! host, so every shared resource is split per sandbox. A tenant is a
 //! sandbox as the host tells them apart: a socket in hybrid and template
 //! modes (named by its sandbox id when the host knows it), a guest CID on
-//! VSOCK. Each tenant has:
-//! - a cap on connections at once (`--sandbox-max-connections`), inside the
-//!   global `--max-connections`, so one guest cannot use up the others';
+//! VSOCK. Each has:
+//! - a cap on connections at once (`--sandbox-max-connections`), inside
+//!   `--max-connections`;
 //! - a token bucket of spans per second (`--sandbox-spans-per-second`,
-//!   `--sandbox-span-burst`): a connection over it is not read again until
-//!   the bucket allows, which is backpressure on that guest alone; what was
-//!   already read is always queued, never dropped;
-//! - a share of the export queue: while other sandboxes hold room in it, a
-//!   tenant may hold at most an equal share of `--queue-size` and
-//!   `--queue-bytes` (alone it may use all of it), and the batcher takes
-//!   records from the tenants in turn, so a flooding sandbox's backlog is
-//!   never ahead of a quiet one's spans;
-//! - a gate on its log lines, so a guest cannot flood the host's logs:
-//!   after a few lines of one kind in a window, the rest are counted and
-//!   summarised once the window is over;
-//! - its own counters (spans received, exported, spooled, dropped by
-//!   reason, limits hit, when it last sent), for the metrics page and
-//!   `status`.
+//!   `--sandbox-span-burst`): over it, a connection is not read again until
+//!   the bucket allows (backpressure on that guest alone; nothing already
+//!   read is dropped);
+//! - a share of the export queue: while others hold room in it, at most an
+//!   equal share of `--queue-size` and `--queue-bytes` (alone, all of it);
+//!   the batcher takes from the tenants in turn, so a flooding sandbox's
+//!   backlog is never ahead of a quiet one's spans;
+//! - a log gate: after a few lines of one kind in a window, the rest are
+//!   counted and summarised once the window is over;
+//! - its own counters, for the metrics page and `status`.
 //!
-//! The registry is bounded by `--max-sandboxes`; a tenant leaves it (and its
-//! series leave the metrics page) once nothing holds it: its listener is
-//! gone, or, on VSOCK, its last connection closed a while ago (kept a while
-//! so that reconnecting does not refill its bucket).
+//! The registry is bounded by `--max-sandboxes`; a tenant leaves it (and
+//! the metrics page) once nothing holds it: its listener is gone, or, on
+//! VSOCK, its last connection closed a while ago (so that reconnecting
+//! does not refill its bucket).
 //!
-//! Over 500 lines (about 580 without its tests): the limits stay together
+//! Over 500 lines (about 570 without its tests): the limits stay together
 //! because they share one registry and one tenant's lifetime.
 
 use std::collections::HashMap;
@@ -149,10 +145,8 @@ impl Tenants {
 /// Forgets the tenants nothing holds any more (VSOCK ones after a while).
 fn sweep(map: &mut HashMap<TenantKey, Arc<Tenant>>, now: Instant) {
     map.retain(|key, t| {
-        if Arc::strong_count(t) > 1 {
-            return true;
-        }
-        matches!(key, TenantKey::Cid(_)) && now.duration_since(t.idle_since()) < IDLE_KEEP
+        Arc::strong_count(t) > 1
+            || (matches!(key, TenantKey::Cid(_)) && now.duration_since(t.idle_since()) < IDLE_KEEP)
     });
 }
 
@@ -220,13 +214,11 @@ impl Tenant {
             ))
         });
         let mut key_label = key.to_string();
-        if key_label.len() > MAX_LABEL {
-            let mut cut = MAX_LABEL;
-            while !key_label.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            key_label.truncate(cut);
-        }
+        // The longest prefix of at most MAX_LABEL bytes (all of a short one).
+        let cut = (0..=MAX_LABEL)
+            .rev()
+            .find(|&i| key_label.is_char_boundary(i));
+        key_label.truncate(cut.unwrap_or(0));
         Tenant {
             id,
             key,
@@ -509,7 +501,7 @@ const GATE_LINES: u32 = 5;
 /// The window.
 pub(crate) const GATE_WINDOW: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct GateState {
     since: Option<Instant>,
     logged: u32,
@@ -519,33 +511,16 @@ struct GateState {
 /// Lets the first few lines of each kind through per window and counts the
 /// rest; the count is logged as one summary line when the window is over
 /// (at the next line of that kind, or when the sandbox goes).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct LogGate {
     kinds: Mutex<[GateState; Noisy::ALL.len()]>,
-}
-
-impl Default for LogGate {
-    fn default() -> Self {
-        LogGate {
-            kinds: Mutex::new(
-                [GateState {
-                    since: None,
-                    logged: 0,
-                    suppressed: 0,
-                }; Noisy::ALL.len()],
-            ),
-        }
-    }
 }
 
 impl LogGate {
     /// Whether to log a line of `kind` about `sandbox` now. A window that
     /// is over is summarised first.
     pub(crate) fn allow(&self, kind: Noisy, sandbox: &str) -> bool {
-        self.allow_at(kind, sandbox, Instant::now())
-    }
-
-    fn allow_at(&self, kind: Noisy, sandbox: &str, now: Instant) -> bool {
+        let now = Instant::now();
         let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
         let Some(s) = kinds.get_mut(kind as usize) else {
             return true;
@@ -557,8 +532,7 @@ impl LogGate {
             summarise(kind, sandbox, s.suppressed);
             *s = GateState {
                 since: Some(now),
-                logged: 0,
-                suppressed: 0,
+                ..GateState::default()
             };
         }
         if s.logged < GATE_LINES {

@@ -3,7 +3,6 @@
 //! Turning it into a [`super::Config`] is [`Cli::into_config`]'s job, in the
 //! parent module.
 
-use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -134,15 +133,6 @@ impl FromStr for OtlpProtocol {
     }
 }
 
-impl fmt::Display for OtlpProtocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            OtlpProtocol::Grpc => "grpc",
-            OtlpProtocol::HttpProtobuf => "http/protobuf",
-        })
-    }
-}
-
 /// Parses a duration: `250ms`, `5s`, `2m`, or a bare number of milliseconds
 /// (the unit of the `OTEL_*` timeout variables).
 pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -197,15 +187,10 @@ fn parse_positive_u32(s: &str) -> Result<u32, String> {
 /// Parses a byte size: a number with an optional `KiB`/`MiB`/`GiB` suffix.
 pub(super) fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
-    let (num, mult) = if let Some(n) = t.strip_suffix("KiB") {
-        (n, 1usize << 10)
-    } else if let Some(n) = t.strip_suffix("MiB") {
-        (n, 1 << 20)
-    } else if let Some(n) = t.strip_suffix("GiB") {
-        (n, 1 << 30)
-    } else {
-        (t, 1)
-    };
+    let (num, mult) = [("KiB", 1usize << 10), ("MiB", 1 << 20), ("GiB", 1 << 30)]
+        .into_iter()
+        .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n, m)))
+        .unwrap_or((t, 1));
     let n: usize = num
         .trim()
         .parse()
@@ -215,10 +200,6 @@ pub(super) fn parse_size(s: &str) -> Result<usize, String> {
         Some(v) => Ok(v),
         None => Err(format!("size '{s}' is too large")),
     }
-}
-
-fn parse_socket_template(s: &str) -> Result<SocketTemplate, String> {
-    s.parse()
 }
 
 /// The command line.
@@ -299,9 +280,7 @@ pub struct Cli {
     /// and Firecracker side by side), and VSOCK too with --vsock.
     #[arg(
         long,
-        value_parser = parse_socket_template,
         value_name = "TEMPLATE",
-        action = ArgAction::Append,
         conflicts_with_all = ["socket_path", "vsock_cid"]
     )]
     pub socket_path_template: Vec<SocketTemplate>,
@@ -372,17 +351,11 @@ pub struct Cli {
     pub vsock_port: u32,
 
     /// Log level: trace, debug, info, warn, error, critical.
-    #[arg(
-        short = 'l',
-        long,
-        value_enum,
-        default_value = "info",
-        ignore_case = true
-    )]
+    #[arg(short = 'l', long, default_value = "info", ignore_case = true)]
     pub log_level: LogLevel,
 
     /// Log format on stderr.
-    #[arg(long, value_enum, default_value = "json")]
+    #[arg(long, default_value = "json")]
     pub log_format: LogFormat,
 
     /// Do not export: write the spans to stdout (see --dump-format). Needs no collector.
@@ -392,7 +365,7 @@ pub struct Cli {
     /// With --dump-only: `tree` prints each trace as an indented tree, `otlp-json`
     /// each span as one OTLP JSON line [default: tree when stdout is a terminal,
     /// otlp-json otherwise].
-    #[arg(long, env = DUMP_FORMAT_ENV, value_enum, value_name = "FORMAT")]
+    #[arg(long, env = DUMP_FORMAT_ENV, value_name = "FORMAT")]
     pub dump_format: Option<DumpFormat>,
 
     /// With --dump-format tree: a trace whose root span has not come is printed

@@ -2,23 +2,21 @@
 //! listen plan.
 //!
 //! A host (a kata-deploy node in particular) runs several Kata runtime
-//! classes side by side, each with its own configuration file and its own
-//! hypervisor, and each hypervisor's agent reaches the host at a different
-//! place: QEMU over AF_VSOCK, Cloud Hypervisor, Firecracker and Dragonball
-//! over hybrid VSOCK at a per-sandbox Unix socket. This module finds the
-//! files the runtimes would read, parses each one's `[hypervisor.<name>]`
-//! and `[agent.kata]` sections, and derives the listeners a forwarder needs
-//! for all of them: a [`Plan`], deduplicated, with one [`ConfigReport`] per
-//! file saying what it serves or why it was skipped. It only reads files;
-//! the listen side (`listen::kata_host`) serves the plan and re-reads it
+//! classes side by side, each with its own configuration file and
+//! hypervisor, and each hypervisor's agent reaches the host differently:
+//! QEMU over AF_VSOCK; Cloud Hypervisor, Firecracker and Dragonball over
+//! hybrid VSOCK at a per-sandbox Unix socket. This module finds the files
+//! the runtimes would read, parses each one's `[hypervisor.<name>]` and
+//! `[agent.kata]` sections, and derives a deduplicated [`Plan`] of
+//! listeners, with a [`ConfigReport`] per file saying what it serves or why
+//! not. It only reads: `listen::kata_host` serves the plan and re-reads it
 //! when the files change.
 //!
-//! Every path is taken under a root (`--kata-root`, `/` on a real host), both
-//! where the files are read and where the sockets are served, so that a
-//! fixture tree works unprivileged and a container can see the host's files
-//! mounted elsewhere.
+//! Every path is taken under a root (`--kata-root`, `/` on a real host),
+//! both to read and to serve, so that a fixture tree works unprivileged and
+//! a container can see the host's files mounted elsewhere.
 //!
-//! Over 500 lines (about 570 without its tests): one subject (which file,
+//! Over 500 lines (about 540 without its tests): one subject (which file,
 //! which runtime, which path), each rule kept beside the Kata source it
 //! follows.
 
@@ -69,12 +67,9 @@ pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Most distinct listeners one plan serves.
 pub(crate) const MAX_LISTENERS: usize = 64;
 
-/// The Go runtime's VM store (`fs.RunVMStoragePath()`, `/run/vc/vm`), where
-/// Cloud Hypervisor's `clh.sock` goes (`vsockSocketPath` in
-/// `src/runtime/virtcontainers/clh.go`).
+/// The Go runtime's VM store (`fs.RunVMStoragePath()`; see `target_of`).
 const GO_VM_STORE: &str = "/run/vc/vm";
-/// The Go runtime's Firecracker chroot base (`setPaths` in
-/// `src/runtime/virtcontainers/fc.go`: `/run/vc/<hypervisor binary>/<id>/root`).
+/// The Go runtime's Firecracker chroot base (see `target_of`).
 const GO_FC_CHROOT: &str = "/run/vc";
 /// runtime-rs' sandboxes (`KATA_PATH`).
 const RS_SANDBOXES: &str = "/run/kata";
@@ -131,9 +126,9 @@ impl std::fmt::Display for Target {
 pub enum Status {
     /// Read; `serves` lists what it needs.
     Serves,
-    /// Read, nothing to serve for it: `reason` says why.
+    /// Read, nothing to serve for it: `skipped` says why.
     Skipped,
-    /// Not readable or not TOML: `reason` says why.
+    /// Not readable or not TOML: `skipped` says why.
     Error,
 }
 
@@ -214,12 +209,12 @@ pub struct Sources {
 }
 
 impl Sources {
-    pub fn from_env(root: PathBuf, env: &dyn Env) -> Sources {
+    pub fn from_env(root: PathBuf, env: &Env) -> Sources {
         // Absolute: the templates served under it must be.
         let root = std::path::absolute(&root).unwrap_or(root);
         Sources {
             root,
-            env_file: env.var(CONF_FILE_ENV).map(PathBuf::from),
+            env_file: env(CONF_FILE_ENV).map(PathBuf::from),
         }
     }
 
@@ -231,34 +226,24 @@ impl Sources {
     /// The directories whose changes can change the plan (as the runtime
     /// names them): each file's directory, and kata-deploy's.
     pub(crate) fn watched_dirs(&self) -> Vec<PathBuf> {
-        let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
-        for f in GO_DEFAULTS.iter().chain(RS_DEFAULTS.iter()) {
-            if let Some(d) = Path::new(f).parent() {
-                dirs.insert(d.to_path_buf());
-            }
-        }
-        dirs.extend(DEPLOY_DIRS.iter().map(PathBuf::from));
-        if let Some(d) = self.env_file.as_deref().and_then(Path::parent) {
-            dirs.insert(d.to_path_buf());
-        }
-        dirs.into_iter().collect()
+        let files = GO_DEFAULTS.iter().chain(&RS_DEFAULTS).map(Path::new);
+        let parents = files
+            .chain(self.env_file.as_deref())
+            .filter_map(Path::parent);
+        let deploy = DEPLOY_DIRS.iter().map(Path::new);
+        let dirs: BTreeSet<&Path> = parents.chain(deploy).collect();
+        dirs.into_iter().map(Path::to_path_buf).collect()
     }
 
     /// The files to read, in precedence order, each with what it is
     /// shadowed by (a default file behind another one that exists is
     /// never read by the runtime either).
     fn candidates(&self) -> Vec<(PathBuf, Option<PathBuf>)> {
-        let mut out: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
-        if let Some(f) = &self.env_file {
-            out.push((f.clone(), None));
-        }
+        let mut out: Vec<_> = self.env_file.iter().map(|f| (f.clone(), None)).collect();
         for defaults in [&GO_DEFAULTS[..], &RS_DEFAULTS[..]] {
             let mut winner: Option<PathBuf> = None;
-            for f in defaults {
-                let f = PathBuf::from(f);
-                if !self.under_root(&f).is_file() {
-                    continue;
-                }
+            let existing = defaults.iter().map(PathBuf::from);
+            for f in existing.filter(|f| self.under_root(f).is_file()) {
                 out.push((f.clone(), winner.clone()));
                 winner.get_or_insert(f);
             }
@@ -312,29 +297,22 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
             break;
         }
         let report = match shadowed_by {
-            Some(by) => ConfigReport {
-                file: file.clone(),
-                status: Status::Skipped,
-                runtime: None,
-                hypervisors: Vec::new(),
-                serves: Vec::new(),
-                skipped: vec![format!(
+            Some(by) => ConfigReport::new(
+                &file,
+                Status::Skipped,
+                vec![format!(
                     "shadowed by {}, which the runtime reads instead",
                     by.display()
                 )],
-            },
-            None => match read(&sources.under_root(&file)) {
-                Ok(text) => match parse(&text) {
-                    Ok(doc) => derive(&file, &doc, &sources.root),
-                    Err(reason) => error_report(
-                        &file,
-                        KataConfigError::ParseConfig {
-                            path: file.clone(),
-                            reason,
-                        },
-                    ),
-                },
-                Err(e) => error_report(&file, e),
+            ),
+            None => match read(&sources.under_root(&file)).and_then(|text| {
+                parse(&text).map_err(|reason| KataConfigError::ParseConfig {
+                    path: file.clone(),
+                    reason,
+                })
+            }) {
+                Ok(doc) => derive(&file, &doc, &sources.root),
+                Err(e) => ConfigReport::new(&file, Status::Error, vec![e.to_string()]),
             },
         };
         for t in &report.serves {
@@ -354,14 +332,17 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
     }
 }
 
-fn error_report(file: &Path, e: KataConfigError) -> ConfigReport {
-    ConfigReport {
-        file: file.to_path_buf(),
-        status: Status::Error,
-        runtime: None,
-        hypervisors: Vec::new(),
-        serves: Vec::new(),
-        skipped: vec![e.to_string()],
+impl ConfigReport {
+    /// A report that found nothing to serve: `skipped` says why.
+    fn new(file: &Path, status: Status, skipped: Vec<String>) -> ConfigReport {
+        ConfigReport {
+            file: file.to_path_buf(),
+            status,
+            runtime: None,
+            hypervisors: Vec::new(),
+            serves: Vec::new(),
+            skipped,
+        }
     }
 }
 
@@ -455,7 +436,7 @@ fn target_of(runtime: Runtime, name: &str, section: &HypervisorSection) -> Resul
         // Hypervisor that is `vsockSocketPath`: `<VMStorePath>/{ID}/clh.sock`.
         (Runtime::Go, "clh") => template(format!("{GO_VM_STORE}/{{ID}}/clh.sock")),
         // Go Firecracker: `GenerateSocket` -> `setPaths` (virtcontainers/fc.go):
-        // `<chroot base /run/vc>/<basename of the VMM path>/{ID}/root/kata.hvsock`.
+        // `<chroot base /run/vc>/<basename of the VMM binary>/{ID}/root/kata.hvsock`.
         (Runtime::Go, "firecracker") => {
             let binary = section
                 .path
@@ -466,14 +447,10 @@ fn target_of(runtime: Runtime, name: &str, section: &HypervisorSection) -> Resul
                 .unwrap_or("firecracker");
             template(format!("{GO_FC_CHROOT}/{binary}/{{ID}}/root/kata.hvsock"))
         }
-        // runtime-rs Dragonball: `hypervisor::utils::get_hvsock_path`
-        // (`<KATA_PATH>/<id>/root/kata.hvsock`).
-        (Runtime::RuntimeRs, "dragonball") => {
-            template(format!("{RS_SANDBOXES}/{{ID}}/root/kata.hvsock"))
-        }
-        // runtime-rs Firecracker: `get_vsock_path` in
-        // `crates/hypervisor/src/firecracker/utils.rs` (`<KATA_PATH>/<id>/root/kata.hvsock`).
-        (Runtime::RuntimeRs, "firecracker") => {
+        // runtime-rs Dragonball (`hypervisor::utils::get_hvsock_path`) and
+        // Firecracker (`get_vsock_path` in `crates/hypervisor/src/firecracker/
+        // utils.rs`): `<KATA_PATH>/<id>/root/kata.hvsock`.
+        (Runtime::RuntimeRs, "dragonball" | "firecracker") => {
             template(format!("{RS_SANDBOXES}/{{ID}}/root/kata.hvsock"))
         }
         // runtime-rs Cloud Hypervisor (`clh`, formerly `cloud-hypervisor`):
@@ -496,41 +473,35 @@ fn target_of(runtime: Runtime, name: &str, section: &HypervisorSection) -> Resul
 /// The report of one parsed configuration.
 fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
     let runtime = runtime_of(file, doc);
-    let hypervisors: Vec<String> = doc.hypervisor.keys().cloned().collect();
-    let mut report = ConfigReport {
-        file: file.to_path_buf(),
-        status: Status::Skipped,
-        runtime: Some(runtime),
-        hypervisors: hypervisors.clone(),
-        serves: Vec::new(),
-        skipped: Vec::new(),
-    };
     let agent_name = doc.runtime.agent_name.as_deref().unwrap_or("kata");
     let tracing_on = doc.agent.get(agent_name).is_some_and(|a| a.enable_tracing);
-    if hypervisors.is_empty() {
-        report
-            .skipped
-            .push("no [hypervisor.<name>] section".to_owned());
+    let mut report = ConfigReport {
+        runtime: Some(runtime),
+        hypervisors: doc.hypervisor.keys().cloned().collect(),
+        ..ConfigReport::new(file, Status::Skipped, Vec::new())
+    };
+    if report.hypervisors.is_empty() {
+        report.skipped = vec!["no [hypervisor.<name>] section".to_owned()];
         return report;
     }
     if !tracing_on {
-        report.skipped.push(format!(
+        report.skipped = vec![format!(
             "agent tracing is off ([agent.{agent_name}] enable_tracing is not true): its agents send no spans"
-        ));
+        )];
         return report;
     }
     // runtime-rs uses the section `[runtime] hypervisor_name` names; the Go
     // runtime has one section per file (with several, each is served).
     let chosen: Vec<&String> = match (runtime, doc.runtime.hypervisor_name.as_ref()) {
         (Runtime::RuntimeRs, Some(h)) if doc.hypervisor.contains_key(h) => {
-            for other in hypervisors.iter().filter(|o| *o != h) {
+            for other in doc.hypervisor.keys().filter(|o| *o != h) {
                 report.skipped.push(format!(
                     "[hypervisor.{other}]: not the one [runtime] hypervisor_name names"
                 ));
             }
             vec![h]
         }
-        _ => hypervisors.iter().collect(),
+        _ => doc.hypervisor.keys().collect(),
     };
     for name in chosen {
         let section = doc.hypervisor.get(name);

@@ -3,17 +3,10 @@
 //! The flags are a drop-in for the Kata tree's `kata-trace-forwarder`
 //! (`--trace-name`, `--otlp-endpoint`, `--socket-path`, `--vsock-cid`,
 //! `--vsock-port`, `-l/--log-level`, `--dump-only`, `-v/--version`) plus
-//! what a production daemon needs. Exporter settings follow the
-//! OpenTelemetry SDK environment conventions (`OTEL_EXPORTER_OTLP_*`,
-//! `OTEL_BSP_*`), with flags taking precedence. Everything is checked here,
-//! once, so the rest of the program works from a [`Config`] that is known
-//! to be valid, grouped by the stage that reads it.
-//!
-//! [`cli`] is the command line as clap sees it (flags, help text, value
-//! parsers); [`otlp`] reads the exporter's settings the OpenTelemetry way;
-//! this module holds the validated configuration and puts it together.
-//!
-//! Over 500 lines only with its tests.
+//! what a production daemon needs; exporter settings follow the
+//! OpenTelemetry SDK environment conventions, flags first. Everything is
+//! checked here, once, so the rest of the program works from a [`Config`]
+//! known to be valid, grouped by the stage that reads it.
 
 mod cli;
 pub mod kata;
@@ -64,8 +57,7 @@ pub struct KataHostConfig {
     pub max_sandboxes: usize,
 }
 
-/// What the `listen` stage reads: where to listen, how many connections to
-/// serve at once, and whom to become once the sockets are bound.
+/// What the `listen` stage reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenConfig {
     pub mode: ListenMode,
@@ -76,8 +68,7 @@ pub struct ListenConfig {
     pub tenants: TenantLimits,
 }
 
-/// What the `ingest` stage reads: how large a frame may be, and the
-/// resource every span gets.
+/// What the `ingest` stage reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngestConfig {
     pub max_frame_size: usize,
@@ -141,15 +132,11 @@ pub struct OtlpConfig {
 /// (the system's roots; no client certificate).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsConfig {
-    /// PEM CA bundle to trust instead of the system's roots.
     pub ca_file: Option<PathBuf>,
-    /// PEM client certificate (chain) for mTLS; set with `client_key`.
     pub client_cert: Option<PathBuf>,
-    /// PEM private key of `client_cert`.
     pub client_key: Option<PathBuf>,
 }
 
-/// How export requests are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compression {
     #[default]
@@ -181,9 +168,7 @@ pub enum Output {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DumpConfig {
     pub format: DumpFormat,
-    /// How long a trace without its root waits for more spans.
     pub linger: Duration,
-    /// Most spans the tree view holds.
     pub max_spans: usize,
     /// ANSI colour: stdout is a terminal and `NO_COLOR` is not set.
     pub colour: bool,
@@ -198,28 +183,23 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// 1: a single-threaded runtime; more: a multi-threaded one.
     pub worker_threads: usize,
-    /// How long shutdown may drain and flush.
     pub shutdown_timeout: Duration,
     /// The hand-off socket (`--handoff-socket`); `None`: never hand over.
     pub handoff: Option<PathBuf>,
-    /// Whether to take over from a forwarder listening at `handoff` rather
-    /// than bind, as the path was given. (A binary started by `SIGHUP` takes
-    /// over too: `run` asks the hand-over's own environment variable.) With
-    /// the default path alone, a second forwarder of the same listeners
-    /// fails as before rather than take them.
+    /// Take over from a forwarder listening at `handoff` rather than bind:
+    /// the path was given. With the default path, a second forwarder of the
+    /// same listeners fails rather than take them. (A binary started by
+    /// `SIGHUP` takes over too: `run` asks the hand-over's own variable.)
     pub take_over: bool,
 }
 
 /// The per-sandbox limits (see `tenant`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TenantLimits {
-    /// Connections one sandbox may have open at once.
     pub max_connections: usize,
-    /// Spans per second one sandbox may send, on average; 0: no limit.
+    /// Spans per second, on average; 0: no limit.
     pub spans_per_second: u32,
-    /// Spans one sandbox may send at once above the rate.
     pub burst: u32,
-    /// Sandboxes tracked at once.
     pub max_sandboxes: usize,
 }
 
@@ -267,11 +247,11 @@ pub enum ConfigError {
     #[error("invalid OTLP endpoint '{endpoint}' (from {source_name}): {reason}")]
     ParseEndpoint {
         endpoint: String,
-        source_name: &'static str,
+        source_name: String,
         reason: String,
     },
     #[error("invalid {name}: {reason}")]
-    ParseEnv { name: &'static str, reason: String },
+    ParseEnv { name: String, reason: String },
     #[error("a client certificate needs its key and a key its certificate: {given} is set, {missing} is not")]
     HalfClientIdentity {
         given: &'static str,
@@ -290,24 +270,12 @@ pub enum ConfigError {
 }
 
 /// Reads the environment; injectable so tests need not touch the process env.
-pub trait Env {
-    fn var(&self, name: &str) -> Option<String>;
-}
+pub type Env = dyn Fn(&str) -> Option<String>;
 
 /// The process environment; unset and empty variables count as absent, as
 /// the OpenTelemetry SDKs treat them.
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-    }
-}
-
-impl<F: Fn(&str) -> Option<String>> Env for F {
-    fn var(&self, name: &str) -> Option<String> {
-        self(name)
-    }
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 impl Cli {
@@ -315,7 +283,7 @@ impl Cli {
     /// is VSOCK, `--socket-path` one hybrid socket, one template template
     /// mode; only `--vsock` beside templates, or several templates, make a
     /// set.
-    fn listen_mode(&self, env: &dyn Env) -> ListenMode {
+    fn listen_mode(&self, env: &Env) -> ListenMode {
         let port = self.vsock_port;
         let max_sandboxes = self.max_sandboxes;
         if self.kata_host {
@@ -346,7 +314,13 @@ impl Cli {
             },
             (None, templates, vsock) => ListenMode::Many {
                 vsock,
-                templates: dedup(templates),
+                // Each once, in the order given.
+                templates: templates
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, t)| templates.iter().position(|u| u == t) == Some(i))
+                    .map(|(_, t)| t.clone())
+                    .collect(),
                 port,
                 max_sandboxes,
             },
@@ -354,7 +328,7 @@ impl Cli {
     }
 
     /// Validates the command line against the environment.
-    pub fn into_config(self, env: &dyn Env) -> Result<Config, ConfigError> {
+    pub fn into_config(self, env: &Env) -> Result<Config, ConfigError> {
         let mode = self.listen_mode(env);
         if self.spool_dir.is_some() && self.dump_only {
             return Err(ConfigError::SpoolWithDump);
@@ -365,12 +339,10 @@ impl Cli {
                 queue: self.queue_size,
             });
         }
-        let take_over =
-            self.handoff_socket.is_some() && self.handoff_socket.as_deref() != Some("none");
-        let handoff = match self.handoff_socket.as_deref() {
-            Some("none") => None,
-            Some(p) => Some(PathBuf::from(p)),
-            None => Some(default_handoff_path(&mode)),
+        let (handoff, take_over) = match self.handoff_socket.as_deref() {
+            Some("none") => (None, false),
+            Some(p) => (Some(PathBuf::from(p)), true),
+            None => (Some(default_handoff_path(&mode)), false),
         };
         let output = if self.dump_only {
             // Scripts and tests that pipe stdout keep getting JSON lines.
@@ -382,7 +354,7 @@ impl Cli {
                 }),
                 linger: self.dump_linger,
                 max_spans: self.dump_max_spans,
-                colour: terminal && env.var("NO_COLOR").is_none(),
+                colour: terminal && env("NO_COLOR").is_none(),
             })
         } else {
             Output::Otlp(self.otlp_config(env)?)
@@ -431,17 +403,6 @@ impl Cli {
             take_over,
         })
     }
-}
-
-/// The templates, each once, in the order given.
-fn dedup(templates: &[SocketTemplate]) -> Vec<SocketTemplate> {
-    let mut out: Vec<SocketTemplate> = Vec::new();
-    for t in templates {
-        if !out.contains(t) {
-            out.push(t.clone());
-        }
-    }
-    out
 }
 
 #[cfg(test)]

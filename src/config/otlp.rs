@@ -14,86 +14,57 @@ use super::{Compression, ConfigError, Env, OtlpConfig, TlsConfig};
 
 const HTTP_TRACES_PATH: &str = "/v1/traces";
 
-/// Reads the signal-specific variable, falling back to the generic one.
-fn otel_var(env: &dyn Env, suffix: &str) -> Option<(String, &'static str, bool)> {
-    let (specific, generic): (&'static str, &'static str) = match suffix {
-        "ENDPOINT" => (
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-        ),
-        "PROTOCOL" => (
-            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-            "OTEL_EXPORTER_OTLP_PROTOCOL",
-        ),
-        "TIMEOUT" => (
-            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
-            "OTEL_EXPORTER_OTLP_TIMEOUT",
-        ),
-        "CERTIFICATE" => (
-            "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
-            "OTEL_EXPORTER_OTLP_CERTIFICATE",
-        ),
-        "CLIENT_CERTIFICATE" => (
-            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
-            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
-        ),
-        "CLIENT_KEY" => (
-            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
-            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
-        ),
-        "COMPRESSION" => (
-            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
-            "OTEL_EXPORTER_OTLP_COMPRESSION",
-        ),
-        "INSECURE" => (
-            "OTEL_EXPORTER_OTLP_TRACES_INSECURE",
-            "OTEL_EXPORTER_OTLP_INSECURE",
-        ),
-        _ => return None,
-    };
-    if let Some(v) = env.var(specific) {
+/// The signal-specific variable, else the generic one: its value, its name,
+/// and whether it was the signal-specific one.
+fn otel_var(env: &Env, suffix: &str) -> Option<(String, String, bool)> {
+    let specific = format!("OTEL_EXPORTER_OTLP_TRACES_{suffix}");
+    if let Some(v) = env(&specific) {
         return Some((v, specific, true));
     }
-    env.var(generic).map(|v| (v, generic, false))
+    let generic = format!("OTEL_EXPORTER_OTLP_{suffix}");
+    env(&generic).map(|v| (v, generic, false))
+}
+
+/// A setting from its flag, else from its variable, else `default`.
+fn setting<T>(
+    flag: Option<T>,
+    env: &Env,
+    suffix: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+    default: T,
+) -> Result<T, ConfigError> {
+    match (flag, otel_var(env, suffix)) {
+        (Some(v), _) => Ok(v),
+        (None, Some((v, name, _))) => {
+            parse(&v).map_err(|reason| ConfigError::ParseEnv { name, reason })
+        }
+        (None, None) => Ok(default),
+    }
 }
 
 impl Cli {
-    pub(super) fn otlp_config(&self, env: &dyn Env) -> Result<OtlpConfig, ConfigError> {
-        let protocol = match self.otlp_protocol {
-            Some(p) => p,
-            None => match otel_var(env, "PROTOCOL") {
-                Some((v, name, _)) => v
-                    .parse()
-                    .map_err(|reason| ConfigError::ParseEnv { name, reason })?,
-                None => OtlpProtocol::Grpc,
-            },
-        };
+    pub(super) fn otlp_config(&self, env: &Env) -> Result<OtlpConfig, ConfigError> {
+        let protocol = setting(
+            self.otlp_protocol,
+            env,
+            "PROTOCOL",
+            |v| v.parse(),
+            OtlpProtocol::Grpc,
+        )?;
         // (value, where it came from, whether it is a signal-specific URL
         // that the OTLP spec says to use as is)
-        let (raw, source_name, as_is) = match &self.otlp_endpoint {
-            Some(e) => (e.clone(), "--otlp-endpoint", false),
-            None => match otel_var(env, "ENDPOINT") {
-                Some(v) => v,
-                None => (
-                    match protocol {
-                        OtlpProtocol::Grpc => DEFAULT_GRPC_ENDPOINT,
-                        OtlpProtocol::HttpProtobuf => DEFAULT_HTTP_ENDPOINT,
-                    }
-                    .to_owned(),
-                    "the default",
-                    false,
-                ),
-            },
+        let (raw, source_name, as_is) = match (&self.otlp_endpoint, otel_var(env, "ENDPOINT")) {
+            (Some(e), _) => (e.clone(), "--otlp-endpoint".to_owned(), false),
+            (None, Some(v)) => v,
+            (None, None) => {
+                let default = match protocol {
+                    OtlpProtocol::Grpc => DEFAULT_GRPC_ENDPOINT,
+                    OtlpProtocol::HttpProtobuf => DEFAULT_HTTP_ENDPOINT,
+                };
+                (default.to_owned(), "the default".to_owned(), false)
+            }
         };
-        let insecure = match self.otlp_insecure {
-            Some(b) => b,
-            None => match otel_var(env, "INSECURE") {
-                Some((v, name, _)) => {
-                    parse_bool(&v).map_err(|reason| ConfigError::ParseEnv { name, reason })?
-                }
-                None => false,
-            },
-        };
+        let insecure = setting(self.otlp_insecure, env, "INSECURE", parse_bool, false)?;
         let endpoint = endpoint_uri(&raw, protocol, as_is, insecure).map_err(|reason| {
             ConfigError::ParseEndpoint {
                 endpoint: raw.clone(),
@@ -107,7 +78,7 @@ impl Cli {
             "OTEL_EXPORTER_OTLP_HEADERS",
             "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
         ] {
-            if let Some(v) = env.var(name) {
+            if let Some(v) = env(name) {
                 for item in v.split(',').filter(|i| !i.trim().is_empty()) {
                     headers.push(parse_header(item, name, true)?);
                 }
@@ -117,18 +88,16 @@ impl Cli {
             headers.push(parse_header(item, "--otlp-header", false)?);
         }
 
-        let timeout = match self.otlp_timeout {
-            Some(t) => t,
-            None => match otel_var(env, "TIMEOUT") {
-                Some((v, name, _)) => {
-                    parse_duration(&v).map_err(|reason| ConfigError::ParseEnv { name, reason })?
-                }
-                None => Duration::from_secs(10),
-            },
-        };
+        let timeout = setting(
+            self.otlp_timeout,
+            env,
+            "TIMEOUT",
+            parse_duration,
+            Duration::from_secs(10),
+        )?;
         if timeout.is_zero() {
             return Err(ConfigError::ParseEnv {
-                name: "OTLP timeout",
+                name: "OTLP timeout".into(),
                 reason: "must be greater than 0".into(),
             });
         }
@@ -142,32 +111,26 @@ impl Cli {
             client_cert: file(&self.otlp_client_certificate, "CLIENT_CERTIFICATE"),
             client_key: file(&self.otlp_client_key, "CLIENT_KEY"),
         };
-        match (&tls_files.client_cert, &tls_files.client_key) {
-            (Some(_), None) => {
-                return Err(ConfigError::HalfClientIdentity {
-                    given: "the client certificate",
-                    missing: "its key (--otlp-client-key)",
-                })
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::HalfClientIdentity {
-                    given: "the client key",
-                    missing: "its certificate (--otlp-client-certificate)",
-                })
-            }
-            _ => {}
+        let half = match (&tls_files.client_cert, &tls_files.client_key) {
+            (Some(_), None) => Some(("the client certificate", "its key (--otlp-client-key)")),
+            (None, Some(_)) => Some((
+                "the client key",
+                "its certificate (--otlp-client-certificate)",
+            )),
+            _ => None,
+        };
+        if let Some((given, missing)) = half {
+            return Err(ConfigError::HalfClientIdentity { given, missing });
         }
         // As every SDK: the files only apply to a TLS endpoint.
         let tls = (endpoint.scheme_str() == Some("https")).then_some(tls_files);
-        let compression = match self.otlp_compression {
-            Some(c) => c,
-            None => match otel_var(env, "COMPRESSION") {
-                Some((v, name, _)) => v
-                    .parse()
-                    .map_err(|reason| ConfigError::ParseEnv { name, reason })?,
-                None => Compression::None,
-            },
-        };
+        let compression = setting(
+            self.otlp_compression,
+            env,
+            "COMPRESSION",
+            |v| v.parse(),
+            Compression::None,
+        )?;
         Ok(OtlpConfig {
             protocol,
             endpoint,
@@ -252,21 +215,15 @@ fn parse_header(
         return Err(err("empty header name".into()));
     }
     let v = if percent_encoded {
-        percent_decode(v.trim()).ok_or_else(|| err("bad percent-encoding".into()))?
+        // As the SDKs read them: a `%` that starts no escape stays as it is.
+        percent_encoding::percent_decode_str(v.trim())
+            .decode_utf8()
+            .map_err(|_| err("bad percent-encoding".into()))?
+            .into_owned()
     } else {
         v.trim().to_owned()
     };
     let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| err(e.to_string()))?;
     let value = HeaderValue::from_str(&v).map_err(|e| err(e.to_string()))?;
     Ok((name, value))
-}
-
-/// Undoes `%XX` escapes, as the OpenTelemetry SDKs read these variables (a
-/// `%` that starts no escape stays as it is); `None` if the result is not
-/// UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8()
-        .ok()
-        .map(|c| c.into_owned())
 }
