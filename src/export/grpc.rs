@@ -27,13 +27,11 @@ use tonic::codegen::Service;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use std::sync::Arc;
-
 use super::body::{compressed, RequestBody};
 use super::coalesce::Coalesce;
 use super::retry::{Classify, Retry};
-use super::tls::{self, Connector, Tls};
-use super::{connect_error, ExportError};
+use super::tls::{self, Connector};
+use super::{within, ExportError};
 use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
 
@@ -60,15 +58,7 @@ impl GrpcTransport {
         connect_timeout: Duration,
     ) -> Result<Self, ExportError> {
         let endpoint_str = cfg.endpoint.to_string();
-        let tls = match &cfg.tls {
-            Some(t) => Some(Arc::new(Tls::new(t, b"h2").map_err(|e| {
-                ExportError::LoadTls {
-                    endpoint: endpoint_str.clone(),
-                    source: e,
-                }
-            })?)),
-            None => None,
-        };
+        let tls = tls::reach(cfg, b"h2", connect_timeout).await?;
         let endpoint = Endpoint::from_shared(endpoint_str.clone())
             .map_err(|e| ExportError::Connect {
                 endpoint: endpoint_str.clone(),
@@ -78,38 +68,14 @@ impl GrpcTransport {
             .timeout(cfg.timeout)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
-        // The collector must be there, and take our certificate, now.
-        match tokio::time::timeout(connect_timeout, tls::probe(&cfg.endpoint, tls.as_deref())).await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(connect_error(endpoint_str, &e)),
-            Err(_) => {
-                return Err(ExportError::Connect {
-                    endpoint: endpoint_str,
-                    reason: format!("no answer within {connect_timeout:?}"),
-                })
-            }
-        }
-        let channel = match tokio::time::timeout(
-            connect_timeout,
-            endpoint.connect_with_connector(Connector {
-                tls,
-                timeout: connect_timeout,
-                // A batch leaves in a few large writes, not one per frame.
-                wrap: Coalesce::new,
-            }),
-        )
-        .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(connect_error(endpoint_str, &e)),
-            Err(_) => {
-                return Err(ExportError::Connect {
-                    endpoint: endpoint_str,
-                    reason: format!("no answer within {connect_timeout:?}"),
-                })
-            }
+        let connector = Connector {
+            tls,
+            timeout: connect_timeout,
+            // A batch leaves in a few large writes, not one per frame.
+            wrap: Coalesce::new,
         };
+        let connect = endpoint.connect_with_connector(connector);
+        let channel = within(&endpoint_str, connect_timeout, connect).await?;
         // gRPC metadata is HTTP/2 headers; names are lower case ASCII, which
         // `HeaderName` already is. Binary (`-bin`) values would have to be
         // base64: OTLP headers are text, so such names are refused.

@@ -8,7 +8,6 @@
 //! An error's body is read as the spec says, a `google.rpc.Status`, and
 //! logged by its message.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
@@ -19,8 +18,8 @@ use prost::Message;
 
 use super::body::{compressed, read_bounded, RequestBody};
 use super::retry::{Classify, Retry};
-use super::tls::{self, Connector, Stream, Tls};
-use super::{connect_error, error_chain, ExportError};
+use super::tls::{self, Connector, Stream};
+use super::{error_chain, ExportError};
 use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
 
@@ -82,32 +81,11 @@ impl HttpTransport {
         cfg: &OtlpConfig,
         connect_timeout: Duration,
     ) -> Result<Self, ExportError> {
-        let endpoint = cfg.endpoint.to_string();
-        let tls = match &cfg.tls {
-            Some(t) => Some(Arc::new(Tls::new(t, b"http/1.1").map_err(|source| {
-                ExportError::LoadTls {
-                    endpoint: endpoint.clone(),
-                    source,
-                }
-            })?)),
-            None => None,
-        };
         let connector = Connector {
-            tls: tls.clone(),
+            tls: tls::reach(cfg, b"http/1.1", connect_timeout).await?,
             timeout: connect_timeout,
             wrap: std::convert::identity,
         };
-        match tokio::time::timeout(connect_timeout, tls::probe(&cfg.endpoint, tls.as_deref())).await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(connect_error(endpoint, &e)),
-            Err(_) => {
-                return Err(ExportError::Connect {
-                    endpoint,
-                    reason: format!("no answer within {connect_timeout:?}"),
-                })
-            }
-        }
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
@@ -208,6 +186,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn status(code: u16, retry_after: Option<u64>) -> HttpError {
         HttpError::Status {

@@ -138,18 +138,24 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// The startup error for a failed connection: a TLS verification failure
-/// is told apart from a collector that is not there.
-pub(crate) fn connect_error(
-    endpoint: String,
-    e: &(dyn std::error::Error + 'static),
-) -> ExportError {
-    let reason = error_chain(e);
-    if tls::is_tls_rejection(e) {
-        ExportError::TlsHandshake { endpoint, reason }
-    } else {
-        ExportError::Connect { endpoint, reason }
-    }
+/// A step of reaching the collector at startup, within `timeout`; a TLS
+/// verification failure is told apart from a collector that is not there.
+pub(crate) async fn within<T, E: std::error::Error + 'static>(
+    endpoint: &str,
+    timeout: Duration,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ExportError> {
+    let endpoint = endpoint.to_owned();
+    let reason = match tokio::time::timeout(timeout, step).await {
+        Ok(Ok(v)) => return Ok(v),
+        Ok(Err(e)) if tls::is_tls_rejection(&e) => {
+            let reason = error_chain(&e);
+            return Err(ExportError::TlsHandshake { endpoint, reason });
+        }
+        Ok(Err(e)) => error_chain(&e),
+        Err(_) => format!("no answer within {timeout:?}"),
+    };
+    Err(ExportError::Connect { endpoint, reason })
 }
 
 /// What the batcher and the replayer share.

@@ -31,10 +31,11 @@ use http::Uri;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::config::TlsConfig;
+use super::{within, ExportError};
+use crate::config::{OtlpConfig, TlsConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -218,14 +219,14 @@ pub(crate) async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> 
     let tcp = TcpStream::connect((host.as_str(), port)).await?;
     tcp.set_nodelay(true)?;
     let Some(tls) = tls else {
-        return Ok(Stream::Plain(tcp));
+        return Ok(Box::new(tcp));
     };
     let name =
         ServerName::try_from(host).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let stream = tokio_rustls::TlsConnector::from(tls.current())
         .connect(name, tcp)
         .await?;
-    Ok(Stream::Tls(Box::new(stream)))
+    Ok(Box::new(stream))
 }
 
 /// Dials the collector for a transport's connection pool (hyper's, tonic's):
@@ -279,16 +280,39 @@ const PROBE_LISTEN: std::time::Duration = std::time::Duration::from_millis(300);
 /// handshake has finished on the client's side, so the probe then listens
 /// a moment: an alert is the error; data (an HTTP/2 server's first frame)
 /// or silence (an HTTP/1.1 server waiting for a request) is a pass.
-pub(crate) async fn probe(uri: &Uri, tls: Option<&Tls>) -> io::Result<()> {
+async fn probe(uri: &Uri, tls: Option<&Tls>) -> io::Result<()> {
     use tokio::io::AsyncReadExt;
     let mut stream = connect(uri, tls).await?;
-    if let Stream::Tls(s) = &mut stream {
+    if tls.is_some() {
         let mut byte = [0u8; 1];
-        if let Ok(Err(e)) = tokio::time::timeout(PROBE_LISTEN, s.read(&mut byte)).await {
+        if let Ok(Err(e)) = tokio::time::timeout(PROBE_LISTEN, stream.read(&mut byte)).await {
             return Err(e);
         }
     }
     Ok(())
+}
+
+/// Loads the TLS files (for an `https://` endpoint) and checks that the
+/// collector accepts connections and the handshake succeeds, so that a
+/// missing collector, or one the forwarder cannot trust, is a startup error.
+pub(crate) async fn reach(
+    cfg: &OtlpConfig,
+    alpn: &'static [u8],
+    connect_timeout: std::time::Duration,
+) -> Result<Option<Arc<Tls>>, ExportError> {
+    let endpoint = cfg.endpoint.to_string();
+    let tls = match &cfg.tls {
+        Some(t) => Some(Arc::new(Tls::new(t, alpn).map_err(|source| {
+            ExportError::LoadTls {
+                endpoint: endpoint.clone(),
+                source,
+            }
+        })?)),
+        None => None,
+    };
+    let probe = probe(&cfg.endpoint, tls.as_deref());
+    within(&endpoint, connect_timeout, probe).await?;
+    Ok(tls)
 }
 
 /// Whether an error, or one of its causes, is the collector's certificate
@@ -327,72 +351,16 @@ pub(crate) fn is_tls_rejection(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Anything a connection to the collector can be: TCP, or TLS over it.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// A connection to the collector, with or without TLS.
+pub(crate) type Stream = Box<dyn Io>;
+
 impl hyper_util::client::legacy::connect::Connection for Stream {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
         hyper_util::client::legacy::connect::Connected::new()
-    }
-}
-
-/// A connection to the collector, with or without TLS.
-pub(crate) enum Stream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
     }
 }
