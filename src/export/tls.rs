@@ -34,7 +34,7 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::{within, ExportError};
+use super::{lock, within, ExportError};
 use crate::config::{OtlpConfig, TlsConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -62,35 +62,20 @@ pub enum TlsError {
     NoSystemRoots,
 }
 
-/// What a loaded file looked like, to notice it changed.
-type Stamp = Option<(u64, SystemTime)>;
-
-fn stamp(path: &Path) -> Stamp {
-    let md = std::fs::metadata(path).ok()?;
-    Some((md.len(), md.modified().ok()?))
-}
-
-struct Loaded {
-    config: Arc<ClientConfig>,
-    stamps: Vec<Stamp>,
-}
-
 /// The client's TLS configuration, reloaded when its files change.
 pub(crate) struct Tls {
     settings: TlsConfig,
     alpn: &'static [u8],
-    loaded: Mutex<Loaded>,
+    /// The configuration, and its files' stamps when it was built.
+    loaded: Mutex<(Arc<ClientConfig>, Vec<Stamp>)>,
 }
 
 impl Tls {
     /// Loads every file now, so that a problem is a startup error.
     pub(crate) fn new(settings: &TlsConfig, alpn: &'static [u8]) -> Result<Tls, TlsError> {
-        let config = build(settings, alpn)?;
+        let config = Arc::new(build(settings, alpn)?);
         Ok(Tls {
-            loaded: Mutex::new(Loaded {
-                config: Arc::new(config),
-                stamps: stamps(settings),
-            }),
+            loaded: Mutex::new((config, stamps(settings))),
             settings: settings.clone(),
             alpn,
         })
@@ -99,30 +84,35 @@ impl Tls {
     /// The configuration for a new connection: reloaded first if a file
     /// changed, the last good one if the change does not load.
     pub(crate) fn current(&self) -> Arc<ClientConfig> {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let mut loaded = lock(&self.loaded);
         let now = stamps(&self.settings);
-        if now != loaded.stamps {
+        if now != loaded.1 {
             match build(&self.settings, self.alpn) {
                 Ok(c) => {
                     tracing::info!("TLS files changed; new connections use them");
-                    loaded.config = Arc::new(c);
-                    loaded.stamps = now;
+                    *loaded = (Arc::new(c), now);
                 }
+                // Retried at the next connection: the rotation may be half
+                // done.
                 Err(e) => {
-                    // Retried at the next connection: the rotation may be
-                    // half done.
                     tracing::warn!(error = %e, "TLS files changed but do not load; keeping the previous ones");
                 }
             }
         }
-        Arc::clone(&loaded.config)
+        Arc::clone(&loaded.0)
     }
 }
+
+/// What a file looked like (size, modification time), to notice it changed.
+type Stamp = Option<(u64, SystemTime)>;
 
 fn stamps(s: &TlsConfig) -> Vec<Stamp> {
     [&s.ca_file, &s.client_cert, &s.client_key]
         .into_iter()
-        .map(|p| p.as_deref().and_then(stamp))
+        .map(|p| {
+            let md = std::fs::metadata(p.as_ref()?).ok()?;
+            Some((md.len(), md.modified().ok()?))
+        })
         .collect()
 }
 
@@ -199,30 +189,21 @@ fn build(s: &TlsConfig, alpn: &[u8]) -> Result<ClientConfig, TlsError> {
     Ok(config)
 }
 
-/// The host (IPv6 without its brackets) and port to dial for an endpoint,
-/// the port defaulting by scheme.
-pub(crate) fn host_port(uri: &Uri) -> (String, u16) {
-    let host = uri.host().unwrap_or_default();
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let default = if uri.scheme_str() == Some("https") {
-        443
-    } else {
-        80
-    };
-    (host.to_owned(), uri.port_u16().unwrap_or(default))
-}
-
 /// Dials `uri` (TCP, no Nagle), then does the TLS handshake when `tls` is
 /// given.
-pub(crate) async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> {
-    let (host, port) = host_port(uri);
-    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> {
+    // IPv6 without its brackets; the port defaulting by scheme.
+    let host = uri.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let https = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let tcp = TcpStream::connect((host, port)).await?;
     tcp.set_nodelay(true)?;
     let Some(tls) = tls else {
         return Ok(Box::new(tcp));
     };
-    let name =
-        ServerName::try_from(host).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let stream = tokio_rustls::TlsConnector::from(tls.current())
         .connect(name, tcp)
         .await?;
@@ -271,30 +252,13 @@ impl<T: Send + 'static> tonic::codegen::Service<Uri> for Connector<T> {
     }
 }
 
-/// How long the startup probe listens after the handshake for the
+/// How long the startup check listens after the handshake for the
 /// collector to refuse our certificate.
 const PROBE_LISTEN: std::time::Duration = std::time::Duration::from_millis(300);
 
-/// The startup check: dials `uri` as an export would. Over TLS 1.3 a
-/// collector that refuses the client's certificate says so only after the
-/// handshake has finished on the client's side, so the probe then listens
-/// a moment: an alert is the error; data (an HTTP/2 server's first frame)
-/// or silence (an HTTP/1.1 server waiting for a request) is a pass.
-async fn probe(uri: &Uri, tls: Option<&Tls>) -> io::Result<()> {
-    use tokio::io::AsyncReadExt;
-    let mut stream = connect(uri, tls).await?;
-    if tls.is_some() {
-        let mut byte = [0u8; 1];
-        if let Ok(Err(e)) = tokio::time::timeout(PROBE_LISTEN, stream.read(&mut byte)).await {
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
-/// Loads the TLS files (for an `https://` endpoint) and checks that the
-/// collector accepts connections and the handshake succeeds, so that a
-/// missing collector, or one the forwarder cannot trust, is a startup error.
+/// Loads the TLS files (for an `https://` endpoint) and dials the collector
+/// as an export would, so that a missing collector, or one the forwarder
+/// cannot trust, is a startup error.
 pub(crate) async fn reach(
     cfg: &OtlpConfig,
     alpn: &'static [u8],
@@ -310,7 +274,22 @@ pub(crate) async fn reach(
         })?)),
         None => None,
     };
-    let probe = probe(&cfg.endpoint, tls.as_deref());
+    // Over TLS 1.3 a collector that refuses the client's certificate says
+    // so only after the handshake has finished on the client's side, so the
+    // check then listens a moment: an alert is the error; data (an HTTP/2
+    // server's first frame) or silence (an HTTP/1.1 server waiting for a
+    // request) is a pass.
+    let probe = async {
+        use tokio::io::AsyncReadExt;
+        let mut stream = connect(&cfg.endpoint, tls.as_deref()).await?;
+        if tls.is_some() {
+            let mut byte = [0u8; 1];
+            if let Ok(Err(e)) = tokio::time::timeout(PROBE_LISTEN, stream.read(&mut byte)).await {
+                return Err(e);
+            }
+        }
+        Ok::<_, io::Error>(())
+    };
     within(&endpoint, connect_timeout, probe).await?;
     Ok(tls)
 }
