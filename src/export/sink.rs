@@ -38,14 +38,7 @@ impl Sink {
     /// Each trace as an indented tree, written to `out` (see [`tree`]).
     pub fn tree(out: Box<dyn std::io::Write + Send + Sync>, cfg: &DumpConfig) -> Sink {
         Sink(Transport::Tree(std::sync::Mutex::new(
-            tree::TreeWriter::new(
-                out,
-                tree::TreeOptions {
-                    linger: cfg.linger,
-                    max_spans: cfg.max_spans,
-                    colour: cfg.colour,
-                },
-            ),
+            tree::TreeWriter::new(out, *cfg),
         )))
     }
 
@@ -65,7 +58,7 @@ impl Sink {
     /// Prints the traces that have waited long enough.
     pub(super) fn tick(&self) -> std::io::Result<()> {
         match &self.0 {
-            Transport::Tree(w) => lock(w).tick(),
+            Transport::Tree(w) => lock(w).tick(std::time::Instant::now()),
             _ => Ok(()),
         }
     }

@@ -73,26 +73,18 @@ const LINK_TRIES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    #[error("creating spool directory {dir}: {source}")]
-    CreateDir {
+    /// `what`: "creating", "reading".
+    #[error("{what} spool directory {dir}: {source}")]
+    Dir {
+        what: &'static str,
         dir: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("reading spool directory {dir}: {source}")]
-    ScanDir {
-        dir: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("writing spool file {path}: {source}")]
-    WriteFile {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("reading spool file {path}: {source}")]
-    ReadFile {
+    /// `what`: "writing", "reading".
+    #[error("{what} spool file {path}: {source}")]
+    File {
+        what: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -120,16 +112,6 @@ struct State {
     /// The spans their headers say they hold.
     spans: u64,
     next_seq: u64,
-}
-
-impl State {
-    /// Counts a file found on disk (its bytes were not reserved).
-    fn found(&mut self, seq: u64, size: u64, spans: u32) {
-        if self.files.insert(seq, (size, spans)).is_none() {
-            self.bytes += size;
-            self.spans += u64::from(spans);
-        }
-    }
 }
 
 /// How much the spool holds now.
@@ -244,9 +226,9 @@ fn process_token() -> String {
 }
 
 impl Spool {
-    /// Creates the spool's directory if it is missing.
     pub(crate) fn create_dir(dir: &Path) -> Result<(), SpoolError> {
-        fs::create_dir_all(dir).map_err(|source| SpoolError::CreateDir {
+        fs::create_dir_all(dir).map_err(|source| SpoolError::Dir {
+            what: "creating",
             dir: dir.to_path_buf(),
             source,
         })
@@ -256,10 +238,6 @@ impl Spool {
     /// batches a previous run left and deleting half-written ones.
     pub(crate) fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<Spool, SpoolError> {
         Self::create_dir(dir)?;
-        let scan_err = |source| SpoolError::ScanDir {
-            dir: dir.to_path_buf(),
-            source,
-        };
         let spool = Spool {
             dir: dir.to_path_buf(),
             max_bytes,
@@ -268,7 +246,11 @@ impl Spool {
             token: process_token(),
             abandoned_after: ABANDONED,
         };
-        spool.rescan().map_err(scan_err)?;
+        spool.rescan().map_err(|source| SpoolError::Dir {
+            what: "reading",
+            dir: dir.to_path_buf(),
+            source,
+        })?;
         let state = spool.lock();
         if !state.files.is_empty() {
             tracing::info!(
@@ -299,13 +281,7 @@ impl Spool {
             match what {
                 Entry::Batch(seq) if !st.files.contains_key(&seq) => {
                     drop(st);
-                    let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                    let spans = self.spans_in(&path);
-                    let mut st = self.lock();
-                    if !st.files.contains_key(&seq) {
-                        st.found(seq, len, spans);
-                        found += 1;
-                    }
+                    found += usize::from(self.found(seq, &path));
                 }
                 // Ours are being written; another's, until abandoned, may be.
                 Entry::Tmp(_, token)
@@ -320,17 +296,29 @@ impl Spool {
                 {
                     drop(st);
                     tracing::warn!(path = %path.display(), "a spooled batch was being sent by a process that is gone; it will be sent again");
-                    if fs::rename(&path, self.batch_path(seq)).is_ok() {
+                    let batch = self.batch_path(seq);
+                    if fs::rename(&path, &batch).is_ok() && self.found(seq, &batch) {
                         found += 1;
-                        let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                        let spans = self.spans_in(&self.batch_path(seq));
-                        self.lock().found(seq, len, spans);
                     }
                 }
                 _ => {}
             }
         }
         Ok(found)
+    }
+
+    /// Counts a batch file found on disk, unless counted already (its bytes
+    /// were not reserved); whether it was new.
+    fn found(&self, seq: u64, path: &Path) -> bool {
+        let size = fs::symlink_metadata(path).map_or(0, |m| m.len());
+        let spans = self.spans_in(path);
+        let mut st = self.lock();
+        let new = st.files.insert(seq, (size, spans)).is_none();
+        if new {
+            st.bytes += size;
+            st.spans += u64::from(spans);
+        }
+        new
     }
 
     /// The spans a batch file's header says it holds; 0 for one that is
@@ -353,7 +341,6 @@ impl Spool {
         }
     }
 
-    /// What the spool holds now.
     pub(crate) fn depth(&self) -> Depth {
         let st = self.lock();
         Depth {
@@ -388,18 +375,6 @@ impl Spool {
         }
     }
 
-    /// Bytes on disk now (the `spool_bytes` gauge, for the tests).
-    #[cfg(test)]
-    fn bytes(&self) -> u64 {
-        self.lock().bytes
-    }
-
-    /// Batches on disk now.
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.lock().files.len()
-    }
-
     /// Writes one encoded batch. Returns `Ok(false)` when it does not fit
     /// within the size bound.
     pub(crate) fn write(&self, body: &EncodedRequest, spans: u32) -> Result<bool, SpoolError> {
@@ -415,18 +390,18 @@ impl Spool {
             st.next_seq - 1
         };
         let tmp = self.dir.join(format!("{seq:020}.{}.tmp", self.token));
+        let mut crc = crc32fast::Hasher::new();
+        body.chunks().iter().for_each(|c| crc.update(c));
+        let header = [
+            &MAGIC[..],
+            &VERSION.to_le_bytes(),
+            &spans.to_le_bytes(),
+            &(body.len() as u64).to_le_bytes(),
+            &crc.finalize().to_le_bytes(),
+        ]
+        .concat();
         let res = (|| {
             let f = fs::File::create(&tmp)?;
-            let mut header = Vec::with_capacity(HEADER_LEN);
-            header.extend_from_slice(MAGIC);
-            header.extend_from_slice(&VERSION.to_le_bytes());
-            header.extend_from_slice(&spans.to_le_bytes());
-            header.extend_from_slice(&(body.len() as u64).to_le_bytes());
-            let mut crc = crc32fast::Hasher::new();
-            for c in body.chunks() {
-                crc.update(c);
-            }
-            header.extend_from_slice(&crc.finalize().to_le_bytes());
             let mut f = std::io::BufWriter::with_capacity(256 * 1024, f);
             f.write_all(&header)?;
             for c in body.chunks() {
@@ -474,7 +449,8 @@ impl Spool {
                 st.bytes -= size;
                 drop(st);
                 let _ = fs::remove_file(&tmp);
-                Err(SpoolError::WriteFile {
+                Err(SpoolError::File {
+                    what: "writing",
                     path: self.batch_path(seq),
                     source,
                 })
@@ -482,7 +458,6 @@ impl Spool {
         }
     }
 
-    /// The oldest batch's sequence number.
     pub(crate) fn oldest(&self) -> Option<u64> {
         self.lock().files.keys().next().copied()
     }
@@ -501,7 +476,11 @@ impl Spool {
             Err(source) => {
                 // Unusable: forget it rather than retry forever.
                 self.forget(seq);
-                return Err(SpoolError::ReadFile { path, source });
+                return Err(SpoolError::File {
+                    what: "reading",
+                    path,
+                    source,
+                });
             }
         }
         // The directory is the forwarder's user's, and anything running as
@@ -517,7 +496,8 @@ impl Spool {
             }),
             Err(e) => {
                 self.forget(seq);
-                return Err(SpoolError::ReadFile {
+                return Err(SpoolError::File {
+                    what: "reading",
                     path,
                     source: io::Error::other(e),
                 });
@@ -658,6 +638,14 @@ mod tests {
     impl Spool {
         fn open_for_test(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
             Spool::open(dir, max_bytes, Arc::default())
+        }
+
+        fn bytes(&self) -> u64 {
+            self.lock().bytes
+        }
+
+        fn len(&self) -> usize {
+            self.lock().files.len()
         }
     }
 
