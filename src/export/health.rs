@@ -1,13 +1,11 @@
 //! How the collector has answered lately, for `status`: one store per
 //! request, never per span.
 
-use super::{error_chain, lock, ExportError};
+use super::{cut, error_chain, lock, ExportError};
 
 /// Longest error text kept for `status`.
 const MAX_ERROR_TEXT: usize = 512;
 
-/// How the collector has answered lately: one store per request, never
-/// per span.
 #[derive(Default)]
 pub(crate) struct Health {
     /// When a request last went through, in milliseconds since the Unix
@@ -38,15 +36,7 @@ impl Health {
                 .last_success
                 .store(now, std::sync::atomic::Ordering::Relaxed),
             Err(e) => {
-                let mut text = error_chain(e);
-                if text.len() > MAX_ERROR_TEXT {
-                    let mut cut = MAX_ERROR_TEXT;
-                    while !text.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    text.truncate(cut);
-                }
-                *lock(&self.last_failure) = Some((now, text));
+                *lock(&self.last_failure) = Some((now, cut(error_chain(e), MAX_ERROR_TEXT)));
             }
         }
     }

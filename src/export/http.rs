@@ -19,7 +19,7 @@ use prost::Message;
 use super::body::{compressed, read_bounded, RequestBody};
 use super::retry::{Classify, Retry};
 use super::tls::{self, Connector, Stream};
-use super::{error_chain, ExportError};
+use super::{cut, error_chain, ExportError};
 use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
 
@@ -162,11 +162,7 @@ fn error_detail(body: &[u8]) -> String {
         Ok(status) if !status.message.is_empty() => status.message,
         _ => String::from_utf8_lossy(body.get(..MAX_DETAIL_BYTES).unwrap_or(body)).into_owned(),
     };
-    let mut end = text.len().min(MAX_DETAIL_BYTES);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
+    cut(text, MAX_DETAIL_BYTES)
 }
 
 /// `Retry-After`, as delay-seconds or an HTTP-date (RFC 9110 10.2.3). A

@@ -138,6 +138,16 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// `s` cut to at most `max` bytes, at a character's boundary.
+fn cut(mut s: String, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s
+}
+
 /// A step of reaching the collector at startup, within `timeout`; a TLS
 /// verification failure is told apart from a collector that is not there.
 pub(crate) async fn within<T, E: std::error::Error + 'static>(
@@ -175,15 +185,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// What became of one batch, and the last error on the way.
-struct Outcome {
-    delivery: Delivery,
-    attempts: u32,
-    error: Option<ExportError>,
-}
-
 impl Exporter {
-    /// See [`Sink::finish`].
     pub(crate) fn finish_sink(&self) -> std::io::Result<()> {
         self.sink.finish()
     }
@@ -206,17 +208,14 @@ impl Exporter {
         res
     }
 
-    /// How the collector has answered lately.
     pub(crate) fn health(&self) -> HealthSnapshot {
         self.health.snapshot()
     }
 
-    /// Where batches go, as the startup log says it.
     pub(crate) fn describe(&self) -> String {
         self.sink.describe()
     }
 
-    /// The spool, if there is one.
     pub(crate) fn spool(&self) -> Option<&Arc<Spool>> {
         self.spool.as_ref()
     }
@@ -225,13 +224,14 @@ impl Exporter {
     /// spool, a batch that keeps failing while the queue is filling up (or
     /// past the shutdown deadline) goes to disk instead; a full spool keeps
     /// the batch in memory, and the backpressure on, until time is up.
+    /// What became of it, the attempts, and the last error on the way.
     async fn deliver(
         &self,
         body: EncodedRequest,
         spans: u64,
         shutdown: &Shutdown,
         filling_up: impl Fn() -> bool,
-    ) -> Outcome {
+    ) -> (Delivery, u32, Option<ExportError>) {
         let stats = &*self.stats;
         let spooling = self.spool.is_some();
         // Past the shutdown deadline, do not start another export that
@@ -241,11 +241,7 @@ impl Exporter {
                 true => Delivery::Spooled,
                 false => Delivery::Dropped(DropReason::Shutdown),
             };
-            return Outcome {
-                delivery,
-                attempts: 0,
-                error: None,
-            };
+            return (delivery, 0, None);
         }
         let mut may_give_up = spooling;
         let mut attempts = 0;
@@ -275,13 +271,7 @@ impl Exporter {
                 .await;
             attempts += run.attempts;
             let error = match run.result {
-                Ok(resp) => {
-                    return Outcome {
-                        delivery: delivered(stats, &resp),
-                        attempts,
-                        error: None,
-                    }
-                }
+                Ok(resp) => return (delivered(stats, &resp), attempts, None),
                 Err(e) => e,
             };
             let delivery = if error.is_final() {
@@ -297,11 +287,7 @@ impl Exporter {
             } else {
                 Delivery::Dropped(DropReason::Export)
             };
-            return Outcome {
-                delivery,
-                attempts,
-                error: Some(error),
-            };
+            return (delivery, attempts, Some(error));
         }
     }
 
@@ -519,10 +505,11 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
         // The spans are encoded already; this frames them into one request.
         let body = encode_request(&piece.records);
         let bytes = body.len();
-        let out = exporter
+        let (delivery, attempts, error) = exporter
             .deliver(body, spans, shutdown, || rx.is_filling_up())
             .await;
-        match out.delivery {
+        let error = error.as_ref().map(|e| e as &dyn std::fmt::Display);
+        match delivery {
             Delivery::Dropped(DropReason::TooLarge) if spans > 1 => {
                 tracing::debug!(
                     spans,
@@ -535,7 +522,6 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
                 continue;
             }
             Delivery::Dropped(DropReason::TooLarge) => {
-                let error = out.error.as_ref().map(|e| e as &dyn std::fmt::Display);
                 if let Some(tenant) = piece.tenants.first() {
                     emit!(
                         exporter.stats,
@@ -547,19 +533,14 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
                     );
                 }
             }
-            Delivery::Dropped(reason) => {
+            _ => {
                 for (tenant, r) in piece.tenants.iter().zip(&piece.records) {
-                    tenant.dropped.add(reason, r.count as u64);
-                }
-            }
-            Delivery::Delivered { .. } => {
-                for (tenant, r) in piece.tenants.iter().zip(&piece.records) {
-                    tenant.exported.add(r.count as u64);
-                }
-            }
-            Delivery::Spooled => {
-                for (tenant, r) in piece.tenants.iter().zip(&piece.records) {
-                    tenant.spooled.add(r.count as u64);
+                    let n = r.count as u64;
+                    match delivery {
+                        Delivery::Dropped(reason) => tenant.dropped.add(reason, n),
+                        Delivery::Delivered { .. } => tenant.exported.add(n),
+                        Delivery::Spooled => tenant.spooled.add(n),
+                    }
                 }
             }
         }
@@ -567,9 +548,9 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
             exporter.stats,
             BatchDone {
                 spans,
-                delivery: out.delivery,
-                attempts: out.attempts,
-                error: out.error.as_ref().map(|e| e as &dyn std::fmt::Display),
+                delivery,
+                attempts,
+                error,
                 from_spool: false,
             }
         );
