@@ -162,38 +162,31 @@ impl Drop for Locked<'_> {
     }
 }
 
-/// What a file in the spool directory is, by its name.
+/// What a file in the spool directory is, by its name: `<seq>.<what>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
-    Batch(u64),
-    Damaged(u64),
+    Batch,
+    Damaged,
     /// Being written, by the process whose token it carries (none: a
     /// version that wrote `<seq>.tmp`).
-    Tmp(u64, Option<String>),
+    Tmp(Option<String>),
     /// Being sent, by the process whose token it carries.
-    Sending(u64, String),
+    Sending(String),
 }
 
 impl Entry {
-    fn of(name: &std::ffi::OsStr) -> Option<Entry> {
-        let name = name.to_str()?;
-        let mut parts = name.split('.');
+    fn of(name: &std::ffi::OsStr) -> Option<(u64, Entry)> {
+        let mut parts = name.to_str()?.split('.');
         let seq = parts.next()?.parse().ok()?;
-        let (a, b, rest) = (parts.next(), parts.next(), parts.next());
-        match (a?, b, rest) {
-            ("batch", None, None) => Some(Entry::Batch(seq)),
-            ("damaged", None, None) => Some(Entry::Damaged(seq)),
-            ("tmp", None, None) => Some(Entry::Tmp(seq, None)),
-            (token, Some("tmp"), None) => Some(Entry::Tmp(seq, Some(token.to_owned()))),
-            (token, Some("sending"), None) => Some(Entry::Sending(seq, token.to_owned())),
-            _ => None,
-        }
-    }
-
-    fn seq(&self) -> u64 {
-        match self {
-            Entry::Batch(s) | Entry::Damaged(s) | Entry::Tmp(s, _) | Entry::Sending(s, _) => *s,
-        }
+        let entry = match (parts.next()?, parts.next(), parts.next()) {
+            ("batch", None, None) => Entry::Batch,
+            ("damaged", None, None) => Entry::Damaged,
+            ("tmp", None, None) => Entry::Tmp(None),
+            (token, Some("tmp"), None) => Entry::Tmp(Some(token.to_owned())),
+            (token, Some("sending"), None) => Entry::Sending(token.to_owned()),
+            _ => return None,
+        };
+        Some((seq, entry))
     }
 }
 
@@ -272,29 +265,27 @@ impl Spool {
         let mut found = 0;
         for entry in fs::read_dir(&self.dir)? {
             let entry = entry?;
-            let Some(what) = Entry::of(&entry.file_name()) else {
+            let Some((seq, what)) = Entry::of(&entry.file_name()) else {
                 continue;
             };
             let path = entry.path();
-            let mut st = self.lock();
-            st.next_seq = st.next_seq.max(what.seq() + 1);
+            let known = {
+                let mut st = self.lock();
+                st.next_seq = st.next_seq.max(seq + 1);
+                st.files.contains_key(&seq)
+            };
             match what {
-                Entry::Batch(seq) if !st.files.contains_key(&seq) => {
-                    drop(st);
-                    found += usize::from(self.found(seq, &path));
-                }
+                Entry::Batch if !known => found += usize::from(self.found(seq, &path)),
                 // Ours are being written; another's, until abandoned, may be.
-                Entry::Tmp(_, token)
+                Entry::Tmp(token)
                     if token.as_deref() != Some(&*self.token)
                         && (token.is_none() || abandoned(&path, self.abandoned_after)) =>
                 {
-                    drop(st);
                     let _ = fs::remove_file(&path);
                 }
-                Entry::Sending(seq, token)
+                Entry::Sending(token)
                     if token != self.token && abandoned(&path, self.abandoned_after) =>
                 {
-                    drop(st);
                     tracing::warn!(path = %path.display(), "a spooled batch was being sent by a process that is gone; it will be sent again");
                     let batch = self.batch_path(seq);
                     if fs::rename(&path, &batch).is_ok() && self.found(seq, &batch) {
@@ -437,25 +428,21 @@ impl Spool {
             Ok(seq) => {
                 st.files.insert(seq, (size, spans));
                 st.spans += u64::from(spans);
-                drop(st);
-                let _ = fs::remove_file(&tmp);
-                // Make the new name durable.
-                if let Err(e) = fs::File::open(&self.dir).and_then(|d| d.sync_all()) {
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "syncing the spool directory");
-                }
-                Ok(true)
             }
-            Err(source) => {
-                st.bytes -= size;
-                drop(st);
-                let _ = fs::remove_file(&tmp);
-                Err(SpoolError::File {
-                    what: "writing",
-                    path: self.batch_path(seq),
-                    source,
-                })
-            }
+            Err(_) => st.bytes -= size,
         }
+        drop(st);
+        let _ = fs::remove_file(&tmp);
+        published.map_err(|source| SpoolError::File {
+            what: "writing",
+            path: self.batch_path(seq),
+            source,
+        })?;
+        // Make the new name durable.
+        if let Err(e) = fs::File::open(&self.dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "syncing the spool directory");
+        }
+        Ok(true)
     }
 
     pub(crate) fn oldest(&self) -> Option<u64> {
@@ -467,21 +454,18 @@ impl Spool {
     pub(crate) fn read(&self, seq: u64) -> Result<Option<Spooled>, SpoolError> {
         let path = self.batch_path(seq);
         let claim = self.claim_path(seq);
-        match fs::rename(&path, &claim) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.forget(seq);
+        if let Err(source) = fs::rename(&path, &claim) {
+            // Gone (claimed), or unusable: forget it rather than retry
+            // forever.
+            self.forget(seq);
+            if source.kind() == io::ErrorKind::NotFound {
                 return Ok(None);
             }
-            Err(source) => {
-                // Unusable: forget it rather than retry forever.
-                self.forget(seq);
-                return Err(SpoolError::File {
-                    what: "reading",
-                    path,
-                    source,
-                });
-            }
+            return Err(SpoolError::File {
+                what: "reading",
+                path,
+                source,
+            });
         }
         // The directory is the forwarder's user's, and anything running as
         // that user may have put a FIFO, a symlink (to `/dev/zero`) or a
