@@ -28,7 +28,6 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use super::body::{compressed, RequestBody};
-use super::coalesce::Coalesce;
 use super::retry::{Classify, Retry};
 use super::tls::{self, Connector};
 use super::{within, ExportError};
@@ -71,8 +70,7 @@ impl GrpcTransport {
         let connector = Connector {
             tls,
             timeout: connect_timeout,
-            // A batch leaves in a few large writes, not one per frame.
-            wrap: Coalesce::new,
+            coalesce: true,
         };
         let connect = endpoint.connect_with_connector(connector);
         let channel = within(&endpoint_str, connect_timeout, connect).await?;

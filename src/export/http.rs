@@ -18,7 +18,7 @@ use prost::Message;
 
 use super::body::{compressed, read_bounded, RequestBody};
 use super::retry::{Classify, Retry};
-use super::tls::{self, Connector, Stream};
+use super::tls::{self, Connector};
 use super::{cut, error_chain, ExportError};
 use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
@@ -29,7 +29,7 @@ const MAX_RESPONSE_BYTES: usize = 1 << 20;
 const MAX_DETAIL_BYTES: usize = 512;
 
 pub(crate) struct HttpTransport {
-    client: Client<Connector<Stream>, RequestBody>,
+    client: Client<Connector, RequestBody>,
     endpoint: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
@@ -84,7 +84,7 @@ impl HttpTransport {
         let connector = Connector {
             tls: tls::reach(cfg, b"http/1.1", connect_timeout).await?,
             timeout: connect_timeout,
-            wrap: std::convert::identity,
+            coalesce: false,
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))

@@ -34,6 +34,7 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use super::coalesce::Coalesce;
 use super::{lock, within, ExportError};
 use crate::config::{OtlpConfig, TlsConfig};
 
@@ -211,26 +212,17 @@ async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> {
 }
 
 /// Dials the collector for a transport's connection pool (hyper's, tonic's):
-/// [`connect`] within `timeout`, the stream then wrapped as the transport
-/// wants it (gRPC writes through the coalescing writer).
-pub(crate) struct Connector<T> {
+/// [`connect`] within `timeout`; for gRPC, written to through
+/// [`Coalesce`], so a batch leaves in a few large writes, not one per frame.
+#[derive(Clone)]
+pub(crate) struct Connector {
     pub(crate) tls: Option<Arc<Tls>>,
     pub(crate) timeout: std::time::Duration,
-    pub(crate) wrap: fn(Stream) -> T,
+    pub(crate) coalesce: bool,
 }
 
-impl<T> Clone for Connector<T> {
-    fn clone(&self) -> Self {
-        Connector {
-            tls: self.tls.clone(),
-            timeout: self.timeout,
-            wrap: self.wrap,
-        }
-    }
-}
-
-impl<T: Send + 'static> tonic::codegen::Service<Uri> for Connector<T> {
-    type Response = hyper_util::rt::TokioIo<T>;
+impl tonic::codegen::Service<Uri> for Connector {
+    type Response = hyper_util::rt::TokioIo<Stream>;
     type Error = io::Error;
     type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -239,15 +231,18 @@ impl<T: Send + 'static> tonic::codegen::Service<Uri> for Connector<T> {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let (tls, timeout, wrap) = (self.tls.clone(), self.timeout, self.wrap);
+        let c = self.clone();
         Box::pin(async move {
-            match tokio::time::timeout(timeout, connect(&uri, tls.as_deref())).await {
-                Ok(stream) => Ok(hyper_util::rt::TokioIo::new(wrap(stream?))),
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no connection within {timeout:?}"),
-                )),
-            }
+            let stream = tokio::time::timeout(c.timeout, connect(&uri, c.tls.as_deref()))
+                .await
+                .map_err(|_| {
+                    let no = format!("no connection within {:?}", c.timeout);
+                    io::Error::new(io::ErrorKind::TimedOut, no)
+                })??;
+            Ok(hyper_util::rt::TokioIo::new(match c.coalesce {
+                true => Box::new(Coalesce::new(stream)),
+                false => stream,
+            }))
         })
     }
 }
