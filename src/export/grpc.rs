@@ -41,12 +41,7 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 pub(crate) struct GrpcTransport {
     channel: Channel,
-    headers: Vec<(HeaderName, HeaderValue)>,
-    endpoint: String,
-    /// `--otlp-timeout`, for the whole call: the channel's own timeout
-    /// ends at the response headers, not at the end of the answer.
-    timeout: Duration,
-    compression: Compression,
+    pub(super) cfg: OtlpConfig,
 }
 
 impl GrpcTransport {
@@ -77,46 +72,38 @@ impl GrpcTransport {
         // gRPC metadata is HTTP/2 headers; names are lower case ASCII, which
         // `HeaderName` already is. Binary (`-bin`) values would have to be
         // base64: OTLP headers are text, so such names are refused.
-        let mut headers = Vec::with_capacity(cfg.headers.len());
-        for (k, v) in &cfg.headers {
-            if k.as_str().ends_with("-bin") || v.to_str().is_err() {
-                return Err(ExportError::Connect {
-                    endpoint: endpoint_str,
-                    reason: format!("header '{k}' is not valid gRPC text metadata"),
-                });
-            }
-            headers.push((k.clone(), v.clone()));
+        let binary = |(k, v): &&(HeaderName, HeaderValue)| {
+            k.as_str().ends_with("-bin") || v.to_str().is_err()
+        };
+        if let Some((k, _)) = cfg.headers.iter().find(binary) {
+            return Err(ExportError::Connect {
+                endpoint: endpoint_str,
+                reason: format!("header '{k}' is not valid gRPC text metadata"),
+            });
         }
-        Ok(Self {
-            channel,
-            headers,
-            endpoint: endpoint_str,
-            timeout: cfg.timeout,
-            compression: cfg.compression,
-        })
+        let cfg = cfg.clone();
+        Ok(Self { channel, cfg })
     }
 
-    pub(crate) fn endpoint(&self) -> &str {
-        &self.endpoint
-    }
-
-    /// Sends one encoded `ExportTraceServiceRequest`.
+    /// Sends one encoded `ExportTraceServiceRequest`, within
+    /// `--otlp-timeout` for the whole call: the channel's own timeout ends
+    /// at the response headers, not at the end of the answer.
     pub(crate) async fn export(
         &self,
         body: &EncodedRequest,
     ) -> Result<ExportTraceServiceResponse, GrpcError> {
-        tokio::time::timeout(self.timeout, self.call(body))
+        let timeout = self.cfg.timeout;
+        tokio::time::timeout(timeout, self.call(body))
             .await
             .unwrap_or_else(|_| {
-                Err(GrpcError(Status::deadline_exceeded(format!(
-                    "no complete answer within {:?}",
-                    self.timeout
-                ))))
+                let no = format!("no complete answer within {timeout:?}");
+                Err(GrpcError(Status::deadline_exceeded(no)))
             })
     }
 
     async fn call(&self, body: &EncodedRequest) -> Result<ExportTraceServiceResponse, GrpcError> {
-        let body = &*compressed(self.compression, body);
+        let gzip = self.cfg.compression == Compression::Gzip;
+        let body = &*compressed(self.cfg.compression, body);
         let len = u32::try_from(body.len()).map_err(|_| {
             GrpcError(Status::resource_exhausted(format!(
                 "request of {} bytes is over gRPC's 4 GiB message limit",
@@ -124,7 +111,7 @@ impl GrpcTransport {
             )))
         })?;
         let mut prefix = [0u8; 5];
-        prefix[0] = u8::from(self.compression == Compression::Gzip);
+        prefix[0] = u8::from(gzip);
         prefix[1..].copy_from_slice(&len.to_be_bytes());
         let mut req = http::Request::new(tonic::body::Body::new(RequestBody::new(
             Some(Bytes::copy_from_slice(&prefix)),
@@ -139,10 +126,10 @@ impl GrpcTransport {
             HeaderValue::from_static("application/grpc"),
         );
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        if self.compression == Compression::Gzip {
+        if gzip {
             h.insert("grpc-encoding", HeaderValue::from_static("gzip"));
         }
-        for (k, v) in &self.headers {
+        for (k, v) in &self.cfg.headers {
             h.append(k.clone(), v.clone());
         }
 

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
+use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
@@ -30,10 +30,7 @@ const MAX_DETAIL_BYTES: usize = 512;
 
 pub(crate) struct HttpTransport {
     client: Client<Connector, RequestBody>,
-    endpoint: Uri,
-    headers: Vec<(HeaderName, HeaderValue)>,
-    timeout: Duration,
-    compression: Compression,
+    pub(super) cfg: OtlpConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,41 +86,33 @@ impl HttpTransport {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
-        Ok(Self {
-            client,
-            endpoint: cfg.endpoint.clone(),
-            headers: cfg.headers.clone(),
-            timeout: cfg.timeout,
-            compression: cfg.compression,
-        })
-    }
-
-    pub(crate) fn endpoint(&self) -> String {
-        self.endpoint.to_string()
+        let cfg = cfg.clone();
+        Ok(Self { client, cfg })
     }
 
     pub(crate) async fn export(
         &self,
         body: &EncodedRequest,
     ) -> Result<ExportTraceServiceResponse, HttpError> {
-        let body = &*compressed(self.compression, body);
+        let cfg = &self.cfg;
+        let body = &*compressed(cfg.compression, body);
         let mut req = Request::builder()
             .method(Method::POST)
-            .uri(self.endpoint.clone())
+            .uri(cfg.endpoint.clone())
             .header(header::CONTENT_TYPE, "application/x-protobuf")
             .body(RequestBody::new(None, body))
             .map_err(|e| HttpError::Send(e.to_string()))?;
-        if self.compression == Compression::Gzip {
+        if cfg.compression == Compression::Gzip {
             req.headers_mut()
                 .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         }
-        for (k, v) in &self.headers {
+        for (k, v) in &cfg.headers {
             req.headers_mut().append(k.clone(), v.clone());
         }
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        let deadline = tokio::time::Instant::now() + cfg.timeout;
         let resp = tokio::time::timeout_at(deadline, self.client.request(req))
             .await
-            .map_err(|_| HttpError::Timeout(self.timeout))?
+            .map_err(|_| HttpError::Timeout(cfg.timeout))?
             .map_err(|e| {
                 if tls::is_tls_rejection(&e) {
                     HttpError::TlsRejected(error_chain(&e))
@@ -182,6 +171,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use http::Uri;
     use std::sync::Arc;
 
     fn status(code: u16, retry_after: Option<u64>) -> HttpError {

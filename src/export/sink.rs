@@ -73,8 +73,8 @@ impl Sink {
 
     pub fn describe(&self) -> String {
         match &self.0 {
-            Transport::Grpc(t) => format!("otlp grpc {}", t.endpoint()),
-            Transport::Http(t) => format!("otlp http/protobuf {}", t.endpoint()),
+            Transport::Grpc(t) => format!("otlp grpc {}", t.cfg.endpoint),
+            Transport::Http(t) => format!("otlp http/protobuf {}", t.cfg.endpoint),
             Transport::Dump(_) => "stdout (OTLP JSON lines)".to_owned(),
             Transport::Tree(_) => "stdout (trace trees)".to_owned(),
         }
@@ -90,14 +90,14 @@ impl Sink {
                 .export(body)
                 .await
                 .map_err(|source| ExportError::SendGrpc {
-                    endpoint: t.endpoint().to_owned(),
+                    endpoint: t.cfg.endpoint.to_string(),
                     source,
                 }),
             Transport::Http(t) => t
                 .export(body)
                 .await
                 .map_err(|source| ExportError::SendHttp {
-                    endpoint: t.endpoint(),
+                    endpoint: t.cfg.endpoint.to_string(),
                     source,
                 }),
             Transport::Dump(w) => written(lock(w).write_request(body)),
