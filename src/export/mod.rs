@@ -126,14 +126,11 @@ impl Classify for ExportError {
 /// already shows (wrappers that print their source) is left out.
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
+    for inner in std::iter::successors(e.source(), |e| e.source()) {
         let text = inner.to_string();
         if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
+            s = format!("{s}: {text}");
         }
-        cur = inner.source();
     }
     s
 }

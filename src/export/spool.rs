@@ -1,18 +1,17 @@
 //! The durable spool: batches that cannot be exported now, kept on disk.
 //!
-//! The spans of a container start happen once; a collector restart must not
-//! lose them, and neither may a forwarder restart in the middle of a
-//! collector outage. So when the export queue fills while the collector is
-//! away, and at shutdown, encoded export requests are written here, and a
-//! replayer sends them, oldest first, once the collector answers again
-//! (also after a restart of the forwarder), removing each file once sent.
+//! The spans of a container start happen once; neither a collector restart
+//! nor a forwarder restart in the middle of a collector outage may lose
+//! them. So when the export queue fills while the collector is away, and at
+//! shutdown, encoded export requests are written here, and a replayer sends
+//! them, oldest first, once the collector answers again (also after a
+//! restart), removing each file once sent.
 //!
 //! # File format
 //!
 //! One file per batch, `<seq>.batch` (20-digit sequence number, so names
-//! sort by age), written as `<seq>.tmp`, synced, then renamed, so a crash
-//! leaves either a whole file or a temporary one that the next start
-//! deletes:
+//! sort by age), written as a temporary file, synced, then given its name,
+//! so a crash leaves either a whole file or a temporary one (deleted later):
 //!
 //! ```text
 //! magic "KTFSPOOL" | version u32 LE | spans u32 LE | body length u64 LE | crc32 u32 LE | body
@@ -22,8 +21,8 @@
 //! have been sent. A file whose header, length or checksum is wrong is
 //! renamed to `<seq>.damaged` and skipped: set aside for a human, never
 //! fatal, never blocking the files behind it. The spool's total size is
-//! bounded; a batch that does not fit is not written (and the caller keeps
-//! the backpressure instead).
+//! bounded; a batch that does not fit is not written (the caller keeps the
+//! backpressure instead).
 //!
 //! # Two processes at once
 //!
@@ -37,12 +36,12 @@
 //! - A batch is claimed before it is sent, by renaming it to
 //!   `<seq>.<token>.sending`; of two replayers, the one whose rename fails
 //!   leaves it to the other. A claim is given back (`.batch` again) when
-//!   the send fails and will be retried, and removed once it is delivered.
+//!   the send fails, and removed once it is delivered.
 //! - The replayer looks at the directory again now and then while it has
 //!   nothing to send, for batches the other process wrote. There (and at
-//!   start) a temporary file or claim left by a process that died is dealt
-//!   with once it is older than anything alive would leave it: a temporary
-//!   file is deleted, a claim is given back, to be sent (at least once).
+//!   start) a temporary file or claim left by a process that died, once
+//!   older than anything alive would leave it, is deleted (a temporary
+//!   file) or given back, to be sent (at least once).
 //!
 //! Over 600 lines: the file format, the two-process rules and the depth
 //! `status` reports all bear on every read and write of the directory, so

@@ -293,36 +293,32 @@ pub(crate) async fn reach(
 /// failing verification, or the collector refusing ours: trying again with
 /// the same files cannot help.
 pub(crate) fn is_tls_rejection(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(tls) = tls {
-            use rustls::AlertDescription as A;
-            return match tls {
-                rustls::Error::InvalidCertificate(_)
-                | rustls::Error::NoCertificatesPresented
-                | rustls::Error::InconsistentKeys(_) => true,
-                rustls::Error::AlertReceived(a) => matches!(
-                    a,
-                    A::BadCertificate
-                        | A::UnsupportedCertificate
-                        | A::CertificateRevoked
-                        | A::CertificateExpired
-                        | A::CertificateUnknown
-                        | A::UnknownCA
-                        | A::AccessDenied
-                        | A::CertificateRequired
-                ),
-                _ => false,
-            };
-        }
-        cur = err.source();
+    use rustls::AlertDescription as A;
+    let tls = std::iter::successors(Some(e), |e| e.source()).find_map(|err| {
+        err.downcast_ref::<rustls::Error>().or_else(|| {
+            let inner = err.downcast_ref::<io::Error>()?.get_ref()?;
+            inner.downcast_ref::<rustls::Error>()
+        })
+    });
+    match tls {
+        Some(
+            rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::InconsistentKeys(_),
+        ) => true,
+        Some(rustls::Error::AlertReceived(a)) => matches!(
+            a,
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::CertificateRequired
+        ),
+        _ => false,
     }
-    false
 }
 
 /// Anything a connection to the collector can be: TCP, or TLS over it.
