@@ -163,10 +163,6 @@ impl Lanes {
         lane.records.push_back(q);
     }
 
-    fn is_empty(&self) -> bool {
-        self.turns.is_empty()
-    }
-
     /// The next record, in turn.
     fn pop(&mut self) -> Option<Queued> {
         // Each lane is looked at most twice: once to end a turn, once with
@@ -295,7 +291,7 @@ impl QueueReceiver {
     /// turns between sandboxes; 0 once every sender is gone and the queue is
     /// empty. Cancel-safe: what arrived stays in the lanes.
     pub(crate) async fn recv_many(&mut self, buf: &mut Vec<Queued>, limit: usize) -> usize {
-        if self.lanes.is_empty() {
+        if self.lanes.turns.is_empty() {
             let Some(q) = self.rx.recv().await else {
                 return 0;
             };
@@ -396,7 +392,7 @@ mod tests {
         let mut all = batch.len();
         loop {
             let mut more = Vec::new();
-            if rx.lanes.is_empty() && rx.rx.is_empty() {
+            if rx.lanes.turns.is_empty() && rx.rx.is_empty() {
                 break;
             }
             all += rx.recv_many(&mut more, 512).await;
