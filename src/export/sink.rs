@@ -10,7 +10,7 @@ pub struct Sink(pub(super) Transport);
 pub(super) enum Transport {
     Grpc(grpc::GrpcTransport),
     Http(Box<http::HttpTransport>),
-    Dump(std::sync::Mutex<dump::DumpWriter>),
+    Dump(std::sync::Mutex<Box<dyn std::io::Write + Send + Sync>>),
     Tree(std::sync::Mutex<tree::TreeWriter>),
 }
 
@@ -30,9 +30,7 @@ impl Sink {
 
     /// OTLP JSON lines, one span a line, written to `out`.
     pub fn dump(out: Box<dyn std::io::Write + Send + Sync>) -> Sink {
-        Sink(Transport::Dump(std::sync::Mutex::new(
-            dump::DumpWriter::new(out),
-        )))
+        Sink(Transport::Dump(std::sync::Mutex::new(out)))
     }
 
     /// Each trace as an indented tree, written to `out` (see [`tree`]).
@@ -100,7 +98,7 @@ impl Sink {
                     endpoint: t.cfg.endpoint.to_string(),
                     source,
                 }),
-            Transport::Dump(w) => written(lock(w).write_request(body)),
+            Transport::Dump(w) => written(dump::write_request(&mut *lock(w), body)),
             Transport::Tree(w) => written(lock(w).write_request(body)),
         }
     }
