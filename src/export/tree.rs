@@ -246,15 +246,11 @@ fn render(id: &[u8], spans: &[Held], start: u64, late: bool, full: bool, colour:
     let paint = Paint(colour);
     let mut header = format!("trace {}", hex(id));
     let sandboxes: BTreeSet<&str> = spans.iter().filter_map(|h| h.sandbox.as_deref()).collect();
-    for s in &sandboxes {
+    for s in sandboxes {
         let _ = write!(header, "  sandbox={}", clean(s, VALUE_CHARS));
     }
-    let _ = write!(
-        header,
-        "  {} span{}",
-        spans.len(),
-        if spans.len() == 1 { "" } else { "s" }
-    );
+    let plural = if spans.len() == 1 { "" } else { "s" };
+    let _ = write!(header, "  {} span{plural}", spans.len());
     let mut out = paint.wrap(BOLD, &header);
     let mark = match (late, full) {
         (_, true) => Some("incomplete: --dump-max-spans reached, printed as it is"),
