@@ -7,17 +7,6 @@ use super::*;
 /// batches it does not know of.
 const SPOOL_RESCAN: Duration = Duration::from_secs(10);
 
-/// The replayer's waits while the collector is away: the export's policy
-/// (jitter, throttling hints), from 250 ms up to 10 s. It has no total:
-/// the batches wait on disk for as long as the collector does.
-fn replay_policy() -> RetryPolicy {
-    RetryPolicy {
-        initial_backoff: Duration::from_millis(250),
-        max_backoff: Duration::from_secs(10),
-        ..RetryPolicy::default()
-    }
-}
-
 /// Sends spooled batches, oldest first, whenever the collector answers,
 /// until shutdown begins (what is left stays for the next run).
 pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
@@ -25,7 +14,14 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         return;
     };
     let stats = &*exporter.stats;
-    let policy = replay_policy();
+    // The waits while the collector is away: the export's policy (jitter,
+    // throttling hints), from 250 ms up to 10 s. It has no total: the
+    // batches wait on disk for as long as the collector does.
+    let policy = RetryPolicy {
+        initial_backoff: Duration::from_millis(250),
+        max_backoff: Duration::from_secs(10),
+        ..RetryPolicy::default()
+    };
     let mut backoff = Backoff::new(&policy);
     loop {
         if shutdown.is_stopping() {
