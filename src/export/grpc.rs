@@ -178,41 +178,37 @@ impl Classify for GrpcError {
         if tls::is_tls_rejection(&self.0) {
             return Retry::Never;
         }
-        match self.0.code() {
+        use tonic_types::StatusExt;
+        let status = &self.0;
+        match status.code() {
             Code::Cancelled
             | Code::DeadlineExceeded
             | Code::Aborted
             | Code::OutOfRange
             | Code::Unavailable
             | Code::DataLoss => Retry::Retryable,
-            // With a hint of when, the collector is throttling; without
-            // one, the request is over its message size limit (grpc-go's
-            // `max_recv_msg_size`, 4 MiB by default): smaller ones may pass.
-            Code::ResourceExhausted => match retry_delay(&self.0) {
-                Some(d) => Retry::Throttled(Some(d)),
-                None => Retry::TooLarge,
-            },
+            // With a hint of when (`google.rpc.RetryInfo` in the details),
+            // the collector is throttling; without one, the request is over
+            // its message size limit (grpc-go's `max_recv_msg_size`, 4 MiB
+            // by default): smaller ones may pass. A zero delay is no hint
+            // (tonic-types reads a nonsensical negative one as zero): it
+            // tells nothing about when the collector recovers.
+            Code::ResourceExhausted => status
+                .get_details_retry_info()
+                .and_then(|info| info.retry_delay)
+                .filter(|d| !d.is_zero())
+                .map_or(Retry::TooLarge, |d| Retry::Throttled(Some(d))),
             // tonic reports connection failures as Unknown with a transport
             // error source; those are worth retrying.
-            Code::Unknown if is_transport_error(&self.0) => Retry::Retryable,
+            Code::Unknown
+                if std::error::Error::source(status).is_some()
+                    || status.message().contains("transport error") =>
+            {
+                Retry::Retryable
+            }
             _ => Retry::Never,
         }
     }
-}
-
-fn is_transport_error(status: &Status) -> bool {
-    std::error::Error::source(status).is_some() || status.message().contains("transport error")
-}
-
-/// The server's `google.rpc.RetryInfo` hint, from a status's details. A
-/// zero delay is no hint at all (tonic-types reads a nonsensical negative
-/// one as zero): it tells nothing about when the collector recovers.
-fn retry_delay(status: &Status) -> Option<Duration> {
-    use tonic_types::StatusExt;
-    status
-        .get_details_retry_info()?
-        .retry_delay
-        .filter(|d| !d.is_zero())
 }
 
 /// Decodes the collector's answer.
