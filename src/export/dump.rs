@@ -15,7 +15,6 @@ use prost::Message;
 
 use crate::otlp::EncodedRequest;
 
-/// Writes every span of an export request as its own line.
 pub(crate) fn write_request(out: &mut impl Write, body: &EncodedRequest) -> io::Result<()> {
     // Spans arrive encoded for export; this slow path decodes them back
     // into OTLP structs for the JSON mapping.

@@ -211,7 +211,6 @@ impl Classify for GrpcError {
     }
 }
 
-/// Decodes the collector's answer.
 struct ResponseDecoder;
 
 impl Decoder for ResponseDecoder {

@@ -14,7 +14,6 @@ use tokio::time::Instant;
 
 use crate::shutdown::Shutdown;
 
-/// How a failed attempt may be retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Retry {
     /// Transient: try again after backoff.

@@ -96,7 +96,6 @@ pub enum SpoolError {
     },
 }
 
-/// A batch read back from the spool.
 #[derive(Debug)]
 pub(crate) struct Spooled {
     pub spans: u32,
@@ -113,7 +112,6 @@ struct State {
     next_seq: u64,
 }
 
-/// How much the spool holds now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Depth {
     pub batches: u64,
@@ -189,7 +187,6 @@ impl Entry {
     }
 }
 
-/// Whether `name` is one the spool gives its files.
 pub(crate) fn is_spool_file(name: &std::ffi::OsStr) -> bool {
     Entry::of(name).is_some()
 }

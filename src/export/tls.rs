@@ -321,12 +321,11 @@ pub(crate) fn is_tls_rejection(e: &(dyn std::error::Error + 'static)) -> bool {
     }
 }
 
-/// Anything a connection to the collector can be: TCP, or TLS over it.
 pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
-/// A connection to the collector, with or without TLS.
+/// A connection to the collector: TCP, or TLS over it.
 pub(crate) type Stream = Box<dyn Io>;
 
 impl hyper_util::client::legacy::connect::Connection for Stream {

@@ -36,11 +36,9 @@ use crate::otlp::EncodedRequest;
 const KEY_ATTRIBUTES: [&str; 5] = ["req", "request", "container_id", "exec_id", "sandbox_id"];
 /// Attributes a line shows at most, key attributes first.
 const MAX_ATTRIBUTES: usize = 4;
-/// Characters a value keeps.
+/// Characters a value, a span or event name, an error message keep.
 const VALUE_CHARS: usize = 40;
-/// Characters a span or event name keeps.
 const NAME_CHARS: usize = 80;
-/// Characters an error message keeps.
 const MESSAGE_CHARS: usize = 120;
 const SANDBOX_ATTRIBUTE: &str = "kata.sandbox.id";
 
