@@ -367,14 +367,6 @@ impl Weight {
         self.spans += q.record.count;
         self.bytes += cost + q.record.spans.len();
     }
-
-    fn full(&self, cfg: &BatchConfig) -> bool {
-        self.spans >= cfg.max_spans || self.bytes >= cfg.max_bytes
-    }
-
-    fn over(&self, cfg: &BatchConfig) -> bool {
-        self.spans > cfg.max_spans || self.bytes > cfg.max_bytes
-    }
 }
 
 /// Drives a sink that holds spans (the tree view's lingering traces) until
@@ -425,7 +417,7 @@ pub(crate) async fn run_batcher(
         let deadline = tokio::time::sleep_until(flush_at);
         tokio::pin!(deadline);
         let mut closed = false;
-        while !weight.full(&cfg) {
+        while weight.spans < cfg.max_spans && weight.bytes < cfg.max_bytes {
             let want = cfg.max_spans - weight.spans;
             let before = buf.len();
             tokio::select! {
@@ -441,7 +433,7 @@ pub(crate) async fn run_batcher(
                 }
             }
         }
-        if weight.over(&cfg) {
+        if weight.spans > cfg.max_spans || weight.bytes > cfg.max_bytes {
             carry = split_batch(&mut buf, &cfg);
         }
         let batch = std::mem::replace(&mut buf, Vec::with_capacity(cfg.max_spans));
