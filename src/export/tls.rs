@@ -1,21 +1,16 @@
 //! Connections to the collector: TCP, and TLS (rustls) for `https://`
 //! endpoints, shared by both transports.
 //!
-//! # TLS primer
+//! The forwarder is the TLS client. It checks the collector's chain against
+//! the system's roots (or `--otlp-certificate`'s PEM bundle instead) and its
+//! names against the endpoint's host; with `--otlp-client-certificate` and
+//! `--otlp-client-key` it proves itself too (mTLS). TLS 1.2 and 1.3 are
+//! offered; ALPN says `h2` for gRPC, `http/1.1` for OTLP/HTTP.
 //!
-//! The forwarder is the client. It checks the collector's certificate chain
-//! against its trusted roots (the system's, or the PEM bundle of
-//! `--otlp-certificate` instead) and the certificate's names against the
-//! endpoint's host; with `--otlp-client-certificate` and
-//! `--otlp-client-key` it also proves itself to the collector (mTLS).
-//! TLS 1.2 and 1.3 are offered. ALPN says which HTTP the connection will
-//! speak: `h2` for gRPC, `http/1.1` for OTLP/HTTP.
-//!
-//! Certificates are rotated on disk by the tools that issue them, without
-//! telling anyone. So the files are looked at again (size and modification
-//! time) whenever a new connection is made: a changed file is loaded for
-//! that connection and the ones after it. A file that changed into
-//! something unusable is logged and the last good configuration kept, so a
+//! Certificates are rotated on disk without telling anyone, so the files
+//! are looked at again (size, modification time) for every new connection,
+//! and loaded again if changed. A file that changed into something
+//! unusable is logged and the last good configuration kept, so a
 //! half-written rotation never takes export down. At startup, though, every
 //! file must load: a wrong path or a key that does not match its
 //! certificate is an error that names the file.
