@@ -540,33 +540,23 @@ impl Spool {
 /// unsettled, also when the replayer is stopped in the middle of sending it
 /// (its task aborted at the shutdown deadline), so that it is not left
 /// claimed by a process that is gone.
-pub(crate) struct Claimed<'a> {
-    spool: &'a Spool,
-    seq: u64,
-    settled: bool,
-}
+pub(crate) struct Claimed<'a>(&'a Spool, u64);
 
 impl<'a> Claimed<'a> {
     pub(crate) fn new(spool: &'a Spool, seq: u64) -> Claimed<'a> {
-        Claimed {
-            spool,
-            seq,
-            settled: false,
-        }
+        Claimed(spool, seq)
     }
 
-    /// Delivered (or refused for good): removed.
-    pub(crate) fn settle(mut self) {
-        self.settled = true;
-        self.spool.remove(self.seq);
+    /// Delivered (or refused for good): removed, and not given back.
+    pub(crate) fn settle(self) {
+        self.0.remove(self.1);
+        std::mem::forget(self);
     }
 }
 
 impl Drop for Claimed<'_> {
     fn drop(&mut self) {
-        if !self.settled {
-            self.spool.release(self.seq);
-        }
+        self.0.release(self.1);
     }
 }
 
