@@ -102,11 +102,6 @@ impl ExportError {
             _ => DropReason::Rejected,
         }
     }
-
-    /// Whether trying the same request again cannot help.
-    fn is_final(&self) -> bool {
-        matches!(self.retry(), Retry::Never | Retry::TooLarge)
-    }
 }
 
 impl Classify for ExportError {
@@ -271,7 +266,8 @@ impl Exporter {
                 Ok(resp) => return (delivered(stats, &resp), attempts, None),
                 Err(e) => e,
             };
-            let delivery = if error.is_final() {
+            // Trying the same request again cannot help.
+            let delivery = if matches!(error.retry(), Retry::Never | Retry::TooLarge) {
                 Delivery::Dropped(error.drop_reason())
             } else if spooling && self.spool_batch(body.clone(), spans).await {
                 Delivery::Spooled
@@ -451,10 +447,6 @@ struct Piece {
 }
 
 impl Piece {
-    fn spans(&self) -> u64 {
-        self.records.iter().map(|r| r.count as u64).sum()
-    }
-
     /// Splits off the second half, by spans: what is left holds the first.
     fn split_half(&mut self) -> Piece {
         let (records, shared) = split_half(&mut self.records);
@@ -490,7 +482,7 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
     // sandbox, and every other sandbox's spans in the batch still go.
     let mut pieces = vec![whole];
     while let Some(mut piece) = pieces.pop() {
-        let spans = piece.spans();
+        let spans: u64 = piece.records.iter().map(|r| r.count as u64).sum();
         // The spans are encoded already; this frames them into one request.
         let body = encode_request(&piece.records);
         let bytes = body.len();
@@ -505,8 +497,7 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
                     bytes,
                     "request too large for the collector; sending its halves"
                 );
-                let second = piece.split_half();
-                pieces.push(second);
+                pieces.push(piece.split_half());
                 pieces.push(piece);
                 continue;
             }
