@@ -3,21 +3,20 @@
 //! It is bounded twice: in spans, by a semaphore of span slots that a
 //! record holds from send to receipt (a record carries the spans of one
 //! socket read, so the channel's capacity alone would bound reads, not
-//! spans), and in bytes,
-//! by a semaphore of byte permits that each span holds (sized by its frame's
-//! payload) until its batch has been exported, spooled or dropped. A
-//! connection that cannot get room waits, and while it waits it does not
-//! read its socket: the bound is what turns a slow collector into
+//! spans), and in bytes, by a semaphore of byte permits that each span
+//! holds (sized by its frame's payload) until its batch has been exported,
+//! spooled or dropped. A connection that cannot get room waits, and does
+//! not read its socket meanwhile: the bound turns a slow collector into
 //! backpressure on the guest rather than into memory growth here.
 //!
 //! It is also fair between sandboxes. Each record carries its sandbox's
 //! [`Share`] of the queue: while other sandboxes hold room, one may hold at
 //! most an equal part (see [`crate::tenant`]), waiting otherwise. And the
-//! receiver does not hand records out in arrival order: it takes everything
-//! that has arrived into one lane per sandbox and hands records out from
-//! the lanes in turn, so the spans of a quiet sandbox never wait behind a
-//! flooding one's backlog. The span slots go back as records leave the
-//! lanes, so the lanes are bounded by the same `max_spans`.
+//! receiver takes everything that has arrived into one lane per sandbox
+//! and hands records out from the lanes in turn, so the spans of a quiet
+//! sandbox never wait behind a flooding one's backlog. The span slots go
+//! back as records leave the lanes, so the lanes are bounded by the same
+//! `max_spans`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
