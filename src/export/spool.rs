@@ -43,7 +43,7 @@
 //!   older than anything alive would leave it, is deleted (a temporary
 //!   file) or given back, to be sent (at least once).
 //!
-//! Over 600 lines: the file format, the two-process rules and the depth
+//! Over 500 lines: the file format, the two-process rules and the depth
 //! `status` reports all bear on every read and write of the directory, so
 //! they stay in one place.
 
@@ -313,19 +313,14 @@ impl Spool {
     /// user's to plant: opened as [`Spool::read`] opens it, and only its
     /// header read.
     fn spans_in(&self, path: &Path) -> u32 {
-        let header = crate::untrusted::open_file(path, Link::Never, self.max_bytes)
-            .ok()
-            .and_then(|(mut f, _)| {
-                let mut h = [0u8; HEADER_LEN];
-                io::Read::read_exact(&mut f, &mut h).ok().map(|()| h)
-            });
-        match header {
-            Some(h) if h.starts_with(MAGIC) => h
-                .get(12..16)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u32::from_le_bytes),
-            _ => 0,
-        }
+        let spans = || {
+            let (mut f, _) = crate::untrusted::open_file(path, Link::Never, self.max_bytes).ok()?;
+            let mut h = [0u8; HEADER_LEN];
+            io::Read::read_exact(&mut f, &mut h).ok()?;
+            let spans = h.get(12..16)?.try_into().ok()?;
+            h.starts_with(MAGIC).then(|| u32::from_le_bytes(spans))
+        };
+        spans().unwrap_or(0)
     }
 
     pub(crate) fn depth(&self) -> Depth {
