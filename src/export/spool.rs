@@ -51,7 +51,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -131,32 +131,6 @@ pub(crate) struct Spool {
     token: String,
     /// [`ABANDONED`], but in tests.
     abandoned_after: Duration,
-}
-
-/// The state, locked; publishes the gauges when let go.
-struct Locked<'a> {
-    state: MutexGuard<'a, State>,
-    stats: &'a Stats,
-}
-
-impl std::ops::Deref for Locked<'_> {
-    type Target = State;
-    fn deref(&self) -> &State {
-        &self.state
-    }
-}
-
-impl std::ops::DerefMut for Locked<'_> {
-    fn deref_mut(&mut self) -> &mut State {
-        &mut self.state
-    }
-}
-
-impl Drop for Locked<'_> {
-    fn drop(&mut self) {
-        self.stats.spool_bytes.set(self.state.bytes);
-        self.stats.spool_files.set(self.state.files.len() as u64);
-    }
 }
 
 /// What a file in the spool directory is, by its name: `<seq>.<what>`.
@@ -240,16 +214,15 @@ impl Spool {
             dir: dir.to_path_buf(),
             source,
         })?;
-        let state = spool.lock();
-        if !state.files.is_empty() {
+        let Depth { batches, bytes, .. } = spool.depth();
+        if batches > 0 {
             tracing::info!(
                 dir = %dir.display(),
-                batches = state.files.len(),
-                bytes = state.bytes,
+                batches,
+                bytes,
                 "spool holds batches from an earlier run; they will be sent"
             );
         }
-        drop(state);
         Ok(spool)
     }
 
@@ -265,11 +238,10 @@ impl Spool {
                 continue;
             };
             let path = entry.path();
-            let known = {
-                let mut st = self.lock();
+            let known = self.with(|st| {
                 st.next_seq = st.next_seq.max(seq + 1);
                 st.files.contains_key(&seq)
-            };
+            });
             match what {
                 Entry::Batch if !known => found += usize::from(self.found(seq, &path)),
                 // Ours are being written; another's, until abandoned, may be.
@@ -299,13 +271,14 @@ impl Spool {
     fn found(&self, seq: u64, path: &Path) -> bool {
         let size = fs::symlink_metadata(path).map_or(0, |m| m.len());
         let spans = self.spans_in(path);
-        let mut st = self.lock();
-        let new = st.files.insert(seq, (size, spans)).is_none();
-        if new {
-            st.bytes += size;
-            st.spans += u64::from(spans);
-        }
-        new
+        self.with(|st| {
+            let new = st.files.insert(seq, (size, spans)).is_none();
+            if new {
+                st.bytes += size;
+                st.spans += u64::from(spans);
+            }
+            new
+        })
     }
 
     /// The spans a batch file's header says it holds; 0 for one that is
@@ -324,12 +297,11 @@ impl Spool {
     }
 
     pub(crate) fn depth(&self) -> Depth {
-        let st = self.lock();
-        Depth {
+        self.with(|st| Depth {
             batches: st.files.len() as u64,
             spans: st.spans,
             bytes: st.bytes,
-        }
+        })
     }
 
     pub(crate) fn dir(&self) -> &Path {
@@ -348,28 +320,32 @@ impl Spool {
         self.dir.join(format!("{seq:020}.{}.sending", self.token))
     }
 
-    fn lock(&self) -> Locked<'_> {
+    /// Runs `f` on the state, locked, and publishes the gauges before the
+    /// lock is let go.
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         // A panic elsewhere while holding the lock leaves plain data behind,
         // still consistent enough to keep spooling.
-        Locked {
-            state: self.state.lock().unwrap_or_else(|p| p.into_inner()),
-            stats: &self.stats,
-        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let r = f(&mut st);
+        self.stats.spool_bytes.set(st.bytes);
+        self.stats.spool_files.set(st.files.len() as u64);
+        r
     }
 
     /// Writes one encoded batch. Returns `Ok(false)` when it does not fit
     /// within the size bound.
     pub(crate) fn write(&self, body: &EncodedRequest, spans: u32) -> Result<bool, SpoolError> {
         let size = (HEADER_LEN + body.len()) as u64;
-        let seq = {
-            let mut st = self.lock();
-            if st.bytes + size > self.max_bytes {
-                return Ok(false);
-            }
-            // Reserve the space now so concurrent writers cannot overshoot.
-            st.bytes += size;
-            st.next_seq += 1;
-            st.next_seq - 1
+        // Reserve the space now so concurrent writers cannot overshoot.
+        let reserved = self.with(|st| {
+            (st.bytes + size <= self.max_bytes).then(|| {
+                st.bytes += size;
+                st.next_seq += 1;
+                st.next_seq - 1
+            })
+        });
+        let Some(seq) = reserved else {
+            return Ok(false);
         };
         let tmp = self.dir.join(format!("{seq:020}.{}.tmp", self.token));
         let mut crc = crc32fast::Hasher::new();
@@ -396,33 +372,34 @@ impl Spool {
         })();
         // Published under the lock, so that a rescan sees it either not yet
         // or already counted.
-        let mut st = self.lock();
-        let published = res.and_then(|()| {
-            let mut seq = seq;
-            for _ in 0..LINK_TRIES {
-                match publish(&tmp, &self.batch_path(seq)) {
-                    Ok(()) => return Ok(seq),
-                    // Another process's batch: take the next number.
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        seq = st.next_seq.max(seq + 1);
-                        st.next_seq = seq + 1;
+        let published = self.with(|st| {
+            let published = res.and_then(|()| {
+                let mut seq = seq;
+                for _ in 0..LINK_TRIES {
+                    match publish(&tmp, &self.batch_path(seq)) {
+                        Ok(()) => return Ok(seq),
+                        // Another process's batch: take the next number.
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                            seq = st.next_seq.max(seq + 1);
+                            st.next_seq = seq + 1;
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
                 }
+                Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "no free sequence number",
+                ))
+            });
+            match published {
+                Ok(seq) => {
+                    st.files.insert(seq, (size, spans));
+                    st.spans += u64::from(spans);
+                }
+                Err(_) => st.bytes -= size,
             }
-            Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "no free sequence number",
-            ))
+            published
         });
-        match published {
-            Ok(seq) => {
-                st.files.insert(seq, (size, spans));
-                st.spans += u64::from(spans);
-            }
-            Err(_) => st.bytes -= size,
-        }
-        drop(st);
         let _ = fs::remove_file(&tmp);
         published.map_err(|source| SpoolError::File {
             what: "writing",
@@ -437,7 +414,7 @@ impl Spool {
     }
 
     pub(crate) fn oldest(&self) -> Option<u64> {
-        self.lock().files.keys().next().copied()
+        self.with(|st| st.files.keys().next().copied())
     }
 
     /// Claims a batch and reads it back, setting it aside if it is
@@ -523,11 +500,12 @@ impl Spool {
     }
 
     fn forget(&self, seq: u64) {
-        let mut st = self.lock();
-        if let Some((size, spans)) = st.files.remove(&seq) {
-            st.bytes -= size;
-            st.spans -= u64::from(spans);
-        }
+        self.with(|st| {
+            if let Some((size, spans)) = st.files.remove(&seq) {
+                st.bytes -= size;
+                st.spans -= u64::from(spans);
+            }
+        })
     }
 }
 
@@ -606,11 +584,11 @@ mod tests {
         }
 
         fn bytes(&self) -> u64 {
-            self.lock().bytes
+            self.with(|st| st.bytes)
         }
 
         fn len(&self) -> usize {
-            self.lock().files.len()
+            self.with(|st| st.files.len())
         }
     }
 
@@ -680,7 +658,7 @@ mod tests {
         assert_eq!((b.spans, &b.body.to_bytes()[..]), (4, &b"second"[..]));
         // New writes continue the sequence after a reopen.
         assert!(spool.write(&req(b"third"), 1).unwrap());
-        assert!(spool.oldest().unwrap() < spool.lock().next_seq);
+        assert!(spool.oldest().unwrap() < spool.with(|st| st.next_seq));
     }
 
     #[test]
