@@ -18,7 +18,7 @@
 //! Over 500 lines: the printer and its tests (ordering, the linger, the
 //! bound, colour) belong together.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
@@ -48,6 +48,8 @@ struct Held {
 }
 
 struct Trace {
+    /// Its key in `arrival`.
+    seq: u64,
     first: Instant,
     last: Instant,
     rooted: bool,
@@ -58,11 +60,9 @@ pub(crate) struct TreeWriter {
     out: Box<dyn Write + Send + Sync>,
     opts: DumpConfig,
     traces: HashMap<Vec<u8>, Trace>,
-    /// The traces in the order they came, oldest first, for the bound to
-    /// find the oldest without a scan; an entry whose trace has been
-    /// printed since is skipped, and the stale ones are swept out before
-    /// they outnumber the live.
-    arrival: VecDeque<(Instant, Vec<u8>)>,
+    /// The traces held, in the order they came, for the bound to find the
+    /// oldest without a scan.
+    arrival: BTreeMap<u64, Vec<u8>>,
     held: usize,
     /// Traces printed already, with their start time, so that what comes
     /// later is printed as late, with offsets from the same start. Bounded
@@ -77,7 +77,7 @@ impl TreeWriter {
             out,
             opts,
             traces: HashMap::new(),
-            arrival: VecDeque::new(),
+            arrival: BTreeMap::new(),
             held: 0,
             printed: HashMap::new(),
             printed_order: VecDeque::new(),
@@ -113,8 +113,11 @@ impl TreeWriter {
                 let id = span.trace_id.clone();
                 let arrival = &mut self.arrival;
                 let trace = self.traces.entry(id.clone()).or_insert_with(|| {
-                    arrival.push_back((now, id.clone()));
+                    // Above every key held: a key is used once at a time.
+                    let seq = arrival.last_key_value().map_or(0, |(k, _)| k + 1);
+                    arrival.insert(seq, id.clone());
                     Trace {
+                        seq,
                         first: now,
                         last: now,
                         rooted: false,
@@ -132,7 +135,9 @@ impl TreeWriter {
                 });
                 self.held += 1;
                 while self.held > self.opts.max_spans {
-                    let Some(oldest) = self.oldest() else { break };
+                    let Some(oldest) = self.arrival.values().next().cloned() else {
+                        break;
+                    };
                     self.print(&oldest, true)?;
                 }
             }
@@ -145,20 +150,6 @@ impl TreeWriter {
         }
         // The ticker prints what has gone quiet.
         self.out.flush()
-    }
-
-    fn live(traces: &HashMap<Vec<u8>, Trace>, (first, id): &(Instant, Vec<u8>)) -> bool {
-        traces.get(id).is_some_and(|t| t.first == *first)
-    }
-
-    fn oldest(&mut self) -> Option<Vec<u8>> {
-        while let Some(entry) = self.arrival.front() {
-            if Self::live(&self.traces, entry) {
-                return Some(entry.1.clone());
-            }
-            self.arrival.pop_front();
-        }
-        None
     }
 
     /// Prints the traces that have been quiet for the linger time.
@@ -188,10 +179,7 @@ impl TreeWriter {
             return Ok(());
         };
         self.held -= trace.spans.len();
-        if self.arrival.len() > 2 * self.traces.len() + 64 {
-            let traces = &self.traces;
-            self.arrival.retain(|e| Self::live(traces, e));
-        }
+        self.arrival.remove(&trace.seq);
         let earliest = trace
             .spans
             .iter()
