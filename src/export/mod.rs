@@ -19,10 +19,8 @@
 //! dropped.
 //!
 //! Here: the exporter (one batch's delivery, retries, the spool) and the
-//! batcher. Beside it: [`sink`] (the transports behind one interface),
-//! [`split`] (cutting batches, halving refused requests), [`replay`]. Over
-//! 500 lines with its tests, which exercise all of them through the
-//! exporter.
+//! batcher; over 500 lines with its tests, which exercise [`sink`],
+//! [`split`] and [`replay`] through the exporter.
 
 pub(crate) mod body;
 pub(crate) mod coalesce;
