@@ -163,7 +163,6 @@ pub(crate) struct Exporter {
     sink: Sink,
     spool: Option<Arc<Spool>>,
     stats: Arc<Stats>,
-    retry: RetryPolicy,
     /// Wakes the replayer when a batch has been spooled.
     spooled: Notify,
     /// How the last requests went, for `status`.
@@ -185,7 +184,6 @@ impl Exporter {
             sink,
             spool,
             stats,
-            retry: RetryPolicy::default(),
             spooled: Notify::new(),
             health: Health::default(),
         }
@@ -237,8 +235,7 @@ impl Exporter {
         let mut attempts = 0;
         loop {
             let give_up = || may_give_up && filling_up();
-            let run = self
-                .retry
+            let run = retry::EXPORT
                 .run(shutdown, give_up, |attempt| {
                     emit!(stats, ExportAttempt { attempt });
                     let body = &body;

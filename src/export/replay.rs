@@ -20,7 +20,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
     let policy = RetryPolicy {
         initial_backoff: Duration::from_millis(250),
         max_backoff: Duration::from_secs(10),
-        ..RetryPolicy::default()
+        ..retry::EXPORT
     };
     let mut backoff = Backoff::new(&policy);
     loop {

@@ -43,17 +43,14 @@ pub(crate) struct RetryPolicy {
     pub max_elapsed: Duration,
 }
 
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
-            multiplier: 2.0,
-            max_throttle: Duration::from_secs(30),
-            max_elapsed: Duration::from_secs(120),
-        }
-    }
-}
+/// The export's policy.
+pub(crate) const EXPORT: RetryPolicy = RetryPolicy {
+    initial_backoff: Duration::from_millis(100),
+    max_backoff: Duration::from_secs(5),
+    multiplier: 2.0,
+    max_throttle: Duration::from_secs(30),
+    max_elapsed: Duration::from_secs(120),
+};
 
 #[derive(Debug)]
 pub(crate) struct Outcome<T, E> {
