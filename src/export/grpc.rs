@@ -110,13 +110,9 @@ impl GrpcTransport {
                 body.len()
             )))
         })?;
-        let mut prefix = [0u8; 5];
-        prefix[0] = u8::from(gzip);
-        prefix[1..].copy_from_slice(&len.to_be_bytes());
-        let mut req = http::Request::new(tonic::body::Body::new(RequestBody::new(
-            Some(Bytes::copy_from_slice(&prefix)),
-            body,
-        )));
+        let prefix = Bytes::from([&[u8::from(gzip)][..], &len.to_be_bytes()].concat());
+        let body = RequestBody::new(Some(prefix), body);
+        let mut req = http::Request::new(tonic::body::Body::new(body));
         *req.method_mut() = Method::POST;
         // The channel fills in the scheme and authority.
         *req.uri_mut() = Uri::from_static(EXPORT_PATH);
