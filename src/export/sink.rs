@@ -44,7 +44,7 @@ impl Sink {
     pub(super) fn tick_every(&self) -> Option<Duration> {
         match &self.0 {
             Transport::Tree(w) => {
-                let linger = lock(w).linger();
+                let linger = lock(w).opts.linger;
                 // A quarter of the linger: a quiet trace waits at most that
                 // much longer than asked.
                 Some((linger / 4).max(Duration::from_millis(10)))

@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::io::{self, Write};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
@@ -58,7 +58,7 @@ struct Trace {
 
 pub(crate) struct TreeWriter {
     out: Box<dyn Write + Send + Sync>,
-    opts: DumpConfig,
+    pub(super) opts: DumpConfig,
     traces: HashMap<Vec<u8>, Trace>,
     /// The traces held, in the order they came, for the bound to find the
     /// oldest without a scan.
@@ -88,10 +88,6 @@ impl TreeWriter {
         let request = ExportTraceServiceRequest::decode(body.to_bytes())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         self.add(request, Instant::now())
-    }
-
-    pub(crate) fn linger(&self) -> Duration {
-        self.opts.linger
     }
 
     /// Prints everything held.
@@ -407,11 +403,7 @@ fn clean(s: &str, max: usize) -> String {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter()
-        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
-            let _ = write!(s, "{x:02x}");
-            s
-        })
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Nanoseconds in the unit a person reads best.
@@ -431,6 +423,7 @@ mod tests {
     use opentelemetry_proto::tonic::trace::v1::span::Event;
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Status};
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     #[derive(Clone, Default)]
     struct Out(Arc<Mutex<Vec<u8>>>);
