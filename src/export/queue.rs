@@ -42,10 +42,6 @@ impl Share {
         &self.tenant
     }
 
-    fn release_spans(&mut self) {
-        self.tenant.release(std::mem::take(&mut self.spans), 0);
-    }
-
     /// Splits off `part` of `whole`: what a split-off piece of the record
     /// holds.
     fn split(&mut self, part: usize, whole: usize) -> Share {
@@ -306,7 +302,8 @@ impl QueueReceiver {
             let Some(mut q) = self.lanes.pop() else { break };
             spans += q.record.count;
             slots += slot_count(q.record.count, self.room.bounds.max_spans) as usize;
-            q.share.release_spans();
+            let share = &mut q.share;
+            share.tenant.release(std::mem::take(&mut share.spans), 0);
             buf.push(q);
             n += 1;
         }
