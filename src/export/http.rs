@@ -71,9 +71,6 @@ impl Classify for HttpError {
 }
 
 impl HttpTransport {
-    /// Checks that the collector's port accepts connections (and the TLS
-    /// handshake succeeds), so that a missing collector, or one the
-    /// forwarder cannot trust, is reported at startup.
     pub(crate) async fn connect(
         cfg: &OtlpConfig,
         connect_timeout: Duration,
