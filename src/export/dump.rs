@@ -119,12 +119,10 @@ fn patch_attributes(kvs: &[KeyValue], json: Option<&mut serde_json::Value>) {
 fn patch_value(v: &AnyValue, json: &mut serde_json::Value) {
     match &v.value {
         Some(any_value::Value::DoubleValue(d)) if !d.is_finite() => {
-            let text = if d.is_nan() {
-                "NaN"
-            } else if *d > 0.0 {
-                "Infinity"
-            } else {
-                "-Infinity"
+            let text = match (d.is_nan(), *d > 0.0) {
+                (true, _) => "NaN",
+                (false, true) => "Infinity",
+                (false, false) => "-Infinity",
             };
             if let Some(obj) = json.as_object_mut() {
                 obj.insert("doubleValue".into(), text.into());
