@@ -16,13 +16,19 @@ use hyper::body::{Body, Frame, SizeHint};
 use crate::config::Compression;
 use crate::otlp::EncodedRequest;
 
-/// A request gzipped, for `--otlp-compression gzip`: the one path that
-/// copies the spans, since compressing means reading them all anyway.
-/// Level 1, the fastest: spans are repetitive enough that it already sends
+/// The request as `compression` says to send it. Gzip is the one path that
+/// copies the spans, since compressing means reading them all anyway; at
+/// level 1, the fastest: spans are repetitive enough that it already sends
 /// an eighth of the bytes or less, while the default level 6 costs three to
 /// four times the forwarder's CPU per span (BENCHMARKS.md).
-fn gzip(request: &EncodedRequest) -> EncodedRequest {
+pub(crate) fn compressed(
+    compression: Compression,
+    request: &EncodedRequest,
+) -> std::borrow::Cow<'_, EncodedRequest> {
     use std::io::Write;
+    if compression == Compression::None {
+        return std::borrow::Cow::Borrowed(request);
+    }
     let mut enc = flate2::write::GzEncoder::new(
         Vec::with_capacity(request.len() / 4 + 64),
         flate2::Compression::fast(),
@@ -31,18 +37,8 @@ fn gzip(request: &EncodedRequest) -> EncodedRequest {
         // Writing into a Vec cannot fail.
         let _ = enc.write_all(c);
     }
-    EncodedRequest::from(Bytes::from(enc.finish().unwrap_or_default()))
-}
-
-/// The request as `compression` says to send it.
-pub(crate) fn compressed(
-    compression: Compression,
-    request: &EncodedRequest,
-) -> std::borrow::Cow<'_, EncodedRequest> {
-    match compression {
-        Compression::None => std::borrow::Cow::Borrowed(request),
-        Compression::Gzip => std::borrow::Cow::Owned(gzip(request)),
-    }
+    let gzipped = Bytes::from(enc.finish().unwrap_or_default());
+    std::borrow::Cow::Owned(EncodedRequest::from(gzipped))
 }
 
 pub(crate) struct RequestBody {
@@ -106,10 +102,8 @@ where
 {
     use http_body_util::{BodyExt, Limited};
     let read = Limited::new(body, max).collect();
-    match tokio::time::timeout_at(deadline, read).await {
-        Ok(Ok(collected)) => Some(collected.to_bytes()),
-        Ok(Err(_)) | Err(_) => None,
-    }
+    let collected = tokio::time::timeout_at(deadline, read).await.ok()?.ok()?;
+    Some(collected.to_bytes())
 }
 
 #[cfg(test)]

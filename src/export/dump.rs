@@ -15,40 +15,29 @@ use prost::Message;
 
 use crate::otlp::EncodedRequest;
 
-pub(crate) struct DumpWriter {
-    out: Box<dyn Write + Send + Sync>,
-}
-
-impl DumpWriter {
-    pub(crate) fn new(out: Box<dyn Write + Send + Sync>) -> Self {
-        Self { out }
-    }
-
-    /// Writes every span of an export request as its own line.
-    pub(crate) fn write_request(&mut self, body: &EncodedRequest) -> io::Result<()> {
-        // Spans arrive encoded for export; this slow path decodes them back
-        // into OTLP structs for the JSON mapping.
-        let request = ExportTraceServiceRequest::decode(body.to_bytes())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        for rs in request.resource_spans {
-            let resource = rs.resource.unwrap_or_default();
-            for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
-                let line = TracesData {
-                    resource_spans: vec![ResourceSpans {
-                        resource: Some(resource.clone()),
-                        scope_spans: vec![ScopeSpans {
-                            scope: None,
-                            spans: vec![span],
-                            schema_url: String::new(),
-                        }],
+pub(crate) fn write_request(out: &mut impl Write, body: &EncodedRequest) -> io::Result<()> {
+    // Spans arrive encoded for export; this slow path decodes them back
+    // into OTLP structs for the JSON mapping.
+    let request = ExportTraceServiceRequest::decode(body.to_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    for rs in request.resource_spans {
+        let resource = rs.resource.unwrap_or_default();
+        for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+            let line = TracesData {
+                resource_spans: vec![ResourceSpans {
+                    resource: Some(resource.clone()),
+                    scope_spans: vec![ScopeSpans {
+                        scope: None,
+                        spans: vec![span],
                         schema_url: String::new(),
                     }],
-                };
-                write_line(&mut self.out, &line)?;
-            }
+                    schema_url: String::new(),
+                }],
+            };
+            write_line(out, &line)?;
         }
-        self.out.flush()
     }
+    out.flush()
 }
 
 /// Writes one line. The OTLP JSON mapping writes a double that is not
@@ -130,12 +119,10 @@ fn patch_attributes(kvs: &[KeyValue], json: Option<&mut serde_json::Value>) {
 fn patch_value(v: &AnyValue, json: &mut serde_json::Value) {
     match &v.value {
         Some(any_value::Value::DoubleValue(d)) if !d.is_finite() => {
-            let text = if d.is_nan() {
-                "NaN"
-            } else if *d > 0.0 {
-                "Infinity"
-            } else {
-                "-Infinity"
+            let text = match (d.is_nan(), *d > 0.0) {
+                (true, _) => "NaN",
+                (false, true) => "Infinity",
+                (false, false) => "-Infinity",
             };
             if let Some(obj) = json.as_object_mut() {
                 obj.insert("doubleValue".into(), text.into());

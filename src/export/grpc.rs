@@ -27,13 +27,10 @@ use tonic::codegen::Service;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use std::sync::Arc;
-
 use super::body::{compressed, RequestBody};
-use super::coalesce::Coalesce;
 use super::retry::{Classify, Retry};
-use super::tls::{self, Connector, Tls};
-use super::{connect_error, ExportError};
+use super::tls::{self, Connector};
+use super::{within, ExportError};
 use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
 
@@ -44,12 +41,7 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 pub(crate) struct GrpcTransport {
     channel: Channel,
-    headers: Vec<(HeaderName, HeaderValue)>,
-    endpoint: String,
-    /// `--otlp-timeout`, for the whole call: the channel's own timeout
-    /// ends at the response headers, not at the end of the answer.
-    timeout: Duration,
-    compression: Compression,
+    pub(super) cfg: OtlpConfig,
 }
 
 impl GrpcTransport {
@@ -60,15 +52,7 @@ impl GrpcTransport {
         connect_timeout: Duration,
     ) -> Result<Self, ExportError> {
         let endpoint_str = cfg.endpoint.to_string();
-        let tls = match &cfg.tls {
-            Some(t) => Some(Arc::new(Tls::new(t, b"h2").map_err(|e| {
-                ExportError::LoadTls {
-                    endpoint: endpoint_str.clone(),
-                    source: e,
-                }
-            })?)),
-            None => None,
-        };
+        let tls = tls::reach(cfg, b"h2", connect_timeout).await?;
         let endpoint = Endpoint::from_shared(endpoint_str.clone())
             .map_err(|e| ExportError::Connect {
                 endpoint: endpoint_str.clone(),
@@ -78,94 +62,57 @@ impl GrpcTransport {
             .timeout(cfg.timeout)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
-        // The collector must be there, and take our certificate, now.
-        match tokio::time::timeout(connect_timeout, tls::probe(&cfg.endpoint, tls.as_deref())).await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(connect_error(endpoint_str, &e)),
-            Err(_) => {
-                return Err(ExportError::Connect {
-                    endpoint: endpoint_str,
-                    reason: format!("no answer within {connect_timeout:?}"),
-                })
-            }
-        }
-        let channel = match tokio::time::timeout(
-            connect_timeout,
-            endpoint.connect_with_connector(Connector {
-                tls,
-                timeout: connect_timeout,
-                // A batch leaves in a few large writes, not one per frame.
-                wrap: Coalesce::new,
-            }),
-        )
-        .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(connect_error(endpoint_str, &e)),
-            Err(_) => {
-                return Err(ExportError::Connect {
-                    endpoint: endpoint_str,
-                    reason: format!("no answer within {connect_timeout:?}"),
-                })
-            }
+        let connector = Connector {
+            tls,
+            timeout: connect_timeout,
+            coalesce: true,
         };
+        let connect = endpoint.connect_with_connector(connector);
+        let channel = within(&endpoint_str, connect_timeout, connect).await?;
         // gRPC metadata is HTTP/2 headers; names are lower case ASCII, which
         // `HeaderName` already is. Binary (`-bin`) values would have to be
         // base64: OTLP headers are text, so such names are refused.
-        let mut headers = Vec::with_capacity(cfg.headers.len());
-        for (k, v) in &cfg.headers {
-            if k.as_str().ends_with("-bin") || v.to_str().is_err() {
-                return Err(ExportError::Connect {
-                    endpoint: endpoint_str,
-                    reason: format!("header '{k}' is not valid gRPC text metadata"),
-                });
-            }
-            headers.push((k.clone(), v.clone()));
+        let binary = |(k, v): &&(HeaderName, HeaderValue)| {
+            k.as_str().ends_with("-bin") || v.to_str().is_err()
+        };
+        if let Some((k, _)) = cfg.headers.iter().find(binary) {
+            return Err(ExportError::Connect {
+                endpoint: endpoint_str,
+                reason: format!("header '{k}' is not valid gRPC text metadata"),
+            });
         }
-        Ok(Self {
-            channel,
-            headers,
-            endpoint: endpoint_str,
-            timeout: cfg.timeout,
-            compression: cfg.compression,
-        })
+        let cfg = cfg.clone();
+        Ok(Self { channel, cfg })
     }
 
-    pub(crate) fn endpoint(&self) -> &str {
-        &self.endpoint
-    }
-
-    /// Sends one encoded `ExportTraceServiceRequest`.
+    /// Sends one encoded `ExportTraceServiceRequest`, within
+    /// `--otlp-timeout` for the whole call: the channel's own timeout ends
+    /// at the response headers, not at the end of the answer.
     pub(crate) async fn export(
         &self,
         body: &EncodedRequest,
     ) -> Result<ExportTraceServiceResponse, GrpcError> {
-        tokio::time::timeout(self.timeout, self.call(body))
+        let timeout = self.cfg.timeout;
+        tokio::time::timeout(timeout, self.call(body))
             .await
             .unwrap_or_else(|_| {
-                Err(GrpcError(Status::deadline_exceeded(format!(
-                    "no complete answer within {:?}",
-                    self.timeout
-                ))))
+                let no = format!("no complete answer within {timeout:?}");
+                Err(GrpcError(Status::deadline_exceeded(no)))
             })
     }
 
     async fn call(&self, body: &EncodedRequest) -> Result<ExportTraceServiceResponse, GrpcError> {
-        let body = &*compressed(self.compression, body);
+        let gzip = self.cfg.compression == Compression::Gzip;
+        let body = &*compressed(self.cfg.compression, body);
         let len = u32::try_from(body.len()).map_err(|_| {
             GrpcError(Status::resource_exhausted(format!(
                 "request of {} bytes is over gRPC's 4 GiB message limit",
                 body.len()
             )))
         })?;
-        let mut prefix = [0u8; 5];
-        prefix[0] = u8::from(self.compression == Compression::Gzip);
-        prefix[1..].copy_from_slice(&len.to_be_bytes());
-        let mut req = http::Request::new(tonic::body::Body::new(RequestBody::new(
-            Some(Bytes::copy_from_slice(&prefix)),
-            body,
-        )));
+        let prefix = Bytes::from([&[u8::from(gzip)][..], &len.to_be_bytes()].concat());
+        let body = RequestBody::new(Some(prefix), body);
+        let mut req = http::Request::new(tonic::body::Body::new(body));
         *req.method_mut() = Method::POST;
         // The channel fills in the scheme and authority.
         *req.uri_mut() = Uri::from_static(EXPORT_PATH);
@@ -175,10 +122,10 @@ impl GrpcTransport {
             HeaderValue::from_static("application/grpc"),
         );
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        if self.compression == Compression::Gzip {
+        if gzip {
             h.insert("grpc-encoding", HeaderValue::from_static("gzip"));
         }
-        for (k, v) in &self.headers {
+        for (k, v) in &self.cfg.headers {
             h.append(k.clone(), v.clone());
         }
 
@@ -227,44 +174,39 @@ impl Classify for GrpcError {
         if tls::is_tls_rejection(&self.0) {
             return Retry::Never;
         }
-        match self.0.code() {
+        use tonic_types::StatusExt;
+        let status = &self.0;
+        match status.code() {
             Code::Cancelled
             | Code::DeadlineExceeded
             | Code::Aborted
             | Code::OutOfRange
             | Code::Unavailable
             | Code::DataLoss => Retry::Retryable,
-            // With a hint of when, the collector is throttling; without
-            // one, the request is over its message size limit (grpc-go's
-            // `max_recv_msg_size`, 4 MiB by default): smaller ones may pass.
-            Code::ResourceExhausted => match retry_delay(&self.0) {
-                Some(d) => Retry::Throttled(Some(d)),
-                None => Retry::TooLarge,
-            },
+            // With a hint of when (`google.rpc.RetryInfo` in the details),
+            // the collector is throttling; without one, the request is over
+            // its message size limit (grpc-go's `max_recv_msg_size`, 4 MiB
+            // by default): smaller ones may pass. A zero delay is no hint
+            // (tonic-types reads a nonsensical negative one as zero): it
+            // tells nothing about when the collector recovers.
+            Code::ResourceExhausted => status
+                .get_details_retry_info()
+                .and_then(|info| info.retry_delay)
+                .filter(|d| !d.is_zero())
+                .map_or(Retry::TooLarge, |d| Retry::Throttled(Some(d))),
             // tonic reports connection failures as Unknown with a transport
             // error source; those are worth retrying.
-            Code::Unknown if is_transport_error(&self.0) => Retry::Retryable,
+            Code::Unknown
+                if std::error::Error::source(status).is_some()
+                    || status.message().contains("transport error") =>
+            {
+                Retry::Retryable
+            }
             _ => Retry::Never,
         }
     }
 }
 
-fn is_transport_error(status: &Status) -> bool {
-    std::error::Error::source(status).is_some() || status.message().contains("transport error")
-}
-
-/// The server's `google.rpc.RetryInfo` hint, from a status's details. A
-/// zero delay is no hint at all (tonic-types reads a nonsensical negative
-/// one as zero): it tells nothing about when the collector recovers.
-fn retry_delay(status: &Status) -> Option<Duration> {
-    use tonic_types::StatusExt;
-    status
-        .get_details_retry_info()?
-        .retry_delay
-        .filter(|d| !d.is_zero())
-}
-
-/// Decodes the collector's answer.
 struct ResponseDecoder;
 
 impl Decoder for ResponseDecoder {

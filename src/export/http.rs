@@ -8,10 +8,9 @@
 //! An error's body is read as the spec says, a `google.rpc.Status`, and
 //! logged by its message.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
+use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
@@ -19,8 +18,8 @@ use prost::Message;
 
 use super::body::{compressed, read_bounded, RequestBody};
 use super::retry::{Classify, Retry};
-use super::tls::{self, Connector, Stream, Tls};
-use super::{connect_error, error_chain, ExportError};
+use super::tls::{self, Connector};
+use super::{cut, error_chain, ExportError};
 use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
 
@@ -30,11 +29,8 @@ const MAX_RESPONSE_BYTES: usize = 1 << 20;
 const MAX_DETAIL_BYTES: usize = 512;
 
 pub(crate) struct HttpTransport {
-    client: Client<Connector<Stream>, RequestBody>,
-    endpoint: Uri,
-    headers: Vec<(HeaderName, HeaderValue)>,
-    timeout: Duration,
-    compression: Compression,
+    client: Client<Connector, RequestBody>,
+    pub(super) cfg: OtlpConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,77 +71,45 @@ impl Classify for HttpError {
 }
 
 impl HttpTransport {
-    /// Checks that the collector's port accepts connections (and the TLS
-    /// handshake succeeds), so that a missing collector, or one the
-    /// forwarder cannot trust, is reported at startup.
     pub(crate) async fn connect(
         cfg: &OtlpConfig,
         connect_timeout: Duration,
     ) -> Result<Self, ExportError> {
-        let endpoint = cfg.endpoint.to_string();
-        let tls = match &cfg.tls {
-            Some(t) => Some(Arc::new(Tls::new(t, b"http/1.1").map_err(|source| {
-                ExportError::LoadTls {
-                    endpoint: endpoint.clone(),
-                    source,
-                }
-            })?)),
-            None => None,
-        };
         let connector = Connector {
-            tls: tls.clone(),
+            tls: tls::reach(cfg, b"http/1.1", connect_timeout).await?,
             timeout: connect_timeout,
-            wrap: std::convert::identity,
+            coalesce: false,
         };
-        match tokio::time::timeout(connect_timeout, tls::probe(&cfg.endpoint, tls.as_deref())).await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(connect_error(endpoint, &e)),
-            Err(_) => {
-                return Err(ExportError::Connect {
-                    endpoint,
-                    reason: format!("no answer within {connect_timeout:?}"),
-                })
-            }
-        }
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
-        Ok(Self {
-            client,
-            endpoint: cfg.endpoint.clone(),
-            headers: cfg.headers.clone(),
-            timeout: cfg.timeout,
-            compression: cfg.compression,
-        })
-    }
-
-    pub(crate) fn endpoint(&self) -> String {
-        self.endpoint.to_string()
+        let cfg = cfg.clone();
+        Ok(Self { client, cfg })
     }
 
     pub(crate) async fn export(
         &self,
         body: &EncodedRequest,
     ) -> Result<ExportTraceServiceResponse, HttpError> {
-        let body = &*compressed(self.compression, body);
+        let cfg = &self.cfg;
+        let body = &*compressed(cfg.compression, body);
         let mut req = Request::builder()
             .method(Method::POST)
-            .uri(self.endpoint.clone())
+            .uri(cfg.endpoint.clone())
             .header(header::CONTENT_TYPE, "application/x-protobuf")
             .body(RequestBody::new(None, body))
             .map_err(|e| HttpError::Send(e.to_string()))?;
-        if self.compression == Compression::Gzip {
+        if cfg.compression == Compression::Gzip {
             req.headers_mut()
                 .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         }
-        for (k, v) in &self.headers {
+        for (k, v) in &cfg.headers {
             req.headers_mut().append(k.clone(), v.clone());
         }
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        let deadline = tokio::time::Instant::now() + cfg.timeout;
         let resp = tokio::time::timeout_at(deadline, self.client.request(req))
             .await
-            .map_err(|_| HttpError::Timeout(self.timeout))?
+            .map_err(|_| HttpError::Timeout(cfg.timeout))?
             .map_err(|e| {
                 if tls::is_tls_rejection(&e) {
                     HttpError::TlsRejected(error_chain(&e))
@@ -184,11 +148,7 @@ fn error_detail(body: &[u8]) -> String {
         Ok(status) if !status.message.is_empty() => status.message,
         _ => String::from_utf8_lossy(body.get(..MAX_DETAIL_BYTES).unwrap_or(body)).into_owned(),
     };
-    let mut end = text.len().min(MAX_DETAIL_BYTES);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
+    cut(text, MAX_DETAIL_BYTES)
 }
 
 /// `Retry-After`, as delay-seconds or an HTTP-date (RFC 9110 10.2.3). A
@@ -208,6 +168,8 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use http::Uri;
+    use std::sync::Arc;
 
     fn status(code: u16, retry_after: Option<u64>) -> HttpError {
         HttpError::Status {

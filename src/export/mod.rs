@@ -19,10 +19,8 @@
 //! dropped.
 //!
 //! Here: the exporter (one batch's delivery, retries, the spool) and the
-//! batcher. Beside it: [`sink`] (the transports behind one interface),
-//! [`split`] (cutting batches, halving refused requests), [`replay`]. Over
-//! 500 lines with its tests, which exercise all of them through the
-//! exporter.
+//! batcher; over 500 lines with its tests, which exercise [`sink`],
+//! [`split`] and [`replay`] through the exporter.
 
 pub(crate) mod body;
 pub(crate) mod coalesce;
@@ -102,11 +100,6 @@ impl ExportError {
             _ => DropReason::Rejected,
         }
     }
-
-    /// Whether trying the same request again cannot help.
-    fn is_final(&self) -> bool {
-        matches!(self.retry(), Retry::Never | Retry::TooLarge)
-    }
 }
 
 impl Classify for ExportError {
@@ -126,30 +119,43 @@ impl Classify for ExportError {
 /// already shows (wrappers that print their source) is left out.
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
+    for inner in std::iter::successors(e.source(), |e| e.source()) {
         let text = inner.to_string();
         if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
+            s = format!("{s}: {text}");
         }
-        cur = inner.source();
     }
     s
 }
 
-/// The startup error for a failed connection: a TLS verification failure
-/// is told apart from a collector that is not there.
-pub(crate) fn connect_error(
-    endpoint: String,
-    e: &(dyn std::error::Error + 'static),
-) -> ExportError {
-    let reason = error_chain(e);
-    if tls::is_tls_rejection(e) {
-        ExportError::TlsHandshake { endpoint, reason }
-    } else {
-        ExportError::Connect { endpoint, reason }
+/// `s` cut to at most `max` bytes, at a character's boundary.
+fn cut(mut s: String, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
     }
+    s.truncate(end);
+    s
+}
+
+/// A step of reaching the collector at startup, within `timeout`; a TLS
+/// verification failure is told apart from a collector that is not there.
+pub(crate) async fn within<T, E: std::error::Error + 'static>(
+    endpoint: &str,
+    timeout: Duration,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ExportError> {
+    let endpoint = endpoint.to_owned();
+    let reason = match tokio::time::timeout(timeout, step).await {
+        Ok(Ok(v)) => return Ok(v),
+        Ok(Err(e)) if tls::is_tls_rejection(&e) => {
+            let reason = error_chain(&e);
+            return Err(ExportError::TlsHandshake { endpoint, reason });
+        }
+        Ok(Err(e)) => error_chain(&e),
+        Err(_) => format!("no answer within {timeout:?}"),
+    };
+    Err(ExportError::Connect { endpoint, reason })
 }
 
 /// What the batcher and the replayer share.
@@ -157,7 +163,6 @@ pub(crate) struct Exporter {
     sink: Sink,
     spool: Option<Arc<Spool>>,
     stats: Arc<Stats>,
-    retry: RetryPolicy,
     /// Wakes the replayer when a batch has been spooled.
     spooled: Notify,
     /// How the last requests went, for `status`.
@@ -169,15 +174,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// What became of one batch, and the last error on the way.
-struct Outcome {
-    delivery: Delivery,
-    attempts: u32,
-    error: Option<ExportError>,
-}
-
 impl Exporter {
-    /// See [`Sink::finish`].
     pub(crate) fn finish_sink(&self) -> std::io::Result<()> {
         self.sink.finish()
     }
@@ -187,7 +184,6 @@ impl Exporter {
             sink,
             spool,
             stats,
-            retry: RetryPolicy::default(),
             spooled: Notify::new(),
             health: Health::default(),
         }
@@ -200,17 +196,14 @@ impl Exporter {
         res
     }
 
-    /// How the collector has answered lately.
     pub(crate) fn health(&self) -> HealthSnapshot {
         self.health.snapshot()
     }
 
-    /// Where batches go, as the startup log says it.
     pub(crate) fn describe(&self) -> String {
         self.sink.describe()
     }
 
-    /// The spool, if there is one.
     pub(crate) fn spool(&self) -> Option<&Arc<Spool>> {
         self.spool.as_ref()
     }
@@ -219,13 +212,14 @@ impl Exporter {
     /// spool, a batch that keeps failing while the queue is filling up (or
     /// past the shutdown deadline) goes to disk instead; a full spool keeps
     /// the batch in memory, and the backpressure on, until time is up.
+    /// What became of it, the attempts, and the last error on the way.
     async fn deliver(
         &self,
         body: EncodedRequest,
         spans: u64,
         shutdown: &Shutdown,
         filling_up: impl Fn() -> bool,
-    ) -> Outcome {
+    ) -> (Delivery, u32, Option<ExportError>) {
         let stats = &*self.stats;
         let spooling = self.spool.is_some();
         // Past the shutdown deadline, do not start another export that
@@ -235,18 +229,13 @@ impl Exporter {
                 true => Delivery::Spooled,
                 false => Delivery::Dropped(DropReason::Shutdown),
             };
-            return Outcome {
-                delivery,
-                attempts: 0,
-                error: None,
-            };
+            return (delivery, 0, None);
         }
         let mut may_give_up = spooling;
         let mut attempts = 0;
         loop {
             let give_up = || may_give_up && filling_up();
-            let run = self
-                .retry
+            let run = retry::EXPORT
                 .run(shutdown, give_up, |attempt| {
                     emit!(stats, ExportAttempt { attempt });
                     let body = &body;
@@ -269,16 +258,11 @@ impl Exporter {
                 .await;
             attempts += run.attempts;
             let error = match run.result {
-                Ok(resp) => {
-                    return Outcome {
-                        delivery: delivered(stats, &resp),
-                        attempts,
-                        error: None,
-                    }
-                }
+                Ok(resp) => return (delivered(stats, &resp), attempts, None),
                 Err(e) => e,
             };
-            let delivery = if error.is_final() {
+            // Trying the same request again cannot help.
+            let delivery = if matches!(error.retry(), Retry::Never | Retry::TooLarge) {
                 Delivery::Dropped(error.drop_reason())
             } else if spooling && self.spool_batch(body.clone(), spans).await {
                 Delivery::Spooled
@@ -291,11 +275,7 @@ impl Exporter {
             } else {
                 Delivery::Dropped(DropReason::Export)
             };
-            return Outcome {
-                delivery,
-                attempts,
-                error: Some(error),
-            };
+            return (delivery, attempts, Some(error));
         }
     }
 
@@ -378,14 +358,6 @@ impl Weight {
         self.spans += q.record.count;
         self.bytes += cost + q.record.spans.len();
     }
-
-    fn full(&self, cfg: &BatchConfig) -> bool {
-        self.spans >= cfg.max_spans || self.bytes >= cfg.max_bytes
-    }
-
-    fn over(&self, cfg: &BatchConfig) -> bool {
-        self.spans > cfg.max_spans || self.bytes > cfg.max_bytes
-    }
 }
 
 /// Drives a sink that holds spans (the tree view's lingering traces) until
@@ -436,7 +408,7 @@ pub(crate) async fn run_batcher(
         let deadline = tokio::time::sleep_until(flush_at);
         tokio::pin!(deadline);
         let mut closed = false;
-        while !weight.full(&cfg) {
+        while weight.spans < cfg.max_spans && weight.bytes < cfg.max_bytes {
             let want = cfg.max_spans - weight.spans;
             let before = buf.len();
             tokio::select! {
@@ -452,7 +424,7 @@ pub(crate) async fn run_batcher(
                 }
             }
         }
-        if weight.over(&cfg) {
+        if weight.spans > cfg.max_spans || weight.bytes > cfg.max_bytes {
             carry = split_batch(&mut buf, &cfg);
         }
         let batch = std::mem::replace(&mut buf, Vec::with_capacity(cfg.max_spans));
@@ -470,10 +442,6 @@ struct Piece {
 }
 
 impl Piece {
-    fn spans(&self) -> u64 {
-        self.records.iter().map(|r| r.count as u64).sum()
-    }
-
     /// Splits off the second half, by spans: what is left holds the first.
     fn split_half(&mut self) -> Piece {
         let (records, shared) = split_half(&mut self.records);
@@ -509,27 +477,26 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
     // sandbox, and every other sandbox's spans in the batch still go.
     let mut pieces = vec![whole];
     while let Some(mut piece) = pieces.pop() {
-        let spans = piece.spans();
+        let spans: u64 = piece.records.iter().map(|r| r.count as u64).sum();
         // The spans are encoded already; this frames them into one request.
         let body = encode_request(&piece.records);
         let bytes = body.len();
-        let out = exporter
+        let (delivery, attempts, error) = exporter
             .deliver(body, spans, shutdown, || rx.is_filling_up())
             .await;
-        match out.delivery {
+        let error = error.as_ref().map(|e| e as &dyn std::fmt::Display);
+        match delivery {
             Delivery::Dropped(DropReason::TooLarge) if spans > 1 => {
                 tracing::debug!(
                     spans,
                     bytes,
                     "request too large for the collector; sending its halves"
                 );
-                let second = piece.split_half();
-                pieces.push(second);
+                pieces.push(piece.split_half());
                 pieces.push(piece);
                 continue;
             }
             Delivery::Dropped(DropReason::TooLarge) => {
-                let error = out.error.as_ref().map(|e| e as &dyn std::fmt::Display);
                 if let Some(tenant) = piece.tenants.first() {
                     emit!(
                         exporter.stats,
@@ -541,19 +508,14 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
                     );
                 }
             }
-            Delivery::Dropped(reason) => {
+            _ => {
                 for (tenant, r) in piece.tenants.iter().zip(&piece.records) {
-                    tenant.dropped.add(reason, r.count as u64);
-                }
-            }
-            Delivery::Delivered { .. } => {
-                for (tenant, r) in piece.tenants.iter().zip(&piece.records) {
-                    tenant.exported.add(r.count as u64);
-                }
-            }
-            Delivery::Spooled => {
-                for (tenant, r) in piece.tenants.iter().zip(&piece.records) {
-                    tenant.spooled.add(r.count as u64);
+                    let n = r.count as u64;
+                    match delivery {
+                        Delivery::Dropped(reason) => tenant.dropped.add(reason, n),
+                        Delivery::Delivered { .. } => tenant.exported.add(n),
+                        Delivery::Spooled => tenant.spooled.add(n),
+                    }
                 }
             }
         }
@@ -561,9 +523,9 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
             exporter.stats,
             BatchDone {
                 spans,
-                delivery: out.delivery,
-                attempts: out.attempts,
-                error: out.error.as_ref().map(|e| e as &dyn std::fmt::Display),
+                delivery,
+                attempts,
+                error,
                 from_spool: false,
             }
         );

@@ -3,21 +3,20 @@
 //! It is bounded twice: in spans, by a semaphore of span slots that a
 //! record holds from send to receipt (a record carries the spans of one
 //! socket read, so the channel's capacity alone would bound reads, not
-//! spans), and in bytes,
-//! by a semaphore of byte permits that each span holds (sized by its frame's
-//! payload) until its batch has been exported, spooled or dropped. A
-//! connection that cannot get room waits, and while it waits it does not
-//! read its socket: the bound is what turns a slow collector into
+//! spans), and in bytes, by a semaphore of byte permits that each span
+//! holds (sized by its frame's payload) until its batch has been exported,
+//! spooled or dropped. A connection that cannot get room waits, and does
+//! not read its socket meanwhile: the bound turns a slow collector into
 //! backpressure on the guest rather than into memory growth here.
 //!
 //! It is also fair between sandboxes. Each record carries its sandbox's
 //! [`Share`] of the queue: while other sandboxes hold room, one may hold at
 //! most an equal part (see [`crate::tenant`]), waiting otherwise. And the
-//! receiver does not hand records out in arrival order: it takes everything
-//! that has arrived into one lane per sandbox and hands records out from
-//! the lanes in turn, so the spans of a quiet sandbox never wait behind a
-//! flooding one's backlog. The span slots go back as records leave the
-//! lanes, so the lanes are bounded by the same `max_spans`.
+//! receiver takes everything that has arrived into one lane per sandbox
+//! and hands records out from the lanes in turn, so the spans of a quiet
+//! sandbox never wait behind a flooding one's backlog. The span slots go
+//! back as records leave the lanes, so the lanes are bounded by the same
+//! `max_spans`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -41,10 +40,6 @@ pub(crate) struct Share {
 impl Share {
     pub(crate) fn tenant(&self) -> &Arc<Tenant> {
         &self.tenant
-    }
-
-    fn release_spans(&mut self) {
-        self.tenant.release(std::mem::take(&mut self.spans), 0);
     }
 
     /// Splits off `part` of `whole`: what a split-off piece of the record
@@ -108,24 +103,25 @@ fn slot_count(count: usize, max_spans: usize) -> u32 {
 #[error("export queue closed")]
 pub(crate) struct Closed;
 
+/// What both ends share: the span slots, the byte permits, their bounds.
+#[derive(Clone)]
+struct Room {
+    slots: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    bounds: QueueBounds,
+    stats: Arc<Stats>,
+}
+
 #[derive(Clone)]
 pub(crate) struct QueueSender {
     tx: mpsc::Sender<Queued>,
-    slots: Arc<Semaphore>,
-    max_spans: usize,
-    bytes: Arc<Semaphore>,
-    max_bytes: usize,
-    stats: Arc<Stats>,
+    room: Room,
 }
 
 pub(crate) struct QueueReceiver {
     rx: mpsc::Receiver<Queued>,
     lanes: Lanes,
-    slots: Arc<Semaphore>,
-    max_spans: usize,
-    bytes: Arc<Semaphore>,
-    max_bytes: usize,
-    stats: Arc<Stats>,
+    room: Room,
 }
 
 /// Records that have arrived, one lane per sandbox, and the order in which
@@ -160,10 +156,6 @@ impl Lanes {
             self.turns.push_back(id);
         }
         lane.records.push_back(q);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.turns.is_empty()
     }
 
     /// The next record, in turn.
@@ -207,31 +199,27 @@ pub(crate) fn bounded(
 ) -> (QueueSender, QueueReceiver) {
     let max_spans = max_spans.clamp(1, Semaphore::MAX_PERMITS);
     let (tx, rx) = mpsc::channel(max_spans);
-    let slots = Arc::new(Semaphore::new(max_spans));
     // The semaphore's limit is what bounds the byte count; it also caps
     // what one acquisition may ask for.
     let max_bytes = max_bytes
         .clamp(1, Semaphore::MAX_PERMITS)
         .min(u32::MAX as usize);
-    let bytes = Arc::new(Semaphore::new(max_bytes));
+    let room = Room {
+        slots: Arc::new(Semaphore::new(max_spans)),
+        bytes: Arc::new(Semaphore::new(max_bytes)),
+        bounds: QueueBounds {
+            max_spans,
+            max_bytes,
+        },
+        stats,
+    };
+    let lanes = Lanes::default();
     (
         QueueSender {
             tx,
-            slots: Arc::clone(&slots),
-            max_spans,
-            bytes: Arc::clone(&bytes),
-            max_bytes,
-            stats: Arc::clone(&stats),
+            room: room.clone(),
         },
-        QueueReceiver {
-            rx,
-            lanes: Lanes::default(),
-            slots,
-            max_spans,
-            bytes,
-            max_bytes,
-            stats,
-        },
+        QueueReceiver { rx, lanes, room },
     )
 }
 
@@ -246,23 +234,19 @@ impl QueueSender {
         tenant: &Arc<Tenant>,
         since: Instant,
     ) -> Result<(), Closed> {
-        let spans = record.count as u64;
-        let bounds = QueueBounds {
-            max_spans: self.max_spans,
-            max_bytes: self.max_bytes,
-        };
+        let (spans, room) = (record.count as u64, &self.room);
         // Counted as the wait begins, so that `status` shows a sandbox
         // waiting for its share now, not once it is let in.
-        if !tenant.try_hold(record.count, cost, bounds) {
+        if !tenant.try_hold(record.count, cost, room.bounds) {
             emit!(
-                self.stats,
+                room.stats,
                 Throttled {
                     tenant,
                     reason: LimitReason::QueueShare,
                     wait: std::time::Duration::ZERO,
                 }
             );
-            tenant.hold(record.count, cost, bounds).await;
+            tenant.hold(record.count, cost, room.bounds).await;
         }
         // Given back if this send is abandoned.
         let share = Share {
@@ -272,14 +256,14 @@ impl QueueSender {
         };
         // Slots go back when the batcher receives the record (see
         // `recv_many`), so they are not tied to a permit here.
-        Arc::clone(&self.slots)
-            .acquire_many_owned(slot_count(record.count, self.max_spans))
+        Arc::clone(&room.slots)
+            .acquire_many_owned(slot_count(record.count, room.bounds.max_spans))
             .await
             .map_err(|_| Closed)?
             .forget();
         // A span larger than the whole budget still fits alone.
-        let n = u32::try_from(cost.clamp(1, self.max_bytes)).unwrap_or(u32::MAX);
-        let permit = Arc::clone(&self.bytes)
+        let n = u32::try_from(cost.clamp(1, room.bounds.max_bytes)).unwrap_or(u32::MAX);
+        let permit = Arc::clone(&room.bytes)
             .acquire_many_owned(n)
             .await
             .map_err(|_| Closed)?;
@@ -292,7 +276,7 @@ impl QueueSender {
             })
             .await
             .map_err(|_| Closed)?;
-        self.stats.queue_depth.add(spans);
+        room.stats.queue_depth.add(spans);
         Ok(())
     }
 }
@@ -302,7 +286,7 @@ impl QueueReceiver {
     /// turns between sandboxes; 0 once every sender is gone and the queue is
     /// empty. Cancel-safe: what arrived stays in the lanes.
     pub(crate) async fn recv_many(&mut self, buf: &mut Vec<Queued>, limit: usize) -> usize {
-        if self.lanes.is_empty() {
+        if self.lanes.turns.is_empty() {
             let Some(q) = self.rx.recv().await else {
                 return 0;
             };
@@ -317,23 +301,29 @@ impl QueueReceiver {
         while spans < limit.max(1) {
             let Some(mut q) = self.lanes.pop() else { break };
             spans += q.record.count;
-            slots += slot_count(q.record.count, self.max_spans) as usize;
-            q.share.release_spans();
+            slots += slot_count(q.record.count, self.room.bounds.max_spans) as usize;
+            let share = &mut q.share;
+            share.tenant.release(std::mem::take(&mut share.spans), 0);
             buf.push(q);
             n += 1;
         }
         // A record holds the spans of one socket read; the depth is in spans.
-        self.slots.add_permits(slots);
-        self.stats.queue_depth.sub(spans as u64);
+        self.room.slots.add_permits(slots);
+        self.room.stats.queue_depth.sub(spans as u64);
         n
     }
 
     /// Three quarters full, in spans or in bytes: time to move data to disk
     /// rather than keep it waiting in memory.
     pub(crate) fn is_filling_up(&self) -> bool {
-        let spans_full = self.slots.available_permits() * 4 <= self.max_spans;
-        let bytes_full = self.bytes.available_permits() * 4 <= self.max_bytes;
-        spans_full || bytes_full
+        let Room {
+            slots,
+            bytes,
+            bounds,
+            ..
+        } = &self.room;
+        slots.available_permits() * 4 <= bounds.max_spans
+            || bytes.available_permits() * 4 <= bounds.max_bytes
     }
 }
 
@@ -398,7 +388,7 @@ mod tests {
         let mut all = batch.len();
         loop {
             let mut more = Vec::new();
-            if rx.lanes.is_empty() && rx.rx.is_empty() {
+            if rx.lanes.turns.is_empty() && rx.rx.is_empty() {
                 break;
             }
             all += rx.recv_many(&mut more, 512).await;

@@ -7,17 +7,6 @@ use super::*;
 /// batches it does not know of.
 const SPOOL_RESCAN: Duration = Duration::from_secs(10);
 
-/// The replayer's waits while the collector is away: the export's policy
-/// (jitter, throttling hints), from 250 ms up to 10 s. It has no total:
-/// the batches wait on disk for as long as the collector does.
-fn replay_policy() -> RetryPolicy {
-    RetryPolicy {
-        initial_backoff: Duration::from_millis(250),
-        max_backoff: Duration::from_secs(10),
-        ..RetryPolicy::default()
-    }
-}
-
 /// Sends spooled batches, oldest first, whenever the collector answers,
 /// until shutdown begins (what is left stays for the next run).
 pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
@@ -25,7 +14,14 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         return;
     };
     let stats = &*exporter.stats;
-    let policy = replay_policy();
+    // The waits while the collector is away: the export's policy (jitter,
+    // throttling hints), from 250 ms up to 10 s. It has no total: the
+    // batches wait on disk for as long as the collector does.
+    let policy = RetryPolicy {
+        initial_backoff: Duration::from_millis(250),
+        max_backoff: Duration::from_secs(10),
+        ..retry::EXPORT
+    };
     let mut backoff = Backoff::new(&policy);
     loop {
         if shutdown.is_stopping() {
@@ -51,15 +47,9 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
             Ok(Ok(Some(b))) => b,
             // Another process claimed it, and sends it.
             Ok(Ok(None)) => continue,
-            Ok(Err(error)) => {
+            Ok(Err(ref error)) => {
                 let damaged = matches!(error, spool::SpoolError::Damaged { .. });
-                emit!(
-                    stats,
-                    SpoolFileSkipped {
-                        error: &error,
-                        damaged
-                    }
-                );
+                emit!(stats, SpoolFileSkipped { error, damaged });
                 continue;
             }
             Err(e) => {
@@ -69,6 +59,19 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         };
         let claim = spool::Claimed::new(&spool, seq);
         let spans = u64::from(batch.spans);
+        let done = |spans, delivery, error: Option<&ExportError>| {
+            let error = error.map(|e| e as &dyn std::fmt::Display);
+            emit!(
+                stats,
+                BatchDone {
+                    spans,
+                    delivery,
+                    attempts: 1,
+                    error,
+                    from_spool: true,
+                }
+            );
+        };
         emit!(stats, ExportAttempt { attempt: 1 });
         let (delivery, error) = match exporter.send(&batch.body).await {
             Ok(resp) => (delivered(stats, &resp), None),
@@ -84,16 +87,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
                     );
                     for (body, n) in halves {
                         if !exporter.spool_batch(body, n).await {
-                            emit!(
-                                stats,
-                                BatchDone {
-                                    spans: n,
-                                    delivery: Delivery::Dropped(DropReason::Export),
-                                    attempts: 1,
-                                    error: Some(&e),
-                                    from_spool: true,
-                                }
-                            );
+                            done(n, Delivery::Dropped(DropReason::Export), Some(&e));
                         }
                     }
                     continue;
@@ -115,15 +109,6 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         };
         claim.settle();
         backoff.reset();
-        emit!(
-            stats,
-            BatchDone {
-                spans,
-                delivery,
-                attempts: 1,
-                error: error.as_ref().map(|e| e as &dyn std::fmt::Display),
-                from_spool: true,
-            }
-        );
+        done(spans, delivery, error.as_ref());
     }
 }

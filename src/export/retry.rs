@@ -14,7 +14,6 @@ use tokio::time::Instant;
 
 use crate::shutdown::Shutdown;
 
-/// How a failed attempt may be retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Retry {
     /// Transient: try again after backoff.
@@ -29,7 +28,6 @@ pub(crate) enum Retry {
     TooLarge,
 }
 
-/// Implemented by transport errors.
 pub(crate) trait Classify {
     fn retry(&self) -> Retry;
 }
@@ -45,19 +43,15 @@ pub(crate) struct RetryPolicy {
     pub max_elapsed: Duration,
 }
 
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
-            multiplier: 2.0,
-            max_throttle: Duration::from_secs(30),
-            max_elapsed: Duration::from_secs(120),
-        }
-    }
-}
+/// The export's policy.
+pub(crate) const EXPORT: RetryPolicy = RetryPolicy {
+    initial_backoff: Duration::from_millis(100),
+    max_backoff: Duration::from_secs(5),
+    multiplier: 2.0,
+    max_throttle: Duration::from_secs(30),
+    max_elapsed: Duration::from_secs(120),
+};
 
-/// What happened to a retried operation.
 #[derive(Debug)]
 pub(crate) struct Outcome<T, E> {
     pub result: Result<T, E>,
@@ -69,9 +63,9 @@ pub(crate) struct Outcome<T, E> {
 
 impl RetryPolicy {
     /// Runs `op` until it succeeds, fails for good, or time is up. The
-    /// shutdown deadline, once set, bounds it too; a wait in progress is cut
-    /// short when the deadline falls inside it. `give_up` is asked after each retryable
-    /// failure whether the caller has a better use for the data (the spool).
+    /// shutdown deadline, once set, bounds it too, also a wait in progress.
+    /// `give_up` is asked after each retryable failure whether the caller
+    /// has a better use for the data (the spool).
     pub(crate) async fn run<T, E, F, Fut>(
         &self,
         shutdown: &Shutdown,
@@ -83,63 +77,44 @@ impl RetryPolicy {
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let started = Instant::now();
-        let own_deadline = started + self.max_elapsed;
+        let own_deadline = Instant::now() + self.max_elapsed;
         let mut backoff = Backoff::new(self);
         let mut attempts = 0;
         loop {
             attempts += 1;
+            let done = |result, gave_up| Outcome {
+                result,
+                attempts,
+                gave_up,
+            };
             let err = match op(attempts).await {
-                Ok(v) => {
-                    return Outcome {
-                        result: Ok(v),
-                        attempts,
-                        gave_up: false,
-                    }
-                }
+                Ok(v) => return done(Ok(v), false),
                 Err(e) => e,
             };
-            let wait = backoff.after(err.retry());
-            let effective_deadline = shutdown
-                .deadline()
-                .map_or(own_deadline, |d| d.min(own_deadline));
-            let Some(wait) = wait else {
-                return Outcome {
-                    result: Err(err),
-                    attempts,
-                    gave_up: false,
-                };
+            let Some(wait) = backoff.after(err.retry()) else {
+                return done(Err(err), false);
             };
             if give_up() {
-                return Outcome {
-                    result: Err(err),
-                    attempts,
-                    gave_up: true,
-                };
+                return done(Err(err), true);
             }
             let wake = Instant::now() + wait;
-            if wake >= effective_deadline {
-                return Outcome {
-                    result: Err(err),
-                    attempts,
-                    gave_up: false,
-                };
+            let deadline = shutdown
+                .deadline()
+                .map_or(own_deadline, |d| d.min(own_deadline));
+            if wake >= deadline {
+                return done(Err(err), false);
             }
             // Sleep, but give up early if shutdown sets a deadline inside
-            // the wait (one already set is in `effective_deadline`).
-            if shutdown.deadline().is_some() {
-                tokio::time::sleep_until(wake).await;
-            } else {
+            // the wait (one already set is in `deadline`).
+            if shutdown.deadline().is_none() {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(wake) => {}
-                    d = shutdown.deadline_set() => {
-                        if d <= wake {
-                            return Outcome { result: Err(err), attempts, gave_up: false };
-                        }
-                        tokio::time::sleep_until(wake).await;
+                    _ = tokio::time::sleep_until(wake) => continue,
+                    d = shutdown.deadline_set() => if d <= wake {
+                        return done(Err(err), false);
                     }
                 }
             }
+            tokio::time::sleep_until(wake).await;
         }
     }
 }
@@ -170,7 +145,12 @@ impl<'a> Backoff<'a> {
         let wait = match retry {
             Retry::Never | Retry::TooLarge => return None,
             Retry::Throttled(Some(hint)) => hint.min(p.max_throttle),
-            Retry::Retryable | Retry::Throttled(None) => jitter(self.next),
+            // "Equal jitter": between half and all of the backoff, so
+            // retries from many forwarders spread out but never reach zero.
+            Retry::Retryable | Retry::Throttled(None) => {
+                let half = self.next / 2;
+                half + half.mul_f64(rand::rng().random::<f64>())
+            }
         };
         self.next = p.max_backoff.min(self.next.mul_f64(p.multiplier.max(1.0)));
         Some(wait)
@@ -180,13 +160,6 @@ impl<'a> Backoff<'a> {
     pub(crate) fn reset(&mut self) {
         self.next = self.policy.initial_backoff;
     }
-}
-
-/// "Equal jitter": between half and all of the backoff, so retries from many
-/// forwarders spread out but never collapse to zero.
-fn jitter(backoff: Duration) -> Duration {
-    let half = backoff / 2;
-    half + half.mul_f64(rand::rng().random::<f64>())
 }
 
 #[cfg(test)]

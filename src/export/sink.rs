@@ -10,7 +10,7 @@ pub struct Sink(pub(super) Transport);
 pub(super) enum Transport {
     Grpc(grpc::GrpcTransport),
     Http(Box<http::HttpTransport>),
-    Dump(std::sync::Mutex<dump::DumpWriter>),
+    Dump(std::sync::Mutex<Box<dyn std::io::Write + Send + Sync>>),
     Tree(std::sync::Mutex<tree::TreeWriter>),
 }
 
@@ -30,22 +30,13 @@ impl Sink {
 
     /// OTLP JSON lines, one span a line, written to `out`.
     pub fn dump(out: Box<dyn std::io::Write + Send + Sync>) -> Sink {
-        Sink(Transport::Dump(std::sync::Mutex::new(
-            dump::DumpWriter::new(out),
-        )))
+        Sink(Transport::Dump(std::sync::Mutex::new(out)))
     }
 
     /// Each trace as an indented tree, written to `out` (see [`tree`]).
     pub fn tree(out: Box<dyn std::io::Write + Send + Sync>, cfg: &DumpConfig) -> Sink {
         Sink(Transport::Tree(std::sync::Mutex::new(
-            tree::TreeWriter::new(
-                out,
-                tree::TreeOptions {
-                    linger: cfg.linger,
-                    max_spans: cfg.max_spans,
-                    colour: cfg.colour,
-                },
-            ),
+            tree::TreeWriter::new(out, *cfg),
         )))
     }
 
@@ -53,7 +44,7 @@ impl Sink {
     pub(super) fn tick_every(&self) -> Option<Duration> {
         match &self.0 {
             Transport::Tree(w) => {
-                let linger = lock(w).linger();
+                let linger = lock(w).opts.linger;
                 // A quarter of the linger: a quiet trace waits at most that
                 // much longer than asked.
                 Some((linger / 4).max(Duration::from_millis(10)))
@@ -65,7 +56,7 @@ impl Sink {
     /// Prints the traces that have waited long enough.
     pub(super) fn tick(&self) -> std::io::Result<()> {
         match &self.0 {
-            Transport::Tree(w) => lock(w).tick(),
+            Transport::Tree(w) => lock(w).tick(std::time::Instant::now()),
             _ => Ok(()),
         }
     }
@@ -80,8 +71,8 @@ impl Sink {
 
     pub fn describe(&self) -> String {
         match &self.0 {
-            Transport::Grpc(t) => format!("otlp grpc {}", t.endpoint()),
-            Transport::Http(t) => format!("otlp http/protobuf {}", t.endpoint()),
+            Transport::Grpc(t) => format!("otlp grpc {}", t.cfg.endpoint),
+            Transport::Http(t) => format!("otlp http/protobuf {}", t.cfg.endpoint),
             Transport::Dump(_) => "stdout (OTLP JSON lines)".to_owned(),
             Transport::Tree(_) => "stdout (trace trees)".to_owned(),
         }
@@ -97,17 +88,17 @@ impl Sink {
                 .export(body)
                 .await
                 .map_err(|source| ExportError::SendGrpc {
-                    endpoint: t.endpoint().to_owned(),
+                    endpoint: t.cfg.endpoint.to_string(),
                     source,
                 }),
             Transport::Http(t) => t
                 .export(body)
                 .await
                 .map_err(|source| ExportError::SendHttp {
-                    endpoint: t.endpoint(),
+                    endpoint: t.cfg.endpoint.to_string(),
                     source,
                 }),
-            Transport::Dump(w) => written(lock(w).write_request(body)),
+            Transport::Dump(w) => written(dump::write_request(&mut *lock(w), body)),
             Transport::Tree(w) => written(lock(w).write_request(body)),
         }
     }

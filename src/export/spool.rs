@@ -1,18 +1,17 @@
 //! The durable spool: batches that cannot be exported now, kept on disk.
 //!
-//! The spans of a container start happen once; a collector restart must not
-//! lose them, and neither may a forwarder restart in the middle of a
-//! collector outage. So when the export queue fills while the collector is
-//! away, and at shutdown, encoded export requests are written here, and a
-//! replayer sends them, oldest first, once the collector answers again
-//! (also after a restart of the forwarder), removing each file once sent.
+//! The spans of a container start happen once; neither a collector restart
+//! nor a forwarder restart in the middle of a collector outage may lose
+//! them. So when the export queue fills while the collector is away, and at
+//! shutdown, encoded export requests are written here, and a replayer sends
+//! them, oldest first, once the collector answers again (also after a
+//! restart), removing each file once sent.
 //!
 //! # File format
 //!
 //! One file per batch, `<seq>.batch` (20-digit sequence number, so names
-//! sort by age), written as `<seq>.tmp`, synced, then renamed, so a crash
-//! leaves either a whole file or a temporary one that the next start
-//! deletes:
+//! sort by age), written as a temporary file, synced, then given its name,
+//! so a crash leaves either a whole file or a temporary one (deleted later):
 //!
 //! ```text
 //! magic "KTFSPOOL" | version u32 LE | spans u32 LE | body length u64 LE | crc32 u32 LE | body
@@ -22,8 +21,8 @@
 //! have been sent. A file whose header, length or checksum is wrong is
 //! renamed to `<seq>.damaged` and skipped: set aside for a human, never
 //! fatal, never blocking the files behind it. The spool's total size is
-//! bounded; a batch that does not fit is not written (and the caller keeps
-//! the backpressure instead).
+//! bounded; a batch that does not fit is not written (the caller keeps the
+//! backpressure instead).
 //!
 //! # Two processes at once
 //!
@@ -37,14 +36,14 @@
 //! - A batch is claimed before it is sent, by renaming it to
 //!   `<seq>.<token>.sending`; of two replayers, the one whose rename fails
 //!   leaves it to the other. A claim is given back (`.batch` again) when
-//!   the send fails and will be retried, and removed once it is delivered.
+//!   the send fails, and removed once it is delivered.
 //! - The replayer looks at the directory again now and then while it has
 //!   nothing to send, for batches the other process wrote. There (and at
-//!   start) a temporary file or claim left by a process that died is dealt
-//!   with once it is older than anything alive would leave it: a temporary
-//!   file is deleted, a claim is given back, to be sent (at least once).
+//!   start) a temporary file or claim left by a process that died, once
+//!   older than anything alive would leave it, is deleted (a temporary
+//!   file) or given back, to be sent (at least once).
 //!
-//! Over 600 lines: the file format, the two-process rules and the depth
+//! Over 500 lines: the file format, the two-process rules and the depth
 //! `status` reports all bear on every read and write of the directory, so
 //! they stay in one place.
 
@@ -52,7 +51,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -73,26 +72,18 @@ const LINK_TRIES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    #[error("creating spool directory {dir}: {source}")]
-    CreateDir {
+    /// `what`: "creating", "reading".
+    #[error("{what} spool directory {dir}: {source}")]
+    Dir {
+        what: &'static str,
         dir: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("reading spool directory {dir}: {source}")]
-    ScanDir {
-        dir: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("writing spool file {path}: {source}")]
-    WriteFile {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("reading spool file {path}: {source}")]
-    ReadFile {
+    /// `what`: "writing", "reading".
+    #[error("{what} spool file {path}: {source}")]
+    File {
+        what: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -105,7 +96,6 @@ pub enum SpoolError {
     },
 }
 
-/// A batch read back from the spool.
 #[derive(Debug)]
 pub(crate) struct Spooled {
     pub spans: u32,
@@ -122,17 +112,6 @@ struct State {
     next_seq: u64,
 }
 
-impl State {
-    /// Counts a file found on disk (its bytes were not reserved).
-    fn found(&mut self, seq: u64, size: u64, spans: u32) {
-        if self.files.insert(seq, (size, spans)).is_none() {
-            self.bytes += size;
-            self.spans += u64::from(spans);
-        }
-    }
-}
-
-/// How much the spool holds now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Depth {
     pub batches: u64,
@@ -154,68 +133,34 @@ pub(crate) struct Spool {
     abandoned_after: Duration,
 }
 
-/// The state, locked; publishes the gauges when let go.
-struct Locked<'a> {
-    state: MutexGuard<'a, State>,
-    stats: &'a Stats,
-}
-
-impl std::ops::Deref for Locked<'_> {
-    type Target = State;
-    fn deref(&self) -> &State {
-        &self.state
-    }
-}
-
-impl std::ops::DerefMut for Locked<'_> {
-    fn deref_mut(&mut self) -> &mut State {
-        &mut self.state
-    }
-}
-
-impl Drop for Locked<'_> {
-    fn drop(&mut self) {
-        self.stats.spool_bytes.set(self.state.bytes);
-        self.stats.spool_files.set(self.state.files.len() as u64);
-    }
-}
-
-/// What a file in the spool directory is, by its name.
+/// What a file in the spool directory is, by its name: `<seq>.<what>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
-    Batch(u64),
-    Damaged(u64),
+    Batch,
+    Damaged,
     /// Being written, by the process whose token it carries (none: a
     /// version that wrote `<seq>.tmp`).
-    Tmp(u64, Option<String>),
+    Tmp(Option<String>),
     /// Being sent, by the process whose token it carries.
-    Sending(u64, String),
+    Sending(String),
 }
 
 impl Entry {
-    fn of(name: &std::ffi::OsStr) -> Option<Entry> {
-        let name = name.to_str()?;
-        let mut parts = name.split('.');
+    fn of(name: &std::ffi::OsStr) -> Option<(u64, Entry)> {
+        let mut parts = name.to_str()?.split('.');
         let seq = parts.next()?.parse().ok()?;
-        let (a, b, rest) = (parts.next(), parts.next(), parts.next());
-        match (a?, b, rest) {
-            ("batch", None, None) => Some(Entry::Batch(seq)),
-            ("damaged", None, None) => Some(Entry::Damaged(seq)),
-            ("tmp", None, None) => Some(Entry::Tmp(seq, None)),
-            (token, Some("tmp"), None) => Some(Entry::Tmp(seq, Some(token.to_owned()))),
-            (token, Some("sending"), None) => Some(Entry::Sending(seq, token.to_owned())),
-            _ => None,
-        }
-    }
-
-    fn seq(&self) -> u64 {
-        match self {
-            Entry::Batch(s) | Entry::Damaged(s) | Entry::Tmp(s, _) | Entry::Sending(s, _) => *s,
-        }
+        let entry = match (parts.next()?, parts.next(), parts.next()) {
+            ("batch", None, None) => Entry::Batch,
+            ("damaged", None, None) => Entry::Damaged,
+            ("tmp", None, None) => Entry::Tmp(None),
+            (token, Some("tmp"), None) => Entry::Tmp(Some(token.to_owned())),
+            (token, Some("sending"), None) => Entry::Sending(token.to_owned()),
+            _ => return None,
+        };
+        Some((seq, entry))
     }
 }
 
-/// Whether `name` is one the spool gives its files.
 pub(crate) fn is_spool_file(name: &std::ffi::OsStr) -> bool {
     Entry::of(name).is_some()
 }
@@ -244,9 +189,9 @@ fn process_token() -> String {
 }
 
 impl Spool {
-    /// Creates the spool's directory if it is missing.
     pub(crate) fn create_dir(dir: &Path) -> Result<(), SpoolError> {
-        fs::create_dir_all(dir).map_err(|source| SpoolError::CreateDir {
+        fs::create_dir_all(dir).map_err(|source| SpoolError::Dir {
+            what: "creating",
             dir: dir.to_path_buf(),
             source,
         })
@@ -256,10 +201,6 @@ impl Spool {
     /// batches a previous run left and deleting half-written ones.
     pub(crate) fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<Spool, SpoolError> {
         Self::create_dir(dir)?;
-        let scan_err = |source| SpoolError::ScanDir {
-            dir: dir.to_path_buf(),
-            source,
-        };
         let spool = Spool {
             dir: dir.to_path_buf(),
             max_bytes,
@@ -268,17 +209,20 @@ impl Spool {
             token: process_token(),
             abandoned_after: ABANDONED,
         };
-        spool.rescan().map_err(scan_err)?;
-        let state = spool.lock();
-        if !state.files.is_empty() {
+        spool.rescan().map_err(|source| SpoolError::Dir {
+            what: "reading",
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        let Depth { batches, bytes, .. } = spool.depth();
+        if batches > 0 {
             tracing::info!(
                 dir = %dir.display(),
-                batches = state.files.len(),
-                bytes = state.bytes,
+                batches,
+                bytes,
                 "spool holds batches from an earlier run; they will be sent"
             );
         }
-        drop(state);
         Ok(spool)
     }
 
@@ -290,41 +234,30 @@ impl Spool {
         let mut found = 0;
         for entry in fs::read_dir(&self.dir)? {
             let entry = entry?;
-            let Some(what) = Entry::of(&entry.file_name()) else {
+            let Some((seq, what)) = Entry::of(&entry.file_name()) else {
                 continue;
             };
             let path = entry.path();
-            let mut st = self.lock();
-            st.next_seq = st.next_seq.max(what.seq() + 1);
+            let known = self.with(|st| {
+                st.next_seq = st.next_seq.max(seq + 1);
+                st.files.contains_key(&seq)
+            });
             match what {
-                Entry::Batch(seq) if !st.files.contains_key(&seq) => {
-                    drop(st);
-                    let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                    let spans = self.spans_in(&path);
-                    let mut st = self.lock();
-                    if !st.files.contains_key(&seq) {
-                        st.found(seq, len, spans);
-                        found += 1;
-                    }
-                }
+                Entry::Batch if !known => found += usize::from(self.found(seq, &path)),
                 // Ours are being written; another's, until abandoned, may be.
-                Entry::Tmp(_, token)
+                Entry::Tmp(token)
                     if token.as_deref() != Some(&*self.token)
                         && (token.is_none() || abandoned(&path, self.abandoned_after)) =>
                 {
-                    drop(st);
                     let _ = fs::remove_file(&path);
                 }
-                Entry::Sending(seq, token)
+                Entry::Sending(token)
                     if token != self.token && abandoned(&path, self.abandoned_after) =>
                 {
-                    drop(st);
                     tracing::warn!(path = %path.display(), "a spooled batch was being sent by a process that is gone; it will be sent again");
-                    if fs::rename(&path, self.batch_path(seq)).is_ok() {
+                    let batch = self.batch_path(seq);
+                    if fs::rename(&path, &batch).is_ok() && self.found(seq, &batch) {
                         found += 1;
-                        let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                        let spans = self.spans_in(&self.batch_path(seq));
-                        self.lock().found(seq, len, spans);
                     }
                 }
                 _ => {}
@@ -333,34 +266,42 @@ impl Spool {
         Ok(found)
     }
 
+    /// Counts a batch file found on disk, unless counted already (its bytes
+    /// were not reserved); whether it was new.
+    fn found(&self, seq: u64, path: &Path) -> bool {
+        let size = fs::symlink_metadata(path).map_or(0, |m| m.len());
+        let spans = self.spans_in(path);
+        self.with(|st| {
+            let new = st.files.insert(seq, (size, spans)).is_none();
+            if new {
+                st.bytes += size;
+                st.spans += u64::from(spans);
+            }
+            new
+        })
+    }
+
     /// The spans a batch file's header says it holds; 0 for one that is
     /// not a batch (it is set aside when read). The file is the forwarder's
     /// user's to plant: opened as [`Spool::read`] opens it, and only its
     /// header read.
     fn spans_in(&self, path: &Path) -> u32 {
-        let header = crate::untrusted::open_file(path, Link::Never, self.max_bytes)
-            .ok()
-            .and_then(|(mut f, _)| {
-                let mut h = [0u8; HEADER_LEN];
-                io::Read::read_exact(&mut f, &mut h).ok().map(|()| h)
-            });
-        match header {
-            Some(h) if h.starts_with(MAGIC) => h
-                .get(12..16)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u32::from_le_bytes),
-            _ => 0,
-        }
+        let spans = || {
+            let (mut f, _) = crate::untrusted::open_file(path, Link::Never, self.max_bytes).ok()?;
+            let mut h = [0u8; HEADER_LEN];
+            io::Read::read_exact(&mut f, &mut h).ok()?;
+            let spans = h.get(12..16)?.try_into().ok()?;
+            h.starts_with(MAGIC).then(|| u32::from_le_bytes(spans))
+        };
+        spans().unwrap_or(0)
     }
 
-    /// What the spool holds now.
     pub(crate) fn depth(&self) -> Depth {
-        let st = self.lock();
-        Depth {
+        self.with(|st| Depth {
             batches: st.files.len() as u64,
             spans: st.spans,
             bytes: st.bytes,
-        }
+        })
     }
 
     pub(crate) fn dir(&self) -> &Path {
@@ -379,54 +320,46 @@ impl Spool {
         self.dir.join(format!("{seq:020}.{}.sending", self.token))
     }
 
-    fn lock(&self) -> Locked<'_> {
+    /// Runs `f` on the state, locked, and publishes the gauges before the
+    /// lock is let go.
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         // A panic elsewhere while holding the lock leaves plain data behind,
         // still consistent enough to keep spooling.
-        Locked {
-            state: self.state.lock().unwrap_or_else(|p| p.into_inner()),
-            stats: &self.stats,
-        }
-    }
-
-    /// Bytes on disk now (the `spool_bytes` gauge, for the tests).
-    #[cfg(test)]
-    fn bytes(&self) -> u64 {
-        self.lock().bytes
-    }
-
-    /// Batches on disk now.
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.lock().files.len()
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let r = f(&mut st);
+        self.stats.spool_bytes.set(st.bytes);
+        self.stats.spool_files.set(st.files.len() as u64);
+        r
     }
 
     /// Writes one encoded batch. Returns `Ok(false)` when it does not fit
     /// within the size bound.
     pub(crate) fn write(&self, body: &EncodedRequest, spans: u32) -> Result<bool, SpoolError> {
         let size = (HEADER_LEN + body.len()) as u64;
-        let seq = {
-            let mut st = self.lock();
-            if st.bytes + size > self.max_bytes {
-                return Ok(false);
-            }
-            // Reserve the space now so concurrent writers cannot overshoot.
-            st.bytes += size;
-            st.next_seq += 1;
-            st.next_seq - 1
+        // Reserve the space now so concurrent writers cannot overshoot.
+        let reserved = self.with(|st| {
+            (st.bytes + size <= self.max_bytes).then(|| {
+                st.bytes += size;
+                st.next_seq += 1;
+                st.next_seq - 1
+            })
+        });
+        let Some(seq) = reserved else {
+            return Ok(false);
         };
         let tmp = self.dir.join(format!("{seq:020}.{}.tmp", self.token));
+        let mut crc = crc32fast::Hasher::new();
+        body.chunks().iter().for_each(|c| crc.update(c));
+        let header = [
+            &MAGIC[..],
+            &VERSION.to_le_bytes(),
+            &spans.to_le_bytes(),
+            &(body.len() as u64).to_le_bytes(),
+            &crc.finalize().to_le_bytes(),
+        ]
+        .concat();
         let res = (|| {
             let f = fs::File::create(&tmp)?;
-            let mut header = Vec::with_capacity(HEADER_LEN);
-            header.extend_from_slice(MAGIC);
-            header.extend_from_slice(&VERSION.to_le_bytes());
-            header.extend_from_slice(&spans.to_le_bytes());
-            header.extend_from_slice(&(body.len() as u64).to_le_bytes());
-            let mut crc = crc32fast::Hasher::new();
-            for c in body.chunks() {
-                crc.update(c);
-            }
-            header.extend_from_slice(&crc.finalize().to_le_bytes());
             let mut f = std::io::BufWriter::with_capacity(256 * 1024, f);
             f.write_all(&header)?;
             for c in body.chunks() {
@@ -439,52 +372,49 @@ impl Spool {
         })();
         // Published under the lock, so that a rescan sees it either not yet
         // or already counted.
-        let mut st = self.lock();
-        let published = res.and_then(|()| {
-            let mut seq = seq;
-            for _ in 0..LINK_TRIES {
-                match publish(&tmp, &self.batch_path(seq)) {
-                    Ok(()) => return Ok(seq),
-                    // Another process's batch: take the next number.
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        seq = st.next_seq.max(seq + 1);
-                        st.next_seq = seq + 1;
+        let published = self.with(|st| {
+            let published = res.and_then(|()| {
+                let mut seq = seq;
+                for _ in 0..LINK_TRIES {
+                    match publish(&tmp, &self.batch_path(seq)) {
+                        Ok(()) => return Ok(seq),
+                        // Another process's batch: take the next number.
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                            seq = st.next_seq.max(seq + 1);
+                            st.next_seq = seq + 1;
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
                 }
+                Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "no free sequence number",
+                ))
+            });
+            match published {
+                Ok(seq) => {
+                    st.files.insert(seq, (size, spans));
+                    st.spans += u64::from(spans);
+                }
+                Err(_) => st.bytes -= size,
             }
-            Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "no free sequence number",
-            ))
+            published
         });
-        match published {
-            Ok(seq) => {
-                st.files.insert(seq, (size, spans));
-                st.spans += u64::from(spans);
-                drop(st);
-                let _ = fs::remove_file(&tmp);
-                // Make the new name durable.
-                if let Err(e) = fs::File::open(&self.dir).and_then(|d| d.sync_all()) {
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "syncing the spool directory");
-                }
-                Ok(true)
-            }
-            Err(source) => {
-                st.bytes -= size;
-                drop(st);
-                let _ = fs::remove_file(&tmp);
-                Err(SpoolError::WriteFile {
-                    path: self.batch_path(seq),
-                    source,
-                })
-            }
+        let _ = fs::remove_file(&tmp);
+        published.map_err(|source| SpoolError::File {
+            what: "writing",
+            path: self.batch_path(seq),
+            source,
+        })?;
+        // Make the new name durable.
+        if let Err(e) = fs::File::open(&self.dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "syncing the spool directory");
         }
+        Ok(true)
     }
 
-    /// The oldest batch's sequence number.
     pub(crate) fn oldest(&self) -> Option<u64> {
-        self.lock().files.keys().next().copied()
+        self.with(|st| st.files.keys().next().copied())
     }
 
     /// Claims a batch and reads it back, setting it aside if it is
@@ -492,17 +422,18 @@ impl Spool {
     pub(crate) fn read(&self, seq: u64) -> Result<Option<Spooled>, SpoolError> {
         let path = self.batch_path(seq);
         let claim = self.claim_path(seq);
-        match fs::rename(&path, &claim) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.forget(seq);
+        if let Err(source) = fs::rename(&path, &claim) {
+            // Gone (claimed), or unusable: forget it rather than retry
+            // forever.
+            self.forget(seq);
+            if source.kind() == io::ErrorKind::NotFound {
                 return Ok(None);
             }
-            Err(source) => {
-                // Unusable: forget it rather than retry forever.
-                self.forget(seq);
-                return Err(SpoolError::ReadFile { path, source });
-            }
+            return Err(SpoolError::File {
+                what: "reading",
+                path,
+                source,
+            });
         }
         // The directory is the forwarder's user's, and anything running as
         // that user may have put a FIFO, a symlink (to `/dev/zero`) or a
@@ -517,7 +448,8 @@ impl Spool {
             }),
             Err(e) => {
                 self.forget(seq);
-                return Err(SpoolError::ReadFile {
+                return Err(SpoolError::File {
+                    what: "reading",
                     path,
                     source: io::Error::other(e),
                 });
@@ -568,11 +500,12 @@ impl Spool {
     }
 
     fn forget(&self, seq: u64) {
-        let mut st = self.lock();
-        if let Some((size, spans)) = st.files.remove(&seq) {
-            st.bytes -= size;
-            st.spans -= u64::from(spans);
-        }
+        self.with(|st| {
+            if let Some((size, spans)) = st.files.remove(&seq) {
+                st.bytes -= size;
+                st.spans -= u64::from(spans);
+            }
+        })
     }
 }
 
@@ -580,33 +513,23 @@ impl Spool {
 /// unsettled, also when the replayer is stopped in the middle of sending it
 /// (its task aborted at the shutdown deadline), so that it is not left
 /// claimed by a process that is gone.
-pub(crate) struct Claimed<'a> {
-    spool: &'a Spool,
-    seq: u64,
-    settled: bool,
-}
+pub(crate) struct Claimed<'a>(&'a Spool, u64);
 
 impl<'a> Claimed<'a> {
     pub(crate) fn new(spool: &'a Spool, seq: u64) -> Claimed<'a> {
-        Claimed {
-            spool,
-            seq,
-            settled: false,
-        }
+        Claimed(spool, seq)
     }
 
-    /// Delivered (or refused for good): removed.
-    pub(crate) fn settle(mut self) {
-        self.settled = true;
-        self.spool.remove(self.seq);
+    /// Delivered (or refused for good): removed, and not given back.
+    pub(crate) fn settle(self) {
+        self.0.remove(self.1);
+        std::mem::forget(self);
     }
 }
 
 impl Drop for Claimed<'_> {
     fn drop(&mut self) {
-        if !self.settled {
-            self.spool.release(self.seq);
-        }
+        self.0.release(self.1);
     }
 }
 
@@ -658,6 +581,14 @@ mod tests {
     impl Spool {
         fn open_for_test(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
             Spool::open(dir, max_bytes, Arc::default())
+        }
+
+        fn bytes(&self) -> u64 {
+            self.with(|st| st.bytes)
+        }
+
+        fn len(&self) -> usize {
+            self.with(|st| st.files.len())
         }
     }
 
@@ -727,7 +658,7 @@ mod tests {
         assert_eq!((b.spans, &b.body.to_bytes()[..]), (4, &b"second"[..]));
         // New writes continue the sequence after a reopen.
         assert!(spool.write(&req(b"third"), 1).unwrap());
-        assert!(spool.oldest().unwrap() < spool.lock().next_seq);
+        assert!(spool.oldest().unwrap() < spool.with(|st| st.next_seq));
     }
 
     #[test]

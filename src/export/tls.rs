@@ -1,21 +1,16 @@
 //! Connections to the collector: TCP, and TLS (rustls) for `https://`
 //! endpoints, shared by both transports.
 //!
-//! # TLS primer
+//! The forwarder is the TLS client. It checks the collector's chain against
+//! the system's roots (or `--otlp-certificate`'s PEM bundle instead) and its
+//! names against the endpoint's host; with `--otlp-client-certificate` and
+//! `--otlp-client-key` it proves itself too (mTLS). TLS 1.2 and 1.3 are
+//! offered; ALPN says `h2` for gRPC, `http/1.1` for OTLP/HTTP.
 //!
-//! The forwarder is the client. It checks the collector's certificate chain
-//! against its trusted roots (the system's, or the PEM bundle of
-//! `--otlp-certificate` instead) and the certificate's names against the
-//! endpoint's host; with `--otlp-client-certificate` and
-//! `--otlp-client-key` it also proves itself to the collector (mTLS).
-//! TLS 1.2 and 1.3 are offered. ALPN says which HTTP the connection will
-//! speak: `h2` for gRPC, `http/1.1` for OTLP/HTTP.
-//!
-//! Certificates are rotated on disk by the tools that issue them, without
-//! telling anyone. So the files are looked at again (size and modification
-//! time) whenever a new connection is made: a changed file is loaded for
-//! that connection and the ones after it. A file that changed into
-//! something unusable is logged and the last good configuration kept, so a
+//! Certificates are rotated on disk without telling anyone, so the files
+//! are looked at again (size, modification time) for every new connection,
+//! and loaded again if changed. A file that changed into something
+//! unusable is logged and the last good configuration kept, so a
 //! half-written rotation never takes export down. At startup, though, every
 //! file must load: a wrong path or a key that does not match its
 //! certificate is an error that names the file.
@@ -31,10 +26,12 @@ use http::Uri;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::config::TlsConfig;
+use super::coalesce::Coalesce;
+use super::{lock, within, ExportError};
+use crate::config::{OtlpConfig, TlsConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -61,35 +58,20 @@ pub enum TlsError {
     NoSystemRoots,
 }
 
-/// What a loaded file looked like, to notice it changed.
-type Stamp = Option<(u64, SystemTime)>;
-
-fn stamp(path: &Path) -> Stamp {
-    let md = std::fs::metadata(path).ok()?;
-    Some((md.len(), md.modified().ok()?))
-}
-
-struct Loaded {
-    config: Arc<ClientConfig>,
-    stamps: Vec<Stamp>,
-}
-
 /// The client's TLS configuration, reloaded when its files change.
 pub(crate) struct Tls {
     settings: TlsConfig,
     alpn: &'static [u8],
-    loaded: Mutex<Loaded>,
+    /// The configuration, and its files' stamps when it was built.
+    loaded: Mutex<(Arc<ClientConfig>, Vec<Stamp>)>,
 }
 
 impl Tls {
     /// Loads every file now, so that a problem is a startup error.
     pub(crate) fn new(settings: &TlsConfig, alpn: &'static [u8]) -> Result<Tls, TlsError> {
-        let config = build(settings, alpn)?;
+        let config = Arc::new(build(settings, alpn)?);
         Ok(Tls {
-            loaded: Mutex::new(Loaded {
-                config: Arc::new(config),
-                stamps: stamps(settings),
-            }),
+            loaded: Mutex::new((config, stamps(settings))),
             settings: settings.clone(),
             alpn,
         })
@@ -98,30 +80,35 @@ impl Tls {
     /// The configuration for a new connection: reloaded first if a file
     /// changed, the last good one if the change does not load.
     pub(crate) fn current(&self) -> Arc<ClientConfig> {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let mut loaded = lock(&self.loaded);
         let now = stamps(&self.settings);
-        if now != loaded.stamps {
+        if now != loaded.1 {
             match build(&self.settings, self.alpn) {
                 Ok(c) => {
                     tracing::info!("TLS files changed; new connections use them");
-                    loaded.config = Arc::new(c);
-                    loaded.stamps = now;
+                    *loaded = (Arc::new(c), now);
                 }
+                // Retried at the next connection: the rotation may be half
+                // done.
                 Err(e) => {
-                    // Retried at the next connection: the rotation may be
-                    // half done.
                     tracing::warn!(error = %e, "TLS files changed but do not load; keeping the previous ones");
                 }
             }
         }
-        Arc::clone(&loaded.config)
+        Arc::clone(&loaded.0)
     }
 }
+
+/// What a file looked like (size, modification time), to notice it changed.
+type Stamp = Option<(u64, SystemTime)>;
 
 fn stamps(s: &TlsConfig) -> Vec<Stamp> {
     [&s.ca_file, &s.client_cert, &s.client_key]
         .into_iter()
-        .map(|p| p.as_deref().and_then(stamp))
+        .map(|p| {
+            let md = std::fs::metadata(p.as_ref()?).ok()?;
+            Some((md.len(), md.modified().ok()?))
+        })
         .collect()
 }
 
@@ -198,57 +185,39 @@ fn build(s: &TlsConfig, alpn: &[u8]) -> Result<ClientConfig, TlsError> {
     Ok(config)
 }
 
-/// The host (IPv6 without its brackets) and port to dial for an endpoint,
-/// the port defaulting by scheme.
-pub(crate) fn host_port(uri: &Uri) -> (String, u16) {
-    let host = uri.host().unwrap_or_default();
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let default = if uri.scheme_str() == Some("https") {
-        443
-    } else {
-        80
-    };
-    (host.to_owned(), uri.port_u16().unwrap_or(default))
-}
-
 /// Dials `uri` (TCP, no Nagle), then does the TLS handshake when `tls` is
 /// given.
-pub(crate) async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> {
-    let (host, port) = host_port(uri);
-    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> {
+    // IPv6 without its brackets; the port defaulting by scheme.
+    let host = uri.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let https = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let tcp = TcpStream::connect((host, port)).await?;
     tcp.set_nodelay(true)?;
     let Some(tls) = tls else {
-        return Ok(Stream::Plain(tcp));
+        return Ok(Box::new(tcp));
     };
-    let name =
-        ServerName::try_from(host).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let stream = tokio_rustls::TlsConnector::from(tls.current())
         .connect(name, tcp)
         .await?;
-    Ok(Stream::Tls(Box::new(stream)))
+    Ok(Box::new(stream))
 }
 
 /// Dials the collector for a transport's connection pool (hyper's, tonic's):
-/// [`connect`] within `timeout`, the stream then wrapped as the transport
-/// wants it (gRPC writes through the coalescing writer).
-pub(crate) struct Connector<T> {
+/// [`connect`] within `timeout`; for gRPC, written to through
+/// [`Coalesce`], so a batch leaves in a few large writes, not one per frame.
+#[derive(Clone)]
+pub(crate) struct Connector {
     pub(crate) tls: Option<Arc<Tls>>,
     pub(crate) timeout: std::time::Duration,
-    pub(crate) wrap: fn(Stream) -> T,
+    pub(crate) coalesce: bool,
 }
 
-impl<T> Clone for Connector<T> {
-    fn clone(&self) -> Self {
-        Connector {
-            tls: self.tls.clone(),
-            timeout: self.timeout,
-            wrap: self.wrap,
-        }
-    }
-}
-
-impl<T: Send + 'static> tonic::codegen::Service<Uri> for Connector<T> {
-    type Response = hyper_util::rt::TokioIo<T>;
+impl tonic::codegen::Service<Uri> for Connector {
+    type Response = hyper_util::rt::TokioIo<Stream>;
     type Error = io::Error;
     type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -257,142 +226,105 @@ impl<T: Send + 'static> tonic::codegen::Service<Uri> for Connector<T> {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let (tls, timeout, wrap) = (self.tls.clone(), self.timeout, self.wrap);
+        let c = self.clone();
         Box::pin(async move {
-            match tokio::time::timeout(timeout, connect(&uri, tls.as_deref())).await {
-                Ok(stream) => Ok(hyper_util::rt::TokioIo::new(wrap(stream?))),
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no connection within {timeout:?}"),
-                )),
-            }
+            let stream = tokio::time::timeout(c.timeout, connect(&uri, c.tls.as_deref()))
+                .await
+                .map_err(|_| {
+                    let no = format!("no connection within {:?}", c.timeout);
+                    io::Error::new(io::ErrorKind::TimedOut, no)
+                })??;
+            Ok(hyper_util::rt::TokioIo::new(match c.coalesce {
+                true => Box::new(Coalesce::new(stream)),
+                false => stream,
+            }))
         })
     }
 }
 
-/// How long the startup probe listens after the handshake for the
+/// How long the startup check listens after the handshake for the
 /// collector to refuse our certificate.
 const PROBE_LISTEN: std::time::Duration = std::time::Duration::from_millis(300);
 
-/// The startup check: dials `uri` as an export would. Over TLS 1.3 a
-/// collector that refuses the client's certificate says so only after the
-/// handshake has finished on the client's side, so the probe then listens
-/// a moment: an alert is the error; data (an HTTP/2 server's first frame)
-/// or silence (an HTTP/1.1 server waiting for a request) is a pass.
-pub(crate) async fn probe(uri: &Uri, tls: Option<&Tls>) -> io::Result<()> {
-    use tokio::io::AsyncReadExt;
-    let mut stream = connect(uri, tls).await?;
-    if let Stream::Tls(s) = &mut stream {
-        let mut byte = [0u8; 1];
-        if let Ok(Err(e)) = tokio::time::timeout(PROBE_LISTEN, s.read(&mut byte)).await {
-            return Err(e);
+/// Loads the TLS files (for an `https://` endpoint) and dials the collector
+/// as an export would, so that a missing collector, or one the forwarder
+/// cannot trust, is a startup error.
+pub(crate) async fn reach(
+    cfg: &OtlpConfig,
+    alpn: &'static [u8],
+    connect_timeout: std::time::Duration,
+) -> Result<Option<Arc<Tls>>, ExportError> {
+    let endpoint = cfg.endpoint.to_string();
+    let tls = match &cfg.tls {
+        Some(t) => Some(Arc::new(Tls::new(t, alpn).map_err(|source| {
+            ExportError::LoadTls {
+                endpoint: endpoint.clone(),
+                source,
+            }
+        })?)),
+        None => None,
+    };
+    // Over TLS 1.3 a collector that refuses the client's certificate says
+    // so only after the handshake has finished on the client's side, so the
+    // check then listens a moment: an alert is the error; data (an HTTP/2
+    // server's first frame) or silence (an HTTP/1.1 server waiting for a
+    // request) is a pass.
+    let probe = async {
+        use tokio::io::AsyncReadExt;
+        let mut stream = connect(&cfg.endpoint, tls.as_deref()).await?;
+        if tls.is_some() {
+            let mut byte = [0u8; 1];
+            if let Ok(Err(e)) = tokio::time::timeout(PROBE_LISTEN, stream.read(&mut byte)).await {
+                return Err(e);
+            }
         }
-    }
-    Ok(())
+        Ok::<_, io::Error>(())
+    };
+    within(&endpoint, connect_timeout, probe).await?;
+    Ok(tls)
 }
 
 /// Whether an error, or one of its causes, is the collector's certificate
 /// failing verification, or the collector refusing ours: trying again with
 /// the same files cannot help.
 pub(crate) fn is_tls_rejection(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(tls) = tls {
-            use rustls::AlertDescription as A;
-            return match tls {
-                rustls::Error::InvalidCertificate(_)
-                | rustls::Error::NoCertificatesPresented
-                | rustls::Error::InconsistentKeys(_) => true,
-                rustls::Error::AlertReceived(a) => matches!(
-                    a,
-                    A::BadCertificate
-                        | A::UnsupportedCertificate
-                        | A::CertificateRevoked
-                        | A::CertificateExpired
-                        | A::CertificateUnknown
-                        | A::UnknownCA
-                        | A::AccessDenied
-                        | A::CertificateRequired
-                ),
-                _ => false,
-            };
-        }
-        cur = err.source();
+    use rustls::AlertDescription as A;
+    let tls = std::iter::successors(Some(e), |e| e.source()).find_map(|err| {
+        err.downcast_ref::<rustls::Error>().or_else(|| {
+            let inner = err.downcast_ref::<io::Error>()?.get_ref()?;
+            inner.downcast_ref::<rustls::Error>()
+        })
+    });
+    match tls {
+        Some(
+            rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::InconsistentKeys(_),
+        ) => true,
+        Some(rustls::Error::AlertReceived(a)) => matches!(
+            a,
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::CertificateRequired
+        ),
+        _ => false,
     }
-    false
 }
+
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// A connection to the collector: TCP, or TLS over it.
+pub(crate) type Stream = Box<dyn Io>;
 
 impl hyper_util::client::legacy::connect::Connection for Stream {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
         hyper_util::client::legacy::connect::Connected::new()
-    }
-}
-
-/// A connection to the collector, with or without TLS.
-pub(crate) enum Stream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
     }
 }

@@ -18,16 +18,17 @@
 //! Over 500 lines: the printer and its tests (ordering, the linger, the
 //! bound, colour) belong together.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::io::{self, Write};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::{status::StatusCode, Span};
 use prost::Message;
 
+use crate::config::DumpConfig;
 use crate::otlp::EncodedRequest;
 
 /// Attributes worth a line's room first: the agent's RPC request and the
@@ -35,30 +36,11 @@ use crate::otlp::EncodedRequest;
 const KEY_ATTRIBUTES: [&str; 5] = ["req", "request", "container_id", "exec_id", "sandbox_id"];
 /// Attributes a line shows at most, key attributes first.
 const MAX_ATTRIBUTES: usize = 4;
-/// Characters a value keeps.
+/// Characters a value, a span or event name, an error message keep.
 const VALUE_CHARS: usize = 40;
-/// Characters a span or event name keeps.
 const NAME_CHARS: usize = 80;
-/// Characters an error message keeps.
 const MESSAGE_CHARS: usize = 120;
 const SANDBOX_ATTRIBUTE: &str = "kata.sandbox.id";
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct TreeOptions {
-    pub(crate) linger: Duration,
-    pub(crate) max_spans: usize,
-    pub(crate) colour: bool,
-}
-
-/// Why a trace is printed now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Why {
-    Root,
-    Quiet,
-    /// Over `max_spans`.
-    Full,
-    Exit,
-}
 
 struct Held {
     span: Span,
@@ -66,6 +48,8 @@ struct Held {
 }
 
 struct Trace {
+    /// Its key in `arrival`.
+    seq: u64,
     first: Instant,
     last: Instant,
     rooted: bool,
@@ -74,13 +58,11 @@ struct Trace {
 
 pub(crate) struct TreeWriter {
     out: Box<dyn Write + Send + Sync>,
-    opts: TreeOptions,
+    pub(super) opts: DumpConfig,
     traces: HashMap<Vec<u8>, Trace>,
-    /// The traces in the order they came, oldest first, for the bound to
-    /// find the oldest without a scan; an entry whose trace has been
-    /// printed since is skipped, and the stale ones are swept out before
-    /// they outnumber the live.
-    arrival: VecDeque<(Instant, Vec<u8>)>,
+    /// The traces held, in the order they came, for the bound to find the
+    /// oldest without a scan.
+    arrival: BTreeMap<u64, Vec<u8>>,
     held: usize,
     /// Traces printed already, with their start time, so that what comes
     /// later is printed as late, with offsets from the same start. Bounded
@@ -90,12 +72,12 @@ pub(crate) struct TreeWriter {
 }
 
 impl TreeWriter {
-    pub(crate) fn new(out: Box<dyn Write + Send + Sync>, opts: TreeOptions) -> Self {
+    pub(crate) fn new(out: Box<dyn Write + Send + Sync>, opts: DumpConfig) -> Self {
         Self {
             out,
             opts,
             traces: HashMap::new(),
-            arrival: VecDeque::new(),
+            arrival: BTreeMap::new(),
             held: 0,
             printed: HashMap::new(),
             printed_order: VecDeque::new(),
@@ -108,18 +90,9 @@ impl TreeWriter {
         self.add(request, Instant::now())
     }
 
-    pub(crate) fn linger(&self) -> Duration {
-        self.opts.linger
-    }
-
-    /// Prints the traces that have been quiet for the linger time.
-    pub(crate) fn tick(&mut self) -> io::Result<()> {
-        self.print_quiet(Instant::now())
-    }
-
     /// Prints everything held.
     pub(crate) fn finish(&mut self) -> io::Result<()> {
-        self.print_where(Why::Exit, |_| true)
+        self.print_where(|_| true)
     }
 
     fn add(&mut self, request: ExportTraceServiceRequest, now: Instant) -> io::Result<()> {
@@ -136,8 +109,11 @@ impl TreeWriter {
                 let id = span.trace_id.clone();
                 let arrival = &mut self.arrival;
                 let trace = self.traces.entry(id.clone()).or_insert_with(|| {
-                    arrival.push_back((now, id.clone()));
+                    // Above every key held: a key is used once at a time.
+                    let seq = arrival.last_key_value().map_or(0, |(k, _)| k + 1);
+                    arrival.insert(seq, id.clone());
                     Trace {
+                        seq,
                         first: now,
                         last: now,
                         rooted: false,
@@ -155,44 +131,31 @@ impl TreeWriter {
                 });
                 self.held += 1;
                 while self.held > self.opts.max_spans {
-                    let Some(oldest) = self.oldest() else { break };
-                    self.print(&oldest, Why::Full)?;
+                    let Some(oldest) = self.arrival.values().next().cloned() else {
+                        break;
+                    };
+                    self.print(&oldest, true)?;
                 }
             }
         }
         for id in rooted {
             // Printed already if the bound took it.
             if self.traces.contains_key(&id) {
-                self.print(&id, Why::Root)?;
+                self.print(&id, false)?;
             }
         }
         // The ticker prints what has gone quiet.
         self.out.flush()
     }
 
-    fn live(traces: &HashMap<Vec<u8>, Trace>, (first, id): &(Instant, Vec<u8>)) -> bool {
-        traces.get(id).is_some_and(|t| t.first == *first)
-    }
-
-    fn oldest(&mut self) -> Option<Vec<u8>> {
-        while let Some(entry) = self.arrival.front() {
-            if Self::live(&self.traces, entry) {
-                return Some(entry.1.clone());
-            }
-            self.arrival.pop_front();
-        }
-        None
-    }
-
-    fn print_quiet(&mut self, now: Instant) -> io::Result<()> {
+    /// Prints the traces that have been quiet for the linger time.
+    pub(crate) fn tick(&mut self, now: Instant) -> io::Result<()> {
         let linger = self.opts.linger;
-        self.print_where(Why::Quiet, |t| {
-            now.saturating_duration_since(t.last) >= linger
-        })
+        self.print_where(|t| now.saturating_duration_since(t.last) >= linger)
     }
 
     /// Prints the traces `which` picks, oldest first.
-    fn print_where(&mut self, why: Why, which: impl Fn(&Trace) -> bool) -> io::Result<()> {
+    fn print_where(&mut self, which: impl Fn(&Trace) -> bool) -> io::Result<()> {
         let mut ids: Vec<(Instant, Vec<u8>)> = self
             .traces
             .iter()
@@ -201,20 +164,18 @@ impl TreeWriter {
             .collect();
         ids.sort();
         for (_, id) in ids {
-            self.print(&id, why)?;
+            self.print(&id, false)?;
         }
         self.out.flush()
     }
 
-    fn print(&mut self, id: &[u8], why: Why) -> io::Result<()> {
+    /// Prints a trace; `full`: because more than `max_spans` are held.
+    fn print(&mut self, id: &[u8], full: bool) -> io::Result<()> {
         let Some(trace) = self.traces.remove(id) else {
             return Ok(());
         };
         self.held -= trace.spans.len();
-        if self.arrival.len() > 2 * self.traces.len() + 64 {
-            let traces = &self.traces;
-            self.arrival.retain(|e| Self::live(traces, e));
-        }
+        self.arrival.remove(&trace.seq);
         let earliest = trace
             .spans
             .iter()
@@ -228,14 +189,9 @@ impl TreeWriter {
             &trace.spans,
             start,
             late.is_some(),
-            why,
+            full,
             self.opts.colour,
         );
-        self.remember(id, start);
-        self.out.write_all(text.as_bytes())
-    }
-
-    fn remember(&mut self, id: &[u8], start: u64) {
         if self.printed.insert(id.to_vec(), start).is_none() {
             self.printed_order.push_back(id.to_vec());
         }
@@ -244,28 +200,20 @@ impl TreeWriter {
                 self.printed.remove(&old);
             }
         }
+        self.out.write_all(text.as_bytes())
     }
 }
 
 /// ANSI styles, or nothing in a pipe.
 struct Paint(bool);
 
+const RED: &str = "1;31";
+const YELLOW: &str = "33";
+const GREEN: &str = "32";
+const DIM: &str = "2";
+const BOLD: &str = "1";
+
 impl Paint {
-    fn red(&self, s: &str) -> String {
-        self.wrap("1;31", s)
-    }
-    fn yellow(&self, s: &str) -> String {
-        self.wrap("33", s)
-    }
-    fn green(&self, s: &str) -> String {
-        self.wrap("32", s)
-    }
-    fn dim(&self, s: &str) -> String {
-        self.wrap("2", s)
-    }
-    fn bold(&self, s: &str) -> String {
-        self.wrap("1", s)
-    }
     fn wrap(&self, code: &str, s: &str) -> String {
         match self.0 {
             true => format!("\x1b[{code}m{s}\x1b[0m"),
@@ -276,35 +224,24 @@ impl Paint {
 
 /// One trace's held spans as text: a header line, then each top span and
 /// its descendants, children under parents, siblings by start time.
-fn render(id: &[u8], spans: &[Held], start: u64, late: bool, why: Why, colour: bool) -> String {
+fn render(id: &[u8], spans: &[Held], start: u64, late: bool, full: bool, colour: bool) -> String {
     let paint = Paint(colour);
-    let mut out = String::new();
     let mut header = format!("trace {}", hex(id));
-    let sandboxes: Vec<&str> = {
-        let mut seen: Vec<&str> = spans.iter().filter_map(|h| h.sandbox.as_deref()).collect();
-        seen.sort_unstable();
-        seen.dedup();
-        seen
-    };
-    for s in &sandboxes {
+    let sandboxes: BTreeSet<&str> = spans.iter().filter_map(|h| h.sandbox.as_deref()).collect();
+    for s in sandboxes {
         let _ = write!(header, "  sandbox={}", clean(s, VALUE_CHARS));
     }
-    let _ = write!(
-        header,
-        "  {} span{}",
-        spans.len(),
-        if spans.len() == 1 { "" } else { "s" }
-    );
-    let mut out_header = paint.bold(&header);
-    let mark = match (late, why) {
-        (_, Why::Full) => Some("incomplete: --dump-max-spans reached, printed as it is"),
+    let plural = if spans.len() == 1 { "" } else { "s" };
+    let _ = write!(header, "  {} span{plural}", spans.len());
+    let mut out = paint.wrap(BOLD, &header);
+    let mark = match (late, full) {
+        (_, true) => Some("incomplete: --dump-max-spans reached, printed as it is"),
         (true, _) => Some("late: after the trace was printed"),
         _ => None,
     };
     if let Some(mark) = mark {
-        let _ = write!(out_header, "  {}", paint.yellow(&format!("[{mark}]")));
+        let _ = write!(out, "  {}", paint.wrap(YELLOW, &format!("[{mark}]")));
     }
-    out.push_str(&out_header);
     out.push('\n');
 
     let mut order: Vec<(usize, &Held)> = spans.iter().enumerate().collect();
@@ -333,8 +270,10 @@ fn render(id: &[u8], spans: &[Held], start: u64, late: bool, why: Why, colour: b
                 Some(d) if !*d => *d = true,
                 _ => continue,
             }
-            let marker = (depth == 0).then(|| top_mark(&h.span, late));
-            line(&mut out, &paint, h, depth, start, marker.flatten());
+            // A top span that has a parent: not received, or printed before.
+            let orphan = depth == 0 && !h.span.parent_span_id.is_empty();
+            let mark = orphan.then_some(if late { "late" } else { "parent not received" });
+            line(&mut out, &paint, h, depth, start, mark);
             if let Some(kids) = children.get(h.span.span_id.as_slice()) {
                 stack.extend(kids.iter().rev().map(|&(k, kh)| (k, kh, depth + 1)));
             }
@@ -349,14 +288,6 @@ fn parent_in<'a>(h: &'a Held, held: &HashSet<&[u8]>) -> Option<&'a [u8]> {
     (!p.is_empty() && held.contains(p) && p != h.span.span_id.as_slice()).then_some(p)
 }
 
-fn top_mark(span: &Span, late: bool) -> Option<&'static str> {
-    match (span.parent_span_id.is_empty(), late) {
-        (true, _) => None,
-        (false, true) => Some("late"),
-        (false, false) => Some("parent not received"),
-    }
-}
-
 fn line(
     out: &mut String,
     paint: &Paint,
@@ -367,18 +298,14 @@ fn line(
 ) {
     let span = &held.span;
     let indent = "  ".repeat(depth + 1);
-    let dur = span
-        .end_time_unix_nano
-        .saturating_sub(span.start_time_unix_nano);
+    let (begin, end) = (span.start_time_unix_nano, span.end_time_unix_nano);
+    let at = |t: u64| paint.wrap(DIM, &format!("+{}", human(t.saturating_sub(start))));
+    let name = paint.wrap(BOLD, &clean(&span.name, NAME_CHARS));
     let _ = write!(
         out,
-        "{indent}{}  {}  {}",
-        paint.bold(&clean(&span.name, NAME_CHARS)),
-        human(dur),
-        paint.dim(&format!(
-            "+{}",
-            human(span.start_time_unix_nano.saturating_sub(start))
-        )),
+        "{indent}{name}  {}  {}",
+        human(end.saturating_sub(begin)),
+        at(begin)
     );
     if let Some(status) = &span.status {
         if status.code == StatusCode::Error as i32 {
@@ -386,14 +313,14 @@ fn line(
                 true => "ERROR".to_owned(),
                 false => format!("ERROR: {}", clean(&status.message, MESSAGE_CHARS)),
             };
-            let _ = write!(out, "  {}", paint.red(&msg));
+            let _ = write!(out, "  {}", paint.wrap(RED, &msg));
         } else if status.code == StatusCode::Ok as i32 {
-            let _ = write!(out, "  {}", paint.green("ok"));
+            let _ = write!(out, "  {}", paint.wrap(GREEN, "ok"));
         }
     }
     let _ = write!(out, "{}", attributes(&span.attributes));
     if let Some(mark) = mark {
-        let _ = write!(out, "  {}", paint.yellow(&format!("[{mark}]")));
+        let _ = write!(out, "  {}", paint.wrap(YELLOW, &format!("[{mark}]")));
     }
     out.push('\n');
     for event in &span.events {
@@ -401,10 +328,7 @@ fn line(
             out,
             "{indent}  · {}  {}{}",
             clean(&event.name, NAME_CHARS),
-            paint.dim(&format!(
-                "+{}",
-                human(event.time_unix_nano.saturating_sub(start))
-            )),
+            at(event.time_unix_nano),
             attributes(&event.attributes),
         );
     }
@@ -479,11 +403,7 @@ fn clean(s: &str, max: usize) -> String {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter()
-        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
-            let _ = write!(s, "{x:02x}");
-            s
-        })
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Nanoseconds in the unit a person reads best.
@@ -503,6 +423,7 @@ mod tests {
     use opentelemetry_proto::tonic::trace::v1::span::Event;
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Status};
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     #[derive(Clone, Default)]
     struct Out(Arc<Mutex<Vec<u8>>>);
@@ -563,7 +484,8 @@ mod tests {
         let out = Out::default();
         let w = TreeWriter::new(
             Box::new(out.clone()),
-            TreeOptions {
+            DumpConfig {
+                format: crate::config::DumpFormat::Tree,
                 linger: Duration::from_secs(2),
                 max_spans,
                 colour,
@@ -628,9 +550,9 @@ mod tests {
             now,
         )
         .unwrap();
-        w.print_quiet(now + Duration::from_millis(1999)).unwrap();
+        w.tick(now + Duration::from_millis(1999)).unwrap();
         assert_eq!(out.take(), "", "still lingering");
-        w.print_quiet(now + Duration::from_secs(2)).unwrap();
+        w.tick(now + Duration::from_secs(2)).unwrap();
         let text = out.take();
         assert_eq!(shape(&text)[1..], ["  child", "    leaf"], "{text}");
         assert!(
