@@ -136,11 +136,6 @@ impl ReadBuffer {
         Ok((n, full))
     }
 
-    /// The room the last [`prepare`](Self::prepare) made.
-    pub fn spare(&self) -> usize {
-        self.spare
-    }
-
     /// Whether the agent has gone quiet (reads are back to the minimum).
     pub(crate) fn is_quiet(&self) -> bool {
         self.read_size == READ_MIN
@@ -153,6 +148,7 @@ impl ReadBuffer {
 }
 
 /// The spans of one read, encoded and waiting to become a record.
+#[derive(Default)]
 struct Pending {
     /// Scratch the spans are encoded into, reused from read to read.
     spans: BytesMut,
@@ -215,12 +211,7 @@ impl Ingest {
             codec: FrameDecoder::new(max_frame_size),
             decoder: Decoder::new(),
             resources: ResourceCache::default(),
-            pending: Pending {
-                spans: BytesMut::new(),
-                count: 0,
-                cost: 0,
-                resource: None,
-            },
+            pending: Pending::default(),
             spans: 0,
             decode_errors: 0,
             lost_place: false,
@@ -346,7 +337,7 @@ impl Ingest {
     ) -> Result<(), FrameError> {
         let (mut frames, mut frame_bytes) = (0u64, 0u64);
         let (mut claimed, mut new_claims) = (0u64, 0u32);
-        let queued_before = out.len();
+        let spans_before = self.spans;
         if self.lost_place && !self.resynchronise(buf, stats) {
             return Ok(());
         }
@@ -425,12 +416,8 @@ impl Ingest {
                 bytes: frame_bytes
             }
         );
-        let spans: usize = out
-            .get(queued_before..)
-            .unwrap_or_default()
-            .iter()
-            .map(|i| i.record.count)
-            .sum();
+        // Every span decoded is in a record in `out` by now.
+        let spans = self.spans - spans_before;
         if claimed > 0 {
             emit!(
                 stats,
@@ -447,7 +434,7 @@ impl Ingest {
                 stats,
                 SpansReceived {
                     format: self.decoder.format(),
-                    spans: spans as u64,
+                    spans,
                 }
             );
         }
@@ -464,10 +451,6 @@ impl Ingest {
         if self.pending.spans.capacity() > READ_MIN {
             self.pending.spans = BytesMut::new();
         }
-    }
-
-    pub fn peer(&self) -> Peer {
-        self.peer
     }
 
     /// The wire format detected, once a frame has decoded.
