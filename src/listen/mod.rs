@@ -316,9 +316,7 @@ async fn bind_mode(
             let path = hybrid_socket(socket_path, *port);
             let (mut l, conns) = inherited::hybrid(inherited, &path)?;
             if privileges::is_root() {
-                if !l.has_janitor() {
-                    l.hand_removal_to_janitor()?;
-                }
+                l.hand_removal_to_janitor()?;
                 if let Some(dir) = writable {
                     privileges::give_to_user(dir, &cfg.user)?;
                 }
@@ -328,12 +326,7 @@ async fn bind_mode(
             all.adopted = conns;
             return Ok(all);
         }
-        ListenMode::Vsock { cid, port } => {
-            let (l, conns) = inherited::vsock(inherited, *cid, *port)?;
-            all.listeners.push(Listener::Vsock(l));
-            all.adopted = conns;
-            return Ok(all);
-        }
+        ListenMode::Vsock { cid, port } => (Some(*cid), &[][..], *port, 0),
         ListenMode::Template {
             template,
             port,
@@ -352,8 +345,8 @@ async fn bind_mode(
             return Ok(all);
         }
     };
-    // VSOCK (when set) and every template, the templates' watchers sharing
-    // one sandbox thread.
+    // VSOCK (when asked for) and every template, the templates' watchers
+    // sharing one sandbox thread.
     if let Some(cid) = vsock {
         let (l, conns) = inherited::vsock(inherited, cid, port)?;
         // The first listener here, whatever it was in the predecessor.
