@@ -54,9 +54,8 @@ use super::{privileges, sandbox, Adopted, Ended, ListenError, Listener, Serving}
 use crate::addr::SocketTemplate;
 use crate::handover::server::Launcher;
 use crate::lifeline::{After, Lifeline, Next};
-use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
-use crate::tenant::{Tenant, TenantKey};
+use crate::tenant::TenantKey;
 use driver::{Control, Driver, Handoff};
 use watcher::Watcher;
 
@@ -293,14 +292,11 @@ impl TemplateListener {
             return;
         };
         let spawn = |serve: Serve, life: &Lifeline| {
-            let origin = Arc::new(sandbox::sandbox_origin(&serving.origin, &serve.id));
-            // Held while the sandbox is served: its limits and its series.
-            let tenant = serving.shared.tenant(TenantKey::Sandbox(serve.id.clone()));
             // Taken here, before the task runs, so that a pause asked from
             // now on waits for it.
             let life = life.under(serve.shutdown.clone());
             let (serving, reap) = (serving.clone(), reap.clone());
-            sandboxes.spawn(serve_sandbox(serve, serving, reap, origin, tenant, life));
+            sandboxes.spawn(serve_sandbox(serve, serving, reap, life));
         };
         let handed_over = loop {
             let next = tokio::select! {
@@ -384,11 +380,12 @@ async fn serve_sandbox(
     serve: Serve,
     serving: Serving,
     reap: mpsc::UnboundedSender<HybridListener>,
-    origin: Arc<Origin>,
-    tenant: Arc<Tenant>,
     mut life: Lifeline,
 ) {
     let (id, listener) = (serve.id, Listener::Hybrid(serve.listener));
+    let origin = Arc::new(sandbox::sandbox_origin(&serving.origin, &id));
+    // Held while the sandbox is served: its limits and its series.
+    let tenant = serving.shared.tenant(TenantKey::Sandbox(id.clone()));
     let span = tracing::info_span!("sandbox", id = %id);
     let accept = serving.accept(&origin, None, Some(tenant), Some(&id));
     {

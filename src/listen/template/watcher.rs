@@ -203,6 +203,14 @@ impl Watcher {
         ))
     }
 
+    /// [`establish_root`](Self::establish_root) while running: an error
+    /// is logged (and retried on [`Input::Retry`]).
+    fn reestablish_root(&mut self, fx: &mut impl Effects) {
+        if let Err(e) = self.establish_root(fx) {
+            tracing::error!(error = %e, "cannot watch for sandboxes");
+        }
+    }
+
     /// Serves the sandbox directories already in the root.
     fn scan(&mut self, fx: &mut impl Effects) {
         let parent = self.template.parent();
@@ -246,9 +254,7 @@ impl Watcher {
                     (Change::DirAppeared(name), Root::Waiting { next, .. }) if next.as_os_str() == *name
                 );
                 if gone || next_appeared {
-                    if let Err(e) = self.establish_root(fx) {
-                        tracing::error!(error = %e, "cannot watch for sandboxes");
-                    }
+                    self.reestablish_root(fx);
                 }
             }
             Owner::Sandbox(id) => {
@@ -453,9 +459,7 @@ impl Watcher {
         for id in ids {
             self.forget(fx, &id);
         }
-        if let Err(e) = self.establish_root(fx) {
-            tracing::error!(error = %e, "cannot watch for sandboxes");
-        }
+        self.reestablish_root(fx);
     }
 
     /// After lost events: check every sandbox against the disk.
@@ -477,11 +481,7 @@ impl Watcher {
         }
         match self.root {
             Root::Watching(_) => self.scan(fx),
-            _ => {
-                if let Err(e) = self.establish_root(fx) {
-                    tracing::error!(error = %e, "cannot watch for sandboxes");
-                }
-            }
+            _ => self.reestablish_root(fx),
         }
     }
 }
