@@ -135,31 +135,19 @@ fn opt_fixed64_len(v: u64) -> usize {
 
 /// Length of the W3C `tracestate` header string of a context.
 fn trace_state_len(ctx: &model::SpanContext<'_>) -> usize {
-    match &ctx.trace_state {
-        None => 0,
-        Some(entries) if entries.is_empty() => 0,
-        Some(entries) => {
-            // "k=v" per entry, entries joined by ",".
-            entries
-                .iter()
-                .map(|(k, v)| k.as_str().len() + 1 + v.as_str().len())
-                .sum::<usize>()
-                + entries.len()
-                - 1
-        }
-    }
+    let entries = ctx.trace_state.as_deref().unwrap_or_default();
+    // "k=v" per entry, entries joined by ",".
+    let pairs: usize = entries.iter().map(|(k, v)| k.0.len() + 1 + v.0.len()).sum();
+    (pairs + entries.len()).saturating_sub(1)
 }
 
 fn put_trace_state(buf: &mut BytesMut, key: u8, ctx: &model::SpanContext<'_>) {
     let len = trace_state_len(ctx);
-    let Some(entries) = &ctx.trace_state else {
-        return;
-    };
     if len == 0 {
         return;
     }
     put_len_field(buf, key, len);
-    for (i, (k, v)) in entries.iter().enumerate() {
+    for (i, (k, v)) in ctx.trace_state.iter().flatten().enumerate() {
         if i > 0 {
             buf.put_u8(b',');
         }
@@ -289,12 +277,8 @@ fn put_event(buf: &mut BytesMut, e: &model::Event<'_>) {
     put_opt_u32(buf, key(4, VARINT), e.dropped_attributes_count);
 }
 
-fn link_flags(ctx: &model::SpanContext<'_>) -> u32 {
-    let remote = if ctx.is_remote {
-        FLAG_CONTEXT_IS_REMOTE
-    } else {
-        0
-    };
+pub(super) fn link_flags(ctx: &model::SpanContext<'_>) -> u32 {
+    let remote = FLAG_CONTEXT_IS_REMOTE * u32::from(ctx.is_remote);
     u32::from(ctx.trace_flags) | FLAG_CONTEXT_HAS_IS_REMOTE | remote
 }
 

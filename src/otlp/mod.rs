@@ -84,11 +84,7 @@ pub struct Origin {
 impl Origin {
     /// This origin with one more forwarder attribute.
     pub fn with(mut self, key: &str, value: any_value::Value) -> Origin {
-        self.extra.push(KeyValue {
-            key: key.to_owned(),
-            value: Some(AnyValue { value: Some(value) }),
-            key_strindex: 0,
-        });
+        self.extra.push(kv(key, wrap(value)));
         self
     }
 
@@ -118,27 +114,21 @@ pub(crate) fn resource_with_claims(
 ) -> (Resource, u32) {
     let agent_attrs = agent.map(|r| r.attrs.as_slice()).unwrap_or(&[]);
     let mut attributes = Vec::with_capacity(agent_attrs.len() + origin.extra.len() + 1);
-    attributes.push(string_kv(SERVICE_NAME, &origin.service_name));
+    let service_name = any_value::Value::StringValue(origin.service_name.clone());
+    attributes.push(kv(SERVICE_NAME, wrap(service_name)));
     let host_owned = |key: &str| HOST_OWNED.contains(&key) || origin.knows(key).is_some();
     let mut claims = Vec::new();
-    for kv in agent_attrs {
-        let key = kv.key.as_str();
-        if key == SERVICE_NAME {
+    for a in agent_attrs {
+        let key = a.key.as_str();
+        if key == SERVICE_NAME || !host_owned(key) {
             continue;
         }
-        if !host_owned(key) {
-            continue;
-        }
-        let value = any_value(&kv.value);
+        let value = any_value(&a.value);
         let confirmed = origin
             .knows(key)
             .is_some_and(|host| host.value.as_ref() == Some(&value));
         if !confirmed {
-            claims.push(KeyValue {
-                key: guest_claim_key(key),
-                value: Some(value),
-                key_strindex: 0,
-            });
+            claims.push(kv(&guest_claim_key(key), value));
         }
     }
     for kv in agent_attrs {
@@ -181,20 +171,14 @@ pub(crate) fn status_code(code: StatusCode) -> status::StatusCode {
     }
 }
 
-pub(crate) fn key_value(kv: &model::KeyValue<'_>) -> KeyValue {
-    KeyValue {
-        key: kv.key.as_str().to_owned(),
-        value: Some(any_value(&kv.value)),
-        key_strindex: 0,
-    }
+pub(crate) fn key_value(agent: &model::KeyValue<'_>) -> KeyValue {
+    kv(agent.key.as_str(), any_value(&agent.value))
 }
 
-fn string_kv(key: &str, value: &str) -> KeyValue {
+fn kv(key: &str, value: AnyValue) -> KeyValue {
     KeyValue {
         key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.to_owned())),
-        }),
+        value: Some(value),
         key_strindex: 0,
     }
 }
@@ -408,7 +392,7 @@ mod tests {
         assert!(!Arc::ptr_eq(&a, &c));
         let d = cache.get(None, new, &origin());
         assert_eq!(
-            d.attributes.len(),
+            d.resource().attributes.len(),
             3,
             "service.name plus the forwarder's own"
         );

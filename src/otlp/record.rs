@@ -56,14 +56,6 @@ impl EncodedResource {
     }
 }
 
-impl std::ops::Deref for EncodedResource {
-    type Target = Resource;
-
-    fn deref(&self) -> &Resource {
-        &self.resource
-    }
-}
-
 /// Spans waiting to be exported: one or more spans of one resource, already
 /// encoded. A connection hands over everything one read of its socket
 /// produced as one record, so the queue and the batcher work per read, not

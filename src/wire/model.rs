@@ -180,19 +180,9 @@ impl SpanContext<'_> {
     /// path, `otlp::oracle`, that the direct encoder is held to).
     #[cfg(any(test, feature = "oracle"))]
     pub(crate) fn trace_state_header(&self) -> String {
-        let Some(entries) = &self.trace_state else {
-            return String::new();
-        };
-        let mut out = String::new();
-        for (i, (k, v)) in entries.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(k.as_str());
-            out.push('=');
-            out.push_str(v.as_str());
-        }
-        out
+        let entries = self.trace_state.iter().flatten();
+        let pairs: Vec<String> = entries.map(|(k, v)| format!("{}={}", k.0, v.0)).collect();
+        pairs.join(",")
     }
 }
 
