@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use super::hybrid::HybridListener;
 use super::vsock::VsockListener;
 use super::{Adopted, ListenError, Stream};
-use crate::addr::{Peer, VsockCid};
+use crate::addr::VsockCid;
 use crate::handover::fdstore::{self, Left};
 use crate::handover::{Resume, TakenConn, TakenListener};
 
@@ -109,7 +109,7 @@ impl Inherited {
     /// are read from their next whole frame (what the process had read of
     /// the frame in hand went with it). Within the main runtime.
     pub(crate) fn from_store(left: Vec<Left>) -> Result<Inherited, ListenError> {
-        let adopted = |stream, peer| Adopted {
+        let adopted = |(stream, peer)| Adopted {
             listener: 0,
             stream,
             peer,
@@ -126,12 +126,11 @@ impl Inherited {
             match l {
                 Left::Listener(l) => pool.put(l, Vec::new()),
                 Left::UnixConnection { fd, path } => {
-                    let a = adopted(Stream::unix(fd)?, Peer::Unix);
+                    let a = adopted(Stream::adopt(fd, None)?);
                     pool.unix.entry(path).or_default().connections.push(a);
                 }
                 Left::VsockConnection { fd, cid, port } => {
-                    let stream = Stream::Vsock(tokio_vsock::VsockStream::from(fd));
-                    let a = adopted(stream, Peer::Vsock { cid });
+                    let a = adopted(Stream::adopt(fd, Some(cid))?);
                     pool.vsock.entry(port).or_default().connections.push(a);
                 }
             }

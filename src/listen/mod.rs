@@ -205,13 +205,7 @@ impl Adopted {
 
     /// Registers a handed-over connection with the current runtime.
     fn from_taken(c: TakenConn) -> Result<Adopted, ListenError> {
-        let (stream, peer) = match c.cid {
-            Some(cid) => (
-                Stream::Vsock(tokio_vsock::VsockStream::from(c.fd)),
-                Peer::Vsock { cid },
-            ),
-            None => (Stream::unix(c.fd)?, Peer::Unix),
-        };
+        let (stream, peer) = Stream::adopt(c.fd, c.cid)?;
         Ok(Adopted {
             listener: c.listener,
             stream,
@@ -395,13 +389,17 @@ pub(crate) enum Stream {
 }
 
 impl Stream {
-    /// A handed-over Unix connection, on the current runtime.
-    fn unix(fd: OwnedFd) -> Result<Stream, ListenError> {
+    /// A handed-over connection (a VSOCK guest's when it has a `cid`), on
+    /// the current runtime.
+    fn adopt(fd: OwnedFd, cid: Option<u32>) -> Result<(Stream, Peer), ListenError> {
+        if let Some(cid) = cid {
+            let stream = tokio_vsock::VsockStream::from(fd);
+            return Ok((Stream::Vsock(stream), Peer::Vsock { cid }));
+        }
         let adopt = |e: io::Error| ListenError::AdoptSocket(e.to_string());
         let std = std::os::unix::net::UnixStream::from(fd);
         std.set_nonblocking(true).map_err(adopt)?;
-        Ok(Stream::Unix(
-            tokio::net::UnixStream::from_std(std).map_err(adopt)?,
-        ))
+        let stream = tokio::net::UnixStream::from_std(std).map_err(adopt)?;
+        Ok((Stream::Unix(stream), Peer::Unix))
     }
 }
