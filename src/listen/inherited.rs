@@ -42,7 +42,7 @@ struct Unix {
 /// What was handed over at one VSOCK port.
 #[derive(Default)]
 struct Vsock {
-    listener: Option<(VsockListener, VsockCid)>,
+    listener: Option<VsockListener>,
     connections: Vec<Adopted>,
 }
 
@@ -72,7 +72,7 @@ impl Pool {
             TakenListener::Vsock { fd, cid, port } => {
                 let cid = cid.map_or(VsockCid::Any, VsockCid::Cid);
                 let v = self.vsock.entry(port).or_default();
-                v.listener = Some((VsockListener::adopt(fd, cid, port), cid));
+                v.listener = Some(VsockListener::adopt(fd, cid, port));
                 v.connections.extend(connections);
                 return;
             }
@@ -177,8 +177,8 @@ impl Inherited {
     ) -> Option<(Option<VsockListener>, Vec<Adopted>)> {
         let v = self.lock().vsock.remove(&port)?;
         let listener = match v.listener {
-            Some((l, had)) if had == cid => Some(l),
-            Some((l, _)) => {
+            Some(l) if l.address().0 == cid => Some(l),
+            Some(l) => {
                 fdstore::forget(fdstore::listener_name(l.fd(), None));
                 None
             }
@@ -212,7 +212,7 @@ impl Inherited {
                 connections = v.connections.len(),
                 "a handed-over VSOCK listener is no longer asked for; closing it"
             );
-            if let Some((l, _)) = &v.listener {
+            if let Some(l) = &v.listener {
                 fdstore::forget(fdstore::listener_name(l.fd(), None));
             }
             v.connections.iter().for_each(Adopted::forget);
