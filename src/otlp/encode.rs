@@ -19,10 +19,11 @@
 //! (Over 500 lines with its tests, which hold every field to prost's bytes;
 //! the encoder itself is one walk over the `Span` message.)
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 
 use crate::wire::model::{self, AgentSpan, Array, Value};
 
+use super::record::Group;
 use super::{
     span_kind, status_code, EncodedRequest, FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE,
 };
@@ -381,31 +382,25 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
     total
 }
 
-/// One resource's spans for a request: the encoded `Resource` message and
-/// runs of encoded `ScopeSpans.spans` fields, all of one `ScopeSpans`.
-pub(crate) struct Group<'a> {
-    pub resource: &'a [u8],
-    pub spans: Vec<&'a Bytes>,
-}
-
 /// Frames an `ExportTraceServiceRequest` with one `ResourceSpans` (holding
 /// one `ScopeSpans` without scope) per group around the groups' spans,
 /// which are shared, not copied: only the framing is written.
 pub(crate) fn request_chunks(groups: &[Group<'_>]) -> EncodedRequest {
     // Three length-delimited headers of at most 1 + 10 bytes each.
-    let head_room: usize = groups.iter().map(|g| 33 + g.resource.len()).sum();
+    let head_room: usize = groups.iter().map(|(r, _)| 33 + r.bytes().len()).sum();
     let mut heads = BytesMut::with_capacity(head_room);
-    let mut chunks = Vec::with_capacity(groups.iter().map(|g| 1 + g.spans.len()).sum());
-    for g in groups {
-        let scope = g.spans.iter().map(|s| s.len()).sum::<usize>();
-        let rs = len_field(g.resource.len()) + len_field(scope);
+    let mut chunks = Vec::with_capacity(groups.iter().map(|(_, recs)| 1 + recs.len()).sum());
+    for (resource, recs) in groups {
+        let scope = recs.iter().map(|r| r.spans.len()).sum::<usize>();
+        let rs = len_field(resource.bytes().len()) + len_field(scope);
         // ExportTraceServiceRequest.resource_spans (1)
         put_len_field(&mut heads, key(1, LEN), rs);
         // ResourceSpans.resource (1), then ResourceSpans.scope_spans (2)
-        put_bytes_field(&mut heads, key(1, LEN), g.resource);
+        put_bytes_field(&mut heads, key(1, LEN), resource.bytes());
         put_len_field(&mut heads, key(2, LEN), scope);
         chunks.push(heads.split().freeze());
-        chunks.extend(g.spans.iter().filter(|s| !s.is_empty()).map(|&s| s.clone()));
+        let spans = recs.iter().filter(|r| !r.spans.is_empty());
+        chunks.extend(spans.map(|r| r.spans.clone()));
     }
     EncodedRequest::from_chunks(chunks)
 }

@@ -100,11 +100,14 @@ impl SpanRecord {
     }
 }
 
+/// One resource's records for a request.
+pub(crate) type Group<'a> = (&'a Arc<EncodedResource>, Vec<&'a SpanRecord>);
+
 /// Groups records by resource: pointer first (the common case: one
 /// connection, one resource), by value otherwise; arrival order is kept
 /// within each group.
-pub(crate) fn groups(records: &[SpanRecord]) -> Vec<(&Arc<EncodedResource>, Vec<&SpanRecord>)> {
-    let mut groups: Vec<(&Arc<EncodedResource>, Vec<&SpanRecord>)> = Vec::new();
+pub(crate) fn groups(records: &[SpanRecord]) -> Vec<Group<'_>> {
+    let mut groups: Vec<Group<'_>> = Vec::new();
     for rec in records {
         let pos = groups
             .iter()
@@ -177,14 +180,7 @@ impl From<Bytes> for EncodedRequest {
 /// not carry its instrumentation library, so there is no scope to report).
 /// The spans are not copied: the request shares the records' buffers.
 pub fn encode_request(records: &[SpanRecord]) -> EncodedRequest {
-    let groups: Vec<encode::Group<'_>> = groups(records)
-        .into_iter()
-        .map(|(resource, recs)| encode::Group {
-            resource: resource.bytes(),
-            spans: recs.iter().map(|r| &r.spans).collect(),
-        })
-        .collect();
-    encode::request_chunks(&groups)
+    encode::request_chunks(&groups(records))
 }
 
 /// The records of a request [`encode_request`] made (as the spool keeps
