@@ -176,12 +176,6 @@ impl KataHostListener {
         let mut due: Option<Instant> = None;
         let stopping = self.shutdown.clone();
         loop {
-            let settle = async {
-                match due {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 biased;
                 next = life.next() => {
@@ -189,7 +183,7 @@ impl KataHostListener {
                         break;
                     }
                 }
-                _ = settle => {
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                     due = None;
                     self.replan(&mut running, &mut stopped, &ctx, &life).await;
                 }
