@@ -190,7 +190,7 @@ impl Driver {
             source,
         })?;
         let mut host = Host::new(events.watches(), handoff);
-        watcher.start(&mut host)?;
+        watcher.establish_root(&mut host)?;
         Ok(Driver {
             watcher,
             host,

@@ -104,12 +104,6 @@ impl Watcher {
         &self.template
     }
 
-    /// Watches the root (serving the sandboxes already there), or waits for
-    /// it; an error here fails the forwarder's start.
-    pub(super) fn start(&mut self, fx: &mut impl Effects) -> Result<(), ListenError> {
-        self.establish_root(fx)
-    }
-
     /// Whether the root is unwatched after an error, to be retried.
     pub(super) fn wants_retry(&self) -> bool {
         matches!(self.root, Root::Missing)
@@ -151,8 +145,10 @@ impl Watcher {
         fx.unwatch(wd);
     }
 
-    /// Watches the root, or waits for it in its nearest existing ancestor.
-    fn establish_root(&mut self, fx: &mut impl Effects) -> Result<(), ListenError> {
+    /// Watches the root (serving the sandboxes already there), or waits for
+    /// it in its nearest existing ancestor. At start, an error fails the
+    /// forwarder's start.
+    pub(super) fn establish_root(&mut self, fx: &mut impl Effects) -> Result<(), ListenError> {
         match std::mem::replace(&mut self.root, Root::Missing) {
             Root::Watching(wd) | Root::Waiting { wd, .. } => self.unwatch(fx, wd),
             Root::Missing => {}
