@@ -378,9 +378,7 @@ async fn sandbox_thread(
     if let (Some(user), Some(dir)) = (&user, writable) {
         privileges::give_to_user(dir, user)?;
     }
-    Ok(template::SandboxThread::start(user)
-        .await?
-        .inheriting(inherited))
+    template::SandboxThread::start(user, inherited).await
 }
 
 pub(crate) enum Stream {

@@ -107,8 +107,12 @@ static EARLY: std::sync::Mutex<Option<Launched>> = std::sync::Mutex::new(None);
 
 impl SandboxThread {
     /// With `become_user`, the process becomes that user first, this thread
-    /// keeping CAP_DAC_OVERRIDE.
-    pub async fn start(become_user: Option<String>) -> Result<SandboxThread, ListenError> {
+    /// keeping CAP_DAC_OVERRIDE. The watchers started on it serve what a
+    /// predecessor handed over (`inherited`) before binding anything.
+    pub(crate) async fn start(
+        become_user: Option<String>,
+        inherited: Option<&Arc<Inherited>>,
+    ) -> Result<SandboxThread, ListenError> {
         let launched = match become_user {
             Some(user) => launch(move || {
                 privileges::drop_root(&user, privileges::Keep::DacOverrideOnThisThread)
@@ -125,7 +129,7 @@ impl SandboxThread {
         Ok(SandboxThread {
             handle,
             _alive: Arc::new(launched.alive),
-            inherited: None,
+            inherited: inherited.cloned(),
         })
     }
 
@@ -146,13 +150,6 @@ impl SandboxThread {
         let launched = launch(privileges::keep_dac_override_on_this_thread)?;
         *EARLY.lock().unwrap_or_else(|p| p.into_inner()) = Some(launched);
         privileges::keep_on_this_thread("", None)
-    }
-
-    /// The watchers started on this thread serve what a predecessor handed
-    /// over before binding anything.
-    pub(crate) fn inheriting(mut self, inherited: Option<&Arc<Inherited>>) -> SandboxThread {
-        self.inherited = inherited.cloned();
-        self
     }
 
     pub(crate) fn inherited(&self) -> Option<&Arc<Inherited>> {
