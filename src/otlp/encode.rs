@@ -24,9 +24,7 @@ use bytes::{BufMut, BytesMut};
 use crate::wire::model::{self, AgentSpan, Array, Value};
 
 use super::record::Group;
-use super::{
-    span_kind, status_code, EncodedRequest, FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE,
-};
+use super::{EncodedRequest, FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE};
 
 /// Protobuf wire types.
 const VARINT: u32 = 0;
@@ -307,7 +305,7 @@ fn put_link(buf: &mut BytesMut, l: &model::Link<'_>) {
 }
 
 fn status_len(s: &AgentSpan<'_>) -> usize {
-    let code = status_code(s.status_code) as u64;
+    let code = s.status_code as u64;
     opt_str_len(s.status_message.as_str()) + if code == 0 { 0 } else { 2 }
 }
 
@@ -353,7 +351,7 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
     }
     put_opt_str(buf, key(5, LEN), s.name.as_str());
     buf.put_u8(key(6, VARINT));
-    buf.put_u8(span_kind(s.span_kind) as u8);
+    buf.put_u8(s.span_kind as u8);
     put_opt_fixed64(buf, key(7, I64), s.start_time.unix_nanos());
     put_opt_fixed64(buf, key(8, I64), s.end_time.unix_nanos());
     put_key_values(buf, key(9, LEN), &s.attributes.map);
@@ -368,7 +366,7 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
     put_opt_u32(buf, key(14, VARINT), s.links.dropped_count);
     put_len_field(buf, key(15, LEN), status_len(s));
     put_opt_str(buf, key(2, LEN), s.status_message.as_str());
-    let code = status_code(s.status_code) as u64;
+    let code = s.status_code as u64;
     if code != 0 {
         buf.put_u8(key(3, VARINT));
         buf.put_u8(code as u8);

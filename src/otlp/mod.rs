@@ -31,9 +31,8 @@ pub mod record;
 
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{span, status};
 
-use crate::wire::model::{self, Array, SpanKind, StatusCode, Value};
+use crate::wire::model::{self, Array, Value};
 
 pub use cache::ResourceCache;
 #[cfg(any(test, feature = "oracle"))]
@@ -153,24 +152,6 @@ pub(crate) fn resource_with_claims(
     (resource, n)
 }
 
-pub(crate) fn span_kind(kind: SpanKind) -> span::SpanKind {
-    match kind {
-        SpanKind::Client => span::SpanKind::Client,
-        SpanKind::Server => span::SpanKind::Server,
-        SpanKind::Producer => span::SpanKind::Producer,
-        SpanKind::Consumer => span::SpanKind::Consumer,
-        SpanKind::Internal => span::SpanKind::Internal,
-    }
-}
-
-pub(crate) fn status_code(code: StatusCode) -> status::StatusCode {
-    match code {
-        StatusCode::Unset => status::StatusCode::Unset,
-        StatusCode::Ok => status::StatusCode::Ok,
-        StatusCode::Error => status::StatusCode::Error,
-    }
-}
-
 pub(crate) fn key_value(agent: &model::KeyValue<'_>) -> KeyValue {
     kv(agent.key.as_str(), any_value(&agent.value))
 }
@@ -213,8 +194,31 @@ fn wrap(v: any_value::Value) -> AnyValue {
 mod tests {
     use std::sync::Arc;
 
+    use opentelemetry_proto::tonic::trace::v1::{span, status};
+
     use super::*;
     use crate::wire::{decode_json, ResourceSeen};
+
+    /// The agent's kinds and codes are valued as OTLP's, and encoded so.
+    #[test]
+    fn kinds_and_codes_are_otlp_numbers() {
+        use crate::wire::model::{SpanKind as K, StatusCode as C};
+        use span::SpanKind as P;
+        let kinds = [
+            (K::Client, P::Client),
+            (K::Server, P::Server),
+            (K::Producer, P::Producer),
+            (K::Consumer, P::Consumer),
+            (K::Internal, P::Internal),
+        ];
+        for (k, p) in kinds {
+            assert_eq!(k as i32, p as i32, "{k:?}");
+        }
+        use status::StatusCode as S;
+        for (c, s) in [(C::Unset, S::Unset), (C::Ok, S::Ok), (C::Error, S::Error)] {
+            assert_eq!(c as i32, s as i32, "{c:?}");
+        }
+    }
 
     const SPAN: &str = r#"{"span_context":{"trace_id":340282366920938463463374607431768211455,"span_id":1,"trace_flags":1,"is_remote":false,"trace_state":[["vendor","a=1"],["k","v"]]},
         "parent_span_id":2,"span_kind":"Client","name":"n","start_time":{"secs_since_epoch":1,"nanos_since_epoch":2},"end_time":{"secs_since_epoch":1,"nanos_since_epoch":3},

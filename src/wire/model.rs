@@ -165,20 +165,23 @@ impl SpanContext<'_> {
     }
 }
 
+/// In the SDK's order (serde's variant indexes, bincode's tags); valued as
+/// OTLP numbers `Span.SpanKind`, so that a kind is encoded as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum SpanKind {
-    Client,
-    Server,
-    Producer,
-    Consumer,
-    Internal,
+    Client = 3,
+    Server = 2,
+    Producer = 4,
+    Consumer = 5,
+    Internal = 1,
 }
 
+/// In the SDK's order, valued as OTLP numbers `Status.StatusCode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum StatusCode {
-    Unset,
-    Ok,
-    Error,
+    Unset = 0,
+    Ok = 1,
+    Error = 2,
 }
 
 /// `std::time::SystemTime` as serde writes it.
