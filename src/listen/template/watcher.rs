@@ -254,12 +254,9 @@ impl Watcher {
                 }
             }
             Owner::Sandbox(id) => {
-                let Some(sb) = self.sandboxes.get(&id) else {
+                let Some(sb) = self.sandboxes.get(&id).filter(|sb| sb.wd == Some(key)) else {
                     return;
                 };
-                if sb.wd != Some(key) {
-                    return;
-                }
                 match &sb.state {
                     State::Waiting { depth } => {
                         let next = self.template.inner.get(*depth).map(OsStr::new);
