@@ -100,8 +100,7 @@ impl ReadBuffer {
     }
 
     /// Reads once from a non-blocking `src` (a parked connection) into the
-    /// room [`prepare`](Self::prepare) made, sizing the next read as
-    /// [`filled`](Self::filled) does. Whether it filled the room, too.
+    /// room [`prepare`](Self::prepare) made; whether it filled the room too.
     pub(crate) fn read_from(
         &mut self,
         src: &mut impl std::io::Read,
@@ -121,11 +120,8 @@ impl ReadBuffer {
         read.map(|n| (n, full))
     }
 
-    /// Reads once from `src` (a connection on the reactor) into room made
-    /// by [`prepare`](Self::prepare), sizing the next read as
-    /// [`filled`](Self::filled) does. Whether it filled the room, too. With
-    /// [`read_from`](Self::read_from), the only two ways bytes come in: each
-    /// accounts for its read itself.
+    /// As [`read_from`](Self::read_from), from `src` on the reactor. The
+    /// only two ways bytes come in: each sizes the next read itself.
     pub(crate) async fn read_async(
         &mut self,
         src: &mut (impl tokio::io::AsyncRead + Unpin),
@@ -458,7 +454,6 @@ impl Ingest {
         self.decoder.format()
     }
 
-    /// Spans decoded so far.
     pub fn spans(&self) -> u64 {
         self.spans
     }

@@ -41,7 +41,6 @@ impl EncodedResource {
         }
     }
 
-    /// How many host-owned attributes the agent claimed otherwise.
     pub(crate) fn guest_claims(&self) -> u32 {
         self.guest_claims
     }
@@ -132,7 +131,6 @@ pub struct EncodedRequest {
 }
 
 impl EncodedRequest {
-    /// Bytes on the wire.
     pub fn len(&self) -> usize {
         self.len
     }

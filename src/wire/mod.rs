@@ -92,7 +92,6 @@ impl FrameDecoder {
         }
     }
 
-    /// The largest payload accepted.
     pub(crate) fn max_frame_size(&self) -> usize {
         self.inner.max_frame_length()
     }
