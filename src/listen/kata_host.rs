@@ -121,10 +121,6 @@ impl KataHostListener {
         Ok(me)
     }
 
-    pub(crate) fn thread(&self) -> &SandboxThread {
-        &self.thread
-    }
-
     pub(crate) fn describe(&self) -> String {
         let each: Vec<String> = self
             .bound

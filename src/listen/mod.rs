@@ -236,6 +236,8 @@ pub struct Listeners {
     adopted: Vec<Adopted>,
     /// Where accept loops and connections pause for the next hand-over.
     hub: Option<Arc<Hub>>,
+    /// The thread the managers watch sandbox directories on, when they do.
+    sandbox_thread: Option<template::SandboxThread>,
 }
 
 impl Listeners {
@@ -248,6 +250,7 @@ impl Listeners {
             max_connections,
             adopted: Vec::new(),
             hub: None,
+            sandbox_thread: None,
         }
     }
 
@@ -260,11 +263,7 @@ impl Listeners {
     /// Where a hand-over starts the upgraded binary and becomes it: from
     /// the thread that watches sandbox directories, when one does.
     pub(crate) fn launcher(&self) -> Arc<dyn crate::handover::server::Launcher> {
-        let thread = self.managers.first().map(|m| match m {
-            Manager::Template(t) => t.thread().clone(),
-            Manager::KataHost(k) => k.thread().clone(),
-        });
-        Arc::new(template::Launch(thread))
+        Arc::new(template::Launch(self.sandbox_thread.clone()))
     }
 
     pub fn describe(&self) -> String {
@@ -334,6 +333,7 @@ async fn bind_mode(
         } => (*vsock, &templates[..], *port, *max_sandboxes),
         ListenMode::KataHost(k) => {
             let thread = sandbox_thread(cfg, writable, inherited).await?;
+            all.sandbox_thread = Some(thread.clone());
             let host = kata_host::KataHostListener::start(k, thread, shutdown).await?;
             all.managers.push(Manager::KataHost(Box::new(host)));
             return Ok(all);
@@ -352,6 +352,7 @@ async fn bind_mode(
     }
     if !templates.is_empty() {
         let thread = sandbox_thread(cfg, writable, inherited).await?;
+        all.sandbox_thread = Some(thread.clone());
         for t in templates {
             let l = template::TemplateListener::start_on(
                 &thread,

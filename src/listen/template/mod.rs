@@ -79,7 +79,7 @@ pub struct TemplateListener {
     reap_tx: Option<mpsc::UnboundedSender<HybridListener>>,
     task: Option<tokio::task::JoinHandle<()>>,
     /// Keeps the sandbox thread running while this template is served.
-    thread: SandboxThread,
+    _thread: SandboxThread,
     control_tx: mpsc::UnboundedSender<Control>,
 }
 
@@ -268,13 +268,9 @@ impl TemplateListener {
             serve_rx,
             reap_tx: Some(reap_tx),
             task: Some(task),
-            thread: thread.clone(),
+            _thread: thread.clone(),
             control_tx,
         })
-    }
-
-    pub(crate) fn thread(&self) -> &SandboxThread {
-        &self.thread
     }
 
     pub fn describe(&self) -> String {
