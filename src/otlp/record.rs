@@ -147,7 +147,6 @@ impl EncodedRequest {
     /// The request as one buffer; copies unless it is one already.
     pub fn to_bytes(&self) -> Bytes {
         match self.chunks.as_slice() {
-            [] => Bytes::new(),
             [one] => one.clone(),
             many => {
                 let mut buf = BytesMut::with_capacity(self.len);
