@@ -196,11 +196,8 @@ impl KataHostListener {
                 },
             }
         }
-        for (_, (_, task)) in running {
+        for task in running.into_values().map(|(_, task)| task).chain(stopped) {
             let _ = task.await;
-        }
-        for t in stopped {
-            let _ = t.await;
         }
     }
 
