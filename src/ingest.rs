@@ -100,8 +100,7 @@ impl ReadBuffer {
     }
 
     /// Reads once from a non-blocking `src` (a parked connection) into the
-    /// room [`prepare`](Self::prepare) made, sizing the next read as
-    /// [`filled`](Self::filled) does. Whether it filled the room, too.
+    /// room [`prepare`](Self::prepare) made; whether it filled the room too.
     pub(crate) fn read_from(
         &mut self,
         src: &mut impl std::io::Read,
@@ -121,11 +120,8 @@ impl ReadBuffer {
         read.map(|n| (n, full))
     }
 
-    /// Reads once from `src` (a connection on the reactor) into room made
-    /// by [`prepare`](Self::prepare), sizing the next read as
-    /// [`filled`](Self::filled) does. Whether it filled the room, too. With
-    /// [`read_from`](Self::read_from), the only two ways bytes come in: each
-    /// accounts for its read itself.
+    /// As [`read_from`](Self::read_from), from `src` on the reactor. The
+    /// only two ways bytes come in: each sizes the next read itself.
     pub(crate) async fn read_async(
         &mut self,
         src: &mut (impl tokio::io::AsyncRead + Unpin),
@@ -134,11 +130,6 @@ impl ReadBuffer {
         let full = n >= self.spare;
         self.filled(n);
         Ok((n, full))
-    }
-
-    /// The room the last [`prepare`](Self::prepare) made.
-    pub fn spare(&self) -> usize {
-        self.spare
     }
 
     /// Whether the agent has gone quiet (reads are back to the minimum).
@@ -153,6 +144,7 @@ impl ReadBuffer {
 }
 
 /// The spans of one read, encoded and waiting to become a record.
+#[derive(Default)]
 struct Pending {
     /// Scratch the spans are encoded into, reused from read to read.
     spans: BytesMut,
@@ -215,12 +207,7 @@ impl Ingest {
             codec: FrameDecoder::new(max_frame_size),
             decoder: Decoder::new(),
             resources: ResourceCache::default(),
-            pending: Pending {
-                spans: BytesMut::new(),
-                count: 0,
-                cost: 0,
-                resource: None,
-            },
+            pending: Pending::default(),
             spans: 0,
             decode_errors: 0,
             lost_place: false,
@@ -346,7 +333,7 @@ impl Ingest {
     ) -> Result<(), FrameError> {
         let (mut frames, mut frame_bytes) = (0u64, 0u64);
         let (mut claimed, mut new_claims) = (0u64, 0u32);
-        let queued_before = out.len();
+        let spans_before = self.spans;
         if self.lost_place && !self.resynchronise(buf, stats) {
             return Ok(());
         }
@@ -425,12 +412,8 @@ impl Ingest {
                 bytes: frame_bytes
             }
         );
-        let spans: usize = out
-            .get(queued_before..)
-            .unwrap_or_default()
-            .iter()
-            .map(|i| i.record.count)
-            .sum();
+        // Every span decoded is in a record in `out` by now.
+        let spans = self.spans - spans_before;
         if claimed > 0 {
             emit!(
                 stats,
@@ -447,7 +430,7 @@ impl Ingest {
                 stats,
                 SpansReceived {
                     format: self.decoder.format(),
-                    spans: spans as u64,
+                    spans,
                 }
             );
         }
@@ -466,16 +449,11 @@ impl Ingest {
         }
     }
 
-    pub fn peer(&self) -> Peer {
-        self.peer
-    }
-
     /// The wire format detected, once a frame has decoded.
     pub fn format(&self) -> Option<WireFormat> {
         self.decoder.format()
     }
 
-    /// Spans decoded so far.
     pub fn spans(&self) -> u64 {
         self.spans
     }

@@ -172,8 +172,11 @@ impl Entry {
     }
 }
 
+/// A directory is opened `O_PATH`, and never through a symlink: one that
+/// was a directory when looked at and has been swapped for a symlink since
+/// is refused.
 fn dir_flags() -> OFlag {
-    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC
+    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
 }
 
 /// Walks `rest` from the directory `at`, by the module's rule. `whole` is
@@ -193,14 +196,8 @@ fn walk(
         let st = fstatat(&at, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(open_err(whole))?;
         if is(&st, SFlag::S_IFDIR) {
-            // Swapped for a symlink since: refused by O_NOFOLLOW.
-            at = openat(
-                &at,
-                name.as_os_str(),
-                dir_flags() | OFlag::O_NOFOLLOW,
-                Mode::empty(),
-            )
-            .map_err(open_err(whole))?;
+            at = openat(&at, name.as_os_str(), dir_flags(), Mode::empty())
+                .map_err(open_err(whole))?;
         } else if is(&st, SFlag::S_IFLNK) {
             let target = follow(at.as_fd(), &name, whole, links)?;
             if target.is_absolute() {
@@ -272,10 +269,7 @@ pub(crate) fn open_file_at(
 ) -> Result<(File, u64), UntrustedError> {
     let whole = dir.path.join(name);
     let mut links = 0;
-    let mut at = dir.fd.try_clone().map_err(|source| UntrustedError::Open {
-        path: whole.clone(),
-        source,
-    })?;
+    let mut at = openat(&dir.fd, ".", dir_flags(), Mode::empty()).map_err(open_err(&whole))?;
     let mut name = name.to_owned();
     loop {
         let st = fstatat(&at, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)

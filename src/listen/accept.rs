@@ -59,15 +59,12 @@ pub(crate) async fn serve(
         .map(|(l, adopted)| serving.serve(l, root.spawn(), adopted));
     tokio::join!(join_all(managing), join_all(accepting));
     tracker.close();
-    let drained = match shutdown.deadline() {
-        Some(d) => tokio::time::timeout_at(d, tracker.wait()).await.is_ok(),
-        None => {
-            tracker.wait().await;
-            true
+    match shutdown.deadline() {
+        Some(d) if tokio::time::timeout_at(d, tracker.wait()).await.is_err() => {
+            tracing::warn!("connections still open at the shutdown deadline");
         }
-    };
-    if !drained {
-        tracing::warn!("connections still open at the shutdown deadline");
+        Some(_) => {}
+        None => tracker.wait().await,
     }
 }
 

@@ -48,7 +48,7 @@ use crate::stats::{GaugeGuard, Stats};
 use crate::tenant::{LimitReason, Tenant, TenantConn, TenantKey, Tenants};
 use crate::wire::FrameError;
 
-use super::pacing::{Pacing, Park, Quiet, Rate};
+use super::pacing::{Pacing, Park, Rate, EMPTY_TICKS};
 
 pub(crate) struct ConnShared {
     pub queue: QueueSender,
@@ -94,7 +94,42 @@ pub(crate) async fn serve<S: Park>(
     let _open = shared.stats.connections_open.hold();
     // In systemd's store (when it keeps one) while the agent is connected.
     let stored = Stored::connection(stream.as_fd());
-    let mut c = Conn::start(stream, peer, shared, origin, conn.tenant(), life, start);
+    let tenant = conn.tenant();
+    let mut input = ReadBuffer::default();
+    let max = shared.max_frame_size;
+    let announced = start.resume.is_some();
+    let mut ingest = match start.resume {
+        Some(r) if r.lost => Ingest::resume_lost(peer, origin, max),
+        Some(r) => {
+            input.bytes().extend_from_slice(&r.partial);
+            Ingest::resume(peer, origin, max, r.format, r.spans, r.decode_errors)
+        }
+        None => Ingest::new(peer, origin, max),
+    };
+    ingest.set_tenant(Arc::clone(tenant));
+    let state = if life.is_stopping() {
+        State::Draining(stream)
+    } else {
+        State::Live(stream)
+    };
+    let now = Instant::now();
+    let mut c = Conn {
+        peer,
+        shared,
+        tenant,
+        listener: start.listener,
+        life,
+        state,
+        ingest,
+        input,
+        ready: Vec::new(),
+        rate: Rate::new(now),
+        last_read: now,
+        since: now,
+        more: false,
+        wake: false,
+        announced,
+    };
     let end = loop {
         if let Some(end) = c.step().await {
             break end;
@@ -108,7 +143,8 @@ enum State<'a, S> {
     /// Read at ticks; counted in `connections_paced` while so.
     Parked {
         file: std::fs::File,
-        quiet: Quiet,
+        /// Empty ticks in a row.
+        quiet: u32,
         _paced: GaugeGuard<'a>,
     },
     Draining(S),
@@ -170,52 +206,6 @@ struct Conn<'a, S> {
 }
 
 impl<'a, S: Park> Conn<'a, S> {
-    fn start(
-        stream: S,
-        peer: Peer,
-        shared: &'a ConnShared,
-        origin: Arc<Origin>,
-        tenant: &'a Arc<Tenant>,
-        life: Lifeline,
-        start: Start,
-    ) -> Self {
-        let mut input = ReadBuffer::default();
-        let max = shared.max_frame_size;
-        let announced = start.resume.is_some();
-        let mut ingest = match start.resume {
-            Some(r) if r.lost => Ingest::resume_lost(peer, origin, max),
-            Some(r) => {
-                input.bytes().extend_from_slice(&r.partial);
-                Ingest::resume(peer, origin, max, r.format, r.spans, r.decode_errors)
-            }
-            None => Ingest::new(peer, origin, max),
-        };
-        ingest.set_tenant(Arc::clone(tenant));
-        let state = if life.is_stopping() {
-            State::Draining(stream)
-        } else {
-            State::Live(stream)
-        };
-        let now = Instant::now();
-        Conn {
-            peer,
-            shared,
-            tenant,
-            listener: start.listener,
-            life,
-            state,
-            ingest,
-            input,
-            ready: Vec::new(),
-            rate: Rate::new(now),
-            last_read: now,
-            since: now,
-            more: false,
-            wake: false,
-            announced,
-        }
-    }
-
     /// One turn: queue what was read, give way to a hand-over, read again.
     async fn step(&mut self) -> Option<End> {
         if let Some(end) = self.deliver().await {
@@ -367,11 +357,12 @@ impl<'a, S: Park> Conn<'a, S> {
                         self.rate.add(0, self.last_read);
                         // Quiet for a while: back on the reactor, where
                         // quiet costs nothing.
-                        self.wake = quiet.empty();
+                        *quiet += 1;
+                        self.wake = *quiet >= EMPTY_TICKS;
                         Read::Again
                     }
                     r => {
-                        quiet.reset();
+                        *quiet = 0;
                         Read::Got(r)
                     }
                 }
@@ -407,7 +398,7 @@ impl<'a, S: Park> Conn<'a, S> {
         self.state = match (std::mem::replace(&mut self.state, State::Gone), slow) {
             (State::Live(s), true) => State::Parked {
                 file: s.park()?,
-                quiet: Quiet::default(),
+                quiet: 0,
                 _paced: shared.stats.connections_paced.hold(),
             },
             (State::Parked { file, .. }, false) => State::Live(S::unpark(file)?),

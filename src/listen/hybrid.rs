@@ -144,9 +144,13 @@ impl HybridListener {
         self.identity = (u64::MAX, u64::MAX);
     }
 
-    /// Hands removal of the socket to a privileged janitor, for when this
-    /// process is about to lose the right to remove it.
+    /// Hands removal of the socket to a privileged janitor (unless one has
+    /// it already), for when this process is about to lose the right to
+    /// remove it.
     pub(crate) fn hand_removal_to_janitor(&mut self) -> Result<(), ListenError> {
+        if self.janitor.is_some() {
+            return Ok(());
+        }
         let janitor =
             Janitor::spawn(&self.path, self.identity).map_err(|e| ListenError::DropPrivileges {
                 user: String::new(),
@@ -170,10 +174,6 @@ impl HybridListener {
 
     pub(crate) fn janitor_pipe(&self) -> Option<BorrowedFd<'_>> {
         self.janitor.as_ref().and_then(Janitor::pipe)
-    }
-
-    pub(crate) fn has_janitor(&self) -> bool {
-        self.janitor.is_some()
     }
 
     pub(crate) async fn accept(&self) -> io::Result<(UnixStream, tokio::net::unix::SocketAddr)> {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use super::hybrid::HybridListener;
 use super::vsock::VsockListener;
 use super::{Adopted, ListenError, Stream};
-use crate::addr::{Peer, VsockCid};
+use crate::addr::VsockCid;
 use crate::handover::fdstore::{self, Left};
 use crate::handover::{Resume, TakenConn, TakenListener};
 
@@ -42,7 +42,7 @@ struct Unix {
 /// What was handed over at one VSOCK port.
 #[derive(Default)]
 struct Vsock {
-    listener: Option<(VsockListener, VsockCid)>,
+    listener: Option<VsockListener>,
     connections: Vec<Adopted>,
 }
 
@@ -72,7 +72,7 @@ impl Pool {
             TakenListener::Vsock { fd, cid, port } => {
                 let cid = cid.map_or(VsockCid::Any, VsockCid::Cid);
                 let v = self.vsock.entry(port).or_default();
-                v.listener = Some((VsockListener::adopt(fd, cid, port), cid));
+                v.listener = Some(VsockListener::adopt(fd, cid, port));
                 v.connections.extend(connections);
                 return;
             }
@@ -109,7 +109,7 @@ impl Inherited {
     /// are read from their next whole frame (what the process had read of
     /// the frame in hand went with it). Within the main runtime.
     pub(crate) fn from_store(left: Vec<Left>) -> Result<Inherited, ListenError> {
-        let adopted = |stream, peer| Adopted {
+        let adopted = |(stream, peer)| Adopted {
             listener: 0,
             stream,
             peer,
@@ -126,12 +126,11 @@ impl Inherited {
             match l {
                 Left::Listener(l) => pool.put(l, Vec::new()),
                 Left::UnixConnection { fd, path } => {
-                    let a = adopted(Stream::unix(fd)?, Peer::Unix);
+                    let a = adopted(Stream::adopt(fd, None)?);
                     pool.unix.entry(path).or_default().connections.push(a);
                 }
                 Left::VsockConnection { fd, cid, port } => {
-                    let stream = Stream::Vsock(tokio_vsock::VsockStream::from(fd));
-                    let a = adopted(stream, Peer::Vsock { cid });
+                    let a = adopted(Stream::adopt(fd, Some(cid))?);
                     pool.vsock.entry(port).or_default().connections.push(a);
                 }
             }
@@ -178,8 +177,8 @@ impl Inherited {
     ) -> Option<(Option<VsockListener>, Vec<Adopted>)> {
         let v = self.lock().vsock.remove(&port)?;
         let listener = match v.listener {
-            Some((l, had)) if had == cid => Some(l),
-            Some((l, _)) => {
+            Some(l) if l.address().0 == cid => Some(l),
+            Some(l) => {
                 fdstore::forget(fdstore::listener_name(l.fd(), None));
                 None
             }
@@ -213,7 +212,7 @@ impl Inherited {
                 connections = v.connections.len(),
                 "a handed-over VSOCK listener is no longer asked for; closing it"
             );
-            if let Some((l, _)) = &v.listener {
+            if let Some(l) = &v.listener {
                 fdstore::forget(fdstore::listener_name(l.fd(), None));
             }
             v.connections.iter().for_each(Adopted::forget);

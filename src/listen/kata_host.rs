@@ -121,10 +121,6 @@ impl KataHostListener {
         Ok(me)
     }
 
-    pub(crate) fn thread(&self) -> &SandboxThread {
-        &self.thread
-    }
-
     pub(crate) fn describe(&self) -> String {
         let each: Vec<String> = self
             .bound
@@ -176,12 +172,6 @@ impl KataHostListener {
         let mut due: Option<Instant> = None;
         let stopping = self.shutdown.clone();
         loop {
-            let settle = async {
-                match due {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 biased;
                 next = life.next() => {
@@ -189,7 +179,7 @@ impl KataHostListener {
                         break;
                     }
                 }
-                _ = settle => {
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                     due = None;
                     self.replan(&mut running, &mut stopped, &ctx, &life).await;
                 }
@@ -206,11 +196,8 @@ impl KataHostListener {
                 },
             }
         }
-        for (_, (_, task)) in running {
+        for task in running.into_values().map(|(_, task)| task).chain(stopped) {
             let _ = task.await;
-        }
-        for t in stopped {
-            let _ = t.await;
         }
     }
 

@@ -205,13 +205,7 @@ impl Adopted {
 
     /// Registers a handed-over connection with the current runtime.
     fn from_taken(c: TakenConn) -> Result<Adopted, ListenError> {
-        let (stream, peer) = match c.cid {
-            Some(cid) => (
-                Stream::Vsock(tokio_vsock::VsockStream::from(c.fd)),
-                Peer::Vsock { cid },
-            ),
-            None => (Stream::unix(c.fd)?, Peer::Unix),
-        };
+        let (stream, peer) = Stream::adopt(c.fd, c.cid)?;
         Ok(Adopted {
             listener: c.listener,
             stream,
@@ -242,6 +236,8 @@ pub struct Listeners {
     adopted: Vec<Adopted>,
     /// Where accept loops and connections pause for the next hand-over.
     hub: Option<Arc<Hub>>,
+    /// The thread the managers watch sandbox directories on, when they do.
+    sandbox_thread: Option<template::SandboxThread>,
 }
 
 impl Listeners {
@@ -254,6 +250,7 @@ impl Listeners {
             max_connections,
             adopted: Vec::new(),
             hub: None,
+            sandbox_thread: None,
         }
     }
 
@@ -266,11 +263,7 @@ impl Listeners {
     /// Where a hand-over starts the upgraded binary and becomes it: from
     /// the thread that watches sandbox directories, when one does.
     pub(crate) fn launcher(&self) -> Arc<dyn crate::handover::server::Launcher> {
-        let thread = self.managers.first().map(|m| match m {
-            Manager::Template(t) => t.thread().clone(),
-            Manager::KataHost(k) => k.thread().clone(),
-        });
-        Arc::new(template::Launch(thread))
+        Arc::new(template::Launch(self.sandbox_thread.clone()))
     }
 
     pub fn describe(&self) -> String {
@@ -316,9 +309,7 @@ async fn bind_mode(
             let path = hybrid_socket(socket_path, *port);
             let (mut l, conns) = inherited::hybrid(inherited, &path)?;
             if privileges::is_root() {
-                if !l.has_janitor() {
-                    l.hand_removal_to_janitor()?;
-                }
+                l.hand_removal_to_janitor()?;
                 if let Some(dir) = writable {
                     privileges::give_to_user(dir, &cfg.user)?;
                 }
@@ -328,12 +319,7 @@ async fn bind_mode(
             all.adopted = conns;
             return Ok(all);
         }
-        ListenMode::Vsock { cid, port } => {
-            let (l, conns) = inherited::vsock(inherited, *cid, *port)?;
-            all.listeners.push(Listener::Vsock(l));
-            all.adopted = conns;
-            return Ok(all);
-        }
+        ListenMode::Vsock { cid, port } => (Some(*cid), &[][..], *port, 0),
         ListenMode::Template {
             template,
             port,
@@ -347,13 +333,14 @@ async fn bind_mode(
         } => (*vsock, &templates[..], *port, *max_sandboxes),
         ListenMode::KataHost(k) => {
             let thread = sandbox_thread(cfg, writable, inherited).await?;
+            all.sandbox_thread = Some(thread.clone());
             let host = kata_host::KataHostListener::start(k, thread, shutdown).await?;
             all.managers.push(Manager::KataHost(Box::new(host)));
             return Ok(all);
         }
     };
-    // VSOCK (when set) and every template, the templates' watchers sharing
-    // one sandbox thread.
+    // VSOCK (when asked for) and every template, the templates' watchers
+    // sharing one sandbox thread.
     if let Some(cid) = vsock {
         let (l, conns) = inherited::vsock(inherited, cid, port)?;
         // The first listener here, whatever it was in the predecessor.
@@ -365,6 +352,7 @@ async fn bind_mode(
     }
     if !templates.is_empty() {
         let thread = sandbox_thread(cfg, writable, inherited).await?;
+        all.sandbox_thread = Some(thread.clone());
         for t in templates {
             let l = template::TemplateListener::start_on(
                 &thread,
@@ -391,9 +379,7 @@ async fn sandbox_thread(
     if let (Some(user), Some(dir)) = (&user, writable) {
         privileges::give_to_user(dir, user)?;
     }
-    Ok(template::SandboxThread::start(user)
-        .await?
-        .inheriting(inherited))
+    template::SandboxThread::start(user, inherited).await
 }
 
 pub(crate) enum Stream {
@@ -402,13 +388,17 @@ pub(crate) enum Stream {
 }
 
 impl Stream {
-    /// A handed-over Unix connection, on the current runtime.
-    fn unix(fd: OwnedFd) -> Result<Stream, ListenError> {
+    /// A handed-over connection (a VSOCK guest's when it has a `cid`), on
+    /// the current runtime.
+    fn adopt(fd: OwnedFd, cid: Option<u32>) -> Result<(Stream, Peer), ListenError> {
+        if let Some(cid) = cid {
+            let stream = tokio_vsock::VsockStream::from(fd);
+            return Ok((Stream::Vsock(stream), Peer::Vsock { cid }));
+        }
         let adopt = |e: io::Error| ListenError::AdoptSocket(e.to_string());
         let std = std::os::unix::net::UnixStream::from(fd);
         std.set_nonblocking(true).map_err(adopt)?;
-        Ok(Stream::Unix(
-            tokio::net::UnixStream::from_std(std).map_err(adopt)?,
-        ))
+        let stream = tokio::net::UnixStream::from_std(std).map_err(adopt)?;
+        Ok((Stream::Unix(stream), Peer::Unix))
     }
 }

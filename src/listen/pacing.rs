@@ -40,7 +40,7 @@ const PACE_BELOW: u64 = 1 << 20;
 /// How long the rate is measured over before a connection may be parked.
 const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// Empty ticks in a row after which a parked connection goes back to epoll.
-const EMPTY_TICKS: u32 = 4;
+pub(super) const EMPTY_TICKS: u32 = 4;
 
 /// The clock every parked connection reads on: one task sleeps to each
 /// tick, while any connection waits for one, and wakes them together.
@@ -164,23 +164,6 @@ impl Rate {
 
     pub(crate) fn is_slow(&self) -> bool {
         self.last.is_some_and(|r| r < PACE_BELOW)
-    }
-}
-
-/// A parked connection's empty ticks: enough in a row, and it goes back to
-/// the reactor.
-#[derive(Debug, Default)]
-pub(crate) struct Quiet(u32);
-
-impl Quiet {
-    /// Counts an empty tick; whether the agent has gone quiet.
-    pub(crate) fn empty(&mut self) -> bool {
-        self.0 += 1;
-        self.0 >= EMPTY_TICKS
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.0 = 0;
     }
 }
 

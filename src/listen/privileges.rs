@@ -35,13 +35,18 @@ pub(crate) fn is_root() -> bool {
     getuid().is_root()
 }
 
+/// The error for failing to become `user`, for `reason`.
+fn denied(user: &str) -> impl Fn(String) -> ListenError + '_ {
+    move |reason| ListenError::DropPrivileges {
+        user: user.to_owned(),
+        reason,
+    }
+}
+
 /// Looks up the unprivileged account to become; another root account is no
 /// drop at all and is refused.
 pub(crate) fn lookup_user(user: &str) -> Result<User, ListenError> {
-    let err = |reason: String| ListenError::DropPrivileges {
-        user: user.to_owned(),
-        reason,
-    };
+    let err = denied(user);
     let u = User::from_name(user)
         .map_err(|e| err(e.to_string()))?
         .ok_or_else(|| err("no such user".into()))?;
@@ -68,10 +73,7 @@ pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     use nix::unistd::fchownat;
     use std::os::unix::ffi::OsStrExt;
 
-    let err = |reason: String| ListenError::DropPrivileges {
-        user: user.to_owned(),
-        reason,
-    };
+    let err = denied(user);
     let u = lookup_user(user)?;
     let give = |fd: std::os::fd::BorrowedFd<'_>| {
         fchownat(fd, "", Some(u.uid), Some(u.gid), AtFlags::AT_EMPTY_PATH)
@@ -117,10 +119,7 @@ const ON_THE_WATCHER: &str = "CAP_DAC_OVERRIDE, on the sandbox watcher thread on
 pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
     use caps::{CapSet, Capability};
 
-    let err = |reason: String| ListenError::DropPrivileges {
-        user: user.to_owned(),
-        reason,
-    };
+    let err = denied(user);
     let u = lookup_user(user)?;
     let keeping = keep == Keep::DacOverrideOnThisThread;
     if keeping {
@@ -154,10 +153,7 @@ pub(crate) fn keep_on_this_thread(
     cap: Option<caps::Capability>,
 ) -> Result<(), ListenError> {
     use caps::{CapSet, CapsHashSet};
-    let err = |e: caps::errors::CapsError| ListenError::DropPrivileges {
-        user: user.to_owned(),
-        reason: e.to_string(),
-    };
+    let err = |e: caps::errors::CapsError| denied(user)(e.to_string());
     let kept: CapsHashSet = cap.into_iter().collect();
     // Kernels without ambient capabilities have none to clear.
     let _ = caps::clear(None, CapSet::Ambient);

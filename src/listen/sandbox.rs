@@ -274,7 +274,10 @@ impl CidResolver {
         }
         let by_root: Vec<_> = claims
             .into_iter()
-            .filter(|(pid, _)| owner(&self.proc_root.join(pid.to_string())) == Some(0))
+            .filter(|(pid, _)| {
+                let proc = std::fs::metadata(self.proc_root.join(pid.to_string()));
+                proc.is_ok_and(|m| m.uid() == 0)
+            })
             .collect();
         match by_root.as_slice() {
             [one] => Some(one.clone()),
@@ -287,10 +290,6 @@ impl CidResolver {
             }
         }
     }
-}
-
-fn owner(path: &Path) -> Option<u32> {
-    std::fs::metadata(path).ok().map(|m| m.uid())
 }
 
 #[cfg(test)]

@@ -19,13 +19,12 @@
 //! (Over 500 lines with its tests, which hold every field to prost's bytes;
 //! the encoder itself is one walk over the `Span` message.)
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 
 use crate::wire::model::{self, AgentSpan, Array, Value};
 
-use super::{
-    span_kind, status_code, EncodedRequest, FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE,
-};
+use super::record::Group;
+use super::{EncodedRequest, FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE};
 
 /// Protobuf wire types.
 const VARINT: u32 = 0;
@@ -135,31 +134,19 @@ fn opt_fixed64_len(v: u64) -> usize {
 
 /// Length of the W3C `tracestate` header string of a context.
 fn trace_state_len(ctx: &model::SpanContext<'_>) -> usize {
-    match &ctx.trace_state {
-        None => 0,
-        Some(entries) if entries.is_empty() => 0,
-        Some(entries) => {
-            // "k=v" per entry, entries joined by ",".
-            entries
-                .iter()
-                .map(|(k, v)| k.as_str().len() + 1 + v.as_str().len())
-                .sum::<usize>()
-                + entries.len()
-                - 1
-        }
-    }
+    let entries = ctx.trace_state.as_deref().unwrap_or_default();
+    // "k=v" per entry, entries joined by ",".
+    let pairs: usize = entries.iter().map(|(k, v)| k.0.len() + 1 + v.0.len()).sum();
+    (pairs + entries.len()).saturating_sub(1)
 }
 
 fn put_trace_state(buf: &mut BytesMut, key: u8, ctx: &model::SpanContext<'_>) {
     let len = trace_state_len(ctx);
-    let Some(entries) = &ctx.trace_state else {
-        return;
-    };
     if len == 0 {
         return;
     }
     put_len_field(buf, key, len);
-    for (i, (k, v)) in entries.iter().enumerate() {
+    for (i, (k, v)) in ctx.trace_state.iter().flatten().enumerate() {
         if i > 0 {
             buf.put_u8(b',');
         }
@@ -289,12 +276,8 @@ fn put_event(buf: &mut BytesMut, e: &model::Event<'_>) {
     put_opt_u32(buf, key(4, VARINT), e.dropped_attributes_count);
 }
 
-fn link_flags(ctx: &model::SpanContext<'_>) -> u32 {
-    let remote = if ctx.is_remote {
-        FLAG_CONTEXT_IS_REMOTE
-    } else {
-        0
-    };
+pub(super) fn link_flags(ctx: &model::SpanContext<'_>) -> u32 {
+    let remote = FLAG_CONTEXT_IS_REMOTE * u32::from(ctx.is_remote);
     u32::from(ctx.trace_flags) | FLAG_CONTEXT_HAS_IS_REMOTE | remote
 }
 
@@ -322,7 +305,7 @@ fn put_link(buf: &mut BytesMut, l: &model::Link<'_>) {
 }
 
 fn status_len(s: &AgentSpan<'_>) -> usize {
-    let code = status_code(s.status_code) as u64;
+    let code = s.status_code as u64;
     opt_str_len(s.status_message.as_str()) + if code == 0 { 0 } else { 2 }
 }
 
@@ -368,7 +351,7 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
     }
     put_opt_str(buf, key(5, LEN), s.name.as_str());
     buf.put_u8(key(6, VARINT));
-    buf.put_u8(span_kind(s.span_kind) as u8);
+    buf.put_u8(s.span_kind as u8);
     put_opt_fixed64(buf, key(7, I64), s.start_time.unix_nanos());
     put_opt_fixed64(buf, key(8, I64), s.end_time.unix_nanos());
     put_key_values(buf, key(9, LEN), &s.attributes.map);
@@ -383,7 +366,7 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
     put_opt_u32(buf, key(14, VARINT), s.links.dropped_count);
     put_len_field(buf, key(15, LEN), status_len(s));
     put_opt_str(buf, key(2, LEN), s.status_message.as_str());
-    let code = status_code(s.status_code) as u64;
+    let code = s.status_code as u64;
     if code != 0 {
         buf.put_u8(key(3, VARINT));
         buf.put_u8(code as u8);
@@ -397,31 +380,25 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
     total
 }
 
-/// One resource's spans for a request: the encoded `Resource` message and
-/// runs of encoded `ScopeSpans.spans` fields, all of one `ScopeSpans`.
-pub(crate) struct Group<'a> {
-    pub resource: &'a [u8],
-    pub spans: Vec<&'a Bytes>,
-}
-
 /// Frames an `ExportTraceServiceRequest` with one `ResourceSpans` (holding
 /// one `ScopeSpans` without scope) per group around the groups' spans,
 /// which are shared, not copied: only the framing is written.
 pub(crate) fn request_chunks(groups: &[Group<'_>]) -> EncodedRequest {
     // Three length-delimited headers of at most 1 + 10 bytes each.
-    let head_room: usize = groups.iter().map(|g| 33 + g.resource.len()).sum();
+    let head_room: usize = groups.iter().map(|(r, _)| 33 + r.bytes().len()).sum();
     let mut heads = BytesMut::with_capacity(head_room);
-    let mut chunks = Vec::with_capacity(groups.iter().map(|g| 1 + g.spans.len()).sum());
-    for g in groups {
-        let scope = g.spans.iter().map(|s| s.len()).sum::<usize>();
-        let rs = len_field(g.resource.len()) + len_field(scope);
+    let mut chunks = Vec::with_capacity(groups.iter().map(|(_, recs)| 1 + recs.len()).sum());
+    for (resource, recs) in groups {
+        let scope = recs.iter().map(|r| r.spans.len()).sum::<usize>();
+        let rs = len_field(resource.bytes().len()) + len_field(scope);
         // ExportTraceServiceRequest.resource_spans (1)
         put_len_field(&mut heads, key(1, LEN), rs);
         // ResourceSpans.resource (1), then ResourceSpans.scope_spans (2)
-        put_bytes_field(&mut heads, key(1, LEN), g.resource);
+        put_bytes_field(&mut heads, key(1, LEN), resource.bytes());
         put_len_field(&mut heads, key(2, LEN), scope);
         chunks.push(heads.split().freeze());
-        chunks.extend(g.spans.iter().filter(|s| !s.is_empty()).map(|&s| s.clone()));
+        let spans = recs.iter().filter(|r| !r.spans.is_empty());
+        chunks.extend(spans.map(|r| r.spans.clone()));
     }
     EncodedRequest::from_chunks(chunks)
 }

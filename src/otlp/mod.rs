@@ -31,9 +31,8 @@ pub mod record;
 
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{span, status};
 
-use crate::wire::model::{self, Array, SpanKind, StatusCode, Value};
+use crate::wire::model::{self, Array, Value};
 
 pub use cache::ResourceCache;
 #[cfg(any(test, feature = "oracle"))]
@@ -84,11 +83,7 @@ pub struct Origin {
 impl Origin {
     /// This origin with one more forwarder attribute.
     pub fn with(mut self, key: &str, value: any_value::Value) -> Origin {
-        self.extra.push(KeyValue {
-            key: key.to_owned(),
-            value: Some(AnyValue { value: Some(value) }),
-            key_strindex: 0,
-        });
+        self.extra.push(kv(key, wrap(value)));
         self
     }
 
@@ -118,27 +113,21 @@ pub(crate) fn resource_with_claims(
 ) -> (Resource, u32) {
     let agent_attrs = agent.map(|r| r.attrs.as_slice()).unwrap_or(&[]);
     let mut attributes = Vec::with_capacity(agent_attrs.len() + origin.extra.len() + 1);
-    attributes.push(string_kv(SERVICE_NAME, &origin.service_name));
+    let service_name = any_value::Value::StringValue(origin.service_name.clone());
+    attributes.push(kv(SERVICE_NAME, wrap(service_name)));
     let host_owned = |key: &str| HOST_OWNED.contains(&key) || origin.knows(key).is_some();
     let mut claims = Vec::new();
-    for kv in agent_attrs {
-        let key = kv.key.as_str();
-        if key == SERVICE_NAME {
+    for a in agent_attrs {
+        let key = a.key.as_str();
+        if key == SERVICE_NAME || !host_owned(key) {
             continue;
         }
-        if !host_owned(key) {
-            continue;
-        }
-        let value = any_value(&kv.value);
+        let value = any_value(&a.value);
         let confirmed = origin
             .knows(key)
             .is_some_and(|host| host.value.as_ref() == Some(&value));
         if !confirmed {
-            claims.push(KeyValue {
-                key: guest_claim_key(key),
-                value: Some(value),
-                key_strindex: 0,
-            });
+            claims.push(kv(&guest_claim_key(key), value));
         }
     }
     for kv in agent_attrs {
@@ -163,38 +152,14 @@ pub(crate) fn resource_with_claims(
     (resource, n)
 }
 
-pub(crate) fn span_kind(kind: SpanKind) -> span::SpanKind {
-    match kind {
-        SpanKind::Client => span::SpanKind::Client,
-        SpanKind::Server => span::SpanKind::Server,
-        SpanKind::Producer => span::SpanKind::Producer,
-        SpanKind::Consumer => span::SpanKind::Consumer,
-        SpanKind::Internal => span::SpanKind::Internal,
-    }
+pub(crate) fn key_value(agent: &model::KeyValue<'_>) -> KeyValue {
+    kv(agent.key.as_str(), any_value(&agent.value))
 }
 
-pub(crate) fn status_code(code: StatusCode) -> status::StatusCode {
-    match code {
-        StatusCode::Unset => status::StatusCode::Unset,
-        StatusCode::Ok => status::StatusCode::Ok,
-        StatusCode::Error => status::StatusCode::Error,
-    }
-}
-
-pub(crate) fn key_value(kv: &model::KeyValue<'_>) -> KeyValue {
-    KeyValue {
-        key: kv.key.as_str().to_owned(),
-        value: Some(any_value(&kv.value)),
-        key_strindex: 0,
-    }
-}
-
-fn string_kv(key: &str, value: &str) -> KeyValue {
+fn kv(key: &str, value: AnyValue) -> KeyValue {
     KeyValue {
         key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.to_owned())),
-        }),
+        value: Some(value),
         key_strindex: 0,
     }
 }
@@ -229,8 +194,31 @@ fn wrap(v: any_value::Value) -> AnyValue {
 mod tests {
     use std::sync::Arc;
 
+    use opentelemetry_proto::tonic::trace::v1::{span, status};
+
     use super::*;
     use crate::wire::{decode_json, ResourceSeen};
+
+    /// The agent's kinds and codes are valued as OTLP's, and encoded so.
+    #[test]
+    fn kinds_and_codes_are_otlp_numbers() {
+        use crate::wire::model::{SpanKind as K, StatusCode as C};
+        use span::SpanKind as P;
+        let kinds = [
+            (K::Client, P::Client),
+            (K::Server, P::Server),
+            (K::Producer, P::Producer),
+            (K::Consumer, P::Consumer),
+            (K::Internal, P::Internal),
+        ];
+        for (k, p) in kinds {
+            assert_eq!(k as i32, p as i32, "{k:?}");
+        }
+        use status::StatusCode as S;
+        for (c, s) in [(C::Unset, S::Unset), (C::Ok, S::Ok), (C::Error, S::Error)] {
+            assert_eq!(c as i32, s as i32, "{c:?}");
+        }
+    }
 
     const SPAN: &str = r#"{"span_context":{"trace_id":340282366920938463463374607431768211455,"span_id":1,"trace_flags":1,"is_remote":false,"trace_state":[["vendor","a=1"],["k","v"]]},
         "parent_span_id":2,"span_kind":"Client","name":"n","start_time":{"secs_since_epoch":1,"nanos_since_epoch":2},"end_time":{"secs_since_epoch":1,"nanos_since_epoch":3},
@@ -408,7 +396,7 @@ mod tests {
         assert!(!Arc::ptr_eq(&a, &c));
         let d = cache.get(None, new, &origin());
         assert_eq!(
-            d.attributes.len(),
+            d.resource().attributes.len(),
             3,
             "service.name plus the forwarder's own"
         );

@@ -13,9 +13,7 @@ use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Spa
 use prost::Message;
 
 use super::record::{groups, EncodedResource, SpanRecord};
-use super::{
-    encode, key_value, span_kind, status_code, FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE,
-};
+use super::{encode, key_value};
 use crate::wire::model::{self, AgentSpan};
 
 /// Converts one agent span into an OTLP span.
@@ -32,7 +30,7 @@ pub fn span(s: &AgentSpan<'_>) -> Span {
         },
         flags: u32::from(ctx.trace_flags),
         name: s.name.as_str().to_owned(),
-        kind: span_kind(s.span_kind) as i32,
+        kind: s.span_kind as i32,
         start_time_unix_nano: s.start_time.unix_nanos(),
         end_time_unix_nano: s.end_time.unix_nanos(),
         attributes: s.attributes.map.iter().map(key_value).collect(),
@@ -43,7 +41,7 @@ pub fn span(s: &AgentSpan<'_>) -> Span {
         dropped_links_count: s.links.dropped_count,
         status: Some(Status {
             message: s.status_message.as_str().to_owned(),
-            code: status_code(s.status_code) as i32,
+            code: s.status_code as i32,
         }),
     }
 }
@@ -59,18 +57,13 @@ fn event(e: &model::Event<'_>) -> span::Event {
 
 fn link(l: &model::Link<'_>) -> span::Link {
     let ctx = &l.span_context;
-    let remote = if ctx.is_remote {
-        FLAG_CONTEXT_IS_REMOTE
-    } else {
-        0
-    };
     span::Link {
         trace_id: ctx.trace_id.to_be_bytes().to_vec(),
         span_id: ctx.span_id.to_be_bytes().to_vec(),
         trace_state: ctx.trace_state_header(),
         attributes: l.attributes.iter().map(key_value).collect(),
         dropped_attributes_count: l.dropped_attributes_count,
-        flags: u32::from(ctx.trace_flags) | FLAG_CONTEXT_HAS_IS_REMOTE | remote,
+        flags: encode::link_flags(ctx),
     }
 }
 

@@ -41,7 +41,6 @@ impl EncodedResource {
         }
     }
 
-    /// How many host-owned attributes the agent claimed otherwise.
     pub(crate) fn guest_claims(&self) -> u32 {
         self.guest_claims
     }
@@ -52,14 +51,6 @@ impl EncodedResource {
     }
 
     pub fn resource(&self) -> &Resource {
-        &self.resource
-    }
-}
-
-impl std::ops::Deref for EncodedResource {
-    type Target = Resource;
-
-    fn deref(&self) -> &Resource {
         &self.resource
     }
 }
@@ -108,11 +99,14 @@ impl SpanRecord {
     }
 }
 
+/// One resource's records for a request.
+pub(crate) type Group<'a> = (&'a Arc<EncodedResource>, Vec<&'a SpanRecord>);
+
 /// Groups records by resource: pointer first (the common case: one
 /// connection, one resource), by value otherwise; arrival order is kept
 /// within each group.
-pub(crate) fn groups(records: &[SpanRecord]) -> Vec<(&Arc<EncodedResource>, Vec<&SpanRecord>)> {
-    let mut groups: Vec<(&Arc<EncodedResource>, Vec<&SpanRecord>)> = Vec::new();
+pub(crate) fn groups(records: &[SpanRecord]) -> Vec<Group<'_>> {
+    let mut groups: Vec<Group<'_>> = Vec::new();
     for rec in records {
         let pos = groups
             .iter()
@@ -137,7 +131,6 @@ pub struct EncodedRequest {
 }
 
 impl EncodedRequest {
-    /// Bytes on the wire.
     pub fn len(&self) -> usize {
         self.len
     }
@@ -154,7 +147,6 @@ impl EncodedRequest {
     /// The request as one buffer; copies unless it is one already.
     pub fn to_bytes(&self) -> Bytes {
         match self.chunks.as_slice() {
-            [] => Bytes::new(),
             [one] => one.clone(),
             many => {
                 let mut buf = BytesMut::with_capacity(self.len);
@@ -185,14 +177,7 @@ impl From<Bytes> for EncodedRequest {
 /// not carry its instrumentation library, so there is no scope to report).
 /// The spans are not copied: the request shares the records' buffers.
 pub fn encode_request(records: &[SpanRecord]) -> EncodedRequest {
-    let groups: Vec<encode::Group<'_>> = groups(records)
-        .into_iter()
-        .map(|(resource, recs)| encode::Group {
-            resource: resource.bytes(),
-            spans: recs.iter().map(|r| &r.spans).collect(),
-        })
-        .collect();
-    encode::request_chunks(&groups)
+    encode::request_chunks(&groups(records))
 }
 
 /// The records of a request [`encode_request`] made (as the spool keeps

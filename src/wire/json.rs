@@ -19,7 +19,7 @@
 //! Nothing here recurses or allocates by a claimed count: the shape is
 //! fixed and sequences grow one parsed element at a time.
 //!
-//! One file of about 700 lines, on purpose: the parser follows the
+//! One file of over 600 lines, on purpose: the parser follows the
 //! `SpanData` layout field by field, and split up it would no longer read
 //! as the one grammar it is.
 

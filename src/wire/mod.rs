@@ -75,7 +75,6 @@ pub enum FrameError {
 /// agent streams (the connections, the fuzz driver).
 pub(crate) struct FrameDecoder {
     inner: LengthDelimitedCodec,
-    max: usize,
     /// The codec has consumed a header and waits for its payload: an end of
     /// stream now is a cut frame even though no byte is buffered.
     in_frame: bool,
@@ -88,15 +87,13 @@ impl FrameDecoder {
     pub(crate) fn new(max_frame_size: usize) -> Self {
         Self {
             inner: frame_codec(max_frame_size),
-            max: max_frame_size,
             in_frame: false,
             header: [0; HEADER_LEN],
         }
     }
 
-    /// The largest payload accepted.
     pub(crate) fn max_frame_size(&self) -> usize {
-        self.max
+        self.inner.max_frame_length()
     }
 
     /// Whether a frame's header has been read and its payload not yet.
@@ -151,7 +148,7 @@ impl tokio_util::codec::Decoder for FrameDecoder {
                     .map_or(0, u64::from_be_bytes);
                 FrameError::Oversized {
                     claimed,
-                    max: self.max,
+                    max: self.max_frame_size(),
                 }
             } else {
                 FrameError::Read(e)

@@ -42,34 +42,13 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 /// A string that borrows from the payload when it can.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Str<'a>(pub Cow<'a, str>);
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Str<'a>(#[serde(borrow)] pub Cow<'a, str>);
 
 impl<'a> Str<'a> {
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Str<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Str(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Str(Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(V(PhantomData))
     }
 }
 
@@ -180,36 +159,29 @@ impl SpanContext<'_> {
     /// path, `otlp::oracle`, that the direct encoder is held to).
     #[cfg(any(test, feature = "oracle"))]
     pub(crate) fn trace_state_header(&self) -> String {
-        let Some(entries) = &self.trace_state else {
-            return String::new();
-        };
-        let mut out = String::new();
-        for (i, (k, v)) in entries.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(k.as_str());
-            out.push('=');
-            out.push_str(v.as_str());
-        }
-        out
+        let entries = self.trace_state.iter().flatten();
+        let pairs: Vec<String> = entries.map(|(k, v)| format!("{}={}", k.0, v.0)).collect();
+        pairs.join(",")
     }
 }
 
+/// In the SDK's order (serde's variant indexes, bincode's tags); valued as
+/// OTLP numbers `Span.SpanKind`, so that a kind is encoded as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum SpanKind {
-    Client,
-    Server,
-    Producer,
-    Consumer,
-    Internal,
+    Client = 3,
+    Server = 2,
+    Producer = 4,
+    Consumer = 5,
+    Internal = 1,
 }
 
+/// In the SDK's order, valued as OTLP numbers `Status.StatusCode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum StatusCode {
-    Unset,
-    Ok,
-    Error,
+    Unset = 0,
+    Ok = 1,
+    Error = 2,
 }
 
 /// `std::time::SystemTime` as serde writes it.

@@ -124,7 +124,7 @@ impl Effects for Host {
                 "serving a handed-over sandbox on"
             );
         }
-        let identity = self.identity(path).unwrap_or_default();
+        let identity = listener.identity();
         let shutdown = self.handoff.shutdown.child();
         let serve = Serve {
             id: id.to_owned(),
@@ -190,7 +190,7 @@ impl Driver {
             source,
         })?;
         let mut host = Host::new(events.watches(), handoff);
-        watcher.start(&mut host)?;
+        watcher.establish_root(&mut host)?;
         Ok(Driver {
             watcher,
             host,

@@ -54,9 +54,8 @@ use super::{privileges, sandbox, Adopted, Ended, ListenError, Listener, Serving}
 use crate::addr::SocketTemplate;
 use crate::handover::server::Launcher;
 use crate::lifeline::{After, Lifeline, Next};
-use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
-use crate::tenant::{Tenant, TenantKey};
+use crate::tenant::TenantKey;
 use driver::{Control, Driver, Handoff};
 use watcher::Watcher;
 
@@ -80,7 +79,7 @@ pub struct TemplateListener {
     reap_tx: Option<mpsc::UnboundedSender<HybridListener>>,
     task: Option<tokio::task::JoinHandle<()>>,
     /// Keeps the sandbox thread running while this template is served.
-    thread: SandboxThread,
+    _thread: SandboxThread,
     control_tx: mpsc::UnboundedSender<Control>,
 }
 
@@ -108,8 +107,12 @@ static EARLY: std::sync::Mutex<Option<Launched>> = std::sync::Mutex::new(None);
 
 impl SandboxThread {
     /// With `become_user`, the process becomes that user first, this thread
-    /// keeping CAP_DAC_OVERRIDE.
-    pub async fn start(become_user: Option<String>) -> Result<SandboxThread, ListenError> {
+    /// keeping CAP_DAC_OVERRIDE. The watchers started on it serve what a
+    /// predecessor handed over (`inherited`) before binding anything.
+    pub(crate) async fn start(
+        become_user: Option<String>,
+        inherited: Option<&Arc<Inherited>>,
+    ) -> Result<SandboxThread, ListenError> {
         let launched = match become_user {
             Some(user) => launch(move || {
                 privileges::drop_root(&user, privileges::Keep::DacOverrideOnThisThread)
@@ -126,7 +129,7 @@ impl SandboxThread {
         Ok(SandboxThread {
             handle,
             _alive: Arc::new(launched.alive),
-            inherited: None,
+            inherited: inherited.cloned(),
         })
     }
 
@@ -147,13 +150,6 @@ impl SandboxThread {
         let launched = launch(privileges::keep_dac_override_on_this_thread)?;
         *EARLY.lock().unwrap_or_else(|p| p.into_inner()) = Some(launched);
         privileges::keep_on_this_thread("", None)
-    }
-
-    /// The watchers started on this thread serve what a predecessor handed
-    /// over before binding anything.
-    pub(crate) fn inheriting(mut self, inherited: Option<&Arc<Inherited>>) -> SandboxThread {
-        self.inherited = inherited.cloned();
-        self
     }
 
     pub(crate) fn inherited(&self) -> Option<&Arc<Inherited>> {
@@ -272,13 +268,9 @@ impl TemplateListener {
             serve_rx,
             reap_tx: Some(reap_tx),
             task: Some(task),
-            thread: thread.clone(),
+            _thread: thread.clone(),
             control_tx,
         })
-    }
-
-    pub(crate) fn thread(&self) -> &SandboxThread {
-        &self.thread
     }
 
     pub fn describe(&self) -> String {
@@ -293,14 +285,11 @@ impl TemplateListener {
             return;
         };
         let spawn = |serve: Serve, life: &Lifeline| {
-            let origin = Arc::new(sandbox::sandbox_origin(&serving.origin, &serve.id));
-            // Held while the sandbox is served: its limits and its series.
-            let tenant = serving.shared.tenant(TenantKey::Sandbox(serve.id.clone()));
             // Taken here, before the task runs, so that a pause asked from
             // now on waits for it.
             let life = life.under(serve.shutdown.clone());
             let (serving, reap) = (serving.clone(), reap.clone());
-            sandboxes.spawn(serve_sandbox(serve, serving, reap, origin, tenant, life));
+            sandboxes.spawn(serve_sandbox(serve, serving, reap, life));
         };
         let handed_over = loop {
             let next = tokio::select! {
@@ -384,11 +373,12 @@ async fn serve_sandbox(
     serve: Serve,
     serving: Serving,
     reap: mpsc::UnboundedSender<HybridListener>,
-    origin: Arc<Origin>,
-    tenant: Arc<Tenant>,
     mut life: Lifeline,
 ) {
     let (id, listener) = (serve.id, Listener::Hybrid(serve.listener));
+    let origin = Arc::new(sandbox::sandbox_origin(&serving.origin, &id));
+    // Held while the sandbox is served: its limits and its series.
+    let tenant = serving.shared.tenant(TenantKey::Sandbox(id.clone()));
     let span = tracing::info_span!("sandbox", id = %id);
     let accept = serving.accept(&origin, None, Some(tenant), Some(&id));
     {

@@ -104,12 +104,6 @@ impl Watcher {
         &self.template
     }
 
-    /// Watches the root (serving the sandboxes already there), or waits for
-    /// it; an error here fails the forwarder's start.
-    pub(super) fn start(&mut self, fx: &mut impl Effects) -> Result<(), ListenError> {
-        self.establish_root(fx)
-    }
-
     /// Whether the root is unwatched after an error, to be retried.
     pub(super) fn wants_retry(&self) -> bool {
         matches!(self.root, Root::Missing)
@@ -151,8 +145,10 @@ impl Watcher {
         fx.unwatch(wd);
     }
 
-    /// Watches the root, or waits for it in its nearest existing ancestor.
-    fn establish_root(&mut self, fx: &mut impl Effects) -> Result<(), ListenError> {
+    /// Watches the root (serving the sandboxes already there), or waits for
+    /// it in its nearest existing ancestor. At start, an error fails the
+    /// forwarder's start.
+    pub(super) fn establish_root(&mut self, fx: &mut impl Effects) -> Result<(), ListenError> {
         match std::mem::replace(&mut self.root, Root::Missing) {
             Root::Watching(wd) | Root::Waiting { wd, .. } => self.unwatch(fx, wd),
             Root::Missing => {}
@@ -203,6 +199,14 @@ impl Watcher {
         ))
     }
 
+    /// [`establish_root`](Self::establish_root) while running: an error
+    /// is logged (and retried on [`Input::Retry`]).
+    fn reestablish_root(&mut self, fx: &mut impl Effects) {
+        if let Err(e) = self.establish_root(fx) {
+            tracing::error!(error = %e, "cannot watch for sandboxes");
+        }
+    }
+
     /// Serves the sandbox directories already in the root.
     fn scan(&mut self, fx: &mut impl Effects) {
         let parent = self.template.parent();
@@ -246,18 +250,13 @@ impl Watcher {
                     (Change::DirAppeared(name), Root::Waiting { next, .. }) if next.as_os_str() == *name
                 );
                 if gone || next_appeared {
-                    if let Err(e) = self.establish_root(fx) {
-                        tracing::error!(error = %e, "cannot watch for sandboxes");
-                    }
+                    self.reestablish_root(fx);
                 }
             }
             Owner::Sandbox(id) => {
-                let Some(sb) = self.sandboxes.get(&id) else {
+                let Some(sb) = self.sandboxes.get(&id).filter(|sb| sb.wd == Some(key)) else {
                     return;
                 };
-                if sb.wd != Some(key) {
-                    return;
-                }
                 match &sb.state {
                     State::Waiting { depth } => {
                         let next = self.template.inner.get(*depth).map(OsStr::new);
@@ -453,9 +452,7 @@ impl Watcher {
         for id in ids {
             self.forget(fx, &id);
         }
-        if let Err(e) = self.establish_root(fx) {
-            tracing::error!(error = %e, "cannot watch for sandboxes");
-        }
+        self.reestablish_root(fx);
     }
 
     /// After lost events: check every sandbox against the disk.
@@ -477,11 +474,7 @@ impl Watcher {
         }
         match self.root {
             Root::Watching(_) => self.scan(fx),
-            _ => {
-                if let Err(e) = self.establish_root(fx) {
-                    tracing::error!(error = %e, "cannot watch for sandboxes");
-                }
-            }
+            _ => self.reestablish_root(fx),
         }
     }
 }

@@ -47,7 +47,7 @@ fn rmdir_in(w: &mut Watcher, fx: &mut Fake, dir: &str, name: &str) {
 
 fn started(template: SocketTemplate, max_sandboxes: usize, fx: &mut Fake) -> Watcher {
     let mut w = Watcher::new(template, PORT, max_sandboxes);
-    w.start(fx).unwrap();
+    w.establish_root(fx).unwrap();
     w
 }
 
@@ -286,7 +286,7 @@ fn a_root_that_cannot_be_watched_is_retried() {
     let mut fx = Fake::with(&[VM]);
     fx.unwatchable.insert(VM.into());
     let mut w = Watcher::new(clh(), PORT, 8);
-    let e = w.start(&mut fx).unwrap_err();
+    let e = w.establish_root(&mut fx).unwrap_err();
     assert!(matches!(e, ListenError::WatchSandboxes { dir, .. } if dir == Path::new(VM)));
 
     let mut fx = Fake::with(&[VM]);
@@ -378,7 +378,7 @@ async fn reconcile_catches_up_after_lost_events() {
     };
     let mut host = Host::new(inotify.watches(), handoff);
     let mut w = Watcher::new(template, 7, 8);
-    w.start(&mut host).unwrap();
+    w.establish_root(&mut host).unwrap();
     let a: Serve = rx.try_recv().expect("a is served at start");
     assert_eq!(a.id, "a");
     assert!(matches!(
