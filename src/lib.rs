@@ -146,26 +146,19 @@ pub async fn run_upgradable(
         _ => None,
     };
     let (inherited, handoff, ack, from) = match taken {
-        Some(taken) => {
-            let handover::Taken {
-                from_pid,
-                handoff,
-                listeners,
-                connections,
-                ack,
-            } = taken;
-            // Bound as at any start (dropping root as it does, so that
-            // the successor ends with exactly the predecessor's
-            // privileges), serving on what was handed over where it is
-            // still asked for, rather than binding it.
-            let inherited = listen::inherited::Inherited::new(listeners, connections)?;
-            (
-                Some(Arc::new(inherited)),
-                handoff,
-                Some(ack),
-                Some(from_pid),
-            )
-        }
+        // Bound as at any start (dropping root as it does, so that the
+        // successor ends with exactly the predecessor's privileges),
+        // serving on what was handed over where it is still asked for,
+        // rather than binding it.
+        Some(t) => (
+            Some(Arc::new(listen::inherited::Inherited::new(
+                t.listeners,
+                t.connections,
+            )?)),
+            t.handoff,
+            Some(t.ack),
+            Some(t.from_pid),
+        ),
         None => {
             // Bound before the listeners: binding them drops root, and the
             // hand-off directory is root's.
