@@ -271,15 +271,13 @@ async fn serve_inner(
         }
     }
     let hub = handover::hub::Hub::new();
-    let launcher = listeners.launcher();
     let mut server = hand_over.listener.map(|h| {
         listeners.set_hub(Arc::clone(&hub));
         // Without an upgrade to start, SIGHUP stays with the loop below.
         let on_hup = hand_over
             .upgrade
-            .clone()
             .and_then(|u| Some((u, hand_over.sighup.take()?)));
-        let launcher = Arc::clone(&launcher);
+        let launcher = listeners.launcher();
         handover::server::Server::new(h, Arc::clone(&hub), on_hup, launcher, hand_over.parent)
     });
     if let Some(mut hup) = hand_over.sighup {
@@ -373,14 +371,7 @@ async fn serve_inner(
         shutdown.clone(),
     ));
 
-    let (mode, reexec) = until_stopped(
-        stop,
-        server.as_mut(),
-        &mut batcher,
-        hand_over.upgrade.as_ref(),
-        &launcher,
-    )
-    .await;
+    let (mode, reexec) = until_stopped(stop, server.as_mut(), &mut batcher).await;
     // A successor that connects from now on finds nobody, and starts clean.
     drop(server);
 
@@ -427,8 +418,6 @@ async fn until_stopped(
     stop: impl Future<Output = ()>,
     mut server: Option<&mut handover::server::Server>,
     batcher: &mut tokio::task::JoinHandle<()>,
-    upgrade: Option<&Upgrade>,
-    launcher: &Arc<dyn handover::server::Launcher>,
 ) -> (Mode, Option<handover::Reexec>) {
     let mut upgrading = server.as_ref().map(|s| s.upgrading());
     let handing_over = async {
@@ -444,15 +433,11 @@ async fn until_stopped(
     // (the upgrade went to its bridge) in the upgraded binary, which takes
     // everything back first.
     let mut stop_asked = false;
-    let stop_mode = || {
-        // With systemd's file descriptor store, the next process (a
-        // restart) takes the agents' connections from it: they are not
-        // closed.
-        if handover::fdstore::enabled() {
-            Mode::Store
-        } else {
-            Mode::Drain
-        }
+    // With systemd's file descriptor store, the next process (a restart)
+    // takes the agents' connections from it: they are not closed.
+    let stop_mode = match handover::fdstore::enabled() {
+        true => Mode::Store,
+        false => Mode::Drain,
     };
     loop {
         tokio::select! {
@@ -462,9 +447,9 @@ async fn until_stopped(
                     stop_asked = true;
                     continue;
                 }
-                return (stop_mode(), None);
+                return (stop_mode, None);
             }
-            () = upgrade_settled(&mut upgrading), if stop_asked => return (stop_mode(), None),
+            () = upgrade_settled(&mut upgrading), if stop_asked => return (stop_mode, None),
             // The batcher only ends early if it panicked; nothing can be
             // exported any more, so stop rather than accept spans to lose.
             res = &mut *batcher => {
@@ -473,15 +458,7 @@ async fn until_stopped(
             }
             done = &mut handing_over => {
                 tracing::info!(successor = done.successor_pid, "the successor serves every agent now");
-                let reexec = match (done.to_bridge, upgrade) {
-                    (true, Some(upgrade)) => Some(handover::Reexec {
-                        upgrade: upgrade.clone(),
-                        bridge_pid: done.successor_pid,
-                        launcher: Arc::clone(launcher),
-                        stop: stop_asked,
-                    }),
-                    _ => None,
-                };
+                let reexec = done.reexec.map(|r| handover::Reexec { stop: stop_asked, ..r });
                 return (Mode::HandOver, reexec);
             }
         }
@@ -519,10 +496,7 @@ async fn report_stats(stats: Arc<Stats>, interval: Duration, shutdown: Shutdown)
         }
         let now = stats.snapshot();
         if now != last {
-            tracing::info!(
-                stats = %logging::Json(&now),
-                "counters"
-            );
+            tracing::info!(stats = %logging::Json(&now), "counters");
             last = now;
         }
     }

@@ -100,12 +100,11 @@ pub struct Upgrade {
 }
 
 /// A hand-over that went through.
-#[derive(Debug, Clone, Copy)]
 pub(crate) struct Committed {
     pub successor_pid: i32,
     /// The successor is the bridge this process started on `SIGHUP`: this
     /// process is to execute the upgraded binary once it has flushed.
-    pub to_bridge: bool,
+    pub reexec: Option<Reexec>,
 }
 
 /// Answers successors on the hand-off socket.
@@ -390,13 +389,19 @@ impl Server {
                 );
                 // A bridge is not the service's process: this one, re-executed,
                 // will be again.
-                let to_bridge = bridge == Some(peer.pid);
-                if !to_bridge {
+                let reexec = self.upgrade.as_ref().filter(|_| bridge == Some(peer.pid));
+                let reexec = reexec.map(|(upgrade, _)| Reexec {
+                    upgrade: upgrade.clone(),
+                    bridge_pid: peer.pid,
+                    launcher: Arc::clone(&self.launcher),
+                    stop: false,
+                });
+                if reexec.is_none() {
                     notify(&[NotifyState::MainPid(peer.pid as u32)]);
                 }
                 Some(Committed {
                     successor_pid: peer.pid,
-                    to_bridge,
+                    reexec,
                 })
             }
             Ok(false) | Err(_) => {
