@@ -7,9 +7,6 @@
 //! ARCHITECTURE.md maps the modules. [`run`] reaches the collector, binds
 //! and calls [`serve`], which runs the stages on bound listeners and a sink
 //! until told to stop (tests call it in-process).
-//!
-//! (Over 500 lines: starting, serving and stopping, with the hand-overs that
-//! begin or end each, are the one place where the stages meet.)
 
 // Guest data must never crash the host daemon: no unwrap, expect, panic
 // or unchecked indexing outside tests (clippy -D warnings enforces it).
@@ -426,49 +423,38 @@ async fn until_stopped(
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(handing_over);
-    tokio::pin!(stop);
     // A stop asked while an upgrade is under way waits for it to settle,
     // rather than leave its new binary serving alone: then stops here, or
     // (the upgrade went to its bridge) in the upgraded binary, which takes
     // everything back first.
-    let mut stop_asked = false;
+    let stop_asked = std::sync::atomic::AtomicBool::new(false);
+    let stopped = async {
+        stop.await;
+        if let Some(u) = upgrading.as_mut().filter(|u| *u.borrow()) {
+            tracing::info!("stop asked during an upgrade: stopping once it is settled");
+            stop_asked.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = u.wait_for(|under_way| !under_way).await;
+        }
+    };
     // With systemd's file descriptor store, the next process (a restart)
     // takes the agents' connections from it: they are not closed.
     let stop_mode = match handover::fdstore::enabled() {
         true => Mode::Store,
         false => Mode::Drain,
     };
-    loop {
-        tokio::select! {
-            () = &mut stop, if !stop_asked => {
-                if upgrading.as_ref().is_some_and(|u| *u.borrow()) {
-                    tracing::info!("stop asked during an upgrade: stopping once it is settled");
-                    stop_asked = true;
-                    continue;
-                }
-                return (stop_mode, None);
-            }
-            () = upgrade_settled(&mut upgrading), if stop_asked => return (stop_mode, None),
-            // The batcher only ends early if it panicked; nothing can be
-            // exported any more, so stop rather than accept spans to lose.
-            res = &mut *batcher => {
-                tracing::error!(?res, "exporter stopped unexpectedly");
-                return (Mode::Drain, None);
-            }
-            done = &mut handing_over => {
-                tracing::info!(successor = done.successor_pid, "the successor serves every agent now");
-                let reexec = done.reexec.map(|r| handover::Reexec { stop: stop_asked, ..r });
-                return (Mode::HandOver, reexec);
-            }
+    tokio::select! {
+        () = stopped => (stop_mode, None),
+        // The batcher only ends early if it panicked; nothing can be
+        // exported any more, so stop rather than accept spans to lose.
+        res = batcher => {
+            tracing::error!(?res, "exporter stopped unexpectedly");
+            (Mode::Drain, None)
         }
-    }
-}
-
-/// Resolves once no upgrade is under way.
-async fn upgrade_settled(upgrading: &mut Option<tokio::sync::watch::Receiver<bool>>) {
-    if let Some(u) = upgrading.as_mut() {
-        let _ = u.wait_for(|under_way| !under_way).await;
+        done = handing_over => {
+            tracing::info!(successor = done.successor_pid, "the successor serves every agent now");
+            let stop = stop_asked.load(std::sync::atomic::Ordering::Relaxed);
+            (Mode::HandOver, done.reexec.map(|r| handover::Reexec { stop, ..r }))
+        }
     }
 }
 
