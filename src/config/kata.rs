@@ -16,9 +16,8 @@
 //! both to read and to serve, so that a fixture tree works unprivileged and
 //! a container can see the host's files mounted elsewhere.
 //!
-//! Over 500 lines (about 520): one subject (which file,
-//! which runtime, which path), each rule kept beside the Kata source it
-//! follows.
+//! Over 500 lines (about 520): one subject (which file, which runtime,
+//! which path), each rule kept beside the Kata source it follows.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
