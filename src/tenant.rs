@@ -78,7 +78,6 @@ pub(crate) struct QueueBounds {
     pub max_bytes: usize,
 }
 
-/// Every tenant the forwarder knows now.
 pub(crate) struct Tenants {
     limits: TenantLimits,
     map: Mutex<HashMap<TenantKey, Arc<Tenant>>>,
@@ -395,7 +394,6 @@ impl Drop for Tenant {
     }
 }
 
-/// One sandbox's counters at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct TenantSnapshot {
     pub connections: u64,
@@ -498,7 +496,6 @@ impl Noisy {
 
 /// Lines of one kind logged per window before the rest are only counted.
 const GATE_LINES: u32 = 5;
-/// The window.
 pub(crate) const GATE_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, Default)]

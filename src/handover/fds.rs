@@ -21,7 +21,6 @@ use nix::sys::socket::{
 pub(crate) const CHUNK: usize = 250;
 const MARKER: u8 = b'F';
 
-/// Sends `fds` in chunks.
 pub fn send(sock: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     for chunk in fds.chunks(CHUNK) {
         let raw: Vec<RawFd> = chunk.iter().map(AsRawFd::as_raw_fd).collect();

@@ -99,7 +99,6 @@ pub struct Upgrade {
     pub args: Vec<OsString>,
 }
 
-/// A hand-over that went through.
 pub(crate) struct Committed {
     pub successor_pid: i32,
     /// The successor is the bridge this process started on `SIGHUP`: this
