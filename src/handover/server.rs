@@ -7,13 +7,10 @@
 //! A successor is checked first, by `SO_PEERCRED`, before it may even ask
 //! ([`Server::trusts`]). Never by uid alone: the forwarder's user (`nobody`)
 //! is shared with other services, and any of them could otherwise take
-//! every agent. Anyone else is refused and logged, and nothing pauses. Then
-//! every listener and connection pauses ([`super::hub`]), the state and
-//! descriptors go out, and the hand-over commits only on the successor's
-//! acknowledgement; anything short of that resumes every member where it
-//! paused. Each step has a short deadline, and after a hand-over that
-//! paused and failed the next one waits, longer each time: not even a
-//! trusted peer can pause the agents over and over.
+//! every agent. Anyone else is refused and logged, and nothing pauses. The
+//! exchange is the parent module's. Each step has a short deadline, and
+//! after a hand-over that paused and failed the next one waits, longer each
+//! time: not even a trusted peer can pause the agents over and over.
 //!
 //! `SIGHUP` starts the binary at the path this forwarder was started from
 //! (taken at startup: `/proc/self/exe` would name the old, replaced file),
