@@ -16,8 +16,9 @@
 //! both to read and to serve, so that a fixture tree works unprivileged and
 //! a container can see the host's files mounted elsewhere.
 //!
-//! Over 500 lines (about 520): one subject (which file, which runtime,
-//! which path), each rule kept beside the Kata source it follows.
+//! Over 500 lines (about 520 without its tests): one subject (which file,
+//! which runtime, which path), each rule kept beside the Kata source it
+//! follows.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
@@ -519,4 +520,293 @@ fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
         report.status = Status::Serves;
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(file: &str, toml: &str) -> ConfigReport {
+        derive(Path::new(file), &parse(toml).unwrap(), Path::new("/"))
+    }
+
+    fn templates(r: &ConfigReport) -> Vec<String> {
+        r.serves
+            .iter()
+            .map(|t| match t {
+                Target::Vsock => "vsock".to_owned(),
+                Target::Template { template } => template.clone(),
+            })
+            .collect()
+    }
+
+    const TRACING: &str = "[agent.kata]\nenable_tracing = true\n";
+
+    #[test]
+    fn qemu_is_vsock_in_both_runtimes() {
+        let r = report(
+            "/opt/kata/share/defaults/kata-containers/configuration-qemu.toml",
+            &format!("[hypervisor.qemu]\npath = \"/opt/kata/bin/qemu-system-x86_64\"\nrootless = false\n{TRACING}"),
+        );
+        assert_eq!(
+            (r.status.clone(), r.runtime),
+            (Status::Serves, Some(Runtime::Go))
+        );
+        assert_eq!(templates(&r), ["vsock"]);
+        let r = report(
+            "/opt/kata/share/defaults/kata-containers/runtime-rs/configuration-qemu-runtime-rs.toml",
+            &format!("[hypervisor.qemu]\n{TRACING}"),
+        );
+        assert_eq!(r.runtime, Some(Runtime::RuntimeRs));
+        assert_eq!(templates(&r), ["vsock"]);
+    }
+
+    #[test]
+    fn go_clh_and_firecracker_templates() {
+        let r = report(
+            "/etc/x/configuration-clh.toml",
+            &format!("[hypervisor.clh]\n{TRACING}"),
+        );
+        assert_eq!(templates(&r), ["/run/vc/vm/{ID}/clh.sock"]);
+        let r = report(
+            "/etc/x/configuration-fc.toml",
+            &format!("[hypervisor.firecracker]\npath = \"/opt/kata/bin/firecracker\"\n{TRACING}"),
+        );
+        assert_eq!(templates(&r), ["/run/vc/firecracker/{ID}/root/kata.hvsock"]);
+        // The chroot is named after the VMM binary.
+        let r = report(
+            "/etc/x/configuration-fc.toml",
+            &format!("[hypervisor.firecracker]\npath = \"/usr/bin/fc-1.7\"\n{TRACING}"),
+        );
+        assert_eq!(templates(&r), ["/run/vc/fc-1.7/{ID}/root/kata.hvsock"]);
+    }
+
+    #[test]
+    fn runtime_rs_templates() {
+        let dir = "/opt/kata/share/defaults/kata-containers/runtime-rs";
+        for (section, want) in [
+            ("dragonball", "/run/kata/{ID}/root/kata.hvsock"),
+            ("firecracker", "/run/kata/{ID}/root/kata.hvsock"),
+            ("clh", "/run/kata/{ID}/ch-vm.sock"),
+            ("cloud-hypervisor", "/run/kata/{ID}/ch-vm.sock"),
+        ] {
+            let r = report(
+                &format!("{dir}/configuration-{section}.toml"),
+                &format!("[hypervisor.{section}]\n{TRACING}"),
+            );
+            assert_eq!(r.runtime, Some(Runtime::RuntimeRs), "{section}");
+            assert_eq!(templates(&r), [want], "{section}");
+        }
+        // Told apart by its [runtime] keys wherever the file is.
+        let r = report(
+            "/etc/kata-containers/configuration.toml",
+            &format!("[runtime]\nname = \"virt_container\"\nhypervisor_name = \"clh\"\nagent_name = \"kata\"\n[hypervisor.clh]\n[hypervisor.qemu]\n{TRACING}"),
+        );
+        assert_eq!(templates(&r), ["/run/kata/{ID}/ch-vm.sock"]);
+        assert!(
+            r.skipped[0].contains("[hypervisor.qemu]"),
+            "{:?}",
+            r.skipped
+        );
+        // Dragonball alone says runtime-rs.
+        let r = report(
+            "/etc/kata-containers/configuration.toml",
+            &format!("[hypervisor.dragonball]\n{TRACING}"),
+        );
+        assert_eq!(r.runtime, Some(Runtime::RuntimeRs));
+    }
+
+    #[test]
+    fn tracing_off_or_absent_is_skipped_with_the_reason() {
+        for agent in [
+            "",
+            "[agent.kata]\n",
+            "[agent.kata]\nenable_tracing = false\n",
+        ] {
+            let r = report("/etc/c.toml", &format!("[hypervisor.clh]\n{agent}"));
+            assert_eq!(r.status, Status::Skipped);
+            assert!(r.serves.is_empty());
+            assert!(r.skipped[0].contains("enable_tracing"), "{:?}", r.skipped);
+        }
+    }
+
+    #[test]
+    fn unknown_and_remote_hypervisors_are_skipped_clearly() {
+        let r = report("/etc/c.toml", &format!("[hypervisor.acrn]\n{TRACING}"));
+        assert_eq!(r.status, Status::Skipped);
+        assert!(r.skipped[0].contains("unknown hypervisor section [hypervisor.acrn]"));
+        let r = report("/etc/c.toml", &format!("[hypervisor.remote]\n{TRACING}"));
+        assert!(r.skipped[0].contains("elsewhere"));
+        let r = report("/etc/c.toml", TRACING);
+        assert!(r.skipped[0].contains("no [hypervisor"));
+    }
+
+    #[test]
+    fn garbage_and_wrong_types_are_errors_naming_the_file() {
+        assert!(parse("[hypervisor.qemu\npath = ").is_err());
+        assert!(parse("[agent.kata]\nenable_tracing = \"yes\"\n").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc/kata-containers");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("configuration.toml"), "not [toml").unwrap();
+        let p = plan(
+            &Sources {
+                root: dir.path().to_path_buf(),
+                env_file: None,
+            },
+            10240,
+        );
+        let errors: Vec<_> = p.errors().collect();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].skipped[0]
+                .contains("parsing Kata configuration /etc/kata-containers/configuration.toml"),
+            "{:?}",
+            errors[0]
+        );
+    }
+
+    /// Precedence, shadowing, the environment's file, kata-deploy's files,
+    /// deduplication, the root prefix, and missing directories.
+    #[test]
+    fn plan_reads_what_the_runtimes_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let write = |p: &str, text: &str| {
+            let p = under(root, Path::new(p));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        };
+        let clh = format!("[hypervisor.clh]\n{TRACING}");
+        write("/etc/kata-containers/configuration.toml", &clh);
+        write(
+            "/usr/share/defaults/kata-containers/configuration.toml",
+            &format!("[hypervisor.qemu]\n{TRACING}"),
+        );
+        write(
+            "/opt/kata/share/defaults/kata-containers/configuration-clh.toml",
+            &clh,
+        );
+        write(
+            "/opt/kata/share/defaults/kata-containers/configuration-qemu.toml",
+            &format!("[hypervisor.qemu]\n{TRACING}"),
+        );
+        write(
+            "/opt/kata/share/defaults/kata-containers/README.md",
+            "not a configuration",
+        );
+        write(
+            "/srv/mine.toml",
+            &format!("[hypervisor.firecracker]\n{TRACING}"),
+        );
+        let sources = Sources {
+            root: root.to_path_buf(),
+            env_file: Some("/srv/mine.toml".into()),
+        };
+        let p = plan(&sources, 10240);
+        let files: Vec<_> = p
+            .configs
+            .iter()
+            .map(|c| c.file.display().to_string())
+            .collect();
+        assert_eq!(
+            files,
+            [
+                "/srv/mine.toml",
+                "/etc/kata-containers/configuration.toml",
+                "/usr/share/defaults/kata-containers/configuration.toml",
+                "/opt/kata/share/defaults/kata-containers/configuration-clh.toml",
+                "/opt/kata/share/defaults/kata-containers/configuration-qemu.toml",
+            ]
+        );
+        assert_eq!(p.configs[2].status, Status::Skipped);
+        assert!(
+            p.configs[2].skipped[0].contains("shadowed by /etc/kata-containers/configuration.toml")
+        );
+        let r = root.display();
+        assert_eq!(
+            p.listeners,
+            [
+                Target::Vsock,
+                Target::Template {
+                    template: format!("{r}/run/vc/firecracker/{{ID}}/root/kata.hvsock")
+                },
+                Target::Template {
+                    template: format!("{r}/run/vc/vm/{{ID}}/clh.sock")
+                },
+            ],
+            "deduplicated, under the root"
+        );
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["listeners"][0]["kind"], "vsock");
+        assert_eq!(json["configs"][1]["runtime"], "go");
+        assert_eq!(json["configs"][1]["status"], "serves");
+
+        // Nothing there at all: an empty plan, not an error.
+        let empty = tempfile::tempdir().unwrap();
+        let p = plan(
+            &Sources {
+                root: empty.path().to_path_buf(),
+                env_file: None,
+            },
+            10240,
+        );
+        assert!(p.configs.is_empty() && p.listeners.is_empty());
+        assert_eq!(
+            under(Path::new("/r"), Path::new("/a/../b")),
+            Path::new("/r/a/b")
+        );
+    }
+
+    /// A FIFO named like kata-deploy's files is an error at once (never
+    /// waited on); a symlink root placed in root's directory is followed.
+    #[test]
+    fn a_fifo_is_an_error_at_once_and_roots_symlinks_are_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let deploy = under(dir.path(), Path::new(DEPLOY_DIRS[0]));
+        std::fs::create_dir_all(&deploy).unwrap();
+        let fifo = deploy.join("configuration-fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let etc = under(dir.path(), Path::new(GO_DEFAULTS[0]));
+        std::fs::create_dir_all(etc.parent().unwrap()).unwrap();
+        std::fs::write(
+            deploy.join("shipped.conf"),
+            format!("[hypervisor.clh]\n{TRACING}"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(deploy.join("shipped.conf"), &etc).unwrap();
+        let sources = Sources {
+            root: dir.path().to_path_buf(),
+            env_file: None,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(plan(&sources, 10240));
+        });
+        let p = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the plan is stuck on a FIFO");
+        let root = nix::unistd::getuid().is_root();
+        let errors: Vec<_> = p.errors().collect();
+        assert_eq!(errors.len(), if root { 1 } else { 2 }, "{p:?}");
+        assert!(
+            errors.iter().any(|e| e.skipped[0].contains("a FIFO")),
+            "{errors:?}"
+        );
+        let etc_report = &p.configs[0];
+        assert_eq!(etc_report.file, Path::new(GO_DEFAULTS[0]));
+        // Unprivileged, the temporary tree is not root's: not followed.
+        assert_eq!(etc_report.status == Status::Serves, root, "{etc_report:?}");
+    }
+
+    #[test]
+    fn oversized_files_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("big.toml");
+        std::fs::write(&f, vec![b'#'; (MAX_CONFIG_BYTES + 1) as usize]).unwrap();
+        assert!(matches!(
+            read(&f),
+            Err(KataConfigError::ConfigTooLarge { .. })
+        ));
+    }
 }
