@@ -17,7 +17,6 @@ use crate::stats::{DropReason, Label, Stats};
 use crate::tenant::{LimitReason, Noisy, Tenant, Tenants};
 use crate::wire::{DecodeError, FrameError, WireFormat};
 
-/// An event that logs and counts itself.
 pub(crate) trait Event {
     fn emit(self, stats: &Stats);
 }

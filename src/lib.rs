@@ -7,9 +7,6 @@
 //! ARCHITECTURE.md maps the modules. [`run`] reaches the collector, binds
 //! and calls [`serve`], which runs the stages on bound listeners and a sink
 //! until told to stop (tests call it in-process).
-//!
-//! (Over 500 lines: starting, serving and stopping, with the hand-overs that
-//! begin or end each, are the one place where the stages meet.)
 
 // Guest data must never crash the host daemon: no unwrap, expect, panic
 // or unchecked indexing outside tests (clippy -D warnings enforces it).
@@ -146,26 +143,19 @@ pub async fn run_upgradable(
         _ => None,
     };
     let (inherited, handoff, ack, from) = match taken {
-        Some(taken) => {
-            let handover::Taken {
-                from_pid,
-                handoff,
-                listeners,
-                connections,
-                ack,
-            } = taken;
-            // Bound as at any start (dropping root as it does, so that
-            // the successor ends with exactly the predecessor's
-            // privileges), serving on what was handed over where it is
-            // still asked for, rather than binding it.
-            let inherited = listen::inherited::Inherited::new(listeners, connections)?;
-            (
-                Some(Arc::new(inherited)),
-                handoff,
-                Some(ack),
-                Some(from_pid),
-            )
-        }
+        // Bound as at any start (dropping root as it does, so that the
+        // successor ends with exactly the predecessor's privileges),
+        // serving on what was handed over where it is still asked for,
+        // rather than binding it.
+        Some(t) => (
+            Some(Arc::new(listen::inherited::Inherited::new(
+                t.listeners,
+                t.connections,
+            )?)),
+            t.handoff,
+            Some(t.ack),
+            Some(t.from_pid),
+        ),
         None => {
             // Bound before the listeners: binding them drops root, and the
             // hand-off directory is root's.
@@ -278,15 +268,13 @@ async fn serve_inner(
         }
     }
     let hub = handover::hub::Hub::new();
-    let launcher = listeners.launcher();
     let mut server = hand_over.listener.map(|h| {
         listeners.set_hub(Arc::clone(&hub));
         // Without an upgrade to start, SIGHUP stays with the loop below.
         let on_hup = hand_over
             .upgrade
-            .clone()
             .and_then(|u| Some((u, hand_over.sighup.take()?)));
-        let launcher = Arc::clone(&launcher);
+        let launcher = listeners.launcher();
         handover::server::Server::new(h, Arc::clone(&hub), on_hup, launcher, hand_over.parent)
     });
     if let Some(mut hup) = hand_over.sighup {
@@ -380,14 +368,7 @@ async fn serve_inner(
         shutdown.clone(),
     ));
 
-    let (mode, reexec) = until_stopped(
-        stop,
-        server.as_mut(),
-        &mut batcher,
-        hand_over.upgrade.as_ref(),
-        &launcher,
-    )
-    .await;
+    let (mode, reexec) = until_stopped(stop, server.as_mut(), &mut batcher).await;
     // A successor that connects from now on finds nobody, and starts clean.
     drop(server);
 
@@ -434,8 +415,6 @@ async fn until_stopped(
     stop: impl Future<Output = ()>,
     mut server: Option<&mut handover::server::Server>,
     batcher: &mut tokio::task::JoinHandle<()>,
-    upgrade: Option<&Upgrade>,
-    launcher: &Arc<dyn handover::server::Launcher>,
 ) -> (Mode, Option<handover::Reexec>) {
     let mut upgrading = server.as_ref().map(|s| s.upgrading());
     let handing_over = async {
@@ -444,61 +423,38 @@ async fn until_stopped(
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(handing_over);
-    tokio::pin!(stop);
     // A stop asked while an upgrade is under way waits for it to settle,
     // rather than leave its new binary serving alone: then stops here, or
     // (the upgrade went to its bridge) in the upgraded binary, which takes
     // everything back first.
-    let mut stop_asked = false;
-    let stop_mode = || {
-        // With systemd's file descriptor store, the next process (a
-        // restart) takes the agents' connections from it: they are not
-        // closed.
-        if handover::fdstore::enabled() {
-            Mode::Store
-        } else {
-            Mode::Drain
+    let stop_asked = std::sync::atomic::AtomicBool::new(false);
+    let stopped = async {
+        stop.await;
+        if let Some(u) = upgrading.as_mut().filter(|u| *u.borrow()) {
+            tracing::info!("stop asked during an upgrade: stopping once it is settled");
+            stop_asked.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = u.wait_for(|under_way| !under_way).await;
         }
     };
-    loop {
-        tokio::select! {
-            () = &mut stop, if !stop_asked => {
-                if upgrading.as_ref().is_some_and(|u| *u.borrow()) {
-                    tracing::info!("stop asked during an upgrade: stopping once it is settled");
-                    stop_asked = true;
-                    continue;
-                }
-                return (stop_mode(), None);
-            }
-            () = upgrade_settled(&mut upgrading), if stop_asked => return (stop_mode(), None),
-            // The batcher only ends early if it panicked; nothing can be
-            // exported any more, so stop rather than accept spans to lose.
-            res = &mut *batcher => {
-                tracing::error!(?res, "exporter stopped unexpectedly");
-                return (Mode::Drain, None);
-            }
-            done = &mut handing_over => {
-                tracing::info!(successor = done.successor_pid, "the successor serves every agent now");
-                let reexec = match (done.to_bridge, upgrade) {
-                    (true, Some(upgrade)) => Some(handover::Reexec {
-                        upgrade: upgrade.clone(),
-                        bridge_pid: done.successor_pid,
-                        launcher: Arc::clone(launcher),
-                        stop: stop_asked,
-                    }),
-                    _ => None,
-                };
-                return (Mode::HandOver, reexec);
-            }
+    // With systemd's file descriptor store, the next process (a restart)
+    // takes the agents' connections from it: they are not closed.
+    let stop_mode = match handover::fdstore::enabled() {
+        true => Mode::Store,
+        false => Mode::Drain,
+    };
+    tokio::select! {
+        () = stopped => (stop_mode, None),
+        // The batcher only ends early if it panicked; nothing can be
+        // exported any more, so stop rather than accept spans to lose.
+        res = batcher => {
+            tracing::error!(?res, "exporter stopped unexpectedly");
+            (Mode::Drain, None)
         }
-    }
-}
-
-/// Resolves once no upgrade is under way.
-async fn upgrade_settled(upgrading: &mut Option<tokio::sync::watch::Receiver<bool>>) {
-    if let Some(u) = upgrading.as_mut() {
-        let _ = u.wait_for(|under_way| !under_way).await;
+        done = handing_over => {
+            tracing::info!(successor = done.successor_pid, "the successor serves every agent now");
+            let stop = stop_asked.load(std::sync::atomic::Ordering::Relaxed);
+            (Mode::HandOver, done.reexec.map(|r| handover::Reexec { stop, ..r }))
+        }
     }
 }
 
@@ -526,10 +482,7 @@ async fn report_stats(stats: Arc<Stats>, interval: Duration, shutdown: Shutdown)
         }
         let now = stats.snapshot();
         if now != last {
-            tracing::info!(
-                stats = %logging::Json(&now),
-                "counters"
-            );
+            tracing::info!(stats = %logging::Json(&now), "counters");
             last = now;
         }
     }

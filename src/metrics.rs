@@ -52,7 +52,6 @@ pub struct MetricsError {
     source: std::io::Error,
 }
 
-/// The running endpoint.
 pub(crate) struct MetricsServer {
     addr: SocketAddr,
 }
@@ -233,7 +232,6 @@ const SANDBOX_FAMILIES: [SandboxFamily; 4] = [
     ),
 ];
 
-/// Appends each tracked sandbox's series.
 fn render_sandboxes(out: &mut String, tenants: &Tenants) {
     let live: Vec<_> = tenants
         .live()

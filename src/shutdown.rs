@@ -98,12 +98,9 @@ impl Shutdown {
     /// Retries and backoff waits use it to be cut short.
     pub(crate) async fn deadline_set(&self) -> Instant {
         let mut rx = self.stopping.subscribe();
-        let set = match rx.wait_for(Option::is_some).await {
-            Ok(s) => *s,
-            // The sender lives in `self`: it cannot be gone while we wait.
-            Err(_) => None,
-        };
-        set.map_or_else(Instant::now, |s| s.deadline)
+        // The sender lives in `self`: it cannot be gone while we wait.
+        let set = rx.wait_for(Option::is_some).await.map(|s| *s);
+        set.ok().flatten().map_or_else(Instant::now, |s| s.deadline)
     }
 }
 

@@ -16,7 +16,7 @@
 //! both to read and to serve, so that a fixture tree works unprivileged and
 //! a container can see the host's files mounted elsewhere.
 //!
-//! Over 500 lines (about 540 without its tests): one subject (which file,
+//! Over 500 lines (about 520 without its tests): one subject (which file,
 //! which runtime, which path), each rule kept beside the Kata source it
 //! follows.
 
@@ -121,19 +121,20 @@ impl std::fmt::Display for Target {
 }
 
 /// What became of one configuration file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Read; `serves` lists what it needs.
     Serves,
-    /// Read, nothing to serve for it: `skipped` says why.
+    /// Read, nothing to serve for it (or shadowed): `skipped` says why.
+    #[default]
     Skipped,
     /// Not readable or not TOML: `skipped` says why.
     Error,
 }
 
 /// One configuration file's line in the plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ConfigReport {
     /// The file as the runtime names it (without the root).
     pub file: PathBuf,
@@ -297,14 +298,14 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
             break;
         }
         let report = match shadowed_by {
-            Some(by) => ConfigReport::new(
-                &file,
-                Status::Skipped,
-                vec![format!(
+            Some(by) => ConfigReport {
+                file: file.clone(),
+                skipped: vec![format!(
                     "shadowed by {}, which the runtime reads instead",
                     by.display()
                 )],
-            ),
+                ..Default::default()
+            },
             None => match read(&sources.under_root(&file)).and_then(|text| {
                 parse(&text).map_err(|reason| KataConfigError::ParseConfig {
                     path: file.clone(),
@@ -312,7 +313,12 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
                 })
             }) {
                 Ok(doc) => derive(&file, &doc, &sources.root),
-                Err(e) => ConfigReport::new(&file, Status::Error, vec![e.to_string()]),
+                Err(e) => ConfigReport {
+                    file: file.clone(),
+                    status: Status::Error,
+                    skipped: vec![e.to_string()],
+                    ..Default::default()
+                },
             },
         };
         for t in &report.serves {
@@ -329,20 +335,6 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
         port,
         listeners: listeners.into_iter().collect(),
         configs,
-    }
-}
-
-impl ConfigReport {
-    /// A report that found nothing to serve: `skipped` says why.
-    fn new(file: &Path, status: Status, skipped: Vec<String>) -> ConfigReport {
-        ConfigReport {
-            file: file.to_path_buf(),
-            status,
-            runtime: None,
-            hypervisors: Vec::new(),
-            serves: Vec::new(),
-            skipped,
-        }
     }
 }
 
@@ -425,9 +417,19 @@ fn runtime_of(file: &Path, doc: &KataToml) -> Runtime {
     }
 }
 
-/// What one hypervisor section needs served, or why nothing.
-fn target_of(runtime: Runtime, name: &str, section: &HypervisorSection) -> Result<Target, String> {
-    let template = |t: String| Ok(Target::Template { template: t });
+/// What one hypervisor section needs served, or why nothing: a template
+/// under `root`, checked as `--socket-path-template` would be.
+fn target_of(
+    runtime: Runtime,
+    name: &str,
+    section: &HypervisorSection,
+    root: &Path,
+) -> Result<Target, String> {
+    let template = |t: String| {
+        let template = under(root, Path::new(&t)).display().to_string();
+        template.parse::<SocketTemplate>()?;
+        Ok(Target::Template { template })
+    };
     match (runtime, name) {
         // QEMU uses vhost-vsock in both runtimes: the host's AF_VSOCK.
         (_, "qemu") => Ok(Target::Vsock),
@@ -478,7 +480,8 @@ fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
     let mut report = ConfigReport {
         runtime: Some(runtime),
         hypervisors: doc.hypervisor.keys().cloned().collect(),
-        ..ConfigReport::new(file, Status::Skipped, Vec::new())
+        file: file.to_path_buf(),
+        ..Default::default()
     };
     if report.hypervisors.is_empty() {
         report.skipped = vec!["no [hypervisor.<name>] section".to_owned()];
@@ -492,24 +495,19 @@ fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
     }
     // runtime-rs uses the section `[runtime] hypervisor_name` names; the Go
     // runtime has one section per file (with several, each is served).
-    let chosen: Vec<&String> = match (runtime, doc.runtime.hypervisor_name.as_ref()) {
+    let chosen: Vec<_> = match (runtime, doc.runtime.hypervisor_name.as_ref()) {
         (Runtime::RuntimeRs, Some(h)) if doc.hypervisor.contains_key(h) => {
             for other in doc.hypervisor.keys().filter(|o| *o != h) {
                 report.skipped.push(format!(
                     "[hypervisor.{other}]: not the one [runtime] hypervisor_name names"
                 ));
             }
-            vec![h]
+            doc.hypervisor.get_key_value(h).into_iter().collect()
         }
-        _ => doc.hypervisor.keys().collect(),
+        _ => doc.hypervisor.iter().collect(),
     };
-    for name in chosen {
-        let section = doc.hypervisor.get(name);
-        let target = section
-            .ok_or_else(|| format!("[hypervisor.{name}] missing"))
-            .and_then(|s| target_of(runtime, name, s))
-            .and_then(|t| rooted(t, root));
-        match target {
+    for (name, section) in chosen {
+        match target_of(runtime, name, section, root) {
             Ok(t) => {
                 if !report.serves.contains(&t) {
                     report.serves.push(t);
@@ -522,20 +520,6 @@ fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
         report.status = Status::Serves;
     }
     report
-}
-
-/// A target's template under the root, checked as `--socket-path-template`
-/// would be.
-fn rooted(t: Target, root: &Path) -> Result<Target, String> {
-    match t {
-        Target::Vsock => Ok(Target::Vsock),
-        Target::Template { template } => {
-            let full = under(root, Path::new(&template));
-            let text = full.display().to_string();
-            text.parse::<SocketTemplate>()?;
-            Ok(Target::Template { template: text })
-        }
-    }
 }
 
 #[cfg(test)]

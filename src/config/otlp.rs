@@ -124,20 +124,19 @@ impl Cli {
         }
         // As every SDK: the files only apply to a TLS endpoint.
         let tls = (endpoint.scheme_str() == Some("https")).then_some(tls_files);
-        let compression = setting(
-            self.otlp_compression,
-            env,
-            "COMPRESSION",
-            |v| v.parse(),
-            Compression::None,
-        )?;
         Ok(OtlpConfig {
             protocol,
             endpoint,
             headers,
             timeout,
             tls,
-            compression,
+            compression: setting(
+                self.otlp_compression,
+                env,
+                "COMPRESSION",
+                |v| v.parse(),
+                Compression::None,
+            )?,
         })
     }
 }
@@ -162,17 +161,14 @@ fn endpoint_uri(
     insecure: bool,
 ) -> Result<Uri, String> {
     let raw = raw.trim();
-    let mut uri: Uri = raw
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+    let bad = |e: http::uri::InvalidUri| e.to_string();
+    let mut uri: Uri = raw.parse().map_err(bad)?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
         Some(other) => return Err(format!("unsupported scheme '{other}': use http or https")),
         None if protocol == OtlpProtocol::Grpc && uri.authority().is_some() => {
             let scheme = if insecure { "http" } else { "https" };
-            uri = format!("{scheme}://{raw}")
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+            uri = format!("{scheme}://{raw}").parse().map_err(bad)?;
         }
         None => return Err("missing scheme: expected e.g. http://localhost:4318".into()),
     }
@@ -188,10 +184,7 @@ fn endpoint_uri(
     }
     let mut parts = uri.into_parts();
     let pq = format!("{path}{HTTP_TRACES_PATH}");
-    parts.path_and_query = Some(
-        pq.parse()
-            .map_err(|e: http::uri::InvalidUri| e.to_string())?,
-    );
+    parts.path_and_query = Some(pq.parse().map_err(bad)?);
     Uri::from_parts(parts).map_err(|e| e.to_string())
 }
 

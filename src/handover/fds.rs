@@ -21,7 +21,6 @@ use nix::sys::socket::{
 pub(crate) const CHUNK: usize = 250;
 const MARKER: u8 = b'F';
 
-/// Sends `fds` in chunks.
 pub fn send(sock: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     for chunk in fds.chunks(CHUNK) {
         let raw: Vec<RawFd> = chunk.iter().map(AsRawFd::as_raw_fd).collect();
@@ -43,6 +42,7 @@ pub fn send(sock: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
 pub fn recv(sock: BorrowedFd<'_>, n: usize) -> io::Result<Vec<OwnedFd>> {
     let mut out: Vec<OwnedFd> = Vec::with_capacity(n.min(4096));
     let mut space = nix::cmsg_space!([RawFd; CHUNK]);
+    let bad = |why| Err(io::Error::new(io::ErrorKind::InvalidData, why));
     while out.len() < n {
         let mut byte = [0u8; 1];
         let mut iov = [IoSliceMut::new(&mut byte)];
@@ -78,16 +78,10 @@ pub fn recv(sock: BorrowedFd<'_>, n: usize) -> io::Result<Vec<OwnedFd>> {
             return Err(io::Error::other("descriptors were cut off (MSG_CTRUNC)"));
         }
         if got == 0 || byte[0] != MARKER {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "expected a chunk of descriptors",
-            ));
+            return bad("expected a chunk of descriptors".to_owned());
         }
         if out.len() > n {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} descriptors sent, {n} announced", out.len()),
-            ));
+            return bad(format!("{} descriptors sent, {n} announced", out.len()));
         }
     }
     Ok(out)

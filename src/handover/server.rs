@@ -7,13 +7,10 @@
 //! A successor is checked first, by `SO_PEERCRED`, before it may even ask
 //! ([`Server::trusts`]). Never by uid alone: the forwarder's user (`nobody`)
 //! is shared with other services, and any of them could otherwise take
-//! every agent. Anyone else is refused and logged, and nothing pauses. Then
-//! every listener and connection pauses ([`super::hub`]), the state and
-//! descriptors go out, and the hand-over commits only on the successor's
-//! acknowledgement; anything short of that resumes every member where it
-//! paused. Each step has a short deadline, and after a hand-over that
-//! paused and failed the next one waits, longer each time: not even a
-//! trusted peer can pause the agents over and over.
+//! every agent. Anyone else is refused and logged, and nothing pauses. The
+//! exchange is the parent module's. Each step has a short deadline, and
+//! after a hand-over that paused and failed the next one waits, longer each
+//! time: not even a trusted peer can pause the agents over and over.
 //!
 //! `SIGHUP` starts the binary at the path this forwarder was started from
 //! (taken at startup: `/proc/self/exe` would name the old, replaced file),
@@ -99,13 +96,11 @@ pub struct Upgrade {
     pub args: Vec<OsString>,
 }
 
-/// A hand-over that went through.
-#[derive(Debug, Clone, Copy)]
 pub(crate) struct Committed {
     pub successor_pid: i32,
     /// The successor is the bridge this process started on `SIGHUP`: this
     /// process is to execute the upgraded binary once it has flushed.
-    pub to_bridge: bool,
+    pub reexec: Option<Reexec>,
 }
 
 /// Answers successors on the hand-off socket.
@@ -390,13 +385,19 @@ impl Server {
                 );
                 // A bridge is not the service's process: this one, re-executed,
                 // will be again.
-                let to_bridge = bridge == Some(peer.pid);
-                if !to_bridge {
+                let reexec = self.upgrade.as_ref().filter(|_| bridge == Some(peer.pid));
+                let reexec = reexec.map(|(upgrade, _)| Reexec {
+                    upgrade: upgrade.clone(),
+                    bridge_pid: peer.pid,
+                    launcher: Arc::clone(&self.launcher),
+                    stop: false,
+                });
+                if reexec.is_none() {
                     notify(&[NotifyState::MainPid(peer.pid as u32)]);
                 }
                 Some(Committed {
                     successor_pid: peer.pid,
-                    to_bridge,
+                    reexec,
                 })
             }
             Ok(false) | Err(_) => {
