@@ -14,7 +14,14 @@ pub(crate) struct Health(std::sync::Mutex<HealthSnapshot>);
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct HealthSnapshot {
     pub last_success_unix_ms: Option<u64>,
-    pub last_failure: Option<(u64, String)>,
+    pub last_failure: Option<Failure>,
+}
+
+/// The last failed request, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Failure {
+    pub at_unix_ms: u64,
+    pub error: String,
 }
 
 pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
@@ -28,8 +35,11 @@ impl Health {
         match res {
             Ok(_) => lock(&self.0).last_success_unix_ms = Some(now),
             Err(e) => {
-                let why = cut(error_chain(e), MAX_ERROR_TEXT);
-                lock(&self.0).last_failure = Some((now, why));
+                let error = cut(error_chain(e), MAX_ERROR_TEXT);
+                lock(&self.0).last_failure = Some(Failure {
+                    at_unix_ms: now,
+                    error,
+                });
             }
         }
     }

@@ -58,7 +58,8 @@ use queue::{QueueReceiver, Queued};
 use retry::{Backoff, Classify, Retry, RetryPolicy};
 use spool::Spool;
 
-pub(crate) use health::{unix_ms, Health, HealthSnapshot};
+pub use health::Failure;
+pub(crate) use health::{unix_ms, Health};
 pub(crate) use replay::run_replayer;
 pub use sink::Sink;
 use split::{halves_of, split_batch, split_half};
@@ -160,13 +161,13 @@ pub(crate) async fn within<T, E: std::error::Error + 'static>(
 
 /// What the batcher and the replayer share.
 pub(crate) struct Exporter {
-    sink: Sink,
-    spool: Option<Arc<Spool>>,
+    pub(crate) sink: Sink,
+    pub(crate) spool: Option<Arc<Spool>>,
     stats: Arc<Stats>,
     /// Wakes the replayer when a batch has been spooled.
     spooled: Notify,
     /// How the last requests went, for `status`.
-    health: Health,
+    pub(crate) health: Health,
 }
 
 /// A writer's lock; one poisoned by a panic mid-write still writes.
@@ -175,10 +176,6 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Exporter {
-    pub(crate) fn finish_sink(&self) -> std::io::Result<()> {
-        self.sink.finish()
-    }
-
     pub(crate) fn new(sink: Sink, spool: Option<Arc<Spool>>, stats: Arc<Stats>) -> Exporter {
         Exporter {
             sink,
@@ -194,18 +191,6 @@ impl Exporter {
         let res = self.sink.send(body).await;
         self.health.note(&res);
         res
-    }
-
-    pub(crate) fn health(&self) -> HealthSnapshot {
-        self.health.snapshot()
-    }
-
-    pub(crate) fn describe(&self) -> String {
-        self.sink.describe()
-    }
-
-    pub(crate) fn spool(&self) -> Option<&Arc<Spool>> {
-        self.spool.as_ref()
     }
 
     /// Sends a batch of `spans` spans, retrying as the policy says. With a

@@ -123,8 +123,8 @@ pub(crate) struct Depth {
 /// date with every change, under the same lock as the change.
 #[derive(Debug)]
 pub(crate) struct Spool {
-    dir: PathBuf,
-    max_bytes: u64,
+    pub(crate) dir: PathBuf,
+    pub(crate) max_bytes: u64,
     state: Mutex<State>,
     stats: Arc<Stats>,
     /// This process's part of temporary files' and claims' names.
@@ -302,14 +302,6 @@ impl Spool {
             spans: st.spans,
             bytes: st.bytes,
         })
-    }
-
-    pub(crate) fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub(crate) fn max_bytes(&self) -> u64 {
-        self.max_bytes
     }
 
     fn batch_path(&self, seq: u64) -> PathBuf {

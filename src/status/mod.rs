@@ -32,6 +32,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+pub use crate::export::Failure;
 use crate::export::{unix_ms, Exporter};
 use crate::stats::{DropReason, FamilySnapshot, Label, Stats};
 use crate::tenant::Tenants;
@@ -159,12 +160,6 @@ pub struct ExporterReport {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Failure {
-    pub at_unix_ms: u64,
-    pub error: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpoolReport {
     pub dir: PathBuf,
     pub batches: u64,
@@ -232,7 +227,7 @@ impl Board {
         let not_listed = sandboxes.len().saturating_sub(MAX_LISTED);
         sandboxes.truncate(MAX_LISTED);
         let snap = self.stats.snapshot();
-        let health = self.exporter.health();
+        let health = self.exporter.health.snapshot();
         let counters = match serde_json::to_value(snap) {
             Ok(serde_json::Value::Object(m)) => m,
             _ => serde_json::Map::new(),
@@ -249,24 +244,22 @@ impl Board {
             sandboxes,
             sandboxes_not_listed: not_listed as u64,
             exporter: ExporterReport {
-                collector: self.exporter.describe(),
+                collector: self.exporter.sink.describe(),
                 last_success_unix_ms: health.last_success_unix_ms,
-                last_failure: health
-                    .last_failure
-                    .map(|(at_unix_ms, error)| Failure { at_unix_ms, error }),
+                last_failure: health.last_failure,
                 attempts: snap.export_attempts,
                 retries: snap.export_retries,
                 failures: snap.export_failures,
                 queue_spans: snap.queue_depth,
                 pending_spans: pending,
-                spool: self.exporter.spool().map(|s| {
+                spool: self.exporter.spool.as_ref().map(|s| {
                     let d = s.depth();
                     SpoolReport {
-                        dir: s.dir().to_owned(),
+                        dir: s.dir.clone(),
                         batches: d.batches,
                         spans: d.spans,
                         bytes: d.bytes,
-                        max_bytes: s.max_bytes(),
+                        max_bytes: s.max_bytes,
                     }
                 }),
             },
