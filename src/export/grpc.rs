@@ -19,7 +19,7 @@ use std::future::poll_fn;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderName, HeaderValue, Method, Uri};
+use http::{header, HeaderName, HeaderValue};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 use tonic::codec::{DecodeBuf, Decoder, Streaming};
@@ -112,22 +112,17 @@ impl GrpcTransport {
         })?;
         let prefix = Bytes::from([&[u8::from(gzip)][..], &len.to_be_bytes()].concat());
         let body = RequestBody::new(Some(prefix), body);
-        let mut req = http::Request::new(tonic::body::Body::new(body));
-        *req.method_mut() = Method::POST;
         // The channel fills in the scheme and authority.
-        *req.uri_mut() = Uri::from_static(EXPORT_PATH);
+        let mut req = http::Request::post(EXPORT_PATH)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header(header::TE, "trailers")
+            .body(tonic::body::Body::new(body))
+            .map_err(|e| GrpcError(Status::internal(e.to_string())))?;
         let h = req.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
         if gzip {
             h.insert("grpc-encoding", HeaderValue::from_static("gzip"));
         }
-        for (k, v) in &self.cfg.headers {
-            h.append(k.clone(), v.clone());
-        }
+        h.extend(self.cfg.headers.iter().cloned());
 
         // Cloning shares the connection; it is how tonic channels are used
         // concurrently (the replayer and the batcher).

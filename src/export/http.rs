@@ -103,9 +103,7 @@ impl HttpTransport {
             req.headers_mut()
                 .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         }
-        for (k, v) in &cfg.headers {
-            req.headers_mut().append(k.clone(), v.clone());
-        }
+        req.headers_mut().extend(cfg.headers.iter().cloned());
         let deadline = tokio::time::Instant::now() + cfg.timeout;
         let resp = tokio::time::timeout_at(deadline, self.client.request(req))
             .await

@@ -505,13 +505,9 @@ impl Spool {
 /// unsettled, also when the replayer is stopped in the middle of sending it
 /// (its task aborted at the shutdown deadline), so that it is not left
 /// claimed by a process that is gone.
-pub(crate) struct Claimed<'a>(&'a Spool, u64);
+pub(crate) struct Claimed<'a>(pub(crate) &'a Spool, pub(crate) u64);
 
-impl<'a> Claimed<'a> {
-    pub(crate) fn new(spool: &'a Spool, seq: u64) -> Claimed<'a> {
-        Claimed(spool, seq)
-    }
-
+impl Claimed<'_> {
     /// Delivered (or refused for good): removed, and not given back.
     pub(crate) fn settle(self) {
         self.0.remove(self.1);
@@ -758,7 +754,7 @@ mod tests {
         let mut got = Vec::new();
         while let Some(seq) = spool.oldest() {
             if let Some(b) = spool.read(seq).unwrap() {
-                Claimed::new(spool, seq).settle();
+                Claimed(spool, seq).settle();
                 got.push(b.body.to_bytes());
             }
         }
@@ -816,7 +812,7 @@ mod tests {
         let seq = spool.oldest().unwrap();
         assert!(spool.read(seq).unwrap().is_some());
         assert!(!spool.batch_path(seq).exists(), "claimed");
-        drop(Claimed::new(&spool, seq));
+        drop(Claimed(&spool, seq));
         assert!(spool.batch_path(seq).exists(), "given back");
 
         // A dead process's claim and temporary file.
