@@ -50,7 +50,6 @@ struct Held {
 struct Trace {
     /// Its key in `arrival`.
     seq: u64,
-    first: Instant,
     last: Instant,
     rooted: bool,
     spans: Vec<Held>,
@@ -114,7 +113,6 @@ impl TreeWriter {
                     arrival.insert(seq, id.clone());
                     Trace {
                         seq,
-                        first: now,
                         last: now,
                         rooted: false,
                         spans: Vec::new(),
@@ -154,16 +152,15 @@ impl TreeWriter {
         self.print_where(|t| now.saturating_duration_since(t.last) >= linger)
     }
 
-    /// Prints the traces `which` picks, oldest first.
+    /// Prints the traces `which` picks, in the order they came.
     fn print_where(&mut self, which: impl Fn(&Trace) -> bool) -> io::Result<()> {
-        let mut ids: Vec<(Instant, Vec<u8>)> = self
-            .traces
-            .iter()
-            .filter(|(_, t)| which(t))
-            .map(|(id, t)| (t.first, id.clone()))
+        let ids: Vec<Vec<u8>> = self
+            .arrival
+            .values()
+            .filter(|id| self.traces.get(*id).is_some_and(&which))
+            .cloned()
             .collect();
-        ids.sort();
-        for (_, id) in ids {
+        for id in ids {
             self.print(&id, false)?;
         }
         self.out.flush()
