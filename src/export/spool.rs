@@ -431,13 +431,14 @@ impl Spool {
         // that user may have put a FIFO, a symlink (to `/dev/zero`) or a
         // huge file here under a batch's name: none is waited on, followed
         // or read past the spool's own bound (no batch it wrote is larger).
-        let data = match crate::untrusted::read_file(&claim, Link::Never, self.max_bytes) {
-            Ok(d) => Ok(d),
-            Err(e) if e.is_refusal() => Err(match e {
-                UntrustedError::TooLarge { .. } => "larger than the spool's size bound",
-                UntrustedError::SymlinkRefused { .. } => "a symlink",
-                _ => "not a regular file",
+        let read = match crate::untrusted::read_file(&claim, Link::Never, self.max_bytes) {
+            Ok(d) => parse(&d).map(|(spans, body)| Spooled {
+                spans,
+                body: Bytes::copy_from_slice(body).into(),
             }),
+            Err(UntrustedError::TooLarge { .. }) => Err("larger than the spool's size bound"),
+            Err(UntrustedError::SymlinkRefused { .. }) => Err("a symlink"),
+            Err(e) if e.is_refusal() => Err("not a regular file"),
             Err(e) => {
                 self.forget(seq);
                 return Err(SpoolError::File {
@@ -447,13 +448,8 @@ impl Spool {
                 });
             }
         };
-        match data
-            .and_then(|d| parse(&d).map(|(spans, body)| (spans, Bytes::copy_from_slice(body))))
-        {
-            Ok((spans, body)) => Ok(Some(Spooled {
-                spans,
-                body: body.into(),
-            })),
+        match read {
+            Ok(batch) => Ok(Some(batch)),
             Err(reason) => {
                 let aside = self.dir.join(format!("{seq:020}.damaged"));
                 let _ = fs::rename(&claim, &aside);

@@ -255,15 +255,11 @@ pub(crate) async fn reach(
     connect_timeout: std::time::Duration,
 ) -> Result<Option<Arc<Tls>>, ExportError> {
     let endpoint = cfg.endpoint.to_string();
-    let tls = match &cfg.tls {
-        Some(t) => Some(Arc::new(Tls::new(t, alpn).map_err(|source| {
-            ExportError::LoadTls {
-                endpoint: endpoint.clone(),
-                source,
-            }
-        })?)),
-        None => None,
-    };
+    let tls = cfg.tls.as_ref().map(|t| Tls::new(t, alpn).map(Arc::new));
+    let tls = tls.transpose().map_err(|source| ExportError::LoadTls {
+        endpoint: endpoint.clone(),
+        source,
+    })?;
     // Over TLS 1.3 a collector that refuses the client's certificate says
     // so only after the handshake has finished on the client's side, so the
     // check then listens a moment: an alert is the error; data (an HTTP/2
