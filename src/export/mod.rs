@@ -445,17 +445,13 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
     // The queue's byte permits, and each sandbox's share of them, are held
     // until this function returns: the data is in memory until then,
     // encoded or not.
-    let mut held = Vec::with_capacity(batch.len());
-    let mut whole = Piece {
-        records: Vec::with_capacity(batch.len()),
-        tenants: Vec::with_capacity(batch.len()),
-    };
-    for q in batch {
-        // Each sandbox's part of the batch, for its own counters.
-        whole.tenants.push(Arc::clone(q.share.tenant()));
-        whole.records.push(q.record);
-        held.push((q.permit, q.share));
-    }
+    let (records, held): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|q| (q.record, (q.permit, q.share)))
+        .unzip();
+    // Each sandbox's part of the batch, for its own counters.
+    let tenants = held.iter().map(|(_, s)| Arc::clone(s.tenant())).collect();
+    let whole = Piece { records, tenants };
     // A request the collector finds too large comes back here as its two
     // halves, each sent in turn (the first first), down to single spans:
     // only a span that alone is too large is dropped, against its own
