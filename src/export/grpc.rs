@@ -53,11 +53,7 @@ impl GrpcTransport {
     ) -> Result<Self, ExportError> {
         let endpoint_str = cfg.endpoint.to_string();
         let tls = tls::reach(cfg, b"h2", connect_timeout).await?;
-        let endpoint = Endpoint::from_shared(endpoint_str.clone())
-            .map_err(|e| ExportError::Connect {
-                endpoint: endpoint_str.clone(),
-                reason: e.to_string(),
-            })?
+        let endpoint = Endpoint::from(cfg.endpoint.clone())
             .connect_timeout(connect_timeout)
             .timeout(cfg.timeout)
             .http2_keep_alive_interval(Duration::from_secs(30))

@@ -108,12 +108,9 @@ impl HttpTransport {
         let resp = tokio::time::timeout_at(deadline, self.client.request(req))
             .await
             .map_err(|_| HttpError::Timeout(cfg.timeout))?
-            .map_err(|e| {
-                if tls::is_tls_rejection(&e) {
-                    HttpError::TlsRejected(error_chain(&e))
-                } else {
-                    HttpError::Send(error_chain(&e))
-                }
+            .map_err(|e| match tls::is_tls_rejection(&e) {
+                true => HttpError::TlsRejected(error_chain(&e)),
+                false => HttpError::Send(error_chain(&e)),
             })?;
         let status = resp.status();
         let retry_after = retry_after(resp.headers());
