@@ -451,12 +451,9 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
         .unzip();
     // Each sandbox's part of the batch, for its own counters.
     let tenants = held.iter().map(|(_, s)| Arc::clone(s.tenant())).collect();
-    let whole = Piece { records, tenants };
-    // A request the collector finds too large comes back here as its two
-    // halves, each sent in turn (the first first), down to single spans:
-    // only a span that alone is too large is dropped, against its own
-    // sandbox, and every other sandbox's spans in the batch still go.
-    let mut pieces = vec![whole];
+    // A request too large for the collector comes back as its two halves,
+    // the first sent first, down to single spans (see the module docs).
+    let mut pieces = vec![Piece { records, tenants }];
     while let Some(mut piece) = pieces.pop() {
         let spans: u64 = piece.records.iter().map(|r| r.count as u64).sum();
         // The spans are encoded already; this frames them into one request.
