@@ -112,8 +112,9 @@ struct State {
     next_seq: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Depth {
+/// What the spool holds, as `status` reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Depth {
     pub batches: u64,
     pub spans: u64,
     pub bytes: u64,

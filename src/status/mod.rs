@@ -32,6 +32,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::export::spool::Depth;
 pub use crate::export::Failure;
 use crate::export::{unix_ms, Exporter};
 use crate::stats::{DropReason, FamilySnapshot, Label, Stats};
@@ -162,9 +163,8 @@ pub struct ExporterReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpoolReport {
     pub dir: PathBuf,
-    pub batches: u64,
-    pub spans: u64,
-    pub bytes: u64,
+    #[serde(flatten)]
+    pub depth: Depth,
     pub max_bytes: u64,
 }
 
@@ -252,15 +252,10 @@ impl Board {
                 failures: snap.export_failures,
                 queue_spans: snap.queue_depth,
                 pending_spans: pending,
-                spool: self.exporter.spool.as_ref().map(|s| {
-                    let d = s.depth();
-                    SpoolReport {
-                        dir: s.dir.clone(),
-                        batches: d.batches,
-                        spans: d.spans,
-                        bytes: d.bytes,
-                        max_bytes: s.max_bytes,
-                    }
+                spool: self.exporter.spool.as_ref().map(|s| SpoolReport {
+                    dir: s.dir.clone(),
+                    depth: s.depth(),
+                    max_bytes: s.max_bytes,
                 }),
             },
             counters,
@@ -375,9 +370,11 @@ mod tests {
                 pending_spans: 20,
                 spool: Some(SpoolReport {
                     dir: "/var/spool/ktf".into(),
-                    batches: 3,
-                    spans: 140,
-                    bytes: 46_182,
+                    depth: Depth {
+                        batches: 3,
+                        spans: 140,
+                        bytes: 46_182,
+                    },
                     max_bytes: 256 << 20,
                 }),
             },

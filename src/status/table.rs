@@ -107,9 +107,9 @@ impl Report {
             Some(s) => writeln!(
                 out,
                 "  spool: {} batches, {} spans, {} of {} in {}",
-                s.batches,
-                s.spans,
-                bytes(s.bytes),
+                s.depth.batches,
+                s.depth.spans,
+                bytes(s.depth.bytes),
                 bytes(s.max_bytes),
                 s.dir.display()
             )?,
