@@ -58,12 +58,11 @@ impl GrpcTransport {
             .timeout(cfg.timeout)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
-        let connector = Connector {
+        let connect = endpoint.connect_with_connector(Connector {
             tls,
             timeout: connect_timeout,
             coalesce: true,
-        };
-        let connect = endpoint.connect_with_connector(connector);
+        });
         let channel = within(&endpoint_str, connect_timeout, connect).await?;
         // gRPC metadata is HTTP/2 headers; names are lower case ASCII, which
         // `HeaderName` already is. Binary (`-bin`) values would have to be

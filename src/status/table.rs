@@ -21,10 +21,9 @@ pub fn print(
                 writeln!(out)?;
             }
             Ok(report) => {
-                if !first {
+                if !std::mem::replace(&mut first, false) {
                     writeln!(out)?;
                 }
-                first = false;
                 out.write_all(report.table().as_bytes())?;
             }
             Err(e) => {
