@@ -11,8 +11,8 @@ pub(crate) struct Health(std::sync::Mutex<HealthSnapshot>);
 
 /// What [`Health`] says now: when a request last went through, and when the
 /// last one failed and why (in milliseconds since the Unix epoch).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct HealthSnapshot {
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HealthSnapshot {
     pub last_success_unix_ms: Option<u64>,
     pub last_failure: Option<Failure>,
 }

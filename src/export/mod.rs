@@ -58,8 +58,8 @@ use queue::{QueueReceiver, Queued};
 use retry::{Backoff, Classify, Retry, RetryPolicy};
 use spool::Spool;
 
-pub use health::Failure;
 pub(crate) use health::{unix_ms, Health};
+pub use health::{Failure, HealthSnapshot};
 pub(crate) use replay::run_replayer;
 pub use sink::Sink;
 use split::{halves_of, split_batch, split_half};

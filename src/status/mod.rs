@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::export::spool::Depth;
-pub use crate::export::Failure;
 use crate::export::{unix_ms, Exporter};
+pub use crate::export::{Failure, HealthSnapshot};
 use crate::stats::{DropReason, FamilySnapshot, Label, Stats};
 use crate::tenant::Tenants;
 
@@ -147,8 +147,8 @@ impl<L: Label> From<FamilySnapshot<L>> for ByReason {
 pub struct ExporterReport {
     /// Where batches go, as the startup log says it.
     pub collector: String,
-    pub last_success_unix_ms: Option<u64>,
-    pub last_failure: Option<Failure>,
+    #[serde(flatten)]
+    pub health: HealthSnapshot,
     /// Requests sent, retries included; the retries; batches given up on.
     pub attempts: u64,
     pub retries: u64,
@@ -227,7 +227,6 @@ impl Board {
         let not_listed = sandboxes.len().saturating_sub(MAX_LISTED);
         sandboxes.truncate(MAX_LISTED);
         let snap = self.stats.snapshot();
-        let health = self.exporter.health.snapshot();
         let counters = match serde_json::to_value(snap) {
             Ok(serde_json::Value::Object(m)) => m,
             _ => serde_json::Map::new(),
@@ -245,8 +244,7 @@ impl Board {
             sandboxes_not_listed: not_listed as u64,
             exporter: ExporterReport {
                 collector: self.exporter.sink.describe(),
-                last_success_unix_ms: health.last_success_unix_ms,
-                last_failure: health.last_failure,
+                health: self.exporter.health.snapshot(),
                 attempts: snap.export_attempts,
                 retries: snap.export_retries,
                 failures: snap.export_failures,
@@ -358,11 +356,13 @@ mod tests {
             sandboxes_not_listed: 0,
             exporter: ExporterReport {
                 collector: "otlp grpc http://127.0.0.1:4317".into(),
-                last_success_unix_ms: None,
-                last_failure: Some(Failure {
-                    at_unix_ms: now - 300,
-                    error: "connection refused".into(),
-                }),
+                health: HealthSnapshot {
+                    last_success_unix_ms: None,
+                    last_failure: Some(Failure {
+                        at_unix_ms: now - 300,
+                        error: "connection refused".into(),
+                    }),
+                },
                 attempts: 14,
                 retries: 12,
                 failures: 0,
@@ -469,7 +469,7 @@ totals: received 160, exported 0, rejected 0, spooled 0, sent from the spool 0, 
         assert_eq!(r.sandboxes[1].last_sent_unix_ms, None, "never sent");
         assert_eq!(r.exporter.pending_spans, 2);
         assert_eq!(r.exporter.collector, "stdout (OTLP JSON lines)");
-        assert_eq!(r.exporter.last_success_unix_ms, None);
+        assert_eq!(r.exporter.health.last_success_unix_ms, None);
         assert_eq!(r.exporter.spool, None);
         assert_eq!(r.pid, std::process::id());
     }

@@ -89,9 +89,9 @@ impl Report {
         writeln!(
             out,
             "  last success: {}",
-            since(now, e.last_success_unix_ms)
+            since(now, e.health.last_success_unix_ms)
         )?;
-        if let Some(f) = &e.last_failure {
+        if let Some(f) = &e.health.last_failure {
             let at = since(now, Some(f.at_unix_ms));
             writeln!(out, "  last failure: {at}: {}", clean(&f.error))?;
         }
