@@ -29,8 +29,8 @@ use tonic::{Code, Status};
 
 use super::body::{compressed, RequestBody};
 use super::retry::{Classify, Retry};
-use super::tls::{self, Connector};
-use super::{within, ExportError};
+use super::tls::{self, within, Connector};
+use super::ExportError;
 use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
 

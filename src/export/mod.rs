@@ -19,8 +19,7 @@
 //! dropped.
 //!
 //! Here: the exporter (one batch's delivery, retries, the spool) and the
-//! batcher; over 500 lines with its tests, which exercise [`sink`],
-//! [`split`] and [`replay`] through the exporter.
+//! batcher (its tests exercise [`sink`], [`split`] and [`replay`] too).
 
 pub(crate) mod body;
 pub(crate) mod coalesce;
@@ -137,26 +136,6 @@ fn cut(mut s: String, max: usize) -> String {
     }
     s.truncate(end);
     s
-}
-
-/// A step of reaching the collector at startup, within `timeout`; a TLS
-/// verification failure is told apart from a collector that is not there.
-pub(crate) async fn within<T, E: std::error::Error + 'static>(
-    endpoint: &str,
-    timeout: Duration,
-    step: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, ExportError> {
-    let endpoint = endpoint.to_owned();
-    let reason = match tokio::time::timeout(timeout, step).await {
-        Ok(Ok(v)) => return Ok(v),
-        Ok(Err(e)) if tls::is_tls_rejection(&e) => {
-            let reason = error_chain(&e);
-            return Err(ExportError::TlsHandshake { endpoint, reason });
-        }
-        Ok(Err(e)) => error_chain(&e),
-        Err(_) => format!("no answer within {timeout:?}"),
-    };
-    Err(ExportError::Connect { endpoint, reason })
 }
 
 /// What the batcher and the replayer share.
