@@ -131,10 +131,9 @@ impl GrpcTransport {
             .map_err(|e| GrpcError(Status::from_error(Box::new(e))))?;
 
         // An error may come as headers alone ("trailers-only").
-        if let Some(status) = Status::from_header_map(resp.headers()) {
-            if status.code() != Code::Ok {
-                return Err(GrpcError(status));
-            }
+        let status = Status::from_header_map(resp.headers());
+        if let Some(status) = status.filter(|s| s.code() != Code::Ok) {
+            return Err(GrpcError(status));
         }
         let status_code = resp.status();
         let mut answer = Streaming::new_response(
