@@ -304,16 +304,14 @@ fn line(
         human(end.saturating_sub(begin)),
         at(begin)
     );
-    if let Some(status) = &span.status {
-        if status.code == StatusCode::Error as i32 {
-            let msg = match status.message.is_empty() {
-                true => "ERROR".to_owned(),
-                false => format!("ERROR: {}", clean(&status.message, MESSAGE_CHARS)),
-            };
-            let _ = write!(out, "  {}", paint.wrap(RED, &msg));
-        } else if status.code == StatusCode::Ok as i32 {
-            let _ = write!(out, "  {}", paint.wrap(GREEN, "ok"));
-        }
+    let status = match span.status.as_ref().map(|s| (s.code(), s.message.as_str())) {
+        Some((StatusCode::Error, "")) => Some((RED, "ERROR".to_owned())),
+        Some((StatusCode::Error, m)) => Some((RED, format!("ERROR: {}", clean(m, MESSAGE_CHARS)))),
+        Some((StatusCode::Ok, _)) => Some((GREEN, "ok".to_owned())),
+        _ => None,
+    };
+    if let Some((style, text)) = status {
+        let _ = write!(out, "  {}", paint.wrap(style, &text));
     }
     let _ = write!(out, "{}", attributes(&span.attributes));
     if let Some(mark) = mark {

@@ -115,14 +115,12 @@ impl Report {
             None => writeln!(out, "  spool: none (--spool-dir not given)")?,
         }
         let c = |k: &str| self.counters.get(k).and_then(serde_json::Value::as_u64);
+        let t = |k: &str| c(k).unwrap_or(0);
         let dropped: Vec<String> = DropReason::ALL
             .iter()
-            .filter_map(|r| {
-                let n = c(&format!("spans_dropped_{}", r.as_str()))?;
-                (n > 0).then(|| format!("{} {n}", r.as_str()))
-            })
+            .map(|r| (r.as_str(), t(&format!("spans_dropped_{}", r.as_str()))))
+            .filter_map(|(r, n)| (n > 0).then(|| format!("{r} {n}")))
             .collect();
-        let t = |k: &str| c(k).unwrap_or(0);
         let dropped = match dropped.is_empty() {
             true => String::new(),
             false => format!(" ({})", dropped.join(", ")),
