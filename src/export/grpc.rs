@@ -11,9 +11,8 @@
 //! Requests arrive here already encoded, as the pieces of an
 //! [`EncodedRequest`]. tonic's client would copy them into one message
 //! buffer, so the request is built here and sent through tonic's `Channel`
-//! (connection, HTTP/2, timeouts), and the answer is read by tonic's own
-//! response decoder. The connection writes through [`Coalesce`], so a batch
-//! leaves in a few large writes rather than one per HTTP/2 frame.
+//! (connection, HTTP/2, timeouts, and `tls::Connector`'s coalescing writes),
+//! and the answer is read by tonic's own response decoder.
 
 use std::future::poll_fn;
 use std::time::Duration;
