@@ -114,12 +114,12 @@ impl Report {
             )?,
             None => writeln!(out, "  spool: none (--spool-dir not given)")?,
         }
-        let c = |k: &str| self.counters.get(k).and_then(serde_json::Value::as_u64);
-        let t = |k: &str| c(k).unwrap_or(0);
+        let t = |k: &str| self.counters.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
         let dropped: Vec<String> = DropReason::ALL
             .iter()
             .map(|r| (r.as_str(), t(&format!("spans_dropped_{}", r.as_str()))))
-            .filter_map(|(r, n)| (n > 0).then(|| format!("{r} {n}")))
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{r} {n}"))
             .collect();
         let dropped = match dropped.is_empty() {
             true => String::new(),
