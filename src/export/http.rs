@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
@@ -93,9 +93,7 @@ impl HttpTransport {
     ) -> Result<ExportTraceServiceResponse, HttpError> {
         let cfg = &self.cfg;
         let body = &*compressed(cfg.compression, body);
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(cfg.endpoint.clone())
+        let mut req = Request::post(cfg.endpoint.clone())
             .header(header::CONTENT_TYPE, "application/x-protobuf")
             .body(RequestBody::new(None, body))
             .map_err(|e| HttpError::Send(e.to_string()))?;
