@@ -395,7 +395,7 @@ async fn serve_inner(
     // for the next start.
     finish("spool replayer", &mut replayer, deadline + FLUSH_GRACE).await;
     // The tree view's traces still waiting for their root or the linger.
-    if let Err(e) = exporter.finish_sink() {
+    if let Err(e) = exporter.sink.finish() {
         tracing::warn!(error = %e, "cannot write the trace trees to stdout");
     }
 

@@ -10,7 +10,7 @@ use std::io::{self, Write};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, TracesData};
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, TracesData};
 use prost::Message;
 
 use crate::otlp::EncodedRequest;
@@ -46,38 +46,44 @@ pub(crate) fn write_request(out: &mut impl Write, body: &EncodedRequest) -> io::
 /// else. So a line that holds such a double (rare: only a guest's NaN or
 /// infinity) goes through a JSON value, set right where the span has them.
 fn write_line(out: &mut impl Write, line: &TracesData) -> io::Result<()> {
-    let specials = |kvs: &[KeyValue]| kvs.iter().any(|kv| kv.value.as_ref().is_some_and(special));
-    let any = line.resource_spans.iter().any(|rs| {
-        rs.resource
-            .as_ref()
-            .is_some_and(|r| specials(&r.attributes))
-            || rs.scope_spans.iter().flat_map(|s| &s.spans).any(|span| {
-                specials(&span.attributes)
-                    || span.events.iter().any(|e| specials(&e.attributes))
-                    || span.links.iter().any(|l| specials(&l.attributes))
-            })
+    let mut any = false;
+    each_list(line, |kvs, _| {
+        any |= kvs.iter().any(|kv| kv.value.as_ref().is_some_and(special));
     });
     if any {
         let mut json = serde_json::to_value(line)?;
-        for (i, rs) in line.resource_spans.iter().enumerate() {
-            let at = format!("/resourceSpans/{i}");
-            if let Some(r) = &rs.resource {
-                patch_attributes(&r.attributes, json.pointer_mut(&format!("{at}/resource")));
-            }
-            for (j, ss) in rs.scope_spans.iter().enumerate() {
-                for (k, span) in ss.spans.iter().enumerate() {
-                    patch_span(
-                        span,
-                        json.pointer_mut(&format!("{at}/scopeSpans/{j}/spans/{k}")),
-                    );
-                }
-            }
-        }
+        each_list(line, |kvs, at| {
+            patch_attributes(kvs, json.pointer_mut(&at()))
+        });
         serde_json::to_writer(&mut *out, &json)?;
     } else {
         serde_json::to_writer(&mut *out, line)?;
     }
     out.write_all(b"\n")
+}
+
+/// Calls `f` with each attribute list of `line` (the resources', the
+/// spans', their events' and links'), and how to make the JSON pointer to
+/// the object holding it.
+fn each_list(line: &TracesData, mut f: impl FnMut(&[KeyValue], &dyn Fn() -> String)) {
+    for (i, rs) in line.resource_spans.iter().enumerate() {
+        if let Some(r) = &rs.resource {
+            f(&r.attributes, &|| format!("/resourceSpans/{i}/resource"));
+        }
+        for (j, ss) in rs.scope_spans.iter().enumerate() {
+            for (k, span) in ss.spans.iter().enumerate() {
+                let at =
+                    |rest: String| format!("/resourceSpans/{i}/scopeSpans/{j}/spans/{k}{rest}");
+                f(&span.attributes, &|| at(String::new()));
+                for (n, e) in span.events.iter().enumerate() {
+                    f(&e.attributes, &|| at(format!("/events/{n}")));
+                }
+                for (n, l) in span.links.iter().enumerate() {
+                    f(&l.attributes, &|| at(format!("/links/{n}")));
+                }
+            }
+        }
+    }
 }
 
 /// A double that JSON has no number for, or an array holding one (the
@@ -87,17 +93,6 @@ fn special(v: &AnyValue) -> bool {
         Some(any_value::Value::DoubleValue(d)) => !d.is_finite(),
         Some(any_value::Value::ArrayValue(a)) => a.values.iter().any(special),
         _ => false,
-    }
-}
-
-fn patch_span(span: &Span, json: Option<&mut serde_json::Value>) {
-    let Some(json) = json else { return };
-    patch_attributes(&span.attributes, Some(&mut *json));
-    for (i, e) in span.events.iter().enumerate() {
-        patch_attributes(&e.attributes, json.pointer_mut(&format!("/events/{i}")));
-    }
-    for (i, l) in span.links.iter().enumerate() {
-        patch_attributes(&l.attributes, json.pointer_mut(&format!("/links/{i}")));
     }
 }
 
@@ -148,6 +143,7 @@ mod tests {
     use opentelemetry_proto::tonic::common::v1::ArrayValue;
     use opentelemetry_proto::tonic::resource::v1::Resource;
     use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
+    use opentelemetry_proto::tonic::trace::v1::Span;
 
     fn kv(key: &str, value: any_value::Value) -> KeyValue {
         KeyValue {

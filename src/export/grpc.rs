@@ -11,15 +11,14 @@
 //! Requests arrive here already encoded, as the pieces of an
 //! [`EncodedRequest`]. tonic's client would copy them into one message
 //! buffer, so the request is built here and sent through tonic's `Channel`
-//! (connection, HTTP/2, timeouts), and the answer is read by tonic's own
-//! response decoder. The connection writes through [`Coalesce`], so a batch
-//! leaves in a few large writes rather than one per HTTP/2 frame.
+//! (connection, HTTP/2, timeouts, and `tls::Connector`'s coalescing writes),
+//! and the answer is read by tonic's own response decoder.
 
 use std::future::poll_fn;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderName, HeaderValue, Method, Uri};
+use http::{header, HeaderName, HeaderValue};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 use tonic::codec::{DecodeBuf, Decoder, Streaming};
@@ -29,8 +28,8 @@ use tonic::{Code, Status};
 
 use super::body::{compressed, RequestBody};
 use super::retry::{Classify, Retry};
-use super::tls::{self, Connector};
-use super::{within, ExportError};
+use super::tls::{self, within, Connector};
+use super::ExportError;
 use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
 
@@ -53,21 +52,16 @@ impl GrpcTransport {
     ) -> Result<Self, ExportError> {
         let endpoint_str = cfg.endpoint.to_string();
         let tls = tls::reach(cfg, b"h2", connect_timeout).await?;
-        let endpoint = Endpoint::from_shared(endpoint_str.clone())
-            .map_err(|e| ExportError::Connect {
-                endpoint: endpoint_str.clone(),
-                reason: e.to_string(),
-            })?
+        let endpoint = Endpoint::from(cfg.endpoint.clone())
             .connect_timeout(connect_timeout)
             .timeout(cfg.timeout)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
-        let connector = Connector {
+        let connect = endpoint.connect_with_connector(Connector {
             tls,
             timeout: connect_timeout,
             coalesce: true,
-        };
-        let connect = endpoint.connect_with_connector(connector);
+        });
         let channel = within(&endpoint_str, connect_timeout, connect).await?;
         // gRPC metadata is HTTP/2 headers; names are lower case ASCII, which
         // `HeaderName` already is. Binary (`-bin`) values would have to be
@@ -112,22 +106,17 @@ impl GrpcTransport {
         })?;
         let prefix = Bytes::from([&[u8::from(gzip)][..], &len.to_be_bytes()].concat());
         let body = RequestBody::new(Some(prefix), body);
-        let mut req = http::Request::new(tonic::body::Body::new(body));
-        *req.method_mut() = Method::POST;
         // The channel fills in the scheme and authority.
-        *req.uri_mut() = Uri::from_static(EXPORT_PATH);
+        let mut req = http::Request::post(EXPORT_PATH)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header(header::TE, "trailers")
+            .body(tonic::body::Body::new(body))
+            .map_err(|e| GrpcError(Status::internal(e.to_string())))?;
         let h = req.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
         if gzip {
             h.insert("grpc-encoding", HeaderValue::from_static("gzip"));
         }
-        for (k, v) in &self.cfg.headers {
-            h.append(k.clone(), v.clone());
-        }
+        h.extend(self.cfg.headers.iter().cloned());
 
         // Cloning shares the connection; it is how tonic channels are used
         // concurrently (the replayer and the batcher).
@@ -141,10 +130,9 @@ impl GrpcTransport {
             .map_err(|e| GrpcError(Status::from_error(Box::new(e))))?;
 
         // An error may come as headers alone ("trailers-only").
-        if let Some(status) = Status::from_header_map(resp.headers()) {
-            if status.code() != Code::Ok {
-                return Err(GrpcError(status));
-            }
+        let status = Status::from_header_map(resp.headers());
+        if let Some(status) = status.filter(|s| s.code() != Code::Ok) {
+            return Err(GrpcError(status));
         }
         let status_code = resp.status();
         let mut answer = Streaming::new_response(

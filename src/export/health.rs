@@ -11,10 +11,17 @@ pub(crate) struct Health(std::sync::Mutex<HealthSnapshot>);
 
 /// What [`Health`] says now: when a request last went through, and when the
 /// last one failed and why (in milliseconds since the Unix epoch).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct HealthSnapshot {
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HealthSnapshot {
     pub last_success_unix_ms: Option<u64>,
-    pub last_failure: Option<(u64, String)>,
+    pub last_failure: Option<Failure>,
+}
+
+/// The last failed request, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Failure {
+    pub at_unix_ms: u64,
+    pub error: String,
 }
 
 pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
@@ -28,8 +35,11 @@ impl Health {
         match res {
             Ok(_) => lock(&self.0).last_success_unix_ms = Some(now),
             Err(e) => {
-                let why = cut(error_chain(e), MAX_ERROR_TEXT);
-                lock(&self.0).last_failure = Some((now, why));
+                let error = cut(error_chain(e), MAX_ERROR_TEXT);
+                lock(&self.0).last_failure = Some(Failure {
+                    at_unix_ms: now,
+                    error,
+                });
             }
         }
     }

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
@@ -93,9 +93,7 @@ impl HttpTransport {
     ) -> Result<ExportTraceServiceResponse, HttpError> {
         let cfg = &self.cfg;
         let body = &*compressed(cfg.compression, body);
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(cfg.endpoint.clone())
+        let mut req = Request::post(cfg.endpoint.clone())
             .header(header::CONTENT_TYPE, "application/x-protobuf")
             .body(RequestBody::new(None, body))
             .map_err(|e| HttpError::Send(e.to_string()))?;
@@ -103,19 +101,14 @@ impl HttpTransport {
             req.headers_mut()
                 .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         }
-        for (k, v) in &cfg.headers {
-            req.headers_mut().append(k.clone(), v.clone());
-        }
+        req.headers_mut().extend(cfg.headers.iter().cloned());
         let deadline = tokio::time::Instant::now() + cfg.timeout;
         let resp = tokio::time::timeout_at(deadline, self.client.request(req))
             .await
             .map_err(|_| HttpError::Timeout(cfg.timeout))?
-            .map_err(|e| {
-                if tls::is_tls_rejection(&e) {
-                    HttpError::TlsRejected(error_chain(&e))
-                } else {
-                    HttpError::Send(error_chain(&e))
-                }
+            .map_err(|e| match tls::is_tls_rejection(&e) {
+                true => HttpError::TlsRejected(error_chain(&e)),
+                false => HttpError::Send(error_chain(&e)),
             })?;
         let status = resp.status();
         let retry_after = retry_after(resp.headers());

@@ -19,8 +19,7 @@
 //! dropped.
 //!
 //! Here: the exporter (one batch's delivery, retries, the spool) and the
-//! batcher; over 500 lines with its tests, which exercise [`sink`],
-//! [`split`] and [`replay`] through the exporter.
+//! batcher (its tests exercise [`sink`], [`split`] and [`replay`] too).
 
 pub(crate) mod body;
 pub(crate) mod coalesce;
@@ -58,7 +57,8 @@ use queue::{QueueReceiver, Queued};
 use retry::{Backoff, Classify, Retry, RetryPolicy};
 use spool::Spool;
 
-pub(crate) use health::{unix_ms, Health, HealthSnapshot};
+pub(crate) use health::{unix_ms, Health};
+pub use health::{Failure, HealthSnapshot};
 pub(crate) use replay::run_replayer;
 pub use sink::Sink;
 use split::{halves_of, split_batch, split_half};
@@ -138,35 +138,15 @@ fn cut(mut s: String, max: usize) -> String {
     s
 }
 
-/// A step of reaching the collector at startup, within `timeout`; a TLS
-/// verification failure is told apart from a collector that is not there.
-pub(crate) async fn within<T, E: std::error::Error + 'static>(
-    endpoint: &str,
-    timeout: Duration,
-    step: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, ExportError> {
-    let endpoint = endpoint.to_owned();
-    let reason = match tokio::time::timeout(timeout, step).await {
-        Ok(Ok(v)) => return Ok(v),
-        Ok(Err(e)) if tls::is_tls_rejection(&e) => {
-            let reason = error_chain(&e);
-            return Err(ExportError::TlsHandshake { endpoint, reason });
-        }
-        Ok(Err(e)) => error_chain(&e),
-        Err(_) => format!("no answer within {timeout:?}"),
-    };
-    Err(ExportError::Connect { endpoint, reason })
-}
-
 /// What the batcher and the replayer share.
 pub(crate) struct Exporter {
-    sink: Sink,
-    spool: Option<Arc<Spool>>,
+    pub(crate) sink: Sink,
+    pub(crate) spool: Option<Arc<Spool>>,
     stats: Arc<Stats>,
     /// Wakes the replayer when a batch has been spooled.
     spooled: Notify,
     /// How the last requests went, for `status`.
-    health: Health,
+    pub(crate) health: Health,
 }
 
 /// A writer's lock; one poisoned by a panic mid-write still writes.
@@ -175,10 +155,6 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Exporter {
-    pub(crate) fn finish_sink(&self) -> std::io::Result<()> {
-        self.sink.finish()
-    }
-
     pub(crate) fn new(sink: Sink, spool: Option<Arc<Spool>>, stats: Arc<Stats>) -> Exporter {
         Exporter {
             sink,
@@ -194,18 +170,6 @@ impl Exporter {
         let res = self.sink.send(body).await;
         self.health.note(&res);
         res
-    }
-
-    pub(crate) fn health(&self) -> HealthSnapshot {
-        self.health.snapshot()
-    }
-
-    pub(crate) fn describe(&self) -> String {
-        self.sink.describe()
-    }
-
-    pub(crate) fn spool(&self) -> Option<&Arc<Spool>> {
-        self.spool.as_ref()
     }
 
     /// Sends a batch of `spans` spans, retrying as the policy says. With a
@@ -460,22 +424,15 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
     // The queue's byte permits, and each sandbox's share of them, are held
     // until this function returns: the data is in memory until then,
     // encoded or not.
-    let mut held = Vec::with_capacity(batch.len());
-    let mut whole = Piece {
-        records: Vec::with_capacity(batch.len()),
-        tenants: Vec::with_capacity(batch.len()),
-    };
-    for q in batch {
-        // Each sandbox's part of the batch, for its own counters.
-        whole.tenants.push(Arc::clone(q.share.tenant()));
-        whole.records.push(q.record);
-        held.push((q.permit, q.share));
-    }
-    // A request the collector finds too large comes back here as its two
-    // halves, each sent in turn (the first first), down to single spans:
-    // only a span that alone is too large is dropped, against its own
-    // sandbox, and every other sandbox's spans in the batch still go.
-    let mut pieces = vec![whole];
+    let (records, held): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|q| (q.record, (q.permit, q.share)))
+        .unzip();
+    // Each sandbox's part of the batch, for its own counters.
+    let tenants = held.iter().map(|(_, s)| Arc::clone(s.tenant())).collect();
+    // A request too large for the collector comes back as its two halves,
+    // the first sent first, down to single spans (see the module docs).
+    let mut pieces = vec![Piece { records, tenants }];
     while let Some(mut piece) = pieces.pop() {
         let spans: u64 = piece.records.iter().map(|r| r.count as u64).sum();
         // The spans are encoded already; this frames them into one request.

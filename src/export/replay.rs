@@ -57,7 +57,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
                 return;
             }
         };
-        let claim = spool::Claimed::new(&spool, seq);
+        let claim = spool::Claimed(&spool, seq);
         let spans = u64::from(batch.spans);
         let done = |spans, delivery, error: Option<&ExportError>| {
             let error = error.map(|e| e as &dyn std::fmt::Display);

@@ -36,7 +36,6 @@ pub(crate) trait Classify {
 pub(crate) struct RetryPolicy {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
-    pub multiplier: f64,
     /// Longest a throttling hint is obeyed for in one wait.
     pub max_throttle: Duration,
     /// Total time one batch may spend being retried.
@@ -47,7 +46,6 @@ pub(crate) struct RetryPolicy {
 pub(crate) const EXPORT: RetryPolicy = RetryPolicy {
     initial_backoff: Duration::from_millis(100),
     max_backoff: Duration::from_secs(5),
-    multiplier: 2.0,
     max_throttle: Duration::from_secs(30),
     max_elapsed: Duration::from_secs(120),
 };
@@ -120,7 +118,7 @@ impl RetryPolicy {
 }
 
 /// The waits between attempts of one operation, as a [`RetryPolicy`] says:
-/// growing from `initial_backoff` to `max_backoff`, jittered, or a
+/// doubling from `initial_backoff` up to `max_backoff`, jittered, or a
 /// server's throttling hint, capped. [`RetryPolicy::run`] waits them, and
 /// so does the replayer (which tries for as long as batches wait on disk,
 /// giving a failed batch back between attempts).
@@ -152,7 +150,7 @@ impl<'a> Backoff<'a> {
                 half + half.mul_f64(rand::rng().random::<f64>())
             }
         };
-        self.next = p.max_backoff.min(self.next.mul_f64(p.multiplier.max(1.0)));
+        self.next = p.max_backoff.min(self.next.saturating_mul(2));
         Some(wait)
     }
 
@@ -179,7 +177,6 @@ mod tests {
         RetryPolicy {
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(40),
-            multiplier: 2.0,
             max_throttle: Duration::from_millis(50),
             max_elapsed: Duration::from_secs(5),
         }

@@ -40,33 +40,30 @@ impl Sink {
         )))
     }
 
-    /// How often [`Sink::tick`] has something to do, if ever.
-    pub(super) fn tick_every(&self) -> Option<Duration> {
+    fn trees(&self) -> Option<std::sync::MutexGuard<'_, tree::TreeWriter>> {
         match &self.0 {
-            Transport::Tree(w) => {
-                let linger = lock(w).opts.linger;
-                // A quarter of the linger: a quiet trace waits at most that
-                // much longer than asked.
-                Some((linger / 4).max(Duration::from_millis(10)))
-            }
+            Transport::Tree(w) => Some(lock(w)),
             _ => None,
         }
     }
 
+    /// How often [`Sink::tick`] has something to do, if ever: a quarter of
+    /// the tree view's linger, so a quiet trace waits at most that much
+    /// longer than asked.
+    pub(super) fn tick_every(&self) -> Option<Duration> {
+        let linger = self.trees()?.opts.linger;
+        Some((linger / 4).max(Duration::from_millis(10)))
+    }
+
     /// Prints the traces that have waited long enough.
     pub(super) fn tick(&self) -> std::io::Result<()> {
-        match &self.0 {
-            Transport::Tree(w) => lock(w).tick(std::time::Instant::now()),
-            _ => Ok(()),
-        }
+        self.trees()
+            .map_or(Ok(()), |mut w| w.tick(std::time::Instant::now()))
     }
 
     /// Writes out whatever the sink still holds (the tree view's traces).
     pub(crate) fn finish(&self) -> std::io::Result<()> {
-        match &self.0 {
-            Transport::Tree(w) => lock(w).finish(),
-            _ => Ok(()),
-        }
+        self.trees().map_or(Ok(()), |mut w| w.finish())
     }
 
     pub fn describe(&self) -> String {

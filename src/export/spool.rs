@@ -112,8 +112,9 @@ struct State {
     next_seq: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Depth {
+/// What the spool holds, as `status` reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Depth {
     pub batches: u64,
     pub spans: u64,
     pub bytes: u64,
@@ -123,8 +124,8 @@ pub(crate) struct Depth {
 /// date with every change, under the same lock as the change.
 #[derive(Debug)]
 pub(crate) struct Spool {
-    dir: PathBuf,
-    max_bytes: u64,
+    pub(crate) dir: PathBuf,
+    pub(crate) max_bytes: u64,
     state: Mutex<State>,
     stats: Arc<Stats>,
     /// This process's part of temporary files' and claims' names.
@@ -304,14 +305,6 @@ impl Spool {
         })
     }
 
-    pub(crate) fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub(crate) fn max_bytes(&self) -> u64 {
-        self.max_bytes
-    }
-
     fn batch_path(&self, seq: u64) -> PathBuf {
         self.dir.join(format!("{seq:020}.batch"))
     }
@@ -439,13 +432,14 @@ impl Spool {
         // that user may have put a FIFO, a symlink (to `/dev/zero`) or a
         // huge file here under a batch's name: none is waited on, followed
         // or read past the spool's own bound (no batch it wrote is larger).
-        let data = match crate::untrusted::read_file(&claim, Link::Never, self.max_bytes) {
-            Ok(d) => Ok(d),
-            Err(e) if e.is_refusal() => Err(match e {
-                UntrustedError::TooLarge { .. } => "larger than the spool's size bound",
-                UntrustedError::SymlinkRefused { .. } => "a symlink",
-                _ => "not a regular file",
+        let read = match crate::untrusted::read_file(&claim, Link::Never, self.max_bytes) {
+            Ok(d) => parse(&d).map(|(spans, body)| Spooled {
+                spans,
+                body: Bytes::copy_from_slice(body).into(),
             }),
+            Err(UntrustedError::TooLarge { .. }) => Err("larger than the spool's size bound"),
+            Err(UntrustedError::SymlinkRefused { .. }) => Err("a symlink"),
+            Err(e) if e.is_refusal() => Err("not a regular file"),
             Err(e) => {
                 self.forget(seq);
                 return Err(SpoolError::File {
@@ -455,13 +449,8 @@ impl Spool {
                 });
             }
         };
-        match data
-            .and_then(|d| parse(&d).map(|(spans, body)| (spans, Bytes::copy_from_slice(body))))
-        {
-            Ok((spans, body)) => Ok(Some(Spooled {
-                spans,
-                body: body.into(),
-            })),
+        match read {
+            Ok(batch) => Ok(Some(batch)),
             Err(reason) => {
                 let aside = self.dir.join(format!("{seq:020}.damaged"));
                 let _ = fs::rename(&claim, &aside);
@@ -513,13 +502,9 @@ impl Spool {
 /// unsettled, also when the replayer is stopped in the middle of sending it
 /// (its task aborted at the shutdown deadline), so that it is not left
 /// claimed by a process that is gone.
-pub(crate) struct Claimed<'a>(&'a Spool, u64);
+pub(crate) struct Claimed<'a>(pub(crate) &'a Spool, pub(crate) u64);
 
-impl<'a> Claimed<'a> {
-    pub(crate) fn new(spool: &'a Spool, seq: u64) -> Claimed<'a> {
-        Claimed(spool, seq)
-    }
-
+impl Claimed<'_> {
     /// Delivered (or refused for good): removed, and not given back.
     pub(crate) fn settle(self) {
         self.0.remove(self.1);
@@ -766,7 +751,7 @@ mod tests {
         let mut got = Vec::new();
         while let Some(seq) = spool.oldest() {
             if let Some(b) = spool.read(seq).unwrap() {
-                Claimed::new(spool, seq).settle();
+                Claimed(spool, seq).settle();
                 got.push(b.body.to_bytes());
             }
         }
@@ -824,7 +809,7 @@ mod tests {
         let seq = spool.oldest().unwrap();
         assert!(spool.read(seq).unwrap().is_some());
         assert!(!spool.batch_path(seq).exists(), "claimed");
-        drop(Claimed::new(&spool, seq));
+        drop(Claimed(&spool, seq));
         assert!(spool.batch_path(seq).exists(), "given back");
 
         // A dead process's claim and temporary file.

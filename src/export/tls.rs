@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::Uri;
 use rustls::pki_types::pem::PemObject;
@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::coalesce::Coalesce;
-use super::{lock, within, ExportError};
+use super::{error_chain, lock, ExportError};
 use crate::config::{OtlpConfig, TlsConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +212,7 @@ async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> {
 #[derive(Clone)]
 pub(crate) struct Connector {
     pub(crate) tls: Option<Arc<Tls>>,
-    pub(crate) timeout: std::time::Duration,
+    pub(crate) timeout: Duration,
     pub(crate) coalesce: bool,
 }
 
@@ -242,9 +242,29 @@ impl tonic::codegen::Service<Uri> for Connector {
     }
 }
 
+/// A step of reaching the collector at startup, within `timeout`; a TLS
+/// verification failure is told apart from a collector that is not there.
+pub(crate) async fn within<T, E: std::error::Error + 'static>(
+    endpoint: &str,
+    timeout: Duration,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ExportError> {
+    let endpoint = endpoint.to_owned();
+    let reason = match tokio::time::timeout(timeout, step).await {
+        Ok(Ok(v)) => return Ok(v),
+        Ok(Err(e)) if is_tls_rejection(&e) => {
+            let reason = error_chain(&e);
+            return Err(ExportError::TlsHandshake { endpoint, reason });
+        }
+        Ok(Err(e)) => error_chain(&e),
+        Err(_) => format!("no answer within {timeout:?}"),
+    };
+    Err(ExportError::Connect { endpoint, reason })
+}
+
 /// How long the startup check listens after the handshake for the
 /// collector to refuse our certificate.
-const PROBE_LISTEN: std::time::Duration = std::time::Duration::from_millis(300);
+const PROBE_LISTEN: Duration = Duration::from_millis(300);
 
 /// Loads the TLS files (for an `https://` endpoint) and dials the collector
 /// as an export would, so that a missing collector, or one the forwarder
@@ -252,18 +272,14 @@ const PROBE_LISTEN: std::time::Duration = std::time::Duration::from_millis(300);
 pub(crate) async fn reach(
     cfg: &OtlpConfig,
     alpn: &'static [u8],
-    connect_timeout: std::time::Duration,
+    connect_timeout: Duration,
 ) -> Result<Option<Arc<Tls>>, ExportError> {
     let endpoint = cfg.endpoint.to_string();
-    let tls = match &cfg.tls {
-        Some(t) => Some(Arc::new(Tls::new(t, alpn).map_err(|source| {
-            ExportError::LoadTls {
-                endpoint: endpoint.clone(),
-                source,
-            }
-        })?)),
-        None => None,
-    };
+    let tls = cfg.tls.as_ref().map(|t| Tls::new(t, alpn).map(Arc::new));
+    let tls = tls.transpose().map_err(|source| ExportError::LoadTls {
+        endpoint: endpoint.clone(),
+        source,
+    })?;
     // Over TLS 1.3 a collector that refuses the client's certificate says
     // so only after the handshake has finished on the client's side, so the
     // check then listens a moment: an alert is the error; data (an HTTP/2

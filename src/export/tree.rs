@@ -50,7 +50,6 @@ struct Held {
 struct Trace {
     /// Its key in `arrival`.
     seq: u64,
-    first: Instant,
     last: Instant,
     rooted: bool,
     spans: Vec<Held>,
@@ -114,7 +113,6 @@ impl TreeWriter {
                     arrival.insert(seq, id.clone());
                     Trace {
                         seq,
-                        first: now,
                         last: now,
                         rooted: false,
                         spans: Vec::new(),
@@ -154,16 +152,15 @@ impl TreeWriter {
         self.print_where(|t| now.saturating_duration_since(t.last) >= linger)
     }
 
-    /// Prints the traces `which` picks, oldest first.
+    /// Prints the traces `which` picks, in the order they came.
     fn print_where(&mut self, which: impl Fn(&Trace) -> bool) -> io::Result<()> {
-        let mut ids: Vec<(Instant, Vec<u8>)> = self
-            .traces
-            .iter()
-            .filter(|(_, t)| which(t))
-            .map(|(id, t)| (t.first, id.clone()))
+        let ids: Vec<Vec<u8>> = self
+            .arrival
+            .values()
+            .filter(|id| self.traces.get(*id).is_some_and(&which))
+            .cloned()
             .collect();
-        ids.sort();
-        for (_, id) in ids {
+        for id in ids {
             self.print(&id, false)?;
         }
         self.out.flush()
@@ -307,16 +304,14 @@ fn line(
         human(end.saturating_sub(begin)),
         at(begin)
     );
-    if let Some(status) = &span.status {
-        if status.code == StatusCode::Error as i32 {
-            let msg = match status.message.is_empty() {
-                true => "ERROR".to_owned(),
-                false => format!("ERROR: {}", clean(&status.message, MESSAGE_CHARS)),
-            };
-            let _ = write!(out, "  {}", paint.wrap(RED, &msg));
-        } else if status.code == StatusCode::Ok as i32 {
-            let _ = write!(out, "  {}", paint.wrap(GREEN, "ok"));
-        }
+    let status = match span.status.as_ref().map(|s| (s.code(), s.message.as_str())) {
+        Some((StatusCode::Error, "")) => Some((RED, "ERROR".to_owned())),
+        Some((StatusCode::Error, m)) => Some((RED, format!("ERROR: {}", clean(m, MESSAGE_CHARS)))),
+        Some((StatusCode::Ok, _)) => Some((GREEN, "ok".to_owned())),
+        _ => None,
+    };
+    if let Some((style, text)) = status {
+        let _ = write!(out, "  {}", paint.wrap(style, &text));
     }
     let _ = write!(out, "{}", attributes(&span.attributes));
     if let Some(mark) = mark {

@@ -132,17 +132,11 @@ pub(super) fn discovered(
     asked: Vec<Result<Report, StatusError>>,
     dir: &Path,
 ) -> Vec<Result<Report, StatusError>> {
-    let mut denied = false;
+    use StatusError::{Denied, NotListening};
+    let denied = asked.iter().any(|r| matches!(r, Err(Denied { .. })));
     let mut out: Vec<_> = asked
         .into_iter()
-        .filter(|r| match r {
-            Err(StatusError::NotListening { .. }) => false,
-            Err(StatusError::Denied { .. }) => {
-                denied = true;
-                false
-            }
-            _ => true,
-        })
+        .filter(|r| !matches!(r, Err(NotListening { .. } | Denied { .. })))
         .collect();
     let dir = dir.to_owned();
     if denied {

@@ -32,7 +32,9 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::export::spool::Depth;
 use crate::export::{unix_ms, Exporter};
+pub use crate::export::{Failure, HealthSnapshot};
 use crate::stats::{DropReason, FamilySnapshot, Label, Stats};
 use crate::tenant::Tenants;
 
@@ -145,8 +147,8 @@ impl<L: Label> From<FamilySnapshot<L>> for ByReason {
 pub struct ExporterReport {
     /// Where batches go, as the startup log says it.
     pub collector: String,
-    pub last_success_unix_ms: Option<u64>,
-    pub last_failure: Option<Failure>,
+    #[serde(flatten)]
+    pub health: HealthSnapshot,
     /// Requests sent, retries included; the retries; batches given up on.
     pub attempts: u64,
     pub retries: u64,
@@ -159,17 +161,10 @@ pub struct ExporterReport {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Failure {
-    pub at_unix_ms: u64,
-    pub error: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpoolReport {
     pub dir: PathBuf,
-    pub batches: u64,
-    pub spans: u64,
-    pub bytes: u64,
+    #[serde(flatten)]
+    pub depth: Depth,
     pub max_bytes: u64,
 }
 
@@ -232,7 +227,6 @@ impl Board {
         let not_listed = sandboxes.len().saturating_sub(MAX_LISTED);
         sandboxes.truncate(MAX_LISTED);
         let snap = self.stats.snapshot();
-        let health = self.exporter.health();
         let counters = match serde_json::to_value(snap) {
             Ok(serde_json::Value::Object(m)) => m,
             _ => serde_json::Map::new(),
@@ -249,25 +243,17 @@ impl Board {
             sandboxes,
             sandboxes_not_listed: not_listed as u64,
             exporter: ExporterReport {
-                collector: self.exporter.describe(),
-                last_success_unix_ms: health.last_success_unix_ms,
-                last_failure: health
-                    .last_failure
-                    .map(|(at_unix_ms, error)| Failure { at_unix_ms, error }),
+                collector: self.exporter.sink.describe(),
+                health: self.exporter.health.snapshot(),
                 attempts: snap.export_attempts,
                 retries: snap.export_retries,
                 failures: snap.export_failures,
                 queue_spans: snap.queue_depth,
                 pending_spans: pending,
-                spool: self.exporter.spool().map(|s| {
-                    let d = s.depth();
-                    SpoolReport {
-                        dir: s.dir().to_owned(),
-                        batches: d.batches,
-                        spans: d.spans,
-                        bytes: d.bytes,
-                        max_bytes: s.max_bytes(),
-                    }
+                spool: self.exporter.spool.as_ref().map(|s| SpoolReport {
+                    dir: s.dir.clone(),
+                    depth: s.depth(),
+                    max_bytes: s.max_bytes,
                 }),
             },
             counters,
@@ -370,11 +356,13 @@ mod tests {
             sandboxes_not_listed: 0,
             exporter: ExporterReport {
                 collector: "otlp grpc http://127.0.0.1:4317".into(),
-                last_success_unix_ms: None,
-                last_failure: Some(Failure {
-                    at_unix_ms: now - 300,
-                    error: "connection refused".into(),
-                }),
+                health: HealthSnapshot {
+                    last_success_unix_ms: None,
+                    last_failure: Some(Failure {
+                        at_unix_ms: now - 300,
+                        error: "connection refused".into(),
+                    }),
+                },
                 attempts: 14,
                 retries: 12,
                 failures: 0,
@@ -382,9 +370,11 @@ mod tests {
                 pending_spans: 20,
                 spool: Some(SpoolReport {
                     dir: "/var/spool/ktf".into(),
-                    batches: 3,
-                    spans: 140,
-                    bytes: 46_182,
+                    depth: Depth {
+                        batches: 3,
+                        spans: 140,
+                        bytes: 46_182,
+                    },
                     max_bytes: 256 << 20,
                 }),
             },
@@ -479,7 +469,7 @@ totals: received 160, exported 0, rejected 0, spooled 0, sent from the spool 0, 
         assert_eq!(r.sandboxes[1].last_sent_unix_ms, None, "never sent");
         assert_eq!(r.exporter.pending_spans, 2);
         assert_eq!(r.exporter.collector, "stdout (OTLP JSON lines)");
-        assert_eq!(r.exporter.last_success_unix_ms, None);
+        assert_eq!(r.exporter.health.last_success_unix_ms, None);
         assert_eq!(r.exporter.spool, None);
         assert_eq!(r.pid, std::process::id());
     }

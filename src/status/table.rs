@@ -21,10 +21,9 @@ pub fn print(
                 writeln!(out)?;
             }
             Ok(report) => {
-                if !first {
+                if !std::mem::replace(&mut first, false) {
                     writeln!(out)?;
                 }
-                first = false;
                 out.write_all(report.table().as_bytes())?;
             }
             Err(e) => {
@@ -90,9 +89,9 @@ impl Report {
         writeln!(
             out,
             "  last success: {}",
-            since(now, e.last_success_unix_ms)
+            since(now, e.health.last_success_unix_ms)
         )?;
-        if let Some(f) = &e.last_failure {
+        if let Some(f) = &e.health.last_failure {
             let at = since(now, Some(f.at_unix_ms));
             writeln!(out, "  last failure: {at}: {}", clean(&f.error))?;
         }
@@ -107,23 +106,21 @@ impl Report {
             Some(s) => writeln!(
                 out,
                 "  spool: {} batches, {} spans, {} of {} in {}",
-                s.batches,
-                s.spans,
-                bytes(s.bytes),
+                s.depth.batches,
+                s.depth.spans,
+                bytes(s.depth.bytes),
                 bytes(s.max_bytes),
                 s.dir.display()
             )?,
             None => writeln!(out, "  spool: none (--spool-dir not given)")?,
         }
-        let c = |k: &str| self.counters.get(k).and_then(serde_json::Value::as_u64);
+        let t = |k: &str| self.counters.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
         let dropped: Vec<String> = DropReason::ALL
             .iter()
-            .filter_map(|r| {
-                let n = c(&format!("spans_dropped_{}", r.as_str()))?;
-                (n > 0).then(|| format!("{} {n}", r.as_str()))
-            })
+            .map(|r| (r.as_str(), t(&format!("spans_dropped_{}", r.as_str()))))
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{r} {n}"))
             .collect();
-        let t = |k: &str| c(k).unwrap_or(0);
         let dropped = match dropped.is_empty() {
             true => String::new(),
             false => format!(" ({})", dropped.join(", ")),
