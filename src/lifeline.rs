@@ -67,10 +67,6 @@ impl Lifeline {
         self.under(self.shutdown.clone())
     }
 
-    pub(crate) fn shutdown(&self) -> &Shutdown {
-        &self.shutdown
-    }
-
     /// This task's id among those paused together (0 outside hand-overs):
     /// a connection's piece names its accept loop's.
     pub(crate) fn id(&self) -> u64 {

@@ -170,7 +170,9 @@ impl KataHostListener {
         }
         let mut stopped: Vec<JoinHandle<()>> = Vec::new();
         let mut due: Option<Instant> = None;
-        let stopping = self.shutdown.clone();
+        // Without configuration events the plan stays as it is, and the
+        // lifeline is still answered: a hand-over must not wait for us.
+        let mut following = true;
         loop {
             tokio::select! {
                 biased;
@@ -183,15 +185,14 @@ impl KataHostListener {
                     due = None;
                     self.replan(&mut running, &mut stopped, &ctx, &life).await;
                 }
-                changed = self.watch.next() => match changed {
+                changed = self.watch.next(), if following => match changed {
                     Some(true) => {
                         due.get_or_insert_with(|| Instant::now() + SETTLE);
                     }
                     Some(false) => {}
                     None => {
                         tracing::error!("kata-host: configuration events ended; changes are no longer followed");
-                        stopping.stopping().await;
-                        break;
+                        following = false;
                     }
                 },
             }

@@ -291,6 +291,9 @@ impl TemplateListener {
             let (serving, reap) = (serving.clone(), reap.clone());
             sandboxes.spawn(serve_sandbox(serve, serving, reap, life));
         };
+        // Once the watcher has stopped, nothing new comes, and the lifeline
+        // is still answered: a hand-over must not wait for us.
+        let mut watching = true;
         let handed_over = loop {
             let next = tokio::select! {
                 biased;
@@ -301,14 +304,15 @@ impl TemplateListener {
                         after => break after == After::Leave,
                     },
                 },
-                n = self.serve_rx.recv() => n,
+                n = self.serve_rx.recv(), if watching => n,
             };
-            let Some(serve) = next else {
-                tracing::error!("the sandbox watcher stopped; no new sandbox will be served");
-                life.shutdown().stopping().await;
-                break false;
-            };
-            spawn(serve, &life);
+            match next {
+                Some(serve) => spawn(serve, &life),
+                None => {
+                    tracing::error!("the sandbox watcher stopped; no new sandbox will be served");
+                    watching = false;
+                }
+            }
         };
         drop(reap);
         self.return_unserved();
