@@ -169,7 +169,8 @@ mod tests {
         let hub = Hub::new();
         let root = Lifeline::root(shutdown.clone(), Some(Arc::clone(&hub)));
         let mut task = root.spawn();
-        let mut sandbox = root.under(shutdown.child());
+        let sandbox_stop = shutdown.child();
+        let mut sandbox = root.under(sandbox_stop.clone());
 
         // A pause: the task reports, the hub hands over, the task leaves.
         let pausing = tokio::spawn({
@@ -192,7 +193,7 @@ mod tests {
         assert!(!task.leaves());
 
         // A sandbox stopped alone drains; the others carry on.
-        sandbox.shutdown().stop();
+        sandbox_stop.stop();
         assert_eq!(sandbox.next().await, Next::Drain);
         assert!(!task.is_stopping() && sandbox.deadline().is_none());
 
