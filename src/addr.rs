@@ -1,23 +1,15 @@
-//! The addresses agents reach the forwarder at, as the configuration names
-//! them and the listeners bind them.
-//!
-//! Three shapes: a VSOCK context id and port (QEMU), a hybrid-VSOCK socket
-//! (Cloud Hypervisor, Firecracker), where the VMM relays guest port P to the
-//! Unix socket `<socket-path>_P`, and a socket path template with `{ID}`
-//! where the sandbox id goes (every hybrid sandbox on a host). They live
-//! here, apart from both `config` and `listen`, so that each can use them
-//! without importing the other.
+//! The addresses agents reach the forwarder at: a VSOCK CID and port
+//! (QEMU), a hybrid-VSOCK socket (the VMM relays guest port P to the Unix
+//! socket `<socket-path>_P`), a socket path template with `{ID}`. Apart
+//! from `config` and `listen`, so that each can use them without the other.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-/// Who is on the other end of an agent connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {
-    /// A hybrid-VSOCK connection relayed by the VMM.
     Unix,
-    /// A guest on the host kernel's VSOCK.
     Vsock { cid: u32 },
 }
 
@@ -30,10 +22,9 @@ impl fmt::Display for Peer {
     }
 }
 
-/// The placeholder `kata-runtime env` puts where the sandbox id goes.
+/// Where `kata-runtime env` puts the sandbox id.
 pub(crate) const ID_PLACEHOLDER: &str = "{ID}";
 
-/// A VSOCK context id to listen on: a number, or `any`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VsockCid {
     Any,
@@ -65,9 +56,7 @@ impl FromStr for VsockCid {
     }
 }
 
-/// The Unix socket a hybrid listener binds for the VMM's socket
-/// `socket_path` and guest port `port`: `<socket_path>_<port>`, the name
-/// the VMM dials.
+/// `<socket_path>_<port>`, the name the VMM dials.
 pub(crate) fn hybrid_socket(socket_path: &Path, port: u32) -> PathBuf {
     let mut s = socket_path.as_os_str().to_owned();
     s.push(format!("_{port}"));
@@ -77,12 +66,9 @@ pub(crate) fn hybrid_socket(socket_path: &Path, port: u32) -> PathBuf {
 /// A validated `--socket-path-template`: `<parent>/{ID}/<inner...>/<socket>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketTemplate {
-    /// The directory sandbox directories appear in.
     pub(crate) parent: PathBuf,
-    /// Directories between the sandbox directory and the socket
-    /// (Firecracker's `root`).
+    /// Between the sandbox directory and the socket (Firecracker's `root`).
     pub(crate) inner: Vec<String>,
-    /// The VMM's socket file name (`clh.sock`, `kata.hvsock`).
     pub(crate) socket_name: String,
 }
 
@@ -167,19 +153,16 @@ impl SocketTemplate {
         &self.parent
     }
 
-    /// The sandbox's socket directory (`<parent>/<id>/<inner...>`).
     pub(crate) fn socket_dir(&self, id: &str) -> PathBuf {
         let mut p = self.parent.join(id);
         p.extend(&self.inner);
         p
     }
 
-    /// The VMM's socket for sandbox `id`.
     pub fn socket_path(&self, id: &str) -> PathBuf {
         self.socket_dir(id).join(&self.socket_name)
     }
 
-    /// Where the forwarder listens for sandbox `id`: `<socket>_<port>`.
     pub fn listen_path(&self, id: &str, port: u32) -> PathBuf {
         hybrid_socket(&self.socket_path(id), port)
     }

@@ -1,15 +1,8 @@
 //! What the forwarder tells its operator: each event logs and counts in one
-//! call.
-//!
-//! A stage builds one of these structs and hands it to [`emit!`] with the
-//! [`Stats`]. The event decides both its log line and the counters it
-//! moves, so neither comes without the other, and everything said about,
-//! say, a frame that does not decode is in one place (vector's
-//! `internal_events` pattern). Lifecycle lines that count nothing stay as
-//! plain `tracing` calls where they happen.
+//! call (vector's `internal_events` pattern), so neither comes without the
+//! other. Lifecycle lines that count nothing stay plain `tracing` calls.
 
 use std::fmt;
-
 use std::time::Duration;
 
 use crate::addr::Peer;
@@ -21,7 +14,6 @@ pub(crate) trait Event {
     fn emit(self, stats: &Stats);
 }
 
-/// `emit!(stats, Event { .. })`: logs and counts one event.
 macro_rules! emit {
     ($stats:expr, $event:expr) => {
         $crate::events::Event::emit($event, &$stats)
@@ -29,8 +21,7 @@ macro_rules! emit {
 }
 pub(crate) use emit;
 
-/// The sandbox's label, when its log gate lets a line of `kind` through
-/// (without a tenant, always, as "").
+/// The sandbox's label, if its log gate lets a line of `kind` through.
 fn gated(tenant: Option<&Tenant>, kind: Noisy) -> Option<&str> {
     let sandbox = tenant.map_or("", Tenant::label);
     tenant
@@ -40,7 +31,6 @@ fn gated(tenant: Option<&Tenant>, kind: Noisy) -> Option<&str> {
 
 // ---- listen ---------------------------------------------------------------
 
-/// A connection was accepted (whether or not it is then served).
 pub(crate) struct ConnectionAccepted;
 
 impl Event for ConnectionAccepted {
@@ -49,7 +39,6 @@ impl Event for ConnectionAccepted {
     }
 }
 
-/// Why a connection was closed as soon as it was accepted.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Refusal {
     Global { max_connections: usize },
@@ -57,9 +46,7 @@ pub(crate) enum Refusal {
     Sandboxes { max_sandboxes: usize },
 }
 
-/// A connection was closed at once. Logged through the sandbox's gate (or
-/// the registry's, when the sandbox has no place in it), so that a guest
-/// that connects in a loop cannot flood the host's log.
+/// Gated, so that a guest that connects in a loop cannot flood the log.
 pub(crate) struct ConnectionRejected<'a> {
     pub peer: Peer,
     pub tenant: Option<&'a Tenant>,
@@ -107,7 +94,6 @@ impl Event for AgentConnected<'_> {
     }
 }
 
-/// An agent connection ended: cleanly, or on a framing or read error.
 pub(crate) struct AgentDisconnected<'a> {
     pub peer: Peer,
     pub tenant: &'a Tenant,
@@ -143,8 +129,6 @@ impl Event for AgentDisconnected<'_> {
     }
 }
 
-/// A sandbox hit its span rate or its share of the queue: its connection
-/// waits before reading on.
 pub(crate) struct Throttled<'a> {
     pub tenant: &'a Tenant,
     pub reason: LimitReason,
@@ -169,11 +153,9 @@ impl Event for Throttled<'_> {
 
 // ---- ingest ---------------------------------------------------------------
 
-/// How many decode errors one connection logs at `warn` before it only
-/// counts them (the count is logged when the connection ends).
+/// Decode errors a connection logs before it only counts them.
 pub(crate) const LOGGED_DECODE_ERRORS: u64 = 5;
 
-/// Whole frames split off a connection's stream in one go.
 pub(crate) struct FramesRead {
     pub frames: u64,
     pub bytes: u64,
@@ -186,13 +168,11 @@ impl Event for FramesRead {
     }
 }
 
-/// Bytes of a connection whose place in its stream was lost (restored
-/// after a crash) skipped on the way to the next whole frame; logged once,
-/// when the frame is found.
+/// Bytes skipped to the next whole frame by a connection restored after a
+/// crash; logged once, when the frame is found (`total`).
 pub(crate) struct BytesSkipped {
     pub peer: Peer,
     pub bytes: u64,
-    /// The next whole frame starts right after them: all the bytes skipped.
     pub total: Option<u64>,
 }
 
@@ -205,14 +185,12 @@ impl Event for BytesSkipped {
     }
 }
 
-/// A frame did not decode as a span and was skipped.
 pub(crate) struct FrameSkipped<'a> {
     pub peer: Peer,
     pub error: &'a DecodeError,
     pub frame_len: usize,
     /// This connection's how-manieth decode error this is.
     pub nth: u64,
-    /// The sandbox's log gate, when the connection has one.
     pub tenant: Option<&'a Tenant>,
 }
 
@@ -229,16 +207,13 @@ impl Event for FrameSkipped<'_> {
     }
 }
 
-/// An agent's resource claimed host-owned attributes (`kata.sandbox.id`,
-/// `kata.vsock.cid`) with values the host does not confirm: the host's are
-/// used, the claims kept under `kata.guest.claimed.*`. Logged when a
-/// connection's resource changes, counted per span.
+/// A resource claimed host-owned attributes with values the host does not
+/// confirm: logged when a connection's resource changes, counted per span.
 pub(crate) struct GuestClaimed<'a> {
     pub peer: Peer,
     pub tenant: Option<&'a Tenant>,
-    /// Claims in the resource, when it is new; 0 when it was seen before.
+    /// 0 when the resource was seen before.
     pub new_claims: u32,
-    /// Spans sent with a resource that claims.
     pub spans: u64,
 }
 
@@ -254,8 +229,8 @@ impl Event for GuestClaimed<'_> {
     }
 }
 
-/// Spans decoded, about to be queued: counted before the queue sees them,
-/// so the counters never show more exported than received.
+/// Counted before the queue sees them, so that the counters never show
+/// more exported than received.
 pub(crate) struct SpansReceived {
     pub format: Option<WireFormat>,
     pub spans: u64,
@@ -274,7 +249,7 @@ impl Event for SpansReceived {
 
 // ---- export ---------------------------------------------------------------
 
-/// One export request is about to be sent (`attempt` counts from 1).
+/// `attempt` counts from 1.
 pub(crate) struct ExportAttempt {
     pub attempt: u32,
 }
@@ -288,7 +263,6 @@ impl Event for ExportAttempt {
     }
 }
 
-/// An export request failed; the retry policy decides what comes next.
 pub(crate) struct ExportAttemptFailed<'a, E> {
     pub attempt: u32,
     pub error: &'a E,
@@ -305,23 +279,20 @@ impl<E: fmt::Display> Event for ExportAttemptFailed<'_, E> {
 /// Where a batch of spans ended up: the one place delivery is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Delivery {
-    /// The collector took them; `rejected` of them it refused in a partial
-    /// success.
-    Delivered { rejected: u64 },
-    /// Written to the spool, to be sent later.
+    /// `rejected` of them refused in a partial success.
+    Delivered {
+        rejected: u64,
+    },
     Spooled,
-    /// Lost, and why.
     Dropped(DropReason),
 }
 
-/// A batch left the exporter's hands.
 pub(crate) struct BatchDone<'a> {
     pub spans: u64,
     pub delivery: Delivery,
     pub attempts: u32,
-    /// The last error, when it was not delivered.
+    /// The last error, when not delivered.
     pub error: Option<&'a dyn fmt::Display>,
-    /// Sent from the spool rather than straight from the queue.
     pub from_spool: bool,
 }
 
@@ -368,8 +339,7 @@ impl Event for BatchDone<'_> {
     }
 }
 
-/// A span that alone is larger than the collector takes in one request:
-/// dropped, and counted against its own sandbox only.
+/// Counted against its own sandbox only.
 pub(crate) struct SpanTooLarge<'a> {
     pub tenant: &'a Tenant,
     pub bytes: usize,
@@ -386,7 +356,6 @@ impl Event for SpanTooLarge<'_> {
     }
 }
 
-/// The collector accepted a batch only in part.
 pub(crate) struct PartialSuccess<'a> {
     pub rejected_spans: i64,
     pub message: &'a str,
@@ -402,7 +371,6 @@ impl Event for PartialSuccess<'_> {
     }
 }
 
-/// A batch found no room in the spool (`--spool-max-bytes`).
 pub(crate) struct SpoolFull {
     pub spans: u64,
 }
@@ -414,10 +382,9 @@ impl Event for SpoolFull {
     }
 }
 
-/// A spool file could not be read back and was set aside or forgotten.
 pub(crate) struct SpoolFileSkipped<'a> {
     pub error: &'a dyn fmt::Display,
-    /// Its bytes were wrong (set aside as `.damaged`), rather than unreadable.
+    /// Set aside as `.damaged` (its bytes were wrong), not unreadable.
     pub damaged: bool,
 }
 

@@ -1,12 +1,8 @@
 //! `kata-trace-forwarder`: receives Kata Containers agent trace spans from
-//! guest VMs over VSOCK or hybrid VSOCK and exports them to an
-//! OpenTelemetry collector over OTLP.
-//!
-//! The data path is `listen` (bind, accept, read) -> `ingest` (frames ->
-//! spans -> encoded records) -> `export` (queue, batch, retry, spool, send);
-//! ARCHITECTURE.md maps the modules. [`run`] reaches the collector, binds
-//! and calls [`serve`], which runs the stages on bound listeners and a sink
-//! until told to stop (tests call it in-process).
+//! guest VMs over (hybrid) VSOCK and exports them to an OpenTelemetry
+//! collector over OTLP: `listen` -> `ingest` -> `export` (ARCHITECTURE.md
+//! maps the modules). [`run`] reaches the collector, binds and calls
+//! [`serve`], which runs the stages until told to stop.
 
 // Guest data must never crash the host daemon: no unwrap, expect, panic
 // or unchecked indexing outside tests (clippy -D warnings enforces it).
@@ -19,8 +15,6 @@
         clippy::indexing_slicing
     )
 )]
-// Private by default: an item is `pub` only where the binary, the tests,
-// the benches or crates/ reach it.
 #![warn(unreachable_pub)]
 
 pub mod addr;
@@ -58,15 +52,13 @@ use listen::{ListenError, Listeners};
 use shutdown::{Mode, Shutdown};
 use stats::{DropReason, Snapshot, Stats};
 
-/// How long startup waits for the collector: well inside the 10 s within
-/// which users expect a missing collector to be reported.
+/// Well inside the 10 s in which users expect a missing collector reported.
 pub(crate) const STARTUP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// During shutdown, a connection that has been quiet this long is done.
+/// During shutdown, a connection quiet this long is done.
 const DRAIN_IDLE: Duration = Duration::from_millis(200);
 
-/// One export attempt may be in flight at the shutdown deadline: how long
-/// past it the exporter may take to finish rather than cut it in half.
+/// How long past the shutdown deadline an export attempt in flight may take.
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
@@ -84,31 +76,24 @@ pub enum RunError {
 }
 
 /// Runs the forwarder until `stop` completes, then drains and flushes
-/// within `config.shutdown_timeout`. Returns the final counters.
-///
-/// Startup order matters to users: the collector is checked first (a
-/// missing collector is an error, and leaves no socket behind), then a
-/// forwarder already running at the hand-off socket is taken over, or the
-/// listeners are bound, then root is dropped.
+/// within `config.shutdown_timeout`. The collector is checked first (a
+/// missing one leaves no socket behind), then a running forwarder is taken
+/// over or the listeners bound, then root is dropped.
 pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Snapshot, RunError> {
     run_upgradable(config, stop, None, None)
         .await
         .map(|f| f.summary)
 }
 
-/// How [`run_upgradable`] ended.
 pub struct Finished {
-    /// The final counters.
     pub summary: Snapshot,
-    /// Everything went to the bridge of an upgrade by `SIGHUP`: the caller
-    /// is to execute the upgraded binary now (see [`Reexec`]), outside the
-    /// async runtime.
+    /// Everything went to the bridge of a `SIGHUP` upgrade: the caller is
+    /// to execute the upgraded binary now, outside the async runtime.
     pub reexec: Option<handover::Reexec>,
 }
 
-/// [`run`], and on `SIGHUP` (each time `sighup` yields) hand everything to
-/// `upgrade`'s binary. The caller makes `sighup` before the signal can
-/// come, so that one sent while this process starts is not lost: it is
+/// [`run`], handing everything to `upgrade`'s binary on each `sighup`. The
+/// caller makes `sighup` early, so that a signal sent during the start is
 /// answered once serving, and never kills the process.
 pub async fn run_upgradable(
     config: Config,
@@ -131,8 +116,7 @@ pub async fn run_upgradable(
     };
     let spool_dir = config.export.spool.as_ref().map(|s| s.dir.as_path());
     if let Some(dir) = spool_dir {
-        // Before root is dropped, so that it can still be made and handed
-        // to the user the forwarder becomes.
+        // While still root, so that it can be handed to the user we become.
         Spool::create_dir(dir)?;
     }
     let shutdown = Shutdown::new();
@@ -143,10 +127,8 @@ pub async fn run_upgradable(
         _ => None,
     };
     let (inherited, handoff, ack, from) = match taken {
-        // Bound as at any start (dropping root as it does, so that the
-        // successor ends with exactly the predecessor's privileges),
-        // serving on what was handed over where it is still asked for,
-        // rather than binding it.
+        // Bound as at any start (so that the successor ends with exactly
+        // the predecessor's privileges), on what was handed over.
         Some(t) => (
             Some(Arc::new(listen::inherited::Inherited::new(
                 t.listeners,
@@ -167,8 +149,7 @@ pub async fn run_upgradable(
                     })
                     .ok()
             });
-            // Under systemd with a file descriptor store: what the previous
-            // process left there (a restart, a crash) is served on.
+            // What a previous process left in systemd's store is served on.
             let left = handover::fdstore::take_back();
             let inherited = match left.is_empty() {
                 true => None,
@@ -197,10 +178,8 @@ pub async fn run_upgradable(
     serve_inner(&config, listeners, sink, shutdown, stop, handover).await
 }
 
-/// Asks the forwarder at `path`, if any, for everything it serves. A bad
-/// or foreign state is logged, and the caller starts clean; a forwarder
-/// that refuses to hand over is an error (starting clean would serve
-/// beside it).
+/// A bad or foreign state is logged, and the caller starts clean; a
+/// forwarder that refuses is an error (starting clean would serve beside it).
 async fn take_over(
     path: &std::path::Path,
     max_frame_size: usize,
@@ -220,10 +199,9 @@ async fn take_over(
     }
 }
 
-/// What `serve` needs for hand-overs, in and out.
 #[derive(Default)]
 struct Handover {
-    /// Where successors ask; `None`: this forwarder never hands over.
+    /// `None`: this forwarder never hands over.
     listener: Option<HandoffListener>,
     upgrade: Option<Upgrade>,
     sighup: Option<tokio::signal::unix::Signal>,
@@ -234,10 +212,8 @@ struct Handover {
 }
 
 /// Serves `listeners` into `sink` until `stop` completes, then stops
-/// through `shutdown` (the one the listeners were bound under): stop
-/// accepting, drain the connections, flush, all within
-/// `config.shutdown_timeout`. Returns the final counters. The listeners are
-/// dropped, and their sockets removed, on the way out.
+/// through `shutdown` (the one the listeners were bound under) within
+/// `config.shutdown_timeout`; the sockets are removed on the way out.
 pub async fn serve(
     config: &Config,
     listeners: Listeners,
@@ -384,17 +360,13 @@ async fn serve_inner(
         handover::server::notify(&[sd_notify::NotifyState::Stopping]);
     }
     shutdown.begin(mode, deadline);
-    // Phase one: stop accepting, drain the connections (bounded by the
-    // deadline inside).
+    // Phase one: stop accepting, drain the connections.
     if let Err(e) = listening.await {
         tracing::error!(error = %e, "listeners failed");
     }
     // Phase two: flush what was read.
     finish("exporter", &mut batcher, deadline + FLUSH_GRACE).await;
-    // A spooled batch being sent now is either delivered or stays on disk
-    // for the next start.
     finish("spool replayer", &mut replayer, deadline + FLUSH_GRACE).await;
-    // The tree view's traces still waiting for their root or the linger.
     if let Err(e) = exporter.sink.finish() {
         tracing::warn!(error = %e, "cannot write the trace trees to stdout");
     }
@@ -409,8 +381,7 @@ async fn serve_inner(
     })
 }
 
-/// Serves until asked to stop, the exporter fails, or a hand-over commits:
-/// returns how to stop, and what is left of an upgrade by `SIGHUP`.
+/// Serves until asked to stop, the exporter fails, or a hand-over commits.
 async fn until_stopped(
     stop: impl Future<Output = ()>,
     mut server: Option<&mut handover::server::Server>,
@@ -423,10 +394,9 @@ async fn until_stopped(
             None => std::future::pending().await,
         }
     };
-    // A stop asked while an upgrade is under way waits for it to settle,
-    // rather than leave its new binary serving alone: then stops here, or
-    // (the upgrade went to its bridge) in the upgraded binary, which takes
-    // everything back first.
+    // A stop during an upgrade waits for it to settle, rather than leave
+    // its new binary serving alone (then stops here, or in the upgraded
+    // binary once it has taken everything back).
     let stop_asked = std::sync::atomic::AtomicBool::new(false);
     let stopped = async {
         stop.await;
@@ -436,8 +406,7 @@ async fn until_stopped(
             let _ = u.wait_for(|under_way| !under_way).await;
         }
     };
-    // With systemd's file descriptor store, the next process (a restart)
-    // takes the agents' connections from it: they are not closed.
+    // With systemd's store, the next process takes the connections from it.
     let stop_mode = match handover::fdstore::enabled() {
         true => Mode::Store,
         false => Mode::Drain,
@@ -458,8 +427,8 @@ async fn until_stopped(
     }
 }
 
-/// Waits for a stage's task until `at`, then abandons it: a process that is
-/// exiting must not hang on a collector that does not answer.
+/// Abandons the task at `at`: an exiting process must not hang on a
+/// collector that does not answer.
 async fn finish(what: &str, task: &mut tokio::task::JoinHandle<()>, at: Instant) {
     if tokio::time::timeout_at(at, &mut *task).await.is_err() {
         task.abort();
@@ -467,8 +436,7 @@ async fn finish(what: &str, task: &mut tokio::task::JoinHandle<()>, at: Instant)
     }
 }
 
-/// Logs the counters every `interval` in which they changed, so a quiet
-/// host stays quiet in the logs, until shutdown begins.
+/// Only intervals in which they changed, so that a quiet host stays quiet.
 async fn report_stats(stats: Arc<Stats>, interval: Duration, shutdown: Shutdown) {
     if interval.is_zero() {
         return;

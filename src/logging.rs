@@ -1,18 +1,9 @@
 //! `--log-format json`: one JSON object a line, each key in it once.
-//!
-//! tracing-subscriber's own JSON format writes the event's fields flat
-//! beside keys of its own (`spans`, the list of the spans the event is in),
-//! so an event with a field of that name (`agent disconnected` has `spans`,
-//! the count) wrote the key twice, and a JSON reader kept only the list.
-//! It also writes every field as a string or a number, so a field holding a
-//! JSON document (the counters) came out as a string to be parsed again.
-//! This format writes the same keys in the same order, but:
-//!
-//! - the span list is under [`SPAN_LIST`], a name no event field has; a key
-//!   taken already (an event field named `level`, say) is written as
-//!   `field.<name>` instead of twice;
-//! - the fields named in [`JSON_FIELDS`], which the forwarder fills with
-//!   [`Json`], are written as the JSON they hold.
+//! tracing-subscriber's own format puts the span list under `spans`, beside
+//! an event's own `spans` field (a JSON reader kept only one), and writes a
+//! field holding JSON (the counters) as a string. This one writes the same
+//! keys in the same order, but the span list under [`SPAN_LIST`], a key
+//! taken already as `field.<name>`, and [`JSON_FIELDS`] as the JSON they hold.
 
 use std::fmt;
 
@@ -25,15 +16,12 @@ use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// The key of the spans an event is in, outermost first, each as
-/// `{"name": ..., <its fields>}`.
+/// Outermost first, each as `{"name": ..., <its fields>}`.
 pub(crate) const SPAN_LIST: &str = "span_list";
 
-/// Fields whose value is a JSON document ([`Json`]), written as such.
 pub(crate) const JSON_FIELDS: &[&str] = &["summary", "stats"];
 
-/// A value logged as its compact JSON: an object in the JSON format (for a
-/// field named in [`JSON_FIELDS`]), readable text in the text format.
+/// An object in the JSON format (for [`JSON_FIELDS`]), text in the other.
 pub struct Json<'a, T: Serialize>(pub &'a T);
 
 impl<T: Serialize> fmt::Display for Json<'_, T> {
@@ -43,8 +31,7 @@ impl<T: Serialize> fmt::Display for Json<'_, T> {
     }
 }
 
-/// The event format of `--log-format json`; its span fields must be
-/// recorded by [`JsonFields`].
+/// Its span fields must be recorded by [`JsonFields`].
 #[derive(Debug, Default)]
 pub struct JsonLines;
 
@@ -75,7 +62,6 @@ where
     }
 }
 
-/// A span as `{"name": ..., <its fields>}`.
 fn span_value<S>(span: &tracing_subscriber::registry::SpanRef<'_, S>) -> Value
 where
     S: for<'a> LookupSpan<'a>,
@@ -89,7 +75,7 @@ where
     Value::Object(obj)
 }
 
-/// The line's keys and values, in order, each key once.
+/// In order, each key once.
 struct Line(Vec<(String, Value)>);
 
 impl Line {

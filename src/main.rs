@@ -20,17 +20,16 @@ use kata_trace_forwarder::{janitor, Config};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    // Until the runtime handles them: a SIGHUP (a reload) or SIGTERM that
-    // comes while this process starts, re-executed by an upgrade, must
-    // neither end it nor be lost (see `block_stop_signals`).
+    // A SIGHUP or SIGTERM that comes while this process starts (re-executed
+    // by an upgrade) must neither end it nor be lost.
     kata_trace_forwarder::shutdown::block_stop_signals();
     privileges::keep_from_same_user();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == janitor::JANITOR_ARG) {
         return janitor::janitor_main(&args[2..]);
     }
-    // Where this binary was started from, now: on SIGHUP, the file at that
-    // path (an upgraded one) takes over, not the inode we run.
+    // On SIGHUP, the file at that path (an upgraded one) takes over, not
+    // the inode we run.
     let upgrade = std::env::current_exe().ok().map(|exe| Upgrade {
         exe,
         args: args.iter().skip(1).cloned().collect(),
@@ -71,8 +70,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// `status`: 0 when every forwarder asked answered, 1 otherwise (none
-/// runs, or one would not answer), each error one line on stderr.
 fn status(args: &StatusArgs) -> ExitCode {
     use kata_trace_forwarder::status::{print, Target};
     let target = match &args.handoff_socket {
@@ -90,8 +87,8 @@ fn status(args: &StatusArgs) -> ExitCode {
     }
 }
 
-/// `--kata-host --print`: the plan as JSON on stdout. Exits 1, after
-/// printing it, when a configuration cannot be used, as starting would.
+/// Exits 1, after printing, when a configuration cannot be used, as
+/// starting would.
 fn print_plan(cli: &Cli) -> ExitCode {
     let sources = kata::Sources::from_env(cli.kata_root.clone(), &process_env);
     let plan = kata::plan(&sources, cli.vsock_port);
@@ -113,10 +110,9 @@ fn print_plan(cli: &Cli) -> ExitCode {
 }
 
 fn run(config: Config, upgrade: Option<Upgrade>) -> anyhow::Result<()> {
-    // One thread by default: the work is short steps between socket reads
-    // and writes, and on one thread handing spans from connections to the
-    // batcher and on to the collector connection costs no cross-thread
-    // wake-ups (a quarter less CPU per span in BENCHMARKS.md).
+    // One thread by default: handing spans from connections to the batcher
+    // and the collector then costs no cross-thread wake-ups (a quarter less
+    // CPU per span in BENCHMARKS.md).
     let mut builder = if config.worker_threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -152,9 +148,8 @@ fn run(config: Config, upgrade: Option<Upgrade>) -> anyhow::Result<()> {
         let mut reexec = finished.reexec;
         if let Some(r) = reexec.as_mut() {
             // From here on a stop or upgrade signal waits, pending, for the
-            // upgraded binary. One that came during the flush, or just
-            // before the hold (let the runtime see it), stops that binary
-            // once it has taken everything back.
+            // upgraded binary; one that came during the flush stops it once
+            // it has taken everything back.
             gate.hold();
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             let came = |s: &mut tokio::signal::unix::Signal| {
@@ -179,8 +174,7 @@ fn run(config: Config, upgrade: Option<Upgrade>) -> anyhow::Result<()> {
 }
 
 fn init_logging(cli: &Cli) {
-    // Our own level for our own logs; the libraries we use are only heard
-    // from when something is wrong.
+    // The libraries are only heard from when something is wrong.
     let directives = format!(
         "{lvl},h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn",
         lvl = cli.log_level.as_filter()

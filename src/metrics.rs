@@ -1,18 +1,11 @@
-//! `--metrics-address`: the counters in the Prometheus text format.
-//!
-//! A deliberately small HTTP/1.1 endpoint (hyper) that renders a snapshot
-//! of [`Stats`] at `GET /metrics`. Counters get the `_total` suffix; the
-//! dropped-span and decode-error families carry their reason or kind as a
-//! label, so `sum()` over the label gives the whole. Below them, each
-//! sandbox the forwarder tracks has its own series (`sandbox` label):
-//! bounded by `--max-sandboxes`, and gone once the sandbox is.
+//! `--metrics-address`: [`Stats`] in the Prometheus text format at
+//! `GET /metrics` (hyper, HTTP/1.1), then each sandbox's own series
+//! (`sandbox` label, bounded by `--max-sandboxes`).
 //!
 //! Anyone who can reach the address can connect, so the endpoint keeps to a
-//! budget of its own and never takes the file descriptors and memory the
-//! agents' listeners need: at most [`MAX_CONNECTIONS`] connections (more
-//! are closed as soon as they are accepted), each given
-//! [`HEADER_READ_TIMEOUT`] to send its request head, within a small buffer,
-//! and [`CONNECTION_DEADLINE`] in all.
+//! budget that never takes the agents' file descriptors and memory:
+//! [`MAX_CONNECTIONS`] (more are closed at once), [`HEADER_READ_TIMEOUT`]
+//! for a request head within a small buffer, [`CONNECTION_DEADLINE`] in all.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -34,15 +27,12 @@ use crate::tenant::{LimitReason, TenantSnapshot, Tenants};
 
 const PREFIX: &str = "kata_trace_forwarder";
 
-/// Metrics connections served at once: a scraper or two, with room to
-/// spare, and a small, fixed part of the process's file descriptors.
+/// A scraper or two, with room to spare.
 pub(crate) const MAX_CONNECTIONS: usize = 64;
-/// Time a connection has to send a whole request head.
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest one connection is kept, however it behaves.
 pub(crate) const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
-/// hyper's read buffer, which bounds a request head: a scrape's is a few
-/// hundred bytes (8 KiB is the least hyper takes).
+/// hyper's read buffer bounds a request head (a scrape's is a few hundred
+/// bytes; 8 KiB is the least hyper takes).
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +52,6 @@ impl std::fmt::Debug for MetricsServer {
     }
 }
 
-/// Binds `addr` and serves `/metrics` until shutdown begins.
 pub(crate) async fn serve(
     addr: SocketAddr,
     stats: &Arc<Stats>,
@@ -113,9 +102,8 @@ pub(crate) async fn serve(
     Ok(MetricsServer { addr })
 }
 
-/// [`serve`], retrying while the address is still held (by the forwarder
-/// this one took over from, which lets go of it as it stops), for a few
-/// seconds at most.
+/// [`serve`], retrying for a few seconds while the forwarder this one took
+/// over from still holds the address.
 pub(crate) async fn serve_when_free(
     addr: SocketAddr,
     stats: Arc<Stats>,
@@ -158,16 +146,15 @@ fn respond(
             "not found; try /metrics\n".to_owned(),
         )
     };
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    let ctype = http::HeaderValue::from_static(ctype);
-    resp.headers_mut().insert(http::header::CONTENT_TYPE, ctype);
-    resp
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, ctype)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default()
 }
 
-/// Renders a snapshot in the Prometheus text exposition format. Each
-/// metric's kind comes from its declaration; a family is one metric with
-/// its label, so `sum()` over the label gives the whole.
+/// Counters get `_total`; a family is one metric with its label, so `sum()`
+/// over the label gives the whole.
 pub(crate) fn render(snap: &Snapshot) -> String {
     let mut out = String::new();
     for f in snap.fields() {
@@ -181,8 +168,7 @@ pub(crate) fn render(snap: &Snapshot) -> String {
     out
 }
 
-/// One metric's sample lines, each with `labels` (`sandbox="..."`, or none)
-/// before a family's own label.
+/// `labels` (`sandbox="..."`, or none) go before a family's own label.
 fn write_samples(out: &mut String, metric: &str, labels: &str, value: Value) {
     let _ = match value {
         Value::Scalar(v) if labels.is_empty() => writeln!(out, "{metric} {v}"),
@@ -252,7 +238,6 @@ fn render_sandboxes(out: &mut String, tenants: &Tenants) {
     }
 }
 
-/// A label value as the text format wants it: `\\`, `\"` and `\n` escaped.
 fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")

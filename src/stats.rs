@@ -1,16 +1,9 @@
-//! The forwarder's own counters, each declared once.
-//!
-//! Every stage counts what passes through it and, above all, what it drops
-//! and why, so that an operator can tell "the agent sent nothing" from "the
-//! forwarder lost it". One [`metrics!`] table below declares every metric
-//! with its kind (counter or gauge), its help text and, for a family, the
-//! enum whose variants label it; the live [`Stats`], the [`Snapshot`], the
-//! JSON summary and the Prometheus page all come from that table, so adding
-//! a metric is one line there. Values are relaxed atomics: they are read
-//! for reporting, never used to make decisions.
-//!
-//! Stages do not touch the counters directly: they emit an event
-//! (the `events` module), which logs and counts in one call.
+//! The forwarder's own counters, so that an operator can tell "the agent
+//! sent nothing" from "the forwarder lost it". One [`metrics!`] table
+//! declares every metric (kind, help, label enum); [`Stats`], [`Snapshot`],
+//! the JSON summary and the Prometheus page all come from it. Values are
+//! relaxed atomics: read for reporting, never for decisions. Stages count
+//! through `events`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -18,14 +11,12 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 
 pub use crate::wire::DecodeErrorKind;
 
-/// Whether a metric only goes up or goes up and down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Counter,
     Gauge,
 }
 
-/// A monotonic count.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
 
@@ -43,7 +34,6 @@ impl Counter {
     }
 }
 
-/// A level that goes up and down.
 #[derive(Debug, Default)]
 pub struct Gauge(AtomicU64);
 
@@ -64,8 +54,8 @@ impl Gauge {
         self.0.load(Ordering::Relaxed)
     }
 
-    /// Counts one for as long as the guard lives: the gauge cannot be left
-    /// high by an early return.
+    /// Counts one while the guard lives, so an early return cannot leave
+    /// the gauge high.
     pub fn hold(&self) -> GaugeGuard<'_> {
         self.add(1);
         GaugeGuard(self)
@@ -80,19 +70,16 @@ impl Drop for GaugeGuard<'_> {
     }
 }
 
-/// An enum whose variants label a metric family.
+/// An enum whose variants label a metric family (`NAME`: `reason`, `kind`).
 pub trait Label: Copy + 'static {
     const ALL: &'static [Self];
-    /// The label's name (`reason`, `kind`).
     const NAME: &'static str;
     fn as_str(self) -> &'static str;
     fn index(self) -> usize;
 }
 
-/// Most values a family's label may take.
 const FAMILY_MAX: usize = 8;
 
-/// A counter per value of the label `L`.
 #[derive(Debug)]
 pub struct Family<L> {
     values: [AtomicU64; FAMILY_MAX],
@@ -128,7 +115,6 @@ impl<L: Label> Family<L> {
     }
 }
 
-/// A family's values at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FamilySnapshot<L> {
     values: [u64; FAMILY_MAX],
@@ -153,13 +139,11 @@ impl<L: Label> FamilySnapshot<L> {
         L::ALL.iter().map(|l| self.get(*l)).sum()
     }
 
-    /// Each label value with its count, in declaration order.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         L::ALL.iter().map(|l| (l.as_str(), self.get(*l)))
     }
 }
 
-/// Declares a label enum: its variants, their names, and the label's name.
 macro_rules! label {
     ($(#[$meta:meta])* pub enum $name:ident as $label:literal { $($(#[$vmeta:meta])* $variant:ident = $text:literal),* $(,)? }) => {
         $(#[$meta])*
@@ -216,7 +200,6 @@ label! {
     }
 }
 
-/// One metric as the reports see it.
 pub struct Field {
     pub name: &'static str,
     pub help: &'static str,
@@ -257,13 +240,11 @@ macro_rules! field_value {
 
 macro_rules! metrics {
     ($(#[doc = $help:literal] $kind:ident $name:ident $(by $label:ty)?;)*) => {
-        /// Live metrics, shared by every task.
         #[derive(Debug, Default)]
         pub struct Stats {
             $(#[doc = $help] pub $name: metric_type!($kind $($label)?),)*
         }
 
-        /// A point-in-time copy of [`Stats`].
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
         pub struct Snapshot {
             $(#[doc = $help] pub $name: snapshot_type!($kind $($label)?),)*
@@ -276,7 +257,6 @@ macro_rules! metrics {
         }
 
         impl Snapshot {
-            /// Every metric, in declaration order.
             pub fn fields(&self) -> Vec<Field> {
                 vec![$(Field {
                     name: stringify!($name),

@@ -1,32 +1,16 @@
 //! Tenants: what each sandbox may take of the forwarder, so that one guest
-//! can never harm another.
+//! can never harm another. A tenant is a sandbox as the host tells them
+//! apart: a socket (named by its sandbox id when known) or a guest CID. Each
+//! has a connection cap (`--sandbox-max-connections`), a token bucket of
+//! spans (`--sandbox-spans-per-second`, `--sandbox-span-burst`; over it, its
+//! connections are not read until the bucket allows), an equal share of the
+//! export queue while others hold room in it, a log gate, and its counters.
+//! The registry is bounded by `--max-sandboxes`; a tenant leaves it once
+//! nothing holds it (on VSOCK, a while after its last connection, so that
+//! reconnecting does not refill its bucket).
 //!
-//! A Kata guest is untrusted and one forwarder serves every sandbox on a
-//! host, so every shared resource is split per sandbox. A tenant is a
-//! sandbox as the host tells them apart: a socket in hybrid and template
-//! modes (named by its sandbox id when the host knows it), a guest CID on
-//! VSOCK. Each has:
-//! - a cap on connections at once (`--sandbox-max-connections`), inside
-//!   `--max-connections`;
-//! - a token bucket of spans per second (`--sandbox-spans-per-second`,
-//!   `--sandbox-span-burst`): over it, a connection is not read again until
-//!   the bucket allows (backpressure on that guest alone; nothing already
-//!   read is dropped);
-//! - a share of the export queue: while others hold room in it, at most an
-//!   equal share of `--queue-size` and `--queue-bytes` (alone, all of it);
-//!   the batcher takes from the tenants in turn, so a flooding sandbox's
-//!   backlog is never ahead of a quiet one's spans;
-//! - a log gate: after a few lines of one kind in a window, the rest are
-//!   counted and summarised once the window is over;
-//! - its own counters, for the metrics page and `status`.
-//!
-//! The registry is bounded by `--max-sandboxes`; a tenant leaves it (and
-//! the metrics page) once nothing holds it: its listener is gone, or, on
-//! VSOCK, its last connection closed a while ago (so that reconnecting
-//! does not refill its bucket).
-//!
-//! Over 500 lines (about 560 without its tests): the limits stay together
-//! because they share one registry and one tenant's lifetime.
+//! Over 500 lines: the limits stay together because they share one registry
+//! and one tenant's lifetime.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -42,22 +26,17 @@ use crate::config::TenantLimits;
 pub use crate::stats::LimitReason;
 use crate::stats::{Counter, DropReason, Family, FamilySnapshot};
 
-/// A VSOCK tenant with no connection left is kept this long, so that a
-/// guest cannot refill its token bucket by reconnecting.
+/// How long a VSOCK tenant outlives its last connection.
 const IDLE_KEEP: Duration = Duration::from_secs(10);
 
 /// Longest sandbox label on the metrics page and in logs.
 const MAX_LABEL: usize = 256;
 
-/// Who a tenant is, as the host tells sandboxes apart.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum TenantKey {
-    /// A sandbox whose id the host knows (template mode; hybrid mode with a
-    /// Kata socket path).
+    /// A sandbox whose id the host knows.
     Sandbox(String),
-    /// A hybrid socket whose sandbox id the host does not know.
     Socket(PathBuf),
-    /// A guest on the host kernel's VSOCK.
     Cid(u32),
 }
 
@@ -71,7 +50,6 @@ impl fmt::Display for TenantKey {
     }
 }
 
-/// What the queue's share rule compares against.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct QueueBounds {
     pub max_spans: usize,
@@ -84,8 +62,7 @@ pub(crate) struct Tenants {
     next_id: AtomicU64,
     /// Tenants holding room in the export queue now.
     holding: Arc<AtomicUsize>,
-    /// Log gate for what cannot be put on one tenant (the registry is
-    /// full, the global connection cap).
+    /// Log gate for what is on no tenant (a full registry, the global cap).
     pub(crate) overflow: LogGate,
 }
 
@@ -141,7 +118,6 @@ impl Tenants {
     }
 }
 
-/// Forgets the tenants nothing holds any more (VSOCK ones after a while).
 fn sweep(map: &mut HashMap<TenantKey, Arc<Tenant>>, now: Instant) {
     map.retain(|key, t| {
         Arc::strong_count(t) > 1
@@ -149,7 +125,6 @@ fn sweep(map: &mut HashMap<TenantKey, Arc<Tenant>>, now: Instant) {
     });
 }
 
-/// Spans and bytes a tenant holds in the export queue.
 #[derive(Debug, Default, Clone, Copy)]
 struct Held {
     spans: usize,
@@ -162,38 +137,33 @@ impl Held {
     }
 }
 
-/// One sandbox's share of the forwarder.
 pub(crate) struct Tenant {
     id: u64,
     key: TenantKey,
-    /// The sandbox id found later (VSOCK, once its QEMU is found).
+    /// Found later (VSOCK, once its QEMU is found).
     sandbox_id: OnceLock<String>,
-    /// The key as logs and metrics show it, bounded in length.
+    /// Bounded in length.
     key_label: String,
     max_connections: usize,
     connections: AtomicUsize,
-    /// When the last connection closed (for [`IDLE_KEEP`]).
     idle_since: Mutex<Instant>,
     bucket: Option<Mutex<Bucket>>,
     held: Mutex<Held>,
-    /// Signalled when this tenant's held room goes down.
     released: Notify,
     holding: Arc<AtomicUsize>,
     pub received: Counter,
-    /// Spans of this sandbox's that the collector took (or a dump wrote).
-    /// A partial success's rejections are the collector's to name, per
-    /// request: they count here, and globally as rejected.
+    /// A partial success's rejections count here too (the collector names
+    /// them per request), and globally as rejected.
     pub exported: Counter,
-    /// Spans of this sandbox's written to the spool (sent from there later,
-    /// unattributed: a spool file does not say whose spans it holds).
+    /// Sent from the spool later unattributed: a spool file does not say
+    /// whose spans it holds.
     pub spooled: Counter,
     pub dropped: Family<DropReason>,
     pub limited: Family<LimitReason>,
     pub(crate) log: LogGate,
-    /// When this tenant was made: [`Self::last_sent`] counts from it.
     born: Instant,
-    /// When spans of this sandbox's were last read, in milliseconds after
-    /// `born`, plus one (0: never). A relaxed store per read, for `status`.
+    /// Last read, in ms after `born`, plus one (0: never): a relaxed store
+    /// per read, for `status`.
     last_sent: AtomicU64,
 }
 
@@ -213,7 +183,6 @@ impl Tenant {
             ))
         });
         let mut key_label = key.to_string();
-        // The longest prefix of at most MAX_LABEL bytes (all of a short one).
         let cut = (0..=MAX_LABEL)
             .rev()
             .find(|&i| key_label.is_char_boundary(i));
@@ -241,7 +210,7 @@ impl Tenant {
         }
     }
 
-    /// A tenant of its own, outside any registry (tests, embedders).
+    /// Outside any registry (tests, embedders).
     pub(crate) fn standalone(key: TenantKey, limits: &TenantLimits) -> Arc<Tenant> {
         Arc::new(Tenant::new(0, key, limits, Arc::new(AtomicUsize::new(0))))
     }
@@ -250,15 +219,12 @@ impl Tenant {
         self.id
     }
 
-    /// Names the sandbox once the host finds it (VSOCK): from then on the
-    /// label is the sandbox id.
     pub(crate) fn set_sandbox_id(&self, id: &str) {
         let _ = self.sandbox_id.set(id.to_owned());
     }
 
-    /// How logs and the metrics page name this sandbox: its id when known
-    /// (ids are checked and bounded where they are found), else its socket
-    /// or CID, bounded in length.
+    /// Its id when known (ids are checked and bounded where found), else
+    /// its socket or CID.
     pub(crate) fn label(&self) -> &str {
         self.sandbox_id.get().unwrap_or(&self.key_label)
     }
@@ -271,8 +237,6 @@ impl Tenant {
         *self.idle_since.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes one of this sandbox's connection slots; `None` when
-    /// `--sandbox-max-connections` are open.
     pub(crate) fn try_connect(self: &Arc<Self>) -> Option<TenantConn> {
         self.connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -286,17 +250,15 @@ impl Tenant {
         self.max_connections
     }
 
-    /// Takes `spans` from the bucket: how long this sandbox's connection
-    /// should wait before reading again, if it went over its rate.
+    /// How long to wait before reading again, if over the rate.
     pub(crate) fn take_tokens(&self, spans: usize, now: Instant) -> Option<Duration> {
         let bucket = self.bucket.as_ref()?;
         let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
         b.take(spans as f64, now)
     }
 
-    /// Whether this tenant may add `spans` and `bytes` to the queue now: it
-    /// holds nothing, or no one else holds anything, or it stays within its
-    /// share. If so, the room is now held.
+    /// Holds room in the queue if this tenant holds nothing, or no one else
+    /// does, or it stays within its share.
     pub(crate) fn try_hold(&self, spans: usize, bytes: usize, bounds: QueueBounds) -> bool {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let holding = self.holding.load(Ordering::Acquire);
@@ -315,11 +277,8 @@ impl Tenant {
         true
     }
 
-    /// Waits until this tenant may hold `spans` and `bytes` more of the
-    /// queue (see [`try_hold`](Self::try_hold)), and holds them. Whether it
-    /// had to wait.
+    /// [`try_hold`](Self::try_hold), waiting for room; whether it waited.
     pub(crate) async fn hold(&self, spans: usize, bytes: usize, bounds: QueueBounds) -> bool {
-        // The common case, without registering for a wake-up.
         if self.try_hold(spans, bytes, bounds) {
             return false;
         }
@@ -336,7 +295,6 @@ impl Tenant {
         }
     }
 
-    /// Gives back room this tenant held in the queue.
     pub(crate) fn release(&self, spans: usize, bytes: usize) {
         if spans == 0 && bytes == 0 {
             return;
@@ -352,7 +310,6 @@ impl Tenant {
         self.released.notify_waiters();
     }
 
-    /// Counts `spans` read from this sandbox at `at` (the read).
     pub(crate) fn count_received(&self, spans: usize, at: Instant) {
         self.received.add(spans as u64);
         let ms = at.saturating_duration_since(self.born).as_millis();
@@ -360,7 +317,6 @@ impl Tenant {
         self.last_sent.store(ms + 1, Ordering::Relaxed);
     }
 
-    /// How long ago spans of this sandbox's were last read; `None`: never.
     pub(crate) fn last_sent_ago(&self, now: Instant) -> Option<Duration> {
         match self.last_sent.load(Ordering::Relaxed) {
             0 => None,
@@ -371,12 +327,10 @@ impl Tenant {
         }
     }
 
-    /// Spans this sandbox holds in the export queue now.
     pub(crate) fn queued(&self) -> usize {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).spans
     }
 
-    /// This tenant's counters now.
     pub(crate) fn snapshot(&self) -> TenantSnapshot {
         TenantSnapshot {
             connections: self.connections() as u64,
@@ -440,12 +394,10 @@ impl Bucket {
         }
     }
 
-    /// How long to wait once in debt: until it is paid, and at least
-    /// [`MIN_WAIT`] (or half the burst, if that is less, so that no token
-    /// is lost to the cap). A connection held at its rate then wakes to
-    /// read a few buffers' worth at a time, rather than once per read of
-    /// 64 spans (every 3 ms at the default 20,000 spans/s), a timer
-    /// wake-up each; the average rate is the same.
+    /// In debt, wait until it is paid, and at least [`MIN_WAIT`] (or half
+    /// the burst if less, so no token is lost to the cap): a throttled
+    /// connection wakes for a few buffers at a time, not a timer per 64
+    /// spans (every 3 ms at 20,000 spans/s); the average rate is the same.
     fn take(&mut self, n: f64, now: Instant) -> Option<Duration> {
         let earned = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + earned).min(self.burst) - n;
@@ -455,7 +407,6 @@ impl Bucket {
     }
 }
 
-/// The shortest wait of a sandbox over its span rate (see [`Bucket::take`]).
 const MIN_WAIT: Duration = Duration::from_millis(20);
 
 /// Kinds of log line a guest can cause over and over.
@@ -471,8 +422,7 @@ pub(crate) enum Noisy {
 }
 
 impl Noisy {
-    /// Every kind, in declaration order (a gate's index), with what its
-    /// lines are about.
+    /// In declaration order (a gate's index).
     const ALL: [(Noisy, &'static str); 7] = [
         (Noisy::Refused, "connections refused"),
         (Noisy::Connected, "connections opened"),
@@ -508,8 +458,8 @@ pub(crate) struct LogGate {
 }
 
 impl LogGate {
-    /// Whether to log a line of `kind` about `sandbox` now. A window that
-    /// is over is summarised first.
+    /// Whether to log a line of `kind` now; a window that is over is
+    /// summarised first.
     pub(crate) fn allow(&self, kind: Noisy, sandbox: &str) -> bool {
         let now = Instant::now();
         let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
@@ -535,7 +485,6 @@ impl LogGate {
         }
     }
 
-    /// Logs what is still held back.
     pub(crate) fn flush(&self, sandbox: &str) {
         let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
         for ((_, what), s) in Noisy::ALL.iter().zip(kinds.iter_mut()) {

@@ -1,24 +1,15 @@
-//! `--kata-host`: reading the Kata configuration files of a host into a
-//! listen plan.
+//! `--kata-host`: the host's Kata configuration files, read into a listen
+//! plan. A host (a kata-deploy node in particular) runs several runtime
+//! classes, each with its own file and hypervisor: QEMU's agents reach the
+//! host over AF_VSOCK; Cloud Hypervisor's, Firecracker's and Dragonball's
+//! over hybrid VSOCK at a per-sandbox socket. This module finds the files
+//! the runtimes would read and derives a deduplicated [`Plan`], with a
+//! [`ConfigReport`] per file saying what it serves or why not;
+//! `listen::kata_host` serves it.
 //!
-//! A host (a kata-deploy node in particular) runs several Kata runtime
-//! classes side by side, each with its own configuration file and
-//! hypervisor, and each hypervisor's agent reaches the host differently:
-//! QEMU over AF_VSOCK; Cloud Hypervisor, Firecracker and Dragonball over
-//! hybrid VSOCK at a per-sandbox Unix socket. This module finds the files
-//! the runtimes would read, parses each one's `[hypervisor.<name>]` and
-//! `[agent.kata]` sections, and derives a deduplicated [`Plan`] of
-//! listeners, with a [`ConfigReport`] per file saying what it serves or why
-//! not. It only reads: `listen::kata_host` serves the plan and re-reads it
-//! when the files change.
-//!
-//! Every path is taken under a root (`--kata-root`, `/` on a real host),
-//! both to read and to serve, so that a fixture tree works unprivileged and
-//! a container can see the host's files mounted elsewhere.
-//!
-//! Over 500 lines (about 520 without its tests): one subject (which file,
-//! which runtime, which path), each rule kept beside the Kata source it
-//! follows.
+//! Every path is taken under a root (`--kata-root`, `/` on a real host), so
+//! that a fixture tree works unprivileged and a container can see the
+//! host's files mounted elsewhere.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
@@ -28,50 +19,41 @@ use serde::{Deserialize, Serialize};
 use super::Env;
 use crate::addr::SocketTemplate;
 
-/// The environment variable both runtimes read for their configuration
-/// file. Go: `loadRuntimeConfig` in
-/// `src/runtime/pkg/containerd-shim-v2/create.go` falls back to it when
-/// neither the sandbox annotation nor containerd's `ConfigPath` names one;
-/// runtime-rs: `load_config` in `src/runtime-rs/crates/runtimes/src/manager.rs`
-/// reads it first (and accepts only shipped files).
+/// Both runtimes read it (Go: `loadRuntimeConfig` in containerd-shim-v2's
+/// `create.go`, as a fallback; runtime-rs: `load_config` in
+/// `runtimes/src/manager.rs`, first).
 pub(crate) const CONF_FILE_ENV: &str = "KATA_CONF_FILE";
 
-/// The Go runtime's default files, first existing wins
-/// (`GetDefaultConfigFilePaths` in `src/runtime/pkg/katautils/config.go`:
-/// the sysconf file, then the shipped default).
+/// First existing wins (`GetDefaultConfigFilePaths`, katautils/config.go).
 const GO_DEFAULTS: [&str; 2] = [
     "/etc/kata-containers/configuration.toml",
     "/usr/share/defaults/kata-containers/configuration.toml",
 ];
 
-/// runtime-rs' default files, first existing wins
-/// (`DEFAULT_RUNTIME_CONFIGURATIONS` in
-/// `src/libs/kata-types/src/config/default.rs`).
+/// First existing wins (`DEFAULT_RUNTIME_CONFIGURATIONS`, kata-types).
 const RS_DEFAULTS: [&str; 3] = [
     "/etc/kata-containers/runtime-rs/configuration.toml",
     "/usr/share/defaults/kata-containers/runtime-rs/configuration.toml",
     "/opt/kata/share/defaults/kata-containers/runtime-rs/configuration.toml",
 ];
 
-/// Where kata-deploy installs one file per runtime class
-/// (`configuration-<shim>.toml`), which containerd's `ConfigPath` names.
+/// kata-deploy's `configuration-<shim>.toml`, one per runtime class.
 const DEPLOY_DIRS: [&str; 2] = [
     "/opt/kata/share/defaults/kata-containers",
     "/opt/kata/share/defaults/kata-containers/runtime-rs",
 ];
 
-/// Most configuration files read in one plan: kata-deploy ships about 25.
+/// kata-deploy ships about 25.
 pub(crate) const MAX_CONFIG_FILES: usize = 128;
-/// Largest configuration file read (the shipped ones are 20-40 KiB).
+/// The shipped ones are 20-40 KiB.
 pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
-/// Most distinct listeners one plan serves.
 pub(crate) const MAX_LISTENERS: usize = 64;
 
-/// The Go runtime's VM store (`fs.RunVMStoragePath()`; see `target_of`).
+/// Go's `fs.RunVMStoragePath()`.
 const GO_VM_STORE: &str = "/run/vc/vm";
-/// The Go runtime's Firecracker chroot base (see `target_of`).
+/// Go's Firecracker chroot base.
 const GO_FC_CHROOT: &str = "/run/vc";
-/// runtime-rs' sandboxes (`KATA_PATH`).
+/// runtime-rs' `KATA_PATH`.
 const RS_SANDBOXES: &str = "/run/kata";
 
 #[derive(Debug, thiserror::Error)]
@@ -90,13 +72,10 @@ pub(crate) enum KataConfigError {
     ParseConfig { path: PathBuf, reason: String },
 }
 
-/// Which Kata runtime reads a configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Runtime {
-    /// `containerd-shim-kata-v2` in Go (`src/runtime`).
     Go,
-    /// runtime-rs (`src/runtime-rs`).
     RuntimeRs,
 }
 
@@ -104,11 +83,11 @@ pub enum Runtime {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Target {
-    /// AF_VSOCK on the host (QEMU).
     Vsock,
-    /// One hybrid-VSOCK socket per sandbox: the VMM's socket path template,
-    /// under the root.
-    Template { template: String },
+    /// The VMM's socket path template, under the root.
+    Template {
+        template: String,
+    },
 }
 
 impl std::fmt::Display for Target {
@@ -120,43 +99,36 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// What became of one configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
-    /// Read; `serves` lists what it needs.
     Serves,
-    /// Read, nothing to serve for it (or shadowed): `skipped` says why.
+    /// Nothing to serve for it (or shadowed): `skipped` says why.
     #[default]
     Skipped,
     /// Not readable or not TOML: `skipped` says why.
     Error,
 }
 
-/// One configuration file's line in the plan.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ConfigReport {
-    /// The file as the runtime names it (without the root).
+    /// As the runtime names it (without the root).
     pub file: PathBuf,
     pub status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<Runtime>,
-    /// The `[hypervisor.<name>]` sections found.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hypervisors: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub serves: Vec<Target>,
-    /// Why something (or everything) was left out.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<String>,
 }
 
-/// What `--kata-host` serves: the listeners, and how each file led there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Plan {
-    /// The prefix every path is taken under (`/` on a host).
     pub root: PathBuf,
-    /// The guest port the agents send to (`--vsock-port`).
+    /// `--vsock-port`
     pub port: u32,
     /// Deduplicated and ordered.
     pub listeners: Vec<Target>,
@@ -164,12 +136,10 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The configurations that could not be read or parsed.
     pub fn errors(&self) -> impl Iterator<Item = &ConfigReport> {
         self.configs.iter().filter(|c| c.status == Status::Error)
     }
 
-    /// Logs one line per configuration: what it found, serves, skipped.
     pub fn log(&self) {
         for c in &self.configs {
             let serves: Vec<String> = c.serves.iter().map(ToString::to_string).collect();
@@ -200,12 +170,10 @@ impl Plan {
     }
 }
 
-/// Where the configurations are looked for: a root and what the
-/// environment names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sources {
     pub root: PathBuf,
-    /// `KATA_CONF_FILE`, if set (a path as the runtime sees it).
+    /// `KATA_CONF_FILE` (a path as the runtime sees it).
     pub env_file: Option<PathBuf>,
 }
 
@@ -219,13 +187,11 @@ impl Sources {
         }
     }
 
-    /// `path` (absolute, as the runtime names it) under the root.
     pub(crate) fn under_root(&self, path: &Path) -> PathBuf {
         under(&self.root, path)
     }
 
-    /// The directories whose changes can change the plan (as the runtime
-    /// names them): each file's directory, and kata-deploy's.
+    /// Those whose changes can change the plan (as the runtime names them).
     pub(crate) fn watched_dirs(&self) -> Vec<PathBuf> {
         let files = GO_DEFAULTS.iter().chain(&RS_DEFAULTS).map(Path::new);
         let parents = files
@@ -236,9 +202,8 @@ impl Sources {
         dirs.into_iter().map(Path::to_path_buf).collect()
     }
 
-    /// The files to read, in precedence order, each with what it is
-    /// shadowed by (a default file behind another one that exists is
-    /// never read by the runtime either).
+    /// In precedence order, each with what shadows it (a default file
+    /// behind another that exists is never read by the runtime either).
     fn candidates(&self) -> Vec<(PathBuf, Option<PathBuf>)> {
         let mut out: Vec<_> = self.env_file.iter().map(|f| (f.clone(), None)).collect();
         for defaults in [&GO_DEFAULTS[..], &RS_DEFAULTS[..]] {
@@ -251,7 +216,6 @@ impl Sources {
         }
         for dir in DEPLOY_DIRS {
             let Ok(entries) = std::fs::read_dir(self.under_root(Path::new(dir))) else {
-                // A missing directory is no kata-deploy here: skipped.
                 continue;
             };
             let mut names: Vec<String> = entries
@@ -278,9 +242,7 @@ fn under(root: &Path, path: &Path) -> PathBuf {
     p
 }
 
-/// Reads every configuration `sources` finds and derives the plan for
-/// agents sending to `port`. Never fails: a file that cannot be used is a
-/// report with [`Status::Error`] (see [`Plan::errors`]).
+/// Never fails: a file that cannot be used is a report with [`Status::Error`].
 pub fn plan(sources: &Sources, port: u32) -> Plan {
     let mut configs = Vec::new();
     let mut seen_files: BTreeSet<PathBuf> = BTreeSet::new();
@@ -338,15 +300,10 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
     }
 }
 
-/// Reads a file, bounded (a configuration of several MiB is no Kata one).
-///
-/// Kata's configuration directories are root's (the packages' and
-/// kata-deploy's), and a symlink in one is an administrator's choice
-/// (`/etc/kata-containers/configuration.toml` pointing at a shipped file),
-/// so it is followed; one in a directory others can write is not (see
-/// [`crate::untrusted`]). Whatever the path leads to must be a regular
-/// file: a FIFO is never waited on (it would stop `--print`, the start,
-/// and the watcher that re-reads the files), a device never read.
+/// Kata's configuration directories are root's, and a symlink there is an
+/// administrator's choice (to a shipped file), so it is followed; one in a
+/// directory others can write is not. It must lead to a regular file: a
+/// FIFO would stop `--print`, the start and the watcher.
 fn read(path: &Path) -> Result<String, KataConfigError> {
     use crate::untrusted::{read_file, Link, UntrustedError};
     let data = read_file(path, Link::IfRootPlaced, MAX_CONFIG_BYTES).map_err(|e| match e {
@@ -364,7 +321,6 @@ fn read(path: &Path) -> Result<String, KataConfigError> {
     })
 }
 
-/// The parts of a Kata configuration the plan reads; the rest is ignored.
 #[derive(Debug, Default, Deserialize)]
 struct KataToml {
     #[serde(default)]
@@ -383,7 +339,6 @@ struct HypervisorSection {
 
 #[derive(Debug, Default, Deserialize)]
 struct AgentSection {
-    /// Agent tracing; off (absent) means no span will ever come.
     #[serde(default)]
     enable_tracing: bool,
 }
@@ -417,8 +372,7 @@ fn runtime_of(file: &Path, doc: &KataToml) -> Runtime {
     }
 }
 
-/// What one hypervisor section needs served, or why nothing: a template
-/// under `root`, checked as `--socket-path-template` would be.
+/// A template is checked as `--socket-path-template` would be.
 fn target_of(
     runtime: Runtime,
     name: &str,
@@ -433,12 +387,10 @@ fn target_of(
     match (runtime, name) {
         // QEMU uses vhost-vsock in both runtimes: the host's AF_VSOCK.
         (_, "qemu") => Ok(Target::Vsock),
-        // Go: `GetHypervisorSocketTemplate` (virtcontainers/hypervisor.go)
-        // asks the hypervisor's `GenerateSocket("{ID}")`; for Cloud
-        // Hypervisor that is `vsockSocketPath`: `<VMStorePath>/{ID}/clh.sock`.
+        // Go: `GetHypervisorSocketTemplate` -> clh's `vsockSocketPath`.
         (Runtime::Go, "clh") => template(format!("{GO_VM_STORE}/{{ID}}/clh.sock")),
-        // Go Firecracker: `GenerateSocket` -> `setPaths` (virtcontainers/fc.go):
-        // `<chroot base /run/vc>/<basename of the VMM binary>/{ID}/root/kata.hvsock`.
+        // Go: `GenerateSocket` -> `setPaths` (fc.go): the chroot is named
+        // after the VMM binary.
         (Runtime::Go, "firecracker") => {
             let binary = section
                 .path
@@ -449,15 +401,12 @@ fn target_of(
                 .unwrap_or("firecracker");
             template(format!("{GO_FC_CHROOT}/{binary}/{{ID}}/root/kata.hvsock"))
         }
-        // runtime-rs Dragonball (`hypervisor::utils::get_hvsock_path`) and
-        // Firecracker (`get_vsock_path` in `crates/hypervisor/src/firecracker/
-        // utils.rs`): `<KATA_PATH>/<id>/root/kata.hvsock`.
+        // runtime-rs: `get_hvsock_path` (Dragonball), Firecracker's
+        // `get_vsock_path`.
         (Runtime::RuntimeRs, "dragonball" | "firecracker") => {
             template(format!("{RS_SANDBOXES}/{{ID}}/root/kata.hvsock"))
         }
-        // runtime-rs Cloud Hypervisor (`clh`, formerly `cloud-hypervisor`):
-        // `get_vsock_path` in `crates/hypervisor/src/ch/utils.rs`
-        // (`<KATA_PATH>/<id>/ch-vm.sock`), not `get_hvsock_path`.
+        // runtime-rs: `ch/utils.rs`'s `get_vsock_path`, not `get_hvsock_path`.
         (Runtime::RuntimeRs, "clh" | "cloud-hypervisor") => {
             template(format!("{RS_SANDBOXES}/{{ID}}/ch-vm.sock"))
         }
@@ -472,7 +421,6 @@ fn target_of(
     }
 }
 
-/// The report of one parsed configuration.
 fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
     let runtime = runtime_of(file, doc);
     let agent_name = doc.runtime.agent_name.as_deref().unwrap_or("kata");

@@ -1,12 +1,8 @@
-//! Command line, environment and the validated configuration.
-//!
-//! The flags are a drop-in for the Kata tree's `kata-trace-forwarder`
-//! (`--trace-name`, `--otlp-endpoint`, `--socket-path`, `--vsock-cid`,
-//! `--vsock-port`, `-l/--log-level`, `--dump-only`, `-v/--version`) plus
-//! what a production daemon needs; exporter settings follow the
-//! OpenTelemetry SDK environment conventions, flags first. Everything is
-//! checked here, once, so the rest of the program works from a [`Config`]
-//! known to be valid, grouped by the stage that reads it.
+//! Command line, environment and the validated configuration. The flags are
+//! a drop-in for the Kata tree's `kata-trace-forwarder` plus what a
+//! production daemon needs; exporter settings follow the OpenTelemetry SDK
+//! environment conventions, flags first. Everything is checked here, once:
+//! the rest works from a valid [`Config`], grouped by the stage that reads it.
 
 mod cli;
 pub mod kata;
@@ -20,75 +16,70 @@ use http::{HeaderName, HeaderValue, Uri};
 pub use crate::addr::{SocketTemplate, VsockCid};
 pub use cli::{Cli, Command, DumpFormat, LogFormat, LogLevel, OtlpProtocol, StatusArgs};
 
-/// Where the agent connections come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenMode {
     /// AF_VSOCK on the host kernel (QEMU).
-    Vsock { cid: VsockCid, port: u32 },
+    Vsock {
+        cid: VsockCid,
+        port: u32,
+    },
     /// A Unix socket at `<socket_path>_<port>` (Cloud Hypervisor, Firecracker).
-    Hybrid { socket_path: PathBuf, port: u32 },
+    Hybrid {
+        socket_path: PathBuf,
+        port: u32,
+    },
     /// One Unix socket per sandbox, at the template's `<socket>_<port>`.
     Template {
         template: SocketTemplate,
         port: u32,
         max_sandboxes: usize,
     },
-    /// Several listeners at once: VSOCK (`--vsock`) beside any number of
-    /// templates (`--socket-path-template`, repeated).
+    /// `--vsock` beside any number of templates, or several templates.
     Many {
         vsock: Option<VsockCid>,
         templates: Vec<SocketTemplate>,
         port: u32,
         max_sandboxes: usize,
     },
-    /// `--kata-host`: what the host's Kata configurations ask for, followed
-    /// as they change.
     KataHost(KataHostConfig),
 }
 
-/// `--kata-host`: where the configurations are, and how to serve them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KataHostConfig {
     pub sources: kata::Sources,
     pub port: u32,
-    /// The CID VSOCK listens on when a configuration asks for VSOCK.
+    /// For a configuration that asks for VSOCK.
     pub cid: VsockCid,
     /// Per template.
     pub max_sandboxes: usize,
 }
 
-/// What the `listen` stage reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenConfig {
     pub mode: ListenMode,
     pub max_connections: usize,
     /// Whom to become after binding, when started as root in a hybrid mode.
     pub user: String,
-    /// What each sandbox may take.
     pub tenants: TenantLimits,
 }
 
-/// What the `ingest` stage reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngestConfig {
     pub max_frame_size: usize,
-    /// `service.name` of every span's resource (the `--trace-name`).
+    /// `--trace-name`: every resource's `service.name`.
     pub service_name: String,
 }
 
-/// The queue between the connections and the exporter, bounded twice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueConfig {
     pub max_spans: usize,
     pub max_bytes: usize,
 }
 
-/// When a batch is sent: full, or its oldest span has waited long enough.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchConfig {
     pub max_spans: usize,
-    /// Most encoded bytes in one export request (one span larger than this
-    /// goes alone).
+    /// Per export request (one span larger than this goes alone).
     pub max_bytes: usize,
     pub timeout: Duration,
 }
@@ -99,7 +90,6 @@ pub struct SpoolConfig {
     pub max_bytes: u64,
 }
 
-/// What the `export` stage reads.
 #[derive(Debug, Clone)]
 pub struct ExportConfig {
     pub output: Output,
@@ -108,7 +98,6 @@ pub struct ExportConfig {
     pub spool: Option<SpoolConfig>,
 }
 
-/// The forwarder's own telemetry: the counters' endpoint and log interval.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TelemetryConfig {
     pub metrics_address: Option<std::net::SocketAddr>,
@@ -118,18 +107,16 @@ pub struct TelemetryConfig {
 #[derive(Debug, Clone)]
 pub struct OtlpConfig {
     pub protocol: OtlpProtocol,
-    /// The full URL requests go to (for HTTP, including `/v1/traces`).
+    /// The full URL (for HTTP, including `/v1/traces`).
     pub endpoint: Uri,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub timeout: Duration,
-    /// Set for an `https` endpoint: how to check the collector, and prove
-    /// ourselves to it.
+    /// Set for an `https` endpoint.
     pub tls: Option<TlsConfig>,
     pub compression: Compression,
 }
 
-/// The files TLS to the collector uses; each absent one means the default
-/// (the system's roots; no client certificate).
+/// Absent: the system's roots; no client certificate.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsConfig {
     pub ca_file: Option<PathBuf>,
@@ -160,21 +147,19 @@ impl std::str::FromStr for Compression {
 #[allow(clippy::large_enum_variant)]
 pub enum Output {
     Otlp(OtlpConfig),
-    /// Spans on stdout (`--dump-only`).
+    /// `--dump-only`
     Dump(DumpConfig),
 }
 
-/// `--dump-only`'s output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DumpConfig {
     pub format: DumpFormat,
     pub linger: Duration,
     pub max_spans: usize,
-    /// ANSI colour: stdout is a terminal and `NO_COLOR` is not set.
+    /// stdout is a terminal and `NO_COLOR` is not set.
     pub colour: bool,
 }
 
-/// The validated configuration, grouped by the stage that reads it.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: ListenConfig,
@@ -184,16 +169,14 @@ pub struct Config {
     /// 1: a single-threaded runtime; more: a multi-threaded one.
     pub worker_threads: usize,
     pub shutdown_timeout: Duration,
-    /// The hand-off socket (`--handoff-socket`); `None`: never hand over.
+    /// `--handoff-socket`; `None`: never hand over.
     pub handoff: Option<PathBuf>,
-    /// Take over from a forwarder listening at `handoff` rather than bind:
-    /// the path was given. With the default path, a second forwarder of the
-    /// same listeners fails rather than take them. (A binary started by
-    /// `SIGHUP` takes over too: `run` asks the hand-over's own variable.)
+    /// Take over from a forwarder at `handoff` rather than bind: the path
+    /// was given (with the default path, a second forwarder of the same
+    /// listeners fails instead). A binary started by `SIGHUP` takes over too.
     pub take_over: bool,
 }
 
-/// The per-sandbox limits (see `tenant`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TenantLimits {
     pub max_connections: usize,
@@ -269,20 +252,17 @@ pub enum ConfigError {
     BatchLargerThanQueue { batch: usize, queue: usize },
 }
 
-/// Reads the environment; injectable so tests need not touch the process env.
+/// Injectable, so that tests need not touch the process environment.
 pub type Env = dyn Fn(&str) -> Option<String>;
 
-/// The process environment; unset and empty variables count as absent, as
-/// the OpenTelemetry SDKs treat them.
+/// Empty variables count as absent, as the OpenTelemetry SDKs treat them.
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 impl Cli {
-    /// Where to listen. The drop-in command line keeps its meaning: no flag
-    /// is VSOCK, `--socket-path` one hybrid socket, one template template
-    /// mode; only `--vsock` beside templates, or several templates, make a
-    /// set.
+    /// The drop-in command line keeps its meaning: no flag is VSOCK,
+    /// `--socket-path` hybrid, one template template mode.
     fn listen_mode(&self, env: &Env) -> ListenMode {
         let port = self.vsock_port;
         let max_sandboxes = self.max_sandboxes;
@@ -327,7 +307,6 @@ impl Cli {
         }
     }
 
-    /// Validates the command line against the environment.
     pub fn into_config(self, env: &Env) -> Result<Config, ConfigError> {
         let mode = self.listen_mode(env);
         if self.spool_dir.is_some() && self.dump_only {
