@@ -18,24 +18,14 @@ pub use cli::{Cli, Command, DumpFormat, LogFormat, LogLevel, OtlpProtocol, Statu
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenMode {
-    /// AF_VSOCK on the host kernel (QEMU).
-    Vsock {
-        cid: VsockCid,
-        port: u32,
-    },
     /// A Unix socket at `<socket_path>_<port>` (Cloud Hypervisor, Firecracker).
     Hybrid {
         socket_path: PathBuf,
         port: u32,
     },
-    /// One Unix socket per sandbox, at the template's `<socket>_<port>`.
-    Template {
-        template: SocketTemplate,
-        port: u32,
-        max_sandboxes: usize,
-    },
-    /// `--vsock` beside any number of templates, or several templates.
-    Many {
+    /// AF_VSOCK on the host kernel (QEMU) beside any number of templates,
+    /// each one Unix socket per sandbox at the template's `<socket>_<port>`.
+    Set {
         vsock: Option<VsockCid>,
         templates: Vec<SocketTemplate>,
         port: u32,
@@ -205,20 +195,23 @@ pub const HANDOFF_DIR: &str = "/run/kata-trace-forwarder";
 /// host (a QEMU unit beside a hybrid one) never take each other's.
 fn default_handoff_path(mode: &ListenMode) -> PathBuf {
     let key = match mode {
-        ListenMode::Vsock { cid, port } => format!("vsock:{cid:?}:{port}"),
         ListenMode::Hybrid { socket_path, port } => {
             format!("hybrid:{}:{port}", socket_path.display())
         }
-        ListenMode::Template { template, port, .. } => format!("template:{template}:{port}"),
-        ListenMode::Many {
+        // The keys of the modes a set was before they were one: the paths stay.
+        ListenMode::Set {
             vsock,
             templates,
             port,
             ..
-        } => {
-            let t: Vec<String> = templates.iter().map(ToString::to_string).collect();
-            format!("many:{vsock:?}:{}:{port}", t.join(","))
-        }
+        } => match (vsock, &templates[..]) {
+            (Some(cid), []) => format!("vsock:{cid:?}:{port}"),
+            (None, [t]) => format!("template:{t}:{port}"),
+            _ => {
+                let t: Vec<String> = templates.iter().map(ToString::to_string).collect();
+                format!("many:{vsock:?}:{}:{port}", t.join(","))
+            }
+        },
         ListenMode::KataHost(k) => format!("kata-host:{}:{}", k.sources.root.display(), k.port),
     };
     let hash = crc32fast::hash(key.as_bytes());
@@ -262,7 +255,7 @@ pub fn process_env(name: &str) -> Option<String> {
 
 impl Cli {
     /// The drop-in command line keeps its meaning: no flag is VSOCK,
-    /// `--socket-path` hybrid, one template template mode.
+    /// `--socket-path` hybrid.
     fn listen_mode(&self, env: &Env) -> ListenMode {
         let port = self.vsock_port;
         let max_sandboxes = self.max_sandboxes;
@@ -274,36 +267,24 @@ impl Cli {
                 max_sandboxes,
             });
         }
-        match (
-            &self.socket_path,
-            self.socket_path_template.as_slice(),
-            self.vsock,
-        ) {
-            (Some(p), _, _) => ListenMode::Hybrid {
+        if let Some(p) = &self.socket_path {
+            return ListenMode::Hybrid {
                 socket_path: PathBuf::from(p),
                 port,
-            },
-            (None, [t], None) => ListenMode::Template {
-                template: t.clone(),
-                port,
-                max_sandboxes,
-            },
-            (None, [], vsock) => ListenMode::Vsock {
-                cid: vsock.unwrap_or(self.vsock_cid),
-                port,
-            },
-            (None, templates, vsock) => ListenMode::Many {
-                vsock,
-                // Each once, in the order given.
-                templates: templates
-                    .iter()
-                    .enumerate()
-                    .filter(|&(i, t)| templates.iter().position(|u| u == t) == Some(i))
-                    .map(|(_, t)| t.clone())
-                    .collect(),
-                port,
-                max_sandboxes,
-            },
+            };
+        }
+        let templates = &self.socket_path_template;
+        ListenMode::Set {
+            vsock: (self.vsock).or(templates.is_empty().then_some(self.vsock_cid)),
+            // Each once, in the order given.
+            templates: templates
+                .iter()
+                .enumerate()
+                .filter(|&(i, t)| templates.iter().position(|u| u == t) == Some(i))
+                .map(|(_, t)| t.clone())
+                .collect(),
+            port,
+            max_sandboxes,
         }
     }
 
@@ -427,9 +408,11 @@ mod tests {
         let c = config(&[], &[]).unwrap();
         assert_eq!(
             c.listen.mode,
-            ListenMode::Vsock {
-                cid: VsockCid::Any,
-                port: 10240
+            ListenMode::Set {
+                vsock: Some(VsockCid::Any),
+                templates: vec![],
+                port: 10240,
+                max_sandboxes: 1024,
             }
         );
         assert_eq!(c.ingest.service_name, "kata-agent");
@@ -655,13 +638,17 @@ mod tests {
             &[],
         )
         .unwrap();
-        let ListenMode::Template {
-            template,
+        let ListenMode::Set {
+            vsock: None,
+            templates,
             port,
             max_sandboxes,
         } = &c.listen.mode
         else {
             panic!("expected template mode: {:?}", c.listen.mode);
+        };
+        let [template] = &templates[..] else {
+            panic!("expected one template: {templates:?}");
         };
         assert_eq!((*port, *max_sandboxes), (1024, 7));
         assert_eq!(
@@ -699,7 +686,7 @@ mod tests {
             &[],
         )
         .unwrap();
-        let ListenMode::Many {
+        let ListenMode::Set {
             vsock, templates, ..
         } = &c.listen.mode
         else {
@@ -710,14 +697,16 @@ mod tests {
         let c = config(&["--socket-path-template", "/a/{ID}/s", "--vsock=3"], &[]).unwrap();
         assert!(matches!(
             c.listen.mode,
-            ListenMode::Many {
+            ListenMode::Set {
                 vsock: Some(VsockCid::Cid(3)),
                 ..
             }
         ));
         // `--vsock` alone is the default VSOCK mode.
         let c = config(&["--vsock"], &[]).unwrap();
-        assert!(matches!(c.listen.mode, ListenMode::Vsock { .. }));
+        assert!(
+            matches!(&c.listen.mode, ListenMode::Set { vsock: Some(_), templates, .. } if templates.is_empty())
+        );
 
         let c = config(
             &["--kata-host", "--kata-root", "/t"],

@@ -319,13 +319,7 @@ async fn bind_mode(
             all.adopted = conns;
             return Ok(all);
         }
-        ListenMode::Vsock { cid, port } => (Some(*cid), &[][..], *port, 0),
-        ListenMode::Template {
-            template,
-            port,
-            max_sandboxes,
-        } => (None, std::slice::from_ref(template), *port, *max_sandboxes),
-        ListenMode::Many {
+        ListenMode::Set {
             vsock,
             templates,
             port,
