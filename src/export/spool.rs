@@ -1,28 +1,25 @@
-//! The durable spool: batches that cannot be exported now, kept on disk.
-//!
-//! The spans of a container start happen once; neither a collector restart
-//! nor a forwarder restart in the middle of a collector outage may lose
-//! them. So when the export queue fills while the collector is away, and at
-//! shutdown, encoded export requests are written here, and a replayer sends
-//! them, oldest first, once the collector answers again (also after a
-//! restart), removing each file once sent.
+//! The durable spool: batches that cannot be exported now, kept on disk so
+//! that neither a collector nor a forwarder restart during an outage loses
+//! them (the spans of a container start happen once). When the export
+//! queue fills while the collector is away, and at shutdown, encoded
+//! requests are written here; a replayer sends them, oldest first, once the
+//! collector answers again (also after a restart), removing each once sent.
 //!
 //! # File format
 //!
-//! One file per batch, `<seq>.batch` (20-digit sequence number, so names
-//! sort by age), written as a temporary file, synced, then given its name,
-//! so a crash leaves either a whole file or a temporary one (deleted later):
+//! One file per batch, `<seq>.batch` (20 digits, so names sort by age),
+//! written as a temporary file, synced, then named, so a crash leaves a
+//! whole file or a temporary one (deleted later):
 //!
 //! ```text
 //! magic "KTFSPOOL" | version u32 LE | spans u32 LE | body length u64 LE | crc32 u32 LE | body
 //! ```
 //!
-//! The body is the protobuf `ExportTraceServiceRequest`, exactly as it would
-//! have been sent. A file whose header, length or checksum is wrong is
-//! renamed to `<seq>.damaged` and skipped: set aside for a human, never
-//! fatal, never blocking the files behind it. The spool's total size is
-//! bounded; a batch that does not fit is not written (the caller keeps the
-//! backpressure instead).
+//! The body is the protobuf `ExportTraceServiceRequest` as it would have
+//! been sent. A file whose header, length or checksum is wrong is renamed
+//! `<seq>.damaged` and skipped: set aside for a human, never fatal, never
+//! blocking the files behind it. The total size is bounded; a batch that
+//! does not fit is not written (the caller keeps the backpressure).
 //!
 //! # Two processes at once
 //!
@@ -30,18 +27,17 @@
 //! successor already runs on the same directory, so every step is safe
 //! with another process at work there:
 //!
-//! - A temporary file is `<seq>.<token>.tmp`, the token this process's
-//!   own, and it becomes `<seq>.batch` by a hard link, which never replaces
-//!   a file: when the other process took that number, the next is tried.
-//! - A batch is claimed before it is sent, by renaming it to
+//! - A temporary file is `<seq>.<token>.tmp` (the token this process's)
+//!   and becomes `<seq>.batch` by a hard link, which never replaces a file:
+//!   when the other process took that number, the next is tried.
+//! - A batch is claimed before it is sent by renaming it
 //!   `<seq>.<token>.sending`; of two replayers, the one whose rename fails
-//!   leaves it to the other. A claim is given back (`.batch` again) when
-//!   the send fails, and removed once it is delivered.
-//! - The replayer looks at the directory again now and then while it has
-//!   nothing to send, for batches the other process wrote. There (and at
-//!   start) a temporary file or claim left by a process that died, once
-//!   older than anything alive would leave it, is deleted (a temporary
-//!   file) or given back, to be sent (at least once).
+//!   leaves it to the other. A failed send gives the claim back (`.batch`);
+//!   a delivered batch is removed.
+//! - An idle replayer looks at the directory again now and then for the
+//!   other's batches. There (and at start) a temporary file or claim of a
+//!   process that died, once older than anything alive would leave it, is
+//!   deleted (a temporary file) or given back, to be sent (at least once).
 //!
 //! Over 500 lines: the file format, the two-process rules and the depth
 //! `status` reports all bear on every read and write of the directory, so
@@ -63,16 +59,14 @@ use crate::untrusted::{Link, UntrustedError};
 const MAGIC: &[u8; 8] = b"KTFSPOOL";
 const VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4;
-/// Past this age (since its last change of name or content), a temporary
-/// file or a claim belongs to a process that died: a live one writes a
-/// batch in moments, and holds a claim for one export request.
+/// Past this age (since its last rename or write), a temporary file or a
+/// claim is a dead process's: a live one holds either for moments.
 const ABANDONED: Duration = Duration::from_secs(600);
 /// Sequence numbers tried when the other process takes the one reserved.
 const LINK_TRIES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    /// `what`: "creating", "reading".
     #[error("{what} spool directory {dir}: {source}")]
     Dir {
         what: &'static str,
@@ -80,7 +74,6 @@ pub enum SpoolError {
         #[source]
         source: io::Error,
     },
-    /// `what`: "writing", "reading".
     #[error("{what} spool file {path}: {source}")]
     File {
         what: &'static str,
@@ -104,10 +97,9 @@ pub(crate) struct Spooled {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Files present, by sequence number, with their sizes and spans.
+    /// Files present, by sequence number: their sizes and spans.
     files: BTreeMap<u64, (u64, u32)>,
     bytes: u64,
-    /// The spans their headers say they hold.
     spans: u64,
     next_seq: u64,
 }
@@ -120,15 +112,14 @@ pub struct Depth {
     pub bytes: u64,
 }
 
-/// The spool. It keeps its own gauges (`spool_bytes`, `spool_files`) up to
-/// date with every change, under the same lock as the change.
+/// The spool; it keeps its gauges (`spool_bytes`, `spool_files`) up to date.
 #[derive(Debug)]
 pub(crate) struct Spool {
     pub(crate) dir: PathBuf,
     pub(crate) max_bytes: u64,
     state: Mutex<State>,
     stats: Arc<Stats>,
-    /// This process's part of temporary files' and claims' names.
+    /// This process's part of its temporary files' and claims' names.
     token: String,
     /// [`ABANDONED`], but in tests.
     abandoned_after: Duration,
@@ -139,10 +130,10 @@ pub(crate) struct Spool {
 enum Entry {
     Batch,
     Damaged,
-    /// Being written, by the process whose token it carries (none: a
-    /// version that wrote `<seq>.tmp`).
+    /// Being written by the process of that token (none: an older version's
+    /// `<seq>.tmp`).
     Tmp(Option<String>),
-    /// Being sent, by the process whose token it carries.
+    /// Being sent by the process of that token.
     Sending(String),
 }
 
@@ -179,9 +170,8 @@ fn abandoned(path: &Path, after: Duration) -> bool {
         .is_ok_and(|age| age >= after)
 }
 
-/// A token no other process using the directory has: our pid (unique among
-/// live processes of one PID namespace) and the time (apart across
-/// namespaces, where pids repeat).
+/// A token no other process has: our pid (unique in a PID namespace) and
+/// the time (apart across namespaces).
 fn process_token() -> String {
     let nanos = SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -198,8 +188,8 @@ impl Spool {
         })
     }
 
-    /// Opens (creating if needed) the spool in `dir`, taking stock of the
-    /// batches a previous run left and deleting half-written ones.
+    /// Opens (creating if needed) the spool in `dir`, taking stock of what
+    /// an earlier run left.
     pub(crate) fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<Spool, SpoolError> {
         Self::create_dir(dir)?;
         let spool = Spool {
@@ -227,10 +217,9 @@ impl Spool {
         Ok(spool)
     }
 
-    /// Takes stock of the directory: batches this process does not know
-    /// yet (another process's, or an earlier run's), and what a process
-    /// that died left (see the module's documentation). Returns how many
-    /// batches it found.
+    /// Takes stock of batches this process does not know yet (another
+    /// process's, an earlier run's) and of what a dead process left (see
+    /// the module docs); how many batches it found.
     pub(crate) fn rescan(&self) -> io::Result<usize> {
         let mut found = 0;
         for entry in fs::read_dir(&self.dir)? {
@@ -267,8 +256,8 @@ impl Spool {
         Ok(found)
     }
 
-    /// Counts a batch file found on disk, unless counted already (its bytes
-    /// were not reserved); whether it was new.
+    /// Counts a batch file found on disk, unless counted already; whether
+    /// it was new.
     fn found(&self, seq: u64, path: &Path) -> bool {
         let size = fs::symlink_metadata(path).map_or(0, |m| m.len());
         let spans = self.spans_in(path);
@@ -283,16 +272,15 @@ impl Spool {
     }
 
     /// The spans a batch file's header says it holds; 0 for one that is
-    /// not a batch (it is set aside when read). The file is the forwarder's
-    /// user's to plant: opened as [`Spool::read`] opens it, and only its
-    /// header read.
+    /// not a batch (set aside when read). Opened as [`Spool::read`] does
+    /// (the file may be planted), and only its header read.
     fn spans_in(&self, path: &Path) -> u32 {
         let spans = || {
             let (mut f, _) = crate::untrusted::open_file(path, Link::Never, self.max_bytes).ok()?;
             let mut h = [0u8; HEADER_LEN];
             io::Read::read_exact(&mut f, &mut h).ok()?;
-            let spans = h.get(12..16)?.try_into().ok()?;
-            h.starts_with(MAGIC).then(|| u32::from_le_bytes(spans))
+            h.starts_with(MAGIC)
+                .then(|| field(&h, 12).map(u32::from_le_bytes))?
         };
         spans().unwrap_or(0)
     }
@@ -313,20 +301,17 @@ impl Spool {
         self.dir.join(format!("{seq:020}.{}.sending", self.token))
     }
 
-    /// Runs `f` on the state, locked, and publishes the gauges before the
-    /// lock is let go.
+    /// Runs `f` on the locked state, then publishes the gauges under the
+    /// same lock.
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        // A panic elsewhere while holding the lock leaves plain data behind,
-        // still consistent enough to keep spooling.
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = super::lock(&self.state);
         let r = f(&mut st);
         self.stats.spool_bytes.set(st.bytes);
         self.stats.spool_files.set(st.files.len() as u64);
         r
     }
 
-    /// Writes one encoded batch. Returns `Ok(false)` when it does not fit
-    /// within the size bound.
+    /// Writes one encoded batch; `Ok(false)` when it does not fit the bound.
     pub(crate) fn write(&self, body: &EncodedRequest, spans: u32) -> Result<bool, SpoolError> {
         let size = (HEADER_LEN + body.len()) as u64;
         // Reserve the space now so concurrent writers cannot overshoot.
@@ -363,8 +348,7 @@ impl Spool {
                 .map_err(std::io::IntoInnerError::into_error)?;
             f.sync_all()
         })();
-        // Published under the lock, so that a rescan sees it either not yet
-        // or already counted.
+        // Under the lock, so that a rescan sees it not yet or already counted.
         let published = self.with(|st| {
             let published = res.and_then(|()| {
                 let mut seq = seq;
@@ -399,7 +383,6 @@ impl Spool {
             path: self.batch_path(seq),
             source,
         })?;
-        // Make the new name durable.
         if let Err(e) = fs::File::open(&self.dir).and_then(|d| d.sync_all()) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "syncing the spool directory");
         }
@@ -410,14 +393,13 @@ impl Spool {
         self.with(|st| st.files.keys().next().copied())
     }
 
-    /// Claims a batch and reads it back, setting it aside if it is
-    /// damaged. `Ok(None)`: another process claimed it first (it sends it).
+    /// Claims a batch and reads it back, setting it aside if damaged.
+    /// `Ok(None)`: another process claimed it first (and sends it).
     pub(crate) fn read(&self, seq: u64) -> Result<Option<Spooled>, SpoolError> {
         let path = self.batch_path(seq);
         let claim = self.claim_path(seq);
         if let Err(source) = fs::rename(&path, &claim) {
-            // Gone (claimed), or unusable: forget it rather than retry
-            // forever.
+            // Gone (claimed), or unusable: forgotten, not retried forever.
             self.forget(seq);
             if source.kind() == io::ErrorKind::NotFound {
                 return Ok(None);
@@ -428,10 +410,9 @@ impl Spool {
                 source,
             });
         }
-        // The directory is the forwarder's user's, and anything running as
-        // that user may have put a FIFO, a symlink (to `/dev/zero`) or a
-        // huge file here under a batch's name: none is waited on, followed
-        // or read past the spool's own bound (no batch it wrote is larger).
+        // Anything running as the forwarder's user may plant a FIFO, a
+        // symlink (to `/dev/zero`) or a huge file here: none is waited on,
+        // followed or read past the spool's bound (no batch is larger).
         let read = match crate::untrusted::read_file(&claim, Link::Never, self.max_bytes) {
             Ok(d) => parse(&d).map(|(spans, body)| Spooled {
                 spans,
@@ -464,8 +445,7 @@ impl Spool {
         }
     }
 
-    /// Gives a claimed batch back, to be sent later (by whichever process
-    /// claims it then).
+    /// Gives a claimed batch back, to be sent later (by whoever claims it).
     fn release(&self, seq: u64) {
         if let Err(e) = fs::rename(self.claim_path(seq), self.batch_path(seq)) {
             tracing::warn!(seq, error = %e, "could not give a spooled batch back");
@@ -499,9 +479,8 @@ impl Spool {
 }
 
 /// A batch this process claimed ([`Spool::read`]): given back when dropped
-/// unsettled, also when the replayer is stopped in the middle of sending it
-/// (its task aborted at the shutdown deadline), so that it is not left
-/// claimed by a process that is gone.
+/// unsettled (also when the replayer's task is aborted mid-send at the
+/// shutdown deadline), so that no claim outlives this process.
 pub(crate) struct Claimed<'a>(pub(crate) &'a Spool, pub(crate) u64);
 
 impl Claimed<'_> {
@@ -522,10 +501,9 @@ impl Drop for Claimed<'_> {
 /// process's batch): a hard link, where the file system has them.
 fn publish(tmp: &Path, path: &Path) -> io::Result<()> {
     match fs::hard_link(tmp, path) {
+        // No hard links (FAT, some FUSE): a rename, checked first (a race
+        // needs the other process to take this very number in between).
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-            // No hard links here (FAT, some FUSE): a rename, checked first;
-            // the other process would have to take this very number in
-            // between.
             if fs::symlink_metadata(path).is_ok() {
                 return Err(io::ErrorKind::AlreadyExists.into());
             }
@@ -536,27 +514,28 @@ fn publish(tmp: &Path, path: &Path) -> io::Result<()> {
 }
 
 fn parse(data: &[u8]) -> Result<(u32, &[u8]), &'static str> {
-    let header = data.get(..HEADER_LEN).ok_or("shorter than its header")?;
-    let (magic, rest) = header.split_at(8);
-    if magic != MAGIC {
+    let (h, body) = data
+        .split_at_checked(HEADER_LEN)
+        .ok_or("shorter than its header")?;
+    let u32_at = |at| field(h, at).map_or(u32::MAX, u32::from_le_bytes);
+    if !h.starts_with(MAGIC) {
         return Err("bad magic");
     }
-    let u32_at = |b: &[u8]| b.try_into().map(u32::from_le_bytes).unwrap_or(u32::MAX);
-    let (version, rest) = rest.split_at(4);
-    if u32_at(version) != VERSION {
+    if u32_at(8) != VERSION {
         return Err("unknown version");
     }
-    let (spans, rest) = rest.split_at(4);
-    let (len, crc) = rest.split_at(8);
-    let len = len.try_into().map(u64::from_le_bytes).unwrap_or(u64::MAX);
-    let body = data.get(HEADER_LEN..).unwrap_or_default();
-    if body.len() as u64 != len {
+    if field(h, 16).map(u64::from_le_bytes) != Some(body.len() as u64) {
         return Err("length does not match");
     }
-    if crc32fast::hash(body) != u32_at(crc) {
+    if crc32fast::hash(body) != u32_at(24) {
         return Err("checksum does not match");
     }
-    Ok((u32_at(spans), body))
+    Ok((u32_at(12), body))
+}
+
+/// The `N` bytes of a header at `at`.
+fn field<const N: usize>(h: &[u8], at: usize) -> Option<[u8; N]> {
+    h.get(at..at + N)?.try_into().ok()
 }
 
 #[cfg(test)]
