@@ -3,9 +3,8 @@
 
 use super::*;
 
-/// `status`: asks each forwarder `target` names and writes its report to
-/// `out` (a table, or with `json` one JSON object a line), and each error
-/// as one line to `err`. Whether every forwarder asked answered.
+/// `status`: each forwarder's report to `out` (a table, or JSON lines),
+/// each error to `err`; whether every forwarder asked answered.
 pub fn print(
     target: Target<'_>,
     json: bool,
@@ -37,7 +36,6 @@ pub fn print(
 }
 
 impl Report {
-    /// The report as a person reads it.
     pub fn table(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
@@ -160,8 +158,7 @@ pub(super) fn columns(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// `total (reason n, ...)` for the reasons that are not 0; `none` when
-/// the total is.
+/// `total (reason n, ...)` for the reasons not 0; `none` for a 0 total.
 pub(super) fn by_reason(b: &ByReason, none: &str) -> String {
     if b.total == 0 {
         return none.to_owned();
@@ -184,8 +181,7 @@ pub(super) fn since(now: u64, at: Option<u64>) -> String {
     format!("{} ago", duration(ago))
 }
 
-/// A duration in the two largest units that matter: `0.4s`, `12s`,
-/// `3m 5s`, `2h 3m`, `4d 2h`.
+/// A duration in its two largest units: `0.4s`, `12s`, `3m 5s`, `4d 2h`.
 pub(super) fn duration(d: Duration) -> String {
     let s = d.as_secs();
     match s {
@@ -212,9 +208,7 @@ pub(super) fn bytes(n: u64) -> String {
     format!("{v:.1} TiB")
 }
 
-/// What the forwarder sent, safe for a terminal: a sandbox's name comes
-/// from a directory anyone with a sandbox may name, and an error's text
-/// from the collector.
+/// Safe for a terminal: a sandbox's name, a collector's error are others' text.
 pub(super) fn clean(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '?' } else { c })
