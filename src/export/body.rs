@@ -37,24 +37,15 @@ pub(crate) fn compressed(
     std::borrow::Cow::Owned(EncodedRequest::from(gzipped))
 }
 
-pub(crate) struct RequestBody {
-    chunks: std::vec::IntoIter<Bytes>,
-    remaining: u64,
-}
+/// The pieces not sent yet.
+pub(crate) struct RequestBody(std::vec::IntoIter<Bytes>);
 
 impl RequestBody {
     /// `prefix` goes first: gRPC's message header.
     pub(crate) fn new(prefix: Option<Bytes>, request: &EncodedRequest) -> Self {
-        let chunks: Vec<Bytes> = prefix
-            .into_iter()
-            .chain(request.chunks().iter().cloned())
-            .filter(|c| !c.is_empty())
-            .collect();
-        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
-        Self {
-            chunks: chunks.into_iter(),
-            remaining,
-        }
+        let chunks = prefix.into_iter().chain(request.chunks().iter().cloned());
+        let chunks: Vec<Bytes> = chunks.filter(|c| !c.is_empty()).collect();
+        Self(chunks.into_iter())
     }
 }
 
@@ -66,20 +57,16 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let this = self.get_mut();
-        Poll::Ready(this.chunks.next().map(|c| {
-            this.remaining = this.remaining.saturating_sub(c.len() as u64);
-            Ok(Frame::data(c))
-        }))
+        Poll::Ready(self.get_mut().0.next().map(|c| Ok(Frame::data(c))))
     }
 
     /// Lets hyper end the stream with the last piece, not an empty frame.
     fn is_end_stream(&self) -> bool {
-        self.remaining == 0
+        self.0.as_slice().is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.remaining)
+        SizeHint::with_exact(self.0.as_slice().iter().map(|c| c.len() as u64).sum())
     }
 }
 

@@ -25,11 +25,10 @@ pub(crate) fn write_request(out: &mut impl Write, body: &EncodedRequest) -> io::
                 resource_spans: vec![ResourceSpans {
                     resource: Some(resource.clone()),
                     scope_spans: vec![ScopeSpans {
-                        scope: None,
                         spans: vec![span],
-                        schema_url: String::new(),
+                        ..Default::default()
                     }],
-                    schema_url: String::new(),
+                    ..Default::default()
                 }],
             };
             write_line(out, &line)?;

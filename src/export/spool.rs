@@ -1,47 +1,33 @@
 //! The durable spool: batches that cannot be exported now, kept on disk so
 //! that neither a collector nor a forwarder restart during an outage loses
-//! them (the spans of a container start happen once). When the export
-//! queue fills while the collector is away, and at shutdown, encoded
-//! requests are written here; a replayer sends them, oldest first, once the
-//! collector answers again (also after a restart), removing each once sent.
+//! them (the spans of a container start happen once). When the queue fills
+//! while the collector is away, and at shutdown, encoded requests are
+//! written here; the replayer sends them, oldest first, once the collector
+//! answers (also after a restart), removing each once sent.
 //!
-//! # File format
-//!
-//! One file per batch, `<seq>.batch` (20 digits, so names sort by age),
-//! written as a temporary file, synced, then named, so a crash leaves a
-//! whole file or a temporary one (deleted later):
+//! One file per batch, `<seq>.batch` (20 digits: names sort by age),
+//! written as a temporary file, synced, then named (a crash leaves a whole
+//! file, or a temporary one, deleted later):
 //!
 //! ```text
 //! magic "KTFSPOOL" | version u32 LE | spans u32 LE | body length u64 LE | crc32 u32 LE | body
 //! ```
 //!
-//! The body is the protobuf `ExportTraceServiceRequest` as it would have
-//! been sent. A file whose header, length or checksum is wrong is renamed
-//! `<seq>.damaged` and skipped: set aside for a human, never fatal, never
-//! blocking the files behind it. The total size is bounded; a batch that
-//! does not fit is not written (the caller keeps the backpressure).
+//! The body is the `ExportTraceServiceRequest` as it would have been sent.
+//! A file with a wrong header, length or checksum is renamed `<seq>.damaged`
+//! (for a human; never fatal, never blocking the rest). The total size is
+//! bounded: a batch that does not fit is not written (the caller keeps the
+//! backpressure).
 //!
-//! # Two processes at once
-//!
-//! During a hand-over the old forwarder flushes (and may spool) while its
-//! successor already runs on the same directory, so every step is safe
-//! with another process at work there:
-//!
-//! - A temporary file is `<seq>.<token>.tmp` (the token this process's)
-//!   and becomes `<seq>.batch` by a hard link, which never replaces a file:
-//!   when the other process took that number, the next is tried.
-//! - A batch is claimed before it is sent by renaming it
-//!   `<seq>.<token>.sending`; of two replayers, the one whose rename fails
-//!   leaves it to the other. A failed send gives the claim back (`.batch`);
-//!   a delivered batch is removed.
-//! - An idle replayer looks at the directory again now and then for the
-//!   other's batches. There (and at start) a temporary file or claim of a
-//!   process that died, once older than anything alive would leave it, is
-//!   deleted (a temporary file) or given back, to be sent (at least once).
-//!
-//! Over 500 lines: the file format, the two-process rules and the depth
-//! `status` reports all bear on every read and write of the directory, so
-//! they stay in one place.
+//! During a hand-over two processes use the directory at once, so a
+//! temporary file is `<seq>.<token>.tmp` (the token this process's), named
+//! by a hard link, which never replaces the other's batch (the next number
+//! is tried); a batch is claimed by renaming it `<seq>.<token>.sending` (of
+//! two replayers, the one whose rename fails leaves it), and given back as
+//! `.batch` when the send fails. An idle replayer rescans for the other's
+//! batches; there (and at start) a dead process's temporary file or claim,
+//! once older than a live one would leave it, is deleted or given back (to
+//! be sent at least once).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -67,15 +53,8 @@ const LINK_TRIES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    #[error("{what} spool directory {dir}: {source}")]
-    Dir {
-        what: &'static str,
-        dir: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{what} spool file {path}: {source}")]
-    File {
+    #[error("{what} {path}: {source}")]
+    Io {
         what: &'static str,
         path: PathBuf,
         #[source]
@@ -130,10 +109,9 @@ pub(crate) struct Spool {
 enum Entry {
     Batch,
     Damaged,
-    /// Being written by the process of that token (none: an older version's
-    /// `<seq>.tmp`).
+    /// Being written, by the token's process (none: an old `<seq>.tmp`).
     Tmp(Option<String>),
-    /// Being sent by the process of that token.
+    /// Being sent, by the token's process.
     Sending(String),
 }
 
@@ -160,14 +138,19 @@ pub(crate) fn is_spool_file(name: &std::ffi::OsStr) -> bool {
 /// Whether `path` last changed longer than `after` ago.
 fn abandoned(path: &Path, after: Duration) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Ok(md) = fs::symlink_metadata(path) else {
-        return false;
-    };
-    // ctime: a rename (a claim) changes it, where mtime stays the content's.
-    let changed = std::time::UNIX_EPOCH + Duration::from_secs(md.ctime().max(0) as u64);
-    SystemTime::now()
-        .duration_since(changed)
-        .is_ok_and(|age| age >= after)
+    fs::symlink_metadata(path).is_ok_and(|md| {
+        // ctime: a rename (a claim) changes it, where mtime stays the content's.
+        let changed = std::time::UNIX_EPOCH + Duration::from_secs(md.ctime().max(0) as u64);
+        SystemTime::now()
+            .duration_since(changed)
+            .is_ok_and(|age| age >= after)
+    })
+}
+
+/// `what` failed on `path`, for `map_err`.
+fn failed(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolError {
+    let path = path.to_path_buf();
+    move |source| SpoolError::Io { what, path, source }
 }
 
 /// A token no other process has: our pid (unique in a PID namespace) and
@@ -181,11 +164,7 @@ fn process_token() -> String {
 
 impl Spool {
     pub(crate) fn create_dir(dir: &Path) -> Result<(), SpoolError> {
-        fs::create_dir_all(dir).map_err(|source| SpoolError::Dir {
-            what: "creating",
-            dir: dir.to_path_buf(),
-            source,
-        })
+        fs::create_dir_all(dir).map_err(failed("creating spool directory", dir))
     }
 
     /// Opens (creating if needed) the spool in `dir`, taking stock of what
@@ -200,11 +179,9 @@ impl Spool {
             token: process_token(),
             abandoned_after: ABANDONED,
         };
-        spool.rescan().map_err(|source| SpoolError::Dir {
-            what: "reading",
-            dir: dir.to_path_buf(),
-            source,
-        })?;
+        spool
+            .rescan()
+            .map_err(failed("reading spool directory", dir))?;
         let Depth { batches, bytes, .. } = spool.depth();
         if batches > 0 {
             tracing::info!(
@@ -217,9 +194,8 @@ impl Spool {
         Ok(spool)
     }
 
-    /// Takes stock of batches this process does not know yet (another
-    /// process's, an earlier run's) and of what a dead process left (see
-    /// the module docs); how many batches it found.
+    /// Takes stock of batches not known yet (another process's, an earlier
+    /// run's) and of what a dead process left; how many batches it found.
     pub(crate) fn rescan(&self) -> io::Result<usize> {
         let mut found = 0;
         for entry in fs::read_dir(&self.dir)? {
@@ -256,8 +232,7 @@ impl Spool {
         Ok(found)
     }
 
-    /// Counts a batch file found on disk, unless counted already; whether
-    /// it was new.
+    /// Counts a batch found on disk unless counted; whether it was new.
     fn found(&self, seq: u64, path: &Path) -> bool {
         let size = fs::symlink_metadata(path).map_or(0, |m| m.len());
         let spans = self.spans_in(path);
@@ -271,9 +246,8 @@ impl Spool {
         })
     }
 
-    /// The spans a batch file's header says it holds; 0 for one that is
-    /// not a batch (set aside when read). Opened as [`Spool::read`] does
-    /// (the file may be planted), and only its header read.
+    /// The spans a batch's header says it holds, 0 for no batch; opened as
+    /// [`Spool::read`] does (it may be planted), only its header read.
     fn spans_in(&self, path: &Path) -> u32 {
         let spans = || {
             let (mut f, _) = crate::untrusted::open_file(path, Link::Never, self.max_bytes).ok()?;
@@ -301,8 +275,7 @@ impl Spool {
         self.dir.join(format!("{seq:020}.{}.sending", self.token))
     }
 
-    /// Runs `f` on the locked state, then publishes the gauges under the
-    /// same lock.
+    /// Runs `f` on the locked state, publishing the gauges under the lock.
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         let mut st = super::lock(&self.state);
         let r = f(&mut st);
@@ -340,13 +313,9 @@ impl Spool {
             let f = fs::File::create(&tmp)?;
             let mut f = std::io::BufWriter::with_capacity(256 * 1024, f);
             f.write_all(&header)?;
-            for c in body.chunks() {
-                f.write_all(c)?;
-            }
-            let f = f
-                .into_inner()
-                .map_err(std::io::IntoInnerError::into_error)?;
-            f.sync_all()
+            body.chunks().iter().try_for_each(|c| f.write_all(c))?;
+            f.flush()?;
+            f.get_ref().sync_all()
         })();
         // Under the lock, so that a rescan sees it not yet or already counted.
         let published = self.with(|st| {
@@ -378,11 +347,7 @@ impl Spool {
             published
         });
         let _ = fs::remove_file(&tmp);
-        published.map_err(|source| SpoolError::File {
-            what: "writing",
-            path: self.batch_path(seq),
-            source,
-        })?;
+        published.map_err(failed("writing spool file", &self.batch_path(seq)))?;
         if let Err(e) = fs::File::open(&self.dir).and_then(|d| d.sync_all()) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "syncing the spool directory");
         }
@@ -396,19 +361,20 @@ impl Spool {
     /// Claims a batch and reads it back, setting it aside if damaged.
     /// `Ok(None)`: another process claimed it first (and sends it).
     pub(crate) fn read(&self, seq: u64) -> Result<Option<Spooled>, SpoolError> {
-        let path = self.batch_path(seq);
-        let claim = self.claim_path(seq);
-        if let Err(source) = fs::rename(&path, &claim) {
-            // Gone (claimed), or unusable: forgotten, not retried forever.
+        let (path, claim) = (self.batch_path(seq), self.claim_path(seq));
+        // Gone (claimed), or unusable: forgotten, not retried forever.
+        let unreadable = |source| {
             self.forget(seq);
-            if source.kind() == io::ErrorKind::NotFound {
-                return Ok(None);
-            }
-            return Err(SpoolError::File {
-                what: "reading",
-                path,
-                source,
-            });
+            failed("reading spool file", &path)(source)
+        };
+        if let Err(e) = fs::rename(&path, &claim) {
+            return match e.kind() {
+                io::ErrorKind::NotFound => {
+                    self.forget(seq);
+                    Ok(None)
+                }
+                _ => Err(unreadable(e)),
+            };
         }
         // Anything running as the forwarder's user may plant a FIFO, a
         // symlink (to `/dev/zero`) or a huge file here: none is waited on,
@@ -421,14 +387,7 @@ impl Spool {
             Err(UntrustedError::TooLarge { .. }) => Err("larger than the spool's size bound"),
             Err(UntrustedError::SymlinkRefused { .. }) => Err("a symlink"),
             Err(e) if e.is_refusal() => Err("not a regular file"),
-            Err(e) => {
-                self.forget(seq);
-                return Err(SpoolError::File {
-                    what: "reading",
-                    path,
-                    source: io::Error::other(e),
-                });
-            }
+            Err(e) => return Err(unreadable(io::Error::other(e))),
         };
         match read {
             Ok(batch) => Ok(Some(batch)),
@@ -460,10 +419,11 @@ impl Spool {
             io::ErrorKind::NotFound => fs::remove_file(self.batch_path(seq)),
             _ => Err(e),
         });
-        if let Err(e) = removed {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(seq, error = %e, "could not remove delivered spool file");
-            }
+        if let Some(e) = removed
+            .err()
+            .filter(|e| e.kind() != io::ErrorKind::NotFound)
+        {
+            tracing::warn!(seq, error = %e, "could not remove delivered spool file");
         }
         self.forget(seq);
     }
@@ -479,8 +439,7 @@ impl Spool {
 }
 
 /// A batch this process claimed ([`Spool::read`]): given back when dropped
-/// unsettled (also when the replayer's task is aborted mid-send at the
-/// shutdown deadline), so that no claim outlives this process.
+/// unsettled (also by a replayer aborted mid-send), outliving no process.
 pub(crate) struct Claimed<'a>(pub(crate) &'a Spool, pub(crate) u64);
 
 impl Claimed<'_> {

@@ -368,7 +368,7 @@ mod tests {
 
     #[test]
     fn the_table_lines_up_and_says_what_is_true() {
-        let table = report().table();
+        let table = report().to_string();
         let want = "\
 kata-trace-forwarder 0.1.0 (pid 42), up 1m 5s, asked at /run/kata-trace-forwarder/handoff-00000000.sock
 listening on:
@@ -394,7 +394,7 @@ totals: received 160, exported 0, rejected 0, spooled 0, sent from the spool 0, 
         let mut r = report();
         r.sandboxes.clear();
         r.exporter.spool = None;
-        let table = r.table();
+        let table = r.to_string();
         assert!(table.contains("sandboxes: none served yet"), "{table}");
         assert!(
             table.contains("spool: none (--spool-dir not given)"),

@@ -23,7 +23,7 @@ pub fn print(
                 if !std::mem::replace(&mut first, false) {
                     writeln!(out)?;
                 }
-                out.write_all(report.table().as_bytes())?;
+                write!(out, "{report}")?;
             }
             Err(e) => {
                 all = false;
@@ -35,16 +35,9 @@ pub fn print(
     Ok(all)
 }
 
-impl Report {
-    pub fn table(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = self.write_table(&mut out);
-        out
-    }
-
-    fn write_table(&self, out: &mut String) -> std::fmt::Result {
-        use std::fmt::Write as _;
+/// The table a person reads.
+impl std::fmt::Display for Report {
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let now = self.now_unix_ms;
         let up = duration(Duration::from_secs(self.uptime_seconds));
         let (version, socket) = (clean(&self.version), self.socket.display());
@@ -77,7 +70,7 @@ impl Report {
                     by_reason(&s.limited, "-"),
                 ]);
             }
-            out.push_str(&columns(&rows));
+            out.write_str(&columns(&rows))?;
             if self.sandboxes_not_listed > 0 {
                 writeln!(out, "... and {} more sandboxes", self.sandboxes_not_listed)?;
             }
