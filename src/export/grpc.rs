@@ -1,17 +1,11 @@
 //! OTLP/gRPC transport (`TraceService/Export` over HTTP/2, via tonic).
 //!
-//! A unary call is one HTTP/2 `POST /<service>/<method>` with
-//! `content-type: application/grpc` and `te: trailers`; the body is the
-//! message behind a 5-byte header (compression flag, big-endian length).
-//! The answer is a message in the same framing, then trailers with
-//! `grpc-status`, `grpc-message` and, for errors, `grpc-status-details-bin`
-//! (a `google.rpc.Status`, where a throttling collector puts `RetryInfo`);
-//! or, for an error, headers alone.
-//!
 //! tonic's client would copy the [`EncodedRequest`]'s pieces into one
-//! buffer, so the request is built here and sent through tonic's `Channel`
-//! (connections, HTTP/2, timeouts, `tls::Connector`'s coalescing), and the
-//! answer read by tonic's response decoder.
+//! buffer, so the request (a `POST` whose body is the message behind a
+//! 5-byte header: compression flag, big-endian length) is built here and
+//! sent through tonic's `Channel`; the answer (the message, then trailers
+//! with `grpc-status`, or an error as headers alone) is read by tonic's
+//! decoder. A throttling collector puts `RetryInfo` in the error's details.
 
 use std::future::poll_fn;
 use std::time::Duration;
@@ -27,7 +21,7 @@ use tonic::{Code, Status};
 
 use super::body::{compressed, RequestBody};
 use super::retry::{Classify, Retry};
-use super::tls::{self, within, Connector};
+use super::tls::{self, within};
 use super::ExportError;
 use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
@@ -48,20 +42,15 @@ impl GrpcTransport {
         connect_timeout: Duration,
     ) -> Result<Self, ExportError> {
         let endpoint_str = cfg.endpoint.to_string();
-        let tls = tls::reach(cfg, b"h2", connect_timeout).await?;
+        let connector = tls::reach(cfg, b"h2", connect_timeout).await?;
         let endpoint = Endpoint::from(cfg.endpoint.clone())
             .connect_timeout(connect_timeout)
             .timeout(cfg.timeout)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
-        let connect = endpoint.connect_with_connector(Connector {
-            tls,
-            timeout: connect_timeout,
-            coalesce: true,
-        });
+        let connect = endpoint.connect_with_connector(connector);
         let channel = within(&endpoint_str, connect_timeout, connect).await?;
-        // Binary (`-bin`) metadata would have to be base64; OTLP headers are
-        // text, so such names are refused.
+        // Binary (`-bin`) metadata would need base64: OTLP headers are text.
         let binary = |(k, v): &&(HeaderName, HeaderValue)| {
             k.as_str().ends_with("-bin") || v.to_str().is_err()
         };

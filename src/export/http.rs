@@ -72,11 +72,7 @@ impl HttpTransport {
         cfg: &OtlpConfig,
         connect_timeout: Duration,
     ) -> Result<Self, ExportError> {
-        let connector = Connector {
-            tls: tls::reach(cfg, b"http/1.1", connect_timeout).await?,
-            timeout: connect_timeout,
-            coalesce: false,
-        };
+        let connector = tls::reach(cfg, b"http/1.1", connect_timeout).await?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);

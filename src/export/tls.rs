@@ -200,12 +200,12 @@ async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> {
 }
 
 /// Dials the collector for a transport's pool (hyper's, tonic's) within
-/// `timeout`; with `coalesce` (gRPC), a batch leaves in a few large writes.
+/// `timeout`; with `coalesce` (h2's frames), a batch leaves in a few writes.
 #[derive(Clone)]
 pub(crate) struct Connector {
-    pub(crate) tls: Option<Arc<Tls>>,
-    pub(crate) timeout: Duration,
-    pub(crate) coalesce: bool,
+    tls: Option<Arc<Tls>>,
+    timeout: Duration,
+    coalesce: bool,
 }
 
 impl tonic::codegen::Service<Uri> for Connector {
@@ -258,13 +258,13 @@ pub(crate) async fn within<T, E: std::error::Error + 'static>(
 /// to refuse our certificate.
 const PROBE_LISTEN: Duration = Duration::from_millis(300);
 
-/// Loads the TLS files (for an `https://` endpoint) and dials the collector
-/// as an export would: a missing or untrusted collector is a startup error.
+/// Loads the TLS files and dials the collector as an export would (a
+/// missing or untrusted one is a startup error); the pool's connector.
 pub(crate) async fn reach(
     cfg: &OtlpConfig,
     alpn: &'static [u8],
-    connect_timeout: Duration,
-) -> Result<Option<Arc<Tls>>, ExportError> {
+    timeout: Duration,
+) -> Result<Connector, ExportError> {
     let endpoint = cfg.endpoint.to_string();
     let tls = cfg.tls.as_ref().map(|t| Tls::new(t, alpn).map(Arc::new));
     let tls = tls.transpose().map_err(|source| ExportError::LoadTls {
@@ -285,8 +285,13 @@ pub(crate) async fn reach(
         }
         Ok::<_, io::Error>(())
     };
-    within(&endpoint, connect_timeout, probe).await?;
-    Ok(tls)
+    within(&endpoint, timeout, probe).await?;
+    let coalesce = alpn == b"h2";
+    Ok(Connector {
+        tls,
+        timeout,
+        coalesce,
+    })
 }
 
 /// Whether an error or a cause is the collector's certificate failing

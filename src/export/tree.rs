@@ -1,14 +1,12 @@
-//! `--dump-format tree`: each trace as an indented tree, for a person at a
-//! terminal.
+//! `--dump-format tree`: each trace as an indented tree, for a person.
 //!
-//! The agent sends each span as it ends: children before parents, the root
-//! last. A trace is held until its root (a span without a parent) comes,
-//! or until it has been quiet for the linger time: most agent traces hang
-//! under a runtime span that never passes through here, so their top spans
-//! are marked as such. What comes after a trace was printed is printed on
-//! its own, marked late. Past `max_spans` held, the oldest traces are
-//! printed as they are, marked incomplete; all is printed at exit. Nothing
-//! is dropped. The guest's strings have control characters escaped.
+//! The agent sends each span as it ends, the root last. A trace is held
+//! until its root (a span without a parent) comes, or it has been quiet for
+//! the linger time (most agent traces hang under a runtime span that never
+//! passes here). What comes after is printed on its own, marked late; past
+//! `max_spans` held, the oldest traces are printed as they are, marked
+//! incomplete; all is printed at exit. Nothing is dropped. The guest's
+//! strings have control characters escaped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -39,7 +37,6 @@ struct Held {
 }
 
 struct Trace {
-    /// Its key in `arrival`.
     seq: u64,
     last: Instant,
     rooted: bool,
@@ -266,7 +263,7 @@ fn render(id: &[u8], spans: &[Held], start: u64, late: bool, full: bool, colour:
     out
 }
 
-/// The parent `h` is printed under, if it is held here.
+/// The parent `h` is printed under, if held here.
 fn parent_in<'a>(h: &'a Held, held: &HashSet<&[u8]>) -> Option<&'a [u8]> {
     let p = h.span.parent_span_id.as_slice();
     (!p.is_empty() && held.contains(p) && p != h.span.span_id.as_slice()).then_some(p)

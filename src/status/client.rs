@@ -3,12 +3,8 @@
 
 use super::*;
 
-/// Asks the forwarder at `path`, within `timeout` in all.
-pub fn ask(path: &Path, timeout: Duration) -> Result<Report, StatusError> {
-    start(path, timeout)()
-}
-
-/// Starts an [`ask`] on a thread of its own; what it returns waits for it.
+/// Asks the forwarder at `path` on a thread of its own, within `timeout` in
+/// all; what it returns waits for the answer.
 fn start(path: &Path, timeout: Duration) -> impl FnOnce() -> Result<Report, StatusError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let p = path.to_owned();
@@ -101,7 +97,7 @@ pub enum Target<'a> {
 /// Asks each forwarder `target` names (a directory: see [`discovered`]).
 pub fn gather(target: Target<'_>, timeout: Duration) -> Vec<Result<Report, StatusError>> {
     match target {
-        Target::Socket(path) => vec![ask(path, timeout)],
+        Target::Socket(path) => vec![start(path, timeout)()],
         Target::Discover(dir) => {
             let found = match sockets(dir) {
                 Ok(f) => f,

@@ -1,13 +1,10 @@
-//! `kata-trace-forwarder status`: a running forwarder says how it is doing.
-//!
-//! Here the report and the forwarder's end ([`Board`]); the client's in
-//! [`client`], the table in [`table`]. Where a sandbox's spans are missing,
-//! the questions are whether the forwarder serves it, whether its agent is
-//! connected, and whether its spans are dropped or stuck in the spool. The
-//! answer comes over the hand-off socket, which already has the rules such
-//! a question needs (its `SO_PEERCRED` check for root or our successor,
-//! before anything is read; hand-overs; its janitor), as another first
-//! message than a successor's:
+//! `kata-trace-forwarder status`: a running forwarder says how it is doing
+//! (whether it serves a sandbox, whether its agent is connected, whether
+//! its spans are dropped or stuck in the spool). Here the report and the
+//! forwarder's end ([`Board`]); the client's in [`client`], the table in
+//! [`table`]. It is asked over the hand-off socket, which has the rules it
+//! needs (`SO_PEERCRED`: root or our successor, before anything is read),
+//! with another first message than a successor's:
 //!
 //! ```text
 //! client -> forwarder   "KTFSTAT1"                  (8 bytes)
@@ -15,8 +12,7 @@
 //! ```
 //!
 //! Nothing pauses or changes: the report reads counters kept anyway. Both
-//! ends bound their time and the report's size, and the forwarder answers
-//! a few at once at most, off the async runtime.
+//! ends bound their time and the report's size.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -107,8 +103,7 @@ pub struct SandboxReport {
     /// Read and still in memory: queued, being sent, or waiting for room.
     pub pending: u64,
     pub dropped: ByReason,
-    /// Reads paused (`rate`, `queue_share`), connections closed
-    /// (`connections`).
+    /// Reads paused (`rate`, `queue_share`), connections closed.
     pub limited: ByReason,
     /// When spans of its were last read; `None`: never.
     pub last_sent_unix_ms: Option<u64>,
