@@ -270,7 +270,7 @@ mod table;
 
 #[cfg(test)]
 use client::discovered;
-pub use client::{ask, gather, sockets, Target};
+pub use client::{gather, sockets, Target};
 pub use table::print;
 #[cfg(test)]
 use table::{bytes, duration};
