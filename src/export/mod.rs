@@ -54,6 +54,7 @@ use spool::Spool;
 pub(crate) use health::{unix_ms, Health};
 pub use health::{Failure, HealthSnapshot};
 pub(crate) use replay::run_replayer;
+pub(crate) use sink::run_sink_ticker;
 pub use sink::Sink;
 use split::{halves_of, split_batch, split_half};
 
@@ -312,25 +313,6 @@ impl Weight {
         }
         self.spans += q.record.count;
         self.bytes += cost + q.record.spans.len();
-    }
-}
-
-/// Ticks a sink that holds spans (the tree view's) until shutdown begins;
-/// `Sink::finish` prints the rest. Ends at once for other sinks.
-pub(crate) async fn run_sink_ticker(exporter: Arc<Exporter>, shutdown: Shutdown) {
-    let Some(every) = exporter.sink.tick_every() else {
-        return;
-    };
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = shutdown.stopping() => return,
-        }
-        if let Err(e) = exporter.sink.tick() {
-            tracing::warn!(error = %e, "cannot write the trace trees to stdout");
-        }
     }
 }
 

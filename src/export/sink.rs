@@ -44,18 +44,6 @@ impl Sink {
         }
     }
 
-    /// How often [`Sink::tick`] has something to do, if ever: a quarter of
-    /// the tree view's linger (a quiet trace waits that much longer at most).
-    pub(super) fn tick_every(&self) -> Option<Duration> {
-        let linger = self.trees()?.opts.linger;
-        Some((linger / 4).max(Duration::from_millis(10)))
-    }
-
-    pub(super) fn tick(&self) -> std::io::Result<()> {
-        self.trees()
-            .map_or(Ok(()), |mut w| w.tick(std::time::Instant::now()))
-    }
-
     /// Writes out whatever the sink still holds (the tree view's traces).
     pub(crate) fn finish(&self) -> std::io::Result<()> {
         self.trees().map_or(Ok(()), |mut w| w.finish())
@@ -98,4 +86,25 @@ impl Sink {
 fn written(r: std::io::Result<()>) -> Result<ExportTraceServiceResponse, ExportError> {
     r.map(|()| ExportTraceServiceResponse::default())
         .map_err(ExportError::WriteDump)
+}
+
+/// Ticks the tree view, printing its quiet traces, until shutdown begins
+/// (`Sink::finish` prints the rest); ends at once for other sinks.
+pub(crate) async fn run_sink_ticker(exporter: Arc<Exporter>, shutdown: Shutdown) {
+    let Some(linger) = exporter.sink.trees().map(|w| w.opts.linger) else {
+        return;
+    };
+    // A quiet trace waits at most a quarter of the linger longer than asked.
+    let mut ticks = tokio::time::interval((linger / 4).max(Duration::from_millis(10)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.stopping() => return,
+        }
+        let now = std::time::Instant::now();
+        if let Some(Err(e)) = exporter.sink.trees().map(|mut w| w.tick(now)) {
+            tracing::warn!(error = %e, "cannot write the trace trees to stdout");
+        }
+    }
 }
