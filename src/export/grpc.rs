@@ -101,13 +101,11 @@ impl GrpcTransport {
             h.insert("grpc-encoding", HeaderValue::from_static("gzip"));
         }
         h.extend(self.cfg.headers.iter().cloned());
-
         // A clone shares the connection (the replayer's and the batcher's).
         let mut channel = self.channel.clone();
         let failed = |e: tonic::transport::Error| GrpcError(Status::from_error(Box::new(e)));
         poll_fn(|cx| channel.poll_ready(cx)).await.map_err(failed)?;
         let resp = channel.call(req).await.map_err(failed)?;
-
         // An error may come as headers alone ("trailers-only").
         let status = Status::from_header_map(resp.headers());
         if let Some(status) = status.filter(|s| s.code() != Code::Ok) {

@@ -165,11 +165,10 @@ impl Exporter {
         res
     }
 
-    /// Sends a batch of `spans` spans, retrying as the policy says; with a
-    /// spool, one that keeps failing while the queue fills (or past the
-    /// shutdown deadline) goes to disk, and a full spool keeps it in memory
-    /// (the backpressure on) until time is up. What became of it, the
-    /// attempts, and the last error.
+    /// Sends a batch, retrying as the policy says; with a spool, one failing
+    /// while the queue fills (or past the shutdown deadline) goes to disk (a
+    /// full spool: kept in memory until time is up). What became of it, the
+    /// attempts, the last error.
     async fn deliver(
         &self,
         body: EncodedRequest,

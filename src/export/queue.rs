@@ -1,17 +1,14 @@
-//! The bounded queue between the agent connections and the batcher.
-//!
-//! Bounded in spans, by span slots a record holds from send to receipt (a
-//! record is one socket read, so the channel's capacity would bound reads),
-//! and in bytes, by permits each span holds (its frame's payload) until its
-//! batch is exported, spooled or dropped. A connection without room waits
-//! and stops reading its socket: a slow collector becomes backpressure on
-//! the guest, not memory here.
+//! The bounded queue between the agent connections and the batcher: in
+//! spans, by slots a record (one socket read) holds until received, and in
+//! bytes, by permits its spans hold until their batch is exported, spooled
+//! or dropped. A connection without room stops reading its socket, so a
+//! slow collector becomes backpressure on the guest, not memory here.
 //!
 //! Fair between sandboxes: while others hold room, a sandbox's [`Share`]
-//! is at most an equal part (see [`crate::tenant`]); and the receiver sorts
-//! what arrived into one lane per sandbox and takes from the lanes in
-//! turn, so a quiet sandbox never waits behind a flooding one's backlog.
-//! Slots go back as records leave the lanes, so `max_spans` bounds them too.
+//! is at most an equal part (see [`crate::tenant`]); and the receiver takes
+//! records from one lane per sandbox in turn, so a quiet sandbox never
+//! waits behind a flood. Slots go back as records leave the lanes (so they
+//! bound the lanes too).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

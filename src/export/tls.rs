@@ -107,11 +107,8 @@ fn stamps(s: &TlsConfig) -> Vec<Stamp> {
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::ReadFile {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
+    let path = path.to_path_buf();
+    std::fs::read(&path).map_err(|source| TlsError::ReadFile { what, path, source })
 }
 
 fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -119,13 +116,10 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .filter_map(Result::ok)
         .collect();
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            what,
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(certs)
+    let path = path.to_path_buf();
+    (!certs.is_empty())
+        .then_some(certs)
+        .ok_or(TlsError::NoCertificate { what, path })
 }
 
 fn build(s: &TlsConfig, alpn: &[u8]) -> Result<ClientConfig, TlsError> {
