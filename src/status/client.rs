@@ -31,15 +31,12 @@ pub(super) fn exchange(path: &Path, timeout: Duration) -> Result<Report, StatusE
         ErrorKind::PermissionDenied => StatusError::Denied { path: p() },
         _ => StatusError::Connect { path: p(), source },
     })?;
-    let closed = |e: std::io::Error| match e.kind() {
+    let closed = |source: std::io::Error| match source.kind() {
         ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof => {
             StatusError::NoAnswer { path: p() }
         }
         ErrorKind::WouldBlock | ErrorKind::TimedOut => StatusError::Timeout { path: p(), timeout },
-        _ => StatusError::Read {
-            path: p(),
-            source: e,
-        },
+        _ => StatusError::Read { path: p(), source },
     };
     s.set_read_timeout(Some(timeout)).map_err(closed)?;
     s.set_write_timeout(Some(timeout)).map_err(closed)?;
@@ -51,16 +48,11 @@ pub(super) fn exchange(path: &Path, timeout: Duration) -> Result<Report, StatusE
     if buf.is_empty() {
         return Err(StatusError::NoAnswer { path: p() });
     }
+    let undecodable = |reason| StatusError::Decode { path: p(), reason };
     if buf.len() > MAX_REPORT {
-        return Err(StatusError::Decode {
-            path: p(),
-            reason: format!("larger than {MAX_REPORT} bytes"),
-        });
+        return Err(undecodable(format!("larger than {MAX_REPORT} bytes")));
     }
-    serde_json::from_slice(&buf).map_err(|e| StatusError::Decode {
-        path: p(),
-        reason: e.to_string(),
-    })
+    serde_json::from_slice(&buf).map_err(|e| undecodable(e.to_string()))
 }
 
 /// Most sockets one `status` asks: far more forwarders than a host runs.
