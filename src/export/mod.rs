@@ -1,19 +1,13 @@
 //! Export: batching, retry, and the transports that reach the collector.
 //!
-//! Converted spans arrive on one bounded queue from every connection. The
-//! batcher sends a batch at `batch_max_spans` spans, at as many encoded
-//! bytes as the next span would take past `batch_max_bytes`, or once its
-//! oldest span has waited `batch_timeout`. A request the collector finds
-//! too large is sent again as its two halves, down to a single span, so
-//! that one sandbox's over-large span costs no other sandbox anything.
-//! One export is in flight at a time: while the collector is slow or away,
-//! the batcher retries, the queue fills, and the connections stop reading,
-//! so backpressure reaches the guest instead of memory growing here.
-//!
-//! With a [`spool`], a batch that keeps failing while the queue fills goes
-//! to disk instead, and a replayer sends it once the collector answers. At
-//! shutdown, what cannot be sent by the deadline is spooled too, or counted
-//! as dropped.
+//! The batcher cuts batches (see ARCHITECTURE.md), encodes each once, and
+//! sends one at a time: while the collector is slow or away it retries, the
+//! queue fills, and the connections stop reading. A request the collector
+//! finds too large is sent again as its two halves, down to a single span,
+//! so one sandbox's over-large span costs no other sandbox anything. With a
+//! [`spool`], a batch failing while the queue fills goes to disk, for the
+//! replayer; at shutdown, what cannot be sent by the deadline is spooled,
+//! or counted as dropped.
 
 pub(crate) mod body;
 pub(crate) mod coalesce;

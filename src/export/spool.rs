@@ -404,14 +404,6 @@ impl Spool {
         }
     }
 
-    /// Gives a claimed batch back, to be sent later (by whoever claims it).
-    fn release(&self, seq: u64) {
-        if let Err(e) = fs::rename(self.claim_path(seq), self.batch_path(seq)) {
-            tracing::warn!(seq, error = %e, "could not give a spooled batch back");
-            self.forget(seq);
-        }
-    }
-
     /// Removes a batch that has been delivered (claimed by [`read`](Self::read),
     /// or else as written).
     pub(crate) fn remove(&self, seq: u64) {
@@ -450,9 +442,14 @@ impl Claimed<'_> {
     }
 }
 
+/// Gives the batch back, to be sent later (by whoever claims it).
 impl Drop for Claimed<'_> {
     fn drop(&mut self) {
-        self.0.release(self.1);
+        let Claimed(spool, seq) = *self;
+        if let Err(e) = fs::rename(spool.claim_path(seq), spool.batch_path(seq)) {
+            tracing::warn!(seq, error = %e, "could not give a spooled batch back");
+            spool.forget(seq);
+        }
     }
 }
 
