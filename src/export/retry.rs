@@ -26,7 +26,6 @@ pub(crate) trait Classify {
     fn retry(&self) -> Retry;
 }
 
-#[derive(Debug, Clone)]
 pub(crate) struct RetryPolicy {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
@@ -43,7 +42,6 @@ pub(crate) const EXPORT: RetryPolicy = RetryPolicy {
     max_elapsed: Duration::from_secs(120),
 };
 
-#[derive(Debug)]
 pub(crate) struct Outcome<T, E> {
     pub result: Result<T, E>,
     /// Attempts made, the first included.
@@ -112,7 +110,6 @@ impl RetryPolicy {
 /// The waits between attempts, as a [`RetryPolicy`] says: doubling from
 /// `initial_backoff` up to `max_backoff`, jittered, or a throttling hint,
 /// capped. [`RetryPolicy::run`] waits them, and so does the replayer.
-#[derive(Debug)]
 pub(crate) struct Backoff<'a> {
     policy: &'a RetryPolicy,
     next: Duration,

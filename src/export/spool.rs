@@ -92,7 +92,6 @@ pub struct Depth {
 }
 
 /// The spool; it keeps its gauges (`spool_bytes`, `spool_files`) up to date.
-#[derive(Debug)]
 pub(crate) struct Spool {
     pub(crate) dir: PathBuf,
     pub(crate) max_bytes: u64,
@@ -105,7 +104,6 @@ pub(crate) struct Spool {
 }
 
 /// What a file in the spool directory is, by its name: `<seq>.<what>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
     Batch,
     Damaged,
