@@ -1,16 +1,13 @@
 //! Connections to the collector, for both transports: TCP, and TLS
-//! (rustls) for `https://` endpoints.
+//! (rustls, 1.2 and 1.3; ALPN `h2` or `http/1.1`) for `https://`. The
+//! collector's chain is checked against the system's roots (or
+//! `--otlp-certificate`'s), its name against the endpoint's host; with a
+//! client certificate and key the forwarder proves itself too (mTLS).
 //!
-//! The forwarder checks the collector's chain against the system's roots
-//! (or `--otlp-certificate`'s bundle) and its name against the endpoint's
-//! host; with a client certificate and key it proves itself too (mTLS).
-//! TLS 1.2 and 1.3; ALPN `h2` for gRPC, `http/1.1` for OTLP/HTTP.
-//!
-//! Certificates are rotated on disk unannounced, so every new connection
-//! checks the files' size and modification time and reloads them if
-//! changed; a change that does not load is logged and the last good
-//! configuration kept (a half-written rotation never stops export). At
-//! startup every file must load, or the error names it.
+//! Certificates are rotated on disk unannounced, so each new connection
+//! reloads files whose size or modification time changed; one that does
+//! not load is logged and the last good configuration kept (a rotation
+//! half done never stops export). At startup every file must load.
 
 use std::io;
 use std::path::{Path, PathBuf};
