@@ -1,10 +1,8 @@
-//! The HTTP body of an export request: the pieces of an
-//! [`EncodedRequest`], handed to hyper one by one, without copying; and the
+//! An export request's HTTP body: the pieces of an [`EncodedRequest`],
+//! handed to hyper one by one without copying (h2 chains a large `Bytes`
+//! behind its frame header rather than copying it, so spans go from the
+//! buffer they were encoded into straight to the socket); and the
 //! collector's answer, read within bounds.
-//!
-//! hyper and h2 send a large `Bytes` as it is (h2 chains it behind the frame
-//! header instead of copying it into its own buffer), so a batch's spans go
-//! from the buffer they were encoded into straight to the socket.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -16,11 +14,9 @@ use hyper::body::{Body, Frame, SizeHint};
 use crate::config::Compression;
 use crate::otlp::EncodedRequest;
 
-/// The request as `compression` says to send it. Gzip is the one path that
-/// copies the spans, since compressing means reading them all anyway; at
-/// level 1, the fastest: spans are repetitive enough that it already sends
-/// an eighth of the bytes or less, while the default level 6 costs three to
-/// four times the forwarder's CPU per span (BENCHMARKS.md).
+/// The request as `compression` says to send it. Gzip (the one path that
+/// copies) at level 1: it already sends an eighth of the bytes or less,
+/// where level 6 costs three to four times the CPU per span (BENCHMARKS.md).
 pub(crate) fn compressed(
     compression: Compression,
     request: &EncodedRequest,
@@ -41,24 +37,15 @@ pub(crate) fn compressed(
     std::borrow::Cow::Owned(EncodedRequest::from(gzipped))
 }
 
-pub(crate) struct RequestBody {
-    chunks: std::vec::IntoIter<Bytes>,
-    remaining: u64,
-}
+/// The pieces not sent yet.
+pub(crate) struct RequestBody(std::vec::IntoIter<Bytes>);
 
 impl RequestBody {
     /// `prefix` goes first: gRPC's message header.
     pub(crate) fn new(prefix: Option<Bytes>, request: &EncodedRequest) -> Self {
-        let chunks: Vec<Bytes> = prefix
-            .into_iter()
-            .chain(request.chunks().iter().cloned())
-            .filter(|c| !c.is_empty())
-            .collect();
-        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
-        Self {
-            chunks: chunks.into_iter(),
-            remaining,
-        }
+        let chunks = prefix.into_iter().chain(request.chunks().iter().cloned());
+        let chunks: Vec<Bytes> = chunks.filter(|c| !c.is_empty()).collect();
+        Self(chunks.into_iter())
     }
 }
 
@@ -70,27 +57,21 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let this = self.get_mut();
-        Poll::Ready(this.chunks.next().map(|c| {
-            this.remaining = this.remaining.saturating_sub(c.len() as u64);
-            Ok(Frame::data(c))
-        }))
+        Poll::Ready(self.get_mut().0.next().map(|c| Ok(Frame::data(c))))
     }
 
-    /// Lets hyper end the stream with the last piece, instead of sending
-    /// an empty frame after it.
+    /// Lets hyper end the stream with the last piece, not an empty frame.
     fn is_end_stream(&self) -> bool {
-        self.remaining == 0
+        self.0.as_slice().is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.remaining)
+        SizeHint::with_exact(self.0.as_slice().iter().map(|c| c.len() as u64).sum())
     }
 }
 
 /// At most `max` bytes of a response body, read by `deadline`; `None` if it
-/// is longer, does not end in time, or breaks off. A collector's answer is
-/// a few bytes, so nothing past this is worth memory or waiting for.
+/// is longer, late, or breaks off.
 pub(crate) async fn read_bounded<B>(
     body: B,
     max: usize,

@@ -1,24 +1,13 @@
-//! Fewer, larger writes to the collector's connection.
-//!
-//! h2 writes each DATA frame with its own `writev` and flushes after each
-//! one, and a collector's HTTP/2 frames are 16 KiB at most (the default, and
-//! Go gRPC's). With `TCP_NODELAY`, as gRPC needs for its small messages, a
-//! batch of a few hundred KiB was tens of system calls and TCP segments,
-//! each waking the collector: in the benchmark, a quarter of the
-//! forwarder's CPU. This writer gathers what h2 writes into one buffer and
-//! sends it when it is full or when h2 has nothing more to write.
-//!
-//! Corking the socket (`TCP_CORK`) instead would spare the copy, but keeps
-//! a system call per frame; measured side by side, the copy is cheaper
-//! (BENCHMARKS.md).
-//!
-//! "Nothing more" is the subtle part, since h2 flushes after every frame.
-//! A flush that follows new writes is deferred: the writer wakes its own
-//! task and reports success, so h2 goes on framing the rest of the request.
-//! When the task runs again and flushes with nothing new written, the
-//! buffer goes out. Every deferral is paired with a wake-up, so buffered
-//! bytes never wait for outside events; they wait at most one turn of the
-//! connection task, or until the buffer is full.
+//! Fewer, larger writes to the collector's connection. h2 writes and
+//! flushes each DATA frame (16 KiB at most) on its own: with `TCP_NODELAY`
+//! (gRPC needs it), a batch was tens of system calls and segments, each
+//! waking the collector, a quarter of our CPU in the benchmark. This writer
+//! gathers h2's writes and sends them when full or when h2 has nothing more
+//! (`TCP_CORK` would spare the copy but keep a call per frame: the copy
+//! measured cheaper, BENCHMARKS.md). "Nothing more": a flush after new
+//! writes is deferred (the writer wakes its own task and reports success,
+//! so h2 frames the rest); a flush with nothing new sends the buffer. Each
+//! deferral pairs with a wake-up: bytes wait one turn of the task at most.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -32,7 +21,7 @@ pub(crate) const CAPACITY: usize = 256 * 1024;
 pub(crate) struct Coalesce<S> {
     inner: S,
     buf: Vec<u8>,
-    /// Bytes of `buf` already written to `inner`.
+    /// Bytes of `buf` written to `inner`.
     sent: usize,
     /// Written to since the last flush request.
     fresh: bool,

@@ -1,10 +1,9 @@
 //! `--dump-only`: spans as OTLP JSON lines on stdout, no collector needed.
 //!
-//! Each line is a complete OTLP/JSON `TracesData` object holding one span
-//! with its resource, so lines can be read one at a time, grepped, or fed
-//! to anything that takes OTLP JSON (ids in hex, 64-bit numbers as strings,
-//! as the OTLP JSON mapping says, and so are NaN and the infinities:
-//! `"NaN"`, `"Infinity"`, `"-Infinity"`).
+//! Each line is a whole OTLP/JSON `TracesData` of one span with its
+//! resource, to be read a line at a time, grepped, or fed to anything that
+//! takes OTLP JSON (NaN and the infinities as `"NaN"`, `"Infinity"`,
+//! `"-Infinity"`, as the mapping says).
 
 use std::io::{self, Write};
 
@@ -16,8 +15,7 @@ use prost::Message;
 use crate::otlp::EncodedRequest;
 
 pub(crate) fn write_request(out: &mut impl Write, body: &EncodedRequest) -> io::Result<()> {
-    // Spans arrive encoded for export; this slow path decodes them back
-    // into OTLP structs for the JSON mapping.
+    // The slow path: decoded back into OTLP structs for the JSON mapping.
     let request = ExportTraceServiceRequest::decode(body.to_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     for rs in request.resource_spans {
@@ -27,11 +25,10 @@ pub(crate) fn write_request(out: &mut impl Write, body: &EncodedRequest) -> io::
                 resource_spans: vec![ResourceSpans {
                     resource: Some(resource.clone()),
                     scope_spans: vec![ScopeSpans {
-                        scope: None,
                         spans: vec![span],
-                        schema_url: String::new(),
+                        ..Default::default()
                     }],
-                    schema_url: String::new(),
+                    ..Default::default()
                 }],
             };
             write_line(out, &line)?;
@@ -40,11 +37,9 @@ pub(crate) fn write_request(out: &mut impl Write, body: &EncodedRequest) -> io::
     out.flush()
 }
 
-/// Writes one line. The OTLP JSON mapping writes a double that is not
-/// finite as a string; serde_json writes `null`, which reads back as no
-/// value at all, and opentelemetry-proto's `AnyValue` asks for nothing
-/// else. So a line that holds such a double (rare: only a guest's NaN or
-/// infinity) goes through a JSON value, set right where the span has them.
+/// Writes one line. serde_json writes a non-finite double as `null` (read
+/// back as no value), where OTLP JSON wants a string; so a line holding
+/// one (rare) goes through a JSON value, patched where the span has them.
 fn write_line(out: &mut impl Write, line: &TracesData) -> io::Result<()> {
     let mut any = false;
     each_list(line, |kvs, _| {
@@ -62,9 +57,8 @@ fn write_line(out: &mut impl Write, line: &TracesData) -> io::Result<()> {
     out.write_all(b"\n")
 }
 
-/// Calls `f` with each attribute list of `line` (the resources', the
-/// spans', their events' and links'), and how to make the JSON pointer to
-/// the object holding it.
+/// Calls `f` with each attribute list of `line` (resources', spans',
+/// events', links') and how to make the JSON pointer to its object.
 fn each_list(line: &TracesData, mut f: impl FnMut(&[KeyValue], &dyn Fn() -> String)) {
     for (i, rs) in line.resource_spans.iter().enumerate() {
         if let Some(r) = &rs.resource {
@@ -86,8 +80,8 @@ fn each_list(line: &TracesData, mut f: impl FnMut(&[KeyValue], &dyn Fn() -> Stri
     }
 }
 
-/// A double that JSON has no number for, or an array holding one (the
-/// agent's values are scalars or arrays of them, never key-value lists).
+/// A double JSON has no number for, or an array holding one (the agent
+/// sends no key-value lists).
 fn special(v: &AnyValue) -> bool {
     match &v.value {
         Some(any_value::Value::DoubleValue(d)) => !d.is_finite(),

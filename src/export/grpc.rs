@@ -1,18 +1,11 @@
 //! OTLP/gRPC transport (`TraceService/Export` over HTTP/2, via tonic).
 //!
-//! A unary gRPC call is one HTTP/2 request: `POST /<service>/<method>` with
-//! `content-type: application/grpc` and `te: trailers`, whose body is the
-//! message behind a 5-byte header (a compression flag, then the length,
-//! big-endian). The answer is the response message in the same framing,
-//! then trailers carrying `grpc-status`, `grpc-message` and, for errors,
-//! `grpc-status-details-bin` (a `google.rpc.Status`, where a throttling
-//! collector puts its `RetryInfo`). An error may also come as headers alone.
-//!
-//! Requests arrive here already encoded, as the pieces of an
-//! [`EncodedRequest`]. tonic's client would copy them into one message
-//! buffer, so the request is built here and sent through tonic's `Channel`
-//! (connection, HTTP/2, timeouts, and `tls::Connector`'s coalescing writes),
-//! and the answer is read by tonic's own response decoder.
+//! tonic's client would copy the [`EncodedRequest`]'s pieces into one
+//! buffer, so the request (a `POST` whose body is the message behind a
+//! 5-byte header: compression flag, big-endian length) is built here and
+//! sent through tonic's `Channel`; the answer (the message, then trailers
+//! with `grpc-status`, or an error as headers alone) is read by tonic's
+//! decoder. A throttling collector puts `RetryInfo` in the error's details.
 
 use std::future::poll_fn;
 use std::time::Duration;
@@ -28,14 +21,13 @@ use tonic::{Code, Status};
 
 use super::body::{compressed, RequestBody};
 use super::retry::{Classify, Retry};
-use super::tls::{self, within, Connector};
+use super::tls::{self, within};
 use super::ExportError;
 use crate::config::{Compression, OtlpConfig};
 use crate::otlp::EncodedRequest;
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
-/// A collector's answer is a few bytes (a partial-success count and
-/// message); anything larger is not read.
+/// A collector's answer is a few bytes; anything larger is not read.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 pub(crate) struct GrpcTransport {
@@ -44,28 +36,21 @@ pub(crate) struct GrpcTransport {
 }
 
 impl GrpcTransport {
-    /// Connects eagerly, so that a missing collector is reported at startup
-    /// rather than at the first span.
+    /// Connects eagerly: a missing collector is a startup error.
     pub(crate) async fn connect(
         cfg: &OtlpConfig,
         connect_timeout: Duration,
     ) -> Result<Self, ExportError> {
         let endpoint_str = cfg.endpoint.to_string();
-        let tls = tls::reach(cfg, b"h2", connect_timeout).await?;
+        let connector = tls::reach(cfg, b"h2", connect_timeout).await?;
         let endpoint = Endpoint::from(cfg.endpoint.clone())
             .connect_timeout(connect_timeout)
             .timeout(cfg.timeout)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
-        let connect = endpoint.connect_with_connector(Connector {
-            tls,
-            timeout: connect_timeout,
-            coalesce: true,
-        });
+        let connect = endpoint.connect_with_connector(connector);
         let channel = within(&endpoint_str, connect_timeout, connect).await?;
-        // gRPC metadata is HTTP/2 headers; names are lower case ASCII, which
-        // `HeaderName` already is. Binary (`-bin`) values would have to be
-        // base64: OTLP headers are text, so such names are refused.
+        // Binary (`-bin`) metadata would need base64: OTLP headers are text.
         let binary = |(k, v): &&(HeaderName, HeaderValue)| {
             k.as_str().ends_with("-bin") || v.to_str().is_err()
         };
@@ -79,9 +64,8 @@ impl GrpcTransport {
         Ok(Self { channel, cfg })
     }
 
-    /// Sends one encoded `ExportTraceServiceRequest`, within
-    /// `--otlp-timeout` for the whole call: the channel's own timeout ends
-    /// at the response headers, not at the end of the answer.
+    /// Sends one request within `--otlp-timeout` for the whole call (the
+    /// channel's own timeout ends at the response headers).
     pub(crate) async fn export(
         &self,
         body: &EncodedRequest,
@@ -117,18 +101,11 @@ impl GrpcTransport {
             h.insert("grpc-encoding", HeaderValue::from_static("gzip"));
         }
         h.extend(self.cfg.headers.iter().cloned());
-
-        // Cloning shares the connection; it is how tonic channels are used
-        // concurrently (the replayer and the batcher).
+        // A clone shares the connection (the replayer's and the batcher's).
         let mut channel = self.channel.clone();
-        poll_fn(|cx| channel.poll_ready(cx))
-            .await
-            .map_err(|e| GrpcError(Status::from_error(Box::new(e))))?;
-        let resp = channel
-            .call(req)
-            .await
-            .map_err(|e| GrpcError(Status::from_error(Box::new(e))))?;
-
+        let failed = |e: tonic::transport::Error| GrpcError(Status::from_error(Box::new(e)));
+        poll_fn(|cx| channel.poll_ready(cx)).await.map_err(failed)?;
+        let resp = channel.call(req).await.map_err(failed)?;
         // An error may come as headers alone ("trailers-only").
         let status = Status::from_header_map(resp.headers());
         if let Some(status) = status.filter(|s| s.code() != Code::Ok) {
@@ -142,8 +119,7 @@ impl GrpcTransport {
             None,
             Some(MAX_RESPONSE_BYTES),
         );
-        // The trailers are read too: a failure status comes after the
-        // message, and `message` reports it.
+        // The trailers too: a failure status may follow the message.
         let message = answer.message().await.map_err(GrpcError)?;
         while answer.message().await.map_err(GrpcError)?.is_some() {}
         Ok(message.unwrap_or_default())
@@ -157,8 +133,7 @@ pub struct GrpcError(pub Status);
 
 impl Classify for GrpcError {
     fn retry(&self) -> Retry {
-        // A certificate, the collector's or ours, that fails to verify:
-        // the same files will fail the same way, whatever the code says.
+        // Whatever the code says, the same certificates fail again.
         if tls::is_tls_rejection(&self.0) {
             return Retry::Never;
         }
@@ -171,19 +146,16 @@ impl Classify for GrpcError {
             | Code::OutOfRange
             | Code::Unavailable
             | Code::DataLoss => Retry::Retryable,
-            // With a hint of when (`google.rpc.RetryInfo` in the details),
-            // the collector is throttling; without one, the request is over
-            // its message size limit (grpc-go's `max_recv_msg_size`, 4 MiB
-            // by default): smaller ones may pass. A zero delay is no hint
-            // (tonic-types reads a nonsensical negative one as zero): it
-            // tells nothing about when the collector recovers.
+            // With a `RetryInfo` delay, throttling; without one, over the
+            // collector's message limit (grpc-go's `max_recv_msg_size`, 4 MiB
+            // by default): smaller requests may pass. A zero delay (also a
+            // negative one, as tonic-types reads it) is no hint.
             Code::ResourceExhausted => status
                 .get_details_retry_info()
                 .and_then(|info| info.retry_delay)
                 .filter(|d| !d.is_zero())
                 .map_or(Retry::TooLarge, |d| Retry::Throttled(Some(d))),
-            // tonic reports connection failures as Unknown with a transport
-            // error source; those are worth retrying.
+            // tonic's connection failures: Unknown with a transport source.
             Code::Unknown
                 if std::error::Error::source(status).is_some()
                     || status.message().contains("transport error") =>

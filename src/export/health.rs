@@ -1,5 +1,4 @@
-//! How the collector has answered lately, for `status`: one store per
-//! request, never per span.
+//! How the collector has answered lately, for `status` (noted per request).
 
 use super::{cut, error_chain, lock, ExportError};
 
@@ -9,15 +8,14 @@ const MAX_ERROR_TEXT: usize = 512;
 #[derive(Default)]
 pub(crate) struct Health(std::sync::Mutex<HealthSnapshot>);
 
-/// What [`Health`] says now: when a request last went through, and when the
-/// last one failed and why (in milliseconds since the Unix epoch).
+/// When a request last went through, and when the last one failed and why
+/// (milliseconds since the Unix epoch).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HealthSnapshot {
     pub last_success_unix_ms: Option<u64>,
     pub last_failure: Option<Failure>,
 }
 
-/// The last failed request, as `status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Failure {
     pub at_unix_ms: u64,

@@ -1,12 +1,10 @@
 //! OTLP/HTTP transport: `POST <endpoint>` with an `application/x-protobuf`
 //! body, over hyper's pooled HTTP/1.1 client.
 //!
-//! Failures are classified as the OTLP spec says: 429, 502, 503 and 504 are
-//! retryable (with `Retry-After` honoured, in either form), 413 says the request is too
-//! large (its halves are sent instead), other statuses are not retried, and
-//! connection-level errors are. Any 2xx is a success, whatever its body.
-//! An error's body is read as the spec says, a `google.rpc.Status`, and
-//! logged by its message.
+//! As the OTLP spec says: 429, 502, 503 and 504 are retried (`Retry-After`
+//! honoured, in either form), 413 means too large (its halves are sent
+//! instead), other statuses are not retried, connection errors are. Any
+//! 2xx is a success. An error's body is read as a `google.rpc.Status`.
 
 use std::time::Duration;
 
@@ -37,7 +35,7 @@ pub(crate) struct HttpTransport {
 pub enum HttpError {
     #[error("sending request: {0}")]
     Send(String),
-    /// The TLS handshake failed on a certificate, the collector's or ours.
+    /// A certificate, the collector's or ours, failed the handshake.
     #[error("sending request: {0}")]
     TlsRejected(String),
     #[error("no response within {0:?}")]
@@ -46,7 +44,6 @@ pub enum HttpError {
     Status {
         status: StatusCode,
         retry_after: Option<Duration>,
-        /// What the collector said ([`error_detail`]).
         body: String,
     },
 }
@@ -75,11 +72,7 @@ impl HttpTransport {
         cfg: &OtlpConfig,
         connect_timeout: Duration,
     ) -> Result<Self, ExportError> {
-        let connector = Connector {
-            tls: tls::reach(cfg, b"http/1.1", connect_timeout).await?,
-            timeout: connect_timeout,
-            coalesce: false,
-        };
+        let connector = tls::reach(cfg, b"http/1.1", connect_timeout).await?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
@@ -112,10 +105,8 @@ impl HttpTransport {
             })?;
         let status = resp.status();
         let retry_after = retry_after(resp.headers());
-        // The status decides; the body only adds detail. It is read within
-        // the same deadline and size bound either way, and one that does
-        // not fit, or does not end, is left unread: a collector that said
-        // 2xx has the spans, and sending them again would duplicate them.
+        // The status decides: a body over the bound or the deadline is left
+        // unread (after a 2xx, sending again would duplicate the spans).
         let body = read_bounded(resp.into_body(), MAX_RESPONSE_BYTES, deadline).await;
         if !status.is_success() {
             return Err(HttpError::Status {
@@ -124,8 +115,7 @@ impl HttpTransport {
                 body: error_detail(&body.unwrap_or_default()),
             });
         }
-        // A collector may answer 2xx with an empty body; that is a full
-        // success, as is one whose body is not a response message.
+        // An empty body, or one that is no response message: full success.
         Ok(body
             .and_then(|b| ExportTraceServiceResponse::decode(b).ok())
             .unwrap_or_default())
@@ -133,9 +123,8 @@ impl HttpTransport {
 }
 
 /// What a collector said with an error status, at most
-/// [`MAX_DETAIL_BYTES`]: the message of the `google.rpc.Status` that the
-/// OTLP spec has it send, or else (a proxy's page, a collector that does
-/// not follow the spec) the body as text.
+/// [`MAX_DETAIL_BYTES`]: its `google.rpc.Status` message, or else (a
+/// proxy's page) the body as text.
 fn error_detail(body: &[u8]) -> String {
     let text = match tonic_types::pb::Status::decode(body) {
         Ok(status) if !status.message.is_empty() => status.message,
@@ -145,8 +134,7 @@ fn error_detail(body: &[u8]) -> String {
 }
 
 /// `Retry-After`, as delay-seconds or an HTTP-date (RFC 9110 10.2.3). A
-/// date already past (or our clock ahead of the collector's) is no hint:
-/// our own backoff applies, rather than retrying at once.
+/// date past (or our clock ahead) is no hint: our backoff applies.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = value.parse::<u64>() {

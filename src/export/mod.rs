@@ -1,25 +1,13 @@
 //! Export: batching, retry, and the transports that reach the collector.
 //!
-//! Converted spans arrive on one bounded channel from every connection. The
-//! batcher sends a batch when it holds `batch_max_spans` spans, or as many
-//! encoded bytes as the next span would take past `batch_max_bytes`, or when
-//! its oldest span has waited `batch_timeout`, grouped by resource, encoded
-//! once. A request the collector still finds too large is sent again as its
-//! two halves, and so on down to a single span, so that one sandbox's
-//! over-large span costs no other sandbox anything.
-//! One export is in flight at a time: while the collector is slow or away,
-//! the batcher waits in its retry loop, the channel fills, and the
-//! connection tasks stop reading their sockets, so backpressure reaches the
-//! guest instead of memory growing here.
-//!
-//! With a spool ([`spool`]), a batch that keeps failing while the queue is
-//! filling up goes to disk instead, so agents keep flowing; a replayer sends
-//! spooled batches once the collector answers again. At shutdown, what
-//! cannot be sent by the deadline is spooled too, or else counted as
-//! dropped.
-//!
-//! Here: the exporter (one batch's delivery, retries, the spool) and the
-//! batcher (its tests exercise [`sink`], [`split`] and [`replay`] too).
+//! The batcher cuts batches (see ARCHITECTURE.md), encodes each once, and
+//! sends one at a time: while the collector is slow or away it retries, the
+//! queue fills, and the connections stop reading. A request the collector
+//! finds too large is sent again as its two halves, down to a single span,
+//! so one sandbox's over-large span costs no other sandbox anything. With a
+//! [`spool`], a batch failing while the queue fills goes to disk, for the
+//! replayer; at shutdown, what cannot be sent by the deadline is spooled,
+//! or counted as dropped.
 
 pub(crate) mod body;
 pub(crate) mod coalesce;
@@ -60,6 +48,7 @@ use spool::Spool;
 pub(crate) use health::{unix_ms, Health};
 pub use health::{Failure, HealthSnapshot};
 pub(crate) use replay::run_replayer;
+pub(crate) use sink::run_sink_ticker;
 pub use sink::Sink;
 use split::{halves_of, split_batch, split_half};
 
@@ -115,8 +104,8 @@ impl Classify for ExportError {
     }
 }
 
-/// An error and its causes as one line; a cause whose text its parent
-/// already shows (wrappers that print their source) is left out.
+/// An error and its causes as one line, leaving out a cause whose text its
+/// parent already shows.
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     for inner in std::iter::successors(e.source(), |e| e.source()) {
@@ -145,7 +134,6 @@ pub(crate) struct Exporter {
     stats: Arc<Stats>,
     /// Wakes the replayer when a batch has been spooled.
     spooled: Notify,
-    /// How the last requests went, for `status`.
     pub(crate) health: Health,
 }
 
@@ -165,18 +153,16 @@ impl Exporter {
         }
     }
 
-    /// Sends one request through the sink, noting how it went.
     async fn send(&self, body: &EncodedRequest) -> Result<ExportTraceServiceResponse, ExportError> {
         let res = self.sink.send(body).await;
         self.health.note(&res);
         res
     }
 
-    /// Sends a batch of `spans` spans, retrying as the policy says. With a
-    /// spool, a batch that keeps failing while the queue is filling up (or
-    /// past the shutdown deadline) goes to disk instead; a full spool keeps
-    /// the batch in memory, and the backpressure on, until time is up.
-    /// What became of it, the attempts, and the last error on the way.
+    /// Sends a batch, retrying as the policy says; with a spool, one failing
+    /// while the queue fills (or past the shutdown deadline) goes to disk (a
+    /// full spool: kept in memory until time is up). What became of it, the
+    /// attempts, the last error.
     async fn deliver(
         &self,
         body: EncodedRequest,
@@ -186,8 +172,8 @@ impl Exporter {
     ) -> (Delivery, u32, Option<ExportError>) {
         let stats = &*self.stats;
         let spooling = self.spool.is_some();
-        // Past the shutdown deadline, do not start another export that
-        // could take a full timeout: go straight to disk.
+        // Past the shutdown deadline, no export that may take a full
+        // timeout: straight to disk.
         if spooling && shutdown.past_deadline() {
             let delivery = match self.spool_batch(body, spans).await {
                 true => Delivery::Spooled,
@@ -294,8 +280,7 @@ fn delivered(stats: &Stats, resp: &ExportTraceServiceResponse) -> Delivery {
 struct Weight {
     spans: usize,
     bytes: usize,
-    /// The resources counted already; a batch has a few, one per sandbox
-    /// or connection.
+    /// The resources counted already (a few: one per sandbox or connection).
     resources: Vec<Arc<EncodedResource>>,
 }
 
@@ -324,29 +309,7 @@ impl Weight {
     }
 }
 
-/// Drives a sink that holds spans (the tree view's lingering traces) until
-/// shutdown begins; the sink's `finish` prints the rest once the batcher is
-/// done. Ends at once for a sink that holds nothing.
-pub(crate) async fn run_sink_ticker(exporter: Arc<Exporter>, shutdown: Shutdown) {
-    let Some(every) = exporter.sink.tick_every() else {
-        return;
-    };
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = shutdown.stopping() => return,
-        }
-        if let Err(e) = exporter.sink.tick() {
-            tracing::warn!(error = %e, "cannot write the trace trees to stdout");
-        }
-    }
-}
-
 /// Receives spans until every sender is gone, exporting them in batches.
-/// Once shutdown has set its deadline, retries stop at it, and what cannot
-/// be sent by then is spooled, or counted as dropped.
 pub(crate) async fn run_batcher(
     mut rx: QueueReceiver,
     exporter: Arc<Exporter>,
@@ -354,9 +317,8 @@ pub(crate) async fn run_batcher(
     shutdown: Shutdown,
 ) {
     let mut buf: Vec<Queued> = Vec::with_capacity(cfg.max_spans);
-    // A record holds the spans of one socket read; what does not fit a batch
-    // (the tail of the record that crosses `max_spans` or `max_bytes`, and
-    // the records after it) waits here for the next one.
+    // What does not fit a batch (the tail of the record that crosses a
+    // bound, and the records after it) waits here for the next one.
     let mut carry: Vec<Queued> = Vec::new();
     loop {
         buf.append(&mut carry);
@@ -365,8 +327,7 @@ pub(crate) async fn run_batcher(
         }
         let mut weight = Weight::default();
         buf.iter().for_each(|q| weight.add(q));
-        // From the oldest span's arrival, which a paced read may have
-        // brought in a little after the fact.
+        // From the oldest span's arrival (a paced read may bring it late).
         let oldest = |q: &[Queued]| q.iter().map(|q| q.since).min();
         let mut flush_at = oldest(&buf).unwrap_or_else(Instant::now) + cfg.timeout;
         let deadline = tokio::time::sleep_until(flush_at);
@@ -421,21 +382,19 @@ impl Piece {
 }
 
 async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx: &QueueReceiver) {
-    // The queue's byte permits, and each sandbox's share of them, are held
-    // until this function returns: the data is in memory until then,
-    // encoded or not.
+    // The queue's byte permits and the sandboxes' shares are held until
+    // this returns: the data is in memory until then.
     let (records, held): (Vec<_>, Vec<_>) = batch
         .into_iter()
         .map(|q| (q.record, (q.permit, q.share)))
         .unzip();
     // Each sandbox's part of the batch, for its own counters.
     let tenants = held.iter().map(|(_, s)| Arc::clone(s.tenant())).collect();
-    // A request too large for the collector comes back as its two halves,
-    // the first sent first, down to single spans (see the module docs).
+    // Halves of a request too large come back here, the first sent first.
     let mut pieces = vec![Piece { records, tenants }];
     while let Some(mut piece) = pieces.pop() {
         let spans: u64 = piece.records.iter().map(|r| r.count as u64).sum();
-        // The spans are encoded already; this frames them into one request.
+        // Frames the spans, encoded already, into one request.
         let body = encode_request(&piece.records);
         let bytes = body.len();
         let (delivery, attempts, error) = exporter

@@ -1,22 +1,14 @@
-//! The bounded queue between the agent connections and the batcher.
+//! The bounded queue between the agent connections and the batcher: in
+//! spans, by slots a record (one socket read) holds until received, and in
+//! bytes, by permits its spans hold until their batch is exported, spooled
+//! or dropped. A connection without room stops reading its socket, so a
+//! slow collector becomes backpressure on the guest, not memory here.
 //!
-//! It is bounded twice: in spans, by a semaphore of span slots that a
-//! record holds from send to receipt (a record carries the spans of one
-//! socket read, so the channel's capacity alone would bound reads, not
-//! spans), and in bytes, by a semaphore of byte permits that each span
-//! holds (sized by its frame's payload) until its batch has been exported,
-//! spooled or dropped. A connection that cannot get room waits, and does
-//! not read its socket meanwhile: the bound turns a slow collector into
-//! backpressure on the guest rather than into memory growth here.
-//!
-//! It is also fair between sandboxes. Each record carries its sandbox's
-//! [`Share`] of the queue: while other sandboxes hold room, one may hold at
-//! most an equal part (see [`crate::tenant`]), waiting otherwise. And the
-//! receiver takes everything that has arrived into one lane per sandbox
-//! and hands records out from the lanes in turn, so the spans of a quiet
-//! sandbox never wait behind a flooding one's backlog. The span slots go
-//! back as records leave the lanes, so the lanes are bounded by the same
-//! `max_spans`.
+//! Fair between sandboxes: while others hold room, a sandbox's [`Share`]
+//! is at most an equal part (see [`crate::tenant`]); and the receiver takes
+//! records from one lane per sandbox in turn, so a quiet sandbox never
+//! waits behind a flood. Slots go back as records leave the lanes (so they
+//! bound the lanes too).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -42,8 +34,7 @@ impl Share {
         &self.tenant
     }
 
-    /// Splits off `part` of `whole`: what a split-off piece of the record
-    /// holds.
+    /// Splits off `part` of `whole` (for a split-off piece of the record).
     fn split(&mut self, part: usize, whole: usize) -> Share {
         let of = |v: usize| (v as u128 * part as u128 / whole.max(1) as u128) as usize;
         let (spans, bytes) = (of(self.spans), of(self.bytes));
@@ -68,15 +59,14 @@ pub(crate) struct Queued {
     pub record: SpanRecord,
     pub permit: OwnedSemaphorePermit,
     pub share: Share,
-    /// The earliest these spans may have reached the forwarder's socket:
-    /// the batch timeout counts from here (see `crate::listen::pacing`).
+    /// The earliest these spans may have reached our socket: the batch
+    /// timeout counts from here (see `crate::listen::pacing`).
     pub since: Instant,
 }
 
 impl Queued {
     /// Splits off the first `n` spans with their share of the byte budget,
-    /// so that a batch can end inside a record. `None` (never, in practice)
-    /// leaves the record whole.
+    /// for a batch to end inside a record. `None` (never, in practice).
     pub(crate) fn split_to(&mut self, n: usize) -> Option<Queued> {
         let count = self.record.count.max(1);
         let n = n.min(count);
@@ -92,8 +82,8 @@ impl Queued {
     }
 }
 
-/// Span slots a record of `count` spans takes: a record larger than the
-/// whole queue still fits alone.
+/// Span slots a record of `count` spans takes (one larger than the queue
+/// still fits alone).
 fn slot_count(count: usize, max_spans: usize) -> u32 {
     u32::try_from(count.clamp(1, max_spans)).unwrap_or(u32::MAX)
 }
@@ -124,13 +114,10 @@ pub(crate) struct QueueReceiver {
     room: Room,
 }
 
-/// Records that have arrived, one lane per sandbox, and the order in which
-/// the lanes with records take their turns.
-///
-/// Turns are deficit round robin in spans: each turn adds [`QUANTUM`] spans
-/// to a lane's allowance, and the lane gives records while its oldest fits
-/// the allowance. Counting records instead would let a flooding sandbox's
-/// 256-span records outweigh a quiet one's single spans a hundredfold.
+/// Records that have arrived, one lane per sandbox, and the lanes' turns:
+/// deficit round robin in spans (each turn adds [`QUANTUM`] to a lane's
+/// allowance; it gives records while its oldest fits). Counting records
+/// would let a flood's 256-span records outweigh single spans a hundredfold.
 #[derive(Default)]
 struct Lanes {
     lanes: HashMap<u64, Lane>,
@@ -144,8 +131,7 @@ struct Lane {
     allowance: usize,
 }
 
-/// Spans a lane may give per turn: a whole record of the largest size, so
-/// that every turn gives at least one.
+/// Spans a lane may give per turn: the largest record, so every turn gives.
 const QUANTUM: usize = crate::ingest::RECORD_MAX_SPANS;
 
 impl Lanes {
@@ -160,8 +146,8 @@ impl Lanes {
 
     /// The next record, in turn.
     fn pop(&mut self) -> Option<Queued> {
-        // Each lane is looked at most twice: once to end a turn, once with
-        // a fresh allowance, which always fits a record.
+        // Each lane is looked at twice at most: to end a turn, then with a
+        // fresh allowance, which fits any record.
         for _ in 0..=2 * self.turns.len() {
             let id = *self.turns.front()?;
             let Some(lane) = self.lanes.get_mut(&id) else {
@@ -199,8 +185,7 @@ pub(crate) fn bounded(
 ) -> (QueueSender, QueueReceiver) {
     let max_spans = max_spans.clamp(1, Semaphore::MAX_PERMITS);
     let (tx, rx) = mpsc::channel(max_spans);
-    // The semaphore's limit is what bounds the byte count; it also caps
-    // what one acquisition may ask for.
+    // The semaphore's limit bounds the bytes, and one acquisition (u32).
     let max_bytes = max_bytes
         .clamp(1, Semaphore::MAX_PERMITS)
         .min(u32::MAX as usize);
@@ -224,9 +209,8 @@ pub(crate) fn bounded(
 }
 
 impl QueueSender {
-    /// Queues a record of `tenant`'s costing `cost` bytes, read from a
-    /// socket its spans reached no earlier than `since`, waiting for room:
-    /// first within the sandbox's share, then in the queue.
+    /// Queues a record of `tenant`'s costing `cost` bytes, its spans read
+    /// no earlier than `since`, waiting for room in the share, then here.
     pub(crate) async fn send(
         &self,
         record: SpanRecord,
@@ -235,8 +219,7 @@ impl QueueSender {
         since: Instant,
     ) -> Result<(), Closed> {
         let (spans, room) = (record.count as u64, &self.room);
-        // Counted as the wait begins, so that `status` shows a sandbox
-        // waiting for its share now, not once it is let in.
+        // Counted as the wait begins, for `status` to show it now.
         if !tenant.try_hold(record.count, cost, room.bounds) {
             emit!(
                 room.stats,
@@ -254,8 +237,7 @@ impl QueueSender {
             spans: record.count,
             bytes: cost,
         };
-        // Slots go back when the batcher receives the record (see
-        // `recv_many`), so they are not tied to a permit here.
+        // Slots go back in `recv_many`, not with a permit.
         Arc::clone(&room.slots)
             .acquire_many_owned(slot_count(record.count, room.bounds.max_spans))
             .await
@@ -282,9 +264,9 @@ impl QueueSender {
 }
 
 impl QueueReceiver {
-    /// Receives records of up to about `limit` spans into `buf`, taking
-    /// turns between sandboxes; 0 once every sender is gone and the queue is
-    /// empty. Cancel-safe: what arrived stays in the lanes.
+    /// Receives records of up to about `limit` spans into `buf`, sandboxes
+    /// in turn; 0 once every sender is gone and the queue is empty.
+    /// Cancel-safe: what arrived stays in the lanes.
     pub(crate) async fn recv_many(&mut self, buf: &mut Vec<Queued>, limit: usize) -> usize {
         if self.lanes.turns.is_empty() {
             let Some(q) = self.rx.recv().await else {
@@ -292,8 +274,7 @@ impl QueueReceiver {
             };
             self.lanes.push(q);
         }
-        // Everything that has arrived goes into the lanes before any turn
-        // is taken, so no sandbox waits behind another's backlog.
+        // All that arrived goes into the lanes before any turn is taken.
         while let Ok(q) = self.rx.try_recv() {
             self.lanes.push(q);
         }
@@ -307,14 +288,12 @@ impl QueueReceiver {
             buf.push(q);
             n += 1;
         }
-        // A record holds the spans of one socket read; the depth is in spans.
         self.room.slots.add_permits(slots);
         self.room.stats.queue_depth.sub(spans as u64);
         n
     }
 
-    /// Three quarters full, in spans or in bytes: time to move data to disk
-    /// rather than keep it waiting in memory.
+    /// Three quarters full, in spans or in bytes: time to spool.
     pub(crate) fn is_filling_up(&self) -> bool {
         let Room {
             slots,

@@ -3,20 +3,17 @@
 
 use super::*;
 
-/// How often an idle replayer looks through the spool directory for
-/// batches it does not know of.
+/// How often an idle replayer looks for batches it does not know of.
 const SPOOL_RESCAN: Duration = Duration::from_secs(10);
 
-/// Sends spooled batches, oldest first, whenever the collector answers,
-/// until shutdown begins (what is left stays for the next run).
+/// Runs until shutdown begins (what is left stays for the next run).
 pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
     let Some(spool) = exporter.spool.clone() else {
         return;
     };
     let stats = &*exporter.stats;
-    // The waits while the collector is away: the export's policy (jitter,
-    // throttling hints), from 250 ms up to 10 s. It has no total: the
-    // batches wait on disk for as long as the collector does.
+    // The export's policy from 250 ms up to 10 s, with no total: the
+    // batches wait on disk for as long as the collector is away.
     let policy = RetryPolicy {
         initial_backoff: Duration::from_millis(250),
         max_backoff: Duration::from_secs(10),
@@ -30,8 +27,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         let Some(seq) = spool.oldest() else {
             tokio::select! {
                 _ = exporter.spooled.notified() => continue,
-                // Batches another process wrote (a predecessor flushing
-                // through a hand-over) are found by looking again.
+                // Batches another process wrote (a predecessor's).
                 _ = tokio::time::sleep(SPOOL_RESCAN) => {
                     let s = Arc::clone(&spool);
                     if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.rescan()).await {
@@ -75,9 +71,9 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         emit!(stats, ExportAttempt { attempt: 1 });
         let (delivery, error) = match exporter.send(&batch.body).await {
             Ok(resp) => (delivered(stats, &resp), None),
-            // Too large for this collector (spooled under a larger bound,
-            // or by a predecessor): its halves go back to the spool in its
-            // place, to be sent in turn, and halved again if need be.
+            // Too large for this collector (spooled under a larger bound):
+            // its halves are spooled in its place, to be halved again if
+            // need be.
             Err(e) if e.retry() == Retry::TooLarge && spans > 1 => match halves_of(&batch.body) {
                 Some(halves) => {
                     claim.settle();

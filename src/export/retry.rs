@@ -1,10 +1,7 @@
-//! Retry policy, kept apart from any transport.
-//!
-//! Transports only classify their failures ([`Retry`]); this module decides
-//! when to try again: exponential backoff with jitter, a server's throttling
-//! hint honoured (but capped), and a total deadline after which the batch is
-//! given up. The deadline can also be pulled in from outside, which is how
-//! shutdown bounds a retry loop already running.
+//! Retry policy, apart from any transport: transports classify their
+//! failures ([`Retry`]); this decides when to try again (exponential backoff
+//! with jitter, a server's throttling hint honoured but capped) until a
+//! total deadline, which shutdown can pull in.
 
 use std::future::Future;
 use std::time::Duration;
@@ -16,15 +13,12 @@ use crate::shutdown::Shutdown;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Retry {
-    /// Transient: try again after backoff.
     Retryable,
-    /// The server asked to slow down, optionally saying for how long.
+    /// The server asked to slow down, maybe saying for how long.
     Throttled(Option<Duration>),
     /// Trying again cannot help (bad request, auth, ...).
     Never,
-    /// The request is larger than the collector takes: the same one never
-    /// will be, but its halves may (the caller splits it, see
-    /// `crate::export`).
+    /// Larger than the collector takes: its halves may pass.
     TooLarge,
 }
 
@@ -32,7 +26,6 @@ pub(crate) trait Classify {
     fn retry(&self) -> Retry;
 }
 
-#[derive(Debug, Clone)]
 pub(crate) struct RetryPolicy {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
@@ -42,7 +35,6 @@ pub(crate) struct RetryPolicy {
     pub max_elapsed: Duration,
 }
 
-/// The export's policy.
 pub(crate) const EXPORT: RetryPolicy = RetryPolicy {
     initial_backoff: Duration::from_millis(100),
     max_backoff: Duration::from_secs(5),
@@ -50,7 +42,6 @@ pub(crate) const EXPORT: RetryPolicy = RetryPolicy {
     max_elapsed: Duration::from_secs(120),
 };
 
-#[derive(Debug)]
 pub(crate) struct Outcome<T, E> {
     pub result: Result<T, E>,
     /// Attempts made, the first included.
@@ -60,10 +51,10 @@ pub(crate) struct Outcome<T, E> {
 }
 
 impl RetryPolicy {
-    /// Runs `op` until it succeeds, fails for good, or time is up. The
-    /// shutdown deadline, once set, bounds it too, also a wait in progress.
-    /// `give_up` is asked after each retryable failure whether the caller
-    /// has a better use for the data (the spool).
+    /// Runs `op` until it succeeds, fails for good, or time (or the
+    /// shutdown deadline, also mid-wait) is up. `give_up` is asked after
+    /// each retryable failure whether the caller has a better use for the
+    /// data (the spool).
     pub(crate) async fn run<T, E, F, Fut>(
         &self,
         shutdown: &Shutdown,
@@ -102,8 +93,7 @@ impl RetryPolicy {
             if wake >= deadline {
                 return done(Err(err), false);
             }
-            // Sleep, but give up early if shutdown sets a deadline inside
-            // the wait (one already set is in `deadline`).
+            // Shutdown may set a deadline inside the wait.
             if shutdown.deadline().is_none() {
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake) => continue,
@@ -117,12 +107,9 @@ impl RetryPolicy {
     }
 }
 
-/// The waits between attempts of one operation, as a [`RetryPolicy`] says:
-/// doubling from `initial_backoff` up to `max_backoff`, jittered, or a
-/// server's throttling hint, capped. [`RetryPolicy::run`] waits them, and
-/// so does the replayer (which tries for as long as batches wait on disk,
-/// giving a failed batch back between attempts).
-#[derive(Debug)]
+/// The waits between attempts, as a [`RetryPolicy`] says: doubling from
+/// `initial_backoff` up to `max_backoff`, jittered, or a throttling hint,
+/// capped. [`RetryPolicy::run`] waits them, and so does the replayer.
 pub(crate) struct Backoff<'a> {
     policy: &'a RetryPolicy,
     next: Duration,
@@ -136,15 +123,13 @@ impl<'a> Backoff<'a> {
         }
     }
 
-    /// How long to wait after a failure of class `retry` before trying
-    /// again; `None`: trying again cannot help.
+    /// How long to wait after a failure of class `retry`; `None`: do not.
     pub(crate) fn after(&mut self, retry: Retry) -> Option<Duration> {
         let p = self.policy;
         let wait = match retry {
             Retry::Never | Retry::TooLarge => return None,
             Retry::Throttled(Some(hint)) => hint.min(p.max_throttle),
-            // "Equal jitter": between half and all of the backoff, so
-            // retries from many forwarders spread out but never reach zero.
+            // "Equal jitter": half to all of the backoff, spread but never 0.
             Retry::Retryable | Retry::Throttled(None) => {
                 let half = self.next / 2;
                 half + half.mul_f64(rand::rng().random::<f64>())
@@ -154,7 +139,6 @@ impl<'a> Backoff<'a> {
         Some(wait)
     }
 
-    /// Success: the next failure waits from `initial_backoff` again.
     pub(crate) fn reset(&mut self) {
         self.next = self.policy.initial_backoff;
     }

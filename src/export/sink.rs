@@ -3,8 +3,7 @@
 
 use super::*;
 
-/// Where batches go. Every sink takes the same encoded request and says
-/// what became of it; `--dump-only` writes it out, as JSON lines or trees.
+/// Where batches go; each takes the same encoded request.
 pub struct Sink(pub(super) Transport);
 
 pub(super) enum Transport {
@@ -15,8 +14,8 @@ pub(super) enum Transport {
 }
 
 impl Sink {
-    /// Opens the configured transport, failing if the collector cannot be
-    /// reached within `connect_timeout`.
+    /// Opens the configured transport, reaching the collector within
+    /// `connect_timeout`.
     pub async fn connect(cfg: &OtlpConfig, connect_timeout: Duration) -> Result<Self, ExportError> {
         Ok(Sink(match cfg.protocol {
             OtlpProtocol::Grpc => {
@@ -28,12 +27,10 @@ impl Sink {
         }))
     }
 
-    /// OTLP JSON lines, one span a line, written to `out`.
     pub fn dump(out: Box<dyn std::io::Write + Send + Sync>) -> Sink {
         Sink(Transport::Dump(std::sync::Mutex::new(out)))
     }
 
-    /// Each trace as an indented tree, written to `out` (see [`tree`]).
     pub fn tree(out: Box<dyn std::io::Write + Send + Sync>, cfg: &DumpConfig) -> Sink {
         Sink(Transport::Tree(std::sync::Mutex::new(
             tree::TreeWriter::new(out, *cfg),
@@ -45,20 +42,6 @@ impl Sink {
             Transport::Tree(w) => Some(lock(w)),
             _ => None,
         }
-    }
-
-    /// How often [`Sink::tick`] has something to do, if ever: a quarter of
-    /// the tree view's linger, so a quiet trace waits at most that much
-    /// longer than asked.
-    pub(super) fn tick_every(&self) -> Option<Duration> {
-        let linger = self.trees()?.opts.linger;
-        Some((linger / 4).max(Duration::from_millis(10)))
-    }
-
-    /// Prints the traces that have waited long enough.
-    pub(super) fn tick(&self) -> std::io::Result<()> {
-        self.trees()
-            .map_or(Ok(()), |mut w| w.tick(std::time::Instant::now()))
     }
 
     /// Writes out whatever the sink still holds (the tree view's traces).
@@ -75,7 +58,6 @@ impl Sink {
         }
     }
 
-    /// Sends one request; the collector's answer, or why there is none.
     pub(super) async fn send(
         &self,
         body: &EncodedRequest,
@@ -101,8 +83,28 @@ impl Sink {
     }
 }
 
-/// What a dump writer's result means to the batcher.
 fn written(r: std::io::Result<()>) -> Result<ExportTraceServiceResponse, ExportError> {
     r.map(|()| ExportTraceServiceResponse::default())
         .map_err(ExportError::WriteDump)
+}
+
+/// Ticks the tree view, printing its quiet traces, until shutdown begins
+/// (`Sink::finish` prints the rest); ends at once for other sinks.
+pub(crate) async fn run_sink_ticker(exporter: Arc<Exporter>, shutdown: Shutdown) {
+    let Some(linger) = exporter.sink.trees().map(|w| w.opts.linger) else {
+        return;
+    };
+    // A quiet trace waits at most a quarter of the linger longer than asked.
+    let mut ticks = tokio::time::interval((linger / 4).max(Duration::from_millis(10)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.stopping() => return,
+        }
+        let now = std::time::Instant::now();
+        if let Some(Err(e)) = exporter.sink.trees().map(|mut w| w.tick(now)) {
+            tracing::warn!(error = %e, "cannot write the trace trees to stdout");
+        }
+    }
 }

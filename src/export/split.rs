@@ -3,9 +3,8 @@
 
 use super::*;
 
-/// Cuts `buf` to what one request may hold, `max_spans` spans and
-/// `max_bytes` bytes (but at least one span, however large), splitting the
-/// record that crosses the line; returns what is left over.
+/// Cuts `buf` to what one request may hold (at least one span, however
+/// large), splitting the record that crosses the line; returns the rest.
 pub(super) fn split_batch(buf: &mut Vec<Queued>, cfg: &BatchConfig) -> Vec<Queued> {
     let mut weight = Weight::default();
     // Where to cut: before record `i`, after taking `n` of its spans.
@@ -21,8 +20,7 @@ pub(super) fn split_batch(buf: &mut Vec<Queued>, cfg: &BatchConfig) -> Vec<Queue
         }
         let mut n = span_room.min(encode::spans_within(&q.record.spans, byte_room));
         if n == 0 && weight.spans == 0 {
-            // A span larger than a whole request goes alone; the collector
-            // decides (see `flush`).
+            // A span larger than a request goes alone; the collector decides.
             n = 1;
         }
         cut = Some(if n >= q.record.count {
@@ -48,9 +46,8 @@ pub(super) fn split_batch(buf: &mut Vec<Queued>, cfg: &BatchConfig) -> Vec<Queue
     carry
 }
 
-/// Splits off the second half of `records`, by spans; `records` keeps the
-/// first. Whether the record at the cut was split (its first part now ends
-/// `records`, its rest begins the second half).
+/// Splits off the second half of `records`, by spans, and whether the
+/// record at the cut was split (ending `records`, beginning the half).
 pub(super) fn split_half(records: &mut Vec<SpanRecord>) -> (Vec<SpanRecord>, bool) {
     let mut keep = records.iter().map(|r| r.count).sum::<usize>() / 2;
     let at = records

@@ -1,51 +1,33 @@
-//! The durable spool: batches that cannot be exported now, kept on disk.
+//! The durable spool: batches that cannot be exported now, kept on disk so
+//! that neither a collector nor a forwarder restart during an outage loses
+//! them (the spans of a container start happen once). When the queue fills
+//! while the collector is away, and at shutdown, encoded requests are
+//! written here; the replayer sends them, oldest first, once the collector
+//! answers (also after a restart), removing each once sent.
 //!
-//! The spans of a container start happen once; neither a collector restart
-//! nor a forwarder restart in the middle of a collector outage may lose
-//! them. So when the export queue fills while the collector is away, and at
-//! shutdown, encoded export requests are written here, and a replayer sends
-//! them, oldest first, once the collector answers again (also after a
-//! restart), removing each file once sent.
-//!
-//! # File format
-//!
-//! One file per batch, `<seq>.batch` (20-digit sequence number, so names
-//! sort by age), written as a temporary file, synced, then given its name,
-//! so a crash leaves either a whole file or a temporary one (deleted later):
+//! One file per batch, `<seq>.batch` (20 digits: names sort by age),
+//! written as a temporary file, synced, then named (a crash leaves a whole
+//! file, or a temporary one, deleted later):
 //!
 //! ```text
 //! magic "KTFSPOOL" | version u32 LE | spans u32 LE | body length u64 LE | crc32 u32 LE | body
 //! ```
 //!
-//! The body is the protobuf `ExportTraceServiceRequest`, exactly as it would
-//! have been sent. A file whose header, length or checksum is wrong is
-//! renamed to `<seq>.damaged` and skipped: set aside for a human, never
-//! fatal, never blocking the files behind it. The spool's total size is
-//! bounded; a batch that does not fit is not written (the caller keeps the
-//! backpressure instead).
+//! The body is the `ExportTraceServiceRequest` as it would have been sent.
+//! A file with a wrong header, length or checksum is renamed `<seq>.damaged`
+//! (for a human; never fatal, never blocking the rest). The total size is
+//! bounded: a batch that does not fit is not written (the caller keeps the
+//! backpressure).
 //!
-//! # Two processes at once
-//!
-//! During a hand-over the old forwarder flushes (and may spool) while its
-//! successor already runs on the same directory, so every step is safe
-//! with another process at work there:
-//!
-//! - A temporary file is `<seq>.<token>.tmp`, the token this process's
-//!   own, and it becomes `<seq>.batch` by a hard link, which never replaces
-//!   a file: when the other process took that number, the next is tried.
-//! - A batch is claimed before it is sent, by renaming it to
-//!   `<seq>.<token>.sending`; of two replayers, the one whose rename fails
-//!   leaves it to the other. A claim is given back (`.batch` again) when
-//!   the send fails, and removed once it is delivered.
-//! - The replayer looks at the directory again now and then while it has
-//!   nothing to send, for batches the other process wrote. There (and at
-//!   start) a temporary file or claim left by a process that died, once
-//!   older than anything alive would leave it, is deleted (a temporary
-//!   file) or given back, to be sent (at least once).
-//!
-//! Over 500 lines: the file format, the two-process rules and the depth
-//! `status` reports all bear on every read and write of the directory, so
-//! they stay in one place.
+//! During a hand-over two processes use the directory at once, so a
+//! temporary file is `<seq>.<token>.tmp` (the token this process's), named
+//! by a hard link, which never replaces the other's batch (the next number
+//! is tried); a batch is claimed by renaming it `<seq>.<token>.sending` (of
+//! two replayers, the one whose rename fails leaves it), and given back as
+//! `.batch` when the send fails. An idle replayer rescans for the other's
+//! batches; there (and at start) a dead process's temporary file or claim,
+//! once older than a live one would leave it, is deleted or given back (to
+//! be sent at least once).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -63,26 +45,16 @@ use crate::untrusted::{Link, UntrustedError};
 const MAGIC: &[u8; 8] = b"KTFSPOOL";
 const VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4;
-/// Past this age (since its last change of name or content), a temporary
-/// file or a claim belongs to a process that died: a live one writes a
-/// batch in moments, and holds a claim for one export request.
+/// Past this age (since its last rename or write), a temporary file or a
+/// claim is a dead process's: a live one holds either for moments.
 const ABANDONED: Duration = Duration::from_secs(600);
 /// Sequence numbers tried when the other process takes the one reserved.
 const LINK_TRIES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    /// `what`: "creating", "reading".
-    #[error("{what} spool directory {dir}: {source}")]
-    Dir {
-        what: &'static str,
-        dir: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    /// `what`: "writing", "reading".
-    #[error("{what} spool file {path}: {source}")]
-    File {
+    #[error("{what} {path}: {source}")]
+    Io {
         what: &'static str,
         path: PathBuf,
         #[source]
@@ -104,10 +76,9 @@ pub(crate) struct Spooled {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Files present, by sequence number, with their sizes and spans.
+    /// Files present, by sequence number: their sizes and spans.
     files: BTreeMap<u64, (u64, u32)>,
     bytes: u64,
-    /// The spans their headers say they hold.
     spans: u64,
     next_seq: u64,
 }
@@ -120,29 +91,25 @@ pub struct Depth {
     pub bytes: u64,
 }
 
-/// The spool. It keeps its own gauges (`spool_bytes`, `spool_files`) up to
-/// date with every change, under the same lock as the change.
-#[derive(Debug)]
+/// The spool; it keeps its gauges (`spool_bytes`, `spool_files`) up to date.
 pub(crate) struct Spool {
     pub(crate) dir: PathBuf,
     pub(crate) max_bytes: u64,
     state: Mutex<State>,
     stats: Arc<Stats>,
-    /// This process's part of temporary files' and claims' names.
+    /// This process's part of its temporary files' and claims' names.
     token: String,
     /// [`ABANDONED`], but in tests.
     abandoned_after: Duration,
 }
 
 /// What a file in the spool directory is, by its name: `<seq>.<what>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
     Batch,
     Damaged,
-    /// Being written, by the process whose token it carries (none: a
-    /// version that wrote `<seq>.tmp`).
+    /// Being written, by the token's process (none: an old `<seq>.tmp`).
     Tmp(Option<String>),
-    /// Being sent, by the process whose token it carries.
+    /// Being sent, by the token's process.
     Sending(String),
 }
 
@@ -169,19 +136,23 @@ pub(crate) fn is_spool_file(name: &std::ffi::OsStr) -> bool {
 /// Whether `path` last changed longer than `after` ago.
 fn abandoned(path: &Path, after: Duration) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Ok(md) = fs::symlink_metadata(path) else {
-        return false;
-    };
-    // ctime: a rename (a claim) changes it, where mtime stays the content's.
-    let changed = std::time::UNIX_EPOCH + Duration::from_secs(md.ctime().max(0) as u64);
-    SystemTime::now()
-        .duration_since(changed)
-        .is_ok_and(|age| age >= after)
+    fs::symlink_metadata(path).is_ok_and(|md| {
+        // ctime: a rename (a claim) changes it, where mtime stays the content's.
+        let changed = std::time::UNIX_EPOCH + Duration::from_secs(md.ctime().max(0) as u64);
+        SystemTime::now()
+            .duration_since(changed)
+            .is_ok_and(|age| age >= after)
+    })
 }
 
-/// A token no other process using the directory has: our pid (unique among
-/// live processes of one PID namespace) and the time (apart across
-/// namespaces, where pids repeat).
+/// `what` failed on `path`, for `map_err`.
+fn failed(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolError {
+    let path = path.to_path_buf();
+    move |source| SpoolError::Io { what, path, source }
+}
+
+/// A token no other process has: our pid (unique in a PID namespace) and
+/// the time (apart across namespaces).
 fn process_token() -> String {
     let nanos = SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -191,15 +162,11 @@ fn process_token() -> String {
 
 impl Spool {
     pub(crate) fn create_dir(dir: &Path) -> Result<(), SpoolError> {
-        fs::create_dir_all(dir).map_err(|source| SpoolError::Dir {
-            what: "creating",
-            dir: dir.to_path_buf(),
-            source,
-        })
+        fs::create_dir_all(dir).map_err(failed("creating spool directory", dir))
     }
 
-    /// Opens (creating if needed) the spool in `dir`, taking stock of the
-    /// batches a previous run left and deleting half-written ones.
+    /// Opens (creating if needed) the spool in `dir`, taking stock of what
+    /// an earlier run left.
     pub(crate) fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<Spool, SpoolError> {
         Self::create_dir(dir)?;
         let spool = Spool {
@@ -210,11 +177,9 @@ impl Spool {
             token: process_token(),
             abandoned_after: ABANDONED,
         };
-        spool.rescan().map_err(|source| SpoolError::Dir {
-            what: "reading",
-            dir: dir.to_path_buf(),
-            source,
-        })?;
+        spool
+            .rescan()
+            .map_err(failed("reading spool directory", dir))?;
         let Depth { batches, bytes, .. } = spool.depth();
         if batches > 0 {
             tracing::info!(
@@ -227,10 +192,8 @@ impl Spool {
         Ok(spool)
     }
 
-    /// Takes stock of the directory: batches this process does not know
-    /// yet (another process's, or an earlier run's), and what a process
-    /// that died left (see the module's documentation). Returns how many
-    /// batches it found.
+    /// Takes stock of batches not known yet (another process's, an earlier
+    /// run's) and of what a dead process left; how many batches it found.
     pub(crate) fn rescan(&self) -> io::Result<usize> {
         let mut found = 0;
         for entry in fs::read_dir(&self.dir)? {
@@ -267,8 +230,7 @@ impl Spool {
         Ok(found)
     }
 
-    /// Counts a batch file found on disk, unless counted already (its bytes
-    /// were not reserved); whether it was new.
+    /// Counts a batch found on disk unless counted; whether it was new.
     fn found(&self, seq: u64, path: &Path) -> bool {
         let size = fs::symlink_metadata(path).map_or(0, |m| m.len());
         let spans = self.spans_in(path);
@@ -282,17 +244,15 @@ impl Spool {
         })
     }
 
-    /// The spans a batch file's header says it holds; 0 for one that is
-    /// not a batch (it is set aside when read). The file is the forwarder's
-    /// user's to plant: opened as [`Spool::read`] opens it, and only its
-    /// header read.
+    /// The spans a batch's header says it holds, 0 for no batch; opened as
+    /// [`Spool::read`] does (it may be planted), only its header read.
     fn spans_in(&self, path: &Path) -> u32 {
         let spans = || {
             let (mut f, _) = crate::untrusted::open_file(path, Link::Never, self.max_bytes).ok()?;
             let mut h = [0u8; HEADER_LEN];
             io::Read::read_exact(&mut f, &mut h).ok()?;
-            let spans = h.get(12..16)?.try_into().ok()?;
-            h.starts_with(MAGIC).then(|| u32::from_le_bytes(spans))
+            h.starts_with(MAGIC)
+                .then(|| field(&h, 12).map(u32::from_le_bytes))?
         };
         spans().unwrap_or(0)
     }
@@ -313,20 +273,16 @@ impl Spool {
         self.dir.join(format!("{seq:020}.{}.sending", self.token))
     }
 
-    /// Runs `f` on the state, locked, and publishes the gauges before the
-    /// lock is let go.
+    /// Runs `f` on the locked state, publishing the gauges under the lock.
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        // A panic elsewhere while holding the lock leaves plain data behind,
-        // still consistent enough to keep spooling.
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = super::lock(&self.state);
         let r = f(&mut st);
         self.stats.spool_bytes.set(st.bytes);
         self.stats.spool_files.set(st.files.len() as u64);
         r
     }
 
-    /// Writes one encoded batch. Returns `Ok(false)` when it does not fit
-    /// within the size bound.
+    /// Writes one encoded batch; `Ok(false)` when it does not fit the bound.
     pub(crate) fn write(&self, body: &EncodedRequest, spans: u32) -> Result<bool, SpoolError> {
         let size = (HEADER_LEN + body.len()) as u64;
         // Reserve the space now so concurrent writers cannot overshoot.
@@ -355,16 +311,11 @@ impl Spool {
             let f = fs::File::create(&tmp)?;
             let mut f = std::io::BufWriter::with_capacity(256 * 1024, f);
             f.write_all(&header)?;
-            for c in body.chunks() {
-                f.write_all(c)?;
-            }
-            let f = f
-                .into_inner()
-                .map_err(std::io::IntoInnerError::into_error)?;
-            f.sync_all()
+            body.chunks().iter().try_for_each(|c| f.write_all(c))?;
+            f.flush()?;
+            f.get_ref().sync_all()
         })();
-        // Published under the lock, so that a rescan sees it either not yet
-        // or already counted.
+        // Under the lock, so that a rescan sees it not yet or already counted.
         let published = self.with(|st| {
             let published = res.and_then(|()| {
                 let mut seq = seq;
@@ -394,12 +345,7 @@ impl Spool {
             published
         });
         let _ = fs::remove_file(&tmp);
-        published.map_err(|source| SpoolError::File {
-            what: "writing",
-            path: self.batch_path(seq),
-            source,
-        })?;
-        // Make the new name durable.
+        published.map_err(failed("writing spool file", &self.batch_path(seq)))?;
         if let Err(e) = fs::File::open(&self.dir).and_then(|d| d.sync_all()) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "syncing the spool directory");
         }
@@ -410,28 +356,27 @@ impl Spool {
         self.with(|st| st.files.keys().next().copied())
     }
 
-    /// Claims a batch and reads it back, setting it aside if it is
-    /// damaged. `Ok(None)`: another process claimed it first (it sends it).
+    /// Claims a batch and reads it back, setting it aside if damaged.
+    /// `Ok(None)`: another process claimed it first (and sends it).
     pub(crate) fn read(&self, seq: u64) -> Result<Option<Spooled>, SpoolError> {
-        let path = self.batch_path(seq);
-        let claim = self.claim_path(seq);
-        if let Err(source) = fs::rename(&path, &claim) {
-            // Gone (claimed), or unusable: forget it rather than retry
-            // forever.
+        let (path, claim) = (self.batch_path(seq), self.claim_path(seq));
+        // Gone (claimed), or unusable: forgotten, not retried forever.
+        let unreadable = |source| {
             self.forget(seq);
-            if source.kind() == io::ErrorKind::NotFound {
-                return Ok(None);
-            }
-            return Err(SpoolError::File {
-                what: "reading",
-                path,
-                source,
-            });
+            failed("reading spool file", &path)(source)
+        };
+        if let Err(e) = fs::rename(&path, &claim) {
+            return match e.kind() {
+                io::ErrorKind::NotFound => {
+                    self.forget(seq);
+                    Ok(None)
+                }
+                _ => Err(unreadable(e)),
+            };
         }
-        // The directory is the forwarder's user's, and anything running as
-        // that user may have put a FIFO, a symlink (to `/dev/zero`) or a
-        // huge file here under a batch's name: none is waited on, followed
-        // or read past the spool's own bound (no batch it wrote is larger).
+        // Anything running as the forwarder's user may plant a FIFO, a
+        // symlink (to `/dev/zero`) or a huge file here: none is waited on,
+        // followed or read past the spool's bound (no batch is larger).
         let read = match crate::untrusted::read_file(&claim, Link::Never, self.max_bytes) {
             Ok(d) => parse(&d).map(|(spans, body)| Spooled {
                 spans,
@@ -440,14 +385,7 @@ impl Spool {
             Err(UntrustedError::TooLarge { .. }) => Err("larger than the spool's size bound"),
             Err(UntrustedError::SymlinkRefused { .. }) => Err("a symlink"),
             Err(e) if e.is_refusal() => Err("not a regular file"),
-            Err(e) => {
-                self.forget(seq);
-                return Err(SpoolError::File {
-                    what: "reading",
-                    path,
-                    source: io::Error::other(e),
-                });
-            }
+            Err(e) => return Err(unreadable(io::Error::other(e))),
         };
         match read {
             Ok(batch) => Ok(Some(batch)),
@@ -464,15 +402,6 @@ impl Spool {
         }
     }
 
-    /// Gives a claimed batch back, to be sent later (by whichever process
-    /// claims it then).
-    fn release(&self, seq: u64) {
-        if let Err(e) = fs::rename(self.claim_path(seq), self.batch_path(seq)) {
-            tracing::warn!(seq, error = %e, "could not give a spooled batch back");
-            self.forget(seq);
-        }
-    }
-
     /// Removes a batch that has been delivered (claimed by [`read`](Self::read),
     /// or else as written).
     pub(crate) fn remove(&self, seq: u64) {
@@ -480,10 +409,11 @@ impl Spool {
             io::ErrorKind::NotFound => fs::remove_file(self.batch_path(seq)),
             _ => Err(e),
         });
-        if let Err(e) = removed {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(seq, error = %e, "could not remove delivered spool file");
-            }
+        if let Some(e) = removed
+            .err()
+            .filter(|e| e.kind() != io::ErrorKind::NotFound)
+        {
+            tracing::warn!(seq, error = %e, "could not remove delivered spool file");
         }
         self.forget(seq);
     }
@@ -499,9 +429,7 @@ impl Spool {
 }
 
 /// A batch this process claimed ([`Spool::read`]): given back when dropped
-/// unsettled, also when the replayer is stopped in the middle of sending it
-/// (its task aborted at the shutdown deadline), so that it is not left
-/// claimed by a process that is gone.
+/// unsettled (also by a replayer aborted mid-send), outliving no process.
 pub(crate) struct Claimed<'a>(pub(crate) &'a Spool, pub(crate) u64);
 
 impl Claimed<'_> {
@@ -512,9 +440,14 @@ impl Claimed<'_> {
     }
 }
 
+/// Gives the batch back, to be sent later (by whoever claims it).
 impl Drop for Claimed<'_> {
     fn drop(&mut self) {
-        self.0.release(self.1);
+        let Claimed(spool, seq) = *self;
+        if let Err(e) = fs::rename(spool.claim_path(seq), spool.batch_path(seq)) {
+            tracing::warn!(seq, error = %e, "could not give a spooled batch back");
+            spool.forget(seq);
+        }
     }
 }
 
@@ -522,10 +455,9 @@ impl Drop for Claimed<'_> {
 /// process's batch): a hard link, where the file system has them.
 fn publish(tmp: &Path, path: &Path) -> io::Result<()> {
     match fs::hard_link(tmp, path) {
+        // No hard links (FAT, some FUSE): a rename, checked first (a race
+        // needs the other process to take this very number in between).
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-            // No hard links here (FAT, some FUSE): a rename, checked first;
-            // the other process would have to take this very number in
-            // between.
             if fs::symlink_metadata(path).is_ok() {
                 return Err(io::ErrorKind::AlreadyExists.into());
             }
@@ -536,27 +468,28 @@ fn publish(tmp: &Path, path: &Path) -> io::Result<()> {
 }
 
 fn parse(data: &[u8]) -> Result<(u32, &[u8]), &'static str> {
-    let header = data.get(..HEADER_LEN).ok_or("shorter than its header")?;
-    let (magic, rest) = header.split_at(8);
-    if magic != MAGIC {
+    let (h, body) = data
+        .split_at_checked(HEADER_LEN)
+        .ok_or("shorter than its header")?;
+    let u32_at = |at| field(h, at).map_or(u32::MAX, u32::from_le_bytes);
+    if !h.starts_with(MAGIC) {
         return Err("bad magic");
     }
-    let u32_at = |b: &[u8]| b.try_into().map(u32::from_le_bytes).unwrap_or(u32::MAX);
-    let (version, rest) = rest.split_at(4);
-    if u32_at(version) != VERSION {
+    if u32_at(8) != VERSION {
         return Err("unknown version");
     }
-    let (spans, rest) = rest.split_at(4);
-    let (len, crc) = rest.split_at(8);
-    let len = len.try_into().map(u64::from_le_bytes).unwrap_or(u64::MAX);
-    let body = data.get(HEADER_LEN..).unwrap_or_default();
-    if body.len() as u64 != len {
+    if field(h, 16).map(u64::from_le_bytes) != Some(body.len() as u64) {
         return Err("length does not match");
     }
-    if crc32fast::hash(body) != u32_at(crc) {
+    if crc32fast::hash(body) != u32_at(24) {
         return Err("checksum does not match");
     }
-    Ok((u32_at(spans), body))
+    Ok((u32_at(12), body))
+}
+
+/// The `N` bytes of a header at `at`.
+fn field<const N: usize>(h: &[u8], at: usize) -> Option<[u8; N]> {
+    h.get(at..at + N)?.try_into().ok()
 }
 
 #[cfg(test)]

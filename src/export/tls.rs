@@ -1,19 +1,13 @@
-//! Connections to the collector: TCP, and TLS (rustls) for `https://`
-//! endpoints, shared by both transports.
+//! Connections to the collector, for both transports: TCP, and TLS
+//! (rustls, 1.2 and 1.3; ALPN `h2` or `http/1.1`) for `https://`. The
+//! collector's chain is checked against the system's roots (or
+//! `--otlp-certificate`'s), its name against the endpoint's host; with a
+//! client certificate and key the forwarder proves itself too (mTLS).
 //!
-//! The forwarder is the TLS client. It checks the collector's chain against
-//! the system's roots (or `--otlp-certificate`'s PEM bundle instead) and its
-//! names against the endpoint's host; with `--otlp-client-certificate` and
-//! `--otlp-client-key` it proves itself too (mTLS). TLS 1.2 and 1.3 are
-//! offered; ALPN says `h2` for gRPC, `http/1.1` for OTLP/HTTP.
-//!
-//! Certificates are rotated on disk without telling anyone, so the files
-//! are looked at again (size, modification time) for every new connection,
-//! and loaded again if changed. A file that changed into something
-//! unusable is logged and the last good configuration kept, so a
-//! half-written rotation never takes export down. At startup, though, every
-//! file must load: a wrong path or a key that does not match its
-//! certificate is an error that names the file.
+//! Certificates are rotated on disk unannounced, so each new connection
+//! reloads files whose size or modification time changed; one that does
+//! not load is logged and the last good configuration kept (a rotation
+//! half done never stops export). At startup every file must load.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -62,12 +56,11 @@ pub enum TlsError {
 pub(crate) struct Tls {
     settings: TlsConfig,
     alpn: &'static [u8],
-    /// The configuration, and its files' stamps when it was built.
+    /// The configuration, and its files' stamps then.
     loaded: Mutex<(Arc<ClientConfig>, Vec<Stamp>)>,
 }
 
 impl Tls {
-    /// Loads every file now, so that a problem is a startup error.
     pub(crate) fn new(settings: &TlsConfig, alpn: &'static [u8]) -> Result<Tls, TlsError> {
         let config = Arc::new(build(settings, alpn)?);
         Ok(Tls {
@@ -77,8 +70,7 @@ impl Tls {
         })
     }
 
-    /// The configuration for a new connection: reloaded first if a file
-    /// changed, the last good one if the change does not load.
+    /// The configuration for a new connection, reloaded if a file changed.
     pub(crate) fn current(&self) -> Arc<ClientConfig> {
         let mut loaded = lock(&self.loaded);
         let now = stamps(&self.settings);
@@ -88,8 +80,7 @@ impl Tls {
                     tracing::info!("TLS files changed; new connections use them");
                     *loaded = (Arc::new(c), now);
                 }
-                // Retried at the next connection: the rotation may be half
-                // done.
+                // Retried at the next connection (a rotation half done).
                 Err(e) => {
                     tracing::warn!(error = %e, "TLS files changed but do not load; keeping the previous ones");
                 }
@@ -113,11 +104,8 @@ fn stamps(s: &TlsConfig) -> Vec<Stamp> {
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::ReadFile {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
+    let path = path.to_path_buf();
+    std::fs::read(&path).map_err(|source| TlsError::ReadFile { what, path, source })
 }
 
 fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -125,13 +113,10 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .filter_map(Result::ok)
         .collect();
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            what,
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(certs)
+    let path = path.to_path_buf();
+    (!certs.is_empty())
+        .then_some(certs)
+        .ok_or(TlsError::NoCertificate { what, path })
 }
 
 fn build(s: &TlsConfig, alpn: &[u8]) -> Result<ClientConfig, TlsError> {
@@ -185,10 +170,9 @@ fn build(s: &TlsConfig, alpn: &[u8]) -> Result<ClientConfig, TlsError> {
     Ok(config)
 }
 
-/// Dials `uri` (TCP, no Nagle), then does the TLS handshake when `tls` is
-/// given.
+/// Dials `uri` (TCP, no Nagle), with the TLS handshake when `tls` is given.
 async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> {
-    // IPv6 without its brackets; the port defaulting by scheme.
+    // IPv6 without its brackets.
     let host = uri.host().unwrap_or_default();
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let https = uri.scheme_str() == Some("https");
@@ -206,14 +190,13 @@ async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> {
     Ok(Box::new(stream))
 }
 
-/// Dials the collector for a transport's connection pool (hyper's, tonic's):
-/// [`connect`] within `timeout`; for gRPC, written to through
-/// [`Coalesce`], so a batch leaves in a few large writes, not one per frame.
+/// Dials the collector for a transport's pool (hyper's, tonic's) within
+/// `timeout`; with `coalesce` (h2's frames), a batch leaves in a few writes.
 #[derive(Clone)]
 pub(crate) struct Connector {
-    pub(crate) tls: Option<Arc<Tls>>,
-    pub(crate) timeout: Duration,
-    pub(crate) coalesce: bool,
+    tls: Option<Arc<Tls>>,
+    timeout: Duration,
+    coalesce: bool,
 }
 
 impl tonic::codegen::Service<Uri> for Connector {
@@ -242,8 +225,8 @@ impl tonic::codegen::Service<Uri> for Connector {
     }
 }
 
-/// A step of reaching the collector at startup, within `timeout`; a TLS
-/// verification failure is told apart from a collector that is not there.
+/// A startup step of reaching the collector, within `timeout`; a TLS
+/// rejection told apart from a collector that is not there.
 pub(crate) async fn within<T, E: std::error::Error + 'static>(
     endpoint: &str,
     timeout: Duration,
@@ -262,29 +245,26 @@ pub(crate) async fn within<T, E: std::error::Error + 'static>(
     Err(ExportError::Connect { endpoint, reason })
 }
 
-/// How long the startup check listens after the handshake for the
-/// collector to refuse our certificate.
+/// How long the startup check waits after the handshake for the collector
+/// to refuse our certificate.
 const PROBE_LISTEN: Duration = Duration::from_millis(300);
 
-/// Loads the TLS files (for an `https://` endpoint) and dials the collector
-/// as an export would, so that a missing collector, or one the forwarder
-/// cannot trust, is a startup error.
+/// Loads the TLS files and dials the collector as an export would (a
+/// missing or untrusted one is a startup error); the pool's connector.
 pub(crate) async fn reach(
     cfg: &OtlpConfig,
     alpn: &'static [u8],
-    connect_timeout: Duration,
-) -> Result<Option<Arc<Tls>>, ExportError> {
+    timeout: Duration,
+) -> Result<Connector, ExportError> {
     let endpoint = cfg.endpoint.to_string();
     let tls = cfg.tls.as_ref().map(|t| Tls::new(t, alpn).map(Arc::new));
     let tls = tls.transpose().map_err(|source| ExportError::LoadTls {
         endpoint: endpoint.clone(),
         source,
     })?;
-    // Over TLS 1.3 a collector that refuses the client's certificate says
-    // so only after the handshake has finished on the client's side, so the
-    // check then listens a moment: an alert is the error; data (an HTTP/2
-    // server's first frame) or silence (an HTTP/1.1 server waiting for a
-    // request) is a pass.
+    // Over TLS 1.3 a collector refuses our certificate only after the
+    // handshake ends on our side, so the check listens a moment: an alert
+    // fails; data (HTTP/2's first frame) or silence (HTTP/1.1) passes.
     let probe = async {
         use tokio::io::AsyncReadExt;
         let mut stream = connect(&cfg.endpoint, tls.as_deref()).await?;
@@ -296,13 +276,18 @@ pub(crate) async fn reach(
         }
         Ok::<_, io::Error>(())
     };
-    within(&endpoint, connect_timeout, probe).await?;
-    Ok(tls)
+    within(&endpoint, timeout, probe).await?;
+    let coalesce = alpn == b"h2";
+    Ok(Connector {
+        tls,
+        timeout,
+        coalesce,
+    })
 }
 
-/// Whether an error, or one of its causes, is the collector's certificate
-/// failing verification, or the collector refusing ours: trying again with
-/// the same files cannot help.
+/// Whether an error or a cause is the collector's certificate failing
+/// verification, or the collector refusing ours: the same files will fail
+/// again.
 pub(crate) fn is_tls_rejection(e: &(dyn std::error::Error + 'static)) -> bool {
     use rustls::AlertDescription as A;
     let tls = std::iter::successors(Some(e), |e| e.source()).find_map(|err| {

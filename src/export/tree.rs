@@ -1,22 +1,12 @@
-//! `--dump-format tree`: each trace as an indented tree, for a person at a
-//! terminal.
+//! `--dump-format tree`: each trace as an indented tree, for a person.
 //!
-//! The agent sends each span as it ends, so children come before their
-//! parent and the root comes last. Spans are held per trace until its root
-//! (a span without a parent) has come, or until no span of it has come for
-//! the linger time: in Kata, most agent traces hang under a span of the
-//! runtime, which never passes through here, so their top spans are marked
-//! as such rather than waited for forever. What comes after a trace was
-//! printed is printed later on its own, marked late. At most `max_spans`
-//! spans are held: past it, the oldest traces are printed as they are,
-//! marked incomplete, and everything held is printed at exit. Nothing is
-//! dropped.
-//!
-//! Every string here is the guest's: control characters are escaped so
-//! that a span cannot drive the terminal.
-//!
-//! Over 500 lines: the printer and its tests (ordering, the linger, the
-//! bound, colour) belong together.
+//! The agent sends each span as it ends, the root last. A trace is held
+//! until its root (a span without a parent) comes, or it has been quiet for
+//! the linger time (most agent traces hang under a runtime span that never
+//! passes here). What comes after is printed on its own, marked late; past
+//! `max_spans` held, the oldest traces are printed as they are, marked
+//! incomplete; all is printed at exit. Nothing is dropped. The guest's
+//! strings have control characters escaped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -31,12 +21,11 @@ use prost::Message;
 use crate::config::DumpConfig;
 use crate::otlp::EncodedRequest;
 
-/// Attributes worth a line's room first: the agent's RPC request and the
-/// ids it sets on its spans.
+/// Attributes shown first: the agent's RPC request and its ids.
 const KEY_ATTRIBUTES: [&str; 5] = ["req", "request", "container_id", "exec_id", "sandbox_id"];
 /// Attributes a line shows at most, key attributes first.
 const MAX_ATTRIBUTES: usize = 4;
-/// Characters a value, a span or event name, an error message keep.
+/// Characters kept of a value, a name, an error message.
 const VALUE_CHARS: usize = 40;
 const NAME_CHARS: usize = 80;
 const MESSAGE_CHARS: usize = 120;
@@ -48,7 +37,6 @@ struct Held {
 }
 
 struct Trace {
-    /// Its key in `arrival`.
     seq: u64,
     last: Instant,
     rooted: bool,
@@ -59,13 +47,11 @@ pub(crate) struct TreeWriter {
     out: Box<dyn Write + Send + Sync>,
     pub(super) opts: DumpConfig,
     traces: HashMap<Vec<u8>, Trace>,
-    /// The traces held, in the order they came, for the bound to find the
-    /// oldest without a scan.
+    /// The traces held, in the order they came (the bound's oldest first).
     arrival: BTreeMap<u64, Vec<u8>>,
     held: usize,
-    /// Traces printed already, with their start time, so that what comes
-    /// later is printed as late, with offsets from the same start. Bounded
-    /// like the spans: the oldest is forgotten first.
+    /// Traces printed, with their start, for what comes late; bounded like
+    /// the spans, the oldest forgotten first.
     printed: HashMap<Vec<u8>, u64>,
     printed_order: VecDeque<Vec<u8>>,
 }
@@ -89,7 +75,6 @@ impl TreeWriter {
         self.add(request, Instant::now())
     }
 
-    /// Prints everything held.
     pub(crate) fn finish(&mut self) -> io::Result<()> {
         self.print_where(|_| true)
     }
@@ -108,7 +93,7 @@ impl TreeWriter {
                 let id = span.trace_id.clone();
                 let arrival = &mut self.arrival;
                 let trace = self.traces.entry(id.clone()).or_insert_with(|| {
-                    // Above every key held: a key is used once at a time.
+                    // Above every key held.
                     let seq = arrival.last_key_value().map_or(0, |(k, _)| k + 1);
                     arrival.insert(seq, id.clone());
                     Trace {
@@ -137,16 +122,15 @@ impl TreeWriter {
             }
         }
         for id in rooted {
-            // Printed already if the bound took it.
+            // Unless the bound printed it.
             if self.traces.contains_key(&id) {
                 self.print(&id, false)?;
             }
         }
-        // The ticker prints what has gone quiet.
         self.out.flush()
     }
 
-    /// Prints the traces that have been quiet for the linger time.
+    /// Prints the traces quiet for the linger time.
     pub(crate) fn tick(&mut self, now: Instant) -> io::Result<()> {
         let linger = self.opts.linger;
         self.print_where(|t| now.saturating_duration_since(t.last) >= linger)
@@ -219,8 +203,8 @@ impl Paint {
     }
 }
 
-/// One trace's held spans as text: a header line, then each top span and
-/// its descendants, children under parents, siblings by start time.
+/// A trace's held spans as text: a header line, then each top span and its
+/// descendants, siblings by start time.
 fn render(id: &[u8], spans: &[Held], start: u64, late: bool, full: bool, colour: bool) -> String {
     let paint = Paint(colour);
     let mut header = format!("trace {}", hex(id));
@@ -252,8 +236,8 @@ fn render(id: &[u8], spans: &[Held], start: u64, late: bool, full: bool, colour:
         }
     }
     let mut done = vec![false; spans.len()];
-    // Top spans first (no parent, or a parent not held here); then any span
-    // left over, which only a cycle of parents leaves, so that none is lost.
+    // Top spans (no parent held here), then any left over (only a cycle of
+    // parents leaves one), so that none is lost.
     let tops = order
         .iter()
         .copied()
@@ -267,7 +251,7 @@ fn render(id: &[u8], spans: &[Held], start: u64, late: bool, full: bool, colour:
                 Some(d) if !*d => *d = true,
                 _ => continue,
             }
-            // A top span that has a parent: not received, or printed before.
+            // A top span with a parent not received, or printed before.
             let orphan = depth == 0 && !h.span.parent_span_id.is_empty();
             let mark = orphan.then_some(if late { "late" } else { "parent not received" });
             line(&mut out, &paint, h, depth, start, mark);
@@ -279,7 +263,7 @@ fn render(id: &[u8], spans: &[Held], start: u64, late: bool, full: bool, colour:
     out
 }
 
-/// The parent `h` is printed under, if it is held here.
+/// The parent `h` is printed under, if held here.
 fn parent_in<'a>(h: &'a Held, held: &HashSet<&[u8]>) -> Option<&'a [u8]> {
     let p = h.span.parent_span_id.as_slice();
     (!p.is_empty() && held.contains(p) && p != h.span.span_id.as_slice()).then_some(p)
@@ -329,12 +313,10 @@ fn line(
     }
 }
 
-/// The attributes worth showing, key ones first, each value shortened;
-/// what is left out is counted.
+/// The attributes shown, key ones first, shortened; the rest counted.
 fn attributes(kvs: &[KeyValue]) -> String {
     let key = |kv: &&KeyValue| KEY_ATTRIBUTES.contains(&kv.key.as_str());
-    // The rest by name: the SDK's order is a hash map's, and a line should
-    // read the same each time.
+    // The rest by name (the SDK's order is a hash map's).
     let mut rest: Vec<&KeyValue> = kvs.iter().filter(|kv| !key(kv)).collect();
     rest.sort_by(|a, b| a.key.cmp(&b.key));
     let shown: Vec<&KeyValue> = kvs
@@ -377,8 +359,7 @@ fn value_text(v: &AnyValue) -> String {
     }
 }
 
-/// The guest's text, made safe for a terminal and shortened to `max`
-/// characters (an ellipsis says so).
+/// The guest's text, safe for a terminal, cut to `max` characters (`…`).
 fn clean(s: &str, max: usize) -> String {
     let mut out = String::new();
     for (n, c) in s.chars().enumerate() {
@@ -386,8 +367,7 @@ fn clean(s: &str, max: usize) -> String {
             out.push('…');
             break;
         }
-        // Control characters, and the line and paragraph separators, would
-        // move the cursor or colour the terminal: shown escaped.
+        // These would move the cursor or colour the terminal.
         if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
             out.extend(c.escape_default());
         } else {

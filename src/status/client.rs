@@ -1,22 +1,15 @@
-//! The client's end of `status`: find the forwarders' hand-off sockets,
-//! ask each (at once, each on a thread of its own), bounded in time and in
-//! the answer's size.
+//! The client's end of `status`: find the hand-off sockets and ask each
+//! at once, bounded in time and in the answer's size.
 
 use super::*;
 
-/// Asks the forwarder at `path` for its status, within `timeout` in all.
-pub fn ask(path: &Path, timeout: Duration) -> Result<Report, StatusError> {
-    start(path, timeout)()
-}
-
-/// Starts an [`ask`] on a thread of its own; what it returns waits for it.
+/// Asks the forwarder at `path` on a thread of its own, within `timeout` in
+/// all; what it returns waits for the answer.
 fn start(path: &Path, timeout: Duration) -> impl FnOnce() -> Result<Report, StatusError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let p = path.to_owned();
-    // A connect to a listener whose backlog is full blocks with no
-    // timeout of its own: the whole exchange runs on a thread given up
-    // on in time (it ends once its socket's timeouts do, or with the
-    // process).
+    // A connect to a full backlog blocks without a timeout: the exchange
+    // runs on a thread given up on in time (it ends with its timeouts).
     std::thread::spawn(move || {
         let _ = tx.send(exchange(&p, timeout));
     });
@@ -38,15 +31,12 @@ pub(super) fn exchange(path: &Path, timeout: Duration) -> Result<Report, StatusE
         ErrorKind::PermissionDenied => StatusError::Denied { path: p() },
         _ => StatusError::Connect { path: p(), source },
     })?;
-    let closed = |e: std::io::Error| match e.kind() {
+    let closed = |source: std::io::Error| match source.kind() {
         ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof => {
             StatusError::NoAnswer { path: p() }
         }
         ErrorKind::WouldBlock | ErrorKind::TimedOut => StatusError::Timeout { path: p(), timeout },
-        _ => StatusError::Read {
-            path: p(),
-            source: e,
-        },
+        _ => StatusError::Read { path: p(), source },
     };
     s.set_read_timeout(Some(timeout)).map_err(closed)?;
     s.set_write_timeout(Some(timeout)).map_err(closed)?;
@@ -58,20 +48,14 @@ pub(super) fn exchange(path: &Path, timeout: Duration) -> Result<Report, StatusE
     if buf.is_empty() {
         return Err(StatusError::NoAnswer { path: p() });
     }
+    let undecodable = |reason| StatusError::Decode { path: p(), reason };
     if buf.len() > MAX_REPORT {
-        return Err(StatusError::Decode {
-            path: p(),
-            reason: format!("larger than {MAX_REPORT} bytes"),
-        });
+        return Err(undecodable(format!("larger than {MAX_REPORT} bytes")));
     }
-    serde_json::from_slice(&buf).map_err(|e| StatusError::Decode {
-        path: p(),
-        reason: e.to_string(),
-    })
+    serde_json::from_slice(&buf).map_err(|e| undecodable(e.to_string()))
 }
 
-/// Most hand-off sockets one `status` asks at once: far more forwarders
-/// than a host runs.
+/// Most sockets one `status` asks: far more forwarders than a host runs.
 const MAX_SOCKETS: usize = 256;
 
 /// The hand-off sockets in `dir` (`handoff-*.sock`), sorted.
@@ -102,18 +86,16 @@ pub enum Target<'a> {
     Discover(&'a Path),
 }
 
-/// Asks each forwarder `target` names (see [`discovered`] for a
-/// directory); no live one at all is [`StatusError::NotRunning`].
+/// Asks each forwarder `target` names (a directory: see [`discovered`]).
 pub fn gather(target: Target<'_>, timeout: Duration) -> Vec<Result<Report, StatusError>> {
     match target {
-        Target::Socket(path) => vec![ask(path, timeout)],
+        Target::Socket(path) => vec![start(path, timeout)()],
         Target::Discover(dir) => {
             let found = match sockets(dir) {
                 Ok(f) => f,
                 Err(e) => return vec![Err(e)],
             };
-            // All at once: one forwarder that does not answer costs the
-            // others nothing.
+            // At once: one that does not answer costs the others nothing.
             let asking: Vec<_> = found
                 .iter()
                 .take(MAX_SOCKETS)
@@ -125,9 +107,8 @@ pub fn gather(target: Target<'_>, timeout: Duration) -> Vec<Result<Report, Statu
     }
 }
 
-/// What asking every socket in `dir` came to: sockets no forwarder listens
-/// on any more (left by one that was killed) are passed over, and a user
-/// who may not ask gets one line for all, not one a socket.
+/// What asking every socket in `dir` came to: dead sockets (of a killed
+/// forwarder) passed over, one denial for all, none live: `NotRunning`.
 pub(super) fn discovered(
     asked: Vec<Result<Report, StatusError>>,
     dir: &Path,

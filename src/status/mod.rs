@@ -1,26 +1,18 @@
-//! `kata-trace-forwarder status`: a running forwarder says how it is doing.
-//!
-//! Here: the report and the forwarder's end ([`Board`]); the client's end
-//! in [`client`], the table a person reads in [`table`].
-//!
-//! On a host where a sandbox's spans are missing, the first questions are
-//! whether the forwarder serves that sandbox, whether its agent is
-//! connected, and whether its spans are dropped or stuck in the spool. The
-//! answer comes over the hand-off socket, which already has the rules such
-//! a question needs: its `SO_PEERCRED` check (root or our own successor)
-//! before anything is read, hand-overs, its janitor. A status request is
-//! another first message than a successor's:
+//! `kata-trace-forwarder status`: a running forwarder says how it is doing
+//! (whether it serves a sandbox, whether its agent is connected, whether
+//! its spans are dropped or stuck in the spool). Here the report and the
+//! forwarder's end ([`Board`]); the client's in [`client`], the table in
+//! [`table`]. It is asked over the hand-off socket, which has the rules it
+//! needs (`SO_PEERCRED`: root or our successor, before anything is read),
+//! with another first message than a successor's:
 //!
 //! ```text
 //! client -> forwarder   "KTFSTAT1"                  (8 bytes)
 //! forwarder -> client   the report as one JSON document, then it closes
 //! ```
 //!
-//! Nothing pauses, nothing changes: the report is read from the counters
-//! the forwarder keeps anyway ([`crate::stats`], [`crate::tenant`], the
-//! exporter's health, the spool's depth). Both ends bound their time and
-//! the report's size, and the forwarder answers a few at once at most, off
-//! the async runtime.
+//! Nothing pauses or changes: the report reads counters kept anyway. Both
+//! ends bound their time and the report's size.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -38,24 +30,21 @@ pub use crate::export::{Failure, HealthSnapshot};
 use crate::stats::{DropReason, FamilySnapshot, Label, Stats};
 use crate::tenant::Tenants;
 
-/// What a status client sends first (a successor sends
-/// [`crate::handover::REQUEST`]).
+/// A status client's first message (a successor's: [`crate::handover::REQUEST`]).
 pub const REQUEST: [u8; 8] = *b"KTFSTAT1";
 /// The report's format; a field is only ever added.
 const FORMAT: u32 = 1;
-/// Largest report either end handles: far above the largest real one
-/// ([`MAX_LISTED`] sandboxes with labels of 256 bytes).
+/// Largest report either end handles: far above [`MAX_LISTED`] sandboxes
+/// with labels of 256 bytes.
 const MAX_REPORT: usize = 16 << 20;
-/// Sandboxes listed at most; the rest are counted.
+/// Sandboxes listed at most; the rest counted.
 const MAX_LISTED: usize = 4096;
-/// Longest the forwarder takes to write a report to a client that reads
-/// slowly, or not at all.
+/// Longest the forwarder takes to write a report to a slow client.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reports being written at once; a request past it is closed unanswered.
 const MAX_ANSWERING: usize = 4;
-/// Longest the client waits for each forwarder, all in: a forwarder waits
-/// at most a second for a silent peer's first message before it answers
-/// the next one.
+/// Longest the client waits for each forwarder, all in (one waits a second
+/// at most for a silent peer before it answers the next).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -87,19 +76,16 @@ pub struct Report {
     pub version: String,
     pub pid: u32,
     pub socket: PathBuf,
-    /// When the report was made, in milliseconds since the Unix epoch; the
-    /// other times are on the same clock.
+    /// When the report was made (Unix ms; the other times' clock too).
     pub now_unix_ms: u64,
-    /// When this process began serving (an upgrade by `SIGHUP` keeps the
-    /// pid and starts again).
+    /// When this process began serving (a `SIGHUP` upgrade starts again).
     pub started_unix_ms: u64,
     pub uptime_seconds: u64,
     pub listeners: Vec<String>,
     pub sandboxes: Vec<SandboxReport>,
-    /// Sandboxes served but past [`MAX_LISTED`], not listed.
     pub sandboxes_not_listed: u64,
     pub exporter: ExporterReport,
-    /// Every counter of [`crate::stats`], flat, as the exit summary logs it.
+    /// Every counter of [`crate::stats`], as the exit summary logs them.
     pub counters: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -110,18 +96,14 @@ pub struct SandboxReport {
     pub connections: u64,
     pub max_connections: u64,
     pub received: u64,
-    /// Taken by the collector straight from the queue.
+    /// Taken by the collector from the queue (from the spool: globally).
     pub exported: u64,
-    /// Written to the spool (sent from there later, counted globally).
     pub spooled: u64,
     pub queued: u64,
-    /// Read and still in memory: neither exported, spooled nor dropped
-    /// yet (queued, in the batch being sent or retried, or waiting for
-    /// room in the queue).
+    /// Read and still in memory: queued, being sent, or waiting for room.
     pub pending: u64,
     pub dropped: ByReason,
-    /// Times it ran into its own limits: reads paused (`rate`,
-    /// `queue_share`), connections closed (`connections`).
+    /// Reads paused (`rate`, `queue_share`), connections closed.
     pub limited: ByReason,
     /// When spans of its were last read; `None`: never.
     pub last_sent_unix_ms: Option<u64>,
@@ -145,17 +127,16 @@ impl<L: Label> From<FamilySnapshot<L>> for ByReason {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExporterReport {
-    /// Where batches go, as the startup log says it.
+    /// Where batches go, as the startup log says.
     pub collector: String,
     #[serde(flatten)]
     pub health: HealthSnapshot,
-    /// Requests sent, retries included; the retries; batches given up on.
+    /// Requests (retries included); retries; batches given up.
     pub attempts: u64,
     pub retries: u64,
     pub failures: u64,
     pub queue_spans: u64,
-    /// Spans read and still in memory (see [`SandboxReport::pending`]), of
-    /// the sandboxes served now.
+    /// [`SandboxReport::pending`] of the sandboxes served now.
     pub pending_spans: u64,
     pub spool: Option<SpoolReport>,
 }
@@ -168,7 +149,6 @@ pub struct SpoolReport {
     pub max_bytes: u64,
 }
 
-/// What a running forwarder reports from: the state it keeps anyway.
 pub(crate) struct Board {
     stats: Arc<Stats>,
     tenants: Arc<Tenants>,
@@ -221,8 +201,8 @@ impl Board {
                 }
             })
             .collect();
-        // Of the sandboxes served now: the global counters cannot tell
-        // spans sent from the spool (maybe a predecessor's) from the rest.
+        // The global counters cannot tell spans from the spool (maybe a
+        // predecessor's) from the rest.
         let pending = sandboxes.iter().map(|s| s.pending).sum();
         let not_listed = sandboxes.len().saturating_sub(MAX_LISTED);
         sandboxes.truncate(MAX_LISTED);
@@ -260,11 +240,10 @@ impl Board {
         }
     }
 
-    /// Answers a status request on `stream`, whose peer the hand-off
-    /// server has checked, off the runtime and within [`WRITE_TIMEOUT`];
-    /// past [`MAX_ANSWERING`] at once, closes it unanswered.
+    /// Answers on `stream` (its peer checked), off the runtime; past
+    /// [`MAX_ANSWERING`] at once, closes it unanswered.
     pub(crate) fn answer(self: &Arc<Self>, mut stream: UnixStream, socket: PathBuf, pid: i32) {
-        // Given back however the answer ends (also a task that never ran).
+        // Given back however it ends (also by a task that never ran).
         let Ok(slot) = Arc::clone(&self.answering).try_acquire_owned() else {
             tracing::warn!(pid, "status: too many requests at once; closed unanswered");
             return;
@@ -291,7 +270,7 @@ mod table;
 
 #[cfg(test)]
 use client::discovered;
-pub use client::{ask, gather, sockets, Target};
+pub use client::{gather, sockets, Target};
 pub use table::print;
 #[cfg(test)]
 use table::{bytes, duration};
@@ -384,7 +363,7 @@ mod tests {
 
     #[test]
     fn the_table_lines_up_and_says_what_is_true() {
-        let table = report().table();
+        let table = report().to_string();
         let want = "\
 kata-trace-forwarder 0.1.0 (pid 42), up 1m 5s, asked at /run/kata-trace-forwarder/handoff-00000000.sock
 listening on:
@@ -410,7 +389,7 @@ totals: received 160, exported 0, rejected 0, spooled 0, sent from the spool 0, 
         let mut r = report();
         r.sandboxes.clear();
         r.exporter.spool = None;
-        let table = r.table();
+        let table = r.to_string();
         assert!(table.contains("sandboxes: none served yet"), "{table}");
         assert!(
             table.contains("spool: none (--spool-dir not given)"),

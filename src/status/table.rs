@@ -3,9 +3,8 @@
 
 use super::*;
 
-/// `status`: asks each forwarder `target` names and writes its report to
-/// `out` (a table, or with `json` one JSON object a line), and each error
-/// as one line to `err`. Whether every forwarder asked answered.
+/// `status`: each forwarder's report to `out` (a table, or JSON lines),
+/// each error to `err`; whether every forwarder asked answered.
 pub fn print(
     target: Target<'_>,
     json: bool,
@@ -24,7 +23,7 @@ pub fn print(
                 if !std::mem::replace(&mut first, false) {
                     writeln!(out)?;
                 }
-                out.write_all(report.table().as_bytes())?;
+                write!(out, "{report}")?;
             }
             Err(e) => {
                 all = false;
@@ -36,17 +35,9 @@ pub fn print(
     Ok(all)
 }
 
-impl Report {
-    /// The report as a person reads it.
-    pub fn table(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = self.write_table(&mut out);
-        out
-    }
-
-    fn write_table(&self, out: &mut String) -> std::fmt::Result {
-        use std::fmt::Write as _;
+/// The table a person reads.
+impl std::fmt::Display for Report {
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let now = self.now_unix_ms;
         let up = duration(Duration::from_secs(self.uptime_seconds));
         let (version, socket) = (clean(&self.version), self.socket.display());
@@ -79,7 +70,7 @@ impl Report {
                     by_reason(&s.limited, "-"),
                 ]);
             }
-            out.push_str(&columns(&rows));
+            out.write_str(&columns(&rows))?;
             if self.sandboxes_not_listed > 0 {
                 writeln!(out, "... and {} more sandboxes", self.sandboxes_not_listed)?;
             }
@@ -160,8 +151,7 @@ pub(super) fn columns(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// `total (reason n, ...)` for the reasons that are not 0; `none` when
-/// the total is.
+/// `total (reason n, ...)` for the reasons not 0; `none` for a 0 total.
 pub(super) fn by_reason(b: &ByReason, none: &str) -> String {
     if b.total == 0 {
         return none.to_owned();
@@ -184,8 +174,7 @@ pub(super) fn since(now: u64, at: Option<u64>) -> String {
     format!("{} ago", duration(ago))
 }
 
-/// A duration in the two largest units that matter: `0.4s`, `12s`,
-/// `3m 5s`, `2h 3m`, `4d 2h`.
+/// A duration in its two largest units: `0.4s`, `12s`, `3m 5s`, `4d 2h`.
 pub(super) fn duration(d: Duration) -> String {
     let s = d.as_secs();
     match s {
@@ -212,9 +201,7 @@ pub(super) fn bytes(n: u64) -> String {
     format!("{v:.1} TiB")
 }
 
-/// What the forwarder sent, safe for a terminal: a sandbox's name comes
-/// from a directory anyone with a sandbox may name, and an error's text
-/// from the collector.
+/// Safe for a terminal: a sandbox's name, a collector's error are others' text.
 pub(super) fn clean(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '?' } else { c })
