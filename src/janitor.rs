@@ -65,11 +65,6 @@ impl Janitor {
         self.stdin.as_ref().map(AsFd::as_fd)
     }
 
-    /// Lets go without asking for removal: the socket is a successor's now,
-    /// and so is the janitor (it holds a duplicate of the pipe).
-    /// Not waited for: it is reaped with this process.
-    pub(crate) fn release(self) {}
-
     /// Asks for the socket to be removed now and waits, briefly, until it is.
     pub(crate) fn remove_now(mut self, timeout: Duration) -> bool {
         if let Some(mut stdin) = self.stdin.take() {

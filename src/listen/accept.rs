@@ -115,15 +115,12 @@ impl Serving {
         let (origin, tenant, resolver) = match &listener {
             // Hybrid: the socket is one sandbox's, named by Kata's path.
             Listener::Hybrid(l) => {
-                let id = sandbox::hybrid_sandbox_id(l.path());
+                let id = sandbox::hybrid_sandbox_id(&l.path);
                 let origin = match &id {
                     Some(id) => Arc::new(sandbox::sandbox_origin(&self.origin, id)),
                     None => Arc::clone(&self.origin),
                 };
-                let key = id.map_or_else(
-                    || TenantKey::Socket(l.path().to_owned()),
-                    TenantKey::Sandbox,
-                );
+                let key = id.map_or_else(|| TenantKey::Socket(l.path.clone()), TenantKey::Sandbox);
                 (origin, Some(self.shared.tenant(key)), None)
             }
             // QEMU: a guest's CID says which sandbox it is, through /proc.
@@ -319,12 +316,12 @@ impl Accept<'_> {
 async fn accept(listener: &Listener) -> io::Result<(Stream, Peer)> {
     match listener {
         Listener::Hybrid(l) => {
-            let (s, _) = l.accept().await?;
+            let (s, _) = l.listener.accept().await?;
             Ok((Stream::Unix(s), Peer::Unix))
         }
         Listener::Vsock(l) => {
-            let (s, cid) = l.accept().await?;
-            Ok((Stream::Vsock(s), Peer::Vsock { cid }))
+            let (s, addr) = l.listener.accept().await?;
+            Ok((Stream::Vsock(s), Peer::Vsock { cid: addr.cid() }))
         }
     }
 }

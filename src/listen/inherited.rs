@@ -177,9 +177,9 @@ impl Inherited {
     ) -> Option<(Option<VsockListener>, Vec<Adopted>)> {
         let v = self.lock().vsock.remove(&port)?;
         let listener = match v.listener {
-            Some(l) if l.address().0 == cid => Some(l),
+            Some(l) if l.cid == cid => Some(l),
             Some(l) => {
-                fdstore::forget(fdstore::listener_name(l.fd(), None));
+                fdstore::forget(fdstore::listener_name(l.listener.as_fd(), None));
                 None
             }
             None => None,
@@ -213,7 +213,7 @@ impl Inherited {
                 "a handed-over VSOCK listener is no longer asked for; closing it"
             );
             if let Some(l) = &v.listener {
-                fdstore::forget(fdstore::listener_name(l.fd(), None));
+                fdstore::forget(fdstore::listener_name(l.listener.as_fd(), None));
             }
             v.connections.iter().for_each(Adopted::forget);
         }

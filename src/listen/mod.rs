@@ -114,15 +114,15 @@ impl Manager {
 impl Listener {
     pub fn describe(&self) -> String {
         match self {
-            Listener::Hybrid(l) => format!("hybrid vsock unix:{}", l.path().display()),
+            Listener::Hybrid(l) => format!("hybrid vsock unix:{}", l.path.display()),
             Listener::Vsock(l) => l.describe(),
         }
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Listener::Hybrid(l) => l.fd(),
-            Listener::Vsock(l) => l.fd(),
+            Listener::Hybrid(l) => l.listener.as_fd(),
+            Listener::Vsock(l) => l.listener.as_fd(),
         }
     }
 
@@ -133,7 +133,7 @@ impl Listener {
     fn hand_over(&self, sandbox: Option<&str>) -> Option<Piece> {
         let (kind, janitor) = match self {
             Listener::Hybrid(l) => {
-                let (path, identity) = (l.path().to_owned(), l.identity());
+                let (path, identity) = (l.path.clone(), l.identity);
                 let kind = match sandbox {
                     Some(id) => ListenerKind::Sandbox {
                         id: id.to_owned(),
@@ -146,7 +146,7 @@ impl Listener {
                 (kind, janitor.transpose())
             }
             Listener::Vsock(l) => {
-                let (cid, port) = l.address();
+                let (cid, port) = (l.cid, l.port);
                 let cid = (cid != VsockCid::Any).then(|| cid.as_raw());
                 (ListenerKind::Vsock { cid, port }, Ok(None))
             }
@@ -168,7 +168,7 @@ impl Listener {
     /// socket when this process goes, only when systemd lets go of it).
     fn store(&self) -> Vec<Stored> {
         let (identity, janitor) = match self {
-            Listener::Hybrid(l) => (Some(l.identity()), l.janitor_pipe()),
+            Listener::Hybrid(l) => (Some(l.identity), l.janitor_pipe()),
             Listener::Vsock(_) => (None, None),
         };
         let mut stored = vec![Stored::listener(self.fd(), identity)];

@@ -124,7 +124,7 @@ impl Effects for Host {
                 "serving a handed-over sandbox on"
             );
         }
-        let identity = listener.identity();
+        let identity = listener.identity;
         let shutdown = self.handoff.shutdown.child();
         let serve = Serve {
             id: id.to_owned(),
