@@ -140,7 +140,7 @@ impl KataHostListener {
     async fn bind(&self, target: &Target, stop: &Shutdown) -> Result<Bound, ListenError> {
         match target {
             Target::Vsock => {
-                let inherited = self.thread.inherited();
+                let inherited = self.thread.inherited.as_ref();
                 let (l, adopted) = super::inherited::vsock(inherited, self.cfg.cid, self.cfg.port)?;
                 Ok(Bound::Vsock(l, adopted))
             }
