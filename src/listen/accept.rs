@@ -108,10 +108,7 @@ impl Serving {
             tenant,
             sandbox: None,
         };
-        for a in adopted {
-            accept.adopt(a, &life);
-        }
-        match accept.run(&listener, &mut life).await {
+        match accept.run(&listener, &mut life, adopted).await {
             Ended::HandedOver => {
                 tracing::info!(listener = %listener.describe(), "handed over");
                 listener.release();
@@ -145,9 +142,17 @@ pub(crate) enum Ended {
 }
 
 impl Accept<'_> {
-    /// Accepts until stopping begins, then takes those already queued (a
-    /// backlog's worth, not a flood), so that what they wrote is drained.
-    pub(crate) async fn run(&self, listener: &Listener, life: &mut Lifeline) -> Ended {
+    /// Serves on `adopted`, accepts until stopping begins, then takes those
+    /// already queued (a backlog's worth), so that what they wrote drains.
+    pub(crate) async fn run(
+        &self,
+        listener: &Listener,
+        life: &mut Lifeline,
+        adopted: Vec<Adopted>,
+    ) -> Ended {
+        for a in adopted {
+            self.adopt(a, life);
+        }
         let max_connections = self.serving.max_connections;
         let stats = &self.serving.shared.stats;
         let mut late = 0usize;
@@ -241,7 +246,7 @@ impl Accept<'_> {
 
     /// Serves on a handed-over connection; past a cap (one lowered since)
     /// it is closed and logged.
-    pub(super) fn adopt(&self, a: Adopted, life: &Lifeline) {
+    fn adopt(&self, a: Adopted, life: &Lifeline) {
         let slot = self.tenant(a.peer).and_then(|t| t.try_connect());
         let permit = Arc::clone(&self.serving.permits).try_acquire_owned().ok();
         let (Some(slot), Some(permit)) = (slot, permit) else {

@@ -128,25 +128,23 @@ impl Listener {
                     },
                     None => ListenerKind::Hybrid { path, identity },
                 };
-                let janitor = l.janitor_pipe().map(|p| p.try_clone_to_owned());
-                (kind, janitor.transpose())
+                (kind, l.janitor_pipe())
             }
             Listener::Vsock(l) => {
-                let (cid, port) = (l.cid, l.port);
-                let cid = (cid != VsockCid::Any).then(|| cid.as_raw());
-                (ListenerKind::Vsock { cid, port }, Ok(None))
+                let cid = (l.cid != VsockCid::Any).then(|| l.cid.as_raw());
+                (ListenerKind::Vsock { cid, port: l.port }, None)
             }
         };
-        match janitor.and_then(|janitor| Ok((self.fd().try_clone_to_owned()?, janitor))) {
-            Ok((fd, janitor)) => Some(Piece {
-                what: PieceKind::Listener { kind, janitor },
-                fd,
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, "hand-over: duplicating a listener's socket");
-                None
-            }
-        }
+        let piece = || -> io::Result<Piece> {
+            let janitor = janitor.map(|p| p.try_clone_to_owned()).transpose()?;
+            let fd = self.fd().try_clone_to_owned()?;
+            let what = PieceKind::Listener { kind, janitor };
+            Ok(Piece { what, fd })
+        };
+        let piece = piece().inspect_err(|e| {
+            tracing::warn!(error = %e, "hand-over: duplicating a listener's socket");
+        });
+        piece.ok()
     }
 
     /// Puts this listener in systemd's store, with its janitor's pipe (so
@@ -222,8 +220,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Listeners bound elsewhere (tests, embedders), served with at most
-    /// `max_connections` connections at once across all of them.
+    /// Listeners bound elsewhere (tests, embedders).
     pub fn new(listeners: Vec<Listener>, max_connections: usize) -> Listeners {
         Listeners {
             listeners,

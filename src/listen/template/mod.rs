@@ -358,13 +358,8 @@ async fn serve_sandbox(
         tenant: Some(tenant),
         sandbox: Some(&id),
     };
-    {
-        let _in = span.enter();
-        for a in serve.adopted {
-            accept.adopt(a, &life);
-        }
-    }
-    let ended = tracing::Instrument::instrument(accept.run(&listener, &mut life), span).await;
+    let run = accept.run(&listener, &mut life, serve.adopted);
+    let ended = tracing::Instrument::instrument(run, span).await;
     if let Listener::Hybrid(l) = listener {
         match ended {
             Ended::HandedOver => l.release(),

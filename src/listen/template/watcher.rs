@@ -362,22 +362,18 @@ impl Watcher {
         match fx.serve(id, &path) {
             Ok(identity) => {
                 tracing::info!(sandbox = id, socket = %path.display(), "serving sandbox");
-                self.set_state(id, Some(wd), State::Serving { identity });
+                return self.set_state(id, Some(wd), State::Serving { identity });
             }
-            Err(e) => {
-                match e {
-                    ServeError::Bind(e) => {
-                        tracing::warn!(sandbox = id, error = %e, "cannot listen for this sandbox's agent");
-                    }
-                    ServeError::Refused => tracing::warn!(
-                        sandbox = id,
-                        "the forwarder is not taking new sandboxes; not serving this one"
-                    ),
-                }
-                self.unwatch(fx, wd);
-                self.set_state(id, None, State::Retired);
+            Err(ServeError::Bind(e)) => {
+                tracing::warn!(sandbox = id, error = %e, "cannot listen for this sandbox's agent");
             }
+            Err(ServeError::Refused) => tracing::warn!(
+                sandbox = id,
+                "the forwarder is not taking new sandboxes; not serving this one"
+            ),
         }
+        self.unwatch(fx, wd);
+        self.set_state(id, None, State::Retired);
     }
 
     fn set_state(&mut self, id: &str, wd: Option<WatchId>, state: State) {
