@@ -35,7 +35,6 @@ pub struct HybridListener {
     dir: Option<OwnedFd>,
 }
 
-/// How long a start waits for another one binding in the same directory.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Locks `dir` for a look and a bind, waiting [`LOCK_WAIT`] at most: anyone
@@ -149,7 +148,6 @@ impl HybridListener {
         self.janitor.as_ref().and_then(Janitor::pipe)
     }
 
-    /// Whether the file at the path is still the very socket bound.
     fn is_ours(&self) -> bool {
         std::fs::symlink_metadata(&self.path).is_ok_and(|md| (md.dev(), md.ino()) == self.identity)
     }

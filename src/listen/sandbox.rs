@@ -27,16 +27,13 @@ pub(crate) use crate::otlp::{SANDBOX_ID, VSOCK_CID};
 pub(crate) const PROC_ROOT: &str = "/proc";
 
 const NAME_PREFIX: &str = "sandbox-";
-/// Most processes looked at in one scan.
 const MAX_PROCESSES: usize = 1 << 16;
 /// Most bytes of one command line read (Kata's QEMU's are a few KiB).
 const MAX_CMDLINE: u64 = 256 << 10;
-/// Most CIDs remembered.
 const MAX_CACHED: usize = 1024;
 /// How long an unclaimed CID is not looked up again: a burst of
 /// connections from it costs one scan.
 const NEGATIVE_TTL: Duration = Duration::from_secs(2);
-/// Longest sandbox id taken from a command line.
 const MAX_ID_LEN: usize = 256;
 
 pub(crate) fn sandbox_origin(base: &Origin, sandbox_id: &str) -> Origin {

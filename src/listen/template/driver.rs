@@ -28,7 +28,7 @@ use crate::shutdown::Shutdown;
 
 /// Bytes of inotify events read at once (an event is 16 bytes plus its name).
 const EVENT_BUFFER: usize = 64 << 10;
-/// At shutdown, how long the watcher waits for the listeners to come back.
+/// At shutdown, how long the listeners have to come back.
 const REAP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the watcher retries a directory it failed to watch.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -177,7 +177,7 @@ impl Driver {
     pub(super) fn start(mut watcher: Watcher, handoff: Handoff) -> Result<Driver, ListenError> {
         let events = Inotify::init().and_then(|i| i.into_event_stream(vec![0u8; EVENT_BUFFER]));
         let events = events.map_err(|source| ListenError::WatchSandboxes {
-            dir: watcher.template().parent().to_path_buf(),
+            dir: watcher.template.parent().to_path_buf(),
             source,
         })?;
         let mut host = Host::new(events.watches(), handoff);
@@ -212,7 +212,7 @@ impl Driver {
                 Some(listener) = reap_rx.recv() => drop(listener),
                 Some(control) = control_rx.recv() => {
                     if !follow(control, &mut control_rx).await {
-                        tracing::debug!(template = %watcher.template(), "the successor watches these sandboxes now");
+                        tracing::debug!(template = %watcher.template, "the successor watches these sandboxes now");
                         break;
                     }
                 }

@@ -17,7 +17,7 @@ use super::effects::{
 use crate::addr::SocketTemplate;
 use crate::listen::ListenError;
 
-/// Turning sandboxes away at the cap is logged at `warn` at most this often.
+/// Turning sandboxes away is logged at `warn` at most this often.
 const CAP_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A sandbox id: UTF-8 (a string attribute), not hidden (tools' entries).
@@ -64,7 +64,7 @@ enum State {
 }
 
 pub(super) struct Watcher {
-    template: SocketTemplate,
+    pub(super) template: SocketTemplate,
     port: u32,
     max_sandboxes: usize,
     root: Root,
@@ -89,11 +89,6 @@ impl Watcher {
         }
     }
 
-    pub(super) fn template(&self) -> &SocketTemplate {
-        &self.template
-    }
-
-    /// Whether the root is unwatched after an error, to be retried.
     pub(super) fn wants_retry(&self) -> bool {
         matches!(self.root, Root::Missing)
     }
