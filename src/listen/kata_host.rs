@@ -78,16 +78,16 @@ impl KataHostListener {
         if let Some(bad) = plan.errors().next() {
             return Err(ListenError::ReadKataConfig(bad.skipped.join("; ")));
         }
-        let effective = plan.configs.iter();
-        let effective = effective
-            .map(|c| (c.file.clone(), c.serves.clone()))
-            .collect();
+        let effective = plan
+            .configs
+            .iter()
+            .map(|c| (c.file.clone(), c.serves.clone()));
         let mut me = KataHostListener {
             cfg: cfg.clone(),
             thread,
             shutdown: shutdown.clone(),
+            effective: effective.collect(),
             plan,
-            effective,
             bound: Vec::new(),
             watch,
         };

@@ -89,8 +89,14 @@ impl Effects for Host {
                 self.descriptors.insert(id, wd);
                 Ok(id)
             }
-            Err(e) if is_missing(&e) => Err(WatchError::Missing),
-            Err(e) => Err(WatchError::Failed(with_hint(e))),
+            Err(e) => match e.raw_os_error() {
+                Some(nix::libc::ENOENT | nix::libc::ENOTDIR) => Err(WatchError::Missing),
+                // From inotify: the watch limit, not the disk.
+                Some(nix::libc::ENOSPC) => Err(WatchError::Failed(io::Error::other(format!(
+                    "{e}: the inotify watch limit is reached (raise fs.inotify.max_user_watches)"
+                )))),
+                _ => Err(WatchError::Failed(e)),
+            },
         }
     }
 
@@ -270,21 +276,6 @@ fn change(mask: EventMask, name: Option<&OsStr>) -> Change<'_> {
         Some(name) if is_dir && mask.intersects(appeared) => Change::DirAppeared(name),
         Some(name) if mask.intersects(removed) => Change::Removed { name, is_dir },
         _ => Change::Other,
-    }
-}
-
-fn is_missing(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(c) if c == nix::libc::ENOENT || c == nix::libc::ENOTDIR)
-}
-
-/// ENOSPC from inotify means the watch limit, not the disk.
-fn with_hint(e: io::Error) -> io::Error {
-    if e.raw_os_error() == Some(nix::libc::ENOSPC) {
-        io::Error::other(format!(
-            "{e}: the inotify watch limit is reached (raise fs.inotify.max_user_watches)"
-        ))
-    } else {
-        e
     }
 }
 
