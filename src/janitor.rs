@@ -1,10 +1,8 @@
-//! The socket janitor: the forwarder, started as root and re-executed to
-//! wait on a pipe, removes a socket in root's directory for a forwarder no
-//! longer root. On `remove`, or when the pipe closes (the forwarder died),
-//! it removes the socket if still the very file bound, and exits. It reads
-//! nothing from guests and blocks SIGTERM and SIGINT, so a signal to the
-//! process group cannot make it leave the socket behind. Its pipe travels
-//! with the socket in a hand-over.
+//! The socket janitor, our binary re-executed as root to wait on a pipe: on
+//! `remove`, or when the pipe closes (the forwarder died), it removes the
+//! socket if still the very file bound. It reads nothing from guests and
+//! blocks SIGTERM and SIGINT: a signal to the process group cannot make it
+//! leave the socket behind.
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, Write};

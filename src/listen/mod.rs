@@ -1,11 +1,8 @@
 //! Listening: accepting agent connections and reading their frames.
 //!
-//! QEMU guests use AF_VSOCK ([`vsock`]); Cloud Hypervisor and Firecracker
-//! "hybrid VSOCK", a Unix socket per port ([`hybrid`]). Only bind and accept
-//! differ: every stream goes through the same [`connection`] code, so what
-//! is tested over Unix sockets is what runs for VSOCK. Each connection is
-//! its own task, and belongs to a sandbox ([`crate::tenant`]): the
-//! listener's (hybrid, template), or its guest CID's (VSOCK).
+//! [`vsock`] and [`hybrid`] differ only in bind and accept: every stream
+//! goes through the same [`connection`] code, so what is tested over Unix
+//! sockets is what runs for VSOCK.
 
 mod accept;
 pub(crate) mod connection;

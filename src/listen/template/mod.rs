@@ -1,25 +1,19 @@
 //! Template mode: one forwarder for every hybrid-VSOCK sandbox on a host.
 //!
-//! The socket path differs only by sandbox id (`kata-runtime env` prints a
-//! template such as `/run/vc/vm/{ID}/clh.sock`). A watcher follows the
-//! directory above `{ID}` with inotify; for each sandbox directory it
-//! follows the directories down to the socket's (Firecracker nests it under
-//! `{ID}/root/`), binds `<socket>_<port>` and hands the listener to the
-//! async side here, which accepts on it and tags spans with
-//! `kata.sandbox.id`. When the socket or a directory above it goes, the
-//! listener stops, its connections drain, and it comes back to the watcher
-//! to be dropped. A socket someone else removed is never re-created in a
-//! directory being deleted: only once the sandbox directory comes back.
+//! `kata-runtime env` prints the socket path as a template such as
+//! `/run/vc/vm/{ID}/clh.sock`. The watcher follows the directory above
+//! `{ID}`, and in each sandbox the directories down to the socket's
+//! (Firecracker's is under `{ID}/root/`), binds `<socket>_<port>` and hands
+//! the listener to the async side here. When the socket or a directory
+//! above it goes, the listener stops and comes back to the watcher to be
+//! dropped. A socket someone else removed is re-created only once the
+//! sandbox directory has gone and come back.
 //!
 //! Sandbox directories are root's. Started as root, the forwarder becomes
 //! `--user` on every thread but the watcher thread, which keeps
 //! CAP_DAC_OVERRIDE alone and reads nothing from guests. Every template
 //! shares that one [`SandboxThread`]: glibc and musl apply `setuid` to every
 //! thread, so the capability survives only on the thread that switched.
-//!
-//! [`watcher`] decides (a state machine, every effect and look at the disk
-//! through [`effects`], tested without inotify); [`driver`] acts and runs
-//! its loop.
 
 mod driver;
 mod effects;
