@@ -159,13 +159,6 @@ enum End {
     HandedOver,
 }
 
-enum Read {
-    Got(std::io::Result<(usize, bool)>),
-    /// Nothing this time (a tick with nothing ready, a pause asked).
-    Again,
-    Drain,
-}
-
 struct Conn<'a, S> {
     peer: Peer,
     shared: &'a ConnShared,
@@ -294,7 +287,7 @@ impl<'a, S: Park> Conn<'a, S> {
                 let idle_at = Instant::now() + self.shared.drain_idle;
                 let until = self.life.deadline().map_or(idle_at, |d| d.min(idle_at));
                 match tokio::time::timeout_at(until, self.input.read_async(stream)).await {
-                    Ok(r) => Read::Got(r),
+                    Ok(r) => r,
                     // Quiet, or out of time: a frame in hand is counted as
                     // cut (unless systemd's store keeps the connection).
                     Err(_) if !self.life.leaves() => {
@@ -305,16 +298,14 @@ impl<'a, S: Park> Conn<'a, S> {
             }
             State::Live(stream) => {
                 let read = tokio::select! {
-                    r = self.input.read_async(stream) => Read::Got(r),
+                    r = self.input.read_async(stream) => r,
                     next = self.life.next() => match next {
-                        Next::Drain => Read::Drain,
-                        Next::Pause => Read::Again,
+                        Next::Drain => return self.drain(),
+                        Next::Pause => return None,
                     },
                 };
-                if let Read::Got(_) = read {
-                    self.last_read = Instant::now();
-                    self.since = self.last_read;
-                }
+                self.last_read = Instant::now();
+                self.since = self.last_read;
                 read
             }
             State::Parked { file, quiet, .. } => {
@@ -340,21 +331,19 @@ impl<'a, S: Park> Conn<'a, S> {
                         // Quiet a while: back on the reactor, where quiet is free.
                         *quiet += 1;
                         self.wake = *quiet >= EMPTY_TICKS;
-                        Read::Again
+                        return None;
                     }
                     r => {
                         *quiet = 0;
-                        Read::Got(r)
+                        r
                     }
                 }
             }
             State::Gone => return Some(End::Stopped(Ok(()))),
         };
         match read {
-            Read::Again => None,
-            Read::Drain => self.drain(),
-            Read::Got(Ok((0, _))) => Some(End::Closed(self.ingest.eof(self.input.bytes()))),
-            Read::Got(Ok((n, filled))) => {
+            Ok((0, _)) => Some(End::Closed(self.ingest.eof(self.input.bytes()))),
+            Ok((n, filled)) => {
                 if !self.announced {
                     self.announced = true;
                     let (peer, tenant) = (self.peer, self.tenant);
@@ -365,7 +354,7 @@ impl<'a, S: Park> Conn<'a, S> {
                 self.rate.add(n, self.last_read);
                 None
             }
-            Read::Got(Err(e)) => Some(End::Stopped(Err(FrameError::Read(e)))),
+            Err(e) => Some(End::Stopped(Err(FrameError::Read(e)))),
         }
     }
 
