@@ -111,7 +111,9 @@ impl Serving {
         match accept.run(&listener, &mut life, adopted).await {
             Ended::HandedOver => {
                 tracing::info!(listener = %listener.describe(), "handed over");
-                listener.release();
+                if let Listener::Hybrid(l) = listener {
+                    l.release();
+                }
             }
             Ended::Stopped => {
                 tracing::info!(listener = %listener.describe(), "stopped accepting connections")

@@ -112,7 +112,7 @@ impl KataHostListener {
             .iter()
             .map(|(_, _, b)| match b {
                 Bound::Vsock(l, _) => l.describe(),
-                Bound::Template(l) => l.describe(),
+                Bound::Template(l) => l.describe.clone(),
             })
             .collect();
         format!(

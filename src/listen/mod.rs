@@ -83,7 +83,7 @@ pub(crate) enum Manager {
 impl Manager {
     fn describe(&self) -> String {
         match self {
-            Manager::Template(t) => t.describe(),
+            Manager::Template(t) => t.describe.clone(),
             Manager::KataHost(k) => k.describe(),
         }
     }
@@ -154,13 +154,6 @@ impl Listener {
         let mut stored = vec![Stored::listener(self.fd(), identity)];
         stored.extend(janitor.map(|p| Stored::janitor(self.fd(), p)));
         stored
-    }
-
-    /// Leaves the socket to a successor.
-    fn release(self) {
-        if let Listener::Hybrid(l) = self {
-            l.release();
-        }
     }
 }
 

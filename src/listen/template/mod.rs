@@ -52,7 +52,7 @@ struct Serve {
 /// A template served: its watcher, as the async side sees it.
 pub struct TemplateListener {
     template: SocketTemplate,
-    describe: String,
+    pub(crate) describe: String,
     serve_rx: mpsc::Receiver<Serve>,
     /// Listeners go back to be dropped where their sockets can be removed.
     reap_tx: Option<mpsc::UnboundedSender<HybridListener>>,
@@ -236,10 +236,6 @@ impl TemplateListener {
             _thread: thread.clone(),
             control_tx,
         })
-    }
-
-    pub fn describe(&self) -> String {
-        self.describe.clone()
     }
 
     /// Serves each sandbox the watcher hands over until shutdown begins,
