@@ -165,16 +165,11 @@ impl Inherited {
         cid: VsockCid,
         port: u32,
     ) -> Option<(Option<VsockListener>, Vec<Adopted>)> {
-        let v = self.lock().vsock.remove(&port)?;
-        let listener = match v.listener {
-            Some(l) if l.cid == cid => Some(l),
-            Some(l) => {
-                fdstore::forget(fdstore::listener_name(l.listener.as_fd(), None));
-                None
-            }
-            None => None,
-        };
-        Some((listener, v.connections))
+        let mut v = self.lock().vsock.remove(&port)?;
+        if let Some(l) = v.listener.take_if(|l| l.cid != cid) {
+            fdstore::forget(fdstore::listener_name(l.listener.as_fd(), None));
+        }
+        Some((v.listener, v.connections))
     }
 
     /// Closes whatever nobody claimed, in systemd's store too: a connection
