@@ -1,16 +1,8 @@
-//! The socket janitor: a helper process that removes a socket on behalf of
-//! a forwarder no longer root.
-//!
-//! Hybrid VSOCK sockets and the hand-off socket live in directories of
-//! root's, and the forwarder drops root once they are bound (see
-//! `listen::privileges`). So before dropping, it starts a janitor: itself,
-//! re-executed in a mode that only waits on a pipe. When the forwarder says
-//! `remove`, or dies and the pipe closes, the janitor removes the socket if
-//! it is still the very file we bound (same device and inode) and exits. It
-//! reads nothing from guests and ignores SIGTERM and SIGINT, so a signal to
-//! the whole process group cannot make it leave the socket behind. Its pipe
-//! travels with the socket in a hand-over. A module of its own because both
-//! `listen` and `handover` keep one, and neither should know the other.
+//! The socket janitor, our binary re-executed as root to wait on a pipe: on
+//! `remove`, or when the pipe closes (the forwarder died), it removes the
+//! socket if still the very file bound. It reads nothing from guests and
+//! blocks SIGTERM and SIGINT: a signal to the process group cannot make it
+//! leave the socket behind.
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, Write};
@@ -19,13 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-/// First argument that selects janitor mode in the binary.
+/// The first argument that selects janitor mode.
 pub const JANITOR_ARG: &str = "__socket-janitor";
 
-/// The privileged helper that removes a socket on our behalf. A forwarder
-/// that took over from another holds only its pipe: the janitor is the
-/// first forwarder's child, and outlives each hand-over as long as some
-/// forwarder holds the pipe's writing end.
+/// A forwarder that took over holds only the pipe: the janitor is the
+/// first one's child, living while some forwarder holds the writing end.
 pub(crate) struct Janitor {
     child: Option<Child>,
     stdin: Option<std::fs::File>,
@@ -52,7 +42,6 @@ impl Janitor {
         })
     }
 
-    /// The janitor a predecessor handed over: its pipe.
     pub(crate) fn adopt(pipe: std::os::fd::OwnedFd) -> Janitor {
         Janitor {
             child: None,
@@ -65,12 +54,7 @@ impl Janitor {
         self.stdin.as_ref().map(AsFd::as_fd)
     }
 
-    /// Lets go without asking for removal: the socket is a successor's now,
-    /// and so is the janitor (it holds a duplicate of the pipe).
-    /// Not waited for: it is reaped with this process.
-    pub(crate) fn release(self) {}
-
-    /// Asks for the socket to be removed now and waits, briefly, until it is.
+    /// Asks for removal now and waits, up to `timeout`, until it is done.
     pub(crate) fn remove_now(mut self, timeout: Duration) -> bool {
         if let Some(mut stdin) = self.stdin.take() {
             let _ = stdin.write_all(b"remove\n");
@@ -95,8 +79,7 @@ impl Janitor {
 /// Entry point of janitor mode: `JANITOR_ARG <path> <dev> <ino>`.
 pub fn janitor_main(args: &[OsString]) -> ExitCode {
     use nix::sys::signal::{SigSet, Signal::*};
-    // Single-threaded at this point, so blocking the signals for this thread
-    // blocks them for the process.
+    // Single-threaded: blocked for this thread is blocked for the process.
     let _ = SigSet::from_iter([SIGTERM, SIGINT, SIGHUP]).thread_block();
 
     let num = |i: usize| args.get(i)?.to_str()?.parse::<u64>().ok();

@@ -1,18 +1,7 @@
-//! What a serving task (accept loop, connection, template watcher,
-//! `--kata-host` planner) does next.
-//!
-//! A [`Lifeline`] joins the two things that can interrupt a task: the
-//! forwarder stopping ([`Shutdown`]) and a hand-over's pause (its place in
-//! the [`Hub`]). [`next`](Lifeline::next) says which came first; a paused
-//! task reports what a successor needs and learns from
-//! [`settled`](Lifeline::settled) whether to resume, drain or leave.
-//! [`leaves`](Lifeline::leaves) is the one place that decides, as a task
-//! ends, whether what it holds is left for a successor or cleaned up.
-//!
-//! A child task's lifeline is taken ([`spawn`](Lifeline::spawn),
-//! [`under`](Lifeline::under)) before it runs, so that a pause asked from
-//! then on waits for it too. The batcher, replayer and janitor are never
-//! paused: they hold the [`Shutdown`] alone.
+//! What a serving task does next: a [`Lifeline`] joins the forwarder
+//! stopping ([`Shutdown`]) and a hand-over's pause (a place in the [`Hub`]);
+//! ARCHITECTURE.md's lifecycle tells how tasks use it. A child's lifeline is
+//! taken before it runs, so that a pause asked from then on waits for it.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,8 +15,7 @@ use crate::shutdown::{Mode, Shutdown};
 pub(crate) enum Next {
     /// Stopping has begun: read what is already there, then end.
     Drain,
-    /// A hand-over asks for a pause: report, then wait for
-    /// [`settled`](Lifeline::settled).
+    /// A hand-over asks for a pause: report, then [`Lifeline::settled`].
     Pause,
 }
 
@@ -35,7 +23,6 @@ pub(crate) use crate::handover::hub::Outcome as After;
 
 pub(crate) struct Lifeline {
     shutdown: Shutdown,
-    /// Where tasks pause for hand-overs, when this process takes part.
     hub: Option<Arc<Hub>>,
     /// `None` for the root, which only starts tasks.
     member: Option<Member>,
@@ -43,7 +30,6 @@ pub(crate) struct Lifeline {
 }
 
 impl Lifeline {
-    /// The root, from which every serving task's lifeline is taken.
     pub(crate) fn root(shutdown: Shutdown, hub: Option<Arc<Hub>>) -> Lifeline {
         Lifeline {
             shutdown,
@@ -67,8 +53,8 @@ impl Lifeline {
         self.under(self.shutdown.clone())
     }
 
-    /// This task's id among those paused together (0 outside hand-overs):
-    /// a connection's piece names its accept loop's.
+    /// This task's id in a hand-over (0 outside): a connection's piece
+    /// names its accept loop's.
     pub(crate) fn id(&self) -> u64 {
         self.member.as_ref().map_or(0, Member::id)
     }
@@ -77,8 +63,7 @@ impl Lifeline {
         self.shutdown.is_stopping()
     }
 
-    /// The forwarder's deadline, once it is stopping (none for a sandbox
-    /// stopped alone: its connections drain until quiet).
+    /// The forwarder's deadline (none for a sandbox stopped alone).
     pub(crate) fn deadline(&self) -> Option<Instant> {
         self.shutdown.deadline()
     }
@@ -100,17 +85,16 @@ impl Lifeline {
         self.member.as_ref().is_some_and(Member::pause_due)
     }
 
-    /// Reports this task paused, with `piece` for the successor (`None`:
-    /// it could not be made, and the hand-over is refused).
+    /// Reports this task paused, with `piece` (`None`: it could not be
+    /// made, and the hand-over is refused).
     pub(crate) fn report(&mut self, piece: Option<Piece>) {
         if let Some(m) = self.member.as_mut() {
             m.report(piece);
         }
     }
 
-    /// Reports this task paused with no socket of its own (a watcher or
-    /// planner: the sockets it makes are tasks of their own), and waits
-    /// for the outcome.
+    /// Reports a task with no socket of its own (a watcher, the planner)
+    /// paused, and waits for the outcome.
     pub(crate) async fn pause_quiet(&mut self) -> After {
         if let Some(m) = self.member.as_mut() {
             m.report_quiet();
@@ -127,10 +111,8 @@ impl Lifeline {
         Some(after)
     }
 
-    /// Awaits `fut`; if a pause is asked meanwhile, reports `piece()` at
-    /// once (what it describes must not change while `fut` runs) and goes
-    /// on waiting. The caller then learns the outcome from
-    /// [`settled`](Self::settled).
+    /// Awaits `fut`; a pause asked meanwhile gets `piece()` at once (what it
+    /// describes must not change while `fut` runs); then [`Self::settled`].
     pub(crate) async fn paused_while<F: Future>(
         &mut self,
         fut: F,
@@ -150,9 +132,8 @@ impl Lifeline {
         fut.await
     }
 
-    /// Whether what this task holds stays for a successor: handed over, or
-    /// the forwarder is stopping into systemd's store. Otherwise it is
-    /// cleaned up (sockets removed, connections closed).
+    /// Whether what this task holds stays (handed over, or stopping into
+    /// systemd's store) rather than being cleaned up.
     pub(crate) fn leaves(&self) -> bool {
         self.handed_over || self.shutdown.phase().is_some_and(|p| p.mode == Mode::Store)
     }

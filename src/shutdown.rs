@@ -1,13 +1,7 @@
-//! One way to stop, carried by every task that has to stop.
-//!
-//! Stopping has two phases: the forwarder stops accepting and every
-//! connection drains (reads until its agent has been quiet for a moment),
-//! then what was read is flushed to the collector or the spool. Both end at
-//! one deadline, set when stopping begins. A [`Shutdown`] is a cancellation
-//! token plus that shared deadline. A sandbox that goes away gets a
-//! [`child`](Shutdown::child): stopped with the forwarder, or alone, in
-//! which case its connections drain with no deadline but their own quiet.
-//! How the forwarder stops is a [`Mode`].
+//! One way to stop: a cancellation token plus the deadline shared by both
+//! phases (connections drain, then what was read is flushed). A sandbox
+//! gets a [`child`](Shutdown::child): stopped with the forwarder, or alone,
+//! its connections then draining until quiet, with no deadline.
 
 use std::sync::Arc;
 
@@ -19,17 +13,14 @@ use tokio_util::sync::CancellationToken;
 pub enum Mode {
     /// Stop accepting, read what agents already wrote, flush, exit.
     Drain,
-    /// A successor serves every listener and connection now: read nothing
-    /// more, flush what was read, leave the sockets in place, exit.
+    /// A successor serves everything now: read nothing more, flush, leave
+    /// the sockets in place, exit.
     HandOver,
-    /// systemd keeps every listener and connection in its file descriptor
-    /// store for the next process ([`crate::handover::fdstore`]): read each
-    /// connection to the end of the frame in hand, flush, leave the sockets
-    /// in place and the connections open, exit.
+    /// systemd's fd store keeps everything for the next process: read each
+    /// connection to the end of its frame, flush, leave all open, exit.
     Store,
 }
 
-/// Stopping has begun: how, and by when it must be done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stopping {
     pub mode: Mode,
@@ -49,8 +40,7 @@ impl Shutdown {
         Shutdown::default()
     }
 
-    /// A shutdown that stops with this one, or on its own with
-    /// [`stop`](Self::stop), sharing this one's deadline.
+    /// A shutdown that stops with this one, or alone ([`Self::stop`]).
     pub fn child(&self) -> Shutdown {
         Shutdown {
             token: self.token.child_token(),
@@ -58,16 +48,13 @@ impl Shutdown {
         }
     }
 
-    /// Begins stopping everything under this shutdown, to be done by
-    /// `deadline`.
     pub(crate) fn begin(&self, mode: Mode, deadline: Instant) {
         self.stopping
             .send_replace(Some(Stopping { mode, deadline }));
         self.token.cancel();
     }
 
-    /// Stops this shutdown's tasks (a sandbox that went) with no deadline of
-    /// its own: they drain until quiet.
+    /// Stops this shutdown's tasks (a sandbox that went), with no deadline.
     pub fn stop(&self) {
         self.token.cancel();
     }
@@ -76,7 +63,6 @@ impl Shutdown {
         self.token.is_cancelled()
     }
 
-    /// Resolves once stopping has begun (for this shutdown or its parent).
     pub async fn stopping(&self) {
         self.token.cancelled().await;
     }
@@ -94,8 +80,7 @@ impl Shutdown {
         self.deadline().is_some_and(|d| Instant::now() >= d)
     }
 
-    /// Resolves once the forwarder's shutdown deadline is set, with it.
-    /// Retries and backoff waits use it to be cut short.
+    /// Resolves with the forwarder's deadline once set (cuts waits short).
     pub(crate) async fn deadline_set(&self) -> Instant {
         let mut rx = self.stopping.subscribe();
         // The sender lives in `self`: it cannot be gone while we wait.
@@ -104,34 +89,28 @@ impl Shutdown {
     }
 }
 
-/// The signals that stop (`SIGTERM`, `SIGINT`) or upgrade (`SIGHUP`) the
-/// forwarder.
 fn stop_and_upgrade_signals() -> nix::sys::signal::SigSet {
     use nix::sys::signal::Signal::{SIGHUP, SIGINT, SIGTERM};
     [SIGHUP, SIGTERM, SIGINT].into_iter().collect()
 }
 
-/// Blocks the stop and upgrade signals on the calling thread, and so on
-/// every thread it starts from now on. Call first thing in `main`, while
-/// it is the only thread. Blocked, not ignored: one that comes before the
-/// runtime handles it (while an upgraded binary starts, whose predecessor
-/// had them blocked across `exec`) stays pending until [`SignalGate`]
-/// lets it through, rather than killing the process or being lost.
+/// Blocks the stop and upgrade signals on this thread and those it starts.
+/// Call first in `main`. Blocked, not ignored: one that comes before the
+/// runtime handles it (an upgraded binary starting) stays pending until
+/// [`SignalGate`] lets it through, rather than killing us or being lost.
 pub fn block_stop_signals() {
     let _ = stop_and_upgrade_signals().thread_block();
 }
 
-/// Undoes [`block_stop_signals`] on the calling thread, for a process that
-/// will not serve (`--print`): their defaults stop it.
+/// Undoes [`block_stop_signals`], for a process that will not serve.
 pub fn unblock_stop_signals() {
     let _ = stop_and_upgrade_signals().thread_unblock();
 }
 
-/// The one thread the stop and upgrade signals are delivered to (every
-/// other keeps them blocked, see [`block_stop_signals`]), so that
-/// [`hold`](Self::hold) can stop their delivery for the whole process at
-/// once: before an upgrade's `exec`, after which they stay pending for the
-/// new binary. Start it once the runtime's handlers for them are in place.
+/// The one thread the stop and upgrade signals are delivered to, so that
+/// [`hold`](Self::hold) stops their delivery for the whole process before
+/// an upgrade's `exec` (they stay pending for the new binary). Start it
+/// once the runtime's handlers are in place.
 pub struct SignalGate {
     /// Dropped to hold: the thread then blocks them and ends.
     hold: std::sync::mpsc::Sender<()>,
@@ -153,8 +132,7 @@ impl SignalGate {
         Ok(SignalGate { hold, thread })
     }
 
-    /// Stops delivering the signals, for the whole process: from here on
-    /// they stay pending (across `exec` too). Returns once that is so.
+    /// From its return on, the signals stay pending (across `exec` too).
     pub fn hold(self) {
         drop(self.hold);
         let _ = self.thread.join();

@@ -1,10 +1,7 @@
-//! Accepting: one task per listener, one task per connection.
-//!
-//! An accept loop checks each connection against the caps (its sandbox's
-//! and the forwarder's; beyond one it is accepted, logged and closed),
-//! finds its sandbox and spawns [`super::connection::serve`] with a
-//! lifeline of its own. Between two accepts it pauses for a hand-over and
-//! reports its socket.
+//! Accepting: one task per listener, one per connection. Connections are
+//! capped per sandbox and in all; beyond a cap one is accepted, logged
+//! (through its sandbox's log gate) and closed, so a flood costs an fd for
+//! a moment and never uses up another sandbox's room.
 
 use std::io;
 use std::sync::Arc;
@@ -27,9 +24,8 @@ use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
 use crate::tenant::{Tenant, TenantConn, TenantKey};
 
-/// Serves every listener and sandbox manager until `shutdown` begins;
-/// then waits for the connections to drain, until the shutdown deadline
-/// at the latest.
+/// Serves every listener and manager until `shutdown`, then waits for the
+/// connections to drain, until the deadline at the latest.
 pub(crate) async fn serve(
     listeners: Listeners,
     shared: Arc<ConnShared>,
@@ -46,8 +42,7 @@ pub(crate) async fn serve(
         max_connections: listeners.max_connections,
         tracker: tracker.clone(),
     };
-    // Lifelines are taken before the tasks run, so that a pause asked
-    // from now on waits for them.
+    // Lifelines taken before the tasks run: a pause from now waits for them.
     let managing = listeners
         .managers
         .into_iter()
@@ -68,44 +63,21 @@ pub(crate) async fn serve(
     }
 }
 
-/// What serving any listener (or a template's sandbox) needs. Cheap to
-/// clone.
+/// What serving any listener (or a template's sandbox) needs.
 #[derive(Clone)]
 pub(crate) struct Serving {
     pub shared: Arc<ConnShared>,
     /// The resource attributes every connection's spans get.
     pub origin: Arc<Origin>,
-    /// The cap on connections served at once, across every listener.
+    /// The cap on connections across every listener.
     permits: Arc<Semaphore>,
     max_connections: usize,
     tracker: TaskTracker,
 }
 
 impl Serving {
-    /// Accepting on one listener: `origin` is its connections' resource;
-    /// `resolver` finds a VSOCK guest's sandbox; `tenant` is the listener's
-    /// sandbox (hybrid, template; on VSOCK each guest CID is one),
-    /// `sandbox` its id in template mode and `--kata-host` (handed over as
-    /// such, for the successor's watcher).
-    pub(crate) fn accept<'a>(
-        &'a self,
-        origin: &'a Arc<Origin>,
-        resolver: Option<Arc<CidResolver>>,
-        tenant: Option<Arc<Tenant>>,
-        sandbox: Option<&'a str>,
-    ) -> Accept<'a> {
-        Accept {
-            serving: self,
-            origin,
-            resolver,
-            tenant,
-            sandbox,
-        }
-    }
-
-    /// Serves `listener` (VSOCK, or one hybrid socket): first the
-    /// connections a predecessor left, then what it accepts. Handed over,
-    /// or left in systemd's store, its socket stays; stopped, it goes.
+    /// Serves `listener` (VSOCK, or one hybrid socket): first what a
+    /// predecessor left, then what it accepts.
     pub(crate) async fn serve(
         &self,
         listener: Listener,
@@ -115,15 +87,12 @@ impl Serving {
         let (origin, tenant, resolver) = match &listener {
             // Hybrid: the socket is one sandbox's, named by Kata's path.
             Listener::Hybrid(l) => {
-                let id = sandbox::hybrid_sandbox_id(l.path());
+                let id = sandbox::hybrid_sandbox_id(&l.path);
                 let origin = match &id {
                     Some(id) => Arc::new(sandbox::sandbox_origin(&self.origin, id)),
                     None => Arc::clone(&self.origin),
                 };
-                let key = id.map_or_else(
-                    || TenantKey::Socket(l.path().to_owned()),
-                    TenantKey::Sandbox,
-                );
+                let key = id.map_or_else(|| TenantKey::Socket(l.path.clone()), TenantKey::Sandbox);
                 (origin, Some(self.shared.tenant(key)), None)
             }
             // QEMU: a guest's CID says which sandbox it is, through /proc.
@@ -132,14 +101,19 @@ impl Serving {
                 (Arc::clone(&self.origin), None, Some(resolver))
             }
         };
-        let accept = self.accept(&origin, resolver, tenant, None);
-        for a in adopted {
-            accept.adopt(a, &life);
-        }
-        match accept.run(&listener, &mut life).await {
+        let accept = Accept {
+            serving: self,
+            origin: &origin,
+            resolver,
+            tenant,
+            sandbox: None,
+        };
+        match accept.run(&listener, &mut life, adopted).await {
             Ended::HandedOver => {
                 tracing::info!(listener = %listener.describe(), "handed over");
-                listener.release();
+                if let Listener::Hybrid(l) = listener {
+                    l.release();
+                }
             }
             Ended::Stopped => {
                 tracing::info!(listener = %listener.describe(), "stopped accepting connections")
@@ -148,28 +122,39 @@ impl Serving {
     }
 }
 
-/// What accepting on one listener needs; see [`Serving::accept`].
+/// Accepting on one listener.
 pub(crate) struct Accept<'a> {
-    serving: &'a Serving,
-    origin: &'a Arc<Origin>,
-    resolver: Option<Arc<CidResolver>>,
-    tenant: Option<Arc<Tenant>>,
-    sandbox: Option<&'a str>,
+    pub serving: &'a Serving,
+    /// Its connections' resource.
+    pub origin: &'a Arc<Origin>,
+    /// Finds a VSOCK guest's sandbox.
+    pub resolver: Option<Arc<CidResolver>>,
+    /// The listener's sandbox (none on VSOCK: each guest CID is one).
+    pub tenant: Option<Arc<Tenant>>,
+    /// Its id under a manager, handed over as such for the successor's
+    /// watcher.
+    pub sandbox: Option<&'a str>,
 }
 
 pub(crate) enum Ended {
-    /// Shutdown: the listener goes, and its socket with it.
+    /// Shutdown: the socket goes.
     Stopped,
-    /// A successor serves the listener now, or systemd keeps it for the
-    /// next process: its socket stays.
+    /// A successor, or systemd's store, has it: its socket stays.
     HandedOver,
 }
 
 impl Accept<'_> {
-    /// Accepts connections on `listener` until stopping begins, then takes
-    /// those already queued (a backlog's worth, not a flood), so that what
-    /// their agents wrote is drained rather than lost with the socket.
-    pub(crate) async fn run(&self, listener: &Listener, life: &mut Lifeline) -> Ended {
+    /// Serves on `adopted`, accepts until stopping begins, then takes those
+    /// already queued (a backlog's worth), so that what they wrote drains.
+    pub(crate) async fn run(
+        &self,
+        listener: &Listener,
+        life: &mut Lifeline,
+        adopted: Vec<Adopted>,
+    ) -> Ended {
+        for a in adopted {
+            self.adopt(a, life);
+        }
         let max_connections = self.serving.max_connections;
         let stats = &self.serving.shared.stats;
         let mut late = 0usize;
@@ -241,8 +226,8 @@ impl Accept<'_> {
             };
             self.spawn(stream, peer, slot, permit, life, None);
         }
-        // With systemd's store, a stop leaves the listener to the next
-        // process; a sandbox that went alone takes it along.
+        // Stopping into systemd's store keeps the listener (not for a
+        // sandbox that went alone).
         if life.leaves() {
             keep(stored);
             return Ended::HandedOver;
@@ -251,8 +236,8 @@ impl Accept<'_> {
         Ended::Stopped
     }
 
-    /// The sandbox a connection from `peer` belongs to: the listener's, or
-    /// its guest CID's on VSOCK (none when `--max-sandboxes` are tracked).
+    /// The listener's sandbox, or `peer`'s CID's (none past
+    /// `--max-sandboxes`).
     fn tenant(&self, peer: Peer) -> Option<Arc<Tenant>> {
         match (&self.tenant, peer) {
             (Some(t), _) => Some(Arc::clone(t)),
@@ -261,9 +246,9 @@ impl Accept<'_> {
         }
     }
 
-    /// Serves a connection a previous forwarder handed over, from where it
-    /// left it. Past a cap (one lowered since), it is closed and logged.
-    pub(super) fn adopt(&self, a: Adopted, life: &Lifeline) {
+    /// Serves on a handed-over connection; past a cap (one lowered since)
+    /// it is closed and logged.
+    fn adopt(&self, a: Adopted, life: &Lifeline) {
         let slot = self.tenant(a.peer).and_then(|t| t.try_connect());
         let permit = Arc::clone(&self.serving.permits).try_acquire_owned().ok();
         let (Some(slot), Some(permit)) = (slot, permit) else {
@@ -283,8 +268,7 @@ impl Accept<'_> {
         resume: Option<Resume>,
     ) {
         let shared = Arc::clone(&self.serving.shared);
-        // Taken here, before the task runs, so that a pause asked from now
-        // on waits for it.
+        // Taken before the task runs: a pause from now on waits for it.
         let life = accepting.spawn();
         let start = connection::Start {
             listener: accepting.id(),
@@ -319,12 +303,12 @@ impl Accept<'_> {
 async fn accept(listener: &Listener) -> io::Result<(Stream, Peer)> {
     match listener {
         Listener::Hybrid(l) => {
-            let (s, _) = l.accept().await?;
+            let (s, _) = l.listener.accept().await?;
             Ok((Stream::Unix(s), Peer::Unix))
         }
         Listener::Vsock(l) => {
-            let (s, cid) = l.accept().await?;
-            Ok((Stream::Vsock(s), Peer::Vsock { cid }))
+            let (s, addr) = l.listener.accept().await?;
+            Ok((Stream::Vsock(s), Peer::Vsock { cid: addr.cid() }))
         }
     }
 }

@@ -1,11 +1,7 @@
-//! One agent connection: read, hand the bytes to [`crate::ingest`], queue
-//! what comes back, and drain at shutdown, with the same code for every
-//! transport. Sending into the bounded export queue waits when it is full,
-//! which stops this task reading its socket: that is the backpressure path
-//! to the guest. A length prefix over the limit, a read error, or a stream
-//! that ends mid-frame ends this connection only.
-//!
-//! A connection is a state machine ([`State`]), stepped once per read:
+//! One agent connection, any transport: read, [`crate::ingest`], queue. A
+//! full export queue stops this task reading its socket: the backpressure
+//! path to the guest. A bad length prefix, a read error or a stream ending
+//! mid-frame ends this connection only. A state machine, stepped per read:
 //!
 //! ```text
 //!   Live ---- slow agent ---> Parked ---- busy or quiet ---> Live
@@ -15,20 +11,15 @@
 //! ```
 //!
 //! - **Live:** read on arrival, on the reactor.
-//! - **Parked:** an agent that writes little and often is read at a shared
-//!   tick, off the reactor ([`super::pacing`]).
-//! - **Draining:** read on until the agent has been quiet for
-//!   [`ConnShared::drain_idle`] or the deadline passes, so that what it
-//!   already wrote is not lost.
-//! - **Leaving:** a successor holds the socket ([`crate::handover`]: paused
-//!   between two reads, a frame not yet whole went along), or systemd's
-//!   store keeps it: end without another read or a close.
+//! - **Parked:** a slow agent, read at a shared tick ([`super::pacing`]).
+//! - **Draining:** read until quiet for [`ConnShared::drain_idle`] or the
+//!   deadline, so that what the agent wrote is not lost.
+//! - **Leaving:** a successor (paused between reads, a partial frame went
+//!   along) or systemd's store holds it: end without a read or a close.
 //!
-//! What a connection read is always queued; then, if its sandbox
-//! ([`crate::tenant`]) is over its span rate, it waits before reading
-//! again. A read that filled the buffer yields to the other connections
-//! first, so an agent that always has data ready cannot starve one that
-//! has a little.
+//! What was read is always queued; then a sandbox over its span rate waits
+//! before reading again. A read that filled the buffer yields first, so a
+//! busy agent cannot starve one that has a little.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
@@ -53,35 +44,32 @@ use super::pacing::{Pacing, Park, Rate, EMPTY_TICKS};
 pub(crate) struct ConnShared {
     pub queue: QueueSender,
     pub stats: Arc<Stats>,
-    /// Every sandbox's share of the forwarder.
     pub tenants: Arc<Tenants>,
     pub max_frame_size: usize,
-    /// After shutdown starts, a connection keeps reading until it has been
-    /// quiet this long.
+    /// Draining ends after this long quiet.
     pub drain_idle: Duration,
     /// The clock slow agents are read on; `None`: every read on arrival.
     pub pacing: Option<Pacing>,
 }
 
 impl ConnShared {
-    /// The tenant for `key`; one outside the registry (limits, but no
-    /// series of its own) when `--max-sandboxes` are tracked already.
+    /// The tenant for `key`; past `--max-sandboxes` one outside the
+    /// registry (limits, but no series of its own).
     pub(crate) fn tenant(&self, key: TenantKey) -> Arc<Tenant> {
         let tenant = self.tenants.get(key.clone());
         tenant.unwrap_or_else(|| Tenant::standalone(key, self.tenants.limits()))
     }
 }
 
-/// The accept loop that took a connection (a hand-over's piece names it)
-/// and, for one a predecessor served, what that one's reader knew.
+/// The accept loop's id (a hand-over's piece names it) and what a
+/// predecessor's reader knew.
 pub(crate) struct Start {
     pub listener: u64,
     pub resume: Option<Resume>,
 }
 
-/// Serves one connection until the agent closes it, it fails, it is
-/// drained, or it is left for a successor. `origin` is its resource;
-/// `conn` its slot among its sandbox's connections.
+/// Serves one connection until it closes, fails, is drained or is left
+/// for a successor. `conn` is its slot among its sandbox's connections.
 pub(crate) async fn serve<S: Park>(
     stream: S,
     peer: Peer,
@@ -171,13 +159,6 @@ enum End {
     HandedOver,
 }
 
-enum Read {
-    Got(std::io::Result<(usize, bool)>),
-    /// Nothing this time (a tick with nothing ready, a pause asked).
-    Again,
-    Drain,
-}
-
 struct Conn<'a, S> {
     peer: Peer,
     shared: &'a ConnShared,
@@ -190,8 +171,7 @@ struct Conn<'a, S> {
     input: ReadBuffer,
     ready: Vec<Ingested>,
     rate: Rate,
-    /// When the last read happened: what a paced read brings may have
-    /// arrived any time after it.
+    /// What a paced read brings may have arrived any time after this.
     last_read: Instant,
     /// When what is being queued arrived, at the earliest (for latency).
     since: Instant,
@@ -199,9 +179,8 @@ struct Conn<'a, S> {
     more: bool,
     /// A parked agent went quiet: back on the reactor.
     wake: bool,
-    /// A connection is announced as an agent's once it sends something:
-    /// one that ends before its first byte is no agent (a forwarder
-    /// starting beside this one asking "is this socket live?").
+    /// Announced as an agent once it sends something: one that ends before
+    /// its first byte is a liveness probe (a forwarder starting beside us).
     announced: bool,
 }
 
@@ -217,8 +196,7 @@ impl<'a, S: Park> Conn<'a, S> {
         self.read().await
     }
 
-    /// Queues the spans of the frames read, then holds the sandbox to its
-    /// span rate.
+    /// Queues the frames read, then holds the sandbox to its span rate.
     async fn deliver(&mut self) -> Option<End> {
         let shared = self.shared;
         let stats = &*shared.stats;
@@ -248,21 +226,20 @@ impl<'a, S: Park> Conn<'a, S> {
             return Some(End::Stopped(Err(e)));
         }
         let draining = matches!(self.state, State::Draining(_));
-        // Stopping into systemd's store: done at the first place between
-        // two frames (the next process starts there).
+        // Stopping into systemd's store: done between two frames.
         if draining && self.life.leaves() && self.ingest.between_frames(self.input.bytes()) {
             return Some(End::Stopped(Ok(())));
         }
         if self.input.is_quiet() {
             self.ingest.shrink();
         } else if !matches!(self.state, State::Parked { .. }) {
-            // More is probably ready: let the other connections read first.
-            // (A parked connection reads once a tick: no need.)
+            // More is probably ready: the others read first (not needed
+            // when parked: once a tick).
             tokio::task::yield_now().await;
         }
         let over = tenant.take_tokens(spans, Instant::now());
-        // Backpressure on this guest alone. Draining reads on regardless:
-        // the deadline bounds it.
+        // Backpressure on this guest alone; not while draining (the
+        // deadline bounds it).
         if let (Some(wait), false) = (over, draining) {
             let reason = LimitReason::Rate;
             emit!(
@@ -285,8 +262,8 @@ impl<'a, S: Park> Conn<'a, S> {
         None
     }
 
-    /// Between two reads, with only a frame not yet whole in hand: where a
-    /// hand-over takes this connection.
+    /// Between two reads, only a partial frame in hand: where a hand-over
+    /// takes this connection.
     async fn between_reads(&mut self) -> Option<End> {
         if self.life.pause_due() {
             let piece = self.state.fd().and_then(|fd| {
@@ -310,10 +287,9 @@ impl<'a, S: Park> Conn<'a, S> {
                 let idle_at = Instant::now() + self.shared.drain_idle;
                 let until = self.life.deadline().map_or(idle_at, |d| d.min(idle_at));
                 match tokio::time::timeout_at(until, self.input.read_async(stream)).await {
-                    Ok(r) => Read::Got(r),
-                    // Quiet, or out of time: a frame in hand is lost here,
-                    // and counted as cut. (With systemd's store the
-                    // connection stays open, and the frame in it.)
+                    Ok(r) => r,
+                    // Quiet, or out of time: a frame in hand is counted as
+                    // cut (unless systemd's store keeps the connection).
                     Err(_) if !self.life.leaves() => {
                         return Some(End::Stopped(self.ingest.eof(self.input.bytes())));
                     }
@@ -322,16 +298,14 @@ impl<'a, S: Park> Conn<'a, S> {
             }
             State::Live(stream) => {
                 let read = tokio::select! {
-                    r = self.input.read_async(stream) => Read::Got(r),
+                    r = self.input.read_async(stream) => r,
                     next = self.life.next() => match next {
-                        Next::Drain => Read::Drain,
-                        Next::Pause => Read::Again,
+                        Next::Drain => return self.drain(),
+                        Next::Pause => return None,
                     },
                 };
-                if let Read::Got(_) = read {
-                    self.last_read = Instant::now();
-                    self.since = self.last_read;
-                }
+                self.last_read = Instant::now();
+                self.since = self.last_read;
                 read
             }
             State::Parked { file, quiet, .. } => {
@@ -339,15 +313,14 @@ impl<'a, S: Park> Conn<'a, S> {
                 let pacing = shared.pacing.as_ref()?;
                 self.input.prepare();
                 if !self.more {
-                    // Stopping is seen at the tick, no later than one tick
-                    // after it began: cheaper than waiting on it as well,
-                    // a tick at a time, on every parked connection.
+                    // Stopping is seen at the tick: cheaper than waiting on
+                    // it too on every parked connection.
                     pacing.tick().await;
                     if self.life.is_stopping() {
                         return self.drain();
                     }
-                    // Arrived since the last read; what did not fit that
-                    // read keeps the time it had.
+                    // Arrived since the last read (a read that did not fit
+                    // keeps its time).
                     self.since = self.last_read;
                 }
                 self.last_read = Instant::now();
@@ -355,25 +328,22 @@ impl<'a, S: Park> Conn<'a, S> {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         self.more = false;
                         self.rate.add(0, self.last_read);
-                        // Quiet for a while: back on the reactor, where
-                        // quiet costs nothing.
+                        // Quiet a while: back on the reactor, where quiet is free.
                         *quiet += 1;
                         self.wake = *quiet >= EMPTY_TICKS;
-                        Read::Again
+                        return None;
                     }
                     r => {
                         *quiet = 0;
-                        Read::Got(r)
+                        r
                     }
                 }
             }
             State::Gone => return Some(End::Stopped(Ok(()))),
         };
         match read {
-            Read::Again => None,
-            Read::Drain => self.drain(),
-            Read::Got(Ok((0, _))) => Some(End::Closed(self.ingest.eof(self.input.bytes()))),
-            Read::Got(Ok((n, filled))) => {
+            Ok((0, _)) => Some(End::Closed(self.ingest.eof(self.input.bytes()))),
+            Ok((n, filled)) => {
                 if !self.announced {
                     self.announced = true;
                     let (peer, tenant) = (self.peer, self.tenant);
@@ -384,12 +354,11 @@ impl<'a, S: Park> Conn<'a, S> {
                 self.rate.add(n, self.last_read);
                 None
             }
-            Read::Got(Err(e)) => Some(End::Stopped(Err(FrameError::Read(e)))),
+            Err(e) => Some(End::Stopped(Err(FrameError::Read(e)))),
         }
     }
 
-    /// A slow agent is parked; one that speeds up (a read filled its room)
-    /// or goes quiet is read on arrival again.
+    /// Parks a slow agent; one that speeds up or goes quiet is unparked.
     fn pace(&mut self) -> std::io::Result<()> {
         let shared = self.shared;
         let parked = matches!(self.state, State::Parked { .. });
@@ -407,8 +376,7 @@ impl<'a, S: Park> Conn<'a, S> {
         Ok(())
     }
 
-    /// Stopping has begun, or a hand-over went ahead without this
-    /// connection: read on until its agent is quiet.
+    /// Stopping, or a hand-over went on without it: read until quiet.
     fn drain(&mut self) -> Option<End> {
         let stream = match std::mem::replace(&mut self.state, State::Gone) {
             State::Live(s) | State::Draining(s) => s,
@@ -422,8 +390,7 @@ impl<'a, S: Park> Conn<'a, S> {
         None
     }
 
-    /// Logs and counts how it ended; leaves the connection to a successor
-    /// or in systemd's store, when that is where it goes.
+    /// Logs and counts how it ended; leaves it to a successor or the store.
     fn finish(self, end: End, stored: Stored) {
         let peer = self.peer;
         let end = match end {
@@ -432,9 +399,8 @@ impl<'a, S: Park> Conn<'a, S> {
                 stored.keep();
                 return;
             }
-            // Stopping into systemd's store with the agent still there (at
-            // the deadline with a frame in hand too: the next process finds
-            // the next whole frame).
+            // Into systemd's store (a frame in hand too: the next process
+            // finds the next whole one).
             End::Stopped(Ok(())) if self.life.leaves() => {
                 stored.keep();
                 let spans = self.ingest.spans();

@@ -1,55 +1,44 @@
-//! Hybrid VSOCK (Cloud Hypervisor, Firecracker): a Unix socket per port.
+//! Hybrid VSOCK (Cloud Hypervisor, Firecracker): the VMM relays a guest
+//! connection to port P as a plain connection (no handshake) to the Unix
+//! socket `<socket-path>_P`. The care is in the file: the directory must
+//! exist, a stale socket is replaced, a live one is left to its owner, a
+//! non-socket is never deleted, and ours is removed at the end if still ours.
 //!
-//! The VMM relays a guest connection to VSOCK port P as a plain connection
-//! to the Unix socket `<socket-path>_P`, with no handshake (`CONNECT` is
-//! only for host-initiated connections). The care is all in the file: the
-//! sandbox directory must exist, a stale socket is replaced, a live one is
-//! left to its owner, anything that is not a socket is never deleted, and
-//! the socket we made is removed when we stop, if it is still ours.
-//!
-//! Two forwarders starting at once over a stale socket would otherwise
-//! both find it stale, and the second would remove the first's new socket
-//! and bind its own: the first would then listen on a file no one can
-//! reach. So the look and the bind happen under an exclusive `flock` on the
-//! socket's directory (no file of ours is added to a sandbox's directory),
-//! and the second finds the first's socket live. The directory stays open
-//! while the socket is served: the socket is removed through it, so that a
-//! directory moved away while served (a sandbox renamed) does not keep the
-//! socket behind.
+//! Two starts over one stale socket would both find it stale, and the second
+//! would remove the first's new socket. So look and bind happen under an
+//! exclusive `flock` on the directory (adding no file to it). The directory
+//! stays open while served and removal goes through it, so a sandbox
+//! directory moved away does not keep the socket behind.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg, OFlag};
 
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 
 use super::ListenError;
 use crate::janitor::Janitor;
 
 pub struct HybridListener {
-    listener: UnixListener,
-    path: PathBuf,
-    /// Device and inode of the socket we created: on exit, only that file
-    /// is removed, never one another process put there since.
-    identity: (u64, u64),
+    pub(crate) listener: UnixListener,
+    pub(crate) path: PathBuf,
+    /// Device and inode of the socket we made: only that file is removed.
+    pub(crate) identity: (u64, u64),
     /// Set once root is about to be dropped: removal is then its job.
     janitor: Option<Janitor>,
-    /// The socket's directory, wherever it is moved: removal goes
-    /// through it. None when it could not be opened (a listener handed
-    /// over): removal then goes by the path.
+    /// The socket's directory, wherever it moves; `None` (could not be
+    /// opened): removal goes by the path.
     dir: Option<OwnedFd>,
 }
 
-/// How long a start waits for another one binding in the same directory.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
-/// Opens `dir` and takes the exclusive lock under which a socket in it is
-/// looked at and bound, waiting [`LOCK_WAIT`] at most: anyone who can open
-/// the directory can hold the lock, so a start never waits on it forever.
+/// Locks `dir` for a look and a bind, waiting [`LOCK_WAIT`] at most: anyone
+/// who can open the directory can hold the lock.
 fn lock_dir(dir: &Path) -> Result<Flock<OwnedFd>, ListenError> {
     let err = |source: io::Error| ListenError::LockDirectory {
         dir: dir.to_path_buf(),
@@ -99,8 +88,7 @@ impl HybridListener {
         let bind_err = |source| ListenError::BindUnix { path: p(), source };
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         let md = std::fs::symlink_metadata(path).map_err(bind_err)?;
-        // Kept for removal, unlocked. Should unlocking fail, the descriptor
-        // is closed, which releases the lock too; removal then goes by path.
+        // Kept for removal; if unlocking fails the fd closes (unlocked too).
         let dir = locked.unlock().ok();
         Ok(Self {
             listener,
@@ -111,8 +99,7 @@ impl HybridListener {
         })
     }
 
-    /// A listener a previous forwarder bound and handed over, with its
-    /// janitor's pipe when removal was the janitor's job.
+    /// A listener a predecessor handed over, with its janitor's pipe.
     pub(crate) fn adopt(
         fd: OwnedFd,
         path: PathBuf,
@@ -134,19 +121,16 @@ impl HybridListener {
         })
     }
 
-    /// Stops serving, leaving the socket file in place: a successor serves
-    /// it now.
+    /// Stops serving, leaving the socket file to a successor.
     pub(crate) fn release(mut self) {
-        if let Some(j) = self.janitor.take() {
-            j.release();
-        }
+        // Our pipe closes unsaid: the successor holds a duplicate.
+        self.janitor = None;
         // Removal off: the drop sees no file of ours to remove.
         self.identity = (u64::MAX, u64::MAX);
     }
 
-    /// Hands removal of the socket to a privileged janitor (unless one has
-    /// it already), for when this process is about to lose the right to
-    /// remove it.
+    /// Hands removal to a privileged janitor (unless one has it), before
+    /// this process loses the right to remove the socket.
     pub(crate) fn hand_removal_to_janitor(&mut self) -> Result<(), ListenError> {
         if self.janitor.is_some() {
             return Ok(());
@@ -160,34 +144,16 @@ impl HybridListener {
         Ok(())
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.listener.as_fd()
-    }
-
-    pub(crate) fn identity(&self) -> (u64, u64) {
-        self.identity
-    }
-
     pub(crate) fn janitor_pipe(&self) -> Option<BorrowedFd<'_>> {
         self.janitor.as_ref().and_then(Janitor::pipe)
     }
 
-    pub(crate) async fn accept(&self) -> io::Result<(UnixStream, tokio::net::unix::SocketAddr)> {
-        self.listener.accept().await
-    }
-
-    /// Whether the file at the path is still the very socket bound.
     fn is_ours(&self) -> bool {
         std::fs::symlink_metadata(&self.path).is_ok_and(|md| (md.dev(), md.ino()) == self.identity)
     }
 
-    /// Removes the socket if it is still the very file bound, through its
-    /// directory's descriptor when there is one (the directory may have
-    /// been moved since). Whether it was removed.
+    /// Removes the socket if still the very file bound, through its
+    /// directory when open (it may have moved). Whether it was removed.
     fn remove_if_ours(&self) -> io::Result<bool> {
         use nix::fcntl::AtFlags;
         use nix::sys::stat::fstatat;

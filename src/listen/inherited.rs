@@ -1,16 +1,12 @@
-//! What a predecessor left: handed over (a takeover, an upgrade), or kept
-//! in systemd's file descriptor store (a restart, a crash).
+//! What a predecessor left: handed over (takeover, upgrade) or kept in
+//! systemd's fd store (restart, crash).
 //!
-//! A successor binds its listeners as at any start (in template mode and
-//! with `--kata-host`, as sandboxes and configurations come and go), and
-//! wherever it would bind, it asks here first. A Unix socket whose file is
-//! still the very one that was bound is served on, with its live
-//! connections and their half-read frames; so is a VSOCK listener on the
-//! same CID and port. A listener that is no longer its file is closed and
-//! bound anew, its connections served all the same. What nobody claims once
-//! everything has started (the sandbox went meanwhile, no configuration
-//! asks for it any more) is closed, its connections with it, and logged:
-//! the same as would have happened to it in the predecessor.
+//! A successor binds as at any start, asking here first wherever it would
+//! bind. A Unix socket still the very file bound (or a VSOCK listener on the
+//! same CID and port) is served on, with its connections and half-read
+//! frames; one that is no longer its file is closed and bound anew, its
+//! connections served all the same. What nobody claims once everything has
+//! started is closed and logged, as it would have been in the predecessor.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -25,12 +21,11 @@ use crate::addr::VsockCid;
 use crate::handover::fdstore::{self, Left};
 use crate::handover::{Resume, TakenConn, TakenListener};
 
-/// A Unix listener's socket, as handed over or left in the store: its fd,
-/// identity and janitor's pipe.
+/// A Unix listener's fd, identity and janitor's pipe.
 struct UnixSocket(OwnedFd, (u64, u64), Option<OwnedFd>);
 
-/// What was handed over at one Unix socket path: its listener (gone, when
-/// only its connections were kept), and its connections.
+/// What was handed over at one Unix socket path (the listener gone when
+/// only its connections were kept).
 #[derive(Default)]
 struct Unix {
     /// The sandbox, when a template's.
@@ -39,7 +34,6 @@ struct Unix {
     connections: Vec<Adopted>,
 }
 
-/// What was handed over at one VSOCK port.
 #[derive(Default)]
 struct Vsock {
     listener: Option<VsockListener>,
@@ -54,7 +48,6 @@ struct Pool {
 }
 
 impl Pool {
-    /// Files `listener` and its `connections` where it listens.
     fn put(&mut self, listener: TakenListener, connections: Vec<Adopted>) {
         let (path, id, socket) = match listener {
             TakenListener::Sandbox {
@@ -89,8 +82,8 @@ impl Pool {
 pub(crate) struct Inherited(Mutex<Pool>);
 
 impl Inherited {
-    /// What a predecessor handed over, sorted by where it listens. Within
-    /// the main runtime: the connections are registered with it here.
+    /// What a predecessor handed over. Within the main runtime, which the
+    /// connections are registered with.
     pub(crate) fn new(
         listeners: Vec<TakenListener>,
         connections: Vec<TakenConn>,
@@ -105,9 +98,8 @@ impl Inherited {
         Ok(Inherited(Mutex::new(pool)))
     }
 
-    /// What the previous process left in systemd's store. Its connections
-    /// are read from their next whole frame (what the process had read of
-    /// the frame in hand went with it). Within the main runtime.
+    /// What the previous process left in systemd's store; its connections
+    /// are read from their next whole frame (the one in hand went with it).
     pub(crate) fn from_store(left: Vec<Left>) -> Result<Inherited, ListenError> {
         let adopted = |(stream, peer)| Adopted {
             listener: 0,
@@ -142,9 +134,8 @@ impl Inherited {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What was handed over at `path`: its listener, if the file there is
-    /// still the one it was bound as (else it is closed, and the caller
-    /// binds anew), and its connections. Within the main runtime.
+    /// What was handed over at `path`: its listener if the file there is
+    /// still the one bound (else closed: bind anew), and its connections.
     pub(crate) fn take_unix(&self, path: &Path) -> Option<(Option<HybridListener>, Vec<Adopted>)> {
         let u = self.lock().unix.remove(path)?;
         let listener = u.listener.and_then(|s| {
@@ -167,30 +158,22 @@ impl Inherited {
         Some((listener, u.connections))
     }
 
-    /// What was handed over at VSOCK `port`: its listener, if it listens on
-    /// `cid` (else it is closed, and the caller binds anew), and its
-    /// connections.
+    /// What was handed over at VSOCK `port`: its listener if on `cid` (else
+    /// closed: bind anew), and its connections.
     pub(crate) fn take_vsock(
         &self,
         cid: VsockCid,
         port: u32,
     ) -> Option<(Option<VsockListener>, Vec<Adopted>)> {
-        let v = self.lock().vsock.remove(&port)?;
-        let listener = match v.listener {
-            Some(l) if l.address().0 == cid => Some(l),
-            Some(l) => {
-                fdstore::forget(fdstore::listener_name(l.fd(), None));
-                None
-            }
-            None => None,
-        };
-        Some((listener, v.connections))
+        let mut v = self.lock().vsock.remove(&port)?;
+        if let Some(l) = v.listener.take_if(|l| l.cid != cid) {
+            fdstore::forget(fdstore::listener_name(l.listener.as_fd(), None));
+        }
+        Some((v.listener, v.connections))
     }
 
-    /// Closes whatever nobody claimed, and has systemd's store (if it kept
-    /// them) let go of them too: a connection nobody reads must not stay
-    /// open. A Unix socket file is left in place: its sandbox is going, or
-    /// the watcher that would serve it decides.
+    /// Closes whatever nobody claimed, in systemd's store too: a connection
+    /// nobody reads must not stay open. Socket files stay (the watcher's).
     pub(crate) fn close_unclaimed(&self) {
         let pool = std::mem::take(&mut *self.lock());
         for (path, u) in pool.unix {
@@ -213,16 +196,14 @@ impl Inherited {
                 "a handed-over VSOCK listener is no longer asked for; closing it"
             );
             if let Some(l) = &v.listener {
-                fdstore::forget(fdstore::listener_name(l.fd(), None));
+                fdstore::forget(fdstore::listener_name(l.listener.as_fd(), None));
             }
             v.connections.iter().for_each(Adopted::forget);
         }
     }
 }
 
-/// The one way a hybrid socket is made: served on from `inherited` if a
-/// predecessor handed it over and the file at `path` is still the one it
-/// bound, else bound anew; with the connections handed over on it.
+/// The one way a hybrid socket is made: inherited if it may be, else bound.
 pub(crate) fn hybrid(
     inherited: Option<&Arc<Inherited>>,
     path: &Path,
@@ -233,8 +214,7 @@ pub(crate) fn hybrid(
     Ok((l.map_or_else(|| HybridListener::bind(path), Ok)?, adopted))
 }
 
-/// The one way a VSOCK listener is made: served on from `inherited` if a
-/// predecessor handed one over on `cid` and `port`, else bound anew.
+/// The one way a VSOCK listener is made: inherited if it may be, else bound.
 pub(crate) fn vsock(
     inherited: Option<&Arc<Inherited>>,
     cid: VsockCid,
@@ -249,7 +229,7 @@ pub(crate) fn vsock(
     ))
 }
 
-/// Takes a Unix listener not served any more out of systemd's store.
+/// Takes an unserved Unix listener out of systemd's store.
 fn forget_listener(s: &UnixSocket) {
     fdstore::forget(fdstore::listener_name(s.0.as_fd(), Some(s.1)));
     if s.2.is_some() {

@@ -1,21 +1,12 @@
-//! `--kata-host`: serving what the host's Kata configurations ask for, and
-//! following them as they change.
+//! `--kata-host`: serving the plan [`crate::config::kata`] makes of the
+//! host's Kata configurations (VSOCK, a [`TemplateListener`] per socket
+//! template), and following it as files change (kata-deploy installing or
+//! upgrading a node): what is new starts, what nothing asks for stops.
 //!
-//! [`crate::config::kata`] turns the configuration files into a plan (VSOCK
-//! for QEMU, a socket template per hybrid-VSOCK hypervisor and runtime),
-//! served here: VSOCK through the same accept loop as `--vsock`, each
-//! template through a [`TemplateListener`] on the one sandbox thread. The
-//! directories the configurations live in are watched with inotify; when a
-//! file is added, changed or removed (kata-deploy installing or upgrading a
-//! node), the plan is read again, what is new started and what no
-//! configuration asks for any more stopped (its sandboxes' connections
-//! drain, their sockets are removed).
-//!
-//! A configuration that cannot be read or parsed stops the forwarder at
-//! start (the runtimes would fail on it too, and a plan missing a runtime
-//! class is worse than no plan). Once running, the error is logged and that
-//! file keeps what it was served for, so that a half-written file in the
-//! middle of an upgrade never stops a runtime class's tracing.
+//! An unreadable configuration stops the forwarder at start (the runtimes
+//! would fail on it too, and a plan missing a runtime class is worse than
+//! none). Once running, it is logged and the file keeps what it was served
+//! for: a half-written file mid-upgrade never stops a class's tracing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
@@ -37,13 +28,10 @@ use crate::config::KataHostConfig;
 use crate::lifeline::{After, Lifeline, Next};
 use crate::shutdown::Shutdown;
 
-/// How long a burst of changes (a package writing several files) settles
-/// before the plan is read again: well inside the second within which a
-/// new configuration's sandboxes must be served.
+/// How long a burst of changes settles before the plan is read again:
+/// well inside the second within which new sandboxes must be served.
 const SETTLE: Duration = Duration::from_millis(100);
 
-/// Files written, renamed in or out, removed; directories on the way
-/// appearing or going.
 const CONFIG_MASK: WatchMask = WatchMask::CREATE
     .union(WatchMask::CLOSE_WRITE)
     .union(WatchMask::MOVED_TO)
@@ -57,7 +45,6 @@ const EVENT_BUFFER: usize = 16 << 10;
 
 /// A listener bound for a target, not yet served.
 enum Bound {
-    /// With the connections a predecessor handed over with it.
     Vsock(VsockListener, Vec<Adopted>),
     Template(TemplateListener),
 }
@@ -70,17 +57,15 @@ pub(crate) struct KataHostListener {
     thread: SandboxThread,
     shutdown: Shutdown,
     plan: Plan,
-    /// What each configuration file is served for: its plan's targets, or,
-    /// while it is unusable, the last ones it had.
+    /// What each file is served for (while unusable, what it last had).
     effective: BTreeMap<PathBuf, Vec<Target>>,
-    /// Bound at start, served by [`serve`](Self::serve).
     bound: Vec<(Target, Shutdown, Bound)>,
     watch: ConfigWatch,
 }
 
 impl KataHostListener {
-    /// Reads the plan, logs it, starts watching the configurations and binds
-    /// every listener the plan names, each template's watcher on `thread`.
+    /// Reads and logs the plan, watches the configurations, binds every
+    /// listener the plan names.
     pub(crate) async fn start(
         cfg: &KataHostConfig,
         thread: SandboxThread,
@@ -93,16 +78,16 @@ impl KataHostListener {
         if let Some(bad) = plan.errors().next() {
             return Err(ListenError::ReadKataConfig(bad.skipped.join("; ")));
         }
-        let effective = plan.configs.iter();
-        let effective = effective
-            .map(|c| (c.file.clone(), c.serves.clone()))
-            .collect();
+        let effective = plan
+            .configs
+            .iter()
+            .map(|c| (c.file.clone(), c.serves.clone()));
         let mut me = KataHostListener {
             cfg: cfg.clone(),
             thread,
             shutdown: shutdown.clone(),
+            effective: effective.collect(),
             plan,
-            effective,
             bound: Vec::new(),
             watch,
         };
@@ -127,7 +112,7 @@ impl KataHostListener {
             .iter()
             .map(|(_, _, b)| match b {
                 Bound::Vsock(l, _) => l.describe(),
-                Bound::Template(l) => l.describe(),
+                Bound::Template(l) => l.describe.clone(),
             })
             .collect();
         format!(
@@ -140,7 +125,7 @@ impl KataHostListener {
     async fn bind(&self, target: &Target, stop: &Shutdown) -> Result<Bound, ListenError> {
         match target {
             Target::Vsock => {
-                let inherited = self.thread.inherited();
+                let inherited = self.thread.inherited.as_ref();
                 let (l, adopted) = super::inherited::vsock(inherited, self.cfg.cid, self.cfg.port)?;
                 Ok(Bound::Vsock(l, adopted))
             }
@@ -159,10 +144,8 @@ impl KataHostListener {
         }
     }
 
-    /// Serves the plan until shutdown begins, following the configurations;
-    /// then waits for every listener to stop. Paused for a hand-over,
-    /// nothing is started or stopped until the outcome; handed over, it
-    /// leaves what it served to the successor.
+    /// Serves and follows the plan until shutdown, then waits for every
+    /// listener to stop. Paused, nothing starts or stops until the outcome.
     pub(crate) async fn serve(mut self, ctx: Serving, mut life: Lifeline) {
         let mut running: BTreeMap<Target, Running> = BTreeMap::new();
         for (target, stop, bound) in std::mem::take(&mut self.bound) {
@@ -170,8 +153,8 @@ impl KataHostListener {
         }
         let mut stopped: Vec<JoinHandle<()>> = Vec::new();
         let mut due: Option<Instant> = None;
-        // Without configuration events the plan stays as it is, and the
-        // lifeline is still answered: a hand-over must not wait for us.
+        // Without configuration events the lifeline is still answered: a
+        // hand-over must not wait for us.
         let mut following = true;
         loop {
             tokio::select! {
@@ -268,8 +251,7 @@ impl KataHostListener {
 
 /// Serves one bound target in a task of its own until `stop`.
 fn spawn(bound: Bound, stop: Shutdown, ctx: &Serving, planner: &Lifeline) -> Running {
-    // Taken before the task runs, so that a pause asked from now on waits
-    // for it.
+    // Taken before the task runs: a pause from now on waits for it.
     let life = planner.under(stop.clone());
     let task = match bound {
         Bound::Template(t) => tokio::spawn(t.serve(ctx.clone(), life)),
@@ -281,14 +263,13 @@ fn spawn(bound: Bound, stop: Shutdown, ctx: &Serving, planner: &Lifeline) -> Run
     (stop, task)
 }
 
-/// inotify on the directories the configurations live in (under the root),
-/// or, for one that does not exist yet, on its nearest existing ancestor.
+/// inotify on the configurations' directories (for a missing one, its
+/// nearest existing ancestor).
 struct ConfigWatch {
     events: EventStream<Vec<u8>>,
     watches: Watches,
     /// The directories that matter, under the root.
     wanted: Vec<PathBuf>,
-    /// What each watch is on.
     dirs: HashMap<i32, PathBuf>,
 }
 
@@ -328,8 +309,7 @@ impl ConfigWatch {
                     self.dirs
                         .insert(wd.get_watch_descriptor_id(), dir.to_path_buf());
                 }
-                // Gone between the look and the watch: the next event
-                // (its parent's) looks again.
+                // Gone meanwhile: its parent's next event looks again.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -346,8 +326,7 @@ impl ConfigWatch {
         }
     }
 
-    /// The next event: whether it can change the plan. `None` once the
-    /// events end.
+    /// The next event: whether it can change the plan.
     async fn next(&mut self) -> Option<bool> {
         let ev = match self.events.next().await? {
             Ok(ev) => ev,
@@ -380,7 +359,7 @@ impl ConfigWatch {
     }
 
     /// Whether `name` in `dir` is on the way to a wanted directory, or a
-    /// configuration file in one.
+    /// `.toml` in one.
     fn matters(&self, dir: &Path, name: &OsStr) -> bool {
         let path = dir.join(name);
         self.wanted.iter().any(|w| {

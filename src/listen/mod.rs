@@ -1,23 +1,8 @@
 //! Listening: accepting agent connections and reading their frames.
 //!
-//! QEMU guests reach the host over the kernel's AF_VSOCK ([`vsock`]); Cloud
-//! Hypervisor and Firecracker use "hybrid VSOCK", where the VMM turns each
-//! guest connection to port P into a Unix-socket connection to
-//! `<socket-path>_P` ([`hybrid`]). Only `bind` and `accept` differ: every
-//! stream then goes through the same [`connection`] code, so what is tested
-//! over Unix sockets here is what runs for VSOCK. In template mode
-//! ([`template`]) a watcher binds a listener in each sandbox directory as
-//! it appears. What is known of a connection's sandbox (its id, its guest's
-//! CID, resolved by [`sandbox`] for QEMU) goes onto its spans' resource.
-//!
-//! Each connection is its own task, so an idle or slow agent never delays
-//! another, and an error ends only its own connection. Every connection
-//! belongs to a sandbox ([`crate::tenant`]): the listener's in hybrid and
-//! template modes, its guest CID's on VSOCK. Open connections are capped
-//! per sandbox and in all; beyond a cap a connection is accepted, logged
-//! (through the sandbox's log gate) and closed, so a flood costs a file
-//! descriptor for a moment, and one sandbox's flood never uses up
-//! another's room.
+//! [`vsock`] and [`hybrid`] differ only in bind and accept: every stream
+//! goes through the same [`connection`] code, so what is tested over Unix
+//! sockets is what runs for VSOCK.
 
 mod accept;
 pub(crate) mod connection;
@@ -43,7 +28,7 @@ use crate::handover::wire::ListenerKind;
 use crate::handover::{Resume, TakenConn};
 use crate::lifeline::Lifeline;
 use crate::shutdown::Shutdown;
-pub(crate) use accept::{serve, Ended, Serving};
+pub(crate) use accept::{serve, Accept, Ended, Serving};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -87,8 +72,8 @@ pub enum Listener {
     Vsock(vsock::VsockListener),
 }
 
-/// What binds and removes listeners as sandboxes (or the host's Kata
-/// configurations) come and go, and serves each in a task of its own.
+/// What binds and removes listeners as sandboxes (or Kata configurations)
+/// come and go.
 pub(crate) enum Manager {
     Template(template::TemplateListener),
     /// Boxed: it holds its plan; there is one per forwarder.
@@ -98,7 +83,7 @@ pub(crate) enum Manager {
 impl Manager {
     fn describe(&self) -> String {
         match self {
-            Manager::Template(t) => t.describe(),
+            Manager::Template(t) => t.describe.clone(),
             Manager::KataHost(k) => k.describe(),
         }
     }
@@ -114,26 +99,24 @@ impl Manager {
 impl Listener {
     pub fn describe(&self) -> String {
         match self {
-            Listener::Hybrid(l) => format!("hybrid vsock unix:{}", l.path().display()),
+            Listener::Hybrid(l) => format!("hybrid vsock unix:{}", l.path.display()),
             Listener::Vsock(l) => l.describe(),
         }
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Listener::Hybrid(l) => l.fd(),
-            Listener::Vsock(l) => l.fd(),
+            Listener::Hybrid(l) => l.listener.as_fd(),
+            Listener::Vsock(l) => l.listener.as_fd(),
         }
     }
 
-    /// This listener's part of a hand-over, as its accept loop reports it:
-    /// what a successor needs to serve it (for a hybrid socket its path and
-    /// identity; `sandbox`'s, for its watcher, in template mode and
-    /// `--kata-host`), a duplicate of its socket and of its janitor's pipe.
+    /// This listener's piece of a hand-over (`sandbox`: its id, for the
+    /// successor's watcher), with duplicates of its socket and janitor pipe.
     fn hand_over(&self, sandbox: Option<&str>) -> Option<Piece> {
         let (kind, janitor) = match self {
             Listener::Hybrid(l) => {
-                let (path, identity) = (l.path().to_owned(), l.identity());
+                let (path, identity) = (l.path.clone(), l.identity);
                 let kind = match sandbox {
                     Some(id) => ListenerKind::Sandbox {
                         id: id.to_owned(),
@@ -142,49 +125,39 @@ impl Listener {
                     },
                     None => ListenerKind::Hybrid { path, identity },
                 };
-                let janitor = l.janitor_pipe().map(|p| p.try_clone_to_owned());
-                (kind, janitor.transpose())
+                (kind, l.janitor_pipe())
             }
             Listener::Vsock(l) => {
-                let (cid, port) = l.address();
-                let cid = (cid != VsockCid::Any).then(|| cid.as_raw());
-                (ListenerKind::Vsock { cid, port }, Ok(None))
+                let cid = (l.cid != VsockCid::Any).then(|| l.cid.as_raw());
+                (ListenerKind::Vsock { cid, port: l.port }, None)
             }
         };
-        match janitor.and_then(|janitor| Ok((self.fd().try_clone_to_owned()?, janitor))) {
-            Ok((fd, janitor)) => Some(Piece {
-                what: PieceKind::Listener { kind, janitor },
-                fd,
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, "hand-over: duplicating a listener's socket");
-                None
-            }
-        }
+        let piece = || -> io::Result<Piece> {
+            let janitor = janitor.map(|p| p.try_clone_to_owned()).transpose()?;
+            let fd = self.fd().try_clone_to_owned()?;
+            let what = PieceKind::Listener { kind, janitor };
+            Ok(Piece { what, fd })
+        };
+        let piece = piece().inspect_err(|e| {
+            tracing::warn!(error = %e, "hand-over: duplicating a listener's socket");
+        });
+        piece.ok()
     }
 
-    /// Puts this listener in systemd's store, when it keeps one: its socket,
-    /// and its janitor's pipe (so that the janitor does not remove the
-    /// socket when this process goes, only when systemd lets go of it).
+    /// Puts this listener in systemd's store, with its janitor's pipe (so
+    /// that the socket is removed only once systemd lets go of it).
     fn store(&self) -> Vec<Stored> {
         let (identity, janitor) = match self {
-            Listener::Hybrid(l) => (Some(l.identity()), l.janitor_pipe()),
+            Listener::Hybrid(l) => (Some(l.identity), l.janitor_pipe()),
             Listener::Vsock(_) => (None, None),
         };
         let mut stored = vec![Stored::listener(self.fd(), identity)];
         stored.extend(janitor.map(|p| Stored::janitor(self.fd(), p)));
         stored
     }
-
-    /// Stops serving after a hand-over, leaving the socket to the successor.
-    fn release(self) {
-        if let Listener::Hybrid(l) = self {
-            l.release();
-        }
-    }
 }
 
-/// A connection a previous forwarder served, to be served on.
+/// A connection a predecessor served, to be served on.
 pub(crate) struct Adopted {
     /// Its listener's index among those handed over.
     listener: usize,
@@ -203,7 +176,6 @@ impl Adopted {
         fdstore::forget(fdstore::connection_name(fd));
     }
 
-    /// Registers a handed-over connection with the current runtime.
     fn from_taken(c: TakenConn) -> Result<Adopted, ListenError> {
         let (stream, peer) = Stream::adopt(c.fd, c.cid)?;
         Ok(Adopted {
@@ -227,22 +199,18 @@ fn by_listener(listeners: usize, adopted: Vec<Adopted>) -> Vec<Vec<Adopted>> {
     by
 }
 
-/// The listeners one forwarder serves, bound and ready, and what makes
-/// more of them as sandboxes come.
+/// The listeners one forwarder serves, and the managers that make more.
 pub struct Listeners {
     listeners: Vec<Listener>,
     managers: Vec<Manager>,
     max_connections: usize,
     adopted: Vec<Adopted>,
-    /// Where accept loops and connections pause for the next hand-over.
     hub: Option<Arc<Hub>>,
-    /// The thread the managers watch sandbox directories on, when they do.
     sandbox_thread: Option<template::SandboxThread>,
 }
 
 impl Listeners {
-    /// Listeners bound elsewhere (tests, embedders), served with at most
-    /// `max_connections` connections at once across all of them.
+    /// Listeners bound elsewhere (tests, embedders).
     pub fn new(listeners: Vec<Listener>, max_connections: usize) -> Listeners {
         Listeners {
             listeners,
@@ -254,14 +222,12 @@ impl Listeners {
         }
     }
 
-    /// Takes part in hand-overs through `hub`: every accept loop and
-    /// connection, and the watchers that make listeners as they go.
+    /// Takes part in hand-overs through `hub`.
     pub(crate) fn set_hub(&mut self, hub: Arc<Hub>) {
         self.hub = Some(hub);
     }
 
-    /// Where a hand-over starts the upgraded binary and becomes it: from
-    /// the thread that watches sandbox directories, when one does.
+    /// Where a hand-over starts the upgraded binary and becomes it.
     pub(crate) fn launcher(&self) -> Arc<dyn crate::handover::server::Launcher> {
         Arc::new(template::Launch(self.sandbox_thread.clone()))
     }
@@ -278,12 +244,9 @@ impl Listeners {
     }
 }
 
-/// Binds what `cfg` says, then, when started as root, drops to
-/// `cfg.user`, handing `writable` (the spool) to that user first so that
-/// it stays writable: binding needs root for the hybrid modes' sandbox
-/// directories, nothing after it does. `shutdown` stops template mode's
-/// sandboxes. In a successor, what the predecessor handed over is served
-/// on where it is still asked for (see [`inherited`]).
+/// Binds what `cfg` says (inheriting where it may), then, as root, gives
+/// `writable` (the spool) to `cfg.user` and becomes that user: only
+/// binding needs root. `shutdown` stops the managers' sandboxes.
 pub(crate) async fn bind_inheriting(
     cfg: &ListenConfig,
     writable: Option<&Path>,
@@ -333,8 +296,6 @@ async fn bind_mode(
             return Ok(all);
         }
     };
-    // VSOCK (when asked for) and every template, the templates' watchers
-    // sharing one sandbox thread.
     if let Some(cid) = vsock {
         let (l, conns) = inherited::vsock(inherited, cid, port)?;
         // The first listener here, whatever it was in the predecessor.
@@ -362,8 +323,8 @@ async fn bind_mode(
     Ok(all)
 }
 
-/// Starts the sandbox thread; when root, the process becomes `cfg.user`
-/// (given `writable` first), the thread alone keeping what it needs.
+/// Starts the sandbox thread; as root, the process becomes `cfg.user`
+/// (given `writable` first).
 async fn sandbox_thread(
     cfg: &ListenConfig,
     writable: Option<&Path>,
@@ -382,8 +343,7 @@ pub(crate) enum Stream {
 }
 
 impl Stream {
-    /// A handed-over connection (a VSOCK guest's when it has a `cid`), on
-    /// the current runtime.
+    /// A handed-over connection (a VSOCK guest's with a `cid`).
     fn adopt(fd: OwnedFd, cid: Option<u32>) -> Result<(Stream, Peer), ListenError> {
         if let Some(cid) = cid {
             let stream = tokio_vsock::VsockStream::from(fd);

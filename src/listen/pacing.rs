@@ -1,23 +1,14 @@
 //! Paced reading: an agent that writes little and often stops costing a
 //! wake-up per span.
 //!
-//! The Kata agent writes each span as it ends, one frame per write. Read the
-//! moment it arrives, every span costs the forwarder a wake-up from epoll, a
-//! task poll, a `read` and a trip through the queue; at 10,000 spans/s
-//! across 100 agents that was about a tenth of a core, nearly all of it
-//! wake-ups. A connection whose agent sends slowly is therefore *parked*:
-//! taken off the reactor (so that its agent's writes wake nothing), and read
-//! without blocking at the next tick of a clock shared by every connection,
-//! so that one thread wake-up reads every parked connection, each read
-//! bringing several spans. A tick that fills the read buffer (the agent
-//! speeds up) or a run of empty ticks (the agent went quiet: epoll costs
-//! nothing while nothing is sent) puts the connection back on the reactor;
-//! so does shutdown, for the drain.
-//!
-//! The tick is a quarter of the batch timeout (50 ms at most), and what a
-//! tick reads is marked as possibly having arrived just after the tick
-//! before, so that the batcher's deadline still holds for it: pacing never
-//! makes a span wait longer than `--batch-timeout` for its batch.
+//! The agent writes each span as it ends. Read on arrival, at 10,000 spans/s
+//! across 100 agents that cost about a tenth of a core, nearly all wake-ups.
+//! So a slow agent's connection is *parked*: off the reactor, read without
+//! blocking at the tick of a clock shared by all, one wake-up reading every
+//! parked connection. A read filling the buffer, a run of empty ticks, or
+//! shutdown puts it back on the reactor. The tick is a quarter of the batch
+//! timeout (50 ms at most), and what a tick reads is dated from the tick
+//! before: a span never waits longer than `--batch-timeout` for its batch.
 
 use std::fs::File;
 use std::io;
@@ -33,17 +24,16 @@ use tokio::time::Instant;
 const MAX_TICK: Duration = Duration::from_millis(50);
 /// Shorter ticks than this are not worth a timer: no pacing.
 const MIN_TICK: Duration = Duration::from_millis(5);
-/// Below this many bytes a second an agent is paced. Far under what a
-/// socket buffer holds per tick, so a paced agent never blocks on a full
-/// buffer.
+/// Below this many bytes a second an agent is paced: far under what a
+/// socket buffer holds per tick, so it never blocks on a full one.
 const PACE_BELOW: u64 = 1 << 20;
 /// How long the rate is measured over before a connection may be parked.
 const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// Empty ticks in a row after which a parked connection goes back to epoll.
 pub(super) const EMPTY_TICKS: u32 = 4;
 
-/// The clock every parked connection reads on: one task sleeps to each
-/// tick, while any connection waits for one, and wakes them together.
+/// The clock parked connections read on: one task sleeps to each tick while
+/// any waits, and wakes them together.
 #[derive(Debug, Clone)]
 pub(crate) struct Pacing {
     epoch: Instant,
@@ -51,19 +41,15 @@ pub(crate) struct Pacing {
     clock: Arc<Clock>,
 }
 
-/// What the connections waiting for a tick share with the task that ticks.
-/// A timer of each connection's own was a timer-wheel entry per connection
-/// per tick, and, whenever one was set earlier than the wheel's next
-/// deadline, a wake-up of the runtime's thread through its eventfd: about a
-/// thousand a second with 100 paced agents.
+/// Shared by the waiters and the ticking task. (A timer per connection cost
+/// a timer-wheel entry per tick and often an eventfd wake-up: about a
+/// thousand a second with 100 paced agents.)
 #[derive(Debug, Default)]
 struct Clock {
-    /// Woken, all at once, at each tick.
     ticked: Notify,
     /// Connections waiting for a tick.
     waiting: AtomicUsize,
-    /// Told when the first one starts waiting: without any, the clock
-    /// sleeps rather than ticks (an idle forwarder wakes for nothing).
+    /// Told when the first one waits: without any, the clock sleeps.
     wanted: Notify,
 }
 
@@ -86,9 +72,8 @@ impl Drop for Waiting<'_> {
 }
 
 impl Pacing {
-    /// The clock for `batch_timeout`; `None` when batches are sent too soon
-    /// for pacing to pay, or outside a runtime: its ticking task is
-    /// spawned on the current one, and lives as long as it.
+    /// The clock for `batch_timeout` (its task spawned on the current
+    /// runtime); `None` when ticks would be too short, or outside a runtime.
     pub(crate) fn for_batch_timeout(batch_timeout: Duration) -> Option<Pacing> {
         let tick = (batch_timeout / 4).min(MAX_TICK);
         let runtime = tokio::runtime::Handle::try_current().ok()?;
@@ -122,8 +107,7 @@ impl Pacing {
         }
     }
 
-    /// The first tick after `now`: the same instant for every connection,
-    /// so one timer wake-up serves them all.
+    /// The first tick after `now`, the same instant for every connection.
     pub(crate) fn next_tick(&self, now: Instant) -> Instant {
         let tick = self.tick.as_nanos().max(1);
         let since = now.saturating_duration_since(self.epoch).as_nanos();
@@ -133,7 +117,6 @@ impl Pacing {
     }
 }
 
-/// How fast an agent has been sending, over the last whole window.
 #[derive(Debug)]
 pub(crate) struct Rate {
     start: Instant,
@@ -167,12 +150,9 @@ impl Rate {
     }
 }
 
-/// A stream that can leave the reactor and come back: the one step of
-/// pacing that depends on the transport.
+/// A stream that can leave the reactor (still non-blocking) and come back.
 pub(crate) trait Park: AsyncRead + AsFd + Unpin + Sized {
-    /// Off the reactor, still non-blocking.
     fn park(self) -> io::Result<File>;
-    /// Back on the reactor.
     fn unpark(file: File) -> io::Result<Self>;
 }
 

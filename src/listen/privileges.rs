@@ -1,15 +1,8 @@
-//! Dropping root after binding.
-//!
-//! Hybrid VSOCK sockets live in root-owned sandbox directories, so binding
-//! needs root; nothing after it does. Once the socket is bound, a root
-//! process switches to an unprivileged user (`nobody` by default): its
-//! supplementary groups are cleared, then its group and user ids set, which
-//! also clears every capability, and it moves to `/` so that it holds no
-//! directory open. Accepted connections and export need no privilege.
-//!
-//! Removing the socket at exit does need root again (the directory is
-//! root's), and a process that could regain root has not really dropped it.
-//! So before dropping, the forwarder starts a janitor ([`crate::janitor`]).
+//! Dropping root after binding (sandbox directories are root's; nothing
+//! after binding needs root): supplementary groups cleared, gid and uid set
+//! (which clears every capability), cwd `/` so no directory stays open.
+//! Removing the socket at exit needs root again, which a process that could
+//! regain has not really dropped: a [`crate::janitor`] does it.
 
 use std::path::Path;
 
@@ -17,14 +10,11 @@ use nix::unistd::{chdir, getuid, setgid, setgroups, setuid, Uid, User};
 
 use super::ListenError;
 
-/// Closes this process to others of its user: no ptrace, no
-/// `/proc/<pid>/mem`, no core dump. The kernel does so itself when a
-/// process changes its user, but not for one that `exec`s with the user it
-/// has, and an upgrade's bridge and new binary are started so by a process
-/// already running as `--user`: without this, any other process of that
-/// user (`nobody` is shared) could attach to them and take the agents'
-/// spans, the janitor's pipe or template mode's capability. Call first in
-/// `main`.
+/// Closes this process to others of its user (no ptrace, no
+/// `/proc/<pid>/mem`, no core dump). The kernel does so on a user change,
+/// not for an upgrade's binaries, started by a process already `--user`:
+/// any other process of that user (`nobody` is shared) could take the
+/// spans, the janitor's pipe or the capability. Call first in `main`.
 pub fn keep_from_same_user() {
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         eprintln!("warning: cannot make the process non-dumpable: {e}");
@@ -35,7 +25,6 @@ pub(crate) fn is_root() -> bool {
     getuid().is_root()
 }
 
-/// The error for failing to become `user`, for `reason`.
 fn denied(user: &str) -> impl Fn(String) -> ListenError + '_ {
     move |reason| ListenError::DropPrivileges {
         user: user.to_owned(),
@@ -56,18 +45,14 @@ pub(crate) fn lookup_user(user: &str) -> Result<User, ListenError> {
     Ok(u)
 }
 
-/// Makes `dir` (the spool) the target user's, so that it stays writable
-/// after root is dropped. Call only as root.
+/// Makes `dir` (the spool) `user`'s, so that it stays writable. As root.
 ///
-/// Once it is that user's, anything in it may have been put there by that
-/// user, or by anything else running as it (`nobody` is shared), to be
-/// given over at the next start. So the directory is reached by the rule
-/// of [`crate::untrusted`] (no symlink a less privileged user could have
-/// placed is followed, there or on the way), and of its entries only the
-/// spool's own files are given over: each a regular file with a single
-/// link, looked at and changed through one descriptor that does not follow
-/// it, so that neither a symlink, nor a hard link to a file of root's, nor
-/// a swap in between hands anything else over.
+/// Anything in it may have been planted by that user (`nobody` is shared)
+/// to be given over at the next start. So it is reached by the rule of
+/// [`crate::untrusted`], and only the spool's own files are given over,
+/// each a regular file with one link, looked at and changed through one
+/// non-following descriptor: no symlink, hard link to root's file or swap
+/// hands anything else over.
 pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     use nix::fcntl::AtFlags;
     use nix::unistd::fchownat;
@@ -100,22 +85,19 @@ pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     Ok(())
 }
 
-/// What a process dropping root keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Keep {
     /// Nothing: every capability goes with root (hybrid mode).
     Nothing,
-    /// CAP_DAC_OVERRIDE, on the calling thread only and not even in its
-    /// bounding set (template mode's sandbox watcher, which makes and
-    /// removes sockets in root's sandbox directories).
+    /// CAP_DAC_OVERRIDE, on the calling thread only, nothing else even in
+    /// its bounding set (the sandbox watcher).
     DacOverrideOnThisThread,
 }
 
 const ON_THE_WATCHER: &str = "CAP_DAC_OVERRIDE, on the sandbox watcher thread only";
 
 /// Switches the whole process to `user` (glibc and musl apply set*id to
-/// every thread), keeping what `keep` says on the calling thread. Call only
-/// as root.
+/// every thread), keeping `keep` on the calling thread. As root.
 pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
     use caps::{CapSet, Capability};
 
@@ -145,9 +127,8 @@ pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
     Ok(())
 }
 
-/// On the calling thread: keeps `cap` (effective and permitted) and
-/// nothing else (`None`: every capability dropped, for good), and passes
-/// nothing on to what it starts. `user` is whom the process became.
+/// On the calling thread: keeps `cap` (effective, permitted) and nothing
+/// else, passing nothing on. `user` is whom the process became.
 pub(crate) fn keep_on_this_thread(
     user: &str,
     cap: Option<caps::Capability>,
@@ -162,8 +143,7 @@ pub(crate) fn keep_on_this_thread(
     caps::set(None, CapSet::Permitted, &kept).map_err(err)
 }
 
-/// Whether this process, not root, holds CAP_DAC_OVERRIDE: a successor
-/// that a predecessor in template mode started (see
+/// Whether this process, not root, holds CAP_DAC_OVERRIDE (see
 /// [`passing_dac_override`]).
 pub(crate) fn inherited_dac_override() -> bool {
     use caps::{CapSet, Capability};
@@ -171,22 +151,17 @@ pub(crate) fn inherited_dac_override() -> bool {
         && caps::has_cap(None, CapSet::Permitted, Capability::CAP_DAC_OVERRIDE).unwrap_or(false)
 }
 
-/// On the calling thread: keeps CAP_DAC_OVERRIDE (effective and permitted)
-/// and nothing else, and passes nothing on to what it starts.
+/// [`keep_on_this_thread`] CAP_DAC_OVERRIDE, logged.
 pub(crate) fn keep_dac_override_on_this_thread() -> Result<(), ListenError> {
     keep_on_this_thread("", Some(caps::Capability::CAP_DAC_OVERRIDE))?;
     tracing::info!(kept = ON_THE_WATCHER, "privileges as handed over");
     Ok(())
 }
 
-/// Runs `start` (a spawn, or an `exec` replacing this process), passing
-/// CAP_DAC_OVERRIDE on when the calling thread holds it and the process is
-/// not root. A process that is not root loses its capabilities at `exec`
-/// unless they are in its ambient set, so the capability is raised there
-/// for the start alone, and lowered again. If the kernel refuses (no
-/// ambient capabilities, or a securebit forbids them), the successor
-/// starts without it: it serves what it is handed, but cannot bind a new
-/// sandbox's socket; that is logged.
+/// Runs `start` (a spawn, or an `exec`), passing CAP_DAC_OVERRIDE on when
+/// this thread holds it and the process is not root: through the ambient
+/// set, raised for the start alone. If the kernel refuses, the successor
+/// serves what it is handed but binds no new sandbox (logged).
 pub(crate) fn passing_dac_override<T>(start: impl FnOnce() -> T) -> T {
     use caps::{CapSet, Capability};
     const DAC: Capability = Capability::CAP_DAC_OVERRIDE;

@@ -1,16 +1,11 @@
 //! Which sandbox a connection comes from, as resource attributes.
 //!
-//! A template-mode listener's connections carry `kata.sandbox.id` from its
-//! sandbox directory's name. Standard VSOCK (QEMU) connections carry the
-//! guest's context id, `kata.vsock.cid`, and when it can be found the
-//! sandbox id too: Kata starts each QEMU with `-name sandbox-<ID>` and a
-//! `vhost-vsock-pci` device with `guest-cid=<CID>`. The kernel gives each
-//! live VM its own CID, so at most one real QEMU matches; other processes
-//! can claim any command line, so when several do, only one owned by root
-//! is believed, and otherwise none. Scanning `/proc` is bounded (processes
-//! looked at, bytes read per command line) and its result cached per CID
-//! (bounded; a hit is re-checked against that one process, because CIDs are
-//! reused when VMs come and go).
+//! Template and hybrid connections carry `kata.sandbox.id` from the path.
+//! VSOCK ones carry `kata.vsock.cid`, and the sandbox id when found: Kata
+//! starts QEMU with `-name sandbox-<ID>` and `guest-cid=<CID>`. One live VM
+//! has a CID, but any process can claim any command line: of several
+//! claimants only a lone root one is believed. The `/proc` scan is bounded
+//! and cached per CID (bounded; a hit re-checked, as CIDs are reused).
 //!
 //! Over 500 lines only with its tests.
 
@@ -31,22 +26,16 @@ pub(crate) use crate::otlp::{SANDBOX_ID, VSOCK_CID};
 
 pub(crate) const PROC_ROOT: &str = "/proc";
 
-/// `-name` values are `sandbox-<ID>`.
 const NAME_PREFIX: &str = "sandbox-";
-/// Most processes looked at in one scan.
 const MAX_PROCESSES: usize = 1 << 16;
-/// Most bytes of one command line read (Kata's QEMU command lines are a few
-/// KiB).
+/// Most bytes of one command line read (Kata's QEMU's are a few KiB).
 const MAX_CMDLINE: u64 = 256 << 10;
-/// Most CIDs remembered.
 const MAX_CACHED: usize = 1024;
-/// How long a CID that no process claims is not looked up again, so that a
-/// burst of connections from it costs one scan.
+/// How long an unclaimed CID is not looked up again: a burst of
+/// connections from it costs one scan.
 const NEGATIVE_TTL: Duration = Duration::from_secs(2);
-/// Longest sandbox id taken from a command line.
 const MAX_ID_LEN: usize = 256;
 
-/// The origin of a template sandbox's connections.
 pub(crate) fn sandbox_origin(base: &Origin, sandbox_id: &str) -> Origin {
     base.clone()
         .with(SANDBOX_ID, Value::StringValue(sandbox_id.to_owned()))
@@ -72,11 +61,9 @@ pub(crate) async fn vsock_origin(
     origin
 }
 
-/// The sandbox id in a hybrid listener's path, when it is laid out as Kata
-/// lays it out: `<dir>/<ID>/clh.sock_<port>` (Cloud Hypervisor, Go
-/// runtime) or `<dir>/<ID>/root/kata.hvsock_<port>` (Firecracker, and
-/// every runtime-rs hybrid VSOCK VMM). Anything else: the host does not
-/// know, and the spans carry no sandbox id.
+/// The sandbox id in a hybrid listener's path laid out as Kata does:
+/// `<dir>/<ID>/clh.sock_<port>` (Cloud Hypervisor, Go runtime) or
+/// `<dir>/<ID>/root/kata.hvsock_<port>` (Firecracker, runtime-rs).
 pub(crate) fn hybrid_sandbox_id(listen_path: &Path) -> Option<String> {
     let name = listen_path.file_name()?.to_str()?;
     let (socket, port) = name.rsplit_once('_')?;
@@ -102,7 +89,6 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-/// What a QEMU command line says: the guest's CID and the sandbox id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct QemuVm {
     pub cid: u32,
@@ -169,14 +155,13 @@ enum Cached {
     Missing(Instant),
 }
 
-/// Finds the sandbox of a guest CID through a `/proc`, with a bounded cache.
+/// Finds a guest CID's sandbox through a `/proc`.
 pub(crate) struct CidResolver {
     proc_root: PathBuf,
     cache: Mutex<HashMap<u32, Cached>>,
 }
 
 impl CidResolver {
-    /// `proc_root` is `/proc`, or a directory shaped like it in tests.
     pub(crate) fn new(proc_root: impl Into<PathBuf>) -> CidResolver {
         CidResolver {
             proc_root: proc_root.into(),
@@ -237,8 +222,7 @@ impl CidResolver {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Cached>> {
-        // The map is consistent after every statement, so a panic elsewhere
-        // while it was held leaves nothing half-done.
+        // Consistent after every statement: a panic leaves nothing half-done.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -1,19 +1,17 @@
 //! Standard VSOCK (QEMU, vhost-vsock): an AF_VSOCK listener on the host.
-//!
-//! Deliberately thin: bind and accept, with the peer's context id kept to
-//! tell guests apart. Everything after `accept` is shared with hybrid VSOCK.
+//! Only bind and accept; the peer's CID tells guests apart.
 
-use std::io;
+use std::os::fd::OwnedFd;
 
-use tokio_vsock::{VsockAddr, VsockStream};
+use tokio_vsock::VsockAddr;
 
 use super::ListenError;
 use crate::config::VsockCid;
 
 pub struct VsockListener {
-    listener: tokio_vsock::VsockListener,
-    cid: VsockCid,
-    port: u32,
+    pub(crate) listener: tokio_vsock::VsockListener,
+    pub(crate) cid: VsockCid,
+    pub(crate) port: u32,
 }
 
 impl VsockListener {
@@ -31,9 +29,9 @@ impl VsockListener {
         })
     }
 
-    /// A listener a previous forwarder bound and handed over (checked to be
-    /// a listening AF_VSOCK socket by the hand-over).
-    pub(crate) fn adopt(fd: std::os::fd::OwnedFd, cid: VsockCid, port: u32) -> Self {
+    /// A listener a predecessor handed over (checked by the hand-over to be
+    /// a listening AF_VSOCK socket).
+    pub(crate) fn adopt(fd: OwnedFd, cid: VsockCid, port: u32) -> Self {
         Self {
             listener: tokio_vsock::VsockListener::from(fd),
             cid,
@@ -41,21 +39,8 @@ impl VsockListener {
         }
     }
 
-    pub(crate) fn address(&self) -> (VsockCid, u32) {
-        (self.cid, self.port)
-    }
-
-    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.listener)
-    }
-
     pub fn describe(&self) -> String {
         format!("vsock cid {} port {}", describe_cid(self.cid), self.port)
-    }
-
-    pub(crate) async fn accept(&self) -> io::Result<(VsockStream, u32)> {
-        let (stream, addr) = self.listener.accept().await?;
-        Ok((stream, addr.cid()))
     }
 }
 

@@ -1,11 +1,7 @@
-//! The sandbox watcher's effects, for real, and the loop that feeds it.
-//!
-//! [`Host`] is the one implementation of [`Effects`] outside tests: inotify
-//! watches, the file system probes, binding each sandbox's socket in the
-//! main runtime and handing it over the bounded channel. [`Driver`] runs on
-//! the watcher thread: it turns inotify events into the machine's inputs,
-//! drops the listeners that come back (this thread keeps the right to
-//! remove their sockets), and retries an unwatched root.
+//! The sandbox watcher's effects for real ([`Host`]: inotify, the disk,
+//! binding in the main runtime) and the loop on the watcher thread that
+//! feeds it events, drops the listeners that come back (this thread can
+//! remove their sockets) and retries an unwatched root.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -32,7 +28,7 @@ use crate::shutdown::Shutdown;
 
 /// Bytes of inotify events read at once (an event is 16 bytes plus its name).
 const EVENT_BUFFER: usize = 64 << 10;
-/// At shutdown, how long the watcher waits for the listeners to come back.
+/// At shutdown, how long the listeners have to come back.
 const REAP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the watcher retries a directory it failed to watch.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -44,17 +40,14 @@ pub(super) struct Handoff {
     pub(super) serve_tx: mpsc::Sender<Serve>,
     /// Each served sandbox gets a child of it.
     pub(super) shutdown: Shutdown,
-    /// What a predecessor handed over: served on before anything is bound.
     pub(super) inherited: Option<Arc<Inherited>>,
 }
 
 /// What the async side asks of the watcher during a hand-over.
 pub(super) enum Control {
-    /// Stop acting on events, and say so once stopped: what it bound until
-    /// then is in the serve channel, and nothing more will be.
+    /// Stop acting on events, and say so: all it bound is in the channel.
     Freeze(oneshot::Sender<()>),
-    /// Carry on (the hand-over did not happen); the events that came
-    /// meanwhile waited in the kernel's queue.
+    /// Carry on: the hand-over did not happen.
     Thaw,
     /// A successor serves the sandboxes: stop watching, and remove nothing.
     Leave,
@@ -62,7 +55,6 @@ pub(super) enum Control {
 
 pub(super) struct Host {
     watches: Watches,
-    /// The kernel's handle of each watch the machine holds.
     descriptors: HashMap<WatchId, WatchDescriptor>,
     handoff: Handoff,
     /// The shutdown of each sandbox being served.
@@ -97,15 +89,20 @@ impl Effects for Host {
                 self.descriptors.insert(id, wd);
                 Ok(id)
             }
-            Err(e) if is_missing(&e) => Err(WatchError::Missing),
-            Err(e) => Err(WatchError::Failed(with_hint(e))),
+            Err(e) => match e.raw_os_error() {
+                Some(nix::libc::ENOENT | nix::libc::ENOTDIR) => Err(WatchError::Missing),
+                // From inotify: the watch limit, not the disk.
+                Some(nix::libc::ENOSPC) => Err(WatchError::Failed(io::Error::other(format!(
+                    "{e}: the inotify watch limit is reached (raise fs.inotify.max_user_watches)"
+                )))),
+                _ => Err(WatchError::Failed(e)),
+            },
         }
     }
 
     fn unwatch(&mut self, watch: WatchId) {
         if let Some(wd) = self.descriptors.remove(&watch) {
-            // Fails, harmlessly, when the kernel already dropped the watch
-            // because its directory is gone.
+            // Fails, harmlessly, on a watch the kernel already dropped.
             let _ = self.watches.remove(wd);
         }
     }
@@ -124,7 +121,7 @@ impl Effects for Host {
                 "serving a handed-over sandbox on"
             );
         }
-        let identity = listener.identity();
+        let identity = listener.identity;
         let shutdown = self.handoff.shutdown.child();
         let serve = Serve {
             id: id.to_owned(),
@@ -181,12 +178,12 @@ pub(super) struct Driver {
 }
 
 impl Driver {
-    /// Opens inotify (within the watcher thread's runtime, which reads it),
-    /// watches for sandboxes and serves those already there.
+    /// Opens inotify (in the watcher thread's runtime), watches for
+    /// sandboxes and serves those already there.
     pub(super) fn start(mut watcher: Watcher, handoff: Handoff) -> Result<Driver, ListenError> {
         let events = Inotify::init().and_then(|i| i.into_event_stream(vec![0u8; EVENT_BUFFER]));
         let events = events.map_err(|source| ListenError::WatchSandboxes {
-            dir: watcher.template().parent().to_path_buf(),
+            dir: watcher.template.parent().to_path_buf(),
             source,
         })?;
         let mut host = Host::new(events.watches(), handoff);
@@ -221,7 +218,7 @@ impl Driver {
                 Some(listener) = reap_rx.recv() => drop(listener),
                 Some(control) = control_rx.recv() => {
                     if !follow(control, &mut control_rx).await {
-                        tracing::debug!(template = %watcher.template(), "the successor watches these sandboxes now");
+                        tracing::debug!(template = %watcher.template, "the successor watches these sandboxes now");
                         break;
                     }
                 }
@@ -231,9 +228,7 @@ impl Driver {
                 }
             }
         }
-        // Shutting down: each listener handed out comes back once its
-        // sandbox task has stopped; drop them here, with the right to
-        // remove their sockets.
+        // Each listener handed out comes back once its task has stopped.
         let reaped = async { while reap_rx.recv().await.is_some() {} };
         if tokio::time::timeout(REAP_TIMEOUT, reaped).await.is_err() {
             tracing::warn!("some sandbox listeners did not come back in time");
@@ -242,8 +237,7 @@ impl Driver {
 }
 
 /// Acts on a hand-over's `control`; false once the watcher is to leave.
-/// Frozen, it waits for nothing but the next word: no event is read, no
-/// listener dropped (one coming back is dropped once thawed).
+/// Frozen, it reads no event and drops no listener until the next word.
 async fn follow(mut control: Control, control_rx: &mut mpsc::UnboundedReceiver<Control>) -> bool {
     while let Control::Freeze(frozen) = control {
         let _ = frozen.send(());
@@ -269,39 +263,19 @@ fn feed(watcher: &mut Watcher, host: &mut Host, ev: &inotify::EventOwned) {
     watcher.step(host, Input::Event { watch, change });
 }
 
-/// An event's mask and name as the machine reads them: each event has one
-/// kind (IGNORED, UNMOUNT and the overflow come alone).
+/// An event as the machine reads it (IGNORED, UNMOUNT and the overflow
+/// come alone).
 fn change(mask: EventMask, name: Option<&OsStr>) -> Change<'_> {
     let is_dir = mask.contains(EventMask::ISDIR);
-    if mask.contains(EventMask::IGNORED) {
-        Change::Released
-    } else if mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::UNMOUNT) {
-        Change::Gone
-    } else if let Some(name) = name {
-        if is_dir && mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
-            Change::DirAppeared(name)
-        } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
-            Change::Removed { name, is_dir }
-        } else {
-            Change::Other
-        }
-    } else {
-        Change::Other
-    }
-}
-
-fn is_missing(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(c) if c == nix::libc::ENOENT || c == nix::libc::ENOTDIR)
-}
-
-/// ENOSPC from inotify means the watch limit, not the disk.
-fn with_hint(e: io::Error) -> io::Error {
-    if e.raw_os_error() == Some(nix::libc::ENOSPC) {
-        io::Error::other(format!(
-            "{e}: the inotify watch limit is reached (raise fs.inotify.max_user_watches)"
-        ))
-    } else {
-        e
+    let gone = EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::UNMOUNT;
+    let appeared = EventMask::CREATE | EventMask::MOVED_TO;
+    let removed = EventMask::DELETE | EventMask::MOVED_FROM;
+    match name {
+        _ if mask.contains(EventMask::IGNORED) => Change::Released,
+        _ if mask.intersects(gone) => Change::Gone,
+        Some(name) if is_dir && mask.intersects(appeared) => Change::DirAppeared(name),
+        Some(name) if mask.intersects(removed) => Change::Removed { name, is_dir },
+        _ => Change::Other,
     }
 }
 

@@ -1,7 +1,5 @@
-//! The boundary of the sandbox watcher's decisions: the inputs it is fed
-//! and the effects it asks for. The driver provides both for real (inotify,
-//! the disk, the channel to the async side); the watcher's tests provide
-//! them by hand and with an in-memory fake.
+//! The sandbox watcher's inputs and the effects it asks for: the driver
+//! provides them for real, the watcher's tests with an in-memory fake.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
@@ -12,11 +10,10 @@ use crate::listen::ListenError;
 /// Device and inode: tells our socket from one put in its place.
 pub(super) type Identity = (u64, u64);
 
-/// A watch, as the kernel numbers it (its inotify watch descriptor).
+/// An inotify watch descriptor's number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(super) struct WatchId(pub(super) i32);
 
-/// What a watch is for, which decides what it reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum WatchKind {
     /// The root: sandbox directories appearing and going, or the root going.
@@ -42,13 +39,12 @@ pub(super) enum ServeError {
     Refused,
 }
 
-/// What the watcher does to the world, and how it looks at it.
 pub(super) trait Effects {
     fn watch(&mut self, dir: &Path, kind: WatchKind) -> Result<WatchId, WatchError>;
     /// Harmless on a watch the kernel already dropped.
     fn unwatch(&mut self, watch: WatchId);
     /// Binds `path` for sandbox `id` and hands the listener to the async
-    /// side; returns the identity of the socket made.
+    /// side.
     fn serve(&mut self, id: &str, path: &Path) -> Result<Identity, ServeError>;
     /// Stops a served sandbox: its listener closes, its connections drain.
     fn stop(&mut self, id: &str);
@@ -57,8 +53,7 @@ pub(super) trait Effects {
     fn is_dir(&self, path: &Path) -> bool;
     /// Not a symlink.
     fn is_real_dir(&self, path: &Path) -> bool;
-    /// The nearest existing ancestor of `path`, and the name below it on the
-    /// way to `path`.
+    /// The nearest existing ancestor of `path`, and the name below it.
     fn nearest_existing(&self, path: &Path) -> Option<(PathBuf, OsString)>;
     /// The names of the directories (not symlinks) in `dir`.
     fn subdirs(&self, dir: &Path) -> io::Result<Vec<OsString>>;
@@ -66,18 +61,18 @@ pub(super) trait Effects {
 }
 
 pub(super) enum Input<'a> {
-    /// Something happened on one of the watches.
-    Event { watch: WatchId, change: Change<'a> },
+    Event {
+        watch: WatchId,
+        change: Change<'a>,
+    },
     /// The kernel's event queue overflowed: events were lost.
     Overflow,
     /// A retry interval passed with the root unwatched.
     Retry,
 }
 
-/// An inotify event, reduced to what the decisions read.
 pub(super) enum Change<'a> {
-    /// The kernel dropped the watch (its directory went, or we removed it):
-    /// its number may be reused.
+    /// The kernel dropped the watch: its number may be reused.
     Released,
     /// The watched directory itself went (deleted, moved, unmounted).
     Gone,

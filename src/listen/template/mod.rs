@@ -1,39 +1,19 @@
 //! Template mode: one forwarder for every hybrid-VSOCK sandbox on a host.
 //!
-//! Cloud Hypervisor and Firecracker put each sandbox's VSOCK socket at a
-//! path that differs only by the sandbox id; `kata-runtime env` prints it as
-//! a template such as `/run/vc/vm/{ID}/clh.sock`. A watcher follows the
-//! directory above `{ID}` with inotify. When a sandbox directory appears,
-//! or already exists at start, it follows the directories down to the
-//! socket's own (Firecracker nests it under `{ID}/root/`), binds
-//! `<socket>_<port>` there and hands the listener to the async side, which
-//! accepts on it like any listener and tags the spans with
-//! `kata.sandbox.id`. When that socket, its directory or the sandbox
-//! directory goes, the listener stops, its connections drain, and it comes
-//! back to the watcher, which drops it, removing the socket if still ours.
-//! A socket that someone else removed is never re-created in a directory
-//! that is being deleted: the sandbox is served again only once its
-//! directory has gone and come back.
+//! `kata-runtime env` prints the socket path as a template such as
+//! `/run/vc/vm/{ID}/clh.sock`. The watcher follows the directory above
+//! `{ID}`, and in each sandbox the directories down to the socket's
+//! (Firecracker's is under `{ID}/root/`), binds `<socket>_<port>` and hands
+//! the listener to the async side here. When the socket or a directory
+//! above it goes, the listener stops and comes back to the watcher to be
+//! dropped. A socket someone else removed is re-created only once the
+//! sandbox directory has gone and come back.
 //!
 //! Sandbox directories are root's. Started as root, the forwarder becomes
-//! `--user` on every thread, except that the watcher thread keeps
-//! CAP_DAC_OVERRIDE, and only that: it is the only thread that touches the
-//! sandbox directories, and it reads nothing from guests. The threads that
-//! read agents and export hold no capability.
-//!
-//! Every template (several flags, or `--kata-host` adding and removing
-//! them) shares that one thread, a [`SandboxThread`]: each template's
-//! watcher is a task on its single-threaded runtime. One thread because
-//! glibc and musl apply `setuid` to every thread of the process: the
-//! capability survives only on the thread that made the switch, so a
-//! thread started later would have none, and several switching would race.
-//!
-//! [`watcher`] decides (a state machine fed events, asking for every effect
-//! and every look at the disk through [`effects`], so that it is tested
-//! without inotify, sockets or threads); [`driver`] acts (inotify, the file
-//! system, binding, the hand-over channel) and runs the watcher's loop.
-//! This file is the async side, and the watcher thread's start-up, where
-//! the thread gives up its privileges.
+//! `--user` on every thread but the watcher thread, which keeps
+//! CAP_DAC_OVERRIDE alone and reads nothing from guests. Every template
+//! shares that one [`SandboxThread`]: glibc and musl apply `setuid` to every
+//! thread, so the capability survives only on the thread that switched.
 
 mod driver;
 mod effects;
@@ -50,7 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use super::hybrid::HybridListener;
 use super::inherited::Inherited;
-use super::{privileges, sandbox, Adopted, Ended, ListenError, Listener, Serving};
+use super::{privileges, sandbox, Accept, Adopted, Ended, ListenError, Listener, Serving};
 use crate::addr::SocketTemplate;
 use crate::handover::server::Launcher;
 use crate::lifeline::{After, Lifeline, Next};
@@ -69,13 +49,12 @@ struct Serve {
     adopted: Vec<Adopted>,
 }
 
-/// A template served: its watcher, as the rest of the forwarder sees it.
+/// A template served: its watcher, as the async side sees it.
 pub struct TemplateListener {
     template: SocketTemplate,
-    describe: String,
+    pub(crate) describe: String,
     serve_rx: mpsc::Receiver<Serve>,
-    /// Listeners go back to the watcher to be dropped there, where their
-    /// sockets can still be removed.
+    /// Listeners go back to be dropped where their sockets can be removed.
     reap_tx: Option<mpsc::UnboundedSender<HybridListener>>,
     task: Option<tokio::task::JoinHandle<()>>,
     /// Keeps the sandbox thread running while this template is served.
@@ -84,31 +63,29 @@ pub struct TemplateListener {
 }
 
 /// The one thread that makes and removes sockets in sandbox directories;
-/// see the module's note. The thread ends once the last clone is gone.
+/// it ends with the last clone.
 #[derive(Clone)]
 pub struct SandboxThread {
     /// Its runtime, which the templates' watchers are spawned on.
     handle: Handle,
     _alive: Arc<mpsc::Sender<()>>,
     /// What a predecessor handed over, for the watchers to serve on.
-    inherited: Option<Arc<Inherited>>,
+    pub(crate) inherited: Option<Arc<Inherited>>,
 }
 
-/// The thread's start: its runtime's handle (or why there is none) comes on
-/// `ready`; it runs until `alive` is dropped.
+/// The thread's start: its runtime's handle comes on `ready`; it runs until
+/// `alive` is dropped.
 struct Launched {
     ready: oneshot::Receiver<Result<Handle, ListenError>>,
     alive: mpsc::Sender<()>,
 }
 
-/// A sandbox thread started before the async runtime, in a successor that
-/// was handed CAP_DAC_OVERRIDE (see [`SandboxThread::start_early`]).
+/// Started before the runtime by [`SandboxThread::start_early`].
 static EARLY: std::sync::Mutex<Option<Launched>> = std::sync::Mutex::new(None);
 
 impl SandboxThread {
     /// With `become_user`, the process becomes that user first, this thread
-    /// keeping CAP_DAC_OVERRIDE. The watchers started on it serve what a
-    /// predecessor handed over (`inherited`) before binding anything.
+    /// keeping CAP_DAC_OVERRIDE.
     pub(crate) async fn start(
         become_user: Option<String>,
         inherited: Option<&Arc<Inherited>>,
@@ -133,15 +110,12 @@ impl SandboxThread {
         })
     }
 
-    /// In a successor that a predecessor in template mode started (by
-    /// `SIGHUP`), the process is not root and holds CAP_DAC_OVERRIDE on
-    /// every thread: the predecessor's sandbox thread passed it on through
-    /// the ambient set, as the only way to pass it across `exec`. Call
-    /// first thing in `main`, while there is one thread: the sandbox thread
-    /// is started now, keeping the capability, and then the calling thread
-    /// drops every capability, so that every thread started after it (the
-    /// runtime's) holds none, as in the predecessor. Does nothing in any
-    /// other process.
+    /// A successor started by a template-mode predecessor holds
+    /// CAP_DAC_OVERRIDE on every thread (passed through the ambient set,
+    /// the only way across `exec`). Call first in `main`, single-threaded:
+    /// the sandbox thread starts now keeping it, then the calling thread
+    /// drops every capability, so the runtime's threads hold none. Does
+    /// nothing in any other process.
     pub fn start_early() -> Result<(), ListenError> {
         if !privileges::inherited_dac_override() {
             return Ok(());
@@ -151,17 +125,11 @@ impl SandboxThread {
         *EARLY.lock().unwrap_or_else(|p| p.into_inner()) = Some(launched);
         privileges::keep_on_this_thread("", None)
     }
-
-    pub(crate) fn inherited(&self) -> Option<&Arc<Inherited>> {
-        self.inherited.as_ref()
-    }
 }
 
-/// Where a hand-over starts the upgraded binary and becomes it: from the
-/// sandbox thread when there is one, so that what it holds passes on
-/// (CAP_DAC_OVERRIDE, through the ambient set; the successor then confines
-/// it to its own sandbox thread, see [`SandboxThread::start_early`]); else
-/// from the calling thread.
+/// Where a hand-over starts the upgraded binary and becomes it: on the
+/// sandbox thread when there is one, so that its CAP_DAC_OVERRIDE passes
+/// on (see [`SandboxThread::start_early`]).
 pub(crate) struct Launch(pub(crate) Option<SandboxThread>);
 
 impl Launcher for Launch {
@@ -208,8 +176,6 @@ fn launch(
             match rt {
                 Ok(rt) => {
                     let _ = ready_tx.send(Ok(rt.handle().clone()));
-                    // The watchers run as its tasks until the last handle
-                    // on the thread is dropped.
                     rt.block_on(async move { while alive_rx.recv().await.is_some() {} });
                 }
                 Err(e) => {
@@ -222,9 +188,8 @@ fn launch(
 }
 
 impl TemplateListener {
-    /// Starts the template's watcher on `thread`; returns once it watches
-    /// (and serves the sandboxes that already exist). Stopping `shutdown`
-    /// stops this template alone.
+    /// Starts the template's watcher on `thread`; returns once it watches.
+    /// Stopping `shutdown` stops this template alone.
     pub async fn start_on(
         thread: &SandboxThread,
         template: SocketTemplate,
@@ -273,26 +238,21 @@ impl TemplateListener {
         })
     }
 
-    pub fn describe(&self) -> String {
-        self.describe.clone()
-    }
-
     /// Serves each sandbox the watcher hands over until shutdown begins,
-    /// then stops them all and gives every listener back for removal.
+    /// then stops them and gives every listener back for removal.
     pub(crate) async fn serve(mut self, serving: Serving, mut life: Lifeline) {
         let sandboxes = TaskTracker::new();
         let Some(reap) = self.reap_tx.clone() else {
             return;
         };
         let spawn = |serve: Serve, life: &Lifeline| {
-            // Taken here, before the task runs, so that a pause asked from
-            // now on waits for it.
+            // Taken before the task runs: a pause from now on waits for it.
             let life = life.under(serve.shutdown.clone());
             let (serving, reap) = (serving.clone(), reap.clone());
             sandboxes.spawn(serve_sandbox(serve, serving, reap, life));
         };
-        // Once the watcher has stopped, nothing new comes, and the lifeline
-        // is still answered: a hand-over must not wait for us.
+        // A stopped watcher sends nothing, but the lifeline is still
+        // answered: a hand-over must not wait for us.
         let mut watching = true;
         let handed_over = loop {
             let next = tokio::select! {
@@ -330,11 +290,9 @@ impl TemplateListener {
         }
     }
 
-    /// A hand-over's pause: the watcher stops acting on events (they wait
-    /// in the kernel's queue, for it or for the successor's watcher), and
-    /// every sandbox it bound until then is served, so that it pauses and
-    /// is handed over with the rest. Then the outcome: resumed, the watcher
-    /// carries on; handed over, it leaves without removing anything.
+    /// A hand-over's pause: the watcher freezes (events wait in the kernel's
+    /// queue), every sandbox it bound is served so that it is handed over
+    /// too, and the watcher follows the outcome.
     async fn pause(&mut self, life: &mut Lifeline, spawn: &impl Fn(Serve, &Lifeline)) -> After {
         let (frozen_tx, frozen_rx) = oneshot::channel();
         if self.control_tx.send(Control::Freeze(frozen_tx)).is_ok() {
@@ -371,8 +329,7 @@ impl Drop for TemplateListener {
 }
 
 /// Accepts on one sandbox's listener until the sandbox goes or the
-/// forwarder stops; its connections then drain and close. Handed over, its
-/// socket stays, for the successor.
+/// forwarder stops.
 async fn serve_sandbox(
     serve: Serve,
     serving: Serving,
@@ -384,14 +341,15 @@ async fn serve_sandbox(
     // Held while the sandbox is served: its limits and its series.
     let tenant = serving.shared.tenant(TenantKey::Sandbox(id.clone()));
     let span = tracing::info_span!("sandbox", id = %id);
-    let accept = serving.accept(&origin, None, Some(tenant), Some(&id));
-    {
-        let _in = span.enter();
-        for a in serve.adopted {
-            accept.adopt(a, &life);
-        }
-    }
-    let ended = tracing::Instrument::instrument(accept.run(&listener, &mut life), span).await;
+    let accept = Accept {
+        serving: &serving,
+        origin: &origin,
+        resolver: None,
+        tenant: Some(tenant),
+        sandbox: Some(&id),
+    };
+    let run = accept.run(&listener, &mut life, serve.adopted);
+    let ended = tracing::Instrument::instrument(run, span).await;
     if let Listener::Hybrid(l) = listener {
         match ended {
             Ended::HandedOver => l.release(),

@@ -1,16 +1,9 @@
-//! The sandbox watcher's decisions, apart from their effects.
-//!
-//! [`Watcher`] is a state machine: fed [`Input`]s (a change on one of its
-//! watches, a queue overflow, a retry tick), it decides what to watch,
-//! which sandbox to serve and which to stop, through [`Effects`] (inotify
-//! and the disk in the driver, an in-memory fake in the tests).
-//!
-//! A trait rather than a returned list of actions: decisions depend on the
+//! The sandbox watcher's decisions: a state machine fed [`Input`]s that
+//! decides what to watch and which sandbox to serve or stop, through
+//! [`Effects`]. A trait, not a returned list of actions: decisions depend on
 //! answers mid-way (a watch failing because its directory just went starts
-//! the descent again), so a list would need a round trip per answer and
-//! spread each decision over several steps. The machine keeps only what it
-//! decided: its watches' owners and each sandbox's state. A listener coming
-//! back from the async side is not an input: the driver drops it.
+//! the descent again). It keeps only its watches' owners and each
+//! sandbox's state.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -24,17 +17,15 @@ use super::effects::{
 use crate::addr::SocketTemplate;
 use crate::listen::ListenError;
 
-/// Turning sandboxes away at the cap is logged at `warn` at most this often.
+/// Turning sandboxes away is logged at `warn` at most this often.
 const CAP_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// A directory name that can be a sandbox id: UTF-8 (it becomes a string
-/// attribute), and not hidden (editors', tools' temporary entries).
+/// A sandbox id: UTF-8 (a string attribute), not hidden (tools' entries).
 fn sandbox_id(name: &OsStr) -> Option<&str> {
     name.to_str()
         .filter(|s| !s.is_empty() && !s.starts_with('.'))
 }
 
-/// Who a watch belongs to.
 #[derive(Debug, Clone)]
 enum Owner {
     /// The directory sandbox directories appear in.
@@ -46,8 +37,7 @@ enum Owner {
 
 enum Root {
     Watching(WatchId),
-    /// The root does not exist; `wd` watches an ancestor for `next`, the
-    /// component below it on the way to the root.
+    /// `wd` watches the root's nearest ancestor for `next`, below it.
     Waiting {
         wd: WatchId,
         next: OsString,
@@ -57,8 +47,8 @@ enum Root {
 }
 
 struct Sandbox {
-    /// The one watch a sandbox has: the deepest directory that exists on
-    /// the way to its socket's.
+    /// Its one watch: the deepest existing directory on the way to its
+    /// socket's.
     wd: Option<WatchId>,
     state: State,
 }
@@ -68,14 +58,13 @@ enum State {
     Waiting { depth: usize },
     /// Our socket's identity, to tell it from one put in its place.
     Serving { identity: Identity },
-    /// Its socket (or socket directory) went while the sandbox directory
-    /// stayed, or it could not be served: left alone until it goes.
+    /// Its socket (directory) went while the sandbox stayed, or it could
+    /// not be served: left alone until it goes.
     Retired,
 }
 
-/// The watcher's state; lives on the watcher thread.
 pub(super) struct Watcher {
-    template: SocketTemplate,
+    pub(super) template: SocketTemplate,
     port: u32,
     max_sandboxes: usize,
     root: Root,
@@ -100,11 +89,6 @@ impl Watcher {
         }
     }
 
-    pub(super) fn template(&self) -> &SocketTemplate {
-        &self.template
-    }
-
-    /// Whether the root is unwatched after an error, to be retried.
     pub(super) fn wants_retry(&self) -> bool {
         matches!(self.root, Root::Missing)
     }
@@ -145,9 +129,8 @@ impl Watcher {
         fx.unwatch(wd);
     }
 
-    /// Watches the root (serving the sandboxes already there), or waits for
-    /// it in its nearest existing ancestor. At start, an error fails the
-    /// forwarder's start.
+    /// Watches the root (serving the sandboxes there), or waits for it in
+    /// its nearest existing ancestor.
     pub(super) fn establish_root(&mut self, fx: &mut impl Effects) -> Result<(), ListenError> {
         match std::mem::replace(&mut self.root, Root::Missing) {
             Root::Watching(wd) | Root::Waiting { wd, .. } => self.unwatch(fx, wd),
@@ -158,8 +141,7 @@ impl Watcher {
             dir: dir.to_path_buf(),
             source,
         };
-        // Each round either succeeds or finds a directory gone that was
-        // just there; a path being created and removed in a loop still ends.
+        // Bounded: a path created and removed in a loop still ends.
         for _ in 0..32 {
             match self.watch(fx, &parent, WatchKind::Root, Owner::Root) {
                 Ok(wd) => {
@@ -199,8 +181,7 @@ impl Watcher {
         ))
     }
 
-    /// [`establish_root`](Self::establish_root) while running: an error
-    /// is logged (and retried on [`Input::Retry`]).
+    /// While running, an error is logged (and retried on [`Input::Retry`]).
     fn reestablish_root(&mut self, fx: &mut impl Effects) {
         if let Err(e) = self.establish_root(fx) {
             tracing::error!(error = %e, "cannot watch for sandboxes");
@@ -316,8 +297,8 @@ impl Watcher {
         self.descend(fx, id);
     }
 
-    /// Follows a sandbox's directories down to its socket's, watching the
-    /// deepest that exists; serves it once the socket's directory is there.
+    /// Follows a sandbox's directories down, watching the deepest that
+    /// exists; serves it once the socket's directory is there.
     fn descend(&mut self, fx: &mut impl Effects, id: &str) {
         let Some(sb) = self.sandboxes.get_mut(id) else {
             return;
@@ -338,8 +319,7 @@ impl Watcher {
             let wd = match self.watch(fx, &dir, kind, Owner::Sandbox(id.to_owned())) {
                 Ok(wd) => wd,
                 Err(WatchError::Missing) => {
-                    // A directory on the way went as we looked. If the
-                    // sandbox directory is still there, start again from it.
+                    // Went as we looked: start again if the sandbox is there.
                     if depth > 0 && restarts < 3 && fx.is_real_dir(&top) {
                         restarts += 1;
                         (dir, depth) = (top.clone(), 0);
@@ -377,22 +357,18 @@ impl Watcher {
         match fx.serve(id, &path) {
             Ok(identity) => {
                 tracing::info!(sandbox = id, socket = %path.display(), "serving sandbox");
-                self.set_state(id, Some(wd), State::Serving { identity });
+                return self.set_state(id, Some(wd), State::Serving { identity });
             }
-            Err(e) => {
-                match e {
-                    ServeError::Bind(e) => {
-                        tracing::warn!(sandbox = id, error = %e, "cannot listen for this sandbox's agent");
-                    }
-                    ServeError::Refused => tracing::warn!(
-                        sandbox = id,
-                        "the forwarder is not taking new sandboxes; not serving this one"
-                    ),
-                }
-                self.unwatch(fx, wd);
-                self.set_state(id, None, State::Retired);
+            Err(ServeError::Bind(e)) => {
+                tracing::warn!(sandbox = id, error = %e, "cannot listen for this sandbox's agent");
             }
+            Err(ServeError::Refused) => tracing::warn!(
+                sandbox = id,
+                "the forwarder is not taking new sandboxes; not serving this one"
+            ),
         }
+        self.unwatch(fx, wd);
+        self.set_state(id, None, State::Retired);
     }
 
     fn set_state(&mut self, id: &str, wd: Option<WatchId>, state: State) {
