@@ -8,6 +8,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 
+use nix::sys::socket::UnixCredentials;
+
 use super::wire::{ListenerKind, State};
 use super::*;
 
@@ -84,8 +86,8 @@ pub(crate) fn take_over(
     let peer = fds::peer(&stream).map_err(HandOverError::Receive)?;
     if !trusts_predecessor(peer, ours) {
         return Err(HandOverError::CheckPeer {
-            uid: peer.uid,
-            pid: peer.pid,
+            uid: peer.uid(),
+            pid: peer.pid(),
             ours,
         });
     }
@@ -105,8 +107,8 @@ pub(crate) fn take_over(
 /// put at the path; a successor not running as root (a bridge, an
 /// upgrade, a forwarder never started as root) has nothing more to lose
 /// to its own user, and takes from root's or its own.
-fn trusts_predecessor(peer: fds::Peer, ours: u32) -> bool {
-    peer.uid == 0 || (ours != 0 && peer.uid == ours)
+fn trusts_predecessor(peer: UnixCredentials, ours: u32) -> bool {
+    peer.uid() == 0 || (ours != 0 && peer.uid() == ours)
 }
 
 /// What the old process sent: the state, and the descriptors it announced.
@@ -242,7 +244,7 @@ fn sort(
             cid: c.cid,
             resume: Resume {
                 partial: c.partial,
-                format: c.format.map(WireFormat::from),
+                format: c.format,
                 spans: c.spans,
                 decode_errors: c.decode_errors,
                 lost: false,

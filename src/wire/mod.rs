@@ -167,8 +167,9 @@ impl tokio_util::codec::Decoder for FrameDecoder {
     }
 }
 
-/// Payload encodings the agent has used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Payload encodings the agent has used. The hand-over state carries it by
+/// variant index (bincode): the order is part of that format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum WireFormat {
     /// `serde_json` of opentelemetry 0.17 `SpanData` (Kata 3.29+).
     Json,
