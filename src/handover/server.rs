@@ -247,17 +247,18 @@ impl Server {
                 |e| tracing::warn!(error = %e, "hand-off socket: reading the peer's credentials"),
             )
             .ok()?;
+        let pid = peer.pid();
         if !self.trusts(peer) {
             tracing::warn!(
                 uid = peer.uid(),
-                pid = peer.pid(),
+                pid,
                 bridge,
                 parent = self.parent,
                 "hand-off socket: refused a takeover by a process that is neither root nor the successor we started"
             );
             return None;
         }
-        let mut stream = stream
+        let stream = stream
             .into_std()
             .and_then(|s| {
                 s.set_nonblocking(false)?;
@@ -270,61 +271,51 @@ impl Server {
             )
             .ok()?;
         // Blocking, off the runtime: short, and the agents are paused anyway.
-        let (res, s) = blocking(stream, |s| {
+        let res = blocking(stream, |s| {
             let mut req = [0u8; REQUEST.len()];
             s.read_exact(&mut req)?;
             Ok(req)
         })
         .await;
-        stream = s?;
-        match res {
-            Ok(REQUEST) => {}
+        let stream = match res {
+            Ok((REQUEST, stream)) => stream,
             // Answered aside: nothing pauses, and nobody next is kept waiting.
-            Ok(crate::status::REQUEST) => {
+            Ok((crate::status::REQUEST, stream)) => {
                 if let Some(board) = &self.status {
-                    board.answer(stream, self.listener.path.clone(), peer.pid());
+                    board.answer(stream, self.listener.path.clone(), pid);
                 }
                 return None;
             }
             Ok(_) => {
-                tracing::warn!(
-                    pid = peer.pid(),
-                    "hand-off socket: not a forwarder's request; closed"
-                );
+                tracing::warn!(pid, "hand-off socket: not a forwarder's request; closed");
                 return None;
             }
             // A forwarder that found this socket live closes without asking.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                tracing::debug!(
-                    pid = peer.pid(),
-                    "hand-off socket: closed without a request"
-                );
+                tracing::debug!(pid, "hand-off socket: closed without a request");
                 return None;
             }
             Err(e) => {
-                tracing::warn!(pid = peer.pid(), error = %e, "hand-off socket: reading the request");
+                tracing::warn!(pid, error = %e, "hand-off socket: reading the request");
                 return None;
             }
-        }
+        };
         if let Some(until) = self.backoff_until.filter(|u| *u > Instant::now()) {
             let wait = until - Instant::now();
-            tracing::warn!(pid = peer.pid(), failures = self.failures, retry_in = ?wait, "hand-off socket: refused a takeover: backing off after failed hand-overs");
+            tracing::warn!(pid, failures = self.failures, retry_in = ?wait, "hand-off socket: refused a takeover: backing off after failed hand-overs");
             let why = format!(
                 "{} hand-overs failed in a row; retry in {wait:?}",
                 self.failures
             );
-            let _ = refuse(stream, why).await;
+            refuse(stream, why).await;
             return None;
         }
         let _ = stream.set_read_timeout(Some(ACK_TIMEOUT));
-        tracing::info!(
-            pid = peer.pid(),
-            "handing over to a successor: pausing every connection"
-        );
+        tracing::info!(pid, "handing over to a successor: pausing every connection");
         let started = Instant::now();
         let Some(pieces) = self.hub.pause(PAUSE_TIMEOUT).await else {
             self.hub.settle(false);
-            let _ = refuse(stream, "the connections did not pause in time".into()).await;
+            refuse(stream, "the connections did not pause in time".into()).await;
             return None;
         };
         let (state, owned) = match self.state(pieces) {
@@ -332,12 +323,12 @@ impl Server {
             Err(e) => {
                 self.hub.settle(false);
                 tracing::error!(error = %e, "hand-over: building the state; resuming");
-                let _ = refuse(stream, e.to_string()).await;
+                refuse(stream, e.to_string()).await;
                 return None;
             }
         };
         let (listeners, connections) = (state.listeners.len(), state.connections.len());
-        let (res, _) = blocking(stream, move |s| {
+        let res = blocking(stream, move |s| {
             let msg = wire::encode(&state).map_err(io::Error::other)?;
             s.write_all(&[STATE])?;
             s.write_all(&msg)?;
@@ -347,32 +338,33 @@ impl Server {
             s.read_exact(&mut ack)?;
             Ok(ack[0] == ACK)
         })
-        .await;
+        .await
+        .map(|(acked, _)| acked);
         match res {
             Ok(true) => {
                 self.hub.settle(true);
                 self.failures = 0;
                 self.backoff_until = None;
                 tracing::info!(
-                    successor = peer.pid(),
+                    successor = pid,
                     listeners,
                     connections,
                     paused_for = ?started.elapsed(),
                     "handed over: every listener and connection is the successor's"
                 );
                 // A bridge is not the service's process: we, re-executed, are.
-                let reexec = self.upgrade.as_ref().filter(|_| bridge == Some(peer.pid()));
+                let reexec = self.upgrade.as_ref().filter(|_| bridge == Some(pid));
                 let reexec = reexec.map(|(upgrade, _)| Reexec {
                     upgrade: upgrade.clone(),
-                    bridge_pid: peer.pid(),
+                    bridge_pid: pid,
                     launcher: Arc::clone(&self.launcher),
                     stop: false,
                 });
                 if reexec.is_none() {
-                    notify(&[NotifyState::MainPid(peer.pid() as u32)]);
+                    notify(&[NotifyState::MainPid(pid as u32)]);
                 }
                 Some(Committed {
-                    successor_pid: peer.pid(),
+                    successor_pid: pid,
                     reexec,
                 })
             }
@@ -385,7 +377,7 @@ impl Server {
                 self.backoff_until = Some(Instant::now() + backoff);
                 let why = res.err().map(|e| e.to_string());
                 tracing::error!(
-                    successor = peer.pid(),
+                    successor = pid,
                     error = why.as_deref().unwrap_or("no acknowledgement"),
                     "hand-over failed: the successor did not take it; resuming"
                 );
@@ -529,28 +521,24 @@ impl Reexec {
 async fn blocking<T: Send + 'static>(
     mut stream: StdUnixStream,
     f: impl FnOnce(&mut StdUnixStream) -> io::Result<T> + Send + 'static,
-) -> (io::Result<T>, Option<StdUnixStream>) {
-    let done = tokio::task::spawn_blocking(move || (f(&mut stream), stream)).await;
-    done.map_or_else(|e| (Err(io::Error::other(e)), None), |(r, s)| (r, Some(s)))
+) -> io::Result<(T, StdUnixStream)> {
+    let done = tokio::task::spawn_blocking(move || f(&mut stream).map(|r| (r, stream)));
+    done.await.map_err(io::Error::other)?
 }
 
-async fn refuse(stream: StdUnixStream, why: String) -> io::Result<()> {
-    blocking(stream, move |s| {
+async fn refuse(stream: StdUnixStream, why: String) {
+    let _ = blocking(stream, move |s| {
         let why = why.as_bytes();
         let why = why.get(..why.len().min(MAX_REASON)).unwrap_or_default();
         s.write_all(&[REFUSED])?;
         s.write_all(&(why.len() as u32).to_be_bytes())?;
         s.write_all(why)
     })
-    .await
-    .0
+    .await;
 }
 
 /// Tells systemd, when it supervises us (`Type=notify`); a no-op otherwise.
 pub(crate) fn notify(state: &[NotifyState<'_>]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return;
-    }
     if let Err(e) = sd_notify::notify(state) {
         tracing::debug!(error = %e, "sd_notify");
     }
