@@ -172,8 +172,11 @@ fn walk(
 ) -> Result<OwnedFd, UntrustedError> {
     let mut todo: VecDeque<OsString> = components(rest);
     while let Some(name) = todo.pop_front() {
-        if name == ".." {
-            at = openat(&at, "..", dir_flags(), Mode::empty()).map_err(open_err(whole))?;
+        // An absolute path's (or symlink target's) "/" starts again at root.
+        if name == ".." || name == "/" {
+            let from = if name == "/" { AT_FDCWD } else { at.as_fd() };
+            at = openat(from, name.as_os_str(), dir_flags(), Mode::empty())
+                .map_err(open_err(whole))?;
             continue;
         }
         let st = fstatat(&at, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
@@ -183,9 +186,6 @@ fn walk(
                 .map_err(open_err(whole))?;
         } else if is(&st, SFlag::S_IFLNK) {
             let target = follow(at.as_fd(), &name, whole, links)?;
-            if target.is_absolute() {
-                at = openat(AT_FDCWD, "/", dir_flags(), Mode::empty()).map_err(open_err(whole))?;
-            }
             for c in components(&target).into_iter().rev() {
                 todo.push_front(c);
             }
@@ -226,7 +226,8 @@ fn components(p: &Path) -> VecDeque<OsString> {
         .filter_map(|c| match c {
             Component::Normal(n) => Some(n.to_owned()),
             Component::ParentDir => Some("..".into()),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+            Component::RootDir => Some("/".into()),
+            Component::CurDir | Component::Prefix(_) => None,
         })
         .collect()
 }
@@ -269,12 +270,7 @@ pub(crate) fn open_file_at(
         }
         let target = follow(at.as_fd(), &name, &whole, &mut links)?;
         let (parent, file) = split(&target, &whole)?;
-        let from = if target.is_absolute() {
-            openat(AT_FDCWD, "/", dir_flags(), Mode::empty()).map_err(open_err(&whole))?
-        } else {
-            at
-        };
-        at = walk(from, parent, &whole, &mut links)?;
+        at = walk(at, parent, &whole, &mut links)?;
         name = file;
     }
     let flags = OFlag::O_RDONLY

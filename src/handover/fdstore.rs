@@ -77,16 +77,13 @@ pub(crate) fn janitor_name(listener: BorrowedFd<'_>) -> Option<String> {
     Some(format!("{JANITOR}{}", sock_ino(listener)?))
 }
 
-fn remove(name: &str) {
-    if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
-        tracing::warn!(name, error = %e, "could not take a descriptor out of systemd's store");
-    }
-}
-
 /// Has systemd let go of `name` (of a descriptor not kept), if the store is on.
 pub(crate) fn forget(name: Option<String>) {
-    if let Some(name) = name.filter(|_| enabled()) {
-        remove(&name);
+    if let Some(name) = name.as_deref().filter(|_| enabled()) {
+        let msg = [NotifyState::FdStoreRemove, NotifyState::FdName(name)];
+        if let Err(e) = sd_notify::notify(&msg) {
+            tracing::warn!(name, error = %e, "could not take a descriptor out of systemd's store");
+        }
     }
 }
 
@@ -127,9 +124,7 @@ impl Stored {
 
 impl Drop for Stored {
     fn drop(&mut self) {
-        if let Some(name) = self.0.take() {
-            remove(&name);
-        }
+        forget(self.0.take());
     }
 }
 
