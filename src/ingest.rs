@@ -260,7 +260,7 @@ impl Ingest {
         decode_errors: u64,
     ) -> Ingest {
         let mut ingest = Ingest::new(peer, origin, max_frame_size);
-        ingest.decoder = Decoder::with_format(format);
+        ingest.decoder.last = format;
         ingest.spans = spans;
         ingest.decode_errors = decode_errors;
         ingest
@@ -343,10 +343,10 @@ impl Ingest {
                 .resource
                 .as_ref()
                 .is_some_and(|r| Arc::ptr_eq(r, &resource));
-            if resource.guest_claims() > 0 {
+            if resource.guest_claims > 0 {
                 claimed += 1;
                 if !same {
-                    new_claims = new_claims.max(resource.guest_claims());
+                    new_claims = new_claims.max(resource.guest_claims);
                 }
             }
             if !same || pending.count >= RECORD_MAX_SPANS {

@@ -209,14 +209,11 @@ impl Member {
     }
 
     pub(crate) async fn pause_asked(&mut self) {
-        loop {
-            if self.pause_due() {
-                return;
-            }
-            if self.phase.changed().await.is_err() {
-                // The hub is gone with the process: never.
-                std::future::pending::<()>().await;
-            }
+        let reported = self.reported;
+        let due = |p: &Phase| matches!(*p, Phase::Pausing { round } if reported != Some(round));
+        if self.phase.wait_for(due).await.is_err() {
+            // The hub is gone with the process: never.
+            std::future::pending::<()>().await;
         }
     }
 

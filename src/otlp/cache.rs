@@ -48,8 +48,10 @@ impl ResourceCache {
             }
         }
         // Never `Same`: `known_bytes` are empty until a resource is cached.
-        let (converted, claims) = resource_with_claims(agent, origin);
-        let r = Arc::new(EncodedResource::with_claims(converted, claims));
+        let (converted, guest_claims) = resource_with_claims(agent, origin);
+        let mut r = EncodedResource::new(converted);
+        r.guest_claims = guest_claims;
+        let r = Arc::new(r);
         self.agent = agent.map(|a| a.attrs.iter().map(key_value).collect());
         self.resource = Some(Arc::clone(&r));
         seen.remember(&mut self.raw);

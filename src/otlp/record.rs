@@ -17,25 +17,17 @@ pub struct EncodedResource {
     resource: Resource,
     bytes: Bytes,
     /// Host-owned attributes the agent claimed unconfirmed.
-    guest_claims: u32,
+    pub(crate) guest_claims: u32,
 }
 
 impl EncodedResource {
     pub fn new(resource: Resource) -> Self {
-        Self::with_claims(resource, 0)
-    }
-
-    pub(crate) fn with_claims(resource: Resource, guest_claims: u32) -> Self {
         let bytes = Bytes::from(resource.encode_to_vec());
         Self {
             resource,
             bytes,
-            guest_claims,
+            guest_claims: 0,
         }
-    }
-
-    pub(crate) fn guest_claims(&self) -> u32 {
-        self.guest_claims
     }
 
     pub fn bytes(&self) -> &[u8] {

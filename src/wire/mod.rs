@@ -281,17 +281,13 @@ impl ResourceSeen<'_> {
 /// detection stays per frame, so a wrong guess costs a parse, not a span.
 #[derive(Debug, Default, Clone)]
 pub struct Decoder {
-    last: Option<WireFormat>,
+    /// The format of the last frame decoded (or handed over).
+    pub(crate) last: Option<WireFormat>,
 }
 
 impl Decoder {
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Already seen `format` (a handed-over connection).
-    pub(crate) fn with_format(format: Option<WireFormat>) -> Self {
-        Decoder { last: format }
     }
 
     pub fn format(&self) -> Option<WireFormat> {
