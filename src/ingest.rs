@@ -300,7 +300,7 @@ impl Ingest {
         out: &mut Vec<Ingested>,
         mut inspect: impl FnMut(&[u8]),
     ) -> Result<(), FrameError> {
-        let (mut frames, mut frame_bytes) = (0u64, 0u64);
+        let (mut frames, mut bytes) = (0u64, 0u64);
         let (mut claimed, mut new_claims) = (0u64, 0u32);
         let spans_before = self.spans;
         if self.lost_place && !self.resynchronise(buf, stats) {
@@ -309,12 +309,11 @@ impl Ingest {
         let split = loop {
             let frame = match self.codec.decode(buf) {
                 Ok(Some(f)) => f,
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
+                end => break end.map(drop),
             };
             inspect(&frame);
             frames += 1;
-            frame_bytes += frame.len() as u64;
+            bytes += frame.len() as u64;
             let (span, seen) = match self
                 .decoder
                 .decode_reusing(&frame, self.resources.known_bytes())
@@ -373,13 +372,7 @@ impl Ingest {
         if let Some(done) = self.pending.take() {
             out.push(done);
         }
-        emit!(
-            stats,
-            FramesRead {
-                frames,
-                bytes: frame_bytes
-            }
-        );
+        emit!(stats, FramesRead { frames, bytes });
         // Every span decoded is in a record in `out` by now.
         let spans = self.spans - spans_before;
         if claimed > 0 {

@@ -49,15 +49,13 @@ pub(crate) struct Taken {
     pub ack: Ack,
 }
 
-pub(crate) struct Ack {
-    stream: StdUnixStream,
-}
+pub(crate) struct Ack(StdUnixStream);
 
 impl Ack {
     /// Everything is ours now: the old process reads no more. Dropped
     /// unsent, it resumes.
     pub(crate) fn send(mut self) -> Result<(), HandOverError> {
-        self.stream.write_all(&[ACK]).map_err(HandOverError::Send)
+        self.0.write_all(&[ACK]).map_err(HandOverError::Send)
     }
 }
 
@@ -242,6 +240,6 @@ fn sort(
         handoff,
         listeners,
         connections,
-        ack: Ack { stream },
+        ack: Ack(stream),
     })
 }
