@@ -326,44 +326,40 @@ impl Decoder {
         }
         // `known` is in the last format: in the other it means something else.
         let last = self.last;
-        let known = |f: WireFormat| if last == Some(f) { known } else { &[][..] };
+        let mut decode = |f: WireFormat| {
+            let known = if last == Some(f) { known } else { &[][..] };
+            decode_as(f, payload, known).inspect(|_| self.last = Some(f))
+        };
         if !looks_like_json(payload) {
-            let decoded = decode_as(WireFormat::Bincode, payload, known(WireFormat::Bincode))?;
-            self.last = Some(WireFormat::Bincode);
-            return Ok(decoded);
+            return decode(WireFormat::Bincode);
         }
         // Ambiguous first byte: try the format this connection used last.
-        let order = match self.last {
+        let order = match last {
             Some(WireFormat::Bincode) => [WireFormat::Bincode, WireFormat::Json],
             _ => [WireFormat::Json, WireFormat::Bincode],
         };
-        let first = match decode_as(order[0], payload, known(order[0])) {
-            Ok(decoded) => {
-                self.last = Some(order[0]);
-                return Ok(decoded);
-            }
+        let first = match decode(order[0]) {
             Err(e) => e,
+            decoded => return decoded,
         };
-        match decode_as(order[1], payload, known(order[1])) {
-            Ok(decoded) => {
-                self.last = Some(order[1]);
-                Ok(decoded)
-            }
-            Err(second) => Err(match (first, second) {
-                (DecodeError::Json(json), DecodeError::Bincode(bincode))
-                | (DecodeError::Bincode(bincode), DecodeError::Json(json)) => {
-                    // Report the error of the format the payload most likely is.
-                    if self.last == Some(WireFormat::Bincode) {
-                        DecodeError::Bincode(bincode)
-                    } else if json.is_syntax() || json.is_eof() {
-                        DecodeError::Neither { json, bincode }
-                    } else {
-                        DecodeError::Json(json)
-                    }
+        let second = match decode(order[1]) {
+            Err(e) => e,
+            decoded => return decoded,
+        };
+        Err(match (first, second) {
+            (DecodeError::Json(json), DecodeError::Bincode(bincode))
+            | (DecodeError::Bincode(bincode), DecodeError::Json(json)) => {
+                // Report the error of the format the payload most likely is.
+                if last == Some(WireFormat::Bincode) {
+                    DecodeError::Bincode(bincode)
+                } else if json.is_syntax() || json.is_eof() {
+                    DecodeError::Neither { json, bincode }
+                } else {
+                    DecodeError::Json(json)
                 }
-                (e, _) => e,
-            }),
-        }
+            }
+            (e, _) => e,
+        })
     }
 }
 
