@@ -388,7 +388,7 @@ impl Server {
 
     /// The state and descriptors: the hand-off socket, every listener (and
     /// janitor), then every connection.
-    fn state(&self, pieces: Vec<(u64, Piece)>) -> Result<(State, Vec<OwnedFd>), HandOverError> {
+    fn state(&self, mut pieces: Vec<(u64, Piece)>) -> Result<(State, Vec<OwnedFd>), HandOverError> {
         let dup = |fd: BorrowedFd<'_>, what: &str| {
             fd.try_clone_to_owned().map_err(|e| {
                 HandOverError::EncodeState(format!("duplicating the hand-off {what}: {e}"))
@@ -407,10 +407,8 @@ impl Server {
         let mut fds: Vec<OwnedFd> = [handoff].into_iter().chain(janitor).collect();
         let mut connections = Vec::new();
         let mut index = std::collections::HashMap::new();
-        let (ls, cs): (Vec<_>, Vec<_>) = pieces
-            .into_iter()
-            .partition(|(_, p)| matches!(p.what, PieceKind::Listener { .. }));
-        for (id, piece) in ls.into_iter().chain(cs) {
+        pieces.sort_by_key(|(_, p)| matches!(p.what, PieceKind::Connection { .. }));
+        for (id, piece) in pieces {
             match piece.what {
                 PieceKind::Listener { kind, janitor } => {
                     index.insert(id, listeners.len() as u32);
