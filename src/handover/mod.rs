@@ -188,18 +188,17 @@ impl HandoffListener {
             nix::unistd::chown(path, Some(u.uid), Some(u.gid)).map_err(|e| err(e.into()))?;
         }
         let md = std::fs::symlink_metadata(path).map_err(err)?;
+        let identity = (md.dev(), md.ino());
         std.set_nonblocking(true).map_err(err)?;
         let listener = tokio::net::UnixListener::from_std(std).map_err(err)?;
-        let janitor = match user.is_some() && nix::unistd::getuid().is_root() {
-            true => Some(Janitor::spawn(path, (md.dev(), md.ino())).map_err(err)?),
-            false => None,
-        };
+        let root = user.is_some() && nix::unistd::getuid().is_root();
+        let janitor = root.then(|| Janitor::spawn(path, identity)).transpose();
         Ok(HandoffListener {
             listener,
             path: path.to_owned(),
-            identity: (md.dev(), md.ino()),
+            identity,
             remove: true,
-            janitor,
+            janitor: janitor.map_err(err)?,
         })
     }
 
