@@ -193,22 +193,16 @@ pub(crate) fn decode_request(body: &Bytes) -> Option<Vec<SpanRecord>> {
 fn len_fields(b: &[u8]) -> Option<Vec<(u32, std::ops::Range<usize>)>> {
     const LEN: u64 = 2;
     let mut out = Vec::new();
-    let mut at = 0;
-    while at < b.len() {
-        let mut rest = b.get(at..)?;
-        let before = rest.len();
+    let mut rest = b;
+    while !rest.is_empty() {
         let key = prost::encoding::decode_varint(&mut rest).ok()?;
         let len = prost::encoding::decode_varint(&mut rest).ok()?;
-        if key & 7 != LEN {
-            return None;
-        }
-        let start = at + (before - rest.len());
-        let end = start.checked_add(usize::try_from(len).ok()?)?;
-        if end > b.len() {
-            return None;
-        }
-        out.push((u32::try_from(key >> 3).ok()?, start..end));
-        at = end;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&n| key & 7 == LEN && n <= rest.len())?;
+        let start = b.len() - rest.len();
+        out.push((u32::try_from(key >> 3).ok()?, start..start + len));
+        rest = rest.get(len..)?;
     }
     Some(out)
 }
