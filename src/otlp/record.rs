@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 
@@ -123,13 +123,7 @@ impl EncodedRequest {
     pub fn to_bytes(&self) -> Bytes {
         match self.chunks.as_slice() {
             [one] => one.clone(),
-            many => {
-                let mut buf = BytesMut::with_capacity(self.len);
-                for c in many {
-                    buf.put_slice(c);
-                }
-                buf.freeze()
-            }
+            many => Bytes::from(many.concat()),
         }
     }
 
