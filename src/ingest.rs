@@ -140,10 +140,7 @@ struct Pending {
 
 impl Pending {
     fn take(&mut self) -> Option<Ingested> {
-        let resource = self.resource.clone()?;
-        if self.count == 0 {
-            return None;
-        }
+        let resource = self.resource.clone().filter(|_| self.count > 0)?;
         // Split off, not copied: a connection's records are consecutive
         // slices of few allocations, each freed with its last record.
         let record = SpanRecord {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span, Status};
 use prost::Message;
 
@@ -66,10 +66,8 @@ impl SpanRecord {
     /// A record of one span converted by [`span`].
     pub fn from_span(resource: Arc<EncodedResource>, span: &Span) -> Self {
         let mut buf = BytesMut::with_capacity(span.encoded_len() + 8);
-        buf.put_u8(encode::SCOPE_SPANS_SPAN_KEY);
-        prost::encoding::encode_varint(span.encoded_len() as u64, &mut buf);
-        // Encoding into a buffer that grows cannot fail.
-        let _ = span.encode(&mut buf);
+        // As `ScopeSpans.spans` (2).
+        prost::encoding::message::encode(2, span, &mut buf);
         Self {
             resource,
             spans: buf.freeze(),
