@@ -49,10 +49,7 @@ pub(crate) fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
         std::env::var_os("NOTIFY_SOCKET").is_some()
-            && std::env::var("FDSTORE")
-                .ok()
-                .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|n| n > 0)
+            && std::env::var("FDSTORE").is_ok_and(|n| n.parse::<u64>().is_ok_and(|n| n > 0))
     })
 }
 
