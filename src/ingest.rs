@@ -1,22 +1,15 @@
-//! Ingest: one agent's byte stream in, encoded span records out.
+//! Ingest: one agent's byte stream in, encoded span records out, with no
+//! socket (the connection reads into a [`ReadBuffer`]; the fuzz driver and
+//! benchmarks run this on bytes in memory).
 //!
-//! This is the stage between a socket and the export queue, with no socket
-//! in it: the connection task reads into a [`ReadBuffer`] and hands the
-//! bytes here, and what comes back are [`Ingested`] records for the queue.
-//! The fuzz driver and the benchmarks run this very code on bytes in
-//! memory.
+//! Per frame: split, detect and decode (a resource with the previous span's
+//! bytes is not decoded again), convert the resource once per connection
+//! ([`ResourceCache`]), encode the span into protobuf. A frame that does not
+//! decode is counted and skipped: the framing still holds.
 //!
-//! Per frame: split it off the stream (8-byte big-endian length, then the
-//! payload; see [`crate::wire`]), detect the format and decode it (a
-//! resource whose bytes equal the previous span's is not decoded again),
-//! convert the resource once per connection ([`ResourceCache`]) and encode
-//! the span straight into protobuf. A frame that does not decode is counted
-//! and skipped: its length prefix still says where the next one starts.
-//!
-//! Work is done per read, not per frame: every whole frame a read brought
-//! is encoded into one scratch buffer, which becomes one record (split off,
-//! not copied) per resource, at most [`RECORD_MAX_SPANS`] spans each, and
-//! the counters move once.
+//! Work is per read: a read's frames are encoded into one scratch buffer,
+//! split off (not copied) into a record per resource, at most
+//! [`RECORD_MAX_SPANS`] spans each; the counters move once.
 
 use std::sync::Arc;
 
@@ -30,26 +23,23 @@ use crate::stats::Stats;
 use crate::tenant::Tenant;
 use crate::wire::{Decoder, FrameDecoder, FrameError, WireFormat};
 
-/// First read buffer of a connection, and what it shrinks back to when the
-/// agent goes quiet: an idle connection holds no more than this.
+/// First read size, and what a quiet agent's buffer shrinks back to.
 pub(crate) const READ_MIN: usize = 4 * 1024;
-/// Largest read buffer: reached while the agent writes faster than one read
-/// takes, so that a burst costs one `read` per many frames.
+/// Largest read: a burst costs one `read` per many frames.
 pub const READ_MAX: usize = 64 * 1024;
 /// Most the encoded-span scratch reserves ahead at once.
 const SCRATCH_RESERVE_MAX: usize = 2 * READ_MAX;
 /// Most spans in one record handed to the export queue.
 pub const RECORD_MAX_SPANS: usize = 256;
 
-/// Spans ready for the export queue.
 pub struct Ingested {
     pub record: SpanRecord,
     /// Payload bytes of the frames behind these spans: the queue's cost.
     pub cost: usize,
 }
 
-/// A connection's read buffer, sized to what the agent writes: it grows
-/// while reads fill it and is given back when the agent goes quiet.
+/// A connection's read buffer: it grows while reads fill it and is given
+/// back when the agent goes quiet.
 #[derive(Debug)]
 pub struct ReadBuffer {
     buf: BytesMut,
@@ -72,9 +62,8 @@ impl Default for ReadBuffer {
 }
 
 impl ReadBuffer {
-    /// Makes room for the next read and returns the buffer to read into. A
-    /// drained buffer means the burst is over: large allocations go back
-    /// before waiting, so quiet agents cost little.
+    /// Makes room for the next read. A drained buffer means the burst is
+    /// over: a large allocation goes back before waiting.
     pub fn prepare(&mut self) -> &mut BytesMut {
         if self.buf.is_empty() && self.buf.capacity() > self.read_size {
             self.buf = BytesMut::new();
@@ -84,12 +73,9 @@ impl ReadBuffer {
         &mut self.buf
     }
 
-    /// After a read of `n` bytes: a read that filled the room doubles the
-    /// next one, a small one sends it back to the minimum. A small read
-    /// that only finished what a full one began says nothing about the next
-    /// and leaves it as it is: a paced tick that brings 5 KB reads 4 KiB,
-    /// then the rest, and from then on reads it all at once, instead of
-    /// twice every tick.
+    /// After a read of `n` bytes: a full read doubles the next, a small one
+    /// resets it, unless it only finished what a full one began (a paced
+    /// tick of 5 KB then reads it all at once, not twice every tick).
     pub fn filled(&mut self, n: usize) {
         let after_full = std::mem::replace(&mut self.after_full, n >= self.spare);
         if n >= self.spare {
@@ -120,8 +106,8 @@ impl ReadBuffer {
         read.map(|n| (n, full))
     }
 
-    /// As [`read_from`](Self::read_from), from `src` on the reactor. The
-    /// only two ways bytes come in: each sizes the next read itself.
+    /// As [`read_from`](Self::read_from), on the reactor. The only two ways
+    /// bytes come in: each sizes the next read itself.
     pub(crate) async fn read_async(
         &mut self,
         src: &mut (impl tokio::io::AsyncRead + Unpin),
@@ -137,7 +123,6 @@ impl ReadBuffer {
         self.read_size == READ_MIN
     }
 
-    /// The bytes read and not yet split into frames.
     pub fn bytes(&mut self) -> &mut BytesMut {
         &mut self.buf
     }
@@ -146,7 +131,7 @@ impl ReadBuffer {
 /// The spans of one read, encoded and waiting to become a record.
 #[derive(Default)]
 struct Pending {
-    /// Scratch the spans are encoded into, reused from read to read.
+    /// Reused from read to read.
     spans: BytesMut,
     count: usize,
     cost: usize,
@@ -155,15 +140,9 @@ struct Pending {
 
 impl Pending {
     fn take(&mut self) -> Option<Ingested> {
-        let resource = self.resource.clone()?;
-        if self.count == 0 {
-            return None;
-        }
-        // Split off, not copied: the record takes the written part of the
-        // scratch allocation and the scratch keeps the rest, so records of
-        // one connection are consecutive slices of few allocations, each
-        // freed once its last record is exported. When the rest runs out,
-        // the scratch starts a new allocation of the same size.
+        let resource = self.resource.clone().filter(|_| self.count > 0)?;
+        // Split off, not copied: a connection's records are consecutive
+        // slices of few allocations, each freed with its last record.
         let record = SpanRecord {
             resource,
             spans: self.spans.split().freeze(),
@@ -176,11 +155,10 @@ impl Pending {
     }
 }
 
-/// One connection's ingest state: framing, format, resource cache.
 pub struct Ingest {
     peer: Peer,
     origin: Arc<Origin>,
-    /// The connection's sandbox, whose log gate its lines go through.
+    /// Whose log gate its lines go through.
     tenant: Option<Arc<Tenant>>,
     codec: FrameDecoder,
     decoder: Decoder,
@@ -188,17 +166,14 @@ pub struct Ingest {
     pending: Pending,
     spans: u64,
     decode_errors: u64,
-    /// Where the stream is in its frames is unknown (a connection kept in
-    /// systemd's file descriptor store through a crash): whole frames are
-    /// looked for first ([`resynchronise`](Self::resynchronise)).
+    /// Kept in systemd's store through a crash: look for a whole frame
+    /// first ([`resynchronise`](Self::resynchronise)).
     lost_place: bool,
     /// Bytes skipped so far looking for that frame.
     skipped: u64,
 }
 
 impl Ingest {
-    /// `origin` is the connection's: the service name plus whatever is
-    /// known of its sandbox (id, VSOCK CID).
     pub fn new(peer: Peer, origin: Arc<Origin>, max_frame_size: usize) -> Ingest {
         Ingest {
             peer,
@@ -215,22 +190,19 @@ impl Ingest {
         }
     }
 
-    /// A connection read by a process that is gone, from an unknown place
-    /// in its stream (it crashed mid-frame, perhaps): the first bytes read
-    /// are skipped, and counted, up to the next whole frame.
+    /// A connection whose place in its stream is unknown: bytes up to the
+    /// next whole frame are skipped and counted.
     pub fn resume_lost(peer: Peer, origin: Arc<Origin>, max_frame_size: usize) -> Ingest {
         let mut ingest = Ingest::new(peer, origin, max_frame_size);
         ingest.lost_place = true;
         ingest
     }
 
-    /// Finds the next whole frame in `buf` and drops what comes before it;
-    /// true once found. A whole frame is a length prefix within
-    /// `--max-frame-size` followed by that many bytes that decode as a
-    /// span: the first such in `buf` is taken. Until one is found, what is
-    /// kept is from the first place a frame could start that has not all
-    /// arrived yet (it may be the one), or else the last bytes that could
-    /// begin a header; the rest is dropped.
+    /// Drops what comes before the first whole frame in `buf` (a length
+    /// within `--max-frame-size`, then that many bytes that decode); true
+    /// once found. Until then it keeps from the first place a frame could
+    /// start that has not all arrived, or else the last bytes that could
+    /// begin a header.
     fn resynchronise(&mut self, buf: &mut BytesMut, stats: &Stats) -> bool {
         const H: usize = crate::wire::HEADER_LEN;
         let max = self.codec.max_frame_size() as u64;
@@ -274,10 +246,8 @@ impl Ingest {
         found.is_some()
     }
 
-    /// Takes over a connection another process read until now: it had
-    /// found `format` and read `spans` spans and `decode_errors` bad frames.
-    /// The bytes it had read of a frame not yet whole go first in the read
-    /// buffer, as read (see [`unread`](Self::unread)).
+    /// A connection another process read until now (its partial frame
+    /// goes first in the read buffer: [`unread`](Self::unread)).
     pub(crate) fn resume(
         peer: Peer,
         origin: Arc<Origin>,
@@ -287,32 +257,28 @@ impl Ingest {
         decode_errors: u64,
     ) -> Ingest {
         let mut ingest = Ingest::new(peer, origin, max_frame_size);
-        ingest.decoder = Decoder::with_format(format);
+        ingest.decoder.last = format;
         ingest.spans = spans;
         ingest.decode_errors = decode_errors;
         ingest
     }
 
-    /// Whether the stream is between two frames, with `buf` (what is left
-    /// in the read buffer) read: nothing of a frame in hand.
+    /// Nothing of a frame in hand, with `buf` (the read buffer's rest) read.
     pub(crate) fn between_frames(&self, buf: &[u8]) -> bool {
         buf.is_empty() && !self.codec.in_frame() && !self.lost_place
     }
 
-    /// The bytes of the frame being read, header included, given what is
-    /// left in the read buffer: what a successor must read first.
+    /// The frame being read, header included: what a successor reads first.
     pub fn unread(&self, buf: &[u8]) -> Vec<u8> {
         self.codec.unread(buf)
     }
 
-    /// Logs through `tenant`'s gate from now on.
     pub(crate) fn set_tenant(&mut self, tenant: Arc<Tenant>) {
         self.tenant = Some(tenant);
     }
 
-    /// Turns every whole frame in `buf` into spans, appending the finished
-    /// records to `out`. An error (a frame over the size limit) ends the
-    /// stream; the records before it are in `out` all the same.
+    /// Turns every whole frame in `buf` into records in `out`. An error (a
+    /// frame over the size limit) ends the stream; earlier records stay.
     pub fn frames(
         &mut self,
         buf: &mut BytesMut,
@@ -322,8 +288,8 @@ impl Ingest {
         self.frames_inspected(buf, stats, out, |_| {})
     }
 
-    /// [`frames`](Self::frames), showing each frame's payload to `inspect`
-    /// first: how the fuzz driver holds this loop to a reference reading.
+    /// [`frames`](Self::frames), showing each payload to `inspect` first
+    /// (the fuzz driver's reference reading).
     pub fn frames_inspected(
         &mut self,
         buf: &mut BytesMut,
@@ -331,7 +297,7 @@ impl Ingest {
         out: &mut Vec<Ingested>,
         mut inspect: impl FnMut(&[u8]),
     ) -> Result<(), FrameError> {
-        let (mut frames, mut frame_bytes) = (0u64, 0u64);
+        let (mut frames, mut bytes) = (0u64, 0u64);
         let (mut claimed, mut new_claims) = (0u64, 0u32);
         let spans_before = self.spans;
         if self.lost_place && !self.resynchronise(buf, stats) {
@@ -340,12 +306,11 @@ impl Ingest {
         let split = loop {
             let frame = match self.codec.decode(buf) {
                 Ok(Some(f)) => f,
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
+                end => break end.map(drop),
             };
             inspect(&frame);
             frames += 1;
-            frame_bytes += frame.len() as u64;
+            bytes += frame.len() as u64;
             let (span, seen) = match self
                 .decoder
                 .decode_reusing(&frame, self.resources.known_bytes())
@@ -374,10 +339,10 @@ impl Ingest {
                 .resource
                 .as_ref()
                 .is_some_and(|r| Arc::ptr_eq(r, &resource));
-            if resource.guest_claims() > 0 {
+            if resource.guest_claims > 0 {
                 claimed += 1;
                 if !same {
-                    new_claims = new_claims.max(resource.guest_claims());
+                    new_claims = new_claims.max(resource.guest_claims);
                 }
             }
             if !same || pending.count >= RECORD_MAX_SPANS {
@@ -388,10 +353,9 @@ impl Ingest {
                     pending.resource = Some(resource);
                 }
             }
-            // A record starts: room for what the rest of this read encodes
-            // to (about its payload's size) in one piece, rather than
-            // growing, and copying, span by span. Capped: a large partial
-            // frame behind this one must not make it large.
+            // A record starts: room for the rest of this read (about its
+            // payload's size) at once, not span by span; capped, as a large
+            // partial frame behind must not make it large.
             if pending.spans.is_empty() {
                 pending
                     .spans
@@ -405,13 +369,7 @@ impl Ingest {
         if let Some(done) = self.pending.take() {
             out.push(done);
         }
-        emit!(
-            stats,
-            FramesRead {
-                frames,
-                bytes: frame_bytes
-            }
-        );
+        emit!(stats, FramesRead { frames, bytes });
         // Every span decoded is in a record in `out` by now.
         let spans = self.spans - spans_before;
         if claimed > 0 {
@@ -442,14 +400,12 @@ impl Ingest {
         self.codec.decode_eof(buf).map(drop)
     }
 
-    /// The agent went quiet: give the encoding scratch back.
     pub(crate) fn shrink(&mut self) {
         if self.pending.spans.capacity() > READ_MIN {
             self.pending.spans = BytesMut::new();
         }
     }
 
-    /// The wire format detected, once a frame has decoded.
     pub fn format(&self) -> Option<WireFormat> {
         self.decoder.format()
     }
@@ -458,7 +414,7 @@ impl Ingest {
         self.spans
     }
 
-    /// Frames skipped so far because they did not decode.
+    /// Frames skipped as undecodable.
     pub fn decode_errors(&self) -> u64 {
         self.decode_errors
     }

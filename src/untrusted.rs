@@ -1,23 +1,17 @@
-//! Opening a file or directory that a less privileged party may have
-//! planted: the spool (which the forwarder's unprivileged user writes),
-//! Kata's configuration files, and the spool directory root hands over.
+//! Opening what a less privileged party may have planted: the spool (its
+//! files are the unprivileged user's), Kata's configuration files.
 //!
-//! One rule decides which symlinks are followed: only one that root alone
-//! could have placed, that is, one in a directory owned by root that no
-//! group or other user can write. Kata's configuration directories are
-//! root's, and a symlink there (`/etc/kata-containers/configuration.toml`
-//! pointing at a shipped file) is an administrator's choice, so it is
-//! followed. The spool directory is the forwarder's user's, so a symlink
-//! in it, and one on the way to it through a directory anyone else can
-//! write, never is: followed by root, it would hand its target to whoever
-//! planted it.
+//! A symlink is followed only where root alone could have placed it: in a
+//! root-owned directory no group or other can write (Kata's configuration
+//! directories: an administrator's choice). One in the spool, or on the way
+//! through a directory others can write, never is: followed by root, it
+//! would hand its target to whoever planted it.
 //!
-//! A file is then opened without blocking (a FIFO would wait for a writer
-//! forever), must be a regular file (checked on the open descriptor, so
-//! that nothing is swapped in between), and is read no further than the
-//! caller's bound (a symlink to `/dev/zero` or a huge file cannot exhaust
-//! memory). Everything is resolved one component at a time relative to
-//! descriptors, never by a path that could change under us.
+//! A file is opened without blocking (a FIFO would wait forever), must be
+//! regular (checked on the open descriptor), and is read no further than
+//! the caller's bound (`/dev/zero`, a huge file). Paths are resolved one
+//! component at a time relative to descriptors, never by a path that could
+//! change under us.
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
@@ -30,7 +24,7 @@ use nix::errno::Errno;
 use nix::fcntl::{openat, readlinkat, AtFlags, OFlag, AT_FDCWD};
 use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
 
-/// Symlinks followed in one resolution, as the kernel's own bound.
+/// Symlinks followed in one resolution: the kernel's bound.
 const MAX_LINKS: u32 = 40;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,14 +56,12 @@ pub(crate) enum UntrustedError {
 }
 
 impl UntrustedError {
-    /// Refused for what the file is (not for a failing system call): it
-    /// will be refused again, so it is not worth retrying.
+    /// Refused for what the file is (not a failing call): no use retrying.
     pub(crate) fn is_refusal(&self) -> bool {
         !matches!(self, Self::Open { .. } | Self::Read { .. })
     }
 }
 
-/// What a file is, for messages.
 fn kind(st: &FileStat) -> &'static str {
     match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
         SFlag::S_IFREG => "a regular file",
@@ -87,8 +79,6 @@ fn is(st: &FileStat, t: SFlag) -> bool {
     st.st_mode & SFlag::S_IFMT.bits() == t.bits()
 }
 
-/// Whether only root could have put an entry into the directory `dir`:
-/// root's, and writable by no group or other user.
 fn root_alone_writes(dir: BorrowedFd<'_>) -> bool {
     fstat(dir).is_ok_and(|st| st.st_uid == 0 && st.st_mode & 0o022 == 0)
 }
@@ -100,16 +90,13 @@ fn open_err(path: &Path) -> impl Fn(Errno) -> UntrustedError + '_ {
     }
 }
 
-/// A directory, resolved by the module's rule.
 pub(crate) struct Dir {
     fd: OwnedFd,
     path: PathBuf,
 }
 
 impl Dir {
-    /// Resolves the directory at `path` (relative paths from the current
-    /// directory): each component is looked at without following it, and
-    /// a symlink is followed only where root alone could have placed it.
+    /// Resolves the directory at `path` by the module's rule.
     pub(crate) fn open(path: &Path) -> Result<Dir, UntrustedError> {
         let mut links = 0;
         let start = if path.is_absolute() { "/" } else { "." };
@@ -126,7 +113,6 @@ impl Dir {
         self.fd.as_fd()
     }
 
-    /// The directory opened for listing its entries.
     pub(crate) fn listing(&self) -> Result<nix::dir::Dir, UntrustedError> {
         nix::dir::Dir::openat(
             self.fd.as_fd(),
@@ -146,18 +132,16 @@ impl Dir {
     }
 }
 
-/// An entry of a [`Dir`], held by an `O_PATH` descriptor that does not
-/// follow it (nor open it: a device or a FIFO is not touched): what is then
-/// checked and changed through it is what was looked at, whatever is put
-/// at its name meanwhile.
+/// An entry of a [`Dir`], held by an `O_PATH`, `O_NOFOLLOW` descriptor (a
+/// device or FIFO is not opened): what is checked and changed through it is
+/// what was looked at, whatever is put at its name meanwhile.
 pub(crate) struct Entry {
     fd: OwnedFd,
     st: FileStat,
 }
 
 impl Entry {
-    /// A regular file with no other name: not a symlink, and not a hard
-    /// link to a file someone else owns and uses elsewhere.
+    /// Regular, with no other name (not a hard link to someone's file).
     pub(crate) fn is_lone_regular_file(&self) -> bool {
         is(&self.st, SFlag::S_IFREG) && self.st.st_nlink == 1
     }
@@ -172,15 +156,14 @@ impl Entry {
     }
 }
 
-/// A directory is opened `O_PATH`, and never through a symlink: one that
-/// was a directory when looked at and has been swapped for a symlink since
-/// is refused.
+/// Never through a symlink: a directory swapped for one since it was
+/// looked at is refused.
 fn dir_flags() -> OFlag {
     OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
 }
 
-/// Walks `rest` from the directory `at`, by the module's rule. `whole` is
-/// the path asked for, for messages.
+/// Walks `rest` from the directory `at` by the module's rule (`whole`:
+/// for messages).
 fn walk(
     mut at: OwnedFd,
     rest: &Path,
@@ -189,8 +172,11 @@ fn walk(
 ) -> Result<OwnedFd, UntrustedError> {
     let mut todo: VecDeque<OsString> = components(rest);
     while let Some(name) = todo.pop_front() {
-        if name == ".." {
-            at = openat(&at, "..", dir_flags(), Mode::empty()).map_err(open_err(whole))?;
+        // An absolute path's (or symlink target's) "/" starts again at root.
+        if name == ".." || name == "/" {
+            let from = if name == "/" { AT_FDCWD } else { at.as_fd() };
+            at = openat(from, name.as_os_str(), dir_flags(), Mode::empty())
+                .map_err(open_err(whole))?;
             continue;
         }
         let st = fstatat(&at, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
@@ -200,9 +186,6 @@ fn walk(
                 .map_err(open_err(whole))?;
         } else if is(&st, SFlag::S_IFLNK) {
             let target = follow(at.as_fd(), &name, whole, links)?;
-            if target.is_absolute() {
-                at = openat(AT_FDCWD, "/", dir_flags(), Mode::empty()).map_err(open_err(whole))?;
-            }
             for c in components(&target).into_iter().rev() {
                 todo.push_front(c);
             }
@@ -215,8 +198,7 @@ fn walk(
     Ok(at)
 }
 
-/// The target of the symlink `name` in `dir`, if the rule lets it be
-/// followed.
+/// The target of the symlink `name` in `dir`, if the rule lets it be followed.
 fn follow(
     dir: BorrowedFd<'_>,
     name: &OsStr,
@@ -244,23 +226,22 @@ fn components(p: &Path) -> VecDeque<OsString> {
         .filter_map(|c| match c {
             Component::Normal(n) => Some(n.to_owned()),
             Component::ParentDir => Some("..".into()),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+            Component::RootDir => Some("/".into()),
+            Component::CurDir | Component::Prefix(_) => None,
         })
         .collect()
 }
 
-/// Whether the file itself may be a symlink.
+/// Whether the file itself may be a symlink: where root alone could have
+/// placed it, or never (the spool's files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Link {
-    /// Followed where root alone could have placed it (the module's rule).
     IfRootPlaced,
-    /// Never: what the caller reads is never one (the spool's files).
     Never,
 }
 
-/// Opens the regular file `name` in `dir` for reading, by the module's
-/// rule and `link`, refusing one larger than `max` bytes. Returns it with
-/// its size.
+/// Opens the regular file `name` in `dir` by the module's rule and `link`,
+/// refusing one over `max` bytes; with its size.
 pub(crate) fn open_file_at(
     dir: &Dir,
     name: &OsStr,
@@ -289,12 +270,7 @@ pub(crate) fn open_file_at(
         }
         let target = follow(at.as_fd(), &name, &whole, &mut links)?;
         let (parent, file) = split(&target, &whole)?;
-        let from = if target.is_absolute() {
-            openat(AT_FDCWD, "/", dir_flags(), Mode::empty()).map_err(open_err(&whole))?
-        } else {
-            at
-        };
-        at = walk(from, parent, &whole, &mut links)?;
+        at = walk(at, parent, &whole, &mut links)?;
         name = file;
     }
     let flags = OFlag::O_RDONLY
@@ -339,9 +315,8 @@ pub(crate) fn open_file(path: &Path, link: Link, max: u64) -> Result<(File, u64)
     open_file_at(&Dir::open(parent)?, &name, link, max)
 }
 
-/// Reads the whole regular file at `path`, by the module's rule and
-/// `link`, no more than `max` bytes (a file that grows past it while read
-/// is refused too).
+/// Reads the regular file at `path` (refused if over `max` bytes, even if
+/// it grows past while read).
 pub(crate) fn read_file(path: &Path, link: Link, max: u64) -> Result<Vec<u8>, UntrustedError> {
     let (f, len) = open_file(path, link, max)?;
     let mut data = Vec::with_capacity(len as usize);

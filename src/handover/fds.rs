@@ -1,23 +1,20 @@
 //! Descriptors over a Unix socket (`SCM_RIGHTS`), and who is at the other
 //! end (`SO_PEERCRED`).
 //!
-//! The kernel takes at most 253 descriptors in one message
-//! (`SCM_MAX_FD`), so they go in chunks of [`CHUNK`], each chunk riding on
-//! a single marker byte. The receiver reads the state message first with
-//! exact-length reads, which never reach a marker byte, then takes the
-//! chunks one byte at a time: on a stream socket the kernel never merges a
-//! message that carries descriptors with the next, and a one-byte read
-//! cannot span two. A chunk the receiver had no room for (`MSG_CTRUNC`)
-//! is an error, never a silent loss.
+//! The kernel takes at most 253 descriptors a message (`SCM_MAX_FD`), so
+//! they go in chunks of [`CHUNK`], each on one marker byte. The receiver
+//! reads the state with exact-length reads (never reaching a marker), then
+//! the chunks one byte at a time: the kernel never merges a message carrying
+//! descriptors with the next. A truncated chunk (`MSG_CTRUNC`) is an error.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{
     getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
+    UnixCredentials,
 };
 
-/// Descriptors per message: under the kernel's limit of 253.
 pub(crate) const CHUNK: usize = 250;
 const MARKER: u8 = b'F';
 
@@ -62,22 +59,21 @@ pub fn recv(sock: BorrowedFd<'_>, n: usize) -> io::Result<Vec<OwnedFd>> {
                 format!("the peer closed after {} of {n} descriptors", out.len()),
             ));
         }
-        let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-        let mut got = 0usize;
+        let before = out.len();
         for c in msg.cmsgs()? {
             if let ControlMessageOwned::ScmRights(fds) = c {
-                for fd in fds {
-                    // SAFETY: the kernel just installed this descriptor in
-                    // our table for us; nothing else owns it.
-                    out.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                    got += 1;
-                }
+                // SAFETY: the kernel just installed these descriptors in our
+                // table for us; nothing else owns them.
+                out.extend(
+                    fds.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
-        if truncated {
+        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
             return Err(io::Error::other("descriptors were cut off (MSG_CTRUNC)"));
         }
-        if got == 0 || byte[0] != MARKER {
+        if out.len() == before || byte[0] != MARKER {
             return bad("expected a chunk of descriptors".to_owned());
         }
         if out.len() > n {
@@ -88,18 +84,8 @@ pub fn recv(sock: BorrowedFd<'_>, n: usize) -> io::Result<Vec<OwnedFd>> {
 }
 
 /// The user and process at the other end of a connected Unix socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Peer {
-    pub uid: u32,
-    pub pid: i32,
-}
-
-pub fn peer(sock: &impl AsFd) -> io::Result<Peer> {
-    let cred = getsockopt(sock, sockopt::PeerCredentials)?;
-    Ok(Peer {
-        uid: cred.uid(),
-        pid: cred.pid(),
-    })
+pub fn peer(sock: &impl AsFd) -> io::Result<UnixCredentials> {
+    Ok(getsockopt(sock, sockopt::PeerCredentials)?)
 }
 
 #[cfg(test)]
@@ -130,8 +116,8 @@ mod tests {
             assert_eq!(byte[0], i as u8, "descriptor {i} is the right socket");
         }
         let me = peer(&a).unwrap();
-        assert_eq!(me.uid, nix::unistd::getuid().as_raw());
-        assert_eq!(me.pid, std::process::id() as i32);
+        assert_eq!(me.uid(), nix::unistd::getuid().as_raw());
+        assert_eq!(me.pid(), std::process::id() as i32);
     }
 
     #[test]

@@ -1,34 +1,24 @@
 //! systemd's file descriptor store: agent connections that outlive the
 //! process, through a crash or a `systemctl restart`.
 //!
-//! With `FileDescriptorStoreMax=` in its unit, systemd keeps descriptors
-//! that the service gives it and passes them to the service's next process
-//! at start. The forwarder gives it every listener, the socket janitor's
-//! pipe and every agent connection, and takes back what the previous
-//! process left: its agents never see the forwarder go, as in a hand-over,
-//! except that what the dead process had read and not yet exported is gone
-//! with it.
-//!
-//! # Protocol
-//!
-//! Over the notify socket (`$NOTIFY_SOCKET`, a datagram socket, by path
-//! as systemd gives it), one datagram per descriptor, sent by `sd-notify`:
+//! With `FileDescriptorStoreMax=`, systemd keeps what the service gives it
+//! (every listener, janitor pipe and agent connection) and passes it to the
+//! next process, whose agents never see the forwarder go; only what the
+//! dead process had read and not exported is lost. Through `sd-notify`, one
+//! datagram per descriptor on `$NOTIFY_SOCKET`:
 //!
 //! ```text
 //! FDSTORE=1\nFDNAME=<name>\n         with the descriptor (SCM_RIGHTS)
 //! FDSTOREREMOVE=1\nFDNAME=<name>\n   systemd closes its copies so named
 //! ```
 //!
-//! systemd (254 and later) says the store is on by setting `$FDSTORE` to
-//! its size; without it nothing is stored. It keeps one copy of a
-//! descriptor however often it is given (it compares the open files), so a
-//! successor giving what its predecessor gave is harmless. At the next
-//! start, `$LISTEN_FDS` descriptors from 3 on, named in `$LISTEN_FDNAMES`
-//! (colon-separated), for `$LISTEN_PID`.
+//! systemd (254+) sets `$FDSTORE` (its size) when the store is on. It keeps
+//! one copy however often a descriptor is given (it compares open files),
+//! so giving what a predecessor gave is harmless. At the next start they
+//! come as `$LISTEN_FDS` from 3 on, named in `$LISTEN_FDNAMES`.
 //!
-//! Names are made from the descriptor itself (its socket's inode), so that
-//! any process holding it (a successor after a hand-over, the next process
-//! after a restart) names it alike, and removes the right one:
+//! Names come from the descriptor itself (its socket's inode), so that any
+//! process holding it names it alike and removes the right one:
 //!
 //! ```text
 //! ktf-l-<sock-ino>                  a VSOCK listener
@@ -38,12 +28,10 @@
 //! ktf-c-<sock-ino>                  an agent connection
 //! ```
 //!
-//! A connection that ends is removed, so that systemd does not keep an
-//! agent's stream open; one that is handed over, or left at `SIGTERM`
-//! (see [`crate::shutdown::Mode::Store`]), stays. A connection taken back
-//! after a crash is read from its next whole frame on: the bytes before it,
-//! the rest of a frame the dead process had begun, are skipped and counted
-//! (`bytes_skipped`).
+//! A connection that ends is removed (systemd would keep the agent's stream
+//! open); one handed over or left at `SIGTERM` ([`crate::shutdown::Mode::Store`])
+//! stays. One taken back after a crash is read from its next whole frame;
+//! the bytes before it are skipped and counted (`bytes_skipped`).
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -61,14 +49,11 @@ pub(crate) fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
         std::env::var_os("NOTIFY_SOCKET").is_some()
-            && std::env::var("FDSTORE")
-                .ok()
-                .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|n| n > 0)
+            && std::env::var("FDSTORE").is_ok_and(|n| n.parse::<u64>().is_ok_and(|n| n > 0))
     })
 }
 
-/// The inode of the socket `fd` is: the same in every process holding it.
+/// The same in every process holding `fd`.
 fn sock_ino(fd: BorrowedFd<'_>) -> Option<u64> {
     nix::sys::stat::fstat(fd).ok().map(|st| st.st_ino)
 }
@@ -77,7 +62,6 @@ pub(crate) fn connection_name(fd: BorrowedFd<'_>) -> Option<String> {
     Some(format!("{CONNECTION}{}", sock_ino(fd)?))
 }
 
-/// A listener's name; `identity`: a Unix listener's file.
 pub(crate) fn listener_name(fd: BorrowedFd<'_>, identity: Option<(u64, u64)>) -> Option<String> {
     let ino = sock_ino(fd)?;
     Some(match identity {
@@ -90,30 +74,23 @@ pub(crate) fn janitor_name(listener: BorrowedFd<'_>) -> Option<String> {
     Some(format!("{JANITOR}{}", sock_ino(listener)?))
 }
 
-/// Has systemd close what it keeps as `name`.
-fn remove(name: &str) {
-    if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
-        tracing::warn!(name, error = %e, "could not take a descriptor out of systemd's store");
-    }
-}
-
-/// Has systemd let go of `name` (made from a descriptor that is not kept),
-/// when the store is on.
+/// Has systemd let go of `name` (of a descriptor not kept), if the store is on.
 pub(crate) fn forget(name: Option<String>) {
-    if let Some(name) = name.filter(|_| enabled()) {
-        remove(&name);
+    if let Some(name) = name.as_deref().filter(|_| enabled()) {
+        let msg = [NotifyState::FdStoreRemove, NotifyState::FdName(name)];
+        if let Err(e) = sd_notify::notify(&msg) {
+            tracing::warn!(name, error = %e, "could not take a descriptor out of systemd's store");
+        }
     }
 }
 
-/// A descriptor kept in the store while this lives: removed when it is
-/// dropped, unless [`keep`](Self::keep) says it stays (handed over, or left
-/// for the next process).
+/// A descriptor kept in the store while this lives, unless [`keep`](Self::keep)
+/// says it stays (handed over, or left for the next process).
 #[derive(Debug, Default)]
 pub(crate) struct Stored(Option<String>);
 
 impl Stored {
-    /// Stores `fd` as `name(fd)`, when the store is on (the name is not
-    /// even made otherwise).
+    /// Stores `fd` as `name(fd)`, if the store is on (else no name is made).
     fn new(fd: BorrowedFd<'_>, name: impl FnOnce() -> Option<String>) -> Stored {
         let name = enabled().then(name).flatten();
         if let Some(name) = name.as_deref() {
@@ -144,27 +121,28 @@ impl Stored {
 
 impl Drop for Stored {
     fn drop(&mut self) {
-        if let Some(name) = self.0.take() {
-            remove(&name);
-        }
+        forget(self.0.take());
     }
 }
 
 #[derive(Debug)]
 pub(crate) enum Left {
-    /// A listener, as a hand-over passes it (a Unix one with its janitor's
-    /// pipe, if that was stored too).
+    /// As a hand-over passes it (a Unix one with its stored janitor pipe).
     Listener(super::TakenListener),
-    /// An agent connection to the Unix listener at `path`.
-    UnixConnection { fd: OwnedFd, path: PathBuf },
-    /// An agent connection from guest `cid` to VSOCK port `port`.
-    VsockConnection { fd: OwnedFd, cid: u32, port: u32 },
+    UnixConnection {
+        fd: OwnedFd,
+        path: PathBuf,
+    },
+    VsockConnection {
+        fd: OwnedFd,
+        cid: u32,
+        port: u32,
+    },
 }
 
-/// Takes back what the previous process left in the store: the
-/// descriptors systemd passed to this one (`$LISTEN_FDS`, for this pid)
-/// with our names. Others, and ours that are no longer what their name
-/// says, are closed and logged. Call once, at start.
+/// Takes back what the previous process left in the store (`$LISTEN_FDS`)
+/// under our names. Others, and ours no longer what their name says, are
+/// closed and logged. Call once, at start.
 pub(crate) fn take_back() -> Vec<Left> {
     let passed = sd_notify::listen_fds_with_names()
         .inspect_err(|e| tracing::warn!(error = %e, "reading the descriptors systemd passed"))
@@ -220,15 +198,13 @@ pub(crate) fn take_back() -> Vec<Left> {
 }
 
 fn take_listener(fd: OwnedFd, name: &str) -> Option<(String, super::TakenListener)> {
-    let rest = name.strip_prefix(LISTENER)?;
-    let mut parts = rest.split('-');
+    let mut parts = name.strip_prefix(LISTENER)?.split('-');
     let ino = parts.next()?.to_owned();
     let identity = match (parts.next(), parts.next()) {
         (Some(dev), Some(file)) => Some((dev.parse().ok()?, file.parse().ok()?)),
         _ => None,
     };
-    let here = sock_ino(std::os::fd::AsFd::as_fd(&fd))?;
-    if here.to_string() != ino {
+    if sock_ino(std::os::fd::AsFd::as_fd(&fd))?.to_string() != ino {
         return None;
     }
     let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;

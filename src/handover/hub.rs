@@ -1,16 +1,11 @@
-//! Pausing every listener and connection of this process at once, so that
-//! their sockets can be handed to a successor, and resuming them if it
-//! does not take them.
+//! Pausing every listener and connection at once for a hand-over, and
+//! resuming them if the successor does not take them.
 //!
-//! Each serving task is a [`Member`] (through its lifeline). A paused
-//! member stops where its state is whole (an accept loop between accepts, a
-//! connection between reads, its partial frame in hand), reports a
-//! [`Piece`] (a duplicate of its descriptor and what the successor needs to
-//! know) and waits for the outcome without touching its socket. Once every
-//! member has reported, the hand-over takes the pieces and settles:
-//! committed (the members let go without closing the agent's stream or
-//! removing a file) or resumed. Members are never torn down and rebuilt,
-//! so a refused hand-over costs nothing but the pause.
+//! Each serving task is a [`Member`] (through its lifeline). Paused where
+//! its state is whole (between accepts, between reads), it reports a
+//! [`Piece`] (its descriptor duplicated, and what the successor must know)
+//! and waits for the outcome without touching its socket. Members are never
+//! torn down and rebuilt: a refused hand-over costs only the pause.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -23,19 +18,16 @@ use super::wire::{ConnState, ListenerKind};
 
 pub(crate) struct Piece {
     pub what: PieceKind,
-    /// A duplicate of the member's socket.
     pub fd: OwnedFd,
 }
 
 pub(crate) enum PieceKind {
     Listener {
         kind: ListenerKind,
-        /// The janitor's pipe, duplicated, when the listener has one.
         janitor: Option<OwnedFd>,
     },
     Connection {
-        /// The member id of the accept loop that accepted it (the state's
-        /// `listener` index is set once every listener is numbered).
+        /// The accepting loop's member id (`state.listener` is set later).
         listener: u64,
         state: ConnState,
     },
@@ -48,17 +40,15 @@ enum Phase {
     Settled { round: u64, committed: bool },
 }
 
-/// How a pause ended for one member: what its task does after
-/// (`lifeline::After`).
+/// How a pause ended for one member (`lifeline::After`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
     /// No hand-over: carry on as before.
     Resume,
-    /// The hand-over went ahead without this task (it joined after the
-    /// pieces were taken): end as at an ordinary shutdown.
+    /// The hand-over went ahead without this task (it joined late): drain.
     Drain,
-    /// A successor holds this task's socket now: end without another read,
-    /// closing nothing the successor uses and removing nothing.
+    /// A successor holds this task's socket: end without another read,
+    /// closing or removing nothing.
     Leave,
 }
 
@@ -66,9 +56,8 @@ enum Slot {
     Running,
     /// `None`: it could not make its piece (out of descriptors).
     Reported(u64, Option<Piece>),
-    /// Paused, with no socket of its own to hand over (a template's
-    /// watcher, the `--kata-host` planner: what they make, sockets, are
-    /// members of their own).
+    /// Paused, with no socket of its own (a template's watcher, the
+    /// `--kata-host` planner: the sockets they make are members).
     Quiet(u64),
     Taken(u64),
 }
@@ -116,9 +105,8 @@ impl Hub {
         }
     }
 
-    /// Asks every member to pause and waits until all have reported, for
-    /// `timeout` at most. Returns the pieces by member id, now taken; on
-    /// timeout, `None` (settle with `committed = false`).
+    /// Asks every member to pause; the pieces by member id once all have
+    /// reported, or `None` after `timeout` (then settle uncommitted).
     pub(crate) async fn pause(&self, timeout: Duration) -> Option<Vec<(u64, Piece)>> {
         let round = match *self.phase.borrow() {
             Phase::Serving => 1,
@@ -204,7 +192,6 @@ impl Member {
         self.id
     }
 
-    /// The round to report in, if a pause is asked of this member now.
     fn due(&self) -> Option<u64> {
         match *self.phase.borrow() {
             Phase::Pausing { round } if self.reported != Some(round) => Some(round),
@@ -216,22 +203,17 @@ impl Member {
         self.due().is_some()
     }
 
-    /// Whether it reported and has not yet learnt the outcome: until it has,
-    /// its socket is not its own to use.
+    /// Reported and not yet learnt the outcome: its socket is not its own.
     pub(crate) fn awaiting_outcome(&self) -> bool {
         self.reported.is_some() && self.reported != self.learnt
     }
 
-    /// Resolves once a pause is asked of this member.
     pub(crate) async fn pause_asked(&mut self) {
-        loop {
-            if self.pause_due() {
-                return;
-            }
-            if self.phase.changed().await.is_err() {
-                // The hub is gone with the process: never.
-                std::future::pending::<()>().await;
-            }
+        let reported = self.reported;
+        let due = |p: &Phase| matches!(*p, Phase::Pausing { round } if reported != Some(round));
+        if self.phase.wait_for(due).await.is_err() {
+            // The hub is gone with the process: never.
+            std::future::pending::<()>().await;
         }
     }
 
@@ -250,7 +232,6 @@ impl Member {
         self.hub.changed.notify_waiters();
     }
 
-    /// After [`report`](Self::report): waits for the hand-over's outcome.
     pub(crate) async fn outcome(&mut self) -> Outcome {
         let Some(round) = self.reported else {
             return Outcome::Resume;

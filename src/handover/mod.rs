@@ -1,28 +1,17 @@
 //! Handing live agent connections to the next forwarder process.
 //!
-//! The Kata agent connects once and never dials again after a failed write,
-//! so a forwarder that closes a connection ends that sandbox's tracing for
-//! the life of its VM. A restart or upgrade therefore hands everything over
-//! instead: the listening sockets, every live agent connection, and for
-//! each connection what the reader knows (the format found, the bytes of a
-//! frame not yet whole). The successor serves them through the same code
-//! as connections it accepted itself, and the agents never notice.
+//! The Kata agent never dials again after a failed write, so closing its
+//! connection ends that sandbox's tracing for the VM's life. A restart or
+//! upgrade hands over instead: the listening sockets, every live connection
+//! and what its reader knows (the format, the bytes of a frame not yet whole).
 //!
-//! The forwarder listens on a hand-off socket (`--handoff-socket`). A new
-//! forwarder started with the same path connects to it before binding
-//! anything ([`take_over`]). The old one checks who it is (`SO_PEERCRED`:
-//! root, or the successor it started itself, by pid; see [`server`]),
-//! pauses every listener and connection between two reads ([`hub`]), and
-//! sends the state ([`wire`]) and the descriptors ([`fds`]). Only when the
-//! successor acknowledges does the old one let go: its connections stop
-//! without another read, its sockets stay in place (the janitor's pipe goes
-//! along), and it exits once what it had read is flushed. Spans read before
-//! the pause are the old process's to export, bytes read after it the new
-//! one's: none is lost or sent twice. Without an acknowledgement the old
-//! process resumes where it paused. `SIGHUP` upgrades through such a
-//! successor ([`server`]).
-//!
-//! The exchange on the hand-off socket:
+//! A new forwarder started with the same `--handoff-socket` connects before
+//! binding anything ([`take_over`]). The old one checks the peer ([`server`]),
+//! pauses every listener and connection between two reads ([`hub`]), sends
+//! the state ([`wire`]) and the descriptors ([`fds`]), and lets go only on
+//! the ack: it reads nothing more, leaves its sockets in place and exits once
+//! flushed (spans read before the pause are its own to export). Without an
+//! ack it resumes where it paused.
 //!
 //! ```text
 //! new -> old   "KTFTAKE1"                      (8 bytes)
@@ -31,8 +20,8 @@
 //! new -> old   'A' once it holds everything and will serve it
 //! ```
 //!
-//! `kata-trace-forwarder status` asks on the same socket, under the same
-//! peer check, with "KTFSTAT1" instead, and nothing pauses ([`crate::status`]).
+//! `status` asks on the same socket, under the same peer check, with
+//! "KTFSTAT1"; nothing pauses ([`crate::status`]).
 
 pub mod fds;
 pub(crate) mod fdstore;
@@ -51,7 +40,6 @@ use crate::addr::Peer;
 use crate::janitor::Janitor;
 use crate::wire::WireFormat;
 use hub::{Piece, PieceKind};
-use wire::Format;
 
 pub use server::{Reexec, Upgrade};
 pub(crate) use takeover::*;
@@ -108,15 +96,14 @@ pub(crate) struct Resume {
     pub format: Option<WireFormat>,
     pub spans: u64,
     pub decode_errors: u64,
-    /// Nothing is known of where the stream is (taken back from systemd's
-    /// store after a crash): read from the next whole frame.
+    /// Taken back from systemd's store after a crash: read from the next
+    /// whole frame.
     pub lost: bool,
 }
 
 impl Resume {
-    /// A paused connection's piece: its socket duplicated, and what its
-    /// reader knows (`self`). Duplicating can fail (out of descriptors); the
-    /// piece then carries nothing and the hand-over is refused as a whole.
+    /// A paused connection's piece: its socket duplicated, and `self`. If
+    /// duplicating fails (out of descriptors), none: the hand-over is refused.
     pub(crate) fn piece(self, stream: &impl AsFd, peer: Peer, listener: u64) -> Option<Piece> {
         let fd = stream
             .as_fd()
@@ -134,7 +121,7 @@ impl Resume {
                         Peer::Vsock { cid } => Some(cid),
                         Peer::Unix => None,
                     },
-                    format: self.format.map(Format::from),
+                    format: self.format,
                     partial: self.partial,
                     spans: self.spans,
                     decode_errors: self.decode_errors,
@@ -145,44 +132,21 @@ impl Resume {
     }
 }
 
-impl From<WireFormat> for Format {
-    fn from(f: WireFormat) -> Format {
-        match f {
-            WireFormat::Json => Format::Json,
-            WireFormat::Bincode => Format::Bincode,
-        }
-    }
-}
-
-impl From<Format> for WireFormat {
-    fn from(f: Format) -> WireFormat {
-        match f {
-            Format::Json => WireFormat::Json,
-            Format::Bincode => WireFormat::Bincode,
-        }
-    }
-}
-
-/// The hand-off socket, bound here or handed over.
 pub(crate) struct HandoffListener {
     listener: tokio::net::UnixListener,
     path: PathBuf,
     identity: (u64, u64),
-    /// Whether the socket file is ours to remove when dropped: cleared once
-    /// it belongs to a successor, and set on one handed over only once the
-    /// hand-over is ours ([`HandoffListener::own`]).
+    /// Ours to remove when dropped: not once a successor's, nor, handed
+    /// over, until the hand-over is ours ([`HandoffListener::own`]).
     remove: bool,
-    /// Started as root: the janitor that removes the socket once the last
-    /// forwarder is gone, as the forwarder, no longer root, cannot in a
-    /// directory of root's.
+    /// Started as root: removes the socket, which we no longer can.
     janitor: Option<Janitor>,
 }
 
 impl HandoffListener {
     /// Binds `path` (its directory made if missing), replacing a stale
-    /// socket. Only the owner may connect (mode 0600); started as root, the
-    /// owner is `user`, whom the forwarder becomes and whose successor,
-    /// started by `SIGHUP`, must be able to connect.
+    /// socket. Mode 0600, owned by `user` when started as root: the user we
+    /// become, whose `SIGHUP` successor must connect.
     pub(crate) fn bind(path: &Path, user: Option<&str>) -> Result<HandoffListener, HandOverError> {
         let err = |source| HandOverError::BindHandoff {
             path: path.to_owned(),
@@ -224,26 +188,22 @@ impl HandoffListener {
             nix::unistd::chown(path, Some(u.uid), Some(u.gid)).map_err(|e| err(e.into()))?;
         }
         let md = std::fs::symlink_metadata(path).map_err(err)?;
+        let identity = (md.dev(), md.ino());
         std.set_nonblocking(true).map_err(err)?;
         let listener = tokio::net::UnixListener::from_std(std).map_err(err)?;
-        // Root now, `user` later: without root the socket cannot be removed
-        // from a directory of root's, so a janitor started now does it.
-        let janitor = match user.is_some() && nix::unistd::getuid().is_root() {
-            true => Some(Janitor::spawn(path, (md.dev(), md.ino())).map_err(err)?),
-            false => None,
-        };
+        let root = user.is_some() && nix::unistd::getuid().is_root();
+        let janitor = root.then(|| Janitor::spawn(path, identity)).transpose();
         Ok(HandoffListener {
             listener,
             path: path.to_owned(),
-            identity: (md.dev(), md.ino()),
+            identity,
             remove: true,
-            janitor,
+            janitor: janitor.map_err(err)?,
         })
     }
 
-    /// A hand-off socket a predecessor handed over. Not ours to remove
-    /// until the hand-over is ([`own`](Self::own)): a takeover that fails
-    /// after this leaves the predecessor's socket in place.
+    /// A predecessor's hand-off socket: not ours to remove until
+    /// [`own`](Self::own), so a failed takeover leaves it in place.
     fn adopt(
         fd: OwnedFd,
         path: PathBuf,
@@ -264,7 +224,6 @@ impl HandoffListener {
         })
     }
 
-    /// The hand-over is acknowledged: the socket is ours to remove at exit.
     pub(crate) fn own(&mut self) {
         self.remove = true;
     }
@@ -273,12 +232,10 @@ impl HandoffListener {
 impl Drop for HandoffListener {
     fn drop(&mut self) {
         if !self.remove {
-            // The successor's now (or still the predecessor's): the janitor's
-            // pipe is closed without a word (dropped), and it waits on the others.
+            // The janitor's pipe closes unsaid; it waits on the other holders.
             return;
         }
         if let Some(j) = self.janitor.take() {
-            // It removes the socket if it is still the very file bound.
             j.remove_now(Duration::from_secs(2));
             return;
         }

@@ -4,24 +4,20 @@
 //! (Over 500 lines: whom it answers, the exchange, and the upgrade that
 //! ends in `exec` are one hand-over seen from the old process.)
 //!
-//! A successor is checked first, by `SO_PEERCRED`, before it may even ask
-//! ([`Server::trusts`]). Never by uid alone: the forwarder's user (`nobody`)
-//! is shared with other services, and any of them could otherwise take
-//! every agent. Anyone else is refused and logged, and nothing pauses. The
-//! exchange is the parent module's. Each step has a short deadline, and
-//! after a hand-over that paused and failed the next one waits, longer each
-//! time: not even a trusted peer can pause the agents over and over.
+//! A successor is checked by `SO_PEERCRED` before it may even ask
+//! ([`Server::trusts`]), never by uid alone: the forwarder's user (`nobody`)
+//! is shared with other services. Anyone else is refused and logged, and
+//! nothing pauses. Each step has a short deadline, and after a failed
+//! hand-over the next waits, longer each time: not even a trusted peer can
+//! pause the agents over and over.
 //!
-//! `SIGHUP` starts the binary at the path this forwarder was started from
-//! (taken at startup: `/proc/self/exe` would name the old, replaced file),
-//! with the same arguments and environment, as a child that takes over
-//! through the hand-off socket. Until it has, this process serves on; if it
-//! cannot start, exits, or never asks, that is logged and nothing else
-//! changes. Once it has, that child is only a bridge: this process flushes
-//! what it had read and then executes the same binary itself ([`Reexec`]),
-//! which takes everything back from the bridge, so that the service keeps
-//! its PID; the bridge then exits. Should that `exec` fail, the bridge
-//! serves on as the service's process (`MAINPID=` says so).
+//! `SIGHUP` starts the binary at the path we were started from (taken at
+//! startup: `/proc/self/exe` would name the replaced file), with the same
+//! arguments and environment, as a child that takes over; until it has,
+//! we serve on, and its failure is only logged. That child is a bridge: we
+//! flush, then execute the binary ourselves ([`Reexec`]) to take everything
+//! back, so the service keeps its PID. Should that `exec` fail, the bridge
+//! serves on as the service's process (`MAINPID=`).
 
 use std::ffi::{CString, OsString};
 use std::io::{self, Read, Write};
@@ -37,48 +33,43 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::Signal;
 use tokio::time::Instant;
 
+use nix::sys::socket::UnixCredentials;
+
 use super::hub::{Hub, Piece, PieceKind};
 use super::wire::{self, ListenerKind, ListenerState, State};
 use super::{fds, HandOverError, HandoffListener, ACK, MAX_REASON, REFUSED, REQUEST, STATE};
 use crate::janitor::Janitor;
 
-/// Longest every listener and connection may take to pause.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest an upgraded binary may take to ask for the hand-over.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest a trusted peer may take to ask, once connected (nothing is
-/// paused yet, but no other successor is answered meanwhile).
+/// Longest a trusted peer may take to ask (no other is answered meanwhile).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
-/// Longest the agents stay paused waiting for the successor to take the
-/// state and acknowledge it (it binds and registers everything first).
+/// Longest the agents stay paused for the successor's ack.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// After a hand-over that paused and failed, the next waits this long,
-/// doubled after each further failure up to [`MAX_BACKOFF`].
+/// After a failed hand-over the next waits this long, doubled after each
+/// further failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Starts the upgraded binary, and replaces this process by it, from the
-/// thread that holds a privilege to pass on (template mode's sandbox thread
-/// keeps CAP_DAC_OVERRIDE): the listeners know which, the hand-over need not.
+/// thread holding a privilege to pass on (template mode's CAP_DAC_OVERRIDE).
 pub(crate) trait Launcher: Send + Sync {
     fn spawn(&self, cmd: Command) -> BoxFuture<'_, io::Result<Child>>;
-    /// Replaces the process by running `exec` (an `execve`), which returns
-    /// only if that failed. Blocking: call outside the async runtime.
+    /// Runs `exec` (an `execve`, returning only on failure). Blocking.
     fn exec(&self, exec: Box<dyn FnOnce() -> io::Error + Send>) -> io::Error;
 }
 
 pub(crate) const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
 pub(crate) const BRIDGE_ENV: &str = "KATA_TRACE_FORWARDER_BRIDGE";
 
-/// Started by `SIGHUP` ([`TAKE_OVER_ENV`]): take over from the forwarder at
-/// the hand-off socket rather than bind, even at the default path.
+/// Started by `SIGHUP`: take over rather than bind, even at the default path.
 pub(crate) fn started_to_take_over() -> bool {
     is_set(TAKE_OVER_ENV)
 }
 
-/// Started by `SIGHUP` as the bridge of an upgrade ([`BRIDGE_ENV`]): it
-/// serves until its parent, re-executed, takes everything back, and does
-/// not tell systemd it is the service's process.
+/// Started by `SIGHUP` as an upgrade's bridge: it serves until its parent,
+/// re-executed, takes everything back, and is not the service's process.
 pub(crate) fn started_as_bridge() -> bool {
     is_set(BRIDGE_ENV)
 }
@@ -88,40 +79,32 @@ fn is_set(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
 }
 
-/// How to start a successor on `SIGHUP`.
 #[derive(Debug, Clone)]
 pub struct Upgrade {
-    /// The binary's path as started (resolved then).
     pub exe: PathBuf,
     pub args: Vec<OsString>,
 }
 
 pub(crate) struct Committed {
     pub successor_pid: i32,
-    /// The successor is the bridge this process started on `SIGHUP`: this
-    /// process is to execute the upgraded binary once it has flushed.
+    /// The successor is our `SIGHUP` bridge: execute the binary once flushed.
     pub reexec: Option<Reexec>,
 }
 
-/// Answers successors on the hand-off socket.
 pub(crate) struct Server {
     listener: HandoffListener,
     hub: Arc<Hub>,
     upgrade: Option<(Upgrade, Signal)>,
     launcher: Arc<dyn Launcher>,
-    /// In a bridge: the pid of the parent that started it (see
-    /// [`Server::trusts`]).
+    /// In a bridge: the parent that started it.
     parent: Option<i32>,
-    /// The upgraded binary started on `SIGHUP`, until it takes over or
-    /// fails; killed if this server goes first (the forwarder stops).
+    /// The `SIGHUP` child, until it takes over or fails; killed on drop.
     child: Option<(Child, Instant)>,
     /// Whether an upgrade is under way, for a stop to wait on.
     upgrading: tokio::sync::watch::Sender<bool>,
-    /// Hand-overs that paused and failed in a row, and until when the next
-    /// one is refused.
+    /// Failed hand-overs in a row, and until when the next is refused.
     failures: u32,
     backoff_until: Option<Instant>,
-    /// Answers `status` requests, once the forwarder serves.
     status: Option<Arc<crate::status::Board>>,
 }
 
@@ -155,19 +138,16 @@ impl Server {
         self.upgrading.subscribe()
     }
 
-    /// Whether `peer` may take everything this process serves: root (only
-    /// an administrator starts a takeover as root), the bridge this process
-    /// started on `SIGHUP`, or, in a bridge, its parent, which is to take
-    /// everything back. The last two by pid: the bridge is our child (its
-    /// pid cannot be reused until we reap it), and a parent's pid only
-    /// while it is still our parent (once it died, we are re-parented).
-    fn trusts(&self, peer: fds::Peer) -> bool {
-        peer.uid == 0
-            || self.bridge() == Some(peer.pid)
-            || (self.parent == Some(peer.pid) && nix::unistd::getppid().as_raw() == peer.pid)
+    /// Whether `peer` may take everything: root (an administrator), our
+    /// `SIGHUP` bridge, or, in a bridge, its parent taking back. The last two
+    /// by pid: a child's pid is not reused until we reap it, and a parent's
+    /// counts only while it is still our parent (else we were re-parented).
+    fn trusts(&self, peer: UnixCredentials) -> bool {
+        peer.uid() == 0
+            || self.bridge() == Some(peer.pid())
+            || (self.parent == Some(peer.pid()) && nix::unistd::getppid().as_raw() == peer.pid())
     }
 
-    /// The pid of the child started on `SIGHUP`, if one is under way.
     fn bridge(&self) -> Option<i32> {
         self.child.as_ref().map(|(c, _)| c.id() as i32)
     }
@@ -182,7 +162,7 @@ impl Server {
     }
 
     /// Serves successors, and upgrades on `SIGHUP`, until a hand-over
-    /// commits. The hand-off socket then belongs to the successor.
+    /// commits (the hand-off socket is then the successor's).
     pub(crate) async fn run(&mut self) -> Committed {
         loop {
             tokio::select! {
@@ -241,7 +221,6 @@ impl Server {
         }
     }
 
-    /// Starts the upgraded binary, or logs why it cannot.
     async fn start_upgrade(&self) -> Option<Child> {
         let (up, _) = self.upgrade.as_ref()?;
         match NotifyState::monotonic_usec_now() {
@@ -261,7 +240,6 @@ impl Server {
         started.ok()
     }
 
-    /// One successor: checked, then handed everything, or refused.
     async fn answer(&mut self, stream: tokio::net::UnixStream) -> Option<Committed> {
         let bridge = self.bridge();
         let peer = fds::peer(&stream)
@@ -269,18 +247,18 @@ impl Server {
                 |e| tracing::warn!(error = %e, "hand-off socket: reading the peer's credentials"),
             )
             .ok()?;
-        // Before anything is read from it or paused for it.
+        let pid = peer.pid();
         if !self.trusts(peer) {
             tracing::warn!(
-                uid = peer.uid,
-                pid = peer.pid,
+                uid = peer.uid(),
+                pid,
                 bridge,
                 parent = self.parent,
                 "hand-off socket: refused a takeover by a process that is neither root nor the successor we started"
             );
             return None;
         }
-        let mut stream = stream
+        let stream = stream
             .into_std()
             .and_then(|s| {
                 s.set_nonblocking(false)?;
@@ -292,62 +270,52 @@ impl Server {
                 |e| tracing::warn!(error = %e, "hand-off socket: preparing the connection"),
             )
             .ok()?;
-        // Blocking reads and writes, off the runtime: the exchange is short,
-        // and agents are paused meanwhile anyway.
-        let (res, s) = blocking(stream, |s| {
+        // Blocking, off the runtime: short, and the agents are paused anyway.
+        let res = blocking(stream, |s| {
             let mut req = [0u8; REQUEST.len()];
             s.read_exact(&mut req)?;
             Ok(req)
         })
         .await;
-        stream = s?;
-        match res {
-            Ok(REQUEST) => {}
-            // Read-only, answered aside: nothing pauses, and the next
-            // successor or client is not kept waiting.
-            Ok(crate::status::REQUEST) => {
+        let stream = match res {
+            Ok((REQUEST, stream)) => stream,
+            // Answered aside: nothing pauses, and nobody next is kept waiting.
+            Ok((crate::status::REQUEST, stream)) => {
                 if let Some(board) = &self.status {
-                    board.answer(stream, self.listener.path.clone(), peer.pid);
+                    board.answer(stream, self.listener.path.clone(), pid);
                 }
                 return None;
             }
             Ok(_) => {
-                tracing::warn!(
-                    pid = peer.pid,
-                    "hand-off socket: not a forwarder's request; closed"
-                );
+                tracing::warn!(pid, "hand-off socket: not a forwarder's request; closed");
                 return None;
             }
-            // A forwarder that found this socket live, and so did not
-            // replace it, closes without asking: nothing to say.
+            // A forwarder that found this socket live closes without asking.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                tracing::debug!(pid = peer.pid, "hand-off socket: closed without a request");
+                tracing::debug!(pid, "hand-off socket: closed without a request");
                 return None;
             }
             Err(e) => {
-                tracing::warn!(pid = peer.pid, error = %e, "hand-off socket: reading the request");
+                tracing::warn!(pid, error = %e, "hand-off socket: reading the request");
                 return None;
             }
-        }
+        };
         if let Some(until) = self.backoff_until.filter(|u| *u > Instant::now()) {
             let wait = until - Instant::now();
-            tracing::warn!(pid = peer.pid, failures = self.failures, retry_in = ?wait, "hand-off socket: refused a takeover: backing off after failed hand-overs");
+            tracing::warn!(pid, failures = self.failures, retry_in = ?wait, "hand-off socket: refused a takeover: backing off after failed hand-overs");
             let why = format!(
                 "{} hand-overs failed in a row; retry in {wait:?}",
                 self.failures
             );
-            let _ = refuse(stream, why).await;
+            refuse(stream, why).await;
             return None;
         }
         let _ = stream.set_read_timeout(Some(ACK_TIMEOUT));
-        tracing::info!(
-            pid = peer.pid,
-            "handing over to a successor: pausing every connection"
-        );
+        tracing::info!(pid, "handing over to a successor: pausing every connection");
         let started = Instant::now();
         let Some(pieces) = self.hub.pause(PAUSE_TIMEOUT).await else {
             self.hub.settle(false);
-            let _ = refuse(stream, "the connections did not pause in time".into()).await;
+            refuse(stream, "the connections did not pause in time".into()).await;
             return None;
         };
         let (state, owned) = match self.state(pieces) {
@@ -355,12 +323,12 @@ impl Server {
             Err(e) => {
                 self.hub.settle(false);
                 tracing::error!(error = %e, "hand-over: building the state; resuming");
-                let _ = refuse(stream, e.to_string()).await;
+                refuse(stream, e.to_string()).await;
                 return None;
             }
         };
         let (listeners, connections) = (state.listeners.len(), state.connections.len());
-        let (res, _) = blocking(stream, move |s| {
+        let res = blocking(stream, move |s| {
             let msg = wire::encode(&state).map_err(io::Error::other)?;
             s.write_all(&[STATE])?;
             s.write_all(&msg)?;
@@ -370,33 +338,33 @@ impl Server {
             s.read_exact(&mut ack)?;
             Ok(ack[0] == ACK)
         })
-        .await;
+        .await
+        .map(|(acked, _)| acked);
         match res {
             Ok(true) => {
                 self.hub.settle(true);
                 self.failures = 0;
                 self.backoff_until = None;
                 tracing::info!(
-                    successor = peer.pid,
+                    successor = pid,
                     listeners,
                     connections,
                     paused_for = ?started.elapsed(),
                     "handed over: every listener and connection is the successor's"
                 );
-                // A bridge is not the service's process: this one, re-executed,
-                // will be again.
-                let reexec = self.upgrade.as_ref().filter(|_| bridge == Some(peer.pid));
+                // A bridge is not the service's process: we, re-executed, are.
+                let reexec = self.upgrade.as_ref().filter(|_| bridge == Some(pid));
                 let reexec = reexec.map(|(upgrade, _)| Reexec {
                     upgrade: upgrade.clone(),
-                    bridge_pid: peer.pid,
+                    bridge_pid: pid,
                     launcher: Arc::clone(&self.launcher),
                     stop: false,
                 });
                 if reexec.is_none() {
-                    notify(&[NotifyState::MainPid(peer.pid as u32)]);
+                    notify(&[NotifyState::MainPid(pid as u32)]);
                 }
                 Some(Committed {
-                    successor_pid: peer.pid,
+                    successor_pid: pid,
                     reexec,
                 })
             }
@@ -409,7 +377,7 @@ impl Server {
                 self.backoff_until = Some(Instant::now() + backoff);
                 let why = res.err().map(|e| e.to_string());
                 tracing::error!(
-                    successor = peer.pid,
+                    successor = pid,
                     error = why.as_deref().unwrap_or("no acknowledgement"),
                     "hand-over failed: the successor did not take it; resuming"
                 );
@@ -418,9 +386,9 @@ impl Server {
         }
     }
 
-    /// The state and descriptors for `pieces`: the hand-off socket first,
-    /// then every listener (and janitor), then every connection.
-    fn state(&self, pieces: Vec<(u64, Piece)>) -> Result<(State, Vec<OwnedFd>), HandOverError> {
+    /// The state and descriptors: the hand-off socket, every listener (and
+    /// janitor), then every connection.
+    fn state(&self, mut pieces: Vec<(u64, Piece)>) -> Result<(State, Vec<OwnedFd>), HandOverError> {
         let dup = |fd: BorrowedFd<'_>, what: &str| {
             fd.try_clone_to_owned().map_err(|e| {
                 HandOverError::EncodeState(format!("duplicating the hand-off {what}: {e}"))
@@ -439,11 +407,8 @@ impl Server {
         let mut fds: Vec<OwnedFd> = [handoff].into_iter().chain(janitor).collect();
         let mut connections = Vec::new();
         let mut index = std::collections::HashMap::new();
-        // Every listener before any connection, as the descriptors go.
-        let (ls, cs): (Vec<_>, Vec<_>) = pieces
-            .into_iter()
-            .partition(|(_, p)| matches!(p.what, PieceKind::Listener { .. }));
-        for (id, piece) in ls.into_iter().chain(cs) {
+        pieces.sort_by_key(|(_, p)| matches!(p.what, PieceKind::Connection { .. }));
+        for (id, piece) in pieces {
             match piece.what {
                 PieceKind::Listener { kind, janitor } => {
                     index.insert(id, listeners.len() as u32);
@@ -479,9 +444,8 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // An upgrade under way as the forwarder goes (it stops only once an
-        // upgrade is settled; this is what is left on an error): the new
-        // binary has taken nothing yet, and must not serve on alone.
+        // Left over on an error (a stop waits for an upgrade to settle): the
+        // new binary has taken nothing, and must not serve on alone.
         if let Some((mut c, _)) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -489,30 +453,26 @@ impl Drop for Server {
     }
 }
 
-/// What is left of an upgrade by `SIGHUP` once the bridge serves: this
-/// process becoming the upgraded binary (same PID), which takes everything
-/// back from the bridge.
+/// The rest of a `SIGHUP` upgrade once the bridge serves: this process
+/// becoming the upgraded binary (same PID), which takes everything back.
 pub struct Reexec {
     pub(crate) upgrade: Upgrade,
     pub(crate) bridge_pid: i32,
     pub(crate) launcher: Arc<dyn Launcher>,
-    /// A stop was asked during the upgrade: the upgraded binary is to stop
-    /// once it has taken everything back (it finds `SIGTERM` pending).
+    /// A stop was asked during the upgrade: the new binary finds `SIGTERM`
+    /// pending and stops once it has taken everything back.
     pub stop: bool,
 }
 
 impl Reexec {
-    /// Replaces this process with the upgraded binary; returns only if
-    /// that failed. Call once everything read is flushed, outside the
-    /// async runtime, with the stop and upgrade signals held (see
-    /// [`crate::shutdown::SignalGate`]): they stay pending across `exec`
-    /// until the new binary handles them. Hence `execve` itself, and not
-    /// `Command::exec`, which unblocks every signal just before it.
+    /// Replaces this process with the upgraded binary; returns only on
+    /// failure. Call once flushed, off the runtime, with the stop and upgrade
+    /// signals held ([`crate::shutdown::SignalGate`]) so they stay pending
+    /// across `exec`: hence `execve`, not `Command::exec`, which unblocks all.
     pub fn exec(&self) -> io::Error {
         tracing::info!(exe = %self.upgrade.exe.display(), bridge = self.bridge_pid, stop = self.stop, "upgrade: becoming the new binary, which takes over from the bridge");
         if self.stop {
-            // Process-directed, and blocked everywhere: pending until the
-            // new binary's handler is in place.
+            // Blocked everywhere: pending until the new binary handles it.
             let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::SIGTERM);
         }
         let (path, argv, env) = match self.execve_args() {
@@ -524,8 +484,7 @@ impl Reexec {
         }))
     }
 
-    /// The path, arguments and environment to execute: ours, as a
-    /// successor that takes over, not a bridge.
+    /// Our path, arguments and environment, as a successor, not a bridge.
     fn execve_args(&self) -> io::Result<(CString, Vec<CString>, Vec<CString>)> {
         use std::os::unix::ffi::OsStrExt;
         let c =
@@ -544,8 +503,7 @@ impl Reexec {
         ))
     }
 
-    /// After a failed [`exec`](Self::exec): the bridge is the service's
-    /// process from now on.
+    /// After a failed [`exec`](Self::exec): the bridge is the service's process.
     pub fn give_way(self) {
         tracing::error!(
             bridge = self.bridge_pid,
@@ -558,32 +516,27 @@ impl Reexec {
     }
 }
 
-/// Runs `f` on the blocking pool with the stream, and gives it back.
 async fn blocking<T: Send + 'static>(
     mut stream: StdUnixStream,
     f: impl FnOnce(&mut StdUnixStream) -> io::Result<T> + Send + 'static,
-) -> (io::Result<T>, Option<StdUnixStream>) {
-    let done = tokio::task::spawn_blocking(move || (f(&mut stream), stream)).await;
-    done.map_or_else(|e| (Err(io::Error::other(e)), None), |(r, s)| (r, Some(s)))
+) -> io::Result<(T, StdUnixStream)> {
+    let done = tokio::task::spawn_blocking(move || f(&mut stream).map(|r| (r, stream)));
+    done.await.map_err(io::Error::other)?
 }
 
-async fn refuse(stream: StdUnixStream, why: String) -> io::Result<()> {
-    blocking(stream, move |s| {
+async fn refuse(stream: StdUnixStream, why: String) {
+    let _ = blocking(stream, move |s| {
         let why = why.as_bytes();
         let why = why.get(..why.len().min(MAX_REASON)).unwrap_or_default();
         s.write_all(&[REFUSED])?;
         s.write_all(&(why.len() as u32).to_be_bytes())?;
         s.write_all(why)
     })
-    .await
-    .0
+    .await;
 }
 
 /// Tells systemd, when it supervises us (`Type=notify`); a no-op otherwise.
 pub(crate) fn notify(state: &[NotifyState<'_>]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return;
-    }
     if let Err(e) = sd_notify::notify(state) {
         tracing::debug!(error = %e, "sd_notify");
     }

@@ -1,12 +1,12 @@
-//! The successor's side of a hand-over: connect to the hand-off socket,
-//! check who made it, receive the state and the descriptors, check every
-//! one against what it claims to be, and acknowledge once they are served
-//! (the exchange is in the parent module's note).
+//! The successor's side of a hand-over: connect, check who made the socket,
+//! receive and check the state and descriptors, ack once they are served.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
+
+use nix::sys::socket::UnixCredentials;
 
 use super::wire::{ListenerKind, State};
 use super::*;
@@ -33,16 +33,14 @@ pub(crate) enum TakenListener {
     },
 }
 
-/// One handed-over connection: its socket, the index of its listener among
-/// [`Taken::listeners`], and its reading state.
 pub(crate) struct TakenConn {
     pub fd: OwnedFd,
+    /// Index into [`Taken::listeners`].
     pub listener: usize,
     pub cid: Option<u32>,
     pub(crate) resume: Resume,
 }
 
-/// Everything handed over, checked and ready to serve.
 pub(crate) struct Taken {
     pub from_pid: u32,
     pub handoff: Option<HandoffListener>,
@@ -51,22 +49,18 @@ pub(crate) struct Taken {
     pub ack: Ack,
 }
 
-/// The acknowledgement a successor owes the old process.
-pub(crate) struct Ack {
-    stream: StdUnixStream,
-}
+pub(crate) struct Ack(StdUnixStream);
 
 impl Ack {
-    /// Tells the old process that everything is ours now: from here on it
-    /// will not read again. Without this (dropped), it resumes.
+    /// Everything is ours now: the old process reads no more. Dropped
+    /// unsent, it resumes.
     pub(crate) fn send(mut self) -> Result<(), HandOverError> {
-        self.stream.write_all(&[ACK]).map_err(HandOverError::Send)
+        self.0.write_all(&[ACK]).map_err(HandOverError::Send)
     }
 }
 
-/// Connects to the hand-off socket at `path` and takes everything the
-/// forwarder there serves. `Ok(None)`: nobody is there (start normally).
-/// Blocking: call it before serving, or off the runtime.
+/// Takes everything the forwarder at `path` serves; `Ok(None)`: nobody is
+/// there. Blocking.
 pub(crate) fn take_over(
     path: &Path,
     max_frame_size: usize,
@@ -84,8 +78,8 @@ pub(crate) fn take_over(
     let peer = fds::peer(&stream).map_err(HandOverError::Receive)?;
     if !trusts_predecessor(peer, ours) {
         return Err(HandOverError::CheckPeer {
-            uid: peer.uid,
-            pid: peer.pid,
+            uid: peer.uid(),
+            pid: peer.pid(),
             ours,
         });
     }
@@ -95,21 +89,15 @@ pub(crate) fn take_over(
     sort(stream, state, fds, path).map(Some)
 }
 
-/// Whether to take anything from the hand-off socket whose listening end
-/// `peer` made. For a socket we connect to, `SO_PEERCRED` names whoever
-/// made it listen, not whoever holds it now: a forwarder started as root
-/// binds it as root, and it goes from forwarder to forwarder (bridges and
-/// upgrades included) with those credentials. So a successor running as
-/// root, which would act on the paths in the state with root's rights,
-/// takes only from a socket root made, never from one a user could have
-/// put at the path; a successor not running as root (a bridge, an
-/// upgrade, a forwarder never started as root) has nothing more to lose
-/// to its own user, and takes from root's or its own.
-fn trusts_predecessor(peer: fds::Peer, ours: u32) -> bool {
-    peer.uid == 0 || (ours != 0 && peer.uid == ours)
+/// Whether to take from the hand-off socket whose listening end `peer`
+/// made (`SO_PEERCRED` names who made it listen, passed along from
+/// forwarder to forwarder). A root successor acts on the state's paths as
+/// root, so takes only from root's socket, never one a user could have put
+/// there; a non-root one has nothing more to lose to its own user.
+fn trusts_predecessor(peer: UnixCredentials, ours: u32) -> bool {
+    peer.uid() == 0 || (ours != 0 && peer.uid() == ours)
 }
 
-/// What the old process sent: the state, and the descriptors it announced.
 fn receive(
     stream: &mut StdUnixStream,
     max_frame_size: usize,
@@ -135,7 +123,7 @@ fn receive(
     let mut head = [0u8; wire::HEADER_LEN];
     stream.read_exact(&mut head).map_err(rx)?;
     let header = wire::decode_header(&head)?;
-    // Read exactly what was announced: never into the descriptors' bytes.
+    // Exactly what was announced: never into the descriptors' bytes.
     let want = header.body_len + wire::TRAILER_LEN;
     let mut rest = Vec::with_capacity(want.min(1 << 20));
     stream
@@ -147,9 +135,8 @@ fn receive(
     Ok((state, fds))
 }
 
-/// Checks each descriptor is the kind of socket the state says, and pairs
-/// them up. `handoff_path`: our own hand-off socket, the one path the
-/// state may name for it.
+/// Checks each descriptor is the socket the state says, and pairs them up.
+/// `handoff_path`: ours, the one path the state may name for it.
 fn sort(
     stream: StdUnixStream,
     state: State,
@@ -184,8 +171,7 @@ fn sort(
         let fd = next("listener")?;
         let janitor = l.janitor.then(|| next("janitor")).transpose()?;
         let (family, what) = match &l.kind {
-            // Ours is the only one we would bind, and so the only file we
-            // may ever remove.
+            // The only file we would bind, so the only one we may remove.
             ListenerKind::Handoff { path, .. } if path != handoff_path => {
                 return Err(HandOverError::CheckState(format!(
                     "a hand-off socket at {}, ours is {}",
@@ -242,7 +228,7 @@ fn sort(
             cid: c.cid,
             resume: Resume {
                 partial: c.partial,
-                format: c.format.map(WireFormat::from),
+                format: c.format,
                 spans: c.spans,
                 decode_errors: c.decode_errors,
                 lost: false,
@@ -254,6 +240,6 @@ fn sort(
         handoff,
         listeners,
         connections,
-        ack: Ack { stream },
+        ack: Ack(stream),
     })
 }

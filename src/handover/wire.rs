@@ -1,9 +1,5 @@
-//! The hand-over state message: what a forwarder tells its successor about
-//! the sockets it passes, checked before anything in it is believed.
-//!
-//! # Wire format
-//!
-//! One message, sent once, old process to new, on the hand-off socket:
+//! The hand-over state message (old process to new): what the sockets
+//! passed are, checked before anything in it is believed.
 //!
 //! ```text
 //! offset  size  field
@@ -16,19 +12,15 @@
 //! 20+L    4     CRC-32 (IEEE) of bytes 0 .. 20+L, big-endian
 //! ```
 //!
-//! The N descriptors then follow over `SCM_RIGHTS` (see [`super::fds`]), in
-//! the order the body lists what they belong to: each listener's socket,
-//! followed by its janitor's pipe when it has one, then each connection's
-//! socket. The body says how many descriptors it expects; a message whose
-//! count disagrees is refused.
+//! The N descriptors follow over `SCM_RIGHTS` ([`super::fds`]) in the
+//! body's order: each listener's socket (then its janitor's pipe, if any),
+//! then each connection's socket; N must match the body.
 //!
-//! Every bound is checked before it is used: the header's length before
-//! the body is read, the body with bincode's size limit and no trailing
-//! bytes, every partial frame against the receiver's own `--max-frame-size`
-//! (plus its 8-byte header: it is the bytes of one frame not yet whole),
-//! every listener reference of a connection against the listeners sent. A
-//! message that fails any check is refused whole, with an error that says
-//! which, and the new process starts clean instead of trusting any of it.
+//! Every bound is checked before use: the length before the body is read,
+//! the body with bincode's size limit and no trailing bytes, each partial
+//! frame against the receiver's `--max-frame-size` plus its 8-byte header,
+//! each connection's listener against those sent. A failed check refuses
+//! the whole message, saying which; the new process then starts clean.
 
 use std::path::PathBuf;
 
@@ -36,17 +28,17 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 use super::HandOverError;
+use crate::wire::WireFormat;
 
 pub const MAGIC: [u8; 8] = *b"KTFHOVR\0";
 pub(crate) const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 8 + 2 + 2 + 4 + 4;
 pub const TRAILER_LEN: usize = 4;
-/// Largest body accepted: 1,024 connections each with a whole 1 MiB frame
-/// but one byte half read fit in it, with room to spare.
+/// Largest body: room for 1,024 connections each with a 1 MiB frame
+/// half read.
 pub(crate) const MAX_STATE_BYTES: usize = 1100 << 20;
-/// Most listeners in one state (template mode has one per sandbox).
+/// Most listeners (template mode has one per sandbox), and connections.
 pub(crate) const MAX_LISTENERS: usize = 65_536;
-/// Most connections in one state.
 pub(crate) const MAX_CONNECTIONS: usize = 65_536;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,27 +52,23 @@ pub struct State {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerState {
     pub kind: ListenerKind,
-    /// A janitor's pipe follows this listener's descriptor: the process that
-    /// removes the socket once the last forwarder is gone for good.
+    /// A janitor's pipe follows this listener's descriptor.
     pub janitor: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ListenerKind {
-    /// The hand-off socket itself, so that the successor can be taken over
-    /// in turn without binding it again (it may not have the right to).
+    /// The hand-off socket itself: the successor may not have the right to
+    /// bind it again.
     Handoff { path: PathBuf, identity: (u64, u64) },
-    /// A hybrid-VSOCK socket, `<socket-path>_<port>`: its path and the
-    /// device and inode it was bound as.
+    /// `<socket-path>_<port>`, and the device and inode it was bound as.
     Hybrid { path: PathBuf, identity: (u64, u64) },
     /// An AF_VSOCK listener; `cid` `None` is any.
     Vsock { cid: Option<u32>, port: u32 },
-    /// One sandbox's hybrid-VSOCK socket in template mode or `--kata-host`:
-    /// the sandbox id, and the socket's path and identity. The successor's
-    /// own sandbox watcher serves it again when it finds the sandbox still
-    /// there, with the socket still the very file bound. (Added within
-    /// version 1, last, so that older states still decode; a reader that
-    /// predates it refuses a state holding one as undecodable.)
+    /// One sandbox's hybrid-VSOCK socket (template mode, `--kata-host`),
+    /// served again by the successor's watcher if the sandbox and file are
+    /// still there. Added last within version 1: older states still decode,
+    /// and an older reader refuses a state holding one.
     Sandbox {
         id: String,
         path: PathBuf,
@@ -90,21 +78,15 @@ pub enum ListenerKind {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnState {
-    /// Index into [`State::listeners`] of the listener that accepted it.
+    /// Index into [`State::listeners`].
     pub listener: u32,
     pub cid: Option<u32>,
-    pub format: Option<Format>,
+    pub format: Option<WireFormat>,
     /// The bytes read and not yet a whole frame (its header included).
     pub partial: Vec<u8>,
     /// Spans and frames skipped so far, for the connection's closing log.
     pub spans: u64,
     pub decode_errors: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Format {
-    Json,
-    Bincode,
 }
 
 impl State {
@@ -142,8 +124,7 @@ pub fn encode(state: &State) -> Result<Vec<u8>, HandOverError> {
     Ok(out)
 }
 
-/// Magic, version, reserved, body length, descriptor count: fixed-width
-/// and big-endian, as [`codec`] writes them, the layout above.
+/// Magic, version, reserved, body length, descriptor count: the layout above.
 type RawHeader = ([u8; 8], u16, u16, u32, u32);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +133,6 @@ pub struct Header {
     pub descriptors: usize,
 }
 
-/// Checks a header: ours, this version, a body within bounds.
 pub fn decode_header(head: &[u8; HEADER_LEN]) -> Result<Header, HandOverError> {
     let (magic, version, _reserved, len, fds): RawHeader = codec(HEADER_LEN as u64)
         .deserialize(head)
@@ -295,7 +275,7 @@ mod tests {
                 ConnState {
                     listener: 1,
                     cid: None,
-                    format: Some(Format::Json),
+                    format: Some(WireFormat::Json),
                     partial: vec![0, 0, 0, 0, 0, 0, 0, 9, 1, 2, 3],
                     spans: 7,
                     decode_errors: 1,
@@ -350,6 +330,13 @@ mod tests {
             connections: vec![],
         };
         assert_eq!(decode(&encode(&empty).unwrap(), 64).unwrap(), empty);
+    }
+
+    /// The format goes as its variant index, as the enum it replaced did.
+    #[test]
+    fn a_wire_format_is_its_variant_index() {
+        let b = codec(64).serialize(&Some(WireFormat::Bincode)).unwrap();
+        assert_eq!(b, [1, 0, 0, 0, 1]);
     }
 
     #[test]

@@ -1,9 +1,6 @@
-//! One converted resource per connection.
-//!
-//! An agent sends the same resource with every span. The cache keeps the
-//! last one converted and encoded, so that consecutive spans share it
-//! instead of rebuilding it per span, and so that the batcher can group
-//! records by pointer.
+//! One converted resource per connection: an agent sends the same resource
+//! with every span, so consecutive spans share the last one converted (and
+//! the batcher groups records by pointer).
 
 use std::sync::Arc;
 
@@ -13,17 +10,12 @@ use super::{key_value, resource_with_claims, EncodedResource, Origin};
 use crate::wire::model::{self, Array, Value};
 use crate::wire::ResourceSeen;
 
-/// Remembers a connection's last resource so that consecutive spans with
-/// the same agent resource (all of them, in practice) share one converted
-/// `Resource` instead of rebuilding it per span.
 #[derive(Debug, Default)]
 pub struct ResourceCache {
-    /// The agent's attributes as last converted (`None`: the agent sent no
-    /// resource), to compare the next span's against.
+    /// The agent's attributes as last converted (`None`: no resource).
     agent: Option<Vec<KeyValue>>,
     resource: Option<Arc<EncodedResource>>,
-    /// The payload bytes that resource came from, when known: a span with
-    /// the same bytes is not even decoded (see [`ResourceSeen`]).
+    /// Its payload bytes, if known: the same bytes are not decoded again.
     raw: Vec<u8>,
 }
 
@@ -37,8 +29,7 @@ impl ResourceCache {
         }
     }
 
-    /// The encoded resource for a span: the cached one when the decoder saw
-    /// the same bytes or the attributes are equal, a new one otherwise.
+    /// The cached resource if the bytes or attributes are the same, else new.
     pub fn get(
         &mut self,
         agent: Option<&model::Resource<'_>>,
@@ -56,10 +47,11 @@ impl ResourceCache {
                 return r;
             }
         }
-        // `Same` never gets here: the decoder only reports it for bytes from
-        // `known_bytes`, which are empty until a resource is cached.
-        let (converted, claims) = resource_with_claims(agent, origin);
-        let r = Arc::new(EncodedResource::with_claims(converted, claims));
+        // Never `Same`: `known_bytes` are empty until a resource is cached.
+        let (converted, guest_claims) = resource_with_claims(agent, origin);
+        let mut r = EncodedResource::new(converted);
+        r.guest_claims = guest_claims;
+        let r = Arc::new(r);
         self.agent = agent.map(|a| a.attrs.iter().map(key_value).collect());
         self.resource = Some(Arc::clone(&r));
         seen.remember(&mut self.raw);

@@ -1,23 +1,14 @@
 //! Direct protobuf encoding of agent spans, without building OTLP structs.
 //!
-//! The struct path ([`super::span`] then prost) allocates a `String` or
-//! `Vec` for every id, name, key and value of a span, only to copy them
-//! once more into the request and free them all. On the hot path that was
-//! most of the forwarder's cost after decoding, so spans are written here
-//! straight from the borrowed [`AgentSpan`] into the bytes of an
-//! `ExportTraceServiceRequest`.
-//!
-//! The bytes are the ones prost writes for the struct path, byte for byte:
-//! fields in tag order, proto3 defaults (zero, empty) left out except in
-//! `oneof`s and for present messages. The tests hold the two paths to that
-//! by comparing their output on real SDK frames of both formats.
+//! The struct path ([`super::span`] then prost) allocates for every id,
+//! name, key and value only to copy and free them: that was most of the
+//! cost after decoding. The bytes are prost's, byte for byte (fields in tag
+//! order, proto3 defaults left out except in `oneof`s and present
+//! messages); the tests compare both paths on real frames of both formats.
 //!
 //! A span is written as a whole `ScopeSpans.spans` field (key, length,
-//! `Span`), so that a run of them is already the body of a `ScopeSpans` and
-//! a batch only has to frame it (see [`request_chunks`]).
-//!
-//! (Over 500 lines with its tests, which hold every field to prost's bytes;
-//! the encoder itself is one walk over the `Span` message.)
+//! `Span`), so a run of them is a `ScopeSpans` body a batch only frames
+//! ([`request_chunks`]).
 
 use bytes::{BufMut, BytesMut};
 
@@ -26,7 +17,6 @@ use crate::wire::model::{self, AgentSpan, Array, Value};
 use super::record::Group;
 use super::{EncodedRequest, FLAG_CONTEXT_HAS_IS_REMOTE, FLAG_CONTEXT_IS_REMOTE};
 
-/// Protobuf wire types.
 const VARINT: u32 = 0;
 const I64: u32 = 1;
 const LEN: u32 = 2;
@@ -37,21 +27,18 @@ const fn key(field: u32, wire_type: u32) -> u8 {
     ((field << 3) | wire_type) as u8
 }
 
-/// `ScopeSpans.spans`, the field each encoded span is wrapped in.
 pub(crate) const SCOPE_SPANS_SPAN_KEY: u8 = key(2, LEN);
 
-/// Bytes `v` takes as a varint (prost's formula).
+/// prost's formula.
 #[inline]
 fn varint_len(v: u64) -> usize {
     ((((v | 1).leading_zeros() ^ 63) * 9 + 73) / 64) as usize
 }
 
-/// Writes `v` as a varint. Ours rather than `prost::encoding::encode_varint`
-/// on purpose: with prost's, the direct encoder is 30-45 % slower
-/// (`cargo bench --bench convert`: 134.6 against 92.5 µs per 512 JSON
-/// spans, 134.8 against 104.2 bincode), since its bounded loop with an
-/// early exit does not reduce to this tight one. Reading a varint is off the
-/// hot path and is prost's ([`read_varint`]).
+/// Ours, not prost's `encode_varint`, whose bounded loop with an early exit
+/// makes the encoder 30-45 % slower (`cargo bench --bench convert`: 134.6
+/// against 92.5 µs per 512 JSON spans, 134.8 against 104.2 bincode).
+/// Reading, off the hot path, is prost's ([`span_end`]).
 #[inline]
 fn encode_varint(mut v: u64, buf: &mut BytesMut) {
     while v >= 0x80 {
@@ -61,7 +48,7 @@ fn encode_varint(mut v: u64, buf: &mut BytesMut) {
     buf.put_u8(v as u8);
 }
 
-/// Size of a length-delimited field with a one-byte key.
+/// With a one-byte key.
 #[inline]
 fn len_field(body: usize) -> usize {
     1 + varint_len(body as u64) + body
@@ -96,7 +83,6 @@ fn put_opt_str(buf: &mut BytesMut, key: u8, s: &str) {
     }
 }
 
-/// A `uint32` field proto3 leaves out when zero.
 #[inline]
 fn opt_u32_len(v: u32) -> usize {
     if v == 0 {
@@ -114,7 +100,6 @@ fn put_opt_u32(buf: &mut BytesMut, key: u8, v: u32) {
     }
 }
 
-/// A `fixed64` field proto3 leaves out when zero.
 #[inline]
 fn put_opt_fixed64(buf: &mut BytesMut, key: u8, v: u64) {
     if v != 0 {
@@ -125,14 +110,9 @@ fn put_opt_fixed64(buf: &mut BytesMut, key: u8, v: u64) {
 
 #[inline]
 fn opt_fixed64_len(v: u64) -> usize {
-    if v == 0 {
-        0
-    } else {
-        9
-    }
+    usize::from(v != 0) * 9
 }
 
-/// Length of the W3C `tracestate` header string of a context.
 fn trace_state_len(ctx: &model::SpanContext<'_>) -> usize {
     let entries = ctx.trace_state.as_deref().unwrap_or_default();
     // "k=v" per entry, entries joined by ",".
@@ -156,9 +136,7 @@ fn put_trace_state(buf: &mut BytesMut, key: u8, ctx: &model::SpanContext<'_>) {
     }
 }
 
-// --- AnyValue ---------------------------------------------------------------
-
-/// Body length of an `AnyValue` (its one `oneof` field, always written).
+/// Its one `oneof` field, always written.
 fn any_value_len(v: &Value<'_>) -> usize {
     match v {
         Value::Bool(_) => 2,
@@ -169,7 +147,7 @@ fn any_value_len(v: &Value<'_>) -> usize {
     }
 }
 
-/// Body length of an `ArrayValue`: one `AnyValue` message per element.
+/// One `AnyValue` message per element.
 fn array_len(a: &Array<'_>) -> usize {
     match a {
         Array::Bool(xs) => xs.len() * len_field(2),
@@ -237,9 +215,6 @@ fn put_any_value(buf: &mut BytesMut, v: &Value<'_>) {
     }
 }
 
-// --- KeyValue ---------------------------------------------------------------
-
-/// Body length of a `KeyValue`: key (if not empty) and value (always present).
 fn key_value_len(kv: &model::KeyValue<'_>) -> usize {
     opt_str_len(kv.key.as_str()) + len_field(any_value_len(&kv.value))
 }
@@ -258,8 +233,6 @@ fn put_key_values(buf: &mut BytesMut, field_key: u8, kvs: &[model::KeyValue<'_>]
         put_any_value(buf, &kv.value);
     }
 }
-
-// --- Event, Link, Status ----------------------------------------------------
 
 fn event_len(e: &model::Event<'_>) -> usize {
     opt_fixed64_len(e.timestamp.unix_nanos())
@@ -309,9 +282,6 @@ fn status_len(s: &AgentSpan<'_>) -> usize {
     opt_str_len(s.status_message.as_str()) + if code == 0 { 0 } else { 2 }
 }
 
-// --- Span -------------------------------------------------------------------
-
-/// Length of the `Span` message of `s`.
 pub(crate) fn span_len(s: &AgentSpan<'_>) -> usize {
     let ctx = &s.span_context;
     let ts = trace_state_len(ctx);
@@ -334,8 +304,7 @@ pub(crate) fn span_len(s: &AgentSpan<'_>) -> usize {
         + if ctx.trace_flags == 0 { 0 } else { 6 }
 }
 
-/// Appends `s` as one `ScopeSpans.spans` field: key, length, `Span`.
-/// Returns the number of bytes written.
+/// Appends `s` as one `ScopeSpans.spans` field; the bytes written.
 pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
     let len = span_len(s);
     let total = len_field(len);
@@ -380,9 +349,8 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
     total
 }
 
-/// Frames an `ExportTraceServiceRequest` with one `ResourceSpans` (holding
-/// one `ScopeSpans` without scope) per group around the groups' spans,
-/// which are shared, not copied: only the framing is written.
+/// An `ExportTraceServiceRequest`: only the framing is written around the
+/// groups' shared spans.
 pub(crate) fn request_chunks(groups: &[Group<'_>]) -> EncodedRequest {
     // Three length-delimited headers of at most 1 + 10 bytes each.
     let head_room: usize = groups.iter().map(|(r, _)| 33 + r.bytes().len()).sum();
@@ -403,42 +371,26 @@ pub(crate) fn request_chunks(groups: &[Group<'_>]) -> EncodedRequest {
     EncodedRequest::from_chunks(chunks)
 }
 
-/// Where the encoded span starting at `at` in `spans` ends, if one whole
-/// span (written by [`put_span`]) starts there.
+/// Where the span starting at `at` ends, if a whole one starts there.
 fn span_end(spans: &[u8], at: usize) -> Option<usize> {
-    let rest = spans.get(at..)?;
-    if *rest.first()? != SCOPE_SPANS_SPAN_KEY {
-        return None;
-    }
-    let (len, used) = read_varint(rest.get(1..)?)?;
-    let end = at
-        .checked_add(1 + used)?
-        .checked_add(usize::try_from(len).ok()?)?;
-    (end <= spans.len()).then_some(end)
+    let mut rest = spans.get(at..)?.strip_prefix(&[SCOPE_SPANS_SPAN_KEY])?;
+    let len = prost::encoding::decode_varint(&mut rest).ok()?;
+    let len = usize::try_from(len).ok().filter(|&n| n <= rest.len())?;
+    Some(spans.len() - rest.len() + len)
 }
 
-/// Splits a run of encoded `ScopeSpans.spans` fields after `n` spans.
-/// Returns the byte offset, or `None` if the run holds fewer than `n` or is
-/// malformed (it never is: it was written by [`put_span`]).
+/// The offset after `n` spans of a run; `None` if fewer (or malformed).
 pub(crate) fn span_boundary(spans: &[u8], n: usize) -> Option<usize> {
     (0..n).try_fold(0, |at, _| span_end(spans, at))
 }
 
-/// How many of the leading spans of a run of encoded `ScopeSpans.spans`
-/// fields fit in `max_bytes` together (a malformed rest counts as none).
+/// How many leading spans of a run fit in `max_bytes` (malformed: none).
 pub(crate) fn spans_within(spans: &[u8], max_bytes: usize) -> usize {
     let (mut at, mut n) = (0, 0);
     while let Some(end) = span_end(spans, at).filter(|&end| end <= max_bytes) {
         (at, n) = (end, n + 1);
     }
     n
-}
-
-/// A varint at the start of `b`, and the bytes it took.
-fn read_varint(b: &[u8]) -> Option<(u64, usize)> {
-    let mut rest = b;
-    let v = prost::encoding::decode_varint(&mut rest).ok()?;
-    Some((v, b.len() - rest.len()))
 }
 
 #[cfg(test)]

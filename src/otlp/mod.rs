@@ -1,27 +1,17 @@
 //! Conversion of the agent's span model into OTLP.
 //!
-//! This is where the agent's SDK-internal view of a span becomes the
-//! collector's: 128-bit ids become 16 big-endian bytes (the SDK's
-//! `TraceId::to_bytes` order, which is also the W3C hex order), times become
-//! nanoseconds, the attribute map becomes a list, the `EvictedQueue`s become
-//! lists plus their dropped counts, and the trace state becomes its W3C
-//! header string. The resource is the agent's own, with `service.name` set to
-//! the configured trace name and the attributes only the host can know
-//! (`kata.sandbox.id`, `kata.vsock.cid`) set by the host: a guest's own
-//! value for one of them is kept under `kata.guest.claimed.*` instead.
+//! 128-bit ids become 16 big-endian bytes (the SDK's `TraceId::to_bytes`
+//! and W3C hex order), times nanoseconds, the attribute map a list, the
+//! `EvictedQueue`s lists plus dropped counts, the trace state its W3C header
+//! string. The resource is the agent's, with `service.name` the trace name
+//! and what only the host knows (`kata.sandbox.id`, `kata.vsock.cid`) set by
+//! the host; a guest's own value for one goes under `kata.guest.claimed.*`.
 //!
-//! The parts, in the order a span meets them:
-//! - this module: what the forwarder knows of a connection ([`Origin`]), the
-//!   resource conversion, and the mappings both encoders share;
-//! - [`cache`]: one converted resource per connection ([`ResourceCache`]);
-//! - [`encode`]: spans written straight from the agent's model into
-//!   protobuf, the hot path;
-//! - [`record`]: encoded spans as the queue and the batcher hold them
-//!   ([`SpanRecord`]) and the export request framed from them
-//!   ([`EncodedRequest`]);
-//! - `oracle` (tests, and the `oracle` feature for the fuzz driver and the
-//!   benchmarks): the same conversion through prost's structs, which the
-//!   direct encoder is held to byte for byte.
+//! Here: [`Origin`], the resource conversion, shared mappings. [`cache`]:
+//! a resource per connection; [`encode`]: spans straight into protobuf (the
+//! hot path); [`record`]: records and the export request; `oracle` (tests,
+//! `oracle` feature): the same through prost's structs, which [`encode`] is
+//! held to byte for byte.
 
 pub mod cache;
 pub mod encode;
@@ -39,30 +29,24 @@ pub use cache::ResourceCache;
 pub use oracle::{group_by_resource, span};
 pub use record::{encode_request, EncodedRequest, EncodedResource, SpanRecord};
 
-/// OTLP `SpanFlags`: the low 8 bits are the W3C trace flags; these two bits
-/// say whether the remote-ness of a (linked) context is known, and if so,
-/// that it is remote.
+/// OTLP `SpanFlags` above the W3C trace flags: a (linked) context's
+/// remote-ness is known, and it is remote.
 pub(crate) const FLAG_CONTEXT_HAS_IS_REMOTE: u32 = 0x100;
 pub(crate) const FLAG_CONTEXT_IS_REMOTE: u32 = 0x200;
 
 pub(crate) const SERVICE_NAME: &str = "service.name";
 
-/// Resource attribute: the Kata sandbox id, as the host knows it.
 pub const SANDBOX_ID: &str = "kata.sandbox.id";
-/// Resource attribute: the guest's VSOCK context id (an int), as the host
-/// knows it.
+/// An int.
 pub(crate) const VSOCK_CID: &str = "kata.vsock.cid";
 
-/// Attributes that say who a span comes from. Only the host can know them
-/// (which socket, which CID), and the guest is untrusted, so a guest's
-/// value for one of these never reaches the collector under this key.
+/// Who a span comes from: only the host knows (socket, CID), so a guest's
+/// value never reaches the collector under these keys.
 pub(crate) const HOST_OWNED: [&str; 2] = [SANDBOX_ID, VSOCK_CID];
 
-/// Where a guest's own value for a host-owned attribute goes:
-/// `kata.sandbox.id` becomes `kata.guest.claimed.sandbox.id`.
+/// `kata.sandbox.id` claimed by a guest is `kata.guest.claimed.sandbox.id`.
 pub(crate) const GUEST_CLAIMED_PREFIX: &str = "kata.guest.claimed.";
 
-/// The key a guest's claim to the host-owned `key` is kept under.
 pub(crate) fn guest_claim_key(key: &str) -> String {
     format!(
         "{GUEST_CLAIMED_PREFIX}{}",
@@ -70,18 +54,16 @@ pub(crate) fn guest_claim_key(key: &str) -> String {
     )
 }
 
-/// What the forwarder knows about where a connection's spans come from.
+/// Where a connection's spans come from, as the forwarder knows it.
 #[derive(Debug, Clone, Default)]
 pub struct Origin {
-    /// Value of `service.name` on every resource (the `--trace-name`).
+    /// `service.name` (the `--trace-name`).
     pub service_name: String,
-    /// Resource attributes the host knows, typed (`kata.sandbox.id` is a
-    /// string, `kata.vsock.cid` an int). They always win over the agent's.
+    /// Typed resource attributes the host knows; they win over the agent's.
     pub extra: Vec<KeyValue>,
 }
 
 impl Origin {
-    /// This origin with one more forwarder attribute.
     pub fn with(mut self, key: &str, value: any_value::Value) -> Origin {
         self.extra.push(kv(key, wrap(value)));
         self
@@ -92,21 +74,15 @@ impl Origin {
     }
 }
 
-/// Builds the OTLP resource for a span's agent resource.
 pub fn resource(agent: Option<&model::Resource<'_>>, origin: &Origin) -> Resource {
     resource_with_claims(agent, origin).0
 }
 
 /// [`resource`], and how many host-owned attributes the agent claimed with
-/// a value the host does not confirm.
-///
-/// The host's word wins for what the host knows: `service.name` is the
-/// `--trace-name`, and every host-owned attribute (`kata.sandbox.id`,
-/// `kata.vsock.cid`, and whatever else `origin` sets) comes from `origin`.
-/// A guest's different (or unconfirmed) value for one of them is not lost:
-/// it is kept under [`guest_claim_key`], where nothing mistakes it for the
-/// host's. A guest that writes such a claimed key itself keeps it, unless
-/// the forwarder fills that key with a claim of its own.
+/// a value the host does not confirm. Every host-owned one (and whatever
+/// else `origin` sets) comes from `origin`; a guest's other value is kept
+/// under [`guest_claim_key`]. A guest that writes such a claimed key itself
+/// keeps it, unless the forwarder fills that key with a claim of its own.
 pub(crate) fn resource_with_claims(
     agent: Option<&model::Resource<'_>>,
     origin: &Origin,

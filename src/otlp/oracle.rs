@@ -1,14 +1,10 @@
-//! The struct path: agent spans converted through prost's OTLP structs.
-//!
-//! The forwarder itself never takes this path; it encodes spans directly
-//! ([`super::encode`]). This is the reference that encoder is held to, byte
-//! for byte, by the unit tests, the fuzz driver and the benchmarks (which
-//! enable the `oracle` feature), and the slow way back from encoded records
-//! to structs that tests use to look inside them.
+//! The struct path (prost's OTLP structs), never the forwarder's: the
+//! reference [`super::encode`] is held to byte for byte (unit tests, fuzz
+//! driver, benchmarks), and the tests' way back from records to structs.
 
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span, Status};
 use prost::Message;
 
@@ -16,7 +12,6 @@ use super::record::{groups, EncodedResource, SpanRecord};
 use super::{encode, key_value};
 use crate::wire::model::{self, AgentSpan};
 
-/// Converts one agent span into an OTLP span.
 pub fn span(s: &AgentSpan<'_>) -> Span {
     let ctx = &s.span_context;
     Span {
@@ -68,14 +63,11 @@ fn link(l: &model::Link<'_>) -> span::Link {
 }
 
 impl SpanRecord {
-    /// A record of one span converted on the struct path ([`span`]); the
-    /// bytes are the same as the direct encoder's.
+    /// A record of one span converted by [`span`].
     pub fn from_span(resource: Arc<EncodedResource>, span: &Span) -> Self {
         let mut buf = BytesMut::with_capacity(span.encoded_len() + 8);
-        buf.put_u8(encode::SCOPE_SPANS_SPAN_KEY);
-        prost::encoding::encode_varint(span.encoded_len() as u64, &mut buf);
-        // Encoding into a buffer that grows cannot fail.
-        let _ = span.encode(&mut buf);
+        // As `ScopeSpans.spans` (2).
+        prost::encoding::message::encode(2, span, &mut buf);
         Self {
             resource,
             spans: buf.freeze(),
@@ -83,15 +75,14 @@ impl SpanRecord {
         }
     }
 
-    /// The spans as OTLP structs, for the slow paths (`--dump-only`, tests).
+    /// For the slow paths (`--dump-only`, tests).
     pub fn decode_spans(&self) -> Result<Vec<Span>, prost::DecodeError> {
         ScopeSpans::decode(self.spans.clone()).map(|s| s.spans)
     }
 }
 
-/// The same request as [`encode_request`], as OTLP structs, for the slow
-/// paths and tests. Fails only if a record's bytes are not spans, which
-/// records built by this module never are.
+/// [`encode_request`]'s request as OTLP structs. Fails only if a record's
+/// bytes are not spans.
 pub fn group_by_resource(
     records: Vec<SpanRecord>,
 ) -> Result<Vec<ResourceSpans>, prost::DecodeError> {

@@ -1,14 +1,9 @@
-//! Encoded spans on their way out: as the queue and the batcher hold them,
-//! and framed into the export request.
-//!
-//! A [`SpanRecord`] is one or more spans of one resource, each already a
-//! whole `ScopeSpans.spans` field. An [`EncodedRequest`] is the
-//! `ExportTraceServiceRequest` made of records without copying them: per
-//! resource a few framing bytes, then the records' own buffers.
+//! Encoded spans on their way out: [`SpanRecord`]s as the queue and batcher
+//! hold them, framed into an [`EncodedRequest`] without being copied.
 
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 
@@ -16,36 +11,25 @@ use super::encode;
 use crate::wire::AgentSpan;
 
 /// An OTLP resource with its protobuf encoding, made once per connection
-/// (and per change of the agent's resource), so that batches copy the bytes
-/// instead of encoding the resource again for every request.
+/// (and change of resource), not per request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncodedResource {
     resource: Resource,
     bytes: Bytes,
-    /// Host-owned attributes the agent claimed with a value the host does
-    /// not confirm (kept under `kata.guest.claimed.*`).
-    guest_claims: u32,
+    /// Host-owned attributes the agent claimed unconfirmed.
+    pub(crate) guest_claims: u32,
 }
 
 impl EncodedResource {
     pub fn new(resource: Resource) -> Self {
-        Self::with_claims(resource, 0)
-    }
-
-    pub(crate) fn with_claims(resource: Resource, guest_claims: u32) -> Self {
         let bytes = Bytes::from(resource.encode_to_vec());
         Self {
             resource,
             bytes,
-            guest_claims,
+            guest_claims: 0,
         }
     }
 
-    pub(crate) fn guest_claims(&self) -> u32 {
-        self.guest_claims
-    }
-
-    /// The encoded `Resource` message.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
@@ -55,11 +39,9 @@ impl EncodedResource {
     }
 }
 
-/// Spans waiting to be exported: one or more spans of one resource, already
-/// encoded. A connection hands over everything one read of its socket
-/// produced as one record, so the queue and the batcher work per read, not
-/// per span. Records of one connection share their resource's allocation,
-/// which is also what lets the batcher group them cheaply.
+/// Encoded spans of one resource, one read's worth: the queue and batcher
+/// work per read, not per span. A connection's records share their
+/// resource's allocation, so the batcher groups them cheaply.
 #[derive(Debug, Clone)]
 pub struct SpanRecord {
     pub resource: Arc<EncodedResource>,
@@ -70,7 +52,6 @@ pub struct SpanRecord {
 }
 
 impl SpanRecord {
-    /// A record of one span, encoded directly as connections do it.
     pub fn encode(resource: Arc<EncodedResource>, span: &AgentSpan<'_>) -> Self {
         let mut buf = BytesMut::new();
         encode::put_span(&mut buf, span);
@@ -81,8 +62,7 @@ impl SpanRecord {
         }
     }
 
-    /// Splits off and returns the first `n` spans (all of them if there
-    /// are fewer), keeping the rest in `self`.
+    /// Splits off the first `n` spans (or all).
     pub fn split_to(&mut self, n: usize) -> SpanRecord {
         let at = if n >= self.count {
             self.spans.len()
@@ -99,12 +79,9 @@ impl SpanRecord {
     }
 }
 
-/// One resource's records for a request.
 pub(crate) type Group<'a> = (&'a Arc<EncodedResource>, Vec<&'a SpanRecord>);
 
-/// Groups records by resource: pointer first (the common case: one
-/// connection, one resource), by value otherwise; arrival order is kept
-/// within each group.
+/// Groups records by resource (by pointer, else value), keeping their order.
 pub(crate) fn groups(records: &[SpanRecord]) -> Vec<Group<'_>> {
     let mut groups: Vec<Group<'_>> = Vec::new();
     for rec in records {
@@ -119,11 +96,9 @@ pub(crate) fn groups(records: &[SpanRecord]) -> Vec<Group<'_>> {
     groups
 }
 
-/// An encoded `ExportTraceServiceRequest`, kept as the run of buffers it
-/// was framed from: the small framing bytes of each resource, then the
-/// records' own span bytes. The spans are never copied into one request
-/// buffer; the transports hand the pieces to the socket as they are, and
-/// retries and the spool reuse them.
+/// An encoded `ExportTraceServiceRequest` as the buffers it was framed
+/// from (each resource's framing, then the records' spans): never copied
+/// into one; transports, retries and the spool use the pieces.
 #[derive(Debug, Clone, Default)]
 pub struct EncodedRequest {
     chunks: Vec<Bytes>,
@@ -139,7 +114,7 @@ impl EncodedRequest {
         self.len == 0
     }
 
-    /// The request's bytes, in order, none of them empty.
+    /// None empty.
     pub fn chunks(&self) -> &[Bytes] {
         &self.chunks
     }
@@ -148,17 +123,10 @@ impl EncodedRequest {
     pub fn to_bytes(&self) -> Bytes {
         match self.chunks.as_slice() {
             [one] => one.clone(),
-            many => {
-                let mut buf = BytesMut::with_capacity(self.len);
-                for c in many {
-                    buf.put_slice(c);
-                }
-                buf.freeze()
-            }
+            many => Bytes::from(many.concat()),
         }
     }
 
-    /// A request made of these pieces, in order (empty ones are left out).
     pub(crate) fn from_chunks(mut chunks: Vec<Bytes>) -> Self {
         chunks.retain(|c| !c.is_empty());
         let len = chunks.iter().map(Bytes::len).sum();
@@ -172,18 +140,14 @@ impl From<Bytes> for EncodedRequest {
     }
 }
 
-/// Encodes records as one `ExportTraceServiceRequest`: one `ResourceSpans`
-/// per resource, each with one `ScopeSpans` (the agent's `SpanData` does
-/// not carry its instrumentation library, so there is no scope to report).
-/// The spans are not copied: the request shares the records' buffers.
+/// One `ResourceSpans` per resource, each with one `ScopeSpans` without
+/// scope (`SpanData` carries none), sharing the records' buffers.
 pub fn encode_request(records: &[SpanRecord]) -> EncodedRequest {
     encode::request_chunks(&groups(records))
 }
 
-/// The records of a request [`encode_request`] made (as the spool keeps
-/// it), sharing its buffer: per `ResourceSpans`, its resource and the run
-/// of span fields of its `ScopeSpans`. `None` if the request holds anything
-/// `encode_request` does not write.
+/// The records of a request [`encode_request`] made (the spool's), sharing
+/// its buffer; `None` if it holds anything `encode_request` does not write.
 pub(crate) fn decode_request(body: &Bytes) -> Option<Vec<SpanRecord>> {
     let mut records = Vec::new();
     for (field, rs) in len_fields(body)? {
@@ -219,27 +183,20 @@ pub(crate) fn decode_request(body: &Bytes) -> Option<Vec<SpanRecord>> {
     Some(records)
 }
 
-/// A message's fields, each with the range of its value in `b`, if every
-/// one is length-delimited and whole.
+/// A message's fields and their value ranges, if all length-delimited and whole.
 fn len_fields(b: &[u8]) -> Option<Vec<(u32, std::ops::Range<usize>)>> {
     const LEN: u64 = 2;
     let mut out = Vec::new();
-    let mut at = 0;
-    while at < b.len() {
-        let mut rest = b.get(at..)?;
-        let before = rest.len();
+    let mut rest = b;
+    while !rest.is_empty() {
         let key = prost::encoding::decode_varint(&mut rest).ok()?;
         let len = prost::encoding::decode_varint(&mut rest).ok()?;
-        if key & 7 != LEN {
-            return None;
-        }
-        let start = at + (before - rest.len());
-        let end = start.checked_add(usize::try_from(len).ok()?)?;
-        if end > b.len() {
-            return None;
-        }
-        out.push((u32::try_from(key >> 3).ok()?, start..end));
-        at = end;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&n| key & 7 == LEN && n <= rest.len())?;
+        let start = b.len() - rest.len();
+        out.push((u32::try_from(key >> 3).ok()?, start..start + len));
+        rest = rest.get(len..)?;
     }
     Some(out)
 }

@@ -1,15 +1,10 @@
 //! A fast path for the agent's bincode.
 //!
-//! Bincode 1.3 with the agent's options is fixed-width little-endian
-//! integers, `u8` tags for `Option` and `bool`, `u32` variant indexes and
-//! `u64` lengths (see [`super::model`]). Read directly, without serde's
-//! visitors, a span decodes in a fraction of the time.
-//!
-//! Like the JSON fast path it only ever accepts what the serde path
-//! accepts, and reads it the same way; on anything else it gives up and
-//! the caller decodes with serde, whose error then stands. Every length is
-//! checked against the bytes left before it is used, and sequences grow one
-//! parsed element at a time, so a hostile count costs nothing.
+//! The layout is [`super::model`]'s; read without serde's visitors, a span
+//! decodes in a fraction of the time. Like the JSON one, it accepts only
+//! what serde accepts, reads it alike, and otherwise gives up (serde's
+//! error stands). Every length is checked against the bytes left, and
+//! sequences grow element by element: a hostile count costs nothing.
 
 use std::borrow::Cow;
 
@@ -19,9 +14,8 @@ use super::model::{
 };
 use super::ResourceSeen;
 
-/// Decodes `payload` if it is exactly one well-formed bincode `SpanData`,
-/// except that the resource (the last field) is not decoded again when its
-/// bytes are `known`, a previous span's resource bytes.
+/// Decodes `payload` if exactly one `SpanData`; the resource (last) is not
+/// decoded when its bytes are `known`, a previous span's.
 pub(crate) fn decode_reusing<'a>(
     payload: &'a [u8],
     known: &[u8],
@@ -67,7 +61,6 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// An `Option`: its `u8` tag, then `item` if it is `Some`.
     #[inline]
     fn opt<T>(&mut self, item: impl FnOnce(&mut Self) -> Option<T>) -> Option<Option<T>> {
         if self.bool()? {
@@ -77,7 +70,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A sequence or map length, which can never exceed the bytes left.
+    /// A length, never over the bytes left.
     #[inline]
     fn len(&mut self) -> Option<usize> {
         let n = usize::try_from(self.u64()?).ok()?;

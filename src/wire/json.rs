@@ -1,31 +1,20 @@
 //! A fast path for the JSON the agent actually writes.
 //!
 //! The agent's JSON is `serde_json::to_vec(&SpanData)`: compact, keys in
-//! declaration order, always the same shape. This parser reads exactly that
-//! shape straight into the borrowed [`AgentSpan`], without serde's visitor
-//! machinery, scanning strings eight bytes at a time. It is two to three
-//! times faster than `serde_json` on real frames, and the JSON decode is
-//! most of what the forwarder spends per span.
+//! order, one shape. Read straight into [`AgentSpan`], strings scanned eight
+//! bytes at a time, it decodes two to three times faster than `serde_json`
+//! (the JSON decode is most of the per-span cost).
 //!
-//! It is a fast path, not a second definition of the format: anything it
-//! does not expect (whitespace, another key order, unknown or duplicate
-//! keys, a float where an integer should be, an escape it does not know,
-//! an integer out of range, trailing bytes) makes it give up, and the caller
-//! then decodes the same bytes with `serde_json`, whose result and error
-//! stand. So the fast path must never accept what `serde_json` would reject
-//! or read differently; the tests compare the two on real frames and on
-//! every single-byte corruption of them.
-//!
-//! Nothing here recurses or allocates by a claimed count: the shape is
-//! fixed and sequences grow one parsed element at a time.
-//!
-//! One file of over 600 lines, on purpose: the parser follows the
-//! `SpanData` layout field by field, and split up it would no longer read
-//! as the one grammar it is.
+//! Not a second definition of the format: on anything unexpected
+//! (whitespace, key order, unknown or duplicate keys, a float for an
+//! integer, an unknown escape, an integer out of range, trailing bytes) it
+//! gives up, and `serde_json`'s result and error stand. It must never accept
+//! what `serde_json` rejects or reads differently; the tests compare the two
+//! on real frames and every single-byte corruption of them. Nothing recurses
+//! or allocates by a claimed count.
 
-// A hand-written scanner over the payload: every index below is bounded by
-// a length check just before it (and the whole module is fuzzed, see
-// crates/fuzz-decode), so the crate-wide indexing lint is lifted here only.
+// Every index below is bounded by a length check just before it (and the
+// module is fuzzed: crates/fuzz-decode), so the indexing lint is lifted.
 #![allow(clippy::indexing_slicing)]
 
 use std::borrow::Cow;
@@ -36,15 +25,13 @@ use super::model::{
 };
 use super::ResourceSeen;
 
-/// Gives up the fast path: the caller falls back to `serde_json`.
 #[derive(Debug)]
 pub(crate) struct GiveUp;
 
 type R<T> = Result<T, GiveUp>;
 
-/// Decodes `payload` if it is in the agent's own compact layout, except
-/// that the resource (the last field) is not decoded again when the
-/// payload's bytes from it to the end are `known`, a previous span's.
+/// Decodes `payload` if in the agent's compact layout; the resource (last)
+/// is not decoded when its bytes are `known`, a previous span's.
 pub(crate) fn decode_reusing<'a>(
     payload: &'a [u8],
     known: &[u8],
@@ -84,16 +71,12 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// Consumes `s` if it is next.
     #[inline]
     fn eat(&mut self, s: &[u8]) -> bool {
         self.lit(s).is_ok()
     }
 
-    // --- scalars ------------------------------------------------------------
-
-    /// Digits of a non-negative integer as JSON writes it (no leading
-    /// zeros), as long as the value fits `max`.
+    /// A non-negative integer as JSON writes it (no leading zeros), up to `max`.
     #[inline]
     fn uint(&mut self, max: u128) -> R<u128> {
         let start = self.i;
@@ -121,7 +104,6 @@ impl<'a> Parser<'a> {
 
     #[inline]
     fn u64(&mut self) -> R<u64> {
-        // Most numbers are short: a u64 fast loop, u128 only for the ids.
         self.uint(u128::from(u64::MAX)).map(|v| v as u64)
     }
 
@@ -153,8 +135,7 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// A float attribute: `null` (serde_json's NaN and infinities) or a
-    /// number, read as the serde path reads it (`json_f64`).
+    /// `null` (serde_json's NaN and infinities) or a number, as `json_f64` reads it.
     fn f64(&mut self) -> R<F64> {
         if self.eat(b"null") {
             return Ok(F64(f64::NAN));
@@ -265,8 +246,7 @@ impl<'a> Parser<'a> {
                     _ => u32::from(hi),
                 };
                 let ch = char::from_u32(ch).ok_or(GiveUp)?;
-                let mut tmp = [0u8; 4];
-                out.extend_from_slice(ch.encode_utf8(&mut tmp).as_bytes());
+                out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes());
                 return Ok(());
             }
             _ => return Err(GiveUp),
@@ -291,9 +271,6 @@ impl<'a> Parser<'a> {
         Ok(v)
     }
 
-    // --- sequences ----------------------------------------------------------
-
-    /// `[item,item,...]`, each read by `item`.
     fn seq<T>(&mut self, mut item: impl FnMut(&mut Self) -> R<T>) -> R<Vec<T>> {
         self.lit(b"[")?;
         let mut out = Vec::new();
@@ -302,15 +279,13 @@ impl<'a> Parser<'a> {
         }
         loop {
             out.push(item(self)?);
-            if self.eat(b",") {
-                continue;
+            if !self.eat(b",") {
+                self.lit(b"]")?;
+                return Ok(out);
             }
-            self.lit(b"]")?;
-            return Ok(out);
         }
     }
 
-    /// `{"key":value,...}` read in wire order into key-values.
     fn map(&mut self) -> R<Vec<KeyValue<'a>>> {
         self.lit(b"{")?;
         let mut out = Vec::new();
@@ -322,15 +297,11 @@ impl<'a> Parser<'a> {
                 key: self.str()?,
                 value: self.after(b":", Self::value)?,
             });
-            if self.eat(b",") {
-                continue;
+            if !self.eat(b",") {
+                return self.close(out);
             }
-            self.lit(b"}")?;
-            return Ok(out);
         }
     }
-
-    // --- the model ------------------------------------------------------------
 
     fn value(&mut self) -> R<Value<'a>> {
         self.lit(b"{\"")?;
@@ -357,14 +328,13 @@ impl<'a> Parser<'a> {
         Ok(v)
     }
 
-    /// `s` (a key, with what precedes it), then the value `f` reads.
+    /// `s` (a key, with what precedes it), then `f`'s value.
     #[inline]
     fn after<T>(&mut self, s: &[u8], f: impl FnOnce(&mut Self) -> R<T>) -> R<T> {
         self.lit(s)?;
         f(self)
     }
 
-    /// `null`, or the value `f` reads.
     #[inline]
     fn nullable<T>(&mut self, f: impl FnOnce(&mut Self) -> R<T>) -> R<Option<T>> {
         if self.eat(b"null") {
@@ -374,7 +344,6 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// Ends an object: its `}`, then `v`.
     #[inline]
     fn close<T>(&mut self, v: T) -> R<T> {
         self.lit(b"}")?;

@@ -21,20 +21,13 @@
 //! | 2.2 – 3.28    | `opentelemetry` 0.14   | `bincode` 1.3, default options          |
 //! | 3.29 and later| `opentelemetry` 0.17   | `serde_json`                            |
 //!
-//! Both SDK versions share one serde layout (see [`model`]), so one set of
-//! borrowed structs decodes both. A JSON payload is an object and so starts
-//! with `{`; a bincode payload starts with the little-endian bytes of the
-//! trace id, whose first byte is `{` for one trace in 256. Detection is
-//! therefore "JSON if it looks like JSON and parses, else bincode", with the
-//! connection remembering which one worked so the common case costs one
-//! parse (see [`Decoder`]).
+//! Both SDK versions share one serde layout ([`model`]). A JSON payload
+//! starts with `{`; a bincode one with the trace id's low byte, `{` for one
+//! trace in 256. So: JSON if it looks like JSON and parses, else bincode,
+//! the connection remembering which worked ([`Decoder`]).
 //!
-//! Framing itself is tokio-util's `LengthDelimitedCodec`, configured for the
-//! 8-byte header and a maximum frame length: an oversized length prefix is
-//! rejected before anything is allocated for it.
-//!
-//! (This file is over 500 lines for its tests: a third of it holds every
-//! framing and detection edge case next to the code it pins down.)
+//! Framing is tokio-util's `LengthDelimitedCodec`: an oversized length
+//! prefix is rejected before anything is allocated for it.
 
 mod bin;
 mod json;
@@ -47,11 +40,8 @@ use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 
 pub use model::AgentSpan;
 
-/// Size of the frame header the agent writes before each payload.
 pub const HEADER_LEN: usize = 8;
 
-/// Builds the frame codec: 8-byte big-endian length, header stripped, frames
-/// longer than `max_frame_size` rejected without allocating them.
 pub fn frame_codec(max_frame_size: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .length_field_length(HEADER_LEN)
@@ -60,7 +50,6 @@ pub fn frame_codec(max_frame_size: usize) -> LengthDelimitedCodec {
         .new_codec()
 }
 
-/// Why a stream of frames ended badly.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("frame of {claimed} bytes exceeds --max-frame-size {max}")]
@@ -71,15 +60,13 @@ pub enum FrameError {
     Read(#[from] io::Error),
 }
 
-/// The frame codec with errors that say what happened, for every reader of
-/// agent streams (the connections, the fuzz driver).
+/// The frame codec with errors that say what happened.
 pub(crate) struct FrameDecoder {
     inner: LengthDelimitedCodec,
-    /// The codec has consumed a header and waits for its payload: an end of
-    /// stream now is a cut frame even though no byte is buffered.
+    /// The codec consumed a header and waits for its payload: an end of
+    /// stream now is a cut frame even with nothing buffered.
     in_frame: bool,
-    /// That header, kept so that the frame's bytes read so far can be
-    /// handed over whole ([`unread`](Self::unread)).
+    /// That header, for [`unread`](Self::unread).
     header: [u8; HEADER_LEN],
 }
 
@@ -96,14 +83,12 @@ impl FrameDecoder {
         self.inner.max_frame_length()
     }
 
-    /// Whether a frame's header has been read and its payload not yet.
     pub(crate) fn in_frame(&self) -> bool {
         self.in_frame
     }
 
-    /// The bytes of the frame being read, as the agent sent them: the
-    /// header the codec consumed, if it did, then what `rest` (the buffer
-    /// it left) holds. Fed to a new decoder, they read as they would have.
+    /// The bytes of the frame being read, as sent: the header the codec
+    /// consumed, if any, then `rest` (the buffer it left).
     pub(crate) fn unread(&self, rest: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + rest.len());
         if self.in_frame {
@@ -140,8 +125,7 @@ impl tokio_util::codec::Decoder for FrameDecoder {
             if e.get_ref()
                 .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
             {
-                // The codec rejects a length while the header is still
-                // unconsumed, so the claimed size can be read for the log.
+                // Rejected with the header still unconsumed: read the claim.
                 let claimed = src
                     .get(..HEADER_LEN)
                     .and_then(|h| h.try_into().ok())
@@ -167,8 +151,9 @@ impl tokio_util::codec::Decoder for FrameDecoder {
     }
 }
 
-/// Payload encodings the agent has used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The hand-over state carries it by
+/// variant index (bincode): the order is part of that format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum WireFormat {
     /// `serde_json` of opentelemetry 0.17 `SpanData` (Kata 3.29+).
     Json,
@@ -185,8 +170,7 @@ impl WireFormat {
     }
 }
 
-/// Why a payload could not be decoded. The frame is skipped; the connection
-/// carries on, since a frame boundary is still known.
+/// The frame is skipped; the connection carries on (the framing holds).
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("payload is empty")]
@@ -204,8 +188,7 @@ pub enum DecodeError {
     },
 }
 
-/// What kind of payload failed to decode: a stable, low-cardinality label
-/// for metrics and logs.
+/// A stable, low-cardinality label for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DecodeErrorKind {
     Json,
@@ -247,16 +230,13 @@ impl DecodeError {
     }
 }
 
-/// Decodes one JSON payload with `serde_json` only: the reference the fast
-/// path is held to.
+/// With `serde_json` only: the reference the fast path is held to.
 pub fn decode_json_serde(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
     serde_json::from_slice(payload).map_err(DecodeError::Json)
 }
 
-/// Decodes one bincode payload with serde only: the reference the fast path
-/// ([`bin`]) is held to, and where its errors come from. The byte limit
-/// makes every length prefix inside the payload bounded by the payload
-/// itself, so a hostile count can never turn into a large allocation.
+/// With serde only: the reference [`bin`] is held to, and its errors. The
+/// byte limit bounds every length prefix inside by the payload itself.
 pub fn decode_bincode_serde(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
     bincode::options()
         .with_fixint_encoding()
@@ -274,25 +254,19 @@ fn looks_like_json(payload: &[u8]) -> bool {
         .is_some_and(|&b| b == b'{')
 }
 
-/// What a decode saw of the span's resource.
-///
-/// An agent sends the same resource with every span; its bytes are the
-/// payload's tail in both formats. A connection that keeps the last
-/// resource's bytes ([`Decoder::decode_reusing`]) is spared decoding, and
-/// comparing, the same resource again for every span.
+/// What a decode saw of the span's resource: the payload's tail in both
+/// formats, the same for every span of an agent, so a connection keeping
+/// the last one's bytes ([`Decoder::decode_reusing`]) skips decoding it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResourceSeen<'a> {
-    /// Byte for byte the known resource: `span.resource` is `None` and was
-    /// not decoded; the previous span's resource applies.
+    /// The known bytes: `span.resource` is `None`, the previous one applies.
     Same,
-    /// Decoded into `span.resource`; these are its bytes in the payload, to
-    /// pass as `known` next time (empty when the serde path decoded it and
-    /// they are not known).
+    /// Decoded into `span.resource`, from these bytes (empty when the serde
+    /// path decoded it).
     New(&'a [u8]),
 }
 
 impl ResourceSeen<'_> {
-    /// Keeps what to pass as `known` for the next span of the connection.
     pub fn remember(self, known: &mut Vec<u8>) {
         if let ResourceSeen::New(raw) = self {
             if raw != known.as_slice() {
@@ -303,13 +277,12 @@ impl ResourceSeen<'_> {
     }
 }
 
-/// Per-connection decoder that detects the payload format and remembers it.
-///
-/// An agent never changes format mid-connection, but detection stays per
-/// frame so that a mistaken guess costs one failed parse, never a lost span.
+/// Per-connection format detection: an agent never changes format, but
+/// detection stays per frame, so a wrong guess costs a parse, not a span.
 #[derive(Debug, Default, Clone)]
 pub struct Decoder {
-    last: Option<WireFormat>,
+    /// The format of the last frame decoded (or handed over).
+    pub(crate) last: Option<WireFormat>,
 }
 
 impl Decoder {
@@ -317,27 +290,19 @@ impl Decoder {
         Self::default()
     }
 
-    /// A decoder that has already seen `format` (a connection handed over
-    /// by a previous process).
-    pub(crate) fn with_format(format: Option<WireFormat>) -> Self {
-        Decoder { last: format }
-    }
-
-    /// The format of the last successfully decoded frame, if any.
     pub fn format(&self) -> Option<WireFormat> {
         self.last
     }
 
-    /// Decodes a payload and checks that it is a usable span: collectors
-    /// reject all-zero ids, so such a "span" (which is what a run of zero
-    /// bytes decodes to in bincode) is an error here, not a lost batch later.
+    /// Decodes a usable span: collectors reject all-zero ids (what zero
+    /// bytes decode to in bincode), so those are an error here, not a lost
+    /// batch later.
     pub fn decode<'a>(&mut self, payload: &'a [u8]) -> Result<AgentSpan<'a>, DecodeError> {
         self.decode_reusing(payload, &[]).map(|(span, _)| span)
     }
 
-    /// As [`decode`](Self::decode), except that a resource whose bytes are
-    /// `known` (those of the previous span's, from its [`ResourceSeen::New`])
-    /// is not decoded: the caller then reuses what it made of that one.
+    /// As [`decode`](Self::decode), but a resource whose bytes are `known`
+    /// (the previous span's [`ResourceSeen::New`]) is not decoded.
     pub fn decode_reusing<'a>(
         &mut self,
         payload: &'a [u8],
@@ -359,48 +324,42 @@ impl Decoder {
         if payload.is_empty() {
             return Err(DecodeError::Empty);
         }
-        // `known` came from the last span, so it is in the last format: the
-        // same bytes at the end of a payload in the other format mean
-        // something else.
+        // `known` is in the last format: in the other it means something else.
         let last = self.last;
-        let known = |f: WireFormat| if last == Some(f) { known } else { &[][..] };
+        let mut decode = |f: WireFormat| {
+            let known = if last == Some(f) { known } else { &[][..] };
+            decode_as(f, payload, known).inspect(|_| self.last = Some(f))
+        };
         if !looks_like_json(payload) {
-            let decoded = decode_as(WireFormat::Bincode, payload, known(WireFormat::Bincode))?;
-            self.last = Some(WireFormat::Bincode);
-            return Ok(decoded);
+            return decode(WireFormat::Bincode);
         }
         // Ambiguous first byte: try the format this connection used last.
-        let order = match self.last {
+        let order = match last {
             Some(WireFormat::Bincode) => [WireFormat::Bincode, WireFormat::Json],
             _ => [WireFormat::Json, WireFormat::Bincode],
         };
-        let first = match decode_as(order[0], payload, known(order[0])) {
-            Ok(decoded) => {
-                self.last = Some(order[0]);
-                return Ok(decoded);
-            }
+        let first = match decode(order[0]) {
             Err(e) => e,
+            decoded => return decoded,
         };
-        match decode_as(order[1], payload, known(order[1])) {
-            Ok(decoded) => {
-                self.last = Some(order[1]);
-                Ok(decoded)
-            }
-            Err(second) => Err(match (first, second) {
-                (DecodeError::Json(json), DecodeError::Bincode(bincode))
-                | (DecodeError::Bincode(bincode), DecodeError::Json(json)) => {
-                    // Report the error of the format the payload most likely is.
-                    if self.last == Some(WireFormat::Bincode) {
-                        DecodeError::Bincode(bincode)
-                    } else if json.is_syntax() || json.is_eof() {
-                        DecodeError::Neither { json, bincode }
-                    } else {
-                        DecodeError::Json(json)
-                    }
+        let second = match decode(order[1]) {
+            Err(e) => e,
+            decoded => return decoded,
+        };
+        Err(match (first, second) {
+            (DecodeError::Json(json), DecodeError::Bincode(bincode))
+            | (DecodeError::Bincode(bincode), DecodeError::Json(json)) => {
+                // Report the error of the format the payload most likely is.
+                if last == Some(WireFormat::Bincode) {
+                    DecodeError::Bincode(bincode)
+                } else if json.is_syntax() || json.is_eof() {
+                    DecodeError::Neither { json, bincode }
+                } else {
+                    DecodeError::Json(json)
                 }
-                (e, _) => e,
-            }),
-        }
+            }
+            (e, _) => e,
+        })
     }
 }
 
@@ -409,8 +368,7 @@ fn decode_as<'a>(
     payload: &'a [u8],
     known: &[u8],
 ) -> Result<(AgentSpan<'a>, ResourceSeen<'a>), DecodeError> {
-    // The format's fast path, or its serde decoder when that gives up,
-    // whose verdict then stands (and whose resource bytes are not known).
+    // The fast path, or serde when it gives up, whose verdict stands.
     let fast = match format {
         WireFormat::Json => json::decode_reusing(payload, known),
         WireFormat::Bincode => bin::decode_reusing(payload, known),
@@ -425,9 +383,7 @@ fn decode_as<'a>(
     }
 }
 
-/// Decodes one JSON payload: the agent's own compact layout through the
-/// fast path ([`json`]), anything else through `serde_json`, whose verdict
-/// then stands. (Tests' shorthand: connections go through [`Decoder`].)
+/// Tests' shorthand: the fast path ([`json`]), else `serde_json`.
 #[cfg(test)]
 pub(crate) fn decode_json(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError> {
     decode_as(WireFormat::Json, payload, &[]).map(|(span, _)| span)

@@ -1,11 +1,10 @@
 //! The agent's span model, as borrowed views over a frame's payload.
 //!
-//! These types mirror the serde layout of opentelemetry 0.14 and 0.17
-//! `sdk::export::trace::SpanData` field for field and in declaration order,
-//! because bincode has no field names: a struct is its fields in order, an
-//! enum is a `u32` variant index, `Option` a `u8` tag, and strings, maps and
-//! sequences a `u64` length. In JSON the same structs are objects keyed by
-//! field name and enums are externally tagged (`{"I64": 5}`, `"Server"`).
+//! They mirror opentelemetry 0.14 and 0.17 `sdk::export::trace::SpanData`
+//! field for field, in order, as bincode has no names: a struct is its
+//! fields in order, an enum a `u32` variant index, `Option` a `u8` tag,
+//! strings, maps and sequences a `u64` length. In JSON, structs are objects
+//! and enums externally tagged (`{"I64": 5}`, `"Server"`).
 //!
 //! ```text
 //! SpanData {
@@ -27,12 +26,10 @@
 //! Value = Bool(bool) | I64(i64) | F64(f64) | String(str) | Array(Bool([..]) | I64([..]) | F64([..]) | String([..]))
 //! ```
 //!
-//! Strings borrow from the payload where the encoding allows it (always in
-//! bincode, in JSON unless the string has escapes). Maps are read into
-//! vectors in wire order, never hashed. Nothing here recurses, so a hostile
-//! payload cannot nest its way into a stack overflow, and every sequence is
-//! read element by element, so a claimed count is never preallocated beyond
-//! serde's cautious cap.
+//! Strings borrow from the payload (in JSON unless escaped). Maps are read
+//! into vectors in wire order. Nothing recurses (no stack overflow by
+//! nesting), and sequences grow element by element (a claimed count is
+//! never preallocated beyond serde's cautious cap).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -41,7 +38,6 @@ use std::marker::PhantomData;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-/// A string that borrows from the payload when it can.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(transparent)]
 pub struct Str<'a>(#[serde(borrow)] pub Cow<'a, str>);
@@ -52,15 +48,10 @@ impl<'a> Str<'a> {
     }
 }
 
-/// `f64` that also accepts JSON `null`: serde_json writes NaN and the
-/// infinities as `null`, and a span must not be lost because an attribute
-/// held one. Bincode has no `null` (and an `Option` there would read a tag
-/// byte), so the lenient path is for self-describing formats only.
-///
-/// A JSON number too large for an `f64` (`1e400`) is read as the infinity
-/// of its sign, not as an error: serde_json refuses such a number before
-/// any visitor sees it, so the number is taken raw and read by
-/// [`json_f64`], which the fast path uses too.
+/// `f64` that also takes JSON `null` (serde_json's NaN and infinities: a
+/// span is not lost for one; bincode has none), and a number beyond `f64`
+/// (`1e400`) as its sign's infinity: serde_json refuses those before any
+/// visitor, so it is taken raw and read by [`json_f64`], as the fast path does.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct F64(pub f64);
 
@@ -79,9 +70,8 @@ impl<'de> Deserialize<'de> for F64 {
     }
 }
 
-/// Reads a JSON number token (RFC 8259's grammar, nothing else: no
-/// `inf`, no `NaN`, no leading `+` or `.`) as the nearest `f64`; one
-/// beyond `f64`'s range is the infinity of its sign, as IEEE 754 rounds.
+/// A JSON number token (RFC 8259's grammar only: no `inf`, `NaN`, leading
+/// `+` or `.`) as the nearest `f64`, out of range as its sign's infinity.
 pub(crate) fn json_f64(token: &[u8]) -> Option<f64> {
     fn digits(t: &[u8], i: &mut usize) -> usize {
         let start = *i;
@@ -116,8 +106,7 @@ pub(crate) fn json_f64(token: &[u8]) -> Option<f64> {
     if i != token.len() {
         return None;
     }
-    // The grammar holds, so the text is ASCII and Rust's parser (correctly
-    // rounded, overflow to infinity) accepts it.
+    // ASCII, and Rust's parser rounds correctly, overflowing to infinity.
     std::str::from_utf8(token).ok()?.parse().ok()
 }
 
@@ -155,8 +144,7 @@ pub struct SpanContext<'a> {
 }
 
 impl SpanContext<'_> {
-    /// The trace state as its W3C `tracestate` header value (the struct
-    /// path, `otlp::oracle`, that the direct encoder is held to).
+    /// The W3C `tracestate` header value (for `otlp::oracle`).
     #[cfg(any(test, feature = "oracle"))]
     pub(crate) fn trace_state_header(&self) -> String {
         let entries = self.trace_state.iter().flatten();
@@ -165,8 +153,8 @@ impl SpanContext<'_> {
     }
 }
 
-/// In the SDK's order (serde's variant indexes, bincode's tags); valued as
-/// OTLP numbers `Span.SpanKind`, so that a kind is encoded as it is.
+/// In the SDK's order (the variant indexes); valued as OTLP's
+/// `Span.SpanKind`, so a kind is encoded as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum SpanKind {
     Client = 3,
@@ -184,7 +172,6 @@ pub enum StatusCode {
     Error = 2,
 }
 
-/// `std::time::SystemTime` as serde writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub struct Time {
     pub secs_since_epoch: u64,
@@ -192,8 +179,7 @@ pub struct Time {
 }
 
 impl Time {
-    /// Nanoseconds since the Unix epoch, saturating: a guest clock cannot be
-    /// trusted to fit, and a clamped timestamp beats a lost span.
+    /// Saturating: a clamped guest timestamp beats a lost span.
     pub fn unix_nanos(self) -> u64 {
         self.secs_since_epoch
             .saturating_mul(1_000_000_000)
@@ -226,9 +212,8 @@ pub enum Array<'a> {
     String(#[serde(borrow)] Vec<Str<'a>>),
 }
 
-/// The SDK's `EvictedHashMap`. Only the entries and the dropped count
-/// matter downstream; the eviction list must still be read, because bincode
-/// cannot skip a field it does not parse.
+/// The SDK's `EvictedHashMap`. The eviction list is not used but must be
+/// read: bincode cannot skip a field it does not parse.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Attributes<'a> {
     #[serde(borrow, deserialize_with = "map_as_vec")]
@@ -278,11 +263,9 @@ pub struct Resource<'a> {
 }
 
 impl AgentSpan<'_> {
-    /// Leaves one attribute per key in every list of the span (its own,
-    /// each event's and link's, the resource's), the last one, as the
-    /// SDK's map keeps the last value set: OTLP requires unique keys, and a
-    /// guest's map may repeat one. The wire reads maps in order, so this is
-    /// the one place that sees every list once.
+    /// Leaves the last attribute per key in every list of the span, as the
+    /// SDK's map keeps the last value: OTLP requires unique keys, and a
+    /// guest's map may repeat one.
     pub(crate) fn dedupe_keys(&mut self) {
         dedupe_keys(&mut self.attributes.map);
         for e in self.events.queue.iter_mut().flatten() {
@@ -297,10 +280,8 @@ impl AgentSpan<'_> {
     }
 }
 
-/// Keeps the last key-value of each key, in order. A short list (every
-/// real one) is checked pair by pair without allocating; a long one, which
-/// only a guest's own making can be, through a set, so that its cost stays
-/// linear.
+/// A short list (every real one) is checked pair by pair without
+/// allocating; a long one (a guest's making) through a set: linear cost.
 fn dedupe_keys(kvs: &mut Vec<KeyValue<'_>>) {
     const PAIRWISE: usize = 16;
     let has_duplicate = if kvs.len() <= PAIRWISE {
@@ -324,7 +305,6 @@ fn dedupe_keys(kvs: &mut Vec<KeyValue<'_>>) {
     kvs.retain(|_| keep.next().unwrap_or(true));
 }
 
-/// Reads a serde map into a vector of key-values in wire order.
 fn map_as_vec<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Vec<KeyValue<'a>>, D::Error> {
     struct V<'a>(PhantomData<&'a ()>);
     impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
@@ -344,7 +324,7 @@ fn map_as_vec<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Vec<KeyValue<'a
     d.deserialize_map(V(PhantomData))
 }
 
-/// A sequence that is parsed for validity and position but not kept.
+/// A sequence parsed for validity and position, not kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Skip<T>(PhantomData<T>);
 
