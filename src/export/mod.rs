@@ -13,7 +13,6 @@ pub(crate) mod body;
 pub(crate) mod coalesce;
 pub(crate) mod dump;
 pub mod grpc;
-mod health;
 pub mod http;
 pub(crate) mod queue;
 mod replay;
@@ -45,8 +44,6 @@ use queue::{QueueReceiver, Queued};
 use retry::{Backoff, Classify, Retry, RetryPolicy};
 use spool::Spool;
 
-pub(crate) use health::{unix_ms, Health};
-pub use health::{Failure, HealthSnapshot};
 pub(crate) use replay::run_replayer;
 pub(crate) use sink::run_sink_ticker;
 pub use sink::Sink;
@@ -56,17 +53,11 @@ use split::{halves_of, split_batch, split_half};
 pub enum ExportError {
     #[error("cannot reach the OTLP collector at {endpoint}: {reason} (start the collector before the forwarder, or use --dump-only)")]
     Connect { endpoint: String, reason: String },
-    #[error("exporting to {endpoint} over gRPC: {source}")]
-    SendGrpc {
+    #[error("exporting to {endpoint} {source}")]
+    Send {
         endpoint: String,
         #[source]
-        source: grpc::GrpcError,
-    },
-    #[error("exporting to {endpoint} over HTTP: {source}")]
-    SendHttp {
-        endpoint: String,
-        #[source]
-        source: http::HttpError,
+        source: SendError,
     },
     #[error("writing spans to stdout: {0}")]
     WriteDump(#[source] std::io::Error),
@@ -78,6 +69,14 @@ pub enum ExportError {
         #[source]
         source: tls::TlsError,
     },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("over gRPC: {0}")]
+    Grpc(#[source] grpc::GrpcError),
+    #[error("over HTTP: {0}")]
+    Http(#[source] http::HttpError),
 }
 
 impl ExportError {
@@ -95,8 +94,10 @@ impl Classify for ExportError {
     fn retry(&self) -> Retry {
         match self {
             ExportError::Connect { .. } => Retry::Retryable,
-            ExportError::SendGrpc { source, .. } => source.retry(),
-            ExportError::SendHttp { source, .. } => source.retry(),
+            ExportError::Send { source, .. } => match source {
+                SendError::Grpc(e) => e.retry(),
+                SendError::Http(e) => e.retry(),
+            },
             ExportError::WriteDump(_)
             | ExportError::LoadTls { .. }
             | ExportError::TlsHandshake { .. } => Retry::Never,
@@ -125,6 +126,51 @@ fn cut(mut s: String, max: usize) -> String {
     }
     s.truncate(end);
     s
+}
+
+/// How the collector has answered lately, for `status` (noted per request).
+#[derive(Default)]
+pub(crate) struct Health(std::sync::Mutex<HealthSnapshot>);
+
+/// When a request last went through, and when the last one failed and why
+/// (milliseconds since the Unix epoch).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HealthSnapshot {
+    pub last_success_unix_ms: Option<u64>,
+    pub last_failure: Option<Failure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Failure {
+    pub at_unix_ms: u64,
+    pub error: String,
+}
+
+pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Health {
+    fn note<T>(&self, res: &Result<T, ExportError>) {
+        let now = unix_ms(std::time::SystemTime::now());
+        let mut h = lock(&self.0);
+        match res {
+            Ok(_) => h.last_success_unix_ms = Some(now),
+            Err(e) => {
+                // Longest error text kept for `status`.
+                let error = cut(error_chain(e), 512);
+                h.last_failure = Some(Failure {
+                    at_unix_ms: now,
+                    error,
+                });
+            }
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> HealthSnapshot {
+        lock(&self.0).clone()
+    }
 }
 
 /// What the batcher and the replayer share.

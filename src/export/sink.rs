@@ -62,24 +62,16 @@ impl Sink {
         &self,
         body: &EncodedRequest,
     ) -> Result<ExportTraceServiceResponse, ExportError> {
-        match &self.0 {
-            Transport::Grpc(t) => t
-                .export(body)
-                .await
-                .map_err(|source| ExportError::SendGrpc {
-                    endpoint: t.cfg.endpoint.to_string(),
-                    source,
-                }),
-            Transport::Http(t) => t
-                .export(body)
-                .await
-                .map_err(|source| ExportError::SendHttp {
-                    endpoint: t.cfg.endpoint.to_string(),
-                    source,
-                }),
-            Transport::Dump(w) => written(dump::write_request(&mut *lock(w), body)),
-            Transport::Tree(w) => written(lock(w).write_request(body)),
-        }
+        let (cfg, res) = match &self.0 {
+            Transport::Grpc(t) => (&t.cfg, t.export(body).await.map_err(SendError::Grpc)),
+            Transport::Http(t) => (&t.cfg, t.export(body).await.map_err(SendError::Http)),
+            Transport::Dump(w) => return written(dump::write_request(&mut *lock(w), body)),
+            Transport::Tree(w) => return written(lock(w).write_request(body)),
+        };
+        res.map_err(|source| ExportError::Send {
+            endpoint: cfg.endpoint.to_string(),
+            source,
+        })
     }
 }
 
