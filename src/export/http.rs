@@ -1,10 +1,8 @@
-//! OTLP/HTTP transport: `POST <endpoint>` with an `application/x-protobuf`
-//! body, over hyper's pooled HTTP/1.1 client.
-//!
-//! As the OTLP spec says: 429, 502, 503 and 504 are retried (`Retry-After`
-//! honoured, in either form), 413 means too large (its halves are sent
-//! instead), other statuses are not retried, connection errors are. Any
-//! 2xx is a success. An error's body is read as a `google.rpc.Status`.
+//! OTLP/HTTP transport: `POST <endpoint>`, `application/x-protobuf`, over
+//! hyper's pooled HTTP/1.1 client. As the OTLP spec says: 429, 502, 503 and
+//! 504 are retried (`Retry-After` honoured, in either form), 413 is too
+//! large, other statuses are not retried, connection errors are; an error's
+//! body is read as a `google.rpc.Status`.
 
 use std::time::Duration;
 
@@ -117,9 +115,8 @@ impl HttpTransport {
     }
 }
 
-/// What a collector said with an error status, at most
-/// [`MAX_DETAIL_BYTES`]: its `google.rpc.Status` message, or else (a
-/// proxy's page) the body as text.
+/// What a collector said with an error status, at most [`MAX_DETAIL_BYTES`]:
+/// its `google.rpc.Status` message, or else (a proxy's page) the body.
 fn error_detail(body: &[u8]) -> String {
     let text = match tonic_types::pb::Status::decode(body) {
         Ok(status) if !status.message.is_empty() => status.message,

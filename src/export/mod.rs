@@ -1,13 +1,11 @@
 //! Export: batching, retry, and the transports that reach the collector.
 //!
-//! The batcher cuts batches (see ARCHITECTURE.md), encodes each once, and
-//! sends one at a time: while the collector is slow or away it retries, the
-//! queue fills, and the connections stop reading. A request the collector
-//! finds too large is sent again as its two halves, down to a single span,
-//! so one sandbox's over-large span costs no other sandbox anything. With a
-//! [`spool`], a batch failing while the queue fills goes to disk, for the
-//! replayer; at shutdown, what cannot be sent by the deadline is spooled,
-//! or counted as dropped.
+//! Batches are encoded once and sent one at a time: while the collector is
+//! slow or away the queue fills and the connections stop reading. A request
+//! found too large is sent as its halves, down to one span, so one sandbox's
+//! huge span costs no other anything. With a [`spool`], a batch failing as
+//! the queue fills, or left at the shutdown deadline, goes to disk (else it
+//! is counted as dropped).
 
 pub(crate) mod body;
 pub(crate) mod coalesce;
@@ -178,7 +176,7 @@ pub(crate) struct Exporter {
     pub(crate) sink: Sink,
     pub(crate) spool: Option<Arc<Spool>>,
     stats: Arc<Stats>,
-    /// Wakes the replayer when a batch has been spooled.
+    /// Wakes the replayer.
     spooled: Notify,
     pub(crate) health: Health,
 }
@@ -205,10 +203,9 @@ impl Exporter {
         res
     }
 
-    /// Sends a batch, retrying as the policy says; with a spool, one failing
-    /// while the queue fills (or past the shutdown deadline) goes to disk (a
-    /// full spool: kept in memory until time is up). What became of it, the
-    /// attempts, the last error.
+    /// Sends a batch, retrying; with a spool, one failing while the queue
+    /// fills (or past the shutdown deadline) goes to disk (a full spool: kept
+    /// in memory until time is up). What became of it, attempts, last error.
     async fn deliver(
         &self,
         body: EncodedRequest,
@@ -218,8 +215,7 @@ impl Exporter {
     ) -> (Delivery, u32, Option<ExportError>) {
         let stats = &*self.stats;
         let spooling = self.spool.is_some();
-        // Past the shutdown deadline, no export that may take a full
-        // timeout: straight to disk.
+        // Past the shutdown deadline, no export that may take a timeout.
         if spooling && shutdown.past_deadline() {
             let delivery = match self.spool_batch(body, spans).await {
                 true => Delivery::Spooled,
@@ -320,13 +316,13 @@ fn delivered(stats: &Stats, resp: &ExportTraceServiceResponse) -> Delivery {
     Delivery::Delivered { rejected }
 }
 
-/// What a batch's request weighs so far: its spans, and its encoded bytes
-/// (the spans' own, and each resource with its framing once).
+/// A batch's request so far: spans, and encoded bytes (each resource's
+/// with its framing once).
 #[derive(Default)]
 struct Weight {
     spans: usize,
     bytes: usize,
-    /// The resources counted already (a few: one per sandbox or connection).
+    /// Counted already (a few: one per sandbox or connection).
     resources: Vec<Arc<EncodedResource>>,
 }
 
@@ -363,8 +359,8 @@ pub(crate) async fn run_batcher(
     shutdown: Shutdown,
 ) {
     let mut buf: Vec<Queued> = Vec::with_capacity(cfg.max_spans);
-    // What does not fit a batch (the tail of the record that crosses a
-    // bound, and the records after it) waits here for the next one.
+    // What does not fit a batch (from the record crossing a bound on) waits
+    // here for the next one.
     let mut carry: Vec<Queued> = Vec::new();
     loop {
         buf.append(&mut carry);
@@ -406,7 +402,7 @@ pub(crate) async fn run_batcher(
     }
 }
 
-/// Part of a batch on its way: its records, and whose each one is.
+/// Part of a batch on its way: its records, and each one's sandbox.
 struct Piece {
     records: Vec<SpanRecord>,
     tenants: Vec<Arc<Tenant>>,
@@ -434,13 +430,11 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
         .into_iter()
         .map(|q| (q.record, (q.permit, q.share)))
         .unzip();
-    // Each sandbox's part of the batch, for its own counters.
     let tenants = held.iter().map(|(_, s)| Arc::clone(s.tenant())).collect();
     // Halves of a request too large come back here, the first sent first.
     let mut pieces = vec![Piece { records, tenants }];
     while let Some(mut piece) = pieces.pop() {
         let spans: u64 = piece.records.iter().map(|r| r.count as u64).sum();
-        // Frames the spans, encoded already, into one request.
         let body = encode_request(&piece.records);
         let bytes = body.len();
         let (delivery, attempts, error) = exporter

@@ -1,14 +1,13 @@
 //! The bounded queue between the agent connections and the batcher: in
-//! spans, by slots a record (one socket read) holds until received, and in
-//! bytes, by permits its spans hold until their batch is exported, spooled
-//! or dropped. A connection without room stops reading its socket, so a
-//! slow collector becomes backpressure on the guest, not memory here.
+//! spans, by slots a record (one socket read) holds until received (so they
+//! bound the lanes too), and in bytes, by permits held until its batch is
+//! exported, spooled or dropped. A connection without room stops reading:
+//! a slow collector becomes backpressure on the guest, not memory here.
 //!
 //! Fair between sandboxes: while others hold room, a sandbox's [`Share`]
-//! is at most an equal part (see [`crate::tenant`]); and the receiver takes
-//! records from one lane per sandbox in turn, so a quiet sandbox never
-//! waits behind a flood. Slots go back as records leave the lanes (so they
-//! bound the lanes too).
+//! is at most an equal part ([`crate::tenant`]); and the receiver takes
+//! from one lane per sandbox in turn, so a quiet one never waits behind a
+//! flood.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -54,7 +53,7 @@ impl Drop for Share {
     }
 }
 
-/// A span in the queue, with the byte budget it holds.
+/// Spans in the queue, with the byte budget they hold.
 pub(crate) struct Queued {
     pub record: SpanRecord,
     pub permit: OwnedSemaphorePermit,
@@ -66,7 +65,7 @@ pub(crate) struct Queued {
 
 impl Queued {
     /// Splits off the first `n` spans with their share of the byte budget,
-    /// for a batch to end inside a record. `None` (never, in practice).
+    /// for a batch to end inside a record. `None`: never, in practice.
     pub(crate) fn split_to(&mut self, n: usize) -> Option<Queued> {
         let count = self.record.count.max(1);
         let n = n.min(count);
@@ -114,10 +113,10 @@ pub(crate) struct QueueReceiver {
     room: Room,
 }
 
-/// Records that have arrived, one lane per sandbox, and the lanes' turns:
-/// deficit round robin in spans (each turn adds [`QUANTUM`] to a lane's
-/// allowance; it gives records while its oldest fits). Counting records
-/// would let a flood's 256-span records outweigh single spans a hundredfold.
+/// Records arrived, one lane per sandbox, taken by deficit round robin in
+/// spans (each turn adds [`QUANTUM`] to a lane's allowance; it gives while
+/// its oldest fits): by records, a flood's 256-span ones would outweigh
+/// single spans a hundredfold.
 #[derive(Default)]
 struct Lanes {
     lanes: HashMap<u64, Lane>,
@@ -127,7 +126,7 @@ struct Lanes {
 #[derive(Default)]
 struct Lane {
     records: VecDeque<Queued>,
-    /// Spans this lane may still give in its current turn.
+    /// Spans it may still give this turn.
     allowance: usize,
 }
 
@@ -176,8 +175,7 @@ impl Lanes {
     }
 }
 
-/// Creates a queue holding at most `max_spans` spans and about `max_bytes`
-/// bytes of them.
+/// A queue of at most `max_spans` spans and about `max_bytes` bytes.
 pub(crate) fn bounded(
     max_spans: usize,
     max_bytes: usize,
@@ -209,8 +207,8 @@ pub(crate) fn bounded(
 }
 
 impl QueueSender {
-    /// Queues a record of `tenant`'s costing `cost` bytes, its spans read
-    /// no earlier than `since`, waiting for room in the share, then here.
+    /// Queues `tenant`'s record of `cost` bytes, read no earlier than
+    /// `since`, waiting for room in its share, then here.
     pub(crate) async fn send(
         &self,
         record: SpanRecord,

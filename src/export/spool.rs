@@ -1,9 +1,7 @@
-//! The durable spool: batches that cannot be exported now, kept on disk so
-//! that neither a collector nor a forwarder restart during an outage loses
-//! them (the spans of a container start happen once). When the queue fills
-//! while the collector is away, and at shutdown, encoded requests are
-//! written here; the replayer sends them, oldest first, once the collector
-//! answers (also after a restart), removing each once sent.
+//! The durable spool: batches that cannot be exported now (the queue
+//! filling while the collector is away; shutdown), kept on disk so that no
+//! collector or forwarder restart loses them (a container start's spans
+//! happen once). The replayer sends them, oldest first, removing each sent.
 //!
 //! One file per batch, `<seq>.batch` (20 digits: names sort by age),
 //! written as a temporary file, synced, then named (a crash leaves a whole
@@ -14,20 +12,18 @@
 //! ```
 //!
 //! The body is the `ExportTraceServiceRequest` as it would have been sent.
-//! A file with a wrong header, length or checksum is renamed `<seq>.damaged`
-//! (for a human; never fatal, never blocking the rest). The total size is
-//! bounded: a batch that does not fit is not written (the caller keeps the
-//! backpressure).
+//! A file with a bad header, length or checksum is renamed `<seq>.damaged`
+//! (for a human; never fatal). A batch over the size bound is not written
+//! (the caller keeps the backpressure).
 //!
-//! During a hand-over two processes use the directory at once, so a
-//! temporary file is `<seq>.<token>.tmp` (the token this process's), named
-//! by a hard link, which never replaces the other's batch (the next number
-//! is tried); a batch is claimed by renaming it `<seq>.<token>.sending` (of
-//! two replayers, the one whose rename fails leaves it), and given back as
-//! `.batch` when the send fails. An idle replayer rescans for the other's
-//! batches; there (and at start) a dead process's temporary file or claim,
-//! once older than a live one would leave it, is deleted or given back (to
-//! be sent at least once).
+//! During a hand-over two processes share the directory: a temporary file
+//! is `<seq>.<token>.tmp` (our token), named by a hard link, which never
+//! replaces the other's batch (the next number is tried); a batch is
+//! claimed by renaming it `<seq>.<token>.sending` (the loser of two renames
+//! leaves it) and given back as `.batch` if the send fails. An idle
+//! replayer rescans for the other's batches; there (and at start) a dead
+//! process's temporary file or claim, older than a live one would leave
+//! it, is deleted or given back (to be sent at least once).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -91,7 +87,7 @@ pub struct Depth {
     pub bytes: u64,
 }
 
-/// The spool; it keeps its gauges (`spool_bytes`, `spool_files`) up to date.
+/// It keeps its gauges (`spool_bytes`, `spool_files`) up to date.
 pub(crate) struct Spool {
     pub(crate) dir: PathBuf,
     pub(crate) max_bytes: u64,
@@ -165,8 +161,7 @@ impl Spool {
         fs::create_dir_all(dir).map_err(failed("creating spool directory", dir))
     }
 
-    /// Opens (creating if needed) the spool in `dir`, taking stock of what
-    /// an earlier run left.
+    /// Opens (creating) the spool in `dir`, taking stock of what is there.
     pub(crate) fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<Spool, SpoolError> {
         Self::create_dir(dir)?;
         let spool = Spool {
@@ -230,10 +225,10 @@ impl Spool {
         Ok(found)
     }
 
-    /// Counts a batch found on disk unless counted; whether it was new.
+    /// Counts a batch found on disk; whether it was new.
     fn found(&self, seq: u64, path: &Path) -> bool {
         let size = fs::symlink_metadata(path).map_or(0, |m| m.len());
-        let spans = self.spans_in(path);
+        let spans = self.spans_in(path).unwrap_or(0);
         self.with(|st| {
             let new = st.files.insert(seq, (size, spans)).is_none();
             if new {
@@ -244,17 +239,14 @@ impl Spool {
         })
     }
 
-    /// The spans a batch's header says it holds, 0 for no batch; opened as
-    /// [`Spool::read`] does (it may be planted), only its header read.
-    fn spans_in(&self, path: &Path) -> u32 {
-        let spans = || {
-            let (mut f, _) = crate::untrusted::open_file(path, Link::Never, self.max_bytes).ok()?;
-            let mut h = [0u8; HEADER_LEN];
-            io::Read::read_exact(&mut f, &mut h).ok()?;
-            h.starts_with(MAGIC)
-                .then(|| field(&h, 12).map(u32::from_le_bytes))?
-        };
-        spans().unwrap_or(0)
+    /// The spans a batch's header says it holds; opened as [`Spool::read`]
+    /// does (it may be planted), only its header read.
+    fn spans_in(&self, path: &Path) -> Option<u32> {
+        let (mut f, _) = crate::untrusted::open_file(path, Link::Never, self.max_bytes).ok()?;
+        let mut h = [0u8; HEADER_LEN];
+        io::Read::read_exact(&mut f, &mut h).ok()?;
+        h.starts_with(MAGIC)
+            .then(|| field(&h, 12).map(u32::from_le_bytes))?
     }
 
     pub(crate) fn depth(&self) -> Depth {

@@ -1,12 +1,11 @@
 //! `--dump-format tree`: each trace as an indented tree, for a person.
 //!
 //! The agent sends each span as it ends, the root last. A trace is held
-//! until its root (a span without a parent) comes, or it has been quiet for
-//! the linger time (most agent traces hang under a runtime span that never
-//! passes here). What comes after is printed on its own, marked late; past
-//! `max_spans` held, the oldest traces are printed as they are, marked
-//! incomplete; all is printed at exit. Nothing is dropped. The guest's
-//! strings have control characters escaped.
+//! until its root comes, or it has been quiet for the linger time (most
+//! agent traces hang under a runtime span never seen here). Later spans are
+//! printed on their own, marked late; past `max_spans` held, the oldest
+//! trace is printed, marked incomplete; the rest at exit (nothing is
+//! dropped). The guest's strings have control characters escaped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -47,11 +46,11 @@ pub(crate) struct TreeWriter {
     out: Box<dyn Write + Send + Sync>,
     pub(super) opts: DumpConfig,
     traces: HashMap<Vec<u8>, Trace>,
-    /// The traces held, in the order they came (the bound's oldest first).
+    /// The traces held, oldest first.
     arrival: BTreeMap<u64, Vec<u8>>,
     held: usize,
-    /// Traces printed, with their start, for what comes late; bounded like
-    /// the spans, the oldest forgotten first.
+    /// Traces printed, with their start, for late spans; bounded like the
+    /// spans.
     printed: HashMap<Vec<u8>, u64>,
     printed_order: VecDeque<Vec<u8>>,
 }
@@ -165,11 +164,10 @@ impl TreeWriter {
             .unwrap_or(0);
         let late = self.printed.get(id).copied();
         let start = late.map_or(earliest, |s| s.min(earliest));
-        let (colour, late) = (self.opts.colour, late.is_some());
         let text = Render {
-            colour,
+            colour: self.opts.colour,
             start,
-            late,
+            late: late.is_some(),
         }
         .trace(id, &trace.spans, full);
         if self.printed.insert(id.to_vec(), start).is_none() {
@@ -205,17 +203,10 @@ impl Render {
         }
     }
 
-    /// `  [mark]`, if any, and the line's end.
-    fn end_line(&self, out: &mut String, mark: Option<&str>) {
-        if let Some(mark) = mark {
-            let _ = write!(out, "  {}", self.wrap(YELLOW, &format!("[{mark}]")));
-        }
-        out.push('\n');
-    }
-
     /// A trace's held spans: a header line, then each top span and its
     /// descendants, siblings by start time.
     fn trace(&self, id: &[u8], spans: &[Held], full: bool) -> String {
+        let late = self.late;
         let mut header = format!("trace {}", hex(id));
         let sandboxes: BTreeSet<&str> = spans.iter().filter_map(|h| h.sandbox.as_deref()).collect();
         for s in sandboxes {
@@ -224,12 +215,15 @@ impl Render {
         let plural = if spans.len() == 1 { "" } else { "s" };
         let _ = write!(header, "  {} span{plural}", spans.len());
         let mut out = self.wrap(BOLD, &header);
-        let mark = match (self.late, full) {
+        let mark = match (late, full) {
             (_, true) => Some("incomplete: --dump-max-spans reached, printed as it is"),
             (true, _) => Some("late: after the trace was printed"),
             _ => None,
         };
-        self.end_line(&mut out, mark);
+        if let Some(mark) = mark {
+            let _ = write!(out, "  {}", self.wrap(YELLOW, &format!("[{mark}]")));
+        }
+        out.push('\n');
 
         let mut order: Vec<(usize, &Held)> = spans.iter().enumerate().collect();
         order.sort_by_key(|&(i, h)| (h.span.start_time_unix_nano, i));
@@ -259,12 +253,8 @@ impl Render {
                 }
                 // A top span with a parent not received, or printed before.
                 let orphan = depth == 0 && !h.span.parent_span_id.is_empty();
-                let late = if self.late {
-                    "late"
-                } else {
-                    "parent not received"
-                };
-                self.line(&mut out, h, depth, orphan.then_some(late));
+                let mark = orphan.then_some(if late { "late" } else { "parent not received" });
+                self.line(&mut out, h, depth, mark);
                 if let Some(kids) = children.get(h.span.span_id.as_slice()) {
                     stack.extend(kids.iter().rev().map(|&(k, kh)| (k, kh, depth + 1)));
                 }
@@ -297,7 +287,10 @@ impl Render {
             let _ = write!(out, "  {}", self.wrap(style, &text));
         }
         let _ = write!(out, "{}", attributes(&span.attributes));
-        self.end_line(out, mark);
+        if let Some(mark) = mark {
+            let _ = write!(out, "  {}", self.wrap(YELLOW, &format!("[{mark}]")));
+        }
+        out.push('\n');
         for event in &span.events {
             let _ = writeln!(
                 out,

@@ -1,18 +1,15 @@
-//! `kata-trace-forwarder status`: a running forwarder says how it is doing
-//! (whether it serves a sandbox, whether its agent is connected, whether
-//! its spans are dropped or stuck in the spool). Here the report and the
-//! forwarder's end ([`Board`]); the client's in [`client`], the table in
-//! [`table`]. It is asked over the hand-off socket, which has the rules it
-//! needs (`SO_PEERCRED`: root or our successor, before anything is read),
-//! with another first message than a successor's:
+//! `kata-trace-forwarder status`: how a running forwarder is doing (its
+//! sandboxes, their agents, spans dropped or stuck in the spool). Here the
+//! report and the forwarder's end ([`Board`]). It is asked over the hand-off
+//! socket (`SO_PEERCRED`: root or our successor, before anything is read),
+//! with its own first message:
 //!
 //! ```text
 //! client -> forwarder   "KTFSTAT1"                  (8 bytes)
 //! forwarder -> client   the report as one JSON document, then it closes
 //! ```
 //!
-//! Nothing pauses or changes: the report reads counters kept anyway. Both
-//! ends bound their time and the report's size.
+//! The report reads counters kept anyway; both ends bound time and size.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -34,8 +31,7 @@ use crate::tenant::Tenants;
 pub const REQUEST: [u8; 8] = *b"KTFSTAT1";
 /// The report's format; a field is only ever added.
 const FORMAT: u32 = 1;
-/// Largest report either end handles: far above [`MAX_LISTED`] sandboxes
-/// with labels of 256 bytes.
+/// Largest report either end handles: far above [`MAX_LISTED`] sandboxes.
 const MAX_REPORT: usize = 16 << 20;
 /// Sandboxes listed at most; the rest counted.
 const MAX_LISTED: usize = 4096;
@@ -44,7 +40,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reports being written at once; a request past it is closed unanswered.
 const MAX_ANSWERING: usize = 4;
 /// Longest the client waits for each forwarder, all in (one waits a second
-/// at most for a silent peer before it answers the next).
+/// at most for a silent peer before answering the next).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +72,7 @@ pub struct Report {
     pub version: String,
     pub pid: u32,
     pub socket: PathBuf,
-    /// When the report was made (Unix ms; the other times' clock too).
+    /// Unix ms, the other times' clock too.
     pub now_unix_ms: u64,
     /// When this process began serving (a `SIGHUP` upgrade starts again).
     pub started_unix_ms: u64,
