@@ -266,7 +266,7 @@ mod table;
 
 #[cfg(test)]
 use client::discovered;
-pub use client::{gather, sockets, Target};
+pub use client::{gather, Target};
 pub use table::print;
 #[cfg(test)]
 use table::{bytes, duration};
