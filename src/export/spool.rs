@@ -64,12 +64,6 @@ pub enum SpoolError {
     },
 }
 
-#[derive(Debug)]
-pub(crate) struct Spooled {
-    pub spans: u32,
-    pub body: EncodedRequest,
-}
-
 #[derive(Debug, Default)]
 struct State {
     /// Files present, by sequence number: their sizes and spans.
@@ -129,7 +123,6 @@ pub(crate) fn is_spool_file(name: &std::ffi::OsStr) -> bool {
     Entry::of(name).is_some()
 }
 
-/// Whether `path` last changed longer than `after` ago.
 fn abandoned(path: &Path, after: Duration) -> bool {
     use std::os::unix::fs::MetadataExt;
     fs::symlink_metadata(path).is_ok_and(|md| {
@@ -141,7 +134,6 @@ fn abandoned(path: &Path, after: Duration) -> bool {
     })
 }
 
-/// `what` failed on `path`, for `map_err`.
 fn failed(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolError {
     let path = path.to_path_buf();
     move |source| SpoolError::Io { what, path, source }
@@ -348,9 +340,9 @@ impl Spool {
         self.with(|st| st.files.keys().next().copied())
     }
 
-    /// Claims a batch and reads it back, setting it aside if damaged.
-    /// `Ok(None)`: another process claimed it first (and sends it).
-    pub(crate) fn read(&self, seq: u64) -> Result<Option<Spooled>, SpoolError> {
+    /// Claims a batch and reads back its spans and body, setting it aside if
+    /// damaged. `Ok(None)`: another process claimed it first (and sends it).
+    pub(crate) fn read(&self, seq: u64) -> Result<Option<(u32, EncodedRequest)>, SpoolError> {
         let (path, claim) = (self.batch_path(seq), self.claim_path(seq));
         // Gone (claimed), or unusable: forgotten, not retried forever.
         let unreadable = |source| {
@@ -366,14 +358,10 @@ impl Spool {
                 _ => Err(unreadable(e)),
             };
         }
-        // Anything running as the forwarder's user may plant a FIFO, a
-        // symlink (to `/dev/zero`) or a huge file here: none is waited on,
-        // followed or read past the spool's bound (no batch is larger).
+        // A FIFO, a symlink (to `/dev/zero`) or a huge file the forwarder's
+        // user planted is not waited on, followed or read past the bound.
         let read = match crate::untrusted::read_file(&claim, Link::Never, self.max_bytes) {
-            Ok(d) => parse(&d).map(|(spans, body)| Spooled {
-                spans,
-                body: Bytes::copy_from_slice(body).into(),
-            }),
+            Ok(d) => parse(&d).map(|(spans, body)| (spans, Bytes::copy_from_slice(body).into())),
             Err(UntrustedError::TooLarge { .. }) => Err("larger than the spool's size bound"),
             Err(UntrustedError::SymlinkRefused { .. }) => Err("a symlink"),
             Err(e) if e.is_refusal() => Err("not a regular file"),
@@ -562,10 +550,10 @@ mod tests {
         assert_eq!(spool.len(), 2);
         let seq = spool.oldest().unwrap();
         let b = spool.read(seq).unwrap().unwrap();
-        assert_eq!((b.spans, &b.body.to_bytes()[..]), (3, &b"first"[..]));
+        assert_eq!((b.0, &b.1.to_bytes()[..]), (3, &b"first"[..]));
         spool.remove(seq);
         let b = spool.read(spool.oldest().unwrap()).unwrap().unwrap();
-        assert_eq!((b.spans, &b.body.to_bytes()[..]), (4, &b"second"[..]));
+        assert_eq!((b.0, &b.1.to_bytes()[..]), (4, &b"second"[..]));
         // New writes continue the sequence after a reopen.
         assert!(spool.write(&req(b"third"), 1).unwrap());
         assert!(spool.oldest().unwrap() < spool.with(|st| st.next_seq));
@@ -605,7 +593,7 @@ mod tests {
         while let Some(seq) = spool.oldest() {
             match spool.read(seq) {
                 Ok(Some(b)) => {
-                    good.push(b.body.to_bytes());
+                    good.push(b.1.to_bytes());
                     spool.remove(seq);
                 }
                 Ok(None) => panic!("nobody else claims here"),
@@ -651,7 +639,7 @@ mod tests {
             while let Some(seq) = spool.oldest() {
                 match spool.read(seq) {
                     Ok(Some(b)) => {
-                        got.push(b.body.to_bytes());
+                        got.push(b.1.to_bytes());
                         spool.remove(seq);
                     }
                     Err(SpoolError::Damaged { .. }) => damaged += 1,
@@ -677,7 +665,7 @@ mod tests {
         while let Some(seq) = spool.oldest() {
             if let Some(b) = spool.read(seq).unwrap() {
                 Claimed(spool, seq).settle();
-                got.push(b.body.to_bytes());
+                got.push(b.1.to_bytes());
             }
         }
         got

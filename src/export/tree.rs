@@ -224,7 +224,6 @@ impl Render {
             let _ = write!(out, "  {}", self.wrap(YELLOW, &format!("[{mark}]")));
         }
         out.push('\n');
-
         let mut order: Vec<(usize, &Held)> = spans.iter().enumerate().collect();
         order.sort_by_key(|&(i, h)| (h.span.start_time_unix_nano, i));
         let by_id: HashSet<&[u8]> = spans.iter().map(|h| h.span.span_id.as_slice()).collect();
