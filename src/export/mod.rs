@@ -430,7 +430,7 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
         .into_iter()
         .map(|q| (q.record, (q.permit, q.share)))
         .unzip();
-    let tenants = held.iter().map(|(_, s)| Arc::clone(s.tenant())).collect();
+    let tenants = held.iter().map(|(_, s)| Arc::clone(&s.tenant)).collect();
     // Halves of a request too large come back here, the first sent first.
     let mut pieces = vec![Piece { records, tenants }];
     while let Some(mut piece) = pieces.pop() {
@@ -589,7 +589,7 @@ mod tests {
         .await;
         let mut first = Piece {
             records: records_of(&batch),
-            tenants: batch.iter().map(|q| Arc::clone(q.share.tenant())).collect(),
+            tenants: batch.iter().map(|q| Arc::clone(&q.share.tenant)).collect(),
         };
         let second = first.split_half();
         let shape = |p: &Piece| {

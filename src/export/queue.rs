@@ -23,16 +23,12 @@ use crate::tenant::{LimitReason, QueueBounds, Tenant};
 /// The room a record holds of its sandbox's share: its spans until it
 /// leaves the queue, its bytes until it is exported (dropped).
 pub(crate) struct Share {
-    tenant: Arc<Tenant>,
+    pub(crate) tenant: Arc<Tenant>,
     spans: usize,
     bytes: usize,
 }
 
 impl Share {
-    pub(crate) fn tenant(&self) -> &Arc<Tenant> {
-        &self.tenant
-    }
-
     /// Splits off `part` of `whole` (for a split-off piece of the record).
     fn split(&mut self, part: usize, whole: usize) -> Share {
         let of = |v: usize| (v as u128 * part as u128 / whole.max(1) as u128) as usize;
@@ -135,7 +131,7 @@ const QUANTUM: usize = crate::ingest::RECORD_MAX_SPANS;
 
 impl Lanes {
     fn push(&mut self, q: Queued) {
-        let id = q.share.tenant().id();
+        let id = q.share.tenant.id();
         let lane = self.lanes.entry(id).or_default();
         if lane.records.is_empty() {
             self.turns.push_back(id);
@@ -345,7 +341,7 @@ mod tests {
         rx.recv_many(&mut batch, 512).await;
         let ids = |b: &[Queued]| {
             b.iter()
-                .map(|q| (q.share.tenant().label().to_owned(), q.record.count))
+                .map(|q| (q.share.tenant.label().to_owned(), q.record.count))
                 .collect::<Vec<_>>()
         };
         let first = ids(&batch);

@@ -3,7 +3,7 @@
 
 use super::*;
 
-/// Where batches go; each takes the same encoded request.
+/// Each transport takes the same encoded request.
 pub struct Sink(pub(super) Transport);
 
 pub(super) enum Transport {
@@ -14,8 +14,7 @@ pub(super) enum Transport {
 }
 
 impl Sink {
-    /// Opens the configured transport, reaching the collector within
-    /// `connect_timeout`.
+    /// Opens the configured transport, reaching the collector in `connect_timeout`.
     pub async fn connect(cfg: &OtlpConfig, connect_timeout: Duration) -> Result<Self, ExportError> {
         Ok(Sink(match cfg.protocol {
             OtlpProtocol::Grpc => {

@@ -9,7 +9,6 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -199,7 +198,7 @@ pub(crate) struct Connector {
 impl tonic::codegen::Service<Uri> for Connector {
     type Response = hyper_util::rt::TokioIo<Stream>;
     type Error = io::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send>>;
+    type Future = tonic::codegen::BoxFuture<Self::Response, io::Error>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
@@ -282,9 +281,8 @@ pub(crate) async fn reach(
     })
 }
 
-/// Whether an error or a cause is the collector's certificate failing
-/// verification, or the collector refusing ours (the same files will fail
-/// again).
+/// Whether an error or a cause is a certificate, the collector's or ours,
+/// refused (the same files will fail again).
 pub(crate) fn is_tls_rejection(e: &(dyn std::error::Error + 'static)) -> bool {
     use rustls::AlertDescription as A;
     let tls = std::iter::successors(Some(e), |e| e.source()).find_map(|err| {

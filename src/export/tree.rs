@@ -49,8 +49,7 @@ pub(crate) struct TreeWriter {
     /// The traces held, oldest first.
     arrival: BTreeMap<u64, Vec<u8>>,
     held: usize,
-    /// Traces printed, with their start, for late spans; bounded like the
-    /// spans.
+    /// Traces printed, with their start, for late spans; bounded like spans.
     printed: HashMap<Vec<u8>, u64>,
     printed_order: VecDeque<Vec<u8>>,
 }

@@ -1,5 +1,4 @@
-//! What `status` prints: the report as a table a person reads, or as JSON
-//! lines.
+//! What `status` prints: the report as a table for a person, or JSON lines.
 
 use super::*;
 
