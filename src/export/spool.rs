@@ -73,12 +73,14 @@ struct State {
     next_seq: u64,
 }
 
-/// What the spool holds, as `status` reports it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Where the spool is and what it holds, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Depth {
+    pub dir: PathBuf,
     pub batches: u64,
     pub spans: u64,
     pub bytes: u64,
+    pub max_bytes: u64,
 }
 
 /// It keeps its gauges (`spool_bytes`, `spool_files`) up to date.
@@ -243,9 +245,11 @@ impl Spool {
 
     pub(crate) fn depth(&self) -> Depth {
         self.with(|st| Depth {
+            dir: self.dir.clone(),
             batches: st.files.len() as u64,
             spans: st.spans,
             bytes: st.bytes,
+            max_bytes: self.max_bytes,
         })
     }
 
@@ -509,9 +513,11 @@ mod tests {
         assert!(spool.write(&req(b"first"), 3).unwrap());
         assert!(spool.write(&req(b"second"), 4).unwrap());
         let want = Depth {
+            dir: dir.path().into(),
             batches: 2,
             spans: 7,
             bytes: (2 * HEADER_LEN + 11) as u64,
+            max_bytes: 1 << 20,
         };
         assert_eq!(spool.depth(), want);
         // Found by another process (a restart): read from the headers, and

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::export::spool::Depth;
+pub use crate::export::spool::Depth;
 use crate::export::{unix_ms, Exporter};
 pub use crate::export::{Failure, HealthSnapshot};
 use crate::stats::{DropReason, FamilySnapshot, Label, Stats};
@@ -134,15 +134,7 @@ pub struct ExporterReport {
     pub queue_spans: u64,
     /// [`SandboxReport::pending`] of the sandboxes served now.
     pub pending_spans: u64,
-    pub spool: Option<SpoolReport>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SpoolReport {
-    pub dir: PathBuf,
-    #[serde(flatten)]
-    pub depth: Depth,
-    pub max_bytes: u64,
+    pub spool: Option<Depth>,
 }
 
 pub(crate) struct Board {
@@ -226,11 +218,7 @@ impl Board {
                 failures: snap.export_failures,
                 queue_spans: snap.queue_depth,
                 pending_spans: pending,
-                spool: self.exporter.spool.as_ref().map(|s| SpoolReport {
-                    dir: s.dir.clone(),
-                    depth: s.depth(),
-                    max_bytes: s.max_bytes,
-                }),
+                spool: self.exporter.spool.as_ref().map(|s| s.depth()),
             },
             counters,
         }
@@ -343,13 +331,11 @@ mod tests {
                 failures: 0,
                 queue_spans: 20,
                 pending_spans: 20,
-                spool: Some(SpoolReport {
+                spool: Some(Depth {
                     dir: "/var/spool/ktf".into(),
-                    depth: Depth {
-                        batches: 3,
-                        spans: 140,
-                        bytes: 46_182,
-                    },
+                    batches: 3,
+                    spans: 140,
+                    bytes: 46_182,
                     max_bytes: 256 << 20,
                 }),
             },

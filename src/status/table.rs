@@ -96,9 +96,9 @@ impl std::fmt::Display for Report {
             Some(s) => writeln!(
                 out,
                 "  spool: {} batches, {} spans, {} of {} in {}",
-                s.depth.batches,
-                s.depth.spans,
-                bytes(s.depth.bytes),
+                s.batches,
+                s.spans,
+                bytes(s.bytes),
                 bytes(s.max_bytes),
                 s.dir.display()
             )?,
