@@ -1,8 +1,7 @@
-//! An export request's HTTP body: the pieces of an [`EncodedRequest`],
-//! handed to hyper one by one without copying (h2 chains a large `Bytes`
-//! behind its frame header rather than copying it, so spans go from the
-//! buffer they were encoded into straight to the socket); and the
-//! collector's answer, read within bounds.
+//! An export request's HTTP body: an [`EncodedRequest`]'s pieces, handed to
+//! hyper without copying (h2 chains a large `Bytes` behind its frame
+//! header, so spans go from their encoding buffer straight to the socket);
+//! and the collector's answer, read within bounds.
 
 use std::convert::Infallible;
 use std::pin::Pin;

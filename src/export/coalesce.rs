@@ -1,13 +1,11 @@
 //! Fewer, larger writes to the collector's connection. h2 writes and
 //! flushes each DATA frame (16 KiB at most) on its own: with `TCP_NODELAY`
-//! (gRPC needs it), a batch was tens of system calls and segments, each
-//! waking the collector, a quarter of our CPU in the benchmark. This writer
-//! gathers h2's writes and sends them when full or when h2 has nothing more
-//! (`TCP_CORK` would spare the copy but keep a call per frame: the copy
-//! measured cheaper, BENCHMARKS.md). "Nothing more": a flush after new
-//! writes is deferred (the writer wakes its own task and reports success,
-//! so h2 frames the rest); a flush with nothing new sends the buffer. Each
-//! deferral pairs with a wake-up: bytes wait one turn of the task at most.
+//! a batch was tens of system calls and segments, a quarter of our CPU in
+//! the benchmark. This gathers h2's writes and sends them when full or when
+//! h2 has nothing more (`TCP_CORK` keeps a call per frame: the copy
+//! measured cheaper, BENCHMARKS.md): a flush after new writes is deferred
+//! (waking our own task, so h2 frames the rest); a flush with nothing new
+//! sends the buffer. Bytes wait one turn of the task at most.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;

@@ -1,11 +1,9 @@
 //! OTLP/gRPC transport (`TraceService/Export` over HTTP/2, via tonic).
 //!
 //! tonic's client would copy the [`EncodedRequest`]'s pieces into one
-//! buffer, so the request (a `POST` whose body is the message behind a
-//! 5-byte header: compression flag, big-endian length) is built here and
-//! sent through tonic's `Channel`; the answer (the message, then trailers
-//! with `grpc-status`, or an error as headers alone) is read by tonic's
-//! decoder. A throttling collector puts `RetryInfo` in the error's details.
+//! buffer, so the request (the message behind a 5-byte header: compression
+//! flag, big-endian length) is built here and sent through tonic's
+//! `Channel`; tonic's decoder reads the answer.
 
 use std::future::poll_fn;
 use std::time::Duration;
@@ -64,8 +62,8 @@ impl GrpcTransport {
         Ok(Self { channel, cfg })
     }
 
-    /// Sends one request within `--otlp-timeout` for the whole call (the
-    /// channel's own timeout ends at the response headers).
+    /// Within `--otlp-timeout` for the whole call (the channel's own
+    /// timeout ends at the response headers).
     pub(crate) async fn export(
         &self,
         body: &EncodedRequest,
@@ -146,10 +144,9 @@ impl Classify for GrpcError {
             | Code::OutOfRange
             | Code::Unavailable
             | Code::DataLoss => Retry::Retryable,
-            // With a `RetryInfo` delay, throttling; without one, over the
+            // With a `RetryInfo` delay, throttling; without, over the
             // collector's message limit (grpc-go's `max_recv_msg_size`, 4 MiB
-            // by default): smaller requests may pass. A zero delay (also a
-            // negative one, as tonic-types reads it) is no hint.
+            // by default). A zero delay (or negative, read so) is no hint.
             Code::ResourceExhausted => status
                 .get_details_retry_info()
                 .and_then(|info| info.retry_delay)

@@ -1,10 +1,8 @@
-//! OTLP/HTTP transport: `POST <endpoint>` with an `application/x-protobuf`
-//! body, over hyper's pooled HTTP/1.1 client.
-//!
-//! As the OTLP spec says: 429, 502, 503 and 504 are retried (`Retry-After`
-//! honoured, in either form), 413 means too large (its halves are sent
-//! instead), other statuses are not retried, connection errors are. Any
-//! 2xx is a success. An error's body is read as a `google.rpc.Status`.
+//! OTLP/HTTP transport: `POST <endpoint>`, `application/x-protobuf`, over
+//! hyper's pooled HTTP/1.1 client. As the OTLP spec says: 429, 502, 503 and
+//! 504 are retried (`Retry-After` honoured, in either form), 413 is too
+//! large, other statuses are not retried, connection errors are; an error's
+//! body is read as a `google.rpc.Status`.
 
 use std::time::Duration;
 
@@ -33,11 +31,9 @@ pub(crate) struct HttpTransport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
+    /// And whether a certificate, the collector's or ours, failed the handshake.
     #[error("sending request: {0}")]
-    Send(String),
-    /// A certificate, the collector's or ours, failed the handshake.
-    #[error("sending request: {0}")]
-    TlsRejected(String),
+    Send(String, bool),
     #[error("no response within {0:?}")]
     Timeout(Duration),
     #[error("collector answered HTTP {status}: {body}")]
@@ -51,8 +47,8 @@ pub enum HttpError {
 impl Classify for HttpError {
     fn retry(&self) -> Retry {
         match self {
-            HttpError::Send(_) | HttpError::Timeout(_) => Retry::Retryable,
-            HttpError::TlsRejected(_) => Retry::Never,
+            HttpError::Send(_, true) => Retry::Never,
+            HttpError::Send(..) | HttpError::Timeout(_) => Retry::Retryable,
             HttpError::Status {
                 status,
                 retry_after,
@@ -89,7 +85,7 @@ impl HttpTransport {
         let mut req = Request::post(cfg.endpoint.clone())
             .header(header::CONTENT_TYPE, "application/x-protobuf")
             .body(RequestBody::new(None, body))
-            .map_err(|e| HttpError::Send(e.to_string()))?;
+            .map_err(|e| HttpError::Send(e.to_string(), false))?;
         if cfg.compression == Compression::Gzip {
             req.headers_mut()
                 .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
@@ -99,10 +95,7 @@ impl HttpTransport {
         let resp = tokio::time::timeout_at(deadline, self.client.request(req))
             .await
             .map_err(|_| HttpError::Timeout(cfg.timeout))?
-            .map_err(|e| match tls::is_tls_rejection(&e) {
-                true => HttpError::TlsRejected(error_chain(&e)),
-                false => HttpError::Send(error_chain(&e)),
-            })?;
+            .map_err(|e| HttpError::Send(error_chain(&e), tls::is_tls_rejection(&e)))?;
         let status = resp.status();
         let retry_after = retry_after(resp.headers());
         // The status decides: a body over the bound or the deadline is left
@@ -122,9 +115,8 @@ impl HttpTransport {
     }
 }
 
-/// What a collector said with an error status, at most
-/// [`MAX_DETAIL_BYTES`]: its `google.rpc.Status` message, or else (a
-/// proxy's page) the body as text.
+/// What a collector said with an error status, at most [`MAX_DETAIL_BYTES`]:
+/// its `google.rpc.Status` message, or else (a proxy's page) the body.
 fn error_detail(body: &[u8]) -> String {
     let text = match tonic_types::pb::Status::decode(body) {
         Ok(status) if !status.message.is_empty() => status.message,
@@ -172,7 +164,8 @@ pub(super) mod tests {
         assert_eq!(status(400, None).retry(), Retry::Never);
         assert_eq!(status(413, None).retry(), Retry::TooLarge);
         assert_eq!(status(500, None).retry(), Retry::Never);
-        assert_eq!(HttpError::Send("refused".into()).retry(), Retry::Retryable);
+        let refused = HttpError::Send("refused".into(), false);
+        assert_eq!(refused.retry(), Retry::Retryable);
     }
 
     fn hint(value: &str) -> Option<Duration> {

@@ -1,19 +1,16 @@
 //! Export: batching, retry, and the transports that reach the collector.
 //!
-//! The batcher cuts batches (see ARCHITECTURE.md), encodes each once, and
-//! sends one at a time: while the collector is slow or away it retries, the
-//! queue fills, and the connections stop reading. A request the collector
-//! finds too large is sent again as its two halves, down to a single span,
-//! so one sandbox's over-large span costs no other sandbox anything. With a
-//! [`spool`], a batch failing while the queue fills goes to disk, for the
-//! replayer; at shutdown, what cannot be sent by the deadline is spooled,
-//! or counted as dropped.
+//! Batches are encoded once and sent one at a time: while the collector is
+//! slow or away the queue fills and the connections stop reading. A request
+//! found too large is sent as its halves, down to one span, so one sandbox's
+//! huge span costs no other anything. With a [`spool`], a batch failing as
+//! the queue fills, or left at the shutdown deadline, goes to disk (else it
+//! is counted as dropped).
 
 pub(crate) mod body;
 pub(crate) mod coalesce;
 pub(crate) mod dump;
 pub mod grpc;
-mod health;
 pub mod http;
 pub(crate) mod queue;
 mod replay;
@@ -45,8 +42,6 @@ use queue::{QueueReceiver, Queued};
 use retry::{Backoff, Classify, Retry, RetryPolicy};
 use spool::Spool;
 
-pub(crate) use health::{unix_ms, Health};
-pub use health::{Failure, HealthSnapshot};
 pub(crate) use replay::run_replayer;
 pub(crate) use sink::run_sink_ticker;
 pub use sink::Sink;
@@ -56,17 +51,11 @@ use split::{halves_of, split_batch, split_half};
 pub enum ExportError {
     #[error("cannot reach the OTLP collector at {endpoint}: {reason} (start the collector before the forwarder, or use --dump-only)")]
     Connect { endpoint: String, reason: String },
-    #[error("exporting to {endpoint} over gRPC: {source}")]
-    SendGrpc {
+    #[error("exporting to {endpoint} {source}")]
+    Send {
         endpoint: String,
         #[source]
-        source: grpc::GrpcError,
-    },
-    #[error("exporting to {endpoint} over HTTP: {source}")]
-    SendHttp {
-        endpoint: String,
-        #[source]
-        source: http::HttpError,
+        source: SendError,
     },
     #[error("writing spans to stdout: {0}")]
     WriteDump(#[source] std::io::Error),
@@ -78,6 +67,14 @@ pub enum ExportError {
         #[source]
         source: tls::TlsError,
     },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("over gRPC: {0}")]
+    Grpc(#[source] grpc::GrpcError),
+    #[error("over HTTP: {0}")]
+    Http(#[source] http::HttpError),
 }
 
 impl ExportError {
@@ -95,8 +92,10 @@ impl Classify for ExportError {
     fn retry(&self) -> Retry {
         match self {
             ExportError::Connect { .. } => Retry::Retryable,
-            ExportError::SendGrpc { source, .. } => source.retry(),
-            ExportError::SendHttp { source, .. } => source.retry(),
+            ExportError::Send { source, .. } => match source {
+                SendError::Grpc(e) => e.retry(),
+                SendError::Http(e) => e.retry(),
+            },
             ExportError::WriteDump(_)
             | ExportError::LoadTls { .. }
             | ExportError::TlsHandshake { .. } => Retry::Never,
@@ -127,12 +126,57 @@ fn cut(mut s: String, max: usize) -> String {
     s
 }
 
+/// How the collector has answered lately, for `status` (noted per request).
+#[derive(Default)]
+pub(crate) struct Health(std::sync::Mutex<HealthSnapshot>);
+
+/// When a request last went through, and when the last one failed and why
+/// (milliseconds since the Unix epoch).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HealthSnapshot {
+    pub last_success_unix_ms: Option<u64>,
+    pub last_failure: Option<Failure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Failure {
+    pub at_unix_ms: u64,
+    pub error: String,
+}
+
+pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Health {
+    fn note<T>(&self, res: &Result<T, ExportError>) {
+        let now = unix_ms(std::time::SystemTime::now());
+        let mut h = lock(&self.0);
+        match res {
+            Ok(_) => h.last_success_unix_ms = Some(now),
+            Err(e) => {
+                // Longest error text kept for `status`.
+                let error = cut(error_chain(e), 512);
+                h.last_failure = Some(Failure {
+                    at_unix_ms: now,
+                    error,
+                });
+            }
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> HealthSnapshot {
+        lock(&self.0).clone()
+    }
+}
+
 /// What the batcher and the replayer share.
 pub(crate) struct Exporter {
     pub(crate) sink: Sink,
     pub(crate) spool: Option<Arc<Spool>>,
     stats: Arc<Stats>,
-    /// Wakes the replayer when a batch has been spooled.
+    /// Wakes the replayer.
     spooled: Notify,
     pub(crate) health: Health,
 }
@@ -159,10 +203,9 @@ impl Exporter {
         res
     }
 
-    /// Sends a batch, retrying as the policy says; with a spool, one failing
-    /// while the queue fills (or past the shutdown deadline) goes to disk (a
-    /// full spool: kept in memory until time is up). What became of it, the
-    /// attempts, the last error.
+    /// Sends a batch, retrying; with a spool, one failing while the queue
+    /// fills (or past the shutdown deadline) goes to disk (a full spool: kept
+    /// in memory until time is up). What became of it, attempts, last error.
     async fn deliver(
         &self,
         body: EncodedRequest,
@@ -172,8 +215,7 @@ impl Exporter {
     ) -> (Delivery, u32, Option<ExportError>) {
         let stats = &*self.stats;
         let spooling = self.spool.is_some();
-        // Past the shutdown deadline, no export that may take a full
-        // timeout: straight to disk.
+        // Past the shutdown deadline, no export that may take a timeout.
         if spooling && shutdown.past_deadline() {
             let delivery = match self.spool_batch(body, spans).await {
                 true => Delivery::Spooled,
@@ -274,13 +316,13 @@ fn delivered(stats: &Stats, resp: &ExportTraceServiceResponse) -> Delivery {
     Delivery::Delivered { rejected }
 }
 
-/// What a batch's request weighs so far: its spans, and its encoded bytes
-/// (the spans' own, and each resource with its framing once).
+/// A batch's request so far: spans, and encoded bytes (each resource's
+/// with its framing once).
 #[derive(Default)]
 struct Weight {
     spans: usize,
     bytes: usize,
-    /// The resources counted already (a few: one per sandbox or connection).
+    /// Counted already (a few: one per sandbox or connection).
     resources: Vec<Arc<EncodedResource>>,
 }
 
@@ -317,8 +359,8 @@ pub(crate) async fn run_batcher(
     shutdown: Shutdown,
 ) {
     let mut buf: Vec<Queued> = Vec::with_capacity(cfg.max_spans);
-    // What does not fit a batch (the tail of the record that crosses a
-    // bound, and the records after it) waits here for the next one.
+    // What does not fit a batch (from the record crossing a bound on) waits
+    // here for the next one.
     let mut carry: Vec<Queued> = Vec::new();
     loop {
         buf.append(&mut carry);
@@ -360,7 +402,7 @@ pub(crate) async fn run_batcher(
     }
 }
 
-/// Part of a batch on its way: its records, and whose each one is.
+/// Part of a batch on its way: its records, and each one's sandbox.
 struct Piece {
     records: Vec<SpanRecord>,
     tenants: Vec<Arc<Tenant>>,
@@ -388,13 +430,11 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
         .into_iter()
         .map(|q| (q.record, (q.permit, q.share)))
         .unzip();
-    // Each sandbox's part of the batch, for its own counters.
-    let tenants = held.iter().map(|(_, s)| Arc::clone(s.tenant())).collect();
+    let tenants = held.iter().map(|(_, s)| Arc::clone(&s.tenant)).collect();
     // Halves of a request too large come back here, the first sent first.
     let mut pieces = vec![Piece { records, tenants }];
     while let Some(mut piece) = pieces.pop() {
         let spans: u64 = piece.records.iter().map(|r| r.count as u64).sum();
-        // Frames the spans, encoded already, into one request.
         let body = encode_request(&piece.records);
         let bytes = body.len();
         let (delivery, attempts, error) = exporter
@@ -549,7 +589,7 @@ mod tests {
         .await;
         let mut first = Piece {
             records: records_of(&batch),
-            tenants: batch.iter().map(|q| Arc::clone(q.share.tenant())).collect(),
+            tenants: batch.iter().map(|q| Arc::clone(&q.share.tenant)).collect(),
         };
         let second = first.split_half();
         let shape = |p: &Piece| {

@@ -1,14 +1,13 @@
 //! The bounded queue between the agent connections and the batcher: in
-//! spans, by slots a record (one socket read) holds until received, and in
-//! bytes, by permits its spans hold until their batch is exported, spooled
-//! or dropped. A connection without room stops reading its socket, so a
-//! slow collector becomes backpressure on the guest, not memory here.
+//! spans, by slots a record (one socket read) holds until received (so they
+//! bound the lanes too), and in bytes, by permits held until its batch is
+//! exported, spooled or dropped. A connection without room stops reading:
+//! a slow collector becomes backpressure on the guest, not memory here.
 //!
 //! Fair between sandboxes: while others hold room, a sandbox's [`Share`]
-//! is at most an equal part (see [`crate::tenant`]); and the receiver takes
-//! records from one lane per sandbox in turn, so a quiet sandbox never
-//! waits behind a flood. Slots go back as records leave the lanes (so they
-//! bound the lanes too).
+//! is at most an equal part ([`crate::tenant`]); and the receiver takes
+//! from one lane per sandbox in turn, so a quiet one never waits behind a
+//! flood.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -24,16 +23,12 @@ use crate::tenant::{LimitReason, QueueBounds, Tenant};
 /// The room a record holds of its sandbox's share: its spans until it
 /// leaves the queue, its bytes until it is exported (dropped).
 pub(crate) struct Share {
-    tenant: Arc<Tenant>,
+    pub(crate) tenant: Arc<Tenant>,
     spans: usize,
     bytes: usize,
 }
 
 impl Share {
-    pub(crate) fn tenant(&self) -> &Arc<Tenant> {
-        &self.tenant
-    }
-
     /// Splits off `part` of `whole` (for a split-off piece of the record).
     fn split(&mut self, part: usize, whole: usize) -> Share {
         let of = |v: usize| (v as u128 * part as u128 / whole.max(1) as u128) as usize;
@@ -54,7 +49,7 @@ impl Drop for Share {
     }
 }
 
-/// A span in the queue, with the byte budget it holds.
+/// Spans in the queue, with the byte budget they hold.
 pub(crate) struct Queued {
     pub record: SpanRecord,
     pub permit: OwnedSemaphorePermit,
@@ -66,7 +61,7 @@ pub(crate) struct Queued {
 
 impl Queued {
     /// Splits off the first `n` spans with their share of the byte budget,
-    /// for a batch to end inside a record. `None` (never, in practice).
+    /// for a batch to end inside a record. `None`: never, in practice.
     pub(crate) fn split_to(&mut self, n: usize) -> Option<Queued> {
         let count = self.record.count.max(1);
         let n = n.min(count);
@@ -114,10 +109,10 @@ pub(crate) struct QueueReceiver {
     room: Room,
 }
 
-/// Records that have arrived, one lane per sandbox, and the lanes' turns:
-/// deficit round robin in spans (each turn adds [`QUANTUM`] to a lane's
-/// allowance; it gives records while its oldest fits). Counting records
-/// would let a flood's 256-span records outweigh single spans a hundredfold.
+/// Records arrived, one lane per sandbox, taken by deficit round robin in
+/// spans (each turn adds [`QUANTUM`] to a lane's allowance; it gives while
+/// its oldest fits): by records, a flood's 256-span ones would outweigh
+/// single spans a hundredfold.
 #[derive(Default)]
 struct Lanes {
     lanes: HashMap<u64, Lane>,
@@ -127,7 +122,7 @@ struct Lanes {
 #[derive(Default)]
 struct Lane {
     records: VecDeque<Queued>,
-    /// Spans this lane may still give in its current turn.
+    /// Spans it may still give this turn.
     allowance: usize,
 }
 
@@ -136,7 +131,7 @@ const QUANTUM: usize = crate::ingest::RECORD_MAX_SPANS;
 
 impl Lanes {
     fn push(&mut self, q: Queued) {
-        let id = q.share.tenant().id();
+        let id = q.share.tenant.id();
         let lane = self.lanes.entry(id).or_default();
         if lane.records.is_empty() {
             self.turns.push_back(id);
@@ -176,8 +171,7 @@ impl Lanes {
     }
 }
 
-/// Creates a queue holding at most `max_spans` spans and about `max_bytes`
-/// bytes of them.
+/// A queue of at most `max_spans` spans and about `max_bytes` bytes.
 pub(crate) fn bounded(
     max_spans: usize,
     max_bytes: usize,
@@ -209,8 +203,8 @@ pub(crate) fn bounded(
 }
 
 impl QueueSender {
-    /// Queues a record of `tenant`'s costing `cost` bytes, its spans read
-    /// no earlier than `since`, waiting for room in the share, then here.
+    /// Queues `tenant`'s record of `cost` bytes, read no earlier than
+    /// `since`, waiting for room in its share, then here.
     pub(crate) async fn send(
         &self,
         record: SpanRecord,
@@ -347,7 +341,7 @@ mod tests {
         rx.recv_many(&mut batch, 512).await;
         let ids = |b: &[Queued]| {
             b.iter()
-                .map(|q| (q.share.tenant().label().to_owned(), q.record.count))
+                .map(|q| (q.share.tenant.label().to_owned(), q.record.count))
                 .collect::<Vec<_>>()
         };
         let first = ids(&batch);

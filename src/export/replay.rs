@@ -39,7 +39,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
             }
         };
         let reader = Arc::clone(&spool);
-        let batch = match tokio::task::spawn_blocking(move || reader.read(seq)).await {
+        let (spans, body) = match tokio::task::spawn_blocking(move || reader.read(seq)).await {
             Ok(Ok(Some(b))) => b,
             // Another process claimed it, and sends it.
             Ok(Ok(None)) => continue,
@@ -54,7 +54,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
             }
         };
         let claim = spool::Claimed(&spool, seq);
-        let spans = u64::from(batch.spans);
+        let spans = u64::from(spans);
         let done = |spans, delivery, error: Option<&ExportError>| {
             let error = error.map(|e| e as &dyn std::fmt::Display);
             emit!(
@@ -69,12 +69,11 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
             );
         };
         emit!(stats, ExportAttempt { attempt: 1 });
-        let (delivery, error) = match exporter.send(&batch.body).await {
+        let (delivery, error) = match exporter.send(&body).await {
             Ok(resp) => (delivered(stats, &resp), None),
             // Too large for this collector (spooled under a larger bound):
-            // its halves are spooled in its place, to be halved again if
-            // need be.
-            Err(e) if e.retry() == Retry::TooLarge && spans > 1 => match halves_of(&batch.body) {
+            // its halves are spooled instead (halved again if need be).
+            Err(e) if e.retry() == Retry::TooLarge && spans > 1 => match halves_of(&body) {
                 Some(halves) => {
                     claim.settle();
                     tracing::debug!(

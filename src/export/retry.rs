@@ -1,7 +1,6 @@
-//! Retry policy, apart from any transport: transports classify their
-//! failures ([`Retry`]); this decides when to try again (exponential backoff
-//! with jitter, a server's throttling hint honoured but capped) until a
-//! total deadline, which shutdown can pull in.
+//! Retry policy: transports classify their failures ([`Retry`]); this
+//! decides when to try again (jittered exponential backoff, a throttling
+//! hint honoured but capped) until a total deadline shutdown can pull in.
 
 use std::future::Future;
 use std::time::Duration;
@@ -52,9 +51,8 @@ pub(crate) struct Outcome<T, E> {
 
 impl RetryPolicy {
     /// Runs `op` until it succeeds, fails for good, or time (or the
-    /// shutdown deadline, also mid-wait) is up. `give_up` is asked after
-    /// each retryable failure whether the caller has a better use for the
-    /// data (the spool).
+    /// shutdown deadline, also mid-wait) is up. `give_up`, asked after each
+    /// retryable failure: the caller has a better use for the data (spool).
     pub(crate) async fn run<T, E, F, Fut>(
         &self,
         shutdown: &Shutdown,
@@ -107,9 +105,8 @@ impl RetryPolicy {
     }
 }
 
-/// The waits between attempts, as a [`RetryPolicy`] says: doubling from
-/// `initial_backoff` up to `max_backoff`, jittered, or a throttling hint,
-/// capped. [`RetryPolicy::run`] waits them, and so does the replayer.
+/// The waits between attempts: doubling from `initial_backoff` up to
+/// `max_backoff`, jittered, or a throttling hint, capped.
 pub(crate) struct Backoff<'a> {
     policy: &'a RetryPolicy,
     next: Duration,

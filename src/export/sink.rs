@@ -3,7 +3,7 @@
 
 use super::*;
 
-/// Where batches go; each takes the same encoded request.
+/// Each transport takes the same encoded request.
 pub struct Sink(pub(super) Transport);
 
 pub(super) enum Transport {
@@ -14,8 +14,7 @@ pub(super) enum Transport {
 }
 
 impl Sink {
-    /// Opens the configured transport, reaching the collector within
-    /// `connect_timeout`.
+    /// Opens the configured transport, reaching the collector in `connect_timeout`.
     pub async fn connect(cfg: &OtlpConfig, connect_timeout: Duration) -> Result<Self, ExportError> {
         Ok(Sink(match cfg.protocol {
             OtlpProtocol::Grpc => {
@@ -62,24 +61,16 @@ impl Sink {
         &self,
         body: &EncodedRequest,
     ) -> Result<ExportTraceServiceResponse, ExportError> {
-        match &self.0 {
-            Transport::Grpc(t) => t
-                .export(body)
-                .await
-                .map_err(|source| ExportError::SendGrpc {
-                    endpoint: t.cfg.endpoint.to_string(),
-                    source,
-                }),
-            Transport::Http(t) => t
-                .export(body)
-                .await
-                .map_err(|source| ExportError::SendHttp {
-                    endpoint: t.cfg.endpoint.to_string(),
-                    source,
-                }),
-            Transport::Dump(w) => written(dump::write_request(&mut *lock(w), body)),
-            Transport::Tree(w) => written(lock(w).write_request(body)),
-        }
+        let (cfg, res) = match &self.0 {
+            Transport::Grpc(t) => (&t.cfg, t.export(body).await.map_err(SendError::Grpc)),
+            Transport::Http(t) => (&t.cfg, t.export(body).await.map_err(SendError::Http)),
+            Transport::Dump(w) => return written(dump::write_request(&mut *lock(w), body)),
+            Transport::Tree(w) => return written(lock(w).write_request(body)),
+        };
+        res.map_err(|source| ExportError::Send {
+            endpoint: cfg.endpoint.to_string(),
+            source,
+        })
     }
 }
 

@@ -1,9 +1,7 @@
-//! The durable spool: batches that cannot be exported now, kept on disk so
-//! that neither a collector nor a forwarder restart during an outage loses
-//! them (the spans of a container start happen once). When the queue fills
-//! while the collector is away, and at shutdown, encoded requests are
-//! written here; the replayer sends them, oldest first, once the collector
-//! answers (also after a restart), removing each once sent.
+//! The durable spool: batches that cannot be exported now (the queue
+//! filling while the collector is away; shutdown), kept on disk so that no
+//! collector or forwarder restart loses them (a container start's spans
+//! happen once). The replayer sends them, oldest first, removing each sent.
 //!
 //! One file per batch, `<seq>.batch` (20 digits: names sort by age),
 //! written as a temporary file, synced, then named (a crash leaves a whole
@@ -14,20 +12,18 @@
 //! ```
 //!
 //! The body is the `ExportTraceServiceRequest` as it would have been sent.
-//! A file with a wrong header, length or checksum is renamed `<seq>.damaged`
-//! (for a human; never fatal, never blocking the rest). The total size is
-//! bounded: a batch that does not fit is not written (the caller keeps the
-//! backpressure).
+//! A file with a bad header, length or checksum is renamed `<seq>.damaged`
+//! (for a human; never fatal). A batch over the size bound is not written
+//! (the caller keeps the backpressure).
 //!
-//! During a hand-over two processes use the directory at once, so a
-//! temporary file is `<seq>.<token>.tmp` (the token this process's), named
-//! by a hard link, which never replaces the other's batch (the next number
-//! is tried); a batch is claimed by renaming it `<seq>.<token>.sending` (of
-//! two replayers, the one whose rename fails leaves it), and given back as
-//! `.batch` when the send fails. An idle replayer rescans for the other's
-//! batches; there (and at start) a dead process's temporary file or claim,
-//! once older than a live one would leave it, is deleted or given back (to
-//! be sent at least once).
+//! During a hand-over two processes share the directory: a temporary file
+//! is `<seq>.<token>.tmp` (our token), named by a hard link, which never
+//! replaces the other's batch (the next number is tried); a batch is
+//! claimed by renaming it `<seq>.<token>.sending` (the loser of two renames
+//! leaves it) and given back as `.batch` if the send fails. An idle
+//! replayer rescans for the other's batches; there (and at start) a dead
+//! process's temporary file or claim, older than a live one would leave
+//! it, is deleted or given back (to be sent at least once).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -68,12 +64,6 @@ pub enum SpoolError {
     },
 }
 
-#[derive(Debug)]
-pub(crate) struct Spooled {
-    pub spans: u32,
-    pub body: EncodedRequest,
-}
-
 #[derive(Debug, Default)]
 struct State {
     /// Files present, by sequence number: their sizes and spans.
@@ -83,15 +73,17 @@ struct State {
     next_seq: u64,
 }
 
-/// What the spool holds, as `status` reports it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Where the spool is and what it holds, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Depth {
+    pub dir: PathBuf,
     pub batches: u64,
     pub spans: u64,
     pub bytes: u64,
+    pub max_bytes: u64,
 }
 
-/// The spool; it keeps its gauges (`spool_bytes`, `spool_files`) up to date.
+/// It keeps its gauges (`spool_bytes`, `spool_files`) up to date.
 pub(crate) struct Spool {
     pub(crate) dir: PathBuf,
     pub(crate) max_bytes: u64,
@@ -133,7 +125,6 @@ pub(crate) fn is_spool_file(name: &std::ffi::OsStr) -> bool {
     Entry::of(name).is_some()
 }
 
-/// Whether `path` last changed longer than `after` ago.
 fn abandoned(path: &Path, after: Duration) -> bool {
     use std::os::unix::fs::MetadataExt;
     fs::symlink_metadata(path).is_ok_and(|md| {
@@ -145,7 +136,6 @@ fn abandoned(path: &Path, after: Duration) -> bool {
     })
 }
 
-/// `what` failed on `path`, for `map_err`.
 fn failed(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolError {
     let path = path.to_path_buf();
     move |source| SpoolError::Io { what, path, source }
@@ -165,8 +155,7 @@ impl Spool {
         fs::create_dir_all(dir).map_err(failed("creating spool directory", dir))
     }
 
-    /// Opens (creating if needed) the spool in `dir`, taking stock of what
-    /// an earlier run left.
+    /// Opens (creating) the spool in `dir`, taking stock of what is there.
     pub(crate) fn open(dir: &Path, max_bytes: u64, stats: Arc<Stats>) -> Result<Spool, SpoolError> {
         Self::create_dir(dir)?;
         let spool = Spool {
@@ -230,10 +219,10 @@ impl Spool {
         Ok(found)
     }
 
-    /// Counts a batch found on disk unless counted; whether it was new.
+    /// Counts a batch found on disk; whether it was new.
     fn found(&self, seq: u64, path: &Path) -> bool {
         let size = fs::symlink_metadata(path).map_or(0, |m| m.len());
-        let spans = self.spans_in(path);
+        let spans = self.spans_in(path).unwrap_or(0);
         self.with(|st| {
             let new = st.files.insert(seq, (size, spans)).is_none();
             if new {
@@ -244,24 +233,23 @@ impl Spool {
         })
     }
 
-    /// The spans a batch's header says it holds, 0 for no batch; opened as
-    /// [`Spool::read`] does (it may be planted), only its header read.
-    fn spans_in(&self, path: &Path) -> u32 {
-        let spans = || {
-            let (mut f, _) = crate::untrusted::open_file(path, Link::Never, self.max_bytes).ok()?;
-            let mut h = [0u8; HEADER_LEN];
-            io::Read::read_exact(&mut f, &mut h).ok()?;
-            h.starts_with(MAGIC)
-                .then(|| field(&h, 12).map(u32::from_le_bytes))?
-        };
-        spans().unwrap_or(0)
+    /// The spans a batch's header says it holds; opened as [`Spool::read`]
+    /// does (it may be planted), only its header read.
+    fn spans_in(&self, path: &Path) -> Option<u32> {
+        let (mut f, _) = crate::untrusted::open_file(path, Link::Never, self.max_bytes).ok()?;
+        let mut h = [0u8; HEADER_LEN];
+        io::Read::read_exact(&mut f, &mut h).ok()?;
+        h.starts_with(MAGIC)
+            .then(|| field(&h, 12).map(u32::from_le_bytes))?
     }
 
     pub(crate) fn depth(&self) -> Depth {
         self.with(|st| Depth {
+            dir: self.dir.clone(),
             batches: st.files.len() as u64,
             spans: st.spans,
             bytes: st.bytes,
+            max_bytes: self.max_bytes,
         })
     }
 
@@ -356,9 +344,9 @@ impl Spool {
         self.with(|st| st.files.keys().next().copied())
     }
 
-    /// Claims a batch and reads it back, setting it aside if damaged.
-    /// `Ok(None)`: another process claimed it first (and sends it).
-    pub(crate) fn read(&self, seq: u64) -> Result<Option<Spooled>, SpoolError> {
+    /// Claims a batch and reads back its spans and body, setting it aside if
+    /// damaged. `Ok(None)`: another process claimed it first (and sends it).
+    pub(crate) fn read(&self, seq: u64) -> Result<Option<(u32, EncodedRequest)>, SpoolError> {
         let (path, claim) = (self.batch_path(seq), self.claim_path(seq));
         // Gone (claimed), or unusable: forgotten, not retried forever.
         let unreadable = |source| {
@@ -374,14 +362,10 @@ impl Spool {
                 _ => Err(unreadable(e)),
             };
         }
-        // Anything running as the forwarder's user may plant a FIFO, a
-        // symlink (to `/dev/zero`) or a huge file here: none is waited on,
-        // followed or read past the spool's bound (no batch is larger).
+        // A FIFO, a symlink (to `/dev/zero`) or a huge file the forwarder's
+        // user planted is not waited on, followed or read past the bound.
         let read = match crate::untrusted::read_file(&claim, Link::Never, self.max_bytes) {
-            Ok(d) => parse(&d).map(|(spans, body)| Spooled {
-                spans,
-                body: Bytes::copy_from_slice(body).into(),
-            }),
+            Ok(d) => parse(&d).map(|(spans, body)| (spans, Bytes::copy_from_slice(body).into())),
             Err(UntrustedError::TooLarge { .. }) => Err("larger than the spool's size bound"),
             Err(UntrustedError::SymlinkRefused { .. }) => Err("a symlink"),
             Err(e) if e.is_refusal() => Err("not a regular file"),
@@ -529,9 +513,11 @@ mod tests {
         assert!(spool.write(&req(b"first"), 3).unwrap());
         assert!(spool.write(&req(b"second"), 4).unwrap());
         let want = Depth {
+            dir: dir.path().into(),
             batches: 2,
             spans: 7,
             bytes: (2 * HEADER_LEN + 11) as u64,
+            max_bytes: 1 << 20,
         };
         assert_eq!(spool.depth(), want);
         // Found by another process (a restart): read from the headers, and
@@ -570,10 +556,10 @@ mod tests {
         assert_eq!(spool.len(), 2);
         let seq = spool.oldest().unwrap();
         let b = spool.read(seq).unwrap().unwrap();
-        assert_eq!((b.spans, &b.body.to_bytes()[..]), (3, &b"first"[..]));
+        assert_eq!((b.0, &b.1.to_bytes()[..]), (3, &b"first"[..]));
         spool.remove(seq);
         let b = spool.read(spool.oldest().unwrap()).unwrap().unwrap();
-        assert_eq!((b.spans, &b.body.to_bytes()[..]), (4, &b"second"[..]));
+        assert_eq!((b.0, &b.1.to_bytes()[..]), (4, &b"second"[..]));
         // New writes continue the sequence after a reopen.
         assert!(spool.write(&req(b"third"), 1).unwrap());
         assert!(spool.oldest().unwrap() < spool.with(|st| st.next_seq));
@@ -613,7 +599,7 @@ mod tests {
         while let Some(seq) = spool.oldest() {
             match spool.read(seq) {
                 Ok(Some(b)) => {
-                    good.push(b.body.to_bytes());
+                    good.push(b.1.to_bytes());
                     spool.remove(seq);
                 }
                 Ok(None) => panic!("nobody else claims here"),
@@ -659,7 +645,7 @@ mod tests {
             while let Some(seq) = spool.oldest() {
                 match spool.read(seq) {
                     Ok(Some(b)) => {
-                        got.push(b.body.to_bytes());
+                        got.push(b.1.to_bytes());
                         spool.remove(seq);
                     }
                     Err(SpoolError::Damaged { .. }) => damaged += 1,
@@ -685,7 +671,7 @@ mod tests {
         while let Some(seq) = spool.oldest() {
             if let Some(b) = spool.read(seq).unwrap() {
                 Claimed(spool, seq).settle();
-                got.push(b.body.to_bytes());
+                got.push(b.1.to_bytes());
             }
         }
         got

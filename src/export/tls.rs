@@ -1,17 +1,14 @@
-//! Connections to the collector, for both transports: TCP, and TLS
-//! (rustls, 1.2 and 1.3; ALPN `h2` or `http/1.1`) for `https://`. The
-//! collector's chain is checked against the system's roots (or
-//! `--otlp-certificate`'s), its name against the endpoint's host; with a
-//! client certificate and key the forwarder proves itself too (mTLS).
+//! Connections to the collector: TCP, and for `https://` TLS (rustls, 1.2
+//! and 1.3) against the system's roots or `--otlp-certificate`'s, with a
+//! client certificate if given (mTLS).
 //!
-//! Certificates are rotated on disk unannounced, so each new connection
-//! reloads files whose size or modification time changed; one that does
-//! not load is logged and the last good configuration kept (a rotation
-//! half done never stops export). At startup every file must load.
+//! Certificates are rotated unannounced, so each new connection reloads
+//! files whose size or modification time changed; one that does not load is
+//! logged and the last good configuration kept (a rotation half done never
+//! stops export). At startup every file must load.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -52,7 +49,6 @@ pub enum TlsError {
     NoSystemRoots,
 }
 
-/// The client's TLS configuration, reloaded when its files change.
 pub(crate) struct Tls {
     settings: TlsConfig,
     alpn: &'static [u8],
@@ -70,7 +66,7 @@ impl Tls {
         })
     }
 
-    /// The configuration for a new connection, reloaded if a file changed.
+    /// For a new connection, reloaded if a file changed.
     pub(crate) fn current(&self) -> Arc<ClientConfig> {
         let mut loaded = lock(&self.loaded);
         let now = stamps(&self.settings);
@@ -90,7 +86,7 @@ impl Tls {
     }
 }
 
-/// What a file looked like (size, modification time), to notice it changed.
+/// A file's size and modification time, to notice it changed.
 type Stamp = Option<(u64, SystemTime)>;
 
 fn stamps(s: &TlsConfig) -> Vec<Stamp> {
@@ -170,7 +166,7 @@ fn build(s: &TlsConfig, alpn: &[u8]) -> Result<ClientConfig, TlsError> {
     Ok(config)
 }
 
-/// Dials `uri` (TCP, no Nagle), with the TLS handshake when `tls` is given.
+/// Dials `uri` (TCP, no Nagle), then TLS if `tls` is given.
 async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> {
     // IPv6 without its brackets.
     let host = uri.host().unwrap_or_default();
@@ -202,7 +198,7 @@ pub(crate) struct Connector {
 impl tonic::codegen::Service<Uri> for Connector {
     type Response = hyper_util::rt::TokioIo<Stream>;
     type Error = io::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send>>;
+    type Future = tonic::codegen::BoxFuture<Self::Response, io::Error>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
@@ -226,7 +222,7 @@ impl tonic::codegen::Service<Uri> for Connector {
 }
 
 /// A startup step of reaching the collector, within `timeout`; a TLS
-/// rejection told apart from a collector that is not there.
+/// rejection told apart from a missing collector.
 pub(crate) async fn within<T, E: std::error::Error + 'static>(
     endpoint: &str,
     timeout: Duration,
@@ -285,9 +281,8 @@ pub(crate) async fn reach(
     })
 }
 
-/// Whether an error or a cause is the collector's certificate failing
-/// verification, or the collector refusing ours: the same files will fail
-/// again.
+/// Whether an error or a cause is a certificate, the collector's or ours,
+/// refused (the same files will fail again).
 pub(crate) fn is_tls_rejection(e: &(dyn std::error::Error + 'static)) -> bool {
     use rustls::AlertDescription as A;
     let tls = std::iter::successors(Some(e), |e| e.source()).find_map(|err| {

@@ -1,12 +1,11 @@
 //! `--dump-format tree`: each trace as an indented tree, for a person.
 //!
 //! The agent sends each span as it ends, the root last. A trace is held
-//! until its root (a span without a parent) comes, or it has been quiet for
-//! the linger time (most agent traces hang under a runtime span that never
-//! passes here). What comes after is printed on its own, marked late; past
-//! `max_spans` held, the oldest traces are printed as they are, marked
-//! incomplete; all is printed at exit. Nothing is dropped. The guest's
-//! strings have control characters escaped.
+//! until its root comes, or it has been quiet for the linger time (most
+//! agent traces hang under a runtime span never seen here). Later spans are
+//! printed on their own, marked late; past `max_spans` held, the oldest
+//! trace is printed, marked incomplete; the rest at exit (nothing is
+//! dropped). The guest's strings have control characters escaped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -47,11 +46,10 @@ pub(crate) struct TreeWriter {
     out: Box<dyn Write + Send + Sync>,
     pub(super) opts: DumpConfig,
     traces: HashMap<Vec<u8>, Trace>,
-    /// The traces held, in the order they came (the bound's oldest first).
+    /// The traces held, oldest first.
     arrival: BTreeMap<u64, Vec<u8>>,
     held: usize,
-    /// Traces printed, with their start, for what comes late; bounded like
-    /// the spans, the oldest forgotten first.
+    /// Traces printed, with their start, for late spans; bounded like spans.
     printed: HashMap<Vec<u8>, u64>,
     printed_order: VecDeque<Vec<u8>>,
 }
@@ -165,14 +163,12 @@ impl TreeWriter {
             .unwrap_or(0);
         let late = self.printed.get(id).copied();
         let start = late.map_or(earliest, |s| s.min(earliest));
-        let text = render(
-            id,
-            &trace.spans,
+        let text = Render {
+            colour: self.opts.colour,
             start,
-            late.is_some(),
-            full,
-            self.opts.colour,
-        );
+            late: late.is_some(),
+        }
+        .trace(id, &trace.spans, full);
         if self.printed.insert(id.to_vec(), start).is_none() {
             self.printed_order.push_back(id.to_vec());
         }
@@ -185,132 +181,130 @@ impl TreeWriter {
     }
 }
 
-/// ANSI styles, or nothing in a pipe.
-struct Paint(bool);
-
 const RED: &str = "1;31";
 const YELLOW: &str = "33";
 const GREEN: &str = "32";
 const DIM: &str = "2";
 const BOLD: &str = "1";
 
-impl Paint {
+/// A trace as text: times from `start`, ANSI styles unless in a pipe.
+struct Render {
+    colour: bool,
+    start: u64,
+    late: bool,
+}
+
+impl Render {
     fn wrap(&self, code: &str, s: &str) -> String {
-        match self.0 {
+        match self.colour {
             true => format!("\x1b[{code}m{s}\x1b[0m"),
             false => s.to_owned(),
         }
     }
-}
 
-/// A trace's held spans as text: a header line, then each top span and its
-/// descendants, siblings by start time.
-fn render(id: &[u8], spans: &[Held], start: u64, late: bool, full: bool, colour: bool) -> String {
-    let paint = Paint(colour);
-    let mut header = format!("trace {}", hex(id));
-    let sandboxes: BTreeSet<&str> = spans.iter().filter_map(|h| h.sandbox.as_deref()).collect();
-    for s in sandboxes {
-        let _ = write!(header, "  sandbox={}", clean(s, VALUE_CHARS));
-    }
-    let plural = if spans.len() == 1 { "" } else { "s" };
-    let _ = write!(header, "  {} span{plural}", spans.len());
-    let mut out = paint.wrap(BOLD, &header);
-    let mark = match (late, full) {
-        (_, true) => Some("incomplete: --dump-max-spans reached, printed as it is"),
-        (true, _) => Some("late: after the trace was printed"),
-        _ => None,
-    };
-    if let Some(mark) = mark {
-        let _ = write!(out, "  {}", paint.wrap(YELLOW, &format!("[{mark}]")));
-    }
-    out.push('\n');
-
-    let mut order: Vec<(usize, &Held)> = spans.iter().enumerate().collect();
-    order.sort_by_key(|&(i, h)| (h.span.start_time_unix_nano, i));
-    let by_id: HashSet<&[u8]> = spans.iter().map(|h| h.span.span_id.as_slice()).collect();
-    let parent = |h| parent_in(h, &by_id);
-    let mut children: HashMap<&[u8], Vec<(usize, &Held)>> = HashMap::new();
-    for &(i, h) in &order {
-        if let Some(p) = parent(h) {
-            children.entry(p).or_default().push((i, h));
+    /// A trace's held spans: a header line, then each top span and its
+    /// descendants, siblings by start time.
+    fn trace(&self, id: &[u8], spans: &[Held], full: bool) -> String {
+        let late = self.late;
+        let mut header = format!("trace {}", hex(id));
+        let sandboxes: BTreeSet<&str> = spans.iter().filter_map(|h| h.sandbox.as_deref()).collect();
+        for s in sandboxes {
+            let _ = write!(header, "  sandbox={}", clean(s, VALUE_CHARS));
         }
-    }
-    let mut done = vec![false; spans.len()];
-    // Top spans (no parent held here), then any left over (only a cycle of
-    // parents leaves one), so that none is lost.
-    let tops = order
-        .iter()
-        .copied()
-        .filter(|&(_, h)| parent(h).is_none())
-        .chain(order.iter().copied());
-    for (i, top) in tops {
-        // Depth-first with an explicit stack: the guest picks the depth.
-        let mut stack = vec![(i, top, 0usize)];
-        while let Some((i, h, depth)) = stack.pop() {
-            match done.get_mut(i) {
-                Some(d) if !*d => *d = true,
-                _ => continue,
-            }
-            // A top span with a parent not received, or printed before.
-            let orphan = depth == 0 && !h.span.parent_span_id.is_empty();
-            let mark = orphan.then_some(if late { "late" } else { "parent not received" });
-            line(&mut out, &paint, h, depth, start, mark);
-            if let Some(kids) = children.get(h.span.span_id.as_slice()) {
-                stack.extend(kids.iter().rev().map(|&(k, kh)| (k, kh, depth + 1)));
+        let plural = if spans.len() == 1 { "" } else { "s" };
+        let _ = write!(header, "  {} span{plural}", spans.len());
+        let mut out = self.wrap(BOLD, &header);
+        let mark = match (late, full) {
+            (_, true) => Some("incomplete: --dump-max-spans reached, printed as it is"),
+            (true, _) => Some("late: after the trace was printed"),
+            _ => None,
+        };
+        if let Some(mark) = mark {
+            let _ = write!(out, "  {}", self.wrap(YELLOW, &format!("[{mark}]")));
+        }
+        out.push('\n');
+        let mut order: Vec<(usize, &Held)> = spans.iter().enumerate().collect();
+        order.sort_by_key(|&(i, h)| (h.span.start_time_unix_nano, i));
+        let by_id: HashSet<&[u8]> = spans.iter().map(|h| h.span.span_id.as_slice()).collect();
+        let parent = |h| parent_in(h, &by_id);
+        let mut children: HashMap<&[u8], Vec<(usize, &Held)>> = HashMap::new();
+        for &(i, h) in &order {
+            if let Some(p) = parent(h) {
+                children.entry(p).or_default().push((i, h));
             }
         }
+        let mut done = vec![false; spans.len()];
+        // Top spans (no parent held here), then any left over (only a cycle
+        // of parents leaves one), so that none is lost.
+        let tops = order
+            .iter()
+            .copied()
+            .filter(|&(_, h)| parent(h).is_none())
+            .chain(order.iter().copied());
+        for (i, top) in tops {
+            // Depth-first with an explicit stack: the guest picks the depth.
+            let mut stack = vec![(i, top, 0usize)];
+            while let Some((i, h, depth)) = stack.pop() {
+                match done.get_mut(i) {
+                    Some(d) if !*d => *d = true,
+                    _ => continue,
+                }
+                // A top span with a parent not received, or printed before.
+                let orphan = depth == 0 && !h.span.parent_span_id.is_empty();
+                let mark = orphan.then_some(if late { "late" } else { "parent not received" });
+                self.line(&mut out, h, depth, mark);
+                if let Some(kids) = children.get(h.span.span_id.as_slice()) {
+                    stack.extend(kids.iter().rev().map(|&(k, kh)| (k, kh, depth + 1)));
+                }
+            }
+        }
+        out
     }
-    out
+
+    fn line(&self, out: &mut String, held: &Held, depth: usize, mark: Option<&str>) {
+        let span = &held.span;
+        let indent = "  ".repeat(depth + 1);
+        let (begin, end) = (span.start_time_unix_nano, span.end_time_unix_nano);
+        let at = |t: u64| self.wrap(DIM, &format!("+{}", human(t.saturating_sub(self.start))));
+        let name = self.wrap(BOLD, &clean(&span.name, NAME_CHARS));
+        let _ = write!(
+            out,
+            "{indent}{name}  {}  {}",
+            human(end.saturating_sub(begin)),
+            at(begin)
+        );
+        let status = match span.status.as_ref().map(|s| (s.code(), s.message.as_str())) {
+            Some((StatusCode::Error, "")) => Some((RED, "ERROR".to_owned())),
+            Some((StatusCode::Error, m)) => {
+                Some((RED, format!("ERROR: {}", clean(m, MESSAGE_CHARS))))
+            }
+            Some((StatusCode::Ok, _)) => Some((GREEN, "ok".to_owned())),
+            _ => None,
+        };
+        if let Some((style, text)) = status {
+            let _ = write!(out, "  {}", self.wrap(style, &text));
+        }
+        let _ = write!(out, "{}", attributes(&span.attributes));
+        if let Some(mark) = mark {
+            let _ = write!(out, "  {}", self.wrap(YELLOW, &format!("[{mark}]")));
+        }
+        out.push('\n');
+        for event in &span.events {
+            let _ = writeln!(
+                out,
+                "{indent}  · {}  {}{}",
+                clean(&event.name, NAME_CHARS),
+                at(event.time_unix_nano),
+                attributes(&event.attributes),
+            );
+        }
+    }
 }
 
 /// The parent `h` is printed under, if held here.
 fn parent_in<'a>(h: &'a Held, held: &HashSet<&[u8]>) -> Option<&'a [u8]> {
     let p = h.span.parent_span_id.as_slice();
     (!p.is_empty() && held.contains(p) && p != h.span.span_id.as_slice()).then_some(p)
-}
-
-fn line(
-    out: &mut String,
-    paint: &Paint,
-    held: &Held,
-    depth: usize,
-    start: u64,
-    mark: Option<&str>,
-) {
-    let span = &held.span;
-    let indent = "  ".repeat(depth + 1);
-    let (begin, end) = (span.start_time_unix_nano, span.end_time_unix_nano);
-    let at = |t: u64| paint.wrap(DIM, &format!("+{}", human(t.saturating_sub(start))));
-    let name = paint.wrap(BOLD, &clean(&span.name, NAME_CHARS));
-    let _ = write!(
-        out,
-        "{indent}{name}  {}  {}",
-        human(end.saturating_sub(begin)),
-        at(begin)
-    );
-    let status = match span.status.as_ref().map(|s| (s.code(), s.message.as_str())) {
-        Some((StatusCode::Error, "")) => Some((RED, "ERROR".to_owned())),
-        Some((StatusCode::Error, m)) => Some((RED, format!("ERROR: {}", clean(m, MESSAGE_CHARS)))),
-        Some((StatusCode::Ok, _)) => Some((GREEN, "ok".to_owned())),
-        _ => None,
-    };
-    if let Some((style, text)) = status {
-        let _ = write!(out, "  {}", paint.wrap(style, &text));
-    }
-    let _ = write!(out, "{}", attributes(&span.attributes));
-    if let Some(mark) = mark {
-        let _ = write!(out, "  {}", paint.wrap(YELLOW, &format!("[{mark}]")));
-    }
-    out.push('\n');
-    for event in &span.events {
-        let _ = writeln!(
-            out,
-            "{indent}  · {}  {}{}",
-            clean(&event.name, NAME_CHARS),
-            at(event.time_unix_nano),
-            attributes(&event.attributes),
-        );
-    }
 }
 
 /// The attributes shown, key ones first, shortened; the rest counted.

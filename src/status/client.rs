@@ -58,53 +58,39 @@ pub(super) fn exchange(path: &Path, timeout: Duration) -> Result<Report, StatusE
 /// Most sockets one `status` asks: far more forwarders than a host runs.
 const MAX_SOCKETS: usize = 256;
 
-/// The hand-off sockets in `dir` (`handoff-*.sock`), sorted.
-pub fn sockets(dir: &Path) -> Result<Vec<PathBuf>, StatusError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            let dir = dir.to_owned();
-            return Err(StatusError::ListDir { dir, source });
-        }
-    };
-    let mut found: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            name.starts_with("handoff-") && name.ends_with(".sock")
-        })
-        .collect();
-    found.sort();
-    Ok(found)
-}
-
 /// What `status` asks: one socket, or every one in `dir`.
 pub enum Target<'a> {
     Socket(&'a Path),
     Discover(&'a Path),
 }
 
-/// Asks each forwarder `target` names (a directory: see [`discovered`]).
+/// Asks each forwarder `target` names (in a directory, its hand-off sockets,
+/// `handoff-*.sock`: see [`discovered`]).
 pub fn gather(target: Target<'_>, timeout: Duration) -> Vec<Result<Report, StatusError>> {
-    match target {
-        Target::Socket(path) => vec![start(path, timeout)()],
-        Target::Discover(dir) => {
-            let found = match sockets(dir) {
-                Ok(f) => f,
-                Err(e) => return vec![Err(e)],
-            };
-            // At once: one that does not answer costs the others nothing.
-            let asking: Vec<_> = found
-                .iter()
-                .take(MAX_SOCKETS)
-                .map(|p| start(p, timeout))
-                .collect();
-            let asked = asking.into_iter().map(|wait| wait()).collect();
-            discovered(asked, dir)
+    let dir = match target {
+        Target::Socket(path) => return vec![start(path, timeout)()],
+        Target::Discover(dir) => dir,
+    };
+    let mut found: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => {
+            let dir = dir.to_owned();
+            return vec![Err(StatusError::ListDir { dir, source })];
         }
-    }
+    };
+    found.retain(|p| {
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        name.starts_with("handoff-") && name.ends_with(".sock")
+    });
+    found.sort();
+    // At once: one that does not answer costs the others nothing.
+    let asking: Vec<_> = found
+        .iter()
+        .take(MAX_SOCKETS)
+        .map(|p| start(p, timeout))
+        .collect();
+    discovered(asking.into_iter().map(|wait| wait()).collect(), dir)
 }
 
 /// What asking every socket in `dir` came to: dead sockets (of a killed

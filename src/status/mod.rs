@@ -1,18 +1,15 @@
-//! `kata-trace-forwarder status`: a running forwarder says how it is doing
-//! (whether it serves a sandbox, whether its agent is connected, whether
-//! its spans are dropped or stuck in the spool). Here the report and the
-//! forwarder's end ([`Board`]); the client's in [`client`], the table in
-//! [`table`]. It is asked over the hand-off socket, which has the rules it
-//! needs (`SO_PEERCRED`: root or our successor, before anything is read),
-//! with another first message than a successor's:
+//! `kata-trace-forwarder status`: how a running forwarder is doing (its
+//! sandboxes, their agents, spans dropped or stuck in the spool). Here the
+//! report and the forwarder's end ([`Board`]). It is asked over the hand-off
+//! socket (`SO_PEERCRED`: root or our successor, before anything is read),
+//! with its own first message:
 //!
 //! ```text
 //! client -> forwarder   "KTFSTAT1"                  (8 bytes)
 //! forwarder -> client   the report as one JSON document, then it closes
 //! ```
 //!
-//! Nothing pauses or changes: the report reads counters kept anyway. Both
-//! ends bound their time and the report's size.
+//! The report reads counters kept anyway; both ends bound time and size.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -24,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::export::spool::Depth;
+pub use crate::export::spool::Depth;
 use crate::export::{unix_ms, Exporter};
 pub use crate::export::{Failure, HealthSnapshot};
 use crate::stats::{DropReason, FamilySnapshot, Label, Stats};
@@ -34,8 +31,7 @@ use crate::tenant::Tenants;
 pub const REQUEST: [u8; 8] = *b"KTFSTAT1";
 /// The report's format; a field is only ever added.
 const FORMAT: u32 = 1;
-/// Largest report either end handles: far above [`MAX_LISTED`] sandboxes
-/// with labels of 256 bytes.
+/// Largest report either end handles: far above [`MAX_LISTED`] sandboxes.
 const MAX_REPORT: usize = 16 << 20;
 /// Sandboxes listed at most; the rest counted.
 const MAX_LISTED: usize = 4096;
@@ -44,7 +40,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reports being written at once; a request past it is closed unanswered.
 const MAX_ANSWERING: usize = 4;
 /// Longest the client waits for each forwarder, all in (one waits a second
-/// at most for a silent peer before it answers the next).
+/// at most for a silent peer before answering the next).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +72,7 @@ pub struct Report {
     pub version: String,
     pub pid: u32,
     pub socket: PathBuf,
-    /// When the report was made (Unix ms; the other times' clock too).
+    /// Unix ms, the other times' clock too.
     pub now_unix_ms: u64,
     /// When this process began serving (a `SIGHUP` upgrade starts again).
     pub started_unix_ms: u64,
@@ -138,15 +134,7 @@ pub struct ExporterReport {
     pub queue_spans: u64,
     /// [`SandboxReport::pending`] of the sandboxes served now.
     pub pending_spans: u64,
-    pub spool: Option<SpoolReport>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SpoolReport {
-    pub dir: PathBuf,
-    #[serde(flatten)]
-    pub depth: Depth,
-    pub max_bytes: u64,
+    pub spool: Option<Depth>,
 }
 
 pub(crate) struct Board {
@@ -230,11 +218,7 @@ impl Board {
                 failures: snap.export_failures,
                 queue_spans: snap.queue_depth,
                 pending_spans: pending,
-                spool: self.exporter.spool.as_ref().map(|s| SpoolReport {
-                    dir: s.dir.clone(),
-                    depth: s.depth(),
-                    max_bytes: s.max_bytes,
-                }),
+                spool: self.exporter.spool.as_ref().map(|s| s.depth()),
             },
             counters,
         }
@@ -270,7 +254,7 @@ mod table;
 
 #[cfg(test)]
 use client::discovered;
-pub use client::{gather, sockets, Target};
+pub use client::{gather, Target};
 pub use table::print;
 #[cfg(test)]
 use table::{bytes, duration};
@@ -347,13 +331,11 @@ mod tests {
                 failures: 0,
                 queue_spans: 20,
                 pending_spans: 20,
-                spool: Some(SpoolReport {
+                spool: Some(Depth {
                     dir: "/var/spool/ktf".into(),
-                    depth: Depth {
-                        batches: 3,
-                        spans: 140,
-                        bytes: 46_182,
-                    },
+                    batches: 3,
+                    spans: 140,
+                    bytes: 46_182,
                     max_bytes: 256 << 20,
                 }),
             },

@@ -1,5 +1,4 @@
-//! What `status` prints: the report as a table a person reads, or as JSON
-//! lines.
+//! What `status` prints: the report as a table for a person, or JSON lines.
 
 use super::*;
 
@@ -97,9 +96,9 @@ impl std::fmt::Display for Report {
             Some(s) => writeln!(
                 out,
                 "  spool: {} batches, {} spans, {} of {} in {}",
-                s.depth.batches,
-                s.depth.spans,
-                bytes(s.depth.bytes),
+                s.batches,
+                s.spans,
+                bytes(s.bytes),
                 bytes(s.max_bytes),
                 s.dir.display()
             )?,
@@ -167,11 +166,8 @@ pub(super) fn by_reason(b: &ByReason, none: &str) -> String {
 
 /// How long before `now` (Unix milliseconds) `at` was.
 pub(super) fn since(now: u64, at: Option<u64>) -> String {
-    let Some(at) = at else {
-        return "never".into();
-    };
-    let ago = Duration::from_millis(now.saturating_sub(at));
-    format!("{} ago", duration(ago))
+    let ago = |at| duration(Duration::from_millis(now.saturating_sub(at)));
+    at.map_or("never".into(), |at| format!("{} ago", ago(at)))
 }
 
 /// A duration in its two largest units: `0.4s`, `12s`, `3m 5s`, `4d 2h`.
@@ -188,17 +184,14 @@ pub(super) fn duration(d: Duration) -> String {
 
 /// Bytes in binary units, one decimal.
 pub(super) fn bytes(n: u64) -> String {
-    if n < 1024 {
-        return format!("{n} B");
+    let i = (n.max(1).ilog2() / 10).min(4);
+    let unit = ["B", "KiB", "MiB", "GiB", "TiB"]
+        .get(i as usize)
+        .unwrap_or(&"TiB");
+    match i {
+        0 => format!("{n} B"),
+        _ => format!("{:.1} {unit}", n as f64 / 1024f64.powi(i as i32)),
     }
-    let mut v = n as f64 / 1024.0;
-    for unit in ["KiB", "MiB", "GiB"] {
-        if v < 1024.0 {
-            return format!("{v:.1} {unit}");
-        }
-        v /= 1024.0;
-    }
-    format!("{v:.1} TiB")
 }
 
 /// Safe for a terminal: a sandbox's name, a collector's error are others' text.
