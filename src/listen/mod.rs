@@ -38,14 +38,9 @@ pub enum ListenError {
     NotASocket { path: PathBuf },
     #[error("{path} is in use by another live listener")]
     InUse { path: PathBuf },
-    #[error("inspecting {path}: {source}")]
-    InspectPath { path: PathBuf, source: io::Error },
-    #[error("locking {dir} to bind a socket in it: {source}")]
-    LockDirectory { dir: PathBuf, source: io::Error },
-    #[error("removing stale socket {path}: {source}")]
-    RemoveStale { path: PathBuf, source: io::Error },
-    #[error("binding Unix socket {path}: {source}")]
-    BindUnix { path: PathBuf, source: io::Error },
+    /// Inspecting, locking, removing or binding a socket path: `what` says which.
+    #[error("{0}: {1}")]
+    SocketPath(String, #[source] io::Error),
     #[error("binding VSOCK cid {cid} port {port}: {source}")]
     BindVsock {
         cid: String,
@@ -205,7 +200,8 @@ pub struct Listeners {
     managers: Vec<Manager>,
     max_connections: usize,
     adopted: Vec<Adopted>,
-    hub: Option<Arc<Hub>>,
+    /// Takes part in hand-overs through it.
+    pub(crate) hub: Option<Arc<Hub>>,
     sandbox_thread: Option<template::SandboxThread>,
 }
 
@@ -220,11 +216,6 @@ impl Listeners {
             hub: None,
             sandbox_thread: None,
         }
-    }
-
-    /// Takes part in hand-overs through `hub`.
-    pub(crate) fn set_hub(&mut self, hub: Arc<Hub>) {
-        self.hub = Some(hub);
     }
 
     /// Where a hand-over starts the upgraded binary and becomes it.
