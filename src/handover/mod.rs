@@ -279,7 +279,7 @@ impl Drop for HandoffListener {
         }
         if let Some(j) = self.janitor.take() {
             // It removes the socket if it is still the very file bound.
-            j.remove_now(Duration::from_secs(2));
+            j.remove_now();
             return;
         }
         let ours = std::fs::symlink_metadata(&self.path)
