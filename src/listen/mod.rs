@@ -267,7 +267,7 @@ async fn bind_mode(
                 if let Some(dir) = writable {
                     privileges::give_to_user(dir, &cfg.user)?;
                 }
-                privileges::drop_root(&cfg.user, privileges::Keep::Nothing)?;
+                privileges::drop_root(&cfg.user, None)?;
             }
             all.listeners.push(Listener::Hybrid(l));
             all.adopted = conns;

@@ -85,29 +85,21 @@ pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Keep {
-    /// Nothing: every capability goes with root (hybrid mode).
-    Nothing,
-    /// CAP_DAC_OVERRIDE, on the calling thread only, nothing else even in
-    /// its bounding set (the sandbox watcher).
-    DacOverrideOnThisThread,
-}
-
 const ON_THE_WATCHER: &str = "CAP_DAC_OVERRIDE, on the sandbox watcher thread only";
 
 /// Switches the whole process to `user` (glibc and musl apply set*id to
-/// every thread), keeping `keep` on the calling thread. As root.
-pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
-    use caps::{CapSet, Capability};
+/// every thread). Every capability goes with root but `keep` (the sandbox
+/// watcher's CAP_DAC_OVERRIDE), kept on the calling thread only, nothing
+/// else even in its bounding set. As root.
+pub(crate) fn drop_root(user: &str, keep: Option<caps::Capability>) -> Result<(), ListenError> {
+    use caps::CapSet;
 
     let err = denied(user);
     let u = lookup_user(user)?;
-    let keeping = keep == Keep::DacOverrideOnThisThread;
-    if keeping {
+    if let Some(kept) = keep {
         // The bounding set first, while CAP_SETPCAP is still held.
         let bounding = caps::read(None, CapSet::Bounding).map_err(|e| err(e.to_string()))?;
-        for cap in bounding.difference(&[Capability::CAP_DAC_OVERRIDE].into()) {
+        for cap in bounding.difference(&[kept].into()) {
             caps::drop(None, CapSet::Bounding, *cap).map_err(|e| err(e.to_string()))?;
         }
         // Keep the permitted set across the uid change, on this thread only.
@@ -116,12 +108,16 @@ pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
     setgroups(&[]).map_err(|e| err(format!("setgroups: {e}")))?;
     setgid(u.gid).map_err(|e| err(format!("setgid: {e}")))?;
     setuid(u.uid).map_err(|e| err(format!("setuid: {e}")))?;
-    if keeping {
-        keep_on_this_thread(user, Some(Capability::CAP_DAC_OVERRIDE))?;
+    if keep.is_some() {
+        keep_on_this_thread(user, keep)?;
         caps::securebits::set_keepcaps(false).map_err(|e| err(e.to_string()))?;
     }
     chdir("/").map_err(|e| err(format!("chdir /: {e}")))?;
-    let kept = if keeping { ON_THE_WATCHER } else { "nothing" };
+    let kept = if keep.is_some() {
+        ON_THE_WATCHER
+    } else {
+        "nothing"
+    };
     let (uid, gid) = (u.uid.as_raw(), u.gid.as_raw());
     tracing::info!(user, uid, gid, kept, "dropped root privileges");
     Ok(())

@@ -92,7 +92,7 @@ impl SandboxThread {
     ) -> Result<SandboxThread, ListenError> {
         let launched = match become_user {
             Some(user) => launch(move || {
-                privileges::drop_root(&user, privileges::Keep::DacOverrideOnThisThread)
+                privileges::drop_root(&user, Some(caps::Capability::CAP_DAC_OVERRIDE))
             })?,
             None => match EARLY.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 Some(early) => early,
