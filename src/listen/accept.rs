@@ -172,7 +172,7 @@ impl Accept<'_> {
                 Some(After::Drain) => break,
                 Some(After::Resume) | None => {}
             }
-            let accepted = if life.is_stopping() {
+            let accepted = if life.shutdown.is_stopping() {
                 late += 1;
                 match accept(listener).now_or_never() {
                     Some(a) if late <= max_connections => a,
@@ -188,7 +188,7 @@ impl Accept<'_> {
             };
             let (stream, peer) = match accepted {
                 Ok(a) => a,
-                Err(_) if life.is_stopping() => break,
+                Err(_) if life.shutdown.is_stopping() => break,
                 Err(e) => {
                     // Out of descriptors or memory: back off instead of
                     // spinning; open connections keep being served.

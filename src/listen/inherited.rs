@@ -211,7 +211,8 @@ pub(crate) fn hybrid(
     let (l, adopted) = inherited
         .and_then(|i| i.take_unix(path))
         .unwrap_or_default();
-    Ok((l.map_or_else(|| HybridListener::bind(path), Ok)?, adopted))
+    let l = l.map_or_else(|| HybridListener::bind(path), Ok)?;
+    Ok((l, adopted))
 }
 
 /// The one way a VSOCK listener is made: inherited if it may be, else bound.
@@ -223,10 +224,8 @@ pub(crate) fn vsock(
     let (l, adopted) = inherited
         .and_then(|i| i.take_vsock(cid, port))
         .unwrap_or_default();
-    Ok((
-        l.map_or_else(|| VsockListener::bind(cid, port), Ok)?,
-        adopted,
-    ))
+    let l = l.map_or_else(|| VsockListener::bind(cid, port), Ok)?;
+    Ok((l, adopted))
 }
 
 /// Takes an unserved Unix listener out of systemd's store.
