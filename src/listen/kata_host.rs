@@ -219,20 +219,18 @@ impl KataHostListener {
                 wanted.insert(t.clone());
             }
         }
-        for (target, (stop, task)) in std::mem::take(running) {
-            if wanted.contains(&target) {
-                running.insert(target, (stop, task));
-                continue;
-            }
+        let (kept, gone): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(running)
+            .into_iter()
+            .partition(|(t, _)| wanted.contains(t));
+        *running = kept;
+        for (target, (stop, task)) in gone {
             tracing::info!(listener = %target, "kata-host: no longer serving (no configuration asks for it)");
             stop.stop();
             stopped.push(task);
         }
         stopped.retain(|t| !t.is_finished());
+        wanted.retain(|t| !running.contains_key(t));
         for target in wanted {
-            if running.contains_key(&target) {
-                continue;
-            }
             let stop = self.shutdown.child();
             match self.bind(&target, &stop).await {
                 Ok(bound) => {
