@@ -4,11 +4,10 @@
 //! exist, a stale socket is replaced, a live one is left to its owner, a
 //! non-socket is never deleted, and ours is removed at the end if still ours.
 //!
-//! Two starts over one stale socket would both find it stale, and the second
-//! would remove the first's new socket. So look and bind happen under an
-//! exclusive `flock` on the directory (adding no file to it). The directory
-//! stays open while served and removal goes through it, so a sandbox
-//! directory moved away does not keep the socket behind.
+//! Look and bind happen under an exclusive `flock` on the directory (adding
+//! no file to it): else of two starts over one stale socket, the second
+//! would remove the first's new socket. Removal goes through the directory,
+//! open while served, so one moved away does not keep the socket behind.
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};

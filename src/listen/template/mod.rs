@@ -1,19 +1,17 @@
 //! Template mode: one forwarder for every hybrid-VSOCK sandbox on a host.
 //!
-//! `kata-runtime env` prints the socket path as a template such as
-//! `/run/vc/vm/{ID}/clh.sock`. The watcher follows the directory above
-//! `{ID}`, and in each sandbox the directories down to the socket's
-//! (Firecracker's is under `{ID}/root/`), binds `<socket>_<port>` and hands
-//! the listener to the async side here. When the socket or a directory
-//! above it goes, the listener stops and comes back to the watcher to be
-//! dropped. A socket someone else removed is re-created only once the
-//! sandbox directory has gone and come back.
+//! For a template such as `/run/vc/vm/{ID}/clh.sock` (`kata-runtime env`),
+//! the watcher follows the directory above `{ID}` and in each sandbox the
+//! directories down to the socket's, binds `<socket>_<port>` and hands the
+//! listener to the async side here. When the socket or a directory above it
+//! goes, the listener stops and comes back to the watcher to be dropped. A
+//! socket someone else removed is re-created only once the sandbox
+//! directory has gone and come back.
 //!
-//! Sandbox directories are root's. Started as root, the forwarder becomes
-//! `--user` on every thread but the watcher thread, which keeps
-//! CAP_DAC_OVERRIDE alone and reads nothing from guests. Every template
-//! shares that one [`SandboxThread`]: glibc and musl apply `setuid` to every
-//! thread, so the capability survives only on the thread that switched.
+//! Sandbox directories are root's: every template shares one
+//! [`SandboxThread`], the only thread keeping CAP_DAC_OVERRIDE (it reads
+//! nothing from guests). glibc and musl apply `setuid` to every thread, so
+//! the capability survives only on the thread that switched.
 
 mod driver;
 mod effects;
@@ -110,12 +108,11 @@ impl SandboxThread {
         })
     }
 
-    /// A successor started by a template-mode predecessor holds
-    /// CAP_DAC_OVERRIDE on every thread (passed through the ambient set,
-    /// the only way across `exec`). Call first in `main`, single-threaded:
-    /// the sandbox thread starts now keeping it, then the calling thread
-    /// drops every capability, so the runtime's threads hold none. Does
-    /// nothing in any other process.
+    /// A template-mode predecessor's successor holds CAP_DAC_OVERRIDE on
+    /// every thread (the ambient set: the only way across `exec`). Call
+    /// first in `main`, single-threaded: the sandbox thread starts keeping
+    /// it, then the calling thread drops every capability, so the runtime's
+    /// threads hold none. Does nothing in any other process.
     pub fn start_early() -> Result<(), ListenError> {
         if !privileges::inherited_dac_override() {
             return Ok(());
@@ -238,8 +235,8 @@ impl TemplateListener {
         })
     }
 
-    /// Serves each sandbox the watcher hands over until shutdown begins,
-    /// then stops them and gives every listener back for removal.
+    /// Serves each sandbox the watcher hands over until shutdown, then
+    /// gives every listener back for removal.
     pub(crate) async fn serve(mut self, serving: Serving, mut life: Lifeline) {
         let sandboxes = TaskTracker::new();
         let Some(reap) = self.reap_tx.clone() else {
