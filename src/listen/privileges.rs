@@ -46,13 +46,11 @@ pub(crate) fn lookup_user(user: &str) -> Result<User, ListenError> {
 }
 
 /// Makes `dir` (the spool) `user`'s, so that it stays writable. As root.
-///
-/// Anything in it may have been planted by that user (`nobody` is shared)
-/// to be given over at the next start. So it is reached by the rule of
-/// [`crate::untrusted`], and only the spool's own files are given over,
-/// each a regular file with one link, looked at and changed through one
-/// non-following descriptor: no symlink, hard link to root's file or swap
-/// hands anything else over.
+/// That user (`nobody` is shared) may have planted anything there to be
+/// given over at the next start: so it is reached by [`crate::untrusted`]'s
+/// rule and only the spool's own files, each a regular file with one link,
+/// are given over, through one non-following descriptor (no symlink, hard
+/// link to root's file or swap hands anything else over).
 pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     use nix::fcntl::AtFlags;
     use nix::unistd::fchownat;
