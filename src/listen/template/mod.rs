@@ -66,7 +66,7 @@ pub struct TemplateListener {
 pub struct SandboxThread {
     /// Its runtime, which the templates' watchers are spawned on.
     handle: Handle,
-    _alive: Arc<mpsc::Sender<()>>,
+    _alive: mpsc::Sender<()>,
     /// What a predecessor handed over, for the watchers to serve on.
     pub(crate) inherited: Option<Arc<Inherited>>,
 }
@@ -103,7 +103,7 @@ impl SandboxThread {
         })??;
         Ok(SandboxThread {
             handle,
-            _alive: Arc::new(launched.alive),
+            _alive: launched.alive,
             inherited: inherited.cloned(),
         })
     }
