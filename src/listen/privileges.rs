@@ -83,7 +83,7 @@ pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     Ok(())
 }
 
-const ON_THE_WATCHER: &str = "CAP_DAC_OVERRIDE, on the sandbox watcher thread only";
+pub(crate) const ON_THE_WATCHER: &str = "CAP_DAC_OVERRIDE, on the sandbox watcher thread only";
 
 /// Switches the whole process to `user` (glibc and musl apply set*id to
 /// every thread). Every capability goes with root but `keep` (the sandbox
@@ -111,11 +111,7 @@ pub(crate) fn drop_root(user: &str, keep: Option<caps::Capability>) -> Result<()
         caps::securebits::set_keepcaps(false).map_err(|e| err(e.to_string()))?;
     }
     chdir("/").map_err(|e| err(format!("chdir /: {e}")))?;
-    let kept = if keep.is_some() {
-        ON_THE_WATCHER
-    } else {
-        "nothing"
-    };
+    let kept = keep.map_or("nothing", |_| ON_THE_WATCHER);
     let (uid, gid) = (u.uid.as_raw(), u.gid.as_raw());
     tracing::info!(user, uid, gid, kept, "dropped root privileges");
     Ok(())
@@ -143,13 +139,6 @@ pub(crate) fn inherited_dac_override() -> bool {
     use caps::{CapSet, Capability};
     !is_root()
         && caps::has_cap(None, CapSet::Permitted, Capability::CAP_DAC_OVERRIDE).unwrap_or(false)
-}
-
-/// [`keep_on_this_thread`] CAP_DAC_OVERRIDE, logged.
-pub(crate) fn keep_dac_override_on_this_thread() -> Result<(), ListenError> {
-    keep_on_this_thread("", Some(caps::Capability::CAP_DAC_OVERRIDE))?;
-    tracing::info!(kept = ON_THE_WATCHER, "privileges as handed over");
-    Ok(())
 }
 
 /// Runs `start` (a spawn, or an `exec`), passing CAP_DAC_OVERRIDE on when

@@ -118,7 +118,12 @@ impl SandboxThread {
             return Ok(());
         }
         // The thread keeps the capability and passes nothing on.
-        let launched = launch(privileges::keep_dac_override_on_this_thread)?;
+        let launched = launch(|| {
+            privileges::keep_on_this_thread("", Some(caps::Capability::CAP_DAC_OVERRIDE))?;
+            let kept = privileges::ON_THE_WATCHER;
+            tracing::info!(kept, "privileges as handed over");
+            Ok(())
+        })?;
         *EARLY.lock().unwrap_or_else(|p| p.into_inner()) = Some(launched);
         privileges::keep_on_this_thread("", None)
     }
