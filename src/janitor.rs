@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 /// The first argument that selects janitor mode.
 pub const JANITOR_ARG: &str = "__socket-janitor";
 
+/// How long [`Janitor::remove_now`] waits for the removal.
+pub(crate) const REMOVE_WAIT: Duration = Duration::from_secs(2);
+
 /// A forwarder that took over holds only the pipe: the janitor is the
 /// first one's child, living while some forwarder holds the writing end.
 pub(crate) struct Janitor {
@@ -54,12 +57,12 @@ impl Janitor {
         self.stdin.as_ref().map(AsFd::as_fd)
     }
 
-    /// Asks for removal now and waits, up to `timeout`, until it is done.
-    pub(crate) fn remove_now(mut self, timeout: Duration) -> bool {
+    /// Asks for removal now and waits until it is done.
+    pub(crate) fn remove_now(mut self) -> bool {
         if let Some(mut stdin) = self.stdin.take() {
             let _ = stdin.write_all(b"remove\n");
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + REMOVE_WAIT;
         let Some(child) = self.child.as_mut() else {
             // Not our child: the caller checks the socket is gone.
             return true;

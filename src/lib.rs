@@ -245,7 +245,7 @@ async fn serve_inner(
     }
     let hub = handover::hub::Hub::new();
     let mut server = hand_over.listener.map(|h| {
-        listeners.set_hub(Arc::clone(&hub));
+        listeners.hub = Some(Arc::clone(&hub));
         // Without an upgrade to start, SIGHUP stays with the loop below.
         let on_hup = hand_over
             .upgrade

@@ -6,8 +6,6 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::time::Instant;
-
 use crate::handover::hub::{Hub, Member, Piece};
 use crate::shutdown::{Mode, Shutdown};
 
@@ -22,7 +20,8 @@ pub(crate) enum Next {
 pub(crate) use crate::handover::hub::Outcome as After;
 
 pub(crate) struct Lifeline {
-    shutdown: Shutdown,
+    /// Its deadline is the forwarder's (none for a sandbox stopped alone).
+    pub(crate) shutdown: Shutdown,
     hub: Option<Arc<Hub>>,
     /// `None` for the root, which only starts tasks.
     member: Option<Member>,
@@ -57,15 +56,6 @@ impl Lifeline {
     /// names its accept loop's.
     pub(crate) fn id(&self) -> u64 {
         self.member.as_ref().map_or(0, Member::id)
-    }
-
-    pub(crate) fn is_stopping(&self) -> bool {
-        self.shutdown.is_stopping()
-    }
-
-    /// The forwarder's deadline (none for a sandbox stopped alone).
-    pub(crate) fn deadline(&self) -> Option<Instant> {
-        self.shutdown.deadline()
     }
 
     /// Resolves with what interrupts this task first.
@@ -143,6 +133,7 @@ impl Lifeline {
 mod tests {
     use super::*;
     use std::time::Duration;
+    use tokio::time::Instant;
 
     #[tokio::test]
     async fn a_task_learns_drain_pause_and_leave_from_one_place() {
@@ -176,7 +167,7 @@ mod tests {
         // A sandbox stopped alone drains; the others carry on.
         sandbox_stop.stop();
         assert_eq!(sandbox.next().await, Next::Drain);
-        assert!(!task.is_stopping() && sandbox.deadline().is_none());
+        assert!(!task.shutdown.is_stopping() && sandbox.shutdown.deadline().is_none());
 
         // Stopping into systemd's store: everything stays.
         shutdown.begin(Mode::Store, Instant::now() + Duration::from_secs(1));

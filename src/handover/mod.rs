@@ -236,7 +236,7 @@ impl Drop for HandoffListener {
             return;
         }
         if let Some(j) = self.janitor.take() {
-            j.remove_now(Duration::from_secs(2));
+            j.remove_now();
             return;
         }
         let ours = std::fs::symlink_metadata(&self.path)

@@ -25,7 +25,7 @@ use crate::shutdown::Shutdown;
 use crate::tenant::{Tenant, TenantConn, TenantKey};
 
 /// Serves every listener and manager until `shutdown`, then waits for the
-/// connections to drain, until the deadline at the latest.
+/// connections to drain (until the deadline at most).
 pub(crate) async fn serve(
     listeners: Listeners,
     shared: Arc<ConnShared>,
@@ -76,8 +76,8 @@ pub(crate) struct Serving {
 }
 
 impl Serving {
-    /// Serves `listener` (VSOCK, or one hybrid socket): first what a
-    /// predecessor left, then what it accepts.
+    /// Serves `listener` (VSOCK, or one hybrid socket): what a predecessor
+    /// left, then what it accepts.
     pub(crate) async fn serve(
         &self,
         listener: Listener,
@@ -131,8 +131,7 @@ pub(crate) struct Accept<'a> {
     pub resolver: Option<Arc<CidResolver>>,
     /// The listener's sandbox (none on VSOCK: each guest CID is one).
     pub tenant: Option<Arc<Tenant>>,
-    /// Its id under a manager, handed over as such for the successor's
-    /// watcher.
+    /// Its id under a manager, handed over for the successor's watcher.
     pub sandbox: Option<&'a str>,
 }
 
@@ -172,7 +171,7 @@ impl Accept<'_> {
                 Some(After::Drain) => break,
                 Some(After::Resume) | None => {}
             }
-            let accepted = if life.is_stopping() {
+            let accepted = if life.shutdown.is_stopping() {
                 late += 1;
                 match accept(listener).now_or_never() {
                     Some(a) if late <= max_connections => a,
@@ -188,7 +187,7 @@ impl Accept<'_> {
             };
             let (stream, peer) = match accepted {
                 Ok(a) => a,
-                Err(_) if life.is_stopping() => break,
+                Err(_) if life.shutdown.is_stopping() => break,
                 Err(e) => {
                     // Out of descriptors or memory: back off instead of
                     // spinning; open connections keep being served.
@@ -236,8 +235,7 @@ impl Accept<'_> {
         Ended::Stopped
     }
 
-    /// The listener's sandbox, or `peer`'s CID's (none past
-    /// `--max-sandboxes`).
+    /// The listener's sandbox, or `peer`'s CID's (none past the cap).
     fn tenant(&self, peer: Peer) -> Option<Arc<Tenant>> {
         match (&self.tenant, peer) {
             (Some(t), _) => Some(Arc::clone(t)),
@@ -246,8 +244,7 @@ impl Accept<'_> {
         }
     }
 
-    /// Serves on a handed-over connection; past a cap (one lowered since)
-    /// it is closed and logged.
+    /// Serves a handed-over connection; past a cap (lowered since), closes it.
     fn adopt(&self, a: Adopted, life: &Lifeline) {
         let slot = self.tenant(a.peer).and_then(|t| t.try_connect());
         let permit = Arc::clone(&self.serving.permits).try_acquire_owned().ok();

@@ -95,7 +95,7 @@ pub(crate) async fn serve<S: Park>(
         None => Ingest::new(peer, origin, max),
     };
     ingest.set_tenant(Arc::clone(tenant));
-    let state = if life.is_stopping() {
+    let state = if life.shutdown.is_stopping() {
         State::Draining(stream)
     } else {
         State::Live(stream)
@@ -285,7 +285,8 @@ impl<'a, S: Park> Conn<'a, S> {
         let read = match &mut self.state {
             State::Draining(stream) => {
                 let idle_at = Instant::now() + self.shared.drain_idle;
-                let until = self.life.deadline().map_or(idle_at, |d| d.min(idle_at));
+                let deadline = self.life.shutdown.deadline();
+                let until = deadline.map_or(idle_at, |d| d.min(idle_at));
                 match tokio::time::timeout_at(until, self.input.read_async(stream)).await {
                     Ok(r) => r,
                     // Quiet, or out of time: a frame in hand is counted as
@@ -316,7 +317,7 @@ impl<'a, S: Park> Conn<'a, S> {
                     // Stopping is seen at the tick: cheaper than waiting on
                     // it too on every parked connection.
                     pacing.tick().await;
-                    if self.life.is_stopping() {
+                    if self.life.shutdown.is_stopping() {
                         return self.drain();
                     }
                     // Arrived since the last read (a read that did not fit

@@ -4,11 +4,10 @@
 //! exist, a stale socket is replaced, a live one is left to its owner, a
 //! non-socket is never deleted, and ours is removed at the end if still ours.
 //!
-//! Two starts over one stale socket would both find it stale, and the second
-//! would remove the first's new socket. So look and bind happen under an
-//! exclusive `flock` on the directory (adding no file to it). The directory
-//! stays open while served and removal goes through it, so a sandbox
-//! directory moved away does not keep the socket behind.
+//! Look and bind happen under an exclusive `flock` on the directory (adding
+//! no file to it): else of two starts over one stale socket, the second
+//! would remove the first's new socket. Removal goes through the directory,
+//! open while served, so one moved away does not keep the socket behind.
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -21,7 +20,7 @@ use nix::fcntl::{Flock, FlockArg, OFlag};
 use tokio::net::UnixListener;
 
 use super::ListenError;
-use crate::janitor::Janitor;
+use crate::janitor::{Janitor, REMOVE_WAIT};
 
 pub struct HybridListener {
     pub(crate) listener: UnixListener,
@@ -40,13 +39,10 @@ const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Locks `dir` for a look and a bind, waiting [`LOCK_WAIT`] at most: anyone
 /// who can open the directory can hold the lock.
 fn lock_dir(dir: &Path) -> Result<Flock<OwnedFd>, ListenError> {
-    let err = |source: io::Error| ListenError::LockDirectory {
-        dir: dir.to_path_buf(),
-        source,
-    };
+    let what = || format!("locking {} to bind a socket in it", dir.display());
+    let err = |e: nix::errno::Errno| ListenError::SocketPath(what(), e.into());
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    let mut fd =
-        nix::fcntl::open(dir, flags, nix::sys::stat::Mode::empty()).map_err(|e| err(e.into()))?;
+    let mut fd = nix::fcntl::open(dir, flags, nix::sys::stat::Mode::empty()).map_err(err)?;
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
         match Flock::lock(fd, FlockArg::LockExclusiveNonblock) {
@@ -55,7 +51,7 @@ fn lock_dir(dir: &Path) -> Result<Flock<OwnedFd>, ListenError> {
                 fd = back;
                 std::thread::sleep(Duration::from_millis(2));
             }
-            Err((_, e)) => return Err(err(e.into())),
+            Err((_, e)) => return Err(err(e)),
         }
     }
 }
@@ -71,7 +67,7 @@ impl HybridListener {
             return Err(ListenError::MissingDirectory { dir });
         }
         let locked = lock_dir(&dir)?;
-        let p = || path.to_path_buf();
+        let (p, shown) = (|| path.to_path_buf(), path.display());
         match std::fs::symlink_metadata(path) {
             Ok(md) if md.file_type().is_socket() => {
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -79,13 +75,14 @@ impl HybridListener {
                 }
                 tracing::info!(path = %path.display(), "replacing stale socket");
                 let removed = std::fs::remove_file(path);
-                removed.map_err(|source| ListenError::RemoveStale { path: p(), source })?;
+                let what = format!("removing stale socket {shown}");
+                removed.map_err(|e| ListenError::SocketPath(what, e))?;
             }
             Ok(_) => return Err(ListenError::NotASocket { path: p() }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(ListenError::InspectPath { path: p(), source }),
+            Err(e) => return Err(ListenError::SocketPath(format!("inspecting {shown}"), e)),
         }
-        let bind_err = |source| ListenError::BindUnix { path: p(), source };
+        let bind_err = |e| ListenError::SocketPath(format!("binding Unix socket {shown}"), e);
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         let md = std::fs::symlink_metadata(path).map_err(bind_err)?;
         // Kept for removal; if unlocking fails the fd closes (unlocked too).
@@ -177,8 +174,8 @@ impl HybridListener {
 impl Drop for HybridListener {
     fn drop(&mut self) {
         if let Some(janitor) = self.janitor.take() {
-            let deadline = Instant::now() + Duration::from_secs(2);
-            let done = janitor.remove_now(Duration::from_secs(2));
+            let deadline = Instant::now() + REMOVE_WAIT;
+            let done = janitor.remove_now();
             // A janitor taken over is not our child: watch the file go.
             while done && Instant::now() < deadline && self.is_ours() {
                 std::thread::sleep(Duration::from_millis(2));

@@ -1,12 +1,10 @@
-//! What a predecessor left: handed over (takeover, upgrade) or kept in
-//! systemd's fd store (restart, crash).
-//!
-//! A successor binds as at any start, asking here first wherever it would
+//! What a predecessor left, handed over (takeover, upgrade) or in systemd's
+//! fd store (restart, crash): a successor asks here first wherever it would
 //! bind. A Unix socket still the very file bound (or a VSOCK listener on the
 //! same CID and port) is served on, with its connections and half-read
-//! frames; one that is no longer its file is closed and bound anew, its
-//! connections served all the same. What nobody claims once everything has
-//! started is closed and logged, as it would have been in the predecessor.
+//! frames; else it is closed and bound anew, its connections served all the
+//! same. What nobody claims once all has started is closed and logged, as
+//! the predecessor would have.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -211,7 +209,8 @@ pub(crate) fn hybrid(
     let (l, adopted) = inherited
         .and_then(|i| i.take_unix(path))
         .unwrap_or_default();
-    Ok((l.map_or_else(|| HybridListener::bind(path), Ok)?, adopted))
+    let l = l.map_or_else(|| HybridListener::bind(path), Ok)?;
+    Ok((l, adopted))
 }
 
 /// The one way a VSOCK listener is made: inherited if it may be, else bound.
@@ -223,10 +222,8 @@ pub(crate) fn vsock(
     let (l, adopted) = inherited
         .and_then(|i| i.take_vsock(cid, port))
         .unwrap_or_default();
-    Ok((
-        l.map_or_else(|| VsockListener::bind(cid, port), Ok)?,
-        adopted,
-    ))
+    let l = l.map_or_else(|| VsockListener::bind(cid, port), Ok)?;
+    Ok((l, adopted))
 }
 
 /// Takes an unserved Unix listener out of systemd's store.

@@ -1,12 +1,12 @@
 //! `--kata-host`: serving the plan [`crate::config::kata`] makes of the
 //! host's Kata configurations (VSOCK, a [`TemplateListener`] per socket
-//! template), and following it as files change (kata-deploy installing or
-//! upgrading a node): what is new starts, what nothing asks for stops.
+//! template), following it as kata-deploy changes files: what is new
+//! starts, what nothing asks for stops.
 //!
 //! An unreadable configuration stops the forwarder at start (the runtimes
-//! would fail on it too, and a plan missing a runtime class is worse than
-//! none). Once running, it is logged and the file keeps what it was served
-//! for: a half-written file mid-upgrade never stops a class's tracing.
+//! would fail too; a plan missing a runtime class is worse than none). Once
+//! running, it is logged and the file keeps what it was served for: a
+//! half-written file mid-upgrade never stops a class's tracing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
@@ -64,8 +64,8 @@ pub(crate) struct KataHostListener {
 }
 
 impl KataHostListener {
-    /// Reads and logs the plan, watches the configurations, binds every
-    /// listener the plan names.
+    /// Reads and logs the plan, watches the configurations, binds its
+    /// listeners.
     pub(crate) async fn start(
         cfg: &KataHostConfig,
         thread: SandboxThread,
@@ -145,7 +145,7 @@ impl KataHostListener {
     }
 
     /// Serves and follows the plan until shutdown, then waits for every
-    /// listener to stop. Paused, nothing starts or stops until the outcome.
+    /// listener. Paused, nothing starts or stops until the outcome.
     pub(crate) async fn serve(mut self, ctx: Serving, mut life: Lifeline) {
         let mut running: BTreeMap<Target, Running> = BTreeMap::new();
         for (target, stop, bound) in std::mem::take(&mut self.bound) {
@@ -219,20 +219,18 @@ impl KataHostListener {
                 wanted.insert(t.clone());
             }
         }
-        for (target, (stop, task)) in std::mem::take(running) {
-            if wanted.contains(&target) {
-                running.insert(target, (stop, task));
-                continue;
-            }
+        let (kept, gone): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(running)
+            .into_iter()
+            .partition(|(t, _)| wanted.contains(t));
+        *running = kept;
+        for (target, (stop, task)) in gone {
             tracing::info!(listener = %target, "kata-host: no longer serving (no configuration asks for it)");
             stop.stop();
             stopped.push(task);
         }
         stopped.retain(|t| !t.is_finished());
+        wanted.retain(|t| !running.contains_key(t));
         for target in wanted {
-            if running.contains_key(&target) {
-                continue;
-            }
             let stop = self.shutdown.child();
             match self.bind(&target, &stop).await {
                 Ok(bound) => {

@@ -38,14 +38,9 @@ pub enum ListenError {
     NotASocket { path: PathBuf },
     #[error("{path} is in use by another live listener")]
     InUse { path: PathBuf },
-    #[error("inspecting {path}: {source}")]
-    InspectPath { path: PathBuf, source: io::Error },
-    #[error("locking {dir} to bind a socket in it: {source}")]
-    LockDirectory { dir: PathBuf, source: io::Error },
-    #[error("removing stale socket {path}: {source}")]
-    RemoveStale { path: PathBuf, source: io::Error },
-    #[error("binding Unix socket {path}: {source}")]
-    BindUnix { path: PathBuf, source: io::Error },
+    /// Inspecting, locking, removing or binding a socket path: `what` says which.
+    #[error("{0}: {1}")]
+    SocketPath(String, #[source] io::Error),
     #[error("binding VSOCK cid {cid} port {port}: {source}")]
     BindVsock {
         cid: String,
@@ -205,7 +200,8 @@ pub struct Listeners {
     managers: Vec<Manager>,
     max_connections: usize,
     adopted: Vec<Adopted>,
-    hub: Option<Arc<Hub>>,
+    /// Takes part in hand-overs through it.
+    pub(crate) hub: Option<Arc<Hub>>,
     sandbox_thread: Option<template::SandboxThread>,
 }
 
@@ -220,11 +216,6 @@ impl Listeners {
             hub: None,
             sandbox_thread: None,
         }
-    }
-
-    /// Takes part in hand-overs through `hub`.
-    pub(crate) fn set_hub(&mut self, hub: Arc<Hub>) {
-        self.hub = Some(hub);
     }
 
     /// Where a hand-over starts the upgraded binary and becomes it.
@@ -267,7 +258,7 @@ async fn bind_mode(
     inherited: Option<&Arc<inherited::Inherited>>,
 ) -> Result<Listeners, ListenError> {
     let mut all = Listeners::new(Vec::new(), cfg.max_connections);
-    let (vsock, templates, port, max_sandboxes) = match &cfg.mode {
+    match &cfg.mode {
         ListenMode::Hybrid { socket_path, port } => {
             let path = hybrid_socket(socket_path, *port);
             let (mut l, conns) = inherited::hybrid(inherited, &path)?;
@@ -276,56 +267,48 @@ async fn bind_mode(
                 if let Some(dir) = writable {
                     privileges::give_to_user(dir, &cfg.user)?;
                 }
-                privileges::drop_root(&cfg.user, privileges::Keep::Nothing)?;
+                privileges::drop_root(&cfg.user, None)?;
             }
             all.listeners.push(Listener::Hybrid(l));
             all.adopted = conns;
-            return Ok(all);
+        }
+        ListenMode::KataHost(k) => {
+            let thread = sandbox_thread(&mut all, cfg, writable, inherited).await?;
+            let host = kata_host::KataHostListener::start(k, thread, shutdown).await?;
+            all.managers.push(Manager::KataHost(Box::new(host)));
         }
         ListenMode::Set {
             vsock,
             templates,
             port,
             max_sandboxes,
-        } => (*vsock, &templates[..], *port, *max_sandboxes),
-        ListenMode::KataHost(k) => {
-            let thread = sandbox_thread(cfg, writable, inherited).await?;
-            all.sandbox_thread = Some(thread.clone());
-            let host = kata_host::KataHostListener::start(k, thread, shutdown).await?;
-            all.managers.push(Manager::KataHost(Box::new(host)));
-            return Ok(all);
-        }
-    };
-    if let Some(cid) = vsock {
-        let (l, conns) = inherited::vsock(inherited, cid, port)?;
-        // The first listener here, whatever it was in the predecessor.
-        all.adopted = conns
-            .into_iter()
-            .map(|a| Adopted { listener: 0, ..a })
-            .collect();
-        all.listeners.push(Listener::Vsock(l));
-    }
-    if !templates.is_empty() {
-        let thread = sandbox_thread(cfg, writable, inherited).await?;
-        all.sandbox_thread = Some(thread.clone());
-        for t in templates {
-            let l = template::TemplateListener::start_on(
-                &thread,
-                t.clone(),
-                port,
-                max_sandboxes,
-                shutdown,
-            )
-            .await?;
-            all.managers.push(Manager::Template(l));
+        } => {
+            if let Some(cid) = vsock {
+                let (l, conns) = inherited::vsock(inherited, *cid, *port)?;
+                // The first listener here, whatever it was in the predecessor.
+                all.adopted = conns
+                    .into_iter()
+                    .map(|a| Adopted { listener: 0, ..a })
+                    .collect();
+                all.listeners.push(Listener::Vsock(l));
+            }
+            if !templates.is_empty() {
+                let thread = sandbox_thread(&mut all, cfg, writable, inherited).await?;
+                for t in templates {
+                    let (t, max) = (t.clone(), *max_sandboxes);
+                    let l = template::TemplateListener::start_on(&thread, t, *port, max, shutdown);
+                    all.managers.push(Manager::Template(l.await?));
+                }
+            }
         }
     }
     Ok(all)
 }
 
-/// Starts the sandbox thread; as root, the process becomes `cfg.user`
+/// Starts `all`'s sandbox thread; as root, the process becomes `cfg.user`
 /// (given `writable` first).
 async fn sandbox_thread(
+    all: &mut Listeners,
     cfg: &ListenConfig,
     writable: Option<&Path>,
     inherited: Option<&Arc<inherited::Inherited>>,
@@ -334,7 +317,9 @@ async fn sandbox_thread(
     if let (Some(user), Some(dir)) = (&user, writable) {
         privileges::give_to_user(dir, user)?;
     }
-    template::SandboxThread::start(user, inherited).await
+    let thread = template::SandboxThread::start(user, inherited).await?;
+    all.sandbox_thread = Some(thread.clone());
+    Ok(thread)
 }
 
 pub(crate) enum Stream {

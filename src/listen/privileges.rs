@@ -46,13 +46,11 @@ pub(crate) fn lookup_user(user: &str) -> Result<User, ListenError> {
 }
 
 /// Makes `dir` (the spool) `user`'s, so that it stays writable. As root.
-///
-/// Anything in it may have been planted by that user (`nobody` is shared)
-/// to be given over at the next start. So it is reached by the rule of
-/// [`crate::untrusted`], and only the spool's own files are given over,
-/// each a regular file with one link, looked at and changed through one
-/// non-following descriptor: no symlink, hard link to root's file or swap
-/// hands anything else over.
+/// That user (`nobody` is shared) may have planted anything there to be
+/// given over at the next start: so it is reached by [`crate::untrusted`]'s
+/// rule and only the spool's own files, each a regular file with one link,
+/// are given over, through one non-following descriptor (no symlink, hard
+/// link to root's file or swap hands anything else over).
 pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     use nix::fcntl::AtFlags;
     use nix::unistd::fchownat;
@@ -85,29 +83,21 @@ pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Keep {
-    /// Nothing: every capability goes with root (hybrid mode).
-    Nothing,
-    /// CAP_DAC_OVERRIDE, on the calling thread only, nothing else even in
-    /// its bounding set (the sandbox watcher).
-    DacOverrideOnThisThread,
-}
-
-const ON_THE_WATCHER: &str = "CAP_DAC_OVERRIDE, on the sandbox watcher thread only";
+pub(crate) const ON_THE_WATCHER: &str = "CAP_DAC_OVERRIDE, on the sandbox watcher thread only";
 
 /// Switches the whole process to `user` (glibc and musl apply set*id to
-/// every thread), keeping `keep` on the calling thread. As root.
-pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
-    use caps::{CapSet, Capability};
+/// every thread). Every capability goes with root but `keep` (the sandbox
+/// watcher's CAP_DAC_OVERRIDE), kept on the calling thread only, nothing
+/// else even in its bounding set. As root.
+pub(crate) fn drop_root(user: &str, keep: Option<caps::Capability>) -> Result<(), ListenError> {
+    use caps::CapSet;
 
     let err = denied(user);
     let u = lookup_user(user)?;
-    let keeping = keep == Keep::DacOverrideOnThisThread;
-    if keeping {
+    if let Some(kept) = keep {
         // The bounding set first, while CAP_SETPCAP is still held.
         let bounding = caps::read(None, CapSet::Bounding).map_err(|e| err(e.to_string()))?;
-        for cap in bounding.difference(&[Capability::CAP_DAC_OVERRIDE].into()) {
+        for cap in bounding.difference(&[kept].into()) {
             caps::drop(None, CapSet::Bounding, *cap).map_err(|e| err(e.to_string()))?;
         }
         // Keep the permitted set across the uid change, on this thread only.
@@ -116,12 +106,12 @@ pub(crate) fn drop_root(user: &str, keep: Keep) -> Result<(), ListenError> {
     setgroups(&[]).map_err(|e| err(format!("setgroups: {e}")))?;
     setgid(u.gid).map_err(|e| err(format!("setgid: {e}")))?;
     setuid(u.uid).map_err(|e| err(format!("setuid: {e}")))?;
-    if keeping {
-        keep_on_this_thread(user, Some(Capability::CAP_DAC_OVERRIDE))?;
+    if keep.is_some() {
+        keep_on_this_thread(user, keep)?;
         caps::securebits::set_keepcaps(false).map_err(|e| err(e.to_string()))?;
     }
     chdir("/").map_err(|e| err(format!("chdir /: {e}")))?;
-    let kept = if keeping { ON_THE_WATCHER } else { "nothing" };
+    let kept = keep.map_or("nothing", |_| ON_THE_WATCHER);
     let (uid, gid) = (u.uid.as_raw(), u.gid.as_raw());
     tracing::info!(user, uid, gid, kept, "dropped root privileges");
     Ok(())
@@ -149,13 +139,6 @@ pub(crate) fn inherited_dac_override() -> bool {
     use caps::{CapSet, Capability};
     !is_root()
         && caps::has_cap(None, CapSet::Permitted, Capability::CAP_DAC_OVERRIDE).unwrap_or(false)
-}
-
-/// [`keep_on_this_thread`] CAP_DAC_OVERRIDE, logged.
-pub(crate) fn keep_dac_override_on_this_thread() -> Result<(), ListenError> {
-    keep_on_this_thread("", Some(caps::Capability::CAP_DAC_OVERRIDE))?;
-    tracing::info!(kept = ON_THE_WATCHER, "privileges as handed over");
-    Ok(())
 }
 
 /// Runs `start` (a spawn, or an `exec`), passing CAP_DAC_OVERRIDE on when

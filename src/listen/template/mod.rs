@@ -1,19 +1,17 @@
 //! Template mode: one forwarder for every hybrid-VSOCK sandbox on a host.
 //!
-//! `kata-runtime env` prints the socket path as a template such as
-//! `/run/vc/vm/{ID}/clh.sock`. The watcher follows the directory above
-//! `{ID}`, and in each sandbox the directories down to the socket's
-//! (Firecracker's is under `{ID}/root/`), binds `<socket>_<port>` and hands
-//! the listener to the async side here. When the socket or a directory
-//! above it goes, the listener stops and comes back to the watcher to be
-//! dropped. A socket someone else removed is re-created only once the
-//! sandbox directory has gone and come back.
+//! For a template such as `/run/vc/vm/{ID}/clh.sock` (`kata-runtime env`),
+//! the watcher follows the directory above `{ID}` and in each sandbox the
+//! directories down to the socket's, binds `<socket>_<port>` and hands the
+//! listener to the async side here. When the socket or a directory above it
+//! goes, the listener stops and comes back to the watcher to be dropped. A
+//! socket someone else removed is re-created only once the sandbox
+//! directory has gone and come back.
 //!
-//! Sandbox directories are root's. Started as root, the forwarder becomes
-//! `--user` on every thread but the watcher thread, which keeps
-//! CAP_DAC_OVERRIDE alone and reads nothing from guests. Every template
-//! shares that one [`SandboxThread`]: glibc and musl apply `setuid` to every
-//! thread, so the capability survives only on the thread that switched.
+//! Sandbox directories are root's: every template shares one
+//! [`SandboxThread`], the only thread keeping CAP_DAC_OVERRIDE (it reads
+//! nothing from guests). glibc and musl apply `setuid` to every thread, so
+//! the capability survives only on the thread that switched.
 
 mod driver;
 mod effects;
@@ -68,7 +66,7 @@ pub struct TemplateListener {
 pub struct SandboxThread {
     /// Its runtime, which the templates' watchers are spawned on.
     handle: Handle,
-    _alive: Arc<mpsc::Sender<()>>,
+    _alive: mpsc::Sender<()>,
     /// What a predecessor handed over, for the watchers to serve on.
     pub(crate) inherited: Option<Arc<Inherited>>,
 }
@@ -92,7 +90,7 @@ impl SandboxThread {
     ) -> Result<SandboxThread, ListenError> {
         let launched = match become_user {
             Some(user) => launch(move || {
-                privileges::drop_root(&user, privileges::Keep::DacOverrideOnThisThread)
+                privileges::drop_root(&user, Some(caps::Capability::CAP_DAC_OVERRIDE))
             })?,
             None => match EARLY.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 Some(early) => early,
@@ -105,23 +103,27 @@ impl SandboxThread {
         })??;
         Ok(SandboxThread {
             handle,
-            _alive: Arc::new(launched.alive),
+            _alive: launched.alive,
             inherited: inherited.cloned(),
         })
     }
 
-    /// A successor started by a template-mode predecessor holds
-    /// CAP_DAC_OVERRIDE on every thread (passed through the ambient set,
-    /// the only way across `exec`). Call first in `main`, single-threaded:
-    /// the sandbox thread starts now keeping it, then the calling thread
-    /// drops every capability, so the runtime's threads hold none. Does
-    /// nothing in any other process.
+    /// A template-mode predecessor's successor holds CAP_DAC_OVERRIDE on
+    /// every thread (the ambient set: the only way across `exec`). Call
+    /// first in `main`, single-threaded: the sandbox thread starts keeping
+    /// it, then the calling thread drops every capability, so the runtime's
+    /// threads hold none. Does nothing in any other process.
     pub fn start_early() -> Result<(), ListenError> {
         if !privileges::inherited_dac_override() {
             return Ok(());
         }
         // The thread keeps the capability and passes nothing on.
-        let launched = launch(privileges::keep_dac_override_on_this_thread)?;
+        let launched = launch(|| {
+            privileges::keep_on_this_thread("", Some(caps::Capability::CAP_DAC_OVERRIDE))?;
+            let kept = privileges::ON_THE_WATCHER;
+            tracing::info!(kept, "privileges as handed over");
+            Ok(())
+        })?;
         *EARLY.lock().unwrap_or_else(|p| p.into_inner()) = Some(launched);
         privileges::keep_on_this_thread("", None)
     }
@@ -238,8 +240,8 @@ impl TemplateListener {
         })
     }
 
-    /// Serves each sandbox the watcher hands over until shutdown begins,
-    /// then stops them and gives every listener back for removal.
+    /// Serves each sandbox the watcher hands over until shutdown, then
+    /// gives every listener back for removal.
     pub(crate) async fn serve(mut self, serving: Serving, mut life: Lifeline) {
         let sandboxes = TaskTracker::new();
         let Some(reap) = self.reap_tx.clone() else {

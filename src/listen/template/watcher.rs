@@ -2,8 +2,8 @@
 //! decides what to watch and which sandbox to serve or stop, through
 //! [`Effects`]. A trait, not a returned list of actions: decisions depend on
 //! answers mid-way (a watch failing because its directory just went starts
-//! the descent again). It keeps only its watches' owners and each
-//! sandbox's state.
+//! the descent again). It keeps only its root, its sandbox watches' owners
+//! and each sandbox's state.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -26,22 +26,11 @@ fn sandbox_id(name: &OsStr) -> Option<&str> {
         .filter(|s| !s.is_empty() && !s.starts_with('.'))
 }
 
-#[derive(Debug, Clone)]
-enum Owner {
-    /// The directory sandbox directories appear in.
-    Root,
-    /// The nearest existing ancestor of a missing root.
-    Ancestor,
-    Sandbox(String),
-}
-
 enum Root {
+    /// The directory sandbox directories appear in.
     Watching(WatchId),
-    /// `wd` watches the root's nearest ancestor for `next`, below it.
-    Waiting {
-        wd: WatchId,
-        next: OsString,
-    },
+    /// `wd` watches the missing root's nearest ancestor for `next`, below it.
+    Waiting { wd: WatchId, next: OsString },
     /// Not watched after an error: retried on [`Input::Retry`].
     Missing,
 }
@@ -68,7 +57,8 @@ pub(super) struct Watcher {
     port: u32,
     max_sandboxes: usize,
     root: Root,
-    owners: HashMap<WatchId, Owner>,
+    /// The sandbox each sandbox watch is for.
+    owners: HashMap<WatchId, String>,
     sandboxes: HashMap<String, Sandbox>,
     /// A sandbox was turned away at the cap: look again when a slot frees.
     turned_away: bool,
@@ -117,10 +107,10 @@ impl Watcher {
         fx: &mut impl Effects,
         dir: &Path,
         kind: WatchKind,
-        owner: Owner,
+        sandbox: &str,
     ) -> Result<WatchId, WatchError> {
         let wd = fx.watch(dir, kind)?;
-        self.owners.insert(wd, owner);
+        self.owners.insert(wd, sandbox.to_owned());
         Ok(wd)
     }
 
@@ -143,7 +133,7 @@ impl Watcher {
         };
         // Bounded: a path created and removed in a loop still ends.
         for _ in 0..32 {
-            match self.watch(fx, &parent, WatchKind::Root, Owner::Root) {
+            match fx.watch(&parent, WatchKind::Root) {
                 Ok(wd) => {
                     self.root = Root::Watching(wd);
                     tracing::info!(dir = %parent.display(), "watching for sandboxes");
@@ -156,7 +146,7 @@ impl Watcher {
             let Some((ancestor, next)) = fx.nearest_existing(&parent) else {
                 continue;
             };
-            match self.watch(fx, &ancestor, WatchKind::Wait, Owner::Ancestor) {
+            match fx.watch(&ancestor, WatchKind::Wait) {
                 Ok(wd) => {
                     if fx.is_dir(&ancestor.join(&next)) {
                         // Appeared meanwhile: go down.
@@ -204,19 +194,10 @@ impl Watcher {
     }
 
     fn handle(&mut self, fx: &mut impl Effects, key: WatchId, change: Change<'_>) {
-        let owner = if matches!(change, Change::Released) {
-            self.owners.remove(&key)
-        } else {
-            self.owners.get(&key).cloned()
-        };
-        let Some(owner) = owner else {
-            // A watch already removed: its last events are still queued.
-            return;
-        };
         let gone = matches!(change, Change::Released | Change::Gone);
-        match owner {
-            Owner::Root if gone => self.lose_root(fx),
-            Owner::Root => match change {
+        match &self.root {
+            Root::Watching(wd) if *wd == key => match change {
+                _ if gone => self.lose_root(fx),
                 Change::DirAppeared(name) => self.appeared(fx, name),
                 Change::Removed { name, is_dir: true } => {
                     if let Some(id) = name.to_str() {
@@ -225,16 +206,23 @@ impl Watcher {
                 }
                 _ => {}
             },
-            Owner::Ancestor => {
-                let next_appeared = matches!(
-                    (&change, &self.root),
-                    (Change::DirAppeared(name), Root::Waiting { next, .. }) if next.as_os_str() == *name
-                );
+            Root::Waiting { wd, next } if *wd == key => {
+                let next_appeared =
+                    matches!(change, Change::DirAppeared(name) if next.as_os_str() == name);
                 if gone || next_appeared {
                     self.reestablish_root(fx);
                 }
             }
-            Owner::Sandbox(id) => {
+            _ => {
+                let id = if matches!(change, Change::Released) {
+                    self.owners.remove(&key)
+                } else {
+                    self.owners.get(&key).cloned()
+                };
+                // None: a watch already removed, its last events still queued.
+                let Some(id) = id else {
+                    return;
+                };
                 let Some(sb) = self.sandboxes.get(&id).filter(|sb| sb.wd == Some(key)) else {
                     return;
                 };
@@ -316,7 +304,7 @@ impl Watcher {
             } else {
                 WatchKind::Wait
             };
-            let wd = match self.watch(fx, &dir, kind, Owner::Sandbox(id.to_owned())) {
+            let wd = match self.watch(fx, &dir, kind, id) {
                 Ok(wd) => wd,
                 Err(WatchError::Missing) => {
                     // Went as we looked: start again if the sandbox is there.
