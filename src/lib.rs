@@ -302,7 +302,7 @@ async fn serve_inner(
         export::queue::bounded(queue.max_spans, queue.max_bytes, Arc::clone(&stats));
     let exporter = Arc::new(Exporter::new(sink, spool, Arc::clone(&stats)));
     if let Some(s) = server.as_mut() {
-        s.set_status(Arc::new(status::Board::new(
+        s.status = Some(Arc::new(status::Board::new(
             Arc::clone(&stats),
             Arc::clone(&tenants),
             Arc::clone(&exporter),

@@ -4,20 +4,17 @@
 //! (Over 500 lines: whom it answers, the exchange, and the upgrade that
 //! ends in `exec` are one hand-over seen from the old process.)
 //!
-//! A successor is checked by `SO_PEERCRED` before it may even ask
-//! ([`Server::trusts`]), never by uid alone: the forwarder's user (`nobody`)
-//! is shared with other services. Anyone else is refused and logged, and
-//! nothing pauses. Each step has a short deadline, and after a failed
-//! hand-over the next waits, longer each time: not even a trusted peer can
-//! pause the agents over and over.
+//! A successor is checked by `SO_PEERCRED` before it may ask
+//! ([`Server::trusts`]), never by uid alone (`nobody` is shared); anyone else
+//! is refused and logged, and nothing pauses. Each step has a deadline, and
+//! failed hand-overs back off: not even a trusted peer can pause the agents
+//! over and over.
 //!
-//! `SIGHUP` starts the binary at the path we were started from (taken at
-//! startup: `/proc/self/exe` would name the replaced file), with the same
-//! arguments and environment, as a child that takes over; until it has,
-//! we serve on, and its failure is only logged. That child is a bridge: we
-//! flush, then execute the binary ourselves ([`Reexec`]) to take everything
-//! back, so the service keeps its PID. Should that `exec` fail, the bridge
-//! serves on as the service's process (`MAINPID=`).
+//! `SIGHUP` starts the binary at the path we were started from
+//! (`/proc/self/exe` would name the replaced file), with our arguments and
+//! environment, as a bridge that takes over; its failure is only logged. We flush, then execute the binary
+//! ourselves ([`Reexec`]) to take everything back, keeping the service's
+//! PID; should that fail, the bridge serves on (`MAINPID=`).
 
 use std::ffi::{CString, OsString};
 use std::io::{self, Read, Write};
@@ -105,7 +102,7 @@ pub(crate) struct Server {
     /// Failed hand-overs in a row, and until when the next is refused.
     failures: u32,
     backoff_until: Option<Instant>,
-    status: Option<Arc<crate::status::Board>>,
+    pub(crate) status: Option<Arc<crate::status::Board>>,
 }
 
 impl Server {
@@ -128,10 +125,6 @@ impl Server {
             backoff_until: None,
             status: None,
         }
-    }
-
-    pub(crate) fn set_status(&mut self, board: Arc<crate::status::Board>) {
-        self.status = Some(board);
     }
 
     pub(crate) fn upgrading(&self) -> tokio::sync::watch::Receiver<bool> {
@@ -178,9 +171,7 @@ impl Server {
                     if let Some(done) = self.answer(stream).await {
                         self.listener.remove = false;
                         // Not waited for: the re-executed process reaps it.
-                        if let Some((c, _)) = self.child.take() {
-                            std::mem::forget(c);
-                        }
+                        std::mem::forget(self.child.take());
                         return done;
                     }
                     if self.child.is_some() {
@@ -198,24 +189,21 @@ impl Server {
                 () = tokio::time::sleep(Duration::from_millis(20)), if self.child.is_some() => {
                     let Some((c, since)) = self.child.as_mut() else { continue };
                     match c.try_wait() {
-                        Ok(Some(status)) => {
-                            tracing::error!(%status, "upgrade failed: the new binary exited before taking over; still serving");
-                            self.set_child(None);
-                            notify(&[NotifyState::Ready]);
-                        }
+                        Ok(Some(status)) => tracing::error!(%status, "upgrade failed: the new binary exited before taking over; still serving"),
                         Ok(None) if since.elapsed() > UPGRADE_TIMEOUT => {
                             tracing::error!(timeout = ?UPGRADE_TIMEOUT, "upgrade failed: the new binary did not take over in time; stopping it, still serving");
                             let _ = c.kill();
                             let _ = c.wait();
-                            self.set_child(None);
-                            notify(&[NotifyState::Ready]);
                         }
-                        Ok(None) => {}
+                        Ok(None) => continue,
                         Err(e) => {
                             tracing::error!(error = %e, "upgrade: waiting on the new binary");
                             self.set_child(None);
+                            continue;
                         }
                     }
+                    self.set_child(None);
+                    notify(&[NotifyState::Ready]);
                 }
             }
         }
@@ -313,17 +301,18 @@ impl Server {
         let _ = stream.set_read_timeout(Some(ACK_TIMEOUT));
         tracing::info!(pid, "handing over to a successor: pausing every connection");
         let started = Instant::now();
-        let Some(pieces) = self.hub.pause(PAUSE_TIMEOUT).await else {
-            self.hub.settle(false);
-            refuse(stream, "the connections did not pause in time".into()).await;
-            return None;
-        };
-        let (state, owned) = match self.state(pieces) {
-            Ok(s) => s,
-            Err(e) => {
-                self.hub.settle(false);
+        let built = match self.hub.pause(PAUSE_TIMEOUT).await {
+            Some(pieces) => self.state(pieces).map_err(|e| {
                 tracing::error!(error = %e, "hand-over: building the state; resuming");
-                refuse(stream, e.to_string()).await;
+                e.to_string()
+            }),
+            None => Err("the connections did not pause in time".to_owned()),
+        };
+        let (state, owned) = match built {
+            Ok(s) => s,
+            Err(why) => {
+                self.hub.settle(false);
+                refuse(stream, why).await;
                 return None;
             }
         };
@@ -353,8 +342,8 @@ impl Server {
                     "handed over: every listener and connection is the successor's"
                 );
                 // A bridge is not the service's process: we, re-executed, are.
-                let reexec = self.upgrade.as_ref().filter(|_| bridge == Some(pid));
-                let reexec = reexec.map(|(upgrade, _)| Reexec {
+                let up = self.upgrade.as_ref().filter(|_| bridge == Some(pid));
+                let reexec = up.map(|(upgrade, _)| Reexec {
                     upgrade: upgrade.clone(),
                     bridge_pid: pid,
                     launcher: Arc::clone(&self.launcher),

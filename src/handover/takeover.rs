@@ -89,11 +89,10 @@ pub(crate) fn take_over(
     sort(stream, state, fds, path).map(Some)
 }
 
-/// Whether to take from the hand-off socket whose listening end `peer`
-/// made (`SO_PEERCRED` names who made it listen, passed along from
-/// forwarder to forwarder). A root successor acts on the state's paths as
-/// root, so takes only from root's socket, never one a user could have put
-/// there; a non-root one has nothing more to lose to its own user.
+/// Whether to take from the socket `peer` made listen (`SO_PEERCRED`,
+/// passed along from forwarder to forwarder). A root successor acts on the
+/// state's paths as root, so takes only from root's socket; a non-root one
+/// has nothing more to lose to its own user.
 fn trusts_predecessor(peer: UnixCredentials, ours: u32) -> bool {
     peer.uid() == 0 || (ours != 0 && peer.uid() == ours)
 }
