@@ -240,7 +240,7 @@ async fn serve_inner(
         // on the predecessor will not read again.
         ack.send()?;
         if let Some(h) = hand_over.listener.as_mut() {
-            h.own();
+            h.remove = true;
         }
     }
     let hub = handover::hub::Hub::new();

@@ -295,14 +295,9 @@ fn split<'a>(target: &'a Path, whole: &Path) -> Result<(&'a Path, OsString), Unt
     }
 }
 
-/// [`open_file_at`] by path.
+/// [`open_file_at`] by path (a bare name's parent, "", is the current directory).
 pub(crate) fn open_file(path: &Path, link: Link, max: u64) -> Result<(File, u64), UntrustedError> {
     let (parent, name) = split(path, path)?;
-    let parent = if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    };
     open_file_at(&Dir::open(parent)?, &name, link, max)
 }
 

@@ -88,13 +88,10 @@ impl Hub {
     }
 
     pub(crate) fn member(self: &Arc<Self>) -> Member {
-        let id = {
-            let mut inner = self.lock();
-            inner.next_id += 1;
-            let id = inner.next_id;
-            inner.members.insert(id, Slot::Running);
-            id
-        };
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.members.insert(id, Slot::Running);
         Member {
             hub: Arc::clone(self),
             id,
@@ -117,19 +114,14 @@ impl Hub {
             let changed = self.changed.notified();
             {
                 let mut inner = self.lock();
-                let all = inner
-                    .members
-                    .values()
-                    .all(|s| matches!(s, Slot::Reported(r, _) | Slot::Quiet(r) if *r == round));
-                let failed = inner
-                    .members
-                    .values()
-                    .any(|s| matches!(s, Slot::Reported(_, None)));
-                if all && failed {
-                    tracing::warn!("hand-over: a socket could not be duplicated; resuming");
-                    return None;
-                }
-                if all {
+                let done =
+                    |s: &Slot| matches!(s, Slot::Reported(r, _) | Slot::Quiet(r) if *r == round);
+                let failed = |s: &Slot| matches!(s, Slot::Reported(_, None));
+                if inner.members.values().all(done) {
+                    if inner.members.values().any(failed) {
+                        tracing::warn!("hand-over: a socket could not be duplicated; resuming");
+                        return None;
+                    }
                     let mut pieces = Vec::with_capacity(inner.members.len());
                     for (id, slot) in inner.members.iter_mut() {
                         // A quiet member is taken too: it learns the outcome.

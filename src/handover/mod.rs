@@ -133,8 +133,9 @@ pub(crate) struct HandoffListener {
     listener: tokio::net::UnixListener,
     path: PathBuf,
     identity: (u64, u64),
-    /// Not once a successor's, nor, handed over, until [`Self::own`].
-    remove: bool,
+    /// Ours to remove when dropped: not once a successor's, nor, handed
+    /// over, until the hand-over is ours (acked).
+    pub(crate) remove: bool,
     /// Started as root: removes the socket, which we no longer can.
     janitor: Option<Janitor>,
 }
@@ -196,8 +197,8 @@ impl HandoffListener {
         })
     }
 
-    /// A predecessor's hand-off socket: not ours to remove until
-    /// [`own`](Self::own), so a failed takeover leaves it in place.
+    /// A predecessor's hand-off socket: not ours to remove until acked, so a
+    /// failed takeover leaves it in place.
     fn adopt(
         fd: OwnedFd,
         path: PathBuf,
@@ -216,10 +217,6 @@ impl HandoffListener {
             remove: false,
             janitor: janitor.map(Janitor::adopt),
         })
-    }
-
-    pub(crate) fn own(&mut self) {
-        self.remove = true;
     }
 }
 
