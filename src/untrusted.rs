@@ -96,7 +96,6 @@ pub(crate) struct Dir {
 }
 
 impl Dir {
-    /// Resolves the directory at `path` by the module's rule.
     pub(crate) fn open(path: &Path) -> Result<Dir, UntrustedError> {
         let start = if path.is_absolute() { "/" } else { "." };
         let fd = openat(AT_FDCWD, start, dir_flags(), Mode::empty()).map_err(open_err(path))?;

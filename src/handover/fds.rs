@@ -82,7 +82,6 @@ pub fn recv(sock: BorrowedFd<'_>, n: usize) -> io::Result<Vec<OwnedFd>> {
     Ok(out)
 }
 
-/// The user and process at the other end of a connected Unix socket.
 pub fn peer(sock: &impl AsFd) -> io::Result<UnixCredentials> {
     Ok(getsockopt(sock, sockopt::PeerCredentials)?)
 }

@@ -79,7 +79,6 @@ pub(crate) fn forget(name: Option<String>) {
 pub(crate) struct Stored(Option<String>);
 
 impl Stored {
-    /// Stores `fd` as `name(fd)`, if the store is on (else no name is made).
     fn new(fd: BorrowedFd<'_>, name: impl FnOnce() -> Option<String>) -> Stored {
         let name = enabled().then(name).flatten();
         if let Some(name) = name.as_deref() {
@@ -129,9 +128,8 @@ pub(crate) enum Left {
     },
 }
 
-/// Takes back what the previous process left in the store (`$LISTEN_FDS`)
-/// under our names. Others, and ours no longer what their name says, are
-/// closed and logged. Call once, at start.
+/// Takes back what the last process left under our names (call once, at
+/// start); others, and ours no longer what their name says, are closed.
 pub(crate) fn take_back() -> Vec<Left> {
     let passed = sd_notify::listen_fds_with_names()
         .inspect_err(|e| tracing::warn!(error = %e, "reading the descriptors systemd passed"))

@@ -42,7 +42,6 @@ enum Phase {
 /// How a pause ended for one member (`lifeline::After`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// No hand-over: carry on as before.
     Resume,
     /// The hand-over went ahead without this task (it joined late): drain.
     Drain,

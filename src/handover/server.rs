@@ -454,23 +454,22 @@ pub struct Reexec {
 }
 
 impl Reexec {
-    /// Replaces this process with the upgraded binary; returns only on
-    /// failure. Call once flushed, off the runtime, with the stop and upgrade
-    /// signals held ([`crate::shutdown::SignalGate`]) so they stay pending
-    /// across `exec`: hence `execve`, not `Command::exec`, which unblocks all.
+    /// Becomes the upgraded binary (returns only on failure). Call flushed,
+    /// off the runtime, with the signals held ([`crate::shutdown::SignalGate`])
+    /// to stay pending: hence `execve`, not `Command::exec`, which unblocks all.
     pub fn exec(&self) -> io::Error {
         tracing::info!(exe = %self.upgrade.exe.display(), bridge = self.bridge_pid, stop = self.stop, "upgrade: becoming the new binary, which takes over from the bridge");
         if self.stop {
             // Blocked everywhere: pending until the new binary handles it.
             let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::SIGTERM);
         }
-        let (path, argv, env) = match self.execve_args() {
-            Ok(args) => args,
-            Err(e) => return e,
-        };
-        self.launcher.exec(Box::new(move || {
-            nix::unistd::execve(&path, &argv, &env).map_or_else(Into::into, |never| match never {})
-        }))
+        match self.execve_args() {
+            Ok((path, argv, env)) => self.launcher.exec(Box::new(move || {
+                nix::unistd::execve(&path, &argv, &env)
+                    .map_or_else(Into::into, |never| match never {})
+            })),
+            Err(e) => e,
+        }
     }
 
     /// Our path, arguments and environment, as a successor, not a bridge.

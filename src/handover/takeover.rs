@@ -6,8 +6,6 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 
-use nix::sys::socket::UnixCredentials;
-
 use super::wire::{ListenerKind, State};
 use super::*;
 
@@ -59,8 +57,7 @@ impl Ack {
     }
 }
 
-/// Takes everything the forwarder at `path` serves; `Ok(None)`: nobody is
-/// there. Blocking.
+/// Takes everything the forwarder at `path` serves (`None`: nobody). Blocking.
 pub(crate) fn take_over(
     path: &Path,
     max_frame_size: usize,
@@ -76,7 +73,10 @@ pub(crate) fn take_over(
     };
     let ours = nix::unistd::getuid().as_raw();
     let peer = fds::peer(&stream).map_err(HandOverError::Receive)?;
-    if !trusts_predecessor(peer, ours) {
+    // `peer` made the socket listen (passed along from forwarder to
+    // forwarder). A root successor acts on the state's paths as root, so
+    // takes only from root's; a non-root one has no more to lose to its user.
+    if !(peer.uid() == 0 || (ours != 0 && peer.uid() == ours)) {
         return Err(HandOverError::CheckPeer {
             uid: peer.uid(),
             pid: peer.pid(),
@@ -87,14 +87,6 @@ pub(crate) fn take_over(
     let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
     let (state, fds) = receive(&mut stream, max_frame_size)?;
     sort(stream, state, fds, path).map(Some)
-}
-
-/// Whether to take from the socket `peer` made listen (`SO_PEERCRED`,
-/// passed along from forwarder to forwarder). A root successor acts on the
-/// state's paths as root, so takes only from root's socket; a non-root one
-/// has nothing more to lose to its own user.
-fn trusts_predecessor(peer: UnixCredentials, ours: u32) -> bool {
-    peer.uid() == 0 || (ours != 0 && peer.uid() == ours)
 }
 
 fn receive(
