@@ -134,16 +134,14 @@ fn sort(
     fds: Vec<OwnedFd>,
     handoff_path: &Path,
 ) -> Result<Taken, HandOverError> {
-    use nix::sys::socket::{getsockopt, sockopt, AddressFamily, SockType};
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, AddressFamily, SockType};
+    use nix::sys::socket::{SockaddrLike, SockaddrStorage};
     let check = |fd: &OwnedFd, family: AddressFamily, listening: bool, what: &str| {
         let kind = getsockopt(fd, sockopt::SockType);
         let accepting = getsockopt(fd, sockopt::AcceptConn);
-        let domain =
-            nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
-                .ok()
-                .and_then(|a| nix::sys::socket::SockaddrLike::family(&a));
+        let domain = getsockname::<SockaddrStorage>(fd.as_raw_fd()).map(|a| a.family());
         match (kind, accepting, domain) {
-            (Ok(SockType::Stream), Ok(a), Some(d)) if a == listening && d == family => Ok(()),
+            (Ok(SockType::Stream), Ok(a), Ok(Some(d))) if a == listening && d == family => Ok(()),
             other => Err(HandOverError::AdoptSocket(format!(
                 "{what}: not the socket announced ({other:?})"
             ))),
