@@ -153,8 +153,7 @@ impl Entry {
     }
 }
 
-/// Never through a symlink: a directory swapped for one since it was
-/// looked at is refused.
+/// Never through a symlink: a directory swapped for one since it was looked at is refused.
 fn dir_flags() -> OFlag {
     OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
 }
@@ -228,8 +227,7 @@ fn components(p: &Path) -> VecDeque<OsString> {
         .collect()
 }
 
-/// Whether the file itself may be a symlink: where root alone could have
-/// placed it, or never (the spool's files).
+/// Whether the file itself may be a symlink: where root alone could have placed it, or never.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Link {
     IfRootPlaced,
@@ -300,8 +298,7 @@ pub(crate) fn open_file(path: &Path, link: Link, max: u64) -> Result<(File, u64)
     open_file_at(&Dir::open(parent)?, &name, link, max)
 }
 
-/// Reads the regular file at `path` (refused if over `max` bytes, even if
-/// it grows past while read).
+/// Reads the regular file at `path`, refused if over `max` bytes (even grown while read).
 pub(crate) fn read_file(path: &Path, link: Link, max: u64) -> Result<Vec<u8>, UntrustedError> {
     let (f, len) = open_file(path, link, max)?;
     let mut data = Vec::with_capacity(len as usize);

@@ -73,8 +73,7 @@ pub(crate) fn forget(name: Option<String>) {
     }
 }
 
-/// A descriptor kept in the store while this lives, unless [`keep`](Self::keep)
-/// says it stays (handed over, or left for the next process).
+/// A descriptor kept in the store while this lives, or after [`keep`](Self::keep).
 #[derive(Debug, Default)]
 pub(crate) struct Stored(Option<String>);
 

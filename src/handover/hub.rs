@@ -45,8 +45,7 @@ pub(crate) enum Outcome {
     Resume,
     /// The hand-over went ahead without this task (it joined late): drain.
     Drain,
-    /// A successor holds this task's socket: end without another read,
-    /// closing or removing nothing.
+    /// A successor holds its socket: end without another read, closing or removing nothing.
     Leave,
 }
 

@@ -93,8 +93,7 @@ pub(crate) struct Resume {
     pub format: Option<WireFormat>,
     pub spans: u64,
     pub decode_errors: u64,
-    /// Taken back from systemd's store after a crash: read from the next
-    /// whole frame.
+    /// Taken back from systemd's store after a crash: read from the next whole frame.
     pub lost: bool,
 }
 
@@ -133,8 +132,7 @@ pub(crate) struct HandoffListener {
     listener: tokio::net::UnixListener,
     path: PathBuf,
     identity: (u64, u64),
-    /// Ours to remove when dropped: not once a successor's, nor, handed
-    /// over, until the hand-over is ours (acked).
+    /// Ours to remove on drop: not a successor's, nor a predecessor's until acked.
     pub(crate) remove: bool,
     /// Started as root: removes the socket, which we no longer can.
     janitor: Option<Janitor>,
@@ -197,8 +195,7 @@ impl HandoffListener {
         })
     }
 
-    /// A predecessor's hand-off socket: not ours to remove until acked, so a
-    /// failed takeover leaves it in place.
+    /// A predecessor's hand-off socket, left in place by a failed takeover.
     fn adopt(
         fd: OwnedFd,
         path: PathBuf,

@@ -12,9 +12,10 @@
 //!
 //! `SIGHUP` starts the binary at the path we were started from
 //! (`/proc/self/exe` would name the replaced file), with our arguments and
-//! environment, as a bridge that takes over; its failure is only logged. We flush, then execute the binary
-//! ourselves ([`Reexec`]) to take everything back, keeping the service's
-//! PID; should that fail, the bridge serves on (`MAINPID=`).
+//! environment, as a bridge that takes over; its failure is only logged.
+//! We flush, then execute the binary ourselves ([`Reexec`]) to take
+//! everything back, keeping the service's PID; should that fail, the bridge
+//! serves on (`MAINPID=`).
 
 use std::ffi::{CString, OsString};
 use std::io::{self, Read, Write};
@@ -44,8 +45,7 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest the agents stay paused for the successor's ack.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// After a failed hand-over the next waits this long, doubled after each
-/// further failure up to [`MAX_BACKOFF`].
+/// The wait after a failed hand-over, doubled per further one up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -65,8 +65,7 @@ pub(crate) fn started_to_take_over() -> bool {
     is_set(TAKE_OVER_ENV)
 }
 
-/// Started by `SIGHUP` as an upgrade's bridge: it serves until its parent,
-/// re-executed, takes everything back, and is not the service's process.
+/// Started by `SIGHUP` as a bridge, which is not the service's process.
 pub(crate) fn started_as_bridge() -> bool {
     is_set(BRIDGE_ENV)
 }
@@ -154,8 +153,7 @@ impl Server {
         &self.listener.path
     }
 
-    /// Serves successors, and upgrades on `SIGHUP`, until a hand-over
-    /// commits (the hand-off socket is then the successor's).
+    /// Serves successors, and upgrades on `SIGHUP`, until a hand-over commits.
     pub(crate) async fn run(&mut self) -> Committed {
         loop {
             tokio::select! {
@@ -375,8 +373,7 @@ impl Server {
         }
     }
 
-    /// The state and descriptors: the hand-off socket, every listener (and
-    /// janitor), then every connection.
+    /// The state and its descriptors, in the order [`wire`] gives.
     fn state(&self, mut pieces: Vec<(u64, Piece)>) -> Result<(State, Vec<OwnedFd>), HandOverError> {
         let dup = |fd: BorrowedFd<'_>, what: &str| {
             fd.try_clone_to_owned().map_err(|e| {
@@ -442,8 +439,7 @@ impl Drop for Server {
     }
 }
 
-/// The rest of a `SIGHUP` upgrade once the bridge serves: this process
-/// becoming the upgraded binary (same PID), which takes everything back.
+/// Once the bridge serves: this process becomes the upgraded binary (same PID).
 pub struct Reexec {
     pub(crate) upgrade: Upgrade,
     pub(crate) bridge_pid: i32,

@@ -50,8 +50,7 @@ pub(crate) struct Taken {
 pub(crate) struct Ack(StdUnixStream);
 
 impl Ack {
-    /// Everything is ours now: the old process reads no more. Dropped
-    /// unsent, it resumes.
+    /// Everything is ours now: the old process reads no more (dropped unsent, it resumes).
     pub(crate) fn send(mut self) -> Result<(), HandOverError> {
         self.0.write_all(&[ACK]).map_err(HandOverError::Send)
     }

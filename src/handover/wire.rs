@@ -55,8 +55,7 @@ pub struct ListenerState {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ListenerKind {
-    /// The hand-off socket itself: the successor may not have the right to
-    /// bind it again.
+    /// The hand-off socket itself: the successor may not have the right to bind it again.
     Handoff { path: PathBuf, identity: (u64, u64) },
     /// `<socket-path>_<port>`, and the device and inode it was bound as.
     Hybrid { path: PathBuf, identity: (u64, u64) },
