@@ -46,6 +46,7 @@ pub use config::Config;
 use config::Output;
 use export::spool::{Spool, SpoolError};
 use export::{ExportError, Exporter, Sink};
+use handover::server::{started_with, BRIDGE_ENV, TAKE_OVER_ENV};
 use handover::{HandoffListener, Upgrade};
 use listen::connection::ConnShared;
 use listen::{ListenError, Listeners};
@@ -103,7 +104,7 @@ pub async fn run_upgradable(
 ) -> Result<Finished, RunError> {
     // A bridge hands everything back to the process that started it, and
     // to no other of its user's: its pid, now.
-    let parent = handover::server::started_as_bridge().then(|| nix::unistd::getppid().as_raw());
+    let parent = started_with(BRIDGE_ENV).then(|| nix::unistd::getppid().as_raw());
     let sink = match &config.export.output {
         Output::Dump(d) => {
             let out = Box::new(std::io::BufWriter::new(std::io::stdout()));
@@ -121,7 +122,7 @@ pub async fn run_upgradable(
     }
     let shutdown = Shutdown::new();
     let taken = match &config.handoff {
-        Some(path) if config.take_over || handover::server::started_to_take_over() => {
+        Some(path) if config.take_over || started_with(TAKE_OVER_ENV) => {
             take_over(path, config.ingest.max_frame_size).await?
         }
         _ => None,
@@ -290,7 +291,7 @@ async fn serve_inner(
     );
     // A bridge is not the service's process: its parent, re-executed,
     // takes everything back and says it is ready.
-    if !handover::server::started_as_bridge() {
+    if !started_with(BRIDGE_ENV) {
         handover::server::notify(&[
             sd_notify::NotifyState::MainPid(std::process::id()),
             sd_notify::NotifyState::Ready,

@@ -57,21 +57,13 @@ pub(crate) trait Launcher: Send + Sync {
     fn exec(&self, exec: Box<dyn FnOnce() -> io::Error + Send>) -> io::Error;
 }
 
+/// Set by `SIGHUP`: take over rather than bind, even at the default path.
 pub(crate) const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
+/// Set by `SIGHUP` in a bridge, which is not the service's process.
 pub(crate) const BRIDGE_ENV: &str = "KATA_TRACE_FORWARDER_BRIDGE";
 
-/// Started by `SIGHUP`: take over rather than bind, even at the default path.
-pub(crate) fn started_to_take_over() -> bool {
-    is_set(TAKE_OVER_ENV)
-}
-
-/// Started by `SIGHUP` as a bridge, which is not the service's process.
-pub(crate) fn started_as_bridge() -> bool {
-    is_set(BRIDGE_ENV)
-}
-
-/// Set and not blank, as the configuration reads any variable.
-fn is_set(name: &str) -> bool {
+/// Whether we were started with `name` set and not blank (as the configuration reads any).
+pub(crate) fn started_with(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
 }
 
