@@ -27,11 +27,7 @@ const MAX_LINKS: u32 = 40;
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UntrustedError {
     #[error("opening {path}: {source}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    Open { path: PathBuf, source: io::Error },
     #[error(
         "{path} is a symlink where none is followed (or in a directory others than root can write)"
     )]
@@ -45,11 +41,7 @@ pub(crate) enum UntrustedError {
     #[error("{path} is larger than {max} bytes; not read")]
     TooLarge { path: PathBuf, max: u64 },
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    Read { path: PathBuf, source: io::Error },
 }
 
 impl UntrustedError {
