@@ -285,7 +285,7 @@ async fn serve_inner(
         service_name = %config.ingest.service_name,
         spool = ?config.export.spool.as_ref().map(|s| &s.dir),
         metrics = ?metrics,
-        handoff = ?server.as_ref().map(|s| s.path().to_owned()),
+        handoff = ?server.as_ref().map(|s| s.listener.path.clone()),
         pid = std::process::id(),
         "forwarder ready"
     );

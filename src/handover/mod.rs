@@ -130,7 +130,7 @@ impl Resume {
 
 pub(crate) struct HandoffListener {
     listener: tokio::net::UnixListener,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
     identity: (u64, u64),
     /// Ours to remove on drop: not a successor's, nor a predecessor's until acked.
     pub(crate) remove: bool,

@@ -80,7 +80,7 @@ pub(crate) struct Committed {
 }
 
 pub(crate) struct Server {
-    listener: HandoffListener,
+    pub(crate) listener: HandoffListener,
     hub: Arc<Hub>,
     upgrade: Option<(Upgrade, Signal)>,
     launcher: Arc<dyn Launcher>,
@@ -139,10 +139,6 @@ impl Server {
     fn set_child(&mut self, child: Option<(Child, Instant)>) {
         self.child = child;
         self.upgrading.send_replace(self.child.is_some());
-    }
-
-    pub(crate) fn path(&self) -> &std::path::Path {
-        &self.listener.path
     }
 
     /// Serves successors, and upgrades on `SIGHUP`, until a hand-over commits.
