@@ -122,10 +122,9 @@ impl Server {
         self.upgrading.subscribe()
     }
 
-    /// Whether `peer` may take everything: root (an administrator), our
-    /// `SIGHUP` bridge, or, in a bridge, its parent taking back. The last two
-    /// by pid: a child's pid is not reused until we reap it, and a parent's
-    /// counts only while it is still our parent (else we were re-parented).
+    /// Root, our `SIGHUP` bridge, or, in a bridge, its parent. The last two by
+    /// pid: a child's is not reused until we reap it, and a parent's counts
+    /// only while it is still our parent (else we were re-parented).
     fn trusts(&self, peer: UnixCredentials) -> bool {
         peer.uid() == 0
             || self.bridge() == Some(peer.pid())
@@ -418,8 +417,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // Left over on an error (a stop waits for an upgrade to settle): the
-        // new binary has taken nothing, and must not serve on alone.
+        // Left on an error: the new binary has taken nothing; it must not serve alone.
         if let Some((mut c, _)) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

@@ -61,10 +61,8 @@ pub enum ListenerKind {
     Hybrid { path: PathBuf, identity: (u64, u64) },
     /// An AF_VSOCK listener; `cid` `None` is any.
     Vsock { cid: Option<u32>, port: u32 },
-    /// One sandbox's hybrid-VSOCK socket (template mode, `--kata-host`),
-    /// served again by the successor's watcher if the sandbox and file are
-    /// still there. Added last within version 1: older states still decode,
-    /// and an older reader refuses a state holding one.
+    /// One sandbox's hybrid-VSOCK socket (template mode, `--kata-host`). Added
+    /// last within version 1: older states still decode; an older reader refuses one.
     Sandbox {
         id: String,
         path: PathBuf,
