@@ -244,13 +244,11 @@ impl Server {
             )
             .ok()?;
         // Blocking, off the runtime: short, and the agents are paused anyway.
-        let res = blocking(stream, |s| {
+        let read = blocking(stream, |s| {
             let mut req = [0u8; REQUEST.len()];
-            s.read_exact(&mut req)?;
-            Ok(req)
-        })
-        .await;
-        let stream = match res {
+            s.read_exact(&mut req).map(|()| req)
+        });
+        let stream = match read.await {
             Ok((REQUEST, stream)) => stream,
             // Answered aside: nothing pauses, and nobody next is kept waiting.
             Ok((crate::status::REQUEST, stream)) => {
