@@ -46,6 +46,7 @@ pub use config::Config;
 use config::Output;
 use export::spool::{Spool, SpoolError};
 use export::{ExportError, Exporter, Sink};
+use handover::server::{started_with, BRIDGE_ENV, TAKE_OVER_ENV};
 use handover::{HandoffListener, Upgrade};
 use listen::connection::ConnShared;
 use listen::{ListenError, Listeners};
@@ -103,7 +104,7 @@ pub async fn run_upgradable(
 ) -> Result<Finished, RunError> {
     // A bridge hands everything back to the process that started it, and
     // to no other of its user's: its pid, now.
-    let parent = handover::server::started_as_bridge().then(|| nix::unistd::getppid().as_raw());
+    let parent = started_with(BRIDGE_ENV).then(|| nix::unistd::getppid().as_raw());
     let sink = match &config.export.output {
         Output::Dump(d) => {
             let out = Box::new(std::io::BufWriter::new(std::io::stdout()));
@@ -121,7 +122,7 @@ pub async fn run_upgradable(
     }
     let shutdown = Shutdown::new();
     let taken = match &config.handoff {
-        Some(path) if config.take_over || handover::server::started_to_take_over() => {
+        Some(path) if config.take_over || started_with(TAKE_OVER_ENV) => {
             take_over(path, config.ingest.max_frame_size).await?
         }
         _ => None,
@@ -240,7 +241,7 @@ async fn serve_inner(
         // on the predecessor will not read again.
         ack.send()?;
         if let Some(h) = hand_over.listener.as_mut() {
-            h.own();
+            h.remove = true;
         }
     }
     let hub = handover::hub::Hub::new();
@@ -284,13 +285,13 @@ async fn serve_inner(
         service_name = %config.ingest.service_name,
         spool = ?config.export.spool.as_ref().map(|s| &s.dir),
         metrics = ?metrics,
-        handoff = ?server.as_ref().map(|s| s.path().to_owned()),
+        handoff = ?server.as_ref().map(|s| s.listener.path.clone()),
         pid = std::process::id(),
         "forwarder ready"
     );
     // A bridge is not the service's process: its parent, re-executed,
     // takes everything back and says it is ready.
-    if !handover::server::started_as_bridge() {
+    if !started_with(BRIDGE_ENV) {
         handover::server::notify(&[
             sd_notify::NotifyState::MainPid(std::process::id()),
             sd_notify::NotifyState::Ready,
@@ -302,7 +303,7 @@ async fn serve_inner(
         export::queue::bounded(queue.max_spans, queue.max_bytes, Arc::clone(&stats));
     let exporter = Arc::new(Exporter::new(sink, spool, Arc::clone(&stats)));
     if let Some(s) = server.as_mut() {
-        s.set_status(Arc::new(status::Board::new(
+        s.status = Some(Arc::new(status::Board::new(
             Arc::clone(&stats),
             Arc::clone(&tenants),
             Arc::clone(&exporter),

@@ -1,17 +1,14 @@
 //! Opening what a less privileged party may have planted: the spool (its
 //! files are the unprivileged user's), Kata's configuration files.
 //!
-//! A symlink is followed only where root alone could have placed it: in a
-//! root-owned directory no group or other can write (Kata's configuration
-//! directories: an administrator's choice). One in the spool, or on the way
-//! through a directory others can write, never is: followed by root, it
-//! would hand its target to whoever planted it.
+//! A symlink is followed only where root alone could have placed it (a
+//! root-owned directory no group or other can write): followed by root,
+//! any other would hand its target to whoever planted it.
 //!
 //! A file is opened without blocking (a FIFO would wait forever), must be
 //! regular (checked on the open descriptor), and is read no further than
-//! the caller's bound (`/dev/zero`, a huge file). Paths are resolved one
-//! component at a time relative to descriptors, never by a path that could
-//! change under us.
+//! the caller's bound. Paths are resolved a component at a time relative to
+//! descriptors, never by a path that could change under us.
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
@@ -30,11 +27,7 @@ const MAX_LINKS: u32 = 40;
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UntrustedError {
     #[error("opening {path}: {source}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    Open { path: PathBuf, source: io::Error },
     #[error(
         "{path} is a symlink where none is followed (or in a directory others than root can write)"
     )]
@@ -48,11 +41,7 @@ pub(crate) enum UntrustedError {
     #[error("{path} is larger than {max} bytes; not read")]
     TooLarge { path: PathBuf, max: u64 },
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    Read { path: PathBuf, source: io::Error },
 }
 
 impl UntrustedError {
@@ -62,17 +51,20 @@ impl UntrustedError {
     }
 }
 
-fn kind(st: &FileStat) -> &'static str {
-    match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
-        SFlag::S_IFREG => "a regular file",
-        SFlag::S_IFDIR => "a directory",
-        SFlag::S_IFLNK => "a symlink",
-        SFlag::S_IFIFO => "a FIFO",
-        SFlag::S_IFSOCK => "a socket",
-        SFlag::S_IFCHR => "a character device",
-        SFlag::S_IFBLK => "a block device",
-        _ => "of an unknown type",
-    }
+/// What a file that is not regular is, for [`UntrustedError::NotRegular`].
+fn irregular(st: &FileStat) -> Option<&'static str> {
+    Some(
+        match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
+            SFlag::S_IFREG => return None,
+            SFlag::S_IFDIR => "a directory",
+            SFlag::S_IFLNK => "a symlink",
+            SFlag::S_IFIFO => "a FIFO",
+            SFlag::S_IFSOCK => "a socket",
+            SFlag::S_IFCHR => "a character device",
+            SFlag::S_IFBLK => "a block device",
+            _ => "of an unknown type",
+        },
+    )
 }
 
 fn is(st: &FileStat, t: SFlag) -> bool {
@@ -96,12 +88,10 @@ pub(crate) struct Dir {
 }
 
 impl Dir {
-    /// Resolves the directory at `path` by the module's rule.
     pub(crate) fn open(path: &Path) -> Result<Dir, UntrustedError> {
-        let mut links = 0;
         let start = if path.is_absolute() { "/" } else { "." };
         let fd = openat(AT_FDCWD, start, dir_flags(), Mode::empty()).map_err(open_err(path))?;
-        let fd = walk(fd, path, path, &mut links)?;
+        let fd = walk(fd, path, path, &mut 0)?;
         Ok(Dir {
             fd,
             path: path.to_path_buf(),
@@ -132,9 +122,8 @@ impl Dir {
     }
 }
 
-/// An entry of a [`Dir`], held by an `O_PATH`, `O_NOFOLLOW` descriptor (a
-/// device or FIFO is not opened): what is checked and changed through it is
-/// what was looked at, whatever is put at its name meanwhile.
+/// An entry of a [`Dir`], held by `O_PATH | O_NOFOLLOW` (a device is not
+/// opened): what is changed through it is what was looked at.
 pub(crate) struct Entry {
     fd: OwnedFd,
     st: FileStat,
@@ -156,14 +145,12 @@ impl Entry {
     }
 }
 
-/// Never through a symlink: a directory swapped for one since it was
-/// looked at is refused.
+/// Never through a symlink: a directory swapped for one since it was looked at is refused.
 fn dir_flags() -> OFlag {
     OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
 }
 
-/// Walks `rest` from the directory `at` by the module's rule (`whole`:
-/// for messages).
+/// Walks `rest` from the directory `at` (`whole`: for messages).
 fn walk(
     mut at: OwnedFd,
     rest: &Path,
@@ -232,8 +219,7 @@ fn components(p: &Path) -> VecDeque<OsString> {
         .collect()
 }
 
-/// Whether the file itself may be a symlink: where root alone could have
-/// placed it, or never (the spool's files).
+/// Whether the file itself may be a symlink: where root alone could have placed it, or never.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Link {
     IfRootPlaced,
@@ -257,11 +243,8 @@ pub(crate) fn open_file_at(
             .map_err(open_err(&whole))?;
         if !is(&st, SFlag::S_IFLNK) {
             // Looked at before opening: a device is never even opened.
-            if !is(&st, SFlag::S_IFREG) {
-                return Err(UntrustedError::NotRegular {
-                    path: whole,
-                    kind: kind(&st),
-                });
+            if let Some(kind) = irregular(&st) {
+                return Err(UntrustedError::NotRegular { path: whole, kind });
             }
             break;
         }
@@ -281,11 +264,8 @@ pub(crate) fn open_file_at(
     let fd = openat(&at, name.as_os_str(), flags, Mode::empty()).map_err(open_err(&whole))?;
     // What was opened is what is checked: it may have been swapped since.
     let st = fstat(&fd).map_err(open_err(&whole))?;
-    if !is(&st, SFlag::S_IFREG) {
-        return Err(UntrustedError::NotRegular {
-            path: whole,
-            kind: kind(&st),
-        });
+    if let Some(kind) = irregular(&st) {
+        return Err(UntrustedError::NotRegular { path: whole, kind });
     }
     let len = u64::try_from(st.st_size).unwrap_or(0);
     if len > max {
@@ -304,19 +284,13 @@ fn split<'a>(target: &'a Path, whole: &Path) -> Result<(&'a Path, OsString), Unt
     }
 }
 
-/// [`open_file_at`] by path.
+/// [`open_file_at`] by path (a bare name's parent, "", is the current directory).
 pub(crate) fn open_file(path: &Path, link: Link, max: u64) -> Result<(File, u64), UntrustedError> {
     let (parent, name) = split(path, path)?;
-    let parent = if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    };
     open_file_at(&Dir::open(parent)?, &name, link, max)
 }
 
-/// Reads the regular file at `path` (refused if over `max` bytes, even if
-/// it grows past while read).
+/// Reads the regular file at `path`, refused if over `max` bytes (even grown while read).
 pub(crate) fn read_file(path: &Path, link: Link, max: u64) -> Result<Vec<u8>, UntrustedError> {
     let (f, len) = open_file(path, link, max)?;
     let mut data = Vec::with_capacity(len as usize);

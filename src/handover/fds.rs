@@ -1,11 +1,10 @@
 //! Descriptors over a Unix socket (`SCM_RIGHTS`), and who is at the other
 //! end (`SO_PEERCRED`).
 //!
-//! The kernel takes at most 253 descriptors a message (`SCM_MAX_FD`), so
-//! they go in chunks of [`CHUNK`], each on one marker byte. The receiver
-//! reads the state with exact-length reads (never reaching a marker), then
-//! the chunks one byte at a time: the kernel never merges a message carrying
-//! descriptors with the next. A truncated chunk (`MSG_CTRUNC`) is an error.
+//! At most 253 a message (`SCM_MAX_FD`): chunks of [`CHUNK`], each on one
+//! marker byte. The receiver reads the state by exact lengths, then the
+//! chunks a byte at a time (the kernel never merges a message carrying
+//! descriptors with the next); a truncated chunk (`MSG_CTRUNC`) is an error.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -83,7 +82,6 @@ pub fn recv(sock: BorrowedFd<'_>, n: usize) -> io::Result<Vec<OwnedFd>> {
     Ok(out)
 }
 
-/// The user and process at the other end of a connected Unix socket.
 pub fn peer(sock: &impl AsFd) -> io::Result<UnixCredentials> {
     Ok(getsockopt(sock, sockopt::PeerCredentials)?)
 }

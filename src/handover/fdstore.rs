@@ -1,24 +1,13 @@
 //! systemd's file descriptor store: agent connections that outlive the
 //! process, through a crash or a `systemctl restart`.
 //!
-//! With `FileDescriptorStoreMax=`, systemd keeps what the service gives it
-//! (every listener, janitor pipe and agent connection) and passes it to the
-//! next process, whose agents never see the forwarder go; only what the
-//! dead process had read and not exported is lost. Through `sd-notify`, one
-//! datagram per descriptor on `$NOTIFY_SOCKET`:
-//!
-//! ```text
-//! FDSTORE=1\nFDNAME=<name>\n         with the descriptor (SCM_RIGHTS)
-//! FDSTOREREMOVE=1\nFDNAME=<name>\n   systemd closes its copies so named
-//! ```
-//!
-//! systemd (254+) sets `$FDSTORE` (its size) when the store is on. It keeps
-//! one copy however often a descriptor is given (it compares open files),
-//! so giving what a predecessor gave is harmless. At the next start they
-//! come as `$LISTEN_FDS` from 3 on, named in `$LISTEN_FDNAMES`.
-//!
-//! Names come from the descriptor itself (its socket's inode), so that any
-//! process holding it names it alike and removes the right one:
+//! With `FileDescriptorStoreMax=` (systemd 254+ then sets `$FDSTORE`),
+//! systemd keeps every listener, janitor pipe and agent connection we give
+//! it (`FDSTORE=1`, `FDNAME=`, the descriptor over `SCM_RIGHTS`; removed by
+//! `FDSTOREREMOVE=1`) and passes them to the next process (`$LISTEN_FDS`,
+//! `$LISTEN_FDNAMES`). It keeps one copy of an open file however often
+//! given, so giving what a predecessor gave is harmless. Names come from
+//! the descriptor (its socket's inode), so any holder names it alike:
 //!
 //! ```text
 //! ktf-l-<sock-ino>                  a VSOCK listener
@@ -30,8 +19,8 @@
 //!
 //! A connection that ends is removed (systemd would keep the agent's stream
 //! open); one handed over or left at `SIGTERM` ([`crate::shutdown::Mode::Store`])
-//! stays. One taken back after a crash is read from its next whole frame;
-//! the bytes before it are skipped and counted (`bytes_skipped`).
+//! stays. One taken back after a crash is read from its next whole frame
+//! (the bytes before it counted as `bytes_skipped`).
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -84,13 +73,11 @@ pub(crate) fn forget(name: Option<String>) {
     }
 }
 
-/// A descriptor kept in the store while this lives, unless [`keep`](Self::keep)
-/// says it stays (handed over, or left for the next process).
+/// A descriptor kept in the store while this lives, or after [`keep`](Self::keep).
 #[derive(Debug, Default)]
 pub(crate) struct Stored(Option<String>);
 
 impl Stored {
-    /// Stores `fd` as `name(fd)`, if the store is on (else no name is made).
     fn new(fd: BorrowedFd<'_>, name: impl FnOnce() -> Option<String>) -> Stored {
         let name = enabled().then(name).flatten();
         if let Some(name) = name.as_deref() {
@@ -140,9 +127,8 @@ pub(crate) enum Left {
     },
 }
 
-/// Takes back what the previous process left in the store (`$LISTEN_FDS`)
-/// under our names. Others, and ours no longer what their name says, are
-/// closed and logged. Call once, at start.
+/// Takes back what the last process left under our names (call once, at
+/// start); others, and ours no longer what their name says, are closed.
 pub(crate) fn take_back() -> Vec<Left> {
     let passed = sd_notify::listen_fds_with_names()
         .inspect_err(|e| tracing::warn!(error = %e, "reading the descriptors systemd passed"))
@@ -183,11 +169,11 @@ pub(crate) fn take_back() -> Vec<Left> {
             None => tracing::warn!("a socket janitor's pipe without its listener; closed"),
         }
     }
-    let mut all: Vec<Left> = listeners
+    let all: Vec<Left> = listeners
         .into_iter()
         .map(|(_, l)| Left::Listener(l))
+        .chain(left)
         .collect();
-    all.extend(left);
     if !all.is_empty() {
         tracing::info!(
             descriptors = all.len(),

@@ -1,11 +1,10 @@
 //! Pausing every listener and connection at once for a hand-over, and
 //! resuming them if the successor does not take them.
 //!
-//! Each serving task is a [`Member`] (through its lifeline). Paused where
-//! its state is whole (between accepts, between reads), it reports a
-//! [`Piece`] (its descriptor duplicated, and what the successor must know)
-//! and waits for the outcome without touching its socket. Members are never
-//! torn down and rebuilt: a refused hand-over costs only the pause.
+//! Each serving task is a [`Member`]: paused where its state is whole, it
+//! reports a [`Piece`] (its descriptor duplicated, and what the successor
+//! must know) and waits for the outcome without touching its socket; a
+//! refused hand-over costs only the pause.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -43,12 +42,10 @@ enum Phase {
 /// How a pause ended for one member (`lifeline::After`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// No hand-over: carry on as before.
     Resume,
     /// The hand-over went ahead without this task (it joined late): drain.
     Drain,
-    /// A successor holds this task's socket: end without another read,
-    /// closing or removing nothing.
+    /// A successor holds its socket: end without another read, closing or removing nothing.
     Leave,
 }
 
@@ -89,13 +86,10 @@ impl Hub {
     }
 
     pub(crate) fn member(self: &Arc<Self>) -> Member {
-        let id = {
-            let mut inner = self.lock();
-            inner.next_id += 1;
-            let id = inner.next_id;
-            inner.members.insert(id, Slot::Running);
-            id
-        };
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.members.insert(id, Slot::Running);
         Member {
             hub: Arc::clone(self),
             id,
@@ -118,19 +112,14 @@ impl Hub {
             let changed = self.changed.notified();
             {
                 let mut inner = self.lock();
-                let all = inner
-                    .members
-                    .values()
-                    .all(|s| matches!(s, Slot::Reported(r, _) | Slot::Quiet(r) if *r == round));
-                let failed = inner
-                    .members
-                    .values()
-                    .any(|s| matches!(s, Slot::Reported(_, None)));
-                if all && failed {
-                    tracing::warn!("hand-over: a socket could not be duplicated; resuming");
-                    return None;
-                }
-                if all {
+                let done =
+                    |s: &Slot| matches!(s, Slot::Reported(r, _) | Slot::Quiet(r) if *r == round);
+                let failed = |s: &Slot| matches!(s, Slot::Reported(_, None));
+                if inner.members.values().all(done) {
+                    if inner.members.values().any(failed) {
+                        tracing::warn!("hand-over: a socket could not be duplicated; resuming");
+                        return None;
+                    }
                     let mut pieces = Vec::with_capacity(inner.members.len());
                     for (id, slot) in inner.members.iter_mut() {
                         // A quiet member is taken too: it learns the outcome.

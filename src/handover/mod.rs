@@ -1,17 +1,14 @@
-//! Handing live agent connections to the next forwarder process.
+//! Handing live agent connections to the next forwarder process: the Kata
+//! agent never dials again after a failed write, so a restart or upgrade
+//! hands over the listening sockets, every live connection and what its
+//! reader knows (the format, the bytes of a frame not yet whole).
 //!
-//! The Kata agent never dials again after a failed write, so closing its
-//! connection ends that sandbox's tracing for the VM's life. A restart or
-//! upgrade hands over instead: the listening sockets, every live connection
-//! and what its reader knows (the format, the bytes of a frame not yet whole).
-//!
-//! A new forwarder started with the same `--handoff-socket` connects before
-//! binding anything ([`take_over`]). The old one checks the peer ([`server`]),
-//! pauses every listener and connection between two reads ([`hub`]), sends
-//! the state ([`wire`]) and the descriptors ([`fds`]), and lets go only on
-//! the ack: it reads nothing more, leaves its sockets in place and exits once
-//! flushed (spans read before the pause are its own to export). Without an
-//! ack it resumes where it paused.
+//! A new forwarder with the same `--handoff-socket` connects before binding
+//! anything ([`take_over`]). The old one checks the peer ([`server`]), pauses
+//! every listener and connection between two reads ([`hub`]), sends the state
+//! ([`wire`]) and descriptors ([`fds`]), and on the ack reads nothing more,
+//! leaves its sockets in place and exits once it has exported what it read;
+//! without one it resumes where it paused.
 //!
 //! ```text
 //! new -> old   "KTFTAKE1"                      (8 bytes)
@@ -96,14 +93,13 @@ pub(crate) struct Resume {
     pub format: Option<WireFormat>,
     pub spans: u64,
     pub decode_errors: u64,
-    /// Taken back from systemd's store after a crash: read from the next
-    /// whole frame.
+    /// Taken back from systemd's store after a crash: read from the next whole frame.
     pub lost: bool,
 }
 
 impl Resume {
-    /// A paused connection's piece: its socket duplicated, and `self`. If
-    /// duplicating fails (out of descriptors), none: the hand-over is refused.
+    /// A paused connection's piece; none if its socket cannot be duplicated
+    /// (the hand-over is then refused).
     pub(crate) fn piece(self, stream: &impl AsFd, peer: Peer, listener: u64) -> Option<Piece> {
         let fd = stream
             .as_fd()
@@ -134,19 +130,17 @@ impl Resume {
 
 pub(crate) struct HandoffListener {
     listener: tokio::net::UnixListener,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
     identity: (u64, u64),
-    /// Ours to remove when dropped: not once a successor's, nor, handed
-    /// over, until the hand-over is ours ([`HandoffListener::own`]).
-    remove: bool,
+    /// Ours to remove on drop: not a successor's, nor a predecessor's until acked.
+    pub(crate) remove: bool,
     /// Started as root: removes the socket, which we no longer can.
     janitor: Option<Janitor>,
 }
 
 impl HandoffListener {
-    /// Binds `path` (its directory made if missing), replacing a stale
-    /// socket. Mode 0600, owned by `user` when started as root: the user we
-    /// become, whose `SIGHUP` successor must connect.
+    /// Binds `path`, replacing a stale socket. Mode 0600, owned by `user`
+    /// (when root: the user we become, whose `SIGHUP` successor connects).
     pub(crate) fn bind(path: &Path, user: Option<&str>) -> Result<HandoffListener, HandOverError> {
         let err = |source| HandOverError::BindHandoff {
             path: path.to_owned(),
@@ -160,9 +154,8 @@ impl HandoffListener {
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
         }
         match std::fs::symlink_metadata(path) {
-            // A running forwarder's is never replaced: a second start with
-            // the same listeners (which then fails to bind them) would
-            // otherwise leave the running one unreachable for its upgrade.
+            // Never a running forwarder's: a second start (failing to bind
+            // its listeners) would leave it unreachable for its upgrade.
             Ok(md)
                 if md.file_type().is_socket()
                     && std::os::unix::net::UnixStream::connect(path).is_ok() =>
@@ -202,8 +195,7 @@ impl HandoffListener {
         })
     }
 
-    /// A predecessor's hand-off socket: not ours to remove until
-    /// [`own`](Self::own), so a failed takeover leaves it in place.
+    /// A predecessor's hand-off socket, left in place by a failed takeover.
     fn adopt(
         fd: OwnedFd,
         path: PathBuf,
@@ -222,10 +214,6 @@ impl HandoffListener {
             remove: false,
             janitor: janitor.map(Janitor::adopt),
         })
-    }
-
-    pub(crate) fn own(&mut self) {
-        self.remove = true;
     }
 }
 

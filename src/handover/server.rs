@@ -4,20 +4,18 @@
 //! (Over 500 lines: whom it answers, the exchange, and the upgrade that
 //! ends in `exec` are one hand-over seen from the old process.)
 //!
-//! A successor is checked by `SO_PEERCRED` before it may even ask
-//! ([`Server::trusts`]), never by uid alone: the forwarder's user (`nobody`)
-//! is shared with other services. Anyone else is refused and logged, and
-//! nothing pauses. Each step has a short deadline, and after a failed
-//! hand-over the next waits, longer each time: not even a trusted peer can
-//! pause the agents over and over.
+//! A successor is checked by `SO_PEERCRED` before it may ask
+//! ([`Server::trusts`]), never by uid alone (`nobody` is shared); anyone else
+//! is refused and logged, and nothing pauses. Each step has a deadline, and
+//! failed hand-overs back off: not even a trusted peer can pause the agents
+//! over and over.
 //!
-//! `SIGHUP` starts the binary at the path we were started from (taken at
-//! startup: `/proc/self/exe` would name the replaced file), with the same
-//! arguments and environment, as a child that takes over; until it has,
-//! we serve on, and its failure is only logged. That child is a bridge: we
-//! flush, then execute the binary ourselves ([`Reexec`]) to take everything
-//! back, so the service keeps its PID. Should that `exec` fail, the bridge
-//! serves on as the service's process (`MAINPID=`).
+//! `SIGHUP` starts the binary at the path we were started from
+//! (`/proc/self/exe` would name the replaced file), with our arguments and
+//! environment, as a bridge that takes over; its failure is only logged.
+//! We flush, then execute the binary ourselves ([`Reexec`]) to take
+//! everything back, keeping the service's PID; should that fail, the bridge
+//! serves on (`MAINPID=`).
 
 use std::ffi::{CString, OsString};
 use std::io::{self, Read, Write};
@@ -47,8 +45,7 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest the agents stay paused for the successor's ack.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// After a failed hand-over the next waits this long, doubled after each
-/// further failure up to [`MAX_BACKOFF`].
+/// The wait after a failed hand-over, doubled per further one up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -60,22 +57,13 @@ pub(crate) trait Launcher: Send + Sync {
     fn exec(&self, exec: Box<dyn FnOnce() -> io::Error + Send>) -> io::Error;
 }
 
+/// Set by `SIGHUP`: take over rather than bind, even at the default path.
 pub(crate) const TAKE_OVER_ENV: &str = "KATA_TRACE_FORWARDER_TAKE_OVER";
+/// Set by `SIGHUP` in a bridge, which is not the service's process.
 pub(crate) const BRIDGE_ENV: &str = "KATA_TRACE_FORWARDER_BRIDGE";
 
-/// Started by `SIGHUP`: take over rather than bind, even at the default path.
-pub(crate) fn started_to_take_over() -> bool {
-    is_set(TAKE_OVER_ENV)
-}
-
-/// Started by `SIGHUP` as an upgrade's bridge: it serves until its parent,
-/// re-executed, takes everything back, and is not the service's process.
-pub(crate) fn started_as_bridge() -> bool {
-    is_set(BRIDGE_ENV)
-}
-
-/// Set and not blank, as the configuration reads any variable.
-fn is_set(name: &str) -> bool {
+/// Whether we were started with `name` set and not blank (as the configuration reads any).
+pub(crate) fn started_with(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
 }
 
@@ -92,7 +80,7 @@ pub(crate) struct Committed {
 }
 
 pub(crate) struct Server {
-    listener: HandoffListener,
+    pub(crate) listener: HandoffListener,
     hub: Arc<Hub>,
     upgrade: Option<(Upgrade, Signal)>,
     launcher: Arc<dyn Launcher>,
@@ -105,7 +93,7 @@ pub(crate) struct Server {
     /// Failed hand-overs in a row, and until when the next is refused.
     failures: u32,
     backoff_until: Option<Instant>,
-    status: Option<Arc<crate::status::Board>>,
+    pub(crate) status: Option<Arc<crate::status::Board>>,
 }
 
 impl Server {
@@ -130,18 +118,13 @@ impl Server {
         }
     }
 
-    pub(crate) fn set_status(&mut self, board: Arc<crate::status::Board>) {
-        self.status = Some(board);
-    }
-
     pub(crate) fn upgrading(&self) -> tokio::sync::watch::Receiver<bool> {
         self.upgrading.subscribe()
     }
 
-    /// Whether `peer` may take everything: root (an administrator), our
-    /// `SIGHUP` bridge, or, in a bridge, its parent taking back. The last two
-    /// by pid: a child's pid is not reused until we reap it, and a parent's
-    /// counts only while it is still our parent (else we were re-parented).
+    /// Root, our `SIGHUP` bridge, or, in a bridge, its parent. The last two by
+    /// pid: a child's is not reused until we reap it, and a parent's counts
+    /// only while it is still our parent (else we were re-parented).
     fn trusts(&self, peer: UnixCredentials) -> bool {
         peer.uid() == 0
             || self.bridge() == Some(peer.pid())
@@ -157,12 +140,7 @@ impl Server {
         self.upgrading.send_replace(self.child.is_some());
     }
 
-    pub(crate) fn path(&self) -> &std::path::Path {
-        &self.listener.path
-    }
-
-    /// Serves successors, and upgrades on `SIGHUP`, until a hand-over
-    /// commits (the hand-off socket is then the successor's).
+    /// Serves successors, and upgrades on `SIGHUP`, until a hand-over commits.
     pub(crate) async fn run(&mut self) -> Committed {
         loop {
             tokio::select! {
@@ -178,9 +156,7 @@ impl Server {
                     if let Some(done) = self.answer(stream).await {
                         self.listener.remove = false;
                         // Not waited for: the re-executed process reaps it.
-                        if let Some((c, _)) = self.child.take() {
-                            std::mem::forget(c);
-                        }
+                        std::mem::forget(self.child.take());
                         return done;
                     }
                     if self.child.is_some() {
@@ -198,24 +174,21 @@ impl Server {
                 () = tokio::time::sleep(Duration::from_millis(20)), if self.child.is_some() => {
                     let Some((c, since)) = self.child.as_mut() else { continue };
                     match c.try_wait() {
-                        Ok(Some(status)) => {
-                            tracing::error!(%status, "upgrade failed: the new binary exited before taking over; still serving");
-                            self.set_child(None);
-                            notify(&[NotifyState::Ready]);
-                        }
+                        Ok(Some(status)) => tracing::error!(%status, "upgrade failed: the new binary exited before taking over; still serving"),
                         Ok(None) if since.elapsed() > UPGRADE_TIMEOUT => {
                             tracing::error!(timeout = ?UPGRADE_TIMEOUT, "upgrade failed: the new binary did not take over in time; stopping it, still serving");
                             let _ = c.kill();
                             let _ = c.wait();
-                            self.set_child(None);
-                            notify(&[NotifyState::Ready]);
                         }
-                        Ok(None) => {}
+                        Ok(None) => continue,
                         Err(e) => {
                             tracing::error!(error = %e, "upgrade: waiting on the new binary");
                             self.set_child(None);
+                            continue;
                         }
                     }
+                    self.set_child(None);
+                    notify(&[NotifyState::Ready]);
                 }
             }
         }
@@ -271,13 +244,11 @@ impl Server {
             )
             .ok()?;
         // Blocking, off the runtime: short, and the agents are paused anyway.
-        let res = blocking(stream, |s| {
+        let read = blocking(stream, |s| {
             let mut req = [0u8; REQUEST.len()];
-            s.read_exact(&mut req)?;
-            Ok(req)
-        })
-        .await;
-        let stream = match res {
+            s.read_exact(&mut req).map(|()| req)
+        });
+        let stream = match read.await {
             Ok((REQUEST, stream)) => stream,
             // Answered aside: nothing pauses, and nobody next is kept waiting.
             Ok((crate::status::REQUEST, stream)) => {
@@ -313,17 +284,18 @@ impl Server {
         let _ = stream.set_read_timeout(Some(ACK_TIMEOUT));
         tracing::info!(pid, "handing over to a successor: pausing every connection");
         let started = Instant::now();
-        let Some(pieces) = self.hub.pause(PAUSE_TIMEOUT).await else {
-            self.hub.settle(false);
-            refuse(stream, "the connections did not pause in time".into()).await;
-            return None;
-        };
-        let (state, owned) = match self.state(pieces) {
-            Ok(s) => s,
-            Err(e) => {
-                self.hub.settle(false);
+        let built = match self.hub.pause(PAUSE_TIMEOUT).await {
+            Some(pieces) => self.state(pieces).map_err(|e| {
                 tracing::error!(error = %e, "hand-over: building the state; resuming");
-                refuse(stream, e.to_string()).await;
+                e.to_string()
+            }),
+            None => Err("the connections did not pause in time".to_owned()),
+        };
+        let (state, owned) = match built {
+            Ok(s) => s,
+            Err(why) => {
+                self.hub.settle(false);
+                refuse(stream, why).await;
                 return None;
             }
         };
@@ -353,8 +325,8 @@ impl Server {
                     "handed over: every listener and connection is the successor's"
                 );
                 // A bridge is not the service's process: we, re-executed, are.
-                let reexec = self.upgrade.as_ref().filter(|_| bridge == Some(pid));
-                let reexec = reexec.map(|(upgrade, _)| Reexec {
+                let up = self.upgrade.as_ref().filter(|_| bridge == Some(pid));
+                let reexec = up.map(|(upgrade, _)| Reexec {
                     upgrade: upgrade.clone(),
                     bridge_pid: pid,
                     launcher: Arc::clone(&self.launcher),
@@ -386,8 +358,7 @@ impl Server {
         }
     }
 
-    /// The state and descriptors: the hand-off socket, every listener (and
-    /// janitor), then every connection.
+    /// The state and its descriptors, in the order [`wire`] gives.
     fn state(&self, mut pieces: Vec<(u64, Piece)>) -> Result<(State, Vec<OwnedFd>), HandOverError> {
         let dup = |fd: BorrowedFd<'_>, what: &str| {
             fd.try_clone_to_owned().map_err(|e| {
@@ -444,8 +415,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // Left over on an error (a stop waits for an upgrade to settle): the
-        // new binary has taken nothing, and must not serve on alone.
+        // Left on an error: the new binary has taken nothing; it must not serve alone.
         if let Some((mut c, _)) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -453,8 +423,7 @@ impl Drop for Server {
     }
 }
 
-/// The rest of a `SIGHUP` upgrade once the bridge serves: this process
-/// becoming the upgraded binary (same PID), which takes everything back.
+/// Once the bridge serves: this process becomes the upgraded binary (same PID).
 pub struct Reexec {
     pub(crate) upgrade: Upgrade,
     pub(crate) bridge_pid: i32,
@@ -465,23 +434,22 @@ pub struct Reexec {
 }
 
 impl Reexec {
-    /// Replaces this process with the upgraded binary; returns only on
-    /// failure. Call once flushed, off the runtime, with the stop and upgrade
-    /// signals held ([`crate::shutdown::SignalGate`]) so they stay pending
-    /// across `exec`: hence `execve`, not `Command::exec`, which unblocks all.
+    /// Becomes the upgraded binary (returns only on failure). Call flushed,
+    /// off the runtime, with the signals held ([`crate::shutdown::SignalGate`])
+    /// to stay pending: hence `execve`, not `Command::exec`, which unblocks all.
     pub fn exec(&self) -> io::Error {
         tracing::info!(exe = %self.upgrade.exe.display(), bridge = self.bridge_pid, stop = self.stop, "upgrade: becoming the new binary, which takes over from the bridge");
         if self.stop {
             // Blocked everywhere: pending until the new binary handles it.
             let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::SIGTERM);
         }
-        let (path, argv, env) = match self.execve_args() {
-            Ok(args) => args,
-            Err(e) => return e,
-        };
-        self.launcher.exec(Box::new(move || {
-            nix::unistd::execve(&path, &argv, &env).map_or_else(Into::into, |never| match never {})
-        }))
+        match self.execve_args() {
+            Ok((path, argv, env)) => self.launcher.exec(Box::new(move || {
+                nix::unistd::execve(&path, &argv, &env)
+                    .map_or_else(Into::into, |never| match never {})
+            })),
+            Err(e) => e,
+        }
     }
 
     /// Our path, arguments and environment, as a successor, not a bridge.

@@ -6,8 +6,6 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 
-use nix::sys::socket::UnixCredentials;
-
 use super::wire::{ListenerKind, State};
 use super::*;
 
@@ -52,15 +50,13 @@ pub(crate) struct Taken {
 pub(crate) struct Ack(StdUnixStream);
 
 impl Ack {
-    /// Everything is ours now: the old process reads no more. Dropped
-    /// unsent, it resumes.
+    /// Everything is ours now: the old process reads no more (dropped unsent, it resumes).
     pub(crate) fn send(mut self) -> Result<(), HandOverError> {
         self.0.write_all(&[ACK]).map_err(HandOverError::Send)
     }
 }
 
-/// Takes everything the forwarder at `path` serves; `Ok(None)`: nobody is
-/// there. Blocking.
+/// Takes everything the forwarder at `path` serves (`None`: nobody). Blocking.
 pub(crate) fn take_over(
     path: &Path,
     max_frame_size: usize,
@@ -76,7 +72,10 @@ pub(crate) fn take_over(
     };
     let ours = nix::unistd::getuid().as_raw();
     let peer = fds::peer(&stream).map_err(HandOverError::Receive)?;
-    if !trusts_predecessor(peer, ours) {
+    // `peer` made the socket listen (passed along from forwarder to
+    // forwarder). A root successor acts on the state's paths as root, so
+    // takes only from root's; a non-root one has no more to lose to its user.
+    if !(peer.uid() == 0 || (ours != 0 && peer.uid() == ours)) {
         return Err(HandOverError::CheckPeer {
             uid: peer.uid(),
             pid: peer.pid(),
@@ -87,15 +86,6 @@ pub(crate) fn take_over(
     let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
     let (state, fds) = receive(&mut stream, max_frame_size)?;
     sort(stream, state, fds, path).map(Some)
-}
-
-/// Whether to take from the hand-off socket whose listening end `peer`
-/// made (`SO_PEERCRED` names who made it listen, passed along from
-/// forwarder to forwarder). A root successor acts on the state's paths as
-/// root, so takes only from root's socket, never one a user could have put
-/// there; a non-root one has nothing more to lose to its own user.
-fn trusts_predecessor(peer: UnixCredentials, ours: u32) -> bool {
-    peer.uid() == 0 || (ours != 0 && peer.uid() == ours)
 }
 
 fn receive(
@@ -143,16 +133,14 @@ fn sort(
     fds: Vec<OwnedFd>,
     handoff_path: &Path,
 ) -> Result<Taken, HandOverError> {
-    use nix::sys::socket::{getsockopt, sockopt, AddressFamily, SockType};
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, AddressFamily, SockType};
+    use nix::sys::socket::{SockaddrLike, SockaddrStorage};
     let check = |fd: &OwnedFd, family: AddressFamily, listening: bool, what: &str| {
         let kind = getsockopt(fd, sockopt::SockType);
         let accepting = getsockopt(fd, sockopt::AcceptConn);
-        let domain =
-            nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
-                .ok()
-                .and_then(|a| nix::sys::socket::SockaddrLike::family(&a));
+        let domain = getsockname::<SockaddrStorage>(fd.as_raw_fd()).map(|a| a.family());
         match (kind, accepting, domain) {
-            (Ok(SockType::Stream), Ok(a), Some(d)) if a == listening && d == family => Ok(()),
+            (Ok(SockType::Stream), Ok(a), Ok(Some(d))) if a == listening && d == family => Ok(()),
             other => Err(HandOverError::AdoptSocket(format!(
                 "{what}: not the socket announced ({other:?})"
             ))),

@@ -12,15 +12,13 @@
 //! 20+L    4     CRC-32 (IEEE) of bytes 0 .. 20+L, big-endian
 //! ```
 //!
-//! The N descriptors follow over `SCM_RIGHTS` ([`super::fds`]) in the
-//! body's order: each listener's socket (then its janitor's pipe, if any),
-//! then each connection's socket; N must match the body.
+//! The N descriptors follow ([`super::fds`]) in the body's order: each
+//! listener's socket (then its janitor's pipe), then each connection's.
 //!
-//! Every bound is checked before use: the length before the body is read,
-//! the body with bincode's size limit and no trailing bytes, each partial
-//! frame against the receiver's `--max-frame-size` plus its 8-byte header,
-//! each connection's listener against those sent. A failed check refuses
-//! the whole message, saying which; the new process then starts clean.
+//! Every bound is checked before use (the length before the body is read,
+//! bincode's size limit, no trailing bytes, partial frames against the
+//! receiver's `--max-frame-size`, listener references); a failed check
+//! refuses the whole message, saying which, and the new process starts clean.
 
 use std::path::PathBuf;
 
@@ -34,8 +32,7 @@ pub const MAGIC: [u8; 8] = *b"KTFHOVR\0";
 pub(crate) const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 8 + 2 + 2 + 4 + 4;
 pub const TRAILER_LEN: usize = 4;
-/// Largest body: room for 1,024 connections each with a 1 MiB frame
-/// half read.
+/// Largest body: 1,024 connections each with a 1 MiB frame half read.
 pub(crate) const MAX_STATE_BYTES: usize = 1100 << 20;
 /// Most listeners (template mode has one per sandbox), and connections.
 pub(crate) const MAX_LISTENERS: usize = 65_536;
@@ -58,17 +55,14 @@ pub struct ListenerState {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ListenerKind {
-    /// The hand-off socket itself: the successor may not have the right to
-    /// bind it again.
+    /// The hand-off socket itself: the successor may not have the right to bind it again.
     Handoff { path: PathBuf, identity: (u64, u64) },
     /// `<socket-path>_<port>`, and the device and inode it was bound as.
     Hybrid { path: PathBuf, identity: (u64, u64) },
     /// An AF_VSOCK listener; `cid` `None` is any.
     Vsock { cid: Option<u32>, port: u32 },
-    /// One sandbox's hybrid-VSOCK socket (template mode, `--kata-host`),
-    /// served again by the successor's watcher if the sandbox and file are
-    /// still there. Added last within version 1: older states still decode,
-    /// and an older reader refuses a state holding one.
+    /// One sandbox's hybrid-VSOCK socket (template mode, `--kata-host`). Added
+    /// last within version 1: older states still decode; an older reader refuses one.
     Sandbox {
         id: String,
         path: PathBuf,
