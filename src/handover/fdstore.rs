@@ -29,6 +29,9 @@ use std::sync::OnceLock;
 use nix::sys::socket::{getsockname, SockaddrStorage, VsockAddr};
 use sd_notify::NotifyState;
 
+use super::wire::ListenerKind;
+use super::TakenListener;
+
 const LISTENER: &str = "ktf-l-";
 const JANITOR: &str = "ktf-j-";
 const CONNECTION: &str = "ktf-c-";
@@ -115,7 +118,7 @@ impl Drop for Stored {
 #[derive(Debug)]
 pub(crate) enum Left {
     /// As a hand-over passes it (a Unix one with its stored janitor pipe).
-    Listener(super::TakenListener),
+    Listener(TakenListener),
     UnixConnection {
         fd: OwnedFd,
         path: PathBuf,
@@ -159,12 +162,9 @@ pub(crate) fn take_back() -> Vec<Left> {
         }
     }
     for (ino, pipe) in janitors {
-        let owner = listeners.iter_mut().find_map(|(l_ino, l)| match l {
-            super::TakenListener::Hybrid { janitor, .. } if *l_ino == ino => Some(janitor),
-            _ => None,
-        });
-        match owner {
-            Some(slot) => *slot = Some(pipe),
+        let unix = |l: &TakenListener| matches!(l.kind, ListenerKind::Hybrid { .. });
+        match listeners.iter_mut().find(|(i, l)| *i == ino && unix(l)) {
+            Some((_, l)) => l.janitor = Some(pipe),
             // Closed: the janitor removes the socket, whose listener is gone.
             None => tracing::warn!("a socket janitor's pipe without its listener; closed"),
         }
@@ -183,7 +183,7 @@ pub(crate) fn take_back() -> Vec<Left> {
     all
 }
 
-fn take_listener(fd: OwnedFd, name: &str) -> Option<(String, super::TakenListener)> {
+fn take_listener(fd: OwnedFd, name: &str) -> Option<(String, TakenListener)> {
     let mut parts = name.strip_prefix(LISTENER)?.split('-');
     let ino = parts.next()?.to_owned();
     let identity = match (parts.next(), parts.next()) {
@@ -194,22 +194,20 @@ fn take_listener(fd: OwnedFd, name: &str) -> Option<(String, super::TakenListene
         return None;
     }
     let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;
-    let left = if let Some(unix) = addr.as_unix_addr() {
-        super::TakenListener::Hybrid {
+    let kind = if let Some(unix) = addr.as_unix_addr() {
+        ListenerKind::Hybrid {
             path: unix.path()?.to_path_buf(),
             identity: identity?,
-            fd,
-            janitor: None,
         }
     } else {
         let vsock: &VsockAddr = addr.as_vsock_addr()?;
-        super::TakenListener::Vsock {
+        ListenerKind::Vsock {
             cid: Some(vsock.cid()).filter(|&c| c != crate::addr::VsockCid::ANY),
             port: vsock.port(),
-            fd,
         }
     };
-    Some((ino, left))
+    let janitor = None;
+    Some((ino, TakenListener { fd, kind, janitor }))
 }
 
 fn take_connection(fd: OwnedFd) -> Option<Left> {

@@ -33,9 +33,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::addr::Peer;
 use crate::janitor::Janitor;
-use crate::wire::WireFormat;
 use hub::{Piece, PieceKind};
 
 pub use server::{Reexec, Upgrade};
@@ -86,21 +84,10 @@ pub enum HandOverError {
     AdoptSocket(String),
 }
 
-/// A handed-over connection's reading state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Resume {
-    pub partial: Vec<u8>,
-    pub format: Option<WireFormat>,
-    pub spans: u64,
-    pub decode_errors: u64,
-    /// Taken back from systemd's store after a crash: read from the next whole frame.
-    pub lost: bool,
-}
-
-impl Resume {
+impl wire::ConnState {
     /// A paused connection's piece; none if its socket cannot be duplicated
     /// (the hand-over is then refused).
-    pub(crate) fn piece(self, stream: &impl AsFd, peer: Peer, listener: u64) -> Option<Piece> {
+    pub(crate) fn piece(self, stream: &impl AsFd, listener: u64) -> Option<Piece> {
         let fd = stream
             .as_fd()
             .try_clone_to_owned()
@@ -108,23 +95,11 @@ impl Resume {
                 |e| tracing::warn!(error = %e, "hand-over: duplicating a connection's socket"),
             )
             .ok()?;
-        Some(Piece {
-            what: PieceKind::Connection {
-                listener,
-                state: wire::ConnState {
-                    listener: 0,
-                    cid: match peer {
-                        Peer::Vsock { cid } => Some(cid),
-                        Peer::Unix => None,
-                    },
-                    format: self.format,
-                    partial: self.partial,
-                    spans: self.spans,
-                    decode_errors: self.decode_errors,
-                },
-            },
-            fd,
-        })
+        let what = PieceKind::Connection {
+            listener,
+            state: self,
+        };
+        Some(Piece { what, fd })
     }
 }
 

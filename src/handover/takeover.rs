@@ -4,39 +4,24 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::wire::{ListenerKind, State};
 use super::*;
 
+/// A listener as the state announced it (never the hand-off socket).
 #[derive(Debug)]
-pub(crate) enum TakenListener {
-    Hybrid {
-        fd: OwnedFd,
-        path: PathBuf,
-        identity: (u64, u64),
-        janitor: Option<OwnedFd>,
-    },
-    Vsock {
-        fd: OwnedFd,
-        cid: Option<u32>,
-        port: u32,
-    },
-    /// A sandbox's socket in template mode or `--kata-host`.
-    Sandbox {
-        fd: OwnedFd,
-        id: String,
-        path: PathBuf,
-        identity: (u64, u64),
-    },
+pub(crate) struct TakenListener {
+    pub fd: OwnedFd,
+    pub kind: ListenerKind,
+    pub janitor: Option<OwnedFd>,
 }
 
 pub(crate) struct TakenConn {
     pub fd: OwnedFd,
     /// Index into [`Taken::listeners`].
     pub listener: usize,
-    pub cid: Option<u32>,
-    pub(crate) resume: Resume,
+    pub state: wire::ConnState,
 }
 
 pub(crate) struct Taken {
@@ -173,28 +158,17 @@ fn sort(
             ListenerKind::Vsock { .. } => (AddressFamily::Vsock, "vsock listener"),
         };
         check(&fd, family, true, what)?;
-        let taken = match l.kind {
-            ListenerKind::Handoff { path, identity } => {
-                handoff = Some(HandoffListener::adopt(fd, path, identity, janitor)?);
-                index.push(None);
-                continue;
-            }
-            ListenerKind::Hybrid { path, identity } => TakenListener::Hybrid {
-                fd,
-                path,
-                identity,
-                janitor,
-            },
-            ListenerKind::Sandbox { id, path, identity } => TakenListener::Sandbox {
-                fd,
-                id,
-                path,
-                identity,
-            },
-            ListenerKind::Vsock { cid, port } => TakenListener::Vsock { fd, cid, port },
-        };
+        if let ListenerKind::Handoff { path, identity } = l.kind {
+            handoff = Some(HandoffListener::adopt(fd, path, identity, janitor)?);
+            index.push(None);
+            continue;
+        }
         index.push(Some(listeners.len()));
-        listeners.push(taken);
+        listeners.push(TakenListener {
+            fd,
+            kind: l.kind,
+            janitor,
+        });
     }
     let mut connections = Vec::with_capacity(state.connections.len());
     for c in state.connections {
@@ -213,14 +187,7 @@ fn sort(
         connections.push(TakenConn {
             fd,
             listener,
-            cid: c.cid,
-            resume: Resume {
-                partial: c.partial,
-                format: c.format,
-                spans: c.spans,
-                decode_errors: c.decode_errors,
-                lost: false,
-            },
+            state: c,
         });
     }
     Ok(Taken {

@@ -70,7 +70,8 @@ pub enum ListenerKind {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Also a handed-over connection's reading state, as the successor serves it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnState {
     /// Index into [`State::listeners`].
     pub listener: u32,
@@ -81,6 +82,9 @@ pub struct ConnState {
     /// Spans and frames skipped so far, for the connection's closing log.
     pub spans: u64,
     pub decode_errors: u64,
+    /// Not sent: taken back from systemd's store after a crash, read from the next whole frame.
+    #[serde(skip)]
+    pub lost: bool,
 }
 
 impl State {
@@ -273,6 +277,7 @@ mod tests {
                     partial: vec![0, 0, 0, 0, 0, 0, 0, 9, 1, 2, 3],
                     spans: 7,
                     decode_errors: 1,
+                    lost: false,
                 },
                 ConnState {
                     listener: 2,
@@ -281,6 +286,7 @@ mod tests {
                     partial: Vec::new(),
                     spans: 0,
                     decode_errors: 0,
+                    lost: false,
                 },
             ],
         }

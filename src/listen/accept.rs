@@ -18,7 +18,7 @@ use super::{Adopted, Listener, Listeners, Stream};
 use crate::addr::Peer;
 use crate::events::{emit, ConnectionAccepted, ConnectionRejected, Refusal};
 use crate::handover::fdstore::Stored;
-use crate::handover::Resume;
+use crate::handover::wire::ConnState;
 use crate::lifeline::{After, Lifeline};
 use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
@@ -262,7 +262,7 @@ impl Accept<'_> {
         slot: TenantConn,
         permit: OwnedSemaphorePermit,
         accepting: &Lifeline,
-        resume: Option<Resume>,
+        resume: Option<ConnState>,
     ) {
         let shared = Arc::clone(&self.serving.shared);
         // Taken before the task runs: a pause from now on waits for it.

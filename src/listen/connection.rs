@@ -31,7 +31,7 @@ use crate::addr::Peer;
 use crate::events::{emit, AgentConnected, AgentDisconnected, Throttled};
 use crate::export::queue::QueueSender;
 use crate::handover::fdstore::Stored;
-use crate::handover::Resume;
+use crate::handover::wire::ConnState;
 use crate::ingest::{Ingest, Ingested, ReadBuffer};
 use crate::lifeline::{After, Lifeline, Next};
 use crate::otlp::Origin;
@@ -65,7 +65,7 @@ impl ConnShared {
 /// predecessor's reader knew.
 pub(crate) struct Start {
     pub listener: u64,
-    pub resume: Option<Resume>,
+    pub resume: Option<ConnState>,
 }
 
 /// Serves one connection until it closes, fails, is drained or is left
@@ -215,7 +215,7 @@ impl<'a, S: Park> Conn<'a, S> {
             let (ingest, input, state) = (&self.ingest, &mut self.input, &self.state);
             let piece = || {
                 let fd = state.fd()?;
-                reading(ingest, input.bytes()).piece(&fd, peer, listener)
+                reading(ingest, input.bytes(), peer).piece(&fd, listener)
             };
             if self.life.paused_while(send, piece).await.is_err() {
                 // The exporter is gone: the process is going down.
@@ -267,7 +267,7 @@ impl<'a, S: Park> Conn<'a, S> {
     async fn between_reads(&mut self) -> Option<End> {
         if self.life.pause_due() {
             let piece = self.state.fd().and_then(|fd| {
-                reading(&self.ingest, self.input.bytes()).piece(&fd, self.peer, self.listener)
+                reading(&self.ingest, self.input.bytes(), self.peer).piece(&fd, self.listener)
             });
             self.life.report(piece);
         }
@@ -430,8 +430,13 @@ impl<'a, S: Park> Conn<'a, S> {
 }
 
 /// What the reader knows, for a successor to go on from.
-fn reading(ingest: &Ingest, buffered: &[u8]) -> Resume {
-    Resume {
+fn reading(ingest: &Ingest, buffered: &[u8], peer: Peer) -> ConnState {
+    ConnState {
+        listener: 0,
+        cid: match peer {
+            Peer::Vsock { cid } => Some(cid),
+            Peer::Unix => None,
+        },
         partial: ingest.unread(buffered),
         format: ingest.format(),
         spans: ingest.spans(),

@@ -17,7 +17,8 @@ use super::vsock::VsockListener;
 use super::{Adopted, ListenError, Stream};
 use crate::addr::VsockCid;
 use crate::handover::fdstore::{self, Left};
-use crate::handover::{Resume, TakenConn, TakenListener};
+use crate::handover::wire::{ConnState, ListenerKind};
+use crate::handover::{TakenConn, TakenListener};
 
 /// A Unix listener's fd, identity and janitor's pipe.
 struct UnixSocket(OwnedFd, (u64, u64), Option<OwnedFd>);
@@ -46,28 +47,21 @@ struct Pool {
 }
 
 impl Pool {
-    fn put(&mut self, listener: TakenListener, connections: Vec<Adopted>) {
-        let (path, id, socket) = match listener {
-            TakenListener::Sandbox {
-                fd,
-                id,
-                path,
-                identity,
-            } => (path, Some(id), UnixSocket(fd, identity, None)),
-            TakenListener::Hybrid {
-                fd,
-                path,
-                identity,
-                janitor,
-            } => (path, None, UnixSocket(fd, identity, janitor)),
-            TakenListener::Vsock { fd, cid, port } => {
+    fn put(&mut self, l: TakenListener, connections: Vec<Adopted>) {
+        let (path, id, identity) = match l.kind {
+            ListenerKind::Sandbox { id, path, identity } => (path, Some(id), identity),
+            ListenerKind::Hybrid { path, identity } => (path, None, identity),
+            ListenerKind::Vsock { cid, port } => {
                 let cid = cid.map_or(VsockCid::Any, VsockCid::Cid);
                 let v = self.vsock.entry(port).or_default();
-                v.listener = Some(VsockListener::adopt(fd, cid, port));
+                v.listener = Some(VsockListener::adopt(l.fd, cid, port));
                 v.connections.extend(connections);
                 return;
             }
+            // Takeover keeps the hand-off socket apart.
+            ListenerKind::Handoff { .. } => return,
         };
+        let socket = UnixSocket(l.fd, identity, l.janitor);
         let u = self.unix.entry(path).or_default();
         u.id = u.id.take().or(id);
         u.listener = Some(socket);
@@ -103,12 +97,9 @@ impl Inherited {
             listener: 0,
             stream,
             peer,
-            resume: Resume {
-                partial: Vec::new(),
-                format: None,
-                spans: 0,
-                decode_errors: 0,
+            resume: ConnState {
                 lost: true,
+                ..ConnState::default()
             },
         };
         let mut pool = Pool::default();
@@ -241,11 +232,14 @@ mod tests {
     fn sandbox_socket(path: &Path) -> TakenListener {
         let l = std::os::unix::net::UnixListener::bind(path).unwrap();
         let md = std::fs::symlink_metadata(path).unwrap();
-        TakenListener::Sandbox {
+        TakenListener {
             fd: OwnedFd::from(l),
-            id: "a".into(),
-            path: path.to_owned(),
-            identity: (md.dev(), md.ino()),
+            kind: ListenerKind::Sandbox {
+                id: "a".into(),
+                path: path.to_owned(),
+                identity: (md.dev(), md.ino()),
+            },
+            janitor: None,
         }
     }
 

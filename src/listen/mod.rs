@@ -24,8 +24,8 @@ use crate::addr::{hybrid_socket, Peer, VsockCid};
 use crate::config::{ListenConfig, ListenMode};
 use crate::handover::fdstore::{self, Stored};
 use crate::handover::hub::{Hub, Piece, PieceKind};
-use crate::handover::wire::ListenerKind;
-use crate::handover::{Resume, TakenConn};
+use crate::handover::wire::{ConnState, ListenerKind};
+use crate::handover::TakenConn;
 use crate::lifeline::Lifeline;
 use crate::shutdown::Shutdown;
 pub(crate) use accept::{serve, Accept, Ended, Serving};
@@ -158,7 +158,7 @@ pub(crate) struct Adopted {
     listener: usize,
     stream: Stream,
     peer: Peer,
-    resume: Resume,
+    resume: ConnState,
 }
 
 impl Adopted {
@@ -172,12 +172,12 @@ impl Adopted {
     }
 
     fn from_taken(c: TakenConn) -> Result<Adopted, ListenError> {
-        let (stream, peer) = Stream::adopt(c.fd, c.cid)?;
+        let (stream, peer) = Stream::adopt(c.fd, c.state.cid)?;
         Ok(Adopted {
             listener: c.listener,
             stream,
             peer,
-            resume: c.resume,
+            resume: c.state,
         })
     }
 }
