@@ -21,7 +21,7 @@ pub(crate) const REMOVE_WAIT: Duration = Duration::from_secs(2);
 /// first one's child, living while some forwarder holds the writing end.
 pub(crate) struct Janitor {
     child: Option<Child>,
-    stdin: Option<std::fs::File>,
+    pub(crate) pipe: Option<std::fs::File>,
 }
 
 impl Janitor {
@@ -35,32 +35,27 @@ impl Janitor {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let stdin = child
+        let pipe = child
             .stdin
             .take()
             .map(|s: ChildStdin| std::fs::File::from(std::os::fd::OwnedFd::from(s)));
         Ok(Janitor {
             child: Some(child),
-            stdin,
+            pipe,
         })
     }
 
     pub(crate) fn adopt(pipe: std::os::fd::OwnedFd) -> Janitor {
         Janitor {
             child: None,
-            stdin: Some(std::fs::File::from(pipe)),
+            pipe: Some(std::fs::File::from(pipe)),
         }
-    }
-
-    pub(crate) fn pipe(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::AsFd;
-        self.stdin.as_ref().map(AsFd::as_fd)
     }
 
     /// Asks for removal now and waits until it is done.
     pub(crate) fn remove_now(mut self) -> bool {
-        if let Some(mut stdin) = self.stdin.take() {
-            let _ = stdin.write_all(b"remove\n");
+        if let Some(mut pipe) = self.pipe.take() {
+            let _ = pipe.write_all(b"remove\n");
         }
         let deadline = Instant::now() + REMOVE_WAIT;
         let Some(child) = self.child.as_mut() else {

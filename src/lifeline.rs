@@ -55,7 +55,7 @@ impl Lifeline {
     /// This task's id in a hand-over (0 outside): a connection's piece
     /// names its accept loop's.
     pub(crate) fn id(&self) -> u64 {
-        self.member.as_ref().map_or(0, Member::id)
+        self.member.as_ref().map_or(0, |m| m.id)
     }
 
     /// Resolves with what interrupts this task first.

@@ -168,7 +168,7 @@ impl Hub {
 
 pub(crate) struct Member {
     hub: Arc<Hub>,
-    id: u64,
+    pub(crate) id: u64,
     phase: watch::Receiver<Phase>,
     /// The last round this member reported in.
     reported: Option<u64>,
@@ -177,10 +177,6 @@ pub(crate) struct Member {
 }
 
 impl Member {
-    pub(crate) fn id(&self) -> u64 {
-        self.id
-    }
-
     fn due(&self) -> Option<u64> {
         match *self.phase.borrow() {
             Phase::Pausing { round } if self.reported != Some(round) => Some(round),
@@ -313,7 +309,7 @@ mod tests {
         drop(gone);
         let pieces = p.await.unwrap().expect("every member reported");
         let ids: Vec<u64> = pieces.iter().map(|(id, _)| *id).collect();
-        assert_eq!(ids, vec![a.id(), b.id()]);
+        assert_eq!(ids, vec![a.id, b.id]);
         let mut late = hub.member();
         late.pause_asked().await;
         late.report(piece());

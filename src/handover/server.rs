@@ -36,7 +36,6 @@ use nix::sys::socket::UnixCredentials;
 use super::hub::{Hub, Piece, PieceKind};
 use super::wire::{self, ListenerKind, ListenerState, State};
 use super::{fds, HandOverError, HandoffListener, ACK, MAX_REASON, REFUSED, REQUEST, STATE};
-use crate::janitor::Janitor;
 
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest an upgraded binary may take to ask for the hand-over.
@@ -366,8 +365,8 @@ impl Server {
             })
         };
         let handoff = dup(self.listener.listener.as_fd(), "socket")?;
-        let pipe = self.listener.janitor.as_ref().and_then(Janitor::pipe);
-        let janitor = pipe.map(|p| dup(p, "janitor's pipe")).transpose()?;
+        let pipe = self.listener.janitor.as_ref().and_then(|j| j.pipe.as_ref());
+        let janitor = pipe.map(|p| dup(p.as_fd(), "janitor's pipe")).transpose()?;
         let mut listeners = vec![ListenerState {
             kind: ListenerKind::Handoff {
                 path: self.listener.path.clone(),

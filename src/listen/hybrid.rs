@@ -10,7 +10,7 @@
 //! open while served, so one moved away does not keep the socket behind.
 
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -132,17 +132,13 @@ impl HybridListener {
         if self.janitor.is_some() {
             return Ok(());
         }
-        let janitor =
-            Janitor::spawn(&self.path, self.identity).map_err(|e| ListenError::DropPrivileges {
-                user: String::new(),
-                reason: format!("starting the socket janitor: {e}"),
-            })?;
-        self.janitor = Some(janitor);
+        let janitor = Janitor::spawn(&self.path, self.identity);
+        self.janitor = Some(janitor.map_err(ListenError::StartJanitor)?);
         Ok(())
     }
 
     pub(crate) fn janitor_pipe(&self) -> Option<BorrowedFd<'_>> {
-        self.janitor.as_ref().and_then(Janitor::pipe)
+        self.janitor.as_ref()?.pipe.as_ref().map(AsFd::as_fd)
     }
 
     fn is_ours(&self) -> bool {

@@ -49,6 +49,8 @@ pub enum ListenError {
     },
     #[error("dropping privileges to user '{user}': {reason}")]
     DropPrivileges { user: String, reason: String },
+    #[error("starting the socket janitor: {0}")]
+    StartJanitor(#[source] io::Error),
     #[error("watching {dir} for sandboxes: {source}")]
     WatchSandboxes { dir: PathBuf, source: io::Error },
     #[error("starting the sandbox watcher: {0}")]
