@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 /// The first argument that selects janitor mode.
 pub const JANITOR_ARG: &str = "__socket-janitor";
 
-/// How long [`Janitor::remove_now`] waits for the removal.
-pub(crate) const REMOVE_WAIT: Duration = Duration::from_secs(2);
+const REMOVE_WAIT: Duration = Duration::from_secs(2);
 
 /// A forwarder that took over holds only the pipe: the janitor is the
 /// first one's child, living while some forwarder holds the writing end.
@@ -52,26 +51,38 @@ impl Janitor {
         }
     }
 
-    /// Asks for removal now and waits until it is done.
-    pub(crate) fn remove_now(mut self) -> bool {
+    /// Has the socket at `path` removed, waiting at most [`REMOVE_WAIT`]
+    /// for our child to end, or for the file to go (one taken over is not
+    /// our child); warns if it stays.
+    pub(crate) fn remove(mut self, path: &Path, identity: (u64, u64)) {
         if let Some(mut pipe) = self.pipe.take() {
             let _ = pipe.write_all(b"remove\n");
         }
         let deadline = Instant::now() + REMOVE_WAIT;
-        let Some(child) = self.child.as_mut() else {
-            // Not our child: the caller checks the socket is gone.
-            return true;
-        };
-        loop {
+        let done = loop {
+            let Some(child) = self.child.as_mut() else {
+                break true;
+            };
             match child.try_wait() {
-                Ok(Some(status)) => return status.success(),
+                Ok(Some(status)) => break status.success(),
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2))
                 }
-                _ => return false,
+                _ => break false,
             }
+        };
+        while done && Instant::now() < deadline && still_bound(path, identity) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if !done || still_bound(path, identity) {
+            tracing::warn!(path = %path.display(), "socket janitor did not confirm removal");
         }
     }
+}
+
+/// Whether the file at `path` is still the one bound as `identity` (device, inode).
+pub(crate) fn still_bound(path: &Path, identity: (u64, u64)) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|md| (md.dev(), md.ino()) == identity)
 }
 
 /// Entry point of janitor mode: `JANITOR_ARG <path> <dev> <ino>`.
@@ -89,8 +100,7 @@ pub fn janitor_main(args: &[OsString]) -> ExitCode {
     // Any line, or end of input (the forwarder is gone), means: clean up.
     let mut line = String::new();
     let _ = io::stdin().lock().read_line(&mut line);
-    let ours = std::fs::symlink_metadata(&path).is_ok_and(|md| (md.dev(), md.ino()) == (dev, ino));
-    if ours {
+    if still_bound(&path, (dev, ino)) {
         if let Err(e) = std::fs::remove_file(&path) {
             eprintln!("{JANITOR_ARG}: removing {}: {e}", path.display());
             return ExitCode::FAILURE;

@@ -199,8 +199,7 @@ impl Drop for HandoffListener {
             return;
         }
         if let Some(j) = self.janitor.take() {
-            j.remove_now();
-            return;
+            return j.remove(&self.path, self.identity);
         }
         let ours = std::fs::symlink_metadata(&self.path)
             .is_ok_and(|md| md.file_type().is_socket() && (md.dev(), md.ino()) == self.identity);

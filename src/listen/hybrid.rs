@@ -20,7 +20,7 @@ use nix::fcntl::{Flock, FlockArg, OFlag};
 use tokio::net::UnixListener;
 
 use super::ListenError;
-use crate::janitor::{Janitor, REMOVE_WAIT};
+use crate::janitor::{still_bound, Janitor};
 
 pub struct HybridListener {
     pub(crate) listener: UnixListener,
@@ -141,10 +141,6 @@ impl HybridListener {
         self.janitor.as_ref()?.pipe.as_ref().map(AsFd::as_fd)
     }
 
-    fn is_ours(&self) -> bool {
-        std::fs::symlink_metadata(&self.path).is_ok_and(|md| (md.dev(), md.ino()) == self.identity)
-    }
-
     /// Removes the socket if still the very file bound, through its
     /// directory when open (it may have moved). Whether it was removed.
     fn remove_if_ours(&self) -> io::Result<bool> {
@@ -152,7 +148,7 @@ impl HybridListener {
         use nix::sys::stat::fstatat;
         use nix::unistd::{unlinkat, UnlinkatFlags};
         let (Some(dir), Some(name)) = (self.dir.as_ref(), self.path.file_name()) else {
-            return match self.is_ours() {
+            return match still_bound(&self.path, self.identity) {
                 true => std::fs::remove_file(&self.path).map(|()| true),
                 false => Ok(false),
             };
@@ -170,16 +166,7 @@ impl HybridListener {
 impl Drop for HybridListener {
     fn drop(&mut self) {
         if let Some(janitor) = self.janitor.take() {
-            let deadline = Instant::now() + REMOVE_WAIT;
-            let done = janitor.remove_now();
-            // A janitor taken over is not our child: watch the file go.
-            while done && Instant::now() < deadline && self.is_ours() {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            if !done || self.is_ours() {
-                tracing::warn!(path = %self.path.display(), "socket janitor did not confirm removal");
-            }
-            return;
+            return janitor.remove(&self.path, self.identity);
         }
         match self.remove_if_ours() {
             Ok(true) => tracing::debug!(path = %self.path.display(), "removed socket"),

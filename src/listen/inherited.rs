@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -128,8 +127,7 @@ impl Inherited {
     pub(crate) fn take_unix(&self, path: &Path) -> Option<(Option<HybridListener>, Vec<Adopted>)> {
         let u = self.lock().unix.remove(path)?;
         let listener = u.listener.and_then(|s| {
-            let still = std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == s.1);
-            if !still {
+            if !crate::janitor::still_bound(path, s.1) {
                 tracing::warn!(
                     sandbox = u.id.as_deref().unwrap_or(""),
                     path = %path.display(),
@@ -228,6 +226,7 @@ fn forget_listener(s: &UnixSocket) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     fn sandbox_socket(path: &Path) -> TakenListener {
         let l = std::os::unix::net::UnixListener::bind(path).unwrap();
