@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use super::hybrid::HybridListener;
 use super::vsock::VsockListener;
-use super::{Adopted, ListenError, Stream};
+use super::{Adopted, ListenError};
 use crate::addr::VsockCid;
 use crate::handover::fdstore::{self, Left};
 use crate::handover::wire::{ConnState, ListenerKind};
@@ -79,9 +79,9 @@ impl Inherited {
         listeners: Vec<TakenListener>,
         connections: Vec<TakenConn>,
     ) -> Result<Inherited, ListenError> {
-        let connections = connections.into_iter().map(Adopted::from_taken);
-        let by_listener =
-            super::by_listener(listeners.len(), connections.collect::<Result<_, _>>()?);
+        let adopted = connections.into_iter();
+        let adopted = adopted.map(|c| Adopted::new(c.fd, c.listener, c.state));
+        let by_listener = super::by_listener(listeners.len(), adopted.collect::<Result<_, _>>()?);
         let mut pool = Pool::default();
         for (l, connections) in listeners.into_iter().zip(by_listener) {
             pool.put(l, connections);
@@ -92,25 +92,24 @@ impl Inherited {
     /// What the previous process left in systemd's store; its connections
     /// are read from their next whole frame (the one in hand went with it).
     pub(crate) fn from_store(left: Vec<Left>) -> Result<Inherited, ListenError> {
-        let adopted = |(stream, peer)| Adopted {
-            listener: 0,
-            stream,
-            peer,
-            resume: ConnState {
+        let lost = |fd, cid| {
+            let resume = ConnState {
+                cid,
                 lost: true,
                 ..ConnState::default()
-            },
+            };
+            Adopted::new(fd, 0, resume)
         };
         let mut pool = Pool::default();
         for l in left {
             match l {
                 Left::Listener(l) => pool.put(l, Vec::new()),
                 Left::UnixConnection { fd, path } => {
-                    let a = adopted(Stream::adopt(fd, None)?);
+                    let a = lost(fd, None)?;
                     pool.unix.entry(path).or_default().connections.push(a);
                 }
                 Left::VsockConnection { fd, cid, port } => {
-                    let a = adopted(Stream::adopt(fd, Some(cid))?);
+                    let a = lost(fd, Some(cid))?;
                     pool.vsock.entry(port).or_default().connections.push(a);
                 }
             }

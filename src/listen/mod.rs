@@ -25,7 +25,6 @@ use crate::config::{ListenConfig, ListenMode};
 use crate::handover::fdstore::{self, Stored};
 use crate::handover::hub::{Hub, Piece, PieceKind};
 use crate::handover::wire::{ConnState, ListenerKind};
-use crate::handover::TakenConn;
 use crate::lifeline::Lifeline;
 use crate::shutdown::Shutdown;
 pub(crate) use accept::{serve, Accept, Ended, Serving};
@@ -173,13 +172,23 @@ impl Adopted {
         fdstore::forget(fdstore::connection_name(fd));
     }
 
-    fn from_taken(c: TakenConn) -> Result<Adopted, ListenError> {
-        let (stream, peer) = Stream::adopt(c.fd, c.state.cid)?;
+    /// A handed-over connection (a VSOCK guest's when `resume` names a CID).
+    fn new(fd: OwnedFd, listener: usize, resume: ConnState) -> Result<Adopted, ListenError> {
+        let (stream, peer) = match resume.cid {
+            Some(cid) => (Stream::Vsock(fd.into()), Peer::Vsock { cid }),
+            None => {
+                let adopt = |e: io::Error| ListenError::AdoptSocket(e.to_string());
+                let std = std::os::unix::net::UnixStream::from(fd);
+                std.set_nonblocking(true).map_err(adopt)?;
+                let stream = tokio::net::UnixStream::from_std(std).map_err(adopt)?;
+                (Stream::Unix(stream), Peer::Unix)
+            }
+        };
         Ok(Adopted {
-            listener: c.listener,
+            listener,
             stream,
             peer,
-            resume: c.state,
+            resume,
         })
     }
 }
@@ -327,19 +336,4 @@ async fn sandbox_thread(
 pub(crate) enum Stream {
     Unix(tokio::net::UnixStream),
     Vsock(tokio_vsock::VsockStream),
-}
-
-impl Stream {
-    /// A handed-over connection (a VSOCK guest's with a `cid`).
-    fn adopt(fd: OwnedFd, cid: Option<u32>) -> Result<(Stream, Peer), ListenError> {
-        if let Some(cid) = cid {
-            let stream = tokio_vsock::VsockStream::from(fd);
-            return Ok((Stream::Vsock(stream), Peer::Vsock { cid }));
-        }
-        let adopt = |e: io::Error| ListenError::AdoptSocket(e.to_string());
-        let std = std::os::unix::net::UnixStream::from(fd);
-        std.set_nonblocking(true).map_err(adopt)?;
-        let stream = tokio::net::UnixStream::from_std(std).map_err(adopt)?;
-        Ok((Stream::Unix(stream), Peer::Unix))
-    }
 }
