@@ -174,14 +174,8 @@ fn parse_positive(s: &str) -> Result<usize, String> {
 }
 
 fn parse_positive_u32(s: &str) -> Result<u32, String> {
-    match s.trim().parse::<u32>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!(
-            "'{s}' is not a whole number from 1 to {}",
-            u32::MAX
-        )),
-    }
+    u32::try_from(parse_positive(s)?)
+        .map_err(|_| format!("'{s}' is not a whole number from 1 to {}", u32::MAX))
 }
 
 /// Parses a byte size: a number with an optional `KiB`/`MiB`/`GiB` suffix.
