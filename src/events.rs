@@ -29,6 +29,33 @@ fn gated(tenant: Option<&Tenant>, kind: Noisy) -> Option<&str> {
         .then_some(sandbox)
 }
 
+/// The events that only count.
+impl Stats {
+    pub(crate) fn frames_read(&self, frames: u64, bytes: u64) {
+        self.frames_received.add(frames);
+        self.bytes_received.add(bytes);
+    }
+
+    /// Counted before the queue sees them, so that the counters never show
+    /// more exported than received.
+    pub(crate) fn spans_decoded(&self, format: Option<WireFormat>, spans: u64) {
+        self.spans_received.add(spans);
+        match format {
+            Some(WireFormat::Json) => self.spans_json.add(spans),
+            Some(WireFormat::Bincode) => self.spans_bincode.add(spans),
+            None => {}
+        }
+    }
+
+    /// `attempt` counts from 1.
+    pub(crate) fn export_attempt(&self, attempt: u32) {
+        self.export_attempts.inc();
+        if attempt > 1 {
+            self.export_retries.inc();
+        }
+    }
+}
+
 // ---- listen ---------------------------------------------------------------
 
 pub(crate) struct ConnectionAccepted;
@@ -156,18 +183,6 @@ impl Event for Throttled<'_> {
 /// Decode errors a connection logs before it only counts them.
 pub(crate) const LOGGED_DECODE_ERRORS: u64 = 5;
 
-pub(crate) struct FramesRead {
-    pub frames: u64,
-    pub bytes: u64,
-}
-
-impl Event for FramesRead {
-    fn emit(self, stats: &Stats) {
-        stats.frames_received.add(self.frames);
-        stats.bytes_received.add(self.bytes);
-    }
-}
-
 /// Bytes skipped to the next whole frame by a connection restored after a
 /// crash; logged once, when the frame is found (`total`).
 pub(crate) struct BytesSkipped {
@@ -229,51 +244,15 @@ impl Event for GuestClaimed<'_> {
     }
 }
 
-/// Counted before the queue sees them, so that the counters never show
-/// more exported than received.
-pub(crate) struct SpansReceived {
-    pub format: Option<WireFormat>,
-    pub spans: u64,
-}
-
-impl Event for SpansReceived {
-    fn emit(self, stats: &Stats) {
-        stats.spans_received.add(self.spans);
-        match self.format {
-            Some(WireFormat::Json) => stats.spans_json.add(self.spans),
-            Some(WireFormat::Bincode) => stats.spans_bincode.add(self.spans),
-            None => {}
-        }
-    }
-}
-
 // ---- export ---------------------------------------------------------------
 
-/// `attempt` counts from 1.
-pub(crate) struct ExportAttempt {
-    pub attempt: u32,
-}
-
-impl Event for ExportAttempt {
-    fn emit(self, stats: &Stats) {
-        stats.export_attempts.inc();
-        if self.attempt > 1 {
-            stats.export_retries.inc();
-        }
-    }
-}
-
-pub(crate) struct ExportAttemptFailed<'a, E> {
-    pub attempt: u32,
-    pub error: &'a E,
-    /// What the retry policy makes of it.
-    pub retry: &'a dyn fmt::Debug,
-}
-
-impl<E: fmt::Display> Event for ExportAttemptFailed<'_, E> {
-    fn emit(self, _: &Stats) {
-        tracing::warn!(attempt = self.attempt, error = %self.error, retry = ?self.retry, "export attempt failed");
-    }
+/// `retry`: what the retry policy makes of `error`.
+pub(crate) fn export_attempt_failed(
+    attempt: u32,
+    error: &dyn fmt::Display,
+    retry: &dyn fmt::Debug,
+) {
+    tracing::warn!(attempt, error = %error, retry = ?retry, "export attempt failed");
 }
 
 /// Where a batch of spans ended up: the one place delivery is counted.
@@ -356,19 +335,12 @@ impl Event for SpanTooLarge<'_> {
     }
 }
 
-pub(crate) struct PartialSuccess<'a> {
-    pub rejected_spans: i64,
-    pub message: &'a str,
-}
-
-impl Event for PartialSuccess<'_> {
-    fn emit(self, _: &Stats) {
-        tracing::warn!(
-            rejected_spans = self.rejected_spans,
-            message = %self.message,
-            "collector accepted the batch only in part"
-        );
-    }
+pub(crate) fn partial_success(rejected_spans: i64, message: &str) {
+    tracing::warn!(
+        rejected_spans,
+        message = %message,
+        "collector accepted the batch only in part"
+    );
 }
 
 pub(crate) struct SpoolFull {

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use tokio_util::codec::Decoder as _;
 
 use crate::addr::Peer;
-use crate::events::{emit, BytesSkipped, FrameSkipped, FramesRead, GuestClaimed, SpansReceived};
+use crate::events::{emit, BytesSkipped, FrameSkipped, GuestClaimed};
 use crate::otlp::{self, EncodedResource, Origin, ResourceCache, SpanRecord};
 use crate::stats::Stats;
 use crate::tenant::Tenant;
@@ -369,7 +369,7 @@ impl Ingest {
         if let Some(done) = self.pending.take() {
             out.push(done);
         }
-        emit!(stats, FramesRead { frames, bytes });
+        stats.frames_read(frames, bytes);
         // Every span decoded is in a record in `out` by now.
         let spans = self.spans - spans_before;
         if claimed > 0 {
@@ -384,13 +384,7 @@ impl Ingest {
             );
         }
         if spans > 0 {
-            emit!(
-                stats,
-                SpansReceived {
-                    format: self.decoder.format(),
-                    spans,
-                }
-            );
+            stats.spans_decoded(self.decoder.format(), spans);
         }
         split
     }
