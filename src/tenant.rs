@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::TenantLimits;
+use crate::config::{QueueConfig, TenantLimits};
 pub use crate::stats::LimitReason;
 use crate::stats::{Counter, DropReason, Family, FamilySnapshot};
 
@@ -48,12 +48,6 @@ impl fmt::Display for TenantKey {
             TenantKey::Cid(cid) => write!(f, "vsock:{cid}"),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct QueueBounds {
-    pub max_spans: usize,
-    pub max_bytes: usize,
 }
 
 pub(crate) struct Tenants {
@@ -259,7 +253,7 @@ impl Tenant {
 
     /// Holds room in the queue if this tenant holds nothing, or no one else
     /// does, or it stays within its share.
-    pub(crate) fn try_hold(&self, spans: usize, bytes: usize, bounds: QueueBounds) -> bool {
+    pub(crate) fn try_hold(&self, spans: usize, bytes: usize, bounds: QueueConfig) -> bool {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let holding = self.holding.load(Ordering::Acquire);
         let others = holding.saturating_sub(usize::from(!held.is_empty()));
@@ -278,7 +272,7 @@ impl Tenant {
     }
 
     /// [`try_hold`](Self::try_hold), waiting for room; whether it waited.
-    pub(crate) async fn hold(&self, spans: usize, bytes: usize, bounds: QueueBounds) -> bool {
+    pub(crate) async fn hold(&self, spans: usize, bytes: usize, bounds: QueueConfig) -> bool {
         if self.try_hold(spans, bytes, bounds) {
             return false;
         }
@@ -621,7 +615,7 @@ mod tests {
     #[test]
     fn a_tenant_alone_may_use_the_whole_queue_but_only_its_share_beside_others() {
         let tenants = Tenants::new(limits());
-        let bounds = QueueBounds {
+        let bounds = QueueConfig {
             max_spans: 100,
             max_bytes: 10_000,
         };
@@ -644,7 +638,7 @@ mod tests {
     #[tokio::test]
     async fn a_tenant_over_its_share_waits_for_its_own_room_to_come_back() {
         let tenants = Arc::new(Tenants::new(limits()));
-        let bounds = QueueBounds {
+        let bounds = QueueConfig {
             max_spans: 10,
             max_bytes: 1 << 20,
         };
