@@ -126,23 +126,25 @@ pub async fn run_upgradable(
         }
         _ => None,
     };
-    let (inherited, handoff, ack, from) = match taken {
+    let mut hand_over = Handover {
+        upgrade,
+        sighup,
+        parent,
+        ..Handover::default()
+    };
+    let (inherited, from) = match taken {
         // Bound as at any start (so that the successor ends with exactly
         // the predecessor's privileges), on what was handed over.
-        Some(t) => (
-            Some(Arc::new(listen::inherited::Inherited::new(
-                t.listeners,
-                t.connections,
-            )?)),
-            t.handoff,
-            Some(t.ack),
-            Some(t.from_pid),
-        ),
+        Some(t) => {
+            (hand_over.listener, hand_over.ack) = (t.handoff, Some(t.ack));
+            let inherited = listen::inherited::Inherited::new(t.listeners, t.connections)?;
+            (Some(Arc::new(inherited)), Some(t.from_pid))
+        }
         None => {
             // Bound before the listeners: binding them drops root, and the
             // hand-off directory is root's.
             let user = listen::privileges::is_root().then_some(config.listen.user.as_str());
-            let handoff = config.handoff.as_ref().and_then(|path| {
+            hand_over.listener = config.handoff.as_ref().and_then(|path| {
                 HandoffListener::bind(path, user)
                     .inspect_err(|e| {
                         tracing::warn!(error = %e, "no hand-off socket: this forwarder cannot hand over to a successor")
@@ -151,11 +153,10 @@ pub async fn run_upgradable(
             });
             // What a previous process left in systemd's store is served on.
             let left = handover::fdstore::take_back();
-            let inherited = match left.is_empty() {
-                true => None,
-                false => Some(Arc::new(listen::inherited::Inherited::from_store(left)?)),
-            };
-            (inherited, handoff, None, None)
+            let inherited = (!left.is_empty())
+                .then(|| listen::inherited::Inherited::from_store(left))
+                .transpose()?;
+            (inherited.map(Arc::new), None)
         }
     };
     let listeners =
@@ -168,14 +169,7 @@ pub async fn run_upgradable(
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(from as i32), None);
         });
     }
-    let handover = Handover {
-        listener: handoff,
-        upgrade,
-        sighup,
-        parent,
-        ack,
-    };
-    serve_inner(&config, listeners, sink, shutdown, stop, handover).await
+    serve_inner(&config, listeners, sink, shutdown, stop, hand_over).await
 }
 
 /// A bad or foreign state is logged, and the caller starts clean; a
