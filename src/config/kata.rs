@@ -56,22 +56,6 @@ const GO_FC_CHROOT: &str = "/run/vc";
 /// runtime-rs' `KATA_PATH`.
 const RS_SANDBOXES: &str = "/run/kata";
 
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum KataConfigError {
-    #[error("reading Kata configuration {path}: {source}")]
-    ReadConfig {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("Kata configuration refused: {reason}")]
-    Refused { reason: String },
-    #[error("Kata configuration {path} is larger than {max} bytes; not read")]
-    ConfigTooLarge { path: PathBuf, max: u64 },
-    #[error("parsing Kata configuration {path}: {reason}")]
-    ParseConfig { path: PathBuf, reason: String },
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Runtime {
@@ -269,16 +253,14 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
                 ..Default::default()
             },
             None => match read(&sources.under_root(&file)).and_then(|text| {
-                parse(&text).map_err(|reason| KataConfigError::ParseConfig {
-                    path: file.clone(),
-                    reason,
-                })
+                let doc = parse(&text);
+                doc.map_err(|e| format!("parsing Kata configuration {}: {e}", file.display()))
             }) {
                 Ok(doc) => derive(&file, &doc, &sources.root),
                 Err(e) => ConfigReport {
                     file: file.clone(),
                     status: Status::Error,
-                    skipped: vec![e.to_string()],
+                    skipped: vec![e],
                     ..Default::default()
                 },
             },
@@ -303,22 +285,18 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
 /// Kata's configuration directories are root's, and a symlink there is an
 /// administrator's choice (to a shipped file), so it is followed; one in a
 /// directory others can write is not. It must lead to a regular file: a
-/// FIFO would stop `--print`, the start and the watcher.
-fn read(path: &Path) -> Result<String, KataConfigError> {
+/// FIFO would stop `--print`, the start and the watcher. The error is a
+/// report's line.
+fn read(path: &Path) -> Result<String, String> {
     use crate::untrusted::{read_file, Link, UntrustedError};
+    let shown = path.display();
     let data = read_file(path, Link::IfRootPlaced, MAX_CONFIG_BYTES).map_err(|e| match e {
-        UntrustedError::TooLarge { .. } => KataConfigError::ConfigTooLarge {
-            path: path.to_path_buf(),
-            max: MAX_CONFIG_BYTES,
-        },
-        e => KataConfigError::Refused {
-            reason: e.to_string(),
-        },
+        UntrustedError::TooLarge { .. } => {
+            format!("Kata configuration {shown} is larger than {MAX_CONFIG_BYTES} bytes; not read")
+        }
+        e => format!("Kata configuration refused: {e}"),
     })?;
-    String::from_utf8(data).map_err(|e| KataConfigError::ReadConfig {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })
+    String::from_utf8(data).map_err(|e| format!("reading Kata configuration {shown}: {e}"))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -752,9 +730,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("big.toml");
         std::fs::write(&f, vec![b'#'; (MAX_CONFIG_BYTES + 1) as usize]).unwrap();
-        assert!(matches!(
-            read(&f),
-            Err(KataConfigError::ConfigTooLarge { .. })
-        ));
+        let e = read(&f).unwrap_err();
+        assert!(e.contains("is larger than 1048576 bytes; not read"), "{e}");
     }
 }
