@@ -1,6 +1,7 @@
 //! What the forwarder tells its operator: each event logs and counts in one
 //! call (vector's `internal_events` pattern), so neither comes without the
-//! other. Lifecycle lines that count nothing stay plain `tracing` calls.
+//! other; a struct where it has many fields, else a method. Lines that
+//! count nothing stay plain `tracing` calls.
 
 use std::fmt;
 use std::time::Duration;
@@ -29,7 +30,7 @@ fn gated(tenant: Option<&Tenant>, kind: Noisy) -> Option<&str> {
         .then_some(sandbox)
 }
 
-/// The events that only count.
+/// The events of few fields.
 impl Stats {
     pub(crate) fn frames_read(&self, frames: u64, bytes: u64) {
         self.frames_received.add(frames);
@@ -52,6 +53,39 @@ impl Stats {
         self.export_attempts.inc();
         if attempt > 1 {
             self.export_retries.inc();
+        }
+    }
+
+    /// By a connection restored after a crash, to the next whole frame;
+    /// logged once, when the frame is found (`total`).
+    pub(crate) fn skipped_bytes(&self, peer: Peer, bytes: u64, total: Option<u64>) {
+        self.bytes_skipped.add(bytes);
+        if let Some(skipped) = total {
+            tracing::warn!(%peer, skipped, "restored connection: skipped to the next whole frame");
+        }
+    }
+
+    pub(crate) fn spool_was_full(&self, spans: u64) {
+        self.spool_full.inc();
+        tracing::warn!(spans, "spool is full (--spool-max-bytes)");
+    }
+
+    /// `damaged`: set aside as `.damaged` (its bytes were wrong), not
+    /// unreadable.
+    pub(crate) fn spool_file_skipped(&self, error: &dyn fmt::Display, damaged: bool) {
+        if damaged {
+            self.spool_damaged.inc();
+        }
+        tracing::error!(error = %error, "skipping spool file");
+    }
+}
+
+impl Tenant {
+    /// Counted against its own sandbox only.
+    pub(crate) fn span_too_large(&self, bytes: usize, error: &dyn fmt::Display) {
+        self.dropped.inc(DropReason::TooLarge);
+        if let Some(sandbox) = gated(Some(self), Noisy::TooLarge) {
+            tracing::warn!(sandbox, bytes, %error, "span larger than the collector takes in one request; dropped");
         }
     }
 }
@@ -183,23 +217,6 @@ impl Event for Throttled<'_> {
 /// Decode errors a connection logs before it only counts them.
 pub(crate) const LOGGED_DECODE_ERRORS: u64 = 5;
 
-/// Bytes skipped to the next whole frame by a connection restored after a
-/// crash; logged once, when the frame is found (`total`).
-pub(crate) struct BytesSkipped {
-    pub peer: Peer,
-    pub bytes: u64,
-    pub total: Option<u64>,
-}
-
-impl Event for BytesSkipped {
-    fn emit(self, stats: &Stats) {
-        stats.bytes_skipped.add(self.bytes);
-        if let Some(skipped) = self.total {
-            tracing::warn!(peer = %self.peer, skipped, "restored connection: skipped to the next whole frame");
-        }
-    }
-}
-
 pub(crate) struct FrameSkipped<'a> {
     pub peer: Peer,
     pub error: &'a DecodeError,
@@ -245,15 +262,6 @@ impl Event for GuestClaimed<'_> {
 }
 
 // ---- export ---------------------------------------------------------------
-
-/// `retry`: what the retry policy makes of `error`.
-pub(crate) fn export_attempt_failed(
-    attempt: u32,
-    error: &dyn fmt::Display,
-    retry: &dyn fmt::Debug,
-) {
-    tracing::warn!(attempt, error = %error, retry = ?retry, "export attempt failed");
-}
 
 /// Where a batch of spans ended up: the one place delivery is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,63 +316,12 @@ impl Event for BatchDone<'_> {
                     DropReason::Shutdown => {
                         tracing::error!(%error, spans, attempts, "shutdown deadline reached; spans dropped")
                     }
-                    // Logged per sandbox, gated: `SpanTooLarge`.
+                    // Logged per sandbox, gated: `Tenant::span_too_large`.
                     DropReason::TooLarge => {
                         tracing::debug!(%error, spans, "span too large for the collector dropped")
                     }
                 }
             }
         }
-    }
-}
-
-/// Counted against its own sandbox only.
-pub(crate) struct SpanTooLarge<'a> {
-    pub tenant: &'a Tenant,
-    pub bytes: usize,
-    pub error: &'a dyn fmt::Display,
-}
-
-impl Event for SpanTooLarge<'_> {
-    fn emit(self, _: &Stats) {
-        let (tenant, bytes, error) = (self.tenant, self.bytes, self.error);
-        tenant.dropped.inc(DropReason::TooLarge);
-        if let Some(sandbox) = gated(Some(tenant), Noisy::TooLarge) {
-            tracing::warn!(sandbox, bytes, %error, "span larger than the collector takes in one request; dropped");
-        }
-    }
-}
-
-pub(crate) fn partial_success(rejected_spans: i64, message: &str) {
-    tracing::warn!(
-        rejected_spans,
-        message = %message,
-        "collector accepted the batch only in part"
-    );
-}
-
-pub(crate) struct SpoolFull {
-    pub spans: u64,
-}
-
-impl Event for SpoolFull {
-    fn emit(self, stats: &Stats) {
-        stats.spool_full.inc();
-        tracing::warn!(spans = self.spans, "spool is full (--spool-max-bytes)");
-    }
-}
-
-pub(crate) struct SpoolFileSkipped<'a> {
-    pub error: &'a dyn fmt::Display,
-    /// Set aside as `.damaged` (its bytes were wrong), not unreadable.
-    pub damaged: bool,
-}
-
-impl Event for SpoolFileSkipped<'_> {
-    fn emit(self, stats: &Stats) {
-        if self.damaged {
-            stats.spool_damaged.inc();
-        }
-        tracing::error!(error = %self.error, "skipping spool file");
     }
 }

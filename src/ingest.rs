@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use tokio_util::codec::Decoder as _;
 
 use crate::addr::Peer;
-use crate::events::{emit, BytesSkipped, FrameSkipped, GuestClaimed};
+use crate::events::{emit, FrameSkipped, GuestClaimed};
 use crate::otlp::{self, EncodedResource, Origin, ResourceCache, SpanRecord};
 use crate::stats::Stats;
 use crate::tenant::Tenant;
@@ -232,14 +232,7 @@ impl Ingest {
             .unwrap_or_else(|| buf.len().saturating_sub(H - 1));
         let _ = buf.split_to(skip);
         self.skipped += skip as u64;
-        emit!(
-            stats,
-            BytesSkipped {
-                peer: self.peer,
-                bytes: skip as u64,
-                total: found.map(|_| self.skipped),
-            }
-        );
+        stats.skipped_bytes(self.peer, skip as u64, found.map(|_| self.skipped));
         if found.is_some() {
             self.lost_place = false;
         }

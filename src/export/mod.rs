@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{BatchConfig, DumpConfig, OtlpConfig, OtlpProtocol};
-use crate::events::{self, emit, BatchDone, Delivery, SpanTooLarge, SpoolFileSkipped, SpoolFull};
+use crate::events::{emit, BatchDone, Delivery};
 use crate::otlp::record::decode_request;
 use crate::otlp::{encode, encode_request, EncodedRequest, EncodedResource, SpanRecord};
 use crate::shutdown::Shutdown;
@@ -231,7 +231,8 @@ impl Exporter {
                     async move {
                         let res = self.send(body).await;
                         if let Err(error) = &res {
-                            events::export_attempt_failed(attempt, error, &error.retry());
+                            let retry = error.retry();
+                            tracing::warn!(attempt, %error, ?retry, "export attempt failed");
                         }
                         res
                     }
@@ -272,7 +273,7 @@ impl Exporter {
                 true
             }
             Ok(Ok(false)) => {
-                emit!(self.stats, SpoolFull { spans });
+                self.stats.spool_was_full(spans);
                 false
             }
             Ok(Err(e)) => {
@@ -291,7 +292,11 @@ impl Exporter {
 fn delivered(resp: &ExportTraceServiceResponse) -> Delivery {
     let rejected = match &resp.partial_success {
         Some(p) if p.rejected_spans > 0 || !p.error_message.is_empty() => {
-            events::partial_success(p.rejected_spans, &p.error_message);
+            tracing::warn!(
+                rejected_spans = p.rejected_spans,
+                message = %p.error_message,
+                "collector accepted the batch only in part"
+            );
             u64::try_from(p.rejected_spans).unwrap_or(0)
         }
         _ => 0,
@@ -437,14 +442,7 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
             }
             Delivery::Dropped(DropReason::TooLarge) => {
                 if let Some(tenant) = piece.tenants.first() {
-                    emit!(
-                        exporter.stats,
-                        SpanTooLarge {
-                            tenant,
-                            bytes,
-                            error: error.unwrap_or(&"too large"),
-                        }
-                    );
+                    tenant.span_too_large(bytes, error.unwrap_or(&"too large"));
                 }
             }
             _ => {

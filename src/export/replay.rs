@@ -45,7 +45,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
             Ok(Ok(None)) => continue,
             Ok(Err(ref error)) => {
                 let damaged = matches!(error, spool::SpoolError::Damaged { .. });
-                emit!(stats, SpoolFileSkipped { error, damaged });
+                stats.spool_file_skipped(error, damaged);
                 continue;
             }
             Err(e) => {
