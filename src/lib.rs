@@ -75,16 +75,6 @@ pub enum RunError {
     HandOver(#[from] handover::HandOverError),
 }
 
-/// Runs the forwarder until `stop` completes, then drains and flushes
-/// within `config.shutdown_timeout`. The collector is checked first (a
-/// missing one leaves no socket behind), then a running forwarder is taken
-/// over or the listeners bound, then root is dropped.
-pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Snapshot, RunError> {
-    run_upgradable(config, stop, None, None)
-        .await
-        .map(|f| f.summary)
-}
-
 pub struct Finished {
     pub summary: Snapshot,
     /// Everything went to the bridge of a `SIGHUP` upgrade: the caller is
@@ -92,10 +82,14 @@ pub struct Finished {
     pub reexec: Option<handover::Reexec>,
 }
 
-/// [`run`], handing everything to `upgrade`'s binary on each `sighup`. The
-/// caller makes `sighup` early, so that a signal sent during the start is
-/// answered once serving, and never kills the process.
-pub async fn run_upgradable(
+/// Runs the forwarder until `stop` completes, then drains and flushes
+/// within `config.shutdown_timeout`. The collector is checked first (a
+/// missing one leaves no socket behind), then a running forwarder is taken
+/// over or the listeners bound, then root is dropped. Everything is handed
+/// to `upgrade`'s binary on each `sighup`, which the caller makes early, so
+/// that a signal sent during the start is answered once serving, and never
+/// kills the process.
+pub async fn run(
     config: Config,
     stop: impl Future<Output = ()>,
     upgrade: Option<Upgrade>,

@@ -138,7 +138,7 @@ fn run(config: Config, upgrade: Option<Upgrade>) -> anyhow::Result<()> {
                 _ = int.recv() => tracing::info!(signal = "SIGINT", "received signal"),
             }
         };
-        let finished = kata_trace_forwarder::run_upgradable(config, stop, upgrade, Some(hup))
+        let finished = kata_trace_forwarder::run(config, stop, upgrade, Some(hup))
             .await
             .context("kata-trace-forwarder")?;
         tracing::info!(
