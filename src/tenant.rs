@@ -273,9 +273,6 @@ impl Tenant {
 
     /// [`try_hold`](Self::try_hold), waiting for room; whether it waited.
     pub(crate) async fn hold(&self, spans: usize, bytes: usize, bounds: QueueConfig) -> bool {
-        if self.try_hold(spans, bytes, bounds) {
-            return false;
-        }
         let mut waited = false;
         loop {
             let released = self.released.notified();
