@@ -8,9 +8,6 @@
 //! The registry is bounded by `--max-sandboxes`; a tenant leaves it once
 //! nothing holds it (on VSOCK, a while after its last connection, so that
 //! reconnecting does not refill its bucket).
-//!
-//! Over 500 lines: the limits stay together because they share one registry
-//! and one tenant's lifetime.
 
 use std::collections::HashMap;
 use std::fmt;
