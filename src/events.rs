@@ -217,46 +217,42 @@ impl Event for Throttled<'_> {
 /// Decode errors a connection logs before it only counts them.
 pub(crate) const LOGGED_DECODE_ERRORS: u64 = 5;
 
-pub(crate) struct FrameSkipped<'a> {
-    pub peer: Peer,
-    pub error: &'a DecodeError,
-    pub frame_len: usize,
-    /// This connection's how-manieth decode error this is.
-    pub nth: u64,
-    pub tenant: Option<&'a Tenant>,
-}
-
-impl Event for FrameSkipped<'_> {
-    fn emit(self, stats: &Stats) {
-        let kind = self.error.kind();
-        stats.decode_errors.inc(kind);
-        if self.nth > LOGGED_DECODE_ERRORS {
+impl Stats {
+    /// `nth`: this connection's how-manieth decode error this is.
+    pub(crate) fn frame_skipped(
+        &self,
+        peer: Peer,
+        tenant: Option<&Tenant>,
+        error: &DecodeError,
+        frame_len: usize,
+        nth: u64,
+    ) {
+        let kind = error.kind();
+        self.decode_errors.inc(kind);
+        if nth > LOGGED_DECODE_ERRORS {
             return;
         }
-        if let Some(sandbox) = gated(self.tenant, Noisy::Undecodable) {
-            tracing::warn!(peer = %self.peer, sandbox, error = %self.error, kind = kind.as_str(), frame_len = self.frame_len, "skipping frame that does not decode");
+        if let Some(sandbox) = gated(tenant, Noisy::Undecodable) {
+            tracing::warn!(%peer, sandbox, %error, kind = kind.as_str(), frame_len, "skipping frame that does not decode");
         }
     }
-}
 
-/// A resource claimed host-owned attributes with values the host does not
-/// confirm: logged when a connection's resource changes, counted per span.
-pub(crate) struct GuestClaimed<'a> {
-    pub peer: Peer,
-    pub tenant: Option<&'a Tenant>,
-    /// 0 when the resource was seen before.
-    pub new_claims: u32,
-    pub spans: u64,
-}
-
-impl Event for GuestClaimed<'_> {
-    fn emit(self, stats: &Stats) {
-        stats.spans_guest_claims.add(self.spans);
-        if self.new_claims == 0 {
+    /// A resource claimed host-owned attributes with values the host does
+    /// not confirm: logged when a connection's resource changes
+    /// (`new_claims` is 0 when it was seen before), counted per span.
+    pub(crate) fn guest_claimed(
+        &self,
+        peer: Peer,
+        tenant: Option<&Tenant>,
+        new_claims: u32,
+        spans: u64,
+    ) {
+        self.spans_guest_claims.add(spans);
+        if new_claims == 0 {
             return;
         }
-        if let Some(sandbox) = gated(self.tenant, Noisy::Claim) {
-            tracing::warn!(peer = %self.peer, sandbox, claims = self.new_claims, "agent resource claims host-owned attributes; the host's values are used, the claims kept under kata.guest.claimed.*");
+        if let Some(sandbox) = gated(tenant, Noisy::Claim) {
+            tracing::warn!(%peer, sandbox, claims = new_claims, "agent resource claims host-owned attributes; the host's values are used, the claims kept under kata.guest.claimed.*");
         }
     }
 }

@@ -17,7 +17,6 @@ use bytes::BytesMut;
 use tokio_util::codec::Decoder as _;
 
 use crate::addr::Peer;
-use crate::events::{emit, FrameSkipped, GuestClaimed};
 use crate::otlp::{self, EncodedResource, Origin, ResourceCache, SpanRecord};
 use crate::stats::Stats;
 use crate::tenant::Tenant;
@@ -311,16 +310,9 @@ impl Ingest {
                 Ok(decoded) => decoded,
                 Err(error) => {
                     self.decode_errors += 1;
-                    emit!(
-                        stats,
-                        FrameSkipped {
-                            peer: self.peer,
-                            error: &error,
-                            frame_len: frame.len(),
-                            nth: self.decode_errors,
-                            tenant: self.tenant.as_deref(),
-                        }
-                    );
+                    let tenant = self.tenant.as_deref();
+                    let nth = self.decode_errors;
+                    stats.frame_skipped(self.peer, tenant, &error, frame.len(), nth);
                     continue;
                 }
             };
@@ -366,15 +358,8 @@ impl Ingest {
         // Every span decoded is in a record in `out` by now.
         let spans = self.spans - spans_before;
         if claimed > 0 {
-            emit!(
-                stats,
-                GuestClaimed {
-                    peer: self.peer,
-                    tenant: self.tenant.as_deref(),
-                    new_claims,
-                    spans: claimed,
-                }
-            );
+            let tenant = self.tenant.as_deref();
+            stats.guest_claimed(self.peer, tenant, new_claims, claimed);
         }
         if spans > 0 {
             stats.spans_decoded(self.decoder.format(), spans);
