@@ -128,9 +128,9 @@ impl Held {
     }
 }
 
+#[derive(Debug)]
 pub(crate) struct Tenant {
     id: u64,
-    key: TenantKey,
     /// Found later (VSOCK, once its QEMU is found).
     sandbox_id: OnceLock<String>,
     /// Bounded in length.
@@ -158,12 +158,6 @@ pub(crate) struct Tenant {
     last_sent: AtomicU64,
 }
 
-impl fmt::Debug for Tenant {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tenant").field("key", &self.key).finish()
-    }
-}
-
 impl Tenant {
     fn new(id: u64, key: TenantKey, limits: &TenantLimits, holding: Arc<AtomicUsize>) -> Tenant {
         let bucket = (limits.spans_per_second > 0).then(|| {
@@ -180,7 +174,6 @@ impl Tenant {
         key_label.truncate(cut.unwrap_or(0));
         Tenant {
             id,
-            key,
             sandbox_id: OnceLock::new(),
             key_label,
             max_connections: limits.max_connections,
