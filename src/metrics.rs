@@ -80,7 +80,6 @@ pub(crate) async fn serve(
             };
             // Over the budget: closed at once, not queued.
             let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                drop(stream);
                 continue;
             };
             let (stats, tenants) = (Arc::clone(&stats), Arc::clone(&tenants));
