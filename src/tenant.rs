@@ -413,10 +413,6 @@ impl Noisy {
         (Noisy::Claim, "resources claiming another identity"),
         (Noisy::TooLarge, "spans too large for the collector"),
     ];
-
-    fn what(self) -> &'static str {
-        Noisy::ALL.iter().find(|k| k.0 == self).map_or("", |k| k.1)
-    }
 }
 
 /// Lines of one kind logged per window before the rest are only counted.
@@ -451,7 +447,8 @@ impl LogGate {
             .since
             .is_none_or(|t| now.saturating_duration_since(t) >= GATE_WINDOW);
         if over {
-            summarise(kind.what(), sandbox, s.suppressed);
+            let what = Noisy::ALL.iter().find(|k| k.0 == kind).map_or("", |k| k.1);
+            summarise(what, sandbox, s.suppressed);
             *s = GateState {
                 since: Some(now),
                 ..GateState::default()
