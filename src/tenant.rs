@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::config::{QueueConfig, TenantLimits};
 pub use crate::stats::LimitReason;
-use crate::stats::{Counter, DropReason, Family, FamilySnapshot};
+use crate::stats::{Counter, DropReason, Family};
 
 /// How long a VSOCK tenant outlives its last connection.
 const IDLE_KEEP: Duration = Duration::from_secs(10);
@@ -311,15 +311,6 @@ impl Tenant {
     pub(crate) fn queued(&self) -> usize {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).spans
     }
-
-    pub(crate) fn snapshot(&self) -> TenantSnapshot {
-        TenantSnapshot {
-            connections: self.connections() as u64,
-            received: self.received.get(),
-            dropped: self.dropped.snapshot(),
-            limited: self.limited.snapshot(),
-        }
-    }
 }
 
 impl Drop for Tenant {
@@ -327,14 +318,6 @@ impl Drop for Tenant {
         // What the gate held back is not lost with the sandbox.
         self.log.flush(self.label());
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TenantSnapshot {
-    pub connections: u64,
-    pub received: u64,
-    pub dropped: FamilySnapshot<DropReason>,
-    pub limited: FamilySnapshot<LimitReason>,
 }
 
 /// One of a sandbox's connection slots, given back on drop.
