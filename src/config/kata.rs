@@ -128,21 +128,17 @@ impl Plan {
         for c in &self.configs {
             let serves: Vec<String> = c.serves.iter().map(ToString::to_string).collect();
             let file = c.file.display();
+            let serving = c.status == Status::Serves;
             match c.status {
-                Status::Serves => tracing::info!(
+                // `serves` only where it serves (a `None` field is left out).
+                Status::Serves | Status::Skipped => tracing::info!(
                     config = %file,
                     runtime = ?c.runtime,
                     hypervisors = ?c.hypervisors,
-                    serves = ?serves,
+                    serves = serving.then_some(tracing::field::debug(&serves)),
                     skipped = ?c.skipped,
-                    "kata configuration: serving"
-                ),
-                Status::Skipped => tracing::info!(
-                    config = %file,
-                    runtime = ?c.runtime,
-                    hypervisors = ?c.hypervisors,
-                    skipped = ?c.skipped,
-                    "kata configuration: skipped"
+                    "kata configuration: {}",
+                    if serving { "serving" } else { "skipped" }
                 ),
                 Status::Error => tracing::error!(
                     config = %file,
