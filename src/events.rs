@@ -30,6 +30,9 @@ fn gated(tenant: Option<&Tenant>, kind: Noisy) -> Option<&str> {
         .then_some(sandbox)
 }
 
+/// Decode errors a connection logs before it only counts them.
+pub(crate) const LOGGED_DECODE_ERRORS: u64 = 5;
+
 /// The events of few fields.
 impl Stats {
     pub(crate) fn frames_read(&self, frames: u64, bytes: u64) {
@@ -77,6 +80,44 @@ impl Stats {
             self.spool_damaged.inc();
         }
         tracing::error!(error = %error, "skipping spool file");
+    }
+
+    /// `nth`: this connection's how-manieth decode error this is.
+    pub(crate) fn frame_skipped(
+        &self,
+        peer: Peer,
+        tenant: Option<&Tenant>,
+        error: &DecodeError,
+        frame_len: usize,
+        nth: u64,
+    ) {
+        let kind = error.kind();
+        self.decode_errors.inc(kind);
+        if nth > LOGGED_DECODE_ERRORS {
+            return;
+        }
+        if let Some(sandbox) = gated(tenant, Noisy::Undecodable) {
+            tracing::warn!(%peer, sandbox, %error, kind = kind.as_str(), frame_len, "skipping frame that does not decode");
+        }
+    }
+
+    /// A resource claimed host-owned attributes with values the host does
+    /// not confirm: logged when a connection's resource changes
+    /// (`new_claims` is 0 when it was seen before), counted per span.
+    pub(crate) fn guest_claimed(
+        &self,
+        peer: Peer,
+        tenant: Option<&Tenant>,
+        new_claims: u32,
+        spans: u64,
+    ) {
+        self.spans_guest_claims.add(spans);
+        if new_claims == 0 {
+            return;
+        }
+        if let Some(sandbox) = gated(tenant, Noisy::Claim) {
+            tracing::warn!(%peer, sandbox, claims = new_claims, "agent resource claims host-owned attributes; the host's values are used, the claims kept under kata.guest.claimed.*");
+        }
     }
 }
 
@@ -208,51 +249,6 @@ impl Event for Throttled<'_> {
                 wait = ?self.wait,
                 "sandbox over its limit; pausing its reads"
             );
-        }
-    }
-}
-
-// ---- ingest ---------------------------------------------------------------
-
-/// Decode errors a connection logs before it only counts them.
-pub(crate) const LOGGED_DECODE_ERRORS: u64 = 5;
-
-impl Stats {
-    /// `nth`: this connection's how-manieth decode error this is.
-    pub(crate) fn frame_skipped(
-        &self,
-        peer: Peer,
-        tenant: Option<&Tenant>,
-        error: &DecodeError,
-        frame_len: usize,
-        nth: u64,
-    ) {
-        let kind = error.kind();
-        self.decode_errors.inc(kind);
-        if nth > LOGGED_DECODE_ERRORS {
-            return;
-        }
-        if let Some(sandbox) = gated(tenant, Noisy::Undecodable) {
-            tracing::warn!(%peer, sandbox, %error, kind = kind.as_str(), frame_len, "skipping frame that does not decode");
-        }
-    }
-
-    /// A resource claimed host-owned attributes with values the host does
-    /// not confirm: logged when a connection's resource changes
-    /// (`new_claims` is 0 when it was seen before), counted per span.
-    pub(crate) fn guest_claimed(
-        &self,
-        peer: Peer,
-        tenant: Option<&Tenant>,
-        new_claims: u32,
-        spans: u64,
-    ) {
-        self.spans_guest_claims.add(spans);
-        if new_claims == 0 {
-            return;
-        }
-        if let Some(sandbox) = gated(tenant, Noisy::Claim) {
-            tracing::warn!(%peer, sandbox, claims = new_claims, "agent resource claims host-owned attributes; the host's values are used, the claims kept under kata.guest.claimed.*");
         }
     }
 }
