@@ -85,10 +85,9 @@ pub struct Finished {
 /// Runs the forwarder until `stop` completes, then drains and flushes
 /// within `config.shutdown_timeout`. The collector is checked first (a
 /// missing one leaves no socket behind), then a running forwarder is taken
-/// over or the listeners bound, then root is dropped. Everything is handed
-/// to `upgrade`'s binary on each `sighup`, which the caller makes early, so
-/// that a signal sent during the start is answered once serving, and never
-/// kills the process.
+/// over or the listeners bound, then root is dropped. Each `sighup` hands
+/// everything to `upgrade`'s binary; made early by the caller, it answers
+/// a signal sent during the start once serving, and never kills.
 pub async fn run(
     config: Config,
     stop: impl Future<Output = ()>,

@@ -1,7 +1,5 @@
-//! The command line as clap sees it: every flag with its help text, its
-//! default and its value parser, plus the words `--help` prints around them.
-//! Turning it into a [`super::Config`] is [`Cli::into_config`]'s job, in the
-//! parent module.
+//! The command line as clap sees it: flags, help text, defaults, value
+//! parsers; [`Cli::into_config`], in the parent module, makes it a `Config`.
 
 use std::str::FromStr;
 use std::time::Duration;
