@@ -87,7 +87,7 @@ pub struct Finished {
 /// missing one leaves no socket behind), then a running forwarder is taken
 /// over or the listeners bound, then root is dropped. Each `sighup` hands
 /// everything to `upgrade`'s binary; made early by the caller, it answers
-/// a signal sent during the start once serving, and never kills.
+/// a signal sent during the start once serving, never killing the process.
 pub async fn run(
     config: Config,
     stop: impl Future<Output = ()>,
