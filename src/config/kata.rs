@@ -279,8 +279,7 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
 /// Kata's configuration directories are root's, and a symlink there is an
 /// administrator's choice (to a shipped file), so it is followed; one in a
 /// directory others can write is not. It must lead to a regular file: a
-/// FIFO would stop `--print`, the start and the watcher. The error is a
-/// report's line.
+/// FIFO would stop `--print`, the start and the watcher.
 fn read(path: &Path) -> Result<String, String> {
     use crate::untrusted::{read_file, Link, UntrustedError};
     let shown = path.display();
