@@ -159,12 +159,8 @@ impl SocketTemplate {
         p
     }
 
-    pub fn socket_path(&self, id: &str) -> PathBuf {
-        self.socket_dir(id).join(&self.socket_name)
-    }
-
     pub fn listen_path(&self, id: &str, port: u32) -> PathBuf {
-        hybrid_socket(&self.socket_path(id), port)
+        hybrid_socket(&self.socket_dir(id).join(&self.socket_name), port)
     }
 
     pub(crate) fn listen_name(&self, port: u32) -> String {

@@ -1,6 +1,7 @@
 //! What the forwarder tells its operator: each event logs and counts in one
 //! call (vector's `internal_events` pattern), so neither comes without the
-//! other. Lifecycle lines that count nothing stay plain `tracing` calls.
+//! other; a struct where it has many fields, else a method. Lines that
+//! count nothing stay plain `tracing` calls.
 
 use std::fmt;
 use std::time::Duration;
@@ -27,6 +28,107 @@ fn gated(tenant: Option<&Tenant>, kind: Noisy) -> Option<&str> {
     tenant
         .is_none_or(|t| t.log.allow(kind, sandbox))
         .then_some(sandbox)
+}
+
+/// Decode errors a connection logs before it only counts them.
+pub(crate) const LOGGED_DECODE_ERRORS: u64 = 5;
+
+/// The events of few fields.
+impl Stats {
+    pub(crate) fn frames_read(&self, frames: u64, bytes: u64) {
+        self.frames_received.add(frames);
+        self.bytes_received.add(bytes);
+    }
+
+    /// Counted before the queue sees them, so that the counters never show
+    /// more exported than received.
+    pub(crate) fn spans_decoded(&self, format: Option<WireFormat>, spans: u64) {
+        self.spans_received.add(spans);
+        match format {
+            Some(WireFormat::Json) => self.spans_json.add(spans),
+            Some(WireFormat::Bincode) => self.spans_bincode.add(spans),
+            None => {}
+        }
+    }
+
+    /// `attempt` counts from 1.
+    pub(crate) fn export_attempt(&self, attempt: u32) {
+        self.export_attempts.inc();
+        if attempt > 1 {
+            self.export_retries.inc();
+        }
+    }
+
+    /// By a connection restored after a crash, to the next whole frame;
+    /// logged once, when the frame is found (`total`).
+    pub(crate) fn skipped_bytes(&self, peer: Peer, bytes: u64, total: Option<u64>) {
+        self.bytes_skipped.add(bytes);
+        if let Some(skipped) = total {
+            tracing::warn!(%peer, skipped, "restored connection: skipped to the next whole frame");
+        }
+    }
+
+    pub(crate) fn spool_was_full(&self, spans: u64) {
+        self.spool_full.inc();
+        tracing::warn!(spans, "spool is full (--spool-max-bytes)");
+    }
+
+    /// `damaged`: set aside as `.damaged` (its bytes were wrong), not
+    /// unreadable.
+    pub(crate) fn spool_file_skipped(&self, error: &dyn fmt::Display, damaged: bool) {
+        if damaged {
+            self.spool_damaged.inc();
+        }
+        tracing::error!(error = %error, "skipping spool file");
+    }
+
+    /// `nth`: this connection's how-manieth decode error this is.
+    pub(crate) fn frame_skipped(
+        &self,
+        peer: Peer,
+        tenant: Option<&Tenant>,
+        error: &DecodeError,
+        frame_len: usize,
+        nth: u64,
+    ) {
+        let kind = error.kind();
+        self.decode_errors.inc(kind);
+        if nth > LOGGED_DECODE_ERRORS {
+            return;
+        }
+        if let Some(sandbox) = gated(tenant, Noisy::Undecodable) {
+            tracing::warn!(%peer, sandbox, %error, kind = kind.as_str(), frame_len, "skipping frame that does not decode");
+        }
+    }
+
+    /// A resource claimed host-owned attributes with values the host does
+    /// not confirm: logged when a connection's resource changes
+    /// (`new_claims` is 0 when it was seen before), counted per span.
+    pub(crate) fn guest_claimed(
+        &self,
+        peer: Peer,
+        tenant: Option<&Tenant>,
+        new_claims: u32,
+        spans: u64,
+    ) {
+        self.spans_guest_claims.add(spans);
+        if new_claims == 0 {
+            return;
+        }
+        if let Some(sandbox) = gated(tenant, Noisy::Claim) {
+            tracing::warn!(%peer, sandbox, claims = new_claims, "agent resource claims host-owned attributes; the host's values are used, the claims kept under kata.guest.claimed.*");
+        }
+    }
+}
+
+impl Tenant {
+    /// Counted against its own sandbox only.
+    pub(crate) fn span_too_large(&self, bytes: usize, error: &dyn fmt::Display) {
+        self.dropped.inc(DropReason::TooLarge);
+        if let Some(sandbox) = gated(Some(self), Noisy::TooLarge) {
+            tracing::warn!(sandbox, bytes, %error, "span larger than the collector takes in one request; dropped");
+        }
+    }
 }
 
 // ---- listen ---------------------------------------------------------------
@@ -151,130 +253,7 @@ impl Event for Throttled<'_> {
     }
 }
 
-// ---- ingest ---------------------------------------------------------------
-
-/// Decode errors a connection logs before it only counts them.
-pub(crate) const LOGGED_DECODE_ERRORS: u64 = 5;
-
-pub(crate) struct FramesRead {
-    pub frames: u64,
-    pub bytes: u64,
-}
-
-impl Event for FramesRead {
-    fn emit(self, stats: &Stats) {
-        stats.frames_received.add(self.frames);
-        stats.bytes_received.add(self.bytes);
-    }
-}
-
-/// Bytes skipped to the next whole frame by a connection restored after a
-/// crash; logged once, when the frame is found (`total`).
-pub(crate) struct BytesSkipped {
-    pub peer: Peer,
-    pub bytes: u64,
-    pub total: Option<u64>,
-}
-
-impl Event for BytesSkipped {
-    fn emit(self, stats: &Stats) {
-        stats.bytes_skipped.add(self.bytes);
-        if let Some(skipped) = self.total {
-            tracing::warn!(peer = %self.peer, skipped, "restored connection: skipped to the next whole frame");
-        }
-    }
-}
-
-pub(crate) struct FrameSkipped<'a> {
-    pub peer: Peer,
-    pub error: &'a DecodeError,
-    pub frame_len: usize,
-    /// This connection's how-manieth decode error this is.
-    pub nth: u64,
-    pub tenant: Option<&'a Tenant>,
-}
-
-impl Event for FrameSkipped<'_> {
-    fn emit(self, stats: &Stats) {
-        let kind = self.error.kind();
-        stats.decode_errors.inc(kind);
-        if self.nth > LOGGED_DECODE_ERRORS {
-            return;
-        }
-        if let Some(sandbox) = gated(self.tenant, Noisy::Undecodable) {
-            tracing::warn!(peer = %self.peer, sandbox, error = %self.error, kind = kind.as_str(), frame_len = self.frame_len, "skipping frame that does not decode");
-        }
-    }
-}
-
-/// A resource claimed host-owned attributes with values the host does not
-/// confirm: logged when a connection's resource changes, counted per span.
-pub(crate) struct GuestClaimed<'a> {
-    pub peer: Peer,
-    pub tenant: Option<&'a Tenant>,
-    /// 0 when the resource was seen before.
-    pub new_claims: u32,
-    pub spans: u64,
-}
-
-impl Event for GuestClaimed<'_> {
-    fn emit(self, stats: &Stats) {
-        stats.spans_guest_claims.add(self.spans);
-        if self.new_claims == 0 {
-            return;
-        }
-        if let Some(sandbox) = gated(self.tenant, Noisy::Claim) {
-            tracing::warn!(peer = %self.peer, sandbox, claims = self.new_claims, "agent resource claims host-owned attributes; the host's values are used, the claims kept under kata.guest.claimed.*");
-        }
-    }
-}
-
-/// Counted before the queue sees them, so that the counters never show
-/// more exported than received.
-pub(crate) struct SpansReceived {
-    pub format: Option<WireFormat>,
-    pub spans: u64,
-}
-
-impl Event for SpansReceived {
-    fn emit(self, stats: &Stats) {
-        stats.spans_received.add(self.spans);
-        match self.format {
-            Some(WireFormat::Json) => stats.spans_json.add(self.spans),
-            Some(WireFormat::Bincode) => stats.spans_bincode.add(self.spans),
-            None => {}
-        }
-    }
-}
-
 // ---- export ---------------------------------------------------------------
-
-/// `attempt` counts from 1.
-pub(crate) struct ExportAttempt {
-    pub attempt: u32,
-}
-
-impl Event for ExportAttempt {
-    fn emit(self, stats: &Stats) {
-        stats.export_attempts.inc();
-        if self.attempt > 1 {
-            stats.export_retries.inc();
-        }
-    }
-}
-
-pub(crate) struct ExportAttemptFailed<'a, E> {
-    pub attempt: u32,
-    pub error: &'a E,
-    /// What the retry policy makes of it.
-    pub retry: &'a dyn fmt::Debug,
-}
-
-impl<E: fmt::Display> Event for ExportAttemptFailed<'_, E> {
-    fn emit(self, _: &Stats) {
-        tracing::warn!(attempt = self.attempt, error = %self.error, retry = ?self.retry, "export attempt failed");
-    }
-}
 
 /// Where a batch of spans ended up: the one place delivery is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,70 +308,12 @@ impl Event for BatchDone<'_> {
                     DropReason::Shutdown => {
                         tracing::error!(%error, spans, attempts, "shutdown deadline reached; spans dropped")
                     }
-                    // Logged per sandbox, gated: `SpanTooLarge`.
+                    // Logged per sandbox, gated: `Tenant::span_too_large`.
                     DropReason::TooLarge => {
                         tracing::debug!(%error, spans, "span too large for the collector dropped")
                     }
                 }
             }
         }
-    }
-}
-
-/// Counted against its own sandbox only.
-pub(crate) struct SpanTooLarge<'a> {
-    pub tenant: &'a Tenant,
-    pub bytes: usize,
-    pub error: &'a dyn fmt::Display,
-}
-
-impl Event for SpanTooLarge<'_> {
-    fn emit(self, _: &Stats) {
-        let (tenant, bytes, error) = (self.tenant, self.bytes, self.error);
-        tenant.dropped.inc(DropReason::TooLarge);
-        if let Some(sandbox) = gated(Some(tenant), Noisy::TooLarge) {
-            tracing::warn!(sandbox, bytes, %error, "span larger than the collector takes in one request; dropped");
-        }
-    }
-}
-
-pub(crate) struct PartialSuccess<'a> {
-    pub rejected_spans: i64,
-    pub message: &'a str,
-}
-
-impl Event for PartialSuccess<'_> {
-    fn emit(self, _: &Stats) {
-        tracing::warn!(
-            rejected_spans = self.rejected_spans,
-            message = %self.message,
-            "collector accepted the batch only in part"
-        );
-    }
-}
-
-pub(crate) struct SpoolFull {
-    pub spans: u64,
-}
-
-impl Event for SpoolFull {
-    fn emit(self, stats: &Stats) {
-        stats.spool_full.inc();
-        tracing::warn!(spans = self.spans, "spool is full (--spool-max-bytes)");
-    }
-}
-
-pub(crate) struct SpoolFileSkipped<'a> {
-    pub error: &'a dyn fmt::Display,
-    /// Set aside as `.damaged` (its bytes were wrong), not unreadable.
-    pub damaged: bool,
-}
-
-impl Event for SpoolFileSkipped<'_> {
-    fn emit(self, stats: &Stats) {
-        if self.damaged {
-            stats.spool_damaged.inc();
-        }
-        tracing::error!(error = %self.error, "skipping spool file");
     }
 }

@@ -17,7 +17,6 @@ use bytes::BytesMut;
 use tokio_util::codec::Decoder as _;
 
 use crate::addr::Peer;
-use crate::events::{emit, BytesSkipped, FrameSkipped, FramesRead, GuestClaimed, SpansReceived};
 use crate::otlp::{self, EncodedResource, Origin, ResourceCache, SpanRecord};
 use crate::stats::Stats;
 use crate::tenant::Tenant;
@@ -232,14 +231,7 @@ impl Ingest {
             .unwrap_or_else(|| buf.len().saturating_sub(H - 1));
         let _ = buf.split_to(skip);
         self.skipped += skip as u64;
-        emit!(
-            stats,
-            BytesSkipped {
-                peer: self.peer,
-                bytes: skip as u64,
-                total: found.map(|_| self.skipped),
-            }
-        );
+        stats.skipped_bytes(self.peer, skip as u64, found.map(|_| self.skipped));
         if found.is_some() {
             self.lost_place = false;
         }
@@ -318,16 +310,9 @@ impl Ingest {
                 Ok(decoded) => decoded,
                 Err(error) => {
                     self.decode_errors += 1;
-                    emit!(
-                        stats,
-                        FrameSkipped {
-                            peer: self.peer,
-                            error: &error,
-                            frame_len: frame.len(),
-                            nth: self.decode_errors,
-                            tenant: self.tenant.as_deref(),
-                        }
-                    );
+                    let tenant = self.tenant.as_deref();
+                    let nth = self.decode_errors;
+                    stats.frame_skipped(self.peer, tenant, &error, frame.len(), nth);
                     continue;
                 }
             };
@@ -369,28 +354,15 @@ impl Ingest {
         if let Some(done) = self.pending.take() {
             out.push(done);
         }
-        emit!(stats, FramesRead { frames, bytes });
+        stats.frames_read(frames, bytes);
         // Every span decoded is in a record in `out` by now.
         let spans = self.spans - spans_before;
         if claimed > 0 {
-            emit!(
-                stats,
-                GuestClaimed {
-                    peer: self.peer,
-                    tenant: self.tenant.as_deref(),
-                    new_claims,
-                    spans: claimed,
-                }
-            );
+            let tenant = self.tenant.as_deref();
+            stats.guest_claimed(self.peer, tenant, new_claims, claimed);
         }
         if spans > 0 {
-            emit!(
-                stats,
-                SpansReceived {
-                    format: self.decoder.format(),
-                    spans,
-                }
-            );
+            stats.spans_decoded(self.decoder.format(), spans);
         }
         split
     }

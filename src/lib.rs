@@ -76,16 +76,6 @@ pub enum RunError {
     HandOver(#[from] handover::HandOverError),
 }
 
-/// Runs the forwarder until `stop` completes, then drains and flushes
-/// within `config.shutdown_timeout`. The collector is checked first (a
-/// missing one leaves no socket behind), then a running forwarder is taken
-/// over or the listeners bound, then root is dropped.
-pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Snapshot, RunError> {
-    run_upgradable(config, stop, None, None)
-        .await
-        .map(|f| f.summary)
-}
-
 pub struct Finished {
     pub summary: Snapshot,
     /// Everything went to the bridge of a `SIGHUP` upgrade: the caller is
@@ -93,10 +83,13 @@ pub struct Finished {
     pub reexec: Option<handover::Reexec>,
 }
 
-/// [`run`], handing everything to `upgrade`'s binary on each `sighup`. The
-/// caller makes `sighup` early, so that a signal sent during the start is
-/// answered once serving, and never kills the process.
-pub async fn run_upgradable(
+/// Runs the forwarder until `stop` completes, then drains and flushes
+/// within `config.shutdown_timeout`. The collector is checked first (a
+/// missing one leaves no socket behind), then a running forwarder is taken
+/// over or the listeners bound, then root is dropped. Each `sighup` hands
+/// everything to `upgrade`'s binary; made early by the caller, it answers
+/// a signal sent during the start once serving, never killing the process.
+pub async fn run(
     config: Config,
     stop: impl Future<Output = ()>,
     upgrade: Option<Upgrade>,
@@ -127,23 +120,25 @@ pub async fn run_upgradable(
         }
         _ => None,
     };
-    let (inherited, handoff, ack, from) = match taken {
+    let mut hand_over = Handover {
+        upgrade,
+        sighup,
+        parent,
+        ..Handover::default()
+    };
+    let (inherited, from) = match taken {
         // Bound as at any start (so that the successor ends with exactly
         // the predecessor's privileges), on what was handed over.
-        Some(t) => (
-            Some(Arc::new(listen::inherited::Inherited::new(
-                t.listeners,
-                t.connections,
-            )?)),
-            t.handoff,
-            Some(t.ack),
-            Some(t.from_pid),
-        ),
+        Some(t) => {
+            (hand_over.listener, hand_over.ack) = (t.handoff, Some(t.ack));
+            let inherited = listen::inherited::Inherited::new(t.listeners, t.connections)?;
+            (Some(Arc::new(inherited)), Some(t.from_pid))
+        }
         None => {
             // Bound before the listeners: binding them drops root, and the
             // hand-off directory is root's.
             let user = listen::privileges::is_root().then_some(config.listen.user.as_str());
-            let handoff = config.handoff.as_ref().and_then(|path| {
+            hand_over.listener = config.handoff.as_ref().and_then(|path| {
                 HandoffListener::bind(path, user)
                     .inspect_err(|e| {
                         tracing::warn!(error = %e, "no hand-off socket: this forwarder cannot hand over to a successor")
@@ -152,11 +147,10 @@ pub async fn run_upgradable(
             });
             // What a previous process left in systemd's store is served on.
             let left = handover::fdstore::take_back();
-            let inherited = match left.is_empty() {
-                true => None,
-                false => Some(Arc::new(listen::inherited::Inherited::from_store(left)?)),
-            };
-            (inherited, handoff, None, None)
+            let inherited = (!left.is_empty())
+                .then(|| listen::inherited::Inherited::from_store(left))
+                .transpose()?;
+            (inherited.map(Arc::new), None)
         }
     };
     let listeners =
@@ -169,14 +163,7 @@ pub async fn run_upgradable(
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(from as i32), None);
         });
     }
-    let handover = Handover {
-        listener: handoff,
-        upgrade,
-        sighup,
-        parent,
-        ack,
-    };
-    serve_inner(&config, listeners, sink, shutdown, stop, handover).await
+    serve_inner(&config, listeners, sink, shutdown, stop, hand_over).await
 }
 
 /// A bad or foreign state is logged, and the caller starts clean; a

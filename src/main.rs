@@ -138,13 +138,10 @@ fn run(config: Config, upgrade: Option<Upgrade>) -> anyhow::Result<()> {
                 _ = int.recv() => tracing::info!(signal = "SIGINT", "received signal"),
             }
         };
-        let finished = kata_trace_forwarder::run_upgradable(config, stop, upgrade, Some(hup))
+        let finished = kata_trace_forwarder::run(config, stop, upgrade, Some(hup))
             .await
             .context("kata-trace-forwarder")?;
-        tracing::info!(
-            summary = %Json(&finished.summary),
-            "forwarder stopped"
-        );
+        tracing::info!(summary = %Json(&finished.summary), "forwarder stopped");
         let mut reexec = finished.reexec;
         if let Some(r) = reexec.as_mut() {
             // From here on a stop or upgrade signal waits, pending, for the

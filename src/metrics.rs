@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 
 use crate::shutdown::Shutdown;
 use crate::stats::{DropReason, Kind, Label, Snapshot, Stats, Value};
-use crate::tenant::{LimitReason, TenantSnapshot, Tenants};
+use crate::tenant::{LimitReason, Tenant, Tenants};
 
 const PREFIX: &str = "kata_trace_forwarder";
 
@@ -80,7 +80,6 @@ pub(crate) async fn serve(
             };
             // Over the budget: closed at once, not queued.
             let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                drop(stream);
                 continue;
             };
             let (stats, tenants) = (Arc::clone(&stats), Arc::clone(&tenants));
@@ -188,7 +187,7 @@ type SandboxFamily = (
     &'static str,
     &'static str,
     &'static str,
-    fn(&TenantSnapshot) -> Value,
+    fn(&Tenant) -> Value,
 );
 
 const SANDBOX_FAMILIES: [SandboxFamily; 4] = [
@@ -196,25 +195,25 @@ const SANDBOX_FAMILIES: [SandboxFamily; 4] = [
         "sandbox_connections_open",
         "gauge",
         "Agent connections open, per sandbox.",
-        |t| Value::Scalar(t.connections),
+        |t| Value::Scalar(t.connections() as u64),
     ),
     (
         "sandbox_spans_received_total",
         "counter",
         "Spans decoded, per sandbox.",
-        |t| Value::Scalar(t.received),
+        |t| Value::Scalar(t.received.get()),
     ),
     (
         "sandbox_spans_dropped_total",
         "counter",
         "Spans dropped, per sandbox and reason.",
-        |t| Value::Family(DropReason::NAME, t.dropped.iter().collect()),
+        |t| Value::Family(DropReason::NAME, t.dropped.snapshot().iter().collect()),
     ),
     (
         "sandbox_limited_total",
         "counter",
         "Times a sandbox ran into one of its limits, per sandbox and limit.",
-        |t| Value::Family(LimitReason::NAME, t.limited.iter().collect()),
+        |t| Value::Family(LimitReason::NAME, t.limited.snapshot().iter().collect()),
     ),
 ];
 
@@ -222,12 +221,7 @@ fn render_sandboxes(out: &mut String, tenants: &Tenants) {
     let live: Vec<_> = tenants
         .live()
         .into_iter()
-        .map(|t| {
-            (
-                format!("sandbox=\"{}\"", escape_label(t.label())),
-                t.snapshot(),
-            )
-        })
+        .map(|t| (format!("sandbox=\"{}\"", escape_label(t.label())), t))
         .collect();
     for (name, kind, help, value) in SANDBOX_FAMILIES {
         let m = format!("{PREFIX}_{name}");

@@ -9,8 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
-pub use crate::wire::DecodeErrorKind;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Counter,
@@ -163,14 +161,14 @@ macro_rules! label {
     };
 }
 
-impl Label for DecodeErrorKind {
-    const ALL: &'static [Self] = &DecodeErrorKind::ALL;
-    const NAME: &'static str = "kind";
-    fn as_str(self) -> &'static str {
-        DecodeErrorKind::as_str(self)
-    }
-    fn index(self) -> usize {
-        self as usize
+label! {
+    /// Why a frame did not decode.
+    pub enum DecodeErrorKind as "kind" {
+        Json = "json",
+        Bincode = "bincode",
+        UnknownFormat = "unknown_format",
+        InvalidIds = "invalid_ids",
+        Empty = "empty",
     }
 }
 

@@ -8,9 +8,6 @@
 //! The registry is bounded by `--max-sandboxes`; a tenant leaves it once
 //! nothing holds it (on VSOCK, a while after its last connection, so that
 //! reconnecting does not refill its bucket).
-//!
-//! Over 500 lines: the limits stay together because they share one registry
-//! and one tenant's lifetime.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,9 +19,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::TenantLimits;
+use crate::config::{QueueConfig, TenantLimits};
 pub use crate::stats::LimitReason;
-use crate::stats::{Counter, DropReason, Family, FamilySnapshot};
+use crate::stats::{Counter, DropReason, Family};
 
 /// How long a VSOCK tenant outlives its last connection.
 const IDLE_KEEP: Duration = Duration::from_secs(10);
@@ -48,12 +45,6 @@ impl fmt::Display for TenantKey {
             TenantKey::Cid(cid) => write!(f, "vsock:{cid}"),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct QueueBounds {
-    pub max_spans: usize,
-    pub max_bytes: usize,
 }
 
 pub(crate) struct Tenants {
@@ -137,9 +128,9 @@ impl Held {
     }
 }
 
+#[derive(Debug)]
 pub(crate) struct Tenant {
     id: u64,
-    key: TenantKey,
     /// Found later (VSOCK, once its QEMU is found).
     sandbox_id: OnceLock<String>,
     /// Bounded in length.
@@ -167,12 +158,6 @@ pub(crate) struct Tenant {
     last_sent: AtomicU64,
 }
 
-impl fmt::Debug for Tenant {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tenant").field("key", &self.key).finish()
-    }
-}
-
 impl Tenant {
     fn new(id: u64, key: TenantKey, limits: &TenantLimits, holding: Arc<AtomicUsize>) -> Tenant {
         let bucket = (limits.spans_per_second > 0).then(|| {
@@ -189,7 +174,6 @@ impl Tenant {
         key_label.truncate(cut.unwrap_or(0));
         Tenant {
             id,
-            key,
             sandbox_id: OnceLock::new(),
             key_label,
             max_connections: limits.max_connections,
@@ -259,7 +243,7 @@ impl Tenant {
 
     /// Holds room in the queue if this tenant holds nothing, or no one else
     /// does, or it stays within its share.
-    pub(crate) fn try_hold(&self, spans: usize, bytes: usize, bounds: QueueBounds) -> bool {
+    pub(crate) fn try_hold(&self, spans: usize, bytes: usize, bounds: QueueConfig) -> bool {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let holding = self.holding.load(Ordering::Acquire);
         let others = holding.saturating_sub(usize::from(!held.is_empty()));
@@ -278,10 +262,7 @@ impl Tenant {
     }
 
     /// [`try_hold`](Self::try_hold), waiting for room; whether it waited.
-    pub(crate) async fn hold(&self, spans: usize, bytes: usize, bounds: QueueBounds) -> bool {
-        if self.try_hold(spans, bytes, bounds) {
-            return false;
-        }
+    pub(crate) async fn hold(&self, spans: usize, bytes: usize, bounds: QueueConfig) -> bool {
         let mut waited = false;
         loop {
             let released = self.released.notified();
@@ -330,15 +311,6 @@ impl Tenant {
     pub(crate) fn queued(&self) -> usize {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).spans
     }
-
-    pub(crate) fn snapshot(&self) -> TenantSnapshot {
-        TenantSnapshot {
-            connections: self.connections() as u64,
-            received: self.received.get(),
-            dropped: self.dropped.snapshot(),
-            limited: self.limited.snapshot(),
-        }
-    }
 }
 
 impl Drop for Tenant {
@@ -346,14 +318,6 @@ impl Drop for Tenant {
         // What the gate held back is not lost with the sandbox.
         self.log.flush(self.label());
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TenantSnapshot {
-    pub connections: u64,
-    pub received: u64,
-    pub dropped: FamilySnapshot<DropReason>,
-    pub limited: FamilySnapshot<LimitReason>,
 }
 
 /// One of a sandbox's connection slots, given back on drop.
@@ -432,10 +396,6 @@ impl Noisy {
         (Noisy::Claim, "resources claiming another identity"),
         (Noisy::TooLarge, "spans too large for the collector"),
     ];
-
-    fn what(self) -> &'static str {
-        Noisy::ALL.iter().find(|k| k.0 == self).map_or("", |k| k.1)
-    }
 }
 
 /// Lines of one kind logged per window before the rest are only counted.
@@ -470,7 +430,8 @@ impl LogGate {
             .since
             .is_none_or(|t| now.saturating_duration_since(t) >= GATE_WINDOW);
         if over {
-            summarise(kind.what(), sandbox, s.suppressed);
+            let what = Noisy::ALL.iter().find(|k| k.0 == kind).map_or("", |k| k.1);
+            summarise(what, sandbox, s.suppressed);
             *s = GateState {
                 since: Some(now),
                 ..GateState::default()
@@ -621,7 +582,7 @@ mod tests {
     #[test]
     fn a_tenant_alone_may_use_the_whole_queue_but_only_its_share_beside_others() {
         let tenants = Tenants::new(limits());
-        let bounds = QueueBounds {
+        let bounds = QueueConfig {
             max_spans: 100,
             max_bytes: 10_000,
         };
@@ -644,7 +605,7 @@ mod tests {
     #[tokio::test]
     async fn a_tenant_over_its_share_waits_for_its_own_room_to_come_back() {
         let tenants = Arc::new(Tenants::new(limits()));
-        let bounds = QueueBounds {
+        let bounds = QueueConfig {
             max_spans: 10,
             max_bytes: 1 << 20,
         };

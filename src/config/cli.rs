@@ -1,7 +1,5 @@
-//! The command line as clap sees it: every flag with its help text, its
-//! default and its value parser, plus the words `--help` prints around them.
-//! Turning it into a [`super::Config`] is [`Cli::into_config`]'s job, in the
-//! parent module.
+//! The command line as clap sees it: flags, help text, defaults, value
+//! parsers; [`Cli::into_config`], in the parent module, makes it a `Config`.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -174,14 +172,8 @@ fn parse_positive(s: &str) -> Result<usize, String> {
 }
 
 fn parse_positive_u32(s: &str) -> Result<u32, String> {
-    match s.trim().parse::<u32>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!(
-            "'{s}' is not a whole number from 1 to {}",
-            u32::MAX
-        )),
-    }
+    u32::try_from(parse_positive(s)?)
+        .map_err(|_| format!("'{s}' is not a whole number from 1 to {}", u32::MAX))
 }
 
 /// Parses a byte size: a number with an optional `KiB`/`MiB`/`GiB` suffix.

@@ -2,14 +2,12 @@
 //! plan. A host (a kata-deploy node in particular) runs several runtime
 //! classes, each with its own file and hypervisor: QEMU's agents reach the
 //! host over AF_VSOCK; Cloud Hypervisor's, Firecracker's and Dragonball's
-//! over hybrid VSOCK at a per-sandbox socket. This module finds the files
-//! the runtimes would read and derives a deduplicated [`Plan`], with a
-//! [`ConfigReport`] per file saying what it serves or why not;
-//! `listen::kata_host` serves it.
-//!
-//! Every path is taken under a root (`--kata-root`, `/` on a real host), so
-//! that a fixture tree works unprivileged and a container can see the
-//! host's files mounted elsewhere.
+//! over hybrid VSOCK at a per-sandbox socket. [`plan`] reads the files the
+//! runtimes would into a deduplicated [`Plan`], a [`ConfigReport`] per file
+//! saying what it serves or why not (`listen::kata_host` serves it). Every
+//! path is under a root (`--kata-root`, `/` on a real host), so that a
+//! fixture tree works unprivileged and a container can see the host's files
+//! mounted elsewhere.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
@@ -55,22 +53,6 @@ const GO_VM_STORE: &str = "/run/vc/vm";
 const GO_FC_CHROOT: &str = "/run/vc";
 /// runtime-rs' `KATA_PATH`.
 const RS_SANDBOXES: &str = "/run/kata";
-
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum KataConfigError {
-    #[error("reading Kata configuration {path}: {source}")]
-    ReadConfig {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("Kata configuration refused: {reason}")]
-    Refused { reason: String },
-    #[error("Kata configuration {path} is larger than {max} bytes; not read")]
-    ConfigTooLarge { path: PathBuf, max: u64 },
-    #[error("parsing Kata configuration {path}: {reason}")]
-    ParseConfig { path: PathBuf, reason: String },
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -144,21 +126,17 @@ impl Plan {
         for c in &self.configs {
             let serves: Vec<String> = c.serves.iter().map(ToString::to_string).collect();
             let file = c.file.display();
+            let serving = c.status == Status::Serves;
             match c.status {
-                Status::Serves => tracing::info!(
+                // `serves` only where it serves (a `None` field is left out).
+                Status::Serves | Status::Skipped => tracing::info!(
                     config = %file,
                     runtime = ?c.runtime,
                     hypervisors = ?c.hypervisors,
-                    serves = ?serves,
+                    serves = serving.then_some(tracing::field::debug(&serves)),
                     skipped = ?c.skipped,
-                    "kata configuration: serving"
-                ),
-                Status::Skipped => tracing::info!(
-                    config = %file,
-                    runtime = ?c.runtime,
-                    hypervisors = ?c.hypervisors,
-                    skipped = ?c.skipped,
-                    "kata configuration: skipped"
+                    "kata configuration: {}",
+                    if serving { "serving" } else { "skipped" }
                 ),
                 Status::Error => tracing::error!(
                     config = %file,
@@ -269,16 +247,14 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
                 ..Default::default()
             },
             None => match read(&sources.under_root(&file)).and_then(|text| {
-                parse(&text).map_err(|reason| KataConfigError::ParseConfig {
-                    path: file.clone(),
-                    reason,
-                })
+                let doc = parse(&text);
+                doc.map_err(|e| format!("parsing Kata configuration {}: {e}", file.display()))
             }) {
                 Ok(doc) => derive(&file, &doc, &sources.root),
                 Err(e) => ConfigReport {
                     file: file.clone(),
                     status: Status::Error,
-                    skipped: vec![e.to_string()],
+                    skipped: vec![e],
                     ..Default::default()
                 },
             },
@@ -304,21 +280,16 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
 /// administrator's choice (to a shipped file), so it is followed; one in a
 /// directory others can write is not. It must lead to a regular file: a
 /// FIFO would stop `--print`, the start and the watcher.
-fn read(path: &Path) -> Result<String, KataConfigError> {
+fn read(path: &Path) -> Result<String, String> {
     use crate::untrusted::{read_file, Link, UntrustedError};
+    let shown = path.display();
     let data = read_file(path, Link::IfRootPlaced, MAX_CONFIG_BYTES).map_err(|e| match e {
-        UntrustedError::TooLarge { .. } => KataConfigError::ConfigTooLarge {
-            path: path.to_path_buf(),
-            max: MAX_CONFIG_BYTES,
-        },
-        e => KataConfigError::Refused {
-            reason: e.to_string(),
-        },
+        UntrustedError::TooLarge { .. } => {
+            format!("Kata configuration {shown} is larger than {MAX_CONFIG_BYTES} bytes; not read")
+        }
+        e => format!("Kata configuration refused: {e}"),
     })?;
-    String::from_utf8(data).map_err(|e| KataConfigError::ReadConfig {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })
+    String::from_utf8(data).map_err(|e| format!("reading Kata configuration {shown}: {e}"))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -752,9 +723,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("big.toml");
         std::fs::write(&f, vec![b'#'; (MAX_CONFIG_BYTES + 1) as usize]).unwrap();
-        assert!(matches!(
-            read(&f),
-            Err(KataConfigError::ConfigTooLarge { .. })
-        ));
+        let e = read(&f).unwrap_err();
+        assert!(e.contains("is larger than 1048576 bytes; not read"), "{e}");
     }
 }

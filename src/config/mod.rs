@@ -258,20 +258,17 @@ impl Cli {
     /// `--socket-path` hybrid.
     fn listen_mode(&self, env: &Env) -> ListenMode {
         let port = self.vsock_port;
-        let max_sandboxes = self.max_sandboxes;
         if self.kata_host {
             return ListenMode::KataHost(KataHostConfig {
                 sources: kata::Sources::from_env(self.kata_root.clone(), env),
                 port,
                 cid: self.vsock_cid,
-                max_sandboxes,
+                max_sandboxes: self.max_sandboxes,
             });
         }
         if let Some(p) = &self.socket_path {
-            return ListenMode::Hybrid {
-                socket_path: PathBuf::from(p),
-                port,
-            };
+            let socket_path = PathBuf::from(p);
+            return ListenMode::Hybrid { socket_path, port };
         }
         let templates = &self.socket_path_template;
         ListenMode::Set {
@@ -284,7 +281,7 @@ impl Cli {
                 .map(|(_, t)| t.clone())
                 .collect(),
             port,
-            max_sandboxes,
+            max_sandboxes: self.max_sandboxes,
         }
     }
 

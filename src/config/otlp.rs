@@ -143,11 +143,9 @@ impl Cli {
 
 /// `true`/`false`, as the OpenTelemetry SDKs read boolean variables.
 fn parse_bool(s: &str) -> Result<bool, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        other => Err(format!("'{other}' is not a boolean: use true or false")),
-    }
+    let s = s.trim().to_ascii_lowercase();
+    s.parse()
+        .map_err(|_| format!("'{s}' is not a boolean: use true or false"))
 }
 
 /// Turns a configured endpoint into the URL requests go to. Per the OTLP

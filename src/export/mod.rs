@@ -29,10 +29,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{BatchConfig, DumpConfig, OtlpConfig, OtlpProtocol};
-use crate::events::{
-    emit, BatchDone, Delivery, ExportAttempt, ExportAttemptFailed, PartialSuccess, SpanTooLarge,
-    SpoolFileSkipped, SpoolFull,
-};
+use crate::events::{emit, BatchDone, Delivery};
 use crate::otlp::record::decode_request;
 use crate::otlp::{encode, encode_request, EncodedRequest, EncodedResource, SpanRecord};
 use crate::shutdown::Shutdown;
@@ -229,20 +226,13 @@ impl Exporter {
             let give_up = || may_give_up && filling_up();
             let run = retry::EXPORT
                 .run(shutdown, give_up, |attempt| {
-                    emit!(stats, ExportAttempt { attempt });
+                    stats.export_attempt(attempt);
                     let body = &body;
                     async move {
                         let res = self.send(body).await;
                         if let Err(error) = &res {
                             let retry = error.retry();
-                            emit!(
-                                stats,
-                                ExportAttemptFailed {
-                                    attempt,
-                                    error,
-                                    retry: &retry,
-                                }
-                            );
+                            tracing::warn!(attempt, %error, ?retry, "export attempt failed");
                         }
                         res
                     }
@@ -250,7 +240,7 @@ impl Exporter {
                 .await;
             attempts += run.attempts;
             let error = match run.result {
-                Ok(resp) => return (delivered(stats, &resp), attempts, None),
+                Ok(resp) => return (delivered(&resp), attempts, None),
                 Err(e) => e,
             };
             // Trying the same request again cannot help.
@@ -283,7 +273,7 @@ impl Exporter {
                 true
             }
             Ok(Ok(false)) => {
-                emit!(self.stats, SpoolFull { spans });
+                self.stats.spool_was_full(spans);
                 false
             }
             Ok(Err(e)) => {
@@ -299,15 +289,13 @@ impl Exporter {
 }
 
 /// The collector took a batch: how many of its spans it refused anyway.
-fn delivered(stats: &Stats, resp: &ExportTraceServiceResponse) -> Delivery {
+fn delivered(resp: &ExportTraceServiceResponse) -> Delivery {
     let rejected = match &resp.partial_success {
         Some(p) if p.rejected_spans > 0 || !p.error_message.is_empty() => {
-            emit!(
-                stats,
-                PartialSuccess {
-                    rejected_spans: p.rejected_spans,
-                    message: &p.error_message,
-                }
+            tracing::warn!(
+                rejected_spans = p.rejected_spans,
+                message = %p.error_message,
+                "collector accepted the batch only in part"
             );
             u64::try_from(p.rejected_spans).unwrap_or(0)
         }
@@ -454,14 +442,7 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
             }
             Delivery::Dropped(DropReason::TooLarge) => {
                 if let Some(tenant) = piece.tenants.first() {
-                    emit!(
-                        exporter.stats,
-                        SpanTooLarge {
-                            tenant,
-                            bytes,
-                            error: error.unwrap_or(&"too large"),
-                        }
-                    );
+                    tenant.span_too_large(bytes, error.unwrap_or(&"too large"));
                 }
             }
             _ => {

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use crate::events::{emit, Throttled};
 use crate::otlp::SpanRecord;
 use crate::stats::Stats;
-use crate::tenant::{LimitReason, QueueBounds, Tenant};
+use crate::tenant::{LimitReason, Tenant};
 
 /// The room a record holds of its sandbox's share: its spans until it
 /// leaves the queue, its bytes until it is exported (dropped).
@@ -93,7 +93,7 @@ pub(crate) struct Closed;
 struct Room {
     slots: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
-    bounds: QueueBounds,
+    bounds: crate::config::QueueConfig,
     stats: Arc<Stats>,
 }
 
@@ -186,7 +186,7 @@ pub(crate) fn bounded(
     let room = Room {
         slots: Arc::new(Semaphore::new(max_spans)),
         bytes: Arc::new(Semaphore::new(max_bytes)),
-        bounds: QueueBounds {
+        bounds: crate::config::QueueConfig {
             max_spans,
             max_bytes,
         },

@@ -45,7 +45,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
             Ok(Ok(None)) => continue,
             Ok(Err(ref error)) => {
                 let damaged = matches!(error, spool::SpoolError::Damaged { .. });
-                emit!(stats, SpoolFileSkipped { error, damaged });
+                stats.spool_file_skipped(error, damaged);
                 continue;
             }
             Err(e) => {
@@ -68,9 +68,9 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
                 }
             );
         };
-        emit!(stats, ExportAttempt { attempt: 1 });
+        stats.export_attempt(1);
         let (delivery, error) = match exporter.send(&body).await {
-            Ok(resp) => (delivered(stats, &resp), None),
+            Ok(resp) => (delivered(&resp), None),
             // Too large for this collector (spooled under a larger bound):
             // its halves are spooled instead (halved again if need be).
             Err(e) if e.retry() == Retry::TooLarge && spans > 1 => match halves_of(&body) {

@@ -171,20 +171,20 @@ impl Board {
         let mut sandboxes: Vec<SandboxReport> = live
             .iter()
             .map(|t| {
-                let snap = t.snapshot();
+                let (received, dropped) = (t.received.get(), t.dropped.snapshot());
                 let (exported, spooled) = (t.exported.get(), t.spooled.get());
-                let settled = exported + spooled + snap.dropped.total();
+                let settled = exported + spooled + dropped.total();
                 SandboxReport {
                     sandbox: t.label().to_owned(),
-                    connections: snap.connections,
+                    connections: t.connections() as u64,
                     max_connections: t.max_connections() as u64,
-                    received: snap.received,
+                    received,
                     exported,
                     spooled,
                     queued: t.queued() as u64,
-                    pending: snap.received.saturating_sub(settled),
-                    dropped: snap.dropped.into(),
-                    limited: snap.limited.into(),
+                    pending: received.saturating_sub(settled),
+                    dropped: dropped.into(),
+                    limited: t.limited.snapshot().into(),
                     last_sent_unix_ms: t.last_sent_ago(now).map(ago),
                 }
             })

@@ -38,6 +38,7 @@ use bytes::BytesMut;
 use std::io;
 use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 
+pub use crate::stats::DecodeErrorKind;
 pub use model::AgentSpan;
 
 pub const HEADER_LEN: usize = 8;
@@ -186,36 +187,6 @@ pub enum DecodeError {
         json: serde_json::Error,
         bincode: bincode::Error,
     },
-}
-
-/// A stable, low-cardinality label for metrics and logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DecodeErrorKind {
-    Json,
-    Bincode,
-    UnknownFormat,
-    InvalidIds,
-    Empty,
-}
-
-impl DecodeErrorKind {
-    pub const ALL: [DecodeErrorKind; 5] = [
-        DecodeErrorKind::Json,
-        DecodeErrorKind::Bincode,
-        DecodeErrorKind::UnknownFormat,
-        DecodeErrorKind::InvalidIds,
-        DecodeErrorKind::Empty,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DecodeErrorKind::Json => "json",
-            DecodeErrorKind::Bincode => "bincode",
-            DecodeErrorKind::UnknownFormat => "unknown_format",
-            DecodeErrorKind::InvalidIds => "invalid_ids",
-            DecodeErrorKind::Empty => "empty",
-        }
-    }
 }
 
 impl DecodeError {

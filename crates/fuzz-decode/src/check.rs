@@ -19,6 +19,7 @@ use bytes::Bytes;
 use kata_trace_forwarder::addr::Peer;
 use kata_trace_forwarder::ingest::{Ingest, ReadBuffer, READ_MAX};
 use kata_trace_forwarder::otlp::{self, Origin, ResourceCache, SpanRecord};
+use kata_trace_forwarder::stats::Label;
 use kata_trace_forwarder::stats::Stats;
 use kata_trace_forwarder::wire::{self, AgentSpan, Decoder, ResourceSeen, HEADER_LEN};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
