@@ -263,6 +263,11 @@ impl Tenant {
 
     /// [`try_hold`](Self::try_hold), waiting for room; whether it waited.
     pub(crate) async fn hold(&self, spans: usize, bytes: usize, bounds: QueueConfig) -> bool {
+        // First without registering for a wake-up (which locks the Notify's
+        // waiter list): the common case, once per read.
+        if self.try_hold(spans, bytes, bounds) {
+            return false;
+        }
         let mut waited = false;
         loop {
             let released = self.released.notified();
