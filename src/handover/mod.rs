@@ -28,12 +28,12 @@ mod takeover;
 pub mod wire;
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::janitor::Janitor;
+use crate::janitor::{still_bound, Janitor};
 use hub::{Piece, PieceKind};
 
 pub use server::{Reexec, Upgrade};
@@ -150,15 +150,13 @@ impl HandoffListener {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(e)),
         }
-        let std = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
+        let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
         if let Some(Ok(Some(u))) = user.map(nix::unistd::User::from_name) {
             nix::unistd::chown(path, Some(u.uid), Some(u.gid)).map_err(|e| err(e.into()))?;
         }
         let md = std::fs::symlink_metadata(path).map_err(err)?;
         let identity = (md.dev(), md.ino());
-        std.set_nonblocking(true).map_err(err)?;
-        let listener = tokio::net::UnixListener::from_std(std).map_err(err)?;
         let root = user.is_some() && nix::unistd::getuid().is_root();
         let janitor = root.then(|| Janitor::spawn(path, identity)).transpose();
         Ok(HandoffListener {
@@ -167,27 +165,6 @@ impl HandoffListener {
             identity,
             remove: true,
             janitor: janitor.map_err(err)?,
-        })
-    }
-
-    /// A predecessor's hand-off socket, left in place by a failed takeover.
-    fn adopt(
-        fd: OwnedFd,
-        path: PathBuf,
-        identity: (u64, u64),
-        janitor: Option<OwnedFd>,
-    ) -> Result<Self, HandOverError> {
-        let std = std::os::unix::net::UnixListener::from(fd);
-        let listener = std
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::UnixListener::from_std(std))
-            .map_err(|e| HandOverError::AdoptSocket(format!("hand-off socket: {e}")))?;
-        Ok(HandoffListener {
-            listener,
-            path,
-            identity,
-            remove: false,
-            janitor: janitor.map(Janitor::adopt),
         })
     }
 }
@@ -201,9 +178,7 @@ impl Drop for HandoffListener {
         if let Some(j) = self.janitor.take() {
             return j.remove(&self.path, self.identity);
         }
-        let ours = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|md| md.file_type().is_socket() && (md.dev(), md.ino()) == self.identity);
-        if ours {
+        if still_bound(&self.path, self.identity) {
             let _ = std::fs::remove_file(&self.path);
         }
     }

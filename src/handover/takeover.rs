@@ -3,7 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream as StdUnixStream;
+use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::path::Path;
 
 use super::wire::{ListenerKind, State};
@@ -159,7 +159,18 @@ fn sort(
         };
         check(&fd, family, true, what)?;
         if let ListenerKind::Handoff { path, identity } = l.kind {
-            handoff = Some(HandoffListener::adopt(fd, path, identity, janitor)?);
+            let std = StdUnixListener::from(fd);
+            let listener = std
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(std))
+                .map_err(|e| HandOverError::AdoptSocket(format!("hand-off socket: {e}")))?;
+            handoff = Some(HandoffListener {
+                listener,
+                path,
+                identity,
+                remove: false,
+                janitor: janitor.map(Janitor::adopt),
+            });
             index.push(None);
             continue;
         }
