@@ -273,11 +273,10 @@ pub(crate) async fn reach(
         Ok::<_, io::Error>(())
     };
     within(&endpoint, timeout, probe).await?;
-    let coalesce = alpn == b"h2";
     Ok(Connector {
         tls,
         timeout,
-        coalesce,
+        coalesce: alpn == b"h2",
     })
 }
 
