@@ -48,7 +48,7 @@ impl fmt::Display for TenantKey {
 }
 
 pub(crate) struct Tenants {
-    limits: TenantLimits,
+    pub(crate) limits: TenantLimits,
     map: Mutex<HashMap<TenantKey, Arc<Tenant>>>,
     next_id: AtomicU64,
     /// Tenants holding room in the export queue now.
@@ -66,10 +66,6 @@ impl Tenants {
             holding: Arc::new(AtomicUsize::new(0)),
             overflow: LogGate::default(),
         }
-    }
-
-    pub(crate) fn limits(&self) -> &TenantLimits {
-        &self.limits
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<TenantKey, Arc<Tenant>>> {
@@ -327,13 +323,7 @@ impl Drop for Tenant {
 
 /// One of a sandbox's connection slots, given back on drop.
 #[derive(Debug)]
-pub(crate) struct TenantConn(Arc<Tenant>);
-
-impl TenantConn {
-    pub(crate) fn tenant(&self) -> &Arc<Tenant> {
-        &self.0
-    }
-}
+pub(crate) struct TenantConn(pub(crate) Arc<Tenant>);
 
 impl Drop for TenantConn {
     fn drop(&mut self) {
