@@ -108,28 +108,7 @@ impl Stats {
             tracing::warn!(%peer, sandbox, claims = new_claims, "agent resource claims host-owned attributes; the host's values are used, the claims kept under kata.guest.claimed.*");
         }
     }
-}
 
-impl Tenant {
-    /// Counted against its own sandbox only.
-    pub(crate) fn span_too_large(&self, bytes: usize, error: &dyn fmt::Display) {
-        self.dropped.inc(DropReason::TooLarge);
-        if let Some(sandbox) = gated(Some(self), Noisy::TooLarge) {
-            tracing::warn!(sandbox, bytes, %error, "span larger than the collector takes in one request; dropped");
-        }
-    }
-}
-
-// ---- listen ---------------------------------------------------------------
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Refusal {
-    Global { max_connections: usize },
-    Sandbox { max_connections: usize },
-    Sandboxes { max_sandboxes: usize },
-}
-
-impl Stats {
     /// Gated, so that a guest that connects in a loop cannot flood the log.
     pub(crate) fn connection_rejected(
         &self,
@@ -163,6 +142,14 @@ impl Stats {
 }
 
 impl Tenant {
+    /// Counted against its own sandbox only.
+    pub(crate) fn span_too_large(&self, bytes: usize, error: &dyn fmt::Display) {
+        self.dropped.inc(DropReason::TooLarge);
+        if let Some(sandbox) = gated(Some(self), Noisy::TooLarge) {
+            tracing::warn!(sandbox, bytes, %error, "span larger than the collector takes in one request; dropped");
+        }
+    }
+
     pub(crate) fn agent_connected(&self, peer: Peer) {
         if let Some(sandbox) = gated(Some(self), Noisy::Connected) {
             tracing::info!(%peer, sandbox, "agent connected");
@@ -181,6 +168,15 @@ impl Tenant {
             );
         }
     }
+}
+
+// ---- listen ---------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Refusal {
+    Global { max_connections: usize },
+    Sandbox { max_connections: usize },
+    Sandboxes { max_sandboxes: usize },
 }
 
 pub(crate) struct AgentDisconnected<'a> {

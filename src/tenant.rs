@@ -126,12 +126,12 @@ impl Held {
 
 #[derive(Debug)]
 pub(crate) struct Tenant {
-    id: u64,
+    pub(crate) id: u64,
     /// Found later (VSOCK, once its QEMU is found).
     sandbox_id: OnceLock<String>,
     /// Bounded in length.
     key_label: String,
-    max_connections: usize,
+    pub(crate) max_connections: usize,
     connections: AtomicUsize,
     idle_since: Mutex<Instant>,
     bucket: Option<Mutex<Bucket>>,
@@ -195,10 +195,6 @@ impl Tenant {
         Arc::new(Tenant::new(0, key, limits, Arc::new(AtomicUsize::new(0))))
     }
 
-    pub(crate) fn id(&self) -> u64 {
-        self.id
-    }
-
     pub(crate) fn set_sandbox_id(&self, id: &str) {
         let _ = self.sandbox_id.set(id.to_owned());
     }
@@ -224,10 +220,6 @@ impl Tenant {
             })
             .ok()?;
         Some(TenantConn(Arc::clone(self)))
-    }
-
-    pub(crate) fn max_connections(&self) -> usize {
-        self.max_connections
     }
 
     /// How long to wait before reading again, if over the rate.

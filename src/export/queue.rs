@@ -130,7 +130,7 @@ const QUANTUM: usize = crate::ingest::RECORD_MAX_SPANS;
 
 impl Lanes {
     fn push(&mut self, q: Queued) {
-        let id = q.share.tenant.id();
+        let id = q.share.tenant.id;
         let lane = self.lanes.entry(id).or_default();
         if lane.records.is_empty() {
             self.turns.push_back(id);

@@ -207,7 +207,7 @@ impl Accept<'_> {
                 continue;
             };
             let Some(slot) = tenant.try_connect() else {
-                let max_connections = tenant.max_connections();
+                let max_connections = tenant.max_connections;
                 refuse(Some(&tenant), Refusal::Sandbox { max_connections });
                 continue;
             };
