@@ -53,7 +53,12 @@ impl Pool {
             ListenerKind::Vsock { cid, port } => {
                 let cid = cid.map_or(VsockCid::Any, VsockCid::Cid);
                 let v = self.vsock.entry(port).or_default();
-                v.listener = Some(VsockListener::adopt(l.fd, cid, port));
+                // The hand-over checked it is a listening AF_VSOCK socket.
+                v.listener = Some(VsockListener {
+                    listener: l.fd.into(),
+                    cid,
+                    port,
+                });
                 v.connections.extend(connections);
                 return;
             }
