@@ -11,17 +11,6 @@ use crate::stats::{DropReason, Label, Stats};
 use crate::tenant::{LimitReason, Noisy, Tenant, Tenants};
 use crate::wire::{DecodeError, FrameError, WireFormat};
 
-pub(crate) trait Event {
-    fn emit(self, stats: &Stats);
-}
-
-macro_rules! emit {
-    ($stats:expr, $event:expr) => {
-        $crate::events::Event::emit($event, &$stats)
-    };
-}
-pub(crate) use emit;
-
 /// The sandbox's label, if its log gate lets a line of `kind` through.
 fn gated(tenant: Option<&Tenant>, kind: Noisy) -> Option<&str> {
     let sandbox = tenant.map_or("", Tenant::label);
@@ -119,57 +108,26 @@ impl Stats {
             tracing::warn!(%peer, sandbox, claims = new_claims, "agent resource claims host-owned attributes; the host's values are used, the claims kept under kata.guest.claimed.*");
         }
     }
-}
 
-impl Tenant {
-    /// Counted against its own sandbox only.
-    pub(crate) fn span_too_large(&self, bytes: usize, error: &dyn fmt::Display) {
-        self.dropped.inc(DropReason::TooLarge);
-        if let Some(sandbox) = gated(Some(self), Noisy::TooLarge) {
-            tracing::warn!(sandbox, bytes, %error, "span larger than the collector takes in one request; dropped");
-        }
-    }
-}
-
-// ---- listen ---------------------------------------------------------------
-
-pub(crate) struct ConnectionAccepted;
-
-impl Event for ConnectionAccepted {
-    fn emit(self, stats: &Stats) {
-        stats.connections_accepted.inc();
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Refusal {
-    Global { max_connections: usize },
-    Sandbox { max_connections: usize },
-    Sandboxes { max_sandboxes: usize },
-}
-
-/// Gated, so that a guest that connects in a loop cannot flood the log.
-pub(crate) struct ConnectionRejected<'a> {
-    pub peer: Peer,
-    pub tenant: Option<&'a Tenant>,
-    pub tenants: &'a Tenants,
-    pub refusal: Refusal,
-}
-
-impl Event for ConnectionRejected<'_> {
-    fn emit(self, stats: &Stats) {
-        stats.connections_rejected.inc();
-        let (peer, tenant) = (self.peer, self.tenant);
-        if let (Some(t), Refusal::Sandbox { .. }) = (tenant, self.refusal) {
+    /// Gated, so that a guest that connects in a loop cannot flood the log.
+    pub(crate) fn connection_rejected(
+        &self,
+        peer: Peer,
+        tenant: Option<&Tenant>,
+        tenants: &Tenants,
+        refusal: Refusal,
+    ) {
+        self.connections_rejected.inc();
+        if let (Some(t), Refusal::Sandbox { .. }) = (tenant, refusal) {
             t.limited.inc(LimitReason::Connections);
-            stats.sandbox_limited.inc(LimitReason::Connections);
+            self.sandbox_limited.inc(LimitReason::Connections);
         }
         let sandbox = tenant.map_or("", Tenant::label);
-        let gate = tenant.map_or(&self.tenants.overflow, |t| &t.log);
+        let gate = tenant.map_or(&tenants.overflow, |t| &t.log);
         if !gate.allow(Noisy::Refused, sandbox) {
             return;
         }
-        match self.refusal {
+        match refusal {
             Refusal::Global { max_connections } => {
                 tracing::warn!(%peer, sandbox, max_connections, "connection limit reached; closing new connection")
             }
@@ -183,17 +141,42 @@ impl Event for ConnectionRejected<'_> {
     }
 }
 
-pub(crate) struct AgentConnected<'a> {
-    pub peer: Peer,
-    pub tenant: &'a Tenant,
-}
-
-impl Event for AgentConnected<'_> {
-    fn emit(self, _: &Stats) {
-        if let Some(sandbox) = gated(Some(self.tenant), Noisy::Connected) {
-            tracing::info!(peer = %self.peer, sandbox, "agent connected");
+impl Tenant {
+    /// Counted against its own sandbox only.
+    pub(crate) fn span_too_large(&self, bytes: usize, error: &dyn fmt::Display) {
+        self.dropped.inc(DropReason::TooLarge);
+        if let Some(sandbox) = gated(Some(self), Noisy::TooLarge) {
+            tracing::warn!(sandbox, bytes, %error, "span larger than the collector takes in one request; dropped");
         }
     }
+
+    pub(crate) fn agent_connected(&self, peer: Peer) {
+        if let Some(sandbox) = gated(Some(self), Noisy::Connected) {
+            tracing::info!(%peer, sandbox, "agent connected");
+        }
+    }
+
+    pub(crate) fn throttled(&self, stats: &Stats, reason: LimitReason, wait: Duration) {
+        self.limited.inc(reason);
+        stats.sandbox_limited.inc(reason);
+        if let Some(sandbox) = gated(Some(self), Noisy::Throttled) {
+            tracing::info!(
+                sandbox,
+                reason = reason.as_str(),
+                wait = ?wait,
+                "sandbox over its limit; pausing its reads"
+            );
+        }
+    }
+}
+
+// ---- listen ---------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Refusal {
+    Global { max_connections: usize },
+    Sandbox { max_connections: usize },
+    Sandboxes { max_sandboxes: usize },
 }
 
 pub(crate) struct AgentDisconnected<'a> {
@@ -205,8 +188,8 @@ pub(crate) struct AgentDisconnected<'a> {
     pub end: Result<(), &'a FrameError>,
 }
 
-impl Event for AgentDisconnected<'_> {
-    fn emit(self, stats: &Stats) {
+impl AgentDisconnected<'_> {
+    pub(crate) fn emit(self, stats: &Stats) {
         let (peer, tenant, end) = (self.peer, self.tenant, self.end);
         let (spans, decode_errors) = (self.spans, self.decode_errors);
         let format = self.format.map_or("none", WireFormat::as_str);
@@ -227,28 +210,6 @@ impl Event for AgentDisconnected<'_> {
             Err(e) => {
                 tracing::warn!(%peer, sandbox, spans, decode_errors, format, error = %e, "closing agent connection")
             }
-        }
-    }
-}
-
-pub(crate) struct Throttled<'a> {
-    pub tenant: &'a Tenant,
-    pub reason: LimitReason,
-    pub wait: Duration,
-}
-
-impl Event for Throttled<'_> {
-    fn emit(self, stats: &Stats) {
-        let (tenant, reason) = (self.tenant, self.reason);
-        tenant.limited.inc(reason);
-        stats.sandbox_limited.inc(reason);
-        if let Some(sandbox) = gated(Some(tenant), Noisy::Throttled) {
-            tracing::info!(
-                sandbox,
-                reason = reason.as_str(),
-                wait = ?self.wait,
-                "sandbox over its limit; pausing its reads"
-            );
         }
     }
 }
@@ -275,8 +236,8 @@ pub(crate) struct BatchDone<'a> {
     pub from_spool: bool,
 }
 
-impl Event for BatchDone<'_> {
-    fn emit(self, stats: &Stats) {
+impl BatchDone<'_> {
+    pub(crate) fn emit(self, stats: &Stats) {
         let (spans, attempts, from_spool) = (self.spans, self.attempts, self.from_spool);
         let error = self.error.map(|e| e.to_string()).unwrap_or_default();
         match self.delivery {

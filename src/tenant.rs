@@ -48,7 +48,7 @@ impl fmt::Display for TenantKey {
 }
 
 pub(crate) struct Tenants {
-    limits: TenantLimits,
+    pub(crate) limits: TenantLimits,
     map: Mutex<HashMap<TenantKey, Arc<Tenant>>>,
     next_id: AtomicU64,
     /// Tenants holding room in the export queue now.
@@ -66,10 +66,6 @@ impl Tenants {
             holding: Arc::new(AtomicUsize::new(0)),
             overflow: LogGate::default(),
         }
-    }
-
-    pub(crate) fn limits(&self) -> &TenantLimits {
-        &self.limits
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<TenantKey, Arc<Tenant>>> {
@@ -130,12 +126,12 @@ impl Held {
 
 #[derive(Debug)]
 pub(crate) struct Tenant {
-    id: u64,
+    pub(crate) id: u64,
     /// Found later (VSOCK, once its QEMU is found).
     sandbox_id: OnceLock<String>,
     /// Bounded in length.
     key_label: String,
-    max_connections: usize,
+    pub(crate) max_connections: usize,
     connections: AtomicUsize,
     idle_since: Mutex<Instant>,
     bucket: Option<Mutex<Bucket>>,
@@ -199,10 +195,6 @@ impl Tenant {
         Arc::new(Tenant::new(0, key, limits, Arc::new(AtomicUsize::new(0))))
     }
 
-    pub(crate) fn id(&self) -> u64 {
-        self.id
-    }
-
     pub(crate) fn set_sandbox_id(&self, id: &str) {
         let _ = self.sandbox_id.set(id.to_owned());
     }
@@ -228,10 +220,6 @@ impl Tenant {
             })
             .ok()?;
         Some(TenantConn(Arc::clone(self)))
-    }
-
-    pub(crate) fn max_connections(&self) -> usize {
-        self.max_connections
     }
 
     /// How long to wait before reading again, if over the rate.
@@ -327,13 +315,7 @@ impl Drop for Tenant {
 
 /// One of a sandbox's connection slots, given back on drop.
 #[derive(Debug)]
-pub(crate) struct TenantConn(Arc<Tenant>);
-
-impl TenantConn {
-    pub(crate) fn tenant(&self) -> &Arc<Tenant> {
-        &self.0
-    }
-}
+pub(crate) struct TenantConn(pub(crate) Arc<Tenant>);
 
 impl Drop for TenantConn {
     fn drop(&mut self) {

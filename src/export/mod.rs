@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{BatchConfig, DumpConfig, OtlpConfig, OtlpProtocol};
-use crate::events::{emit, BatchDone, Delivery};
+use crate::events::{BatchDone, Delivery};
 use crate::otlp::record::decode_request;
 use crate::otlp::{encode, encode_request, EncodedRequest, EncodedResource, SpanRecord};
 use crate::shutdown::Shutdown;
@@ -456,16 +456,14 @@ async fn flush(exporter: &Exporter, batch: Vec<Queued>, shutdown: &Shutdown, rx:
                 }
             }
         }
-        emit!(
-            exporter.stats,
-            BatchDone {
-                spans,
-                delivery,
-                attempts,
-                error,
-                from_spool: false,
-            }
-        );
+        BatchDone {
+            spans,
+            delivery,
+            attempts,
+            error,
+            from_spool: false,
+        }
+        .emit(&exporter.stats);
     }
     drop(held);
 }

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::events::{emit, Throttled};
 use crate::otlp::SpanRecord;
 use crate::stats::Stats;
 use crate::tenant::{LimitReason, Tenant};
@@ -131,7 +130,7 @@ const QUANTUM: usize = crate::ingest::RECORD_MAX_SPANS;
 
 impl Lanes {
     fn push(&mut self, q: Queued) {
-        let id = q.share.tenant.id();
+        let id = q.share.tenant.id;
         let lane = self.lanes.entry(id).or_default();
         if lane.records.is_empty() {
             self.turns.push_back(id);
@@ -215,14 +214,8 @@ impl QueueSender {
         let (spans, room) = (record.count as u64, &self.room);
         // Counted as the wait begins, for `status` to show it now.
         if !tenant.try_hold(record.count, cost, room.bounds) {
-            emit!(
-                room.stats,
-                Throttled {
-                    tenant,
-                    reason: LimitReason::QueueShare,
-                    wait: std::time::Duration::ZERO,
-                }
-            );
+            let wait = std::time::Duration::ZERO;
+            tenant.throttled(&room.stats, LimitReason::QueueShare, wait);
             tenant.hold(record.count, cost, room.bounds).await;
         }
         // Given back if this send is abandoned.

@@ -57,16 +57,14 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         let spans = u64::from(spans);
         let done = |spans, delivery, error: Option<&ExportError>| {
             let error = error.map(|e| e as &dyn std::fmt::Display);
-            emit!(
-                stats,
-                BatchDone {
-                    spans,
-                    delivery,
-                    attempts: 1,
-                    error,
-                    from_spool: true,
-                }
-            );
+            BatchDone {
+                spans,
+                delivery,
+                attempts: 1,
+                error,
+                from_spool: true,
+            }
+            .emit(stats);
         };
         stats.export_attempt(1);
         let (delivery, error) = match exporter.send(&body).await {

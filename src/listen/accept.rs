@@ -16,7 +16,7 @@ use super::connection::{self, ConnShared};
 use super::sandbox::{self, CidResolver};
 use super::{Adopted, Listener, Listeners, Stream};
 use crate::addr::Peer;
-use crate::events::{emit, ConnectionAccepted, ConnectionRejected, Refusal};
+use crate::events::Refusal;
 use crate::handover::fdstore::Stored;
 use crate::handover::wire::ConnState;
 use crate::lifeline::{After, Lifeline};
@@ -196,26 +196,18 @@ impl Accept<'_> {
                     continue;
                 }
             };
-            emit!(stats, ConnectionAccepted);
+            stats.connections_accepted.inc();
             let tenants = &*self.serving.shared.tenants;
             let refuse = |tenant: Option<&Tenant>, refusal| {
-                emit!(
-                    stats,
-                    ConnectionRejected {
-                        peer,
-                        tenant,
-                        tenants,
-                        refusal,
-                    }
-                )
+                stats.connection_rejected(peer, tenant, tenants, refusal)
             };
             let Some(tenant) = self.tenant(peer) else {
-                let max_sandboxes = tenants.limits().max_sandboxes;
+                let max_sandboxes = tenants.limits.max_sandboxes;
                 refuse(None, Refusal::Sandboxes { max_sandboxes });
                 continue;
             };
             let Some(slot) = tenant.try_connect() else {
-                let max_connections = tenant.max_connections();
+                let max_connections = tenant.max_connections;
                 refuse(Some(&tenant), Refusal::Sandbox { max_connections });
                 continue;
             };
@@ -275,9 +267,9 @@ impl Accept<'_> {
         let resolver = self.resolver.clone();
         let conn = async move {
             let origin = match peer {
-                Peer::Vsock { cid } => Arc::new(
-                    sandbox::vsock_origin(&origin, cid, resolver.as_ref(), slot.tenant()).await,
-                ),
+                Peer::Vsock { cid } => {
+                    Arc::new(sandbox::vsock_origin(&origin, cid, resolver.as_ref(), &slot.0).await)
+                }
                 Peer::Unix => origin,
             };
             match stream {

@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::addr::Peer;
-use crate::events::{emit, AgentConnected, AgentDisconnected, Throttled};
+use crate::events::AgentDisconnected;
 use crate::export::queue::QueueSender;
 use crate::handover::fdstore::Stored;
 use crate::handover::wire::ConnState;
@@ -57,7 +57,7 @@ impl ConnShared {
     /// registry (limits, but no series of its own).
     pub(crate) fn tenant(&self, key: TenantKey) -> Arc<Tenant> {
         let tenant = self.tenants.get(key.clone());
-        tenant.unwrap_or_else(|| Tenant::standalone(key, self.tenants.limits()))
+        tenant.unwrap_or_else(|| Tenant::standalone(key, &self.tenants.limits))
     }
 }
 
@@ -82,7 +82,7 @@ pub(crate) async fn serve<S: Park>(
     let _open = shared.stats.connections_open.hold();
     // In systemd's store (when it keeps one) while the agent is connected.
     let stored = Stored::connection(stream.as_fd());
-    let tenant = conn.tenant();
+    let tenant = &conn.0;
     let mut input = ReadBuffer::default();
     let max = shared.max_frame_size;
     let announced = start.resume.is_some();
@@ -241,15 +241,7 @@ impl<'a, S: Park> Conn<'a, S> {
         // Backpressure on this guest alone; not while draining (the
         // deadline bounds it).
         if let (Some(wait), false) = (over, draining) {
-            let reason = LimitReason::Rate;
-            emit!(
-                stats,
-                Throttled {
-                    tenant,
-                    reason,
-                    wait
-                }
-            );
+            tenant.throttled(stats, LimitReason::Rate, wait);
             let next = tokio::select! {
                 _ = tokio::time::sleep(wait) => None,
                 next = self.life.next() => Some(next),
@@ -347,8 +339,7 @@ impl<'a, S: Park> Conn<'a, S> {
             Ok((n, filled)) => {
                 if !self.announced {
                     self.announced = true;
-                    let (peer, tenant) = (self.peer, self.tenant);
-                    emit!(self.shared.stats, AgentConnected { peer, tenant });
+                    self.tenant.agent_connected(self.peer);
                 }
                 self.more = filled;
                 self.wake = false;
@@ -415,17 +406,15 @@ impl<'a, S: Park> Conn<'a, S> {
             tracing::debug!(%peer, "a connection ended without sending anything (not an agent: a liveness probe?)");
             return;
         }
-        emit!(
-            self.shared.stats,
-            AgentDisconnected {
-                peer,
-                tenant: self.tenant,
-                spans: self.ingest.spans(),
-                decode_errors: self.ingest.decode_errors(),
-                format: self.ingest.format(),
-                end: end.as_ref().map(drop),
-            }
-        );
+        AgentDisconnected {
+            peer,
+            tenant: self.tenant,
+            spans: self.ingest.spans(),
+            decode_errors: self.ingest.decode_errors(),
+            format: self.ingest.format(),
+            end: end.as_ref().map(drop),
+        }
+        .emit(&self.shared.stats);
     }
 }
 

@@ -53,7 +53,12 @@ impl Pool {
             ListenerKind::Vsock { cid, port } => {
                 let cid = cid.map_or(VsockCid::Any, VsockCid::Cid);
                 let v = self.vsock.entry(port).or_default();
-                v.listener = Some(VsockListener::adopt(l.fd, cid, port));
+                // The hand-over checked it is a listening AF_VSOCK socket.
+                v.listener = Some(VsockListener {
+                    listener: l.fd.into(),
+                    cid,
+                    port,
+                });
                 v.connections.extend(connections);
                 return;
             }
@@ -194,11 +199,9 @@ pub(crate) fn hybrid(
     inherited: Option<&Arc<Inherited>>,
     path: &Path,
 ) -> Result<(HybridListener, Vec<Adopted>), ListenError> {
-    let (l, adopted) = inherited
-        .and_then(|i| i.take_unix(path))
-        .unwrap_or_default();
-    let l = l.map_or_else(|| HybridListener::bind(path), Ok)?;
-    Ok((l, adopted))
+    let taken = inherited.and_then(|i| i.take_unix(path));
+    let (l, adopted) = taken.unwrap_or_default();
+    Ok((l.map_or_else(|| HybridListener::bind(path), Ok)?, adopted))
 }
 
 /// The one way a VSOCK listener is made: inherited if it may be, else bound.
@@ -207,9 +210,8 @@ pub(crate) fn vsock(
     cid: VsockCid,
     port: u32,
 ) -> Result<(VsockListener, Vec<Adopted>), ListenError> {
-    let (l, adopted) = inherited
-        .and_then(|i| i.take_vsock(cid, port))
-        .unwrap_or_default();
+    let taken = inherited.and_then(|i| i.take_vsock(cid, port));
+    let (l, adopted) = taken.unwrap_or_default();
     let l = l.map_or_else(|| VsockListener::bind(cid, port), Ok)?;
     Ok((l, adopted))
 }

@@ -1,8 +1,6 @@
 //! Standard VSOCK (QEMU, vhost-vsock): an AF_VSOCK listener on the host.
 //! Only bind and accept; the peer's CID tells guests apart.
 
-use std::os::fd::OwnedFd;
-
 use tokio_vsock::VsockAddr;
 
 use super::ListenError;
@@ -27,16 +25,6 @@ impl VsockListener {
             cid,
             port,
         })
-    }
-
-    /// A listener a predecessor handed over (checked by the hand-over to be
-    /// a listening AF_VSOCK socket).
-    pub(crate) fn adopt(fd: OwnedFd, cid: VsockCid, port: u32) -> Self {
-        Self {
-            listener: tokio_vsock::VsockListener::from(fd),
-            cid,
-            port,
-        }
     }
 
     pub fn describe(&self) -> String {

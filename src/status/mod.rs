@@ -177,7 +177,7 @@ impl Board {
                 SandboxReport {
                     sandbox: t.label().to_owned(),
                     connections: t.connections() as u64,
-                    max_connections: t.max_connections() as u64,
+                    max_connections: t.max_connections as u64,
                     received,
                     exported,
                     spooled,
