@@ -543,9 +543,14 @@ fn kitchen_sink<S: AgentSdk>(sdk: &S, opts: &ScenarioOptions) {
 
     let seq = opts.seq;
     let cid = container_id(seq);
-    // Odd sub-microsecond offsets so nanosecond precision is exercised.
-    let t0 = SystemTime::now();
-    let at = |micros: u64| t0 + Duration::from_nanos(micros * 1_000 + 123 + seq % 1_000);
+    // Odd sub-microsecond offsets so nanosecond precision is exercised: from
+    // a whole microsecond, so that no offset lands on one by chance (the
+    // clock's own nanoseconds did, once in a thousand runs).
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let t0 = UNIX_EPOCH + Duration::from_micros(since_epoch.as_micros() as u64);
+    let at = |micros: u64| t0 + Duration::from_nanos(micros * 1_000 + 123 + seq % 877);
     let seq_i64 = seq as i64;
     let trace_state = vec![
         ("kata".to_string(), format!("shim-v2-{seq}")),
