@@ -34,7 +34,6 @@ pub(crate) async fn serve(
 ) {
     let tracker = TaskTracker::new();
     let root = Lifeline::root(shutdown.clone(), listeners.hub.clone());
-    let adopted = super::by_listener(listeners.listeners.len(), listeners.adopted);
     let serving = Serving {
         shared,
         origin,
@@ -43,16 +42,8 @@ pub(crate) async fn serve(
         tracker: tracker.clone(),
     };
     // Lifelines taken before the tasks run: a pause from now waits for them.
-    let managing = listeners
-        .managers
-        .into_iter()
-        .map(|m| m.serve(serving.clone(), root.spawn()));
-    let accepting = listeners
-        .listeners
-        .into_iter()
-        .zip(adopted)
-        .map(|(l, adopted)| serving.serve(l, root.spawn(), adopted));
-    tokio::join!(join_all(managing), join_all(accepting));
+    let served = listeners.served.into_iter();
+    join_all(served.map(|s| s.serve(serving.clone(), root.spawn()))).await;
     tracker.close();
     match shutdown.deadline() {
         Some(d) if tokio::time::timeout_at(d, tracker.wait()).await.is_err() => {
@@ -84,10 +75,33 @@ impl Serving {
         mut life: Lifeline,
         adopted: Vec<Adopted>,
     ) {
-        let (origin, tenant, resolver) = match &listener {
-            // Hybrid: the socket is one sandbox's, named by Kata's path.
+        match self.accept(&listener, &mut life, adopted, None).await {
+            Ended::HandedOver => {
+                tracing::info!(listener = %listener.describe(), "handed over");
+                if let Listener::Hybrid(l) = listener {
+                    l.release();
+                }
+            }
+            Ended::Stopped => {
+                tracing::info!(listener = %listener.describe(), "stopped accepting connections")
+            }
+        }
+    }
+
+    /// Accepts on `listener` (`sandbox`'s, under a template).
+    pub(crate) async fn accept(
+        &self,
+        listener: &Listener,
+        life: &mut Lifeline,
+        adopted: Vec<Adopted>,
+        sandbox: Option<&str>,
+    ) -> Ended {
+        let (origin, tenant, resolver) = match listener {
+            // Hybrid: the socket is one sandbox's, named by its template or
+            // by Kata's path.
             Listener::Hybrid(l) => {
-                let id = sandbox::hybrid_sandbox_id(&l.path);
+                let id = sandbox.map(str::to_owned);
+                let id = id.or_else(|| sandbox::hybrid_sandbox_id(&l.path));
                 let origin = match &id {
                     Some(id) => Arc::new(sandbox::sandbox_origin(&self.origin, id)),
                     None => Arc::clone(&self.origin),
@@ -106,33 +120,23 @@ impl Serving {
             origin: &origin,
             resolver,
             tenant,
-            sandbox: None,
+            sandbox,
         };
-        match accept.run(&listener, &mut life, adopted).await {
-            Ended::HandedOver => {
-                tracing::info!(listener = %listener.describe(), "handed over");
-                if let Listener::Hybrid(l) = listener {
-                    l.release();
-                }
-            }
-            Ended::Stopped => {
-                tracing::info!(listener = %listener.describe(), "stopped accepting connections")
-            }
-        }
+        accept.run(listener, life, adopted).await
     }
 }
 
 /// Accepting on one listener.
-pub(crate) struct Accept<'a> {
-    pub serving: &'a Serving,
+struct Accept<'a> {
+    serving: &'a Serving,
     /// Its connections' resource.
-    pub origin: &'a Arc<Origin>,
+    origin: &'a Arc<Origin>,
     /// Finds a VSOCK guest's sandbox.
-    pub resolver: Option<Arc<CidResolver>>,
+    resolver: Option<Arc<CidResolver>>,
     /// The listener's sandbox (none on VSOCK: each guest CID is one).
-    pub tenant: Option<Arc<Tenant>>,
+    tenant: Option<Arc<Tenant>>,
     /// Its id under a manager, handed over for the successor's watcher.
-    pub sandbox: Option<&'a str>,
+    sandbox: Option<&'a str>,
 }
 
 pub(crate) enum Ended {
@@ -145,12 +149,7 @@ pub(crate) enum Ended {
 impl Accept<'_> {
     /// Serves on `adopted`, accepts until stopping begins, then takes those
     /// already queued (a backlog's worth), so that what they wrote drains.
-    pub(crate) async fn run(
-        &self,
-        listener: &Listener,
-        life: &mut Lifeline,
-        adopted: Vec<Adopted>,
-    ) -> Ended {
+    async fn run(&self, listener: &Listener, life: &mut Lifeline, adopted: Vec<Adopted>) -> Ended {
         for a in adopted {
             self.adopt(a, life);
         }

@@ -84,9 +84,13 @@ impl Inherited {
         listeners: Vec<TakenListener>,
         connections: Vec<TakenConn>,
     ) -> Result<Inherited, ListenError> {
-        let adopted = connections.into_iter();
-        let adopted = adopted.map(|c| Adopted::new(c.fd, c.listener, c.state));
-        let by_listener = super::by_listener(listeners.len(), adopted.collect::<Result<_, _>>()?);
+        let mut by_listener: Vec<Vec<Adopted>> = listeners.iter().map(|_| Vec::new()).collect();
+        for c in connections {
+            match by_listener.get_mut(c.listener) {
+                Some(v) => v.push(Adopted::new(c.fd, c.state)?),
+                None => tracing::warn!("a handed-over connection without its listener; closed"),
+            }
+        }
         let mut pool = Pool::default();
         for (l, connections) in listeners.into_iter().zip(by_listener) {
             pool.put(l, connections);
@@ -103,7 +107,7 @@ impl Inherited {
                 lost: true,
                 ..ConnState::default()
             };
-            Adopted::new(fd, 0, resume)
+            Adopted::new(fd, resume)
         };
         let mut pool = Pool::default();
         for l in left {

@@ -20,8 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::template::{SandboxThread, TemplateListener};
-use super::vsock::VsockListener;
-use super::{Adopted, ListenError, Listener, Serving};
+use super::{ListenError, Listener, Served, Serving};
 use crate::addr::SocketTemplate;
 use crate::config::kata::{self, Plan, Status, Target};
 use crate::config::KataHostConfig;
@@ -43,12 +42,6 @@ const CONFIG_MASK: WatchMask = WatchMask::CREATE
 
 const EVENT_BUFFER: usize = 16 << 10;
 
-/// A listener bound for a target, not yet served.
-enum Bound {
-    Vsock(VsockListener, Vec<Adopted>),
-    Template(TemplateListener),
-}
-
 /// A target being served: what stops it alone, and its task.
 type Running = (Shutdown, JoinHandle<()>);
 
@@ -59,7 +52,8 @@ pub(crate) struct KataHostListener {
     plan: Plan,
     /// What each file is served for (while unusable, what it last had).
     effective: BTreeMap<PathBuf, Vec<Target>>,
-    bound: Vec<(Target, Shutdown, Bound)>,
+    /// Bound at start, served from `serve`.
+    bound: Vec<(Target, Shutdown, Served)>,
     watch: ConfigWatch,
 }
 
@@ -92,9 +86,7 @@ impl KataHostListener {
             watch,
         };
         for target in me.plan.listeners.clone() {
-            let stop = shutdown.child();
-            let bound = me.bind(&target, &stop).await?;
-            tracing::info!(listener = %target, "kata-host: serving");
+            let (stop, bound) = me.bind(&target).await?;
             me.bound.push((target, stop, bound));
         }
         if me.plan.listeners.is_empty() {
@@ -107,14 +99,7 @@ impl KataHostListener {
     }
 
     pub(crate) fn describe(&self) -> String {
-        let each: Vec<String> = self
-            .bound
-            .iter()
-            .map(|(_, _, b)| match b {
-                Bound::Vsock(l, _) => l.describe(),
-                Bound::Template(l) => l.describe.clone(),
-            })
-            .collect();
+        let each: Vec<String> = self.bound.iter().map(|b| b.2.describe()).collect();
         format!(
             "kata-host (configurations under {}): [{}]",
             self.cfg.sources.root.display(),
@@ -122,26 +107,24 @@ impl KataHostListener {
         )
     }
 
-    async fn bind(&self, target: &Target, stop: &Shutdown) -> Result<Bound, ListenError> {
-        match target {
+    /// Binds `target`'s listener, under a shutdown that stops it alone.
+    async fn bind(&self, target: &Target) -> Result<(Shutdown, Served), ListenError> {
+        let stop = self.shutdown.child();
+        let (cfg, thread) = (&self.cfg, &self.thread);
+        let served = match target {
             Target::Vsock => {
-                let inherited = self.thread.inherited.as_ref();
-                let (l, adopted) = super::inherited::vsock(inherited, self.cfg.cid, self.cfg.port)?;
-                Ok(Bound::Vsock(l, adopted))
+                let inherited = thread.inherited.as_ref();
+                let (l, adopted) = super::inherited::vsock(inherited, cfg.cid, cfg.port)?;
+                Served::Listener(Listener::Vsock(l), adopted)
             }
             Target::Template { template } => {
                 let t: SocketTemplate = template.parse().map_err(ListenError::ReadKataConfig)?;
-                let l = TemplateListener::start_on(
-                    &self.thread,
-                    t,
-                    self.cfg.port,
-                    self.cfg.max_sandboxes,
-                    stop,
-                )
-                .await?;
-                Ok(Bound::Template(l))
+                let l = TemplateListener::start_on(thread, t, cfg.port, cfg.max_sandboxes, &stop);
+                Served::Template(l.await?)
             }
-        }
+        };
+        tracing::info!(listener = %target, "kata-host: serving");
+        Ok((stop, served))
     }
 
     /// Serves and follows the plan until shutdown, then waits for every
@@ -231,10 +214,8 @@ impl KataHostListener {
         stopped.retain(|t| !t.is_finished());
         wanted.retain(|t| !running.contains_key(t));
         for target in wanted {
-            let stop = self.shutdown.child();
-            match self.bind(&target, &stop).await {
-                Ok(bound) => {
-                    tracing::info!(listener = %target, "kata-host: serving");
+            match self.bind(&target).await {
+                Ok((stop, bound)) => {
                     running.insert(target, spawn(bound, stop, ctx, life));
                 }
                 Err(e) => {
@@ -248,17 +229,10 @@ impl KataHostListener {
 }
 
 /// Serves one bound target in a task of its own until `stop`.
-fn spawn(bound: Bound, stop: Shutdown, ctx: &Serving, planner: &Lifeline) -> Running {
+fn spawn(bound: Served, stop: Shutdown, ctx: &Serving, planner: &Lifeline) -> Running {
     // Taken before the task runs: a pause from now on waits for it.
     let life = planner.under(stop.clone());
-    let task = match bound {
-        Bound::Template(t) => tokio::spawn(t.serve(ctx.clone(), life)),
-        Bound::Vsock(l, adopted) => {
-            let serving = ctx.clone();
-            tokio::spawn(async move { serving.serve(Listener::Vsock(l), life, adopted).await })
-        }
-    };
-    (stop, task)
+    (stop, tokio::spawn(bound.serve(ctx.clone(), life)))
 }
 
 /// inotify on the configurations' directories (for a missing one, its

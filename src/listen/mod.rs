@@ -20,6 +20,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
+
 use crate::addr::{hybrid_socket, Peer, VsockCid};
 use crate::config::{ListenConfig, ListenMode};
 use crate::handover::fdstore::{self, Stored};
@@ -27,7 +29,7 @@ use crate::handover::hub::{Hub, Piece, PieceKind};
 use crate::handover::wire::{ConnState, ListenerKind};
 use crate::lifeline::Lifeline;
 use crate::shutdown::Shutdown;
-pub(crate) use accept::{serve, Accept, Ended, Serving};
+pub(crate) use accept::{serve, Ended, Serving};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -68,26 +70,33 @@ pub enum Listener {
     Vsock(vsock::VsockListener),
 }
 
-/// What binds and removes listeners as sandboxes (or Kata configurations)
+/// What one forwarder serves: a listener with what a predecessor left on
+/// it, or a manager binding listeners as sandboxes (or Kata configurations)
 /// come and go.
-pub(crate) enum Manager {
+pub(crate) enum Served {
+    Listener(Listener, Vec<Adopted>),
     Template(template::TemplateListener),
     /// Boxed: it holds its plan; there is one per forwarder.
     KataHost(Box<kata_host::KataHostListener>),
 }
 
-impl Manager {
+impl Served {
     fn describe(&self) -> String {
         match self {
-            Manager::Template(t) => t.describe.clone(),
-            Manager::KataHost(k) => k.describe(),
+            Served::Listener(l, _) => l.describe(),
+            Served::Template(t) => t.describe.clone(),
+            Served::KataHost(k) => k.describe(),
         }
     }
 
-    async fn serve(self, serving: Serving, life: Lifeline) {
+    /// Boxed: `--kata-host` serves its targets through this too.
+    fn serve(self, serving: Serving, life: Lifeline) -> BoxFuture<'static, ()> {
         match self {
-            Manager::Template(t) => t.serve(serving, life).await,
-            Manager::KataHost(k) => k.serve(serving, life).await,
+            Served::Listener(l, adopted) => {
+                Box::pin(async move { serving.serve(l, life, adopted).await })
+            }
+            Served::Template(t) => Box::pin(t.serve(serving, life)),
+            Served::KataHost(k) => Box::pin(k.serve(serving, life)),
         }
     }
 }
@@ -155,8 +164,6 @@ impl Listener {
 
 /// A connection a predecessor served, to be served on.
 pub(crate) struct Adopted {
-    /// Its listener's index among those handed over.
-    listener: usize,
     stream: Stream,
     peer: Peer,
     resume: ConnState,
@@ -173,7 +180,7 @@ impl Adopted {
     }
 
     /// A handed-over connection (a VSOCK guest's when `resume` names a CID).
-    fn new(fd: OwnedFd, listener: usize, resume: ConnState) -> Result<Adopted, ListenError> {
+    fn new(fd: OwnedFd, resume: ConnState) -> Result<Adopted, ListenError> {
         let (stream, peer) = match resume.cid {
             Some(cid) => (Stream::Vsock(fd.into()), Peer::Vsock { cid }),
             None => {
@@ -185,7 +192,6 @@ impl Adopted {
             }
         };
         Ok(Adopted {
-            listener,
             stream,
             peer,
             resume,
@@ -193,24 +199,10 @@ impl Adopted {
     }
 }
 
-/// `adopted`, sorted by the index of their listener among `listeners`.
-fn by_listener(listeners: usize, adopted: Vec<Adopted>) -> Vec<Vec<Adopted>> {
-    let mut by: Vec<Vec<Adopted>> = (0..listeners).map(|_| Vec::new()).collect();
-    for a in adopted {
-        match by.get_mut(a.listener) {
-            Some(v) => v.push(a),
-            None => tracing::warn!("a handed-over connection without its listener; closed"),
-        }
-    }
-    by
-}
-
-/// The listeners one forwarder serves, and the managers that make more.
+/// The listeners and managers one forwarder serves.
 pub struct Listeners {
-    listeners: Vec<Listener>,
-    managers: Vec<Manager>,
+    served: Vec<Served>,
     max_connections: usize,
-    adopted: Vec<Adopted>,
     /// Takes part in hand-overs through it.
     pub(crate) hub: Option<Arc<Hub>>,
     sandbox_thread: Option<template::SandboxThread>,
@@ -220,10 +212,11 @@ impl Listeners {
     /// Listeners bound elsewhere (tests, embedders).
     pub fn new(listeners: Vec<Listener>, max_connections: usize) -> Listeners {
         Listeners {
-            listeners,
-            managers: Vec::new(),
+            served: listeners
+                .into_iter()
+                .map(|l| Served::Listener(l, Vec::new()))
+                .collect(),
             max_connections,
-            adopted: Vec::new(),
             hub: None,
             sandbox_thread: None,
         }
@@ -231,7 +224,7 @@ impl Listeners {
 
     /// Where a hand-over starts the upgraded binary and becomes it.
     pub(crate) fn launcher(&self) -> Arc<dyn crate::handover::server::Launcher> {
-        Arc::new(template::Launch(self.sandbox_thread.clone()))
+        Arc::new(self.sandbox_thread.clone())
     }
 
     pub fn describe(&self) -> String {
@@ -239,10 +232,7 @@ impl Listeners {
     }
 
     pub(crate) fn each(&self) -> Vec<String> {
-        let listeners = self.listeners.iter().map(Listener::describe);
-        listeners
-            .chain(self.managers.iter().map(Manager::describe))
-            .collect()
+        self.served.iter().map(Served::describe).collect()
     }
 }
 
@@ -280,13 +270,13 @@ async fn bind_mode(
                 }
                 privileges::drop_root(&cfg.user, None)?;
             }
-            all.listeners.push(Listener::Hybrid(l));
-            all.adopted = conns;
+            all.served
+                .push(Served::Listener(Listener::Hybrid(l), conns));
         }
         ListenMode::KataHost(k) => {
             let thread = sandbox_thread(&mut all, cfg, writable, inherited).await?;
             let host = kata_host::KataHostListener::start(k, thread, shutdown).await?;
-            all.managers.push(Manager::KataHost(Box::new(host)));
+            all.served.push(Served::KataHost(Box::new(host)));
         }
         ListenMode::Set {
             vsock,
@@ -296,19 +286,14 @@ async fn bind_mode(
         } => {
             if let Some(cid) = vsock {
                 let (l, conns) = inherited::vsock(inherited, *cid, *port)?;
-                // The first listener here, whatever it was in the predecessor.
-                all.adopted = conns
-                    .into_iter()
-                    .map(|a| Adopted { listener: 0, ..a })
-                    .collect();
-                all.listeners.push(Listener::Vsock(l));
+                all.served.push(Served::Listener(Listener::Vsock(l), conns));
             }
             if !templates.is_empty() {
                 let thread = sandbox_thread(&mut all, cfg, writable, inherited).await?;
                 for t in templates {
                     let (t, max) = (t.clone(), *max_sandboxes);
                     let l = template::TemplateListener::start_on(&thread, t, *port, max, shutdown);
-                    all.managers.push(Manager::Template(l.await?));
+                    all.served.push(Served::Template(l.await?));
                 }
             }
         }

@@ -28,12 +28,11 @@ use tokio_util::task::TaskTracker;
 
 use super::hybrid::HybridListener;
 use super::inherited::Inherited;
-use super::{privileges, sandbox, Accept, Adopted, Ended, ListenError, Listener, Serving};
+use super::{privileges, Adopted, Ended, ListenError, Listener, Serving};
 use crate::addr::SocketTemplate;
 use crate::handover::server::Launcher;
 use crate::lifeline::{After, Lifeline, Next};
 use crate::shutdown::Shutdown;
-use crate::tenant::TenantKey;
 use driver::{Control, Driver, Handoff};
 use watcher::Watcher;
 
@@ -54,7 +53,7 @@ pub struct TemplateListener {
     serve_rx: mpsc::Receiver<Serve>,
     /// Listeners go back to be dropped where their sockets can be removed.
     reap_tx: Option<mpsc::UnboundedSender<HybridListener>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: tokio::task::JoinHandle<()>,
     /// Keeps the sandbox thread running while this template is served.
     _thread: SandboxThread,
     control_tx: mpsc::UnboundedSender<Control>,
@@ -132,22 +131,22 @@ impl SandboxThread {
 /// Where a hand-over starts the upgraded binary and becomes it: on the
 /// sandbox thread when there is one, so that its CAP_DAC_OVERRIDE passes
 /// on (see [`SandboxThread::start_early`]).
-pub(crate) struct Launch(pub(crate) Option<SandboxThread>);
-
-impl Launcher for Launch {
+impl Launcher for Option<SandboxThread> {
     fn spawn(&self, mut cmd: Command) -> BoxFuture<'_, io::Result<Child>> {
-        let Some(thread) = &self.0 else {
+        let Some(thread) = self else {
             return Box::pin(std::future::ready(cmd.spawn()));
         };
-        let (tx, rx) = oneshot::channel();
-        thread.handle.spawn(async move {
-            let _ = tx.send(privileges::passing_dac_override(|| cmd.spawn()));
-        });
-        Box::pin(async { rx.await.unwrap_or_else(|_| Err(io::Error::other(STOPPED))) })
+        let task = thread
+            .handle
+            .spawn(async move { privileges::passing_dac_override(|| cmd.spawn()) });
+        Box::pin(async {
+            task.await
+                .unwrap_or_else(|_| Err(io::Error::other(STOPPED)))
+        })
     }
 
     fn exec(&self, exec: Box<dyn FnOnce() -> io::Error + Send>) -> io::Error {
-        let Some(thread) = &self.0 else {
+        let Some(thread) = self else {
             return privileges::passing_dac_override(exec);
         };
         let (tx, rx) = std::sync::mpsc::channel();
@@ -204,7 +203,6 @@ impl TemplateListener {
         let (serve_tx, serve_rx) = mpsc::channel(max_sandboxes.clamp(16, 4096));
         let (reap_tx, reap_rx) = mpsc::unbounded_channel();
         let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let (ready_tx, ready_rx) = oneshot::channel();
         let watcher = Watcher::new(template.clone(), port, max_sandboxes);
         let handoff = Handoff {
             main: Handle::current(),
@@ -212,19 +210,13 @@ impl TemplateListener {
             shutdown: shutdown.clone(),
             inherited: thread.inherited.clone(),
         };
-        let task = thread.handle.spawn(async move {
-            match Driver::start(watcher, handoff) {
-                Ok(driver) => {
-                    let _ = ready_tx.send(Ok(()));
-                    driver.run(reap_rx, control_rx).await;
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            }
-        });
-        let ready = ready_rx.await;
-        ready.map_err(|_| ListenError::StartWatcher("the sandbox watcher stopped".into()))??;
+        // On the sandbox thread: its runtime reads the events.
+        let driver = thread
+            .handle
+            .spawn(async { Driver::start(watcher, handoff) });
+        let stopped = |_| ListenError::StartWatcher("the sandbox watcher stopped".into());
+        let driver = driver.await.map_err(stopped)??;
+        let task = thread.handle.spawn(driver.run(reap_rx, control_rx));
         Ok(TemplateListener {
             describe: format!(
                 "hybrid vsock template unix:{template}_{port} (sandboxes in {}, at most {})",
@@ -234,7 +226,7 @@ impl TemplateListener {
             template,
             serve_rx,
             reap_tx: Some(reap_tx),
-            task: Some(task),
+            task,
             _thread: thread.clone(),
             control_tx,
         })
@@ -281,10 +273,7 @@ impl TemplateListener {
         sandboxes.close();
         sandboxes.wait().await;
         // With every listener back, the watcher removes them and exits.
-        self.reap_tx = None;
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
+        let _ = (&mut self.task).await;
         if handed_over {
             tracing::info!(template = %self.template, "handed over: the successor serves these sandboxes");
         } else {
@@ -312,10 +301,13 @@ impl TemplateListener {
         after
     }
 
+    /// Gives back what was bound but not served, and lets go of the
+    /// channel: the watcher ends once every listener is back.
     fn return_unserved(&mut self) {
         self.serve_rx.close();
+        let reap = self.reap_tx.take();
         while let Ok(s) = self.serve_rx.try_recv() {
-            if let Some(reap) = &self.reap_tx {
+            if let Some(reap) = &reap {
                 let _ = reap.send(s.listener);
             }
         }
@@ -338,19 +330,9 @@ async fn serve_sandbox(
     reap: mpsc::UnboundedSender<HybridListener>,
     mut life: Lifeline,
 ) {
-    let (id, listener) = (serve.id, Listener::Hybrid(serve.listener));
-    let origin = Arc::new(sandbox::sandbox_origin(&serving.origin, &id));
-    // Held while the sandbox is served: its limits and its series.
-    let tenant = serving.shared.tenant(TenantKey::Sandbox(id.clone()));
-    let span = tracing::info_span!("sandbox", id = %id);
-    let accept = Accept {
-        serving: &serving,
-        origin: &origin,
-        resolver: None,
-        tenant: Some(tenant),
-        sandbox: Some(&id),
-    };
-    let run = accept.run(&listener, &mut life, serve.adopted);
+    let listener = Listener::Hybrid(serve.listener);
+    let span = tracing::info_span!("sandbox", id = %serve.id);
+    let run = serving.accept(&listener, &mut life, serve.adopted, Some(&serve.id));
     let ended = tracing::Instrument::instrument(run, span).await;
     if let Listener::Hybrid(l) = listener {
         match ended {
