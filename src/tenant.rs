@@ -10,7 +10,6 @@
 //! reconnecting does not refill its bucket).
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -35,16 +34,6 @@ pub(crate) enum TenantKey {
     Sandbox(String),
     Socket(PathBuf),
     Cid(u32),
-}
-
-impl fmt::Display for TenantKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TenantKey::Sandbox(id) => f.write_str(id),
-            TenantKey::Socket(p) => write!(f, "unix:{}", p.display()),
-            TenantKey::Cid(cid) => write!(f, "vsock:{cid}"),
-        }
-    }
 }
 
 pub(crate) struct Tenants {
@@ -107,8 +96,8 @@ impl Tenants {
 
 fn sweep(map: &mut HashMap<TenantKey, Arc<Tenant>>, now: Instant) {
     map.retain(|key, t| {
-        Arc::strong_count(t) > 1
-            || (matches!(key, TenantKey::Cid(_)) && now.duration_since(t.idle_since()) < IDLE_KEEP)
+        let idle = || now.duration_since(*t.idle_since.lock().unwrap_or_else(|p| p.into_inner()));
+        Arc::strong_count(t) > 1 || (matches!(key, TenantKey::Cid(_)) && idle() < IDLE_KEEP)
     });
 }
 
@@ -163,7 +152,11 @@ impl Tenant {
                 Instant::now(),
             ))
         });
-        let mut key_label = key.to_string();
+        let mut key_label = match key {
+            TenantKey::Sandbox(id) => id,
+            TenantKey::Socket(p) => format!("unix:{}", p.display()),
+            TenantKey::Cid(cid) => format!("vsock:{cid}"),
+        };
         let cut = (0..=MAX_LABEL)
             .rev()
             .find(|&i| key_label.is_char_boundary(i));
@@ -207,10 +200,6 @@ impl Tenant {
 
     pub(crate) fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
-    }
-
-    fn idle_since(&self) -> Instant {
-        *self.idle_since.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn try_connect(self: &Arc<Self>) -> Option<TenantConn> {

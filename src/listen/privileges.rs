@@ -133,14 +133,6 @@ pub(crate) fn keep_on_this_thread(
     caps::set(None, CapSet::Permitted, &kept).map_err(err)
 }
 
-/// Whether this process, not root, holds CAP_DAC_OVERRIDE (see
-/// [`passing_dac_override`]).
-pub(crate) fn inherited_dac_override() -> bool {
-    use caps::{CapSet, Capability};
-    !is_root()
-        && caps::has_cap(None, CapSet::Permitted, Capability::CAP_DAC_OVERRIDE).unwrap_or(false)
-}
-
 /// Runs `start` (a spawn, or an `exec`), passing CAP_DAC_OVERRIDE on when
 /// this thread holds it and the process is not root: through the ambient
 /// set, raised for the start alone. If the kernel refuses, the successor

@@ -77,6 +77,8 @@ struct Launched {
     alive: mpsc::Sender<()>,
 }
 
+const DAC_OVERRIDE: caps::Capability = caps::Capability::CAP_DAC_OVERRIDE;
+
 /// Started before the runtime by [`SandboxThread::start_early`].
 static EARLY: std::sync::Mutex<Option<Launched>> = std::sync::Mutex::new(None);
 
@@ -88,9 +90,7 @@ impl SandboxThread {
         inherited: Option<&Arc<Inherited>>,
     ) -> Result<SandboxThread, ListenError> {
         let launched = match become_user {
-            Some(user) => launch(move || {
-                privileges::drop_root(&user, Some(caps::Capability::CAP_DAC_OVERRIDE))
-            })?,
+            Some(user) => launch(move || privileges::drop_root(&user, Some(DAC_OVERRIDE)))?,
             None => match EARLY.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 Some(early) => early,
                 // Not root, nothing inherited: what the process has.
@@ -113,12 +113,13 @@ impl SandboxThread {
     /// it, then the calling thread drops every capability, so the runtime's
     /// threads hold none. Does nothing in any other process.
     pub fn start_early() -> Result<(), ListenError> {
-        if !privileges::inherited_dac_override() {
+        let dac = caps::has_cap(None, caps::CapSet::Permitted, DAC_OVERRIDE);
+        if privileges::is_root() || !dac.unwrap_or(false) {
             return Ok(());
         }
         // The thread keeps the capability and passes nothing on.
         let launched = launch(|| {
-            privileges::keep_on_this_thread("", Some(caps::Capability::CAP_DAC_OVERRIDE))?;
+            privileges::keep_on_this_thread("", Some(DAC_OVERRIDE))?;
             let kept = privileges::ON_THE_WATCHER;
             tracing::info!(kept, "privileges as handed over");
             Ok(())

@@ -35,6 +35,7 @@ enum Root {
     Missing,
 }
 
+#[derive(Default)]
 struct Sandbox {
     /// Its one watch: the deepest existing directory on the way to its
     /// socket's.
@@ -42,6 +43,7 @@ struct Sandbox {
     state: State,
 }
 
+#[derive(Default)]
 enum State {
     /// Waiting in `inner[..depth]` for `inner[depth]` to appear.
     Waiting { depth: usize },
@@ -49,6 +51,7 @@ enum State {
     Serving { identity: Identity },
     /// Its socket (directory) went while the sandbox stayed, or it could
     /// not be served: left alone until it goes.
+    #[default]
     Retired,
 }
 
@@ -100,18 +103,6 @@ impl Watcher {
                 }
             }
         }
-    }
-
-    fn watch(
-        &mut self,
-        fx: &mut impl Effects,
-        dir: &Path,
-        kind: WatchKind,
-        sandbox: &str,
-    ) -> Result<WatchId, WatchError> {
-        let wd = fx.watch(dir, kind)?;
-        self.owners.insert(wd, sandbox.to_owned());
-        Ok(wd)
     }
 
     fn unwatch(&mut self, fx: &mut impl Effects, wd: WatchId) {
@@ -304,8 +295,11 @@ impl Watcher {
             } else {
                 WatchKind::Wait
             };
-            let wd = match self.watch(fx, &dir, kind, id) {
-                Ok(wd) => wd,
+            let wd = match fx.watch(&dir, kind) {
+                Ok(wd) => {
+                    self.owners.insert(wd, id.to_owned());
+                    wd
+                }
                 Err(WatchError::Missing) => {
                     // Went as we looked: start again if the sandbox is there.
                     if depth > 0 && restarts < 3 && fx.is_real_dir(&top) {
@@ -366,18 +360,24 @@ impl Watcher {
         }
     }
 
-    /// Stops serving a sandbox whose directory is still there.
-    fn retire(&mut self, fx: &mut impl Effects, id: &str, reason: &str) {
-        let Some(sb) = self.sandboxes.get_mut(id) else {
-            return;
-        };
-        let wd = sb.wd.take();
-        let old = std::mem::replace(&mut sb.state, State::Retired);
-        if let Some(wd) = wd {
+    /// Unwatches `sb` and stops it if served; whether it was.
+    fn end(&mut self, fx: &mut impl Effects, id: &str, sb: Sandbox) -> bool {
+        if let Some(wd) = sb.wd {
             self.unwatch(fx, wd);
         }
-        if let State::Serving { .. } = old {
+        let served = matches!(sb.state, State::Serving { .. });
+        if served {
             fx.stop(id);
+        }
+        served
+    }
+
+    /// Stops serving a sandbox whose directory is still there.
+    fn retire(&mut self, fx: &mut impl Effects, id: &str, reason: &str) {
+        let Some(old) = self.sandboxes.get_mut(id).map(std::mem::take) else {
+            return;
+        };
+        if self.end(fx, id, old) {
             tracing::info!(sandbox = id, reason, "stopped serving sandbox");
         }
     }
@@ -387,15 +387,10 @@ impl Watcher {
         let Some(sb) = self.sandboxes.remove(id) else {
             return;
         };
-        if let Some(wd) = sb.wd {
-            self.unwatch(fx, wd);
-        }
-        match sb.state {
-            State::Serving { .. } => {
-                fx.stop(id);
-                tracing::info!(sandbox = id, "sandbox removed; stopped serving it");
-            }
-            _ => tracing::debug!(sandbox = id, "sandbox removed"),
+        if self.end(fx, id, sb) {
+            tracing::info!(sandbox = id, "sandbox removed; stopped serving it");
+        } else {
+            tracing::debug!(sandbox = id, "sandbox removed");
         }
         if self.turned_away && matches!(self.root, Root::Watching(_)) {
             self.turned_away = false;
