@@ -24,8 +24,8 @@ use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
 use crate::tenant::{Tenant, TenantConn, TenantKey};
 
-/// Serves every listener and manager until `shutdown`, then waits for the
-/// connections to drain (until the deadline at most).
+/// Serves everything until `shutdown`, then waits for the connections to
+/// drain (until the deadline at most).
 pub(crate) async fn serve(
     listeners: Listeners,
     shared: Arc<ConnShared>,
@@ -67,8 +67,6 @@ pub(crate) struct Serving {
 }
 
 impl Serving {
-    /// Serves `listener` (VSOCK, or one hybrid socket): what a predecessor
-    /// left, then what it accepts.
     pub(crate) async fn serve(
         &self,
         listener: Listener,
@@ -97,8 +95,7 @@ impl Serving {
         sandbox: Option<&str>,
     ) -> Ended {
         let (origin, tenant, resolver) = match listener {
-            // Hybrid: the socket is one sandbox's, named by its template or
-            // by Kata's path.
+            // One sandbox's socket, named by its template or Kata's path.
             Listener::Hybrid(l) => {
                 let id = sandbox.map(str::to_owned);
                 let id = id.or_else(|| sandbox::hybrid_sandbox_id(&l.path));
@@ -126,7 +123,6 @@ impl Serving {
     }
 }
 
-/// Accepting on one listener.
 struct Accept<'a> {
     serving: &'a Serving,
     /// Its connections' resource.
@@ -135,7 +131,7 @@ struct Accept<'a> {
     resolver: Option<Arc<CidResolver>>,
     /// The listener's sandbox (none on VSOCK: each guest CID is one).
     tenant: Option<Arc<Tenant>>,
-    /// Its id under a manager, handed over for the successor's watcher.
+    /// Its id under a template, for the successor's watcher.
     sandbox: Option<&'a str>,
 }
 

@@ -10,16 +10,11 @@
 //!   any --- handed over, or stopping into systemd's store --> Leaving
 //! ```
 //!
-//! - **Live:** read on arrival, on the reactor.
-//! - **Parked:** a slow agent, read at a shared tick ([`super::pacing`]).
-//! - **Draining:** read until quiet for [`ConnShared::drain_idle`] or the
-//!   deadline, so that what the agent wrote is not lost.
-//! - **Leaving:** a successor (paused between reads, a partial frame went
-//!   along) or systemd's store holds it: end without a read or a close.
-//!
-//! What was read is always queued; then a sandbox over its span rate waits
-//! before reading again. A read that filled the buffer yields first, so a
-//! busy agent cannot starve one that has a little.
+//! Parked: a slow agent, read at a shared tick ([`super::pacing`]).
+//! Draining: read until quiet or the deadline, so what the agent wrote is
+//! not lost. Leaving: a successor (paused between reads, a partial frame
+//! going along) or systemd's store holds it: end without a read or a close.
+//! What was read is always queued; then a sandbox over its span rate waits.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
@@ -53,8 +48,8 @@ pub(crate) struct ConnShared {
 }
 
 impl ConnShared {
-    /// The tenant for `key`; past `--max-sandboxes` one outside the
-    /// registry (limits, but no series of its own).
+    /// Past `--max-sandboxes`, one outside the registry (limits, but no
+    /// series of its own).
     pub(crate) fn tenant(&self, key: TenantKey) -> Arc<Tenant> {
         let tenant = self.tenants.get(key.clone());
         tenant.unwrap_or_else(|| Tenant::standalone(key, &self.tenants.limits))
@@ -69,7 +64,7 @@ pub(crate) struct Start {
 }
 
 /// Serves one connection until it closes, fails, is drained or is left
-/// for a successor. `conn` is its slot among its sandbox's connections.
+/// for a successor.
 pub(crate) async fn serve<S: Park>(
     stream: S,
     peer: Peer,
@@ -155,7 +150,6 @@ enum End {
     Closed(Result<(), FrameError>),
     /// Nothing more is read: drained, failed, or the exporter is gone.
     Stopped(Result<(), FrameError>),
-    /// A successor holds the socket now.
     HandedOver,
 }
 
@@ -163,7 +157,6 @@ struct Conn<'a, S> {
     peer: Peer,
     shared: &'a ConnShared,
     tenant: &'a Arc<Tenant>,
-    /// The accept loop's id, for a hand-over's piece.
     listener: u64,
     life: Lifeline,
     state: State<'a, S>,
@@ -233,8 +226,8 @@ impl<'a, S: Park> Conn<'a, S> {
         if self.input.is_quiet() {
             self.ingest.shrink();
         } else if !matches!(self.state, State::Parked { .. }) {
-            // More is probably ready: the others read first (not needed
-            // when parked: once a tick).
+            // More is probably ready: the others read first (parked: once
+            // a tick anyway), so a busy agent cannot starve a quiet one.
             tokio::task::yield_now().await;
         }
         let over = tenant.take_tokens(spans, Instant::now());

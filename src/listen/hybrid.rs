@@ -96,7 +96,6 @@ impl HybridListener {
         })
     }
 
-    /// A listener a predecessor handed over, with its janitor's pipe.
     pub(crate) fn adopt(
         fd: OwnedFd,
         path: PathBuf,
@@ -126,8 +125,7 @@ impl HybridListener {
         self.identity = (u64::MAX, u64::MAX);
     }
 
-    /// Hands removal to a privileged janitor (unless one has it), before
-    /// this process loses the right to remove the socket.
+    /// Before this process loses the right to remove the socket.
     pub(crate) fn hand_removal_to_janitor(&mut self) -> Result<(), ListenError> {
         if self.janitor.is_some() {
             return Ok(());

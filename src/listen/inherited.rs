@@ -1,10 +1,8 @@
 //! What a predecessor left, handed over (takeover, upgrade) or in systemd's
-//! fd store (restart, crash): a successor asks here first wherever it would
-//! bind. A Unix socket still the very file bound (or a VSOCK listener on the
-//! same CID and port) is served on, with its connections and half-read
-//! frames; else it is closed and bound anew, its connections served all the
-//! same. What nobody claims once all has started is closed and logged, as
-//! the predecessor would have.
+//! fd store (restart, crash), asked for first wherever we would bind. A Unix
+//! socket still the very file bound (or a VSOCK listener on the same CID and
+//! port) is served on; else it is closed and bound anew; its connections are
+//! served either way. What nobody claims once all has started is closed.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -78,8 +76,7 @@ impl Pool {
 pub(crate) struct Inherited(Mutex<Pool>);
 
 impl Inherited {
-    /// What a predecessor handed over. Within the main runtime, which the
-    /// connections are registered with.
+    /// Within the main runtime, which the connections are registered with.
     pub(crate) fn new(
         listeners: Vec<TakenListener>,
         connections: Vec<TakenConn>,
@@ -98,8 +95,8 @@ impl Inherited {
         Ok(Inherited(Mutex::new(pool)))
     }
 
-    /// What the previous process left in systemd's store; its connections
-    /// are read from their next whole frame (the one in hand went with it).
+    /// Its connections are read from their next whole frame (the one in
+    /// hand went with the previous process).
     pub(crate) fn from_store(left: Vec<Left>) -> Result<Inherited, ListenError> {
         let lost = |fd, cid| {
             let resume = ConnState {

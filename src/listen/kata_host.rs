@@ -1,12 +1,10 @@
 //! `--kata-host`: serving the plan [`crate::config::kata`] makes of the
 //! host's Kata configurations (VSOCK, a [`TemplateListener`] per socket
-//! template), following it as kata-deploy changes files: what is new
-//! starts, what nothing asks for stops.
-//!
-//! An unreadable configuration stops the forwarder at start (the runtimes
-//! would fail too; a plan missing a runtime class is worse than none). Once
-//! running, it is logged and the file keeps what it was served for: a
-//! half-written file mid-upgrade never stops a class's tracing.
+//! template) as kata-deploy changes them: what is new starts, what nothing
+//! asks for stops. An unreadable configuration stops the forwarder at start
+//! (a plan missing a runtime class is worse than none); once running, it is
+//! logged and keeps what it was served for (a half-written file mid-upgrade
+//! never stops a class's tracing).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
@@ -58,8 +56,6 @@ pub(crate) struct KataHostListener {
 }
 
 impl KataHostListener {
-    /// Reads and logs the plan, watches the configurations, binds its
-    /// listeners.
     pub(crate) async fn start(
         cfg: &KataHostConfig,
         thread: SandboxThread,
@@ -127,8 +123,8 @@ impl KataHostListener {
         Ok((stop, served))
     }
 
-    /// Serves and follows the plan until shutdown, then waits for every
-    /// listener. Paused, nothing starts or stops until the outcome.
+    /// Follows the plan until shutdown, then waits for every listener.
+    /// Paused, nothing starts or stops until the outcome.
     pub(crate) async fn serve(mut self, ctx: Serving, mut life: Lifeline) {
         let mut running: BTreeMap<Target, Running> = BTreeMap::new();
         for (target, stop, bound) in std::mem::take(&mut self.bound) {
@@ -136,8 +132,7 @@ impl KataHostListener {
         }
         let mut stopped: Vec<JoinHandle<()>> = Vec::new();
         let mut due: Option<Instant> = None;
-        // Without configuration events the lifeline is still answered: a
-        // hand-over must not wait for us.
+        // Without configuration events the lifeline is still answered.
         let mut following = true;
         loop {
             tokio::select! {
@@ -228,15 +223,14 @@ impl KataHostListener {
     }
 }
 
-/// Serves one bound target in a task of its own until `stop`.
 fn spawn(bound: Served, stop: Shutdown, ctx: &Serving, planner: &Lifeline) -> Running {
     // Taken before the task runs: a pause from now on waits for it.
     let life = planner.under(stop.clone());
     (stop, tokio::spawn(bound.serve(ctx.clone(), life)))
 }
 
-/// inotify on the configurations' directories (for a missing one, its
-/// nearest existing ancestor).
+/// inotify on the configurations' directories (or a missing one's nearest
+/// existing ancestor).
 struct ConfigWatch {
     events: EventStream<Vec<u8>>,
     watches: Watches,
@@ -330,8 +324,7 @@ impl ConfigWatch {
         Some(relevant)
     }
 
-    /// Whether `name` in `dir` is on the way to a wanted directory, or a
-    /// `.toml` in one.
+    /// On the way to a wanted directory, or a `.toml` in one.
     fn matters(&self, dir: &Path, name: &OsStr) -> bool {
         let path = dir.join(name);
         self.wanted.iter().any(|w| {

@@ -1,8 +1,6 @@
 //! Listening: accepting agent connections and reading their frames.
-//!
-//! [`vsock`] and [`hybrid`] differ only in bind and accept: every stream
-//! goes through the same [`connection`] code, so what is tested over Unix
-//! sockets is what runs for VSOCK.
+//! [`vsock`] and [`hybrid`] differ only in bind and accept: what is tested
+//! over Unix sockets is the [`connection`] code that runs for VSOCK.
 
 mod accept;
 pub(crate) mod connection;
@@ -70,9 +68,8 @@ pub enum Listener {
     Vsock(vsock::VsockListener),
 }
 
-/// What one forwarder serves: a listener with what a predecessor left on
-/// it, or a manager binding listeners as sandboxes (or Kata configurations)
-/// come and go.
+/// A listener with what a predecessor left on it, or a manager binding
+/// listeners as sandboxes (or Kata configurations) come and go.
 pub(crate) enum Served {
     Listener(Listener, Vec<Adopted>),
     Template(template::TemplateListener),
@@ -116,8 +113,7 @@ impl Listener {
         }
     }
 
-    /// This listener's piece of a hand-over (`sandbox`: its id, for the
-    /// successor's watcher), with duplicates of its socket and janitor pipe.
+    /// Its piece of a hand-over (`sandbox`: for the successor's watcher).
     fn hand_over(&self, sandbox: Option<&str>) -> Option<Piece> {
         let (kind, janitor) = match self {
             Listener::Hybrid(l) => {
@@ -149,8 +145,8 @@ impl Listener {
         piece.ok()
     }
 
-    /// Puts this listener in systemd's store, with its janitor's pipe (so
-    /// that the socket is removed only once systemd lets go of it).
+    /// Into systemd's store, with its janitor's pipe (so that the socket is
+    /// removed only once systemd lets go of it).
     fn store(&self) -> Vec<Stored> {
         let (identity, janitor) = match self {
             Listener::Hybrid(l) => (Some(l.identity), l.janitor_pipe()),
@@ -238,7 +234,7 @@ impl Listeners {
 
 /// Binds what `cfg` says (inheriting where it may), then, as root, gives
 /// `writable` (the spool) to `cfg.user` and becomes that user: only
-/// binding needs root. `shutdown` stops the managers' sandboxes.
+/// binding needs root.
 pub(crate) async fn bind_inheriting(
     cfg: &ListenConfig,
     writable: Option<&Path>,
@@ -301,8 +297,7 @@ async fn bind_mode(
     Ok(all)
 }
 
-/// Starts `all`'s sandbox thread; as root, the process becomes `cfg.user`
-/// (given `writable` first).
+/// Starts `all`'s sandbox thread; as root, as in `bind_inheriting`.
 async fn sandbox_thread(
     all: &mut Listeners,
     cfg: &ListenConfig,

@@ -1,17 +1,14 @@
 //! Template mode: one forwarder for every hybrid-VSOCK sandbox on a host.
-//!
 //! For a template such as `/run/vc/vm/{ID}/clh.sock` (`kata-runtime env`),
-//! the watcher follows the directory above `{ID}` and in each sandbox the
-//! directories down to the socket's, binds `<socket>_<port>` and hands the
-//! listener to the async side here. When the socket or a directory above it
-//! goes, the listener stops and comes back to the watcher to be dropped. A
-//! socket someone else removed is re-created only once the sandbox
-//! directory has gone and come back.
+//! the watcher follows each sandbox's directories down to the socket's,
+//! binds `<socket>_<port>` and hands the listener to the async side here;
+//! when the socket or a directory above it goes, the listener comes back to
+//! the watcher to be dropped. A socket someone else removed is re-created
+//! only once its sandbox directory has gone and come back.
 //!
-//! Sandbox directories are root's: every template shares one
-//! [`SandboxThread`], the only thread keeping CAP_DAC_OVERRIDE (it reads
-//! nothing from guests). glibc and musl apply `setuid` to every thread, so
-//! the capability survives only on the thread that switched.
+//! Sandbox directories are root's: one [`SandboxThread`] for every template
+//! keeps CAP_DAC_OVERRIDE (it reads nothing from guests); glibc and musl
+//! apply `setuid` to every thread, so it survives only on the one switching.
 
 mod driver;
 mod effects;
@@ -59,11 +56,10 @@ pub struct TemplateListener {
     control_tx: mpsc::UnboundedSender<Control>,
 }
 
-/// The one thread that makes and removes sockets in sandbox directories;
-/// it ends with the last clone.
+/// The one thread that makes and removes sockets in sandbox directories
+/// (the templates' watchers run on its runtime); it ends with the last clone.
 #[derive(Clone)]
 pub struct SandboxThread {
-    /// Its runtime, which the templates' watchers are spawned on.
     handle: Handle,
     _alive: mpsc::Sender<()>,
     /// What a predecessor handed over, for the watchers to serve on.
@@ -108,16 +104,14 @@ impl SandboxThread {
     }
 
     /// A template-mode predecessor's successor holds CAP_DAC_OVERRIDE on
-    /// every thread (the ambient set: the only way across `exec`). Call
-    /// first in `main`, single-threaded: the sandbox thread starts keeping
-    /// it, then the calling thread drops every capability, so the runtime's
-    /// threads hold none. Does nothing in any other process.
+    /// every thread (the ambient set: the only way across `exec`). Called
+    /// first in `main`, single-threaded: the sandbox thread keeps it, the
+    /// calling thread (so every later one) drops every capability.
     pub fn start_early() -> Result<(), ListenError> {
         let dac = caps::has_cap(None, caps::CapSet::Permitted, DAC_OVERRIDE);
         if privileges::is_root() || !dac.unwrap_or(false) {
             return Ok(());
         }
-        // The thread keeps the capability and passes nothing on.
         let launched = launch(|| {
             privileges::keep_on_this_thread("", Some(DAC_OVERRIDE))?;
             let kept = privileges::ON_THE_WATCHER;
@@ -212,12 +206,11 @@ impl TemplateListener {
             inherited: thread.inherited.clone(),
         };
         // On the sandbox thread: its runtime reads the events.
-        let driver = thread
-            .handle
-            .spawn(async { Driver::start(watcher, handoff) });
+        let handle = &thread.handle;
+        let driver = handle.spawn(async { Driver::start(watcher, handoff) });
         let stopped = |_| ListenError::StartWatcher("the sandbox watcher stopped".into());
         let driver = driver.await.map_err(stopped)??;
-        let task = thread.handle.spawn(driver.run(reap_rx, control_rx));
+        let task = handle.spawn(driver.run(reap_rx, control_rx));
         Ok(TemplateListener {
             describe: format!(
                 "hybrid vsock template unix:{template}_{port} (sandboxes in {}, at most {})",
@@ -302,8 +295,7 @@ impl TemplateListener {
         after
     }
 
-    /// Gives back what was bound but not served, and lets go of the
-    /// channel: the watcher ends once every listener is back.
+    /// Gives back what was bound, not served; the watcher ends once all is.
     fn return_unserved(&mut self) {
         self.serve_rx.close();
         let reap = self.reap_tx.take();
