@@ -1,7 +1,6 @@
 //! What the forwarder tells its operator: each event logs and counts in one
 //! call (vector's `internal_events` pattern), so neither comes without the
-//! other; a struct where it has many fields, else a method. Lines that
-//! count nothing stay plain `tracing` calls.
+//! other. Lines that count nothing stay plain `tracing` calls.
 
 use std::fmt;
 use std::time::Duration;
@@ -22,7 +21,6 @@ fn gated(tenant: Option<&Tenant>, kind: Noisy) -> Option<&str> {
 /// Decode errors a connection logs before it only counts them.
 pub(crate) const LOGGED_DECODE_ERRORS: u64 = 5;
 
-/// The events of few fields.
 impl Stats {
     pub(crate) fn frames_read(&self, frames: u64, bytes: u64) {
         self.frames_received.add(frames);
@@ -90,9 +88,9 @@ impl Stats {
         }
     }
 
-    /// A resource claimed host-owned attributes with values the host does
-    /// not confirm: logged when a connection's resource changes
-    /// (`new_claims` is 0 when it was seen before), counted per span.
+    /// A resource claimed host-owned attributes the host does not confirm:
+    /// logged when a connection's resource changes (`new_claims` is 0 when
+    /// it was seen before), counted per span.
     pub(crate) fn guest_claimed(
         &self,
         peer: Peer,
@@ -168,31 +166,18 @@ impl Tenant {
             );
         }
     }
-}
 
-// ---- listen ---------------------------------------------------------------
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Refusal {
-    Global { max_connections: usize },
-    Sandbox { max_connections: usize },
-    Sandboxes { max_sandboxes: usize },
-}
-
-pub(crate) struct AgentDisconnected<'a> {
-    pub peer: Peer,
-    pub tenant: &'a Tenant,
-    pub spans: u64,
-    pub decode_errors: u64,
-    pub format: Option<WireFormat>,
-    pub end: Result<(), &'a FrameError>,
-}
-
-impl AgentDisconnected<'_> {
-    pub(crate) fn emit(self, stats: &Stats) {
-        let (peer, tenant, end) = (self.peer, self.tenant, self.end);
-        let (spans, decode_errors) = (self.spans, self.decode_errors);
-        let format = self.format.map_or("none", WireFormat::as_str);
+    /// `end`: an error if the agent cut a frame short, or reading failed.
+    pub(crate) fn agent_disconnected(
+        &self,
+        stats: &Stats,
+        peer: Peer,
+        spans: u64,
+        decode_errors: u64,
+        format: Option<WireFormat>,
+        end: Result<(), &FrameError>,
+    ) {
+        let format = format.map_or("none", WireFormat::as_str);
         if let Err(e) = end {
             match e {
                 FrameError::Oversized { .. } => stats.frames_oversized.inc(),
@@ -200,7 +185,7 @@ impl AgentDisconnected<'_> {
                 FrameError::Read(_) => stats.io_errors.inc(),
             }
         }
-        let Some(sandbox) = gated(Some(tenant), Noisy::Disconnected) else {
+        let Some(sandbox) = gated(Some(self), Noisy::Disconnected) else {
             return;
         };
         match end {
@@ -214,7 +199,12 @@ impl AgentDisconnected<'_> {
     }
 }
 
-// ---- export ---------------------------------------------------------------
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Refusal {
+    Global { max_connections: usize },
+    Sandbox { max_connections: usize },
+    Sandboxes { max_sandboxes: usize },
+}
 
 /// Where a batch of spans ended up: the one place delivery is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,12 +1,9 @@
-//! Tenants: what each sandbox may take of the forwarder, so that one guest
-//! can never harm another. A tenant is a sandbox as the host tells them
-//! apart: a socket (named by its sandbox id when known) or a guest CID. Each
-//! has a connection cap (`--sandbox-max-connections`), a token bucket of
-//! spans (`--sandbox-spans-per-second`, `--sandbox-span-burst`; over it, its
+//! Tenants: what each sandbox (a socket, or a guest CID) may take of the
+//! forwarder: a connection cap, a token bucket of spans (over it, its
 //! connections are not read until the bucket allows), an equal share of the
-//! export queue while others hold room in it, a log gate, and its counters.
-//! The registry is bounded by `--max-sandboxes`; a tenant leaves it once
-//! nothing holds it (on VSOCK, a while after its last connection, so that
+//! export queue while others hold room in it, a log gate, its counters. The
+//! registry is bounded by `--max-sandboxes`; a tenant leaves it once nothing
+//! holds it (on VSOCK, a while after its last connection, so that
 //! reconnecting does not refill its bucket).
 
 use std::collections::HashMap;
@@ -61,8 +58,7 @@ impl Tenants {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The tenant for `key`, made if new; `None` when `--max-sandboxes`
-    /// tenants are live already.
+    /// Made if new; `None` when `--max-sandboxes` tenants are live already.
     pub(crate) fn get(&self, key: TenantKey) -> Option<Arc<Tenant>> {
         let mut map = self.lock();
         if let Some(t) = map.get(&key) {
@@ -84,7 +80,7 @@ impl Tenants {
         Some(tenant)
     }
 
-    /// The live tenants, for the metrics page; those gone are dropped first.
+    /// For the metrics page; those gone are dropped first.
     pub(crate) fn live(&self) -> Vec<Arc<Tenant>> {
         let mut map = self.lock();
         sweep(&mut map, Instant::now());
@@ -192,8 +188,7 @@ impl Tenant {
         let _ = self.sandbox_id.set(id.to_owned());
     }
 
-    /// Its id when known (ids are checked and bounded where found), else
-    /// its socket or CID.
+    /// Its id when known (checked and bounded where found), else its key.
     pub(crate) fn label(&self) -> &str {
         self.sandbox_id.get().unwrap_or(&self.key_label)
     }
@@ -386,16 +381,15 @@ struct GateState {
 }
 
 /// Lets the first few lines of each kind through per window and counts the
-/// rest; the count is logged as one summary line when the window is over
-/// (at the next line of that kind, or when the sandbox goes).
+/// rest, logged in one line when the window is over (at the next line of
+/// that kind, or when the sandbox goes).
 #[derive(Debug, Default)]
 pub(crate) struct LogGate {
     kinds: Mutex<[GateState; Noisy::ALL.len()]>,
 }
 
 impl LogGate {
-    /// Whether to log a line of `kind` now; a window that is over is
-    /// summarised first.
+    /// A window that is over is summarised first.
     pub(crate) fn allow(&self, kind: Noisy, sandbox: &str) -> bool {
         let now = Instant::now();
         let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());

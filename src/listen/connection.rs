@@ -23,7 +23,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::addr::Peer;
-use crate::events::AgentDisconnected;
 use crate::export::queue::QueueSender;
 use crate::handover::fdstore::Stored;
 use crate::handover::wire::ConnState;
@@ -399,15 +398,10 @@ impl<'a, S: Park> Conn<'a, S> {
             tracing::debug!(%peer, "a connection ended without sending anything (not an agent: a liveness probe?)");
             return;
         }
-        AgentDisconnected {
-            peer,
-            tenant: self.tenant,
-            spans: self.ingest.spans(),
-            decode_errors: self.ingest.decode_errors(),
-            format: self.ingest.format(),
-            end: end.as_ref().map(drop),
-        }
-        .emit(&self.shared.stats);
+        let (ingest, end) = (&self.ingest, end.as_ref().map(drop));
+        let (spans, errors, format) = (ingest.spans(), ingest.decode_errors(), ingest.format());
+        let (stats, tenant) = (&self.shared.stats, self.tenant);
+        tenant.agent_disconnected(stats, peer, spans, errors, format, end);
     }
 }
 

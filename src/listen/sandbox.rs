@@ -1,13 +1,10 @@
-//! Which sandbox a connection comes from, as resource attributes.
-//!
-//! Template and hybrid connections carry `kata.sandbox.id` from the path.
-//! VSOCK ones carry `kata.vsock.cid`, and the sandbox id when found: Kata
-//! starts QEMU with `-name sandbox-<ID>` and `guest-cid=<CID>`. One live VM
-//! has a CID, but any process can claim any command line: of several
-//! claimants only a lone root one is believed. The `/proc` scan is bounded
-//! and cached per CID (bounded; a hit re-checked, as CIDs are reused).
-//!
-//! Over 500 lines only with its tests.
+//! Which sandbox a connection comes from, as resource attributes: from the
+//! path for template and hybrid connections (`kata.sandbox.id`); for VSOCK,
+//! `kata.vsock.cid`, and the sandbox id when found: Kata starts QEMU with
+//! `-name sandbox-<ID>` and `guest-cid=<CID>`. Any process can claim any
+//! command line: of several claimants only a lone root one is believed. The
+//! `/proc` scan is bounded and cached per CID (a hit re-checked, as CIDs
+//! are reused). Over 500 lines only with its tests.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -182,8 +179,7 @@ impl CidResolver {
         let now = Instant::now();
         match self.lock().get(&cid) {
             Some(Cached::Found(pid, sandbox_id)) => {
-                // Still that VM? (The pid may have gone, or its CID been
-                // given to a new VM.)
+                // The pid may have gone, or its CID been given to a new VM.
                 let same = self
                     .read_vm(*pid)
                     .is_some_and(|vm| vm.cid == cid && vm.sandbox_id == *sandbox_id);

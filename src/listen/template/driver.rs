@@ -178,8 +178,8 @@ pub(super) struct Driver {
 }
 
 impl Driver {
-    /// Opens inotify (in the watcher thread's runtime), watches for
-    /// sandboxes and serves those already there.
+    /// Opens inotify (in the watcher thread's runtime), serves the sandboxes
+    /// already there.
     pub(super) fn start(mut watcher: Watcher, handoff: Handoff) -> Result<Driver, ListenError> {
         let events = Inotify::init().and_then(|i| i.into_event_stream(vec![0u8; EVENT_BUFFER]));
         let events = events.map_err(|source| ListenError::WatchSandboxes {
@@ -263,8 +263,7 @@ fn feed(watcher: &mut Watcher, host: &mut Host, ev: &inotify::EventOwned) {
     watcher.step(host, Input::Event { watch, change });
 }
 
-/// An event as the machine reads it (IGNORED, UNMOUNT and the overflow
-/// come alone).
+/// IGNORED, UNMOUNT and the overflow come alone.
 fn change(mask: EventMask, name: Option<&OsStr>) -> Change<'_> {
     let is_dir = mask.contains(EventMask::ISDIR);
     let gone = EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::UNMOUNT;

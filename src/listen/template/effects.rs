@@ -43,8 +43,7 @@ pub(super) trait Effects {
     fn watch(&mut self, dir: &Path, kind: WatchKind) -> Result<WatchId, WatchError>;
     /// Harmless on a watch the kernel already dropped.
     fn unwatch(&mut self, watch: WatchId);
-    /// Binds `path` for sandbox `id` and hands the listener to the async
-    /// side.
+    /// Binds `path` and hands the listener to the async side.
     fn serve(&mut self, id: &str, path: &Path) -> Result<Identity, ServeError>;
     /// Stops a served sandbox: its listener closes, its connections drain.
     fn stop(&mut self, id: &str);

@@ -1,9 +1,8 @@
 //! The sandbox watcher's decisions: a state machine fed [`Input`]s that
 //! decides what to watch and which sandbox to serve or stop, through
-//! [`Effects`]. A trait, not a returned list of actions: decisions depend on
-//! answers mid-way (a watch failing because its directory just went starts
-//! the descent again). It keeps only its root, its sandbox watches' owners
-//! and each sandbox's state.
+//! [`Effects`]: a trait, not a returned list of actions, as decisions depend
+//! on answers mid-way (a watch failing as its directory goes starts the
+//! descent again).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -37,8 +36,7 @@ enum Root {
 
 #[derive(Default)]
 struct Sandbox {
-    /// Its one watch: the deepest existing directory on the way to its
-    /// socket's.
+    /// Its one watch: the deepest existing directory on its socket's way.
     wd: Option<WatchId>,
     state: State,
 }
@@ -49,8 +47,8 @@ enum State {
     Waiting { depth: usize },
     /// Our socket's identity, to tell it from one put in its place.
     Serving { identity: Identity },
-    /// Its socket (directory) went while the sandbox stayed, or it could
-    /// not be served: left alone until it goes.
+    /// Its socket (directory) went, or it could not be served: left alone
+    /// until it goes.
     #[default]
     Retired,
 }
@@ -110,8 +108,8 @@ impl Watcher {
         fx.unwatch(wd);
     }
 
-    /// Watches the root (serving the sandboxes there), or waits for it in
-    /// its nearest existing ancestor.
+    /// Watches the root (serving its sandboxes), or waits for it in its
+    /// nearest existing ancestor.
     pub(super) fn establish_root(&mut self, fx: &mut impl Effects) -> Result<(), ListenError> {
         match std::mem::replace(&mut self.root, Root::Missing) {
             Root::Watching(wd) | Root::Waiting { wd, .. } => self.unwatch(fx, wd),
@@ -276,8 +274,8 @@ impl Watcher {
         self.descend(fx, id);
     }
 
-    /// Follows a sandbox's directories down, watching the deepest that
-    /// exists; serves it once the socket's directory is there.
+    /// Watches the deepest of a sandbox's directories that exists; serves it
+    /// once the socket's directory is there.
     fn descend(&mut self, fx: &mut impl Effects, id: &str) {
         let Some(sb) = self.sandboxes.get_mut(id) else {
             return;
