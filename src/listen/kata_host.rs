@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use inotify::{EventMask, EventStream, Inotify, WatchMask, Watches};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use super::template::{SandboxThread, TemplateListener};
 use super::{ListenError, Listener, Served, Serving};
@@ -40,8 +40,8 @@ const CONFIG_MASK: WatchMask = WatchMask::CREATE
 
 const EVENT_BUFFER: usize = 16 << 10;
 
-/// A target being served: what stops it alone, and its task.
-type Running = (Shutdown, JoinHandle<()>);
+/// A target's listener, under a shutdown that stops it alone.
+type Bound = (Shutdown, Served);
 
 pub(crate) struct KataHostListener {
     cfg: KataHostConfig,
@@ -51,7 +51,7 @@ pub(crate) struct KataHostListener {
     /// What each file is served for (while unusable, what it last had).
     effective: BTreeMap<PathBuf, Vec<Target>>,
     /// Bound at start, served from `serve`.
-    bound: Vec<(Target, Shutdown, Served)>,
+    bound: Vec<(Target, Bound)>,
     watch: ConfigWatch,
 }
 
@@ -82,8 +82,8 @@ impl KataHostListener {
             watch,
         };
         for target in me.plan.listeners.clone() {
-            let (stop, bound) = me.bind(&target).await?;
-            me.bound.push((target, stop, bound));
+            let bound = me.bind(&target).await?;
+            me.bound.push((target, bound));
         }
         if me.plan.listeners.is_empty() {
             tracing::warn!(
@@ -95,7 +95,7 @@ impl KataHostListener {
     }
 
     pub(crate) fn describe(&self) -> String {
-        let each: Vec<String> = self.bound.iter().map(|b| b.2.describe()).collect();
+        let each: Vec<String> = self.bound.iter().map(|(_, (_, s))| s.describe()).collect();
         format!(
             "kata-host (configurations under {}): [{}]",
             self.cfg.sources.root.display(),
@@ -103,8 +103,7 @@ impl KataHostListener {
         )
     }
 
-    /// Binds `target`'s listener, under a shutdown that stops it alone.
-    async fn bind(&self, target: &Target) -> Result<(Shutdown, Served), ListenError> {
+    async fn bind(&self, target: &Target) -> Result<Bound, ListenError> {
         let stop = self.shutdown.child();
         let (cfg, thread) = (&self.cfg, &self.thread);
         let served = match target {
@@ -126,11 +125,10 @@ impl KataHostListener {
     /// Follows the plan until shutdown, then waits for every listener.
     /// Paused, nothing starts or stops until the outcome.
     pub(crate) async fn serve(mut self, ctx: Serving, mut life: Lifeline) {
-        let mut running: BTreeMap<Target, Running> = BTreeMap::new();
-        for (target, stop, bound) in std::mem::take(&mut self.bound) {
-            running.insert(target, spawn(bound, stop, &ctx, &life));
+        let (mut running, tasks) = (BTreeMap::new(), TaskTracker::new());
+        for (target, bound) in std::mem::take(&mut self.bound) {
+            running.insert(target, spawn(&tasks, bound, &ctx, &life));
         }
-        let mut stopped: Vec<JoinHandle<()>> = Vec::new();
         let mut due: Option<Instant> = None;
         // Without configuration events the lifeline is still answered.
         let mut following = true;
@@ -144,7 +142,7 @@ impl KataHostListener {
                 }
                 _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                     due = None;
-                    self.replan(&mut running, &mut stopped, &ctx, &life).await;
+                    self.replan(&mut running, &tasks, &ctx, &life).await;
                 }
                 changed = self.watch.next(), if following => match changed {
                     Some(true) => {
@@ -158,15 +156,14 @@ impl KataHostListener {
                 },
             }
         }
-        for task in running.into_values().map(|(_, task)| task).chain(stopped) {
-            let _ = task.await;
-        }
+        tasks.close();
+        tasks.wait().await;
     }
 
     async fn replan(
         &mut self,
-        running: &mut BTreeMap<Target, Running>,
-        stopped: &mut Vec<JoinHandle<()>>,
+        running: &mut BTreeMap<Target, Shutdown>,
+        tasks: &TaskTracker,
         ctx: &Serving,
         life: &Lifeline,
     ) {
@@ -201,17 +198,15 @@ impl KataHostListener {
             .into_iter()
             .partition(|(t, _)| wanted.contains(t));
         *running = kept;
-        for (target, (stop, task)) in gone {
+        for (target, stop) in gone {
             tracing::info!(listener = %target, "kata-host: no longer serving (no configuration asks for it)");
             stop.stop();
-            stopped.push(task);
         }
-        stopped.retain(|t| !t.is_finished());
         wanted.retain(|t| !running.contains_key(t));
         for target in wanted {
             match self.bind(&target).await {
-                Ok((stop, bound)) => {
-                    running.insert(target, spawn(bound, stop, ctx, life));
+                Ok(bound) => {
+                    running.insert(target, spawn(tasks, bound, ctx, life));
                 }
                 Err(e) => {
                     tracing::error!(listener = %target, error = %e, "kata-host: cannot serve");
@@ -223,10 +218,11 @@ impl KataHostListener {
     }
 }
 
-fn spawn(bound: Served, stop: Shutdown, ctx: &Serving, planner: &Lifeline) -> Running {
+fn spawn(tasks: &TaskTracker, bound: Bound, ctx: &Serving, life: &Lifeline) -> Shutdown {
+    let (stop, served) = bound;
     // Taken before the task runs: a pause from now on waits for it.
-    let life = planner.under(stop.clone());
-    (stop, tokio::spawn(bound.serve(ctx.clone(), life)))
+    tasks.spawn(served.serve(ctx.clone(), life.under(stop.clone())));
+    stop
 }
 
 /// inotify on the configurations' directories (or a missing one's nearest

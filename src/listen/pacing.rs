@@ -1,14 +1,11 @@
-//! Paced reading: an agent that writes little and often stops costing a
-//! wake-up per span.
-//!
-//! The agent writes each span as it ends. Read on arrival, at 10,000 spans/s
-//! across 100 agents that cost about a tenth of a core, nearly all wake-ups.
-//! So a slow agent's connection is *parked*: off the reactor, read without
-//! blocking at the tick of a clock shared by all, one wake-up reading every
-//! parked connection. A read filling the buffer, a run of empty ticks, or
-//! shutdown puts it back on the reactor. The tick is a quarter of the batch
-//! timeout (50 ms at most), and what a tick reads is dated from the tick
-//! before: a span never waits longer than `--batch-timeout` for its batch.
+//! Paced reading. The agent writes each span as it ends: read on arrival,
+//! 10,000 spans/s across 100 agents cost about a tenth of a core, nearly all
+//! wake-ups. So a slow agent's connection is *parked*: off the reactor, read
+//! without blocking at the tick of a clock shared by all, one wake-up for
+//! every parked connection. A read filling the buffer, a run of empty ticks,
+//! or shutdown puts it back. The tick is a quarter of the batch timeout (50
+//! ms at most), and what a tick reads is dated from the tick before: a span
+//! never waits longer than `--batch-timeout` for its batch.
 
 use std::fs::File;
 use std::io;
@@ -32,8 +29,8 @@ const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// Empty ticks in a row after which a parked connection goes back to epoll.
 pub(super) const EMPTY_TICKS: u32 = 4;
 
-/// The clock parked connections read on: one task sleeps to each tick while
-/// any waits, and wakes them together.
+/// One task sleeps to each tick while any connection waits, and wakes them
+/// together.
 #[derive(Debug, Clone)]
 pub(crate) struct Pacing {
     epoch: Instant,
@@ -72,8 +69,8 @@ impl Drop for Waiting<'_> {
 }
 
 impl Pacing {
-    /// The clock for `batch_timeout` (its task spawned on the current
-    /// runtime); `None` when ticks would be too short, or outside a runtime.
+    /// Its task spawned on the current runtime; `None` when ticks would be
+    /// too short, or outside a runtime.
     pub(crate) fn for_batch_timeout(batch_timeout: Duration) -> Option<Pacing> {
         let tick = (batch_timeout / 4).min(MAX_TICK);
         let runtime = tokio::runtime::Handle::try_current().ok()?;

@@ -1,6 +1,5 @@
-//! Dropping root after binding (sandbox directories are root's; nothing
-//! after binding needs root): supplementary groups cleared, gid and uid set
-//! (which clears every capability), cwd `/` so no directory stays open.
+//! Dropping root after binding: supplementary groups cleared, gid and uid
+//! set (which clears every capability), cwd `/` so no directory stays open.
 //! Removing the socket at exit needs root again, which a process that could
 //! regain has not really dropped: a [`crate::janitor`] does it.
 
@@ -32,9 +31,8 @@ fn denied(user: &str) -> impl Fn(String) -> ListenError + '_ {
     }
 }
 
-/// Looks up the unprivileged account to become; another root account is no
-/// drop at all and is refused.
-pub(crate) fn lookup_user(user: &str) -> Result<User, ListenError> {
+/// Another root account is no drop at all and is refused.
+fn lookup_user(user: &str) -> Result<User, ListenError> {
     let err = denied(user);
     let u = User::from_name(user)
         .map_err(|e| err(e.to_string()))?
@@ -46,11 +44,10 @@ pub(crate) fn lookup_user(user: &str) -> Result<User, ListenError> {
 }
 
 /// Makes `dir` (the spool) `user`'s, so that it stays writable. As root.
-/// That user (`nobody` is shared) may have planted anything there to be
-/// given over at the next start: so it is reached by [`crate::untrusted`]'s
-/// rule and only the spool's own files, each a regular file with one link,
-/// are given over, through one non-following descriptor (no symlink, hard
-/// link to root's file or swap hands anything else over).
+/// That user (`nobody` is shared) may have planted anything there: so it is
+/// reached by [`crate::untrusted`]'s rule and only the spool's own files,
+/// each a regular file with one link, are given over, through one
+/// non-following descriptor (no symlink, hard link or swap gives away another file).
 pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     use nix::fcntl::AtFlags;
     use nix::unistd::fchownat;
