@@ -143,8 +143,8 @@ pub(crate) enum Ended {
 }
 
 impl Accept<'_> {
-    /// Serves on `adopted`, accepts until stopping begins, then takes those
-    /// already queued (a backlog's worth), so that what they wrote drains.
+    /// Serves on `adopted`, accepts until stopping begins, then the already
+    /// queued (a backlog's worth), so that what they wrote drains.
     async fn run(&self, listener: &Listener, life: &mut Lifeline, adopted: Vec<Adopted>) -> Ended {
         for a in adopted {
             self.adopt(a, life);
@@ -184,8 +184,7 @@ impl Accept<'_> {
                 Ok(a) => a,
                 Err(_) if life.shutdown.is_stopping() => break,
                 Err(e) => {
-                    // Out of descriptors or memory: back off instead of
-                    // spinning; open connections keep being served.
+                    // Out of descriptors or memory: back off, not spin.
                     tracing::error!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -212,8 +211,7 @@ impl Accept<'_> {
             };
             self.spawn(stream, peer, slot, permit, life, None);
         }
-        // Stopping into systemd's store keeps the listener (not for a
-        // sandbox that went alone).
+        // Into systemd's store (not for a sandbox that went alone).
         if life.leaves() {
             keep(stored);
             return Ended::HandedOver;

@@ -55,8 +55,7 @@ impl ConnShared {
     }
 }
 
-/// The accept loop's id (a hand-over's piece names it) and what a
-/// predecessor's reader knew.
+/// The accept loop's id (for a hand-over's piece) and what a predecessor knew.
 pub(crate) struct Start {
     pub listener: u64,
     pub resume: Option<ConnState>,
@@ -246,8 +245,7 @@ impl<'a, S: Park> Conn<'a, S> {
         None
     }
 
-    /// Between two reads, only a partial frame in hand: where a hand-over
-    /// takes this connection.
+    /// Between two reads (only a partial frame in hand): a hand-over's turn.
     async fn between_reads(&mut self) -> Option<End> {
         if self.life.pause_due() {
             let piece = self.state.fd().and_then(|fd| {
@@ -273,8 +271,7 @@ impl<'a, S: Park> Conn<'a, S> {
                 let until = deadline.map_or(idle_at, |d| d.min(idle_at));
                 match tokio::time::timeout_at(until, self.input.read_async(stream)).await {
                     Ok(r) => r,
-                    // Quiet, or out of time: a frame in hand is counted as
-                    // cut (unless systemd's store keeps the connection).
+                    // A frame in hand is cut, unless systemd's store keeps it.
                     Err(_) if !self.life.leaves() => {
                         return Some(End::Stopped(self.ingest.eof(self.input.bytes())));
                     }
@@ -298,14 +295,12 @@ impl<'a, S: Park> Conn<'a, S> {
                 let pacing = shared.pacing.as_ref()?;
                 self.input.prepare();
                 if !self.more {
-                    // Stopping is seen at the tick: cheaper than waiting on
-                    // it too on every parked connection.
+                    // Stopping is seen at the tick, cheaper than each waiting on it too.
                     pacing.tick().await;
                     if self.life.shutdown.is_stopping() {
                         return self.drain();
                     }
-                    // Arrived since the last read (a read that did not fit
-                    // keeps its time).
+                    // Arrived since the last read (one that did not fit keeps it).
                     self.since = self.last_read;
                 }
                 self.last_read = Instant::now();
@@ -383,8 +378,7 @@ impl<'a, S: Park> Conn<'a, S> {
                 stored.keep();
                 return;
             }
-            // Into systemd's store (a frame in hand too: the next process
-            // finds the next whole one).
+            // Into systemd's store (a frame in hand: the next process skips it).
             End::Stopped(Ok(())) if self.life.leaves() => {
                 stored.keep();
                 let spans = self.ingest.spans();

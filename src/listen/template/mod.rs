@@ -39,11 +39,10 @@ struct Serve {
     listener: HybridListener,
     /// Stopped by the watcher when the sandbox goes, or with the forwarder.
     shutdown: Shutdown,
-    /// Its live connections, when a predecessor handed it over.
     adopted: Vec<Adopted>,
 }
 
-/// A template served: its watcher, as the async side sees it.
+/// A template's watcher, as the async side sees it.
 pub struct TemplateListener {
     template: SocketTemplate,
     pub(crate) describe: String,
@@ -51,7 +50,6 @@ pub struct TemplateListener {
     /// Listeners go back to be dropped where their sockets can be removed.
     reap_tx: Option<mpsc::UnboundedSender<HybridListener>>,
     task: tokio::task::JoinHandle<()>,
-    /// Keeps the sandbox thread running while this template is served.
     _thread: SandboxThread,
     control_tx: mpsc::UnboundedSender<Control>,
 }
@@ -62,12 +60,11 @@ pub struct TemplateListener {
 pub struct SandboxThread {
     handle: Handle,
     _alive: mpsc::Sender<()>,
-    /// What a predecessor handed over, for the watchers to serve on.
     pub(crate) inherited: Option<Arc<Inherited>>,
 }
 
-/// The thread's start: its runtime's handle comes on `ready`; it runs until
-/// `alive` is dropped.
+/// The thread's runtime's handle comes on `ready`; it runs until `alive` is
+/// dropped.
 struct Launched {
     ready: oneshot::Receiver<Result<Handle, ListenError>>,
     alive: mpsc::Sender<()>,
@@ -79,7 +76,7 @@ const DAC_OVERRIDE: caps::Capability = caps::Capability::CAP_DAC_OVERRIDE;
 static EARLY: std::sync::Mutex<Option<Launched>> = std::sync::Mutex::new(None);
 
 impl SandboxThread {
-    /// With `become_user`, the process becomes that user first, this thread
+    /// With `become_user`, the process becomes that user, this thread alone
     /// keeping CAP_DAC_OVERRIDE.
     pub(crate) async fn start(
         become_user: Option<String>,
@@ -184,8 +181,7 @@ fn launch(
 }
 
 impl TemplateListener {
-    /// Starts the template's watcher on `thread`; returns once it watches.
-    /// Stopping `shutdown` stops this template alone.
+    /// Returns once the watcher watches; `shutdown` stops this template.
     pub async fn start_on(
         thread: &SandboxThread,
         template: SocketTemplate,
@@ -226,8 +222,8 @@ impl TemplateListener {
         })
     }
 
-    /// Serves each sandbox the watcher hands over until shutdown, then
-    /// gives every listener back for removal.
+    /// Serves each sandbox the watcher binds until shutdown, then gives every
+    /// listener back for removal.
     pub(crate) async fn serve(mut self, serving: Serving, mut life: Lifeline) {
         let sandboxes = TaskTracker::new();
         let Some(reap) = self.reap_tx.clone() else {
@@ -239,8 +235,7 @@ impl TemplateListener {
             let (serving, reap) = (serving.clone(), reap.clone());
             sandboxes.spawn(serve_sandbox(serve, serving, reap, life));
         };
-        // A stopped watcher sends nothing, but the lifeline is still
-        // answered: a hand-over must not wait for us.
+        // A stopped watcher sends nothing: the lifeline is answered still.
         let mut watching = true;
         let handed_over = loop {
             let next = tokio::select! {
@@ -275,9 +270,8 @@ impl TemplateListener {
         }
     }
 
-    /// A hand-over's pause: the watcher freezes (events wait in the kernel's
-    /// queue), every sandbox it bound is served so that it is handed over
-    /// too, and the watcher follows the outcome.
+    /// The watcher freezes (events wait in the kernel's queue), every sandbox
+    /// it bound is served (so handed over too), the watcher follows the outcome.
     async fn pause(&mut self, life: &mut Lifeline, spawn: &impl Fn(Serve, &Lifeline)) -> After {
         let (frozen_tx, frozen_rx) = oneshot::channel();
         if self.control_tx.send(Control::Freeze(frozen_tx)).is_ok() {
@@ -315,8 +309,6 @@ impl Drop for TemplateListener {
     }
 }
 
-/// Accepts on one sandbox's listener until the sandbox goes or the
-/// forwarder stops.
 async fn serve_sandbox(
     serve: Serve,
     serving: Serving,
