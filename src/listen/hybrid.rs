@@ -36,26 +36,6 @@ pub struct HybridListener {
 
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
-/// Locks `dir` for a look and a bind, waiting [`LOCK_WAIT`] at most: anyone
-/// who can open the directory can hold the lock.
-fn lock_dir(dir: &Path) -> Result<Flock<OwnedFd>, ListenError> {
-    let what = || format!("locking {} to bind a socket in it", dir.display());
-    let err = |e: nix::errno::Errno| ListenError::SocketPath(what(), e.into());
-    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    let mut fd = nix::fcntl::open(dir, flags, nix::sys::stat::Mode::empty()).map_err(err)?;
-    let deadline = Instant::now() + LOCK_WAIT;
-    loop {
-        match Flock::lock(fd, FlockArg::LockExclusiveNonblock) {
-            Ok(locked) => return Ok(locked),
-            Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                fd = back;
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err((_, e)) => return Err(err(e)),
-        }
-    }
-}
-
 impl HybridListener {
     /// Binds `path` (already `<socket-path>_<port>`).
     pub fn bind(path: &Path) -> Result<Self, ListenError> {
@@ -66,7 +46,23 @@ impl HybridListener {
         if !dir.is_dir() {
             return Err(ListenError::MissingDirectory { dir });
         }
-        let locked = lock_dir(&dir)?;
+        // Locked for the look and the bind, waited for `LOCK_WAIT` at most:
+        // anyone who can open the directory can hold the lock.
+        let what = || format!("locking {} to bind a socket in it", dir.display());
+        let err = |e: nix::errno::Errno| ListenError::SocketPath(what(), e.into());
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let mut fd = nix::fcntl::open(&dir, flags, nix::sys::stat::Mode::empty()).map_err(err)?;
+        let deadline = Instant::now() + LOCK_WAIT;
+        let locked = loop {
+            match Flock::lock(fd, FlockArg::LockExclusiveNonblock) {
+                Ok(locked) => break locked,
+                Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    fd = back;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((_, e)) => return Err(err(e)),
+            }
+        };
         let (p, shown) = (|| path.to_path_buf(), path.display());
         match std::fs::symlink_metadata(path) {
             Ok(md) if md.file_type().is_socket() => {

@@ -102,7 +102,7 @@ impl Listener {
     pub fn describe(&self) -> String {
         match self {
             Listener::Hybrid(l) => format!("hybrid vsock unix:{}", l.path.display()),
-            Listener::Vsock(l) => l.describe(),
+            Listener::Vsock(l) => format!("vsock cid {} port {}", vsock::cid_str(l.cid), l.port),
         }
     }
 

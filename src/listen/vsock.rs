@@ -16,7 +16,7 @@ impl VsockListener {
     pub fn bind(cid: VsockCid, port: u32) -> Result<Self, ListenError> {
         let listener = tokio_vsock::VsockListener::bind(VsockAddr::new(cid.as_raw(), port))
             .map_err(|source| ListenError::BindVsock {
-                cid: describe_cid(cid),
+                cid: cid_str(cid),
                 port,
                 source,
             })?;
@@ -26,13 +26,9 @@ impl VsockListener {
             port,
         })
     }
-
-    pub fn describe(&self) -> String {
-        format!("vsock cid {} port {}", describe_cid(self.cid), self.port)
-    }
 }
 
-fn describe_cid(cid: VsockCid) -> String {
+pub(super) fn cid_str(cid: VsockCid) -> String {
     match cid {
         VsockCid::Any => "any".to_owned(),
         VsockCid::Cid(c) => c.to_string(),
