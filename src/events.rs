@@ -27,8 +27,7 @@ impl Stats {
         self.bytes_received.add(bytes);
     }
 
-    /// Counted before the queue sees them, so that the counters never show
-    /// more exported than received.
+    /// Counted before the queue sees them: the counters never show more exported than received.
     pub(crate) fn spans_decoded(&self, format: Option<WireFormat>, spans: u64) {
         self.spans_received.add(spans);
         match format {
@@ -60,8 +59,7 @@ impl Stats {
         tracing::warn!(spans, "spool is full (--spool-max-bytes)");
     }
 
-    /// `damaged`: set aside as `.damaged` (its bytes were wrong), not
-    /// unreadable.
+    /// `damaged`: set aside as `.damaged` (its bytes were wrong), not unreadable.
     pub(crate) fn spool_file_skipped(&self, error: &dyn fmt::Display, damaged: bool) {
         if damaged {
             self.spool_damaged.inc();

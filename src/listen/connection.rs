@@ -47,8 +47,7 @@ pub(crate) struct ConnShared {
 }
 
 impl ConnShared {
-    /// Past `--max-sandboxes`, one outside the registry (limits, but no
-    /// series of its own).
+    /// Past `--max-sandboxes`, one outside the registry (limits, but no series of its own).
     pub(crate) fn tenant(&self, key: TenantKey) -> Arc<Tenant> {
         let tenant = self.tenants.get(key.clone());
         tenant.unwrap_or_else(|| Tenant::standalone(key, &self.tenants.limits))
@@ -61,8 +60,7 @@ pub(crate) struct Start {
     pub resume: Option<ConnState>,
 }
 
-/// Serves one connection until it closes, fails, is drained or is left
-/// for a successor.
+/// Serves one connection until it closes, fails, is drained or is left for a successor.
 pub(crate) async fn serve<S: Park>(
     stream: S,
     peer: Peer,
@@ -229,8 +227,7 @@ impl<'a, S: Park> Conn<'a, S> {
             tokio::task::yield_now().await;
         }
         let over = tenant.take_tokens(spans, Instant::now());
-        // Backpressure on this guest alone; not while draining (the
-        // deadline bounds it).
+        // Backpressure on this guest alone; not while draining (the deadline bounds it).
         if let (Some(wait), false) = (over, draining) {
             tenant.throttled(stats, LimitReason::Rate, wait);
             let next = tokio::select! {

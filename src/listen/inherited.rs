@@ -20,8 +20,7 @@ use crate::handover::{TakenConn, TakenListener};
 /// A Unix listener's fd, identity and janitor's pipe.
 struct UnixSocket(OwnedFd, (u64, u64), Option<OwnedFd>);
 
-/// What was handed over at one Unix socket path (the listener gone when
-/// only its connections were kept).
+/// Handed over at one Unix socket path (no listener if only its connections were kept).
 #[derive(Default)]
 struct Unix {
     /// The sandbox, when a template's.
@@ -95,8 +94,7 @@ impl Inherited {
         Ok(Inherited(Mutex::new(pool)))
     }
 
-    /// Its connections are read from their next whole frame (the one in
-    /// hand went with the previous process).
+    /// Its connections are read from their next whole frame (the one in hand went with it).
     pub(crate) fn from_store(left: Vec<Left>) -> Result<Inherited, ListenError> {
         let lost = |fd, cid| {
             let resume = ConnState {
@@ -127,8 +125,7 @@ impl Inherited {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What was handed over at `path`: its listener if the file there is
-    /// still the one bound (else closed: bind anew), and its connections.
+    /// Its listener, if still the file bound at `path` (else closed), and its connections.
     pub(crate) fn take_unix(&self, path: &Path) -> Option<(Option<HybridListener>, Vec<Adopted>)> {
         let u = self.lock().unix.remove(path)?;
         let listener = u.listener.and_then(|s| {
@@ -150,8 +147,7 @@ impl Inherited {
         Some((listener, u.connections))
     }
 
-    /// What was handed over at VSOCK `port`: its listener if on `cid` (else
-    /// closed: bind anew), and its connections.
+    /// Its listener, if on `cid` (else closed), and the connections at VSOCK `port`.
     pub(crate) fn take_vsock(
         &self,
         cid: VsockCid,

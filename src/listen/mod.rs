@@ -68,8 +68,7 @@ pub enum Listener {
     Vsock(vsock::VsockListener),
 }
 
-/// A listener with what a predecessor left on it, or a manager binding
-/// listeners as sandboxes (or Kata configurations) come and go.
+/// A listener (with what a predecessor left on it), or a manager making listeners.
 pub(crate) enum Served {
     Listener(Listener, Vec<Adopted>),
     Template(template::TemplateListener),
@@ -145,8 +144,7 @@ impl Listener {
         piece.ok()
     }
 
-    /// Into systemd's store, with its janitor's pipe (so that the socket is
-    /// removed only once systemd lets go of it).
+    /// Into systemd's store, with its janitor's pipe (the socket goes once systemd lets go).
     fn store(&self) -> Vec<Stored> {
         let (identity, janitor) = match self {
             Listener::Hybrid(l) => (Some(l.identity), l.janitor_pipe()),

@@ -29,8 +29,7 @@ const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// Empty ticks in a row after which a parked connection goes back to epoll.
 pub(super) const EMPTY_TICKS: u32 = 4;
 
-/// One task sleeps to each tick while any connection waits, and wakes them
-/// together.
+/// One task sleeps to each tick while any connection waits, and wakes them all.
 #[derive(Debug, Clone)]
 pub(crate) struct Pacing {
     epoch: Instant,
@@ -69,8 +68,7 @@ impl Drop for Waiting<'_> {
 }
 
 impl Pacing {
-    /// Its task spawned on the current runtime; `None` when ticks would be
-    /// too short, or outside a runtime.
+    /// Spawns its task; `None` when ticks would be too short, or outside a runtime.
     pub(crate) fn for_batch_timeout(batch_timeout: Duration) -> Option<Pacing> {
         let tick = (batch_timeout / 4).min(MAX_TICK);
         let runtime = tokio::runtime::Handle::try_current().ok()?;

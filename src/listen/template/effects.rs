@@ -31,8 +31,7 @@ pub(super) enum WatchError {
     Failed(io::Error),
 }
 
-/// Why a sandbox could not be served; either way it is not tried again
-/// until its directory goes and comes back.
+/// Why a sandbox was not served; it is not tried again until its directory comes back.
 pub(super) enum ServeError {
     Bind(ListenError),
     /// The async side is not taking sandboxes (behind, or stopping).

@@ -63,8 +63,7 @@ pub struct SandboxThread {
     pub(crate) inherited: Option<Arc<Inherited>>,
 }
 
-/// The thread's runtime's handle comes on `ready`; it runs until `alive` is
-/// dropped.
+/// Its runtime's handle comes on `ready`; it runs until `alive` is dropped.
 struct Launched {
     ready: oneshot::Receiver<Result<Handle, ListenError>>,
     alive: mpsc::Sender<()>,
@@ -76,8 +75,7 @@ const DAC_OVERRIDE: caps::Capability = caps::Capability::CAP_DAC_OVERRIDE;
 static EARLY: std::sync::Mutex<Option<Launched>> = std::sync::Mutex::new(None);
 
 impl SandboxThread {
-    /// With `become_user`, the process becomes that user, this thread alone
-    /// keeping CAP_DAC_OVERRIDE.
+    /// With `become_user`, the process becomes that user, this thread keeping CAP_DAC_OVERRIDE.
     pub(crate) async fn start(
         become_user: Option<String>,
         inherited: Option<&Arc<Inherited>>,
@@ -189,8 +187,7 @@ impl TemplateListener {
         max_sandboxes: usize,
         shutdown: &Shutdown,
     ) -> Result<TemplateListener, ListenError> {
-        // Bounded: a slow async side makes the watcher drop a sandbox (with
-        // a warning) rather than queue without end.
+        // Bounded: a slow async side makes the watcher drop (and warn of) a sandbox.
         let (serve_tx, serve_rx) = mpsc::channel(max_sandboxes.clamp(16, 4096));
         let (reap_tx, reap_rx) = mpsc::unbounded_channel();
         let (control_tx, control_rx) = mpsc::unbounded_channel();
@@ -222,8 +219,7 @@ impl TemplateListener {
         })
     }
 
-    /// Serves each sandbox the watcher binds until shutdown, then gives every
-    /// listener back for removal.
+    /// Serves each sandbox the watcher binds until shutdown, then gives every listener back.
     pub(crate) async fn serve(mut self, serving: Serving, mut life: Lifeline) {
         let sandboxes = TaskTracker::new();
         let Some(reap) = self.reap_tx.clone() else {
@@ -303,8 +299,7 @@ impl TemplateListener {
 
 impl Drop for TemplateListener {
     fn drop(&mut self) {
-        // Never served (startup failed after the watcher started): the
-        // watcher still removes what it bound once the channels close.
+        // Never served (startup failed): the watcher still removes what it bound.
         self.return_unserved();
     }
 }

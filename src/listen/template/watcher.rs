@@ -47,8 +47,7 @@ enum State {
     Waiting { depth: usize },
     /// Our socket's identity, to tell it from one put in its place.
     Serving { identity: Identity },
-    /// Its socket (directory) went, or it could not be served: left alone
-    /// until it goes.
+    /// Its socket (directory) went, or it could not be served: left alone until it goes.
     #[default]
     Retired,
 }
@@ -108,8 +107,7 @@ impl Watcher {
         fx.unwatch(wd);
     }
 
-    /// Watches the root (serving its sandboxes), or waits for it in its
-    /// nearest existing ancestor.
+    /// Watches the root (serving its sandboxes), or waits in its nearest existing ancestor.
     pub(super) fn establish_root(&mut self, fx: &mut impl Effects) -> Result<(), ListenError> {
         match std::mem::replace(&mut self.root, Root::Missing) {
             Root::Watching(wd) | Root::Waiting { wd, .. } => self.unwatch(fx, wd),
@@ -274,8 +272,7 @@ impl Watcher {
         self.descend(fx, id);
     }
 
-    /// Watches the deepest of a sandbox's directories that exists; serves it
-    /// once the socket's directory is there.
+    /// Watches a sandbox's deepest existing directory; serves it once the socket's is there.
     fn descend(&mut self, fx: &mut impl Effects, id: &str) {
         let Some(sb) = self.sandboxes.get_mut(id) else {
             return;
