@@ -27,7 +27,7 @@ impl Stats {
         self.bytes_received.add(bytes);
     }
 
-    /// Counted before the queue sees them: the counters never show more exported than received.
+    /// Counted before queued: never more exported than received.
     pub(crate) fn spans_decoded(&self, format: Option<WireFormat>, spans: u64) {
         self.spans_received.add(spans);
         match format {
@@ -59,7 +59,7 @@ impl Stats {
         tracing::warn!(spans, "spool is full (--spool-max-bytes)");
     }
 
-    /// `damaged`: set aside as `.damaged` (its bytes were wrong), not unreadable.
+    /// `damaged`: set aside as `.damaged` (wrong bytes), not unreadable.
     pub(crate) fn spool_file_skipped(&self, error: &dyn fmt::Display, damaged: bool) {
         if damaged {
             self.spool_damaged.inc();

@@ -127,13 +127,13 @@ pub(crate) struct Tenant {
     /// A partial success's rejections count here too (the collector names
     /// them per request), and globally as rejected.
     pub exported: Counter,
-    /// Sent from the spool later unattributed: a spool file does not say whose spans.
+    /// From the spool, unattributed: a spool file does not say whose spans.
     pub spooled: Counter,
     pub dropped: Family<DropReason>,
     pub limited: Family<LimitReason>,
     pub(crate) log: LogGate,
     born: Instant,
-    /// Last read (for `status`), in ms after `born`, plus one (0: never): a relaxed store.
+    /// Last read, ms after `born` plus one (0: never): a relaxed store a read.
     last_sent: AtomicU64,
 }
 
@@ -211,7 +211,8 @@ impl Tenant {
         b.take(spans as f64, now)
     }
 
-    /// Holds queue room if this tenant holds nothing, or no one else does, or within its share.
+    /// Holds room in the queue if this tenant holds nothing, or no one else
+    /// does, or it stays within its share.
     pub(crate) fn try_hold(&self, spans: usize, bytes: usize, bounds: QueueConfig) -> bool {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let holding = self.holding.load(Ordering::Acquire);
@@ -232,7 +233,7 @@ impl Tenant {
 
     /// [`try_hold`](Self::try_hold), waiting for room; whether it waited.
     pub(crate) async fn hold(&self, spans: usize, bytes: usize, bounds: QueueConfig) -> bool {
-        // First without registering for a wake-up (locks the waiter list): the common case.
+        // First without registering for a wake-up (a lock): the common case.
         if self.try_hold(spans, bytes, bounds) {
             return false;
         }

@@ -24,7 +24,7 @@ use crate::otlp::Origin;
 use crate::shutdown::Shutdown;
 use crate::tenant::{Tenant, TenantConn, TenantKey};
 
-/// Serves everything until `shutdown`, then lets the connections drain (to the deadline).
+/// Serves all until `shutdown`, then lets connections drain (to the deadline).
 pub(crate) async fn serve(
     listeners: Listeners,
     shared: Arc<ConnShared>,

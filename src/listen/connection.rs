@@ -47,7 +47,7 @@ pub(crate) struct ConnShared {
 }
 
 impl ConnShared {
-    /// Past `--max-sandboxes`, one outside the registry (limits, but no series of its own).
+    /// Past `--max-sandboxes`, one outside the registry: limits, no series.
     pub(crate) fn tenant(&self, key: TenantKey) -> Arc<Tenant> {
         let tenant = self.tenants.get(key.clone());
         tenant.unwrap_or_else(|| Tenant::standalone(key, &self.tenants.limits))
@@ -60,7 +60,7 @@ pub(crate) struct Start {
     pub resume: Option<ConnState>,
 }
 
-/// Serves one connection until it closes, fails, is drained or is left for a successor.
+/// Until it closes, fails, is drained or is left for a successor.
 pub(crate) async fn serve<S: Park>(
     stream: S,
     peer: Peer,
@@ -227,7 +227,7 @@ impl<'a, S: Park> Conn<'a, S> {
             tokio::task::yield_now().await;
         }
         let over = tenant.take_tokens(spans, Instant::now());
-        // Backpressure on this guest alone; not while draining (the deadline bounds it).
+        // This guest alone waits; not while draining (the deadline bounds it).
         if let (Some(wait), false) = (over, draining) {
             tenant.throttled(stats, LimitReason::Rate, wait);
             let next = tokio::select! {
@@ -292,12 +292,12 @@ impl<'a, S: Park> Conn<'a, S> {
                 let pacing = shared.pacing.as_ref()?;
                 self.input.prepare();
                 if !self.more {
-                    // Stopping is seen at the tick, cheaper than each waiting on it too.
+                    // Stopping is seen at the tick: cheaper than waiting on it.
                     pacing.tick().await;
                     if self.life.shutdown.is_stopping() {
                         return self.drain();
                     }
-                    // Arrived since the last read (one that did not fit keeps it).
+                    // Arrived since the last read (one not fitting keeps it).
                     self.since = self.last_read;
                 }
                 self.last_read = Instant::now();
@@ -375,7 +375,7 @@ impl<'a, S: Park> Conn<'a, S> {
                 stored.keep();
                 return;
             }
-            // Into systemd's store (a frame in hand: the next process skips it).
+            // Into systemd's store (a frame in hand: the next one skips it).
             End::Stopped(Ok(())) if self.life.leaves() => {
                 stored.keep();
                 let spans = self.ingest.spans();

@@ -29,7 +29,7 @@ pub struct HybridListener {
     pub(crate) identity: (u64, u64),
     /// Set once root is about to be dropped: removal is then its job.
     janitor: Option<Janitor>,
-    /// The socket's directory, wherever it moves (`None`: removal goes by the path).
+    /// The socket's directory, wherever it moves (`None`: removal by the path).
     dir: Option<OwnedFd>,
 }
 
@@ -134,7 +134,8 @@ impl HybridListener {
         self.janitor.as_ref()?.pipe.as_ref().map(AsFd::as_fd)
     }
 
-    /// Removes the socket if still the file bound, through its directory when open (it moves).
+    /// Removes the socket if still the file bound, through its directory when
+    /// open (it may have moved).
     fn remove_if_ours(&self) -> io::Result<bool> {
         use nix::fcntl::AtFlags;
         use nix::sys::stat::fstatat;

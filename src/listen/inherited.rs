@@ -20,7 +20,7 @@ use crate::handover::{TakenConn, TakenListener};
 /// A Unix listener's fd, identity and janitor's pipe.
 struct UnixSocket(OwnedFd, (u64, u64), Option<OwnedFd>);
 
-/// Handed over at one Unix socket path (no listener if only its connections were kept).
+/// Handed over at one socket path (no listener if only connections were kept).
 #[derive(Default)]
 struct Unix {
     /// The sandbox, when a template's.
@@ -94,7 +94,7 @@ impl Inherited {
         Ok(Inherited(Mutex::new(pool)))
     }
 
-    /// Its connections are read from their next whole frame (the one in hand went with it).
+    /// Connections resume at their next whole frame (the one in hand is lost).
     pub(crate) fn from_store(left: Vec<Left>) -> Result<Inherited, ListenError> {
         let lost = |fd, cid| {
             let resume = ConnState {
@@ -125,7 +125,7 @@ impl Inherited {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Its listener, if still the file bound at `path` (else closed), and its connections.
+    /// Its listener, if still the file bound (else closed), and connections.
     pub(crate) fn take_unix(&self, path: &Path) -> Option<(Option<HybridListener>, Vec<Adopted>)> {
         let u = self.lock().unix.remove(path)?;
         let listener = u.listener.and_then(|s| {
@@ -147,7 +147,7 @@ impl Inherited {
         Some((listener, u.connections))
     }
 
-    /// Its listener, if on `cid` (else closed), and the connections at VSOCK `port`.
+    /// Its listener, if on `cid` (else closed), and connections at `port`.
     pub(crate) fn take_vsock(
         &self,
         cid: VsockCid,

@@ -122,7 +122,8 @@ impl KataHostListener {
         Ok((stop, served))
     }
 
-    /// Follows the plan until shutdown, then waits for each listener; paused, it changes nothing.
+    /// Follows the plan until shutdown, then waits for every listener.
+    /// Paused, nothing starts or stops until the outcome.
     pub(crate) async fn serve(mut self, ctx: Serving, mut life: Lifeline) {
         let (mut running, tasks) = (BTreeMap::new(), TaskTracker::new());
         for (target, bound) in std::mem::take(&mut self.bound) {
@@ -224,7 +225,7 @@ fn spawn(tasks: &TaskTracker, bound: Bound, ctx: &Serving, life: &Lifeline) -> S
     stop
 }
 
-/// inotify on the configurations' directories (or a missing one's nearest ancestor).
+/// inotify on the configuration directories (or, missing, their ancestors).
 struct ConfigWatch {
     events: EventStream<Vec<u8>>,
     watches: Watches,

@@ -68,7 +68,7 @@ pub enum Listener {
     Vsock(vsock::VsockListener),
 }
 
-/// A listener (with what a predecessor left on it), or a manager making listeners.
+/// A listener (with what a predecessor left on it), or a manager of them.
 pub(crate) enum Served {
     Listener(Listener, Vec<Adopted>),
     Template(template::TemplateListener),
@@ -144,7 +144,7 @@ impl Listener {
         piece.ok()
     }
 
-    /// Into systemd's store, with its janitor's pipe (the socket goes once systemd lets go).
+    /// To systemd's store with its janitor's pipe (removal waits for systemd).
     fn store(&self) -> Vec<Stored> {
         let (identity, janitor) = match self {
             Listener::Hybrid(l) => (Some(l.identity), l.janitor_pipe()),

@@ -68,7 +68,7 @@ impl Drop for Waiting<'_> {
 }
 
 impl Pacing {
-    /// Spawns its task; `None` when ticks would be too short, or outside a runtime.
+    /// Spawns its task; `None` when ticks would be too short, or no runtime.
     pub(crate) fn for_batch_timeout(batch_timeout: Duration) -> Option<Pacing> {
         let tick = (batch_timeout / 4).min(MAX_TICK);
         let runtime = tokio::runtime::Handle::try_current().ok()?;

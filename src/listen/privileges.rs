@@ -45,9 +45,9 @@ fn lookup_user(user: &str) -> Result<User, ListenError> {
 
 /// Makes `dir` (the spool) `user`'s, so that it stays writable. As root.
 /// That user (`nobody` is shared) may have planted anything there: so it is
-/// reached by [`crate::untrusted`]'s rule and only the spool's own files,
-/// each a regular file with one link, are given over, through one
-/// non-following descriptor (no symlink, hard link or swap gives away another file).
+/// reached by [`crate::untrusted`]'s rule and only the spool's own files
+/// (regular, one link) are given over, through one non-following descriptor
+/// (no symlink, hard link or swap gives away another file).
 pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     use nix::fcntl::AtFlags;
     use nix::unistd::fchownat;

@@ -28,7 +28,7 @@ const MAX_PROCESSES: usize = 1 << 16;
 /// Most bytes of one command line read (Kata's QEMU's are a few KiB).
 const MAX_CMDLINE: u64 = 256 << 10;
 const MAX_CACHED: usize = 1024;
-/// An unclaimed CID is not looked up again this long: a burst from it costs one scan.
+/// An unclaimed CID is not looked up again this long: a burst costs one scan.
 const NEGATIVE_TTL: Duration = Duration::from_secs(2);
 const MAX_ID_LEN: usize = 256;
 
@@ -37,7 +37,7 @@ pub(crate) fn sandbox_origin(base: &Origin, sandbox_id: &str) -> Origin {
         .with(SANDBOX_ID, Value::StringValue(sandbox_id.to_owned()))
 }
 
-/// Its CID, and its sandbox when `resolver` finds it (which then also names `tenant`).
+/// Its CID, and its sandbox when `resolver` finds it (naming `tenant` too).
 pub(crate) async fn vsock_origin(
     base: &Origin,
     cid: u32,
@@ -197,7 +197,7 @@ impl CidResolver {
         if cache.len() >= MAX_CACHED && !cache.contains_key(&cid) {
             cache.retain(|_, c| !matches!(c, Cached::Missing(until) if *until <= now));
             if cache.len() >= MAX_CACHED {
-                // Still full of live entries: start over (a miss costs one scan), not track ages.
+                // Full of live ones: start over (a miss costs one scan).
                 cache.clear();
             }
         }
@@ -229,7 +229,7 @@ impl CidResolver {
         parse_cmdline(&buf)
     }
 
-    /// One answer only if the claims on `cid` agree, or exactly one claimant is root's.
+    /// One answer only if the claims agree, or exactly one claimant is root's.
     fn scan(&self, cid: u32) -> Option<(u32, String)> {
         let dir = std::fs::read_dir(&self.proc_root).ok()?;
         let mut claims: Vec<(u32, String)> = Vec::new();

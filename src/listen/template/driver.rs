@@ -178,7 +178,7 @@ pub(super) struct Driver {
 }
 
 impl Driver {
-    /// Opens inotify (in the watcher thread's runtime), serves the sandboxes already there.
+    /// Opens inotify on this thread's runtime; serves the sandboxes there.
     pub(super) fn start(mut watcher: Watcher, handoff: Handoff) -> Result<Driver, ListenError> {
         let events = Inotify::init().and_then(|i| i.into_event_stream(vec![0u8; EVENT_BUFFER]));
         let events = events.map_err(|source| ListenError::WatchSandboxes {

@@ -31,7 +31,7 @@ pub(super) enum WatchError {
     Failed(io::Error),
 }
 
-/// Why a sandbox was not served; it is not tried again until its directory comes back.
+/// Not tried again, either way, until its directory goes and comes back.
 pub(super) enum ServeError {
     Bind(ListenError),
     /// The async side is not taking sandboxes (behind, or stopping).

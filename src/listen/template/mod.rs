@@ -75,7 +75,8 @@ const DAC_OVERRIDE: caps::Capability = caps::Capability::CAP_DAC_OVERRIDE;
 static EARLY: std::sync::Mutex<Option<Launched>> = std::sync::Mutex::new(None);
 
 impl SandboxThread {
-    /// With `become_user`, the process becomes that user, this thread keeping CAP_DAC_OVERRIDE.
+    /// With `become_user`, the process becomes that user, this thread alone
+    /// keeping CAP_DAC_OVERRIDE.
     pub(crate) async fn start(
         become_user: Option<String>,
         inherited: Option<&Arc<Inherited>>,
@@ -187,7 +188,7 @@ impl TemplateListener {
         max_sandboxes: usize,
         shutdown: &Shutdown,
     ) -> Result<TemplateListener, ListenError> {
-        // Bounded: a slow async side makes the watcher drop (and warn of) a sandbox.
+        // Bounded: when behind, the watcher drops a sandbox (with a warning).
         let (serve_tx, serve_rx) = mpsc::channel(max_sandboxes.clamp(16, 4096));
         let (reap_tx, reap_rx) = mpsc::unbounded_channel();
         let (control_tx, control_rx) = mpsc::unbounded_channel();
@@ -219,7 +220,7 @@ impl TemplateListener {
         })
     }
 
-    /// Serves each sandbox the watcher binds until shutdown, then gives every listener back.
+    /// Serves what the watcher binds until shutdown, then gives it all back.
     pub(crate) async fn serve(mut self, serving: Serving, mut life: Lifeline) {
         let sandboxes = TaskTracker::new();
         let Some(reap) = self.reap_tx.clone() else {
@@ -267,7 +268,7 @@ impl TemplateListener {
     }
 
     /// The watcher freezes (events wait in the kernel's queue), every sandbox
-    /// it bound is served (so handed over too), the watcher follows the outcome.
+    /// it bound is served (so handed over too); it then follows the outcome.
     async fn pause(&mut self, life: &mut Lifeline, spawn: &impl Fn(Serve, &Lifeline)) -> After {
         let (frozen_tx, frozen_rx) = oneshot::channel();
         if self.control_tx.send(Control::Freeze(frozen_tx)).is_ok() {
@@ -299,7 +300,7 @@ impl TemplateListener {
 
 impl Drop for TemplateListener {
     fn drop(&mut self) {
-        // Never served (startup failed): the watcher still removes what it bound.
+        // Never served (startup failed): the watcher still removes its sockets.
         self.return_unserved();
     }
 }

@@ -47,7 +47,7 @@ enum State {
     Waiting { depth: usize },
     /// Our socket's identity, to tell it from one put in its place.
     Serving { identity: Identity },
-    /// Its socket (directory) went, or it could not be served: left alone until it goes.
+    /// Socket (directory) gone, or could not be served: left until it goes.
     #[default]
     Retired,
 }
@@ -107,7 +107,7 @@ impl Watcher {
         fx.unwatch(wd);
     }
 
-    /// Watches the root (serving its sandboxes), or waits in its nearest existing ancestor.
+    /// Watches (and serves) the root, or waits for it in its nearest ancestor.
     pub(super) fn establish_root(&mut self, fx: &mut impl Effects) -> Result<(), ListenError> {
         match std::mem::replace(&mut self.root, Root::Missing) {
             Root::Watching(wd) | Root::Waiting { wd, .. } => self.unwatch(fx, wd),
@@ -272,7 +272,8 @@ impl Watcher {
         self.descend(fx, id);
     }
 
-    /// Watches a sandbox's deepest existing directory; serves it once the socket's is there.
+    /// Watches the deepest of a sandbox's directories that exists; serves it
+    /// once the socket's directory is there.
     fn descend(&mut self, fx: &mut impl Effects, id: &str) {
         let Some(sb) = self.sandboxes.get_mut(id) else {
             return;
