@@ -66,12 +66,7 @@ pub(crate) struct Serving {
 }
 
 impl Serving {
-    pub(crate) async fn serve(
-        &self,
-        listener: Listener,
-        mut life: Lifeline,
-        adopted: Vec<Adopted>,
-    ) {
+    pub(crate) async fn serve(self, listener: Listener, mut life: Lifeline, adopted: Vec<Adopted>) {
         match self.accept(&listener, &mut life, adopted, None).await {
             Ended::HandedOver => {
                 tracing::info!(listener = %listener.describe(), "handed over");

@@ -88,9 +88,7 @@ impl Served {
     /// Boxed: `--kata-host` serves its targets through this too.
     fn serve(self, serving: Serving, life: Lifeline) -> BoxFuture<'static, ()> {
         match self {
-            Served::Listener(l, adopted) => {
-                Box::pin(async move { serving.serve(l, life, adopted).await })
-            }
+            Served::Listener(l, adopted) => Box::pin(serving.serve(l, life, adopted)),
             Served::Template(t) => Box::pin(t.serve(serving, life)),
             Served::KataHost(k) => Box::pin(k.serve(serving, life)),
         }

@@ -202,16 +202,13 @@ impl CidResolver {
             }
         }
         cache.insert(cid, entry);
-        match found {
+        match &found {
             Some((pid, id)) => {
-                tracing::debug!(cid, pid, sandbox = %id, "resolved VSOCK CID to sandbox");
-                Some(id)
+                tracing::debug!(cid, pid, sandbox = %id, "resolved VSOCK CID to sandbox")
             }
-            None => {
-                tracing::debug!(cid, "no QEMU process found for VSOCK CID");
-                None
-            }
+            None => tracing::debug!(cid, "no QEMU process found for VSOCK CID"),
         }
+        found.map(|(_, id)| id)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Cached>> {
