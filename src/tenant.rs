@@ -305,9 +305,8 @@ impl Drop for TenantConn {
     }
 }
 
-/// A token bucket in spans: `rate` a second, at most `burst` saved up.
-/// Spans already read are never refused: the bucket goes into debt, and the
-/// debt is how long the connection waits before its next read.
+/// A token bucket in spans (`rate` a second, `burst` saved up at most): spans
+/// read are never refused; its debt is how long their connection waits.
 #[derive(Debug)]
 struct Bucket {
     rate: f64,
@@ -326,10 +325,9 @@ impl Bucket {
         }
     }
 
-    /// In debt, wait until it is paid, and at least [`MIN_WAIT`] (or half
-    /// the burst if less, so no token is lost to the cap): a throttled
-    /// connection wakes for a few buffers at a time, not a timer per 64
-    /// spans (every 3 ms at 20,000 spans/s); the average rate is the same.
+    /// In debt, wait until paid, at least [`MIN_WAIT`] (or half the burst if
+    /// less, losing no token to the cap): a throttled connection wakes for a
+    /// few buffers at a time, not every 64 spans (3 ms at 20,000 spans/s).
     fn take(&mut self, n: f64, now: Instant) -> Option<Duration> {
         let earned = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + earned).min(self.burst) - n;

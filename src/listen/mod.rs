@@ -228,9 +228,8 @@ impl Listeners {
     }
 }
 
-/// Binds what `cfg` says (inheriting where it may), then, as root, gives
-/// `writable` (the spool) to `cfg.user` and becomes that user: only
-/// binding needs root.
+/// Binds what `cfg` says (inheriting where it may); then, as root, gives
+/// `writable` (the spool) to `cfg.user`, becoming it: only binding needs root.
 pub(crate) async fn bind_inheriting(
     cfg: &ListenConfig,
     writable: Option<&Path>,

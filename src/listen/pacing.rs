@@ -37,9 +37,8 @@ pub(crate) struct Pacing {
     clock: Arc<Clock>,
 }
 
-/// Shared by the waiters and the ticking task. (A timer per connection cost
-/// a timer-wheel entry per tick and often an eventfd wake-up: about a
-/// thousand a second with 100 paced agents.)
+/// Shared by waiters and ticker. (A timer per connection cost a timer-wheel
+/// entry per tick, often an eventfd wake-up: ~1,000/s with 100 paced agents.)
 #[derive(Debug, Default)]
 struct Clock {
     ticked: Notify,

@@ -52,7 +52,6 @@ pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
     use nix::fcntl::AtFlags;
     use nix::unistd::fchownat;
     use std::os::unix::ffi::OsStrExt;
-
     let err = denied(user);
     let u = lookup_user(user)?;
     let give = |fd: std::os::fd::BorrowedFd<'_>| {
@@ -82,13 +81,11 @@ pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
 
 pub(crate) const ON_THE_WATCHER: &str = "CAP_DAC_OVERRIDE, on the sandbox watcher thread only";
 
-/// Switches the whole process to `user` (glibc and musl apply set*id to
-/// every thread). Every capability goes with root but `keep` (the sandbox
-/// watcher's CAP_DAC_OVERRIDE), kept on the calling thread only, nothing
-/// else even in its bounding set. As root.
+/// Switches the whole process to `user` (glibc and musl apply set*id to every
+/// thread). As root. Every capability goes but `keep`, on this thread alone;
+/// the bounding set holds nothing else.
 pub(crate) fn drop_root(user: &str, keep: Option<caps::Capability>) -> Result<(), ListenError> {
     use caps::CapSet;
-
     let err = denied(user);
     let u = lookup_user(user)?;
     if let Some(kept) = keep {
@@ -130,10 +127,9 @@ pub(crate) fn keep_on_this_thread(
     caps::set(None, CapSet::Permitted, &kept).map_err(err)
 }
 
-/// Runs `start` (a spawn, or an `exec`), passing CAP_DAC_OVERRIDE on when
-/// this thread holds it and the process is not root: through the ambient
-/// set, raised for the start alone. If the kernel refuses, the successor
-/// serves what it is handed but binds no new sandbox (logged).
+/// Runs `start` (a spawn, or an `exec`); not root, passes this thread's
+/// CAP_DAC_OVERRIDE on through the ambient set, raised for the start alone. If
+/// refused (logged), the successor serves what it is handed, binds nothing new.
 pub(crate) fn passing_dac_override<T>(start: impl FnOnce() -> T) -> T {
     use caps::{CapSet, Capability};
     const DAC: Capability = Capability::CAP_DAC_OVERRIDE;

@@ -99,10 +99,9 @@ impl SandboxThread {
         })
     }
 
-    /// A template-mode predecessor's successor holds CAP_DAC_OVERRIDE on
-    /// every thread (the ambient set: the only way across `exec`). Called
-    /// first in `main`, single-threaded: the sandbox thread keeps it, the
-    /// calling thread (so every later one) drops every capability.
+    /// A template-mode predecessor's successor holds CAP_DAC_OVERRIDE on every
+    /// thread (ambient: the only way across `exec`). Called first in `main`:
+    /// the sandbox thread keeps it, this one (so every later one) drops all.
     pub fn start_early() -> Result<(), ListenError> {
         let dac = caps::has_cap(None, caps::CapSet::Permitted, DAC_OVERRIDE);
         if privileges::is_root() || !dac.unwrap_or(false) {
@@ -119,9 +118,8 @@ impl SandboxThread {
     }
 }
 
-/// Where a hand-over starts the upgraded binary and becomes it: on the
-/// sandbox thread when there is one, so that its CAP_DAC_OVERRIDE passes
-/// on (see [`SandboxThread::start_early`]).
+/// Starts the upgraded binary and becomes it on the sandbox thread if any, so
+/// that its CAP_DAC_OVERRIDE passes on ([`SandboxThread::start_early`]).
 impl Launcher for Option<SandboxThread> {
     fn spawn(&self, mut cmd: Command) -> BoxFuture<'_, io::Result<Child>> {
         let Some(thread) = self else {
