@@ -98,7 +98,11 @@ impl Serving {
                     None => Arc::clone(&self.origin),
                 };
                 let key = id.map_or_else(|| TenantKey::Socket(l.path.clone()), TenantKey::Sandbox);
-                (origin, Some(self.shared.tenant(key)), None)
+                // Past `--max-sandboxes`, one outside the registry: limits, no series.
+                let tenants = &self.shared.tenants;
+                let tenant = tenants.get(key.clone());
+                let tenant = tenant.unwrap_or_else(|| Tenant::standalone(key, &tenants.limits));
+                (origin, Some(tenant), None)
             }
             // QEMU: a guest's CID says which sandbox it is, through /proc.
             Listener::Vsock(_) => {

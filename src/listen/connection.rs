@@ -30,7 +30,7 @@ use crate::ingest::{Ingest, Ingested, ReadBuffer};
 use crate::lifeline::{After, Lifeline, Next};
 use crate::otlp::Origin;
 use crate::stats::{GaugeGuard, Stats};
-use crate::tenant::{LimitReason, Tenant, TenantConn, TenantKey, Tenants};
+use crate::tenant::{LimitReason, Tenant, TenantConn, Tenants};
 use crate::wire::FrameError;
 
 use super::pacing::{Pacing, Park, Rate, EMPTY_TICKS};
@@ -44,14 +44,6 @@ pub(crate) struct ConnShared {
     pub drain_idle: Duration,
     /// The clock slow agents are read on; `None`: every read on arrival.
     pub pacing: Option<Pacing>,
-}
-
-impl ConnShared {
-    /// Past `--max-sandboxes`, one outside the registry: limits, no series.
-    pub(crate) fn tenant(&self, key: TenantKey) -> Arc<Tenant> {
-        let tenant = self.tenants.get(key.clone());
-        tenant.unwrap_or_else(|| Tenant::standalone(key, &self.tenants.limits))
-    }
 }
 
 /// The accept loop's id (for a hand-over's piece) and what a predecessor knew.
