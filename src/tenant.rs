@@ -113,7 +113,7 @@ impl Held {
 pub(crate) struct Tenant {
     pub(crate) id: u64,
     /// Found later (VSOCK, once its QEMU is found).
-    sandbox_id: OnceLock<String>,
+    pub(crate) sandbox_id: OnceLock<String>,
     /// Bounded in length.
     key_label: String,
     pub(crate) max_connections: usize,
@@ -180,10 +180,6 @@ impl Tenant {
     /// Outside any registry (tests, embedders).
     pub(crate) fn standalone(key: TenantKey, limits: &TenantLimits) -> Arc<Tenant> {
         Arc::new(Tenant::new(0, key, limits, Arc::new(AtomicUsize::new(0))))
-    }
-
-    pub(crate) fn set_sandbox_id(&self, id: &str) {
-        let _ = self.sandbox_id.set(id.to_owned());
     }
 
     /// Its id when known (checked and bounded where found), else its key.

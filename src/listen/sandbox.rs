@@ -49,7 +49,7 @@ pub(crate) async fn vsock_origin(
         .with(VSOCK_CID, Value::IntValue(i64::from(cid)));
     if let Some(r) = resolver {
         if let Some(id) = r.resolve(cid).await {
-            tenant.set_sandbox_id(&id);
+            let _ = tenant.sandbox_id.set(id.clone());
             origin = origin.with(SANDBOX_ID, Value::StringValue(id));
         }
     }
