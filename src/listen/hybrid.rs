@@ -15,8 +15,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg, OFlag};
-
+use nix::fcntl::{AtFlags, Flock, FlockArg, OFlag};
+use nix::sys::stat::fstatat;
+use nix::unistd::{unlinkat, UnlinkatFlags};
 use tokio::net::UnixListener;
 
 use super::ListenError;
@@ -137,9 +138,6 @@ impl HybridListener {
     /// Removes the socket if still the file bound, through its directory when
     /// open (it may have moved).
     fn remove_if_ours(&self) -> io::Result<bool> {
-        use nix::fcntl::AtFlags;
-        use nix::sys::stat::fstatat;
-        use nix::unistd::{unlinkat, UnlinkatFlags};
         let (Some(dir), Some(name)) = (self.dir.as_ref(), self.path.file_name()) else {
             return match still_bound(&self.path, self.identity) {
                 true => std::fs::remove_file(&self.path).map(|()| true),

@@ -3,9 +3,12 @@
 //! Removing the socket at exit needs root again, which a process that could
 //! regain has not really dropped: a [`crate::janitor`] does it.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use nix::unistd::{chdir, getuid, setgid, setgroups, setuid, Uid, User};
+use caps::{CapSet, Capability, CapsHashSet};
+use nix::fcntl::AtFlags;
+use nix::unistd::{chdir, fchownat, getuid, setgid, setgroups, setuid, Uid, User};
 
 use super::ListenError;
 
@@ -49,9 +52,6 @@ fn lookup_user(user: &str) -> Result<User, ListenError> {
 /// (regular, one link) are given over, through one non-following descriptor
 /// (no symlink, hard link or swap gives away another file).
 pub(crate) fn give_to_user(dir: &Path, user: &str) -> Result<(), ListenError> {
-    use nix::fcntl::AtFlags;
-    use nix::unistd::fchownat;
-    use std::os::unix::ffi::OsStrExt;
     let err = denied(user);
     let u = lookup_user(user)?;
     let give = |fd: std::os::fd::BorrowedFd<'_>| {
@@ -85,7 +85,6 @@ pub(crate) const ON_THE_WATCHER: &str = "CAP_DAC_OVERRIDE, on the sandbox watche
 /// thread). As root. Every capability goes but `keep`, on this thread alone;
 /// the bounding set holds nothing else.
 pub(crate) fn drop_root(user: &str, keep: Option<caps::Capability>) -> Result<(), ListenError> {
-    use caps::CapSet;
     let err = denied(user);
     let u = lookup_user(user)?;
     if let Some(kept) = keep {
@@ -117,7 +116,6 @@ pub(crate) fn keep_on_this_thread(
     user: &str,
     cap: Option<caps::Capability>,
 ) -> Result<(), ListenError> {
-    use caps::{CapSet, CapsHashSet};
     let err = |e: caps::errors::CapsError| denied(user)(e.to_string());
     let kept: CapsHashSet = cap.into_iter().collect();
     // Kernels without ambient capabilities have none to clear.
@@ -131,7 +129,6 @@ pub(crate) fn keep_on_this_thread(
 /// CAP_DAC_OVERRIDE on through the ambient set, raised for the start alone. If
 /// refused (logged), the successor serves what it is handed, binds nothing new.
 pub(crate) fn passing_dac_override<T>(start: impl FnOnce() -> T) -> T {
-    use caps::{CapSet, Capability};
     const DAC: Capability = Capability::CAP_DAC_OVERRIDE;
     let held = !is_root() && caps::has_cap(None, CapSet::Effective, DAC).unwrap_or(false);
     if !held {
