@@ -60,20 +60,15 @@ impl Janitor {
         }
         let deadline = Instant::now() + REMOVE_WAIT;
         let done = loop {
-            let Some(child) = self.child.as_mut() else {
-                break true;
-            };
-            match child.try_wait() {
-                Ok(Some(status)) => break status.success(),
-                Ok(None) if Instant::now() < deadline => {
+            match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => break status.success(),
+                None if !still_bound(path, identity) => break true,
+                Some(Ok(None)) | None if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2))
                 }
                 _ => break false,
             }
         };
-        while done && Instant::now() < deadline && still_bound(path, identity) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
         if !done || still_bound(path, identity) {
             tracing::warn!(path = %path.display(), "socket janitor did not confirm removal");
         }

@@ -72,7 +72,7 @@ impl Lifeline {
     }
 
     pub(crate) fn pause_due(&self) -> bool {
-        self.member.as_ref().is_some_and(Member::pause_due)
+        self.member.as_ref().is_some_and(|m| m.due().is_some())
     }
 
     /// Reports this task paused, with `piece` (`None`: it could not be
@@ -95,8 +95,7 @@ impl Lifeline {
     /// After a report, waits for the hand-over's outcome; `None` when
     /// nothing was reported.
     pub(crate) async fn settled(&mut self) -> Option<After> {
-        let m = self.member.as_mut().filter(|m| m.awaiting_outcome())?;
-        let after = m.outcome().await;
+        let after = self.member.as_mut()?.outcome().await?;
         self.handed_over |= after == After::Leave;
         Some(after)
     }
@@ -112,7 +111,7 @@ impl Lifeline {
             return fut.await;
         };
         tokio::pin!(fut);
-        if !m.pause_due() {
+        if m.due().is_none() {
             tokio::select! {
                 out = &mut fut => return out,
                 _ = m.pause_asked() => {}

@@ -134,8 +134,8 @@ impl Hub {
                 }
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                let inner = self.lock();
-                let waiting = inner
+                let waiting = self
+                    .lock()
                     .members
                     .values()
                     .filter(|s| matches!(s, Slot::Running))
@@ -177,20 +177,12 @@ pub(crate) struct Member {
 }
 
 impl Member {
-    fn due(&self) -> Option<u64> {
+    /// The round of a pause asked and not yet reported in.
+    pub(crate) fn due(&self) -> Option<u64> {
         match *self.phase.borrow() {
             Phase::Pausing { round } if self.reported != Some(round) => Some(round),
             _ => None,
         }
-    }
-
-    pub(crate) fn pause_due(&self) -> bool {
-        self.due().is_some()
-    }
-
-    /// Reported and not yet learnt the outcome: its socket is not its own.
-    pub(crate) fn awaiting_outcome(&self) -> bool {
-        self.reported.is_some() && self.reported != self.learnt
     }
 
     pub(crate) async fn pause_asked(&mut self) {
@@ -217,10 +209,9 @@ impl Member {
         self.hub.changed.notify_waiters();
     }
 
-    pub(crate) async fn outcome(&mut self) -> Outcome {
-        let Some(round) = self.reported else {
-            return Outcome::Resume;
-        };
+    /// `None` unless reported and not yet learnt (then its socket is not its own).
+    pub(crate) async fn outcome(&mut self) -> Option<Outcome> {
+        let round = self.reported.filter(|r| self.learnt != Some(*r))?;
         self.learnt = Some(round);
         loop {
             match *self.phase.borrow_and_update() {
@@ -232,21 +223,20 @@ impl Member {
                         self.hub.lock().members.get(&self.id),
                         Some(Slot::Taken(t)) if *t == round
                     );
-                    return match (committed, taken) {
+                    return Some(match (committed, taken) {
                         (true, true) => Outcome::Leave,
                         (true, false) => Outcome::Drain,
                         (false, _) => Outcome::Resume,
-                    };
+                    });
                 }
-                Phase::Pausing { round: r } | Phase::Settled { round: r, .. } if r > round => {
-                    return Outcome::Resume
-                }
+                Phase::Pausing { round: r } | Phase::Settled { round: r, .. } if r > round => break,
                 _ => {}
             }
             if self.phase.changed().await.is_err() {
-                return Outcome::Resume;
+                break;
             }
         }
+        Some(Outcome::Resume)
     }
 }
 
@@ -292,9 +282,9 @@ mod tests {
         b.report(piece());
         assert_eq!(p.await.unwrap().map(|v| v.len()), Some(2));
         hub.settle(false);
-        assert_eq!(a.outcome().await, Outcome::Resume);
-        assert_eq!(b.outcome().await, Outcome::Resume);
-        assert!(!a.pause_due());
+        assert_eq!(a.outcome().await, Some(Outcome::Resume));
+        assert_eq!(b.outcome().await, Some(Outcome::Resume));
+        assert!(a.due().is_none());
 
         // Committed: a member that ends meanwhile is not waited for, one
         // that joins after the pieces were taken is not handed over.
@@ -314,9 +304,9 @@ mod tests {
         late.pause_asked().await;
         late.report(piece());
         hub.settle(true);
-        assert_eq!(a.outcome().await, Outcome::Leave);
-        assert_eq!(b.outcome().await, Outcome::Leave);
-        assert_eq!(late.outcome().await, Outcome::Drain);
+        assert_eq!(a.outcome().await, Some(Outcome::Leave));
+        assert_eq!(b.outcome().await, Some(Outcome::Leave));
+        assert_eq!(late.outcome().await, Some(Outcome::Drain));
     }
 
     #[tokio::test(start_paused = true)]
@@ -332,7 +322,7 @@ mod tests {
         ok.report(piece());
         assert!(pausing.await.unwrap().is_none());
         hub.settle(false);
-        assert_eq!(ok.outcome().await, Outcome::Resume);
-        assert!(!ok.pause_due());
+        assert_eq!(ok.outcome().await, Some(Outcome::Resume));
+        assert!(ok.due().is_none());
     }
 }

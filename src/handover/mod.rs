@@ -1,14 +1,10 @@
 //! Handing live agent connections to the next forwarder process: the Kata
 //! agent never dials again after a failed write, so a restart or upgrade
 //! hands over the listening sockets, every live connection and what its
-//! reader knows (the format, the bytes of a frame not yet whole).
-//!
-//! A new forwarder with the same `--handoff-socket` connects before binding
-//! anything ([`take_over`]). The old one checks the peer ([`server`]), pauses
-//! every listener and connection between two reads ([`hub`]), sends the state
-//! ([`wire`]) and descriptors ([`fds`]), and on the ack reads nothing more,
-//! leaves its sockets in place and exits once it has exported what it read;
-//! without one it resumes where it paused.
+//! reader knows (the format, the bytes of a frame not yet whole). A new
+//! forwarder with the same `--handoff-socket` connects before binding
+//! anything ([`take_over`]); the old one ([`server`]) resumes where it
+//! paused ([`hub`]) unless it gets the ack.
 //!
 //! ```text
 //! new -> old   "KTFTAKE1"                      (8 bytes)

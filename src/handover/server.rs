@@ -1,9 +1,6 @@
 //! The running forwarder's side of a hand-over: answering successors on
 //! the hand-off socket, and starting one on `SIGHUP`.
 //!
-//! (Over 500 lines: whom it answers, the exchange, and the upgrade that
-//! ends in `exec` are one hand-over seen from the old process.)
-//!
 //! A successor is checked by `SO_PEERCRED` before it may ask
 //! ([`Server::trusts`]), never by uid alone (`nobody` is shared); anyone else
 //! is refused and logged, and nothing pauses. Each step has a deadline, and
@@ -11,11 +8,9 @@
 //! over and over.
 //!
 //! `SIGHUP` starts the binary at the path we were started from
-//! (`/proc/self/exe` would name the replaced file), with our arguments and
-//! environment, as a bridge that takes over; its failure is only logged.
-//! We flush, then execute the binary ourselves ([`Reexec`]) to take
-//! everything back, keeping the service's PID; should that fail, the bridge
-//! serves on (`MAINPID=`).
+//! (`/proc/self/exe` would name the replaced file) as a bridge that takes
+//! over. We flush, then execute it ourselves ([`Reexec`]) to take everything
+//! back, keeping the service's PID; should that fail, the bridge serves on.
 
 use std::ffi::{CString, OsString};
 use std::io::{self, Read, Write};
@@ -314,8 +309,6 @@ impl Server {
         match res {
             Ok(true) => {
                 self.hub.settle(true);
-                self.failures = 0;
-                self.backoff_until = None;
                 tracing::info!(
                     successor = pid,
                     listeners,
@@ -364,18 +357,15 @@ impl Server {
                 HandOverError::EncodeState(format!("duplicating the hand-off {what}: {e}"))
             })
         };
-        let handoff = dup(self.listener.listener.as_fd(), "socket")?;
+        let fd = dup(self.listener.listener.as_fd(), "socket")?;
         let pipe = self.listener.janitor.as_ref().and_then(|j| j.pipe.as_ref());
         let janitor = pipe.map(|p| dup(p.as_fd(), "janitor's pipe")).transpose()?;
-        let mut listeners = vec![ListenerState {
-            kind: ListenerKind::Handoff {
-                path: self.listener.path.clone(),
-                identity: self.listener.identity,
-            },
-            janitor: janitor.is_some(),
-        }];
-        let mut fds: Vec<OwnedFd> = [handoff].into_iter().chain(janitor).collect();
-        let mut connections = Vec::new();
+        let (path, identity) = (self.listener.path.clone(), self.listener.identity);
+        let kind = ListenerKind::Handoff { path, identity };
+        // Id 0 is no member's: the hand-off socket goes first.
+        let what = PieceKind::Listener { kind, janitor };
+        pieces.insert(0, (0, Piece { what, fd }));
+        let (mut listeners, mut connections, mut fds) = (Vec::new(), Vec::new(), Vec::new());
         let mut index = std::collections::HashMap::new();
         pieces.sort_by_key(|(_, p)| matches!(p.what, PieceKind::Connection { .. }));
         for (id, piece) in pieces {

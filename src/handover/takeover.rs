@@ -55,8 +55,9 @@ pub(crate) fn take_over(
             return Err(HandOverError::ConnectHandoff { path, source });
         }
     };
+    let rx = HandOverError::Receive;
     let ours = nix::unistd::getuid().as_raw();
-    let peer = fds::peer(&stream).map_err(HandOverError::Receive)?;
+    let peer = fds::peer(&stream).map_err(rx)?;
     // `peer` made the socket listen (passed along from forwarder to
     // forwarder). A root successor acts on the state's paths as root, so
     // takes only from root's; a non-root one has no more to lose to its user.
@@ -69,15 +70,6 @@ pub(crate) fn take_over(
     }
     let _ = stream.set_read_timeout(Some(STEP_TIMEOUT));
     let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
-    let (state, fds) = receive(&mut stream, max_frame_size)?;
-    sort(stream, state, fds, path).map(Some)
-}
-
-fn receive(
-    stream: &mut StdUnixStream,
-    max_frame_size: usize,
-) -> Result<(State, Vec<OwnedFd>), HandOverError> {
-    let rx = HandOverError::Receive;
     stream.write_all(&REQUEST).map_err(HandOverError::Send)?;
     let mut tag = [0u8; 1];
     stream.read_exact(&mut tag).map_err(rx)?;
@@ -101,13 +93,13 @@ fn receive(
     // Exactly what was announced: never into the descriptors' bytes.
     let want = header.body_len + wire::TRAILER_LEN;
     let mut rest = Vec::with_capacity(want.min(1 << 20));
-    stream
+    (&mut stream)
         .take(want as u64)
         .read_to_end(&mut rest)
         .map_err(rx)?;
     let state = wire::decode_body(&head, header, &rest, max_frame_size)?;
     let fds = fds::recv(stream.as_fd(), header.descriptors).map_err(rx)?;
-    Ok((state, fds))
+    sort(stream, state, fds, path).map(Some)
 }
 
 /// Checks each descriptor is the socket the state says, and pairs them up.
@@ -190,10 +182,7 @@ fn sort(
                 c.listener
             )));
         };
-        let family = match c.cid {
-            Some(_) => AddressFamily::Vsock,
-            None => AddressFamily::Unix,
-        };
+        let family = c.cid.map_or(AddressFamily::Unix, |_| AddressFamily::Vsock);
         check(&fd, family, false, "connection")?;
         connections.push(TakenConn {
             fd,

@@ -104,16 +104,12 @@ fn codec(limit: u64) -> impl Options {
 
 pub fn encode(state: &State) -> Result<Vec<u8>, HandOverError> {
     let enc = |e: bincode::Error| HandOverError::EncodeState(e.to_string());
+    // Within bincode's limit, the body and its descriptor count fit a u32.
     let body = codec(MAX_STATE_BYTES as u64)
         .serialize(state)
         .map_err(enc)?;
-    let len = u32::try_from(body.len()).map_err(|_| HandOverError::StateTooLarge {
-        len: body.len() as u64,
-        max: MAX_STATE_BYTES,
-    })?;
-    let fds = u32::try_from(state.descriptors())
-        .map_err(|_| HandOverError::EncodeState("too many descriptors".into()))?;
-    let head: RawHeader = (MAGIC, VERSION, 0, len, fds);
+    let fds = state.descriptors() as u32;
+    let head: RawHeader = (MAGIC, VERSION, 0, body.len() as u32, fds);
     let mut out = codec(HEADER_LEN as u64).serialize(&head).map_err(enc)?;
     out.reserve(body.len() + TRAILER_LEN);
     out.extend_from_slice(&body);
