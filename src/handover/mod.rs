@@ -124,25 +124,18 @@ impl HandoffListener {
             std::fs::create_dir_all(dir).map_err(err)?;
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
         }
+        let live = || std::os::unix::net::UnixStream::connect(path).is_ok();
+        let refuse = |kind, why: &str| Err(err(io::Error::new(kind, why)));
         match std::fs::symlink_metadata(path) {
             // Never a running forwarder's: a second start (failing to bind
             // its listeners) would leave it unreachable for its upgrade.
-            Ok(md)
-                if md.file_type().is_socket()
-                    && std::os::unix::net::UnixStream::connect(path).is_ok() =>
-            {
-                return Err(err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    "a running forwarder listens there (take over from it with --handoff-socket)",
-                )))
+            Ok(md) if md.file_type().is_socket() && live() => {
+                let why =
+                    "a running forwarder listens there (take over from it with --handoff-socket)";
+                return refuse(io::ErrorKind::AddrInUse, why);
             }
             Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
-            Ok(_) => {
-                return Err(err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    "exists and is not a socket",
-                )))
-            }
+            Ok(_) => return refuse(io::ErrorKind::AlreadyExists, "exists and is not a socket"),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(e)),
         }
@@ -167,15 +160,14 @@ impl HandoffListener {
 
 impl Drop for HandoffListener {
     fn drop(&mut self) {
-        if !self.remove {
+        match self.janitor.take() {
             // The janitor's pipe closes unsaid; it waits on the other holders.
-            return;
-        }
-        if let Some(j) = self.janitor.take() {
-            return j.remove(&self.path, self.identity);
-        }
-        if still_bound(&self.path, self.identity) {
-            let _ = std::fs::remove_file(&self.path);
+            _ if !self.remove => {}
+            Some(j) => j.remove(&self.path, self.identity),
+            None if still_bound(&self.path, self.identity) => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            None => {}
         }
     }
 }

@@ -306,48 +306,43 @@ impl Server {
         })
         .await
         .map(|(acked, _)| acked);
-        match res {
-            Ok(true) => {
-                self.hub.settle(true);
-                tracing::info!(
-                    successor = pid,
-                    listeners,
-                    connections,
-                    paused_for = ?started.elapsed(),
-                    "handed over: every listener and connection is the successor's"
-                );
-                // A bridge is not the service's process: we, re-executed, are.
-                let up = self.upgrade.as_ref().filter(|_| bridge == Some(pid));
-                let reexec = up.map(|(upgrade, _)| Reexec {
-                    upgrade: upgrade.clone(),
-                    bridge_pid: pid,
-                    launcher: Arc::clone(&self.launcher),
-                    stop: false,
-                });
-                if reexec.is_none() {
-                    notify(&[NotifyState::MainPid(pid as u32)]);
-                }
-                Some(Committed {
-                    successor_pid: pid,
-                    reexec,
-                })
-            }
-            Ok(false) | Err(_) => {
-                self.hub.settle(false);
-                self.failures = self.failures.saturating_add(1);
-                let backoff = FIRST_BACKOFF
-                    .saturating_mul(1 << self.failures.saturating_sub(1).min(6))
-                    .min(MAX_BACKOFF);
-                self.backoff_until = Some(Instant::now() + backoff);
-                let why = res.err().map(|e| e.to_string());
-                tracing::error!(
-                    successor = pid,
-                    error = why.as_deref().unwrap_or("no acknowledgement"),
-                    "hand-over failed: the successor did not take it; resuming"
-                );
-                None
-            }
+        self.hub.settle(matches!(res, Ok(true)));
+        if let Ok(false) | Err(_) = res {
+            self.failures = self.failures.saturating_add(1);
+            let backoff = FIRST_BACKOFF
+                .saturating_mul(1 << self.failures.saturating_sub(1).min(6))
+                .min(MAX_BACKOFF);
+            self.backoff_until = Some(Instant::now() + backoff);
+            let why = res.err().map(|e| e.to_string());
+            tracing::error!(
+                successor = pid,
+                error = why.as_deref().unwrap_or("no acknowledgement"),
+                "hand-over failed: the successor did not take it; resuming"
+            );
+            return None;
         }
+        tracing::info!(
+            successor = pid,
+            listeners,
+            connections,
+            paused_for = ?started.elapsed(),
+            "handed over: every listener and connection is the successor's"
+        );
+        // A bridge is not the service's process: we, re-executed, are.
+        let up = self.upgrade.as_ref().filter(|_| bridge == Some(pid));
+        let reexec = up.map(|(upgrade, _)| Reexec {
+            upgrade: upgrade.clone(),
+            bridge_pid: pid,
+            launcher: Arc::clone(&self.launcher),
+            stop: false,
+        });
+        if reexec.is_none() {
+            notify(&[NotifyState::MainPid(pid as u32)]);
+        }
+        Some(Committed {
+            successor_pid: pid,
+            reexec,
+        })
     }
 
     /// The state and its descriptors, in the order [`wire`] gives.

@@ -81,9 +81,8 @@ pub(crate) fn take_over(
             let len = (u32::from_be_bytes(len) as usize).min(MAX_REASON);
             let mut reason = vec![0u8; len];
             stream.read_exact(&mut reason).map_err(rx)?;
-            return Err(HandOverError::Refused(
-                String::from_utf8_lossy(&reason).into_owned(),
-            ));
+            let reason = String::from_utf8_lossy(&reason).into_owned();
+            return Err(HandOverError::Refused(reason));
         }
         other => return Err(HandOverError::ForeignState { found: vec![other] }),
     }

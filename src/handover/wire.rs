@@ -15,10 +15,8 @@
 //! The N descriptors follow ([`super::fds`]) in the body's order: each
 //! listener's socket (then its janitor's pipe), then each connection's.
 //!
-//! Every bound is checked before use (the length before the body is read,
-//! bincode's size limit, no trailing bytes, partial frames against the
-//! receiver's `--max-frame-size`, listener references); a failed check
-//! refuses the whole message, saying which, and the new process starts clean.
+//! The length is checked before the body is read; any failed check refuses
+//! the whole message, saying which, and the new process starts clean.
 
 use std::path::PathBuf;
 

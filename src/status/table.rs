@@ -69,7 +69,7 @@ impl std::fmt::Display for Report {
                     by_reason(&s.limited, "-"),
                 ]);
             }
-            out.write_str(&columns(&rows))?;
+            columns(out, &rows)?;
             if self.sandboxes_not_listed > 0 {
                 writeln!(out, "... and {} more sandboxes", self.sandboxes_not_listed)?;
             }
@@ -129,7 +129,7 @@ impl std::fmt::Display for Report {
 }
 
 /// Rows as columns, each as wide as its widest cell.
-pub(super) fn columns(rows: &[Vec<String>]) -> String {
+fn columns(out: &mut std::fmt::Formatter<'_>, rows: &[Vec<String>]) -> std::fmt::Result {
     let mut widths: Vec<usize> = Vec::new();
     for row in rows {
         widths.resize(widths.len().max(row.len()), 0);
@@ -137,17 +137,15 @@ pub(super) fn columns(rows: &[Vec<String>]) -> String {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let mut out = String::new();
     for row in rows {
         let line: String = row
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}  "))
             .collect();
-        out.push_str(line.trim_end());
-        out.push('\n');
+        writeln!(out, "{}", line.trim_end())?;
     }
-    out
+    Ok(())
 }
 
 /// `total (reason n, ...)` for the reasons not 0; `none` for a 0 total.
