@@ -20,7 +20,7 @@ const REMOVE_WAIT: Duration = Duration::from_secs(2);
 /// first one's child, living while some forwarder holds the writing end.
 pub(crate) struct Janitor {
     child: Option<Child>,
-    pub(crate) pipe: Option<std::fs::File>,
+    pub(crate) pipe: Option<ChildStdin>,
 }
 
 impl Janitor {
@@ -34,20 +34,16 @@ impl Janitor {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let pipe = child
-            .stdin
-            .take()
-            .map(|s: ChildStdin| std::fs::File::from(std::os::fd::OwnedFd::from(s)));
         Ok(Janitor {
+            pipe: child.stdin.take(),
             child: Some(child),
-            pipe,
         })
     }
 
     pub(crate) fn adopt(pipe: std::os::fd::OwnedFd) -> Janitor {
         Janitor {
             child: None,
-            pipe: Some(std::fs::File::from(pipe)),
+            pipe: Some(ChildStdin::from(pipe)),
         }
     }
 

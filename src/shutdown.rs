@@ -13,11 +13,9 @@ use tokio_util::sync::CancellationToken;
 pub enum Mode {
     /// Stop accepting, read what agents already wrote, flush, exit.
     Drain,
-    /// A successor serves everything now: read nothing more, flush, leave
-    /// the sockets in place, exit.
+    /// A successor serves everything: read nothing more, flush, leave the sockets, exit.
     HandOver,
-    /// systemd's fd store keeps everything for the next process: read each
-    /// connection to the end of its frame, flush, leave all open, exit.
+    /// systemd's store keeps everything: read each connection to a frame's end, flush, exit.
     Store,
 }
 

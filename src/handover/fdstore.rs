@@ -55,11 +55,8 @@ pub(crate) fn connection_name(fd: BorrowedFd<'_>) -> Option<String> {
 }
 
 pub(crate) fn listener_name(fd: BorrowedFd<'_>, identity: Option<(u64, u64)>) -> Option<String> {
-    let ino = sock_ino(fd)?;
-    Some(match identity {
-        Some((dev, file)) => format!("{LISTENER}{ino}-{dev}-{file}"),
-        None => format!("{LISTENER}{ino}"),
-    })
+    let file = identity.map_or(String::new(), |(dev, ino)| format!("-{dev}-{ino}"));
+    Some(format!("{LISTENER}{}{file}", sock_ino(fd)?))
 }
 
 pub(crate) fn janitor_name(listener: BorrowedFd<'_>) -> Option<String> {

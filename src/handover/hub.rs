@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,14 +60,9 @@ enum Slot {
     Taken(u64),
 }
 
-#[derive(Default)]
-struct Inner {
-    next_id: u64,
-    members: HashMap<u64, Slot>,
-}
-
 pub(crate) struct Hub {
-    inner: Mutex<Inner>,
+    members: Mutex<HashMap<u64, Slot>>,
+    next_id: AtomicU64,
     phase: watch::Sender<Phase>,
     /// A member reported or left.
     changed: Notify,
@@ -75,21 +71,20 @@ pub(crate) struct Hub {
 impl Hub {
     pub(crate) fn new() -> Arc<Hub> {
         Arc::new(Hub {
-            inner: Mutex::new(Inner::default()),
+            members: Mutex::default(),
+            next_id: AtomicU64::new(1),
             phase: watch::Sender::new(Phase::Serving),
             changed: Notify::new(),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Slot>> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn member(self: &Arc<Self>) -> Member {
-        let mut inner = self.lock();
-        inner.next_id += 1;
-        let id = inner.next_id;
-        inner.members.insert(id, Slot::Running);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, Slot::Running);
         Member {
             hub: Arc::clone(self),
             id,
@@ -111,17 +106,17 @@ impl Hub {
         loop {
             let changed = self.changed.notified();
             {
-                let mut inner = self.lock();
+                let mut members = self.lock();
                 let done =
                     |s: &Slot| matches!(s, Slot::Reported(r, _) | Slot::Quiet(r) if *r == round);
                 let failed = |s: &Slot| matches!(s, Slot::Reported(_, None));
-                if inner.members.values().all(done) {
-                    if inner.members.values().any(failed) {
+                if members.values().all(done) {
+                    if members.values().any(failed) {
                         tracing::warn!("hand-over: a socket could not be duplicated; resuming");
                         return None;
                     }
-                    let mut pieces = Vec::with_capacity(inner.members.len());
-                    for (id, slot) in inner.members.iter_mut() {
+                    let mut pieces = Vec::with_capacity(members.len());
+                    for (id, slot) in members.iter_mut() {
                         // A quiet member is taken too: it learns the outcome.
                         if let Slot::Reported(_, Some(piece)) =
                             std::mem::replace(slot, Slot::Taken(round))
@@ -136,7 +131,6 @@ impl Hub {
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 let waiting = self
                     .lock()
-                    .members
                     .values()
                     .filter(|s| matches!(s, Slot::Running))
                     .count();
@@ -157,8 +151,7 @@ impl Hub {
         };
         if !committed {
             // Whatever was reported or taken is theirs again.
-            let mut inner = self.lock();
-            for slot in inner.members.values_mut() {
+            for slot in self.lock().values_mut() {
                 *slot = Slot::Running;
             }
         }
@@ -205,7 +198,7 @@ impl Member {
     fn put(&mut self, slot: impl FnOnce(u64) -> Slot) {
         let Some(round) = self.due() else { return };
         self.reported = Some(round);
-        self.hub.lock().members.insert(self.id, slot(round));
+        self.hub.lock().insert(self.id, slot(round));
         self.hub.changed.notify_waiters();
     }
 
@@ -220,7 +213,7 @@ impl Member {
                     committed,
                 } if r == round => {
                     let taken = matches!(
-                        self.hub.lock().members.get(&self.id),
+                        self.hub.lock().get(&self.id),
                         Some(Slot::Taken(t)) if *t == round
                     );
                     return Some(match (committed, taken) {
@@ -242,7 +235,7 @@ impl Member {
 
 impl Drop for Member {
     fn drop(&mut self) {
-        self.hub.lock().members.remove(&self.id);
+        self.hub.lock().remove(&self.id);
         self.hub.changed.notify_waiters();
     }
 }

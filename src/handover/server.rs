@@ -364,6 +364,7 @@ impl Server {
         let mut index = std::collections::HashMap::new();
         pieces.sort_by_key(|(_, p)| matches!(p.what, PieceKind::Connection { .. }));
         for (id, piece) in pieces {
+            fds.push(piece.fd);
             match piece.what {
                 PieceKind::Listener { kind, janitor } => {
                     index.insert(id, listeners.len() as u32);
@@ -371,7 +372,6 @@ impl Server {
                         janitor: janitor.is_some(),
                         kind,
                     });
-                    fds.push(piece.fd);
                     fds.extend(janitor);
                 }
                 PieceKind::Connection {
@@ -384,7 +384,6 @@ impl Server {
                         )
                     })?;
                     connections.push(state);
-                    fds.push(piece.fd);
                 }
             }
         }

@@ -195,10 +195,7 @@ impl Board {
         let not_listed = sandboxes.len().saturating_sub(MAX_LISTED);
         sandboxes.truncate(MAX_LISTED);
         let snap = self.stats.snapshot();
-        let counters = match serde_json::to_value(snap) {
-            Ok(serde_json::Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
-        };
+        let counters = serde_json::to_value(snap).and_then(serde_json::from_value);
         Report {
             format: FORMAT,
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -220,7 +217,7 @@ impl Board {
                 pending_spans: pending,
                 spool: self.exporter.spool.as_ref().map(|s| s.depth()),
             },
-            counters,
+            counters: counters.unwrap_or_default(),
         }
     }
 

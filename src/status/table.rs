@@ -39,11 +39,10 @@ impl std::fmt::Display for Report {
     fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let now = self.now_unix_ms;
         let up = duration(Duration::from_secs(self.uptime_seconds));
-        let (version, socket) = (clean(&self.version), self.socket.display());
+        let (version, pid, socket) = (clean(&self.version), self.pid, self.socket.display());
         writeln!(
             out,
-            "kata-trace-forwarder {version} (pid {}), up {up}, asked at {socket}",
-            self.pid
+            "kata-trace-forwarder {version} (pid {pid}), up {up}, asked at {socket}"
         )?;
         writeln!(out, "listening on:")?;
         for l in &self.listeners {
@@ -76,11 +75,8 @@ impl std::fmt::Display for Report {
         }
         let e = &self.exporter;
         writeln!(out, "\nexporter: {}", clean(&e.collector))?;
-        writeln!(
-            out,
-            "  last success: {}",
-            since(now, e.health.last_success_unix_ms)
-        )?;
+        let success = since(now, e.health.last_success_unix_ms);
+        writeln!(out, "  last success: {success}")?;
         if let Some(f) = &e.health.last_failure {
             let at = since(now, Some(f.at_unix_ms));
             writeln!(out, "  last failure: {at}: {}", clean(&f.error))?;
@@ -93,15 +89,14 @@ impl std::fmt::Display for Report {
         let (pending, queued) = (e.pending_spans, e.queue_spans);
         writeln!(out, "  in memory: {pending} spans ({queued} in the queue, the rest being sent or waiting for room)")?;
         match &e.spool {
-            Some(s) => writeln!(
-                out,
-                "  spool: {} batches, {} spans, {} of {} in {}",
-                s.batches,
-                s.spans,
-                bytes(s.bytes),
-                bytes(s.max_bytes),
-                s.dir.display()
-            )?,
+            Some(s) => {
+                let (batches, spans, dir) = (s.batches, s.spans, s.dir.display());
+                let (used, max) = (bytes(s.bytes), bytes(s.max_bytes));
+                writeln!(
+                    out,
+                    "  spool: {batches} batches, {spans} spans, {used} of {max} in {dir}"
+                )?
+            }
             None => writeln!(out, "  spool: none (--spool-dir not given)")?,
         }
         let t = |k: &str| self.counters.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
