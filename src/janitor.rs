@@ -47,9 +47,8 @@ impl Janitor {
         }
     }
 
-    /// Has the socket at `path` removed, waiting at most [`REMOVE_WAIT`]
-    /// for our child to end, or for the file to go (one taken over is not
-    /// our child); warns if it stays.
+    /// Has the socket at `path` removed, waiting at most [`REMOVE_WAIT`] for our
+    /// child to end, or for the file to go (one taken over); warns if it stays.
     pub(crate) fn remove(mut self, path: &Path, identity: (u64, u64)) {
         if let Some(mut pipe) = self.pipe.take() {
             let _ = pipe.write_all(b"remove\n");

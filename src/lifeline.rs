@@ -124,7 +124,8 @@ impl Lifeline {
     /// Whether what this task holds stays (handed over, or stopping into
     /// systemd's store) rather than being cleaned up.
     pub(crate) fn leaves(&self) -> bool {
-        self.handed_over || self.shutdown.phase().is_some_and(|p| p.mode == Mode::Store)
+        let stopping = *self.shutdown.stopping.borrow();
+        self.handed_over || stopping.is_some_and(|p| p.mode == Mode::Store)
     }
 }
 

@@ -29,8 +29,9 @@ pub struct Stopping {
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
     token: CancellationToken,
-    /// Shared by a shutdown and all its children: set once, by the root.
-    stopping: Arc<watch::Sender<Option<Stopping>>>,
+    /// How the whole forwarder is stopping, if it is. Shared by a shutdown
+    /// and all its children: set once, by the root.
+    pub(crate) stopping: Arc<watch::Sender<Option<Stopping>>>,
 }
 
 impl Shutdown {
@@ -65,13 +66,8 @@ impl Shutdown {
         self.token.cancelled().await;
     }
 
-    /// How the whole forwarder is stopping, if it is.
-    pub fn phase(&self) -> Option<Stopping> {
-        *self.stopping.borrow()
-    }
-
     pub fn deadline(&self) -> Option<Instant> {
-        self.phase().map(|s| s.deadline)
+        self.stopping.borrow().map(|s| s.deadline)
     }
 
     pub(crate) fn past_deadline(&self) -> bool {

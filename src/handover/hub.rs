@@ -1,10 +1,8 @@
-//! Pausing every listener and connection at once for a hand-over, and
-//! resuming them if the successor does not take them.
-//!
-//! Each serving task is a [`Member`]: paused where its state is whole, it
-//! reports a [`Piece`] (its descriptor duplicated, and what the successor
-//! must know) and waits for the outcome without touching its socket; a
-//! refused hand-over costs only the pause.
+//! Pausing every listener and connection at once for a hand-over. Each
+//! serving task is a [`Member`]: paused where its state is whole, it reports
+//! a [`Piece`] (its descriptor duplicated, and what the successor must know)
+//! and waits for the outcome without touching its socket; a refused
+//! hand-over costs only the pause.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;

@@ -81,8 +81,7 @@ pub enum HandOverError {
 }
 
 impl wire::ConnState {
-    /// A paused connection's piece; none if its socket cannot be duplicated
-    /// (the hand-over is then refused).
+    /// Its piece once paused; `None` (refusing the hand-over) if its socket cannot be duplicated.
     pub(crate) fn piece(self, stream: &impl AsFd, listener: u64) -> Option<Piece> {
         let fd = stream
             .as_fd()

@@ -150,8 +150,7 @@ pub fn decode_header(head: &[u8; HEADER_LEN]) -> Result<Header, HandOverError> {
     })
 }
 
-/// Checks and decodes the body (`rest`: the body and the CRC, as read after
-/// `head`). `max_frame_size` is the receiver's own limit.
+/// Checks and decodes `rest` (the body and CRC after `head`) within our `max_frame_size`.
 pub(crate) fn decode_body(
     head: &[u8; HEADER_LEN],
     header: Header,
