@@ -5,7 +5,7 @@
 //! leave the socket behind.
 
 use std::ffi::OsString;
-use std::io::{self, BufRead, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
@@ -80,7 +80,6 @@ pub fn janitor_main(args: &[OsString]) -> ExitCode {
     use nix::sys::signal::{SigSet, Signal::*};
     // Single-threaded: blocked for this thread is blocked for the process.
     let _ = SigSet::from_iter([SIGTERM, SIGINT, SIGHUP]).thread_block();
-
     let num = |i: usize| args.get(i)?.to_str()?.parse::<u64>().ok();
     let (Some(path), Some(dev), Some(ino)) = (args.first().map(PathBuf::from), num(1), num(2))
     else {
@@ -88,8 +87,7 @@ pub fn janitor_main(args: &[OsString]) -> ExitCode {
         return ExitCode::from(2);
     };
     // Any line, or end of input (the forwarder is gone), means: clean up.
-    let mut line = String::new();
-    let _ = io::stdin().lock().read_line(&mut line);
+    let _ = io::stdin().read_line(&mut String::new());
     if still_bound(&path, (dev, ino)) {
         if let Err(e) = std::fs::remove_file(&path) {
             eprintln!("{JANITOR_ARG}: removing {}: {e}", path.display());

@@ -12,9 +12,6 @@
 //!          or  'R', length (u32, big-endian, at most 4 KiB), reason (UTF-8)
 //! new -> old   'A' once it holds everything and will serve it
 //! ```
-//!
-//! `status` asks on the same socket, under the same peer check, with
-//! "KTFSTAT1"; nothing pauses ([`crate::status`]).
 
 pub mod fds;
 pub(crate) mod fdstore;

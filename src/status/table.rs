@@ -178,12 +178,10 @@ pub(super) fn duration(d: Duration) -> String {
 /// Bytes in binary units, one decimal.
 pub(super) fn bytes(n: u64) -> String {
     let i = (n.max(1).ilog2() / 10).min(4);
-    let unit = ["B", "KiB", "MiB", "GiB", "TiB"]
-        .get(i as usize)
-        .unwrap_or(&"TiB");
-    match i {
-        0 => format!("{n} B"),
-        _ => format!("{:.1} {unit}", n as f64 / 1024f64.powi(i as i32)),
+    let units = ["KiB", "MiB", "GiB", "TiB"];
+    match (i as usize).checked_sub(1).and_then(|j| units.get(j)) {
+        Some(unit) => format!("{:.1} {unit}", n as f64 / 1024f64.powi(i as i32)),
+        None => format!("{n} B"),
     }
 }
 
