@@ -443,27 +443,23 @@ impl Reexec {
         let path = c(self.upgrade.exe.as_os_str().as_bytes())?;
         let args = self.upgrade.args.iter().map(|a| c(a.as_bytes()));
         let argv = std::iter::once(Ok(path.clone())).chain(args);
+        let argv = argv.collect::<io::Result<_>>()?;
         let env = std::env::vars_os()
             .filter(|(k, _)| k != BRIDGE_ENV && k != TAKE_OVER_ENV)
             .map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
-            .chain([c(format!("{TAKE_OVER_ENV}=1").as_bytes())]);
-        Ok((
-            path,
-            argv.collect::<Result<_, _>>()?,
-            env.collect::<Result<_, _>>()?,
-        ))
+            .chain([c(format!("{TAKE_OVER_ENV}=1").as_bytes())])
+            .collect::<io::Result<_>>()?;
+        Ok((path, argv, env))
     }
 
     /// After a failed [`exec`](Self::exec): the bridge is the service's process.
     pub fn give_way(self) {
+        let bridge = self.bridge_pid;
         tracing::error!(
-            bridge = self.bridge_pid,
+            bridge,
             "upgrade: could not become the new binary; the bridge serves on as the service's process"
         );
-        notify(&[
-            NotifyState::MainPid(self.bridge_pid as u32),
-            NotifyState::Ready,
-        ]);
+        notify(&[NotifyState::MainPid(bridge as u32), NotifyState::Ready]);
     }
 }
 
