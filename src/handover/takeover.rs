@@ -149,28 +149,25 @@ fn sort(
             ListenerKind::Vsock { .. } => (AddressFamily::Vsock, "vsock listener"),
         };
         check(&fd, family, true, what)?;
-        if let ListenerKind::Handoff { path, identity } = l.kind {
-            let std = StdUnixListener::from(fd);
-            let listener = std
-                .set_nonblocking(true)
-                .and_then(|()| tokio::net::UnixListener::from_std(std))
-                .map_err(|e| HandOverError::AdoptSocket(format!("hand-off socket: {e}")))?;
-            handoff = Some(HandoffListener {
-                listener,
-                path,
-                identity,
-                remove: false,
-                janitor: janitor.map(Janitor::adopt),
-            });
-            index.push(None);
+        let ListenerKind::Handoff { path, identity } = l.kind else {
+            index.push(Some(listeners.len()));
+            let kind = l.kind;
+            listeners.push(TakenListener { fd, kind, janitor });
             continue;
-        }
-        index.push(Some(listeners.len()));
-        listeners.push(TakenListener {
-            fd,
-            kind: l.kind,
-            janitor,
+        };
+        let std = StdUnixListener::from(fd);
+        let listener = std
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixListener::from_std(std))
+            .map_err(|e| HandOverError::AdoptSocket(format!("hand-off socket: {e}")))?;
+        handoff = Some(HandoffListener {
+            listener,
+            path,
+            identity,
+            remove: false,
+            janitor: janitor.map(Janitor::adopt),
         });
+        index.push(None);
     }
     let mut connections = Vec::with_capacity(state.connections.len());
     for c in state.connections {

@@ -21,9 +21,8 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-pub use crate::export::spool::Depth;
+pub use crate::export::{spool::Depth, HealthSnapshot};
 use crate::export::{unix_ms, Exporter};
-pub use crate::export::{Failure, HealthSnapshot};
 use crate::stats::{DropReason, FamilySnapshot, Label, Stats};
 use crate::tenant::Tenants;
 
@@ -259,6 +258,7 @@ use table::{bytes, duration};
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::Failure;
     use crate::tenant::LimitReason;
 
     fn report() -> Report {

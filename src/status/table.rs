@@ -10,8 +10,7 @@ pub fn print(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<bool> {
-    let mut all = true;
-    let mut first = true;
+    let (mut all, mut first) = (true, true);
     for r in gather(target, CLIENT_TIMEOUT) {
         match r {
             Ok(report) if json => {
