@@ -1,8 +1,7 @@
 //! The socket janitor, our binary re-executed as root to wait on a pipe: on
 //! `remove`, or when the pipe closes (the forwarder died), it removes the
-//! socket if still the very file bound. It reads nothing from guests and
-//! blocks SIGTERM and SIGINT: a signal to the process group cannot make it
-//! leave the socket behind.
+//! socket if still the very file bound. It reads nothing from guests, and
+//! blocks the stop signals sent to the process group: the socket never stays.
 
 use std::ffi::OsString;
 use std::io::{self, Write};

@@ -8,9 +8,8 @@
 //! over and over.
 //!
 //! `SIGHUP` starts the binary at the path we were started from
-//! (`/proc/self/exe` would name the replaced file) as a bridge that takes
-//! over. We flush, then execute it ourselves ([`Reexec`]) to take everything
-//! back, keeping the service's PID; should that fail, the bridge serves on.
+//! (`/proc/self/exe` would name the replaced file) as a bridge; once flushed,
+//! we execute it ourselves ([`Reexec`]), keeping the service's PID.
 
 use std::ffi::{CString, OsString};
 use std::io::{self, Read, Write};
@@ -266,12 +265,9 @@ impl Server {
             }
         };
         if let Some(until) = self.backoff_until.filter(|u| *u > Instant::now()) {
-            let wait = until - Instant::now();
-            tracing::warn!(pid, failures = self.failures, retry_in = ?wait, "hand-off socket: refused a takeover: backing off after failed hand-overs");
-            let why = format!(
-                "{} hand-overs failed in a row; retry in {wait:?}",
-                self.failures
-            );
+            let (wait, failures) = (until - Instant::now(), self.failures);
+            tracing::warn!(pid, failures, retry_in = ?wait, "hand-off socket: refused a takeover: backing off after failed hand-overs");
+            let why = format!("{failures} hand-overs failed in a row; retry in {wait:?}");
             refuse(stream, why).await;
             return None;
         }

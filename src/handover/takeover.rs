@@ -137,11 +137,9 @@ fn sort(
         let (family, what) = match &l.kind {
             // The only file we would bind, so the only one we may remove.
             ListenerKind::Handoff { path, .. } if path != handoff_path => {
-                return Err(HandOverError::CheckState(format!(
-                    "a hand-off socket at {}, ours is {}",
-                    path.display(),
-                    handoff_path.display()
-                )));
+                let (theirs, ours) = (path.display(), handoff_path.display());
+                let why = format!("a hand-off socket at {theirs}, ours is {ours}");
+                return Err(HandOverError::CheckState(why));
             }
             ListenerKind::Handoff { .. } => (AddressFamily::Unix, "hand-off socket"),
             ListenerKind::Hybrid { .. } => (AddressFamily::Unix, "hybrid listener"),
@@ -173,10 +171,9 @@ fn sort(
     for c in state.connections {
         let fd = next("connection")?;
         let Some(Some(listener)) = index.get(c.listener as usize).copied() else {
-            return Err(HandOverError::CheckState(format!(
-                "a connection of listener {} (not an agent listener)",
-                c.listener
-            )));
+            let l = c.listener;
+            let why = format!("a connection of listener {l} (not an agent listener)");
+            return Err(HandOverError::CheckState(why));
         };
         let family = c.cid.map_or(AddressFamily::Unix, |_| AddressFamily::Vsock);
         check(&fd, family, false, "connection")?;

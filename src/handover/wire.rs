@@ -157,12 +157,10 @@ pub(crate) fn decode_body(
     rest: &[u8],
     max_frame_size: usize,
 ) -> Result<State, HandOverError> {
-    if rest.len() != header.body_len + TRAILER_LEN {
-        return Err(HandOverError::CheckState(format!(
-            "{} bytes after the header, {} announced",
-            rest.len(),
-            header.body_len + TRAILER_LEN
-        )));
+    let (len, announced) = (rest.len(), header.body_len + TRAILER_LEN);
+    if len != announced {
+        let why = format!("{len} bytes after the header, {announced} announced");
+        return Err(HandOverError::CheckState(why));
     }
     let (body, crc) = rest.split_at(header.body_len);
     let want = crc.try_into().map(u32::from_be_bytes).unwrap_or(0);
@@ -189,21 +187,16 @@ fn check(state: &State, header: Header, max_frame_size: usize) -> Result<(), Han
     if state.connections.len() > MAX_CONNECTIONS {
         return bad(format!("{} connections", state.connections.len()));
     }
-    if state.descriptors() != header.descriptors {
-        return bad(format!(
-            "{} descriptors announced, the state needs {}",
-            header.descriptors,
-            state.descriptors()
-        ));
+    let (sent, needs) = (header.descriptors, state.descriptors());
+    if sent != needs {
+        let why = format!("{sent} descriptors announced, the state needs {needs}");
+        return bad(why);
     }
     let max_partial = max_frame_size.saturating_add(crate::wire::HEADER_LEN);
     for (i, c) in state.connections.iter().enumerate() {
         let Some(l) = state.listeners.get(c.listener as usize) else {
-            return bad(format!(
-                "connection {i} names listener {} of {}",
-                c.listener,
-                state.listeners.len()
-            ));
+            let (n, of) = (c.listener, state.listeners.len());
+            return bad(format!("connection {i} names listener {n} of {of}"));
         };
         match (&l.kind, c.cid) {
             (ListenerKind::Hybrid { .. } | ListenerKind::Sandbox { .. }, None)

@@ -5,8 +5,7 @@ use super::*;
 
 type Answer = Result<Report, StatusError>;
 
-/// Asks the forwarder at `path` on a thread of its own, within `timeout` in
-/// all; what it returns waits for the answer.
+/// Asks the forwarder at `path` within `timeout` in all; what it returns waits for the answer.
 fn start(path: &Path, timeout: Duration) -> impl FnOnce() -> Answer {
     let (tx, rx) = std::sync::mpsc::channel();
     let p = path.to_owned();

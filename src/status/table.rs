@@ -109,15 +109,12 @@ impl std::fmt::Display for Report {
             true => String::new(),
             false => format!(" ({})", dropped.join(", ")),
         };
+        let (received, exported) = (t("spans_received"), t("spans_exported"));
+        let (rejected, spooled) = (t("spans_rejected"), t("spans_spooled"));
+        let (unspooled, total) = (t("spans_unspooled"), t("spans_dropped"));
         writeln!(
             out,
-            "totals: received {}, exported {}, rejected {}, spooled {}, sent from the spool {}, dropped {}{dropped}",
-            t("spans_received"),
-            t("spans_exported"),
-            t("spans_rejected"),
-            t("spans_spooled"),
-            t("spans_unspooled"),
-            t("spans_dropped"),
+            "totals: received {received}, exported {exported}, rejected {rejected}, spooled {spooled}, sent from the spool {unspooled}, dropped {total}{dropped}"
         )
     }
 }
