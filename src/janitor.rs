@@ -1,11 +1,10 @@
 //! The socket janitor, our binary re-executed as root to wait on a pipe: on
 //! `remove`, or when the pipe closes (the forwarder died), it removes the
-//! socket if still the very file bound. It reads nothing from guests and
-//! blocks SIGTERM and SIGINT: a signal to the process group cannot make it
-//! leave the socket behind.
+//! socket if still the very file bound. It reads nothing from guests, and
+//! blocks the stop signals sent to the process group: the socket never stays.
 
 use std::ffi::OsString;
-use std::io::{self, BufRead, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
@@ -20,7 +19,7 @@ const REMOVE_WAIT: Duration = Duration::from_secs(2);
 /// first one's child, living while some forwarder holds the writing end.
 pub(crate) struct Janitor {
     child: Option<Child>,
-    pub(crate) pipe: Option<std::fs::File>,
+    pub(crate) pipe: Option<ChildStdin>,
 }
 
 impl Janitor {
@@ -34,46 +33,36 @@ impl Janitor {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let pipe = child
-            .stdin
-            .take()
-            .map(|s: ChildStdin| std::fs::File::from(std::os::fd::OwnedFd::from(s)));
         Ok(Janitor {
+            pipe: child.stdin.take(),
             child: Some(child),
-            pipe,
         })
     }
 
     pub(crate) fn adopt(pipe: std::os::fd::OwnedFd) -> Janitor {
         Janitor {
             child: None,
-            pipe: Some(std::fs::File::from(pipe)),
+            pipe: Some(ChildStdin::from(pipe)),
         }
     }
 
-    /// Has the socket at `path` removed, waiting at most [`REMOVE_WAIT`]
-    /// for our child to end, or for the file to go (one taken over is not
-    /// our child); warns if it stays.
+    /// Has the socket at `path` removed, waiting at most [`REMOVE_WAIT`] for our
+    /// child to end, or for the file to go (one taken over); warns if it stays.
     pub(crate) fn remove(mut self, path: &Path, identity: (u64, u64)) {
         if let Some(mut pipe) = self.pipe.take() {
             let _ = pipe.write_all(b"remove\n");
         }
         let deadline = Instant::now() + REMOVE_WAIT;
         let done = loop {
-            let Some(child) = self.child.as_mut() else {
-                break true;
-            };
-            match child.try_wait() {
-                Ok(Some(status)) => break status.success(),
-                Ok(None) if Instant::now() < deadline => {
+            match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => break status.success(),
+                None if !still_bound(path, identity) => break true,
+                Some(Ok(None)) | None if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2))
                 }
                 _ => break false,
             }
         };
-        while done && Instant::now() < deadline && still_bound(path, identity) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
         if !done || still_bound(path, identity) {
             tracing::warn!(path = %path.display(), "socket janitor did not confirm removal");
         }
@@ -90,7 +79,6 @@ pub fn janitor_main(args: &[OsString]) -> ExitCode {
     use nix::sys::signal::{SigSet, Signal::*};
     // Single-threaded: blocked for this thread is blocked for the process.
     let _ = SigSet::from_iter([SIGTERM, SIGINT, SIGHUP]).thread_block();
-
     let num = |i: usize| args.get(i)?.to_str()?.parse::<u64>().ok();
     let (Some(path), Some(dev), Some(ino)) = (args.first().map(PathBuf::from), num(1), num(2))
     else {
@@ -98,8 +86,7 @@ pub fn janitor_main(args: &[OsString]) -> ExitCode {
         return ExitCode::from(2);
     };
     // Any line, or end of input (the forwarder is gone), means: clean up.
-    let mut line = String::new();
-    let _ = io::stdin().lock().read_line(&mut line);
+    let _ = io::stdin().read_line(&mut String::new());
     if still_bound(&path, (dev, ino)) {
         if let Err(e) = std::fs::remove_file(&path) {
             eprintln!("{JANITOR_ARG}: removing {}: {e}", path.display());

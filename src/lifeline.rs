@@ -52,8 +52,7 @@ impl Lifeline {
         self.under(self.shutdown.clone())
     }
 
-    /// This task's id in a hand-over (0 outside): a connection's piece
-    /// names its accept loop's.
+    /// This task's id in a hand-over (0 outside): a connection's piece names its accept loop's.
     pub(crate) fn id(&self) -> u64 {
         self.member.as_ref().map_or(0, |m| m.id)
     }
@@ -72,19 +71,17 @@ impl Lifeline {
     }
 
     pub(crate) fn pause_due(&self) -> bool {
-        self.member.as_ref().is_some_and(Member::pause_due)
+        self.member.as_ref().is_some_and(|m| m.due().is_some())
     }
 
-    /// Reports this task paused, with `piece` (`None`: it could not be
-    /// made, and the hand-over is refused).
+    /// Reports this task paused with `piece` (`None`: not made, and the hand-over is refused).
     pub(crate) fn report(&mut self, piece: Option<Piece>) {
         if let Some(m) = self.member.as_mut() {
             m.report(piece);
         }
     }
 
-    /// Reports a task with no socket of its own (a watcher, the planner)
-    /// paused, and waits for the outcome.
+    /// Reports a task without a socket (a watcher, the planner) paused; waits for the outcome.
     pub(crate) async fn pause_quiet(&mut self) -> After {
         if let Some(m) = self.member.as_mut() {
             m.report_quiet();
@@ -92,11 +89,9 @@ impl Lifeline {
         self.settled().await.unwrap_or(After::Resume)
     }
 
-    /// After a report, waits for the hand-over's outcome; `None` when
-    /// nothing was reported.
+    /// After a report, waits for the hand-over's outcome; `None` when nothing was reported.
     pub(crate) async fn settled(&mut self) -> Option<After> {
-        let m = self.member.as_mut().filter(|m| m.awaiting_outcome())?;
-        let after = m.outcome().await;
+        let after = self.member.as_mut()?.outcome().await?;
         self.handed_over |= after == After::Leave;
         Some(after)
     }
@@ -112,7 +107,7 @@ impl Lifeline {
             return fut.await;
         };
         tokio::pin!(fut);
-        if !m.pause_due() {
+        if m.due().is_none() {
             tokio::select! {
                 out = &mut fut => return out,
                 _ = m.pause_asked() => {}
@@ -122,10 +117,10 @@ impl Lifeline {
         fut.await
     }
 
-    /// Whether what this task holds stays (handed over, or stopping into
-    /// systemd's store) rather than being cleaned up.
+    /// Whether what this task holds stays (handed over, or stopping into systemd's store).
     pub(crate) fn leaves(&self) -> bool {
-        self.handed_over || self.shutdown.phase().is_some_and(|p| p.mode == Mode::Store)
+        let stopping = *self.shutdown.stopping.borrow();
+        self.handed_over || stopping.is_some_and(|p| p.mode == Mode::Store)
     }
 }
 

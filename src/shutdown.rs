@@ -1,7 +1,6 @@
 //! One way to stop: a cancellation token plus the deadline shared by both
-//! phases (connections drain, then what was read is flushed). A sandbox
-//! gets a [`child`](Shutdown::child): stopped with the forwarder, or alone,
-//! its connections then draining until quiet, with no deadline.
+//! phases (connections drain, then what was read is flushed). A sandbox's
+//! [`child`](Shutdown::child) stops with the forwarder, or alone with no deadline.
 
 use std::sync::Arc;
 
@@ -13,11 +12,9 @@ use tokio_util::sync::CancellationToken;
 pub enum Mode {
     /// Stop accepting, read what agents already wrote, flush, exit.
     Drain,
-    /// A successor serves everything now: read nothing more, flush, leave
-    /// the sockets in place, exit.
+    /// A successor serves everything: read nothing more, flush, leave the sockets, exit.
     HandOver,
-    /// systemd's fd store keeps everything for the next process: read each
-    /// connection to the end of its frame, flush, leave all open, exit.
+    /// systemd's store keeps everything: read each connection to a frame's end, flush, exit.
     Store,
 }
 
@@ -31,8 +28,9 @@ pub struct Stopping {
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
     token: CancellationToken,
-    /// Shared by a shutdown and all its children: set once, by the root.
-    stopping: Arc<watch::Sender<Option<Stopping>>>,
+    /// How the whole forwarder is stopping, if it is. Shared by a shutdown
+    /// and all its children: set once, by the root.
+    pub(crate) stopping: Arc<watch::Sender<Option<Stopping>>>,
 }
 
 impl Shutdown {
@@ -67,13 +65,8 @@ impl Shutdown {
         self.token.cancelled().await;
     }
 
-    /// How the whole forwarder is stopping, if it is.
-    pub fn phase(&self) -> Option<Stopping> {
-        *self.stopping.borrow()
-    }
-
     pub fn deadline(&self) -> Option<Instant> {
-        self.phase().map(|s| s.deadline)
+        self.stopping.borrow().map(|s| s.deadline)
     }
 
     pub(crate) fn past_deadline(&self) -> bool {
@@ -94,10 +87,9 @@ fn stop_and_upgrade_signals() -> nix::sys::signal::SigSet {
     [SIGHUP, SIGTERM, SIGINT].into_iter().collect()
 }
 
-/// Blocks the stop and upgrade signals on this thread and those it starts.
-/// Call first in `main`. Blocked, not ignored: one that comes before the
-/// runtime handles it (an upgraded binary starting) stays pending until
-/// [`SignalGate`] lets it through, rather than killing us or being lost.
+/// Blocks the stop and upgrade signals on this thread and those it starts; call
+/// first in `main`. Blocked, not ignored: one before the runtime handles it (an
+/// upgraded binary starting) stays pending for [`SignalGate`], neither lost nor killing us.
 pub fn block_stop_signals() {
     let _ = stop_and_upgrade_signals().thread_block();
 }
@@ -108,9 +100,8 @@ pub fn unblock_stop_signals() {
 }
 
 /// The one thread the stop and upgrade signals are delivered to, so that
-/// [`hold`](Self::hold) stops their delivery for the whole process before
-/// an upgrade's `exec` (they stay pending for the new binary). Start it
-/// once the runtime's handlers are in place.
+/// [`hold`](Self::hold) keeps them pending for the whole process across an
+/// upgrade's `exec`. Start it once the runtime's handlers are in place.
 pub struct SignalGate {
     /// Dropped to hold: the thread then blocks them and ends.
     hold: std::sync::mpsc::Sender<()>,

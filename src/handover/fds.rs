@@ -1,5 +1,4 @@
-//! Descriptors over a Unix socket (`SCM_RIGHTS`), and who is at the other
-//! end (`SO_PEERCRED`).
+//! Descriptors over a Unix socket (`SCM_RIGHTS`), and who is at the other end (`SO_PEERCRED`).
 //!
 //! At most 253 a message (`SCM_MAX_FD`): chunks of [`CHUNK`], each on one
 //! marker byte. The receiver reads the state by exact lengths, then the

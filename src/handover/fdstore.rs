@@ -3,11 +3,10 @@
 //!
 //! With `FileDescriptorStoreMax=` (systemd 254+ then sets `$FDSTORE`),
 //! systemd keeps every listener, janitor pipe and agent connection we give
-//! it (`FDSTORE=1`, `FDNAME=`, the descriptor over `SCM_RIGHTS`; removed by
-//! `FDSTOREREMOVE=1`) and passes them to the next process (`$LISTEN_FDS`,
-//! `$LISTEN_FDNAMES`). It keeps one copy of an open file however often
-//! given, so giving what a predecessor gave is harmless. Names come from
-//! the descriptor (its socket's inode), so any holder names it alike:
+//! it, by name, and passes them to the next process. It keeps one copy of an
+//! open file however often given, so giving what a predecessor gave is
+//! harmless. Names come from the descriptor (its socket's inode), so any
+//! holder names it alike:
 //!
 //! ```text
 //! ktf-l-<sock-ino>                  a VSOCK listener
@@ -19,8 +18,7 @@
 //!
 //! A connection that ends is removed (systemd would keep the agent's stream
 //! open); one handed over or left at `SIGTERM` ([`crate::shutdown::Mode::Store`])
-//! stays. One taken back after a crash is read from its next whole frame
-//! (the bytes before it counted as `bytes_skipped`).
+//! stays; one taken back after a crash is read from its next whole frame.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -55,11 +53,8 @@ pub(crate) fn connection_name(fd: BorrowedFd<'_>) -> Option<String> {
 }
 
 pub(crate) fn listener_name(fd: BorrowedFd<'_>, identity: Option<(u64, u64)>) -> Option<String> {
-    let ino = sock_ino(fd)?;
-    Some(match identity {
-        Some((dev, file)) => format!("{LISTENER}{ino}-{dev}-{file}"),
-        None => format!("{LISTENER}{ino}"),
-    })
+    let file = identity.map_or(String::new(), |(dev, ino)| format!("-{dev}-{ino}"));
+    Some(format!("{LISTENER}{}{file}", sock_ino(fd)?))
 }
 
 pub(crate) fn janitor_name(listener: BorrowedFd<'_>) -> Option<String> {

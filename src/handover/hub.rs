@@ -1,13 +1,12 @@
-//! Pausing every listener and connection at once for a hand-over, and
-//! resuming them if the successor does not take them.
-//!
-//! Each serving task is a [`Member`]: paused where its state is whole, it
-//! reports a [`Piece`] (its descriptor duplicated, and what the successor
-//! must know) and waits for the outcome without touching its socket; a
-//! refused hand-over costs only the pause.
+//! Pausing every listener and connection at once for a hand-over. Each
+//! serving task is a [`Member`]: paused where its state is whole, it reports
+//! a [`Piece`] (its descriptor duplicated, and what the successor must know)
+//! and waits for the outcome without touching its socket; a refused
+//! hand-over costs only the pause.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,14 +58,9 @@ enum Slot {
     Taken(u64),
 }
 
-#[derive(Default)]
-struct Inner {
-    next_id: u64,
-    members: HashMap<u64, Slot>,
-}
-
 pub(crate) struct Hub {
-    inner: Mutex<Inner>,
+    members: Mutex<HashMap<u64, Slot>>,
+    next_id: AtomicU64,
     phase: watch::Sender<Phase>,
     /// A member reported or left.
     changed: Notify,
@@ -75,21 +69,20 @@ pub(crate) struct Hub {
 impl Hub {
     pub(crate) fn new() -> Arc<Hub> {
         Arc::new(Hub {
-            inner: Mutex::new(Inner::default()),
+            members: Mutex::default(),
+            next_id: AtomicU64::new(1),
             phase: watch::Sender::new(Phase::Serving),
             changed: Notify::new(),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Slot>> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn member(self: &Arc<Self>) -> Member {
-        let mut inner = self.lock();
-        inner.next_id += 1;
-        let id = inner.next_id;
-        inner.members.insert(id, Slot::Running);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, Slot::Running);
         Member {
             hub: Arc::clone(self),
             id,
@@ -111,17 +104,17 @@ impl Hub {
         loop {
             let changed = self.changed.notified();
             {
-                let mut inner = self.lock();
+                let mut members = self.lock();
                 let done =
                     |s: &Slot| matches!(s, Slot::Reported(r, _) | Slot::Quiet(r) if *r == round);
                 let failed = |s: &Slot| matches!(s, Slot::Reported(_, None));
-                if inner.members.values().all(done) {
-                    if inner.members.values().any(failed) {
+                if members.values().all(done) {
+                    if members.values().any(failed) {
                         tracing::warn!("hand-over: a socket could not be duplicated; resuming");
                         return None;
                     }
-                    let mut pieces = Vec::with_capacity(inner.members.len());
-                    for (id, slot) in inner.members.iter_mut() {
+                    let mut pieces = Vec::with_capacity(members.len());
+                    for (id, slot) in members.iter_mut() {
                         // A quiet member is taken too: it learns the outcome.
                         if let Slot::Reported(_, Some(piece)) =
                             std::mem::replace(slot, Slot::Taken(round))
@@ -134,9 +127,8 @@ impl Hub {
                 }
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                let inner = self.lock();
-                let waiting = inner
-                    .members
+                let waiting = self
+                    .lock()
                     .values()
                     .filter(|s| matches!(s, Slot::Running))
                     .count();
@@ -157,8 +149,7 @@ impl Hub {
         };
         if !committed {
             // Whatever was reported or taken is theirs again.
-            let mut inner = self.lock();
-            for slot in inner.members.values_mut() {
+            for slot in self.lock().values_mut() {
                 *slot = Slot::Running;
             }
         }
@@ -177,20 +168,12 @@ pub(crate) struct Member {
 }
 
 impl Member {
-    fn due(&self) -> Option<u64> {
+    /// The round of a pause asked and not yet reported in.
+    pub(crate) fn due(&self) -> Option<u64> {
         match *self.phase.borrow() {
             Phase::Pausing { round } if self.reported != Some(round) => Some(round),
             _ => None,
         }
-    }
-
-    pub(crate) fn pause_due(&self) -> bool {
-        self.due().is_some()
-    }
-
-    /// Reported and not yet learnt the outcome: its socket is not its own.
-    pub(crate) fn awaiting_outcome(&self) -> bool {
-        self.reported.is_some() && self.reported != self.learnt
     }
 
     pub(crate) async fn pause_asked(&mut self) {
@@ -213,14 +196,13 @@ impl Member {
     fn put(&mut self, slot: impl FnOnce(u64) -> Slot) {
         let Some(round) = self.due() else { return };
         self.reported = Some(round);
-        self.hub.lock().members.insert(self.id, slot(round));
+        self.hub.lock().insert(self.id, slot(round));
         self.hub.changed.notify_waiters();
     }
 
-    pub(crate) async fn outcome(&mut self) -> Outcome {
-        let Some(round) = self.reported else {
-            return Outcome::Resume;
-        };
+    /// `None` unless reported and not yet learnt (then its socket is not its own).
+    pub(crate) async fn outcome(&mut self) -> Option<Outcome> {
+        let round = self.reported.filter(|r| self.learnt != Some(*r))?;
         self.learnt = Some(round);
         loop {
             match *self.phase.borrow_and_update() {
@@ -229,30 +211,29 @@ impl Member {
                     committed,
                 } if r == round => {
                     let taken = matches!(
-                        self.hub.lock().members.get(&self.id),
+                        self.hub.lock().get(&self.id),
                         Some(Slot::Taken(t)) if *t == round
                     );
-                    return match (committed, taken) {
+                    return Some(match (committed, taken) {
                         (true, true) => Outcome::Leave,
                         (true, false) => Outcome::Drain,
                         (false, _) => Outcome::Resume,
-                    };
+                    });
                 }
-                Phase::Pausing { round: r } | Phase::Settled { round: r, .. } if r > round => {
-                    return Outcome::Resume
-                }
+                Phase::Pausing { round: r } | Phase::Settled { round: r, .. } if r > round => break,
                 _ => {}
             }
             if self.phase.changed().await.is_err() {
-                return Outcome::Resume;
+                break;
             }
         }
+        Some(Outcome::Resume)
     }
 }
 
 impl Drop for Member {
     fn drop(&mut self) {
-        self.hub.lock().members.remove(&self.id);
+        self.hub.lock().remove(&self.id);
         self.hub.changed.notify_waiters();
     }
 }
@@ -292,9 +273,9 @@ mod tests {
         b.report(piece());
         assert_eq!(p.await.unwrap().map(|v| v.len()), Some(2));
         hub.settle(false);
-        assert_eq!(a.outcome().await, Outcome::Resume);
-        assert_eq!(b.outcome().await, Outcome::Resume);
-        assert!(!a.pause_due());
+        assert_eq!(a.outcome().await, Some(Outcome::Resume));
+        assert_eq!(b.outcome().await, Some(Outcome::Resume));
+        assert!(a.due().is_none());
 
         // Committed: a member that ends meanwhile is not waited for, one
         // that joins after the pieces were taken is not handed over.
@@ -314,9 +295,9 @@ mod tests {
         late.pause_asked().await;
         late.report(piece());
         hub.settle(true);
-        assert_eq!(a.outcome().await, Outcome::Leave);
-        assert_eq!(b.outcome().await, Outcome::Leave);
-        assert_eq!(late.outcome().await, Outcome::Drain);
+        assert_eq!(a.outcome().await, Some(Outcome::Leave));
+        assert_eq!(b.outcome().await, Some(Outcome::Leave));
+        assert_eq!(late.outcome().await, Some(Outcome::Drain));
     }
 
     #[tokio::test(start_paused = true)]
@@ -332,7 +313,7 @@ mod tests {
         ok.report(piece());
         assert!(pausing.await.unwrap().is_none());
         hub.settle(false);
-        assert_eq!(ok.outcome().await, Outcome::Resume);
-        assert!(!ok.pause_due());
+        assert_eq!(ok.outcome().await, Some(Outcome::Resume));
+        assert!(ok.due().is_none());
     }
 }

@@ -1,14 +1,10 @@
 //! Handing live agent connections to the next forwarder process: the Kata
 //! agent never dials again after a failed write, so a restart or upgrade
 //! hands over the listening sockets, every live connection and what its
-//! reader knows (the format, the bytes of a frame not yet whole).
-//!
-//! A new forwarder with the same `--handoff-socket` connects before binding
-//! anything ([`take_over`]). The old one checks the peer ([`server`]), pauses
-//! every listener and connection between two reads ([`hub`]), sends the state
-//! ([`wire`]) and descriptors ([`fds`]), and on the ack reads nothing more,
-//! leaves its sockets in place and exits once it has exported what it read;
-//! without one it resumes where it paused.
+//! reader knows (the format, the bytes of a frame not yet whole). A new
+//! forwarder with the same `--handoff-socket` connects before binding
+//! anything ([`take_over`]); the old one ([`server`]) resumes where it
+//! paused ([`hub`]) unless it gets the ack.
 //!
 //! ```text
 //! new -> old   "KTFTAKE1"                      (8 bytes)
@@ -16,9 +12,6 @@
 //!          or  'R', length (u32, big-endian, at most 4 KiB), reason (UTF-8)
 //! new -> old   'A' once it holds everything and will serve it
 //! ```
-//!
-//! `status` asks on the same socket, under the same peer check, with
-//! "KTFSTAT1"; nothing pauses ([`crate::status`]).
 
 pub mod fds;
 pub(crate) mod fdstore;
@@ -85,8 +78,7 @@ pub enum HandOverError {
 }
 
 impl wire::ConnState {
-    /// A paused connection's piece; none if its socket cannot be duplicated
-    /// (the hand-over is then refused).
+    /// Its piece once paused; `None` (refusing the hand-over) if its socket cannot be duplicated.
     pub(crate) fn piece(self, stream: &impl AsFd, listener: u64) -> Option<Piece> {
         let fd = stream
             .as_fd()
@@ -128,25 +120,18 @@ impl HandoffListener {
             std::fs::create_dir_all(dir).map_err(err)?;
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
         }
+        let live = || std::os::unix::net::UnixStream::connect(path).is_ok();
+        let refuse = |kind, why: &str| Err(err(io::Error::new(kind, why)));
         match std::fs::symlink_metadata(path) {
             // Never a running forwarder's: a second start (failing to bind
             // its listeners) would leave it unreachable for its upgrade.
-            Ok(md)
-                if md.file_type().is_socket()
-                    && std::os::unix::net::UnixStream::connect(path).is_ok() =>
-            {
-                return Err(err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    "a running forwarder listens there (take over from it with --handoff-socket)",
-                )))
+            Ok(md) if md.file_type().is_socket() && live() => {
+                let why =
+                    "a running forwarder listens there (take over from it with --handoff-socket)";
+                return refuse(io::ErrorKind::AddrInUse, why);
             }
             Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
-            Ok(_) => {
-                return Err(err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    "exists and is not a socket",
-                )))
-            }
+            Ok(_) => return refuse(io::ErrorKind::AlreadyExists, "exists and is not a socket"),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(e)),
         }
@@ -171,15 +156,14 @@ impl HandoffListener {
 
 impl Drop for HandoffListener {
     fn drop(&mut self) {
-        if !self.remove {
+        match self.janitor.take() {
             // The janitor's pipe closes unsaid; it waits on the other holders.
-            return;
-        }
-        if let Some(j) = self.janitor.take() {
-            return j.remove(&self.path, self.identity);
-        }
-        if still_bound(&self.path, self.identity) {
-            let _ = std::fs::remove_file(&self.path);
+            _ if !self.remove => {}
+            Some(j) => j.remove(&self.path, self.identity),
+            None if still_bound(&self.path, self.identity) => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            None => {}
         }
     }
 }

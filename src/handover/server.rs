@@ -1,9 +1,6 @@
 //! The running forwarder's side of a hand-over: answering successors on
 //! the hand-off socket, and starting one on `SIGHUP`.
 //!
-//! (Over 500 lines: whom it answers, the exchange, and the upgrade that
-//! ends in `exec` are one hand-over seen from the old process.)
-//!
 //! A successor is checked by `SO_PEERCRED` before it may ask
 //! ([`Server::trusts`]), never by uid alone (`nobody` is shared); anyone else
 //! is refused and logged, and nothing pauses. Each step has a deadline, and
@@ -11,11 +8,8 @@
 //! over and over.
 //!
 //! `SIGHUP` starts the binary at the path we were started from
-//! (`/proc/self/exe` would name the replaced file), with our arguments and
-//! environment, as a bridge that takes over; its failure is only logged.
-//! We flush, then execute the binary ourselves ([`Reexec`]) to take
-//! everything back, keeping the service's PID; should that fail, the bridge
-//! serves on (`MAINPID=`).
+//! (`/proc/self/exe` would name the replaced file) as a bridge; once flushed,
+//! we execute it ourselves ([`Reexec`]), keeping the service's PID.
 
 use std::ffi::{CString, OsString};
 use std::io::{self, Read, Write};
@@ -271,12 +265,9 @@ impl Server {
             }
         };
         if let Some(until) = self.backoff_until.filter(|u| *u > Instant::now()) {
-            let wait = until - Instant::now();
-            tracing::warn!(pid, failures = self.failures, retry_in = ?wait, "hand-off socket: refused a takeover: backing off after failed hand-overs");
-            let why = format!(
-                "{} hand-overs failed in a row; retry in {wait:?}",
-                self.failures
-            );
+            let (wait, failures) = (until - Instant::now(), self.failures);
+            tracing::warn!(pid, failures, retry_in = ?wait, "hand-off socket: refused a takeover: backing off after failed hand-overs");
+            let why = format!("{failures} hand-overs failed in a row; retry in {wait:?}");
             refuse(stream, why).await;
             return None;
         }
@@ -311,50 +302,43 @@ impl Server {
         })
         .await
         .map(|(acked, _)| acked);
-        match res {
-            Ok(true) => {
-                self.hub.settle(true);
-                self.failures = 0;
-                self.backoff_until = None;
-                tracing::info!(
-                    successor = pid,
-                    listeners,
-                    connections,
-                    paused_for = ?started.elapsed(),
-                    "handed over: every listener and connection is the successor's"
-                );
-                // A bridge is not the service's process: we, re-executed, are.
-                let up = self.upgrade.as_ref().filter(|_| bridge == Some(pid));
-                let reexec = up.map(|(upgrade, _)| Reexec {
-                    upgrade: upgrade.clone(),
-                    bridge_pid: pid,
-                    launcher: Arc::clone(&self.launcher),
-                    stop: false,
-                });
-                if reexec.is_none() {
-                    notify(&[NotifyState::MainPid(pid as u32)]);
-                }
-                Some(Committed {
-                    successor_pid: pid,
-                    reexec,
-                })
-            }
-            Ok(false) | Err(_) => {
-                self.hub.settle(false);
-                self.failures = self.failures.saturating_add(1);
-                let backoff = FIRST_BACKOFF
-                    .saturating_mul(1 << self.failures.saturating_sub(1).min(6))
-                    .min(MAX_BACKOFF);
-                self.backoff_until = Some(Instant::now() + backoff);
-                let why = res.err().map(|e| e.to_string());
-                tracing::error!(
-                    successor = pid,
-                    error = why.as_deref().unwrap_or("no acknowledgement"),
-                    "hand-over failed: the successor did not take it; resuming"
-                );
-                None
-            }
+        self.hub.settle(matches!(res, Ok(true)));
+        if let Ok(false) | Err(_) = res {
+            self.failures = self.failures.saturating_add(1);
+            let backoff = FIRST_BACKOFF
+                .saturating_mul(1 << self.failures.saturating_sub(1).min(6))
+                .min(MAX_BACKOFF);
+            self.backoff_until = Some(Instant::now() + backoff);
+            let why = res.err().map(|e| e.to_string());
+            tracing::error!(
+                successor = pid,
+                error = why.as_deref().unwrap_or("no acknowledgement"),
+                "hand-over failed: the successor did not take it; resuming"
+            );
+            return None;
         }
+        tracing::info!(
+            successor = pid,
+            listeners,
+            connections,
+            paused_for = ?started.elapsed(),
+            "handed over: every listener and connection is the successor's"
+        );
+        // A bridge is not the service's process: we, re-executed, are.
+        let up = self.upgrade.as_ref().filter(|_| bridge == Some(pid));
+        let reexec = up.map(|(upgrade, _)| Reexec {
+            upgrade: upgrade.clone(),
+            bridge_pid: pid,
+            launcher: Arc::clone(&self.launcher),
+            stop: false,
+        });
+        if reexec.is_none() {
+            notify(&[NotifyState::MainPid(pid as u32)]);
+        }
+        Some(Committed {
+            successor_pid: pid,
+            reexec,
+        })
     }
 
     /// The state and its descriptors, in the order [`wire`] gives.
@@ -364,21 +348,19 @@ impl Server {
                 HandOverError::EncodeState(format!("duplicating the hand-off {what}: {e}"))
             })
         };
-        let handoff = dup(self.listener.listener.as_fd(), "socket")?;
+        let fd = dup(self.listener.listener.as_fd(), "socket")?;
         let pipe = self.listener.janitor.as_ref().and_then(|j| j.pipe.as_ref());
         let janitor = pipe.map(|p| dup(p.as_fd(), "janitor's pipe")).transpose()?;
-        let mut listeners = vec![ListenerState {
-            kind: ListenerKind::Handoff {
-                path: self.listener.path.clone(),
-                identity: self.listener.identity,
-            },
-            janitor: janitor.is_some(),
-        }];
-        let mut fds: Vec<OwnedFd> = [handoff].into_iter().chain(janitor).collect();
-        let mut connections = Vec::new();
+        let (path, identity) = (self.listener.path.clone(), self.listener.identity);
+        let kind = ListenerKind::Handoff { path, identity };
+        // Id 0 is no member's: the hand-off socket goes first.
+        let what = PieceKind::Listener { kind, janitor };
+        pieces.insert(0, (0, Piece { what, fd }));
+        let (mut listeners, mut connections, mut fds) = (Vec::new(), Vec::new(), Vec::new());
         let mut index = std::collections::HashMap::new();
         pieces.sort_by_key(|(_, p)| matches!(p.what, PieceKind::Connection { .. }));
         for (id, piece) in pieces {
+            fds.push(piece.fd);
             match piece.what {
                 PieceKind::Listener { kind, janitor } => {
                     index.insert(id, listeners.len() as u32);
@@ -386,7 +368,6 @@ impl Server {
                         janitor: janitor.is_some(),
                         kind,
                     });
-                    fds.push(piece.fd);
                     fds.extend(janitor);
                 }
                 PieceKind::Connection {
@@ -399,7 +380,6 @@ impl Server {
                         )
                     })?;
                     connections.push(state);
-                    fds.push(piece.fd);
                 }
             }
         }
@@ -459,27 +439,23 @@ impl Reexec {
         let path = c(self.upgrade.exe.as_os_str().as_bytes())?;
         let args = self.upgrade.args.iter().map(|a| c(a.as_bytes()));
         let argv = std::iter::once(Ok(path.clone())).chain(args);
+        let argv = argv.collect::<io::Result<_>>()?;
         let env = std::env::vars_os()
             .filter(|(k, _)| k != BRIDGE_ENV && k != TAKE_OVER_ENV)
             .map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
-            .chain([c(format!("{TAKE_OVER_ENV}=1").as_bytes())]);
-        Ok((
-            path,
-            argv.collect::<Result<_, _>>()?,
-            env.collect::<Result<_, _>>()?,
-        ))
+            .chain([c(format!("{TAKE_OVER_ENV}=1").as_bytes())])
+            .collect::<io::Result<_>>()?;
+        Ok((path, argv, env))
     }
 
     /// After a failed [`exec`](Self::exec): the bridge is the service's process.
     pub fn give_way(self) {
+        let bridge = self.bridge_pid;
         tracing::error!(
-            bridge = self.bridge_pid,
+            bridge,
             "upgrade: could not become the new binary; the bridge serves on as the service's process"
         );
-        notify(&[
-            NotifyState::MainPid(self.bridge_pid as u32),
-            NotifyState::Ready,
-        ]);
+        notify(&[NotifyState::MainPid(bridge as u32), NotifyState::Ready]);
     }
 }
 

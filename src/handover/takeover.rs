@@ -55,8 +55,9 @@ pub(crate) fn take_over(
             return Err(HandOverError::ConnectHandoff { path, source });
         }
     };
+    let rx = HandOverError::Receive;
     let ours = nix::unistd::getuid().as_raw();
-    let peer = fds::peer(&stream).map_err(HandOverError::Receive)?;
+    let peer = fds::peer(&stream).map_err(rx)?;
     // `peer` made the socket listen (passed along from forwarder to
     // forwarder). A root successor acts on the state's paths as root, so
     // takes only from root's; a non-root one has no more to lose to its user.
@@ -69,15 +70,6 @@ pub(crate) fn take_over(
     }
     let _ = stream.set_read_timeout(Some(STEP_TIMEOUT));
     let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
-    let (state, fds) = receive(&mut stream, max_frame_size)?;
-    sort(stream, state, fds, path).map(Some)
-}
-
-fn receive(
-    stream: &mut StdUnixStream,
-    max_frame_size: usize,
-) -> Result<(State, Vec<OwnedFd>), HandOverError> {
-    let rx = HandOverError::Receive;
     stream.write_all(&REQUEST).map_err(HandOverError::Send)?;
     let mut tag = [0u8; 1];
     stream.read_exact(&mut tag).map_err(rx)?;
@@ -89,9 +81,8 @@ fn receive(
             let len = (u32::from_be_bytes(len) as usize).min(MAX_REASON);
             let mut reason = vec![0u8; len];
             stream.read_exact(&mut reason).map_err(rx)?;
-            return Err(HandOverError::Refused(
-                String::from_utf8_lossy(&reason).into_owned(),
-            ));
+            let reason = String::from_utf8_lossy(&reason).into_owned();
+            return Err(HandOverError::Refused(reason));
         }
         other => return Err(HandOverError::ForeignState { found: vec![other] }),
     }
@@ -101,13 +92,13 @@ fn receive(
     // Exactly what was announced: never into the descriptors' bytes.
     let want = header.body_len + wire::TRAILER_LEN;
     let mut rest = Vec::with_capacity(want.min(1 << 20));
-    stream
+    (&mut stream)
         .take(want as u64)
         .read_to_end(&mut rest)
         .map_err(rx)?;
     let state = wire::decode_body(&head, header, &rest, max_frame_size)?;
     let fds = fds::recv(stream.as_fd(), header.descriptors).map_err(rx)?;
-    Ok((state, fds))
+    sort(stream, state, fds, path).map(Some)
 }
 
 /// Checks each descriptor is the socket the state says, and pairs them up.
@@ -146,11 +137,9 @@ fn sort(
         let (family, what) = match &l.kind {
             // The only file we would bind, so the only one we may remove.
             ListenerKind::Handoff { path, .. } if path != handoff_path => {
-                return Err(HandOverError::CheckState(format!(
-                    "a hand-off socket at {}, ours is {}",
-                    path.display(),
-                    handoff_path.display()
-                )));
+                let (theirs, ours) = (path.display(), handoff_path.display());
+                let why = format!("a hand-off socket at {theirs}, ours is {ours}");
+                return Err(HandOverError::CheckState(why));
             }
             ListenerKind::Handoff { .. } => (AddressFamily::Unix, "hand-off socket"),
             ListenerKind::Hybrid { .. } => (AddressFamily::Unix, "hybrid listener"),
@@ -158,42 +147,35 @@ fn sort(
             ListenerKind::Vsock { .. } => (AddressFamily::Vsock, "vsock listener"),
         };
         check(&fd, family, true, what)?;
-        if let ListenerKind::Handoff { path, identity } = l.kind {
-            let std = StdUnixListener::from(fd);
-            let listener = std
-                .set_nonblocking(true)
-                .and_then(|()| tokio::net::UnixListener::from_std(std))
-                .map_err(|e| HandOverError::AdoptSocket(format!("hand-off socket: {e}")))?;
-            handoff = Some(HandoffListener {
-                listener,
-                path,
-                identity,
-                remove: false,
-                janitor: janitor.map(Janitor::adopt),
-            });
-            index.push(None);
+        let ListenerKind::Handoff { path, identity } = l.kind else {
+            index.push(Some(listeners.len()));
+            let kind = l.kind;
+            listeners.push(TakenListener { fd, kind, janitor });
             continue;
-        }
-        index.push(Some(listeners.len()));
-        listeners.push(TakenListener {
-            fd,
-            kind: l.kind,
-            janitor,
+        };
+        let std = StdUnixListener::from(fd);
+        let listener = std
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixListener::from_std(std))
+            .map_err(|e| HandOverError::AdoptSocket(format!("hand-off socket: {e}")))?;
+        handoff = Some(HandoffListener {
+            listener,
+            path,
+            identity,
+            remove: false,
+            janitor: janitor.map(Janitor::adopt),
         });
+        index.push(None);
     }
     let mut connections = Vec::with_capacity(state.connections.len());
     for c in state.connections {
         let fd = next("connection")?;
         let Some(Some(listener)) = index.get(c.listener as usize).copied() else {
-            return Err(HandOverError::CheckState(format!(
-                "a connection of listener {} (not an agent listener)",
-                c.listener
-            )));
+            let l = c.listener;
+            let why = format!("a connection of listener {l} (not an agent listener)");
+            return Err(HandOverError::CheckState(why));
         };
-        let family = match c.cid {
-            Some(_) => AddressFamily::Vsock,
-            None => AddressFamily::Unix,
-        };
+        let family = c.cid.map_or(AddressFamily::Unix, |_| AddressFamily::Vsock);
         check(&fd, family, false, "connection")?;
         connections.push(TakenConn {
             fd,

@@ -15,10 +15,8 @@
 //! The N descriptors follow ([`super::fds`]) in the body's order: each
 //! listener's socket (then its janitor's pipe), then each connection's.
 //!
-//! Every bound is checked before use (the length before the body is read,
-//! bincode's size limit, no trailing bytes, partial frames against the
-//! receiver's `--max-frame-size`, listener references); a failed check
-//! refuses the whole message, saying which, and the new process starts clean.
+//! The length is checked before the body is read; any failed check refuses
+//! the whole message, saying which, and the new process starts clean.
 
 use std::path::PathBuf;
 
@@ -104,16 +102,12 @@ fn codec(limit: u64) -> impl Options {
 
 pub fn encode(state: &State) -> Result<Vec<u8>, HandOverError> {
     let enc = |e: bincode::Error| HandOverError::EncodeState(e.to_string());
+    // Within bincode's limit, the body and its descriptor count fit a u32.
     let body = codec(MAX_STATE_BYTES as u64)
         .serialize(state)
         .map_err(enc)?;
-    let len = u32::try_from(body.len()).map_err(|_| HandOverError::StateTooLarge {
-        len: body.len() as u64,
-        max: MAX_STATE_BYTES,
-    })?;
-    let fds = u32::try_from(state.descriptors())
-        .map_err(|_| HandOverError::EncodeState("too many descriptors".into()))?;
-    let head: RawHeader = (MAGIC, VERSION, 0, len, fds);
+    let fds = state.descriptors() as u32;
+    let head: RawHeader = (MAGIC, VERSION, 0, body.len() as u32, fds);
     let mut out = codec(HEADER_LEN as u64).serialize(&head).map_err(enc)?;
     out.reserve(body.len() + TRAILER_LEN);
     out.extend_from_slice(&body);
@@ -156,20 +150,17 @@ pub fn decode_header(head: &[u8; HEADER_LEN]) -> Result<Header, HandOverError> {
     })
 }
 
-/// Checks and decodes the body (`rest`: the body and the CRC, as read after
-/// `head`). `max_frame_size` is the receiver's own limit.
+/// Checks and decodes `rest` (the body and CRC after `head`) within our `max_frame_size`.
 pub(crate) fn decode_body(
     head: &[u8; HEADER_LEN],
     header: Header,
     rest: &[u8],
     max_frame_size: usize,
 ) -> Result<State, HandOverError> {
-    if rest.len() != header.body_len + TRAILER_LEN {
-        return Err(HandOverError::CheckState(format!(
-            "{} bytes after the header, {} announced",
-            rest.len(),
-            header.body_len + TRAILER_LEN
-        )));
+    let (len, announced) = (rest.len(), header.body_len + TRAILER_LEN);
+    if len != announced {
+        let why = format!("{len} bytes after the header, {announced} announced");
+        return Err(HandOverError::CheckState(why));
     }
     let (body, crc) = rest.split_at(header.body_len);
     let want = crc.try_into().map(u32::from_be_bytes).unwrap_or(0);
@@ -196,21 +187,16 @@ fn check(state: &State, header: Header, max_frame_size: usize) -> Result<(), Han
     if state.connections.len() > MAX_CONNECTIONS {
         return bad(format!("{} connections", state.connections.len()));
     }
-    if state.descriptors() != header.descriptors {
-        return bad(format!(
-            "{} descriptors announced, the state needs {}",
-            header.descriptors,
-            state.descriptors()
-        ));
+    let (sent, needs) = (header.descriptors, state.descriptors());
+    if sent != needs {
+        let why = format!("{sent} descriptors announced, the state needs {needs}");
+        return bad(why);
     }
     let max_partial = max_frame_size.saturating_add(crate::wire::HEADER_LEN);
     for (i, c) in state.connections.iter().enumerate() {
         let Some(l) = state.listeners.get(c.listener as usize) else {
-            return bad(format!(
-                "connection {i} names listener {} of {}",
-                c.listener,
-                state.listeners.len()
-            ));
+            let (n, of) = (c.listener, state.listeners.len());
+            return bad(format!("connection {i} names listener {n} of {of}"));
         };
         match (&l.kind, c.cid) {
             (ListenerKind::Hybrid { .. } | ListenerKind::Sandbox { .. }, None)

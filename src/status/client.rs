@@ -3,9 +3,10 @@
 
 use super::*;
 
-/// Asks the forwarder at `path` on a thread of its own, within `timeout` in
-/// all; what it returns waits for the answer.
-fn start(path: &Path, timeout: Duration) -> impl FnOnce() -> Result<Report, StatusError> {
+type Answer = Result<Report, StatusError>;
+
+/// Asks the forwarder at `path` within `timeout` in all; what it returns waits for the answer.
+fn start(path: &Path, timeout: Duration) -> impl FnOnce() -> Answer {
     let (tx, rx) = std::sync::mpsc::channel();
     let p = path.to_owned();
     // A connect to a full backlog blocks without a timeout: the exchange
@@ -21,7 +22,7 @@ fn start(path: &Path, timeout: Duration) -> impl FnOnce() -> Result<Report, Stat
     }
 }
 
-pub(super) fn exchange(path: &Path, timeout: Duration) -> Result<Report, StatusError> {
+pub(super) fn exchange(path: &Path, timeout: Duration) -> Answer {
     use std::io::ErrorKind;
     let p = || path.to_owned();
     let mut s = UnixStream::connect(path).map_err(|source| match source.kind() {
@@ -66,7 +67,7 @@ pub enum Target<'a> {
 
 /// Asks each forwarder `target` names (in a directory, its hand-off sockets,
 /// `handoff-*.sock`: see [`discovered`]).
-pub fn gather(target: Target<'_>, timeout: Duration) -> Vec<Result<Report, StatusError>> {
+pub fn gather(target: Target<'_>, timeout: Duration) -> Vec<Answer> {
     let dir = match target {
         Target::Socket(path) => return vec![start(path, timeout)()],
         Target::Discover(dir) => dir,
@@ -95,10 +96,7 @@ pub fn gather(target: Target<'_>, timeout: Duration) -> Vec<Result<Report, Statu
 
 /// What asking every socket in `dir` came to: dead sockets (of a killed
 /// forwarder) passed over, one denial for all, none live: `NotRunning`.
-pub(super) fn discovered(
-    asked: Vec<Result<Report, StatusError>>,
-    dir: &Path,
-) -> Vec<Result<Report, StatusError>> {
+pub(super) fn discovered(asked: Vec<Answer>, dir: &Path) -> Vec<Answer> {
     use StatusError::{Denied, NotListening};
     let denied = asked.iter().any(|r| matches!(r, Err(Denied { .. })));
     let mut out: Vec<_> = asked

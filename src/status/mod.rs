@@ -21,9 +21,8 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-pub use crate::export::spool::Depth;
+pub use crate::export::{spool::Depth, HealthSnapshot};
 use crate::export::{unix_ms, Exporter};
-pub use crate::export::{Failure, HealthSnapshot};
 use crate::stats::{DropReason, FamilySnapshot, Label, Stats};
 use crate::tenant::Tenants;
 
@@ -195,10 +194,7 @@ impl Board {
         let not_listed = sandboxes.len().saturating_sub(MAX_LISTED);
         sandboxes.truncate(MAX_LISTED);
         let snap = self.stats.snapshot();
-        let counters = match serde_json::to_value(snap) {
-            Ok(serde_json::Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
-        };
+        let counters = serde_json::to_value(snap).and_then(serde_json::from_value);
         Report {
             format: FORMAT,
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -220,7 +216,7 @@ impl Board {
                 pending_spans: pending,
                 spool: self.exporter.spool.as_ref().map(|s| s.depth()),
             },
-            counters,
+            counters: counters.unwrap_or_default(),
         }
     }
 
@@ -262,6 +258,7 @@ use table::{bytes, duration};
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::Failure;
     use crate::tenant::LimitReason;
 
     fn report() -> Report {

@@ -10,8 +10,7 @@ pub fn print(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<bool> {
-    let mut all = true;
-    let mut first = true;
+    let (mut all, mut first) = (true, true);
     for r in gather(target, CLIENT_TIMEOUT) {
         match r {
             Ok(report) if json => {
@@ -39,11 +38,10 @@ impl std::fmt::Display for Report {
     fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let now = self.now_unix_ms;
         let up = duration(Duration::from_secs(self.uptime_seconds));
-        let (version, socket) = (clean(&self.version), self.socket.display());
+        let (version, pid, socket) = (clean(&self.version), self.pid, self.socket.display());
         writeln!(
             out,
-            "kata-trace-forwarder {version} (pid {}), up {up}, asked at {socket}",
-            self.pid
+            "kata-trace-forwarder {version} (pid {pid}), up {up}, asked at {socket}"
         )?;
         writeln!(out, "listening on:")?;
         for l in &self.listeners {
@@ -69,18 +67,15 @@ impl std::fmt::Display for Report {
                     by_reason(&s.limited, "-"),
                 ]);
             }
-            out.write_str(&columns(&rows))?;
+            columns(out, &rows)?;
             if self.sandboxes_not_listed > 0 {
                 writeln!(out, "... and {} more sandboxes", self.sandboxes_not_listed)?;
             }
         }
         let e = &self.exporter;
         writeln!(out, "\nexporter: {}", clean(&e.collector))?;
-        writeln!(
-            out,
-            "  last success: {}",
-            since(now, e.health.last_success_unix_ms)
-        )?;
+        let success = since(now, e.health.last_success_unix_ms);
+        writeln!(out, "  last success: {success}")?;
         if let Some(f) = &e.health.last_failure {
             let at = since(now, Some(f.at_unix_ms));
             writeln!(out, "  last failure: {at}: {}", clean(&f.error))?;
@@ -93,15 +88,14 @@ impl std::fmt::Display for Report {
         let (pending, queued) = (e.pending_spans, e.queue_spans);
         writeln!(out, "  in memory: {pending} spans ({queued} in the queue, the rest being sent or waiting for room)")?;
         match &e.spool {
-            Some(s) => writeln!(
-                out,
-                "  spool: {} batches, {} spans, {} of {} in {}",
-                s.batches,
-                s.spans,
-                bytes(s.bytes),
-                bytes(s.max_bytes),
-                s.dir.display()
-            )?,
+            Some(s) => {
+                let (batches, spans, dir) = (s.batches, s.spans, s.dir.display());
+                let (used, max) = (bytes(s.bytes), bytes(s.max_bytes));
+                writeln!(
+                    out,
+                    "  spool: {batches} batches, {spans} spans, {used} of {max} in {dir}"
+                )?
+            }
             None => writeln!(out, "  spool: none (--spool-dir not given)")?,
         }
         let t = |k: &str| self.counters.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
@@ -115,21 +109,18 @@ impl std::fmt::Display for Report {
             true => String::new(),
             false => format!(" ({})", dropped.join(", ")),
         };
+        let (received, exported) = (t("spans_received"), t("spans_exported"));
+        let (rejected, spooled) = (t("spans_rejected"), t("spans_spooled"));
+        let (unspooled, total) = (t("spans_unspooled"), t("spans_dropped"));
         writeln!(
             out,
-            "totals: received {}, exported {}, rejected {}, spooled {}, sent from the spool {}, dropped {}{dropped}",
-            t("spans_received"),
-            t("spans_exported"),
-            t("spans_rejected"),
-            t("spans_spooled"),
-            t("spans_unspooled"),
-            t("spans_dropped"),
+            "totals: received {received}, exported {exported}, rejected {rejected}, spooled {spooled}, sent from the spool {unspooled}, dropped {total}{dropped}"
         )
     }
 }
 
 /// Rows as columns, each as wide as its widest cell.
-pub(super) fn columns(rows: &[Vec<String>]) -> String {
+fn columns(out: &mut std::fmt::Formatter<'_>, rows: &[Vec<String>]) -> std::fmt::Result {
     let mut widths: Vec<usize> = Vec::new();
     for row in rows {
         widths.resize(widths.len().max(row.len()), 0);
@@ -137,17 +128,15 @@ pub(super) fn columns(rows: &[Vec<String>]) -> String {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let mut out = String::new();
     for row in rows {
         let line: String = row
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}  "))
             .collect();
-        out.push_str(line.trim_end());
-        out.push('\n');
+        writeln!(out, "{}", line.trim_end())?;
     }
-    out
+    Ok(())
 }
 
 /// `total (reason n, ...)` for the reasons not 0; `none` for a 0 total.
@@ -185,12 +174,10 @@ pub(super) fn duration(d: Duration) -> String {
 /// Bytes in binary units, one decimal.
 pub(super) fn bytes(n: u64) -> String {
     let i = (n.max(1).ilog2() / 10).min(4);
-    let unit = ["B", "KiB", "MiB", "GiB", "TiB"]
-        .get(i as usize)
-        .unwrap_or(&"TiB");
-    match i {
-        0 => format!("{n} B"),
-        _ => format!("{:.1} {unit}", n as f64 / 1024f64.powi(i as i32)),
+    let units = ["KiB", "MiB", "GiB", "TiB"];
+    match (i as usize).checked_sub(1).and_then(|j| units.get(j)) {
+        Some(unit) => format!("{:.1} {unit}", n as f64 / 1024f64.powi(i as i32)),
+        None => format!("{n} B"),
     }
 }
 
