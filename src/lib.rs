@@ -115,8 +115,23 @@ pub async fn run(
     }
     let shutdown = Shutdown::new();
     let taken = match &config.handoff {
+        // A bad or foreign state is logged, and we start clean; a forwarder
+        // that refuses is an error (starting clean would serve beside it).
         Some(path) if config.take_over || started_with(TAKE_OVER_ENV) => {
-            take_over(path, config.ingest.max_frame_size).await?
+            let (p, max) = (path.clone(), config.max_frame_size);
+            let taking = tokio::task::spawn_blocking(move || handover::take_over(&p, max));
+            match taking.await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e @ handover::HandOverError::Refused(_))) => return Err(e.into()),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, handoff = %path.display(), "taking over from the running forwarder failed; starting clean");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "taking over: the task failed; starting clean");
+                    None
+                }
+            }
         }
         _ => None,
     };
@@ -164,27 +179,6 @@ pub async fn run(
         });
     }
     serve_inner(&config, listeners, sink, shutdown, stop, hand_over).await
-}
-
-/// A bad or foreign state is logged, and the caller starts clean; a
-/// forwarder that refuses is an error (starting clean would serve beside it).
-async fn take_over(
-    path: &std::path::Path,
-    max_frame_size: usize,
-) -> Result<Option<handover::Taken>, RunError> {
-    let p = path.to_owned();
-    match tokio::task::spawn_blocking(move || handover::take_over(&p, max_frame_size)).await {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e @ handover::HandOverError::Refused(_))) => Err(e.into()),
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, handoff = %path.display(), "taking over from the running forwarder failed; starting clean");
-            Ok(None)
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "taking over: the task failed; starting clean");
-            Ok(None)
-        }
-    }
 }
 
 #[derive(Default)]
@@ -255,7 +249,7 @@ async fn serve_inner(
     let spool = spool
         .map(|s| Spool::open(&s.dir, s.max_bytes, Arc::clone(&stats)).map(Arc::new))
         .transpose()?;
-    let metrics = match config.telemetry.metrics_address {
+    let metrics = match config.metrics_address {
         // The predecessor lets go of the address as it stops: bind it in
         // the background, rather than hold the agents up.
         Some(addr) if taken_over => {
@@ -269,7 +263,7 @@ async fn serve_inner(
     tracing::info!(
         listen = %listeners.describe(),
         export = %sink.describe(),
-        service_name = %config.ingest.service_name,
+        service_name = %config.service_name,
         spool = ?config.export.spool.as_ref().map(|s| &s.dir),
         metrics = ?metrics,
         handoff = ?server.as_ref().map(|s| s.listener.path.clone()),
@@ -315,12 +309,12 @@ async fn serve_inner(
         queue: queue_tx,
         stats: Arc::clone(&stats),
         tenants: Arc::clone(&tenants),
-        max_frame_size: config.ingest.max_frame_size,
+        max_frame_size: config.max_frame_size,
         drain_idle: DRAIN_IDLE,
         pacing: listen::pacing::Pacing::for_batch_timeout(config.export.batch.timeout),
     });
     let origin = Arc::new(otlp::Origin {
-        service_name: config.ingest.service_name.clone(),
+        service_name: config.service_name.clone(),
         extra: Vec::new(),
     });
     // The queue closes, and the batcher ends, once the last connection has
@@ -328,7 +322,7 @@ async fn serve_inner(
     let listening = tokio::spawn(listen::serve(listeners, shared, origin, shutdown.clone()));
     tokio::spawn(report_stats(
         Arc::clone(&stats),
-        config.telemetry.stats_interval,
+        config.stats_interval,
         shutdown.clone(),
     ));
 

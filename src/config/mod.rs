@@ -53,13 +53,6 @@ pub struct ListenConfig {
     pub tenants: TenantLimits,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IngestConfig {
-    pub max_frame_size: usize,
-    /// `--trace-name`: every resource's `service.name`.
-    pub service_name: String,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueConfig {
     pub max_spans: usize,
@@ -86,12 +79,6 @@ pub struct ExportConfig {
     pub queue: QueueConfig,
     pub batch: BatchConfig,
     pub spool: Option<SpoolConfig>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TelemetryConfig {
-    pub metrics_address: Option<std::net::SocketAddr>,
-    pub stats_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -153,9 +140,12 @@ pub struct DumpConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: ListenConfig,
-    pub ingest: IngestConfig,
+    pub max_frame_size: usize,
+    /// `--trace-name`: every resource's `service.name`.
+    pub service_name: String,
     pub export: ExportConfig,
-    pub telemetry: TelemetryConfig,
+    pub metrics_address: Option<std::net::SocketAddr>,
+    pub stats_interval: Duration,
     /// 1: a single-threaded runtime; more: a multi-threaded one.
     pub worker_threads: usize,
     pub shutdown_timeout: Duration,
@@ -270,16 +260,13 @@ impl Cli {
             let socket_path = PathBuf::from(p);
             return ListenMode::Hybrid { socket_path, port };
         }
-        let templates = &self.socket_path_template;
+        // Each once, in the order given.
+        let mut seen = std::collections::HashSet::new();
+        let mut templates = self.socket_path_template.clone();
+        templates.retain(|t| seen.insert(t.clone()));
         ListenMode::Set {
             vsock: (self.vsock).or(templates.is_empty().then_some(self.vsock_cid)),
-            // Each once, in the order given.
-            templates: templates
-                .iter()
-                .enumerate()
-                .filter(|&(i, t)| templates.iter().position(|u| u == t) == Some(i))
-                .map(|(_, t)| t.clone())
-                .collect(),
+            templates,
             port,
             max_sandboxes: self.max_sandboxes,
         }
@@ -330,10 +317,8 @@ impl Cli {
                     max_sandboxes: self.max_sandboxes,
                 },
             },
-            ingest: IngestConfig {
-                max_frame_size: self.max_frame_size,
-                service_name: self.trace_name,
-            },
+            max_frame_size: self.max_frame_size,
+            service_name: self.trace_name,
             export: ExportConfig {
                 output,
                 queue: QueueConfig {
@@ -350,10 +335,8 @@ impl Cli {
                     max_bytes: self.spool_max_bytes as u64,
                 }),
             },
-            telemetry: TelemetryConfig {
-                metrics_address: self.metrics_address,
-                stats_interval: self.stats_interval,
-            },
+            metrics_address: self.metrics_address,
+            stats_interval: self.stats_interval,
             worker_threads: self.worker_threads,
             shutdown_timeout: self.shutdown_timeout,
             handoff,
@@ -412,7 +395,7 @@ mod tests {
                 max_sandboxes: 1024,
             }
         );
-        assert_eq!(c.ingest.service_name, "kata-agent");
+        assert_eq!(c.service_name, "kata-agent");
         let o = otlp(&c);
         assert_eq!(o.protocol, OtlpProtocol::Grpc);
         assert_eq!(o.endpoint.to_string(), "http://localhost:4317/");
