@@ -64,7 +64,7 @@ pub(crate) fn hybrid_socket(socket_path: &Path, port: u32) -> PathBuf {
 }
 
 /// A validated `--socket-path-template`: `<parent>/{ID}/<inner...>/<socket>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SocketTemplate {
     pub(crate) parent: PathBuf,
     /// Between the sandbox directory and the socket (Firecracker's `root`).

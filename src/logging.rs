@@ -101,22 +101,17 @@ impl Serialize for Line {
     }
 }
 
+/// Each typed value as its own JSON value.
+macro_rules! record {
+    ($($method:ident: $t:ty),*) => {
+        $(fn $method(&mut self, field: &Field, value: $t) {
+            self.push(field.name().into(), value.into());
+        })*
+    };
+}
+
 impl Visit for Line {
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.push(field.name().into(), value.into());
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.push(field.name().into(), value.into());
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.push(field.name().into(), value.into());
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.push(field.name().into(), value.into());
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.push(field.name().into(), value.into());
-    }
+    record!(record_f64: f64, record_i64: i64, record_u64: u64, record_bool: bool, record_str: &str);
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         let text = format!("{value:?}");
         let value = JSON_FIELDS

@@ -293,12 +293,10 @@ fn read(path: &Path) -> Result<String, String> {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 struct KataToml {
-    #[serde(default)]
     hypervisor: BTreeMap<String, HypervisorSection>,
-    #[serde(default)]
     agent: BTreeMap<String, AgentSection>,
-    #[serde(default)]
     runtime: RuntimeSection,
 }
 
@@ -427,11 +425,8 @@ fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
     };
     for (name, section) in chosen {
         match target_of(runtime, name, section, root) {
-            Ok(t) => {
-                if !report.serves.contains(&t) {
-                    report.serves.push(t);
-                }
-            }
+            Ok(t) if !report.serves.contains(&t) => report.serves.push(t),
+            Ok(_) => {}
             Err(reason) => report.skipped.push(reason),
         }
     }
