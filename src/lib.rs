@@ -98,7 +98,7 @@ pub async fn run(
     // A bridge hands everything back to the process that started it, and
     // to no other of its user's: its pid, now.
     let parent = started_with(BRIDGE_ENV).then(|| nix::unistd::getppid().as_raw());
-    let sink = match &config.export.output {
+    let sink = match &config.output {
         Output::Dump(d) => {
             let out = Box::new(std::io::BufWriter::new(std::io::stdout()));
             match d.format {
@@ -108,7 +108,7 @@ pub async fn run(
         }
         Output::Otlp(o) => Sink::connect(o, STARTUP_CONNECT_TIMEOUT).await?,
     };
-    let spool_dir = config.export.spool.as_ref().map(|s| s.dir.as_path());
+    let spool_dir = config.spool.as_ref().map(|s| s.dir.as_path());
     if let Some(dir) = spool_dir {
         // While still root, so that it can be handed to the user we become.
         Spool::create_dir(dir)?;
@@ -245,8 +245,7 @@ async fn serve_inner(
     }
     let stats = Arc::new(Stats::default());
     let tenants = Arc::new(tenant::Tenants::new(config.listen.tenants));
-    let spool = config.export.spool.as_ref();
-    let spool = spool
+    let spool = (config.spool.as_ref())
         .map(|s| Spool::open(&s.dir, s.max_bytes, Arc::clone(&stats)).map(Arc::new))
         .transpose()?;
     let metrics = match config.metrics_address {
@@ -264,7 +263,7 @@ async fn serve_inner(
         listen = %listeners.describe(),
         export = %sink.describe(),
         service_name = %config.service_name,
-        spool = ?config.export.spool.as_ref().map(|s| &s.dir),
+        spool = ?config.spool.as_ref().map(|s| &s.dir),
         metrics = ?metrics,
         handoff = ?server.as_ref().map(|s| s.listener.path.clone()),
         pid = std::process::id(),
@@ -279,7 +278,7 @@ async fn serve_inner(
         ]);
     }
 
-    let queue = &config.export.queue;
+    let queue = &config.queue;
     let (queue_tx, queue_rx) =
         export::queue::bounded(queue.max_spans, queue.max_bytes, Arc::clone(&stats));
     let exporter = Arc::new(Exporter::new(sink, spool, Arc::clone(&stats)));
@@ -294,7 +293,7 @@ async fn serve_inner(
     let mut batcher = tokio::spawn(export::run_batcher(
         queue_rx,
         Arc::clone(&exporter),
-        config.export.batch,
+        config.batch,
         shutdown.clone(),
     ));
     tokio::spawn(export::run_sink_ticker(
@@ -311,7 +310,7 @@ async fn serve_inner(
         tenants: Arc::clone(&tenants),
         max_frame_size: config.max_frame_size,
         drain_idle: DRAIN_IDLE,
-        pacing: listen::pacing::Pacing::for_batch_timeout(config.export.batch.timeout),
+        pacing: listen::pacing::Pacing::for_batch_timeout(config.batch.timeout),
     });
     let origin = Arc::new(otlp::Origin {
         service_name: config.service_name.clone(),

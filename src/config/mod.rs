@@ -74,14 +74,6 @@ pub struct SpoolConfig {
 }
 
 #[derive(Debug, Clone)]
-pub struct ExportConfig {
-    pub output: Output,
-    pub queue: QueueConfig,
-    pub batch: BatchConfig,
-    pub spool: Option<SpoolConfig>,
-}
-
-#[derive(Debug, Clone)]
 pub struct OtlpConfig {
     pub protocol: OtlpProtocol,
     /// The full URL (for HTTP, including `/v1/traces`).
@@ -143,7 +135,10 @@ pub struct Config {
     pub max_frame_size: usize,
     /// `--trace-name`: every resource's `service.name`.
     pub service_name: String,
-    pub export: ExportConfig,
+    pub output: Output,
+    pub queue: QueueConfig,
+    pub batch: BatchConfig,
+    pub spool: Option<SpoolConfig>,
     pub metrics_address: Option<std::net::SocketAddr>,
     pub stats_interval: Duration,
     /// 1: a single-threaded runtime; more: a multi-threaded one.
@@ -319,22 +314,20 @@ impl Cli {
             },
             max_frame_size: self.max_frame_size,
             service_name: self.trace_name,
-            export: ExportConfig {
-                output,
-                queue: QueueConfig {
-                    max_spans: self.queue_size,
-                    max_bytes: self.queue_bytes,
-                },
-                batch: BatchConfig {
-                    max_spans: self.batch_max_spans,
-                    max_bytes: self.batch_max_bytes,
-                    timeout: self.batch_timeout,
-                },
-                spool: self.spool_dir.map(|dir| SpoolConfig {
-                    dir: PathBuf::from(dir),
-                    max_bytes: self.spool_max_bytes as u64,
-                }),
+            output,
+            queue: QueueConfig {
+                max_spans: self.queue_size,
+                max_bytes: self.queue_bytes,
             },
+            batch: BatchConfig {
+                max_spans: self.batch_max_spans,
+                max_bytes: self.batch_max_bytes,
+                timeout: self.batch_timeout,
+            },
+            spool: self.spool_dir.map(|dir| SpoolConfig {
+                dir: PathBuf::from(dir),
+                max_bytes: self.spool_max_bytes as u64,
+            }),
             metrics_address: self.metrics_address,
             stats_interval: self.stats_interval,
             worker_threads: self.worker_threads,
@@ -368,7 +361,7 @@ mod tests {
     }
 
     fn otlp(c: &Config) -> &OtlpConfig {
-        match &c.export.output {
+        match &c.output {
             Output::Otlp(o) => o,
             Output::Dump(_) => panic!("expected OTLP output"),
         }
@@ -377,9 +370,9 @@ mod tests {
     #[test]
     fn a_request_is_bounded_in_bytes_under_the_common_4_mib_limit() {
         let c = config(&[], &[]).unwrap();
-        assert_eq!(c.export.batch.max_bytes, 3 << 20);
+        assert_eq!(c.batch.max_bytes, 3 << 20);
         let c = config(&["--batch-max-bytes", "512KiB"], &[]).unwrap();
-        assert_eq!(c.export.batch.max_bytes, 512 << 10);
+        assert_eq!(c.batch.max_bytes, 512 << 10);
         assert!(cli(&["--batch-max-bytes", "0"]).is_err());
     }
 
@@ -769,7 +762,7 @@ mod tests {
             crate::addr::hybrid_socket(socket_path, *port),
             PathBuf::from("/run/vc/vm/foo/clh.sock_10240")
         );
-        assert!(matches!(c.export.output, Output::Dump(_)));
+        assert!(matches!(c.output, Output::Dump(_)));
     }
 
     #[test]
@@ -777,7 +770,7 @@ mod tests {
         let dump = |args: &[&str], env: &[(&str, &str)]| {
             let mut all = vec!["--dump-only"];
             all.extend(args);
-            match config(&all, env).unwrap().export.output {
+            match config(&all, env).unwrap().output {
                 Output::Dump(d) => d,
                 Output::Otlp(_) => panic!("expected dump output"),
             }
