@@ -62,8 +62,7 @@ fn main() -> ExitCode {
     match run(config, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
-            tracing::error!(error = %chain.join(": "), "forwarder failed");
+            tracing::error!(error = %format!("{e:#}"), "forwarder failed");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
