@@ -9,8 +9,6 @@ use clap::{ArgAction, Parser, ValueEnum};
 
 use crate::addr::{SocketTemplate, VsockCid};
 
-pub(super) const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
-pub(super) const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318";
 /// `--batch-max-bytes` from the environment: OpenTelemetry names no such
 /// setting, so it is the forwarder's own.
 pub(super) const BATCH_MAX_BYTES_ENV: &str = "KATA_TRACE_FORWARDER_BATCH_MAX_BYTES";

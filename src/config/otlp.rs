@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Uri};
 
-use super::cli::{parse_duration, Cli, OtlpProtocol, DEFAULT_GRPC_ENDPOINT, DEFAULT_HTTP_ENDPOINT};
+use super::cli::{parse_duration, Cli, OtlpProtocol};
 use super::{ConfigError, Env, OtlpConfig, TlsConfig};
 
 const HTTP_TRACES_PATH: &str = "/v1/traces";
@@ -51,8 +51,8 @@ impl Cli {
             (None, Some(v)) => v,
             (None, None) => {
                 let default = match protocol {
-                    OtlpProtocol::Grpc => DEFAULT_GRPC_ENDPOINT,
-                    OtlpProtocol::HttpProtobuf => DEFAULT_HTTP_ENDPOINT,
+                    OtlpProtocol::Grpc => "http://localhost:4317",
+                    OtlpProtocol::HttpProtobuf => "http://localhost:4318",
                 };
                 (default.to_owned(), "the default".to_owned(), false)
             }
