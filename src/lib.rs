@@ -83,12 +83,11 @@ pub struct Finished {
     pub reexec: Option<handover::Reexec>,
 }
 
-/// Runs the forwarder until `stop` completes, then drains and flushes
-/// within `config.shutdown_timeout`. The collector is checked first (a
-/// missing one leaves no socket behind), then a running forwarder is taken
-/// over or the listeners bound, then root is dropped. Each `sighup` hands
-/// everything to `upgrade`'s binary; made early by the caller, it answers
-/// a signal sent during the start once serving, never killing the process.
+/// Runs until `stop`, then drains and flushes within `config.shutdown_timeout`.
+/// The collector is checked first (a missing one leaves no socket behind),
+/// then a forwarder taken over or the listeners bound, then root dropped.
+/// Each `sighup` hands everything to `upgrade`'s binary (made early, it
+/// answers one sent during the start once serving, never killing us).
 pub async fn run(
     config: Config,
     stop: impl Future<Output = ()>,
@@ -341,11 +340,9 @@ async fn serve_inner(
         handover::server::notify(&[sd_notify::NotifyState::Stopping]);
     }
     shutdown.begin(mode, deadline);
-    // Phase one: stop accepting, drain the connections.
     if let Err(e) = listening.await {
         tracing::error!(error = %e, "listeners failed");
     }
-    // Phase two: flush what was read.
     finish("exporter", &mut batcher, deadline + FLUSH_GRACE).await;
     finish("spool replayer", &mut replayer, deadline + FLUSH_GRACE).await;
     if let Err(e) = exporter.sink.finish() {

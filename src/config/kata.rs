@@ -1,13 +1,11 @@
 //! `--kata-host`: the host's Kata configuration files, read into a listen
 //! plan. A host (a kata-deploy node in particular) runs several runtime
-//! classes, each with its own file and hypervisor: QEMU's agents reach the
-//! host over AF_VSOCK; Cloud Hypervisor's, Firecracker's and Dragonball's
-//! over hybrid VSOCK at a per-sandbox socket. [`plan`] reads the files the
-//! runtimes would into a deduplicated [`Plan`], a [`ConfigReport`] per file
-//! saying what it serves or why not (`listen::kata_host` serves it). Every
-//! path is under a root (`--kata-root`, `/` on a real host), so that a
-//! fixture tree works unprivileged and a container can see the host's files
-//! mounted elsewhere.
+//! classes, each with its file and hypervisor: QEMU's agents come over
+//! AF_VSOCK, the others' over hybrid VSOCK at a per-sandbox socket. [`plan`]
+//! reads the files the runtimes would into a deduplicated [`Plan`], with a
+//! [`ConfigReport`] per file (`listen::kata_host` serves it). Every path is
+//! under `--kata-root` (`/` on a host), so that a fixture tree works
+//! unprivileged and a container sees the host's files mounted elsewhere.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
