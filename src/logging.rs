@@ -54,25 +54,20 @@ where
         event.record(&mut line);
         line.push("target".into(), meta.target().into());
         if let Some(scope) = ctx.event_scope() {
-            let spans: Vec<Value> = scope.from_root().map(|span| span_value(&span)).collect();
-            line.push(SPAN_LIST.into(), Value::Array(spans));
+            let spans = scope.from_root().map(|span| {
+                let ext = span.extensions();
+                let mut obj: serde_json::Map<_, _> = ext
+                    .get::<FormattedFields<JsonFields>>()
+                    .and_then(|f| serde_json::from_str(&f.fields).ok())
+                    .unwrap_or_default();
+                obj.insert("name".into(), span.name().into());
+                Value::Object(obj)
+            });
+            line.push(SPAN_LIST.into(), Value::Array(spans.collect()));
         }
         let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
         writeln!(writer, "{text}")
     }
-}
-
-fn span_value<S>(span: &tracing_subscriber::registry::SpanRef<'_, S>) -> Value
-where
-    S: for<'a> LookupSpan<'a>,
-{
-    let ext = span.extensions();
-    let mut obj = ext
-        .get::<FormattedFields<JsonFields>>()
-        .and_then(|f| serde_json::from_str::<serde_json::Map<String, Value>>(&f.fields).ok())
-        .unwrap_or_default();
-    obj.insert("name".into(), span.name().into());
-    Value::Object(obj)
 }
 
 /// In order, each key once.
