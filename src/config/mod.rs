@@ -2,7 +2,7 @@
 //! a drop-in for the Kata tree's `kata-trace-forwarder` plus what a
 //! production daemon needs; exporter settings follow the OpenTelemetry SDK
 //! environment conventions, flags first. Everything is checked here, once:
-//! the rest works from a valid [`Config`], grouped by the stage that reads it.
+//! the rest works from a valid [`Config`].
 
 mod cli;
 pub mod kata;
