@@ -75,8 +75,7 @@ pub(crate) async fn serve(
             let (stats, tenants) = (Arc::clone(&stats), Arc::clone(&tenants));
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (stats, tenants) = (Arc::clone(&stats), Arc::clone(&tenants));
-                    async move { Ok::<_, Infallible>(respond(&req, &stats, &tenants)) }
+                    std::future::ready(Ok::<_, Infallible>(respond(&req, &stats, &tenants)))
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())

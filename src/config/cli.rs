@@ -189,7 +189,6 @@ pub(super) fn parse_size(s: &str) -> Result<usize, String> {
     }
 }
 
-/// The command line.
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "kata-trace-forwarder",
@@ -445,7 +444,6 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
-/// What to do instead of forwarding.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
     /// Ask the forwarder running on this host how it is doing: its

@@ -99,12 +99,10 @@ impl Cli {
             client_cert: file(&self.otlp_client_certificate, "CLIENT_CERTIFICATE"),
             client_key: file(&self.otlp_client_key, "CLIENT_KEY"),
         };
+        let (cert, key) = ("the client certificate", "the client key");
         let half = match (&tls_files.client_cert, &tls_files.client_key) {
-            (Some(_), None) => Some(("the client certificate", "its key (--otlp-client-key)")),
-            (None, Some(_)) => Some((
-                "the client key",
-                "its certificate (--otlp-client-certificate)",
-            )),
+            (Some(_), None) => Some((cert, "its key (--otlp-client-key)")),
+            (None, Some(_)) => Some((key, "its certificate (--otlp-client-certificate)")),
             _ => None,
         };
         if let Some((given, missing)) = half {
