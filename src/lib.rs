@@ -362,16 +362,12 @@ async fn serve_inner(
 /// Serves until asked to stop, the exporter fails, or a hand-over commits.
 async fn until_stopped(
     stop: impl Future<Output = ()>,
-    mut server: Option<&mut handover::server::Server>,
+    server: Option<&mut handover::server::Server>,
     batcher: &mut tokio::task::JoinHandle<()>,
 ) -> (Mode, Option<handover::Reexec>) {
     let mut upgrading = server.as_ref().map(|s| s.upgrading());
-    let handing_over = async {
-        match server.as_mut() {
-            Some(s) => s.run().await,
-            None => std::future::pending().await,
-        }
-    };
+    // Without a server, a branch that never matches.
+    let handing_over = futures_util::future::OptionFuture::from(server.map(|s| s.run()));
     // A stop during an upgrade waits for it to settle, rather than leave
     // its new binary serving alone (then stops here, or in the upgraded
     // binary once it has taken everything back).
@@ -397,7 +393,7 @@ async fn until_stopped(
             tracing::error!(?res, "exporter stopped unexpectedly");
             (Mode::Drain, None)
         }
-        done = handing_over => {
+        Some(done) = handing_over => {
             tracing::info!(successor = done.successor_pid, "the successor serves every agent now");
             let stop = stop_asked.load(std::sync::atomic::Ordering::Relaxed);
             (Mode::HandOver, done.reexec.map(|r| handover::Reexec { stop, ..r }))
