@@ -328,9 +328,7 @@ fn parse(text: &str) -> Result<KataToml, String> {
 /// of older releases), name their hypervisor in `[runtime]`, or use
 /// Dragonball, which only runtime-rs has.
 fn runtime_of(file: &Path, doc: &KataToml) -> Runtime {
-    let named = file.components().any(|c| {
-        matches!(c, Component::Normal(n) if n.to_str().is_some_and(|s| s.contains("runtime-rs")))
-    });
+    let named = file.to_string_lossy().contains("runtime-rs");
     let rs_keys = doc.runtime.name.is_some() || doc.runtime.hypervisor_name.is_some();
     if named || rs_keys || doc.hypervisor.contains_key("dragonball") {
         Runtime::RuntimeRs
@@ -391,7 +389,6 @@ fn target_of(
 fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
     let runtime = runtime_of(file, doc);
     let agent_name = doc.runtime.agent_name.as_deref().unwrap_or("kata");
-    let tracing_on = doc.agent.get(agent_name).is_some_and(|a| a.enable_tracing);
     let mut report = ConfigReport {
         runtime: Some(runtime),
         hypervisors: doc.hypervisor.keys().cloned().collect(),
@@ -402,7 +399,7 @@ fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
         report.skipped = vec!["no [hypervisor.<name>] section".to_owned()];
         return report;
     }
-    if !tracing_on {
+    if !doc.agent.get(agent_name).is_some_and(|a| a.enable_tracing) {
         report.skipped = vec![format!(
             "agent tracing is off ([agent.{agent_name}] enable_tracing is not true): its agents send no spans"
         )];
