@@ -97,14 +97,10 @@ pub async fn run(
     // A bridge hands everything back to the process that started it, and
     // to no other of its user's: its pid, now.
     let parent = started_with(BRIDGE_ENV).then(|| nix::unistd::getppid().as_raw());
+    let out = || Box::new(std::io::BufWriter::new(std::io::stdout()));
     let sink = match &config.output {
-        Output::Dump(d) => {
-            let out = Box::new(std::io::BufWriter::new(std::io::stdout()));
-            match d.format {
-                config::DumpFormat::OtlpJson => Sink::dump(out),
-                config::DumpFormat::Tree => Sink::tree(out, d),
-            }
-        }
+        Output::Dump(d) if d.format == config::DumpFormat::Tree => Sink::tree(out(), d),
+        Output::Dump(_) => Sink::dump(out()),
         Output::Otlp(o) => Sink::connect(o, STARTUP_CONNECT_TIMEOUT).await?,
     };
     let spool_dir = config.spool.as_ref().map(|s| s.dir.as_path());
