@@ -194,12 +194,11 @@ impl Sources {
             let Ok(entries) = std::fs::read_dir(self.under_root(Path::new(dir))) else {
                 continue;
             };
-            let mut names: Vec<String> = entries
+            let names: BTreeSet<String> = entries
                 .flatten()
                 .filter_map(|e| e.file_name().to_str().map(str::to_owned))
                 .filter(|n| n.starts_with("configuration-") && n.ends_with(".toml"))
                 .collect();
-            names.sort();
             out.extend(names.into_iter().map(|n| (Path::new(dir).join(n), None)));
         }
         out
@@ -210,11 +209,10 @@ impl Sources {
 /// must not lead out of the root).
 fn under(root: &Path, path: &Path) -> PathBuf {
     let mut p = root.to_path_buf();
-    for c in path.components() {
-        if let Component::Normal(n) = c {
-            p.push(n);
-        }
-    }
+    p.extend(
+        path.components()
+            .filter(|c| matches!(c, Component::Normal(_))),
+    );
     p
 }
 
