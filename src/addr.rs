@@ -64,7 +64,7 @@ pub(crate) fn hybrid_socket(socket_path: &Path, port: u32) -> PathBuf {
 }
 
 /// A validated `--socket-path-template`: `<parent>/{ID}/<inner...>/<socket>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SocketTemplate {
     pub(crate) parent: PathBuf,
     /// Between the sandbox directory and the socket (Firecracker's `root`).
@@ -114,18 +114,16 @@ impl FromStr for SocketTemplate {
         if parts.iter().any(|c| *c == "." || *c == "..") {
             return Err(format!("'{t}' must not contain '.' or '..' components"));
         }
-        // The component holding {ID} (once, as checked) splits the path.
-        let mut halves = parts.splitn(2, |c| c.contains(ID_PLACEHOLDER));
-        let (Some(before), Some(after)) = (halves.next(), halves.next()) else {
-            return Err(format!("'{t}' has no {ID_PLACEHOLDER}"));
-        };
-        if let Some(component) = parts.get(before.len()).filter(|c| **c != ID_PLACEHOLDER) {
+        // The component holding {ID} (there is one, as checked) splits the path.
+        let at = parts.iter().position(|c| c.contains(ID_PLACEHOLDER));
+        let (before, after) = parts.split_at(at.unwrap_or(0));
+        if let Some(component) = after.first().filter(|c| **c != ID_PLACEHOLDER) {
             return Err(format!(
                 "in '{t}', {ID_PLACEHOLDER} must be a whole path component (as in \
                  /run/vc/vm/{ID_PLACEHOLDER}/clh.sock), not part of '{component}'"
             ));
         }
-        let Some((socket_name, inner)) = after.split_last() else {
+        let Some((socket_name, inner)) = after.get(1..).and_then(<[_]>::split_last) else {
             return Err(format!(
                 "in '{t}', {ID_PLACEHOLDER} must be followed by the socket's file name \
                  (as in /run/vc/vm/{ID_PLACEHOLDER}/clh.sock)"

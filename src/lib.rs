@@ -83,12 +83,11 @@ pub struct Finished {
     pub reexec: Option<handover::Reexec>,
 }
 
-/// Runs the forwarder until `stop` completes, then drains and flushes
-/// within `config.shutdown_timeout`. The collector is checked first (a
-/// missing one leaves no socket behind), then a running forwarder is taken
-/// over or the listeners bound, then root is dropped. Each `sighup` hands
-/// everything to `upgrade`'s binary; made early by the caller, it answers
-/// a signal sent during the start once serving, never killing the process.
+/// Runs until `stop`, then drains and flushes within `config.shutdown_timeout`.
+/// The collector is checked first (a missing one leaves no socket behind),
+/// then a forwarder taken over or the listeners bound, then root dropped.
+/// Each `sighup` hands everything to `upgrade`'s binary (made early, it
+/// answers one sent during the start once serving, never killing us).
 pub async fn run(
     config: Config,
     stop: impl Future<Output = ()>,
@@ -98,25 +97,36 @@ pub async fn run(
     // A bridge hands everything back to the process that started it, and
     // to no other of its user's: its pid, now.
     let parent = started_with(BRIDGE_ENV).then(|| nix::unistd::getppid().as_raw());
-    let sink = match &config.export.output {
-        Output::Dump(d) => {
-            let out = Box::new(std::io::BufWriter::new(std::io::stdout()));
-            match d.format {
-                config::DumpFormat::OtlpJson => Sink::dump(out),
-                config::DumpFormat::Tree => Sink::tree(out, d),
-            }
-        }
+    let out = || Box::new(std::io::BufWriter::new(std::io::stdout()));
+    let sink = match &config.output {
+        Output::Dump(d) if d.format == config::DumpFormat::Tree => Sink::tree(out(), d),
+        Output::Dump(_) => Sink::dump(out()),
         Output::Otlp(o) => Sink::connect(o, STARTUP_CONNECT_TIMEOUT).await?,
     };
-    let spool_dir = config.export.spool.as_ref().map(|s| s.dir.as_path());
+    let spool_dir = config.spool.as_ref().map(|s| s.dir.as_path());
     if let Some(dir) = spool_dir {
         // While still root, so that it can be handed to the user we become.
         Spool::create_dir(dir)?;
     }
     let shutdown = Shutdown::new();
     let taken = match &config.handoff {
+        // A bad or foreign state is logged, and we start clean; a forwarder
+        // that refuses is an error (starting clean would serve beside it).
         Some(path) if config.take_over || started_with(TAKE_OVER_ENV) => {
-            take_over(path, config.ingest.max_frame_size).await?
+            let (p, max) = (path.clone(), config.max_frame_size);
+            let taking = tokio::task::spawn_blocking(move || handover::take_over(&p, max));
+            match taking.await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e @ handover::HandOverError::Refused(_))) => return Err(e.into()),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, handoff = %path.display(), "taking over from the running forwarder failed; starting clean");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "taking over: the task failed; starting clean");
+                    None
+                }
+            }
         }
         _ => None,
     };
@@ -164,27 +174,6 @@ pub async fn run(
         });
     }
     serve_inner(&config, listeners, sink, shutdown, stop, hand_over).await
-}
-
-/// A bad or foreign state is logged, and the caller starts clean; a
-/// forwarder that refuses is an error (starting clean would serve beside it).
-async fn take_over(
-    path: &std::path::Path,
-    max_frame_size: usize,
-) -> Result<Option<handover::Taken>, RunError> {
-    let p = path.to_owned();
-    match tokio::task::spawn_blocking(move || handover::take_over(&p, max_frame_size)).await {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e @ handover::HandOverError::Refused(_))) => Err(e.into()),
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, handoff = %path.display(), "taking over from the running forwarder failed; starting clean");
-            Ok(None)
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "taking over: the task failed; starting clean");
-            Ok(None)
-        }
-    }
 }
 
 #[derive(Default)]
@@ -251,11 +240,10 @@ async fn serve_inner(
     }
     let stats = Arc::new(Stats::default());
     let tenants = Arc::new(tenant::Tenants::new(config.listen.tenants));
-    let spool = config.export.spool.as_ref();
-    let spool = spool
+    let spool = (config.spool.as_ref())
         .map(|s| Spool::open(&s.dir, s.max_bytes, Arc::clone(&stats)).map(Arc::new))
         .transpose()?;
-    let metrics = match config.telemetry.metrics_address {
+    let metrics = match config.metrics_address {
         // The predecessor lets go of the address as it stops: bind it in
         // the background, rather than hold the agents up.
         Some(addr) if taken_over => {
@@ -269,8 +257,8 @@ async fn serve_inner(
     tracing::info!(
         listen = %listeners.describe(),
         export = %sink.describe(),
-        service_name = %config.ingest.service_name,
-        spool = ?config.export.spool.as_ref().map(|s| &s.dir),
+        service_name = %config.service_name,
+        spool = ?config.spool.as_ref().map(|s| &s.dir),
         metrics = ?metrics,
         handoff = ?server.as_ref().map(|s| s.listener.path.clone()),
         pid = std::process::id(),
@@ -285,7 +273,7 @@ async fn serve_inner(
         ]);
     }
 
-    let queue = &config.export.queue;
+    let queue = &config.queue;
     let (queue_tx, queue_rx) =
         export::queue::bounded(queue.max_spans, queue.max_bytes, Arc::clone(&stats));
     let exporter = Arc::new(Exporter::new(sink, spool, Arc::clone(&stats)));
@@ -300,7 +288,7 @@ async fn serve_inner(
     let mut batcher = tokio::spawn(export::run_batcher(
         queue_rx,
         Arc::clone(&exporter),
-        config.export.batch,
+        config.batch,
         shutdown.clone(),
     ));
     tokio::spawn(export::run_sink_ticker(
@@ -315,12 +303,12 @@ async fn serve_inner(
         queue: queue_tx,
         stats: Arc::clone(&stats),
         tenants: Arc::clone(&tenants),
-        max_frame_size: config.ingest.max_frame_size,
+        max_frame_size: config.max_frame_size,
         drain_idle: DRAIN_IDLE,
-        pacing: listen::pacing::Pacing::for_batch_timeout(config.export.batch.timeout),
+        pacing: listen::pacing::Pacing::for_batch_timeout(config.batch.timeout),
     });
     let origin = Arc::new(otlp::Origin {
-        service_name: config.ingest.service_name.clone(),
+        service_name: config.service_name.clone(),
         extra: Vec::new(),
     });
     // The queue closes, and the batcher ends, once the last connection has
@@ -328,7 +316,7 @@ async fn serve_inner(
     let listening = tokio::spawn(listen::serve(listeners, shared, origin, shutdown.clone()));
     tokio::spawn(report_stats(
         Arc::clone(&stats),
-        config.telemetry.stats_interval,
+        config.stats_interval,
         shutdown.clone(),
     ));
 
@@ -348,11 +336,9 @@ async fn serve_inner(
         handover::server::notify(&[sd_notify::NotifyState::Stopping]);
     }
     shutdown.begin(mode, deadline);
-    // Phase one: stop accepting, drain the connections.
     if let Err(e) = listening.await {
         tracing::error!(error = %e, "listeners failed");
     }
-    // Phase two: flush what was read.
     finish("exporter", &mut batcher, deadline + FLUSH_GRACE).await;
     finish("spool replayer", &mut replayer, deadline + FLUSH_GRACE).await;
     if let Err(e) = exporter.sink.finish() {
@@ -372,16 +358,12 @@ async fn serve_inner(
 /// Serves until asked to stop, the exporter fails, or a hand-over commits.
 async fn until_stopped(
     stop: impl Future<Output = ()>,
-    mut server: Option<&mut handover::server::Server>,
+    server: Option<&mut handover::server::Server>,
     batcher: &mut tokio::task::JoinHandle<()>,
 ) -> (Mode, Option<handover::Reexec>) {
     let mut upgrading = server.as_ref().map(|s| s.upgrading());
-    let handing_over = async {
-        match server.as_mut() {
-            Some(s) => s.run().await,
-            None => std::future::pending().await,
-        }
-    };
+    // Without a server, a branch that never matches.
+    let handing_over = futures_util::future::OptionFuture::from(server.map(|s| s.run()));
     // A stop during an upgrade waits for it to settle, rather than leave
     // its new binary serving alone (then stops here, or in the upgraded
     // binary once it has taken everything back).
@@ -407,7 +389,7 @@ async fn until_stopped(
             tracing::error!(?res, "exporter stopped unexpectedly");
             (Mode::Drain, None)
         }
-        done = handing_over => {
+        Some(done) = handing_over => {
             tracing::info!(successor = done.successor_pid, "the successor serves every agent now");
             let stop = stop_asked.load(std::sync::atomic::Ordering::Relaxed);
             (Mode::HandOver, done.reexec.map(|r| handover::Reexec { stop, ..r }))

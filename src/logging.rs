@@ -54,25 +54,20 @@ where
         event.record(&mut line);
         line.push("target".into(), meta.target().into());
         if let Some(scope) = ctx.event_scope() {
-            let spans: Vec<Value> = scope.from_root().map(|span| span_value(&span)).collect();
-            line.push(SPAN_LIST.into(), Value::Array(spans));
+            let spans = scope.from_root().map(|span| {
+                let ext = span.extensions();
+                let mut obj: serde_json::Map<_, _> = ext
+                    .get::<FormattedFields<JsonFields>>()
+                    .and_then(|f| serde_json::from_str(&f.fields).ok())
+                    .unwrap_or_default();
+                obj.insert("name".into(), span.name().into());
+                Value::Object(obj)
+            });
+            line.push(SPAN_LIST.into(), Value::Array(spans.collect()));
         }
         let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
         writeln!(writer, "{text}")
     }
-}
-
-fn span_value<S>(span: &tracing_subscriber::registry::SpanRef<'_, S>) -> Value
-where
-    S: for<'a> LookupSpan<'a>,
-{
-    let ext = span.extensions();
-    let mut obj = ext
-        .get::<FormattedFields<JsonFields>>()
-        .and_then(|f| serde_json::from_str::<serde_json::Map<String, Value>>(&f.fields).ok())
-        .unwrap_or_default();
-    obj.insert("name".into(), span.name().into());
-    Value::Object(obj)
 }
 
 /// In order, each key once.
@@ -101,22 +96,17 @@ impl Serialize for Line {
     }
 }
 
+/// Each typed value as its own JSON value.
+macro_rules! record {
+    ($($method:ident: $t:ty),*) => {
+        $(fn $method(&mut self, field: &Field, value: $t) {
+            self.push(field.name().into(), value.into());
+        })*
+    };
+}
+
 impl Visit for Line {
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.push(field.name().into(), value.into());
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.push(field.name().into(), value.into());
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.push(field.name().into(), value.into());
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.push(field.name().into(), value.into());
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.push(field.name().into(), value.into());
-    }
+    record!(record_f64: f64, record_i64: i64, record_u64: u64, record_bool: bool, record_str: &str);
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         let text = format!("{value:?}");
         let value = JSON_FIELDS

@@ -43,9 +43,7 @@ fn main() -> ExitCode {
     // While this is the only thread: a successor handed a capability keeps
     // it on the sandbox thread alone.
     if let Err(e) = kata_trace_forwarder::listen::template::SandboxThread::start_early() {
-        tracing::error!(error = %e, "confining the capability handed over");
-        eprintln!("error: {e}");
-        return ExitCode::FAILURE;
+        return fail(1, "confining the capability handed over", e);
     }
     if cli.print {
         kata_trace_forwarder::shutdown::unblock_stop_signals();
@@ -53,21 +51,19 @@ fn main() -> ExitCode {
     }
     let config = match cli.into_config(&process_env) {
         Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "invalid configuration");
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(2, "invalid configuration", e),
     };
     match run(config, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
-            tracing::error!(error = %chain.join(": "), "forwarder failed");
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(1, "forwarder failed", format!("{e:#}")),
     }
+}
+
+/// Logs `e` under `what`, prints it, and exits with `code`.
+fn fail(code: u8, what: &str, e: impl std::fmt::Display) -> ExitCode {
+    tracing::error!(error = %e, "{what}");
+    eprintln!("error: {e}");
+    ExitCode::from(code)
 }
 
 fn status(args: &StatusArgs) -> ExitCode {

@@ -1,11 +1,9 @@
 //! `--metrics-address`: [`Stats`] in the Prometheus text format at
 //! `GET /metrics` (hyper, HTTP/1.1), then each sandbox's own series
-//! (`sandbox` label, bounded by `--max-sandboxes`).
-//!
-//! Anyone who can reach the address can connect, so the endpoint keeps to a
-//! budget that never takes the agents' file descriptors and memory:
-//! [`MAX_CONNECTIONS`] (more are closed at once), [`HEADER_READ_TIMEOUT`]
-//! for a request head within a small buffer, [`CONNECTION_DEADLINE`] in all.
+//! (`sandbox` label, bounded by `--max-sandboxes`). Anyone who can reach the
+//! address can connect, so the endpoint keeps to a budget (connections, a
+//! request head's time and size, a deadline in all) that never takes the
+//! agents' file descriptors and memory.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -26,6 +24,7 @@ use crate::stats::{DropReason, Kind, Label, Snapshot, Stats, Value};
 use crate::tenant::{LimitReason, Tenant, Tenants};
 
 const PREFIX: &str = "kata_trace_forwarder";
+const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// A scraper or two, with room to spare.
 pub(crate) const MAX_CONNECTIONS: usize = 64;
@@ -42,22 +41,13 @@ pub struct MetricsError {
     source: std::io::Error,
 }
 
-pub(crate) struct MetricsServer {
-    addr: SocketAddr,
-}
-
-impl std::fmt::Debug for MetricsServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}/metrics", self.addr)
-    }
-}
-
+/// Gives the URL it serves at (a `SocketAddr` always makes one).
 pub(crate) async fn serve(
     addr: SocketAddr,
     stats: &Arc<Stats>,
     tenants: &Arc<Tenants>,
     shutdown: &Shutdown,
-) -> Result<MetricsServer, MetricsError> {
+) -> Result<http::Uri, MetricsError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| MetricsError { addr, source })?;
@@ -85,8 +75,7 @@ pub(crate) async fn serve(
             let (stats, tenants) = (Arc::clone(&stats), Arc::clone(&tenants));
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (stats, tenants) = (Arc::clone(&stats), Arc::clone(&tenants));
-                    async move { Ok::<_, Infallible>(respond(&req, &stats, &tenants)) }
+                    std::future::ready(Ok::<_, Infallible>(respond(&req, &stats, &tenants)))
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -98,7 +87,7 @@ pub(crate) async fn serve(
             });
         }
     });
-    Ok(MetricsServer { addr })
+    Ok(format!("http://{addr}/metrics").parse().unwrap_or_default())
 }
 
 /// [`serve`], retrying for a few seconds while the forwarder this one took
@@ -133,17 +122,10 @@ fn respond(
     let (status, ctype, body) = if req.method() == Method::GET && req.uri().path() == "/metrics" {
         let mut page = render(&stats.snapshot());
         render_sandboxes(&mut page, tenants);
-        (
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            page,
-        )
+        (StatusCode::OK, EXPOSITION, page)
     } else {
-        (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found; try /metrics\n".to_owned(),
-        )
+        let body = "not found; try /metrics\n".to_owned();
+        (StatusCode::NOT_FOUND, "text/plain", body)
     };
     Response::builder()
         .status(status)

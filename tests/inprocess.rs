@@ -49,7 +49,7 @@ async fn serves_both_formats_in_process_into_a_collector() {
         "--trace-name",
         "in-process",
     ]);
-    let Output::Otlp(otlp) = &cfg.export.output else {
+    let Output::Otlp(otlp) = &cfg.output else {
         panic!("expected OTLP output");
     };
     let sink = Sink::connect(otlp, Duration::from_secs(5))

@@ -9,14 +9,9 @@ use clap::{ArgAction, Parser, ValueEnum};
 
 use crate::addr::{SocketTemplate, VsockCid};
 
-pub(super) const DEFAULT_VSOCK_PORT: u32 = 10240;
-pub(super) const DEFAULT_GRPC_ENDPOINT: &str = "http://localhost:4317";
-pub(super) const DEFAULT_HTTP_ENDPOINT: &str = "http://localhost:4318";
 /// `--batch-max-bytes` from the environment: OpenTelemetry names no such
 /// setting, so it is the forwarder's own.
 pub(super) const BATCH_MAX_BYTES_ENV: &str = "KATA_TRACE_FORWARDER_BATCH_MAX_BYTES";
-/// `--dump-format` from the environment, the forwarder's own as well.
-pub(super) const DUMP_FORMAT_ENV: &str = "KATA_TRACE_FORWARDER_DUMP_FORMAT";
 
 const ABOUT: &str = "Forwards Kata Containers agent trace spans from the guest VM (VSOCK or \
 hybrid VSOCK) to an OpenTelemetry collector (Jaeger, OpenTelemetry Collector, Tempo, ...).";
@@ -194,7 +189,6 @@ pub(super) fn parse_size(s: &str) -> Result<usize, String> {
     }
 }
 
-/// The command line.
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "kata-trace-forwarder",
@@ -339,7 +333,7 @@ pub struct Cli {
     pub vsock_cid: VsockCid,
 
     /// VSOCK port the agent sends to.
-    #[arg(long, default_value_t = DEFAULT_VSOCK_PORT, value_parser = parse_port, value_name = "PORT")]
+    #[arg(long, default_value = "10240", value_parser = parse_port, value_name = "PORT")]
     pub vsock_port: u32,
 
     /// Log level: trace, debug, info, warn, error, critical.
@@ -357,7 +351,7 @@ pub struct Cli {
     /// With --dump-only: `tree` prints each trace as an indented tree, `otlp-json`
     /// each span as one OTLP JSON line [default: tree when stdout is a terminal,
     /// otlp-json otherwise].
-    #[arg(long, env = DUMP_FORMAT_ENV, value_name = "FORMAT")]
+    #[arg(long, env = "KATA_TRACE_FORWARDER_DUMP_FORMAT", value_name = "FORMAT")]
     pub dump_format: Option<DumpFormat>,
 
     /// With --dump-format tree: a trace whose root span has not come is printed
@@ -450,7 +444,6 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
-/// What to do instead of forwarding.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
     /// Ask the forwarder running on this host how it is doing: its

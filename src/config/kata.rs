@@ -1,13 +1,11 @@
 //! `--kata-host`: the host's Kata configuration files, read into a listen
 //! plan. A host (a kata-deploy node in particular) runs several runtime
-//! classes, each with its own file and hypervisor: QEMU's agents reach the
-//! host over AF_VSOCK; Cloud Hypervisor's, Firecracker's and Dragonball's
-//! over hybrid VSOCK at a per-sandbox socket. [`plan`] reads the files the
-//! runtimes would into a deduplicated [`Plan`], a [`ConfigReport`] per file
-//! saying what it serves or why not (`listen::kata_host` serves it). Every
-//! path is under a root (`--kata-root`, `/` on a real host), so that a
-//! fixture tree works unprivileged and a container can see the host's files
-//! mounted elsewhere.
+//! classes, each with its file and hypervisor: QEMU's agents come over
+//! AF_VSOCK, the others' over hybrid VSOCK at a per-sandbox socket. [`plan`]
+//! reads the files the runtimes would into a deduplicated [`Plan`], with a
+//! [`ConfigReport`] per file (`listen::kata_host` serves it). Every path is
+//! under `--kata-root` (`/` on a host), so that a fixture tree works
+//! unprivileged and a container sees the host's files mounted elsewhere.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
@@ -196,12 +194,11 @@ impl Sources {
             let Ok(entries) = std::fs::read_dir(self.under_root(Path::new(dir))) else {
                 continue;
             };
-            let mut names: Vec<String> = entries
+            let names: BTreeSet<String> = entries
                 .flatten()
                 .filter_map(|e| e.file_name().to_str().map(str::to_owned))
                 .filter(|n| n.starts_with("configuration-") && n.ends_with(".toml"))
                 .collect();
-            names.sort();
             out.extend(names.into_iter().map(|n| (Path::new(dir).join(n), None)));
         }
         out
@@ -212,11 +209,10 @@ impl Sources {
 /// must not lead out of the root).
 fn under(root: &Path, path: &Path) -> PathBuf {
     let mut p = root.to_path_buf();
-    for c in path.components() {
-        if let Component::Normal(n) = c {
-            p.push(n);
-        }
-    }
+    p.extend(
+        path.components()
+            .filter(|c| matches!(c, Component::Normal(_))),
+    );
     p
 }
 
@@ -293,12 +289,10 @@ fn read(path: &Path) -> Result<String, String> {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 struct KataToml {
-    #[serde(default)]
     hypervisor: BTreeMap<String, HypervisorSection>,
-    #[serde(default)]
     agent: BTreeMap<String, AgentSection>,
-    #[serde(default)]
     runtime: RuntimeSection,
 }
 
@@ -332,9 +326,7 @@ fn parse(text: &str) -> Result<KataToml, String> {
 /// of older releases), name their hypervisor in `[runtime]`, or use
 /// Dragonball, which only runtime-rs has.
 fn runtime_of(file: &Path, doc: &KataToml) -> Runtime {
-    let named = file.components().any(|c| {
-        matches!(c, Component::Normal(n) if n.to_str().is_some_and(|s| s.contains("runtime-rs")))
-    });
+    let named = file.to_string_lossy().contains("runtime-rs");
     let rs_keys = doc.runtime.name.is_some() || doc.runtime.hypervisor_name.is_some();
     if named || rs_keys || doc.hypervisor.contains_key("dragonball") {
         Runtime::RuntimeRs
@@ -395,7 +387,6 @@ fn target_of(
 fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
     let runtime = runtime_of(file, doc);
     let agent_name = doc.runtime.agent_name.as_deref().unwrap_or("kata");
-    let tracing_on = doc.agent.get(agent_name).is_some_and(|a| a.enable_tracing);
     let mut report = ConfigReport {
         runtime: Some(runtime),
         hypervisors: doc.hypervisor.keys().cloned().collect(),
@@ -406,7 +397,7 @@ fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
         report.skipped = vec!["no [hypervisor.<name>] section".to_owned()];
         return report;
     }
-    if !tracing_on {
+    if !doc.agent.get(agent_name).is_some_and(|a| a.enable_tracing) {
         report.skipped = vec![format!(
             "agent tracing is off ([agent.{agent_name}] enable_tracing is not true): its agents send no spans"
         )];
@@ -427,11 +418,8 @@ fn derive(file: &Path, doc: &KataToml, root: &Path) -> ConfigReport {
     };
     for (name, section) in chosen {
         match target_of(runtime, name, section, root) {
-            Ok(t) => {
-                if !report.serves.contains(&t) {
-                    report.serves.push(t);
-                }
-            }
+            Ok(t) if !report.serves.contains(&t) => report.serves.push(t),
+            Ok(_) => {}
             Err(reason) => report.skipped.push(reason),
         }
     }

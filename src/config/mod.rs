@@ -2,7 +2,7 @@
 //! a drop-in for the Kata tree's `kata-trace-forwarder` plus what a
 //! production daemon needs; exporter settings follow the OpenTelemetry SDK
 //! environment conventions, flags first. Everything is checked here, once:
-//! the rest works from a valid [`Config`], grouped by the stage that reads it.
+//! the rest works from a valid [`Config`].
 
 mod cli;
 pub mod kata;
@@ -53,13 +53,6 @@ pub struct ListenConfig {
     pub tenants: TenantLimits,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IngestConfig {
-    pub max_frame_size: usize,
-    /// `--trace-name`: every resource's `service.name`.
-    pub service_name: String,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueConfig {
     pub max_spans: usize,
@@ -78,20 +71,6 @@ pub struct BatchConfig {
 pub struct SpoolConfig {
     pub dir: PathBuf,
     pub max_bytes: u64,
-}
-
-#[derive(Debug, Clone)]
-pub struct ExportConfig {
-    pub output: Output,
-    pub queue: QueueConfig,
-    pub batch: BatchConfig,
-    pub spool: Option<SpoolConfig>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TelemetryConfig {
-    pub metrics_address: Option<std::net::SocketAddr>,
-    pub stats_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -153,9 +132,15 @@ pub struct DumpConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: ListenConfig,
-    pub ingest: IngestConfig,
-    pub export: ExportConfig,
-    pub telemetry: TelemetryConfig,
+    pub max_frame_size: usize,
+    /// `--trace-name`: every resource's `service.name`.
+    pub service_name: String,
+    pub output: Output,
+    pub queue: QueueConfig,
+    pub batch: BatchConfig,
+    pub spool: Option<SpoolConfig>,
+    pub metrics_address: Option<std::net::SocketAddr>,
+    pub stats_interval: Duration,
     /// 1: a single-threaded runtime; more: a multi-threaded one.
     pub worker_threads: usize,
     pub shutdown_timeout: Duration,
@@ -270,16 +255,13 @@ impl Cli {
             let socket_path = PathBuf::from(p);
             return ListenMode::Hybrid { socket_path, port };
         }
-        let templates = &self.socket_path_template;
+        // Each once, in the order given.
+        let mut seen = std::collections::HashSet::new();
+        let mut templates = self.socket_path_template.clone();
+        templates.retain(|t| seen.insert(t.clone()));
         ListenMode::Set {
             vsock: (self.vsock).or(templates.is_empty().then_some(self.vsock_cid)),
-            // Each once, in the order given.
-            templates: templates
-                .iter()
-                .enumerate()
-                .filter(|&(i, t)| templates.iter().position(|u| u == t) == Some(i))
-                .map(|(_, t)| t.clone())
-                .collect(),
+            templates,
             port,
             max_sandboxes: self.max_sandboxes,
         }
@@ -330,30 +312,24 @@ impl Cli {
                     max_sandboxes: self.max_sandboxes,
                 },
             },
-            ingest: IngestConfig {
-                max_frame_size: self.max_frame_size,
-                service_name: self.trace_name,
+            max_frame_size: self.max_frame_size,
+            service_name: self.trace_name,
+            output,
+            queue: QueueConfig {
+                max_spans: self.queue_size,
+                max_bytes: self.queue_bytes,
             },
-            export: ExportConfig {
-                output,
-                queue: QueueConfig {
-                    max_spans: self.queue_size,
-                    max_bytes: self.queue_bytes,
-                },
-                batch: BatchConfig {
-                    max_spans: self.batch_max_spans,
-                    max_bytes: self.batch_max_bytes,
-                    timeout: self.batch_timeout,
-                },
-                spool: self.spool_dir.map(|dir| SpoolConfig {
-                    dir: PathBuf::from(dir),
-                    max_bytes: self.spool_max_bytes as u64,
-                }),
+            batch: BatchConfig {
+                max_spans: self.batch_max_spans,
+                max_bytes: self.batch_max_bytes,
+                timeout: self.batch_timeout,
             },
-            telemetry: TelemetryConfig {
-                metrics_address: self.metrics_address,
-                stats_interval: self.stats_interval,
-            },
+            spool: self.spool_dir.map(|dir| SpoolConfig {
+                dir: PathBuf::from(dir),
+                max_bytes: self.spool_max_bytes as u64,
+            }),
+            metrics_address: self.metrics_address,
+            stats_interval: self.stats_interval,
             worker_threads: self.worker_threads,
             shutdown_timeout: self.shutdown_timeout,
             handoff,
@@ -385,7 +361,7 @@ mod tests {
     }
 
     fn otlp(c: &Config) -> &OtlpConfig {
-        match &c.export.output {
+        match &c.output {
             Output::Otlp(o) => o,
             Output::Dump(_) => panic!("expected OTLP output"),
         }
@@ -394,9 +370,9 @@ mod tests {
     #[test]
     fn a_request_is_bounded_in_bytes_under_the_common_4_mib_limit() {
         let c = config(&[], &[]).unwrap();
-        assert_eq!(c.export.batch.max_bytes, 3 << 20);
+        assert_eq!(c.batch.max_bytes, 3 << 20);
         let c = config(&["--batch-max-bytes", "512KiB"], &[]).unwrap();
-        assert_eq!(c.export.batch.max_bytes, 512 << 10);
+        assert_eq!(c.batch.max_bytes, 512 << 10);
         assert!(cli(&["--batch-max-bytes", "0"]).is_err());
     }
 
@@ -412,7 +388,7 @@ mod tests {
                 max_sandboxes: 1024,
             }
         );
-        assert_eq!(c.ingest.service_name, "kata-agent");
+        assert_eq!(c.service_name, "kata-agent");
         let o = otlp(&c);
         assert_eq!(o.protocol, OtlpProtocol::Grpc);
         assert_eq!(o.endpoint.to_string(), "http://localhost:4317/");
@@ -786,7 +762,7 @@ mod tests {
             crate::addr::hybrid_socket(socket_path, *port),
             PathBuf::from("/run/vc/vm/foo/clh.sock_10240")
         );
-        assert!(matches!(c.export.output, Output::Dump(_)));
+        assert!(matches!(c.output, Output::Dump(_)));
     }
 
     #[test]
@@ -794,7 +770,7 @@ mod tests {
         let dump = |args: &[&str], env: &[(&str, &str)]| {
             let mut all = vec!["--dump-only"];
             all.extend(args);
-            match config(&all, env).unwrap().export.output {
+            match config(&all, env).unwrap().output {
                 Output::Dump(d) => d,
                 Output::Otlp(_) => panic!("expected dump output"),
             }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Uri};
 
-use super::cli::{parse_duration, Cli, OtlpProtocol, DEFAULT_GRPC_ENDPOINT, DEFAULT_HTTP_ENDPOINT};
-use super::{Compression, ConfigError, Env, OtlpConfig, TlsConfig};
+use super::cli::{parse_duration, Cli, OtlpProtocol};
+use super::{ConfigError, Env, OtlpConfig, TlsConfig};
 
 const HTTP_TRACES_PATH: &str = "/v1/traces";
 
@@ -25,32 +25,25 @@ fn otel_var(env: &Env, suffix: &str) -> Option<(String, String, bool)> {
     env(&generic).map(|v| (v, generic, false))
 }
 
-/// A setting from its flag, else from its variable, else `default`.
+/// A setting from its flag, else from its variable.
 fn setting<T>(
     flag: Option<T>,
     env: &Env,
     suffix: &str,
     parse: impl Fn(&str) -> Result<T, String>,
-    default: T,
-) -> Result<T, ConfigError> {
+) -> Result<Option<T>, ConfigError> {
     match (flag, otel_var(env, suffix)) {
-        (Some(v), _) => Ok(v),
-        (None, Some((v, name, _))) => {
-            parse(&v).map_err(|reason| ConfigError::ParseEnv { name, reason })
-        }
-        (None, None) => Ok(default),
+        (None, Some((v, name, _))) => parse(&v)
+            .map(Some)
+            .map_err(|reason| ConfigError::ParseEnv { name, reason }),
+        (flag, _) => Ok(flag),
     }
 }
 
 impl Cli {
     pub(super) fn otlp_config(&self, env: &Env) -> Result<OtlpConfig, ConfigError> {
-        let protocol = setting(
-            self.otlp_protocol,
-            env,
-            "PROTOCOL",
-            |v| v.parse(),
-            OtlpProtocol::Grpc,
-        )?;
+        let protocol =
+            setting(self.otlp_protocol, env, "PROTOCOL", str::parse)?.unwrap_or(OtlpProtocol::Grpc);
         // (value, where it came from, whether it is a signal-specific URL
         // that the OTLP spec says to use as is)
         let (raw, source_name, as_is) = match (&self.otlp_endpoint, otel_var(env, "ENDPOINT")) {
@@ -58,13 +51,13 @@ impl Cli {
             (None, Some(v)) => v,
             (None, None) => {
                 let default = match protocol {
-                    OtlpProtocol::Grpc => DEFAULT_GRPC_ENDPOINT,
-                    OtlpProtocol::HttpProtobuf => DEFAULT_HTTP_ENDPOINT,
+                    OtlpProtocol::Grpc => "http://localhost:4317",
+                    OtlpProtocol::HttpProtobuf => "http://localhost:4318",
                 };
                 (default.to_owned(), "the default".to_owned(), false)
             }
         };
-        let insecure = setting(self.otlp_insecure, env, "INSECURE", parse_bool, false)?;
+        let insecure = setting(self.otlp_insecure, env, "INSECURE", parse_bool)?.unwrap_or(false);
         let endpoint = endpoint_uri(&raw, protocol, as_is, insecure).map_err(|reason| {
             ConfigError::ParseEndpoint {
                 endpoint: raw.clone(),
@@ -88,13 +81,8 @@ impl Cli {
             headers.push(parse_header(item, "--otlp-header", false)?);
         }
 
-        let timeout = setting(
-            self.otlp_timeout,
-            env,
-            "TIMEOUT",
-            parse_duration,
-            Duration::from_secs(10),
-        )?;
+        let timeout = setting(self.otlp_timeout, env, "TIMEOUT", parse_duration)?
+            .unwrap_or(Duration::from_secs(10));
         if timeout.is_zero() {
             return Err(ConfigError::ParseEnv {
                 name: "OTLP timeout".into(),
@@ -111,12 +99,10 @@ impl Cli {
             client_cert: file(&self.otlp_client_certificate, "CLIENT_CERTIFICATE"),
             client_key: file(&self.otlp_client_key, "CLIENT_KEY"),
         };
+        let (cert, key) = ("the client certificate", "the client key");
         let half = match (&tls_files.client_cert, &tls_files.client_key) {
-            (Some(_), None) => Some(("the client certificate", "its key (--otlp-client-key)")),
-            (None, Some(_)) => Some((
-                "the client key",
-                "its certificate (--otlp-client-certificate)",
-            )),
+            (Some(_), None) => Some((cert, "its key (--otlp-client-key)")),
+            (None, Some(_)) => Some((key, "its certificate (--otlp-client-certificate)")),
             _ => None,
         };
         if let Some((given, missing)) = half {
@@ -130,13 +116,8 @@ impl Cli {
             headers,
             timeout,
             tls,
-            compression: setting(
-                self.otlp_compression,
-                env,
-                "COMPRESSION",
-                |v| v.parse(),
-                Compression::None,
-            )?,
+            compression: setting(self.otlp_compression, env, "COMPRESSION", str::parse)?
+                .unwrap_or_default(),
         })
     }
 }
