@@ -419,76 +419,65 @@ impl<'a> Parser<'a> {
     }
 
     fn span(&mut self, known: &[u8]) -> R<(AgentSpan<'a>, ResourceSeen<'a>)> {
-        let span_context = self.after(b"{\"span_context\":", Self::span_context)?;
-        let parent_span_id = self.after(b",\"parent_span_id\":", Self::u64)?;
-        self.lit(b",\"span_kind\":\"")?;
-        let span_kind = if self.eat(b"Server\"") {
-            SpanKind::Server
-        } else if self.eat(b"Internal\"") {
-            SpanKind::Internal
-        } else if self.eat(b"Client\"") {
-            SpanKind::Client
-        } else if self.eat(b"Producer\"") {
-            SpanKind::Producer
-        } else if self.eat(b"Consumer\"") {
-            SpanKind::Consumer
-        } else {
-            return Err(GiveUp);
+        let mut span = AgentSpan {
+            span_context: self.after(b"{\"span_context\":", Self::span_context)?,
+            parent_span_id: self.after(b",\"parent_span_id\":", Self::u64)?,
+            span_kind: self.after(b",\"span_kind\":\"", |p| {
+                Ok(if p.eat(b"Server\"") {
+                    SpanKind::Server
+                } else if p.eat(b"Internal\"") {
+                    SpanKind::Internal
+                } else if p.eat(b"Client\"") {
+                    SpanKind::Client
+                } else if p.eat(b"Producer\"") {
+                    SpanKind::Producer
+                } else if p.eat(b"Consumer\"") {
+                    SpanKind::Consumer
+                } else {
+                    return Err(GiveUp);
+                })
+            })?,
+            name: self.after(b",\"name\":", Self::str)?,
+            start_time: self.after(b",\"start_time\":", Self::time)?,
+            end_time: self.after(b",\"end_time\":", Self::time)?,
+            attributes: Attributes {
+                map: self.after(b",\"attributes\":{\"map\":", Self::map)?,
+                // Read for validity only, as the serde path does.
+                evict_list: self
+                    .after(b",\"evict_list\":", |p| p.seq(|p| p.str().map(drop)))
+                    .map(|_| Skip::default())?,
+                max_len: self.after(b",\"max_len\":", Self::u32)?,
+                dropped_count: self.after(b",\"dropped_count\":", Self::u32)?,
+            },
+            events: self.after(b"},\"events\":", |p| p.queue(Self::event))?,
+            links: self.after(b",\"links\":", |p| p.queue(Self::link))?,
+            status_code: self.after(b",\"status_code\":\"", |p| {
+                Ok(if p.eat(b"Unset\"") {
+                    StatusCode::Unset
+                } else if p.eat(b"Ok\"") {
+                    StatusCode::Ok
+                } else if p.eat(b"Error\"") {
+                    StatusCode::Error
+                } else {
+                    return Err(GiveUp);
+                })
+            })?,
+            status_message: self.after(b",\"status_message\":", Self::str)?,
+            resource: None,
         };
-        let name = self.after(b",\"name\":", Self::str)?;
-        let start_time = self.after(b",\"start_time\":", Self::time)?;
-        let end_time = self.after(b",\"end_time\":", Self::time)?;
-        let attributes = Attributes {
-            map: self.after(b",\"attributes\":{\"map\":", Self::map)?,
-            // Read for validity only, as the serde path does.
-            evict_list: self
-                .after(b",\"evict_list\":", |p| p.seq(|p| p.str().map(drop)))
-                .map(|_| Skip::default())?,
-            max_len: self.after(b",\"max_len\":", Self::u32)?,
-            dropped_count: self.after(b",\"dropped_count\":", Self::u32)?,
-        };
-        let events = self.after(b"},\"events\":", |p| p.queue(Self::event))?;
-        let links = self.after(b",\"links\":", |p| p.queue(Self::link))?;
-        self.lit(b",\"status_code\":\"")?;
-        let status_code = if self.eat(b"Unset\"") {
-            StatusCode::Unset
-        } else if self.eat(b"Ok\"") {
-            StatusCode::Ok
-        } else if self.eat(b"Error\"") {
-            StatusCode::Error
-        } else {
-            return Err(GiveUp);
-        };
-        let status_message = self.after(b",\"status_message\":", Self::str)?;
         self.lit(b",\"resource\":")?;
         let raw = self.b.get(self.i..).ok_or(GiveUp)?;
-        let (resource, seen) = if !known.is_empty() && raw == known {
+        if !known.is_empty() && raw == known {
             self.i = self.b.len();
-            (None, ResourceSeen::Same)
-        } else {
-            let resource = self.nullable(|p| {
-                let attrs = p.after(b"{\"attrs\":", Self::map)?;
-                p.close(Resource { attrs })
-            })?;
-            self.lit(b"}")?;
-            // Up to the end: the caller rejects anything after the span.
-            (resource, ResourceSeen::New(raw))
-        };
-        let span = AgentSpan {
-            span_context,
-            parent_span_id,
-            span_kind,
-            name,
-            start_time,
-            end_time,
-            attributes,
-            events,
-            links,
-            status_code,
-            status_message,
-            resource,
-        };
-        Ok((span, seen))
+            return Ok((span, ResourceSeen::Same));
+        }
+        span.resource = self.nullable(|p| {
+            let attrs = p.after(b"{\"attrs\":", Self::map)?;
+            p.close(Resource { attrs })
+        })?;
+        self.lit(b"}")?;
+        // Up to the end: the caller rejects anything after the span.
+        Ok((span, ResourceSeen::New(raw)))
     }
 }
 
