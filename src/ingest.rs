@@ -204,7 +204,7 @@ impl Ingest {
     /// begin a header.
     fn resynchronise(&mut self, buf: &mut BytesMut, stats: &Stats) -> bool {
         const H: usize = crate::wire::HEADER_LEN;
-        let max = self.codec.max_frame_size() as u64;
+        let max = self.codec.inner.max_frame_length() as u64;
         let mut waiting = None;
         let mut found = None;
         for at in 0..buf.len().saturating_sub(H - 1) {
@@ -257,7 +257,7 @@ impl Ingest {
 
     /// Nothing of a frame in hand, with `buf` (the read buffer's rest) read.
     pub(crate) fn between_frames(&self, buf: &[u8]) -> bool {
-        buf.is_empty() && !self.codec.in_frame() && !self.lost_place
+        buf.is_empty() && !self.codec.in_frame && !self.lost_place
     }
 
     /// The frame being read, header included: what a successor reads first.
@@ -362,7 +362,7 @@ impl Ingest {
             stats.guest_claimed(self.peer, tenant, new_claims, claimed);
         }
         if spans > 0 {
-            stats.spans_decoded(self.decoder.format(), spans);
+            stats.spans_decoded(self.decoder.last, spans);
         }
         split
     }
@@ -379,7 +379,7 @@ impl Ingest {
     }
 
     pub fn format(&self) -> Option<WireFormat> {
-        self.decoder.format()
+        self.decoder.last
     }
 
     pub fn spans(&self) -> u64 {
