@@ -314,10 +314,6 @@ struct Weight {
     resources: Vec<Arc<EncodedResource>>,
 }
 
-/// The framing `encode_request` writes around one resource's spans: three
-/// length-delimited headers of at most 1 + 10 bytes each.
-const RESOURCE_FRAMING: usize = 33;
-
 impl Weight {
     /// The bytes `q`'s resource adds if it is new to the batch.
     fn resource_cost(&self, q: &Queued) -> usize {
@@ -325,7 +321,7 @@ impl Weight {
         if self.resources.iter().any(|have| Arc::ptr_eq(have, r)) {
             0
         } else {
-            RESOURCE_FRAMING + r.bytes().len()
+            encode::RESOURCE_FRAMING + r.bytes().len()
         }
     }
 

@@ -29,6 +29,10 @@ const fn key(field: u32, wire_type: u32) -> u8 {
 
 pub(crate) const SCOPE_SPANS_SPAN_KEY: u8 = key(2, LEN);
 
+/// The framing [`request_chunks`] writes around one resource's spans: three
+/// length-delimited headers of at most 1 + 10 bytes each.
+pub(crate) const RESOURCE_FRAMING: usize = 33;
+
 /// prost's formula.
 #[inline]
 fn varint_len(v: u64) -> usize {
@@ -352,9 +356,8 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
 /// An `ExportTraceServiceRequest`: only the framing is written around the
 /// groups' shared spans.
 pub(crate) fn request_chunks(groups: &[Group<'_>]) -> EncodedRequest {
-    // Three length-delimited headers of at most 1 + 10 bytes each.
-    let head_room: usize = groups.iter().map(|(r, _)| 33 + r.bytes().len()).sum();
-    let mut heads = BytesMut::with_capacity(head_room);
+    let framing = |(r, _): &Group<'_>| RESOURCE_FRAMING + r.bytes().len();
+    let mut heads = BytesMut::with_capacity(groups.iter().map(framing).sum());
     let mut chunks = Vec::with_capacity(groups.iter().map(|(_, recs)| 1 + recs.len()).sum());
     for (resource, recs) in groups {
         let scope = recs.iter().map(|r| r.spans.len()).sum::<usize>();
