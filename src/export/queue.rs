@@ -282,14 +282,9 @@ impl QueueReceiver {
 
     /// Three quarters full, in spans or in bytes: time to spool.
     pub(crate) fn is_filling_up(&self) -> bool {
-        let Room {
-            slots,
-            bytes,
-            bounds,
-            ..
-        } = &self.room;
-        slots.available_permits() * 4 <= bounds.max_spans
-            || bytes.available_permits() * 4 <= bounds.max_bytes
+        let r = &self.room;
+        r.slots.available_permits() * 4 <= r.bounds.max_spans
+            || r.bytes.available_permits() * 4 <= r.bounds.max_bytes
     }
 }
 
