@@ -1,15 +1,12 @@
-//! Ingest: one agent's byte stream in, encoded span records out, with no
-//! socket (the connection reads into a [`ReadBuffer`]; the fuzz driver and
-//! benchmarks run this on bytes in memory).
+//! Ingest: one agent's byte stream in, encoded span records out, no socket.
 //!
 //! Per frame: split, detect and decode (a resource with the previous span's
 //! bytes is not decoded again), convert the resource once per connection
 //! ([`ResourceCache`]), encode the span into protobuf. A frame that does not
-//! decode is counted and skipped: the framing still holds.
-//!
-//! Work is per read: a read's frames are encoded into one scratch buffer,
-//! split off (not copied) into a record per resource, at most
-//! [`RECORD_MAX_SPANS`] spans each; the counters move once.
+//! decode is counted and skipped: the framing still holds. Work is per
+//! read: a read's frames are encoded into one scratch buffer, split off (not
+//! copied) into a record per resource, at most [`RECORD_MAX_SPANS`] spans
+//! each; the counters move once.
 
 use std::sync::Arc;
 
@@ -142,13 +139,12 @@ impl Pending {
         let resource = self.resource.clone().filter(|_| self.count > 0)?;
         // Split off, not copied: a connection's records are consecutive
         // slices of few allocations, each freed with its last record.
-        let record = SpanRecord {
-            resource,
-            spans: self.spans.split().freeze(),
-            count: std::mem::take(&mut self.count),
-        };
         Some(Ingested {
-            record,
+            record: SpanRecord {
+                resource,
+                spans: self.spans.split().freeze(),
+                count: std::mem::take(&mut self.count),
+            },
             cost: std::mem::take(&mut self.cost),
         })
     }
@@ -331,9 +327,7 @@ impl Ingest {
                 }
             }
             if !same || pending.count >= RECORD_MAX_SPANS {
-                if let Some(done) = pending.take() {
-                    out.push(done);
-                }
+                out.extend(pending.take());
                 if !same {
                     pending.resource = Some(resource);
                 }
@@ -351,15 +345,12 @@ impl Ingest {
             pending.cost += frame.len();
             self.spans += 1;
         };
-        if let Some(done) = self.pending.take() {
-            out.push(done);
-        }
+        out.extend(self.pending.take());
         stats.frames_read(frames, bytes);
         // Every span decoded is in a record in `out` by now.
         let spans = self.spans - spans_before;
         if claimed > 0 {
-            let tenant = self.tenant.as_deref();
-            stats.guest_claimed(self.peer, tenant, new_claims, claimed);
+            stats.guest_claimed(self.peer, self.tenant.as_deref(), new_claims, claimed);
         }
         if spans > 0 {
             stats.spans_decoded(self.decoder.last, spans);
