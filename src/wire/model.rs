@@ -116,20 +116,14 @@ pub struct AgentSpan<'a> {
     pub span_context: SpanContext<'a>,
     pub parent_span_id: u64,
     pub span_kind: SpanKind,
-    #[serde(borrow)]
     pub name: Str<'a>,
     pub start_time: Time,
     pub end_time: Time,
-    #[serde(borrow)]
     pub attributes: Attributes<'a>,
-    #[serde(borrow)]
     pub events: Queue<Event<'a>>,
-    #[serde(borrow)]
     pub links: Queue<Link<'a>>,
     pub status_code: StatusCode,
-    #[serde(borrow)]
     pub status_message: Str<'a>,
-    #[serde(borrow)]
     pub resource: Option<Resource<'a>>,
 }
 
@@ -191,7 +185,6 @@ impl Time {
 pub struct KeyValue<'a> {
     #[serde(borrow)]
     pub key: Str<'a>,
-    #[serde(borrow)]
     pub value: Value<'a>,
 }
 
@@ -242,7 +235,6 @@ pub struct Event<'a> {
     #[serde(borrow)]
     pub name: Str<'a>,
     pub timestamp: Time,
-    #[serde(borrow)]
     pub attributes: Vec<KeyValue<'a>>,
     pub dropped_attributes_count: u32,
 }
@@ -251,7 +243,6 @@ pub struct Event<'a> {
 pub struct Link<'a> {
     #[serde(borrow)]
     pub span_context: SpanContext<'a>,
-    #[serde(borrow)]
     pub attributes: Vec<KeyValue<'a>>,
     pub dropped_attributes_count: u32,
 }
