@@ -42,10 +42,8 @@ pub(crate) const HOST_OWNED: [&str; 2] = [SANDBOX_ID, VSOCK_CID];
 pub(crate) const GUEST_CLAIMED_PREFIX: &str = "kata.guest.claimed.";
 
 pub(crate) fn guest_claim_key(key: &str) -> String {
-    format!(
-        "{GUEST_CLAIMED_PREFIX}{}",
-        key.strip_prefix("kata.").unwrap_or(key)
-    )
+    let key = key.strip_prefix("kata.").unwrap_or(key);
+    format!("{GUEST_CLAIMED_PREFIX}{key}")
 }
 
 /// Where a connection's spans come from, as the forwarder knows it.
