@@ -49,11 +49,7 @@ pub enum ExportError {
     #[error("cannot reach the OTLP collector at {endpoint}: {reason} (start the collector before the forwarder, or use --dump-only)")]
     Connect { endpoint: String, reason: String },
     #[error("exporting to {endpoint} {source}")]
-    Send {
-        endpoint: String,
-        #[source]
-        source: SendError,
-    },
+    Send { endpoint: String, source: SendError },
     #[error("writing spans to stdout: {0}")]
     WriteDump(#[source] std::io::Error),
     #[error("TLS with the OTLP collector at {endpoint} failed: {reason} (check --otlp-certificate, and --otlp-client-certificate/--otlp-client-key if the collector wants a client certificate)")]
@@ -61,7 +57,6 @@ pub enum ExportError {
     #[error("setting up TLS for {endpoint}: {source}")]
     LoadTls {
         endpoint: String,
-        #[source]
         source: tls::TlsError,
     },
 }

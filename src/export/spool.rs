@@ -53,7 +53,6 @@ pub enum SpoolError {
     Io {
         what: &'static str,
         path: PathBuf,
-        #[source]
         source: io::Error,
     },
     #[error("spool file {path} is damaged ({reason}); set aside as {aside}")]

@@ -30,7 +30,6 @@ pub enum TlsError {
     ReadFile {
         what: &'static str,
         path: PathBuf,
-        #[source]
         source: io::Error,
     },
     #[error("{what} {path} holds no PEM certificate")]
