@@ -214,8 +214,11 @@ impl QueueSender {
         let (spans, room) = (record.count as u64, &self.room);
         // Counted as the wait begins, for `status` to show it now.
         if !tenant.try_hold(record.count, cost, room.bounds) {
-            let wait = std::time::Duration::ZERO;
-            tenant.throttled(&room.stats, LimitReason::QueueShare, wait);
+            tenant.throttled(
+                &room.stats,
+                LimitReason::QueueShare,
+                std::time::Duration::ZERO,
+            );
             tenant.hold(record.count, cost, room.bounds).await;
         }
         // Given back if this send is abandoned.

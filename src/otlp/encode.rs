@@ -282,11 +282,10 @@ fn put_link(buf: &mut BytesMut, l: &model::Link<'_>) {
 }
 
 fn status_len(s: &AgentSpan<'_>) -> usize {
-    let code = s.status_code as u64;
-    opt_str_len(s.status_message.as_str()) + if code == 0 { 0 } else { 2 }
+    opt_str_len(s.status_message.as_str()) + opt_u32_len(s.status_code as u32)
 }
 
-pub(crate) fn span_len(s: &AgentSpan<'_>) -> usize {
+fn span_len(s: &AgentSpan<'_>) -> usize {
     let ctx = &s.span_context;
     let ts = trace_state_len(ctx);
     len_field(16)
@@ -339,11 +338,7 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
     put_opt_u32(buf, key(14, VARINT), s.links.dropped_count);
     put_len_field(buf, key(15, LEN), status_len(s));
     put_opt_str(buf, key(2, LEN), s.status_message.as_str());
-    let code = s.status_code as u64;
-    if code != 0 {
-        buf.put_u8(key(3, VARINT));
-        buf.put_u8(code as u8);
-    }
+    put_opt_u32(buf, key(3, VARINT), s.status_code as u32);
     if ctx.trace_flags != 0 {
         // Field 16, fixed32: key 133 as a varint.
         buf.put_slice(&[0x85, 0x01]);
