@@ -330,7 +330,6 @@ impl Weight {
     }
 }
 
-/// Receives spans until every sender is gone, exporting them in batches.
 pub(crate) async fn run_batcher(
     mut rx: QueueReceiver,
     exporter: Arc<Exporter>,
@@ -393,11 +392,8 @@ impl Piece {
         let (records, shared) = split_half(&mut self.records);
         let whole = self.records.len() - usize::from(shared);
         let tenants = self.tenants.split_off(whole.min(self.tenants.len()));
-        if shared {
-            if let Some(t) = tenants.first() {
-                self.tenants.push(Arc::clone(t));
-            }
-        }
+        self.tenants
+            .extend(tenants.first().filter(|_| shared).cloned());
         Piece { records, tenants }
     }
 }
