@@ -257,18 +257,13 @@ impl<'a> Parser<'a> {
 
     fn hex4(&mut self) -> R<u16> {
         let digits = self.b.get(self.i..self.i + 4).ok_or(GiveUp)?;
-        let mut v = 0u16;
-        for &d in digits {
-            let n = match d {
-                b'0'..=b'9' => d - b'0',
-                b'a'..=b'f' => d - b'a' + 10,
-                b'A'..=b'F' => d - b'A' + 10,
-                _ => return Err(GiveUp),
-            };
-            v = (v << 4) | u16::from(n);
+        // Hex digits only: `from_str_radix` would take a sign too.
+        if !digits.iter().all(u8::is_ascii_hexdigit) {
+            return Err(GiveUp);
         }
         self.i += 4;
-        Ok(v)
+        let digits = std::str::from_utf8(digits).map_err(|_| GiveUp)?;
+        u16::from_str_radix(digits, 16).map_err(|_| GiveUp)
     }
 
     fn seq<T>(&mut self, mut item: impl FnMut(&mut Self) -> R<T>) -> R<Vec<T>> {
