@@ -222,9 +222,7 @@ impl<'a> Parser<'a> {
         let c = self.peek()?;
         self.i += 1;
         let simple = match c {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            b'/' => b'/',
+            b'"' | b'\\' | b'/' => c,
             b'b' => 0x08,
             b'f' => 0x0c,
             b'n' => b'\n',

@@ -286,14 +286,11 @@ fn dedupe_keys(kvs: &mut Vec<KeyValue<'_>>) {
     if !has_duplicate {
         return;
     }
+    // The last of each key kept: the list reversed, the first kept.
+    kvs.reverse();
     let mut seen = std::collections::HashSet::with_capacity(kvs.len());
-    let keep: Vec<bool> = kvs
-        .iter()
-        .rev()
-        .map(|kv| seen.insert(kv.key.as_str()))
-        .collect();
-    let mut keep = keep.into_iter().rev();
-    kvs.retain(|_| keep.next().unwrap_or(true));
+    kvs.retain(|kv| seen.insert(kv.key.0.clone()));
+    kvs.reverse();
 }
 
 fn map_as_vec<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Vec<KeyValue<'a>>, D::Error> {
