@@ -1,11 +1,10 @@
 //! Export: batching, retry, and the transports that reach the collector.
 //!
-//! Batches are encoded once and sent one at a time: while the collector is
-//! slow or away the queue fills and the connections stop reading. A request
-//! found too large is sent as its halves, down to one span, so one sandbox's
-//! huge span costs no other anything. With a [`spool`], a batch failing as
-//! the queue fills, or left at the shutdown deadline, goes to disk (else it
-//! is counted as dropped).
+//! Batches are encoded once and sent one at a time (a slow collector fills
+//! the queue). A request found too large is sent as its halves, down to one
+//! span, so one sandbox's huge span costs no other anything. With a
+//! [`spool`], a batch failing as the queue fills, or left at the shutdown
+//! deadline, goes to disk (else it is counted as dropped).
 
 pub(crate) mod body;
 pub(crate) mod coalesce;

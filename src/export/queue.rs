@@ -1,13 +1,11 @@
-//! The bounded queue between the agent connections and the batcher: in
-//! spans, by slots a record (one socket read) holds until received (so they
-//! bound the lanes too), and in bytes, by permits held until its batch is
-//! exported, spooled or dropped. A connection without room stops reading:
-//! a slow collector becomes backpressure on the guest, not memory here.
+//! The bounded queue between the connections and the batcher: in spans, by
+//! slots a record (one socket read) holds until received (so they bound the
+//! lanes too), and in bytes, by permits held until its batch is exported,
+//! spooled or dropped. A connection without room stops reading.
 //!
 //! Fair between sandboxes: while others hold room, a sandbox's [`Share`]
-//! is at most an equal part ([`crate::tenant`]); and the receiver takes
-//! from one lane per sandbox in turn, so a quiet one never waits behind a
-//! flood.
+//! is at most an equal part ([`crate::tenant`]); the receiver takes from
+//! one lane per sandbox in turn, so a quiet one never waits behind a flood.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

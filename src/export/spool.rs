@@ -273,14 +273,13 @@ impl Spool {
     pub(crate) fn write(&self, body: &EncodedRequest, spans: u32) -> Result<bool, SpoolError> {
         let size = (HEADER_LEN + body.len()) as u64;
         // Reserve the space now so concurrent writers cannot overshoot.
-        let reserved = self.with(|st| {
+        let Some(seq) = self.with(|st| {
             (st.bytes + size <= self.max_bytes).then(|| {
                 st.bytes += size;
                 st.next_seq += 1;
                 st.next_seq - 1
             })
-        });
-        let Some(seq) = reserved else {
+        }) else {
             return Ok(false);
         };
         let tmp = self.dir.join(format!("{seq:020}.{}.tmp", self.token));
@@ -317,10 +316,7 @@ impl Spool {
                         Err(e) => return Err(e),
                     }
                 }
-                Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    "no free sequence number",
-                ))
+                Err(io::Error::other("no free sequence number"))
             });
             match published {
                 Ok(seq) => {
