@@ -81,10 +81,7 @@ impl<'a> Parser<'a> {
     fn uint(&mut self, max: u128) -> R<u128> {
         let start = self.i;
         let mut v: u128 = 0;
-        while let Some(&c) = self.b.get(self.i) {
-            if !c.is_ascii_digit() {
-                break;
-            }
+        while let Some(&c @ b'0'..=b'9') = self.b.get(self.i) {
             v = v
                 .checked_mul(10)
                 .and_then(|v| v.checked_add(u128::from(c - b'0')))
@@ -141,10 +138,7 @@ impl<'a> Parser<'a> {
             return Ok(F64(f64::NAN));
         }
         let start = self.i;
-        while let Some(&c) = self.b.get(self.i) {
-            if !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
-                break;
-            }
+        while let Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') = self.b.get(self.i) {
             self.i += 1;
         }
         let token = &self.b[start..self.i];
@@ -166,17 +160,13 @@ impl<'a> Parser<'a> {
         }
         // Escapes: unescape into an owned string, as serde_json does.
         let mut out: Vec<u8> = Vec::with_capacity(end - start + 16);
-        let mut seg = start;
-        let mut at = end;
+        let (mut seg, mut at) = (start, end);
         loop {
             out.extend_from_slice(&self.b[seg..at]);
+            self.i = at + 1;
             match self.b[at] {
-                b'"' => {
-                    self.i = at + 1;
-                    break;
-                }
+                b'"' => break,
                 b'\\' => {
-                    self.i = at + 1;
                     self.escape(&mut out)?;
                     seg = self.i;
                     at = self.scan()?;
