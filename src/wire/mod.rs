@@ -199,13 +199,6 @@ pub fn decode_bincode_serde(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError
         .map_err(DecodeError::Bincode)
 }
 
-fn looks_like_json(payload: &[u8]) -> bool {
-    payload
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|&b| b == b'{')
-}
-
 /// What a decode saw of the span's resource: the payload's tail in both
 /// formats, the same for every span of an agent, so a connection keeping
 /// the last one's bytes ([`Decoder::decode_reusing`]) skips decoding it.
@@ -278,7 +271,8 @@ impl Decoder {
             let known = if last == Some(f) { known } else { &[][..] };
             decode_as(f, payload, known).inspect(|_| self.last = Some(f))
         };
-        if !looks_like_json(payload) {
+        let json_like = payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        if !json_like {
             return decode(WireFormat::Bincode);
         }
         // Ambiguous first byte: try the format this connection used last.
