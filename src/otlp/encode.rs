@@ -219,12 +219,10 @@ fn put_any_value(buf: &mut BytesMut, v: &Value<'_>) {
     }
 }
 
-fn key_value_len(kv: &model::KeyValue<'_>) -> usize {
-    opt_str_len(kv.key.as_str()) + len_field(any_value_len(&kv.value))
-}
-
 fn key_values_len(kvs: &[model::KeyValue<'_>]) -> usize {
-    kvs.iter().map(|kv| len_field(key_value_len(kv))).sum()
+    kvs.iter()
+        .map(|kv| len_field(opt_str_len(kv.key.as_str()) + len_field(any_value_len(&kv.value))))
+        .sum()
 }
 
 fn put_key_values(buf: &mut BytesMut, field_key: u8, kvs: &[model::KeyValue<'_>]) {

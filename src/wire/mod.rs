@@ -1,7 +1,5 @@
 //! The agent's wire protocol: framing and the span model.
 //!
-//! # Wire primer
-//!
 //! The Kata agent opens one stream to the host (VSOCK CID 2, port 10240 by
 //! default; with hybrid VSOCK the VMM turns it into a Unix-socket connection
 //! to `<socket-path>_<port>`) and keeps it for its whole life. On it, it
