@@ -113,8 +113,7 @@ pub(crate) fn resource_with_claims(
     }
     let resource = Resource {
         attributes,
-        dropped_attributes_count: 0,
-        entity_refs: Vec::new(),
+        ..Default::default()
     };
     (resource, n)
 }
