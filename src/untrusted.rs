@@ -177,9 +177,7 @@ fn walk(
                 todo.push_front(c);
             }
         } else {
-            return Err(UntrustedError::NotDirectory {
-                path: whole.to_path_buf(),
-            });
+            return Err(UntrustedError::NotDirectory { path: whole.into() });
         }
     }
     Ok(at)
@@ -192,16 +190,13 @@ fn follow(
     whole: &Path,
     links: &mut u32,
 ) -> Result<PathBuf, UntrustedError> {
+    let path = whole.to_path_buf();
     if !root_alone_writes(dir) {
-        return Err(UntrustedError::SymlinkRefused {
-            path: whole.to_path_buf(),
-        });
+        return Err(UntrustedError::SymlinkRefused { path });
     }
     *links += 1;
     if *links > MAX_LINKS {
-        return Err(UntrustedError::TooManyLinks {
-            path: whole.to_path_buf(),
-        });
+        return Err(UntrustedError::TooManyLinks { path });
     }
     readlinkat(dir, name)
         .map(PathBuf::from)

@@ -142,17 +142,14 @@ pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
 
 impl Health {
     fn note<T>(&self, res: &Result<T, ExportError>) {
-        let now = unix_ms(std::time::SystemTime::now());
+        let at_unix_ms = unix_ms(std::time::SystemTime::now());
         let mut h = lock(&self.0);
         match res {
-            Ok(_) => h.last_success_unix_ms = Some(now),
+            Ok(_) => h.last_success_unix_ms = Some(at_unix_ms),
             Err(e) => {
                 // Longest error text kept for `status`.
                 let error = cut(error_chain(e), 512);
-                h.last_failure = Some(Failure {
-                    at_unix_ms: now,
-                    error,
-                });
+                h.last_failure = Some(Failure { at_unix_ms, error });
             }
         }
     }
