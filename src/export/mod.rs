@@ -333,8 +333,7 @@ pub(crate) async fn run_batcher(
     shutdown: Shutdown,
 ) {
     let mut buf: Vec<Queued> = Vec::with_capacity(cfg.max_spans);
-    // What does not fit a batch (from the record crossing a bound on) waits
-    // here for the next one.
+    // What does not fit a batch (from the record crossing a bound on) waits for the next.
     let mut carry: Vec<Queued> = Vec::new();
     loop {
         buf.append(&mut carry);

@@ -74,8 +74,7 @@ impl Queued {
     }
 }
 
-/// Span slots a record of `count` spans takes (one larger than the queue
-/// still fits alone).
+/// Span slots a record of `count` spans takes (one larger than the queue still fits alone).
 fn slot_count(count: usize, max_spans: usize) -> u32 {
     u32::try_from(count.clamp(1, max_spans)).unwrap_or(u32::MAX)
 }

@@ -238,8 +238,7 @@ pub(crate) async fn within<T, E: std::error::Error + 'static>(
     Err(ExportError::Connect { endpoint, reason })
 }
 
-/// How long the startup check waits after the handshake for the collector
-/// to refuse our certificate.
+/// How long the startup check listens after the handshake for a refusal.
 const PROBE_LISTEN: Duration = Duration::from_millis(300);
 
 /// Loads the TLS files and dials the collector as an export would (a

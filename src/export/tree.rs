@@ -234,8 +234,7 @@ impl Render {
             }
         }
         let mut done = vec![false; spans.len()];
-        // Top spans (no parent held here), then any left over (only a cycle
-        // of parents leaves one), so that none is lost.
+        // Top spans (no parent held here), then any a cycle of parents left: none is lost.
         let tops = order
             .iter()
             .copied()
