@@ -176,9 +176,7 @@ pub(crate) fn bounded(
     let max_spans = max_spans.clamp(1, Semaphore::MAX_PERMITS);
     let (tx, rx) = mpsc::channel(max_spans);
     // The semaphore's limit bounds the bytes, and one acquisition (u32).
-    let max_bytes = max_bytes
-        .clamp(1, Semaphore::MAX_PERMITS)
-        .min(u32::MAX as usize);
+    let max_bytes = max_bytes.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let room = Room {
         slots: Arc::new(Semaphore::new(max_spans)),
         bytes: Arc::new(Semaphore::new(max_bytes)),

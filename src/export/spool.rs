@@ -30,7 +30,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -129,9 +129,7 @@ fn abandoned(path: &Path, after: Duration) -> bool {
     fs::symlink_metadata(path).is_ok_and(|md| {
         // ctime: a rename (a claim) changes it, where mtime stays the content's.
         let changed = std::time::UNIX_EPOCH + Duration::from_secs(md.ctime().max(0) as u64);
-        SystemTime::now()
-            .duration_since(changed)
-            .is_ok_and(|age| age >= after)
+        changed.elapsed().is_ok_and(|age| age >= after)
     })
 }
 
@@ -143,8 +141,8 @@ fn failed(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolErr
 /// A token no other process has: our pid (unique in a PID namespace) and
 /// the time (apart across namespaces).
 fn process_token() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+    let nanos = std::time::UNIX_EPOCH
+        .elapsed()
         .map_or(0, |d| d.as_nanos() as u64);
     format!("{:x}{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
 }

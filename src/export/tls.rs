@@ -177,10 +177,8 @@ async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> {
     };
     let name = ServerName::try_from(host.to_owned())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let stream = tokio_rustls::TlsConnector::from(tls.current())
-        .connect(name, tcp)
-        .await?;
-    Ok(Box::new(stream))
+    let connector = tokio_rustls::TlsConnector::from(tls.current());
+    Ok(Box::new(connector.connect(name, tcp).await?))
 }
 
 /// Dials the collector for a transport's pool (hyper's, tonic's) within
