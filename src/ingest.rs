@@ -228,9 +228,7 @@ impl Ingest {
         let _ = buf.split_to(skip);
         self.skipped += skip as u64;
         stats.skipped_bytes(self.peer, skip as u64, found.map(|_| self.skipped));
-        if found.is_some() {
-            self.lost_place = false;
-        }
+        self.lost_place = found.is_none();
         found.is_some()
     }
 
