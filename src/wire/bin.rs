@@ -63,10 +63,9 @@ impl<'a> Reader<'a> {
 
     #[inline]
     fn opt<T>(&mut self, item: impl FnOnce(&mut Self) -> Option<T>) -> Option<Option<T>> {
-        if self.bool()? {
-            item(self).map(Some)
-        } else {
-            Some(None)
+        match self.bool()? {
+            true => item(self).map(Some),
+            false => Some(None),
         }
     }
 

@@ -141,11 +141,10 @@ impl<'a> Parser<'a> {
         while let Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') = self.b.get(self.i) {
             self.i += 1;
         }
-        let token = &self.b[start..self.i];
-        if token.is_empty() {
-            return Err(GiveUp);
-        }
-        super::model::json_f64(token).map(F64).ok_or(GiveUp)
+        // An empty token is no number to json_f64 either.
+        super::model::json_f64(&self.b[start..self.i])
+            .map(F64)
+            .ok_or(GiveUp)
     }
 
     /// A string, borrowed unless it has escapes.
@@ -320,10 +319,9 @@ impl<'a> Parser<'a> {
 
     #[inline]
     fn nullable<T>(&mut self, f: impl FnOnce(&mut Self) -> R<T>) -> R<Option<T>> {
-        if self.eat(b"null") {
-            Ok(None)
-        } else {
-            f(self).map(Some)
+        match self.eat(b"null") {
+            true => Ok(None),
+            false => f(self).map(Some),
         }
     }
 
