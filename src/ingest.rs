@@ -217,9 +217,7 @@ impl Ingest {
                     break;
                 }
                 Some(_) => {}
-                None => {
-                    waiting.get_or_insert(at);
-                }
+                None => waiting = waiting.or(Some(at)),
             }
         }
         let skip = found

@@ -261,21 +261,13 @@ impl Exporter {
         match tokio::task::spawn_blocking(move || spool.write(&body, n)).await {
             Ok(Ok(true)) => {
                 self.spooled.notify_one();
-                true
+                return true;
             }
-            Ok(Ok(false)) => {
-                self.stats.spool_was_full(spans);
-                false
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, spans, "spooling failed");
-                false
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "spool writer task failed");
-                false
-            }
+            Ok(Ok(false)) => self.stats.spool_was_full(spans),
+            Ok(Err(e)) => tracing::error!(error = %e, spans, "spooling failed"),
+            Err(e) => tracing::error!(error = %e, "spool writer task failed"),
         }
+        false
     }
 }
 

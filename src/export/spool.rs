@@ -347,12 +347,10 @@ impl Spool {
             failed("reading spool file", &path)(source)
         };
         if let Err(e) = fs::rename(&path, &claim) {
+            self.forget(seq);
             return match e.kind() {
-                io::ErrorKind::NotFound => {
-                    self.forget(seq);
-                    Ok(None)
-                }
-                _ => Err(unreadable(e)),
+                io::ErrorKind::NotFound => Ok(None),
+                _ => Err(failed("reading spool file", &path)(e)),
             };
         }
         // A FIFO, a symlink (to `/dev/zero`) or a huge file the forwarder's
