@@ -1,15 +1,12 @@
-//! Ingest: one agent's byte stream in, encoded span records out, with no
-//! socket (the connection reads into a [`ReadBuffer`]; the fuzz driver and
-//! benchmarks run this on bytes in memory).
+//! Ingest: one agent's byte stream in, encoded span records out, no socket.
 //!
 //! Per frame: split, detect and decode (a resource with the previous span's
 //! bytes is not decoded again), convert the resource once per connection
 //! ([`ResourceCache`]), encode the span into protobuf. A frame that does not
-//! decode is counted and skipped: the framing still holds.
-//!
-//! Work is per read: a read's frames are encoded into one scratch buffer,
-//! split off (not copied) into a record per resource, at most
-//! [`RECORD_MAX_SPANS`] spans each; the counters move once.
+//! decode is counted and skipped: the framing still holds. Work is per
+//! read: a read's frames are encoded into one scratch buffer, split off (not
+//! copied) into a record per resource, at most [`RECORD_MAX_SPANS`] spans
+//! each; the counters move once.
 
 use std::sync::Arc;
 
@@ -142,13 +139,12 @@ impl Pending {
         let resource = self.resource.clone().filter(|_| self.count > 0)?;
         // Split off, not copied: a connection's records are consecutive
         // slices of few allocations, each freed with its last record.
-        let record = SpanRecord {
-            resource,
-            spans: self.spans.split().freeze(),
-            count: std::mem::take(&mut self.count),
-        };
         Some(Ingested {
-            record,
+            record: SpanRecord {
+                resource,
+                spans: self.spans.split().freeze(),
+                count: std::mem::take(&mut self.count),
+            },
             cost: std::mem::take(&mut self.cost),
         })
     }
@@ -204,7 +200,7 @@ impl Ingest {
     /// begin a header.
     fn resynchronise(&mut self, buf: &mut BytesMut, stats: &Stats) -> bool {
         const H: usize = crate::wire::HEADER_LEN;
-        let max = self.codec.max_frame_size() as u64;
+        let max = self.codec.inner.max_frame_length() as u64;
         let mut waiting = None;
         let mut found = None;
         for at in 0..buf.len().saturating_sub(H - 1) {
@@ -221,9 +217,7 @@ impl Ingest {
                     break;
                 }
                 Some(_) => {}
-                None => {
-                    waiting.get_or_insert(at);
-                }
+                None => waiting = waiting.or(Some(at)),
             }
         }
         let skip = found
@@ -232,9 +226,7 @@ impl Ingest {
         let _ = buf.split_to(skip);
         self.skipped += skip as u64;
         stats.skipped_bytes(self.peer, skip as u64, found.map(|_| self.skipped));
-        if found.is_some() {
-            self.lost_place = false;
-        }
+        self.lost_place = found.is_none();
         found.is_some()
     }
 
@@ -257,7 +249,7 @@ impl Ingest {
 
     /// Nothing of a frame in hand, with `buf` (the read buffer's rest) read.
     pub(crate) fn between_frames(&self, buf: &[u8]) -> bool {
-        buf.is_empty() && !self.codec.in_frame() && !self.lost_place
+        buf.is_empty() && !self.codec.in_frame && !self.lost_place
     }
 
     /// The frame being read, header included: what a successor reads first.
@@ -331,9 +323,7 @@ impl Ingest {
                 }
             }
             if !same || pending.count >= RECORD_MAX_SPANS {
-                if let Some(done) = pending.take() {
-                    out.push(done);
-                }
+                out.extend(pending.take());
                 if !same {
                     pending.resource = Some(resource);
                 }
@@ -351,18 +341,15 @@ impl Ingest {
             pending.cost += frame.len();
             self.spans += 1;
         };
-        if let Some(done) = self.pending.take() {
-            out.push(done);
-        }
+        out.extend(self.pending.take());
         stats.frames_read(frames, bytes);
         // Every span decoded is in a record in `out` by now.
         let spans = self.spans - spans_before;
         if claimed > 0 {
-            let tenant = self.tenant.as_deref();
-            stats.guest_claimed(self.peer, tenant, new_claims, claimed);
+            stats.guest_claimed(self.peer, self.tenant.as_deref(), new_claims, claimed);
         }
         if spans > 0 {
-            stats.spans_decoded(self.decoder.format(), spans);
+            stats.spans_decoded(self.decoder.last, spans);
         }
         split
     }
@@ -379,7 +366,7 @@ impl Ingest {
     }
 
     pub fn format(&self) -> Option<WireFormat> {
-        self.decoder.format()
+        self.decoder.last
     }
 
     pub fn spans(&self) -> u64 {

@@ -177,9 +177,7 @@ fn walk(
                 todo.push_front(c);
             }
         } else {
-            return Err(UntrustedError::NotDirectory {
-                path: whole.to_path_buf(),
-            });
+            return Err(UntrustedError::NotDirectory { path: whole.into() });
         }
     }
     Ok(at)
@@ -192,16 +190,13 @@ fn follow(
     whole: &Path,
     links: &mut u32,
 ) -> Result<PathBuf, UntrustedError> {
+    let path = whole.to_path_buf();
     if !root_alone_writes(dir) {
-        return Err(UntrustedError::SymlinkRefused {
-            path: whole.to_path_buf(),
-        });
+        return Err(UntrustedError::SymlinkRefused { path });
     }
     *links += 1;
     if *links > MAX_LINKS {
-        return Err(UntrustedError::TooManyLinks {
-            path: whole.to_path_buf(),
-        });
+        return Err(UntrustedError::TooManyLinks { path });
     }
     readlinkat(dir, name)
         .map(PathBuf::from)
@@ -293,18 +288,13 @@ pub(crate) fn open_file(path: &Path, link: Link, max: u64) -> Result<(File, u64)
 /// Reads the regular file at `path`, refused if over `max` bytes (even grown while read).
 pub(crate) fn read_file(path: &Path, link: Link, max: u64) -> Result<Vec<u8>, UntrustedError> {
     let (f, len) = open_file(path, link, max)?;
+    let path = path.to_path_buf();
     let mut data = Vec::with_capacity(len as usize);
-    f.take(max.saturating_add(1))
-        .read_to_end(&mut data)
-        .map_err(|source| UntrustedError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    if let Err(source) = f.take(max.saturating_add(1)).read_to_end(&mut data) {
+        return Err(UntrustedError::Read { path, source });
+    }
     if data.len() as u64 > max {
-        return Err(UntrustedError::TooLarge {
-            path: path.to_path_buf(),
-            max,
-        });
+        return Err(UntrustedError::TooLarge { path, max });
     }
     Ok(data)
 }

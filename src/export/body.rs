@@ -24,10 +24,8 @@ pub(crate) fn compressed(
     if compression == Compression::None {
         return std::borrow::Cow::Borrowed(request);
     }
-    let mut enc = flate2::write::GzEncoder::new(
-        Vec::with_capacity(request.len() / 4 + 64),
-        flate2::Compression::fast(),
-    );
+    let out = Vec::with_capacity(request.len() / 4 + 64);
+    let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
     for c in request.chunks() {
         // Writing into a Vec cannot fail.
         let _ = enc.write_all(c);

@@ -40,10 +40,9 @@ impl<S: AsyncWrite + Unpin> Coalesce<S> {
     /// Writes out everything gathered.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some(rest) = self.buf.get(self.sent..).filter(|r| !r.is_empty()) {
-            match ready!(Pin::new(&mut self.inner).poll_write(cx, rest)) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => self.sent += n,
-                Err(e) => return Poll::Ready(Err(e)),
+            match ready!(Pin::new(&mut self.inner).poll_write(cx, rest))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => self.sent += n,
             }
         }
         self.buf.clear();

@@ -48,7 +48,13 @@ fn write_line(out: &mut impl Write, line: &TracesData) -> io::Result<()> {
     if any {
         let mut json = serde_json::to_value(line)?;
         each_list(line, |kvs, at| {
-            patch_attributes(kvs, json.pointer_mut(&at()))
+            let list = json.pointer_mut(&format!("{}/attributes", at()));
+            let list = list.and_then(|a| a.as_array_mut()).into_iter().flatten();
+            for (kv, j) in kvs.iter().zip(list) {
+                if let (Some(v), Some(j)) = (&kv.value, j.get_mut("value")) {
+                    patch_value(v, j);
+                }
+            }
         });
         serde_json::to_writer(&mut *out, &json)?;
     } else {
@@ -87,21 +93,6 @@ fn special(v: &AnyValue) -> bool {
         Some(any_value::Value::DoubleValue(d)) => !d.is_finite(),
         Some(any_value::Value::ArrayValue(a)) => a.values.iter().any(special),
         _ => false,
-    }
-}
-
-/// `json` is the object whose `attributes` are `kvs`.
-fn patch_attributes(kvs: &[KeyValue], json: Option<&mut serde_json::Value>) {
-    let Some(list) = json
-        .and_then(|j| j.get_mut("attributes"))
-        .and_then(|a| a.as_array_mut())
-    else {
-        return;
-    };
-    for (kv, j) in kvs.iter().zip(list) {
-        if let (Some(v), Some(j)) = (&kv.value, j.get_mut("value")) {
-            patch_value(v, j);
-        }
     }
 }
 

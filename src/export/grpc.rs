@@ -80,11 +80,10 @@ impl GrpcTransport {
     async fn call(&self, body: &EncodedRequest) -> Result<ExportTraceServiceResponse, GrpcError> {
         let gzip = self.cfg.compression == Compression::Gzip;
         let body = &*compressed(self.cfg.compression, body);
-        let len = u32::try_from(body.len()).map_err(|_| {
-            GrpcError(Status::resource_exhausted(format!(
-                "request of {} bytes is over gRPC's 4 GiB message limit",
-                body.len()
-            )))
+        let n = body.len();
+        let len = u32::try_from(n).map_err(|_| {
+            let over = format!("request of {n} bytes is over gRPC's 4 GiB message limit");
+            GrpcError(Status::resource_exhausted(over))
         })?;
         let prefix = Bytes::from([&[u8::from(gzip)][..], &len.to_be_bytes()].concat());
         let body = RequestBody::new(Some(prefix), body);

@@ -1,11 +1,10 @@
 //! Export: batching, retry, and the transports that reach the collector.
 //!
-//! Batches are encoded once and sent one at a time: while the collector is
-//! slow or away the queue fills and the connections stop reading. A request
-//! found too large is sent as its halves, down to one span, so one sandbox's
-//! huge span costs no other anything. With a [`spool`], a batch failing as
-//! the queue fills, or left at the shutdown deadline, goes to disk (else it
-//! is counted as dropped).
+//! Batches are encoded once and sent one at a time (a slow collector fills
+//! the queue). A request found too large is sent as its halves, down to one
+//! span, so one sandbox's huge span costs no other anything. With a
+//! [`spool`], a batch failing as the queue fills, or left at the shutdown
+//! deadline, goes to disk (else it is counted as dropped).
 
 pub(crate) mod body;
 pub(crate) mod coalesce;
@@ -49,11 +48,7 @@ pub enum ExportError {
     #[error("cannot reach the OTLP collector at {endpoint}: {reason} (start the collector before the forwarder, or use --dump-only)")]
     Connect { endpoint: String, reason: String },
     #[error("exporting to {endpoint} {source}")]
-    Send {
-        endpoint: String,
-        #[source]
-        source: SendError,
-    },
+    Send { endpoint: String, source: SendError },
     #[error("writing spans to stdout: {0}")]
     WriteDump(#[source] std::io::Error),
     #[error("TLS with the OTLP collector at {endpoint} failed: {reason} (check --otlp-certificate, and --otlp-client-certificate/--otlp-client-key if the collector wants a client certificate)")]
@@ -61,7 +56,6 @@ pub enum ExportError {
     #[error("setting up TLS for {endpoint}: {source}")]
     LoadTls {
         endpoint: String,
-        #[source]
         source: tls::TlsError,
     },
 }
@@ -148,17 +142,14 @@ pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
 
 impl Health {
     fn note<T>(&self, res: &Result<T, ExportError>) {
-        let now = unix_ms(std::time::SystemTime::now());
+        let at_unix_ms = unix_ms(std::time::SystemTime::now());
         let mut h = lock(&self.0);
         match res {
-            Ok(_) => h.last_success_unix_ms = Some(now),
+            Ok(_) => h.last_success_unix_ms = Some(at_unix_ms),
             Err(e) => {
                 // Longest error text kept for `status`.
                 let error = cut(error_chain(e), 512);
-                h.last_failure = Some(Failure {
-                    at_unix_ms: now,
-                    error,
-                });
+                h.last_failure = Some(Failure { at_unix_ms, error });
             }
         }
     }
@@ -270,21 +261,13 @@ impl Exporter {
         match tokio::task::spawn_blocking(move || spool.write(&body, n)).await {
             Ok(Ok(true)) => {
                 self.spooled.notify_one();
-                true
+                return true;
             }
-            Ok(Ok(false)) => {
-                self.stats.spool_was_full(spans);
-                false
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, spans, "spooling failed");
-                false
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "spool writer task failed");
-                false
-            }
+            Ok(Ok(false)) => self.stats.spool_was_full(spans),
+            Ok(Err(e)) => tracing::error!(error = %e, spans, "spooling failed"),
+            Err(e) => tracing::error!(error = %e, "spool writer task failed"),
         }
+        false
     }
 }
 
@@ -314,10 +297,6 @@ struct Weight {
     resources: Vec<Arc<EncodedResource>>,
 }
 
-/// The framing `encode_request` writes around one resource's spans: three
-/// length-delimited headers of at most 1 + 10 bytes each.
-const RESOURCE_FRAMING: usize = 33;
-
 impl Weight {
     /// The bytes `q`'s resource adds if it is new to the batch.
     fn resource_cost(&self, q: &Queued) -> usize {
@@ -325,7 +304,7 @@ impl Weight {
         if self.resources.iter().any(|have| Arc::ptr_eq(have, r)) {
             0
         } else {
-            RESOURCE_FRAMING + r.bytes().len()
+            encode::RESOURCE_FRAMING + r.bytes().len()
         }
     }
 
@@ -339,7 +318,6 @@ impl Weight {
     }
 }
 
-/// Receives spans until every sender is gone, exporting them in batches.
 pub(crate) async fn run_batcher(
     mut rx: QueueReceiver,
     exporter: Arc<Exporter>,
@@ -347,8 +325,7 @@ pub(crate) async fn run_batcher(
     shutdown: Shutdown,
 ) {
     let mut buf: Vec<Queued> = Vec::with_capacity(cfg.max_spans);
-    // What does not fit a batch (from the record crossing a bound on) waits
-    // here for the next one.
+    // What does not fit a batch (from the record crossing a bound on) waits for the next.
     let mut carry: Vec<Queued> = Vec::new();
     loop {
         buf.append(&mut carry);
@@ -402,11 +379,8 @@ impl Piece {
         let (records, shared) = split_half(&mut self.records);
         let whole = self.records.len() - usize::from(shared);
         let tenants = self.tenants.split_off(whole.min(self.tenants.len()));
-        if shared {
-            if let Some(t) = tenants.first() {
-                self.tenants.push(Arc::clone(t));
-            }
-        }
+        self.tenants
+            .extend(tenants.first().filter(|_| shared).cloned());
         Piece { records, tenants }
     }
 }

@@ -1,13 +1,11 @@
-//! The bounded queue between the agent connections and the batcher: in
-//! spans, by slots a record (one socket read) holds until received (so they
-//! bound the lanes too), and in bytes, by permits held until its batch is
-//! exported, spooled or dropped. A connection without room stops reading:
-//! a slow collector becomes backpressure on the guest, not memory here.
+//! The bounded queue between the connections and the batcher: in spans, by
+//! slots a record (one socket read) holds until received (so they bound the
+//! lanes too), and in bytes, by permits held until its batch is exported,
+//! spooled or dropped. A connection without room stops reading.
 //!
 //! Fair between sandboxes: while others hold room, a sandbox's [`Share`]
-//! is at most an equal part ([`crate::tenant`]); and the receiver takes
-//! from one lane per sandbox in turn, so a quiet one never waits behind a
-//! flood.
+//! is at most an equal part ([`crate::tenant`]); the receiver takes from
+//! one lane per sandbox in turn, so a quiet one never waits behind a flood.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -76,8 +74,7 @@ impl Queued {
     }
 }
 
-/// Span slots a record of `count` spans takes (one larger than the queue
-/// still fits alone).
+/// Span slots a record of `count` spans takes (one larger than the queue still fits alone).
 fn slot_count(count: usize, max_spans: usize) -> u32 {
     u32::try_from(count.clamp(1, max_spans)).unwrap_or(u32::MAX)
 }
@@ -179,9 +176,7 @@ pub(crate) fn bounded(
     let max_spans = max_spans.clamp(1, Semaphore::MAX_PERMITS);
     let (tx, rx) = mpsc::channel(max_spans);
     // The semaphore's limit bounds the bytes, and one acquisition (u32).
-    let max_bytes = max_bytes
-        .clamp(1, Semaphore::MAX_PERMITS)
-        .min(u32::MAX as usize);
+    let max_bytes = max_bytes.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let room = Room {
         slots: Arc::new(Semaphore::new(max_spans)),
         bytes: Arc::new(Semaphore::new(max_bytes)),
@@ -214,8 +209,11 @@ impl QueueSender {
         let (spans, room) = (record.count as u64, &self.room);
         // Counted as the wait begins, for `status` to show it now.
         if !tenant.try_hold(record.count, cost, room.bounds) {
-            let wait = std::time::Duration::ZERO;
-            tenant.throttled(&room.stats, LimitReason::QueueShare, wait);
+            tenant.throttled(
+                &room.stats,
+                LimitReason::QueueShare,
+                std::time::Duration::ZERO,
+            );
             tenant.hold(record.count, cost, room.bounds).await;
         }
         // Given back if this send is abandoned.
@@ -282,14 +280,9 @@ impl QueueReceiver {
 
     /// Three quarters full, in spans or in bytes: time to spool.
     pub(crate) fn is_filling_up(&self) -> bool {
-        let Room {
-            slots,
-            bytes,
-            bounds,
-            ..
-        } = &self.room;
-        slots.available_permits() * 4 <= bounds.max_spans
-            || bytes.available_permits() * 4 <= bounds.max_bytes
+        let r = &self.room;
+        r.slots.available_permits() * 4 <= r.bounds.max_spans
+            || r.bytes.available_permits() * 4 <= r.bounds.max_bytes
     }
 }
 

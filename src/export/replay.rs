@@ -44,8 +44,7 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
             // Another process claimed it, and sends it.
             Ok(Ok(None)) => continue,
             Ok(Err(ref error)) => {
-                let damaged = matches!(error, spool::SpoolError::Damaged { .. });
-                stats.spool_file_skipped(error, damaged);
+                stats.spool_file_skipped(error, matches!(error, spool::SpoolError::Damaged { .. }));
                 continue;
             }
             Err(e) => {

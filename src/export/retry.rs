@@ -85,10 +85,8 @@ impl RetryPolicy {
                 return done(Err(err), true);
             }
             let wake = Instant::now() + wait;
-            let deadline = shutdown
-                .deadline()
-                .map_or(own_deadline, |d| d.min(own_deadline));
-            if wake >= deadline {
+            let deadline = shutdown.deadline().unwrap_or(own_deadline);
+            if wake >= deadline.min(own_deadline) {
                 return done(Err(err), false);
             }
             // Shutdown may set a deadline inside the wait.

@@ -35,9 +35,7 @@ pub(super) fn split_batch(buf: &mut Vec<Queued>, cfg: &BatchConfig) -> Vec<Queue
     };
     let mut carry = buf.split_off(at.min(buf.len()));
     if n > 0 {
-        if let Some(head) = carry.first_mut().and_then(|q| q.split_to(n)) {
-            buf.push(head);
-        }
+        buf.extend(carry.first_mut().and_then(|q| q.split_to(n)));
     }
     if buf.is_empty() && !carry.is_empty() {
         // Splitting failed (it cannot): an oversized batch rather than none.
@@ -62,8 +60,8 @@ pub(super) fn split_half(records: &mut Vec<SpanRecord>) -> (Vec<SpanRecord>, boo
         .unwrap_or(records.len());
     let mut second = records.split_off(at);
     let shared = keep > 0 && !second.is_empty();
-    if let (true, Some(r)) = (shared, second.first_mut()) {
-        records.push(r.split_to(keep));
+    if shared {
+        records.extend(second.first_mut().map(|r| r.split_to(keep)));
     }
     (second, shared)
 }

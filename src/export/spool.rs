@@ -30,7 +30,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -53,7 +53,6 @@ pub enum SpoolError {
     Io {
         what: &'static str,
         path: PathBuf,
-        #[source]
         source: io::Error,
     },
     #[error("spool file {path} is damaged ({reason}); set aside as {aside}")]
@@ -130,9 +129,7 @@ fn abandoned(path: &Path, after: Duration) -> bool {
     fs::symlink_metadata(path).is_ok_and(|md| {
         // ctime: a rename (a claim) changes it, where mtime stays the content's.
         let changed = std::time::UNIX_EPOCH + Duration::from_secs(md.ctime().max(0) as u64);
-        SystemTime::now()
-            .duration_since(changed)
-            .is_ok_and(|age| age >= after)
+        changed.elapsed().is_ok_and(|age| age >= after)
     })
 }
 
@@ -144,8 +141,8 @@ fn failed(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolErr
 /// A token no other process has: our pid (unique in a PID namespace) and
 /// the time (apart across namespaces).
 fn process_token() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+    let nanos = std::time::UNIX_EPOCH
+        .elapsed()
         .map_or(0, |d| d.as_nanos() as u64);
     format!("{:x}{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
 }
@@ -274,14 +271,13 @@ impl Spool {
     pub(crate) fn write(&self, body: &EncodedRequest, spans: u32) -> Result<bool, SpoolError> {
         let size = (HEADER_LEN + body.len()) as u64;
         // Reserve the space now so concurrent writers cannot overshoot.
-        let reserved = self.with(|st| {
+        let Some(seq) = self.with(|st| {
             (st.bytes + size <= self.max_bytes).then(|| {
                 st.bytes += size;
                 st.next_seq += 1;
                 st.next_seq - 1
             })
-        });
-        let Some(seq) = reserved else {
+        }) else {
             return Ok(false);
         };
         let tmp = self.dir.join(format!("{seq:020}.{}.tmp", self.token));
@@ -318,10 +314,7 @@ impl Spool {
                         Err(e) => return Err(e),
                     }
                 }
-                Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    "no free sequence number",
-                ))
+                Err(io::Error::other("no free sequence number"))
             });
             match published {
                 Ok(seq) => {
@@ -354,12 +347,10 @@ impl Spool {
             failed("reading spool file", &path)(source)
         };
         if let Err(e) = fs::rename(&path, &claim) {
+            self.forget(seq);
             return match e.kind() {
-                io::ErrorKind::NotFound => {
-                    self.forget(seq);
-                    Ok(None)
-                }
-                _ => Err(unreadable(e)),
+                io::ErrorKind::NotFound => Ok(None),
+                _ => Err(failed("reading spool file", &path)(e)),
             };
         }
         // A FIFO, a symlink (to `/dev/zero`) or a huge file the forwarder's

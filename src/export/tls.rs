@@ -30,7 +30,6 @@ pub enum TlsError {
     ReadFile {
         what: &'static str,
         path: PathBuf,
-        #[source]
         source: io::Error,
     },
     #[error("{what} {path} holds no PEM certificate")]
@@ -106,9 +105,7 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 
 fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(what, path)?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
-        .filter_map(Result::ok)
-        .collect();
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem).flatten().collect();
     let path = path.to_path_buf();
     (!certs.is_empty())
         .then_some(certs)
@@ -180,10 +177,8 @@ async fn connect(uri: &Uri, tls: Option<&Tls>) -> io::Result<Stream> {
     };
     let name = ServerName::try_from(host.to_owned())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let stream = tokio_rustls::TlsConnector::from(tls.current())
-        .connect(name, tcp)
-        .await?;
-    Ok(Box::new(stream))
+    let connector = tokio_rustls::TlsConnector::from(tls.current());
+    Ok(Box::new(connector.connect(name, tcp).await?))
 }
 
 /// Dials the collector for a transport's pool (hyper's, tonic's) within
@@ -241,8 +236,7 @@ pub(crate) async fn within<T, E: std::error::Error + 'static>(
     Err(ExportError::Connect { endpoint, reason })
 }
 
-/// How long the startup check waits after the handshake for the collector
-/// to refuse our certificate.
+/// How long the startup check listens after the handshake for a refusal.
 const PROBE_LISTEN: Duration = Duration::from_millis(300);
 
 /// Loads the TLS files and dials the collector as an export would (a

@@ -234,8 +234,7 @@ impl Render {
             }
         }
         let mut done = vec![false; spans.len()];
-        // Top spans (no parent held here), then any left over (only a cycle
-        // of parents leaves one), so that none is lost.
+        // Top spans (no parent held here), then any a cycle of parents left: none is lost.
         let tops = order
             .iter()
             .copied()
@@ -267,12 +266,8 @@ impl Render {
         let (begin, end) = (span.start_time_unix_nano, span.end_time_unix_nano);
         let at = |t: u64| self.wrap(DIM, &format!("+{}", human(t.saturating_sub(self.start))));
         let name = self.wrap(BOLD, &clean(&span.name, NAME_CHARS));
-        let _ = write!(
-            out,
-            "{indent}{name}  {}  {}",
-            human(end.saturating_sub(begin)),
-            at(begin)
-        );
+        let took = human(end.saturating_sub(begin));
+        let _ = write!(out, "{indent}{name}  {took}  {}", at(begin));
         let status = match span.status.as_ref().map(|s| (s.code(), s.message.as_str())) {
             Some((StatusCode::Error, "")) => Some((RED, "ERROR".to_owned())),
             Some((StatusCode::Error, m)) => {
@@ -289,14 +284,9 @@ impl Render {
             let _ = write!(out, "  {}", self.wrap(YELLOW, &format!("[{mark}]")));
         }
         out.push('\n');
-        for event in &span.events {
-            let _ = writeln!(
-                out,
-                "{indent}  · {}  {}{}",
-                clean(&event.name, NAME_CHARS),
-                at(event.time_unix_nano),
-                attributes(&event.attributes),
-            );
+        for e in &span.events {
+            let (name, attrs) = (clean(&e.name, NAME_CHARS), attributes(&e.attributes));
+            let _ = writeln!(out, "{indent}  · {name}  {}{attrs}", at(e.time_unix_nano));
         }
     }
 }

@@ -22,11 +22,7 @@ pub struct ResourceCache {
 impl ResourceCache {
     /// What to pass to [`crate::wire::Decoder::decode_reusing`].
     pub fn known_bytes(&self) -> &[u8] {
-        if self.resource.is_some() {
-            &self.raw
-        } else {
-            &[]
-        }
+        self.resource.as_ref().map_or(&[], |_| &self.raw)
     }
 
     /// The cached resource if the bytes or attributes are the same, else new.
@@ -37,11 +33,7 @@ impl ResourceCache {
         origin: &Origin,
     ) -> Arc<EncodedResource> {
         if let Some(r) = &self.resource {
-            let hit = match seen {
-                ResourceSeen::Same => true,
-                ResourceSeen::New(_) => same_attrs(self.agent.as_deref(), agent),
-            };
-            if hit {
+            if matches!(seen, ResourceSeen::Same) || same_attrs(self.agent.as_deref(), agent) {
                 let r = Arc::clone(r);
                 seen.remember(&mut self.raw);
                 return r;

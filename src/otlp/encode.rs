@@ -29,6 +29,10 @@ const fn key(field: u32, wire_type: u32) -> u8 {
 
 pub(crate) const SCOPE_SPANS_SPAN_KEY: u8 = key(2, LEN);
 
+/// The framing [`request_chunks`] writes around one resource's spans: three
+/// length-delimited headers of at most 1 + 10 bytes each.
+pub(crate) const RESOURCE_FRAMING: usize = 33;
+
 /// prost's formula.
 #[inline]
 fn varint_len(v: u64) -> usize {
@@ -215,12 +219,10 @@ fn put_any_value(buf: &mut BytesMut, v: &Value<'_>) {
     }
 }
 
-fn key_value_len(kv: &model::KeyValue<'_>) -> usize {
-    opt_str_len(kv.key.as_str()) + len_field(any_value_len(&kv.value))
-}
-
 fn key_values_len(kvs: &[model::KeyValue<'_>]) -> usize {
-    kvs.iter().map(|kv| len_field(key_value_len(kv))).sum()
+    kvs.iter()
+        .map(|kv| len_field(opt_str_len(kv.key.as_str()) + len_field(any_value_len(&kv.value))))
+        .sum()
 }
 
 fn put_key_values(buf: &mut BytesMut, field_key: u8, kvs: &[model::KeyValue<'_>]) {
@@ -278,11 +280,10 @@ fn put_link(buf: &mut BytesMut, l: &model::Link<'_>) {
 }
 
 fn status_len(s: &AgentSpan<'_>) -> usize {
-    let code = s.status_code as u64;
-    opt_str_len(s.status_message.as_str()) + if code == 0 { 0 } else { 2 }
+    opt_str_len(s.status_message.as_str()) + opt_u32_len(s.status_code as u32)
 }
 
-pub(crate) fn span_len(s: &AgentSpan<'_>) -> usize {
+fn span_len(s: &AgentSpan<'_>) -> usize {
     let ctx = &s.span_context;
     let ts = trace_state_len(ctx);
     len_field(16)
@@ -335,11 +336,7 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
     put_opt_u32(buf, key(14, VARINT), s.links.dropped_count);
     put_len_field(buf, key(15, LEN), status_len(s));
     put_opt_str(buf, key(2, LEN), s.status_message.as_str());
-    let code = s.status_code as u64;
-    if code != 0 {
-        buf.put_u8(key(3, VARINT));
-        buf.put_u8(code as u8);
-    }
+    put_opt_u32(buf, key(3, VARINT), s.status_code as u32);
     if ctx.trace_flags != 0 {
         // Field 16, fixed32: key 133 as a varint.
         buf.put_slice(&[0x85, 0x01]);
@@ -352,9 +349,8 @@ pub fn put_span(buf: &mut BytesMut, s: &AgentSpan<'_>) -> usize {
 /// An `ExportTraceServiceRequest`: only the framing is written around the
 /// groups' shared spans.
 pub(crate) fn request_chunks(groups: &[Group<'_>]) -> EncodedRequest {
-    // Three length-delimited headers of at most 1 + 10 bytes each.
-    let head_room: usize = groups.iter().map(|(r, _)| 33 + r.bytes().len()).sum();
-    let mut heads = BytesMut::with_capacity(head_room);
+    let framing = |(r, _): &Group<'_>| RESOURCE_FRAMING + r.bytes().len();
+    let mut heads = BytesMut::with_capacity(groups.iter().map(framing).sum());
     let mut chunks = Vec::with_capacity(groups.iter().map(|(_, recs)| 1 + recs.len()).sum());
     for (resource, recs) in groups {
         let scope = recs.iter().map(|r| r.spans.len()).sum::<usize>();

@@ -6,12 +6,6 @@
 //! string. The resource is the agent's, with `service.name` the trace name
 //! and what only the host knows (`kata.sandbox.id`, `kata.vsock.cid`) set by
 //! the host; a guest's own value for one goes under `kata.guest.claimed.*`.
-//!
-//! Here: [`Origin`], the resource conversion, shared mappings. [`cache`]:
-//! a resource per connection; [`encode`]: spans straight into protobuf (the
-//! hot path); [`record`]: records and the export request; `oracle` (tests,
-//! `oracle` feature): the same through prost's structs, which [`encode`] is
-//! held to byte for byte.
 
 pub mod cache;
 pub mod encode;
@@ -48,10 +42,8 @@ pub(crate) const HOST_OWNED: [&str; 2] = [SANDBOX_ID, VSOCK_CID];
 pub(crate) const GUEST_CLAIMED_PREFIX: &str = "kata.guest.claimed.";
 
 pub(crate) fn guest_claim_key(key: &str) -> String {
-    format!(
-        "{GUEST_CLAIMED_PREFIX}{}",
-        key.strip_prefix("kata.").unwrap_or(key)
-    )
+    let key = key.strip_prefix("kata.").unwrap_or(key);
+    format!("{GUEST_CLAIMED_PREFIX}{key}")
 }
 
 /// Where a connection's spans come from, as the forwarder knows it.
@@ -79,10 +71,9 @@ pub fn resource(agent: Option<&model::Resource<'_>>, origin: &Origin) -> Resourc
 }
 
 /// [`resource`], and how many host-owned attributes the agent claimed with
-/// a value the host does not confirm. Every host-owned one (and whatever
-/// else `origin` sets) comes from `origin`; a guest's other value is kept
-/// under [`guest_claim_key`]. A guest that writes such a claimed key itself
-/// keeps it, unless the forwarder fills that key with a claim of its own.
+/// a value the host does not confirm (kept under [`guest_claim_key`]). A
+/// guest that writes such a claimed key itself keeps it, unless the
+/// forwarder fills that key with a claim of its own.
 pub(crate) fn resource_with_claims(
     agent: Option<&model::Resource<'_>>,
     origin: &Origin,
@@ -122,8 +113,7 @@ pub(crate) fn resource_with_claims(
     }
     let resource = Resource {
         attributes,
-        dropped_attributes_count: 0,
-        entity_refs: Vec::new(),
+        ..Default::default()
     };
     (resource, n)
 }

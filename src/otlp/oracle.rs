@@ -96,11 +96,10 @@ pub fn group_by_resource(
             Ok(ResourceSpans {
                 resource: Some(resource.resource().clone()),
                 scope_spans: vec![ScopeSpans {
-                    scope: None,
                     spans,
-                    schema_url: String::new(),
+                    ..Default::default()
                 }],
-                schema_url: String::new(),
+                ..Default::default()
             })
         })
         .collect()

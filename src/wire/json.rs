@@ -81,10 +81,7 @@ impl<'a> Parser<'a> {
     fn uint(&mut self, max: u128) -> R<u128> {
         let start = self.i;
         let mut v: u128 = 0;
-        while let Some(&c) = self.b.get(self.i) {
-            if !c.is_ascii_digit() {
-                break;
-            }
+        while let Some(&c @ b'0'..=b'9') = self.b.get(self.i) {
             v = v
                 .checked_mul(10)
                 .and_then(|v| v.checked_add(u128::from(c - b'0')))
@@ -141,17 +138,13 @@ impl<'a> Parser<'a> {
             return Ok(F64(f64::NAN));
         }
         let start = self.i;
-        while let Some(&c) = self.b.get(self.i) {
-            if !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
-                break;
-            }
+        while let Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') = self.b.get(self.i) {
             self.i += 1;
         }
-        let token = &self.b[start..self.i];
-        if token.is_empty() {
-            return Err(GiveUp);
-        }
-        super::model::json_f64(token).map(F64).ok_or(GiveUp)
+        // An empty token is no number to json_f64 either.
+        super::model::json_f64(&self.b[start..self.i])
+            .map(F64)
+            .ok_or(GiveUp)
     }
 
     /// A string, borrowed unless it has escapes.
@@ -166,17 +159,13 @@ impl<'a> Parser<'a> {
         }
         // Escapes: unescape into an owned string, as serde_json does.
         let mut out: Vec<u8> = Vec::with_capacity(end - start + 16);
-        let mut seg = start;
-        let mut at = end;
+        let (mut seg, mut at) = (start, end);
         loop {
             out.extend_from_slice(&self.b[seg..at]);
+            self.i = at + 1;
             match self.b[at] {
-                b'"' => {
-                    self.i = at + 1;
-                    break;
-                }
+                b'"' => break,
                 b'\\' => {
-                    self.i = at + 1;
                     self.escape(&mut out)?;
                     seg = self.i;
                     at = self.scan()?;
@@ -222,9 +211,7 @@ impl<'a> Parser<'a> {
         let c = self.peek()?;
         self.i += 1;
         let simple = match c {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            b'/' => b'/',
+            b'"' | b'\\' | b'/' => c,
             b'b' => 0x08,
             b'f' => 0x0c,
             b'n' => b'\n',
@@ -257,18 +244,13 @@ impl<'a> Parser<'a> {
 
     fn hex4(&mut self) -> R<u16> {
         let digits = self.b.get(self.i..self.i + 4).ok_or(GiveUp)?;
-        let mut v = 0u16;
-        for &d in digits {
-            let n = match d {
-                b'0'..=b'9' => d - b'0',
-                b'a'..=b'f' => d - b'a' + 10,
-                b'A'..=b'F' => d - b'A' + 10,
-                _ => return Err(GiveUp),
-            };
-            v = (v << 4) | u16::from(n);
+        // Hex digits only: `from_str_radix` would take a sign too.
+        if !digits.iter().all(u8::is_ascii_hexdigit) {
+            return Err(GiveUp);
         }
         self.i += 4;
-        Ok(v)
+        let digits = std::str::from_utf8(digits).map_err(|_| GiveUp)?;
+        u16::from_str_radix(digits, 16).map_err(|_| GiveUp)
     }
 
     fn seq<T>(&mut self, mut item: impl FnMut(&mut Self) -> R<T>) -> R<Vec<T>> {
@@ -337,10 +319,9 @@ impl<'a> Parser<'a> {
 
     #[inline]
     fn nullable<T>(&mut self, f: impl FnOnce(&mut Self) -> R<T>) -> R<Option<T>> {
-        if self.eat(b"null") {
-            Ok(None)
-        } else {
-            f(self).map(Some)
+        match self.eat(b"null") {
+            true => Ok(None),
+            false => f(self).map(Some),
         }
     }
 
@@ -419,76 +400,65 @@ impl<'a> Parser<'a> {
     }
 
     fn span(&mut self, known: &[u8]) -> R<(AgentSpan<'a>, ResourceSeen<'a>)> {
-        let span_context = self.after(b"{\"span_context\":", Self::span_context)?;
-        let parent_span_id = self.after(b",\"parent_span_id\":", Self::u64)?;
-        self.lit(b",\"span_kind\":\"")?;
-        let span_kind = if self.eat(b"Server\"") {
-            SpanKind::Server
-        } else if self.eat(b"Internal\"") {
-            SpanKind::Internal
-        } else if self.eat(b"Client\"") {
-            SpanKind::Client
-        } else if self.eat(b"Producer\"") {
-            SpanKind::Producer
-        } else if self.eat(b"Consumer\"") {
-            SpanKind::Consumer
-        } else {
-            return Err(GiveUp);
+        let mut span = AgentSpan {
+            span_context: self.after(b"{\"span_context\":", Self::span_context)?,
+            parent_span_id: self.after(b",\"parent_span_id\":", Self::u64)?,
+            span_kind: self.after(b",\"span_kind\":\"", |p| {
+                Ok(if p.eat(b"Server\"") {
+                    SpanKind::Server
+                } else if p.eat(b"Internal\"") {
+                    SpanKind::Internal
+                } else if p.eat(b"Client\"") {
+                    SpanKind::Client
+                } else if p.eat(b"Producer\"") {
+                    SpanKind::Producer
+                } else if p.eat(b"Consumer\"") {
+                    SpanKind::Consumer
+                } else {
+                    return Err(GiveUp);
+                })
+            })?,
+            name: self.after(b",\"name\":", Self::str)?,
+            start_time: self.after(b",\"start_time\":", Self::time)?,
+            end_time: self.after(b",\"end_time\":", Self::time)?,
+            attributes: Attributes {
+                map: self.after(b",\"attributes\":{\"map\":", Self::map)?,
+                // Read for validity only, as the serde path does.
+                evict_list: self
+                    .after(b",\"evict_list\":", |p| p.seq(|p| p.str().map(drop)))
+                    .map(|_| Skip::default())?,
+                max_len: self.after(b",\"max_len\":", Self::u32)?,
+                dropped_count: self.after(b",\"dropped_count\":", Self::u32)?,
+            },
+            events: self.after(b"},\"events\":", |p| p.queue(Self::event))?,
+            links: self.after(b",\"links\":", |p| p.queue(Self::link))?,
+            status_code: self.after(b",\"status_code\":\"", |p| {
+                Ok(if p.eat(b"Unset\"") {
+                    StatusCode::Unset
+                } else if p.eat(b"Ok\"") {
+                    StatusCode::Ok
+                } else if p.eat(b"Error\"") {
+                    StatusCode::Error
+                } else {
+                    return Err(GiveUp);
+                })
+            })?,
+            status_message: self.after(b",\"status_message\":", Self::str)?,
+            resource: None,
         };
-        let name = self.after(b",\"name\":", Self::str)?;
-        let start_time = self.after(b",\"start_time\":", Self::time)?;
-        let end_time = self.after(b",\"end_time\":", Self::time)?;
-        let attributes = Attributes {
-            map: self.after(b",\"attributes\":{\"map\":", Self::map)?,
-            // Read for validity only, as the serde path does.
-            evict_list: self
-                .after(b",\"evict_list\":", |p| p.seq(|p| p.str().map(drop)))
-                .map(|_| Skip::default())?,
-            max_len: self.after(b",\"max_len\":", Self::u32)?,
-            dropped_count: self.after(b",\"dropped_count\":", Self::u32)?,
-        };
-        let events = self.after(b"},\"events\":", |p| p.queue(Self::event))?;
-        let links = self.after(b",\"links\":", |p| p.queue(Self::link))?;
-        self.lit(b",\"status_code\":\"")?;
-        let status_code = if self.eat(b"Unset\"") {
-            StatusCode::Unset
-        } else if self.eat(b"Ok\"") {
-            StatusCode::Ok
-        } else if self.eat(b"Error\"") {
-            StatusCode::Error
-        } else {
-            return Err(GiveUp);
-        };
-        let status_message = self.after(b",\"status_message\":", Self::str)?;
         self.lit(b",\"resource\":")?;
         let raw = self.b.get(self.i..).ok_or(GiveUp)?;
-        let (resource, seen) = if !known.is_empty() && raw == known {
+        if !known.is_empty() && raw == known {
             self.i = self.b.len();
-            (None, ResourceSeen::Same)
-        } else {
-            let resource = self.nullable(|p| {
-                let attrs = p.after(b"{\"attrs\":", Self::map)?;
-                p.close(Resource { attrs })
-            })?;
-            self.lit(b"}")?;
-            // Up to the end: the caller rejects anything after the span.
-            (resource, ResourceSeen::New(raw))
-        };
-        let span = AgentSpan {
-            span_context,
-            parent_span_id,
-            span_kind,
-            name,
-            start_time,
-            end_time,
-            attributes,
-            events,
-            links,
-            status_code,
-            status_message,
-            resource,
-        };
-        Ok((span, seen))
+            return Ok((span, ResourceSeen::Same));
+        }
+        span.resource = self.nullable(|p| {
+            let attrs = p.after(b"{\"attrs\":", Self::map)?;
+            p.close(Resource { attrs })
+        })?;
+        self.lit(b"}")?;
+        // Up to the end: the caller rejects anything after the span.
+        Ok((span, ResourceSeen::New(raw)))
     }
 }
 

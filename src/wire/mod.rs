@@ -1,17 +1,10 @@
 //! The agent's wire protocol: framing and the span model.
 //!
-//! # Wire primer
-//!
 //! The Kata agent opens one stream to the host (VSOCK CID 2, port 10240 by
 //! default; with hybrid VSOCK the VMM turns it into a Unix-socket connection
 //! to `<socket-path>_<port>`) and keeps it for its whole life. On it, it
-//! writes one frame per finished span:
-//!
-//! ```text
-//! +---------------------------+---------------------------------+
-//! | length: u64, big-endian   | payload: `length` bytes         |
-//! +---------------------------+---------------------------------+
-//! ```
+//! writes one frame per finished span: a big-endian `u64` length, then the
+//! payload.
 //!
 //! The payload is the serde serialisation of the OpenTelemetry Rust SDK's
 //! `SpanData`, in one of two encodings depending on the Kata release:
@@ -25,9 +18,6 @@
 //! starts with `{`; a bincode one with the trace id's low byte, `{` for one
 //! trace in 256. So: JSON if it looks like JSON and parses, else bincode,
 //! the connection remembering which worked ([`Decoder`]).
-//!
-//! Framing is tokio-util's `LengthDelimitedCodec`: an oversized length
-//! prefix is rejected before anything is allocated for it.
 
 mod bin;
 mod json;
@@ -63,10 +53,10 @@ pub enum FrameError {
 
 /// The frame codec with errors that say what happened.
 pub(crate) struct FrameDecoder {
-    inner: LengthDelimitedCodec,
+    pub(crate) inner: LengthDelimitedCodec,
     /// The codec consumed a header and waits for its payload: an end of
     /// stream now is a cut frame even with nothing buffered.
-    in_frame: bool,
+    pub(crate) in_frame: bool,
     /// That header, for [`unread`](Self::unread).
     header: [u8; HEADER_LEN],
 }
@@ -78,14 +68,6 @@ impl FrameDecoder {
             in_frame: false,
             header: [0; HEADER_LEN],
         }
-    }
-
-    pub(crate) fn max_frame_size(&self) -> usize {
-        self.inner.max_frame_length()
-    }
-
-    pub(crate) fn in_frame(&self) -> bool {
-        self.in_frame
     }
 
     /// The bytes of the frame being read, as sent: the header the codec
@@ -133,7 +115,7 @@ impl tokio_util::codec::Decoder for FrameDecoder {
                     .map_or(0, u64::from_be_bytes);
                 FrameError::Oversized {
                     claimed,
-                    max: self.max_frame_size(),
+                    max: self.inner.max_frame_length(),
                 }
             } else {
                 FrameError::Read(e)
@@ -152,13 +134,10 @@ impl tokio_util::codec::Decoder for FrameDecoder {
     }
 }
 
-/// The hand-over state carries it by
-/// variant index (bincode): the order is part of that format.
+/// The hand-over state carries it by variant index (bincode): the order is part of that format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum WireFormat {
-    /// `serde_json` of opentelemetry 0.17 `SpanData` (Kata 3.29+).
     Json,
-    /// `bincode` 1.3 of opentelemetry 0.14 `SpanData` (Kata 2.2 – 3.28).
     Bincode,
 }
 
@@ -218,13 +197,6 @@ pub fn decode_bincode_serde(payload: &[u8]) -> Result<AgentSpan<'_>, DecodeError
         .map_err(DecodeError::Bincode)
 }
 
-fn looks_like_json(payload: &[u8]) -> bool {
-    payload
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|&b| b == b'{')
-}
-
 /// What a decode saw of the span's resource: the payload's tail in both
 /// formats, the same for every span of an agent, so a connection keeping
 /// the last one's bytes ([`Decoder::decode_reusing`]) skips decoding it.
@@ -259,10 +231,6 @@ pub struct Decoder {
 impl Decoder {
     pub fn new() -> Self {
         Self::default()
-    }
-
-    pub fn format(&self) -> Option<WireFormat> {
-        self.last
     }
 
     /// Decodes a usable span: collectors reject all-zero ids (what zero
@@ -301,7 +269,8 @@ impl Decoder {
             let known = if last == Some(f) { known } else { &[][..] };
             decode_as(f, payload, known).inspect(|_| self.last = Some(f))
         };
-        if !looks_like_json(payload) {
+        let json_like = payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        if !json_like {
             return decode(WireFormat::Bincode);
         }
         // Ambiguous first byte: try the format this connection used last.
@@ -340,17 +309,13 @@ fn decode_as<'a>(
     known: &[u8],
 ) -> Result<(AgentSpan<'a>, ResourceSeen<'a>), DecodeError> {
     // The fast path, or serde when it gives up, whose verdict stands.
-    let fast = match format {
-        WireFormat::Json => json::decode_reusing(payload, known),
-        WireFormat::Bincode => bin::decode_reusing(payload, known),
+    let (fast, serde): (_, fn(&'a [u8]) -> _) = match format {
+        WireFormat::Json => (json::decode_reusing(payload, known), decode_json_serde),
+        WireFormat::Bincode => (bin::decode_reusing(payload, known), decode_bincode_serde),
     };
     match fast {
         Some(decoded) => Ok(decoded),
-        None => match format {
-            WireFormat::Json => decode_json_serde(payload),
-            WireFormat::Bincode => decode_bincode_serde(payload),
-        }
-        .map(|span| (span, ResourceSeen::New(&[]))),
+        None => serde(payload).map(|span| (span, ResourceSeen::New(&[]))),
     }
 }
 
@@ -471,7 +436,7 @@ mod tests {
                 if let Err(e) = d.decode(&p) {
                     panic!("{format:?}: {e}");
                 }
-                assert_eq!(d.format(), Some(want));
+                assert_eq!(d.last, Some(want));
             }
         }
     }
@@ -491,7 +456,7 @@ mod tests {
             assert_eq!(p[0], b'{');
             let span = d.decode(p).expect("decodes as bincode");
             assert_eq!(span.span_context.trace_id, (0xabcd_u128 << 64) | 0x7B);
-            assert_eq!(d.format(), Some(WireFormat::Bincode));
+            assert_eq!(d.last, Some(WireFormat::Bincode));
         }
     }
 

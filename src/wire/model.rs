@@ -116,20 +116,14 @@ pub struct AgentSpan<'a> {
     pub span_context: SpanContext<'a>,
     pub parent_span_id: u64,
     pub span_kind: SpanKind,
-    #[serde(borrow)]
     pub name: Str<'a>,
     pub start_time: Time,
     pub end_time: Time,
-    #[serde(borrow)]
     pub attributes: Attributes<'a>,
-    #[serde(borrow)]
     pub events: Queue<Event<'a>>,
-    #[serde(borrow)]
     pub links: Queue<Link<'a>>,
     pub status_code: StatusCode,
-    #[serde(borrow)]
     pub status_message: Str<'a>,
-    #[serde(borrow)]
     pub resource: Option<Resource<'a>>,
 }
 
@@ -191,7 +185,6 @@ impl Time {
 pub struct KeyValue<'a> {
     #[serde(borrow)]
     pub key: Str<'a>,
-    #[serde(borrow)]
     pub value: Value<'a>,
 }
 
@@ -242,7 +235,6 @@ pub struct Event<'a> {
     #[serde(borrow)]
     pub name: Str<'a>,
     pub timestamp: Time,
-    #[serde(borrow)]
     pub attributes: Vec<KeyValue<'a>>,
     pub dropped_attributes_count: u32,
 }
@@ -251,7 +243,6 @@ pub struct Event<'a> {
 pub struct Link<'a> {
     #[serde(borrow)]
     pub span_context: SpanContext<'a>,
-    #[serde(borrow)]
     pub attributes: Vec<KeyValue<'a>>,
     pub dropped_attributes_count: u32,
 }
@@ -295,14 +286,11 @@ fn dedupe_keys(kvs: &mut Vec<KeyValue<'_>>) {
     if !has_duplicate {
         return;
     }
+    // The last of each key kept: the list reversed, the first kept.
+    kvs.reverse();
     let mut seen = std::collections::HashSet::with_capacity(kvs.len());
-    let keep: Vec<bool> = kvs
-        .iter()
-        .rev()
-        .map(|kv| seen.insert(kv.key.as_str()))
-        .collect();
-    let mut keep = keep.into_iter().rev();
-    kvs.retain(|_| keep.next().unwrap_or(true));
+    kvs.retain(|kv| seen.insert(kv.key.0.clone()));
+    kvs.reverse();
 }
 
 fn map_as_vec<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Vec<KeyValue<'a>>, D::Error> {
