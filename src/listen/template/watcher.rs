@@ -262,13 +262,8 @@ impl Watcher {
             }
             return;
         }
-        self.sandboxes.insert(
-            id.to_owned(),
-            Sandbox {
-                wd: None,
-                state: State::Waiting { depth: 0 },
-            },
-        );
+        // Its state is descend's to set.
+        self.sandboxes.insert(id.to_owned(), Sandbox::default());
         self.descend(fx, id);
     }
 
