@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::addr::Peer;
+use crate::ingest::Ingest;
 use crate::stats::{DropReason, Label, Stats};
 use crate::tenant::{LimitReason, Noisy, Tenant, Tenants};
 use crate::wire::{DecodeError, FrameError, WireFormat};
@@ -170,12 +171,11 @@ impl Tenant {
         &self,
         stats: &Stats,
         peer: Peer,
-        spans: u64,
-        decode_errors: u64,
-        format: Option<WireFormat>,
+        ingest: &Ingest,
         end: Result<(), &FrameError>,
     ) {
-        let format = format.map_or("none", WireFormat::as_str);
+        let (spans, decode_errors) = (ingest.spans(), ingest.decode_errors());
+        let format = ingest.format().map_or("none", WireFormat::as_str);
         if let Err(e) = end {
             match e {
                 FrameError::Oversized { .. } => stats.frames_oversized.inc(),
