@@ -168,15 +168,11 @@ impl Watcher {
     /// Serves the sandbox directories already in the root.
     fn scan(&mut self, fx: &mut impl Effects) {
         let parent = self.template.parent();
-        match fx.subdirs(parent) {
-            Ok(names) => {
-                for name in names {
-                    self.appeared(fx, &name);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(dir = %parent.display(), error = %e, "listing sandboxes");
-            }
+        let names = fx.subdirs(parent).inspect_err(|e| {
+            tracing::warn!(dir = %parent.display(), error = %e, "listing sandboxes");
+        });
+        for name in names.into_iter().flatten() {
+            self.appeared(fx, &name);
         }
     }
 
