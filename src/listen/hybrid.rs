@@ -123,11 +123,10 @@ impl HybridListener {
 
     /// Before this process loses the right to remove the socket.
     pub(crate) fn hand_removal_to_janitor(&mut self) -> Result<(), ListenError> {
-        if self.janitor.is_some() {
-            return Ok(());
+        if self.janitor.is_none() {
+            let janitor = Janitor::spawn(&self.path, self.identity);
+            self.janitor = Some(janitor.map_err(ListenError::StartJanitor)?);
         }
-        let janitor = Janitor::spawn(&self.path, self.identity);
-        self.janitor = Some(janitor.map_err(ListenError::StartJanitor)?);
         Ok(())
     }
 
@@ -146,11 +145,10 @@ impl HybridListener {
         };
         let ours = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
             .is_ok_and(|st| (st.st_dev, st.st_ino) == self.identity);
-        if !ours {
-            return Ok(false);
+        if ours {
+            unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?;
         }
-        unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?;
-        Ok(true)
+        Ok(ours)
     }
 }
 
