@@ -79,10 +79,8 @@ impl Stats {
     ) {
         let kind = error.kind();
         self.decode_errors.inc(kind);
-        if nth > LOGGED_DECODE_ERRORS {
-            return;
-        }
-        if let Some(sandbox) = gated(tenant, Noisy::Undecodable) {
+        let gate = (nth <= LOGGED_DECODE_ERRORS).then(|| gated(tenant, Noisy::Undecodable));
+        if let Some(sandbox) = gate.flatten() {
             tracing::warn!(%peer, sandbox, %error, kind = kind.as_str(), frame_len, "skipping frame that does not decode");
         }
     }
@@ -98,10 +96,8 @@ impl Stats {
         spans: u64,
     ) {
         self.spans_guest_claims.add(spans);
-        if new_claims == 0 {
-            return;
-        }
-        if let Some(sandbox) = gated(tenant, Noisy::Claim) {
+        let gate = (new_claims > 0).then(|| gated(tenant, Noisy::Claim));
+        if let Some(sandbox) = gate.flatten() {
             tracing::warn!(%peer, sandbox, claims = new_claims, "agent resource claims host-owned attributes; the host's values are used, the claims kept under kata.guest.claimed.*");
         }
     }
