@@ -134,8 +134,7 @@ impl HybridListener {
         self.janitor.as_ref()?.pipe.as_ref().map(AsFd::as_fd)
     }
 
-    /// Removes the socket if still the file bound, through its directory when
-    /// open (it may have moved).
+    /// Removes the socket if still ours, through its directory when open (it may have moved).
     fn remove_if_ours(&self) -> io::Result<bool> {
         let (Some(dir), Some(name)) = (self.dir.as_ref(), self.path.file_name()) else {
             return match still_bound(&self.path, self.identity) {

@@ -263,8 +263,7 @@ impl Watcher {
         self.descend(fx, id);
     }
 
-    /// Watches the deepest of a sandbox's directories that exists; serves it
-    /// once the socket's directory is there.
+    /// Watches a sandbox's deepest existing directory; serves it once the socket's is there.
     fn descend(&mut self, fx: &mut impl Effects, id: &str) {
         let Some(sb) = self.sandboxes.get_mut(id) else {
             return;
