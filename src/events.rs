@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::addr::Peer;
+use crate::ingest::Ingest;
 use crate::stats::{DropReason, Label, Stats};
 use crate::tenant::{LimitReason, Noisy, Tenant, Tenants};
 use crate::wire::{DecodeError, FrameError, WireFormat};
@@ -78,10 +79,8 @@ impl Stats {
     ) {
         let kind = error.kind();
         self.decode_errors.inc(kind);
-        if nth > LOGGED_DECODE_ERRORS {
-            return;
-        }
-        if let Some(sandbox) = gated(tenant, Noisy::Undecodable) {
+        let gate = (nth <= LOGGED_DECODE_ERRORS).then(|| gated(tenant, Noisy::Undecodable));
+        if let Some(sandbox) = gate.flatten() {
             tracing::warn!(%peer, sandbox, %error, kind = kind.as_str(), frame_len, "skipping frame that does not decode");
         }
     }
@@ -97,10 +96,8 @@ impl Stats {
         spans: u64,
     ) {
         self.spans_guest_claims.add(spans);
-        if new_claims == 0 {
-            return;
-        }
-        if let Some(sandbox) = gated(tenant, Noisy::Claim) {
+        let gate = (new_claims > 0).then(|| gated(tenant, Noisy::Claim));
+        if let Some(sandbox) = gate.flatten() {
             tracing::warn!(%peer, sandbox, claims = new_claims, "agent resource claims host-owned attributes; the host's values are used, the claims kept under kata.guest.claimed.*");
         }
     }
@@ -170,12 +167,11 @@ impl Tenant {
         &self,
         stats: &Stats,
         peer: Peer,
-        spans: u64,
-        decode_errors: u64,
-        format: Option<WireFormat>,
+        ingest: &Ingest,
         end: Result<(), &FrameError>,
     ) {
-        let format = format.map_or("none", WireFormat::as_str);
+        let (spans, decode_errors) = (ingest.spans(), ingest.decode_errors());
+        let format = ingest.format().map_or("none", WireFormat::as_str);
         if let Err(e) = end {
             match e {
                 FrameError::Oversized { .. } => stats.frames_oversized.inc(),

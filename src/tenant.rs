@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -54,13 +54,9 @@ impl Tenants {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<TenantKey, Arc<Tenant>>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Made if new; `None` when `--max-sandboxes` tenants are live already.
     pub(crate) fn get(&self, key: TenantKey) -> Option<Arc<Tenant>> {
-        let mut map = self.lock();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = map.get(&key) {
             return Some(Arc::clone(t));
         }
@@ -82,7 +78,7 @@ impl Tenants {
 
     /// For the metrics page; those gone are dropped first.
     pub(crate) fn live(&self) -> Vec<Arc<Tenant>> {
-        let mut map = self.lock();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         sweep(&mut map, Instant::now());
         let mut all: Vec<Arc<Tenant>> = map.values().cloned().collect();
         all.sort_by(|a, b| a.label().cmp(b.label()));
@@ -347,18 +343,16 @@ pub(crate) enum Noisy {
     TooLarge,
 }
 
-impl Noisy {
-    /// In declaration order (a gate's index).
-    const ALL: [(Noisy, &'static str); 7] = [
-        (Noisy::Refused, "connections refused"),
-        (Noisy::Connected, "connections opened"),
-        (Noisy::Disconnected, "connections closed"),
-        (Noisy::Throttled, "reads paused by a limit"),
-        (Noisy::Undecodable, "frames that do not decode"),
-        (Noisy::Claim, "resources claiming another identity"),
-        (Noisy::TooLarge, "spans too large for the collector"),
-    ];
-}
+/// What each [`Noisy`] kind counts, in declaration order (a gate's index).
+const WHAT: [&str; 7] = [
+    "connections refused",
+    "connections opened",
+    "connections closed",
+    "reads paused by a limit",
+    "frames that do not decode",
+    "resources claiming another identity",
+    "spans too large for the collector",
+];
 
 /// Lines of one kind logged per window before the rest are only counted.
 const GATE_LINES: u32 = 5;
@@ -376,7 +370,7 @@ struct GateState {
 /// that kind, or when the sandbox goes).
 #[derive(Debug, Default)]
 pub(crate) struct LogGate {
-    kinds: Mutex<[GateState; Noisy::ALL.len()]>,
+    kinds: Mutex<[GateState; WHAT.len()]>,
 }
 
 impl LogGate {
@@ -391,7 +385,7 @@ impl LogGate {
             .since
             .is_none_or(|t| now.saturating_duration_since(t) >= GATE_WINDOW);
         if over {
-            let what = Noisy::ALL.iter().find(|k| k.0 == kind).map_or("", |k| k.1);
+            let what = WHAT.get(kind as usize).copied().unwrap_or_default();
             summarise(what, sandbox, s.suppressed);
             *s = GateState {
                 since: Some(now),
@@ -409,7 +403,7 @@ impl LogGate {
 
     pub(crate) fn flush(&self, sandbox: &str) {
         let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
-        for ((_, what), s) in Noisy::ALL.iter().zip(kinds.iter_mut()) {
+        for (what, s) in WHAT.iter().zip(kinds.iter_mut()) {
             summarise(what, sandbox, s.suppressed);
             s.suppressed = 0;
         }

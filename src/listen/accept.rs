@@ -123,9 +123,7 @@ impl Serving {
 
 struct Accept<'a> {
     serving: &'a Serving,
-    /// Its connections' resource.
     origin: &'a Arc<Origin>,
-    /// Finds a VSOCK guest's sandbox.
     resolver: Option<Arc<CidResolver>>,
     /// The listener's sandbox (none on VSOCK: each guest CID is one).
     tenant: Option<Arc<Tenant>>,

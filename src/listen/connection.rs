@@ -381,10 +381,8 @@ impl<'a, S: Park> Conn<'a, S> {
             tracing::debug!(%peer, "a connection ended without sending anything (not an agent: a liveness probe?)");
             return;
         }
-        let (ingest, end) = (&self.ingest, end.as_ref().map(drop));
-        let (spans, errors, format) = (ingest.spans(), ingest.decode_errors(), ingest.format());
-        let (stats, tenant) = (&self.shared.stats, self.tenant);
-        tenant.agent_disconnected(stats, peer, spans, errors, format, end);
+        let (tenant, stats, end) = (self.tenant, &self.shared.stats, end.as_ref().map(drop));
+        tenant.agent_disconnected(stats, peer, &self.ingest, end);
     }
 }
 

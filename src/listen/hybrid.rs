@@ -123,11 +123,10 @@ impl HybridListener {
 
     /// Before this process loses the right to remove the socket.
     pub(crate) fn hand_removal_to_janitor(&mut self) -> Result<(), ListenError> {
-        if self.janitor.is_some() {
-            return Ok(());
+        if self.janitor.is_none() {
+            let janitor = Janitor::spawn(&self.path, self.identity);
+            self.janitor = Some(janitor.map_err(ListenError::StartJanitor)?);
         }
-        let janitor = Janitor::spawn(&self.path, self.identity);
-        self.janitor = Some(janitor.map_err(ListenError::StartJanitor)?);
         Ok(())
     }
 
@@ -135,8 +134,7 @@ impl HybridListener {
         self.janitor.as_ref()?.pipe.as_ref().map(AsFd::as_fd)
     }
 
-    /// Removes the socket if still the file bound, through its directory when
-    /// open (it may have moved).
+    /// Removes the socket if still ours, through its directory when open (it may have moved).
     fn remove_if_ours(&self) -> io::Result<bool> {
         let (Some(dir), Some(name)) = (self.dir.as_ref(), self.path.file_name()) else {
             return match still_bound(&self.path, self.identity) {
@@ -146,11 +144,10 @@ impl HybridListener {
         };
         let ours = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
             .is_ok_and(|st| (st.st_dev, st.st_ino) == self.identity);
-        if !ours {
-            return Ok(false);
+        if ours {
+            unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?;
         }
-        unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?;
-        Ok(true)
+        Ok(ours)
     }
 }
 

@@ -277,14 +277,13 @@ impl ConfigWatch {
                 }
             }
         }
-        match first_error {
-            Some(e) if self.dirs.is_empty() => Err(e),
-            Some(e) => {
-                tracing::warn!(error = %e, "kata-host: cannot watch some configuration directories");
-                Ok(())
+        if let Some(e) = first_error {
+            if self.dirs.is_empty() {
+                return Err(e);
             }
-            None => Ok(()),
+            tracing::warn!(error = %e, "kata-host: cannot watch some configuration directories");
         }
+        Ok(())
     }
 
     /// The next event: whether it can change the plan.

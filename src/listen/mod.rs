@@ -195,7 +195,6 @@ impl Adopted {
 pub struct Listeners {
     served: Vec<Served>,
     max_connections: usize,
-    /// Takes part in hand-overs through it.
     pub(crate) hub: Option<Arc<Hub>>,
     sandbox_thread: Option<template::SandboxThread>,
 }

@@ -42,7 +42,6 @@ pub(crate) struct Pacing {
 #[derive(Debug, Default)]
 struct Clock {
     ticked: Notify,
-    /// Connections waiting for a tick.
     waiting: AtomicUsize,
     /// Told when the first one waits: without any, the clock sleeps.
     wanted: Notify,
@@ -50,15 +49,6 @@ struct Clock {
 
 /// Counts a connection among those waiting for as long as it waits.
 struct Waiting<'a>(&'a Clock);
-
-impl<'a> Waiting<'a> {
-    fn new(clock: &'a Clock) -> Self {
-        if clock.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
-            clock.wanted.notify_one();
-        }
-        Waiting(clock)
-    }
-}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
@@ -87,7 +77,10 @@ impl Pacing {
         tokio::pin!(ticked);
         // Counted from here: a tick from now on is this one's.
         ticked.as_mut().enable();
-        let _waiting = Waiting::new(&self.clock);
+        if self.clock.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.clock.wanted.notify_one();
+        }
+        let _waiting = Waiting(&self.clock);
         ticked.await;
     }
 

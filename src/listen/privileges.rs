@@ -12,11 +12,10 @@ use nix::unistd::{chdir, fchownat, getuid, setgid, setgroups, setuid, Uid, User}
 
 use super::ListenError;
 
-/// Closes this process to others of its user (no ptrace, no
-/// `/proc/<pid>/mem`, no core dump). The kernel does so on a user change,
-/// not for an upgrade's binaries, started by a process already `--user`:
-/// any other process of that user (`nobody` is shared) could take the
-/// spans, the janitor's pipe or the capability. Call first in `main`.
+/// Closes this process to others of its user (no ptrace, `/proc/<pid>/mem` or core dump).
+/// The kernel does so on a user change, not for an upgrade's binaries, started by a
+/// process already `--user`: any other process of that user (`nobody` is shared) could
+/// take the spans, the janitor's pipe or the capability. Call first in `main`.
 pub fn keep_from_same_user() {
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         eprintln!("warning: cannot make the process non-dumpable: {e}");

@@ -57,7 +57,6 @@ pub(super) struct Host {
     watches: Watches,
     descriptors: HashMap<WatchId, WatchDescriptor>,
     handoff: Handoff,
-    /// The shutdown of each sandbox being served.
     served: HashMap<String, Shutdown>,
 }
 
@@ -129,11 +128,9 @@ impl Effects for Host {
             shutdown: shutdown.clone(),
             adopted,
         };
-        if let Err(unserved) = self.handoff.serve_tx.try_send(serve) {
-            // Dropped here, on this thread, which can remove its socket.
-            drop(unserved);
-            return Err(ServeError::Refused);
-        }
+        // Refused, it is dropped here, on this thread, which can remove its socket.
+        let sent = self.handoff.serve_tx.try_send(serve);
+        sent.map_err(|_| ServeError::Refused)?;
         self.served.insert(id.to_owned(), shutdown);
         Ok(identity)
     }

@@ -75,8 +75,7 @@ const DAC_OVERRIDE: caps::Capability = caps::Capability::CAP_DAC_OVERRIDE;
 static EARLY: std::sync::Mutex<Option<Launched>> = std::sync::Mutex::new(None);
 
 impl SandboxThread {
-    /// With `become_user`, the process becomes that user, this thread alone
-    /// keeping CAP_DAC_OVERRIDE.
+    /// With `become_user`, the process becomes it, this thread alone keeping CAP_DAC_OVERRIDE.
     pub(crate) async fn start(
         become_user: Option<String>,
         inherited: Option<&Arc<Inherited>>,

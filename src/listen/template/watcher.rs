@@ -168,15 +168,11 @@ impl Watcher {
     /// Serves the sandbox directories already in the root.
     fn scan(&mut self, fx: &mut impl Effects) {
         let parent = self.template.parent();
-        match fx.subdirs(parent) {
-            Ok(names) => {
-                for name in names {
-                    self.appeared(fx, &name);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(dir = %parent.display(), error = %e, "listing sandboxes");
-            }
+        let names = fx.subdirs(parent).inspect_err(|e| {
+            tracing::warn!(dir = %parent.display(), error = %e, "listing sandboxes");
+        });
+        for name in names.into_iter().flatten() {
+            self.appeared(fx, &name);
         }
     }
 
@@ -262,18 +258,12 @@ impl Watcher {
             }
             return;
         }
-        self.sandboxes.insert(
-            id.to_owned(),
-            Sandbox {
-                wd: None,
-                state: State::Waiting { depth: 0 },
-            },
-        );
+        // Its state is descend's to set.
+        self.sandboxes.insert(id.to_owned(), Sandbox::default());
         self.descend(fx, id);
     }
 
-    /// Watches the deepest of a sandbox's directories that exists; serves it
-    /// once the socket's directory is there.
+    /// Watches a sandbox's deepest existing directory; serves it once the socket's is there.
     fn descend(&mut self, fx: &mut impl Effects, id: &str) {
         let Some(sb) = self.sandboxes.get_mut(id) else {
             return;
