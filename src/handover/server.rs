@@ -25,7 +25,7 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::Signal;
 use tokio::time::Instant;
 
-use nix::sys::socket::UnixCredentials;
+use nix::sys::socket::{getsockopt, sockopt, UnixCredentials};
 
 use super::hub::{Hub, Piece, PieceKind};
 use super::wire::{self, ListenerKind, ListenerState, State};
@@ -208,7 +208,7 @@ impl Server {
 
     async fn answer(&mut self, stream: tokio::net::UnixStream) -> Option<Committed> {
         let bridge = self.bridge();
-        let peer = fds::peer(&stream)
+        let peer = getsockopt(&stream, sockopt::PeerCredentials)
             .inspect_err(
                 |e| tracing::warn!(error = %e, "hand-off socket: reading the peer's credentials"),
             )
