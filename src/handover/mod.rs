@@ -80,18 +80,14 @@ pub enum HandOverError {
 impl wire::ConnState {
     /// Its piece once paused; `None` (refusing the hand-over) if its socket cannot be duplicated.
     pub(crate) fn piece(self, stream: &impl AsFd, listener: u64) -> Option<Piece> {
-        let fd = stream
-            .as_fd()
-            .try_clone_to_owned()
-            .inspect_err(
-                |e| tracing::warn!(error = %e, "hand-over: duplicating a connection's socket"),
-            )
-            .ok()?;
+        let fd = stream.as_fd().try_clone_to_owned().inspect_err(
+            |e| tracing::warn!(error = %e, "hand-over: duplicating a connection's socket"),
+        );
         let what = PieceKind::Connection {
             listener,
             state: self,
         };
-        Some(Piece { what, fd })
+        Some(Piece { what, fd: fd.ok()? })
     }
 }
 
