@@ -164,18 +164,14 @@ pub(crate) fn take_back() -> Vec<Left> {
             None => tracing::warn!("a socket janitor's pipe without its listener; closed"),
         }
     }
-    let all: Vec<Left> = listeners
-        .into_iter()
-        .map(|(_, l)| Left::Listener(l))
-        .chain(left)
-        .collect();
-    if !all.is_empty() {
+    left.extend(listeners.into_iter().map(|(_, l)| Left::Listener(l)));
+    if !left.is_empty() {
         tracing::info!(
-            descriptors = all.len(),
+            descriptors = left.len(),
             "took back the listeners and agent connections systemd kept"
         );
     }
-    all
+    left
 }
 
 fn take_listener(fd: OwnedFd, name: &str) -> Option<(String, TakenListener)> {
