@@ -156,9 +156,7 @@ impl Drop for HandoffListener {
             // The janitor's pipe closes unsaid; it waits on the other holders.
             _ if !self.remove => {}
             Some(j) => j.remove(&self.path, self.identity),
-            None if still_bound(&self.path, self.identity) => {
-                let _ = std::fs::remove_file(&self.path);
-            }
+            None if still_bound(&self.path, self.identity) => _ = std::fs::remove_file(&self.path),
             None => {}
         }
     }

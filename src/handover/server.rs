@@ -189,10 +189,9 @@ impl Server {
 
     async fn start_upgrade(&self) -> Option<Child> {
         let (up, _) = self.upgrade.as_ref()?;
-        match NotifyState::monotonic_usec_now() {
-            Ok(now) => notify(&[NotifyState::Reloading, now]),
-            Err(_) => notify(&[NotifyState::Reloading]),
-        }
+        let mut reloading = vec![NotifyState::Reloading];
+        reloading.extend(NotifyState::monotonic_usec_now().ok());
+        notify(&reloading);
         tracing::info!(exe = %up.exe.display(), "SIGHUP: starting the binary to hand over to");
         let mut cmd = Command::new(&up.exe);
         cmd.args(&up.args)
