@@ -186,10 +186,8 @@ fn take_listener(fd: OwnedFd, name: &str) -> Option<(String, TakenListener)> {
     }
     let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;
     let kind = if let Some(unix) = addr.as_unix_addr() {
-        ListenerKind::Hybrid {
-            path: unix.path()?.to_path_buf(),
-            identity: identity?,
-        }
+        let (path, identity) = (unix.path()?.to_path_buf(), identity?);
+        ListenerKind::Hybrid { path, identity }
     } else {
         let vsock: &VsockAddr = addr.as_vsock_addr()?;
         ListenerKind::Vsock {

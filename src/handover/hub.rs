@@ -24,11 +24,8 @@ pub(crate) enum PieceKind {
         kind: ListenerKind,
         janitor: Option<OwnedFd>,
     },
-    Connection {
-        /// The accepting loop's member id (`state.listener` is set later).
-        listener: u64,
-        state: ConnState,
-    },
+    /// Its accepting loop's member id (`ConnState::listener` is set later).
+    Connection(u64, ConnState),
 }
 
 /// A pause's round (0: none yet), and once settled whether it committed.

@@ -83,10 +83,7 @@ impl wire::ConnState {
         let fd = stream.as_fd().try_clone_to_owned().inspect_err(
             |e| tracing::warn!(error = %e, "hand-over: duplicating a connection's socket"),
         );
-        let what = PieceKind::Connection {
-            listener,
-            state: self,
-        };
+        let what = PieceKind::Connection(listener, self);
         Some(Piece { what, fd: fd.ok()? })
     }
 }

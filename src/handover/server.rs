@@ -357,7 +357,7 @@ impl Server {
         pieces.insert(0, (0, Piece { what, fd }));
         let (mut listeners, mut connections, mut fds) = (Vec::new(), Vec::new(), Vec::new());
         let mut index = std::collections::HashMap::new();
-        pieces.sort_by_key(|(_, p)| matches!(p.what, PieceKind::Connection { .. }));
+        pieces.sort_by_key(|(_, p)| matches!(p.what, PieceKind::Connection(..)));
         for (id, piece) in pieces {
             fds.push(piece.fd);
             match piece.what {
@@ -369,10 +369,7 @@ impl Server {
                     });
                     fds.extend(janitor);
                 }
-                PieceKind::Connection {
-                    listener,
-                    mut state,
-                } => {
+                PieceKind::Connection(listener, mut state) => {
                     state.listener = *index.get(&listener).ok_or_else(|| {
                         HandOverError::EncodeState(
                             "a connection whose listener is not handed over".into(),

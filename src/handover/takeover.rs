@@ -65,11 +65,8 @@ pub(crate) fn take_over(
     // forwarder). A root successor acts on the state's paths as root, so
     // takes only from root's; a non-root one has no more to lose to its user.
     if !(peer.uid() == 0 || (ours != 0 && peer.uid() == ours)) {
-        return Err(HandOverError::CheckPeer {
-            uid: peer.uid(),
-            pid: peer.pid(),
-            ours,
-        });
+        let (uid, pid) = (peer.uid(), peer.pid());
+        return Err(HandOverError::CheckPeer { uid, pid, ours });
     }
     let _ = stream.set_read_timeout(Some(STEP_TIMEOUT));
     let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
