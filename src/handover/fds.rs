@@ -38,21 +38,15 @@ pub fn recv(sock: BorrowedFd<'_>, n: usize) -> io::Result<Vec<OwnedFd>> {
     while out.len() < n {
         let mut byte = [0u8; 1];
         let mut iov = [IoSliceMut::new(&mut byte)];
-        let msg = match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        let flags = MsgFlags::MSG_CMSG_CLOEXEC;
+        let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), flags) {
             Ok(m) => m,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         };
         if msg.bytes == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("the peer closed after {} of {n} descriptors", out.len()),
-            ));
+            let why = format!("the peer closed after {} of {n} descriptors", out.len());
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, why));
         }
         let before = out.len();
         for c in msg.cmsgs()? {
