@@ -27,8 +27,7 @@ impl Janitor {
         let mut child = Command::new(std::env::current_exe()?)
             .arg(JANITOR_ARG)
             .arg(path)
-            .arg(identity.0.to_string())
-            .arg(identity.1.to_string())
+            .args([identity.0, identity.1].map(|n| n.to_string()))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -76,9 +75,8 @@ pub(crate) fn still_bound(path: &Path, identity: (u64, u64)) -> bool {
 
 /// Entry point of janitor mode: `JANITOR_ARG <path> <dev> <ino>`.
 pub fn janitor_main(args: &[OsString]) -> ExitCode {
-    use nix::sys::signal::{SigSet, Signal::*};
     // Single-threaded: blocked for this thread is blocked for the process.
-    let _ = SigSet::from_iter([SIGTERM, SIGINT, SIGHUP]).thread_block();
+    crate::shutdown::block_stop_signals();
     let num = |i: usize| args.get(i)?.to_str()?.parse::<u64>().ok();
     let (Some(path), Some(dev), Some(ino)) = (args.first().map(PathBuf::from), num(1), num(2))
     else {

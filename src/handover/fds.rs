@@ -1,4 +1,4 @@
-//! Descriptors over a Unix socket (`SCM_RIGHTS`), and who is at the other end (`SO_PEERCRED`).
+//! Descriptors over a Unix socket (`SCM_RIGHTS`).
 //!
 //! At most 253 a message (`SCM_MAX_FD`): chunks of [`CHUNK`], each on one
 //! marker byte. The receiver reads the state by exact lengths, then the
@@ -6,12 +6,9 @@
 //! descriptors with the next); a truncated chunk (`MSG_CTRUNC`) is an error.
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{
-    getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
-    UnixCredentials,
-};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 pub(crate) const CHUNK: usize = 250;
 const MARKER: u8 = b'F';
@@ -41,21 +38,15 @@ pub fn recv(sock: BorrowedFd<'_>, n: usize) -> io::Result<Vec<OwnedFd>> {
     while out.len() < n {
         let mut byte = [0u8; 1];
         let mut iov = [IoSliceMut::new(&mut byte)];
-        let msg = match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        let flags = MsgFlags::MSG_CMSG_CLOEXEC;
+        let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), flags) {
             Ok(m) => m,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         };
         if msg.bytes == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("the peer closed after {} of {n} descriptors", out.len()),
-            ));
+            let why = format!("the peer closed after {} of {n} descriptors", out.len());
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, why));
         }
         let before = out.len();
         for c in msg.cmsgs()? {
@@ -81,14 +72,11 @@ pub fn recv(sock: BorrowedFd<'_>, n: usize) -> io::Result<Vec<OwnedFd>> {
     Ok(out)
 }
 
-pub fn peer(sock: &impl AsFd) -> io::Result<UnixCredentials> {
-    Ok(getsockopt(sock, sockopt::PeerCredentials)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+    use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
 
     #[test]
@@ -112,7 +100,8 @@ mod tests {
             (&pairs[i].1).read_exact(&mut byte).unwrap();
             assert_eq!(byte[0], i as u8, "descriptor {i} is the right socket");
         }
-        let me = peer(&a).unwrap();
+        let me =
+            nix::sys::socket::getsockopt(&a, nix::sys::socket::sockopt::PeerCredentials).unwrap();
         assert_eq!(me.uid(), nix::unistd::getuid().as_raw());
         assert_eq!(me.pid(), std::process::id() as i32);
     }

@@ -164,18 +164,14 @@ pub(crate) fn take_back() -> Vec<Left> {
             None => tracing::warn!("a socket janitor's pipe without its listener; closed"),
         }
     }
-    let all: Vec<Left> = listeners
-        .into_iter()
-        .map(|(_, l)| Left::Listener(l))
-        .chain(left)
-        .collect();
-    if !all.is_empty() {
+    left.extend(listeners.into_iter().map(|(_, l)| Left::Listener(l)));
+    if !left.is_empty() {
         tracing::info!(
-            descriptors = all.len(),
+            descriptors = left.len(),
             "took back the listeners and agent connections systemd kept"
         );
     }
-    all
+    left
 }
 
 fn take_listener(fd: OwnedFd, name: &str) -> Option<(String, TakenListener)> {
@@ -190,10 +186,8 @@ fn take_listener(fd: OwnedFd, name: &str) -> Option<(String, TakenListener)> {
     }
     let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;
     let kind = if let Some(unix) = addr.as_unix_addr() {
-        ListenerKind::Hybrid {
-            path: unix.path()?.to_path_buf(),
-            identity: identity?,
-        }
+        let (path, identity) = (unix.path()?.to_path_buf(), identity?);
+        ListenerKind::Hybrid { path, identity }
     } else {
         let vsock: &VsockAddr = addr.as_vsock_addr()?;
         ListenerKind::Vsock {

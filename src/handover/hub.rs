@@ -24,18 +24,15 @@ pub(crate) enum PieceKind {
         kind: ListenerKind,
         janitor: Option<OwnedFd>,
     },
-    Connection {
-        /// The accepting loop's member id (`state.listener` is set later).
-        listener: u64,
-        state: ConnState,
-    },
+    /// Its accepting loop's member id (`ConnState::listener` is set later).
+    Connection(u64, ConnState),
 }
 
+/// A pause's round (0: none yet), and once settled whether it committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    Serving,
-    Pausing { round: u64 },
-    Settled { round: u64, committed: bool },
+    Pausing(u64),
+    Settled(u64, bool),
 }
 
 /// How a pause ended for one member (`lifeline::After`).
@@ -71,7 +68,7 @@ impl Hub {
         Arc::new(Hub {
             members: Mutex::default(),
             next_id: AtomicU64::new(1),
-            phase: watch::Sender::new(Phase::Serving),
+            phase: watch::Sender::new(Phase::Settled(0, false)),
             changed: Notify::new(),
         })
     }
@@ -95,11 +92,9 @@ impl Hub {
     /// Asks every member to pause; the pieces by member id once all have
     /// reported, or `None` after `timeout` (then settle uncommitted).
     pub(crate) async fn pause(&self, timeout: Duration) -> Option<Vec<(u64, Piece)>> {
-        let round = match *self.phase.borrow() {
-            Phase::Serving => 1,
-            Phase::Pausing { round } | Phase::Settled { round, .. } => round + 1,
-        };
-        self.phase.send_replace(Phase::Pausing { round });
+        let (Phase::Pausing(last) | Phase::Settled(last, _)) = *self.phase.borrow();
+        let round = last + 1;
+        self.phase.send_replace(Phase::Pausing(round));
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let changed = self.changed.notified();
@@ -144,8 +139,8 @@ impl Hub {
     /// Ends the pause: every member learns whether it was handed over.
     pub(crate) fn settle(&self, committed: bool) {
         let round = match *self.phase.borrow() {
-            Phase::Pausing { round } => round,
-            _ => return,
+            Phase::Pausing(round) => round,
+            Phase::Settled(..) => return,
         };
         if !committed {
             // Whatever was reported or taken is theirs again.
@@ -153,7 +148,7 @@ impl Hub {
                 *slot = Slot::Running;
             }
         }
-        self.phase.send_replace(Phase::Settled { round, committed });
+        self.phase.send_replace(Phase::Settled(round, committed));
     }
 }
 
@@ -171,14 +166,14 @@ impl Member {
     /// The round of a pause asked and not yet reported in.
     pub(crate) fn due(&self) -> Option<u64> {
         match *self.phase.borrow() {
-            Phase::Pausing { round } if self.reported != Some(round) => Some(round),
+            Phase::Pausing(round) if self.reported != Some(round) => Some(round),
             _ => None,
         }
     }
 
     pub(crate) async fn pause_asked(&mut self) {
         let reported = self.reported;
-        let due = |p: &Phase| matches!(*p, Phase::Pausing { round } if reported != Some(round));
+        let due = |p: &Phase| matches!(*p, Phase::Pausing(round) if reported != Some(round));
         if self.phase.wait_for(due).await.is_err() {
             // The hub is gone with the process: never.
             std::future::pending::<()>().await;
@@ -206,10 +201,7 @@ impl Member {
         self.learnt = Some(round);
         loop {
             match *self.phase.borrow_and_update() {
-                Phase::Settled {
-                    round: r,
-                    committed,
-                } if r == round => {
+                Phase::Settled(r, committed) if r == round => {
                     let taken = matches!(
                         self.hub.lock().get(&self.id),
                         Some(Slot::Taken(t)) if *t == round
@@ -220,7 +212,7 @@ impl Member {
                         (false, _) => Outcome::Resume,
                     });
                 }
-                Phase::Pausing { round: r } | Phase::Settled { round: r, .. } if r > round => break,
+                Phase::Pausing(r) | Phase::Settled(r, _) if r > round => break,
                 _ => {}
             }
             if self.phase.changed().await.is_err() {

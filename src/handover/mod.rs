@@ -80,18 +80,11 @@ pub enum HandOverError {
 impl wire::ConnState {
     /// Its piece once paused; `None` (refusing the hand-over) if its socket cannot be duplicated.
     pub(crate) fn piece(self, stream: &impl AsFd, listener: u64) -> Option<Piece> {
-        let fd = stream
-            .as_fd()
-            .try_clone_to_owned()
-            .inspect_err(
-                |e| tracing::warn!(error = %e, "hand-over: duplicating a connection's socket"),
-            )
-            .ok()?;
-        let what = PieceKind::Connection {
-            listener,
-            state: self,
-        };
-        Some(Piece { what, fd })
+        let fd = stream.as_fd().try_clone_to_owned().inspect_err(
+            |e| tracing::warn!(error = %e, "hand-over: duplicating a connection's socket"),
+        );
+        let what = PieceKind::Connection(listener, self);
+        Some(Piece { what, fd: fd.ok()? })
     }
 }
 
@@ -160,9 +153,7 @@ impl Drop for HandoffListener {
             // The janitor's pipe closes unsaid; it waits on the other holders.
             _ if !self.remove => {}
             Some(j) => j.remove(&self.path, self.identity),
-            None if still_bound(&self.path, self.identity) => {
-                let _ = std::fs::remove_file(&self.path);
-            }
+            None if still_bound(&self.path, self.identity) => _ = std::fs::remove_file(&self.path),
             None => {}
         }
     }

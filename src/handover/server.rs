@@ -25,7 +25,7 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::Signal;
 use tokio::time::Instant;
 
-use nix::sys::socket::UnixCredentials;
+use nix::sys::socket::{getsockopt, sockopt, UnixCredentials};
 
 use super::hub::{Hub, Piece, PieceKind};
 use super::wire::{self, ListenerKind, ListenerState, State};
@@ -189,10 +189,9 @@ impl Server {
 
     async fn start_upgrade(&self) -> Option<Child> {
         let (up, _) = self.upgrade.as_ref()?;
-        match NotifyState::monotonic_usec_now() {
-            Ok(now) => notify(&[NotifyState::Reloading, now]),
-            Err(_) => notify(&[NotifyState::Reloading]),
-        }
+        let mut reloading = vec![NotifyState::Reloading];
+        reloading.extend(NotifyState::monotonic_usec_now().ok());
+        notify(&reloading);
         tracing::info!(exe = %up.exe.display(), "SIGHUP: starting the binary to hand over to");
         let mut cmd = Command::new(&up.exe);
         cmd.args(&up.args)
@@ -208,7 +207,7 @@ impl Server {
 
     async fn answer(&mut self, stream: tokio::net::UnixStream) -> Option<Committed> {
         let bridge = self.bridge();
-        let peer = fds::peer(&stream)
+        let peer = getsockopt(&stream, sockopt::PeerCredentials)
             .inspect_err(
                 |e| tracing::warn!(error = %e, "hand-off socket: reading the peer's credentials"),
             )
@@ -358,7 +357,7 @@ impl Server {
         pieces.insert(0, (0, Piece { what, fd }));
         let (mut listeners, mut connections, mut fds) = (Vec::new(), Vec::new(), Vec::new());
         let mut index = std::collections::HashMap::new();
-        pieces.sort_by_key(|(_, p)| matches!(p.what, PieceKind::Connection { .. }));
+        pieces.sort_by_key(|(_, p)| matches!(p.what, PieceKind::Connection(..)));
         for (id, piece) in pieces {
             fds.push(piece.fd);
             match piece.what {
@@ -370,10 +369,7 @@ impl Server {
                     });
                     fds.extend(janitor);
                 }
-                PieceKind::Connection {
-                    listener,
-                    mut state,
-                } => {
+                PieceKind::Connection(listener, mut state) => {
                     state.listener = *index.get(&listener).ok_or_else(|| {
                         HandOverError::EncodeState(
                             "a connection whose listener is not handed over".into(),

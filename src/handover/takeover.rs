@@ -6,6 +6,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::path::Path;
 
+use nix::sys::socket::{getsockname, getsockopt, sockopt, AddressFamily, SockType};
+use nix::sys::socket::{SockaddrLike, SockaddrStorage};
+
 use super::wire::{ListenerKind, State};
 use super::*;
 
@@ -57,16 +60,13 @@ pub(crate) fn take_over(
     };
     let rx = HandOverError::Receive;
     let ours = nix::unistd::getuid().as_raw();
-    let peer = fds::peer(&stream).map_err(rx)?;
+    let peer = getsockopt(&stream, sockopt::PeerCredentials).map_err(|e| rx(e.into()))?;
     // `peer` made the socket listen (passed along from forwarder to
     // forwarder). A root successor acts on the state's paths as root, so
     // takes only from root's; a non-root one has no more to lose to its user.
     if !(peer.uid() == 0 || (ours != 0 && peer.uid() == ours)) {
-        return Err(HandOverError::CheckPeer {
-            uid: peer.uid(),
-            pid: peer.pid(),
-            ours,
-        });
+        let (uid, pid) = (peer.uid(), peer.pid());
+        return Err(HandOverError::CheckPeer { uid, pid, ours });
     }
     let _ = stream.set_read_timeout(Some(STEP_TIMEOUT));
     let _ = stream.set_write_timeout(Some(STEP_TIMEOUT));
@@ -109,8 +109,6 @@ fn sort(
     fds: Vec<OwnedFd>,
     handoff_path: &Path,
 ) -> Result<Taken, HandOverError> {
-    use nix::sys::socket::{getsockname, getsockopt, sockopt, AddressFamily, SockType};
-    use nix::sys::socket::{SockaddrLike, SockaddrStorage};
     let check = |fd: &OwnedFd, family: AddressFamily, listening: bool, what: &str| {
         let kind = getsockopt(fd, sockopt::SockType);
         let accepting = getsockopt(fd, sockopt::AcceptConn);
@@ -168,19 +166,21 @@ fn sort(
         index.push(None);
     }
     let mut connections = Vec::with_capacity(state.connections.len());
-    for c in state.connections {
+    for state in state.connections {
         let fd = next("connection")?;
-        let Some(Some(listener)) = index.get(c.listener as usize).copied() else {
-            let l = c.listener;
+        let Some(Some(listener)) = index.get(state.listener as usize).copied() else {
+            let l = state.listener;
             let why = format!("a connection of listener {l} (not an agent listener)");
             return Err(HandOverError::CheckState(why));
         };
-        let family = c.cid.map_or(AddressFamily::Unix, |_| AddressFamily::Vsock);
+        let family = state
+            .cid
+            .map_or(AddressFamily::Unix, |_| AddressFamily::Vsock);
         check(&fd, family, false, "connection")?;
         connections.push(TakenConn {
             fd,
             listener,
-            state: c,
+            state,
         });
     }
     Ok(Taken {

@@ -130,19 +130,16 @@ pub fn decode_header(head: &[u8; HEADER_LEN]) -> Result<Header, HandOverError> {
         .deserialize(head)
         .map_err(|e| HandOverError::DecodeState(e.to_string()))?;
     if magic != MAGIC {
-        return Err(HandOverError::ForeignState {
-            found: magic.to_vec(),
-        });
+        let found = magic.to_vec();
+        return Err(HandOverError::ForeignState { found });
     }
     if version != VERSION {
         return Err(HandOverError::UnsupportedVersion { found: version });
     }
     let body_len = len as usize;
     if body_len > MAX_STATE_BYTES {
-        return Err(HandOverError::StateTooLarge {
-            len: body_len as u64,
-            max: MAX_STATE_BYTES,
-        });
+        let (len, max) = (body_len as u64, MAX_STATE_BYTES);
+        return Err(HandOverError::StateTooLarge { len, max });
     }
     Ok(Header {
         body_len,

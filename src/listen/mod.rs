@@ -115,12 +115,8 @@ impl Listener {
         let (kind, janitor) = match self {
             Listener::Hybrid(l) => {
                 let (path, identity) = (l.path.clone(), l.identity);
-                let kind = match sandbox {
-                    Some(id) => ListenerKind::Sandbox {
-                        id: id.to_owned(),
-                        path,
-                        identity,
-                    },
+                let kind = match sandbox.map(str::to_owned) {
+                    Some(id) => ListenerKind::Sandbox { id, path, identity },
                     None => ListenerKind::Hybrid { path, identity },
                 };
                 (kind, l.janitor_pipe())

@@ -10,7 +10,7 @@ pub fn print(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<bool> {
-    let (mut all, mut first) = (true, true);
+    let (mut all, mut gap) = (true, "");
     for r in gather(target, CLIENT_TIMEOUT) {
         match r {
             Ok(report) if json => {
@@ -18,10 +18,8 @@ pub fn print(
                 writeln!(out)?;
             }
             Ok(report) => {
-                if !std::mem::replace(&mut first, false) {
-                    writeln!(out)?;
-                }
-                write!(out, "{report}")?;
+                write!(out, "{gap}{report}")?;
+                gap = "\n";
             }
             Err(e) => {
                 all = false;
