@@ -139,9 +139,7 @@ impl FromStr for SocketTemplate {
 
 impl fmt::Display for SocketTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut p = self.parent.join(ID_PLACEHOLDER);
-        p.extend(&self.inner);
-        p.push(&self.socket_name);
+        let p = self.socket_dir(ID_PLACEHOLDER).join(&self.socket_name);
         write!(f, "{}", p.display())
     }
 }

@@ -172,9 +172,8 @@ fn init_logging(cli: &Cli) {
         "{lvl},h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn",
         lvl = cli.log_level.as_filter()
     );
-    let filter = EnvFilter::new(directives);
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(EnvFilter::new(directives))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder

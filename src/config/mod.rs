@@ -161,17 +161,6 @@ pub struct TenantLimits {
     pub max_sandboxes: usize,
 }
 
-impl Default for TenantLimits {
-    fn default() -> Self {
-        TenantLimits {
-            max_connections: 8,
-            spans_per_second: 20_000,
-            burst: 40_000,
-            max_sandboxes: 1024,
-        }
-    }
-}
-
 /// Where the hand-off sockets live by default (and `status` looks).
 pub const HANDOFF_DIR: &str = "/run/kata-trace-forwarder";
 
@@ -809,5 +798,18 @@ mod tests {
         assert_eq!("3".parse(), Ok(VsockCid::Cid(3)));
         let c = cli(&["-l", "critical"]).unwrap();
         assert_eq!(c.log_level.as_filter(), "error");
+    }
+}
+
+/// Test support: the command line's defaults.
+#[cfg(test)]
+impl Default for TenantLimits {
+    fn default() -> Self {
+        TenantLimits {
+            max_connections: 8,
+            spans_per_second: 20_000,
+            burst: 40_000,
+            max_sandboxes: 1024,
+        }
     }
 }
