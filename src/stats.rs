@@ -121,10 +121,7 @@ pub struct FamilySnapshot<L> {
 
 impl<L: Label> Default for FamilySnapshot<L> {
     fn default() -> Self {
-        FamilySnapshot {
-            values: [0; FAMILY_MAX],
-            _label: std::marker::PhantomData,
-        }
+        Family::default().snapshot()
     }
 }
 

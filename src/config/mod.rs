@@ -228,36 +228,32 @@ pub fn process_env(name: &str) -> Option<String> {
 }
 
 impl Cli {
-    /// The drop-in command line keeps its meaning: no flag is VSOCK,
-    /// `--socket-path` hybrid.
-    fn listen_mode(&self, env: &Env) -> ListenMode {
+    pub fn into_config(self, env: &Env) -> Result<Config, ConfigError> {
         let port = self.vsock_port;
-        if self.kata_host {
-            return ListenMode::KataHost(KataHostConfig {
+        // The drop-in command line keeps its meaning: no flag is VSOCK,
+        // `--socket-path` hybrid.
+        let mode = if self.kata_host {
+            ListenMode::KataHost(KataHostConfig {
                 sources: kata::Sources::from_env(self.kata_root.clone(), env),
                 port,
                 cid: self.vsock_cid,
                 max_sandboxes: self.max_sandboxes,
-            });
-        }
-        if let Some(p) = &self.socket_path {
+            })
+        } else if let Some(p) = &self.socket_path {
             let socket_path = PathBuf::from(p);
-            return ListenMode::Hybrid { socket_path, port };
-        }
-        // Each once, in the order given.
-        let mut seen = std::collections::HashSet::new();
-        let mut templates = self.socket_path_template.clone();
-        templates.retain(|t| seen.insert(t.clone()));
-        ListenMode::Set {
-            vsock: (self.vsock).or(templates.is_empty().then_some(self.vsock_cid)),
-            templates,
-            port,
-            max_sandboxes: self.max_sandboxes,
-        }
-    }
-
-    pub fn into_config(self, env: &Env) -> Result<Config, ConfigError> {
-        let mode = self.listen_mode(env);
+            ListenMode::Hybrid { socket_path, port }
+        } else {
+            // Each once, in the order given.
+            let mut seen = std::collections::HashSet::new();
+            let mut templates = self.socket_path_template.clone();
+            templates.retain(|t| seen.insert(t.clone()));
+            ListenMode::Set {
+                vsock: (self.vsock).or(templates.is_empty().then_some(self.vsock_cid)),
+                templates,
+                port,
+                max_sandboxes: self.max_sandboxes,
+            }
+        };
         if self.spool_dir.is_some() && self.dump_only {
             return Err(ConfigError::SpoolWithDump);
         }
