@@ -1,8 +1,7 @@
-//! Command line, environment and the validated configuration. The flags are
-//! a drop-in for the Kata tree's `kata-trace-forwarder` plus what a
-//! production daemon needs; exporter settings follow the OpenTelemetry SDK
-//! environment conventions, flags first. Everything is checked here, once:
-//! the rest works from a valid [`Config`].
+//! Command line, environment and the validated configuration. The flags are a
+//! drop-in for the Kata tree's `kata-trace-forwarder` plus a production daemon's;
+//! exporter settings follow the OpenTelemetry SDK environment conventions, flags
+//! first. Everything is checked here, once: the rest works from a valid [`Config`].
 
 mod cli;
 pub mod kata;
@@ -146,9 +145,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// `--handoff-socket`; `None`: never hand over.
     pub handoff: Option<PathBuf>,
-    /// Take over from a forwarder at `handoff` rather than bind: the path
-    /// was given (with the default path, a second forwarder of the same
-    /// listeners fails instead). A binary started by `SIGHUP` takes over too.
+    /// `--handoff-socket` given: take over from the forwarder there, not bind (a
+    /// default path fails beside another forwarder). `SIGHUP`'s binary always does.
     pub take_over: bool,
 }
 
