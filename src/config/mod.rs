@@ -793,17 +793,16 @@ mod tests {
         let c = cli(&["-l", "critical"]).unwrap();
         assert_eq!(c.log_level.as_filter(), "error");
     }
-}
 
-/// Test support: the command line's defaults.
-#[cfg(test)]
-impl Default for TenantLimits {
-    fn default() -> Self {
-        TenantLimits {
-            max_connections: 8,
-            spans_per_second: 20_000,
-            burst: 40_000,
-            max_sandboxes: 1024,
+    /// Test support (other modules' tests too): the command line's defaults.
+    impl Default for TenantLimits {
+        fn default() -> Self {
+            TenantLimits {
+                max_connections: 8,
+                spans_per_second: 20_000,
+                burst: 40_000,
+                max_sandboxes: 1024,
+            }
         }
     }
 }
