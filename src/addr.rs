@@ -139,18 +139,12 @@ impl FromStr for SocketTemplate {
 
 impl fmt::Display for SocketTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut p = self.parent.join(ID_PLACEHOLDER);
-        p.extend(&self.inner);
-        p.push(&self.socket_name);
+        let p = self.socket_dir(ID_PLACEHOLDER).join(&self.socket_name);
         write!(f, "{}", p.display())
     }
 }
 
 impl SocketTemplate {
-    pub fn parent(&self) -> &Path {
-        &self.parent
-    }
-
     pub(crate) fn socket_dir(&self, id: &str) -> PathBuf {
         let mut p = self.parent.join(id);
         p.extend(&self.inner);
@@ -177,7 +171,7 @@ mod tests {
     #[test]
     fn parses_kata_runtime_templates() {
         let clh = parse("/run/vc/vm/{ID}/clh.sock").unwrap();
-        assert_eq!(clh.parent(), Path::new("/run/vc/vm"));
+        assert_eq!(clh.parent, Path::new("/run/vc/vm"));
         assert_eq!(clh.socket_dir("foo"), Path::new("/run/vc/vm/foo"));
         assert_eq!(
             clh.listen_path("foo", 10240),
@@ -186,14 +180,14 @@ mod tests {
         assert_eq!(clh.to_string(), "/run/vc/vm/{ID}/clh.sock");
 
         let fc = parse("  \"/run/vc/firecracker/{ID}/root/kata.hvsock\"\n").unwrap();
-        assert_eq!(fc.parent(), Path::new("/run/vc/firecracker"));
+        assert_eq!(fc.parent, Path::new("/run/vc/firecracker"));
         assert_eq!(fc.socket_dir("x"), Path::new("/run/vc/firecracker/x/root"));
         assert_eq!(
             fc.listen_path("x", 1024),
             Path::new("/run/vc/firecracker/x/root/kata.hvsock_1024")
         );
         assert_eq!(parse("'/a//{ID}/s'").unwrap().to_string(), "/a/{ID}/s");
-        assert_eq!(parse("/{ID}/s").unwrap().parent(), Path::new("/"));
+        assert_eq!(parse("/{ID}/s").unwrap().parent, Path::new("/"));
     }
 
     #[test]

@@ -1,8 +1,7 @@
-//! `kata-trace-forwarder`: receives Kata Containers agent trace spans from
-//! guest VMs over (hybrid) VSOCK and exports them to an OpenTelemetry
-//! collector over OTLP: `listen` -> `ingest` -> `export` (ARCHITECTURE.md
-//! maps the modules). [`run`] reaches the collector, binds and calls
-//! [`serve`], which runs the stages until told to stop.
+//! `kata-trace-forwarder`: receives Kata Containers agent trace spans from guest
+//! VMs over (hybrid) VSOCK and exports them to an OpenTelemetry collector over
+//! OTLP: `listen` -> `ingest` -> `export` (ARCHITECTURE.md maps the modules).
+//! [`run`] reaches the collector and binds; [`serve`] runs until stopped.
 
 // Guest data must never crash the host daemon: no unwrap, expect, panic
 // or unchecked indexing outside tests (clippy -D warnings enforces it).
@@ -84,10 +83,9 @@ pub struct Finished {
 }
 
 /// Runs until `stop`, then drains and flushes within `config.shutdown_timeout`.
-/// The collector is checked first (a missing one leaves no socket behind),
-/// then a forwarder taken over or the listeners bound, then root dropped.
-/// Each `sighup` hands everything to `upgrade`'s binary (made early, it
-/// answers one sent during the start once serving, never killing us).
+/// Checks the collector first (a missing one leaves no socket behind), then
+/// takes over or binds, then drops root. Each `sighup` hands everything to
+/// `upgrade`'s binary (made early: one sent during the start waits, harmless).
 pub async fn run(
     config: Config,
     stop: impl Future<Output = ()>,
@@ -364,9 +362,8 @@ async fn until_stopped(
     let mut upgrading = server.as_ref().map(|s| s.upgrading());
     // Without a server, a branch that never matches.
     let handing_over = futures_util::future::OptionFuture::from(server.map(|s| s.run()));
-    // A stop during an upgrade waits for it to settle, rather than leave
-    // its new binary serving alone (then stops here, or in the upgraded
-    // binary once it has taken everything back).
+    // A stop during an upgrade waits for it to settle (not leaving the new binary
+    // serving alone), then stops here or in the upgraded binary once it is back.
     let stop_asked = std::sync::atomic::AtomicBool::new(false);
     let stopped = async {
         stop.await;

@@ -106,9 +106,8 @@ fn print_plan(cli: &Cli) -> ExitCode {
 }
 
 fn run(config: Config, upgrade: Option<Upgrade>) -> anyhow::Result<()> {
-    // One thread by default: handing spans from connections to the batcher
-    // and the collector then costs no cross-thread wake-ups (a quarter less
-    // CPU per span in BENCHMARKS.md).
+    // One thread by default: no cross-thread wake-ups from connections to the
+    // batcher and the collector (a quarter less CPU per span, BENCHMARKS.md).
     let mut builder = if config.worker_threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -140,9 +139,8 @@ fn run(config: Config, upgrade: Option<Upgrade>) -> anyhow::Result<()> {
         tracing::info!(summary = %Json(&finished.summary), "forwarder stopped");
         let mut reexec = finished.reexec;
         if let Some(r) = reexec.as_mut() {
-            // From here on a stop or upgrade signal waits, pending, for the
-            // upgraded binary; one that came during the flush stops it once
-            // it has taken everything back.
+            // From here a stop or upgrade signal waits for the upgraded binary;
+            // one from the flush stops it once it has taken everything back.
             gate.hold();
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             let came = |s: &mut tokio::signal::unix::Signal| {
@@ -172,9 +170,8 @@ fn init_logging(cli: &Cli) {
         "{lvl},h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn",
         lvl = cli.log_level.as_filter()
     );
-    let filter = EnvFilter::new(directives);
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(EnvFilter::new(directives))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder

@@ -1,9 +1,8 @@
-//! `--metrics-address`: [`Stats`] in the Prometheus text format at
-//! `GET /metrics` (hyper, HTTP/1.1), then each sandbox's own series
-//! (`sandbox` label, bounded by `--max-sandboxes`). Anyone who can reach the
-//! address can connect, so the endpoint keeps to a budget (connections, a
-//! request head's time and size, a deadline in all) that never takes the
-//! agents' file descriptors and memory.
+//! `--metrics-address`: [`Stats`] in the Prometheus text format at `GET /metrics`
+//! (hyper, HTTP/1.1), then each sandbox's own series (`sandbox` label, bounded
+//! by `--max-sandboxes`). Anyone who can reach the address can connect, so the
+//! endpoint keeps to a budget (connections, a request head's time and size, a
+//! deadline in all) that never takes the agents' file descriptors and memory.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;

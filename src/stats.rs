@@ -1,9 +1,7 @@
-//! The forwarder's own counters, so that an operator can tell "the agent
-//! sent nothing" from "the forwarder lost it". One [`metrics!`] table
-//! declares every metric (kind, help, label enum); [`Stats`], [`Snapshot`],
-//! the JSON summary and the Prometheus page all come from it. Values are
-//! relaxed atomics: read for reporting, never for decisions. Stages count
-//! through `events`.
+//! The forwarder's own counters, to tell "the agent sent nothing" from "the
+//! forwarder lost it". One [`metrics!`] table (kind, help, label enum) makes
+//! [`Stats`], [`Snapshot`], the JSON summary and the Prometheus page. Relaxed
+//! atomics: read for reporting, never for decisions. Stages count via `events`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -121,10 +119,7 @@ pub struct FamilySnapshot<L> {
 
 impl<L: Label> Default for FamilySnapshot<L> {
     fn default() -> Self {
-        FamilySnapshot {
-            values: [0; FAMILY_MAX],
-            _label: std::marker::PhantomData,
-        }
+        Family::default().snapshot()
     }
 }
 

@@ -1,11 +1,10 @@
 //! `--kata-host`: the host's Kata configuration files, read into a listen
 //! plan. A host (a kata-deploy node in particular) runs several runtime
 //! classes, each with its file and hypervisor: QEMU's agents come over
-//! AF_VSOCK, the others' over hybrid VSOCK at a per-sandbox socket. [`plan`]
-//! reads the files the runtimes would into a deduplicated [`Plan`], with a
-//! [`ConfigReport`] per file (`listen::kata_host` serves it). Every path is
-//! under `--kata-root` (`/` on a host), so that a fixture tree works
-//! unprivileged and a container sees the host's files mounted elsewhere.
+//! AF_VSOCK, the others' over hybrid VSOCK. [`plan`] reads the files the
+//! runtimes would into a deduplicated [`Plan`], a [`ConfigReport`] per file.
+//! Every path is under `--kata-root` (`/` on a host), so that a fixture tree
+//! works unprivileged and a container sees the host's files mounted elsewhere.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
@@ -168,14 +167,13 @@ impl Sources {
     }
 
     /// Those whose changes can change the plan (as the runtime names them).
-    pub(crate) fn watched_dirs(&self) -> Vec<PathBuf> {
+    pub(crate) fn watched_dirs(&self) -> BTreeSet<PathBuf> {
         let files = GO_DEFAULTS.iter().chain(&RS_DEFAULTS).map(Path::new);
         let parents = files
             .chain(self.env_file.as_deref())
             .filter_map(Path::parent);
         let deploy = DEPLOY_DIRS.iter().map(Path::new);
-        let dirs: BTreeSet<&Path> = parents.chain(deploy).collect();
-        dirs.into_iter().map(Path::to_path_buf).collect()
+        parents.chain(deploy).map(Path::to_path_buf).collect()
     }
 
     /// In precedence order, each with what shadows it (a default file
@@ -272,10 +270,9 @@ pub fn plan(sources: &Sources, port: u32) -> Plan {
     }
 }
 
-/// Kata's configuration directories are root's, and a symlink there is an
-/// administrator's choice (to a shipped file), so it is followed; one in a
-/// directory others can write is not. It must lead to a regular file: a
-/// FIFO would stop `--print`, the start and the watcher.
+/// Kata's configuration directories are root's: a symlink there is an admin's
+/// choice (to a shipped file), followed; not one in a directory others can
+/// write. Regular files only: a FIFO would stop `--print`, the start, the watcher.
 fn read(path: &Path) -> Result<String, String> {
     use crate::untrusted::{read_file, Link, UntrustedError};
     let shown = path.display();
@@ -321,10 +318,9 @@ fn parse(text: &str) -> Result<KataToml, String> {
     toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
 }
 
-/// Which runtime reads `file`: runtime-rs' files live under a `runtime-rs`
-/// directory or carry its name (kata-deploy's `configuration-*-runtime-rs.toml`
-/// of older releases), name their hypervisor in `[runtime]`, or use
-/// Dragonball, which only runtime-rs has.
+/// runtime-rs' files: under a `runtime-rs` directory or named after it (older
+/// kata-deploy's `configuration-*-runtime-rs.toml`), naming their hypervisor in
+/// `[runtime]`, or using Dragonball, which only runtime-rs has.
 fn runtime_of(file: &Path, doc: &KataToml) -> Runtime {
     let named = file.to_string_lossy().contains("runtime-rs");
     let rs_keys = doc.runtime.name.is_some() || doc.runtime.hypervisor_name.is_some();

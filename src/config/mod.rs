@@ -1,8 +1,7 @@
-//! Command line, environment and the validated configuration. The flags are
-//! a drop-in for the Kata tree's `kata-trace-forwarder` plus what a
-//! production daemon needs; exporter settings follow the OpenTelemetry SDK
-//! environment conventions, flags first. Everything is checked here, once:
-//! the rest works from a valid [`Config`].
+//! Command line, environment and the validated configuration. The flags are a
+//! drop-in for the Kata tree's `kata-trace-forwarder` plus a production daemon's;
+//! exporter settings follow the OpenTelemetry SDK environment conventions, flags
+//! first. Everything is checked here, once: the rest works from a valid [`Config`].
 
 mod cli;
 pub mod kata;
@@ -146,9 +145,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// `--handoff-socket`; `None`: never hand over.
     pub handoff: Option<PathBuf>,
-    /// Take over from a forwarder at `handoff` rather than bind: the path
-    /// was given (with the default path, a second forwarder of the same
-    /// listeners fails instead). A binary started by `SIGHUP` takes over too.
+    /// `--handoff-socket` given: take over from the forwarder there, not bind (a
+    /// default path fails beside another forwarder). `SIGHUP`'s binary always does.
     pub take_over: bool,
 }
 
@@ -159,17 +157,6 @@ pub struct TenantLimits {
     pub spans_per_second: u32,
     pub burst: u32,
     pub max_sandboxes: usize,
-}
-
-impl Default for TenantLimits {
-    fn default() -> Self {
-        TenantLimits {
-            max_connections: 8,
-            spans_per_second: 20_000,
-            burst: 40_000,
-            max_sandboxes: 1024,
-        }
-    }
 }
 
 /// Where the hand-off sockets live by default (and `status` looks).
@@ -239,36 +226,32 @@ pub fn process_env(name: &str) -> Option<String> {
 }
 
 impl Cli {
-    /// The drop-in command line keeps its meaning: no flag is VSOCK,
-    /// `--socket-path` hybrid.
-    fn listen_mode(&self, env: &Env) -> ListenMode {
+    pub fn into_config(self, env: &Env) -> Result<Config, ConfigError> {
         let port = self.vsock_port;
-        if self.kata_host {
-            return ListenMode::KataHost(KataHostConfig {
+        // The drop-in command line keeps its meaning: no flag is VSOCK,
+        // `--socket-path` hybrid.
+        let mode = if self.kata_host {
+            ListenMode::KataHost(KataHostConfig {
                 sources: kata::Sources::from_env(self.kata_root.clone(), env),
                 port,
                 cid: self.vsock_cid,
                 max_sandboxes: self.max_sandboxes,
-            });
-        }
-        if let Some(p) = &self.socket_path {
+            })
+        } else if let Some(p) = &self.socket_path {
             let socket_path = PathBuf::from(p);
-            return ListenMode::Hybrid { socket_path, port };
-        }
-        // Each once, in the order given.
-        let mut seen = std::collections::HashSet::new();
-        let mut templates = self.socket_path_template.clone();
-        templates.retain(|t| seen.insert(t.clone()));
-        ListenMode::Set {
-            vsock: (self.vsock).or(templates.is_empty().then_some(self.vsock_cid)),
-            templates,
-            port,
-            max_sandboxes: self.max_sandboxes,
-        }
-    }
-
-    pub fn into_config(self, env: &Env) -> Result<Config, ConfigError> {
-        let mode = self.listen_mode(env);
+            ListenMode::Hybrid { socket_path, port }
+        } else {
+            // Each once, in the order given.
+            let mut seen = std::collections::HashSet::new();
+            let mut templates = self.socket_path_template.clone();
+            templates.retain(|t| seen.insert(t.clone()));
+            ListenMode::Set {
+                vsock: (self.vsock).or(templates.is_empty().then_some(self.vsock_cid)),
+                templates,
+                port,
+                max_sandboxes: self.max_sandboxes,
+            }
+        };
         if self.spool_dir.is_some() && self.dump_only {
             return Err(ConfigError::SpoolWithDump);
         }
@@ -809,5 +792,17 @@ mod tests {
         assert_eq!("3".parse(), Ok(VsockCid::Cid(3)));
         let c = cli(&["-l", "critical"]).unwrap();
         assert_eq!(c.log_level.as_filter(), "error");
+    }
+
+    /// Test support (other modules' tests too): the command line's defaults.
+    impl Default for TenantLimits {
+        fn default() -> Self {
+            TenantLimits {
+                max_connections: 8,
+                spans_per_second: 20_000,
+                burst: 40_000,
+                max_sandboxes: 1024,
+            }
+        }
     }
 }

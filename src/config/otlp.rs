@@ -129,10 +129,9 @@ fn parse_bool(s: &str) -> Result<bool, String> {
         .map_err(|_| format!("'{s}' is not a boolean: use true or false"))
 }
 
-/// Turns a configured endpoint into the URL requests go to. Per the OTLP
-/// exporter spec, a generic HTTP endpoint gets `/v1/traces` appended and a
-/// signal-specific one is used as is; gRPC endpoints are used as is, and
-/// one without a scheme (`host:port`) is https unless `insecure`.
+/// The URL requests go to. Per the OTLP exporter spec, a generic HTTP endpoint
+/// gets `/v1/traces` appended, a signal-specific one and gRPC's are used as is,
+/// and a gRPC one without a scheme (`host:port`) is https unless `insecure`.
 fn endpoint_uri(
     raw: &str,
     protocol: OtlpProtocol,

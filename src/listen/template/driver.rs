@@ -179,7 +179,7 @@ impl Driver {
     pub(super) fn start(mut watcher: Watcher, handoff: Handoff) -> Result<Driver, ListenError> {
         let events = Inotify::init().and_then(|i| i.into_event_stream(vec![0u8; EVENT_BUFFER]));
         let events = events.map_err(|source| ListenError::WatchSandboxes {
-            dir: watcher.template.parent().to_path_buf(),
+            dir: watcher.template.parent.to_path_buf(),
             source,
         })?;
         let mut host = Host::new(events.watches(), handoff);

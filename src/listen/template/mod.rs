@@ -205,7 +205,7 @@ impl TemplateListener {
         Ok(TemplateListener {
             describe: format!(
                 "hybrid vsock template unix:{template}_{port} (sandboxes in {}, at most {})",
-                template.parent().display(),
+                template.parent.display(),
                 max_sandboxes
             ),
             template,

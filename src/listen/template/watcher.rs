@@ -113,7 +113,7 @@ impl Watcher {
             Root::Watching(wd) | Root::Waiting { wd, .. } => self.unwatch(fx, wd),
             Root::Missing => {}
         }
-        let parent = self.template.parent().to_path_buf();
+        let parent = self.template.parent.to_path_buf();
         let err = |dir: &Path, source| ListenError::WatchSandboxes {
             dir: dir.to_path_buf(),
             source,
@@ -167,7 +167,7 @@ impl Watcher {
 
     /// Serves the sandbox directories already in the root.
     fn scan(&mut self, fx: &mut impl Effects) {
-        let parent = self.template.parent();
+        let parent = &self.template.parent;
         let names = fx.subdirs(parent).inspect_err(|e| {
             tracing::warn!(dir = %parent.display(), error = %e, "listing sandboxes");
         });
@@ -272,7 +272,7 @@ impl Watcher {
             self.unwatch(fx, wd);
         }
         let last = self.template.inner.len();
-        let top = self.template.parent().join(id);
+        let top = self.template.parent.join(id);
         let (mut dir, mut depth) = (top.clone(), 0);
         let mut restarts = 0;
         loop {
@@ -386,7 +386,7 @@ impl Watcher {
 
     fn lose_root(&mut self, fx: &mut impl Effects) {
         tracing::warn!(
-            dir = %self.template.parent().display(),
+            dir = %self.template.parent.display(),
             "the sandboxes' directory was removed; stopping every sandbox"
         );
         if let Root::Watching(wd) = std::mem::replace(&mut self.root, Root::Missing) {
@@ -404,7 +404,7 @@ impl Watcher {
     fn reconcile(&mut self, fx: &mut impl Effects) {
         let ids: Vec<String> = self.sandboxes.keys().cloned().collect();
         for id in ids {
-            if !fx.is_real_dir(&self.template.parent().join(&id)) {
+            if !fx.is_real_dir(&self.template.parent.join(&id)) {
                 self.forget(fx, &id);
                 continue;
             }
