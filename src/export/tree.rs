@@ -312,12 +312,8 @@ fn attributes(kvs: &[KeyValue]) -> String {
     let mut out = String::new();
     for kv in &shown {
         let value = kv.value.as_ref().map(value_text).unwrap_or_default();
-        let _ = write!(
-            out,
-            "  {}={}",
-            clean(&kv.key, VALUE_CHARS),
-            clean(&value, VALUE_CHARS)
-        );
+        let (key, value) = (clean(&kv.key, VALUE_CHARS), clean(&value, VALUE_CHARS));
+        let _ = write!(out, "  {key}={value}");
     }
     if kvs.len() > shown.len() {
         let _ = write!(out, "  (+{} more)", kvs.len() - shown.len());
