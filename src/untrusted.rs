@@ -215,9 +215,8 @@ pub(crate) enum Link {
     Never,
 }
 
-/// Opens the regular file at `path` by the module's rule and `link`, refusing
-/// one over `max` bytes; with its size. A bare name's parent, "", is the
-/// current directory.
+/// The regular file at `path` (a bare name's parent "" is the current directory)
+/// opened by the module's rule and `link`, with its size; refused over `max` bytes.
 pub(crate) fn open_file(path: &Path, link: Link, max: u64) -> Result<(File, u64), UntrustedError> {
     let (parent, mut name) = split(path, path)?;
     let dir = Dir::open(parent)?;
