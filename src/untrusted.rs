@@ -92,10 +92,8 @@ impl Dir {
         let start = if path.is_absolute() { "/" } else { "." };
         let fd = openat(AT_FDCWD, start, dir_flags(), Mode::empty()).map_err(open_err(path))?;
         let fd = walk(fd, path, path, &mut 0)?;
-        Ok(Dir {
-            fd,
-            path: path.to_path_buf(),
-        })
+        let path = path.to_path_buf();
+        Ok(Dir { fd, path })
     }
 
     /// The directory's descriptor (`O_PATH`: for `*at` calls and `fstat`).
