@@ -92,10 +92,8 @@ impl Dir {
         let start = if path.is_absolute() { "/" } else { "." };
         let fd = openat(AT_FDCWD, start, dir_flags(), Mode::empty()).map_err(open_err(path))?;
         let fd = walk(fd, path, path, &mut 0)?;
-        Ok(Dir {
-            fd,
-            path: path.to_path_buf(),
-        })
+        let path = path.to_path_buf();
+        Ok(Dir { fd, path })
     }
 
     /// The directory's descriptor (`O_PATH`: for `*at` calls and `fstat`).
@@ -160,25 +158,19 @@ fn walk(
     let mut todo: VecDeque<OsString> = components(rest);
     while let Some(name) = todo.pop_front() {
         // An absolute path's (or symlink target's) "/" starts again at root.
-        if name == ".." || name == "/" {
-            let from = if name == "/" { AT_FDCWD } else { at.as_fd() };
-            at = openat(from, name.as_os_str(), dir_flags(), Mode::empty())
+        let from = if name == "/" { AT_FDCWD } else { at.as_fd() };
+        if name != ".." && name != "/" {
+            let st = fstatat(&at, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
                 .map_err(open_err(whole))?;
-            continue;
-        }
-        let st = fstatat(&at, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
-            .map_err(open_err(whole))?;
-        if is(&st, SFlag::S_IFDIR) {
-            at = openat(&at, name.as_os_str(), dir_flags(), Mode::empty())
-                .map_err(open_err(whole))?;
-        } else if is(&st, SFlag::S_IFLNK) {
-            let target = follow(at.as_fd(), &name, whole, links)?;
-            for c in components(&target).into_iter().rev() {
-                todo.push_front(c);
+            if is(&st, SFlag::S_IFLNK) {
+                let target = follow(at.as_fd(), &name, whole, links)?;
+                todo = components(&target).into_iter().chain(todo).collect();
+                continue;
+            } else if !is(&st, SFlag::S_IFDIR) {
+                return Err(UntrustedError::NotDirectory { path: whole.into() });
             }
-        } else {
-            return Err(UntrustedError::NotDirectory { path: whole.into() });
         }
+        at = openat(from, name.as_os_str(), dir_flags(), Mode::empty()).map_err(open_err(whole))?;
     }
     Ok(at)
 }
@@ -221,18 +213,13 @@ pub(crate) enum Link {
     Never,
 }
 
-/// Opens the regular file `name` in `dir` by the module's rule and `link`,
-/// refusing one over `max` bytes; with its size.
-pub(crate) fn open_file_at(
-    dir: &Dir,
-    name: &OsStr,
-    link: Link,
-    max: u64,
-) -> Result<(File, u64), UntrustedError> {
-    let whole = dir.path.join(name);
-    let mut links = 0;
-    let mut at = openat(&dir.fd, ".", dir_flags(), Mode::empty()).map_err(open_err(&whole))?;
-    let mut name = name.to_owned();
+/// The regular file at `path` (a bare name's parent "" is the current directory)
+/// opened by the module's rule and `link`, with its size; refused over `max` bytes.
+pub(crate) fn open_file(path: &Path, link: Link, max: u64) -> Result<(File, u64), UntrustedError> {
+    let (parent, mut name) = split(path, path)?;
+    let dir = Dir::open(parent)?;
+    let whole = dir.path.join(&name);
+    let (mut at, mut links) = (dir.fd, 0);
     loop {
         let st = fstatat(&at, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(open_err(&whole))?;
@@ -277,12 +264,6 @@ fn split<'a>(target: &'a Path, whole: &Path) -> Result<(&'a Path, OsString), Unt
             kind: "a directory",
         }),
     }
-}
-
-/// [`open_file_at`] by path (a bare name's parent, "", is the current directory).
-pub(crate) fn open_file(path: &Path, link: Link, max: u64) -> Result<(File, u64), UntrustedError> {
-    let (parent, name) = split(path, path)?;
-    open_file_at(&Dir::open(parent)?, &name, link, max)
 }
 
 /// Reads the regular file at `path`, refused if over `max` bytes (even grown while read).

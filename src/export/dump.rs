@@ -109,13 +109,11 @@ fn patch_value(v: &AnyValue, json: &mut serde_json::Value) {
             }
         }
         Some(any_value::Value::ArrayValue(a)) => {
-            if let Some(list) = json
+            let list = json
                 .pointer_mut("/arrayValue/values")
-                .and_then(|l| l.as_array_mut())
-            {
-                for (v, j) in a.values.iter().zip(list) {
-                    patch_value(v, j);
-                }
+                .and_then(|l| l.as_array_mut());
+            for (v, j) in a.values.iter().zip(list.into_iter().flatten()) {
+                patch_value(v, j);
             }
         }
         _ => {}

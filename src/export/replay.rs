@@ -55,12 +55,11 @@ pub(crate) async fn run_replayer(exporter: Arc<Exporter>, shutdown: Shutdown) {
         let claim = spool::Claimed(&spool, seq);
         let spans = u64::from(spans);
         let done = |spans, delivery, error: Option<&ExportError>| {
-            let error = error.map(|e| e as &dyn std::fmt::Display);
             BatchDone {
                 spans,
                 delivery,
                 attempts: 1,
-                error,
+                error: error.map(|e| e as &dyn std::fmt::Display),
                 from_spool: true,
             }
             .emit(stats);

@@ -342,10 +342,6 @@ impl Spool {
     pub(crate) fn read(&self, seq: u64) -> Result<Option<(u32, EncodedRequest)>, SpoolError> {
         let (path, claim) = (self.batch_path(seq), self.claim_path(seq));
         // Gone (claimed), or unusable: forgotten, not retried forever.
-        let unreadable = |source| {
-            self.forget(seq);
-            failed("reading spool file", &path)(source)
-        };
         if let Err(e) = fs::rename(&path, &claim) {
             self.forget(seq);
             return match e.kind() {
@@ -360,7 +356,10 @@ impl Spool {
             Err(UntrustedError::TooLarge { .. }) => Err("larger than the spool's size bound"),
             Err(UntrustedError::SymlinkRefused { .. }) => Err("a symlink"),
             Err(e) if e.is_refusal() => Err("not a regular file"),
-            Err(e) => return Err(unreadable(io::Error::other(e))),
+            Err(e) => {
+                self.forget(seq);
+                return Err(failed("reading spool file", &path)(io::Error::other(e)));
+            }
         };
         match read {
             Ok(batch) => Ok(Some(batch)),

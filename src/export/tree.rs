@@ -155,14 +155,10 @@ impl TreeWriter {
         };
         self.held -= trace.spans.len();
         self.arrival.remove(&trace.seq);
-        let earliest = trace
-            .spans
-            .iter()
-            .map(|h| h.span.start_time_unix_nano)
-            .min()
-            .unwrap_or(0);
+        // From the earliest span, or the start the trace was first printed with.
         let late = self.printed.get(id).copied();
-        let start = late.map_or(earliest, |s| s.min(earliest));
+        let starts = trace.spans.iter().map(|h| h.span.start_time_unix_nano);
+        let start = starts.chain(late).min().unwrap_or(0);
         let text = Render {
             colour: self.opts.colour,
             start,
@@ -312,12 +308,8 @@ fn attributes(kvs: &[KeyValue]) -> String {
     let mut out = String::new();
     for kv in &shown {
         let value = kv.value.as_ref().map(value_text).unwrap_or_default();
-        let _ = write!(
-            out,
-            "  {}={}",
-            clean(&kv.key, VALUE_CHARS),
-            clean(&value, VALUE_CHARS)
-        );
+        let (key, value) = (clean(&kv.key, VALUE_CHARS), clean(&value, VALUE_CHARS));
+        let _ = write!(out, "  {key}={value}");
     }
     if kvs.len() > shown.len() {
         let _ = write!(out, "  (+{} more)", kvs.len() - shown.len());

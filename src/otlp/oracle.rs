@@ -18,10 +18,9 @@ pub fn span(s: &AgentSpan<'_>) -> Span {
         trace_id: ctx.trace_id.to_be_bytes().to_vec(),
         span_id: ctx.span_id.to_be_bytes().to_vec(),
         trace_state: ctx.trace_state_header(),
-        parent_span_id: if s.parent_span_id == 0 {
-            Vec::new()
-        } else {
-            s.parent_span_id.to_be_bytes().to_vec()
+        parent_span_id: match s.parent_span_id {
+            0 => Vec::new(),
+            p => p.to_be_bytes().to_vec(),
         },
         flags: u32::from(ctx.trace_flags),
         name: s.name.as_str().to_owned(),

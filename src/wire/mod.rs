@@ -104,22 +104,13 @@ impl tokio_util::codec::Decoder for FrameDecoder {
             }
             _ => {}
         }
-        res.map_err(|e| {
-            if e.get_ref()
-                .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
-            {
-                // Rejected with the header still unconsumed: read the claim.
-                let claimed = src
-                    .get(..HEADER_LEN)
-                    .and_then(|h| h.try_into().ok())
-                    .map_or(0, u64::from_be_bytes);
-                FrameError::Oversized {
-                    claimed,
-                    max: self.inner.max_frame_length(),
-                }
-            } else {
-                FrameError::Read(e)
-            }
+        res.map_err(|e| match e.get_ref() {
+            // Rejected at the header (never mid-frame): `header` holds the claim.
+            Some(inner) if inner.is::<LengthDelimitedCodecError>() => FrameError::Oversized {
+                claimed: header.map_or(0, u64::from_be_bytes),
+                max: self.inner.max_frame_length(),
+            },
+            _ => FrameError::Read(e),
         })
     }
 
