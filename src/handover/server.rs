@@ -174,10 +174,11 @@ impl Server {
                             let _ = c.wait();
                         }
                         Ok(None) => continue,
+                        // Stopped like a late one, so that systemd hears READY after RELOADING.
                         Err(e) => {
                             tracing::error!(error = %e, "upgrade: waiting on the new binary");
-                            self.set_child(None);
-                            continue;
+                            let _ = c.kill();
+                            let _ = c.wait();
                         }
                     }
                     self.set_child(None);
