@@ -63,9 +63,10 @@ impl<'a> Reader<'a> {
 
     #[inline]
     fn opt<T>(&mut self, item: impl FnOnce(&mut Self) -> Option<T>) -> Option<Option<T>> {
-        match self.bool()? {
-            true => item(self).map(Some),
-            false => Some(None),
+        if self.bool()? {
+            item(self).map(Some)
+        } else {
+            Some(None)
         }
     }
 
@@ -161,51 +162,66 @@ impl<'a> Reader<'a> {
     }
 
     fn span(&mut self, known: &[u8]) -> Option<(AgentSpan<'a>, ResourceSeen<'a>)> {
-        let mut span = AgentSpan {
-            span_context: self.span_context()?,
-            parent_span_id: self.u64()?,
-            // Variant indexes in the SDK's declaration order.
-            span_kind: match self.u32()? {
-                0 => SpanKind::Client,
-                1 => SpanKind::Server,
-                2 => SpanKind::Producer,
-                3 => SpanKind::Consumer,
-                4 => SpanKind::Internal,
-                _ => return None,
-            },
-            name: self.str()?,
-            start_time: self.time()?,
-            end_time: self.time()?,
-            attributes: Attributes {
-                map: self.seq(Self::key_value)?,
-                // Read for validity only, as the serde path does.
-                evict_list: self.seq(|r| r.str().map(drop)).map(|_| Skip::default())?,
-                max_len: self.u32()?,
-                dropped_count: self.u32()?,
-            },
-            events: self.queue(Self::event)?,
-            links: self.queue(Self::link)?,
-            status_code: match self.u32()? {
-                0 => StatusCode::Unset,
-                1 => StatusCode::Ok,
-                2 => StatusCode::Error,
-                _ => return None,
-            },
-            status_message: self.str()?,
-            resource: None,
+        let span_context = self.span_context()?;
+        let parent_span_id = self.u64()?;
+        // Variant indexes in the SDK's declaration order.
+        let span_kind = match self.u32()? {
+            0 => SpanKind::Client,
+            1 => SpanKind::Server,
+            2 => SpanKind::Producer,
+            3 => SpanKind::Consumer,
+            4 => SpanKind::Internal,
+            _ => return None,
         };
+        let name = self.str()?;
+        let start_time = self.time()?;
+        let end_time = self.time()?;
+        let map = self.seq(Self::key_value)?;
+        // The eviction list: read for validity only, as the serde path does.
+        self.seq(|r| r.str().map(drop))?;
+        let attributes = Attributes {
+            map,
+            evict_list: Skip::default(),
+            max_len: self.u32()?,
+            dropped_count: self.u32()?,
+        };
+        let events = self.queue(Self::event)?;
+        let links = self.queue(Self::link)?;
+        let status_code = match self.u32()? {
+            0 => StatusCode::Unset,
+            1 => StatusCode::Ok,
+            2 => StatusCode::Error,
+            _ => return None,
+        };
+        let status_message = self.str()?;
         let raw = self.b;
-        if !known.is_empty() && raw == known {
+        let (resource, seen) = if !known.is_empty() && raw == known {
             self.b = &[];
-            return Some((span, ResourceSeen::Same));
-        }
-        span.resource = self.opt(|r| {
-            Some(Resource {
-                attrs: r.seq(Self::key_value)?,
-            })
-        })?;
-        let used = raw.len() - self.b.len();
-        Some((span, ResourceSeen::New(raw.get(..used)?)))
+            (None, ResourceSeen::Same)
+        } else {
+            let resource = self.opt(|r| {
+                Some(Resource {
+                    attrs: r.seq(Self::key_value)?,
+                })
+            })?;
+            let used = raw.len() - self.b.len();
+            (resource, ResourceSeen::New(raw.get(..used)?))
+        };
+        let span = AgentSpan {
+            span_context,
+            parent_span_id,
+            span_kind,
+            name,
+            start_time,
+            end_time,
+            attributes,
+            events,
+            links,
+            status_code,
+            status_message,
+            resource,
+        };
+        Some((span, seen))
     }
 }
 
